@@ -1,0 +1,114 @@
+//! `loopsync sim`: the local Loops API simulator.
+
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Args;
+use loopsync_simulator::{MailingList, PropertyType, RateWindow, Settings, SimConfig};
+
+#[derive(Debug, Args)]
+pub struct SimArgs {
+    /// Port to listen on; 0 picks a free one (the address is printed on the first line).
+    #[arg(long, default_value_t = 8788)]
+    port: u16,
+    /// Address to bind; loopback unless told otherwise.
+    #[arg(long, default_value = "127.0.0.1")]
+    bind: IpAddr,
+    /// Requests per second for the simulated team.
+    #[arg(long, default_value_t = 10)]
+    rate_limit: u32,
+    /// The API key the simulator accepts.
+    #[arg(long, default_value = "test-key", env = "LOOPSYNC_SIM_API_KEY")]
+    api_key: String,
+    /// How the rate limit counts: sliding, fixed, or token-bucket.
+    #[arg(long, default_value = "sliding", value_parser = parse_window)]
+    window: RateWindow,
+    /// Send Retry-After on 429 (Loops does not document sending it).
+    #[arg(long)]
+    retry_after: bool,
+    /// A mailing list the team has, as ID=NAME; repeatable.
+    #[arg(long = "list", value_parser = parse_list)]
+    lists: Vec<MailingList>,
+    /// A custom contact property the team has, as NAME:TYPE; repeatable.
+    #[arg(long = "property", value_parser = parse_property)]
+    properties: Vec<(String, PropertyType)>,
+}
+
+fn parse_window(s: &str) -> Result<RateWindow, String> {
+    match s {
+        "sliding" => Ok(RateWindow::Sliding),
+        "fixed" => Ok(RateWindow::Fixed),
+        "token-bucket" | "token_bucket" => Ok(RateWindow::TokenBucket),
+        other => Err(format!(
+            "`{other}` is not a window: use sliding, fixed or token-bucket"
+        )),
+    }
+}
+
+fn parse_list(s: &str) -> Result<MailingList, String> {
+    let (id, name) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}`: write a list as ID=NAME"))?;
+    Ok(MailingList {
+        id: id.trim().to_owned(),
+        name: name.trim().to_owned(),
+        description: None,
+        is_public: true,
+    })
+}
+
+fn parse_property(s: &str) -> Result<(String, PropertyType), String> {
+    let (name, kind) = s
+        .split_once(':')
+        .ok_or_else(|| format!("`{s}`: write a property as NAME:TYPE"))?;
+    Ok((name.trim().to_owned(), kind.trim().parse()?))
+}
+
+pub async fn run(args: SimArgs) -> anyhow::Result<ExitCode> {
+    let config = SimConfig {
+        bind: SocketAddr::new(args.bind, args.port),
+        api_key: args.api_key,
+        settings: Settings {
+            rate_limit: args.rate_limit,
+            window: args.window,
+            retry_after: args.retry_after,
+            ..Settings::default()
+        },
+        lists: args.lists,
+        properties: args.properties,
+        ..SimConfig::default()
+    };
+    let listener = tokio::net::TcpListener::bind(config.bind)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.bind))?;
+    let addr = listener.local_addr()?;
+    // The first line is for scripts that started us on port 0.
+    println!("loopsync sim listening on http://{addr}/api");
+    std::io::stdout().flush()?;
+    loopsync_simulator::serve(listener, config, shutdown_signal()).await;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}

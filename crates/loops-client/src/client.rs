@@ -1,0 +1,287 @@
+//! The HTTP client itself.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, USER_AGENT};
+use reqwest::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::LoopsError;
+use crate::error::classify;
+use crate::types::{
+    ApiKey, ApiKeyInfo, Contact, ContactIdentity, ContactPayload, ContactProperty, EventPayload,
+    IdempotencyKey, MailingList, PropertyType,
+};
+
+/// Where and how to reach Loops.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// The API root, without `/v1`: `https://app.loops.so/api`, or a simulator's
+    /// `http://127.0.0.1:PORT/api`.
+    pub base_url: String,
+    pub api_key: ApiKey,
+    /// Per request, connection included. loops-go uses 5 s; we default to 10 s.
+    pub timeout: Duration,
+}
+
+impl ClientConfig {
+    pub const DEFAULT_BASE_URL: &'static str = "https://app.loops.so/api";
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+    pub fn new(base_url: impl Into<String>, api_key: ApiKey) -> ClientConfig {
+        ClientConfig {
+            base_url: base_url.into(),
+            api_key,
+            timeout: Self::DEFAULT_TIMEOUT,
+        }
+    }
+}
+
+/// The rate-limit headers Loops puts on every answer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RateLimitInfo {
+    /// `x-ratelimit-limit`: requests per second for the team.
+    pub limit: Option<u32>,
+    /// `x-ratelimit-remaining`: requests left in the current window (a hint).
+    pub remaining: Option<u32>,
+}
+
+impl RateLimitInfo {
+    pub(crate) fn from_headers(headers: &HeaderMap) -> RateLimitInfo {
+        let read = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse().ok())
+        };
+        RateLimitInfo {
+            limit: read("x-ratelimit-limit"),
+            remaining: read("x-ratelimit-remaining"),
+        }
+    }
+}
+
+/// A Loops API client. Cheap to clone; clones share the connection pool.
+#[derive(Debug, Clone)]
+pub struct LoopsClient {
+    http: reqwest::Client,
+    base_url: String,
+    api_key: ApiKey,
+    timeout: Duration,
+    last_rate_limit: std::sync::Arc<Mutex<RateLimitInfo>>,
+}
+
+impl LoopsClient {
+    pub fn new(config: ClientConfig) -> Result<LoopsClient, LoopsError> {
+        // reqwest is built without a bundled crypto provider; use ring, which async-nats uses
+        // too, so the binary carries one TLS stack. Installing twice is harmless.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::builder()
+            .timeout(config.timeout)
+            .connect_timeout(config.timeout.min(Duration::from_secs(5)))
+            .build()
+            .map_err(|e| LoopsError::Usage(format!("cannot build the HTTP client: {e}")))?;
+        Ok(LoopsClient {
+            http,
+            base_url: config.base_url.trim_end_matches('/').to_owned(),
+            api_key: config.api_key,
+            timeout: config.timeout,
+            last_rate_limit: Default::default(),
+        })
+    }
+
+    /// The rate-limit headers of the most recent answer.
+    pub fn last_rate_limit(&self) -> RateLimitInfo {
+        *self.last_rate_limit.lock().expect("rate-limit mutex")
+    }
+
+    /// `GET /v1/api-key`: is the key valid, and for which team.
+    pub async fn test_api_key(&self) -> Result<ApiKeyInfo, LoopsError> {
+        let body = self
+            .send(Method::GET, "/v1/api-key", &[], None, None)
+            .await?;
+        decode(StatusCode::OK, &body)
+    }
+
+    /// `POST /v1/contacts/create`; returns the new contact's id. 409 if the email or userId exists.
+    pub async fn create_contact(&self, contact: &ContactPayload) -> Result<String, LoopsError> {
+        if contact.email.is_none() {
+            return Err(LoopsError::Usage(
+                "creating a contact needs an email".into(),
+            ));
+        }
+        let body = contact.to_json();
+        let answer = self
+            .send(Method::POST, "/v1/contacts/create", &[], Some(&body), None)
+            .await?;
+        contact_id(&answer)
+    }
+
+    /// `PUT /v1/contacts/update`: update, or create when the email is new; returns the contact id.
+    pub async fn update_contact(&self, contact: &ContactPayload) -> Result<String, LoopsError> {
+        if contact.email.is_none() && contact.user_id.is_none() {
+            return Err(LoopsError::Usage(
+                "updating a contact needs an email or a userId".into(),
+            ));
+        }
+        let body = contact.to_json();
+        let answer = self
+            .send(Method::PUT, "/v1/contacts/update", &[], Some(&body), None)
+            .await?;
+        contact_id(&answer)
+    }
+
+    /// `GET /v1/contacts/find`: the contact, or `None`.
+    pub async fn find_contact(
+        &self,
+        identity: &ContactIdentity,
+    ) -> Result<Option<Contact>, LoopsError> {
+        let (name, value) = identity.query();
+        let answer = self
+            .send(
+                Method::GET,
+                "/v1/contacts/find",
+                &[(name, value)],
+                None,
+                None,
+            )
+            .await?;
+        let mut contacts: Vec<Contact> = decode(StatusCode::OK, &answer)?;
+        Ok(if contacts.is_empty() {
+            None
+        } else {
+            Some(contacts.swap_remove(0))
+        })
+    }
+
+    /// `POST /v1/contacts/delete` by one identifier. A missing contact is [`LoopsError::NotFound`].
+    pub async fn delete_contact(&self, identity: &ContactIdentity) -> Result<(), LoopsError> {
+        let (name, value) = identity.query();
+        let body = serde_json::json!({ name: value });
+        self.send(Method::POST, "/v1/contacts/delete", &[], Some(&body), None)
+            .await?;
+        Ok(())
+    }
+
+    /// `GET /v1/contacts/properties?list=all|custom`.
+    pub async fn list_properties(
+        &self,
+        custom_only: bool,
+    ) -> Result<Vec<ContactProperty>, LoopsError> {
+        let list = if custom_only { "custom" } else { "all" };
+        let answer = self
+            .send(
+                Method::GET,
+                "/v1/contacts/properties",
+                &[("list", list)],
+                None,
+                None,
+            )
+            .await?;
+        decode(StatusCode::OK, &answer)
+    }
+
+    /// `POST /v1/contacts/properties`: creates a custom property (camelCase name).
+    pub async fn create_property(&self, name: &str, kind: PropertyType) -> Result<(), LoopsError> {
+        let body = serde_json::json!({ "name": name, "type": kind.as_str() });
+        self.send(
+            Method::POST,
+            "/v1/contacts/properties",
+            &[],
+            Some(&body),
+            None,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// `GET /v1/lists`.
+    pub async fn list_mailing_lists(&self) -> Result<Vec<MailingList>, LoopsError> {
+        let answer = self.send(Method::GET, "/v1/lists", &[], None, None).await?;
+        decode(StatusCode::OK, &answer)
+    }
+
+    /// `POST /v1/events/send`. With a key, a repeat within 24 h is answered 409 and not applied.
+    pub async fn send_event(
+        &self,
+        event: &EventPayload,
+        idempotency_key: Option<&IdempotencyKey>,
+    ) -> Result<(), LoopsError> {
+        if event.event_name.is_empty() {
+            return Err(LoopsError::Usage("an event needs a name".into()));
+        }
+        if event.contact.email.is_none() && event.contact.user_id.is_none() {
+            return Err(LoopsError::Usage(
+                "an event needs an email or a userId".into(),
+            ));
+        }
+        let body = event.to_json();
+        self.send(
+            Method::POST,
+            "/v1/events/send",
+            &[],
+            Some(&body),
+            idempotency_key,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Sends one request and classifies the answer; the body of a success comes back as text.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, &str)],
+        body: Option<&Value>,
+        idempotency_key: Option<&IdempotencyKey>,
+    ) -> Result<String, LoopsError> {
+        let mut request = self
+            .http
+            .request(method, format!("{}{}", self.base_url, path))
+            .header(AUTHORIZATION, format!("Bearer {}", self.api_key.expose()))
+            .header(USER_AGENT, concat!("loopsync/", env!("CARGO_PKG_VERSION")));
+        if !query.is_empty() {
+            request = request.query(query);
+        }
+        if let Some(body) = body {
+            request = request
+                .header(CONTENT_TYPE, "application/json")
+                .body(body.to_string());
+        }
+        if let Some(key) = idempotency_key {
+            request = request.header("Idempotency-Key", key.as_str());
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| LoopsError::from_reqwest(e, self.timeout))?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        *self.last_rate_limit.lock().expect("rate-limit mutex") =
+            RateLimitInfo::from_headers(&headers);
+        let text = response
+            .text()
+            .await
+            .map_err(|e| LoopsError::from_reqwest(e, self.timeout))?;
+        classify(status, &headers, &text)?;
+        Ok(text)
+    }
+}
+
+fn decode<T: DeserializeOwned>(status: StatusCode, body: &str) -> Result<T, LoopsError> {
+    serde_json::from_str(body).map_err(|e| LoopsError::Decode {
+        status: status.as_u16(),
+        detail: e.to_string(),
+    })
+}
+
+fn contact_id(body: &str) -> Result<String, LoopsError> {
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        id: String,
+    }
+    decode::<Answer>(StatusCode::OK, body).map(|a| a.id)
+}

@@ -1,0 +1,329 @@
+//! Classification of Loops' answers: one function, [`classify`], decides what every HTTP answer
+//! means, and [`LoopsError::class`] what the pipeline should do about it.
+
+use std::time::Duration;
+
+use loopsync_core::{Classified, ErrorClass};
+use reqwest::StatusCode;
+use reqwest::header::HeaderMap;
+
+use crate::client::RateLimitInfo;
+
+/// Everything that can go wrong calling Loops.
+#[derive(Debug, thiserror::Error)]
+pub enum LoopsError {
+    /// 429: the team's rate limit was exceeded.
+    #[error("rate limited by Loops (limit {}, remaining {})", fmt_opt(.limit), fmt_opt(.remaining))]
+    RateLimited {
+        /// `x-ratelimit-limit`, when sent.
+        limit: Option<u32>,
+        /// `x-ratelimit-remaining`, when sent.
+        remaining: Option<u32>,
+        /// `Retry-After`, when sent (Loops does not document sending it).
+        retry_after: Option<Duration>,
+    },
+    /// 409: the contact (email or userId) exists already, or an idempotency key was used before.
+    #[error("conflict (409): {message}")]
+    Conflict { message: String },
+    /// 404: no such contact (delete), or no such resource.
+    #[error("not found (404): {message}")]
+    NotFound { message: String },
+    /// 400: Loops refused the request; `message` is Loops' own words.
+    #[error("invalid request (400): {message}")]
+    Invalid { message: String },
+    /// 401: the API key is missing, wrong or revoked.
+    #[error("unauthorized (401): {message}")]
+    Unauthorized { message: String },
+    /// 5xx, with the body as text (it may be HTML or empty when a load balancer answered).
+    #[error("server error {status}: {}", body_excerpt(.body))]
+    Server { status: u16, body: String },
+    /// Any other non-success status (405, 408, 413, …).
+    #[error("unexpected status {status}: {}", body_excerpt(.body))]
+    UnexpectedStatus { status: u16, body: String },
+    /// A success status whose body is not the JSON we expected.
+    #[error("could not decode Loops' answer (status {status}): {detail}")]
+    Decode { status: u16, detail: String },
+    /// No answer: connection refused, reset or dropped.
+    #[error("transport error: {0}")]
+    Transport(String),
+    /// No answer within the client's timeout.
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    /// The request was never sent because it breaks a rule the client checks itself
+    /// (an idempotency key over 100 characters, an update without an identifier, …).
+    #[error("request not sent: {0}")]
+    Usage(String),
+}
+
+impl Classified for LoopsError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            LoopsError::RateLimited { retry_after, .. } => ErrorClass::Retryable {
+                after: *retry_after,
+            },
+            LoopsError::Server { .. } | LoopsError::Transport(_) | LoopsError::Timeout(_) => {
+                ErrorClass::RETRY
+            }
+            // A 200 with a body we cannot read: the effect may well have happened; contact
+            // writes are upserts and events carry idempotency keys, so trying again is safe.
+            LoopsError::Decode { .. } => ErrorClass::RETRY,
+            LoopsError::UnexpectedStatus { status, .. } if *status == 408 => ErrorClass::RETRY,
+            LoopsError::Conflict { .. }
+            | LoopsError::NotFound { .. }
+            | LoopsError::Invalid { .. }
+            | LoopsError::Unauthorized { .. }
+            | LoopsError::UnexpectedStatus { .. } => ErrorClass::Permanent,
+            LoopsError::Usage(_) => ErrorClass::Poison,
+        }
+    }
+}
+
+impl LoopsError {
+    /// Loops' message for a 4xx answer, if this is one.
+    pub fn message(&self) -> Option<&str> {
+        match self {
+            LoopsError::Conflict { message }
+            | LoopsError::NotFound { message }
+            | LoopsError::Invalid { message }
+            | LoopsError::Unauthorized { message } => Some(message),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn from_reqwest(error: reqwest::Error, timeout: Duration) -> LoopsError {
+        if error.is_timeout() {
+            LoopsError::Timeout(timeout)
+        } else {
+            // `without_url` keeps query strings (emails) out of logs.
+            LoopsError::Transport(error_chain(&error.without_url()))
+        }
+    }
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    text
+}
+
+fn fmt_opt(value: &Option<u32>) -> String {
+    value.map_or_else(|| "unknown".to_owned(), |v| v.to_string())
+}
+
+fn body_excerpt(body: &str) -> String {
+    let trimmed = body.trim();
+    if trimmed.is_empty() {
+        return "(empty body)".to_owned();
+    }
+    let mut excerpt: String = trimmed.chars().take(200).collect();
+    if trimmed.chars().count() > 200 {
+        excerpt.push('…');
+    }
+    excerpt
+}
+
+/// Reads Loops' message from an error body. Like loops-go, `error` (a string, or an object
+/// with a `message`) is preferred over `message`; a body that is not JSON gives `None`.
+pub(crate) fn message_of(body: &str) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_str(body).ok()?;
+    let object = value.as_object()?;
+    match object.get("error") {
+        Some(serde_json::Value::String(text)) => return Some(text.clone()),
+        Some(serde_json::Value::Object(inner)) => {
+            for field in ["message", "reason"] {
+                if let Some(serde_json::Value::String(text)) = inner.get(field) {
+                    return Some(text.clone());
+                }
+            }
+        }
+        _ => {}
+    }
+    object
+        .get("message")
+        .and_then(|m| m.as_str())
+        .map(str::to_owned)
+}
+
+/// Classifies one answer from Loops. `Ok` carries the body of a success; every other answer
+/// becomes the [`LoopsError`] that says what happened.
+pub fn classify(status: StatusCode, headers: &HeaderMap, body: &str) -> Result<(), LoopsError> {
+    if status.is_success() {
+        return Ok(());
+    }
+    let message = || message_of(body).unwrap_or_else(|| format!("unexpected status: {status}"));
+    Err(match status.as_u16() {
+        429 => {
+            let rate = RateLimitInfo::from_headers(headers);
+            LoopsError::RateLimited {
+                limit: rate.limit,
+                remaining: rate.remaining,
+                retry_after: retry_after(headers),
+            }
+        }
+        409 => LoopsError::Conflict { message: message() },
+        404 => LoopsError::NotFound { message: message() },
+        400 => LoopsError::Invalid { message: message() },
+        401 => LoopsError::Unauthorized { message: message() },
+        s @ 500..=599 => LoopsError::Server {
+            status: s,
+            body: body.to_owned(),
+        },
+        s => LoopsError::UnexpectedStatus {
+            status: s,
+            body: body.to_owned(),
+        },
+    })
+}
+
+/// `Retry-After` as delay-seconds or an HTTP date.
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    if let Ok(seconds) = value.parse::<f64>() {
+        return (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+    let wait = at.with_timezone(&chrono::Utc) - chrono::Utc::now();
+    Some(wait.to_std().unwrap_or(Duration::ZERO))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::{HeaderValue, RETRY_AFTER};
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.insert(*name, HeaderValue::from_str(value).unwrap());
+        }
+        map
+    }
+
+    fn classify_status(status: u16, body: &str) -> LoopsError {
+        classify(
+            StatusCode::from_u16(status).unwrap(),
+            &HeaderMap::new(),
+            body,
+        )
+        .unwrap_err()
+    }
+
+    #[test]
+    fn success_is_ok() {
+        assert!(classify(StatusCode::OK, &HeaderMap::new(), "{}").is_ok());
+    }
+
+    #[test]
+    fn rate_limit_reads_headers_and_retry_after() {
+        let h = headers(&[
+            ("x-ratelimit-limit", "10"),
+            ("x-ratelimit-remaining", "0"),
+            ("retry-after", "2"),
+        ]);
+        let error = classify(StatusCode::TOO_MANY_REQUESTS, &h, "").unwrap_err();
+        match &error {
+            LoopsError::RateLimited {
+                limit,
+                remaining,
+                retry_after,
+            } => {
+                assert_eq!(*limit, Some(10));
+                assert_eq!(*remaining, Some(0));
+                assert_eq!(*retry_after, Some(Duration::from_secs(2)));
+            }
+            other => panic!("not rate limited: {other:?}"),
+        }
+        assert_eq!(
+            error.class(),
+            ErrorClass::Retryable {
+                after: Some(Duration::from_secs(2))
+            }
+        );
+    }
+
+    #[test]
+    fn rate_limit_without_headers_has_no_delay() {
+        let error = classify_status(
+            429,
+            "{\"success\":false,\"message\":\"Rate limit exceeded\"}",
+        );
+        assert_eq!(error.class(), ErrorClass::RETRY);
+    }
+
+    #[test]
+    fn retry_after_as_http_date_in_the_past_is_zero() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            RETRY_AFTER,
+            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+        );
+        assert_eq!(retry_after(&h), Some(Duration::ZERO));
+    }
+
+    #[test]
+    fn four_hundreds_carry_loops_message_and_are_permanent() {
+        let error = classify_status(400, r#"{"success":false,"message":"Invalid email"}"#);
+        assert!(matches!(&error, LoopsError::Invalid { message } if message == "Invalid email"));
+        assert_eq!(error.class(), ErrorClass::Permanent);
+        assert!(matches!(
+            classify_status(409, r#"{"success":false,"message":"exists"}"#),
+            LoopsError::Conflict { .. }
+        ));
+        assert!(matches!(
+            classify_status(404, r#"{"success":false,"message":"Contact not found."}"#),
+            LoopsError::NotFound { .. }
+        ));
+    }
+
+    #[test]
+    fn error_field_is_preferred_over_message() {
+        let error = classify_status(
+            401,
+            r#"{"success":false,"message":"from message","error":"Invalid API key"}"#,
+        );
+        assert_eq!(error.message(), Some("Invalid API key"));
+        let nested = classify_status(
+            400,
+            r#"{"success":false,"error":{"path":"x","reason":"bad"}}"#,
+        );
+        assert_eq!(nested.message(), Some("bad"));
+    }
+
+    #[test]
+    fn html_and_empty_server_errors_are_retryable() {
+        let html = classify_status(502, "<html><body>Bad Gateway</body></html>");
+        assert!(
+            matches!(&html, LoopsError::Server { status: 502, body } if body.contains("Bad Gateway"))
+        );
+        assert_eq!(html.class(), ErrorClass::RETRY);
+        let empty = classify_status(500, "");
+        assert!(empty.to_string().contains("(empty body)"));
+        assert_eq!(empty.class(), ErrorClass::RETRY);
+    }
+
+    #[test]
+    fn non_json_four_hundred_falls_back_to_status() {
+        let error = classify_status(400, "nope");
+        assert_eq!(error.message(), Some("unexpected status: 400 Bad Request"));
+    }
+
+    #[test]
+    fn other_statuses() {
+        assert_eq!(classify_status(405, "").class(), ErrorClass::Permanent);
+        assert_eq!(classify_status(408, "").class(), ErrorClass::RETRY);
+        assert_eq!(LoopsError::Usage("x".into()).class(), ErrorClass::Poison);
+        assert_eq!(
+            LoopsError::Timeout(Duration::from_secs(5)).class(),
+            ErrorClass::RETRY
+        );
+    }
+}

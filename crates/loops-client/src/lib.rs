@@ -1,0 +1,23 @@
+//! The Loops API client: the only crate in loopsync that sends HTTP to Loops.
+//!
+//! * Typed calls for the API-key test, contacts (create, update, find, delete), contact
+//!   properties (list, create), mailing lists, and events (with an `Idempotency-Key`).
+//! * Every answer is classified in one place, [`classify`]: ok, rate-limited, conflict, not
+//!   found, invalid, unauthorized, server error, or (before any answer) transport error and
+//!   timeout. Each [`LoopsError`] knows its [`loopsync_core::ErrorClass`].
+//! * The client never retries on its own: retry policy belongs to the loader.
+//! * The API key never appears in `Debug` output or error messages.
+
+mod client;
+mod error;
+mod types;
+
+pub use client::{ClientConfig, LoopsClient, RateLimitInfo};
+pub use error::{LoopsError, classify};
+pub use types::{
+    ApiKey, ApiKeyInfo, Contact, ContactIdentity, ContactPayload, ContactProperty, EventPayload,
+    IdempotencyKey, MailingList, PropertyType,
+};
+
+#[cfg(test)]
+mod tests;

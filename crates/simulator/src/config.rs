@@ -1,0 +1,99 @@
+//! Simulator configuration: what is fixed at start (key, address, body cap, seed data) and the
+//! settings that can change while it runs (`POST /_sim/settings`).
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{MailingList, PropertyType};
+
+/// How the per-team rate limit counts requests (`loops-api.md` §9: Loops does not say).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RateWindow {
+    /// At most `rate_limit` requests accepted in any one second: the strictest reading.
+    #[default]
+    Sliding,
+    /// A counter reset at each whole second since start.
+    Fixed,
+    /// A bucket of `rate_limit` tokens refilled at `rate_limit` per second.
+    TokenBucket,
+}
+
+/// What a contact write does with a property the team has not created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum UnknownProperties {
+    /// 400 with a message naming the property.
+    #[default]
+    Reject,
+    /// Create it as a string property and store the value.
+    Create,
+}
+
+/// What a contact write does with a mailing-list id the team does not have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum UnknownLists {
+    /// 400 with a message naming the list.
+    #[default]
+    Reject,
+    /// Accept and record the subscription as sent.
+    Accept,
+}
+
+/// Settings that may change at run time. Every field has a default, so `{}` is valid.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// Requests per second for the team (Loops' baseline is 10).
+    pub rate_limit: u32,
+    pub window: RateWindow,
+    /// Send `Retry-After` (whole seconds) on 429. Loops does not document sending it.
+    pub retry_after: bool,
+    pub unknown_properties: UnknownProperties,
+    pub unknown_lists: UnknownLists,
+    /// `teamName` of `GET /v1/api-key`.
+    pub team_name: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            rate_limit: 10,
+            window: RateWindow::Sliding,
+            retry_after: false,
+            unknown_properties: UnknownProperties::Reject,
+            unknown_lists: UnknownLists::Reject,
+            team_name: "Simulated Team".into(),
+        }
+    }
+}
+
+/// Everything the simulator starts with.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub bind: SocketAddr,
+    /// The one valid API key (`Authorization: Bearer <key>`).
+    pub api_key: String,
+    /// Larger request bodies are answered 413.
+    pub max_body_bytes: usize,
+    pub settings: Settings,
+    /// Mailing lists the team has from the start (lists cannot be created through the API).
+    pub lists: Vec<MailingList>,
+    /// Custom contact properties the team has from the start.
+    pub properties: Vec<(String, PropertyType)>,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+            api_key: "test-key".into(),
+            max_body_bytes: 256 * 1024,
+            settings: Settings::default(),
+            lists: Vec::new(),
+            properties: Vec::new(),
+        }
+    }
+}

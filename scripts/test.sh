@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The project's one test command (the README names it; .ci/run calls it).
+#
+# Formatting, lints, every Rust test (unit and end-to-end), then the conformance test of the
+# simulator against the official Loops JavaScript SDK. Whatever a test needs that is missing —
+# Node.js on a fresh machine — is installed from Debian's packages when running as root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n== %s\n' "$*"; }
+as_root() { [ "$(id -u)" -eq 0 ]; }
+apt_updated=""
+apt_install() {
+  as_root || { echo "missing: $* (install it, or run this script as root)" >&2; exit 1; }
+  if [ -z "$apt_updated" ]; then apt-get update -qq; apt_updated=1; fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+target_dir="${CARGO_TARGET_DIR:-target}"
+start=$(date +%s)
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+
+log "cargo clippy (all targets, warnings are errors)"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+log "cargo build (binaries)"
+cargo build --workspace --bins --quiet
+export LOOPSYNC_BIN="$target_dir/debug/loopsync"
+
+log "cargo test"
+cargo test --workspace
+
+log "Loops JS SDK conformance (tests/sdk-js)"
+command -v node >/dev/null && command -v npm >/dev/null || apt_install nodejs npm
+(cd tests/sdk-js && npm ci --no-audit --no-fund --loglevel=error)
+node --test tests/sdk-js/conformance.test.mjs
+
+log "all tests passed in $(( $(date +%s) - start )) s"
