@@ -1,6 +1,6 @@
 //! `loopsync sim` as a user starts it: the binary, a free port, real HTTP.
 
-use loopsync_e2e::{SimProcess, http_client};
+use loopsync_testkit::{SimProcess, http_client};
 
 /// The acceptance check of the simulator: 200 concurrent requests at `--rate-limit 10`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

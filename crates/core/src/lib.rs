@@ -1,8 +1,15 @@
 //! The vocabulary shared by every loopsync stage.
 //!
-//! This crate has no I/O: no NATS, no HTTP, no database. It holds the types that more than one
-//! stage must agree on.
+//! This crate has no I/O: no NATS, no HTTP, no database. It holds what more than one stage must
+//! agree on: the messages on the subjects and their codec, the deterministic keys, the subject
+//! and stream names, the resolved sync definition with its fingerprint, and the error classes.
 
+pub mod codec;
+pub mod envelope;
 pub mod error;
+pub mod keys;
+pub mod spec;
+pub mod subjects;
+pub mod value;
 
 pub use error::{Classified, ErrorClass};

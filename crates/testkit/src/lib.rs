@@ -1,5 +1,9 @@
-//! Helpers for the end-to-end tests: start the real `loopsync` binary (and, later, the services it
-//! talks to) on loopback, and stop them when the test ends.
+//! Test helpers. Tests run against real services, never mocks: NATS and PostgreSQL are found
+//! through `LOOPSYNC_TEST_NATS_URL` and `LOOPSYNC_TEST_PG_URL` (`scripts/test.sh` starts
+//! throwaway ones and sets them). Without them a test that needs one says so and passes as
+//! skipped — except under CI (`CI` set), where a missing service fails the test.
+
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -96,5 +100,88 @@ impl Drop for SimProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+fn service(var: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "{var} is not set: under CI every service must be provided (scripts/test.sh does)"
+            );
+            eprintln!("skipped: {var} is not set (scripts/test.sh sets it)");
+            None
+        }
+    }
+}
+
+/// The NATS server to test against, if any.
+pub fn nats_url() -> Option<String> {
+    service("LOOPSYNC_TEST_NATS_URL")
+}
+
+/// The PostgreSQL server to test against (a URL to a database the tests may create databases
+/// from), if any.
+pub fn pg_url() -> Option<String> {
+    service("LOOPSYNC_TEST_PG_URL")
+}
+
+/// A name no other test of this run uses: `prefix` + process id + counter.
+pub fn unique(prefix: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}{}x{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Creates an empty database on the test server and returns its URL.
+pub async fn fresh_pg_database() -> Option<String> {
+    let base = pg_url()?;
+    let (client, connection) = tokio_postgres::connect(&base, tokio_postgres::NoTls)
+        .await
+        .expect("connect to the test PostgreSQL");
+    tokio::spawn(connection);
+    let name = unique("loopsync_t");
+    client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("create a test database");
+    Some(with_database(&base, &name))
+}
+
+/// `base` with its database replaced by `name`.
+pub fn with_database(base: &str, name: &str) -> String {
+    let (before_query, query) = match base.split_once('?') {
+        Some((b, q)) => (b, format!("?{q}")),
+        None => (base, String::new()),
+    };
+    let scheme_end = before_query.find("://").map_or(0, |i| i + 3);
+    let host_part = match before_query[scheme_end..].find('/') {
+        Some(i) => &before_query[..scheme_end + i],
+        None => before_query,
+    };
+    format!("{host_part}/{name}{query}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_in_url_is_replaced() {
+        assert_eq!(
+            with_database("postgres://u@127.0.0.1:5432/test", "x"),
+            "postgres://u@127.0.0.1:5432/x"
+        );
+        assert_eq!(
+            with_database("postgres://u@h:1/test?sslmode=disable", "x"),
+            "postgres://u@h:1/x?sslmode=disable"
+        );
+        assert_eq!(with_database("postgres://u@h:1", "x"), "postgres://u@h:1/x");
+        assert_ne!(unique("a"), unique("a"));
     }
 }

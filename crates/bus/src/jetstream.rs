@@ -1,0 +1,576 @@
+//! The bus on NATS JetStream.
+//!
+//! Provisioning is declarative and idempotent: every process that connects makes sure the
+//! streams and consumers exist, so workers can start in any order. Works on nats-server 2.9.10
+//! (Debian's) and current 2.1x: nothing here needs a 2.10+ field, and the ledger's key-value
+//! bucket is created by hand because async-nats' `create_key_value` fails against 2.9.
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::consumer::{AckPolicy, pull};
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
+use async_nats::jetstream::{self, AckKind, Context, kv};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use loopsync_core::codec;
+use loopsync_core::envelope::{Operation, Outcome, OutcomeStatus, RowChange};
+use loopsync_core::subjects::{Names, Stage};
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::{Acker, Bus, BusError, Consumer, DeadLetter, Delivery, sync_of};
+
+const HEADER_STAGE: &str = "Loopsync-Stage";
+const HEADER_SUBJECT: &str = "Loopsync-Subject";
+const HEADER_REASON: &str = "Loopsync-Reason";
+const HEADER_ATTEMPTS: &str = "Loopsync-Attempts";
+const HEADER_SEQUENCE: &str = "Loopsync-Sequence";
+
+/// Tuning of the JetStream bus.
+#[derive(Debug, Clone)]
+pub struct JetStreamOptions {
+    /// How long a delivered message may stay unacknowledged before it is redelivered.
+    pub ack_wait: Duration,
+    /// Server-side cap on deliveries. The worker gives up at its own `max_attempts` first; this
+    /// is the safety net for a message whose workers keep crashing, after which the
+    /// max-deliveries advisory moves it to the dead-letter stream.
+    pub max_deliver: i64,
+    /// Window of `Nats-Msg-Id` deduplication.
+    pub duplicate_window: Duration,
+}
+
+impl Default for JetStreamOptions {
+    fn default() -> Self {
+        JetStreamOptions {
+            ack_wait: Duration::from_secs(30),
+            max_deliver: 10,
+            duplicate_window: Duration::from_secs(120),
+        }
+    }
+}
+
+/// The bus on NATS JetStream.
+#[derive(Clone)]
+pub struct JetStreamBus {
+    client: async_nats::Client,
+    js: Context,
+    names: Names,
+    ledger: kv::Store,
+}
+
+impl std::fmt::Debug for JetStreamBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JetStreamBus")
+            .field("names", &self.names)
+            .finish()
+    }
+}
+
+fn provision_error(what: impl Into<String>, e: impl std::fmt::Display) -> BusError {
+    BusError::Provision {
+        what: what.into(),
+        detail: e.to_string(),
+    }
+}
+
+/// `(major, minor)` of a server version such as `2.9.10` or `2.11.0-beta.1`.
+pub fn parse_version(version: &str) -> Option<(u32, u32)> {
+    let mut parts = version.split(['.', '-']);
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+impl JetStreamBus {
+    /// Connects, checks the server version and makes sure every stream and consumer exists.
+    pub async fn connect(
+        url: &str,
+        names: Names,
+        options: &JetStreamOptions,
+    ) -> Result<JetStreamBus, BusError> {
+        let client = async_nats::ConnectOptions::new()
+            .name("loopsync")
+            .connect(url)
+            .await
+            .map_err(|e| BusError::Connect {
+                url: url.to_owned(),
+                detail: e.to_string(),
+            })?;
+        let version = client.server_info().version;
+        match parse_version(&version) {
+            Some(v) if v >= (2, 9) => {}
+            _ => return Err(BusError::ServerTooOld { version }),
+        }
+        let js = jetstream::new(client.clone());
+        provision(&js, &names, options).await?;
+        let ledger = ledger_bucket(&js, &names).await?;
+        Ok(JetStreamBus {
+            client,
+            js,
+            names,
+            ledger,
+        })
+    }
+
+    /// The server's version.
+    pub fn server_version(&self) -> String {
+        self.client.server_info().version
+    }
+
+    /// Moves messages that reached the server's max-deliveries to the dead-letter stream, and
+    /// records terminated ones that the worker did not already dead-letter. Runs until `shutdown`.
+    pub async fn run_dead_letter_mover(&self, shutdown: CancellationToken) -> Result<(), BusError> {
+        let stream = self
+            .js
+            .get_stream(self.names.advisory_stream())
+            .await
+            .map_err(|e| provision_error("the advisory stream", e))?;
+        let consumer: jetstream::consumer::PullConsumer = stream
+            .get_consumer("dlq-mover")
+            .await
+            .map_err(|e| provision_error("the dlq-mover consumer", e))?;
+        let mut messages = consumer
+            .stream()
+            .max_messages_per_batch(10)
+            .messages()
+            .await
+            .map_err(|e| BusError::Consume {
+                stage: "dlq-mover".into(),
+                detail: e.to_string(),
+            })?;
+        loop {
+            let message = tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                m = messages.next() => m,
+            };
+            let Some(message) = message else {
+                return Ok(());
+            };
+            let message = match message {
+                Ok(m) => m,
+                Err(error) => {
+                    tracing::warn!(%error, "advisory consumer");
+                    continue;
+                }
+            };
+            match self.move_advised(&message.payload).await {
+                Ok(()) => {
+                    let _ = message.ack().await;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "dead-letter mover");
+                    let _ = message
+                        .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                        .await;
+                }
+            }
+        }
+    }
+
+    async fn move_advised(&self, advisory: &[u8]) -> Result<(), BusError> {
+        #[derive(Deserialize)]
+        struct Advisory {
+            #[serde(rename = "type")]
+            kind: String,
+            stream: String,
+            stream_seq: u64,
+            #[serde(default)]
+            deliveries: u32,
+        }
+        let Ok(advisory) = serde_json::from_slice::<Advisory>(advisory) else {
+            return Ok(());
+        };
+        let Some(stage) = Stage::ALL
+            .into_iter()
+            .find(|s| self.names.stream(*s) == advisory.stream)
+        else {
+            return Ok(());
+        };
+        let stream = self
+            .js
+            .get_stream(&advisory.stream)
+            .await
+            .map_err(|e| provision_error(&advisory.stream, e))?;
+        if advisory.kind.ends_with(".terminated") {
+            // A terminated message is gone from the work queue; the worker dead-lettered it
+            // (with its reason) before terminating. Nothing to move.
+            return Ok(());
+        }
+        let message = match stream.get_raw_message(advisory.stream_seq).await {
+            Ok(m) => m,
+            // Acked or deleted in the meantime: nothing to move.
+            Err(_) => return Ok(()),
+        };
+        let reason = format!(
+            "delivered {} times without being settled (a worker crashed or hung on it)",
+            advisory.deliveries
+        );
+        let subject = message.subject.to_string();
+        let letter = DeadLetter {
+            stage,
+            sync: sync_of(&subject).to_owned(),
+            subject,
+            payload: message.payload.clone(),
+            reason: reason.clone(),
+            attempts: advisory.deliveries,
+            sequence: advisory.stream_seq,
+        };
+        self.dead_letter(letter).await?;
+        // The record still needs an outcome, or its run never ends.
+        let outcome = match stage {
+            Stage::Loader => codec::decode::<Operation>(&message.payload).ok().map(|op| {
+                Outcome::new(
+                    &op.sync,
+                    op.run_id,
+                    &op.key,
+                    &op.fingerprint,
+                    OutcomeStatus::DeadLettered,
+                    op.action.name(),
+                )
+            }),
+            Stage::Transformer => codec::decode::<RowChange>(&message.payload).ok().map(|c| {
+                Outcome::new(
+                    &c.sync,
+                    c.run_id,
+                    &c.key,
+                    &c.fingerprint,
+                    OutcomeStatus::DeadLettered,
+                    "none",
+                )
+            }),
+            Stage::Extractor | Stage::Checkpointer => None,
+        };
+        if let Some(outcome) = outcome {
+            let outcome = outcome.with_reason(reason);
+            let id = format!("dlq-outcome:{}:{}", advisory.stream, advisory.stream_seq);
+            self.publish(
+                &self.names.subject(Stage::Checkpointer, &outcome.sync),
+                &id,
+                Bytes::from(codec::encode(&outcome)),
+            )
+            .await?;
+        }
+        stream
+            .delete_message(advisory.stream_seq)
+            .await
+            .map_err(|e| BusError::Ack(format!("delete from {}: {e}", advisory.stream)))?;
+        Ok(())
+    }
+}
+
+async fn provision(
+    js: &Context,
+    names: &Names,
+    options: &JetStreamOptions,
+) -> Result<(), BusError> {
+    for stage in Stage::ALL {
+        let name = names.stream(stage);
+        let stream = js
+            .get_or_create_stream(stream::Config {
+                name: name.clone(),
+                subjects: vec![names.stream_subjects(stage)],
+                retention: RetentionPolicy::WorkQueue,
+                storage: StorageType::File,
+                duplicate_window: options.duplicate_window,
+                max_age: Duration::from_secs(7 * 24 * 3600),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| provision_error(format!("stream {name}"), e))?;
+        stream
+            .get_or_create_consumer(
+                stage.name(),
+                pull::Config {
+                    durable_name: Some(stage.name().to_owned()),
+                    ack_policy: AckPolicy::Explicit,
+                    ack_wait: options.ack_wait,
+                    max_deliver: options.max_deliver,
+                    max_ack_pending: 1000,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| provision_error(format!("consumer {} on {name}", stage.name()), e))?;
+    }
+    let dlq = names.dlq_stream();
+    js.get_or_create_stream(stream::Config {
+        name: dlq.clone(),
+        subjects: vec![names.dlq_subjects()],
+        retention: RetentionPolicy::Limits,
+        storage: StorageType::File,
+        duplicate_window: options.duplicate_window,
+        max_age: Duration::from_secs(30 * 24 * 3600),
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| provision_error(format!("stream {dlq}"), e))?;
+    let advisories = names.advisory_stream();
+    let stream = js
+        .get_or_create_stream(stream::Config {
+            name: advisories.clone(),
+            subjects: names.advisory_subjects(),
+            retention: RetentionPolicy::Limits,
+            storage: StorageType::File,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| provision_error(format!("stream {advisories}"), e))?;
+    stream
+        .get_or_create_consumer(
+            "dlq-mover",
+            pull::Config {
+                durable_name: Some("dlq-mover".into()),
+                ack_policy: AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(30),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| provision_error("consumer dlq-mover", e))?;
+    Ok(())
+}
+
+/// The ledger's key-value bucket, its stream made by hand (what `create_key_value` would make),
+/// because async-nats 0.51's `create_key_value` cannot read 2.9's account info.
+async fn ledger_bucket(js: &Context, names: &Names) -> Result<kv::Store, BusError> {
+    let bucket = names.ledger_bucket();
+    js.get_or_create_stream(stream::Config {
+        name: format!("KV_{bucket}"),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 1,
+        discard: DiscardPolicy::New,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        storage: StorageType::File,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| provision_error(format!("bucket {bucket}"), e))?;
+    js.get_key_value(&bucket)
+        .await
+        .map_err(|e| provision_error(format!("bucket {bucket}"), e))
+}
+
+#[async_trait]
+impl Bus for JetStreamBus {
+    fn names(&self) -> &Names {
+        &self.names
+    }
+
+    async fn publish(
+        &self,
+        subject: &str,
+        message_id: &str,
+        payload: Bytes,
+    ) -> Result<(), BusError> {
+        let error = |e: &dyn std::fmt::Display| BusError::Publish {
+            subject: subject.to_owned(),
+            detail: e.to_string(),
+        };
+        let ack = self
+            .js
+            .send_publish(
+                subject.to_owned(),
+                PublishMessage::build()
+                    .payload(payload)
+                    .message_id(message_id),
+            )
+            .await
+            .map_err(|e| error(&e))?;
+        ack.await.map_err(|e| error(&e))?;
+        Ok(())
+    }
+
+    async fn consume(&self, stage: Stage, batch: usize) -> Result<Box<dyn Consumer>, BusError> {
+        let error = |e: &dyn std::fmt::Display| BusError::Consume {
+            stage: stage.name().into(),
+            detail: e.to_string(),
+        };
+        let stream = self
+            .js
+            .get_stream(self.names.stream(stage))
+            .await
+            .map_err(|e| error(&e))?;
+        let consumer: jetstream::consumer::PullConsumer = stream
+            .get_consumer(stage.name())
+            .await
+            .map_err(|e| error(&e))?;
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(batch.max(1))
+            .messages()
+            .await
+            .map_err(|e| error(&e))?;
+        Ok(Box::new(JetStreamConsumer { stage, messages }))
+    }
+
+    async fn dead_letter(&self, letter: DeadLetter) -> Result<(), BusError> {
+        let subject = self.names.dlq_subject(letter.stage, &letter.sync);
+        let mut headers = HeaderMap::new();
+        headers.insert(HEADER_STAGE, letter.stage.name());
+        headers.insert(HEADER_SUBJECT, letter.subject.as_str());
+        // Header values are one line.
+        headers.insert(
+            HEADER_REASON,
+            letter.reason.replace(['\r', '\n'], " ").as_str(),
+        );
+        headers.insert(HEADER_ATTEMPTS, letter.attempts.to_string().as_str());
+        headers.insert(HEADER_SEQUENCE, letter.sequence.to_string().as_str());
+        let id = format!(
+            "dlq:{}:{}",
+            self.names.stream(letter.stage),
+            letter.sequence
+        );
+        let publish = PublishMessage::build()
+            .payload(letter.payload)
+            .headers(headers)
+            .message_id(id);
+        let error = |e: &dyn std::fmt::Display| BusError::Publish {
+            subject: subject.clone(),
+            detail: e.to_string(),
+        };
+        let ack = self
+            .js
+            .send_publish(subject.clone(), publish)
+            .await
+            .map_err(|e| error(&e))?;
+        ack.await.map_err(|e| error(&e))?;
+        Ok(())
+    }
+
+    async fn dead_letters(&self) -> Result<Vec<DeadLetter>, BusError> {
+        let mut stream = self
+            .js
+            .get_stream(self.names.dlq_stream())
+            .await
+            .map_err(|e| provision_error("the dead-letter stream", e))?;
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| provision_error("the dead-letter stream", e))?;
+        let (first, last) = (info.state.first_sequence, info.state.last_sequence);
+        let mut letters = Vec::new();
+        if info.state.messages == 0 {
+            return Ok(letters);
+        }
+        for seq in first..=last {
+            let Ok(message) = stream.get_raw_message(seq).await else {
+                continue;
+            };
+            let header = |name: &str| {
+                message
+                    .headers
+                    .get(name)
+                    .map(|v| v.as_str().to_owned())
+                    .unwrap_or_default()
+            };
+            let stage = Stage::ALL
+                .into_iter()
+                .find(|s| s.name() == header(HEADER_STAGE))
+                .unwrap_or(Stage::Loader);
+            let subject = header(HEADER_SUBJECT);
+            letters.push(DeadLetter {
+                stage,
+                sync: sync_of(&subject).to_owned(),
+                subject,
+                payload: message.payload.clone(),
+                reason: header(HEADER_REASON),
+                attempts: header(HEADER_ATTEMPTS).parse().unwrap_or(0),
+                sequence: header(HEADER_SEQUENCE).parse().unwrap_or(0),
+            });
+        }
+        Ok(letters)
+    }
+
+    async fn ledger_get(&self, key: &str) -> Result<Option<Bytes>, BusError> {
+        self.ledger
+            .get(key)
+            .await
+            .map_err(|e| BusError::Ledger(e.to_string()))
+    }
+
+    async fn ledger_put(&self, key: &str, value: Bytes) -> Result<(), BusError> {
+        self.ledger
+            .put(key, value)
+            .await
+            .map(|_| ())
+            .map_err(|e| BusError::Ledger(e.to_string()))
+    }
+}
+
+struct JetStreamConsumer {
+    stage: Stage,
+    messages: pull::Stream,
+}
+
+#[async_trait]
+impl Consumer for JetStreamConsumer {
+    async fn next(&mut self) -> Option<Result<Delivery, BusError>> {
+        let message = match self.messages.next().await? {
+            Ok(m) => m,
+            Err(e) => {
+                return Some(Err(BusError::Consume {
+                    stage: self.stage.name().into(),
+                    detail: e.to_string(),
+                }));
+            }
+        };
+        let (attempt, sequence) = match message.info() {
+            Ok(info) => (info.delivered.max(1) as u32, info.stream_sequence),
+            Err(_) => (1, 0),
+        };
+        let (message, acker) = message.split();
+        Some(Ok(Delivery {
+            subject: message.subject.to_string(),
+            payload: message.payload,
+            attempt,
+            sequence,
+            acker: Box::new(JetStreamAcker(acker)),
+        }))
+    }
+}
+
+struct JetStreamAcker(jetstream::message::Acker);
+
+#[async_trait]
+impl Acker for JetStreamAcker {
+    async fn ack(&self) -> Result<(), BusError> {
+        // Wait for the server's confirmation: narrows the "acked but lost" window.
+        self.0
+            .double_ack()
+            .await
+            .map_err(|e| BusError::Ack(e.to_string()))
+    }
+
+    async fn nak(&self, delay: Duration) -> Result<(), BusError> {
+        self.0
+            .ack_with(AckKind::Nak(Some(delay)))
+            .await
+            .map_err(|e| BusError::Ack(e.to_string()))
+    }
+
+    async fn term(&self) -> Result<(), BusError> {
+        self.0
+            .ack_with(AckKind::Term)
+            .await
+            .map_err(|e| BusError::Ack(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions() {
+        assert_eq!(parse_version("2.9.10"), Some((2, 9)));
+        assert_eq!(parse_version("2.11.0-beta.1"), Some((2, 11)));
+        assert!(parse_version("2.10.0").unwrap() >= (2, 9));
+        assert!(parse_version("2.8.4").unwrap() < (2, 9));
+        assert_eq!(parse_version("nonsense"), None);
+    }
+}

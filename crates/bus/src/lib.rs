@@ -1,0 +1,111 @@
+//! The bus: how the stages talk. All JetStream knowledge of loopsync lives in this crate.
+//!
+//! * [`Bus`] is the one seam: publish with a message id, consume a stage's work queue,
+//!   dead-letter, and a small ledger (last confirmed version per record).
+//! * [`JetStreamBus`] implements it on NATS JetStream (nats-server 2.9.10 and 2.1x): a
+//!   work-queue stream per hop, one durable pull consumer per stage shared by all replicas,
+//!   `Nats-Msg-Id` on every publish, a dead-letter stream fed by the worker and by the
+//!   max-deliveries and terminated advisories.
+//! * [`LocalBus`] implements it in process, for one-process runs without NATS.
+//! * [`worker`] is the one place where an error class becomes ack, nak(delay) or term.
+
+mod error;
+pub mod jetstream;
+pub mod local;
+pub mod worker;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use loopsync_core::subjects::{Names, Stage};
+
+pub use error::BusError;
+pub use jetstream::{JetStreamBus, JetStreamOptions};
+pub use local::LocalBus;
+
+/// A message that will not be processed again, with why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetter {
+    pub stage: Stage,
+    pub sync: String,
+    pub subject: String,
+    pub payload: Bytes,
+    pub reason: String,
+    pub attempts: u32,
+    /// The message's sequence in its work-queue stream (0 when unknown).
+    pub sequence: u64,
+}
+
+/// How the stages talk.
+#[async_trait]
+pub trait Bus: Send + Sync + 'static {
+    /// The stream and subject names of this deployment.
+    fn names(&self) -> &Names;
+
+    /// Publishes and waits until the bus has stored the message. A second publish with the same
+    /// `message_id` within the duplicate window is dropped.
+    async fn publish(
+        &self,
+        subject: &str,
+        message_id: &str,
+        payload: Bytes,
+    ) -> Result<(), BusError>;
+
+    /// Joins the stage's shared consumer; `batch` bounds how many messages are fetched ahead.
+    async fn consume(&self, stage: Stage, batch: usize) -> Result<Box<dyn Consumer>, BusError>;
+
+    /// Stores a dead letter.
+    async fn dead_letter(&self, letter: DeadLetter) -> Result<(), BusError>;
+
+    /// The stored dead letters, oldest first.
+    async fn dead_letters(&self) -> Result<Vec<DeadLetter>, BusError>;
+
+    /// Reads the ledger entry of a record.
+    async fn ledger_get(&self, key: &str) -> Result<Option<Bytes>, BusError>;
+
+    /// Writes the ledger entry of a record.
+    async fn ledger_put(&self, key: &str, value: Bytes) -> Result<(), BusError>;
+}
+
+/// One replica's handle on a stage's consumer.
+#[async_trait]
+pub trait Consumer: Send {
+    /// The next message; `None` when the consumer is closed.
+    async fn next(&mut self) -> Option<Result<Delivery, BusError>>;
+}
+
+/// Settles one delivery.
+#[async_trait]
+pub trait Acker: Send + Sync {
+    async fn ack(&self) -> Result<(), BusError>;
+    async fn nak(&self, delay: Duration) -> Result<(), BusError>;
+    async fn term(&self) -> Result<(), BusError>;
+}
+
+/// A delivered message.
+pub struct Delivery {
+    pub subject: String,
+    pub payload: Bytes,
+    /// 1 on the first delivery.
+    pub attempt: u32,
+    /// Sequence in the stream (0 when the bus has none).
+    pub sequence: u64,
+    pub acker: Box<dyn Acker>,
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field("subject", &self.subject)
+            .field("attempt", &self.attempt)
+            .field("sequence", &self.sequence)
+            .field("bytes", &self.payload.len())
+            .finish()
+    }
+}
+
+/// The sync a subject is about: its last token.
+pub fn sync_of(subject: &str) -> &str {
+    subject.rsplit('.').next().unwrap_or(subject)
+}

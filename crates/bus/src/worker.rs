@@ -1,0 +1,414 @@
+//! The one place where the class of an error becomes an acknowledgement decision.
+//!
+//! A stage implements [`Handler`] (or [`BatchHandler`]); its errors carry an
+//! [`ErrorClass`]. [`settle`] maps the result and the attempt number to [`Settle`]:
+//!
+//! | result | | message |
+//! |---|---|---|
+//! | `Ok` | | ack |
+//! | retryable, attempts left | | nak with the server's delay or a jittered backoff |
+//! | retryable, no attempts left | give up: dead-lettered | dead letter, then term |
+//! | permanent | give up: rejected | ack (the rejection is the record's final state) |
+//! | poison | give up: dead-lettered | dead letter, then term |
+//!
+//! "Give up" lets the stage record the record's fate (an outcome) before the message goes.
+//! Acknowledgement always follows the effect: nothing is acked before `handle` returned.
+
+use std::fmt::Display;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use loopsync_core::subjects::Stage;
+use loopsync_core::{Classified, ErrorClass};
+use rand::Rng;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::{Bus, BusError, DeadLetter, Delivery, sync_of};
+
+/// What a handler sees of a delivery besides its payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryInfo {
+    pub subject: String,
+    /// 1 on the first delivery.
+    pub attempt: u32,
+    pub sequence: u64,
+}
+
+/// Why a message will not be tried again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fate {
+    /// The other side refused it for good.
+    Rejected,
+    /// Out of attempts, or unreadable.
+    DeadLettered,
+}
+
+/// A stage's work on one message.
+#[async_trait]
+pub trait Handler: Send + Sync + 'static {
+    type Error: Classified + Display + Send + Sync + 'static;
+
+    /// Does the work. Returns only when its effect is final (published, stored, confirmed).
+    async fn handle(&self, info: &DeliveryInfo, payload: &Bytes) -> Result<(), Self::Error>;
+
+    /// The message will not be tried again: record the record's fate.
+    async fn give_up(
+        &self,
+        info: &DeliveryInfo,
+        payload: &Bytes,
+        fate: Fate,
+        reason: &str,
+    ) -> Result<(), Self::Error>;
+}
+
+/// A stage's work on a batch of messages (all succeed or all fail).
+#[async_trait]
+pub trait BatchHandler: Send + Sync + 'static {
+    type Error: Classified + Display + Send + Sync + 'static;
+    async fn handle_batch(&self, batch: &[(DeliveryInfo, Bytes)]) -> Result<(), Self::Error>;
+}
+
+/// Exponential backoff with jitter: attempt n waits a random time in [d/2, d], with
+/// d = min(cap, base · 2^(n-1)).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Backoff {
+    pub base: Duration,
+    pub cap: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            base: Duration::from_millis(500),
+            cap: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Backoff {
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let exp = 2u32.saturating_pow(attempt.saturating_sub(1).min(20));
+        let full = self.base.saturating_mul(exp).min(self.cap);
+        let jitter = rand::rng().random_range(0.5..=1.0);
+        full.mul_f64(jitter)
+    }
+}
+
+/// How a worker runs.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// Messages in flight at once in this process.
+    pub concurrency: usize,
+    /// Attempts before a retryable failure is given up.
+    pub max_attempts: u32,
+    pub backoff: Backoff,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        WorkerOptions {
+            concurrency: 4,
+            max_attempts: 8,
+            backoff: Backoff::default(),
+        }
+    }
+}
+
+/// What happens to one message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Settle {
+    Ack,
+    Nak(Duration),
+    /// Record the rejection, then ack.
+    Reject(String),
+    /// Record the fate, dead-letter, then term.
+    DeadLetter(String),
+}
+
+/// The longest delay a server may ask for that we honour as is.
+const MAX_SERVER_DELAY: Duration = Duration::from_secs(300);
+
+/// The rule of the table above.
+pub fn settle(
+    result: Result<(), (ErrorClass, String)>,
+    attempt: u32,
+    options: &WorkerOptions,
+) -> Settle {
+    match result {
+        Ok(()) => Settle::Ack,
+        Err((ErrorClass::Retryable { after }, reason)) => {
+            if attempt < options.max_attempts {
+                Settle::Nak(
+                    after
+                        .map(|d| d.min(MAX_SERVER_DELAY))
+                        .unwrap_or_else(|| options.backoff.delay(attempt)),
+                )
+            } else {
+                Settle::DeadLetter(format!("gave up after {attempt} attempts: {reason}"))
+            }
+        }
+        Err((ErrorClass::Permanent, reason)) => Settle::Reject(reason),
+        Err((ErrorClass::Poison, reason)) => Settle::DeadLetter(reason),
+    }
+}
+
+fn classify<E: Classified + Display>(result: Result<(), E>) -> Result<(), (ErrorClass, String)> {
+    result.map_err(|e| (e.class(), e.to_string()))
+}
+
+/// Runs a stage's handler on its consumer until `shutdown`, then lets in-flight messages finish.
+pub async fn run<H: Handler>(
+    bus: Arc<dyn Bus>,
+    stage: Stage,
+    handler: Arc<H>,
+    options: WorkerOptions,
+    shutdown: CancellationToken,
+) -> Result<(), BusError> {
+    let mut consumer = bus.consume(stage, options.concurrency).await?;
+    let permits = Arc::new(Semaphore::new(options.concurrency.max(1)));
+    let mut tasks = JoinSet::new();
+    loop {
+        let permit = tokio::select! {
+            () = shutdown.cancelled() => break,
+            p = permits.clone().acquire_owned() => p.expect("semaphore is never closed"),
+        };
+        let delivery = tokio::select! {
+            () = shutdown.cancelled() => break,
+            d = consumer.next() => d,
+        };
+        match delivery {
+            None => break,
+            Some(Err(error)) => {
+                tracing::warn!(stage = stage.name(), %error, "consumer error");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Some(Ok(delivery)) => {
+                let (bus, handler, options) = (bus.clone(), handler.clone(), options.clone());
+                tasks.spawn(async move {
+                    process(&*bus, stage, &*handler, delivery, &options).await;
+                    drop(permit);
+                });
+            }
+        }
+        while tasks.try_join_next().is_some() {}
+    }
+    while tasks.join_next().await.is_some() {}
+    Ok(())
+}
+
+async fn process<H: Handler>(
+    bus: &dyn Bus,
+    stage: Stage,
+    handler: &H,
+    delivery: Delivery,
+    options: &WorkerOptions,
+) {
+    let info = info_of(&delivery);
+    let result = classify(handler.handle(&info, &delivery.payload).await);
+    let outcome = settle(result, info.attempt, options);
+    let settled = match outcome {
+        Settle::Ack => delivery.acker.ack().await,
+        Settle::Nak(delay) => delivery.acker.nak(delay).await,
+        Settle::Reject(reason) => {
+            match handler
+                .give_up(&info, &delivery.payload, Fate::Rejected, &reason)
+                .await
+            {
+                Ok(()) => delivery.acker.ack().await,
+                Err(error) => {
+                    tracing::warn!(stage = stage.name(), %error, "recording a rejection failed");
+                    delivery
+                        .acker
+                        .nak(options.backoff.delay(info.attempt))
+                        .await
+                }
+            }
+        }
+        Settle::DeadLetter(reason) => {
+            dead_letter(bus, stage, handler, &info, delivery, &reason, options).await
+        }
+    };
+    if let Err(error) = settled {
+        // The message comes back after ack_wait; every effect is idempotent.
+        tracing::warn!(stage = stage.name(), %error, "settling a message failed");
+    }
+}
+
+async fn dead_letter<H: Handler>(
+    bus: &dyn Bus,
+    stage: Stage,
+    handler: &H,
+    info: &DeliveryInfo,
+    delivery: Delivery,
+    reason: &str,
+    options: &WorkerOptions,
+) -> Result<(), BusError> {
+    match handler
+        .give_up(info, &delivery.payload, Fate::DeadLettered, reason)
+        .await
+    {
+        Ok(()) => {}
+        // Unreadable: there is no record to give an outcome to; the dead letter is all.
+        Err(error) if error.class() == ErrorClass::Poison => {}
+        Err(error) => {
+            tracing::warn!(stage = stage.name(), %error, "recording a dead letter failed");
+            return delivery
+                .acker
+                .nak(options.backoff.delay(info.attempt))
+                .await;
+        }
+    }
+    let letter = DeadLetter {
+        stage,
+        sync: sync_of(&info.subject).to_owned(),
+        subject: info.subject.clone(),
+        payload: delivery.payload.clone(),
+        reason: reason.to_owned(),
+        attempts: info.attempt,
+        sequence: info.sequence,
+    };
+    if let Err(error) = bus.dead_letter(letter).await {
+        tracing::warn!(stage = stage.name(), %error, "dead-lettering failed");
+        return delivery
+            .acker
+            .nak(options.backoff.delay(info.attempt))
+            .await;
+    }
+    delivery.acker.term().await
+}
+
+/// How a batched worker runs.
+#[derive(Debug, Clone)]
+pub struct BatchOptions {
+    pub max_batch: usize,
+    /// How long to wait for a batch to fill once its first message arrived.
+    pub max_wait: Duration,
+    pub worker: WorkerOptions,
+}
+
+/// Runs a batch handler: up to `max_batch` messages, or what arrived within `max_wait`, are
+/// handled together and acked together. A batch that fails for a reason other than a retryable
+/// one is split and each message settled on its own, so one bad message cannot hold up others.
+pub async fn run_batched<H: BatchHandler>(
+    bus: Arc<dyn Bus>,
+    stage: Stage,
+    handler: Arc<H>,
+    options: BatchOptions,
+    shutdown: CancellationToken,
+) -> Result<(), BusError> {
+    let mut consumer = bus.consume(stage, options.max_batch).await?;
+    loop {
+        let first = tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            d = consumer.next() => d,
+        };
+        let mut batch = match first {
+            None => return Ok(()),
+            Some(Err(error)) => {
+                tracing::warn!(stage = stage.name(), %error, "consumer error");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            Some(Ok(d)) => vec![d],
+        };
+        let deadline = tokio::time::Instant::now() + options.max_wait;
+        while batch.len() < options.max_batch {
+            tokio::select! {
+                () = tokio::time::sleep_until(deadline) => break,
+                d = consumer.next() => match d {
+                    Some(Ok(d)) => batch.push(d),
+                    _ => break,
+                },
+            }
+        }
+        settle_batch(&*bus, stage, &*handler, batch, &options.worker).await;
+    }
+}
+
+fn info_of(delivery: &Delivery) -> DeliveryInfo {
+    DeliveryInfo {
+        subject: delivery.subject.clone(),
+        attempt: delivery.attempt,
+        sequence: delivery.sequence,
+    }
+}
+
+async fn settle_batch<H: BatchHandler>(
+    bus: &dyn Bus,
+    stage: Stage,
+    handler: &H,
+    batch: Vec<Delivery>,
+    options: &WorkerOptions,
+) {
+    let items: Vec<(DeliveryInfo, Bytes)> = batch
+        .iter()
+        .map(|d| (info_of(d), d.payload.clone()))
+        .collect();
+    let result = handler.handle_batch(&items).await;
+    match result {
+        Err(error) if !error.class().is_retryable() && batch.len() > 1 => {
+            // Split: each message on its own, so one bad message cannot hold up the others.
+            for d in batch {
+                let one = [(info_of(&d), d.payload.clone())];
+                let result = classify(handler.handle_batch(&one).await);
+                settle_without_record(bus, stage, d, result, options).await;
+            }
+        }
+        result => {
+            let result = classify(result);
+            for d in batch {
+                settle_without_record(bus, stage, d, result.clone(), options).await;
+            }
+        }
+    }
+}
+
+/// Settles a message of a stage that has no record to give an outcome to (the checkpointer:
+/// its messages *are* outcomes): rejected and dead-lettered both go to the dead letters.
+async fn settle_without_record(
+    bus: &dyn Bus,
+    stage: Stage,
+    delivery: Delivery,
+    result: Result<(), (ErrorClass, String)>,
+    options: &WorkerOptions,
+) {
+    let info = info_of(&delivery);
+    let settled = match settle(result, info.attempt, options) {
+        Settle::Ack => delivery.acker.ack().await,
+        Settle::Nak(delay) => delivery.acker.nak(delay).await,
+        Settle::Reject(reason) | Settle::DeadLetter(reason) => {
+            dead_letter_raw(bus, stage, &info, delivery, &reason).await
+        }
+    };
+    if let Err(error) = settled {
+        tracing::warn!(stage = stage.name(), %error, "settling a message failed");
+    }
+}
+
+/// Dead-letters a message whose handler has no record to give an outcome to.
+async fn dead_letter_raw(
+    bus: &dyn Bus,
+    stage: Stage,
+    info: &DeliveryInfo,
+    delivery: Delivery,
+    reason: &str,
+) -> Result<(), BusError> {
+    bus.dead_letter(DeadLetter {
+        stage,
+        sync: sync_of(&info.subject).to_owned(),
+        subject: info.subject.clone(),
+        payload: delivery.payload.clone(),
+        reason: reason.to_owned(),
+        attempts: info.attempt,
+        sequence: info.sequence,
+    })
+    .await?;
+    delivery.acker.term().await
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,366 @@
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use loopsync_core::codec;
+use loopsync_core::envelope::{Action, ChangeKind, Operation, Outcome, OutcomeStatus, VERSION};
+use loopsync_core::subjects::Names;
+use tokio::sync::Notify;
+
+use super::*;
+use crate::{JetStreamBus, JetStreamOptions, LocalBus};
+
+#[derive(Debug)]
+struct TestError(ErrorClass);
+
+impl Display for TestError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "test failure {:?}", self.0)
+    }
+}
+
+impl Classified for TestError {
+    fn class(&self) -> ErrorClass {
+        self.0
+    }
+}
+
+/// Fails the first `failures` deliveries of every message with `class`, then succeeds.
+struct Flaky {
+    failures: u32,
+    class: ErrorClass,
+    calls: AtomicU32,
+    handled: Mutex<Vec<Bytes>>,
+    gave_up: Mutex<Vec<(Fate, String)>>,
+    progress: Notify,
+}
+
+impl Flaky {
+    fn new(failures: u32, class: ErrorClass) -> Arc<Flaky> {
+        Arc::new(Flaky {
+            failures,
+            class,
+            calls: AtomicU32::new(0),
+            handled: Mutex::default(),
+            gave_up: Mutex::default(),
+            progress: Notify::new(),
+        })
+    }
+
+    async fn wait_for(&self, what: impl Fn(&Flaky) -> bool) {
+        tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                let notified = self.progress.notified();
+                if what(self) {
+                    return;
+                }
+                notified.await;
+            }
+        })
+        .await
+        .expect("the worker made the expected progress in time");
+    }
+}
+
+#[async_trait]
+impl Handler for Flaky {
+    type Error = TestError;
+
+    async fn handle(&self, info: &DeliveryInfo, payload: &Bytes) -> Result<(), TestError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let result = if info.attempt <= self.failures {
+            Err(TestError(self.class))
+        } else {
+            self.handled.lock().unwrap().push(payload.clone());
+            Ok(())
+        };
+        self.progress.notify_waiters();
+        result
+    }
+
+    async fn give_up(
+        &self,
+        _info: &DeliveryInfo,
+        _payload: &Bytes,
+        fate: Fate,
+        reason: &str,
+    ) -> Result<(), TestError> {
+        self.gave_up.lock().unwrap().push((fate, reason.to_owned()));
+        self.progress.notify_waiters();
+        Ok(())
+    }
+}
+
+fn fast(max_attempts: u32) -> WorkerOptions {
+    WorkerOptions {
+        concurrency: 2,
+        max_attempts,
+        backoff: Backoff {
+            base: Duration::from_millis(20),
+            cap: Duration::from_millis(100),
+        },
+    }
+}
+
+#[test]
+fn settle_table() {
+    let o = fast(3);
+    let retry = |after| Err((ErrorClass::Retryable { after }, "503".to_owned()));
+    assert_eq!(settle(Ok(()), 1, &o), Settle::Ack);
+    assert!(matches!(settle(retry(None), 1, &o), Settle::Nak(d) if d <= Duration::from_millis(20)));
+    assert_eq!(
+        settle(retry(Some(Duration::from_secs(2))), 2, &o),
+        Settle::Nak(Duration::from_secs(2)),
+        "a server-given delay is honoured"
+    );
+    assert_eq!(
+        settle(retry(Some(Duration::from_secs(3600))), 2, &o),
+        Settle::Nak(MAX_SERVER_DELAY)
+    );
+    assert_eq!(
+        settle(retry(None), 3, &o),
+        Settle::DeadLetter("gave up after 3 attempts: 503".into())
+    );
+    assert_eq!(
+        settle(Err((ErrorClass::Permanent, "400 bad".into())), 1, &o),
+        Settle::Reject("400 bad".into())
+    );
+    assert_eq!(
+        settle(Err((ErrorClass::Poison, "garbage".into())), 1, &o),
+        Settle::DeadLetter("garbage".into())
+    );
+}
+
+#[test]
+fn backoff_grows_jitters_and_caps() {
+    let b = Backoff {
+        base: Duration::from_millis(100),
+        cap: Duration::from_secs(1),
+    };
+    for _ in 0..100 {
+        let d1 = b.delay(1);
+        assert!(d1 >= Duration::from_millis(50) && d1 <= Duration::from_millis(100));
+        let d3 = b.delay(3);
+        assert!(d3 >= Duration::from_millis(200) && d3 <= Duration::from_millis(400));
+        assert!(b.delay(30) <= Duration::from_secs(1));
+    }
+}
+
+/// A running worker; `stop` cancels it and waits until it has drained.
+struct Running(CancellationToken, tokio::task::JoinHandle<()>);
+
+impl Running {
+    async fn stop(self) {
+        self.0.cancel();
+        self.1.await.unwrap();
+    }
+}
+
+async fn start(bus: Arc<dyn Bus>, handler: Arc<Flaky>, options: WorkerOptions) -> Running {
+    let shutdown = CancellationToken::new();
+    let token = shutdown.clone();
+    let task = tokio::spawn(async move {
+        run(bus, Stage::Loader, handler, options, token)
+            .await
+            .unwrap();
+    });
+    Running(shutdown, task)
+}
+
+async fn exercise_retry_then_success(bus: Arc<dyn Bus>) {
+    let subject = bus.names().subject(Stage::Loader, "users");
+    bus.publish(&subject, "m1", Bytes::from_static(b"one"))
+        .await
+        .unwrap();
+    // The same id again is a duplicate.
+    bus.publish(&subject, "m1", Bytes::from_static(b"one"))
+        .await
+        .unwrap();
+    let handler = Flaky::new(2, ErrorClass::RETRY);
+    let stop = start(bus, handler.clone(), fast(5)).await;
+    handler
+        .wait_for(|h| !h.handled.lock().unwrap().is_empty())
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.stop().await;
+    assert_eq!(
+        handler.calls.load(Ordering::SeqCst),
+        3,
+        "two failures, one success, no duplicate"
+    );
+    assert_eq!(handler.handled.lock().unwrap().len(), 1);
+    assert!(handler.gave_up.lock().unwrap().is_empty());
+}
+
+async fn exercise_permanent_poison_and_exhaustion(bus: Arc<dyn Bus>) {
+    let subject = bus.names().subject(Stage::Loader, "users");
+    for (class, max, fate, reason) in [
+        (
+            ErrorClass::Permanent,
+            5,
+            Fate::Rejected,
+            "test failure Permanent",
+        ),
+        (
+            ErrorClass::Poison,
+            5,
+            Fate::DeadLettered,
+            "test failure Poison",
+        ),
+        (
+            ErrorClass::RETRY,
+            3,
+            Fate::DeadLettered,
+            "gave up after 3 attempts",
+        ),
+    ] {
+        let id = format!("{class:?}");
+        bus.publish(&subject, &id, Bytes::from(id.clone()))
+            .await
+            .unwrap();
+        let handler = Flaky::new(u32::MAX, class);
+        let stop = start(bus.clone(), handler.clone(), fast(max)).await;
+        handler
+            .wait_for(|h| !h.gave_up.lock().unwrap().is_empty())
+            .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stop.stop().await;
+        let gave_up = handler.gave_up.lock().unwrap().clone();
+        assert_eq!(gave_up.len(), 1, "{class:?}: given up once");
+        assert_eq!(gave_up[0].0, fate, "{class:?}");
+        assert!(gave_up[0].1.contains(reason), "{class:?}: {}", gave_up[0].1);
+        let expected_calls = if class.is_retryable() { max } else { 1 };
+        assert_eq!(
+            handler.calls.load(Ordering::SeqCst),
+            expected_calls,
+            "{class:?}"
+        );
+    }
+    let letters = bus.dead_letters().await.unwrap();
+    assert_eq!(
+        letters.len(),
+        2,
+        "poison and exhausted, not the rejection: {letters:?}"
+    );
+    assert_eq!(letters[0].payload, Bytes::from("Poison"));
+    assert_eq!(letters[1].attempts, 3);
+    assert!(letters[1].reason.starts_with("gave up after 3 attempts"));
+    assert_eq!(letters[1].sync, "users");
+    assert_eq!(letters[1].stage, Stage::Loader);
+}
+
+#[tokio::test]
+async fn local_retry_then_success() {
+    exercise_retry_then_success(Arc::new(LocalBus::new(Names::new("t")))).await;
+}
+
+#[tokio::test]
+async fn local_permanent_poison_and_exhaustion() {
+    exercise_permanent_poison_and_exhaustion(Arc::new(LocalBus::new(Names::new("t")))).await;
+}
+
+async fn jetstream(options: &JetStreamOptions) -> Option<Arc<JetStreamBus>> {
+    let url = loopsync_testkit::nats_url()?;
+    let names = Names::new(&loopsync_testkit::unique("t"));
+    Some(Arc::new(
+        JetStreamBus::connect(&url, names, options).await.unwrap(),
+    ))
+}
+
+#[tokio::test]
+async fn jetstream_retry_then_success() {
+    let Some(bus) = jetstream(&JetStreamOptions::default()).await else {
+        return;
+    };
+    exercise_retry_then_success(bus).await;
+}
+
+#[tokio::test]
+async fn jetstream_permanent_poison_and_exhaustion() {
+    let Some(bus) = jetstream(&JetStreamOptions::default()).await else {
+        return;
+    };
+    exercise_permanent_poison_and_exhaustion(bus).await;
+}
+
+#[tokio::test]
+async fn jetstream_ledger_round_trip() {
+    let Some(bus) = jetstream(&JetStreamOptions::default()).await else {
+        return;
+    };
+    assert_eq!(bus.ledger_get("abc").await.unwrap(), None);
+    bus.ledger_put("abc", Bytes::from_static(b"v1"))
+        .await
+        .unwrap();
+    bus.ledger_put("abc", Bytes::from_static(b"v2"))
+        .await
+        .unwrap();
+    assert_eq!(
+        bus.ledger_get("abc").await.unwrap(),
+        Some(Bytes::from_static(b"v2"))
+    );
+}
+
+/// A message whose workers never settle it reaches the server's max-deliveries; the advisory
+/// makes the mover dead-letter it, remove it from the work queue, and give its record an outcome.
+#[tokio::test]
+async fn jetstream_max_deliveries_advisory_moves_to_dead_letters() {
+    let options = JetStreamOptions {
+        ack_wait: Duration::from_millis(500),
+        max_deliver: 2,
+        ..JetStreamOptions::default()
+    };
+    let Some(bus) = jetstream(&options).await else {
+        return;
+    };
+    let op = Operation {
+        v: VERSION,
+        sync: "users".into(),
+        run_id: 9,
+        key: "42".into(),
+        fingerprint: "fp".into(),
+        change: ChangeKind::Added,
+        idempotency_key: "k".into(),
+        action: Action::Upsert {
+            email: Some("a@x.co".into()),
+            user_id: None,
+            properties: Default::default(),
+            mailing_lists: Default::default(),
+        },
+    };
+    let subject = bus.names().subject(Stage::Loader, "users");
+    bus.publish(&subject, "op-1", Bytes::from(codec::encode(&op)))
+        .await
+        .unwrap();
+
+    let stop = CancellationToken::new();
+    let mover = {
+        let (bus, stop) = (bus.clone(), stop.clone());
+        tokio::spawn(async move { bus.run_dead_letter_mover(stop).await })
+    };
+    // A replica that takes the message and dies on it, every time; it keeps pulling, so the
+    // server gets to emit the advisory.
+    let mut consumer = bus.consume(Stage::Loader, 1).await.unwrap();
+    let hung = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Some(Ok(d)) = consumer.next().await {
+            held.push(d);
+        }
+    });
+    let mut outcomes = bus.consume(Stage::Checkpointer, 1).await.unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(20), outcomes.next())
+        .await
+        .expect("an outcome in time")
+        .unwrap()
+        .unwrap();
+    let outcome: Outcome = codec::decode(&outcome.payload).unwrap();
+    assert_eq!(outcome.status, OutcomeStatus::DeadLettered);
+    assert_eq!((outcome.run_id, outcome.key.as_str()), (9, "42"));
+    assert!(outcome.reason.unwrap().contains("delivered 2 times"));
+    let letters = bus.dead_letters().await.unwrap();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].stage, Stage::Loader);
+    assert_eq!(codec::decode::<Operation>(&letters[0].payload).unwrap(), op);
+    stop.cancel();
+    hung.abort();
+    mover.await.unwrap().unwrap();
+}

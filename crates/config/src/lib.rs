@@ -1,0 +1,583 @@
+//! The config file of `PRODUCT.md`: TOML, `${VAR}` replaced by the environment (an unset variable
+//! is an error naming it), unknown keys rejected by their path, every sync checked before any
+//! request is sent.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use loopsync_core::spec::{
+    Behavior, IdentifyBy, MappedList, MappedProperty, OnRemove, RESERVED_NAMES, SyncSpec,
+    default_property_kind,
+};
+use loopsync_core::value::PropertyKind;
+use serde::Deserialize;
+
+/// A config that cannot be used; the message names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Syntax(String),
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// The whole config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub warehouse: WarehouseConfig,
+    pub loops: LoopsConfig,
+    pub nats: Option<NatsConfig>,
+    pub syncs: Vec<SyncConfig>,
+}
+
+/// `[warehouse]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WarehouseConfig {
+    /// `postgres://…`, `sqlite:///path/file.db` (also `mysql://…`, `duckdb:///…` later).
+    pub url: String,
+}
+
+/// `[loops]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoopsConfig {
+    pub api_key: String,
+    /// The API root without `/v1`.
+    #[serde(default = "default_base_url")]
+    pub base_url: String,
+    /// The team's limit, shared by every worker and sync.
+    #[serde(default = "default_rps")]
+    pub requests_per_second: u32,
+    /// Per request.
+    #[serde(default = "default_timeout_seconds")]
+    pub timeout_seconds: f64,
+    /// Attempts per operation before it is dead-lettered.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// Operations in flight per loader process.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+}
+
+impl LoopsConfig {
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.timeout_seconds)
+    }
+}
+
+fn default_base_url() -> String {
+    "https://app.loops.so/api".into()
+}
+fn default_rps() -> u32 {
+    10
+}
+fn default_timeout_seconds() -> f64 {
+    10.0
+}
+fn default_max_attempts() -> u32 {
+    8
+}
+fn default_concurrency() -> usize {
+    4
+}
+
+/// `[nats]`: without it, one process and an in-process bus.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsConfig {
+    pub url: String,
+    /// Prefix of every stream, subject and consumer: several deployments can share a server.
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// How long a delivered message may stay unacknowledged before another replica gets it.
+    #[serde(default = "default_ack_wait")]
+    pub ack_wait_seconds: f64,
+}
+
+impl NatsConfig {
+    pub fn ack_wait(&self) -> Duration {
+        Duration::from_secs_f64(self.ack_wait_seconds)
+    }
+}
+
+fn default_namespace() -> String {
+    "loopsync".into()
+}
+fn default_ack_wait() -> f64 {
+    30.0
+}
+
+/// One `[[sync]]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SyncConfig {
+    pub spec: SyncSpec,
+    /// Cron expression for `loopsync run` without `--once`.
+    pub schedule: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    warehouse: WarehouseConfig,
+    loops: LoopsConfig,
+    nats: Option<NatsConfig>,
+    #[serde(default)]
+    sync: Vec<RawSync>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSync {
+    name: String,
+    model: String,
+    primary_key: String,
+    identify_by: IdentifyBy,
+    #[serde(default = "default_behavior")]
+    behavior: Behavior,
+    #[serde(default)]
+    on_remove: OnRemove,
+    #[serde(default)]
+    trigger_workflows: bool,
+    #[serde(default = "default_event_on_create")]
+    event_on_create: String,
+    #[serde(default = "default_event_on_update")]
+    event_on_update: String,
+    schedule: Option<String>,
+    mapping: BTreeMap<String, RawMapping>,
+    #[serde(default)]
+    mailing_lists: BTreeMap<String, String>,
+}
+
+fn default_behavior() -> Behavior {
+    Behavior::Upsert
+}
+fn default_event_on_create() -> String {
+    "contactCreated".into()
+}
+fn default_event_on_update() -> String {
+    "contactUpdated".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawMapping {
+    Column(String),
+    Typed(TypedMapping),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TypedMapping {
+    column: String,
+    #[serde(rename = "type")]
+    kind: Option<PropertyKind>,
+}
+
+impl Config {
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::parse(&text, |name| std::env::var(name).ok())
+    }
+
+    /// Parses config text; `env` answers `${VAR}`.
+    pub fn parse(text: &str, env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let mut value: toml::Value = toml::from_str(text)
+            .map_err(|e| ConfigError::Syntax(format!("not valid TOML: {e}")))?;
+        substitute(&mut value, "", &env)?;
+        let raw: RawConfig = serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            // toml appends "in `table`" lines; the path already says where.
+            let message = e.into_inner().to_string();
+            let message = message
+                .split("\nin `")
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_owned();
+            invalid(if path == "." { "config".into() } else { path }, message)
+        })?;
+        raw.check()
+    }
+
+    /// The sync called `name`.
+    pub fn sync(&self, name: &str) -> Option<&SyncConfig> {
+        self.syncs.iter().find(|s| s.spec.name == name)
+    }
+}
+
+/// Replaces `${VAR}` in every string value.
+fn substitute(
+    value: &mut toml::Value,
+    path: &str,
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<(), ConfigError> {
+    match value {
+        toml::Value::String(s) => {
+            let mut out = String::with_capacity(s.len());
+            let mut rest = s.as_str();
+            while let Some(start) = rest.find("${") {
+                out.push_str(&rest[..start]);
+                let after = &rest[start + 2..];
+                let end = after
+                    .find('}')
+                    .ok_or_else(|| invalid(path, "`${` without a closing `}`"))?;
+                let name = &after[..end];
+                let replacement = env(name).ok_or_else(|| {
+                    invalid(path, format!("environment variable {name} is not set"))
+                })?;
+                out.push_str(&replacement);
+                rest = &after[end + 1..];
+            }
+            out.push_str(rest);
+            *s = out;
+        }
+        toml::Value::Array(items) => {
+            for (i, item) in items.iter_mut().enumerate() {
+                substitute(item, &format!("{path}[{i}]"), env)?;
+            }
+        }
+        toml::Value::Table(table) => {
+            for (key, item) in table.iter_mut() {
+                let child = if path.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{path}.{key}")
+                };
+                substitute(item, &child, env)?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Letters, digits, `_` and `-`: a sync name is a NATS subject token.
+fn is_token(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+fn is_camel_case(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_lowercase())
+        && chars.all(|c| c.is_ascii_alphanumeric())
+}
+
+impl RawConfig {
+    fn check(self) -> Result<Config, ConfigError> {
+        if self.loops.requests_per_second == 0 {
+            return Err(invalid("loops.requests_per_second", "must be at least 1"));
+        }
+        if self.loops.max_attempts == 0 {
+            return Err(invalid("loops.max_attempts", "must be at least 1"));
+        }
+        if self.loops.concurrency == 0 {
+            return Err(invalid("loops.concurrency", "must be at least 1"));
+        }
+        if self.loops.timeout_seconds.is_nan() || self.loops.timeout_seconds <= 0.0 {
+            return Err(invalid("loops.timeout_seconds", "must be positive"));
+        }
+        if let Some(nats) = &self.nats {
+            if !is_token(&nats.namespace) {
+                return Err(invalid(
+                    "nats.namespace",
+                    "use letters, digits, `_` and `-` only",
+                ));
+            }
+            if nats.ack_wait_seconds.is_nan() || nats.ack_wait_seconds <= 0.0 {
+                return Err(invalid("nats.ack_wait_seconds", "must be positive"));
+            }
+        }
+        let mut syncs = Vec::new();
+        for (i, raw) in self.sync.into_iter().enumerate() {
+            let at = |field: &str| format!("sync[{i}].{field}");
+            if !is_token(&raw.name) {
+                return Err(invalid(
+                    at("name"),
+                    format!("\"{}\": use letters, digits, `_` and `-` only", raw.name),
+                ));
+            }
+            if syncs.iter().any(|s: &SyncConfig| s.spec.name == raw.name) {
+                return Err(invalid(
+                    at("name"),
+                    format!("\"{}\" is used twice", raw.name),
+                ));
+            }
+            if raw.model.trim().is_empty() {
+                return Err(invalid(at("model"), "is empty"));
+            }
+            if raw.primary_key.trim().is_empty() {
+                return Err(invalid(at("primary_key"), "is empty"));
+            }
+            for (field, name) in [
+                ("event_on_create", &raw.event_on_create),
+                ("event_on_update", &raw.event_on_update),
+            ] {
+                if name.trim().is_empty() || name.contains(':') {
+                    return Err(invalid(
+                        at(field),
+                        "an event name is not empty and has no `:`",
+                    ));
+                }
+            }
+            let mut properties = Vec::new();
+            for (property, mapping) in raw.mapping {
+                let key = at(&format!("mapping.{property}"));
+                if RESERVED_NAMES.contains(&property.as_str()) {
+                    return Err(invalid(
+                        key,
+                        format!("\"{property}\" is reserved by Loops and cannot be mapped"),
+                    ));
+                }
+                if !is_camel_case(&property) {
+                    return Err(invalid(
+                        key,
+                        "a Loops property name is camelCase, e.g. planName",
+                    ));
+                }
+                let (column, kind) = match mapping {
+                    RawMapping::Column(c) => (c, None),
+                    RawMapping::Typed(t) => (t.column, t.kind),
+                };
+                if column.trim().is_empty() {
+                    return Err(invalid(key, "the column is empty"));
+                }
+                let kind = match (default_property_kind(&property), kind) {
+                    (Some(fixed), Some(given)) if fixed != given => {
+                        return Err(invalid(
+                            key,
+                            format!(
+                                "{property} is a Loops default property of type {}, not {}",
+                                fixed.as_str(),
+                                given.as_str()
+                            ),
+                        ));
+                    }
+                    (Some(fixed), _) => fixed,
+                    (None, given) => given.unwrap_or(PropertyKind::String),
+                };
+                properties.push(MappedProperty {
+                    property,
+                    column,
+                    kind,
+                });
+            }
+            if !properties.iter().any(|p| p.property == "email") {
+                return Err(invalid(
+                    at("mapping.email"),
+                    "is required: Loops cannot create a contact without an email",
+                ));
+            }
+            if raw.identify_by == IdentifyBy::UserId
+                && !properties.iter().any(|p| p.property == "userId")
+            {
+                return Err(invalid(
+                    at("mapping.userId"),
+                    "is required with identify_by = \"userId\"",
+                ));
+            }
+            let lists = raw
+                .mailing_lists
+                .into_iter()
+                .map(|(list_id, column)| MappedList { list_id, column })
+                .collect();
+            syncs.push(SyncConfig {
+                spec: SyncSpec {
+                    name: raw.name,
+                    model: raw.model,
+                    primary_key: raw.primary_key,
+                    identify_by: raw.identify_by,
+                    behavior: raw.behavior,
+                    on_remove: raw.on_remove,
+                    trigger_workflows: raw.trigger_workflows,
+                    event_on_create: raw.event_on_create,
+                    event_on_update: raw.event_on_update,
+                    properties,
+                    lists,
+                },
+                schedule: raw.schedule,
+            });
+        }
+        Ok(Config {
+            warehouse: self.warehouse,
+            loops: self.loops,
+            nats: self.nats,
+            syncs,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+[warehouse]
+url = "postgres://root@127.0.0.1:5432/test"
+
+[loops]
+api_key = "${LOOPS_API_KEY}"
+base_url = "https://app.loops.so/api"
+requests_per_second = 10
+
+[nats]
+url = "nats://127.0.0.1:4222"
+
+[[sync]]
+name = "users"
+model = "select id, email, first_name, plan, signed_up_at, newsletter from users"
+primary_key = "id"
+identify_by = "email"
+behavior = "upsert"
+on_remove = "delete"
+trigger_workflows = false
+event_on_create = "contactCreated"
+event_on_update = "contactUpdated"
+schedule = "*/15 * * * *"
+
+[sync.mapping]
+email = "email"
+userId = "id"
+firstName = "first_name"
+planName = "plan"
+signedUpAt = { column = "signed_up_at", type = "date" }
+
+[sync.mailing_lists]
+"cm_newsletter_list_id" = "newsletter"
+"#;
+
+    fn env(name: &str) -> Option<String> {
+        (name == "LOOPS_API_KEY").then(|| "secret".to_owned())
+    }
+
+    fn error_of(text: &str) -> String {
+        Config::parse(text, env).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn the_product_example_parses() {
+        let config = Config::parse(EXAMPLE, env).unwrap();
+        assert_eq!(config.loops.api_key, "secret");
+        assert_eq!(config.nats.as_ref().unwrap().namespace, "loopsync");
+        let sync = &config.syncs[0];
+        assert_eq!(sync.schedule.as_deref(), Some("*/15 * * * *"));
+        let spec = &sync.spec;
+        assert_eq!(spec.identify_by, IdentifyBy::Email);
+        assert_eq!(
+            spec.property("signedUpAt").unwrap().kind,
+            PropertyKind::Date
+        );
+        assert_eq!(
+            spec.property("planName").unwrap().kind,
+            PropertyKind::String
+        );
+        assert_eq!(spec.lists[0].list_id, "cm_newsletter_list_id");
+        assert_eq!(
+            spec.columns(),
+            [
+                "email",
+                "first_name",
+                "id",
+                "newsletter",
+                "plan",
+                "signed_up_at"
+            ]
+        );
+    }
+
+    #[test]
+    fn unset_variable_is_named() {
+        let e = Config::parse(EXAMPLE, |_| None).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "loops.api_key: environment variable LOOPS_API_KEY is not set"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_their_path() {
+        let e = error_of(&EXAMPLE.replace("requests_per_second = 10", "requests_per_sec = 10"));
+        assert!(
+            e.starts_with("loops.requests_per_sec: unknown field"),
+            "{e}"
+        );
+        assert!(!e.contains("\n"), "{e}");
+        assert!(e.contains("requests_per_sec"), "{e}");
+        let e = error_of(&EXAMPLE.replace("schedule =", "scheduel ="));
+        assert!(e.starts_with("sync[0]"), "{e}");
+        assert!(e.contains("scheduel"), "{e}");
+        let e = error_of(&EXAMPLE.replace("type = \"date\"", "type = \"date\", fmt = \"x\""));
+        assert!(e.contains("sync[0].mapping.signedUpAt"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let e = error_of(&EXAMPLE.replace("identify_by = \"email\"", "identify_by = \"phone\""));
+        assert!(e.starts_with("sync[0].identify_by"), "{e}");
+        let e = error_of(&EXAMPLE.replace("type = \"date\"", "type = \"datetime\""));
+        assert!(e.contains("signedUpAt"), "{e}");
+        let e = error_of(&EXAMPLE.replace("firstName = \"first_name\"", "teamId = \"first_name\""));
+        assert_eq!(
+            e,
+            "sync[0].mapping.teamId: \"teamId\" is reserved by Loops and cannot be mapped"
+        );
+        let e = error_of(&EXAMPLE.replace("planName = \"plan\"", "plan_name = \"plan\""));
+        assert!(e.starts_with("sync[0].mapping.plan_name: "), "{e}");
+        let e = error_of(&EXAMPLE.replace("email = \"email\"\n", ""));
+        assert!(e.starts_with("sync[0].mapping.email: is required"), "{e}");
+        let e = error_of(&EXAMPLE.replace(
+            "firstName = \"first_name\"",
+            "firstName = { column = \"first_name\", type = \"number\" }",
+        ));
+        assert!(e.contains("default property of type string"), "{e}");
+        let e = error_of(&EXAMPLE.replace("name = \"users\"", "name = \"my users\""));
+        assert!(e.starts_with("sync[0].name"), "{e}");
+        let e = error_of(&EXAMPLE.replace("requests_per_second = 10", "requests_per_second = 0"));
+        assert_eq!(e, "loops.requests_per_second: must be at least 1");
+        let e = error_of(&EXAMPLE.replace(
+            "event_on_update = \"contactUpdated\"",
+            "event_on_update = \"a:b\"",
+        ));
+        assert!(e.starts_with("sync[0].event_on_update"), "{e}");
+        let twice = format!(
+            "{EXAMPLE}\n{}",
+            &EXAMPLE[EXAMPLE.find("[[sync]]").unwrap()..]
+        );
+        assert!(error_of(&twice).starts_with("sync[1].name"));
+    }
+
+    #[test]
+    fn user_id_identity_needs_user_id_mapping() {
+        let text = EXAMPLE
+            .replace("identify_by = \"email\"", "identify_by = \"userId\"")
+            .replace("userId = \"id\"\n", "");
+        assert!(error_of(&text).starts_with("sync[0].mapping.userId"));
+    }
+
+    #[test]
+    fn nats_is_optional_and_syntax_errors_are_reported() {
+        let text = EXAMPLE.replace("[nats]\nurl = \"nats://127.0.0.1:4222\"\n", "");
+        assert!(Config::parse(&text, env).unwrap().nats.is_none());
+        assert!(error_of("[warehouse\n").starts_with("not valid TOML"));
+    }
+}

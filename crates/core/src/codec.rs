@@ -1,0 +1,50 @@
+//! The wire codec: MessagePack with named fields (`rmp_serde::to_vec_named`), so fields can be
+//! added with defaults during a rolling deploy. Positional encoding would break on that.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::error::{Classified, ErrorClass};
+
+/// A message that cannot be read. Retrying cannot help: it is poison.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot decode a {kind} message: {detail}")]
+pub struct DecodeError {
+    pub kind: &'static str,
+    pub detail: String,
+}
+
+impl Classified for DecodeError {
+    fn class(&self) -> ErrorClass {
+        ErrorClass::Poison
+    }
+}
+
+/// Encodes a message. Our envelopes always encode.
+pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
+    rmp_serde::to_vec_named(message).expect("envelopes are always encodable")
+}
+
+/// Decodes a message.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
+    rmp_serde::from_slice(bytes).map_err(|e| DecodeError {
+        kind: std::any::type_name::<T>()
+            .rsplit("::")
+            .next()
+            .unwrap_or("message"),
+        detail: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::RunRequest;
+
+    #[test]
+    fn garbage_is_poison() {
+        let e = decode::<RunRequest>(b"\xc1not msgpack").unwrap_err();
+        assert_eq!(e.class(), ErrorClass::Poison);
+        assert_eq!(e.kind, "RunRequest");
+    }
+}

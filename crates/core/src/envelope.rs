@@ -1,0 +1,258 @@
+//! The messages that travel on the subjects. Each has a `v` (schema version); fields added later
+//! carry `#[serde(default)]`, so an old reader ignores them and a new reader fills them in.
+//! They are encoded with named fields (see [`crate::codec`]), never positionally.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// The schema version this build writes.
+pub const VERSION: u16 = 1;
+
+/// "Run this sync now": consumed by exactly one extractor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRequest {
+    pub v: u16,
+    pub sync: String,
+    /// The run's id in the warehouse (`loopsync.runs`), allocated by whoever asked.
+    pub run_id: i64,
+}
+
+/// How a record differs from what Loops has confirmed for the sync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeKind {
+    /// New to the sync.
+    Added,
+    /// Confirmed before with another fingerprint.
+    Changed,
+    /// Confirmed before, no longer in the model.
+    Removed,
+}
+
+impl ChangeKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ChangeKind::Added => "added",
+            ChangeKind::Changed => "changed",
+            ChangeKind::Removed => "removed",
+        }
+    }
+}
+
+/// extractor → transformer: one added, changed or removed record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RowChange {
+    pub v: u16,
+    pub sync: String,
+    pub run_id: i64,
+    /// The model's primary key, as text.
+    pub key: String,
+    /// Fingerprint of the mapped values (see [`crate::spec::SyncSpec::fingerprint`]); for a
+    /// removal, the last confirmed one.
+    pub fingerprint: String,
+    pub kind: ChangeKind,
+    /// Mapped model columns as text (`None` is SQL NULL); empty for a removal.
+    pub values: BTreeMap<String, Option<String>>,
+}
+
+/// What the loader is asked to do in Loops.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Action {
+    /// `PUT /v1/contacts/update` with these identifiers, properties and lists.
+    Upsert {
+        email: Option<String>,
+        user_id: Option<String>,
+        properties: Map<String, Value>,
+        mailing_lists: BTreeMap<String, bool>,
+    },
+}
+
+impl Action {
+    /// The operation's name in reports and records.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Action::Upsert { .. } => "upsert",
+        }
+    }
+}
+
+/// transformer → loader: one Loops operation for one record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Operation {
+    pub v: u16,
+    pub sync: String,
+    pub run_id: i64,
+    pub key: String,
+    pub fingerprint: String,
+    pub change: ChangeKind,
+    /// Derived from (sync, key, fingerprint): the same on every retry and every replica.
+    pub idempotency_key: String,
+    pub action: Action,
+}
+
+/// The fate of one record in one run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutcomeStatus {
+    /// Loops confirmed the operation.
+    Confirmed,
+    /// Nothing to send: an older version than Loops already confirmed, or already confirmed.
+    Skipped,
+    /// Found before sending: cannot be expressed as a valid Loops operation.
+    Invalid,
+    /// Loops refused it (4xx).
+    Rejected,
+    /// Given up after retries, or unreadable.
+    DeadLettered,
+}
+
+impl OutcomeStatus {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            OutcomeStatus::Confirmed => "confirmed",
+            OutcomeStatus::Skipped => "skipped",
+            OutcomeStatus::Invalid => "invalid",
+            OutcomeStatus::Rejected => "rejected",
+            OutcomeStatus::DeadLettered => "dead_lettered",
+        }
+    }
+
+    /// Invalid, rejected and dead-lettered records make a run *degraded*.
+    pub fn is_failure(&self) -> bool {
+        matches!(
+            self,
+            OutcomeStatus::Invalid | OutcomeStatus::Rejected | OutcomeStatus::DeadLettered
+        )
+    }
+}
+
+/// loader (or transformer, for invalid records) → checkpointer: what became of one record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Outcome {
+    pub v: u16,
+    pub sync: String,
+    pub run_id: i64,
+    pub key: String,
+    pub fingerprint: String,
+    pub status: OutcomeStatus,
+    /// `upsert`, … or `none` for a record that never became an operation.
+    pub operation: String,
+    pub reason: Option<String>,
+    /// The Loops contact id, when Loops said it.
+    pub contact_id: Option<String>,
+    /// Requests sent to Loops for this record in this run (retries included).
+    pub requests: u32,
+    /// Unix milliseconds.
+    pub at: i64,
+}
+
+impl Outcome {
+    /// An outcome for `key` of `run_id` with the current time.
+    pub fn new(
+        sync: &str,
+        run_id: i64,
+        key: &str,
+        fingerprint: &str,
+        status: OutcomeStatus,
+        operation: &str,
+    ) -> Outcome {
+        Outcome {
+            v: VERSION,
+            sync: sync.to_owned(),
+            run_id,
+            key: key.to_owned(),
+            fingerprint: fingerprint.to_owned(),
+            status,
+            operation: operation.to_owned(),
+            reason: None,
+            contact_id: None,
+            requests: 0,
+            at: chrono::Utc::now().timestamp_millis(),
+        }
+    }
+
+    pub fn with_reason(mut self, reason: impl Into<String>) -> Outcome {
+        self.reason = Some(reason.into());
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{decode, encode};
+    use serde_json::json;
+
+    #[test]
+    fn operation_round_trips_with_named_fields() {
+        let op = Operation {
+            v: VERSION,
+            sync: "users".into(),
+            run_id: 7,
+            key: "42".into(),
+            fingerprint: "f".into(),
+            change: ChangeKind::Changed,
+            idempotency_key: "ls1-abc".into(),
+            action: Action::Upsert {
+                email: Some("a@x.co".into()),
+                user_id: None,
+                properties: json!({"planName": "pro", "seats": 3, "gone": null})
+                    .as_object()
+                    .unwrap()
+                    .clone(),
+                mailing_lists: [("news".to_owned(), true)].into(),
+            },
+        };
+        let bytes = encode(&op);
+        // Named: the field names are in the bytes.
+        assert!(bytes.windows(14).any(|w| w == b"idempotency_ke"));
+        assert_eq!(decode::<Operation>(&bytes).unwrap(), op);
+    }
+
+    /// A newer writer adds a field: this reader ignores it. An older writer lacks a field that
+    /// has a default: this reader fills it in.
+    #[test]
+    fn schema_evolution_with_defaults() {
+        #[derive(Serialize)]
+        struct NewerRunRequest<'a> {
+            v: u16,
+            sync: &'a str,
+            run_id: i64,
+            priority: u8,
+        }
+        let bytes = encode(&NewerRunRequest {
+            v: 2,
+            sync: "users",
+            run_id: 1,
+            priority: 9,
+        });
+        let read: RunRequest = decode(&bytes).unwrap();
+        assert_eq!(read.run_id, 1);
+
+        #[derive(Debug, Deserialize)]
+        struct FutureRunRequest {
+            #[allow(dead_code)]
+            sync: String,
+            #[serde(default)]
+            priority: u8,
+        }
+        let old = encode(&RunRequest {
+            v: 1,
+            sync: "users".into(),
+            run_id: 1,
+        });
+        assert_eq!(decode::<FutureRunRequest>(&old).unwrap().priority, 0);
+    }
+
+    #[test]
+    fn failure_statuses() {
+        assert!(OutcomeStatus::Rejected.is_failure());
+        assert!(OutcomeStatus::Invalid.is_failure());
+        assert!(OutcomeStatus::DeadLettered.is_failure());
+        assert!(!OutcomeStatus::Confirmed.is_failure());
+        assert!(!OutcomeStatus::Skipped.is_failure());
+    }
+}

@@ -1,0 +1,271 @@
+//! A sync, resolved from the config file: what the stages need to know about it.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::keys;
+use crate::value::{PropertyKind, coerce, normalize_email};
+
+/// How contacts are matched in Loops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum IdentifyBy {
+    #[serde(rename = "email")]
+    Email,
+    #[serde(rename = "userId")]
+    UserId,
+}
+
+/// "Update or Create", or that plus removal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Behavior {
+    Upsert,
+    Mirror,
+}
+
+/// What mirror does to a contact whose row left the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnRemove {
+    #[default]
+    Delete,
+    Unsubscribe,
+}
+
+/// Loops' default contact properties that the API can set, and their types.
+pub const DEFAULT_PROPERTIES: &[(&str, PropertyKind)] = &[
+    ("email", PropertyKind::String),
+    ("firstName", PropertyKind::String),
+    ("lastName", PropertyKind::String),
+    ("source", PropertyKind::String),
+    ("userGroup", PropertyKind::String),
+    ("userId", PropertyKind::String),
+    ("subscribed", PropertyKind::Boolean),
+    ("createdAt", PropertyKind::Date),
+];
+
+/// Names no property may take (`loops-api.md` §2.4), and default properties the API cannot set.
+pub const RESERVED_NAMES: &[&str] = &[
+    "id",
+    "listId",
+    "softDeleteAt",
+    "teamId",
+    "updatedAt",
+    "notes",
+    "optInStatus",
+    "mailingLists",
+];
+
+/// The type of a default property, if `name` is one.
+pub fn default_property_kind(name: &str) -> Option<PropertyKind> {
+    DEFAULT_PROPERTIES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, k)| *k)
+}
+
+/// One Loops property fed from one model column.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MappedProperty {
+    pub property: String,
+    pub column: String,
+    pub kind: PropertyKind,
+}
+
+/// One mailing list fed from one boolean column.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MappedList {
+    pub list_id: String,
+    pub column: String,
+}
+
+/// A sync as the stages see it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SyncSpec {
+    pub name: String,
+    pub model: String,
+    pub primary_key: String,
+    pub identify_by: IdentifyBy,
+    pub behavior: Behavior,
+    pub on_remove: OnRemove,
+    pub trigger_workflows: bool,
+    pub event_on_create: String,
+    pub event_on_update: String,
+    /// Sorted by property name.
+    pub properties: Vec<MappedProperty>,
+    /// Sorted by list id.
+    pub lists: Vec<MappedList>,
+}
+
+impl SyncSpec {
+    /// The model columns the sync reads (the primary key not included), sorted and distinct.
+    pub fn columns(&self) -> Vec<String> {
+        let mut columns: Vec<String> = self
+            .properties
+            .iter()
+            .map(|p| p.column.clone())
+            .chain(self.lists.iter().map(|l| l.column.clone()))
+            .collect();
+        columns.sort();
+        columns.dedup();
+        columns
+    }
+
+    /// The property mapped to `name`, if any.
+    pub fn property(&self, name: &str) -> Option<&MappedProperty> {
+        self.properties.iter().find(|p| p.property == name)
+    }
+
+    /// The fingerprint of a row: over the mapped properties and lists only, each coerced to its
+    /// type (emails normalised), NULL distinct from "". Two rows with the same fingerprint make
+    /// the same Loops request; a column that is not mapped changes nothing. The property names
+    /// are part of it, so adding a mapping re-sends every record once, as Census does.
+    pub fn fingerprint(&self, values: &BTreeMap<String, Option<String>>) -> String {
+        let mut parts: Vec<String> =
+            Vec::with_capacity(2 * (self.properties.len() + self.lists.len()));
+        for p in &self.properties {
+            parts.push(format!("p:{}", p.property));
+            parts.push(canonical(
+                values.get(&p.column).cloned().flatten(),
+                p.kind,
+                p.property == "email",
+            ));
+        }
+        for l in &self.lists {
+            parts.push(format!("l:{}", l.list_id));
+            parts.push(canonical(
+                values.get(&l.column).cloned().flatten(),
+                PropertyKind::Boolean,
+                false,
+            ));
+        }
+        let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+        keys::fingerprint(&refs)
+    }
+}
+
+fn canonical(value: Option<String>, kind: PropertyKind, is_email: bool) -> String {
+    match value {
+        None => "\u{1}null".to_owned(),
+        Some(text) => {
+            let text = if is_email {
+                normalize_email(&text)
+            } else {
+                text
+            };
+            match coerce(kind, &text) {
+                Ok(v) => v.to_string(),
+                Err(_) => format!("\u{1}raw:{text}"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub fn users_spec() -> SyncSpec {
+        SyncSpec {
+            name: "users".into(),
+            model: "select * from users".into(),
+            primary_key: "id".into(),
+            identify_by: IdentifyBy::Email,
+            behavior: Behavior::Upsert,
+            on_remove: OnRemove::Delete,
+            trigger_workflows: false,
+            event_on_create: "contactCreated".into(),
+            event_on_update: "contactUpdated".into(),
+            properties: vec![
+                MappedProperty {
+                    property: "email".into(),
+                    column: "email".into(),
+                    kind: PropertyKind::String,
+                },
+                MappedProperty {
+                    property: "firstName".into(),
+                    column: "first_name".into(),
+                    kind: PropertyKind::String,
+                },
+                MappedProperty {
+                    property: "seats".into(),
+                    column: "seats".into(),
+                    kind: PropertyKind::Number,
+                },
+                MappedProperty {
+                    property: "signedUpAt".into(),
+                    column: "signed_up_at".into(),
+                    kind: PropertyKind::Date,
+                },
+            ],
+            lists: vec![MappedList {
+                list_id: "news".into(),
+                column: "newsletter".into(),
+            }],
+        }
+    }
+
+    fn row(pairs: &[(&str, Option<&str>)]) -> BTreeMap<String, Option<String>> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.map(str::to_owned)))
+            .collect()
+    }
+
+    #[test]
+    fn columns_are_distinct_and_sorted() {
+        assert_eq!(
+            users_spec().columns(),
+            ["email", "first_name", "newsletter", "seats", "signed_up_at"]
+        );
+    }
+
+    #[test]
+    fn fingerprint_ignores_spelling_but_not_meaning() {
+        let spec = users_spec();
+        let base = row(&[
+            ("email", Some("ada@x.co")),
+            ("first_name", Some("Ada")),
+            ("seats", Some("3")),
+            ("signed_up_at", Some("2024-01-08 11:31:06+00")),
+            ("newsletter", Some("t")),
+            ("unmapped", Some("whatever")),
+        ]);
+        let fp = spec.fingerprint(&base);
+        let mut same = base.clone();
+        same.insert("email".into(), Some("  ADA@x.co".into()));
+        same.insert("seats".into(), Some("3.0".into()));
+        same.insert("signed_up_at".into(), Some("2024-01-08T11:31:06Z".into()));
+        same.insert("newsletter".into(), Some("true".into()));
+        same.insert("unmapped".into(), Some("changed".into()));
+        assert_eq!(spec.fingerprint(&same), fp);
+
+        let mut changed = base.clone();
+        changed.insert("first_name".into(), Some("Ada L.".into()));
+        assert_ne!(spec.fingerprint(&changed), fp);
+
+        let mut empty = base.clone();
+        empty.insert("first_name".into(), Some(String::new()));
+        let mut null = base.clone();
+        null.insert("first_name".into(), None);
+        assert_ne!(
+            spec.fingerprint(&empty),
+            spec.fingerprint(&null),
+            "NULL is not \"\""
+        );
+    }
+
+    #[test]
+    fn adding_a_mapping_changes_the_fingerprint() {
+        let mut spec = users_spec();
+        let values = row(&[("email", Some("a@x.co")), ("last_name", Some("L"))]);
+        let before = spec.fingerprint(&values);
+        spec.properties.push(MappedProperty {
+            property: "lastName".into(),
+            column: "last_name".into(),
+            kind: PropertyKind::String,
+        });
+        assert_ne!(spec.fingerprint(&values), before);
+    }
+}
