@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The project's one test command (the README names it; .ci/run calls it).
 #
-# Formatting, lints, every Rust test (unit and end-to-end), then the conformance test of the
-# simulator against the official Loops JavaScript SDK. Whatever a test needs that is missing —
-# Node.js on a fresh machine — is installed from Debian's packages when running as root.
+# Formatting, lints, every Rust test (unit and end-to-end, against real NATS and PostgreSQL),
+# then the conformance test of the simulator against the official Loops JavaScript SDK.
+# The services come from LOOPSYNC_TEST_NATS_URL / LOOPSYNC_TEST_PG_URL, else throwaway ones are
+# started (scripts/services.sh). Whatever is missing on a fresh machine — nats-server,
+# PostgreSQL, Node.js — is installed from Debian's packages when running as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,12 +31,16 @@ log "cargo build (binaries)"
 cargo build --workspace --bins --quiet
 export LOOPSYNC_BIN="$target_dir/debug/loopsync"
 
+log "services"
+# shellcheck source=services.sh
+. scripts/services.sh
+
 log "cargo test"
 cargo test --workspace
 
-log "Loops JS SDK conformance (tests/sdk-js)"
+log "Node tests (tests/js): Loops JS SDK conformance, compose file"
 command -v node >/dev/null && command -v npm >/dev/null || apt_install nodejs npm
-(cd tests/sdk-js && npm ci --no-audit --no-fund --loglevel=error)
-node --test tests/sdk-js/conformance.test.mjs
+(cd tests/js && npm ci --no-audit --no-fund --loglevel=error)
+node --test tests/js/*.test.mjs
 
 log "all tests passed in $(( $(date +%s) - start )) s"

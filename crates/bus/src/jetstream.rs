@@ -559,6 +559,13 @@ impl Acker for JetStreamAcker {
             .await
             .map_err(|e| BusError::Ack(e.to_string()))
     }
+
+    async fn progress(&self) -> Result<(), BusError> {
+        self.0
+            .ack_with(AckKind::Progress)
+            .await
+            .map_err(|e| BusError::Ack(e.to_string()))
+    }
 }
 
 #[cfg(test)]

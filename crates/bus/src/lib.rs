@@ -12,6 +12,7 @@
 mod error;
 pub mod jetstream;
 pub mod local;
+pub mod publish;
 pub mod worker;
 
 use std::time::Duration;
@@ -81,6 +82,8 @@ pub trait Acker: Send + Sync {
     async fn ack(&self) -> Result<(), BusError>;
     async fn nak(&self, delay: Duration) -> Result<(), BusError>;
     async fn term(&self) -> Result<(), BusError>;
+    /// "Still working on it": restarts the redelivery timer.
+    async fn progress(&self) -> Result<(), BusError>;
 }
 
 /// A delivered message.

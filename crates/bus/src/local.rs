@@ -244,6 +244,11 @@ impl Acker for LocalAcker {
         self.take();
         Ok(())
     }
+
+    async fn progress(&self) -> Result<(), BusError> {
+        // No redelivery timer in process.
+        Ok(())
+    }
 }
 
 #[cfg(test)]

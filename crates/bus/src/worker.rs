@@ -106,6 +106,10 @@ pub struct WorkerOptions {
     /// Attempts before a retryable failure is given up.
     pub max_attempts: u32,
     pub backoff: Backoff,
+    /// While a handler runs, tell the bus it is still at work this often, so that a long
+    /// extraction or a wait for the rate budget is not redelivered elsewhere. Set it below the
+    /// bus's ack wait; `None` where the bus has no redelivery timer.
+    pub progress_every: Option<Duration>,
 }
 
 impl Default for WorkerOptions {
@@ -114,6 +118,7 @@ impl Default for WorkerOptions {
             concurrency: 4,
             max_attempts: 8,
             backoff: Backoff::default(),
+            progress_every: None,
         }
     }
 }
@@ -208,7 +213,25 @@ async fn process<H: Handler>(
     options: &WorkerOptions,
 ) {
     let info = info_of(&delivery);
-    let result = classify(handler.handle(&info, &delivery.payload).await);
+    let handled = handler.handle(&info, &delivery.payload);
+    let result = match options.progress_every {
+        None => handled.await,
+        Some(every) => {
+            tokio::pin!(handled);
+            let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            loop {
+                tokio::select! {
+                    result = &mut handled => break result,
+                    _ = ticks.tick() => {
+                        if let Err(error) = delivery.acker.progress().await {
+                            tracing::debug!(%error, "in-progress ack failed");
+                        }
+                    }
+                }
+            }
+        }
+    };
+    let result = classify(result);
     let outcome = settle(result, info.attempt, options);
     let settled = match outcome {
         Settle::Ack => delivery.acker.ack().await,

@@ -1,11 +1,18 @@
-//! `loopsync`: the one binary. Thin: parses the command line, sets up logging, and calls into
-//! the library crates. `anyhow` lives here and nowhere else.
+//! `loopsync`: the one binary. Thin: parses the command line, reads the config, sets up logging,
+//! and calls into the library crates. `anyhow` lives here and nowhere else.
 
+mod demo;
+mod pipeline;
+mod report;
+mod run;
 mod sim;
+mod worker;
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use loopsync_config::Config;
 
 /// Keeps Loops contacts in step with a warehouse table or query.
 #[derive(Debug, Parser)]
@@ -13,26 +20,44 @@ use clap::{Parser, Subcommand};
 struct Cli {
     /// The config file.
     #[arg(long, global = true, default_value = "loopsync.toml")]
-    config: std::path::PathBuf,
+    config: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Zero set-up: an embedded warehouse, the in-process bus and a local Loops simulator; runs
+    /// a sync, changes some rows, runs again, and prints both reports.
+    Demo(demo::DemoArgs),
+    /// Run the pipeline: one run of each sync with --once.
+    Run(run::RunArgs),
+    /// Run one stage as a long-running NATS worker; start as many as wanted.
+    Worker(worker::WorkerArgs),
     /// Serve the local Loops API simulator.
     Sim(sim::SimArgs),
 }
 
 /// Exit statuses of PRODUCT.md: 0 done, 1 failed, 2 bad usage or config, 3 degraded.
 pub const EXIT_FAILED: u8 = 1;
+pub const EXIT_USAGE: u8 = 2;
+
+/// An error in how loopsync was called or configured: exit status 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// Reads the config; its errors are usage errors.
+pub fn load_config(path: &Path) -> anyhow::Result<Config> {
+    Config::load(path).map_err(|e| UsageError(format!("{}: {e}", path.display())).into())
+}
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+            return ExitCode::from(if e.use_stderr() { EXIT_USAGE } else { 0 });
         }
     };
     tracing_subscriber::fmt()
@@ -49,17 +74,47 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_FAILED);
         }
     };
-    let _ = &cli.config;
     let result = runtime.block_on(async {
         match cli.command {
             Command::Sim(args) => sim::run(args).await,
+            Command::Demo(args) => demo::run(args).await,
+            Command::Run(args) => run::run(&cli.config, args).await,
+            Command::Worker(args) => worker::run(&cli.config, args).await,
         }
     });
+    // Do not wait for stray blocking tasks (a diff reader) at exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::from(EXIT_FAILED)
+            if e.downcast_ref::<UsageError>().is_some() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::from(EXIT_FAILED)
+            }
         }
+    }
+}
+
+/// Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
     }
 }

@@ -87,28 +87,6 @@ pub async fn run(args: SimArgs) -> anyhow::Result<ExitCode> {
     // The first line is for scripts that started us on port 0.
     println!("loopsync sim listening on http://{addr}/api");
     std::io::stdout().flush()?;
-    loopsync_simulator::serve(listener, config, shutdown_signal()).await;
+    loopsync_simulator::serve(listener, config, crate::shutdown_signal()).await;
     Ok(ExitCode::SUCCESS)
-}
-
-/// Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
-    }
 }

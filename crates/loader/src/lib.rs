@@ -1,1 +1,210 @@
-//! placeholder
+//! The loader: applies operations to Loops.
+//!
+//! * One rate budget per process, paced evenly at `requests_per_second` (a governor GCRA with a
+//!   burst of one): Loops' window may be a sliding second, and a burst at a window's edge would
+//!   cost 429s.
+//! * Loops' answer is classified once, by the client ([`loopsync_loops_client::classify`]); the
+//!   worker loop turns the class into ack, nak(delay) or term. A 429's `Retry-After` becomes the
+//!   nak delay.
+//! * A ledger on the bus holds the last version Loops confirmed per record: an operation older
+//!   than it is acked without a request (a *skipped* outcome), and a redelivery of an operation
+//!   already confirmed is answered from the ledger.
+//! * Retries reuse the operation's idempotency key; the operation is the same bytes every time.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use loopsync_bus::worker::{DeliveryInfo, Fate, Handler};
+use loopsync_bus::{Bus, BusError, publish};
+use loopsync_core::codec::{self, DecodeError};
+use loopsync_core::envelope::{Action, Operation, Outcome, OutcomeStatus};
+use loopsync_core::{Classified, ErrorClass, keys};
+use loopsync_loops_client::{ContactPayload, LoopsClient, LoopsError};
+use serde::{Deserialize, Serialize};
+
+/// What can go wrong applying an operation.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error(transparent)]
+    Loops(#[from] LoopsError),
+    #[error(transparent)]
+    Bus(#[from] BusError),
+}
+
+impl Classified for LoadError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            LoadError::Decode(e) => e.class(),
+            LoadError::Loops(e) => e.class(),
+            LoadError::Bus(e) => e.class(),
+        }
+    }
+}
+
+/// The last version of a record Loops confirmed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerEntry {
+    pub run_id: i64,
+    pub fingerprint: String,
+    #[serde(default)]
+    pub contact_id: Option<String>,
+}
+
+/// What the ledger says about an operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LedgerVerdict {
+    /// Send it.
+    Send,
+    /// Loops already confirmed exactly this: report it confirmed, send nothing.
+    AlreadyConfirmed(Option<String>),
+    /// Loops confirmed a newer version: send nothing.
+    Stale,
+}
+
+/// Compares an operation with the ledger entry of its record.
+pub fn verdict(op: &Operation, entry: Option<&LedgerEntry>) -> LedgerVerdict {
+    match entry {
+        None => LedgerVerdict::Send,
+        Some(e) if e.run_id > op.run_id => LedgerVerdict::Stale,
+        Some(e) if e.run_id == op.run_id && e.fingerprint == op.fingerprint => {
+            LedgerVerdict::AlreadyConfirmed(e.contact_id.clone())
+        }
+        Some(_) => LedgerVerdict::Send,
+    }
+}
+
+/// An even pace of `per_second` requests: one every 1/`per_second` seconds, no burst.
+pub fn pacer(per_second: u32) -> DefaultDirectRateLimiter {
+    let per_second = per_second.max(1);
+    let period = Duration::from_secs(1) / per_second;
+    let quota = Quota::with_period(period)
+        .expect("a positive period")
+        .allow_burst(NonZeroU32::MIN);
+    RateLimiter::direct(quota)
+}
+
+/// The loader on the bus.
+pub struct LoaderStage {
+    bus: Arc<dyn Bus>,
+    client: LoopsClient,
+    pacer: Arc<DefaultDirectRateLimiter>,
+}
+
+impl LoaderStage {
+    /// `pacer` is the process's one rate budget: share it with every other request to Loops.
+    pub fn new(
+        bus: Arc<dyn Bus>,
+        client: LoopsClient,
+        pacer: Arc<DefaultDirectRateLimiter>,
+    ) -> LoaderStage {
+        LoaderStage { bus, client, pacer }
+    }
+
+    async fn ledger(&self, op: &Operation) -> Result<Option<LedgerEntry>, LoadError> {
+        let key = keys::record_id(&op.sync, &op.key);
+        Ok(self
+            .bus
+            .ledger_get(&key)
+            .await?
+            .and_then(|bytes| codec::decode::<LedgerEntry>(&bytes).ok()))
+    }
+
+    async fn send(&self, op: &Operation) -> Result<String, LoadError> {
+        self.pacer.until_ready().await;
+        match &op.action {
+            Action::Upsert {
+                email,
+                user_id,
+                properties,
+                mailing_lists,
+            } => {
+                let contact = ContactPayload {
+                    email: email.clone(),
+                    user_id: user_id.clone(),
+                    properties: properties.clone(),
+                    mailing_lists: mailing_lists.clone(),
+                };
+                Ok(self.client.update_contact(&contact).await?)
+            }
+        }
+    }
+
+    fn outcome(&self, op: &Operation, status: OutcomeStatus, requests: u32) -> Outcome {
+        let mut o = Outcome::new(
+            &op.sync,
+            op.run_id,
+            &op.key,
+            &op.fingerprint,
+            status,
+            op.action.name(),
+        );
+        o.requests = requests;
+        o
+    }
+}
+
+#[async_trait]
+impl Handler for LoaderStage {
+    type Error = LoadError;
+
+    async fn handle(&self, info: &DeliveryInfo, payload: &Bytes) -> Result<(), LoadError> {
+        let op: Operation = codec::decode(payload)?;
+        // Every earlier delivery of this message made one request.
+        let earlier = info.attempt.saturating_sub(1);
+        let outcome = match verdict(&op, self.ledger(&op).await?.as_ref()) {
+            LedgerVerdict::Stale => self
+                .outcome(&op, OutcomeStatus::Skipped, earlier)
+                .with_reason("Loops already confirmed a newer version of this record"),
+            LedgerVerdict::AlreadyConfirmed(contact_id) => {
+                let mut o = self.outcome(&op, OutcomeStatus::Confirmed, earlier);
+                o.contact_id = contact_id;
+                o
+            }
+            LedgerVerdict::Send => {
+                let contact_id = self.send(&op).await?;
+                let entry = LedgerEntry {
+                    run_id: op.run_id,
+                    fingerprint: op.fingerprint.clone(),
+                    contact_id: Some(contact_id.clone()),
+                };
+                self.bus
+                    .ledger_put(
+                        &keys::record_id(&op.sync, &op.key),
+                        Bytes::from(codec::encode(&entry)),
+                    )
+                    .await?;
+                let mut o = self.outcome(&op, OutcomeStatus::Confirmed, info.attempt);
+                o.contact_id = Some(contact_id);
+                o
+            }
+        };
+        publish::outcome(&*self.bus, &outcome).await?;
+        Ok(())
+    }
+
+    async fn give_up(
+        &self,
+        info: &DeliveryInfo,
+        payload: &Bytes,
+        fate: Fate,
+        reason: &str,
+    ) -> Result<(), LoadError> {
+        let op: Operation = codec::decode(payload)?;
+        let status = match fate {
+            Fate::Rejected => OutcomeStatus::Rejected,
+            Fate::DeadLettered => OutcomeStatus::DeadLettered,
+        };
+        let outcome = self.outcome(&op, status, info.attempt).with_reason(reason);
+        publish::outcome(&*self.bus, &outcome).await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -185,3 +185,238 @@ mod tests {
         assert_ne!(unique("a"), unique("a"));
     }
 }
+
+/// What an end-to-end [`Stack`] is made of.
+#[derive(Debug, Clone)]
+pub struct StackOptions {
+    /// Rows of the `users` table at start.
+    pub rows: usize,
+    /// Use NATS (a namespace of its own) instead of the in-process bus.
+    pub nats: bool,
+    /// The simulated team's rate limit.
+    pub sim_rate_limit: u32,
+    /// `loops.requests_per_second` of the config.
+    pub requests_per_second: u32,
+    /// `nats.ack_wait_seconds`.
+    pub ack_wait_seconds: f64,
+}
+
+impl Default for StackOptions {
+    fn default() -> Self {
+        StackOptions {
+            rows: 40,
+            nats: false,
+            sim_rate_limit: 100,
+            requests_per_second: 50,
+            ack_wait_seconds: 30.0,
+        }
+    }
+}
+
+/// A fresh PostgreSQL database with a `users` table, a `loopsync sim` process and a config file
+/// for them: everything `loopsync run` needs, on loopback.
+pub struct Stack {
+    pub dir: std::path::PathBuf,
+    pub config: std::path::PathBuf,
+    pub pg_url: String,
+    pub pg: tokio_postgres::Client,
+    pub sim: SimProcess,
+    pub namespace: String,
+}
+
+/// What `loopsync run --once --json` printed and returned.
+#[derive(Debug)]
+pub struct RunOutput {
+    pub status: i32,
+    pub runs: serde_json::Value,
+    pub stderr: String,
+}
+
+/// A `loopsync worker` process, killed on drop.
+pub struct Worker {
+    pub child: tokio::process::Child,
+}
+
+impl Worker {
+    /// SIGKILL: the worker dies mid-work, as a crashed host would.
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+impl Stack {
+    /// `None` when PostgreSQL (or NATS, if asked for) is not available outside CI.
+    pub async fn start(options: StackOptions) -> Option<Stack> {
+        let nats_url = if options.nats {
+            Some(nats_url()?)
+        } else {
+            None
+        };
+        let pg_url = fresh_pg_database().await?;
+        let (pg, connection) = tokio_postgres::connect(&pg_url, tokio_postgres::NoTls)
+            .await
+            .expect("connect to the test database");
+        tokio::spawn(connection);
+        pg.batch_execute(&format!(
+            "CREATE TABLE users (id bigint, email text, first_name text, plan text, seats integer,
+                                 signed_up_at timestamptz, newsletter boolean);
+             INSERT INTO users
+             SELECT g, 'user' || g || '@example.com', 'First' || g,
+                    (ARRAY['free', 'pro', 'team'])[1 + g % 3], g % 7,
+                    timestamptz '2024-01-01 00:00:00+00' + g * interval '1 hour', g % 2 = 0
+               FROM generate_series(1, {}) AS g;",
+            options.rows
+        ))
+        .await
+        .expect("create the users table");
+        let sim = SimProcess::start(&[
+            "--rate-limit",
+            &options.sim_rate_limit.to_string(),
+            "--list",
+            "cm_news=Newsletter",
+        ]);
+        let namespace = unique("e2e");
+        let dir = std::env::temp_dir().join(unique("loopsync-e2e-"));
+        std::fs::create_dir_all(&dir).expect("create the test folder");
+        let nats = nats_url
+            .map(|url| {
+                format!(
+                    "[nats]\nurl = \"{url}\"\nnamespace = \"{namespace}\"\nack_wait_seconds = {}\n",
+                    options.ack_wait_seconds
+                )
+            })
+            .unwrap_or_default();
+        let config_text = format!(
+            r#"[warehouse]
+url = "{pg_url}"
+
+[loops]
+api_key = "${{LOOPS_API_KEY}}"
+base_url = "{api}"
+requests_per_second = {rps}
+max_attempts = 10
+
+{nats}
+[[sync]]
+name = "users"
+model = "select id, email, first_name, plan, seats, signed_up_at, newsletter from users"
+primary_key = "id"
+identify_by = "email"
+behavior = "upsert"
+
+[sync.mapping]
+email = "email"
+firstName = "first_name"
+planName = "plan"
+seats = {{ column = "seats", type = "number" }}
+signedUpAt = {{ column = "signed_up_at", type = "date" }}
+
+[sync.mailing_lists]
+"cm_news" = "newsletter"
+"#,
+            api = sim.api(),
+            rps = options.requests_per_second,
+        );
+        let config = dir.join("loopsync.toml");
+        std::fs::write(&config, config_text).expect("write the config");
+        Some(Stack {
+            dir,
+            config,
+            pg_url,
+            pg,
+            sim,
+            namespace,
+        })
+    }
+
+    /// A `loopsync` command with this stack's config and key.
+    pub fn command(&self, args: &[&str]) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new(loopsync_bin());
+        command
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .env("LOOPS_API_KEY", "test-key")
+            .kill_on_drop(true);
+        command
+    }
+
+    /// `loopsync run --once --json ARGS…`, to its end.
+    pub async fn run_once(&self, args: &[&str]) -> RunOutput {
+        let mut all = vec!["run", "--once", "--json"];
+        all.extend_from_slice(args);
+        let output = self.command(&all).output().await.expect("run loopsync");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        RunOutput {
+            status: output.status.code().unwrap_or(-1),
+            runs: serde_json::from_str(&stdout).unwrap_or(serde_json::Value::Null),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+
+    /// Starts `loopsync worker STAGE` and waits until it is ready.
+    pub async fn worker(&self, stage: &str) -> Worker {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = self
+            .command(&["worker", stage])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start a worker");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(std::time::Duration::from_secs(30), lines.next_line())
+            .await
+            .expect("the worker is ready in time")
+            .expect("read the worker's first line")
+            .unwrap_or_default();
+        assert!(
+            line.ends_with("ready"),
+            "unexpected first line from the worker: {line:?}"
+        );
+        Worker { child }
+    }
+
+    pub async fn sql(&self, sql: &str) {
+        self.pg.batch_execute(sql).await.expect("test SQL");
+    }
+
+    /// A count from the warehouse.
+    pub async fn count(&self, sql: &str) -> i64 {
+        self.pg
+            .query_one(sql, &[])
+            .await
+            .expect("count query")
+            .get(0)
+    }
+
+    /// Requests that reached `PUT /v1/contacts/update`, whatever their answer.
+    pub async fn update_requests(&self) -> u64 {
+        let stats = self.sim.inspect("stats").await;
+        stats["by_endpoint"]["PUT /v1/contacts/update"]
+            .as_object()
+            .map_or(0, |by_status| {
+                by_status.values().filter_map(|n| n.as_u64()).sum()
+            })
+    }
+
+    /// The simulator's contacts, by email, without their Loops ids.
+    pub async fn contacts(&self) -> std::collections::BTreeMap<String, serde_json::Value> {
+        let contacts = self.sim.inspect("contacts").await;
+        contacts
+            .as_array()
+            .expect("a contact array")
+            .iter()
+            .map(|c| {
+                let mut c = c.clone();
+                c.as_object_mut().expect("a contact object").remove("id");
+                (c["email"].as_str().expect("an email").to_owned(), c)
+            })
+            .collect()
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,1 +1,234 @@
-//! placeholder
+//! The transformer: from a change of a warehouse row to a Loops operation.
+//!
+//! [`transform`] is a pure function of the sync's definition and the change — no NATS, no HTTP —
+//! and says either the operation or why the record is invalid. [`TransformerStage`] is the thin
+//! bus adapter around it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use loopsync_bus::worker::{DeliveryInfo, Fate, Handler};
+use loopsync_bus::{Bus, BusError, publish};
+use loopsync_core::codec::{self, DecodeError};
+use loopsync_core::envelope::{
+    Action, ChangeKind, Operation, Outcome, OutcomeStatus, RowChange, VERSION,
+};
+use loopsync_core::spec::{IdentifyBy, SyncSpec};
+use loopsync_core::value::{MAX_CHARS, PropertyKind, coerce, is_valid_email, normalize_email};
+use loopsync_core::{Classified, ErrorClass, keys};
+use serde_json::{Map, Value};
+
+/// Why a record cannot become a Loops operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid(pub String);
+
+/// Maps one change to one operation.
+///
+/// * Every mapped property is sent, coerced to its declared type; SQL NULL is sent as `null`,
+///   which clears the property in Loops (never `""`). Emails are trimmed and lower-cased.
+/// * A mailing-list column that is true subscribes, false unsubscribes, NULL leaves it alone.
+/// * `subscribed` is sent only when mapped: sending `true` would re-subscribe people who left.
+/// * Invalid: no usable email where one is needed, no userId under `identify_by = "userId"`, a
+///   value over 500 characters, a value that cannot be read as its property's type.
+pub fn transform(spec: &SyncSpec, change: &RowChange) -> Result<Operation, Invalid> {
+    let action = match change.kind {
+        ChangeKind::Added | ChangeKind::Changed => upsert(spec, change)?,
+        ChangeKind::Removed => {
+            return Err(Invalid(format!(
+                "sync {} does not remove contacts (behavior = \"upsert\")",
+                spec.name
+            )));
+        }
+    };
+    Ok(Operation {
+        v: VERSION,
+        sync: change.sync.clone(),
+        run_id: change.run_id,
+        key: change.key.clone(),
+        fingerprint: change.fingerprint.clone(),
+        change: change.kind,
+        idempotency_key: keys::idempotency_key(
+            &change.sync,
+            &change.key,
+            &change.fingerprint,
+            action.name(),
+        ),
+        action,
+    })
+}
+
+fn text<'a>(change: &'a RowChange, column: &str) -> Option<&'a str> {
+    change.values.get(column).and_then(|v| v.as_deref())
+}
+
+fn upsert(spec: &SyncSpec, change: &RowChange) -> Result<Action, Invalid> {
+    let mut email = None;
+    let mut user_id = None;
+    let mut properties = Map::new();
+    for p in &spec.properties {
+        let raw = text(change, &p.column);
+        if let Some(t) = raw {
+            let chars = t.chars().count();
+            if chars > MAX_CHARS {
+                return Err(Invalid(format!(
+                    "{} is {chars} characters long; Loops accepts at most {MAX_CHARS}",
+                    p.property
+                )));
+            }
+        }
+        match p.property.as_str() {
+            "email" => email = raw.map(normalize_email).filter(|e| !e.is_empty()),
+            "userId" => user_id = raw.map(|u| u.trim().to_owned()).filter(|u| !u.is_empty()),
+            _ => {
+                let value = match raw {
+                    None => Value::Null,
+                    Some(t) => coerce(p.kind, t)
+                        .map_err(|why| Invalid(format!("{}: {why}", p.property)))?,
+                };
+                properties.insert(p.property.clone(), value);
+            }
+        }
+    }
+    if let Some(e) = &email
+        && !is_valid_email(e)
+    {
+        return Err(Invalid(format!("malformed email \"{e}\"")));
+    }
+    match spec.identify_by {
+        IdentifyBy::Email => {
+            if email.is_none() {
+                return Err(Invalid(
+                    "no email: the contact is identified by email".into(),
+                ));
+            }
+        }
+        IdentifyBy::UserId => {
+            if user_id.is_none() {
+                return Err(Invalid(
+                    "no userId: the contact is identified by userId".into(),
+                ));
+            }
+            if email.is_none() && change.kind == ChangeKind::Added {
+                return Err(Invalid("a new contact needs an email".into()));
+            }
+        }
+    }
+    let mut mailing_lists = BTreeMap::new();
+    for l in &spec.lists {
+        if let Some(t) = text(change, &l.column) {
+            match coerce(PropertyKind::Boolean, t) {
+                Ok(Value::Bool(on)) => {
+                    mailing_lists.insert(l.list_id.clone(), on);
+                }
+                _ => {
+                    return Err(Invalid(format!(
+                        "mailing list {} (column {}): \"{t}\" is not a boolean",
+                        l.list_id, l.column
+                    )));
+                }
+            }
+        }
+    }
+    Ok(Action::Upsert {
+        email,
+        user_id,
+        properties,
+        mailing_lists,
+    })
+}
+
+/// What can go wrong around [`transform`].
+#[derive(Debug, thiserror::Error)]
+pub enum TransformError {
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error("sync {0} is not in this transformer's config")]
+    UnknownSync(String),
+    #[error(transparent)]
+    Bus(#[from] BusError),
+}
+
+impl Classified for TransformError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            TransformError::Decode(e) => e.class(),
+            // Another deployment's config, or a sync removed since: retrying will not help.
+            TransformError::UnknownSync(_) => ErrorClass::Permanent,
+            TransformError::Bus(e) => e.class(),
+        }
+    }
+}
+
+/// The transformer on the bus: changes in, operations (or invalid outcomes) out.
+pub struct TransformerStage {
+    bus: Arc<dyn Bus>,
+    specs: HashMap<String, SyncSpec>,
+}
+
+impl TransformerStage {
+    pub fn new(bus: Arc<dyn Bus>, specs: impl IntoIterator<Item = SyncSpec>) -> TransformerStage {
+        TransformerStage {
+            bus,
+            specs: specs.into_iter().map(|s| (s.name.clone(), s)).collect(),
+        }
+    }
+}
+
+#[async_trait]
+impl Handler for TransformerStage {
+    type Error = TransformError;
+
+    async fn handle(&self, _info: &DeliveryInfo, payload: &Bytes) -> Result<(), TransformError> {
+        let change: RowChange = codec::decode(payload)?;
+        let spec = self
+            .specs
+            .get(&change.sync)
+            .ok_or_else(|| TransformError::UnknownSync(change.sync.clone()))?;
+        match transform(spec, &change) {
+            Ok(op) => publish::operation(&*self.bus, &op).await?,
+            Err(Invalid(reason)) => {
+                let outcome = Outcome::new(
+                    &change.sync,
+                    change.run_id,
+                    &change.key,
+                    &change.fingerprint,
+                    OutcomeStatus::Invalid,
+                    "none",
+                )
+                .with_reason(reason);
+                publish::outcome(&*self.bus, &outcome).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn give_up(
+        &self,
+        _info: &DeliveryInfo,
+        payload: &Bytes,
+        fate: Fate,
+        reason: &str,
+    ) -> Result<(), TransformError> {
+        let change: RowChange = codec::decode(payload)?;
+        let status = match fate {
+            Fate::Rejected => OutcomeStatus::Rejected,
+            Fate::DeadLettered => OutcomeStatus::DeadLettered,
+        };
+        let outcome = Outcome::new(
+            &change.sync,
+            change.run_id,
+            &change.key,
+            &change.fingerprint,
+            status,
+            "none",
+        )
+        .with_reason(reason);
+        publish::outcome(&*self.bus, &outcome).await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,1 +1,243 @@
-//! placeholder
+//! The warehouse: where the model lives, and where loopsync keeps each sync's state, its runs
+//! and the result of every record (schema `loopsync`, so users can join them with their tables).
+//!
+//! One trait, [`Warehouse`], two implementations: PostgreSQL (tokio-postgres) and SQLite
+//! (rusqlite, bundled: the demo's embedded warehouse). The diff runs in the warehouse: the model
+//! joined with the sync's state on the primary key, ordered by key, streamed with bounded memory.
+
+mod postgres;
+mod sqlite;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+use loopsync_core::envelope::Outcome;
+use loopsync_core::spec::SyncSpec;
+use loopsync_core::{Classified, ErrorClass};
+use serde::Serialize;
+
+pub use postgres::PgWarehouse;
+pub use sqlite::SqliteWarehouse;
+
+/// What can go wrong in the warehouse.
+#[derive(Debug, thiserror::Error)]
+pub enum WarehouseError {
+    #[error("cannot connect to the warehouse: {0}")]
+    Connect(String),
+    /// The model (or the mapping's columns) does not run: fix the config.
+    #[error("the model of sync {sync} does not run: {detail}")]
+    Model { sync: String, detail: String },
+    #[error("{what}: {detail}")]
+    Query { what: String, detail: String },
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+impl Classified for WarehouseError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            WarehouseError::Model { .. } | WarehouseError::Unsupported(_) => ErrorClass::Permanent,
+            WarehouseError::Connect(_) | WarehouseError::Query { .. } => ErrorClass::RETRY,
+        }
+    }
+}
+
+/// One key of the diff: the model's row (if the key is in the model) beside the sync's state
+/// (if the key was seen before).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DiffRow {
+    /// `None`: a model row whose primary key is NULL.
+    pub key: Option<String>,
+    /// The mapped columns as text; `None` when the key is no longer in the model.
+    pub values: Option<BTreeMap<String, Option<String>>>,
+    /// What Loops last confirmed for this key, if anything.
+    pub confirmed_fp: Option<String>,
+}
+
+/// What the extractor found, recorded when it has published every change of a run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ExtractCounts {
+    pub added: i64,
+    pub changed: i64,
+    pub removed: i64,
+    pub unchanged: i64,
+    /// Changes published plus invalid records found, as the extractor counted them. The run's
+    /// `expected` is computed by the warehouse from what it holds (keys emitted in the run and
+    /// keys with an outcome in it), so a re-extraction after a crash counts right.
+    pub expected: i64,
+}
+
+/// A run, with its counts.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct RunSummary {
+    pub id: i64,
+    pub sync: String,
+    /// `requested`, `extracting`, `sending`, `succeeded`, `degraded` or `failed`.
+    pub status: String,
+    pub requested_at: String,
+    pub finished_at: Option<String>,
+    pub duration_ms: Option<i64>,
+    pub expected: Option<i64>,
+    pub added: i64,
+    pub changed: i64,
+    pub removed: i64,
+    pub unchanged: i64,
+    pub confirmed: i64,
+    pub skipped: i64,
+    pub invalid: i64,
+    pub rejected: i64,
+    pub dead_lettered: i64,
+    /// Requests sent to Loops for this run's records, retries included.
+    pub requests: i64,
+    pub error: Option<String>,
+}
+
+impl RunSummary {
+    /// Every record has an outcome (or the run failed).
+    pub fn is_finished(&self) -> bool {
+        matches!(self.status.as_str(), "succeeded" | "degraded" | "failed")
+    }
+}
+
+/// One record's result in one run (`loopsync.records`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RecordResult {
+    pub run_id: i64,
+    pub sync: String,
+    pub key: String,
+    pub operation: String,
+    pub outcome: String,
+    pub reason: Option<String>,
+    pub contact_id: Option<String>,
+    pub requests: i64,
+    pub at: String,
+}
+
+/// The warehouse seam.
+#[async_trait]
+pub trait Warehouse: Send + Sync + 'static {
+    /// Creates the `loopsync` tables if missing. Safe to call from many processes at once.
+    async fn prepare(&self) -> Result<(), WarehouseError>;
+
+    /// The model joined with the sync's state, ordered by key (NULL keys last).
+    async fn diff(
+        &self,
+        spec: &SyncSpec,
+    ) -> Result<BoxStream<'static, Result<DiffRow, WarehouseError>>, WarehouseError>;
+
+    /// A new run of `sync`, status `requested`.
+    async fn create_run(&self, sync: &str) -> Result<i64, WarehouseError>;
+
+    /// Claims a requested run for extraction; with `redelivered`, also one whose extraction
+    /// started before (its extractor died). `None`: someone else has it, or it is done.
+    async fn claim_run(
+        &self,
+        run_id: i64,
+        redelivered: bool,
+    ) -> Result<Option<String>, WarehouseError>;
+
+    /// Notes what is about to be published for each key: `(key, fingerprint)`. Called before
+    /// publishing, so no outcome of these keys can race with it.
+    async fn mark_emitted(
+        &self,
+        sync: &str,
+        run_id: i64,
+        emitted: &[(String, String)],
+    ) -> Result<(), WarehouseError>;
+
+    /// The extraction is complete: store its counts; the run is `sending` (or finished, when
+    /// every record already has an outcome).
+    async fn finish_extract(
+        &self,
+        run_id: i64,
+        counts: &ExtractCounts,
+    ) -> Result<(), WarehouseError>;
+
+    /// Ends a run as failed (the model does not run, …).
+    async fn fail_run(&self, run_id: i64, error: &str) -> Result<(), WarehouseError>;
+
+    /// Records outcomes in one transaction: the per-record results, the state of confirmed
+    /// records, and the status of runs whose every record now has an outcome. Repeated
+    /// outcomes are ignored, except that a confirmation replaces an earlier failure.
+    async fn record_outcomes(&self, outcomes: &[Outcome]) -> Result<(), WarehouseError>;
+
+    async fn run(&self, run_id: i64) -> Result<Option<RunSummary>, WarehouseError>;
+
+    /// Newest first.
+    async fn runs(&self, sync: Option<&str>, limit: i64)
+    -> Result<Vec<RunSummary>, WarehouseError>;
+
+    /// Per-record results of a run.
+    async fn records(&self, run_id: i64) -> Result<Vec<RecordResult>, WarehouseError>;
+}
+
+/// Opens the warehouse of a URL: `postgres://…` / `postgresql://…`, or `sqlite:///path/file.db`.
+pub async fn connect(url: &str) -> Result<Arc<dyn Warehouse>, WarehouseError> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Arc::new(PgWarehouse::connect(url).await?))
+    } else if let Some(path) = url.strip_prefix("sqlite://") {
+        Ok(Arc::new(SqliteWarehouse::open(path)?))
+    } else if url.starts_with("mysql://") || url.starts_with("duckdb://") {
+        Err(WarehouseError::Unsupported(format!(
+            "{} warehouses are not supported yet: use postgres:// or sqlite://",
+            url.split("://").next().unwrap_or("this")
+        )))
+    } else {
+        Err(WarehouseError::Unsupported(format!(
+            "warehouse.url must start with postgres://, postgresql:// or sqlite://, not `{}`",
+            url.split("://").next().unwrap_or(url)
+        )))
+    }
+}
+
+/// `"name"` with inner quotes doubled: a column name as an SQL identifier.
+pub(crate) fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// The model without trailing `;` and blanks, so it can be a subquery.
+pub(crate) fn model_sql(model: &str) -> &str {
+    model.trim().trim_end_matches(';').trim_end()
+}
+
+/// The diff query. `cast` turns an expression into text in the warehouse's dialect; `state`
+/// is the state table's name. Columns: presence flag, key, mapped columns…, confirmed_fp.
+pub(crate) fn diff_sql(
+    spec: &SyncSpec,
+    cast: impl Fn(&str) -> String,
+    state: &str,
+    param: &str,
+    collate: &str,
+) -> String {
+    let columns = spec.columns();
+    let mut select = vec![
+        "1 AS present".to_owned(),
+        format!(
+            "{} AS k",
+            cast(&format!("model.{}", quote_ident(&spec.primary_key)))
+        ),
+    ];
+    for (i, column) in columns.iter().enumerate() {
+        select.push(format!(
+            "{} AS c{i}",
+            cast(&format!("model.{}", quote_ident(column)))
+        ));
+    }
+    let outer_columns: Vec<String> = (0..columns.len()).map(|i| format!("m.c{i}")).collect();
+    format!(
+        "WITH m AS (SELECT {select} FROM ({model}) AS model), \
+         s AS (SELECT key, confirmed_fp FROM {state} WHERE sync = {param}) \
+         SELECT m.present, COALESCE(m.k, s.key) AS key{comma}{outer}, s.confirmed_fp \
+         FROM m FULL OUTER JOIN s ON s.key = m.k \
+         ORDER BY COALESCE(m.k, s.key) {collate} NULLS LAST",
+        select = select.join(", "),
+        model = model_sql(&spec.model),
+        comma = if columns.is_empty() { "" } else { ", " },
+        outer = outer_columns.join(", "),
+    )
+}
+
+#[cfg(test)]
+mod tests;

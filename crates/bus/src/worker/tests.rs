@@ -98,6 +98,7 @@ fn fast(max_attempts: u32) -> WorkerOptions {
             base: Duration::from_millis(20),
             cap: Duration::from_millis(100),
         },
+        progress_every: Some(Duration::from_millis(200)),
     }
 }
 

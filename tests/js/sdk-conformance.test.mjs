@@ -3,7 +3,7 @@
 // contacts, events, properties, lists and the API key is called, and each answer is checked
 // against loops-api.md (section numbers in the comments).
 //
-// Run: LOOPSYNC_BIN=target/debug/loopsync node --test tests/sdk-js/conformance.test.mjs
+// Run: LOOPSYNC_BIN=target/debug/loopsync node --test tests/js/sdk-conformance.test.mjs
 // Each test suite starts its own `loopsync sim --port 0` and stops it at the end.
 
 import { test, describe, before, after } from "node:test";

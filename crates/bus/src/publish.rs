@@ -1,0 +1,61 @@
+//! Typed publishing: each envelope goes to its stage's subject with its deterministic message id.
+
+use bytes::Bytes;
+use loopsync_core::codec;
+use loopsync_core::envelope::{Operation, Outcome, RowChange, RunRequest};
+use loopsync_core::keys;
+use loopsync_core::subjects::Stage;
+
+use crate::{Bus, BusError};
+
+/// Asks the extractors for a run (exactly one of them takes it).
+pub async fn run_request(bus: &dyn Bus, request: &RunRequest) -> Result<(), BusError> {
+    let subject = bus.names().subject(Stage::Extractor, &request.sync);
+    bus.publish(
+        &subject,
+        &format!("run:{}", request.run_id),
+        Bytes::from(codec::encode(request)),
+    )
+    .await
+}
+
+/// extractor → transformer.
+pub async fn change(bus: &dyn Bus, change: &RowChange) -> Result<(), BusError> {
+    let subject = bus.names().subject(Stage::Transformer, &change.sync);
+    let id = keys::message_id(
+        "chg",
+        change.run_id,
+        &change.sync,
+        &change.key,
+        &change.fingerprint,
+    );
+    bus.publish(&subject, &id, Bytes::from(codec::encode(change)))
+        .await
+}
+
+/// transformer → loader.
+pub async fn operation(bus: &dyn Bus, op: &Operation) -> Result<(), BusError> {
+    let subject = bus.names().subject(Stage::Loader, &op.sync);
+    let id = keys::message_id("op", op.run_id, &op.sync, &op.key, &op.fingerprint);
+    bus.publish(&subject, &id, Bytes::from(codec::encode(op)))
+        .await
+}
+
+/// Any stage → checkpointer. One id per (run, record, status): a repeat of the same outcome
+/// is dropped by the bus, and the checkpointer ignores one that gets through anyway.
+pub async fn outcome(bus: &dyn Bus, outcome: &Outcome) -> Result<(), BusError> {
+    let subject = bus.names().subject(Stage::Checkpointer, &outcome.sync);
+    let id = format!(
+        "{}:{}",
+        keys::message_id(
+            "out",
+            outcome.run_id,
+            &outcome.sync,
+            &outcome.key,
+            &outcome.fingerprint
+        ),
+        outcome.status.as_str()
+    );
+    bus.publish(&subject, &id, Bytes::from(codec::encode(outcome)))
+        .await
+}

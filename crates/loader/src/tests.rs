@@ -1,0 +1,237 @@
+use std::collections::BTreeMap;
+
+use loopsync_bus::LocalBus;
+use loopsync_bus::worker::{self, Backoff, WorkerOptions};
+use loopsync_core::envelope::{ChangeKind, VERSION};
+use loopsync_core::subjects::Stage;
+use loopsync_loops_client::{ApiKey, ClientConfig};
+use loopsync_simulator::{Faults, Settings, SimConfig, SimHandle};
+use serde_json::{Map, json};
+use tokio_util::sync::CancellationToken;
+
+use super::*;
+
+fn op(
+    run_id: i64,
+    key: &str,
+    fingerprint: &str,
+    email: Option<&str>,
+    user_id: Option<&str>,
+) -> Operation {
+    Operation {
+        v: VERSION,
+        sync: "users".into(),
+        run_id,
+        key: key.into(),
+        fingerprint: fingerprint.into(),
+        change: ChangeKind::Added,
+        idempotency_key: keys::idempotency_key("users", key, fingerprint, "upsert"),
+        action: Action::Upsert {
+            email: email.map(str::to_owned),
+            user_id: user_id.map(str::to_owned),
+            properties: json!({"firstName": format!("F{key}")})
+                .as_object()
+                .unwrap()
+                .clone(),
+            mailing_lists: BTreeMap::new(),
+        },
+    }
+}
+
+#[test]
+fn ledger_verdicts() {
+    let o = op(5, "1", "fpB", Some("a@x.co"), None);
+    let entry = |run_id, fp: &str| LedgerEntry {
+        run_id,
+        fingerprint: fp.into(),
+        contact_id: Some("c".into()),
+    };
+    assert_eq!(verdict(&o, None), LedgerVerdict::Send);
+    assert_eq!(verdict(&o, Some(&entry(4, "fpA"))), LedgerVerdict::Send);
+    assert_eq!(verdict(&o, Some(&entry(6, "fpC"))), LedgerVerdict::Stale);
+    assert_eq!(
+        verdict(&o, Some(&entry(5, "fpB"))),
+        LedgerVerdict::AlreadyConfirmed(Some("c".into()))
+    );
+    // The same run with another fingerprint cannot be confirmed yet: send.
+    assert_eq!(verdict(&o, Some(&entry(5, "fpX"))), LedgerVerdict::Send);
+}
+
+async fn sim(rate_limit: u32) -> SimHandle {
+    loopsync_simulator::spawn(SimConfig {
+        settings: Settings {
+            rate_limit,
+            ..Settings::default()
+        },
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap()
+}
+
+fn stage(bus: Arc<LocalBus>, sim: &SimHandle, rps: u32) -> Arc<LoaderStage> {
+    let client = LoopsClient::new(ClientConfig::new(
+        sim.base_url(),
+        ApiKey::new("test-key").unwrap(),
+    ))
+    .unwrap();
+    Arc::new(LoaderStage::new(bus, client, Arc::new(pacer(rps))))
+}
+
+fn info(attempt: u32) -> DeliveryInfo {
+    DeliveryInfo {
+        subject: "loopsync.ops.users".into(),
+        attempt,
+        sequence: 1,
+    }
+}
+
+async fn outcomes(bus: &LocalBus, n: usize) -> Vec<Outcome> {
+    let mut consumer = bus.consume(Stage::Checkpointer, 1).await.unwrap();
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let d = tokio::time::timeout(Duration::from_secs(30), consumer.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        out.push(codec::decode::<Outcome>(&d.payload).unwrap());
+        d.acker.ack().await.unwrap();
+    }
+    out
+}
+
+#[tokio::test]
+async fn confirmed_then_redelivered_then_stale() {
+    let sim = sim(100).await;
+    let bus = Arc::new(LocalBus::default());
+    let loader = stage(bus.clone(), &sim, 100);
+    let first = Bytes::from(codec::encode(&op(5, "1", "fpA", Some("ann@x.co"), None)));
+    loader.handle(&info(1), &first).await.unwrap();
+    // The same message again (its ack was lost): no second request.
+    loader.handle(&info(2), &first).await.unwrap();
+    // An older run's operation for the same record: no request.
+    let older = Bytes::from(codec::encode(&op(4, "1", "fpOld", Some("ann@x.co"), None)));
+    loader.handle(&info(1), &older).await.unwrap();
+    assert_eq!(sim.stats().total_requests, 1);
+    // The redelivery's outcome repeats the first one's message id: the bus keeps one.
+    let out = outcomes(&bus, 2).await;
+    assert_eq!(out[0].status, OutcomeStatus::Confirmed);
+    assert_eq!(out[0].requests, 1);
+    let contact_id = sim.contacts()[0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(out[0].contact_id.as_deref(), Some(contact_id.as_str()));
+    assert_eq!(out[1].status, OutcomeStatus::Skipped);
+    assert_eq!(bus.pending(Stage::Checkpointer), 0);
+    assert_eq!(sim.contacts()[0]["firstName"], "F1");
+}
+
+#[tokio::test]
+async fn loops_refusal_is_permanent_and_rejection_is_recorded() {
+    let sim = sim(100).await;
+    let bus = Arc::new(LocalBus::default());
+    let loader = stage(bus.clone(), &sim, 100);
+    let unknown = Bytes::from(codec::encode(&op(1, "9", "fp", None, Some("nobody"))));
+    let error = loader.handle(&info(1), &unknown).await.unwrap_err();
+    assert_eq!(error.class(), ErrorClass::Permanent);
+    loader
+        .give_up(&info(1), &unknown, Fate::Rejected, &error.to_string())
+        .await
+        .unwrap();
+    let out = outcomes(&bus, 1).await;
+    assert_eq!(out[0].status, OutcomeStatus::Rejected);
+    assert!(
+        out[0]
+            .reason
+            .as_deref()
+            .unwrap()
+            .starts_with("invalid request (400)")
+    );
+    assert_eq!(out[0].requests, 1);
+}
+
+/// Through the worker loop, against a Loops that fails half the time (before or after the
+/// effect): every operation ends confirmed, and the sim holds each contact once.
+#[tokio::test]
+async fn flaky_loops_still_converges() {
+    let sim = sim(1000).await;
+    sim.set_faults(Faults {
+        error_503: 0.2,
+        error_502: 0.1,
+        drop_connection: 0.1,
+        rate_limit_429: 0.1,
+        after_effect: 0.5,
+        seed: Some(11),
+        ..Faults::default()
+    })
+    .unwrap();
+    let bus = Arc::new(LocalBus::default());
+    let n = 40;
+    for i in 0..n {
+        let o = op(1, &i.to_string(), "fp", Some(&format!("u{i}@x.co")), None);
+        publish::operation(&*bus, &o).await.unwrap();
+    }
+    let stop = CancellationToken::new();
+    let worker = tokio::spawn(worker::run(
+        bus.clone(),
+        Stage::Loader,
+        stage(bus.clone(), &sim, 1000),
+        WorkerOptions {
+            concurrency: 4,
+            max_attempts: 30,
+            backoff: Backoff {
+                base: Duration::from_millis(5),
+                cap: Duration::from_millis(50),
+            },
+            progress_every: None,
+        },
+        stop.clone(),
+    ));
+    let out = outcomes(&bus, n).await;
+    stop.cancel();
+    worker.await.unwrap().unwrap();
+    assert!(
+        out.iter().all(|o| o.status == OutcomeStatus::Confirmed),
+        "{out:?}"
+    );
+    let requests: u32 = out.iter().map(|o| o.requests).sum();
+    assert!(requests > n as u32, "faults cost retries: {requests}");
+    assert_eq!(sim.contacts().as_array().unwrap().len(), n);
+    assert_eq!(
+        sim.stats().total_requests,
+        u64::from(requests),
+        "every request is counted once"
+    );
+}
+
+/// The pacer keeps a burst of work under a sliding-window limit equal to the budget.
+#[tokio::test]
+async fn pacing_never_trips_the_rate_limit() {
+    let sim = sim(20).await;
+    let bus = Arc::new(LocalBus::default());
+    let loader = stage(bus.clone(), &sim, 20);
+    let mut tasks = Vec::new();
+    for i in 0..30 {
+        let loader = loader.clone();
+        tasks.push(tokio::spawn(async move {
+            let o = op(1, &i.to_string(), "fp", Some(&format!("p{i}@x.co")), None);
+            loader
+                .handle(&info(1), &Bytes::from(codec::encode(&o)))
+                .await
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let stats = sim.stats();
+    assert_eq!(stats.rate_limited, 0, "{stats:?}");
+    assert!(stats.max_accepted_in_one_second <= 20);
+    assert_eq!(stats.total_requests, 30);
+}
+
+#[test]
+fn pacer_has_no_burst() {
+    let p = pacer(10);
+    assert!(p.check().is_ok());
+    assert!(p.check().is_err(), "the second request waits 100 ms");
+    let _ = Map::<String, serde_json::Value>::new();
+}

@@ -1,0 +1,225 @@
+//! The mapping, without NATS or HTTP; then the stage on the in-process bus.
+
+use loopsync_bus::LocalBus;
+use loopsync_bus::worker::{DeliveryInfo, Handler};
+use loopsync_core::spec::{Behavior, MappedList, MappedProperty, OnRemove};
+use loopsync_core::subjects::Stage;
+use serde_json::json;
+
+use super::*;
+
+fn spec(identify_by: IdentifyBy) -> SyncSpec {
+    let p = |property: &str, column: &str, kind| MappedProperty {
+        property: property.into(),
+        column: column.into(),
+        kind,
+    };
+    SyncSpec {
+        name: "users".into(),
+        model: "select * from users".into(),
+        primary_key: "id".into(),
+        identify_by,
+        behavior: Behavior::Upsert,
+        on_remove: OnRemove::Delete,
+        trigger_workflows: false,
+        event_on_create: "contactCreated".into(),
+        event_on_update: "contactUpdated".into(),
+        properties: vec![
+            p("email", "email", PropertyKind::String),
+            p("firstName", "first_name", PropertyKind::String),
+            p("planName", "plan", PropertyKind::String),
+            p("seats", "seats", PropertyKind::Number),
+            p("signedUpAt", "signed_up_at", PropertyKind::Date),
+            p("trial", "trial", PropertyKind::Boolean),
+            p("userId", "id", PropertyKind::String),
+        ],
+        lists: vec![
+            MappedList {
+                list_id: "news".into(),
+                column: "newsletter".into(),
+            },
+            MappedList {
+                list_id: "beta".into(),
+                column: "beta".into(),
+            },
+        ],
+    }
+}
+
+fn change(kind: ChangeKind, pairs: &[(&str, Option<&str>)]) -> RowChange {
+    RowChange {
+        v: VERSION,
+        sync: "users".into(),
+        run_id: 3,
+        key: "42".into(),
+        fingerprint: "fp42".into(),
+        kind,
+        values: pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.map(str::to_owned)))
+            .collect(),
+    }
+}
+
+fn full_row() -> Vec<(&'static str, Option<&'static str>)> {
+    vec![
+        ("email", Some("  Ada@Example.COM ")),
+        ("first_name", Some("Ada")),
+        ("plan", None),
+        ("seats", Some("12.0")),
+        ("signed_up_at", Some("2024-01-08 11:31:06+00")),
+        ("trial", Some("f")),
+        ("id", Some("42")),
+        ("newsletter", Some("t")),
+        ("beta", None),
+    ]
+}
+
+#[test]
+fn a_row_becomes_an_upsert() {
+    let op = transform(
+        &spec(IdentifyBy::Email),
+        &change(ChangeKind::Added, &full_row()),
+    )
+    .unwrap();
+    assert_eq!(op.run_id, 3);
+    assert_eq!(
+        op.idempotency_key,
+        keys::idempotency_key("users", "42", "fp42", "upsert")
+    );
+    let Action::Upsert {
+        email,
+        user_id,
+        properties,
+        mailing_lists,
+    } = op.action;
+    assert_eq!(email.as_deref(), Some("ada@example.com"));
+    assert_eq!(user_id.as_deref(), Some("42"));
+    assert_eq!(
+        Value::Object(properties),
+        json!({"firstName": "Ada", "planName": null, "seats": 12,
+               "signedUpAt": 1_704_713_466_000i64, "trial": false})
+    );
+    // NULL leaves a list alone.
+    assert_eq!(mailing_lists, [("news".to_owned(), true)].into());
+}
+
+#[test]
+fn subscribed_is_never_sent_unless_mapped() {
+    let op = transform(
+        &spec(IdentifyBy::Email),
+        &change(ChangeKind::Added, &full_row()),
+    )
+    .unwrap();
+    let Action::Upsert { properties, .. } = op.action;
+    assert!(!properties.contains_key("subscribed"));
+}
+
+#[test]
+fn invalid_records_say_why() {
+    let s = spec(IdentifyBy::Email);
+    let with = |column: &str, value: Option<&str>| {
+        let mut row = full_row();
+        for entry in row.iter_mut() {
+            if entry.0 == column {
+                entry.1 = value;
+            }
+        }
+        transform(&s, &change(ChangeKind::Changed, &row))
+            .unwrap_err()
+            .0
+    };
+    assert_eq!(
+        with("email", None),
+        "no email: the contact is identified by email"
+    );
+    assert_eq!(
+        with("email", Some("   ")),
+        "no email: the contact is identified by email"
+    );
+    assert_eq!(with("email", Some("ada@@x")), "malformed email \"ada@@x\"");
+    assert_eq!(
+        with("seats", Some("many")),
+        "seats: \"many\" is not a number"
+    );
+    assert_eq!(
+        with("signed_up_at", Some("someday")),
+        "signedUpAt: \"someday\" is not a date"
+    );
+    assert_eq!(
+        with("trial", Some("perhaps")),
+        "trial: \"perhaps\" is not a boolean"
+    );
+    let long = "x".repeat(501);
+    assert_eq!(
+        with("first_name", Some(&long)),
+        "firstName is 501 characters long; Loops accepts at most 500"
+    );
+    assert!(with("newsletter", Some("sometimes")).starts_with("mailing list news"));
+}
+
+#[test]
+fn user_id_identity() {
+    let s = spec(IdentifyBy::UserId);
+    let mut row = full_row();
+    row.retain(|(c, _)| *c != "email");
+    row.push(("email", None));
+    assert_eq!(
+        transform(&s, &change(ChangeKind::Added, &row))
+            .unwrap_err()
+            .0,
+        "a new contact needs an email"
+    );
+    // A known contact can be updated without one.
+    let op = transform(&s, &change(ChangeKind::Changed, &row)).unwrap();
+    let Action::Upsert { email, user_id, .. } = op.action;
+    assert_eq!((email, user_id.as_deref()), (None, Some("42")));
+    let mut no_id = full_row();
+    no_id.retain(|(c, _)| *c != "id");
+    assert_eq!(
+        transform(&s, &change(ChangeKind::Added, &no_id))
+            .unwrap_err()
+            .0,
+        "no userId: the contact is identified by userId"
+    );
+}
+
+#[test]
+fn removals_are_not_upserts() {
+    let e = transform(&spec(IdentifyBy::Email), &change(ChangeKind::Removed, &[])).unwrap_err();
+    assert!(e.0.contains("does not remove"));
+}
+
+#[tokio::test]
+async fn the_stage_publishes_operations_and_invalid_outcomes() {
+    let bus = Arc::new(LocalBus::default());
+    let stage = TransformerStage::new(bus.clone(), [spec(IdentifyBy::Email)]);
+    let info = DeliveryInfo {
+        subject: "x".into(),
+        attempt: 1,
+        sequence: 1,
+    };
+    let good = Bytes::from(codec::encode(&change(ChangeKind::Added, &full_row())));
+    stage.handle(&info, &good).await.unwrap();
+    assert_eq!(bus.pending(Stage::Loader), 1);
+    let mut bad = change(ChangeKind::Added, &full_row());
+    bad.key = "43".into();
+    bad.values.insert("email".into(), None);
+    stage
+        .handle(&info, &Bytes::from(codec::encode(&bad)))
+        .await
+        .unwrap();
+    assert_eq!(bus.pending(Stage::Checkpointer), 1);
+    let mut other = change(ChangeKind::Added, &full_row());
+    other.sync = "elsewhere".into();
+    let e = stage
+        .handle(&info, &Bytes::from(codec::encode(&other)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.class(), ErrorClass::Permanent);
+    let e = stage
+        .handle(&info, &Bytes::from_static(b"junk"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.class(), ErrorClass::Poison);
+}

@@ -1,0 +1,472 @@
+//! PostgreSQL, through tokio-postgres.
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use loopsync_core::envelope::{Outcome, OutcomeStatus};
+use loopsync_core::spec::SyncSpec;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, NoTls, Row};
+
+use crate::{
+    DiffRow, ExtractCounts, RecordResult, RunSummary, Warehouse, WarehouseError, diff_sql,
+};
+
+const SCHEMA: &str = "
+CREATE SCHEMA IF NOT EXISTS loopsync;
+CREATE TABLE IF NOT EXISTS loopsync.state (
+    sync text NOT NULL,
+    key text NOT NULL,
+    emitted_fp text,
+    emitted_run bigint,
+    confirmed_fp text,
+    confirmed_run bigint,
+    confirmed_at timestamptz,
+    contact_id text,
+    PRIMARY KEY (sync, key)
+);
+CREATE TABLE IF NOT EXISTS loopsync.runs (
+    id bigserial PRIMARY KEY,
+    sync text NOT NULL,
+    status text NOT NULL,
+    requested_at timestamptz NOT NULL DEFAULT now(),
+    started_at timestamptz,
+    extracted_at timestamptz,
+    finished_at timestamptz,
+    expected bigint,
+    added bigint NOT NULL DEFAULT 0,
+    changed bigint NOT NULL DEFAULT 0,
+    removed bigint NOT NULL DEFAULT 0,
+    unchanged bigint NOT NULL DEFAULT 0,
+    error text
+);
+CREATE TABLE IF NOT EXISTS loopsync.records (
+    run_id bigint NOT NULL,
+    sync text NOT NULL,
+    key text NOT NULL,
+    fingerprint text,
+    operation text NOT NULL,
+    outcome text NOT NULL,
+    reason text,
+    contact_id text,
+    requests integer NOT NULL DEFAULT 0,
+    at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (run_id, key)
+);
+CREATE INDEX IF NOT EXISTS records_sync_outcome ON loopsync.records (sync, outcome);
+";
+
+const TIME: &str = r#"'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'"#;
+
+fn query_error(what: &str) -> impl Fn(tokio_postgres::Error) -> WarehouseError + '_ {
+    move |e| WarehouseError::Query {
+        what: what.to_owned(),
+        detail: describe(&e),
+    }
+}
+
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => db.message().to_owned(),
+        None => e.to_string(),
+    }
+}
+
+/// The warehouse on PostgreSQL.
+pub struct PgWarehouse {
+    url: String,
+    client: Client,
+    /// Transactions need `&mut`: one connection for them.
+    writer: tokio::sync::Mutex<Client>,
+}
+
+async fn open(url: &str) -> Result<Client, WarehouseError> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .map_err(|e| WarehouseError::Connect(describe(&e)))?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::warn!(%error, "warehouse connection ended");
+        }
+    });
+    Ok(client)
+}
+
+impl PgWarehouse {
+    pub async fn connect(url: &str) -> Result<PgWarehouse, WarehouseError> {
+        let client = open(url).await?;
+        client
+            .batch_execute("SET TIME ZONE 'UTC'")
+            .await
+            .map_err(query_error("set the time zone"))?;
+        let writer = open(url).await?;
+        Ok(PgWarehouse {
+            url: url.to_owned(),
+            client,
+            writer: tokio::sync::Mutex::new(writer),
+        })
+    }
+
+    fn summary_sql(filter: &str) -> String {
+        format!(
+            "SELECT r.id, r.sync, r.status, to_char(r.requested_at AT TIME ZONE 'UTC', {TIME}),
+                    to_char(r.finished_at AT TIME ZONE 'UTC', {TIME}),
+                    (EXTRACT(EPOCH FROM (r.finished_at - r.requested_at)) * 1000)::bigint,
+                    r.expected, r.added, r.changed, r.removed, r.unchanged,
+                    count(x.key) FILTER (WHERE x.outcome = 'confirmed'),
+                    count(x.key) FILTER (WHERE x.outcome = 'skipped'),
+                    count(x.key) FILTER (WHERE x.outcome = 'invalid'),
+                    count(x.key) FILTER (WHERE x.outcome = 'rejected'),
+                    count(x.key) FILTER (WHERE x.outcome = 'dead_lettered'),
+                    COALESCE(sum(x.requests), 0)::bigint,
+                    r.error
+             FROM loopsync.runs r LEFT JOIN loopsync.records x ON x.run_id = r.id
+             WHERE {filter}
+             GROUP BY r.id ORDER BY r.id DESC LIMIT $2"
+        )
+    }
+}
+
+fn summary(row: &Row) -> RunSummary {
+    RunSummary {
+        id: row.get(0),
+        sync: row.get(1),
+        status: row.get(2),
+        requested_at: row.get(3),
+        finished_at: row.get(4),
+        duration_ms: row.get(5),
+        expected: row.get(6),
+        added: row.get(7),
+        changed: row.get(8),
+        removed: row.get(9),
+        unchanged: row.get(10),
+        confirmed: row.get(11),
+        skipped: row.get(12),
+        invalid: row.get(13),
+        rejected: row.get(14),
+        dead_lettered: row.get(15),
+        requests: row.get(16),
+        error: row.get(17),
+    }
+}
+
+/// Finishes the runs among `ids` whose every record has an outcome.
+const FINISH_RUNS: &str = "
+UPDATE loopsync.runs r
+   SET status = CASE WHEN EXISTS (SELECT 1 FROM loopsync.records x WHERE x.run_id = r.id
+                                   AND x.outcome IN ('invalid', 'rejected', 'dead_lettered'))
+                     THEN 'degraded' ELSE 'succeeded' END,
+       finished_at = now()
+ WHERE r.id = ANY($1) AND r.status = 'sending'
+   AND (SELECT count(*) FROM loopsync.records x WHERE x.run_id = r.id) >= r.expected";
+
+#[async_trait]
+impl Warehouse for PgWarehouse {
+    async fn prepare(&self) -> Result<(), WarehouseError> {
+        // Several processes may start at once: CREATE … IF NOT EXISTS races in PostgreSQL.
+        self.client
+            .batch_execute(&format!(
+                "BEGIN; SELECT pg_advisory_xact_lock(735560801); {SCHEMA} COMMIT;"
+            ))
+            .await
+            .map_err(query_error("create the loopsync schema"))
+    }
+
+    async fn diff(
+        &self,
+        spec: &SyncSpec,
+    ) -> Result<BoxStream<'static, Result<DiffRow, WarehouseError>>, WarehouseError> {
+        // Its own connection: the stream holds it until drained.
+        let client = open(&self.url).await?;
+        client
+            .batch_execute("SET TIME ZONE 'UTC'")
+            .await
+            .map_err(query_error("set the time zone"))?;
+        let sql = diff_sql(
+            spec,
+            |e| format!("({e})::text"),
+            "loopsync.state",
+            "$1",
+            "COLLATE \"C\"",
+        );
+        let model_error = |e: tokio_postgres::Error| {
+            let is_model = e
+                .code()
+                .is_some_and(|c| c.code().starts_with("42") || *c == SqlState::UNDEFINED_TABLE);
+            if is_model {
+                WarehouseError::Model {
+                    sync: spec.name.clone(),
+                    detail: describe(&e),
+                }
+            } else {
+                WarehouseError::Query {
+                    what: format!("diff of sync {}", spec.name),
+                    detail: describe(&e),
+                }
+            }
+        };
+        let statement = client.prepare(&sql).await.map_err(model_error)?;
+        let params: [&(dyn ToSql + Sync); 1] = [&spec.name];
+        let rows = client
+            .query_raw(&statement, params.iter().map(|p| *p as &dyn ToSql))
+            .await
+            .map_err(model_error)?;
+        let columns = spec.columns();
+        let sync = spec.name.clone();
+        let stream = rows.map(move |row| {
+            // The client lives as long as the stream.
+            let _connection = &client;
+            let row = row.map_err(|e| WarehouseError::Query {
+                what: format!("diff of sync {sync}"),
+                detail: describe(&e),
+            })?;
+            let present: Option<i32> = row.get(0);
+            let key: Option<String> = row.get(1);
+            let values = present.map(|_| {
+                columns
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| (c.clone(), row.get::<_, Option<String>>(2 + i)))
+                    .collect::<BTreeMap<_, _>>()
+            });
+            Ok(DiffRow {
+                key,
+                values,
+                confirmed_fp: row.get(2 + columns.len()),
+            })
+        });
+        Ok(stream.boxed())
+    }
+
+    async fn create_run(&self, sync: &str) -> Result<i64, WarehouseError> {
+        let row = self
+            .client
+            .query_one(
+                "INSERT INTO loopsync.runs (sync, status) VALUES ($1, 'requested') RETURNING id",
+                &[&sync],
+            )
+            .await
+            .map_err(query_error("create a run"))?;
+        Ok(row.get(0))
+    }
+
+    async fn claim_run(
+        &self,
+        run_id: i64,
+        redelivered: bool,
+    ) -> Result<Option<String>, WarehouseError> {
+        let row = self
+            .client
+            .query_opt(
+                "UPDATE loopsync.runs SET status = 'extracting', started_at = now()
+                  WHERE id = $1 AND (status = 'requested' OR ($2 AND status = 'extracting'))
+                  RETURNING sync",
+                &[&run_id, &redelivered],
+            )
+            .await
+            .map_err(query_error("claim a run"))?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    async fn mark_emitted(
+        &self,
+        sync: &str,
+        run_id: i64,
+        emitted: &[(String, String)],
+    ) -> Result<(), WarehouseError> {
+        if emitted.is_empty() {
+            return Ok(());
+        }
+        let mut emitted: Vec<&(String, String)> = emitted.iter().collect();
+        emitted.sort();
+        let keys: Vec<&str> = emitted.iter().map(|(k, _)| k.as_str()).collect();
+        let fps: Vec<&str> = emitted.iter().map(|(_, f)| f.as_str()).collect();
+        self.client
+            .execute(
+                "INSERT INTO loopsync.state (sync, key, emitted_fp, emitted_run)
+                 SELECT $1, k, f, $2 FROM unnest($3::text[], $4::text[]) AS t(k, f)
+                 ON CONFLICT (sync, key) DO UPDATE
+                    SET emitted_fp = EXCLUDED.emitted_fp, emitted_run = EXCLUDED.emitted_run",
+                &[&sync, &run_id, &keys, &fps],
+            )
+            .await
+            .map_err(query_error("note emitted records"))?;
+        Ok(())
+    }
+
+    async fn finish_extract(
+        &self,
+        run_id: i64,
+        counts: &ExtractCounts,
+    ) -> Result<(), WarehouseError> {
+        self.client
+            .execute(
+                "UPDATE loopsync.runs r SET status = 'sending', extracted_at = now(),
+                        expected = (SELECT count(*) FROM (
+                                        SELECT key FROM loopsync.state WHERE sync = r.sync AND emitted_run = $1
+                                        UNION SELECT key FROM loopsync.records WHERE run_id = $1) AS k),
+                        added = $2, changed = $3, removed = $4, unchanged = $5
+                  WHERE id = $1 AND status = 'extracting'",
+                &[
+                    &run_id,
+                    &counts.added,
+                    &counts.changed,
+                    &counts.removed,
+                    &counts.unchanged,
+                ],
+            )
+            .await
+            .map_err(query_error("finish an extraction"))?;
+        self.client
+            .execute(FINISH_RUNS, &[&vec![run_id]])
+            .await
+            .map_err(query_error("finish a run"))?;
+        Ok(())
+    }
+
+    async fn fail_run(&self, run_id: i64, error: &str) -> Result<(), WarehouseError> {
+        self.client
+            .execute(
+                "UPDATE loopsync.runs SET status = 'failed', finished_at = now(), error = $2
+                  WHERE id = $1",
+                &[&run_id, &error],
+            )
+            .await
+            .map_err(query_error("fail a run"))?;
+        Ok(())
+    }
+
+    async fn record_outcomes(&self, outcomes: &[Outcome]) -> Result<(), WarehouseError> {
+        if outcomes.is_empty() {
+            return Ok(());
+        }
+        let mut client = self.writer.lock().await;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(query_error("begin recording outcomes"))?;
+        let insert = tx
+            .prepare(
+                "INSERT INTO loopsync.records
+                    (run_id, sync, key, fingerprint, operation, outcome, reason, contact_id, requests, at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, to_timestamp($10::bigint / 1000.0))
+                 ON CONFLICT (run_id, key) DO UPDATE
+                    SET fingerprint = EXCLUDED.fingerprint, operation = EXCLUDED.operation,
+                        outcome = EXCLUDED.outcome, reason = EXCLUDED.reason,
+                        contact_id = EXCLUDED.contact_id,
+                        requests = loopsync.records.requests + EXCLUDED.requests, at = EXCLUDED.at
+                  WHERE loopsync.records.outcome <> 'confirmed' AND EXCLUDED.outcome = 'confirmed'",
+            )
+            .await
+            .map_err(query_error("record outcomes"))?;
+        let confirm = tx
+            .prepare(
+                "INSERT INTO loopsync.state (sync, key, confirmed_fp, confirmed_run, confirmed_at, contact_id)
+                 VALUES ($1, $2, $3, $4, now(), $5)
+                 ON CONFLICT (sync, key) DO UPDATE
+                    SET confirmed_fp = EXCLUDED.confirmed_fp, confirmed_run = EXCLUDED.confirmed_run,
+                        confirmed_at = EXCLUDED.confirmed_at,
+                        contact_id = COALESCE(EXCLUDED.contact_id, loopsync.state.contact_id)
+                  WHERE loopsync.state.confirmed_run IS NULL
+                     OR loopsync.state.confirmed_run <= EXCLUDED.confirmed_run",
+            )
+            .await
+            .map_err(query_error("record outcomes"))?;
+        let mut runs = Vec::new();
+        // Row locks in one order, (sync, key), as mark_emitted takes them: no deadlock.
+        let mut ordered: Vec<&Outcome> = outcomes.iter().collect();
+        ordered.sort_by(|a, b| (&a.sync, &a.key).cmp(&(&b.sync, &b.key)));
+        for o in ordered {
+            let requests = o.requests as i32;
+            tx.execute(
+                &insert,
+                &[
+                    &o.run_id,
+                    &o.sync,
+                    &o.key,
+                    &o.fingerprint,
+                    &o.operation,
+                    &o.status.as_str(),
+                    &o.reason,
+                    &o.contact_id,
+                    &requests,
+                    &o.at,
+                ],
+            )
+            .await
+            .map_err(query_error("record an outcome"))?;
+            if o.status == OutcomeStatus::Confirmed {
+                tx.execute(
+                    &confirm,
+                    &[&o.sync, &o.key, &o.fingerprint, &o.run_id, &o.contact_id],
+                )
+                .await
+                .map_err(query_error("advance the state"))?;
+            }
+            if !runs.contains(&o.run_id) {
+                runs.push(o.run_id);
+            }
+        }
+        tx.execute(FINISH_RUNS, &[&runs])
+            .await
+            .map_err(query_error("finish runs"))?;
+        tx.commit().await.map_err(query_error("commit outcomes"))
+    }
+
+    async fn run(&self, run_id: i64) -> Result<Option<RunSummary>, WarehouseError> {
+        let rows = self
+            .client
+            .query(&Self::summary_sql("r.id = $1"), &[&run_id, &1i64])
+            .await
+            .map_err(query_error("read a run"))?;
+        Ok(rows.first().map(summary))
+    }
+
+    async fn runs(
+        &self,
+        sync: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<RunSummary>, WarehouseError> {
+        let rows = self
+            .client
+            .query(
+                &Self::summary_sql("($1::text IS NULL OR r.sync = $1)"),
+                &[&sync, &limit],
+            )
+            .await
+            .map_err(query_error("read runs"))?;
+        Ok(rows.iter().map(summary).collect())
+    }
+
+    async fn records(&self, run_id: i64) -> Result<Vec<RecordResult>, WarehouseError> {
+        let rows = self
+            .client
+            .query(
+                &format!(
+                    "SELECT run_id, sync, key, operation, outcome, reason, contact_id, requests::bigint,
+                            to_char(at AT TIME ZONE 'UTC', {TIME})
+                       FROM loopsync.records WHERE run_id = $1 ORDER BY key"
+                ),
+                &[&run_id],
+            )
+            .await
+            .map_err(query_error("read records"))?;
+        Ok(rows
+            .iter()
+            .map(|r| RecordResult {
+                run_id: r.get(0),
+                sync: r.get(1),
+                key: r.get(2),
+                operation: r.get(3),
+                outcome: r.get(4),
+                reason: r.get(5),
+                contact_id: r.get(6),
+                requests: r.get(7),
+                at: r.get(8),
+            })
+            .collect())
+    }
+}

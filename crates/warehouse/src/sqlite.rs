@@ -1,0 +1,471 @@
+//! SQLite, through rusqlite (bundled): the demo's embedded warehouse. Tables are named
+//! `loopsync_state`, `loopsync_runs`, `loopsync_records` (SQLite has no schemas).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use loopsync_core::envelope::{Outcome, OutcomeStatus};
+use loopsync_core::spec::SyncSpec;
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::{
+    DiffRow, ExtractCounts, RecordResult, RunSummary, Warehouse, WarehouseError, diff_sql,
+};
+
+const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS loopsync_state (
+    sync TEXT NOT NULL, key TEXT NOT NULL,
+    emitted_fp TEXT, emitted_run INTEGER,
+    confirmed_fp TEXT, confirmed_run INTEGER, confirmed_at TEXT, contact_id TEXT,
+    PRIMARY KEY (sync, key));
+CREATE TABLE IF NOT EXISTS loopsync_runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, sync TEXT NOT NULL, status TEXT NOT NULL,
+    requested_at TEXT NOT NULL, started_at TEXT, extracted_at TEXT, finished_at TEXT,
+    expected INTEGER, added INTEGER NOT NULL DEFAULT 0, changed INTEGER NOT NULL DEFAULT 0,
+    removed INTEGER NOT NULL DEFAULT 0, unchanged INTEGER NOT NULL DEFAULT 0, error TEXT);
+CREATE TABLE IF NOT EXISTS loopsync_records (
+    run_id INTEGER NOT NULL, sync TEXT NOT NULL, key TEXT NOT NULL, fingerprint TEXT,
+    operation TEXT NOT NULL, outcome TEXT NOT NULL, reason TEXT, contact_id TEXT,
+    requests INTEGER NOT NULL DEFAULT 0, at TEXT NOT NULL,
+    PRIMARY KEY (run_id, key));
+";
+
+const FINISH_RUN: &str = "
+UPDATE loopsync_runs
+   SET status = CASE WHEN EXISTS (SELECT 1 FROM loopsync_records x WHERE x.run_id = loopsync_runs.id
+                                   AND x.outcome IN ('invalid', 'rejected', 'dead_lettered'))
+                     THEN 'degraded' ELSE 'succeeded' END,
+       finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+ WHERE id = ?1 AND status = 'sending'
+   AND (SELECT count(*) FROM loopsync_records x WHERE x.run_id = loopsync_runs.id) >= expected";
+
+fn error(what: &str) -> impl Fn(rusqlite::Error) -> WarehouseError + '_ {
+    move |e| WarehouseError::Query {
+        what: what.to_owned(),
+        detail: e.to_string(),
+    }
+}
+
+/// The warehouse on an SQLite file.
+pub struct SqliteWarehouse {
+    path: PathBuf,
+    connection: Arc<Mutex<Connection>>,
+}
+
+fn open_connection(path: &PathBuf) -> Result<Connection, WarehouseError> {
+    let connection = Connection::open(path)
+        .map_err(|e| WarehouseError::Connect(format!("{}: {e}", path.display())))?;
+    connection
+        .busy_timeout(std::time::Duration::from_secs(10))
+        .map_err(error("set a busy timeout"))?;
+    connection
+        .pragma_update(None, "journal_mode", "WAL")
+        .map_err(error("enable WAL"))?;
+    Ok(connection)
+}
+
+impl SqliteWarehouse {
+    /// Opens (or creates) the database file at `path`.
+    pub fn open(path: &str) -> Result<SqliteWarehouse, WarehouseError> {
+        let path = PathBuf::from(path);
+        let connection = open_connection(&path)?;
+        Ok(SqliteWarehouse {
+            path,
+            connection: Arc::new(Mutex::new(connection)),
+        })
+    }
+
+    /// Runs `f` on the connection in a blocking thread.
+    async fn with<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, WarehouseError> + Send + 'static,
+    ) -> Result<T, WarehouseError> {
+        let connection = self.connection.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = connection.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut guard)
+        })
+        .await
+        .map_err(|e| WarehouseError::Query {
+            what: "a warehouse task".into(),
+            detail: e.to_string(),
+        })?
+    }
+
+    fn summary_sql(filter: &str) -> String {
+        format!(
+            "SELECT r.id, r.sync, r.status, r.requested_at, r.finished_at,
+                    CAST((julianday(r.finished_at) - julianday(r.requested_at)) * 86400000 AS INTEGER),
+                    r.expected, r.added, r.changed, r.removed, r.unchanged,
+                    sum(x.outcome = 'confirmed'), sum(x.outcome = 'skipped'),
+                    sum(x.outcome = 'invalid'), sum(x.outcome = 'rejected'),
+                    sum(x.outcome = 'dead_lettered'), sum(x.requests), r.error
+             FROM loopsync_runs r LEFT JOIN loopsync_records x ON x.run_id = r.id
+             WHERE {filter} GROUP BY r.id ORDER BY r.id DESC LIMIT ?2"
+        )
+    }
+}
+
+fn summary(row: &rusqlite::Row<'_>) -> rusqlite::Result<RunSummary> {
+    let count =
+        |i: usize| -> rusqlite::Result<i64> { Ok(row.get::<_, Option<i64>>(i)?.unwrap_or(0)) };
+    Ok(RunSummary {
+        id: row.get(0)?,
+        sync: row.get(1)?,
+        status: row.get(2)?,
+        requested_at: row.get(3)?,
+        finished_at: row.get(4)?,
+        duration_ms: row.get(5)?,
+        expected: row.get(6)?,
+        added: row.get(7)?,
+        changed: row.get(8)?,
+        removed: row.get(9)?,
+        unchanged: row.get(10)?,
+        confirmed: count(11)?,
+        skipped: count(12)?,
+        invalid: count(13)?,
+        rejected: count(14)?,
+        dead_lettered: count(15)?,
+        requests: count(16)?,
+        error: row.get(17)?,
+    })
+}
+
+#[async_trait]
+impl Warehouse for SqliteWarehouse {
+    async fn prepare(&self) -> Result<(), WarehouseError> {
+        self.with(|c| {
+            c.execute_batch(SCHEMA)
+                .map_err(error("create the loopsync tables"))
+        })
+        .await
+    }
+
+    async fn diff(
+        &self,
+        spec: &SyncSpec,
+    ) -> Result<BoxStream<'static, Result<DiffRow, WarehouseError>>, WarehouseError> {
+        let sql = diff_sql(
+            spec,
+            |e| format!("CAST({e} AS TEXT)"),
+            "loopsync_state",
+            "?1",
+            "",
+        );
+        let columns = spec.columns();
+        let sync = spec.name.clone();
+        let path = self.path.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<DiffRow, WarehouseError>>(256);
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Result<(), WarehouseError>>();
+        tokio::task::spawn_blocking(move || {
+            let model_error = |e: rusqlite::Error| WarehouseError::Model {
+                sync: sync.clone(),
+                detail: e.to_string(),
+            };
+            let connection = match open_connection(&path) {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            let mut statement = match connection.prepare(&sql) {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(model_error(e)));
+                    return;
+                }
+            };
+            let mut rows = match statement.query(params![sync]) {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(model_error(e)));
+                    return;
+                }
+            };
+            let _ = ready_tx.send(Ok(()));
+            loop {
+                let item = match rows.next() {
+                    Ok(None) => break,
+                    Ok(Some(row)) => (|| -> rusqlite::Result<DiffRow> {
+                        let present: Option<i64> = row.get(0)?;
+                        let key: Option<String> = row.get(1)?;
+                        let values = match present {
+                            Some(_) => {
+                                let mut values = BTreeMap::new();
+                                for (i, c) in columns.iter().enumerate() {
+                                    values.insert(c.clone(), row.get::<_, Option<String>>(2 + i)?);
+                                }
+                                Some(values)
+                            }
+                            None => None,
+                        };
+                        Ok(DiffRow {
+                            key,
+                            values,
+                            confirmed_fp: row.get(2 + columns.len())?,
+                        })
+                    })()
+                    .map_err(|e| WarehouseError::Query {
+                        what: format!("diff of sync {sync}"),
+                        detail: e.to_string(),
+                    }),
+                    Err(e) => Err(WarehouseError::Query {
+                        what: format!("diff of sync {sync}"),
+                        detail: e.to_string(),
+                    }),
+                };
+                let stop = item.is_err();
+                if tx.blocking_send(item).is_err() || stop {
+                    break;
+                }
+            }
+        });
+        ready_rx.await.map_err(|_| WarehouseError::Query {
+            what: "diff".into(),
+            detail: "the diff task ended early".into(),
+        })??;
+        Ok(futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        })
+        .boxed())
+    }
+
+    async fn create_run(&self, sync: &str) -> Result<i64, WarehouseError> {
+        let sync = sync.to_owned();
+        self.with(move |c| {
+            c.execute(
+                &format!("INSERT INTO loopsync_runs (sync, status, requested_at) VALUES (?1, 'requested', {NOW})"),
+                params![sync],
+            )
+            .map_err(error("create a run"))?;
+            Ok(c.last_insert_rowid())
+        })
+        .await
+    }
+
+    async fn claim_run(
+        &self,
+        run_id: i64,
+        redelivered: bool,
+    ) -> Result<Option<String>, WarehouseError> {
+        self.with(move |c| {
+            c.query_row(
+                &format!(
+                    "UPDATE loopsync_runs SET status = 'extracting', started_at = {NOW}
+                      WHERE id = ?1 AND (status = 'requested' OR (?2 AND status = 'extracting'))
+                      RETURNING sync"
+                ),
+                params![run_id, redelivered],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(error("claim a run"))
+        })
+        .await
+    }
+
+    async fn mark_emitted(
+        &self,
+        sync: &str,
+        run_id: i64,
+        emitted: &[(String, String)],
+    ) -> Result<(), WarehouseError> {
+        let sync = sync.to_owned();
+        let emitted = emitted.to_vec();
+        self.with(move |c| {
+            let tx = c.transaction().map_err(error("begin"))?;
+            {
+                let mut s = tx
+                    .prepare_cached(
+                        "INSERT INTO loopsync_state (sync, key, emitted_fp, emitted_run) VALUES (?1, ?2, ?3, ?4)
+                         ON CONFLICT (sync, key) DO UPDATE
+                            SET emitted_fp = excluded.emitted_fp, emitted_run = excluded.emitted_run",
+                    )
+                    .map_err(error("note emitted records"))?;
+                for (key, fp) in &emitted {
+                    s.execute(params![sync, key, fp, run_id])
+                        .map_err(error("note an emitted record"))?;
+                }
+            }
+            tx.commit().map_err(error("commit"))
+        })
+        .await
+    }
+
+    async fn finish_extract(
+        &self,
+        run_id: i64,
+        counts: &ExtractCounts,
+    ) -> Result<(), WarehouseError> {
+        let counts = counts.clone();
+        self.with(move |c| {
+            c.execute(
+                &format!(
+                    "UPDATE loopsync_runs SET status = 'sending', extracted_at = {NOW},
+                            expected = (SELECT count(*) FROM (
+                                SELECT key FROM loopsync_state WHERE sync = loopsync_runs.sync AND emitted_run = ?1
+                                UNION SELECT key FROM loopsync_records WHERE run_id = ?1)),
+                            added = ?2, changed = ?3, removed = ?4, unchanged = ?5
+                      WHERE id = ?1 AND status = 'extracting'"
+                ),
+                params![
+                    run_id,
+                    counts.added,
+                    counts.changed,
+                    counts.removed,
+                    counts.unchanged
+                ],
+            )
+            .map_err(error("finish an extraction"))?;
+            c.execute(FINISH_RUN, params![run_id])
+                .map_err(error("finish a run"))?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn fail_run(&self, run_id: i64, message: &str) -> Result<(), WarehouseError> {
+        let message = message.to_owned();
+        self.with(move |c| {
+            c.execute(
+                &format!(
+                    "UPDATE loopsync_runs SET status = 'failed', finished_at = {NOW}, error = ?2 WHERE id = ?1"
+                ),
+                params![run_id, message],
+            )
+            .map_err(error("fail a run"))?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn record_outcomes(&self, outcomes: &[Outcome]) -> Result<(), WarehouseError> {
+        let mut outcomes = outcomes.to_vec();
+        outcomes.sort_by(|a, b| (&a.sync, &a.key).cmp(&(&b.sync, &b.key)));
+        self.with(move |c| {
+            let tx = c.transaction().map_err(error("begin"))?;
+            let mut runs = Vec::new();
+            {
+                let mut insert = tx
+                    .prepare_cached(
+                        "INSERT INTO loopsync_records
+                            (run_id, sync, key, fingerprint, operation, outcome, reason, contact_id, requests, at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9,
+                                 strftime('%Y-%m-%dT%H:%M:%fZ', ?10 / 1000.0, 'unixepoch'))
+                         ON CONFLICT (run_id, key) DO UPDATE
+                            SET fingerprint = excluded.fingerprint, operation = excluded.operation,
+                                outcome = excluded.outcome, reason = excluded.reason,
+                                contact_id = excluded.contact_id,
+                                requests = loopsync_records.requests + excluded.requests, at = excluded.at
+                          WHERE loopsync_records.outcome <> 'confirmed' AND excluded.outcome = 'confirmed'",
+                    )
+                    .map_err(error("record outcomes"))?;
+                let mut confirm = tx
+                    .prepare_cached(&format!(
+                        "INSERT INTO loopsync_state (sync, key, confirmed_fp, confirmed_run, confirmed_at, contact_id)
+                         VALUES (?1, ?2, ?3, ?4, {NOW}, ?5)
+                         ON CONFLICT (sync, key) DO UPDATE
+                            SET confirmed_fp = excluded.confirmed_fp, confirmed_run = excluded.confirmed_run,
+                                confirmed_at = excluded.confirmed_at,
+                                contact_id = COALESCE(excluded.contact_id, loopsync_state.contact_id)
+                          WHERE loopsync_state.confirmed_run IS NULL
+                             OR loopsync_state.confirmed_run <= excluded.confirmed_run"
+                    ))
+                    .map_err(error("record outcomes"))?;
+                for o in &outcomes {
+                    insert
+                        .execute(params![
+                            o.run_id,
+                            o.sync,
+                            o.key,
+                            o.fingerprint,
+                            o.operation,
+                            o.status.as_str(),
+                            o.reason,
+                            o.contact_id,
+                            o.requests,
+                            o.at
+                        ])
+                        .map_err(error("record an outcome"))?;
+                    if o.status == OutcomeStatus::Confirmed {
+                        confirm
+                            .execute(params![o.sync, o.key, o.fingerprint, o.run_id, o.contact_id])
+                            .map_err(error("advance the state"))?;
+                    }
+                    if !runs.contains(&o.run_id) {
+                        runs.push(o.run_id);
+                    }
+                }
+                for run in &runs {
+                    tx.execute(FINISH_RUN, params![run]).map_err(error("finish a run"))?;
+                }
+            }
+            tx.commit().map_err(error("commit outcomes"))
+        })
+        .await
+    }
+
+    async fn run(&self, run_id: i64) -> Result<Option<RunSummary>, WarehouseError> {
+        self.with(move |c| {
+            c.query_row(&Self::summary_sql("r.id = ?1"), params![run_id, 1], summary)
+                .optional()
+                .map_err(error("read a run"))
+        })
+        .await
+    }
+
+    async fn runs(
+        &self,
+        sync: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<RunSummary>, WarehouseError> {
+        let sync = sync.map(str::to_owned);
+        self.with(move |c| {
+            let mut s = c
+                .prepare(&Self::summary_sql("(?1 IS NULL OR r.sync = ?1)"))
+                .map_err(error("read runs"))?;
+            let rows = s
+                .query_map(params![sync, limit], summary)
+                .map_err(error("read runs"))?;
+            rows.collect::<Result<Vec<_>, _>>()
+                .map_err(error("read runs"))
+        })
+        .await
+    }
+
+    async fn records(&self, run_id: i64) -> Result<Vec<RecordResult>, WarehouseError> {
+        self.with(move |c| {
+            let mut s = c
+                .prepare(
+                    "SELECT run_id, sync, key, operation, outcome, reason, contact_id, requests, at
+                       FROM loopsync_records WHERE run_id = ?1 ORDER BY key",
+                )
+                .map_err(error("read records"))?;
+            let rows = s
+                .query_map(params![run_id], |r| {
+                    Ok(RecordResult {
+                        run_id: r.get(0)?,
+                        sync: r.get(1)?,
+                        key: r.get(2)?,
+                        operation: r.get(3)?,
+                        outcome: r.get(4)?,
+                        reason: r.get(5)?,
+                        contact_id: r.get(6)?,
+                        requests: r.get(7)?,
+                        at: r.get(8)?,
+                    })
+                })
+                .map_err(error("read records"))?;
+            rows.collect::<Result<Vec<_>, _>>()
+                .map_err(error("read records"))
+        })
+        .await
+    }
+}

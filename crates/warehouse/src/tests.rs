@@ -1,0 +1,364 @@
+//! The same behaviour on both warehouses.
+
+use std::collections::BTreeMap;
+
+use futures::TryStreamExt;
+use loopsync_core::envelope::{Outcome, OutcomeStatus};
+use loopsync_core::spec::{Behavior, IdentifyBy, MappedList, MappedProperty, OnRemove, SyncSpec};
+use loopsync_core::value::PropertyKind;
+use loopsync_core::{Classified, ErrorClass};
+
+use super::*;
+
+fn spec(name: &str, table: &str) -> SyncSpec {
+    SyncSpec {
+        name: name.into(),
+        model: format!("select id, email, first_name, newsletter from {table};"),
+        primary_key: "id".into(),
+        identify_by: IdentifyBy::Email,
+        behavior: Behavior::Upsert,
+        on_remove: OnRemove::Delete,
+        trigger_workflows: false,
+        event_on_create: "c".into(),
+        event_on_update: "u".into(),
+        properties: vec![
+            MappedProperty {
+                property: "email".into(),
+                column: "email".into(),
+                kind: PropertyKind::String,
+            },
+            MappedProperty {
+                property: "firstName".into(),
+                column: "first_name".into(),
+                kind: PropertyKind::String,
+            },
+        ],
+        lists: vec![MappedList {
+            list_id: "news".into(),
+            column: "newsletter".into(),
+        }],
+    }
+}
+
+/// A warehouse plus a way to run SQL on it directly.
+struct Fixture {
+    warehouse: Arc<dyn Warehouse>,
+    exec: Box<dyn Fn(String) -> futures::future::BoxFuture<'static, ()>>,
+}
+
+async fn postgres() -> Option<Fixture> {
+    let url = loopsync_testkit::fresh_pg_database().await?;
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let client = Arc::new(client);
+    let warehouse = connect(&url).await.unwrap();
+    Some(Fixture {
+        warehouse,
+        exec: Box::new(move |sql| {
+            let client = client.clone();
+            Box::pin(async move { client.batch_execute(&sql).await.unwrap() })
+        }),
+    })
+}
+
+fn sqlite() -> Fixture {
+    let path =
+        std::env::temp_dir().join(format!("{}.db", loopsync_testkit::unique("loopsync-wh-")));
+    let path_text = path.display().to_string();
+    let warehouse: Arc<dyn Warehouse> = Arc::new(SqliteWarehouse::open(&path_text).unwrap());
+    Fixture {
+        warehouse,
+        exec: Box::new(move |sql| {
+            let path = path.clone();
+            Box::pin(async move {
+                let c = rusqlite::Connection::open(path).unwrap();
+                c.execute_batch(&sql).unwrap();
+            })
+        }),
+    }
+}
+
+async fn diff(w: &dyn Warehouse, spec: &SyncSpec) -> Vec<DiffRow> {
+    w.diff(spec).await.unwrap().try_collect().await.unwrap()
+}
+
+fn confirmed(spec: &SyncSpec, run: i64, key: &str, fp: &str) -> Outcome {
+    let mut o = Outcome::new(&spec.name, run, key, fp, OutcomeStatus::Confirmed, "upsert");
+    o.requests = 1;
+    o.contact_id = Some(format!("c-{key}"));
+    o
+}
+
+async fn full_cycle(f: Fixture, bool_true: &str) {
+    let w = &*f.warehouse;
+    w.prepare().await.unwrap();
+    w.prepare().await.unwrap();
+    (f.exec)(format!(
+        "CREATE TABLE users (id integer, email text, first_name text, newsletter boolean);
+         INSERT INTO users VALUES (2, 'b@x.co', 'Bea', {bool_true}), (10, 'j@x.co', NULL, NULL),
+                                  (1, 'a@x.co', 'Ann', {bool_true}), (3, 'c@x.co', 'Cy', {bool_true}),
+                                  (3, 'c2@x.co', 'Cy2', {bool_true}), (NULL, 'n@x.co', 'Nil', {bool_true});"
+    ))
+    .await;
+    let spec = spec("users", "users");
+    let rows = diff(w, &spec).await;
+    let keys: Vec<Option<&str>> = rows.iter().map(|r| r.key.as_deref()).collect();
+    // Byte order of the text key; duplicates adjacent; NULL last.
+    assert_eq!(
+        keys,
+        [Some("1"), Some("10"), Some("2"), Some("3"), Some("3"), None]
+    );
+    assert!(
+        rows.iter()
+            .all(|r| r.values.is_some() && r.confirmed_fp.is_none())
+    );
+    let ann = rows[0].values.as_ref().unwrap();
+    assert_eq!(ann["email"].as_deref(), Some("a@x.co"));
+    assert_eq!(
+        rows[1].values.as_ref().unwrap()["first_name"],
+        None,
+        "NULL stays NULL"
+    );
+    let news = ann["newsletter"].as_deref().unwrap();
+    assert!(["t", "true", "1"].contains(&news), "{news}");
+
+    let run = w.create_run("users").await.unwrap();
+    assert_eq!(
+        w.claim_run(run, false).await.unwrap().as_deref(),
+        Some("users")
+    );
+    assert_eq!(w.claim_run(run, false).await.unwrap(), None, "claimed once");
+    assert_eq!(
+        w.claim_run(run, true).await.unwrap().as_deref(),
+        Some("users"),
+        "a redelivery re-claims"
+    );
+    w.mark_emitted(
+        "users",
+        run,
+        &[("2".into(), "fp2".into()), ("1".into(), "fp1".into())],
+    )
+    .await
+    .unwrap();
+    w.finish_extract(
+        run,
+        &ExtractCounts {
+            added: 2,
+            expected: 2,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let sending = w.run(run).await.unwrap().unwrap();
+    assert_eq!(
+        (sending.status.as_str(), sending.expected),
+        ("sending", Some(2))
+    );
+    w.record_outcomes(&[confirmed(&spec, run, "1", "fp1")])
+        .await
+        .unwrap();
+    // A repeated outcome is ignored.
+    w.record_outcomes(&[confirmed(&spec, run, "1", "fp1")])
+        .await
+        .unwrap();
+    let summary = w.run(run).await.unwrap().unwrap();
+    assert_eq!(
+        (summary.status.as_str(), summary.confirmed, summary.requests),
+        ("sending", 1, 1)
+    );
+    w.record_outcomes(&[confirmed(&spec, run, "2", "fp2")])
+        .await
+        .unwrap();
+    let summary = w.run(run).await.unwrap().unwrap();
+    assert_eq!(summary.status, "succeeded");
+    assert_eq!(
+        (summary.added, summary.confirmed, summary.requests),
+        (2, 2, 2)
+    );
+    assert!(summary.duration_ms.unwrap() >= 0);
+    assert!(summary.finished_at.unwrap().ends_with('Z'));
+
+    let rows = diff(w, &spec).await;
+    assert_eq!(rows[0].confirmed_fp.as_deref(), Some("fp1"));
+    assert_eq!(rows[2].confirmed_fp.as_deref(), Some("fp2"));
+
+    // A key that left the model still shows, without values.
+    (f.exec)("DELETE FROM users WHERE id = 2".into()).await;
+    let rows = diff(w, &spec).await;
+    let gone = rows.iter().find(|r| r.key.as_deref() == Some("2")).unwrap();
+    assert_eq!(gone.values, None);
+    assert_eq!(gone.confirmed_fp.as_deref(), Some("fp2"));
+
+    // A failure degrades the next run; a later confirmation of the same record replaces it.
+    let run2 = w.create_run("users").await.unwrap();
+    w.claim_run(run2, false).await.unwrap();
+    w.mark_emitted("users", run2, &[("1".into(), "fp1b".into())])
+        .await
+        .unwrap();
+    w.finish_extract(
+        run2,
+        &ExtractCounts {
+            changed: 1,
+            expected: 1,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let rejected = Outcome::new(
+        "users",
+        run2,
+        "1",
+        "fp1b",
+        OutcomeStatus::Rejected,
+        "upsert",
+    )
+    .with_reason("400: nope");
+    w.record_outcomes(&[rejected]).await.unwrap();
+    let summary = w.run(run2).await.unwrap().unwrap();
+    assert_eq!((summary.status.as_str(), summary.rejected), ("degraded", 1));
+    let records = w.records(run2).await.unwrap();
+    assert_eq!(records[0].reason.as_deref(), Some("400: nope"));
+    assert_eq!(
+        diff(w, &spec).await[0].confirmed_fp.as_deref(),
+        Some("fp1"),
+        "a rejection does not advance the state"
+    );
+    w.record_outcomes(&[confirmed(&spec, run2, "1", "fp1b")])
+        .await
+        .unwrap();
+    assert_eq!(w.records(run2).await.unwrap()[0].outcome, "confirmed");
+    assert_eq!(
+        diff(w, &spec).await[0].confirmed_fp.as_deref(),
+        Some("fp1b")
+    );
+
+    // An older run's late confirmation does not roll the state back.
+    w.record_outcomes(&[confirmed(&spec, run, "1", "fp1")])
+        .await
+        .unwrap();
+    assert_eq!(
+        diff(w, &spec).await[0].confirmed_fp.as_deref(),
+        Some("fp1b")
+    );
+
+    let runs = w.runs(Some("users"), 10).await.unwrap();
+    assert_eq!(runs.iter().map(|r| r.id).collect::<Vec<_>>(), [run2, run]);
+    assert!(w.runs(Some("other"), 10).await.unwrap().is_empty());
+
+    // A re-extraction (its extractor died) counts every key of the run once: those it publishes
+    // again and those that already have an outcome.
+    let run5 = w.create_run("users").await.unwrap();
+    w.claim_run(run5, false).await.unwrap();
+    w.mark_emitted(
+        "users",
+        run5,
+        &[("1".into(), "fpR".into()), ("3".into(), "fpR3".into())],
+    )
+    .await
+    .unwrap();
+    w.record_outcomes(&[confirmed(&spec, run5, "1", "fpR")])
+        .await
+        .unwrap();
+    w.claim_run(run5, true).await.unwrap();
+    w.mark_emitted("users", run5, &[("3".into(), "fpR3".into())])
+        .await
+        .unwrap();
+    w.finish_extract(
+        run5,
+        &ExtractCounts {
+            changed: 1,
+            expected: 1,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let again = w.run(run5).await.unwrap().unwrap();
+    assert_eq!(
+        (again.status.as_str(), again.expected),
+        ("sending", Some(2))
+    );
+
+    // An empty run finishes at once.
+    let run3 = w.create_run("users").await.unwrap();
+    w.claim_run(run3, false).await.unwrap();
+    w.finish_extract(
+        run3,
+        &ExtractCounts {
+            unchanged: 3,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(w.run(run3).await.unwrap().unwrap().status, "succeeded");
+
+    // A broken model is the user's to fix: permanent.
+    let mut broken = spec.clone();
+    broken.model = "select id, email from no_such_table".into();
+    let error = match w.diff(&broken).await {
+        Err(e) => e,
+        Ok(mut s) => futures::StreamExt::next(&mut s).await.unwrap().unwrap_err(),
+    };
+    assert!(matches!(error, WarehouseError::Model { .. }), "{error:?}");
+    assert_eq!(error.class(), ErrorClass::Permanent);
+    let run4 = w.create_run("users").await.unwrap();
+    w.fail_run(run4, "boom").await.unwrap();
+    let failed = w.run(run4).await.unwrap().unwrap();
+    assert_eq!(
+        (failed.status.as_str(), failed.error.as_deref()),
+        ("failed", Some("boom"))
+    );
+    assert!(failed.is_finished());
+}
+
+#[tokio::test]
+async fn postgres_full_cycle() {
+    let Some(f) = postgres().await else { return };
+    full_cycle(f, "true").await;
+}
+
+#[tokio::test]
+async fn sqlite_full_cycle() {
+    full_cycle(sqlite(), "1").await;
+}
+
+#[tokio::test]
+async fn postgres_timestamps_come_out_in_utc() {
+    let Some(f) = postgres().await else { return };
+    (f.exec)(
+        "SET TIME ZONE 'Europe/Paris';
+         CREATE TABLE t (id int, email text, first_name text, newsletter boolean, at timestamptz);
+         INSERT INTO t VALUES (1, 'a@x.co', 'A', true, '2024-01-08 12:31:06+01');"
+            .into(),
+    )
+    .await;
+    f.warehouse.prepare().await.unwrap();
+    let mut s = spec("t", "t");
+    s.model = "select * from t".into();
+    s.properties.push(MappedProperty {
+        property: "at".into(),
+        column: "at".into(),
+        kind: PropertyKind::Date,
+    });
+    let rows = diff(&*f.warehouse, &s).await;
+    let values: &BTreeMap<String, Option<String>> = rows[0].values.as_ref().unwrap();
+    assert_eq!(values["at"].as_deref(), Some("2024-01-08 11:31:06+00"));
+}
+
+#[test]
+fn unsupported_urls_say_what_is_supported() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let Err(e) = rt.block_on(connect("mysql://root@127.0.0.1/test")) else {
+        panic!()
+    };
+    assert!(e.to_string().contains("not supported yet"));
+    let Err(e) = rt.block_on(connect("oracle://x")) else {
+        panic!()
+    };
+    assert!(e.to_string().contains("postgres://"));
+}

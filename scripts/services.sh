@@ -1,0 +1,82 @@
+# Sourced by scripts/test.sh: makes sure the tests have a NATS server with JetStream and a
+# PostgreSQL server.
+#
+#   LOOPSYNC_TEST_NATS_URL  use this NATS (nats://host:port), else start a throwaway one
+#   LOOPSYNC_TEST_PG_URL    use this PostgreSQL (a URL whose user may CREATE DATABASE), else
+#                           start a throwaway one
+#
+# A throwaway server lives in a temporary folder on a free loopback port and is stopped and
+# removed when the script exits. Missing Debian packages (nats-server, postgresql) are installed
+# when running as root. PostgreSQL's initdb and pg_ctl refuse to run as root: as root they run
+# as the `postgres` user.
+
+services_dir=""
+services_cleanup() {
+  [ -n "${nats_pid:-}" ] && kill "$nats_pid" 2>/dev/null
+  if [ -n "${pg_data:-}" ] && [ -d "$pg_data" ]; then
+    as_pg_user "$pg_bin/pg_ctl" -D "$pg_data" -m immediate stop >/dev/null 2>&1 || true
+  fi
+  [ -n "$services_dir" ] && rm -rf "$services_dir"
+  return 0
+}
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+wait_for_port() { # port, name, log
+  for _ in $(seq 1 100); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  echo "$2 did not start on port $1; its log:" >&2
+  cat "$3" >&2 || true
+  exit 1
+}
+
+as_pg_user() {
+  if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+ensure_services_dir() {
+  if [ -z "$services_dir" ]; then
+    services_dir=$(mktemp -d "${TMPDIR:-/tmp}/loopsync-test.XXXXXX")
+    chmod 755 "$services_dir"
+    trap services_cleanup EXIT
+  fi
+}
+
+start_nats() {
+  command -v nats-server >/dev/null || apt_install nats-server
+  ensure_services_dir
+  local port; port=$(free_port)
+  mkdir -p "$services_dir/nats"
+  nats-server -a 127.0.0.1 -p "$port" -js -sd "$services_dir/nats" >"$services_dir/nats.log" 2>&1 &
+  nats_pid=$!
+  wait_for_port "$port" nats-server "$services_dir/nats.log"
+  export LOOPSYNC_TEST_NATS_URL="nats://127.0.0.1:$port"
+  echo "started nats-server $(nats-server --version 2>/dev/null | awk '{print $2}') on port $port"
+}
+
+start_postgres() {
+  pg_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
+  if [ -z "$pg_bin" ]; then
+    apt_install postgresql
+    pg_bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
+  fi
+  ensure_services_dir
+  local port; port=$(free_port)
+  pg_data="$services_dir/pg"
+  mkdir -p "$pg_data"
+  [ "$(id -u)" -eq 0 ] && chown postgres: "$pg_data"
+  as_pg_user "$pg_bin/initdb" -D "$pg_data" -A trust -U postgres --no-sync >"$services_dir/initdb.log" 2>&1 \
+    || { cat "$services_dir/initdb.log" >&2; exit 1; }
+  as_pg_user "$pg_bin/pg_ctl" -D "$pg_data" -l "$pg_data/server.log" -w \
+    -o "-p $port -k $pg_data -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200" start >/dev/null \
+    || { cat "$pg_data/server.log" >&2; exit 1; }
+  export LOOPSYNC_TEST_PG_URL="postgres://postgres@127.0.0.1:$port/postgres"
+  echo "started PostgreSQL $("$pg_bin/postgres" --version | awk '{print $3}') on port $port"
+}
+
+[ -n "${LOOPSYNC_TEST_NATS_URL:-}" ] || start_nats
+[ -n "${LOOPSYNC_TEST_PG_URL:-}" ] || start_postgres

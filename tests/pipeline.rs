@@ -1,0 +1,255 @@
+//! The pipeline end to end: the `loopsync` binary against PostgreSQL, NATS JetStream and the
+//! Loops simulator, all real processes on loopback.
+
+use std::time::Duration;
+
+use loopsync_testkit::{Stack, StackOptions};
+use serde_json::Value;
+
+fn run_of(output: &loopsync_testkit::RunOutput) -> &Value {
+    assert!(
+        output.runs.is_array(),
+        "loopsync run printed no report (exit {}): {}",
+        output.status,
+        output.stderr
+    );
+    &output.runs[0]
+}
+
+/// First run creates every contact; a second run with nothing changed sends nothing; after an
+/// update, exactly one request per updated row.
+async fn create_then_nothing_then_one_per_change(stack: Stack) {
+    let first = stack.run_once(&[]).await;
+    assert_eq!(first.status, 0, "{}", first.stderr);
+    let run = run_of(&first);
+    assert_eq!(run["status"], "succeeded");
+    assert_eq!(run["added"], 40);
+    assert_eq!(run["confirmed"], 40);
+    assert_eq!(run["requests"], 40);
+    assert_eq!(stack.update_requests().await, 40);
+    let contacts = stack.contacts().await;
+    assert_eq!(contacts.len(), 40);
+    let c7 = &contacts["user7@example.com"];
+    assert_eq!(c7["firstName"], "First7");
+    assert_eq!(c7["planName"], "pro");
+    assert_eq!(c7["seats"], 0);
+    assert_eq!(c7["signedUpAt"], "2024-01-01T07:00:00.000Z");
+    assert_eq!(c7["mailingLists"], serde_json::json!({}));
+    assert_eq!(
+        contacts["user8@example.com"]["mailingLists"]["cm_news"],
+        true
+    );
+    // The state advanced only with Loops' confirmation, one row per record.
+    let confirmed = stack
+        .count(
+            "SELECT count(*) FROM loopsync.state WHERE sync = 'users' AND confirmed_fp IS NOT NULL",
+        )
+        .await;
+    assert_eq!(confirmed, 40);
+
+    let second = stack.run_once(&[]).await;
+    assert_eq!(second.status, 0, "{}", second.stderr);
+    let run = run_of(&second);
+    assert_eq!(
+        (run["unchanged"].as_i64(), run["requests"].as_i64()),
+        (Some(40), Some(0))
+    );
+    assert_eq!(
+        stack.update_requests().await,
+        40,
+        "nothing changed, nothing sent"
+    );
+
+    stack
+        .sql(
+            "UPDATE users SET plan = 'enterprise' WHERE id IN (3, 5, 8, 13, 21);
+              UPDATE users SET email = upper(email) WHERE id = 2;",
+        )
+        .await;
+    let third = stack.run_once(&[]).await;
+    let run = run_of(&third);
+    assert_eq!(run["changed"], 5, "an email's case is no change: {run}");
+    assert_eq!(run["unchanged"], 35);
+    assert_eq!(
+        stack.update_requests().await,
+        45,
+        "exactly one request per updated row"
+    );
+    assert_eq!(
+        stack.contacts().await["user21@example.com"]["planName"],
+        "enterprise"
+    );
+    assert_eq!(
+        stack
+            .count("SELECT count(*) FROM loopsync.runs WHERE status = 'succeeded'")
+            .await,
+        3
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_process_in_process_bus() {
+    let Some(stack) = Stack::start(StackOptions::default()).await else {
+        return;
+    };
+    create_then_nothing_then_one_per_change(stack).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_process_over_nats() {
+    let options = StackOptions {
+        nats: true,
+        ..StackOptions::default()
+    };
+    let Some(stack) = Stack::start(options).await else {
+        return;
+    };
+    create_then_nothing_then_one_per_change(stack).await;
+}
+
+/// Invalid records are kept with their reason; the run is degraded (exit 3); the valid ones go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_records_degrade_the_run() {
+    let options = StackOptions {
+        rows: 5,
+        ..StackOptions::default()
+    };
+    let Some(stack) = Stack::start(options).await else {
+        return;
+    };
+    stack
+        .sql(
+            "UPDATE users SET email = 'not-an-email' WHERE id = 1;
+              UPDATE users SET email = NULL WHERE id = 2;
+              INSERT INTO users VALUES (3, 'dup@example.com', 'Dup', 'free', 1, now(), true);
+              INSERT INTO users VALUES (NULL, 'nokey@example.com', 'Nil', 'free', 1, now(), true);",
+        )
+        .await;
+    let output = stack.run_once(&[]).await;
+    assert_eq!(output.status, 3, "degraded: {}", output.stderr);
+    let run = run_of(&output);
+    assert_eq!(run["status"], "degraded");
+    assert_eq!(run["invalid"], 4, "{run}");
+    assert_eq!(run["confirmed"], 2);
+    let mut reasons: Vec<String> = stack
+        .pg
+        .query("SELECT key || ': ' || reason FROM loopsync.records WHERE outcome = 'invalid' ORDER BY key", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    reasons.sort();
+    assert_eq!(
+        reasons,
+        [
+            "(null #1): id is NULL",
+            "1: malformed email \"not-an-email\"",
+            "2: no email: the contact is identified by email",
+            "3: duplicate primary key: 2 rows have id = 3",
+        ]
+    );
+    assert_eq!(stack.contacts().await.len(), 2);
+    // The invalid records are tried again next run (still invalid), the valid ones are not.
+    let again = stack.run_once(&[]).await;
+    assert_eq!(again.status, 3);
+    assert_eq!(run_of(&again)["invalid"], 4);
+    assert_eq!(run_of(&again)["unchanged"], 2);
+}
+
+/// Worker mode: an extractor, a transformer and three loaders as separate processes, the run
+/// requested with `--remote`, ends in the same simulator state as one process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_loader_replicas_match_one_process() {
+    let Some(alone) = Stack::start(StackOptions {
+        rows: 60,
+        ..StackOptions::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let options = StackOptions {
+        rows: 60,
+        nats: true,
+        ..StackOptions::default()
+    };
+    let Some(scaled) = Stack::start(options).await else {
+        return;
+    };
+    let _extractor = scaled.worker("extractor").await;
+    let _transformer = scaled.worker("transformer").await;
+    let _loaders = [
+        scaled.worker("loader").await,
+        scaled.worker("loader").await,
+        scaled.worker("loader").await,
+    ];
+    let one = alone.run_once(&[]).await;
+    let many = scaled.run_once(&["--remote"]).await;
+    assert_eq!(one.status, 0, "{}", one.stderr);
+    assert_eq!(many.status, 0, "{}", many.stderr);
+    assert_eq!(run_of(&many)["confirmed"], 60);
+    assert_eq!(alone.contacts().await, scaled.contacts().await);
+    assert_eq!(
+        scaled.update_requests().await,
+        60,
+        "no record was applied twice"
+    );
+}
+
+/// A loader killed mid-run (SIGKILL) loses nothing: its unacknowledged operations come back
+/// after ack_wait to the loader started in its place, and the run completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_loader_mid_run_loses_nothing() {
+    let options = StackOptions {
+        rows: 80,
+        nats: true,
+        sim_rate_limit: 40,
+        requests_per_second: 40,
+        ack_wait_seconds: 2.0,
+    };
+    let Some(stack) = Stack::start(options).await else {
+        return;
+    };
+    let _extractor = stack.worker("extractor").await;
+    let _transformer = stack.worker("transformer").await;
+    let mut loader = stack.worker("loader").await;
+    let runner = stack
+        .command(&["run", "--once", "--remote", "--json"])
+        .output();
+    let runner = tokio::spawn(runner);
+    // Let it get some way in, then kill it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while stack.update_requests().await < 20 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the loader made no progress"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    loader.kill().await;
+    let at_kill = stack.update_requests().await;
+    assert!(at_kill < 80, "the run was already over: {at_kill}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _replacement = stack.worker("loader").await;
+    let output = tokio::time::timeout(Duration::from_secs(60), runner)
+        .await
+        .expect("the run finished in time")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let runs: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(runs[0]["confirmed"], 80, "{runs}");
+    assert_eq!(stack.contacts().await.len(), 80);
+    // At most the operations in flight at the kill (the loader's concurrency) went twice.
+    let requests = stack.update_requests().await;
+    assert!(
+        (80..=84).contains(&requests),
+        "{requests} requests for 80 records"
+    );
+}
