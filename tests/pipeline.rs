@@ -157,8 +157,9 @@ async fn invalid_records_degrade_the_run() {
     assert_eq!(run_of(&again)["unchanged"], 2);
 }
 
-/// Worker mode: an extractor, a transformer and three loaders as separate processes, the run
-/// requested with `--remote`, ends in the same simulator state as one process.
+/// Worker mode: two extractors, a transformer and three loaders as separate processes, the run
+/// requested with `--remote`, ends in the same simulator state as one process; the run is
+/// started by exactly one of the extractors.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_loader_replicas_match_one_process() {
     let Some(alone) = Stack::start(StackOptions {
@@ -177,7 +178,10 @@ async fn three_loader_replicas_match_one_process() {
     let Some(scaled) = Stack::start(options).await else {
         return;
     };
-    let _extractor = scaled.worker("extractor").await;
+    let _extractors = [
+        scaled.worker("extractor").await,
+        scaled.worker("extractor").await,
+    ];
     let _transformer = scaled.worker("transformer").await;
     let _loaders = [
         scaled.worker("loader").await,
