@@ -211,6 +211,7 @@ async fn killing_the_loader_mid_run_loses_nothing() {
         sim_rate_limit: 40,
         requests_per_second: 40,
         ack_wait_seconds: 2.0,
+        ..StackOptions::default()
     };
     let Some(stack) = Stack::start(options).await else {
         return;

@@ -201,9 +201,7 @@ pub async fn ensure_properties(
     client: &LoopsClient,
     pacer: &DefaultDirectRateLimiter,
 ) -> anyhow::Result<Vec<String>> {
-    pacer.until_ready().await;
-    let existing = client
-        .list_properties(false)
+    let existing = with_retries(pacer, || client.list_properties(false))
         .await
         .context("listing the contact properties of the Loops team")?;
     let mut created = Vec::new();
@@ -216,13 +214,43 @@ pub async fn ensure_properties(
                 continue;
             }
             let kind: PropertyType = p.kind.as_str().parse().map_err(anyhow::Error::msg)?;
-            pacer.until_ready().await;
-            client
-                .create_property(&p.property, kind)
+            with_retries(pacer, || client.create_property(&p.property, kind))
                 .await
                 .with_context(|| format!("creating the contact property {}", p.property))?;
             created.push(p.property.clone());
         }
     }
     Ok(created)
+}
+
+/// A call to Loops outside the pipeline (the preflight), paced, and retried like the loader's:
+/// a retryable answer waits (the server's delay, or the worker's backoff) and tries again, up
+/// to five attempts.
+async fn with_retries<T, F, Fut>(
+    pacer: &DefaultDirectRateLimiter,
+    mut call: F,
+) -> Result<T, loopsync_loops_client::LoopsError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, loopsync_loops_client::LoopsError>>,
+{
+    use loopsync_core::{Classified, ErrorClass};
+    const ATTEMPTS: u32 = 5;
+    let backoff = worker::Backoff::default();
+    let mut attempt = 1;
+    loop {
+        pacer.until_ready().await;
+        match call().await {
+            Err(error) if attempt < ATTEMPTS && error.class().is_retryable() => {
+                let delay = match error.class() {
+                    ErrorClass::Retryable { after: Some(after) } => after,
+                    _ => backoff.delay(attempt),
+                };
+                tracing::info!(%error, ?delay, "retrying a Loops request");
+                tokio::time::sleep(delay).await;
+                attempt += 1;
+            }
+            result => return result,
+        }
+    }
 }

@@ -55,6 +55,12 @@ pub struct RowChange {
     pub kind: ChangeKind,
     /// Mapped model columns as text (`None` is SQL NULL); empty for a removal.
     pub values: BTreeMap<String, Option<String>>,
+    /// The email Loops last confirmed for this record (a removal needs it to find the contact).
+    #[serde(default)]
+    pub confirmed_email: Option<String>,
+    /// The userId Loops last confirmed for this record.
+    #[serde(default)]
+    pub confirmed_user_id: Option<String>,
 }
 
 /// What the loader is asked to do in Loops.
@@ -68,6 +74,26 @@ pub enum Action {
         properties: Map<String, Value>,
         mailing_lists: BTreeMap<String, bool>,
     },
+    /// `POST /v1/events/send`: the same contact write as an upsert (properties at top level),
+    /// plus an event that runs "event received" workflows. Sent with the operation's
+    /// idempotency key, so the event fires once however often the request is repeated.
+    Event {
+        event_name: String,
+        email: Option<String>,
+        user_id: Option<String>,
+        properties: Map<String, Value>,
+        mailing_lists: BTreeMap<String, bool>,
+    },
+    /// `POST /v1/contacts/delete` by one identifier (mirror, `on_remove = "delete"`).
+    Delete {
+        email: Option<String>,
+        user_id: Option<String>,
+    },
+    /// `PUT /v1/contacts/update` with `subscribed: false` (mirror, `on_remove = "unsubscribe"`).
+    Unsubscribe {
+        email: Option<String>,
+        user_id: Option<String>,
+    },
 }
 
 impl Action {
@@ -75,6 +101,24 @@ impl Action {
     pub fn name(&self) -> &'static str {
         match self {
             Action::Upsert { .. } => "upsert",
+            Action::Event { .. } => "event",
+            Action::Delete { .. } => "delete",
+            Action::Unsubscribe { .. } => "unsubscribe",
+        }
+    }
+
+    /// A removal: once confirmed, the record leaves the sync's state.
+    pub fn is_removal(&self) -> bool {
+        matches!(self, Action::Delete { .. } | Action::Unsubscribe { .. })
+    }
+
+    /// The identifiers this action addresses the contact by.
+    pub fn identity(&self) -> (Option<&str>, Option<&str>) {
+        match self {
+            Action::Upsert { email, user_id, .. }
+            | Action::Event { email, user_id, .. }
+            | Action::Delete { email, user_id }
+            | Action::Unsubscribe { email, user_id } => (email.as_deref(), user_id.as_deref()),
         }
     }
 }
@@ -147,6 +191,12 @@ pub struct Outcome {
     pub requests: u32,
     /// Unix milliseconds.
     pub at: i64,
+    /// The email the contact has in Loops after a confirmed write.
+    #[serde(default)]
+    pub email: Option<String>,
+    /// The userId the contact has in Loops after a confirmed write.
+    #[serde(default)]
+    pub user_id: Option<String>,
 }
 
 impl Outcome {
@@ -171,6 +221,8 @@ impl Outcome {
             contact_id: None,
             requests: 0,
             at: chrono::Utc::now().timestamp_millis(),
+            email: None,
+            user_id: None,
         }
     }
 

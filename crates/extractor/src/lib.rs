@@ -19,7 +19,7 @@ use loopsync_bus::worker::{BatchHandler, DeliveryInfo, Fate, Handler};
 use loopsync_bus::{Bus, BusError, publish};
 use loopsync_core::codec::{self, DecodeError};
 use loopsync_core::envelope::{ChangeKind, Outcome, OutcomeStatus, RowChange, RunRequest, VERSION};
-use loopsync_core::spec::SyncSpec;
+use loopsync_core::spec::{Behavior, SyncSpec};
 use loopsync_core::{Classified, ErrorClass};
 use loopsync_warehouse::{DiffRow, ExtractCounts, RunSummary, Warehouse, WarehouseError};
 
@@ -116,10 +116,28 @@ impl ExtractorStage {
     ) -> Result<(), ExtractError> {
         let key = row.key.clone().expect("null keys are handled before");
         let Some(values) = row.values else {
-            // Confirmed before, gone from the model now. An upsert sync leaves the contact in
-            // Loops and only counts it.
-            if row.confirmed_fp.is_some() {
+            // Confirmed before, gone from the model now. Mirror removes the contact (only those
+            // this sync had confirmed: nothing else is in the state); upsert leaves it in Loops
+            // and only counts it.
+            if let Some(confirmed) = row.confirmed_fp {
                 run.counts.removed += 1;
+                if run.spec.behavior == Behavior::Mirror {
+                    run.changes.push(RowChange {
+                        v: VERSION,
+                        sync: run.spec.name.clone(),
+                        run_id: run.run_id,
+                        key,
+                        fingerprint: confirmed,
+                        kind: ChangeKind::Removed,
+                        values: Default::default(),
+                        confirmed_email: row.confirmed_email,
+                        confirmed_user_id: row.confirmed_user_id,
+                    });
+                    run.counts.expected += 1;
+                    if run.changes.len() >= EMIT_BATCH {
+                        self.flush(run).await?;
+                    }
+                }
             }
             return Ok(());
         };
@@ -151,6 +169,8 @@ impl ExtractorStage {
                     fingerprint,
                     kind,
                     values,
+                    confirmed_email: row.confirmed_email,
+                    confirmed_user_id: row.confirmed_user_id,
                 });
                 run.counts.expected += 1;
             }

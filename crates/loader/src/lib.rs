@@ -10,6 +10,8 @@
 //!   than it is acked without a request (a *skipped* outcome), and a redelivery of an operation
 //!   already confirmed is answered from the ledger.
 //! * Retries reuse the operation's idempotency key; the operation is the same bytes every time.
+//!   An event answered 409 carried a key we sent before: an earlier attempt was applied (its
+//!   answer lost), so it counts as confirmed.
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -23,7 +25,9 @@ use loopsync_bus::{Bus, BusError, publish};
 use loopsync_core::codec::{self, DecodeError};
 use loopsync_core::envelope::{Action, Operation, Outcome, OutcomeStatus};
 use loopsync_core::{Classified, ErrorClass, keys};
-use loopsync_loops_client::{ContactPayload, LoopsClient, LoopsError};
+use loopsync_loops_client::{
+    ContactIdentity, ContactPayload, EventPayload, IdempotencyKey, LoopsClient, LoopsError,
+};
 use serde::{Deserialize, Serialize};
 
 /// What can go wrong applying an operation.
@@ -115,7 +119,8 @@ impl LoaderStage {
             .and_then(|bytes| codec::decode::<LedgerEntry>(&bytes).ok()))
     }
 
-    async fn send(&self, op: &Operation) -> Result<String, LoadError> {
+    /// Sends the operation; the contact id when Loops says it.
+    async fn send(&self, op: &Operation) -> Result<Option<String>, LoadError> {
         self.pacer.until_ready().await;
         match &op.action {
             Action::Upsert {
@@ -130,7 +135,57 @@ impl LoaderStage {
                     properties: properties.clone(),
                     mailing_lists: mailing_lists.clone(),
                 };
-                Ok(self.client.update_contact(&contact).await?)
+                Ok(Some(self.client.update_contact(&contact).await?))
+            }
+            Action::Event {
+                event_name,
+                email,
+                user_id,
+                properties,
+                mailing_lists,
+            } => {
+                let event = EventPayload {
+                    event_name: event_name.clone(),
+                    contact: ContactPayload {
+                        email: email.clone(),
+                        user_id: user_id.clone(),
+                        properties: properties.clone(),
+                        mailing_lists: mailing_lists.clone(),
+                    },
+                    event_properties: Default::default(),
+                };
+                let key = IdempotencyKey::new(op.idempotency_key.clone())?;
+                match self.client.send_event(&event, Some(&key)).await {
+                    Ok(()) => Ok(None),
+                    // Our key, used before: an earlier attempt was applied and its answer lost.
+                    Err(LoopsError::Conflict { .. }) => Ok(None),
+                    Err(e) => Err(e.into()),
+                }
+            }
+            Action::Delete { email, user_id } => {
+                let identity = match (email, user_id) {
+                    (Some(e), _) => ContactIdentity::Email(e.clone()),
+                    (None, Some(u)) => ContactIdentity::UserId(u.clone()),
+                    (None, None) => {
+                        return Err(LoopsError::Usage("a delete needs an identifier".into()).into());
+                    }
+                };
+                match self.client.delete_contact(&identity).await {
+                    // Already gone (an earlier attempt, or someone else): the goal is met.
+                    Ok(()) | Err(LoopsError::NotFound { .. }) => Ok(None),
+                    Err(e) => Err(e.into()),
+                }
+            }
+            Action::Unsubscribe { email, user_id } => {
+                let mut properties = serde_json::Map::new();
+                properties.insert("subscribed".into(), serde_json::Value::Bool(false));
+                let contact = ContactPayload {
+                    email: email.clone(),
+                    user_id: user_id.clone(),
+                    properties,
+                    mailing_lists: Default::default(),
+                };
+                Ok(Some(self.client.update_contact(&contact).await?))
             }
         }
     }
@@ -164,6 +219,9 @@ impl Handler for LoaderStage {
             LedgerVerdict::AlreadyConfirmed(contact_id) => {
                 let mut o = self.outcome(&op, OutcomeStatus::Confirmed, earlier);
                 o.contact_id = contact_id;
+                let (email, user_id) = op.action.identity();
+                o.email = email.map(str::to_owned);
+                o.user_id = user_id.map(str::to_owned);
                 o
             }
             LedgerVerdict::Send => {
@@ -171,7 +229,7 @@ impl Handler for LoaderStage {
                 let entry = LedgerEntry {
                     run_id: op.run_id,
                     fingerprint: op.fingerprint.clone(),
-                    contact_id: Some(contact_id.clone()),
+                    contact_id: contact_id.clone(),
                 };
                 self.bus
                     .ledger_put(
@@ -180,7 +238,10 @@ impl Handler for LoaderStage {
                     )
                     .await?;
                 let mut o = self.outcome(&op, OutcomeStatus::Confirmed, info.attempt);
-                o.contact_id = Some(contact_id);
+                o.contact_id = contact_id;
+                let (email, user_id) = op.action.identity();
+                o.email = email.map(str::to_owned);
+                o.user_id = user_id.map(str::to_owned);
                 o
             }
         };

@@ -235,3 +235,49 @@ fn pacer_has_no_burst() {
     assert!(p.check().is_err(), "the second request waits 100 ms");
     let _ = Map::<String, serde_json::Value>::new();
 }
+
+/// An event whose first answer was lost (502 after the effect) is retried with the same key;
+/// Loops answers 409; the record is confirmed and the event fired once.
+#[tokio::test]
+async fn event_retried_after_a_lost_answer_fires_once() {
+    let sim = sim(100).await;
+    let bus = Arc::new(LocalBus::default());
+    let loader = stage(bus.clone(), &sim, 100);
+    let mut o = op(1, "7", "fp", Some("e@x.co"), None);
+    o.idempotency_key = keys::idempotency_key("users", "7", "fp", "event");
+    o.action = Action::Event {
+        event_name: "contactCreated".into(),
+        email: Some("e@x.co".into()),
+        user_id: None,
+        properties: json!({"firstName": "Eve"}).as_object().unwrap().clone(),
+        mailing_lists: BTreeMap::new(),
+    };
+    let payload = Bytes::from(codec::encode(&o));
+    sim.set_faults(Faults {
+        error_502: 1.0,
+        after_effect: 1.0,
+        ..Faults::default()
+    })
+    .unwrap();
+    let lost = loader.handle(&info(1), &payload).await.unwrap_err();
+    assert_eq!(lost.class(), ErrorClass::RETRY);
+    sim.set_faults(Faults::default()).unwrap();
+    loader.handle(&info(2), &payload).await.unwrap();
+    let out = outcomes(&bus, 1).await;
+    assert_eq!(out[0].status, OutcomeStatus::Confirmed);
+    assert_eq!(out[0].requests, 2);
+    let events = sim.events();
+    assert_eq!(events.len(), 1);
+    assert_eq!(
+        events[0].idempotency_key.as_deref(),
+        Some(o.idempotency_key.as_str())
+    );
+    assert_eq!(sim.contacts()[0]["firstName"], "Eve");
+    let fired = sim
+        .workflows()
+        .iter()
+        .filter(|w| w.kind == "event_received")
+        .count();
+    assert_eq!(fired, 1);
+    assert_eq!(sim.stats().by_endpoint["POST /v1/events/send"]["409"], 1);
+}

@@ -199,6 +199,12 @@ pub struct StackOptions {
     pub requests_per_second: u32,
     /// `nats.ack_wait_seconds`.
     pub ack_wait_seconds: f64,
+    /// `behavior` of the sync.
+    pub behavior: &'static str,
+    /// `identify_by` of the sync; with `"userId"` the mapping has `userId = "id"`.
+    pub identify_by: &'static str,
+    /// More `key = value` lines for the `[[sync]]` table.
+    pub extra_sync: &'static str,
 }
 
 impl Default for StackOptions {
@@ -209,6 +215,9 @@ impl Default for StackOptions {
             sim_rate_limit: 100,
             requests_per_second: 50,
             ack_wait_seconds: 30.0,
+            behavior: "upsert",
+            identify_by: "email",
+            extra_sync: "",
         }
     }
 }
@@ -301,12 +310,13 @@ max_attempts = 10
 name = "users"
 model = "select id, email, first_name, plan, seats, signed_up_at, newsletter from users"
 primary_key = "id"
-identify_by = "email"
-behavior = "upsert"
+identify_by = "{identify_by}"
+behavior = "{behavior}"
+{extra_sync}
 
 [sync.mapping]
 email = "email"
-firstName = "first_name"
+{user_id}firstName = "first_name"
 planName = "plan"
 seats = {{ column = "seats", type = "number" }}
 signedUpAt = {{ column = "signed_up_at", type = "date" }}
@@ -316,6 +326,14 @@ signedUpAt = {{ column = "signed_up_at", type = "date" }}
 "#,
             api = sim.api(),
             rps = options.requests_per_second,
+            identify_by = options.identify_by,
+            behavior = options.behavior,
+            extra_sync = options.extra_sync,
+            user_id = if options.identify_by == "userId" {
+                "userId = \"id\"\n"
+            } else {
+                ""
+            },
         );
         let config = dir.join("loopsync.toml");
         std::fs::write(&config, config_text).expect("write the config");
@@ -397,6 +415,50 @@ signedUpAt = {{ column = "signed_up_at", type = "date" }}
             .map_or(0, |by_status| {
                 by_status.values().filter_map(|n| n.as_u64()).sum()
             })
+    }
+
+    /// Calls the simulator's Loops API directly (as someone else using the same team would).
+    pub async fn loops(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: serde_json::Value,
+    ) -> serde_json::Value {
+        http_client()
+            .request(method, format!("{}{path}", self.sim.api()))
+            .bearer_auth("test-key")
+            .json(&body)
+            .send()
+            .await
+            .expect("a simulator request")
+            .json()
+            .await
+            .unwrap_or(serde_json::Value::Null)
+    }
+
+    /// `POST /_sim/<what>` with a JSON body.
+    pub async fn sim_post(&self, what: &str, body: serde_json::Value) {
+        let response = http_client()
+            .post(format!("{}/_sim/{what}", self.sim.root))
+            .json(&body)
+            .send()
+            .await
+            .expect("a simulator request");
+        assert!(
+            response.status().is_success(),
+            "/_sim/{what}: {}",
+            response.status()
+        );
+    }
+
+    /// Workflow triggers of one kind in the simulator's log.
+    pub async fn workflows(&self, kind: &str) -> usize {
+        let log = self.sim.inspect("workflows").await;
+        log.as_array()
+            .expect("a workflow array")
+            .iter()
+            .filter(|w| w["kind"] == kind)
+            .count()
     }
 
     /// The simulator's contacts, by email, without their Loops ids.

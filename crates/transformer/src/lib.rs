@@ -15,7 +15,7 @@ use loopsync_core::codec::{self, DecodeError};
 use loopsync_core::envelope::{
     Action, ChangeKind, Operation, Outcome, OutcomeStatus, RowChange, VERSION,
 };
-use loopsync_core::spec::{IdentifyBy, SyncSpec};
+use loopsync_core::spec::{Behavior, IdentifyBy, OnRemove, SyncSpec};
 use loopsync_core::value::{MAX_CHARS, PropertyKind, coerce, is_valid_email, normalize_email};
 use loopsync_core::{Classified, ErrorClass, keys};
 use serde_json::{Map, Value};
@@ -30,17 +30,17 @@ pub struct Invalid(pub String);
 ///   which clears the property in Loops (never `""`). Emails are trimmed and lower-cased.
 /// * A mailing-list column that is true subscribes, false unsubscribes, NULL leaves it alone.
 /// * `subscribed` is sent only when mapped: sending `true` would re-subscribe people who left.
+/// * Mirror: a record that left the model (only one this sync had confirmed) is deleted, or
+///   unsubscribed with `on_remove = "unsubscribe"`, by the identifiers Loops confirmed for it.
+/// * With `trigger_workflows`, the write goes as one `events/send` (`event_on_create` for a
+///   record new to the sync, `event_on_update` for a changed one), its idempotency key derived
+///   from (sync, key, fingerprint), so each change fires its event exactly once.
 /// * Invalid: no usable email where one is needed, no userId under `identify_by = "userId"`, a
 ///   value over 500 characters, a value that cannot be read as its property's type.
 pub fn transform(spec: &SyncSpec, change: &RowChange) -> Result<Operation, Invalid> {
     let action = match change.kind {
         ChangeKind::Added | ChangeKind::Changed => upsert(spec, change)?,
-        ChangeKind::Removed => {
-            return Err(Invalid(format!(
-                "sync {} does not remove contacts (behavior = \"upsert\")",
-                spec.name
-            )));
-        }
+        ChangeKind::Removed => removal(spec, change)?,
     };
     Ok(Operation {
         v: VERSION,
@@ -56,6 +56,35 @@ pub fn transform(spec: &SyncSpec, change: &RowChange) -> Result<Operation, Inval
             action.name(),
         ),
         action,
+    })
+}
+
+/// Mirror: the contact of a record that left the model, by the identifiers Loops confirmed.
+fn removal(spec: &SyncSpec, change: &RowChange) -> Result<Action, Invalid> {
+    if spec.behavior != Behavior::Mirror {
+        return Err(Invalid(format!(
+            "sync {} does not remove contacts (behavior = \"upsert\")",
+            spec.name
+        )));
+    }
+    // Delete takes one identifier: the one the sync identifies contacts by, when known.
+    let (email, user_id) = match (
+        spec.identify_by,
+        change.confirmed_email.clone(),
+        change.confirmed_user_id.clone(),
+    ) {
+        (IdentifyBy::UserId, _, Some(u)) => (None, Some(u)),
+        (_, Some(e), _) => (Some(e), None),
+        (_, None, Some(u)) => (None, Some(u)),
+        (_, None, None) => {
+            return Err(Invalid(
+                "left the model, but the identifiers Loops confirmed for it are unknown".into(),
+            ));
+        }
+    };
+    Ok(match spec.on_remove {
+        OnRemove::Delete => Action::Delete { email, user_id },
+        OnRemove::Unsubscribe => Action::Unsubscribe { email, user_id },
     })
 }
 
@@ -130,6 +159,20 @@ fn upsert(spec: &SyncSpec, change: &RowChange) -> Result<Action, Invalid> {
                 }
             }
         }
+    }
+    if spec.trigger_workflows {
+        let event_name = if change.kind == ChangeKind::Added {
+            &spec.event_on_create
+        } else {
+            &spec.event_on_update
+        };
+        return Ok(Action::Event {
+            event_name: event_name.clone(),
+            email,
+            user_id,
+            properties,
+            mailing_lists,
+        });
     }
     Ok(Action::Upsert {
         email,

@@ -58,6 +58,8 @@ fn change(kind: ChangeKind, pairs: &[(&str, Option<&str>)]) -> RowChange {
             .iter()
             .map(|(k, v)| (k.to_string(), v.map(str::to_owned)))
             .collect(),
+        confirmed_email: None,
+        confirmed_user_id: None,
     }
 }
 
@@ -92,7 +94,10 @@ fn a_row_becomes_an_upsert() {
         user_id,
         properties,
         mailing_lists,
-    } = op.action;
+    } = op.action
+    else {
+        panic!("not an upsert")
+    };
     assert_eq!(email.as_deref(), Some("ada@example.com"));
     assert_eq!(user_id.as_deref(), Some("42"));
     assert_eq!(
@@ -111,7 +116,9 @@ fn subscribed_is_never_sent_unless_mapped() {
         &change(ChangeKind::Added, &full_row()),
     )
     .unwrap();
-    let Action::Upsert { properties, .. } = op.action;
+    let Action::Upsert { properties, .. } = op.action else {
+        panic!("not an upsert")
+    };
     assert!(!properties.contains_key("subscribed"));
 }
 
@@ -172,7 +179,9 @@ fn user_id_identity() {
     );
     // A known contact can be updated without one.
     let op = transform(&s, &change(ChangeKind::Changed, &row)).unwrap();
-    let Action::Upsert { email, user_id, .. } = op.action;
+    let Action::Upsert { email, user_id, .. } = op.action else {
+        panic!("not an upsert")
+    };
     assert_eq!((email, user_id.as_deref()), (None, Some("42")));
     let mut no_id = full_row();
     no_id.retain(|(c, _)| *c != "id");
@@ -188,6 +197,37 @@ fn user_id_identity() {
 fn removals_are_not_upserts() {
     let e = transform(&spec(IdentifyBy::Email), &change(ChangeKind::Removed, &[])).unwrap_err();
     assert!(e.0.contains("does not remove"));
+}
+
+#[test]
+fn mirror_removes_by_the_confirmed_identifier() {
+    let mut s = spec(IdentifyBy::Email);
+    s.behavior = Behavior::Mirror;
+    let mut gone = change(ChangeKind::Removed, &[]);
+    gone.confirmed_email = Some("ada@example.com".into());
+    gone.confirmed_user_id = Some("42".into());
+    let op = transform(&s, &gone).unwrap();
+    assert_eq!(
+        op.action,
+        Action::Delete {
+            email: Some("ada@example.com".into()),
+            user_id: None
+        }
+    );
+    assert!(op.action.is_removal());
+    s.identify_by = IdentifyBy::UserId;
+    s.on_remove = OnRemove::Unsubscribe;
+    let op = transform(&s, &gone).unwrap();
+    assert_eq!(
+        op.action,
+        Action::Unsubscribe {
+            email: None,
+            user_id: Some("42".into())
+        }
+    );
+    gone.confirmed_email = None;
+    gone.confirmed_user_id = None;
+    assert!(transform(&s, &gone).unwrap_err().0.contains("unknown"));
 }
 
 #[tokio::test]
@@ -222,4 +262,37 @@ async fn the_stage_publishes_operations_and_invalid_outcomes() {
         .await
         .unwrap_err();
     assert_eq!(e.class(), ErrorClass::Poison);
+}
+
+#[test]
+fn trigger_workflows_sends_one_event_named_for_create_or_update() {
+    let mut s = spec(IdentifyBy::Email);
+    s.trigger_workflows = true;
+    for (kind, name) in [
+        (ChangeKind::Added, "contactCreated"),
+        (ChangeKind::Changed, "contactUpdated"),
+    ] {
+        let op = transform(&s, &change(kind, &full_row())).unwrap();
+        assert_eq!(
+            op.idempotency_key,
+            keys::idempotency_key("users", "42", "fp42", "event")
+        );
+        let Action::Event {
+            event_name,
+            email,
+            properties,
+            mailing_lists,
+            ..
+        } = op.action
+        else {
+            panic!("not an event");
+        };
+        assert_eq!(event_name, name);
+        assert_eq!(email.as_deref(), Some("ada@example.com"));
+        assert_eq!(
+            properties["firstName"], "Ada",
+            "the contact's properties at top level"
+        );
+        assert_eq!(mailing_lists.get("news"), Some(&true));
+    }
 }

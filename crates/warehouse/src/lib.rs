@@ -54,6 +54,9 @@ pub struct DiffRow {
     pub values: Option<BTreeMap<String, Option<String>>>,
     /// What Loops last confirmed for this key, if anything.
     pub confirmed_fp: Option<String>,
+    /// The identifiers of the confirmed contact.
+    pub confirmed_email: Option<String>,
+    pub confirmed_user_id: Option<String>,
 }
 
 /// What the extractor found, recorded when it has published every change of a run.
@@ -159,8 +162,9 @@ pub trait Warehouse: Send + Sync + 'static {
     async fn fail_run(&self, run_id: i64, error: &str) -> Result<(), WarehouseError>;
 
     /// Records outcomes in one transaction: the per-record results, the state of confirmed
-    /// records, and the status of runs whose every record now has an outcome. Repeated
-    /// outcomes are ignored, except that a confirmation replaces an earlier failure.
+    /// records (a confirmed removal takes the record out of the state), and the status of runs
+    /// whose every record now has an outcome. Repeated outcomes are ignored, except that a
+    /// confirmation replaces an earlier failure.
     async fn record_outcomes(&self, outcomes: &[Outcome]) -> Result<(), WarehouseError>;
 
     async fn run(&self, run_id: i64) -> Result<Option<RunSummary>, WarehouseError>;
@@ -190,6 +194,11 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Warehouse>, WarehouseError> {
             url.split("://").next().unwrap_or(url)
         )))
     }
+}
+
+/// Operations that take a record out of Loops (and, once confirmed, out of the state).
+pub(crate) fn is_removal(operation: &str) -> bool {
+    matches!(operation, "delete" | "unsubscribe")
 }
 
 /// `"name"` with inner quotes doubled: a column name as an SQL identifier.
@@ -228,8 +237,8 @@ pub(crate) fn diff_sql(
     let outer_columns: Vec<String> = (0..columns.len()).map(|i| format!("m.c{i}")).collect();
     format!(
         "WITH m AS (SELECT {select} FROM ({model}) AS model), \
-         s AS (SELECT key, confirmed_fp FROM {state} WHERE sync = {param}) \
-         SELECT m.present, COALESCE(m.k, s.key) AS key{comma}{outer}, s.confirmed_fp \
+         s AS (SELECT key, confirmed_fp, confirmed_email, confirmed_user_id FROM {state} WHERE sync = {param}) \
+         SELECT m.present, COALESCE(m.k, s.key) AS key{comma}{outer}, s.confirmed_fp, s.confirmed_email, s.confirmed_user_id \
          FROM m FULL OUTER JOIN s ON s.key = m.k \
          ORDER BY COALESCE(m.k, s.key) {collate} NULLS LAST",
         select = select.join(", "),

@@ -13,6 +13,7 @@ use tokio_postgres::{Client, NoTls, Row};
 
 use crate::{
     DiffRow, ExtractCounts, RecordResult, RunSummary, Warehouse, WarehouseError, diff_sql,
+    is_removal,
 };
 
 const SCHEMA: &str = "
@@ -25,6 +26,8 @@ CREATE TABLE IF NOT EXISTS loopsync.state (
     confirmed_fp text,
     confirmed_run bigint,
     confirmed_at timestamptz,
+    confirmed_email text,
+    confirmed_user_id text,
     contact_id text,
     PRIMARY KEY (sync, key)
 );
@@ -57,6 +60,8 @@ CREATE TABLE IF NOT EXISTS loopsync.records (
     PRIMARY KEY (run_id, key)
 );
 CREATE INDEX IF NOT EXISTS records_sync_outcome ON loopsync.records (sync, outcome);
+ALTER TABLE loopsync.state ADD COLUMN IF NOT EXISTS confirmed_email text;
+ALTER TABLE loopsync.state ADD COLUMN IF NOT EXISTS confirmed_user_id text;
 ";
 
 const TIME: &str = r#"'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'"#;
@@ -236,6 +241,8 @@ impl Warehouse for PgWarehouse {
                 key,
                 values,
                 confirmed_fp: row.get(2 + columns.len()),
+                confirmed_email: row.get(3 + columns.len()),
+                confirmed_user_id: row.get(4 + columns.len()),
             })
         });
         Ok(stream.boxed())
@@ -364,14 +371,24 @@ impl Warehouse for PgWarehouse {
             .map_err(query_error("record outcomes"))?;
         let confirm = tx
             .prepare(
-                "INSERT INTO loopsync.state (sync, key, confirmed_fp, confirmed_run, confirmed_at, contact_id)
-                 VALUES ($1, $2, $3, $4, now(), $5)
+                "INSERT INTO loopsync.state (sync, key, confirmed_fp, confirmed_run, confirmed_at, contact_id,
+                                             confirmed_email, confirmed_user_id)
+                 VALUES ($1, $2, $3, $4, now(), $5, $6, $7)
                  ON CONFLICT (sync, key) DO UPDATE
                     SET confirmed_fp = EXCLUDED.confirmed_fp, confirmed_run = EXCLUDED.confirmed_run,
                         confirmed_at = EXCLUDED.confirmed_at,
-                        contact_id = COALESCE(EXCLUDED.contact_id, loopsync.state.contact_id)
+                        contact_id = COALESCE(EXCLUDED.contact_id, loopsync.state.contact_id),
+                        confirmed_email = COALESCE(EXCLUDED.confirmed_email, loopsync.state.confirmed_email),
+                        confirmed_user_id = COALESCE(EXCLUDED.confirmed_user_id, loopsync.state.confirmed_user_id)
                   WHERE loopsync.state.confirmed_run IS NULL
                      OR loopsync.state.confirmed_run <= EXCLUDED.confirmed_run",
+            )
+            .await
+            .map_err(query_error("record outcomes"))?;
+        let remove = tx
+            .prepare(
+                "DELETE FROM loopsync.state WHERE sync = $1 AND key = $2
+                    AND (confirmed_run IS NULL OR confirmed_run <= $3)",
             )
             .await
             .map_err(query_error("record outcomes"))?;
@@ -398,10 +415,22 @@ impl Warehouse for PgWarehouse {
             )
             .await
             .map_err(query_error("record an outcome"))?;
-            if o.status == OutcomeStatus::Confirmed {
+            if o.status == OutcomeStatus::Confirmed && is_removal(&o.operation) {
+                tx.execute(&remove, &[&o.sync, &o.key, &o.run_id])
+                    .await
+                    .map_err(query_error("remove from the state"))?;
+            } else if o.status == OutcomeStatus::Confirmed {
                 tx.execute(
                     &confirm,
-                    &[&o.sync, &o.key, &o.fingerprint, &o.run_id, &o.contact_id],
+                    &[
+                        &o.sync,
+                        &o.key,
+                        &o.fingerprint,
+                        &o.run_id,
+                        &o.contact_id,
+                        &o.email,
+                        &o.user_id,
+                    ],
                 )
                 .await
                 .map_err(query_error("advance the state"))?;

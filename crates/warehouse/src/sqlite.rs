@@ -14,6 +14,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::{
     DiffRow, ExtractCounts, RecordResult, RunSummary, Warehouse, WarehouseError, diff_sql,
+    is_removal,
 };
 
 const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
@@ -23,6 +24,7 @@ CREATE TABLE IF NOT EXISTS loopsync_state (
     sync TEXT NOT NULL, key TEXT NOT NULL,
     emitted_fp TEXT, emitted_run INTEGER,
     confirmed_fp TEXT, confirmed_run INTEGER, confirmed_at TEXT, contact_id TEXT,
+    confirmed_email TEXT, confirmed_user_id TEXT,
     PRIMARY KEY (sync, key));
 CREATE TABLE IF NOT EXISTS loopsync_runs (
     id INTEGER PRIMARY KEY AUTOINCREMENT, sync TEXT NOT NULL, status TEXT NOT NULL,
@@ -210,6 +212,8 @@ impl Warehouse for SqliteWarehouse {
                             key,
                             values,
                             confirmed_fp: row.get(2 + columns.len())?,
+                            confirmed_email: row.get(3 + columns.len())?,
+                            confirmed_user_id: row.get(4 + columns.len())?,
                         })
                     })()
                     .map_err(|e| WarehouseError::Query {
@@ -369,15 +373,24 @@ impl Warehouse for SqliteWarehouse {
                     .map_err(error("record outcomes"))?;
                 let mut confirm = tx
                     .prepare_cached(&format!(
-                        "INSERT INTO loopsync_state (sync, key, confirmed_fp, confirmed_run, confirmed_at, contact_id)
-                         VALUES (?1, ?2, ?3, ?4, {NOW}, ?5)
+                        "INSERT INTO loopsync_state (sync, key, confirmed_fp, confirmed_run, confirmed_at, contact_id,
+                                                     confirmed_email, confirmed_user_id)
+                         VALUES (?1, ?2, ?3, ?4, {NOW}, ?5, ?6, ?7)
                          ON CONFLICT (sync, key) DO UPDATE
                             SET confirmed_fp = excluded.confirmed_fp, confirmed_run = excluded.confirmed_run,
                                 confirmed_at = excluded.confirmed_at,
-                                contact_id = COALESCE(excluded.contact_id, loopsync_state.contact_id)
+                                contact_id = COALESCE(excluded.contact_id, loopsync_state.contact_id),
+                                confirmed_email = COALESCE(excluded.confirmed_email, loopsync_state.confirmed_email),
+                                confirmed_user_id = COALESCE(excluded.confirmed_user_id, loopsync_state.confirmed_user_id)
                           WHERE loopsync_state.confirmed_run IS NULL
                              OR loopsync_state.confirmed_run <= excluded.confirmed_run"
                     ))
+                    .map_err(error("record outcomes"))?;
+                let mut remove = tx
+                    .prepare_cached(
+                        "DELETE FROM loopsync_state WHERE sync = ?1 AND key = ?2
+                            AND (confirmed_run IS NULL OR confirmed_run <= ?3)",
+                    )
                     .map_err(error("record outcomes"))?;
                 for o in &outcomes {
                     insert
@@ -394,9 +407,21 @@ impl Warehouse for SqliteWarehouse {
                             o.at
                         ])
                         .map_err(error("record an outcome"))?;
-                    if o.status == OutcomeStatus::Confirmed {
+                    if o.status == OutcomeStatus::Confirmed && is_removal(&o.operation) {
+                        remove
+                            .execute(params![o.sync, o.key, o.run_id])
+                            .map_err(error("remove from the state"))?;
+                    } else if o.status == OutcomeStatus::Confirmed {
                         confirm
-                            .execute(params![o.sync, o.key, o.fingerprint, o.run_id, o.contact_id])
+                            .execute(params![
+                                o.sync,
+                                o.key,
+                                o.fingerprint,
+                                o.run_id,
+                                o.contact_id,
+                                o.email,
+                                o.user_id
+                            ])
                             .map_err(error("advance the state"))?;
                     }
                     if !runs.contains(&o.run_id) {

@@ -1,0 +1,309 @@
+//! Sync semantics end to end: mirror, workflow events, userId identity, invalid records.
+//! The `loopsync` binary against PostgreSQL, the simulator and (where said) NATS.
+
+use std::time::Duration;
+
+use loopsync_testkit::{Stack, StackOptions};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+fn run_of(output: &loopsync_testkit::RunOutput) -> &Value {
+    assert!(
+        output.runs.is_array(),
+        "loopsync run printed no report (exit {}): {}",
+        output.status,
+        output.stderr
+    );
+    &output.runs[0]
+}
+
+/// Mirror deletes the contacts of rows that left the model — only those the sync confirmed;
+/// a 404 counts as done; the first run is a pure upsert.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirror_deletes_what_left_and_nothing_else() {
+    let options = StackOptions {
+        rows: 10,
+        behavior: "mirror",
+        ..StackOptions::default()
+    };
+    let Some(stack) = Stack::start(options).await else {
+        return;
+    };
+    // A contact someone else made: never the sync's to remove.
+    stack
+        .loops(
+            Method::PUT,
+            "/v1/contacts/update",
+            json!({"email": "stranger@example.com"}),
+        )
+        .await;
+    let first = stack.run_once(&[]).await;
+    assert_eq!(first.status, 0, "{}", first.stderr);
+    assert_eq!(run_of(&first)["added"], 10);
+    assert_eq!(stack.contacts().await.len(), 11);
+
+    stack.sql("DELETE FROM users WHERE id IN (1, 2, 3)").await;
+    // One of them is already gone from Loops: its delete is answered 404.
+    stack
+        .loops(
+            Method::POST,
+            "/v1/contacts/delete",
+            json!({"email": "user3@example.com"}),
+        )
+        .await;
+    let second = stack.run_once(&[]).await;
+    assert_eq!(second.status, 0, "{}", second.stderr);
+    let run = run_of(&second);
+    assert_eq!(
+        (run["removed"].as_i64(), run["confirmed"].as_i64()),
+        (Some(3), Some(3)),
+        "{run}"
+    );
+    let contacts = stack.contacts().await;
+    assert_eq!(contacts.len(), 8);
+    assert!(contacts.contains_key("stranger@example.com"));
+    assert!(!contacts.contains_key("user1@example.com"));
+    let stats = stack.sim.inspect("stats").await;
+    // Two deletes by the sync, one by "someone else"; the sync's delete of that one met a 404.
+    assert_eq!(
+        stats["by_endpoint"]["POST /v1/contacts/delete"]["200"], 3,
+        "{stats}"
+    );
+    assert_eq!(
+        stats["by_endpoint"]["POST /v1/contacts/delete"]["404"], 1,
+        "{stats}"
+    );
+    assert_eq!(stack.count("SELECT count(*) FROM loopsync.state").await, 7);
+
+    let third = stack.run_once(&[]).await;
+    assert_eq!(run_of(&third)["requests"], 0, "nothing left to remove");
+    // A row that comes back is a new contact again.
+    stack
+        .sql("INSERT INTO users VALUES (1, 'user1@example.com', 'Back', 'free', 1, now(), false)")
+        .await;
+    let fourth = stack.run_once(&[]).await;
+    assert_eq!(run_of(&fourth)["added"], 1);
+    assert_eq!(
+        stack.contacts().await["user1@example.com"]["firstName"],
+        "Back"
+    );
+}
+
+/// `on_remove = "unsubscribe"`: the contact stays, unsubscribed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirror_can_unsubscribe_instead() {
+    let options = StackOptions {
+        rows: 5,
+        behavior: "mirror",
+        extra_sync: "on_remove = \"unsubscribe\"",
+        ..StackOptions::default()
+    };
+    let Some(stack) = Stack::start(options).await else {
+        return;
+    };
+    assert_eq!(stack.run_once(&[]).await.status, 0);
+    stack.sql("DELETE FROM users WHERE id = 2").await;
+    let second = stack.run_once(&[]).await;
+    assert_eq!(second.status, 0, "{}", second.stderr);
+    let contacts = stack.contacts().await;
+    assert_eq!(contacts.len(), 5);
+    assert_eq!(contacts["user2@example.com"]["subscribed"], false);
+    assert_eq!(contacts["user1@example.com"]["subscribed"], true);
+    let records = stack
+        .count("SELECT count(*) FROM loopsync.records WHERE operation = 'unsubscribe' AND outcome = 'confirmed'")
+        .await;
+    assert_eq!(records, 1);
+}
+
+/// With trigger_workflows, each create and each update is one events/send; each change fires
+/// its event exactly once although a third of the answers are lost after the effect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workflow_events_fire_once_per_change_despite_retries() {
+    let options = StackOptions {
+        rows: 20,
+        extra_sync: "trigger_workflows = true\nevent_on_create = \"userSynced\"\nevent_on_update = \"userChanged\"",
+        ..StackOptions::default()
+    };
+    let Some(stack) = Stack::start(options).await else {
+        return;
+    };
+    stack
+        .sim_post(
+            "faults",
+            json!({"error_502": 0.2, "drop_connection": 0.1, "after_effect": 0.7, "seed": 3}),
+        )
+        .await;
+    let first = stack.run_once(&[]).await;
+    assert_eq!(first.status, 0, "{}", first.stderr);
+    let run = run_of(&first);
+    assert_eq!(run["confirmed"], 20);
+    assert!(
+        run["requests"].as_i64().unwrap() > 20,
+        "the faults cost retries: {run}"
+    );
+    let events = stack.sim.inspect("events").await;
+    let events = events.as_array().unwrap();
+    assert_eq!(events.len(), 20, "one event per created contact");
+    assert!(events.iter().all(|e| e["eventName"] == "userSynced"));
+    let mut keys: Vec<&str> = events
+        .iter()
+        .map(|e| e["idempotencyKey"].as_str().unwrap())
+        .collect();
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys.len(), 20);
+    assert_eq!(stack.workflows("event_received").await, 20);
+    assert_eq!(stack.workflows("contact_added").await, 20);
+    let stats = stack.sim.inspect("stats").await;
+    assert!(
+        stats["by_endpoint"]["POST /v1/events/send"]["409"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0,
+        "a retry met its own key: {stats}"
+    );
+    assert!(
+        stats["by_endpoint"]["PUT /v1/contacts/update"].is_null(),
+        "no separate upsert"
+    );
+
+    stack.sim_post("faults", json!({})).await;
+    stack
+        .sql("UPDATE users SET plan = 'gold' WHERE id IN (2, 4, 6, 8)")
+        .await;
+    let second = stack.run_once(&[]).await;
+    assert_eq!(
+        run_of(&second)["requests"],
+        4,
+        "one request per changed contact"
+    );
+    assert_eq!(stack.workflows("event_received").await, 24);
+    assert_eq!(stack.workflows("contact_updated").await, 4);
+    let events = stack.sim.inspect("events").await;
+    let changed = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["eventName"] == "userChanged")
+        .count();
+    assert_eq!(changed, 4);
+}
+
+/// Workflow events with the loader killed mid-run: still exactly one event per contact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workflow_events_fire_once_when_the_loader_is_killed() {
+    let options = StackOptions {
+        rows: 60,
+        nats: true,
+        sim_rate_limit: 40,
+        requests_per_second: 40,
+        ack_wait_seconds: 2.0,
+        extra_sync: "trigger_workflows = true",
+        ..StackOptions::default()
+    };
+    let Some(stack) = Stack::start(options).await else {
+        return;
+    };
+    let _extractor = stack.worker("extractor").await;
+    let _transformer = stack.worker("transformer").await;
+    let mut loader = stack.worker("loader").await;
+    let runner = tokio::spawn(
+        stack
+            .command(&["run", "--once", "--remote", "--json"])
+            .output(),
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while stack.workflows("event_received").await < 15 {
+        assert!(tokio::time::Instant::now() < deadline, "no progress");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    loader.kill().await;
+    let _replacement = stack.worker("loader").await;
+    let output = tokio::time::timeout(Duration::from_secs(60), runner)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        stack.workflows("event_received").await,
+        60,
+        "exactly once each"
+    );
+    assert_eq!(stack.workflows("contact_added").await, 60);
+}
+
+/// identify_by = "userId": an email change is one update of the same contact; a new userId
+/// without an email is invalid; an identity conflict is Loops' rejection, with its message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_id_identity() {
+    let options = StackOptions {
+        rows: 6,
+        identify_by: "userId",
+        ..StackOptions::default()
+    };
+    let Some(stack) = Stack::start(options).await else {
+        return;
+    };
+    let first = stack.run_once(&[]).await;
+    assert_eq!(first.status, 0, "{}", first.stderr);
+    let before = stack.sim.inspect("contacts").await;
+    let id3 = before
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["userId"] == "3")
+        .unwrap()["id"]
+        .clone();
+
+    stack
+        .sql(
+            "UPDATE users SET email = 'three@new.example.com' WHERE id = 3;
+              INSERT INTO users VALUES (7, NULL, 'NoMail', 'free', 1, now(), false);
+              UPDATE users SET email = 'user5@example.com' WHERE id = 4;",
+        )
+        .await;
+    let second = stack.run_once(&[]).await;
+    assert_eq!(second.status, 3, "degraded: {}", second.stderr);
+    let run = run_of(&second);
+    assert_eq!(
+        (
+            run["confirmed"].as_i64(),
+            run["invalid"].as_i64(),
+            run["rejected"].as_i64()
+        ),
+        (Some(1), Some(1), Some(1)),
+        "{run}"
+    );
+    assert_eq!(run["requests"], 2, "the email change and the conflict");
+    let after = stack.sim.inspect("contacts").await;
+    let c3 = after
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["userId"] == "3")
+        .unwrap();
+    assert_eq!(c3["email"], "three@new.example.com");
+    assert_eq!(c3["id"], id3, "the same contact");
+    assert_eq!(after.as_array().unwrap().len(), 6);
+    let reason = |key: &str| {
+        let pg = &stack.pg;
+        let key = key.to_owned();
+        async move {
+            pg.query_one("SELECT outcome || ': ' || reason FROM loopsync.records WHERE key = $1 ORDER BY run_id DESC LIMIT 1", &[&key])
+                .await
+                .unwrap()
+                .get::<_, String>(0)
+        }
+    };
+    assert_eq!(reason("7").await, "invalid: a new contact needs an email");
+    assert_eq!(
+        reason("4").await,
+        "rejected: invalid request (400): Multiple contacts found for the given criteria"
+    );
+}
