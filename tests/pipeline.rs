@@ -122,15 +122,16 @@ async fn invalid_records_degrade_the_run() {
             "UPDATE users SET email = 'not-an-email' WHERE id = 1;
               UPDATE users SET email = NULL WHERE id = 2;
               INSERT INTO users VALUES (3, 'dup@example.com', 'Dup', 'free', 1, now(), true);
-              INSERT INTO users VALUES (NULL, 'nokey@example.com', 'Nil', 'free', 1, now(), true);",
+              INSERT INTO users VALUES (NULL, 'nokey@example.com', 'Nil', 'free', 1, now(), true);
+              INSERT INTO users VALUES (6, ' USER5@example.com', 'Twin', 'free', 1, now(), true);",
         )
         .await;
     let output = stack.run_once(&[]).await;
     assert_eq!(output.status, 3, "degraded: {}", output.stderr);
     let run = run_of(&output);
     assert_eq!(run["status"], "degraded");
-    assert_eq!(run["invalid"], 4, "{run}");
-    assert_eq!(run["confirmed"], 2);
+    assert_eq!(run["invalid"], 6, "{run}");
+    assert_eq!(run["confirmed"], 1);
     let mut reasons: Vec<String> = stack
         .pg
         .query("SELECT key || ': ' || reason FROM loopsync.records WHERE outcome = 'invalid' ORDER BY key", &[])
@@ -147,14 +148,16 @@ async fn invalid_records_degrade_the_run() {
             "1: malformed email \"not-an-email\"",
             "2: no email: the contact is identified by email",
             "3: duplicate primary key: 2 rows have id = 3",
+            "5: the email user5@example.com is on 2 rows of this run: one contact cannot be two records",
+            "6: the email user5@example.com is on 2 rows of this run: one contact cannot be two records",
         ]
     );
-    assert_eq!(stack.contacts().await.len(), 2);
+    assert_eq!(stack.contacts().await.len(), 1);
     // The invalid records are tried again next run (still invalid), the valid ones are not.
     let again = stack.run_once(&[]).await;
     assert_eq!(again.status, 3);
-    assert_eq!(run_of(&again)["invalid"], 4);
-    assert_eq!(run_of(&again)["unchanged"], 2);
+    assert_eq!(run_of(&again)["invalid"], 6);
+    assert_eq!(run_of(&again)["unchanged"], 1);
 }
 
 /// Worker mode: two extractors, a transformer and three loaders as separate processes, the run

@@ -149,6 +149,18 @@ impl ExtractorStage {
                     run.spec.primary_key
                 ),
             );
+        } else if row.email_rows > 1 {
+            let email = run
+                .spec
+                .property("email")
+                .and_then(|p| values.get(&p.column).cloned().flatten())
+                .unwrap_or_default();
+            let reason = format!(
+                "the email {} is on {} rows of this run: one contact cannot be two records",
+                loopsync_core::value::normalize_email(&email),
+                row.email_rows
+            );
+            run.invalid(&key, reason);
         } else {
             let fingerprint = run.spec.fingerprint(&values);
             if row.confirmed_fp.as_deref() == Some(fingerprint.as_str()) {

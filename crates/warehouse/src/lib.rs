@@ -57,6 +57,8 @@ pub struct DiffRow {
     /// The identifiers of the confirmed contact.
     pub confirmed_email: Option<String>,
     pub confirmed_user_id: Option<String>,
+    /// How many model rows carry this row's email (trimmed, lower-cased); 1 when unique.
+    pub email_rows: i64,
 }
 
 /// What the extractor found, recorded when it has published every change of a run.
@@ -221,6 +223,14 @@ pub(crate) fn diff_sql(
     collate: &str,
 ) -> String {
     let columns = spec.columns();
+    let email_count = match spec.property("email") {
+        Some(p) => format!(
+            "CASE WHEN model.{c} IS NULL THEN 1 ELSE count(*) OVER (PARTITION BY lower(trim({t}))) END AS ecount",
+            c = quote_ident(&p.column),
+            t = cast(&format!("model.{}", quote_ident(&p.column))),
+        ),
+        None => "1 AS ecount".to_owned(),
+    };
     let mut select = vec![
         "1 AS present".to_owned(),
         format!(
@@ -234,11 +244,12 @@ pub(crate) fn diff_sql(
             cast(&format!("model.{}", quote_ident(column)))
         ));
     }
+    select.push(email_count);
     let outer_columns: Vec<String> = (0..columns.len()).map(|i| format!("m.c{i}")).collect();
     format!(
         "WITH m AS (SELECT {select} FROM ({model}) AS model), \
          s AS (SELECT key, confirmed_fp, confirmed_email, confirmed_user_id FROM {state} WHERE sync = {param}) \
-         SELECT m.present, COALESCE(m.k, s.key) AS key{comma}{outer}, s.confirmed_fp, s.confirmed_email, s.confirmed_user_id \
+         SELECT m.present, COALESCE(m.k, s.key) AS key{comma}{outer}, s.confirmed_fp, s.confirmed_email, s.confirmed_user_id, m.ecount \
          FROM m FULL OUTER JOIN s ON s.key = m.k \
          ORDER BY COALESCE(m.k, s.key) {collate} NULLS LAST",
         select = select.join(", "),

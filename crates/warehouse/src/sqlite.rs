@@ -214,6 +214,7 @@ impl Warehouse for SqliteWarehouse {
                             confirmed_fp: row.get(2 + columns.len())?,
                             confirmed_email: row.get(3 + columns.len())?,
                             confirmed_user_id: row.get(4 + columns.len())?,
+                            email_rows: row.get::<_, Option<i64>>(5 + columns.len())?.unwrap_or(1),
                         })
                     })()
                     .map_err(|e| WarehouseError::Query {
