@@ -158,6 +158,59 @@ async fn invalid_records_degrade_the_run() {
     assert_eq!(again.status, 3);
     assert_eq!(run_of(&again)["invalid"], 6);
     assert_eq!(run_of(&again)["unchanged"], 1);
+
+    // `loopsync rejections` lists each record once, with its latest reason.
+    let listed = stack
+        .command(&["rejections", "--json"])
+        .output()
+        .await
+        .unwrap();
+    assert!(listed.status.success());
+    let listed: Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let listed = listed.as_array().unwrap();
+    assert_eq!(listed.len(), 6);
+    assert!(listed.iter().all(|r| r["run_id"] == 2));
+    assert_eq!(listed[0]["key"], "(null #1)");
+    assert_eq!(listed[0]["reason"], "id is NULL");
+    let text = stack.command(&["rejections"]).output().await.unwrap();
+    assert!(String::from_utf8_lossy(&text.stdout).contains("malformed email \"not-an-email\""));
+
+    // `loopsync runs` and `runs show`.
+    let runs = stack.command(&["runs", "--json"]).output().await.unwrap();
+    let runs: Value = serde_json::from_slice(&runs.stdout).unwrap();
+    assert_eq!(runs.as_array().unwrap().len(), 2);
+    assert_eq!(runs[0]["id"], 2, "newest first");
+    assert_eq!(runs[0]["status"], "degraded");
+    let show = stack
+        .command(&["runs", "show", "1", "--json"])
+        .output()
+        .await
+        .unwrap();
+    let show: Value = serde_json::from_slice(&show.stdout).unwrap();
+    assert_eq!(show["run"]["invalid"], 6);
+    assert_eq!(show["records"].as_array().unwrap().len(), 7);
+    let confirmed = show["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["outcome"] == "confirmed")
+        .unwrap();
+    // Writeback: the Loops contact id, per record, in the warehouse.
+    let contacts = stack.sim.inspect("contacts").await;
+    assert_eq!(confirmed["contact_id"], contacts[0]["id"]);
+    assert!(confirmed["at"].as_str().unwrap().ends_with('Z'));
+    let table = stack.command(&["runs"]).output().await.unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.lines().next().unwrap().starts_with("  RUN  SYNC"),
+        "{table}"
+    );
+    let missing = stack
+        .command(&["runs", "show", "99"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(2));
 }
 
 /// Worker mode: two extractors, a transformer and three loaders as separate processes, the run

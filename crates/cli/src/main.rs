@@ -2,6 +2,7 @@
 //! and calls into the library crates. `anyhow` lives here and nowhere else.
 
 mod demo;
+mod history;
 mod pipeline;
 mod report;
 mod run;
@@ -34,6 +35,10 @@ enum Command {
     Run(run::RunArgs),
     /// Run one stage as a long-running NATS worker; start as many as wanted.
     Worker(worker::WorkerArgs),
+    /// Run history: status, start, duration, counts, requests sent.
+    Runs(history::RunsArgs),
+    /// Invalid, rejected and dead-lettered records, each with its key and reason.
+    Rejections(history::RejectionsArgs),
     /// Serve the local Loops API simulator.
     Sim(sim::SimArgs),
 }
@@ -80,6 +85,8 @@ fn main() -> ExitCode {
             Command::Demo(args) => demo::run(args).await,
             Command::Run(args) => run::run(&cli.config, args).await,
             Command::Worker(args) => worker::run(&cli.config, args).await,
+            Command::Runs(args) => history::runs(&cli.config, args).await,
+            Command::Rejections(args) => history::rejections(&cli.config, args).await,
         }
     });
     // Do not wait for stray blocking tasks (a diff reader) at exit.

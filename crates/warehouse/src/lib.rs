@@ -177,6 +177,10 @@ pub trait Warehouse: Send + Sync + 'static {
 
     /// Per-record results of a run.
     async fn records(&self, run_id: i64) -> Result<Vec<RecordResult>, WarehouseError>;
+
+    /// Records whose latest outcome is invalid, rejected or dead-lettered: what the next run
+    /// tries again.
+    async fn rejections(&self, sync: Option<&str>) -> Result<Vec<RecordResult>, WarehouseError>;
 }
 
 /// Opens the warehouse of a URL: `postgres://…` / `postgresql://…`, or `sqlite:///path/file.db`.
@@ -197,6 +201,10 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Warehouse>, WarehouseError> {
         )))
     }
 }
+
+/// Columns of a record, and how to read one (the same in every dialect).
+pub(crate) const RECORD_COLUMNS: &str =
+    "run_id, sync, key, operation, outcome, reason, contact_id, requests, at";
 
 /// Operations that take a record out of Loops (and, once confirmed, out of the state).
 pub(crate) fn is_removal(operation: &str) -> bool {

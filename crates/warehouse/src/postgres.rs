@@ -158,6 +158,20 @@ fn summary(row: &Row) -> RunSummary {
     }
 }
 
+fn record(r: &Row) -> RecordResult {
+    RecordResult {
+        run_id: r.get(0),
+        sync: r.get(1),
+        key: r.get(2),
+        operation: r.get(3),
+        outcome: r.get(4),
+        reason: r.get(5),
+        contact_id: r.get(6),
+        requests: r.get(7),
+        at: r.get(8),
+    }
+}
+
 /// Finishes the runs among `ids` whose every record has an outcome.
 const FINISH_RUNS: &str = "
 UPDATE loopsync.runs r
@@ -484,19 +498,26 @@ impl Warehouse for PgWarehouse {
             )
             .await
             .map_err(query_error("read records"))?;
-        Ok(rows
-            .iter()
-            .map(|r| RecordResult {
-                run_id: r.get(0),
-                sync: r.get(1),
-                key: r.get(2),
-                operation: r.get(3),
-                outcome: r.get(4),
-                reason: r.get(5),
-                contact_id: r.get(6),
-                requests: r.get(7),
-                at: r.get(8),
-            })
-            .collect())
+        Ok(rows.iter().map(record).collect())
+    }
+
+    async fn rejections(&self, sync: Option<&str>) -> Result<Vec<RecordResult>, WarehouseError> {
+        let rows = self
+            .client
+            .query(
+                &format!(
+                    "SELECT run_id, sync, key, operation, outcome, reason, contact_id, requests::bigint,
+                            to_char(at AT TIME ZONE 'UTC', {TIME})
+                       FROM (SELECT DISTINCT ON (sync, key) * FROM loopsync.records
+                              WHERE $1::text IS NULL OR sync = $1
+                              ORDER BY sync, key, run_id DESC) AS latest
+                      WHERE outcome IN ('invalid', 'rejected', 'dead_lettered')
+                      ORDER BY sync, key"
+                ),
+                &[&sync],
+            )
+            .await
+            .map_err(query_error("read rejections"))?;
+        Ok(rows.iter().map(record).collect())
     }
 }

@@ -13,8 +13,8 @@ use loopsync_core::spec::SyncSpec;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::{
-    DiffRow, ExtractCounts, RecordResult, RunSummary, Warehouse, WarehouseError, diff_sql,
-    is_removal,
+    DiffRow, ExtractCounts, RECORD_COLUMNS, RecordResult, RunSummary, Warehouse, WarehouseError,
+    diff_sql, is_removal,
 };
 
 const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
@@ -112,6 +112,20 @@ impl SqliteWarehouse {
              WHERE {filter} GROUP BY r.id ORDER BY r.id DESC LIMIT ?2"
         )
     }
+}
+
+fn record(r: &rusqlite::Row<'_>) -> rusqlite::Result<RecordResult> {
+    Ok(RecordResult {
+        run_id: r.get(0)?,
+        sync: r.get(1)?,
+        key: r.get(2)?,
+        operation: r.get(3)?,
+        outcome: r.get(4)?,
+        reason: r.get(5)?,
+        contact_id: r.get(6)?,
+        requests: r.get(7)?,
+        at: r.get(8)?,
+    })
 }
 
 fn summary(row: &rusqlite::Row<'_>) -> rusqlite::Result<RunSummary> {
@@ -469,28 +483,36 @@ impl Warehouse for SqliteWarehouse {
     async fn records(&self, run_id: i64) -> Result<Vec<RecordResult>, WarehouseError> {
         self.with(move |c| {
             let mut s = c
-                .prepare(
-                    "SELECT run_id, sync, key, operation, outcome, reason, contact_id, requests, at
-                       FROM loopsync_records WHERE run_id = ?1 ORDER BY key",
-                )
+                .prepare(&format!(
+                    "SELECT {RECORD_COLUMNS} FROM loopsync_records WHERE run_id = ?1 ORDER BY key"
+                ))
                 .map_err(error("read records"))?;
             let rows = s
-                .query_map(params![run_id], |r| {
-                    Ok(RecordResult {
-                        run_id: r.get(0)?,
-                        sync: r.get(1)?,
-                        key: r.get(2)?,
-                        operation: r.get(3)?,
-                        outcome: r.get(4)?,
-                        reason: r.get(5)?,
-                        contact_id: r.get(6)?,
-                        requests: r.get(7)?,
-                        at: r.get(8)?,
-                    })
-                })
+                .query_map(params![run_id], record)
                 .map_err(error("read records"))?;
             rows.collect::<Result<Vec<_>, _>>()
                 .map_err(error("read records"))
+        })
+        .await
+    }
+
+    async fn rejections(&self, sync: Option<&str>) -> Result<Vec<RecordResult>, WarehouseError> {
+        let sync = sync.map(str::to_owned);
+        self.with(move |c| {
+            let mut s = c
+                .prepare(&format!(
+                    "SELECT {RECORD_COLUMNS} FROM (
+                        SELECT *, row_number() OVER (PARTITION BY sync, key ORDER BY run_id DESC) AS n
+                          FROM loopsync_records WHERE ?1 IS NULL OR sync = ?1)
+                      WHERE n = 1 AND outcome IN ('invalid', 'rejected', 'dead_lettered')
+                      ORDER BY sync, key"
+                ))
+                .map_err(error("read rejections"))?;
+            let rows = s
+                .query_map(params![sync], record)
+                .map_err(error("read rejections"))?;
+            rows.collect::<Result<Vec<_>, _>>()
+                .map_err(error("read rejections"))
         })
         .await
     }

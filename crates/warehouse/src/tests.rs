@@ -222,6 +222,12 @@ async fn full_cycle(f: Fixture, bool_true: &str) {
     assert_eq!((summary.status.as_str(), summary.rejected), ("degraded", 1));
     let records = w.records(run2).await.unwrap();
     assert_eq!(records[0].reason.as_deref(), Some("400: nope"));
+    let open = w.rejections(Some("users")).await.unwrap();
+    assert_eq!(
+        (open.len(), open[0].key.as_str(), open[0].outcome.as_str()),
+        (1, "1", "rejected")
+    );
+    assert!(w.rejections(Some("other")).await.unwrap().is_empty());
     assert_eq!(
         diff(w, &spec).await[0].confirmed_fp.as_deref(),
         Some("fp1"),
@@ -231,6 +237,10 @@ async fn full_cycle(f: Fixture, bool_true: &str) {
         .await
         .unwrap();
     assert_eq!(w.records(run2).await.unwrap()[0].outcome, "confirmed");
+    assert!(
+        w.rejections(None).await.unwrap().is_empty(),
+        "a later confirmation closes it"
+    );
     assert_eq!(
         diff(w, &spec).await[0].confirmed_fp.as_deref(),
         Some("fp1b")

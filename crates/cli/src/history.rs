@@ -1,0 +1,166 @@
+//! `loopsync runs`, `loopsync runs show RUN`, `loopsync rejections`: what happened, from the
+//! warehouse (`loopsync.runs`, `loopsync.records`).
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Args, Subcommand};
+use loopsync_warehouse::{RecordResult, Warehouse};
+
+use crate::{UsageError, load_config, report};
+
+#[derive(Debug, Args)]
+pub struct RunsArgs {
+    #[command(subcommand)]
+    action: Option<RunsAction>,
+    /// Only this sync.
+    #[arg(long)]
+    sync: Option<String>,
+    /// How many runs, newest first.
+    #[arg(long, default_value_t = 20)]
+    limit: i64,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum RunsAction {
+    /// One run: its report and the records that did not go through.
+    Show {
+        run: i64,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct RejectionsArgs {
+    /// Only this sync.
+    #[arg(long)]
+    sync: Option<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+async fn warehouse(config_path: &Path, sync: Option<&str>) -> anyhow::Result<Arc<dyn Warehouse>> {
+    let config = load_config(config_path)?;
+    if let Some(name) = sync
+        && config.sync(name).is_none()
+    {
+        return Err(UsageError(format!("no sync named \"{name}\" in the config")).into());
+    }
+    let warehouse = loopsync_warehouse::connect(&config.warehouse.url).await?;
+    warehouse.prepare().await?;
+    Ok(warehouse)
+}
+
+fn cell(value: Option<i64>) -> String {
+    value.map_or_else(|| "-".into(), |v| v.to_string())
+}
+
+pub async fn runs(config_path: &Path, args: RunsArgs) -> anyhow::Result<ExitCode> {
+    let warehouse = warehouse(config_path, args.sync.as_deref()).await?;
+    if let Some(RunsAction::Show { run, json }) = args.action {
+        let Some(summary) = warehouse.run(run).await? else {
+            return Err(UsageError(format!("there is no run {run}")).into());
+        };
+        let records = warehouse.records(run).await?;
+        if json {
+            let value = serde_json::json!({"run": summary, "records": records});
+            println!("{}", serde_json::to_string_pretty(&value)?);
+        } else {
+            print!("{}", report::text(&summary));
+            println!(
+                "  requested {}, finished {}",
+                summary.requested_at,
+                summary.finished_at.as_deref().unwrap_or("-")
+            );
+            let failed: Vec<&RecordResult> = records
+                .iter()
+                .filter(|r| matches!(r.outcome.as_str(), "invalid" | "rejected" | "dead_lettered"))
+                .collect();
+            if !failed.is_empty() {
+                println!("  records that did not go through:");
+                for r in failed {
+                    println!(
+                        "    {}  {}  {}",
+                        r.key,
+                        r.outcome,
+                        r.reason.as_deref().unwrap_or("")
+                    );
+                }
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let runs = warehouse.runs(args.sync.as_deref(), args.limit).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&runs)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:>5}  {:<12} {:<10} {:<24} {:>8}  {:>6} {:>7} {:>7} {:>9} {:>7} {:>8} {:>6} {:>8}",
+        "RUN",
+        "SYNC",
+        "STATUS",
+        "REQUESTED",
+        "SECONDS",
+        "ADDED",
+        "CHANGED",
+        "REMOVED",
+        "UNCHANGED",
+        "INVALID",
+        "REJECTED",
+        "DEAD",
+        "REQUESTS"
+    );
+    for r in runs {
+        println!(
+            "{:>5}  {:<12} {:<10} {:<24} {:>8}  {:>6} {:>7} {:>7} {:>9} {:>7} {:>8} {:>6} {:>8}",
+            r.id,
+            r.sync,
+            r.status,
+            r.requested_at,
+            r.duration_ms
+                .map_or_else(|| "-".into(), |ms| format!("{:.1}", ms as f64 / 1000.0)),
+            r.added,
+            r.changed,
+            r.removed,
+            r.unchanged,
+            r.invalid,
+            r.rejected,
+            r.dead_lettered,
+            cell(Some(r.requests)),
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn rejections(config_path: &Path, args: RejectionsArgs) -> anyhow::Result<ExitCode> {
+    let warehouse = warehouse(config_path, args.sync.as_deref()).await?;
+    let records = warehouse.rejections(args.sync.as_deref()).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&records)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if records.is_empty() {
+        println!("no invalid, rejected or dead-lettered records");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<12} {:<20} {:>5}  {:<14} REASON",
+        "SYNC", "KEY", "RUN", "OUTCOME"
+    );
+    for r in records {
+        println!(
+            "{:<12} {:<20} {:>5}  {:<14} {}",
+            r.sync,
+            r.key,
+            r.run_id,
+            r.outcome,
+            r.reason.unwrap_or_default()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
