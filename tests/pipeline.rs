@@ -314,3 +314,82 @@ async fn killing_the_loader_mid_run_loses_nothing() {
         "{requests} requests for 80 records"
     );
 }
+
+/// `loopsync plan` shows what a run would send — and sends nothing, changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_is_a_dry_run_that_matches_the_run() {
+    let Some(stack) = Stack::start(StackOptions {
+        rows: 10,
+        ..StackOptions::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let plan = |args: &'static [&'static str]| {
+        let command = stack.command(args);
+        async move {
+            let mut command = command;
+            let out = command.output().await.unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            out
+        }
+    };
+    let out = plan(&["plan", "--json"]).await;
+    let first: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(first[0]["counts"]["added"], 10);
+    assert_eq!(first[0]["requests"], 10);
+    assert_eq!(
+        first[0]["seconds_at_rate_budget"], 0.2,
+        "10 requests at 50/s"
+    );
+    let record = &first[0]["records"][0];
+    assert_eq!(
+        (record["key"].as_str(), record["operation"].as_str()),
+        (Some("1"), Some("upsert"))
+    );
+    assert_eq!(record["action"]["email"], "user1@example.com");
+    assert_eq!(record["action"]["properties"]["planName"], "pro");
+    let stats = stack.sim.inspect("stats").await;
+    assert_eq!(stats["total_requests"], 0, "a plan sends nothing");
+    assert_eq!(stack.count("SELECT count(*) FROM loopsync.runs").await, 0);
+    assert_eq!(stack.count("SELECT count(*) FROM loopsync.state").await, 0);
+
+    assert_eq!(stack.run_once(&[]).await.status, 0);
+    stack
+        .sql(
+            "UPDATE users SET plan = 'x' WHERE id IN (2, 3);
+              DELETE FROM users WHERE id = 4;
+              UPDATE users SET seats = NULL, email = 'bad' WHERE id = 5;",
+        )
+        .await;
+    let out = plan(&["plan", "--json"]).await;
+    let second: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let counts = &second[0]["counts"];
+    assert_eq!(
+        (
+            counts["changed"].as_i64(),
+            counts["removed"].as_i64(),
+            counts["unchanged"].as_i64()
+        ),
+        (Some(3), Some(1), Some(6))
+    );
+    assert_eq!(second[0]["invalid"], 1);
+    assert_eq!(second[0]["requests"], 2);
+    let text = plan(&["plan"]).await;
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("requests: 2"), "{text}");
+    assert!(text.contains("malformed email \"bad\""), "{text}");
+    let before = stack.update_requests().await;
+    let run = stack.run_once(&[]).await;
+    assert_eq!(
+        run_of(&run)["requests"],
+        2,
+        "the run sent what the plan said"
+    );
+    assert_eq!(stack.update_requests().await, before + 2);
+}

@@ -265,7 +265,15 @@ async fn user_id_identity() {
         .sql(
             "UPDATE users SET email = 'three@new.example.com' WHERE id = 3;
               INSERT INTO users VALUES (7, NULL, 'NoMail', 'free', 1, now(), false);
-              UPDATE users SET email = 'user5@example.com' WHERE id = 4;",
+              UPDATE users SET email = 'stranger@example.com' WHERE id = 4;",
+        )
+        .await;
+    // Someone else's contact holds the email that row 4 now has: Loops sees two contacts.
+    stack
+        .loops(
+            Method::PUT,
+            "/v1/contacts/update",
+            json!({"email": "stranger@example.com"}),
         )
         .await;
     let second = stack.run_once(&[]).await;
@@ -290,7 +298,7 @@ async fn user_id_identity() {
         .unwrap();
     assert_eq!(c3["email"], "three@new.example.com");
     assert_eq!(c3["id"], id3, "the same contact");
-    assert_eq!(after.as_array().unwrap().len(), 6);
+    assert_eq!(after.as_array().unwrap().len(), 7);
     let reason = |key: &str| {
         let pg = &stack.pg;
         let key = key.to_owned();

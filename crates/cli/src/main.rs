@@ -4,6 +4,7 @@
 mod demo;
 mod history;
 mod pipeline;
+mod plan;
 mod report;
 mod run;
 mod sim;
@@ -31,6 +32,8 @@ enum Command {
     /// Zero set-up: an embedded warehouse, the in-process bus and a local Loops simulator; runs
     /// a sync, changes some rows, runs again, and prints both reports.
     Demo(demo::DemoArgs),
+    /// Dry run: the diff and, per record, the operation it would send; sends nothing.
+    Plan(plan::PlanArgs),
     /// Run the pipeline: one run of each sync with --once.
     Run(run::RunArgs),
     /// Run one stage as a long-running NATS worker; start as many as wanted.
@@ -85,6 +88,7 @@ fn main() -> ExitCode {
             Command::Demo(args) => demo::run(args).await,
             Command::Run(args) => run::run(&cli.config, args).await,
             Command::Worker(args) => worker::run(&cli.config, args).await,
+            Command::Plan(args) => plan::run(&cli.config, args).await,
             Command::Runs(args) => history::runs(&cli.config, args).await,
             Command::Rejections(args) => history::rejections(&cli.config, args).await,
         }

@@ -18,10 +18,14 @@ use futures::StreamExt;
 use loopsync_bus::worker::{BatchHandler, DeliveryInfo, Fate, Handler};
 use loopsync_bus::{Bus, BusError, publish};
 use loopsync_core::codec::{self, DecodeError};
-use loopsync_core::envelope::{ChangeKind, Outcome, OutcomeStatus, RowChange, RunRequest, VERSION};
-use loopsync_core::spec::{Behavior, SyncSpec};
+use loopsync_core::envelope::{Outcome, OutcomeStatus, RowChange, RunRequest, VERSION};
+use loopsync_core::spec::SyncSpec;
 use loopsync_core::{Classified, ErrorClass};
 use loopsync_warehouse::{DiffRow, ExtractCounts, RunSummary, Warehouse, WarehouseError};
+
+pub mod decide;
+
+pub use decide::{Decision, KeyGroups, decide_group, tally};
 
 /// Changes noted as emitted (then published) per warehouse round trip: the extractor's memory bound.
 const EMIT_BATCH: usize = 500;
@@ -82,110 +86,40 @@ impl ExtractorStage {
             invalid: Vec::new(),
             null_keys: 0,
         };
-        // Rows come ordered by key: a key group is complete when the next key differs.
-        let mut pending: Option<(DiffRow, usize)> = None;
+        let mut groups = KeyGroups::default();
         while let Some(row) = rows.next().await {
-            let row = row?;
-            if row.key.is_none() {
-                run.null_key();
-                continue;
-            }
-            match &mut pending {
-                Some((held, n)) if held.key == row.key => *n += 1,
-                _ => {
-                    if let Some((held, n)) = pending.take() {
-                        self.settle_key(&mut run, held, n).await?;
-                    }
-                    pending = Some((row, 1));
-                }
+            for group in groups.push(row?) {
+                self.take(&mut run, group).await?;
             }
         }
-        if let Some((held, n)) = pending.take() {
-            self.settle_key(&mut run, held, n).await?;
+        if let Some(group) = groups.finish() {
+            self.take(&mut run, group).await?;
         }
         self.flush(&mut run).await?;
         Ok(run.counts)
     }
 
-    /// Decides one key: `n` model rows carried it (more than one: duplicate).
-    async fn settle_key(
+    async fn take(
         &self,
         run: &mut RunState<'_>,
-        row: DiffRow,
-        n: usize,
+        group: (DiffRow, usize),
     ) -> Result<(), ExtractError> {
-        let key = row.key.clone().expect("null keys are handled before");
-        let Some(values) = row.values else {
-            // Confirmed before, gone from the model now. Mirror removes the contact (only those
-            // this sync had confirmed: nothing else is in the state); upsert leaves it in Loops
-            // and only counts it.
-            if let Some(confirmed) = row.confirmed_fp {
-                run.counts.removed += 1;
-                if run.spec.behavior == Behavior::Mirror {
-                    run.changes.push(RowChange {
-                        v: VERSION,
-                        sync: run.spec.name.clone(),
-                        run_id: run.run_id,
-                        key,
-                        fingerprint: confirmed,
-                        kind: ChangeKind::Removed,
-                        values: Default::default(),
-                        confirmed_email: row.confirmed_email,
-                        confirmed_user_id: row.confirmed_user_id,
-                    });
-                    run.counts.expected += 1;
-                    if run.changes.len() >= EMIT_BATCH {
-                        self.flush(run).await?;
-                    }
-                }
-            }
-            return Ok(());
-        };
-        if n > 1 {
-            run.invalid(
-                &key,
-                format!(
-                    "duplicate primary key: {n} rows have {} = {key}",
-                    run.spec.primary_key
-                ),
-            );
-        } else if row.email_rows > 1 {
-            let email = run
-                .spec
-                .property("email")
-                .and_then(|p| values.get(&p.column).cloned().flatten())
-                .unwrap_or_default();
-            let reason = format!(
-                "the email {} is on {} rows of this run: one contact cannot be two records",
-                loopsync_core::value::normalize_email(&email),
-                row.email_rows
-            );
-            run.invalid(&key, reason);
-        } else {
-            let fingerprint = run.spec.fingerprint(&values);
-            if row.confirmed_fp.as_deref() == Some(fingerprint.as_str()) {
-                run.counts.unchanged += 1;
-            } else {
-                let kind = if row.confirmed_fp.is_some() {
-                    run.counts.changed += 1;
-                    ChangeKind::Changed
-                } else {
-                    run.counts.added += 1;
-                    ChangeKind::Added
-                };
-                run.changes.push(RowChange {
-                    v: VERSION,
-                    sync: run.spec.name.clone(),
-                    run_id: run.run_id,
-                    key,
-                    fingerprint,
-                    kind,
-                    values,
-                    confirmed_email: row.confirmed_email,
-                    confirmed_user_id: row.confirmed_user_id,
-                });
-                run.counts.expected += 1;
-            }
+        let decision = decide_group(run.spec, run.run_id, group, &mut run.null_keys);
+        tally(&mut run.counts, &decision);
+        match decision {
+            Decision::Change(change) => run.changes.push(change),
+            Decision::Invalid { key, reason } => run.invalid.push(
+                Outcome::new(
+                    &run.spec.name,
+                    run.run_id,
+                    &key,
+                    "",
+                    OutcomeStatus::Invalid,
+                    "none",
+                )
+                .with_reason(reason),
+            ),
+            Decision::Unchanged | Decision::RemovedKept | Decision::Nothing => {}
         }
         if run.changes.len() >= EMIT_BATCH || run.invalid.len() >= EMIT_BATCH {
             self.flush(run).await?;
@@ -225,30 +159,6 @@ struct RunState<'a> {
     changes: Vec<RowChange>,
     invalid: Vec<Outcome>,
     null_keys: usize,
-}
-
-impl RunState<'_> {
-    fn invalid(&mut self, key: &str, reason: String) {
-        self.invalid.push(
-            Outcome::new(
-                &self.spec.name,
-                self.run_id,
-                key,
-                "",
-                OutcomeStatus::Invalid,
-                "none",
-            )
-            .with_reason(reason),
-        );
-        self.counts.expected += 1;
-    }
-
-    fn null_key(&mut self) {
-        self.null_keys += 1;
-        let key = format!("(null #{})", self.null_keys);
-        let reason = format!("{} is NULL", self.spec.primary_key);
-        self.invalid(&key, reason);
-    }
 }
 
 #[async_trait]

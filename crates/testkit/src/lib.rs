@@ -10,8 +10,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 
-/// The `loopsync` binary: `LOOPSYNC_BIN`, else the one cargo built beside this test (built
-/// now if missing).
+/// The `loopsync` binary: `LOOPSYNC_BIN`, else the one cargo built beside this test — built now
+/// if it is missing or older than a source file, so a test never runs a stale binary.
 pub fn loopsync_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -26,9 +26,11 @@ pub fn loopsync_bin() -> PathBuf {
             .expect("target/<profile>")
             .to_path_buf();
         let bin = profile_dir.join("loopsync");
-        if !bin.exists() {
+        let built = std::fs::metadata(&bin).and_then(|m| m.modified()).ok();
+        let sources = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        if built.is_none_or(|at| newest_source(&sources) > at) {
             let status = Command::new(env!("CARGO"))
-                .args(["build", "-p", "loopsync", "--bin", "loopsync"])
+                .args(["build", "--quiet", "-p", "loopsync", "--bin", "loopsync"])
                 .status()
                 .expect("run cargo build");
             assert!(status.success(), "cargo build -p loopsync failed");
@@ -36,6 +38,28 @@ pub fn loopsync_bin() -> PathBuf {
         bin
     })
     .clone()
+}
+
+/// The newest modification time of a `.rs` or `Cargo.toml` file below `dir`.
+fn newest_source(dir: &std::path::Path) -> std::time::SystemTime {
+    let mut newest = std::time::SystemTime::UNIX_EPOCH;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return newest;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name();
+        if path.is_dir() {
+            if name != "target" && name != "node_modules" {
+                newest = newest.max(newest_source(&path));
+            }
+        } else if path.extension().is_some_and(|e| e == "rs") || name == "Cargo.toml" {
+            if let Ok(modified) = entry.metadata().and_then(|m| m.modified()) {
+                newest = newest.max(modified);
+            }
+        }
+    }
+    newest
 }
 
 /// A reqwest client for plain-HTTP loopback calls.
