@@ -315,3 +315,104 @@ async fn user_id_identity() {
         "rejected: invalid request (400): Multiple contacts found for the given criteria"
     );
 }
+
+/// `loopsync check`: config errors name the key before any request; the model and its columns;
+/// the API key; the custom properties Loops lacks, created with --create-properties.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_and_creates_what_is_missing() {
+    let Some(stack) = Stack::start(StackOptions {
+        rows: 3,
+        ..StackOptions::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let check = |args: &'static [&'static str], key: &'static str| {
+        let mut command = stack.command(args);
+        command.env("LOOPS_API_KEY", key);
+        async move { command.output().await.unwrap() }
+    };
+    let first = check(&["check", "--json"], "test-key").await;
+    assert_eq!(first.status.code(), Some(1), "properties are missing");
+    let report: Value = serde_json::from_slice(&first.stdout).unwrap();
+    assert_eq!(report["team_name"], "Simulated Team");
+    assert_eq!(
+        report["missing_properties"],
+        json!(["planName: string", "seats: number", "signedUpAt: date"])
+    );
+    assert_eq!(report["missing_lists"], json!([]));
+    assert_eq!(report["models"], json!([["users", null]]));
+
+    let created = check(&["check", "--create-properties"], "test-key").await;
+    assert_eq!(
+        created.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&created.stdout)
+    );
+    assert!(
+        String::from_utf8_lossy(&created.stdout).contains("created contact property seats: number")
+    );
+    let props = stack
+        .loops(
+            Method::GET,
+            "/v1/contacts/properties?list=custom",
+            json!(null),
+        )
+        .await;
+    assert_eq!(props.as_array().unwrap().len(), 3);
+    assert!(
+        props
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["key"] == "signedUpAt" && p["type"] == "date")
+    );
+    assert_eq!(check(&["check"], "test-key").await.status.code(), Some(0));
+    let stats = stack.sim.inspect("stats").await;
+    assert!(
+        stats["by_endpoint"]["PUT /v1/contacts/update"].is_null(),
+        "check writes no contact"
+    );
+
+    let denied = check(&["check"], "wrong-key").await;
+    assert_eq!(denied.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&denied.stdout).contains("FAIL Loops API key: unauthorized (401)")
+    );
+
+    stack
+        .sql("ALTER TABLE users RENAME COLUMN plan TO tier")
+        .await;
+    let broken = check(&["check"], "test-key").await;
+    assert_eq!(broken.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&broken.stdout);
+    assert!(
+        text.contains("FAIL the model of sync users does not run") && text.contains("plan"),
+        "{text}"
+    );
+
+    let bad = stack.dir.join("bad.toml");
+    let config = std::fs::read_to_string(&stack.config).unwrap();
+    std::fs::write(
+        &bad,
+        config.replace("requests_per_second", "requests_per_sec"),
+    )
+    .unwrap();
+    let before = stack.sim.inspect("stats").await["total_requests"].clone();
+    let out = tokio::process::Command::new(loopsync_testkit::loopsync_bin())
+        .args(["check", "--config"])
+        .arg(&bad)
+        .env("LOOPS_API_KEY", "test-key")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("loops.requests_per_sec: unknown field"));
+    assert_eq!(
+        stack.sim.inspect("stats").await["total_requests"],
+        before,
+        "no request before the config is right"
+    );
+}

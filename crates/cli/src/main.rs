@@ -1,6 +1,7 @@
 //! `loopsync`: the one binary. Thin: parses the command line, reads the config, sets up logging,
 //! and calls into the library crates. `anyhow` lives here and nowhere else.
 
+mod check;
 mod demo;
 mod history;
 mod pipeline;
@@ -32,6 +33,9 @@ enum Command {
     /// Zero set-up: an embedded warehouse, the in-process bus and a local Loops simulator; runs
     /// a sync, changes some rows, runs again, and prints both reports.
     Demo(demo::DemoArgs),
+    /// Validate the config, reach the warehouse and Loops, and list the custom properties the
+    /// mappings need and Loops lacks.
+    Check(check::CheckArgs),
     /// Dry run: the diff and, per record, the operation it would send; sends nothing.
     Plan(plan::PlanArgs),
     /// Run the pipeline: one run of each sync with --once.
@@ -88,6 +92,7 @@ fn main() -> ExitCode {
             Command::Demo(args) => demo::run(args).await,
             Command::Run(args) => run::run(&cli.config, args).await,
             Command::Worker(args) => worker::run(&cli.config, args).await,
+            Command::Check(args) => check::run(&cli.config, args).await,
             Command::Plan(args) => plan::run(&cli.config, args).await,
             Command::Runs(args) => history::runs(&cli.config, args).await,
             Command::Rejections(args) => history::rejections(&cli.config, args).await,

@@ -226,7 +226,7 @@ pub async fn ensure_properties(
 /// A call to Loops outside the pipeline (the preflight), paced, and retried like the loader's:
 /// a retryable answer waits (the server's delay, or the worker's backoff) and tries again, up
 /// to five attempts.
-async fn with_retries<T, F, Fut>(
+pub(crate) async fn with_retries<T, F, Fut>(
     pacer: &DefaultDirectRateLimiter,
     mut call: F,
 ) -> Result<T, loopsync_loops_client::LoopsError>

@@ -132,6 +132,10 @@ pub trait Warehouse: Send + Sync + 'static {
         spec: &SyncSpec,
     ) -> Result<BoxStream<'static, Result<DiffRow, WarehouseError>>, WarehouseError>;
 
+    /// Checks that the model runs and has the primary key and every mapped column, without
+    /// reading a row.
+    async fn check_model(&self, spec: &SyncSpec) -> Result<(), WarehouseError>;
+
     /// A new run of `sync`, status `requested`.
     async fn create_run(&self, sync: &str) -> Result<i64, WarehouseError>;
 
@@ -219,6 +223,21 @@ pub(crate) fn quote_ident(name: &str) -> String {
 /// The model without trailing `;` and blanks, so it can be a subquery.
 pub(crate) fn model_sql(model: &str) -> &str {
     model.trim().trim_end_matches(';').trim_end()
+}
+
+/// The model's key and mapped columns, no rows: what `check_model` prepares.
+pub(crate) fn probe_sql(spec: &SyncSpec) -> String {
+    let mut columns = vec![format!("model.{}", quote_ident(&spec.primary_key))];
+    columns.extend(
+        spec.columns()
+            .iter()
+            .map(|c| format!("model.{}", quote_ident(c))),
+    );
+    format!(
+        "SELECT {} FROM ({}) AS model LIMIT 0",
+        columns.join(", "),
+        model_sql(&spec.model)
+    )
 }
 
 /// The diff query. `cast` turns an expression into text in the warehouse's dialect; `state`

@@ -13,7 +13,7 @@ use tokio_postgres::{Client, NoTls, Row};
 
 use crate::{
     DiffRow, ExtractCounts, RecordResult, RunSummary, Warehouse, WarehouseError, diff_sql,
-    is_removal,
+    is_removal, probe_sql,
 };
 
 const SCHEMA: &str = "
@@ -261,6 +261,17 @@ impl Warehouse for PgWarehouse {
             })
         });
         Ok(stream.boxed())
+    }
+
+    async fn check_model(&self, spec: &SyncSpec) -> Result<(), WarehouseError> {
+        self.client
+            .query(&probe_sql(spec), &[])
+            .await
+            .map_err(|e| WarehouseError::Model {
+                sync: spec.name.clone(),
+                detail: describe(&e),
+            })?;
+        Ok(())
     }
 
     async fn create_run(&self, sync: &str) -> Result<i64, WarehouseError> {

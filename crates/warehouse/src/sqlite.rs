@@ -14,7 +14,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::{
     DiffRow, ExtractCounts, RECORD_COLUMNS, RecordResult, RunSummary, Warehouse, WarehouseError,
-    diff_sql, is_removal,
+    diff_sql, is_removal, probe_sql,
 };
 
 const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
@@ -254,6 +254,20 @@ impl Warehouse for SqliteWarehouse {
             rx.recv().await.map(|item| (item, rx))
         })
         .boxed())
+    }
+
+    async fn check_model(&self, spec: &SyncSpec) -> Result<(), WarehouseError> {
+        let sql = probe_sql(spec);
+        let sync = spec.name.clone();
+        self.with(move |c| {
+            c.prepare(&sql)
+                .map(|_| ())
+                .map_err(|e| WarehouseError::Model {
+                    sync,
+                    detail: e.to_string(),
+                })
+        })
+        .await
     }
 
     async fn create_run(&self, sync: &str) -> Result<i64, WarehouseError> {
