@@ -416,3 +416,47 @@ async fn check_reports_and_creates_what_is_missing() {
         "no request before the config is right"
     );
 }
+
+/// identify_by = "email" and an email that changes for the same primary key: a re-key. The new
+/// address is its own contact; mirror removes the old one, upsert keeps it and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_email_change_is_a_rekey() {
+    for (behavior, contacts_after, requests) in [("upsert", 5, 1), ("mirror", 4, 2)] {
+        let options = StackOptions {
+            rows: 4,
+            behavior,
+            ..StackOptions::default()
+        };
+        let Some(stack) = Stack::start(options).await else {
+            return;
+        };
+        assert_eq!(stack.run_once(&[]).await.status, 0);
+        stack
+            .sql("UPDATE users SET email = 'second@new.example.com' WHERE id = 2")
+            .await;
+        let out = stack.run_once(&[]).await;
+        assert_eq!(out.status, 0, "{}", out.stderr);
+        let run = run_of(&out);
+        assert_eq!(run["rekeyed"], 1, "{behavior}: {run}");
+        assert_eq!(run["requests"], requests, "{behavior}");
+        let contacts = stack.contacts().await;
+        assert_eq!(contacts.len(), contacts_after, "{behavior}");
+        assert_eq!(contacts["second@new.example.com"]["firstName"], "First2");
+        assert_eq!(
+            contacts.contains_key("user2@example.com"),
+            behavior == "upsert"
+        );
+        let text = stack
+            .command(&["runs", "show", "2"])
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            String::from_utf8_lossy(&text.stdout).contains("re-keyed: 1"),
+            "{behavior}"
+        );
+        // The state follows the new address: nothing more to do.
+        let again = stack.run_once(&[]).await;
+        assert_eq!(run_of(&again)["requests"], 0, "{behavior}");
+    }
+}

@@ -35,6 +35,13 @@ pub fn text(run: &RunSummary) -> String {
         run.dead_lettered,
         run.requests
     );
+    if run.rekeyed > 0 {
+        out.push_str(&format!(
+            "  re-keyed: {} (the email changed, so the new address was written as its own contact; \
+             under mirror the old contact was removed, under upsert it stays in Loops)\n",
+            run.rekeyed
+        ));
+    }
     if let Some(error) = &run.error {
         out.push_str(&format!("  error: {error}\n"));
     }

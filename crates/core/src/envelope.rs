@@ -94,6 +94,15 @@ pub enum Action {
         email: Option<String>,
         user_id: Option<String>,
     },
+    /// A record identified by email whose email changed: Loops knows it as another contact.
+    /// `write` (an upsert or an event) creates the contact of the new email; under mirror
+    /// `remove_old` deletes or unsubscribes the old one, under upsert the old one stays.
+    Rekey {
+        write: Box<Action>,
+        old_email: String,
+        #[serde(default)]
+        remove_old: Option<crate::spec::OnRemove>,
+    },
 }
 
 impl Action {
@@ -104,6 +113,7 @@ impl Action {
             Action::Event { .. } => "event",
             Action::Delete { .. } => "delete",
             Action::Unsubscribe { .. } => "unsubscribe",
+            Action::Rekey { .. } => "rekey",
         }
     }
 
@@ -119,6 +129,7 @@ impl Action {
             | Action::Event { email, user_id, .. }
             | Action::Delete { email, user_id }
             | Action::Unsubscribe { email, user_id } => (email.as_deref(), user_id.as_deref()),
+            Action::Rekey { write, .. } => write.identity(),
         }
     }
 }

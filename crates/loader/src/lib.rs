@@ -24,6 +24,7 @@ use loopsync_bus::worker::{DeliveryInfo, Fate, Handler};
 use loopsync_bus::{Bus, BusError, publish};
 use loopsync_core::codec::{self, DecodeError};
 use loopsync_core::envelope::{Action, Operation, Outcome, OutcomeStatus};
+use loopsync_core::spec::OnRemove;
 use loopsync_core::{Classified, ErrorClass, keys};
 use loopsync_loops_client::{
     ContactIdentity, ContactPayload, EventPayload, IdempotencyKey, LoopsClient, LoopsError,
@@ -119,10 +120,44 @@ impl LoaderStage {
             .and_then(|bytes| codec::decode::<LedgerEntry>(&bytes).ok()))
     }
 
-    /// Sends the operation; the contact id when Loops says it.
+    /// Sends the operation; the contact id when Loops says it. Every request waits for the
+    /// pace of the process.
     async fn send(&self, op: &Operation) -> Result<Option<String>, LoadError> {
-        self.pacer.until_ready().await;
         match &op.action {
+            Action::Rekey {
+                write,
+                old_email,
+                remove_old,
+            } => {
+                let contact_id = self.send_one(write, &op.idempotency_key).await?;
+                if let Some(mode) = remove_old {
+                    let old = Some(old_email.clone());
+                    let removal = match mode {
+                        OnRemove::Delete => Action::Delete {
+                            email: old,
+                            user_id: None,
+                        },
+                        OnRemove::Unsubscribe => Action::Unsubscribe {
+                            email: old,
+                            user_id: None,
+                        },
+                    };
+                    self.send_one(&removal, &op.idempotency_key).await?;
+                }
+                Ok(contact_id)
+            }
+            action => self.send_one(action, &op.idempotency_key).await,
+        }
+    }
+
+    /// One request for one action.
+    async fn send_one(
+        &self,
+        action: &Action,
+        idempotency_key: &str,
+    ) -> Result<Option<String>, LoadError> {
+        self.pacer.until_ready().await;
+        match action {
             Action::Upsert {
                 email,
                 user_id,
@@ -154,7 +189,7 @@ impl LoaderStage {
                     },
                     event_properties: Default::default(),
                 };
-                let key = IdempotencyKey::new(op.idempotency_key.clone())?;
+                let key = IdempotencyKey::new(idempotency_key)?;
                 match self.client.send_event(&event, Some(&key)).await {
                     Ok(()) => Ok(None),
                     // Our key, used before: an earlier attempt was applied and its answer lost.
@@ -176,6 +211,9 @@ impl LoaderStage {
                     Err(e) => Err(e.into()),
                 }
             }
+            Action::Rekey { .. } => {
+                Err(LoopsError::Usage("a re-key inside a re-key".into()).into())
+            }
             Action::Unsubscribe { email, user_id } => {
                 let mut properties = serde_json::Map::new();
                 properties.insert("subscribed".into(), serde_json::Value::Bool(false));
@@ -190,7 +228,16 @@ impl LoaderStage {
         }
     }
 
-    fn outcome(&self, op: &Operation, status: OutcomeStatus, requests: u32) -> Outcome {
+    /// An outcome of `op` after `attempts` attempts (each attempt sends every request of it).
+    fn outcome(&self, op: &Operation, status: OutcomeStatus, attempts: u32) -> Outcome {
+        let per_attempt = match &op.action {
+            Action::Rekey {
+                remove_old: Some(_),
+                ..
+            } => 2,
+            _ => 1,
+        };
+        let requests = attempts * per_attempt;
         let mut o = Outcome::new(
             &op.sync,
             op.run_id,

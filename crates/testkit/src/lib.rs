@@ -53,10 +53,10 @@ fn newest_source(dir: &std::path::Path) -> std::time::SystemTime {
             if name != "target" && name != "node_modules" {
                 newest = newest.max(newest_source(&path));
             }
-        } else if path.extension().is_some_and(|e| e == "rs") || name == "Cargo.toml" {
-            if let Ok(modified) = entry.metadata().and_then(|m| m.modified()) {
-                newest = newest.max(modified);
-            }
+        } else if (path.extension().is_some_and(|e| e == "rs") || name == "Cargo.toml")
+            && let Ok(modified) = entry.metadata().and_then(|m| m.modified())
+        {
+            newest = newest.max(modified);
         }
     }
     newest

@@ -32,6 +32,9 @@ pub struct Invalid(pub String);
 /// * `subscribed` is sent only when mapped: sending `true` would re-subscribe people who left.
 /// * Mirror: a record that left the model (only one this sync had confirmed) is deleted, or
 ///   unsubscribed with `on_remove = "unsubscribe"`, by the identifiers Loops confirmed for it.
+/// * Identified by email, a record whose email changed is a re-key: the new email's contact is
+///   written; under mirror the old email's contact is removed, under upsert it stays (and the
+///   run report counts the re-keys).
 /// * With `trigger_workflows`, the write goes as one `events/send` (`event_on_create` for a
 ///   record new to the sync, `event_on_update` for a changed one), its idempotency key derived
 ///   from (sync, key, fingerprint), so each change fires its event exactly once.
@@ -160,26 +163,58 @@ fn upsert(spec: &SyncSpec, change: &RowChange) -> Result<Action, Invalid> {
             }
         }
     }
+    let write = write_action(
+        spec,
+        change,
+        email.clone(),
+        user_id,
+        properties,
+        mailing_lists,
+    );
+    // Identified by email, and the email changed: Loops knows the record as another contact.
+    if spec.identify_by == IdentifyBy::Email
+        && change.kind == ChangeKind::Changed
+        && let (Some(old), Some(new)) = (&change.confirmed_email, &email)
+        && normalize_email(old) != *new
+    {
+        return Ok(Action::Rekey {
+            write: Box::new(write),
+            old_email: old.clone(),
+            remove_old: (spec.behavior == Behavior::Mirror).then_some(spec.on_remove),
+        });
+    }
+    Ok(write)
+}
+
+/// The write of a record: an upsert, or with `trigger_workflows` an event.
+fn write_action(
+    spec: &SyncSpec,
+    change: &RowChange,
+    email: Option<String>,
+    user_id: Option<String>,
+    properties: Map<String, Value>,
+    mailing_lists: BTreeMap<String, bool>,
+) -> Action {
     if spec.trigger_workflows {
         let event_name = if change.kind == ChangeKind::Added {
             &spec.event_on_create
         } else {
             &spec.event_on_update
         };
-        return Ok(Action::Event {
+        return Action::Event {
             event_name: event_name.clone(),
             email,
             user_id,
             properties,
             mailing_lists,
-        });
+        };
     }
-    Ok(Action::Upsert {
+    Action::Upsert {
         email,
         user_id,
         properties,
         mailing_lists,
-    })
+    }
 }
 
 /// What can go wrong around [`transform`].

@@ -296,3 +296,41 @@ fn trigger_workflows_sends_one_event_named_for_create_or_update() {
         assert_eq!(mailing_lists.get("news"), Some(&true));
     }
 }
+
+#[test]
+fn an_email_change_under_email_identity_is_a_rekey() {
+    let mut s = spec(IdentifyBy::Email);
+    let mut moved = change(ChangeKind::Changed, &full_row());
+    moved.confirmed_email = Some("old@example.com".into());
+    let op = transform(&s, &moved).unwrap();
+    let Action::Rekey {
+        write,
+        old_email,
+        remove_old,
+    } = &op.action
+    else {
+        panic!("{:?}", op.action)
+    };
+    assert_eq!(old_email, "old@example.com");
+    assert_eq!(*remove_old, None, "upsert leaves the old contact");
+    assert!(matches!(**write, Action::Upsert { .. }));
+    assert_eq!(op.action.identity().0, Some("ada@example.com"));
+    s.behavior = Behavior::Mirror;
+    let Action::Rekey { remove_old, .. } = transform(&s, &moved).unwrap().action else {
+        panic!()
+    };
+    assert_eq!(remove_old, Some(OnRemove::Delete));
+    // Only the case changed: the same contact.
+    moved.confirmed_email = Some("ADA@example.com".into());
+    assert!(matches!(
+        transform(&s, &moved).unwrap().action,
+        Action::Upsert { .. }
+    ));
+    // Identified by userId, an email change is a plain update.
+    s.identify_by = IdentifyBy::UserId;
+    moved.confirmed_email = Some("old@example.com".into());
+    assert!(matches!(
+        transform(&s, &moved).unwrap().action,
+        Action::Upsert { .. }
+    ));
+}

@@ -97,6 +97,9 @@ pub struct RunSummary {
     /// Requests sent to Loops for this run's records, retries included.
     pub requests: i64,
     pub error: Option<String>,
+    /// Records identified by email whose email changed: the new address was written as its own
+    /// contact (mirror removed the old one; upsert left it in Loops).
+    pub rekeyed: i64,
 }
 
 impl RunSummary {

@@ -127,7 +127,8 @@ impl PgWarehouse {
                     count(x.key) FILTER (WHERE x.outcome = 'rejected'),
                     count(x.key) FILTER (WHERE x.outcome = 'dead_lettered'),
                     COALESCE(sum(x.requests), 0)::bigint,
-                    r.error
+                    r.error,
+                    count(x.key) FILTER (WHERE x.operation = 'rekey' AND x.outcome = 'confirmed')
              FROM loopsync.runs r LEFT JOIN loopsync.records x ON x.run_id = r.id
              WHERE {filter}
              GROUP BY r.id ORDER BY r.id DESC LIMIT $2"
@@ -155,6 +156,7 @@ fn summary(row: &Row) -> RunSummary {
         dead_lettered: row.get(15),
         requests: row.get(16),
         error: row.get(17),
+        rekeyed: row.get(18),
     }
 }
 

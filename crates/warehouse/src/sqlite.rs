@@ -107,7 +107,8 @@ impl SqliteWarehouse {
                     r.expected, r.added, r.changed, r.removed, r.unchanged,
                     sum(x.outcome = 'confirmed'), sum(x.outcome = 'skipped'),
                     sum(x.outcome = 'invalid'), sum(x.outcome = 'rejected'),
-                    sum(x.outcome = 'dead_lettered'), sum(x.requests), r.error
+                    sum(x.outcome = 'dead_lettered'), sum(x.requests), r.error,
+                    sum(x.operation = 'rekey' AND x.outcome = 'confirmed')
              FROM loopsync_runs r LEFT JOIN loopsync_records x ON x.run_id = r.id
              WHERE {filter} GROUP BY r.id ORDER BY r.id DESC LIMIT ?2"
         )
@@ -150,6 +151,7 @@ fn summary(row: &rusqlite::Row<'_>) -> rusqlite::Result<RunSummary> {
         dead_lettered: count(15)?,
         requests: count(16)?,
         error: row.get(17)?,
+        rekeyed: count(18)?,
     })
 }
 
