@@ -1,19 +1,11 @@
 //! The pipeline end to end: the `loopsync` binary against PostgreSQL, NATS JetStream and the
 //! Loops simulator, all real processes on loopback.
 
-use std::time::Duration;
-
 use loopsync_testkit::{Stack, StackOptions};
 use serde_json::Value;
 
 fn run_of(output: &loopsync_testkit::RunOutput) -> &Value {
-    assert!(
-        output.runs.is_array(),
-        "loopsync run printed no report (exit {}): {}",
-        output.status,
-        output.stderr
-    );
-    &output.runs[0]
+    output.run()
 }
 
 /// First run creates every contact; a second run with nothing changed sends nothing; after an
@@ -272,38 +264,10 @@ async fn killing_the_loader_mid_run_loses_nothing() {
     let Some(stack) = Stack::start(options).await else {
         return;
     };
-    let _extractor = stack.worker("extractor").await;
-    let _transformer = stack.worker("transformer").await;
-    let mut loader = stack.worker("loader").await;
-    let runner = stack
-        .command(&["run", "--once", "--remote", "--json"])
-        .output();
-    let runner = tokio::spawn(runner);
-    // Let it get some way in, then kill it.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while stack.update_requests().await < 20 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the loader made no progress"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    loader.kill().await;
-    let at_kill = stack.update_requests().await;
+    let (output, at_kill) = stack
+        .run_killing_the_loader("PUT /v1/contacts/update", 20)
+        .await;
     assert!(at_kill < 80, "the run was already over: {at_kill}");
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let _replacement = stack.worker("loader").await;
-    let output = tokio::time::timeout(Duration::from_secs(60), runner)
-        .await
-        .expect("the run finished in time")
-        .unwrap()
-        .unwrap();
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
     let runs: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(runs[0]["confirmed"], 80, "{runs}");
     assert_eq!(stack.contacts().await.len(), 80);

@@ -1,20 +1,12 @@
 //! Sync semantics end to end: mirror, workflow events, userId identity, invalid records.
 //! The `loopsync` binary against PostgreSQL, the simulator and (where said) NATS.
 
-use std::time::Duration;
-
 use loopsync_testkit::{Stack, StackOptions};
 use reqwest::Method;
 use serde_json::{Value, json};
 
 fn run_of(output: &loopsync_testkit::RunOutput) -> &Value {
-    assert!(
-        output.runs.is_array(),
-        "loopsync run printed no report (exit {}): {}",
-        output.status,
-        output.stderr
-    );
-    &output.runs[0]
+    output.run()
 }
 
 /// Mirror deletes the contacts of rows that left the model — only those the sync confirmed;
@@ -204,32 +196,10 @@ async fn workflow_events_fire_once_when_the_loader_is_killed() {
     let Some(stack) = Stack::start(options).await else {
         return;
     };
-    let _extractor = stack.worker("extractor").await;
-    let _transformer = stack.worker("transformer").await;
-    let mut loader = stack.worker("loader").await;
-    let runner = tokio::spawn(
-        stack
-            .command(&["run", "--once", "--remote", "--json"])
-            .output(),
-    );
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while stack.workflows("event_received").await < 15 {
-        assert!(tokio::time::Instant::now() < deadline, "no progress");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    loader.kill().await;
-    let _replacement = stack.worker("loader").await;
-    let output = tokio::time::timeout(Duration::from_secs(60), runner)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let (_, at_kill) = stack
+        .run_killing_the_loader("POST /v1/events/send", 15)
+        .await;
+    assert!(at_kill < 60, "the run was already over: {at_kill}");
     assert_eq!(
         stack.workflows("event_received").await,
         60,

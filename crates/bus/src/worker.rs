@@ -47,6 +47,16 @@ pub enum Fate {
     DeadLettered,
 }
 
+impl Fate {
+    /// The outcome of a record given up this way.
+    pub fn status(self) -> loopsync_core::envelope::OutcomeStatus {
+        match self {
+            Fate::Rejected => loopsync_core::envelope::OutcomeStatus::Rejected,
+            Fate::DeadLettered => loopsync_core::envelope::OutcomeStatus::DeadLettered,
+        }
+    }
+}
+
 /// A stage's work on one message.
 #[async_trait]
 pub trait Handler: Send + Sync + 'static {

@@ -304,10 +304,7 @@ impl Handler for LoaderStage {
         reason: &str,
     ) -> Result<(), LoadError> {
         let op: Operation = codec::decode(payload)?;
-        let status = match fate {
-            Fate::Rejected => OutcomeStatus::Rejected,
-            Fate::DeadLettered => OutcomeStatus::DeadLettered,
-        };
+        let status = fate.status();
         let outcome = self.outcome(&op, status, info.attempt).with_reason(reason);
         publish::outcome(&*self.bus, &outcome).await?;
         Ok(())

@@ -265,6 +265,19 @@ pub struct RunOutput {
     pub stderr: String,
 }
 
+impl RunOutput {
+    /// The first run's report; fails the test, with what loopsync said, when there is none.
+    pub fn run(&self) -> &serde_json::Value {
+        assert!(
+            self.runs.is_array(),
+            "loopsync run printed no report (exit {}): {}",
+            self.status,
+            self.stderr
+        );
+        &self.runs[0]
+    }
+}
+
 /// A `loopsync worker` process, killed on drop.
 pub struct Worker {
     pub child: tokio::process::Child,
@@ -433,12 +446,60 @@ signedUpAt = {{ column = "signed_up_at", type = "date" }}
 
     /// Requests that reached `PUT /v1/contacts/update`, whatever their answer.
     pub async fn update_requests(&self) -> u64 {
+        self.requests_to("PUT /v1/contacts/update").await
+    }
+
+    /// Requests that reached one endpoint (`"POST /v1/events/send"`), whatever their answer.
+    pub async fn requests_to(&self, endpoint: &str) -> u64 {
         let stats = self.sim.inspect("stats").await;
-        stats["by_endpoint"]["PUT /v1/contacts/update"]
+        stats["by_endpoint"][endpoint]
             .as_object()
             .map_or(0, |by_status| {
                 by_status.values().filter_map(|n| n.as_u64()).sum()
             })
+    }
+
+    /// Worker mode with a loader killed mid-run: starts an extractor, a transformer and a
+    /// loader, requests a run (`run --once --remote --json`), SIGKILLs the loader once
+    /// `endpoint` has seen `after` requests, starts another loader, and waits for the run.
+    /// Returns the runner's output and the requests counted at the kill.
+    pub async fn run_killing_the_loader(
+        &self,
+        endpoint: &str,
+        after: u64,
+    ) -> (std::process::Output, u64) {
+        use std::time::Duration;
+        let _extractor = self.worker("extractor").await;
+        let _transformer = self.worker("transformer").await;
+        let mut loader = self.worker("loader").await;
+        let runner = tokio::spawn(
+            self.command(&["run", "--once", "--remote", "--json"])
+                .output(),
+        );
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while self.requests_to(endpoint).await < after {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the loader made no progress"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        loader.kill().await;
+        let at_kill = self.requests_to(endpoint).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let _replacement = self.worker("loader").await;
+        let output = tokio::time::timeout(Duration::from_secs(60), runner)
+            .await
+            .expect("the run finished in time")
+            .expect("the runner task")
+            .expect("the runner process");
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        (output, at_kill)
     }
 
     /// Calls the simulator's Loops API directly (as someone else using the same team would).

@@ -290,10 +290,7 @@ impl Handler for TransformerStage {
         reason: &str,
     ) -> Result<(), TransformError> {
         let change: RowChange = codec::decode(payload)?;
-        let status = match fate {
-            Fate::Rejected => OutcomeStatus::Rejected,
-            Fate::DeadLettered => OutcomeStatus::DeadLettered,
-        };
+        let status = fate.status();
         let outcome = Outcome::new(
             &change.sync,
             change.run_id,
