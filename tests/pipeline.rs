@@ -115,14 +115,17 @@ async fn invalid_records_degrade_the_run() {
               UPDATE users SET email = NULL WHERE id = 2;
               INSERT INTO users VALUES (3, 'dup@example.com', 'Dup', 'free', 1, now(), true);
               INSERT INTO users VALUES (NULL, 'nokey@example.com', 'Nil', 'free', 1, now(), true);
-              INSERT INTO users VALUES (6, ' USER5@example.com', 'Twin', 'free', 1, now(), true);",
+              INSERT INTO users VALUES (6, ' USER5@example.com', 'Twin', 'free', 1, now(), true);
+              INSERT INTO users VALUES (7, 'long@example.com', repeat('x', 501), 'free', 1, now(), true);
+              ALTER TABLE users ALTER COLUMN seats TYPE text;
+              INSERT INTO users VALUES (8, 'seats@example.com', 'Many', 'free', 'many', now(), true);",
         )
         .await;
     let output = stack.run_once(&[]).await;
     assert_eq!(output.status, 3, "degraded: {}", output.stderr);
     let run = run_of(&output);
     assert_eq!(run["status"], "degraded");
-    assert_eq!(run["invalid"], 6, "{run}");
+    assert_eq!(run["invalid"], 8, "{run}");
     assert_eq!(run["confirmed"], 1);
     let mut reasons: Vec<String> = stack
         .pg
@@ -142,13 +145,15 @@ async fn invalid_records_degrade_the_run() {
             "3: duplicate primary key: 2 rows have id = 3",
             "5: the email user5@example.com is on 2 rows of this run: one contact cannot be two records",
             "6: the email user5@example.com is on 2 rows of this run: one contact cannot be two records",
+            "7: firstName is 501 characters long; Loops accepts at most 500",
+            "8: seats: \"many\" is not a number",
         ]
     );
     assert_eq!(stack.contacts().await.len(), 1);
     // The invalid records are tried again next run (still invalid), the valid ones are not.
     let again = stack.run_once(&[]).await;
     assert_eq!(again.status, 3);
-    assert_eq!(run_of(&again)["invalid"], 6);
+    assert_eq!(run_of(&again)["invalid"], 8);
     assert_eq!(run_of(&again)["unchanged"], 1);
 
     // `loopsync rejections` lists each record once, with its latest reason.
@@ -160,7 +165,7 @@ async fn invalid_records_degrade_the_run() {
     assert!(listed.status.success());
     let listed: Value = serde_json::from_slice(&listed.stdout).unwrap();
     let listed = listed.as_array().unwrap();
-    assert_eq!(listed.len(), 6);
+    assert_eq!(listed.len(), 8);
     assert!(listed.iter().all(|r| r["run_id"] == 2));
     assert_eq!(listed[0]["key"], "(null #1)");
     assert_eq!(listed[0]["reason"], "id is NULL");
@@ -179,8 +184,8 @@ async fn invalid_records_degrade_the_run() {
         .await
         .unwrap();
     let show: Value = serde_json::from_slice(&show.stdout).unwrap();
-    assert_eq!(show["run"]["invalid"], 6);
-    assert_eq!(show["records"].as_array().unwrap().len(), 7);
+    assert_eq!(show["run"]["invalid"], 8);
+    assert_eq!(show["records"].as_array().unwrap().len(), 9);
     let confirmed = show["records"]
         .as_array()
         .unwrap()

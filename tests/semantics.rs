@@ -280,6 +280,14 @@ async fn user_id_identity() {
         }
     };
     assert_eq!(reason("7").await, "invalid: a new contact needs an email");
+    // A rejected record is tried again by the next run (Loops still refuses it).
+    let third = stack.run_once(&[]).await;
+    let run = run_of(&third);
+    assert_eq!(
+        (run["rejected"].as_i64(), run["requests"].as_i64()),
+        (Some(1), Some(1)),
+        "{run}"
+    );
     assert_eq!(
         reason("4").await,
         "rejected: invalid request (400): Multiple contacts found for the given criteria"

@@ -265,6 +265,7 @@ pub async fn wait_for_run(
     poll: Duration,
 ) -> Result<RunSummary, ExtractError> {
     loop {
+        warehouse.finish_if_complete(run_id).await?;
         if let Some(run) = warehouse.run(run_id).await?
             && run.is_finished()
         {

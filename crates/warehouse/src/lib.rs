@@ -176,6 +176,11 @@ pub trait Warehouse: Send + Sync + 'static {
     /// confirmation replaces an earlier failure.
     async fn record_outcomes(&self, outcomes: &[Outcome]) -> Result<(), WarehouseError>;
 
+    /// Ends the run if every record has an outcome (`record_outcomes` and `finish_extract` do
+    /// this themselves; whoever waits for a run calls it too, so no interleaving can leave a
+    /// complete run unfinished).
+    async fn finish_if_complete(&self, run_id: i64) -> Result<(), WarehouseError>;
+
     async fn run(&self, run_id: i64) -> Result<Option<RunSummary>, WarehouseError>;
 
     /// Newest first.

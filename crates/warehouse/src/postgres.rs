@@ -420,7 +420,17 @@ impl Warehouse for PgWarehouse {
             )
             .await
             .map_err(query_error("record outcomes"))?;
-        let mut runs = Vec::new();
+        // The runs' rows first: finish_extract waits for this transaction, so one of the two
+        // sees every record of a complete run.
+        let mut runs: Vec<i64> = outcomes.iter().map(|o| o.run_id).collect();
+        runs.sort_unstable();
+        runs.dedup();
+        tx.execute(
+            "SELECT id FROM loopsync.runs WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+            &[&runs],
+        )
+        .await
+        .map_err(query_error("lock runs"))?;
         // Row locks in one order, (sync, key), as mark_emitted takes them: no deadlock.
         let mut ordered: Vec<&Outcome> = outcomes.iter().collect();
         ordered.sort_by(|a, b| (&a.sync, &a.key).cmp(&(&b.sync, &b.key)));
@@ -463,14 +473,19 @@ impl Warehouse for PgWarehouse {
                 .await
                 .map_err(query_error("advance the state"))?;
             }
-            if !runs.contains(&o.run_id) {
-                runs.push(o.run_id);
-            }
         }
         tx.execute(FINISH_RUNS, &[&runs])
             .await
             .map_err(query_error("finish runs"))?;
         tx.commit().await.map_err(query_error("commit outcomes"))
+    }
+
+    async fn finish_if_complete(&self, run_id: i64) -> Result<(), WarehouseError> {
+        self.client
+            .execute(FINISH_RUNS, &[&vec![run_id]])
+            .await
+            .map_err(query_error("finish a run"))?;
+        Ok(())
     }
 
     async fn run(&self, run_id: i64) -> Result<Option<RunSummary>, WarehouseError> {

@@ -468,6 +468,15 @@ impl Warehouse for SqliteWarehouse {
         .await
     }
 
+    async fn finish_if_complete(&self, run_id: i64) -> Result<(), WarehouseError> {
+        self.with(move |c| {
+            c.execute(FINISH_RUN, params![run_id])
+                .map_err(error("finish a run"))?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn run(&self, run_id: i64) -> Result<Option<RunSummary>, WarehouseError> {
         self.with(move |c| {
             c.query_row(&Self::summary_sql("r.id = ?1"), params![run_id, 1], summary)

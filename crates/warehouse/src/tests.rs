@@ -42,6 +42,7 @@ fn spec(name: &str, table: &str) -> SyncSpec {
 
 /// A warehouse plus a way to run SQL on it directly.
 struct Fixture {
+    sqlite: bool,
     warehouse: Arc<dyn Warehouse>,
     exec: Box<dyn Fn(String) -> futures::future::BoxFuture<'static, ()>>,
 }
@@ -55,6 +56,7 @@ async fn postgres() -> Option<Fixture> {
     let client = Arc::new(client);
     let warehouse = connect(&url).await.unwrap();
     Some(Fixture {
+        sqlite: false,
         warehouse,
         exec: Box::new(move |sql| {
             let client = client.clone();
@@ -69,6 +71,7 @@ fn sqlite() -> Fixture {
     let path_text = path.display().to_string();
     let warehouse: Arc<dyn Warehouse> = Arc::new(SqliteWarehouse::open(&path_text).unwrap());
     Fixture {
+        sqlite: true,
         warehouse,
         exec: Box::new(move |sql| {
             let path = path.clone();
@@ -292,6 +295,30 @@ async fn full_cycle(f: Fixture, bool_true: &str) {
         (again.status.as_str(), again.expected),
         ("sending", Some(2))
     );
+
+    // The lost wake-up: every outcome recorded while the run was still extracting, and the
+    // extraction's own check missed them. Whoever waits for the run finishes it.
+    let run6 = w.create_run("users").await.unwrap();
+    w.claim_run(run6, false).await.unwrap();
+    w.mark_emitted("users", run6, &[("1".into(), "fp6".into())])
+        .await
+        .unwrap();
+    w.record_outcomes(&[confirmed(&spec, run6, "1", "fp6")])
+        .await
+        .unwrap();
+    assert_eq!(w.run(run6).await.unwrap().unwrap().status, "extracting");
+    let table = if f.sqlite {
+        "loopsync_runs"
+    } else {
+        "loopsync.runs"
+    };
+    (f.exec)(format!(
+        "UPDATE {table} SET status = 'sending', expected = 1 WHERE id = {run6}"
+    ))
+    .await;
+    assert_eq!(w.run(run6).await.unwrap().unwrap().status, "sending");
+    w.finish_if_complete(run6).await.unwrap();
+    assert_eq!(w.run(run6).await.unwrap().unwrap().status, "succeeded");
 
     // An empty run finishes at once.
     let run3 = w.create_run("users").await.unwrap();
