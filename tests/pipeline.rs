@@ -362,3 +362,33 @@ async fn plan_is_a_dry_run_that_matches_the_run() {
     );
     assert_eq!(stack.update_requests().await, before + 2);
 }
+
+/// One rate budget for the team, shared by every loader process: three loaders against a
+/// simulated team limit equal to the budget stay within it, where three independent paces
+/// would offer three times the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_loaders_share_one_rate_budget() {
+    let options = StackOptions {
+        rows: 60,
+        nats: true,
+        sim_rate_limit: 20,
+        requests_per_second: 20,
+        ..StackOptions::default()
+    };
+    let Some(stack) = Stack::start(options).await else {
+        return;
+    };
+    let _extractor = stack.worker("extractor").await;
+    let _transformer = stack.worker("transformer").await;
+    let _loaders = [
+        stack.worker("loader").await,
+        stack.worker("loader").await,
+        stack.worker("loader").await,
+    ];
+    let out = stack.run_once(&["--remote"]).await;
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    assert_eq!(run_of(&out)["confirmed"], 60);
+    let stats = stack.sim.inspect("stats").await;
+    assert!(stats["rate_limited"].as_u64().unwrap() <= 2, "{stats}");
+    assert!(stack.update_requests().await <= 62);
+}

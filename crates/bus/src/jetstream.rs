@@ -59,6 +59,7 @@ pub struct JetStreamBus {
     js: Context,
     names: Names,
     ledger: kv::Store,
+    budget: kv::Store,
 }
 
 impl std::fmt::Debug for JetStreamBus {
@@ -104,12 +105,14 @@ impl JetStreamBus {
         }
         let js = jetstream::new(client.clone());
         provision(&js, &names, options).await?;
-        let ledger = ledger_bucket(&js, &names).await?;
+        let ledger = bucket(&js, &names.ledger_bucket()).await?;
+        let budget = bucket(&js, &names.budget_bucket()).await?;
         Ok(JetStreamBus {
             client,
             js,
             names,
             ledger,
+            budget,
         })
     }
 
@@ -332,10 +335,9 @@ async fn provision(
     Ok(())
 }
 
-/// The ledger's key-value bucket, its stream made by hand (what `create_key_value` would make),
-/// because async-nats 0.51's `create_key_value` cannot read 2.9's account info.
-async fn ledger_bucket(js: &Context, names: &Names) -> Result<kv::Store, BusError> {
-    let bucket = names.ledger_bucket();
+/// A key-value bucket, its stream made by hand (what `create_key_value` would make), because
+/// async-nats 0.51's `create_key_value` cannot read 2.9's account info.
+async fn bucket(js: &Context, bucket: &str) -> Result<kv::Store, BusError> {
     js.get_or_create_stream(stream::Config {
         name: format!("KV_{bucket}"),
         subjects: vec![format!("$KV.{bucket}.>")],
@@ -350,9 +352,15 @@ async fn ledger_bucket(js: &Context, names: &Names) -> Result<kv::Store, BusErro
     })
     .await
     .map_err(|e| provision_error(format!("bucket {bucket}"), e))?;
-    js.get_key_value(&bucket)
+    js.get_key_value(bucket)
         .await
         .map_err(|e| provision_error(format!("bucket {bucket}"), e))
+}
+
+fn unix_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 #[async_trait]
@@ -499,6 +507,43 @@ impl Bus for JetStreamBus {
             .await
             .map(|_| ())
             .map_err(|e| BusError::Ledger(e.to_string()))
+    }
+
+    /// The budget's key holds the theoretical arrival time of the next slot (Unix nanoseconds).
+    /// A process takes the slot by compare-and-swap on the key's revision; whoever loses the race
+    /// reads again. Clocks of different hosts only need to agree to a fraction of `period`.
+    async fn rate_slot(&self, budget: &str, period: Duration) -> Result<(), BusError> {
+        use kv::{CreateErrorKind, UpdateErrorKind};
+        let period = period.as_nanos() as u64;
+        let error = |e: &dyn std::fmt::Display| BusError::Ledger(format!("rate budget: {e}"));
+        loop {
+            let entry = self.budget.entry(budget).await.map_err(|e| error(&e))?;
+            let due = entry
+                .as_ref()
+                .and_then(|e| <[u8; 8]>::try_from(&e.value[..]).ok())
+                .map_or(0, u64::from_be_bytes);
+            let now = unix_nanos();
+            if now < due {
+                tokio::time::sleep(Duration::from_nanos((due - now).min(1_000_000_000))).await;
+                continue;
+            }
+            let next = Bytes::copy_from_slice(&(now + period).to_be_bytes());
+            let lost = match &entry {
+                Some(e) => match self.budget.update(budget, next, e.revision).await {
+                    Ok(_) => false,
+                    Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => true,
+                    Err(e) => return Err(error(&e)),
+                },
+                None => match self.budget.create(budget, next).await {
+                    Ok(_) => false,
+                    Err(e) if e.kind() == CreateErrorKind::AlreadyExists => true,
+                    Err(e) => return Err(error(&e)),
+                },
+            };
+            if !lost {
+                return Ok(());
+            }
+        }
     }
 }
 

@@ -67,6 +67,10 @@ pub trait Bus: Send + Sync + 'static {
 
     /// Writes the ledger entry of a record.
     async fn ledger_put(&self, key: &str, value: Bytes) -> Result<(), BusError>;
+
+    /// Takes one request slot of the rate budget `budget`, shared by every process on this bus,
+    /// waiting until one is free. Slots are `period` apart, never closer: a GCRA with no burst.
+    async fn rate_slot(&self, budget: &str, period: Duration) -> Result<(), BusError>;
 }
 
 /// One replica's handle on a stage's consumer.

@@ -50,6 +50,7 @@ struct Inner {
     sequence: Mutex<u64>,
     dead: Mutex<Vec<DeadLetter>>,
     ledger: Mutex<HashMap<String, Bytes>>,
+    budgets: Mutex<HashMap<String, Arc<governor::DefaultDirectRateLimiter>>>,
 }
 
 impl Default for LocalBus {
@@ -71,6 +72,7 @@ impl LocalBus {
                 sequence: Mutex::new(0),
                 dead: Mutex::default(),
                 ledger: Mutex::default(),
+                budgets: Mutex::default(),
             }),
         }
     }
@@ -163,6 +165,24 @@ impl Bus for LocalBus {
             .lock()
             .expect("ledger lock")
             .insert(key.to_owned(), value);
+        Ok(())
+    }
+
+    async fn rate_slot(&self, budget: &str, period: Duration) -> Result<(), BusError> {
+        let limiter = self
+            .inner
+            .budgets
+            .lock()
+            .expect("budget lock")
+            .entry(budget.to_owned())
+            .or_insert_with(|| {
+                let quota = governor::Quota::with_period(period.max(Duration::from_nanos(1)))
+                    .expect("a positive period")
+                    .allow_burst(std::num::NonZeroU32::MIN);
+                Arc::new(governor::RateLimiter::direct(quota))
+            })
+            .clone();
+        limiter.until_ready().await;
         Ok(())
     }
 }

@@ -66,13 +66,13 @@ pub async fn run(config_path: &Path, args: CheckArgs) -> anyhow::Result<ExitCode
         }
     }
     let client = loops_client(&config)?;
-    let pacer = loopsync_loader::pacer(config.loops.requests_per_second);
-    match with_retries(&pacer, || client.test_api_key()).await {
+    let budget = loopsync_loader::RateBudget::local(config.loops.requests_per_second);
+    match with_retries(&budget, || client.test_api_key()).await {
         Err(e) => report.loops = Some(e.to_string()),
         Ok(info) => {
             report.team_name = info.team_name;
-            let existing = with_retries(&pacer, || client.list_properties(false)).await?;
-            let lists = with_retries(&pacer, || client.list_mailing_lists()).await?;
+            let existing = with_retries(&budget, || client.list_properties(false)).await?;
+            let lists = with_retries(&budget, || client.list_mailing_lists()).await?;
             for sync in &config.syncs {
                 for p in &sync.spec.properties {
                     if default_property_kind(&p.property).is_some() {
@@ -108,7 +108,7 @@ pub async fn run(config_path: &Path, args: CheckArgs) -> anyhow::Result<ExitCode
                 for wanted in std::mem::take(&mut report.missing_properties) {
                     let (name, kind) = wanted.split_once(": ").expect("name: type");
                     let kind: PropertyType = kind.parse().map_err(anyhow::Error::msg)?;
-                    with_retries(&pacer, || client.create_property(name, kind)).await?;
+                    with_retries(&budget, || client.create_property(name, kind)).await?;
                     report.created_properties.push(wanted);
                 }
             }

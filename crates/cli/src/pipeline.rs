@@ -6,13 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use governor::DefaultDirectRateLimiter;
 use loopsync_bus::worker::{self, BatchOptions, WorkerOptions};
 use loopsync_bus::{Bus, BusError, JetStreamBus, JetStreamOptions, LocalBus};
 use loopsync_config::Config;
 use loopsync_core::subjects::{Names, Stage};
 use loopsync_extractor::{Checkpointer, ExtractorStage};
-use loopsync_loader::LoaderStage;
+use loopsync_loader::{LoaderStage, RateBudget};
 use loopsync_loops_client::{ApiKey, ClientConfig, LoopsClient, PropertyType};
 use loopsync_transformer::TransformerStage;
 use loopsync_warehouse::Warehouse;
@@ -25,8 +24,9 @@ pub struct Pipeline {
     pub bus: Arc<dyn Bus>,
     pub warehouse: Arc<dyn Warehouse>,
     jetstream: Option<Arc<JetStreamBus>>,
-    /// The process's one pace of requests to Loops: the loader and the preflight share it.
-    pub pacer: Arc<DefaultDirectRateLimiter>,
+    /// The Loops team's rate budget, shared through the bus by every process: the loader and
+    /// the preflight take their slots from it.
+    pub budget: RateBudget,
     shutdown: CancellationToken,
     tasks: JoinSet<Result<(), BusError>>,
 }
@@ -51,9 +51,13 @@ impl Pipeline {
             }
             None => (Arc::new(LocalBus::default()), None),
         };
-        let pacer = Arc::new(loopsync_loader::pacer(config.loops.requests_per_second));
+        let budget = RateBudget::shared(
+            bus.clone(),
+            &config.loops.api_key,
+            config.loops.requests_per_second,
+        );
         Ok(Pipeline {
-            pacer,
+            budget,
             config,
             bus,
             warehouse,
@@ -111,7 +115,7 @@ impl Pipeline {
                 let handler = Arc::new(LoaderStage::new(
                     bus.clone(),
                     self.loops_client()?,
-                    self.pacer.clone(),
+                    self.budget.clone(),
                 ));
                 let options = WorkerOptions {
                     concurrency: self.config.loops.concurrency,
@@ -199,9 +203,9 @@ pub fn loops_client(config: &Config) -> anyhow::Result<LoopsClient> {
 pub async fn ensure_properties(
     config: &Config,
     client: &LoopsClient,
-    pacer: &DefaultDirectRateLimiter,
+    budget: &RateBudget,
 ) -> anyhow::Result<Vec<String>> {
-    let existing = with_retries(pacer, || client.list_properties(false))
+    let existing = with_retries(budget, || client.list_properties(false))
         .await
         .context("listing the contact properties of the Loops team")?;
     let mut created = Vec::new();
@@ -214,7 +218,7 @@ pub async fn ensure_properties(
                 continue;
             }
             let kind: PropertyType = p.kind.as_str().parse().map_err(anyhow::Error::msg)?;
-            with_retries(pacer, || client.create_property(&p.property, kind))
+            with_retries(budget, || client.create_property(&p.property, kind))
                 .await
                 .with_context(|| format!("creating the contact property {}", p.property))?;
             created.push(p.property.clone());
@@ -226,10 +230,7 @@ pub async fn ensure_properties(
 /// A call to Loops outside the pipeline (the preflight), paced, and retried like the loader's:
 /// a retryable answer waits (the server's delay, or the worker's backoff) and tries again, up
 /// to five attempts.
-pub(crate) async fn with_retries<T, F, Fut>(
-    pacer: &DefaultDirectRateLimiter,
-    mut call: F,
-) -> Result<T, loopsync_loops_client::LoopsError>
+pub(crate) async fn with_retries<T, F, Fut>(budget: &RateBudget, mut call: F) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, loopsync_loops_client::LoopsError>>,
@@ -239,7 +240,7 @@ where
     let backoff = worker::Backoff::default();
     let mut attempt = 1;
     loop {
-        pacer.until_ready().await;
+        budget.ready().await?;
         match call().await {
             Err(error) if attempt < ATTEMPTS && error.class().is_retryable() => {
                 let delay = match error.class() {
@@ -250,7 +251,7 @@ where
                 tokio::time::sleep(delay).await;
                 attempt += 1;
             }
-            result => return result,
+            result => return Ok(result?),
         }
     }
 }

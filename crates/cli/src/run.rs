@@ -68,7 +68,7 @@ pub async fn run(config_path: &Path, args: RunArgs) -> anyhow::Result<ExitCode> 
     }
     let mut pipeline = Pipeline::connect(config.clone()).await?;
     let client = pipeline.loops_client()?;
-    let created = ensure_properties(&config, &client, &pipeline.pacer).await?;
+    let created = ensure_properties(&config, &client, &pipeline.budget).await?;
     if !created.is_empty() {
         eprintln!(
             "created contact properties in Loops: {}",

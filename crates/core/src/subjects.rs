@@ -139,6 +139,11 @@ impl Names {
     pub fn ledger_bucket(&self) -> String {
         format!("{}_ledger", self.namespace.replace('-', "_"))
     }
+
+    /// The key-value bucket of the shared rate budgets (one key per Loops team).
+    pub fn budget_bucket(&self) -> String {
+        format!("{}_budget", self.namespace.replace('-', "_"))
+    }
 }
 
 #[cfg(test)]

@@ -1,8 +1,9 @@
 //! The loader: applies operations to Loops.
 //!
-//! * One rate budget per process, paced evenly at `requests_per_second` (a governor GCRA with a
-//!   burst of one): Loops' window may be a sliding second, and a burst at a window's edge would
-//!   cost 429s.
+//! * One rate budget per Loops team, shared by every loader process through the bus (a GCRA
+//!   slot in a JetStream key-value entry; governor in process), paced evenly at
+//!   `requests_per_second` with no burst: Loops' window may be a sliding second, and a burst at a
+//!   window's edge would cost 429s.
 //! * Loops' answer is classified once, by the client ([`loopsync_loops_client::classify`]); the
 //!   worker loop turns the class into ack, nak(delay) or term. A 429's `Retry-After` becomes the
 //!   nak delay.
@@ -84,11 +85,56 @@ pub fn verdict(op: &Operation, entry: Option<&LedgerEntry>) -> LedgerVerdict {
     }
 }
 
-/// An even pace of `per_second` requests: one every 1/`per_second` seconds, no burst.
+/// The interval between two requests of a budget of `per_second`: 1/`per_second`, plus 2 % (at
+/// least 1 ms) so that network jitter between processes cannot put `per_second` + 1 requests
+/// into one second of a sliding window.
+pub fn slot_period(per_second: u32) -> Duration {
+    let base = Duration::from_secs(1) / per_second.max(1);
+    base + (base / 50).max(Duration::from_millis(1))
+}
+
+/// The rate budget of one Loops team, shared by every request to it.
+#[derive(Clone)]
+pub enum RateBudget {
+    /// Shared through the bus by every process of the deployment (the loader's).
+    Shared {
+        bus: Arc<dyn Bus>,
+        name: String,
+        period: Duration,
+    },
+    /// This process only (commands that run without a bus, such as `check`).
+    Local(Arc<DefaultDirectRateLimiter>),
+}
+
+impl RateBudget {
+    /// The team's budget on `bus`: one per API key, whatever the number of syncs and workers.
+    pub fn shared(bus: Arc<dyn Bus>, api_key: &str, requests_per_second: u32) -> RateBudget {
+        RateBudget::Shared {
+            bus,
+            name: format!("team-{}", keys::record_id("loops-api-key", api_key)),
+            period: slot_period(requests_per_second),
+        }
+    }
+
+    pub fn local(requests_per_second: u32) -> RateBudget {
+        RateBudget::Local(Arc::new(pacer(requests_per_second)))
+    }
+
+    /// Waits for, and takes, the next request slot.
+    pub async fn ready(&self) -> Result<(), BusError> {
+        match self {
+            RateBudget::Shared { bus, name, period } => bus.rate_slot(name, *period).await,
+            RateBudget::Local(pacer) => {
+                pacer.until_ready().await;
+                Ok(())
+            }
+        }
+    }
+}
+
+/// An even pace of `per_second` requests in this process: one every [`slot_period`], no burst.
 pub fn pacer(per_second: u32) -> DefaultDirectRateLimiter {
-    let per_second = per_second.max(1);
-    let period = Duration::from_secs(1) / per_second;
-    let quota = Quota::with_period(period)
+    let quota = Quota::with_period(slot_period(per_second))
         .expect("a positive period")
         .allow_burst(NonZeroU32::MIN);
     RateLimiter::direct(quota)
@@ -98,17 +144,17 @@ pub fn pacer(per_second: u32) -> DefaultDirectRateLimiter {
 pub struct LoaderStage {
     bus: Arc<dyn Bus>,
     client: LoopsClient,
-    pacer: Arc<DefaultDirectRateLimiter>,
+    budget: RateBudget,
 }
 
 impl LoaderStage {
-    /// `pacer` is the process's one rate budget: share it with every other request to Loops.
-    pub fn new(
-        bus: Arc<dyn Bus>,
-        client: LoopsClient,
-        pacer: Arc<DefaultDirectRateLimiter>,
-    ) -> LoaderStage {
-        LoaderStage { bus, client, pacer }
+    /// `budget` is the team's rate budget: share it with every other request to Loops.
+    pub fn new(bus: Arc<dyn Bus>, client: LoopsClient, budget: RateBudget) -> LoaderStage {
+        LoaderStage {
+            bus,
+            client,
+            budget,
+        }
     }
 
     async fn ledger(&self, op: &Operation) -> Result<Option<LedgerEntry>, LoadError> {
@@ -156,7 +202,7 @@ impl LoaderStage {
         action: &Action,
         idempotency_key: &str,
     ) -> Result<Option<String>, LoadError> {
-        self.pacer.until_ready().await;
+        self.budget.ready().await?;
         match action {
             Action::Upsert {
                 email,

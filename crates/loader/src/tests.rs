@@ -75,7 +75,8 @@ fn stage(bus: Arc<LocalBus>, sim: &SimHandle, rps: u32) -> Arc<LoaderStage> {
         ApiKey::new("test-key").unwrap(),
     ))
     .unwrap();
-    Arc::new(LoaderStage::new(bus, client, Arc::new(pacer(rps))))
+    let budget = RateBudget::shared(bus.clone(), "test-key", rps);
+    Arc::new(LoaderStage::new(bus, client, budget))
 }
 
 fn info(attempt: u32) -> DeliveryInfo {
@@ -226,6 +227,12 @@ async fn pacing_never_trips_the_rate_limit() {
     assert_eq!(stats.rate_limited, 0, "{stats:?}");
     assert!(stats.max_accepted_in_one_second <= 20);
     assert_eq!(stats.total_requests, 30);
+}
+
+#[test]
+fn slots_leave_room_for_jitter() {
+    assert_eq!(slot_period(10), Duration::from_millis(102));
+    assert_eq!(slot_period(1000), Duration::from_micros(2000));
 }
 
 #[test]

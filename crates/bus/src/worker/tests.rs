@@ -365,3 +365,47 @@ async fn jetstream_max_deliveries_advisory_moves_to_dead_letters() {
     hung.abort();
     mover.await.unwrap().unwrap();
 }
+
+/// Two processes (two connections) taking slots of one budget: the slots are `period` apart in
+/// all, not per process. A lower bound on the elapsed time, so a slow machine cannot fail it.
+#[tokio::test]
+async fn jetstream_rate_budget_is_shared_between_connections() {
+    let Some(url) = loopsync_testkit::nats_url() else {
+        return;
+    };
+    let names = Names::new(&loopsync_testkit::unique("t"));
+    let options = JetStreamOptions::default();
+    let a = Arc::new(
+        JetStreamBus::connect(&url, names.clone(), &options)
+            .await
+            .unwrap(),
+    );
+    let b = Arc::new(JetStreamBus::connect(&url, names, &options).await.unwrap());
+    let period = Duration::from_millis(50);
+    let started = tokio::time::Instant::now();
+    let mut takers = Vec::new();
+    for bus in [a.clone(), b.clone(), a, b] {
+        takers.push(tokio::spawn(async move {
+            for _ in 0..5 {
+                bus.rate_slot("team-x", period).await.unwrap();
+            }
+        }));
+    }
+    for t in takers {
+        t.await.unwrap();
+    }
+    // 20 slots, the first at once: at least 19 periods.
+    assert!(started.elapsed() >= period * 19, "{:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn local_rate_budget_paces() {
+    let bus = LocalBus::new(Names::new("t"));
+    let started = tokio::time::Instant::now();
+    for _ in 0..5 {
+        bus.rate_slot("team-x", Duration::from_millis(40))
+            .await
+            .unwrap();
+    }
+    assert!(started.elapsed() >= Duration::from_millis(160));
+}
