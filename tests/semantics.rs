@@ -438,3 +438,75 @@ async fn an_email_change_is_a_rekey() {
         assert_eq!(run_of(&again)["requests"], 0, "{behavior}");
     }
 }
+
+/// `loopsync adopt` takes over from another tool: the model's rows are recorded as already in
+/// Loops, nothing is sent, and the next run sends only what changed after. Under mirror a row
+/// that then leaves is removed by the identifiers adopted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adopt_takes_over_without_sending() {
+    let options = StackOptions {
+        rows: 10,
+        behavior: "mirror",
+        ..StackOptions::default()
+    };
+    let Some(stack) = Stack::start(options).await else {
+        return;
+    };
+    stack
+        .sql("UPDATE users SET email = 'broken' WHERE id = 10")
+        .await;
+    let out = stack.command(&["adopt", "--json"]).output().await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let adopted: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(adopted[0]["status"], "adopted");
+    assert_eq!(adopted[0]["added"], 9, "the malformed email is not adopted");
+    assert_eq!(
+        stack.sim.inspect("stats").await["total_requests"],
+        0,
+        "nothing sent"
+    );
+    assert_eq!(
+        stack
+            .count("SELECT count(*) FROM loopsync.state WHERE confirmed_email IS NOT NULL")
+            .await,
+        9
+    );
+
+    stack
+        .sql(
+            "UPDATE users SET plan = 'gold' WHERE id = 1;
+              DELETE FROM users WHERE id = 2;
+              UPDATE users SET email = 'user10@example.com' WHERE id = 10;",
+        )
+        .await;
+    let run = stack.run_once(&[]).await;
+    assert_eq!(run.status, 0, "{}", run.stderr);
+    let report = run_of(&run);
+    assert_eq!(
+        (
+            report["changed"].as_i64(),
+            report["removed"].as_i64(),
+            report["added"].as_i64(),
+            report["unchanged"].as_i64()
+        ),
+        (Some(1), Some(1), Some(1), Some(7)),
+        "{report}"
+    );
+    assert_eq!(
+        stack.update_requests().await,
+        2,
+        "the changed row and the repaired one"
+    );
+    let stats = stack.sim.inspect("stats").await;
+    // Loops never had user2 from us; the delete by its adopted email is a 404, done.
+    assert_eq!(
+        stats["by_endpoint"]["POST /v1/contacts/delete"]["404"], 1,
+        "{stats}"
+    );
+    let runs = stack.command(&["runs"]).output().await.unwrap();
+    assert!(String::from_utf8_lossy(&runs.stdout).contains("adopted"));
+}

@@ -1,6 +1,7 @@
 //! `loopsync`: the one binary. Thin: parses the command line, reads the config, sets up logging,
 //! and calls into the library crates. `anyhow` lives here and nowhere else.
 
+mod adopt;
 mod check;
 mod demo;
 mod history;
@@ -42,6 +43,9 @@ enum Command {
     Run(run::RunArgs),
     /// Run one stage as a long-running NATS worker; start as many as wanted.
     Worker(worker::WorkerArgs),
+    /// Record the model's current rows as already in Loops, without sending anything (a sync
+    /// taking over from another tool); the next run sends only what changes after.
+    Adopt(adopt::AdoptArgs),
     /// Run history: status, start, duration, counts, requests sent.
     Runs(history::RunsArgs),
     /// Invalid, rejected and dead-lettered records, each with its key and reason.
@@ -94,6 +98,7 @@ fn main() -> ExitCode {
             Command::Worker(args) => worker::run(&cli.config, args).await,
             Command::Check(args) => check::run(&cli.config, args).await,
             Command::Plan(args) => plan::run(&cli.config, args).await,
+            Command::Adopt(args) => adopt::run(&cli.config, args).await,
             Command::Runs(args) => history::runs(&cli.config, args).await,
             Command::Rejections(args) => history::rejections(&cli.config, args).await,
         }

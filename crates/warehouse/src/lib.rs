@@ -79,7 +79,7 @@ pub struct ExtractCounts {
 pub struct RunSummary {
     pub id: i64,
     pub sync: String,
-    /// `requested`, `extracting`, `sending`, `succeeded`, `degraded` or `failed`.
+    /// `requested`, `extracting`, `sending`, `succeeded`, `degraded`, `failed`, or `adopted`.
     pub status: String,
     pub requested_at: String,
     pub finished_at: Option<String>,
@@ -105,7 +105,10 @@ pub struct RunSummary {
 impl RunSummary {
     /// Every record has an outcome (or the run failed).
     pub fn is_finished(&self) -> bool {
-        matches!(self.status.as_str(), "succeeded" | "degraded" | "failed")
+        matches!(
+            self.status.as_str(),
+            "succeeded" | "degraded" | "failed" | "adopted"
+        )
     }
 }
 
@@ -166,6 +169,19 @@ pub trait Warehouse: Send + Sync + 'static {
         run_id: i64,
         counts: &ExtractCounts,
     ) -> Result<(), WarehouseError>;
+
+    /// `loopsync adopt`: records these keys as confirmed by Loops in `run_id` without anything
+    /// having been sent: `(key, fingerprint, email, userId)`.
+    async fn adopt(
+        &self,
+        sync: &str,
+        run_id: i64,
+        records: &[(String, String, Option<String>, Option<String>)],
+    ) -> Result<(), WarehouseError>;
+
+    /// Ends an adoption run: status `adopted`, with its counts.
+    async fn finish_adopt(&self, run_id: i64, counts: &ExtractCounts)
+    -> Result<(), WarehouseError>;
 
     /// Ends a run as failed (the model does not run, …).
     async fn fail_run(&self, run_id: i64, error: &str) -> Result<(), WarehouseError>;

@@ -362,6 +362,56 @@ impl Warehouse for PgWarehouse {
         Ok(())
     }
 
+    async fn adopt(
+        &self,
+        sync: &str,
+        run_id: i64,
+        records: &[(String, String, Option<String>, Option<String>)],
+    ) -> Result<(), WarehouseError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let mut records: Vec<_> = records.iter().collect();
+        records.sort();
+        let keys: Vec<&str> = records.iter().map(|r| r.0.as_str()).collect();
+        let fps: Vec<&str> = records.iter().map(|r| r.1.as_str()).collect();
+        let emails: Vec<Option<&str>> = records.iter().map(|r| r.2.as_deref()).collect();
+        let user_ids: Vec<Option<&str>> = records.iter().map(|r| r.3.as_deref()).collect();
+        self.client
+            .execute(
+                "INSERT INTO loopsync.state (sync, key, confirmed_fp, confirmed_run, confirmed_at,
+                                             confirmed_email, confirmed_user_id)
+                 SELECT $1, k, f, $2, now(), e, u
+                   FROM unnest($3::text[], $4::text[], $5::text[], $6::text[]) AS t(k, f, e, u)
+                 ON CONFLICT (sync, key) DO UPDATE
+                    SET confirmed_fp = EXCLUDED.confirmed_fp, confirmed_run = EXCLUDED.confirmed_run,
+                        confirmed_at = EXCLUDED.confirmed_at,
+                        confirmed_email = EXCLUDED.confirmed_email,
+                        confirmed_user_id = EXCLUDED.confirmed_user_id",
+                &[&sync, &run_id, &keys, &fps, &emails, &user_ids],
+            )
+            .await
+            .map_err(query_error("adopt records"))?;
+        Ok(())
+    }
+
+    async fn finish_adopt(
+        &self,
+        run_id: i64,
+        counts: &ExtractCounts,
+    ) -> Result<(), WarehouseError> {
+        self.client
+            .execute(
+                "UPDATE loopsync.runs SET status = 'adopted', extracted_at = now(), finished_at = now(),
+                        expected = 0, added = $2, changed = $3, removed = $4, unchanged = $5
+                  WHERE id = $1",
+                &[&run_id, &counts.added, &counts.changed, &counts.removed, &counts.unchanged],
+            )
+            .await
+            .map_err(query_error("finish an adoption"))?;
+        Ok(())
+    }
+
     async fn fail_run(&self, run_id: i64, error: &str) -> Result<(), WarehouseError> {
         self.client
             .execute(

@@ -366,6 +366,60 @@ impl Warehouse for SqliteWarehouse {
         .await
     }
 
+    async fn adopt(
+        &self,
+        sync: &str,
+        run_id: i64,
+        records: &[(String, String, Option<String>, Option<String>)],
+    ) -> Result<(), WarehouseError> {
+        let sync = sync.to_owned();
+        let records = records.to_vec();
+        self.with(move |c| {
+            let tx = c.transaction().map_err(error("begin"))?;
+            {
+                let mut s = tx
+                    .prepare_cached(&format!(
+                        "INSERT INTO loopsync_state (sync, key, confirmed_fp, confirmed_run, confirmed_at,
+                                                     confirmed_email, confirmed_user_id)
+                         VALUES (?1, ?2, ?3, ?4, {NOW}, ?5, ?6)
+                         ON CONFLICT (sync, key) DO UPDATE
+                            SET confirmed_fp = excluded.confirmed_fp, confirmed_run = excluded.confirmed_run,
+                                confirmed_at = excluded.confirmed_at,
+                                confirmed_email = excluded.confirmed_email,
+                                confirmed_user_id = excluded.confirmed_user_id"
+                    ))
+                    .map_err(error("adopt records"))?;
+                for (key, fp, email, user_id) in &records {
+                    s.execute(params![sync, key, fp, run_id, email, user_id])
+                        .map_err(error("adopt a record"))?;
+                }
+            }
+            tx.commit().map_err(error("commit"))
+        })
+        .await
+    }
+
+    async fn finish_adopt(
+        &self,
+        run_id: i64,
+        counts: &ExtractCounts,
+    ) -> Result<(), WarehouseError> {
+        let counts = counts.clone();
+        self.with(move |c| {
+            c.execute(
+                &format!(
+                    "UPDATE loopsync_runs SET status = 'adopted', extracted_at = {NOW}, finished_at = {NOW},
+                            expected = 0, added = ?2, changed = ?3, removed = ?4, unchanged = ?5
+                      WHERE id = ?1"
+                ),
+                params![run_id, counts.added, counts.changed, counts.removed, counts.unchanged],
+            )
+            .map_err(error("finish an adoption"))?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn fail_run(&self, run_id: i64, message: &str) -> Result<(), WarehouseError> {
         let message = message.to_owned();
         self.with(move |c| {
