@@ -510,3 +510,63 @@ async fn adopt_takes_over_without_sending() {
     let runs = stack.command(&["runs"]).output().await.unwrap();
     assert!(String::from_utf8_lossy(&runs.stdout).contains("adopted"));
 }
+
+/// `loopsync run` without --once follows each sync's schedule, and stops cleanly on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_follows_the_schedule() {
+    use tokio::io::AsyncBufReadExt;
+    let options = StackOptions {
+        rows: 5,
+        extra_sync: "schedule = \"*/2 * * * * *\"",
+        ..StackOptions::default()
+    };
+    let Some(stack) = Stack::start(options).await else {
+        return;
+    };
+    let mut child = stack
+        .command(&["run", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut reports = Vec::new();
+    while reports.len() < 2 {
+        let line = tokio::time::timeout(std::time::Duration::from_secs(20), lines.next_line())
+            .await
+            .expect("a scheduled run within 20 s")
+            .unwrap()
+            .expect("a report line");
+        reports.push(serde_json::from_str::<Value>(&line).unwrap());
+    }
+    assert_eq!(
+        (reports[0]["added"].as_i64(), reports[0]["status"].as_str()),
+        (Some(5), Some("succeeded"))
+    );
+    assert_eq!(
+        (
+            reports[1]["unchanged"].as_i64(),
+            reports[1]["requests"].as_i64()
+        ),
+        (Some(5), Some(0))
+    );
+    let pid = child.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(std::time::Duration::from_secs(10), child.wait())
+        .await
+        .expect("it stops on SIGTERM")
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    // Without any schedule it says so.
+    let plain = Stack::start(StackOptions {
+        rows: 1,
+        ..StackOptions::default()
+    })
+    .await
+    .unwrap();
+    let out = plain.command(&["run"]).output().await.unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no sync has a schedule"));
+}

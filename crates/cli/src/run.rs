@@ -15,7 +15,7 @@ pub struct RunArgs {
     /// Only this sync.
     #[arg(long)]
     sync: Option<String>,
-    /// One run of each sync, then exit.
+    /// One run of each sync, then exit. Without it, each sync runs on its `schedule`.
     #[arg(long)]
     once: bool,
     /// With [nats]: only request the runs and wait for them; `loopsync worker` processes do
@@ -41,16 +41,21 @@ impl RunArgs {
 
 pub async fn run(config_path: &Path, args: RunArgs) -> anyhow::Result<ExitCode> {
     let config = load_config(config_path)?;
-    if !args.once {
-        return Err(UsageError(
-            "following schedules is not available yet: use `loopsync run --once` (from cron, for instance)".into(),
-        )
-        .into());
-    }
     if args.remote && config.nats.is_none() {
         return Err(UsageError(
             "--remote needs a [nats] section: without it there are no workers to do the stages"
                 .into(),
+        )
+        .into());
+    }
+    if !args.once
+        && !config
+            .syncs
+            .iter()
+            .any(|s| s.schedule.is_some() && args.sync.as_ref().is_none_or(|n| *n == s.spec.name))
+    {
+        return Err(UsageError(
+            "no sync has a schedule: add `schedule = \"*/15 * * * *\"` to a [[sync]], or use --once".into(),
         )
         .into());
     }
@@ -78,6 +83,12 @@ pub async fn run(config_path: &Path, args: RunArgs) -> anyhow::Result<ExitCode> 
     if !args.remote {
         pipeline.spawn_all()?;
     }
+    if !args.once {
+        let served = follow_schedules(&pipeline, &syncs, args.json).await;
+        pipeline.stop().await;
+        served?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let mut summaries = Vec::new();
     for sync in &syncs {
         let run_id = request_run(&*pipeline.bus, &*pipeline.warehouse, sync).await?;
@@ -98,4 +109,57 @@ pub async fn run(config_path: &Path, args: RunArgs) -> anyhow::Result<ExitCode> 
         println!("{}", serde_json::to_string_pretty(&summaries)?);
     }
     Ok(ExitCode::from(report::exit_status(&summaries)))
+}
+
+/// Without `--once`: each sync with a `schedule` is run when its cron expression says (UTC),
+/// one run at a time; a fire time that passes while a run is in progress is not made up for.
+/// Reports are printed as runs end (`--json`: one JSON object per line). Stops on SIGTERM.
+async fn follow_schedules(pipeline: &Pipeline, syncs: &[String], json: bool) -> anyhow::Result<()> {
+    use std::str::FromStr;
+    let mut schedules = Vec::new();
+    for name in syncs {
+        let Some(schedule) = pipeline.config.sync(name).and_then(|s| s.schedule.clone()) else {
+            continue;
+        };
+        let cron = croner::Cron::from_str(&schedule)
+            .map_err(|e| UsageError(format!("sync {name}: schedule \"{schedule}\": {e}")))?;
+        schedules.push((name.clone(), cron));
+    }
+    eprintln!(
+        "following the schedules of {} (Ctrl-C or SIGTERM to stop)",
+        schedules
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let shutdown = crate::shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        let now = chrono::Utc::now();
+        let (due, name) = schedules
+            .iter()
+            .filter_map(|(name, cron)| {
+                cron.find_next_occurrence(&now, false)
+                    .ok()
+                    .map(|t| (t, name))
+            })
+            .min()
+            .ok_or_else(|| anyhow::anyhow!("no schedule has a next occurrence"))?;
+        let wait = (due - now).to_std().unwrap_or_default();
+        tokio::select! {
+            () = &mut shutdown => return Ok(()),
+            () = tokio::time::sleep(wait) => {}
+        }
+        let run_id = request_run(&*pipeline.bus, &*pipeline.warehouse, name).await?;
+        let summary = tokio::select! {
+            () = &mut shutdown => return Ok(()),
+            s = wait_for_run(&*pipeline.warehouse, run_id, Duration::from_millis(100)) => s?,
+        };
+        if json {
+            println!("{}", serde_json::to_string(&summary)?);
+        } else {
+            print!("{}", report::text(&summary));
+        }
+    }
 }

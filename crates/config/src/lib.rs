@@ -396,6 +396,15 @@ impl RawConfig {
                     "is required with identify_by = \"userId\"",
                 ));
             }
+            if let Some(schedule) = &raw.schedule {
+                use std::str::FromStr;
+                if let Err(e) = croner::Cron::from_str(schedule) {
+                    return Err(invalid(
+                        at("schedule"),
+                        format!("\"{schedule}\" is not a cron expression: {e}"),
+                    ));
+                }
+            }
             let lists = raw
                 .mailing_lists
                 .into_iter()
@@ -564,6 +573,19 @@ signedUpAt = { column = "signed_up_at", type = "date" }
             &EXAMPLE[EXAMPLE.find("[[sync]]").unwrap()..]
         );
         assert!(error_of(&twice).starts_with("sync[1].name"));
+    }
+
+    #[test]
+    fn schedules_are_cron_expressions() {
+        let e = error_of(&EXAMPLE.replace("*/15 * * * *", "every quarter hour"));
+        assert!(
+            e.starts_with("sync[0].schedule: \"every quarter hour\" is not a cron expression"),
+            "{e}"
+        );
+        assert!(
+            Config::parse(&EXAMPLE.replace("*/15 * * * *", "*/2 * * * * *"), env).is_ok(),
+            "seconds allowed"
+        );
     }
 
     #[test]
