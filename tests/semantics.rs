@@ -570,3 +570,110 @@ async fn run_follows_the_schedule() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no sync has a schedule"));
 }
+
+/// `loopsync dlq`: records whose retries ran out are listed (filtered by reason, time, key),
+/// replayed (a run about those keys only), or parked (no run retries them until their data
+/// changes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_list_replay_and_park() {
+    let options = StackOptions {
+        rows: 6,
+        max_attempts: 2,
+        ..StackOptions::default()
+    };
+    let Some(stack) = Stack::start(options).await else {
+        return;
+    };
+    // Loops fails every contact write (and answers everything else).
+    stack
+        .sim_post(
+            "faults",
+            json!({"error_503": 1.0, "endpoints": ["PUT /v1/contacts/update"]}),
+        )
+        .await;
+    let failed = stack.run_once(&[]).await;
+    assert_eq!(failed.status, 3, "{}", failed.stderr);
+    assert_eq!(run_of(&failed)["dead_lettered"], 6);
+    assert_eq!(run_of(&failed)["requests"], 12, "two attempts each");
+
+    let dlq = |args: &'static [&'static str]| {
+        let mut command = stack.command(args);
+        async move {
+            let out = command.output().await.unwrap();
+            assert!(
+                out.status.code().is_some_and(|c| c == 0 || c == 3),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            serde_json::from_slice::<Value>(&out.stdout).unwrap_or(Value::Null)
+        }
+    };
+    let listed = dlq(&["dlq", "list", "--json"]).await;
+    assert_eq!(listed.as_array().unwrap().len(), 6);
+    assert!(
+        listed[0]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("gave up after 2 attempts: server error 503")
+    );
+    assert_eq!(
+        dlq(&["dlq", "list", "--json", "--reason", "503"])
+            .await
+            .as_array()
+            .unwrap()
+            .len(),
+        6
+    );
+    assert_eq!(
+        dlq(&["dlq", "list", "--json", "--reason", "timeout"])
+            .await
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+    assert_eq!(
+        dlq(&["dlq", "list", "--json", "--since", "2999-01-01"])
+            .await
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+    assert_eq!(
+        dlq(&["dlq", "list", "--json", "--key", "3"])
+            .await
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    let parked = dlq(&["dlq", "park", "--key", "1", "--key", "2", "--json"]).await;
+    assert_eq!(parked["parked"], 2);
+    stack.sim_post("faults", json!({})).await;
+    let replayed = dlq(&["dlq", "replay", "--json"]).await;
+    assert_eq!(replayed[0]["confirmed"], 4, "{replayed}");
+    assert_eq!(
+        replayed[0]["unchanged"], 2,
+        "the parked ones are left alone"
+    );
+    assert_eq!(stack.contacts().await.len(), 4);
+    assert_eq!(
+        dlq(&["dlq", "list", "--json"])
+            .await
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+
+    // A run retries nothing parked; a parked record whose data changes is sent again.
+    assert_eq!(run_of(&stack.run_once(&[]).await)["requests"], 0);
+    stack
+        .sql("UPDATE users SET plan = 'gold' WHERE id = 1")
+        .await;
+    let after = stack.run_once(&[]).await;
+    assert_eq!(run_of(&after)["requests"], 1);
+    assert!(stack.contacts().await.contains_key("user1@example.com"));
+}

@@ -4,6 +4,7 @@
 mod adopt;
 mod check;
 mod demo;
+mod dlq;
 mod history;
 mod pipeline;
 mod plan;
@@ -50,6 +51,8 @@ enum Command {
     Runs(history::RunsArgs),
     /// Invalid, rejected and dead-lettered records, each with its key and reason.
     Rejections(history::RejectionsArgs),
+    /// Dead letters: show them, send them again, or park them so no run retries them.
+    Dlq(dlq::DlqArgs),
     /// Serve the local Loops API simulator.
     Sim(sim::SimArgs),
 }
@@ -101,6 +104,7 @@ fn main() -> ExitCode {
             Command::Adopt(args) => adopt::run(&cli.config, args).await,
             Command::Runs(args) => history::runs(&cli.config, args).await,
             Command::Rejections(args) => history::rejections(&cli.config, args).await,
+            Command::Dlq(args) => dlq::run(&cli.config, args).await,
         }
     });
     // Do not wait for stray blocking tasks (a diff reader) at exit.

@@ -124,7 +124,10 @@ pub async fn run(config_path: &Path, args: PlanArgs) -> anyhow::Result<ExitCode>
                         reason: Some(reason),
                     });
                 }
-                Decision::Unchanged | Decision::RemovedKept | Decision::Nothing => {}
+                Decision::Unchanged
+                | Decision::RemovedKept
+                | Decision::Nothing
+                | Decision::Parked => {}
             }
         };
         while let Some(row) = rows.next().await {

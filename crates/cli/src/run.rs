@@ -91,7 +91,7 @@ pub async fn run(config_path: &Path, args: RunArgs) -> anyhow::Result<ExitCode> 
     }
     let mut summaries = Vec::new();
     for sync in &syncs {
-        let run_id = request_run(&*pipeline.bus, &*pipeline.warehouse, sync).await?;
+        let run_id = request_run(&*pipeline.bus, &*pipeline.warehouse, sync, Vec::new()).await?;
         let summary = tokio::select! {
             s = wait_for_run(&*pipeline.warehouse, run_id, Duration::from_millis(100)) => s?,
             () = crate::shutdown_signal() => {
@@ -151,7 +151,7 @@ async fn follow_schedules(pipeline: &Pipeline, syncs: &[String], json: bool) -> 
             () = &mut shutdown => return Ok(()),
             () = tokio::time::sleep(wait) => {}
         }
-        let run_id = request_run(&*pipeline.bus, &*pipeline.warehouse, name).await?;
+        let run_id = request_run(&*pipeline.bus, &*pipeline.warehouse, name, Vec::new()).await?;
         let summary = tokio::select! {
             () = &mut shutdown => return Ok(()),
             s = wait_for_run(&*pipeline.warehouse, run_id, Duration::from_millis(100)) => s?,

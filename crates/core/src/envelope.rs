@@ -17,6 +17,9 @@ pub struct RunRequest {
     pub sync: String,
     /// The run's id in the warehouse (`loopsync.runs`), allocated by whoever asked.
     pub run_id: i64,
+    /// When not empty, the run is about these keys only (`loopsync dlq replay`).
+    #[serde(default)]
+    pub only_keys: Vec<String>,
 }
 
 /// How a record differs from what Loops has confirmed for the sync.
@@ -306,6 +309,7 @@ mod tests {
             v: 1,
             sync: "users".into(),
             run_id: 1,
+            only_keys: Vec::new(),
         });
         assert_eq!(decode::<FutureRunRequest>(&old).unwrap().priority, 0);
     }

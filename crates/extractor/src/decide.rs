@@ -19,6 +19,8 @@ pub enum Decision {
     RemovedKept,
     /// Seen by an earlier run but never confirmed, and gone now: nothing to do.
     Nothing,
+    /// Parked by `loopsync dlq park` at this very fingerprint: left alone until its data changes.
+    Parked,
 }
 
 /// Decides one key that `rows_with_key` model rows carried (more than one: a duplicate key).
@@ -72,6 +74,9 @@ pub fn decide(spec: &SyncSpec, run_id: i64, row: DiffRow, rows_with_key: usize) 
         };
     }
     let fingerprint = spec.fingerprint(&values);
+    if row.parked_fp.as_deref() == Some(fingerprint.as_str()) {
+        return Decision::Parked;
+    }
     match &row.confirmed_fp {
         Some(confirmed) if *confirmed == fingerprint => Decision::Unchanged,
         Some(_) => Decision::Change(change(ChangeKind::Changed, fingerprint, values)),
@@ -91,7 +96,8 @@ pub fn tally(counts: &mut ExtractCounts, decision: &Decision) {
             counts.expected += 1;
         }
         Decision::Invalid { .. } => counts.expected += 1,
-        Decision::Unchanged => counts.unchanged += 1,
+        // A parked record is counted with the unchanged: the run sends nothing for it.
+        Decision::Unchanged | Decision::Parked => counts.unchanged += 1,
         Decision::RemovedKept => counts.removed += 1,
         Decision::Nothing => {}
     }
@@ -185,6 +191,7 @@ mod tests {
             confirmed_email: confirmed.map(|_| "old@x.co".to_owned()),
             confirmed_user_id: None,
             email_rows: 1,
+            parked_fp: None,
         }
     }
 

@@ -71,14 +71,17 @@ impl ExtractorStage {
         }
     }
 
-    /// Diffs and publishes; returns the counts.
+    /// Diffs and publishes; returns the counts. With `only_keys`, the run is about those keys
+    /// alone (a replay of dead letters).
     pub async fn extract(
         &self,
         spec: &SyncSpec,
         run_id: i64,
+        only_keys: &[String],
     ) -> Result<ExtractCounts, ExtractError> {
         let mut rows = self.warehouse.diff(spec).await?;
         let mut run = RunState {
+            only: only_keys.iter().cloned().collect(),
             spec,
             run_id,
             counts: ExtractCounts::default(),
@@ -104,6 +107,9 @@ impl ExtractorStage {
         run: &mut RunState<'_>,
         group: (DiffRow, usize),
     ) -> Result<(), ExtractError> {
+        if !run.only.is_empty() && !group.0.key.as_ref().is_some_and(|k| run.only.contains(k)) {
+            return Ok(());
+        }
         let decision = decide_group(run.spec, run.run_id, group, &mut run.null_keys);
         tally(&mut run.counts, &decision);
         match decision {
@@ -119,7 +125,7 @@ impl ExtractorStage {
                 )
                 .with_reason(reason),
             ),
-            Decision::Unchanged | Decision::RemovedKept | Decision::Nothing => {}
+            Decision::Unchanged | Decision::RemovedKept | Decision::Nothing | Decision::Parked => {}
         }
         if run.changes.len() >= EMIT_BATCH || run.invalid.len() >= EMIT_BATCH {
             self.flush(run).await?;
@@ -152,6 +158,8 @@ impl ExtractorStage {
 }
 
 struct RunState<'a> {
+    /// When not empty, the only keys this run is about.
+    only: std::collections::HashSet<String>,
     spec: &'a SyncSpec,
     run_id: i64,
     counts: ExtractCounts,
@@ -184,7 +192,7 @@ impl Handler for ExtractorStage {
                 .await?;
             return Ok(());
         };
-        match self.extract(spec, request.run_id).await {
+        match self.extract(spec, request.run_id, &request.only_keys).await {
             Ok(counts) => {
                 self.warehouse
                     .finish_extract(request.run_id, &counts)
@@ -244,6 +252,7 @@ pub async fn request_run(
     bus: &dyn Bus,
     warehouse: &dyn Warehouse,
     sync: &str,
+    only_keys: Vec<String>,
 ) -> Result<i64, ExtractError> {
     let run_id = warehouse.create_run(sync).await?;
     publish::run_request(
@@ -252,6 +261,7 @@ pub async fn request_run(
             v: VERSION,
             sync: sync.to_owned(),
             run_id,
+            only_keys,
         },
     )
     .await?;

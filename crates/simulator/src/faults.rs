@@ -26,6 +26,8 @@ pub struct Faults {
     pub latency_ms: u64,
     /// Makes the dice repeatable.
     pub seed: Option<u64>,
+    /// Only these endpoints (`"PUT /v1/contacts/update"`); empty: every endpoint.
+    pub endpoints: Vec<String>,
 }
 
 /// What the dice chose for one request.
@@ -105,10 +107,10 @@ impl FaultDice {
         FaultDice { faults, rng }
     }
 
-    /// Rolls for one request.
-    pub fn roll(&mut self) -> Option<(Fault, When)> {
+    /// Rolls for one request to `endpoint`.
+    pub fn roll(&mut self, endpoint: &str) -> Option<(Fault, When)> {
         let f = &self.faults;
-        if f.is_empty() {
+        if f.is_empty() || (!f.endpoints.is_empty() && !f.endpoints.iter().any(|e| e == endpoint)) {
             return None;
         }
         let x: f64 = self.rng.random();
@@ -147,9 +149,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn faults_can_target_endpoints() {
+        let mut dice = FaultDice::new(Faults {
+            error_500: 1.0,
+            endpoints: vec!["PUT /v1/contacts/update".into()],
+            ..Default::default()
+        });
+        assert!(dice.roll("PUT /v1/contacts/update").is_some());
+        assert!(dice.roll("GET /v1/api-key").is_none());
+    }
+
+    #[test]
     fn no_faults_never_fire() {
         let mut dice = FaultDice::default();
-        assert!((0..1000).all(|_| dice.roll().is_none()));
+        assert!((0..1000).all(|_| dice.roll("PUT /v1/contacts/update").is_none()));
     }
 
     #[test]
@@ -159,7 +172,8 @@ mod tests {
             seed: Some(1),
             ..Default::default()
         });
-        assert!((0..100).all(|_| dice.roll() == Some((Fault::Status502, When::BeforeEffect))));
+        assert!((0..100).all(|_| dice.roll("PUT /v1/contacts/update")
+            == Some((Fault::Status502, When::BeforeEffect))));
     }
 
     #[test]
@@ -173,7 +187,9 @@ mod tests {
         };
         let rolls = |faults: &Faults| {
             let mut dice = FaultDice::new(faults.clone());
-            (0..10_000).map(|_| dice.roll()).collect::<Vec<_>>()
+            (0..10_000)
+                .map(|_| dice.roll("PUT /v1/contacts/update"))
+                .collect::<Vec<_>>()
         };
         let a = rolls(&faults);
         assert_eq!(a, rolls(&faults), "same seed, same dice");

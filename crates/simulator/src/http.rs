@@ -185,7 +185,7 @@ fn admit(shared: &Shared, endpoint: &str, authorized: bool) -> Admission {
         set_rate_headers(&mut r, limit, remaining);
         return Admission::Answer(r);
     }
-    let roll = st.dice.roll();
+    let roll = st.dice.roll(endpoint);
     if let Some((fault, When::BeforeEffect)) = roll {
         if fault == Fault::Drop {
             st.count(endpoint, "dropped");

@@ -229,6 +229,8 @@ pub struct StackOptions {
     pub identify_by: &'static str,
     /// More `key = value` lines for the `[[sync]]` table.
     pub extra_sync: &'static str,
+    /// `loops.max_attempts`.
+    pub max_attempts: u32,
 }
 
 impl Default for StackOptions {
@@ -242,6 +244,7 @@ impl Default for StackOptions {
             behavior: "upsert",
             identify_by: "email",
             extra_sync: "",
+            max_attempts: 10,
         }
     }
 }
@@ -340,7 +343,7 @@ url = "{pg_url}"
 api_key = "${{LOOPS_API_KEY}}"
 base_url = "{api}"
 requests_per_second = {rps}
-max_attempts = 10
+max_attempts = {max_attempts}
 
 {nats}
 [[sync]]
@@ -364,6 +367,7 @@ signedUpAt = {{ column = "signed_up_at", type = "date" }}
             api = sim.api(),
             rps = options.requests_per_second,
             identify_by = options.identify_by,
+            max_attempts = options.max_attempts,
             behavior = options.behavior,
             extra_sync = options.extra_sync,
             user_id = if options.identify_by == "userId" {

@@ -59,6 +59,9 @@ pub struct DiffRow {
     pub confirmed_user_id: Option<String>,
     /// How many model rows carry this row's email (trimmed, lower-cased); 1 when unique.
     pub email_rows: i64,
+    /// The fingerprint at which the record was parked (`loopsync dlq park`): runs leave it alone
+    /// while its data stays so.
+    pub parked_fp: Option<String>,
 }
 
 /// What the extractor found, recorded when it has published every change of a run.
@@ -178,6 +181,10 @@ pub trait Warehouse: Send + Sync + 'static {
         run_id: i64,
         records: &[(String, String, Option<String>, Option<String>)],
     ) -> Result<(), WarehouseError>;
+
+    /// Parks records at the fingerprint of their latest outcome: runs leave them alone until
+    /// their data changes. Returns how many were parked.
+    async fn park(&self, sync: &str, keys: &[String]) -> Result<u64, WarehouseError>;
 
     /// Ends an adoption run: status `adopted`, with its counts.
     async fn finish_adopt(&self, run_id: i64, counts: &ExtractCounts)
@@ -299,8 +306,8 @@ pub(crate) fn diff_sql(
     let outer_columns: Vec<String> = (0..columns.len()).map(|i| format!("m.c{i}")).collect();
     format!(
         "WITH m AS (SELECT {select} FROM ({model}) AS model), \
-         s AS (SELECT key, confirmed_fp, confirmed_email, confirmed_user_id FROM {state} WHERE sync = {param}) \
-         SELECT m.present, COALESCE(m.k, s.key) AS key{comma}{outer}, s.confirmed_fp, s.confirmed_email, s.confirmed_user_id, m.ecount \
+         s AS (SELECT key, confirmed_fp, confirmed_email, confirmed_user_id, parked_fp FROM {state} WHERE sync = {param}) \
+         SELECT m.present, COALESCE(m.k, s.key) AS key{comma}{outer}, s.confirmed_fp, s.confirmed_email, s.confirmed_user_id, m.ecount, s.parked_fp \
          FROM m FULL OUTER JOIN s ON s.key = m.k \
          ORDER BY COALESCE(m.k, s.key) {collate} NULLS LAST",
         select = select.join(", "),

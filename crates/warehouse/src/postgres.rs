@@ -62,6 +62,7 @@ CREATE TABLE IF NOT EXISTS loopsync.records (
 CREATE INDEX IF NOT EXISTS records_sync_outcome ON loopsync.records (sync, outcome);
 ALTER TABLE loopsync.state ADD COLUMN IF NOT EXISTS confirmed_email text;
 ALTER TABLE loopsync.state ADD COLUMN IF NOT EXISTS confirmed_user_id text;
+ALTER TABLE loopsync.state ADD COLUMN IF NOT EXISTS parked_fp text;
 ";
 
 const TIME: &str = r#"'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'"#;
@@ -260,6 +261,7 @@ impl Warehouse for PgWarehouse {
                 confirmed_email: row.get(3 + columns.len()),
                 confirmed_user_id: row.get(4 + columns.len()),
                 email_rows: row.get::<_, Option<i64>>(5 + columns.len()).unwrap_or(1),
+                parked_fp: row.get(6 + columns.len()),
             })
         });
         Ok(stream.boxed())
@@ -393,6 +395,21 @@ impl Warehouse for PgWarehouse {
             .await
             .map_err(query_error("adopt records"))?;
         Ok(())
+    }
+
+    async fn park(&self, sync: &str, keys: &[String]) -> Result<u64, WarehouseError> {
+        self.client
+            .execute(
+                "INSERT INTO loopsync.state (sync, key, parked_fp)
+                 SELECT DISTINCT ON (r.key) r.sync, r.key, r.fingerprint
+                   FROM loopsync.records r
+                  WHERE r.sync = $1 AND r.key = ANY($2)
+                  ORDER BY r.key, r.run_id DESC
+                 ON CONFLICT (sync, key) DO UPDATE SET parked_fp = EXCLUDED.parked_fp",
+                &[&sync, &keys],
+            )
+            .await
+            .map_err(query_error("park records"))
     }
 
     async fn finish_adopt(

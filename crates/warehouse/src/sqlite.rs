@@ -24,7 +24,7 @@ CREATE TABLE IF NOT EXISTS loopsync_state (
     sync TEXT NOT NULL, key TEXT NOT NULL,
     emitted_fp TEXT, emitted_run INTEGER,
     confirmed_fp TEXT, confirmed_run INTEGER, confirmed_at TEXT, contact_id TEXT,
-    confirmed_email TEXT, confirmed_user_id TEXT,
+    confirmed_email TEXT, confirmed_user_id TEXT, parked_fp TEXT,
     PRIMARY KEY (sync, key));
 CREATE TABLE IF NOT EXISTS loopsync_runs (
     id INTEGER PRIMARY KEY AUTOINCREMENT, sync TEXT NOT NULL, status TEXT NOT NULL,
@@ -231,6 +231,7 @@ impl Warehouse for SqliteWarehouse {
                             confirmed_email: row.get(3 + columns.len())?,
                             confirmed_user_id: row.get(4 + columns.len())?,
                             email_rows: row.get::<_, Option<i64>>(5 + columns.len())?.unwrap_or(1),
+                            parked_fp: row.get(6 + columns.len())?,
                         })
                     })()
                     .map_err(|e| WarehouseError::Query {
@@ -395,6 +396,33 @@ impl Warehouse for SqliteWarehouse {
                 }
             }
             tx.commit().map_err(error("commit"))
+        })
+        .await
+    }
+
+    async fn park(&self, sync: &str, keys: &[String]) -> Result<u64, WarehouseError> {
+        let sync = sync.to_owned();
+        let keys = keys.to_vec();
+        self.with(move |c| {
+            let tx = c.transaction().map_err(error("begin"))?;
+            let mut parked = 0;
+            {
+                let mut s = tx
+                    .prepare_cached(
+                        "INSERT INTO loopsync_state (sync, key, parked_fp)
+                         SELECT sync, key, fingerprint FROM loopsync_records
+                          WHERE sync = ?1 AND key = ?2 ORDER BY run_id DESC LIMIT 1
+                         ON CONFLICT (sync, key) DO UPDATE SET parked_fp = excluded.parked_fp",
+                    )
+                    .map_err(error("park records"))?;
+                for key in &keys {
+                    parked += s
+                        .execute(params![sync, key])
+                        .map_err(error("park a record"))? as u64;
+                }
+            }
+            tx.commit().map_err(error("commit"))?;
+            Ok(parked)
         })
         .await
     }
