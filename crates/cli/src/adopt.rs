@@ -12,7 +12,7 @@ use loopsync_core::value::normalize_email;
 use loopsync_extractor::{Decision, KeyGroups, decide_group, tally};
 use loopsync_warehouse::ExtractCounts;
 
-use crate::{UsageError, load_config};
+use crate::{load_config_for, open_warehouse};
 
 /// Records adopted per warehouse round trip.
 const BATCH: usize = 1000;
@@ -29,14 +29,8 @@ pub struct AdoptArgs {
 type Adopted = (String, String, Option<String>, Option<String>);
 
 pub async fn run(config_path: &Path, args: AdoptArgs) -> anyhow::Result<ExitCode> {
-    let config = load_config(config_path)?;
-    if let Some(name) = &args.sync
-        && config.sync(name).is_none()
-    {
-        return Err(UsageError(format!("no sync named \"{name}\" in the config")).into());
-    }
-    let warehouse = loopsync_warehouse::connect(&config.warehouse.url).await?;
-    warehouse.prepare().await?;
+    let config = load_config_for(config_path, args.sync.as_deref())?;
+    let warehouse = open_warehouse(&config).await?;
     let mut summaries = Vec::new();
     for sync in &config.syncs {
         let spec = &sync.spec;

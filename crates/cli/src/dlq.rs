@@ -12,7 +12,7 @@ use loopsync_extractor::{request_run, wait_for_run};
 use loopsync_warehouse::RecordResult;
 
 use crate::pipeline::Pipeline;
-use crate::{UsageError, load_config, report};
+use crate::{UsageError, load_config_for, open_warehouse, report};
 
 #[derive(Debug, Args)]
 pub struct DlqArgs {
@@ -69,15 +69,9 @@ async fn select(
     config_path: &Path,
     filter: &Filter,
 ) -> anyhow::Result<(loopsync_config::Config, Vec<RecordResult>)> {
-    let config = load_config(config_path)?;
-    if let Some(name) = &filter.sync
-        && config.sync(name).is_none()
-    {
-        return Err(UsageError(format!("no sync named \"{name}\" in the config")).into());
-    }
+    let config = load_config_for(config_path, filter.sync.as_deref())?;
     let since = filter.since.as_deref().map(parse_since).transpose()?;
-    let warehouse = loopsync_warehouse::connect(&config.warehouse.url).await?;
-    warehouse.prepare().await?;
+    let warehouse = open_warehouse(&config).await?;
     let letters = warehouse
         .rejections(filter.sync.as_deref())
         .await?

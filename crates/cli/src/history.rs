@@ -8,7 +8,7 @@ use std::sync::Arc;
 use clap::{Args, Subcommand};
 use loopsync_warehouse::{RecordResult, Warehouse};
 
-use crate::{UsageError, load_config, report};
+use crate::{UsageError, load_config_for, open_warehouse, report};
 
 #[derive(Debug, Args)]
 pub struct RunsArgs {
@@ -44,15 +44,7 @@ pub struct RejectionsArgs {
 }
 
 async fn warehouse(config_path: &Path, sync: Option<&str>) -> anyhow::Result<Arc<dyn Warehouse>> {
-    let config = load_config(config_path)?;
-    if let Some(name) = sync
-        && config.sync(name).is_none()
-    {
-        return Err(UsageError(format!("no sync named \"{name}\" in the config")).into());
-    }
-    let warehouse = loopsync_warehouse::connect(&config.warehouse.url).await?;
-    warehouse.prepare().await?;
-    Ok(warehouse)
+    open_warehouse(&load_config_for(config_path, sync)?).await
 }
 
 fn cell(value: Option<i64>) -> String {

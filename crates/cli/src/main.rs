@@ -71,6 +71,26 @@ pub fn load_config(path: &Path) -> anyhow::Result<Config> {
     Config::load(path).map_err(|e| UsageError(format!("{}: {e}", path.display())).into())
 }
 
+/// Reads the config and checks that `--sync NAME`, if given, is one of its syncs.
+pub fn load_config_for(path: &Path, sync: Option<&str>) -> anyhow::Result<Config> {
+    let config = load_config(path)?;
+    if let Some(name) = sync
+        && config.sync(name).is_none()
+    {
+        return Err(UsageError(format!("no sync named \"{name}\" in the config")).into());
+    }
+    Ok(config)
+}
+
+/// The config's warehouse, its loopsync tables ready.
+pub async fn open_warehouse(
+    config: &Config,
+) -> anyhow::Result<std::sync::Arc<dyn loopsync_warehouse::Warehouse>> {
+    let warehouse = loopsync_warehouse::connect(&config.warehouse.url).await?;
+    warehouse.prepare().await?;
+    Ok(warehouse)
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

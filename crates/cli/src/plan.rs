@@ -12,7 +12,7 @@ use loopsync_transformer::{Invalid, transform};
 use loopsync_warehouse::ExtractCounts;
 use serde::Serialize;
 
-use crate::{UsageError, load_config};
+use crate::{load_config_for, open_warehouse};
 
 #[derive(Debug, Args)]
 pub struct PlanArgs {
@@ -55,14 +55,8 @@ struct SyncPlan {
 }
 
 pub async fn run(config_path: &Path, args: PlanArgs) -> anyhow::Result<ExitCode> {
-    let config = load_config(config_path)?;
-    if let Some(name) = &args.sync
-        && config.sync(name).is_none()
-    {
-        return Err(UsageError(format!("no sync named \"{name}\" in the config")).into());
-    }
-    let warehouse = loopsync_warehouse::connect(&config.warehouse.url).await?;
-    warehouse.prepare().await?;
+    let config = load_config_for(config_path, args.sync.as_deref())?;
+    let warehouse = open_warehouse(&config).await?;
     let mut plans = Vec::new();
     for sync in &config.syncs {
         if args.sync.as_ref().is_some_and(|n| *n != sync.spec.name) {
