@@ -11,14 +11,14 @@ fn run_of(output: &loopsync_testkit::RunOutput) -> &Value {
 /// First run creates every contact; a second run with nothing changed sends nothing; after an
 /// update, exactly one request per updated row.
 async fn create_then_nothing_then_one_per_change(stack: Stack) {
-    let first = stack.run_once(&[]).await;
+    let (first, seen) = stack.run_seen(&[]).await;
     assert_eq!(first.status, 0, "{}", first.stderr);
     let run = run_of(&first);
     assert_eq!(run["status"], "succeeded");
     assert_eq!(run["added"], 40);
     assert_eq!(run["confirmed"], 40);
-    assert_eq!(run["requests"], 40);
-    assert_eq!(stack.update_requests().await, 40);
+    assert_eq!(seen.writes(), 40, "{seen:?}");
+    assert_eq!(seen.to("PUT /v1/contacts/update"), 40);
     let contacts = stack.contacts().await;
     assert_eq!(contacts.len(), 40);
     let c7 = &contacts["user7@example.com"];
@@ -39,18 +39,11 @@ async fn create_then_nothing_then_one_per_change(stack: Stack) {
         .await;
     assert_eq!(confirmed, 40);
 
-    let second = stack.run_once(&[]).await;
+    let (second, seen) = stack.run_seen(&[]).await;
     assert_eq!(second.status, 0, "{}", second.stderr);
     let run = run_of(&second);
-    assert_eq!(
-        (run["unchanged"].as_i64(), run["requests"].as_i64()),
-        (Some(40), Some(0))
-    );
-    assert_eq!(
-        stack.update_requests().await,
-        40,
-        "nothing changed, nothing sent"
-    );
+    assert_eq!(run["unchanged"], 40);
+    assert_eq!(seen.writes(), 0, "nothing changed, nothing sent: {seen:?}");
 
     stack
         .sql(
@@ -58,14 +51,14 @@ async fn create_then_nothing_then_one_per_change(stack: Stack) {
               UPDATE users SET email = upper(email) WHERE id = 2;",
         )
         .await;
-    let third = stack.run_once(&[]).await;
+    let (third, seen) = stack.run_seen(&[]).await;
     let run = run_of(&third);
     assert_eq!(run["changed"], 5, "an email's case is no change: {run}");
     assert_eq!(run["unchanged"], 35);
     assert_eq!(
-        stack.update_requests().await,
-        45,
-        "exactly one request per updated row"
+        (seen.writes(), seen.to("PUT /v1/contacts/update")),
+        (5, 5),
+        "exactly one request per updated row: {seen:?}"
     );
     assert_eq!(
         stack.contacts().await["user21@example.com"]["planName"],
@@ -128,7 +121,7 @@ async fn invalid_records_degrade_the_run() {
     assert_eq!(run["invalid"], 8, "{run}");
     assert_eq!(run["confirmed"], 1);
     let mut reasons: Vec<String> = stack
-        .pg
+        .pg()
         .query("SELECT key || ': ' || reason FROM loopsync.records WHERE outcome = 'invalid' ORDER BY key", &[])
         .await
         .unwrap()
@@ -157,11 +150,7 @@ async fn invalid_records_degrade_the_run() {
     assert_eq!(run_of(&again)["unchanged"], 1);
 
     // `loopsync rejections` lists each record once, with its latest reason.
-    let listed = stack
-        .command(&["rejections", "--json"])
-        .output()
-        .await
-        .unwrap();
+    let listed = stack.output(&["rejections", "--json"]).await;
     assert!(listed.status.success());
     let listed: Value = serde_json::from_slice(&listed.stdout).unwrap();
     let listed = listed.as_array().unwrap();
@@ -169,20 +158,16 @@ async fn invalid_records_degrade_the_run() {
     assert!(listed.iter().all(|r| r["run_id"] == 2));
     assert_eq!(listed[0]["key"], "(null #1)");
     assert_eq!(listed[0]["reason"], "id is NULL");
-    let text = stack.command(&["rejections"]).output().await.unwrap();
+    let text = stack.output(&["rejections"]).await;
     assert!(String::from_utf8_lossy(&text.stdout).contains("malformed email \"not-an-email\""));
 
     // `loopsync runs` and `runs show`.
-    let runs = stack.command(&["runs", "--json"]).output().await.unwrap();
+    let runs = stack.output(&["runs", "--json"]).await;
     let runs: Value = serde_json::from_slice(&runs.stdout).unwrap();
     assert_eq!(runs.as_array().unwrap().len(), 2);
     assert_eq!(runs[0]["id"], 2, "newest first");
     assert_eq!(runs[0]["status"], "degraded");
-    let show = stack
-        .command(&["runs", "show", "1", "--json"])
-        .output()
-        .await
-        .unwrap();
+    let show = stack.output(&["runs", "show", "1", "--json"]).await;
     let show: Value = serde_json::from_slice(&show.stdout).unwrap();
     assert_eq!(show["run"]["invalid"], 8);
     assert_eq!(show["records"].as_array().unwrap().len(), 9);
@@ -196,17 +181,13 @@ async fn invalid_records_degrade_the_run() {
     let contacts = stack.sim.inspect("contacts").await;
     assert_eq!(confirmed["contact_id"], contacts[0]["id"]);
     assert!(confirmed["at"].as_str().unwrap().ends_with('Z'));
-    let table = stack.command(&["runs"]).output().await.unwrap();
+    let table = stack.output(&["runs"]).await;
     let table = String::from_utf8_lossy(&table.stdout);
     assert!(
         table.lines().next().unwrap().starts_with("  RUN  SYNC"),
         "{table}"
     );
-    let missing = stack
-        .command(&["runs", "show", "99"])
-        .output()
-        .await
-        .unwrap();
+    let missing = stack.output(&["runs", "show", "99"]).await;
     assert_eq!(missing.status.code(), Some(2));
 }
 
@@ -296,10 +277,9 @@ async fn plan_is_a_dry_run_that_matches_the_run() {
         return;
     };
     let plan = |args: &'static [&'static str]| {
-        let command = stack.command(args);
+        let stack = &stack;
         async move {
-            let mut command = command;
-            let out = command.output().await.unwrap();
+            let out = stack.output(args).await;
             assert!(
                 out.status.success(),
                 "{}",
@@ -323,8 +303,7 @@ async fn plan_is_a_dry_run_that_matches_the_run() {
     );
     assert_eq!(record["action"]["email"], "user1@example.com");
     assert_eq!(record["action"]["properties"]["planName"], "pro");
-    let stats = stack.sim.inspect("stats").await;
-    assert_eq!(stats["total_requests"], 0, "a plan sends nothing");
+    assert_eq!(stack.sim.seen().await.total, 0, "a plan sends nothing");
     assert_eq!(stack.count("SELECT count(*) FROM loopsync.runs").await, 0);
     assert_eq!(stack.count("SELECT count(*) FROM loopsync.state").await, 0);
 
@@ -353,42 +332,128 @@ async fn plan_is_a_dry_run_that_matches_the_run() {
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains("requests: 2"), "{text}");
     assert!(text.contains("malformed email \"bad\""), "{text}");
-    let before = stack.update_requests().await;
-    let run = stack.run_once(&[]).await;
+    let (run, seen) = stack.run_seen(&[]).await;
     assert_eq!(
-        run_of(&run)["requests"],
-        2,
-        "the run sent what the plan said"
+        run.status, 3,
+        "degraded by the invalid record: {}",
+        run.stderr
     );
-    assert_eq!(stack.update_requests().await, before + 2);
+    assert_eq!(
+        (seen.writes(), seen.to("PUT /v1/contacts/update")),
+        (2, 2),
+        "the run sent what the plan said: {seen:?}"
+    );
 }
 
-/// One rate budget for the team, shared by every loader process: three loaders against a
-/// simulated team limit equal to the budget stay within it, where three independent paces
-/// would offer three times the limit.
+/// The README's first command, as a new user runs it: `loopsync demo` with nothing set up. It
+/// prints what the simulated Loops received (the simulator's own counts), and leaves its
+/// warehouse behind with `--dir`, where the runs and the invalid record are.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_loaders_share_one_rate_budget() {
-    let options = StackOptions {
-        rows: 60,
-        nats: true,
-        sim_rate_limit: 20,
-        requests_per_second: 20,
+async fn the_demo_runs_end_to_end() {
+    let dir = std::env::temp_dir().join(loopsync_testkit::unique("loopsync-demo-"));
+    let out = loopsync_testkit::output_within(
+        tokio::process::Command::new(loopsync_testkit::loopsync_bin())
+            .args(["demo", "--dir"])
+            .arg(&dir),
+        loopsync_testkit::COMMAND_DEADLINE,
+        "loopsync demo",
+    )
+    .await;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("== first run"), "{text}");
+    assert!(text.contains("added 25"), "{text}");
+    assert!(
+        text.contains("malformed email \"not-an-email\"") || text.contains("invalid 1"),
+        "{text}"
+    );
+    // 25 users, then 2 added (the malformed one is not sent): 27 contacts, none rate limited.
+    assert!(
+        text.contains("Loops (simulated) now has 27 contacts;"),
+        "{text}"
+    );
+    assert!(text.contains(", 0 were rate limited."), "{text}");
+    let db = rusqlite::Connection::open(dir.join("warehouse.db")).expect("the demo's warehouse");
+    let statuses: Vec<String> = db
+        .prepare("SELECT status FROM loopsync_runs ORDER BY id")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(statuses, ["succeeded", "degraded"]);
+    let confirmed: i64 = db
+        .query_row(
+            "SELECT count(*) FROM loopsync_state WHERE confirmed_fp IS NOT NULL",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(confirmed, 27);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An SQLite warehouse end to end (the binary, the simulator, the in-process bus): create,
+/// nothing changed costs nothing, one request per change, mirror removals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_warehouse_end_to_end() {
+    let Some(stack) = Stack::start(StackOptions {
+        rows: 30,
+        sqlite: true,
+        behavior: "mirror",
         ..StackOptions::default()
-    };
-    let Some(stack) = Stack::start(options).await else {
+    })
+    .await
+    else {
         return;
     };
-    let _extractor = stack.worker("extractor").await;
-    let _transformer = stack.worker("transformer").await;
-    let _loaders = [
-        stack.worker("loader").await,
-        stack.worker("loader").await,
-        stack.worker("loader").await,
-    ];
-    let out = stack.run_once(&["--remote"]).await;
-    assert_eq!(out.status, 0, "{}", out.stderr);
-    assert_eq!(run_of(&out)["confirmed"], 60);
-    let stats = stack.sim.inspect("stats").await;
-    assert!(stats["rate_limited"].as_u64().unwrap() <= 2, "{stats}");
-    assert!(stack.update_requests().await <= 62);
+    let (first, seen) = stack.run_seen(&[]).await;
+    assert_eq!(first.status, 0, "{}", first.stderr);
+    assert_eq!(first.run()["added"], 30);
+    assert_eq!(seen.to("PUT /v1/contacts/update"), 30, "{seen:?}");
+    let contacts = stack.contacts().await;
+    assert_eq!(contacts.len(), 30);
+    let c4 = &contacts["user4@example.com"];
+    assert_eq!(
+        (c4["planName"].as_str(), c4["seats"].as_i64()),
+        (Some("pro"), Some(4))
+    );
+    assert_eq!(c4["signedUpAt"], "2024-01-01T04:00:00.000Z");
+    assert_eq!(c4["mailingLists"]["cm_news"], true);
+
+    let (second, seen) = stack.run_seen(&[]).await;
+    assert_eq!(second.status, 0, "{}", second.stderr);
+    assert_eq!(seen.writes(), 0, "{seen:?}");
+
+    stack
+        .sql(
+            "UPDATE users SET plan = 'gold' WHERE id IN (1, 2, 3);
+             DELETE FROM users WHERE id IN (10, 11);",
+        )
+        .await;
+    let (third, seen) = stack.run_seen(&[]).await;
+    assert_eq!(third.status, 0, "{}", third.stderr);
+    assert_eq!(
+        (
+            seen.to("PUT /v1/contacts/update"),
+            seen.to("POST /v1/contacts/delete"),
+            seen.writes()
+        ),
+        (3, 2, 5),
+        "{seen:?}"
+    );
+    let contacts = stack.contacts().await;
+    assert_eq!(contacts.len(), 28);
+    assert_eq!(contacts["user2@example.com"]["planName"], "gold");
+    assert!(!contacts.contains_key("user10@example.com"));
+    assert_eq!(
+        stack
+            .count("SELECT count(*) FROM loopsync.state WHERE confirmed_fp IS NOT NULL")
+            .await,
+        28
+    );
 }

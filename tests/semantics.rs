@@ -55,20 +55,23 @@ async fn mirror_deletes_what_left_and_nothing_else() {
     assert_eq!(contacts.len(), 8);
     assert!(contacts.contains_key("stranger@example.com"));
     assert!(!contacts.contains_key("user1@example.com"));
-    let stats = stack.sim.inspect("stats").await;
+    let stats = stack.sim.seen().await;
     // Two deletes by the sync, one by "someone else"; the sync's delete of that one met a 404.
     assert_eq!(
-        stats["by_endpoint"]["POST /v1/contacts/delete"]["200"], 3,
-        "{stats}"
+        stats.answered("POST /v1/contacts/delete", 200),
+        3,
+        "{stats:?}"
     );
     assert_eq!(
-        stats["by_endpoint"]["POST /v1/contacts/delete"]["404"], 1,
-        "{stats}"
+        stats.answered("POST /v1/contacts/delete", 404),
+        1,
+        "{stats:?}"
     );
     assert_eq!(stack.count("SELECT count(*) FROM loopsync.state").await, 7);
 
-    let third = stack.run_once(&[]).await;
-    assert_eq!(run_of(&third)["requests"], 0, "nothing left to remove");
+    let (third, seen) = stack.run_seen(&[]).await;
+    assert_eq!(third.status, 0, "{}", third.stderr);
+    assert_eq!(seen.writes(), 0, "nothing left to remove: {seen:?}");
     // A row that comes back is a new contact again.
     stack
         .sql("INSERT INTO users VALUES (1, 'user1@example.com', 'Back', 'free', 1, now(), false)")
@@ -111,8 +114,19 @@ async fn mirror_can_unsubscribe_instead() {
 /// its event exactly once although a third of the answers are lost after the effect.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workflow_events_fire_once_per_change_despite_retries() {
+    workflow_events_with_faults(false).await;
+}
+
+/// The same over NATS JetStream: retries are naks and redeliveries, not in-process requeues.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workflow_events_fire_once_per_change_despite_retries_over_nats() {
+    workflow_events_with_faults(true).await;
+}
+
+async fn workflow_events_with_faults(nats: bool) {
     let options = StackOptions {
         rows: 20,
+        nats,
         extra_sync: "trigger_workflows = true\nevent_on_create = \"userSynced\"\nevent_on_update = \"userChanged\"",
         ..StackOptions::default()
     };
@@ -125,13 +139,13 @@ async fn workflow_events_fire_once_per_change_despite_retries() {
             json!({"error_502": 0.2, "drop_connection": 0.1, "after_effect": 0.7, "seed": 3}),
         )
         .await;
-    let first = stack.run_once(&[]).await;
+    let (first, seen) = stack.run_seen(&[]).await;
     assert_eq!(first.status, 0, "{}", first.stderr);
     let run = run_of(&first);
     assert_eq!(run["confirmed"], 20);
     assert!(
-        run["requests"].as_i64().unwrap() > 20,
-        "the faults cost retries: {run}"
+        seen.to("POST /v1/events/send") > 20,
+        "the faults cost retries: {seen:?}"
     );
     let events = stack.sim.inspect("events").await;
     let events = events.as_array().unwrap();
@@ -146,16 +160,13 @@ async fn workflow_events_fire_once_per_change_despite_retries() {
     assert_eq!(keys.len(), 20);
     assert_eq!(stack.workflows("event_received").await, 20);
     assert_eq!(stack.workflows("contact_added").await, 20);
-    let stats = stack.sim.inspect("stats").await;
+    let stats = stack.sim.seen().await;
     assert!(
-        stats["by_endpoint"]["POST /v1/events/send"]["409"]
-            .as_u64()
-            .unwrap_or(0)
-            > 0,
-        "a retry met its own key: {stats}"
+        stats.answered("POST /v1/events/send", 409) > 0,
+        "a retry met its own key: {stats:?}"
     );
     assert!(
-        stats["by_endpoint"]["PUT /v1/contacts/update"].is_null(),
+        stats.to("PUT /v1/contacts/update") == 0,
         "no separate upsert"
     );
 
@@ -163,11 +174,12 @@ async fn workflow_events_fire_once_per_change_despite_retries() {
     stack
         .sql("UPDATE users SET plan = 'gold' WHERE id IN (2, 4, 6, 8)")
         .await;
-    let second = stack.run_once(&[]).await;
+    let (second, seen) = stack.run_seen(&[]).await;
+    assert_eq!(second.status, 0, "{}", second.stderr);
     assert_eq!(
-        run_of(&second)["requests"],
-        4,
-        "one request per changed contact"
+        (seen.writes(), seen.to("POST /v1/events/send")),
+        (4, 4),
+        "one request per changed contact: {seen:?}"
     );
     assert_eq!(stack.workflows("event_received").await, 24);
     assert_eq!(stack.workflows("contact_updated").await, 4);
@@ -246,7 +258,7 @@ async fn user_id_identity() {
             json!({"email": "stranger@example.com"}),
         )
         .await;
-    let second = stack.run_once(&[]).await;
+    let (second, seen) = stack.run_seen(&[]).await;
     assert_eq!(second.status, 3, "degraded: {}", second.stderr);
     let run = run_of(&second);
     assert_eq!(
@@ -258,7 +270,11 @@ async fn user_id_identity() {
         (Some(1), Some(1), Some(1)),
         "{run}"
     );
-    assert_eq!(run["requests"], 2, "the email change and the conflict");
+    assert_eq!(
+        (seen.writes(), seen.answered("PUT /v1/contacts/update", 400)),
+        (2, 1),
+        "the email change and the conflict: {seen:?}"
+    );
     let after = stack.sim.inspect("contacts").await;
     let c3 = after
         .as_array()
@@ -270,7 +286,7 @@ async fn user_id_identity() {
     assert_eq!(c3["id"], id3, "the same contact");
     assert_eq!(after.as_array().unwrap().len(), 7);
     let reason = |key: &str| {
-        let pg = &stack.pg;
+        let pg = stack.pg();
         let key = key.to_owned();
         async move {
             pg.query_one("SELECT outcome || ': ' || reason FROM loopsync.records WHERE key = $1 ORDER BY run_id DESC LIMIT 1", &[&key])
@@ -281,13 +297,10 @@ async fn user_id_identity() {
     };
     assert_eq!(reason("7").await, "invalid: a new contact needs an email");
     // A rejected record is tried again by the next run (Loops still refuses it).
-    let third = stack.run_once(&[]).await;
+    let (third, seen) = stack.run_seen(&[]).await;
     let run = run_of(&third);
-    assert_eq!(
-        (run["rejected"].as_i64(), run["requests"].as_i64()),
-        (Some(1), Some(1)),
-        "{run}"
-    );
+    assert_eq!(run["rejected"], 1, "{run}");
+    assert_eq!(seen.writes(), 1, "{seen:?}");
     assert_eq!(
         reason("4").await,
         "rejected: invalid request (400): Multiple contacts found for the given criteria"
@@ -309,7 +322,14 @@ async fn check_reports_and_creates_what_is_missing() {
     let check = |args: &'static [&'static str], key: &'static str| {
         let mut command = stack.command(args);
         command.env("LOOPS_API_KEY", key);
-        async move { command.output().await.unwrap() }
+        async move {
+            loopsync_testkit::output_within(
+                &mut command,
+                loopsync_testkit::COMMAND_DEADLINE,
+                "loopsync check",
+            )
+            .await
+        }
     };
     let first = check(&["check", "--json"], "test-key").await;
     assert_eq!(first.status.code(), Some(1), "properties are missing");
@@ -348,9 +368,9 @@ async fn check_reports_and_creates_what_is_missing() {
             .any(|p| p["key"] == "signedUpAt" && p["type"] == "date")
     );
     assert_eq!(check(&["check"], "test-key").await.status.code(), Some(0));
-    let stats = stack.sim.inspect("stats").await;
+    let stats = stack.sim.seen().await;
     assert!(
-        stats["by_endpoint"]["PUT /v1/contacts/update"].is_null(),
+        stats.to("PUT /v1/contacts/update") == 0,
         "check writes no contact"
     );
 
@@ -378,18 +398,20 @@ async fn check_reports_and_creates_what_is_missing() {
         config.replace("requests_per_second", "requests_per_sec"),
     )
     .unwrap();
-    let before = stack.sim.inspect("stats").await["total_requests"].clone();
-    let out = tokio::process::Command::new(loopsync_testkit::loopsync_bin())
-        .args(["check", "--config"])
-        .arg(&bad)
-        .env("LOOPS_API_KEY", "test-key")
-        .output()
-        .await
-        .unwrap();
+    let before = stack.sim.seen().await.total;
+    let out = loopsync_testkit::output_within(
+        tokio::process::Command::new(loopsync_testkit::loopsync_bin())
+            .args(["check", "--config"])
+            .arg(&bad)
+            .env("LOOPS_API_KEY", "test-key"),
+        loopsync_testkit::COMMAND_DEADLINE,
+        "loopsync check with a bad config",
+    )
+    .await;
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("loops.requests_per_sec: unknown field"));
     assert_eq!(
-        stack.sim.inspect("stats").await["total_requests"],
+        stack.sim.seen().await.total,
         before,
         "no request before the config is right"
     );
@@ -412,11 +434,11 @@ async fn an_email_change_is_a_rekey() {
         stack
             .sql("UPDATE users SET email = 'second@new.example.com' WHERE id = 2")
             .await;
-        let out = stack.run_once(&[]).await;
+        let (out, seen) = stack.run_seen(&[]).await;
         assert_eq!(out.status, 0, "{}", out.stderr);
         let run = run_of(&out);
         assert_eq!(run["rekeyed"], 1, "{behavior}: {run}");
-        assert_eq!(run["requests"], requests, "{behavior}");
+        assert_eq!(seen.writes(), requests, "{behavior}: {seen:?}");
         let contacts = stack.contacts().await;
         assert_eq!(contacts.len(), contacts_after, "{behavior}");
         assert_eq!(contacts["second@new.example.com"]["firstName"], "First2");
@@ -424,18 +446,15 @@ async fn an_email_change_is_a_rekey() {
             contacts.contains_key("user2@example.com"),
             behavior == "upsert"
         );
-        let text = stack
-            .command(&["runs", "show", "2"])
-            .output()
-            .await
-            .unwrap();
+        let text = stack.output(&["runs", "show", "2"]).await;
         assert!(
             String::from_utf8_lossy(&text.stdout).contains("re-keyed: 1"),
             "{behavior}"
         );
         // The state follows the new address: nothing more to do.
-        let again = stack.run_once(&[]).await;
-        assert_eq!(run_of(&again)["requests"], 0, "{behavior}");
+        let (again, seen) = stack.run_seen(&[]).await;
+        assert_eq!(again.status, 0, "{}", again.stderr);
+        assert_eq!(seen.writes(), 0, "{behavior}: {seen:?}");
     }
 }
 
@@ -455,7 +474,7 @@ async fn adopt_takes_over_without_sending() {
     stack
         .sql("UPDATE users SET email = 'broken' WHERE id = 10")
         .await;
-    let out = stack.command(&["adopt", "--json"]).output().await.unwrap();
+    let out = stack.output(&["adopt", "--json"]).await;
     assert!(
         out.status.success(),
         "{}",
@@ -464,11 +483,7 @@ async fn adopt_takes_over_without_sending() {
     let adopted: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(adopted[0]["status"], "adopted");
     assert_eq!(adopted[0]["added"], 9, "the malformed email is not adopted");
-    assert_eq!(
-        stack.sim.inspect("stats").await["total_requests"],
-        0,
-        "nothing sent"
-    );
+    assert_eq!(stack.sim.seen().await.total, 0, "nothing sent");
     assert_eq!(
         stack
             .count("SELECT count(*) FROM loopsync.state WHERE confirmed_email IS NOT NULL")
@@ -501,13 +516,14 @@ async fn adopt_takes_over_without_sending() {
         2,
         "the changed row and the repaired one"
     );
-    let stats = stack.sim.inspect("stats").await;
+    let stats = stack.sim.seen().await;
     // Loops never had user2 from us; the delete by its adopted email is a 404, done.
     assert_eq!(
-        stats["by_endpoint"]["POST /v1/contacts/delete"]["404"], 1,
-        "{stats}"
+        stats.answered("POST /v1/contacts/delete", 404),
+        1,
+        "{stats:?}"
     );
-    let runs = stack.command(&["runs"]).output().await.unwrap();
+    let runs = stack.output(&["runs"]).await;
     assert!(String::from_utf8_lossy(&runs.stdout).contains("adopted"));
 }
 
@@ -542,13 +558,9 @@ async fn run_follows_the_schedule() {
         (reports[0]["added"].as_i64(), reports[0]["status"].as_str()),
         (Some(5), Some("succeeded"))
     );
-    assert_eq!(
-        (
-            reports[1]["unchanged"].as_i64(),
-            reports[1]["requests"].as_i64()
-        ),
-        (Some(5), Some(0))
-    );
+    assert_eq!(reports[1]["unchanged"], 5);
+    let seen = stack.sim.seen().await;
+    assert_eq!(seen.writes(), 5, "the second run sent nothing: {seen:?}");
     let pid = child.id().unwrap().to_string();
     std::process::Command::new("kill")
         .args(["-TERM", &pid])
@@ -566,7 +578,7 @@ async fn run_follows_the_schedule() {
     })
     .await
     .unwrap();
-    let out = plain.command(&["run"]).output().await.unwrap();
+    let out = plain.output(&["run"]).await;
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no sync has a schedule"));
 }
@@ -576,8 +588,20 @@ async fn run_follows_the_schedule() {
 /// changes).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_list_replay_and_park() {
+    dead_letters(false).await;
+}
+
+/// The same over NATS JetStream: dead letters come from the worker's give-up, through the
+/// outcomes stream, into the warehouse that `dlq` reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_list_replay_and_park_over_nats() {
+    dead_letters(true).await;
+}
+
+async fn dead_letters(nats: bool) {
     let options = StackOptions {
         rows: 6,
+        nats,
         max_attempts: 2,
         ..StackOptions::default()
     };
@@ -591,15 +615,19 @@ async fn dead_letters_list_replay_and_park() {
             json!({"error_503": 1.0, "endpoints": ["PUT /v1/contacts/update"]}),
         )
         .await;
-    let failed = stack.run_once(&[]).await;
+    let (failed, seen) = stack.run_seen(&[]).await;
     assert_eq!(failed.status, 3, "{}", failed.stderr);
     assert_eq!(run_of(&failed)["dead_lettered"], 6);
-    assert_eq!(run_of(&failed)["requests"], 12, "two attempts each");
+    assert_eq!(
+        seen.answered("PUT /v1/contacts/update", 503),
+        12,
+        "two attempts each: {seen:?}"
+    );
 
     let dlq = |args: &'static [&'static str]| {
-        let mut command = stack.command(args);
+        let stack = &stack;
         async move {
-            let out = command.output().await.unwrap();
+            let out = stack.output(args).await;
             assert!(
                 out.status.code().is_some_and(|c| c == 0 || c == 3),
                 "{}",
@@ -652,7 +680,10 @@ async fn dead_letters_list_replay_and_park() {
     let parked = dlq(&["dlq", "park", "--key", "1", "--key", "2", "--json"]).await;
     assert_eq!(parked["parked"], 2);
     stack.sim_post("faults", json!({})).await;
+    let before = stack.sim.seen().await;
     let replayed = dlq(&["dlq", "replay", "--json"]).await;
+    let seen = stack.sim.seen().await.since(&before);
+    assert_eq!(seen.writes(), 4, "only the replayed records: {seen:?}");
     assert_eq!(replayed[0]["confirmed"], 4, "{replayed}");
     assert_eq!(
         replayed[0]["unchanged"], 2,
@@ -669,11 +700,14 @@ async fn dead_letters_list_replay_and_park() {
     );
 
     // A run retries nothing parked; a parked record whose data changes is sent again.
-    assert_eq!(run_of(&stack.run_once(&[]).await)["requests"], 0);
+    let (quiet, seen) = stack.run_seen(&[]).await;
+    assert_eq!(quiet.status, 0, "{}", quiet.stderr);
+    assert_eq!(seen.writes(), 0, "{seen:?}");
     stack
         .sql("UPDATE users SET plan = 'gold' WHERE id = 1")
         .await;
-    let after = stack.run_once(&[]).await;
-    assert_eq!(run_of(&after)["requests"], 1);
+    let (after, seen) = stack.run_seen(&[]).await;
+    assert_eq!(after.status, 0, "{}", after.stderr);
+    assert_eq!(seen.writes(), 1, "{seen:?}");
     assert!(stack.contacts().await.contains_key("user1@example.com"));
 }

@@ -416,6 +416,24 @@ impl Bus for JetStreamBus {
         Ok(Box::new(JetStreamConsumer { stage, messages }))
     }
 
+    async fn unsettled(&self, stage: Stage) -> Result<u64, BusError> {
+        let error = |e: &dyn std::fmt::Display| BusError::Consume {
+            stage: stage.name().into(),
+            detail: e.to_string(),
+        };
+        let stream = self
+            .js
+            .get_stream(self.names.stream(stage))
+            .await
+            .map_err(|e| error(&e))?;
+        let mut consumer: jetstream::consumer::PullConsumer = stream
+            .get_consumer(stage.name())
+            .await
+            .map_err(|e| error(&e))?;
+        let info = consumer.info().await.map_err(|e| error(&e))?;
+        Ok(info.num_pending + info.num_ack_pending as u64)
+    }
+
     async fn dead_letter(&self, letter: DeadLetter) -> Result<(), BusError> {
         let subject = self.names.dlq_subject(letter.stage, &letter.sync);
         let mut headers = HeaderMap::new();

@@ -71,6 +71,10 @@ pub trait Bus: Send + Sync + 'static {
     /// Takes one request slot of the rate budget `budget`, shared by every process on this bus,
     /// waiting until one is free. Slots are `period` apart, never closer: a GCRA with no burst.
     async fn rate_slot(&self, budget: &str, period: Duration) -> Result<(), BusError>;
+
+    /// Messages of a stage's work queue not yet settled (acknowledged or terminated): waiting,
+    /// being processed, or waiting to be redelivered. The stage's lag; 0 once it is idle.
+    async fn unsettled(&self, stage: Stage) -> Result<u64, BusError>;
 }
 
 /// One replica's handle on a stage's consumer.

@@ -3,6 +3,7 @@
 //! redelivery counts), for one-process runs without NATS.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,9 +28,15 @@ struct Queued {
 struct Queue {
     items: Mutex<VecDeque<Queued>>,
     ready: Notify,
+    /// Published and not yet acknowledged or terminated.
+    unsettled: AtomicU64,
 }
 
 impl Queue {
+    fn settled(&self) {
+        self.unsettled.fetch_sub(1, Ordering::SeqCst);
+    }
+
     fn push(&self, item: Queued) {
         self.items.lock().expect("queue lock").push_back(item);
         self.ready.notify_one();
@@ -125,6 +132,9 @@ impl Bus for LocalBus {
             *s += 1;
             *s
         };
+        self.inner.queues[&stage]
+            .unsettled
+            .fetch_add(1, Ordering::SeqCst);
         self.inner.queues[&stage].push(Queued {
             subject: subject.to_owned(),
             payload,
@@ -185,6 +195,10 @@ impl Bus for LocalBus {
         limiter.until_ready().await;
         Ok(())
     }
+
+    async fn unsettled(&self, stage: Stage) -> Result<u64, BusError> {
+        Ok(self.inner.queues[&stage].unsettled.load(Ordering::SeqCst))
+    }
 }
 
 struct LocalConsumer {
@@ -240,7 +254,9 @@ impl LocalAcker {
 #[async_trait]
 impl Acker for LocalAcker {
     async fn ack(&self) -> Result<(), BusError> {
-        self.take();
+        if self.take().is_some() {
+            self.queue.settled();
+        }
         Ok(())
     }
 
@@ -261,7 +277,9 @@ impl Acker for LocalAcker {
     }
 
     async fn term(&self) -> Result<(), BusError> {
-        self.take();
+        if self.take().is_some() {
+            self.queue.settled();
+        }
         Ok(())
     }
 
@@ -292,6 +310,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(bus.pending(Stage::Loader), 2);
+        assert_eq!(bus.unsettled(Stage::Loader).await.unwrap(), 2);
         assert!(
             bus.publish("t.nowhere.users", "m3", Bytes::new())
                 .await
@@ -313,8 +332,14 @@ mod tests {
         let again = c.next().await.unwrap().unwrap();
         assert_eq!(again.attempt, 2);
         assert!(started.elapsed() >= Duration::from_millis(100));
+        assert_eq!(
+            bus.unsettled(Stage::Loader).await.unwrap(),
+            1,
+            "waiting again"
+        );
         again.acker.ack().await.unwrap();
         assert_eq!(bus.pending(Stage::Loader), 0);
+        assert_eq!(bus.unsettled(Stage::Loader).await.unwrap(), 0);
     }
 
     #[tokio::test]

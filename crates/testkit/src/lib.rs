@@ -1,14 +1,24 @@
 //! Test helpers. Tests run against real services, never mocks: NATS and PostgreSQL are found
 //! through `LOOPSYNC_TEST_NATS_URL` and `LOOPSYNC_TEST_PG_URL` (`scripts/test.sh` starts
-//! throwaway ones and sets them). Without them a test that needs one says so and passes as
-//! skipped — except under CI (`CI` set), where a missing service fails the test.
+//! throwaway ones and sets them). Without them a test that needs one fails, unless the run
+//! asks to skip (`LOOPSYNC_SKIP_SERVICES=1`; see [`services`]).
+//!
+//! Names made on shared servers are random and dropped at the end ([`TestDatabase`],
+//! [`TestNamespace`]); every wait has a deadline ([`process`]); what Loops received is read
+//! from the simulator in one place ([`sim`]).
 
-use std::sync::atomic::{AtomicU32, Ordering};
+pub mod process;
+pub mod services;
+pub mod sim;
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
+use std::time::Duration;
+
+pub use process::{COMMAND_DEADLINE, output_within, until};
+pub use services::{TestDatabase, TestNamespace, nats_url, pg_url, service, unique, with_database};
+pub use sim::{Seen, SimProcess};
 
 /// The `loopsync` binary: `LOOPSYNC_BIN`, else the one cargo built beside this test — built now
 /// if it is missing or older than a source file, so a test never runs a stale binary.
@@ -71,143 +81,12 @@ pub fn http_client() -> reqwest::Client {
         .expect("reqwest client")
 }
 
-/// A `loopsync sim` process on a free loopback port, killed on drop.
-pub struct SimProcess {
-    child: Child,
-    /// `http://127.0.0.1:PORT`
-    pub root: String,
-}
-
-impl SimProcess {
-    /// Starts `loopsync sim --port 0 ARGS…` and waits for its address line.
-    pub fn start(args: &[&str]) -> SimProcess {
-        let mut child = Command::new(loopsync_bin())
-            .args(["sim", "--port", "0"])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start loopsync sim");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("read the address line");
-        let root = line
-            .split_whitespace()
-            .find(|w| w.starts_with("http://"))
-            .and_then(|url| url.strip_suffix("/api"))
-            .unwrap_or_else(|| panic!("unexpected first line from loopsync sim: {line:?}"))
-            .to_owned();
-        SimProcess { child, root }
-    }
-
-    /// The API root: `http://127.0.0.1:PORT/api`.
-    pub fn api(&self) -> String {
-        format!("{}/api", self.root)
-    }
-
-    /// GET `/_sim/<what>` as JSON.
-    pub async fn inspect(&self, what: &str) -> serde_json::Value {
-        http_client()
-            .get(format!("{}/_sim/{what}", self.root))
-            .send()
-            .await
-            .expect("inspection request")
-            .json()
-            .await
-            .expect("inspection JSON")
-    }
-}
-
-impl Drop for SimProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn service(var: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ => {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "{var} is not set: under CI every service must be provided (scripts/test.sh does)"
-            );
-            eprintln!("skipped: {var} is not set (scripts/test.sh sets it)");
-            None
-        }
-    }
-}
-
-/// The NATS server to test against, if any.
-pub fn nats_url() -> Option<String> {
-    service("LOOPSYNC_TEST_NATS_URL")
-}
-
-/// The PostgreSQL server to test against (a URL to a database the tests may create databases
-/// from), if any.
-pub fn pg_url() -> Option<String> {
-    service("LOOPSYNC_TEST_PG_URL")
-}
-
-/// A name no other test of this run uses: `prefix` + process id + counter.
-pub fn unique(prefix: &str) -> String {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "{prefix}{}x{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-/// Creates an empty database on the test server and returns its URL.
-pub async fn fresh_pg_database() -> Option<String> {
-    let base = pg_url()?;
-    let (client, connection) = tokio_postgres::connect(&base, tokio_postgres::NoTls)
-        .await
-        .expect("connect to the test PostgreSQL");
-    tokio::spawn(connection);
-    let name = unique("loopsync_t");
-    client
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .await
-        .expect("create a test database");
-    Some(with_database(&base, &name))
-}
-
-/// `base` with its database replaced by `name`.
-pub fn with_database(base: &str, name: &str) -> String {
-    let (before_query, query) = match base.split_once('?') {
-        Some((b, q)) => (b, format!("?{q}")),
-        None => (base, String::new()),
-    };
-    let scheme_end = before_query.find("://").map_or(0, |i| i + 3);
-    let host_part = match before_query[scheme_end..].find('/') {
-        Some(i) => &before_query[..scheme_end + i],
-        None => before_query,
-    };
-    format!("{host_part}/{name}{query}")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn database_in_url_is_replaced() {
-        assert_eq!(
-            with_database("postgres://u@127.0.0.1:5432/test", "x"),
-            "postgres://u@127.0.0.1:5432/x"
-        );
-        assert_eq!(
-            with_database("postgres://u@h:1/test?sslmode=disable", "x"),
-            "postgres://u@h:1/x?sslmode=disable"
-        );
-        assert_eq!(with_database("postgres://u@h:1", "x"), "postgres://u@h:1/x");
-        assert_ne!(unique("a"), unique("a"));
-    }
+/// Serialises the tests that measure time against a real one-second window (rate budgets):
+/// hold the guard for the whole test. Test binaries run one after another, so a test holding
+/// it runs beside no other test that takes it; put such tests in one binary (`tests/rate.rs`).
+pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
 }
 
 /// What an end-to-end [`Stack`] is made of.
@@ -217,6 +96,8 @@ pub struct StackOptions {
     pub rows: usize,
     /// Use NATS (a namespace of its own) instead of the in-process bus.
     pub nats: bool,
+    /// The warehouse is an SQLite file instead of a PostgreSQL database.
+    pub sqlite: bool,
     /// The simulated team's rate limit.
     pub sim_rate_limit: u32,
     /// `loops.requests_per_second` of the config.
@@ -238,6 +119,7 @@ impl Default for StackOptions {
         StackOptions {
             rows: 40,
             nats: false,
+            sqlite: false,
             sim_rate_limit: 100,
             requests_per_second: 50,
             ack_wait_seconds: 30.0,
@@ -249,15 +131,37 @@ impl Default for StackOptions {
     }
 }
 
-/// A fresh PostgreSQL database with a `users` table, a `loopsync sim` process and a config file
-/// for them: everything `loopsync run` needs, on loopback.
+/// The warehouse of a stack, and a way to run SQL on it directly.
+pub enum TestWarehouse {
+    Postgres {
+        database: TestDatabase,
+        client: Box<tokio_postgres::Client>,
+    },
+    Sqlite {
+        path: PathBuf,
+    },
+}
+
+impl TestWarehouse {
+    /// The `warehouse.url` of the config.
+    pub fn url(&self) -> String {
+        match self {
+            TestWarehouse::Postgres { database, .. } => database.url.clone(),
+            TestWarehouse::Sqlite { path } => format!("sqlite://{}", path.display()),
+        }
+    }
+}
+
+/// A fresh warehouse with a `users` table, a `loopsync sim` process and a config file for
+/// them: everything `loopsync run` needs, on loopback. On drop the database and the NATS
+/// namespace are dropped and the folder removed.
 pub struct Stack {
-    pub dir: std::path::PathBuf,
-    pub config: std::path::PathBuf,
-    pub pg_url: String,
-    pub pg: tokio_postgres::Client,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub warehouse: TestWarehouse,
     pub sim: SimProcess,
-    pub namespace: String,
+    /// The NATS namespace, when the stack runs over NATS.
+    pub nats: Option<TestNamespace>,
 }
 
 /// What `loopsync run --once --json` printed and returned.
@@ -281,63 +185,98 @@ impl RunOutput {
     }
 }
 
-/// A `loopsync worker` process, killed on drop.
+/// A `loopsync worker` process, killed on drop. Its stderr is collected, to be shown when a
+/// test fails.
 pub struct Worker {
     pub child: tokio::process::Child,
+    stderr: tokio::task::JoinHandle<Vec<u8>>,
 }
 
 impl Worker {
-    /// SIGKILL: the worker dies mid-work, as a crashed host would.
+    /// SIGKILL: the worker dies mid-work, as a crashed host would. Returns once it is gone.
     pub async fn kill(&mut self) {
         let _ = self.child.kill().await;
     }
+
+    /// Kills the worker and returns what it wrote on stderr.
+    pub async fn stderr(mut self) -> String {
+        self.kill().await;
+        let stderr = std::mem::replace(&mut self.stderr, tokio::spawn(async { Vec::new() }));
+        String::from_utf8_lossy(&stderr.await.unwrap_or_default()).into_owned()
+    }
 }
 
-impl Stack {
-    /// `None` when PostgreSQL (or NATS, if asked for) is not available outside CI.
-    pub async fn start(options: StackOptions) -> Option<Stack> {
-        let nats_url = if options.nats {
-            Some(nats_url()?)
-        } else {
-            None
-        };
-        let pg_url = fresh_pg_database().await?;
-        let (pg, connection) = tokio_postgres::connect(&pg_url, tokio_postgres::NoTls)
-            .await
-            .expect("connect to the test database");
-        tokio::spawn(connection);
-        pg.batch_execute(&format!(
-            "CREATE TABLE users (id bigint, email text, first_name text, plan text, seats integer,
+const USERS_PG: &str =
+    "CREATE TABLE users (id bigint, email text, first_name text, plan text, seats integer,
                                  signed_up_at timestamptz, newsletter boolean);
              INSERT INTO users
              SELECT g, 'user' || g || '@example.com', 'First' || g,
                     (ARRAY['free', 'pro', 'team'])[1 + g % 3], g % 7,
                     timestamptz '2024-01-01 00:00:00+00' + g * interval '1 hour', g % 2 = 0
-               FROM generate_series(1, {}) AS g;",
-            options.rows
-        ))
-        .await
-        .expect("create the users table");
+               FROM generate_series(1, {rows}) AS g;";
+
+const USERS_SQLITE: &str = "CREATE TABLE users (id INTEGER, email TEXT, first_name TEXT, plan TEXT,
+                                 seats INTEGER, signed_up_at TEXT, newsletter BOOLEAN);
+             WITH RECURSIVE g(n) AS (SELECT 1 WHERE {rows} > 0
+                                     UNION ALL SELECT n + 1 FROM g WHERE n < {rows})
+             INSERT INTO users
+             SELECT n, 'user' || n || '@example.com', 'First' || n,
+                    CASE n % 3 WHEN 0 THEN 'free' WHEN 1 THEN 'pro' ELSE 'team' END, n % 7,
+                    strftime('%Y-%m-%dT%H:%M:%SZ', '2024-01-01 00:00:00', '+' || n || ' hours'),
+                    n % 2 = 0
+               FROM g;";
+
+impl Stack {
+    /// `None` when a service the stack needs is not configured and skipping was asked for.
+    pub async fn start(options: StackOptions) -> Option<Stack> {
+        let nats = if options.nats {
+            Some(TestNamespace::create("e2e")?)
+        } else {
+            None
+        };
+        let dir = std::env::temp_dir().join(unique("loopsync-e2e-"));
+        std::fs::create_dir_all(&dir).expect("create the test folder");
+        let warehouse = if options.sqlite {
+            let path = dir.join("warehouse.db");
+            sqlite_exec(
+                &path,
+                &USERS_SQLITE.replace("{rows}", &options.rows.to_string()),
+            );
+            TestWarehouse::Sqlite { path }
+        } else {
+            let database = TestDatabase::create().await?;
+            let (client, connection) =
+                tokio_postgres::connect(&database.url, tokio_postgres::NoTls)
+                    .await
+                    .expect("connect to the test database");
+            tokio::spawn(connection);
+            client
+                .batch_execute(&USERS_PG.replace("{rows}", &options.rows.to_string()))
+                .await
+                .expect("create the users table");
+            TestWarehouse::Postgres {
+                database,
+                client: Box::new(client),
+            }
+        };
         let sim = SimProcess::start(&[
             "--rate-limit",
             &options.sim_rate_limit.to_string(),
             "--list",
             "cm_news=Newsletter",
         ]);
-        let namespace = unique("e2e");
-        let dir = std::env::temp_dir().join(unique("loopsync-e2e-"));
-        std::fs::create_dir_all(&dir).expect("create the test folder");
-        let nats = nats_url
-            .map(|url| {
+        let nats_section = nats
+            .as_ref()
+            .map(|ns| {
                 format!(
-                    "[nats]\nurl = \"{url}\"\nnamespace = \"{namespace}\"\nack_wait_seconds = {}\n",
-                    options.ack_wait_seconds
+                    "[nats]\nurl = \"{}\"\nnamespace = \"{}\"\nack_wait_seconds = {}\n",
+                    ns.url, ns.namespace, options.ack_wait_seconds
                 )
             })
             .unwrap_or_default();
         let config_text = format!(
             r#"[warehouse]
-url = "{pg_url}"
+url = "{url}"
 
 [loops]
 api_key = "${{LOOPS_API_KEY}}"
@@ -345,7 +284,7 @@ base_url = "{api}"
 requests_per_second = {rps}
 max_attempts = {max_attempts}
 
-{nats}
+{nats_section}
 [[sync]]
 name = "users"
 model = "select id, email, first_name, plan, seats, signed_up_at, newsletter from users"
@@ -364,6 +303,7 @@ signedUpAt = {{ column = "signed_up_at", type = "date" }}
 [sync.mailing_lists]
 "cm_news" = "newsletter"
 "#,
+            url = warehouse.url(),
             api = sim.api(),
             rps = options.requests_per_second,
             identify_by = options.identify_by,
@@ -381,11 +321,18 @@ signedUpAt = {{ column = "signed_up_at", type = "date" }}
         Some(Stack {
             dir,
             config,
-            pg_url,
-            pg,
+            warehouse,
             sim,
-            namespace,
+            nats,
         })
+    }
+
+    /// The PostgreSQL client of the stack's database (the test fails on an SQLite stack).
+    pub fn pg(&self) -> &tokio_postgres::Client {
+        match &self.warehouse {
+            TestWarehouse::Postgres { client, .. } => client,
+            TestWarehouse::Sqlite { .. } => panic!("this stack's warehouse is SQLite"),
+        }
     }
 
     /// A `loopsync` command with this stack's config and key.
@@ -400,11 +347,21 @@ signedUpAt = {{ column = "signed_up_at", type = "date" }}
         command
     }
 
-    /// `loopsync run --once --json ARGS…`, to its end.
+    /// `loopsync ARGS…` to its end, within [`COMMAND_DEADLINE`].
+    pub async fn output(&self, args: &[&str]) -> std::process::Output {
+        output_within(
+            &mut self.command(args),
+            COMMAND_DEADLINE,
+            &format!("loopsync {}", args.join(" ")),
+        )
+        .await
+    }
+
+    /// `loopsync run --once --json ARGS…`, to its end (within [`COMMAND_DEADLINE`]).
     pub async fn run_once(&self, args: &[&str]) -> RunOutput {
         let mut all = vec!["run", "--once", "--json"];
         all.extend_from_slice(args);
-        let output = self.command(&all).output().await.expect("run loopsync");
+        let output = self.output(&all).await;
         let stdout = String::from_utf8_lossy(&output.stdout);
         RunOutput {
             status: output.status.code().unwrap_or(-1),
@@ -413,54 +370,72 @@ signedUpAt = {{ column = "signed_up_at", type = "date" }}
         }
     }
 
-    /// Starts `loopsync worker STAGE` and waits until it is ready.
+    /// `loopsync run --once --json ARGS…`, and what the simulated Loops received meanwhile.
+    pub async fn run_seen(&self, args: &[&str]) -> (RunOutput, Seen) {
+        let before = self.sim.seen().await;
+        let output = self.run_once(args).await;
+        let seen = self.sim.seen().await.since(&before);
+        (output, seen)
+    }
+
+    /// Starts `loopsync worker STAGE` and waits (at most 30 s) until it is ready.
     pub async fn worker(&self, stage: &str) -> Worker {
         use tokio::io::AsyncBufReadExt;
         let mut child = self
             .command(&["worker", stage])
             .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("start a worker");
+        let stderr = process::collect(child.stderr.take());
         let stdout = child.stdout.take().expect("piped stdout");
         let mut lines = tokio::io::BufReader::new(stdout).lines();
-        let line = tokio::time::timeout(std::time::Duration::from_secs(30), lines.next_line())
-            .await
-            .expect("the worker is ready in time")
-            .expect("read the worker's first line")
-            .unwrap_or_default();
-        assert!(
-            line.ends_with("ready"),
-            "unexpected first line from the worker: {line:?}"
-        );
-        Worker { child }
+        let line = match tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await {
+            Ok(line) => line.expect("read the worker's first line"),
+            Err(_) => None,
+        };
+        let worker = Worker { child, stderr };
+        if !line.as_deref().is_some_and(|l| l.ends_with("ready")) {
+            let stderr = worker.stderr().await;
+            panic!(
+                "worker {stage} did not say ready within 30 s (it said {line:?}); stderr:\n{stderr}"
+            );
+        }
+        // Drain the rest of stdout, so the worker never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        worker
     }
 
+    /// Runs SQL on the stack's warehouse.
     pub async fn sql(&self, sql: &str) {
-        self.pg.batch_execute(sql).await.expect("test SQL");
+        match &self.warehouse {
+            TestWarehouse::Postgres { client, .. } => {
+                client.batch_execute(sql).await.expect("test SQL")
+            }
+            TestWarehouse::Sqlite { path } => sqlite_exec(path, sql),
+        }
     }
 
-    /// A count from the warehouse.
+    /// A count from the warehouse (`loopsync.x` names a state table on both backends).
     pub async fn count(&self, sql: &str) -> i64 {
-        self.pg
-            .query_one(sql, &[])
-            .await
-            .expect("count query")
-            .get(0)
+        match &self.warehouse {
+            TestWarehouse::Postgres { client, .. } => client
+                .query_one(sql, &[])
+                .await
+                .expect("count query")
+                .get(0),
+            TestWarehouse::Sqlite { path } => sqlite_count(path, sql),
+        }
     }
 
     /// Requests that reached `PUT /v1/contacts/update`, whatever their answer.
     pub async fn update_requests(&self) -> u64 {
-        self.requests_to("PUT /v1/contacts/update").await
+        self.sim.requests_to("PUT /v1/contacts/update").await
     }
 
     /// Requests that reached one endpoint (`"POST /v1/events/send"`), whatever their answer.
     pub async fn requests_to(&self, endpoint: &str) -> u64 {
-        let stats = self.sim.inspect("stats").await;
-        stats["by_endpoint"][endpoint]
-            .as_object()
-            .map_or(0, |by_status| {
-                by_status.values().filter_map(|n| n.as_u64()).sum()
-            })
+        self.sim.requests_to(endpoint).await
     }
 
     /// Worker mode with a loader killed mid-run: starts an extractor, a transformer and a
@@ -472,31 +447,35 @@ signedUpAt = {{ column = "signed_up_at", type = "date" }}
         endpoint: &str,
         after: u64,
     ) -> (std::process::Output, u64) {
-        use std::time::Duration;
         let _extractor = self.worker("extractor").await;
         let _transformer = self.worker("transformer").await;
         let mut loader = self.worker("loader").await;
-        let runner = tokio::spawn(
-            self.command(&["run", "--once", "--remote", "--json"])
-                .output(),
-        );
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while self.requests_to(endpoint).await < after {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the loader made no progress"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let mut command = self.command(&["run", "--once", "--remote", "--json"]);
+        let runner = tokio::spawn(async move {
+            output_within(
+                &mut command,
+                COMMAND_DEADLINE,
+                "loopsync run --once --remote",
+            )
+            .await
+        });
+        until(
+            Duration::from_secs(30),
+            "the loader sends its first requests",
+            || async {
+                let n = self.requests_to(endpoint).await;
+                if n >= after {
+                    Ok(())
+                } else {
+                    Err(format!("{n} requests to {endpoint}"))
+                }
+            },
+        )
+        .await;
         loader.kill().await;
         let at_kill = self.requests_to(endpoint).await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
         let _replacement = self.worker("loader").await;
-        let output = tokio::time::timeout(Duration::from_secs(60), runner)
-            .await
-            .expect("the run finished in time")
-            .expect("the runner task")
-            .expect("the runner process");
+        let output = runner.await.expect("the runner task");
         assert_eq!(
             output.status.code(),
             Some(0),
@@ -527,42 +506,17 @@ signedUpAt = {{ column = "signed_up_at", type = "date" }}
 
     /// `POST /_sim/<what>` with a JSON body.
     pub async fn sim_post(&self, what: &str, body: serde_json::Value) {
-        let response = http_client()
-            .post(format!("{}/_sim/{what}", self.sim.root))
-            .json(&body)
-            .send()
-            .await
-            .expect("a simulator request");
-        assert!(
-            response.status().is_success(),
-            "/_sim/{what}: {}",
-            response.status()
-        );
+        self.sim.post(what, body).await
     }
 
     /// Workflow triggers of one kind in the simulator's log.
     pub async fn workflows(&self, kind: &str) -> usize {
-        let log = self.sim.inspect("workflows").await;
-        log.as_array()
-            .expect("a workflow array")
-            .iter()
-            .filter(|w| w["kind"] == kind)
-            .count()
+        self.sim.workflows(kind).await
     }
 
     /// The simulator's contacts, by email, without their Loops ids.
     pub async fn contacts(&self) -> std::collections::BTreeMap<String, serde_json::Value> {
-        let contacts = self.sim.inspect("contacts").await;
-        contacts
-            .as_array()
-            .expect("a contact array")
-            .iter()
-            .map(|c| {
-                let mut c = c.clone();
-                c.as_object_mut().expect("a contact object").remove("id");
-                (c["email"].as_str().expect("an email").to_owned(), c)
-            })
-            .collect()
+        self.sim.contacts().await
     }
 }
 
@@ -570,4 +524,22 @@ impl Drop for Stack {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+fn sqlite_exec(path: &std::path::Path, sql: &str) {
+    let db = rusqlite::Connection::open(path).expect("open the SQLite warehouse");
+    db.execute_batch(&sqlite_names(sql))
+        .expect("test SQL on SQLite");
+}
+
+/// SQLite has no schemas: the state's tables are `loopsync_state`, … where PostgreSQL has
+/// `loopsync.state`, …; tests write the PostgreSQL names.
+fn sqlite_names(sql: &str) -> String {
+    sql.replace("loopsync.", "loopsync_")
+}
+
+fn sqlite_count(path: &std::path::Path, sql: &str) -> i64 {
+    let db = rusqlite::Connection::open(path).expect("open the SQLite warehouse");
+    db.query_row(&sqlite_names(sql), [], |row| row.get(0))
+        .expect("count query on SQLite")
 }

@@ -43,20 +43,34 @@ fn spec(name: &str, table: &str) -> SyncSpec {
 /// A warehouse plus a way to run SQL on it directly.
 struct Fixture {
     sqlite: bool,
+    /// Dropped with the fixture.
+    _database: Option<loopsync_testkit::TestDatabase>,
     warehouse: Arc<dyn Warehouse>,
     exec: Box<dyn Fn(String) -> futures::future::BoxFuture<'static, ()>>,
 }
 
 async fn postgres() -> Option<Fixture> {
-    let url = loopsync_testkit::fresh_pg_database().await?;
+    postgres_with(|_| String::new()).await
+}
+
+/// A PostgreSQL fixture; `before_connect` gives SQL to run on the fresh database (by name)
+/// before the warehouse connects.
+async fn postgres_with(before_connect: impl Fn(&str) -> String) -> Option<Fixture> {
+    let database = loopsync_testkit::TestDatabase::create().await?;
+    let url = database.url.clone();
     let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
         .await
         .unwrap();
     tokio::spawn(connection);
     let client = Arc::new(client);
+    let setup = before_connect(database.name());
+    if !setup.is_empty() {
+        client.batch_execute(&setup).await.unwrap();
+    }
     let warehouse = connect(&url).await.unwrap();
     Some(Fixture {
         sqlite: false,
+        _database: Some(database),
         warehouse,
         exec: Box::new(move |sql| {
             let client = client.clone();
@@ -72,6 +86,7 @@ fn sqlite() -> Fixture {
     let warehouse: Arc<dyn Warehouse> = Arc::new(SqliteWarehouse::open(&path_text).unwrap());
     Fixture {
         sqlite: true,
+        _database: None,
         warehouse,
         exec: Box::new(move |sql| {
             let path = path.clone();
@@ -366,10 +381,15 @@ async fn sqlite_full_cycle() {
 
 #[tokio::test]
 async fn postgres_timestamps_come_out_in_utc() {
-    let Some(f) = postgres().await else { return };
+    // The database's own time zone, so every session the warehouse opens starts in Paris time:
+    // only the warehouse's `SET TIME ZONE 'UTC'` brings the dates back to UTC.
+    let Some(f) =
+        postgres_with(|db| format!("ALTER DATABASE {db} SET timezone = 'Europe/Paris'")).await
+    else {
+        return;
+    };
     (f.exec)(
-        "SET TIME ZONE 'Europe/Paris';
-         CREATE TABLE t (id int, email text, first_name text, newsletter boolean, at timestamptz);
+        "CREATE TABLE t (id int, email text, first_name text, newsletter boolean, at timestamptz);
          INSERT INTO t VALUES (1, 'a@x.co', 'A', true, '2024-01-08 12:31:06+01');"
             .into(),
     )

@@ -90,6 +90,17 @@ impl Handler for Flaky {
     }
 }
 
+/// Waits (at most 20 s) until the loader's queue has nothing unsettled.
+async fn settled(bus: &dyn Bus) {
+    loopsync_testkit::until(Duration::from_secs(20), "the queue is settled", || async {
+        match bus.unsettled(Stage::Loader).await {
+            Ok(0) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+}
+
 fn fast(max_attempts: u32) -> WorkerOptions {
     WorkerOptions {
         concurrency: 2,
@@ -177,11 +188,12 @@ async fn exercise_retry_then_success(bus: Arc<dyn Bus>) {
         .await
         .unwrap();
     let handler = Flaky::new(2, ErrorClass::RETRY);
-    let stop = start(bus, handler.clone(), fast(5)).await;
+    let stop = start(bus.clone(), handler.clone(), fast(5)).await;
     handler
         .wait_for(|h| !h.handled.lock().unwrap().is_empty())
         .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Everything settled: a duplicate the bus had kept would still be outstanding, or handled.
+    settled(&*bus).await;
     stop.stop().await;
     assert_eq!(
         handler.calls.load(Ordering::SeqCst),
@@ -223,7 +235,8 @@ async fn exercise_permanent_poison_and_exhaustion(bus: Arc<dyn Bus>) {
         handler
             .wait_for(|h| !h.gave_up.lock().unwrap().is_empty())
             .await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Nothing left to deliver: a further attempt would be outstanding, or counted.
+        settled(&*bus).await;
         stop.stop().await;
         let gave_up = handler.gave_up.lock().unwrap().clone();
         assert_eq!(gave_up.len(), 1, "{class:?}: given up once");
@@ -259,17 +272,22 @@ async fn local_permanent_poison_and_exhaustion() {
     exercise_permanent_poison_and_exhaustion(Arc::new(LocalBus::new(Names::new("t")))).await;
 }
 
-async fn jetstream(options: &JetStreamOptions) -> Option<Arc<JetStreamBus>> {
-    let url = loopsync_testkit::nats_url()?;
-    let names = Names::new(&loopsync_testkit::unique("t"));
-    Some(Arc::new(
-        JetStreamBus::connect(&url, names, options).await.unwrap(),
-    ))
+/// A JetStream bus in a namespace of its own, whose streams are deleted when the returned
+/// namespace is dropped.
+async fn jetstream(
+    options: &JetStreamOptions,
+) -> Option<(Arc<JetStreamBus>, loopsync_testkit::TestNamespace)> {
+    let ns = loopsync_testkit::TestNamespace::create("t")?;
+    let names = Names::new(&ns.namespace);
+    let bus = JetStreamBus::connect(&ns.url, names, options)
+        .await
+        .unwrap();
+    Some((Arc::new(bus), ns))
 }
 
 #[tokio::test]
 async fn jetstream_retry_then_success() {
-    let Some(bus) = jetstream(&JetStreamOptions::default()).await else {
+    let Some((bus, _ns)) = jetstream(&JetStreamOptions::default()).await else {
         return;
     };
     exercise_retry_then_success(bus).await;
@@ -277,7 +295,7 @@ async fn jetstream_retry_then_success() {
 
 #[tokio::test]
 async fn jetstream_permanent_poison_and_exhaustion() {
-    let Some(bus) = jetstream(&JetStreamOptions::default()).await else {
+    let Some((bus, _ns)) = jetstream(&JetStreamOptions::default()).await else {
         return;
     };
     exercise_permanent_poison_and_exhaustion(bus).await;
@@ -285,7 +303,7 @@ async fn jetstream_permanent_poison_and_exhaustion() {
 
 #[tokio::test]
 async fn jetstream_ledger_round_trip() {
-    let Some(bus) = jetstream(&JetStreamOptions::default()).await else {
+    let Some((bus, _ns)) = jetstream(&JetStreamOptions::default()).await else {
         return;
     };
     assert_eq!(bus.ledger_get("abc").await.unwrap(), None);
@@ -310,7 +328,7 @@ async fn jetstream_max_deliveries_advisory_moves_to_dead_letters() {
         max_deliver: 2,
         ..JetStreamOptions::default()
     };
-    let Some(bus) = jetstream(&options).await else {
+    let Some((bus, _ns)) = jetstream(&options).await else {
         return;
     };
     let op = Operation {
@@ -370,10 +388,10 @@ async fn jetstream_max_deliveries_advisory_moves_to_dead_letters() {
 /// all, not per process. A lower bound on the elapsed time, so a slow machine cannot fail it.
 #[tokio::test]
 async fn jetstream_rate_budget_is_shared_between_connections() {
-    let Some(url) = loopsync_testkit::nats_url() else {
+    let Some(ns) = loopsync_testkit::TestNamespace::create("t") else {
         return;
     };
-    let names = Names::new(&loopsync_testkit::unique("t"));
+    let (url, names) = (ns.url.clone(), Names::new(&ns.namespace));
     let options = JetStreamOptions::default();
     let a = Arc::new(
         JetStreamBus::connect(&url, names.clone(), &options)
