@@ -17,7 +17,7 @@ async fn create_then_nothing_then_one_per_change(stack: Stack) {
     assert_eq!(run["status"], "succeeded");
     assert_eq!(run["added"], 40);
     assert_eq!(run["confirmed"], 40);
-    assert_eq!(run["requests"], 40);
+    assert_eq!(run["requests_by_kind"]["writes"], 40);
     assert_eq!(stack.update_requests().await, 40);
     let contacts = stack.contacts().await;
     assert_eq!(contacts.len(), 40);
@@ -43,7 +43,10 @@ async fn create_then_nothing_then_one_per_change(stack: Stack) {
     assert_eq!(second.status, 0, "{}", second.stderr);
     let run = run_of(&second);
     assert_eq!(
-        (run["unchanged"].as_i64(), run["requests"].as_i64()),
+        (
+            run["unchanged"].as_i64(),
+            run["requests_by_kind"]["writes"].as_i64()
+        ),
         (Some(40), Some(0))
     );
     assert_eq!(
@@ -356,7 +359,7 @@ async fn plan_is_a_dry_run_that_matches_the_run() {
     let before = stack.update_requests().await;
     let run = stack.run_once(&[]).await;
     assert_eq!(
-        run_of(&run)["requests"],
+        run_of(&run)["requests_by_kind"]["writes"],
         2,
         "the run sent what the plan said"
     );

@@ -68,7 +68,11 @@ async fn mirror_deletes_what_left_and_nothing_else() {
     assert_eq!(stack.count("SELECT count(*) FROM loopsync.state").await, 7);
 
     let third = stack.run_once(&[]).await;
-    assert_eq!(run_of(&third)["requests"], 0, "nothing left to remove");
+    assert_eq!(
+        run_of(&third)["requests_by_kind"]["deletes"],
+        0,
+        "nothing left to remove"
+    );
     // A row that comes back is a new contact again.
     stack
         .sql("INSERT INTO users VALUES (1, 'user1@example.com', 'Back', 'free', 1, now(), false)")
@@ -165,7 +169,7 @@ async fn workflow_events_fire_once_per_change_despite_retries() {
         .await;
     let second = stack.run_once(&[]).await;
     assert_eq!(
-        run_of(&second)["requests"],
+        run_of(&second)["requests_by_kind"]["events"],
         4,
         "one request per changed contact"
     );
@@ -258,7 +262,10 @@ async fn user_id_identity() {
         (Some(1), Some(1), Some(1)),
         "{run}"
     );
-    assert_eq!(run["requests"], 2, "the email change and the conflict");
+    assert_eq!(
+        run["requests_by_kind"]["writes"], 2,
+        "the email change and the conflict"
+    );
     let after = stack.sim.inspect("contacts").await;
     let c3 = after
         .as_array()
@@ -284,7 +291,10 @@ async fn user_id_identity() {
     let third = stack.run_once(&[]).await;
     let run = run_of(&third);
     assert_eq!(
-        (run["rejected"].as_i64(), run["requests"].as_i64()),
+        (
+            run["rejected"].as_i64(),
+            run["requests_by_kind"]["writes"].as_i64()
+        ),
         (Some(1), Some(1)),
         "{run}"
     );
@@ -416,7 +426,12 @@ async fn an_email_change_is_a_rekey() {
         assert_eq!(out.status, 0, "{}", out.stderr);
         let run = run_of(&out);
         assert_eq!(run["rekeyed"], 1, "{behavior}: {run}");
-        assert_eq!(run["requests"], requests, "{behavior}");
+        let kinds = &run["requests_by_kind"];
+        assert_eq!(
+            kinds["writes"].as_i64().unwrap() + kinds["deletes"].as_i64().unwrap(),
+            requests,
+            "{behavior}"
+        );
         let contacts = stack.contacts().await;
         assert_eq!(contacts.len(), contacts_after, "{behavior}");
         assert_eq!(contacts["second@new.example.com"]["firstName"], "First2");
@@ -435,7 +450,11 @@ async fn an_email_change_is_a_rekey() {
         );
         // The state follows the new address: nothing more to do.
         let again = stack.run_once(&[]).await;
-        assert_eq!(run_of(&again)["requests"], 0, "{behavior}");
+        assert_eq!(
+            run_of(&again)["requests_by_kind"]["writes"],
+            0,
+            "{behavior}"
+        );
     }
 }
 
@@ -594,7 +613,11 @@ async fn dead_letters_list_replay_and_park() {
     let failed = stack.run_once(&[]).await;
     assert_eq!(failed.status, 3, "{}", failed.stderr);
     assert_eq!(run_of(&failed)["dead_lettered"], 6);
-    assert_eq!(run_of(&failed)["requests"], 12, "two attempts each");
+    assert_eq!(
+        run_of(&failed)["requests_by_kind"]["writes"],
+        12,
+        "two attempts each"
+    );
 
     let dlq = |args: &'static [&'static str]| {
         let mut command = stack.command(args);
@@ -669,11 +692,14 @@ async fn dead_letters_list_replay_and_park() {
     );
 
     // A run retries nothing parked; a parked record whose data changes is sent again.
-    assert_eq!(run_of(&stack.run_once(&[]).await)["requests"], 0);
+    assert_eq!(
+        run_of(&stack.run_once(&[]).await)["requests_by_kind"]["writes"],
+        0
+    );
     stack
         .sql("UPDATE users SET plan = 'gold' WHERE id = 1")
         .await;
     let after = stack.run_once(&[]).await;
-    assert_eq!(run_of(&after)["requests"], 1);
+    assert_eq!(run_of(&after)["requests_by_kind"]["writes"], 1);
     assert!(stack.contacts().await.contains_key("user1@example.com"));
 }
