@@ -222,25 +222,31 @@ impl JetStreamBus {
         self.dead_letter(letter).await?;
         // The record still needs an outcome, or its run never ends.
         let outcome = match stage {
+            // No requests: those of the attempts that ended were reported by the loader
+            // (`attempted` outcomes); those of a worker that died unreported are not known.
             Stage::Loader => codec::decode::<Operation>(&message.payload).ok().map(|op| {
-                Outcome::new(
+                let mut o = Outcome::new(
                     &op.sync,
                     op.run_id,
                     &op.key,
                     &op.fingerprint,
                     OutcomeStatus::DeadLettered,
                     op.action.name(),
-                )
+                );
+                o.change = Some(op.change);
+                o
             }),
             Stage::Transformer => codec::decode::<RowChange>(&message.payload).ok().map(|c| {
-                Outcome::new(
+                let mut o = Outcome::new(
                     &c.sync,
                     c.run_id,
                     &c.key,
                     &c.fingerprint,
                     OutcomeStatus::DeadLettered,
                     "none",
-                )
+                );
+                o.change = Some(c.kind);
+                o
             }),
             Stage::Extractor | Stage::Checkpointer => None,
         };

@@ -41,11 +41,12 @@ pub async fn operation(bus: &dyn Bus, op: &Operation) -> Result<(), BusError> {
         .await
 }
 
-/// Any stage → checkpointer. One id per (run, record, status): a repeat of the same outcome
-/// is dropped by the bus, and the checkpointer ignores one that gets through anyway.
+/// Any stage → checkpointer. One id per (run, record, status), and per attempt for an
+/// `attempted` outcome: a repeat of the same outcome is dropped by the bus, and the
+/// checkpointer ignores one that gets through anyway.
 pub async fn outcome(bus: &dyn Bus, outcome: &Outcome) -> Result<(), BusError> {
     let subject = bus.names().subject(Stage::Checkpointer, &outcome.sync);
-    let id = format!(
+    let mut id = format!(
         "{}:{}",
         keys::message_id(
             "out",
@@ -56,6 +57,10 @@ pub async fn outcome(bus: &dyn Bus, outcome: &Outcome) -> Result<(), BusError> {
         ),
         outcome.status.as_str()
     );
+    if let Some(attempt) = &outcome.attempt {
+        id.push(':');
+        id.push_str(attempt);
+    }
     bus.publish(&subject, &id, Bytes::from(codec::encode(outcome)))
         .await
 }

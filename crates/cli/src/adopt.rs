@@ -64,6 +64,7 @@ pub async fn run(config_path: &Path, args: AdoptArgs) -> anyhow::Result<ExitCode
                         // What the transformer refuses is not in Loops either: not adopted.
                         if loopsync_transformer::transform(spec, change).is_err() {
                             invalid += 1;
+                            counts.invalid_rows += 1;
                             continue;
                         }
                         let text = |property: &str| {
@@ -77,8 +78,9 @@ pub async fn run(config_path: &Path, args: AdoptArgs) -> anyhow::Result<ExitCode
                             text("userId").map(|u| u.trim().to_owned()),
                         ));
                     }
-                    Decision::Invalid { .. } => {
+                    Decision::Invalid { rows, .. } => {
                         invalid += 1;
+                        counts.invalid_rows += *rows as i64;
                         continue;
                     }
                     _ => {}

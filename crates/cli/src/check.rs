@@ -5,6 +5,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Args;
+use loopsync_core::envelope::RequestCounts;
 use loopsync_core::spec::default_property_kind;
 use loopsync_loops_client::PropertyType;
 use serde::Serialize;
@@ -67,12 +68,15 @@ pub async fn run(config_path: &Path, args: CheckArgs) -> anyhow::Result<ExitCode
     }
     let client = loops_client(&config)?;
     let budget = loopsync_loader::RateBudget::local(config.loops.requests_per_second);
-    match with_retries(&budget, || client.test_api_key()).await {
+    // `check` belongs to no run: its requests are counted nowhere.
+    let mut uncounted = RequestCounts::default();
+    let counts = &mut uncounted;
+    match with_retries(&budget, counts, || client.test_api_key()).await {
         Err(e) => report.loops = Some(e.to_string()),
         Ok(info) => {
             report.team_name = info.team_name;
-            let existing = with_retries(&budget, || client.list_properties(false)).await?;
-            let lists = with_retries(&budget, || client.list_mailing_lists()).await?;
+            let existing = with_retries(&budget, counts, || client.list_properties(false)).await?;
+            let lists = with_retries(&budget, counts, || client.list_mailing_lists()).await?;
             for sync in &config.syncs {
                 for p in &sync.spec.properties {
                     if default_property_kind(&p.property).is_some() {
@@ -108,7 +112,7 @@ pub async fn run(config_path: &Path, args: CheckArgs) -> anyhow::Result<ExitCode
                 for wanted in std::mem::take(&mut report.missing_properties) {
                     let (name, kind) = wanted.split_once(": ").expect("name: type");
                     let kind: PropertyType = kind.parse().map_err(anyhow::Error::msg)?;
-                    with_retries(&budget, || client.create_property(name, kind)).await?;
+                    with_retries(&budget, counts, || client.create_property(name, kind)).await?;
                     report.created_properties.push(wanted);
                 }
             }

@@ -151,8 +151,9 @@ signedUpAt = {{ column = "signed_up_at", type = "date" }}
         stats.rate_limited
     );
     println!(
-        "The second run sent one request per changed or added user and none for the {} unchanged; \
-         the malformed email is kept as an invalid record, so that run ended degraded.",
+        "The second run wrote one contact per changed or added user and none for the {} unchanged \
+         (its other request is the preflight: the list of contact properties); the malformed email \
+         is kept as an invalid record, so that run ended degraded.",
         args.users - 3
     );
     if args.dir.is_some() {

@@ -160,7 +160,14 @@ pub async fn run(config_path: &Path, args: DlqArgs) -> anyhow::Result<ExitCode> 
             }
             let mut summaries = Vec::new();
             for (sync, keys) in by_sync(&letters) {
-                let run_id = request_run(&*pipeline.bus, &*pipeline.warehouse, &sync, keys).await?;
+                let run_id = request_run(
+                    &*pipeline.bus,
+                    &*pipeline.warehouse,
+                    &sync,
+                    keys,
+                    Default::default(),
+                )
+                .await?;
                 let summary =
                     wait_for_run(&*pipeline.warehouse, run_id, Duration::from_millis(100)).await?;
                 if !filter.json {

@@ -92,7 +92,7 @@ pub async fn runs(config_path: &Path, args: RunsArgs) -> anyhow::Result<ExitCode
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:>5}  {:<12} {:<10} {:<24} {:>8}  {:>6} {:>7} {:>7} {:>9} {:>7} {:>8} {:>6} {:>8}",
+        "{:>5}  {:<12} {:<10} {:<24} {:>8}  {:>6} {:>7} {:>7} {:>9} {:>7} {:>8} {:>6} {:>8} {:>7} {:>5}",
         "RUN",
         "SYNC",
         "STATUS",
@@ -105,11 +105,13 @@ pub async fn runs(config_path: &Path, args: RunsArgs) -> anyhow::Result<ExitCode
         "INVALID",
         "REJECTED",
         "DEAD",
-        "REQUESTS"
+        "REQUESTS",
+        "RETRIES",
+        "429"
     );
     for r in runs {
         println!(
-            "{:>5}  {:<12} {:<10} {:<24} {:>8}  {:>6} {:>7} {:>7} {:>9} {:>7} {:>8} {:>6} {:>8}",
+            "{:>5}  {:<12} {:<10} {:<24} {:>8}  {:>6} {:>7} {:>7} {:>9} {:>7} {:>8} {:>6} {:>8} {:>7} {:>5}",
             r.id,
             r.sync,
             r.status,
@@ -124,6 +126,8 @@ pub async fn runs(config_path: &Path, args: RunsArgs) -> anyhow::Result<ExitCode
             r.rejected,
             r.dead_lettered,
             cell(Some(r.requests)),
+            r.retries,
+            r.rate_limited,
         );
     }
     Ok(ExitCode::SUCCESS)

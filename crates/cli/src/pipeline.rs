@@ -9,6 +9,8 @@ use anyhow::Context;
 use loopsync_bus::worker::{self, BatchOptions, WorkerOptions};
 use loopsync_bus::{Bus, BusError, JetStreamBus, JetStreamOptions, LocalBus};
 use loopsync_config::Config;
+use loopsync_core::envelope::{RequestCounts, RequestKind};
+use loopsync_core::spec::SyncSpec;
 use loopsync_core::subjects::{Names, Stage};
 use loopsync_extractor::{Checkpointer, ExtractorStage};
 use loopsync_loader::{LoaderStage, RateBudget};
@@ -197,40 +199,76 @@ pub fn loops_client(config: &Config) -> anyhow::Result<LoopsClient> {
     Ok(LoopsClient::new(client_config)?)
 }
 
-/// Makes sure every custom property the mappings need exists in Loops, with its declared type
-/// (`loops-api.md` §9: the client creates missing properties before the first send, as
-/// Hightouch does). Returns the properties created.
-pub async fn ensure_properties(
-    config: &Config,
-    client: &LoopsClient,
-    budget: &RateBudget,
-) -> anyhow::Result<Vec<String>> {
-    let existing = with_retries(budget, || client.list_properties(false))
-        .await
-        .context("listing the contact properties of the Loops team")?;
-    let mut created = Vec::new();
-    for sync in &config.syncs {
-        for p in &sync.spec.properties {
+/// The property check `loopsync run` makes before it sends (`loops-api.md` §9: the client
+/// creates missing properties before the first send, as Hightouch does), with its requests
+/// counted for the runs they serve.
+///
+/// The team's properties are listed once per invocation; each custom property a sync's mapping
+/// needs and Loops lacks is created, with its declared type, just before the first run of a
+/// sync that needs it. [`Preflight::take`] hands the requests made since the last call to the
+/// run about to be requested: the list goes with the first run of the invocation, a creation
+/// with the run of the first sync that needed it.
+pub struct Preflight {
+    existing: Vec<String>,
+    created: Vec<String>,
+    pending: RequestCounts,
+}
+
+impl Preflight {
+    /// Lists the team's contact properties (`GET /v1/contacts/properties`).
+    pub async fn start(client: &LoopsClient, budget: &RateBudget) -> anyhow::Result<Preflight> {
+        let mut pending = RequestCounts::default();
+        let existing = with_retries(budget, &mut pending, || client.list_properties(false))
+            .await
+            .context("listing the contact properties of the Loops team")?;
+        Ok(Preflight {
+            existing: existing.into_iter().map(|p| p.key).collect(),
+            created: Vec::new(),
+            pending,
+        })
+    }
+
+    /// Creates the custom properties `sync` maps that Loops lacks; returns their names.
+    pub async fn ensure(
+        &mut self,
+        sync: &SyncSpec,
+        client: &LoopsClient,
+        budget: &RateBudget,
+    ) -> anyhow::Result<Vec<String>> {
+        let mut created = Vec::new();
+        for p in &sync.properties {
             if loopsync_core::spec::default_property_kind(&p.property).is_some()
-                || existing.iter().any(|e| e.key == p.property)
-                || created.contains(&p.property)
+                || self.existing.contains(&p.property)
+                || self.created.contains(&p.property)
             {
                 continue;
             }
             let kind: PropertyType = p.kind.as_str().parse().map_err(anyhow::Error::msg)?;
-            with_retries(budget, || client.create_property(&p.property, kind))
-                .await
-                .with_context(|| format!("creating the contact property {}", p.property))?;
+            with_retries(budget, &mut self.pending, || {
+                client.create_property(&p.property, kind)
+            })
+            .await
+            .with_context(|| format!("creating the contact property {}", p.property))?;
+            self.created.push(p.property.clone());
             created.push(p.property.clone());
         }
+        Ok(created)
     }
-    Ok(created)
+
+    /// The requests made since the last call, for the run about to be requested.
+    pub fn take(&mut self) -> RequestCounts {
+        std::mem::take(&mut self.pending)
+    }
 }
 
-/// A call to Loops outside the pipeline (the preflight), paced, and retried like the loader's:
-/// a retryable answer waits (the server's delay, or the worker's backoff) and tries again, up
-/// to five attempts.
-pub(crate) async fn with_retries<T, F, Fut>(budget: &RateBudget, mut call: F) -> anyhow::Result<T>
+/// A call to Loops outside the pipeline (the preflight, `check`), paced, and retried like the
+/// loader's: a retryable answer waits (the server's delay, or the worker's backoff) and tries
+/// again, up to five attempts. Every request sent is counted in `counts` (kind preflight).
+pub(crate) async fn with_retries<T, F, Fut>(
+    budget: &RateBudget,
+    counts: &mut RequestCounts,
+    mut call: F,
+) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, loopsync_loops_client::LoopsError>>,
@@ -241,7 +279,15 @@ where
     let mut attempt = 1;
     loop {
         budget.ready().await?;
-        match call().await {
+        let result = call().await;
+        match &result {
+            Err(error) if !error.was_sent() => {}
+            Err(error) => {
+                counts.count(RequestKind::Preflight, attempt > 1, error.is_rate_limited())
+            }
+            Ok(_) => counts.count(RequestKind::Preflight, attempt > 1, false),
+        }
+        match result {
             Err(error) if attempt < ATTEMPTS && error.class().is_retryable() => {
                 let delay = match error.class() {
                     ErrorClass::Retryable { after: Some(after) } => after,
@@ -253,5 +299,105 @@ where
             }
             result => return Ok(result?),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use loopsync_core::spec::{Behavior, IdentifyBy, MappedProperty, OnRemove};
+    use loopsync_core::value::PropertyKind;
+    use loopsync_loops_client::ApiKey;
+    use loopsync_simulator::{Faults, SimConfig};
+
+    use super::*;
+
+    fn spec(name: &str, properties: &[(&str, PropertyKind)]) -> SyncSpec {
+        SyncSpec {
+            name: name.into(),
+            model: "select 1".into(),
+            primary_key: "id".into(),
+            identify_by: IdentifyBy::Email,
+            behavior: Behavior::Upsert,
+            on_remove: OnRemove::Delete,
+            trigger_workflows: false,
+            event_on_create: "c".into(),
+            event_on_update: "u".into(),
+            properties: properties
+                .iter()
+                .map(|(p, kind)| MappedProperty {
+                    property: (*p).into(),
+                    column: p.to_lowercase(),
+                    kind: *kind,
+                })
+                .collect(),
+            lists: vec![],
+        }
+    }
+
+    /// The preflight's requests, counted and handed to the runs they serve: the list and the
+    /// first sync's creations to its run, the second sync's new creation to its own; retries
+    /// and 429s counted too, and the total is what the simulator saw.
+    #[tokio::test]
+    async fn preflight_requests_go_with_the_runs_they_serve() {
+        let sim = loopsync_simulator::spawn(SimConfig::default())
+            .await
+            .unwrap();
+        let client = LoopsClient::new(ClientConfig::new(
+            sim.base_url(),
+            ApiKey::new("test-key").unwrap(),
+        ))
+        .unwrap();
+        let budget = RateBudget::local(1000);
+        // The dice (seeded) answer the list 429 before letting it through.
+        sim.set_faults(Faults {
+            rate_limit_429: 0.6,
+            seed: Some(4),
+            endpoints: vec!["GET /v1/contacts/properties".into()],
+            ..Faults::default()
+        })
+        .unwrap();
+        let mut preflight = Preflight::start(&client, &budget).await.unwrap();
+        let users = spec(
+            "users",
+            &[
+                ("email", PropertyKind::String),
+                ("planName", PropertyKind::String),
+                ("seats", PropertyKind::Number),
+            ],
+        );
+        let teams = spec(
+            "teams",
+            &[
+                ("seats", PropertyKind::Number),
+                ("region", PropertyKind::String),
+            ],
+        );
+        let created = preflight.ensure(&users, &client, &budget).await.unwrap();
+        assert_eq!(created, ["planName", "seats"]);
+        let first = preflight.take();
+        assert!(first.rate_limited > 0, "{first:?}");
+        assert_eq!(
+            first.preflight,
+            first.rate_limited + 1 + 2,
+            "the list (each 429 tried again), two creations"
+        );
+        assert_eq!(first.retries, first.rate_limited);
+        let created = preflight.ensure(&teams, &client, &budget).await.unwrap();
+        assert_eq!(created, ["region"], "seats exists now");
+        let second = preflight.take();
+        assert_eq!(
+            second,
+            RequestCounts {
+                preflight: 1,
+                ..RequestCounts::default()
+            }
+        );
+        assert_eq!(preflight.take(), RequestCounts::default());
+        let stats = sim.stats();
+        assert_eq!(
+            stats.total_requests,
+            u64::from(first.total() + second.total())
+        );
+        assert_eq!(stats.rate_limited, u64::from(first.rate_limited));
     }
 }

@@ -108,7 +108,7 @@ pub async fn run(config_path: &Path, args: PlanArgs) -> anyhow::Result<ExitCode>
                         }
                     }
                 }
-                Decision::Invalid { key, reason } => {
+                Decision::Invalid { key, reason, .. } => {
                     plan.invalid += 1;
                     plan.records.push(PlannedRecord {
                         key,

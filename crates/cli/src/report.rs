@@ -13,27 +13,41 @@ pub fn exit_status(runs: &[RunSummary]) -> u8 {
     }
 }
 
-/// A few lines per run.
+/// A few lines per run. Rows add up to the model's rows, records to the run's records,
+/// requests by kind to the requests (`RunSummary` defines each count).
 pub fn text(run: &RunSummary) -> String {
     let duration = run
         .duration_ms
         .map(|ms| format!(" in {:.1} s", ms as f64 / 1000.0))
         .unwrap_or_default();
+    let model_rows = run.added + run.changed + run.unchanged + run.invalid_rows;
+    let kinds = &run.requests_by_kind;
     let mut out = format!(
-        "sync {} · run {} · {}{duration}\n  rows:    added {} · changed {} · removed {} · unchanged {}\n  records: confirmed {} · skipped {} · invalid {} · rejected {} · dead-lettered {}\n  requests sent to Loops: {}\n",
+        "sync {} · run {} · {}{duration}\n  \
+         rows:     added {} · changed {} · unchanged {} · invalid {} (= {model_rows} model rows) · removed {}\n  \
+         records:  confirmed {} · skipped {} · invalid {} · rejected {} · dead-lettered {} (= {} records)\n  \
+         requests: {} to Loops: writes {} · events {} · deletes {} · preflight {}; of them retries {} · rate-limited (429) {}\n",
         run.sync,
         run.id,
         run.status,
         run.added,
         run.changed,
-        run.removed,
         run.unchanged,
+        run.invalid_rows,
+        run.removed,
         run.confirmed,
         run.skipped,
         run.invalid,
         run.rejected,
         run.dead_lettered,
-        run.requests
+        run.records,
+        run.requests,
+        kinds.writes,
+        kinds.events,
+        kinds.deletes,
+        kinds.preflight,
+        run.retries,
+        run.rate_limited,
     );
     if run.rekeyed > 0 {
         out.push_str(&format!(
@@ -49,4 +63,67 @@ pub fn text(run: &RunSummary) -> String {
         out.push_str("  see: loopsync rejections\n");
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use loopsync_warehouse::RequestsByKind;
+
+    use super::*;
+
+    /// The report's arithmetic: the rows add up to the model, the records to the run's, the
+    /// kinds to the requests; and the lines say so.
+    #[test]
+    fn text_report_adds_up() {
+        let run = RunSummary {
+            id: 7,
+            sync: "users".into(),
+            status: "degraded".into(),
+            duration_ms: Some(1234),
+            added: 3,
+            changed: 2,
+            unchanged: 29,
+            invalid_rows: 5,
+            removed: 1,
+            records: 10,
+            confirmed: 5,
+            invalid: 5,
+            requests: 38,
+            requests_by_kind: RequestsByKind {
+                writes: 33,
+                events: 0,
+                deletes: 0,
+                preflight: 5,
+            },
+            retries: 3,
+            rate_limited: 2,
+            ..RunSummary::default()
+        };
+        assert_eq!(run.requests, run.requests_by_kind.total());
+        let text = text(&run);
+        assert!(
+            text.starts_with("sync users · run 7 · degraded in 1.2 s\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "added 3 · changed 2 · unchanged 29 · invalid 5 (= 39 model rows) · removed 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "confirmed 5 · skipped 0 · invalid 5 · rejected 0 · dead-lettered 0 (= 10 records)"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "requests: 38 to Loops: writes 33 · events 0 · deletes 0 · preflight 5; of them retries 3 · rate-limited (429) 2"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("see: loopsync rejections"));
+        assert_eq!(exit_status(&[run]), 3);
+    }
 }

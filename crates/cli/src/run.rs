@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use clap::Args;
 use loopsync_extractor::{request_run, wait_for_run};
+use loopsync_loops_client::LoopsClient;
 
-use crate::pipeline::{Pipeline, ensure_properties};
+use crate::pipeline::{Pipeline, Preflight};
 use crate::{UsageError, load_config, report};
 
 #[derive(Debug, Args)]
@@ -73,25 +74,19 @@ pub async fn run(config_path: &Path, args: RunArgs) -> anyhow::Result<ExitCode> 
     }
     let mut pipeline = Pipeline::connect(config.clone()).await?;
     let client = pipeline.loops_client()?;
-    let created = ensure_properties(&config, &client, &pipeline.budget).await?;
-    if !created.is_empty() {
-        eprintln!(
-            "created contact properties in Loops: {}",
-            created.join(", ")
-        );
-    }
+    let mut preflight = Preflight::start(&client, &pipeline.budget).await?;
     if !args.remote {
         pipeline.spawn_all()?;
     }
     if !args.once {
-        let served = follow_schedules(&pipeline, &syncs, args.json).await;
+        let served = follow_schedules(&pipeline, &client, &mut preflight, &syncs, args.json).await;
         pipeline.stop().await;
         served?;
         return Ok(ExitCode::SUCCESS);
     }
     let mut summaries = Vec::new();
     for sync in &syncs {
-        let run_id = request_run(&*pipeline.bus, &*pipeline.warehouse, sync, Vec::new()).await?;
+        let run_id = start_run(&pipeline, &client, &mut preflight, sync).await?;
         let summary = tokio::select! {
             s = wait_for_run(&*pipeline.warehouse, run_id, Duration::from_millis(100)) => s?,
             () = crate::shutdown_signal() => {
@@ -111,10 +106,47 @@ pub async fn run(config_path: &Path, args: RunArgs) -> anyhow::Result<ExitCode> 
     Ok(ExitCode::from(report::exit_status(&summaries)))
 }
 
+/// Requests a run of `sync`, after creating the properties its mapping needs that Loops lacks;
+/// the run is recorded with the preflight requests made since the previous run (see
+/// [`Preflight`]).
+async fn start_run(
+    pipeline: &Pipeline,
+    client: &LoopsClient,
+    preflight: &mut Preflight,
+    sync: &str,
+) -> anyhow::Result<i64> {
+    let spec = &pipeline
+        .config
+        .sync(sync)
+        .ok_or_else(|| UsageError(format!("no sync named \"{sync}\" in the config")))?
+        .spec;
+    let created = preflight.ensure(spec, client, &pipeline.budget).await?;
+    if !created.is_empty() {
+        eprintln!(
+            "created contact properties in Loops: {}",
+            created.join(", ")
+        );
+    }
+    Ok(request_run(
+        &*pipeline.bus,
+        &*pipeline.warehouse,
+        sync,
+        Vec::new(),
+        preflight.take(),
+    )
+    .await?)
+}
+
 /// Without `--once`: each sync with a `schedule` is run when its cron expression says (UTC),
 /// one run at a time; a fire time that passes while a run is in progress is not made up for.
 /// Reports are printed as runs end (`--json`: one JSON object per line). Stops on SIGTERM.
-async fn follow_schedules(pipeline: &Pipeline, syncs: &[String], json: bool) -> anyhow::Result<()> {
+async fn follow_schedules(
+    pipeline: &Pipeline,
+    client: &LoopsClient,
+    preflight: &mut Preflight,
+    syncs: &[String],
+    json: bool,
+) -> anyhow::Result<()> {
     use std::str::FromStr;
     let mut schedules = Vec::new();
     for name in syncs {
@@ -151,7 +183,7 @@ async fn follow_schedules(pipeline: &Pipeline, syncs: &[String], json: bool) -> 
             () = &mut shutdown => return Ok(()),
             () = tokio::time::sleep(wait) => {}
         }
-        let run_id = request_run(&*pipeline.bus, &*pipeline.warehouse, name, Vec::new()).await?;
+        let run_id = start_run(pipeline, client, preflight, name).await?;
         let summary = tokio::select! {
             () = &mut shutdown => return Ok(()),
             s = wait_for_run(&*pipeline.warehouse, run_id, Duration::from_millis(100)) => s?,

@@ -1,6 +1,10 @@
 //! The messages that travel on the subjects. Each has a `v` (schema version); fields added later
 //! carry `#[serde(default)]`, so an old reader ignores them and a new reader fills them in.
 //! They are encoded with named fields (see [`crate::codec`]), never positionally.
+//!
+//! Versions: 1, the first; 2 adds to [`Outcome`] the requests by kind (`counts`), the record's
+//! `change` and the `attempt`, and the status [`OutcomeStatus::Attempted`] (a reader of
+//! version 1 cannot decode such an outcome and dead-letters it: only its counts are lost).
 
 use std::collections::BTreeMap;
 
@@ -8,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 /// The schema version this build writes.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 
 /// "Run this sync now": consumed by exactly one extractor.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -151,6 +155,67 @@ pub struct Operation {
     pub action: Action,
 }
 
+/// Where a request to Loops went, as run reports count it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RequestKind {
+    /// `PUT /v1/contacts/update`: upserts, unsubscribes, the write of a re-key.
+    Write,
+    /// `POST /v1/events/send`.
+    Event,
+    /// `POST /v1/contacts/delete`.
+    Delete,
+    /// What `loopsync run` asks before it sends: the API key, the contact properties (list and
+    /// create), the mailing lists.
+    Preflight,
+}
+
+/// Requests sent toward Loops, counted where they are made: by kind, and how many of them
+/// were retries (a second or later attempt of the same operation) and were answered 429.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RequestCounts {
+    pub writes: u32,
+    pub events: u32,
+    pub deletes: u32,
+    pub preflight: u32,
+    /// Of the requests above, those that repeated an earlier attempt of the same operation.
+    pub retries: u32,
+    /// Of the requests above, those Loops answered 429.
+    pub rate_limited: u32,
+}
+
+impl RequestCounts {
+    /// Every request counted, whatever its kind.
+    pub fn total(&self) -> u32 {
+        self.writes + self.events + self.deletes + self.preflight
+    }
+
+    pub fn is_empty(&self) -> bool {
+        *self == RequestCounts::default()
+    }
+
+    /// Counts one request of `kind`.
+    pub fn count(&mut self, kind: RequestKind, retry: bool, rate_limited: bool) {
+        match kind {
+            RequestKind::Write => self.writes += 1,
+            RequestKind::Event => self.events += 1,
+            RequestKind::Delete => self.deletes += 1,
+            RequestKind::Preflight => self.preflight += 1,
+        }
+        self.retries += u32::from(retry);
+        self.rate_limited += u32::from(rate_limited);
+    }
+
+    pub fn add(&mut self, other: &RequestCounts) {
+        self.writes += other.writes;
+        self.events += other.events;
+        self.deletes += other.deletes;
+        self.preflight += other.preflight;
+        self.retries += other.retries;
+        self.rate_limited += other.rate_limited;
+    }
+}
+
 /// The fate of one record in one run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -165,6 +230,10 @@ pub enum OutcomeStatus {
     Rejected,
     /// Given up after retries, or unreadable.
     DeadLettered,
+    /// Not a fate: an attempt of the loader that sent requests and did not settle the record
+    /// (it failed and is retried or given up). It carries that attempt's requests so they are
+    /// counted although the attempt's message is naked; the record's outcome comes later.
+    Attempted,
 }
 
 impl OutcomeStatus {
@@ -175,7 +244,13 @@ impl OutcomeStatus {
             OutcomeStatus::Invalid => "invalid",
             OutcomeStatus::Rejected => "rejected",
             OutcomeStatus::DeadLettered => "dead_lettered",
+            OutcomeStatus::Attempted => "attempted",
         }
+    }
+
+    /// A record's fate (every status but [`OutcomeStatus::Attempted`]).
+    pub fn is_final(&self) -> bool {
+        *self != OutcomeStatus::Attempted
     }
 
     /// Invalid, rejected and dead-lettered records make a run *degraded*.
@@ -201,7 +276,9 @@ pub struct Outcome {
     pub reason: Option<String>,
     /// The Loops contact id, when Loops said it.
     pub contact_id: Option<String>,
-    /// Requests sent to Loops for this record in this run (retries included).
+    /// Requests sent toward Loops for this record by the attempt this outcome reports (the
+    /// attempt that settled it, or for `attempted` the failed one); `counts.total()` since
+    /// version 2. Earlier attempts reported themselves as `attempted` outcomes.
     pub requests: u32,
     /// Unix milliseconds.
     pub at: i64,
@@ -211,6 +288,17 @@ pub struct Outcome {
     /// The userId the contact has in Loops after a confirmed write.
     #[serde(default)]
     pub user_id: Option<String>,
+    /// `requests` by kind (version 2).
+    #[serde(default)]
+    pub counts: RequestCounts,
+    /// How the record differs from the sync's state, when it became a change (version 2):
+    /// the run report counts a change found invalid as invalid, not as added or changed.
+    #[serde(default)]
+    pub change: Option<ChangeKind>,
+    /// For an `attempted` outcome, the delivery that sent the requests (version 2):
+    /// `<stream sequence>.<delivery count>`, so the warehouse counts each attempt once.
+    #[serde(default)]
+    pub attempt: Option<String>,
 }
 
 impl Outcome {
@@ -237,7 +325,32 @@ impl Outcome {
             at: chrono::Utc::now().timestamp_millis(),
             email: None,
             user_id: None,
+            counts: RequestCounts::default(),
+            change: None,
+            attempt: None,
         }
+    }
+
+    /// Sets the requests of the attempt this outcome reports.
+    pub fn with_counts(mut self, counts: RequestCounts) -> Outcome {
+        self.requests = counts.total();
+        self.counts = counts;
+        self
+    }
+
+    /// The requests by kind. A version-1 writer sent only the total: it is attributed to the
+    /// kind of the operation (a re-key's removal, if any, to writes too).
+    pub fn request_counts(&self) -> RequestCounts {
+        if self.requests == 0 || self.counts.total() == self.requests {
+            return self.counts;
+        }
+        let mut counts = RequestCounts::default();
+        match self.operation.as_str() {
+            "event" => counts.events = self.requests,
+            "delete" => counts.deletes = self.requests,
+            _ => counts.writes = self.requests,
+        }
+        counts
     }
 
     pub fn with_reason(mut self, reason: impl Into<String>) -> Outcome {
@@ -315,11 +428,85 @@ mod tests {
     }
 
     #[test]
+    fn request_counts_add_up() {
+        let mut c = RequestCounts::default();
+        c.count(RequestKind::Write, false, false);
+        c.count(RequestKind::Write, true, true);
+        c.count(RequestKind::Delete, true, false);
+        c.count(RequestKind::Preflight, false, false);
+        c.count(RequestKind::Event, false, false);
+        assert_eq!(c.total(), 5);
+        assert_eq!((c.writes, c.deletes, c.events, c.preflight), (2, 1, 1, 1));
+        assert_eq!((c.retries, c.rate_limited), (2, 1));
+        let mut sum = RequestCounts::default();
+        sum.add(&c);
+        sum.add(&c);
+        assert_eq!((sum.total(), sum.retries), (10, 4));
+        let o = Outcome::new("s", 1, "k", "f", OutcomeStatus::Attempted, "upsert").with_counts(c);
+        assert_eq!((o.requests, o.request_counts()), (5, c));
+    }
+
+    /// An outcome from a version-1 writer: no counts, no change; the total is attributed by
+    /// the operation. A version-2 outcome round-trips with its new fields.
+    #[test]
+    fn outcome_versions() {
+        #[derive(Serialize)]
+        struct OutcomeV1<'a> {
+            v: u16,
+            sync: &'a str,
+            run_id: i64,
+            key: &'a str,
+            fingerprint: &'a str,
+            status: OutcomeStatus,
+            operation: &'a str,
+            reason: Option<String>,
+            contact_id: Option<String>,
+            requests: u32,
+            at: i64,
+        }
+        let old = encode(&OutcomeV1 {
+            v: 1,
+            sync: "users",
+            run_id: 3,
+            key: "9",
+            fingerprint: "f",
+            status: OutcomeStatus::Confirmed,
+            operation: "event",
+            reason: None,
+            contact_id: None,
+            requests: 3,
+            at: 0,
+        });
+        let read: Outcome = decode(&old).unwrap();
+        assert_eq!((read.change, read.attempt.as_deref()), (None, None));
+        assert_eq!(read.counts, RequestCounts::default());
+        assert_eq!(
+            read.request_counts(),
+            RequestCounts {
+                events: 3,
+                ..RequestCounts::default()
+            }
+        );
+        let mut new = Outcome::new("users", 3, "9", "f", OutcomeStatus::Attempted, "upsert")
+            .with_counts(RequestCounts {
+                writes: 1,
+                rate_limited: 1,
+                ..RequestCounts::default()
+            });
+        new.change = Some(ChangeKind::Added);
+        new.attempt = Some("17.2".into());
+        assert_eq!(decode::<Outcome>(&encode(&new)).unwrap(), new);
+    }
+
+    #[test]
     fn failure_statuses() {
         assert!(OutcomeStatus::Rejected.is_failure());
         assert!(OutcomeStatus::Invalid.is_failure());
         assert!(OutcomeStatus::DeadLettered.is_failure());
         assert!(!OutcomeStatus::Confirmed.is_failure());
         assert!(!OutcomeStatus::Skipped.is_failure());
+        assert!(!OutcomeStatus::Attempted.is_failure());
+        assert!(!OutcomeStatus::Attempted.is_final());
+        assert!(OutcomeStatus::DeadLettered.is_final());
     }
 }

@@ -11,8 +11,13 @@ use loopsync_warehouse::{DiffRow, ExtractCounts};
 pub enum Decision {
     /// Publish this change: added, changed, or (mirror) removed.
     Change(RowChange),
-    /// Keep it as an invalid record, with the reason.
-    Invalid { key: String, reason: String },
+    /// Keep it as an invalid record, with the reason. `rows`: the model rows it stands for
+    /// (a duplicate key is one record of several rows).
+    Invalid {
+        key: String,
+        reason: String,
+        rows: usize,
+    },
     /// The fingerprint Loops confirmed: nothing to send.
     Unchanged,
     /// Left the model; an upsert sync leaves the contact in Loops.
@@ -57,6 +62,7 @@ pub fn decide(spec: &SyncSpec, run_id: i64, row: DiffRow, rows_with_key: usize) 
                 spec.primary_key
             ),
             key,
+            rows: rows_with_key,
         };
     }
     if row.email_rows > 1 {
@@ -71,6 +77,7 @@ pub fn decide(spec: &SyncSpec, run_id: i64, row: DiffRow, rows_with_key: usize) 
                 row.email_rows
             ),
             key,
+            rows: 1,
         };
     }
     let fingerprint = spec.fingerprint(&values);
@@ -95,7 +102,10 @@ pub fn tally(counts: &mut ExtractCounts, decision: &Decision) {
             }
             counts.expected += 1;
         }
-        Decision::Invalid { .. } => counts.expected += 1,
+        Decision::Invalid { rows, .. } => {
+            counts.invalid_rows += *rows as i64;
+            counts.expected += 1;
+        }
         // A parked record is counted with the unchanged: the run sends nothing for it.
         Decision::Unchanged | Decision::Parked => counts.unchanged += 1,
         Decision::RemovedKept => counts.removed += 1,
@@ -149,6 +159,7 @@ pub fn decide_group(
         return Decision::Invalid {
             key: format!("(null #{null_seen})"),
             reason: format!("{} is NULL", spec.primary_key),
+            rows: 1,
         };
     }
     decide(spec, run_id, row, n)
@@ -248,6 +259,46 @@ mod tests {
         );
     }
 
+    /// Every model row lands in exactly one of added, changed, unchanged and invalid rows: a
+    /// duplicate key is one invalid record of several rows. A row that left counts as removed.
+    #[test]
+    fn tally_counts_model_rows() {
+        let s = spec(Behavior::Upsert);
+        let Decision::Change(c) = decide(&s, 1, row(Some("1"), Some("a@x.co"), None), 1) else {
+            panic!()
+        };
+        let fp = c.fingerprint.clone();
+        let mut counts = ExtractCounts::default();
+        let mut nulls = 0;
+        let groups = [
+            (row(Some("1"), Some("a@x.co"), None), 1),
+            (row(Some("2"), Some("b@x.co"), Some("old")), 1),
+            (row(Some("3"), Some("c@x.co"), None), 3),
+            (row(Some("4"), Some("a@x.co"), Some(&fp)), 1),
+            (row(Some("5"), None, Some("fp")), 1),
+            (row(None, Some("n@x.co"), None), 1),
+        ];
+        for group in groups {
+            tally(&mut counts, &decide_group(&s, 1, group, &mut nulls));
+        }
+        assert_eq!(
+            (
+                counts.added,
+                counts.changed,
+                counts.unchanged,
+                counts.invalid_rows,
+                counts.removed
+            ),
+            (1, 1, 1, 4, 1)
+        );
+        let model_rows = 1 + 1 + 3 + 1 + 1;
+        assert_eq!(
+            counts.added + counts.changed + counts.unchanged + counts.invalid_rows,
+            model_rows
+        );
+        assert_eq!(counts.expected, 4, "two changes, two invalid records");
+    }
+
     #[test]
     fn grouping_by_key() {
         let mut g = KeyGroups::default();
@@ -263,7 +314,8 @@ mod tests {
             d,
             Decision::Invalid {
                 key: "(null #1)".into(),
-                reason: "id is NULL".into()
+                reason: "id is NULL".into(),
+                rows: 1,
             }
         );
         assert!(g.finish().is_none());

@@ -18,7 +18,9 @@ use futures::StreamExt;
 use loopsync_bus::worker::{BatchHandler, DeliveryInfo, Fate, Handler};
 use loopsync_bus::{Bus, BusError, publish};
 use loopsync_core::codec::{self, DecodeError};
-use loopsync_core::envelope::{Outcome, OutcomeStatus, RowChange, RunRequest, VERSION};
+use loopsync_core::envelope::{
+    Outcome, OutcomeStatus, RequestCounts, RowChange, RunRequest, VERSION,
+};
 use loopsync_core::spec::SyncSpec;
 use loopsync_core::{Classified, ErrorClass};
 use loopsync_warehouse::{DiffRow, ExtractCounts, RunSummary, Warehouse, WarehouseError};
@@ -114,7 +116,7 @@ impl ExtractorStage {
         tally(&mut run.counts, &decision);
         match decision {
             Decision::Change(change) => run.changes.push(change),
-            Decision::Invalid { key, reason } => run.invalid.push(
+            Decision::Invalid { key, reason, .. } => run.invalid.push(
                 Outcome::new(
                     &run.spec.name,
                     run.run_id,
@@ -247,14 +249,19 @@ impl BatchHandler for Checkpointer {
     }
 }
 
-/// Starts a run of `sync`: the run's row, then the request that one extractor takes.
+/// Starts a run of `sync`: the run's row (with the requests the caller made to Loops to
+/// prepare it, its `preflight`), then the request that one extractor takes.
 pub async fn request_run(
     bus: &dyn Bus,
     warehouse: &dyn Warehouse,
     sync: &str,
     only_keys: Vec<String>,
+    preflight: RequestCounts,
 ) -> Result<i64, ExtractError> {
     let run_id = warehouse.create_run(sync).await?;
+    if !preflight.is_empty() {
+        warehouse.record_preflight(run_id, &preflight).await?;
+    }
     publish::run_request(
         bus,
         &RunRequest {

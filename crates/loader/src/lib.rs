@@ -13,6 +13,10 @@
 //! * Retries reuse the operation's idempotency key; the operation is the same bytes every time.
 //!   An event answered 409 carried a key we sent before: an earlier attempt was applied (its
 //!   answer lost), so it counts as confirmed.
+//! * Every request is counted where it is sent, by kind ([`AttemptRequests`]). The outcome
+//!   that settles a record carries the requests of its own attempt; an attempt that fails
+//!   after sending publishes its requests first, as an `attempted` outcome, so the run report
+//!   counts them although the message is naked and tried again.
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -24,7 +28,9 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use loopsync_bus::worker::{DeliveryInfo, Fate, Handler};
 use loopsync_bus::{Bus, BusError, publish};
 use loopsync_core::codec::{self, DecodeError};
-use loopsync_core::envelope::{Action, Operation, Outcome, OutcomeStatus};
+use loopsync_core::envelope::{
+    Action, Operation, Outcome, OutcomeStatus, RequestCounts, RequestKind,
+};
 use loopsync_core::spec::OnRemove;
 use loopsync_core::{Classified, ErrorClass, keys};
 use loopsync_loops_client::{
@@ -167,15 +173,19 @@ impl LoaderStage {
     }
 
     /// Sends the operation; the contact id when Loops says it. Every request waits for the
-    /// pace of the process.
-    async fn send(&self, op: &Operation) -> Result<Option<String>, LoadError> {
+    /// team's rate budget and is counted in `attempt` as it goes.
+    async fn send(
+        &self,
+        op: &Operation,
+        attempt: &mut AttemptRequests,
+    ) -> Result<Option<String>, LoadError> {
         match &op.action {
             Action::Rekey {
                 write,
                 old_email,
                 remove_old,
             } => {
-                let contact_id = self.send_one(write, &op.idempotency_key).await?;
+                let contact_id = self.send_one(write, &op.idempotency_key, attempt).await?;
                 if let Some(mode) = remove_old {
                     let old = Some(old_email.clone());
                     let removal = match mode {
@@ -188,11 +198,12 @@ impl LoaderStage {
                             user_id: None,
                         },
                     };
-                    self.send_one(&removal, &op.idempotency_key).await?;
+                    self.send_one(&removal, &op.idempotency_key, attempt)
+                        .await?;
                 }
                 Ok(contact_id)
             }
-            action => self.send_one(action, &op.idempotency_key).await,
+            action => self.send_one(action, &op.idempotency_key, attempt).await,
         }
     }
 
@@ -201,6 +212,7 @@ impl LoaderStage {
         &self,
         action: &Action,
         idempotency_key: &str,
+        attempt: &mut AttemptRequests,
     ) -> Result<Option<String>, LoadError> {
         self.budget.ready().await?;
         match action {
@@ -216,7 +228,9 @@ impl LoaderStage {
                     properties: properties.clone(),
                     mailing_lists: mailing_lists.clone(),
                 };
-                Ok(Some(self.client.update_contact(&contact).await?))
+                let result = self.client.update_contact(&contact).await;
+                attempt.note(RequestKind::Write, &result);
+                Ok(Some(result?))
             }
             Action::Event {
                 event_name,
@@ -236,7 +250,9 @@ impl LoaderStage {
                     event_properties: Default::default(),
                 };
                 let key = IdempotencyKey::new(idempotency_key)?;
-                match self.client.send_event(&event, Some(&key)).await {
+                let result = self.client.send_event(&event, Some(&key)).await;
+                attempt.note(RequestKind::Event, &result);
+                match result {
                     Ok(()) => Ok(None),
                     // Our key, used before: an earlier attempt was applied and its answer lost.
                     Err(LoopsError::Conflict { .. }) => Ok(None),
@@ -251,7 +267,9 @@ impl LoaderStage {
                         return Err(LoopsError::Usage("a delete needs an identifier".into()).into());
                     }
                 };
-                match self.client.delete_contact(&identity).await {
+                let result = self.client.delete_contact(&identity).await;
+                attempt.note(RequestKind::Delete, &result);
+                match result {
                     // Already gone (an earlier attempt, or someone else): the goal is met.
                     Ok(()) | Err(LoopsError::NotFound { .. }) => Ok(None),
                     Err(e) => Err(e.into()),
@@ -269,21 +287,15 @@ impl LoaderStage {
                     properties,
                     mailing_lists: Default::default(),
                 };
-                Ok(Some(self.client.update_contact(&contact).await?))
+                let result = self.client.update_contact(&contact).await;
+                attempt.note(RequestKind::Write, &result);
+                Ok(Some(result?))
             }
         }
     }
 
-    /// An outcome of `op` after `attempts` attempts (each attempt sends every request of it).
-    fn outcome(&self, op: &Operation, status: OutcomeStatus, attempts: u32) -> Outcome {
-        let per_attempt = match &op.action {
-            Action::Rekey {
-                remove_old: Some(_),
-                ..
-            } => 2,
-            _ => 1,
-        };
-        let requests = attempts * per_attempt;
+    /// An outcome of `op` (no requests yet: the caller adds the attempt's).
+    fn outcome(&self, op: &Operation, status: OutcomeStatus) -> Outcome {
         let mut o = Outcome::new(
             &op.sync,
             op.run_id,
@@ -292,25 +304,23 @@ impl LoaderStage {
             status,
             op.action.name(),
         );
-        o.requests = requests;
+        o.change = Some(op.change);
         o
     }
-}
 
-#[async_trait]
-impl Handler for LoaderStage {
-    type Error = LoadError;
-
-    async fn handle(&self, info: &DeliveryInfo, payload: &Bytes) -> Result<(), LoadError> {
-        let op: Operation = codec::decode(payload)?;
-        // Every earlier delivery of this message made one request.
-        let earlier = info.attempt.saturating_sub(1);
-        let outcome = match verdict(&op, self.ledger(&op).await?.as_ref()) {
+    /// The ledger check, the requests, the ledger write: the record's outcome, without the
+    /// attempt's requests.
+    async fn apply(
+        &self,
+        op: &Operation,
+        attempt: &mut AttemptRequests,
+    ) -> Result<Outcome, LoadError> {
+        Ok(match verdict(op, self.ledger(op).await?.as_ref()) {
             LedgerVerdict::Stale => self
-                .outcome(&op, OutcomeStatus::Skipped, earlier)
+                .outcome(op, OutcomeStatus::Skipped)
                 .with_reason("Loops already confirmed a newer version of this record"),
             LedgerVerdict::AlreadyConfirmed(contact_id) => {
-                let mut o = self.outcome(&op, OutcomeStatus::Confirmed, earlier);
+                let mut o = self.outcome(op, OutcomeStatus::Confirmed);
                 o.contact_id = contact_id;
                 let (email, user_id) = op.action.identity();
                 o.email = email.map(str::to_owned);
@@ -318,7 +328,7 @@ impl Handler for LoaderStage {
                 o
             }
             LedgerVerdict::Send => {
-                let contact_id = self.send(&op).await?;
+                let contact_id = self.send(op, attempt).await?;
                 let entry = LedgerEntry {
                     run_id: op.run_id,
                     fingerprint: op.fingerprint.clone(),
@@ -330,28 +340,104 @@ impl Handler for LoaderStage {
                         Bytes::from(codec::encode(&entry)),
                     )
                     .await?;
-                let mut o = self.outcome(&op, OutcomeStatus::Confirmed, info.attempt);
+                let mut o = self.outcome(op, OutcomeStatus::Confirmed);
                 o.contact_id = contact_id;
                 let (email, user_id) = op.action.identity();
                 o.email = email.map(str::to_owned);
                 o.user_id = user_id.map(str::to_owned);
                 o
             }
-        };
-        publish::outcome(&*self.bus, &outcome).await?;
-        Ok(())
+        })
     }
 
+    /// A failed attempt that sent requests: its counts go to the checkpointer now, as an
+    /// `attempted` outcome, because its message is naked (or given up) and the outcome that
+    /// settles the record will carry only the requests of its own attempt. Best effort: if the
+    /// bus refuses it, the requests go uncounted (and the warning says so).
+    async fn report_attempt(
+        &self,
+        op: &Operation,
+        info: &DeliveryInfo,
+        attempt: &AttemptRequests,
+        error: &LoadError,
+    ) {
+        if attempt.counts.is_empty() {
+            return;
+        }
+        let mut o = self
+            .outcome(op, OutcomeStatus::Attempted)
+            .with_counts(attempt.counts)
+            .with_reason(error.to_string());
+        o.attempt = Some(format!("{}.{}", info.sequence, info.attempt));
+        if let Err(publish_error) = publish::outcome(&*self.bus, &o).await {
+            tracing::warn!(
+                sync = %op.sync,
+                key = %op.key,
+                requests = attempt.counts.total(),
+                error = %publish_error,
+                "the requests of a failed attempt could not be reported; the run report misses them"
+            );
+        }
+    }
+}
+
+/// The requests of one attempt (one delivery of an operation), counted as they are sent.
+#[derive(Debug, Default)]
+pub struct AttemptRequests {
+    /// A second or later delivery: every request it sends repeats an earlier attempt.
+    retry: bool,
+    pub counts: RequestCounts,
+}
+
+impl AttemptRequests {
+    pub fn new(delivery: u32) -> AttemptRequests {
+        AttemptRequests {
+            retry: delivery > 1,
+            counts: RequestCounts::default(),
+        }
+    }
+
+    /// Counts a request of `kind` by its result: anything but an error found before sending.
+    pub fn note<T>(&mut self, kind: RequestKind, result: &Result<T, LoopsError>) {
+        match result {
+            Err(e) if !e.was_sent() => {}
+            Err(e) => self.counts.count(kind, self.retry, e.is_rate_limited()),
+            Ok(_) => self.counts.count(kind, self.retry, false),
+        }
+    }
+}
+
+#[async_trait]
+impl Handler for LoaderStage {
+    type Error = LoadError;
+
+    async fn handle(&self, info: &DeliveryInfo, payload: &Bytes) -> Result<(), LoadError> {
+        let op: Operation = codec::decode(payload)?;
+        let mut attempt = AttemptRequests::new(info.attempt);
+        match self.apply(&op, &mut attempt).await {
+            Ok(outcome) => {
+                let outcome = outcome.with_counts(attempt.counts);
+                publish::outcome(&*self.bus, &outcome).await?;
+                Ok(())
+            }
+            Err(error) => {
+                self.report_attempt(&op, info, &attempt, &error).await;
+                Err(error)
+            }
+        }
+    }
+
+    /// The record's fate, with no requests: the attempt that failed last reported its own
+    /// (`handle` does, before it returns the error).
     async fn give_up(
         &self,
-        info: &DeliveryInfo,
+        _info: &DeliveryInfo,
         payload: &Bytes,
         fate: Fate,
         reason: &str,
     ) -> Result<(), LoadError> {
         let op: Operation = codec::decode(payload)?;
-        let status = fate.status();
-        let outcome = self.outcome(&op, status, info.attempt).with_reason(reason);
+        let outcome = self.outcome(&op, fate.status()).with_reason(reason);
         publish::outcome(&*self.bus, &outcome).await?;
         Ok(())
     }

@@ -138,16 +138,201 @@ async fn loops_refusal_is_permanent_and_rejection_is_recorded() {
         .give_up(&info(1), &unknown, Fate::Rejected, &error.to_string())
         .await
         .unwrap();
-    let out = outcomes(&bus, 1).await;
-    assert_eq!(out[0].status, OutcomeStatus::Rejected);
+    // The attempt reported its request before the error went to the worker loop; the
+    // rejection itself carries none.
+    let out = outcomes(&bus, 2).await;
+    assert_eq!(
+        (out[0].status, out[0].requests, out[0].counts.writes),
+        (OutcomeStatus::Attempted, 1, 1)
+    );
+    assert_eq!(out[1].status, OutcomeStatus::Rejected);
     assert!(
-        out[0]
+        out[1]
             .reason
             .as_deref()
             .unwrap()
             .starts_with("invalid request (400)")
     );
-    assert_eq!(out[0].requests, 1);
+    assert_eq!(out[1].requests, 0);
+}
+
+/// Reads outcomes until `n` of them are final; returns them all, `attempted` ones included.
+async fn outcomes_until_final(bus: &LocalBus, n: usize) -> Vec<Outcome> {
+    let mut consumer = bus.consume(Stage::Checkpointer, 1).await.unwrap();
+    let mut out = Vec::new();
+    while out
+        .iter()
+        .filter(|o: &&Outcome| o.status.is_final())
+        .count()
+        < n
+    {
+        let d = tokio::time::timeout(Duration::from_secs(30), consumer.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        out.push(codec::decode::<Outcome>(&d.payload).unwrap());
+        d.acker.ack().await.unwrap();
+    }
+    out
+}
+
+/// The requests of every outcome, `attempted` ones included.
+fn total(out: &[Outcome]) -> RequestCounts {
+    let mut sum = RequestCounts::default();
+    for o in out {
+        sum.add(&o.counts);
+        assert_eq!(o.requests, o.counts.total(), "{o:?}");
+    }
+    sum
+}
+
+/// A failed attempt's requests reach the outcomes before its error reaches the worker loop:
+/// a re-key whose removal fails (503) after its write went through, then a 429; the attempt
+/// that succeeds counts its requests as retries.
+#[tokio::test]
+async fn a_failed_attempts_requests_reach_the_outcomes() {
+    let sim = sim(100).await;
+    let bus = Arc::new(LocalBus::default());
+    let loader = stage(bus.clone(), &sim, 100);
+    let mut o = op(1, "5", "fp2", Some("new@x.co"), None);
+    o.change = ChangeKind::Changed;
+    o.action = Action::Rekey {
+        write: Box::new(o.action.clone()),
+        old_email: "old@x.co".into(),
+        remove_old: Some(OnRemove::Delete),
+    };
+    let payload = Bytes::from(codec::encode(&o));
+    sim.set_faults(Faults {
+        error_503: 1.0,
+        endpoints: vec!["POST /v1/contacts/delete".into()],
+        ..Faults::default()
+    })
+    .unwrap();
+    let first = loader
+        .handle(
+            &DeliveryInfo {
+                sequence: 7,
+                ..info(1)
+            },
+            &payload,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(first.class(), ErrorClass::RETRY);
+    sim.set_faults(Faults {
+        rate_limit_429: 1.0,
+        ..Faults::default()
+    })
+    .unwrap();
+    let second = loader
+        .handle(
+            &DeliveryInfo {
+                sequence: 7,
+                ..info(2)
+            },
+            &payload,
+        )
+        .await
+        .unwrap_err();
+    assert!(second.class().is_retryable());
+    sim.set_faults(Faults::default()).unwrap();
+    loader
+        .handle(
+            &DeliveryInfo {
+                sequence: 7,
+                ..info(3)
+            },
+            &payload,
+        )
+        .await
+        .unwrap();
+
+    let out = outcomes_until_final(&bus, 1).await;
+    let statuses: Vec<_> = out.iter().map(|o| o.status).collect();
+    assert_eq!(
+        statuses,
+        [
+            OutcomeStatus::Attempted,
+            OutcomeStatus::Attempted,
+            OutcomeStatus::Confirmed
+        ]
+    );
+    let attempts: Vec<_> = out.iter().map(|o| o.attempt.as_deref()).collect();
+    assert_eq!(attempts, [Some("7.1"), Some("7.2"), None]);
+    assert!(out.iter().all(|o| o.change == Some(ChangeKind::Changed)));
+    let c = |writes, deletes, retries, rate_limited| RequestCounts {
+        writes,
+        deletes,
+        retries,
+        rate_limited,
+        ..RequestCounts::default()
+    };
+    // The write, then the removal that failed.
+    assert_eq!(out[0].counts, c(1, 1, 0, 0));
+    assert!(out[0].reason.as_deref().unwrap().contains("503"));
+    // The write again, refused 429: the removal was never sent.
+    assert_eq!(out[1].counts, c(1, 0, 1, 1));
+    // Both again, both retries.
+    assert_eq!(out[2].counts, c(1, 1, 2, 0));
+    let sum = total(&out);
+    let stats = sim.stats();
+    assert_eq!(u64::from(sum.total()), stats.total_requests);
+    assert_eq!(u64::from(sum.rate_limited), stats.rate_limited);
+    assert_eq!(u64::from(sum.writes), 3);
+    assert_eq!(stats.by_endpoint["PUT /v1/contacts/update"]["429"], 1);
+    assert_eq!(stats.by_endpoint["POST /v1/contacts/delete"]["503"], 1);
+}
+
+/// An operation the worker loop gives up on: each attempt counted once, the dead letter
+/// carries none, and the sum is what the simulator saw.
+#[tokio::test]
+async fn given_up_attempts_are_each_counted_once() {
+    let sim = sim(1000).await;
+    sim.set_faults(Faults {
+        drop_connection: 0.5,
+        error_500: 0.5,
+        seed: Some(2),
+        ..Faults::default()
+    })
+    .unwrap();
+    let bus = Arc::new(LocalBus::default());
+    publish::operation(&*bus, &op(1, "1", "fp", Some("d@x.co"), None))
+        .await
+        .unwrap();
+    let stop = CancellationToken::new();
+    let worker = tokio::spawn(worker::run(
+        bus.clone(),
+        Stage::Loader,
+        stage(bus.clone(), &sim, 1000),
+        WorkerOptions {
+            concurrency: 1,
+            max_attempts: 3,
+            backoff: Backoff {
+                base: Duration::from_millis(5),
+                cap: Duration::from_millis(20),
+            },
+            progress_every: None,
+        },
+        stop.clone(),
+    ));
+    let out = outcomes_until_final(&bus, 1).await;
+    stop.cancel();
+    worker.await.unwrap().unwrap();
+    let statuses: Vec<_> = out.iter().map(|o| o.status).collect();
+    assert_eq!(
+        statuses,
+        [
+            OutcomeStatus::Attempted,
+            OutcomeStatus::Attempted,
+            OutcomeStatus::Attempted,
+            OutcomeStatus::DeadLettered
+        ]
+    );
+    assert_eq!(out[3].requests, 0);
+    let sum = total(&out);
+    assert_eq!((sum.writes, sum.retries), (3, 2));
+    assert_eq!(u64::from(sum.total()), sim.stats().total_requests);
 }
 
 /// Through the worker loop, against a Loops that fails half the time (before or after the
@@ -187,21 +372,26 @@ async fn flaky_loops_still_converges() {
         },
         stop.clone(),
     ));
-    let out = outcomes(&bus, n).await;
+    let out = outcomes_until_final(&bus, n).await;
     stop.cancel();
     worker.await.unwrap().unwrap();
     assert!(
-        out.iter().all(|o| o.status == OutcomeStatus::Confirmed),
+        out.iter()
+            .filter(|o| o.status.is_final())
+            .all(|o| o.status == OutcomeStatus::Confirmed),
         "{out:?}"
     );
-    let requests: u32 = out.iter().map(|o| o.requests).sum();
-    assert!(requests > n as u32, "faults cost retries: {requests}");
+    let sum = total(&out);
+    assert!(sum.total() > n as u32, "faults cost retries: {sum:?}");
     assert_eq!(sim.contacts().as_array().unwrap().len(), n);
+    let stats = sim.stats();
     assert_eq!(
-        sim.stats().total_requests,
-        u64::from(requests),
+        stats.total_requests,
+        u64::from(sum.total()),
         "every request is counted once"
     );
+    assert_eq!(stats.rate_limited, u64::from(sum.rate_limited));
+    assert!(sum.rate_limited > 0 && sum.retries > 0, "{sum:?}");
 }
 
 /// The pacer keeps a burst of work under a sliding-window limit equal to the budget.
@@ -270,9 +460,10 @@ async fn event_retried_after_a_lost_answer_fires_once() {
     assert_eq!(lost.class(), ErrorClass::RETRY);
     sim.set_faults(Faults::default()).unwrap();
     loader.handle(&info(2), &payload).await.unwrap();
-    let out = outcomes(&bus, 1).await;
-    assert_eq!(out[0].status, OutcomeStatus::Confirmed);
-    assert_eq!(out[0].requests, 2);
+    let out = outcomes_until_final(&bus, 1).await;
+    assert_eq!(out[1].status, OutcomeStatus::Confirmed);
+    let sum = total(&out);
+    assert_eq!((sum.events, sum.retries), (2, 1));
     let events = sim.events();
     assert_eq!(events.len(), 1);
     assert_eq!(

@@ -79,6 +79,17 @@ impl Classified for LoopsError {
 }
 
 impl LoopsError {
+    /// The request went toward Loops (an answer, or none: a timeout or a dropped connection);
+    /// false only for [`LoopsError::Usage`], found before anything was sent.
+    pub fn was_sent(&self) -> bool {
+        !matches!(self, LoopsError::Usage(_))
+    }
+
+    /// Loops answered 429.
+    pub fn is_rate_limited(&self) -> bool {
+        matches!(self, LoopsError::RateLimited { .. })
+    }
+
     /// Loops' message for a 4xx answer, if this is one.
     pub fn message(&self) -> Option<&str> {
         match self {
@@ -248,6 +259,18 @@ mod tests {
                 after: Some(Duration::from_secs(2))
             }
         );
+    }
+
+    /// What a request count needs to know of an error: was anything sent, was it a 429.
+    #[test]
+    fn sent_and_rate_limited() {
+        let limited = classify_status(429, "");
+        assert!(limited.was_sent() && limited.is_rate_limited());
+        let server = classify_status(503, "Service Unavailable");
+        assert!(server.was_sent() && !server.is_rate_limited());
+        assert!(LoopsError::Transport("reset".into()).was_sent());
+        assert!(LoopsError::Timeout(Duration::from_secs(1)).was_sent());
+        assert!(!LoopsError::Usage("no identifier".into()).was_sent());
     }
 
     #[test]

@@ -143,8 +143,9 @@ impl Drop for SimProcess {
 pub struct Seen {
     pub total: u64,
     pub rate_limited: u64,
-    /// `"PUT /v1/contacts/update"` → status → count.
-    pub by_endpoint: BTreeMap<String, BTreeMap<u16, u64>>,
+    /// `"PUT /v1/contacts/update"` → answer (`"200"`, `"503"`, … or `"dropped"` for a
+    /// connection dropped by a fault) → count.
+    pub by_endpoint: BTreeMap<String, BTreeMap<String, u64>>,
 }
 
 impl Seen {
@@ -159,7 +160,7 @@ impl Seen {
                             .as_object()
                             .map(|s| {
                                 s.iter()
-                                    .filter_map(|(code, n)| Some((code.parse().ok()?, n.as_u64()?)))
+                                    .filter_map(|(answer, n)| Some((answer.clone(), n.as_u64()?)))
                                     .collect()
                             })
                             .unwrap_or_default();
@@ -184,9 +185,18 @@ impl Seen {
 
     /// Requests to `endpoint` answered `status`.
     pub fn answered(&self, endpoint: &str, status: u16) -> u64 {
+        self.answers(endpoint, &status.to_string())
+    }
+
+    /// Requests to `endpoint` whose connection a fault dropped.
+    pub fn dropped(&self, endpoint: &str) -> u64 {
+        self.answers(endpoint, "dropped")
+    }
+
+    fn answers(&self, endpoint: &str, answer: &str) -> u64 {
         self.by_endpoint
             .get(endpoint)
-            .and_then(|statuses| statuses.get(&status))
+            .and_then(|answers| answers.get(answer))
             .copied()
             .unwrap_or(0)
     }
@@ -207,8 +217,8 @@ impl Seen {
     pub fn since(&self, earlier: &Seen) -> Seen {
         let mut by_endpoint = self.by_endpoint.clone();
         for (endpoint, statuses) in &mut by_endpoint {
-            for (status, n) in statuses.iter_mut() {
-                *n -= earlier.answered(endpoint, *status);
+            for (answer, n) in statuses.iter_mut() {
+                *n -= earlier.answers(endpoint, answer);
             }
             statuses.retain(|_, n| *n > 0);
         }
@@ -232,18 +242,19 @@ mod tests {
             "by_endpoint": {"PUT /v1/contacts/update": {"200": 2, "429": 1}}
         }));
         let after = Seen::from_stats(&serde_json::json!({
-            "total_requests": 6, "rate_limited": 1,
-            "by_endpoint": {"PUT /v1/contacts/update": {"200": 4, "429": 1},
+            "total_requests": 7, "rate_limited": 1,
+            "by_endpoint": {"PUT /v1/contacts/update": {"200": 4, "429": 1, "dropped": 1},
                             "POST /v1/contacts/delete": {"404": 1}}
         }));
         let run = after.since(&before);
-        assert_eq!(run.total, 3);
+        assert_eq!(run.total, 4);
         assert_eq!(run.rate_limited, 0);
-        assert_eq!(run.to("PUT /v1/contacts/update"), 2);
+        assert_eq!(run.to("PUT /v1/contacts/update"), 3);
+        assert_eq!(run.dropped("PUT /v1/contacts/update"), 1);
         assert_eq!(run.answered("POST /v1/contacts/delete", 404), 1);
         assert_eq!(run.answered("PUT /v1/contacts/update", 429), 0);
         assert_eq!(before.to("GET /v1/api-key"), 0);
-        assert_eq!(run.writes(), 3);
+        assert_eq!(run.writes(), 4);
         let preflight = Seen::from_stats(&serde_json::json!({
             "total_requests": 3, "rate_limited": 0,
             "by_endpoint": {"GET /v1/contacts/properties": {"200": 1},

@@ -267,7 +267,7 @@ impl Handler for TransformerStage {
         match transform(spec, &change) {
             Ok(op) => publish::operation(&*self.bus, &op).await?,
             Err(Invalid(reason)) => {
-                let outcome = Outcome::new(
+                let mut outcome = Outcome::new(
                     &change.sync,
                     change.run_id,
                     &change.key,
@@ -276,6 +276,8 @@ impl Handler for TransformerStage {
                     "none",
                 )
                 .with_reason(reason);
+                // The run report counts it as an invalid row, not as added or changed.
+                outcome.change = Some(change.kind);
                 publish::outcome(&*self.bus, &outcome).await?;
             }
         }
@@ -291,7 +293,7 @@ impl Handler for TransformerStage {
     ) -> Result<(), TransformError> {
         let change: RowChange = codec::decode(payload)?;
         let status = fate.status();
-        let outcome = Outcome::new(
+        let mut outcome = Outcome::new(
             &change.sync,
             change.run_id,
             &change.key,
@@ -300,6 +302,7 @@ impl Handler for TransformerStage {
             "none",
         )
         .with_reason(reason);
+        outcome.change = Some(change.kind);
         publish::outcome(&*self.bus, &outcome).await?;
         Ok(())
     }

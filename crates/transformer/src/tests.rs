@@ -250,6 +250,15 @@ async fn the_stage_publishes_operations_and_invalid_outcomes() {
         .await
         .unwrap();
     assert_eq!(bus.pending(Stage::Checkpointer), 1);
+    // The invalid outcome says the row was an added one: the report counts it as invalid,
+    // not as added.
+    let mut outcomes = bus.consume(Stage::Checkpointer, 1).await.unwrap();
+    let delivered = outcomes.next().await.unwrap().unwrap();
+    let invalid: Outcome = codec::decode(&delivered.payload).unwrap();
+    assert_eq!(
+        (invalid.status, invalid.change, invalid.requests),
+        (OutcomeStatus::Invalid, Some(ChangeKind::Added), 0)
+    );
     let mut other = change(ChangeKind::Added, &full_row());
     other.sync = "elsewhere".into();
     let e = stage

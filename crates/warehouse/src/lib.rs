@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
-use loopsync_core::envelope::Outcome;
+use loopsync_core::envelope::{Outcome, RequestCounts};
 use loopsync_core::spec::SyncSpec;
 use loopsync_core::{Classified, ErrorClass};
 use serde::Serialize;
@@ -71,13 +71,19 @@ pub struct ExtractCounts {
     pub changed: i64,
     pub removed: i64,
     pub unchanged: i64,
+    /// Model rows the extractor found invalid (a NULL or duplicate key, an email on several
+    /// rows): a duplicate key is one invalid record of several rows.
+    pub invalid_rows: i64,
     /// Changes published plus invalid records found, as the extractor counted them. The run's
     /// `expected` is computed by the warehouse from what it holds (keys emitted in the run and
     /// keys with an outcome in it), so a re-extraction after a crash counts right.
     pub expected: i64,
 }
 
-/// A run, with its counts.
+/// A run, with its counts. Rows of the model: `added + changed + unchanged + invalid_rows` is
+/// the number of rows the model returned (for `dlq replay`, of the rows of the keys replayed);
+/// `removed` counts keys that left it. Records: `confirmed + skipped + invalid + rejected +
+/// dead_lettered = records`. Requests: `requests` is the sum of `requests_by_kind`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct RunSummary {
     pub id: i64,
@@ -87,22 +93,66 @@ pub struct RunSummary {
     pub requested_at: String,
     pub finished_at: Option<String>,
     pub duration_ms: Option<i64>,
+    /// Records the run waits for (the extractor's changes and invalid records).
     pub expected: Option<i64>,
+    /// Model rows new to the sync, valid (each became an operation).
     pub added: i64,
+    /// Model rows whose fingerprint differs from the one Loops confirmed, valid.
     pub changed: i64,
+    /// Keys Loops had confirmed that are no longer in the model (mirror removes their
+    /// contacts; upsert leaves them).
     pub removed: i64,
+    /// Model rows at the fingerprint Loops confirmed (or parked at theirs): nothing sent.
     pub unchanged: i64,
+    /// Model rows found invalid, by the extractor (NULL or duplicate key, an email on several
+    /// rows: every row counts) or by the transformer (a malformed email, a value too long, …).
+    pub invalid_rows: i64,
+    /// Records of the run: each has exactly one outcome below.
+    pub records: i64,
+    /// Loops confirmed the record's operation.
     pub confirmed: i64,
+    /// Nothing sent: Loops had already confirmed this version or a newer one.
     pub skipped: i64,
+    /// Invalid records: one per NULL key, per duplicated key, per row of a shared email, per
+    /// change the transformer refused (a removal among them too).
     pub invalid: i64,
+    /// Loops refused the operation (4xx).
     pub rejected: i64,
+    /// Retries spent, or the workers handling it kept dying.
     pub dead_lettered: i64,
-    /// Requests sent to Loops for this run's records, retries included.
+    /// Every HTTP request loopsync sent toward Loops for this run, whatever the answer (or
+    /// none): the sum of `requests_by_kind`.
     pub requests: i64,
+    pub requests_by_kind: RequestsByKind,
+    /// Of `requests`, those that repeated an earlier attempt of the same operation (a
+    /// redelivery of a record's operation, a preflight call tried again).
+    pub retries: i64,
+    /// Of `requests`, those Loops answered 429.
+    pub rate_limited: i64,
     pub error: Option<String>,
     /// Records identified by email whose email changed: the new address was written as its own
     /// contact (mirror removed the old one; upsert left it in Loops).
     pub rekeyed: i64,
+}
+
+/// A run's requests by where they went.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct RequestsByKind {
+    /// `PUT /v1/contacts/update`: upserts, unsubscribes, the write of a re-key.
+    pub writes: i64,
+    /// `POST /v1/events/send`.
+    pub events: i64,
+    /// `POST /v1/contacts/delete`.
+    pub deletes: i64,
+    /// Made by `loopsync run` before it sent this run's records: `GET /v1/contacts/properties`
+    /// and the properties it created (`POST /v1/contacts/properties`).
+    pub preflight: i64,
+}
+
+impl RequestsByKind {
+    pub fn total(&self) -> i64 {
+        self.writes + self.events + self.deletes + self.preflight
+    }
 }
 
 impl RunSummary {
@@ -190,13 +240,22 @@ pub trait Warehouse: Send + Sync + 'static {
     async fn finish_adopt(&self, run_id: i64, counts: &ExtractCounts)
     -> Result<(), WarehouseError>;
 
+    /// The requests `loopsync run` made to Loops before it requested this run (its preflight);
+    /// replaces what was recorded before for the run.
+    async fn record_preflight(
+        &self,
+        run_id: i64,
+        counts: &RequestCounts,
+    ) -> Result<(), WarehouseError>;
+
     /// Ends a run as failed (the model does not run, …).
     async fn fail_run(&self, run_id: i64, error: &str) -> Result<(), WarehouseError>;
 
     /// Records outcomes in one transaction: the per-record results, the state of confirmed
     /// records (a confirmed removal takes the record out of the state), and the status of runs
     /// whose every record now has an outcome. Repeated outcomes are ignored, except that a
-    /// confirmation replaces an earlier failure.
+    /// confirmation replaces an earlier failure (and adds its requests). An `attempted`
+    /// outcome only counts its attempt's requests (`loopsync.attempts`, once per attempt).
     async fn record_outcomes(&self, outcomes: &[Outcome]) -> Result<(), WarehouseError>;
 
     /// Ends the run if every record has an outcome (`record_outcomes` and `finish_extract` do
@@ -237,9 +296,63 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Warehouse>, WarehouseError> {
     }
 }
 
-/// Columns of a record, and how to read one (the same in every dialect).
-pub(crate) const RECORD_COLUMNS: &str =
-    "run_id, sync, key, operation, outcome, reason, contact_id, requests, at";
+/// The request counters of a record, an attempt and a run's summary, in this order.
+pub(crate) const COUNTERS: [&str; 5] = ["writes", "events", "deletes", "retries", "rate_limited"];
+
+/// A record's requests: those of the attempt that settled it, plus those of its attempts
+/// recorded as `attempted` (`x` is the record's alias).
+pub(crate) fn record_requests_sql(attempts: &str) -> String {
+    format!(
+        "x.requests + (SELECT COALESCE(sum(a.requests), 0) FROM {attempts} a \
+          WHERE a.run_id = x.run_id AND a.key = x.key)"
+    )
+}
+
+/// The summary's request columns: total, then [`COUNTERS`], each summed over the run's
+/// records and its attempts (`r` is the run's alias, `x` its records, grouped by run).
+pub(crate) fn summary_request_sql(attempts: &str) -> String {
+    ["requests"]
+        .iter()
+        .chain(COUNTERS.iter())
+        .map(|c| {
+            format!(
+                "COALESCE(sum(x.{c}), 0) + (SELECT COALESCE(sum(a.{c}), 0) FROM {attempts} a \
+                  WHERE a.run_id = r.id)"
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The summary's row counts: added, changed, invalid_rows. A change the transformer found
+/// invalid moves from added or changed to the invalid rows (once the extraction's counts are
+/// in: before, they are 0).
+pub(crate) fn summary_rows_sql(invalid_of: impl Fn(&str) -> String) -> String {
+    format!(
+        "r.added - CASE WHEN r.extracted_at IS NULL THEN 0 ELSE {added} END, \
+         r.changed - CASE WHEN r.extracted_at IS NULL THEN 0 ELSE {changed} END, \
+         r.invalid_rows + {both}",
+        added = invalid_of("x.change = 'added'"),
+        changed = invalid_of("x.change = 'changed'"),
+        both = invalid_of("x.change IN ('added', 'changed')"),
+    )
+}
+
+/// Adds up a summary's request counters: (requests, writes, events, deletes, retries,
+/// rate_limited) of the records and attempts, then the run's preflight (requests, retries,
+/// rate_limited).
+pub(crate) fn requests_of(summary: &mut RunSummary, loader: [i64; 6], preflight: [i64; 3]) {
+    let [requests, writes, events, deletes, retries, rate_limited] = loader;
+    summary.requests_by_kind = RequestsByKind {
+        writes,
+        events,
+        deletes,
+        preflight: preflight[0],
+    };
+    summary.requests = requests + preflight[0];
+    summary.retries = retries + preflight[1];
+    summary.rate_limited = rate_limited + preflight[2];
+}
 
 /// Operations that take a record out of Loops (and, once confirmed, out of the state).
 pub(crate) fn is_removal(operation: &str) -> bool {

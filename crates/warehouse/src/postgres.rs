@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use loopsync_core::envelope::{Outcome, OutcomeStatus};
+use loopsync_core::envelope::{Outcome, OutcomeStatus, RequestCounts};
 use loopsync_core::spec::SyncSpec;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
@@ -13,7 +13,7 @@ use tokio_postgres::{Client, NoTls, Row};
 
 use crate::{
     DiffRow, ExtractCounts, RecordResult, RunSummary, Warehouse, WarehouseError, diff_sql,
-    is_removal, probe_sql,
+    is_removal, probe_sql, record_requests_sql, requests_of, summary_request_sql, summary_rows_sql,
 };
 
 const SCHEMA: &str = "
@@ -63,6 +63,31 @@ CREATE INDEX IF NOT EXISTS records_sync_outcome ON loopsync.records (sync, outco
 ALTER TABLE loopsync.state ADD COLUMN IF NOT EXISTS confirmed_email text;
 ALTER TABLE loopsync.state ADD COLUMN IF NOT EXISTS confirmed_user_id text;
 ALTER TABLE loopsync.state ADD COLUMN IF NOT EXISTS parked_fp text;
+ALTER TABLE loopsync.runs ADD COLUMN IF NOT EXISTS invalid_rows bigint NOT NULL DEFAULT 0;
+ALTER TABLE loopsync.runs ADD COLUMN IF NOT EXISTS preflight_requests bigint NOT NULL DEFAULT 0;
+ALTER TABLE loopsync.runs ADD COLUMN IF NOT EXISTS preflight_retries bigint NOT NULL DEFAULT 0;
+ALTER TABLE loopsync.runs ADD COLUMN IF NOT EXISTS preflight_rate_limited bigint NOT NULL DEFAULT 0;
+ALTER TABLE loopsync.records ADD COLUMN IF NOT EXISTS change text;
+ALTER TABLE loopsync.records ADD COLUMN IF NOT EXISTS writes integer NOT NULL DEFAULT 0;
+ALTER TABLE loopsync.records ADD COLUMN IF NOT EXISTS events integer NOT NULL DEFAULT 0;
+ALTER TABLE loopsync.records ADD COLUMN IF NOT EXISTS deletes integer NOT NULL DEFAULT 0;
+ALTER TABLE loopsync.records ADD COLUMN IF NOT EXISTS retries integer NOT NULL DEFAULT 0;
+ALTER TABLE loopsync.records ADD COLUMN IF NOT EXISTS rate_limited integer NOT NULL DEFAULT 0;
+CREATE TABLE IF NOT EXISTS loopsync.attempts (
+    run_id bigint NOT NULL,
+    sync text NOT NULL,
+    key text NOT NULL,
+    attempt text NOT NULL,
+    requests integer NOT NULL DEFAULT 0,
+    writes integer NOT NULL DEFAULT 0,
+    events integer NOT NULL DEFAULT 0,
+    deletes integer NOT NULL DEFAULT 0,
+    retries integer NOT NULL DEFAULT 0,
+    rate_limited integer NOT NULL DEFAULT 0,
+    reason text,
+    at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (run_id, key, attempt)
+);
 ";
 
 const TIME: &str = r#"'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'"#;
@@ -117,19 +142,25 @@ impl PgWarehouse {
     }
 
     fn summary_sql(filter: &str) -> String {
+        let rows = summary_rows_sql(|condition| {
+            format!("count(x.key) FILTER (WHERE x.outcome = 'invalid' AND {condition})")
+        });
+        let requests = summary_request_sql("loopsync.attempts");
         format!(
             "SELECT r.id, r.sync, r.status, to_char(r.requested_at AT TIME ZONE 'UTC', {TIME}),
                     to_char(r.finished_at AT TIME ZONE 'UTC', {TIME}),
                     (EXTRACT(EPOCH FROM (r.finished_at - r.requested_at)) * 1000)::bigint,
-                    r.expected, r.added, r.changed, r.removed, r.unchanged,
+                    r.expected, {rows}, r.removed, r.unchanged,
                     count(x.key) FILTER (WHERE x.outcome = 'confirmed'),
                     count(x.key) FILTER (WHERE x.outcome = 'skipped'),
                     count(x.key) FILTER (WHERE x.outcome = 'invalid'),
                     count(x.key) FILTER (WHERE x.outcome = 'rejected'),
                     count(x.key) FILTER (WHERE x.outcome = 'dead_lettered'),
-                    COALESCE(sum(x.requests), 0)::bigint,
+                    count(x.key),
                     r.error,
-                    count(x.key) FILTER (WHERE x.operation = 'rekey' AND x.outcome = 'confirmed')
+                    count(x.key) FILTER (WHERE x.operation = 'rekey' AND x.outcome = 'confirmed'),
+                    {requests},
+                    r.preflight_requests, r.preflight_retries, r.preflight_rate_limited
              FROM loopsync.runs r LEFT JOIN loopsync.records x ON x.run_id = r.id
              WHERE {filter}
              GROUP BY r.id ORDER BY r.id DESC LIMIT $2"
@@ -138,7 +169,7 @@ impl PgWarehouse {
 }
 
 fn summary(row: &Row) -> RunSummary {
-    RunSummary {
+    let mut summary = RunSummary {
         id: row.get(0),
         sync: row.get(1),
         status: row.get(2),
@@ -148,17 +179,23 @@ fn summary(row: &Row) -> RunSummary {
         expected: row.get(6),
         added: row.get(7),
         changed: row.get(8),
-        removed: row.get(9),
-        unchanged: row.get(10),
-        confirmed: row.get(11),
-        skipped: row.get(12),
-        invalid: row.get(13),
-        rejected: row.get(14),
-        dead_lettered: row.get(15),
-        requests: row.get(16),
-        error: row.get(17),
-        rekeyed: row.get(18),
-    }
+        invalid_rows: row.get(9),
+        removed: row.get(10),
+        unchanged: row.get(11),
+        confirmed: row.get(12),
+        skipped: row.get(13),
+        invalid: row.get(14),
+        rejected: row.get(15),
+        dead_lettered: row.get(16),
+        records: row.get(17),
+        error: row.get(18),
+        rekeyed: row.get(19),
+        ..RunSummary::default()
+    };
+    let loader = std::array::from_fn(|i| row.get::<_, i64>(20 + i));
+    let preflight = std::array::from_fn(|i| row.get::<_, i64>(26 + i));
+    requests_of(&mut summary, loader, preflight);
+    summary
 }
 
 fn record(r: &Row) -> RecordResult {
@@ -345,7 +382,7 @@ impl Warehouse for PgWarehouse {
                         expected = (SELECT count(*) FROM (
                                         SELECT key FROM loopsync.state WHERE sync = r.sync AND emitted_run = $1
                                         UNION SELECT key FROM loopsync.records WHERE run_id = $1) AS k),
-                        added = $2, changed = $3, removed = $4, unchanged = $5
+                        added = $2, changed = $3, removed = $4, unchanged = $5, invalid_rows = $6
                   WHERE id = $1 AND status = 'extracting'",
                 &[
                     &run_id,
@@ -353,6 +390,7 @@ impl Warehouse for PgWarehouse {
                     &counts.changed,
                     &counts.removed,
                     &counts.unchanged,
+                    &counts.invalid_rows,
                 ],
             )
             .await
@@ -420,12 +458,42 @@ impl Warehouse for PgWarehouse {
         self.client
             .execute(
                 "UPDATE loopsync.runs SET status = 'adopted', extracted_at = now(), finished_at = now(),
-                        expected = 0, added = $2, changed = $3, removed = $4, unchanged = $5
+                        expected = 0, added = $2, changed = $3, removed = $4, unchanged = $5,
+                        invalid_rows = $6
                   WHERE id = $1",
-                &[&run_id, &counts.added, &counts.changed, &counts.removed, &counts.unchanged],
+                &[
+                    &run_id,
+                    &counts.added,
+                    &counts.changed,
+                    &counts.removed,
+                    &counts.unchanged,
+                    &counts.invalid_rows,
+                ],
             )
             .await
             .map_err(query_error("finish an adoption"))?;
+        Ok(())
+    }
+
+    async fn record_preflight(
+        &self,
+        run_id: i64,
+        counts: &RequestCounts,
+    ) -> Result<(), WarehouseError> {
+        self.client
+            .execute(
+                "UPDATE loopsync.runs
+                    SET preflight_requests = $2, preflight_retries = $3, preflight_rate_limited = $4
+                  WHERE id = $1",
+                &[
+                    &run_id,
+                    &i64::from(counts.total()),
+                    &i64::from(counts.retries),
+                    &i64::from(counts.rate_limited),
+                ],
+            )
+            .await
+            .map_err(query_error("record a run's preflight"))?;
         Ok(())
     }
 
@@ -453,14 +521,35 @@ impl Warehouse for PgWarehouse {
         let insert = tx
             .prepare(
                 "INSERT INTO loopsync.records
-                    (run_id, sync, key, fingerprint, operation, outcome, reason, contact_id, requests, at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, to_timestamp($10::bigint / 1000.0))
+                    (run_id, sync, key, fingerprint, operation, outcome, reason, contact_id, requests, at,
+                     change, writes, events, deletes, retries, rate_limited)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, to_timestamp($10::bigint / 1000.0),
+                         $11, $12, $13, $14, $15, $16)
                  ON CONFLICT (run_id, key) DO UPDATE
                     SET fingerprint = EXCLUDED.fingerprint, operation = EXCLUDED.operation,
                         outcome = EXCLUDED.outcome, reason = EXCLUDED.reason,
                         contact_id = EXCLUDED.contact_id,
-                        requests = loopsync.records.requests + EXCLUDED.requests, at = EXCLUDED.at
+                        change = COALESCE(EXCLUDED.change, loopsync.records.change),
+                        requests = loopsync.records.requests + EXCLUDED.requests,
+                        writes = loopsync.records.writes + EXCLUDED.writes,
+                        events = loopsync.records.events + EXCLUDED.events,
+                        deletes = loopsync.records.deletes + EXCLUDED.deletes,
+                        retries = loopsync.records.retries + EXCLUDED.retries,
+                        rate_limited = loopsync.records.rate_limited + EXCLUDED.rate_limited,
+                        at = EXCLUDED.at
                   WHERE loopsync.records.outcome <> 'confirmed' AND EXCLUDED.outcome = 'confirmed'",
+            )
+            .await
+            .map_err(query_error("record outcomes"))?;
+        // Each attempt once: a repeated `attempted` outcome is ignored.
+        let attempted = tx
+            .prepare(
+                "INSERT INTO loopsync.attempts
+                    (run_id, sync, key, attempt, requests, writes, events, deletes, retries,
+                     rate_limited, reason, at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11,
+                         to_timestamp($12::bigint / 1000.0))
+                 ON CONFLICT (run_id, key, attempt) DO NOTHING",
             )
             .await
             .map_err(query_error("record outcomes"))?;
@@ -502,7 +591,40 @@ impl Warehouse for PgWarehouse {
         let mut ordered: Vec<&Outcome> = outcomes.iter().collect();
         ordered.sort_by(|a, b| (&a.sync, &a.key).cmp(&(&b.sync, &b.key)));
         for o in ordered {
-            let requests = o.requests as i32;
+            let counts = o.request_counts();
+            let [requests, writes, events, deletes, retries, rate_limited] = [
+                counts.total(),
+                counts.writes,
+                counts.events,
+                counts.deletes,
+                counts.retries,
+                counts.rate_limited,
+            ]
+            .map(|n| n as i32);
+            if !o.status.is_final() {
+                let attempt = o.attempt.as_deref().unwrap_or("");
+                tx.execute(
+                    &attempted,
+                    &[
+                        &o.run_id,
+                        &o.sync,
+                        &o.key,
+                        &attempt,
+                        &requests,
+                        &writes,
+                        &events,
+                        &deletes,
+                        &retries,
+                        &rate_limited,
+                        &o.reason,
+                        &o.at,
+                    ],
+                )
+                .await
+                .map_err(query_error("record an attempt"))?;
+                continue;
+            }
+            let change = o.change.map(|c| c.as_str());
             tx.execute(
                 &insert,
                 &[
@@ -516,6 +638,12 @@ impl Warehouse for PgWarehouse {
                     &o.contact_id,
                     &requests,
                     &o.at,
+                    &change,
+                    &writes,
+                    &events,
+                    &deletes,
+                    &retries,
+                    &rate_limited,
                 ],
             )
             .await
@@ -585,9 +713,10 @@ impl Warehouse for PgWarehouse {
             .client
             .query(
                 &format!(
-                    "SELECT run_id, sync, key, operation, outcome, reason, contact_id, requests::bigint,
-                            to_char(at AT TIME ZONE 'UTC', {TIME})
-                       FROM loopsync.records WHERE run_id = $1 ORDER BY key"
+                    "SELECT run_id, sync, key, operation, outcome, reason, contact_id,
+                            ({requests})::bigint, to_char(at AT TIME ZONE 'UTC', {TIME})
+                       FROM loopsync.records x WHERE run_id = $1 ORDER BY key",
+                    requests = record_requests_sql("loopsync.attempts")
                 ),
                 &[&run_id],
             )
@@ -601,13 +730,14 @@ impl Warehouse for PgWarehouse {
             .client
             .query(
                 &format!(
-                    "SELECT run_id, sync, key, operation, outcome, reason, contact_id, requests::bigint,
-                            to_char(at AT TIME ZONE 'UTC', {TIME})
+                    "SELECT run_id, sync, key, operation, outcome, reason, contact_id,
+                            ({requests})::bigint, to_char(at AT TIME ZONE 'UTC', {TIME})
                        FROM (SELECT DISTINCT ON (sync, key) * FROM loopsync.records
                               WHERE $1::text IS NULL OR sync = $1
-                              ORDER BY sync, key, run_id DESC) AS latest
+                              ORDER BY sync, key, run_id DESC) AS x
                       WHERE outcome IN ('invalid', 'rejected', 'dead_lettered')
-                      ORDER BY sync, key"
+                      ORDER BY sync, key",
+                    requests = record_requests_sql("loopsync.attempts")
                 ),
                 &[&sync],
             )

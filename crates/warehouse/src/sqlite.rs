@@ -8,13 +8,13 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use loopsync_core::envelope::{Outcome, OutcomeStatus};
+use loopsync_core::envelope::{Outcome, OutcomeStatus, RequestCounts};
 use loopsync_core::spec::SyncSpec;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::{
-    DiffRow, ExtractCounts, RECORD_COLUMNS, RecordResult, RunSummary, Warehouse, WarehouseError,
-    diff_sql, is_removal, probe_sql,
+    DiffRow, ExtractCounts, RecordResult, RunSummary, Warehouse, WarehouseError, diff_sql,
+    is_removal, probe_sql, record_requests_sql, requests_of, summary_request_sql, summary_rows_sql,
 };
 
 const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
@@ -36,7 +36,78 @@ CREATE TABLE IF NOT EXISTS loopsync_records (
     operation TEXT NOT NULL, outcome TEXT NOT NULL, reason TEXT, contact_id TEXT,
     requests INTEGER NOT NULL DEFAULT 0, at TEXT NOT NULL,
     PRIMARY KEY (run_id, key));
+CREATE TABLE IF NOT EXISTS loopsync_attempts (
+    run_id INTEGER NOT NULL, sync TEXT NOT NULL, key TEXT NOT NULL, attempt TEXT NOT NULL,
+    requests INTEGER NOT NULL DEFAULT 0, writes INTEGER NOT NULL DEFAULT 0,
+    events INTEGER NOT NULL DEFAULT 0, deletes INTEGER NOT NULL DEFAULT 0,
+    retries INTEGER NOT NULL DEFAULT 0, rate_limited INTEGER NOT NULL DEFAULT 0,
+    reason TEXT, at TEXT NOT NULL,
+    PRIMARY KEY (run_id, key, attempt));
 ";
+
+/// Columns added after the first release: SQLite has no `ADD COLUMN IF NOT EXISTS`, so
+/// `prepare` adds each one its table lacks (PostgreSQL's `SCHEMA` says the same).
+const ADDED_COLUMNS: [(&str, &str, &str); 13] = [
+    ("loopsync_state", "confirmed_email", "TEXT"),
+    ("loopsync_state", "confirmed_user_id", "TEXT"),
+    ("loopsync_state", "parked_fp", "TEXT"),
+    (
+        "loopsync_runs",
+        "invalid_rows",
+        "INTEGER NOT NULL DEFAULT 0",
+    ),
+    (
+        "loopsync_runs",
+        "preflight_requests",
+        "INTEGER NOT NULL DEFAULT 0",
+    ),
+    (
+        "loopsync_runs",
+        "preflight_retries",
+        "INTEGER NOT NULL DEFAULT 0",
+    ),
+    (
+        "loopsync_runs",
+        "preflight_rate_limited",
+        "INTEGER NOT NULL DEFAULT 0",
+    ),
+    ("loopsync_records", "change", "TEXT"),
+    ("loopsync_records", "writes", "INTEGER NOT NULL DEFAULT 0"),
+    ("loopsync_records", "events", "INTEGER NOT NULL DEFAULT 0"),
+    ("loopsync_records", "deletes", "INTEGER NOT NULL DEFAULT 0"),
+    ("loopsync_records", "retries", "INTEGER NOT NULL DEFAULT 0"),
+    (
+        "loopsync_records",
+        "rate_limited",
+        "INTEGER NOT NULL DEFAULT 0",
+    ),
+];
+
+/// Creates the tables and adds the columns they lack, in one write transaction (so two
+/// processes preparing at once do not both add a column).
+fn migrate(c: &mut Connection) -> Result<(), WarehouseError> {
+    let tx = c
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(error("begin preparing the loopsync tables"))?;
+    tx.execute_batch(SCHEMA)
+        .map_err(error("create the loopsync tables"))?;
+    for (table, column, declaration) in ADDED_COLUMNS {
+        let present: bool = tx
+            .query_row(
+                "SELECT count(*) > 0 FROM pragma_table_info(?1) WHERE name = ?2",
+                params![table, column],
+                |r| r.get(0),
+            )
+            .map_err(error("read the loopsync tables' columns"))?;
+        if !present {
+            tx.execute_batch(&format!(
+                "ALTER TABLE {table} ADD COLUMN {column} {declaration}"
+            ))
+            .map_err(error("add a column to the loopsync tables"))?;
+        }
+    }
+    tx.commit().map_err(error("commit the loopsync tables"))
+}
 
 const FINISH_RUN: &str = "
 UPDATE loopsync_runs
@@ -101,18 +172,32 @@ impl SqliteWarehouse {
     }
 
     fn summary_sql(filter: &str) -> String {
+        let rows = summary_rows_sql(|condition| {
+            format!("COALESCE(sum(x.outcome = 'invalid' AND {condition}), 0)")
+        });
+        let requests = summary_request_sql("loopsync_attempts");
         format!(
             "SELECT r.id, r.sync, r.status, r.requested_at, r.finished_at,
                     CAST((julianday(r.finished_at) - julianday(r.requested_at)) * 86400000 AS INTEGER),
-                    r.expected, r.added, r.changed, r.removed, r.unchanged,
+                    r.expected, {rows}, r.removed, r.unchanged,
                     sum(x.outcome = 'confirmed'), sum(x.outcome = 'skipped'),
                     sum(x.outcome = 'invalid'), sum(x.outcome = 'rejected'),
-                    sum(x.outcome = 'dead_lettered'), sum(x.requests), r.error,
-                    sum(x.operation = 'rekey' AND x.outcome = 'confirmed')
+                    sum(x.outcome = 'dead_lettered'), count(x.key), r.error,
+                    sum(x.operation = 'rekey' AND x.outcome = 'confirmed'),
+                    {requests},
+                    r.preflight_requests, r.preflight_retries, r.preflight_rate_limited
              FROM loopsync_runs r LEFT JOIN loopsync_records x ON x.run_id = r.id
              WHERE {filter} GROUP BY r.id ORDER BY r.id DESC LIMIT ?2"
         )
     }
+}
+
+/// A record's columns as [`record`] reads them (`x` is the record's alias).
+fn record_columns() -> String {
+    format!(
+        "x.run_id, x.sync, x.key, x.operation, x.outcome, x.reason, x.contact_id, {}, x.at",
+        record_requests_sql("loopsync_attempts")
+    )
 }
 
 fn record(r: &rusqlite::Row<'_>) -> rusqlite::Result<RecordResult> {
@@ -132,7 +217,7 @@ fn record(r: &rusqlite::Row<'_>) -> rusqlite::Result<RecordResult> {
 fn summary(row: &rusqlite::Row<'_>) -> rusqlite::Result<RunSummary> {
     let count =
         |i: usize| -> rusqlite::Result<i64> { Ok(row.get::<_, Option<i64>>(i)?.unwrap_or(0)) };
-    Ok(RunSummary {
+    let mut summary = RunSummary {
         id: row.get(0)?,
         sync: row.get(1)?,
         status: row.get(2)?,
@@ -140,29 +225,37 @@ fn summary(row: &rusqlite::Row<'_>) -> rusqlite::Result<RunSummary> {
         finished_at: row.get(4)?,
         duration_ms: row.get(5)?,
         expected: row.get(6)?,
-        added: row.get(7)?,
-        changed: row.get(8)?,
-        removed: row.get(9)?,
-        unchanged: row.get(10)?,
-        confirmed: count(11)?,
-        skipped: count(12)?,
-        invalid: count(13)?,
-        rejected: count(14)?,
-        dead_lettered: count(15)?,
-        requests: count(16)?,
-        error: row.get(17)?,
-        rekeyed: count(18)?,
-    })
+        added: count(7)?,
+        changed: count(8)?,
+        invalid_rows: count(9)?,
+        removed: row.get(10)?,
+        unchanged: row.get(11)?,
+        confirmed: count(12)?,
+        skipped: count(13)?,
+        invalid: count(14)?,
+        rejected: count(15)?,
+        dead_lettered: count(16)?,
+        records: count(17)?,
+        error: row.get(18)?,
+        rekeyed: count(19)?,
+        ..RunSummary::default()
+    };
+    let mut loader = [0; 6];
+    for (i, n) in loader.iter_mut().enumerate() {
+        *n = count(20 + i)?;
+    }
+    let mut preflight = [0; 3];
+    for (i, n) in preflight.iter_mut().enumerate() {
+        *n = count(26 + i)?;
+    }
+    requests_of(&mut summary, loader, preflight);
+    Ok(summary)
 }
 
 #[async_trait]
 impl Warehouse for SqliteWarehouse {
     async fn prepare(&self) -> Result<(), WarehouseError> {
-        self.with(|c| {
-            c.execute_batch(SCHEMA)
-                .map_err(error("create the loopsync tables"))
-        })
-        .await
+        self.with(migrate).await
     }
 
     async fn diff(
@@ -348,7 +441,7 @@ impl Warehouse for SqliteWarehouse {
                             expected = (SELECT count(*) FROM (
                                 SELECT key FROM loopsync_state WHERE sync = loopsync_runs.sync AND emitted_run = ?1
                                 UNION SELECT key FROM loopsync_records WHERE run_id = ?1)),
-                            added = ?2, changed = ?3, removed = ?4, unchanged = ?5
+                            added = ?2, changed = ?3, removed = ?4, unchanged = ?5, invalid_rows = ?6
                       WHERE id = ?1 AND status = 'extracting'"
                 ),
                 params![
@@ -356,7 +449,8 @@ impl Warehouse for SqliteWarehouse {
                     counts.added,
                     counts.changed,
                     counts.removed,
-                    counts.unchanged
+                    counts.unchanged,
+                    counts.invalid_rows
                 ],
             )
             .map_err(error("finish an extraction"))?;
@@ -437,12 +531,39 @@ impl Warehouse for SqliteWarehouse {
             c.execute(
                 &format!(
                     "UPDATE loopsync_runs SET status = 'adopted', extracted_at = {NOW}, finished_at = {NOW},
-                            expected = 0, added = ?2, changed = ?3, removed = ?4, unchanged = ?5
+                            expected = 0, added = ?2, changed = ?3, removed = ?4, unchanged = ?5,
+                            invalid_rows = ?6
                       WHERE id = ?1"
                 ),
-                params![run_id, counts.added, counts.changed, counts.removed, counts.unchanged],
+                params![
+                    run_id,
+                    counts.added,
+                    counts.changed,
+                    counts.removed,
+                    counts.unchanged,
+                    counts.invalid_rows
+                ],
             )
             .map_err(error("finish an adoption"))?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn record_preflight(
+        &self,
+        run_id: i64,
+        counts: &RequestCounts,
+    ) -> Result<(), WarehouseError> {
+        let counts = *counts;
+        self.with(move |c| {
+            c.execute(
+                "UPDATE loopsync_runs
+                    SET preflight_requests = ?2, preflight_retries = ?3, preflight_rate_limited = ?4
+                  WHERE id = ?1",
+                params![run_id, counts.total(), counts.retries, counts.rate_limited],
+            )
+            .map_err(error("record a run's preflight"))?;
             Ok(())
         })
         .await
@@ -473,15 +594,35 @@ impl Warehouse for SqliteWarehouse {
                 let mut insert = tx
                     .prepare_cached(
                         "INSERT INTO loopsync_records
-                            (run_id, sync, key, fingerprint, operation, outcome, reason, contact_id, requests, at)
+                            (run_id, sync, key, fingerprint, operation, outcome, reason, contact_id, requests, at,
+                             change, writes, events, deletes, retries, rate_limited)
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9,
-                                 strftime('%Y-%m-%dT%H:%M:%fZ', ?10 / 1000.0, 'unixepoch'))
+                                 strftime('%Y-%m-%dT%H:%M:%fZ', ?10 / 1000.0, 'unixepoch'),
+                                 ?11, ?12, ?13, ?14, ?15, ?16)
                          ON CONFLICT (run_id, key) DO UPDATE
                             SET fingerprint = excluded.fingerprint, operation = excluded.operation,
                                 outcome = excluded.outcome, reason = excluded.reason,
                                 contact_id = excluded.contact_id,
-                                requests = loopsync_records.requests + excluded.requests, at = excluded.at
+                                change = COALESCE(excluded.change, loopsync_records.change),
+                                requests = loopsync_records.requests + excluded.requests,
+                                writes = loopsync_records.writes + excluded.writes,
+                                events = loopsync_records.events + excluded.events,
+                                deletes = loopsync_records.deletes + excluded.deletes,
+                                retries = loopsync_records.retries + excluded.retries,
+                                rate_limited = loopsync_records.rate_limited + excluded.rate_limited,
+                                at = excluded.at
                           WHERE loopsync_records.outcome <> 'confirmed' AND excluded.outcome = 'confirmed'",
+                    )
+                    .map_err(error("record outcomes"))?;
+                // Each attempt once: a repeated `attempted` outcome is ignored.
+                let mut attempted = tx
+                    .prepare_cached(
+                        "INSERT INTO loopsync_attempts
+                            (run_id, sync, key, attempt, requests, writes, events, deletes, retries,
+                             rate_limited, reason, at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11,
+                                 strftime('%Y-%m-%dT%H:%M:%fZ', ?12 / 1000.0, 'unixepoch'))
+                         ON CONFLICT (run_id, key, attempt) DO NOTHING",
                     )
                     .map_err(error("record outcomes"))?;
                 let mut confirm = tx
@@ -506,6 +647,26 @@ impl Warehouse for SqliteWarehouse {
                     )
                     .map_err(error("record outcomes"))?;
                 for o in &outcomes {
+                    let counts = o.request_counts();
+                    if !o.status.is_final() {
+                        attempted
+                            .execute(params![
+                                o.run_id,
+                                o.sync,
+                                o.key,
+                                o.attempt.as_deref().unwrap_or(""),
+                                counts.total(),
+                                counts.writes,
+                                counts.events,
+                                counts.deletes,
+                                counts.retries,
+                                counts.rate_limited,
+                                o.reason,
+                                o.at
+                            ])
+                            .map_err(error("record an attempt"))?;
+                        continue;
+                    }
                     insert
                         .execute(params![
                             o.run_id,
@@ -516,8 +677,14 @@ impl Warehouse for SqliteWarehouse {
                             o.status.as_str(),
                             o.reason,
                             o.contact_id,
-                            o.requests,
-                            o.at
+                            counts.total(),
+                            o.at,
+                            o.change.map(|c| c.as_str()),
+                            counts.writes,
+                            counts.events,
+                            counts.deletes,
+                            counts.retries,
+                            counts.rate_limited
                         ])
                         .map_err(error("record an outcome"))?;
                     if o.status == OutcomeStatus::Confirmed && is_removal(&o.operation) {
@@ -591,7 +758,8 @@ impl Warehouse for SqliteWarehouse {
         self.with(move |c| {
             let mut s = c
                 .prepare(&format!(
-                    "SELECT {RECORD_COLUMNS} FROM loopsync_records WHERE run_id = ?1 ORDER BY key"
+                    "SELECT {} FROM loopsync_records x WHERE run_id = ?1 ORDER BY key",
+                    record_columns()
                 ))
                 .map_err(error("read records"))?;
             let rows = s
@@ -608,11 +776,12 @@ impl Warehouse for SqliteWarehouse {
         self.with(move |c| {
             let mut s = c
                 .prepare(&format!(
-                    "SELECT {RECORD_COLUMNS} FROM (
+                    "SELECT {columns} FROM (
                         SELECT *, row_number() OVER (PARTITION BY sync, key ORDER BY run_id DESC) AS n
-                          FROM loopsync_records WHERE ?1 IS NULL OR sync = ?1)
+                          FROM loopsync_records WHERE ?1 IS NULL OR sync = ?1) AS x
                       WHERE n = 1 AND outcome IN ('invalid', 'rejected', 'dead_lettered')
-                      ORDER BY sync, key"
+                      ORDER BY sync, key",
+                    columns = record_columns()
                 ))
                 .map_err(error("read rejections"))?;
             let rows = s

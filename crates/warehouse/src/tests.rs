@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use futures::TryStreamExt;
-use loopsync_core::envelope::{Outcome, OutcomeStatus};
+use loopsync_core::envelope::{ChangeKind, Outcome, OutcomeStatus, RequestCounts};
 use loopsync_core::spec::{Behavior, IdentifyBy, MappedList, MappedProperty, OnRemove, SyncSpec};
 use loopsync_core::value::PropertyKind;
 use loopsync_core::{Classified, ErrorClass};
@@ -418,4 +418,299 @@ fn unsupported_urls_say_what_is_supported() {
         panic!()
     };
     assert!(e.to_string().contains("postgres://"));
+}
+
+/// An outcome of `key` in `run` with these requests.
+fn counted(
+    run: i64,
+    key: &str,
+    status: OutcomeStatus,
+    change: Option<ChangeKind>,
+    counts: RequestCounts,
+) -> Outcome {
+    let mut o = Outcome::new("users", run, key, "fp", status, "upsert").with_counts(counts);
+    o.change = change;
+    o
+}
+
+/// Requests add up over the records, their `attempted` outcomes (each attempt once) and the
+/// preflight; a change the transformer found invalid counts as an invalid row, not as added;
+/// rows and records add up.
+async fn counts_add_up(f: Fixture) {
+    let w = &*f.warehouse;
+    w.prepare().await.unwrap();
+    let run = w.create_run("users").await.unwrap();
+    w.claim_run(run, false).await.unwrap();
+    w.mark_emitted(
+        "users",
+        run,
+        &[
+            ("1".into(), "fp".into()),
+            ("2".into(), "fp".into()),
+            ("3".into(), "fp".into()),
+        ],
+    )
+    .await
+    .unwrap();
+    // Model: 2 added and 1 changed rows, 4 unchanged, 3 invalid rows (key 4 on two rows and a
+    // NULL key): 10 rows; 5 records expected (3 changes, 2 invalid records).
+    w.finish_extract(
+        run,
+        &ExtractCounts {
+            added: 2,
+            changed: 1,
+            unchanged: 4,
+            invalid_rows: 3,
+            expected: 5,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let c = |writes, events, retries, rate_limited| RequestCounts {
+        writes,
+        events,
+        retries,
+        rate_limited,
+        ..RequestCounts::default()
+    };
+    let mut first = counted(run, "1", OutcomeStatus::Attempted, None, c(1, 0, 0, 1));
+    first.attempt = Some("9.1".into());
+    let mut second = counted(run, "1", OutcomeStatus::Attempted, None, c(1, 0, 1, 0));
+    second.attempt = Some("9.2".into());
+    let mut event = counted(
+        run,
+        "3",
+        OutcomeStatus::Attempted,
+        Some(ChangeKind::Changed),
+        c(0, 1, 0, 0),
+    );
+    event.attempt = Some("11.1".into());
+    w.record_outcomes(&[first.clone(), second, event])
+        .await
+        .unwrap();
+    // A repeated attempt is counted once.
+    w.record_outcomes(&[first]).await.unwrap();
+    let sending = w.run(run).await.unwrap().unwrap();
+    assert_eq!(
+        (sending.status.as_str(), sending.records, sending.requests),
+        ("sending", 0, 3),
+        "attempts are no records"
+    );
+    w.record_outcomes(&[
+        counted(
+            run,
+            "1",
+            OutcomeStatus::Confirmed,
+            Some(ChangeKind::Added),
+            c(1, 0, 1, 0),
+        ),
+        counted(
+            run,
+            "2",
+            OutcomeStatus::Invalid,
+            Some(ChangeKind::Added),
+            RequestCounts::default(),
+        ),
+        counted(
+            run,
+            "(null #1)",
+            OutcomeStatus::Invalid,
+            None,
+            RequestCounts::default(),
+        ),
+        counted(
+            run,
+            "4",
+            OutcomeStatus::Invalid,
+            None,
+            RequestCounts::default(),
+        ),
+    ])
+    .await
+    .unwrap();
+    w.record_outcomes(&[counted(
+        run,
+        "3",
+        OutcomeStatus::Rejected,
+        Some(ChangeKind::Changed),
+        RequestCounts::default(),
+    )])
+    .await
+    .unwrap();
+    let preflight = RequestCounts {
+        preflight: 4,
+        retries: 1,
+        rate_limited: 1,
+        ..RequestCounts::default()
+    };
+    w.record_preflight(run, &RequestCounts::default())
+        .await
+        .unwrap();
+    w.record_preflight(run, &preflight).await.unwrap();
+
+    let s = w.run(run).await.unwrap().unwrap();
+    assert_eq!(s.status, "degraded");
+    assert_eq!(
+        s.requests_by_kind,
+        RequestsByKind {
+            writes: 3,
+            events: 1,
+            deletes: 0,
+            preflight: 4
+        }
+    );
+    assert_eq!((s.requests, s.retries, s.rate_limited), (8, 3, 2));
+    assert_eq!(s.requests, s.requests_by_kind.total());
+    assert_eq!(
+        (s.added, s.changed, s.unchanged, s.invalid_rows, s.removed),
+        (1, 1, 4, 4, 0),
+        "the added row the transformer refused is an invalid row"
+    );
+    assert_eq!(s.added + s.changed + s.unchanged + s.invalid_rows, 10);
+    assert_eq!(
+        (s.confirmed, s.invalid, s.rejected, s.records),
+        (1, 3, 1, 5)
+    );
+    assert_eq!(
+        s.confirmed + s.skipped + s.invalid + s.rejected + s.dead_lettered,
+        s.records
+    );
+    assert_eq!(w.runs(None, 5).await.unwrap()[0], s);
+    // A record's requests are those of all its attempts.
+    let records = w.records(run).await.unwrap();
+    let requests = |key: &str| records.iter().find(|r| r.key == key).unwrap().requests;
+    assert_eq!((requests("1"), requests("3"), requests("2")), (3, 1, 0));
+    let open = w.rejections(None).await.unwrap();
+    assert_eq!(open.iter().find(|r| r.key == "3").unwrap().requests, 1);
+
+    // A confirmation that replaces a failure adds its requests.
+    w.record_outcomes(&[counted(
+        run,
+        "3",
+        OutcomeStatus::Confirmed,
+        Some(ChangeKind::Changed),
+        c(0, 1, 1, 0),
+    )])
+    .await
+    .unwrap();
+    let s = w.run(run).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            s.requests_by_kind.events,
+            s.retries,
+            s.rejected,
+            s.confirmed
+        ),
+        (2, 4, 0, 2)
+    );
+}
+
+#[tokio::test]
+async fn postgres_counts_add_up() {
+    let Some(f) = postgres().await else { return };
+    counts_add_up(f).await;
+}
+
+#[tokio::test]
+async fn sqlite_counts_add_up() {
+    counts_add_up(sqlite()).await;
+}
+
+/// A state schema made by an earlier version keeps working: `prepare` adds what it lacks, and
+/// the old runs report their requests (without a breakdown).
+async fn an_old_schema_is_brought_up_to_date(f: Fixture, old: &str, legacy: &str) {
+    (f.exec)(old.to_owned()).await;
+    (f.exec)(legacy.to_owned()).await;
+    let w = &*f.warehouse;
+    w.prepare().await.unwrap();
+    w.prepare().await.unwrap();
+    let s = w.run(1).await.unwrap().unwrap();
+    assert_eq!(
+        (s.status.as_str(), s.confirmed, s.requests, s.records),
+        ("succeeded", 1, 2, 1)
+    );
+    let run = w.create_run("users").await.unwrap();
+    w.claim_run(run, false).await.unwrap();
+    w.mark_emitted("users", run, &[("1".into(), "fp".into())])
+        .await
+        .unwrap();
+    w.finish_extract(
+        run,
+        &ExtractCounts {
+            changed: 1,
+            expected: 1,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    w.record_outcomes(&[counted(
+        run,
+        "1",
+        OutcomeStatus::Confirmed,
+        Some(ChangeKind::Changed),
+        RequestCounts {
+            writes: 1,
+            ..RequestCounts::default()
+        },
+    )])
+    .await
+    .unwrap();
+    let s = w.run(run).await.unwrap().unwrap();
+    assert_eq!(
+        (s.status.as_str(), s.requests, s.requests_by_kind.writes),
+        ("succeeded", 1, 1)
+    );
+}
+
+#[tokio::test]
+async fn postgres_old_schema_is_brought_up_to_date() {
+    let Some(f) = postgres().await else { return };
+    an_old_schema_is_brought_up_to_date(
+        f,
+        "CREATE SCHEMA loopsync;
+         CREATE TABLE loopsync.state (sync text NOT NULL, key text NOT NULL, emitted_fp text,
+             emitted_run bigint, confirmed_fp text, confirmed_run bigint, confirmed_at timestamptz,
+             contact_id text, PRIMARY KEY (sync, key));
+         CREATE TABLE loopsync.runs (id bigserial PRIMARY KEY, sync text NOT NULL,
+             status text NOT NULL, requested_at timestamptz NOT NULL DEFAULT now(),
+             started_at timestamptz, extracted_at timestamptz, finished_at timestamptz,
+             expected bigint, added bigint NOT NULL DEFAULT 0, changed bigint NOT NULL DEFAULT 0,
+             removed bigint NOT NULL DEFAULT 0, unchanged bigint NOT NULL DEFAULT 0, error text);
+         CREATE TABLE loopsync.records (run_id bigint NOT NULL, sync text NOT NULL,
+             key text NOT NULL, fingerprint text, operation text NOT NULL, outcome text NOT NULL,
+             reason text, contact_id text, requests integer NOT NULL DEFAULT 0,
+             at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (run_id, key));",
+        "INSERT INTO loopsync.runs (sync, status, extracted_at, finished_at, expected, added)
+             VALUES ('users', 'succeeded', now(), now(), 1, 1);
+         INSERT INTO loopsync.records (run_id, sync, key, operation, outcome, requests)
+             VALUES (1, 'users', '1', 'upsert', 'confirmed', 2);",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn sqlite_old_schema_is_brought_up_to_date() {
+    an_old_schema_is_brought_up_to_date(
+        sqlite(),
+        "CREATE TABLE loopsync_state (sync TEXT NOT NULL, key TEXT NOT NULL,
+             emitted_fp TEXT, emitted_run INTEGER, confirmed_fp TEXT, confirmed_run INTEGER,
+             confirmed_at TEXT, contact_id TEXT, PRIMARY KEY (sync, key));
+         CREATE TABLE loopsync_runs (id INTEGER PRIMARY KEY AUTOINCREMENT, sync TEXT NOT NULL,
+             status TEXT NOT NULL, requested_at TEXT NOT NULL, started_at TEXT,
+             extracted_at TEXT, finished_at TEXT, expected INTEGER,
+             added INTEGER NOT NULL DEFAULT 0, changed INTEGER NOT NULL DEFAULT 0,
+             removed INTEGER NOT NULL DEFAULT 0, unchanged INTEGER NOT NULL DEFAULT 0, error TEXT);
+         CREATE TABLE loopsync_records (run_id INTEGER NOT NULL, sync TEXT NOT NULL,
+             key TEXT NOT NULL, fingerprint TEXT, operation TEXT NOT NULL, outcome TEXT NOT NULL,
+             reason TEXT, contact_id TEXT, requests INTEGER NOT NULL DEFAULT 0, at TEXT NOT NULL,
+             PRIMARY KEY (run_id, key));",
+        "INSERT INTO loopsync_runs (sync, status, requested_at, extracted_at, finished_at,
+             expected, added) VALUES ('users', 'succeeded', '2024-01-01T00:00:00.000Z',
+             '2024-01-01T00:00:01.000Z', '2024-01-01T00:00:02.000Z', 1, 1);
+         INSERT INTO loopsync_records (run_id, sync, key, operation, outcome, requests, at)
+             VALUES (1, 'users', '1', 'upsert', 'confirmed', 2, '2024-01-01T00:00:02.000Z');",
+    )
+    .await;
 }
