@@ -6,7 +6,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Args;
-use loopsync_simulator::{MailingList, PropertyType, RateWindow, Settings, SimConfig};
+use loopsync_simulator::{
+    EmailMatch, MailingList, NumericDates, PropertyType, RateWindow, Settings, SimConfig,
+};
 
 #[derive(Debug, Args)]
 pub struct SimArgs {
@@ -28,6 +30,17 @@ pub struct SimArgs {
     /// Send Retry-After on 429 (Loops does not document sending it).
     #[arg(long)]
     retry_after: bool,
+    /// A request that carried an Idempotency-Key and failed (400, 413, an injected 5xx or a
+    /// dropped connection; not a 401 or 429) consumes its key, so a retry with it gets 409.
+    #[arg(long)]
+    keys_consumed_on_failure: bool,
+    /// How contacts are matched by email: case-insensitive or case-sensitive.
+    #[arg(long, default_value = "case-insensitive", value_parser = parse_email_match)]
+    email_match: EmailMatch,
+    /// How a number in a date property is read: auto (below 10^11 Unix seconds, otherwise
+    /// milliseconds) or millis (always Unix milliseconds).
+    #[arg(long, default_value = "auto", value_parser = parse_numeric_dates)]
+    numeric_dates: NumericDates,
     /// A mailing list the team has, as ID=NAME; repeatable.
     #[arg(long = "list", value_parser = parse_list)]
     lists: Vec<MailingList>,
@@ -43,6 +56,26 @@ fn parse_window(s: &str) -> Result<RateWindow, String> {
         "token-bucket" | "token_bucket" => Ok(RateWindow::TokenBucket),
         other => Err(format!(
             "`{other}` is not a window: use sliding, fixed or token-bucket"
+        )),
+    }
+}
+
+fn parse_email_match(s: &str) -> Result<EmailMatch, String> {
+    match s {
+        "case-insensitive" | "case_insensitive" => Ok(EmailMatch::CaseInsensitive),
+        "case-sensitive" | "case_sensitive" => Ok(EmailMatch::CaseSensitive),
+        other => Err(format!(
+            "`{other}` is not an email match: use case-insensitive or case-sensitive"
+        )),
+    }
+}
+
+fn parse_numeric_dates(s: &str) -> Result<NumericDates, String> {
+    match s {
+        "auto" => Ok(NumericDates::Auto),
+        "millis" => Ok(NumericDates::Millis),
+        other => Err(format!(
+            "`{other}` is not a reading of numeric dates: use auto or millis"
         )),
     }
 }
@@ -74,6 +107,9 @@ pub async fn run(args: SimArgs) -> anyhow::Result<ExitCode> {
             rate_limit: args.rate_limit,
             window: args.window,
             retry_after: args.retry_after,
+            keys_consumed_on_failure: args.keys_consumed_on_failure,
+            email_match: args.email_match,
+            numeric_dates: args.numeric_dates,
             ..Settings::default()
         },
         lists: args.lists,

@@ -42,6 +42,29 @@ pub enum UnknownLists {
     Accept,
 }
 
+/// How contacts are matched by email (`loops-api.md` §9.1: Loops does not say).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum EmailMatch {
+    /// `A@x.co` and `a@x.co` are one contact: unique, found and conflicting case-insensitively.
+    #[default]
+    CaseInsensitive,
+    /// `A@x.co` and `a@x.co` are two contacts: unique and found by the exact email.
+    CaseSensitive,
+}
+
+/// How a number sent for a date property is read (`loops-api.md` §9.1: Loops does not say).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum NumericDates {
+    /// Below 10^11 (in absolute value) Unix seconds, otherwise Unix milliseconds. Misreads
+    /// millisecond dates between 1966 and 1973.
+    #[default]
+    Auto,
+    /// Always Unix milliseconds: 86400000 is 1970-01-02.
+    Millis,
+}
+
 /// Settings that may change at run time. Every field has a default, so `{}` is valid.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -55,6 +78,11 @@ pub struct Settings {
     pub unknown_lists: UnknownLists,
     /// `teamName` of `GET /v1/api-key`.
     pub team_name: String,
+    /// Whether a request that carried an `Idempotency-Key` and failed (4xx, or 5xx or a dropped
+    /// connection before or after the effect) consumes its key, so that a retry gets 409.
+    pub keys_consumed_on_failure: bool,
+    pub email_match: EmailMatch,
+    pub numeric_dates: NumericDates,
 }
 
 impl Default for Settings {
@@ -66,8 +94,22 @@ impl Default for Settings {
             unknown_properties: UnknownProperties::Reject,
             unknown_lists: UnknownLists::Reject,
             team_name: "Simulated Team".into(),
+            keys_consumed_on_failure: false,
+            email_match: EmailMatch::CaseInsensitive,
+            numeric_dates: NumericDates::Auto,
         }
     }
+}
+
+/// Why a change of settings was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SettingsError {
+    /// Case-insensitive matching would make two contacts one.
+    #[error(
+        "email_match cannot become case_insensitive: the contacts {first} and {second} differ \
+         only in case (delete one of them, or POST /_sim/reset first)"
+    )]
+    EmailsCollide { first: String, second: String },
 }
 
 /// Everything the simulator starts with.

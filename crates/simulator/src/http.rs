@@ -3,6 +3,11 @@
 //! Every API request passes one gate, in this order: counted in the stats, key checked (401),
 //! faults rolled (a fault "before effect" answers here), rate limit taken (429), handler, added
 //! latency, faults "after effect" (the effect happened, the answer is lost), rate-limit headers.
+//!
+//! `Idempotency-Key`: the handler checks and consumes a key under the same lock as the effect.
+//! The gate consumes it, with `keys_consumed_on_failure` only, where the handler never saw it: a
+//! 5xx or dropped connection before the effect, a body refused before the handler (413). A 401
+//! or a 429 (real or injected) never consumes a key: the request was not taken.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -22,7 +27,9 @@ use tokio::sync::Notify;
 use crate::config::Settings;
 use crate::faults::{Fault, FaultDice, Faults, When};
 use crate::model::{ApiError, MailingList};
-use crate::state::SimState;
+use crate::state::{SimState, idempotency_scope, is_valid_idempotency_key};
+
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
 /// State shared by every connection.
 #[derive(Debug)]
@@ -167,7 +174,10 @@ enum Admission {
     },
 }
 
-fn admit(shared: &Shared, endpoint: &str, authorized: bool) -> Admission {
+/// The scope and key of a request to an idempotent endpoint that carried a valid key.
+type KeyedRequest = Option<(&'static str, String)>;
+
+fn admit(shared: &Shared, endpoint: &str, authorized: bool, keyed: &KeyedRequest) -> Admission {
     let mut st = shared.lock();
     let limit = st.settings.rate_limit;
     let window = st.settings.window;
@@ -187,6 +197,12 @@ fn admit(shared: &Shared, endpoint: &str, authorized: bool) -> Admission {
     }
     let roll = st.dice.roll(endpoint);
     if let Some((fault, When::BeforeEffect)) = roll {
+        // A 5xx or a drop before the effect is a failed request; an injected 429 is not taken.
+        if fault != Fault::Status429
+            && let Some((scope, key)) = keyed
+        {
+            st.request_failed_with_key(scope, key);
+        }
         if fault == Fault::Drop {
             st.count(endpoint, "dropped");
             return Admission::Drop;
@@ -222,14 +238,25 @@ fn admit(shared: &Shared, endpoint: &str, authorized: bool) -> Admission {
 
 /// Counts the handler's answer (or replaces it with a fault after the effect) and adds the
 /// rate-limit headers. `None`: drop the connection.
+///
+/// A fault after the effect does not change what the handler did with the request's key (it
+/// consumed it if the request succeeded, or failed with `keys_consumed_on_failure`). A failure
+/// the handler never saw (413) consumes it here, with `keys_consumed_on_failure`; on any other
+/// answer this repeats what the handler did, which changes nothing.
 fn finish(
     shared: &Shared,
     endpoint: &str,
     limit: u32,
     after_fault: Option<Fault>,
+    keyed: &KeyedRequest,
     mut response: Response,
 ) -> Option<Response> {
     let mut st = shared.lock();
+    if let Some((scope, key)) = keyed
+        && !response.status().is_success()
+    {
+        st.request_failed_with_key(scope, key);
+    }
     if let Some(fault) = after_fault {
         if fault == Fault::Drop {
             st.count(endpoint, "dropped");
@@ -255,7 +282,11 @@ async fn gate(State(shared): State<Arc<Shared>>, request: Request, next: Next) -
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .is_some_and(|key| key.trim() == shared.api_key);
-    let (limit, after_fault, latency_ms) = match admit(&shared, &endpoint, authorized) {
+    let keyed: KeyedRequest = idempotency_scope(&endpoint).and_then(|scope| {
+        let key = request.headers().get(IDEMPOTENCY_KEY)?.to_str().ok()?;
+        is_valid_idempotency_key(key).then(|| (scope, key.to_owned()))
+    });
+    let (limit, after_fault, latency_ms) = match admit(&shared, &endpoint, authorized, &keyed) {
         Admission::Answer(r) => return r,
         Admission::Drop => return drop_connection(dropper).await,
         Admission::Pass {
@@ -268,7 +299,7 @@ async fn gate(State(shared): State<Arc<Shared>>, request: Request, next: Next) -
     if latency_ms > 0 {
         tokio::time::sleep(Duration::from_millis(latency_ms)).await;
     }
-    match finish(&shared, &endpoint, limit, after_fault, response) {
+    match finish(&shared, &endpoint, limit, after_fault, &keyed, response) {
         Some(r) => r,
         None => drop_connection(dropper).await,
     }
@@ -358,7 +389,7 @@ async fn send_event(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let key = match headers.get("idempotency-key").map(|v| v.to_str()) {
+    let key = match headers.get(IDEMPOTENCY_KEY).map(|v| v.to_str()) {
         None => None,
         Some(Ok(k)) => Some(k.to_owned()),
         Some(Err(_)) => return failure(400, "Idempotency-Key must be text."),
@@ -407,7 +438,9 @@ async fn sim_settings(State(shared): State<Arc<Shared>>, body: Bytes) -> Respons
         Ok(s) => s,
         Err(e) => return failure(400, format!("Invalid settings: {e}")),
     };
-    shared.lock().settings = settings.clone();
+    if let Err(e) = shared.lock().set_settings(settings.clone()) {
+        return failure(409, e.to_string());
+    }
     Json(json!({"success": true, "settings": settings})).into_response()
 }
 

@@ -31,7 +31,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, oneshot};
 use tower::ServiceExt;
 
-pub use config::{RateWindow, Settings, SimConfig, UnknownLists, UnknownProperties};
+pub use config::{
+    EmailMatch, NumericDates, RateWindow, Settings, SettingsError, SimConfig, UnknownLists,
+    UnknownProperties,
+};
 pub use faults::Faults;
 pub use model::{MailingList, PropertyType};
 pub use state::{EventRecord, Stats, WorkflowTrigger};
@@ -89,9 +92,14 @@ impl SimHandle {
         Ok(())
     }
 
-    /// As `POST /_sim/settings`.
-    pub fn set_settings(&self, settings: Settings) {
-        self.shared.lock().settings = settings;
+    /// As `POST /_sim/settings`: replaces every setting, or changes nothing and says why.
+    pub fn set_settings(&self, settings: Settings) -> Result<(), SettingsError> {
+        self.shared.lock().set_settings(settings)
+    }
+
+    /// What `GET /_sim/settings` answers.
+    pub fn settings(&self) -> Settings {
+        self.shared.lock().settings.clone()
     }
 
     /// As `POST /_sim/reset`.

@@ -7,7 +7,9 @@ use chrono::{DateTime, NaiveDate, NaiveDateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::config::{Settings, UnknownLists, UnknownProperties};
+use crate::config::{
+    EmailMatch, NumericDates, Settings, SettingsError, UnknownLists, UnknownProperties,
+};
 
 /// "most v1 … request body string values are limited to 500 characters" (`loops-api.md` §2.5).
 pub const MAX_STRING_CHARS: usize = 500;
@@ -104,7 +106,7 @@ impl ApiError {
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredContact {
     pub id: String,
-    /// As sent; matched case-insensitively.
+    /// As sent; matched as `Settings::email_match` says.
     pub email: String,
     pub user_id: Option<String>,
     /// Every property but email and userId, in stored form (dates as ISO-8601 strings).
@@ -156,11 +158,17 @@ pub struct Audience {
     /// Custom properties in creation order.
     custom: Vec<(String, PropertyType)>,
     pub lists: Vec<MailingList>,
+    /// What `by_email` is keyed by.
+    email_match: EmailMatch,
 }
 
-/// Emails match case-insensitively and without surrounding blanks (`loops-api.md` §9).
-pub fn email_key(email: &str) -> String {
-    email.trim().to_lowercase()
+/// The index key of an email: without surrounding blanks, and lower-cased unless matching is
+/// case-sensitive (`loops-api.md` §9, §9.1).
+pub fn email_key(email: &str, matching: EmailMatch) -> String {
+    match matching {
+        EmailMatch::CaseInsensitive => email.trim().to_lowercase(),
+        EmailMatch::CaseSensitive => email.trim().to_owned(),
+    }
 }
 
 /// A plain syntactic check: one `@`, something before it, a dotted domain, no blanks.
@@ -215,17 +223,21 @@ pub fn identifiers(
     Ok((email, identifier(body, "userId")?))
 }
 
-/// A date as Loops accepts it (§2.5): Unix seconds or milliseconds, or one of the ISO-8601
-/// string forms with an optional offset (UTC when absent). `None` when it is no date.
-pub fn parse_date(value: &Value) -> Option<DateTime<Utc>> {
+/// A date as Loops accepts it (§2.5): a Unix timestamp (seconds or milliseconds as `numeric`
+/// says), or one of the ISO-8601 string forms with an optional offset (UTC when absent). `None`
+/// when it is no date.
+pub fn parse_date(value: &Value, numeric: NumericDates) -> Option<DateTime<Utc>> {
     match value {
         Value::Number(n) => {
             let x = n.as_f64()?;
             if !x.is_finite() {
                 return None;
             }
-            // Below 1e11 it is seconds (1e11 s is the year 5138; 1e11 ms is 1973).
-            let millis = if x.abs() < 1e11 { x * 1000.0 } else { x };
+            let millis = match numeric {
+                // Below 1e11 it is seconds (1e11 s is the year 5138; 1e11 ms is 1973).
+                NumericDates::Auto if x.abs() < 1e11 => x * 1000.0,
+                NumericDates::Auto | NumericDates::Millis => x,
+            };
             DateTime::from_timestamp_millis(millis.round() as i64)
         }
         Value::String(s) => parse_date_text(s.trim()),
@@ -273,8 +285,14 @@ pub fn format_date(at: DateTime<Utc>) -> String {
     at.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
-/// Checks a value against a property type and gives its stored form. `null` clears.
-pub fn coerce(key: &str, kind: PropertyType, value: &Value) -> Result<Value, ApiError> {
+/// Checks a value against a property type and gives its stored form. `null` clears. `numeric`
+/// says how a number given for a date is read.
+pub fn coerce(
+    key: &str,
+    kind: PropertyType,
+    value: &Value,
+    numeric: NumericDates,
+) -> Result<Value, ApiError> {
     let wrong = |expected: &str| {
         ApiError::bad(format!(
             "Invalid value for property {key}: expected a {expected}."
@@ -291,9 +309,16 @@ pub fn coerce(key: &str, kind: PropertyType, value: &Value) -> Result<Value, Api
         (PropertyType::Number, _) => Err(wrong("number")),
         (PropertyType::Boolean, Value::Bool(_)) => Ok(value.clone()),
         (PropertyType::Boolean, _) => Err(wrong("boolean")),
-        (PropertyType::Date, _) => parse_date(value)
+        (PropertyType::Date, _) => parse_date(value, numeric)
             .map(|d| Value::String(format_date(d)))
-            .ok_or_else(|| wrong("date (Unix seconds or milliseconds, or an ISO-8601 date)")),
+            .ok_or_else(|| {
+                wrong(match numeric {
+                    NumericDates::Auto => {
+                        "date (Unix seconds or milliseconds, or an ISO-8601 date)"
+                    }
+                    NumericDates::Millis => "date (Unix milliseconds, or an ISO-8601 date)",
+                })
+            }),
     }
 }
 
@@ -321,12 +346,41 @@ pub fn label_for(name: &str) -> String {
 }
 
 impl Audience {
-    pub fn new(lists: Vec<MailingList>, properties: Vec<(String, PropertyType)>) -> Audience {
+    pub fn new(
+        lists: Vec<MailingList>,
+        properties: Vec<(String, PropertyType)>,
+        email_match: EmailMatch,
+    ) -> Audience {
         Audience {
             lists,
             custom: properties,
+            email_match,
             ..Default::default()
         }
+    }
+
+    fn email_key(&self, email: &str) -> String {
+        email_key(email, self.email_match)
+    }
+
+    /// Re-keys the email index for `matching`. Refused, with nothing changed, when two contacts
+    /// would become one: their emails differ only in case and matching becomes case-insensitive.
+    pub fn set_email_match(&mut self, matching: EmailMatch) -> Result<(), SettingsError> {
+        if matching == self.email_match {
+            return Ok(());
+        }
+        let mut index: HashMap<String, u64> = HashMap::with_capacity(self.contacts.len());
+        for (seq, contact) in &self.contacts {
+            if let Some(other) = index.insert(email_key(&contact.email, matching), *seq) {
+                return Err(SettingsError::EmailsCollide {
+                    first: self.contacts[&other].email.clone(),
+                    second: contact.email.clone(),
+                });
+            }
+        }
+        self.by_email = index;
+        self.email_match = matching;
+        Ok(())
     }
 
     #[cfg(test)]
@@ -379,6 +433,7 @@ impl Audience {
         settings: &Settings,
     ) -> Result<ContactWrite, ApiError> {
         let (email, user_id) = identifiers(body)?;
+        let numeric = settings.numeric_dates;
         let mut write = ContactWrite {
             email,
             user_id,
@@ -406,12 +461,14 @@ impl Audience {
                 },
                 "userGroup" => match value {
                     Value::Null => Value::String(String::new()),
-                    _ => coerce(key, PropertyType::String, value)?,
+                    _ => coerce(key, PropertyType::String, value, numeric)?,
                 },
-                "firstName" | "lastName" | "source" => coerce(key, PropertyType::String, value)?,
-                "createdAt" => coerce(key, PropertyType::Date, value)?,
+                "firstName" | "lastName" | "source" => {
+                    coerce(key, PropertyType::String, value, numeric)?
+                }
+                "createdAt" => coerce(key, PropertyType::Date, value, numeric)?,
                 _ => match self.custom_type(key) {
-                    Some(kind) => coerce(key, kind, value)?,
+                    Some(kind) => coerce(key, kind, value, numeric)?,
                     None => match settings.unknown_properties {
                         UnknownProperties::Reject => {
                             return Err(ApiError::bad(format!(
@@ -425,7 +482,7 @@ impl Audience {
                                 )));
                             }
                             write.new_properties.push(key.clone());
-                            coerce(key, PropertyType::String, value)?
+                            coerce(key, PropertyType::String, value, numeric)?
                         }
                     },
                 },
@@ -471,7 +528,7 @@ impl Audience {
     }
 
     fn find_email(&self, email: &str) -> Option<u64> {
-        self.by_email.get(&email_key(email)).copied()
+        self.by_email.get(&self.email_key(email)).copied()
     }
 
     fn find_user_id(&self, user_id: &str) -> Option<u64> {
@@ -554,7 +611,7 @@ impl Audience {
                 props.insert("source".into(), Value::String("API".into()));
                 props.insert("subscribed".into(), Value::Bool(true));
                 props.insert("userGroup".into(), Value::String(String::new()));
-                self.by_email.insert(email_key(&email), seq);
+                self.by_email.insert(self.email_key(&email), seq);
                 self.contacts.insert(
                     seq,
                     StoredContact {
@@ -576,8 +633,12 @@ impl Audience {
         if let Some(email) = write.email
             && email != contact.email
         {
-            self.by_email.remove(&email_key(&contact.email));
-            self.by_email.insert(email_key(&email), seq);
+            let (old_key, new_key) = (
+                email_key(&contact.email, self.email_match),
+                email_key(&email, self.email_match),
+            );
+            self.by_email.remove(&old_key);
+            self.by_email.insert(new_key, seq);
             contact.email = email;
             changed.push("email".to_owned());
         }
@@ -631,7 +692,7 @@ impl Audience {
         }
         .ok_or_else(|| ApiError::not_found("Contact not found."))?;
         let contact = self.contacts.remove(&seq).expect("indexed contact exists");
-        self.by_email.remove(&email_key(&contact.email));
+        self.by_email.remove(&self.email_key(&contact.email));
         if let Some(u) = &contact.user_id {
             self.by_user_id.remove(u);
         }
@@ -699,6 +760,7 @@ mod tests {
                 ("trial".into(), PropertyType::Boolean),
                 ("signedUpAt".into(), PropertyType::Date),
             ],
+            EmailMatch::CaseInsensitive,
         )
     }
 
@@ -740,17 +802,19 @@ mod tests {
             json!("2024-01-08T12:31:06+01:00"),
             json!("2024-01-08 06:31:06-05:00"),
         ] {
-            let got = parse_date(&v).map(format_date);
+            let got = parse_date(&v, NumericDates::Auto).map(format_date);
             assert_eq!(got.as_deref(), Some(expect), "{v}");
         }
         assert_eq!(
-            parse_date(&json!("2024-01-08 11:31"))
+            parse_date(&json!("2024-01-08 11:31"), NumericDates::Auto)
                 .map(format_date)
                 .as_deref(),
             Some("2024-01-08T11:31:00.000Z")
         );
         assert_eq!(
-            parse_date(&json!("2024-01-08")).map(format_date).as_deref(),
+            parse_date(&json!("2024-01-08"), NumericDates::Auto)
+                .map(format_date)
+                .as_deref(),
             Some("2024-01-08T00:00:00.000Z")
         );
         for bad in [
@@ -759,28 +823,227 @@ mod tests {
             json!(true),
             json!([1]),
         ] {
-            assert!(parse_date(&bad).is_none(), "{bad}");
+            assert!(parse_date(&bad, NumericDates::Auto).is_none(), "{bad}");
         }
     }
 
     #[test]
-    fn types_are_enforced_and_null_clears() {
-        assert!(coerce("seats", PropertyType::Number, &json!("3")).is_err());
-        assert!(coerce("trial", PropertyType::Boolean, &json!("true")).is_err());
-        assert!(coerce("planName", PropertyType::String, &json!(3)).is_err());
+    fn numbers_in_dates_are_seconds_below_1e11_or_always_millis() {
+        let at = |v: Value, numeric| parse_date(&v, numeric).map(format_date);
+        use NumericDates::{Auto, Millis};
+        for (value, auto, millis) in [
+            (
+                json!(86_400_000),
+                "1972-09-27T00:00:00.000Z",
+                "1970-01-02T00:00:00.000Z",
+            ),
+            (
+                json!(1000),
+                "1970-01-01T00:16:40.000Z",
+                "1970-01-01T00:00:01.000Z",
+            ),
+            (
+                json!(1_704_713_466),
+                "2024-01-08T11:31:06.000Z",
+                "1970-01-20T17:31:53.466Z",
+            ),
+            (
+                json!(-86_400_000),
+                "1967-04-07T00:00:00.000Z",
+                "1969-12-31T00:00:00.000Z",
+            ),
+            // Milliseconds from 10^11 on read the same either way.
+            (
+                json!(1_704_713_466_000u64),
+                "2024-01-08T11:31:06.000Z",
+                "2024-01-08T11:31:06.000Z",
+            ),
+            // Strings are not numbers.
+            (
+                json!("1970-01-02"),
+                "1970-01-02T00:00:00.000Z",
+                "1970-01-02T00:00:00.000Z",
+            ),
+        ] {
+            assert_eq!(at(value.clone(), Auto).as_deref(), Some(auto), "{value}");
+            assert_eq!(
+                at(value.clone(), Millis).as_deref(),
+                Some(millis),
+                "{value}"
+            );
+        }
         assert_eq!(
-            coerce("seats", PropertyType::Number, &json!(3)).unwrap(),
+            coerce("signedUpAt", PropertyType::Date, &json!(1000), Millis).unwrap(),
+            json!("1970-01-01T00:00:01.000Z")
+        );
+        let e = coerce("signedUpAt", PropertyType::Date, &json!(true), Millis).unwrap_err();
+        assert!(e.message.contains("Unix milliseconds"), "{}", e.message);
+    }
+
+    #[test]
+    fn every_date_property_of_a_write_follows_numeric_dates() {
+        let a = audience();
+        let b = body(json!({"email": "a@x.co", "signedUpAt": 86_400_000, "createdAt": 1000}));
+        let props = |numeric_dates| {
+            let settings = Settings {
+                numeric_dates,
+                ..Default::default()
+            };
+            a.parse_write(&b, &settings).unwrap().props
+        };
+        assert_eq!(
+            props(NumericDates::Auto),
+            [
+                ("createdAt".to_owned(), json!("1970-01-01T00:16:40.000Z")),
+                ("signedUpAt".to_owned(), json!("1972-09-27T00:00:00.000Z")),
+            ]
+        );
+        assert_eq!(
+            props(NumericDates::Millis),
+            [
+                ("createdAt".to_owned(), json!("1970-01-01T00:00:01.000Z")),
+                ("signedUpAt".to_owned(), json!("1970-01-02T00:00:00.000Z")),
+            ]
+        );
+    }
+
+    #[test]
+    fn case_sensitive_emails_are_two_contacts() {
+        let mut a = audience();
+        a.set_email_match(EmailMatch::CaseSensitive).unwrap();
+        let upper = upsert(&mut a, json!({"email": "A@x.co", "planName": "upper"})).unwrap();
+        let lower = upsert(&mut a, json!({"email": "a@x.co", "planName": "lower"})).unwrap();
+        assert!(upper.created && lower.created);
+        assert_ne!(upper.id, lower.id);
+        assert_eq!(a.contact_count(), 2);
+        assert_eq!(a.find(Some("A@x.co"), None).unwrap().id, upper.id);
+        assert_eq!(a.find(Some("a@x.co"), None).unwrap().id, lower.id);
+        assert!(a.find(Some("A@X.CO"), None).is_none());
+        // An update by exact email touches that contact only.
+        let out = upsert(&mut a, json!({"email": "A@x.co", "planName": "upper2"})).unwrap();
+        assert_eq!(out.id, upper.id);
+        assert_eq!(
+            a.find(Some("a@x.co"), None).unwrap().props["planName"],
+            "lower"
+        );
+        // Create conflicts on the exact email only.
+        assert_eq!(
+            a.resolve(Some("a@x.co"), None, Mode::Create)
+                .unwrap_err()
+                .status,
+            409
+        );
+        assert_eq!(a.resolve(Some("a@X.co"), None, Mode::Create), Ok(None));
+        // Delete by exact email.
+        assert_eq!(a.delete(Some("A@X.CO"), None).unwrap_err().status, 404);
+        a.delete(Some("A@x.co"), None).unwrap();
+        assert!(a.find(Some("A@x.co"), None).is_none());
+        assert_eq!(a.find(Some("a@x.co"), None).unwrap().id, lower.id);
+    }
+
+    #[test]
+    fn case_insensitive_emails_are_one_contact() {
+        let mut a = audience();
+        let upper = upsert(&mut a, json!({"email": "A@x.co"})).unwrap();
+        let lower = upsert(&mut a, json!({"email": "a@x.co"})).unwrap();
+        assert_eq!(upper.id, lower.id);
+        assert_eq!(
+            lower.changed,
+            ["email"],
+            "stored as sent, so a new spelling is a change"
+        );
+        assert_eq!(a.contact_count(), 1);
+        assert_eq!(a.find(Some("A@X.CO"), None).unwrap().email, "a@x.co");
+        a.delete(Some("A@X.CO"), None).unwrap();
+        assert_eq!(a.contact_count(), 0);
+    }
+
+    #[test]
+    fn switching_email_match_rekeys_or_refuses_when_contacts_would_merge() {
+        let mut a = audience();
+        upsert(&mut a, json!({"email": "A@x.co"})).unwrap();
+        a.set_email_match(EmailMatch::CaseSensitive).unwrap();
+        assert!(a.find(Some("a@x.co"), None).is_none());
+        assert!(a.find(Some("A@x.co"), None).is_some());
+        upsert(&mut a, json!({"email": "a@x.co"})).unwrap();
+        let e = a.set_email_match(EmailMatch::CaseInsensitive).unwrap_err();
+        assert_eq!(
+            e,
+            SettingsError::EmailsCollide {
+                first: "A@x.co".into(),
+                second: "a@x.co".into()
+            }
+        );
+        // Refused: nothing changed, matching is still exact.
+        assert!(a.find(Some("A@X.CO"), None).is_none());
+        assert_eq!(a.find(Some("a@x.co"), None).unwrap().email, "a@x.co");
+        a.delete(Some("a@x.co"), None).unwrap();
+        a.set_email_match(EmailMatch::CaseInsensitive).unwrap();
+        assert_eq!(a.find(Some("A@X.CO"), None).unwrap().email, "A@x.co");
+    }
+
+    #[test]
+    fn types_are_enforced_and_null_clears() {
+        assert!(
+            coerce(
+                "seats",
+                PropertyType::Number,
+                &json!("3"),
+                NumericDates::Auto
+            )
+            .is_err()
+        );
+        assert!(
+            coerce(
+                "trial",
+                PropertyType::Boolean,
+                &json!("true"),
+                NumericDates::Auto
+            )
+            .is_err()
+        );
+        assert!(
+            coerce(
+                "planName",
+                PropertyType::String,
+                &json!(3),
+                NumericDates::Auto
+            )
+            .is_err()
+        );
+        assert_eq!(
+            coerce("seats", PropertyType::Number, &json!(3), NumericDates::Auto).unwrap(),
             json!(3)
         );
         assert_eq!(
-            coerce("seats", PropertyType::Number, &Value::Null).unwrap(),
+            coerce(
+                "seats",
+                PropertyType::Number,
+                &Value::Null,
+                NumericDates::Auto
+            )
+            .unwrap(),
             Value::Null
         );
         let long = "x".repeat(501);
-        let e = coerce("planName", PropertyType::String, &json!(long)).unwrap_err();
+        let e = coerce(
+            "planName",
+            PropertyType::String,
+            &json!(long),
+            NumericDates::Auto,
+        )
+        .unwrap_err();
         assert_eq!(e.status, 400);
         assert!(e.message.contains("planName"), "{}", e.message);
-        assert!(coerce("planName", PropertyType::String, &json!("é".repeat(500))).is_ok());
+        assert!(
+            coerce(
+                "planName",
+                PropertyType::String,
+                &json!("é".repeat(500)),
+                NumericDates::Auto
+            )
+            .is_ok()
+        );
     }
 
     #[test]

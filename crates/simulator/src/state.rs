@@ -9,7 +9,7 @@ use rand::Rng;
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 
-use crate::config::{Settings, SimConfig};
+use crate::config::{Settings, SettingsError, SimConfig};
 use crate::faults::FaultDice;
 use crate::limiter::RateLimiter;
 use crate::model::{
@@ -19,6 +19,23 @@ use crate::model::{
 
 /// How long an `Idempotency-Key` is remembered (§5).
 pub const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// The endpoints that honour `Idempotency-Key` (§5), by the name the gate gives a request, and
+/// the scope their keys are remembered under (per team and endpoint, §9).
+pub fn idempotency_scope(endpoint: &str) -> Option<&'static str> {
+    match endpoint {
+        "POST /v1/events/send" => Some(EVENTS_SEND),
+        _ => None,
+    }
+}
+
+const EVENTS_SEND: &str = "events/send";
+
+/// Whether an `Idempotency-Key` value is one Loops takes: 1 to 100 characters (§5). An invalid
+/// key is answered 400 and never remembered.
+pub fn is_valid_idempotency_key(key: &str) -> bool {
+    (1..=100).contains(&key.chars().count())
+}
 
 /// One accepted event, as `/_sim/events` lists it.
 #[derive(Debug, Clone, Serialize)]
@@ -103,7 +120,11 @@ impl SimState {
     pub fn new(config: &SimConfig) -> SimState {
         SimState {
             settings: config.settings.clone(),
-            audience: Audience::new(config.lists.clone(), config.properties.clone()),
+            audience: Audience::new(
+                config.lists.clone(),
+                config.properties.clone(),
+                config.settings.email_match,
+            ),
             events: Vec::new(),
             workflows: Vec::new(),
             idempotency: HashMap::new(),
@@ -117,6 +138,14 @@ impl SimState {
     /// `POST /_sim/reset`: back to how the simulator started.
     pub fn reset(&mut self) {
         *self = SimState::new(&self.initial.clone());
+    }
+
+    /// `POST /_sim/settings`: replaces every setting. Refused, with nothing changed, when the
+    /// audience cannot follow (see [`SettingsError`]).
+    pub fn set_settings(&mut self, settings: Settings) -> Result<(), SettingsError> {
+        self.audience.set_email_match(settings.email_match)?;
+        self.settings = settings;
+        Ok(())
     }
 
     /// Counts one request that reached the API.
@@ -298,33 +327,61 @@ impl SimState {
         matches!(self.idempotency.get(&scoped), Some(at) if now.duration_since(*at) < IDEMPOTENCY_TTL)
     }
 
-    fn remember_idempotency(&mut self, endpoint: &str, key: &str) {
-        self.idempotency
-            .insert(format!("{endpoint}\n{key}"), Instant::now());
+    /// Remembers a key as used from now, unless it is already remembered (its 24 h then still
+    /// run from its first use).
+    pub fn consume_idempotency(&mut self, endpoint: &str, key: &str) {
+        if !self.idempotency_seen(endpoint, key) {
+            self.idempotency
+                .insert(format!("{endpoint}\n{key}"), Instant::now());
+        }
+    }
+
+    /// A request that carried `key` to the idempotent endpoint `endpoint` failed — in its
+    /// handler (400), or where the handler never saw it (a 5xx or a drop before the effect, a
+    /// body refused before parsing): it consumes the key only with `keys_consumed_on_failure`.
+    pub fn request_failed_with_key(&mut self, endpoint: &str, key: &str) {
+        if self.settings.keys_consumed_on_failure {
+            self.consume_idempotency(endpoint, key);
+        }
     }
 
     /// `POST /v1/events/send`. The key is checked and consumed here, under the same lock as the
-    /// effect, so a concurrent duplicate sees the first one's key and gets 409; a request that
-    /// fails does not consume its key.
+    /// effect, so a concurrent duplicate sees the first one's key and gets 409. A request that
+    /// succeeds consumes its key; one that fails (400) consumes it only with
+    /// `keys_consumed_on_failure`. A repeat (409) and an invalid key (400) change nothing.
     pub fn send_event(
         &mut self,
         body: &Map<String, Value>,
         idempotency_key: Option<&str>,
     ) -> Result<Value, ApiError> {
-        const ENDPOINT: &str = "events/send";
-        if let Some(key) = idempotency_key {
-            let chars = key.chars().count();
-            if chars == 0 || chars > 100 {
-                return Err(ApiError::bad(
-                    "Idempotency-Key must be between 1 and 100 characters.",
-                ));
-            }
-            if self.idempotency_seen(ENDPOINT, key) {
-                return Err(ApiError::conflict(
-                    "A request with this Idempotency-Key has already been processed.",
-                ));
-            }
+        let Some(key) = idempotency_key else {
+            return self.apply_event(body, None);
+        };
+        if !is_valid_idempotency_key(key) {
+            return Err(ApiError::bad(
+                "Idempotency-Key must be between 1 and 100 characters.",
+            ));
         }
+        if self.idempotency_seen(EVENTS_SEND, key) {
+            return Err(ApiError::conflict(
+                "A request with this Idempotency-Key has already been processed.",
+            ));
+        }
+        let result = self.apply_event(body, Some(key));
+        if result.is_ok() {
+            self.consume_idempotency(EVENTS_SEND, key);
+        } else {
+            self.request_failed_with_key(EVENTS_SEND, key);
+        }
+        result
+    }
+
+    /// The effect of an event: validation, the contact write, the event and its triggers.
+    fn apply_event(
+        &mut self,
+        body: &Map<String, Value>,
+        idempotency_key: Option<&str>,
+    ) -> Result<Value, ApiError> {
         let event_name = match body.get("eventName") {
             Some(Value::String(s)) if !s.trim().is_empty() => s.clone(),
             _ => return Err(ApiError::bad("eventName is required.")),
@@ -339,9 +396,6 @@ impl SimState {
         }
         let event_properties = parse_event_properties(body.get("eventProperties"))?;
         let outcome = self.upsert(body)?;
-        if let Some(key) = idempotency_key {
-            self.remember_idempotency(ENDPOINT, key);
-        }
         self.log_write(&outcome);
         let mut received = self.trigger("event_received", &outcome);
         received.event_name = Some(event_name.clone());
@@ -428,6 +482,44 @@ mod tests {
         assert_eq!(s.send_event(&bad, Some("k")).unwrap_err().status, 400);
         let good = body(json!({"eventName": "signup", "email": "a@x.co"}));
         assert!(s.send_event(&good, Some("k")).is_ok());
+    }
+
+    #[test]
+    fn with_keys_consumed_on_failure_a_failed_request_consumes_its_key() {
+        let mut s = state();
+        s.set_settings(Settings {
+            keys_consumed_on_failure: true,
+            ..Settings::default()
+        })
+        .unwrap();
+        let bad = body(json!({"eventName": "signup", "userId": "unknown"}));
+        assert_eq!(s.send_event(&bad, Some("k")).unwrap_err().status, 400);
+        let good = body(json!({"eventName": "signup", "email": "a@x.co"}));
+        assert_eq!(s.send_event(&good, Some("k")).unwrap_err().status, 409);
+        assert!(s.events.is_empty());
+        assert_eq!(s.audience.contact_count(), 0);
+        // A request without a key is not affected, and another key is free.
+        assert!(s.send_event(&good, None).is_ok());
+        assert!(s.send_event(&good, Some("k2")).is_ok());
+        assert_eq!(s.events.len(), 2);
+    }
+
+    #[test]
+    fn an_invalid_key_is_never_remembered() {
+        for consumed in [false, true] {
+            let mut s = state();
+            s.set_settings(Settings {
+                keys_consumed_on_failure: consumed,
+                ..Settings::default()
+            })
+            .unwrap();
+            let long = "k".repeat(101);
+            s.request_failed_with_key("events/send", "k");
+            let b = body(json!({"eventName": "signup", "email": "a@x.co"}));
+            assert_eq!(s.send_event(&b, Some(&long)).unwrap_err().status, 400);
+            assert!(!s.idempotency_seen("events/send", &long));
+            assert_eq!(s.idempotency_seen("events/send", "k"), consumed);
+        }
     }
 
     #[test]

@@ -64,6 +64,19 @@ async fn call_with(
     body: Option<Value>,
     headers: &[(&str, &str)],
 ) -> Answer {
+    try_call_with(sim, method, path, body, headers)
+        .await
+        .expect("an answer, not a dropped connection")
+}
+
+/// As `call_with`; `None` when the simulator closed the connection without an answer.
+async fn try_call_with(
+    sim: &SimHandle,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+    headers: &[(&str, &str)],
+) -> Option<Answer> {
     let mut request = client().request(method, format!("{}{}", sim.base_url(), path));
     for (k, v) in headers {
         request = request.header(*k, *v);
@@ -73,17 +86,23 @@ async fn call_with(
             .header("content-type", "application/json")
             .body(body.to_string());
     }
-    let response = request.send().await.unwrap();
+    let response = match request.send().await {
+        Ok(r) => r,
+        Err(error) => {
+            assert!(!error.is_timeout(), "{error}");
+            return None;
+        }
+    };
     let status = response.status();
     let headers = response.headers().clone();
     let text = response.text().await.unwrap();
     let body = serde_json::from_str(&text).unwrap_or(Value::Null);
-    Answer {
+    Some(Answer {
         status,
         headers,
         body,
         text,
-    }
+    })
 }
 
 #[tokio::test]
@@ -601,4 +620,557 @@ async fn inspection_endpoints() {
     assert_eq!(get("/_sim/contacts").await, json!([]));
     assert_eq!(get("/_sim/events").await, json!([]));
     assert_eq!(get("/_sim/stats").await["total_requests"], 0);
+}
+
+// ---- The settings of loops-api.md §9.1 ----
+
+/// `GET /_sim/<what>` as JSON.
+async fn inspect(sim: &SimHandle, what: &str) -> Value {
+    client()
+        .get(format!("{}/_sim/{what}", sim.root_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// `POST /_sim/<what>` with a raw body: status and JSON answer.
+async fn post_sim(sim: &SimHandle, what: &str, body: &str) -> (StatusCode, Value) {
+    let r = client()
+        .post(format!("{}/_sim/{what}", sim.root_url()))
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap();
+    (r.status(), r.json().await.unwrap_or(Value::Null))
+}
+
+/// `POST /_sim/settings` that must be accepted.
+async fn settings(sim: &SimHandle, body: Value) {
+    let (status, answer) = post_sim(sim, "settings", &body.to_string()).await;
+    assert_eq!(status, 200, "{body}: {answer}");
+}
+
+/// `POST /_sim/faults` that must be accepted.
+async fn faults(sim: &SimHandle, body: Value) {
+    let (status, answer) = post_sim(sim, "faults", &body.to_string()).await;
+    assert_eq!(status, 200, "{body}: {answer}");
+}
+
+/// `POST /v1/events/send` with an `Idempotency-Key`; `None` for a dropped connection.
+async fn event_with_key(sim: &SimHandle, key: &str, body: Value) -> Option<Answer> {
+    try_call_with(
+        sim,
+        Method::POST,
+        "/v1/events/send",
+        Some(body),
+        &[
+            ("authorization", "Bearer test-key"),
+            ("idempotency-key", key),
+        ],
+    )
+    .await
+}
+
+fn good_event() -> Value {
+    json!({"eventName": "signup", "email": "a@x.co"})
+}
+
+/// A 400: a userId-only event for an unknown userId creates nothing.
+fn bad_event() -> Value {
+    json!({"eventName": "signup", "userId": "nobody"})
+}
+
+/// Every fault path of a request with a key, in both modes: the first request meets the fault,
+/// then the faults are cleared and the same key is sent again with a good body.
+#[tokio::test]
+async fn every_fault_path_consults_keys_consumed_on_failure() {
+    let sim = sim().await;
+    for consumed in [false, true] {
+        for fault in ["error_500", "error_502", "error_503", "drop_connection"] {
+            for after_effect in [false, true] {
+                for first_body_good in [true, false] {
+                    let case = format!(
+                        "consumed={consumed} {fault} after_effect={after_effect} \
+                         first_body_good={first_body_good}"
+                    );
+                    sim.reset();
+                    settings(
+                        &sim,
+                        json!({"rate_limit": 1000, "keys_consumed_on_failure": consumed}),
+                    )
+                    .await;
+                    faults(
+                        &sim,
+                        json!({fault: 1.0, "after_effect": if after_effect { 1.0 } else { 0.0 },
+                               "endpoints": ["POST /v1/events/send"]}),
+                    )
+                    .await;
+                    let body = if first_body_good {
+                        good_event()
+                    } else {
+                        bad_event()
+                    };
+                    let first = event_with_key(&sim, "k1", body).await;
+                    match (fault, &first) {
+                        ("drop_connection", None) => {}
+                        ("error_500", Some(a)) => assert_eq!(a.status, 500, "{case}"),
+                        ("error_502", Some(a)) => assert_eq!(a.status, 502, "{case}"),
+                        ("error_503", Some(a)) => assert_eq!(a.status, 503, "{case}"),
+                        _ => panic!("{case}: unexpected answer {:?}", first.map(|a| a.status)),
+                    }
+                    let applied = after_effect && first_body_good;
+                    let events = inspect(&sim, "events").await;
+                    assert_eq!(
+                        events.as_array().unwrap().len(),
+                        usize::from(applied),
+                        "{case}"
+                    );
+                    faults(&sim, json!({})).await;
+
+                    let retry = event_with_key(&sim, "k1", good_event()).await.unwrap();
+                    let key_consumed = applied || consumed;
+                    let events = inspect(&sim, "events").await;
+                    let contacts = inspect(&sim, "contacts").await;
+                    if key_consumed {
+                        assert_eq!(retry.status, 409, "{case}");
+                    } else {
+                        assert_eq!(retry.status, 200, "{case}");
+                    }
+                    // Applied by the first request, or by the retry, or (key consumed by a
+                    // request that did nothing) never.
+                    let applied_once = applied || !key_consumed;
+                    assert_eq!(
+                        events.as_array().unwrap().len(),
+                        usize::from(applied_once),
+                        "{case}: {events}"
+                    );
+                    assert_eq!(
+                        contacts.as_array().unwrap().len(),
+                        usize::from(applied_once),
+                        "{case}: {contacts}"
+                    );
+                    if applied_once {
+                        assert_eq!(events[0]["idempotencyKey"], "k1", "{case}");
+                        assert_eq!(contacts[0]["email"], "a@x.co", "{case}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The example of §9.1: a 503 before the effect, then a retry with the same key.
+#[tokio::test]
+async fn a_503_before_the_effect_then_a_retry() {
+    for (consumed, retry_status, applied) in [(false, 200, 1), (true, 409, 0)] {
+        let sim = sim().await;
+        settings(
+            &sim,
+            json!({"rate_limit": 1000, "keys_consumed_on_failure": consumed}),
+        )
+        .await;
+        sim.set_faults(Faults {
+            error_503: 1.0,
+            ..Faults::default()
+        })
+        .unwrap();
+        let first = event_with_key(&sim, "signup-a", good_event())
+            .await
+            .unwrap();
+        assert_eq!(first.status, 503);
+        assert_eq!(first.text, "Service Unavailable");
+        sim.set_faults(Faults::default()).unwrap();
+        let retry = event_with_key(&sim, "signup-a", good_event())
+            .await
+            .unwrap();
+        assert_eq!(retry.status, retry_status, "consumed={consumed}");
+        assert_eq!(retry.body["success"], retry_status == 200);
+        assert_eq!(
+            inspect(&sim, "events").await.as_array().unwrap().len(),
+            applied
+        );
+        assert_eq!(
+            inspect(&sim, "contacts").await.as_array().unwrap().len(),
+            applied
+        );
+        let stats = inspect(&sim, "stats").await;
+        assert_eq!(stats["by_endpoint"]["POST /v1/events/send"]["503"], 1);
+    }
+}
+
+/// A 400 from the handler and a 413 from the body limit: consumed only with the setting.
+#[tokio::test]
+async fn a_4xx_consumes_its_key_only_when_set() {
+    for consumed in [false, true] {
+        let sim = sim().await;
+        settings(
+            &sim,
+            json!({"rate_limit": 1000, "keys_consumed_on_failure": consumed}),
+        )
+        .await;
+        let huge =
+            json!({"eventName": "signup", "email": "a@x.co", "planName": "x".repeat(300_000)});
+        for (key, first_body, first_status) in [("k400", bad_event(), 400), ("k413", huge, 413)] {
+            let first = event_with_key(&sim, key, first_body).await.unwrap();
+            assert_eq!(first.status.as_u16(), first_status, "{key}");
+            assert_eq!(inspect(&sim, "events").await, json!([]), "{key}");
+        }
+        for key in ["k400", "k413"] {
+            let retry = event_with_key(&sim, key, good_event()).await.unwrap();
+            let expected = if consumed { 409 } else { 200 };
+            assert_eq!(retry.status, expected, "consumed={consumed} {key}");
+        }
+        let applied = if consumed { 0 } else { 2 };
+        assert_eq!(
+            inspect(&sim, "events").await.as_array().unwrap().len(),
+            applied
+        );
+        assert_eq!(
+            inspect(&sim, "contacts").await.as_array().unwrap().len(),
+            usize::from(!consumed)
+        );
+    }
+}
+
+/// A request that was not taken (401, a real or an injected 429) consumes nothing in either
+/// mode, and neither does an invalid key.
+#[tokio::test]
+async fn a_401_a_429_and_an_invalid_key_never_consume_a_key() {
+    for consumed in [false, true] {
+        let sim = sim().await;
+        settings(
+            &sim,
+            json!({"rate_limit": 1, "keys_consumed_on_failure": consumed}),
+        )
+        .await;
+        // 401.
+        let unauthorized = try_call_with(
+            &sim,
+            Method::POST,
+            "/v1/events/send",
+            Some(good_event()),
+            &[
+                ("authorization", "Bearer wrong"),
+                ("idempotency-key", "k401"),
+            ],
+        )
+        .await
+        .unwrap();
+        assert_eq!(unauthorized.status, 401);
+        // A real 429: the one request of this second goes to api-key.
+        assert_eq!(
+            call(&sim, Method::GET, "/v1/api-key", None).await.status,
+            200
+        );
+        let limited = event_with_key(&sim, "k429", good_event()).await.unwrap();
+        assert_eq!(limited.status, 429);
+        settings(
+            &sim,
+            json!({"rate_limit": 1000, "keys_consumed_on_failure": consumed}),
+        )
+        .await;
+        // An injected 429.
+        faults(&sim, json!({"rate_limit_429": 1.0})).await;
+        let injected = event_with_key(&sim, "k429i", good_event()).await.unwrap();
+        assert_eq!(injected.status, 429);
+        faults(&sim, json!({})).await;
+        // An invalid key: 400, and the same text cut to 100 characters is another key.
+        let long = "k".repeat(101);
+        let invalid = event_with_key(&sim, &long, good_event()).await.unwrap();
+        assert_eq!(invalid.status, 400);
+        assert_eq!(inspect(&sim, "events").await, json!([]));
+        for key in ["k401", "k429", "k429i", &long[..100]] {
+            let retry = event_with_key(&sim, key, good_event()).await.unwrap();
+            assert_eq!(retry.status, 200, "consumed={consumed} {key}");
+        }
+        assert_eq!(inspect(&sim, "events").await.as_array().unwrap().len(), 4);
+    }
+}
+
+#[tokio::test]
+async fn settings_round_trip_and_refusals() {
+    let sim = sim_with(Settings::default()).await;
+    let defaults = inspect(&sim, "settings").await;
+    assert_eq!(defaults["keys_consumed_on_failure"], false);
+    assert_eq!(defaults["email_match"], "case_insensitive");
+    assert_eq!(defaults["numeric_dates"], "auto");
+    assert_eq!(defaults, serde_json::to_value(Settings::default()).unwrap());
+
+    let changed = json!({"keys_consumed_on_failure": true, "email_match": "case_sensitive", "numeric_dates": "millis"});
+    let (status, answer) = post_sim(&sim, "settings", &changed.to_string()).await;
+    assert_eq!(status, 200);
+    assert_eq!(answer["settings"]["email_match"], "case_sensitive");
+    let now = inspect(&sim, "settings").await;
+    for key in ["keys_consumed_on_failure", "email_match", "numeric_dates"] {
+        assert_eq!(now[key], changed[key], "{key}");
+    }
+    // The fields not sent are at their defaults.
+    assert_eq!(now["rate_limit"], 10);
+    let expected = Settings {
+        keys_consumed_on_failure: true,
+        email_match: crate::EmailMatch::CaseSensitive,
+        numeric_dates: crate::NumericDates::Millis,
+        ..Settings::default()
+    };
+    assert_eq!(sim.settings(), expected);
+
+    // Refused bodies change nothing.
+    for bad in [
+        r#"{"email_match": "CaseSensitive"}"#,
+        r#"{"email_match": "exact"}"#,
+        r#"{"numeric_dates": "seconds"}"#,
+        r#"{"keys_consumed_on_failure": "yes"}"#,
+        r#"{"keys_consumed_on_failure": true, "emailMatch": "case_sensitive"}"#,
+    ] {
+        let (status, answer) = post_sim(&sim, "settings", bad).await;
+        assert_eq!(status, 400, "{bad}");
+        assert!(
+            answer["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("Invalid settings"),
+            "{answer}"
+        );
+    }
+    assert_eq!(sim.settings(), expected);
+
+    // Two contacts that differ only in case cannot become one.
+    for email in ["Ann@x.co", "ann@x.co"] {
+        let a = call(
+            &sim,
+            Method::POST,
+            "/v1/contacts/create",
+            Some(json!({"email": email})),
+        )
+        .await;
+        assert_eq!(a.status, 200, "{email}");
+    }
+    let (status, answer) = post_sim(&sim, "settings", "{}").await;
+    assert_eq!(status, 409);
+    let message = answer["message"].as_str().unwrap();
+    assert!(
+        message.contains("Ann@x.co") && message.contains("ann@x.co"),
+        "{message}"
+    );
+    assert_eq!(sim.settings(), expected);
+    assert!(sim.set_settings(Settings::default()).is_err());
+    // Without the collision, `{}` is every default again.
+    let deleted = call(
+        &sim,
+        Method::POST,
+        "/v1/contacts/delete",
+        Some(json!({"email": "ann@x.co"})),
+    )
+    .await;
+    assert_eq!(deleted.status, 200);
+    let (status, _) = post_sim(&sim, "settings", "{}").await;
+    assert_eq!(status, 200);
+    assert_eq!(inspect(&sim, "settings").await, defaults);
+    let found = call(
+        &sim,
+        Method::GET,
+        "/v1/contacts/find?email=ANN%40X.CO",
+        None,
+    )
+    .await;
+    assert_eq!(found.body[0]["email"], "Ann@x.co");
+}
+
+#[tokio::test]
+async fn email_match_decides_whether_case_makes_another_contact() {
+    for sensitive in [false, true] {
+        let sim = sim().await;
+        let matching = if sensitive {
+            "case_sensitive"
+        } else {
+            "case_insensitive"
+        };
+        settings(&sim, json!({"rate_limit": 1000, "email_match": matching})).await;
+        let find = |email: &'static str| {
+            let sim = &sim;
+            async move {
+                let path = format!("/v1/contacts/find?email={}", email.replace('@', "%40"));
+                call(sim, Method::GET, &path, None).await.body
+            }
+        };
+
+        // Create: a second spelling is a conflict, or another contact.
+        let upper = call(
+            &sim,
+            Method::POST,
+            "/v1/contacts/create",
+            Some(json!({"email": "Ann@x.co", "firstName": "Upper"})),
+        )
+        .await;
+        assert_eq!(upper.status, 200);
+        let lower = call(
+            &sim,
+            Method::POST,
+            "/v1/contacts/create",
+            Some(json!({"email": "ann@x.co", "firstName": "Lower"})),
+        )
+        .await;
+        assert_eq!(
+            lower.status,
+            if sensitive { 200 } else { 409 },
+            "{matching}"
+        );
+
+        // Find.
+        let found = find("ann@x.co").await;
+        if sensitive {
+            assert_eq!(found[0]["firstName"], "Lower");
+            assert_eq!(find("ANN@X.CO").await, json!([]));
+        } else {
+            assert_eq!(found[0]["id"], upper.body["id"]);
+            assert_eq!(find("ANN@X.CO").await[0]["id"], upper.body["id"]);
+        }
+
+        // Update by the other spelling.
+        let updated = call(
+            &sim,
+            Method::PUT,
+            "/v1/contacts/update",
+            Some(json!({"email": "ann@x.co", "planName": "pro"})),
+        )
+        .await;
+        assert_eq!(updated.status, 200);
+        if sensitive {
+            assert_eq!(updated.body["id"], lower.body["id"]);
+            assert_eq!(find("Ann@x.co").await[0]["planName"], Value::Null);
+        } else {
+            assert_eq!(updated.body["id"], upper.body["id"]);
+            // Stored as sent: the contact now has the new spelling.
+            assert_eq!(find("ANN@X.CO").await[0]["email"], "ann@x.co");
+        }
+
+        // Events: identity by email.
+        let sent = call(
+            &sim,
+            Method::POST,
+            "/v1/events/send",
+            Some(json!({"eventName": "login", "email": "ANN@X.CO"})),
+        )
+        .await;
+        assert_eq!(sent.status, 200);
+        let events = inspect(&sim, "events").await;
+        let contacts = inspect(&sim, "contacts").await;
+        let workflows = inspect(&sim, "workflows").await;
+        let received = workflows
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["kind"] == "event_received")
+            .unwrap();
+        // Either way the contact now has the event's spelling (stored as sent).
+        assert_eq!(events[0]["email"], "ANN@X.CO");
+        if sensitive {
+            // A third spelling is a third contact, created by the event.
+            assert_eq!(contacts.as_array().unwrap().len(), 3);
+            assert_eq!(contacts[2]["email"], "ANN@X.CO");
+            assert_eq!(received["contactId"], contacts[2]["id"]);
+        } else {
+            assert_eq!(contacts.as_array().unwrap().len(), 1);
+            assert_eq!(received["contactId"], upper.body["id"]);
+        }
+
+        // Delete by one spelling.
+        let deleted = call(
+            &sim,
+            Method::POST,
+            "/v1/contacts/delete",
+            Some(json!({"email": "Ann@x.co"})),
+        )
+        .await;
+        assert_eq!(deleted.status, 200);
+        let left: Vec<_> = inspect(&sim, "contacts")
+            .await
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["email"].as_str().unwrap().to_owned())
+            .collect();
+        if sensitive {
+            assert_eq!(left, ["ann@x.co", "ANN@X.CO"]);
+        } else {
+            assert!(left.is_empty(), "{left:?}");
+        }
+        let again = call(
+            &sim,
+            Method::POST,
+            "/v1/contacts/delete",
+            Some(json!({"email": "Ann@x.co"})),
+        )
+        .await;
+        assert_eq!(again.status, 404);
+    }
+}
+
+#[tokio::test]
+async fn numeric_dates_decides_how_a_number_is_read() {
+    for (mode, signed_up, created) in [
+        (
+            "auto",
+            "1972-09-27T00:00:00.000Z",
+            "1970-01-01T00:16:40.000Z",
+        ),
+        (
+            "millis",
+            "1970-01-02T00:00:00.000Z",
+            "1970-01-01T00:00:01.000Z",
+        ),
+    ] {
+        let sim = spawn(SimConfig {
+            settings: Settings {
+                rate_limit: 1000,
+                ..Settings::default()
+            },
+            properties: vec![("signedUpAt".into(), PropertyType::Date)],
+            ..SimConfig::default()
+        })
+        .await
+        .unwrap();
+        settings(&sim, json!({"rate_limit": 1000, "numeric_dates": mode})).await;
+        let a = call(
+            &sim,
+            Method::PUT,
+            "/v1/contacts/update",
+            Some(json!({"email": "a@x.co", "signedUpAt": 86_400_000, "createdAt": 1000})),
+        )
+        .await;
+        assert_eq!(a.status, 200, "{mode}: {}", a.text);
+        let found = call(&sim, Method::GET, "/v1/contacts/find?email=a%40x.co", None).await;
+        assert_eq!(found.body[0]["signedUpAt"], signed_up, "{mode}");
+        assert_eq!(found.body[0]["createdAt"], created, "{mode}");
+        // A contact property on an event is read the same way.
+        let e = call(
+            &sim,
+            Method::POST,
+            "/v1/events/send",
+            Some(json!({"eventName": "e", "email": "b@x.co", "signedUpAt": 1000})),
+        )
+        .await;
+        assert_eq!(e.status, 200);
+        let contacts = inspect(&sim, "contacts").await;
+        let expected = if mode == "millis" {
+            "1970-01-01T00:00:01.000Z"
+        } else {
+            "1970-01-01T00:16:40.000Z"
+        };
+        assert_eq!(contacts[1]["signedUpAt"], expected, "{mode}");
+        // Milliseconds from 10^11 on, and strings, read the same in both modes.
+        call(
+            &sim,
+            Method::PUT,
+            "/v1/contacts/update",
+            Some(json!({"email": "c@x.co", "signedUpAt": 1_704_713_466_000u64, "createdAt": "2024-01-08"})),
+        )
+        .await;
+        let c = &inspect(&sim, "contacts").await[2];
+        assert_eq!(c["signedUpAt"], "2024-01-08T11:31:06.000Z");
+        assert_eq!(c["createdAt"], "2024-01-08T00:00:00.000Z");
+    }
 }
