@@ -21,7 +21,7 @@ use loopsync_core::subjects::{Names, Stage};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::{Acker, Bus, BusError, Consumer, DeadLetter, Delivery, sync_of};
+use crate::{Acker, Bus, BusError, Consumer, DeadLetter, Delivery, Versioned, sync_of};
 
 const HEADER_STAGE: &str = "Loopsync-Stage";
 const HEADER_SUBJECT: &str = "Loopsync-Subject";
@@ -232,7 +232,8 @@ impl JetStreamBus {
                     &op.fingerprint,
                     OutcomeStatus::DeadLettered,
                     op.action.name(),
-                );
+                )
+                .with_installation(&op.installation);
                 o.change = Some(op.change);
                 o
             }),
@@ -244,7 +245,8 @@ impl JetStreamBus {
                     &c.fingerprint,
                     OutcomeStatus::DeadLettered,
                     "none",
-                );
+                )
+                .with_installation(&c.installation);
                 o.change = Some(c.kind);
                 o
             }),
@@ -518,19 +520,40 @@ impl Bus for JetStreamBus {
         Ok(letters)
     }
 
-    async fn ledger_get(&self, key: &str) -> Result<Option<Bytes>, BusError> {
-        self.ledger
-            .get(key)
+    async fn ledger_get(&self, key: &str) -> Result<Option<Versioned>, BusError> {
+        let entry = self
+            .ledger
+            .entry(key)
             .await
-            .map_err(|e| BusError::Ledger(e.to_string()))
+            .map_err(|e| BusError::Ledger(e.to_string()))?;
+        Ok(entry
+            .filter(|e| e.operation == kv::Operation::Put)
+            .map(|e| Versioned {
+                value: e.value,
+                revision: e.revision,
+            }))
     }
 
-    async fn ledger_put(&self, key: &str, value: Bytes) -> Result<(), BusError> {
-        self.ledger
-            .put(key, value)
-            .await
-            .map(|_| ())
-            .map_err(|e| BusError::Ledger(e.to_string()))
+    async fn ledger_swap(
+        &self,
+        key: &str,
+        value: Bytes,
+        expected: Option<u64>,
+    ) -> Result<Option<u64>, BusError> {
+        use kv::{CreateErrorKind, UpdateErrorKind};
+        let error = |e: &dyn std::fmt::Display| BusError::Ledger(e.to_string());
+        match expected {
+            Some(revision) => match self.ledger.update(key, value, revision).await {
+                Ok(revision) => Ok(Some(revision)),
+                Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Ok(None),
+                Err(e) => Err(error(&e)),
+            },
+            None => match self.ledger.create(key, value).await {
+                Ok(revision) => Ok(Some(revision)),
+                Err(e) if e.kind() == CreateErrorKind::AlreadyExists => Ok(None),
+                Err(e) => Err(error(&e)),
+            },
+        }
     }
 
     /// The budget's key holds the theoretical arrival time of the next slot (Unix nanoseconds).

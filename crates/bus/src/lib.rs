@@ -62,11 +62,19 @@ pub trait Bus: Send + Sync + 'static {
     /// The stored dead letters, oldest first.
     async fn dead_letters(&self) -> Result<Vec<DeadLetter>, BusError>;
 
-    /// Reads the ledger entry of a record.
-    async fn ledger_get(&self, key: &str) -> Result<Option<Bytes>, BusError>;
+    /// Reads the ledger entry of a record, with its revision.
+    async fn ledger_get(&self, key: &str) -> Result<Option<Versioned>, BusError>;
 
-    /// Writes the ledger entry of a record.
-    async fn ledger_put(&self, key: &str, value: Bytes) -> Result<(), BusError>;
+    /// Writes the ledger entry of a record if its revision is still `expected` (`None`: if
+    /// the record has no entry). Returns the new revision, or `None` when someone else wrote
+    /// first: read again and decide again. Compare-and-set, so two loaders sending two
+    /// versions of one record can never overwrite each other's word.
+    async fn ledger_swap(
+        &self,
+        key: &str,
+        value: Bytes,
+        expected: Option<u64>,
+    ) -> Result<Option<u64>, BusError>;
 
     /// Takes one request slot of the rate budget `budget`, shared by every process on this bus,
     /// waiting until one is free. Slots are `period` apart, never closer: a GCRA with no burst.
@@ -75,6 +83,13 @@ pub trait Bus: Send + Sync + 'static {
     /// Messages of a stage's work queue not yet settled (acknowledged or terminated): waiting,
     /// being processed, or waiting to be redelivered. The stage's lag; 0 once it is idle.
     async fn unsettled(&self, stage: Stage) -> Result<u64, BusError>;
+}
+
+/// A ledger entry and its revision (which the next compare-and-set names).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Versioned {
+    pub value: Bytes,
+    pub revision: u64,
 }
 
 /// One replica's handle on a stage's consumer.

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use loopsync_core::subjects::{Names, Stage};
 use tokio::sync::Notify;
 
-use crate::{Acker, Bus, BusError, Consumer, DeadLetter, Delivery};
+use crate::{Acker, Bus, BusError, Consumer, DeadLetter, Delivery, Versioned};
 
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
@@ -56,7 +56,7 @@ struct Inner {
     seen: Mutex<HashMap<String, Instant>>,
     sequence: Mutex<u64>,
     dead: Mutex<Vec<DeadLetter>>,
-    ledger: Mutex<HashMap<String, Bytes>>,
+    ledger: Mutex<HashMap<String, Versioned>>,
     budgets: Mutex<HashMap<String, Arc<governor::DefaultDirectRateLimiter>>>,
 }
 
@@ -159,7 +159,7 @@ impl Bus for LocalBus {
         Ok(self.inner.dead.lock().expect("dlq lock").clone())
     }
 
-    async fn ledger_get(&self, key: &str) -> Result<Option<Bytes>, BusError> {
+    async fn ledger_get(&self, key: &str) -> Result<Option<Versioned>, BusError> {
         Ok(self
             .inner
             .ledger
@@ -169,13 +169,20 @@ impl Bus for LocalBus {
             .cloned())
     }
 
-    async fn ledger_put(&self, key: &str, value: Bytes) -> Result<(), BusError> {
-        self.inner
-            .ledger
-            .lock()
-            .expect("ledger lock")
-            .insert(key.to_owned(), value);
-        Ok(())
+    async fn ledger_swap(
+        &self,
+        key: &str,
+        value: Bytes,
+        expected: Option<u64>,
+    ) -> Result<Option<u64>, BusError> {
+        let mut ledger = self.inner.ledger.lock().expect("ledger lock");
+        let current = ledger.get(key).map(|v| v.revision);
+        if current != expected {
+            return Ok(None);
+        }
+        let revision = current.unwrap_or(0) + 1;
+        ledger.insert(key.to_owned(), Versioned { value, revision });
+        Ok(Some(revision))
     }
 
     async fn rate_slot(&self, budget: &str, period: Duration) -> Result<(), BusError> {

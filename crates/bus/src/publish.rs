@@ -13,7 +13,7 @@ pub async fn run_request(bus: &dyn Bus, request: &RunRequest) -> Result<(), BusE
     let subject = bus.names().subject(Stage::Extractor, &request.sync);
     bus.publish(
         &subject,
-        &format!("run:{}", request.run_id),
+        &keys::run_message_id(&request.installation, request.run_id),
         Bytes::from(codec::encode(request)),
     )
     .await
@@ -24,6 +24,7 @@ pub async fn change(bus: &dyn Bus, change: &RowChange) -> Result<(), BusError> {
     let subject = bus.names().subject(Stage::Transformer, &change.sync);
     let id = keys::message_id(
         "chg",
+        &change.installation,
         change.run_id,
         &change.sync,
         &change.key,
@@ -36,7 +37,14 @@ pub async fn change(bus: &dyn Bus, change: &RowChange) -> Result<(), BusError> {
 /// transformer → loader.
 pub async fn operation(bus: &dyn Bus, op: &Operation) -> Result<(), BusError> {
     let subject = bus.names().subject(Stage::Loader, &op.sync);
-    let id = keys::message_id("op", op.run_id, &op.sync, &op.key, &op.fingerprint);
+    let id = keys::message_id(
+        "op",
+        &op.installation,
+        op.run_id,
+        &op.sync,
+        &op.key,
+        &op.fingerprint,
+    );
     bus.publish(&subject, &id, Bytes::from(codec::encode(op)))
         .await
 }
@@ -50,6 +58,7 @@ pub async fn outcome(bus: &dyn Bus, outcome: &Outcome) -> Result<(), BusError> {
         "{}:{}",
         keys::message_id(
             "out",
+            &outcome.installation,
             outcome.run_id,
             &outcome.sync,
             &outcome.key,

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use loopsync_extractor::{request_run, wait_for_run};
+use loopsync_extractor::{RunAsk, request_run, wait_for_run};
 use loopsync_warehouse::RecordResult;
 
 use crate::pipeline::Pipeline;
@@ -164,8 +164,10 @@ pub async fn run(config_path: &Path, args: DlqArgs) -> anyhow::Result<ExitCode> 
                     &*pipeline.bus,
                     &*pipeline.warehouse,
                     &sync,
-                    keys,
-                    Default::default(),
+                    RunAsk {
+                        only_keys: keys,
+                        ..RunAsk::default()
+                    },
                 )
                 .await?;
                 let summary =

@@ -4,7 +4,10 @@ use loopsync_warehouse::RunSummary;
 
 /// The exit status of a finished run: 0 succeeded, 3 degraded, 1 failed.
 pub fn exit_status(runs: &[RunSummary]) -> u8 {
-    if runs.iter().any(|r| r.status == "failed") {
+    if runs
+        .iter()
+        .any(|r| r.status == "failed" || r.status == "interrupted")
+    {
         1
     } else if runs.iter().any(|r| r.status == "degraded") {
         3

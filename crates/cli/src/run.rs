@@ -5,8 +5,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Args;
-use loopsync_extractor::{request_run, wait_for_run};
+use loopsync_extractor::{ExtractError, RunAsk, request_run, wait_for_run};
 use loopsync_loops_client::LoopsClient;
+use loopsync_warehouse::WarehouseError;
 
 use crate::pipeline::{Pipeline, Preflight};
 use crate::{UsageError, load_config, report};
@@ -26,6 +27,10 @@ pub struct RunArgs {
     /// Print the reports as JSON on stdout.
     #[arg(long)]
     json: bool,
+    /// Send the removals even when a run would remove more than the sync's
+    /// `max_removal_share` of its confirmed contacts, or the model returned no rows.
+    #[arg(long)]
+    allow_removals: bool,
 }
 
 impl RunArgs {
@@ -36,6 +41,7 @@ impl RunArgs {
             once: true,
             remote: false,
             json: false,
+            allow_removals: false,
         }
     }
 }
@@ -79,14 +85,36 @@ pub async fn run(config_path: &Path, args: RunArgs) -> anyhow::Result<ExitCode> 
         pipeline.spawn_all()?;
     }
     if !args.once {
-        let served = follow_schedules(&pipeline, &client, &mut preflight, &syncs, args.json).await;
+        let served = follow_schedules(
+            &pipeline,
+            &client,
+            &mut preflight,
+            &syncs,
+            args.json,
+            args.allow_removals,
+        )
+        .await;
         pipeline.stop().await;
         served?;
         return Ok(ExitCode::SUCCESS);
     }
     let mut summaries = Vec::new();
     for sync in &syncs {
-        let run_id = start_run(&pipeline, &client, &mut preflight, sync).await?;
+        let run_id = match start_run(
+            &pipeline,
+            &client,
+            &mut preflight,
+            sync,
+            args.allow_removals,
+        )
+        .await
+        {
+            Ok(id) => id,
+            Err(error) => {
+                pipeline.stop().await;
+                return Err(error);
+            }
+        };
         let summary = tokio::select! {
             s = wait_for_run(&*pipeline.warehouse, run_id, Duration::from_millis(100)) => s?,
             () = crate::shutdown_signal() => {
@@ -114,6 +142,7 @@ async fn start_run(
     client: &LoopsClient,
     preflight: &mut Preflight,
     sync: &str,
+    allow_removals: bool,
 ) -> anyhow::Result<i64> {
     let spec = &pipeline
         .config
@@ -131,8 +160,11 @@ async fn start_run(
         &*pipeline.bus,
         &*pipeline.warehouse,
         sync,
-        Vec::new(),
-        preflight.take(),
+        RunAsk {
+            preflight: preflight.take(),
+            allow_removals,
+            ..RunAsk::default()
+        },
     )
     .await?)
 }
@@ -146,6 +178,7 @@ async fn follow_schedules(
     preflight: &mut Preflight,
     syncs: &[String],
     json: bool,
+    allow_removals: bool,
 ) -> anyhow::Result<()> {
     use std::str::FromStr;
     let mut schedules = Vec::new();
@@ -183,7 +216,18 @@ async fn follow_schedules(
             () = &mut shutdown => return Ok(()),
             () = tokio::time::sleep(wait) => {}
         }
-        let run_id = start_run(pipeline, client, preflight, name).await?;
+        let run_id = match start_run(pipeline, client, preflight, name, allow_removals).await {
+            Ok(id) => id,
+            // Another process runs this sync now (a second scheduler, a replay): skip this tick.
+            Err(error) if in_progress(&error) => {
+                eprintln!(
+                    "{}: schedule of {name}: {error}; skipped",
+                    chrono::Utc::now()
+                );
+                continue;
+            }
+            Err(error) => return Err(error),
+        };
         let summary = tokio::select! {
             () = &mut shutdown => return Ok(()),
             s = wait_for_run(&*pipeline.warehouse, run_id, Duration::from_millis(100)) => s?,
@@ -194,4 +238,14 @@ async fn follow_schedules(
             print!("{}", report::text(&summary));
         }
     }
+}
+
+/// Another run of the sync is in progress.
+fn in_progress(error: &anyhow::Error) -> bool {
+    matches!(
+        error.downcast_ref::<ExtractError>(),
+        Some(ExtractError::Warehouse(
+            WarehouseError::RunInProgress { .. }
+        ))
+    )
 }

@@ -157,11 +157,16 @@ struct RawSync {
     #[serde(default = "default_event_on_update")]
     event_on_update: String,
     schedule: Option<String>,
+    #[serde(default = "default_max_removal_share")]
+    max_removal_share: f64,
     mapping: BTreeMap<String, RawMapping>,
     #[serde(default)]
     mailing_lists: BTreeMap<String, String>,
 }
 
+fn default_max_removal_share() -> f64 {
+    loopsync_core::spec::DEFAULT_MAX_REMOVAL_SHARE
+}
 fn default_behavior() -> Behavior {
     Behavior::Upsert
 }
@@ -382,6 +387,15 @@ impl RawConfig {
                     kind,
                 });
             }
+            if !(0.0..=1.0).contains(&raw.max_removal_share) {
+                return Err(invalid(
+                    at("max_removal_share"),
+                    format!(
+                        "is {}: a share of the confirmed contacts, from 0 to 1",
+                        raw.max_removal_share
+                    ),
+                ));
+            }
             if !properties.iter().any(|p| p.property == "email") {
                 return Err(invalid(
                     at("mapping.email"),
@@ -423,6 +437,7 @@ impl RawConfig {
                     event_on_update: raw.event_on_update,
                     properties,
                     lists,
+                    max_removal_share: raw.max_removal_share,
                 },
                 schedule: raw.schedule,
             });

@@ -24,6 +24,12 @@ pub struct RunRequest {
     /// When not empty, the run is about these keys only (`loopsync dlq replay`).
     #[serde(default)]
     pub only_keys: Vec<String>,
+    /// The state's random id (`loopsync.installation`): run ids are per state.
+    #[serde(default)]
+    pub installation: String,
+    /// Send the removals even beyond the sync's `max_removal_share` (`--allow-removals`).
+    #[serde(default)]
+    pub allow_removals: bool,
 }
 
 /// How a record differs from what Loops has confirmed for the sync.
@@ -68,6 +74,17 @@ pub struct RowChange {
     /// The userId Loops last confirmed for this record.
     #[serde(default)]
     pub confirmed_user_id: Option<String>,
+    /// The state's random id (from the run request).
+    #[serde(default)]
+    pub installation: String,
+    /// How many changes of this record Loops had confirmed when it was extracted: with the
+    /// fingerprint, it names this change (see [`crate::keys::idempotency_key`]).
+    #[serde(default)]
+    pub generation: i64,
+    /// A re-key whose old email another record of the same run now uses: the old contact is
+    /// that record's now, so it is not removed.
+    #[serde(default)]
+    pub keep_old_contact: bool,
 }
 
 /// What the loader is asked to do in Loops.
@@ -150,9 +167,13 @@ pub struct Operation {
     pub key: String,
     pub fingerprint: String,
     pub change: ChangeKind,
-    /// Derived from (sync, key, fingerprint): the same on every retry and every replica.
+    /// Derived from the change (see [`crate::keys::idempotency_key`]): the same on every retry
+    /// and every replica, another for every later change of the record.
     pub idempotency_key: String,
     pub action: Action,
+    /// The state's random id (from the run request): scopes the loader's ledger.
+    #[serde(default)]
+    pub installation: String,
 }
 
 /// Where a request to Loops went, as run reports count it.
@@ -299,6 +320,9 @@ pub struct Outcome {
     /// `<stream sequence>.<delivery count>`, so the warehouse counts each attempt once.
     #[serde(default)]
     pub attempt: Option<String>,
+    /// The state's random id (from the operation or change): scopes the message id.
+    #[serde(default)]
+    pub installation: String,
 }
 
 impl Outcome {
@@ -328,6 +352,7 @@ impl Outcome {
             counts: RequestCounts::default(),
             change: None,
             attempt: None,
+            installation: String::new(),
         }
     }
 
@@ -351,6 +376,11 @@ impl Outcome {
             _ => counts.writes = self.requests,
         }
         counts
+    }
+
+    pub fn with_installation(mut self, installation: &str) -> Outcome {
+        installation.clone_into(&mut self.installation);
+        self
     }
 
     pub fn with_reason(mut self, reason: impl Into<String>) -> Outcome {
@@ -384,6 +414,7 @@ mod tests {
                     .clone(),
                 mailing_lists: [("news".to_owned(), true)].into(),
             },
+            installation: "i".into(),
         };
         let bytes = encode(&op);
         // Named: the field names are in the bytes.
@@ -423,6 +454,8 @@ mod tests {
             sync: "users".into(),
             run_id: 1,
             only_keys: Vec::new(),
+            installation: String::new(),
+            allow_removals: false,
         });
         assert_eq!(decode::<FutureRunRequest>(&old).unwrap().priority, 0);
     }

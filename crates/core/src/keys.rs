@@ -22,10 +22,33 @@ pub fn record_id(sync: &str, key: &str) -> String {
     digest(&[sync, key])[..32].to_owned()
 }
 
-/// The Loops `Idempotency-Key` of one effect: (sync, key, fingerprint, purpose) → 68 characters
-/// (Loops allows 100). `purpose` tells apart two effects of one record version.
-pub fn idempotency_key(sync: &str, key: &str, fingerprint: &str, purpose: &str) -> String {
-    format!("ls1-{}", digest(&[sync, key, fingerprint, purpose]))
+/// The Loops `Idempotency-Key` of one change of a record → 68 characters (Loops allows 100).
+///
+/// A change is the step from the record's confirmed *generation* (how many changes Loops has
+/// confirmed for it, removals included) to a new fingerprint. Every retry and redelivery of the
+/// change, and a later run that sends it again because it was never confirmed, derive the same
+/// key; every later change — a value that goes back, a row that returns after a removal — has
+/// another generation, so another key. `installation` scopes the key to one state (a dropped and
+/// re-created state starts again at generation 0 with a new installation). `purpose` tells apart
+/// two effects of one change.
+pub fn idempotency_key(
+    installation: &str,
+    sync: &str,
+    key: &str,
+    generation: i64,
+    fingerprint: &str,
+    purpose: &str,
+) -> String {
+    let generation = generation.to_string();
+    format!(
+        "ls2-{}",
+        digest(&[installation, sync, key, &generation, fingerprint, purpose])
+    )
+}
+
+/// The loader's ledger key of one record of one sync of one installation.
+pub fn ledger_key(installation: &str, sync: &str, key: &str) -> String {
+    digest(&[installation, sync, key])[..40].to_owned()
 }
 
 /// The `Nats-Msg-Id` of a message on `hop` about one record version in one run.
@@ -34,11 +57,26 @@ pub fn idempotency_key(sync: &str, key: &str, fingerprint: &str, purpose: &str) 
 /// again by the next run with the same fingerprint, and JetStream would otherwise drop that
 /// message as a duplicate if the next run starts within the duplicate window. Within one run
 /// the id is stable, so a stage that crashes between publishing and acking republishes harmlessly.
-pub fn message_id(hop: &str, run_id: i64, sync: &str, key: &str, fingerprint: &str) -> String {
+///
+/// Run ids are per state: `installation` (the state's random id) keeps two states that share a
+/// NATS server and namespace — another warehouse, a dropped and re-created schema — apart.
+pub fn message_id(
+    hop: &str,
+    installation: &str,
+    run_id: i64,
+    sync: &str,
+    key: &str,
+    fingerprint: &str,
+) -> String {
     format!(
         "{hop}:{run_id}:{}",
-        &digest(&[sync, key, fingerprint])[..40]
+        &digest(&[installation, sync, key, fingerprint])[..40]
     )
+}
+
+/// The `Nats-Msg-Id` of the request for one run.
+pub fn run_message_id(installation: &str, run_id: i64) -> String {
+    format!("run:{installation}:{run_id}")
 }
 
 /// A fingerprint over already-normalised parts.
@@ -52,13 +90,31 @@ mod tests {
 
     #[test]
     fn keys_are_deterministic_and_distinct() {
-        let a = idempotency_key("users", "42", "fp1", "upsert");
-        assert_eq!(a, idempotency_key("users", "42", "fp1", "upsert"));
-        assert_ne!(a, idempotency_key("users", "42", "fp2", "upsert"));
-        assert_ne!(a, idempotency_key("users", "43", "fp1", "upsert"));
-        assert_ne!(a, idempotency_key("users", "42", "fp1", "event"));
+        let a = idempotency_key("i", "users", "42", 0, "fp1", "upsert");
+        assert_eq!(a, idempotency_key("i", "users", "42", 0, "fp1", "upsert"));
+        assert_ne!(a, idempotency_key("i", "users", "42", 0, "fp2", "upsert"));
+        assert_ne!(a, idempotency_key("i", "users", "43", 0, "fp1", "upsert"));
+        assert_ne!(a, idempotency_key("i", "users", "42", 0, "fp1", "event"));
         assert!(a.len() <= 100);
         assert_eq!(a.len(), 68);
+    }
+
+    /// free → gold → free: the third change has the first one's fingerprint, not its key.
+    /// A row that leaves and comes back unchanged: likewise. A new state: likewise.
+    #[test]
+    fn a_change_that_goes_back_has_a_new_key() {
+        let first = idempotency_key("i", "users", "42", 0, "free", "event");
+        let back = idempotency_key("i", "users", "42", 2, "free", "event");
+        assert_ne!(first, back);
+        let returned = idempotency_key("i", "users", "42", 3, "free", "event");
+        assert_ne!(returned, first);
+        assert_ne!(returned, back);
+        assert_ne!(
+            first,
+            idempotency_key("j", "users", "42", 0, "free", "event"),
+            "another installation"
+        );
+        assert_ne!(ledger_key("i", "s", "k"), ledger_key("j", "s", "k"));
     }
 
     #[test]
@@ -68,10 +124,12 @@ mod tests {
 
     #[test]
     fn message_ids_differ_per_run_and_hop() {
-        let m = message_id("chg", 1, "users", "42", "fp");
-        assert_eq!(m, message_id("chg", 1, "users", "42", "fp"));
-        assert_ne!(m, message_id("chg", 2, "users", "42", "fp"));
-        assert_ne!(m, message_id("op", 1, "users", "42", "fp"));
+        let m = message_id("chg", "i", 1, "users", "42", "fp");
+        assert_eq!(m, message_id("chg", "i", 1, "users", "42", "fp"));
+        assert_ne!(m, message_id("chg", "i", 2, "users", "42", "fp"));
+        assert_ne!(m, message_id("op", "i", 1, "users", "42", "fp"));
+        assert_ne!(m, message_id("chg", "j", 1, "users", "42", "fp"));
+        assert_ne!(run_message_id("i", 1), run_message_id("j", 1));
         assert!(record_id("s", "k").chars().all(|c| c.is_ascii_hexdigit()));
     }
 }

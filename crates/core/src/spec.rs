@@ -96,7 +96,13 @@ pub struct SyncSpec {
     pub properties: Vec<MappedProperty>,
     /// Sorted by list id.
     pub lists: Vec<MappedList>,
+    /// Mirror: the largest share of the sync's confirmed contacts one run may remove without
+    /// `--allow-removals` (a model that returns no rows never removes without it).
+    pub max_removal_share: f64,
 }
+
+/// `max_removal_share` when the config does not say.
+pub const DEFAULT_MAX_REMOVAL_SHARE: f64 = 0.2;
 
 impl SyncSpec {
     /// The model columns the sync reads (the primary key not included), sorted and distinct.
@@ -203,6 +209,7 @@ pub(crate) mod tests {
                 list_id: "news".into(),
                 column: "newsletter".into(),
             }],
+            max_removal_share: DEFAULT_MAX_REMOVAL_SHARE,
         }
     }
 

@@ -31,9 +31,21 @@ impl PropertyKind {
     }
 }
 
-/// Emails are trimmed and lower-cased before diffing and sending (`loops-api.md` §9).
+/// The characters trimmed from both ends of an email: Unicode's White_Space (tabs, newlines,
+/// no-break spaces, …). The warehouse's SQL trims exactly these too (see
+/// `loopsync_warehouse`'s email key), so the duplicate check and the product agree.
+pub const EMAIL_TRIM: &[char] = &[
+    '\u{9}', '\u{a}', '\u{b}', '\u{c}', '\u{d}', ' ', '\u{85}', '\u{a0}', '\u{1680}', '\u{2000}',
+    '\u{2001}', '\u{2002}', '\u{2003}', '\u{2004}', '\u{2005}', '\u{2006}', '\u{2007}', '\u{2008}',
+    '\u{2009}', '\u{200a}', '\u{2028}', '\u{2029}', '\u{202f}', '\u{205f}', '\u{3000}',
+];
+
+/// The one email rule (`loops-api.md` §9), wherever emails are compared or sent: trimmed of
+/// [`EMAIL_TRIM`], and ASCII letters lower-cased. Only ASCII is folded because that is what every
+/// warehouse's SQL folds alike (PostgreSQL's `lower` under the "C" collation, SQLite's `lower`),
+/// and the duplicate check runs there; a non-ASCII letter is kept as written.
 pub fn normalize_email(email: &str) -> String {
-    email.trim().to_lowercase()
+    email.trim_matches(EMAIL_TRIM).to_ascii_lowercase()
 }
 
 /// One `@`, something before it, a dotted domain, no blanks.
@@ -214,5 +226,23 @@ mod tests {
         assert!(is_valid_email("ada@example.com"));
         assert!(!is_valid_email("ada@example"));
         assert!(!is_valid_email("ada example.com"));
+    }
+
+    /// The trim set is Unicode's White_Space, exactly: what `str::trim` removes.
+    #[test]
+    fn the_email_trim_set_is_white_space() {
+        for c in (0..=0x10FFFFu32).filter_map(char::from_u32) {
+            assert_eq!(
+                EMAIL_TRIM.contains(&c),
+                c.is_whitespace(),
+                "U+{:04X}",
+                c as u32
+            );
+        }
+        assert_eq!(
+            normalize_email("\t\u{a0}Ada@Example.COM\n\u{3000}"),
+            "ada@example.com"
+        );
+        assert_eq!(normalize_email("Élise@Example.com"), "Élise@example.com");
     }
 }

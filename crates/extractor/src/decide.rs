@@ -41,10 +41,18 @@ pub fn decide(spec: &SyncSpec, run_id: i64, row: DiffRow, rows_with_key: usize) 
         values,
         confirmed_email: row.confirmed_email.clone(),
         confirmed_user_id: row.confirmed_user_id.clone(),
+        // The extractor sets it from the run request.
+        installation: String::new(),
+        generation: row.generation,
+        keep_old_contact: false,
     };
     let Some(values) = row.values.clone() else {
         // Confirmed before, gone from the model now. Mirror removes the contact — only those
-        // this sync had confirmed: nothing else is in the state.
+        // this sync had confirmed: nothing else is in the state. A removal that was parked
+        // (`loopsync dlq park`) is left alone while the record stays away.
+        if row.confirmed_fp.is_some() && row.parked_fp == row.confirmed_fp {
+            return Decision::Parked;
+        }
         return match (&row.confirmed_fp, spec.behavior) {
             (Some(confirmed), Behavior::Mirror) => Decision::Change(change(
                 ChangeKind::Removed,
@@ -191,6 +199,7 @@ mod tests {
                 kind: PropertyKind::String,
             }],
             lists: vec![],
+            max_removal_share: loopsync_core::spec::DEFAULT_MAX_REMOVAL_SHARE,
         }
     }
 
@@ -203,6 +212,7 @@ mod tests {
             confirmed_user_id: None,
             email_rows: 1,
             parked_fp: None,
+            generation: 0,
         }
     }
 
@@ -319,5 +329,32 @@ mod tests {
             }
         );
         assert!(g.finish().is_none());
+    }
+
+    /// The change carries the record's generation; a parked removal stays parked.
+    #[test]
+    fn generation_and_parked_removals() {
+        let s = spec(Behavior::Mirror);
+        let mut r = row(Some("1"), Some("a@x.co"), Some("fp-old"));
+        r.generation = 4;
+        let Decision::Change(c) = decide(&s, 1, r, 1) else {
+            panic!()
+        };
+        assert_eq!((c.kind, c.generation), (ChangeKind::Changed, 4));
+        let mut gone = row(Some("2"), None, Some("fp"));
+        assert!(matches!(
+            decide(&s, 1, gone.clone(), 1),
+            Decision::Change(RowChange {
+                kind: ChangeKind::Removed,
+                ..
+            })
+        ));
+        gone.parked_fp = Some("fp".into());
+        assert_eq!(decide(&s, 1, gone, 1), Decision::Parked);
+        // A tombstone (removed before, nothing confirmed) that stays away: nothing to do.
+        assert_eq!(
+            decide(&s, 1, row(Some("3"), None, None), 1),
+            Decision::Nothing
+        );
     }
 }

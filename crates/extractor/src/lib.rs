@@ -8,7 +8,7 @@
 //!   confirmed fingerprint of each confirmed record, and the end of runs. The state advances
 //!   only here, and only on Loops' confirmation.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,9 +19,10 @@ use loopsync_bus::worker::{BatchHandler, DeliveryInfo, Fate, Handler};
 use loopsync_bus::{Bus, BusError, publish};
 use loopsync_core::codec::{self, DecodeError};
 use loopsync_core::envelope::{
-    Outcome, OutcomeStatus, RequestCounts, RowChange, RunRequest, VERSION,
+    ChangeKind, Outcome, OutcomeStatus, RequestCounts, RowChange, RunRequest, VERSION,
 };
-use loopsync_core::spec::SyncSpec;
+use loopsync_core::spec::{Behavior, IdentifyBy, OnRemove, SyncSpec};
+use loopsync_core::value::normalize_email;
 use loopsync_core::{Classified, ErrorClass};
 use loopsync_warehouse::{DiffRow, ExtractCounts, RunSummary, Warehouse, WarehouseError};
 
@@ -75,25 +76,40 @@ impl ExtractorStage {
 
     /// Diffs and publishes; returns the counts. With `only_keys`, the run is about those keys
     /// alone (a replay of dead letters).
+    ///
+    /// Removals (and re-keys that would remove an old contact) are held until the model has
+    /// been read, then: a removal whose email another record of this run now claims is not
+    /// sent (that contact is the other record's now: deleting it after the other's write would
+    /// lose it); and if the rest would remove more than the sync's `max_removal_share` of its
+    /// confirmed contacts — or the model returned no rows — none is sent and the run ends
+    /// `failed`, unless the request allows removals. Memory: the held removals and re-keys, and
+    /// the emails of this run's writes.
     pub async fn extract(
         &self,
         spec: &SyncSpec,
-        run_id: i64,
-        only_keys: &[String],
+        request: &RunRequest,
     ) -> Result<ExtractCounts, ExtractError> {
         let mut rows = self.warehouse.diff(spec).await?;
         let mut run = RunState {
-            only: only_keys.iter().cloned().collect(),
+            only: request.only_keys.iter().cloned().collect(),
             spec,
-            run_id,
+            run_id: request.run_id,
+            installation: &request.installation,
             counts: ExtractCounts::default(),
             changes: Vec::new(),
             invalid: Vec::new(),
             null_keys: 0,
+            held: Vec::new(),
+            written_emails: HashSet::new(),
+            confirmed: 0,
+            model_rows: 0,
         };
         let mut groups = KeyGroups::default();
         while let Some(row) = rows.next().await {
-            for group in groups.push(row?) {
+            let row = row?;
+            run.confirmed += u64::from(row.confirmed_fp.is_some());
+            run.model_rows += u64::from(row.values.is_some());
+            for group in groups.push(row) {
                 self.take(&mut run, group).await?;
             }
         }
@@ -101,7 +117,81 @@ impl ExtractorStage {
             self.take(&mut run, group).await?;
         }
         self.flush(&mut run).await?;
+        self.release_held(&mut run, request.allow_removals).await?;
         Ok(run.counts)
+    }
+
+    /// Sends what was held back (see [`ExtractorStage::extract`]).
+    async fn release_held(
+        &self,
+        run: &mut RunState<'_>,
+        allow_removals: bool,
+    ) -> Result<(), ExtractError> {
+        let held = std::mem::take(&mut run.held);
+        let mut removals = Vec::new();
+        for mut change in held {
+            let claimed = change
+                .confirmed_email
+                .as_deref()
+                .map(normalize_email)
+                .is_some_and(|e| run.written_emails.contains(&e));
+            match change.kind {
+                ChangeKind::Removed if claimed => {
+                    // The contact now belongs to the record that claims its email: the record
+                    // leaves the sync, and its contact stays.
+                    let operation = match run.spec.on_remove {
+                        OnRemove::Delete => "delete",
+                        OnRemove::Unsubscribe => "unsubscribe",
+                    };
+                    let mut outcome = Outcome::new(
+                        &run.spec.name,
+                        run.run_id,
+                        &change.key,
+                        &change.fingerprint,
+                        OutcomeStatus::Confirmed,
+                        operation,
+                    )
+                    .with_installation(run.installation)
+                    .with_reason(
+                        "not removed from Loops: another record of this run now has its email",
+                    );
+                    outcome.change = Some(ChangeKind::Removed);
+                    run.invalid.push(outcome);
+                }
+                ChangeKind::Removed => removals.push(change),
+                _ => {
+                    change.keep_old_contact = claimed;
+                    run.changes.push(change);
+                }
+            }
+        }
+        let n = removals.len() as u64;
+        let share = run.spec.max_removal_share;
+        let too_many = n > 0
+            && !allow_removals
+            && (run.model_rows == 0 || n as f64 > share * run.confirmed as f64);
+        if too_many {
+            let why = if run.model_rows == 0 {
+                format!(
+                    "the model returned no rows, so this run would remove all {n} contacts it confirmed"
+                )
+            } else {
+                format!(
+                    "this run would remove {n} of the {} contacts the sync confirmed ({:.1} %), more than max_removal_share ({:.1} %)",
+                    run.confirmed,
+                    100.0 * n as f64 / run.confirmed.max(1) as f64,
+                    100.0 * share
+                )
+            };
+            run.counts.error = Some(format!(
+                "{why}; nothing was removed. If the model is right, run again with --allow-removals \
+                 (or raise max_removal_share for sync {})",
+                run.spec.name
+            ));
+        } else {
+            run.changes.extend(removals);
+        }
+        self.flush(run).await
     }
 
     async fn take(
@@ -115,7 +205,14 @@ impl ExtractorStage {
         let decision = decide_group(run.spec, run.run_id, group, &mut run.null_keys);
         tally(&mut run.counts, &decision);
         match decision {
-            Decision::Change(change) => run.changes.push(change),
+            Decision::Change(mut change) => {
+                run.installation.clone_into(&mut change.installation);
+                if run.hold(&change) {
+                    run.held.push(change);
+                } else {
+                    run.changes.push(change);
+                }
+            }
             Decision::Invalid { key, reason, .. } => run.invalid.push(
                 Outcome::new(
                     &run.spec.name,
@@ -125,6 +222,7 @@ impl ExtractorStage {
                     OutcomeStatus::Invalid,
                     "none",
                 )
+                .with_installation(run.installation)
                 .with_reason(reason),
             ),
             Decision::Unchanged | Decision::RemovedKept | Decision::Nothing | Decision::Parked => {}
@@ -161,14 +259,51 @@ impl ExtractorStage {
 
 struct RunState<'a> {
     /// When not empty, the only keys this run is about.
-    only: std::collections::HashSet<String>,
+    only: HashSet<String>,
     spec: &'a SyncSpec,
     run_id: i64,
+    installation: &'a str,
     counts: ExtractCounts,
     /// Changes waiting to be noted and published (at most a batch).
     changes: Vec<RowChange>,
     invalid: Vec<Outcome>,
     null_keys: usize,
+    /// Removals, and re-keys that would remove an old contact: sent once the model is read.
+    held: Vec<RowChange>,
+    /// The emails this run writes (identified by email): a removal of one of them is not sent.
+    written_emails: HashSet<String>,
+    /// Keys Loops has confirmed for the sync, and rows the model returned.
+    confirmed: u64,
+    model_rows: u64,
+}
+
+impl RunState<'_> {
+    /// Notes the email the change writes; says whether to hold the change back.
+    fn hold(&mut self, change: &RowChange) -> bool {
+        if change.kind == ChangeKind::Removed {
+            return self.spec.behavior == Behavior::Mirror;
+        }
+        if self.spec.identify_by != IdentifyBy::Email {
+            return false;
+        }
+        let email = self
+            .spec
+            .property("email")
+            .and_then(|p| change.values.get(&p.column).cloned().flatten())
+            .map(|e| normalize_email(&e))
+            .filter(|e| !e.is_empty());
+        let rekey = self.spec.behavior == Behavior::Mirror
+            && change.kind == ChangeKind::Changed
+            && change
+                .confirmed_email
+                .as_deref()
+                .map(normalize_email)
+                .is_some_and(|old| Some(&old) != email.as_ref());
+        if let Some(email) = email {
+            self.written_emails.insert(email);
+        }
+        rekey
+    }
 }
 
 #[async_trait]
@@ -194,7 +329,7 @@ impl Handler for ExtractorStage {
                 .await?;
             return Ok(());
         };
-        match self.extract(spec, request.run_id, &request.only_keys).await {
+        match self.extract(spec, &request).await {
             Ok(counts) => {
                 self.warehouse
                     .finish_extract(request.run_id, &counts)
@@ -249,15 +384,33 @@ impl BatchHandler for Checkpointer {
     }
 }
 
+/// What a run is asked to do beyond the whole sync.
+#[derive(Debug, Clone, Default)]
+pub struct RunAsk {
+    /// When not empty, only these keys (`loopsync dlq replay`).
+    pub only_keys: Vec<String>,
+    /// The requests the caller made to Loops to prepare the run.
+    pub preflight: RequestCounts,
+    /// Send removals beyond the sync's `max_removal_share` (`--allow-removals`).
+    pub allow_removals: bool,
+}
+
 /// Starts a run of `sync`: the run's row (with the requests the caller made to Loops to
-/// prepare it, its `preflight`), then the request that one extractor takes.
+/// prepare it, its `preflight`), then the request that one extractor takes. Fails with
+/// [`WarehouseError::RunInProgress`] while another run of the sync is in progress. Whoever
+/// asks must then wait for the run ([`wait_for_run`]): the wait is the run's sign of life.
 pub async fn request_run(
     bus: &dyn Bus,
     warehouse: &dyn Warehouse,
     sync: &str,
-    only_keys: Vec<String>,
-    preflight: RequestCounts,
+    ask: RunAsk,
 ) -> Result<i64, ExtractError> {
+    let RunAsk {
+        only_keys,
+        preflight,
+        allow_removals,
+    } = ask;
+    let installation = warehouse.installation().await?;
     let run_id = warehouse.create_run(sync).await?;
     if !preflight.is_empty() {
         warehouse.record_preflight(run_id, &preflight).await?;
@@ -269,19 +422,27 @@ pub async fn request_run(
             sync: sync.to_owned(),
             run_id,
             only_keys,
+            installation,
+            allow_removals,
         },
     )
     .await?;
     Ok(run_id)
 }
 
-/// Waits until every record of the run has an outcome (or the run failed).
+/// Waits until every record of the run has an outcome (or the run failed), saying every
+/// [`loopsync_warehouse::HEARTBEAT`] that the run's process is alive.
 pub async fn wait_for_run(
     warehouse: &dyn Warehouse,
     run_id: i64,
     poll: Duration,
 ) -> Result<RunSummary, ExtractError> {
+    let mut last_heartbeat = tokio::time::Instant::now();
     loop {
+        if last_heartbeat.elapsed() >= loopsync_warehouse::HEARTBEAT {
+            warehouse.heartbeat(run_id).await?;
+            last_heartbeat = tokio::time::Instant::now();
+        }
         warehouse.finish_if_complete(run_id).await?;
         if let Some(run) = warehouse.run(run_id).await?
             && run.is_finished()

@@ -59,13 +59,64 @@ impl Classified for LoadError {
     }
 }
 
-/// The last version of a record Loops confirmed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// How long a loader may hold a record's claim: from its first request to its ledger write.
+/// Far longer than a request may take (the client's timeout) and the rate waits of the two
+/// requests of a re-key, so no other version of the record is sent while one is in flight.
+pub const CLAIM: Duration = Duration::from_secs(60);
+
+/// Per record: the last version Loops confirmed, and the version being sent now, if any.
+/// Written only by compare-and-set on its revision.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LedgerEntry {
+    /// The run of the confirmed version; 0 when none is confirmed yet.
     pub run_id: i64,
     pub fingerprint: String,
     #[serde(default)]
     pub contact_id: Option<String>,
+    /// A loader sending a version of the record (until `until_ms`, Unix milliseconds).
+    #[serde(default)]
+    pub claim: Option<Claim>,
+}
+
+/// A version of a record in flight.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claim {
+    pub run_id: i64,
+    pub fingerprint: String,
+    pub until_ms: i64,
+}
+
+impl Claim {
+    fn is_of(&self, op: &Operation) -> bool {
+        self.run_id == op.run_id && self.fingerprint == op.fingerprint
+    }
+}
+
+/// What a claim on the record means for an operation, at `now_ms`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimVerdict {
+    /// Nobody else is sending: claim it.
+    Free,
+    /// A newer version is being sent: this one is stale.
+    Newer,
+    /// An older version is in flight: wait until it lands (or its claim lapses).
+    Older { until_ms: i64 },
+}
+
+/// Compares an operation with the record's claim.
+pub fn claim_verdict(op: &Operation, entry: Option<&LedgerEntry>, now_ms: i64) -> ClaimVerdict {
+    match entry.and_then(|e| e.claim.as_ref()) {
+        Some(c) if c.until_ms > now_ms && !c.is_of(op) => {
+            if c.run_id > op.run_id {
+                ClaimVerdict::Newer
+            } else {
+                ClaimVerdict::Older {
+                    until_ms: c.until_ms,
+                }
+            }
+        }
+        _ => ClaimVerdict::Free,
+    }
 }
 
 /// What the ledger says about an operation.
@@ -89,6 +140,12 @@ pub fn verdict(op: &Operation, entry: Option<&LedgerEntry>) -> LedgerVerdict {
         }
         Some(_) => LedgerVerdict::Send,
     }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// The interval between two requests of a budget of `per_second`: 1/`per_second`, plus 2 % (at
@@ -163,13 +220,15 @@ impl LoaderStage {
         }
     }
 
-    async fn ledger(&self, op: &Operation) -> Result<Option<LedgerEntry>, LoadError> {
-        let key = keys::record_id(&op.sync, &op.key);
-        Ok(self
-            .bus
-            .ledger_get(&key)
-            .await?
-            .and_then(|bytes| codec::decode::<LedgerEntry>(&bytes).ok()))
+    /// The record's ledger entry and its revision.
+    async fn ledger(&self, key: &str) -> Result<(Option<LedgerEntry>, Option<u64>), LoadError> {
+        Ok(match self.bus.ledger_get(key).await? {
+            Some(v) => (
+                codec::decode::<LedgerEntry>(&v.value).ok(),
+                Some(v.revision),
+            ),
+            None => (None, None),
+        })
     }
 
     /// Sends the operation; the contact id when Loops says it. Every request waits for the
@@ -254,8 +313,16 @@ impl LoaderStage {
                 attempt.note(RequestKind::Event, &result);
                 match result {
                     Ok(()) => Ok(None),
-                    // Our key, used before: an earlier attempt was applied and its answer lost.
-                    Err(LoopsError::Conflict { .. }) => Ok(None),
+                    // Our key was used before: the event of this change was taken (an earlier
+                    // attempt's answer was lost — or, where Loops consumes keys of failed
+                    // requests, an attempt that applied nothing). Either way the 409 applied
+                    // nothing now, so the contact write is made sure of by itself.
+                    Err(LoopsError::Conflict { .. }) => {
+                        self.budget.ready().await?;
+                        let result = self.client.update_contact(&event.contact).await;
+                        attempt.note(RequestKind::Write, &result);
+                        Ok(Some(result?))
+                    }
                     Err(e) => Err(e.into()),
                 }
             }
@@ -305,49 +372,105 @@ impl LoaderStage {
             op.action.name(),
         );
         o.change = Some(op.change);
-        o
+        o.with_installation(&op.installation)
     }
 
-    /// The ledger check, the requests, the ledger write: the record's outcome, without the
-    /// attempt's requests.
+    /// The ledger check, the claim, the requests, the ledger write: the record's outcome,
+    /// without the attempt's requests. One version of a record is sent at a time: an operation
+    /// waits while an older version is in flight, and is skipped when a newer one is (or has
+    /// been confirmed). Every ledger write is a compare-and-set.
     async fn apply(
         &self,
         op: &Operation,
         attempt: &mut AttemptRequests,
     ) -> Result<Outcome, LoadError> {
-        Ok(match verdict(op, self.ledger(op).await?.as_ref()) {
-            LedgerVerdict::Stale => self
-                .outcome(op, OutcomeStatus::Skipped)
-                .with_reason("Loops already confirmed a newer version of this record"),
-            LedgerVerdict::AlreadyConfirmed(contact_id) => {
-                let mut o = self.outcome(op, OutcomeStatus::Confirmed);
-                o.contact_id = contact_id;
-                let (email, user_id) = op.action.identity();
-                o.email = email.map(str::to_owned);
-                o.user_id = user_id.map(str::to_owned);
-                o
+        let key = keys::ledger_key(&op.installation, &op.sync, &op.key);
+        loop {
+            let (entry, revision) = self.ledger(&key).await?;
+            match verdict(op, entry.as_ref()) {
+                LedgerVerdict::Stale => return Ok(self.skipped(op, "confirmed")),
+                LedgerVerdict::AlreadyConfirmed(contact_id) => {
+                    return Ok(self.confirmed(op, contact_id));
+                }
+                LedgerVerdict::Send => {}
             }
-            LedgerVerdict::Send => {
-                let contact_id = self.send(op, attempt).await?;
-                let entry = LedgerEntry {
-                    run_id: op.run_id,
-                    fingerprint: op.fingerprint.clone(),
-                    contact_id: contact_id.clone(),
-                };
-                self.bus
-                    .ledger_put(
-                        &keys::record_id(&op.sync, &op.key),
-                        Bytes::from(codec::encode(&entry)),
-                    )
-                    .await?;
-                let mut o = self.outcome(op, OutcomeStatus::Confirmed);
-                o.contact_id = contact_id;
-                let (email, user_id) = op.action.identity();
-                o.email = email.map(str::to_owned);
-                o.user_id = user_id.map(str::to_owned);
-                o
+            let now = now_ms();
+            match claim_verdict(op, entry.as_ref(), now) {
+                ClaimVerdict::Newer => return Ok(self.skipped(op, "being sent")),
+                ClaimVerdict::Older { until_ms } => {
+                    let wait = (until_ms - now).clamp(1, 200) as u64;
+                    tokio::time::sleep(Duration::from_millis(wait)).await;
+                    continue;
+                }
+                ClaimVerdict::Free => {}
             }
-        })
+            let mut claimed = entry.unwrap_or_default();
+            claimed.claim = Some(Claim {
+                run_id: op.run_id,
+                fingerprint: op.fingerprint.clone(),
+                until_ms: now + CLAIM.as_millis() as i64,
+            });
+            let Some(claim_revision) = self
+                .bus
+                .ledger_swap(&key, Bytes::from(codec::encode(&claimed)), revision)
+                .await?
+            else {
+                continue; // someone wrote first: read again
+            };
+            let contact_id = match self.send(op, attempt).await {
+                Ok(contact_id) => contact_id,
+                Err(error) => {
+                    // Let the retry, or another version, go at once.
+                    claimed.claim = None;
+                    let _ = self
+                        .bus
+                        .ledger_swap(
+                            &key,
+                            Bytes::from(codec::encode(&claimed)),
+                            Some(claim_revision),
+                        )
+                        .await;
+                    return Err(error);
+                }
+            };
+            let confirmed = LedgerEntry {
+                run_id: op.run_id,
+                fingerprint: op.fingerprint.clone(),
+                contact_id: contact_id.clone(),
+                claim: None,
+            };
+            if self
+                .bus
+                .ledger_swap(
+                    &key,
+                    Bytes::from(codec::encode(&confirmed)),
+                    Some(claim_revision),
+                )
+                .await?
+                .is_none()
+            {
+                tracing::warn!(
+                    sync = %op.sync,
+                    key = %op.key,
+                    "the record's claim lapsed while its requests were in flight; Loops confirmed them"
+                );
+            }
+            return Ok(self.confirmed(op, contact_id));
+        }
+    }
+
+    fn skipped(&self, op: &Operation, newer: &str) -> Outcome {
+        self.outcome(op, OutcomeStatus::Skipped)
+            .with_reason(format!("a newer version of this record was {newer}"))
+    }
+
+    fn confirmed(&self, op: &Operation, contact_id: Option<String>) -> Outcome {
+        let mut o = self.outcome(op, OutcomeStatus::Confirmed);
+        o.contact_id = contact_id;
+        let (email, user_id) = op.action.identity();
+        o.email = email.map(str::to_owned);
+        o.user_id = user_id.map(str::to_owned);
+        o
     }
 
     /// A failed attempt that sent requests: its counts go to the checkpointer now, as an

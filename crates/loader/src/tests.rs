@@ -25,7 +25,7 @@ fn op(
         key: key.into(),
         fingerprint: fingerprint.into(),
         change: ChangeKind::Added,
-        idempotency_key: keys::idempotency_key("users", key, fingerprint, "upsert"),
+        idempotency_key: keys::idempotency_key("i", "users", key, 0, fingerprint, "upsert"),
         action: Action::Upsert {
             email: email.map(str::to_owned),
             user_id: user_id.map(str::to_owned),
@@ -35,6 +35,7 @@ fn op(
                 .clone(),
             mailing_lists: BTreeMap::new(),
         },
+        installation: "i".into(),
     }
 }
 
@@ -45,6 +46,7 @@ fn ledger_verdicts() {
         run_id,
         fingerprint: fp.into(),
         contact_id: Some("c".into()),
+        claim: None,
     };
     assert_eq!(verdict(&o, None), LedgerVerdict::Send);
     assert_eq!(verdict(&o, Some(&entry(4, "fpA"))), LedgerVerdict::Send);
@@ -441,7 +443,7 @@ async fn event_retried_after_a_lost_answer_fires_once() {
     let bus = Arc::new(LocalBus::default());
     let loader = stage(bus.clone(), &sim, 100);
     let mut o = op(1, "7", "fp", Some("e@x.co"), None);
-    o.idempotency_key = keys::idempotency_key("users", "7", "fp", "event");
+    o.idempotency_key = keys::idempotency_key("i", "users", "7", 0, "fp", "event");
     o.action = Action::Event {
         event_name: "contactCreated".into(),
         email: Some("e@x.co".into()),
@@ -463,7 +465,8 @@ async fn event_retried_after_a_lost_answer_fires_once() {
     let out = outcomes_until_final(&bus, 1).await;
     assert_eq!(out[1].status, OutcomeStatus::Confirmed);
     let sum = total(&out);
-    assert_eq!((sum.events, sum.retries), (2, 1));
+    // The 409 applied nothing: the contact write is made sure of by an update.
+    assert_eq!((sum.events, sum.writes, sum.retries), (2, 1, 2));
     let events = sim.events();
     assert_eq!(events.len(), 1);
     assert_eq!(
@@ -478,4 +481,163 @@ async fn event_retried_after_a_lost_answer_fires_once() {
         .count();
     assert_eq!(fired, 1);
     assert_eq!(sim.stats().by_endpoint["POST /v1/events/send"]["409"], 1);
+}
+
+#[test]
+fn claim_verdicts() {
+    let o = op(5, "1", "fpB", Some("a@x.co"), None);
+    let claimed = |run_id, fp: &str, until_ms| LedgerEntry {
+        claim: Some(Claim {
+            run_id,
+            fingerprint: fp.into(),
+            until_ms,
+        }),
+        ..LedgerEntry::default()
+    };
+    assert_eq!(claim_verdict(&o, None, 100), ClaimVerdict::Free);
+    assert_eq!(
+        claim_verdict(&o, Some(&claimed(6, "fpC", 200)), 100),
+        ClaimVerdict::Newer
+    );
+    assert_eq!(
+        claim_verdict(&o, Some(&claimed(4, "fpA", 200)), 100),
+        ClaimVerdict::Older { until_ms: 200 }
+    );
+    assert_eq!(
+        claim_verdict(&o, Some(&claimed(4, "fpA", 50)), 100),
+        ClaimVerdict::Free,
+        "a lapsed claim"
+    );
+    assert_eq!(
+        claim_verdict(&o, Some(&claimed(5, "fpB", 200)), 100),
+        ClaimVerdict::Free,
+        "its own claim, from an attempt that died"
+    );
+}
+
+/// Where Loops consumes the key of a request that failed before its effect, the retry meets
+/// 409 although nothing was applied: the contact write still lands (the event of that change
+/// is lost — Loops holds its key — and never fires twice).
+#[tokio::test]
+async fn a_409_is_not_taken_as_proof_of_the_contact_write() {
+    let sim = sim(100).await;
+    sim.set_settings(Settings {
+        rate_limit: 100,
+        keys_consumed_on_failure: true,
+        ..Settings::default()
+    })
+    .unwrap();
+    let bus = Arc::new(LocalBus::default());
+    let loader = stage(bus.clone(), &sim, 100);
+    let mut o = op(1, "8", "fp", Some("f@x.co"), None);
+    o.idempotency_key = keys::idempotency_key("i", "users", "8", 0, "fp", "event");
+    o.action = Action::Event {
+        event_name: "contactCreated".into(),
+        email: Some("f@x.co".into()),
+        user_id: None,
+        properties: json!({"firstName": "Fay"}).as_object().unwrap().clone(),
+        mailing_lists: BTreeMap::new(),
+    };
+    let payload = Bytes::from(codec::encode(&o));
+    sim.set_faults(Faults {
+        error_503: 1.0,
+        after_effect: 0.0,
+        ..Faults::default()
+    })
+    .unwrap();
+    loader.handle(&info(1), &payload).await.unwrap_err();
+    sim.set_faults(Faults::default()).unwrap();
+    assert_eq!(sim.contacts(), json!([]), "nothing applied by the 503");
+    loader.handle(&info(2), &payload).await.unwrap();
+    assert_eq!(sim.stats().by_endpoint["POST /v1/events/send"]["409"], 1);
+    let contacts = sim.contacts();
+    assert_eq!(
+        contacts.as_array().unwrap().len(),
+        1,
+        "the contact write landed after the 409"
+    );
+    assert_eq!(contacts[0]["firstName"], "Fay");
+    assert!(
+        sim.events().is_empty(),
+        "at most once: the consumed key never fires"
+    );
+}
+
+/// Two versions of one record in flight at once (a run restarted while its operations were
+/// queued): the older waits while the newer is sent, or is skipped once the newer is; Loops
+/// ends with the newer, whatever the interleaving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_versions_in_flight_land_in_order() {
+    for older_first in [true, false] {
+        let sim = sim(1000).await;
+        sim.set_faults(Faults {
+            latency_ms: 150,
+            ..Faults::default()
+        })
+        .unwrap();
+        let bus = Arc::new(LocalBus::default());
+        let loader = stage(bus.clone(), &sim, 1000);
+        let older = {
+            let mut o = op(5, "9", "fp-old", Some("g@x.co"), None);
+            o.action = Action::Upsert {
+                email: Some("g@x.co".into()),
+                user_id: None,
+                properties: json!({"firstName": "Old"}).as_object().unwrap().clone(),
+                mailing_lists: BTreeMap::new(),
+            };
+            o
+        };
+        let newer = {
+            let mut o = op(6, "9", "fp-new", Some("g@x.co"), None);
+            o.action = Action::Upsert {
+                email: Some("g@x.co".into()),
+                user_id: None,
+                properties: json!({"firstName": "New"}).as_object().unwrap().clone(),
+                mailing_lists: BTreeMap::new(),
+            };
+            o
+        };
+        let (first, second) = if older_first {
+            (older.clone(), newer.clone())
+        } else {
+            (newer.clone(), older.clone())
+        };
+        let (a, b) = (loader.clone(), loader.clone());
+        let first_task = tokio::spawn(async move {
+            a.handle(&info(1), &Bytes::from(codec::encode(&first)))
+                .await
+                .unwrap()
+        });
+        // The second starts while the first's request is in flight.
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        let second_task = tokio::spawn(async move {
+            b.handle(&info(1), &Bytes::from(codec::encode(&second)))
+                .await
+                .unwrap()
+        });
+        first_task.await.unwrap();
+        second_task.await.unwrap();
+        assert_eq!(
+            sim.contacts()[0]["firstName"],
+            "New",
+            "older first: {older_first}"
+        );
+        let out = outcomes_until_final(&bus, 2).await;
+        let older_outcome = out
+            .iter()
+            .find(|o| o.run_id == 5 && o.status.is_final())
+            .unwrap();
+        if older_first {
+            assert_eq!(older_outcome.status, OutcomeStatus::Confirmed);
+        } else {
+            assert_eq!(older_outcome.status, OutcomeStatus::Skipped);
+        }
+        let entry = bus
+            .ledger_get(&keys::ledger_key("i", "users", "9"))
+            .await
+            .unwrap()
+            .unwrap();
+        let entry: LedgerEntry = codec::decode(&entry.value).unwrap();
+        assert_eq!((entry.run_id, entry.claim), (6, None));
+    }
 }

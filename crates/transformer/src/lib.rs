@@ -37,7 +37,8 @@ pub struct Invalid(pub String);
 ///   run report counts the re-keys).
 /// * With `trigger_workflows`, the write goes as one `events/send` (`event_on_create` for a
 ///   record new to the sync, `event_on_update` for a changed one), its idempotency key derived
-///   from (sync, key, fingerprint), so each change fires its event exactly once.
+///   from the change (the record's confirmed generation and new fingerprint), so each change
+///   fires its event once, and a later change — even back to an earlier value — fires again.
 /// * Invalid: no usable email where one is needed, no userId under `identify_by = "userId"`, a
 ///   value over 500 characters, a value that cannot be read as its property's type.
 pub fn transform(spec: &SyncSpec, change: &RowChange) -> Result<Operation, Invalid> {
@@ -53,12 +54,15 @@ pub fn transform(spec: &SyncSpec, change: &RowChange) -> Result<Operation, Inval
         fingerprint: change.fingerprint.clone(),
         change: change.kind,
         idempotency_key: keys::idempotency_key(
+            &change.installation,
             &change.sync,
             &change.key,
+            change.generation,
             &change.fingerprint,
             action.name(),
         ),
         action,
+        installation: change.installation.clone(),
     })
 }
 
@@ -180,7 +184,8 @@ fn upsert(spec: &SyncSpec, change: &RowChange) -> Result<Action, Invalid> {
         return Ok(Action::Rekey {
             write: Box::new(write),
             old_email: old.clone(),
-            remove_old: (spec.behavior == Behavior::Mirror).then_some(spec.on_remove),
+            remove_old: (spec.behavior == Behavior::Mirror && !change.keep_old_contact)
+                .then_some(spec.on_remove),
         });
     }
     Ok(write)
@@ -275,6 +280,7 @@ impl Handler for TransformerStage {
                     OutcomeStatus::Invalid,
                     "none",
                 )
+                .with_installation(&change.installation)
                 .with_reason(reason);
                 // The run report counts it as an invalid row, not as added or changed.
                 outcome.change = Some(change.kind);
@@ -301,6 +307,7 @@ impl Handler for TransformerStage {
             status,
             "none",
         )
+        .with_installation(&change.installation)
         .with_reason(reason);
         outcome.change = Some(change.kind);
         publish::outcome(&*self.bus, &outcome).await?;

@@ -43,6 +43,7 @@ fn spec(identify_by: IdentifyBy) -> SyncSpec {
                 column: "beta".into(),
             },
         ],
+        max_removal_share: loopsync_core::spec::DEFAULT_MAX_REMOVAL_SHARE,
     }
 }
 
@@ -60,6 +61,9 @@ fn change(kind: ChangeKind, pairs: &[(&str, Option<&str>)]) -> RowChange {
             .collect(),
         confirmed_email: None,
         confirmed_user_id: None,
+        installation: String::new(),
+        generation: 0,
+        keep_old_contact: false,
     }
 }
 
@@ -87,7 +91,7 @@ fn a_row_becomes_an_upsert() {
     assert_eq!(op.run_id, 3);
     assert_eq!(
         op.idempotency_key,
-        keys::idempotency_key("users", "42", "fp42", "upsert")
+        keys::idempotency_key("", "users", "42", 0, "fp42", "upsert")
     );
     let Action::Upsert {
         email,
@@ -284,7 +288,7 @@ fn trigger_workflows_sends_one_event_named_for_create_or_update() {
         let op = transform(&s, &change(kind, &full_row())).unwrap();
         assert_eq!(
             op.idempotency_key,
-            keys::idempotency_key("users", "42", "fp42", "event")
+            keys::idempotency_key("", "users", "42", 0, "fp42", "event")
         );
         let Action::Event {
             event_name,
@@ -342,4 +346,25 @@ fn an_email_change_under_email_identity_is_a_rekey() {
         transform(&s, &moved).unwrap().action,
         Action::Upsert { .. }
     ));
+}
+
+/// The key names the change: the same change (same generation, same fingerprint) has the same
+/// key on every retry; the same values at a later generation (a value that went back, a row
+/// that returned) are another change with another key.
+#[test]
+fn the_key_names_the_change_not_the_values() {
+    let s = spec(IdentifyBy::Email);
+    let first = transform(&s, &change(ChangeKind::Added, &full_row())).unwrap();
+    let again = transform(&s, &change(ChangeKind::Added, &full_row())).unwrap();
+    assert_eq!(first.idempotency_key, again.idempotency_key);
+    let mut later = change(ChangeKind::Changed, &full_row());
+    later.generation = 2;
+    let later = transform(&s, &later).unwrap();
+    assert_ne!(first.idempotency_key, later.idempotency_key);
+    let mut other_state = change(ChangeKind::Added, &full_row());
+    other_state.installation = "another".into();
+    assert_ne!(
+        first.idempotency_key,
+        transform(&s, &other_state).unwrap().idempotency_key
+    );
 }

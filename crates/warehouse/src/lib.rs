@@ -33,12 +33,33 @@ pub enum WarehouseError {
     Query { what: String, detail: String },
     #[error("{0}")]
     Unsupported(String),
+    /// One run of a sync at a time: another is in progress.
+    #[error(
+        "run {run_id} of sync {sync} is in progress ({status}): one run of a sync at a time. \
+         Wait for it (loopsync runs --sync {sync}); a run whose process died is closed as \
+         interrupted once it has given no sign of life for {lease} s",
+        lease = LEASE.as_secs()
+    )]
+    RunInProgress {
+        sync: String,
+        run_id: i64,
+        status: String,
+    },
 }
+
+/// How long a run in progress may go without a sign of life from the process that waits for
+/// it (see [`Warehouse::heartbeat`]) before the next run of its sync closes it as `interrupted`.
+pub const LEASE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How often a process that waits for a run says it is alive: well within [`LEASE`].
+pub const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Classified for WarehouseError {
     fn class(&self) -> ErrorClass {
         match self {
-            WarehouseError::Model { .. } | WarehouseError::Unsupported(_) => ErrorClass::Permanent,
+            WarehouseError::Model { .. }
+            | WarehouseError::Unsupported(_)
+            | WarehouseError::RunInProgress { .. } => ErrorClass::Permanent,
             WarehouseError::Connect(_) | WarehouseError::Query { .. } => ErrorClass::RETRY,
         }
     }
@@ -62,6 +83,8 @@ pub struct DiffRow {
     /// The fingerprint at which the record was parked (`loopsync dlq park`): runs leave it alone
     /// while its data stays so.
     pub parked_fp: Option<String>,
+    /// How many changes of the record Loops has confirmed (removals included); 0 when new.
+    pub generation: i64,
 }
 
 /// What the extractor found, recorded when it has published every change of a run.
@@ -78,6 +101,9 @@ pub struct ExtractCounts {
     /// `expected` is computed by the warehouse from what it holds (keys emitted in the run and
     /// keys with an outcome in it), so a re-extraction after a crash counts right.
     pub expected: i64,
+    /// Why the run must end `failed` once its records have their outcomes (the removal guard
+    /// held the removals back).
+    pub error: Option<String>,
 }
 
 /// A run, with its counts. Rows of the model: `added + changed + unchanged + invalid_rows` is
@@ -88,7 +114,8 @@ pub struct ExtractCounts {
 pub struct RunSummary {
     pub id: i64,
     pub sync: String,
-    /// `requested`, `extracting`, `sending`, `succeeded`, `degraded`, `failed`, or `adopted`.
+    /// `requested`, `extracting`, `sending`, `succeeded`, `degraded`, `failed`, `adopted`, or
+    /// `interrupted` (its process died or was stopped; closed by the next run of its sync).
     pub status: String,
     pub requested_at: String,
     pub finished_at: Option<String>,
@@ -160,7 +187,7 @@ impl RunSummary {
     pub fn is_finished(&self) -> bool {
         matches!(
             self.status.as_str(),
-            "succeeded" | "degraded" | "failed" | "adopted"
+            "succeeded" | "degraded" | "failed" | "adopted" | "interrupted"
         )
     }
 }
@@ -195,8 +222,18 @@ pub trait Warehouse: Send + Sync + 'static {
     /// reading a row.
     async fn check_model(&self, spec: &SyncSpec) -> Result<(), WarehouseError>;
 
-    /// A new run of `sync`, status `requested`.
+    /// A new run of `sync`, status `requested` — unless another run of the sync is in progress
+    /// ([`WarehouseError::RunInProgress`]). A run in progress whose waiting process gave no sign
+    /// of life for [`LEASE`] is closed first, as `interrupted`.
     async fn create_run(&self, sync: &str) -> Result<i64, WarehouseError>;
+
+    /// The process that waits for `run_id` is alive (every [`HEARTBEAT`]).
+    async fn heartbeat(&self, run_id: i64) -> Result<(), WarehouseError>;
+
+    /// The state's random id, made when the tables were: run ids, message ids, ledger entries
+    /// and idempotency keys are scoped by it, so a re-created state or another warehouse on the
+    /// same NATS namespace never meets this one's.
+    async fn installation(&self) -> Result<String, WarehouseError>;
 
     /// Claims a requested run for extraction; with `redelivered`, also one whose extraction
     /// started before (its extractor died). `None`: someone else has it, or it is done.
@@ -385,20 +422,23 @@ pub(crate) fn probe_sql(spec: &SyncSpec) -> String {
 }
 
 /// The diff query. `cast` turns an expression into text in the warehouse's dialect; `state`
-/// is the state table's name. Columns: presence flag, key, mapped columns…, confirmed_fp.
+/// is the state table's name; `email_key` is the one email rule in the dialect. Columns:
+/// presence flag, key, mapped columns…, confirmed_fp, confirmed_email, confirmed_user_id,
+/// email count, parked_fp, generation.
 pub(crate) fn diff_sql(
     spec: &SyncSpec,
     cast: impl Fn(&str) -> String,
     state: &str,
     param: &str,
     collate: &str,
+    email_key: impl Fn(&str) -> String,
 ) -> String {
     let columns = spec.columns();
     let email_count = match spec.property("email") {
         Some(p) => format!(
-            "CASE WHEN model.{c} IS NULL THEN 1 ELSE count(*) OVER (PARTITION BY lower(trim({t}))) END AS ecount",
+            "CASE WHEN model.{c} IS NULL OR {k} = '' THEN 1 ELSE count(*) OVER (PARTITION BY {k}) END AS ecount",
             c = quote_ident(&p.column),
-            t = cast(&format!("model.{}", quote_ident(&p.column))),
+            k = email_key(&cast(&format!("model.{}", quote_ident(&p.column)))),
         ),
         None => "1 AS ecount".to_owned(),
     };
@@ -419,8 +459,8 @@ pub(crate) fn diff_sql(
     let outer_columns: Vec<String> = (0..columns.len()).map(|i| format!("m.c{i}")).collect();
     format!(
         "WITH m AS (SELECT {select} FROM ({model}) AS model), \
-         s AS (SELECT key, confirmed_fp, confirmed_email, confirmed_user_id, parked_fp FROM {state} WHERE sync = {param}) \
-         SELECT m.present, COALESCE(m.k, s.key) AS key{comma}{outer}, s.confirmed_fp, s.confirmed_email, s.confirmed_user_id, m.ecount, s.parked_fp \
+         s AS (SELECT key, confirmed_fp, confirmed_email, confirmed_user_id, parked_fp, generation FROM {state} WHERE sync = {param}) \
+         SELECT m.present, COALESCE(m.k, s.key) AS key{comma}{outer}, s.confirmed_fp, s.confirmed_email, s.confirmed_user_id, m.ecount, s.parked_fp, s.generation \
          FROM m FULL OUTER JOIN s ON s.key = m.k \
          ORDER BY COALESCE(m.k, s.key) {collate} NULLS LAST",
         select = select.join(", "),

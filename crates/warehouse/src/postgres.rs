@@ -7,12 +7,13 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use loopsync_core::envelope::{Outcome, OutcomeStatus, RequestCounts};
 use loopsync_core::spec::SyncSpec;
+use loopsync_core::value::EMAIL_TRIM;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Row};
 
 use crate::{
-    DiffRow, ExtractCounts, RecordResult, RunSummary, Warehouse, WarehouseError, diff_sql,
+    DiffRow, ExtractCounts, LEASE, RecordResult, RunSummary, Warehouse, WarehouseError, diff_sql,
     is_removal, probe_sql, record_requests_sql, requests_of, summary_request_sql, summary_rows_sql,
 };
 
@@ -73,6 +74,14 @@ ALTER TABLE loopsync.records ADD COLUMN IF NOT EXISTS events integer NOT NULL DE
 ALTER TABLE loopsync.records ADD COLUMN IF NOT EXISTS deletes integer NOT NULL DEFAULT 0;
 ALTER TABLE loopsync.records ADD COLUMN IF NOT EXISTS retries integer NOT NULL DEFAULT 0;
 ALTER TABLE loopsync.records ADD COLUMN IF NOT EXISTS rate_limited integer NOT NULL DEFAULT 0;
+ALTER TABLE loopsync.state ADD COLUMN IF NOT EXISTS generation bigint NOT NULL DEFAULT 0;
+ALTER TABLE loopsync.runs ADD COLUMN IF NOT EXISTS heartbeat_at timestamptz;
+CREATE TABLE IF NOT EXISTS loopsync.installation (
+    one boolean PRIMARY KEY DEFAULT true CHECK (one),
+    id text NOT NULL
+);
+INSERT INTO loopsync.installation (id) VALUES (md5(random()::text || clock_timestamp()::text))
+    ON CONFLICT DO NOTHING;
 CREATE TABLE IF NOT EXISTS loopsync.attempts (
     run_id bigint NOT NULL,
     sync text NOT NULL,
@@ -91,6 +100,19 @@ CREATE TABLE IF NOT EXISTS loopsync.attempts (
 ";
 
 const TIME: &str = r#"'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'"#;
+
+/// The statuses of a run still in progress.
+const OPEN: &str = "'requested', 'extracting', 'sending'";
+
+/// The one email rule in SQL: trimmed of `EMAIL_TRIM`, ASCII letters lower-cased (`lower` under
+/// the "C" collation folds ASCII only), as `loopsync_core::value::normalize_email` does.
+fn email_key(expression: &str) -> String {
+    let set: String = EMAIL_TRIM
+        .iter()
+        .map(|c| format!("\\{:04X}", *c as u32))
+        .collect();
+    format!("lower(btrim({expression}, U&'{set}') COLLATE \"C\")")
+}
 
 fn query_error(what: &str) -> impl Fn(tokio_postgres::Error) -> WarehouseError + '_ {
     move |e| WarehouseError::Query {
@@ -215,7 +237,8 @@ fn record(r: &Row) -> RecordResult {
 /// Finishes the runs among `ids` whose every record has an outcome.
 const FINISH_RUNS: &str = "
 UPDATE loopsync.runs r
-   SET status = CASE WHEN EXISTS (SELECT 1 FROM loopsync.records x WHERE x.run_id = r.id
+   SET status = CASE WHEN r.error IS NOT NULL THEN 'failed'
+                     WHEN EXISTS (SELECT 1 FROM loopsync.records x WHERE x.run_id = r.id
                                    AND x.outcome IN ('invalid', 'rejected', 'dead_lettered'))
                      THEN 'degraded' ELSE 'succeeded' END,
        finished_at = now()
@@ -250,6 +273,7 @@ impl Warehouse for PgWarehouse {
             "loopsync.state",
             "$1",
             "COLLATE \"C\"",
+            email_key,
         );
         let model_error = |e: tokio_postgres::Error| {
             let is_model = e
@@ -299,6 +323,7 @@ impl Warehouse for PgWarehouse {
                 confirmed_user_id: row.get(4 + columns.len()),
                 email_rows: row.get::<_, Option<i64>>(5 + columns.len()).unwrap_or(1),
                 parked_fp: row.get(6 + columns.len()),
+                generation: row.get::<_, Option<i64>>(7 + columns.len()).unwrap_or(0),
             })
         });
         Ok(stream.boxed())
@@ -316,14 +341,78 @@ impl Warehouse for PgWarehouse {
     }
 
     async fn create_run(&self, sync: &str) -> Result<i64, WarehouseError> {
-        let row = self
-            .client
+        let mut client = self.writer.lock().await;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(query_error("begin creating a run"))?;
+        // One run per sync at a time: whoever creates a run of this sync waits here.
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(735560802, hashtext($1))",
+            &[&sync],
+        )
+        .await
+        .map_err(query_error("lock the sync's runs"))?;
+        tx.execute(
+            &format!(
+                "UPDATE loopsync.runs
+                    SET status = 'interrupted', finished_at = now(),
+                        error = 'its process stopped (no sign of life since '
+                                || to_char(COALESCE(heartbeat_at, requested_at) AT TIME ZONE 'UTC', {TIME})
+                                || ')'
+                  WHERE sync = $1 AND status IN ({OPEN})
+                    AND COALESCE(heartbeat_at, requested_at) < now() - make_interval(secs => $2)"
+            ),
+            &[&sync, &(LEASE.as_secs_f64())],
+        )
+        .await
+        .map_err(query_error("close abandoned runs"))?;
+        let open = tx
+            .query_opt(
+                &format!(
+                    "SELECT id, status FROM loopsync.runs WHERE sync = $1 AND status IN ({OPEN})
+                      ORDER BY id LIMIT 1"
+                ),
+                &[&sync],
+            )
+            .await
+            .map_err(query_error("look for a run in progress"))?;
+        if let Some(open) = open {
+            return Err(WarehouseError::RunInProgress {
+                sync: sync.to_owned(),
+                run_id: open.get(0),
+                status: open.get(1),
+            });
+        }
+        let row = tx
             .query_one(
-                "INSERT INTO loopsync.runs (sync, status) VALUES ($1, 'requested') RETURNING id",
+                "INSERT INTO loopsync.runs (sync, status, heartbeat_at) VALUES ($1, 'requested', now())
+                 RETURNING id",
                 &[&sync],
             )
             .await
             .map_err(query_error("create a run"))?;
+        tx.commit().await.map_err(query_error("create a run"))?;
+        Ok(row.get(0))
+    }
+
+    async fn heartbeat(&self, run_id: i64) -> Result<(), WarehouseError> {
+        self.client
+            .execute(
+                "UPDATE loopsync.runs SET heartbeat_at = now() WHERE id = $1",
+                &[&run_id],
+            )
+            .await
+            .map_err(query_error("note that a run is alive"))?;
+        Ok(())
+    }
+
+    async fn installation(&self) -> Result<String, WarehouseError> {
+        let row = self
+            .client
+            .query_one("SELECT id FROM loopsync.installation", &[])
+            .await
+            .map_err(query_error("read the installation id"))?;
         Ok(row.get(0))
     }
 
@@ -382,7 +471,8 @@ impl Warehouse for PgWarehouse {
                         expected = (SELECT count(*) FROM (
                                         SELECT key FROM loopsync.state WHERE sync = r.sync AND emitted_run = $1
                                         UNION SELECT key FROM loopsync.records WHERE run_id = $1) AS k),
-                        added = $2, changed = $3, removed = $4, unchanged = $5, invalid_rows = $6
+                        added = $2, changed = $3, removed = $4, unchanged = $5, invalid_rows = $6,
+                        error = COALESCE($7, error)
                   WHERE id = $1 AND status = 'extracting'",
                 &[
                     &run_id,
@@ -391,6 +481,7 @@ impl Warehouse for PgWarehouse {
                     &counts.removed,
                     &counts.unchanged,
                     &counts.invalid_rows,
+                    &counts.error,
                 ],
             )
             .await
@@ -427,7 +518,9 @@ impl Warehouse for PgWarehouse {
                     SET confirmed_fp = EXCLUDED.confirmed_fp, confirmed_run = EXCLUDED.confirmed_run,
                         confirmed_at = EXCLUDED.confirmed_at,
                         confirmed_email = EXCLUDED.confirmed_email,
-                        confirmed_user_id = EXCLUDED.confirmed_user_id",
+                        confirmed_user_id = EXCLUDED.confirmed_user_id,
+                        parked_fp = NULL,
+                        generation = loopsync.state.generation + 1",
                 &[&sync, &run_id, &keys, &fps, &emails, &user_ids],
             )
             .await
@@ -563,15 +656,26 @@ impl Warehouse for PgWarehouse {
                         confirmed_at = EXCLUDED.confirmed_at,
                         contact_id = COALESCE(EXCLUDED.contact_id, loopsync.state.contact_id),
                         confirmed_email = COALESCE(EXCLUDED.confirmed_email, loopsync.state.confirmed_email),
-                        confirmed_user_id = COALESCE(EXCLUDED.confirmed_user_id, loopsync.state.confirmed_user_id)
+                        confirmed_user_id = COALESCE(EXCLUDED.confirmed_user_id, loopsync.state.confirmed_user_id),
+                        parked_fp = NULL,
+                        generation = loopsync.state.generation
+                            + CASE WHEN loopsync.state.confirmed_run IS NOT DISTINCT FROM EXCLUDED.confirmed_run
+                                    AND loopsync.state.confirmed_fp IS NOT DISTINCT FROM EXCLUDED.confirmed_fp
+                                   THEN 0 ELSE 1 END
                   WHERE loopsync.state.confirmed_run IS NULL
                      OR loopsync.state.confirmed_run <= EXCLUDED.confirmed_run",
             )
             .await
             .map_err(query_error("record outcomes"))?;
+        // A confirmed removal leaves a tombstone: nothing confirmed, the generation advanced,
+        // so a row that comes back is a new change with a new idempotency key.
         let remove = tx
             .prepare(
-                "DELETE FROM loopsync.state WHERE sync = $1 AND key = $2
+                "UPDATE loopsync.state
+                    SET confirmed_fp = NULL, confirmed_email = NULL, confirmed_user_id = NULL,
+                        contact_id = NULL, parked_fp = NULL, confirmed_run = $3, confirmed_at = now(),
+                        generation = generation + 1
+                  WHERE sync = $1 AND key = $2 AND confirmed_fp IS NOT NULL
                     AND (confirmed_run IS NULL OR confirmed_run <= $3)",
             )
             .await

@@ -10,14 +10,25 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use loopsync_core::envelope::{Outcome, OutcomeStatus, RequestCounts};
 use loopsync_core::spec::SyncSpec;
+use loopsync_core::value::EMAIL_TRIM;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::{
-    DiffRow, ExtractCounts, RecordResult, RunSummary, Warehouse, WarehouseError, diff_sql,
+    DiffRow, ExtractCounts, LEASE, RecordResult, RunSummary, Warehouse, WarehouseError, diff_sql,
     is_removal, probe_sql, record_requests_sql, requests_of, summary_request_sql, summary_rows_sql,
 };
 
 const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
+
+/// The statuses of a run still in progress.
+const OPEN: &str = "'requested', 'extracting', 'sending'";
+
+/// The one email rule in SQL: trimmed of `EMAIL_TRIM`, ASCII letters lower-cased (SQLite's
+/// `lower` folds ASCII only), as `loopsync_core::value::normalize_email` does.
+fn email_key(expression: &str) -> String {
+    let set: Vec<String> = EMAIL_TRIM.iter().map(|c| (*c as u32).to_string()).collect();
+    format!("lower(trim({expression}, char({})))", set.join(", "))
+}
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS loopsync_state (
@@ -36,6 +47,9 @@ CREATE TABLE IF NOT EXISTS loopsync_records (
     operation TEXT NOT NULL, outcome TEXT NOT NULL, reason TEXT, contact_id TEXT,
     requests INTEGER NOT NULL DEFAULT 0, at TEXT NOT NULL,
     PRIMARY KEY (run_id, key));
+CREATE TABLE IF NOT EXISTS loopsync_installation (
+    one INTEGER PRIMARY KEY CHECK (one = 1), id TEXT NOT NULL);
+INSERT OR IGNORE INTO loopsync_installation (one, id) VALUES (1, lower(hex(randomblob(16))));
 CREATE TABLE IF NOT EXISTS loopsync_attempts (
     run_id INTEGER NOT NULL, sync TEXT NOT NULL, key TEXT NOT NULL, attempt TEXT NOT NULL,
     requests INTEGER NOT NULL DEFAULT 0, writes INTEGER NOT NULL DEFAULT 0,
@@ -47,7 +61,9 @@ CREATE TABLE IF NOT EXISTS loopsync_attempts (
 
 /// Columns added after the first release: SQLite has no `ADD COLUMN IF NOT EXISTS`, so
 /// `prepare` adds each one its table lacks (PostgreSQL's `SCHEMA` says the same).
-const ADDED_COLUMNS: [(&str, &str, &str); 13] = [
+const ADDED_COLUMNS: [(&str, &str, &str); 15] = [
+    ("loopsync_state", "generation", "INTEGER NOT NULL DEFAULT 0"),
+    ("loopsync_runs", "heartbeat_at", "TEXT"),
     ("loopsync_state", "confirmed_email", "TEXT"),
     ("loopsync_state", "confirmed_user_id", "TEXT"),
     ("loopsync_state", "parked_fp", "TEXT"),
@@ -111,7 +127,8 @@ fn migrate(c: &mut Connection) -> Result<(), WarehouseError> {
 
 const FINISH_RUN: &str = "
 UPDATE loopsync_runs
-   SET status = CASE WHEN EXISTS (SELECT 1 FROM loopsync_records x WHERE x.run_id = loopsync_runs.id
+   SET status = CASE WHEN error IS NOT NULL THEN 'failed'
+                     WHEN EXISTS (SELECT 1 FROM loopsync_records x WHERE x.run_id = loopsync_runs.id
                                    AND x.outcome IN ('invalid', 'rejected', 'dead_lettered'))
                      THEN 'degraded' ELSE 'succeeded' END,
        finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
@@ -268,6 +285,7 @@ impl Warehouse for SqliteWarehouse {
             "loopsync_state",
             "?1",
             "",
+            email_key,
         );
         let columns = spec.columns();
         let sync = spec.name.clone();
@@ -325,6 +343,7 @@ impl Warehouse for SqliteWarehouse {
                             confirmed_user_id: row.get(4 + columns.len())?,
                             email_rows: row.get::<_, Option<i64>>(5 + columns.len())?.unwrap_or(1),
                             parked_fp: row.get(6 + columns.len())?,
+                            generation: row.get::<_, Option<i64>>(7 + columns.len())?.unwrap_or(0),
                         })
                     })()
                     .map_err(|e| WarehouseError::Query {
@@ -369,12 +388,72 @@ impl Warehouse for SqliteWarehouse {
     async fn create_run(&self, sync: &str) -> Result<i64, WarehouseError> {
         let sync = sync.to_owned();
         self.with(move |c| {
-            c.execute(
-                &format!("INSERT INTO loopsync_runs (sync, status, requested_at) VALUES (?1, 'requested', {NOW})"),
+            // One writer at a time in SQLite: the check and the insert are one step.
+            let tx = c
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(error("begin creating a run"))?;
+            tx.execute(
+                &format!(
+                    "UPDATE loopsync_runs
+                        SET status = 'interrupted', finished_at = {NOW},
+                            error = 'its process stopped (no sign of life since '
+                                    || COALESCE(heartbeat_at, requested_at) || ')'
+                      WHERE sync = ?1 AND status IN ({OPEN})
+                        AND COALESCE(heartbeat_at, requested_at)
+                            < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?2)"
+                ),
+                params![sync, format!("-{} seconds", LEASE.as_secs())],
+            )
+            .map_err(error("close abandoned runs"))?;
+            let open: Option<(i64, String)> = tx
+                .query_row(
+                    &format!(
+                        "SELECT id, status FROM loopsync_runs WHERE sync = ?1 AND status IN ({OPEN})
+                          ORDER BY id LIMIT 1"
+                    ),
+                    params![sync],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()
+                .map_err(error("look for a run in progress"))?;
+            if let Some((run_id, status)) = open {
+                return Err(WarehouseError::RunInProgress {
+                    sync,
+                    run_id,
+                    status,
+                });
+            }
+            tx.execute(
+                &format!(
+                    "INSERT INTO loopsync_runs (sync, status, requested_at, heartbeat_at)
+                     VALUES (?1, 'requested', {NOW}, {NOW})"
+                ),
                 params![sync],
             )
             .map_err(error("create a run"))?;
-            Ok(c.last_insert_rowid())
+            let id = tx.last_insert_rowid();
+            tx.commit().map_err(error("create a run"))?;
+            Ok(id)
+        })
+        .await
+    }
+
+    async fn heartbeat(&self, run_id: i64) -> Result<(), WarehouseError> {
+        self.with(move |c| {
+            c.execute(
+                &format!("UPDATE loopsync_runs SET heartbeat_at = {NOW} WHERE id = ?1"),
+                params![run_id],
+            )
+            .map_err(error("note that a run is alive"))?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn installation(&self) -> Result<String, WarehouseError> {
+        self.with(|c| {
+            c.query_row("SELECT id FROM loopsync_installation", [], |r| r.get(0))
+                .map_err(error("read the installation id"))
         })
         .await
     }
@@ -441,7 +520,8 @@ impl Warehouse for SqliteWarehouse {
                             expected = (SELECT count(*) FROM (
                                 SELECT key FROM loopsync_state WHERE sync = loopsync_runs.sync AND emitted_run = ?1
                                 UNION SELECT key FROM loopsync_records WHERE run_id = ?1)),
-                            added = ?2, changed = ?3, removed = ?4, unchanged = ?5, invalid_rows = ?6
+                            added = ?2, changed = ?3, removed = ?4, unchanged = ?5, invalid_rows = ?6,
+                            error = COALESCE(?7, error)
                       WHERE id = ?1 AND status = 'extracting'"
                 ),
                 params![
@@ -450,7 +530,8 @@ impl Warehouse for SqliteWarehouse {
                     counts.changed,
                     counts.removed,
                     counts.unchanged,
-                    counts.invalid_rows
+                    counts.invalid_rows,
+                    counts.error
                 ],
             )
             .map_err(error("finish an extraction"))?;
@@ -481,7 +562,9 @@ impl Warehouse for SqliteWarehouse {
                             SET confirmed_fp = excluded.confirmed_fp, confirmed_run = excluded.confirmed_run,
                                 confirmed_at = excluded.confirmed_at,
                                 confirmed_email = excluded.confirmed_email,
-                                confirmed_user_id = excluded.confirmed_user_id"
+                                confirmed_user_id = excluded.confirmed_user_id,
+                                parked_fp = NULL,
+                                generation = loopsync_state.generation + 1"
                     ))
                     .map_err(error("adopt records"))?;
                 for (key, fp, email, user_id) in &records {
@@ -635,16 +718,26 @@ impl Warehouse for SqliteWarehouse {
                                 confirmed_at = excluded.confirmed_at,
                                 contact_id = COALESCE(excluded.contact_id, loopsync_state.contact_id),
                                 confirmed_email = COALESCE(excluded.confirmed_email, loopsync_state.confirmed_email),
-                                confirmed_user_id = COALESCE(excluded.confirmed_user_id, loopsync_state.confirmed_user_id)
+                                confirmed_user_id = COALESCE(excluded.confirmed_user_id, loopsync_state.confirmed_user_id),
+                                parked_fp = NULL,
+                                generation = loopsync_state.generation
+                                    + CASE WHEN loopsync_state.confirmed_run IS excluded.confirmed_run
+                                            AND loopsync_state.confirmed_fp IS excluded.confirmed_fp
+                                           THEN 0 ELSE 1 END
                           WHERE loopsync_state.confirmed_run IS NULL
                              OR loopsync_state.confirmed_run <= excluded.confirmed_run"
                     ))
                     .map_err(error("record outcomes"))?;
+                // A confirmed removal leaves a tombstone (see the PostgreSQL side).
                 let mut remove = tx
-                    .prepare_cached(
-                        "DELETE FROM loopsync_state WHERE sync = ?1 AND key = ?2
-                            AND (confirmed_run IS NULL OR confirmed_run <= ?3)",
-                    )
+                    .prepare_cached(&format!(
+                        "UPDATE loopsync_state
+                            SET confirmed_fp = NULL, confirmed_email = NULL, confirmed_user_id = NULL,
+                                contact_id = NULL, parked_fp = NULL, confirmed_run = ?3,
+                                confirmed_at = {NOW}, generation = generation + 1
+                          WHERE sync = ?1 AND key = ?2 AND confirmed_fp IS NOT NULL
+                            AND (confirmed_run IS NULL OR confirmed_run <= ?3)"
+                    ))
                     .map_err(error("record outcomes"))?;
                 for o in &outcomes {
                     let counts = o.request_counts();

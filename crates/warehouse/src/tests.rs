@@ -37,6 +37,7 @@ fn spec(name: &str, table: &str) -> SyncSpec {
             list_id: "news".into(),
             column: "newsletter".into(),
         }],
+        max_removal_share: loopsync_core::spec::DEFAULT_MAX_REMOVAL_SHARE,
     }
 }
 
@@ -310,6 +311,15 @@ async fn full_cycle(f: Fixture, bool_true: &str) {
         (again.status.as_str(), again.expected),
         ("sending", Some(2))
     );
+
+    // One run of a sync at a time: run 5 is still sending.
+    let busy = w.create_run("users").await.unwrap_err();
+    assert!(
+        matches!(busy, WarehouseError::RunInProgress { run_id, .. } if run_id == run5),
+        "{busy:?}"
+    );
+    assert!(busy.to_string().contains("one run of a sync at a time"));
+    w.fail_run(run5, "closed by the test").await.unwrap();
 
     // The lost wake-up: every outcome recorded while the run was still extracting, and the
     // extraction's own check missed them. Whoever waits for the run finishes it.
@@ -713,4 +723,63 @@ async fn sqlite_old_schema_is_brought_up_to_date() {
              VALUES (1, 'users', '1', 'upsert', 'confirmed', 2, '2024-01-01T00:00:02.000Z');",
     )
     .await;
+}
+
+/// A run whose waiting process stopped giving signs of life is closed as `interrupted` by the
+/// next run of its sync; one that heartbeats is not.
+async fn lease(f: Fixture) {
+    let w = &f.warehouse;
+    w.prepare().await.unwrap();
+    let table = if f.sqlite {
+        "loopsync_runs"
+    } else {
+        "loopsync.runs"
+    };
+    let first = w.create_run("users").await.unwrap();
+    w.heartbeat(first).await.unwrap();
+    assert!(matches!(
+        w.create_run("users").await,
+        Err(WarehouseError::RunInProgress { .. })
+    ));
+    // Another sync is not held up.
+    let other = w.create_run("others").await.unwrap();
+    w.fail_run(other, "done").await.unwrap();
+    // Its process died: no heartbeat for longer than the lease.
+    let long_ago = if f.sqlite {
+        "'2000-01-01T00:00:00.000Z'"
+    } else {
+        "timestamptz '2000-01-01 00:00:00+00'"
+    };
+    (f.exec)(format!(
+        "UPDATE {table} SET heartbeat_at = {long_ago}, requested_at = {long_ago} WHERE id = {first}"
+    ))
+    .await;
+    let second = w.create_run("users").await.unwrap();
+    let closed = w.run(first).await.unwrap().unwrap();
+    assert_eq!(closed.status, "interrupted");
+    assert!(
+        closed
+            .error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("its process stopped (no sign of life since 2000-01-01")),
+        "{closed:?}"
+    );
+    assert!(closed.is_finished(), "an interrupted run is over");
+    assert_eq!(w.run(second).await.unwrap().unwrap().status, "requested");
+    assert_ne!(w.installation().await.unwrap(), "");
+    assert_eq!(
+        w.installation().await.unwrap(),
+        w.installation().await.unwrap()
+    );
+}
+
+#[tokio::test]
+async fn postgres_lease() {
+    let Some(f) = postgres().await else { return };
+    lease(f).await;
+}
+
+#[tokio::test]
+async fn sqlite_lease() {
+    lease(sqlite()).await;
 }

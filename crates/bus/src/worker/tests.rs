@@ -301,22 +301,51 @@ async fn jetstream_permanent_poison_and_exhaustion() {
     exercise_permanent_poison_and_exhaustion(bus).await;
 }
 
+/// The ledger is compare-and-set: a writer that read an older revision loses, on both buses.
+async fn exercise_ledger_swaps(bus: Arc<dyn Bus>) {
+    assert_eq!(bus.ledger_get("abc").await.unwrap(), None);
+    let first = bus
+        .ledger_swap("abc", Bytes::from_static(b"v1"), None)
+        .await
+        .unwrap()
+        .expect("created");
+    assert_eq!(
+        bus.ledger_swap("abc", Bytes::from_static(b"again"), None)
+            .await
+            .unwrap(),
+        None,
+        "it exists already"
+    );
+    let second = bus
+        .ledger_swap("abc", Bytes::from_static(b"v2"), Some(first))
+        .await
+        .unwrap()
+        .expect("updated at the revision read");
+    assert_eq!(
+        bus.ledger_swap("abc", Bytes::from_static(b"stale"), Some(first))
+            .await
+            .unwrap(),
+        None,
+        "an older revision loses"
+    );
+    let read = bus.ledger_get("abc").await.unwrap().unwrap();
+    assert_eq!(
+        (read.value, read.revision),
+        (Bytes::from_static(b"v2"), second)
+    );
+}
+
 #[tokio::test]
-async fn jetstream_ledger_round_trip() {
+async fn jetstream_ledger_compare_and_set() {
     let Some((bus, _ns)) = jetstream(&JetStreamOptions::default()).await else {
         return;
     };
-    assert_eq!(bus.ledger_get("abc").await.unwrap(), None);
-    bus.ledger_put("abc", Bytes::from_static(b"v1"))
-        .await
-        .unwrap();
-    bus.ledger_put("abc", Bytes::from_static(b"v2"))
-        .await
-        .unwrap();
-    assert_eq!(
-        bus.ledger_get("abc").await.unwrap(),
-        Some(Bytes::from_static(b"v2"))
-    );
+    exercise_ledger_swaps(bus).await;
+}
+
+#[tokio::test]
+async fn local_ledger_compare_and_set() {
+    exercise_ledger_swaps(Arc::new(LocalBus::new(Names::new("t")))).await;
 }
 
 /// A message whose workers never settle it reaches the server's max-deliveries; the advisory
@@ -345,6 +374,7 @@ async fn jetstream_max_deliveries_advisory_moves_to_dead_letters() {
             properties: Default::default(),
             mailing_lists: Default::default(),
         },
+        installation: "i".into(),
     };
     let subject = bus.names().subject(Stage::Loader, "users");
     bus.publish(&subject, "op-1", Bytes::from(codec::encode(&op)))

@@ -1,0 +1,432 @@
+//! Histories, not snapshots: seeded random sequences of changes to the model — values that go
+//! back, rows that leave and come back unchanged, email changes, new rows — each followed by a
+//! run, under simulator faults (5xx before and after the effect, dropped connections) and, over
+//! NATS, a loader killed mid-run. After every run the simulated Loops must hold exactly the model,
+//! and each change must have fired its workflow event once.
+//!
+//! `LOOPSYNC_HISTORY_SEED` replays one seed; `LOOPSYNC_HISTORY_STEPS` sets the steps per history.
+//! A failure prints the seed and the whole history up to the step that broke the invariant.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use loopsync_testkit::{Stack, StackOptions};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{Value, json};
+
+const PLANS: [&str; 4] = ["free", "pro", "team", "gold"];
+
+/// One row of the `users` table, as the test keeps it.
+#[derive(Debug, Clone, PartialEq)]
+struct Row {
+    email: String,
+    first_name: String,
+    plan: String,
+    seats: i64,
+    newsletter: bool,
+    /// Hours after 2024-01-01 00:00 UTC.
+    signed_up_hour: i64,
+}
+
+impl Row {
+    fn new(id: i64) -> Row {
+        Row {
+            email: format!("user{id}@example.com"),
+            first_name: format!("First{id}"),
+            plan: PLANS[(id as usize) % 3].to_owned(),
+            seats: id % 7,
+            newsletter: id % 2 == 0,
+            signed_up_hour: id,
+        }
+    }
+
+    fn insert_sql(&self, id: i64) -> String {
+        format!(
+            "INSERT INTO users VALUES ({id}, '{}', '{}', '{}', {}, timestamptz '2024-01-01 00:00:00+00' + {} * interval '1 hour', {});",
+            self.email,
+            self.first_name,
+            self.plan,
+            self.seats,
+            self.signed_up_hour,
+            self.newsletter
+        )
+    }
+
+    /// What Loops must hold for this row (the mapped properties).
+    fn contact(&self) -> Value {
+        let at = chrono_like_iso(self.signed_up_hour);
+        json!({
+            "firstName": self.first_name,
+            "planName": self.plan,
+            "seats": self.seats,
+            "signedUpAt": at,
+            "mailingLists": if self.newsletter { json!({"cm_news": true}) } else { json!({}) },
+        })
+    }
+}
+
+/// `2024-01-01T00:00:00.000Z` plus `hours`, as the simulator writes dates.
+fn chrono_like_iso(hours: i64) -> String {
+    // Days in 2024's months (a leap year); the histories stay well within it.
+    const DAYS: [i64; 12] = [31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
+    let (mut day, hour) = (hours / 24, hours % 24);
+    let mut month = 0;
+    while day >= DAYS[month] {
+        day -= DAYS[month];
+        month += 1;
+    }
+    format!("2024-{:02}-{:02}T{hour:02}:00:00.000Z", month + 1, day + 1)
+}
+
+/// The model in memory, mirrored into the warehouse by SQL.
+struct Model {
+    rows: BTreeMap<i64, Row>,
+    /// Rows that left, kept to bring them back unchanged.
+    gone: BTreeMap<i64, Row>,
+    next_id: i64,
+    next_email: u32,
+}
+
+impl Model {
+    fn new(rows: i64) -> Model {
+        Model {
+            rows: (1..=rows).map(|id| (id, Row::new(id))).collect(),
+            gone: BTreeMap::new(),
+            next_id: rows + 1,
+            next_email: 0,
+        }
+    }
+
+    fn pick(rng: &mut StdRng, keys: &[i64]) -> Option<i64> {
+        (!keys.is_empty()).then(|| keys[rng.random_range(0..keys.len())])
+    }
+
+    /// One random change: its SQL and a line for the history.
+    fn change(&mut self, rng: &mut StdRng) -> (String, String) {
+        let present: Vec<i64> = self.rows.keys().copied().collect();
+        let gone: Vec<i64> = self.gone.keys().copied().collect();
+        match rng.random_range(0..10) {
+            // A plan changes, often back to what it was.
+            0..=3 => {
+                let Some(id) = Model::pick(rng, &present) else {
+                    return self.add();
+                };
+                let plan = PLANS[rng.random_range(0..PLANS.len())];
+                self.rows.get_mut(&id).unwrap().plan = plan.to_owned();
+                (
+                    format!("UPDATE users SET plan = '{plan}' WHERE id = {id};"),
+                    format!("plan of {id} := {plan}"),
+                )
+            }
+            // A row leaves the model.
+            4 | 5 => {
+                let Some(id) = Model::pick(rng, &present) else {
+                    return self.add();
+                };
+                let row = self.rows.remove(&id).unwrap();
+                self.gone.insert(id, row);
+                (
+                    format!("DELETE FROM users WHERE id = {id};"),
+                    format!("{id} leaves"),
+                )
+            }
+            // A row that left comes back unchanged.
+            6 | 7 => {
+                let Some(id) = Model::pick(rng, &gone) else {
+                    return self.add();
+                };
+                let row = self.gone.remove(&id).unwrap();
+                // Its email may have been taken meanwhile: then it stays away.
+                if self.rows.values().any(|r| r.email == row.email) {
+                    self.gone.insert(id, row);
+                    return self.add();
+                }
+                let sql = row.insert_sql(id);
+                self.rows.insert(id, row);
+                (sql, format!("{id} comes back unchanged"))
+            }
+            // An email changes: to a new address, or back to the row's original one.
+            8 => {
+                let Some(id) = Model::pick(rng, &present) else {
+                    return self.add();
+                };
+                let original = Row::new(id).email;
+                let current = self.rows[&id].email.clone();
+                let email = if current != original
+                    && rng.random_bool(0.5)
+                    && !self.rows.values().any(|r| r.email == original)
+                    && !self.gone.values().any(|r| r.email == original)
+                {
+                    original
+                } else {
+                    self.next_email += 1;
+                    format!("moved{}.{id}@example.com", self.next_email)
+                };
+                self.rows.get_mut(&id).unwrap().email = email.clone();
+                (
+                    format!("UPDATE users SET email = '{email}' WHERE id = {id};"),
+                    format!("email of {id} := {email}"),
+                )
+            }
+            _ => self.add(),
+        }
+    }
+
+    fn add(&mut self) -> (String, String) {
+        let id = self.next_id;
+        self.next_id += 1;
+        let row = Row::new(id);
+        let sql = row.insert_sql(id);
+        self.rows.insert(id, row);
+        (sql, format!("{id} is new"))
+    }
+
+    /// Loops' contacts as the model says, by email.
+    fn contacts(&self) -> BTreeMap<String, Value> {
+        self.rows
+            .values()
+            .map(|r| (r.email.clone(), r.contact()))
+            .collect()
+    }
+}
+
+/// The keys whose row differs between two snapshots, or is new: each is one change, one event.
+fn changes(before: &BTreeMap<i64, Row>, after: &BTreeMap<i64, Row>) -> usize {
+    after
+        .iter()
+        .filter(|(id, row)| before.get(id) != Some(row))
+        .count()
+}
+
+/// The simulator's contacts, reduced to the mapped properties.
+async fn loops_contacts(stack: &Stack) -> BTreeMap<String, Value> {
+    stack
+        .contacts()
+        .await
+        .into_iter()
+        .map(|(email, c)| {
+            let reduced = json!({
+                "firstName": c["firstName"],
+                "planName": c["planName"],
+                "seats": c["seats"],
+                "signedUpAt": c["signedUpAt"],
+                "mailingLists": c["mailingLists"],
+            });
+            (email, reduced)
+        })
+        .collect()
+}
+
+struct Variant {
+    name: &'static str,
+    nats: bool,
+    /// `POST /_sim/settings` before the history starts.
+    settings: Value,
+    /// Each change fires exactly one event. Where Loops consumes the key of a request that
+    /// failed before its effect, the event of that change can never fire (its key is spent, and
+    /// a new key could fire it twice): at most one.
+    exactly_once: bool,
+}
+
+async fn history(variant: Variant, seed: u64, steps: usize) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let rows = 12;
+    let Some(stack) = Stack::start(StackOptions {
+        rows,
+        nats: variant.nats,
+        behavior: "mirror",
+        // Histories remove many rows at once: the removal guard is tested on its own.
+        extra_sync: "trigger_workflows = true\nmax_removal_share = 1.0",
+        sim_rate_limit: 1000,
+        requests_per_second: 500,
+        ack_wait_seconds: 2.0,
+        max_attempts: 12,
+        ..StackOptions::default()
+    })
+    .await
+    else {
+        return;
+    };
+    stack.sim_post("settings", variant.settings.clone()).await;
+    let mut model = Model::new(rows as i64);
+    let mut log = format!("{} · seed {seed}\n", variant.name);
+    let mut synced: BTreeMap<i64, Row> = BTreeMap::new();
+    let mut workers = if variant.nats {
+        Some((
+            stack.worker("extractor").await,
+            stack.worker("transformer").await,
+            stack.worker("loader").await,
+        ))
+    } else {
+        None
+    };
+    for step in 1..=steps {
+        let mut sql = String::new();
+        if step > 1 {
+            for _ in 0..rng.random_range(1..=3) {
+                let (s, line) = model.change(&mut rng);
+                sql.push_str(&s);
+                let _ = writeln!(log, "  step {step}: {line}");
+            }
+        }
+        if !sql.is_empty() {
+            stack.sql(&sql).await;
+        }
+        // Faults on some runs: 5xx before or after the effect, dropped connections.
+        let faulty = rng.random_bool(0.4);
+        let faults = if faulty {
+            json!({"error_503": 0.15, "error_502": 0.05, "drop_connection": 0.1,
+                   "after_effect": 0.5, "seed": rng.random::<u32>()})
+        } else {
+            json!({})
+        };
+        stack.sim_post("faults", faults.clone()).await;
+        let kill_loader = variant.nats && rng.random_bool(0.15);
+        let _ = writeln!(
+            log,
+            "  step {step}: run{}{}",
+            if faulty { " with faults" } else { "" },
+            if kill_loader {
+                ", the loader killed mid-run"
+            } else {
+                ""
+            }
+        );
+        let events_before = stack.workflows("event_received").await;
+        let output = if let Some((_, _, loader)) = workers.as_mut() {
+            let runner = stack.run_once(&["--remote"]);
+            if kill_loader {
+                let delay = Duration::from_millis(rng.random_range(0..150));
+                let killer = async {
+                    tokio::time::sleep(delay).await;
+                    loader.kill().await;
+                    stack.worker("loader").await
+                };
+                let (output, replacement) = tokio::join!(runner, killer);
+                *loader = replacement;
+                output
+            } else {
+                runner.await
+            }
+        } else {
+            stack.run_once(&[]).await
+        };
+        stack.sim_post("faults", json!({})).await;
+        let fail = |what: String| -> ! {
+            panic!(
+                "{what}\nhistory that broke it (rerun with LOOPSYNC_HISTORY_SEED={seed}):\n{log}"
+            )
+        };
+        if output.status != 0 {
+            fail(format!(
+                "step {step}: the run ended with exit {} ({}): {}",
+                output.status, output.runs, output.stderr
+            ));
+        }
+        let expected = model.contacts();
+        let actual = loops_contacts(&stack).await;
+        if expected != actual {
+            let missing: Vec<_> = expected
+                .iter()
+                .filter(|(e, c)| actual.get(*e) != Some(*c))
+                .map(|(e, c)| format!("{e}: want {c}, Loops has {:?}", actual.get(e)))
+                .collect();
+            let extra: Vec<_> = actual
+                .keys()
+                .filter(|e| !expected.contains_key(*e))
+                .collect();
+            fail(format!(
+                "step {step}: Loops differs from the model.\n  wrong or missing: {missing:#?}\n  not in the model: {extra:?}"
+            ));
+        }
+        let fired = stack.workflows("event_received").await - events_before;
+        let want = changes(&synced, &model.rows);
+        if fired > want || (variant.exactly_once && fired != want) {
+            fail(format!(
+                "step {step}: {fired} event_received for {want} changes"
+            ));
+        }
+        synced = model.rows.clone();
+    }
+    drop(workers);
+}
+
+/// The seed: `LOOPSYNC_HISTORY_SEED`, else `default`.
+fn seed(default: u64) -> u64 {
+    std::env::var("LOOPSYNC_HISTORY_SEED")
+        .map(|s| s.parse().expect("LOOPSYNC_HISTORY_SEED is a number"))
+        .unwrap_or(default)
+}
+
+fn steps(default: usize) -> usize {
+    std::env::var("LOOPSYNC_HISTORY_STEPS")
+        .map(|s| s.parse().expect("LOOPSYNC_HISTORY_STEPS is a number"))
+        .unwrap_or(default)
+}
+
+// 60 + 60 + 40 + 50 = 210 random steps per run of the suite.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_history_in_process() {
+    history(
+        Variant {
+            name: "in process, the simulator's defaults",
+            nats: false,
+            settings: json!({}),
+            exactly_once: true,
+        },
+        seed(1),
+        steps(60),
+    )
+    .await;
+}
+
+/// Loops consumes the keys of failed requests (loops-api.md §9.1): a 409 on a retry applied
+/// nothing, and the contact must still end right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_history_keys_consumed_on_failure() {
+    history(
+        Variant {
+            name: "in process, keys consumed by failed requests",
+            nats: false,
+            settings: json!({"keys_consumed_on_failure": true}),
+            exactly_once: false,
+        },
+        seed(2),
+        steps(60),
+    )
+    .await;
+}
+
+/// Case-sensitive email matching and millisecond-only numeric dates (§9.1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_history_case_sensitive_emails_millisecond_dates() {
+    history(
+        Variant {
+            name: "in process, case-sensitive emails, millisecond dates",
+            nats: false,
+            settings: json!({"email_match": "case_sensitive", "numeric_dates": "millis"}),
+            exactly_once: true,
+        },
+        seed(3),
+        steps(40),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_history_over_nats_with_loader_kills() {
+    history(
+        Variant {
+            name: "over NATS, loaders killed mid-run",
+            nats: true,
+            settings: json!({}),
+            exactly_once: true,
+        },
+        seed(4),
+        steps(50),
+    )
+    .await;
+}
