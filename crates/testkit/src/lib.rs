@@ -3,6 +3,8 @@
 //! throwaway ones and sets them). Without them a test that needs one says so and passes as
 //! skipped — except under CI (`CI` set), where a missing service fails the test.
 
+pub mod nats;
+
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use std::io::{BufRead, BufReader};
@@ -231,6 +233,8 @@ pub struct StackOptions {
     pub extra_sync: &'static str,
     /// `loops.max_attempts`.
     pub max_attempts: u32,
+    /// `Some`: use this NATS server (implies `nats`) instead of `LOOPSYNC_TEST_NATS_URL`.
+    pub nats_url: Option<String>,
 }
 
 impl Default for StackOptions {
@@ -245,6 +249,7 @@ impl Default for StackOptions {
             identify_by: "email",
             extra_sync: "",
             max_attempts: 10,
+            nats_url: None,
         }
     }
 }
@@ -296,10 +301,10 @@ impl Worker {
 impl Stack {
     /// `None` when PostgreSQL (or NATS, if asked for) is not available outside CI.
     pub async fn start(options: StackOptions) -> Option<Stack> {
-        let nats_url = if options.nats {
-            Some(nats_url()?)
-        } else {
-            None
+        let nats_url = match &options.nats_url {
+            Some(url) => Some(url.clone()),
+            None if options.nats => Some(nats_url()?),
+            None => None,
         };
         let pg_url = fresh_pg_database().await?;
         let (pg, connection) = tokio_postgres::connect(&pg_url, tokio_postgres::NoTls)
