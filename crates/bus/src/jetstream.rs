@@ -60,6 +60,64 @@ pub struct JetStreamBus {
     names: Names,
     ledger: kv::Store,
     budget: kv::Store,
+    disconnects: Disconnects,
+}
+
+/// Counts the times the connection to NATS dropped, so that a request waiting for its answer
+/// can stop waiting when it does.
+///
+/// async-nats keeps a request written to a connection that then drops waiting for its whole
+/// timeout (10 s): the answer cannot come, the server that would send it is gone (a restart, a
+/// crash). Every worker with a request in flight at the moment would stall that long after
+/// the server is back. A request issued while disconnected is sent once the client reconnects,
+/// and is left to run.
+#[derive(Clone)]
+struct Disconnects(tokio::sync::watch::Receiver<u64>);
+
+/// The connection dropped before the answer came.
+#[derive(Debug)]
+struct ConnectionDropped;
+
+impl std::fmt::Display for ConnectionDropped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the connection to NATS dropped before the answer came")
+    }
+}
+
+impl Disconnects {
+    /// The counter, and the client option that advances it.
+    fn watch(options: async_nats::ConnectOptions) -> (async_nats::ConnectOptions, Disconnects) {
+        let (count, counted) = tokio::sync::watch::channel(0u64);
+        let count = std::sync::Arc::new(count);
+        let options = options.event_callback(move |event| {
+            let count = count.clone();
+            async move {
+                if matches!(event, async_nats::Event::Disconnected) {
+                    count.send_modify(|n| *n += 1);
+                }
+            }
+        });
+        (options, Disconnects(counted))
+    }
+
+    /// `request`'s result, or [`ConnectionDropped`] if the connection drops first.
+    async fn guard<F: std::future::Future>(
+        &self,
+        request: F,
+    ) -> Result<F::Output, ConnectionDropped> {
+        let mut seen = self.0.clone();
+        seen.borrow_and_update();
+        let dropped = async move {
+            if seen.changed().await.is_err() {
+                // The client is gone: nothing will count again.
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            output = request => Ok(output),
+            () = dropped => Err(ConnectionDropped),
+        }
+    }
 }
 
 impl std::fmt::Debug for JetStreamBus {
@@ -90,14 +148,12 @@ impl JetStreamBus {
         names: Names,
         options: &JetStreamOptions,
     ) -> Result<JetStreamBus, BusError> {
-        let client = async_nats::ConnectOptions::new()
-            .name("loopsync")
-            .connect(url)
-            .await
-            .map_err(|e| BusError::Connect {
-                url: url.to_owned(),
-                detail: e.to_string(),
-            })?;
+        let (connect, disconnects) =
+            Disconnects::watch(async_nats::ConnectOptions::new().name("loopsync"));
+        let client = connect.connect(url).await.map_err(|e| BusError::Connect {
+            url: url.to_owned(),
+            detail: e.to_string(),
+        })?;
         let version = client.server_info().version;
         match parse_version(&version) {
             Some(v) if v >= (2, 9) => {}
@@ -113,6 +169,7 @@ impl JetStreamBus {
             names,
             ledger,
             budget,
+            disconnects,
         })
     }
 
@@ -387,18 +444,24 @@ impl Bus for JetStreamBus {
             subject: subject.to_owned(),
             detail: e.to_string(),
         };
-        let ack = self
-            .js
-            .send_publish(
-                subject.to_owned(),
-                PublishMessage::build()
-                    .payload(payload)
-                    .message_id(message_id),
-            )
+        let published = async {
+            let ack = self
+                .js
+                .send_publish(
+                    subject.to_owned(),
+                    PublishMessage::build()
+                        .payload(payload)
+                        .message_id(message_id),
+                )
+                .await
+                .map_err(|e| error(&e))?;
+            ack.await.map_err(|e| error(&e))?;
+            Ok(())
+        };
+        self.disconnects
+            .guard(published)
             .await
-            .map_err(|e| error(&e))?;
-        ack.await.map_err(|e| error(&e))?;
-        Ok(())
+            .map_err(|e| error(&e))?
     }
 
     async fn consume(&self, stage: Stage, batch: usize) -> Result<Box<dyn Consumer>, BusError> {
@@ -421,7 +484,11 @@ impl Bus for JetStreamBus {
             .messages()
             .await
             .map_err(|e| error(&e))?;
-        Ok(Box::new(JetStreamConsumer { stage, messages }))
+        Ok(Box::new(JetStreamConsumer {
+            stage,
+            messages,
+            disconnects: self.disconnects.clone(),
+        }))
     }
 
     async fn unsettled(&self, stage: Stage) -> Result<u64, BusError> {
@@ -467,13 +534,19 @@ impl Bus for JetStreamBus {
             subject: subject.clone(),
             detail: e.to_string(),
         };
-        let ack = self
-            .js
-            .send_publish(subject.clone(), publish)
+        let published = async {
+            let ack = self
+                .js
+                .send_publish(subject.clone(), publish)
+                .await
+                .map_err(|e| error(&e))?;
+            ack.await.map_err(|e| error(&e))?;
+            Ok(())
+        };
+        self.disconnects
+            .guard(published)
             .await
-            .map_err(|e| error(&e))?;
-        ack.await.map_err(|e| error(&e))?;
-        Ok(())
+            .map_err(|e| error(&e))?
     }
 
     async fn dead_letters(&self) -> Result<Vec<DeadLetter>, BusError> {
@@ -521,11 +594,13 @@ impl Bus for JetStreamBus {
     }
 
     async fn ledger_get(&self, key: &str) -> Result<Option<Versioned>, BusError> {
+        let error = |e: &dyn std::fmt::Display| BusError::Ledger(e.to_string());
         let entry = self
-            .ledger
-            .entry(key)
+            .disconnects
+            .guard(self.ledger.entry(key))
             .await
-            .map_err(|e| BusError::Ledger(e.to_string()))?;
+            .map_err(|e| error(&e))?
+            .map_err(|e| error(&e))?;
         Ok(entry
             .filter(|e| e.operation == kv::Operation::Put)
             .map(|e| Versioned {
@@ -543,12 +618,22 @@ impl Bus for JetStreamBus {
         use kv::{CreateErrorKind, UpdateErrorKind};
         let error = |e: &dyn std::fmt::Display| BusError::Ledger(e.to_string());
         match expected {
-            Some(revision) => match self.ledger.update(key, value, revision).await {
+            Some(revision) => match self
+                .disconnects
+                .guard(self.ledger.update(key, value, revision))
+                .await
+                .map_err(|e| error(&e))?
+            {
                 Ok(revision) => Ok(Some(revision)),
                 Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Ok(None),
                 Err(e) => Err(error(&e)),
             },
-            None => match self.ledger.create(key, value).await {
+            None => match self
+                .disconnects
+                .guard(self.ledger.create(key, value))
+                .await
+                .map_err(|e| error(&e))?
+            {
                 Ok(revision) => Ok(Some(revision)),
                 Err(e) if e.kind() == CreateErrorKind::AlreadyExists => Ok(None),
                 Err(e) => Err(error(&e)),
@@ -564,7 +649,12 @@ impl Bus for JetStreamBus {
         let period = period.as_nanos() as u64;
         let error = |e: &dyn std::fmt::Display| BusError::Ledger(format!("rate budget: {e}"));
         loop {
-            let entry = self.budget.entry(budget).await.map_err(|e| error(&e))?;
+            let entry = self
+                .disconnects
+                .guard(self.budget.entry(budget))
+                .await
+                .map_err(|e| error(&e))?
+                .map_err(|e| error(&e))?;
             let due = entry
                 .as_ref()
                 .and_then(|e| <[u8; 8]>::try_from(&e.value[..]).ok())
@@ -576,15 +666,24 @@ impl Bus for JetStreamBus {
             }
             let next = Bytes::copy_from_slice(&(now + period).to_be_bytes());
             let lost = match &entry {
-                Some(e) => match self.budget.update(budget, next, e.revision).await {
-                    Ok(_) => false,
-                    Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => true,
-                    Err(e) => return Err(error(&e)),
-                },
-                None => match self.budget.create(budget, next).await {
-                    Ok(_) => false,
-                    Err(e) if e.kind() == CreateErrorKind::AlreadyExists => true,
-                    Err(e) => return Err(error(&e)),
+                Some(e) => {
+                    let update = self.budget.update(budget, next, e.revision);
+                    match self.disconnects.guard(update).await {
+                        Err(dropped) => return Err(error(&dropped)),
+                        Ok(Ok(_)) => false,
+                        Ok(Err(e)) if e.kind() == UpdateErrorKind::WrongLastRevision => true,
+                        Ok(Err(e)) => return Err(error(&e)),
+                    }
+                }
+                None => match self
+                    .disconnects
+                    .guard(self.budget.create(budget, next))
+                    .await
+                {
+                    Err(dropped) => return Err(error(&dropped)),
+                    Ok(Ok(_)) => false,
+                    Ok(Err(e)) if e.kind() == CreateErrorKind::AlreadyExists => true,
+                    Ok(Err(e)) => return Err(error(&e)),
                 },
             };
             if !lost {
@@ -597,6 +696,7 @@ impl Bus for JetStreamBus {
 struct JetStreamConsumer {
     stage: Stage,
     messages: pull::Stream,
+    disconnects: Disconnects,
 }
 
 #[async_trait]
@@ -621,39 +721,46 @@ impl Consumer for JetStreamConsumer {
             payload: message.payload,
             attempt,
             sequence,
-            acker: Box::new(JetStreamAcker(acker)),
+            acker: Box::new(JetStreamAcker {
+                acker,
+                disconnects: self.disconnects.clone(),
+            }),
         }))
     }
 }
 
-struct JetStreamAcker(jetstream::message::Acker);
+struct JetStreamAcker {
+    acker: jetstream::message::Acker,
+    disconnects: Disconnects,
+}
 
 #[async_trait]
 impl Acker for JetStreamAcker {
     async fn ack(&self) -> Result<(), BusError> {
         // Wait for the server's confirmation: narrows the "acked but lost" window.
-        self.0
-            .double_ack()
+        self.disconnects
+            .guard(self.acker.double_ack())
             .await
+            .map_err(|e| BusError::Ack(e.to_string()))?
             .map_err(|e| BusError::Ack(e.to_string()))
     }
 
     async fn nak(&self, delay: Duration) -> Result<(), BusError> {
-        self.0
+        self.acker
             .ack_with(AckKind::Nak(Some(delay)))
             .await
             .map_err(|e| BusError::Ack(e.to_string()))
     }
 
     async fn term(&self) -> Result<(), BusError> {
-        self.0
+        self.acker
             .ack_with(AckKind::Term)
             .await
             .map_err(|e| BusError::Ack(e.to_string()))
     }
 
     async fn progress(&self) -> Result<(), BusError> {
-        self.0
+        self.acker
             .ack_with(AckKind::Progress)
             .await
             .map_err(|e| BusError::Ack(e.to_string()))
@@ -671,5 +778,40 @@ mod tests {
         assert!(parse_version("2.10.0").unwrap() >= (2, 9));
         assert!(parse_version("2.8.4").unwrap() < (2, 9));
         assert_eq!(parse_version("nonsense"), None);
+    }
+
+    /// A request written to a connection that then drops is never answered: the server that
+    /// would answer it is gone. It fails when the connection drops, not at its timeout, so
+    /// that a NATS restart does not stall every worker for that long.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_in_flight_fail_when_the_connection_drops() {
+        use loopsync_testkit::nats::NatsServer;
+        let Some(mut server) = NatsServer::start().await else {
+            return;
+        };
+        let names = Names::new(&loopsync_testkit::unique("t"));
+        let bus = JetStreamBus::connect(&server.url(), names, &JetStreamOptions::default())
+            .await
+            .expect("connect");
+        let subject = bus.names().subject(Stage::Loader, "s");
+        // A hung server: it reads requests and answers none.
+        server.freeze();
+        let started = tokio::time::Instant::now();
+        let get = bus.ledger_get("k");
+        let publish = bus.publish(&subject, "m", Bytes::from_static(b"x"));
+        tokio::pin!(get, publish);
+        assert!(futures::poll!(&mut get).is_pending());
+        assert!(futures::poll!(&mut publish).is_pending());
+        server.kill().await;
+        let within = Duration::from_secs(30);
+        let (get, publish) = tokio::time::timeout(within, futures::future::join(get, publish))
+            .await
+            .expect("the requests ended");
+        let waited = started.elapsed();
+        assert!(get.is_err() && publish.is_err(), "{get:?} {publish:?}");
+        assert!(
+            waited < Duration::from_secs(3),
+            "the requests waited {waited:?} after the connection dropped: {get:?} {publish:?}"
+        );
     }
 }

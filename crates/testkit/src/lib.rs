@@ -7,6 +7,7 @@
 //! [`TestNamespace`]); every wait has a deadline ([`process`]); what Loops received is read
 //! from the simulator in one place ([`sim`]).
 
+pub mod nats;
 pub mod process;
 pub mod services;
 pub mod sim;
@@ -112,6 +113,8 @@ pub struct StackOptions {
     pub extra_sync: &'static str,
     /// `loops.max_attempts`.
     pub max_attempts: u32,
+    /// `Some`: use this NATS server (implies `nats`) instead of `LOOPSYNC_TEST_NATS_URL`.
+    pub nats_url: Option<String>,
 }
 
 impl Default for StackOptions {
@@ -127,6 +130,7 @@ impl Default for StackOptions {
             identify_by: "email",
             extra_sync: "",
             max_attempts: 10,
+            nats_url: None,
         }
     }
 }
@@ -229,10 +233,10 @@ const USERS_SQLITE: &str = "CREATE TABLE users (id INTEGER, email TEXT, first_na
 impl Stack {
     /// `None` when a service the stack needs is not configured and skipping was asked for.
     pub async fn start(options: StackOptions) -> Option<Stack> {
-        let nats = if options.nats {
-            Some(TestNamespace::create("e2e")?)
-        } else {
-            None
+        let nats = match &options.nats_url {
+            Some(url) => Some(TestNamespace::on(url, "e2e")),
+            None if options.nats => Some(TestNamespace::create("e2e")?),
+            None => None,
         };
         let dir = std::env::temp_dir().join(unique("loopsync-e2e-"));
         std::fs::create_dir_all(&dir).expect("create the test folder");
