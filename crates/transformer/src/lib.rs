@@ -308,5 +308,7 @@ impl Handler for TransformerStage {
     }
 }
 
+pub mod verify;
+
 #[cfg(test)]
 mod tests;
