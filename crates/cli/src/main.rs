@@ -11,6 +11,7 @@ mod plan;
 mod report;
 mod run;
 mod sim;
+mod verify;
 mod worker;
 
 use std::path::{Path, PathBuf};
@@ -55,6 +56,9 @@ enum Command {
     Dlq(dlq::DlqArgs),
     /// Serve the local Loops API simulator.
     Sim(sim::SimArgs),
+    /// Read confirmed contacts back from Loops and report drift from the confirmed state;
+    /// --repair makes the next run re-send the drifted records. Exit 1 when drift is found.
+    Verify(verify::VerifyArgs),
 }
 
 /// Exit statuses of PRODUCT.md: 0 done, 1 failed, 2 bad usage or config, 3 degraded.
@@ -125,6 +129,7 @@ fn main() -> ExitCode {
             Command::Runs(args) => history::runs(&cli.config, args).await,
             Command::Rejections(args) => history::rejections(&cli.config, args).await,
             Command::Dlq(args) => dlq::run(&cli.config, args).await,
+            Command::Verify(args) => verify::run(&cli.config, args).await,
         }
     });
     // Do not wait for stray blocking tasks (a diff reader) at exit.

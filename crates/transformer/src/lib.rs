@@ -315,5 +315,7 @@ impl Handler for TransformerStage {
     }
 }
 
+pub mod verify;
+
 #[cfg(test)]
 mod tests;

@@ -312,7 +312,24 @@ pub trait Warehouse: Send + Sync + 'static {
     /// Records whose latest outcome is invalid, rejected or dead-lettered: what the next run
     /// tries again.
     async fn rejections(&self, sync: Option<&str>) -> Result<Vec<RecordResult>, WarehouseError>;
+
+    /// `loopsync verify --repair`: forgets what Loops confirmed for these records, given as
+    /// `(key, the confirmed fingerprint verify compared against)`, so the next run sends them
+    /// again. The confirmed fingerprint becomes [`FORGOTTEN_FP`], which no row's fingerprint
+    /// equals: the next run finds the record *changed* (or, gone from the model under mirror,
+    /// removed); its identifiers and contact id stay, so a removal still finds the contact. A
+    /// record no longer confirmed at the given fingerprint (a run confirmed a newer version
+    /// meanwhile) is left alone. Returns how many were forgotten.
+    async fn forget_confirmed(
+        &self,
+        sync: &str,
+        records: &[(String, String)],
+    ) -> Result<u64, WarehouseError>;
 }
+
+/// The confirmed fingerprint of a record whose confirmation `loopsync verify --repair`
+/// forgot: not a fingerprint (those are 40 hex digits), so it never equals a row's.
+pub const FORGOTTEN_FP: &str = "forgotten";
 
 /// Opens the warehouse of a URL: `postgres://…` / `postgresql://…`, or `sqlite:///path/file.db`.
 pub async fn connect(url: &str) -> Result<Arc<dyn Warehouse>, WarehouseError> {

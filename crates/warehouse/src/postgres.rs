@@ -849,4 +849,42 @@ impl Warehouse for PgWarehouse {
             .map_err(query_error("read rejections"))?;
         Ok(rows.iter().map(record).collect())
     }
+
+    async fn forget_confirmed(
+        &self,
+        sync: &str,
+        records: &[(String, String)],
+    ) -> Result<u64, WarehouseError> {
+        if records.is_empty() {
+            return Ok(0);
+        }
+        let keys: Vec<&str> = records.iter().map(|(k, _)| k.as_str()).collect();
+        let fps: Vec<&str> = records.iter().map(|(_, f)| f.as_str()).collect();
+        let mut client = self.writer.lock().await;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(query_error("begin forgetting confirmations"))?;
+        // Row locks in (sync, key) order, as everywhere: no deadlock with a checkpointer.
+        tx.execute(
+            "SELECT key FROM loopsync.state WHERE sync = $1 AND key = ANY($2)
+              ORDER BY key COLLATE \"C\" FOR UPDATE",
+            &[&sync, &keys],
+        )
+        .await
+        .map_err(query_error("lock records to forget"))?;
+        let forgotten = tx
+            .execute(
+                "UPDATE loopsync.state s SET confirmed_fp = $4
+                   FROM unnest($2::text[], $3::text[]) AS t(k, f)
+                  WHERE s.sync = $1 AND s.key = t.k AND s.confirmed_fp = t.f",
+                &[&sync, &keys, &fps, &crate::FORGOTTEN_FP],
+            )
+            .await
+            .map_err(query_error("forget confirmations"))?;
+        tx.commit()
+            .await
+            .map_err(query_error("commit forgotten confirmations"))?;
+        Ok(forgotten)
+    }
 }

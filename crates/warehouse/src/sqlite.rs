@@ -885,4 +885,34 @@ impl Warehouse for SqliteWarehouse {
         })
         .await
     }
+
+    async fn forget_confirmed(
+        &self,
+        sync: &str,
+        records: &[(String, String)],
+    ) -> Result<u64, WarehouseError> {
+        let sync = sync.to_owned();
+        let records = records.to_vec();
+        self.with(move |c| {
+            let tx = c.transaction().map_err(error("begin"))?;
+            let mut forgotten = 0;
+            {
+                let mut s = tx
+                    .prepare_cached(
+                        "UPDATE loopsync_state SET confirmed_fp = ?4
+                          WHERE sync = ?1 AND key = ?2 AND confirmed_fp = ?3",
+                    )
+                    .map_err(error("forget confirmations"))?;
+                for (key, fp) in &records {
+                    forgotten += s
+                        .execute(params![sync, key, fp, crate::FORGOTTEN_FP])
+                        .map_err(error("forget a confirmation"))?
+                        as u64;
+                }
+            }
+            tx.commit().map_err(error("commit"))?;
+            Ok(forgotten)
+        })
+        .await
+    }
 }

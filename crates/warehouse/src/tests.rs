@@ -783,3 +783,96 @@ async fn postgres_lease() {
 async fn sqlite_lease() {
     lease(sqlite()).await;
 }
+
+/// `verify --repair` forgets a confirmation at the fingerprint verify compared against (and
+/// only then), keeps the identifiers, and a later confirmation replaces it.
+async fn forgetting_confirmations(f: Fixture, bool_true: &str) {
+    let w = &*f.warehouse;
+    w.prepare().await.unwrap();
+    (f.exec)(format!(
+        "CREATE TABLE users (id integer, email text, first_name text, newsletter boolean);
+         INSERT INTO users VALUES (1, 'a@x.co', 'Ann', {bool_true}), (2, 'b@x.co', 'Bea', NULL),
+                                  (3, 'c@x.co', 'Cy', NULL);"
+    ))
+    .await;
+    let spec = spec("users", "users");
+    let run = w.create_run("users").await.unwrap();
+    w.claim_run(run, false).await.unwrap();
+    let fps: BTreeMap<String, String> = diff(w, &spec)
+        .await
+        .into_iter()
+        .map(|r| (r.key.unwrap(), spec.fingerprint(&r.values.unwrap())))
+        .collect();
+    let emitted: Vec<(String, String)> = fps.clone().into_iter().collect();
+    w.mark_emitted("users", run, &emitted).await.unwrap();
+    let outcomes: Vec<Outcome> = fps
+        .iter()
+        .map(|(key, fp)| {
+            let mut o = confirmed(&spec, run, key, fp);
+            o.email = Some(format!("{key}@x.co"));
+            o
+        })
+        .collect();
+    w.record_outcomes(&outcomes).await.unwrap();
+
+    assert_eq!(w.forget_confirmed("users", &[]).await.unwrap(), 0);
+    let forgotten = w
+        .forget_confirmed(
+            "users",
+            &[
+                ("1".into(), fps["1"].clone()),
+                // A run confirmed another version since verify read it: left alone.
+                ("2".into(), "an older fingerprint".into()),
+                ("9".into(), "not in the state".into()),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(forgotten, 1);
+    let rows = diff(w, &spec).await;
+    let row = |key: &str| rows.iter().find(|r| r.key.as_deref() == Some(key)).unwrap();
+    assert_eq!(row("1").confirmed_fp.as_deref(), Some(FORGOTTEN_FP));
+    assert_eq!(
+        row("1").confirmed_email.as_deref(),
+        Some("1@x.co"),
+        "the identifiers stay, for a removal"
+    );
+    assert_eq!(row("2").confirmed_fp.as_deref(), Some(fps["2"].as_str()));
+    assert_eq!(row("3").confirmed_fp.as_deref(), Some(fps["3"].as_str()));
+    assert_ne!(
+        spec.fingerprint(row("1").values.as_ref().unwrap()),
+        FORGOTTEN_FP
+    );
+    // Forgetting again finds nothing at that fingerprint.
+    assert_eq!(
+        w.forget_confirmed("users", &[("1".into(), fps["1"].clone())])
+            .await
+            .unwrap(),
+        0
+    );
+
+    // The next run confirms it again (one run of a sync at a time: the first is closed).
+    w.fail_run(run, "closed by the test").await.unwrap();
+    let next = w.create_run("users").await.unwrap();
+    w.claim_run(next, false).await.unwrap();
+    w.mark_emitted("users", next, &[("1".into(), fps["1"].clone())])
+        .await
+        .unwrap();
+    w.record_outcomes(&[confirmed(&spec, next, "1", &fps["1"])])
+        .await
+        .unwrap();
+    let rows = diff(w, &spec).await;
+    assert_eq!(rows[0].confirmed_fp.as_deref(), Some(fps["1"].as_str()));
+    assert_eq!(rows[0].confirmed_email.as_deref(), Some("1@x.co"));
+}
+
+#[tokio::test]
+async fn postgres_forgetting_confirmations() {
+    let Some(f) = postgres().await else { return };
+    forgetting_confirmations(f, "true").await;
+}
+
+#[tokio::test]
+async fn sqlite_forgetting_confirmations() {
+    forgetting_confirmations(sqlite(), "1").await;
+}
