@@ -114,8 +114,8 @@ fn assert_rows_and_records_add_up(run: &Value, model_rows: Option<i64>) {
 }
 
 /// (a) A first run, a run with 503s and dropped connections, a run with nothing to do: each
-/// report's requests, by kind, are what Loops saw — the property preflight included, every
-/// retry included.
+/// report's requests, by kind, are what Loops saw — the preflight (team, properties) included,
+/// every retry included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_are_what_loops_saw_despite_faults() {
     let options = StackOptions {
@@ -130,8 +130,8 @@ async fn requests_are_what_loops_saw_despite_faults() {
     assert_eq!(first.status, 0, "{}", first.stderr);
     assert_eq!(
         (seen.writes, seen.preflight),
-        (30, 4),
-        "one write per row; the property list and three property creations"
+        (30, 5),
+        "one write per row; the API key's team, the property list and three property creations"
     );
 
     stack
@@ -161,8 +161,8 @@ async fn requests_are_what_loops_saw_despite_faults() {
     let retries = run["retries"].as_i64().unwrap();
     assert_eq!(
         retries,
-        seen.total - 14 - 1,
-        "every request but one per record and the one list is a retry: {run}"
+        seen.total - 14 - 2,
+        "every request but one per record, the team and the list is a retry: {run}"
     );
     // A failed attempt's requests are kept per attempt, with the error.
     let attempts = stack
@@ -173,7 +173,10 @@ async fn requests_are_what_loops_saw_despite_faults() {
     stack.sim_post("faults", json!({})).await;
     let (quiet, seen) = run_and_compare(&stack, "run with nothing to do").await;
     assert_eq!(quiet.status, 0, "{}", quiet.stderr);
-    assert_eq!(seen.total, 1, "the property list only");
+    assert_eq!(
+        seen.total, 2,
+        "the API key's team and the property list only"
+    );
     assert_eq!(quiet.run()["retries"], 0);
 }
 
@@ -305,7 +308,7 @@ async fn invalid_rows_add_up_to_the_model(nats: bool) {
         "{text}"
     );
     assert!(
-        text.contains("requests: 4 to Loops: writes 3 · events 0 · deletes 0 · preflight 1"),
+        text.contains("requests: 5 to Loops: writes 3 · events 0 · deletes 0 · preflight 2"),
         "{text}"
     );
 }

@@ -493,7 +493,13 @@ async fn adopt_takes_over_without_sending() {
     let adopted: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(adopted[0]["status"], "adopted");
     assert_eq!(adopted[0]["added"], 9, "the malformed email is not adopted");
-    assert_eq!(stack.sim.seen().await.total, 0, "nothing sent");
+    let seen = stack.sim.seen().await;
+    assert_eq!(
+        (seen.total, seen.to("GET /v1/api-key")),
+        (1, 1),
+        "nothing sent; Loops was only asked for the API key's team, the sync's destination: {seen:?}"
+    );
+    assert_eq!(adopted[0]["requests_by_kind"]["preflight"], 1);
     assert_eq!(
         stack
             .count("SELECT count(*) FROM loopsync.state WHERE confirmed_email IS NOT NULL")

@@ -1,13 +1,17 @@
-//! `loopsync check`: the config, the warehouse and every sync's model, the API key, and the
-//! custom properties and mailing lists that the mappings need and Loops lacks.
+//! `loopsync check`: the config, the warehouse and every sync's model, the API key, the Loops
+//! the config points at against the one each sync's state is bound to, and the custom
+//! properties and mailing lists that the mappings need and Loops lacks.
 
 use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Args;
+use loopsync_config::Config;
+use loopsync_core::destination::Destination;
 use loopsync_core::envelope::RequestCounts;
 use loopsync_core::spec::default_property_kind;
 use loopsync_loops_client::PropertyType;
+use loopsync_warehouse::{DestinationBinding, Warehouse, WarehouseError};
 use serde::Serialize;
 
 use crate::load_config;
@@ -36,6 +40,20 @@ struct Report {
     type_mismatches: Vec<String>,
     /// Mailing lists the mappings name and Loops lacks (lists cannot be created through the API).
     missing_lists: Vec<String>,
+    /// The Loops the config points at: the API key's team at the base URL.
+    destination: Option<Destination>,
+    /// Per sync, the Loops its state is bound to.
+    bindings: Vec<SyncBinding>,
+}
+
+#[derive(Debug, Serialize)]
+struct SyncBinding {
+    sync: String,
+    /// `null`: none yet (its next run binds it to the configured destination).
+    bound_to: Option<DestinationBinding>,
+    /// Whether that is the configured destination (`null` when either is unknown): a run of a
+    /// sync bound elsewhere is refused until `adopt` or `reset`.
+    matches: Option<bool>,
 }
 
 impl Report {
@@ -46,6 +64,7 @@ impl Report {
             && self.missing_properties.is_empty()
             && self.type_mismatches.is_empty()
             && self.missing_lists.is_empty()
+            && self.bindings.iter().all(|b| b.matches != Some(false))
     }
 }
 
@@ -64,6 +83,9 @@ pub async fn run(config_path: &Path, args: CheckArgs) -> anyhow::Result<ExitCode
                     .map(|e| e.to_string());
                 report.models.push((sync.spec.name.clone(), error));
             }
+            if let Err(e) = read_bindings(&*warehouse, &config, &mut report.bindings).await {
+                report.warehouse = Some(e.to_string());
+            }
         }
     }
     let client = loops_client(&config)?;
@@ -74,6 +96,11 @@ pub async fn run(config_path: &Path, args: CheckArgs) -> anyhow::Result<ExitCode
     match with_retries(&budget, counts, || client.test_api_key()).await {
         Err(e) => report.loops = Some(e.to_string()),
         Ok(info) => {
+            let configured = Destination::new(info.team_name.clone(), client.base_url());
+            for b in &mut report.bindings {
+                b.matches = b.bound_to.as_ref().map(|t| t.destination == configured);
+            }
+            report.destination = Some(configured);
             report.team_name = info.team_name;
             let existing = with_retries(&budget, counts, || client.list_properties(false)).await?;
             let lists = with_retries(&budget, counts, || client.list_mailing_lists()).await?;
@@ -130,6 +157,23 @@ pub async fn run(config_path: &Path, args: CheckArgs) -> anyhow::Result<ExitCode
     }))
 }
 
+/// Each sync's destination binding (the tables made if missing).
+async fn read_bindings(
+    warehouse: &dyn Warehouse,
+    config: &Config,
+    bindings: &mut Vec<SyncBinding>,
+) -> Result<(), WarehouseError> {
+    warehouse.prepare().await?;
+    for sync in &config.syncs {
+        bindings.push(SyncBinding {
+            sync: sync.spec.name.clone(),
+            bound_to: warehouse.destination(&sync.spec.name).await?,
+            matches: None,
+        });
+    }
+    Ok(())
+}
+
 fn line(ok: bool, text: &str) {
     println!("{} {text}", if ok { "ok  " } else { "FAIL" });
 }
@@ -158,6 +202,41 @@ fn print_text(config: &str, r: &Report) {
             ),
         ),
         Some(e) => line(false, &format!("Loops API key: {e}")),
+    }
+    if let Some(d) = &r.destination {
+        line(true, &format!("destination: {d}"));
+    }
+    for b in &r.bindings {
+        let sync = &b.sync;
+        match (&b.bound_to, b.matches) {
+            (None, _) => line(
+                true,
+                &format!("sync {sync}: state bound to no destination yet (its next run binds it)"),
+            ),
+            (Some(t), Some(true)) => line(
+                true,
+                &format!(
+                    "sync {sync}: state bound to this destination (since {})",
+                    t.bound_at
+                ),
+            ),
+            (Some(t), None) => line(
+                true,
+                &format!(
+                    "sync {sync}: state bound to {} (since {})",
+                    t.destination, t.bound_at
+                ),
+            ),
+            (Some(t), Some(false)) => line(
+                false,
+                &format!(
+                    "sync {sync}: state bound to {} (since {}), not to this destination: runs \
+                     refuse it until `loopsync adopt --sync {sync}` (it holds these contacts) or \
+                     `loopsync reset --sync {sync}` (send every row again)",
+                    t.destination, t.bound_at
+                ),
+            ),
+        }
     }
     for p in &r.created_properties {
         line(true, &format!("created contact property {p}"));

@@ -79,6 +79,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let db = dir.join("warehouse.db");
+    // A warehouse kept from an earlier demo holds a state bound to that demo's simulator, which
+    // is gone: start afresh.
+    for file in ["warehouse.db", "warehouse.db-wal", "warehouse.db-shm"] {
+        let _ = std::fs::remove_file(dir.join(file));
+    }
     seed(&db, args.users).context("seeding the demo warehouse")?;
     let sim = loopsync_simulator::spawn(SimConfig {
         settings: Settings {
@@ -152,8 +157,9 @@ signedUpAt = {{ column = "signed_up_at", type = "date" }}
     );
     println!(
         "The second run wrote one contact per changed or added user and none for the {} unchanged \
-         (its other request is the preflight: the list of contact properties); the malformed email \
-         is kept as an invalid record, so that run ended degraded.",
+         (its other requests are the preflight: the API key's team and the list of contact \
+         properties); the malformed email is kept as an invalid record, so that run ended \
+         degraded.",
         args.users - 3
     );
     if args.dir.is_some() {

@@ -1,18 +1,20 @@
 //! `loopsync dlq list|replay|park`: the records whose latest outcome is dead-lettered (retries
 //! spent), from `loopsync.records` — the same with or without NATS. `replay` sends them again now
-//! (a run about those keys only); `park` sets them aside so that no run retries them until their
-//! data changes.
+//! (a run about those keys only; refused for a sync whose state is bound to another Loops than
+//! the configured one); `park` sets them aside so that no run retries them until their data
+//! changes.
 
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
+use loopsync_core::envelope::RequestCounts;
 use loopsync_extractor::{RunAsk, request_run, wait_for_run};
 use loopsync_warehouse::RecordResult;
 
 use crate::pipeline::Pipeline;
-use crate::{UsageError, load_config_for, open_warehouse, report};
+use crate::{UsageError, destination, load_config_for, open_warehouse, report};
 
 #[derive(Debug, Args)]
 pub struct DlqArgs {
@@ -155,17 +157,31 @@ pub async fn run(config_path: &Path, args: DlqArgs) -> anyhow::Result<ExitCode> 
                 return Ok(ExitCode::SUCCESS);
             }
             let mut pipeline = Pipeline::connect(config).await?;
+            // The dead letters go where their syncs' state belongs, or not at all: the API
+            // key's team, counted as the first replay's preflight.
+            let client = pipeline.loops_client()?;
+            let mut preflight = RequestCounts::default();
+            let configured =
+                destination::configured(&client, &pipeline.budget, &mut preflight).await?;
             if !remote {
                 pipeline.spawn_all()?;
             }
             let mut summaries = Vec::new();
+            let mut refused = false;
             for (sync, keys) in by_sync(&letters) {
+                let found = destination::check(&*pipeline.warehouse, &sync, &configured);
+                if let Some(refusal) = found.await? {
+                    eprintln!("error: {refusal}");
+                    refused = true;
+                    continue;
+                }
                 let run_id = request_run(
                     &*pipeline.bus,
                     &*pipeline.warehouse,
                     &sync,
                     RunAsk {
                         only_keys: keys,
+                        preflight: std::mem::take(&mut preflight),
                         ..RunAsk::default()
                     },
                 )
@@ -180,6 +196,9 @@ pub async fn run(config_path: &Path, args: DlqArgs) -> anyhow::Result<ExitCode> 
             pipeline.stop().await;
             if filter.json {
                 println!("{}", serde_json::to_string_pretty(&summaries)?);
+            }
+            if refused {
+                return Ok(ExitCode::from(crate::EXIT_USAGE));
             }
             Ok(ExitCode::from(report::exit_status(&summaries)))
         }

@@ -4,11 +4,13 @@
 mod adopt;
 mod check;
 mod demo;
+mod destination;
 mod dlq;
 mod history;
 mod pipeline;
 mod plan;
 mod report;
+mod reset;
 mod run;
 mod sim;
 mod verify;
@@ -54,6 +56,9 @@ enum Command {
     Rejections(history::RejectionsArgs),
     /// Dead letters: show them, send them again, or park them so no run retries them.
     Dlq(dlq::DlqArgs),
+    /// Forget a sync's state (what Loops confirmed, and the Loops it is bound to): the next run
+    /// sends every row. Its runs and records stay.
+    Reset(reset::ResetArgs),
     /// Serve the local Loops API simulator.
     Sim(sim::SimArgs),
     /// Read confirmed contacts back from Loops and report drift from the confirmed state;
@@ -78,6 +83,33 @@ pub fn load_config(path: &Path) -> anyhow::Result<Config> {
 /// Reads the config and checks that `--sync NAME`, if given, is one of its syncs.
 pub fn load_config_for(path: &Path, sync: Option<&str>) -> anyhow::Result<Config> {
     let config = load_config(path)?;
+    if let Some(name) = sync
+        && config.sync(name).is_none()
+    {
+        return Err(UsageError(format!("no sync named \"{name}\" in the config")).into());
+    }
+    Ok(config)
+}
+
+/// Reads the config for a command that needs only the warehouse (PRODUCT.md: never Loops'
+/// secrets): a `${VAR}` that is not set is an error only in the warehouse's settings. Checks
+/// that `--sync NAME`, if given, is one of its syncs.
+pub fn load_config_for_warehouse(path: &Path, sync: Option<&str>) -> anyhow::Result<Config> {
+    // Stands for an unset variable; no environment variable holds a NUL.
+    const UNSET: &str = "\u{0}unset ";
+    let usage = |e: &dyn std::fmt::Display| UsageError(format!("{}: {e}", path.display()));
+    let text = std::fs::read_to_string(path).map_err(|e| usage(&e))?;
+    let config = Config::parse(&text, |name| {
+        Some(std::env::var(name).unwrap_or_else(|_| format!("{UNSET}{name}\u{0}")))
+    })
+    .map_err(|e| usage(&e))?;
+    if let Some((_, unset)) = config.warehouse.url.split_once(UNSET) {
+        let name = unset.split('\u{0}').next().unwrap_or_default();
+        return Err(usage(&format!(
+            "warehouse.url: environment variable {name} is not set"
+        ))
+        .into());
+    }
     if let Some(name) = sync
         && config.sync(name).is_none()
     {
@@ -130,6 +162,7 @@ fn main() -> ExitCode {
             Command::Rejections(args) => history::rejections(&cli.config, args).await,
             Command::Dlq(args) => dlq::run(&cli.config, args).await,
             Command::Verify(args) => verify::run(&cli.config, args).await,
+            Command::Reset(args) => reset::run(&cli.config, args).await,
         }
     });
     // Do not wait for stray blocking tasks (a diff reader) at exit.
@@ -138,7 +171,9 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            if e.downcast_ref::<UsageError>().is_some() {
+            if e.downcast_ref::<UsageError>().is_some()
+                || e.downcast_ref::<destination::Refused>().is_some()
+            {
                 ExitCode::from(EXIT_USAGE)
             } else {
                 ExitCode::from(EXIT_FAILED)
@@ -166,5 +201,57 @@ pub async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {}
         () = term => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONFIG: &str = r#"
+[warehouse]
+url = "${LOOPSYNC_TEST_WAREHOUSE_URL_UNSET}"
+
+[loops]
+api_key = "${LOOPSYNC_TEST_KEY_UNSET}"
+
+[[sync]]
+name = "users"
+model = "select id, email from users"
+primary_key = "id"
+identify_by = "email"
+
+[sync.mapping]
+email = "email"
+"#;
+
+    /// A command that needs only the warehouse reads a config whose Loops secret is unset; an
+    /// unset variable in the warehouse's settings is still an error naming it.
+    #[test]
+    fn the_warehouse_alone_needs_no_loops_secret() {
+        let dir = std::env::temp_dir().join(format!("loopsync-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("loopsync.toml");
+        std::fs::write(
+            &path,
+            CONFIG.replace("${LOOPSYNC_TEST_WAREHOUSE_URL_UNSET}", "sqlite:///w.db"),
+        )
+        .unwrap();
+        let config = load_config_for_warehouse(&path, Some("users")).unwrap();
+        assert_eq!(config.warehouse.url, "sqlite:///w.db");
+        assert!(load_config(&path).is_err(), "the full config needs the key");
+        let unknown = load_config_for_warehouse(&path, Some("nobody")).unwrap_err();
+        assert!(unknown.downcast_ref::<UsageError>().is_some());
+
+        std::fs::write(&path, CONFIG).unwrap();
+        let error = load_config_for_warehouse(&path, None).unwrap_err();
+        assert!(error.downcast_ref::<UsageError>().is_some());
+        assert!(
+            error.to_string().ends_with(
+                "warehouse.url: environment variable LOOPSYNC_TEST_WAREHOUSE_URL_UNSET is not set"
+            ),
+            "{error}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

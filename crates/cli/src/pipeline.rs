@@ -9,6 +9,7 @@ use anyhow::Context;
 use loopsync_bus::worker::{self, BatchOptions, WorkerOptions};
 use loopsync_bus::{Bus, BusError, JetStreamBus, JetStreamOptions, LocalBus};
 use loopsync_config::Config;
+use loopsync_core::destination::Destination;
 use loopsync_core::envelope::{RequestCounts, RequestKind};
 use loopsync_core::spec::SyncSpec;
 use loopsync_core::subjects::{Names, Stage};
@@ -199,46 +200,63 @@ pub fn loops_client(config: &Config) -> anyhow::Result<LoopsClient> {
     Ok(LoopsClient::new(client_config)?)
 }
 
-/// The property check `loopsync run` makes before it sends (`loops-api.md` §9: the client
-/// creates missing properties before the first send, as Hightouch does), with its requests
-/// counted for the runs they serve.
+/// What `loopsync run` asks and makes before it sends, with its requests counted for the runs
+/// they serve: which Loops the config points at (`GET /v1/api-key`: the team, compared with
+/// each sync's destination binding before its run is requested), and the property check
+/// (`loops-api.md` §9: the client creates missing properties before the first send, as
+/// Hightouch does).
 ///
-/// The team's properties are listed once per invocation; each custom property a sync's mapping
-/// needs and Loops lacks is created, with its declared type, just before the first run of a
-/// sync that needs it. [`Preflight::take`] hands the requests made since the last call to the
-/// run about to be requested: the list goes with the first run of the invocation, a creation
-/// with the run of the first sync that needed it.
+/// The API key's team is asked once per invocation, at the start. The team's properties are
+/// listed once per invocation, before the first run requested; each custom property a sync's
+/// mapping needs and Loops lacks is created, with its declared type, just before the first run
+/// of a sync that needs it. [`Preflight::take`] hands the requests made since the last call to
+/// the run about to be requested: the team and the list go with the first run of the
+/// invocation, a creation with the run of the first sync that needed it.
 pub struct Preflight {
-    existing: Vec<String>,
+    destination: Destination,
+    /// Listed before the first run that needs it.
+    existing: Option<Vec<String>>,
     created: Vec<String>,
     pending: RequestCounts,
 }
 
 impl Preflight {
-    /// Lists the team's contact properties (`GET /v1/contacts/properties`).
+    /// Asks which team the API key belongs to (`GET /v1/api-key`): the destination.
     pub async fn start(client: &LoopsClient, budget: &RateBudget) -> anyhow::Result<Preflight> {
         let mut pending = RequestCounts::default();
-        let existing = with_retries(budget, &mut pending, || client.list_properties(false))
-            .await
-            .context("listing the contact properties of the Loops team")?;
+        let destination = crate::destination::configured(client, budget, &mut pending).await?;
         Ok(Preflight {
-            existing: existing.into_iter().map(|p| p.key).collect(),
+            destination,
+            existing: None,
             created: Vec::new(),
             pending,
         })
     }
 
-    /// Creates the custom properties `sync` maps that Loops lacks; returns their names.
+    /// The Loops the config points at: the API key's team at the base URL.
+    pub fn destination(&self) -> &Destination {
+        &self.destination
+    }
+
+    /// Creates the custom properties `sync` maps that Loops lacks; returns their names. The
+    /// first call lists the team's contact properties (`GET /v1/contacts/properties`).
     pub async fn ensure(
         &mut self,
         sync: &SyncSpec,
         client: &LoopsClient,
         budget: &RateBudget,
     ) -> anyhow::Result<Vec<String>> {
+        if self.existing.is_none() {
+            let listed = with_retries(budget, &mut self.pending, || client.list_properties(false))
+                .await
+                .context("listing the contact properties of the Loops team")?;
+            self.existing = Some(listed.into_iter().map(|p| p.key).collect());
+        }
+        let existing = self.existing.as_deref().unwrap_or_default();
         let mut created = Vec::new();
         for p in &sync.properties {
             if loopsync_core::spec::default_property_kind(&p.property).is_some()
-                || self.existing.contains(&p.property)
+                || existing.contains(&p.property)
                 || self.created.contains(&p.property)
             {
                 continue;
@@ -335,8 +353,8 @@ mod tests {
         }
     }
 
-    /// The preflight's requests, counted and handed to the runs they serve: the list and the
-    /// first sync's creations to its run, the second sync's new creation to its own; retries
+    /// The preflight's requests, counted and handed to the runs they serve: the API key's
+    /// team, the list and the first sync's creations to its run, the second sync's new creation to its own; retries
     /// and 429s counted too, and the total is what the simulator saw.
     #[tokio::test]
     async fn preflight_requests_go_with_the_runs_they_serve() {
@@ -358,6 +376,10 @@ mod tests {
         })
         .unwrap();
         let mut preflight = Preflight::start(&client, &budget).await.unwrap();
+        assert_eq!(
+            preflight.destination(),
+            &Destination::new(Some("Simulated Team".into()), &sim.base_url())
+        );
         let users = spec(
             "users",
             &[
@@ -379,8 +401,8 @@ mod tests {
         assert!(first.rate_limited > 0, "{first:?}");
         assert_eq!(
             first.preflight,
-            first.rate_limited + 1 + 2,
-            "the list (each 429 tried again), two creations"
+            1 + first.rate_limited + 1 + 2,
+            "the API key's team, the list (each 429 tried again), two creations"
         );
         assert_eq!(first.retries, first.rate_limited);
         let created = preflight.ensure(&teams, &client, &budget).await.unwrap();

@@ -5,10 +5,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Args;
+use loopsync_config::Config;
 use loopsync_extractor::{ExtractError, RunAsk, request_run, wait_for_run};
 use loopsync_loops_client::LoopsClient;
 use loopsync_warehouse::WarehouseError;
 
+use crate::destination::{self, Refused};
 use crate::pipeline::{Pipeline, Preflight};
 use crate::{UsageError, load_config, report};
 
@@ -81,6 +83,15 @@ pub async fn run(config_path: &Path, args: RunArgs) -> anyhow::Result<ExitCode> 
     let mut pipeline = Pipeline::connect(config.clone()).await?;
     let client = pipeline.loops_client()?;
     let mut preflight = Preflight::start(&client, &pipeline.budget).await?;
+    if !args.once {
+        // A sync bound to another destination stops the schedules before they start.
+        for sync in scheduled(&config, &syncs) {
+            let found = destination::check(&*pipeline.warehouse, sync, preflight.destination());
+            if let Some(refused) = found.await? {
+                return Err(refused.into());
+            }
+        }
+    }
     if !args.remote {
         pipeline.spawn_all()?;
     }
@@ -99,6 +110,7 @@ pub async fn run(config_path: &Path, args: RunArgs) -> anyhow::Result<ExitCode> 
         return Ok(ExitCode::SUCCESS);
     }
     let mut summaries = Vec::new();
+    let mut refused = false;
     for sync in &syncs {
         let run_id = match start_run(
             &pipeline,
@@ -109,7 +121,13 @@ pub async fn run(config_path: &Path, args: RunArgs) -> anyhow::Result<ExitCode> 
         )
         .await
         {
-            Ok(id) => id,
+            Ok(Ok(run_id)) => run_id,
+            Ok(Err(refusal)) => {
+                // The other syncs go on; the exit status says 2.
+                eprintln!("error: {refusal}");
+                refused = true;
+                continue;
+            }
             Err(error) => {
                 pipeline.stop().await;
                 return Err(error);
@@ -131,24 +149,40 @@ pub async fn run(config_path: &Path, args: RunArgs) -> anyhow::Result<ExitCode> 
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summaries)?);
     }
+    if refused {
+        return Ok(ExitCode::from(crate::EXIT_USAGE));
+    }
     Ok(ExitCode::from(report::exit_status(&summaries)))
 }
 
-/// Requests a run of `sync`, after creating the properties its mapping needs that Loops lacks;
-/// the run is recorded with the preflight requests made since the previous run (see
-/// [`Preflight`]).
+/// The syncs among `syncs` that have a schedule.
+fn scheduled<'a>(config: &'a Config, syncs: &'a [String]) -> impl Iterator<Item = &'a str> {
+    syncs
+        .iter()
+        .filter(|name| config.sync(name).is_some_and(|s| s.schedule.is_some()))
+        .map(String::as_str)
+}
+
+/// Requests a run of `sync`, after checking that its state belongs to the configured
+/// destination (else the refusal, and nothing is sent) and creating the properties its mapping
+/// needs that Loops lacks; the run is recorded with the preflight requests made since the
+/// previous run (see [`Preflight`]).
 async fn start_run(
     pipeline: &Pipeline,
     client: &LoopsClient,
     preflight: &mut Preflight,
     sync: &str,
     allow_removals: bool,
-) -> anyhow::Result<i64> {
+) -> anyhow::Result<Result<i64, Refused>> {
     let spec = &pipeline
         .config
         .sync(sync)
         .ok_or_else(|| UsageError(format!("no sync named \"{sync}\" in the config")))?
         .spec;
+    let found = destination::check(&*pipeline.warehouse, sync, preflight.destination());
+    if let Some(refused) = found.await? {
+        return Ok(Err(refused));
+    }
     let created = preflight.ensure(spec, client, &pipeline.budget).await?;
     if !created.is_empty() {
         eprintln!(
@@ -156,7 +190,7 @@ async fn start_run(
             created.join(", ")
         );
     }
-    Ok(request_run(
+    Ok(Ok(request_run(
         &*pipeline.bus,
         &*pipeline.warehouse,
         sync,
@@ -166,7 +200,7 @@ async fn start_run(
             ..RunAsk::default()
         },
     )
-    .await?)
+    .await?))
 }
 
 /// Without `--once`: each sync with a `schedule` is run when its cron expression says (UTC),
@@ -217,7 +251,13 @@ async fn follow_schedules(
             () = tokio::time::sleep(wait) => {}
         }
         let run_id = match start_run(pipeline, client, preflight, name, allow_removals).await {
-            Ok(id) => id,
+            Ok(Ok(run_id)) => run_id,
+            Ok(Err(refusal)) => {
+                // Bound elsewhere since the schedules started (an adopt from another config):
+                // this fire is skipped, the next one checks again.
+                eprintln!("error: {refusal}");
+                continue;
+            }
             // Another process runs this sync now (a second scheduler, a replay): skip this tick.
             Err(error) if in_progress(&error) => {
                 eprintln!(

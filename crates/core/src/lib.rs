@@ -2,9 +2,11 @@
 //!
 //! This crate has no I/O: no NATS, no HTTP, no database. It holds what more than one stage must
 //! agree on: the messages on the subjects and their codec, the deterministic keys, the subject
-//! and stream names, the resolved sync definition with its fingerprint, and the error classes.
+//! and stream names, the resolved sync definition with its fingerprint, the Loops destination a
+//! sync's state belongs to, and the error classes.
 
 pub mod codec;
+pub mod destination;
 pub mod envelope;
 pub mod error;
 pub mod keys;

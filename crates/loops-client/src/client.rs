@@ -92,6 +92,11 @@ impl LoopsClient {
         })
     }
 
+    /// The API root this client sends to (`https://app.loops.so/api`), without a trailing slash.
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
     /// The rate-limit headers of the most recent answer.
     pub fn last_rate_limit(&self) -> RateLimitInfo {
         *self.last_rate_limit.lock().expect("rate-limit mutex")

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
+use loopsync_core::destination::Destination;
 use loopsync_core::envelope::{Outcome, RequestCounts};
 use loopsync_core::spec::SyncSpec;
 use loopsync_core::{Classified, ErrorClass};
@@ -325,6 +326,49 @@ pub trait Warehouse: Send + Sync + 'static {
         sync: &str,
         records: &[(String, String)],
     ) -> Result<u64, WarehouseError>;
+
+    /// The Loops destination the sync's state is bound to (`loopsync.destinations`), if any.
+    async fn destination(&self, sync: &str) -> Result<Option<DestinationBinding>, WarehouseError>;
+
+    /// Binds the sync's state to `destination` unless it is bound already: returns the earlier
+    /// binding, if the sync had one (then nothing changed), else `None` (bound now). Atomic: of
+    /// two processes binding at once, one binds and the other is told that binding.
+    async fn bind_destination(
+        &self,
+        sync: &str,
+        destination: &Destination,
+    ) -> Result<Option<DestinationBinding>, WarehouseError>;
+
+    /// Binds the sync's state to `destination`, replacing any earlier binding (`loopsync adopt`:
+    /// the model is recorded as confirmed there).
+    async fn set_destination(
+        &self,
+        sync: &str,
+        destination: &Destination,
+    ) -> Result<(), WarehouseError>;
+
+    /// `loopsync reset`: forgets the sync's state, its records' confirmed fingerprints and its
+    /// destination binding, in one transaction; its runs and per-record results stay.
+    async fn reset_state(&self, sync: &str) -> Result<StateReset, WarehouseError>;
+}
+
+/// A sync's state bound to the Loops destination it was confirmed against.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DestinationBinding {
+    #[serde(flatten)]
+    pub destination: Destination,
+    /// When the binding was recorded (UTC, RFC 3339).
+    pub bound_at: String,
+}
+
+/// What `reset_state` deleted.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct StateReset {
+    /// Rows of `loopsync.state` forgotten: the sync's records. Each keeps only its generation,
+    /// so the next run's sends have new idempotency keys.
+    pub state_records: u64,
+    /// The destination binding it had, if any.
+    pub destination: Option<DestinationBinding>,
 }
 
 /// The confirmed fingerprint of a record whose confirmation `loopsync verify --repair`

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use futures::StreamExt;
 use futures::stream::BoxStream;
+use loopsync_core::destination::Destination;
 use loopsync_core::envelope::{Outcome, OutcomeStatus, RequestCounts};
 use loopsync_core::spec::SyncSpec;
 use loopsync_core::value::EMAIL_TRIM;
@@ -13,8 +14,9 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Row};
 
 use crate::{
-    DiffRow, ExtractCounts, LEASE, RecordResult, RunSummary, Warehouse, WarehouseError, diff_sql,
-    is_removal, probe_sql, record_requests_sql, requests_of, summary_request_sql, summary_rows_sql,
+    DestinationBinding, DiffRow, ExtractCounts, LEASE, RecordResult, RunSummary, StateReset,
+    Warehouse, WarehouseError, diff_sql, is_removal, probe_sql, record_requests_sql, requests_of,
+    summary_request_sql, summary_rows_sql,
 };
 
 const SCHEMA: &str = "
@@ -96,6 +98,17 @@ CREATE TABLE IF NOT EXISTS loopsync.attempts (
     reason text,
     at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (run_id, key, attempt)
+);
+";
+
+/// The Loops destination each sync's state is bound to (team and normalised base URL): a run
+/// against another one is refused until `adopt` or `reset`.
+const DESTINATIONS: &str = "
+CREATE TABLE IF NOT EXISTS loopsync.destinations (
+    sync text PRIMARY KEY,
+    team text,
+    base_url text NOT NULL,
+    bound_at timestamptz NOT NULL DEFAULT now()
 );
 ";
 
@@ -251,7 +264,7 @@ impl Warehouse for PgWarehouse {
         // Several processes may start at once: CREATE … IF NOT EXISTS races in PostgreSQL.
         self.client
             .batch_execute(&format!(
-                "BEGIN; SELECT pg_advisory_xact_lock(735560801); {SCHEMA} COMMIT;"
+                "BEGIN; SELECT pg_advisory_xact_lock(735560801); {SCHEMA} {DESTINATIONS} COMMIT;"
             ))
             .await
             .map_err(query_error("create the loopsync schema"))
@@ -886,5 +899,119 @@ impl Warehouse for PgWarehouse {
             .await
             .map_err(query_error("commit forgotten confirmations"))?;
         Ok(forgotten)
+    }
+
+    async fn destination(&self, sync: &str) -> Result<Option<DestinationBinding>, WarehouseError> {
+        let row = self
+            .client
+            .query_opt(
+                &format!(
+                    "SELECT team, base_url, to_char(bound_at AT TIME ZONE 'UTC', {TIME})
+                       FROM loopsync.destinations WHERE sync = $1"
+                ),
+                &[&sync],
+            )
+            .await
+            .map_err(query_error("read a sync's destination"))?;
+        Ok(row.as_ref().map(binding))
+    }
+
+    async fn bind_destination(
+        &self,
+        sync: &str,
+        destination: &Destination,
+    ) -> Result<Option<DestinationBinding>, WarehouseError> {
+        // A binding deleted (by a reset) between the insert and the read: insert again.
+        for _ in 0..3 {
+            let inserted = self
+                .client
+                .execute(
+                    "INSERT INTO loopsync.destinations (sync, team, base_url) VALUES ($1, $2, $3)
+                     ON CONFLICT (sync) DO NOTHING",
+                    &[&sync, &destination.team, &destination.base_url],
+                )
+                .await
+                .map_err(query_error("bind a sync to its destination"))?;
+            if inserted == 1 {
+                return Ok(None);
+            }
+            if let Some(earlier) = self.destination(sync).await? {
+                return Ok(Some(earlier));
+            }
+        }
+        Err(WarehouseError::Query {
+            what: "bind a sync to its destination".into(),
+            detail: "the binding kept changing under a concurrent reset".into(),
+        })
+    }
+
+    async fn set_destination(
+        &self,
+        sync: &str,
+        destination: &Destination,
+    ) -> Result<(), WarehouseError> {
+        self.client
+            .execute(
+                "INSERT INTO loopsync.destinations (sync, team, base_url) VALUES ($1, $2, $3)
+                 ON CONFLICT (sync) DO UPDATE
+                    SET team = EXCLUDED.team, base_url = EXCLUDED.base_url, bound_at = now()",
+                &[&sync, &destination.team, &destination.base_url],
+            )
+            .await
+            .map_err(query_error("bind a sync to its destination"))?;
+        Ok(())
+    }
+
+    async fn reset_state(&self, sync: &str) -> Result<StateReset, WarehouseError> {
+        let mut client = self.writer.lock().await;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(query_error("begin a reset"))?;
+        // Row locks in (sync, key) order, as the checkpointer takes them: no deadlock.
+        tx.execute(
+            "SELECT key FROM loopsync.state WHERE sync = $1 ORDER BY key FOR UPDATE",
+            &[&sync],
+        )
+        .await
+        .map_err(query_error("lock a sync's state"))?;
+        let state_records = tx
+            .execute(
+                // Forgotten, not deleted: each record keeps its generation, moved on, so what
+                // the next run sends has new idempotency keys (a reset to the same Loops is not
+                // mistaken for the sends it forgot).
+                "UPDATE loopsync.state
+                    SET confirmed_fp = NULL, confirmed_run = NULL, confirmed_at = NULL,
+                        confirmed_email = NULL, confirmed_user_id = NULL, contact_id = NULL,
+                        emitted_fp = NULL, emitted_run = NULL, parked_fp = NULL,
+                        generation = generation + 1
+                  WHERE sync = $1
+                    AND (confirmed_fp IS NOT NULL OR emitted_fp IS NOT NULL OR parked_fp IS NOT NULL)",
+                &[&sync],
+            )
+            .await
+            .map_err(query_error("forget a sync's state"))?;
+        let destination = tx
+            .query_opt(
+                &format!(
+                    "DELETE FROM loopsync.destinations WHERE sync = $1
+                     RETURNING team, base_url, to_char(bound_at AT TIME ZONE 'UTC', {TIME})"
+                ),
+                &[&sync],
+            )
+            .await
+            .map_err(query_error("forget a sync's destination"))?;
+        tx.commit().await.map_err(query_error("commit a reset"))?;
+        Ok(StateReset {
+            state_records,
+            destination: destination.as_ref().map(binding),
+        })
+    }
+}
+/// A row of (team, base_url, bound_at).
+fn binding(row: &Row) -> DestinationBinding {
+    DestinationBinding {
+        destination: Destination::new(row.get(0), row.get(1)),
+        bound_at: row.get(2),
     }
 }

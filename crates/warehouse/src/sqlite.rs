@@ -8,15 +8,23 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use futures::StreamExt;
 use futures::stream::BoxStream;
+use loopsync_core::destination::Destination;
 use loopsync_core::envelope::{Outcome, OutcomeStatus, RequestCounts};
 use loopsync_core::spec::SyncSpec;
 use loopsync_core::value::EMAIL_TRIM;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::{
-    DiffRow, ExtractCounts, LEASE, RecordResult, RunSummary, Warehouse, WarehouseError, diff_sql,
-    is_removal, probe_sql, record_requests_sql, requests_of, summary_request_sql, summary_rows_sql,
+    DestinationBinding, DiffRow, ExtractCounts, LEASE, RecordResult, RunSummary, StateReset,
+    Warehouse, WarehouseError, diff_sql, is_removal, probe_sql, record_requests_sql, requests_of,
+    summary_request_sql, summary_rows_sql,
 };
+
+/// The Loops destination each sync's state is bound to (PostgreSQL's `DESTINATIONS`).
+const DESTINATIONS: &str = "
+CREATE TABLE IF NOT EXISTS loopsync_destinations (
+    sync TEXT PRIMARY KEY, team TEXT, base_url TEXT NOT NULL, bound_at TEXT NOT NULL);
+";
 
 const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
 
@@ -106,6 +114,8 @@ fn migrate(c: &mut Connection) -> Result<(), WarehouseError> {
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
         .map_err(error("begin preparing the loopsync tables"))?;
     tx.execute_batch(SCHEMA)
+        .map_err(error("create the loopsync tables"))?;
+    tx.execute_batch(DESTINATIONS)
         .map_err(error("create the loopsync tables"))?;
     for (table, column, declaration) in ADDED_COLUMNS {
         let present: bool = tx
@@ -915,4 +925,111 @@ impl Warehouse for SqliteWarehouse {
         })
         .await
     }
+
+    async fn destination(&self, sync: &str) -> Result<Option<DestinationBinding>, WarehouseError> {
+        let sync = sync.to_owned();
+        self.with(move |c| read_destination(c, &sync)).await
+    }
+
+    async fn bind_destination(
+        &self,
+        sync: &str,
+        destination: &Destination,
+    ) -> Result<Option<DestinationBinding>, WarehouseError> {
+        let (sync, destination) = (sync.to_owned(), destination.clone());
+        self.with(move |c| {
+            let tx = c
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(error("begin"))?;
+            let earlier = read_destination(&tx, &sync)?;
+            if earlier.is_none() {
+                tx.execute(
+                    &format!(
+                        "INSERT INTO loopsync_destinations (sync, team, base_url, bound_at)
+                         VALUES (?1, ?2, ?3, {NOW})"
+                    ),
+                    params![sync, destination.team, destination.base_url],
+                )
+                .map_err(error("bind a sync to its destination"))?;
+            }
+            tx.commit().map_err(error("commit"))?;
+            Ok(earlier)
+        })
+        .await
+    }
+
+    async fn set_destination(
+        &self,
+        sync: &str,
+        destination: &Destination,
+    ) -> Result<(), WarehouseError> {
+        let (sync, destination) = (sync.to_owned(), destination.clone());
+        self.with(move |c| {
+            c.execute(
+                &format!(
+                    "INSERT INTO loopsync_destinations (sync, team, base_url, bound_at)
+                     VALUES (?1, ?2, ?3, {NOW})
+                     ON CONFLICT (sync) DO UPDATE
+                        SET team = excluded.team, base_url = excluded.base_url,
+                            bound_at = excluded.bound_at"
+                ),
+                params![sync, destination.team, destination.base_url],
+            )
+            .map_err(error("bind a sync to its destination"))?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn reset_state(&self, sync: &str) -> Result<StateReset, WarehouseError> {
+        let sync = sync.to_owned();
+        self.with(move |c| {
+            let tx = c
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(error("begin"))?;
+            let state_records = tx
+                .execute(
+                    // Forgotten, not deleted: see the PostgreSQL side.
+                    "UPDATE loopsync_state
+                        SET confirmed_fp = NULL, confirmed_run = NULL, confirmed_at = NULL,
+                            confirmed_email = NULL, confirmed_user_id = NULL, contact_id = NULL,
+                            emitted_fp = NULL, emitted_run = NULL, parked_fp = NULL,
+                            generation = generation + 1
+                      WHERE sync = ?1
+                    AND (confirmed_fp IS NOT NULL OR emitted_fp IS NOT NULL OR parked_fp IS NOT NULL)",
+                    params![sync],
+                )
+                .map_err(error("forget a sync's state"))? as u64;
+            let destination = read_destination(&tx, &sync)?;
+            tx.execute(
+                "DELETE FROM loopsync_destinations WHERE sync = ?1",
+                params![sync],
+            )
+            .map_err(error("forget a sync's destination"))?;
+            tx.commit().map_err(error("commit"))?;
+            Ok(StateReset {
+                state_records,
+                destination,
+            })
+        })
+        .await
+    }
+}
+/// The destination `sync` is bound to, if any.
+fn read_destination(
+    c: &Connection,
+    sync: &str,
+) -> Result<Option<DestinationBinding>, WarehouseError> {
+    c.query_row(
+        "SELECT team, base_url, bound_at FROM loopsync_destinations WHERE sync = ?1",
+        params![sync],
+        |r| {
+            Ok(DestinationBinding {
+                destination: Destination::new(r.get(0)?, &r.get::<_, String>(1)?),
+                bound_at: r.get(2)?,
+            })
+        },
+    )
+    .optional()
+    .map_err(error("read a sync's destination"))
 }

@@ -876,3 +876,125 @@ async fn postgres_forgetting_confirmations() {
 async fn sqlite_forgetting_confirmations() {
     forgetting_confirmations(sqlite(), "1").await;
 }
+
+/// A sync's state is bound to one destination: the first bind records it, later binds are
+/// told it (whatever they asked); `set_destination` replaces it; `reset_state` forgets the
+/// sync's state and binding, and nothing of another sync, nor the runs and records.
+async fn destinations_bind_and_reset(f: Fixture) {
+    use loopsync_core::destination::Destination;
+    let w = &*f.warehouse;
+    w.prepare().await.unwrap();
+    (f.exec)(
+        "CREATE TABLE users (id integer, email text, first_name text, newsletter boolean)".into(),
+    )
+    .await;
+    let a = Destination::new(Some("Team".into()), "http://127.0.0.1:4001/api/");
+    let b = Destination::new(Some("Team".into()), "http://127.0.0.1:4002/api");
+    assert_eq!(w.destination("users").await.unwrap(), None);
+    assert_eq!(w.bind_destination("users", &a).await.unwrap(), None);
+    let bound = w.destination("users").await.unwrap().unwrap();
+    assert_eq!(bound.destination, a);
+    assert_eq!(bound.destination.base_url, "http://127.0.0.1:4001/api");
+    assert!(bound.bound_at.ends_with('Z'), "{}", bound.bound_at);
+    let earlier = w.bind_destination("users", &b).await.unwrap();
+    assert_eq!(
+        earlier.map(|e| e.destination),
+        Some(a.clone()),
+        "b does not replace a"
+    );
+    assert_eq!(
+        w.destination("users").await.unwrap().unwrap().destination,
+        a
+    );
+    assert_eq!(
+        w.bind_destination("users", &a)
+            .await
+            .unwrap()
+            .map(|e| e.destination),
+        Some(a.clone())
+    );
+    // Another sync has its own binding; a team Loops did not name is kept as such.
+    let unnamed = Destination::new(None, "http://127.0.0.1:4002/api");
+    assert_eq!(w.bind_destination("teams", &unnamed).await.unwrap(), None);
+    assert_eq!(
+        w.destination("teams").await.unwrap().unwrap().destination,
+        unnamed
+    );
+    w.set_destination("users", &b).await.unwrap();
+    assert_eq!(
+        w.destination("users").await.unwrap().unwrap().destination,
+        b
+    );
+
+    // State of both syncs, a run and its records.
+    let s = spec("users", "users");
+    let run = w.create_run("users").await.unwrap();
+    w.claim_run(run, false).await.unwrap();
+    w.mark_emitted(
+        "users",
+        run,
+        &[("1".into(), "f1".into()), ("2".into(), "f2".into())],
+    )
+    .await
+    .unwrap();
+    w.finish_extract(
+        run,
+        &ExtractCounts {
+            added: 2,
+            expected: 2,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    w.record_outcomes(&[confirmed(&s, run, "1", "f1"), confirmed(&s, run, "2", "f2")])
+        .await
+        .unwrap();
+    w.adopt("teams", run, &[("9".into(), "f9".into(), None, None)])
+        .await
+        .unwrap();
+
+    let reset = w.reset_state("users").await.unwrap();
+    assert_eq!(reset.state_records, 2);
+    assert_eq!(reset.destination.map(|d| d.destination), Some(b.clone()));
+    assert_eq!(w.destination("users").await.unwrap(), None);
+    // Nothing confirmed is left; each record keeps a generation, moved on, so the next sends
+    // have new idempotency keys.
+    let rows = diff(w, &s).await;
+    assert!(
+        rows.iter()
+            .all(|r| r.confirmed_fp.is_none() && r.confirmed_email.is_none() && r.generation == 2),
+        "nothing confirmed left: {rows:?}"
+    );
+    let teams = diff(w, &spec("teams", "users")).await;
+    assert_eq!(teams.len(), 1, "another sync keeps its state: {teams:?}");
+    assert_eq!(
+        w.destination("teams").await.unwrap().unwrap().destination,
+        unnamed,
+        "another sync keeps its binding"
+    );
+    let summary = w.run(run).await.unwrap().unwrap();
+    assert_eq!(
+        (summary.status.as_str(), summary.confirmed),
+        ("succeeded", 2)
+    );
+    assert_eq!(
+        w.records(run).await.unwrap().len(),
+        2,
+        "records are history"
+    );
+    // Nothing left to forget; the sync binds afresh.
+    assert_eq!(w.reset_state("users").await.unwrap(), StateReset::default());
+    assert_eq!(w.bind_destination("users", &b).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn postgres_destinations_bind_and_reset() {
+    let Some(f) = postgres().await else { return };
+    destinations_bind_and_reset(f).await;
+}
+
+#[tokio::test]
+async fn sqlite_destinations_bind_and_reset() {
+    destinations_bind_and_reset(sqlite()).await;
+}

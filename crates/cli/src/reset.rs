@@ -1,0 +1,85 @@
+//! `loopsync reset --sync NAME`: forgets a sync's state — what Loops confirmed for each of its
+//! records (`loopsync.state`) and the Loops destination it is bound to
+//! (`loopsync.destinations`) — so that its next run sends every row of the model to the
+//! destination the config points at. Its runs and per-record results stay, as history. The way
+//! forward when a sync is pointed at another Loops that lacks its contacts (the other is
+//! `loopsync adopt`). Needs only the warehouse: no Loops secret, no request to Loops.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::Path;
+use std::process::ExitCode;
+
+use clap::Args;
+
+use crate::{EXIT_FAILED, UsageError, load_config_for_warehouse, open_warehouse};
+
+#[derive(Debug, Args)]
+pub struct ResetArgs {
+    /// The sync whose state to forget.
+    #[arg(long)]
+    sync: String,
+    /// Do not ask for confirmation (needed when stdin is not a terminal).
+    #[arg(long)]
+    yes: bool,
+    /// Print what was deleted as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn run(config_path: &Path, args: ResetArgs) -> anyhow::Result<ExitCode> {
+    let config = load_config_for_warehouse(config_path, Some(&args.sync))?;
+    let warehouse = open_warehouse(&config).await?;
+    let sync = args.sync.as_str();
+    let bound = warehouse.destination(sync).await?;
+    // One run of a sync at a time: a run still going would write state again as Loops
+    // confirms its records.
+    if let Some(run) = warehouse.runs(Some(sync), 1).await?.first()
+        && !run.is_finished()
+    {
+        eprintln!(
+            "warning: run {} of sync {sync} is {}: if it is still in progress, the records it \
+             confirms become state again; reset once it has ended",
+            run.id, run.status
+        );
+    }
+    if !args.yes {
+        if !std::io::stdin().is_terminal() {
+            return Err(UsageError(format!(
+                "reset forgets the state of sync {sync}: confirm with --yes (stdin is not a terminal)"
+            ))
+            .into());
+        }
+        let bound = bound
+            .as_ref()
+            .map(|b| format!(", and its binding to {}", b.destination))
+            .unwrap_or_default();
+        eprint!(
+            "Forget the state of sync {sync} (what Loops confirmed for each record{bound})? Its \
+             next run sends every row of the model to the Loops the config points at. [y/N] "
+        );
+        std::io::stderr().flush()?;
+        let mut answer = String::new();
+        std::io::stdin().lock().read_line(&mut answer)?;
+        if !matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes") {
+            eprintln!("nothing was forgotten");
+            return Ok(ExitCode::from(EXIT_FAILED));
+        }
+    }
+    let reset = warehouse.reset_state(sync).await?;
+    if args.json {
+        let mut value = serde_json::to_value(&reset)?;
+        value["sync"] = sync.into();
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        let binding = match &reset.destination {
+            Some(b) => format!("its binding to {} (since {})", b.destination, b.bound_at),
+            None => "no destination binding".into(),
+        };
+        println!(
+            "sync {sync}: forgot the state of {} records and {binding}; its runs and records are \
+             kept. The next run sends every row of the model to the Loops the config points at.",
+            reset.state_records
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

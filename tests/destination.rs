@@ -1,0 +1,301 @@
+//! A sync's state belongs to one Loops: the team of the API key at the API's base URL. Pointed
+//! at another Loops, a run (in process, over NATS, `--remote`) and `dlq replay` refuse the sync
+//! (exit 2) and send it nothing, until `loopsync reset` (the next run sends every row there) or
+//! `loopsync adopt` (the model is recorded as confirmed there). The `loopsync` binary against
+//! PostgreSQL, two simulator processes and (where said) NATS, all real processes.
+
+use loopsync_testkit::{COMMAND_DEADLINE, Seen, SimProcess, Stack, StackOptions, output_within};
+use serde_json::{Value, json};
+
+/// A second simulated Loops, with the stack's mailing list.
+fn another_loops() -> SimProcess {
+    SimProcess::start(&["--rate-limit", "100", "--list", "cm_news=Newsletter"])
+}
+
+/// Rewrites the config's `base_url` from one API root to another.
+fn point_at(stack: &Stack, from: &str, to: &str) {
+    let text = std::fs::read_to_string(&stack.config).expect("read the config");
+    let (from, to) = (
+        format!("base_url = \"{from}\""),
+        format!("base_url = \"{to}\""),
+    );
+    assert!(text.contains(&from), "{from} in:\n{text}");
+    std::fs::write(&stack.config, text.replace(&from, &to)).expect("write the config");
+}
+
+/// What `sim` received while `f` ran.
+async fn seen_by<T>(sim: &SimProcess, f: impl std::future::Future<Output = T>) -> (T, Seen) {
+    let before = sim.seen().await;
+    let out = f.await;
+    (out, sim.seen().await.since(&before))
+}
+
+/// The refusal of sync `users`: it names where the state belongs, where the config points,
+/// and both ways forward.
+fn assert_refused(status: i32, stderr: &str, bound: &str, configured: &str) {
+    assert_eq!(status, 2, "{stderr}");
+    for part in [
+        "sync users: its state belongs to another Loops, so nothing was sent",
+        &format!("state confirmed against: {bound}"),
+        &format!("the config points at:    {configured}"),
+        "loopsync adopt --sync users",
+        "loopsync reset --sync users",
+    ] {
+        assert!(stderr.contains(part), "{part:?} in:\n{stderr}");
+    }
+}
+
+fn team_at(team: &str, api: &str) -> String {
+    format!("team \"{team}\" at {api}")
+}
+
+/// Sync to simulator A; point the config at simulator B (same team name, another URL): refused,
+/// nothing sent to B; `reset` (without Loops' secrets) → the next run sends every row to B;
+/// pointed back at A: refused again until `adopt`, after which a run sends A nothing. State from
+/// before bindings existed is bound to the first destination it meets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_refuses_another_loops_until_reset_or_adopt() {
+    let Some(stack) = Stack::start(StackOptions {
+        rows: 5,
+        // Once a year: for `loopsync run` without --once, which refuses before it follows.
+        extra_sync: "schedule = \"0 0 1 1 *\"",
+        ..StackOptions::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let a = stack.sim.api();
+    let (first, seen) = stack.run_seen(&[]).await;
+    assert_eq!(first.status, 0, "{}", first.stderr);
+    assert_eq!(seen.to("PUT /v1/contacts/update"), 5);
+    assert_eq!(
+        stack
+            .count("SELECT count(*) FROM loopsync.destinations WHERE sync = 'users'")
+            .await,
+        1
+    );
+
+    // State from before bindings existed: bound to the first destination it meets.
+    stack.sql("DELETE FROM loopsync.destinations").await;
+    let (again, seen) = stack.run_seen(&[]).await;
+    assert_eq!(again.status, 0, "{}", again.stderr);
+    assert_eq!(again.run()["unchanged"], 5);
+    assert_eq!(seen.writes(), 0, "{seen:?}");
+    assert_eq!(
+        seen.to("GET /v1/api-key"),
+        1,
+        "the team, asked once: {seen:?}"
+    );
+    assert_eq!(
+        again.run()["requests_by_kind"]["preflight"],
+        2,
+        "the team and the property list: {}",
+        again.run()
+    );
+    assert!(
+        again.stderr.contains(&format!(
+            "sync users: its state is bound to {} from now on",
+            team_at("Simulated Team", &a)
+        )),
+        "{}",
+        again.stderr
+    );
+
+    // Pointed at B, an empty Loops with the same team name.
+    let sim_b = another_loops();
+    let b = sim_b.api();
+    point_at(&stack, &a, &b);
+    let check = stack.output(&["check"]).await;
+    let text = String::from_utf8_lossy(&check.stdout);
+    assert_eq!(check.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains(&format!(
+            "ok   destination: {}",
+            team_at("Simulated Team", &b)
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "FAIL sync users: state bound to {} (since ",
+            team_at("Simulated Team", &a)
+        )),
+        "{text}"
+    );
+    let check = stack.output(&["check", "--json"]).await;
+    let report: Value = serde_json::from_slice(&check.stdout).unwrap();
+    assert_eq!(report["destination"]["base_url"], b.as_str(), "{report}");
+    assert_eq!(report["bindings"][0]["bound_to"]["base_url"], a.as_str());
+    assert_eq!(report["bindings"][0]["matches"], false);
+
+    let ((refused, on_a), on_b) = seen_by(&sim_b, seen_by(&stack.sim, stack.run_once(&[]))).await;
+    assert_refused(
+        refused.status,
+        &refused.stderr,
+        &team_at("Simulated Team", &a),
+        &team_at("Simulated Team", &b),
+    );
+    assert_eq!(refused.runs, json!([]), "no run was requested");
+    assert_eq!(on_b.writes(), 0, "{on_b:?}");
+    assert_eq!(
+        (on_b.total, on_b.to("GET /v1/api-key")),
+        (1, 1),
+        "B was only asked for its team: {on_b:?}"
+    );
+    assert_eq!(on_a.total, 0, "{on_a:?}");
+    // Following the schedules: refused before the first fire.
+    let (scheduled, on_b) = seen_by(&sim_b, stack.output(&["run"])).await;
+    assert_refused(
+        scheduled.status.code().unwrap_or(-1),
+        &String::from_utf8_lossy(&scheduled.stderr),
+        &team_at("Simulated Team", &a),
+        &team_at("Simulated Team", &b),
+    );
+    assert_eq!(on_b.writes(), 0, "{on_b:?}");
+    assert!(sim_b.contacts().await.is_empty());
+
+    // reset: asks first (stdin is no terminal here: --yes is needed), knows only the config's
+    // syncs, and needs the warehouse only.
+    let unconfirmed = stack.output(&["reset", "--sync", "users"]).await;
+    assert_eq!(unconfirmed.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&unconfirmed.stderr).contains("--yes"));
+    let unknown = stack.output(&["reset", "--sync", "nobody", "--yes"]).await;
+    assert_eq!(unknown.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no sync named \"nobody\""));
+    assert_eq!(stack.count("SELECT count(*) FROM loopsync.state").await, 5);
+    let reset = output_within(
+        stack
+            .command(&["reset", "--sync", "users", "--yes", "--json"])
+            .env_remove("LOOPS_API_KEY"),
+        COMMAND_DEADLINE,
+        "loopsync reset without LOOPS_API_KEY",
+    )
+    .await;
+    assert_eq!(
+        reset.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&reset.stderr)
+    );
+    let forgot: Value = serde_json::from_slice(&reset.stdout).unwrap();
+    assert_eq!(forgot["sync"], "users");
+    assert_eq!(forgot["state_records"], 5, "{forgot}");
+    assert_eq!(forgot["destination"]["base_url"], a.as_str(), "{forgot}");
+    assert_eq!(
+        stack
+            .count("SELECT count(*) FROM loopsync.state WHERE confirmed_fp IS NOT NULL")
+            .await,
+        0,
+        "nothing confirmed is left (each record keeps only its generation)"
+    );
+    assert_eq!(
+        stack
+            .count("SELECT count(*) FROM loopsync.destinations")
+            .await,
+        0
+    );
+    assert_eq!(
+        stack.count("SELECT count(*) FROM loopsync.records").await,
+        5,
+        "the records are history, kept"
+    );
+
+    // The next run sends every row to B, and binds the sync there.
+    let (sent, on_b) = seen_by(&sim_b, stack.run_once(&[])).await;
+    assert_eq!(sent.status, 0, "{}", sent.stderr);
+    assert_eq!(sent.run()["added"], 5);
+    assert_eq!(on_b.to("PUT /v1/contacts/update"), 5, "{on_b:?}");
+    assert_eq!(sim_b.contacts().await.len(), 5);
+
+    // Back at A: refused until adopt; adopt sends nothing, and a run after it neither.
+    point_at(&stack, &b, &a);
+    let (refused, on_a) = seen_by(&stack.sim, stack.run_once(&[])).await;
+    assert_refused(
+        refused.status,
+        &refused.stderr,
+        &team_at("Simulated Team", &b),
+        &team_at("Simulated Team", &a),
+    );
+    assert_eq!(on_a.writes(), 0, "{on_a:?}");
+    let (adopted, on_a) = seen_by(&stack.sim, stack.output(&["adopt", "--sync", "users"])).await;
+    let text = String::from_utf8_lossy(&adopted.stdout);
+    assert!(
+        adopted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&adopted.stderr)
+    );
+    assert!(
+        text.contains(&format!(
+            "sync users: its state is bound to {} (it was bound to {}).",
+            team_at("Simulated Team", &a),
+            team_at("Simulated Team", &b)
+        )),
+        "{text}"
+    );
+    assert_eq!(on_a.writes(), 0, "adopt sends nothing: {on_a:?}");
+    let (quiet, on_a) = seen_by(&stack.sim, stack.run_once(&[])).await;
+    assert_eq!(quiet.status, 0, "{}", quiet.stderr);
+    assert_eq!(quiet.run()["unchanged"], 5, "{}", quiet.run());
+    assert_eq!(on_a.writes(), 0, "{on_a:?}");
+}
+
+/// Over NATS, with B a Loops of another team: `run --once` (stages in process, over NATS),
+/// `run --once --remote` (no worker needed: no run is requested) and `dlq replay` all refuse,
+/// and B receives nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_team_is_refused_over_nats() {
+    let Some(stack) = Stack::start(StackOptions {
+        rows: 5,
+        nats: true,
+        max_attempts: 2,
+        ..StackOptions::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let a = stack.sim.api();
+    // A fails every contact write: the records are dead-lettered, for `dlq replay` below.
+    stack
+        .sim_post(
+            "faults",
+            json!({"error_503": 1.0, "endpoints": ["PUT /v1/contacts/update"]}),
+        )
+        .await;
+    let first = stack.run_once(&[]).await;
+    assert_eq!(first.status, 3, "{}", first.stderr);
+    assert_eq!(first.run()["dead_lettered"], 5);
+
+    let sim_b = another_loops();
+    let mut settings = sim_b.inspect("settings").await;
+    settings["team_name"] = json!("Other Team");
+    sim_b.post("settings", settings).await;
+    let b = sim_b.api();
+    point_at(&stack, &a, &b);
+    let bound = team_at("Simulated Team", &a);
+    let configured = team_at("Other Team", &b);
+
+    let (refused, on_b) = seen_by(&sim_b, stack.run_once(&[])).await;
+    assert_refused(refused.status, &refused.stderr, &bound, &configured);
+    assert_eq!(on_b.writes(), 0, "{on_b:?}");
+    let (remote, on_b) = seen_by(&sim_b, stack.run_once(&["--remote"])).await;
+    assert_refused(remote.status, &remote.stderr, &bound, &configured);
+    assert_eq!(on_b.writes(), 0, "{on_b:?}");
+    let (replay, on_b) = seen_by(&sim_b, stack.output(&["dlq", "replay", "--json"])).await;
+    assert_refused(
+        replay.status.code().unwrap_or(-1),
+        &String::from_utf8_lossy(&replay.stderr),
+        &bound,
+        &configured,
+    );
+    assert_eq!(on_b.writes(), 0, "{on_b:?}");
+    assert!(sim_b.contacts().await.is_empty());
+    assert_eq!(
+        stack
+            .count("SELECT count(*) FROM loopsync.runs WHERE sync = 'users'")
+            .await,
+        1,
+        "no run was requested after the first"
+    );
+}
