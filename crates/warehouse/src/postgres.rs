@@ -136,9 +136,22 @@ fn query_error(what: &str) -> impl Fn(tokio_postgres::Error) -> WarehouseError +
 
 fn describe(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
+        Some(db) if *db.code() == SqlState::LOCK_NOT_AVAILABLE => format!(
+            "waited {LOCK_TIMEOUT} for a lock another session holds ({}); tried again later",
+            db.message()
+        ),
         Some(db) => db.message().to_owned(),
         None => e.to_string(),
     }
+}
+
+/// How long any statement of loopsync's waits for a lock before it gives up, retryably: a lock
+/// wait never becomes a silent hang.
+const LOCK_TIMEOUT: &str = "10s";
+
+/// The version of the state's tables: a digest of their DDL, so any change to it migrates.
+fn schema_version() -> String {
+    loopsync_core::keys::fingerprint(&[SCHEMA, DESTINATIONS])
 }
 
 /// The warehouse on PostgreSQL.
@@ -158,6 +171,10 @@ async fn open(url: &str) -> Result<Client, WarehouseError> {
             tracing::warn!(%error, "warehouse connection ended");
         }
     });
+    client
+        .batch_execute(&format!("SET lock_timeout = '{LOCK_TIMEOUT}'"))
+        .await
+        .map_err(|e| WarehouseError::Connect(describe(&e)))?;
     Ok(client)
 }
 
@@ -261,10 +278,35 @@ UPDATE loopsync.runs r
 #[async_trait]
 impl Warehouse for PgWarehouse {
     async fn prepare(&self) -> Result<(), WarehouseError> {
+        // A state whose tables are current needs no DDL, and takes no lock: a command started
+        // beside a run that reads the state (its diff) must neither wait behind that read nor
+        // make the run's own writes queue behind its ALTER TABLE.
+        let version = schema_version();
+        let current = match self
+            .client
+            .query_opt("SELECT version FROM loopsync.schema_version", &[])
+            .await
+        {
+            Ok(row) => row.map(|r| r.get::<_, String>(0)),
+            Err(e)
+                if e.code() == Some(&SqlState::UNDEFINED_TABLE)
+                    || e.code() == Some(&SqlState::INVALID_SCHEMA_NAME) =>
+            {
+                None
+            }
+            Err(e) => return Err(query_error("read the loopsync schema's version")(e)),
+        };
+        if current.as_deref() == Some(version.as_str()) {
+            return Ok(());
+        }
         // Several processes may start at once: CREATE … IF NOT EXISTS races in PostgreSQL.
         self.client
             .batch_execute(&format!(
-                "BEGIN; SELECT pg_advisory_xact_lock(735560801); {SCHEMA} {DESTINATIONS} COMMIT;"
+                "BEGIN; SELECT pg_advisory_xact_lock(735560801); {SCHEMA} {DESTINATIONS}
+                 CREATE TABLE IF NOT EXISTS loopsync.schema_version (version text NOT NULL);
+                 DELETE FROM loopsync.schema_version;
+                 INSERT INTO loopsync.schema_version VALUES ('{version}');
+                 COMMIT;"
             ))
             .await
             .map_err(query_error("create the loopsync schema"))

@@ -998,3 +998,24 @@ async fn postgres_destinations_bind_and_reset() {
 async fn sqlite_destinations_bind_and_reset() {
     destinations_bind_and_reset(sqlite()).await;
 }
+
+/// A lock loopsync waits for too long is a retryable error that says so, never a silent hang.
+#[tokio::test]
+async fn postgres_lock_waits_time_out_retryably() {
+    let Some(f) = postgres().await else { return };
+    f.warehouse.prepare().await.unwrap();
+    // Another session holds the runs table exclusively (say, someone's maintenance).
+    (f.exec)("BEGIN; LOCK TABLE loopsync.runs IN ACCESS EXCLUSIVE MODE;".into()).await;
+    let started = std::time::Instant::now();
+    let error = f.warehouse.runs(None, 10).await.unwrap_err();
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    assert_eq!(error.class(), ErrorClass::RETRY, "{error}");
+    assert!(
+        error
+            .to_string()
+            .contains("waited 10s for a lock another session holds"),
+        "{error}"
+    );
+    (f.exec)("COMMIT;".into()).await;
+    assert!(f.warehouse.runs(None, 10).await.is_ok());
+}
