@@ -40,7 +40,9 @@ pub async fn run(config_path: &Path, args: AdoptArgs) -> anyhow::Result<ExitCode
     let client = loops_client(&config)?;
     let budget = RateBudget::local(config.loops.requests_per_second);
     let mut preflight = RequestCounts::default();
-    let configured = destination::configured(&client, &budget, &mut preflight).await?;
+    let configured =
+        destination::configured(&client, &budget, config.loops.max_attempts, &mut preflight)
+            .await?;
     let mut summaries = Vec::new();
     for sync in &config.syncs {
         let spec = &sync.spec;

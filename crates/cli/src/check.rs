@@ -93,7 +93,11 @@ pub async fn run(config_path: &Path, args: CheckArgs) -> anyhow::Result<ExitCode
     // `check` belongs to no run: its requests are counted nowhere.
     let mut uncounted = RequestCounts::default();
     let counts = &mut uncounted;
-    match with_retries(&budget, counts, || client.test_api_key()).await {
+    match with_retries(&budget, config.loops.max_attempts, counts, || {
+        client.test_api_key()
+    })
+    .await
+    {
         Err(e) => report.loops = Some(e.to_string()),
         Ok(info) => {
             let configured = Destination::new(info.team_name.clone(), client.base_url());
@@ -102,8 +106,14 @@ pub async fn run(config_path: &Path, args: CheckArgs) -> anyhow::Result<ExitCode
             }
             report.destination = Some(configured);
             report.team_name = info.team_name;
-            let existing = with_retries(&budget, counts, || client.list_properties(false)).await?;
-            let lists = with_retries(&budget, counts, || client.list_mailing_lists()).await?;
+            let existing = with_retries(&budget, config.loops.max_attempts, counts, || {
+                client.list_properties(false)
+            })
+            .await?;
+            let lists = with_retries(&budget, config.loops.max_attempts, counts, || {
+                client.list_mailing_lists()
+            })
+            .await?;
             for sync in &config.syncs {
                 for p in &sync.spec.properties {
                     if default_property_kind(&p.property).is_some() {
@@ -139,7 +149,10 @@ pub async fn run(config_path: &Path, args: CheckArgs) -> anyhow::Result<ExitCode
                 for wanted in std::mem::take(&mut report.missing_properties) {
                     let (name, kind) = wanted.split_once(": ").expect("name: type");
                     let kind: PropertyType = kind.parse().map_err(anyhow::Error::msg)?;
-                    with_retries(&budget, counts, || client.create_property(name, kind)).await?;
+                    with_retries(&budget, config.loops.max_attempts, counts, || {
+                        client.create_property(name, kind)
+                    })
+                    .await?;
                     report.created_properties.push(wanted);
                 }
             }

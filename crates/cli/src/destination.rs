@@ -26,9 +26,10 @@ use crate::pipeline::with_retries;
 pub async fn configured(
     client: &LoopsClient,
     budget: &RateBudget,
+    attempts: u32,
     counts: &mut RequestCounts,
 ) -> anyhow::Result<Destination> {
-    let info = with_retries(budget, counts, || client.test_api_key())
+    let info = with_retries(budget, attempts, counts, || client.test_api_key())
         .await
         .context("asking Loops which team the API key belongs to (GET /v1/api-key)")?;
     Ok(Destination::new(info.team_name, client.base_url()))

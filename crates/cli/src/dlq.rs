@@ -161,8 +161,13 @@ pub async fn run(config_path: &Path, args: DlqArgs) -> anyhow::Result<ExitCode> 
             // key's team, counted as the first replay's preflight.
             let client = pipeline.loops_client()?;
             let mut preflight = RequestCounts::default();
-            let configured =
-                destination::configured(&client, &pipeline.budget, &mut preflight).await?;
+            let configured = destination::configured(
+                &client,
+                &pipeline.budget,
+                pipeline.config.loops.max_attempts,
+                &mut preflight,
+            )
+            .await?;
             if !remote {
                 pipeline.spawn_all()?;
             }

@@ -214,6 +214,8 @@ pub fn loops_client(config: &Config) -> anyhow::Result<LoopsClient> {
 /// invocation, a creation with the run of the first sync that needed it.
 pub struct Preflight {
     destination: Destination,
+    /// `loops.max_attempts`.
+    attempts: u32,
     /// Listed before the first run that needs it.
     existing: Option<Vec<String>>,
     created: Vec<String>,
@@ -222,10 +224,16 @@ pub struct Preflight {
 
 impl Preflight {
     /// Asks which team the API key belongs to (`GET /v1/api-key`): the destination.
-    pub async fn start(client: &LoopsClient, budget: &RateBudget) -> anyhow::Result<Preflight> {
+    pub async fn start(
+        client: &LoopsClient,
+        budget: &RateBudget,
+        attempts: u32,
+    ) -> anyhow::Result<Preflight> {
         let mut pending = RequestCounts::default();
-        let destination = crate::destination::configured(client, budget, &mut pending).await?;
+        let destination =
+            crate::destination::configured(client, budget, attempts, &mut pending).await?;
         Ok(Preflight {
+            attempts,
             destination,
             existing: None,
             created: Vec::new(),
@@ -247,9 +255,11 @@ impl Preflight {
         budget: &RateBudget,
     ) -> anyhow::Result<Vec<String>> {
         if self.existing.is_none() {
-            let listed = with_retries(budget, &mut self.pending, || client.list_properties(false))
-                .await
-                .context("listing the contact properties of the Loops team")?;
+            let listed = with_retries(budget, self.attempts, &mut self.pending, || {
+                client.list_properties(false)
+            })
+            .await
+            .context("listing the contact properties of the Loops team")?;
             self.existing = Some(listed.into_iter().map(|p| p.key).collect());
         }
         let existing = self.existing.as_deref().unwrap_or_default();
@@ -262,7 +272,7 @@ impl Preflight {
                 continue;
             }
             let kind: PropertyType = p.kind.as_str().parse().map_err(anyhow::Error::msg)?;
-            with_retries(budget, &mut self.pending, || {
+            with_retries(budget, self.attempts, &mut self.pending, || {
                 client.create_property(&p.property, kind)
             })
             .await
@@ -279,11 +289,13 @@ impl Preflight {
     }
 }
 
-/// A call to Loops outside the pipeline (the preflight, `check`), paced, and retried like the
-/// loader's: a retryable answer waits (the server's delay, or the worker's backoff) and tries
-/// again, up to five attempts. Every request sent is counted in `counts` (kind preflight).
+/// A call to Loops outside the pipeline (the preflight, `check`, `verify`), paced, and retried
+/// like the loader's: a retryable answer waits (the server's delay, or the worker's backoff)
+/// and tries again, up to `attempts` (`loops.max_attempts`, as the loader). Every request sent
+/// is counted in `counts` (kind preflight).
 pub(crate) async fn with_retries<T, F, Fut>(
     budget: &RateBudget,
+    attempts: u32,
     counts: &mut RequestCounts,
     mut call: F,
 ) -> anyhow::Result<T>
@@ -292,7 +304,6 @@ where
     Fut: std::future::Future<Output = Result<T, loopsync_loops_client::LoopsError>>,
 {
     use loopsync_core::{Classified, ErrorClass};
-    const ATTEMPTS: u32 = 5;
     let backoff = worker::Backoff::default();
     let mut attempt = 1;
     loop {
@@ -306,7 +317,7 @@ where
             Ok(_) => counts.count(RequestKind::Preflight, attempt > 1, false),
         }
         match result {
-            Err(error) if attempt < ATTEMPTS && error.class().is_retryable() => {
+            Err(error) if attempt < attempts && error.class().is_retryable() => {
                 let delay = match error.class() {
                     ErrorClass::Retryable { after: Some(after) } => after,
                     _ => backoff.delay(attempt),
@@ -375,7 +386,7 @@ mod tests {
             ..Faults::default()
         })
         .unwrap();
-        let mut preflight = Preflight::start(&client, &budget).await.unwrap();
+        let mut preflight = Preflight::start(&client, &budget, 5).await.unwrap();
         assert_eq!(
             preflight.destination(),
             &Destination::new(Some("Simulated Team".into()), &sim.base_url())

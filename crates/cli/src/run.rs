@@ -82,7 +82,8 @@ pub async fn run(config_path: &Path, args: RunArgs) -> anyhow::Result<ExitCode> 
     }
     let mut pipeline = Pipeline::connect(config.clone()).await?;
     let client = pipeline.loops_client()?;
-    let mut preflight = Preflight::start(&client, &pipeline.budget).await?;
+    let mut preflight =
+        Preflight::start(&client, &pipeline.budget, config.loops.max_attempts).await?;
     if !args.once {
         // A sync bound to another destination stops the schedules before they start.
         for sync in scheduled(&config, &syncs) {

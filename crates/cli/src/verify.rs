@@ -169,7 +169,7 @@ pub async fn run(config_path: &Path, args: VerifyArgs) -> anyhow::Result<ExitCod
             let one = verify_sync(
                 &*pipeline.warehouse,
                 &client,
-                &pipeline.budget,
+                (&pipeline.budget, pipeline.config.loops.max_attempts),
                 pipeline.config.loops.concurrency.max(1),
                 spec,
                 &args,
@@ -198,7 +198,7 @@ pub async fn run(config_path: &Path, args: VerifyArgs) -> anyhow::Result<ExitCod
 async fn verify_sync(
     warehouse: &dyn Warehouse,
     client: &LoopsClient,
-    budget: &RateBudget,
+    (budget, attempts): (&RateBudget, u32),
     concurrency: usize,
     spec: &SyncSpec,
     args: &VerifyArgs,
@@ -291,7 +291,10 @@ async fn verify_sync(
                         Lookup::Email(e) => ContactIdentity::Email(e),
                         Lookup::UserId(u) => ContactIdentity::UserId(u),
                     };
-                    with_retries(budget, &mut counts, || client.find_contact(&identity)).await
+                    with_retries(budget, attempts, &mut counts, || {
+                        client.find_contact(&identity)
+                    })
+                    .await
                 }
             };
             (key, candidate, found, counts)
