@@ -289,6 +289,11 @@ pub trait Warehouse: Send + Sync + 'static {
     /// Ends a run as failed (the model does not run, …).
     async fn fail_run(&self, run_id: i64, error: &str) -> Result<(), WarehouseError>;
 
+    /// Closes a run still in progress as `interrupted`, with `why` (its process is stopping: a
+    /// signal), as the lease in [`Warehouse::create_run`] closes an abandoned one. A run already
+    /// over is left alone; returns whether the run was closed. What Loops confirmed stays.
+    async fn interrupt_run(&self, run_id: i64, why: &str) -> Result<bool, WarehouseError>;
+
     /// Records outcomes in one transaction: the per-record results, the state of confirmed
     /// records (a confirmed removal takes the record out of the state), and the status of runs
     /// whose every record now has an outcome. Repeated outcomes are ignored, except that a

@@ -657,6 +657,21 @@ impl Warehouse for PgWarehouse {
         Ok(())
     }
 
+    async fn interrupt_run(&self, run_id: i64, why: &str) -> Result<bool, WarehouseError> {
+        let closed = self
+            .client
+            .execute(
+                &format!(
+                    "UPDATE loopsync.runs SET status = 'interrupted', finished_at = now(), error = $2
+                      WHERE id = $1 AND status IN ({OPEN})"
+                ),
+                &[&run_id, &why],
+            )
+            .await
+            .map_err(query_error("close an interrupted run"))?;
+        Ok(closed > 0)
+    }
+
     async fn record_outcomes(&self, outcomes: &[Outcome]) -> Result<(), WarehouseError> {
         if outcomes.is_empty() {
             return Ok(());

@@ -677,6 +677,23 @@ impl Warehouse for SqliteWarehouse {
         .await
     }
 
+    async fn interrupt_run(&self, run_id: i64, why: &str) -> Result<bool, WarehouseError> {
+        let why = why.to_owned();
+        self.with(move |c| {
+            let closed = c
+                .execute(
+                    &format!(
+                        "UPDATE loopsync_runs SET status = 'interrupted', finished_at = {NOW}, error = ?2
+                          WHERE id = ?1 AND status IN ({OPEN})"
+                    ),
+                    params![run_id, why],
+                )
+                .map_err(error("close an interrupted run"))?;
+            Ok(closed > 0)
+        })
+        .await
+    }
+
     async fn record_outcomes(&self, outcomes: &[Outcome]) -> Result<(), WarehouseError> {
         let mut outcomes = outcomes.to_vec();
         outcomes.sort_by(|a, b| (&a.sync, &a.key).cmp(&(&b.sync, &b.key)));

@@ -784,6 +784,37 @@ async fn sqlite_lease() {
     lease(sqlite()).await;
 }
 
+/// A run whose process is stopping (a signal) is closed as `interrupted` with why, at once:
+/// the next run of its sync need not wait for the lease. A run already over is left alone.
+async fn interrupting(f: Fixture) {
+    let w = &f.warehouse;
+    w.prepare().await.unwrap();
+    let first = w.create_run("users").await.unwrap();
+    assert!(w.claim_run(first, false).await.unwrap().is_some());
+    assert!(w.interrupt_run(first, "stopped by SIGTERM").await.unwrap());
+    let closed = w.run(first).await.unwrap().unwrap();
+    assert_eq!(closed.status, "interrupted");
+    assert_eq!(closed.error.as_deref(), Some("stopped by SIGTERM"));
+    assert!(closed.finished_at.is_some(), "{closed:?}");
+    // Over: not closed again, and the next run starts at once.
+    assert!(!w.interrupt_run(first, "again").await.unwrap());
+    let second = w.create_run("users").await.unwrap();
+    w.fail_run(second, "the model does not run").await.unwrap();
+    assert!(!w.interrupt_run(second, "stopped by SIGINT").await.unwrap());
+    assert_eq!(w.run(second).await.unwrap().unwrap().status, "failed");
+}
+
+#[tokio::test]
+async fn postgres_interrupting() {
+    let Some(f) = postgres().await else { return };
+    interrupting(f).await;
+}
+
+#[tokio::test]
+async fn sqlite_interrupting() {
+    interrupting(sqlite()).await;
+}
+
 /// `verify --repair` forgets a confirmation at the fingerprint verify compared against (and
 /// only then), keeps the identifiers, and a later confirmation replaces it.
 async fn forgetting_confirmations(f: Fixture, bool_true: &str) {
