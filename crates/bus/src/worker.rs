@@ -120,7 +120,14 @@ pub struct WorkerOptions {
     /// extraction or a wait for the rate budget is not redelivered elsewhere. Set it below the
     /// bus's ack wait; `None` where the bus has no redelivery timer.
     pub progress_every: Option<Duration>,
+    /// On shutdown, how long in-flight handlers may still run; then they are dropped and their
+    /// messages nak'd, to be redelivered (nothing is acked that did not take effect).
+    pub shutdown_grace: Duration,
 }
+
+/// The default [`WorkerOptions::shutdown_grace`]: well below the 10 s in which a signal stops
+/// any command (PRODUCT.md).
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
 impl Default for WorkerOptions {
     fn default() -> Self {
@@ -129,6 +136,7 @@ impl Default for WorkerOptions {
             max_attempts: 8,
             backoff: Backoff::default(),
             progress_every: None,
+            shutdown_grace: SHUTDOWN_GRACE,
         }
     }
 }
@@ -175,7 +183,10 @@ fn classify<E: Classified + Display>(result: Result<(), E>) -> Result<(), (Error
     result.map_err(|e| (e.class(), e.to_string()))
 }
 
-/// Runs a stage's handler on its consumer until `shutdown`, then lets in-flight messages finish.
+/// Runs a stage's handler on its consumer until `shutdown`; then stops taking messages and lets
+/// in-flight handlers finish for [`WorkerOptions::shutdown_grace`]. Those still running after it
+/// are dropped (a handler may be dropped at any await: its effects are idempotent and the state
+/// advances only on confirmation) and their messages nak'd at once, to be redelivered.
 pub async fn run<H: Handler>(
     bus: Arc<dyn Bus>,
     stage: Stage,
@@ -186,6 +197,7 @@ pub async fn run<H: Handler>(
     let mut consumer = bus.consume(stage, options.concurrency).await?;
     let permits = Arc::new(Semaphore::new(options.concurrency.max(1)));
     let mut tasks = JoinSet::new();
+    let abandon = CancellationToken::new();
     loop {
         let permit = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -203,16 +215,43 @@ pub async fn run<H: Handler>(
             }
             Some(Ok(delivery)) => {
                 let (bus, handler, options) = (bus.clone(), handler.clone(), options.clone());
+                let abandon = abandon.clone();
                 tasks.spawn(async move {
-                    process(&*bus, stage, &*handler, delivery, &options).await;
+                    process(&*bus, stage, &*handler, delivery, &options, &abandon).await;
                     drop(permit);
                 });
             }
         }
         while tasks.try_join_next().is_some() {}
     }
-    while tasks.join_next().await.is_some() {}
+    let grace = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(options.shutdown_grace).await;
+    };
+    tokio::select! {
+        () = drain(&mut tasks) => return Ok(()),
+        () = grace => {}
+    }
+    tracing::warn!(
+        stage = stage.name(),
+        in_flight = tasks.len(),
+        "shutting down: handlers still running after {:?} are dropped, their messages nak'd",
+        options.shutdown_grace
+    );
+    abandon.cancel();
+    // Each abandoned task naks its message; a nak that does not answer soon is left to the
+    // bus's redelivery timer.
+    if tokio::time::timeout(Duration::from_secs(1), drain(&mut tasks))
+        .await
+        .is_err()
+    {
+        tasks.abort_all();
+    }
     Ok(())
+}
+
+async fn drain(tasks: &mut JoinSet<()>) {
+    while tasks.join_next().await.is_some() {}
 }
 
 async fn process<H: Handler>(
@@ -221,24 +260,38 @@ async fn process<H: Handler>(
     handler: &H,
     delivery: Delivery,
     options: &WorkerOptions,
+    abandon: &CancellationToken,
 ) {
     let info = info_of(&delivery);
-    let handled = handler.handle(&info, &delivery.payload);
-    let result = match options.progress_every {
-        None => handled.await,
-        Some(every) => {
-            tokio::pin!(handled);
-            let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-            loop {
-                tokio::select! {
-                    result = &mut handled => break result,
-                    _ = ticks.tick() => {
-                        if let Err(error) = delivery.acker.progress().await {
-                            tracing::debug!(%error, "in-progress ack failed");
+    let handled = async {
+        let handled = handler.handle(&info, &delivery.payload);
+        match options.progress_every {
+            None => handled.await,
+            Some(every) => {
+                tokio::pin!(handled);
+                let mut ticks =
+                    tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                loop {
+                    tokio::select! {
+                        result = &mut handled => break result,
+                        _ = ticks.tick() => {
+                            if let Err(error) = delivery.acker.progress().await {
+                                tracing::debug!(%error, "in-progress ack failed");
+                            }
                         }
                     }
                 }
             }
+        }
+    };
+    let result = tokio::select! {
+        result = handled => result,
+        () = abandon.cancelled() => {
+            // Shutting down: the handler is dropped mid-work; the message goes back.
+            if let Err(error) = delivery.acker.nak(Duration::ZERO).await {
+                tracing::debug!(stage = stage.name(), %error, "nak of an abandoned message failed");
+            }
+            return;
         }
     };
     let result = classify(result);

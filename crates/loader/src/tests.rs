@@ -315,6 +315,7 @@ async fn given_up_attempts_are_each_counted_once() {
                 cap: Duration::from_millis(20),
             },
             progress_every: None,
+            shutdown_grace: worker::SHUTDOWN_GRACE,
         },
         stop.clone(),
     ));
@@ -371,6 +372,7 @@ async fn flaky_loops_still_converges() {
                 cap: Duration::from_millis(50),
             },
             progress_every: None,
+            shutdown_grace: worker::SHUTDOWN_GRACE,
         },
         stop.clone(),
     ));

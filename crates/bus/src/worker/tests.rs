@@ -110,6 +110,7 @@ fn fast(max_attempts: u32) -> WorkerOptions {
             cap: Duration::from_millis(100),
         },
         progress_every: Some(Duration::from_millis(200)),
+        shutdown_grace: SHUTDOWN_GRACE,
     }
 }
 
@@ -456,4 +457,71 @@ async fn local_rate_budget_paces() {
             .unwrap();
     }
     assert!(started.elapsed() >= Duration::from_millis(160));
+}
+
+/// Starts its work and never finishes it (an extraction that would outlive any grace).
+#[derive(Default)]
+struct Stuck {
+    started: Notify,
+}
+
+#[async_trait]
+impl Handler for Stuck {
+    type Error = TestError;
+
+    async fn handle(&self, _info: &DeliveryInfo, _payload: &Bytes) -> Result<(), TestError> {
+        self.started.notify_one();
+        std::future::pending().await
+    }
+
+    async fn give_up(
+        &self,
+        _info: &DeliveryInfo,
+        _payload: &Bytes,
+        _fate: Fate,
+        _reason: &str,
+    ) -> Result<(), TestError> {
+        Ok(())
+    }
+}
+
+/// On shutdown a worker whose handler does not finish within the grace drops it and returns;
+/// the message is not acked but nak'd, and the next worker handles it.
+#[tokio::test]
+async fn local_shutdown_drops_a_stuck_handler_and_its_message_comes_back() {
+    let bus: Arc<dyn Bus> = Arc::new(LocalBus::default());
+    let subject = bus.names().subject(Stage::Loader, "users");
+    bus.publish(&subject, "m1", Bytes::from_static(b"one"))
+        .await
+        .unwrap();
+    let stuck = Arc::new(Stuck::default());
+    let shutdown = CancellationToken::new();
+    let options = WorkerOptions {
+        shutdown_grace: Duration::from_millis(200),
+        ..fast(5)
+    };
+    let worker = tokio::spawn(run(
+        bus.clone(),
+        Stage::Loader,
+        stuck.clone(),
+        options,
+        shutdown.clone(),
+    ));
+    tokio::time::timeout(Duration::from_secs(20), stuck.started.notified())
+        .await
+        .expect("the handler started");
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), worker)
+        .await
+        .expect("the worker returned after its grace, its handler dropped")
+        .unwrap()
+        .unwrap();
+    assert_eq!(bus.unsettled(Stage::Loader).await.unwrap(), 1, "not acked");
+    let handler = Flaky::new(0, ErrorClass::RETRY);
+    let next = start(bus.clone(), handler.clone(), fast(5)).await;
+    handler
+        .wait_for(|h| h.handled.lock().unwrap().len() == 1)
+        .await;
+    settled(&*bus).await;
+    next.stop().await;
 }
