@@ -50,6 +50,8 @@ pub async fn run(config_path: &Path, args: AdoptArgs) -> anyhow::Result<ExitCode
             continue;
         }
         let run_id = warehouse.create_run(&spec.name).await?;
+        // Stopped by a signal, `main` closes the run as interrupted.
+        crate::stop::watch_run(warehouse.clone(), run_id);
         warehouse.claim_run(run_id, false).await?;
         let requests = std::mem::take(&mut preflight);
         if !requests.is_empty() {

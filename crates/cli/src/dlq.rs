@@ -191,8 +191,16 @@ pub async fn run(config_path: &Path, args: DlqArgs) -> anyhow::Result<ExitCode> 
                     },
                 )
                 .await?;
-                let summary =
-                    wait_for_run(&*pipeline.warehouse, run_id, Duration::from_millis(100)).await?;
+                // Stopped by a signal, `main` closes the run as interrupted.
+                crate::stop::watch_run(pipeline.warehouse.clone(), run_id);
+                let summary = tokio::select! {
+                    s = wait_for_run(&*pipeline.warehouse, run_id, Duration::from_millis(100)) => s?,
+                    () = crate::shutdown_signal() => {
+                        pipeline.stop().await;
+                        return Err(crate::stop::Stopped.into());
+                    }
+                };
+                crate::stop::run_over(run_id);
                 if !filter.json {
                     print!("{}", report::text(&summary));
                 }

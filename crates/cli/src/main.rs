@@ -13,6 +13,7 @@ mod report;
 mod reset;
 mod run;
 mod sim;
+mod stop;
 mod verify;
 mod worker;
 
@@ -64,6 +65,42 @@ enum Command {
     /// Read confirmed contacts back from Loops and report drift from the confirmed state;
     /// --repair makes the next run re-send the drifted records. Exit 1 when drift is found.
     Verify(verify::VerifyArgs),
+}
+
+impl Command {
+    /// Its name on the command line.
+    fn name(&self) -> &'static str {
+        match self {
+            Command::Demo(_) => "demo",
+            Command::Check(_) => "check",
+            Command::Plan(_) => "plan",
+            Command::Run(_) => "run",
+            Command::Worker(_) => "worker",
+            Command::Adopt(_) => "adopt",
+            Command::Runs(_) => "runs",
+            Command::Rejections(_) => "rejections",
+            Command::Dlq(_) => "dlq",
+            Command::Reset(_) => "reset",
+            Command::Sim(_) => "sim",
+            Command::Verify(_) => "verify",
+        }
+    }
+
+    /// Runs until stopped: a signal is its normal end (exit 0).
+    fn is_service(&self) -> bool {
+        matches!(self, Command::Worker(_) | Command::Sim(_))
+            || matches!(self, Command::Run(args) if !args.once)
+    }
+
+    /// Observes the stop itself and winds down (a pipeline settles or naks what is in flight);
+    /// the others are dropped at the first signal: they only read, or write in transactions
+    /// that end with the connection.
+    fn winds_down(&self) -> bool {
+        matches!(
+            self,
+            Command::Run(_) | Command::Worker(_) | Command::Dlq(_) | Command::Sim(_)
+        )
+    }
 }
 
 /// Exit statuses of PRODUCT.md: 0 done, 1 failed, 2 bad usage or config, 3 degraded.
@@ -149,24 +186,67 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_FAILED);
         }
     };
-    let result = runtime.block_on(async {
-        match cli.command {
-            Command::Sim(args) => sim::run(args).await,
-            Command::Demo(args) => demo::run(args).await,
-            Command::Run(args) => run::run(&cli.config, args).await,
-            Command::Worker(args) => worker::run(&cli.config, args).await,
-            Command::Check(args) => check::run(&cli.config, args).await,
-            Command::Plan(args) => plan::run(&cli.config, args).await,
-            Command::Adopt(args) => adopt::run(&cli.config, args).await,
-            Command::Runs(args) => history::runs(&cli.config, args).await,
-            Command::Rejections(args) => history::rejections(&cli.config, args).await,
-            Command::Dlq(args) => dlq::run(&cli.config, args).await,
-            Command::Verify(args) => verify::run(&cli.config, args).await,
-            Command::Reset(args) => reset::run(&cli.config, args).await,
+    let (name, service, winds_down) = (
+        cli.command.name(),
+        cli.command.is_service(),
+        cli.command.winds_down(),
+    );
+    let (result, closed) = runtime.block_on(async {
+        stop::listen(EXIT_FAILED);
+        let command = run_command(cli);
+        tokio::pin!(command);
+        let mut closed = Vec::new();
+        let result = tokio::select! {
+            result = &mut command => Some(result),
+            () = stop::requested() => {
+                // The command winds down (or is dropped) while its runs are closed.
+                let wind_down = async {
+                    if winds_down {
+                        tokio::time::timeout(stop::GRACE, &mut command).await.ok()
+                    } else {
+                        None
+                    }
+                };
+                let (result, now) = tokio::join!(wind_down, stop::close_open_runs());
+                closed = now;
+                result
+            }
+        };
+        if stop::signal().is_some() {
+            // A run requested while the command wound down.
+            closed.extend(stop::close_open_runs().await);
         }
+        (result, closed)
     });
     // Do not wait for stray blocking tasks (a diff reader) at exit.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    if let Some(signal) = stop::signal() {
+        let mut line = format!("loopsync {name}: stopped by {signal}");
+        for run_id in &closed {
+            line.push_str(&format!(
+                "; run {run_id} marked interrupted (its records are retried by the next run)"
+            ));
+        }
+        if result.is_none() && winds_down {
+            line.push_str(&format!(
+                "; what was still in progress after {} s was abandoned",
+                stop::GRACE.as_secs()
+            ));
+        }
+        eprintln!("{line}");
+        return match result {
+            Some(Ok(code)) => code,
+            Some(Err(e)) if e.downcast_ref::<stop::Stopped>().is_none() => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(EXIT_FAILED)
+            }
+            _ if service => ExitCode::SUCCESS,
+            _ => ExitCode::from(EXIT_FAILED),
+        };
+    }
+    let Some(result) = result else {
+        unreachable!("a command is only left unfinished after a signal")
+    };
     match result {
         Ok(code) => code,
         Err(e) => {
@@ -182,26 +262,28 @@ fn main() -> ExitCode {
     }
 }
 
-/// Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+async fn run_command(cli: Cli) -> anyhow::Result<ExitCode> {
+    {
+        match cli.command {
+            Command::Sim(args) => sim::run(args).await,
+            Command::Demo(args) => demo::run(args).await,
+            Command::Run(args) => run::run(&cli.config, args).await,
+            Command::Worker(args) => worker::run(&cli.config, args).await,
+            Command::Check(args) => check::run(&cli.config, args).await,
+            Command::Plan(args) => plan::run(&cli.config, args).await,
+            Command::Adopt(args) => adopt::run(&cli.config, args).await,
+            Command::Runs(args) => history::runs(&cli.config, args).await,
+            Command::Rejections(args) => history::rejections(&cli.config, args).await,
+            Command::Dlq(args) => dlq::run(&cli.config, args).await,
+            Command::Verify(args) => verify::run(&cli.config, args).await,
+            Command::Reset(args) => reset::run(&cli.config, args).await,
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
     }
+}
+
+/// SIGTERM or SIGINT (Ctrl-C): the first asked the process to stop (see [`stop`]).
+pub async fn shutdown_signal() {
+    stop::requested().await
 }
 
 #[cfg(test)]

@@ -65,7 +65,8 @@ impl Pipeline {
             bus,
             warehouse,
             jetstream,
-            shutdown: CancellationToken::new(),
+            // A signal stops the workers from taking messages at once (see `stop`).
+            shutdown: crate::stop::token().child_token(),
             tasks: JoinSet::new(),
         })
     }
@@ -173,6 +174,10 @@ impl Pipeline {
             () = signal => Ok(()),
             Some(result) = self.tasks.join_next() => {
                 result.context("a worker panicked")??;
+                if self.shutdown.is_cancelled() {
+                    // Stopped by the signal (the pipeline observes it too).
+                    return Ok(());
+                }
                 anyhow::bail!("a worker stopped")
             }
         }

@@ -12,6 +12,7 @@ use loopsync_warehouse::WarehouseError;
 
 use crate::destination::{self, Refused};
 use crate::pipeline::{Pipeline, Preflight};
+use crate::stop::{self, Stopped};
 use crate::{UsageError, load_config, report};
 
 #[derive(Debug, Args)]
@@ -21,7 +22,7 @@ pub struct RunArgs {
     sync: Option<String>,
     /// One run of each sync, then exit. Without it, each sync runs on its `schedule`.
     #[arg(long)]
-    once: bool,
+    pub once: bool,
     /// With [nats]: only request the runs and wait for them; `loopsync worker` processes do
     /// the stages.
     #[arg(long)]
@@ -82,8 +83,11 @@ pub async fn run(config_path: &Path, args: RunArgs) -> anyhow::Result<ExitCode> 
     }
     let mut pipeline = Pipeline::connect(config.clone()).await?;
     let client = pipeline.loops_client()?;
-    let mut preflight =
-        Preflight::start(&client, &pipeline.budget, config.loops.max_attempts).await?;
+    // A signal stops the preflight too (a Loops that answers slowly, or 429 with a long wait).
+    let mut preflight = tokio::select! {
+        p = Preflight::start(&client, &pipeline.budget, config.loops.max_attempts) => p?,
+        () = crate::shutdown_signal() => return Err(Stopped.into()),
+    };
     if !args.once {
         // A sync bound to another destination stops the schedules before they start.
         for sync in scheduled(&config, &syncs) {
@@ -113,15 +117,14 @@ pub async fn run(config_path: &Path, args: RunArgs) -> anyhow::Result<ExitCode> 
     let mut summaries = Vec::new();
     let mut refused = false;
     for sync in &syncs {
-        let run_id = match start_run(
-            &pipeline,
-            &client,
-            &mut preflight,
-            sync,
-            args.allow_removals,
-        )
-        .await
-        {
+        let started = tokio::select! {
+            started = start_run(&pipeline, &client, &mut preflight, sync, args.allow_removals) => started,
+            () = crate::shutdown_signal() => {
+                pipeline.stop().await;
+                return Err(Stopped.into());
+            }
+        };
+        let run_id = match started {
             Ok(Ok(run_id)) => run_id,
             Ok(Err(refusal)) => {
                 // The other syncs go on; the exit status says 2.
@@ -134,13 +137,16 @@ pub async fn run(config_path: &Path, args: RunArgs) -> anyhow::Result<ExitCode> 
                 return Err(error);
             }
         };
+        // Stopped by a signal, `main` closes the run as interrupted.
+        stop::watch_run(pipeline.warehouse.clone(), run_id);
         let summary = tokio::select! {
             s = wait_for_run(&*pipeline.warehouse, run_id, Duration::from_millis(100)) => s?,
             () = crate::shutdown_signal() => {
                 pipeline.stop().await;
-                anyhow::bail!("interrupted while run {run_id} of {sync} was in progress; its records are retried by the next run");
+                return Err(Stopped.into());
             }
         };
+        stop::run_over(run_id);
         if !args.json {
             print!("{}", report::text(&summary));
         }
@@ -251,7 +257,11 @@ async fn follow_schedules(
             () = &mut shutdown => return Ok(()),
             () = tokio::time::sleep(wait) => {}
         }
-        let run_id = match start_run(pipeline, client, preflight, name, allow_removals).await {
+        let started = tokio::select! {
+            () = &mut shutdown => return Ok(()),
+            started = start_run(pipeline, client, preflight, name, allow_removals) => started,
+        };
+        let run_id = match started {
             Ok(Ok(run_id)) => run_id,
             Ok(Err(refusal)) => {
                 // Bound elsewhere since the schedules started (an adopt from another config):
@@ -269,10 +279,12 @@ async fn follow_schedules(
             }
             Err(error) => return Err(error),
         };
+        stop::watch_run(pipeline.warehouse.clone(), run_id);
         let summary = tokio::select! {
             () = &mut shutdown => return Ok(()),
             s = wait_for_run(&*pipeline.warehouse, run_id, Duration::from_millis(100)) => s?,
         };
+        stop::run_over(run_id);
         if json {
             println!("{}", serde_json::to_string(&summary)?);
         } else {
