@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use loopsync_testkit::{Stack, StackOptions, output_within};
+use loopsync_testkit::{Stack, StackOptions, output_within, until};
 
 /// While a session reads `loopsync.state` — as a run's diff does for the whole extraction —
 /// another command that connects answers within seconds: a connect that finds the state's
@@ -63,4 +63,84 @@ async fn commands_answer_beside_a_read_of_the_state() {
     let run = stack.run_once(&[]).await;
     assert_eq!(run.status, 0, "{}", run.stderr);
     reader.batch_execute("COMMIT").await.unwrap();
+}
+
+/// While `run --once` extracts a big model (its diff streams 300 000 rows), other commands
+/// answer within seconds: `check`, `dlq list`, and a second `run` of the same sync, which says
+/// that one is in progress (exit 1). Real processes against one PostgreSQL database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_answer_beside_a_run_extracting_a_big_model() {
+    let Some(stack) = Stack::start(StackOptions {
+        rows: 300_000,
+        ..StackOptions::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let mut first = stack
+        .command(&["run", "--once", "--json"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the first run");
+    until(
+        Duration::from_secs(60),
+        "the first run extracts",
+        || async {
+            let status: Option<String> = stack
+                .pg()
+                .query_opt(
+                    "SELECT status FROM loopsync.runs ORDER BY id DESC LIMIT 1",
+                    &[],
+                )
+                .await
+                .ok()
+                .flatten()
+                .map(|r| r.get(0));
+            match status.as_deref() {
+                Some("extracting") => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    let started = tokio::time::Instant::now();
+    for command in [&["check"][..], &["dlq", "list", "--json"]] {
+        let out = output_within(
+            &mut stack.command(command),
+            Duration::from_secs(30),
+            &format!("loopsync {} beside a run extracting", command.join(" ")),
+        )
+        .await;
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            command.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let second = output_within(
+        &mut stack.command(&["run", "--once", "--json"]),
+        Duration::from_secs(30),
+        "a second run beside a run extracting",
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("in progress"), "{stderr}");
+    let elapsed = started.elapsed();
+    eprintln!(
+        "measured: check, dlq list and a second run answered in {:.2} s beside a run extracting 300 000 rows",
+        elapsed.as_secs_f64()
+    );
+    assert!(
+        elapsed < Duration::from_secs(20),
+        "three commands took {elapsed:?}"
+    );
+    assert!(
+        first.try_wait().expect("try_wait").is_none(),
+        "the first run was still extracting"
+    );
+    let _ = first.kill().await;
 }

@@ -374,8 +374,8 @@ async fn scheduled_run_stops_with_status_0() {
     assert_eq!(ended.status, Some(0), "{}", ended.stderr);
 }
 
-/// `loopsync worker loader` stopped while its handlers wait for the rate budget (longer than
-/// the grace): it stops within the promise, exit 0; its messages are not acked but come back, and another loader
+/// `loopsync worker loader` stopped while its requests hang on a Loops that stopped answering:
+/// it stops within the promise, exit 0; its messages are not acked but come back, and another loader
 /// completes the run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_stops_and_its_messages_come_back() {
@@ -398,6 +398,9 @@ async fn worker_stops_and_its_messages_come_back() {
     let loader = stack.worker("loader").await;
     let runner = start(&stack, &["run", "--once", "--remote", "--json"]);
     until_a_contact(&stack).await;
+    // Loops stops answering: the loader's next requests hang far longer than the promise.
+    faults(&stack, json!({"latency_ms": 120_000})).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let loader = Running {
         what: "loopsync worker loader".into(),
         child: loader.child,
@@ -405,9 +408,10 @@ async fn worker_stops_and_its_messages_come_back() {
         stderr: tokio::spawn(async { Vec::new() }),
     };
     let ended = loader
-        .stop("TERM", None, "while its handlers wait for the rate budget")
+        .stop("TERM", None, "while its requests hang on Loops")
         .await;
     assert_eq!(ended.status, Some(0));
+    faults(&stack, json!({})).await;
     rewrite_config(
         &stack,
         "requests_per_second = 1",
