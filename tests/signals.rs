@@ -533,3 +533,43 @@ async fn a_second_signal_exits_at_once() {
     );
     assert_consistent(&stack).await;
 }
+
+/// The same on an SQLite warehouse (its diff is read on a blocking thread): `run --once`
+/// stopped while extracting a big model exits 1 within the promise, its run `interrupted`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_once_stops_while_extracting_on_sqlite() {
+    let _serial = serial().await;
+    let Some(stack) = Stack::start(StackOptions {
+        rows: BIG,
+        sqlite: true,
+        ..StackOptions::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let runner = start(&stack, &["run", "--once", "--json"]);
+    until(Duration::from_secs(60), "a run is extracting", || async {
+        let path = stack.dir.join("warehouse.db");
+        let extracting = path.exists()
+            && rusqlite::Connection::open(&path)
+                .and_then(|db| {
+                    db.query_row(
+                        "SELECT count(*) FROM loopsync_runs WHERE status = 'extracting'",
+                        [],
+                        |r| r.get::<_, i64>(0),
+                    )
+                })
+                .is_ok_and(|n| n > 0);
+        if extracting {
+            Ok(())
+        } else {
+            Err("no run extracting".into())
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let ended = runner.stop("TERM", None, "while extracting (SQLite)").await;
+    assert_eq!(ended.status, Some(1), "{}", ended.stderr);
+    assert_interrupted(&stack, "TERM").await;
+}
