@@ -587,3 +587,54 @@ fn only_the_checkpointer_consumer_is_uncapped() {
         );
     }
 }
+
+/// A checkpointer consumer an earlier version made, capped at 12 deliveries, loses its cap when
+/// a process of this version connects (create-or-update; nats-server 2.9 and later).
+#[tokio::test]
+async fn jetstream_an_earlier_checkpointer_consumer_loses_its_cap() {
+    let options = JetStreamOptions::default();
+    let Some((_bus, ns)) = jetstream(&options).await else {
+        return;
+    };
+    let names = Names::new(&ns.namespace);
+    let stream = names.stream(Stage::Checkpointer);
+    let info = |ns_url: String, stream: String| async move {
+        loopsync_testkit::nats::consumer_info(&ns_url, &stream, "checkpointer")
+            .await
+            .unwrap()["config"]["max_deliver"]
+            .as_i64()
+    };
+    assert_eq!(info(ns.url.clone(), stream.clone()).await, Some(-1));
+    // As an earlier version made it.
+    loopsync_testkit::nats::request(
+        &ns.url,
+        &format!("$JS.API.CONSUMER.DELETE.{stream}.checkpointer"),
+        b"",
+        Duration::from_secs(2),
+    )
+    .await
+    .unwrap();
+    let old = serde_json::json!({
+        "stream_name": stream,
+        "config": {
+            "durable_name": "checkpointer",
+            "ack_policy": "explicit",
+            "ack_wait": options.ack_wait.as_nanos() as u64,
+            "max_deliver": 12,
+            "max_ack_pending": 1000,
+        }
+    });
+    loopsync_testkit::nats::request(
+        &ns.url,
+        &format!("$JS.API.CONSUMER.DURABLE.CREATE.{stream}.checkpointer"),
+        old.to_string().as_bytes(),
+        Duration::from_secs(2),
+    )
+    .await
+    .unwrap();
+    assert_eq!(info(ns.url.clone(), stream.clone()).await, Some(12));
+    let _again = JetStreamBus::connect(&ns.url, names.clone(), &options)
+        .await
+        .unwrap();
+    assert_eq!(info(ns.url.clone(), stream.clone()).await, Some(-1));
+}
