@@ -327,6 +327,17 @@ impl JetStreamBus {
     }
 }
 
+/// The server's cap on deliveries of a stage's messages. None for the checkpointer: its
+/// messages are outcomes, whose loss would leave records sent but never recorded; it retries
+/// through a warehouse outage for as long as the outage lasts (its worker never gives up on a
+/// retryable error), and what it cannot record is recorded as a dead letter by the worker.
+pub fn max_deliver(stage: Stage, options: &JetStreamOptions) -> i64 {
+    match stage {
+        Stage::Checkpointer => -1,
+        _ => options.max_deliver,
+    }
+}
+
 async fn provision(
     js: &Context,
     names: &Names,
@@ -346,20 +357,27 @@ async fn provision(
             })
             .await
             .map_err(|e| provision_error(format!("stream {name}"), e))?;
-        stream
-            .get_or_create_consumer(
-                stage.name(),
-                pull::Config {
-                    durable_name: Some(stage.name().to_owned()),
-                    ack_policy: AckPolicy::Explicit,
-                    ack_wait: options.ack_wait,
-                    max_deliver: options.max_deliver,
-                    max_ack_pending: 1000,
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(|e| provision_error(format!("consumer {} on {name}", stage.name()), e))?;
+        let config = pull::Config {
+            durable_name: Some(stage.name().to_owned()),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: options.ack_wait,
+            max_deliver: max_deliver(stage, options),
+            max_ack_pending: 1000,
+            ..Default::default()
+        };
+        let what = || format!("consumer {} on {name}", stage.name());
+        if stage == Stage::Checkpointer {
+            // Create or update: a consumer made by an earlier version had a cap on deliveries.
+            stream
+                .create_consumer(config)
+                .await
+                .map_err(|e| provision_error(what(), e))?;
+        } else {
+            stream
+                .get_or_create_consumer(stage.name(), config)
+                .await
+                .map_err(|e| provision_error(what(), e))?;
+        }
     }
     let dlq = names.dlq_stream();
     js.get_or_create_stream(stream::Config {

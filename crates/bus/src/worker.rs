@@ -80,6 +80,18 @@ pub trait Handler: Send + Sync + 'static {
 pub trait BatchHandler: Send + Sync + 'static {
     type Error: Classified + Display + Send + Sync + 'static;
     async fn handle_batch(&self, batch: &[(DeliveryInfo, Bytes)]) -> Result<(), Self::Error>;
+
+    /// The message will not be tried again (rejected, dead-lettered): record that where people
+    /// look (`dlq list`) before it goes to the bus's dead letters. A retryable error keeps the
+    /// message for later.
+    async fn give_up(
+        &self,
+        _info: &DeliveryInfo,
+        _payload: &Bytes,
+        _reason: &str,
+    ) -> Result<(), Self::Error> {
+        Ok(())
+    }
 }
 
 /// Exponential backoff with jitter: attempt n waits a random time in [d/2, d], with
@@ -378,7 +390,8 @@ pub struct BatchOptions {
 
 /// Runs a batch handler: up to `max_batch` messages, or what arrived within `max_wait`, are
 /// handled together and acked together. A batch that fails for a reason other than a retryable
-/// one is split and each message settled on its own, so one bad message cannot hold up others.
+/// one is split and each message settled on its own, and one that keeps failing retryably is
+/// bisected (see `settle_batch`), so one bad message cannot hold up others.
 pub async fn run_batched<H: BatchHandler>(
     bus: Arc<dyn Bus>,
     stage: Stage,
@@ -423,6 +436,28 @@ fn info_of(delivery: &Delivery) -> DeliveryInfo {
     }
 }
 
+/// A batch that failed retryably when one of its messages had been tried this often is
+/// bisected: a message that always fails must not hold its batch back forever.
+const BISECT_AFTER: u32 = 3;
+
+async fn handle_some<H: BatchHandler>(
+    handler: &H,
+    batch: &[Delivery],
+) -> Result<(), (ErrorClass, String)> {
+    let items: Vec<(DeliveryInfo, Bytes)> = batch
+        .iter()
+        .map(|d| (info_of(d), d.payload.clone()))
+        .collect();
+    classify(handler.handle_batch(&items).await)
+}
+
+/// Handles a batch; when it fails:
+/// * not retryably: each message is handled on its own, so one bad message cannot take down
+///   the others;
+/// * retryably, after [`BISECT_AFTER`] attempts: the batch is bisected, each half handled,
+///   the half that lands acked, the failing half bisected again, down to the one message that
+///   fails (about 2·log2(n) calls). When both halves fail, the cause is most likely the
+///   warehouse itself, and the whole batch waits (nak) rather than being tried piece by piece.
 async fn settle_batch<H: BatchHandler>(
     bus: &dyn Bus,
     stage: Stage,
@@ -430,34 +465,68 @@ async fn settle_batch<H: BatchHandler>(
     batch: Vec<Delivery>,
     options: &WorkerOptions,
 ) {
-    let items: Vec<(DeliveryInfo, Bytes)> = batch
-        .iter()
-        .map(|d| (info_of(d), d.payload.clone()))
-        .collect();
-    let result = handler.handle_batch(&items).await;
-    match result {
-        Err(error) if !error.class().is_retryable() && batch.len() > 1 => {
-            // Split: each message on its own, so one bad message cannot hold up the others.
-            for d in batch {
-                let one = [(info_of(&d), d.payload.clone())];
-                let result = classify(handler.handle_batch(&one).await);
-                settle_without_record(bus, stage, d, result, options).await;
+    let mut failing = batch;
+    let mut error = match handle_some(handler, &failing).await {
+        Ok(()) => return settle_all(bus, stage, handler, failing, Ok(()), options).await,
+        Err(error) => error,
+    };
+    let tried_before = failing.iter().map(|d| d.attempt).max().unwrap_or(1) >= BISECT_AFTER;
+    while failing.len() > 1 && error.0.is_retryable() && tried_before {
+        let right = failing.split_off(failing.len() / 2);
+        let left = failing;
+        match (
+            handle_some(handler, &left).await,
+            handle_some(handler, &right).await,
+        ) {
+            (Ok(()), Ok(())) => {
+                settle_all(bus, stage, handler, left, Ok(()), options).await;
+                return settle_all(bus, stage, handler, right, Ok(()), options).await;
+            }
+            (Ok(()), Err(e)) => {
+                settle_all(bus, stage, handler, left, Ok(()), options).await;
+                (failing, error) = (right, e);
+            }
+            (Err(e), Ok(())) => {
+                settle_all(bus, stage, handler, right, Ok(()), options).await;
+                (failing, error) = (left, e);
+            }
+            (Err(e), Err(_)) => {
+                settle_all(bus, stage, handler, left, Err(e.clone()), options).await;
+                return settle_all(bus, stage, handler, right, Err(e), options).await;
             }
         }
-        result => {
-            let result = classify(result);
-            for d in batch {
-                settle_without_record(bus, stage, d, result.clone(), options).await;
-            }
+    }
+    if !error.0.is_retryable() && failing.len() > 1 {
+        // Split: each message on its own, so one bad message cannot hold up the others.
+        for d in failing {
+            let result = handle_some(handler, std::slice::from_ref(&d)).await;
+            settle_without_record(bus, stage, handler, d, result, options).await;
         }
+        return;
+    }
+    settle_all(bus, stage, handler, failing, Err(error), options).await;
+}
+
+async fn settle_all<H: BatchHandler>(
+    bus: &dyn Bus,
+    stage: Stage,
+    handler: &H,
+    batch: Vec<Delivery>,
+    result: Result<(), (ErrorClass, String)>,
+    options: &WorkerOptions,
+) {
+    for d in batch {
+        settle_without_record(bus, stage, handler, d, result.clone(), options).await;
     }
 }
 
 /// Settles a message of a stage that has no record to give an outcome to (the checkpointer:
-/// its messages *are* outcomes): rejected and dead-lettered both go to the dead letters.
-async fn settle_without_record(
+/// its messages *are* outcomes): rejected and dead-lettered both go to the dead letters, after
+/// the handler recorded them where people look ([`BatchHandler::give_up`]).
+async fn settle_without_record<H: BatchHandler>(
     bus: &dyn Bus,
     stage: Stage,
+    handler: &H,
     delivery: Delivery,
     result: Result<(), (ErrorClass, String)>,
     options: &WorkerOptions,
@@ -467,7 +536,21 @@ async fn settle_without_record(
         Settle::Ack => delivery.acker.ack().await,
         Settle::Nak(delay) => delivery.acker.nak(delay).await,
         Settle::Reject(reason) | Settle::DeadLetter(reason) => {
-            dead_letter_raw(bus, stage, &info, delivery, &reason).await
+            match handler.give_up(&info, &delivery.payload, &reason).await {
+                Err(error) if error.class().is_retryable() => {
+                    tracing::warn!(stage = stage.name(), %error, "recording a dead letter failed");
+                    delivery
+                        .acker
+                        .nak(options.backoff.delay(info.attempt))
+                        .await
+                }
+                recorded => {
+                    if let Err(error) = recorded {
+                        tracing::error!(stage = stage.name(), %error, reason, "a dead letter could not be recorded; it is in the bus's dead letters only");
+                    }
+                    dead_letter_raw(bus, stage, &info, delivery, &reason).await
+                }
+            }
         }
     };
     if let Err(error) = settled {

@@ -1,5 +1,6 @@
 //! `loopsync dlq list|replay|park`: the records whose latest outcome is dead-lettered (retries
-//! spent), from `loopsync.records` — the same with or without NATS. `replay` sends them again now
+//! spent, or an outcome the checkpointer could not record), from `loopsync.records` — the same
+//! with or without NATS. `replay` sends them again now
 //! (a run about those keys only; refused for a sync whose state is bound to another Loops than
 //! the configured one); `park` sets them aside so that no run retries them until their data
 //! changes.

@@ -21,6 +21,10 @@ use loopsync_warehouse::Warehouse;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+/// Attempts of a run request: enough for the extractor to wait out a warehouse outage of some
+/// ten minutes (backoff capped at 30 s), after which the run fails.
+const EXTRACTOR_ATTEMPTS: u32 = 30;
+
 /// A connected pipeline and its running workers.
 pub struct Pipeline {
     pub config: Config,
@@ -43,8 +47,9 @@ impl Pipeline {
             Some(nats) => {
                 let options = JetStreamOptions {
                     ack_wait: nats.ack_wait(),
-                    // The worker gives up at max_attempts; the server is the safety net after.
-                    max_deliver: i64::from(config.loops.max_attempts) + 2,
+                    // The worker gives up at max_attempts; the server is the safety net after
+                    // (none for the checkpointer: see `jetstream::max_deliver`).
+                    max_deliver: i64::from(config.loops.max_attempts.max(EXTRACTOR_ATTEMPTS)) + 2,
                     ..JetStreamOptions::default()
                 };
                 let js = Arc::new(
@@ -97,7 +102,7 @@ impl Pipeline {
                 ));
                 let options = WorkerOptions {
                     concurrency: 1,
-                    max_attempts: 5,
+                    max_attempts: EXTRACTOR_ATTEMPTS,
                     progress_every,
                     ..WorkerOptions::default()
                 };
@@ -132,14 +137,7 @@ impl Pipeline {
             }
             Stage::Checkpointer => {
                 let handler = Arc::new(Checkpointer::new(self.warehouse.clone()));
-                let options = BatchOptions {
-                    max_batch: 500,
-                    max_wait: Duration::from_millis(50),
-                    worker: WorkerOptions {
-                        max_attempts: 20,
-                        ..WorkerOptions::default()
-                    },
-                };
+                let options = checkpointer_options();
                 self.tasks
                     .spawn(worker::run_batched(bus, stage, handler, options, stop));
             }
@@ -193,6 +191,20 @@ impl Pipeline {
                 Ok(Ok(())) => {}
             }
         }
+    }
+}
+
+/// The checkpointer's worker. It never gives up on a retryable error: an outcome is a record
+/// sent to Loops, and a warehouse outage is waited out however long it lasts (backoff capped at
+/// 30 s). What cannot be recorded at all is a dead letter (`dlq list`).
+pub fn checkpointer_options() -> BatchOptions {
+    BatchOptions {
+        max_batch: 500,
+        max_wait: Duration::from_millis(50),
+        worker: WorkerOptions {
+            max_attempts: u32::MAX,
+            ..WorkerOptions::default()
+        },
     }
 }
 
@@ -344,6 +356,23 @@ mod tests {
     use loopsync_simulator::{Faults, SimConfig};
 
     use super::*;
+
+    /// However long the warehouse is away, the checkpointer's outcomes wait (nak, backoff
+    /// capped at 30 s): never dead-lettered for a retryable error.
+    #[test]
+    fn the_checkpointer_never_gives_up_on_a_retryable_error() {
+        let options = checkpointer_options().worker;
+        for attempt in [1, 20, 21, 1_000, 1_000_000] {
+            match worker::settle(
+                Err((loopsync_core::ErrorClass::RETRY, "warehouse down".into())),
+                attempt,
+                &options,
+            ) {
+                worker::Settle::Nak(delay) => assert!(delay <= Duration::from_secs(30)),
+                other => panic!("attempt {attempt}: {other:?}"),
+            }
+        }
+    }
 
     fn spec(name: &str, properties: &[(&str, PropertyKind)]) -> SyncSpec {
         SyncSpec {

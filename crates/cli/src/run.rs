@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::Args;
 use loopsync_config::Config;
-use loopsync_extractor::{ExtractError, RunAsk, request_run, wait_for_run};
+use loopsync_extractor::{ExtractError, RunAsk, WaitOptions, request_run, wait_for_run_with};
 use loopsync_loops_client::LoopsClient;
 use loopsync_warehouse::WarehouseError;
 
@@ -34,6 +34,10 @@ pub struct RunArgs {
     /// `max_removal_share` of its confirmed contacts, or the model returned no rows.
     #[arg(long)]
     allow_removals: bool,
+    /// Give up a run (exit 1; the run is closed as failed) that has made no progress — no
+    /// new outcome, no change of phase — for this many seconds. 0: wait forever.
+    #[arg(long, value_name = "SECONDS", default_value_t = 600)]
+    stall_timeout: u64,
 }
 
 impl RunArgs {
@@ -45,8 +49,31 @@ impl RunArgs {
             remote: false,
             json: false,
             allow_removals: false,
+            stall_timeout: 600,
         }
     }
+
+    /// How a run is waited for: a progress line on stderr every 10 s, and the no-progress
+    /// deadline.
+    fn wait_options(&self) -> WaitOptions {
+        WaitOptions {
+            poll: Duration::from_millis(100),
+            progress_every: Some(PROGRESS_EVERY),
+            stall_timeout: (self.stall_timeout > 0)
+                .then(|| Duration::from_secs(self.stall_timeout)),
+        }
+    }
+}
+
+/// How often a progress line is printed while a run is waited for.
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+
+/// A progress line, on stderr.
+fn say_progress(line: String) {
+    eprintln!(
+        "{} {line}",
+        chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    );
 }
 
 pub async fn run(config_path: &Path, args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -108,6 +135,7 @@ pub async fn run(config_path: &Path, args: RunArgs) -> anyhow::Result<ExitCode> 
             &syncs,
             args.json,
             args.allow_removals,
+            &args.wait_options(),
         )
         .await;
         pipeline.stop().await;
@@ -139,8 +167,15 @@ pub async fn run(config_path: &Path, args: RunArgs) -> anyhow::Result<ExitCode> 
         };
         // Stopped by a signal, `main` closes the run as interrupted.
         stop::watch_run(pipeline.warehouse.clone(), run_id);
+        let wait_options = args.wait_options();
         let summary = tokio::select! {
-            s = wait_for_run(&*pipeline.warehouse, run_id, Duration::from_millis(100)) => s?,
+            s = wait_for_run_with(&*pipeline.warehouse, run_id, &wait_options, say_progress) => match s {
+                Ok(s) => s,
+                Err(error) => {
+                    pipeline.stop().await;
+                    return Err(error.into());
+                }
+            },
             () = crate::shutdown_signal() => {
                 pipeline.stop().await;
                 return Err(Stopped.into());
@@ -220,6 +255,7 @@ async fn follow_schedules(
     syncs: &[String],
     json: bool,
     allow_removals: bool,
+    wait_options: &WaitOptions,
 ) -> anyhow::Result<()> {
     use std::str::FromStr;
     let mut schedules = Vec::new();
@@ -282,7 +318,15 @@ async fn follow_schedules(
         stop::watch_run(pipeline.warehouse.clone(), run_id);
         let summary = tokio::select! {
             () = &mut shutdown => return Ok(()),
-            s = wait_for_run(&*pipeline.warehouse, run_id, Duration::from_millis(100)) => s?,
+            s = wait_for_run_with(&*pipeline.warehouse, run_id, wait_options, say_progress) => match s {
+                Ok(s) => s,
+                // A stalled run is given up; the schedules go on.
+                Err(error @ ExtractError::Stalled(_)) => {
+                    eprintln!("{}: error: {error}", chrono::Utc::now());
+                    continue;
+                }
+                Err(error) => return Err(error.into()),
+            },
         };
         stop::run_over(run_id);
         if json {

@@ -42,6 +42,9 @@ pub enum ExtractError {
     Warehouse(#[from] WarehouseError),
     #[error(transparent)]
     Bus(#[from] BusError),
+    /// `run --once`'s no-progress deadline passed.
+    #[error(transparent)]
+    Stalled(Box<Stalled>),
 }
 
 impl Classified for ExtractError {
@@ -50,6 +53,7 @@ impl Classified for ExtractError {
             ExtractError::Decode(e) => e.class(),
             ExtractError::Warehouse(e) => e.class(),
             ExtractError::Bus(e) => e.class(),
+            ExtractError::Stalled(_) => ErrorClass::Permanent,
         }
     }
 }
@@ -359,15 +363,108 @@ impl Handler for ExtractorStage {
     }
 }
 
-/// Applies outcomes to the warehouse, a batch per transaction.
+/// Applies outcomes to the warehouse, a batch per transaction. Its worker never gives up on a
+/// retryable error (a warehouse outage is waited out, however long); while the warehouse
+/// fails, it says so once a minute ([`OUTAGE_LOG_EVERY`]).
 pub struct Checkpointer {
     warehouse: Arc<dyn Warehouse>,
+    failing: std::sync::Mutex<Failing>,
+}
+
+/// How often the checkpointer says that it cannot record outcomes.
+pub const OUTAGE_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// Since when recording outcomes fails, and which messages wait.
+#[derive(Default)]
+struct Failing {
+    since: Option<(std::time::SystemTime, tokio::time::Instant)>,
+    last_said: Option<tokio::time::Instant>,
+    /// The deliveries (by sequence) that failed since, and have not landed yet.
+    waiting: HashSet<u64>,
 }
 
 impl Checkpointer {
     pub fn new(warehouse: Arc<dyn Warehouse>) -> Checkpointer {
-        Checkpointer { warehouse }
+        Checkpointer {
+            warehouse,
+            failing: std::sync::Mutex::new(Failing::default()),
+        }
     }
+
+    fn note(&self, batch: &[(DeliveryInfo, Bytes)], result: &Result<(), ExtractError>) {
+        let mut failing = self.failing.lock().unwrap_or_else(|e| e.into_inner());
+        match result {
+            Ok(()) => {
+                for (info, _) in batch {
+                    failing.waiting.remove(&info.sequence);
+                }
+                if failing.waiting.is_empty()
+                    && let Some((since, started)) = failing.since.take()
+                {
+                    failing.last_said = None;
+                    tracing::warn!(
+                        since = %humantime_utc(since),
+                        "the checkpointer records outcomes again after {}s of failures",
+                        started.elapsed().as_secs()
+                    );
+                }
+            }
+            Err(error) if error.class().is_retryable() => {
+                let now = tokio::time::Instant::now();
+                failing
+                    .since
+                    .get_or_insert((std::time::SystemTime::now(), now));
+                failing
+                    .waiting
+                    .extend(batch.iter().map(|(i, _)| i.sequence));
+                if failing
+                    .last_said
+                    .is_none_or(|t| now.duration_since(t) >= OUTAGE_LOG_EVERY)
+                {
+                    failing.last_said = Some(now);
+                    let (since, _) = failing.since.expect("set above");
+                    tracing::warn!(
+                        %error,
+                        "the checkpointer cannot record outcomes (failing since {}, {} outcomes waiting); \
+                         it keeps retrying, nothing is dropped",
+                        humantime_utc(since),
+                        failing.waiting.len()
+                    );
+                }
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// A time as RFC 3339, to the second, UTC.
+fn humantime_utc(t: std::time::SystemTime) -> String {
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs() as i64;
+    let (days, rest) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rest / 3600,
+        rest / 60 % 60,
+        rest % 60
+    )
+}
+
+/// Text the warehouse takes whatever it held: NUL bytes written out.
+fn printable(text: &str) -> String {
+    text.replace('\0', "\\0")
 }
 
 #[async_trait]
@@ -375,11 +472,60 @@ impl BatchHandler for Checkpointer {
     type Error = ExtractError;
 
     async fn handle_batch(&self, batch: &[(DeliveryInfo, Bytes)]) -> Result<(), ExtractError> {
-        let outcomes = batch
-            .iter()
-            .map(|(_, payload)| codec::decode::<Outcome>(payload))
-            .collect::<Result<Vec<_>, _>>()?;
-        self.warehouse.record_outcomes(&outcomes).await?;
+        let result = async {
+            let outcomes = batch
+                .iter()
+                .map(|(_, payload)| codec::decode::<Outcome>(payload))
+                .collect::<Result<Vec<_>, _>>()?;
+            self.warehouse.record_outcomes(&outcomes).await?;
+            Ok(())
+        }
+        .await;
+        self.note(batch, &result);
+        result
+    }
+
+    /// An outcome that cannot be recorded is recorded as the record's dead letter (the key
+    /// written out if the warehouse refused it), so that `dlq list` shows it; one that cannot
+    /// be read, under a key naming its delivery.
+    async fn give_up(
+        &self,
+        info: &DeliveryInfo,
+        payload: &Bytes,
+        reason: &str,
+    ) -> Result<(), ExtractError> {
+        let letter = match codec::decode::<Outcome>(payload) {
+            Ok(o) => Outcome::new(
+                &printable(&o.sync),
+                o.run_id,
+                &printable(&o.key),
+                "",
+                OutcomeStatus::DeadLettered,
+                &printable(&o.operation),
+            )
+            .with_installation(&o.installation)
+            .with_reason(printable(&format!(
+                "its outcome ({:?}) could not be recorded: {reason}",
+                o.status
+            ))),
+            Err(_) => Outcome::new(
+                loopsync_bus::sync_of(&info.subject),
+                0,
+                &format!("unreadable outcome #{}", info.sequence),
+                "",
+                OutcomeStatus::DeadLettered,
+                "none",
+            )
+            .with_reason(printable(&format!(
+                "an outcome could not be read: {reason}"
+            ))),
+        };
+        self.warehouse.record_outcomes(&[letter]).await?;
+        tracing::error!(
+            subject = info.subject,
+            reason,
+            "an outcome could not be recorded; it is a dead letter (loopsync dlq list)"
+        );
         Ok(())
     }
 }
@@ -431,24 +577,280 @@ pub async fn request_run(
 }
 
 /// Waits until every record of the run has an outcome (or the run failed), saying every
-/// [`loopsync_warehouse::HEARTBEAT`] that the run's process is alive.
+/// [`loopsync_warehouse::HEARTBEAT`] that the run's process is alive. Retryable warehouse
+/// errors are waited out; no deadline, no progress lines (see [`wait_for_run_with`]).
 pub async fn wait_for_run(
     warehouse: &dyn Warehouse,
     run_id: i64,
     poll: Duration,
 ) -> Result<RunSummary, ExtractError> {
-    let mut last_heartbeat = tokio::time::Instant::now();
+    let options = WaitOptions {
+        poll,
+        ..WaitOptions::default()
+    };
+    wait_for_run_with(warehouse, run_id, &options, |_| {}).await
+}
+
+/// How [`wait_for_run_with`] waits.
+#[derive(Debug, Clone)]
+pub struct WaitOptions {
+    /// How often the run is read.
+    pub poll: Duration,
+    /// How often a progress line is handed to the caller; `None`: never.
+    pub progress_every: Option<Duration>,
+    /// Give up when the run has made no progress (no new outcome, no change of phase) for this
+    /// long; `None`: wait forever.
+    pub stall_timeout: Option<Duration>,
+}
+
+impl Default for WaitOptions {
+    fn default() -> Self {
+        WaitOptions {
+            poll: Duration::from_millis(100),
+            progress_every: None,
+            stall_timeout: None,
+        }
+    }
+}
+
+/// A run that made no progress for `WaitOptions::stall_timeout`.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "run {run_id} of sync {sync} made no progress for {secs} s (phase: {status}; waiting for \
+     {waiting}); it was given up{closed}. Its records are retried by the next run",
+    secs = stalled_for.as_secs()
+)]
+pub struct Stalled {
+    pub run_id: i64,
+    pub sync: String,
+    pub status: String,
+    pub waiting: String,
+    pub stalled_for: Duration,
+    /// ", and closed as failed" when the warehouse answered.
+    pub closed: String,
+}
+
+/// What the run waits for in its phase.
+fn waiting_for(
+    run: Option<&RunSummary>,
+    failing: Option<&(std::time::SystemTime, String)>,
+) -> String {
+    let phase = match run {
+        None => "the run to be read from the warehouse".to_owned(),
+        Some(r) => match r.status.as_str() {
+            "requested" => "an extractor to take the run request".to_owned(),
+            "extracting" => "the extractor to finish reading the model".to_owned(),
+            _ => match r.expected {
+                Some(expected) => format!(
+                    "the outcomes of {} of its {expected} records (loader, checkpointer)",
+                    (expected - r.records).max(0)
+                ),
+                None => "its outcomes".to_owned(),
+            },
+        },
+    };
+    match failing {
+        Some((since, error)) => format!(
+            "{phase}; the warehouse fails since {}: {error}",
+            humantime_utc(*since)
+        ),
+        None => phase,
+    }
+}
+
+/// One progress line of a run.
+fn progress_line(
+    run_id: i64,
+    run: Option<&RunSummary>,
+    failing: Option<&(std::time::SystemTime, String)>,
+) -> String {
+    let mut line = match run {
+        None => format!("run {run_id}: waiting"),
+        Some(r) => format!(
+            "run {run_id} of {}: {}, {}/{} records with an outcome, {} confirmed, {} rejected",
+            r.sync,
+            r.status,
+            r.records,
+            r.expected.map_or_else(|| "?".to_owned(), |e| e.to_string()),
+            r.confirmed,
+            r.rejected + r.dead_lettered,
+        ),
+    };
+    if let Some((since, error)) = failing {
+        line.push_str(&format!(
+            "; the warehouse fails since {} ({error})",
+            humantime_utc(*since)
+        ));
+    }
+    line
+}
+
+/// [`wait_for_run`], with progress lines (handed to `progress`) and a no-progress deadline,
+/// after which the run is closed `failed` (if the warehouse answers) and [`ExtractError::Stalled`]
+/// is returned.
+pub async fn wait_for_run_with(
+    warehouse: &dyn Warehouse,
+    run_id: i64,
+    options: &WaitOptions,
+    mut progress: impl FnMut(String),
+) -> Result<RunSummary, ExtractError> {
+    use tokio::time::Instant;
+    let start = Instant::now();
+    let mut last_heartbeat: Option<Instant> = None;
+    let mut last_line = start;
+    let mut last_change = start;
+    let mut seen: Option<(String, i64)> = None;
+    let mut last: Option<RunSummary> = None;
+    // Since when the warehouse fails, and how.
+    let mut failing: Option<(std::time::SystemTime, String)> = None;
+    let mut last_warned: Option<Instant> = None;
     loop {
-        if last_heartbeat.elapsed() >= loopsync_warehouse::HEARTBEAT {
-            warehouse.heartbeat(run_id).await?;
-            last_heartbeat = tokio::time::Instant::now();
+        let read = async {
+            if last_heartbeat.is_none_or(|t| t.elapsed() >= loopsync_warehouse::HEARTBEAT) {
+                warehouse.heartbeat(run_id).await?;
+                last_heartbeat = Some(Instant::now());
+            }
+            warehouse.finish_if_complete(run_id).await?;
+            warehouse.run(run_id).await
         }
-        warehouse.finish_if_complete(run_id).await?;
-        if let Some(run) = warehouse.run(run_id).await?
-            && run.is_finished()
+        .await;
+        match read {
+            Ok(run) => {
+                if failing.take().is_some() {
+                    tracing::warn!(run_id, "the warehouse answers again");
+                }
+                if let Some(run) = run {
+                    if run.is_finished() {
+                        return Ok(run);
+                    }
+                    let now = (run.status.clone(), run.records);
+                    if seen.as_ref() != Some(&now) {
+                        seen = Some(now);
+                        last_change = Instant::now();
+                    }
+                    last = Some(run);
+                }
+            }
+            Err(error) if error.class().is_retryable() => {
+                let since = failing
+                    .take()
+                    .map_or_else(std::time::SystemTime::now, |(since, _)| since);
+                if last_warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                    tracing::warn!(run_id, %error, "waiting for a run: the warehouse fails; retrying");
+                    last_warned = Some(Instant::now());
+                }
+                failing = Some((since, error.to_string()));
+            }
+            Err(error) => return Err(error.into()),
+        }
+        if let Some(every) = options.progress_every
+            && last_line.elapsed() >= every
         {
-            return Ok(run);
+            progress(progress_line(run_id, last.as_ref(), failing.as_ref()));
+            last_line = Instant::now();
         }
-        tokio::time::sleep(poll).await;
+        if let Some(limit) = options.stall_timeout
+            && last_change.elapsed() >= limit
+        {
+            let waiting = waiting_for(last.as_ref(), failing.as_ref());
+            let mut stalled = Stalled {
+                run_id,
+                sync: last.as_ref().map_or_else(String::new, |r| r.sync.clone()),
+                status: last
+                    .as_ref()
+                    .map_or_else(|| "unknown".to_owned(), |r| r.status.clone()),
+                waiting,
+                stalled_for: last_change.elapsed(),
+                closed: String::new(),
+            };
+            let reason = format!(
+                "no progress for {} s (phase: {}; waiting for {})",
+                stalled.stalled_for.as_secs(),
+                stalled.status,
+                stalled.waiting
+            );
+            if tokio::time::timeout(Duration::from_secs(15), warehouse.fail_run(run_id, &reason))
+                .await
+                .is_ok_and(|r| r.is_ok())
+            {
+                stalled.closed = ", and closed as failed".to_owned();
+            }
+            return Err(ExtractError::Stalled(Box::new(stalled)));
+        }
+        let pause = if failing.is_some() {
+            options.poll.max(Duration::from_secs(1))
+        } else {
+            options.poll
+        };
+        tokio::time::sleep(pause).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use loopsync_bus::worker::BatchHandler;
+
+    use super::*;
+
+    fn info(sequence: u64) -> DeliveryInfo {
+        DeliveryInfo {
+            subject: "t.checkpointer.users".into(),
+            attempt: 1,
+            sequence,
+        }
+    }
+
+    /// An outcome PostgreSQL refuses (a NUL byte in its key) fails its batch for good (so the
+    /// worker splits the batch), and, given up, is recorded as a dead letter that `dlq list`
+    /// (which reads `rejections`) shows.
+    #[tokio::test]
+    async fn an_outcome_that_cannot_be_recorded_is_a_dead_letter_dlq_list_shows() {
+        let Some(db) = loopsync_testkit::TestDatabase::create().await else {
+            return;
+        };
+        let warehouse: Arc<dyn Warehouse> = Arc::new(
+            loopsync_warehouse::PgWarehouse::connect(&db.url)
+                .await
+                .unwrap(),
+        );
+        warehouse.prepare().await.unwrap();
+        let run_id = warehouse.create_run("users").await.unwrap();
+        let checkpointer = Checkpointer::new(warehouse.clone());
+        let outcome = |key: &str| {
+            Bytes::from(codec::encode(&Outcome::new(
+                "users",
+                run_id,
+                key,
+                "fp",
+                OutcomeStatus::Confirmed,
+                "upsert",
+            )))
+        };
+        let bad = outcome("bad\0key");
+        let batch = [(info(1), outcome("good")), (info(2), bad.clone())];
+        let error = checkpointer.handle_batch(&batch).await.unwrap_err();
+        assert_eq!(error.class(), ErrorClass::Permanent, "{error}");
+        // Alone, the good one lands.
+        checkpointer.handle_batch(&batch[..1]).await.unwrap();
+        checkpointer
+            .give_up(&info(2), &bad, &error.to_string())
+            .await
+            .unwrap();
+        let letters: Vec<_> = warehouse
+            .rejections(Some("users"))
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.outcome == "dead_lettered")
+            .collect();
+        assert_eq!(letters.len(), 1, "{letters:?}");
+        assert_eq!(letters[0].key, "bad\\0key");
+        assert!(
+            letters[0]
+                .reason
+                .as_deref()
+                .is_some_and(|r| r.contains("could not be recorded")),
+            "{letters:?}"
+        );
     }
 }

@@ -9,6 +9,7 @@
 
 pub mod nats;
 pub mod process;
+pub mod proxy;
 pub mod services;
 pub mod sim;
 

@@ -32,6 +32,13 @@ pub enum WarehouseError {
     Model { sync: String, detail: String },
     #[error("{what}: {detail}")]
     Query { what: String, detail: String },
+    /// The warehouse did not answer, or the connection broke: retried, on a new connection.
+    #[error("{what}: {detail}")]
+    Unavailable { what: String, detail: String },
+    /// The warehouse refused the data itself (SQLSTATE class 22, e.g. a NUL byte in a text):
+    /// trying it again cannot help.
+    #[error("{what}: {detail}")]
+    Data { what: String, detail: String },
     #[error("{0}")]
     Unsupported(String),
     /// One run of a sync at a time: another is in progress.
@@ -60,9 +67,22 @@ impl Classified for WarehouseError {
         match self {
             WarehouseError::Model { .. }
             | WarehouseError::Unsupported(_)
-            | WarehouseError::RunInProgress { .. } => ErrorClass::Permanent,
-            WarehouseError::Connect(_) | WarehouseError::Query { .. } => ErrorClass::RETRY,
+            | WarehouseError::RunInProgress { .. }
+            | WarehouseError::Data { .. } => ErrorClass::Permanent,
+            WarehouseError::Connect(_)
+            | WarehouseError::Query { .. }
+            | WarehouseError::Unavailable { .. } => ErrorClass::RETRY,
         }
+    }
+}
+
+impl WarehouseError {
+    /// The warehouse could not be reached or did not answer (as opposed to refusing a statement).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            WarehouseError::Connect(_) | WarehouseError::Unavailable { .. }
+        )
     }
 }
 

@@ -1,6 +1,10 @@
 //! PostgreSQL, through tokio-postgres.
 
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::StreamExt;
@@ -128,9 +132,19 @@ fn email_key(expression: &str) -> String {
 }
 
 fn query_error(what: &str) -> impl Fn(tokio_postgres::Error) -> WarehouseError + '_ {
-    move |e| WarehouseError::Query {
-        what: what.to_owned(),
-        detail: describe(&e),
+    move |e| classify(what, &e)
+}
+
+/// A refusal of the data itself (SQLSTATE class 22) is permanent; any other answer of the
+/// server is a query error (retried); no answer at all — the connection closed, reset or
+/// unreadable — is the warehouse being unavailable (retried on a new connection).
+fn classify(what: &str, e: &tokio_postgres::Error) -> WarehouseError {
+    let (what, detail) = (what.to_owned(), describe(e));
+    match e.as_db_error() {
+        Some(db) if db.code().code().starts_with("22") => WarehouseError::Data { what, detail },
+        Some(_) => WarehouseError::Query { what, detail },
+        None if e.code().is_some() => WarehouseError::Query { what, detail },
+        None => WarehouseError::Unavailable { what, detail },
     }
 }
 
@@ -154,43 +168,151 @@ fn schema_version() -> String {
     loopsync_core::keys::fingerprint(&[SCHEMA, DESTINATIONS])
 }
 
-/// The warehouse on PostgreSQL.
+/// How long opening a connection (TCP, then the server's answer to the startup) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long one call may go without an answer before it fails (retryably) and its connections
+/// are replaced: well above `lock_timeout`, so a lock wait ends on the server's side first. A
+/// diff's rows are not under it (a model may take long before its first row); opening the
+/// diff is.
+const CALL_DEADLINE: Duration = Duration::from_secs(60);
+
+/// The warehouse on PostgreSQL. Every call runs under [`CALL_DEADLINE`]; a connection that
+/// closed, broke or timed out is replaced on the next call (a warehouse restart or a network
+/// outage costs retries, never a wedged process).
 pub struct PgWarehouse {
-    url: String,
-    client: Client,
-    /// Transactions need `&mut`: one connection for them.
-    writer: tokio::sync::Mutex<Client>,
+    pg: Pg,
 }
 
-async fn open(url: &str) -> Result<Client, WarehouseError> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls)
+/// A connection and the generation it was opened in.
+type Slot<C> = Option<(u64, C)>;
+
+struct Pg {
+    config: tokio_postgres::Config,
+    /// Shared by concurrent calls (tokio-postgres pipelines them).
+    shared: tokio::sync::Mutex<Slot<Arc<Client>>>,
+    /// Transactions need `&mut`: one connection for them.
+    writer: tokio::sync::Mutex<Slot<Client>>,
+    /// Bumped when a call found the warehouse unavailable: connections of an earlier
+    /// generation are replaced before their next use.
+    generation: AtomicU64,
+}
+
+/// Opens a session: TCP keepalives and `tcp_user_timeout` so that a peer gone silent is noticed
+/// by the kernel too; the whole opening under [`CONNECT_TIMEOUT`] (a proxy or a load balancer
+/// may accept the TCP connection and then say nothing).
+async fn open(config: &tokio_postgres::Config) -> Result<Client, WarehouseError> {
+    let opening = async {
+        let (client, connection) = config
+            .connect(NoTls)
+            .await
+            .map_err(|e| WarehouseError::Connect(describe(&e)))?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::warn!(%error, "warehouse connection ended");
+            }
+        });
+        client
+            .batch_execute(&format!(
+                "SET lock_timeout = '{LOCK_TIMEOUT}'; SET TIME ZONE 'UTC'"
+            ))
+            .await
+            .map_err(|e| WarehouseError::Connect(describe(&e)))?;
+        Ok(client)
+    };
+    tokio::time::timeout(CONNECT_TIMEOUT, opening)
         .await
-        .map_err(|e| WarehouseError::Connect(describe(&e)))?;
-    tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            tracing::warn!(%error, "warehouse connection ended");
-        }
-    });
-    client
-        .batch_execute(&format!("SET lock_timeout = '{LOCK_TIMEOUT}'"))
-        .await
-        .map_err(|e| WarehouseError::Connect(describe(&e)))?;
-    Ok(client)
+        .unwrap_or_else(|_| {
+            Err(WarehouseError::Connect(format!(
+                "the warehouse did not answer within {}s",
+                CONNECT_TIMEOUT.as_secs()
+            )))
+        })
 }
 
 impl PgWarehouse {
     pub async fn connect(url: &str) -> Result<PgWarehouse, WarehouseError> {
-        let client = open(url).await?;
-        client
-            .batch_execute("SET TIME ZONE 'UTC'")
+        let mut config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e: tokio_postgres::Error| WarehouseError::Connect(describe(&e)))?;
+        config
+            .connect_timeout(CONNECT_TIMEOUT)
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(30))
+            .keepalives_interval(Duration::from_secs(10))
+            .keepalives_retries(3)
+            .tcp_user_timeout(CALL_DEADLINE);
+        let pg = Pg {
+            config,
+            shared: tokio::sync::Mutex::new(None),
+            writer: tokio::sync::Mutex::new(None),
+            generation: AtomicU64::new(0),
+        };
+        // Both now: a wrong URL or a warehouse down is said at once.
+        pg.client().await?;
+        drop(pg.writer().await?);
+        Ok(PgWarehouse { pg })
+    }
+
+    /// Runs one call under [`CALL_DEADLINE`]; when the warehouse did not answer, its
+    /// connections are replaced before the next call.
+    async fn within<T>(
+        &self,
+        what: &str,
+        call: impl Future<Output = Result<T, WarehouseError>>,
+    ) -> Result<T, WarehouseError> {
+        let result = tokio::time::timeout(CALL_DEADLINE, call)
             .await
-            .map_err(query_error("set the time zone"))?;
-        let writer = open(url).await?;
-        Ok(PgWarehouse {
-            url: url.to_owned(),
-            client,
-            writer: tokio::sync::Mutex::new(writer),
-        })
+            .unwrap_or_else(|_| {
+                Err(WarehouseError::Unavailable {
+                    what: what.to_owned(),
+                    detail: format!(
+                        "the warehouse did not answer within {}s; its connection is replaced",
+                        CALL_DEADLINE.as_secs()
+                    ),
+                })
+            });
+        if let Err(error) = &result
+            && error.is_unavailable()
+        {
+            self.pg.generation.fetch_add(1, Ordering::SeqCst);
+        }
+        result
+    }
+}
+
+impl Pg {
+    /// The shared connection, opened again if it closed or is of an earlier generation.
+    async fn client(&self) -> Result<Arc<Client>, WarehouseError> {
+        let mut slot = self.shared.lock().await;
+        let generation = self.generation.load(Ordering::SeqCst);
+        if let Some((g, client)) = &*slot
+            && *g == generation
+            && !client.is_closed()
+        {
+            return Ok(client.clone());
+        }
+        *slot = None;
+        let client = Arc::new(open(&self.config).await?);
+        *slot = Some((generation, client.clone()));
+        Ok(client)
+    }
+
+    /// The connection for transactions, opened again if it closed or is of an earlier
+    /// generation; held until the guard drops.
+    async fn writer(&self) -> Result<tokio::sync::MappedMutexGuard<'_, Client>, WarehouseError> {
+        let mut slot = self.writer.lock().await;
+        let generation = self.generation.load(Ordering::SeqCst);
+        let fresh = slot
+            .as_ref()
+            .is_some_and(|(g, c)| *g == generation && !c.is_closed());
+        if !fresh {
+            *slot = None;
+            *slot = Some((generation, open(&self.config).await?));
+        }
+        Ok(tokio::sync::MutexGuard::map(slot, |s| {
+            &mut s.as_mut().expect("just opened").1
+        }))
     }
 
     fn summary_sql(filter: &str) -> String {
@@ -275,15 +397,15 @@ UPDATE loopsync.runs r
  WHERE r.id = ANY($1) AND r.status = 'sending'
    AND (SELECT count(*) FROM loopsync.records x WHERE x.run_id = r.id) >= r.expected";
 
-#[async_trait]
-impl Warehouse for PgWarehouse {
+impl Pg {
     async fn prepare(&self) -> Result<(), WarehouseError> {
         // A state whose tables are current needs no DDL, and takes no lock: a command started
         // beside a run that reads the state (its diff) must neither wait behind that read nor
         // make the run's own writes queue behind its ALTER TABLE.
         let version = schema_version();
         let current = match self
-            .client
+            .client()
+            .await?
             .query_opt("SELECT version FROM loopsync.schema_version", &[])
             .await
         {
@@ -300,7 +422,8 @@ impl Warehouse for PgWarehouse {
             return Ok(());
         }
         // Several processes may start at once: CREATE … IF NOT EXISTS races in PostgreSQL.
-        self.client
+        self.client()
+            .await?
             .batch_execute(&format!(
                 "BEGIN; SELECT pg_advisory_xact_lock(735560801); {SCHEMA} {DESTINATIONS}
                  CREATE TABLE IF NOT EXISTS loopsync.schema_version (version text NOT NULL);
@@ -317,7 +440,7 @@ impl Warehouse for PgWarehouse {
         spec: &SyncSpec,
     ) -> Result<BoxStream<'static, Result<DiffRow, WarehouseError>>, WarehouseError> {
         // Its own connection: the stream holds it until drained.
-        let client = open(&self.url).await?;
+        let client = open(&self.config).await?;
         client
             .batch_execute("SET TIME ZONE 'UTC'")
             .await
@@ -340,10 +463,7 @@ impl Warehouse for PgWarehouse {
                     detail: describe(&e),
                 }
             } else {
-                WarehouseError::Query {
-                    what: format!("diff of sync {}", spec.name),
-                    detail: describe(&e),
-                }
+                classify(&format!("diff of sync {}", spec.name), &e)
             }
         };
         let statement = client.prepare(&sql).await.map_err(model_error)?;
@@ -357,10 +477,8 @@ impl Warehouse for PgWarehouse {
         let stream = rows.map(move |row| {
             // The client lives as long as the stream.
             let _connection = &client;
-            let row = row.map_err(|e| WarehouseError::Query {
-                what: format!("diff of sync {sync}"),
-                detail: describe(&e),
-            })?;
+            // A stream cut by an outage is retried (the extractor's message comes back).
+            let row = row.map_err(|e| classify(&format!("diff of sync {sync}"), &e))?;
             let present: Option<i32> = row.get(0);
             let key: Option<String> = row.get(1);
             let values = present.map(|_| {
@@ -385,7 +503,8 @@ impl Warehouse for PgWarehouse {
     }
 
     async fn check_model(&self, spec: &SyncSpec) -> Result<(), WarehouseError> {
-        self.client
+        self.client()
+            .await?
             .query(&probe_sql(spec), &[])
             .await
             .map_err(|e| WarehouseError::Model {
@@ -396,7 +515,7 @@ impl Warehouse for PgWarehouse {
     }
 
     async fn create_run(&self, sync: &str) -> Result<i64, WarehouseError> {
-        let mut client = self.writer.lock().await;
+        let mut client = self.writer().await?;
         let tx = client
             .transaction()
             .await
@@ -452,7 +571,8 @@ impl Warehouse for PgWarehouse {
     }
 
     async fn heartbeat(&self, run_id: i64) -> Result<(), WarehouseError> {
-        self.client
+        self.client()
+            .await?
             .execute(
                 "UPDATE loopsync.runs SET heartbeat_at = now() WHERE id = $1",
                 &[&run_id],
@@ -464,7 +584,8 @@ impl Warehouse for PgWarehouse {
 
     async fn installation(&self) -> Result<String, WarehouseError> {
         let row = self
-            .client
+            .client()
+            .await?
             .query_one("SELECT id FROM loopsync.installation", &[])
             .await
             .map_err(query_error("read the installation id"))?;
@@ -477,7 +598,8 @@ impl Warehouse for PgWarehouse {
         redelivered: bool,
     ) -> Result<Option<String>, WarehouseError> {
         let row = self
-            .client
+            .client()
+            .await?
             .query_opt(
                 "UPDATE loopsync.runs SET status = 'extracting', started_at = now()
                   WHERE id = $1 AND (status = 'requested' OR ($2 AND status = 'extracting'))
@@ -502,7 +624,8 @@ impl Warehouse for PgWarehouse {
         emitted.sort();
         let keys: Vec<&str> = emitted.iter().map(|(k, _)| k.as_str()).collect();
         let fps: Vec<&str> = emitted.iter().map(|(_, f)| f.as_str()).collect();
-        self.client
+        self.client()
+            .await?
             .execute(
                 "INSERT INTO loopsync.state (sync, key, emitted_fp, emitted_run)
                  SELECT $1, k, f, $2 FROM unnest($3::text[], $4::text[]) AS t(k, f)
@@ -520,7 +643,7 @@ impl Warehouse for PgWarehouse {
         run_id: i64,
         counts: &ExtractCounts,
     ) -> Result<(), WarehouseError> {
-        self.client
+        self.client().await?
             .execute(
                 "UPDATE loopsync.runs r SET status = 'sending', extracted_at = now(),
                         expected = (SELECT count(*) FROM (
@@ -541,7 +664,8 @@ impl Warehouse for PgWarehouse {
             )
             .await
             .map_err(query_error("finish an extraction"))?;
-        self.client
+        self.client()
+            .await?
             .execute(FINISH_RUNS, &[&vec![run_id]])
             .await
             .map_err(query_error("finish a run"))?;
@@ -563,7 +687,7 @@ impl Warehouse for PgWarehouse {
         let fps: Vec<&str> = records.iter().map(|r| r.1.as_str()).collect();
         let emails: Vec<Option<&str>> = records.iter().map(|r| r.2.as_deref()).collect();
         let user_ids: Vec<Option<&str>> = records.iter().map(|r| r.3.as_deref()).collect();
-        self.client
+        self.client().await?
             .execute(
                 "INSERT INTO loopsync.state (sync, key, confirmed_fp, confirmed_run, confirmed_at,
                                              confirmed_email, confirmed_user_id)
@@ -584,7 +708,8 @@ impl Warehouse for PgWarehouse {
     }
 
     async fn park(&self, sync: &str, keys: &[String]) -> Result<u64, WarehouseError> {
-        self.client
+        self.client()
+            .await?
             .execute(
                 "INSERT INTO loopsync.state (sync, key, parked_fp)
                  SELECT DISTINCT ON (r.key) r.sync, r.key, r.fingerprint
@@ -603,7 +728,7 @@ impl Warehouse for PgWarehouse {
         run_id: i64,
         counts: &ExtractCounts,
     ) -> Result<(), WarehouseError> {
-        self.client
+        self.client().await?
             .execute(
                 "UPDATE loopsync.runs SET status = 'adopted', extracted_at = now(), finished_at = now(),
                         expected = 0, added = $2, changed = $3, removed = $4, unchanged = $5,
@@ -628,7 +753,8 @@ impl Warehouse for PgWarehouse {
         run_id: i64,
         counts: &RequestCounts,
     ) -> Result<(), WarehouseError> {
-        self.client
+        self.client()
+            .await?
             .execute(
                 "UPDATE loopsync.runs
                     SET preflight_requests = $2, preflight_retries = $3, preflight_rate_limited = $4
@@ -646,7 +772,8 @@ impl Warehouse for PgWarehouse {
     }
 
     async fn fail_run(&self, run_id: i64, error: &str) -> Result<(), WarehouseError> {
-        self.client
+        self.client()
+            .await?
             .execute(
                 "UPDATE loopsync.runs SET status = 'failed', finished_at = now(), error = $2
                   WHERE id = $1",
@@ -659,7 +786,8 @@ impl Warehouse for PgWarehouse {
 
     async fn interrupt_run(&self, run_id: i64, why: &str) -> Result<bool, WarehouseError> {
         let closed = self
-            .client
+            .client()
+            .await?
             .execute(
                 &format!(
                     "UPDATE loopsync.runs SET status = 'interrupted', finished_at = now(), error = $2
@@ -676,7 +804,7 @@ impl Warehouse for PgWarehouse {
         if outcomes.is_empty() {
             return Ok(());
         }
-        let mut client = self.writer.lock().await;
+        let mut client = self.writer().await?;
         let tx = client
             .transaction()
             .await
@@ -850,7 +978,8 @@ impl Warehouse for PgWarehouse {
     }
 
     async fn finish_if_complete(&self, run_id: i64) -> Result<(), WarehouseError> {
-        self.client
+        self.client()
+            .await?
             .execute(FINISH_RUNS, &[&vec![run_id]])
             .await
             .map_err(query_error("finish a run"))?;
@@ -859,7 +988,8 @@ impl Warehouse for PgWarehouse {
 
     async fn run(&self, run_id: i64) -> Result<Option<RunSummary>, WarehouseError> {
         let rows = self
-            .client
+            .client()
+            .await?
             .query(&Self::summary_sql("r.id = $1"), &[&run_id, &1i64])
             .await
             .map_err(query_error("read a run"))?;
@@ -872,7 +1002,8 @@ impl Warehouse for PgWarehouse {
         limit: i64,
     ) -> Result<Vec<RunSummary>, WarehouseError> {
         let rows = self
-            .client
+            .client()
+            .await?
             .query(
                 &Self::summary_sql("($1::text IS NULL OR r.sync = $1)"),
                 &[&sync, &limit],
@@ -884,7 +1015,8 @@ impl Warehouse for PgWarehouse {
 
     async fn records(&self, run_id: i64) -> Result<Vec<RecordResult>, WarehouseError> {
         let rows = self
-            .client
+            .client()
+            .await?
             .query(
                 &format!(
                     "SELECT run_id, sync, key, operation, outcome, reason, contact_id,
@@ -901,7 +1033,8 @@ impl Warehouse for PgWarehouse {
 
     async fn rejections(&self, sync: Option<&str>) -> Result<Vec<RecordResult>, WarehouseError> {
         let rows = self
-            .client
+            .client()
+            .await?
             .query(
                 &format!(
                     "SELECT run_id, sync, key, operation, outcome, reason, contact_id,
@@ -930,7 +1063,7 @@ impl Warehouse for PgWarehouse {
         }
         let keys: Vec<&str> = records.iter().map(|(k, _)| k.as_str()).collect();
         let fps: Vec<&str> = records.iter().map(|(_, f)| f.as_str()).collect();
-        let mut client = self.writer.lock().await;
+        let mut client = self.writer().await?;
         let tx = client
             .transaction()
             .await
@@ -960,7 +1093,8 @@ impl Warehouse for PgWarehouse {
 
     async fn destination(&self, sync: &str) -> Result<Option<DestinationBinding>, WarehouseError> {
         let row = self
-            .client
+            .client()
+            .await?
             .query_opt(
                 &format!(
                     "SELECT team, base_url, to_char(bound_at AT TIME ZONE 'UTC', {TIME})
@@ -981,7 +1115,8 @@ impl Warehouse for PgWarehouse {
         // A binding deleted (by a reset) between the insert and the read: insert again.
         for _ in 0..3 {
             let inserted = self
-                .client
+                .client()
+                .await?
                 .execute(
                     "INSERT INTO loopsync.destinations (sync, team, base_url) VALUES ($1, $2, $3)
                      ON CONFLICT (sync) DO NOTHING",
@@ -1007,7 +1142,8 @@ impl Warehouse for PgWarehouse {
         sync: &str,
         destination: &Destination,
     ) -> Result<(), WarehouseError> {
-        self.client
+        self.client()
+            .await?
             .execute(
                 "INSERT INTO loopsync.destinations (sync, team, base_url) VALUES ($1, $2, $3)
                  ON CONFLICT (sync) DO UPDATE
@@ -1020,7 +1156,7 @@ impl Warehouse for PgWarehouse {
     }
 
     async fn reset_state(&self, sync: &str) -> Result<StateReset, WarehouseError> {
-        let mut client = self.writer.lock().await;
+        let mut client = self.writer().await?;
         let tx = client
             .transaction()
             .await
@@ -1065,6 +1201,180 @@ impl Warehouse for PgWarehouse {
         })
     }
 }
+#[async_trait]
+impl Warehouse for PgWarehouse {
+    async fn prepare(&self) -> Result<(), WarehouseError> {
+        self.within("prepare", self.pg.prepare()).await
+    }
+
+    async fn diff(
+        &self,
+        spec: &SyncSpec,
+    ) -> Result<BoxStream<'static, Result<DiffRow, WarehouseError>>, WarehouseError> {
+        self.within("diff", self.pg.diff(spec)).await
+    }
+
+    async fn check_model(&self, spec: &SyncSpec) -> Result<(), WarehouseError> {
+        self.within("check model", self.pg.check_model(spec)).await
+    }
+
+    async fn create_run(&self, sync: &str) -> Result<i64, WarehouseError> {
+        self.within("create run", self.pg.create_run(sync)).await
+    }
+
+    async fn heartbeat(&self, run_id: i64) -> Result<(), WarehouseError> {
+        self.within("heartbeat", self.pg.heartbeat(run_id)).await
+    }
+
+    async fn installation(&self) -> Result<String, WarehouseError> {
+        self.within("installation", self.pg.installation()).await
+    }
+
+    async fn claim_run(
+        &self,
+        run_id: i64,
+        redelivered: bool,
+    ) -> Result<Option<String>, WarehouseError> {
+        self.within("claim run", self.pg.claim_run(run_id, redelivered))
+            .await
+    }
+
+    async fn mark_emitted(
+        &self,
+        sync: &str,
+        run_id: i64,
+        emitted: &[(String, String)],
+    ) -> Result<(), WarehouseError> {
+        self.within("mark emitted", self.pg.mark_emitted(sync, run_id, emitted))
+            .await
+    }
+
+    async fn finish_extract(
+        &self,
+        run_id: i64,
+        counts: &ExtractCounts,
+    ) -> Result<(), WarehouseError> {
+        self.within("finish extract", self.pg.finish_extract(run_id, counts))
+            .await
+    }
+
+    async fn adopt(
+        &self,
+        sync: &str,
+        run_id: i64,
+        records: &[(String, String, Option<String>, Option<String>)],
+    ) -> Result<(), WarehouseError> {
+        self.within("adopt", self.pg.adopt(sync, run_id, records))
+            .await
+    }
+
+    async fn park(&self, sync: &str, keys: &[String]) -> Result<u64, WarehouseError> {
+        self.within("park", self.pg.park(sync, keys)).await
+    }
+
+    async fn finish_adopt(
+        &self,
+        run_id: i64,
+        counts: &ExtractCounts,
+    ) -> Result<(), WarehouseError> {
+        self.within("finish adopt", self.pg.finish_adopt(run_id, counts))
+            .await
+    }
+
+    async fn record_preflight(
+        &self,
+        run_id: i64,
+        counts: &RequestCounts,
+    ) -> Result<(), WarehouseError> {
+        self.within("record preflight", self.pg.record_preflight(run_id, counts))
+            .await
+    }
+
+    async fn fail_run(&self, run_id: i64, error: &str) -> Result<(), WarehouseError> {
+        self.within("fail run", self.pg.fail_run(run_id, error))
+            .await
+    }
+
+    async fn interrupt_run(&self, run_id: i64, why: &str) -> Result<bool, WarehouseError> {
+        self.within(
+            "close an interrupted run",
+            self.pg.interrupt_run(run_id, why),
+        )
+        .await
+    }
+
+    async fn record_outcomes(&self, outcomes: &[Outcome]) -> Result<(), WarehouseError> {
+        self.within("record outcomes", self.pg.record_outcomes(outcomes))
+            .await
+    }
+
+    async fn finish_if_complete(&self, run_id: i64) -> Result<(), WarehouseError> {
+        self.within("finish if complete", self.pg.finish_if_complete(run_id))
+            .await
+    }
+
+    async fn run(&self, run_id: i64) -> Result<Option<RunSummary>, WarehouseError> {
+        self.within("run", self.pg.run(run_id)).await
+    }
+
+    async fn runs(
+        &self,
+        sync: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<RunSummary>, WarehouseError> {
+        self.within("runs", self.pg.runs(sync, limit)).await
+    }
+
+    async fn records(&self, run_id: i64) -> Result<Vec<RecordResult>, WarehouseError> {
+        self.within("records", self.pg.records(run_id)).await
+    }
+
+    async fn rejections(&self, sync: Option<&str>) -> Result<Vec<RecordResult>, WarehouseError> {
+        self.within("rejections", self.pg.rejections(sync)).await
+    }
+
+    async fn forget_confirmed(
+        &self,
+        sync: &str,
+        records: &[(String, String)],
+    ) -> Result<u64, WarehouseError> {
+        self.within("forget confirmed", self.pg.forget_confirmed(sync, records))
+            .await
+    }
+
+    async fn destination(&self, sync: &str) -> Result<Option<DestinationBinding>, WarehouseError> {
+        self.within("destination", self.pg.destination(sync)).await
+    }
+
+    async fn bind_destination(
+        &self,
+        sync: &str,
+        destination: &Destination,
+    ) -> Result<Option<DestinationBinding>, WarehouseError> {
+        self.within(
+            "bind destination",
+            self.pg.bind_destination(sync, destination),
+        )
+        .await
+    }
+
+    async fn set_destination(
+        &self,
+        sync: &str,
+        destination: &Destination,
+    ) -> Result<(), WarehouseError> {
+        self.within(
+            "set destination",
+            self.pg.set_destination(sync, destination),
+        )
+        .await
+    }
+
+    async fn reset_state(&self, sync: &str) -> Result<StateReset, WarehouseError> {
+        self.within("reset state", self.pg.reset_state(sync)).await
+    }
+}
+
 /// A row of (team, base_url, bound_at).
 fn binding(row: &Row) -> DestinationBinding {
     DestinationBinding {

@@ -525,3 +525,184 @@ async fn local_shutdown_drops_a_stuck_handler_and_its_message_comes_back() {
     settled(&*bus).await;
     next.stop().await;
 }
+
+/// A batch handler that fails, with `class`, every batch holding the payload `bad`.
+struct OneBad {
+    class: ErrorClass,
+    landed: Mutex<Vec<Bytes>>,
+    gave_up: Mutex<Vec<(Bytes, String)>>,
+}
+
+#[async_trait]
+impl BatchHandler for OneBad {
+    type Error = TestError;
+
+    async fn handle_batch(&self, batch: &[(DeliveryInfo, Bytes)]) -> Result<(), TestError> {
+        if batch.iter().any(|(_, p)| p.as_ref() == b"bad") {
+            return Err(TestError(self.class));
+        }
+        self.landed
+            .lock()
+            .unwrap()
+            .extend(batch.iter().map(|(_, p)| p.clone()));
+        Ok(())
+    }
+
+    async fn give_up(
+        &self,
+        _info: &DeliveryInfo,
+        payload: &Bytes,
+        reason: &str,
+    ) -> Result<(), TestError> {
+        self.gave_up
+            .lock()
+            .unwrap()
+            .push((payload.clone(), reason.to_owned()));
+        Ok(())
+    }
+}
+
+/// Publishes 30 checkpointer messages, one of them `bad`, and runs a batched worker (batches
+/// of up to 50, so all 30 in one) until the 29 others landed.
+async fn one_bad_in_a_batch(class: ErrorClass, max_attempts: u32) -> (Arc<OneBad>, Arc<LocalBus>) {
+    let bus = Arc::new(LocalBus::new(Names::new("t")));
+    let subject = bus.names().subject(Stage::Checkpointer, "users");
+    for i in 0..30 {
+        let payload = if i == 17 {
+            "bad".to_owned()
+        } else {
+            format!("good {i}")
+        };
+        bus.publish(&subject, &format!("m{i}"), Bytes::from(payload))
+            .await
+            .unwrap();
+    }
+    let handler = Arc::new(OneBad {
+        class,
+        landed: Mutex::default(),
+        gave_up: Mutex::default(),
+    });
+    let shutdown = CancellationToken::new();
+    let options = BatchOptions {
+        max_batch: 50,
+        max_wait: Duration::from_millis(50),
+        worker: fast(max_attempts),
+    };
+    let task = tokio::spawn(run_batched(
+        bus.clone() as Arc<dyn Bus>,
+        Stage::Checkpointer,
+        handler.clone(),
+        options,
+        shutdown.clone(),
+    ));
+    let watched = handler.clone();
+    loopsync_testkit::until(Duration::from_secs(20), "the good ones landed", || {
+        let landed = watched.landed.lock().unwrap().len();
+        async move {
+            if landed == 29 {
+                Ok(())
+            } else {
+                Err(format!("{landed} landed"))
+            }
+        }
+    })
+    .await;
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+    (handler, bus)
+}
+
+/// One outcome the warehouse refuses for good does not take its batch down: the batch is
+/// split, the others land (once each), the bad one is given up (recorded, then dead-lettered).
+#[tokio::test]
+async fn batch_with_a_bad_message_is_split_so_the_rest_land() {
+    let (handler, bus) = one_bad_in_a_batch(ErrorClass::Permanent, u32::MAX).await;
+    let mut landed = handler.landed.lock().unwrap().clone();
+    landed.sort();
+    landed.dedup();
+    assert_eq!(landed.len(), 29, "each once");
+    let gave_up = handler.gave_up.lock().unwrap().clone();
+    assert_eq!(gave_up.len(), 1);
+    assert_eq!(gave_up[0].0, Bytes::from("bad"));
+    let letters = bus.dead_letters().await.unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].stage, Stage::Checkpointer);
+}
+
+/// One outcome that fails retryably forever does not hold its batch back forever either: after
+/// a few attempts the batch is bisected and the others land; the bad one is retried, never
+/// given up (the checkpointer's worker has no attempt limit).
+#[tokio::test]
+async fn batch_with_a_message_failing_retryably_forever_lets_the_rest_land() {
+    let (handler, bus) = one_bad_in_a_batch(ErrorClass::RETRY, u32::MAX).await;
+    assert!(handler.gave_up.lock().unwrap().is_empty());
+    assert!(bus.dead_letters().await.unwrap().is_empty());
+}
+
+/// The checkpointer's consumer has no cap on deliveries (its messages are outcomes); the
+/// others keep theirs.
+#[test]
+fn only_the_checkpointer_consumer_is_uncapped() {
+    let options = JetStreamOptions::default();
+    assert_eq!(
+        crate::jetstream::max_deliver(Stage::Checkpointer, &options),
+        -1
+    );
+    for stage in [Stage::Extractor, Stage::Transformer, Stage::Loader] {
+        assert_eq!(
+            crate::jetstream::max_deliver(stage, &options),
+            options.max_deliver
+        );
+    }
+}
+
+/// A checkpointer consumer an earlier version made, capped at 12 deliveries, loses its cap when
+/// a process of this version connects (create-or-update; nats-server 2.9 and later).
+#[tokio::test]
+async fn jetstream_an_earlier_checkpointer_consumer_loses_its_cap() {
+    let options = JetStreamOptions::default();
+    let Some((_bus, ns)) = jetstream(&options).await else {
+        return;
+    };
+    let names = Names::new(&ns.namespace);
+    let stream = names.stream(Stage::Checkpointer);
+    let info = |ns_url: String, stream: String| async move {
+        loopsync_testkit::nats::consumer_info(&ns_url, &stream, "checkpointer")
+            .await
+            .unwrap()["config"]["max_deliver"]
+            .as_i64()
+    };
+    assert_eq!(info(ns.url.clone(), stream.clone()).await, Some(-1));
+    // As an earlier version made it.
+    loopsync_testkit::nats::request(
+        &ns.url,
+        &format!("$JS.API.CONSUMER.DELETE.{stream}.checkpointer"),
+        b"",
+        Duration::from_secs(2),
+    )
+    .await
+    .unwrap();
+    let old = serde_json::json!({
+        "stream_name": stream,
+        "config": {
+            "durable_name": "checkpointer",
+            "ack_policy": "explicit",
+            "ack_wait": options.ack_wait.as_nanos() as u64,
+            "max_deliver": 12,
+            "max_ack_pending": 1000,
+        }
+    });
+    loopsync_testkit::nats::request(
+        &ns.url,
+        &format!("$JS.API.CONSUMER.DURABLE.CREATE.{stream}.checkpointer"),
+        old.to_string().as_bytes(),
+        Duration::from_secs(2),
+    )
+    .await
+    .unwrap();
+    assert_eq!(info(ns.url.clone(), stream.clone()).await, Some(12));
+    let _again = JetStreamBus::connect(&ns.url, names.clone(), &options)
+        .await
+        .unwrap();
+    assert_eq!(info(ns.url.clone(), stream.clone()).await, Some(-1));
+}
