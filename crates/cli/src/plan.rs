@@ -109,7 +109,7 @@ impl<W: Write> JsonPlan<W> {
 
     fn finish(mut self) -> io::Result<W> {
         let newline = if self.syncs > 0 { "\n" } else { "" };
-        write!(self.out, "{newline}]\n")?;
+        writeln!(self.out, "{newline}]")?;
         self.out.flush()?;
         Ok(self.out)
     }
