@@ -1,6 +1,8 @@
 //! The pipeline end to end: the `loopsync` binary against PostgreSQL, NATS JetStream and the
 //! Loops simulator, all real processes on loopback.
 
+use std::time::Duration;
+
 use loopsync_testkit::{Stack, StackOptions};
 use serde_json::Value;
 
@@ -456,4 +458,71 @@ async fn sqlite_warehouse_end_to_end() {
             .await,
         28
     );
+}
+
+/// A first sync larger than what the in-process bus keeps in memory: the overflow waits in a
+/// spill file (an open, already deleted temporary file: seen in the run's open files, never in
+/// its temporary folder), and every record still reaches Loops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_sync_beyond_the_in_memory_queue_spills_and_completes() {
+    let rows = 4000;
+    let Some(stack) = Stack::start(StackOptions {
+        rows,
+        sim_rate_limit: 200,
+        requests_per_second: 200,
+        ..StackOptions::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let tmp = stack.dir.join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let mut child = stack
+        .command(&["run", "--once", "--json"])
+        .env("TMPDIR", &tmp)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(stack.dir.join("run.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let fds = std::path::PathBuf::from(format!("/proc/{}/fd", child.id().unwrap()));
+    let spilling = || {
+        std::fs::read_dir(&fds)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|fd| {
+                std::fs::read_link(fd.path())
+                    .is_ok_and(|target| target.to_string_lossy().contains("loopsync-spill-"))
+            })
+    };
+    // The whole run takes 20 s at 200 requests/s; the extraction is done long before.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut spilled = false;
+    while !spilled && tokio::time::Instant::now() < deadline {
+        spilled = spilling();
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        std::fs::read_dir(&tmp).unwrap().next().is_none(),
+        "the spill file has no name"
+    );
+    let out = tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
+        .await
+        .expect("the run ends within 120 s")
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        std::fs::read_to_string(stack.dir.join("run.err")).unwrap_or_default()
+    );
+    assert!(spilled, "the loader's queue overflowed into a spill file");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report[0]["confirmed"], rows);
+    let contacts = stack.contacts().await;
+    assert_eq!(contacts.len(), rows);
+    assert_eq!(contacts["user3999@example.com"]["firstName"], "First3999");
 }

@@ -23,7 +23,7 @@ use loopsync_core::subjects::{Names, Stage};
 
 pub use error::BusError;
 pub use jetstream::{JetStreamBus, JetStreamOptions};
-pub use local::LocalBus;
+pub use local::{LocalBus, LocalLimits};
 
 /// A message that will not be processed again, with why.
 #[derive(Debug, Clone, PartialEq)]

@@ -8,7 +8,9 @@
 //!   confirmed fingerprint of each confirmed record, and the end of runs. The state advances
 //!   only here, and only on Loops' confirmation.
 
+use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, HashSet};
+use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -86,8 +88,8 @@ impl ExtractorStage {
     /// sent (that contact is the other record's now: deleting it after the other's write would
     /// lose it); and if the rest would remove more than the sync's `max_removal_share` of its
     /// confirmed contacts — or the model returned no rows — none is sent and the run ends
-    /// `failed`, unless the request allows removals. Memory: the held removals and re-keys, and
-    /// the emails of this run's writes.
+    /// `failed`, unless the request allows removals. Memory (mirror syncs only): the held removals
+    /// and re-keys, and a 64-bit hash of the email of each of this run's writes.
     pub async fn extract(
         &self,
         spec: &SyncSpec,
@@ -105,6 +107,7 @@ impl ExtractorStage {
             null_keys: 0,
             held: Vec::new(),
             written_emails: HashSet::new(),
+            hasher: RandomState::new(),
             confirmed: 0,
             model_rows: 0,
         };
@@ -138,7 +141,7 @@ impl ExtractorStage {
                 .confirmed_email
                 .as_deref()
                 .map(normalize_email)
-                .is_some_and(|e| run.written_emails.contains(&e));
+                .is_some_and(|e| run.written_emails.contains(&run.email_hash(&e)));
             match change.kind {
                 ChangeKind::Removed if claimed => {
                     // The contact now belongs to the record that claims its email: the record
@@ -274,14 +277,21 @@ struct RunState<'a> {
     null_keys: usize,
     /// Removals, and re-keys that would remove an old contact: sent once the model is read.
     held: Vec<RowChange>,
-    /// The emails this run writes (identified by email): a removal of one of them is not sent.
-    written_emails: HashSet<String>,
+    /// The emails this run writes (identified by email), as 64-bit hashes, noted only when
+    /// removals and re-keys are held (`behavior = "mirror"`): a held removal of one of them is
+    /// not sent. About 16 bytes per write.
+    written_emails: HashSet<u64>,
+    hasher: RandomState,
     /// Keys Loops has confirmed for the sync, and rows the model returned.
     confirmed: u64,
     model_rows: u64,
 }
 
 impl RunState<'_> {
+    fn email_hash(&self, email: &str) -> u64 {
+        self.hasher.hash_one(email)
+    }
+
     /// Notes the email the change writes; says whether to hold the change back.
     fn hold(&mut self, change: &RowChange) -> bool {
         if change.kind == ChangeKind::Removed {
@@ -303,8 +313,11 @@ impl RunState<'_> {
                 .as_deref()
                 .map(normalize_email)
                 .is_some_and(|old| Some(&old) != email.as_ref());
-        if let Some(email) = email {
-            self.written_emails.insert(email);
+        // Only a held change ever asks, and only mirror holds changes.
+        if let Some(email) = email
+            && self.spec.behavior == Behavior::Mirror
+        {
+            self.written_emails.insert(self.email_hash(&email));
         }
         rekey
     }
@@ -852,5 +865,100 @@ mod tests {
                 .is_some_and(|r| r.contains("could not be recorded")),
             "{letters:?}"
         );
+    }
+}
+
+#[cfg(test)]
+mod held_tests {
+    use std::collections::BTreeMap;
+
+    use loopsync_core::spec::{MappedProperty, OnRemove};
+    use loopsync_core::value::PropertyKind;
+
+    use super::*;
+
+    fn spec(behavior: Behavior) -> SyncSpec {
+        SyncSpec {
+            name: "s".into(),
+            model: "m".into(),
+            primary_key: "id".into(),
+            identify_by: IdentifyBy::Email,
+            behavior,
+            on_remove: OnRemove::Delete,
+            trigger_workflows: false,
+            event_on_create: "c".into(),
+            event_on_update: "u".into(),
+            properties: vec![MappedProperty {
+                property: "email".into(),
+                column: "email".into(),
+                kind: PropertyKind::String,
+            }],
+            lists: vec![],
+            max_removal_share: loopsync_core::spec::DEFAULT_MAX_REMOVAL_SHARE,
+        }
+    }
+
+    fn change(key: u32, kind: ChangeKind, confirmed_email: Option<&str>) -> RowChange {
+        RowChange {
+            v: VERSION,
+            sync: "s".into(),
+            run_id: 1,
+            key: key.to_string(),
+            fingerprint: "f".into(),
+            kind,
+            values: BTreeMap::from([("email".to_owned(), Some(format!("U{key}@x.co")))]),
+            confirmed_email: confirmed_email.map(str::to_owned),
+            confirmed_user_id: None,
+            installation: String::new(),
+            generation: 0,
+            keep_old_contact: false,
+        }
+    }
+
+    fn state(spec: &SyncSpec) -> RunState<'_> {
+        RunState {
+            only: HashSet::new(),
+            spec,
+            run_id: 1,
+            installation: "",
+            counts: ExtractCounts::default(),
+            changes: Vec::new(),
+            invalid: Vec::new(),
+            null_keys: 0,
+            held: Vec::new(),
+            written_emails: HashSet::new(),
+            hasher: RandomState::new(),
+            confirmed: 0,
+            model_rows: 0,
+        }
+    }
+
+    /// An upsert sync holds nothing, so it notes no email per write: a first sync's memory does
+    /// not grow with its rows. A mirror sync notes a hash of each (normalized) email.
+    #[test]
+    fn emails_are_noted_only_where_changes_are_held() {
+        let upsert = spec(Behavior::Upsert);
+        let mut run = state(&upsert);
+        for key in 0..1000 {
+            assert!(!run.hold(&change(key, ChangeKind::Added, None)));
+        }
+        assert!(
+            run.written_emails.is_empty(),
+            "{}",
+            run.written_emails.len()
+        );
+
+        let mirror = spec(Behavior::Mirror);
+        let mut run = state(&mirror);
+        for key in 0..1000 {
+            assert!(!run.hold(&change(key, ChangeKind::Added, None)));
+        }
+        assert_eq!(run.written_emails.len(), 1000);
+        assert!(
+            run.hold(&change(5, ChangeKind::Changed, Some("old@x.co"))),
+            "a re-key is held"
+        );
+        assert!(run.written_emails.contains(&run.email_hash("u7@x.co")));
+        assert!(!run.written_emails.contains(&run.email_hash("old@x.co")));
     }
 }
