@@ -421,16 +421,49 @@ impl Pg {
         if current.as_deref() == Some(version.as_str()) {
             return Ok(());
         }
-        // Several processes may start at once: CREATE … IF NOT EXISTS races in PostgreSQL.
-        self.client()
-            .await?
-            .batch_execute(&format!(
-                "BEGIN; SELECT pg_advisory_xact_lock(735560801); {SCHEMA} {DESTINATIONS}
+        // Several processes may start at once: CREATE … IF NOT EXISTS races in PostgreSQL, so
+        // one at a time under an advisory lock; and the version is read again under it: the
+        // process that waited for the lock finds the tables current (another created them) and
+        // runs no DDL. Its ALTER TABLEs would otherwise queue behind the first process's run
+        // (its diff reads the state) and make that run's own writes queue behind them.
+        let mut client = self.writer().await?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(query_error("begin creating the loopsync schema"))?;
+        tx.execute("SELECT pg_advisory_xact_lock(735560801)", &[])
+            .await
+            .map_err(query_error(
+                "wait for another process creating the loopsync schema",
+            ))?;
+        let current = tx
+            .query_one(
+                "SELECT to_regclass('loopsync.schema_version') IS NOT NULL",
+                &[],
+            )
+            .await
+            .map_err(query_error("read the loopsync schema's version"))?
+            .get::<_, bool>(0);
+        let current = current
+            && tx
+                .query_opt(
+                    "SELECT 1 FROM loopsync.schema_version WHERE version = $1",
+                    &[&version],
+                )
+                .await
+                .map_err(query_error("read the loopsync schema's version"))?
+                .is_some();
+        if !current {
+            tx.batch_execute(&format!(
+                "{SCHEMA} {DESTINATIONS}
                  CREATE TABLE IF NOT EXISTS loopsync.schema_version (version text NOT NULL);
                  DELETE FROM loopsync.schema_version;
-                 INSERT INTO loopsync.schema_version VALUES ('{version}');
-                 COMMIT;"
+                 INSERT INTO loopsync.schema_version VALUES ('{version}');"
             ))
+            .await
+            .map_err(query_error("create the loopsync schema"))?;
+        }
+        tx.commit()
             .await
             .map_err(query_error("create the loopsync schema"))
     }

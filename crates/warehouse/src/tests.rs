@@ -1050,3 +1050,72 @@ async fn postgres_lock_waits_time_out_retryably() {
     (f.exec)("COMMIT;".into()).await;
     assert!(f.warehouse.runs(None, 10).await.is_ok());
 }
+
+/// Two processes start on a state whose tables are not current (a fresh database, an upgrade):
+/// the one that waited for the other's schema creation finds the tables current under the lock
+/// and runs no DDL. Before, it ran its ALTER TABLEs anyway; they queued behind the first
+/// process's run, which was already reading the state, and timed out (or wedged that run).
+#[tokio::test]
+async fn postgres_a_process_that_waited_for_the_schema_runs_no_ddl() {
+    let Some(database) = loopsync_testkit::TestDatabase::create().await else {
+        return;
+    };
+    let session = || async {
+        let (client, connection) = tokio_postgres::connect(&database.url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        client
+    };
+    let first = connect(&database.url).await.unwrap();
+    first.prepare().await.unwrap();
+    let current: String = session()
+        .await
+        .query_one("SELECT version FROM loopsync.schema_version", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // An older version is recorded; a process (`creator`) holds the schema lock and is about
+    // to record the current one, as a process creating the tables would.
+    let creator = session().await;
+    creator
+        .batch_execute("UPDATE loopsync.schema_version SET version = 'older'")
+        .await
+        .unwrap();
+    creator
+        .batch_execute(&format!(
+            "BEGIN; SELECT pg_advisory_xact_lock(735560801);
+             UPDATE loopsync.schema_version SET version = '{current}';"
+        ))
+        .await
+        .unwrap();
+    // The second process sees the older version and waits for the lock.
+    let second = connect(&database.url).await.unwrap();
+    let waiting = tokio::spawn(async move { second.prepare().await });
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    if waiting.is_finished() {
+        panic!(
+            "waits for the schema lock: {:?}",
+            waiting.await.unwrap().err()
+        );
+    }
+    // Meanwhile the creator's run reads the state (its diff), then the creator commits.
+    let reader = session().await;
+    reader
+        .batch_execute("BEGIN; SELECT count(*) FROM loopsync.state;")
+        .await
+        .unwrap();
+    creator.batch_execute("COMMIT;").await.unwrap();
+    let started = std::time::Instant::now();
+    let prepared = tokio::time::timeout(std::time::Duration::from_secs(30), waiting)
+        .await
+        .expect("prepare answered")
+        .unwrap();
+    prepared.expect("the tables are current: no DDL, no wait behind the read");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "no lock wait: {:?}",
+        started.elapsed()
+    );
+    reader.batch_execute("COMMIT;").await.unwrap();
+}
