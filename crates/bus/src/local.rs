@@ -120,33 +120,16 @@ struct Spill {
     read_pos: usize,
 }
 
-/// An open temporary file, already unlinked: the system frees it when the process ends.
+/// An open temporary file, already unlinked where the system allows it (not Windows): the
+/// system frees it when the process ends. Named `loopsync-spill-…` while it has a name.
 fn anonymous_file() -> io::Result<File> {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let dir = std::env::temp_dir();
-    for _ in 0..16 {
-        let path = dir.join(format!(
-            "loopsync-spill-{}-{}-{:016x}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed),
-            rand::random::<u64>()
-        ));
-        match std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-        {
-            Ok(file) => {
-                // Where the system allows it (not Windows), the open file outlives its name.
-                let _ = std::fs::remove_file(&path);
-                return Ok(file);
-            }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Err(io::Error::other("no free temporary file name"))
+    let (file, path) = tempfile::Builder::new()
+        .prefix("loopsync-spill-")
+        .tempfile()?
+        .into_parts();
+    // Removes the name; the open file lives on.
+    drop(path);
+    Ok(file)
 }
 
 impl Spill {
