@@ -27,7 +27,10 @@ if [ -z "$pg_url" ]; then
 fi
 if [ -z "${LOOPSYNC_BIN:-}" ]; then
   cargo build --release -p loopsync >&2
-  LOOPSYNC_BIN=$(pwd)/target/release/loopsync
+  # Wherever the target folder is (CARGO_TARGET_DIR, or ./target).
+  target_dir=$(cargo metadata --format-version 1 --no-deps \
+    | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+  LOOPSYNC_BIN=$target_dir/release/loopsync
 fi
 bin=$LOOPSYNC_BIN
 db=loopsync_bench_memory
