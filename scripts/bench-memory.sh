@@ -7,7 +7,7 @@
 # dropped at the end) with a `users` table of that many new rows, starts the simulator
 # (`loopsync sim`, rate limit 10/s) and `loopsync run --once` at requests_per_second = 10 without
 # [nats], and samples the run's RSS (/proc/PID/status) until the run is past `extracting`
-# (`loopsync runs` says `sending`; read with psql): the end of extraction. Then it stops the run (SIGTERM,
+# (`loopsync runs --json` says `sending`: a neighbour command, its slowest answer reported): the end of extraction. Then it stops the run (SIGTERM,
 # SIGKILL after 15 s) and measures `loopsync plan --json` on the same rows. It prints rows,
 # extraction wall time, peak RSS (VmHWM), and the growth per record between the two sizes.
 #
@@ -120,6 +120,7 @@ TOML
 
   local started ended status=""
   peak=0
+  runs_slowest=0
   started=$(date +%s.%N)
   "$bin" run --once --config "$cfg" >"$work/run.out" 2>"$work/run.err" &
   run_pid=$!
@@ -131,8 +132,14 @@ TOML
     fi
     hwm=$(kb "$run_pid" VmHWM)
     [ -n "$hwm" ] && peak=$hwm
-    # What `loopsync runs` shows, read with psql: a light read beside the run.
-    status=$(psql -qtA "$bench_url" -c "SELECT status FROM loopsync.runs ORDER BY id DESC LIMIT 1" 2>/dev/null || true)
+    # What `loopsync runs` shows: a neighbour command beside the run, timed.
+    local asked answered
+    asked=$(date +%s.%N)
+    status=$("$bin" runs --json --limit 1 --config "$cfg" 2>/dev/null \
+      | python3 -c 'import json, sys; r = json.load(sys.stdin); print(r[0]["status"] if r else "")' \
+      2>/dev/null || true)
+    answered=$(calc "$(date +%s.%N) - $asked")
+    if [ "$(calc "($answered > $runs_slowest)" 0)" = 1 ]; then runs_slowest=$answered; fi
     case "$status" in
       "" | requested | extracting) sleep 0.5 ;;
       *) break ;;
@@ -141,8 +148,11 @@ TOML
   ended=$(date +%s.%N)
   hwm=$(kb "$run_pid" VmHWM)
   [ -n "$hwm" ] && peak=$hwm
+  local signalled
+  signalled=$(date +%s.%N)
   kill -TERM "$run_pid" 2>/dev/null || true
   for _ in $(seq 150); do kill -0 "$run_pid" 2>/dev/null || break; sleep 0.1; done
+  stop_secs=$(calc "$(date +%s.%N) - $signalled")
   kill -KILL "$run_pid" 2>/dev/null || true
   wait "$run_pid" 2>/dev/null || true
   run_pid=""
@@ -153,12 +163,12 @@ TOML
 }
 
 echo "first sync in one process at 10 requests/s: peak RSS up to the end of extraction" >&2
-printf '%-10s %12s %14s %14s\n' rows "extract s" "run peak MiB" "plan peak MiB"
+printf '%-10s %12s %14s %14s %14s %10s\n' rows "extract s" "run peak MiB" "plan peak MiB" "runs slowest s" "SIGTERM s"
 measure "$baseline"
 b_secs=$secs b_peak=$peak b_plan=$plan_peak
-printf '%-10s %12s %14s %14s\n' "$baseline" "$secs" "$(calc "$peak / 1024")" "$(calc "$plan_peak / 1024")"
+printf '%-10s %12s %14s %14s %14s %10s\n' "$baseline" "$secs" "$(calc "$peak / 1024")" "$(calc "$plan_peak / 1024")" "$(calc "$runs_slowest" 2)" "$(calc "$stop_secs" 2)"
 measure "$rows"
-printf '%-10s %12s %14s %14s\n' "$rows" "$secs" "$(calc "$peak / 1024")" "$(calc "$plan_peak / 1024")"
+printf '%-10s %12s %14s %14s %14s %10s\n' "$rows" "$secs" "$(calc "$peak / 1024")" "$(calc "$plan_peak / 1024")" "$(calc "$runs_slowest" 2)" "$(calc "$stop_secs" 2)"
 if [ "$rows" -ne "$baseline" ]; then
   echo "rows ratio: $(calc "$rows / $baseline")x; run peak ratio: $(calc "$peak / $b_peak" 2)x; plan peak ratio: $(calc "$plan_peak / $b_plan" 2)x; extraction time ratio: $(calc "$secs / $b_secs" 2)x"
   echo "growth per record: run $(calc "($peak - $b_peak) * 1024 / ($rows - $baseline)") bytes, plan $(calc "($plan_peak - $b_plan) * 1024 / ($rows - $baseline)") bytes"
