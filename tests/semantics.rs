@@ -727,3 +727,66 @@ async fn dead_letters(nats: bool) {
     assert_eq!(seen.writes(), 1, "{seen:?}");
     assert!(stack.contacts().await.contains_key("user1@example.com"));
 }
+
+/// The commands that only read the state (`runs`, `rejections`, `dlq list`, `plan`) and `dlq
+/// park` need the warehouse's settings only, never Loops' secrets (PRODUCT.md): they answer with
+/// `LOOPS_API_KEY` unset. The commands that talk to Loops still say which variable is missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_commands_need_no_loops_secret() {
+    let Some(stack) = Stack::start(StackOptions {
+        rows: 4,
+        max_attempts: 2,
+        ..StackOptions::default()
+    })
+    .await
+    else {
+        return;
+    };
+    stack
+        .sim_post(
+            "faults",
+            json!({"error_503": 1.0, "endpoints": ["PUT /v1/contacts/update"]}),
+        )
+        .await;
+    let failed = stack.run_once(&[]).await;
+    assert_eq!(failed.status, 3, "{}", failed.stderr);
+    let without_key = |args: &'static [&'static str]| {
+        let stack = &stack;
+        async move {
+            let out = loopsync_testkit::output_within(
+                stack.command(args).env_remove("LOOPS_API_KEY"),
+                loopsync_testkit::COMMAND_DEADLINE,
+                &format!("loopsync {} without LOOPS_API_KEY", args.join(" ")),
+            )
+            .await;
+            (
+                out.status.code(),
+                serde_json::from_slice::<Value>(&out.stdout).unwrap_or(Value::Null),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        }
+    };
+    let (code, runs, stderr) = without_key(&["runs", "--json"]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(runs.as_array().map(Vec::len), Some(1), "{runs}");
+    let (code, rejections, stderr) = without_key(&["rejections", "--json"]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(rejections.as_array().map(Vec::len), Some(4), "{rejections}");
+    let (code, letters, stderr) = without_key(&["dlq", "list", "--json"]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(letters.as_array().map(Vec::len), Some(4), "{letters}");
+    let (code, plan, stderr) = without_key(&["plan", "--json"]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(plan.is_array(), "{plan}");
+    let (code, parked, stderr) = without_key(&["dlq", "park", "--key", "1", "--json"]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(parked["parked"], 1, "{parked}");
+    for args in [&["run", "--once"][..], &["dlq", "replay"], &["check"]] {
+        let (code, _, stderr) = without_key(args).await;
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("LOOPS_API_KEY"),
+            "{args:?} names the variable: {stderr}"
+        );
+    }
+}

@@ -15,7 +15,9 @@ use loopsync_extractor::{RunAsk, request_run, wait_for_run};
 use loopsync_warehouse::RecordResult;
 
 use crate::pipeline::Pipeline;
-use crate::{UsageError, destination, load_config_for, open_warehouse, report};
+use crate::{
+    UsageError, destination, load_config_for, load_config_for_warehouse, open_warehouse, report,
+};
 
 #[derive(Debug, Args)]
 pub struct DlqArgs {
@@ -68,11 +70,18 @@ fn parse_since(text: &str) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
         })
 }
 
+/// The dead letters the filter selects. `warehouse_only`: the command needs only the
+/// warehouse (`list`, `park`: PRODUCT.md, never Loops' secrets); `replay` reads the whole config.
 async fn select(
     config_path: &Path,
     filter: &Filter,
+    warehouse_only: bool,
 ) -> anyhow::Result<(loopsync_config::Config, Vec<RecordResult>)> {
-    let config = load_config_for(config_path, filter.sync.as_deref())?;
+    let config = if warehouse_only {
+        load_config_for_warehouse(config_path, filter.sync.as_deref())?
+    } else {
+        load_config_for(config_path, filter.sync.as_deref())?
+    };
     let since = filter.since.as_deref().map(parse_since).transpose()?;
     let warehouse = open_warehouse(&config).await?;
     let letters = warehouse
@@ -109,7 +118,7 @@ fn by_sync(letters: &[RecordResult]) -> Vec<(String, Vec<String>)> {
 pub async fn run(config_path: &Path, args: DlqArgs) -> anyhow::Result<ExitCode> {
     match args.action {
         DlqAction::List(filter) => {
-            let (_, letters) = select(config_path, &filter).await?;
+            let (_, letters) = select(config_path, &filter, true).await?;
             if filter.json {
                 println!("{}", serde_json::to_string_pretty(&letters)?);
             } else if letters.is_empty() {
@@ -133,7 +142,7 @@ pub async fn run(config_path: &Path, args: DlqArgs) -> anyhow::Result<ExitCode> 
             Ok(ExitCode::SUCCESS)
         }
         DlqAction::Park(filter) => {
-            let (config, letters) = select(config_path, &filter).await?;
+            let (config, letters) = select(config_path, &filter, true).await?;
             let warehouse = loopsync_warehouse::connect(&config.warehouse.url).await?;
             let mut parked = 0;
             for (sync, keys) in by_sync(&letters) {
@@ -149,7 +158,7 @@ pub async fn run(config_path: &Path, args: DlqArgs) -> anyhow::Result<ExitCode> 
             Ok(ExitCode::SUCCESS)
         }
         DlqAction::Replay { filter, remote } => {
-            let (config, letters) = select(config_path, &filter).await?;
+            let (config, letters) = select(config_path, &filter, false).await?;
             if remote && config.nats.is_none() {
                 return Err(UsageError("--remote needs a [nats] section".into()).into());
             }

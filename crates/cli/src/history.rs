@@ -8,7 +8,7 @@ use std::sync::Arc;
 use clap::{Args, Subcommand};
 use loopsync_warehouse::{RecordResult, Warehouse};
 
-use crate::{UsageError, load_config_for, open_warehouse, report};
+use crate::{UsageError, load_config_for_warehouse, open_warehouse, report};
 
 #[derive(Debug, Args)]
 pub struct RunsArgs {
@@ -43,8 +43,9 @@ pub struct RejectionsArgs {
     json: bool,
 }
 
+/// Only the warehouse: `runs` and `rejections` never need Loops' secrets (PRODUCT.md).
 async fn warehouse(config_path: &Path, sync: Option<&str>) -> anyhow::Result<Arc<dyn Warehouse>> {
-    open_warehouse(&load_config_for(config_path, sync)?).await
+    open_warehouse(&load_config_for_warehouse(config_path, sync)?).await
 }
 
 fn cell(value: Option<i64>) -> String {

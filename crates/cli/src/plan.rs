@@ -14,7 +14,7 @@ use loopsync_transformer::{Invalid, transform};
 use loopsync_warehouse::{ExtractCounts, Warehouse};
 use serde::Serialize;
 
-use crate::{load_config_for, open_warehouse};
+use crate::{load_config_for_warehouse, open_warehouse};
 
 #[derive(Debug, Args)]
 pub struct PlanArgs {
@@ -200,7 +200,8 @@ async fn plan_sync(
 }
 
 pub async fn run(config_path: &Path, args: PlanArgs) -> anyhow::Result<ExitCode> {
-    let config = load_config_for(config_path, args.sync.as_deref())?;
+    // Only the warehouse: a dry run never needs Loops' secrets (PRODUCT.md).
+    let config = load_config_for_warehouse(config_path, args.sync.as_deref())?;
     let warehouse = open_warehouse(&config).await?;
     let rps = config.loops.requests_per_second;
     let specs = config
