@@ -174,7 +174,7 @@ pub fn decide_group(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::collections::BTreeMap;
 
     use loopsync_core::spec::{IdentifyBy, MappedProperty, OnRemove};
@@ -182,7 +182,8 @@ mod tests {
 
     use super::*;
 
-    fn spec(behavior: Behavior) -> SyncSpec {
+    /// A sync identified by email, mapping only the email (also the extractor's fixture).
+    pub(crate) fn spec(behavior: Behavior) -> SyncSpec {
         SyncSpec {
             name: "s".into(),
             model: "m".into(),

@@ -872,31 +872,8 @@ mod tests {
 mod held_tests {
     use std::collections::BTreeMap;
 
-    use loopsync_core::spec::{MappedProperty, OnRemove};
-    use loopsync_core::value::PropertyKind;
-
     use super::*;
-
-    fn spec(behavior: Behavior) -> SyncSpec {
-        SyncSpec {
-            name: "s".into(),
-            model: "m".into(),
-            primary_key: "id".into(),
-            identify_by: IdentifyBy::Email,
-            behavior,
-            on_remove: OnRemove::Delete,
-            trigger_workflows: false,
-            event_on_create: "c".into(),
-            event_on_update: "u".into(),
-            properties: vec![MappedProperty {
-                property: "email".into(),
-                column: "email".into(),
-                kind: PropertyKind::String,
-            }],
-            lists: vec![],
-            max_removal_share: loopsync_core::spec::DEFAULT_MAX_REMOVAL_SHARE,
-        }
-    }
+    use crate::decide::tests::spec;
 
     fn change(key: u32, kind: ChangeKind, confirmed_email: Option<&str>) -> RowChange {
         RowChange {
