@@ -452,27 +452,7 @@ impl Checkpointer {
 
 /// A time as RFC 3339, to the second, UTC.
 fn humantime_utc(t: std::time::SystemTime) -> String {
-    let secs = t
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs() as i64;
-    let (days, rest) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil from days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rest / 3600,
-        rest / 60 % 60,
-        rest % 60
-    )
+    chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
 /// Text the warehouse takes whatever it held: NUL bytes written out.
@@ -874,6 +854,13 @@ mod held_tests {
 
     use super::*;
     use crate::decide::tests::spec;
+
+    /// The time in the checkpointer's and the progress lines: RFC 3339 to the second, UTC.
+    #[test]
+    fn times_are_rfc3339_utc_to_the_second() {
+        let t = std::time::UNIX_EPOCH + Duration::from_millis(1_700_000_000_900);
+        assert_eq!(humantime_utc(t), "2023-11-14T22:13:20Z");
+    }
 
     fn change(key: u32, kind: ChangeKind, confirmed_email: Option<&str>) -> RowChange {
         RowChange {
