@@ -7,12 +7,14 @@
 
 use std::path::Path;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use loopsync_core::envelope::RequestCounts;
+use loopsync_engine::dlq;
 use loopsync_extractor::{RunAsk, request_run, wait_for_run};
-use loopsync_warehouse::RecordResult;
+use loopsync_warehouse::{RecordResult, Warehouse};
 
 use crate::pipeline::Pipeline;
 use crate::{
@@ -59,66 +61,46 @@ struct Filter {
     json: bool,
 }
 
-fn parse_since(text: &str) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
-    loopsync_core::value::parse_date_millis(text)
-        .and_then(chrono::DateTime::from_timestamp_millis)
-        .ok_or_else(|| {
-            UsageError(format!(
-                "--since \"{text}\": not a time (2026-11-28 or 2026-11-28T10:00:00Z)"
-            ))
-            .into()
-        })
-}
-
-/// The dead letters the filter selects. `warehouse_only`: the command needs only the
-/// warehouse (`list`, `park`: PRODUCT.md, never Loops' secrets); `replay` reads the whole config.
+/// The dead letters the filter selects, with the config and its warehouse. `warehouse_only`:
+/// the command needs only the warehouse (`list`, `park`: PRODUCT.md, never Loops' secrets);
+/// `replay` reads the whole config.
 async fn select(
     config_path: &Path,
     filter: &Filter,
     warehouse_only: bool,
-) -> anyhow::Result<(loopsync_config::Config, Vec<RecordResult>)> {
+) -> anyhow::Result<(
+    loopsync_config::Config,
+    Arc<dyn Warehouse>,
+    Vec<RecordResult>,
+)> {
     let config = if warehouse_only {
         load_config_for_warehouse(config_path, filter.sync.as_deref())?
     } else {
         load_config_for(config_path, filter.sync.as_deref())?
     };
-    let since = filter.since.as_deref().map(parse_since).transpose()?;
+    let since = match filter.since.as_deref() {
+        None => None,
+        Some(text) => Some(dlq::parse_since(text).ok_or_else(|| {
+            UsageError(format!(
+                "--since \"{text}\": not a time (2026-11-28 or 2026-11-28T10:00:00Z)"
+            ))
+        })?),
+    };
     let warehouse = open_warehouse(&config).await?;
-    let letters = warehouse
-        .rejections(filter.sync.as_deref())
-        .await?
-        .into_iter()
-        .filter(|r| r.outcome == "dead_lettered")
-        .filter(|r| filter.keys.is_empty() || filter.keys.contains(&r.key))
-        .filter(|r| {
-            filter
-                .reason
-                .as_ref()
-                .is_none_or(|t| r.reason.as_deref().unwrap_or("").contains(t.as_str()))
-        })
-        .filter(|r| {
-            since
-                .is_none_or(|s| chrono::DateTime::parse_from_rfc3339(&r.at).is_ok_and(|at| at >= s))
-        })
-        .collect();
-    Ok((config, letters))
-}
-
-fn by_sync(letters: &[RecordResult]) -> Vec<(String, Vec<String>)> {
-    let mut groups: Vec<(String, Vec<String>)> = Vec::new();
-    for r in letters {
-        match groups.iter_mut().find(|(s, _)| *s == r.sync) {
-            Some((_, keys)) => keys.push(r.key.clone()),
-            None => groups.push((r.sync.clone(), vec![r.key.clone()])),
-        }
-    }
-    groups
+    let selection = dlq::Filter {
+        sync: filter.sync.clone(),
+        reason: filter.reason.clone(),
+        since,
+        keys: filter.keys.clone(),
+    };
+    let letters = dlq::dead_letters(&*warehouse, &selection).await?;
+    Ok((config, warehouse, letters))
 }
 
 pub async fn run(config_path: &Path, args: DlqArgs) -> anyhow::Result<ExitCode> {
     match args.action {
         DlqAction::List(filter) => {
-            let (_, letters) = select(config_path, &filter, true).await?;
+            let (_, _, letters) = select(config_path, &filter, true).await?;
             if filter.json {
                 println!("{}", serde_json::to_string_pretty(&letters)?);
             } else if letters.is_empty() {
@@ -142,12 +124,8 @@ pub async fn run(config_path: &Path, args: DlqArgs) -> anyhow::Result<ExitCode> 
             Ok(ExitCode::SUCCESS)
         }
         DlqAction::Park(filter) => {
-            let (config, letters) = select(config_path, &filter, true).await?;
-            let warehouse = loopsync_warehouse::connect(&config.warehouse.url).await?;
-            let mut parked = 0;
-            for (sync, keys) in by_sync(&letters) {
-                parked += warehouse.park(&sync, &keys).await?;
-            }
+            let (_, warehouse, letters) = select(config_path, &filter, true).await?;
+            let parked = dlq::park(&*warehouse, &letters).await?;
             if filter.json {
                 println!("{}", serde_json::json!({ "parked": parked }));
             } else {
@@ -158,7 +136,8 @@ pub async fn run(config_path: &Path, args: DlqArgs) -> anyhow::Result<ExitCode> 
             Ok(ExitCode::SUCCESS)
         }
         DlqAction::Replay { filter, remote } => {
-            let (config, letters) = select(config_path, &filter, false).await?;
+            let (config, warehouse, letters) = select(config_path, &filter, false).await?;
+            drop(warehouse);
             if remote && config.nats.is_none() {
                 return Err(UsageError("--remote needs a [nats] section".into()).into());
             }
@@ -183,7 +162,7 @@ pub async fn run(config_path: &Path, args: DlqArgs) -> anyhow::Result<ExitCode> 
             }
             let mut summaries = Vec::new();
             let mut refused = false;
-            for (sync, keys) in by_sync(&letters) {
+            for (sync, keys) in dlq::by_sync(&letters) {
                 let found = destination::check(&*pipeline.warehouse, &sync, &configured);
                 if let Some(refusal) = found.await? {
                     eprintln!("error: {refusal}");

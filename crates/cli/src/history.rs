@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Args, Subcommand};
+use loopsync_engine::history;
 use loopsync_warehouse::{RecordResult, Warehouse};
 
 use crate::{UsageError, load_config_for_warehouse, open_warehouse, report};
@@ -71,7 +72,7 @@ pub async fn runs(config_path: &Path, args: RunsArgs) -> anyhow::Result<ExitCode
             );
             let failed: Vec<&RecordResult> = records
                 .iter()
-                .filter(|r| matches!(r.outcome.as_str(), "invalid" | "rejected" | "dead_lettered"))
+                .filter(|r| history::did_not_go_through(r))
                 .collect();
             if !failed.is_empty() {
                 println!("  records that did not go through:");

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Args;
+use loopsync_engine::reset;
 
 use crate::{EXIT_FAILED, UsageError, load_config_for_warehouse, open_warehouse};
 
@@ -33,9 +34,7 @@ pub async fn run(config_path: &Path, args: ResetArgs) -> anyhow::Result<ExitCode
     let bound = warehouse.destination(sync).await?;
     // One run of a sync at a time: a run still going would write state again as Loops
     // confirms its records.
-    if let Some(run) = warehouse.runs(Some(sync), 1).await?.first()
-        && !run.is_finished()
-    {
+    if let Some(run) = reset::unfinished_run(&*warehouse, sync).await? {
         eprintln!(
             "warning: run {} of sync {sync} is {}: if it is still in progress, the records it \
              confirms become state again; reset once it has ended",
@@ -60,7 +59,7 @@ pub async fn run(config_path: &Path, args: ResetArgs) -> anyhow::Result<ExitCode
         std::io::stderr().flush()?;
         let mut answer = String::new();
         std::io::stdin().lock().read_line(&mut answer)?;
-        if !matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes") {
+        if !reset::is_yes(&answer) {
             eprintln!("nothing was forgotten");
             return Ok(ExitCode::from(EXIT_FAILED));
         }

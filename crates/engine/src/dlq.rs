@@ -5,11 +5,9 @@
 //! per sync about those keys only ([`by_sync`] groups them).
 
 use chrono::{DateTime, Utc};
+use loopsync_core::envelope::OutcomeStatus;
 use loopsync_core::{Classified, ErrorClass};
 use loopsync_warehouse::{RecordResult, Warehouse, WarehouseError};
-
-/// The outcome of a dead-lettered record in `loopsync.records`.
-pub const DEAD_LETTERED: &str = "dead_lettered";
 
 /// Which dead letters: every condition given must hold.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -28,7 +26,7 @@ impl Filter {
     /// Whether `record` is a dead letter this filter selects. A record whose time cannot be
     /// read is left out when `since` is given: it cannot be shown to be recent.
     pub fn keeps(&self, record: &RecordResult) -> bool {
-        record.outcome == DEAD_LETTERED
+        record.outcome == OutcomeStatus::DeadLettered.as_str()
             && self.sync.as_ref().is_none_or(|s| *s == record.sync)
             && (self.keys.is_empty() || self.keys.contains(&record.key))
             && self
@@ -102,6 +100,8 @@ impl Classified for DlqError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const DEAD_LETTERED: &str = "dead_lettered";
 
     fn letter(sync: &str, key: &str, outcome: &str, reason: &str, at: &str) -> RecordResult {
         RecordResult {

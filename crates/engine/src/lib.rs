@@ -3,4 +3,6 @@
 //! sync's life that is not a stage's own lives here, once.
 
 pub mod dlq;
+pub mod history;
+pub mod reset;
 pub mod verify;

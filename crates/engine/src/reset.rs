@@ -1,0 +1,62 @@
+//! The rules of `loopsync reset` beyond the warehouse's own `reset_state`: a reset waits for
+//! the sync's run to end (a run still going writes state again as Loops confirms its records),
+//! and goes ahead only on a clear yes.
+
+use loopsync_warehouse::{RunSummary, Warehouse, WarehouseError};
+
+/// The sync's newest run, if it has not finished: one run of a sync at a time, so this is the
+/// one a reset would race with.
+pub async fn unfinished_run(
+    warehouse: &dyn Warehouse,
+    sync: &str,
+) -> Result<Option<RunSummary>, WarehouseError> {
+    Ok(warehouse
+        .runs(Some(sync), 1)
+        .await?
+        .into_iter()
+        .next()
+        .filter(|run| !run.is_finished()))
+}
+
+/// Whether the answer to "forget the state?" is a yes (`y` or `yes`, any case, blanks
+/// around); anything else, an empty line included, keeps the state.
+pub fn is_yes(answer: &str) -> bool {
+    matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes")
+}
+
+#[cfg(test)]
+mod tests {
+    use loopsync_warehouse::SqliteWarehouse;
+
+    use super::*;
+
+    #[test]
+    fn only_a_clear_yes_resets() {
+        for yes in ["y", "Y", "yes", " YES\n"] {
+            assert!(is_yes(yes), "{yes:?}");
+        }
+        for no in ["", "\n", "n", "no", "yes please", "ye"] {
+            assert!(!is_yes(no), "{no:?}");
+        }
+    }
+
+    /// A run in progress is found; once it has ended, or for a sync without runs, none is.
+    #[tokio::test]
+    async fn the_newest_run_is_unfinished_until_it_ends() {
+        let path = std::env::temp_dir().join(format!(
+            "{}.db",
+            loopsync_testkit::unique("loopsync-engine-reset-")
+        ));
+        let warehouse = SqliteWarehouse::open(&path.display().to_string()).unwrap();
+        warehouse.prepare().await.unwrap();
+        assert!(unfinished_run(&warehouse, "users").await.unwrap().is_none());
+        let run_id = warehouse.create_run("users").await.unwrap();
+        let found = unfinished_run(&warehouse, "users").await.unwrap();
+        assert_eq!(found.map(|r| r.id), Some(run_id));
+        assert!(unfinished_run(&warehouse, "teams").await.unwrap().is_none());
+        warehouse.fail_run(run_id, "stopped").await.unwrap();
+        assert!(unfinished_run(&warehouse, "users").await.unwrap().is_none());
+        drop(warehouse);
+        let _ = std::fs::remove_file(&path);
+    }
+}
