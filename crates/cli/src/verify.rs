@@ -13,7 +13,7 @@ use clap::Args;
 use futures::StreamExt;
 use loopsync_core::envelope::{ChangeKind, RequestCounts};
 use loopsync_core::spec::SyncSpec;
-use loopsync_extractor::{Decision, KeyGroups, decide_group};
+use loopsync_extractor::{Decided, Decider, Decision};
 use loopsync_loader::RateBudget;
 use loopsync_loops_client::{ContactIdentity, LoopsClient, LoopsError};
 use loopsync_transformer::verify::{Confirmed, Drift, Lookup, Sample, compare, rank};
@@ -224,18 +224,16 @@ async fn verify_sync(
     // Walk the diff as a run would, and keep the sample of records at their confirmed version.
     let mut sample = Sample::new(args.sample.0);
     let mut rows = warehouse.diff(spec).await?;
-    let mut groups = KeyGroups::default();
-    let mut nulls = 0;
-    let mut consider = |report: &mut SyncReport, group: (loopsync_warehouse::DiffRow, usize)| {
-        if group.0.confirmed_fp.is_none() {
+    let mut decider = Decider::new(spec, 0);
+    let mut consider = |report: &mut SyncReport, Decided { row, decision }: Decided| {
+        if row.confirmed_fp.is_none() {
             // Never confirmed: nothing in Loops to compare with.
             return;
         }
-        let row = group.0.clone();
         let confirmed_fp = row.confirmed_fp.unwrap_or_default();
         report.confirmed += 1;
         let skipped = &mut report.skipped_by_reason;
-        match decide_group(spec, 0, group, &mut nulls) {
+        match decision {
             Decision::Unchanged => {
                 let key = row.key.unwrap_or_default();
                 match loopsync_transformer::verify::confirmed(
@@ -268,12 +266,12 @@ async fn verify_sync(
         }
     };
     while let Some(row) = rows.next().await {
-        for group in groups.push(row?) {
-            consider(&mut report, group);
+        for decided in decider.push(row?) {
+            consider(&mut report, decided);
         }
     }
-    if let Some(group) = groups.finish() {
-        consider(&mut report, group);
+    if let Some(decided) = decider.finish() {
+        consider(&mut report, decided);
     }
     drop(rows);
     report.skipped = report.skipped_by_reason.total();

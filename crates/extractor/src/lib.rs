@@ -24,11 +24,11 @@ use loopsync_core::envelope::{
 use loopsync_core::spec::{Behavior, IdentifyBy, OnRemove, SyncSpec};
 use loopsync_core::value::normalize_email;
 use loopsync_core::{Classified, ErrorClass};
-use loopsync_warehouse::{DiffRow, ExtractCounts, RunSummary, Warehouse, WarehouseError};
+use loopsync_warehouse::{ExtractCounts, RunSummary, Warehouse, WarehouseError};
 
 pub mod decide;
 
-pub use decide::{Decision, KeyGroups, decide_group, tally};
+pub use decide::{Decided, Decider, Decision, decide, tally};
 
 /// Changes noted as emitted (then published) per warehouse round trip: the extractor's memory bound.
 const EMIT_BATCH: usize = 500;
@@ -95,32 +95,32 @@ impl ExtractorStage {
     ) -> Result<ExtractCounts, ExtractError> {
         let mut rows = self.warehouse.diff(spec).await?;
         let mut run = RunState {
-            only: request.only_keys.iter().cloned().collect(),
             spec,
             run_id: request.run_id,
             installation: &request.installation,
             counts: ExtractCounts::default(),
             changes: Vec::new(),
             invalid: Vec::new(),
-            null_keys: 0,
             held: Vec::new(),
             written_emails: HashSet::new(),
             hasher: RandomState::new(),
             confirmed: 0,
             model_rows: 0,
         };
-        let mut groups = KeyGroups::default();
+        let mut decider =
+            Decider::new(spec, request.run_id).only_keys(request.only_keys.iter().cloned());
         while let Some(row) = rows.next().await {
             let row = row?;
             run.confirmed += u64::from(row.confirmed_fp.is_some());
             run.model_rows += u64::from(row.values.is_some());
-            for group in groups.push(row) {
-                self.take(&mut run, group).await?;
+            for decided in decider.push(row) {
+                self.take(&mut run, decided.decision).await?;
             }
         }
-        if let Some(group) = groups.finish() {
-            self.take(&mut run, group).await?;
+        if let Some(decided) = decider.finish() {
+            self.take(&mut run, decided.decision).await?;
         }
+        run.counts = decider.into_counts();
         self.flush(&mut run).await?;
         self.release_held(&mut run, request.allow_removals).await?;
         Ok(run.counts)
@@ -199,16 +199,8 @@ impl ExtractorStage {
         self.flush(run).await
     }
 
-    async fn take(
-        &self,
-        run: &mut RunState<'_>,
-        group: (DiffRow, usize),
-    ) -> Result<(), ExtractError> {
-        if !run.only.is_empty() && !group.0.key.as_ref().is_some_and(|k| run.only.contains(k)) {
-            return Ok(());
-        }
-        let decision = decide_group(run.spec, run.run_id, group, &mut run.null_keys);
-        tally(&mut run.counts, &decision);
+    /// Acts on one key's decision: holds, queues or notes it, publishing a batch when full.
+    async fn take(&self, run: &mut RunState<'_>, decision: Decision) -> Result<(), ExtractError> {
         match decision {
             Decision::Change(mut change) => {
                 run.installation.clone_into(&mut change.installation);
@@ -263,16 +255,14 @@ impl ExtractorStage {
 }
 
 struct RunState<'a> {
-    /// When not empty, the only keys this run is about.
-    only: HashSet<String>,
     spec: &'a SyncSpec,
     run_id: i64,
     installation: &'a str,
+    /// The decider's counts once the model is read (and why the run must fail, if it must).
     counts: ExtractCounts,
     /// Changes waiting to be noted and published (at most a batch).
     changes: Vec<RowChange>,
     invalid: Vec<Outcome>,
-    null_keys: usize,
     /// Removals, and re-keys that would remove an old contact: sent once the model is read.
     held: Vec<RowChange>,
     /// The emails this run writes (identified by email), as 64-bit hashes, noted only when
@@ -668,14 +658,12 @@ mod held_tests {
 
     fn state(spec: &SyncSpec) -> RunState<'_> {
         RunState {
-            only: HashSet::new(),
             spec,
             run_id: 1,
             installation: "",
             counts: ExtractCounts::default(),
             changes: Vec::new(),
             invalid: Vec::new(),
-            null_keys: 0,
             held: Vec::new(),
             written_emails: HashSet::new(),
             hasher: RandomState::new(),
