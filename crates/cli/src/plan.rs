@@ -1,18 +1,13 @@
 //! `loopsync plan`: a dry run. The diff and, per record, the operation a run would send; counts,
-//! and the time the requests need at the rate budget. Sends nothing, changes no state.
+//! and the time the requests need at the rate budget. Sends nothing, changes no state. The plan
+//! is the engine's (`loopsync_engine::plan`); here it is printed, as text or streamed JSON.
 
 use std::io::{self, Write};
 use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Args;
-use futures::StreamExt;
-use loopsync_core::envelope::ChangeKind;
-use loopsync_core::spec::SyncSpec;
-use loopsync_extractor::{Decision, KeyGroups, decide_group, tally};
-use loopsync_transformer::{Invalid, transform};
-use loopsync_warehouse::{ExtractCounts, Warehouse};
-use serde::Serialize;
+use loopsync_engine::plan::{PlannedRecord, SyncPlan, plan};
 
 use crate::{load_config_for_warehouse, open_warehouse};
 
@@ -26,33 +21,6 @@ pub struct PlanArgs {
     /// Records listed per sync in the text report (all in --json).
     #[arg(long, default_value_t = 50)]
     show: usize,
-}
-
-/// One record of a plan.
-#[derive(Debug, Serialize)]
-struct PlannedRecord {
-    key: String,
-    /// `added`, `changed`, `removed`, or `invalid`.
-    change: String,
-    /// The Loops operation, or `none` for an invalid record.
-    operation: String,
-    /// The operation as the loader would send it.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    action: Option<serde_json::Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    reason: Option<String>,
-}
-
-/// The plan of one sync, but its records.
-#[derive(Debug, Serialize)]
-struct SyncPlan {
-    sync: String,
-    counts: ExtractCounts,
-    invalid: i64,
-    /// Requests a run would send (one per operation, before any retry).
-    requests: i64,
-    /// `requests` at `requests_per_second`.
-    seconds_at_rate_budget: f64,
 }
 
 /// `plan --json`, written as it is computed: a JSON array of one object per sync, each with
@@ -115,90 +83,6 @@ impl<W: Write> JsonPlan<W> {
     }
 }
 
-/// The record a decision plans, counted in `plan`.
-fn planned(spec: &SyncSpec, decision: Decision, plan: &mut SyncPlan) -> Option<PlannedRecord> {
-    match decision {
-        Decision::Change(change) => {
-            let kind = match change.kind {
-                ChangeKind::Added => "added",
-                ChangeKind::Changed => "changed",
-                ChangeKind::Removed => "removed",
-            };
-            match transform(spec, &change) {
-                Ok(op) => {
-                    plan.requests += 1;
-                    Some(PlannedRecord {
-                        key: change.key,
-                        change: kind.into(),
-                        operation: op.action.name().into(),
-                        action: serde_json::to_value(&op.action).ok(),
-                        reason: None,
-                    })
-                }
-                Err(Invalid(reason)) => {
-                    plan.invalid += 1;
-                    Some(PlannedRecord {
-                        key: change.key,
-                        change: "invalid".into(),
-                        operation: "none".into(),
-                        action: None,
-                        reason: Some(reason),
-                    })
-                }
-            }
-        }
-        Decision::Invalid { key, reason, .. } => {
-            plan.invalid += 1;
-            Some(PlannedRecord {
-                key,
-                change: "invalid".into(),
-                operation: "none".into(),
-                action: None,
-                reason: Some(reason),
-            })
-        }
-        Decision::Unchanged | Decision::RemovedKept | Decision::Nothing | Decision::Parked => None,
-    }
-}
-
-/// Plans one sync, handing each record to `each` as it is decided.
-async fn plan_sync(
-    warehouse: &dyn Warehouse,
-    spec: &SyncSpec,
-    requests_per_second: u32,
-    mut each: impl FnMut(PlannedRecord) -> io::Result<()>,
-) -> anyhow::Result<SyncPlan> {
-    let mut plan = SyncPlan {
-        sync: spec.name.clone(),
-        counts: ExtractCounts::default(),
-        invalid: 0,
-        requests: 0,
-        seconds_at_rate_budget: 0.0,
-    };
-    let mut rows = warehouse.diff(spec).await?;
-    let mut groups = KeyGroups::default();
-    let mut nulls = 0;
-    let mut decide = |plan: &mut SyncPlan, group| -> io::Result<()> {
-        // Run id 0: nothing is published, the id only names the run.
-        let decision = decide_group(spec, 0, group, &mut nulls);
-        tally(&mut plan.counts, &decision);
-        match planned(spec, decision, plan) {
-            Some(record) => each(record),
-            None => Ok(()),
-        }
-    };
-    while let Some(row) = rows.next().await {
-        for group in groups.push(row?) {
-            decide(&mut plan, group)?;
-        }
-    }
-    if let Some(group) = groups.finish() {
-        decide(&mut plan, group)?;
-    }
-    plan.seconds_at_rate_budget = plan.requests as f64 / f64::from(requests_per_second);
-    Ok(plan)
-}
-
 pub async fn run(config_path: &Path, args: PlanArgs) -> anyhow::Result<ExitCode> {
     // Only the warehouse: a dry run never needs Loops' secrets (PRODUCT.md).
     let config = load_config_for_warehouse(config_path, args.sync.as_deref())?;
@@ -213,7 +97,7 @@ pub async fn run(config_path: &Path, args: PlanArgs) -> anyhow::Result<ExitCode>
         let mut json = JsonPlan::new(io::BufWriter::new(io::stdout().lock()))?;
         for spec in specs {
             json.start_sync(&spec.name)?;
-            let plan = plan_sync(&*warehouse, spec, rps, |r| json.record(&r)).await?;
+            let plan = plan(&*warehouse, spec, rps, |r| json.record(&r)).await?;
             json.end_sync(&plan)?;
         }
         json.finish()?;
@@ -222,12 +106,12 @@ pub async fn run(config_path: &Path, args: PlanArgs) -> anyhow::Result<ExitCode>
     for spec in specs {
         // The first `show` records, and how many there are.
         let (mut shown, mut listed) = (Vec::new(), 0usize);
-        let plan = plan_sync(&*warehouse, spec, rps, |r| {
+        let plan = plan(&*warehouse, spec, rps, |r| {
             listed += 1;
             if shown.len() < args.show {
                 shown.push(r);
             }
-            Ok(())
+            Ok::<_, std::convert::Infallible>(())
         })
         .await?;
         let c = &plan.counts;
@@ -246,7 +130,7 @@ pub async fn run(config_path: &Path, args: PlanArgs) -> anyhow::Result<ExitCode>
         for r in &shown {
             match &r.reason {
                 Some(reason) => println!("    {:<20} invalid   {reason}", r.key),
-                None => println!("    {:<20} {:<9} {}", r.key, r.change, r.operation),
+                None => println!("    {:<20} {:<9} {}", r.key, r.change.as_str(), r.operation),
             }
         }
         if listed > shown.len() {
@@ -258,6 +142,8 @@ pub async fn run(config_path: &Path, args: PlanArgs) -> anyhow::Result<ExitCode>
 
 #[cfg(test)]
 mod tests {
+    use loopsync_engine::plan::PlannedChange;
+    use loopsync_warehouse::ExtractCounts;
     use serde_json::{Value, json};
 
     use super::*;
@@ -265,7 +151,7 @@ mod tests {
     fn record(key: &str) -> PlannedRecord {
         PlannedRecord {
             key: key.into(),
-            change: "added".into(),
+            change: PlannedChange::Added,
             operation: "upsert".into(),
             action: Some(json!({"email": format!("{key}@x.co")})),
             reason: None,

@@ -13,10 +13,10 @@ use futures::StreamExt;
 use loopsync_core::envelope::{ChangeKind, RequestCounts};
 use loopsync_core::spec::SyncSpec;
 use loopsync_core::{Classified, ErrorClass};
-use loopsync_extractor::{Decision, KeyGroups, decide_group};
+use loopsync_extractor::{Decided, Decider, Decision};
 use loopsync_loops_client::{Contact, ContactIdentity, LoopsError};
 use loopsync_transformer::verify::{Confirmed, Drift, Lookup, Sample, compare, rank};
-use loopsync_warehouse::{DiffRow, FORGOTTEN_FP, Warehouse, WarehouseError};
+use loopsync_warehouse::{FORGOTTEN_FP, Warehouse, WarehouseError};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -296,14 +296,14 @@ where
     // Walk the diff as a run would, and keep the sample of records at their confirmed version.
     let mut walk = Walk::new(spec, options);
     let mut rows = warehouse.diff(spec).await?;
-    let mut groups = KeyGroups::default();
+    let mut decider = Decider::new(spec, 0);
     while let Some(row) = rows.next().await {
-        for group in groups.push(row?) {
-            walk.consider(&mut report, group);
+        for decided in decider.push(row?) {
+            walk.consider(&mut report, decided);
         }
     }
-    if let Some(group) = groups.finish() {
-        walk.consider(&mut report, group);
+    if let Some(decided) = decider.finish() {
+        walk.consider(&mut report, decided);
     }
     drop(rows);
     report.skipped = report.skipped_by_reason.total();
@@ -393,8 +393,6 @@ struct Walk<'a> {
     spec: &'a SyncSpec,
     seed: u64,
     sample: Sample<Candidate>,
-    /// NULL keys seen so far (the decider numbers them).
-    nulls: usize,
 }
 
 impl<'a> Walk<'a> {
@@ -403,22 +401,20 @@ impl<'a> Walk<'a> {
             spec,
             seed: options.seed,
             sample: Sample::new(options.sample),
-            nulls: 0,
         }
     }
 
-    /// One key of the diff (with the number of model rows carrying it).
-    fn consider(&mut self, report: &mut SyncReport, group: (DiffRow, usize)) {
-        if group.0.confirmed_fp.is_none() {
+    /// One key of the diff, decided as a run would.
+    fn consider(&mut self, report: &mut SyncReport, Decided { row, decision }: Decided) {
+        if row.confirmed_fp.is_none() {
             // Never confirmed: nothing in Loops to compare with.
             return;
         }
         let spec = self.spec;
-        let row = group.0.clone();
         let confirmed_fp = row.confirmed_fp.unwrap_or_default();
         report.confirmed += 1;
         let skipped = &mut report.skipped_by_reason;
-        match decide_group(spec, 0, group, &mut self.nulls) {
+        match decision {
             Decision::Unchanged => {
                 let key = row.key.unwrap_or_default();
                 match loopsync_transformer::verify::confirmed(
@@ -488,6 +484,7 @@ mod tests {
     use loopsync_core::spec::{Behavior, IdentifyBy, MappedProperty, OnRemove};
     use loopsync_core::value::PropertyKind;
     use loopsync_transformer::verify::DriftKind;
+    use loopsync_warehouse::DiffRow;
 
     use super::*;
 
@@ -558,7 +555,7 @@ mod tests {
         let options = options(None);
         let mut report = SyncReport::new(&spec, &options);
         let mut walk = Walk::new(&spec, &options);
-        let rows = [
+        let rows = vec![
             (row("1", Some(("1@x.co", "pro")), Some(&fp("1", "pro"))), 1),
             (row("2", Some(("2@x.co", "gold")), Some(&fp("2", "pro"))), 1),
             (row("3", Some(("3@x.co", "pro")), Some(FORGOTTEN_FP)), 1),
@@ -574,9 +571,7 @@ mod tests {
             ),
             (row("8", Some(("8@x.co", "pro")), Some(&fp("8", "pro"))), 1),
         ];
-        for group in rows {
-            walk.consider(&mut report, group);
-        }
+        feed(&mut walk, &mut report, &spec, rows);
         assert_eq!(report.confirmed, 7);
         assert_eq!(report.eligible, 2);
         assert_eq!(
@@ -610,13 +605,35 @@ mod tests {
             let key = k.to_string();
             let fp = spec.fingerprint(&values(&format!("{key}@x.co"), "pro"));
             let email = format!("{key}@x.co");
-            walk.consider(
+            feed(
+                &mut walk,
                 &mut report,
-                (row(&key, Some((&email, "pro")), Some(&fp)), 1),
+                &spec,
+                vec![(row(&key, Some((&email, "pro")), Some(&fp)), 1)],
             );
         }
         assert_eq!(report.eligible, 10);
         assert_eq!(walk.sample.len(), 3);
+    }
+
+    /// Hands the walk what the decider makes of `groups` (each row `n` times: a duplicate key).
+    fn feed(
+        walk: &mut Walk,
+        report: &mut SyncReport,
+        spec: &SyncSpec,
+        groups: Vec<(DiffRow, usize)>,
+    ) {
+        let mut decider = Decider::new(spec, 0);
+        for (row, n) in groups {
+            for _ in 0..n {
+                for decided in decider.push(row.clone()) {
+                    walk.consider(report, decided);
+                }
+            }
+        }
+        if let Some(decided) = decider.finish() {
+            walk.consider(report, decided);
+        }
     }
 
     fn candidate(spec: &SyncSpec, key: &str, plan: &str) -> Candidate {

@@ -1,5 +1,9 @@
-//! What each key of the diff means: pure, so the run (`ExtractorStage`) and the dry run
-//! (`loopsync plan`) decide alike.
+//! What each key of the diff means: pure, so the run (`ExtractorStage`), the dry run
+//! (`loopsync plan`), `loopsync adopt` and `loopsync verify` decide alike. [`Decider`] is the one
+//! walk over the diff's rows: it groups them by key, names NULL keys, tallies the counts, and
+//! keeps a replay to its keys; the callers only act on its decisions.
+
+use std::collections::HashSet;
 
 use loopsync_core::envelope::{ChangeKind, RowChange, VERSION};
 use loopsync_core::spec::{Behavior, SyncSpec};
@@ -30,6 +34,11 @@ pub enum Decision {
 
 /// Decides one key that `rows_with_key` model rows carried (more than one: a duplicate key).
 pub fn decide(spec: &SyncSpec, run_id: i64, row: DiffRow, rows_with_key: usize) -> Decision {
+    decide_row(spec, run_id, &row, rows_with_key)
+}
+
+/// [`decide`], leaving the row to the caller ([`Decider`] hands it on with the decision).
+fn decide_row(spec: &SyncSpec, run_id: i64, row: &DiffRow, rows_with_key: usize) -> Decision {
     let key = row.key.clone().unwrap_or_default();
     let change = |kind, fingerprint, values| RowChange {
         v: VERSION,
@@ -124,18 +133,16 @@ pub fn tally(counts: &mut ExtractCounts, decision: &Decision) {
 /// The diff's rows come ordered by key, NULL keys last: a key is complete when the next row's
 /// key differs. Holds one row at a time.
 #[derive(Debug, Default)]
-pub struct KeyGroups {
+struct KeyGroups {
     pending: Option<(DiffRow, usize)>,
-    null_keys: usize,
 }
 
 impl KeyGroups {
     /// Takes the next row; returns the keys it completed.
-    pub fn push(&mut self, row: DiffRow) -> Vec<(DiffRow, usize)> {
+    fn push(&mut self, row: DiffRow) -> Vec<(DiffRow, usize)> {
         let mut done = Vec::new();
         if row.key.is_none() {
             done.extend(self.pending.take());
-            self.null_keys += 1;
             done.push((row, 1));
             return done;
         }
@@ -150,16 +157,16 @@ impl KeyGroups {
     }
 
     /// The last key.
-    pub fn finish(&mut self) -> Option<(DiffRow, usize)> {
+    fn finish(&mut self) -> Option<(DiffRow, usize)> {
         self.pending.take()
     }
 }
 
 /// Decides a key group; a NULL key is invalid and named `(null #n)` in the order met.
-pub fn decide_group(
+fn decide_group(
     spec: &SyncSpec,
     run_id: i64,
-    (row, n): (DiffRow, usize),
+    (row, n): &(DiffRow, usize),
     null_seen: &mut usize,
 ) -> Decision {
     if row.key.is_none() {
@@ -170,7 +177,103 @@ pub fn decide_group(
             rows: 1,
         };
     }
-    decide(spec, run_id, row, n)
+    decide_row(spec, run_id, row, *n)
+}
+
+/// One key decided: the (first) diff row that carried it, and its fate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decided {
+    /// The row as the diff gave it: what Loops confirmed for the key, and the model's values.
+    pub row: DiffRow,
+    /// What the key means for the run.
+    pub decision: Decision,
+}
+
+/// Walks a sync's diff: takes its rows in the order the warehouse gives them (by key, NULL keys
+/// last) and yields one [`Decided`] per key once the key is complete. It is the only place that
+/// groups rows by key, numbers NULL keys (`(null #n)`, in the order met), counts the decisions
+/// ([`tally`]), and, for a replay, keeps only the keys asked for: the run, the dry run, adopt
+/// and verify cannot disagree on any of it. Holds one row at a time.
+#[derive(Debug)]
+pub struct Decider<'a> {
+    spec: &'a SyncSpec,
+    run_id: i64,
+    /// When not empty, the only keys decided (a replay of dead letters).
+    only: HashSet<String>,
+    groups: KeyGroups,
+    null_seen: usize,
+    counts: ExtractCounts,
+}
+
+impl<'a> Decider<'a> {
+    /// Decides the keys of `spec`'s diff for run `run_id` (the id goes into each change; a
+    /// caller that publishes nothing may pass 0).
+    pub fn new(spec: &'a SyncSpec, run_id: i64) -> Decider<'a> {
+        Decider {
+            spec,
+            run_id,
+            only: HashSet::new(),
+            groups: KeyGroups::default(),
+            null_seen: 0,
+            counts: ExtractCounts::default(),
+        }
+    }
+
+    /// Decides only these keys, and counts only them (`loopsync dlq replay`); none: all keys.
+    /// A NULL key is never among them.
+    pub fn only_keys(mut self, keys: impl IntoIterator<Item = String>) -> Decider<'a> {
+        self.only = keys.into_iter().collect();
+        self
+    }
+
+    /// Takes the diff's next row; yields the keys it completed (at most two: the key held
+    /// before, and a NULL key, complete on its own), each already counted.
+    pub fn push(&mut self, row: DiffRow) -> impl Iterator<Item = Decided> + use<> {
+        let mut done = [None, None];
+        for (slot, group) in done.iter_mut().zip(self.groups.push(row)) {
+            *slot = self.decide(group);
+        }
+        done.into_iter().flatten()
+    }
+
+    /// The last key, once the diff has no more rows.
+    pub fn finish(&mut self) -> Option<Decided> {
+        let group = self.groups.finish()?;
+        self.decide(group)
+    }
+
+    /// What the transformer refused of a change this decider yielded: counted as one invalid
+    /// row instead of an added or changed one (`loopsync adopt` records nothing for it).
+    pub fn count_as_invalid(&mut self, change: &RowChange) {
+        match change.kind {
+            ChangeKind::Added => self.counts.added -= 1,
+            ChangeKind::Changed => self.counts.changed -= 1,
+            ChangeKind::Removed => self.counts.removed -= 1,
+        }
+        self.counts.invalid_rows += 1;
+    }
+
+    /// The counts so far.
+    pub fn counts(&self) -> &ExtractCounts {
+        &self.counts
+    }
+
+    /// The counts of the whole diff, once it is walked.
+    pub fn into_counts(self) -> ExtractCounts {
+        self.counts
+    }
+
+    fn decide(&mut self, group: (DiffRow, usize)) -> Option<Decided> {
+        if !self.only.is_empty() && !group.0.key.as_ref().is_some_and(|k| self.only.contains(k)) {
+            return None;
+        }
+        let decision = decide_group(self.spec, self.run_id, &group, &mut self.null_seen);
+        tally(&mut self.counts, &decision);
+        Some(Decided {
+            row: group.0,
+            decision,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -290,7 +393,7 @@ pub(crate) mod tests {
             (row(None, Some("n@x.co"), None), 1),
         ];
         for group in groups {
-            tally(&mut counts, &decide_group(&s, 1, group, &mut nulls));
+            tally(&mut counts, &decide_group(&s, 1, &group, &mut nulls));
         }
         assert_eq!(
             (
@@ -320,7 +423,7 @@ pub(crate) mod tests {
         let done = g.push(row(None, Some("d"), None));
         assert_eq!(done.len(), 2, "the pending key, then the NULL one");
         let mut nulls = 0;
-        let d = decide_group(&spec(Behavior::Upsert), 1, done[1].clone(), &mut nulls);
+        let d = decide_group(&spec(Behavior::Upsert), 1, &done[1], &mut nulls);
         assert_eq!(
             d,
             Decision::Invalid {
@@ -330,6 +433,114 @@ pub(crate) mod tests {
             }
         );
         assert!(g.finish().is_none());
+    }
+
+    /// Walks rows as the diff gives them.
+    fn walk(decider: &mut Decider<'_>, rows: Vec<DiffRow>) -> Vec<Decided> {
+        let mut out = Vec::new();
+        for r in rows {
+            out.extend(decider.push(r));
+        }
+        out.extend(decider.finish());
+        out
+    }
+
+    /// The decider groups rows by key (a duplicate key is one invalid record), names NULL keys
+    /// in the order met, hands each key's row on with its decision, and counts as [`tally`].
+    #[test]
+    fn decider_groups_decides_and_counts() {
+        let s = spec(Behavior::Upsert);
+        let mut decider = Decider::new(&s, 7);
+        let decided = walk(
+            &mut decider,
+            vec![
+                row(Some("1"), Some("a@x.co"), None),
+                row(Some("2"), Some("b@x.co"), None),
+                row(Some("2"), Some("c@x.co"), None),
+                row(Some("3"), None, Some("fp")),
+                row(None, Some("n1@x.co"), None),
+                row(None, Some("n2@x.co"), None),
+            ],
+        );
+        let keys: Vec<_> = decided.iter().map(|d| d.row.key.as_deref()).collect();
+        assert_eq!(keys, [Some("1"), Some("2"), Some("3"), None, None]);
+        let Decision::Change(c) = &decided[0].decision else {
+            panic!("{:?}", decided[0])
+        };
+        assert_eq!(
+            (c.kind, c.run_id, c.key.as_str()),
+            (ChangeKind::Added, 7, "1")
+        );
+        assert!(matches!(
+            decided[1].decision,
+            Decision::Invalid { rows: 2, .. }
+        ));
+        assert_eq!(decided[2].decision, Decision::RemovedKept);
+        let nulls: Vec<_> = decided[3..]
+            .iter()
+            .map(|d| match &d.decision {
+                Decision::Invalid { key, .. } => key.as_str(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(nulls, ["(null #1)", "(null #2)"]);
+        assert_eq!(
+            decided[4].row.values.as_ref().unwrap()["email"].as_deref(),
+            Some("n2@x.co"),
+            "the row comes with its decision"
+        );
+        let mut expected = ExtractCounts::default();
+        for d in &decided {
+            tally(&mut expected, &d.decision);
+        }
+        assert_eq!(decider.counts(), &expected);
+        assert_eq!(
+            (
+                expected.added,
+                expected.removed,
+                expected.invalid_rows,
+                expected.expected
+            ),
+            (1, 1, 4, 4)
+        );
+    }
+
+    /// A replay decides and counts only its keys; a NULL key is never one of them.
+    #[test]
+    fn decider_keeps_a_replay_to_its_keys() {
+        let s = spec(Behavior::Upsert);
+        let mut decider = Decider::new(&s, 1).only_keys(["2".to_owned(), "4".to_owned()]);
+        let decided = walk(
+            &mut decider,
+            vec![
+                row(Some("1"), Some("a@x.co"), None),
+                row(Some("2"), Some("b@x.co"), None),
+                row(Some("3"), Some("c@x.co"), None),
+                row(Some("4"), Some("d@x.co"), Some("old")),
+                row(None, Some("n@x.co"), None),
+            ],
+        );
+        let keys: Vec<_> = decided.iter().map(|d| d.row.key.as_deref()).collect();
+        assert_eq!(keys, [Some("2"), Some("4")]);
+        let counts = decider.into_counts();
+        assert_eq!(
+            (counts.added, counts.changed, counts.invalid_rows),
+            (1, 1, 0)
+        );
+    }
+
+    /// A change the transformer refuses moves from its kind's count to the invalid rows.
+    #[test]
+    fn decider_counts_a_refused_change_as_invalid() {
+        let s = spec(Behavior::Upsert);
+        let mut decider = Decider::new(&s, 1);
+        let decided = walk(&mut decider, vec![row(Some("1"), Some("a@x.co"), None)]);
+        let Decision::Change(c) = &decided[0].decision else {
+            panic!()
+        };
+        decider.count_as_invalid(c);
+        let counts = decider.into_counts();
+        assert_eq!((counts.added, counts.invalid_rows), (0, 1));
     }
 
     /// The change carries the record's generation; a parked removal stays parked.

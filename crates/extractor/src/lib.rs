@@ -1,12 +1,10 @@
-//! The extractor and the checkpointer: the two stages that own the sync's state.
+//! The extractor: the stage that reads the sync's state against the model.
 //!
-//! * [`ExtractorStage`] takes a run request (exactly one extractor replica gets each), streams
-//!   the warehouse's diff of the model against the state, and publishes one change per added or
-//!   changed record; NULL and duplicate primary keys become invalid records. Memory is bounded:
-//!   one diff row and one batch of emitted keys at a time.
-//! * [`Checkpointer`] applies outcomes to the warehouse in batches: per-record results, the
-//!   confirmed fingerprint of each confirmed record, and the end of runs. The state advances
-//!   only here, and only on Loops' confirmation.
+//! [`ExtractorStage`] takes a run request (exactly one extractor replica gets each), streams
+//! the warehouse's diff of the model against the state, and publishes one change per added or
+//! changed record; NULL and duplicate primary keys become invalid records. Memory is bounded:
+//! one diff row and one batch of emitted keys at a time. (The checkpointer, which advances the
+//! state on Loops' confirmations, is its own crate.)
 
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, HashSet};
@@ -17,7 +15,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
-use loopsync_bus::worker::{BatchHandler, DeliveryInfo, Fate, Handler};
+use loopsync_bus::worker::{DeliveryInfo, Fate, Handler};
 use loopsync_bus::{Bus, BusError, publish};
 use loopsync_core::codec::{self, DecodeError};
 use loopsync_core::envelope::{
@@ -26,16 +24,16 @@ use loopsync_core::envelope::{
 use loopsync_core::spec::{Behavior, IdentifyBy, OnRemove, SyncSpec};
 use loopsync_core::value::normalize_email;
 use loopsync_core::{Classified, ErrorClass};
-use loopsync_warehouse::{DiffRow, ExtractCounts, RunSummary, Warehouse, WarehouseError};
+use loopsync_warehouse::{ExtractCounts, RunSummary, Warehouse, WarehouseError};
 
 pub mod decide;
 
-pub use decide::{Decision, KeyGroups, decide_group, tally};
+pub use decide::{Decided, Decider, Decision, decide, tally};
 
 /// Changes noted as emitted (then published) per warehouse round trip: the extractor's memory bound.
 const EMIT_BATCH: usize = 500;
 
-/// What can go wrong extracting or checkpointing.
+/// What can go wrong extracting (or waiting for a run).
 #[derive(Debug, thiserror::Error)]
 pub enum ExtractError {
     #[error(transparent)]
@@ -97,32 +95,32 @@ impl ExtractorStage {
     ) -> Result<ExtractCounts, ExtractError> {
         let mut rows = self.warehouse.diff(spec).await?;
         let mut run = RunState {
-            only: request.only_keys.iter().cloned().collect(),
             spec,
             run_id: request.run_id,
             installation: &request.installation,
             counts: ExtractCounts::default(),
             changes: Vec::new(),
             invalid: Vec::new(),
-            null_keys: 0,
             held: Vec::new(),
             written_emails: HashSet::new(),
             hasher: RandomState::new(),
             confirmed: 0,
             model_rows: 0,
         };
-        let mut groups = KeyGroups::default();
+        let mut decider =
+            Decider::new(spec, request.run_id).only_keys(request.only_keys.iter().cloned());
         while let Some(row) = rows.next().await {
             let row = row?;
             run.confirmed += u64::from(row.confirmed_fp.is_some());
             run.model_rows += u64::from(row.values.is_some());
-            for group in groups.push(row) {
-                self.take(&mut run, group).await?;
+            for decided in decider.push(row) {
+                self.take(&mut run, decided.decision).await?;
             }
         }
-        if let Some(group) = groups.finish() {
-            self.take(&mut run, group).await?;
+        if let Some(decided) = decider.finish() {
+            self.take(&mut run, decided.decision).await?;
         }
+        run.counts = decider.into_counts();
         self.flush(&mut run).await?;
         self.release_held(&mut run, request.allow_removals).await?;
         Ok(run.counts)
@@ -201,16 +199,8 @@ impl ExtractorStage {
         self.flush(run).await
     }
 
-    async fn take(
-        &self,
-        run: &mut RunState<'_>,
-        group: (DiffRow, usize),
-    ) -> Result<(), ExtractError> {
-        if !run.only.is_empty() && !group.0.key.as_ref().is_some_and(|k| run.only.contains(k)) {
-            return Ok(());
-        }
-        let decision = decide_group(run.spec, run.run_id, group, &mut run.null_keys);
-        tally(&mut run.counts, &decision);
+    /// Acts on one key's decision: holds, queues or notes it, publishing a batch when full.
+    async fn take(&self, run: &mut RunState<'_>, decision: Decision) -> Result<(), ExtractError> {
         match decision {
             Decision::Change(mut change) => {
                 run.installation.clone_into(&mut change.installation);
@@ -265,16 +255,14 @@ impl ExtractorStage {
 }
 
 struct RunState<'a> {
-    /// When not empty, the only keys this run is about.
-    only: HashSet<String>,
     spec: &'a SyncSpec,
     run_id: i64,
     installation: &'a str,
+    /// The decider's counts once the model is read (and why the run must fail, if it must).
     counts: ExtractCounts,
     /// Changes waiting to be noted and published (at most a batch).
     changes: Vec<RowChange>,
     invalid: Vec<Outcome>,
-    null_keys: usize,
     /// Removals, and re-keys that would remove an old contact: sent once the model is read.
     held: Vec<RowChange>,
     /// The emails this run writes (identified by email), as 64-bit hashes, noted only when
@@ -376,151 +364,9 @@ impl Handler for ExtractorStage {
     }
 }
 
-/// Applies outcomes to the warehouse, a batch per transaction. Its worker never gives up on a
-/// retryable error (a warehouse outage is waited out, however long); while the warehouse
-/// fails, it says so once a minute ([`OUTAGE_LOG_EVERY`]).
-pub struct Checkpointer {
-    warehouse: Arc<dyn Warehouse>,
-    failing: std::sync::Mutex<Failing>,
-}
-
-/// How often the checkpointer says that it cannot record outcomes.
-pub const OUTAGE_LOG_EVERY: Duration = Duration::from_secs(60);
-
-/// Since when recording outcomes fails, and which messages wait.
-#[derive(Default)]
-struct Failing {
-    since: Option<(std::time::SystemTime, tokio::time::Instant)>,
-    last_said: Option<tokio::time::Instant>,
-    /// The deliveries (by sequence) that failed since, and have not landed yet.
-    waiting: HashSet<u64>,
-}
-
-impl Checkpointer {
-    pub fn new(warehouse: Arc<dyn Warehouse>) -> Checkpointer {
-        Checkpointer {
-            warehouse,
-            failing: std::sync::Mutex::new(Failing::default()),
-        }
-    }
-
-    fn note(&self, batch: &[(DeliveryInfo, Bytes)], result: &Result<(), ExtractError>) {
-        let mut failing = self.failing.lock().unwrap_or_else(|e| e.into_inner());
-        match result {
-            Ok(()) => {
-                for (info, _) in batch {
-                    failing.waiting.remove(&info.sequence);
-                }
-                if failing.waiting.is_empty()
-                    && let Some((since, started)) = failing.since.take()
-                {
-                    failing.last_said = None;
-                    tracing::warn!(
-                        since = %humantime_utc(since),
-                        "the checkpointer records outcomes again after {}s of failures",
-                        started.elapsed().as_secs()
-                    );
-                }
-            }
-            Err(error) if error.class().is_retryable() => {
-                let now = tokio::time::Instant::now();
-                failing
-                    .since
-                    .get_or_insert((std::time::SystemTime::now(), now));
-                failing
-                    .waiting
-                    .extend(batch.iter().map(|(i, _)| i.sequence));
-                if failing
-                    .last_said
-                    .is_none_or(|t| now.duration_since(t) >= OUTAGE_LOG_EVERY)
-                {
-                    failing.last_said = Some(now);
-                    let (since, _) = failing.since.expect("set above");
-                    tracing::warn!(
-                        %error,
-                        "the checkpointer cannot record outcomes (failing since {}, {} outcomes waiting); \
-                         it keeps retrying, nothing is dropped",
-                        humantime_utc(since),
-                        failing.waiting.len()
-                    );
-                }
-            }
-            Err(_) => {}
-        }
-    }
-}
-
 /// A time as RFC 3339, to the second, UTC.
 fn humantime_utc(t: std::time::SystemTime) -> String {
     chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-}
-
-/// Text the warehouse takes whatever it held: NUL bytes written out.
-fn printable(text: &str) -> String {
-    text.replace('\0', "\\0")
-}
-
-#[async_trait]
-impl BatchHandler for Checkpointer {
-    type Error = ExtractError;
-
-    async fn handle_batch(&self, batch: &[(DeliveryInfo, Bytes)]) -> Result<(), ExtractError> {
-        let result = async {
-            let outcomes = batch
-                .iter()
-                .map(|(_, payload)| codec::decode::<Outcome>(payload))
-                .collect::<Result<Vec<_>, _>>()?;
-            self.warehouse.record_outcomes(&outcomes).await?;
-            Ok(())
-        }
-        .await;
-        self.note(batch, &result);
-        result
-    }
-
-    /// An outcome that cannot be recorded is recorded as the record's dead letter (the key
-    /// written out if the warehouse refused it), so that `dlq list` shows it; one that cannot
-    /// be read, under a key naming its delivery.
-    async fn give_up(
-        &self,
-        info: &DeliveryInfo,
-        payload: &Bytes,
-        reason: &str,
-    ) -> Result<(), ExtractError> {
-        let letter = match codec::decode::<Outcome>(payload) {
-            Ok(o) => Outcome::new(
-                &printable(&o.sync),
-                o.run_id,
-                &printable(&o.key),
-                "",
-                OutcomeStatus::DeadLettered,
-                &printable(&o.operation),
-            )
-            .with_installation(&o.installation)
-            .with_reason(printable(&format!(
-                "its outcome ({:?}) could not be recorded: {reason}",
-                o.status
-            ))),
-            Err(_) => Outcome::new(
-                loopsync_bus::sync_of(&info.subject),
-                0,
-                &format!("unreadable outcome #{}", info.sequence),
-                "",
-                OutcomeStatus::DeadLettered,
-                "none",
-            )
-            .with_reason(printable(&format!(
-                "an outcome could not be read: {reason}"
-            ))),
-        };
-        self.warehouse.record_outcomes(&[letter]).await?;
-        tracing::error!(
-            subject = info.subject,
-            reason,
-            "an outcome could not be recorded; it is a dead letter (loopsync dlq list)"
-        );
-        Ok(())
-    }
 }
 
 /// What a run is asked to do beyond the whole sync.
@@ -780,75 +626,6 @@ pub async fn wait_for_run_with(
 }
 
 #[cfg(test)]
-mod tests {
-    use loopsync_bus::worker::BatchHandler;
-
-    use super::*;
-
-    fn info(sequence: u64) -> DeliveryInfo {
-        DeliveryInfo {
-            subject: "t.checkpointer.users".into(),
-            attempt: 1,
-            sequence,
-        }
-    }
-
-    /// An outcome PostgreSQL refuses (a NUL byte in its key) fails its batch for good (so the
-    /// worker splits the batch), and, given up, is recorded as a dead letter that `dlq list`
-    /// (which reads `rejections`) shows.
-    #[tokio::test]
-    async fn an_outcome_that_cannot_be_recorded_is_a_dead_letter_dlq_list_shows() {
-        let Some(db) = loopsync_testkit::TestDatabase::create().await else {
-            return;
-        };
-        let warehouse: Arc<dyn Warehouse> = Arc::new(
-            loopsync_warehouse::PgWarehouse::connect(&db.url)
-                .await
-                .unwrap(),
-        );
-        warehouse.prepare().await.unwrap();
-        let run_id = warehouse.create_run("users").await.unwrap();
-        let checkpointer = Checkpointer::new(warehouse.clone());
-        let outcome = |key: &str| {
-            Bytes::from(codec::encode(&Outcome::new(
-                "users",
-                run_id,
-                key,
-                "fp",
-                OutcomeStatus::Confirmed,
-                "upsert",
-            )))
-        };
-        let bad = outcome("bad\0key");
-        let batch = [(info(1), outcome("good")), (info(2), bad.clone())];
-        let error = checkpointer.handle_batch(&batch).await.unwrap_err();
-        assert_eq!(error.class(), ErrorClass::Permanent, "{error}");
-        // Alone, the good one lands.
-        checkpointer.handle_batch(&batch[..1]).await.unwrap();
-        checkpointer
-            .give_up(&info(2), &bad, &error.to_string())
-            .await
-            .unwrap();
-        let letters: Vec<_> = warehouse
-            .rejections(Some("users"))
-            .await
-            .unwrap()
-            .into_iter()
-            .filter(|r| r.outcome == "dead_lettered")
-            .collect();
-        assert_eq!(letters.len(), 1, "{letters:?}");
-        assert_eq!(letters[0].key, "bad\\0key");
-        assert!(
-            letters[0]
-                .reason
-                .as_deref()
-                .is_some_and(|r| r.contains("could not be recorded")),
-            "{letters:?}"
-        );
-    }
-}
-
-#[cfg(test)]
 mod held_tests {
     use std::collections::BTreeMap;
 
@@ -881,14 +658,12 @@ mod held_tests {
 
     fn state(spec: &SyncSpec) -> RunState<'_> {
         RunState {
-            only: HashSet::new(),
             spec,
             run_id: 1,
             installation: "",
             counts: ExtractCounts::default(),
             changes: Vec::new(),
             invalid: Vec::new(),
-            null_keys: 0,
             held: Vec::new(),
             written_emails: HashSet::new(),
             hasher: RandomState::new(),

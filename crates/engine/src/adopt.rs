@@ -1,0 +1,282 @@
+//! `loopsync adopt`: records the model's current rows as already in Loops, without sending
+//! anything — for a sync that takes over from another tool. The next run sends only what changes
+//! after. (A million contacts re-sent at 10 requests per second would cost 28 hours.) The sync's
+//! state is then bound to the Loops the caller names: also the way forward for a sync pointed at
+//! another Loops that holds its contacts.
+//!
+//! The keys are decided by the extractor's [`Decider`], and the identity recorded for each
+//! (email, userId) is the one [`transform`] would send: adopted state cannot drift from what a
+//! run would have confirmed.
+
+use futures::StreamExt;
+use loopsync_core::destination::Destination;
+use loopsync_core::envelope::{ChangeKind, RequestCounts};
+use loopsync_core::spec::SyncSpec;
+use loopsync_extractor::{Decided, Decider, Decision};
+use loopsync_transformer::transform;
+use loopsync_warehouse::{
+    DestinationBinding, ExtractCounts, RunSummary, Warehouse, WarehouseError,
+};
+
+/// Records adopted per warehouse round trip.
+const BATCH: usize = 1000;
+
+/// A record adopted: key, fingerprint, email and userId, as `Warehouse::adopt` takes them.
+type Adopted = (String, String, Option<String>, Option<String>);
+
+/// What adopting one sync did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdoptReport {
+    /// The run that records the adoption (status `adopted`).
+    pub run_id: i64,
+    /// The model's rows: `added` and `changed` were adopted (new to the sync, or changed since
+    /// Loops last confirmed them); `unchanged` already were; `invalid_rows` were not adopted.
+    /// (`expected` means nothing here: an adoption sends nothing.)
+    pub counts: ExtractCounts,
+    /// Records not adopted: invalid to the extractor or refused by the transformer.
+    pub invalid: i64,
+    /// The destination the sync's state was bound to before (now it is bound to the one given).
+    pub earlier: Option<DestinationBinding>,
+    /// The adoption's run, as `loopsync runs` shows it.
+    pub summary: Option<RunSummary>,
+}
+
+/// Adopts `spec`'s model as confirmed by `destination`: a run of status `adopted` records each
+/// valid record's fingerprint and identity, then the sync's state is bound to `destination`.
+/// `preflight`: the requests the caller made to Loops for it (recorded with the run).
+/// `on_run` is told the run's id as soon as it exists (so the caller can close it if stopped).
+pub async fn adopt(
+    warehouse: &dyn Warehouse,
+    spec: &SyncSpec,
+    destination: &Destination,
+    preflight: RequestCounts,
+    on_run: impl FnOnce(i64),
+) -> Result<AdoptReport, WarehouseError> {
+    let run_id = warehouse.create_run(&spec.name).await?;
+    on_run(run_id);
+    warehouse.claim_run(run_id, false).await?;
+    if !preflight.is_empty() {
+        warehouse.record_preflight(run_id, &preflight).await?;
+    }
+    let mut decider = Decider::new(spec, run_id);
+    let mut invalid = 0;
+    let mut batch: Vec<Adopted> = Vec::new();
+    let mut rows = warehouse.diff(spec).await?;
+    loop {
+        let (pushed, last) = match rows.next().await {
+            Some(row) => (Some(decider.push(row?)), None),
+            None => (None, decider.finish()),
+        };
+        let done = pushed.is_none();
+        for Decided { decision, .. } in pushed.into_iter().flatten().chain(last) {
+            match decision {
+                Decision::Change(change) if change.kind != ChangeKind::Removed => {
+                    match transform(spec, &change) {
+                        Ok(op) => {
+                            let (email, user_id) = op.action.identity();
+                            batch.push((
+                                change.key,
+                                change.fingerprint,
+                                email.map(str::to_owned),
+                                user_id.map(str::to_owned),
+                            ));
+                        }
+                        // What the transformer refuses is not in Loops either: not adopted.
+                        Err(_) => {
+                            invalid += 1;
+                            decider.count_as_invalid(&change);
+                        }
+                    }
+                }
+                Decision::Invalid { .. } => invalid += 1,
+                _ => {}
+            }
+        }
+        if batch.len() >= BATCH || (done && !batch.is_empty()) {
+            warehouse.adopt(&spec.name, run_id, &batch).await?;
+            batch.clear();
+        }
+        if done {
+            break;
+        }
+    }
+    drop(rows);
+    let counts = decider.into_counts();
+    warehouse.finish_adopt(run_id, &counts).await?;
+    // Bound last: a sync whose adoption did not finish is still refused by the new
+    // destination, so adopt is run again rather than a run sending a partial difference.
+    let earlier = warehouse.destination(&spec.name).await?;
+    warehouse.set_destination(&spec.name, destination).await?;
+    let summary = warehouse.run(run_id).await?;
+    Ok(AdoptReport {
+        run_id,
+        counts,
+        invalid,
+        earlier,
+        summary,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use loopsync_bus::{Bus, LocalBus};
+    use loopsync_core::envelope::{RunRequest, VERSION};
+    use loopsync_core::subjects::{Names, Stage};
+    use loopsync_extractor::ExtractorStage;
+
+    use super::*;
+    use crate::plan::tests::plan_all;
+    use crate::testing::{Model, spec};
+
+    fn loops() -> Destination {
+        Destination::new(Some("team".into()), "http://127.0.0.1:1/api")
+    }
+
+    async fn adopt_all(model: &Model, spec: &SyncSpec) -> AdoptReport {
+        adopt(
+            &*model.warehouse,
+            spec,
+            &loops(),
+            RequestCounts::default(),
+            |_| {},
+        )
+        .await
+        .unwrap()
+    }
+
+    /// After adopt a plan has nothing to send; a row changed after is the one change planned.
+    #[tokio::test]
+    async fn after_adopt_a_plan_sends_only_what_changed() {
+        let model = Model::new().await;
+        model.insert(&[
+            (Some("1"), Some("a@x.co"), None),
+            (Some("2"), Some("b@x.co"), None),
+            (Some("3"), None, None),
+        ]);
+        let spec = spec();
+        let mut told = None;
+        let report = adopt(
+            &*model.warehouse,
+            &spec,
+            &loops(),
+            RequestCounts::default(),
+            |id| told = Some(id),
+        )
+        .await
+        .unwrap();
+        assert_eq!(told, Some(report.run_id));
+        assert_eq!(
+            (
+                report.counts.added,
+                report.counts.invalid_rows,
+                report.invalid
+            ),
+            (2, 1, 1),
+            "the row without an email is not adopted"
+        );
+        assert_eq!(report.earlier, None);
+        assert_eq!(
+            report.summary.as_ref().map(|s| s.status.as_str()),
+            Some("adopted")
+        );
+        assert_eq!(
+            model
+                .warehouse
+                .destination("s")
+                .await
+                .unwrap()
+                .map(|b| b.destination),
+            Some(loops())
+        );
+
+        let (plan, records) = plan_all(&*model.warehouse, &spec).await;
+        assert_eq!(
+            (plan.requests, plan.counts.unchanged),
+            (0, 2),
+            "{records:?}"
+        );
+        assert_eq!(records.len(), 1, "only the invalid row: {records:?}");
+
+        model.execute("UPDATE users SET email = 'b2@x.co' WHERE id = '2'");
+        let (plan, records) = plan_all(&*model.warehouse, &spec).await;
+        let changed: Vec<_> = records
+            .iter()
+            .filter(|r| r.change != crate::plan::PlannedChange::Invalid)
+            .map(|r| (r.key.as_str(), r.change.as_str()))
+            .collect();
+        assert_eq!(changed, [("2", "changed")]);
+        assert_eq!((plan.requests, plan.counts.unchanged), (1, 1));
+
+        let again = adopt_all(&model, &spec).await;
+        assert_eq!(
+            again.earlier.map(|b| b.destination),
+            Some(loops()),
+            "bound by the first adoption"
+        );
+        assert_eq!((again.counts.changed, again.counts.unchanged), (1, 1));
+    }
+
+    /// The identity recorded is what `transform` would send: a blank userId is no userId, an
+    /// email is normalized. (The old adopt recorded `Some("")` for the blank userId.)
+    #[tokio::test]
+    async fn adopt_records_the_identity_transform_sends() {
+        let model = Model::new().await;
+        model.insert(&[
+            (Some("1"), Some(" A@X.co "), Some("  ")),
+            (Some("2"), Some("b@x.co"), Some(" u2 ")),
+        ]);
+        let spec = spec();
+        adopt_all(&model, &spec).await;
+        let mut rows = model.warehouse.diff(&spec).await.unwrap();
+        let mut confirmed = Vec::new();
+        while let Some(row) = rows.next().await {
+            let row = row.unwrap();
+            confirmed.push((row.key.unwrap(), row.confirmed_email, row.confirmed_user_id));
+        }
+        assert_eq!(
+            confirmed,
+            [
+                ("1".to_owned(), Some("a@x.co".to_owned()), None),
+                (
+                    "2".to_owned(),
+                    Some("b@x.co".to_owned()),
+                    Some("u2".to_owned())
+                ),
+            ]
+        );
+    }
+
+    /// After adopt, a run's extraction finds nothing to publish.
+    #[tokio::test]
+    async fn after_adopt_an_extraction_publishes_nothing() {
+        let model = Model::new().await;
+        model.insert(&[
+            (Some("1"), Some("a@x.co"), Some("u1")),
+            (Some("2"), Some("b@x.co"), Some("  ")),
+        ]);
+        let spec = spec();
+        adopt_all(&model, &spec).await;
+        let bus = Arc::new(LocalBus::new(Names::new("t")));
+        let stage = ExtractorStage::new(bus.clone(), model.warehouse.clone(), [spec.clone()]);
+        let run_id = model.warehouse.create_run("s").await.unwrap();
+        model.warehouse.claim_run(run_id, false).await.unwrap();
+        let counts = stage
+            .extract(
+                &spec,
+                &RunRequest {
+                    v: VERSION,
+                    sync: "s".into(),
+                    run_id,
+                    only_keys: vec![],
+                    installation: model.warehouse.installation().await.unwrap(),
+                    allow_removals: false,
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!((counts.unchanged, counts.expected), (2, 0), "{counts:?}");
+        assert_eq!(bus.unsettled(Stage::Transformer).await.unwrap(), 0);
+    }
+}

@@ -1,0 +1,344 @@
+//! `loopsync plan`: a dry run. The diff and, per record, the operation a run would send; counts,
+//! and the time the requests need at the rate budget. Sends nothing, changes no state. The
+//! records are decided by the extractor's [`Decider`] and mapped by the transformer, so the plan
+//! is what a run would do; the binary only prints it.
+
+use futures::StreamExt;
+use loopsync_core::envelope::ChangeKind;
+use loopsync_core::spec::SyncSpec;
+use loopsync_core::{Classified, ErrorClass};
+use loopsync_extractor::{Decider, Decision};
+use loopsync_transformer::{Invalid, transform};
+use loopsync_warehouse::{ExtractCounts, Warehouse, WarehouseError};
+use serde::Serialize;
+
+/// What a planned record would be in a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PlannedChange {
+    /// New to the sync: a run would write the contact.
+    Added,
+    /// Changed since Loops confirmed it: a run would write it again.
+    Changed,
+    /// Left the model (mirror): a run would delete or unsubscribe the contact.
+    Removed,
+    /// Invalid: the extractor or the transformer refuses it; nothing would be sent.
+    Invalid,
+}
+
+impl PlannedChange {
+    /// The change as the reports name it: `added`, `changed`, `removed` or `invalid`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            PlannedChange::Added => ChangeKind::Added.as_str(),
+            PlannedChange::Changed => ChangeKind::Changed.as_str(),
+            PlannedChange::Removed => ChangeKind::Removed.as_str(),
+            PlannedChange::Invalid => "invalid",
+        }
+    }
+}
+
+impl From<ChangeKind> for PlannedChange {
+    fn from(kind: ChangeKind) -> PlannedChange {
+        match kind {
+            ChangeKind::Added => PlannedChange::Added,
+            ChangeKind::Changed => PlannedChange::Changed,
+            ChangeKind::Removed => PlannedChange::Removed,
+        }
+    }
+}
+
+/// One record of a plan: a key a run would send something for, or would refuse.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PlannedRecord {
+    /// The record's primary key (`(null #n)` for a NULL one).
+    pub key: String,
+    /// What the record would be in a run.
+    pub change: PlannedChange,
+    /// The Loops operation, or `none` for an invalid record.
+    pub operation: String,
+    /// The operation as the loader would send it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub action: Option<serde_json::Value>,
+    /// Why an invalid record is refused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl PlannedRecord {
+    fn invalid(key: String, reason: String) -> PlannedRecord {
+        PlannedRecord {
+            key,
+            change: PlannedChange::Invalid,
+            operation: "none".into(),
+            action: None,
+            reason: Some(reason),
+        }
+    }
+}
+
+/// The plan of one sync, but its records (those are handed out one by one: a plan of a million
+/// records is never held).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SyncPlan {
+    /// The sync's name.
+    pub sync: String,
+    /// The extractor's counts, as a run would record them.
+    pub counts: ExtractCounts,
+    /// Records refused, by the extractor or the transformer.
+    pub invalid: i64,
+    /// Requests a run would send (one per operation, before any retry).
+    pub requests: i64,
+    /// `requests` at `requests_per_second`.
+    pub seconds_at_rate_budget: f64,
+}
+
+/// What can go wrong planning: the warehouse, or the caller's handling of a record (writing
+/// it out).
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError<E: std::error::Error + 'static> {
+    /// Reading the diff failed.
+    #[error(transparent)]
+    Warehouse(#[from] WarehouseError),
+    /// `each` failed on a record: the plan stops there.
+    #[error(transparent)]
+    Each(E),
+}
+
+impl<E: std::error::Error + 'static> Classified for PlanError<E> {
+    fn class(&self) -> ErrorClass {
+        match self {
+            PlanError::Warehouse(e) => e.class(),
+            // The caller's own failure (its output is gone): trying again would not help.
+            PlanError::Each(_) => ErrorClass::Permanent,
+        }
+    }
+}
+
+/// Plans one sync: walks its diff as a run would, hands each record a run would send or refuse
+/// to `each` as it is decided, and returns the counts and the requests. Sends nothing, changes
+/// no state.
+pub async fn plan<E: std::error::Error + 'static>(
+    warehouse: &dyn Warehouse,
+    spec: &SyncSpec,
+    requests_per_second: u32,
+    mut each: impl FnMut(PlannedRecord) -> Result<(), E>,
+) -> Result<SyncPlan, PlanError<E>> {
+    let mut plan = SyncPlan {
+        sync: spec.name.clone(),
+        counts: ExtractCounts::default(),
+        invalid: 0,
+        requests: 0,
+        seconds_at_rate_budget: 0.0,
+    };
+    let mut rows = warehouse.diff(spec).await?;
+    // Run id 0: nothing is published, the id only names the run.
+    let mut decider = Decider::new(spec, 0);
+    let mut take = |plan: &mut SyncPlan, decision| match planned(spec, decision, plan) {
+        Some(record) => each(record).map_err(PlanError::Each),
+        None => Ok(()),
+    };
+    while let Some(row) = rows.next().await {
+        for decided in decider.push(row?) {
+            take(&mut plan, decided.decision)?;
+        }
+    }
+    if let Some(decided) = decider.finish() {
+        take(&mut plan, decided.decision)?;
+    }
+    plan.counts = decider.into_counts();
+    plan.seconds_at_rate_budget = plan.requests as f64 / f64::from(requests_per_second);
+    Ok(plan)
+}
+
+/// The record a decision plans, counted in `plan`.
+fn planned(spec: &SyncSpec, decision: Decision, plan: &mut SyncPlan) -> Option<PlannedRecord> {
+    match decision {
+        Decision::Change(change) => match transform(spec, &change) {
+            Ok(op) => {
+                plan.requests += 1;
+                Some(PlannedRecord {
+                    key: change.key,
+                    change: change.kind.into(),
+                    operation: op.action.name().into(),
+                    action: serde_json::to_value(&op.action).ok(),
+                    reason: None,
+                })
+            }
+            Err(Invalid(reason)) => {
+                plan.invalid += 1;
+                Some(PlannedRecord::invalid(change.key, reason))
+            }
+        },
+        Decision::Invalid { key, reason, .. } => {
+            plan.invalid += 1;
+            Some(PlannedRecord::invalid(key, reason))
+        }
+        Decision::Unchanged | Decision::RemovedKept | Decision::Nothing | Decision::Parked => None,
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::convert::Infallible;
+
+    use loopsync_core::envelope::{ChangeKind, RowChange, VERSION};
+    use serde_json::json;
+
+    use super::*;
+    use crate::testing::{Model, spec};
+
+    /// Plans `spec`, keeping every record.
+    pub(crate) async fn plan_all(
+        warehouse: &dyn Warehouse,
+        spec: &SyncSpec,
+    ) -> (SyncPlan, Vec<PlannedRecord>) {
+        let mut records = Vec::new();
+        let plan = plan(warehouse, spec, 10, |r| {
+            records.push(r);
+            Ok::<_, Infallible>(())
+        })
+        .await
+        .unwrap();
+        (plan, records)
+    }
+
+    /// The operation the transformer builds for a new record of `spec`.
+    fn operation(
+        spec: &SyncSpec,
+        key: &str,
+        email: &str,
+        user_id: Option<&str>,
+    ) -> serde_json::Value {
+        let change = RowChange {
+            v: VERSION,
+            sync: spec.name.clone(),
+            run_id: 0,
+            key: key.into(),
+            fingerprint: String::new(),
+            kind: ChangeKind::Added,
+            values: [
+                ("id".to_owned(), Some(key.to_owned())),
+                ("email".to_owned(), Some(email.to_owned())),
+                ("user_id".to_owned(), user_id.map(str::to_owned)),
+            ]
+            .into(),
+            confirmed_email: None,
+            confirmed_user_id: None,
+            installation: String::new(),
+            generation: 0,
+            keep_old_contact: false,
+        };
+        serde_json::to_value(transform(spec, &change).unwrap().action).unwrap()
+    }
+
+    /// A fresh sync: every valid row is added, with the operation the transformer builds;
+    /// a row without an email, a duplicate key and a NULL key are invalid, with their reasons.
+    /// The requests and the time at the rate budget follow; planning changes nothing.
+    #[tokio::test]
+    async fn a_fresh_sync_plans_every_row_as_added_and_lists_the_invalid_ones() {
+        let model = Model::new().await;
+        model.insert(&[
+            (Some("1"), Some("a@x.co"), Some("u1")),
+            (Some("2"), Some("B@x.co "), None),
+            (Some("3"), None, None),
+            (Some("4"), Some("d1@x.co"), None),
+            (Some("4"), Some("d2@x.co"), None),
+            (None, Some("n@x.co"), None),
+        ]);
+        let spec = spec();
+        let (plan, records) = plan_all(&*model.warehouse, &spec).await;
+        let shown: Vec<_> = records
+            .iter()
+            .map(|r| (r.key.as_str(), r.change.as_str(), r.operation.as_str()))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                ("1", "added", "upsert"),
+                ("2", "added", "upsert"),
+                ("3", "invalid", "none"),
+                ("4", "invalid", "none"),
+                ("(null #1)", "invalid", "none"),
+            ]
+        );
+        assert_eq!(
+            records[0].action,
+            Some(operation(&spec, "1", "a@x.co", Some("u1")))
+        );
+        assert_eq!(
+            records[1].action,
+            Some(operation(&spec, "2", "B@x.co ", None))
+        );
+        assert_eq!(
+            records[1].action.as_ref().unwrap()["email"],
+            json!("b@x.co"),
+            "the email as the transformer sends it"
+        );
+        let reasons: Vec<_> = records[2..]
+            .iter()
+            .map(|r| r.reason.clone().unwrap())
+            .collect();
+        assert_eq!(
+            reasons,
+            [
+                "no email: the contact is identified by email",
+                "duplicate primary key: 2 rows have id = 4",
+                "id is NULL",
+            ]
+        );
+        assert_eq!(
+            (plan.sync.as_str(), plan.invalid, plan.requests),
+            ("s", 3, 2)
+        );
+        assert_eq!(
+            plan.seconds_at_rate_budget, 0.2,
+            "2 requests at 10 per second"
+        );
+        // Counted as a run would: the row the transformer refuses is counted added there.
+        assert_eq!(
+            (
+                plan.counts.added,
+                plan.counts.invalid_rows,
+                plan.counts.unchanged
+            ),
+            (3, 3, 0)
+        );
+        assert_eq!(
+            serde_json::to_value(&records[2]).unwrap(),
+            json!({"key": "3", "change": "invalid", "operation": "none",
+                   "reason": "no email: the contact is identified by email"})
+        );
+
+        let again = plan_all(&*model.warehouse, &spec).await;
+        assert_eq!(again, (plan, records), "a plan changes no state");
+    }
+
+    /// The JSON of a plan's parts is the one `plan --json` has always printed.
+    #[test]
+    fn plan_json_is_unchanged() {
+        let plan = SyncPlan {
+            sync: "users".into(),
+            counts: ExtractCounts::default(),
+            invalid: 1,
+            requests: 2,
+            seconds_at_rate_budget: 0.04,
+        };
+        assert_eq!(
+            serde_json::to_value(&plan).unwrap(),
+            json!({"sync": "users", "counts": serde_json::to_value(ExtractCounts::default()).unwrap(),
+                   "invalid": 1, "requests": 2, "seconds_at_rate_budget": 0.04})
+        );
+        let record = PlannedRecord {
+            key: "1".into(),
+            change: PlannedChange::Removed,
+            operation: "delete".into(),
+            action: Some(json!({"delete": {"email": "a@x.co"}})),
+            reason: None,
+        };
+        assert_eq!(
+            serde_json::to_string(&record).unwrap(),
+            r#"{"key":"1","change":"removed","operation":"delete","action":{"delete":{"email":"a@x.co"}}}"#
+        );
+    }
+}
