@@ -15,8 +15,10 @@ use loopsync_extractor::{Decision, KeyGroups, decide_group, tally};
 use loopsync_loader::RateBudget;
 use loopsync_warehouse::ExtractCounts;
 
-use crate::pipeline::loops_client;
-use crate::{destination, load_config_for, open_warehouse};
+use loopsync_engine::destination;
+use loopsync_engine::pipeline::loops_client;
+
+use crate::{load_config_for, open_warehouse};
 
 /// Records adopted per warehouse round trip.
 const BATCH: usize = 1000;

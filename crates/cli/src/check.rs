@@ -9,13 +9,13 @@ use clap::Args;
 use loopsync_config::Config;
 use loopsync_core::destination::Destination;
 use loopsync_core::envelope::RequestCounts;
-use loopsync_core::spec::default_property_kind;
-use loopsync_loops_client::PropertyType;
+use loopsync_engine::pipeline::loops_client;
+use loopsync_engine::properties::{self, PropertyDiff};
+use loopsync_engine::retry::with_retries;
 use loopsync_warehouse::{DestinationBinding, Warehouse, WarehouseError};
 use serde::Serialize;
 
 use crate::load_config;
-use crate::pipeline::{loops_client, with_retries};
 
 #[derive(Debug, Args)]
 pub struct CheckArgs {
@@ -106,37 +106,13 @@ pub async fn run(config_path: &Path, args: CheckArgs) -> anyhow::Result<ExitCode
             }
             report.destination = Some(configured);
             report.team_name = info.team_name;
-            let existing = with_retries(&budget, config.loops.max_attempts, counts, || {
-                client.list_properties(false)
-            })
-            .await?;
-            let lists = with_retries(&budget, config.loops.max_attempts, counts, || {
-                client.list_mailing_lists()
-            })
-            .await?;
+            let attempts = config.loops.max_attempts;
+            let existing = properties::list(&client, &budget, attempts, counts).await?;
+            let lists =
+                with_retries(&budget, attempts, counts, || client.list_mailing_lists()).await?;
+            let diff = PropertyDiff::between(config.syncs.iter().map(|s| &s.spec), &existing);
+            report.type_mismatches = diff.mismatched.iter().map(ToString::to_string).collect();
             for sync in &config.syncs {
-                for p in &sync.spec.properties {
-                    if default_property_kind(&p.property).is_some() {
-                        continue;
-                    }
-                    let wanted = format!("{}: {}", p.property, p.kind.as_str());
-                    match existing.iter().find(|e| e.key == p.property) {
-                        Some(e) if e.kind.as_str() != p.kind.as_str() => {
-                            report.type_mismatches.push(format!(
-                                "sync {}: mapping.{} is {}, but Loops has it as {}",
-                                sync.spec.name,
-                                p.property,
-                                p.kind.as_str(),
-                                e.kind.as_str()
-                            ))
-                        }
-                        Some(_) => {}
-                        None if !report.missing_properties.contains(&wanted) => {
-                            report.missing_properties.push(wanted)
-                        }
-                        None => {}
-                    }
-                }
                 for l in &sync.spec.lists {
                     if !lists.iter().any(|x| x.id == l.list_id)
                         && !report.missing_lists.contains(&l.list_id)
@@ -146,15 +122,16 @@ pub async fn run(config_path: &Path, args: CheckArgs) -> anyhow::Result<ExitCode
                 }
             }
             if args.create_properties {
-                for wanted in std::mem::take(&mut report.missing_properties) {
-                    let (name, kind) = wanted.split_once(": ").expect("name: type");
-                    let kind: PropertyType = kind.parse().map_err(anyhow::Error::msg)?;
-                    with_retries(&budget, config.loops.max_attempts, counts, || {
-                        client.create_property(name, kind)
+                for missing in &diff.missing {
+                    let kind = properties::property_type(missing.kind);
+                    with_retries(&budget, attempts, counts, || {
+                        client.create_property(&missing.name, kind)
                     })
                     .await?;
-                    report.created_properties.push(wanted);
+                    report.created_properties.push(missing.to_string());
                 }
+            } else {
+                report.missing_properties = diff.missing.iter().map(ToString::to_string).collect();
             }
         }
     }

@@ -22,7 +22,8 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::load_config_for;
-use crate::pipeline::{Pipeline, with_retries};
+use loopsync_engine::pipeline::Pipeline;
+use loopsync_engine::retry::with_retries;
 
 /// The version of the `--json` report.
 const REPORT_VERSION: u16 = 1;
@@ -151,7 +152,7 @@ struct Candidate {
 pub async fn run(config_path: &Path, args: VerifyArgs) -> anyhow::Result<ExitCode> {
     let config = load_config_for(config_path, args.sync.as_deref())?;
     // The bus, the warehouse and the team's rate budget, as a run has them; no worker starts.
-    let pipeline = Pipeline::connect(config).await?;
+    let pipeline = Pipeline::connect(config, crate::stop::token()).await?;
     let client = pipeline.loops_client()?;
     let mut report = Report {
         v: REPORT_VERSION,
@@ -295,6 +296,7 @@ async fn verify_sync(
                         client.find_contact(&identity)
                     })
                     .await
+                    .map_err(loops_anyhow)
                 }
             };
             (key, candidate, found, counts)
@@ -362,6 +364,14 @@ async fn verify_sync(
 }
 
 /// Loops refused this query itself (400, 404, 409): the record cannot be read, the others can.
+/// An engine error as `anyhow`, a Loops error kept as itself (for [`is_refusal`]).
+fn loops_anyhow(error: loopsync_engine::EngineError) -> anyhow::Error {
+    match error {
+        loopsync_engine::EngineError::LoopsClient(error) => error.into(),
+        error => error.into(),
+    }
+}
+
 fn is_refusal(error: &anyhow::Error) -> bool {
     matches!(
         error.downcast_ref::<LoopsError>(),

@@ -1,3 +1,13 @@
 //! The engine: what each `loopsync` command does, as a library. The binary turns flags into
 //! calls here and prints what comes back (ripgrep's `crates/core` shape); every rule of a
 //! sync's life that is not a stage's own lives here, once.
+
+pub mod destination;
+pub mod error;
+pub mod pipeline;
+pub mod properties;
+pub mod retry;
+pub mod runs;
+pub mod settings;
+
+pub use error::EngineError;
