@@ -2,6 +2,7 @@
 //! calls here and prints what comes back (ripgrep's `crates/core` shape); every rule of a
 //! sync's life that is not a stage's own lives here, once.
 
+pub mod check;
 pub mod destination;
 pub mod error;
 pub mod pipeline;
