@@ -173,6 +173,7 @@ const MAX_SERVER_DELAY: Duration = Duration::from_secs(300);
 pub struct RetryPolicy {
     /// Attempts before a retryable failure is given up.
     pub max_attempts: u32,
+    /// The wait before the next attempt when the server names none.
     pub backoff: Backoff,
 }
 

@@ -18,7 +18,9 @@ use crate::retry::{with_retries, with_retries_for};
 /// A custom property a mapping needs and Loops lacks, with the type the mapping declares.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MissingProperty {
+    /// The property's key.
     pub name: String,
+    /// The type the mapping declares: the one it is created with.
     pub kind: PropertyKind,
 }
 
@@ -33,7 +35,9 @@ impl fmt::Display for MissingProperty {
 /// refused or mistaken, so `check` fails on it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TypeMismatch {
+    /// The sync whose mapping declares it.
     pub sync: String,
+    /// The property's key.
     pub property: String,
     /// The type the mapping declares.
     pub declared: PropertyKind,
@@ -60,6 +64,7 @@ impl fmt::Display for TypeMismatch {
 pub struct PropertyDiff {
     /// In the order the syncs map them; each `name: type` once.
     pub missing: Vec<MissingProperty>,
+    /// Properties Loops has with another type than a mapping declares.
     pub mismatched: Vec<TypeMismatch>,
 }
 

@@ -599,4 +599,106 @@ mod tests {
             "the run to be read from the warehouse"
         );
     }
+
+    /// Records what the driver tells.
+    #[derive(Default)]
+    struct Told {
+        notices: Vec<String>,
+        started: Vec<i64>,
+        finished: Vec<i64>,
+        refused: Vec<String>,
+    }
+
+    impl RunObserver for Told {
+        fn notice(&mut self, line: String) {
+            self.notices.push(line);
+        }
+        fn progress(&mut self, _line: String) {}
+        fn started(&mut self, run_id: i64) {
+            self.started.push(run_id);
+        }
+        fn finished(&mut self, summary: &RunSummary) {
+            self.finished.push(summary.id);
+        }
+        fn refused(&mut self, refused: &Refused) {
+            self.refused.push(refused.sync.clone());
+        }
+    }
+
+    /// `--once` over a SQLite warehouse, the in-process bus and the simulator: the first sync
+    /// is bound to the simulator's team, gets its missing property created and its run done;
+    /// the second, bound to another Loops, is refused and nothing of it is sent.
+    #[tokio::test]
+    async fn once_runs_each_sync_and_refuses_one_bound_elsewhere() {
+        let dir = std::env::temp_dir().join(format!("loopsync-engine-once-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let db = dir.join("warehouse.db");
+        let _ = std::fs::remove_file(&db);
+        rusqlite::Connection::open(&db)
+            .unwrap()
+            .execute_batch(
+                "create table users (id integer primary key, email text, plan text);
+                 insert into users values (1, 'a@x.co', 'pro'), (2, 'b@x.co', 'free');",
+            )
+            .unwrap();
+        let sim = loopsync_simulator::spawn(loopsync_simulator::SimConfig::default())
+            .await
+            .unwrap();
+        let sync = |name: &str| {
+            format!(
+                "[[sync]]\nname = \"{name}\"\nmodel = \"select id, email, plan from users\"\n\
+                 primary_key = \"id\"\nidentify_by = \"email\"\n\n[sync.mapping]\n\
+                 email = \"email\"\nplanName = \"plan\"\n"
+            )
+        };
+        let text = format!(
+            "[warehouse]\nurl = \"sqlite://{}\"\n\n[loops]\napi_key = \"test-key\"\n\
+             base_url = \"{}\"\nrequests_per_second = 1000\n\n{}\n{}",
+            db.display(),
+            sim.base_url(),
+            sync("users"),
+            sync("others")
+        );
+        let config = Config::parse(&text, |_| None).unwrap();
+        let shutdown = CancellationToken::new();
+        let mut pipeline = Pipeline::connect(config, shutdown.clone()).await.unwrap();
+        let elsewhere = loopsync_core::destination::Destination::new(
+            Some("Another Team".into()),
+            "http://127.0.0.1:9/api",
+        );
+        pipeline
+            .warehouse
+            .bind_destination("others", &elsewhere)
+            .await
+            .unwrap();
+        pipeline.spawn_all().unwrap();
+        let mut runs = Runs::start(&pipeline, RunOptions::default()).await.unwrap();
+        let mut told = Told::default();
+        let syncs = ["users".to_owned(), "others".to_owned()];
+        let done = runs.once(&syncs, &mut told, &shutdown).await.unwrap();
+        pipeline.stop().await;
+        let [SyncRun::Done(users), SyncRun::Refused(others)] = &done[..] else {
+            panic!("{done:?}");
+        };
+        assert_eq!(users.status, "succeeded", "{users:?}");
+        assert_eq!(users.confirmed, 2);
+        assert_eq!(others.sync, "others");
+        assert_eq!(others.bound.destination, elsewhere);
+        assert_eq!(
+            (told.started.clone(), told.finished.clone()),
+            (vec![users.id], vec![users.id])
+        );
+        assert_eq!(told.refused, ["others"]);
+        assert!(
+            told.notices[0]
+                .starts_with("sync users: its state is bound to team \"Simulated Team\""),
+            "{:?}",
+            told.notices
+        );
+        assert_eq!(
+            told.notices[1],
+            "created contact properties in Loops: planName"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
