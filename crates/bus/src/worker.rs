@@ -167,6 +167,42 @@ pub enum Settle {
 /// The longest delay a server may ask for that we honour as is.
 const MAX_SERVER_DELAY: Duration = Duration::from_secs(300);
 
+/// When a retryable failure is tried again: the attempts a caller allows and the backoff
+/// between them. [`retry_delay`] reads it; a worker's comes from its [`WorkerOptions`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryPolicy {
+    /// Attempts before a retryable failure is given up.
+    pub max_attempts: u32,
+    /// The wait before the next attempt when the server names none.
+    pub backoff: Backoff,
+}
+
+impl WorkerOptions {
+    /// The retry half of these options, for [`retry_delay`].
+    pub fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: self.max_attempts,
+            backoff: self.backoff.clone(),
+        }
+    }
+}
+
+/// The one retry rule, shared by the workers ([`settle`]) and every call to Loops outside the
+/// pipeline (the engine's preflight, `check`, `verify`): after attempt `attempt` failed with
+/// `class`, how long to wait before the next one, or `None` to give up. Only a retryable
+/// failure with attempts left is tried again; it waits the server's delay (capped at
+/// five minutes) or else the policy's jittered backoff.
+pub fn retry_delay(class: ErrorClass, attempt: u32, policy: &RetryPolicy) -> Option<Duration> {
+    match class {
+        ErrorClass::Retryable { after } if attempt < policy.max_attempts => Some(
+            after
+                .map(|d| d.min(MAX_SERVER_DELAY))
+                .unwrap_or_else(|| policy.backoff.delay(attempt)),
+        ),
+        _ => None,
+    }
+}
+
 /// The rule of the table above.
 pub fn settle(
     result: Result<(), (ErrorClass, String)>,
@@ -175,15 +211,10 @@ pub fn settle(
 ) -> Settle {
     match result {
         Ok(()) => Settle::Ack,
-        Err((ErrorClass::Retryable { after }, reason)) => {
-            if attempt < options.max_attempts {
-                Settle::Nak(
-                    after
-                        .map(|d| d.min(MAX_SERVER_DELAY))
-                        .unwrap_or_else(|| options.backoff.delay(attempt)),
-                )
-            } else {
-                Settle::DeadLetter(format!("gave up after {attempt} attempts: {reason}"))
+        Err((class @ ErrorClass::Retryable { .. }, reason)) => {
+            match retry_delay(class, attempt, &options.retry_policy()) {
+                Some(delay) => Settle::Nak(delay),
+                None => Settle::DeadLetter(format!("gave up after {attempt} attempts: {reason}")),
             }
         }
         Err((ErrorClass::Permanent, reason)) => Settle::Reject(reason),
@@ -581,3 +612,56 @@ async fn dead_letter_raw(
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod retry_tests {
+    use super::*;
+
+    /// `settle` naks exactly when `retry_delay` says to try again, with the same delay where
+    /// it is not jittered (the server's, capped at five minutes).
+    #[test]
+    fn settle_follows_the_retry_rule() {
+        let options = WorkerOptions {
+            max_attempts: 3,
+            ..WorkerOptions::default()
+        };
+        let policy = options.retry_policy();
+        let classes = [
+            ErrorClass::RETRY,
+            ErrorClass::Retryable {
+                after: Some(Duration::from_secs(7)),
+            },
+            ErrorClass::Retryable {
+                after: Some(Duration::from_secs(3600)),
+            },
+            ErrorClass::Permanent,
+            ErrorClass::Poison,
+        ];
+        for class in classes {
+            for attempt in 1..=4 {
+                let delay = retry_delay(class, attempt, &policy);
+                let settled = settle(Err((class, "x".into())), attempt, &options);
+                match (&settled, delay) {
+                    (Settle::Nak(naked), Some(delay)) => {
+                        if let ErrorClass::Retryable { after: Some(_) } = class {
+                            assert_eq!(*naked, delay);
+                        }
+                        assert!(delay <= MAX_SERVER_DELAY);
+                    }
+                    (Settle::Reject(_) | Settle::DeadLetter(_), None) => {}
+                    other => panic!("{class:?} attempt {attempt}: {other:?}"),
+                }
+            }
+        }
+        assert_eq!(
+            retry_delay(ErrorClass::RETRY, 3, &policy),
+            None,
+            "out of attempts"
+        );
+        assert_eq!(
+            retry_delay(classes[2], 1, &policy),
+            Some(MAX_SERVER_DELAY),
+            "the server's delay is capped"
+        );
+    }
+}

@@ -12,8 +12,10 @@ use loopsync_core::envelope::RequestCounts;
 use loopsync_engine::adopt::adopt;
 use loopsync_loader::RateBudget;
 
-use crate::pipeline::loops_client;
-use crate::{destination, load_config_for, open_warehouse};
+use loopsync_engine::destination;
+use loopsync_engine::pipeline::loops_client;
+
+use crate::{load_config_for, open_warehouse};
 
 #[derive(Debug, Args)]
 pub struct AdoptArgs {

@@ -12,14 +12,13 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use loopsync_core::envelope::RequestCounts;
+use loopsync_engine::destination;
 use loopsync_engine::dlq;
-use loopsync_extractor::{RunAsk, request_run, wait_for_run};
+use loopsync_engine::pipeline::Pipeline;
+use loopsync_engine::runs::{RunAsk, request_run, wait_for_run};
 use loopsync_warehouse::{RecordResult, Warehouse};
 
-use crate::pipeline::Pipeline;
-use crate::{
-    UsageError, destination, load_config_for, load_config_for_warehouse, open_warehouse, report,
-};
+use crate::{UsageError, load_config_for, load_config_for_warehouse, open_warehouse, report};
 
 #[derive(Debug, Args)]
 pub struct DlqArgs {
@@ -145,7 +144,7 @@ pub async fn run(config_path: &Path, args: DlqArgs) -> anyhow::Result<ExitCode> 
                 println!("no dead letters to replay");
                 return Ok(ExitCode::SUCCESS);
             }
-            let mut pipeline = Pipeline::connect(config).await?;
+            let mut pipeline = Pipeline::connect(config, crate::stop::token()).await?;
             // The dead letters go where their syncs' state belongs, or not at all: the API
             // key's team, counted as the first replay's preflight.
             let client = pipeline.loops_client()?;
@@ -163,7 +162,9 @@ pub async fn run(config_path: &Path, args: DlqArgs) -> anyhow::Result<ExitCode> 
             let mut summaries = Vec::new();
             let mut refused = false;
             for (sync, keys) in dlq::by_sync(&letters) {
-                let found = destination::check(&*pipeline.warehouse, &sync, &configured);
+                let found = destination::check(&*pipeline.warehouse, &sync, &configured, |line| {
+                    eprintln!("{line}")
+                });
                 if let Some(refusal) = found.await? {
                     eprintln!("error: {refusal}");
                     refused = true;

@@ -4,10 +4,8 @@
 mod adopt;
 mod check;
 mod demo;
-mod destination;
 mod dlq;
 mod history;
-mod pipeline;
 mod plan;
 mod report;
 mod reset;
@@ -252,7 +250,10 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("error: {e:#}");
             if e.downcast_ref::<UsageError>().is_some()
-                || e.downcast_ref::<destination::Refused>().is_some()
+                || e.downcast_ref::<loopsync_engine::destination::Refused>()
+                    .is_some()
+                || e.downcast_ref::<loopsync_engine::EngineError>()
+                    .is_some_and(loopsync_engine::EngineError::is_usage)
             {
                 ExitCode::from(EXIT_USAGE)
             } else {

@@ -11,11 +11,13 @@ use std::process::ExitCode;
 
 use clap::Args;
 use loopsync_core::envelope::RequestCounts;
+use loopsync_engine::EngineError;
 use loopsync_engine::verify::{Options, ReadError, Report, verify};
-use loopsync_loops_client::{ContactIdentity, LoopsError};
+use loopsync_loops_client::ContactIdentity;
 
 use crate::load_config_for;
-use crate::pipeline::{Pipeline, with_retries};
+use loopsync_engine::pipeline::Pipeline;
+use loopsync_engine::retry::with_retries;
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
@@ -52,7 +54,7 @@ fn parse_sample(text: &str) -> Result<SampleSize, String> {
 pub async fn run(config_path: &Path, args: VerifyArgs) -> anyhow::Result<ExitCode> {
     let config = load_config_for(config_path, args.sync.as_deref())?;
     // The bus, the warehouse and the team's rate budget, as a run has them; no worker starts.
-    let pipeline = Pipeline::connect(config).await?;
+    let pipeline = Pipeline::connect(config, crate::stop::token()).await?;
     let client = pipeline.loops_client()?;
     let (budget, attempts) = (&pipeline.budget, pipeline.config.loops.max_attempts);
     let options = Options {
@@ -69,9 +71,9 @@ pub async fn run(config_path: &Path, args: VerifyArgs) -> anyhow::Result<ExitCod
                 client.find_contact(&identity)
             })
             .await
-            .map_err(|e| match e.downcast::<LoopsError>() {
-                Ok(e) => ReadError::Loops(e),
-                Err(e) => ReadError::Other(e.into()),
+            .map_err(|e| match e {
+                EngineError::LoopsClient(e) => ReadError::Loops(e),
+                e => ReadError::Other(e.into()),
             });
             (found, counts)
         }

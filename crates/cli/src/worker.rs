@@ -6,8 +6,8 @@ use std::process::ExitCode;
 
 use clap::{Args, ValueEnum};
 use loopsync_core::subjects::Stage;
+use loopsync_engine::pipeline::Pipeline;
 
-use crate::pipeline::Pipeline;
 use crate::{UsageError, load_config};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -34,7 +34,7 @@ pub async fn run(config_path: &Path, args: WorkerArgs) -> anyhow::Result<ExitCod
         )
         .into());
     }
-    let mut pipeline = Pipeline::connect(config).await?;
+    let mut pipeline = Pipeline::connect(config, crate::stop::token()).await?;
     let name = match args.stage {
         StageArg::Extractor => {
             pipeline.spawn(Stage::Extractor)?;

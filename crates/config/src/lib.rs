@@ -125,8 +125,56 @@ fn default_ack_wait() -> f64 {
 #[derive(Debug, Clone, PartialEq)]
 pub struct SyncConfig {
     pub spec: SyncSpec,
-    /// Cron expression for `loopsync run` without `--once`.
-    pub schedule: Option<String>,
+    /// Cron expression for `loopsync run` without `--once`, parsed when the config is read.
+    pub schedule: Option<Schedule>,
+}
+
+/// A sync's `schedule`: a cron expression (UTC, seconds allowed), parsed once when the config
+/// is read so that whoever follows it cannot meet an invalid one. It keeps its text for
+/// messages, and reads as that text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Schedule {
+    text: String,
+    cron: croner::Cron,
+}
+
+impl Schedule {
+    /// Parses a cron expression; the error is croner's words.
+    pub fn parse(text: &str) -> Result<Schedule, String> {
+        use std::str::FromStr;
+        let cron = croner::Cron::from_str(text).map_err(|e| e.to_string())?;
+        Ok(Schedule {
+            text: text.to_owned(),
+            cron,
+        })
+    }
+
+    /// The expression as written in the config.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// The first fire time strictly after `time`; `None` when the expression fires no more.
+    pub fn next_after(
+        &self,
+        time: chrono::DateTime<chrono::Utc>,
+    ) -> Option<chrono::DateTime<chrono::Utc>> {
+        self.cron.find_next_occurrence(&time, false).ok()
+    }
+}
+
+impl std::ops::Deref for Schedule {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.text
+    }
+}
+
+impl std::fmt::Display for Schedule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -410,15 +458,15 @@ impl RawConfig {
                     "is required with identify_by = \"userId\"",
                 ));
             }
-            if let Some(schedule) = &raw.schedule {
-                use std::str::FromStr;
-                if let Err(e) = croner::Cron::from_str(schedule) {
-                    return Err(invalid(
+            let schedule = match &raw.schedule {
+                None => None,
+                Some(text) => Some(Schedule::parse(text).map_err(|e| {
+                    invalid(
                         at("schedule"),
-                        format!("\"{schedule}\" is not a cron expression: {e}"),
-                    ));
-                }
-            }
+                        format!("\"{text}\" is not a cron expression: {e}"),
+                    )
+                })?),
+            };
             let lists = raw
                 .mailing_lists
                 .into_iter()
@@ -439,7 +487,7 @@ impl RawConfig {
                     lists,
                     max_removal_share: raw.max_removal_share,
                 },
-                schedule: raw.schedule,
+                schedule,
             });
         }
         Ok(Config {
@@ -601,6 +649,33 @@ signedUpAt = { column = "signed_up_at", type = "date" }
             Config::parse(&EXAMPLE.replace("*/15 * * * *", "*/2 * * * * *"), env).is_ok(),
             "seconds allowed"
         );
+    }
+
+    /// A schedule is parsed once, at load, and says when it fires next (UTC), strictly after
+    /// the time given.
+    #[test]
+    fn a_schedule_says_when_it_fires_next() {
+        use chrono::TimeZone;
+        let quarter = Schedule::parse("*/15 * * * *").unwrap();
+        assert_eq!(quarter.as_str(), "*/15 * * * *");
+        assert_eq!(quarter.to_string(), "*/15 * * * *");
+        let at = |h, m, s| chrono::Utc.with_ymd_and_hms(2026, 1, 2, h, m, s).unwrap();
+        assert_eq!(quarter.next_after(at(3, 4, 5)), Some(at(3, 15, 0)));
+        assert_eq!(
+            quarter.next_after(at(3, 15, 0)),
+            Some(at(3, 30, 0)),
+            "strictly after"
+        );
+        assert_eq!(
+            quarter.next_after(at(23, 59, 0)),
+            Some(at(0, 0, 0) + chrono::Days::new(1))
+        );
+        let seconds = Schedule::parse("*/2 * * * * *").unwrap();
+        assert_eq!(seconds.next_after(at(3, 4, 5)), Some(at(3, 4, 6)));
+        assert!(Schedule::parse("every quarter hour").is_err());
+        let config = Config::parse(EXAMPLE, env).unwrap();
+        let parsed = config.syncs[0].schedule.as_ref().unwrap();
+        assert_eq!(parsed, &quarter);
     }
 
     #[test]

@@ -3,11 +3,21 @@
 //! sync's life that is not a stage's own lives here, once.
 
 pub mod adopt;
+pub mod check;
+pub mod destination;
 pub mod dlq;
+pub mod error;
 pub mod history;
+pub mod pipeline;
 pub mod plan;
+pub mod properties;
 pub mod reset;
+pub mod retry;
+pub mod runs;
+pub mod settings;
 pub mod verify;
 
 #[cfg(test)]
 mod testing;
+
+pub use error::EngineError;

@@ -10,7 +10,6 @@ use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, HashSet};
 use std::hash::BuildHasher;
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -18,13 +17,11 @@ use futures::StreamExt;
 use loopsync_bus::worker::{DeliveryInfo, Fate, Handler};
 use loopsync_bus::{Bus, BusError, publish};
 use loopsync_core::codec::{self, DecodeError};
-use loopsync_core::envelope::{
-    ChangeKind, Outcome, OutcomeStatus, RequestCounts, RowChange, RunRequest, VERSION,
-};
+use loopsync_core::envelope::{ChangeKind, Outcome, OutcomeStatus, RowChange, RunRequest};
 use loopsync_core::spec::{Behavior, IdentifyBy, OnRemove, SyncSpec};
 use loopsync_core::value::normalize_email;
 use loopsync_core::{Classified, ErrorClass};
-use loopsync_warehouse::{ExtractCounts, RunSummary, Warehouse, WarehouseError};
+use loopsync_warehouse::{ExtractCounts, Warehouse, WarehouseError};
 
 pub mod decide;
 
@@ -42,9 +39,6 @@ pub enum ExtractError {
     Warehouse(#[from] WarehouseError),
     #[error(transparent)]
     Bus(#[from] BusError),
-    /// `run --once`'s no-progress deadline passed.
-    #[error(transparent)]
-    Stalled(Box<Stalled>),
 }
 
 impl Classified for ExtractError {
@@ -53,7 +47,6 @@ impl Classified for ExtractError {
             ExtractError::Decode(e) => e.class(),
             ExtractError::Warehouse(e) => e.class(),
             ExtractError::Bus(e) => e.class(),
-            ExtractError::Stalled(_) => ErrorClass::Permanent,
         }
     }
 }
@@ -364,280 +357,14 @@ impl Handler for ExtractorStage {
     }
 }
 
-/// A time as RFC 3339, to the second, UTC.
-fn humantime_utc(t: std::time::SystemTime) -> String {
-    chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-}
-
-/// What a run is asked to do beyond the whole sync.
-#[derive(Debug, Clone, Default)]
-pub struct RunAsk {
-    /// When not empty, only these keys (`loopsync dlq replay`).
-    pub only_keys: Vec<String>,
-    /// The requests the caller made to Loops to prepare the run.
-    pub preflight: RequestCounts,
-    /// Send removals beyond the sync's `max_removal_share` (`--allow-removals`).
-    pub allow_removals: bool,
-}
-
-/// Starts a run of `sync`: the run's row (with the requests the caller made to Loops to
-/// prepare it, its `preflight`), then the request that one extractor takes. Fails with
-/// [`WarehouseError::RunInProgress`] while another run of the sync is in progress. Whoever
-/// asks must then wait for the run ([`wait_for_run`]): the wait is the run's sign of life.
-pub async fn request_run(
-    bus: &dyn Bus,
-    warehouse: &dyn Warehouse,
-    sync: &str,
-    ask: RunAsk,
-) -> Result<i64, ExtractError> {
-    let RunAsk {
-        only_keys,
-        preflight,
-        allow_removals,
-    } = ask;
-    let installation = warehouse.installation().await?;
-    let run_id = warehouse.create_run(sync).await?;
-    if !preflight.is_empty() {
-        warehouse.record_preflight(run_id, &preflight).await?;
-    }
-    publish::run_request(
-        bus,
-        &RunRequest {
-            v: VERSION,
-            sync: sync.to_owned(),
-            run_id,
-            only_keys,
-            installation,
-            allow_removals,
-        },
-    )
-    .await?;
-    Ok(run_id)
-}
-
-/// Waits until every record of the run has an outcome (or the run failed), saying every
-/// [`loopsync_warehouse::HEARTBEAT`] that the run's process is alive. Retryable warehouse
-/// errors are waited out; no deadline, no progress lines (see [`wait_for_run_with`]).
-pub async fn wait_for_run(
-    warehouse: &dyn Warehouse,
-    run_id: i64,
-    poll: Duration,
-) -> Result<RunSummary, ExtractError> {
-    let options = WaitOptions {
-        poll,
-        ..WaitOptions::default()
-    };
-    wait_for_run_with(warehouse, run_id, &options, |_| {}).await
-}
-
-/// How [`wait_for_run_with`] waits.
-#[derive(Debug, Clone)]
-pub struct WaitOptions {
-    /// How often the run is read.
-    pub poll: Duration,
-    /// How often a progress line is handed to the caller; `None`: never.
-    pub progress_every: Option<Duration>,
-    /// Give up when the run has made no progress (no new outcome, no change of phase) for this
-    /// long; `None`: wait forever.
-    pub stall_timeout: Option<Duration>,
-}
-
-impl Default for WaitOptions {
-    fn default() -> Self {
-        WaitOptions {
-            poll: Duration::from_millis(100),
-            progress_every: None,
-            stall_timeout: None,
-        }
-    }
-}
-
-/// A run that made no progress for `WaitOptions::stall_timeout`.
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "run {run_id} of sync {sync} made no progress for {secs} s (phase: {status}; waiting for \
-     {waiting}); it was given up{closed}. Its records are retried by the next run",
-    secs = stalled_for.as_secs()
-)]
-pub struct Stalled {
-    pub run_id: i64,
-    pub sync: String,
-    pub status: String,
-    pub waiting: String,
-    pub stalled_for: Duration,
-    /// ", and closed as failed" when the warehouse answered.
-    pub closed: String,
-}
-
-/// What the run waits for in its phase.
-fn waiting_for(
-    run: Option<&RunSummary>,
-    failing: Option<&(std::time::SystemTime, String)>,
-) -> String {
-    let phase = match run {
-        None => "the run to be read from the warehouse".to_owned(),
-        Some(r) => match r.status.as_str() {
-            "requested" => "an extractor to take the run request".to_owned(),
-            "extracting" => "the extractor to finish reading the model".to_owned(),
-            _ => match r.expected {
-                Some(expected) => format!(
-                    "the outcomes of {} of its {expected} records (loader, checkpointer)",
-                    (expected - r.records).max(0)
-                ),
-                None => "its outcomes".to_owned(),
-            },
-        },
-    };
-    match failing {
-        Some((since, error)) => format!(
-            "{phase}; the warehouse fails since {}: {error}",
-            humantime_utc(*since)
-        ),
-        None => phase,
-    }
-}
-
-/// One progress line of a run.
-fn progress_line(
-    run_id: i64,
-    run: Option<&RunSummary>,
-    failing: Option<&(std::time::SystemTime, String)>,
-) -> String {
-    let mut line = match run {
-        None => format!("run {run_id}: waiting"),
-        Some(r) => format!(
-            "run {run_id} of {}: {}, {}/{} records with an outcome, {} confirmed, {} rejected",
-            r.sync,
-            r.status,
-            r.records,
-            r.expected.map_or_else(|| "?".to_owned(), |e| e.to_string()),
-            r.confirmed,
-            r.rejected + r.dead_lettered,
-        ),
-    };
-    if let Some((since, error)) = failing {
-        line.push_str(&format!(
-            "; the warehouse fails since {} ({error})",
-            humantime_utc(*since)
-        ));
-    }
-    line
-}
-
-/// [`wait_for_run`], with progress lines (handed to `progress`) and a no-progress deadline,
-/// after which the run is closed `failed` (if the warehouse answers) and [`ExtractError::Stalled`]
-/// is returned.
-pub async fn wait_for_run_with(
-    warehouse: &dyn Warehouse,
-    run_id: i64,
-    options: &WaitOptions,
-    mut progress: impl FnMut(String),
-) -> Result<RunSummary, ExtractError> {
-    use tokio::time::Instant;
-    let start = Instant::now();
-    let mut last_heartbeat: Option<Instant> = None;
-    let mut last_line = start;
-    let mut last_change = start;
-    let mut seen: Option<(String, i64)> = None;
-    let mut last: Option<RunSummary> = None;
-    // Since when the warehouse fails, and how.
-    let mut failing: Option<(std::time::SystemTime, String)> = None;
-    let mut last_warned: Option<Instant> = None;
-    loop {
-        let read = async {
-            if last_heartbeat.is_none_or(|t| t.elapsed() >= loopsync_warehouse::HEARTBEAT) {
-                warehouse.heartbeat(run_id).await?;
-                last_heartbeat = Some(Instant::now());
-            }
-            warehouse.finish_if_complete(run_id).await?;
-            warehouse.run(run_id).await
-        }
-        .await;
-        match read {
-            Ok(run) => {
-                if failing.take().is_some() {
-                    tracing::warn!(run_id, "the warehouse answers again");
-                }
-                if let Some(run) = run {
-                    if run.is_finished() {
-                        return Ok(run);
-                    }
-                    let now = (run.status.clone(), run.records);
-                    if seen.as_ref() != Some(&now) {
-                        seen = Some(now);
-                        last_change = Instant::now();
-                    }
-                    last = Some(run);
-                }
-            }
-            Err(error) if error.class().is_retryable() => {
-                let since = failing
-                    .take()
-                    .map_or_else(std::time::SystemTime::now, |(since, _)| since);
-                if last_warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
-                    tracing::warn!(run_id, %error, "waiting for a run: the warehouse fails; retrying");
-                    last_warned = Some(Instant::now());
-                }
-                failing = Some((since, error.to_string()));
-            }
-            Err(error) => return Err(error.into()),
-        }
-        if let Some(every) = options.progress_every
-            && last_line.elapsed() >= every
-        {
-            progress(progress_line(run_id, last.as_ref(), failing.as_ref()));
-            last_line = Instant::now();
-        }
-        if let Some(limit) = options.stall_timeout
-            && last_change.elapsed() >= limit
-        {
-            let waiting = waiting_for(last.as_ref(), failing.as_ref());
-            let mut stalled = Stalled {
-                run_id,
-                sync: last.as_ref().map_or_else(String::new, |r| r.sync.clone()),
-                status: last
-                    .as_ref()
-                    .map_or_else(|| "unknown".to_owned(), |r| r.status.clone()),
-                waiting,
-                stalled_for: last_change.elapsed(),
-                closed: String::new(),
-            };
-            let reason = format!(
-                "no progress for {} s (phase: {}; waiting for {})",
-                stalled.stalled_for.as_secs(),
-                stalled.status,
-                stalled.waiting
-            );
-            if tokio::time::timeout(Duration::from_secs(15), warehouse.fail_run(run_id, &reason))
-                .await
-                .is_ok_and(|r| r.is_ok())
-            {
-                stalled.closed = ", and closed as failed".to_owned();
-            }
-            return Err(ExtractError::Stalled(Box::new(stalled)));
-        }
-        let pause = if failing.is_some() {
-            options.poll.max(Duration::from_secs(1))
-        } else {
-            options.poll
-        };
-        tokio::time::sleep(pause).await;
-    }
-}
-
 #[cfg(test)]
 mod held_tests {
     use std::collections::BTreeMap;
 
+    use loopsync_core::envelope::VERSION;
+
     use super::*;
     use crate::decide::tests::spec;
-
-    /// The time in the checkpointer's and the progress lines: RFC 3339 to the second, UTC.
-    #[test]
-    fn times_are_rfc3339_utc_to_the_second() {
-        let t = std::time::UNIX_EPOCH + Duration::from_millis(1_700_000_000_900);
-        assert_eq!(humantime_utc(t), "2023-11-14T22:13:20Z");
-    }
 
     fn change(key: u32, kind: ChangeKind, confirmed_email: Option<&str>) -> RowChange {
         RowChange {

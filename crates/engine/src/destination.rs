@@ -12,14 +12,14 @@
 
 use std::fmt;
 
-use anyhow::Context;
 use loopsync_core::destination::Destination;
 use loopsync_core::envelope::RequestCounts;
 use loopsync_loader::RateBudget;
 use loopsync_loops_client::LoopsClient;
 use loopsync_warehouse::{DestinationBinding, Warehouse};
 
-use crate::pipeline::with_retries;
+use crate::EngineError;
+use crate::retry::with_retries_for;
 
 /// The destination the config points at: the team of the API key (`GET /v1/api-key`, paced by
 /// `budget`, each request counted in `counts` as preflight) at the client's base URL.
@@ -28,23 +28,32 @@ pub async fn configured(
     budget: &RateBudget,
     attempts: u32,
     counts: &mut RequestCounts,
-) -> anyhow::Result<Destination> {
-    let info = with_retries(budget, attempts, counts, || client.test_api_key())
-        .await
-        .context("asking Loops which team the API key belongs to (GET /v1/api-key)")?;
+) -> Result<Destination, EngineError> {
+    let info = with_retries_for(
+        "asking Loops which team the API key belongs to (GET /v1/api-key)",
+        budget,
+        attempts,
+        counts,
+        || client.test_api_key(),
+    )
+    .await?;
     Ok(Destination::new(info.team_name, client.base_url()))
 }
 
 /// Whether `sync`'s state belongs to `configured`; binds it there if it is bound to none.
-/// Returns the refusal when it is bound to another destination (nothing changed then).
+/// Returns the refusal when it is bound to another destination (nothing changed then). A new
+/// binding is told to `notice` (a line for the user: it happens once in a sync's life).
 pub async fn check(
     warehouse: &dyn Warehouse,
     sync: &str,
     configured: &Destination,
-) -> anyhow::Result<Option<Refused>> {
+    mut notice: impl FnMut(String),
+) -> Result<Option<Refused>, EngineError> {
     match warehouse.bind_destination(sync, configured).await? {
         None => {
-            eprintln!("sync {sync}: its state is bound to {configured} from now on");
+            notice(format!(
+                "sync {sync}: its state is bound to {configured} from now on"
+            ));
             Ok(None)
         }
         Some(bound) if bound.destination == *configured => Ok(None),
@@ -59,8 +68,11 @@ pub async fn check(
 /// A sync whose state belongs to another destination than the configured one: exit status 2.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refused {
+    /// The sync refused.
     pub sync: String,
+    /// Where its state belongs, since when.
     pub bound: DestinationBinding,
+    /// Where the config points.
     pub configured: Destination,
 }
 

@@ -1,0 +1,181 @@
+//! Assembles the stages: the bus (JetStream with `[nats]`, else in process), the warehouse, and
+//! the workers of each stage, with one shutdown signal for all (mini-redis style: a token to
+//! stop, and a join set that drains).
+
+use std::sync::Arc;
+
+use loopsync_bus::worker;
+use loopsync_bus::{Bus, BusError, JetStreamBus, LocalBus};
+use loopsync_checkpointer::Checkpointer;
+use loopsync_config::Config;
+use loopsync_core::spec::SyncSpec;
+use loopsync_core::subjects::{Names, Stage};
+use loopsync_extractor::ExtractorStage;
+use loopsync_loader::{LoaderStage, RateBudget};
+use loopsync_loops_client::{ApiKey, ClientConfig, LoopsClient};
+use loopsync_transformer::TransformerStage;
+use loopsync_warehouse::Warehouse;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::EngineError;
+use crate::settings;
+
+/// A connected pipeline and its running workers.
+pub struct Pipeline {
+    /// The config it was connected with.
+    pub config: Config,
+    /// The bus every stage of this process works on.
+    pub bus: Arc<dyn Bus>,
+    /// The warehouse: the models, and the syncs' state.
+    pub warehouse: Arc<dyn Warehouse>,
+    jetstream: Option<Arc<JetStreamBus>>,
+    /// The Loops team's rate budget, shared through the bus by every process: the loader and
+    /// the preflight take their slots from it.
+    pub budget: RateBudget,
+    shutdown: CancellationToken,
+    tasks: JoinSet<Result<(), BusError>>,
+}
+
+impl Pipeline {
+    /// Connects to the bus and the warehouse and prepares the warehouse's tables. The workers
+    /// stop taking messages as soon as `shutdown` is cancelled (the caller's signal), or when
+    /// [`Pipeline::stop`] is called.
+    pub async fn connect(
+        config: Config,
+        shutdown: CancellationToken,
+    ) -> Result<Pipeline, EngineError> {
+        let warehouse = loopsync_warehouse::connect(&config.warehouse.url).await?;
+        warehouse.prepare().await?;
+        let (bus, jetstream): (Arc<dyn Bus>, _) =
+            match (&config.nats, settings::jetstream_options(&config)) {
+                (Some(nats), Some(options)) => {
+                    let js = Arc::new(
+                        JetStreamBus::connect(&nats.url, Names::new(&nats.namespace), &options)
+                            .await?,
+                    );
+                    (js.clone(), Some(js))
+                }
+                _ => (Arc::new(LocalBus::default()), None),
+            };
+        let budget = RateBudget::shared(
+            bus.clone(),
+            &config.loops.api_key,
+            config.loops.requests_per_second,
+        );
+        Ok(Pipeline {
+            budget,
+            config,
+            bus,
+            warehouse,
+            jetstream,
+            shutdown: shutdown.child_token(),
+            tasks: JoinSet::new(),
+        })
+    }
+
+    /// A client of the Loops the config points at.
+    pub fn loops_client(&self) -> Result<LoopsClient, EngineError> {
+        loops_client(&self.config)
+    }
+
+    fn specs(&self) -> Vec<SyncSpec> {
+        self.config.syncs.iter().map(|s| s.spec.clone()).collect()
+    }
+
+    /// Starts one stage's worker in this process, with the settings of [`settings`].
+    pub fn spawn(&mut self, stage: Stage) -> Result<(), EngineError> {
+        let (bus, stop) = (self.bus.clone(), self.shutdown.clone());
+        let options = settings::worker_options(&self.config, stage);
+        match stage {
+            Stage::Extractor => {
+                let handler = Arc::new(ExtractorStage::new(
+                    bus.clone(),
+                    self.warehouse.clone(),
+                    self.specs(),
+                ));
+                self.tasks
+                    .spawn(worker::run(bus, stage, handler, options, stop));
+            }
+            Stage::Transformer => {
+                let handler = Arc::new(TransformerStage::new(bus.clone(), self.specs()));
+                self.tasks
+                    .spawn(worker::run(bus, stage, handler, options, stop));
+            }
+            Stage::Loader => {
+                let handler = Arc::new(LoaderStage::new(
+                    bus.clone(),
+                    self.loops_client()?,
+                    self.budget.clone(),
+                ));
+                self.tasks
+                    .spawn(worker::run(bus, stage, handler, options, stop));
+            }
+            Stage::Checkpointer => {
+                let handler = Arc::new(Checkpointer::new(self.warehouse.clone()));
+                let options = settings::checkpointer_options();
+                self.tasks
+                    .spawn(worker::run_batched(bus, stage, handler, options, stop));
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts the dead-letter mover (JetStream only: the in-process bus has no advisories).
+    pub fn spawn_dead_letter_mover(&mut self) {
+        if let Some(js) = self.jetstream.clone() {
+            let stop = self.shutdown.clone();
+            self.tasks
+                .spawn(async move { js.run_dead_letter_mover(stop).await });
+        }
+    }
+
+    /// Every stage in this process.
+    pub fn spawn_all(&mut self) -> Result<(), EngineError> {
+        for stage in Stage::ALL {
+            self.spawn(stage)?;
+        }
+        self.spawn_dead_letter_mover();
+        Ok(())
+    }
+
+    /// Waits for a worker to end on its own (an error), or for `signal`.
+    pub async fn serve_until(
+        &mut self,
+        signal: impl std::future::Future<Output = ()>,
+    ) -> Result<(), EngineError> {
+        tokio::select! {
+            () = signal => Ok(()),
+            Some(result) = self.tasks.join_next() => {
+                result.map_err(EngineError::WorkerPanicked)??;
+                if self.shutdown.is_cancelled() {
+                    // Stopped by the signal (the pipeline observes it too).
+                    return Ok(());
+                }
+                Err(EngineError::WorkerStopped)
+            }
+        }
+    }
+
+    /// Stops every worker and waits for in-flight messages to be settled.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        while let Some(result) = self.tasks.join_next().await {
+            match result {
+                Ok(Err(error)) => tracing::warn!(%error, "worker ended with an error"),
+                Err(error) => tracing::warn!(%error, "worker panicked"),
+                Ok(Ok(())) => {}
+            }
+        }
+    }
+}
+
+/// A client of the Loops the config points at (`loops.base_url`, `loops.api_key`,
+/// `loops.timeout_seconds`).
+pub fn loops_client(config: &Config) -> Result<LoopsClient, EngineError> {
+    let key =
+        ApiKey::new(config.loops.api_key.clone()).map_err(EngineError::loops("loops.api_key"))?;
+    let mut client_config = ClientConfig::new(config.loops.base_url.clone(), key);
+    client_config.timeout = config.loops.timeout();
+    Ok(LoopsClient::new(client_config)?)
+}

@@ -1,0 +1,711 @@
+//! Runs: asking for one and waiting for it (the extractor is a stage; asking for a run and
+//! waiting for it is the engine's job), `run --once`'s driver (each sync's destination check,
+//! its properties, its run), and the schedule follower of `run` without `--once`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use loopsync_bus::{Bus, publish};
+use loopsync_config::{Config, Schedule};
+use loopsync_core::Classified;
+use loopsync_core::envelope::{RequestCounts, RunRequest, VERSION};
+use loopsync_loader::RateBudget;
+use loopsync_loops_client::LoopsClient;
+use loopsync_warehouse::{RunSummary, Warehouse};
+use tokio_util::sync::CancellationToken;
+
+use crate::EngineError;
+use crate::destination::{self, Refused};
+use crate::pipeline::Pipeline;
+use crate::properties::Preflight;
+
+/// A time as RFC 3339, to the second, UTC (the progress lines' clock).
+fn utc_seconds(t: std::time::SystemTime) -> String {
+    chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+/// What a run is asked to do beyond the whole sync.
+#[derive(Debug, Clone, Default)]
+pub struct RunAsk {
+    /// When not empty, only these keys (`loopsync dlq replay`).
+    pub only_keys: Vec<String>,
+    /// The requests the caller made to Loops to prepare the run.
+    pub preflight: RequestCounts,
+    /// Send removals beyond the sync's `max_removal_share` (`--allow-removals`).
+    pub allow_removals: bool,
+}
+
+/// Starts a run of `sync`: the run's row (with the requests the caller made to Loops to
+/// prepare it, its `preflight`), then the request that one extractor takes. Fails with
+/// [`WarehouseError::RunInProgress`] while another run of the sync is in progress. Whoever
+/// asks must then wait for the run ([`wait_for_run`]): the wait is the run's sign of life.
+pub async fn request_run(
+    bus: &dyn Bus,
+    warehouse: &dyn Warehouse,
+    sync: &str,
+    ask: RunAsk,
+) -> Result<i64, EngineError> {
+    let RunAsk {
+        only_keys,
+        preflight,
+        allow_removals,
+    } = ask;
+    let installation = warehouse.installation().await?;
+    let run_id = warehouse.create_run(sync).await?;
+    if !preflight.is_empty() {
+        warehouse.record_preflight(run_id, &preflight).await?;
+    }
+    publish::run_request(
+        bus,
+        &RunRequest {
+            v: VERSION,
+            sync: sync.to_owned(),
+            run_id,
+            only_keys,
+            installation,
+            allow_removals,
+        },
+    )
+    .await?;
+    Ok(run_id)
+}
+
+/// Waits until every record of the run has an outcome (or the run failed), saying every
+/// [`loopsync_warehouse::HEARTBEAT`] that the run's process is alive. Retryable warehouse
+/// errors are waited out; no deadline, no progress lines (see [`wait_for_run_with`]).
+pub async fn wait_for_run(
+    warehouse: &dyn Warehouse,
+    run_id: i64,
+    poll: Duration,
+) -> Result<RunSummary, EngineError> {
+    let options = WaitOptions {
+        poll,
+        ..WaitOptions::default()
+    };
+    wait_for_run_with(warehouse, run_id, &options, |_| {}).await
+}
+
+/// How [`wait_for_run_with`] waits.
+#[derive(Debug, Clone)]
+pub struct WaitOptions {
+    /// How often the run is read.
+    pub poll: Duration,
+    /// How often a progress line is handed to the caller; `None`: never.
+    pub progress_every: Option<Duration>,
+    /// Give up when the run has made no progress (no new outcome, no change of phase) for this
+    /// long; `None`: wait forever.
+    pub stall_timeout: Option<Duration>,
+}
+
+impl Default for WaitOptions {
+    fn default() -> Self {
+        WaitOptions {
+            poll: Duration::from_millis(100),
+            progress_every: None,
+            stall_timeout: None,
+        }
+    }
+}
+
+/// A run that made no progress for `WaitOptions::stall_timeout`.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "run {run_id} of sync {sync} made no progress for {secs} s (phase: {status}; waiting for \
+     {waiting}); it was given up{closed}. Its records are retried by the next run",
+    secs = stalled_for.as_secs()
+)]
+pub struct Stalled {
+    /// The run given up.
+    pub run_id: i64,
+    /// Its sync (empty when the run was never read).
+    pub sync: String,
+    /// Its phase when given up.
+    pub status: String,
+    /// What it waited for in that phase.
+    pub waiting: String,
+    /// How long it made no progress.
+    pub stalled_for: Duration,
+    /// ", and closed as failed" when the warehouse answered.
+    pub closed: String,
+}
+
+/// What the run waits for in its phase.
+fn waiting_for(
+    run: Option<&RunSummary>,
+    failing: Option<&(std::time::SystemTime, String)>,
+) -> String {
+    let phase = match run {
+        None => "the run to be read from the warehouse".to_owned(),
+        Some(r) => match r.status.as_str() {
+            "requested" => "an extractor to take the run request".to_owned(),
+            "extracting" => "the extractor to finish reading the model".to_owned(),
+            _ => match r.expected {
+                Some(expected) => format!(
+                    "the outcomes of {} of its {expected} records (loader, checkpointer)",
+                    (expected - r.records).max(0)
+                ),
+                None => "its outcomes".to_owned(),
+            },
+        },
+    };
+    match failing {
+        Some((since, error)) => format!(
+            "{phase}; the warehouse fails since {}: {error}",
+            utc_seconds(*since)
+        ),
+        None => phase,
+    }
+}
+
+/// One progress line of a run.
+fn progress_line(
+    run_id: i64,
+    run: Option<&RunSummary>,
+    failing: Option<&(std::time::SystemTime, String)>,
+) -> String {
+    let mut line = match run {
+        None => format!("run {run_id}: waiting"),
+        Some(r) => format!(
+            "run {run_id} of {}: {}, {}/{} records with an outcome, {} confirmed, {} rejected",
+            r.sync,
+            r.status,
+            r.records,
+            r.expected.map_or_else(|| "?".to_owned(), |e| e.to_string()),
+            r.confirmed,
+            r.rejected + r.dead_lettered,
+        ),
+    };
+    if let Some((since, error)) = failing {
+        line.push_str(&format!(
+            "; the warehouse fails since {} ({error})",
+            utc_seconds(*since)
+        ));
+    }
+    line
+}
+
+/// [`wait_for_run`], with progress lines (handed to `progress`) and a no-progress deadline,
+/// after which the run is closed `failed` (if the warehouse answers) and [`EngineError::Stalled`]
+/// is returned.
+pub async fn wait_for_run_with(
+    warehouse: &dyn Warehouse,
+    run_id: i64,
+    options: &WaitOptions,
+    mut progress: impl FnMut(String),
+) -> Result<RunSummary, EngineError> {
+    use tokio::time::Instant;
+    let start = Instant::now();
+    let mut last_heartbeat: Option<Instant> = None;
+    let mut last_line = start;
+    let mut last_change = start;
+    let mut seen: Option<(String, i64)> = None;
+    let mut last: Option<RunSummary> = None;
+    // Since when the warehouse fails, and how.
+    let mut failing: Option<(std::time::SystemTime, String)> = None;
+    let mut last_warned: Option<Instant> = None;
+    loop {
+        let read = async {
+            if last_heartbeat.is_none_or(|t| t.elapsed() >= loopsync_warehouse::HEARTBEAT) {
+                warehouse.heartbeat(run_id).await?;
+                last_heartbeat = Some(Instant::now());
+            }
+            warehouse.finish_if_complete(run_id).await?;
+            warehouse.run(run_id).await
+        }
+        .await;
+        match read {
+            Ok(run) => {
+                if failing.take().is_some() {
+                    tracing::warn!(run_id, "the warehouse answers again");
+                }
+                if let Some(run) = run {
+                    if run.is_finished() {
+                        return Ok(run);
+                    }
+                    let now = (run.status.clone(), run.records);
+                    if seen.as_ref() != Some(&now) {
+                        seen = Some(now);
+                        last_change = Instant::now();
+                    }
+                    last = Some(run);
+                }
+            }
+            Err(error) if error.class().is_retryable() => {
+                let since = failing
+                    .take()
+                    .map_or_else(std::time::SystemTime::now, |(since, _)| since);
+                if last_warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                    tracing::warn!(run_id, %error, "waiting for a run: the warehouse fails; retrying");
+                    last_warned = Some(Instant::now());
+                }
+                failing = Some((since, error.to_string()));
+            }
+            Err(error) => return Err(error.into()),
+        }
+        if let Some(every) = options.progress_every
+            && last_line.elapsed() >= every
+        {
+            progress(progress_line(run_id, last.as_ref(), failing.as_ref()));
+            last_line = Instant::now();
+        }
+        if let Some(limit) = options.stall_timeout
+            && last_change.elapsed() >= limit
+        {
+            let waiting = waiting_for(last.as_ref(), failing.as_ref());
+            let mut stalled = Stalled {
+                run_id,
+                sync: last.as_ref().map_or_else(String::new, |r| r.sync.clone()),
+                status: last
+                    .as_ref()
+                    .map_or_else(|| "unknown".to_owned(), |r| r.status.clone()),
+                waiting,
+                stalled_for: last_change.elapsed(),
+                closed: String::new(),
+            };
+            let reason = format!(
+                "no progress for {} s (phase: {}; waiting for {})",
+                stalled.stalled_for.as_secs(),
+                stalled.status,
+                stalled.waiting
+            );
+            if tokio::time::timeout(Duration::from_secs(15), warehouse.fail_run(run_id, &reason))
+                .await
+                .is_ok_and(|r| r.is_ok())
+            {
+                stalled.closed = ", and closed as failed".to_owned();
+            }
+            return Err(stalled.into());
+        }
+        let pause = if failing.is_some() {
+            options.poll.max(Duration::from_secs(1))
+        } else {
+            options.poll
+        };
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// What the caller is told while runs go: the binary prints these, the engine decides them.
+pub trait RunObserver {
+    /// A line for the user (stderr): a sync bound to a destination, properties created, a
+    /// skipped schedule fire, the schedules followed.
+    fn notice(&mut self, line: String);
+    /// A progress line of the run waited for (stderr, with the time in front).
+    fn progress(&mut self, line: String);
+    /// A run was requested and is waited for from now on (the binary closes it as interrupted
+    /// if the process is stopped before it ends).
+    fn started(&mut self, run_id: i64);
+    /// The run ended: its report.
+    fn finished(&mut self, summary: &RunSummary);
+    /// A sync was refused: its state belongs to another Loops; nothing was sent.
+    fn refused(&mut self, refused: &Refused);
+}
+
+/// How runs are requested and waited for.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Send removals beyond the sync's `max_removal_share` (`--allow-removals`).
+    pub allow_removals: bool,
+    /// How each run is waited for.
+    pub wait: WaitOptions,
+}
+
+/// What became of one sync of `run --once`.
+#[derive(Debug)]
+pub enum SyncRun {
+    /// Its run ended (done, degraded or failed: see the summary).
+    Done(RunSummary),
+    /// Refused: its state belongs to another Loops; the other syncs went on.
+    Refused(Refused),
+}
+
+/// The runs of one invocation: the pipeline's warehouse, bus and budget, a client of Loops
+/// and the [`Preflight`] whose requests go with the runs they serve.
+pub struct Runs {
+    config: Config,
+    bus: Arc<dyn Bus>,
+    warehouse: Arc<dyn Warehouse>,
+    budget: RateBudget,
+    client: LoopsClient,
+    preflight: Preflight,
+    options: RunOptions,
+}
+
+impl Runs {
+    /// Asks which team the API key belongs to (`GET /v1/api-key`): the destination each
+    /// sync's state is compared with before its run.
+    pub async fn start(pipeline: &Pipeline, options: RunOptions) -> Result<Runs, EngineError> {
+        let client = pipeline.loops_client()?;
+        let preflight = Preflight::start(
+            &client,
+            &pipeline.budget,
+            pipeline.config.loops.max_attempts,
+        )
+        .await?;
+        Ok(Runs {
+            config: pipeline.config.clone(),
+            bus: pipeline.bus.clone(),
+            warehouse: pipeline.warehouse.clone(),
+            budget: pipeline.budget.clone(),
+            client,
+            preflight,
+            options,
+        })
+    }
+
+    /// The syncs among `syncs` that have a schedule, with it.
+    pub fn scheduled<'a>(&'a self, syncs: &'a [String]) -> Vec<(&'a str, &'a Schedule)> {
+        syncs
+            .iter()
+            .filter_map(|name| {
+                let schedule = self.config.sync(name)?.schedule.as_ref()?;
+                Some((name.as_str(), schedule))
+            })
+            .collect()
+    }
+
+    /// Before the schedules start: the first sync among `syncs` with a schedule whose state
+    /// is bound to another destination is the refusal (the schedules do not start).
+    pub async fn check_scheduled(
+        &self,
+        syncs: &[String],
+        observer: &mut dyn RunObserver,
+    ) -> Result<(), EngineError> {
+        for (sync, _) in self.scheduled(syncs) {
+            let found = destination::check(
+                &*self.warehouse,
+                sync,
+                self.preflight.destination(),
+                |line| observer.notice(line),
+            );
+            if let Some(refused) = found.await? {
+                return Err(refused.into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Requests a run of `sync`, after checking that its state belongs to the configured
+    /// destination (else the refusal, and nothing is sent) and creating the properties its
+    /// mapping needs that Loops lacks; the run is recorded with the preflight requests made
+    /// since the previous run (see [`Preflight`]).
+    pub async fn request(
+        &mut self,
+        sync: &str,
+        observer: &mut dyn RunObserver,
+    ) -> Result<Result<i64, Refused>, EngineError> {
+        let spec = &self
+            .config
+            .sync(sync)
+            .ok_or_else(|| EngineError::UnknownSync(sync.to_owned()))?
+            .spec;
+        let found = destination::check(
+            &*self.warehouse,
+            sync,
+            self.preflight.destination(),
+            |line| observer.notice(line),
+        );
+        if let Some(refused) = found.await? {
+            return Ok(Err(refused));
+        }
+        let created = self
+            .preflight
+            .ensure(spec, &self.client, &self.budget)
+            .await?;
+        if !created.is_empty() {
+            observer.notice(format!(
+                "created contact properties in Loops: {}",
+                created.join(", ")
+            ));
+        }
+        Ok(Ok(request_run(
+            &*self.bus,
+            &*self.warehouse,
+            sync,
+            RunAsk {
+                preflight: self.preflight.take(),
+                allow_removals: self.options.allow_removals,
+                ..RunAsk::default()
+            },
+        )
+        .await?))
+    }
+
+    /// Waits for `run_id` with the options' progress lines and no-progress deadline.
+    async fn wait(
+        &self,
+        run_id: i64,
+        observer: &mut dyn RunObserver,
+    ) -> Result<RunSummary, EngineError> {
+        wait_for_run_with(&*self.warehouse, run_id, &self.options.wait, |line| {
+            observer.progress(line)
+        })
+        .await
+    }
+
+    /// `run --once`: one run of each of `syncs`, one after the other. A refused sync is
+    /// reported and skipped (the others go on); any other failure ends it. `shutdown`
+    /// cancelled: [`EngineError::Stopped`].
+    pub async fn once(
+        &mut self,
+        syncs: &[String],
+        observer: &mut dyn RunObserver,
+        shutdown: &CancellationToken,
+    ) -> Result<Vec<SyncRun>, EngineError> {
+        let mut runs = Vec::new();
+        for sync in syncs {
+            let started = tokio::select! {
+                started = self.request(sync, observer) => started?,
+                () = shutdown.cancelled() => return Err(EngineError::Stopped),
+            };
+            let run_id = match started {
+                Ok(run_id) => run_id,
+                Err(refused) => {
+                    observer.refused(&refused);
+                    runs.push(SyncRun::Refused(refused));
+                    continue;
+                }
+            };
+            observer.started(run_id);
+            let summary = tokio::select! {
+                summary = self.wait(run_id, observer) => summary?,
+                () = shutdown.cancelled() => return Err(EngineError::Stopped),
+            };
+            observer.finished(&summary);
+            runs.push(SyncRun::Done(summary));
+        }
+        Ok(runs)
+    }
+
+    /// Without `--once`: each of `syncs` with a `schedule` is run when its cron expression
+    /// says (UTC), one run at a time; a fire time that passes while a run is in progress is
+    /// not made up for. A refusal or another run in progress skips that fire, a stalled run is
+    /// given up, and the schedules go on. Returns when `shutdown` is cancelled.
+    pub async fn follow_schedules(
+        &mut self,
+        syncs: &[String],
+        observer: &mut dyn RunObserver,
+        shutdown: &CancellationToken,
+    ) -> Result<(), EngineError> {
+        let schedules: Vec<(String, Schedule)> = self
+            .scheduled(syncs)
+            .into_iter()
+            .map(|(name, schedule)| (name.to_owned(), schedule.clone()))
+            .collect();
+        observer.notice(format!(
+            "following the schedules of {} (Ctrl-C or SIGTERM to stop)",
+            schedules
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        loop {
+            let now = chrono::Utc::now();
+            let (due, name) = next_fire(&schedules, now).ok_or(EngineError::NoNextOccurrence)?;
+            let wait = (due - now).to_std().unwrap_or_default();
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                () = tokio::time::sleep(wait) => {}
+            }
+            let started = tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                started = self.request(name, observer) => started,
+            };
+            let run_id = match started {
+                Ok(Ok(run_id)) => run_id,
+                Ok(Err(refused)) => {
+                    // Bound elsewhere since the schedules started (an adopt from another
+                    // config): this fire is skipped, the next one checks again.
+                    observer.refused(&refused);
+                    continue;
+                }
+                // Another process runs this sync now (a second scheduler, a replay): skip.
+                Err(error) if error.is_run_in_progress() => {
+                    observer.notice(format!(
+                        "{}: schedule of {name}: {error}; skipped",
+                        chrono::Utc::now()
+                    ));
+                    continue;
+                }
+                Err(error) => return Err(error),
+            };
+            observer.started(run_id);
+            let summary = tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                summary = self.wait(run_id, observer) => match summary {
+                    Ok(summary) => summary,
+                    // A stalled run is given up; the schedules go on.
+                    Err(error @ EngineError::Stalled(_)) => {
+                        observer.notice(format!("{}: error: {error}", chrono::Utc::now()));
+                        continue;
+                    }
+                    Err(error) => return Err(error),
+                },
+            };
+            observer.finished(&summary);
+        }
+    }
+}
+
+/// The schedule that fires first strictly after `now`, and when (the earliest name on a tie).
+pub fn next_fire(
+    schedules: &[(String, Schedule)],
+    now: chrono::DateTime<chrono::Utc>,
+) -> Option<(chrono::DateTime<chrono::Utc>, &str)> {
+    schedules
+        .iter()
+        .filter_map(|(name, schedule)| schedule.next_after(now).map(|t| (t, name.as_str())))
+        .min()
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+
+    use super::*;
+
+    /// The time in the progress lines: RFC 3339 to the second, UTC.
+    #[test]
+    fn times_are_rfc3339_utc_to_the_second() {
+        let t = std::time::UNIX_EPOCH + Duration::from_millis(1_700_000_000_900);
+        assert_eq!(utc_seconds(t), "2023-11-14T22:13:20Z");
+    }
+
+    /// The follower sleeps until the first fire among the schedules, strictly after now.
+    #[test]
+    fn the_next_fire_is_the_earliest_of_the_schedules() {
+        let schedules = vec![
+            ("hourly".to_owned(), Schedule::parse("0 * * * *").unwrap()),
+            (
+                "quarter".to_owned(),
+                Schedule::parse("*/15 * * * *").unwrap(),
+            ),
+        ];
+        let at = |h, m| chrono::Utc.with_ymd_and_hms(2026, 1, 2, h, m, 0).unwrap();
+        assert_eq!(
+            next_fire(&schedules, at(3, 4)),
+            Some((at(3, 15), "quarter"))
+        );
+        assert_eq!(next_fire(&schedules, at(3, 50)), Some((at(4, 0), "hourly")));
+        assert_eq!(next_fire(&[], at(3, 50)), None);
+    }
+
+    /// A progress line says the run's phase and counts; with the warehouse failing, since when.
+    #[test]
+    fn progress_lines_say_the_phase_and_the_counts() {
+        assert_eq!(progress_line(7, None, None), "run 7: waiting");
+        let since = std::time::UNIX_EPOCH + Duration::from_millis(1_700_000_000_900);
+        let failing = (since, "connection refused".to_owned());
+        assert_eq!(
+            progress_line(7, None, Some(&failing)),
+            "run 7: waiting; the warehouse fails since 2023-11-14T22:13:20Z (connection refused)"
+        );
+        assert_eq!(
+            waiting_for(None, None),
+            "the run to be read from the warehouse"
+        );
+    }
+
+    /// Records what the driver tells.
+    #[derive(Default)]
+    struct Told {
+        notices: Vec<String>,
+        started: Vec<i64>,
+        finished: Vec<i64>,
+        refused: Vec<String>,
+    }
+
+    impl RunObserver for Told {
+        fn notice(&mut self, line: String) {
+            self.notices.push(line);
+        }
+        fn progress(&mut self, _line: String) {}
+        fn started(&mut self, run_id: i64) {
+            self.started.push(run_id);
+        }
+        fn finished(&mut self, summary: &RunSummary) {
+            self.finished.push(summary.id);
+        }
+        fn refused(&mut self, refused: &Refused) {
+            self.refused.push(refused.sync.clone());
+        }
+    }
+
+    /// `--once` over a SQLite warehouse, the in-process bus and the simulator: the first sync
+    /// is bound to the simulator's team, gets its missing property created and its run done;
+    /// the second, bound to another Loops, is refused and nothing of it is sent.
+    #[tokio::test]
+    async fn once_runs_each_sync_and_refuses_one_bound_elsewhere() {
+        let dir = std::env::temp_dir().join(format!("loopsync-engine-once-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let db = dir.join("warehouse.db");
+        let _ = std::fs::remove_file(&db);
+        rusqlite::Connection::open(&db)
+            .unwrap()
+            .execute_batch(
+                "create table users (id integer primary key, email text, plan text);
+                 insert into users values (1, 'a@x.co', 'pro'), (2, 'b@x.co', 'free');",
+            )
+            .unwrap();
+        let sim = loopsync_simulator::spawn(loopsync_simulator::SimConfig::default())
+            .await
+            .unwrap();
+        let sync = |name: &str| {
+            format!(
+                "[[sync]]\nname = \"{name}\"\nmodel = \"select id, email, plan from users\"\n\
+                 primary_key = \"id\"\nidentify_by = \"email\"\n\n[sync.mapping]\n\
+                 email = \"email\"\nplanName = \"plan\"\n"
+            )
+        };
+        let text = format!(
+            "[warehouse]\nurl = \"sqlite://{}\"\n\n[loops]\napi_key = \"test-key\"\n\
+             base_url = \"{}\"\nrequests_per_second = 1000\n\n{}\n{}",
+            db.display(),
+            sim.base_url(),
+            sync("users"),
+            sync("others")
+        );
+        let config = Config::parse(&text, |_| None).unwrap();
+        let shutdown = CancellationToken::new();
+        let mut pipeline = Pipeline::connect(config, shutdown.clone()).await.unwrap();
+        let elsewhere = loopsync_core::destination::Destination::new(
+            Some("Another Team".into()),
+            "http://127.0.0.1:9/api",
+        );
+        pipeline
+            .warehouse
+            .bind_destination("others", &elsewhere)
+            .await
+            .unwrap();
+        pipeline.spawn_all().unwrap();
+        let mut runs = Runs::start(&pipeline, RunOptions::default()).await.unwrap();
+        let mut told = Told::default();
+        let syncs = ["users".to_owned(), "others".to_owned()];
+        let done = runs.once(&syncs, &mut told, &shutdown).await.unwrap();
+        pipeline.stop().await;
+        let [SyncRun::Done(users), SyncRun::Refused(others)] = &done[..] else {
+            panic!("{done:?}");
+        };
+        assert_eq!(users.status, "succeeded", "{users:?}");
+        assert_eq!(users.confirmed, 2);
+        assert_eq!(others.sync, "others");
+        assert_eq!(others.bound.destination, elsewhere);
+        assert_eq!(
+            (told.started.clone(), told.finished.clone()),
+            (vec![users.id], vec![users.id])
+        );
+        assert_eq!(told.refused, ["others"]);
+        assert!(
+            told.notices[0]
+                .starts_with("sync users: its state is bound to team \"Simulated Team\""),
+            "{:?}",
+            told.notices
+        );
+        assert_eq!(
+            told.notices[1],
+            "created contact properties in Loops: planName"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

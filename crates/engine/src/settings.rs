@@ -1,0 +1,170 @@
+//! The settings each stage's worker runs with, derived from the config in one place: how many
+//! messages at once, how many attempts, how often a long handler tells NATS it is still at
+//! work, and how often the server redelivers at most.
+
+use std::time::Duration;
+
+use loopsync_bus::JetStreamOptions;
+use loopsync_bus::worker::{BatchOptions, WorkerOptions};
+use loopsync_config::Config;
+use loopsync_core::subjects::Stage;
+
+/// Attempts of a run request: enough for the extractor to wait out a warehouse outage of some
+/// ten minutes (backoff capped at 30 s), after which the run fails.
+pub const EXTRACTOR_ATTEMPTS: u32 = 30;
+
+/// Messages the transformer maps at once in one process (pure work: no outside service).
+pub const TRANSFORMER_CONCURRENCY: usize = 8;
+
+/// In-progress acks a third of the ack wait apart (JetStream only: the in-process bus has no
+/// redelivery timer).
+pub fn progress_every(config: &Config) -> Option<Duration> {
+    config.nats.as_ref().map(|n| n.ack_wait() / 3)
+}
+
+/// The worker options of a one-message-at-a-time stage (every stage but the checkpointer,
+/// which batches: see [`checkpointer_options`]). The extractor takes one run at a time and
+/// waits out a warehouse outage ([`EXTRACTOR_ATTEMPTS`]); the transformer and the loader try
+/// `loops.max_attempts` times, the loader with `loops.concurrency` requests in flight.
+pub fn worker_options(config: &Config, stage: Stage) -> WorkerOptions {
+    let (concurrency, max_attempts) = match stage {
+        Stage::Extractor => (1, EXTRACTOR_ATTEMPTS),
+        Stage::Transformer => (TRANSFORMER_CONCURRENCY, config.loops.max_attempts),
+        Stage::Loader => (config.loops.concurrency, config.loops.max_attempts),
+        Stage::Checkpointer => return checkpointer_options().worker,
+    };
+    WorkerOptions {
+        concurrency,
+        max_attempts,
+        progress_every: progress_every(config),
+        ..WorkerOptions::default()
+    }
+}
+
+/// The checkpointer's worker. It never gives up on a retryable error: an outcome is a record
+/// sent to Loops, and a warehouse outage is waited out however long it lasts (backoff capped at
+/// 30 s). What cannot be recorded at all is a dead letter (`dlq list`).
+pub fn checkpointer_options() -> BatchOptions {
+    BatchOptions {
+        max_batch: 500,
+        max_wait: Duration::from_millis(50),
+        worker: WorkerOptions {
+            max_attempts: u32::MAX,
+            ..WorkerOptions::default()
+        },
+    }
+}
+
+/// JetStream's deliveries of one message at most: the workers give up at their own attempts
+/// (the extractor's [`EXTRACTOR_ATTEMPTS`] the most, unless `loops.max_attempts` is higher);
+/// the server is the safety net after, two deliveries later (none for the checkpointer: see
+/// `jetstream::max_deliver`).
+pub fn max_deliver(config: &Config) -> i64 {
+    i64::from(config.loops.max_attempts.max(EXTRACTOR_ATTEMPTS)) + 2
+}
+
+/// The JetStream options of the config's `[nats]` section (`None` without one).
+pub fn jetstream_options(config: &Config) -> Option<JetStreamOptions> {
+    config.nats.as_ref().map(|nats| JetStreamOptions {
+        ack_wait: nats.ack_wait(),
+        max_deliver: max_deliver(config),
+        ..JetStreamOptions::default()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use loopsync_bus::worker;
+
+    use super::*;
+
+    const CONFIG: &str = r#"
+[warehouse]
+url = "sqlite:///w.db"
+
+[loops]
+api_key = "k"
+concurrency = 3
+max_attempts = 5
+
+[nats]
+url = "nats://127.0.0.1:4222"
+ack_wait_seconds = 30
+
+[[sync]]
+name = "users"
+model = "select id, email from users"
+primary_key = "id"
+identify_by = "email"
+
+[sync.mapping]
+email = "email"
+"#;
+
+    fn config(text: &str) -> Config {
+        Config::parse(text, |_| None).unwrap()
+    }
+
+    /// Each stage's worker options, from the config: the extractor one run at a time with its
+    /// own attempts, the transformer eight at once, the loader `loops.concurrency`; all of
+    /// them say they are still at work a third of the ack wait apart.
+    #[test]
+    fn each_stage_runs_with_the_settings_of_the_config() {
+        let config = config(CONFIG);
+        let tenth = Some(Duration::from_secs(10));
+        let extractor = worker_options(&config, Stage::Extractor);
+        assert_eq!((extractor.concurrency, extractor.max_attempts), (1, 30));
+        assert_eq!(extractor.progress_every, tenth);
+        let transformer = worker_options(&config, Stage::Transformer);
+        assert_eq!((transformer.concurrency, transformer.max_attempts), (8, 5));
+        let loader = worker_options(&config, Stage::Loader);
+        assert_eq!((loader.concurrency, loader.max_attempts), (3, 5));
+        assert_eq!(loader.progress_every, tenth);
+        assert_eq!(max_deliver(&config), 32);
+        let js = jetstream_options(&config).unwrap();
+        assert_eq!((js.ack_wait, js.max_deliver), (Duration::from_secs(30), 32));
+    }
+
+    /// Without `[nats]`: no in-progress acks and no JetStream options; a `max_attempts` above
+    /// the extractor's raises the server's limit with it.
+    #[test]
+    fn without_nats_nothing_is_redelivered_by_a_timer() {
+        let text = CONFIG
+            .replace(
+                "[nats]\nurl = \"nats://127.0.0.1:4222\"\nack_wait_seconds = 30\n",
+                "",
+            )
+            .replace("max_attempts = 5", "max_attempts = 40");
+        let config = config(&text);
+        assert!(config.nats.is_none());
+        assert_eq!(worker_options(&config, Stage::Loader).progress_every, None);
+        assert!(jetstream_options(&config).is_none());
+        assert_eq!(max_deliver(&config), 42);
+    }
+
+    /// However long the warehouse is away, the checkpointer's outcomes wait (nak, backoff
+    /// capped at 30 s): never dead-lettered for a retryable error.
+    #[test]
+    fn the_checkpointer_never_gives_up_on_a_retryable_error() {
+        let options = checkpointer_options().worker;
+        for attempt in [1, 20, 21, 1_000, 1_000_000] {
+            match worker::settle(
+                Err((loopsync_core::ErrorClass::RETRY, "warehouse down".into())),
+                attempt,
+                &options,
+            ) {
+                worker::Settle::Nak(delay) => assert!(delay <= Duration::from_secs(30)),
+                other => panic!("attempt {attempt}: {other:?}"),
+            }
+        }
+        let batch = checkpointer_options();
+        assert_eq!(
+            (batch.max_batch, batch.max_wait),
+            (500, Duration::from_millis(50))
+        );
+        assert_eq!(
+            worker_options(&config(CONFIG), Stage::Checkpointer).max_attempts,
+            u32::MAX
+        );
+    }
+}
