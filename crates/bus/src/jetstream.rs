@@ -21,7 +21,9 @@ use loopsync_core::subjects::{Names, Stage};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::{Acker, Bus, BusError, Consumer, DeadLetter, Delivery, Versioned, sync_of};
+use crate::{
+    Acker, BusError, Consumer, Coordination, DeadLetter, Delivery, Messaging, Versioned, sync_of,
+};
 
 const HEADER_STAGE: &str = "Loopsync-Stage";
 const HEADER_SUBJECT: &str = "Loopsync-Subject";
@@ -447,7 +449,7 @@ fn unix_nanos() -> u64 {
 }
 
 #[async_trait]
-impl Bus for JetStreamBus {
+impl Messaging for JetStreamBus {
     fn names(&self) -> &Names {
         &self.names
     }
@@ -610,7 +612,10 @@ impl Bus for JetStreamBus {
         }
         Ok(letters)
     }
+}
 
+#[async_trait]
+impl Coordination for JetStreamBus {
     async fn ledger_get(&self, key: &str) -> Result<Option<Versioned>, BusError> {
         let error = |e: &dyn std::fmt::Display| BusError::Ledger(e.to_string());
         let entry = self

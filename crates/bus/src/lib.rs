@@ -1,12 +1,13 @@
 //! The bus: how the stages talk. All JetStream knowledge of loopsync lives in this crate.
 //!
-//! * [`Bus`] is the one seam: publish with a message id, consume a stage's work queue,
-//!   dead-letter, and a small ledger (last confirmed version per record).
-//! * [`JetStreamBus`] implements it on NATS JetStream (nats-server 2.9.10 and 2.1x): a
+//! * [`Messaging`] is the seam of the messages: publish with a message id, consume a stage's
+//!   work queue, dead-letter. [`Coordination`] is the rest the processes share: a small ledger
+//!   (last confirmed version per record) and the rate budgets.
+//! * [`JetStreamBus`] implements both on NATS JetStream (nats-server 2.9.10 and 2.1x): a
 //!   work-queue stream per hop, one durable pull consumer per stage shared by all replicas,
 //!   `Nats-Msg-Id` on every publish, a dead-letter stream fed by the worker and by the
 //!   max-deliveries and terminated advisories.
-//! * [`LocalBus`] implements it in process, for one-process runs without NATS.
+//! * [`LocalBus`] implements both in process, for one-process runs without NATS.
 //! * [`worker`] is the one place where an error class becomes ack, nak(delay) or term.
 
 mod error;
@@ -38,9 +39,12 @@ pub struct DeadLetter {
     pub sequence: u64,
 }
 
-/// How the stages talk.
+/// How the stages talk: messages on the work queues, and the dead letters.
+///
+/// Apart from [`Coordination`] because a stage that only passes messages on (the extractor,
+/// the transformer, the worker loop) has no business with the ledger or the rate budget.
 #[async_trait]
-pub trait Bus: Send + Sync + 'static {
+pub trait Messaging: Send + Sync + 'static {
     /// The stream and subject names of this deployment.
     fn names(&self) -> &Names;
 
@@ -62,6 +66,18 @@ pub trait Bus: Send + Sync + 'static {
     /// The stored dead letters, oldest first.
     async fn dead_letters(&self) -> Result<Vec<DeadLetter>, BusError>;
 
+    /// Messages of a stage's work queue not yet settled (acknowledged or terminated): waiting,
+    /// being processed, or waiting to be redelivered. The stage's lag; 0 once it is idle.
+    async fn unsettled(&self, stage: Stage) -> Result<u64, BusError>;
+}
+
+/// What the processes of a deployment agree on besides messages: the loader's ledger (last
+/// confirmed version per record) and the shared rate budgets.
+///
+/// Apart from [`Messaging`] because the rate budget is also taken by commands that pass no
+/// messages (the preflight), and only the loader needs both.
+#[async_trait]
+pub trait Coordination: Send + Sync + 'static {
     /// Reads the ledger entry of a record, with its revision.
     async fn ledger_get(&self, key: &str) -> Result<Option<Versioned>, BusError>;
 
@@ -79,10 +95,6 @@ pub trait Bus: Send + Sync + 'static {
     /// Takes one request slot of the rate budget `budget`, shared by every process on this bus,
     /// waiting until one is free. Slots are `period` apart, never closer: a GCRA with no burst.
     async fn rate_slot(&self, budget: &str, period: Duration) -> Result<(), BusError>;
-
-    /// Messages of a stage's work queue not yet settled (acknowledged or terminated): waiting,
-    /// being processed, or waiting to be redelivered. The stage's lag; 0 once it is idle.
-    async fn unsettled(&self, stage: Stage) -> Result<u64, BusError>;
 }
 
 /// A ledger entry and its revision (which the next compare-and-set names).

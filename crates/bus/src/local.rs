@@ -24,7 +24,7 @@ use bytes::Bytes;
 use loopsync_core::subjects::{Names, Stage};
 use tokio::sync::Notify;
 
-use crate::{Acker, Bus, BusError, Consumer, DeadLetter, Delivery, Versioned};
+use crate::{Acker, BusError, Consumer, Coordination, DeadLetter, Delivery, Messaging, Versioned};
 
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
@@ -506,7 +506,7 @@ fn spill_error(stage: Stage, e: &io::Error) -> BusError {
 }
 
 #[async_trait]
-impl Bus for LocalBus {
+impl Messaging for LocalBus {
     fn names(&self) -> &Names {
         &self.inner.names
     }
@@ -577,6 +577,13 @@ impl Bus for LocalBus {
         Ok(self.inner.dead.lock().expect("dlq lock").clone())
     }
 
+    async fn unsettled(&self, stage: Stage) -> Result<u64, BusError> {
+        Ok(self.inner.queues[&stage].unsettled.load(Ordering::SeqCst))
+    }
+}
+
+#[async_trait]
+impl Coordination for LocalBus {
     async fn ledger_get(&self, key: &str) -> Result<Option<Versioned>, BusError> {
         Ok(self
             .inner
@@ -618,10 +625,6 @@ impl Bus for LocalBus {
             .clone();
         limiter.until_ready().await;
         Ok(())
-    }
-
-    async fn unsettled(&self, stage: Stage) -> Result<u64, BusError> {
-        Ok(self.inner.queues[&stage].unsettled.load(Ordering::SeqCst))
     }
 }
 

@@ -6,10 +6,10 @@ use loopsync_core::envelope::{Operation, Outcome, RowChange, RunRequest};
 use loopsync_core::keys;
 use loopsync_core::subjects::Stage;
 
-use crate::{Bus, BusError};
+use crate::{BusError, Messaging};
 
 /// Asks the extractors for a run (exactly one of them takes it).
-pub async fn run_request(bus: &dyn Bus, request: &RunRequest) -> Result<(), BusError> {
+pub async fn run_request(bus: &dyn Messaging, request: &RunRequest) -> Result<(), BusError> {
     let subject = bus.names().subject(Stage::Extractor, &request.sync);
     bus.publish(
         &subject,
@@ -20,7 +20,7 @@ pub async fn run_request(bus: &dyn Bus, request: &RunRequest) -> Result<(), BusE
 }
 
 /// extractor → transformer.
-pub async fn change(bus: &dyn Bus, change: &RowChange) -> Result<(), BusError> {
+pub async fn change(bus: &dyn Messaging, change: &RowChange) -> Result<(), BusError> {
     let subject = bus.names().subject(Stage::Transformer, &change.sync);
     let id = keys::message_id(
         "chg",
@@ -35,7 +35,7 @@ pub async fn change(bus: &dyn Bus, change: &RowChange) -> Result<(), BusError> {
 }
 
 /// transformer → loader.
-pub async fn operation(bus: &dyn Bus, op: &Operation) -> Result<(), BusError> {
+pub async fn operation(bus: &dyn Messaging, op: &Operation) -> Result<(), BusError> {
     let subject = bus.names().subject(Stage::Loader, &op.sync);
     let id = keys::message_id(
         "op",
@@ -52,7 +52,7 @@ pub async fn operation(bus: &dyn Bus, op: &Operation) -> Result<(), BusError> {
 /// Any stage → checkpointer. One id per (run, record, status), and per attempt for an
 /// `attempted` outcome: a repeat of the same outcome is dropped by the bus, and the
 /// checkpointer ignores one that gets through anyway.
-pub async fn outcome(bus: &dyn Bus, outcome: &Outcome) -> Result<(), BusError> {
+pub async fn outcome(bus: &dyn Messaging, outcome: &Outcome) -> Result<(), BusError> {
     let subject = bus.names().subject(Stage::Checkpointer, &outcome.sync);
     let mut id = format!(
         "{}:{}",

@@ -27,7 +27,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::{Bus, BusError, DeadLetter, Delivery, sync_of};
+use crate::{BusError, DeadLetter, Delivery, Messaging, sync_of};
 
 /// What a handler sees of a delivery besides its payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -200,7 +200,7 @@ fn classify<E: Classified + Display>(result: Result<(), E>) -> Result<(), (Error
 /// are dropped (a handler may be dropped at any await: its effects are idempotent and the state
 /// advances only on confirmation) and their messages nak'd at once, to be redelivered.
 pub async fn run<H: Handler>(
-    bus: Arc<dyn Bus>,
+    bus: Arc<dyn Messaging>,
     stage: Stage,
     handler: Arc<H>,
     options: WorkerOptions,
@@ -267,7 +267,7 @@ async fn drain(tasks: &mut JoinSet<()>) {
 }
 
 async fn process<H: Handler>(
-    bus: &dyn Bus,
+    bus: &dyn Messaging,
     stage: Stage,
     handler: &H,
     delivery: Delivery,
@@ -337,7 +337,7 @@ async fn process<H: Handler>(
 }
 
 async fn dead_letter<H: Handler>(
-    bus: &dyn Bus,
+    bus: &dyn Messaging,
     stage: Stage,
     handler: &H,
     info: &DeliveryInfo,
@@ -393,7 +393,7 @@ pub struct BatchOptions {
 /// one is split and each message settled on its own, and one that keeps failing retryably is
 /// bisected (see `settle_batch`), so one bad message cannot hold up others.
 pub async fn run_batched<H: BatchHandler>(
-    bus: Arc<dyn Bus>,
+    bus: Arc<dyn Messaging>,
     stage: Stage,
     handler: Arc<H>,
     options: BatchOptions,
@@ -459,7 +459,7 @@ async fn handle_some<H: BatchHandler>(
 ///   fails (about 2·log2(n) calls). When both halves fail, the cause is most likely the
 ///   warehouse itself, and the whole batch waits (nak) rather than being tried piece by piece.
 async fn settle_batch<H: BatchHandler>(
-    bus: &dyn Bus,
+    bus: &dyn Messaging,
     stage: Stage,
     handler: &H,
     batch: Vec<Delivery>,
@@ -508,7 +508,7 @@ async fn settle_batch<H: BatchHandler>(
 }
 
 async fn settle_all<H: BatchHandler>(
-    bus: &dyn Bus,
+    bus: &dyn Messaging,
     stage: Stage,
     handler: &H,
     batch: Vec<Delivery>,
@@ -524,7 +524,7 @@ async fn settle_all<H: BatchHandler>(
 /// its messages *are* outcomes): rejected and dead-lettered both go to the dead letters, after
 /// the handler recorded them where people look ([`BatchHandler::give_up`]).
 async fn settle_without_record<H: BatchHandler>(
-    bus: &dyn Bus,
+    bus: &dyn Messaging,
     stage: Stage,
     handler: &H,
     delivery: Delivery,
@@ -560,7 +560,7 @@ async fn settle_without_record<H: BatchHandler>(
 
 /// Dead-letters a message whose handler has no record to give an outcome to.
 async fn dead_letter_raw(
-    bus: &dyn Bus,
+    bus: &dyn Messaging,
     stage: Stage,
     info: &DeliveryInfo,
     delivery: Delivery,

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use loopsync_bus::worker::{self, BatchOptions, WorkerOptions};
-use loopsync_bus::{Bus, BusError, JetStreamBus, JetStreamOptions, LocalBus};
+use loopsync_bus::{BusError, Coordination, JetStreamBus, JetStreamOptions, LocalBus, Messaging};
 use loopsync_config::Config;
 use loopsync_core::destination::Destination;
 use loopsync_core::envelope::{RequestCounts, RequestKind};
@@ -28,7 +28,9 @@ const EXTRACTOR_ATTEMPTS: u32 = 30;
 /// A connected pipeline and its running workers.
 pub struct Pipeline {
     pub config: Config,
-    pub bus: Arc<dyn Bus>,
+    pub bus: Arc<dyn Messaging>,
+    /// The same bus's ledger and rate budgets.
+    pub coordination: Arc<dyn Coordination>,
     pub warehouse: Arc<dyn Warehouse>,
     jetstream: Option<Arc<JetStreamBus>>,
     /// The Loops team's rate budget, shared through the bus by every process: the loader and
@@ -43,24 +45,30 @@ impl Pipeline {
     pub async fn connect(config: Config) -> anyhow::Result<Pipeline> {
         let warehouse = loopsync_warehouse::connect(&config.warehouse.url).await?;
         warehouse.prepare().await?;
-        let (bus, jetstream): (Arc<dyn Bus>, _) = match &config.nats {
-            Some(nats) => {
-                let options = JetStreamOptions {
-                    ack_wait: nats.ack_wait(),
-                    // The worker gives up at max_attempts; the server is the safety net after
-                    // (none for the checkpointer: see `jetstream::max_deliver`).
-                    max_deliver: i64::from(config.loops.max_attempts.max(EXTRACTOR_ATTEMPTS)) + 2,
-                    ..JetStreamOptions::default()
-                };
-                let js = Arc::new(
-                    JetStreamBus::connect(&nats.url, Names::new(&nats.namespace), &options).await?,
-                );
-                (js.clone(), Some(js))
-            }
-            None => (Arc::new(LocalBus::default()), None),
-        };
+        let (bus, coordination, jetstream): (Arc<dyn Messaging>, Arc<dyn Coordination>, _) =
+            match &config.nats {
+                Some(nats) => {
+                    let options = JetStreamOptions {
+                        ack_wait: nats.ack_wait(),
+                        // The worker gives up at max_attempts; the server is the safety net after
+                        // (none for the checkpointer: see `jetstream::max_deliver`).
+                        max_deliver: i64::from(config.loops.max_attempts.max(EXTRACTOR_ATTEMPTS))
+                            + 2,
+                        ..JetStreamOptions::default()
+                    };
+                    let js = Arc::new(
+                        JetStreamBus::connect(&nats.url, Names::new(&nats.namespace), &options)
+                            .await?,
+                    );
+                    (js.clone(), js.clone(), Some(js))
+                }
+                None => {
+                    let local = Arc::new(LocalBus::default());
+                    (local.clone(), local, None)
+                }
+            };
         let budget = RateBudget::shared(
-            bus.clone(),
+            coordination.clone(),
             &config.loops.api_key,
             config.loops.requests_per_second,
         );
@@ -68,6 +76,7 @@ impl Pipeline {
             budget,
             config,
             bus,
+            coordination,
             warehouse,
             jetstream,
             // A signal stops the workers from taking messages at once (see `stop`).
@@ -123,6 +132,7 @@ impl Pipeline {
             Stage::Loader => {
                 let handler = Arc::new(LoaderStage::new(
                     bus.clone(),
+                    self.coordination.clone(),
                     self.loops_client()?,
                     self.budget.clone(),
                 ));

@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 use loopsync_bus::worker::{BatchHandler, DeliveryInfo, Fate, Handler};
-use loopsync_bus::{Bus, BusError, publish};
+use loopsync_bus::{BusError, Messaging, publish};
 use loopsync_core::codec::{self, DecodeError};
 use loopsync_core::envelope::{
     ChangeKind, Outcome, OutcomeStatus, RequestCounts, RowChange, RunRequest, VERSION,
@@ -62,14 +62,14 @@ impl Classified for ExtractError {
 
 /// The extractor on the bus.
 pub struct ExtractorStage {
-    bus: Arc<dyn Bus>,
+    bus: Arc<dyn Messaging>,
     warehouse: Arc<dyn Warehouse>,
     specs: HashMap<String, SyncSpec>,
 }
 
 impl ExtractorStage {
     pub fn new(
-        bus: Arc<dyn Bus>,
+        bus: Arc<dyn Messaging>,
         warehouse: Arc<dyn Warehouse>,
         specs: impl IntoIterator<Item = SyncSpec>,
     ) -> ExtractorStage {
@@ -539,7 +539,7 @@ pub struct RunAsk {
 /// [`WarehouseError::RunInProgress`] while another run of the sync is in progress. Whoever
 /// asks must then wait for the run ([`wait_for_run`]): the wait is the run's sign of life.
 pub async fn request_run(
-    bus: &dyn Bus,
+    bus: &dyn Messaging,
     warehouse: &dyn Warehouse,
     sync: &str,
     ask: RunAsk,

@@ -26,7 +26,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use loopsync_bus::worker::{DeliveryInfo, Fate, Handler};
-use loopsync_bus::{Bus, BusError, publish};
+use loopsync_bus::{BusError, Coordination, Messaging, publish};
 use loopsync_core::codec::{self, DecodeError};
 use loopsync_core::envelope::{
     Action, Operation, Outcome, OutcomeStatus, RequestCounts, RequestKind,
@@ -161,7 +161,7 @@ pub fn slot_period(per_second: u32) -> Duration {
 pub enum RateBudget {
     /// Shared through the bus by every process of the deployment (the loader's).
     Shared {
-        bus: Arc<dyn Bus>,
+        bus: Arc<dyn Coordination>,
         name: String,
         period: Duration,
     },
@@ -171,7 +171,11 @@ pub enum RateBudget {
 
 impl RateBudget {
     /// The team's budget on `bus`: one per API key, whatever the number of syncs and workers.
-    pub fn shared(bus: Arc<dyn Bus>, api_key: &str, requests_per_second: u32) -> RateBudget {
+    pub fn shared(
+        bus: Arc<dyn Coordination>,
+        api_key: &str,
+        requests_per_second: u32,
+    ) -> RateBudget {
         RateBudget::Shared {
             bus,
             name: format!("team-{}", keys::record_id("loops-api-key", api_key)),
@@ -205,16 +209,25 @@ pub fn pacer(per_second: u32) -> DefaultDirectRateLimiter {
 
 /// The loader on the bus.
 pub struct LoaderStage {
-    bus: Arc<dyn Bus>,
+    bus: Arc<dyn Messaging>,
+    ledger: Arc<dyn Coordination>,
     client: LoopsClient,
     budget: RateBudget,
 }
 
 impl LoaderStage {
-    /// `budget` is the team's rate budget: share it with every other request to Loops.
-    pub fn new(bus: Arc<dyn Bus>, client: LoopsClient, budget: RateBudget) -> LoaderStage {
+    /// `bus` carries the outcomes, `ledger` holds the last confirmed version per record (the
+    /// two halves of one bus in a deployment). `budget` is the team's rate budget: share it
+    /// with every other request to Loops.
+    pub fn new(
+        bus: Arc<dyn Messaging>,
+        ledger: Arc<dyn Coordination>,
+        client: LoopsClient,
+        budget: RateBudget,
+    ) -> LoaderStage {
         LoaderStage {
             bus,
+            ledger,
             client,
             budget,
         }
@@ -222,7 +235,7 @@ impl LoaderStage {
 
     /// The record's ledger entry and its revision.
     async fn ledger(&self, key: &str) -> Result<(Option<LedgerEntry>, Option<u64>), LoadError> {
-        Ok(match self.bus.ledger_get(key).await? {
+        Ok(match self.ledger.ledger_get(key).await? {
             Some(v) => (
                 codec::decode::<LedgerEntry>(&v.value).ok(),
                 Some(v.revision),
@@ -411,7 +424,7 @@ impl LoaderStage {
                 until_ms: now + CLAIM.as_millis() as i64,
             });
             let Some(claim_revision) = self
-                .bus
+                .ledger
                 .ledger_swap(&key, Bytes::from(codec::encode(&claimed)), revision)
                 .await?
             else {
@@ -423,7 +436,7 @@ impl LoaderStage {
                     // Let the retry, or another version, go at once.
                     claimed.claim = None;
                     let _ = self
-                        .bus
+                        .ledger
                         .ledger_swap(
                             &key,
                             Bytes::from(codec::encode(&claimed)),
@@ -440,7 +453,7 @@ impl LoaderStage {
                 claim: None,
             };
             if self
-                .bus
+                .ledger
                 .ledger_swap(
                     &key,
                     Bytes::from(codec::encode(&confirmed)),

@@ -78,7 +78,7 @@ fn stage(bus: Arc<LocalBus>, sim: &SimHandle, rps: u32) -> Arc<LoaderStage> {
     ))
     .unwrap();
     let budget = RateBudget::shared(bus.clone(), "test-key", rps);
-    Arc::new(LoaderStage::new(bus, client, budget))
+    Arc::new(LoaderStage::new(bus.clone(), bus, client, budget))
 }
 
 fn info(attempt: u32) -> DeliveryInfo {

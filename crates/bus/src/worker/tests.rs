@@ -7,7 +7,7 @@ use loopsync_core::subjects::Names;
 use tokio::sync::Notify;
 
 use super::*;
-use crate::{JetStreamBus, JetStreamOptions, LocalBus};
+use crate::{Coordination, JetStreamBus, JetStreamOptions, LocalBus};
 
 #[derive(Debug)]
 struct TestError(ErrorClass);
@@ -91,7 +91,7 @@ impl Handler for Flaky {
 }
 
 /// Waits (at most 20 s) until the loader's queue has nothing unsettled.
-async fn settled(bus: &dyn Bus) {
+async fn settled(bus: &dyn Messaging) {
     loopsync_testkit::until(Duration::from_secs(20), "the queue is settled", || async {
         match bus.unsettled(Stage::Loader).await {
             Ok(0) => Ok(()),
@@ -168,7 +168,7 @@ impl Running {
     }
 }
 
-async fn start(bus: Arc<dyn Bus>, handler: Arc<Flaky>, options: WorkerOptions) -> Running {
+async fn start(bus: Arc<dyn Messaging>, handler: Arc<Flaky>, options: WorkerOptions) -> Running {
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();
     let task = tokio::spawn(async move {
@@ -179,7 +179,7 @@ async fn start(bus: Arc<dyn Bus>, handler: Arc<Flaky>, options: WorkerOptions) -
     Running(shutdown, task)
 }
 
-async fn exercise_retry_then_success(bus: Arc<dyn Bus>) {
+async fn exercise_retry_then_success(bus: Arc<dyn Messaging>) {
     let subject = bus.names().subject(Stage::Loader, "users");
     bus.publish(&subject, "m1", Bytes::from_static(b"one"))
         .await
@@ -205,7 +205,7 @@ async fn exercise_retry_then_success(bus: Arc<dyn Bus>) {
     assert!(handler.gave_up.lock().unwrap().is_empty());
 }
 
-async fn exercise_permanent_poison_and_exhaustion(bus: Arc<dyn Bus>) {
+async fn exercise_permanent_poison_and_exhaustion(bus: Arc<dyn Messaging>) {
     let subject = bus.names().subject(Stage::Loader, "users");
     for (class, max, fate, reason) in [
         (
@@ -303,7 +303,7 @@ async fn jetstream_permanent_poison_and_exhaustion() {
 }
 
 /// The ledger is compare-and-set: a writer that read an older revision loses, on both buses.
-async fn exercise_ledger_swaps(bus: Arc<dyn Bus>) {
+async fn exercise_ledger_swaps(bus: Arc<dyn Coordination>) {
     assert_eq!(bus.ledger_get("abc").await.unwrap(), None);
     let first = bus
         .ledger_swap("abc", Bytes::from_static(b"v1"), None)
@@ -489,7 +489,7 @@ impl Handler for Stuck {
 /// the message is not acked but nak'd, and the next worker handles it.
 #[tokio::test]
 async fn local_shutdown_drops_a_stuck_handler_and_its_message_comes_back() {
-    let bus: Arc<dyn Bus> = Arc::new(LocalBus::default());
+    let bus: Arc<dyn Messaging> = Arc::new(LocalBus::default());
     let subject = bus.names().subject(Stage::Loader, "users");
     bus.publish(&subject, "m1", Bytes::from_static(b"one"))
         .await
@@ -589,7 +589,7 @@ async fn one_bad_in_a_batch(class: ErrorClass, max_attempts: u32) -> (Arc<OneBad
         worker: fast(max_attempts),
     };
     let task = tokio::spawn(run_batched(
-        bus.clone() as Arc<dyn Bus>,
+        bus.clone() as Arc<dyn Messaging>,
         Stage::Checkpointer,
         handler.clone(),
         options,
