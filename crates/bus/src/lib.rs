@@ -8,8 +8,10 @@
 //!   `Nats-Msg-Id` on every publish, a dead-letter stream fed by the worker and by the
 //!   max-deliveries and terminated advisories.
 //! * [`LocalBus`] implements both in process, for one-process runs without NATS.
+//! * [`RateBudget`] is a Loops team's rate budget, shared through [`Coordination`].
 //! * [`worker`] is the one place where an error class becomes ack, nak(delay) or term.
 
+pub mod budget;
 mod error;
 pub mod jetstream;
 pub mod local;
@@ -22,6 +24,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use loopsync_core::subjects::{Names, Stage};
 
+pub use budget::RateBudget;
 pub use error::BusError;
 pub use jetstream::{JetStreamBus, JetStreamOptions};
 pub use local::{LocalBus, LocalLimits};

@@ -9,10 +9,10 @@ use std::process::ExitCode;
 
 use clap::Args;
 use futures::StreamExt;
+use loopsync_bus::RateBudget;
 use loopsync_core::envelope::{ChangeKind, RequestCounts};
 use loopsync_core::value::normalize_email;
 use loopsync_extractor::{Decision, KeyGroups, decide_group, tally};
-use loopsync_loader::RateBudget;
 use loopsync_warehouse::ExtractCounts;
 
 use crate::pipeline::loops_client;

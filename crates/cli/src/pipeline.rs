@@ -7,14 +7,16 @@ use std::time::Duration;
 
 use anyhow::Context;
 use loopsync_bus::worker::{self, BatchOptions, WorkerOptions};
-use loopsync_bus::{BusError, Coordination, JetStreamBus, JetStreamOptions, LocalBus, Messaging};
+use loopsync_bus::{
+    BusError, Coordination, JetStreamBus, JetStreamOptions, LocalBus, Messaging, RateBudget,
+};
 use loopsync_config::Config;
 use loopsync_core::destination::Destination;
 use loopsync_core::envelope::{RequestCounts, RequestKind};
 use loopsync_core::spec::SyncSpec;
 use loopsync_core::subjects::{Names, Stage};
 use loopsync_extractor::{Checkpointer, ExtractorStage};
-use loopsync_loader::{LoaderStage, RateBudget};
+use loopsync_loader::LoaderStage;
 use loopsync_loops_client::{ApiKey, ClientConfig, LoopsClient, PropertyType};
 use loopsync_transformer::TransformerStage;
 use loopsync_warehouse::Warehouse;
