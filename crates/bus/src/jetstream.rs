@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use crate::names::Names;
 use async_nats::HeaderMap;
 use async_nats::jetstream::consumer::{AckPolicy, pull};
 use async_nats::jetstream::message::PublishMessage;
@@ -17,7 +18,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use loopsync_core::codec;
 use loopsync_core::envelope::{Operation, Outcome, OutcomeStatus, RowChange};
-use loopsync_core::subjects::{Names, Stage};
+use loopsync_core::stage::Stage;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
@@ -175,6 +176,11 @@ impl JetStreamBus {
         })
     }
 
+    /// The stream and subject names of this deployment.
+    pub fn names(&self) -> &Names {
+        &self.names
+    }
+
     /// The server's version.
     pub fn server_version(&self) -> String {
         self.client.server_info().version
@@ -315,7 +321,8 @@ impl JetStreamBus {
             let outcome = outcome.with_reason(reason);
             let id = format!("dlq-outcome:{}:{}", advisory.stream, advisory.stream_seq);
             self.publish(
-                &self.names.subject(Stage::Checkpointer, &outcome.sync),
+                Stage::Checkpointer,
+                &outcome.sync,
                 &id,
                 Bytes::from(codec::encode(&outcome)),
             )
@@ -450,25 +457,23 @@ fn unix_nanos() -> u64 {
 
 #[async_trait]
 impl Messaging for JetStreamBus {
-    fn names(&self) -> &Names {
-        &self.names
-    }
-
     async fn publish(
         &self,
-        subject: &str,
+        stage: Stage,
+        sync: &str,
         message_id: &str,
         payload: Bytes,
     ) -> Result<(), BusError> {
+        let subject = self.names.subject(stage, sync);
         let error = |e: &dyn std::fmt::Display| BusError::Publish {
-            subject: subject.to_owned(),
+            subject: subject.clone(),
             detail: e.to_string(),
         };
         let published = async {
             let ack = self
                 .js
                 .send_publish(
-                    subject.to_owned(),
+                    subject.clone(),
                     PublishMessage::build()
                         .payload(payload)
                         .message_id(message_id),
@@ -816,12 +821,11 @@ mod tests {
         let bus = JetStreamBus::connect(&server.url(), names, &JetStreamOptions::default())
             .await
             .expect("connect");
-        let subject = bus.names().subject(Stage::Loader, "s");
         // A hung server: it reads requests and answers none.
         server.freeze();
         let started = tokio::time::Instant::now();
         let get = bus.ledger_get("k");
-        let publish = bus.publish(&subject, "m", Bytes::from_static(b"x"));
+        let publish = bus.publish(Stage::Loader, "s", "m", Bytes::from_static(b"x"));
         tokio::pin!(get, publish);
         assert!(futures::poll!(&mut get).is_pending());
         assert!(futures::poll!(&mut publish).is_pending());

@@ -15,6 +15,7 @@ pub mod budget;
 mod error;
 pub mod jetstream;
 pub mod local;
+pub mod names;
 pub mod publish;
 pub mod worker;
 
@@ -22,12 +23,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use loopsync_core::subjects::{Names, Stage};
+use loopsync_core::stage::Stage;
 
 pub use budget::RateBudget;
 pub use error::BusError;
 pub use jetstream::{JetStreamBus, JetStreamOptions};
 pub use local::{LocalBus, LocalLimits};
+pub use names::Names;
 
 /// A message that will not be processed again, with why.
 #[derive(Debug, Clone, PartialEq)]
@@ -48,14 +50,13 @@ pub struct DeadLetter {
 /// the transformer, the worker loop) has no business with the ledger or the rate budget.
 #[async_trait]
 pub trait Messaging: Send + Sync + 'static {
-    /// The stream and subject names of this deployment.
-    fn names(&self) -> &Names;
-
-    /// Publishes and waits until the bus has stored the message. A second publish with the same
-    /// `message_id` within the duplicate window is dropped.
+    /// Publishes a message for `stage` about `sync` and waits until the bus has stored it. A
+    /// second publish with the same `message_id` within the duplicate window is dropped. The
+    /// bus names the subject: no code outside this crate builds one.
     async fn publish(
         &self,
-        subject: &str,
+        stage: Stage,
+        sync: &str,
         message_id: &str,
         payload: Bytes,
     ) -> Result<(), BusError>;

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use loopsync_core::subjects::Stage;
+use loopsync_core::stage::Stage;
 use loopsync_core::{Classified, ErrorClass};
 use rand::Rng;
 use tokio::sync::Semaphore;

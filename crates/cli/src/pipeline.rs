@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use loopsync_bus::Names;
 use loopsync_bus::worker::{self, BatchOptions, WorkerOptions};
 use loopsync_bus::{
     BusError, Coordination, JetStreamBus, JetStreamOptions, LocalBus, Messaging, RateBudget,
@@ -14,7 +15,7 @@ use loopsync_config::Config;
 use loopsync_core::destination::Destination;
 use loopsync_core::envelope::{RequestCounts, RequestKind};
 use loopsync_core::spec::SyncSpec;
-use loopsync_core::subjects::{Names, Stage};
+use loopsync_core::stage::Stage;
 use loopsync_extractor::{Checkpointer, ExtractorStage};
 use loopsync_loader::LoaderStage;
 use loopsync_loops_client::{ApiKey, ClientConfig, LoopsClient, PropertyType};

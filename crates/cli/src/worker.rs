@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use clap::{Args, ValueEnum};
-use loopsync_core::subjects::Stage;
+use loopsync_core::stage::Stage;
 
 use crate::pipeline::Pipeline;
 use crate::{UsageError, load_config};

@@ -3,7 +3,7 @@ use std::collections::BTreeMap;
 use loopsync_bus::LocalBus;
 use loopsync_bus::worker::{self, Backoff, WorkerOptions};
 use loopsync_core::envelope::{ChangeKind, VERSION};
-use loopsync_core::subjects::Stage;
+use loopsync_core::stage::Stage;
 use loopsync_loops_client::{ApiKey, ClientConfig};
 use loopsync_simulator::{Faults, Settings, SimConfig, SimHandle};
 use serde_json::json;

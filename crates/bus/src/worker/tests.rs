@@ -1,9 +1,9 @@
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use crate::names::Names;
 use loopsync_core::codec;
 use loopsync_core::envelope::{Action, ChangeKind, Operation, Outcome, OutcomeStatus, VERSION};
-use loopsync_core::subjects::Names;
 use tokio::sync::Notify;
 
 use super::*;
@@ -180,12 +180,11 @@ async fn start(bus: Arc<dyn Messaging>, handler: Arc<Flaky>, options: WorkerOpti
 }
 
 async fn exercise_retry_then_success(bus: Arc<dyn Messaging>) {
-    let subject = bus.names().subject(Stage::Loader, "users");
-    bus.publish(&subject, "m1", Bytes::from_static(b"one"))
+    bus.publish(Stage::Loader, "users", "m1", Bytes::from_static(b"one"))
         .await
         .unwrap();
     // The same id again is a duplicate.
-    bus.publish(&subject, "m1", Bytes::from_static(b"one"))
+    bus.publish(Stage::Loader, "users", "m1", Bytes::from_static(b"one"))
         .await
         .unwrap();
     let handler = Flaky::new(2, ErrorClass::RETRY);
@@ -206,7 +205,6 @@ async fn exercise_retry_then_success(bus: Arc<dyn Messaging>) {
 }
 
 async fn exercise_permanent_poison_and_exhaustion(bus: Arc<dyn Messaging>) {
-    let subject = bus.names().subject(Stage::Loader, "users");
     for (class, max, fate, reason) in [
         (
             ErrorClass::Permanent,
@@ -228,7 +226,7 @@ async fn exercise_permanent_poison_and_exhaustion(bus: Arc<dyn Messaging>) {
         ),
     ] {
         let id = format!("{class:?}");
-        bus.publish(&subject, &id, Bytes::from(id.clone()))
+        bus.publish(Stage::Loader, "users", &id, Bytes::from(id.clone()))
             .await
             .unwrap();
         let handler = Flaky::new(u32::MAX, class);
@@ -377,10 +375,14 @@ async fn jetstream_max_deliveries_advisory_moves_to_dead_letters() {
         },
         installation: "i".into(),
     };
-    let subject = bus.names().subject(Stage::Loader, "users");
-    bus.publish(&subject, "op-1", Bytes::from(codec::encode(&op)))
-        .await
-        .unwrap();
+    bus.publish(
+        Stage::Loader,
+        "users",
+        "op-1",
+        Bytes::from(codec::encode(&op)),
+    )
+    .await
+    .unwrap();
 
     let stop = CancellationToken::new();
     let mover = {
@@ -490,8 +492,7 @@ impl Handler for Stuck {
 #[tokio::test]
 async fn local_shutdown_drops_a_stuck_handler_and_its_message_comes_back() {
     let bus: Arc<dyn Messaging> = Arc::new(LocalBus::default());
-    let subject = bus.names().subject(Stage::Loader, "users");
-    bus.publish(&subject, "m1", Bytes::from_static(b"one"))
+    bus.publish(Stage::Loader, "users", "m1", Bytes::from_static(b"one"))
         .await
         .unwrap();
     let stuck = Arc::new(Stuck::default());
@@ -566,16 +567,20 @@ impl BatchHandler for OneBad {
 /// of up to 50, so all 30 in one) until the 29 others landed.
 async fn one_bad_in_a_batch(class: ErrorClass, max_attempts: u32) -> (Arc<OneBad>, Arc<LocalBus>) {
     let bus = Arc::new(LocalBus::new(Names::new("t")));
-    let subject = bus.names().subject(Stage::Checkpointer, "users");
     for i in 0..30 {
         let payload = if i == 17 {
             "bad".to_owned()
         } else {
             format!("good {i}")
         };
-        bus.publish(&subject, &format!("m{i}"), Bytes::from(payload))
-            .await
-            .unwrap();
+        bus.publish(
+            Stage::Checkpointer,
+            "users",
+            &format!("m{i}"),
+            Bytes::from(payload),
+        )
+        .await
+        .unwrap();
     }
     let handler = Arc::new(OneBad {
         class,
