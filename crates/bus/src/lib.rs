@@ -5,8 +5,8 @@
 //!   (last confirmed version per record) and the rate budgets.
 //! * [`JetStreamBus`] implements both on NATS JetStream (nats-server 2.9.10 and 2.1x): a
 //!   work-queue stream per hop, one durable pull consumer per stage shared by all replicas,
-//!   `Nats-Msg-Id` on every publish, a dead-letter stream fed by the worker and by the
-//!   max-deliveries and terminated advisories.
+//!   `Nats-Msg-Id` on every publish, a dead-letter stream fed by the workers, who also take
+//!   their stage's max-deliveries advisories ([`Messaging::exhausted`]).
 //! * [`LocalBus`] implements both in process, for one-process runs without NATS.
 //! * [`RateBudget`] is a Loops team's rate budget, shared through [`Coordination`].
 //! * [`worker`] is the one place where an error class becomes ack, nak(delay) or term.
@@ -19,17 +19,79 @@ pub mod names;
 pub mod publish;
 pub mod worker;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use loopsync_core::stage::Stage;
+use tokio::task::JoinSet;
 
 pub use budget::RateBudget;
 pub use error::BusError;
 pub use jetstream::{JetStreamBus, JetStreamOptions};
 pub use local::{LocalBus, LocalLimits};
 pub use names::Names;
+
+/// Which bus a deployment talks over.
+#[derive(Debug, Clone)]
+pub enum BusSettings {
+    /// In this process only: one-process runs without NATS.
+    InProcess(LocalLimits),
+    /// NATS JetStream, shared by every process of the deployment.
+    JetStream {
+        url: String,
+        /// Prefixes every stream, subject, consumer and bucket name ([`Names`]), so several
+        /// deployments can share one server.
+        namespace: String,
+        options: JetStreamOptions,
+    },
+}
+
+/// A connected bus: its two halves, and the tasks it runs in the background.
+pub struct Connected {
+    pub messaging: Arc<dyn Messaging>,
+    pub coordination: Arc<dyn Coordination>,
+    /// The bus's background tasks, for the caller to watch beside its workers (none today:
+    /// even the messages the server gives up on are taken by the workers of their stage).
+    pub tasks: JoinSet<Result<(), BusError>>,
+}
+
+impl std::fmt::Debug for Connected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connected")
+            .field("tasks", &self.tasks.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Connects to the bus `settings` names (for JetStream: checks the server's version and
+/// provisions every stream, consumer and bucket). The one place that picks an implementation,
+/// so that no caller names one.
+pub async fn connect(settings: &BusSettings) -> Result<Connected, BusError> {
+    match settings {
+        BusSettings::InProcess(limits) => {
+            let bus = Arc::new(LocalBus::with_limits(Names::default(), limits.clone()));
+            Ok(Connected {
+                messaging: bus.clone(),
+                coordination: bus,
+                tasks: JoinSet::new(),
+            })
+        }
+        BusSettings::JetStream {
+            url,
+            namespace,
+            options,
+        } => {
+            let bus = Arc::new(JetStreamBus::connect(url, Names::new(namespace), options).await?);
+            Ok(Connected {
+                messaging: bus.clone(),
+                coordination: bus,
+                tasks: JoinSet::new(),
+            })
+        }
+    }
+}
 
 /// A message that will not be processed again, with why.
 #[derive(Debug, Clone, PartialEq)]
@@ -63,6 +125,13 @@ pub trait Messaging: Send + Sync + 'static {
 
     /// Joins the stage's shared consumer; `batch` bounds how many messages are fetched ahead.
     async fn consume(&self, stage: Stage, batch: usize) -> Result<Box<dyn Consumer>, BusError>;
+
+    /// The messages of `stage` the bus itself gave up on: delivered its maximum number of times
+    /// without ever being settled (a worker crashed or hung on each, every time). `None` where
+    /// the bus never gives up. The worker of the stage settles each as a dead letter, through
+    /// the stage's own `give_up`: `term` (or `ack`) then removes it from the work queue, `nak`
+    /// leaves it to be offered again after the delay.
+    async fn exhausted(&self, stage: Stage) -> Result<Option<Box<dyn Consumer>>, BusError>;
 
     /// Stores a dead letter.
     async fn dead_letter(&self, letter: DeadLetter) -> Result<(), BusError>;

@@ -558,6 +558,12 @@ impl Messaging for LocalBus {
         }
     }
 
+    /// None: in process, a crashed handler takes the bus down with it, so no message is ever
+    /// delivered without being settled more often than the worker allows.
+    async fn exhausted(&self, _stage: Stage) -> Result<Option<Box<dyn Consumer>>, BusError> {
+        Ok(None)
+    }
+
     async fn consume(&self, stage: Stage, _batch: usize) -> Result<Box<dyn Consumer>, BusError> {
         Ok(Box::new(LocalConsumer {
             queue: self.inner.queues[&stage].clone(),

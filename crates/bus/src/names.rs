@@ -109,6 +109,21 @@ impl Names {
         subjects
     }
 
+    /// The subject of the advisories the server sends when a message of `stage` reaches its
+    /// maximum of deliveries (the last token is the consumer's name).
+    pub fn max_deliveries_subject(&self, stage: Stage) -> String {
+        format!(
+            "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.*",
+            self.stream(stage)
+        )
+    }
+
+    /// The durable consumer of a stage's max-deliveries advisories, shared by the processes
+    /// that run the stage.
+    pub fn exhausted_consumer(&self, stage: Stage) -> String {
+        format!("{}-exhausted", stage.name())
+    }
+
     /// The key-value bucket of the loader's ledger (last confirmed version per record).
     pub fn ledger_bucket(&self) -> String {
         format!("{}_ledger", self.namespace.replace('-', "_"))

@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use loopsync_bus::Names;
 use loopsync_bus::worker::{self, BatchOptions, WorkerOptions};
 use loopsync_bus::{
-    BusError, Coordination, JetStreamBus, JetStreamOptions, LocalBus, Messaging, RateBudget,
+    BusError, BusSettings, Connected, Coordination, JetStreamOptions, LocalLimits, Messaging,
+    RateBudget,
 };
 use loopsync_config::Config;
 use loopsync_core::destination::Destination;
@@ -35,7 +35,6 @@ pub struct Pipeline {
     /// The same bus's ledger and rate budgets.
     pub coordination: Arc<dyn Coordination>,
     pub warehouse: Arc<dyn Warehouse>,
-    jetstream: Option<Arc<JetStreamBus>>,
     /// The Loops team's rate budget, shared through the bus by every process: the loader and
     /// the preflight take their slots from it.
     pub budget: RateBudget,
@@ -48,28 +47,25 @@ impl Pipeline {
     pub async fn connect(config: Config) -> anyhow::Result<Pipeline> {
         let warehouse = loopsync_warehouse::connect(&config.warehouse.url).await?;
         warehouse.prepare().await?;
-        let (bus, coordination, jetstream): (Arc<dyn Messaging>, Arc<dyn Coordination>, _) =
-            match &config.nats {
-                Some(nats) => {
-                    let options = JetStreamOptions {
-                        ack_wait: nats.ack_wait(),
-                        // The worker gives up at max_attempts; the server is the safety net after
-                        // (none for the checkpointer: see `jetstream::max_deliver`).
-                        max_deliver: i64::from(config.loops.max_attempts.max(EXTRACTOR_ATTEMPTS))
-                            + 2,
-                        ..JetStreamOptions::default()
-                    };
-                    let js = Arc::new(
-                        JetStreamBus::connect(&nats.url, Names::new(&nats.namespace), &options)
-                            .await?,
-                    );
-                    (js.clone(), js.clone(), Some(js))
-                }
-                None => {
-                    let local = Arc::new(LocalBus::default());
-                    (local.clone(), local, None)
-                }
-            };
+        let settings = match &config.nats {
+            Some(nats) => BusSettings::JetStream {
+                url: nats.url.clone(),
+                namespace: nats.namespace.clone(),
+                options: JetStreamOptions {
+                    ack_wait: nats.ack_wait(),
+                    // The worker gives up at max_attempts; the server is the safety net after
+                    // (none for the checkpointer: see `jetstream::max_deliver`).
+                    max_deliver: i64::from(config.loops.max_attempts.max(EXTRACTOR_ATTEMPTS)) + 2,
+                    ..JetStreamOptions::default()
+                },
+            },
+            None => BusSettings::InProcess(LocalLimits::default()),
+        };
+        let Connected {
+            messaging: bus,
+            coordination,
+            tasks,
+        } = loopsync_bus::connect(&settings).await?;
         let budget = RateBudget::shared(
             coordination.clone(),
             &config.loops.api_key,
@@ -81,10 +77,9 @@ impl Pipeline {
             bus,
             coordination,
             warehouse,
-            jetstream,
             // A signal stops the workers from taking messages at once (see `stop`).
             shutdown: crate::stop::token().child_token(),
-            tasks: JoinSet::new(),
+            tasks,
         })
     }
 
@@ -158,21 +153,11 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Starts the dead-letter mover (JetStream only: the in-process bus has no advisories).
-    pub fn spawn_dead_letter_mover(&mut self) {
-        if let Some(js) = self.jetstream.clone() {
-            let stop = self.shutdown.clone();
-            self.tasks
-                .spawn(async move { js.run_dead_letter_mover(stop).await });
-        }
-    }
-
     /// Every stage in this process.
     pub fn spawn_all(&mut self) -> anyhow::Result<()> {
         for stage in Stage::ALL {
             self.spawn(stage)?;
         }
-        self.spawn_dead_letter_mover();
         Ok(())
     }
 

@@ -51,7 +51,6 @@ pub async fn run(config_path: &Path, args: WorkerArgs) -> anyhow::Result<ExitCod
             "loader"
         }
     };
-    pipeline.spawn_dead_letter_mover();
     println!("loopsync worker {name} ready");
     std::io::stdout().flush()?;
     let served = pipeline.serve_until(crate::shutdown_signal()).await;

@@ -347,8 +347,50 @@ async fn local_ledger_compare_and_set() {
     exercise_ledger_swaps(Arc::new(LocalBus::new(Names::new("t")))).await;
 }
 
-/// A message whose workers never settle it reaches the server's max-deliveries; the advisory
-/// makes the mover dead-letter it, remove it from the work queue, and give its record an outcome.
+/// A stage whose handler hangs on every message (as a worker that crashes on it would), and
+/// whose `give_up` records the record's fate as an outcome, as the stages do.
+struct Hangs {
+    bus: Arc<dyn Messaging>,
+    gave_up: Mutex<Vec<(Fate, String, u32)>>,
+}
+
+#[async_trait]
+impl Handler for Hangs {
+    type Error = BusError;
+
+    async fn handle(&self, _info: &DeliveryInfo, _payload: &Bytes) -> Result<(), BusError> {
+        std::future::pending().await
+    }
+
+    async fn give_up(
+        &self,
+        info: &DeliveryInfo,
+        payload: &Bytes,
+        fate: Fate,
+        reason: &str,
+    ) -> Result<(), BusError> {
+        self.gave_up
+            .lock()
+            .unwrap()
+            .push((fate, reason.to_owned(), info.attempt));
+        let op: Operation = codec::decode(payload).expect("an operation");
+        let outcome = Outcome::new(
+            &op.sync,
+            op.run_id,
+            &op.key,
+            &op.fingerprint,
+            fate.status(),
+            op.action.name(),
+        )
+        .with_installation(&op.installation)
+        .with_reason(reason);
+        crate::publish::outcome(&*self.bus, &outcome).await
+    }
+}
+
+/// A message whose workers never settle it reaches the server's max-deliveries; the worker of
+/// its stage takes the advisory and settles it as a dead letter through the stage's own
+/// `give_up`: dead-lettered, removed from the work queue, its record given an outcome.
 #[tokio::test]
 async fn jetstream_max_deliveries_advisory_moves_to_dead_letters() {
     let options = JetStreamOptions {
@@ -384,20 +426,25 @@ async fn jetstream_max_deliveries_advisory_moves_to_dead_letters() {
     .await
     .unwrap();
 
-    let stop = CancellationToken::new();
-    let mover = {
-        let (bus, stop) = (bus.clone(), stop.clone());
-        tokio::spawn(async move { bus.run_dead_letter_mover(stop).await })
-    };
-    // A replica that takes the message and dies on it, every time; it keeps pulling, so the
-    // server gets to emit the advisory.
-    let mut consumer = bus.consume(Stage::Loader, 1).await.unwrap();
-    let hung = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Some(Ok(d)) = consumer.next().await {
-            held.push(d);
-        }
+    // The loader's worker, hanging on the message at every delivery; no in-progress acks, so
+    // the server redelivers it until it gives up.
+    let handler = Arc::new(Hangs {
+        bus: bus.clone(),
+        gave_up: Mutex::default(),
     });
+    let stop = CancellationToken::new();
+    let worker = tokio::spawn(run(
+        bus.clone() as Arc<dyn Messaging>,
+        Stage::Loader,
+        handler.clone(),
+        WorkerOptions {
+            concurrency: 4,
+            progress_every: None,
+            shutdown_grace: Duration::from_millis(100),
+            ..WorkerOptions::default()
+        },
+        stop.clone(),
+    ));
     let mut outcomes = bus.consume(Stage::Checkpointer, 1).await.unwrap();
     let outcome = tokio::time::timeout(Duration::from_secs(20), outcomes.next())
         .await
@@ -408,13 +455,17 @@ async fn jetstream_max_deliveries_advisory_moves_to_dead_letters() {
     assert_eq!(outcome.status, OutcomeStatus::DeadLettered);
     assert_eq!((outcome.run_id, outcome.key.as_str()), (9, "42"));
     assert!(outcome.reason.unwrap().contains("delivered 2 times"));
+    let gave_up = handler.gave_up.lock().unwrap().clone();
+    assert_eq!(gave_up.len(), 1, "{gave_up:?}");
+    assert_eq!((gave_up[0].0, gave_up[0].2), (Fate::DeadLettered, 2));
+    // Stored before the message leaves the work queue.
+    settled(&*bus).await;
     let letters = bus.dead_letters().await.unwrap();
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0].stage, Stage::Loader);
     assert_eq!(codec::decode::<Operation>(&letters[0].payload).unwrap(), op);
     stop.cancel();
-    hung.abort();
-    mover.await.unwrap().unwrap();
+    worker.await.unwrap().unwrap();
 }
 
 /// Two processes (two connections) taking slots of one budget: the slots are `period` apart in

@@ -1,27 +1,31 @@
 //! The bus on NATS JetStream.
 //!
+//! * [`provisioning`]: the streams, consumers and buckets, made by whoever connects.
+//! * [`mover`]: the messages the server gave up on (max-deliveries advisories), per stage.
+//!
 //! Provisioning is declarative and idempotent: every process that connects makes sure the
 //! streams and consumers exist, so workers can start in any order. Works on nats-server 2.9.10
 //! (Debian's) and current 2.1x: nothing here needs a 2.10+ field, and the ledger's key-value
 //! bucket is created by hand because async-nats' `create_key_value` fails against 2.9.
 
+mod mover;
+mod provisioning;
+
 use std::time::Duration;
 
-use crate::names::Names;
 use async_nats::HeaderMap;
-use async_nats::jetstream::consumer::{AckPolicy, pull};
+use async_nats::jetstream::consumer::pull;
 use async_nats::jetstream::message::PublishMessage;
-use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
 use async_nats::jetstream::{self, AckKind, Context, kv};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
-use loopsync_core::codec;
-use loopsync_core::envelope::{Operation, Outcome, OutcomeStatus, RowChange};
 use loopsync_core::stage::Stage;
-use serde::Deserialize;
-use tokio_util::sync::CancellationToken;
 
+pub use provisioning::max_deliver;
+use provisioning::{bucket, provision};
+
+use crate::names::Names;
 use crate::{
     Acker, BusError, Consumer, Coordination, DeadLetter, Delivery, Messaging, Versioned, sync_of,
 };
@@ -185,268 +189,6 @@ impl JetStreamBus {
     pub fn server_version(&self) -> String {
         self.client.server_info().version
     }
-
-    /// Moves messages that reached the server's max-deliveries to the dead-letter stream, and
-    /// records terminated ones that the worker did not already dead-letter. Runs until `shutdown`.
-    pub async fn run_dead_letter_mover(&self, shutdown: CancellationToken) -> Result<(), BusError> {
-        let stream = self
-            .js
-            .get_stream(self.names.advisory_stream())
-            .await
-            .map_err(|e| provision_error("the advisory stream", e))?;
-        let consumer: jetstream::consumer::PullConsumer = stream
-            .get_consumer("dlq-mover")
-            .await
-            .map_err(|e| provision_error("the dlq-mover consumer", e))?;
-        let mut messages = consumer
-            .stream()
-            .max_messages_per_batch(10)
-            .messages()
-            .await
-            .map_err(|e| BusError::Consume {
-                stage: "dlq-mover".into(),
-                detail: e.to_string(),
-            })?;
-        loop {
-            let message = tokio::select! {
-                () = shutdown.cancelled() => return Ok(()),
-                m = messages.next() => m,
-            };
-            let Some(message) = message else {
-                return Ok(());
-            };
-            let message = match message {
-                Ok(m) => m,
-                Err(error) => {
-                    tracing::warn!(%error, "advisory consumer");
-                    continue;
-                }
-            };
-            match self.move_advised(&message.payload).await {
-                Ok(()) => {
-                    let _ = message.ack().await;
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "dead-letter mover");
-                    let _ = message
-                        .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                        .await;
-                }
-            }
-        }
-    }
-
-    async fn move_advised(&self, advisory: &[u8]) -> Result<(), BusError> {
-        #[derive(Deserialize)]
-        struct Advisory {
-            #[serde(rename = "type")]
-            kind: String,
-            stream: String,
-            stream_seq: u64,
-            #[serde(default)]
-            deliveries: u32,
-        }
-        let Ok(advisory) = serde_json::from_slice::<Advisory>(advisory) else {
-            return Ok(());
-        };
-        let Some(stage) = Stage::ALL
-            .into_iter()
-            .find(|s| self.names.stream(*s) == advisory.stream)
-        else {
-            return Ok(());
-        };
-        let stream = self
-            .js
-            .get_stream(&advisory.stream)
-            .await
-            .map_err(|e| provision_error(&advisory.stream, e))?;
-        if advisory.kind.ends_with(".terminated") {
-            // A terminated message is gone from the work queue; the worker dead-lettered it
-            // (with its reason) before terminating. Nothing to move.
-            return Ok(());
-        }
-        let message = match stream.get_raw_message(advisory.stream_seq).await {
-            Ok(m) => m,
-            // Acked or deleted in the meantime: nothing to move.
-            Err(_) => return Ok(()),
-        };
-        let reason = format!(
-            "delivered {} times without being settled (a worker crashed or hung on it)",
-            advisory.deliveries
-        );
-        let subject = message.subject.to_string();
-        let letter = DeadLetter {
-            stage,
-            sync: sync_of(&subject).to_owned(),
-            subject,
-            payload: message.payload.clone(),
-            reason: reason.clone(),
-            attempts: advisory.deliveries,
-            sequence: advisory.stream_seq,
-        };
-        self.dead_letter(letter).await?;
-        // The record still needs an outcome, or its run never ends.
-        let outcome = match stage {
-            // No requests: those of the attempts that ended were reported by the loader
-            // (`attempted` outcomes); those of a worker that died unreported are not known.
-            Stage::Loader => codec::decode::<Operation>(&message.payload).ok().map(|op| {
-                let mut o = Outcome::new(
-                    &op.sync,
-                    op.run_id,
-                    &op.key,
-                    &op.fingerprint,
-                    OutcomeStatus::DeadLettered,
-                    op.action.name(),
-                )
-                .with_installation(&op.installation);
-                o.change = Some(op.change);
-                o
-            }),
-            Stage::Transformer => codec::decode::<RowChange>(&message.payload).ok().map(|c| {
-                let mut o = Outcome::new(
-                    &c.sync,
-                    c.run_id,
-                    &c.key,
-                    &c.fingerprint,
-                    OutcomeStatus::DeadLettered,
-                    "none",
-                )
-                .with_installation(&c.installation);
-                o.change = Some(c.kind);
-                o
-            }),
-            Stage::Extractor | Stage::Checkpointer => None,
-        };
-        if let Some(outcome) = outcome {
-            let outcome = outcome.with_reason(reason);
-            let id = format!("dlq-outcome:{}:{}", advisory.stream, advisory.stream_seq);
-            self.publish(
-                Stage::Checkpointer,
-                &outcome.sync,
-                &id,
-                Bytes::from(codec::encode(&outcome)),
-            )
-            .await?;
-        }
-        stream
-            .delete_message(advisory.stream_seq)
-            .await
-            .map_err(|e| BusError::Ack(format!("delete from {}: {e}", advisory.stream)))?;
-        Ok(())
-    }
-}
-
-/// The server's cap on deliveries of a stage's messages. None for the checkpointer: its
-/// messages are outcomes, whose loss would leave records sent but never recorded; it retries
-/// through a warehouse outage for as long as the outage lasts (its worker never gives up on a
-/// retryable error), and what it cannot record is recorded as a dead letter by the worker.
-pub fn max_deliver(stage: Stage, options: &JetStreamOptions) -> i64 {
-    match stage {
-        Stage::Checkpointer => -1,
-        _ => options.max_deliver,
-    }
-}
-
-async fn provision(
-    js: &Context,
-    names: &Names,
-    options: &JetStreamOptions,
-) -> Result<(), BusError> {
-    for stage in Stage::ALL {
-        let name = names.stream(stage);
-        let stream = js
-            .get_or_create_stream(stream::Config {
-                name: name.clone(),
-                subjects: vec![names.stream_subjects(stage)],
-                retention: RetentionPolicy::WorkQueue,
-                storage: StorageType::File,
-                duplicate_window: options.duplicate_window,
-                max_age: Duration::from_secs(7 * 24 * 3600),
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| provision_error(format!("stream {name}"), e))?;
-        let config = pull::Config {
-            durable_name: Some(stage.name().to_owned()),
-            ack_policy: AckPolicy::Explicit,
-            ack_wait: options.ack_wait,
-            max_deliver: max_deliver(stage, options),
-            max_ack_pending: 1000,
-            ..Default::default()
-        };
-        let what = || format!("consumer {} on {name}", stage.name());
-        if stage == Stage::Checkpointer {
-            // Create or update: a consumer made by an earlier version had a cap on deliveries.
-            stream
-                .create_consumer(config)
-                .await
-                .map_err(|e| provision_error(what(), e))?;
-        } else {
-            stream
-                .get_or_create_consumer(stage.name(), config)
-                .await
-                .map_err(|e| provision_error(what(), e))?;
-        }
-    }
-    let dlq = names.dlq_stream();
-    js.get_or_create_stream(stream::Config {
-        name: dlq.clone(),
-        subjects: vec![names.dlq_subjects()],
-        retention: RetentionPolicy::Limits,
-        storage: StorageType::File,
-        duplicate_window: options.duplicate_window,
-        max_age: Duration::from_secs(30 * 24 * 3600),
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| provision_error(format!("stream {dlq}"), e))?;
-    let advisories = names.advisory_stream();
-    let stream = js
-        .get_or_create_stream(stream::Config {
-            name: advisories.clone(),
-            subjects: names.advisory_subjects(),
-            retention: RetentionPolicy::Limits,
-            storage: StorageType::File,
-            max_age: Duration::from_secs(7 * 24 * 3600),
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| provision_error(format!("stream {advisories}"), e))?;
-    stream
-        .get_or_create_consumer(
-            "dlq-mover",
-            pull::Config {
-                durable_name: Some("dlq-mover".into()),
-                ack_policy: AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(30),
-                ..Default::default()
-            },
-        )
-        .await
-        .map_err(|e| provision_error("consumer dlq-mover", e))?;
-    Ok(())
-}
-
-/// A key-value bucket, its stream made by hand (what `create_key_value` would make), because
-/// async-nats 0.51's `create_key_value` cannot read 2.9's account info.
-async fn bucket(js: &Context, bucket: &str) -> Result<kv::Store, BusError> {
-    js.get_or_create_stream(stream::Config {
-        name: format!("KV_{bucket}"),
-        subjects: vec![format!("$KV.{bucket}.>")],
-        max_messages_per_subject: 1,
-        discard: DiscardPolicy::New,
-        allow_rollup: true,
-        deny_delete: true,
-        allow_direct: true,
-        storage: StorageType::File,
-        duplicate_window: Duration::from_secs(120),
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| provision_error(format!("bucket {bucket}"), e))?;
-    js.get_key_value(bucket)
-        .await
-        .map_err(|e| provision_error(format!("bucket {bucket}"), e))
 }
 
 fn unix_nanos() -> u64 {
@@ -487,6 +229,11 @@ impl Messaging for JetStreamBus {
             .guard(published)
             .await
             .map_err(|e| error(&e))?
+    }
+
+    /// The stage's max-deliveries advisories, each as the message it is about (see [`mover`]).
+    async fn exhausted(&self, stage: Stage) -> Result<Option<Box<dyn Consumer>>, BusError> {
+        self.exhausted_consumer(stage).await.map(Some)
     }
 
     async fn consume(&self, stage: Stage, batch: usize) -> Result<Box<dyn Consumer>, BusError> {
