@@ -762,3 +762,175 @@ async fn jetstream_an_earlier_checkpointer_consumer_loses_its_cap() {
         .unwrap();
     assert_eq!(info(ns.url.clone(), stream.clone()).await, Some(-1));
 }
+
+/// Panics on the first delivery of the message `b"bad"`; handles everything else.
+#[derive(Default)]
+struct Panics {
+    handled: Mutex<Vec<(Bytes, u32)>>,
+}
+
+#[async_trait]
+impl Handler for Panics {
+    type Error = TestError;
+
+    async fn handle(&self, info: &DeliveryInfo, payload: &Bytes) -> Result<(), TestError> {
+        if info.attempt == 1 && &payload[..] == b"bad" {
+            panic!("boom on the bad one");
+        }
+        self.handled
+            .lock()
+            .unwrap()
+            .push((payload.clone(), info.attempt));
+        Ok(())
+    }
+
+    async fn give_up(
+        &self,
+        _info: &DeliveryInfo,
+        _payload: &Bytes,
+        _fate: Fate,
+        _reason: &str,
+    ) -> Result<(), TestError> {
+        Ok(())
+    }
+}
+
+/// What the worker logs, captured.
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
+    type Writer = Logs;
+
+    fn make_writer(&'a self) -> Logs {
+        self.clone()
+    }
+}
+
+impl Logs {
+    /// Captures the logs of this thread (the test's runtime is single-threaded, so its tasks'
+    /// too) until the guard goes.
+    fn capture() -> (Logs, tracing::subscriber::DefaultGuard) {
+        let logs = Logs::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(logs.clone())
+            .with_ansi(false)
+            .finish();
+        (logs.clone(), tracing::subscriber::set_default(subscriber))
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+/// A handler that panics does not take the worker with it: the next message is handled, the
+/// panicked one is left unsettled (never acked), and the panic is logged with its stage and
+/// message.
+async fn exercise_a_panicking_handler(bus: Arc<dyn Messaging>) -> Arc<Panics> {
+    let (logs, _guard) = Logs::capture();
+    let handler = Arc::new(Panics::default());
+    let shutdown = CancellationToken::new();
+    let worker = tokio::spawn(run(
+        bus.clone(),
+        Stage::Loader,
+        handler.clone(),
+        WorkerOptions {
+            concurrency: 1,
+            progress_every: None,
+            ..fast(5)
+        },
+        shutdown.clone(),
+    ));
+    bus.publish(Stage::Loader, "users", "m1", Bytes::from_static(b"bad"))
+        .await
+        .unwrap();
+    bus.publish(Stage::Loader, "users", "m2", Bytes::from_static(b"good"))
+        .await
+        .unwrap();
+    let watched = handler.clone();
+    loopsync_testkit::until(Duration::from_secs(20), "the good one is handled", || {
+        let handled = watched.handled.lock().unwrap().clone();
+        async move {
+            if handled.iter().any(|(p, _)| &p[..] == b"good") {
+                Ok(())
+            } else {
+                Err(format!("{handled:?}"))
+            }
+        }
+    })
+    .await;
+    let logged = logs.text();
+    assert!(
+        logged.contains("a handler panicked")
+            && logged.contains("loader")
+            && logged.contains("boom on the bad one"),
+        "{logged}"
+    );
+    shutdown.cancel();
+    worker.await.unwrap().unwrap();
+    handler
+}
+
+#[tokio::test]
+async fn local_a_panicking_handler_is_logged_and_its_message_not_acked() {
+    let bus = Arc::new(LocalBus::new(Names::new("t")));
+    let handler = exercise_a_panicking_handler(bus.clone()).await;
+    // In process, the dropped message stays unsettled, as a crashed process's would.
+    assert_eq!(bus.unsettled(Stage::Loader).await.unwrap(), 1);
+    assert!(
+        !handler
+            .handled
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(p, _)| &p[..] == b"bad")
+    );
+}
+
+#[tokio::test]
+async fn jetstream_a_panicking_handler_is_logged_and_its_message_redelivered() {
+    let options = JetStreamOptions {
+        ack_wait: Duration::from_millis(500),
+        ..JetStreamOptions::default()
+    };
+    let Some((bus, _ns)) = jetstream(&options).await else {
+        return;
+    };
+    let handler = exercise_a_panicking_handler(bus.clone()).await;
+    // The worker stopped: a second one takes the redelivery once the ack wait is over.
+    let shutdown = CancellationToken::new();
+    let worker = tokio::spawn(run(
+        bus.clone() as Arc<dyn Messaging>,
+        Stage::Loader,
+        handler.clone(),
+        WorkerOptions {
+            progress_every: None,
+            ..fast(5)
+        },
+        shutdown.clone(),
+    ));
+    settled(&*bus).await;
+    assert!(
+        handler
+            .handled
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(p, attempt)| &p[..] == b"bad" && *attempt == 2),
+        "the message that panicked came back"
+    );
+    shutdown.cancel();
+    worker.await.unwrap().unwrap();
+}
