@@ -504,10 +504,15 @@ impl LocalBus {
     }
 }
 
+/// An error of a stage's spill file, saying so.
+fn spill(e: &io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("in-process queue spill file: {e}"))
+}
+
 fn spill_error(stage: Stage, e: &io::Error) -> BusError {
     BusError::Publish {
         subject: stage.name().to_owned(),
-        detail: format!("in-process queue spill file: {e}"),
+        source: spill(e).into(),
     }
 }
 
@@ -646,7 +651,7 @@ impl Consumer for LocalConsumer {
                 Err(e) => {
                     return Some(Err(BusError::Consume {
                         stage: self.queue.stage.name().to_owned(),
-                        detail: format!("in-process queue spill file: {e}"),
+                        source: spill(&e).into(),
                     }));
                 }
             };
@@ -700,7 +705,7 @@ impl Acker for LocalAcker {
             if delay.is_zero() {
                 queue.push_again(item).map_err(|e| {
                     queue.settled();
-                    BusError::Ack(format!("in-process queue spill file: {e}"))
+                    BusError::ack(spill(&e))
                 })?;
             } else {
                 tokio::spawn(async move {

@@ -25,6 +25,7 @@ use loopsync_core::stage::Stage;
 pub use provisioning::max_deliver;
 use provisioning::{bucket, provision};
 
+use crate::error::Source;
 use crate::names::Names;
 use crate::{
     Acker, BusError, Consumer, Coordination, DeadLetter, Delivery, Messaging, Versioned, sync_of,
@@ -91,6 +92,8 @@ impl std::fmt::Display for ConnectionDropped {
     }
 }
 
+impl std::error::Error for ConnectionDropped {}
+
 impl Disconnects {
     /// The counter, and the client option that advances it.
     fn watch(options: async_nats::ConnectOptions) -> (async_nats::ConnectOptions, Disconnects) {
@@ -135,10 +138,10 @@ impl std::fmt::Debug for JetStreamBus {
     }
 }
 
-fn provision_error(what: impl Into<String>, e: impl std::fmt::Display) -> BusError {
+fn provision_error(what: impl Into<String>, e: impl Into<Source>) -> BusError {
     BusError::Provision {
         what: what.into(),
-        detail: e.to_string(),
+        source: e.into(),
     }
 }
 
@@ -159,7 +162,7 @@ impl JetStreamBus {
             Disconnects::watch(async_nats::ConnectOptions::new().name("loopsync"));
         let client = connect.connect(url).await.map_err(|e| BusError::Connect {
             url: url.to_owned(),
-            detail: e.to_string(),
+            source: e,
         })?;
         let version = client.server_info().version;
         match parse_version(&version) {
@@ -207,9 +210,9 @@ impl Messaging for JetStreamBus {
         payload: Bytes,
     ) -> Result<(), BusError> {
         let subject = self.names.subject(stage, sync);
-        let error = |e: &dyn std::fmt::Display| BusError::Publish {
+        let error = |e: Source| BusError::Publish {
             subject: subject.clone(),
-            detail: e.to_string(),
+            source: e,
         };
         let published = async {
             let ack = self
@@ -221,14 +224,14 @@ impl Messaging for JetStreamBus {
                         .message_id(message_id),
                 )
                 .await
-                .map_err(|e| error(&e))?;
-            ack.await.map_err(|e| error(&e))?;
+                .map_err(|e| error(e.into()))?;
+            ack.await.map_err(|e| error(e.into()))?;
             Ok(())
         };
         self.disconnects
             .guard(published)
             .await
-            .map_err(|e| error(&e))?
+            .map_err(|e| error(e.into()))?
     }
 
     /// The stage's max-deliveries advisories, each as the message it is about (see [`mover`]).
@@ -237,25 +240,23 @@ impl Messaging for JetStreamBus {
     }
 
     async fn consume(&self, stage: Stage, batch: usize) -> Result<Box<dyn Consumer>, BusError> {
-        let error = |e: &dyn std::fmt::Display| BusError::Consume {
+        let error = |e: Source| BusError::Consume {
             stage: stage.name().into(),
-            detail: e.to_string(),
+            source: e,
         };
         let stream = self
             .js
             .get_stream(self.names.stream(stage))
             .await
-            .map_err(|e| error(&e))?;
-        let consumer: jetstream::consumer::PullConsumer = stream
-            .get_consumer(stage.name())
-            .await
-            .map_err(|e| error(&e))?;
+            .map_err(|e| error(e.into()))?;
+        let consumer: jetstream::consumer::PullConsumer =
+            stream.get_consumer(stage.name()).await.map_err(&error)?;
         let messages = consumer
             .stream()
             .max_messages_per_batch(batch.max(1))
             .messages()
             .await
-            .map_err(|e| error(&e))?;
+            .map_err(|e| error(e.into()))?;
         Ok(Box::new(JetStreamConsumer {
             stage,
             messages,
@@ -264,20 +265,18 @@ impl Messaging for JetStreamBus {
     }
 
     async fn unsettled(&self, stage: Stage) -> Result<u64, BusError> {
-        let error = |e: &dyn std::fmt::Display| BusError::Consume {
+        let error = |e: Source| BusError::Consume {
             stage: stage.name().into(),
-            detail: e.to_string(),
+            source: e,
         };
         let stream = self
             .js
             .get_stream(self.names.stream(stage))
             .await
-            .map_err(|e| error(&e))?;
-        let mut consumer: jetstream::consumer::PullConsumer = stream
-            .get_consumer(stage.name())
-            .await
-            .map_err(|e| error(&e))?;
-        let info = consumer.info().await.map_err(|e| error(&e))?;
+            .map_err(|e| error(e.into()))?;
+        let mut consumer: jetstream::consumer::PullConsumer =
+            stream.get_consumer(stage.name()).await.map_err(&error)?;
+        let info = consumer.info().await.map_err(|e| error(e.into()))?;
         Ok(info.num_pending + info.num_ack_pending as u64)
     }
 
@@ -302,23 +301,23 @@ impl Messaging for JetStreamBus {
             .payload(letter.payload)
             .headers(headers)
             .message_id(id);
-        let error = |e: &dyn std::fmt::Display| BusError::Publish {
+        let error = |e: Source| BusError::Publish {
             subject: subject.clone(),
-            detail: e.to_string(),
+            source: e,
         };
         let published = async {
             let ack = self
                 .js
                 .send_publish(subject.clone(), publish)
                 .await
-                .map_err(|e| error(&e))?;
-            ack.await.map_err(|e| error(&e))?;
+                .map_err(|e| error(e.into()))?;
+            ack.await.map_err(|e| error(e.into()))?;
             Ok(())
         };
         self.disconnects
             .guard(published)
             .await
-            .map_err(|e| error(&e))?
+            .map_err(|e| error(e.into()))?
     }
 
     async fn dead_letters(&self) -> Result<Vec<DeadLetter>, BusError> {
@@ -369,13 +368,13 @@ impl Messaging for JetStreamBus {
 #[async_trait]
 impl Coordination for JetStreamBus {
     async fn ledger_get(&self, key: &str) -> Result<Option<Versioned>, BusError> {
-        let error = |e: &dyn std::fmt::Display| BusError::Ledger(e.to_string());
+        let error = |e: Source| BusError::ledger(e);
         let entry = self
             .disconnects
             .guard(self.ledger.entry(key))
             .await
-            .map_err(|e| error(&e))?
-            .map_err(|e| error(&e))?;
+            .map_err(|e| error(e.into()))?
+            .map_err(|e| error(e.into()))?;
         Ok(entry
             .filter(|e| e.operation == kv::Operation::Put)
             .map(|e| Versioned {
@@ -391,27 +390,27 @@ impl Coordination for JetStreamBus {
         expected: Option<u64>,
     ) -> Result<Option<u64>, BusError> {
         use kv::{CreateErrorKind, UpdateErrorKind};
-        let error = |e: &dyn std::fmt::Display| BusError::Ledger(e.to_string());
+        let error = |e: Source| BusError::ledger(e);
         match expected {
             Some(revision) => match self
                 .disconnects
                 .guard(self.ledger.update(key, value, revision))
                 .await
-                .map_err(|e| error(&e))?
+                .map_err(|e| error(e.into()))?
             {
                 Ok(revision) => Ok(Some(revision)),
                 Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Ok(None),
-                Err(e) => Err(error(&e)),
+                Err(e) => Err(error(e.into())),
             },
             None => match self
                 .disconnects
                 .guard(self.ledger.create(key, value))
                 .await
-                .map_err(|e| error(&e))?
+                .map_err(|e| error(e.into()))?
             {
                 Ok(revision) => Ok(Some(revision)),
                 Err(e) if e.kind() == CreateErrorKind::AlreadyExists => Ok(None),
-                Err(e) => Err(error(&e)),
+                Err(e) => Err(error(e.into())),
             },
         }
     }
@@ -422,14 +421,17 @@ impl Coordination for JetStreamBus {
     async fn rate_slot(&self, budget: &str, period: Duration) -> Result<(), BusError> {
         use kv::{CreateErrorKind, UpdateErrorKind};
         let period = period.as_nanos() as u64;
-        let error = |e: &dyn std::fmt::Display| BusError::Ledger(format!("rate budget: {e}"));
+        let error = |e: Source| BusError::Ledger {
+            what: "ledger: rate budget",
+            source: e,
+        };
         loop {
             let entry = self
                 .disconnects
                 .guard(self.budget.entry(budget))
                 .await
-                .map_err(|e| error(&e))?
-                .map_err(|e| error(&e))?;
+                .map_err(|e| error(e.into()))?
+                .map_err(|e| error(e.into()))?;
             let due = entry
                 .as_ref()
                 .and_then(|e| <[u8; 8]>::try_from(&e.value[..]).ok())
@@ -444,10 +446,10 @@ impl Coordination for JetStreamBus {
                 Some(e) => {
                     let update = self.budget.update(budget, next, e.revision);
                     match self.disconnects.guard(update).await {
-                        Err(dropped) => return Err(error(&dropped)),
+                        Err(dropped) => return Err(error(dropped.into())),
                         Ok(Ok(_)) => false,
                         Ok(Err(e)) if e.kind() == UpdateErrorKind::WrongLastRevision => true,
-                        Ok(Err(e)) => return Err(error(&e)),
+                        Ok(Err(e)) => return Err(error(e.into())),
                     }
                 }
                 None => match self
@@ -455,10 +457,10 @@ impl Coordination for JetStreamBus {
                     .guard(self.budget.create(budget, next))
                     .await
                 {
-                    Err(dropped) => return Err(error(&dropped)),
+                    Err(dropped) => return Err(error(dropped.into())),
                     Ok(Ok(_)) => false,
                     Ok(Err(e)) if e.kind() == CreateErrorKind::AlreadyExists => true,
-                    Ok(Err(e)) => return Err(error(&e)),
+                    Ok(Err(e)) => return Err(error(e.into())),
                 },
             };
             if !lost {
@@ -482,7 +484,7 @@ impl Consumer for JetStreamConsumer {
             Err(e) => {
                 return Some(Err(BusError::Consume {
                     stage: self.stage.name().into(),
-                    detail: e.to_string(),
+                    source: e.into(),
                 }));
             }
         };
@@ -516,29 +518,29 @@ impl Acker for JetStreamAcker {
         self.disconnects
             .guard(self.acker.double_ack())
             .await
-            .map_err(|e| BusError::Ack(e.to_string()))?
-            .map_err(|e| BusError::Ack(e.to_string()))
+            .map_err(BusError::ack)?
+            .map_err(BusError::ack)
     }
 
     async fn nak(&self, delay: Duration) -> Result<(), BusError> {
         self.acker
             .ack_with(AckKind::Nak(Some(delay)))
             .await
-            .map_err(|e| BusError::Ack(e.to_string()))
+            .map_err(BusError::ack)
     }
 
     async fn term(&self) -> Result<(), BusError> {
         self.acker
             .ack_with(AckKind::Term)
             .await
-            .map_err(|e| BusError::Ack(e.to_string()))
+            .map_err(BusError::ack)
     }
 
     async fn progress(&self) -> Result<(), BusError> {
         self.acker
             .ack_with(AckKind::Progress)
             .await
-            .map_err(|e| BusError::Ack(e.to_string()))
+            .map_err(BusError::ack)
     }
 }
 

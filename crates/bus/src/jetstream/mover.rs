@@ -18,6 +18,7 @@ use loopsync_core::stage::Stage;
 use serde::Deserialize;
 
 use super::{Disconnects, JetStreamBus};
+use crate::error::Source;
 use crate::{Acker, BusError, Consumer, Delivery};
 
 /// What we read of a max-deliveries advisory.
@@ -36,30 +37,27 @@ impl JetStreamBus {
         stage: Stage,
     ) -> Result<Box<dyn Consumer>, BusError> {
         let name = self.names.exhausted_consumer(stage);
-        let error = |e: &dyn std::fmt::Display| BusError::Consume {
+        let error = |e: Source| BusError::Consume {
             stage: name.clone(),
-            detail: e.to_string(),
+            source: e,
         };
         let advisories = self
             .js
             .get_stream(self.names.advisory_stream())
             .await
-            .map_err(|e| error(&e))?;
-        let consumer: PullConsumer = advisories
-            .get_consumer(&name)
-            .await
-            .map_err(|e| error(&e))?;
+            .map_err(|e| error(e.into()))?;
+        let consumer: PullConsumer = advisories.get_consumer(&name).await.map_err(&error)?;
         let messages = consumer
             .stream()
             .max_messages_per_batch(10)
             .messages()
             .await
-            .map_err(|e| error(&e))?;
+            .map_err(|e| error(e.into()))?;
         let queue = self
             .js
             .get_stream(self.names.stream(stage))
             .await
-            .map_err(|e| error(&e))?;
+            .map_err(|e| error(e.into()))?;
         Ok(Box::new(ExhaustedConsumer {
             name,
             queue_name: self.names.stream(stage),
@@ -89,7 +87,7 @@ impl Consumer for ExhaustedConsumer {
                 Err(e) => {
                     return Some(Err(BusError::Consume {
                         stage: self.name.clone(),
-                        detail: e.to_string(),
+                        source: e.into(),
                     }));
                 }
             };
@@ -143,13 +141,19 @@ impl ExhaustedAcker {
         self.disconnects
             .guard(self.queue.delete_message(self.sequence))
             .await
-            .map_err(|e| BusError::Ack(format!("delete from {}: {e}", self.queue_name)))?
-            .map_err(|e| BusError::Ack(format!("delete from {}: {e}", self.queue_name)))?;
+            .map_err(|e| BusError::Ack {
+                what: format!("deleting from {}", self.queue_name),
+                source: e.into(),
+            })?
+            .map_err(|e| BusError::Ack {
+                what: format!("deleting from {}", self.queue_name),
+                source: e.into(),
+            })?;
         self.disconnects
             .guard(self.advisory.double_ack())
             .await
-            .map_err(|e| BusError::Ack(e.to_string()))?
-            .map_err(|e| BusError::Ack(e.to_string()))
+            .map_err(BusError::ack)?
+            .map_err(BusError::ack)
     }
 }
 
@@ -163,7 +167,7 @@ impl Acker for ExhaustedAcker {
         self.advisory
             .ack_with(AckKind::Nak(Some(delay)))
             .await
-            .map_err(|e| BusError::Ack(e.to_string()))
+            .map_err(BusError::ack)
     }
 
     async fn term(&self) -> Result<(), BusError> {
@@ -174,6 +178,6 @@ impl Acker for ExhaustedAcker {
         self.advisory
             .ack_with(AckKind::Progress)
             .await
-            .map_err(|e| BusError::Ack(e.to_string()))
+            .map_err(BusError::ack)
     }
 }
