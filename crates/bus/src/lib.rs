@@ -40,17 +40,21 @@ pub enum BusSettings {
     InProcess(LocalLimits),
     /// NATS JetStream, shared by every process of the deployment.
     JetStream {
+        /// The NATS server, `nats://host:port`.
         url: String,
         /// Prefixes every stream, subject, consumer and bucket name ([`Names`]), so several
         /// deployments can share one server.
         namespace: String,
+        /// Ack wait, delivery cap and duplicate window.
         options: JetStreamOptions,
     },
 }
 
 /// A connected bus: its two halves, and the tasks it runs in the background.
 pub struct Connected {
+    /// For the stages and their workers.
     pub messaging: Arc<dyn Messaging>,
+    /// For the loader's ledger and the rate budget: the same bus.
     pub coordination: Arc<dyn Coordination>,
     /// The bus's background tasks, for the caller to watch beside its workers (none today:
     /// even the messages the server gives up on are taken by the workers of their stage).

@@ -205,6 +205,9 @@ fn classify<E: Classified + Display>(result: Result<(), E>) -> Result<(), (Error
 /// in-flight handlers finish for [`WorkerOptions::shutdown_grace`]. Those still running after it
 /// are dropped (a handler may be dropped at any await: its effects are idempotent and the state
 /// advances only on confirmation) and their messages nak'd at once, to be redelivered.
+///
+/// Beside its consumer it takes the stage's messages the bus gave up on
+/// ([`Messaging::exhausted`]) and settles each as a [`Settle::DeadLetter`].
 pub async fn run<H: Handler>(
     bus: Arc<dyn Messaging>,
     stage: Stage,
@@ -504,7 +507,8 @@ pub struct BatchOptions {
 /// Runs a batch handler: up to `max_batch` messages, or what arrived within `max_wait`, are
 /// handled together and acked together. A batch that fails for a reason other than a retryable
 /// one is split and each message settled on its own, and one that keeps failing retryably is
-/// bisected (see `settle_batch`), so one bad message cannot hold up others.
+/// bisected (see `settle_batch`), so one bad message cannot hold up others. The stage's
+/// messages the bus gave up on ([`Messaging::exhausted`]) are given up on here too.
 pub async fn run_batched<H: BatchHandler>(
     bus: Arc<dyn Messaging>,
     stage: Stage,

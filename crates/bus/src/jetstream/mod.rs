@@ -557,6 +557,38 @@ mod tests {
         assert_eq!(parse_version("nonsense"), None);
     }
 
+    /// An upgraded deployment leaves nothing behind: the mover consumer that earlier versions
+    /// shared between all stages goes when a process connects, and each stage has its own.
+    #[tokio::test]
+    async fn connecting_replaces_the_old_shared_mover() {
+        use async_nats::jetstream::consumer::AckPolicy;
+        let Some(ns) = loopsync_testkit::TestNamespace::create("t") else {
+            return;
+        };
+        let names = Names::new(&ns.namespace);
+        let options = JetStreamOptions::default();
+        let bus = JetStreamBus::connect(&ns.url, names.clone(), &options)
+            .await
+            .expect("connect");
+        let advisories = bus.js.get_stream(names.advisory_stream()).await.unwrap();
+        advisories
+            .create_consumer(pull::Config {
+                durable_name: Some("dlq-mover".into()),
+                ack_policy: AckPolicy::Explicit,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        JetStreamBus::connect(&ns.url, names.clone(), &options)
+            .await
+            .expect("connect again");
+        assert!(advisories.consumer_info("dlq-mover").await.is_err());
+        for stage in Stage::ALL {
+            let name = names.exhausted_consumer(stage);
+            assert!(advisories.consumer_info(&name).await.is_ok(), "{name}");
+        }
+    }
+
     /// A request written to a connection that then drops is never answered: the server that
     /// would answer it is gone. It fails when the connection drops, not at its timeout, so
     /// that a NATS restart does not stall every worker for that long.
