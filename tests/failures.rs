@@ -7,7 +7,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use loopsync_core::subjects::{Names, Stage};
+use loopsync_bus::Names;
+use loopsync_core::stage::Stage;
 use loopsync_testkit::nats::{self, NatsServer};
 use loopsync_testkit::{Stack, StackOptions};
 use serde_json::Value;

@@ -1,22 +1,73 @@
 use loopsync_core::{Classified, ErrorClass};
 
+/// The error under a [`BusError`]: async-nats has one type per request kind, and the
+/// in-process bus an I/O error, so it is carried boxed, with its own chain.
+pub type Source = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 /// What can go wrong on the bus.
+///
+/// Each message also shows its source's: what the worker records as a dead letter's reason is
+/// the message alone.
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
-    #[error("cannot connect to NATS at {url}: {detail}")]
-    Connect { url: String, detail: String },
+    #[error("cannot connect to NATS at {url}: {source}")]
+    Connect {
+        url: String,
+        #[source]
+        source: async_nats::ConnectError,
+    },
     #[error("nats-server {version} is too old: loopsync needs 2.9.0 or newer")]
     ServerTooOld { version: String },
-    #[error("cannot set up {what}: {detail}")]
-    Provision { what: String, detail: String },
-    #[error("publish to {subject} failed: {detail}")]
-    Publish { subject: String, detail: String },
-    #[error("consuming {stage} failed: {detail}")]
-    Consume { stage: String, detail: String },
-    #[error("acknowledging failed: {0}")]
-    Ack(String),
-    #[error("ledger: {0}")]
-    Ledger(String),
+    #[error("cannot set up {what}: {source}")]
+    Provision {
+        what: String,
+        #[source]
+        source: Source,
+    },
+    #[error("publish to {subject} failed: {source}")]
+    Publish {
+        subject: String,
+        #[source]
+        source: Source,
+    },
+    #[error("consuming {stage} failed: {source}")]
+    Consume {
+        stage: String,
+        #[source]
+        source: Source,
+    },
+    #[error("{what} failed: {source}")]
+    Ack {
+        /// What was being settled: "acknowledging", or the removal of a message.
+        what: String,
+        #[source]
+        source: Source,
+    },
+    #[error("{what}: {source}")]
+    Ledger {
+        /// "ledger", or "ledger: rate budget".
+        what: &'static str,
+        #[source]
+        source: Source,
+    },
+}
+
+impl BusError {
+    /// Settling a message (ack, nak, term, in progress) failed.
+    pub(crate) fn ack(source: impl Into<Source>) -> BusError {
+        BusError::Ack {
+            what: "acknowledging".into(),
+            source: source.into(),
+        }
+    }
+
+    /// Reading or writing the ledger failed.
+    pub(crate) fn ledger(source: impl Into<Source>) -> BusError {
+        BusError::Ledger {
+            what: "ledger",
+            source: source.into(),
+        }
+    }
 }
 
 impl Classified for BusError {
@@ -25,5 +76,18 @@ impl Classified for BusError {
             BusError::ServerTooOld { .. } | BusError::Provision { .. } => ErrorClass::Permanent,
             _ => ErrorClass::RETRY,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wrapped_error_is_the_source() {
+        let e = BusError::ledger(std::io::Error::other("down"));
+        assert_eq!(e.to_string(), "ledger: down");
+        let source = std::error::Error::source(&e).expect("a source");
+        assert_eq!(source.to_string(), "down");
     }
 }

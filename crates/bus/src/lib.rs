@@ -1,29 +1,101 @@
 //! The bus: how the stages talk. All JetStream knowledge of loopsync lives in this crate.
 //!
-//! * [`Bus`] is the one seam: publish with a message id, consume a stage's work queue,
-//!   dead-letter, and a small ledger (last confirmed version per record).
-//! * [`JetStreamBus`] implements it on NATS JetStream (nats-server 2.9.10 and 2.1x): a
+//! * [`Messaging`] is the seam of the messages: publish with a message id, consume a stage's
+//!   work queue, dead-letter. [`Coordination`] is the rest the processes share: a small ledger
+//!   (last confirmed version per record) and the rate budgets.
+//! * [`JetStreamBus`] implements both on NATS JetStream (nats-server 2.9.10 and 2.1x): a
 //!   work-queue stream per hop, one durable pull consumer per stage shared by all replicas,
-//!   `Nats-Msg-Id` on every publish, a dead-letter stream fed by the worker and by the
-//!   max-deliveries and terminated advisories.
-//! * [`LocalBus`] implements it in process, for one-process runs without NATS.
+//!   `Nats-Msg-Id` on every publish, a dead-letter stream fed by the workers, who also take
+//!   their stage's max-deliveries advisories ([`Messaging::exhausted`]).
+//! * [`LocalBus`] implements both in process, for one-process runs without NATS.
+//! * [`RateBudget`] is a Loops team's rate budget, shared through [`Coordination`].
 //! * [`worker`] is the one place where an error class becomes ack, nak(delay) or term.
 
+pub mod budget;
 mod error;
 pub mod jetstream;
 pub mod local;
+pub mod names;
 pub mod publish;
 pub mod worker;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use loopsync_core::subjects::{Names, Stage};
+use loopsync_core::stage::Stage;
+use tokio::task::JoinSet;
 
+pub use budget::RateBudget;
 pub use error::BusError;
 pub use jetstream::{JetStreamBus, JetStreamOptions};
 pub use local::{LocalBus, LocalLimits};
+pub use names::Names;
+
+/// Which bus a deployment talks over.
+#[derive(Debug, Clone)]
+pub enum BusSettings {
+    /// In this process only: one-process runs without NATS.
+    InProcess(LocalLimits),
+    /// NATS JetStream, shared by every process of the deployment.
+    JetStream {
+        /// The NATS server, `nats://host:port`.
+        url: String,
+        /// Prefixes every stream, subject, consumer and bucket name ([`Names`]), so several
+        /// deployments can share one server.
+        namespace: String,
+        /// Ack wait, delivery cap and duplicate window.
+        options: JetStreamOptions,
+    },
+}
+
+/// A connected bus: its two halves, and the tasks it runs in the background.
+pub struct Connected {
+    /// For the stages and their workers.
+    pub messaging: Arc<dyn Messaging>,
+    /// For the loader's ledger and the rate budget: the same bus.
+    pub coordination: Arc<dyn Coordination>,
+    /// The bus's background tasks, for the caller to watch beside its workers (none today:
+    /// even the messages the server gives up on are taken by the workers of their stage).
+    pub tasks: JoinSet<Result<(), BusError>>,
+}
+
+impl std::fmt::Debug for Connected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connected")
+            .field("tasks", &self.tasks.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Connects to the bus `settings` names (for JetStream: checks the server's version and
+/// provisions every stream, consumer and bucket). The one place that picks an implementation,
+/// so that no caller names one.
+pub async fn connect(settings: &BusSettings) -> Result<Connected, BusError> {
+    match settings {
+        BusSettings::InProcess(limits) => {
+            let bus = Arc::new(LocalBus::with_limits(Names::default(), limits.clone()));
+            Ok(Connected {
+                messaging: bus.clone(),
+                coordination: bus,
+                tasks: JoinSet::new(),
+            })
+        }
+        BusSettings::JetStream {
+            url,
+            namespace,
+            options,
+        } => {
+            let bus = Arc::new(JetStreamBus::connect(url, Names::new(namespace), options).await?);
+            Ok(Connected {
+                messaging: bus.clone(),
+                coordination: bus,
+                tasks: JoinSet::new(),
+            })
+        }
+    }
+}
 
 /// A message that will not be processed again, with why.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,17 +110,19 @@ pub struct DeadLetter {
     pub sequence: u64,
 }
 
-/// How the stages talk.
+/// How the stages talk: messages on the work queues, and the dead letters.
+///
+/// Apart from [`Coordination`] because a stage that only passes messages on (the extractor,
+/// the transformer, the worker loop) has no business with the ledger or the rate budget.
 #[async_trait]
-pub trait Bus: Send + Sync + 'static {
-    /// The stream and subject names of this deployment.
-    fn names(&self) -> &Names;
-
-    /// Publishes and waits until the bus has stored the message. A second publish with the same
-    /// `message_id` within the duplicate window is dropped.
+pub trait Messaging: Send + Sync + 'static {
+    /// Publishes a message for `stage` about `sync` and waits until the bus has stored it. A
+    /// second publish with the same `message_id` within the duplicate window is dropped. The
+    /// bus names the subject: no code outside this crate builds one.
     async fn publish(
         &self,
-        subject: &str,
+        stage: Stage,
+        sync: &str,
         message_id: &str,
         payload: Bytes,
     ) -> Result<(), BusError>;
@@ -56,12 +130,31 @@ pub trait Bus: Send + Sync + 'static {
     /// Joins the stage's shared consumer; `batch` bounds how many messages are fetched ahead.
     async fn consume(&self, stage: Stage, batch: usize) -> Result<Box<dyn Consumer>, BusError>;
 
+    /// The messages of `stage` the bus itself gave up on: delivered its maximum number of times
+    /// without ever being settled (a worker crashed or hung on each, every time). `None` where
+    /// the bus never gives up. The worker of the stage settles each as a dead letter, through
+    /// the stage's own `give_up`: `term` (or `ack`) then removes it from the work queue, `nak`
+    /// leaves it to be offered again after the delay.
+    async fn exhausted(&self, stage: Stage) -> Result<Option<Box<dyn Consumer>>, BusError>;
+
     /// Stores a dead letter.
     async fn dead_letter(&self, letter: DeadLetter) -> Result<(), BusError>;
 
     /// The stored dead letters, oldest first.
     async fn dead_letters(&self) -> Result<Vec<DeadLetter>, BusError>;
 
+    /// Messages of a stage's work queue not yet settled (acknowledged or terminated): waiting,
+    /// being processed, or waiting to be redelivered. The stage's lag; 0 once it is idle.
+    async fn unsettled(&self, stage: Stage) -> Result<u64, BusError>;
+}
+
+/// What the processes of a deployment agree on besides messages: the loader's ledger (last
+/// confirmed version per record) and the shared rate budgets.
+///
+/// Apart from [`Messaging`] because the rate budget is also taken by commands that pass no
+/// messages (the preflight), and only the loader needs both.
+#[async_trait]
+pub trait Coordination: Send + Sync + 'static {
     /// Reads the ledger entry of a record, with its revision.
     async fn ledger_get(&self, key: &str) -> Result<Option<Versioned>, BusError>;
 
@@ -79,10 +172,6 @@ pub trait Bus: Send + Sync + 'static {
     /// Takes one request slot of the rate budget `budget`, shared by every process on this bus,
     /// waiting until one is free. Slots are `period` apart, never closer: a GCRA with no burst.
     async fn rate_slot(&self, budget: &str, period: Duration) -> Result<(), BusError>;
-
-    /// Messages of a stage's work queue not yet settled (acknowledged or terminated): waiting,
-    /// being processed, or waiting to be redelivered. The stage's lag; 0 once it is idle.
-    async fn unsettled(&self, stage: Stage) -> Result<u64, BusError>;
 }
 
 /// A ledger entry and its revision (which the next compare-and-set names).

@@ -19,12 +19,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::names::Names;
 use async_trait::async_trait;
 use bytes::Bytes;
-use loopsync_core::subjects::{Names, Stage};
+use loopsync_core::stage::Stage;
 use tokio::sync::Notify;
 
-use crate::{Acker, Bus, BusError, Consumer, DeadLetter, Delivery, Versioned};
+use crate::{Acker, BusError, Consumer, Coordination, DeadLetter, Delivery, Messaging, Versioned};
 
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
@@ -492,41 +493,41 @@ impl LocalBus {
         self.inner.seen.lock().expect("dedup lock").len()
     }
 
+    /// The stream and subject names it gives its messages.
+    pub fn names(&self) -> &Names {
+        &self.inner.names
+    }
+
     /// Entries in the ledger.
     pub fn ledger_len(&self) -> usize {
         self.inner.ledger.lock().expect("ledger lock").entries.len()
     }
 }
 
+/// An error of a stage's spill file, saying so.
+fn spill(e: &io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("in-process queue spill file: {e}"))
+}
+
 fn spill_error(stage: Stage, e: &io::Error) -> BusError {
     BusError::Publish {
         subject: stage.name().to_owned(),
-        detail: format!("in-process queue spill file: {e}"),
+        source: spill(e).into(),
     }
 }
 
 #[async_trait]
-impl Bus for LocalBus {
-    fn names(&self) -> &Names {
-        &self.inner.names
-    }
-
+impl Messaging for LocalBus {
     /// Waits while the stage holds [`LocalLimits::max_waiting`] messages (or
     /// [`LocalLimits::max_spill_bytes`] spilled).
     async fn publish(
         &self,
-        subject: &str,
+        stage: Stage,
+        sync: &str,
         message_id: &str,
         payload: Bytes,
     ) -> Result<(), BusError> {
-        let stage = self
-            .inner
-            .names
-            .stage_of(subject)
-            .ok_or_else(|| BusError::Publish {
-                subject: subject.to_owned(),
-                detail: "no stream holds this subject".into(),
-            })?;
+        let subject = self.inner.names.subject(stage, sync);
         let queue = &self.inner.queues[&stage];
         loop {
             let room = queue.room.notified();
@@ -542,7 +543,7 @@ impl Bus for LocalBus {
                         return Ok(());
                     }
                     let item = Queued {
-                        subject: subject.to_owned(),
+                        subject: subject.clone(),
                         payload,
                         attempt: 1,
                         sequence: self.inner.sequence.fetch_add(1, Ordering::SeqCst) + 1,
@@ -562,6 +563,12 @@ impl Bus for LocalBus {
         }
     }
 
+    /// None: in process, a crashed handler takes the bus down with it, so no message is ever
+    /// delivered without being settled more often than the worker allows.
+    async fn exhausted(&self, _stage: Stage) -> Result<Option<Box<dyn Consumer>>, BusError> {
+        Ok(None)
+    }
+
     async fn consume(&self, stage: Stage, _batch: usize) -> Result<Box<dyn Consumer>, BusError> {
         Ok(Box::new(LocalConsumer {
             queue: self.inner.queues[&stage].clone(),
@@ -577,6 +584,13 @@ impl Bus for LocalBus {
         Ok(self.inner.dead.lock().expect("dlq lock").clone())
     }
 
+    async fn unsettled(&self, stage: Stage) -> Result<u64, BusError> {
+        Ok(self.inner.queues[&stage].unsettled.load(Ordering::SeqCst))
+    }
+}
+
+#[async_trait]
+impl Coordination for LocalBus {
     async fn ledger_get(&self, key: &str) -> Result<Option<Versioned>, BusError> {
         Ok(self
             .inner
@@ -619,10 +633,6 @@ impl Bus for LocalBus {
         limiter.until_ready().await;
         Ok(())
     }
-
-    async fn unsettled(&self, stage: Stage) -> Result<u64, BusError> {
-        Ok(self.inner.queues[&stage].unsettled.load(Ordering::SeqCst))
-    }
 }
 
 struct LocalConsumer {
@@ -641,7 +651,7 @@ impl Consumer for LocalConsumer {
                 Err(e) => {
                     return Some(Err(BusError::Consume {
                         stage: self.queue.stage.name().to_owned(),
-                        detail: format!("in-process queue spill file: {e}"),
+                        source: spill(&e).into(),
                     }));
                 }
             };
@@ -695,7 +705,7 @@ impl Acker for LocalAcker {
             if delay.is_zero() {
                 queue.push_again(item).map_err(|e| {
                     queue.settled();
-                    BusError::Ack(format!("in-process queue spill file: {e}"))
+                    BusError::ack(spill(&e))
                 })?;
             } else {
                 tokio::spawn(async move {
@@ -735,28 +745,25 @@ mod tests {
     #[tokio::test]
     async fn dedup_within_window() {
         let bus = bus();
-        bus.publish("t.ops.users", "m1", Bytes::from_static(b"a"))
+        bus.publish(Stage::Loader, "users", "m1", Bytes::from_static(b"a"))
             .await
             .unwrap();
-        bus.publish("t.ops.users", "m1", Bytes::from_static(b"a"))
+        bus.publish(Stage::Loader, "users", "m1", Bytes::from_static(b"a"))
             .await
             .unwrap();
-        bus.publish("t.ops.users", "m2", Bytes::from_static(b"b"))
+        bus.publish(Stage::Loader, "users", "m2", Bytes::from_static(b"b"))
             .await
             .unwrap();
         assert_eq!(bus.pending(Stage::Loader), 2);
         assert_eq!(bus.unsettled(Stage::Loader).await.unwrap(), 2);
-        assert!(
-            bus.publish("t.nowhere.users", "m3", Bytes::new())
-                .await
-                .is_err()
-        );
+        // A message for a stream that does not exist cannot be written any more: the bus
+        // names the subject from the stage.
     }
 
     #[tokio::test]
     async fn nak_redelivers_with_attempt_count_after_delay() {
         let bus = bus();
-        bus.publish("t.ops.users", "m1", Bytes::from_static(b"a"))
+        bus.publish(Stage::Loader, "users", "m1", Bytes::from_static(b"a"))
             .await
             .unwrap();
         let mut c = bus.consume(Stage::Loader, 1).await.unwrap();
@@ -781,9 +788,14 @@ mod tests {
     async fn consumers_of_a_stage_share_the_queue() {
         let bus = bus();
         for i in 0..10 {
-            bus.publish("t.ops.s", &format!("m{i}"), Bytes::from(vec![i as u8]))
-                .await
-                .unwrap();
+            bus.publish(
+                Stage::Loader,
+                "s",
+                &format!("m{i}"),
+                Bytes::from(vec![i as u8]),
+            )
+            .await
+            .unwrap();
         }
         let mut a = bus.consume(Stage::Loader, 1).await.unwrap();
         let mut b = bus.consume(Stage::Loader, 1).await.unwrap();
@@ -809,7 +821,8 @@ mod tests {
     async fn publish_n(bus: &LocalBus, range: std::ops::Range<u32>) {
         for i in range {
             bus.publish(
-                "t.ops.s",
+                Stage::Loader,
+                "s",
                 &format!("m{i}"),
                 Bytes::from(i.to_le_bytes().to_vec()),
             )
@@ -866,7 +879,7 @@ mod tests {
         let bus = small(1, u64::MAX);
         let big = |i: u8| Bytes::from(vec![i; SPILL_CHUNK * 2 + usize::from(i)]);
         for i in 0..5u8 {
-            bus.publish("t.ops.s", &format!("b{i}"), big(i))
+            bus.publish(Stage::Loader, "s", &format!("b{i}"), big(i))
                 .await
                 .unwrap();
         }
@@ -945,7 +958,12 @@ mod tests {
     async fn a_publish_cancelled_while_waiting_can_be_retried() {
         let bus = small(1, 1);
         publish_n(&bus, 0..1).await;
-        let attempt = bus.publish("t.ops.s", "m1", Bytes::from(1u32.to_le_bytes().to_vec()));
+        let attempt = bus.publish(
+            Stage::Loader,
+            "s",
+            "m1",
+            Bytes::from(1u32.to_le_bytes().to_vec()),
+        );
         assert!(
             tokio::time::timeout(Duration::from_millis(100), attempt)
                 .await

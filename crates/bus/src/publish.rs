@@ -4,15 +4,15 @@ use bytes::Bytes;
 use loopsync_core::codec;
 use loopsync_core::envelope::{Operation, Outcome, RowChange, RunRequest};
 use loopsync_core::keys;
-use loopsync_core::subjects::Stage;
+use loopsync_core::stage::Stage;
 
-use crate::{Bus, BusError};
+use crate::{BusError, Messaging};
 
 /// Asks the extractors for a run (exactly one of them takes it).
-pub async fn run_request(bus: &dyn Bus, request: &RunRequest) -> Result<(), BusError> {
-    let subject = bus.names().subject(Stage::Extractor, &request.sync);
+pub async fn run_request(bus: &dyn Messaging, request: &RunRequest) -> Result<(), BusError> {
     bus.publish(
-        &subject,
+        Stage::Extractor,
+        &request.sync,
         &keys::run_message_id(&request.installation, request.run_id),
         Bytes::from(codec::encode(request)),
     )
@@ -20,8 +20,7 @@ pub async fn run_request(bus: &dyn Bus, request: &RunRequest) -> Result<(), BusE
 }
 
 /// extractor → transformer.
-pub async fn change(bus: &dyn Bus, change: &RowChange) -> Result<(), BusError> {
-    let subject = bus.names().subject(Stage::Transformer, &change.sync);
+pub async fn change(bus: &dyn Messaging, change: &RowChange) -> Result<(), BusError> {
     let id = keys::message_id(
         "chg",
         &change.installation,
@@ -30,13 +29,17 @@ pub async fn change(bus: &dyn Bus, change: &RowChange) -> Result<(), BusError> {
         &change.key,
         &change.fingerprint,
     );
-    bus.publish(&subject, &id, Bytes::from(codec::encode(change)))
-        .await
+    bus.publish(
+        Stage::Transformer,
+        &change.sync,
+        &id,
+        Bytes::from(codec::encode(change)),
+    )
+    .await
 }
 
 /// transformer → loader.
-pub async fn operation(bus: &dyn Bus, op: &Operation) -> Result<(), BusError> {
-    let subject = bus.names().subject(Stage::Loader, &op.sync);
+pub async fn operation(bus: &dyn Messaging, op: &Operation) -> Result<(), BusError> {
     let id = keys::message_id(
         "op",
         &op.installation,
@@ -45,15 +48,14 @@ pub async fn operation(bus: &dyn Bus, op: &Operation) -> Result<(), BusError> {
         &op.key,
         &op.fingerprint,
     );
-    bus.publish(&subject, &id, Bytes::from(codec::encode(op)))
+    bus.publish(Stage::Loader, &op.sync, &id, Bytes::from(codec::encode(op)))
         .await
 }
 
 /// Any stage → checkpointer. One id per (run, record, status), and per attempt for an
 /// `attempted` outcome: a repeat of the same outcome is dropped by the bus, and the
 /// checkpointer ignores one that gets through anyway.
-pub async fn outcome(bus: &dyn Bus, outcome: &Outcome) -> Result<(), BusError> {
-    let subject = bus.names().subject(Stage::Checkpointer, &outcome.sync);
+pub async fn outcome(bus: &dyn Messaging, outcome: &Outcome) -> Result<(), BusError> {
     let mut id = format!(
         "{}:{}",
         keys::message_id(
@@ -70,6 +72,11 @@ pub async fn outcome(bus: &dyn Bus, outcome: &Outcome) -> Result<(), BusError> {
         id.push(':');
         id.push_str(attempt);
     }
-    bus.publish(&subject, &id, Bytes::from(codec::encode(outcome)))
-        .await
+    bus.publish(
+        Stage::Checkpointer,
+        &outcome.sync,
+        &id,
+        Bytes::from(codec::encode(outcome)),
+    )
+    .await
 }

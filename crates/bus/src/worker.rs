@@ -13,21 +13,27 @@
 //!
 //! "Give up" lets the stage record the record's fate (an outcome) before the message goes.
 //! Acknowledgement always follows the effect: nothing is acked before `handle` returned.
+//!
+//! The bus may give up on a message too: one delivered its maximum number of times without
+//! ever being settled, because a worker crashed or hung on it each time
+//! ([`Messaging::exhausted`]). The workers of its stage take those beside their work and settle
+//! each as a dead letter, through the same `give_up`: every fate is decided here.
 
 use std::fmt::Display;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use loopsync_core::subjects::Stage;
+use loopsync_core::stage::Stage;
 use loopsync_core::{Classified, ErrorClass};
 use rand::Rng;
 use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
+use tokio::task::{JoinError, JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
-use crate::{Bus, BusError, DeadLetter, Delivery, sync_of};
+use crate::{BusError, DeadLetter, Delivery, Messaging, sync_of};
 
 /// What a handler sees of a delivery besides its payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -230,14 +236,28 @@ fn classify<E: Classified + Display>(result: Result<(), E>) -> Result<(), (Error
 /// in-flight handlers finish for [`WorkerOptions::shutdown_grace`]. Those still running after it
 /// are dropped (a handler may be dropped at any await: its effects are idempotent and the state
 /// advances only on confirmation) and their messages nak'd at once, to be redelivered.
+///
+/// Beside its consumer it takes the stage's messages the bus gave up on
+/// ([`Messaging::exhausted`]) and settles each as a [`Settle::DeadLetter`].
 pub async fn run<H: Handler>(
-    bus: Arc<dyn Bus>,
+    bus: Arc<dyn Messaging>,
     stage: Stage,
     handler: Arc<H>,
     options: WorkerOptions,
     shutdown: CancellationToken,
 ) -> Result<(), BusError> {
     let mut consumer = bus.consume(stage, options.concurrency).await?;
+    let mover = {
+        let (bus, handler, options) = (bus.clone(), handler.clone(), options.clone());
+        Mover::start(&*bus.clone(), stage, &shutdown, move |delivery, reason| {
+            let (bus, handler, options) = (bus.clone(), handler.clone(), options.clone());
+            async move {
+                let info = info_of(&delivery);
+                dead_letter(&*bus, stage, &*handler, &info, delivery, &reason, &options).await
+            }
+        })
+        .await?
+    };
     let permits = Arc::new(Semaphore::new(options.concurrency.max(1)));
     let mut tasks = JoinSet::new();
     let abandon = CancellationToken::new();
@@ -265,14 +285,19 @@ pub async fn run<H: Handler>(
                 });
             }
         }
-        while tasks.try_join_next().is_some() {}
+        while let Some(joined) = tasks.try_join_next() {
+            log_panic(stage, joined);
+        }
     }
     let grace = async {
         shutdown.cancelled().await;
         tokio::time::sleep(options.shutdown_grace).await;
     };
     tokio::select! {
-        () = drain(&mut tasks) => return Ok(()),
+        () = drain(stage, &mut tasks) => {
+            mover.stop(stage).await;
+            return Ok(());
+        }
         () = grace => {}
     }
     tracing::warn!(
@@ -284,21 +309,112 @@ pub async fn run<H: Handler>(
     abandon.cancel();
     // Each abandoned task naks its message; a nak that does not answer soon is left to the
     // bus's redelivery timer.
-    if tokio::time::timeout(Duration::from_secs(1), drain(&mut tasks))
+    if tokio::time::timeout(Duration::from_secs(1), drain(stage, &mut tasks))
         .await
         .is_err()
     {
         tasks.abort_all();
     }
+    mover.stop(stage).await;
     Ok(())
 }
 
-async fn drain(tasks: &mut JoinSet<()>) {
-    while tasks.join_next().await.is_some() {}
+async fn drain(stage: Stage, tasks: &mut JoinSet<()>) {
+    while let Some(joined) = tasks.join_next().await {
+        log_panic(stage, joined);
+    }
+}
+
+/// Logs a task that panicked (its message is left unsettled: the bus redelivers it after its
+/// ack wait). Without this, a panicking handler would go unnoticed but for the redeliveries.
+fn log_panic(stage: Stage, joined: Result<(), JoinError>) {
+    let Err(error) = joined else {
+        return;
+    };
+    if !error.is_panic() {
+        return;
+    }
+    let panic = error.into_panic();
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(a panic without a message)".to_owned());
+    tracing::error!(
+        stage = stage.name(),
+        panic = %message,
+        "a handler panicked: its message is left unsettled, to be redelivered"
+    );
+}
+
+/// Why a message the bus gave up on is dead-lettered.
+fn exhausted_reason(deliveries: u32) -> String {
+    format!("delivered {deliveries} times without being settled (a worker crashed or hung on it)")
+}
+
+/// The task that takes a stage's messages the bus gave up on ([`Messaging::exhausted`]), beside
+/// the worker's normal consumer and outside its concurrency limit: handlers hung on messages
+/// hold every permit, and the messages they hang on are exactly the ones to take here.
+struct Mover(Option<(CancellationToken, JoinHandle<()>)>);
+
+impl Mover {
+    /// Starts taking the stage's exhausted messages, if the bus has any, and settling each with
+    /// `settle(delivery, reason)` until `shutdown`.
+    async fn start<F, Fut>(
+        bus: &dyn Messaging,
+        stage: Stage,
+        shutdown: &CancellationToken,
+        settle: F,
+    ) -> Result<Mover, BusError>
+    where
+        F: Fn(Delivery, String) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(), BusError>> + Send,
+    {
+        let Some(mut exhausted) = bus.exhausted(stage).await? else {
+            return Ok(Mover(None));
+        };
+        let stop = shutdown.child_token();
+        let stopped = stop.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    () = stopped.cancelled() => return,
+                    d = exhausted.next() => d,
+                };
+                match next {
+                    None => return,
+                    Some(Err(error)) => {
+                        tracing::warn!(stage = stage.name(), %error, "exhausted messages");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    Some(Ok(delivery)) => {
+                        let reason = exhausted_reason(delivery.attempt);
+                        if let Err(error) = settle(delivery, reason).await {
+                            // Offered again later; every step is idempotent.
+                            tracing::warn!(stage = stage.name(), %error, "settling an exhausted message failed");
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Mover(Some((stop, task))))
+    }
+
+    /// Stops taking; a settling under way gets a second to finish.
+    async fn stop(self, stage: Stage) {
+        let Some((stop, mut task)) = self.0 else {
+            return;
+        };
+        stop.cancel();
+        match tokio::time::timeout(Duration::from_secs(1), &mut task).await {
+            Ok(joined) => log_panic(stage, joined),
+            Err(_) => task.abort(),
+        }
+    }
 }
 
 async fn process<H: Handler>(
-    bus: &dyn Bus,
+    bus: &dyn Messaging,
     stage: Stage,
     handler: &H,
     delivery: Delivery,
@@ -368,7 +484,7 @@ async fn process<H: Handler>(
 }
 
 async fn dead_letter<H: Handler>(
-    bus: &dyn Bus,
+    bus: &dyn Messaging,
     stage: Stage,
     handler: &H,
     info: &DeliveryInfo,
@@ -422,22 +538,33 @@ pub struct BatchOptions {
 /// Runs a batch handler: up to `max_batch` messages, or what arrived within `max_wait`, are
 /// handled together and acked together. A batch that fails for a reason other than a retryable
 /// one is split and each message settled on its own, and one that keeps failing retryably is
-/// bisected (see `settle_batch`), so one bad message cannot hold up others.
+/// bisected (see `settle_batch`), so one bad message cannot hold up others. The stage's
+/// messages the bus gave up on ([`Messaging::exhausted`]) are given up on here too.
 pub async fn run_batched<H: BatchHandler>(
-    bus: Arc<dyn Bus>,
+    bus: Arc<dyn Messaging>,
     stage: Stage,
     handler: Arc<H>,
     options: BatchOptions,
     shutdown: CancellationToken,
 ) -> Result<(), BusError> {
     let mut consumer = bus.consume(stage, options.max_batch).await?;
+    let mover = {
+        let (bus, handler, options) = (bus.clone(), handler.clone(), options.worker.clone());
+        Mover::start(&*bus.clone(), stage, &shutdown, move |delivery, reason| {
+            let (bus, handler, options) = (bus.clone(), handler.clone(), options.clone());
+            async move {
+                give_up_without_record(&*bus, stage, &*handler, delivery, reason, &options).await
+            }
+        })
+        .await?
+    };
     loop {
         let first = tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
+            () = shutdown.cancelled() => break,
             d = consumer.next() => d,
         };
         let mut batch = match first {
-            None => return Ok(()),
+            None => break,
             Some(Err(error)) => {
                 tracing::warn!(stage = stage.name(), %error, "consumer error");
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -457,6 +584,8 @@ pub async fn run_batched<H: BatchHandler>(
         }
         settle_batch(&*bus, stage, &*handler, batch, &options.worker).await;
     }
+    mover.stop(stage).await;
+    Ok(())
 }
 
 fn info_of(delivery: &Delivery) -> DeliveryInfo {
@@ -490,7 +619,7 @@ async fn handle_some<H: BatchHandler>(
 ///   fails (about 2·log2(n) calls). When both halves fail, the cause is most likely the
 ///   warehouse itself, and the whole batch waits (nak) rather than being tried piece by piece.
 async fn settle_batch<H: BatchHandler>(
-    bus: &dyn Bus,
+    bus: &dyn Messaging,
     stage: Stage,
     handler: &H,
     batch: Vec<Delivery>,
@@ -539,7 +668,7 @@ async fn settle_batch<H: BatchHandler>(
 }
 
 async fn settle_all<H: BatchHandler>(
-    bus: &dyn Bus,
+    bus: &dyn Messaging,
     stage: Stage,
     handler: &H,
     batch: Vec<Delivery>,
@@ -555,7 +684,7 @@ async fn settle_all<H: BatchHandler>(
 /// its messages *are* outcomes): rejected and dead-lettered both go to the dead letters, after
 /// the handler recorded them where people look ([`BatchHandler::give_up`]).
 async fn settle_without_record<H: BatchHandler>(
-    bus: &dyn Bus,
+    bus: &dyn Messaging,
     stage: Stage,
     handler: &H,
     delivery: Delivery,
@@ -567,21 +696,7 @@ async fn settle_without_record<H: BatchHandler>(
         Settle::Ack => delivery.acker.ack().await,
         Settle::Nak(delay) => delivery.acker.nak(delay).await,
         Settle::Reject(reason) | Settle::DeadLetter(reason) => {
-            match handler.give_up(&info, &delivery.payload, &reason).await {
-                Err(error) if error.class().is_retryable() => {
-                    tracing::warn!(stage = stage.name(), %error, "recording a dead letter failed");
-                    delivery
-                        .acker
-                        .nak(options.backoff.delay(info.attempt))
-                        .await
-                }
-                recorded => {
-                    if let Err(error) = recorded {
-                        tracing::error!(stage = stage.name(), %error, reason, "a dead letter could not be recorded; it is in the bus's dead letters only");
-                    }
-                    dead_letter_raw(bus, stage, &info, delivery, &reason).await
-                }
-            }
+            give_up_without_record(bus, stage, handler, delivery, reason, options).await
         }
     };
     if let Err(error) = settled {
@@ -589,9 +704,38 @@ async fn settle_without_record<H: BatchHandler>(
     }
 }
 
+/// Gives up on a message of a stage that has no record to give an outcome to: recorded where
+/// people look ([`BatchHandler::give_up`]), then dead-lettered; a retryable failure to record
+/// it keeps the message for later.
+async fn give_up_without_record<H: BatchHandler>(
+    bus: &dyn Messaging,
+    stage: Stage,
+    handler: &H,
+    delivery: Delivery,
+    reason: String,
+    options: &WorkerOptions,
+) -> Result<(), BusError> {
+    let info = info_of(&delivery);
+    match handler.give_up(&info, &delivery.payload, &reason).await {
+        Err(error) if error.class().is_retryable() => {
+            tracing::warn!(stage = stage.name(), %error, "recording a dead letter failed");
+            delivery
+                .acker
+                .nak(options.backoff.delay(info.attempt))
+                .await
+        }
+        recorded => {
+            if let Err(error) = recorded {
+                tracing::error!(stage = stage.name(), %error, reason, "a dead letter could not be recorded; it is in the bus's dead letters only");
+            }
+            dead_letter_raw(bus, stage, &info, delivery, &reason).await
+        }
+    }
+}
+
 /// Dead-letters a message whose handler has no record to give an outcome to.
 async fn dead_letter_raw(
-    bus: &dyn Bus,
+    bus: &dyn Messaging,
     stage: Stage,
     info: &DeliveryInfo,
     delivery: Delivery,

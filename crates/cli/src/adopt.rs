@@ -9,8 +9,8 @@ use std::process::ExitCode;
 
 use clap::Args;
 use loopsync_core::envelope::RequestCounts;
+use loopsync_engine::RateBudget;
 use loopsync_engine::adopt::adopt;
-use loopsync_loader::RateBudget;
 
 use loopsync_engine::destination;
 use loopsync_engine::pipeline::loops_client;

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use clap::{Args, ValueEnum};
-use loopsync_core::subjects::Stage;
+use loopsync_core::stage::Stage;
 use loopsync_engine::pipeline::Pipeline;
 
 use crate::{UsageError, load_config};
@@ -51,7 +51,6 @@ pub async fn run(config_path: &Path, args: WorkerArgs) -> anyhow::Result<ExitCod
             "loader"
         }
     };
-    pipeline.spawn_dead_letter_mover();
     println!("loopsync worker {name} ready");
     std::io::stdout().flush()?;
     let served = pipeline.serve_until(crate::shutdown_signal()).await;

@@ -1,8 +1,8 @@
 //! The vocabulary shared by every loopsync stage.
 //!
 //! This crate has no I/O: no NATS, no HTTP, no database. It holds what more than one stage must
-//! agree on: the messages on the subjects and their codec, the deterministic keys, the subject
-//! and stream names, the resolved sync definition with its fingerprint, the Loops destination a
+//! agree on: the messages on the subjects and their codec, the deterministic keys, the pipeline's
+//! stages, the resolved sync definition with its fingerprint, the Loops destination a
 //! sync's state belongs to, and the error classes.
 
 pub mod codec;
@@ -11,7 +11,7 @@ pub mod envelope;
 pub mod error;
 pub mod keys;
 pub mod spec;
-pub mod subjects;
+pub mod stage;
 pub mod value;
 
 pub use error::{Classified, ErrorClass};

@@ -121,9 +121,9 @@ pub async fn adopt(
 mod tests {
     use std::sync::Arc;
 
-    use loopsync_bus::{Bus, LocalBus};
+    use loopsync_bus::{LocalBus, Messaging, Names};
     use loopsync_core::envelope::{RunRequest, VERSION};
-    use loopsync_core::subjects::{Names, Stage};
+    use loopsync_core::stage::Stage;
     use loopsync_extractor::ExtractorStage;
 
     use super::*;

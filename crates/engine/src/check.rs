@@ -86,7 +86,7 @@ pub async fn check(config: &Config, create_properties: bool) -> Result<CheckRepo
         }
     }
     let client = loops_client(config)?;
-    let budget = loopsync_loader::RateBudget::local(config.loops.requests_per_second);
+    let budget = loopsync_bus::RateBudget::local(config.loops.requests_per_second);
     // `check` belongs to no run: its requests are counted nowhere.
     let mut uncounted = RequestCounts::default();
     let counts = &mut uncounted;

@@ -12,9 +12,9 @@
 
 use std::fmt;
 
+use loopsync_bus::RateBudget;
 use loopsync_core::destination::Destination;
 use loopsync_core::envelope::RequestCounts;
-use loopsync_loader::RateBudget;
 use loopsync_loops_client::LoopsClient;
 use loopsync_warehouse::{DestinationBinding, Warehouse};
 

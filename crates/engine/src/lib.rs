@@ -21,3 +21,5 @@ pub mod verify;
 mod testing;
 
 pub use error::EngineError;
+/// The Loops team's rate budget, which the binary hands to the calls it makes itself.
+pub use loopsync_bus::RateBudget;

@@ -5,13 +5,13 @@
 use std::sync::Arc;
 
 use loopsync_bus::worker;
-use loopsync_bus::{Bus, BusError, JetStreamBus, LocalBus};
+use loopsync_bus::{BusError, Connected, Coordination, Messaging, RateBudget};
 use loopsync_checkpointer::Checkpointer;
 use loopsync_config::Config;
 use loopsync_core::spec::SyncSpec;
-use loopsync_core::subjects::{Names, Stage};
+use loopsync_core::stage::Stage;
 use loopsync_extractor::ExtractorStage;
-use loopsync_loader::{LoaderStage, RateBudget};
+use loopsync_loader::LoaderStage;
 use loopsync_loops_client::{ApiKey, ClientConfig, LoopsClient};
 use loopsync_transformer::TransformerStage;
 use loopsync_warehouse::Warehouse;
@@ -26,10 +26,11 @@ pub struct Pipeline {
     /// The config it was connected with.
     pub config: Config,
     /// The bus every stage of this process works on.
-    pub bus: Arc<dyn Bus>,
+    pub bus: Arc<dyn Messaging>,
+    /// The same bus's ledger and rate budgets.
+    pub coordination: Arc<dyn Coordination>,
     /// The warehouse: the models, and the syncs' state.
     pub warehouse: Arc<dyn Warehouse>,
-    jetstream: Option<Arc<JetStreamBus>>,
     /// The Loops team's rate budget, shared through the bus by every process: the loader and
     /// the preflight take their slots from it.
     pub budget: RateBudget,
@@ -47,19 +48,13 @@ impl Pipeline {
     ) -> Result<Pipeline, EngineError> {
         let warehouse = loopsync_warehouse::connect(&config.warehouse.url).await?;
         warehouse.prepare().await?;
-        let (bus, jetstream): (Arc<dyn Bus>, _) =
-            match (&config.nats, settings::jetstream_options(&config)) {
-                (Some(nats), Some(options)) => {
-                    let js = Arc::new(
-                        JetStreamBus::connect(&nats.url, Names::new(&nats.namespace), &options)
-                            .await?,
-                    );
-                    (js.clone(), Some(js))
-                }
-                _ => (Arc::new(LocalBus::default()), None),
-            };
+        let Connected {
+            messaging: bus,
+            coordination,
+            tasks,
+        } = loopsync_bus::connect(&settings::bus_settings(&config)).await?;
         let budget = RateBudget::shared(
-            bus.clone(),
+            coordination.clone(),
             &config.loops.api_key,
             config.loops.requests_per_second,
         );
@@ -67,10 +62,10 @@ impl Pipeline {
             budget,
             config,
             bus,
+            coordination,
             warehouse,
-            jetstream,
             shutdown: shutdown.child_token(),
-            tasks: JoinSet::new(),
+            tasks,
         })
     }
 
@@ -105,6 +100,7 @@ impl Pipeline {
             Stage::Loader => {
                 let handler = Arc::new(LoaderStage::new(
                     bus.clone(),
+                    self.coordination.clone(),
                     self.loops_client()?,
                     self.budget.clone(),
                 ));
@@ -121,21 +117,11 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Starts the dead-letter mover (JetStream only: the in-process bus has no advisories).
-    pub fn spawn_dead_letter_mover(&mut self) {
-        if let Some(js) = self.jetstream.clone() {
-            let stop = self.shutdown.clone();
-            self.tasks
-                .spawn(async move { js.run_dead_letter_mover(stop).await });
-        }
-    }
-
     /// Every stage in this process.
     pub fn spawn_all(&mut self) -> Result<(), EngineError> {
         for stage in Stage::ALL {
             self.spawn(stage)?;
         }
-        self.spawn_dead_letter_mover();
         Ok(())
     }
 

@@ -5,11 +5,11 @@
 
 use std::fmt;
 
+use loopsync_bus::RateBudget;
 use loopsync_core::destination::Destination;
 use loopsync_core::envelope::RequestCounts;
 use loopsync_core::spec::{SyncSpec, default_property_kind};
 use loopsync_core::value::PropertyKind;
-use loopsync_loader::RateBudget;
 use loopsync_loops_client::{ContactProperty, LoopsClient, PropertyType};
 
 use crate::EngineError;

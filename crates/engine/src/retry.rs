@@ -1,10 +1,10 @@
 //! Calls to Loops outside the pipeline (the preflight, `check`, `verify`), retried by the same
 //! rule as a worker's messages ([`loopsync_bus::worker::retry_delay`]).
 
+use loopsync_bus::RateBudget;
 use loopsync_bus::worker::{Backoff, RetryPolicy, retry_delay};
 use loopsync_core::Classified;
 use loopsync_core::envelope::{RequestCounts, RequestKind};
-use loopsync_loader::RateBudget;
 use loopsync_loops_client::LoopsError;
 
 use crate::EngineError;

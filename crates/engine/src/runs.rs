@@ -5,11 +5,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use loopsync_bus::{Bus, publish};
+use loopsync_bus::RateBudget;
+use loopsync_bus::{Messaging, publish};
 use loopsync_config::{Config, Schedule};
 use loopsync_core::Classified;
 use loopsync_core::envelope::{RequestCounts, RunRequest, VERSION};
-use loopsync_loader::RateBudget;
 use loopsync_loops_client::LoopsClient;
 use loopsync_warehouse::{RunSummary, Warehouse};
 use tokio_util::sync::CancellationToken;
@@ -40,7 +40,7 @@ pub struct RunAsk {
 /// [`WarehouseError::RunInProgress`] while another run of the sync is in progress. Whoever
 /// asks must then wait for the run ([`wait_for_run`]): the wait is the run's sign of life.
 pub async fn request_run(
-    bus: &dyn Bus,
+    bus: &dyn Messaging,
     warehouse: &dyn Warehouse,
     sync: &str,
     ask: RunAsk,
@@ -323,7 +323,7 @@ pub enum SyncRun {
 /// and the [`Preflight`] whose requests go with the runs they serve.
 pub struct Runs {
     config: Config,
-    bus: Arc<dyn Bus>,
+    bus: Arc<dyn Messaging>,
     warehouse: Arc<dyn Warehouse>,
     budget: RateBudget,
     client: LoopsClient,

@@ -4,10 +4,10 @@
 
 use std::time::Duration;
 
-use loopsync_bus::JetStreamOptions;
 use loopsync_bus::worker::{BatchOptions, WorkerOptions};
+use loopsync_bus::{BusSettings, JetStreamOptions, LocalLimits};
 use loopsync_config::Config;
-use loopsync_core::subjects::Stage;
+use loopsync_core::stage::Stage;
 
 /// Attempts of a run request: enough for the extractor to wait out a warehouse outage of some
 /// ten minutes (backoff capped at 30 s), after which the run fails.
@@ -64,6 +64,19 @@ pub fn max_deliver(config: &Config) -> i64 {
 }
 
 /// The JetStream options of the config's `[nats]` section (`None` without one).
+/// Which bus the config asks for: JetStream with `[nats]`, else in process.
+pub fn bus_settings(config: &Config) -> BusSettings {
+    match (&config.nats, jetstream_options(config)) {
+        (Some(nats), Some(options)) => BusSettings::JetStream {
+            url: nats.url.clone(),
+            namespace: nats.namespace.clone(),
+            options,
+        },
+        _ => BusSettings::InProcess(LocalLimits::default()),
+    }
+}
+
+/// The JetStream tuning of the config's `[nats]`, if it has one.
 pub fn jetstream_options(config: &Config) -> Option<JetStreamOptions> {
     config.nats.as_ref().map(|nats| JetStreamOptions {
         ack_wait: nats.ack_wait(),

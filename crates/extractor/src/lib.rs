@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 use loopsync_bus::worker::{DeliveryInfo, Fate, Handler};
-use loopsync_bus::{Bus, BusError, publish};
+use loopsync_bus::{BusError, Messaging, publish};
 use loopsync_core::codec::{self, DecodeError};
 use loopsync_core::envelope::{ChangeKind, Outcome, OutcomeStatus, RowChange, RunRequest};
 use loopsync_core::spec::{Behavior, IdentifyBy, OnRemove, SyncSpec};
@@ -53,14 +53,14 @@ impl Classified for ExtractError {
 
 /// The extractor on the bus.
 pub struct ExtractorStage {
-    bus: Arc<dyn Bus>,
+    bus: Arc<dyn Messaging>,
     warehouse: Arc<dyn Warehouse>,
     specs: HashMap<String, SyncSpec>,
 }
 
 impl ExtractorStage {
     pub fn new(
-        bus: Arc<dyn Bus>,
+        bus: Arc<dyn Messaging>,
         warehouse: Arc<dyn Warehouse>,
         specs: impl IntoIterator<Item = SyncSpec>,
     ) -> ExtractorStage {

@@ -18,15 +18,13 @@
 //!   after sending publishes its requests first, as an `attempted` outcome, so the run report
 //!   counts them although the message is naked and tried again.
 
-use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use loopsync_bus::worker::{DeliveryInfo, Fate, Handler};
-use loopsync_bus::{Bus, BusError, publish};
+use loopsync_bus::{BusError, Coordination, Messaging, RateBudget, publish};
 use loopsync_core::codec::{self, DecodeError};
 use loopsync_core::envelope::{
     Action, Operation, Outcome, OutcomeStatus, RequestCounts, RequestKind,
@@ -148,73 +146,27 @@ fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-/// The interval between two requests of a budget of `per_second`: 1/`per_second`, plus 2 % (at
-/// least 1 ms) so that network jitter between processes cannot put `per_second` + 1 requests
-/// into one second of a sliding window.
-pub fn slot_period(per_second: u32) -> Duration {
-    let base = Duration::from_secs(1) / per_second.max(1);
-    base + (base / 50).max(Duration::from_millis(1))
-}
-
-/// The rate budget of one Loops team, shared by every request to it.
-#[derive(Clone)]
-pub enum RateBudget {
-    /// Shared through the bus by every process of the deployment (the loader's).
-    Shared {
-        bus: Arc<dyn Bus>,
-        name: String,
-        period: Duration,
-    },
-    /// This process only (commands that run without a bus, such as `check`).
-    Local(Arc<DefaultDirectRateLimiter>),
-}
-
-impl RateBudget {
-    /// The team's budget on `bus`: one per API key, whatever the number of syncs and workers.
-    pub fn shared(bus: Arc<dyn Bus>, api_key: &str, requests_per_second: u32) -> RateBudget {
-        RateBudget::Shared {
-            bus,
-            name: format!("team-{}", keys::record_id("loops-api-key", api_key)),
-            period: slot_period(requests_per_second),
-        }
-    }
-
-    pub fn local(requests_per_second: u32) -> RateBudget {
-        RateBudget::Local(Arc::new(pacer(requests_per_second)))
-    }
-
-    /// Waits for, and takes, the next request slot.
-    pub async fn ready(&self) -> Result<(), BusError> {
-        match self {
-            RateBudget::Shared { bus, name, period } => bus.rate_slot(name, *period).await,
-            RateBudget::Local(pacer) => {
-                pacer.until_ready().await;
-                Ok(())
-            }
-        }
-    }
-}
-
-/// An even pace of `per_second` requests in this process: one every [`slot_period`], no burst.
-pub fn pacer(per_second: u32) -> DefaultDirectRateLimiter {
-    let quota = Quota::with_period(slot_period(per_second))
-        .expect("a positive period")
-        .allow_burst(NonZeroU32::MIN);
-    RateLimiter::direct(quota)
-}
-
 /// The loader on the bus.
 pub struct LoaderStage {
-    bus: Arc<dyn Bus>,
+    bus: Arc<dyn Messaging>,
+    ledger: Arc<dyn Coordination>,
     client: LoopsClient,
     budget: RateBudget,
 }
 
 impl LoaderStage {
-    /// `budget` is the team's rate budget: share it with every other request to Loops.
-    pub fn new(bus: Arc<dyn Bus>, client: LoopsClient, budget: RateBudget) -> LoaderStage {
+    /// `bus` carries the outcomes, `ledger` holds the last confirmed version per record (the
+    /// two halves of one bus in a deployment). `budget` is the team's rate budget: share it
+    /// with every other request to Loops.
+    pub fn new(
+        bus: Arc<dyn Messaging>,
+        ledger: Arc<dyn Coordination>,
+        client: LoopsClient,
+        budget: RateBudget,
+    ) -> LoaderStage {
         LoaderStage {
             bus,
+            ledger,
             client,
             budget,
         }
@@ -222,7 +174,7 @@ impl LoaderStage {
 
     /// The record's ledger entry and its revision.
     async fn ledger(&self, key: &str) -> Result<(Option<LedgerEntry>, Option<u64>), LoadError> {
-        Ok(match self.bus.ledger_get(key).await? {
+        Ok(match self.ledger.ledger_get(key).await? {
             Some(v) => (
                 codec::decode::<LedgerEntry>(&v.value).ok(),
                 Some(v.revision),
@@ -411,7 +363,7 @@ impl LoaderStage {
                 until_ms: now + CLAIM.as_millis() as i64,
             });
             let Some(claim_revision) = self
-                .bus
+                .ledger
                 .ledger_swap(&key, Bytes::from(codec::encode(&claimed)), revision)
                 .await?
             else {
@@ -423,7 +375,7 @@ impl LoaderStage {
                     // Let the retry, or another version, go at once.
                     claimed.claim = None;
                     let _ = self
-                        .bus
+                        .ledger
                         .ledger_swap(
                             &key,
                             Bytes::from(codec::encode(&claimed)),
@@ -440,7 +392,7 @@ impl LoaderStage {
                 claim: None,
             };
             if self
-                .bus
+                .ledger
                 .ledger_swap(
                     &key,
                     Bytes::from(codec::encode(&confirmed)),

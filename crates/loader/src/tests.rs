@@ -3,10 +3,10 @@ use std::collections::BTreeMap;
 use loopsync_bus::LocalBus;
 use loopsync_bus::worker::{self, Backoff, WorkerOptions};
 use loopsync_core::envelope::{ChangeKind, VERSION};
-use loopsync_core::subjects::Stage;
+use loopsync_core::stage::Stage;
 use loopsync_loops_client::{ApiKey, ClientConfig};
 use loopsync_simulator::{Faults, Settings, SimConfig, SimHandle};
-use serde_json::{Map, json};
+use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::*;
@@ -78,7 +78,7 @@ fn stage(bus: Arc<LocalBus>, sim: &SimHandle, rps: u32) -> Arc<LoaderStage> {
     ))
     .unwrap();
     let budget = RateBudget::shared(bus.clone(), "test-key", rps);
-    Arc::new(LoaderStage::new(bus, client, budget))
+    Arc::new(LoaderStage::new(bus.clone(), bus, client, budget))
 }
 
 fn info(attempt: u32) -> DeliveryInfo {
@@ -421,20 +421,6 @@ async fn pacing_never_trips_the_rate_limit() {
     assert_eq!(stats.rate_limited, 0, "{stats:?}");
     assert!(stats.max_accepted_in_one_second <= 20);
     assert_eq!(stats.total_requests, 30);
-}
-
-#[test]
-fn slots_leave_room_for_jitter() {
-    assert_eq!(slot_period(10), Duration::from_millis(102));
-    assert_eq!(slot_period(1000), Duration::from_micros(2000));
-}
-
-#[test]
-fn pacer_has_no_burst() {
-    let p = pacer(10);
-    assert!(p.check().is_ok());
-    assert!(p.check().is_err(), "the second request waits 100 ms");
-    let _ = Map::<String, serde_json::Value>::new();
 }
 
 /// An event whose first answer was lost (502 after the effect) is retried with the same key;

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 use loopsync_bus::worker::{DeliveryInfo, Fate, Handler};
-use loopsync_bus::{Bus, BusError, publish};
+use loopsync_bus::{BusError, Messaging, publish};
 use loopsync_core::codec::{self, DecodeError};
 use loopsync_core::envelope::{
     Action, ChangeKind, Operation, Outcome, OutcomeStatus, RowChange, VERSION,
@@ -246,12 +246,15 @@ impl Classified for TransformError {
 
 /// The transformer on the bus: changes in, operations (or invalid outcomes) out.
 pub struct TransformerStage {
-    bus: Arc<dyn Bus>,
+    bus: Arc<dyn Messaging>,
     specs: HashMap<String, SyncSpec>,
 }
 
 impl TransformerStage {
-    pub fn new(bus: Arc<dyn Bus>, specs: impl IntoIterator<Item = SyncSpec>) -> TransformerStage {
+    pub fn new(
+        bus: Arc<dyn Messaging>,
+        specs: impl IntoIterator<Item = SyncSpec>,
+    ) -> TransformerStage {
         TransformerStage {
             bus,
             specs: specs.into_iter().map(|s| (s.name.clone(), s)).collect(),

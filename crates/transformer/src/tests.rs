@@ -3,7 +3,7 @@
 use loopsync_bus::LocalBus;
 use loopsync_bus::worker::{DeliveryInfo, Handler};
 use loopsync_core::spec::{Behavior, MappedList, MappedProperty, OnRemove};
-use loopsync_core::subjects::Stage;
+use loopsync_core::stage::Stage;
 use serde_json::json;
 
 use super::*;

@@ -1,13 +1,13 @@
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use crate::names::Names;
 use loopsync_core::codec;
 use loopsync_core::envelope::{Action, ChangeKind, Operation, Outcome, OutcomeStatus, VERSION};
-use loopsync_core::subjects::Names;
 use tokio::sync::Notify;
 
 use super::*;
-use crate::{JetStreamBus, JetStreamOptions, LocalBus};
+use crate::{Coordination, JetStreamBus, JetStreamOptions, LocalBus};
 
 #[derive(Debug)]
 struct TestError(ErrorClass);
@@ -91,7 +91,7 @@ impl Handler for Flaky {
 }
 
 /// Waits (at most 20 s) until the loader's queue has nothing unsettled.
-async fn settled(bus: &dyn Bus) {
+async fn settled(bus: &dyn Messaging) {
     loopsync_testkit::until(Duration::from_secs(20), "the queue is settled", || async {
         match bus.unsettled(Stage::Loader).await {
             Ok(0) => Ok(()),
@@ -168,7 +168,7 @@ impl Running {
     }
 }
 
-async fn start(bus: Arc<dyn Bus>, handler: Arc<Flaky>, options: WorkerOptions) -> Running {
+async fn start(bus: Arc<dyn Messaging>, handler: Arc<Flaky>, options: WorkerOptions) -> Running {
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();
     let task = tokio::spawn(async move {
@@ -179,13 +179,12 @@ async fn start(bus: Arc<dyn Bus>, handler: Arc<Flaky>, options: WorkerOptions) -
     Running(shutdown, task)
 }
 
-async fn exercise_retry_then_success(bus: Arc<dyn Bus>) {
-    let subject = bus.names().subject(Stage::Loader, "users");
-    bus.publish(&subject, "m1", Bytes::from_static(b"one"))
+async fn exercise_retry_then_success(bus: Arc<dyn Messaging>) {
+    bus.publish(Stage::Loader, "users", "m1", Bytes::from_static(b"one"))
         .await
         .unwrap();
     // The same id again is a duplicate.
-    bus.publish(&subject, "m1", Bytes::from_static(b"one"))
+    bus.publish(Stage::Loader, "users", "m1", Bytes::from_static(b"one"))
         .await
         .unwrap();
     let handler = Flaky::new(2, ErrorClass::RETRY);
@@ -205,8 +204,7 @@ async fn exercise_retry_then_success(bus: Arc<dyn Bus>) {
     assert!(handler.gave_up.lock().unwrap().is_empty());
 }
 
-async fn exercise_permanent_poison_and_exhaustion(bus: Arc<dyn Bus>) {
-    let subject = bus.names().subject(Stage::Loader, "users");
+async fn exercise_permanent_poison_and_exhaustion(bus: Arc<dyn Messaging>) {
     for (class, max, fate, reason) in [
         (
             ErrorClass::Permanent,
@@ -228,7 +226,7 @@ async fn exercise_permanent_poison_and_exhaustion(bus: Arc<dyn Bus>) {
         ),
     ] {
         let id = format!("{class:?}");
-        bus.publish(&subject, &id, Bytes::from(id.clone()))
+        bus.publish(Stage::Loader, "users", &id, Bytes::from(id.clone()))
             .await
             .unwrap();
         let handler = Flaky::new(u32::MAX, class);
@@ -303,7 +301,7 @@ async fn jetstream_permanent_poison_and_exhaustion() {
 }
 
 /// The ledger is compare-and-set: a writer that read an older revision loses, on both buses.
-async fn exercise_ledger_swaps(bus: Arc<dyn Bus>) {
+async fn exercise_ledger_swaps(bus: Arc<dyn Coordination>) {
     assert_eq!(bus.ledger_get("abc").await.unwrap(), None);
     let first = bus
         .ledger_swap("abc", Bytes::from_static(b"v1"), None)
@@ -349,8 +347,50 @@ async fn local_ledger_compare_and_set() {
     exercise_ledger_swaps(Arc::new(LocalBus::new(Names::new("t")))).await;
 }
 
-/// A message whose workers never settle it reaches the server's max-deliveries; the advisory
-/// makes the mover dead-letter it, remove it from the work queue, and give its record an outcome.
+/// A stage whose handler hangs on every message (as a worker that crashes on it would), and
+/// whose `give_up` records the record's fate as an outcome, as the stages do.
+struct Hangs {
+    bus: Arc<dyn Messaging>,
+    gave_up: Mutex<Vec<(Fate, String, u32)>>,
+}
+
+#[async_trait]
+impl Handler for Hangs {
+    type Error = BusError;
+
+    async fn handle(&self, _info: &DeliveryInfo, _payload: &Bytes) -> Result<(), BusError> {
+        std::future::pending().await
+    }
+
+    async fn give_up(
+        &self,
+        info: &DeliveryInfo,
+        payload: &Bytes,
+        fate: Fate,
+        reason: &str,
+    ) -> Result<(), BusError> {
+        self.gave_up
+            .lock()
+            .unwrap()
+            .push((fate, reason.to_owned(), info.attempt));
+        let op: Operation = codec::decode(payload).expect("an operation");
+        let outcome = Outcome::new(
+            &op.sync,
+            op.run_id,
+            &op.key,
+            &op.fingerprint,
+            fate.status(),
+            op.action.name(),
+        )
+        .with_installation(&op.installation)
+        .with_reason(reason);
+        crate::publish::outcome(&*self.bus, &outcome).await
+    }
+}
+
+/// A message whose workers never settle it reaches the server's max-deliveries; the worker of
+/// its stage takes the advisory and settles it as a dead letter through the stage's own
+/// `give_up`: dead-lettered, removed from the work queue, its record given an outcome.
 #[tokio::test]
 async fn jetstream_max_deliveries_advisory_moves_to_dead_letters() {
     let options = JetStreamOptions {
@@ -377,25 +417,34 @@ async fn jetstream_max_deliveries_advisory_moves_to_dead_letters() {
         },
         installation: "i".into(),
     };
-    let subject = bus.names().subject(Stage::Loader, "users");
-    bus.publish(&subject, "op-1", Bytes::from(codec::encode(&op)))
-        .await
-        .unwrap();
+    bus.publish(
+        Stage::Loader,
+        "users",
+        "op-1",
+        Bytes::from(codec::encode(&op)),
+    )
+    .await
+    .unwrap();
 
-    let stop = CancellationToken::new();
-    let mover = {
-        let (bus, stop) = (bus.clone(), stop.clone());
-        tokio::spawn(async move { bus.run_dead_letter_mover(stop).await })
-    };
-    // A replica that takes the message and dies on it, every time; it keeps pulling, so the
-    // server gets to emit the advisory.
-    let mut consumer = bus.consume(Stage::Loader, 1).await.unwrap();
-    let hung = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Some(Ok(d)) = consumer.next().await {
-            held.push(d);
-        }
+    // The loader's worker, hanging on the message at every delivery; no in-progress acks, so
+    // the server redelivers it until it gives up.
+    let handler = Arc::new(Hangs {
+        bus: bus.clone(),
+        gave_up: Mutex::default(),
     });
+    let stop = CancellationToken::new();
+    let worker = tokio::spawn(run(
+        bus.clone() as Arc<dyn Messaging>,
+        Stage::Loader,
+        handler.clone(),
+        WorkerOptions {
+            concurrency: 4,
+            progress_every: None,
+            shutdown_grace: Duration::from_millis(100),
+            ..WorkerOptions::default()
+        },
+        stop.clone(),
+    ));
     let mut outcomes = bus.consume(Stage::Checkpointer, 1).await.unwrap();
     let outcome = tokio::time::timeout(Duration::from_secs(20), outcomes.next())
         .await
@@ -406,13 +455,17 @@ async fn jetstream_max_deliveries_advisory_moves_to_dead_letters() {
     assert_eq!(outcome.status, OutcomeStatus::DeadLettered);
     assert_eq!((outcome.run_id, outcome.key.as_str()), (9, "42"));
     assert!(outcome.reason.unwrap().contains("delivered 2 times"));
+    let gave_up = handler.gave_up.lock().unwrap().clone();
+    assert_eq!(gave_up.len(), 1, "{gave_up:?}");
+    assert_eq!((gave_up[0].0, gave_up[0].2), (Fate::DeadLettered, 2));
+    // Stored before the message leaves the work queue.
+    settled(&*bus).await;
     let letters = bus.dead_letters().await.unwrap();
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0].stage, Stage::Loader);
     assert_eq!(codec::decode::<Operation>(&letters[0].payload).unwrap(), op);
     stop.cancel();
-    hung.abort();
-    mover.await.unwrap().unwrap();
+    worker.await.unwrap().unwrap();
 }
 
 /// Two processes (two connections) taking slots of one budget: the slots are `period` apart in
@@ -489,9 +542,8 @@ impl Handler for Stuck {
 /// the message is not acked but nak'd, and the next worker handles it.
 #[tokio::test]
 async fn local_shutdown_drops_a_stuck_handler_and_its_message_comes_back() {
-    let bus: Arc<dyn Bus> = Arc::new(LocalBus::default());
-    let subject = bus.names().subject(Stage::Loader, "users");
-    bus.publish(&subject, "m1", Bytes::from_static(b"one"))
+    let bus: Arc<dyn Messaging> = Arc::new(LocalBus::default());
+    bus.publish(Stage::Loader, "users", "m1", Bytes::from_static(b"one"))
         .await
         .unwrap();
     let stuck = Arc::new(Stuck::default());
@@ -566,16 +618,20 @@ impl BatchHandler for OneBad {
 /// of up to 50, so all 30 in one) until the 29 others landed.
 async fn one_bad_in_a_batch(class: ErrorClass, max_attempts: u32) -> (Arc<OneBad>, Arc<LocalBus>) {
     let bus = Arc::new(LocalBus::new(Names::new("t")));
-    let subject = bus.names().subject(Stage::Checkpointer, "users");
     for i in 0..30 {
         let payload = if i == 17 {
             "bad".to_owned()
         } else {
             format!("good {i}")
         };
-        bus.publish(&subject, &format!("m{i}"), Bytes::from(payload))
-            .await
-            .unwrap();
+        bus.publish(
+            Stage::Checkpointer,
+            "users",
+            &format!("m{i}"),
+            Bytes::from(payload),
+        )
+        .await
+        .unwrap();
     }
     let handler = Arc::new(OneBad {
         class,
@@ -589,7 +645,7 @@ async fn one_bad_in_a_batch(class: ErrorClass, max_attempts: u32) -> (Arc<OneBad
         worker: fast(max_attempts),
     };
     let task = tokio::spawn(run_batched(
-        bus.clone() as Arc<dyn Bus>,
+        bus.clone() as Arc<dyn Messaging>,
         Stage::Checkpointer,
         handler.clone(),
         options,
@@ -705,4 +761,176 @@ async fn jetstream_an_earlier_checkpointer_consumer_loses_its_cap() {
         .await
         .unwrap();
     assert_eq!(info(ns.url.clone(), stream.clone()).await, Some(-1));
+}
+
+/// Panics on the first delivery of the message `b"bad"`; handles everything else.
+#[derive(Default)]
+struct Panics {
+    handled: Mutex<Vec<(Bytes, u32)>>,
+}
+
+#[async_trait]
+impl Handler for Panics {
+    type Error = TestError;
+
+    async fn handle(&self, info: &DeliveryInfo, payload: &Bytes) -> Result<(), TestError> {
+        if info.attempt == 1 && &payload[..] == b"bad" {
+            panic!("boom on the bad one");
+        }
+        self.handled
+            .lock()
+            .unwrap()
+            .push((payload.clone(), info.attempt));
+        Ok(())
+    }
+
+    async fn give_up(
+        &self,
+        _info: &DeliveryInfo,
+        _payload: &Bytes,
+        _fate: Fate,
+        _reason: &str,
+    ) -> Result<(), TestError> {
+        Ok(())
+    }
+}
+
+/// What the worker logs, captured.
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
+    type Writer = Logs;
+
+    fn make_writer(&'a self) -> Logs {
+        self.clone()
+    }
+}
+
+impl Logs {
+    /// Captures the logs of this thread (the test's runtime is single-threaded, so its tasks'
+    /// too) until the guard goes.
+    fn capture() -> (Logs, tracing::subscriber::DefaultGuard) {
+        let logs = Logs::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(logs.clone())
+            .with_ansi(false)
+            .finish();
+        (logs.clone(), tracing::subscriber::set_default(subscriber))
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+/// A handler that panics does not take the worker with it: the next message is handled, the
+/// panicked one is left unsettled (never acked), and the panic is logged with its stage and
+/// message.
+async fn exercise_a_panicking_handler(bus: Arc<dyn Messaging>) -> Arc<Panics> {
+    let (logs, _guard) = Logs::capture();
+    let handler = Arc::new(Panics::default());
+    let shutdown = CancellationToken::new();
+    let worker = tokio::spawn(run(
+        bus.clone(),
+        Stage::Loader,
+        handler.clone(),
+        WorkerOptions {
+            concurrency: 1,
+            progress_every: None,
+            ..fast(5)
+        },
+        shutdown.clone(),
+    ));
+    bus.publish(Stage::Loader, "users", "m1", Bytes::from_static(b"bad"))
+        .await
+        .unwrap();
+    bus.publish(Stage::Loader, "users", "m2", Bytes::from_static(b"good"))
+        .await
+        .unwrap();
+    let watched = handler.clone();
+    loopsync_testkit::until(Duration::from_secs(20), "the good one is handled", || {
+        let handled = watched.handled.lock().unwrap().clone();
+        async move {
+            if handled.iter().any(|(p, _)| &p[..] == b"good") {
+                Ok(())
+            } else {
+                Err(format!("{handled:?}"))
+            }
+        }
+    })
+    .await;
+    let logged = logs.text();
+    assert!(
+        logged.contains("a handler panicked")
+            && logged.contains("loader")
+            && logged.contains("boom on the bad one"),
+        "{logged}"
+    );
+    shutdown.cancel();
+    worker.await.unwrap().unwrap();
+    handler
+}
+
+#[tokio::test]
+async fn local_a_panicking_handler_is_logged_and_its_message_not_acked() {
+    let bus = Arc::new(LocalBus::new(Names::new("t")));
+    let handler = exercise_a_panicking_handler(bus.clone()).await;
+    // In process, the dropped message stays unsettled, as a crashed process's would.
+    assert_eq!(bus.unsettled(Stage::Loader).await.unwrap(), 1);
+    assert!(
+        !handler
+            .handled
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(p, _)| &p[..] == b"bad")
+    );
+}
+
+#[tokio::test]
+async fn jetstream_a_panicking_handler_is_logged_and_its_message_redelivered() {
+    let options = JetStreamOptions {
+        ack_wait: Duration::from_millis(500),
+        ..JetStreamOptions::default()
+    };
+    let Some((bus, _ns)) = jetstream(&options).await else {
+        return;
+    };
+    let handler = exercise_a_panicking_handler(bus.clone()).await;
+    // The worker stopped: a second one takes the redelivery once the ack wait is over.
+    let shutdown = CancellationToken::new();
+    let worker = tokio::spawn(run(
+        bus.clone() as Arc<dyn Messaging>,
+        Stage::Loader,
+        handler.clone(),
+        WorkerOptions {
+            progress_every: None,
+            ..fast(5)
+        },
+        shutdown.clone(),
+    ));
+    settled(&*bus).await;
+    assert!(
+        handler
+            .handled
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(p, attempt)| &p[..] == b"bad" && *attempt == 2),
+        "the message that panicked came back"
+    );
+    shutdown.cancel();
+    worker.await.unwrap().unwrap();
 }

@@ -1,27 +1,35 @@
 //! The bus on NATS JetStream.
 //!
+//! * [`provisioning`]: the streams, consumers and buckets, made by whoever connects.
+//! * [`mover`]: the messages the server gave up on (max-deliveries advisories), per stage.
+//!
 //! Provisioning is declarative and idempotent: every process that connects makes sure the
 //! streams and consumers exist, so workers can start in any order. Works on nats-server 2.9.10
 //! (Debian's) and current 2.1x: nothing here needs a 2.10+ field, and the ledger's key-value
 //! bucket is created by hand because async-nats' `create_key_value` fails against 2.9.
 
+mod mover;
+mod provisioning;
+
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::consumer::{AckPolicy, pull};
+use async_nats::jetstream::consumer::pull;
 use async_nats::jetstream::message::PublishMessage;
-use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
 use async_nats::jetstream::{self, AckKind, Context, kv};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
-use loopsync_core::codec;
-use loopsync_core::envelope::{Operation, Outcome, OutcomeStatus, RowChange};
-use loopsync_core::subjects::{Names, Stage};
-use serde::Deserialize;
-use tokio_util::sync::CancellationToken;
+use loopsync_core::stage::Stage;
 
-use crate::{Acker, Bus, BusError, Consumer, DeadLetter, Delivery, Versioned, sync_of};
+pub use provisioning::max_deliver;
+use provisioning::{bucket, provision};
+
+use crate::error::Source;
+use crate::names::Names;
+use crate::{
+    Acker, BusError, Consumer, Coordination, DeadLetter, Delivery, Messaging, Versioned, sync_of,
+};
 
 const HEADER_STAGE: &str = "Loopsync-Stage";
 const HEADER_SUBJECT: &str = "Loopsync-Subject";
@@ -84,6 +92,8 @@ impl std::fmt::Display for ConnectionDropped {
     }
 }
 
+impl std::error::Error for ConnectionDropped {}
+
 impl Disconnects {
     /// The counter, and the client option that advances it.
     fn watch(options: async_nats::ConnectOptions) -> (async_nats::ConnectOptions, Disconnects) {
@@ -128,10 +138,10 @@ impl std::fmt::Debug for JetStreamBus {
     }
 }
 
-fn provision_error(what: impl Into<String>, e: impl std::fmt::Display) -> BusError {
+fn provision_error(what: impl Into<String>, e: impl Into<Source>) -> BusError {
     BusError::Provision {
         what: what.into(),
-        detail: e.to_string(),
+        source: e.into(),
     }
 }
 
@@ -152,7 +162,7 @@ impl JetStreamBus {
             Disconnects::watch(async_nats::ConnectOptions::new().name("loopsync"));
         let client = connect.connect(url).await.map_err(|e| BusError::Connect {
             url: url.to_owned(),
-            detail: e.to_string(),
+            source: e,
         })?;
         let version = client.server_info().version;
         match parse_version(&version) {
@@ -173,271 +183,15 @@ impl JetStreamBus {
         })
     }
 
+    /// The stream and subject names of this deployment.
+    pub fn names(&self) -> &Names {
+        &self.names
+    }
+
     /// The server's version.
     pub fn server_version(&self) -> String {
         self.client.server_info().version
     }
-
-    /// Moves messages that reached the server's max-deliveries to the dead-letter stream, and
-    /// records terminated ones that the worker did not already dead-letter. Runs until `shutdown`.
-    pub async fn run_dead_letter_mover(&self, shutdown: CancellationToken) -> Result<(), BusError> {
-        let stream = self
-            .js
-            .get_stream(self.names.advisory_stream())
-            .await
-            .map_err(|e| provision_error("the advisory stream", e))?;
-        let consumer: jetstream::consumer::PullConsumer = stream
-            .get_consumer("dlq-mover")
-            .await
-            .map_err(|e| provision_error("the dlq-mover consumer", e))?;
-        let mut messages = consumer
-            .stream()
-            .max_messages_per_batch(10)
-            .messages()
-            .await
-            .map_err(|e| BusError::Consume {
-                stage: "dlq-mover".into(),
-                detail: e.to_string(),
-            })?;
-        loop {
-            let message = tokio::select! {
-                () = shutdown.cancelled() => return Ok(()),
-                m = messages.next() => m,
-            };
-            let Some(message) = message else {
-                return Ok(());
-            };
-            let message = match message {
-                Ok(m) => m,
-                Err(error) => {
-                    tracing::warn!(%error, "advisory consumer");
-                    continue;
-                }
-            };
-            match self.move_advised(&message.payload).await {
-                Ok(()) => {
-                    let _ = message.ack().await;
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "dead-letter mover");
-                    let _ = message
-                        .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                        .await;
-                }
-            }
-        }
-    }
-
-    async fn move_advised(&self, advisory: &[u8]) -> Result<(), BusError> {
-        #[derive(Deserialize)]
-        struct Advisory {
-            #[serde(rename = "type")]
-            kind: String,
-            stream: String,
-            stream_seq: u64,
-            #[serde(default)]
-            deliveries: u32,
-        }
-        let Ok(advisory) = serde_json::from_slice::<Advisory>(advisory) else {
-            return Ok(());
-        };
-        let Some(stage) = Stage::ALL
-            .into_iter()
-            .find(|s| self.names.stream(*s) == advisory.stream)
-        else {
-            return Ok(());
-        };
-        let stream = self
-            .js
-            .get_stream(&advisory.stream)
-            .await
-            .map_err(|e| provision_error(&advisory.stream, e))?;
-        if advisory.kind.ends_with(".terminated") {
-            // A terminated message is gone from the work queue; the worker dead-lettered it
-            // (with its reason) before terminating. Nothing to move.
-            return Ok(());
-        }
-        let message = match stream.get_raw_message(advisory.stream_seq).await {
-            Ok(m) => m,
-            // Acked or deleted in the meantime: nothing to move.
-            Err(_) => return Ok(()),
-        };
-        let reason = format!(
-            "delivered {} times without being settled (a worker crashed or hung on it)",
-            advisory.deliveries
-        );
-        let subject = message.subject.to_string();
-        let letter = DeadLetter {
-            stage,
-            sync: sync_of(&subject).to_owned(),
-            subject,
-            payload: message.payload.clone(),
-            reason: reason.clone(),
-            attempts: advisory.deliveries,
-            sequence: advisory.stream_seq,
-        };
-        self.dead_letter(letter).await?;
-        // The record still needs an outcome, or its run never ends.
-        let outcome = match stage {
-            // No requests: those of the attempts that ended were reported by the loader
-            // (`attempted` outcomes); those of a worker that died unreported are not known.
-            Stage::Loader => codec::decode::<Operation>(&message.payload).ok().map(|op| {
-                let mut o = Outcome::new(
-                    &op.sync,
-                    op.run_id,
-                    &op.key,
-                    &op.fingerprint,
-                    OutcomeStatus::DeadLettered,
-                    op.action.name(),
-                )
-                .with_installation(&op.installation);
-                o.change = Some(op.change);
-                o
-            }),
-            Stage::Transformer => codec::decode::<RowChange>(&message.payload).ok().map(|c| {
-                let mut o = Outcome::new(
-                    &c.sync,
-                    c.run_id,
-                    &c.key,
-                    &c.fingerprint,
-                    OutcomeStatus::DeadLettered,
-                    "none",
-                )
-                .with_installation(&c.installation);
-                o.change = Some(c.kind);
-                o
-            }),
-            Stage::Extractor | Stage::Checkpointer => None,
-        };
-        if let Some(outcome) = outcome {
-            let outcome = outcome.with_reason(reason);
-            let id = format!("dlq-outcome:{}:{}", advisory.stream, advisory.stream_seq);
-            self.publish(
-                &self.names.subject(Stage::Checkpointer, &outcome.sync),
-                &id,
-                Bytes::from(codec::encode(&outcome)),
-            )
-            .await?;
-        }
-        stream
-            .delete_message(advisory.stream_seq)
-            .await
-            .map_err(|e| BusError::Ack(format!("delete from {}: {e}", advisory.stream)))?;
-        Ok(())
-    }
-}
-
-/// The server's cap on deliveries of a stage's messages. None for the checkpointer: its
-/// messages are outcomes, whose loss would leave records sent but never recorded; it retries
-/// through a warehouse outage for as long as the outage lasts (its worker never gives up on a
-/// retryable error), and what it cannot record is recorded as a dead letter by the worker.
-pub fn max_deliver(stage: Stage, options: &JetStreamOptions) -> i64 {
-    match stage {
-        Stage::Checkpointer => -1,
-        _ => options.max_deliver,
-    }
-}
-
-async fn provision(
-    js: &Context,
-    names: &Names,
-    options: &JetStreamOptions,
-) -> Result<(), BusError> {
-    for stage in Stage::ALL {
-        let name = names.stream(stage);
-        let stream = js
-            .get_or_create_stream(stream::Config {
-                name: name.clone(),
-                subjects: vec![names.stream_subjects(stage)],
-                retention: RetentionPolicy::WorkQueue,
-                storage: StorageType::File,
-                duplicate_window: options.duplicate_window,
-                max_age: Duration::from_secs(7 * 24 * 3600),
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| provision_error(format!("stream {name}"), e))?;
-        let config = pull::Config {
-            durable_name: Some(stage.name().to_owned()),
-            ack_policy: AckPolicy::Explicit,
-            ack_wait: options.ack_wait,
-            max_deliver: max_deliver(stage, options),
-            max_ack_pending: 1000,
-            ..Default::default()
-        };
-        let what = || format!("consumer {} on {name}", stage.name());
-        if stage == Stage::Checkpointer {
-            // Create or update: a consumer made by an earlier version had a cap on deliveries.
-            stream
-                .create_consumer(config)
-                .await
-                .map_err(|e| provision_error(what(), e))?;
-        } else {
-            stream
-                .get_or_create_consumer(stage.name(), config)
-                .await
-                .map_err(|e| provision_error(what(), e))?;
-        }
-    }
-    let dlq = names.dlq_stream();
-    js.get_or_create_stream(stream::Config {
-        name: dlq.clone(),
-        subjects: vec![names.dlq_subjects()],
-        retention: RetentionPolicy::Limits,
-        storage: StorageType::File,
-        duplicate_window: options.duplicate_window,
-        max_age: Duration::from_secs(30 * 24 * 3600),
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| provision_error(format!("stream {dlq}"), e))?;
-    let advisories = names.advisory_stream();
-    let stream = js
-        .get_or_create_stream(stream::Config {
-            name: advisories.clone(),
-            subjects: names.advisory_subjects(),
-            retention: RetentionPolicy::Limits,
-            storage: StorageType::File,
-            max_age: Duration::from_secs(7 * 24 * 3600),
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| provision_error(format!("stream {advisories}"), e))?;
-    stream
-        .get_or_create_consumer(
-            "dlq-mover",
-            pull::Config {
-                durable_name: Some("dlq-mover".into()),
-                ack_policy: AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(30),
-                ..Default::default()
-            },
-        )
-        .await
-        .map_err(|e| provision_error("consumer dlq-mover", e))?;
-    Ok(())
-}
-
-/// A key-value bucket, its stream made by hand (what `create_key_value` would make), because
-/// async-nats 0.51's `create_key_value` cannot read 2.9's account info.
-async fn bucket(js: &Context, bucket: &str) -> Result<kv::Store, BusError> {
-    js.get_or_create_stream(stream::Config {
-        name: format!("KV_{bucket}"),
-        subjects: vec![format!("$KV.{bucket}.>")],
-        max_messages_per_subject: 1,
-        discard: DiscardPolicy::New,
-        allow_rollup: true,
-        deny_delete: true,
-        allow_direct: true,
-        storage: StorageType::File,
-        duplicate_window: Duration::from_secs(120),
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| provision_error(format!("bucket {bucket}"), e))?;
-    js.get_key_value(bucket)
-        .await
-        .map_err(|e| provision_error(format!("bucket {bucket}"), e))
 }
 
 fn unix_nanos() -> u64 {
@@ -447,61 +201,62 @@ fn unix_nanos() -> u64 {
 }
 
 #[async_trait]
-impl Bus for JetStreamBus {
-    fn names(&self) -> &Names {
-        &self.names
-    }
-
+impl Messaging for JetStreamBus {
     async fn publish(
         &self,
-        subject: &str,
+        stage: Stage,
+        sync: &str,
         message_id: &str,
         payload: Bytes,
     ) -> Result<(), BusError> {
-        let error = |e: &dyn std::fmt::Display| BusError::Publish {
-            subject: subject.to_owned(),
-            detail: e.to_string(),
+        let subject = self.names.subject(stage, sync);
+        let error = |e: Source| BusError::Publish {
+            subject: subject.clone(),
+            source: e,
         };
         let published = async {
             let ack = self
                 .js
                 .send_publish(
-                    subject.to_owned(),
+                    subject.clone(),
                     PublishMessage::build()
                         .payload(payload)
                         .message_id(message_id),
                 )
                 .await
-                .map_err(|e| error(&e))?;
-            ack.await.map_err(|e| error(&e))?;
+                .map_err(|e| error(e.into()))?;
+            ack.await.map_err(|e| error(e.into()))?;
             Ok(())
         };
         self.disconnects
             .guard(published)
             .await
-            .map_err(|e| error(&e))?
+            .map_err(|e| error(e.into()))?
+    }
+
+    /// The stage's max-deliveries advisories, each as the message it is about (see [`mover`]).
+    async fn exhausted(&self, stage: Stage) -> Result<Option<Box<dyn Consumer>>, BusError> {
+        self.exhausted_consumer(stage).await.map(Some)
     }
 
     async fn consume(&self, stage: Stage, batch: usize) -> Result<Box<dyn Consumer>, BusError> {
-        let error = |e: &dyn std::fmt::Display| BusError::Consume {
+        let error = |e: Source| BusError::Consume {
             stage: stage.name().into(),
-            detail: e.to_string(),
+            source: e,
         };
         let stream = self
             .js
             .get_stream(self.names.stream(stage))
             .await
-            .map_err(|e| error(&e))?;
-        let consumer: jetstream::consumer::PullConsumer = stream
-            .get_consumer(stage.name())
-            .await
-            .map_err(|e| error(&e))?;
+            .map_err(|e| error(e.into()))?;
+        let consumer: jetstream::consumer::PullConsumer =
+            stream.get_consumer(stage.name()).await.map_err(&error)?;
         let messages = consumer
             .stream()
             .max_messages_per_batch(batch.max(1))
             .messages()
             .await
-            .map_err(|e| error(&e))?;
+            .map_err(|e| error(e.into()))?;
         Ok(Box::new(JetStreamConsumer {
             stage,
             messages,
@@ -510,20 +265,18 @@ impl Bus for JetStreamBus {
     }
 
     async fn unsettled(&self, stage: Stage) -> Result<u64, BusError> {
-        let error = |e: &dyn std::fmt::Display| BusError::Consume {
+        let error = |e: Source| BusError::Consume {
             stage: stage.name().into(),
-            detail: e.to_string(),
+            source: e,
         };
         let stream = self
             .js
             .get_stream(self.names.stream(stage))
             .await
-            .map_err(|e| error(&e))?;
-        let mut consumer: jetstream::consumer::PullConsumer = stream
-            .get_consumer(stage.name())
-            .await
-            .map_err(|e| error(&e))?;
-        let info = consumer.info().await.map_err(|e| error(&e))?;
+            .map_err(|e| error(e.into()))?;
+        let mut consumer: jetstream::consumer::PullConsumer =
+            stream.get_consumer(stage.name()).await.map_err(&error)?;
+        let info = consumer.info().await.map_err(|e| error(e.into()))?;
         Ok(info.num_pending + info.num_ack_pending as u64)
     }
 
@@ -548,23 +301,23 @@ impl Bus for JetStreamBus {
             .payload(letter.payload)
             .headers(headers)
             .message_id(id);
-        let error = |e: &dyn std::fmt::Display| BusError::Publish {
+        let error = |e: Source| BusError::Publish {
             subject: subject.clone(),
-            detail: e.to_string(),
+            source: e,
         };
         let published = async {
             let ack = self
                 .js
                 .send_publish(subject.clone(), publish)
                 .await
-                .map_err(|e| error(&e))?;
-            ack.await.map_err(|e| error(&e))?;
+                .map_err(|e| error(e.into()))?;
+            ack.await.map_err(|e| error(e.into()))?;
             Ok(())
         };
         self.disconnects
             .guard(published)
             .await
-            .map_err(|e| error(&e))?
+            .map_err(|e| error(e.into()))?
     }
 
     async fn dead_letters(&self) -> Result<Vec<DeadLetter>, BusError> {
@@ -610,15 +363,18 @@ impl Bus for JetStreamBus {
         }
         Ok(letters)
     }
+}
 
+#[async_trait]
+impl Coordination for JetStreamBus {
     async fn ledger_get(&self, key: &str) -> Result<Option<Versioned>, BusError> {
-        let error = |e: &dyn std::fmt::Display| BusError::Ledger(e.to_string());
+        let error = |e: Source| BusError::ledger(e);
         let entry = self
             .disconnects
             .guard(self.ledger.entry(key))
             .await
-            .map_err(|e| error(&e))?
-            .map_err(|e| error(&e))?;
+            .map_err(|e| error(e.into()))?
+            .map_err(|e| error(e.into()))?;
         Ok(entry
             .filter(|e| e.operation == kv::Operation::Put)
             .map(|e| Versioned {
@@ -634,27 +390,27 @@ impl Bus for JetStreamBus {
         expected: Option<u64>,
     ) -> Result<Option<u64>, BusError> {
         use kv::{CreateErrorKind, UpdateErrorKind};
-        let error = |e: &dyn std::fmt::Display| BusError::Ledger(e.to_string());
+        let error = |e: Source| BusError::ledger(e);
         match expected {
             Some(revision) => match self
                 .disconnects
                 .guard(self.ledger.update(key, value, revision))
                 .await
-                .map_err(|e| error(&e))?
+                .map_err(|e| error(e.into()))?
             {
                 Ok(revision) => Ok(Some(revision)),
                 Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Ok(None),
-                Err(e) => Err(error(&e)),
+                Err(e) => Err(error(e.into())),
             },
             None => match self
                 .disconnects
                 .guard(self.ledger.create(key, value))
                 .await
-                .map_err(|e| error(&e))?
+                .map_err(|e| error(e.into()))?
             {
                 Ok(revision) => Ok(Some(revision)),
                 Err(e) if e.kind() == CreateErrorKind::AlreadyExists => Ok(None),
-                Err(e) => Err(error(&e)),
+                Err(e) => Err(error(e.into())),
             },
         }
     }
@@ -665,14 +421,17 @@ impl Bus for JetStreamBus {
     async fn rate_slot(&self, budget: &str, period: Duration) -> Result<(), BusError> {
         use kv::{CreateErrorKind, UpdateErrorKind};
         let period = period.as_nanos() as u64;
-        let error = |e: &dyn std::fmt::Display| BusError::Ledger(format!("rate budget: {e}"));
+        let error = |e: Source| BusError::Ledger {
+            what: "ledger: rate budget",
+            source: e,
+        };
         loop {
             let entry = self
                 .disconnects
                 .guard(self.budget.entry(budget))
                 .await
-                .map_err(|e| error(&e))?
-                .map_err(|e| error(&e))?;
+                .map_err(|e| error(e.into()))?
+                .map_err(|e| error(e.into()))?;
             let due = entry
                 .as_ref()
                 .and_then(|e| <[u8; 8]>::try_from(&e.value[..]).ok())
@@ -687,10 +446,10 @@ impl Bus for JetStreamBus {
                 Some(e) => {
                     let update = self.budget.update(budget, next, e.revision);
                     match self.disconnects.guard(update).await {
-                        Err(dropped) => return Err(error(&dropped)),
+                        Err(dropped) => return Err(error(dropped.into())),
                         Ok(Ok(_)) => false,
                         Ok(Err(e)) if e.kind() == UpdateErrorKind::WrongLastRevision => true,
-                        Ok(Err(e)) => return Err(error(&e)),
+                        Ok(Err(e)) => return Err(error(e.into())),
                     }
                 }
                 None => match self
@@ -698,10 +457,10 @@ impl Bus for JetStreamBus {
                     .guard(self.budget.create(budget, next))
                     .await
                 {
-                    Err(dropped) => return Err(error(&dropped)),
+                    Err(dropped) => return Err(error(dropped.into())),
                     Ok(Ok(_)) => false,
                     Ok(Err(e)) if e.kind() == CreateErrorKind::AlreadyExists => true,
-                    Ok(Err(e)) => return Err(error(&e)),
+                    Ok(Err(e)) => return Err(error(e.into())),
                 },
             };
             if !lost {
@@ -725,7 +484,7 @@ impl Consumer for JetStreamConsumer {
             Err(e) => {
                 return Some(Err(BusError::Consume {
                     stage: self.stage.name().into(),
-                    detail: e.to_string(),
+                    source: e.into(),
                 }));
             }
         };
@@ -759,29 +518,29 @@ impl Acker for JetStreamAcker {
         self.disconnects
             .guard(self.acker.double_ack())
             .await
-            .map_err(|e| BusError::Ack(e.to_string()))?
-            .map_err(|e| BusError::Ack(e.to_string()))
+            .map_err(BusError::ack)?
+            .map_err(BusError::ack)
     }
 
     async fn nak(&self, delay: Duration) -> Result<(), BusError> {
         self.acker
             .ack_with(AckKind::Nak(Some(delay)))
             .await
-            .map_err(|e| BusError::Ack(e.to_string()))
+            .map_err(BusError::ack)
     }
 
     async fn term(&self) -> Result<(), BusError> {
         self.acker
             .ack_with(AckKind::Term)
             .await
-            .map_err(|e| BusError::Ack(e.to_string()))
+            .map_err(BusError::ack)
     }
 
     async fn progress(&self) -> Result<(), BusError> {
         self.acker
             .ack_with(AckKind::Progress)
             .await
-            .map_err(|e| BusError::Ack(e.to_string()))
+            .map_err(BusError::ack)
     }
 }
 
@@ -798,6 +557,38 @@ mod tests {
         assert_eq!(parse_version("nonsense"), None);
     }
 
+    /// An upgraded deployment leaves nothing behind: the mover consumer that earlier versions
+    /// shared between all stages goes when a process connects, and each stage has its own.
+    #[tokio::test]
+    async fn connecting_replaces_the_old_shared_mover() {
+        use async_nats::jetstream::consumer::AckPolicy;
+        let Some(ns) = loopsync_testkit::TestNamespace::create("t") else {
+            return;
+        };
+        let names = Names::new(&ns.namespace);
+        let options = JetStreamOptions::default();
+        let bus = JetStreamBus::connect(&ns.url, names.clone(), &options)
+            .await
+            .expect("connect");
+        let advisories = bus.js.get_stream(names.advisory_stream()).await.unwrap();
+        advisories
+            .create_consumer(pull::Config {
+                durable_name: Some("dlq-mover".into()),
+                ack_policy: AckPolicy::Explicit,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        JetStreamBus::connect(&ns.url, names.clone(), &options)
+            .await
+            .expect("connect again");
+        assert!(advisories.consumer_info("dlq-mover").await.is_err());
+        for stage in Stage::ALL {
+            let name = names.exhausted_consumer(stage);
+            assert!(advisories.consumer_info(&name).await.is_ok(), "{name}");
+        }
+    }
+
     /// A request written to a connection that then drops is never answered: the server that
     /// would answer it is gone. It fails when the connection drops, not at its timeout, so
     /// that a NATS restart does not stall every worker for that long.
@@ -811,12 +602,11 @@ mod tests {
         let bus = JetStreamBus::connect(&server.url(), names, &JetStreamOptions::default())
             .await
             .expect("connect");
-        let subject = bus.names().subject(Stage::Loader, "s");
         // A hung server: it reads requests and answers none.
         server.freeze();
         let started = tokio::time::Instant::now();
         let get = bus.ledger_get("k");
-        let publish = bus.publish(&subject, "m", Bytes::from_static(b"x"));
+        let publish = bus.publish(Stage::Loader, "s", "m", Bytes::from_static(b"x"));
         tokio::pin!(get, publish);
         assert!(futures::poll!(&mut get).is_pending());
         assert!(futures::poll!(&mut publish).is_pending());

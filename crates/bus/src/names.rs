@@ -1,54 +1,26 @@
-//! Stream, subject and consumer names, in one place. A namespace prefixes all of them, so
-//! several deployments (or tests) can share one NATS server.
+//! Stream, subject, consumer and bucket names, in one place: all of them are NATS's business,
+//! so no code outside this crate builds one. A namespace prefixes all of them, so several
+//! deployments (or tests) can share one NATS server.
 
-/// A pipeline stage that consumes a stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Stage {
-    /// Consumes run requests, publishes changes.
-    Extractor,
-    /// Consumes changes, publishes operations (and invalid outcomes).
-    Transformer,
-    /// Consumes operations, calls Loops, publishes outcomes.
-    Loader,
-    /// Consumes outcomes, advances the sync's state in the warehouse.
-    Checkpointer,
+use loopsync_core::stage::Stage;
+
+/// The work-queue stream a stage consumes (without namespace).
+fn stream_base(stage: Stage) -> &'static str {
+    match stage {
+        Stage::Extractor => "RUNS",
+        Stage::Transformer => "CHANGES",
+        Stage::Loader => "OPS",
+        Stage::Checkpointer => "OUTCOMES",
+    }
 }
 
-impl Stage {
-    pub const ALL: [Stage; 4] = [
-        Stage::Extractor,
-        Stage::Transformer,
-        Stage::Loader,
-        Stage::Checkpointer,
-    ];
-
-    /// The durable consumer's name, and the stage's name in messages and logs.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Stage::Extractor => "extractor",
-            Stage::Transformer => "transformer",
-            Stage::Loader => "loader",
-            Stage::Checkpointer => "checkpointer",
-        }
-    }
-
-    /// The work-queue stream the stage consumes (without namespace).
-    fn stream_base(&self) -> &'static str {
-        match self {
-            Stage::Extractor => "RUNS",
-            Stage::Transformer => "CHANGES",
-            Stage::Loader => "OPS",
-            Stage::Checkpointer => "OUTCOMES",
-        }
-    }
-
-    fn subject_base(&self) -> &'static str {
-        match self {
-            Stage::Extractor => "runs",
-            Stage::Transformer => "changes",
-            Stage::Loader => "ops",
-            Stage::Checkpointer => "outcomes",
-        }
+/// The subject token of a stage's messages (without namespace).
+fn subject_base(stage: Stage) -> &'static str {
+    match stage {
+        Stage::Extractor => "runs",
+        Stage::Transformer => "changes",
+        Stage::Loader => "ops",
+        Stage::Checkpointer => "outcomes",
     }
 }
 
@@ -72,6 +44,7 @@ impl Names {
         }
     }
 
+    /// The namespace every name starts with.
     pub fn namespace(&self) -> &str {
         &self.namespace
     }
@@ -82,24 +55,24 @@ impl Names {
 
     /// The work-queue stream a stage consumes.
     pub fn stream(&self, stage: Stage) -> String {
-        format!("{}_{}", self.upper(), stage.stream_base())
+        format!("{}_{}", self.upper(), stream_base(stage))
     }
 
     /// The subjects of a stage's stream: `<ns>.<base>.>`.
     pub fn stream_subjects(&self, stage: Stage) -> String {
-        format!("{}.{}.>", self.namespace, stage.subject_base())
+        format!("{}.{}.>", self.namespace, subject_base(stage))
     }
 
     /// The subject of one message for `stage` about `sync`.
     pub fn subject(&self, stage: Stage, sync: &str) -> String {
-        format!("{}.{}.{sync}", self.namespace, stage.subject_base())
+        format!("{}.{}.{sync}", self.namespace, subject_base(stage))
     }
 
     /// The stage whose stream holds `subject`.
     pub fn stage_of(&self, subject: &str) -> Option<Stage> {
         let rest = subject.strip_prefix(&self.namespace)?.strip_prefix('.')?;
         let base = rest.split('.').next()?;
-        Stage::ALL.into_iter().find(|s| s.subject_base() == base)
+        Stage::ALL.into_iter().find(|s| subject_base(*s) == base)
     }
 
     /// The dead-letter stream (limits retention: replaying does not consume it).
@@ -107,6 +80,7 @@ impl Names {
         format!("{}_DLQ", self.upper())
     }
 
+    /// The subjects of the dead-letter stream: `<ns>.dlq.>`.
     pub fn dlq_subjects(&self) -> String {
         format!("{}.dlq.>", self.namespace)
     }
@@ -133,6 +107,21 @@ impl Names {
             }
         }
         subjects
+    }
+
+    /// The subject of the advisories the server sends when a message of `stage` reaches its
+    /// maximum of deliveries (the last token is the consumer's name).
+    pub fn max_deliveries_subject(&self, stage: Stage) -> String {
+        format!(
+            "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.*",
+            self.stream(stage)
+        )
+    }
+
+    /// The durable consumer of a stage's max-deliveries advisories, shared by the processes
+    /// that run the stage.
+    pub fn exhausted_consumer(&self, stage: Stage) -> String {
+        format!("{}-exhausted", stage.name())
     }
 
     /// The key-value bucket of the loader's ledger (last confirmed version per record).

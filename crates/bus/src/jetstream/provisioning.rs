@@ -1,0 +1,145 @@
+//! Declarative, idempotent provisioning: every process that connects makes sure the streams,
+//! consumers and buckets exist, so workers can start in any order.
+
+use std::time::Duration;
+
+use async_nats::jetstream::Context;
+use async_nats::jetstream::consumer::{AckPolicy, pull};
+use async_nats::jetstream::kv;
+use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
+use loopsync_core::stage::Stage;
+
+use super::{JetStreamOptions, provision_error};
+use crate::BusError;
+use crate::names::Names;
+
+/// The consumer of the advisories that earlier versions shared between all stages.
+const OLD_MOVER: &str = "dlq-mover";
+
+/// The server's cap on deliveries of a stage's messages. None for the checkpointer: its
+/// messages are outcomes, whose loss would leave records sent but never recorded; it retries
+/// through a warehouse outage for as long as the outage lasts (its worker never gives up on a
+/// retryable error), and what it cannot record is recorded as a dead letter by the worker.
+pub fn max_deliver(stage: Stage, options: &JetStreamOptions) -> i64 {
+    match stage {
+        Stage::Checkpointer => -1,
+        _ => options.max_deliver,
+    }
+}
+
+/// Makes sure every stream, consumer and bucket of `names` exists: the work queues and their
+/// shared consumers, the dead letters, the advisories and each stage's consumer of them.
+pub(super) async fn provision(
+    js: &Context,
+    names: &Names,
+    options: &JetStreamOptions,
+) -> Result<(), BusError> {
+    for stage in Stage::ALL {
+        let name = names.stream(stage);
+        let stream = js
+            .get_or_create_stream(stream::Config {
+                name: name.clone(),
+                subjects: vec![names.stream_subjects(stage)],
+                retention: RetentionPolicy::WorkQueue,
+                storage: StorageType::File,
+                duplicate_window: options.duplicate_window,
+                max_age: Duration::from_secs(7 * 24 * 3600),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| provision_error(format!("stream {name}"), e))?;
+        let config = pull::Config {
+            durable_name: Some(stage.name().to_owned()),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: options.ack_wait,
+            max_deliver: max_deliver(stage, options),
+            max_ack_pending: 1000,
+            ..Default::default()
+        };
+        let what = || format!("consumer {} on {name}", stage.name());
+        if stage == Stage::Checkpointer {
+            // Create or update: a consumer made by an earlier version had a cap on deliveries.
+            stream
+                .create_consumer(config)
+                .await
+                .map_err(|e| provision_error(what(), e))?;
+        } else {
+            stream
+                .get_or_create_consumer(stage.name(), config)
+                .await
+                .map_err(|e| provision_error(what(), e))?;
+        }
+    }
+    let dlq = names.dlq_stream();
+    js.get_or_create_stream(stream::Config {
+        name: dlq.clone(),
+        subjects: vec![names.dlq_subjects()],
+        retention: RetentionPolicy::Limits,
+        storage: StorageType::File,
+        duplicate_window: options.duplicate_window,
+        max_age: Duration::from_secs(30 * 24 * 3600),
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| provision_error(format!("stream {dlq}"), e))?;
+    let advisories = names.advisory_stream();
+    let stream = js
+        .get_or_create_stream(stream::Config {
+            name: advisories.clone(),
+            subjects: names.advisory_subjects(),
+            retention: RetentionPolicy::Limits,
+            storage: StorageType::File,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| provision_error(format!("stream {advisories}"), e))?;
+    for stage in Stage::ALL {
+        let name = names.exhausted_consumer(stage);
+        stream
+            .get_or_create_consumer(
+                &name,
+                pull::Config {
+                    durable_name: Some(name.clone()),
+                    filter_subject: names.max_deliveries_subject(stage),
+                    ack_policy: AckPolicy::Explicit,
+                    ack_wait: Duration::from_secs(30),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| provision_error(format!("consumer {name} on {advisories}"), e))?;
+    }
+    // The one mover of earlier versions, which every process ran: each stage's workers take
+    // their own stage's advisories now (see `mover`). An upgraded deployment leaves nothing
+    // behind; a consumer already gone is what we want.
+    if stream.consumer_info(OLD_MOVER).await.is_ok() {
+        stream
+            .delete_consumer(OLD_MOVER)
+            .await
+            .map_err(|e| provision_error(format!("removing consumer {OLD_MOVER}"), e))?;
+    }
+    Ok(())
+}
+
+/// A key-value bucket, its stream made by hand (what `create_key_value` would make), because
+/// async-nats 0.51's `create_key_value` cannot read 2.9's account info.
+pub(super) async fn bucket(js: &Context, bucket: &str) -> Result<kv::Store, BusError> {
+    js.get_or_create_stream(stream::Config {
+        name: format!("KV_{bucket}"),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 1,
+        discard: DiscardPolicy::New,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        storage: StorageType::File,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| provision_error(format!("bucket {bucket}"), e))?;
+    js.get_key_value(bucket)
+        .await
+        .map_err(|e| provision_error(format!("bucket {bucket}"), e))
+}
