@@ -15,7 +15,7 @@ use loopsync_core::spec::SyncSpec;
 use loopsync_core::subjects::{Names, Stage};
 use loopsync_extractor::{Checkpointer, ExtractorStage};
 use loopsync_loader::{LoaderStage, RateBudget};
-use loopsync_loops_client::{ApiKey, ClientConfig, LoopsClient, PropertyType};
+use loopsync_loops_client::{ClientConfig, LoopsClient, PropertyType};
 use loopsync_transformer::TransformerStage;
 use loopsync_warehouse::Warehouse;
 use tokio::task::JoinSet;
@@ -61,7 +61,7 @@ impl Pipeline {
         };
         let budget = RateBudget::shared(
             bus.clone(),
-            &config.loops.api_key,
+            config.loops.api_key.expose(),
             config.loops.requests_per_second,
         );
         Ok(Pipeline {
@@ -209,10 +209,8 @@ pub fn checkpointer_options() -> BatchOptions {
 }
 
 pub fn loops_client(config: &Config) -> anyhow::Result<LoopsClient> {
-    let mut client_config = ClientConfig::new(
-        config.loops.base_url.clone(),
-        ApiKey::new(config.loops.api_key.clone()).context("loops.api_key")?,
-    );
+    let mut client_config =
+        ClientConfig::new(config.loops.base_url.clone(), config.loops.api_key.clone());
     client_config.timeout = config.loops.timeout();
     Ok(LoopsClient::new(client_config)?)
 }

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
+use loopsync_core::secret::ApiKey;
 use loopsync_core::spec::{
     Behavior, IdentifyBy, MappedList, MappedProperty, OnRemove, RESERVED_NAMES, SyncSpec,
     default_property_kind,
@@ -55,7 +56,9 @@ pub struct WarehouseConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LoopsConfig {
-    pub api_key: String,
+    /// The team's key, a secret from the moment it is read: `Debug` of this config never shows
+    /// it. An empty key is a config error.
+    pub api_key: ApiKey,
     /// The API root without `/v1`.
     #[serde(default = "default_base_url")]
     pub base_url: String,
@@ -527,6 +530,27 @@ signedUpAt = { column = "signed_up_at", type = "date" }
                 "signed_up_at"
             ]
         );
+    }
+
+    /// The key is a secret from the moment it is read: a config printed for debugging does not
+    /// carry it, and an empty key is refused by its path.
+    #[test]
+    fn the_api_key_never_shows_and_is_not_empty() {
+        let config = Config::parse(EXAMPLE, |_| Some("s3cr3t-key".into())).unwrap();
+        assert_eq!(config.loops.api_key.expose(), "s3cr3t-key");
+        for shown in [
+            format!("{config:?}"),
+            format!("{config:#?}"),
+            config.loops.api_key.to_string(),
+        ] {
+            assert!(!shown.contains("s3cr3t-key"), "{shown}");
+        }
+        let e = Config::parse(EXAMPLE, |_| Some(" ".into()))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "loops.api_key: the API key is empty");
+        let e = error_of(&EXAMPLE.replace("api_key = \"${LOOPS_API_KEY}\"\n", ""));
+        assert!(e.starts_with("loops: missing field `api_key`"), "{e}");
     }
 
     #[test]

@@ -7,37 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::LoopsError;
-
-/// A Loops API key. Its `Debug` and `Display` never show the key.
-#[derive(Clone, PartialEq, Eq)]
-pub struct ApiKey(String);
-
-impl ApiKey {
-    /// Wraps a key. An empty key is refused, as the official SDKs do.
-    pub fn new(key: impl Into<String>) -> Result<ApiKey, LoopsError> {
-        let key = key.into();
-        if key.trim().is_empty() {
-            return Err(LoopsError::Usage("the API key is empty".into()));
-        }
-        Ok(ApiKey(key))
-    }
-
-    pub(crate) fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for ApiKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("ApiKey(<redacted>)")
-    }
-}
-
-impl fmt::Display for ApiKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
+pub use loopsync_core::secret::ApiKey;
 
 /// An `Idempotency-Key`: 1 to 100 characters (`loops-api.md` §5).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
