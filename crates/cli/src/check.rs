@@ -10,7 +10,7 @@ use loopsync_config::Config;
 use loopsync_core::destination::Destination;
 use loopsync_core::envelope::RequestCounts;
 use loopsync_core::spec::default_property_kind;
-use loopsync_loops_client::PropertyType;
+use loopsync_core::value::PropertyKind;
 use loopsync_warehouse::{DestinationBinding, Warehouse, WarehouseError};
 use serde::Serialize;
 
@@ -121,15 +121,13 @@ pub async fn run(config_path: &Path, args: CheckArgs) -> anyhow::Result<ExitCode
                     }
                     let wanted = format!("{}: {}", p.property, p.kind.as_str());
                     match existing.iter().find(|e| e.key == p.property) {
-                        Some(e) if e.kind.as_str() != p.kind.as_str() => {
-                            report.type_mismatches.push(format!(
-                                "sync {}: mapping.{} is {}, but Loops has it as {}",
-                                sync.spec.name,
-                                p.property,
-                                p.kind.as_str(),
-                                e.kind.as_str()
-                            ))
-                        }
+                        Some(e) if e.kind != p.kind => report.type_mismatches.push(format!(
+                            "sync {}: mapping.{} is {}, but Loops has it as {}",
+                            sync.spec.name,
+                            p.property,
+                            p.kind.as_str(),
+                            e.kind.as_str()
+                        )),
                         Some(_) => {}
                         None if !report.missing_properties.contains(&wanted) => {
                             report.missing_properties.push(wanted)
@@ -148,7 +146,7 @@ pub async fn run(config_path: &Path, args: CheckArgs) -> anyhow::Result<ExitCode
             if args.create_properties {
                 for wanted in std::mem::take(&mut report.missing_properties) {
                     let (name, kind) = wanted.split_once(": ").expect("name: type");
-                    let kind: PropertyType = kind.parse().map_err(anyhow::Error::msg)?;
+                    let kind: PropertyKind = kind.parse().map_err(anyhow::Error::msg)?;
                     with_retries(&budget, config.loops.max_attempts, counts, || {
                         client.create_property(name, kind)
                     })

@@ -15,7 +15,7 @@ use loopsync_core::spec::SyncSpec;
 use loopsync_core::subjects::{Names, Stage};
 use loopsync_extractor::{Checkpointer, ExtractorStage};
 use loopsync_loader::{LoaderStage, RateBudget};
-use loopsync_loops_client::{ClientConfig, LoopsClient, PropertyType};
+use loopsync_loops_client::{ClientConfig, LoopsClient};
 use loopsync_transformer::TransformerStage;
 use loopsync_warehouse::Warehouse;
 use tokio::task::JoinSet;
@@ -286,7 +286,7 @@ impl Preflight {
             {
                 continue;
             }
-            let kind: PropertyType = p.kind.as_str().parse().map_err(anyhow::Error::msg)?;
+            let kind = p.kind;
             with_retries(budget, self.attempts, &mut self.pending, || {
                 client.create_property(&p.property, kind)
             })

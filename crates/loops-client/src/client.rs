@@ -12,7 +12,7 @@ use crate::LoopsError;
 use crate::error::classify;
 use crate::types::{
     ApiKey, ApiKeyInfo, Contact, ContactIdentity, ContactPayload, ContactProperty, EventPayload,
-    IdempotencyKey, MailingList, PropertyType,
+    IdempotencyKey, MailingList, PropertyKind,
 };
 
 /// Where and how to reach Loops.
@@ -189,7 +189,7 @@ impl LoopsClient {
     }
 
     /// `POST /v1/contacts/properties`: creates a custom property (camelCase name).
-    pub async fn create_property(&self, name: &str, kind: PropertyType) -> Result<(), LoopsError> {
+    pub async fn create_property(&self, name: &str, kind: PropertyKind) -> Result<(), LoopsError> {
         let body = serde_json::json!({ "name": name, "type": kind.as_str() });
         self.send(
             Method::POST,

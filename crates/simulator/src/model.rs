@@ -39,7 +39,11 @@ const DEFAULT_PROPERTIES: &[(&str, &str, PropertyType)] = &[
     ("createdAt", "Created At", PropertyType::Date),
 ];
 
-/// A property type of Loops.
+/// A property type of Loops, as the simulated service knows it.
+///
+/// Deliberately not `loopsync_core::value::PropertyKind`: the simulator stands in for Loops and
+/// depends on no loopsync crate, so a change to the pipeline's types cannot quietly change what
+/// the stand-in accepts. Client and simulator meet only on the wire (the lowercase names).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PropertyType {
