@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use loopsync_core::envelope::RequestCounts;
+use loopsync_core::envelope::{OutcomeStatus, RequestCounts};
 use loopsync_extractor::{RunAsk, request_run, wait_for_run};
 use loopsync_warehouse::RecordResult;
 
@@ -88,7 +88,7 @@ async fn select(
         .rejections(filter.sync.as_deref())
         .await?
         .into_iter()
-        .filter(|r| r.outcome == "dead_lettered")
+        .filter(|r| r.outcome == OutcomeStatus::DeadLettered)
         .filter(|r| filter.keys.is_empty() || filter.keys.contains(&r.key))
         .filter(|r| {
             filter

@@ -69,10 +69,8 @@ pub async fn runs(config_path: &Path, args: RunsArgs) -> anyhow::Result<ExitCode
                 summary.requested_at,
                 summary.finished_at.as_deref().unwrap_or("-")
             );
-            let failed: Vec<&RecordResult> = records
-                .iter()
-                .filter(|r| matches!(r.outcome.as_str(), "invalid" | "rejected" | "dead_lettered"))
-                .collect();
+            let failed: Vec<&RecordResult> =
+                records.iter().filter(|r| r.outcome.is_failure()).collect();
             if !failed.is_empty() {
                 println!("  records that did not go through:");
                 for r in failed {

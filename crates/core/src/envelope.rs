@@ -283,6 +283,55 @@ impl OutcomeStatus {
     }
 }
 
+impl std::fmt::Display for OutcomeStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+/// Reads the names of [`OutcomeStatus::as_str`], as the warehouse stores them.
+impl std::str::FromStr for OutcomeStatus {
+    type Err = UnknownName;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "confirmed" => OutcomeStatus::Confirmed,
+            "skipped" => OutcomeStatus::Skipped,
+            "invalid" => OutcomeStatus::Invalid,
+            "rejected" => OutcomeStatus::Rejected,
+            "dead_lettered" => OutcomeStatus::DeadLettered,
+            "attempted" => OutcomeStatus::Attempted,
+            other => return Err(UnknownName::new("record outcome", other)),
+        })
+    }
+}
+
+/// Compares with the stored name, so a check reads like the row it checks.
+impl PartialEq<&str> for OutcomeStatus {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+/// A stored name that no variant has: a row written by another version, or not by loopsync.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown {what} \"{name}\"")]
+pub struct UnknownName {
+    /// What the name should have named (`record outcome`, `run status`).
+    pub what: &'static str,
+    /// The name read.
+    pub name: String,
+}
+
+impl UnknownName {
+    /// An unknown `name` of a `what`.
+    pub fn new(what: &'static str, name: impl Into<String>) -> UnknownName {
+        UnknownName {
+            what,
+            name: name.into(),
+        }
+    }
+}
+
 /// loader (or transformer, for invalid records) → checkpointer: what became of one record.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Outcome {
@@ -394,6 +443,34 @@ mod tests {
     use super::*;
     use crate::codec::{decode, encode};
     use serde_json::json;
+
+    /// The stored names, the JSON names and `as_str` are one set: rows written before the enum
+    /// read back, and reports print what they printed.
+    #[test]
+    fn outcome_statuses_read_what_they_write() {
+        for status in [
+            OutcomeStatus::Confirmed,
+            OutcomeStatus::Skipped,
+            OutcomeStatus::Invalid,
+            OutcomeStatus::Rejected,
+            OutcomeStatus::DeadLettered,
+            OutcomeStatus::Attempted,
+        ] {
+            assert_eq!(status.as_str().parse::<OutcomeStatus>(), Ok(status));
+            assert_eq!(
+                serde_json::to_value(status).unwrap(),
+                json!(status.as_str())
+            );
+            assert_eq!(status.to_string(), status.as_str());
+        }
+        assert_eq!(OutcomeStatus::DeadLettered, "dead_lettered");
+        // Tables pad it like the text they printed before.
+        assert_eq!(format!("{:<10}|", OutcomeStatus::Skipped), "skipped   |");
+        assert_eq!(
+            "gone".parse::<OutcomeStatus>().unwrap_err().to_string(),
+            "unknown record outcome \"gone\""
+        );
+    }
 
     #[test]
     fn operation_round_trips_with_named_fields() {

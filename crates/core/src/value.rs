@@ -36,7 +36,7 @@ impl PropertyKind {
 
 impl std::fmt::Display for PropertyKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
+        f.pad(self.as_str())
     }
 }
 
