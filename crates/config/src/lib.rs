@@ -22,8 +22,8 @@ pub enum ConfigError {
         path: String,
         source: std::io::Error,
     },
-    #[error("{0}")]
-    Syntax(String),
+    #[error("not valid TOML: {0}")]
+    Syntax(#[source] toml::de::Error),
     #[error("{key}: {message}")]
     Invalid { key: String, message: String },
 }
@@ -207,8 +207,7 @@ impl Config {
 
     /// Parses config text; `env` answers `${VAR}`.
     pub fn parse(text: &str, env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
-        let mut value: toml::Value = toml::from_str(text)
-            .map_err(|e| ConfigError::Syntax(format!("not valid TOML: {e}")))?;
+        let mut value: toml::Value = toml::from_str(text).map_err(ConfigError::Syntax)?;
         substitute(&mut value, "", &env)?;
         let raw: RawConfig = serde_path_to_error::deserialize(value).map_err(|e| {
             let path = e.path().to_string();
@@ -640,5 +639,13 @@ signedUpAt = { column = "signed_up_at", type = "date" }
         let text = EXAMPLE.replace("[nats]\nurl = \"nats://127.0.0.1:4222\"\n", "");
         assert!(Config::parse(&text, env).unwrap().nats.is_none());
         assert!(error_of("[warehouse\n").starts_with("not valid TOML"));
+    }
+
+    /// The TOML parser's error is kept as the source, and the message still says it.
+    #[test]
+    fn a_syntax_error_keeps_the_parser_error() {
+        let e = Config::parse("[warehouse\n", env).unwrap_err();
+        let source = std::error::Error::source(&e).expect("a source");
+        assert_eq!(e.to_string(), format!("not valid TOML: {source}"));
     }
 }

@@ -277,9 +277,9 @@ impl LoopsClient {
 }
 
 fn decode<T: DeserializeOwned>(status: StatusCode, body: &str) -> Result<T, LoopsError> {
-    serde_json::from_str(body).map_err(|e| LoopsError::Decode {
+    serde_json::from_str(body).map_err(|source| LoopsError::Decode {
         status: status.as_u16(),
-        detail: e.to_string(),
+        source,
     })
 }
 
