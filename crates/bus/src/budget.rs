@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use loopsync_core::keys;
+use loopsync_core::secret::ApiKey;
 
 use crate::{BusError, Coordination};
 
@@ -33,15 +33,16 @@ pub enum RateBudget {
 }
 
 impl RateBudget {
-    /// The team's budget on `bus`: one per API key, whatever the number of syncs and workers.
+    /// The team's budget on `bus`: one per API key, whatever the number of syncs and workers
+    /// (named by [`ApiKey::budget_name`], which never shows the key).
     pub fn shared(
         bus: Arc<dyn Coordination>,
-        api_key: &str,
+        api_key: &ApiKey,
         requests_per_second: u32,
     ) -> RateBudget {
         RateBudget::Shared {
             bus,
-            name: format!("team-{}", keys::record_id("loops-api-key", api_key)),
+            name: api_key.budget_name(),
             period: slot_period(requests_per_second),
         }
     }

@@ -6,7 +6,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Args, Subcommand};
-use loopsync_engine::history;
 use loopsync_warehouse::{RecordResult, Warehouse};
 
 use crate::{UsageError, load_config_for_warehouse, open_warehouse, report};
@@ -70,10 +69,8 @@ pub async fn runs(config_path: &Path, args: RunsArgs) -> anyhow::Result<ExitCode
                 summary.requested_at,
                 summary.finished_at.as_deref().unwrap_or("-")
             );
-            let failed: Vec<&RecordResult> = records
-                .iter()
-                .filter(|r| history::did_not_go_through(r))
-                .collect();
+            let failed: Vec<&RecordResult> =
+                records.iter().filter(|r| r.outcome.is_failure()).collect();
             if !failed.is_empty() {
                 println!("  records that did not go through:");
                 for r in failed {

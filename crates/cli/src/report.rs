@@ -1,15 +1,15 @@
 //! Run reports, for people and (`--json`) for programs.
 
-use loopsync_warehouse::RunSummary;
+use loopsync_warehouse::{RunStatus, RunSummary};
 
 /// The exit status of a finished run: 0 succeeded, 3 degraded, 1 failed.
 pub fn exit_status(runs: &[RunSummary]) -> u8 {
     if runs
         .iter()
-        .any(|r| r.status == "failed" || r.status == "interrupted")
+        .any(|r| matches!(r.status, RunStatus::Failed | RunStatus::Interrupted))
     {
         1
-    } else if runs.iter().any(|r| r.status == "degraded") {
+    } else if runs.iter().any(|r| r.status == RunStatus::Degraded) {
         3
     } else {
         0
@@ -81,7 +81,7 @@ mod tests {
         let run = RunSummary {
             id: 7,
             sync: "users".into(),
-            status: "degraded".into(),
+            status: RunStatus::Degraded,
             duration_ms: Some(1234),
             added: 3,
             changed: 2,

@@ -2,16 +2,17 @@
 //! is an error naming it), unknown keys rejected by their path, every sync checked before any
 //! request is sent.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use loopsync_core::spec::{
-    Behavior, IdentifyBy, MappedList, MappedProperty, OnRemove, RESERVED_NAMES, SyncSpec,
-    default_property_kind,
-};
-use loopsync_core::value::PropertyKind;
+use loopsync_core::secret::ApiKey;
+use loopsync_core::spec::SyncSpec;
 use serde::Deserialize;
+
+mod check;
+mod raw;
+
+use raw::RawConfig;
 
 /// A config that cannot be used; the message names the key.
 #[derive(Debug, thiserror::Error)]
@@ -21,8 +22,8 @@ pub enum ConfigError {
         path: String,
         source: std::io::Error,
     },
-    #[error("{0}")]
-    Syntax(String),
+    #[error("not valid TOML: {0}")]
+    Syntax(#[source] toml::de::Error),
     #[error("{key}: {message}")]
     Invalid { key: String, message: String },
 }
@@ -55,7 +56,9 @@ pub struct WarehouseConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LoopsConfig {
-    pub api_key: String,
+    /// The team's key, a secret from the moment it is read: `Debug` of this config never shows
+    /// it. An empty key is a config error.
+    pub api_key: ApiKey,
     /// The API root without `/v1`.
     #[serde(default = "default_base_url")]
     pub base_url: String,
@@ -177,69 +180,6 @@ impl std::fmt::Display for Schedule {
     }
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawConfig {
-    warehouse: WarehouseConfig,
-    loops: LoopsConfig,
-    nats: Option<NatsConfig>,
-    #[serde(default)]
-    sync: Vec<RawSync>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawSync {
-    name: String,
-    model: String,
-    primary_key: String,
-    identify_by: IdentifyBy,
-    #[serde(default = "default_behavior")]
-    behavior: Behavior,
-    #[serde(default)]
-    on_remove: OnRemove,
-    #[serde(default)]
-    trigger_workflows: bool,
-    #[serde(default = "default_event_on_create")]
-    event_on_create: String,
-    #[serde(default = "default_event_on_update")]
-    event_on_update: String,
-    schedule: Option<String>,
-    #[serde(default = "default_max_removal_share")]
-    max_removal_share: f64,
-    mapping: BTreeMap<String, RawMapping>,
-    #[serde(default)]
-    mailing_lists: BTreeMap<String, String>,
-}
-
-fn default_max_removal_share() -> f64 {
-    loopsync_core::spec::DEFAULT_MAX_REMOVAL_SHARE
-}
-fn default_behavior() -> Behavior {
-    Behavior::Upsert
-}
-fn default_event_on_create() -> String {
-    "contactCreated".into()
-}
-fn default_event_on_update() -> String {
-    "contactUpdated".into()
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum RawMapping {
-    Column(String),
-    Typed(TypedMapping),
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TypedMapping {
-    column: String,
-    #[serde(rename = "type")]
-    kind: Option<PropertyKind>,
-}
-
 impl Config {
     /// Reads and checks a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -252,8 +192,7 @@ impl Config {
 
     /// Parses config text; `env` answers `${VAR}`.
     pub fn parse(text: &str, env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
-        let mut value: toml::Value = toml::from_str(text)
-            .map_err(|e| ConfigError::Syntax(format!("not valid TOML: {e}")))?;
+        let mut value: toml::Value = toml::from_str(text).map_err(ConfigError::Syntax)?;
         substitute(&mut value, "", &env)?;
         let raw: RawConfig = serde_path_to_error::deserialize(value).map_err(|e| {
             let path = e.path().to_string();
@@ -322,185 +261,11 @@ fn substitute(
     Ok(())
 }
 
-/// Letters, digits, `_` and `-`: a sync name is a NATS subject token.
-fn is_token(name: &str) -> bool {
-    !name.is_empty()
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-}
-
-fn is_camel_case(name: &str) -> bool {
-    let mut chars = name.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_lowercase())
-        && chars.all(|c| c.is_ascii_alphanumeric())
-}
-
-impl RawConfig {
-    fn check(self) -> Result<Config, ConfigError> {
-        if self.loops.requests_per_second == 0 {
-            return Err(invalid("loops.requests_per_second", "must be at least 1"));
-        }
-        if self.loops.max_attempts == 0 {
-            return Err(invalid("loops.max_attempts", "must be at least 1"));
-        }
-        if self.loops.concurrency == 0 {
-            return Err(invalid("loops.concurrency", "must be at least 1"));
-        }
-        if self.loops.timeout_seconds.is_nan() || self.loops.timeout_seconds <= 0.0 {
-            return Err(invalid("loops.timeout_seconds", "must be positive"));
-        }
-        if let Some(nats) = &self.nats {
-            if !is_token(&nats.namespace) {
-                return Err(invalid(
-                    "nats.namespace",
-                    "use letters, digits, `_` and `-` only",
-                ));
-            }
-            if nats.ack_wait_seconds.is_nan() || nats.ack_wait_seconds <= 0.0 {
-                return Err(invalid("nats.ack_wait_seconds", "must be positive"));
-            }
-        }
-        let mut syncs = Vec::new();
-        for (i, raw) in self.sync.into_iter().enumerate() {
-            let at = |field: &str| format!("sync[{i}].{field}");
-            if !is_token(&raw.name) {
-                return Err(invalid(
-                    at("name"),
-                    format!("\"{}\": use letters, digits, `_` and `-` only", raw.name),
-                ));
-            }
-            if syncs.iter().any(|s: &SyncConfig| s.spec.name == raw.name) {
-                return Err(invalid(
-                    at("name"),
-                    format!("\"{}\" is used twice", raw.name),
-                ));
-            }
-            if raw.model.trim().is_empty() {
-                return Err(invalid(at("model"), "is empty"));
-            }
-            if raw.primary_key.trim().is_empty() {
-                return Err(invalid(at("primary_key"), "is empty"));
-            }
-            for (field, name) in [
-                ("event_on_create", &raw.event_on_create),
-                ("event_on_update", &raw.event_on_update),
-            ] {
-                if name.trim().is_empty() || name.contains(':') {
-                    return Err(invalid(
-                        at(field),
-                        "an event name is not empty and has no `:`",
-                    ));
-                }
-            }
-            let mut properties = Vec::new();
-            for (property, mapping) in raw.mapping {
-                let key = at(&format!("mapping.{property}"));
-                if RESERVED_NAMES.contains(&property.as_str()) {
-                    return Err(invalid(
-                        key,
-                        format!("\"{property}\" is reserved by Loops and cannot be mapped"),
-                    ));
-                }
-                if !is_camel_case(&property) {
-                    return Err(invalid(
-                        key,
-                        "a Loops property name is camelCase, e.g. planName",
-                    ));
-                }
-                let (column, kind) = match mapping {
-                    RawMapping::Column(c) => (c, None),
-                    RawMapping::Typed(t) => (t.column, t.kind),
-                };
-                if column.trim().is_empty() {
-                    return Err(invalid(key, "the column is empty"));
-                }
-                let kind = match (default_property_kind(&property), kind) {
-                    (Some(fixed), Some(given)) if fixed != given => {
-                        return Err(invalid(
-                            key,
-                            format!(
-                                "{property} is a Loops default property of type {}, not {}",
-                                fixed.as_str(),
-                                given.as_str()
-                            ),
-                        ));
-                    }
-                    (Some(fixed), _) => fixed,
-                    (None, given) => given.unwrap_or(PropertyKind::String),
-                };
-                properties.push(MappedProperty {
-                    property,
-                    column,
-                    kind,
-                });
-            }
-            if !(0.0..=1.0).contains(&raw.max_removal_share) {
-                return Err(invalid(
-                    at("max_removal_share"),
-                    format!(
-                        "is {}: a share of the confirmed contacts, from 0 to 1",
-                        raw.max_removal_share
-                    ),
-                ));
-            }
-            if !properties.iter().any(|p| p.property == "email") {
-                return Err(invalid(
-                    at("mapping.email"),
-                    "is required: Loops cannot create a contact without an email",
-                ));
-            }
-            if raw.identify_by == IdentifyBy::UserId
-                && !properties.iter().any(|p| p.property == "userId")
-            {
-                return Err(invalid(
-                    at("mapping.userId"),
-                    "is required with identify_by = \"userId\"",
-                ));
-            }
-            let schedule = match &raw.schedule {
-                None => None,
-                Some(text) => Some(Schedule::parse(text).map_err(|e| {
-                    invalid(
-                        at("schedule"),
-                        format!("\"{text}\" is not a cron expression: {e}"),
-                    )
-                })?),
-            };
-            let lists = raw
-                .mailing_lists
-                .into_iter()
-                .map(|(list_id, column)| MappedList { list_id, column })
-                .collect();
-            syncs.push(SyncConfig {
-                spec: SyncSpec {
-                    name: raw.name,
-                    model: raw.model,
-                    primary_key: raw.primary_key,
-                    identify_by: raw.identify_by,
-                    behavior: raw.behavior,
-                    on_remove: raw.on_remove,
-                    trigger_workflows: raw.trigger_workflows,
-                    event_on_create: raw.event_on_create,
-                    event_on_update: raw.event_on_update,
-                    properties,
-                    lists,
-                    max_removal_share: raw.max_removal_share,
-                },
-                schedule,
-            });
-        }
-        Ok(Config {
-            warehouse: self.warehouse,
-            loops: self.loops,
-            nats: self.nats,
-            syncs,
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use loopsync_core::spec::IdentifyBy;
+    use loopsync_core::value::PropertyKind;
+
     use super::*;
 
     const EXAMPLE: &str = r#"
@@ -575,6 +340,27 @@ signedUpAt = { column = "signed_up_at", type = "date" }
                 "signed_up_at"
             ]
         );
+    }
+
+    /// The key is a secret from the moment it is read: a config printed for debugging does not
+    /// carry it, and an empty key is refused by its path.
+    #[test]
+    fn the_api_key_never_shows_and_is_not_empty() {
+        let config = Config::parse(EXAMPLE, |_| Some("s3cr3t-key".into())).unwrap();
+        assert_eq!(config.loops.api_key.expose(), "s3cr3t-key");
+        for shown in [
+            format!("{config:?}"),
+            format!("{config:#?}"),
+            config.loops.api_key.to_string(),
+        ] {
+            assert!(!shown.contains("s3cr3t-key"), "{shown}");
+        }
+        let e = Config::parse(EXAMPLE, |_| Some(" ".into()))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "loops.api_key: the API key is empty");
+        let e = error_of(&EXAMPLE.replace("api_key = \"${LOOPS_API_KEY}\"\n", ""));
+        assert!(e.starts_with("loops: missing field `api_key`"), "{e}");
     }
 
     #[test]
@@ -691,5 +477,13 @@ signedUpAt = { column = "signed_up_at", type = "date" }
         let text = EXAMPLE.replace("[nats]\nurl = \"nats://127.0.0.1:4222\"\n", "");
         assert!(Config::parse(&text, env).unwrap().nats.is_none());
         assert!(error_of("[warehouse\n").starts_with("not valid TOML"));
+    }
+
+    /// The TOML parser's error is kept as the source, and the message still says it.
+    #[test]
+    fn a_syntax_error_keeps_the_parser_error() {
+        let e = Config::parse("[warehouse\n", env).unwrap_err();
+        let source = std::error::Error::source(&e).expect("a source");
+        assert_eq!(e.to_string(), format!("not valid TOML: {source}"));
     }
 }

@@ -8,10 +8,13 @@ use crate::error::{Classified, ErrorClass};
 
 /// A message that cannot be read. Retrying cannot help: it is poison.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot decode a {kind} message: {detail}")]
+#[error("cannot decode a {kind} message: {source}")]
 pub struct DecodeError {
+    /// The message type that was expected (`RunRequest`, `Operation`, …).
     pub kind: &'static str,
-    pub detail: String,
+    /// What the MessagePack decoder said.
+    #[source]
+    pub source: rmp_serde::decode::Error,
 }
 
 impl Classified for DecodeError {
@@ -32,7 +35,7 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
             .rsplit("::")
             .next()
             .unwrap_or("message"),
-        detail: e.to_string(),
+        source: e,
     })
 }
 
@@ -46,5 +49,13 @@ mod tests {
         let e = decode::<RunRequest>(b"\xc1not msgpack").unwrap_err();
         assert_eq!(e.class(), ErrorClass::Poison);
         assert_eq!(e.kind, "RunRequest");
+    }
+
+    /// The decoder's error is kept as the source, and the message still says it.
+    #[test]
+    fn the_decoder_error_is_the_source() {
+        let e = decode::<RunRequest>(b"\xc1not msgpack").unwrap_err();
+        let source = std::error::Error::source(&e).expect("a source");
+        assert!(e.to_string().ends_with(&format!(": {source}")), "{e}");
     }
 }

@@ -283,6 +283,55 @@ impl OutcomeStatus {
     }
 }
 
+impl std::fmt::Display for OutcomeStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+/// Reads the names of [`OutcomeStatus::as_str`], as the warehouse stores them.
+impl std::str::FromStr for OutcomeStatus {
+    type Err = UnknownName;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "confirmed" => OutcomeStatus::Confirmed,
+            "skipped" => OutcomeStatus::Skipped,
+            "invalid" => OutcomeStatus::Invalid,
+            "rejected" => OutcomeStatus::Rejected,
+            "dead_lettered" => OutcomeStatus::DeadLettered,
+            "attempted" => OutcomeStatus::Attempted,
+            other => return Err(UnknownName::new("record outcome", other)),
+        })
+    }
+}
+
+/// Compares with the stored name, so a check reads like the row it checks.
+impl PartialEq<&str> for OutcomeStatus {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+/// A stored name that no variant has: a row written by another version, or not by loopsync.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown {what} \"{name}\"")]
+pub struct UnknownName {
+    /// What the name should have named (`record outcome`, `run status`).
+    pub what: &'static str,
+    /// The name read.
+    pub name: String,
+}
+
+impl UnknownName {
+    /// An unknown `name` of a `what`.
+    pub fn new(what: &'static str, name: impl Into<String>) -> UnknownName {
+        UnknownName {
+            what,
+            name: name.into(),
+        }
+    }
+}
+
 /// loader (or transformer, for invalid records) → checkpointer: what became of one record.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Outcome {
@@ -356,6 +405,52 @@ impl Outcome {
         }
     }
 
+    /// An outcome for a change that has not become an operation (`operation` is `none` when it
+    /// never will): the change's record, run, installation and kind, so the run report counts
+    /// it under the change's kind.
+    pub fn for_change(change: &RowChange, status: OutcomeStatus, operation: &str) -> Outcome {
+        let mut outcome = Outcome::new(
+            &change.sync,
+            change.run_id,
+            &change.key,
+            &change.fingerprint,
+            status,
+            operation,
+        )
+        .with_installation(&change.installation);
+        outcome.change = Some(change.kind);
+        outcome
+    }
+
+    /// An outcome for an operation: its record, run, installation, change kind and action.
+    pub fn for_operation(operation: &Operation, status: OutcomeStatus) -> Outcome {
+        let mut outcome = Outcome::new(
+            &operation.sync,
+            operation.run_id,
+            &operation.key,
+            &operation.fingerprint,
+            status,
+            operation.action.name(),
+        )
+        .with_installation(&operation.installation);
+        outcome.change = Some(operation.change);
+        outcome
+    }
+
+    /// A record found invalid before it became a change (a NULL or duplicate key, an email on
+    /// several rows): no fingerprint, no operation, and why.
+    pub fn invalid(
+        sync: &str,
+        run_id: i64,
+        key: &str,
+        installation: &str,
+        reason: impl Into<String>,
+    ) -> Outcome {
+        Outcome::new(sync, run_id, key, "", OutcomeStatus::Invalid, "none")
+            .with_installation(installation)
+            .with_reason(reason)
+    }
+
     /// Sets the requests of the attempt this outcome reports.
     pub fn with_counts(mut self, counts: RequestCounts) -> Outcome {
         self.requests = counts.total();
@@ -378,11 +473,13 @@ impl Outcome {
         counts
     }
 
+    /// Sets the state's random id, which scopes the outcome's message id.
     pub fn with_installation(mut self, installation: &str) -> Outcome {
         installation.clone_into(&mut self.installation);
         self
     }
 
+    /// Sets why the record ended as it did (shown in reports and rejection lists).
     pub fn with_reason(mut self, reason: impl Into<String>) -> Outcome {
         self.reason = Some(reason.into());
         self
@@ -394,6 +491,114 @@ mod tests {
     use super::*;
     use crate::codec::{decode, encode};
     use serde_json::json;
+
+    /// The stored names, the JSON names and `as_str` are one set: rows written before the enum
+    /// read back, and reports print what they printed.
+    #[test]
+    fn outcome_statuses_read_what_they_write() {
+        for status in [
+            OutcomeStatus::Confirmed,
+            OutcomeStatus::Skipped,
+            OutcomeStatus::Invalid,
+            OutcomeStatus::Rejected,
+            OutcomeStatus::DeadLettered,
+            OutcomeStatus::Attempted,
+        ] {
+            assert_eq!(status.as_str().parse::<OutcomeStatus>(), Ok(status));
+            assert_eq!(
+                serde_json::to_value(status).unwrap(),
+                json!(status.as_str())
+            );
+            assert_eq!(status.to_string(), status.as_str());
+        }
+        assert_eq!(OutcomeStatus::DeadLettered, "dead_lettered");
+        // Tables pad it like the text they printed before.
+        assert_eq!(format!("{:<10}|", OutcomeStatus::Skipped), "skipped   |");
+        assert_eq!(
+            "gone".parse::<OutcomeStatus>().unwrap_err().to_string(),
+            "unknown record outcome \"gone\""
+        );
+    }
+
+    fn change() -> RowChange {
+        RowChange {
+            v: VERSION,
+            sync: "users".into(),
+            run_id: 7,
+            key: "42".into(),
+            fingerprint: "fp".into(),
+            kind: ChangeKind::Added,
+            values: BTreeMap::new(),
+            confirmed_email: None,
+            confirmed_user_id: None,
+            installation: "inst".into(),
+            generation: 0,
+            keep_old_contact: false,
+        }
+    }
+
+    /// Each constructor fills what the hand-built outcomes filled: the record, the run, the
+    /// installation (it scopes the message id) and the change kind (the report counts by it).
+    #[test]
+    fn outcome_constructors_carry_their_record() {
+        let c = change();
+        let o = Outcome::for_change(&c, OutcomeStatus::Invalid, "none");
+        let by_hand = {
+            let mut o = Outcome::new("users", 7, "42", "fp", OutcomeStatus::Invalid, "none")
+                .with_installation("inst");
+            o.change = Some(ChangeKind::Added);
+            o
+        };
+        assert_eq!(
+            o,
+            Outcome {
+                at: o.at,
+                ..by_hand
+            }
+        );
+
+        let op = Operation {
+            v: VERSION,
+            sync: "users".into(),
+            run_id: 7,
+            key: "42".into(),
+            fingerprint: "fp".into(),
+            change: ChangeKind::Changed,
+            idempotency_key: "k".into(),
+            action: Action::Event {
+                event_name: "e".into(),
+                email: Some("a@x.co".into()),
+                user_id: None,
+                properties: Map::new(),
+                mailing_lists: BTreeMap::new(),
+            },
+            installation: "inst".into(),
+        };
+        let o = Outcome::for_operation(&op, OutcomeStatus::Confirmed);
+        let by_hand = {
+            let mut o = Outcome::new("users", 7, "42", "fp", OutcomeStatus::Confirmed, "event")
+                .with_installation("inst");
+            o.change = Some(ChangeKind::Changed);
+            o
+        };
+        assert_eq!(
+            o,
+            Outcome {
+                at: o.at,
+                ..by_hand
+            }
+        );
+
+        let o = Outcome::invalid("users", 7, "", "inst", "the key is NULL");
+        assert_eq!(
+            (o.status, o.operation.as_str(), o.fingerprint.as_str()),
+            (OutcomeStatus::Invalid, "none", "")
+        );
+        assert_eq!(
+            (o.installation.as_str(), o.reason.as_deref(), o.change),
+            ("inst", Some("the key is NULL"), None)
+        );
+    }
 
     #[test]
     fn operation_round_trips_with_named_fields() {

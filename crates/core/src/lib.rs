@@ -3,13 +3,14 @@
 //! This crate has no I/O: no NATS, no HTTP, no database. It holds what more than one stage must
 //! agree on: the messages on the subjects and their codec, the deterministic keys, the pipeline's
 //! stages, the resolved sync definition with its fingerprint, the Loops destination a
-//! sync's state belongs to, and the error classes.
+//! sync's state belongs to, the error classes, and the secrets (the API key) that must not leak.
 
 pub mod codec;
 pub mod destination;
 pub mod envelope;
 pub mod error;
 pub mod keys;
+pub mod secret;
 pub mod spec;
 pub mod stage;
 pub mod value;

@@ -10,7 +10,9 @@ use serde_json::Value;
 /// "most v1 … request body string values are limited to 500 characters" (`loops-api.md` §2.5).
 pub const MAX_CHARS: usize = 500;
 
-/// The four property types of Loops.
+/// The four property types of Loops: the one type for a property's kind in the pipeline, from
+/// the config's `type = "date"` to the Loops client's `create_property` and the answers of
+/// `GET /v1/contacts/properties` (serde writes and reads the same lowercase names Loops uses).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PropertyKind {
@@ -21,12 +23,35 @@ pub enum PropertyKind {
 }
 
 impl PropertyKind {
+    /// The name Loops and the config use: `string`, `number`, `boolean`, `date`.
     pub fn as_str(&self) -> &'static str {
         match self {
             PropertyKind::String => "string",
             PropertyKind::Number => "number",
             PropertyKind::Boolean => "boolean",
             PropertyKind::Date => "date",
+        }
+    }
+}
+
+impl std::fmt::Display for PropertyKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+/// Reads the names of [`PropertyKind::as_str`] (e.g. a property type typed on a command line).
+impl std::str::FromStr for PropertyKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "string" => Ok(PropertyKind::String),
+            "number" => Ok(PropertyKind::Number),
+            "boolean" => Ok(PropertyKind::Boolean),
+            "date" => Ok(PropertyKind::Date),
+            other => Err(format!(
+                "unknown property type `{other}` (expected string, number, boolean or date)"
+            )),
         }
     }
 }
@@ -156,6 +181,21 @@ fn excerpt(text: &str) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn property_kinds_read_what_they_write() {
+        for kind in [
+            PropertyKind::String,
+            PropertyKind::Number,
+            PropertyKind::Boolean,
+            PropertyKind::Date,
+        ] {
+            assert_eq!(kind.as_str().parse::<PropertyKind>(), Ok(kind));
+            assert_eq!(kind.to_string(), kind.as_str());
+            assert_eq!(serde_json::to_value(kind).unwrap(), json!(kind.as_str()));
+        }
+        assert!("datetime".parse::<PropertyKind>().is_err());
+    }
 
     #[test]
     fn numbers() {

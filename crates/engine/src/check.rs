@@ -120,7 +120,7 @@ pub async fn check(config: &Config, create_properties: bool) -> Result<CheckRepo
             }
             if create_properties {
                 for missing in &diff.missing {
-                    let kind = properties::property_type(missing.kind);
+                    let kind = missing.kind;
                     with_retries(&budget, attempts, counts, || {
                         client.create_property(&missing.name, kind)
                     })

@@ -26,7 +26,7 @@ impl Filter {
     /// Whether `record` is a dead letter this filter selects. A record whose time cannot be
     /// read is left out when `since` is given: it cannot be shown to be recent.
     pub fn keeps(&self, record: &RecordResult) -> bool {
-        record.outcome == OutcomeStatus::DeadLettered.as_str()
+        record.outcome == OutcomeStatus::DeadLettered
             && self.sync.as_ref().is_none_or(|s| *s == record.sync)
             && (self.keys.is_empty() || self.keys.contains(&record.key))
             && self
@@ -109,7 +109,7 @@ mod tests {
             sync: sync.into(),
             key: key.into(),
             operation: "upsert".into(),
-            outcome: outcome.into(),
+            outcome: outcome.parse().unwrap(),
             reason: Some(reason.into()),
             contact_id: None,
             requests: 3,

@@ -7,7 +7,6 @@ pub mod check;
 pub mod destination;
 pub mod dlq;
 pub mod error;
-pub mod history;
 pub mod pipeline;
 pub mod plan;
 pub mod properties;

@@ -12,7 +12,7 @@ use loopsync_core::spec::SyncSpec;
 use loopsync_core::stage::Stage;
 use loopsync_extractor::ExtractorStage;
 use loopsync_loader::LoaderStage;
-use loopsync_loops_client::{ApiKey, ClientConfig, LoopsClient};
+use loopsync_loops_client::{ClientConfig, LoopsClient};
 use loopsync_transformer::TransformerStage;
 use loopsync_warehouse::Warehouse;
 use tokio::task::JoinSet;
@@ -159,9 +159,8 @@ impl Pipeline {
 /// A client of the Loops the config points at (`loops.base_url`, `loops.api_key`,
 /// `loops.timeout_seconds`).
 pub fn loops_client(config: &Config) -> Result<LoopsClient, EngineError> {
-    let key =
-        ApiKey::new(config.loops.api_key.clone()).map_err(EngineError::loops("loops.api_key"))?;
-    let mut client_config = ClientConfig::new(config.loops.base_url.clone(), key);
+    let mut client_config =
+        ClientConfig::new(config.loops.base_url.clone(), config.loops.api_key.clone());
     client_config.timeout = config.loops.timeout();
     Ok(LoopsClient::new(client_config)?)
 }

@@ -10,7 +10,7 @@ use loopsync_core::destination::Destination;
 use loopsync_core::envelope::RequestCounts;
 use loopsync_core::spec::{SyncSpec, default_property_kind};
 use loopsync_core::value::PropertyKind;
-use loopsync_loops_client::{ContactProperty, LoopsClient, PropertyType};
+use loopsync_loops_client::{ContactProperty, LoopsClient};
 
 use crate::EngineError;
 use crate::retry::{with_retries, with_retries_for};
@@ -42,7 +42,7 @@ pub struct TypeMismatch {
     /// The type the mapping declares.
     pub declared: PropertyKind,
     /// The type Loops lists.
-    pub listed: PropertyType,
+    pub listed: PropertyKind,
 }
 
 impl fmt::Display for TypeMismatch {
@@ -106,16 +106,6 @@ impl PropertyDiff {
     }
 }
 
-/// Loops' name of a declared type.
-pub fn property_type(kind: PropertyKind) -> PropertyType {
-    match kind {
-        PropertyKind::String => PropertyType::String,
-        PropertyKind::Number => PropertyType::Number,
-        PropertyKind::Boolean => PropertyType::Boolean,
-        PropertyKind::Date => PropertyType::Date,
-    }
-}
-
 /// Creates `missing` in Loops with its declared type (paced, retried, counted in `counts`).
 pub async fn create(
     client: &LoopsClient,
@@ -124,7 +114,7 @@ pub async fn create(
     counts: &mut RequestCounts,
     missing: &MissingProperty,
 ) -> Result<(), EngineError> {
-    let kind = property_type(missing.kind);
+    let kind = missing.kind;
     with_retries_for(
         &format!("creating the contact property {}", missing.name),
         budget,
@@ -332,7 +322,7 @@ mod tests {
         assert_eq!(stats.rate_limited, u64::from(first.rate_limited));
     }
 
-    fn listed(properties: &[(&str, PropertyType)]) -> Vec<ContactProperty> {
+    fn listed(properties: &[(&str, PropertyKind)]) -> Vec<ContactProperty> {
         properties
             .iter()
             .map(|(key, kind)| ContactProperty {
@@ -366,8 +356,8 @@ mod tests {
             ],
         );
         let existing = listed(&[
-            ("planName", PropertyType::String),
-            ("trial", PropertyType::String),
+            ("planName", PropertyKind::String),
+            ("trial", PropertyKind::String),
         ]);
         let diff = PropertyDiff::between([&users, &teams], &existing);
         let missing: Vec<String> = diff.missing.iter().map(ToString::to_string).collect();
@@ -380,22 +370,14 @@ mod tests {
             ["sync users: mapping.trial is boolean, but Loops has it as string"]
         );
         let everything = listed(&[
-            ("planName", PropertyType::String),
-            ("seats", PropertyType::Number),
-            ("trial", PropertyType::Boolean),
-            ("region", PropertyType::String),
+            ("planName", PropertyKind::String),
+            ("seats", PropertyKind::Number),
+            ("trial", PropertyKind::Boolean),
+            ("region", PropertyKind::String),
         ]);
         assert_eq!(
             PropertyDiff::between([&users, &teams], &everything),
             PropertyDiff::default()
         );
-        for kind in [
-            PropertyKind::String,
-            PropertyKind::Number,
-            PropertyKind::Boolean,
-            PropertyKind::Date,
-        ] {
-            assert_eq!(property_type(kind).as_str(), kind.as_str());
-        }
     }
 }

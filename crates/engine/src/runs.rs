@@ -11,7 +11,7 @@ use loopsync_config::{Config, Schedule};
 use loopsync_core::Classified;
 use loopsync_core::envelope::{RequestCounts, RunRequest, VERSION};
 use loopsync_loops_client::LoopsClient;
-use loopsync_warehouse::{RunSummary, Warehouse};
+use loopsync_warehouse::{RunStatus, RunSummary, Warehouse};
 use tokio_util::sync::CancellationToken;
 
 use crate::EngineError;
@@ -136,9 +136,9 @@ fn waiting_for(
 ) -> String {
     let phase = match run {
         None => "the run to be read from the warehouse".to_owned(),
-        Some(r) => match r.status.as_str() {
-            "requested" => "an extractor to take the run request".to_owned(),
-            "extracting" => "the extractor to finish reading the model".to_owned(),
+        Some(r) => match r.status {
+            RunStatus::Requested => "an extractor to take the run request".to_owned(),
+            RunStatus::Extracting => "the extractor to finish reading the model".to_owned(),
             _ => match r.expected {
                 Some(expected) => format!(
                     "the outcomes of {} of its {expected} records (loader, checkpointer)",
@@ -198,7 +198,7 @@ pub async fn wait_for_run_with(
     let mut last_heartbeat: Option<Instant> = None;
     let mut last_line = start;
     let mut last_change = start;
-    let mut seen: Option<(String, i64)> = None;
+    let mut seen: Option<(RunStatus, i64)> = None;
     let mut last: Option<RunSummary> = None;
     // Since when the warehouse fails, and how.
     let mut failing: Option<(std::time::SystemTime, String)> = None;
@@ -222,7 +222,7 @@ pub async fn wait_for_run_with(
                     if run.is_finished() {
                         return Ok(run);
                     }
-                    let now = (run.status.clone(), run.records);
+                    let now = (run.status, run.records);
                     if seen.as_ref() != Some(&now) {
                         seen = Some(now);
                         last_change = Instant::now();
@@ -257,7 +257,7 @@ pub async fn wait_for_run_with(
                 sync: last.as_ref().map_or_else(String::new, |r| r.sync.clone()),
                 status: last
                     .as_ref()
-                    .map_or_else(|| "unknown".to_owned(), |r| r.status.clone()),
+                    .map_or_else(|| "unknown".to_owned(), |r| r.status.to_string()),
                 waiting,
                 stalled_for: last_change.elapsed(),
                 closed: String::new(),

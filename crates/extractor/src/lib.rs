@@ -141,20 +141,12 @@ impl ExtractorStage {
                         OnRemove::Delete => "delete",
                         OnRemove::Unsubscribe => "unsubscribe",
                     };
-                    let mut outcome = Outcome::new(
-                        &run.spec.name,
-                        run.run_id,
-                        &change.key,
-                        &change.fingerprint,
-                        OutcomeStatus::Confirmed,
-                        operation,
-                    )
-                    .with_installation(run.installation)
-                    .with_reason(
-                        "not removed from Loops: another record of this run now has its email",
+                    run.invalid.push(
+                        Outcome::for_change(&change, OutcomeStatus::Confirmed, operation)
+                            .with_reason(
+                                "not removed from Loops: another record of this run now has its email",
+                            ),
                     );
-                    outcome.change = Some(ChangeKind::Removed);
-                    run.invalid.push(outcome);
                 }
                 ChangeKind::Removed => removals.push(change),
                 _ => {
@@ -203,18 +195,13 @@ impl ExtractorStage {
                     run.changes.push(change);
                 }
             }
-            Decision::Invalid { key, reason, .. } => run.invalid.push(
-                Outcome::new(
-                    &run.spec.name,
-                    run.run_id,
-                    &key,
-                    "",
-                    OutcomeStatus::Invalid,
-                    "none",
-                )
-                .with_installation(run.installation)
-                .with_reason(reason),
-            ),
+            Decision::Invalid { key, reason, .. } => run.invalid.push(Outcome::invalid(
+                &run.spec.name,
+                run.run_id,
+                &key,
+                run.installation,
+                reason,
+            )),
             Decision::Unchanged | Decision::RemovedKept | Decision::Nothing | Decision::Parked => {}
         }
         if run.changes.len() >= EMIT_BATCH || run.invalid.len() >= EMIT_BATCH {

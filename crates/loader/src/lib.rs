@@ -313,20 +313,6 @@ impl LoaderStage {
         }
     }
 
-    /// An outcome of `op` (no requests yet: the caller adds the attempt's).
-    fn outcome(&self, op: &Operation, status: OutcomeStatus) -> Outcome {
-        let mut o = Outcome::new(
-            &op.sync,
-            op.run_id,
-            &op.key,
-            &op.fingerprint,
-            status,
-            op.action.name(),
-        );
-        o.change = Some(op.change);
-        o.with_installation(&op.installation)
-    }
-
     /// The ledger check, the claim, the requests, the ledger write: the record's outcome,
     /// without the attempt's requests. One version of a record is sent at a time: an operation
     /// waits while an older version is in flight, and is skipped when a newer one is (or has
@@ -412,12 +398,12 @@ impl LoaderStage {
     }
 
     fn skipped(&self, op: &Operation, newer: &str) -> Outcome {
-        self.outcome(op, OutcomeStatus::Skipped)
+        Outcome::for_operation(op, OutcomeStatus::Skipped)
             .with_reason(format!("a newer version of this record was {newer}"))
     }
 
     fn confirmed(&self, op: &Operation, contact_id: Option<String>) -> Outcome {
-        let mut o = self.outcome(op, OutcomeStatus::Confirmed);
+        let mut o = Outcome::for_operation(op, OutcomeStatus::Confirmed);
         o.contact_id = contact_id;
         let (email, user_id) = op.action.identity();
         o.email = email.map(str::to_owned);
@@ -439,8 +425,7 @@ impl LoaderStage {
         if attempt.counts.is_empty() {
             return;
         }
-        let mut o = self
-            .outcome(op, OutcomeStatus::Attempted)
+        let mut o = Outcome::for_operation(op, OutcomeStatus::Attempted)
             .with_counts(attempt.counts)
             .with_reason(error.to_string());
         o.attempt = Some(format!("{}.{}", info.sequence, info.attempt));
@@ -512,7 +497,7 @@ impl Handler for LoaderStage {
         reason: &str,
     ) -> Result<(), LoadError> {
         let op: Operation = codec::decode(payload)?;
-        let outcome = self.outcome(&op, fate.status()).with_reason(reason);
+        let outcome = Outcome::for_operation(&op, fate.status()).with_reason(reason);
         publish::outcome(&*self.bus, &outcome).await?;
         Ok(())
     }

@@ -12,7 +12,7 @@ use crate::LoopsError;
 use crate::error::classify;
 use crate::types::{
     ApiKey, ApiKeyInfo, Contact, ContactIdentity, ContactPayload, ContactProperty, EventPayload,
-    IdempotencyKey, MailingList, PropertyType,
+    IdempotencyKey, MailingList, PropertyKind,
 };
 
 /// Where and how to reach Loops.
@@ -189,7 +189,7 @@ impl LoopsClient {
     }
 
     /// `POST /v1/contacts/properties`: creates a custom property (camelCase name).
-    pub async fn create_property(&self, name: &str, kind: PropertyType) -> Result<(), LoopsError> {
+    pub async fn create_property(&self, name: &str, kind: PropertyKind) -> Result<(), LoopsError> {
         let body = serde_json::json!({ "name": name, "type": kind.as_str() });
         self.send(
             Method::POST,
@@ -277,9 +277,9 @@ impl LoopsClient {
 }
 
 fn decode<T: DeserializeOwned>(status: StatusCode, body: &str) -> Result<T, LoopsError> {
-    serde_json::from_str(body).map_err(|e| LoopsError::Decode {
+    serde_json::from_str(body).map_err(|source| LoopsError::Decode {
         status: status.as_u16(),
-        detail: e.to_string(),
+        source,
     })
 }
 

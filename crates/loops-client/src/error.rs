@@ -41,8 +41,13 @@ pub enum LoopsError {
     #[error("unexpected status {status}: {}", body_excerpt(.body))]
     UnexpectedStatus { status: u16, body: String },
     /// A success status whose body is not the JSON we expected.
-    #[error("could not decode Loops' answer (status {status}): {detail}")]
-    Decode { status: u16, detail: String },
+    #[error("could not decode Loops' answer (status {status}): {source}")]
+    Decode {
+        status: u16,
+        /// What the JSON decoder said.
+        #[source]
+        source: serde_json::Error,
+    },
     /// No answer: connection refused, reset or dropped.
     #[error("transport error: {0}")]
     Transport(String),
@@ -348,5 +353,20 @@ mod tests {
             LoopsError::Timeout(Duration::from_secs(5)).class(),
             ErrorClass::RETRY
         );
+    }
+
+    /// An unreadable answer keeps the JSON decoder's error as its source; the message says it.
+    #[test]
+    fn a_decode_error_keeps_the_decoder_error() {
+        let e = LoopsError::Decode {
+            status: 200,
+            source: serde_json::from_str::<u8>("x").unwrap_err(),
+        };
+        let source = std::error::Error::source(&e).expect("a source");
+        assert_eq!(
+            e.to_string(),
+            format!("could not decode Loops' answer (status 200): {source}")
+        );
+        assert!(e.class().is_retryable());
     }
 }

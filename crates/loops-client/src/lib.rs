@@ -16,7 +16,7 @@ pub use client::{ClientConfig, LoopsClient, RateLimitInfo};
 pub use error::{LoopsError, classify};
 pub use types::{
     ApiKey, ApiKeyInfo, Contact, ContactIdentity, ContactPayload, ContactProperty, EventPayload,
-    IdempotencyKey, MailingList, PropertyType,
+    IdempotencyKey, MailingList, PropertyKind,
 };
 
 #[cfg(test)]

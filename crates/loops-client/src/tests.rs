@@ -8,7 +8,7 @@ use serde_json::{Map, Value, json};
 
 use crate::{
     ApiKey, ClientConfig, ContactIdentity, ContactPayload, EventPayload, IdempotencyKey,
-    LoopsClient, LoopsError, PropertyType,
+    LoopsClient, LoopsError, PropertyKind,
 };
 
 async fn sim(rate_limit: u32) -> SimHandle {
@@ -59,7 +59,7 @@ async fn contacts_create_update_find_delete() {
     let sim = sim(100).await;
     let client = client_for(&sim, "test-key");
     client
-        .create_property("planName", PropertyType::String)
+        .create_property("planName", PropertyKind::String)
         .await
         .unwrap();
     let mut contact = ContactPayload {
@@ -117,20 +117,20 @@ async fn properties_and_lists() {
     let sim = sim(100).await;
     let client = client_for(&sim, "test-key");
     client
-        .create_property("seats", PropertyType::Number)
+        .create_property("seats", PropertyKind::Number)
         .await
         .unwrap();
     let custom = client.list_properties(true).await.unwrap();
     assert_eq!(custom.len(), 1);
     assert_eq!(custom[0].key, "seats");
-    assert_eq!(custom[0].kind, PropertyType::Number);
+    assert_eq!(custom[0].kind, PropertyKind::Number);
     let all = client.list_properties(false).await.unwrap();
     assert!(
         all.iter()
-            .any(|p| p.key == "createdAt" && p.kind == PropertyType::Date)
+            .any(|p| p.key == "createdAt" && p.kind == PropertyKind::Date)
     );
     let again = client
-        .create_property("seats", PropertyType::Number)
+        .create_property("seats", PropertyKind::Number)
         .await
         .unwrap_err();
     assert!(matches!(again, LoopsError::Invalid { .. }));

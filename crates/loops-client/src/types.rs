@@ -1,43 +1,13 @@
 //! Request and answer types of the Loops API (`loops-api.md` §2–§3).
 
 use std::collections::BTreeMap;
-use std::fmt;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::LoopsError;
-
-/// A Loops API key. Its `Debug` and `Display` never show the key.
-#[derive(Clone, PartialEq, Eq)]
-pub struct ApiKey(String);
-
-impl ApiKey {
-    /// Wraps a key. An empty key is refused, as the official SDKs do.
-    pub fn new(key: impl Into<String>) -> Result<ApiKey, LoopsError> {
-        let key = key.into();
-        if key.trim().is_empty() {
-            return Err(LoopsError::Usage("the API key is empty".into()));
-        }
-        Ok(ApiKey(key))
-    }
-
-    pub(crate) fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for ApiKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("ApiKey(<redacted>)")
-    }
-}
-
-impl fmt::Display for ApiKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
+pub use loopsync_core::secret::ApiKey;
+pub use loopsync_core::value::PropertyKind;
 
 /// An `Idempotency-Key`: 1 to 100 characters (`loops-api.md` §5).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -178,55 +148,13 @@ pub struct Contact {
     pub properties: Map<String, Value>,
 }
 
-/// The four property types of Loops.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PropertyType {
-    String,
-    Number,
-    Boolean,
-    Date,
-}
-
-impl PropertyType {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            PropertyType::String => "string",
-            PropertyType::Number => "number",
-            PropertyType::Boolean => "boolean",
-            PropertyType::Date => "date",
-        }
-    }
-}
-
-impl fmt::Display for PropertyType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for PropertyType {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "string" => Ok(PropertyType::String),
-            "number" => Ok(PropertyType::Number),
-            "boolean" => Ok(PropertyType::Boolean),
-            "date" => Ok(PropertyType::Date),
-            other => Err(format!(
-                "unknown property type `{other}` (expected string, number, boolean or date)"
-            )),
-        }
-    }
-}
-
 /// One entry of `GET /v1/contacts/properties`.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 pub struct ContactProperty {
     pub key: String,
     pub label: String,
     #[serde(rename = "type")]
-    pub kind: PropertyType,
+    pub kind: PropertyKind,
 }
 
 /// One entry of `GET /v1/lists`.

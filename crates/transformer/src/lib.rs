@@ -275,18 +275,10 @@ impl Handler for TransformerStage {
         match transform(spec, &change) {
             Ok(op) => publish::operation(&*self.bus, &op).await?,
             Err(Invalid(reason)) => {
-                let mut outcome = Outcome::new(
-                    &change.sync,
-                    change.run_id,
-                    &change.key,
-                    &change.fingerprint,
-                    OutcomeStatus::Invalid,
-                    "none",
-                )
-                .with_installation(&change.installation)
-                .with_reason(reason);
-                // The run report counts it as an invalid row, not as added or changed.
-                outcome.change = Some(change.kind);
+                // With the change's kind: the run report counts it as an invalid row, not as
+                // added or changed.
+                let outcome = Outcome::for_change(&change, OutcomeStatus::Invalid, "none")
+                    .with_reason(reason);
                 publish::outcome(&*self.bus, &outcome).await?;
             }
         }
@@ -301,18 +293,7 @@ impl Handler for TransformerStage {
         reason: &str,
     ) -> Result<(), TransformError> {
         let change: RowChange = codec::decode(payload)?;
-        let status = fate.status();
-        let mut outcome = Outcome::new(
-            &change.sync,
-            change.run_id,
-            &change.key,
-            &change.fingerprint,
-            status,
-            "none",
-        )
-        .with_installation(&change.installation)
-        .with_reason(reason);
-        outcome.change = Some(change.kind);
+        let outcome = Outcome::for_change(&change, fate.status(), "none").with_reason(reason);
         publish::outcome(&*self.bus, &outcome).await?;
         Ok(())
     }

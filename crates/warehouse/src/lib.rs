@@ -14,7 +14,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use futures::stream::BoxStream;
 use loopsync_core::destination::Destination;
-use loopsync_core::envelope::{Outcome, RequestCounts};
+use loopsync_core::envelope::{Outcome, OutcomeStatus, RequestCounts, UnknownName};
 use loopsync_core::spec::SyncSpec;
 use loopsync_core::{Classified, ErrorClass};
 use serde::Serialize;
@@ -51,7 +51,7 @@ pub enum WarehouseError {
     RunInProgress {
         sync: String,
         run_id: i64,
-        status: String,
+        status: RunStatus,
     },
 }
 
@@ -135,9 +135,8 @@ pub struct ExtractCounts {
 pub struct RunSummary {
     pub id: i64,
     pub sync: String,
-    /// `requested`, `extracting`, `sending`, `succeeded`, `degraded`, `failed`, `adopted`, or
-    /// `interrupted` (its process died or was stopped; closed by the next run of its sync).
-    pub status: String,
+    /// Where the run is; see [`RunStatus`].
+    pub status: RunStatus,
     pub requested_at: String,
     pub finished_at: Option<String>,
     pub duration_ms: Option<i64>,
@@ -206,11 +205,101 @@ impl RequestsByKind {
 impl RunSummary {
     /// Every record has an outcome (or the run failed).
     pub fn is_finished(&self) -> bool {
-        matches!(
-            self.status.as_str(),
-            "succeeded" | "degraded" | "failed" | "adopted" | "interrupted"
+        self.status.is_finished()
+    }
+}
+
+/// Where a run is, as `loopsync.runs.status` stores it and every JSON output shows it (the same
+/// lowercase names).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunStatus {
+    /// Asked for; the extractor has not started it.
+    #[default]
+    Requested,
+    /// The extractor is reading the model and publishing changes.
+    Extracting,
+    /// Every change is published; the run waits for its records' outcomes.
+    Sending,
+    /// Every record confirmed or skipped.
+    Succeeded,
+    /// Every record has an outcome, some invalid, rejected or dead-lettered.
+    Degraded,
+    /// The run could not do its work (the model failed, the removal guard held removals back).
+    Failed,
+    /// An adoption run: the state was taken over from Loops, nothing sent.
+    Adopted,
+    /// Its process died or was stopped; closed by the next run of its sync.
+    Interrupted,
+}
+
+impl RunStatus {
+    /// The stored name: `requested`, `extracting`, `sending`, `succeeded`, `degraded`,
+    /// `failed`, `adopted`, `interrupted`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            RunStatus::Requested => "requested",
+            RunStatus::Extracting => "extracting",
+            RunStatus::Sending => "sending",
+            RunStatus::Succeeded => "succeeded",
+            RunStatus::Degraded => "degraded",
+            RunStatus::Failed => "failed",
+            RunStatus::Adopted => "adopted",
+            RunStatus::Interrupted => "interrupted",
+        }
+    }
+
+    /// Every record has an outcome (or the run failed): nothing more will change.
+    pub fn is_finished(&self) -> bool {
+        !matches!(
+            self,
+            RunStatus::Requested | RunStatus::Extracting | RunStatus::Sending
         )
     }
+}
+
+impl std::fmt::Display for RunStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+/// Reads the stored names of [`RunStatus::as_str`].
+impl std::str::FromStr for RunStatus {
+    type Err = UnknownName;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "requested" => RunStatus::Requested,
+            "extracting" => RunStatus::Extracting,
+            "sending" => RunStatus::Sending,
+            "succeeded" => RunStatus::Succeeded,
+            "degraded" => RunStatus::Degraded,
+            "failed" => RunStatus::Failed,
+            "adopted" => RunStatus::Adopted,
+            "interrupted" => RunStatus::Interrupted,
+            other => return Err(UnknownName::new("run status", other)),
+        })
+    }
+}
+
+/// Compares with the stored name, so a check reads like the row it checks.
+impl PartialEq<&str> for RunStatus {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+/// Reads a name loopsync stored (a run status, a record outcome); an unknown one is a query
+/// error naming what was read.
+pub(crate) fn stored<T: std::str::FromStr<Err = UnknownName>>(
+    what: &str,
+    name: &str,
+) -> Result<T, WarehouseError> {
+    name.parse()
+        .map_err(|e: UnknownName| WarehouseError::Query {
+            what: what.to_owned(),
+            detail: e.to_string(),
+        })
 }
 
 /// One record's result in one run (`loopsync.records`).
@@ -220,7 +309,7 @@ pub struct RecordResult {
     pub sync: String,
     pub key: String,
     pub operation: String,
-    pub outcome: String,
+    pub outcome: OutcomeStatus,
     pub reason: Option<String>,
     pub contact_id: Option<String>,
     pub requests: i64,

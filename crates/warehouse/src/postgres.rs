@@ -20,7 +20,7 @@ use tokio_postgres::{Client, NoTls, Row};
 use crate::{
     DestinationBinding, DiffRow, ExtractCounts, LEASE, RecordResult, RunSummary, StateReset,
     Warehouse, WarehouseError, diff_sql, is_removal, probe_sql, record_requests_sql, requests_of,
-    summary_request_sql, summary_rows_sql,
+    stored, summary_request_sql, summary_rows_sql,
 };
 
 const SCHEMA: &str = "
@@ -342,11 +342,11 @@ impl Pg {
     }
 }
 
-fn summary(row: &Row) -> RunSummary {
+fn summary(row: &Row) -> Result<RunSummary, WarehouseError> {
     let mut summary = RunSummary {
         id: row.get(0),
         sync: row.get(1),
-        status: row.get(2),
+        status: stored("read a run", row.get(2))?,
         requested_at: row.get(3),
         finished_at: row.get(4),
         duration_ms: row.get(5),
@@ -369,21 +369,21 @@ fn summary(row: &Row) -> RunSummary {
     let loader = std::array::from_fn(|i| row.get::<_, i64>(20 + i));
     let preflight = std::array::from_fn(|i| row.get::<_, i64>(26 + i));
     requests_of(&mut summary, loader, preflight);
-    summary
+    Ok(summary)
 }
 
-fn record(r: &Row) -> RecordResult {
-    RecordResult {
+fn record(r: &Row) -> Result<RecordResult, WarehouseError> {
+    Ok(RecordResult {
         run_id: r.get(0),
         sync: r.get(1),
         key: r.get(2),
         operation: r.get(3),
-        outcome: r.get(4),
+        outcome: stored("read records", r.get(4))?,
         reason: r.get(5),
         contact_id: r.get(6),
         requests: r.get(7),
         at: r.get(8),
-    }
+    })
 }
 
 /// Finishes the runs among `ids` whose every record has an outcome.
@@ -588,7 +588,7 @@ impl Pg {
             return Err(WarehouseError::RunInProgress {
                 sync: sync.to_owned(),
                 run_id: open.get(0),
-                status: open.get(1),
+                status: stored("look for a run in progress", open.get(1))?,
             });
         }
         let row = tx
@@ -1026,7 +1026,7 @@ impl Pg {
             .query(&Self::summary_sql("r.id = $1"), &[&run_id, &1i64])
             .await
             .map_err(query_error("read a run"))?;
-        Ok(rows.first().map(summary))
+        rows.first().map(summary).transpose()
     }
 
     async fn runs(
@@ -1043,7 +1043,7 @@ impl Pg {
             )
             .await
             .map_err(query_error("read runs"))?;
-        Ok(rows.iter().map(summary).collect())
+        rows.iter().map(summary).collect()
     }
 
     async fn records(&self, run_id: i64) -> Result<Vec<RecordResult>, WarehouseError> {
@@ -1061,7 +1061,7 @@ impl Pg {
             )
             .await
             .map_err(query_error("read records"))?;
-        Ok(rows.iter().map(record).collect())
+        rows.iter().map(record).collect()
     }
 
     async fn rejections(&self, sync: Option<&str>) -> Result<Vec<RecordResult>, WarehouseError> {
@@ -1083,7 +1083,7 @@ impl Pg {
             )
             .await
             .map_err(query_error("read rejections"))?;
-        Ok(rows.iter().map(record).collect())
+        rows.iter().map(record).collect()
     }
 
     async fn forget_confirmed(

@@ -227,13 +227,24 @@ fn record_columns() -> String {
     )
 }
 
+/// Column `i` holds a name loopsync stored (a run status, a record outcome).
+fn column_name<T: std::str::FromStr<Err = loopsync_core::envelope::UnknownName>>(
+    row: &rusqlite::Row<'_>,
+    i: usize,
+) -> rusqlite::Result<T> {
+    let name: String = row.get(i)?;
+    name.parse().map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
 fn record(r: &rusqlite::Row<'_>) -> rusqlite::Result<RecordResult> {
     Ok(RecordResult {
         run_id: r.get(0)?,
         sync: r.get(1)?,
         key: r.get(2)?,
         operation: r.get(3)?,
-        outcome: r.get(4)?,
+        outcome: column_name(r, 4)?,
         reason: r.get(5)?,
         contact_id: r.get(6)?,
         requests: r.get(7)?,
@@ -247,7 +258,7 @@ fn summary(row: &rusqlite::Row<'_>) -> rusqlite::Result<RunSummary> {
     let mut summary = RunSummary {
         id: row.get(0)?,
         sync: row.get(1)?,
-        status: row.get(2)?,
+        status: column_name(row, 2)?,
         requested_at: row.get(3)?,
         finished_at: row.get(4)?,
         duration_ms: row.get(5)?,
@@ -415,14 +426,14 @@ impl Warehouse for SqliteWarehouse {
                 params![sync, format!("-{} seconds", LEASE.as_secs())],
             )
             .map_err(error("close abandoned runs"))?;
-            let open: Option<(i64, String)> = tx
+            let open: Option<(i64, crate::RunStatus)> = tx
                 .query_row(
                     &format!(
                         "SELECT id, status FROM loopsync_runs WHERE sync = ?1 AND status IN ({OPEN})
                           ORDER BY id LIMIT 1"
                     ),
                     params![sync],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
+                    |r| Ok((r.get(0)?, column_name(r, 1)?)),
                 )
                 .optional()
                 .map_err(error("look for a run in progress"))?;

@@ -1119,3 +1119,32 @@ async fn postgres_a_process_that_waited_for_the_schema_runs_no_ddl() {
     );
     reader.batch_execute("COMMIT;").await.unwrap();
 }
+
+/// The stored names, the JSON names and `as_str` are one set: rows written before the enum read
+/// back, and `runs --json` prints what it printed.
+#[test]
+fn run_statuses_read_what_they_write() {
+    use crate::RunStatus;
+    for status in [
+        RunStatus::Requested,
+        RunStatus::Extracting,
+        RunStatus::Sending,
+        RunStatus::Succeeded,
+        RunStatus::Degraded,
+        RunStatus::Failed,
+        RunStatus::Adopted,
+        RunStatus::Interrupted,
+    ] {
+        assert_eq!(status.as_str().parse::<RunStatus>(), Ok(status));
+        assert_eq!(
+            serde_json::to_value(status).unwrap(),
+            serde_json::json!(status.as_str())
+        );
+        assert_eq!(
+            status.is_finished(),
+            !matches!(status.as_str(), "requested" | "extracting" | "sending")
+        );
+    }
+    assert_eq!(format!("{:<12}|", RunStatus::Failed), "failed      |");
+    assert!("done".parse::<RunStatus>().is_err());
+}

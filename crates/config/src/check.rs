@@ -1,0 +1,218 @@
+//! The rules of the config beyond its shape: one function per section, each naming the key it
+//! refuses. The first broken rule is the error.
+
+use loopsync_core::spec::{
+    IdentifyBy, MappedList, MappedProperty, RESERVED_NAMES, SyncSpec, default_property_kind,
+};
+use loopsync_core::value::PropertyKind;
+
+use crate::raw::{RawConfig, RawMapping, RawSync};
+use crate::{Config, ConfigError, LoopsConfig, NatsConfig, Schedule, SyncConfig, invalid};
+
+/// Letters, digits, `_` and `-`: a sync name is a NATS subject token.
+fn is_token(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+fn is_camel_case(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_lowercase())
+        && chars.all(|c| c.is_ascii_alphanumeric())
+}
+
+impl RawConfig {
+    /// Checks every section, in the order of the file's sections: `[loops]`, `[nats]`, then
+    /// each `[[sync]]` (`[warehouse]` has no rule beyond its shape).
+    pub(crate) fn check(self) -> Result<Config, ConfigError> {
+        check_loops(&self.loops)?;
+        if let Some(nats) = &self.nats {
+            check_nats(nats)?;
+        }
+        let mut syncs = Vec::new();
+        for (i, raw) in self.sync.into_iter().enumerate() {
+            let sync = check_sync(i, raw, &syncs)?;
+            syncs.push(sync);
+        }
+        Ok(Config {
+            warehouse: self.warehouse,
+            loops: self.loops,
+            nats: self.nats,
+            syncs,
+        })
+    }
+}
+
+/// `[loops]`: limits at least 1, a positive timeout.
+fn check_loops(loops: &LoopsConfig) -> Result<(), ConfigError> {
+    if loops.requests_per_second == 0 {
+        return Err(invalid("loops.requests_per_second", "must be at least 1"));
+    }
+    if loops.max_attempts == 0 {
+        return Err(invalid("loops.max_attempts", "must be at least 1"));
+    }
+    if loops.concurrency == 0 {
+        return Err(invalid("loops.concurrency", "must be at least 1"));
+    }
+    if loops.timeout_seconds.is_nan() || loops.timeout_seconds <= 0.0 {
+        return Err(invalid("loops.timeout_seconds", "must be positive"));
+    }
+    Ok(())
+}
+
+/// `[nats]`: a namespace usable as a subject token, a positive ack wait.
+fn check_nats(nats: &NatsConfig) -> Result<(), ConfigError> {
+    if !is_token(&nats.namespace) {
+        return Err(invalid(
+            "nats.namespace",
+            "use letters, digits, `_` and `-` only",
+        ));
+    }
+    if nats.ack_wait_seconds.is_nan() || nats.ack_wait_seconds <= 0.0 {
+        return Err(invalid("nats.ack_wait_seconds", "must be positive"));
+    }
+    Ok(())
+}
+
+/// The `i`-th `[[sync]]`, given the syncs before it (a name is used once).
+fn check_sync(i: usize, raw: RawSync, before: &[SyncConfig]) -> Result<SyncConfig, ConfigError> {
+    let at = |field: &str| format!("sync[{i}].{field}");
+    if !is_token(&raw.name) {
+        return Err(invalid(
+            at("name"),
+            format!("\"{}\": use letters, digits, `_` and `-` only", raw.name),
+        ));
+    }
+    if before.iter().any(|s| s.spec.name == raw.name) {
+        return Err(invalid(
+            at("name"),
+            format!("\"{}\" is used twice", raw.name),
+        ));
+    }
+    if raw.model.trim().is_empty() {
+        return Err(invalid(at("model"), "is empty"));
+    }
+    if raw.primary_key.trim().is_empty() {
+        return Err(invalid(at("primary_key"), "is empty"));
+    }
+    for (field, name) in [
+        ("event_on_create", &raw.event_on_create),
+        ("event_on_update", &raw.event_on_update),
+    ] {
+        if name.trim().is_empty() || name.contains(':') {
+            return Err(invalid(
+                at(field),
+                "an event name is not empty and has no `:`",
+            ));
+        }
+    }
+    let mut properties = Vec::new();
+    for (property, mapping) in raw.mapping {
+        properties.push(check_mapping(
+            &at(&format!("mapping.{property}")),
+            property,
+            mapping,
+        )?);
+    }
+    if !(0.0..=1.0).contains(&raw.max_removal_share) {
+        return Err(invalid(
+            at("max_removal_share"),
+            format!(
+                "is {}: a share of the confirmed contacts, from 0 to 1",
+                raw.max_removal_share
+            ),
+        ));
+    }
+    if !properties.iter().any(|p| p.property == "email") {
+        return Err(invalid(
+            at("mapping.email"),
+            "is required: Loops cannot create a contact without an email",
+        ));
+    }
+    if raw.identify_by == IdentifyBy::UserId && !properties.iter().any(|p| p.property == "userId") {
+        return Err(invalid(
+            at("mapping.userId"),
+            "is required with identify_by = \"userId\"",
+        ));
+    }
+    let schedule = match &raw.schedule {
+        None => None,
+        Some(text) => Some(Schedule::parse(text).map_err(|e| {
+            invalid(
+                at("schedule"),
+                format!("\"{text}\" is not a cron expression: {e}"),
+            )
+        })?),
+    };
+    let lists = raw
+        .mailing_lists
+        .into_iter()
+        .map(|(list_id, column)| MappedList { list_id, column })
+        .collect();
+    Ok(SyncConfig {
+        spec: SyncSpec {
+            name: raw.name,
+            model: raw.model,
+            primary_key: raw.primary_key,
+            identify_by: raw.identify_by,
+            behavior: raw.behavior,
+            on_remove: raw.on_remove,
+            trigger_workflows: raw.trigger_workflows,
+            event_on_create: raw.event_on_create,
+            event_on_update: raw.event_on_update,
+            properties,
+            lists,
+            max_removal_share: raw.max_removal_share,
+        },
+        schedule,
+    })
+}
+
+/// One `mapping.<property>` (its key is `key`): a camelCase name Loops does not reserve, a
+/// column, and a type that agrees with a Loops default property's.
+fn check_mapping(
+    key: &str,
+    property: String,
+    mapping: RawMapping,
+) -> Result<MappedProperty, ConfigError> {
+    if RESERVED_NAMES.contains(&property.as_str()) {
+        return Err(invalid(
+            key,
+            format!("\"{property}\" is reserved by Loops and cannot be mapped"),
+        ));
+    }
+    if !is_camel_case(&property) {
+        return Err(invalid(
+            key,
+            "a Loops property name is camelCase, e.g. planName",
+        ));
+    }
+    let (column, kind) = match mapping {
+        RawMapping::Column(c) => (c, None),
+        RawMapping::Typed(t) => (t.column, t.kind),
+    };
+    if column.trim().is_empty() {
+        return Err(invalid(key, "the column is empty"));
+    }
+    let kind = match (default_property_kind(&property), kind) {
+        (Some(fixed), Some(given)) if fixed != given => {
+            return Err(invalid(
+                key,
+                format!(
+                    "{property} is a Loops default property of type {}, not {}",
+                    fixed.as_str(),
+                    given.as_str()
+                ),
+            ));
+        }
+        (Some(fixed), _) => fixed,
+        (None, given) => given.unwrap_or(PropertyKind::String),
+    };
+    Ok(MappedProperty {
+        property,
+        column,
+        kind,
+    })
+}

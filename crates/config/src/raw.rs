@@ -1,0 +1,77 @@
+//! The config file as written: the TOML tables before they are checked (see `check`). Serde
+//! fills the defaults and rejects unknown keys here; every other rule is in `check`.
+
+use std::collections::BTreeMap;
+
+use loopsync_core::spec::{Behavior, IdentifyBy, OnRemove};
+use loopsync_core::value::PropertyKind;
+use serde::Deserialize;
+
+use crate::{LoopsConfig, NatsConfig, WarehouseConfig};
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawConfig {
+    pub(crate) warehouse: WarehouseConfig,
+    pub(crate) loops: LoopsConfig,
+    pub(crate) nats: Option<NatsConfig>,
+    #[serde(default)]
+    pub(crate) sync: Vec<RawSync>,
+}
+
+/// One `[[sync]]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSync {
+    pub(crate) name: String,
+    pub(crate) model: String,
+    pub(crate) primary_key: String,
+    pub(crate) identify_by: IdentifyBy,
+    #[serde(default = "default_behavior")]
+    pub(crate) behavior: Behavior,
+    #[serde(default)]
+    pub(crate) on_remove: OnRemove,
+    #[serde(default)]
+    pub(crate) trigger_workflows: bool,
+    #[serde(default = "default_event_on_create")]
+    pub(crate) event_on_create: String,
+    #[serde(default = "default_event_on_update")]
+    pub(crate) event_on_update: String,
+    pub(crate) schedule: Option<String>,
+    #[serde(default = "default_max_removal_share")]
+    pub(crate) max_removal_share: f64,
+    pub(crate) mapping: BTreeMap<String, RawMapping>,
+    #[serde(default)]
+    pub(crate) mailing_lists: BTreeMap<String, String>,
+}
+
+fn default_max_removal_share() -> f64 {
+    loopsync_core::spec::DEFAULT_MAX_REMOVAL_SHARE
+}
+fn default_behavior() -> Behavior {
+    Behavior::Upsert
+}
+fn default_event_on_create() -> String {
+    "contactCreated".into()
+}
+fn default_event_on_update() -> String {
+    "contactUpdated".into()
+}
+
+/// A mapping entry: a column name, or `{ column, type }`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum RawMapping {
+    Column(String),
+    Typed(TypedMapping),
+}
+
+/// `{ column = "…", type = "date" }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TypedMapping {
+    pub(crate) column: String,
+    #[serde(rename = "type")]
+    pub(crate) kind: Option<PropertyKind>,
+}
