@@ -8,16 +8,13 @@
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use loopsync_core::envelope::RequestCounts;
-use loopsync_engine::destination;
 use loopsync_engine::dlq;
 use loopsync_engine::pipeline::Pipeline;
-use loopsync_engine::runs::{RunAsk, request_run, wait_for_run};
 use loopsync_warehouse::{RecordResult, Warehouse};
 
+use crate::run::{Printer, split, stopped_or};
 use crate::{UsageError, load_config_for, load_config_for_warehouse, open_warehouse, report};
 
 #[derive(Debug, Args)]
@@ -144,59 +141,12 @@ pub async fn run(config_path: &Path, args: DlqArgs) -> anyhow::Result<ExitCode> 
                 println!("no dead letters to replay");
                 return Ok(ExitCode::SUCCESS);
             }
-            let mut pipeline = Pipeline::connect(config, crate::stop::token()).await?;
-            // The dead letters go where their syncs' state belongs, or not at all: the API
-            // key's team, counted as the first replay's preflight.
-            let client = pipeline.loops_client()?;
-            let mut preflight = RequestCounts::default();
-            let configured = destination::configured(
-                &client,
-                &pipeline.budget,
-                pipeline.config.loops.max_attempts,
-                &mut preflight,
-            )
-            .await?;
-            if !remote {
-                pipeline.spawn_all()?;
-            }
-            let mut summaries = Vec::new();
-            let mut refused = false;
-            for (sync, keys) in dlq::by_sync(&letters) {
-                let found = destination::check(&*pipeline.warehouse, &sync, &configured, |line| {
-                    eprintln!("{line}")
-                });
-                if let Some(refusal) = found.await? {
-                    eprintln!("error: {refusal}");
-                    refused = true;
-                    continue;
-                }
-                let run_id = request_run(
-                    &*pipeline.bus,
-                    &*pipeline.warehouse,
-                    &sync,
-                    RunAsk {
-                        only_keys: keys,
-                        preflight: std::mem::take(&mut preflight),
-                        ..RunAsk::default()
-                    },
-                )
-                .await?;
-                // Stopped by a signal, `main` closes the run as interrupted.
-                crate::stop::watch_run(pipeline.warehouse.clone(), run_id);
-                let summary = tokio::select! {
-                    s = wait_for_run(&*pipeline.warehouse, run_id, Duration::from_millis(100)) => s?,
-                    () = crate::shutdown_signal() => {
-                        pipeline.stop().await;
-                        return Err(crate::stop::Stopped.into());
-                    }
-                };
-                crate::stop::run_over(run_id);
-                if !filter.json {
-                    print!("{}", report::text(&summary));
-                }
-                summaries.push(summary);
-            }
+            let shutdown = crate::stop::token();
+            let mut pipeline = Pipeline::connect(config, shutdown.clone()).await?;
+            let mut printer = Printer::new(pipeline.warehouse.clone(), false, filter.json);
+            let done = dlq::replay(&mut pipeline, &letters, !remote, &mut printer, &shutdown).await;
             pipeline.stop().await;
+            let (summaries, refused) = split(done.map_err(stopped_or)?);
             if filter.json {
                 println!("{}", serde_json::to_string_pretty(&summaries)?);
             }

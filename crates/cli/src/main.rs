@@ -235,7 +235,7 @@ fn main() -> ExitCode {
         return match result {
             Some(Ok(code)) => code,
             Some(Err(e)) if e.downcast_ref::<stop::Stopped>().is_none() => {
-                eprintln!("error: {e:#}");
+                eprintln!("error: {}", render(&e));
                 ExitCode::from(EXIT_FAILED)
             }
             _ if service => ExitCode::SUCCESS,
@@ -248,7 +248,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", render(&e));
             if e.downcast_ref::<UsageError>().is_some()
                 || e.downcast_ref::<loopsync_engine::destination::Refused>()
                     .is_some()
@@ -261,6 +261,21 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// An error and its causes on one line, each said once: a message that already shows its
+/// cause (a library error whose text must stand alone, as a dead letter's reason does) is not
+/// followed by the cause again.
+fn render(error: &anyhow::Error) -> String {
+    let mut text = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
 }
 
 async fn run_command(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -307,6 +322,30 @@ identify_by = "email"
 [sync.mapping]
 email = "email"
 "#;
+
+    /// A cause is said once: after a message that does not show it, not after one that does.
+    #[test]
+    fn causes_are_said_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("publish to t.ops.users failed: {source}")]
+        struct Shows {
+            #[source]
+            source: std::io::Error,
+        }
+        let io = || std::io::Error::other("connection reset");
+        let shows = anyhow::Error::new(Shows { source: io() }).context("sending");
+        assert_eq!(
+            render(&shows),
+            "sending: publish to t.ops.users failed: connection reset"
+        );
+        let plain = anyhow::Error::new(io()).context("reading the model");
+        assert_eq!(render(&plain), "reading the model: connection reset");
+        let with = format!("{shows:#}");
+        assert!(
+            with.ends_with("connection reset: connection reset"),
+            "{with}"
+        );
+    }
 
     /// A command that needs only the warehouse reads a config whose Loops secret is unset; an
     /// unset variable in the warehouse's settings is still an error naming it.

@@ -74,12 +74,23 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 
 /// Prints what the engine tells of the runs, and watches the run waited for (closed as
 /// interrupted if a signal stops the process first).
-struct Printer {
+pub(crate) struct Printer {
     warehouse: Arc<dyn Warehouse>,
     /// Each report as one line of JSON as the run ends (`--json` without `--once`).
     json_lines: bool,
     /// No report as the run ends (`--once --json`: all of them at the end).
     quiet: bool,
+}
+
+impl Printer {
+    /// Prints for runs waited for in `warehouse`'s pipeline.
+    pub(crate) fn new(warehouse: Arc<dyn Warehouse>, json_lines: bool, quiet: bool) -> Printer {
+        Printer {
+            warehouse,
+            json_lines,
+            quiet,
+        }
+    }
 }
 
 impl RunObserver for Printer {
@@ -118,7 +129,7 @@ impl RunObserver for Printer {
 }
 
 /// An engine error for `main`: stopped by a signal, [`Stopped`].
-fn stopped_or(error: EngineError) -> anyhow::Error {
+pub(crate) fn stopped_or(error: EngineError) -> anyhow::Error {
     match error {
         EngineError::Stopped => Stopped.into(),
         error => error.into(),
@@ -159,11 +170,11 @@ pub async fn run(config_path: &Path, args: RunArgs) -> anyhow::Result<ExitCode> 
     }
     let shutdown = stop::token();
     let mut pipeline = Pipeline::connect(config, shutdown.clone()).await?;
-    let mut printer = Printer {
-        warehouse: pipeline.warehouse.clone(),
-        json_lines: args.json && !args.once,
-        quiet: args.json,
-    };
+    let mut printer = Printer::new(
+        pipeline.warehouse.clone(),
+        args.json && !args.once,
+        args.json,
+    );
     // A signal stops the preflight too (a Loops that answers slowly, or 429 with a long wait).
     let mut runs = tokio::select! {
         runs = Runs::start(&pipeline, args.run_options()) => runs?,
@@ -184,14 +195,7 @@ pub async fn run(config_path: &Path, args: RunArgs) -> anyhow::Result<ExitCode> 
     }
     let done = runs.once(&syncs, &mut printer, &shutdown).await;
     pipeline.stop().await;
-    let mut summaries = Vec::new();
-    let mut refused = false;
-    for run in done.map_err(stopped_or)? {
-        match run {
-            SyncRun::Done(summary) => summaries.push(summary),
-            SyncRun::Refused(_) => refused = true,
-        }
-    }
+    let (summaries, refused) = split(done.map_err(stopped_or)?);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summaries)?);
     }
@@ -199,4 +203,17 @@ pub async fn run(config_path: &Path, args: RunArgs) -> anyhow::Result<ExitCode> 
         return Ok(ExitCode::from(crate::EXIT_USAGE));
     }
     Ok(ExitCode::from(report::exit_status(&summaries)))
+}
+
+/// The reports of the runs that ran, and whether a sync was refused (exit status 2).
+pub(crate) fn split(runs: Vec<SyncRun>) -> (Vec<RunSummary>, bool) {
+    let mut summaries = Vec::new();
+    let mut refused = false;
+    for run in runs {
+        match run {
+            SyncRun::Done(summary) => summaries.push(summary),
+            SyncRun::Refused(_) => refused = true,
+        }
+    }
+    (summaries, refused)
 }
