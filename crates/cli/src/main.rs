@@ -130,21 +130,8 @@ pub fn load_config_for(path: &Path, sync: Option<&str>) -> anyhow::Result<Config
 /// secrets): a `${VAR}` that is not set is an error only in the warehouse's settings. Checks
 /// that `--sync NAME`, if given, is one of its syncs.
 pub fn load_config_for_warehouse(path: &Path, sync: Option<&str>) -> anyhow::Result<Config> {
-    // Stands for an unset variable; no environment variable holds a NUL.
-    const UNSET: &str = "\u{0}unset ";
-    let usage = |e: &dyn std::fmt::Display| UsageError(format!("{}: {e}", path.display()));
-    let text = std::fs::read_to_string(path).map_err(|e| usage(&e))?;
-    let config = Config::parse(&text, |name| {
-        Some(std::env::var(name).unwrap_or_else(|_| format!("{UNSET}{name}\u{0}")))
-    })
-    .map_err(|e| usage(&e))?;
-    if let Some((_, unset)) = config.warehouse.url.split_once(UNSET) {
-        let name = unset.split('\u{0}').next().unwrap_or_default();
-        return Err(usage(&format!(
-            "warehouse.url: environment variable {name} is not set"
-        ))
-        .into());
-    }
+    let config = Config::load_for_warehouse(path)
+        .map_err(|e| UsageError(format!("{}: {e}", path.display())))?;
     if let Some(name) = sync
         && config.sync(name).is_none()
     {

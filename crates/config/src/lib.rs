@@ -190,6 +190,29 @@ impl Config {
         Config::parse(&text, |name| std::env::var(name).ok())
     }
 
+    /// Reads the config for a command that needs only the warehouse (PRODUCT.md: such a command
+    /// never needs Loops' secrets): a `${VAR}` that is not set is an error only in the
+    /// warehouse's settings; elsewhere it stands for a value nobody reads.
+    pub fn load_for_warehouse(path: &Path) -> Result<Config, ConfigError> {
+        // Stands for an unset variable; no environment variable holds a NUL.
+        const UNSET: &str = "\u{0}unset ";
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let config = Config::parse(&text, |name| {
+            Some(std::env::var(name).unwrap_or_else(|_| format!("{UNSET}{name}\u{0}")))
+        })?;
+        if let Some((_, unset)) = config.warehouse.url.split_once(UNSET) {
+            let name = unset.split('\u{0}').next().unwrap_or_default();
+            return Err(invalid(
+                "warehouse.url",
+                format!("environment variable {name} is not set"),
+            ));
+        }
+        Ok(config)
+    }
+
     /// Parses config text; `env` answers `${VAR}`.
     pub fn parse(text: &str, env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         let mut value: toml::Value = toml::from_str(text).map_err(ConfigError::Syntax)?;
