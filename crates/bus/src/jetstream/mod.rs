@@ -194,6 +194,29 @@ impl JetStreamBus {
     }
 }
 
+impl JetStreamBus {
+    /// Publishes and waits for the stream's acknowledgement, or for the connection to drop.
+    async fn send(&self, subject: String, message: PublishMessage) -> Result<(), BusError> {
+        let error = |e: Source| BusError::Publish {
+            subject: subject.clone(),
+            source: e,
+        };
+        let published = async {
+            let ack = self
+                .js
+                .send_publish(subject.clone(), message)
+                .await
+                .map_err(|e| error(e.into()))?;
+            ack.await.map_err(|e| error(e.into()))?;
+            Ok(())
+        };
+        self.disconnects
+            .guard(published)
+            .await
+            .map_err(|e| error(e.into()))?
+    }
+}
+
 fn unix_nanos() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -209,29 +232,10 @@ impl Messaging for JetStreamBus {
         message_id: &str,
         payload: Bytes,
     ) -> Result<(), BusError> {
-        let subject = self.names.subject(stage, sync);
-        let error = |e: Source| BusError::Publish {
-            subject: subject.clone(),
-            source: e,
-        };
-        let published = async {
-            let ack = self
-                .js
-                .send_publish(
-                    subject.clone(),
-                    PublishMessage::build()
-                        .payload(payload)
-                        .message_id(message_id),
-                )
-                .await
-                .map_err(|e| error(e.into()))?;
-            ack.await.map_err(|e| error(e.into()))?;
-            Ok(())
-        };
-        self.disconnects
-            .guard(published)
-            .await
-            .map_err(|e| error(e.into()))?
+        let message = PublishMessage::build()
+            .payload(payload)
+            .message_id(message_id);
+        self.send(self.names.subject(stage, sync), message).await
     }
 
     /// The stage's max-deliveries advisories, each as the message it is about (see [`mover`]).
@@ -301,23 +305,7 @@ impl Messaging for JetStreamBus {
             .payload(letter.payload)
             .headers(headers)
             .message_id(id);
-        let error = |e: Source| BusError::Publish {
-            subject: subject.clone(),
-            source: e,
-        };
-        let published = async {
-            let ack = self
-                .js
-                .send_publish(subject.clone(), publish)
-                .await
-                .map_err(|e| error(e.into()))?;
-            ack.await.map_err(|e| error(e.into()))?;
-            Ok(())
-        };
-        self.disconnects
-            .guard(published)
-            .await
-            .map_err(|e| error(e.into()))?
+        self.send(subject, publish).await
     }
 
     async fn dead_letters(&self) -> Result<Vec<DeadLetter>, BusError> {
