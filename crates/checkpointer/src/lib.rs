@@ -10,7 +10,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use loopsync_bus::worker::{BatchHandler, DeliveryInfo};
 use loopsync_core::codec::{self, DecodeError};
-use loopsync_core::envelope::{Outcome, OutcomeStatus};
+use loopsync_core::envelope::Outcome;
+use loopsync_core::time::utc_seconds;
 use loopsync_core::{Classified, ErrorClass};
 use loopsync_warehouse::{Warehouse, WarehouseError};
 
@@ -76,7 +77,7 @@ impl Checkpointer {
                 {
                     failing.last_said = None;
                     tracing::warn!(
-                        since = %humantime_utc(since),
+                        since = %utc_seconds(since),
                         "the checkpointer records outcomes again after {}s of failures",
                         started.elapsed().as_secs()
                     );
@@ -100,7 +101,7 @@ impl Checkpointer {
                         %error,
                         "the checkpointer cannot record outcomes (failing since {}, {} outcomes waiting); \
                          it keeps retrying, nothing is dropped",
-                        humantime_utc(since),
+                        utc_seconds(since),
                         failing.waiting.len()
                     );
                 }
@@ -108,11 +109,6 @@ impl Checkpointer {
             Err(_) => {}
         }
     }
-}
-
-/// A time as RFC 3339, to the second, UTC.
-fn humantime_utc(t: std::time::SystemTime) -> String {
-    chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
 /// Text the warehouse takes whatever it held: NUL bytes written out.
@@ -148,30 +144,25 @@ impl BatchHandler for Checkpointer {
         reason: &str,
     ) -> Result<(), CheckpointError> {
         let letter = match codec::decode::<Outcome>(payload) {
-            Ok(o) => Outcome::new(
+            Ok(o) => Outcome::dead_letter(
                 &printable(&o.sync),
                 o.run_id,
                 &printable(&o.key),
-                "",
-                OutcomeStatus::DeadLettered,
                 &printable(&o.operation),
-            )
-            .with_installation(&o.installation)
-            .with_reason(printable(&format!(
-                "its outcome ({:?}) could not be recorded: {reason}",
-                o.status
-            ))),
-            Err(_) => Outcome::new(
+                &o.installation,
+                printable(&format!(
+                    "its outcome ({:?}) could not be recorded: {reason}",
+                    o.status
+                )),
+            ),
+            Err(_) => Outcome::dead_letter(
                 loopsync_bus::sync_of(&info.subject),
                 0,
                 &format!("unreadable outcome #{}", info.sequence),
-                "",
-                OutcomeStatus::DeadLettered,
                 "none",
-            )
-            .with_reason(printable(&format!(
-                "an outcome could not be read: {reason}"
-            ))),
+                "",
+                printable(&format!("an outcome could not be read: {reason}")),
+            ),
         };
         self.warehouse.record_outcomes(&[letter]).await?;
         tracing::error!(
@@ -186,6 +177,7 @@ impl BatchHandler for Checkpointer {
 #[cfg(test)]
 mod tests {
     use loopsync_bus::worker::BatchHandler;
+    use loopsync_core::envelope::OutcomeStatus;
 
     use super::*;
 

@@ -10,7 +10,7 @@ use clap::Args;
 use loopsync_engine::EngineError;
 use loopsync_engine::destination::Refused;
 use loopsync_engine::pipeline::Pipeline;
-use loopsync_engine::runs::{RunObserver, RunOptions, Runs, SyncRun, WaitOptions};
+use loopsync_engine::runs::{self, RunObserver, RunOptions, Runs, SyncRun, WaitOptions};
 use loopsync_warehouse::{RunSummary, Warehouse};
 
 use crate::stop::{self, Stopped};
@@ -101,7 +101,7 @@ impl RunObserver for Printer {
     fn progress(&mut self, line: String) {
         eprintln!(
             "{} {line}",
-            chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            loopsync_core::time::utc_seconds(std::time::SystemTime::now())
         );
     }
 
@@ -145,29 +145,7 @@ pub async fn run(config_path: &Path, args: RunArgs) -> anyhow::Result<ExitCode> 
         )
         .into());
     }
-    if !args.once
-        && !config
-            .syncs
-            .iter()
-            .any(|s| s.schedule.is_some() && args.sync.as_ref().is_none_or(|n| *n == s.spec.name))
-    {
-        return Err(UsageError(
-            "no sync has a schedule: add `schedule = \"*/15 * * * *\"` to a [[sync]], or use --once".into(),
-        )
-        .into());
-    }
-    let syncs: Vec<String> = match &args.sync {
-        Some(name) => {
-            if config.sync(name).is_none() {
-                return Err(UsageError(format!("no sync named \"{name}\" in the config")).into());
-            }
-            vec![name.clone()]
-        }
-        None => config.syncs.iter().map(|s| s.spec.name.clone()).collect(),
-    };
-    if syncs.is_empty() {
-        return Err(UsageError("the config has no [[sync]]".into()).into());
-    }
+    let syncs = runs::select(&config, args.sync.as_deref(), !args.once)?;
     let shutdown = stop::token();
     let mut pipeline = Pipeline::connect(config, shutdown.clone()).await?;
     let mut printer = Printer::new(

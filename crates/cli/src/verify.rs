@@ -2,22 +2,17 @@
 //! request through the team's rate budget) and reports where Loops drifted from what the state
 //! says it confirmed; `--repair` makes the next run re-send the drifted records.
 //!
-//! What verify does is `loopsync_engine::verify`; this module parses the flags, hands the engine
-//! Loops' client through the paced, retried call every call to Loops outside a run takes, and
-//! prints the report.
+//! What verify does is `loopsync_engine::verify`; this module parses the flags, calls it on a
+//! connected pipeline, and prints the report.
 
 use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Args;
-use loopsync_core::envelope::RequestCounts;
-use loopsync_engine::EngineError;
-use loopsync_engine::verify::{Options, ReadError, Report, verify};
-use loopsync_loops_client::ContactIdentity;
+use loopsync_engine::pipeline::Pipeline;
+use loopsync_engine::verify::{Options, Report, verify_pipeline};
 
 use crate::load_config_for;
-use loopsync_engine::pipeline::Pipeline;
-use loopsync_engine::retry::with_retries;
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
@@ -56,37 +51,12 @@ pub async fn run(config_path: &Path, args: VerifyArgs) -> anyhow::Result<ExitCod
     // The bus, the warehouse and the team's rate budget, as a run has them; no worker starts.
     let pipeline = Pipeline::connect(config, crate::stop::token()).await?;
     let client = pipeline.loops_client()?;
-    let (budget, attempts) = (&pipeline.budget, pipeline.config.loops.max_attempts);
     let options = Options {
         sample: args.sample.0,
         seed: args.seed,
         repair: args.repair,
     };
-    // Each read goes through the team's budget and is retried like the loader's requests.
-    let find = |identity: ContactIdentity| {
-        let client = &client;
-        async move {
-            let mut counts = RequestCounts::default();
-            let found = with_retries(budget, attempts, &mut counts, || {
-                client.find_contact(&identity)
-            })
-            .await
-            .map_err(|e| match e {
-                EngineError::LoopsClient(e) => ReadError::Loops(e),
-                e => ReadError::Other(e.into()),
-            });
-            (found, counts)
-        }
-    };
-    let result = verify(
-        &*pipeline.warehouse,
-        pipeline.config.syncs.iter().map(|s| &s.spec),
-        args.sync.as_deref(),
-        &options,
-        pipeline.config.loops.concurrency.max(1),
-        find,
-    )
-    .await;
+    let result = verify_pipeline(&pipeline, &client, args.sync.as_deref(), &options).await;
     pipeline.stop().await;
     let report = result?;
     if args.json {

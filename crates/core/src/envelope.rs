@@ -451,6 +451,28 @@ impl Outcome {
             .with_reason(reason)
     }
 
+    /// A record dead-lettered past its operation (its outcome could not be recorded, or not
+    /// even read): no fingerprint, so the next run sends it again; and why.
+    pub fn dead_letter(
+        sync: &str,
+        run_id: i64,
+        key: &str,
+        operation: &str,
+        installation: &str,
+        reason: impl Into<String>,
+    ) -> Outcome {
+        Outcome::new(
+            sync,
+            run_id,
+            key,
+            "",
+            OutcomeStatus::DeadLettered,
+            operation,
+        )
+        .with_installation(installation)
+        .with_reason(reason)
+    }
+
     /// Sets the requests of the attempt this outcome reports.
     pub fn with_counts(mut self, counts: RequestCounts) -> Outcome {
         self.requests = counts.total();
@@ -597,6 +619,16 @@ mod tests {
         assert_eq!(
             (o.installation.as_str(), o.reason.as_deref(), o.change),
             ("inst", Some("the key is NULL"), None)
+        );
+
+        let o = Outcome::dead_letter("users", 7, "42", "upsert", "inst", "could not be recorded");
+        assert_eq!(
+            (o.status, o.operation.as_str(), o.fingerprint.as_str()),
+            (OutcomeStatus::DeadLettered, "upsert", "")
+        );
+        assert_eq!(
+            (o.installation.as_str(), o.reason.as_deref()),
+            ("inst", Some("could not be recorded"))
         );
     }
 

@@ -13,6 +13,7 @@ pub mod keys;
 pub mod secret;
 pub mod spec;
 pub mod stage;
+pub mod time;
 pub mod value;
 
 pub use error::{Classified, ErrorClass};

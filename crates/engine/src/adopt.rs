@@ -9,6 +9,8 @@
 //! run would have confirmed.
 
 use futures::StreamExt;
+use loopsync_bus::RateBudget;
+use loopsync_config::Config;
 use loopsync_core::destination::Destination;
 use loopsync_core::envelope::{ChangeKind, RequestCounts};
 use loopsync_core::spec::SyncSpec;
@@ -17,6 +19,9 @@ use loopsync_transformer::transform;
 use loopsync_warehouse::{
     DestinationBinding, ExtractCounts, RunSummary, Warehouse, WarehouseError,
 };
+
+use crate::pipeline::loops_client;
+use crate::{EngineError, destination};
 
 /// Records adopted per warehouse round trip.
 const BATCH: usize = 1000;
@@ -27,6 +32,8 @@ type Adopted = (String, String, Option<String>, Option<String>);
 /// What adopting one sync did.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdoptReport {
+    /// The sync adopted.
+    pub sync: String,
     /// The run that records the adoption (status `adopted`).
     pub run_id: i64,
     /// The model's rows: `added` and `changed` were adopted (new to the sync, or changed since
@@ -39,6 +46,43 @@ pub struct AdoptReport {
     pub earlier: Option<DestinationBinding>,
     /// The adoption's run, as `loopsync runs` shows it.
     pub summary: Option<RunSummary>,
+}
+
+/// `loopsync adopt`: asks which team the API key belongs to (`GET /v1/api-key`, the one
+/// request adopt makes, counted with the first adoption), then adopts each sync of `config` (or
+/// only `only`) as confirmed by that destination, handing each report to `each` as it is done.
+/// `on_run` is told each run's id as soon as it exists.
+pub async fn adopt_all(
+    config: &Config,
+    warehouse: &dyn Warehouse,
+    only: Option<&str>,
+    mut on_run: impl FnMut(i64),
+    mut each: impl FnMut(&AdoptReport, &Destination),
+) -> Result<Vec<AdoptReport>, EngineError> {
+    let client = loops_client(config)?;
+    let budget = RateBudget::local(config.loops.requests_per_second);
+    let mut preflight = RequestCounts::default();
+    let configured =
+        destination::configured(&client, &budget, config.loops.max_attempts, &mut preflight)
+            .await?;
+    let mut reports = Vec::new();
+    for sync in &config.syncs {
+        let spec = &sync.spec;
+        if only.is_some_and(|n| n != spec.name) {
+            continue;
+        }
+        let report = adopt(
+            warehouse,
+            spec,
+            &configured,
+            std::mem::take(&mut preflight),
+            &mut on_run,
+        )
+        .await?;
+        each(&report, &configured);
+        reports.push(report);
+    }
+    Ok(reports)
 }
 
 /// Adopts `spec`'s model as confirmed by `destination`: a run of status `adopted` records each
@@ -109,6 +153,7 @@ pub async fn adopt(
     warehouse.set_destination(&spec.name, destination).await?;
     let summary = warehouse.run(run_id).await?;
     Ok(AdoptReport {
+        sync: spec.name.clone(),
         run_id,
         counts,
         invalid,
@@ -134,7 +179,7 @@ mod tests {
         Destination::new(Some("team".into()), "http://127.0.0.1:1/api")
     }
 
-    async fn adopt_all(model: &Model, spec: &SyncSpec) -> AdoptReport {
+    async fn adopt_model(model: &Model, spec: &SyncSpec) -> AdoptReport {
         adopt(
             &*model.warehouse,
             spec,
@@ -209,7 +254,7 @@ mod tests {
         assert_eq!(changed, [("2", "changed")]);
         assert_eq!((plan.requests, plan.counts.unchanged), (1, 1));
 
-        let again = adopt_all(&model, &spec).await;
+        let again = adopt_model(&model, &spec).await;
         assert_eq!(
             again.earlier.map(|b| b.destination),
             Some(loops()),
@@ -228,7 +273,7 @@ mod tests {
             (Some("2"), Some("b@x.co"), Some(" u2 ")),
         ]);
         let spec = spec();
-        adopt_all(&model, &spec).await;
+        adopt_model(&model, &spec).await;
         let mut rows = model.warehouse.diff(&spec).await.unwrap();
         let mut confirmed = Vec::new();
         while let Some(row) = rows.next().await {
@@ -257,7 +302,7 @@ mod tests {
             (Some("2"), Some("b@x.co"), Some("  ")),
         ]);
         let spec = spec();
-        adopt_all(&model, &spec).await;
+        adopt_model(&model, &spec).await;
         let bus = Arc::new(LocalBus::new(Names::new("t")));
         let stage = ExtractorStage::new(bus.clone(), model.warehouse.clone(), [spec.clone()]);
         let run_id = model.warehouse.create_run("s").await.unwrap();

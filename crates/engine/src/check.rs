@@ -120,11 +120,7 @@ pub async fn check(config: &Config, create_properties: bool) -> Result<CheckRepo
             }
             if create_properties {
                 for missing in &diff.missing {
-                    let kind = missing.kind;
-                    with_retries(&budget, attempts, counts, || {
-                        client.create_property(&missing.name, kind)
-                    })
-                    .await?;
+                    properties::create(&client, &budget, attempts, counts, missing).await?;
                     report.created_properties.push(missing.to_string());
                 }
             } else {

@@ -4,18 +4,15 @@
 //! sets them aside so that no run retries them until their data changes; a replay asks one run
 //! per sync about those keys only ([`by_sync`] groups them).
 
-use std::time::Duration;
-
 use chrono::{DateTime, Utc};
-use loopsync_core::envelope::{OutcomeStatus, RequestCounts};
+use loopsync_core::envelope::OutcomeStatus;
 use loopsync_core::{Classified, ErrorClass};
 use loopsync_warehouse::{RecordResult, Warehouse, WarehouseError};
 use tokio_util::sync::CancellationToken;
 
 use crate::EngineError;
-use crate::destination;
 use crate::pipeline::Pipeline;
-use crate::runs::{RunAsk, RunObserver, SyncRun, request_run, wait_for_run};
+use crate::runs::{RunObserver, RunOptions, Runs, SyncRun};
 
 /// Which dead letters: every condition given must hold.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -106,11 +103,11 @@ impl Classified for DlqError {
 }
 
 /// `dlq replay`: one run per sync about its dead letters' keys only, each waited for, in the
-/// order [`by_sync`] gives. The letters go where their syncs' state belongs, or not at all: the
-/// API key's team is asked first (counted as the first replay's preflight), and a sync bound to
-/// another Loops is refused (reported to `observer`, the others go on). With `local`, this
-/// process runs the stages (else `loopsync worker` processes do). `shutdown` cancelled:
-/// [`EngineError::Stopped`].
+/// order [`by_sync`] gives ([`Runs::each`]). The letters go where their syncs' state belongs,
+/// or not at all: the API key's team is asked first (counted as the first replay's
+/// preflight), and a sync bound to another Loops is refused (reported to `observer`, the
+/// others go on). With `local`, this process runs the stages (else `loopsync worker`
+/// processes do). `shutdown` cancelled: [`EngineError::Stopped`].
 pub async fn replay(
     pipeline: &mut Pipeline,
     letters: &[RecordResult],
@@ -118,48 +115,11 @@ pub async fn replay(
     observer: &mut dyn RunObserver,
     shutdown: &CancellationToken,
 ) -> Result<Vec<SyncRun>, EngineError> {
-    let client = pipeline.loops_client()?;
-    let mut preflight = RequestCounts::default();
-    let configured = destination::configured(
-        &client,
-        &pipeline.budget,
-        pipeline.config.loops.max_attempts,
-        &mut preflight,
-    )
-    .await?;
+    let mut runs = Runs::start(pipeline, RunOptions::default()).await?;
     if local {
         pipeline.spawn_all()?;
     }
-    let mut runs = Vec::new();
-    for (sync, keys) in by_sync(letters) {
-        let found = destination::check(&*pipeline.warehouse, &sync, &configured, |line| {
-            observer.notice(line)
-        });
-        if let Some(refused) = found.await? {
-            observer.refused(&refused);
-            runs.push(SyncRun::Refused(refused));
-            continue;
-        }
-        let run_id = request_run(
-            &*pipeline.bus,
-            &*pipeline.warehouse,
-            &sync,
-            RunAsk {
-                only_keys: keys,
-                preflight: std::mem::take(&mut preflight),
-                ..RunAsk::default()
-            },
-        )
-        .await?;
-        observer.started(run_id);
-        let summary = tokio::select! {
-            s = wait_for_run(&*pipeline.warehouse, run_id, Duration::from_millis(100)) => s?,
-            () = shutdown.cancelled() => return Err(EngineError::Stopped),
-        };
-        observer.finished(&summary);
-        runs.push(SyncRun::Done(summary));
-    }
-    Ok(runs)
+    runs.each(by_sync(letters), observer, shutdown).await
 }
 
 #[cfg(test)]

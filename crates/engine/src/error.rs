@@ -16,6 +16,14 @@ pub enum EngineError {
     /// The config names no such sync (`--sync NAME`): a usage error.
     #[error("no sync named \"{0}\" in the config")]
     UnknownSync(String),
+    /// The config has no `[[sync]]`: a usage error.
+    #[error("the config has no [[sync]]")]
+    NoSync,
+    /// Following the schedules, but none of the syncs asked for has one: a usage error.
+    #[error(
+        "no sync has a schedule: add `schedule = \"*/15 * * * *\"` to a [[sync]], or use --once"
+    )]
+    NoSchedule,
     /// A sync's state belongs to another Loops than the configured one: nothing was sent.
     #[error(transparent)]
     Refused(Box<Refused>),
@@ -55,7 +63,13 @@ impl EngineError {
     /// A failure of how loopsync was called or configured, or a refusal: the binary's exit
     /// status 2 rather than 1.
     pub fn is_usage(&self) -> bool {
-        matches!(self, EngineError::UnknownSync(_) | EngineError::Refused(_))
+        matches!(
+            self,
+            EngineError::UnknownSync(_)
+                | EngineError::NoSync
+                | EngineError::NoSchedule
+                | EngineError::Refused(_)
+        )
     }
 
     /// Another run of the sync is in progress (a second scheduler, a replay).
@@ -80,6 +94,8 @@ impl Classified for EngineError {
             EngineError::Bus(e) => e.class(),
             EngineError::Loops { source, .. } | EngineError::LoopsClient(source) => source.class(),
             EngineError::UnknownSync(_)
+            | EngineError::NoSync
+            | EngineError::NoSchedule
             | EngineError::Refused(_)
             | EngineError::Stalled(_)
             | EngineError::WorkerPanicked(_)

@@ -13,7 +13,7 @@ use loopsync_core::value::PropertyKind;
 use loopsync_loops_client::{ContactProperty, LoopsClient};
 
 use crate::EngineError;
-use crate::retry::{with_retries, with_retries_for};
+use crate::retry::with_retries_for;
 
 /// A custom property a mapping needs and Loops lacks, with the type the mapping declares.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,14 +81,12 @@ impl PropertyDiff {
                     continue;
                 }
                 match listed.iter().find(|e| e.key == p.property) {
-                    Some(e) if e.kind.as_str() != p.kind.as_str() => {
-                        diff.mismatched.push(TypeMismatch {
-                            sync: sync.name.clone(),
-                            property: p.property.clone(),
-                            declared: p.kind,
-                            listed: e.kind,
-                        })
-                    }
+                    Some(e) if e.kind != p.kind => diff.mismatched.push(TypeMismatch {
+                        sync: sync.name.clone(),
+                        property: p.property.clone(),
+                        declared: p.kind,
+                        listed: e.kind,
+                    }),
                     Some(_) => {}
                     None => {
                         let missing = MissingProperty {
@@ -180,14 +178,7 @@ impl Preflight {
         budget: &RateBudget,
     ) -> Result<Vec<String>, EngineError> {
         if self.existing.is_none() {
-            let listed = with_retries_for(
-                "listing the contact properties of the Loops team",
-                budget,
-                self.attempts,
-                &mut self.pending,
-                || client.list_properties(false),
-            )
-            .await?;
+            let listed = list(client, budget, self.attempts, &mut self.pending).await?;
             self.existing = Some(listed);
         }
         let existing = self.existing.as_deref().unwrap_or_default();
@@ -209,14 +200,21 @@ impl Preflight {
     }
 }
 
-/// The team's contact properties, for `check` (paced, retried, counted in `counts`).
+/// The team's contact properties (paced, retried, counted in `counts`).
 pub async fn list(
     client: &LoopsClient,
     budget: &RateBudget,
     attempts: u32,
     counts: &mut RequestCounts,
 ) -> Result<Vec<ContactProperty>, EngineError> {
-    with_retries(budget, attempts, counts, || client.list_properties(false)).await
+    with_retries_for(
+        "listing the contact properties of the Loops team",
+        budget,
+        attempts,
+        counts,
+        || client.list_properties(false),
+    )
+    .await
 }
 #[cfg(test)]
 mod tests {

@@ -10,6 +10,7 @@ use loopsync_bus::{Messaging, publish};
 use loopsync_config::{Config, Schedule};
 use loopsync_core::Classified;
 use loopsync_core::envelope::{RequestCounts, RunRequest, VERSION};
+use loopsync_core::time::utc_seconds;
 use loopsync_loops_client::LoopsClient;
 use loopsync_warehouse::{RunStatus, RunSummary, Warehouse};
 use tokio_util::sync::CancellationToken;
@@ -18,11 +19,6 @@ use crate::EngineError;
 use crate::destination::{self, Refused};
 use crate::pipeline::Pipeline;
 use crate::properties::Preflight;
-
-/// A time as RFC 3339, to the second, UTC (the progress lines' clock).
-fn utc_seconds(t: std::time::SystemTime) -> String {
-    chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-}
 
 /// What a run is asked to do beyond the whole sync.
 #[derive(Debug, Clone, Default)]
@@ -285,6 +281,35 @@ pub async fn wait_for_run_with(
     }
 }
 
+/// Which syncs `loopsync run` runs: `only`, or every sync of the config. Following the
+/// schedules (`scheduled`), at least one of them must have a schedule.
+pub fn select(
+    config: &Config,
+    only: Option<&str>,
+    scheduled: bool,
+) -> Result<Vec<String>, EngineError> {
+    let chosen = |name: &str| only.is_none_or(|n| n == name);
+    if scheduled
+        && !config
+            .syncs
+            .iter()
+            .any(|s| s.schedule.is_some() && chosen(&s.spec.name))
+    {
+        return Err(EngineError::NoSchedule);
+    }
+    let syncs: Vec<String> = match only {
+        Some(name) if config.sync(name).is_none() => {
+            return Err(EngineError::UnknownSync(name.to_owned()));
+        }
+        Some(name) => vec![name.to_owned()],
+        None => config.syncs.iter().map(|s| s.spec.name.clone()).collect(),
+    };
+    if syncs.is_empty() {
+        return Err(EngineError::NoSync);
+    }
+    Ok(syncs)
+}
+
 /// What the caller is told while runs go: the binary prints these, the engine decides them.
 pub trait RunObserver {
     /// A line for the user (stderr): a sync bound to a destination, properties created, a
@@ -394,6 +419,17 @@ impl Runs {
         sync: &str,
         observer: &mut dyn RunObserver,
     ) -> Result<Result<i64, Refused>, EngineError> {
+        self.request_keys(sync, Vec::new(), observer).await
+    }
+
+    /// [`Runs::request`] for a run about `only_keys` alone (`dlq replay`; empty: the whole
+    /// sync). A replay creates no property: its records were sent before, by a run that did.
+    pub async fn request_keys(
+        &mut self,
+        sync: &str,
+        only_keys: Vec<String>,
+        observer: &mut dyn RunObserver,
+    ) -> Result<Result<i64, Refused>, EngineError> {
         let spec = &self
             .config
             .sync(sync)
@@ -408,10 +444,13 @@ impl Runs {
         if let Some(refused) = found.await? {
             return Ok(Err(refused));
         }
-        let created = self
-            .preflight
-            .ensure(spec, &self.client, &self.budget)
-            .await?;
+        let created = if only_keys.is_empty() {
+            self.preflight
+                .ensure(spec, &self.client, &self.budget)
+                .await?
+        } else {
+            Vec::new()
+        };
         if !created.is_empty() {
             observer.notice(format!(
                 "created contact properties in Loops: {}",
@@ -423,9 +462,9 @@ impl Runs {
             &*self.warehouse,
             sync,
             RunAsk {
+                only_keys,
                 preflight: self.preflight.take(),
                 allow_removals: self.options.allow_removals,
-                ..RunAsk::default()
             },
         )
         .await?))
@@ -452,10 +491,22 @@ impl Runs {
         observer: &mut dyn RunObserver,
         shutdown: &CancellationToken,
     ) -> Result<Vec<SyncRun>, EngineError> {
+        let jobs = syncs.iter().map(|sync| (sync.clone(), Vec::new()));
+        self.each(jobs, observer, shutdown).await
+    }
+
+    /// One run per `(sync, keys)`, one after the other, each about those keys only (empty: the
+    /// whole sync): [`Runs::once`], and `dlq replay`.
+    pub async fn each(
+        &mut self,
+        jobs: impl IntoIterator<Item = (String, Vec<String>)>,
+        observer: &mut dyn RunObserver,
+        shutdown: &CancellationToken,
+    ) -> Result<Vec<SyncRun>, EngineError> {
         let mut runs = Vec::new();
-        for sync in syncs {
+        for (sync, keys) in jobs {
             let started = tokio::select! {
-                started = self.request(sync, observer) => started?,
+                started = self.request_keys(&sync, keys, observer) => started?,
                 () = shutdown.cancelled() => return Err(EngineError::Stopped),
             };
             let run_id = match started {
@@ -565,11 +616,39 @@ mod tests {
 
     use super::*;
 
-    /// The time in the progress lines: RFC 3339 to the second, UTC.
+    /// A run's syncs: the one asked for, or all; following schedules needs one that has one.
     #[test]
-    fn times_are_rfc3339_utc_to_the_second() {
-        let t = std::time::UNIX_EPOCH + Duration::from_millis(1_700_000_000_900);
-        assert_eq!(utc_seconds(t), "2023-11-14T22:13:20Z");
+    fn select_names_the_syncs_of_a_run() {
+        let sync = |name: &str, schedule: &str| {
+            format!(
+                "[[sync]]\nname = \"{name}\"\nmodel = \"select 1\"\nprimary_key = \"id\"\n\
+                 identify_by = \"email\"\n{schedule}\n[sync.mapping]\nemail = \"email\"\n"
+            )
+        };
+        let head = "[warehouse]\nurl = \"sqlite:///w.db\"\n[loops]\napi_key = \"k\"\n";
+        let text = format!(
+            "{head}{}{}",
+            sync("users", "schedule = \"*/15 * * * *\""),
+            sync("teams", "")
+        );
+        let config = Config::parse(&text, |_| None).unwrap();
+        assert_eq!(select(&config, None, false).unwrap(), ["users", "teams"]);
+        assert_eq!(select(&config, None, true).unwrap(), ["users", "teams"]);
+        assert_eq!(select(&config, Some("teams"), false).unwrap(), ["teams"]);
+        assert!(matches!(
+            select(&config, Some("teams"), true),
+            Err(EngineError::NoSchedule)
+        ));
+        assert!(matches!(
+            select(&config, Some("nobody"), false),
+            Err(EngineError::UnknownSync(name)) if name == "nobody"
+        ));
+        let empty = Config::parse(head, |_| None).unwrap();
+        assert!(matches!(
+            select(&empty, None, false),
+            Err(EngineError::NoSync)
+        ));
+        assert!(EngineError::NoSchedule.is_usage() && EngineError::NoSync.is_usage());
     }
 
     /// The follower sleeps until the first fire among the schedules, strictly after now.

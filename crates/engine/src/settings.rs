@@ -57,11 +57,16 @@ pub fn checkpointer_options() -> BatchOptions {
 
 /// JetStream's deliveries of one message at most: the workers give up at their own attempts
 /// (the extractor's [`EXTRACTOR_ATTEMPTS`] the most, unless `loops.max_attempts` is higher);
-/// the server is the safety net after, two deliveries later (none for the checkpointer: see
-/// `jetstream::max_deliver`).
+/// the server is the safety net after, two deliveries later.
 pub fn max_deliver(config: &Config) -> i64 {
     i64::from(config.loops.max_attempts.max(EXTRACTOR_ATTEMPTS)) + 2
 }
+
+/// None for the checkpointer: its messages are outcomes, whose loss would leave records sent
+/// but never recorded; it retries through a warehouse outage for as long as the outage lasts
+/// (its worker never gives up on a retryable error: [`checkpointer_options`]), and what it
+/// cannot record is recorded as a dead letter by the worker.
+pub const OUTCOMES_MAX_DELIVER: i64 = -1;
 
 /// The JetStream options of the config's `[nats]` section (`None` without one).
 /// Which bus the config asks for: JetStream with `[nats]`, else in process.
@@ -81,6 +86,7 @@ pub fn jetstream_options(config: &Config) -> Option<JetStreamOptions> {
     config.nats.as_ref().map(|nats| JetStreamOptions {
         ack_wait: nats.ack_wait(),
         max_deliver: max_deliver(config),
+        outcomes_max_deliver: OUTCOMES_MAX_DELIVER,
         ..JetStreamOptions::default()
     })
 }
@@ -136,6 +142,10 @@ email = "email"
         assert_eq!(max_deliver(&config), 32);
         let js = jetstream_options(&config).unwrap();
         assert_eq!((js.ack_wait, js.max_deliver), (Duration::from_secs(30), 32));
+        assert_eq!(
+            js.outcomes_max_deliver, -1,
+            "outcomes are never given up by the server"
+        );
     }
 
     /// Without `[nats]`: no in-progress acks and no JetStream options; a `max_attempts` above

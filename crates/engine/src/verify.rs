@@ -14,11 +14,15 @@ use loopsync_core::envelope::{ChangeKind, RequestCounts};
 use loopsync_core::spec::SyncSpec;
 use loopsync_core::{Classified, ErrorClass};
 use loopsync_extractor::{Decided, Decider, Decision};
-use loopsync_loops_client::{Contact, ContactIdentity, LoopsError};
+use loopsync_loops_client::{Contact, ContactIdentity, LoopsClient, LoopsError};
 use loopsync_transformer::verify::{Confirmed, Drift, Lookup, Sample, compare, rank};
 use loopsync_warehouse::{FORGOTTEN_FP, Warehouse, WarehouseError};
 use serde::Serialize;
 use serde_json::Value;
+
+use crate::EngineError;
+use crate::pipeline::Pipeline;
+use crate::retry::with_retries;
 
 /// The version of the `--json` report.
 pub const REPORT_VERSION: u16 = 1;
@@ -245,6 +249,39 @@ impl Classified for VerifyError {
             VerifyError::Json(_) => ErrorClass::Permanent,
         }
     }
+}
+
+/// `loopsync verify` on a connected pipeline: every sync of its config (or `only`), each
+/// read of Loops through the team's rate budget and retried as the loader's requests are
+/// ([`with_retries`]), `loops.concurrency` at a time.
+pub async fn verify_pipeline(
+    pipeline: &Pipeline,
+    client: &LoopsClient,
+    only: Option<&str>,
+    options: &Options,
+) -> Result<Report, VerifyError> {
+    let (budget, attempts) = (&pipeline.budget, pipeline.config.loops.max_attempts);
+    let find = |identity: ContactIdentity| async move {
+        let mut counts = RequestCounts::default();
+        let found = with_retries(budget, attempts, &mut counts, || {
+            client.find_contact(&identity)
+        })
+        .await
+        .map_err(|e| match e {
+            EngineError::LoopsClient(e) => ReadError::Loops(e),
+            e => ReadError::Other(e.into()),
+        });
+        (found, counts)
+    };
+    verify(
+        &*pipeline.warehouse,
+        pipeline.config.syncs.iter().map(|s| &s.spec),
+        only,
+        options,
+        pipeline.config.loops.concurrency.max(1),
+        find,
+    )
+    .await
 }
 
 /// Verifies every sync of `syncs` (only the one named `only`, if given), one after the other.

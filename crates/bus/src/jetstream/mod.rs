@@ -46,6 +46,8 @@ pub struct JetStreamOptions {
     /// is the safety net for a message whose workers keep crashing, after which the
     /// max-deliveries advisory moves it to the dead-letter stream.
     pub max_deliver: i64,
+    /// The same cap for the checkpointer's outcomes; -1: none.
+    pub outcomes_max_deliver: i64,
     /// Window of `Nats-Msg-Id` deduplication.
     pub duplicate_window: Duration,
 }
@@ -55,6 +57,7 @@ impl Default for JetStreamOptions {
         JetStreamOptions {
             ack_wait: Duration::from_secs(30),
             max_deliver: 10,
+            outcomes_max_deliver: -1,
             duplicate_window: Duration::from_secs(120),
         }
     }

@@ -16,13 +16,11 @@ use crate::names::Names;
 /// The consumer of the advisories that earlier versions shared between all stages.
 const OLD_MOVER: &str = "dlq-mover";
 
-/// The server's cap on deliveries of a stage's messages. None for the checkpointer: its
-/// messages are outcomes, whose loss would leave records sent but never recorded; it retries
-/// through a warehouse outage for as long as the outage lasts (its worker never gives up on a
-/// retryable error), and what it cannot record is recorded as a dead letter by the worker.
+/// The server's cap on deliveries of a stage's messages, as the options say (the engine
+/// decides them: see its `settings`).
 pub fn max_deliver(stage: Stage, options: &JetStreamOptions) -> i64 {
     match stage {
-        Stage::Checkpointer => -1,
+        Stage::Checkpointer => options.outcomes_max_deliver,
         _ => options.max_deliver,
     }
 }
