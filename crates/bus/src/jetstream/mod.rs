@@ -197,7 +197,31 @@ impl JetStreamBus {
     }
 }
 
+/// A stage's consumer failed.
+fn consume_error(stage: Stage, source: Source) -> BusError {
+    BusError::Consume {
+        stage: stage.name().into(),
+        source,
+    }
+}
+
 impl JetStreamBus {
+    /// The stage's durable consumer, shared by all its replicas.
+    async fn stage_consumer(
+        &self,
+        stage: Stage,
+    ) -> Result<jetstream::consumer::PullConsumer, BusError> {
+        let stream = self
+            .js
+            .get_stream(self.names.stream(stage))
+            .await
+            .map_err(|e| consume_error(stage, e.into()))?;
+        stream
+            .get_consumer(stage.name())
+            .await
+            .map_err(|e| consume_error(stage, e))
+    }
+
     /// Publishes and waits for the stream's acknowledgement, or for the connection to drop.
     async fn send(&self, subject: String, message: PublishMessage) -> Result<(), BusError> {
         let error = |e: Source| BusError::Publish {
@@ -247,23 +271,14 @@ impl Messaging for JetStreamBus {
     }
 
     async fn consume(&self, stage: Stage, batch: usize) -> Result<Box<dyn Consumer>, BusError> {
-        let error = |e: Source| BusError::Consume {
-            stage: stage.name().into(),
-            source: e,
-        };
-        let stream = self
-            .js
-            .get_stream(self.names.stream(stage))
-            .await
-            .map_err(|e| error(e.into()))?;
-        let consumer: jetstream::consumer::PullConsumer =
-            stream.get_consumer(stage.name()).await.map_err(&error)?;
-        let messages = consumer
+        let messages = self
+            .stage_consumer(stage)
+            .await?
             .stream()
             .max_messages_per_batch(batch.max(1))
             .messages()
             .await
-            .map_err(|e| error(e.into()))?;
+            .map_err(|e| consume_error(stage, e.into()))?;
         Ok(Box::new(JetStreamConsumer {
             stage,
             messages,
@@ -272,18 +287,11 @@ impl Messaging for JetStreamBus {
     }
 
     async fn unsettled(&self, stage: Stage) -> Result<u64, BusError> {
-        let error = |e: Source| BusError::Consume {
-            stage: stage.name().into(),
-            source: e,
-        };
-        let stream = self
-            .js
-            .get_stream(self.names.stream(stage))
+        let mut consumer = self.stage_consumer(stage).await?;
+        let info = consumer
+            .info()
             .await
-            .map_err(|e| error(e.into()))?;
-        let mut consumer: jetstream::consumer::PullConsumer =
-            stream.get_consumer(stage.name()).await.map_err(&error)?;
-        let info = consumer.info().await.map_err(|e| error(e.into()))?;
+            .map_err(|e| consume_error(stage, e.into()))?;
         Ok(info.num_pending + info.num_ack_pending as u64)
     }
 
