@@ -34,7 +34,7 @@ pub struct RunAsk {
 /// Starts a run of `sync`: the run's row (with the requests the caller made to Loops to
 /// prepare it, its `preflight`), then the request that one extractor takes. Fails with
 /// [`WarehouseError::RunInProgress`] while another run of the sync is in progress. Whoever
-/// asks must then wait for the run ([`wait_for_run`]): the wait is the run's sign of life.
+/// asks must then wait for the run ([`wait_for_run_with`]): the wait is the run's sign of life.
 pub async fn request_run(
     bus: &dyn Messaging,
     warehouse: &dyn Warehouse,
@@ -64,21 +64,6 @@ pub async fn request_run(
     )
     .await?;
     Ok(run_id)
-}
-
-/// Waits until every record of the run has an outcome (or the run failed), saying every
-/// [`loopsync_warehouse::HEARTBEAT`] that the run's process is alive. Retryable warehouse
-/// errors are waited out; no deadline, no progress lines (see [`wait_for_run_with`]).
-pub async fn wait_for_run(
-    warehouse: &dyn Warehouse,
-    run_id: i64,
-    poll: Duration,
-) -> Result<RunSummary, EngineError> {
-    let options = WaitOptions {
-        poll,
-        ..WaitOptions::default()
-    };
-    wait_for_run_with(warehouse, run_id, &options, |_| {}).await
 }
 
 /// How [`wait_for_run_with`] waits.
@@ -180,9 +165,11 @@ fn progress_line(
     line
 }
 
-/// [`wait_for_run`], with progress lines (handed to `progress`) and a no-progress deadline,
-/// after which the run is closed `failed` (if the warehouse answers) and [`EngineError::Stalled`]
-/// is returned.
+/// Waits until every record of the run has an outcome (or the run failed), saying every
+/// [`loopsync_warehouse::HEARTBEAT`] that the run's process is alive; retryable warehouse
+/// errors are waited out. Progress lines go to `progress` as the options say; past the
+/// no-progress deadline, the run is closed `failed` (if the warehouse answers) and
+/// [`EngineError::Stalled`] is returned.
 pub async fn wait_for_run_with(
     warehouse: &dyn Warehouse,
     run_id: i64,

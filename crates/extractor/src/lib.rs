@@ -25,7 +25,7 @@ use loopsync_warehouse::{ExtractCounts, Warehouse, WarehouseError};
 
 pub mod decide;
 
-pub use decide::{Decided, Decider, Decision, decide, tally};
+pub use decide::{Decided, Decider, Decision};
 
 /// Changes noted as emitted (then published) per warehouse round trip: the extractor's memory bound.
 const EMIT_BATCH: usize = 500;
