@@ -52,9 +52,9 @@ fn print_adopted(report: &AdoptReport, configured: &Destination) {
         "sync {} · run {} · adopted {} records as already in Loops (new to the sync {}, changed {}); unchanged {}; invalid {} (not adopted). Nothing was sent.",
         report.sync,
         report.run_id,
-        counts.added + counts.changed,
+        counts.added + counts.changed + counts.ignored,
         counts.added,
-        counts.changed,
+        counts.changed + counts.ignored,
         counts.unchanged,
         report.invalid
     );

@@ -116,20 +116,25 @@ pub async fn run(config_path: &Path, args: PlanArgs) -> anyhow::Result<ExitCode>
         .await?;
         let c = &plan.counts;
         println!(
-            "sync {} (dry run: nothing sent)\n  rows:    added {} · changed {} · removed {} · unchanged {} · invalid {}\n  requests: {} — {:.1} s at {} requests/s",
+            "sync {} (dry run: nothing sent)\n  rows:    added {} · changed {} · removed {} · unchanged {} · invalid {}{}\n  requests: {} — {:.1} s at {} requests/s",
             plan.sync,
             c.added,
             c.changed,
             c.removed,
             c.unchanged,
             plan.invalid,
+            if c.ignored > 0 {
+                format!(" · ignored {} (already sent)", c.ignored)
+            } else {
+                String::new()
+            },
             plan.requests,
             plan.seconds_at_rate_budget,
             rps
         );
         for r in &shown {
             match &r.reason {
-                Some(reason) => println!("    {:<20} invalid   {reason}", r.key),
+                Some(reason) => println!("    {:<20} {:<9} {reason}", r.key, r.change.as_str()),
                 None => println!("    {:<20} {:<9} {}", r.key, r.change.as_str(), r.operation),
             }
         }

@@ -23,11 +23,17 @@ pub fn text(run: &RunSummary) -> String {
         .duration_ms
         .map(|ms| format!(" in {:.1} s", ms as f64 / 1000.0))
         .unwrap_or_default();
-    let model_rows = run.added + run.changed + run.unchanged + run.invalid_rows;
+    let model_rows = run.added + run.changed + run.unchanged + run.invalid_rows + run.ignored;
+    // An event sync's rows sent before and changed since (never sent again).
+    let ignored = if run.ignored > 0 {
+        format!(" · ignored {} (already sent)", run.ignored)
+    } else {
+        String::new()
+    };
     let kinds = &run.requests_by_kind;
     let mut out = format!(
         "sync {} · run {} · {}{duration}\n  \
-         rows:     added {} · changed {} · unchanged {} · invalid {} (= {model_rows} model rows) · removed {}\n  \
+         rows:     added {} · changed {} · unchanged {} · invalid {}{ignored} (= {model_rows} model rows) · removed {}\n  \
          records:  confirmed {} · skipped {} · invalid {} · rejected {} · dead-lettered {} (= {} records)\n  \
          requests: {} to Loops: writes {} · events {} · deletes {} · preflight {}; of them retries {} · rate-limited (429) {}\n",
         run.sync,

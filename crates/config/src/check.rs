@@ -2,11 +2,12 @@
 //! refuses. The first broken rule is the error.
 
 use loopsync_core::spec::{
-    IdentifyBy, MappedList, MappedProperty, RESERVED_NAMES, SyncSpec, default_property_kind,
+    AppendSpec, Behavior, Cursor, EventName, IdentifyBy, MappedList, MappedProperty,
+    RESERVED_NAMES, SyncSpec, default_property_kind,
 };
 use loopsync_core::value::PropertyKind;
 
-use crate::raw::{RawConfig, RawMapping, RawSync};
+use crate::raw::{RawConfig, RawEventName, RawMapping, RawSync};
 use crate::{Config, ConfigError, LoopsConfig, NatsConfig, Schedule, SyncConfig, invalid};
 
 /// Letters, digits, `_` and `-`: a sync name is a NATS subject token.
@@ -108,6 +109,7 @@ fn check_sync(i: usize, raw: RawSync, before: &[SyncConfig]) -> Result<SyncConfi
             ));
         }
     }
+    let append = check_append(&at, &raw)?;
     let mut properties = Vec::new();
     for (property, mapping) in raw.mapping {
         properties.push(check_mapping(
@@ -125,7 +127,9 @@ fn check_sync(i: usize, raw: RawSync, before: &[SyncConfig]) -> Result<SyncConfi
             ),
         ));
     }
-    if !properties.iter().any(|p| p.property == "email") {
+    // An event sync identified by userId addresses contacts that exist: its email is optional.
+    let email_needed = append.is_none() || raw.identify_by == IdentifyBy::Email;
+    if email_needed && !properties.iter().any(|p| p.property == "email") {
         return Err(invalid(
             at("mapping.email"),
             "is required: Loops cannot create a contact without an email",
@@ -165,10 +169,119 @@ fn check_sync(i: usize, raw: RawSync, before: &[SyncConfig]) -> Result<SyncConfi
             properties,
             lists,
             max_removal_share: raw.max_removal_share,
+            append,
         },
         schedule,
     })
 }
+
+/// The event sync's own keys (`behavior = "append"`): `event` is required there and every one of
+/// them is refused elsewhere; `trigger_workflows` is refused there (each row already is an
+/// event).
+fn check_append(
+    at: &impl Fn(&str) -> String,
+    raw: &RawSync,
+) -> Result<Option<AppendSpec>, ConfigError> {
+    if raw.behavior != Behavior::Append {
+        let given = [
+            ("event", raw.event.is_some()),
+            ("event_properties", !raw.event_properties.is_empty()),
+            ("cursor", raw.cursor.is_some()),
+            ("cursor_lookback", raw.cursor_lookback.is_some()),
+        ];
+        if let Some((key, _)) = given.iter().find(|(_, set)| *set) {
+            return Err(invalid(
+                at(key),
+                format!(
+                    "is for event syncs only (behavior = \"append\"), not behavior = \"{}\"",
+                    raw.behavior.as_str()
+                ),
+            ));
+        }
+        return Ok(None);
+    }
+    if raw.trigger_workflows {
+        return Err(invalid(
+            at("trigger_workflows"),
+            "an event sync sends each row as an event already: remove trigger_workflows",
+        ));
+    }
+    let event = match &raw.event {
+        None => {
+            return Err(invalid(
+                at("event"),
+                "is required with behavior = \"append\": a name (event = \"invoicePaid\") or a column (event = { column = \"event_name\" })",
+            ));
+        }
+        Some(RawEventName::Fixed(name)) => {
+            if name.trim().is_empty() || name.contains(':') {
+                return Err(invalid(
+                    at("event"),
+                    "an event name is not empty and has no `:`",
+                ));
+            }
+            EventName::Fixed(name.clone())
+        }
+        Some(RawEventName::Column(c)) => {
+            if c.column.trim().is_empty() {
+                return Err(invalid(at("event.column"), "the column is empty"));
+            }
+            EventName::Column(c.column.clone())
+        }
+    };
+    let mut event_properties = Vec::new();
+    for (name, mapping) in &raw.event_properties {
+        let key = at(&format!("event_properties.{name}"));
+        if name.trim().is_empty() {
+            return Err(invalid(key, "an event property needs a name"));
+        }
+        let (column, kind) = match mapping {
+            RawMapping::Column(c) => (c.clone(), None),
+            RawMapping::Typed(t) => (t.column.clone(), t.kind),
+        };
+        if column.trim().is_empty() {
+            return Err(invalid(key, "the column is empty"));
+        }
+        event_properties.push(MappedProperty {
+            property: name.clone(),
+            column,
+            kind: kind.unwrap_or(PropertyKind::String),
+        });
+    }
+    let cursor = match (&raw.cursor, &raw.cursor_lookback) {
+        (None, Some(_)) => {
+            return Err(invalid(
+                at("cursor_lookback"),
+                "needs a cursor (cursor = \"occurred_at\")",
+            ));
+        }
+        (None, None) => None,
+        (Some(column), lookback) => {
+            if column.trim().is_empty() {
+                return Err(invalid(at("cursor"), "the column is empty"));
+            }
+            let text = lookback.as_deref().unwrap_or(DEFAULT_LOOKBACK);
+            let lookback = humantime::parse_duration(text).map_err(|e| {
+                invalid(
+                    at("cursor_lookback"),
+                    format!("\"{text}\" is not a duration such as \"1h\", \"30m\" or \"2d\": {e}"),
+                )
+            })?;
+            Some(Cursor {
+                column: column.clone(),
+                lookback_ms: i64::try_from(lookback.as_millis()).unwrap_or(i64::MAX),
+            })
+        }
+    };
+    Ok(Some(AppendSpec {
+        event,
+        event_properties,
+        cursor,
+    }))
+}
+
+/// `cursor_lookback` when the config does not say.
+const DEFAULT_LOOKBACK: &str = "1h";
 
 /// One `mapping.<property>` (its key is `key`): a camelCase name Loops does not reserve, a
 /// column, and a type that agrees with a Loops default property's.

@@ -41,9 +41,35 @@ pub(crate) struct RawSync {
     pub(crate) schedule: Option<String>,
     #[serde(default = "default_max_removal_share")]
     pub(crate) max_removal_share: f64,
+    #[serde(default)]
     pub(crate) mapping: BTreeMap<String, RawMapping>,
     #[serde(default)]
     pub(crate) mailing_lists: BTreeMap<String, String>,
+    /// Event syncs only: the event's name, fixed or from a column.
+    pub(crate) event: Option<RawEventName>,
+    /// Event syncs only: `eventProperties` = column, or a table with a type.
+    #[serde(default)]
+    pub(crate) event_properties: BTreeMap<String, RawMapping>,
+    /// Event syncs only: read only rows at or after this column's last confirmed value, minus
+    /// `cursor_lookback`.
+    pub(crate) cursor: Option<String>,
+    /// With `cursor`: a duration such as `"1h"`, `"30m"`, `"2d"` (default `"1h"`).
+    pub(crate) cursor_lookback: Option<String>,
+}
+
+/// `event = "invoicePaid"`, or `event = { column = "event_name" }`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum RawEventName {
+    Fixed(String),
+    Column(EventColumn),
+}
+
+/// `{ column = "…" }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct EventColumn {
+    pub(crate) column: String,
 }
 
 fn default_max_removal_share() -> f64 {

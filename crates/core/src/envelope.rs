@@ -107,6 +107,9 @@ pub enum Action {
         user_id: Option<String>,
         properties: Map<String, Value>,
         mailing_lists: BTreeMap<String, bool>,
+        /// `eventProperties` (an event sync's row; empty for a workflow trigger).
+        #[serde(default)]
+        event_properties: Map<String, Value>,
     },
     /// `POST /v1/contacts/delete` by one identifier (mirror, `on_remove = "delete"`).
     Delete {
@@ -593,6 +596,7 @@ mod tests {
                 user_id: None,
                 properties: Map::new(),
                 mailing_lists: BTreeMap::new(),
+                event_properties: Map::new(),
             },
             installation: "inst".into(),
         };

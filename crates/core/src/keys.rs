@@ -46,6 +46,14 @@ pub fn idempotency_key(
     )
 }
 
+/// The Loops `Idempotency-Key` of one event of an event sync (`behavior = "append"`) → 68
+/// characters. Derived from the sync and the event's id alone: every retry, redelivery,
+/// re-extraction — and a later run after the state was reset — derives the same key, so Loops
+/// takes the event once (within its 24 hours of keys; beyond them, the sync's state does).
+pub fn event_key(sync: &str, event_id: &str) -> String {
+    format!("ev1-{}", digest(&[sync, event_id]))
+}
+
 /// The loader's ledger key of one record of one sync of one installation.
 pub fn ledger_key(installation: &str, sync: &str, key: &str) -> String {
     digest(&[installation, sync, key])[..40].to_owned()
@@ -115,6 +123,18 @@ mod tests {
             "another installation"
         );
         assert_ne!(ledger_key("i", "s", "k"), ledger_key("j", "s", "k"));
+    }
+
+    /// An event's key depends on the sync and the event id only: not on the row's values, the
+    /// state or anything else of the run.
+    #[test]
+    fn an_event_key_is_the_sync_and_the_event_id() {
+        let k = event_key("events", "e-1");
+        assert_eq!(k, event_key("events", "e-1"));
+        assert_ne!(k, event_key("events", "e-2"));
+        assert_ne!(k, event_key("other", "e-1"));
+        assert_eq!(k.len(), 68);
+        assert!(k.starts_with("ev1-"));
     }
 
     #[test]

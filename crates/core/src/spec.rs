@@ -16,12 +16,57 @@ pub enum IdentifyBy {
     UserId,
 }
 
-/// "Update or Create", or that plus removal.
+/// "Update or Create", or that plus removal; or an event sync.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Behavior {
     Upsert,
     Mirror,
+    /// Each model row is one Loops event, sent once for the life of the sync (see
+    /// [`AppendSpec`]).
+    Append,
+}
+
+impl Behavior {
+    /// The name in the config (`upsert`, `mirror`, `append`).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Behavior::Upsert => "upsert",
+            Behavior::Mirror => "mirror",
+            Behavior::Append => "append",
+        }
+    }
+}
+
+/// The name of the event an event sync sends for a row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventName {
+    /// The same name for every row (`event = "invoicePaid"`).
+    Fixed(String),
+    /// The row's value of this column (`event = { column = "event_name" }`).
+    Column(String),
+}
+
+/// An event sync's incremental read: only rows whose `column` is at or after the last
+/// confirmed run's highest value minus `lookback_ms`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cursor {
+    /// A timestamp or date column of the model.
+    pub column: String,
+    /// How far before the highest value read by the last finished run the next run starts
+    /// reading, in milliseconds: rows that arrive late by less than this are still sent.
+    pub lookback_ms: i64,
+}
+
+/// What an event sync (`behavior = "append"`) adds to a sync: the event's name and properties,
+/// and an optional cursor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppendSpec {
+    pub event: EventName,
+    /// `eventProperties`, sorted by name. Dates go as ISO-8601 strings.
+    pub event_properties: Vec<MappedProperty>,
+    pub cursor: Option<Cursor>,
 }
 
 /// What mirror does to a contact whose row left the model.
@@ -99,6 +144,9 @@ pub struct SyncSpec {
     /// Mirror: the largest share of the sync's confirmed contacts one run may remove without
     /// `--allow-removals` (a model that returns no rows never removes without it).
     pub max_removal_share: f64,
+    /// Set exactly when `behavior` is [`Behavior::Append`].
+    #[serde(default)]
+    pub append: Option<AppendSpec>,
 }
 
 /// `max_removal_share` when the config does not say.
@@ -113,9 +161,21 @@ impl SyncSpec {
             .map(|p| p.column.clone())
             .chain(self.lists.iter().map(|l| l.column.clone()))
             .collect();
+        if let Some(append) = &self.append {
+            if let EventName::Column(c) = &append.event {
+                columns.push(c.clone());
+            }
+            columns.extend(append.event_properties.iter().map(|p| p.column.clone()));
+            columns.extend(append.cursor.iter().map(|c| c.column.clone()));
+        }
         columns.sort();
         columns.dedup();
         columns
+    }
+
+    /// An event sync (`behavior = "append"`).
+    pub fn is_append(&self) -> bool {
+        self.behavior == Behavior::Append
     }
 
     /// The property mapped to `name`, if any.
@@ -145,6 +205,27 @@ impl SyncSpec {
                 PropertyKind::Boolean,
                 false,
             ));
+        }
+        if let Some(append) = &self.append {
+            match &append.event {
+                EventName::Fixed(name) => parts.push(format!("e:{name}")),
+                EventName::Column(c) => {
+                    parts.push("e:".to_owned());
+                    parts.push(canonical(
+                        values.get(c).cloned().flatten(),
+                        PropertyKind::String,
+                        false,
+                    ));
+                }
+            }
+            for p in &append.event_properties {
+                parts.push(format!("ep:{}", p.property));
+                parts.push(canonical(
+                    values.get(&p.column).cloned().flatten(),
+                    p.kind,
+                    false,
+                ));
+            }
         }
         let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
         keys::fingerprint(&refs)
@@ -210,6 +291,7 @@ pub(crate) mod tests {
                 column: "newsletter".into(),
             }],
             max_removal_share: DEFAULT_MAX_REMOVAL_SHARE,
+            append: None,
         }
     }
 

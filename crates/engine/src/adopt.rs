@@ -1,5 +1,6 @@
 //! `loopsync adopt`: records the model's current rows as already in Loops, without sending
-//! anything — for a sync that takes over from another tool. The next run sends only what changes
+//! anything — for a sync that takes over from another tool, or an event sync that starts from
+//! now (its current rows count as sent; with a cursor, its watermark is their highest value). The next run sends only what changes
 //! after. (A million contacts re-sent at 10 requests per second would cost 28 hours.) The sync's
 //! state is then bound to the Loops the caller names: also the way forward for a sync pointed at
 //! another Loops that holds its contacts.
@@ -112,8 +113,14 @@ pub async fn adopt(
             None => (None, decider.finish()),
         };
         let done = pushed.is_none();
-        for Decided { decision, .. } in pushed.into_iter().flatten().chain(last) {
+        for Decided { row, decision } in pushed.into_iter().flatten().chain(last) {
             match decision {
+                // An event sync's row sent before and changed since: adopted as it is now.
+                Decision::AlreadySent => {
+                    if let (Some(key), Some(values)) = (row.key, row.values) {
+                        batch.push((key, spec.fingerprint(&values), None, None));
+                    }
+                }
                 Decision::Change(change) if change.kind != ChangeKind::Removed => {
                     match transform(spec, &change) {
                         Ok(op) => {

@@ -7,7 +7,8 @@ use futures::StreamExt;
 use loopsync_core::envelope::ChangeKind;
 use loopsync_core::spec::SyncSpec;
 use loopsync_core::{Classified, ErrorClass};
-use loopsync_extractor::{Decider, Decision};
+use loopsync_extractor::decide::ALREADY_SENT;
+use loopsync_extractor::{Decided, Decider, Decision, Window};
 use loopsync_transformer::{Invalid, transform};
 use loopsync_warehouse::{ExtractCounts, Warehouse, WarehouseError};
 use serde::Serialize;
@@ -24,6 +25,9 @@ pub enum PlannedChange {
     Removed,
     /// Invalid: the extractor or the transformer refuses it; nothing would be sent.
     Invalid,
+    /// An event sync's row whose event was sent before and changed since: nothing would be
+    /// sent (an event is sent once).
+    Ignored,
 }
 
 impl PlannedChange {
@@ -34,6 +38,7 @@ impl PlannedChange {
             PlannedChange::Changed => ChangeKind::Changed.as_str(),
             PlannedChange::Removed => ChangeKind::Removed.as_str(),
             PlannedChange::Invalid => "invalid",
+            PlannedChange::Ignored => "ignored",
         }
     }
 }
@@ -131,28 +136,35 @@ pub async fn plan<E: std::error::Error + 'static>(
         requests: 0,
         seconds_at_rate_budget: 0.0,
     };
-    let mut rows = warehouse.diff(spec).await?;
+    // What a run would read: for an event sync with a cursor, the recent rows.
+    let window = Window::read(warehouse, spec, false).await?;
+    let mut rows = warehouse.diff_since(spec, window.since).await?;
     // Run id 0: nothing is published, the id only names the run.
     let mut decider = Decider::new(spec, 0);
-    let mut take = |plan: &mut SyncPlan, decision| match planned(spec, decision, plan) {
+    let mut take = |plan: &mut SyncPlan, decided: Decided| match planned(spec, decided, plan) {
         Some(record) => each(record).map_err(PlanError::Each),
         None => Ok(()),
     };
     while let Some(row) = rows.next().await {
         for decided in decider.push(row?) {
-            take(&mut plan, decided.decision)?;
+            take(&mut plan, decided)?;
         }
     }
     if let Some(decided) = decider.finish() {
-        take(&mut plan, decided.decision)?;
+        take(&mut plan, decided)?;
     }
     plan.counts = decider.into_counts();
+    plan.counts.cursor_high = plan.counts.cursor_high.max(window.watermark);
     plan.seconds_at_rate_budget = plan.requests as f64 / f64::from(requests_per_second);
     Ok(plan)
 }
 
 /// The record a decision plans, counted in `plan`.
-fn planned(spec: &SyncSpec, decision: Decision, plan: &mut SyncPlan) -> Option<PlannedRecord> {
+fn planned(
+    spec: &SyncSpec,
+    Decided { row, decision }: Decided,
+    plan: &mut SyncPlan,
+) -> Option<PlannedRecord> {
     match decision {
         Decision::Change(change) => match transform(spec, &change) {
             Ok(op) => {
@@ -174,6 +186,13 @@ fn planned(spec: &SyncSpec, decision: Decision, plan: &mut SyncPlan) -> Option<P
             plan.invalid += 1;
             Some(PlannedRecord::invalid(key, reason))
         }
+        Decision::AlreadySent => Some(PlannedRecord {
+            key: row.key.unwrap_or_default(),
+            change: PlannedChange::Ignored,
+            operation: "none".into(),
+            action: None,
+            reason: Some(ALREADY_SENT.into()),
+        }),
         Decision::Unchanged | Decision::RemovedKept | Decision::Nothing | Decision::Parked => None,
     }
 }

@@ -246,6 +246,7 @@ mod tests {
                 .collect(),
             lists: vec![],
             max_removal_share: loopsync_core::spec::DEFAULT_MAX_REMOVAL_SHARE,
+            append: None,
         }
     }
 

@@ -75,5 +75,6 @@ pub(crate) fn spec() -> SyncSpec {
         properties: vec![property("email", "email"), property("userId", "user_id")],
         lists: vec![],
         max_removal_share: DEFAULT_MAX_REMOVAL_SHARE,
+        append: None,
     }
 }

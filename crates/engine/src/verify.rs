@@ -301,7 +301,8 @@ where
 {
     let mut report = Report::new();
     for spec in syncs {
-        if only.is_some_and(|n| n != spec.name) {
+        // An event sync's rows are events: Loops has no way to read one back.
+        if only.is_some_and(|n| n != spec.name) || spec.is_append() {
             continue;
         }
         let one = verify_sync(warehouse, spec, options, concurrency, &find)
@@ -474,6 +475,8 @@ impl<'a> Walk<'a> {
                     Err(_) => skipped.invalid += 1,
                 }
             }
+            // An event was sent, and its row changed since: no contact to compare.
+            Decision::AlreadySent => skipped.changed += 1,
             Decision::Change(change) => match change.kind {
                 ChangeKind::Removed => skipped.removed += 1,
                 _ if confirmed_fp == FORGOTTEN_FP => skipped.repaired += 1,
@@ -551,6 +554,7 @@ mod tests {
             ],
             lists: vec![],
             max_removal_share: loopsync_core::spec::DEFAULT_MAX_REMOVAL_SHARE,
+            append: None,
         }
     }
 

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 
 use loopsync_core::envelope::{ChangeKind, RowChange, VERSION};
 use loopsync_core::spec::{Behavior, SyncSpec};
-use loopsync_core::value::normalize_email;
+use loopsync_core::value::{normalize_email, parse_date_millis};
 use loopsync_warehouse::{DiffRow, ExtractCounts};
 
 /// The fate of one key in a run.
@@ -30,7 +30,13 @@ pub enum Decision {
     Nothing,
     /// Parked by `loopsync dlq park` at this very fingerprint: left alone until its data changes.
     Parked,
+    /// An event sync's row whose event Loops confirmed, with other values now: an event is
+    /// sent once, so nothing is sent (reported as `ignored: already sent`).
+    AlreadySent,
 }
+
+/// What a run, `plan` and `runs` say of a row whose event was sent before and changed since.
+pub const ALREADY_SENT: &str = "ignored: already sent";
 
 /// Decides one key that `rows_with_key` model rows carried (more than one: a duplicate key).
 pub fn decide(spec: &SyncSpec, run_id: i64, row: DiffRow, rows_with_key: usize) -> Decision {
@@ -55,6 +61,9 @@ fn decide_row(spec: &SyncSpec, run_id: i64, row: &DiffRow, rows_with_key: usize)
         generation: row.generation,
         keep_old_contact: false,
     };
+    if spec.is_append() {
+        return decide_event(spec, row, rows_with_key, change);
+    }
     let Some(values) = row.values.clone() else {
         // Confirmed before, gone from the model now. Mirror removes the contact — only those
         // this sync had confirmed: nothing else is in the state. A removal that was parked
@@ -68,7 +77,7 @@ fn decide_row(spec: &SyncSpec, run_id: i64, row: &DiffRow, rows_with_key: usize)
                 confirmed.clone(),
                 Default::default(),
             )),
-            (Some(_), Behavior::Upsert) => Decision::RemovedKept,
+            (Some(_), Behavior::Upsert | Behavior::Append) => Decision::RemovedKept,
             (None, _) => Decision::Nothing,
         };
     };
@@ -108,6 +117,69 @@ fn decide_row(spec: &SyncSpec, run_id: i64, row: &DiffRow, rows_with_key: usize)
     }
 }
 
+/// An event sync's row: sent once for the life of the sync. A row that left the model removes
+/// nothing; a row whose cursor is NULL or not a date is invalid (it could never be read by its
+/// cursor again).
+fn decide_event(
+    spec: &SyncSpec,
+    row: &DiffRow,
+    rows_with_key: usize,
+    change: impl Fn(ChangeKind, String, std::collections::BTreeMap<String, Option<String>>) -> RowChange,
+) -> Decision {
+    let key = row.key.clone().unwrap_or_default();
+    let Some(values) = row.values.clone() else {
+        return Decision::Nothing;
+    };
+    if rows_with_key > 1 {
+        return Decision::Invalid {
+            reason: format!(
+                "duplicate primary key: {rows_with_key} rows have {} = {key}: an event id names one event",
+                spec.primary_key
+            ),
+            key,
+            rows: rows_with_key,
+        };
+    }
+    if let Some(cursor) = spec.append.as_ref().and_then(|a| a.cursor.as_ref()) {
+        match values.get(&cursor.column).cloned().flatten() {
+            None => {
+                return Decision::Invalid {
+                    reason: format!(
+                        "the cursor {} is NULL: an event sync with a cursor reads its rows by it",
+                        cursor.column
+                    ),
+                    key,
+                    rows: 1,
+                };
+            }
+            Some(text) if parse_date_millis(&text).is_none() => {
+                return Decision::Invalid {
+                    reason: format!("the cursor {}: \"{text}\" is not a date", cursor.column),
+                    key,
+                    rows: 1,
+                };
+            }
+            Some(_) => {}
+        }
+    }
+    let fingerprint = spec.fingerprint(&values);
+    if row.parked_fp.as_deref() == Some(fingerprint.as_str()) {
+        return Decision::Parked;
+    }
+    match &row.confirmed_fp {
+        Some(confirmed) if *confirmed == fingerprint => Decision::Unchanged,
+        Some(_) => Decision::AlreadySent,
+        None => Decision::Change(change(ChangeKind::Added, fingerprint, values)),
+    }
+}
+
+/// The cursor value of an event sync's row, as Unix milliseconds, if it has one.
+pub fn cursor_millis(spec: &SyncSpec, row: &DiffRow) -> Option<i64> {
+    let cursor = spec.append.as_ref()?.cursor.as_ref()?;
+    let text = row.values.as_ref()?.get(&cursor.column)?.as_deref()?;
+    parse_date_millis(text)
+}
+
 /// Counts a decision.
 pub fn tally(counts: &mut ExtractCounts, decision: &Decision) {
     match decision {
@@ -126,6 +198,7 @@ pub fn tally(counts: &mut ExtractCounts, decision: &Decision) {
         // A parked record is counted with the unchanged: the run sends nothing for it.
         Decision::Unchanged | Decision::Parked => counts.unchanged += 1,
         Decision::RemovedKept => counts.removed += 1,
+        Decision::AlreadySent => counts.ignored += 1,
         Decision::Nothing => {}
     }
 }
@@ -269,6 +342,9 @@ impl<'a> Decider<'a> {
         }
         let decision = decide_group(self.spec, self.run_id, &group, &mut self.null_seen);
         tally(&mut self.counts, &decision);
+        if let Some(at) = cursor_millis(self.spec, &group.0) {
+            self.counts.cursor_high = self.counts.cursor_high.max(Some(at));
+        }
         Some(Decided {
             row: group.0,
             decision,
@@ -304,6 +380,7 @@ pub(crate) mod tests {
             }],
             lists: vec![],
             max_removal_share: loopsync_core::spec::DEFAULT_MAX_REMOVAL_SHARE,
+            append: None,
         }
     }
 

@@ -86,7 +86,8 @@ impl ExtractorStage {
         spec: &SyncSpec,
         request: &RunRequest,
     ) -> Result<ExtractCounts, ExtractError> {
-        let mut rows = self.warehouse.diff(spec).await?;
+        let window = Window::read(&*self.warehouse, spec, !request.only_keys.is_empty()).await?;
+        let mut rows = self.warehouse.diff_since(spec, window.since).await?;
         let mut run = RunState {
             spec,
             run_id: request.run_id,
@@ -114,6 +115,7 @@ impl ExtractorStage {
             self.take(&mut run, decided.decision).await?;
         }
         run.counts = decider.into_counts();
+        run.counts.cursor_high = run.counts.cursor_high.max(window.watermark);
         self.flush(&mut run).await?;
         self.release_held(&mut run, request.allow_removals).await?;
         Ok(run.counts)
@@ -202,7 +204,11 @@ impl ExtractorStage {
                 run.installation,
                 reason,
             )),
-            Decision::Unchanged | Decision::RemovedKept | Decision::Nothing | Decision::Parked => {}
+            Decision::Unchanged
+            | Decision::RemovedKept
+            | Decision::Nothing
+            | Decision::Parked
+            | Decision::AlreadySent => {}
         }
         if run.changes.len() >= EMIT_BATCH || run.invalid.len() >= EMIT_BATCH {
             self.flush(run).await?;
@@ -231,6 +237,37 @@ impl ExtractorStage {
             run.invalid.clear();
         }
         Ok(())
+    }
+}
+
+/// What a run of a sync reads of its model: every row, except for an event sync with a cursor
+/// (see [`Window::read`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Window {
+    /// The sync's watermark (Unix milliseconds): carried into the run's own, so it never goes
+    /// back.
+    pub watermark: Option<i64>,
+    /// Read rows whose cursor is at or after this (Unix milliseconds); `None`: every row.
+    pub since: Option<i64>,
+}
+
+impl Window {
+    /// An event sync with a cursor reads the rows at or after its watermark minus the
+    /// lookback: every row on its first run, and on a `replay` (the keys asked for are read
+    /// wherever their cursor is). Any other sync reads every row.
+    pub async fn read(
+        warehouse: &dyn Warehouse,
+        spec: &SyncSpec,
+        replay: bool,
+    ) -> Result<Window, WarehouseError> {
+        let Some(cursor) = spec.append.as_ref().and_then(|a| a.cursor.as_ref()) else {
+            return Ok(Window::default());
+        };
+        let watermark = warehouse.cursor_watermark(&spec.name).await?;
+        let since = watermark
+            .filter(|_| !replay)
+            .map(|w| w.saturating_sub(cursor.lookback_ms));
+        Ok(Window { watermark, since })
     }
 }
 

@@ -249,6 +249,7 @@ impl LoaderStage {
                 user_id,
                 properties,
                 mailing_lists,
+                event_properties,
             } => {
                 let event = EventPayload {
                     event_name: event_name.clone(),
@@ -258,7 +259,7 @@ impl LoaderStage {
                         properties: properties.clone(),
                         mailing_lists: mailing_lists.clone(),
                     },
-                    event_properties: Default::default(),
+                    event_properties: event_properties.clone(),
                 };
                 let key = IdempotencyKey::new(idempotency_key)?;
                 let result = self.client.send_event(&event, Some(&key)).await;

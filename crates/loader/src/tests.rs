@@ -438,6 +438,7 @@ async fn event_retried_after_a_lost_answer_fires_once() {
         user_id: None,
         properties: json!({"firstName": "Eve"}).as_object().unwrap().clone(),
         mailing_lists: BTreeMap::new(),
+        event_properties: Default::default(),
     };
     let payload = Bytes::from(codec::encode(&o));
     sim.set_faults(Faults {
@@ -525,6 +526,7 @@ async fn a_409_is_not_taken_as_proof_of_the_contact_write() {
         user_id: None,
         properties: json!({"firstName": "Fay"}).as_object().unwrap().clone(),
         mailing_lists: BTreeMap::new(),
+        event_properties: Default::default(),
     };
     let payload = Bytes::from(codec::encode(&o));
     sim.set_faults(Faults {

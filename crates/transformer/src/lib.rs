@@ -15,8 +15,10 @@ use loopsync_core::codec::{self, DecodeError};
 use loopsync_core::envelope::{
     Action, ChangeKind, Operation, Outcome, OutcomeStatus, RowChange, VERSION,
 };
-use loopsync_core::spec::{Behavior, IdentifyBy, OnRemove, SyncSpec};
-use loopsync_core::value::{MAX_CHARS, PropertyKind, coerce, is_valid_email, normalize_email};
+use loopsync_core::spec::{AppendSpec, Behavior, EventName, IdentifyBy, OnRemove, SyncSpec};
+use loopsync_core::value::{
+    MAX_CHARS, PropertyKind, coerce, is_valid_email, millis_to_rfc3339, normalize_email,
+};
 use loopsync_core::{Classified, ErrorClass, keys};
 use serde_json::{Map, Value};
 
@@ -41,7 +43,14 @@ pub struct Invalid(pub String);
 ///   fires its event once, and a later change — even back to an earlier value — fires again.
 /// * Invalid: no usable email where one is needed, no userId under `identify_by = "userId"`, a
 ///   value over 500 characters, a value that cannot be read as its property's type.
+/// * An event sync (`behavior = "append"`): the row is one `events/send` — the event name
+///   (fixed, or the row's column: empty is invalid), the contact's identity and mapped
+///   properties and lists, and the typed `eventProperties` (dates as ISO-8601 strings) — keyed
+///   by (sync, event id) alone ([`keys::event_key`]), so it fires once for the life of the sync.
 pub fn transform(spec: &SyncSpec, change: &RowChange) -> Result<Operation, Invalid> {
+    if let Some(append) = &spec.append {
+        return event(spec, append, change);
+    }
     let action = match change.kind {
         ChangeKind::Added | ChangeKind::Changed => upsert(spec, change)?,
         ChangeKind::Removed => removal(spec, change)?,
@@ -99,7 +108,94 @@ fn text<'a>(change: &'a RowChange, column: &str) -> Option<&'a str> {
     change.values.get(column).and_then(|v| v.as_deref())
 }
 
-fn upsert(spec: &SyncSpec, change: &RowChange) -> Result<Action, Invalid> {
+/// An event sync's row: one event, keyed by (sync, event id).
+fn event(spec: &SyncSpec, append: &AppendSpec, change: &RowChange) -> Result<Operation, Invalid> {
+    if change.kind == ChangeKind::Removed {
+        return Err(Invalid(format!(
+            "sync {} sends events: a row that leaves the model removes nothing",
+            spec.name
+        )));
+    }
+    let contact = contact(spec, change)?;
+    let event_name = match &append.event {
+        EventName::Fixed(name) => name.clone(),
+        EventName::Column(column) => match text(change, column).map(str::trim) {
+            Some(name) if name.contains(':') => {
+                return Err(Invalid(format!(
+                    "event name \"{name}\" (column {column}): Loops refuses a name with a `:`"
+                )));
+            }
+            Some(name) if !name.is_empty() => {
+                let chars = name.chars().count();
+                if chars > MAX_CHARS {
+                    return Err(Invalid(format!(
+                        "the event name is {chars} characters long; Loops accepts at most {MAX_CHARS}"
+                    )));
+                }
+                name.to_owned()
+            }
+            _ => {
+                return Err(Invalid(format!("no event name: column {column} is empty")));
+            }
+        },
+    };
+    let mut event_properties = Map::new();
+    for p in &append.event_properties {
+        let value = match text(change, &p.column) {
+            None => continue,
+            Some(t) => {
+                let chars = t.chars().count();
+                if p.kind == PropertyKind::String && chars > MAX_CHARS {
+                    return Err(Invalid(format!(
+                        "event property {} is {chars} characters long; Loops accepts at most {MAX_CHARS}",
+                        p.property
+                    )));
+                }
+                match coerce(p.kind, t) {
+                    // Loops takes an event's dates as ISO-8601 strings.
+                    Ok(Value::Number(n)) if p.kind == PropertyKind::Date => {
+                        Value::String(millis_to_rfc3339(n.as_i64().unwrap_or_default()))
+                    }
+                    Ok(v) => v,
+                    Err(why) => {
+                        return Err(Invalid(format!("event property {}: {why}", p.property)));
+                    }
+                }
+            }
+        };
+        event_properties.insert(p.property.clone(), value);
+    }
+    Ok(Operation {
+        v: VERSION,
+        sync: change.sync.clone(),
+        run_id: change.run_id,
+        key: change.key.clone(),
+        fingerprint: change.fingerprint.clone(),
+        change: change.kind,
+        idempotency_key: keys::event_key(&change.sync, &change.key),
+        action: Action::Event {
+            event_name,
+            email: contact.email,
+            user_id: contact.user_id,
+            properties: contact.properties,
+            mailing_lists: contact.mailing_lists,
+            event_properties,
+        },
+        installation: change.installation.clone(),
+    })
+}
+
+/// A row's contact: identity, properties and lists, checked.
+struct Contact {
+    email: Option<String>,
+    user_id: Option<String>,
+    properties: Map<String, Value>,
+    mailing_lists: BTreeMap<String, bool>,
+}
+
+/// Reads and checks the contact of a row: identity as the sync says, every mapped property
+/// coerced, every list a boolean.
+fn contact(spec: &SyncSpec, change: &RowChange) -> Result<Contact, Invalid> {
     let mut email = None;
     let mut user_id = None;
     let mut properties = Map::new();
@@ -146,7 +242,8 @@ fn upsert(spec: &SyncSpec, change: &RowChange) -> Result<Action, Invalid> {
                     "no userId: the contact is identified by userId".into(),
                 ));
             }
-            if email.is_none() && change.kind == ChangeKind::Added {
+            // An event addresses a contact that may exist already: Loops says if it does not.
+            if email.is_none() && change.kind == ChangeKind::Added && !spec.is_append() {
                 return Err(Invalid("a new contact needs an email".into()));
             }
         }
@@ -167,6 +264,21 @@ fn upsert(spec: &SyncSpec, change: &RowChange) -> Result<Action, Invalid> {
             }
         }
     }
+    Ok(Contact {
+        email,
+        user_id,
+        properties,
+        mailing_lists,
+    })
+}
+
+fn upsert(spec: &SyncSpec, change: &RowChange) -> Result<Action, Invalid> {
+    let Contact {
+        email,
+        user_id,
+        properties,
+        mailing_lists,
+    } = contact(spec, change)?;
     let write = write_action(
         spec,
         change,
@@ -212,6 +324,7 @@ fn write_action(
             user_id,
             properties,
             mailing_lists,
+            event_properties: Map::new(),
         };
     }
     Action::Upsert {

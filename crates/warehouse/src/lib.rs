@@ -125,6 +125,12 @@ pub struct ExtractCounts {
     /// Why the run must end `failed` once its records have their outcomes (the removal guard
     /// held the removals back).
     pub error: Option<String>,
+    /// Event syncs: rows already sent whose values changed since (not sent again).
+    pub ignored: i64,
+    /// Event syncs with a cursor: the highest cursor value read so far (Unix milliseconds),
+    /// this run's rows and the watermark it started from. Once the run has finished
+    /// (`succeeded`, `degraded` or `adopted`) it is the sync's watermark.
+    pub cursor_high: Option<i64>,
 }
 
 /// A run, with its counts. Rows of the model: `added + changed + unchanged + invalid_rows` is
@@ -180,6 +186,9 @@ pub struct RunSummary {
     /// Records identified by email whose email changed: the new address was written as its own
     /// contact (mirror removed the old one; upsert left it in Loops).
     pub rekeyed: i64,
+    /// Event syncs: model rows whose event was sent before and whose values changed since.
+    /// An event is sent once: they are counted here, not sent again.
+    pub ignored: i64,
 }
 
 /// A run's requests by where they went.
@@ -326,7 +335,22 @@ pub trait Warehouse: Send + Sync + 'static {
     async fn diff(
         &self,
         spec: &SyncSpec,
+    ) -> Result<BoxStream<'static, Result<DiffRow, WarehouseError>>, WarehouseError> {
+        self.diff_since(spec, None).await
+    }
+
+    /// [`Warehouse::diff`]; for an event sync with a cursor and `since` (Unix milliseconds),
+    /// only the model rows whose cursor is at or after `since`, or NULL. An event sync's diff
+    /// never yields keys that left the model: it removes nothing.
+    async fn diff_since(
+        &self,
+        spec: &SyncSpec,
+        since: Option<i64>,
     ) -> Result<BoxStream<'static, Result<DiffRow, WarehouseError>>, WarehouseError>;
+
+    /// An event sync's watermark: the highest cursor value (Unix milliseconds) of its latest
+    /// finished run (`succeeded`, `degraded`, `adopted`) since its state was last reset.
+    async fn cursor_watermark(&self, sync: &str) -> Result<Option<i64>, WarehouseError>;
 
     /// Checks that the model runs and has the primary key and every mapped column, without
     /// reading a row.
@@ -600,6 +624,11 @@ pub(crate) fn probe_sql(spec: &SyncSpec) -> String {
 /// is the state table's name; `email_key` is the one email rule in the dialect. Columns:
 /// presence flag, key, mapped columns…, confirmed_fp, confirmed_email, confirmed_user_id,
 /// email count, parked_fp, generation.
+///
+/// An event sync's rows are events: many share an email, and none is removed, so its diff
+/// counts no emails and joins only the model's keys to the state (an index lookup per row when
+/// `since` keeps the read small). `since`, when given, is the condition on the model's cursor
+/// column, in the dialect (see [`cursor_condition`]).
 pub(crate) fn diff_sql(
     spec: &SyncSpec,
     cast: impl Fn(&str) -> String,
@@ -607,9 +636,10 @@ pub(crate) fn diff_sql(
     param: &str,
     collate: &str,
     email_key: impl Fn(&str) -> String,
+    since: Option<String>,
 ) -> String {
     let columns = spec.columns();
-    let email_count = match spec.property("email") {
+    let email_count = match spec.property("email").filter(|_| !spec.is_append()) {
         Some(p) => format!(
             "CASE WHEN model.{c} IS NULL OR {k} = '' THEN 1 ELSE count(*) OVER (PARTITION BY {k}) END AS ecount",
             c = quote_ident(&p.column),
@@ -633,16 +663,35 @@ pub(crate) fn diff_sql(
     select.push(email_count);
     let outer_columns: Vec<String> = (0..columns.len()).map(|i| format!("m.c{i}")).collect();
     format!(
-        "WITH m AS (SELECT {select} FROM ({model}) AS model), \
+        "WITH m AS (SELECT {select} FROM ({model}) AS model{filter}), \
          s AS (SELECT key, confirmed_fp, confirmed_email, confirmed_user_id, parked_fp, generation FROM {state} WHERE sync = {param}) \
          SELECT m.present, COALESCE(m.k, s.key) AS key{comma}{outer}, s.confirmed_fp, s.confirmed_email, s.confirmed_user_id, m.ecount, s.parked_fp, s.generation \
-         FROM m FULL OUTER JOIN s ON s.key = m.k \
+         FROM m {join} JOIN s ON s.key = m.k \
          ORDER BY COALESCE(m.k, s.key) {collate} NULLS LAST",
         select = select.join(", "),
         model = model_sql(&spec.model),
+        join = if spec.is_append() {
+            "LEFT"
+        } else {
+            "FULL OUTER"
+        },
+        filter = since.map(|c| format!(" WHERE {c}")).unwrap_or_default(),
         comma = if columns.is_empty() { "" } else { ", " },
         outer = outer_columns.join(", "),
     )
+}
+
+/// The condition that keeps an event sync's model rows at or after a cursor value: the cursor
+/// column (quoted, of the model's alias) compared by `at_or_after(column)` in the dialect, or
+/// NULL (such a row is read, and found invalid, on every run: nothing is dropped silently).
+/// `None` when the sync has no cursor.
+pub(crate) fn cursor_condition(
+    spec: &SyncSpec,
+    at_or_after: impl Fn(&str) -> String,
+) -> Option<String> {
+    let cursor = spec.append.as_ref()?.cursor.as_ref()?;
+    let column = format!("model.{}", quote_ident(&cursor.column));
+    Some(format!("({column} IS NULL OR {})", at_or_after(&column)))
 }
 
 #[cfg(test)]

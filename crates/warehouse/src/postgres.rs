@@ -12,15 +12,15 @@ use futures::stream::BoxStream;
 use loopsync_core::destination::Destination;
 use loopsync_core::envelope::{Outcome, OutcomeStatus, RequestCounts};
 use loopsync_core::spec::SyncSpec;
-use loopsync_core::value::EMAIL_TRIM;
+use loopsync_core::value::{EMAIL_TRIM, millis_to_rfc3339};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Row};
 
 use crate::{
     DestinationBinding, DiffRow, ExtractCounts, LEASE, RecordResult, RunSummary, StateReset,
-    Warehouse, WarehouseError, diff_sql, is_removal, probe_sql, record_requests_sql, requests_of,
-    stored, summary_request_sql, summary_rows_sql,
+    Warehouse, WarehouseError, cursor_condition, diff_sql, is_removal, probe_sql,
+    record_requests_sql, requests_of, stored, summary_request_sql, summary_rows_sql,
 };
 
 const SCHEMA: &str = "
@@ -82,6 +82,8 @@ ALTER TABLE loopsync.records ADD COLUMN IF NOT EXISTS retries integer NOT NULL D
 ALTER TABLE loopsync.records ADD COLUMN IF NOT EXISTS rate_limited integer NOT NULL DEFAULT 0;
 ALTER TABLE loopsync.state ADD COLUMN IF NOT EXISTS generation bigint NOT NULL DEFAULT 0;
 ALTER TABLE loopsync.runs ADD COLUMN IF NOT EXISTS heartbeat_at timestamptz;
+ALTER TABLE loopsync.runs ADD COLUMN IF NOT EXISTS ignored bigint NOT NULL DEFAULT 0;
+ALTER TABLE loopsync.runs ADD COLUMN IF NOT EXISTS cursor_high bigint;
 CREATE TABLE IF NOT EXISTS loopsync.installation (
     one boolean PRIMARY KEY DEFAULT true CHECK (one),
     id text NOT NULL
@@ -334,7 +336,8 @@ impl Pg {
                     r.error,
                     count(x.key) FILTER (WHERE x.operation = 'rekey' AND x.outcome = 'confirmed'),
                     {requests},
-                    r.preflight_requests, r.preflight_retries, r.preflight_rate_limited
+                    r.preflight_requests, r.preflight_retries, r.preflight_rate_limited,
+                    r.ignored
              FROM loopsync.runs r LEFT JOIN loopsync.records x ON x.run_id = r.id
              WHERE {filter}
              GROUP BY r.id ORDER BY r.id DESC LIMIT $2"
@@ -364,6 +367,7 @@ fn summary(row: &Row) -> Result<RunSummary, WarehouseError> {
         records: row.get(17),
         error: row.get(18),
         rekeyed: row.get(19),
+        ignored: row.get(29),
         ..RunSummary::default()
     };
     let loader = std::array::from_fn(|i| row.get::<_, i64>(20 + i));
@@ -471,6 +475,7 @@ impl Pg {
     async fn diff(
         &self,
         spec: &SyncSpec,
+        since: Option<i64>,
     ) -> Result<BoxStream<'static, Result<DiffRow, WarehouseError>>, WarehouseError> {
         // Its own connection: the stream holds it until drained.
         let client = open(&self.config).await?;
@@ -485,6 +490,11 @@ impl Pg {
             "$1",
             "COLLATE \"C\"",
             email_key,
+            since.and_then(|_| {
+                cursor_condition(spec, |c| {
+                    format!("{c} >= CAST(CAST($2 AS text) AS timestamptz)")
+                })
+            }),
         );
         let model_error = |e: tokio_postgres::Error| {
             let is_model = e
@@ -500,7 +510,13 @@ impl Pg {
             }
         };
         let statement = client.prepare(&sql).await.map_err(model_error)?;
-        let params: [&(dyn ToSql + Sync); 1] = [&spec.name];
+        let since = since
+            .filter(|_| statement.params().len() > 1)
+            .map(millis_to_rfc3339);
+        let mut params: Vec<&(dyn ToSql + Sync)> = vec![&spec.name];
+        if let Some(since) = &since {
+            params.push(since);
+        }
         let rows = client
             .query_raw(&statement, params.iter().map(|p| *p as &dyn ToSql))
             .await
@@ -533,6 +549,22 @@ impl Pg {
             })
         });
         Ok(stream.boxed())
+    }
+
+    async fn cursor_watermark(&self, sync: &str) -> Result<Option<i64>, WarehouseError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "SELECT cursor_high FROM loopsync.runs
+                  WHERE sync = $1 AND status IN ('succeeded', 'degraded', 'adopted')
+                    AND cursor_high IS NOT NULL
+                  ORDER BY id DESC LIMIT 1",
+                &[&sync],
+            )
+            .await
+            .map_err(query_error("read a sync's cursor"))?;
+        Ok(row.map(|r| r.get(0)))
     }
 
     async fn check_model(&self, spec: &SyncSpec) -> Result<(), WarehouseError> {
@@ -683,7 +715,7 @@ impl Pg {
                                         SELECT key FROM loopsync.state WHERE sync = r.sync AND emitted_run = $1
                                         UNION SELECT key FROM loopsync.records WHERE run_id = $1) AS k),
                         added = $2, changed = $3, removed = $4, unchanged = $5, invalid_rows = $6,
-                        error = COALESCE($7, error)
+                        error = COALESCE($7, error), ignored = $8, cursor_high = $9
                   WHERE id = $1 AND status = 'extracting'",
                 &[
                     &run_id,
@@ -693,6 +725,8 @@ impl Pg {
                     &counts.unchanged,
                     &counts.invalid_rows,
                     &counts.error,
+                    &counts.ignored,
+                    &counts.cursor_high,
                 ],
             )
             .await
@@ -765,7 +799,7 @@ impl Pg {
             .execute(
                 "UPDATE loopsync.runs SET status = 'adopted', extracted_at = now(), finished_at = now(),
                         expected = 0, added = $2, changed = $3, removed = $4, unchanged = $5,
-                        invalid_rows = $6
+                        invalid_rows = $6, ignored = $7, cursor_high = $8
                   WHERE id = $1",
                 &[
                     &run_id,
@@ -774,6 +808,8 @@ impl Pg {
                     &counts.removed,
                     &counts.unchanged,
                     &counts.invalid_rows,
+                    &counts.ignored,
+                    &counts.cursor_high,
                 ],
             )
             .await
@@ -1217,6 +1253,13 @@ impl Pg {
             )
             .await
             .map_err(query_error("forget a sync's state"))?;
+        // An event sync's watermark goes with its state: the next run reads every row.
+        tx.execute(
+            "UPDATE loopsync.runs SET cursor_high = NULL WHERE sync = $1 AND cursor_high IS NOT NULL",
+            &[&sync],
+        )
+        .await
+        .map_err(query_error("forget a sync's cursor"))?;
         let destination = tx
             .query_opt(
                 &format!(
@@ -1240,11 +1283,17 @@ impl Warehouse for PgWarehouse {
         self.within("prepare", self.pg.prepare()).await
     }
 
-    async fn diff(
+    async fn diff_since(
         &self,
         spec: &SyncSpec,
+        since: Option<i64>,
     ) -> Result<BoxStream<'static, Result<DiffRow, WarehouseError>>, WarehouseError> {
-        self.within("diff", self.pg.diff(spec)).await
+        self.within("diff", self.pg.diff(spec, since)).await
+    }
+
+    async fn cursor_watermark(&self, sync: &str) -> Result<Option<i64>, WarehouseError> {
+        self.within("read a cursor", self.pg.cursor_watermark(sync))
+            .await
     }
 
     async fn check_model(&self, spec: &SyncSpec) -> Result<(), WarehouseError> {

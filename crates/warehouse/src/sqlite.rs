@@ -11,13 +11,13 @@ use futures::stream::BoxStream;
 use loopsync_core::destination::Destination;
 use loopsync_core::envelope::{Outcome, OutcomeStatus, RequestCounts};
 use loopsync_core::spec::SyncSpec;
-use loopsync_core::value::EMAIL_TRIM;
+use loopsync_core::value::{EMAIL_TRIM, millis_to_rfc3339};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::{
     DestinationBinding, DiffRow, ExtractCounts, LEASE, RecordResult, RunSummary, StateReset,
-    Warehouse, WarehouseError, diff_sql, is_removal, probe_sql, record_requests_sql, requests_of,
-    summary_request_sql, summary_rows_sql,
+    Warehouse, WarehouseError, cursor_condition, diff_sql, is_removal, probe_sql,
+    record_requests_sql, requests_of, summary_request_sql, summary_rows_sql,
 };
 
 /// The Loops destination each sync's state is bound to (PostgreSQL's `DESTINATIONS`).
@@ -69,7 +69,7 @@ CREATE TABLE IF NOT EXISTS loopsync_attempts (
 
 /// Columns added after the first release: SQLite has no `ADD COLUMN IF NOT EXISTS`, so
 /// `prepare` adds each one its table lacks (PostgreSQL's `SCHEMA` says the same).
-const ADDED_COLUMNS: [(&str, &str, &str); 15] = [
+const ADDED_COLUMNS: [(&str, &str, &str); 17] = [
     ("loopsync_state", "generation", "INTEGER NOT NULL DEFAULT 0"),
     ("loopsync_runs", "heartbeat_at", "TEXT"),
     ("loopsync_state", "confirmed_email", "TEXT"),
@@ -105,6 +105,8 @@ const ADDED_COLUMNS: [(&str, &str, &str); 15] = [
         "rate_limited",
         "INTEGER NOT NULL DEFAULT 0",
     ),
+    ("loopsync_runs", "ignored", "INTEGER NOT NULL DEFAULT 0"),
+    ("loopsync_runs", "cursor_high", "INTEGER"),
 ];
 
 /// Creates the tables and adds the columns they lack, in one write transaction (so two
@@ -212,7 +214,8 @@ impl SqliteWarehouse {
                     sum(x.outcome = 'dead_lettered'), count(x.key), r.error,
                     sum(x.operation = 'rekey' AND x.outcome = 'confirmed'),
                     {requests},
-                    r.preflight_requests, r.preflight_retries, r.preflight_rate_limited
+                    r.preflight_requests, r.preflight_retries, r.preflight_rate_limited,
+                    r.ignored
              FROM loopsync_runs r LEFT JOIN loopsync_records x ON x.run_id = r.id
              WHERE {filter} GROUP BY r.id ORDER BY r.id DESC LIMIT ?2"
         )
@@ -276,6 +279,7 @@ fn summary(row: &rusqlite::Row<'_>) -> rusqlite::Result<RunSummary> {
         records: count(17)?,
         error: row.get(18)?,
         rekeyed: count(19)?,
+        ignored: count(29)?,
         ..RunSummary::default()
     };
     let mut loader = [0; 6];
@@ -296,10 +300,14 @@ impl Warehouse for SqliteWarehouse {
         self.with(migrate).await
     }
 
-    async fn diff(
+    async fn diff_since(
         &self,
         spec: &SyncSpec,
+        since: Option<i64>,
     ) -> Result<BoxStream<'static, Result<DiffRow, WarehouseError>>, WarehouseError> {
+        let condition = since
+            .and_then(|_| cursor_condition(spec, |c| format!("julianday({c}) >= julianday(?2)")));
+        let since = condition.as_ref().and(since).map(millis_to_rfc3339);
         let sql = diff_sql(
             spec,
             |e| format!("CAST({e} AS TEXT)"),
@@ -307,6 +315,7 @@ impl Warehouse for SqliteWarehouse {
             "?1",
             "",
             email_key,
+            condition,
         );
         let columns = spec.columns();
         let sync = spec.name.clone();
@@ -332,7 +341,11 @@ impl Warehouse for SqliteWarehouse {
                     return;
                 }
             };
-            let mut rows = match statement.query(params![sync]) {
+            let query = match &since {
+                Some(since) => statement.query(params![sync, since]),
+                None => statement.query(params![sync]),
+            };
+            let mut rows = match query {
                 Ok(r) => r,
                 Err(e) => {
                     let _ = ready_tx.send(Err(model_error(e)));
@@ -390,6 +403,23 @@ impl Warehouse for SqliteWarehouse {
             rx.recv().await.map(|item| (item, rx))
         })
         .boxed())
+    }
+
+    async fn cursor_watermark(&self, sync: &str) -> Result<Option<i64>, WarehouseError> {
+        let sync = sync.to_owned();
+        self.with(move |c| {
+            c.query_row(
+                "SELECT cursor_high FROM loopsync_runs
+                  WHERE sync = ?1 AND status IN ('succeeded', 'degraded', 'adopted')
+                    AND cursor_high IS NOT NULL
+                  ORDER BY id DESC LIMIT 1",
+                params![sync],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(error("read a sync's cursor"))
+        })
+        .await
     }
 
     async fn check_model(&self, spec: &SyncSpec) -> Result<(), WarehouseError> {
@@ -542,7 +572,7 @@ impl Warehouse for SqliteWarehouse {
                                 SELECT key FROM loopsync_state WHERE sync = loopsync_runs.sync AND emitted_run = ?1
                                 UNION SELECT key FROM loopsync_records WHERE run_id = ?1)),
                             added = ?2, changed = ?3, removed = ?4, unchanged = ?5, invalid_rows = ?6,
-                            error = COALESCE(?7, error)
+                            error = COALESCE(?7, error), ignored = ?8, cursor_high = ?9
                       WHERE id = ?1 AND status = 'extracting'"
                 ),
                 params![
@@ -552,7 +582,9 @@ impl Warehouse for SqliteWarehouse {
                     counts.removed,
                     counts.unchanged,
                     counts.invalid_rows,
-                    counts.error
+                    counts.error,
+                    counts.ignored,
+                    counts.cursor_high
                 ],
             )
             .map_err(error("finish an extraction"))?;
@@ -636,7 +668,7 @@ impl Warehouse for SqliteWarehouse {
                 &format!(
                     "UPDATE loopsync_runs SET status = 'adopted', extracted_at = {NOW}, finished_at = {NOW},
                             expected = 0, added = ?2, changed = ?3, removed = ?4, unchanged = ?5,
-                            invalid_rows = ?6
+                            invalid_rows = ?6, ignored = ?7, cursor_high = ?8
                       WHERE id = ?1"
                 ),
                 params![
@@ -645,7 +677,9 @@ impl Warehouse for SqliteWarehouse {
                     counts.changed,
                     counts.removed,
                     counts.unchanged,
-                    counts.invalid_rows
+                    counts.invalid_rows,
+                    counts.ignored,
+                    counts.cursor_high
                 ],
             )
             .map_err(error("finish an adoption"))?;
@@ -1028,6 +1062,12 @@ impl Warehouse for SqliteWarehouse {
                     params![sync],
                 )
                 .map_err(error("forget a sync's state"))? as u64;
+            // An event sync's watermark goes with its state: the next run reads every row.
+            tx.execute(
+                "UPDATE loopsync_runs SET cursor_high = NULL WHERE sync = ?1 AND cursor_high IS NOT NULL",
+                params![sync],
+            )
+            .map_err(error("forget a sync's cursor"))?;
             let destination = read_destination(&tx, &sync)?;
             tx.execute(
                 "DELETE FROM loopsync_destinations WHERE sync = ?1",

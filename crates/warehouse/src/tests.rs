@@ -38,6 +38,7 @@ fn spec(name: &str, table: &str) -> SyncSpec {
             column: "newsletter".into(),
         }],
         max_removal_share: loopsync_core::spec::DEFAULT_MAX_REMOVAL_SHARE,
+        append: None,
     }
 }
 
