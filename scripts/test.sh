@@ -62,7 +62,7 @@ if [ -n "${LOOPSYNC_TEST_NATS_MODERN_URL:-}" ]; then
   LOOPSYNC_TEST_NATS_URL="$LOOPSYNC_TEST_NATS_MODERN_URL" cargo_test -p loopsync-bus --lib
   LOOPSYNC_TEST_NATS_URL="$LOOPSYNC_TEST_NATS_MODERN_URL" \
     LOOPSYNC_TEST_NATS_BIN="${LOOPSYNC_TEST_NATS_MODERN_BIN:-}" \
-    cargo_test -p loopsync-e2e --test pipeline --test failures --test exactly_once
+    cargo_test -p loopsync-e2e --test pipeline --test failures --test exactly_once --test events
 fi
 
 log "Node tests (tests/js): Loops JS SDK conformance (loops 6.x and 7.x), compose file"

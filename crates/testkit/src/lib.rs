@@ -116,7 +116,32 @@ pub struct StackOptions {
     pub max_attempts: u32,
     /// `Some`: use this NATS server (implies `nats`) instead of `LOOPSYNC_TEST_NATS_URL`.
     pub nats_url: Option<String>,
+    /// `Some(n)`: a `user_events` table of `n` rows (event `g` is user `1 + g % rows`'s, at
+    /// `now() - (n - g)` minutes) and an event sync `events` over it ([`EVENTS_SYNC`]).
+    pub events: Option<usize>,
+    /// More `key = value` lines for the `events` sync (`cursor = …`).
+    pub events_sync: &'static str,
 }
+
+/// The event sync of a stack with [`StackOptions::events`]: `{extra}` takes
+/// [`StackOptions::events_sync`].
+pub const EVENTS_SYNC: &str = r#"
+[[sync]]
+name = "events"
+model = "select event_id, email, event_name, plan, amount, occurred_at from user_events"
+primary_key = "event_id"
+identify_by = "email"
+behavior = "append"
+event = { column = "event_name" }
+{extra}
+
+[sync.mapping]
+email = "email"
+
+[sync.event_properties]
+plan = "plan"
+amount = { column = "amount", type = "number" }
+"#;
 
 impl Default for StackOptions {
     fn default() -> Self {
@@ -132,6 +157,8 @@ impl Default for StackOptions {
             extra_sync: "",
             max_attempts: 10,
             nats_url: None,
+            events: None,
+            events_sync: "",
         }
     }
 }
@@ -220,6 +247,28 @@ const USERS_PG: &str =
                     timestamptz '2024-01-01 00:00:00+00' + g * interval '1 hour', g % 2 = 0
                FROM generate_series(1, {rows}) AS g;";
 
+const EVENTS_PG: &str = "CREATE TABLE user_events (event_id bigint, email text, event_name text,
+                                      plan text, amount numeric, occurred_at timestamptz);
+             CREATE INDEX user_events_occurred_at ON user_events (occurred_at);
+             INSERT INTO user_events
+             SELECT g, 'user' || (1 + g % {rows}) || '@example.com',
+                    (ARRAY['trialStarted', 'invoicePaid'])[1 + g % 2],
+                    (ARRAY['free', 'pro', 'team'])[1 + g % 3], g * 1.5,
+                    now() - ({events} - g) * interval '1 minute'
+               FROM generate_series(1, {events}) AS g;";
+
+const EVENTS_SQLITE: &str =
+    "CREATE TABLE user_events (event_id INTEGER, email TEXT, event_name TEXT,
+                                      plan TEXT, amount REAL, occurred_at TEXT);
+             WITH RECURSIVE g(n) AS (SELECT 1 WHERE {events} > 0
+                                     UNION ALL SELECT n + 1 FROM g WHERE n < {events})
+             INSERT INTO user_events
+             SELECT n, 'user' || (1 + n % {rows}) || '@example.com',
+                    CASE n % 2 WHEN 0 THEN 'trialStarted' ELSE 'invoicePaid' END,
+                    CASE n % 3 WHEN 0 THEN 'free' WHEN 1 THEN 'pro' ELSE 'team' END, n * 1.5,
+                    strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-' || ({events} - n) || ' minutes')
+               FROM g;";
+
 const USERS_SQLITE: &str = "CREATE TABLE users (id INTEGER, email TEXT, first_name TEXT, plan TEXT,
                                  seats INTEGER, signed_up_at TEXT, newsletter BOOLEAN);
              WITH RECURSIVE g(n) AS (SELECT 1 WHERE {rows} > 0
@@ -247,6 +296,14 @@ impl Stack {
                 &path,
                 &USERS_SQLITE.replace("{rows}", &options.rows.to_string()),
             );
+            if let Some(events) = options.events {
+                sqlite_exec(
+                    &path,
+                    &EVENTS_SQLITE
+                        .replace("{rows}", &options.rows.max(1).to_string())
+                        .replace("{events}", &events.to_string()),
+                );
+            }
             TestWarehouse::Sqlite { path }
         } else {
             let database = TestDatabase::create().await?;
@@ -259,6 +316,16 @@ impl Stack {
                 .batch_execute(&USERS_PG.replace("{rows}", &options.rows.to_string()))
                 .await
                 .expect("create the users table");
+            if let Some(events) = options.events {
+                client
+                    .batch_execute(
+                        &EVENTS_PG
+                            .replace("{rows}", &options.rows.max(1).to_string())
+                            .replace("{events}", &events.to_string()),
+                    )
+                    .await
+                    .expect("create the user_events table");
+            }
             TestWarehouse::Postgres {
                 database,
                 client: Box::new(client),
@@ -307,7 +374,7 @@ signedUpAt = {{ column = "signed_up_at", type = "date" }}
 
 [sync.mailing_lists]
 "cm_news" = "newsletter"
-"#,
+{events_sync}"#,
             url = warehouse.url(),
             api = sim.api(),
             rps = options.requests_per_second,
@@ -315,6 +382,11 @@ signedUpAt = {{ column = "signed_up_at", type = "date" }}
             max_attempts = options.max_attempts,
             behavior = options.behavior,
             extra_sync = options.extra_sync,
+            events_sync = if options.events.is_some() {
+                EVENTS_SYNC.replace("{extra}", options.events_sync)
+            } else {
+                String::new()
+            },
             user_id = if options.identify_by == "userId" {
                 "userId = \"id\"\n"
             } else {

@@ -645,7 +645,7 @@ pub(crate) fn diff_sql(
             c = quote_ident(&p.column),
             k = email_key(&cast(&format!("model.{}", quote_ident(&p.column)))),
         ),
-        None => "1 AS ecount".to_owned(),
+        None => "CAST(1 AS BIGINT) AS ecount".to_owned(),
     };
     let mut select = vec![
         "1 AS present".to_owned(),

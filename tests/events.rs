@@ -1,0 +1,433 @@
+//! Event syncs (`behavior = "append"`, PRODUCT.md "Event syncs"), end to end: each row of an
+//! event model is one `events/send`, sent once for the life of the sync — through reruns, new
+//! and changed rows, a killed loader, 5xx answers after the effect, a reset state and a cursor
+//! that reads only recent rows. What Loops received is read from the simulator's `/_sim/events`,
+//! by the idempotency key each event id derives.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use loopsync_core::keys::event_key;
+use loopsync_testkit::{Stack, StackOptions};
+use rand::{Rng, SeedableRng};
+use serde_json::{Value, json};
+
+const SYNC: &str = "events";
+
+fn options(users: usize, events: usize) -> StackOptions {
+    StackOptions {
+        rows: users,
+        events: Some(events),
+        requests_per_second: 100,
+        sim_rate_limit: 100,
+        ..StackOptions::default()
+    }
+}
+
+/// The events Loops accepted, counted by idempotency key.
+async fn sent(stack: &Stack) -> BTreeMap<String, usize> {
+    let mut by_key = BTreeMap::new();
+    for event in stack.sim.events().await {
+        let key = event["idempotencyKey"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        *by_key.entry(key).or_insert(0) += 1;
+    }
+    by_key
+}
+
+/// The keys of event ids `ids`.
+fn keys(ids: impl IntoIterator<Item = i64>) -> BTreeSet<String> {
+    ids.into_iter()
+        .map(|id| event_key(SYNC, &id.to_string()))
+        .collect()
+}
+
+/// Every event Loops accepted is one of `ids`, and each of `ids` exactly once.
+async fn assert_each_once(stack: &Stack, ids: impl IntoIterator<Item = i64>) {
+    let sent = sent(stack).await;
+    let twice: Vec<_> = sent.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "events sent twice: {twice:?}");
+    let sent: BTreeSet<String> = sent.into_keys().collect();
+    assert_eq!(sent, keys(ids), "the events Loops holds");
+}
+
+async fn run(stack: &Stack) -> (i32, Value, loopsync_testkit::Seen) {
+    let (out, seen) = stack.run_seen(&["--sync", SYNC]).await;
+    assert!(
+        out.status == 0 || out.status == 3,
+        "exit {}: {}",
+        out.status,
+        out.stderr
+    );
+    (out.status, out.run().clone(), seen)
+}
+
+/// Rows of the model the run read: every row it decided.
+fn rows_read(run: &Value) -> i64 {
+    ["added", "changed", "unchanged", "invalid_rows", "ignored"]
+        .iter()
+        .map(|k| run[k].as_i64().unwrap_or(0))
+        .sum()
+}
+
+async fn first_run_then_new_rows_only(nats: bool) {
+    let Some(stack) = Stack::start(StackOptions {
+        nats,
+        ..options(5, 12)
+    })
+    .await
+    else {
+        return;
+    };
+    let (status, first, seen) = run(&stack).await;
+    assert_eq!(status, 0, "{first}");
+    assert_eq!(first["confirmed"], 12, "{first}");
+    assert_eq!(seen.to("POST /v1/events/send"), 12, "{seen:?}");
+    assert_eq!(
+        seen.to("PUT /v1/contacts/update"),
+        0,
+        "an event carries its contact: {seen:?}"
+    );
+    assert_each_once(&stack, 1..=12).await;
+    // The event as Loops got it: the name from its column, typed properties, the contact.
+    let events = stack.sim.events().await;
+    let third = events
+        .iter()
+        .find(|e| e["idempotencyKey"] == event_key(SYNC, "3"))
+        .expect("event 3");
+    assert_eq!(third["eventName"], "invoicePaid");
+    assert_eq!(third["email"], "user4@example.com");
+    assert_eq!(
+        third["eventProperties"],
+        json!({"plan": "free", "amount": 4.5})
+    );
+    assert_eq!(stack.workflows("event_received").await, 12);
+    assert_eq!(
+        stack.contacts().await.len(),
+        5,
+        "a contact per email, created by its first event"
+    );
+
+    let (status, rerun, seen) = run(&stack).await;
+    assert_eq!(status, 0);
+    assert_eq!((rerun["unchanged"].as_i64(), seen.writes()), (Some(12), 0));
+
+    // New rows, an old row changed, rows that cannot be events.
+    stack
+        .sql(
+            "INSERT INTO user_events VALUES
+               (13, 'user1@example.com', 'trialStarted', 'pro', 9, now()),
+               (14, 'user2@example.com', 'invoicePaid', 'team', 10.25, now()),
+               (15, NULL, 'invoicePaid', 'team', 1, now()),
+               (16, 'user3@example.com', '', 'team', 1, now()),
+               (17, 'user3@example.com', 'paid', 'team', 'NaN', now());
+             UPDATE user_events SET plan = 'enterprise', amount = 99 WHERE event_id = 2;",
+        )
+        .await;
+    let (status, next, seen) = run(&stack).await;
+    assert_eq!(status, 3, "invalid rows make the run degraded: {next}");
+    assert_eq!(seen.to("POST /v1/events/send"), 2, "{seen:?}");
+    assert_eq!(seen.writes(), 2, "{seen:?}");
+    assert_eq!(next["ignored"], 1, "{next}");
+    assert_eq!(next["added"], 2, "{next}");
+    assert_eq!(next["invalid"], 3, "{next}");
+    assert_each_once(&stack, 1..=14).await;
+    let rejections = stack
+        .output(&["rejections", "--sync", SYNC, "--json"])
+        .await;
+    let rejections: Value = serde_json::from_slice(&rejections.stdout).expect("rejections JSON");
+    let reasons: BTreeMap<String, String> = rejections
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["key"].as_str().unwrap().to_owned(),
+                r["reason"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    assert!(reasons["15"].contains("no email"), "{reasons:?}");
+    assert!(reasons["16"].contains("no event name"), "{reasons:?}");
+    assert!(reasons["17"].contains("amount"), "{reasons:?}");
+
+    // The plan says so too: the changed row is ignored, nothing to send but the invalid rows.
+    let plan = stack.output(&["plan", "--sync", SYNC, "--json"]).await;
+    let plan: Value = serde_json::from_slice(&plan.stdout).expect("plan JSON");
+    let records = plan[0]["records"].as_array().unwrap();
+    let ignored: Vec<_> = records
+        .iter()
+        .filter(|r| r["change"] == "ignored")
+        .collect();
+    assert_eq!(ignored.len(), 1, "{records:?}");
+    assert_eq!(ignored[0]["key"], "2");
+    assert_eq!(ignored[0]["reason"], "ignored: already sent");
+    assert_eq!(plan[0]["requests"], 0, "{plan}");
+}
+
+/// A first run sends every event once; a rerun sends nothing; the next run sends only new rows;
+/// a row changed after its event was sent is `ignored`, not sent again; rows without an
+/// identity, an event name or a valid property are invalid, with their reasons.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_event_once_in_process() {
+    first_run_then_new_rows_only(false).await;
+}
+
+/// The same over NATS JetStream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_event_once_over_nats() {
+    first_run_then_new_rows_only(true).await;
+}
+
+/// 5xx answers (some after the event was taken) and dropped connections: retries reuse the key,
+/// Loops answers 409, and every event is in Loops exactly once. A reset state re-sends every
+/// event with the same keys: Loops takes none of them twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_after_the_effect_never_fire_twice() {
+    faults_after_the_effect(false).await;
+}
+
+/// The same over NATS JetStream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_after_the_effect_never_fire_twice_over_nats() {
+    faults_after_the_effect(true).await;
+}
+
+async fn faults_after_the_effect(nats: bool) {
+    let Some(stack) = Stack::start(StackOptions {
+        nats,
+        ..options(6, 40)
+    })
+    .await
+    else {
+        return;
+    };
+    stack
+        .sim_post(
+            "faults",
+            json!({"error_502": 0.25, "drop_connection": 0.1, "after_effect": 0.7, "seed": 11}),
+        )
+        .await;
+    let (status, first, seen) = run(&stack).await;
+    assert_eq!(status, 0, "{first}");
+    assert_eq!(first["confirmed"], 40);
+    assert!(seen.to("POST /v1/events/send") > 40, "{seen:?}");
+    assert!(
+        seen.answered("POST /v1/events/send", 409) > 0,
+        "a retry met its own key: {seen:?}"
+    );
+    assert_each_once(&stack, 1..=40).await;
+    stack.sim_post("faults", json!({})).await;
+
+    let reset = stack.output(&["reset", "--sync", SYNC, "--yes"]).await;
+    assert!(reset.status.success(), "{reset:?}");
+    let (status, again, seen) = run(&stack).await;
+    assert_eq!(status, 0, "{again}");
+    assert_eq!(
+        seen.answered("POST /v1/events/send", 409),
+        40,
+        "the same keys: {seen:?}"
+    );
+    assert_each_once(&stack, 1..=40).await;
+    assert_eq!(stack.workflows("event_received").await, 40);
+}
+
+/// A loader SIGKILLed mid-run (over NATS, its messages redelivered to another loader): every
+/// event once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_loader_never_fires_an_event_twice() {
+    let Some(stack) = Stack::start(StackOptions {
+        nats: true,
+        sim_rate_limit: 40,
+        requests_per_second: 40,
+        ack_wait_seconds: 2.0,
+        ..options(10, 80)
+    })
+    .await
+    else {
+        return;
+    };
+    let (_, at_kill) = stack
+        .run_killing_the_loader("POST /v1/events/send", 15)
+        .await;
+    assert!(at_kill < 80, "the run was already over: {at_kill}");
+    assert_each_once(&stack, 1..=80).await;
+    assert_eq!(stack.workflows("event_received").await, 80);
+}
+
+async fn cursor_reads_recent_rows(sqlite: bool, nats: bool) {
+    let Some(stack) = Stack::start(StackOptions {
+        sqlite,
+        nats,
+        events_sync: "cursor = \"occurred_at\"\ncursor_lookback = \"1h\"",
+        ..options(5, 600)
+    })
+    .await
+    else {
+        return;
+    };
+    // Start from now: every current row counts as sent.
+    let adopt = stack.output(&["adopt", "--sync", SYNC]).await;
+    assert!(adopt.status.success(), "{adopt:?}");
+    let now = if sqlite {
+        "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
+    } else {
+        "now()"
+    };
+    let ago = |minutes: u32| {
+        if sqlite {
+            format!("strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-{minutes} minutes')")
+        } else {
+            format!("now() - interval '{minutes} minutes'")
+        }
+    };
+    stack
+        .sql(&format!(
+            "INSERT INTO user_events VALUES
+               (1001, 'user1@example.com', 'trialStarted', 'pro', 1, {now}),
+               (1002, 'user2@example.com', 'trialStarted', 'pro', 2, {now}),
+               (1003, 'user3@example.com', 'invoicePaid', 'pro', 3, {late}),
+               (1004, 'user4@example.com', 'invoicePaid', 'pro', 4, {too_late});",
+            late = ago(40),
+            too_late = ago(300),
+        ))
+        .await;
+    let (status, run1, seen) = run(&stack).await;
+    assert_eq!(status, 0, "{run1}");
+    // About the last hour of rows (a minute apart) and the new ones: not the 600.
+    let read = rows_read(&run1);
+    assert!((60..=70).contains(&read), "rows read: {read}, {run1}");
+    assert_eq!(run1["added"], 3, "{run1}");
+    assert_eq!(seen.to("POST /v1/events/send"), 3, "{seen:?}");
+    // 1003 arrived 40 minutes late, inside the lookback: sent. 1004, five hours late: not read.
+    let sent = sent(&stack).await;
+    for (id, expected) in [(1001, 1), (1002, 1), (1003, 1), (1004, 0), (1, 0)] {
+        assert_eq!(
+            sent.get(&event_key(SYNC, &id.to_string()))
+                .copied()
+                .unwrap_or(0),
+            expected,
+            "event {id}"
+        );
+    }
+    // The plan reads what the next run would: the hour before this run's newest row.
+    let plan = stack.output(&["plan", "--sync", SYNC, "--json"]).await;
+    let plan: Value = serde_json::from_slice(&plan.stdout).expect("plan JSON");
+    let counts = &plan[0]["counts"];
+    assert!((60..=70).contains(&rows_read(counts)), "{plan}");
+    assert_eq!(plan[0]["requests"], 0);
+
+    let (_, run2, seen) = run(&stack).await;
+    assert_eq!(seen.writes(), 0, "{run2}");
+    assert!(rows_read(&run2) <= 70, "{run2}");
+
+    // The model holds every row: the runs above read only the recent ones.
+    assert_eq!(stack.count("SELECT count(*) FROM user_events").await, 604);
+}
+
+/// With a cursor, a run reads only the rows at or after the last finished run's highest cursor
+/// value minus the lookback: about an hour of rows, not the table. A row that arrives late
+/// inside the lookback is still sent, once; `adopt` starts the sync from now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_reads_only_recent_rows() {
+    cursor_reads_recent_rows(false, false).await;
+}
+
+/// The same over NATS JetStream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_reads_only_recent_rows_over_nats() {
+    cursor_reads_recent_rows(false, true).await;
+}
+
+/// The same on SQLite (dates as text, compared by `julianday`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_reads_only_recent_rows_on_sqlite() {
+    cursor_reads_recent_rows(true, false).await;
+}
+
+/// A seeded random history of an event table — rows inserted (some late), changed, deleted,
+/// runs with faults — checked after every run: every event id that a run could see (in the
+/// table, inside the cursor's window) is in Loops exactly once, and nothing else is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_histories_send_each_event_once() {
+    let seed: u64 = std::env::var("LOOPSYNC_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::rng().random());
+    eprintln!("seed {seed} (LOOPSYNC_TEST_SEED={seed} repeats this history)");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let Some(stack) = Stack::start(StackOptions {
+        events_sync: "cursor = \"occurred_at\"\ncursor_lookback = \"2h\"",
+        ..options(4, 20)
+    })
+    .await
+    else {
+        return;
+    };
+    // Every event id ever seen by a run: those must be in Loops, once.
+    let mut expected: BTreeSet<i64> = BTreeSet::new();
+    let mut next_id = 21;
+    for step in 0..8 {
+        let mut sql = String::new();
+        for _ in 0..rng.random_range(0..6) {
+            // Most rows are new; some are late inside the lookback.
+            let minutes = if rng.random_bool(0.3) {
+                rng.random_range(1..100)
+            } else {
+                0
+            };
+            sql.push_str(&format!(
+                "INSERT INTO user_events VALUES ({next_id}, 'user{}@example.com', 'ev{}', 'pro', {}, now() - interval '{minutes} minutes');",
+                1 + next_id % 4,
+                next_id % 3,
+                next_id,
+            ));
+            next_id += 1;
+        }
+        if rng.random_bool(0.5) {
+            sql.push_str(&format!(
+                "UPDATE user_events SET amount = amount + 1 WHERE event_id = {};",
+                rng.random_range(1..next_id)
+            ));
+        }
+        if rng.random_bool(0.3) {
+            sql.push_str(&format!(
+                "DELETE FROM user_events WHERE event_id = {};",
+                rng.random_range(1..next_id)
+            ));
+        }
+        if !sql.is_empty() {
+            stack.sql(&sql).await;
+        }
+        let faults = rng.random_bool(0.4);
+        if faults {
+            stack
+                .sim_post(
+                    "faults",
+                    json!({"error_503": 0.2, "after_effect": 0.6, "seed": rng.random::<u32>()}),
+                )
+                .await;
+        }
+        // What this run can see: the rows in the table (all inside the window).
+        let present = present_ids(&stack).await;
+        let (status, report, _) = run(&stack).await;
+        assert_eq!(status, 0, "step {step}, seed {seed}: {report}");
+        if faults {
+            stack.sim_post("faults", json!({})).await;
+        }
+        expected.extend(present);
+        assert_each_once(&stack, expected.iter().copied()).await;
+    }
+}
+
+async fn present_ids(stack: &Stack) -> Vec<i64> {
+    stack
+        .pg()
+        .query("SELECT event_id FROM user_events", &[])
+        .await
+        .expect("event ids")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
