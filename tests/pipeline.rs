@@ -349,7 +349,8 @@ async fn plan_is_a_dry_run_that_matches_the_run() {
 
 /// The README's first command, as a new user runs it: `loopsync demo` with nothing set up. It
 /// prints what the simulated Loops received (the simulator's own counts), and leaves its
-/// warehouse behind with `--dir`, where the runs and the invalid record are.
+/// warehouse behind with `--dir`, where the runs and the invalid record are. Its event sync
+/// sends each event once: the second run only the new ones, the edited one ignored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_runs_end_to_end() {
     let dir = std::env::temp_dir().join(loopsync_testkit::unique("loopsync-demo-"));
@@ -375,27 +376,54 @@ async fn the_demo_runs_end_to_end() {
     );
     // 25 users, then 2 added (the malformed one is not sent): 27 contacts, none rate limited.
     assert!(
-        text.contains("Loops (simulated) now has 27 contacts;"),
+        text.contains("Loops (simulated) now has 27 contacts and"),
         "{text}"
     );
     assert!(text.contains(", 0 were rate limited."), "{text}");
+    // The event sync, after the contact sync: 34 events (17 paying users, two each), then the 2
+    // new ones alone; the corrected invoice is read again (inside the lookback) and ignored.
+    let reports: Vec<&str> = text.split("sync product_events").skip(1).collect();
+    assert_eq!(reports.len(), 2, "{text}");
+    assert!(reports[0].contains("added 34 ·"), "{text}");
+    assert!(
+        reports[1].contains("added 2 ·") && reports[1].contains("ignored 1 (already sent)"),
+        "{text}"
+    );
+    assert!(reports[1].contains("events 2 ·"), "{text}");
+    // What the simulator received: 36 events, one per idempotency key, none twice.
+    assert!(
+        text.contains("27 contacts and 36 events (36 distinct idempotency keys);"),
+        "{text}"
+    );
+    assert!(text.contains("sent each of the 36 events once"), "{text}");
     let db = rusqlite::Connection::open(dir.join("warehouse.db")).expect("the demo's warehouse");
-    let statuses: Vec<String> = db
-        .prepare("SELECT status FROM loopsync_runs ORDER BY id")
+    let runs: Vec<(String, String)> = db
+        .prepare("SELECT sync, status FROM loopsync_runs ORDER BY id")
         .unwrap()
-        .query_map([], |r| r.get(0))
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
-    assert_eq!(statuses, ["succeeded", "degraded"]);
-    let confirmed: i64 = db
-        .query_row(
-            "SELECT count(*) FROM loopsync_state WHERE confirmed_fp IS NOT NULL",
-            [],
+    let runs: Vec<(&str, &str)> = runs.iter().map(|(s, t)| (&s[..], &t[..])).collect();
+    assert_eq!(
+        runs,
+        [
+            ("users", "succeeded"),
+            ("product_events", "succeeded"),
+            ("users", "degraded"),
+            ("product_events", "succeeded"),
+        ]
+    );
+    let confirmed = |sync: &str| -> i64 {
+        db.query_row(
+            "SELECT count(*) FROM loopsync_state WHERE sync = ?1 AND confirmed_fp IS NOT NULL",
+            [sync],
             |r| r.get(0),
         )
-        .unwrap();
-    assert_eq!(confirmed, 27);
+        .unwrap()
+    };
+    assert_eq!(confirmed("users"), 27);
+    assert_eq!(confirmed("product_events"), 36);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -1,6 +1,6 @@
-//! `loopsync demo`: nothing to set up. An embedded SQLite warehouse with sample users, the
-//! in-process bus, and the Loops simulator in this process; one run, some rows changed, a
-//! second run, both reports.
+//! `loopsync demo`: nothing to set up. An embedded SQLite warehouse with sample users and
+//! their product events, the in-process bus, and the Loops simulator in this process; one run
+//! of both syncs (the contacts, then the events), some rows changed, a second run, the reports.
 
 use std::process::ExitCode;
 
@@ -49,10 +49,63 @@ fn seed(path: &std::path::Path, users: u32) -> anyhow::Result<()> {
             ],
         )?;
     }
+    seed_events(&db, users)
+}
+
+/// What a paying plan costs a month, in the demo's `invoicePaid` events.
+fn price(plan: &str) -> i64 {
+    match plan {
+        "pro" => 29,
+        "team" => 99,
+        _ => 0,
+    }
+}
+
+/// The event sync's table: each user on a paying plan started a trial when they signed up and
+/// paid an invoice in January 2025 (free users have no events). One row = one event.
+fn seed_events(db: &rusqlite::Connection, users: u32) -> anyhow::Result<()> {
+    db.execute_batch(
+        "DROP TABLE IF EXISTS user_events;
+         CREATE TABLE user_events (event_id INTEGER PRIMARY KEY, email TEXT, event_name TEXT,
+                                   plan TEXT, amount INTEGER, occurred_at TEXT);",
+    )?;
+    let mut insert = db.prepare(
+        "INSERT INTO user_events (email, event_name, plan, amount, occurred_at)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?;
+    for i in 1..=users {
+        let plan = PLANS[(i as usize) % PLANS.len()];
+        if price(plan) == 0 {
+            continue;
+        }
+        let email = format!("user{i}@example.com");
+        let (month, day) = (1 + i % 12, 1 + i % 28);
+        insert.execute(rusqlite::params![
+            email,
+            "trialStarted",
+            plan,
+            0,
+            format!("2024-{month:02}-{day:02}T09:45:00Z"),
+        ])?;
+        insert.execute(rusqlite::params![
+            email,
+            "invoicePaid",
+            plan,
+            price(plan),
+            format!("2025-01-{day:02}T08:00:00Z"),
+        ])?;
+    }
     Ok(())
 }
 
-fn change_rows(path: &std::path::Path, users: u32) -> anyhow::Result<()> {
+/// How many rows of `user_events` there are.
+fn count_events(path: &std::path::Path) -> anyhow::Result<usize> {
+    let db = rusqlite::Connection::open(path)?;
+    let n: i64 = db.query_row("SELECT count(*) FROM user_events", [], |r| r.get(0))?;
+    Ok(n as usize)
+}
+
+fn change_rows(path: &std::path::Path, users: u32) -> anyhow::Result<ChangedEvents> {
     let db = rusqlite::Connection::open(path)?;
     db.execute_batch(&format!(
         "UPDATE users SET plan = 'enterprise' WHERE id IN (1, 2, 3);
@@ -63,7 +116,31 @@ fn change_rows(path: &std::path::Path, users: u32) -> anyhow::Result<()> {
         b = users + 2,
         c = users + 3,
     ))?;
-    Ok(())
+    // Two new events, of the two users just added; and the newest invoice is corrected after it
+    // was sent (within the cursor's lookback, so the second run reads it: ignored, not resent).
+    db.execute_batch(&format!(
+        "INSERT INTO user_events (email, event_name, plan, amount, occurred_at)
+           VALUES ('new.user{a}@example.com', 'trialStarted', 'pro', 0, '2025-02-01T09:00:00Z');
+         INSERT INTO user_events (email, event_name, plan, amount, occurred_at)
+           VALUES ('new.user{b}@example.com', 'invoicePaid', 'pro', {price}, '2025-02-02T08:00:00Z');",
+        a = users + 1,
+        b = users + 2,
+        price = price("pro"),
+    ))?;
+    let edited = db.execute(
+        "UPDATE user_events SET amount = amount - 5
+         WHERE event_id = (SELECT event_id FROM user_events
+                           WHERE occurred_at < '2025-02-01' AND event_name = 'invoicePaid'
+                           ORDER BY occurred_at DESC, event_id DESC LIMIT 1)",
+        [],
+    )?;
+    Ok(ChangedEvents { added: 2, edited })
+}
+
+/// What the change step did to `user_events`.
+struct ChangedEvents {
+    added: usize,
+    edited: usize,
 }
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
@@ -125,6 +202,23 @@ signedUpAt = {{ column = "signed_up_at", type = "date" }}
 
 [sync.mailing_lists]
 "cm_newsletter" = "newsletter"
+
+[[sync]]
+name = "product_events"
+model = "select event_id, email, event_name, plan, amount, occurred_at from user_events"
+primary_key = "event_id"
+identify_by = "email"
+behavior = "append"
+event = {{ column = "event_name" }}
+cursor = "occurred_at"
+cursor_lookback = "1h"
+
+[sync.mapping]
+email = "email"
+
+[sync.event_properties]
+plan = "plan"
+amount = {{ column = "amount", type = "number" }}
 "#,
         db = db.display(),
         base = sim.base_url(),
@@ -134,34 +228,69 @@ signedUpAt = {{ column = "signed_up_at", type = "date" }}
     std::fs::write(&config_path, &config_text)?;
     Config::parse(&config_text, |_| None).context("the demo's own config")?;
 
+    let seeded_events = count_events(&db)?;
     println!(
-        "loopsync demo: {} users in an SQLite warehouse, a Loops simulator at {} ({} requests/s)\n",
+        "loopsync demo: {} users and {seeded_events} of their events in an SQLite warehouse, a Loops \
+         simulator at {} ({} requests/s)\n",
         args.users,
         sim.base_url(),
         args.rate_limit
     );
-    println!("== first run: every user is new");
+    println!("== first run: every user is new, every event is sent (contacts first, then events)");
     let first = run::run(&config_path, run::RunArgs::once()).await?;
-    change_rows(&db, args.users)?;
+    let changed = change_rows(&db, args.users)?;
+    let plans_changed = args.users.min(3);
     println!(
-        "\n== second run, after: 3 plans changed, 2 users added, 1 user with a malformed email"
+        "\n== second run, after: {plans_changed} plans changed, 2 users added, 1 user with a \
+         malformed email; {} events added, {} sent invoice corrected",
+        changed.added, changed.edited
     );
     let second = run::run(&config_path, run::RunArgs::once()).await?;
     let stats = sim.stats();
     let contacts = sim.contacts();
+    let events = sim.events();
+    let keys: std::collections::BTreeSet<&str> = events
+        .iter()
+        .filter_map(|e| e.idempotency_key.as_deref())
+        .collect();
     println!(
-        "\nLoops (simulated) now has {} contacts; {} requests reached it, {} were rate limited.",
+        "\nLoops (simulated) now has {} contacts and {} events ({} distinct idempotency keys); {} \
+         requests reached it, {} were rate limited.",
         contacts.as_array().map_or(0, Vec::len),
+        events.len(),
+        keys.len(),
         stats.total_requests,
         stats.rate_limited
     );
     println!(
-        "The second run wrote one contact per changed or added user and none for the {} unchanged \
+        "The contact sync's second run wrote one contact per changed or added user and none for the {} unchanged \
          (its other requests are the preflight: the API key's team and the list of contact \
          properties); the malformed email is kept as an invalid record, so that run ended \
          degraded.",
-        args.users - 3
+        args.users - plans_changed
     );
+    let corrected = if changed.edited > 0 {
+        ", and counted the corrected invoice as ignored (already sent)"
+    } else {
+        ""
+    };
+    let rows = seeded_events + changed.added;
+    if events.len() == rows && keys.len() == rows {
+        println!(
+            "The event sync sent each of the {rows} events once: its second run read only the \
+             events from 1 h (cursor_lookback) before the newest one of the first run (the \
+             cursor occurred_at) on, sent the {} new ones{corrected}: an event is never sent \
+             twice.",
+            changed.added
+        );
+    } else {
+        println!(
+            "The warehouse has {rows} events, but Loops (simulated) received {} ({} distinct \
+             idempotency keys): see the reports above.",
+            events.len(),
+            keys.len()
+        );
+    }
     if args.dir.is_some() {
         println!("Files kept in {}", dir.display());
     }
