@@ -502,6 +502,109 @@ signedUpAt = { column = "signed_up_at", type = "date" }
         assert!(error_of("[warehouse\n").starts_with("not valid TOML"));
     }
 
+    const EVENTS: &str = r#"
+[[sync]]
+name = "product_events"
+model = "select event_id, email, event_name, plan, amount, occurred_at from user_events"
+primary_key = "event_id"
+identify_by = "email"
+behavior = "append"
+event = { column = "event_name" }
+cursor = "occurred_at"
+cursor_lookback = "90m"
+
+[sync.mapping]
+email = "email"
+
+[sync.event_properties]
+plan = "plan"
+amount = { column = "amount", type = "number" }
+"#;
+
+    /// PRODUCT.md's event sync parses: the event name's column, typed event properties, the
+    /// cursor and its lookback; every column is read.
+    #[test]
+    fn an_event_sync_parses() {
+        use loopsync_core::spec::{Behavior, EventName};
+        let config = Config::parse(&format!("{EXAMPLE}{EVENTS}"), env).unwrap();
+        let spec = &config.sync("product_events").unwrap().spec;
+        assert_eq!(spec.behavior, Behavior::Append);
+        let append = spec.append.as_ref().unwrap();
+        assert_eq!(append.event, EventName::Column("event_name".into()));
+        assert_eq!(append.event_properties[0].property, "amount");
+        assert_eq!(append.event_properties[0].kind, PropertyKind::Number);
+        assert_eq!(append.event_properties[1].kind, PropertyKind::String);
+        let cursor = append.cursor.as_ref().unwrap();
+        assert_eq!(
+            (cursor.column.as_str(), cursor.lookback_ms),
+            ("occurred_at", 5_400_000)
+        );
+        assert_eq!(
+            spec.columns(),
+            ["amount", "email", "event_name", "occurred_at", "plan"]
+        );
+        assert!(config.syncs[0].spec.append.is_none());
+        let fixed = EVENTS
+            .replace(
+                "event = { column = \"event_name\" }",
+                "event = \"invoicePaid\"",
+            )
+            .replace("cursor_lookback = \"90m\"\n", "");
+        let config = Config::parse(&format!("{EXAMPLE}{fixed}"), env).unwrap();
+        let append = config.syncs[1].spec.append.clone().unwrap();
+        assert_eq!(append.event, EventName::Fixed("invoicePaid".into()));
+        assert_eq!(
+            append.cursor.unwrap().lookback_ms,
+            3_600_000,
+            "1h by default"
+        );
+    }
+
+    /// An event sync's keys are refused elsewhere, and its own mistakes are named.
+    #[test]
+    fn event_sync_mistakes_are_named() {
+        let e = error_of(&EXAMPLE.replace("on_remove = \"delete\"", "event = \"x\""));
+        assert!(
+            e.starts_with("sync[0].event: is for event syncs only"),
+            "{e}"
+        );
+        let e = error_of(&EXAMPLE.replace("on_remove = \"delete\"", "cursor = \"at\""));
+        assert!(
+            e.starts_with("sync[0].cursor: is for event syncs only"),
+            "{e}"
+        );
+        let with =
+            |from: &str, to: &str| error_of(&format!("{EXAMPLE}{}", EVENTS.replace(from, to)));
+        let e = with("event = { column = \"event_name\" }\n", "");
+        assert!(e.starts_with("sync[1].event: is required"), "{e}");
+        let e = with("event = { column = \"event_name\" }", "event = \"a:b\"");
+        assert!(e.starts_with("sync[1].event: "), "{e}");
+        let e = with("\"90m\"", "\"soon\"");
+        assert!(
+            e.starts_with("sync[1].cursor_lookback: \"soon\" is not a duration"),
+            "{e}"
+        );
+        let e = with("cursor = \"occurred_at\"\n", "");
+        assert!(
+            e.starts_with("sync[1].cursor_lookback: needs a cursor"),
+            "{e}"
+        );
+        let e = with(
+            "behavior = \"append\"",
+            "behavior = \"append\"\ntrigger_workflows = true",
+        );
+        assert!(e.starts_with("sync[1].trigger_workflows"), "{e}");
+        let e = with("type = \"number\"", "type = \"money\"");
+        assert!(e.contains("sync[1].event_properties.amount"), "{e}");
+        let e = with("email = \"email\"\n", "");
+        assert!(e.starts_with("sync[1].mapping.email: is required"), "{e}");
+        // Identified by userId, an event addresses an existing contact: no email needed.
+        let by_user = EVENTS
+            .replace("identify_by = \"email\"", "identify_by = \"userId\"")
+            .replace("email = \"email\"", "userId = \"user_id\"");
+        assert!(Config::parse(&format!("{EXAMPLE}{by_user}"), env).is_ok());
+    }
+
     /// The TOML parser's error is kept as the source, and the message still says it.
     #[test]
     fn a_syntax_error_keeps_the_parser_error() {

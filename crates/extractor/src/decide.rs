@@ -647,3 +647,97 @@ pub(crate) mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod event_tests {
+    use std::collections::BTreeMap;
+
+    use loopsync_core::spec::{AppendSpec, Cursor, EventName};
+
+    use super::tests::spec;
+    use super::*;
+
+    fn events() -> SyncSpec {
+        SyncSpec {
+            behavior: Behavior::Append,
+            append: Some(AppendSpec {
+                event: EventName::Fixed("paid".into()),
+                event_properties: vec![],
+                cursor: Some(Cursor {
+                    column: "at".into(),
+                    lookback_ms: 0,
+                }),
+            }),
+            ..spec(Behavior::Upsert)
+        }
+    }
+
+    fn row(key: &str, at: Option<&str>, confirmed: Option<&str>) -> DiffRow {
+        DiffRow {
+            key: Some(key.into()),
+            values: Some(BTreeMap::from([
+                ("email".to_owned(), Some("a@x.co".to_owned())),
+                ("at".to_owned(), at.map(str::to_owned)),
+            ])),
+            confirmed_fp: confirmed.map(str::to_owned),
+            confirmed_email: None,
+            confirmed_user_id: None,
+            email_rows: 3,
+            parked_fp: None,
+            generation: 0,
+        }
+    }
+
+    /// An event is new (sent), confirmed at its values (nothing), confirmed at others (already
+    /// sent: ignored, never sent again); its cursor must be a date; a key that left the model
+    /// removes nothing; many events share an email. The decider keeps the highest cursor read.
+    #[test]
+    fn events_are_sent_once() {
+        let s = events();
+        let when = "2026-01-02 03:04:05+00";
+        let at = Some(when);
+        let fp = s.fingerprint(&row("1", at, None).values.unwrap());
+        let mut decider = Decider::new(&s, 7);
+        let mut decisions = Vec::new();
+        for r in [
+            row("1", at, None),
+            row("2", at, Some(&fp)),
+            row("3", at, Some("an older fingerprint")),
+            row("4", None, None),
+            row("5", Some("soon"), None),
+            row("6", Some("2026-01-01"), None),
+        ] {
+            decisions.extend(decider.push(r).map(|d| d.decision));
+        }
+        decisions.extend(decider.finish().map(|d| d.decision));
+        assert!(matches!(&decisions[0], Decision::Change(c) if c.kind == ChangeKind::Added));
+        assert_eq!(decisions[1], Decision::Unchanged);
+        assert_eq!(decisions[2], Decision::AlreadySent);
+        assert!(
+            matches!(&decisions[3], Decision::Invalid { reason, .. } if reason.contains("cursor at is NULL"))
+        );
+        assert!(
+            matches!(&decisions[4], Decision::Invalid { reason, .. } if reason.contains("not a date"))
+        );
+        let counts = decider.into_counts();
+        assert_eq!(
+            (
+                counts.added,
+                counts.unchanged,
+                counts.ignored,
+                counts.invalid_rows
+            ),
+            (2, 1, 1, 2)
+        );
+        assert_eq!(counts.cursor_high, parse_date_millis(when));
+        let gone = DiffRow {
+            values: None,
+            ..row("9", at, Some(&fp))
+        };
+        assert_eq!(decide(&s, 7, gone, 1), Decision::Nothing);
+        assert!(matches!(
+            decide(&s, 7, row("1", at, None), 2),
+            Decision::Invalid { rows: 2, .. }
+        ));
+    }
+}

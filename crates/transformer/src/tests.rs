@@ -2,7 +2,7 @@
 
 use loopsync_bus::LocalBus;
 use loopsync_bus::worker::{DeliveryInfo, Handler};
-use loopsync_core::spec::{Behavior, MappedList, MappedProperty, OnRemove};
+use loopsync_core::spec::{Behavior, EventName, MappedList, MappedProperty, OnRemove};
 use loopsync_core::stage::Stage;
 use serde_json::json;
 
@@ -367,5 +367,119 @@ fn the_key_names_the_change_not_the_values() {
     assert_ne!(
         first.idempotency_key,
         transform(&s, &other_state).unwrap().idempotency_key
+    );
+}
+
+fn event_spec(event: EventName) -> SyncSpec {
+    use loopsync_core::spec::AppendSpec;
+    let p = |property: &str, column: &str, kind| MappedProperty {
+        property: property.into(),
+        column: column.into(),
+        kind,
+    };
+    SyncSpec {
+        name: "events".into(),
+        behavior: Behavior::Append,
+        properties: vec![
+            p("email", "email", PropertyKind::String),
+            p("planName", "plan", PropertyKind::String),
+        ],
+        lists: vec![],
+        append: Some(AppendSpec {
+            event,
+            event_properties: vec![
+                p("amount", "amount", PropertyKind::Number),
+                p("at", "occurred_at", PropertyKind::Date),
+                p("note", "note", PropertyKind::String),
+            ],
+            cursor: None,
+        }),
+        ..spec(IdentifyBy::Email)
+    }
+}
+
+fn event_row(pairs: &[(&str, Option<&str>)]) -> RowChange {
+    let mut c = change(ChangeKind::Added, pairs);
+    c.sync = "events".into();
+    c
+}
+
+/// An event sync's row is one event: its name from the column, the contact's identity and
+/// properties at the top, typed event properties (a date as ISO-8601 text, a NULL left out),
+/// and a key of (sync, event id) alone — not of the values, the generation or the state.
+#[test]
+fn an_event_row_is_one_event_keyed_by_its_id() {
+    let spec = event_spec(EventName::Column("name".into()));
+    let row = [
+        ("email", Some(" Ann@X.co ")),
+        ("plan", Some("pro")),
+        ("name", Some("invoicePaid")),
+        ("amount", Some("12.50")),
+        ("occurred_at", Some("2026-01-02 03:04:05+00")),
+        ("note", None),
+    ];
+    let op = transform(&spec, &event_row(&row)).unwrap();
+    assert_eq!(
+        op.idempotency_key,
+        loopsync_core::keys::event_key("events", "42")
+    );
+    let Action::Event {
+        event_name,
+        email,
+        properties,
+        event_properties,
+        ..
+    } = &op.action
+    else {
+        panic!("{:?}", op.action)
+    };
+    assert_eq!(event_name, "invoicePaid");
+    assert_eq!(email.as_deref(), Some("ann@x.co"));
+    assert_eq!(json!(properties), json!({"planName": "pro"}));
+    assert_eq!(
+        json!(event_properties),
+        json!({"amount": 12.5, "at": "2026-01-02T03:04:05.000Z"})
+    );
+    let mut other = event_row(&row);
+    other.generation = 5;
+    other.fingerprint = "another".into();
+    other.installation = "another state".into();
+    assert_eq!(
+        transform(&spec, &other).unwrap().idempotency_key,
+        op.idempotency_key
+    );
+    let fixed = event_spec(EventName::Fixed("trialStarted".into()));
+    let Action::Event { event_name, .. } = transform(&fixed, &event_row(&row)).unwrap().action
+    else {
+        panic!()
+    };
+    assert_eq!(event_name, "trialStarted");
+}
+
+/// What cannot be an event is invalid, with the reason.
+#[test]
+fn invalid_events_say_why() {
+    let spec = event_spec(EventName::Column("name".into()));
+    let reason =
+        |pairs: &[(&str, Option<&str>)]| transform(&spec, &event_row(pairs)).unwrap_err().0;
+    let ok = [("email", Some("a@x.co")), ("name", Some("paid"))];
+    assert!(reason(&[("email", Some("a@x.co")), ("name", None)]).contains("no event name"));
+    assert!(reason(&[("email", Some("a@x.co")), ("name", Some("  "))]).contains("no event name"));
+    assert!(reason(&[("email", Some("a@x.co")), ("name", Some("a:b"))]).contains("`:`"));
+    assert!(reason(&[("email", None), ("name", Some("paid"))]).contains("no email"));
+    let mut bad = ok.to_vec();
+    bad.push(("amount", Some("lots")));
+    assert!(reason(&bad).contains("event property amount"));
+    let long = "x".repeat(501);
+    let mut bad = ok.to_vec();
+    bad.push(("note", Some(&long)));
+    assert!(reason(&bad).contains("501 characters"));
+    let mut gone = event_row(&ok);
+    gone.kind = ChangeKind::Removed;
+    assert!(
+        transform(&spec, &gone)
+            .unwrap_err()
+            .0
+            .contains("removes nothing")
     );
 }

@@ -1149,3 +1149,103 @@ fn run_statuses_read_what_they_write() {
     assert_eq!(format!("{:<12}|", RunStatus::Failed), "failed      |");
     assert!("done".parse::<RunStatus>().is_err());
 }
+
+/// An event sync over a table `ev` of five events, one with a NULL time.
+fn events_spec() -> SyncSpec {
+    use loopsync_core::spec::{AppendSpec, Cursor, EventName};
+    SyncSpec {
+        name: "ev".into(),
+        model: "select id, email, at from ev".into(),
+        behavior: Behavior::Append,
+        properties: vec![MappedProperty {
+            property: "email".into(),
+            column: "email".into(),
+            kind: PropertyKind::String,
+        }],
+        lists: vec![],
+        append: Some(AppendSpec {
+            event: EventName::Fixed("paid".into()),
+            event_properties: vec![],
+            cursor: Some(Cursor {
+                column: "at".into(),
+                lookback_ms: 0,
+            }),
+        }),
+        ..spec("ev", "ev")
+    }
+}
+
+/// An event sync's diff: every row, or with `since` the rows at or after it and those whose
+/// cursor is NULL; many rows may share an email; a key that left the model is not in it (an
+/// event sync removes nothing). Its watermark is the highest cursor of its last finished run,
+/// and a reset forgets it.
+async fn event_windows(f: Fixture, timestamp: &str) {
+    let w = &*f.warehouse;
+    w.prepare().await.unwrap();
+    (f.exec)(format!(
+        "CREATE TABLE ev (id integer, email text, at {timestamp});
+         INSERT INTO ev VALUES (1, 'a@x.co', '2026-01-01 10:00:00'), (2, 'a@x.co', '2026-01-01 11:00:00'),
+                               (3, 'b@x.co', '2026-01-01 12:00:00'), (4, 'a@x.co', '2026-01-02 09:30:00'),
+                               (5, 'a@x.co', NULL);"
+    ))
+    .await;
+    let spec = events_spec();
+    let all = diff(w, &spec).await;
+    assert_eq!(all.len(), 5);
+    assert!(all.iter().all(|r| r.email_rows == 1), "{all:?}");
+    let since = loopsync_core::value::parse_date_millis("2026-01-01 11:00:00").unwrap();
+    let keys =
+        |rows: Vec<DiffRow>| -> Vec<String> { rows.into_iter().map(|r| r.key.unwrap()).collect() };
+    let recent: Vec<DiffRow> = w
+        .diff_since(&spec, Some(since))
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(keys(recent), ["2", "3", "4", "5"]);
+    // A run that confirms event 1, which then leaves the model.
+    assert_eq!(w.cursor_watermark("ev").await.unwrap(), None);
+    let run = w.create_run("ev").await.unwrap();
+    w.claim_run(run, false).await.unwrap();
+    w.mark_emitted("ev", run, &[("1".into(), "fp1".into())])
+        .await
+        .unwrap();
+    let high = loopsync_core::value::parse_date_millis("2026-01-02 09:30:00").unwrap();
+    let counts = ExtractCounts {
+        added: 1,
+        ignored: 2,
+        cursor_high: Some(high),
+        ..ExtractCounts::default()
+    };
+    w.finish_extract(run, &counts).await.unwrap();
+    assert_eq!(
+        w.cursor_watermark("ev").await.unwrap(),
+        None,
+        "not before the run has finished"
+    );
+    w.record_outcomes(&[confirmed(&spec, run, "1", "fp1")])
+        .await
+        .unwrap();
+    let summary = w.run(run).await.unwrap().unwrap();
+    assert_eq!(summary.status, RunStatus::Succeeded);
+    assert_eq!(summary.ignored, 2);
+    assert_eq!(w.cursor_watermark("ev").await.unwrap(), Some(high));
+    (f.exec)("DELETE FROM ev WHERE id = 1".into()).await;
+    let rows = diff(w, &spec).await;
+    assert_eq!(keys(rows), ["2", "3", "4", "5"], "no removal");
+    w.reset_state("ev").await.unwrap();
+    assert_eq!(w.cursor_watermark("ev").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn postgres_event_windows() {
+    if let Some(f) = postgres().await {
+        event_windows(f, "timestamptz").await;
+    }
+}
+
+#[tokio::test]
+async fn sqlite_event_windows() {
+    event_windows(sqlite(), "text").await;
+}
