@@ -1149,3 +1149,60 @@ fn run_statuses_read_what_they_write() {
     assert_eq!(format!("{:<12}|", RunStatus::Failed), "failed      |");
     assert!("done".parse::<RunStatus>().is_err());
 }
+
+/// An event sync's diff reads its rows on both warehouses: its email count is a constant, which
+/// must come out as the bigint the reader expects (PostgreSQL types a bare `1` as integer).
+async fn event_sync_diff(f: Fixture) {
+    let w = &*f.warehouse;
+    w.prepare().await.unwrap();
+    (f.exec)(
+        "CREATE TABLE evs (id integer, email text, at timestamp);
+         INSERT INTO evs VALUES (1, 'a@x.co', '2024-01-01 00:00:00'),
+                                (2, 'a@x.co', '2024-03-01 00:00:00')"
+            .into(),
+    )
+    .await;
+    let mut spec = spec("evs", "evs");
+    spec.model = "select id, email, at from evs".into();
+    spec.behavior = Behavior::Append;
+    spec.properties.truncate(1);
+    spec.lists.clear();
+    spec.append = Some(loopsync_core::spec::AppendSpec {
+        event: loopsync_core::spec::EventName::Fixed("seen".into()),
+        event_properties: vec![],
+        cursor: Some(loopsync_core::spec::Cursor {
+            column: "at".into(),
+            lookback_ms: 0,
+        }),
+    });
+    let rows: Vec<DiffRow> = w
+        .diff_since(&spec, None)
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 2);
+    assert!(rows.iter().all(|r| r.email_rows == 1));
+    // 2024-02-01: only the second row.
+    let rows: Vec<DiffRow> = w
+        .diff_since(&spec, Some(1_706_745_600_000))
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].key.as_deref(), Some("2"));
+}
+
+#[tokio::test]
+async fn sqlite_event_sync_diff() {
+    event_sync_diff(sqlite()).await;
+}
+
+#[tokio::test]
+async fn postgres_event_sync_diff() {
+    let Some(f) = postgres().await else { return };
+    event_sync_diff(f).await;
+}
