@@ -645,7 +645,9 @@ pub(crate) fn diff_sql(
             c = quote_ident(&p.column),
             k = email_key(&cast(&format!("model.{}", quote_ident(&p.column)))),
         ),
-        None => "CAST(1 AS BIGINT) AS ecount".to_owned(),
+        // bigint, as `count(*)` is: PostgreSQL types a bare `1` as integer, which the reader
+        // of the column (an i64) refuses.
+        None => "CAST(1 AS bigint) AS ecount".to_owned(),
     };
     let mut select = vec![
         "1 AS present".to_owned(),
