@@ -431,3 +431,63 @@ async fn present_ids(stack: &Stack) -> Vec<i64> {
         .map(|r| r.get(0))
         .collect()
 }
+
+/// Events that failed for good are dead letters: a later run whose cursor has moved past them
+/// does not read them, `dlq list` shows them, and `dlq replay` reads them by key wherever their
+/// cursor is and sends each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_lettered_events_are_replayed_once() {
+    let Some(stack) = Stack::start(StackOptions {
+        max_attempts: 2,
+        events_sync: "cursor = \"occurred_at\"\ncursor_lookback = \"1h\"",
+        ..options(3, 6)
+    })
+    .await
+    else {
+        return;
+    };
+    stack
+        .sim_post(
+            "faults",
+            json!({"error_503": 1.0, "endpoints": ["POST /v1/events/send"]}),
+        )
+        .await;
+    let (status, failed, _) = run(&stack).await;
+    assert_eq!(status, 3, "{failed}");
+    assert_eq!(failed["dead_lettered"], 6, "{failed}");
+    assert!(sent(&stack).await.is_empty());
+    stack.sim_post("faults", json!({})).await;
+    // The six fall behind the window; a new event moves the cursor on.
+    stack
+        .sql(
+            "UPDATE user_events SET occurred_at = occurred_at - interval '5 hours';
+             INSERT INTO user_events VALUES (7, 'user1@example.com', 'trialStarted', 'pro', 1, now());",
+        )
+        .await;
+    let (status, next, _) = run(&stack).await;
+    assert_eq!(status, 0, "{next}");
+    assert_eq!(
+        (next["added"].as_i64(), rows_read(&next)),
+        (Some(1), 1),
+        "{next}"
+    );
+    assert_each_once(&stack, [7]).await;
+
+    let list = stack
+        .output(&["dlq", "list", "--sync", SYNC, "--json"])
+        .await;
+    let list: Value = serde_json::from_slice(&list.stdout).expect("dlq list JSON");
+    assert_eq!(list.as_array().map(Vec::len), Some(6), "{list}");
+    let replay = stack
+        .output(&["dlq", "replay", "--sync", SYNC, "--json"])
+        .await;
+    assert_eq!(
+        replay.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&replay.stderr)
+    );
+    assert_each_once(&stack, 1..=7).await;
+    let (_, after, seen) = run(&stack).await;
+    assert_eq!(seen.writes(), 0, "{after}");
+}

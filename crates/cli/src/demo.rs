@@ -276,11 +276,16 @@ amount = {{ column = "amount", type = "number" }}
     };
     let rows = seeded_events + changed.added;
     if events.len() == rows && keys.len() == rows {
+        // Without a first event there is no watermark: the second run read every row.
+        let read = if seeded_events > 0 {
+            "read only the events from 1 h (cursor_lookback) before the newest one of the \
+             first run (the cursor occurred_at) on"
+        } else {
+            "read every event (the first run had none, so no cursor value to start from)"
+        };
         println!(
-            "The event sync sent each of the {rows} events once: its second run read only the \
-             events from 1 h (cursor_lookback) before the newest one of the first run (the \
-             cursor occurred_at) on, sent the {} new ones{corrected}: an event is never sent \
-             twice.",
+            "The event sync sent each of the {rows} events once: its second run {read}, sent \
+             the {} new ones{corrected}: an event is never sent twice.",
             changed.added
         );
     } else {
