@@ -48,12 +48,26 @@ pub struct Invalid(pub String);
 ///   properties and lists, and the typed `eventProperties` (dates as ISO-8601 strings) — keyed
 ///   by (sync, event id) alone ([`keys::event_key`]), so it fires once for the life of the sync.
 pub fn transform(spec: &SyncSpec, change: &RowChange) -> Result<Operation, Invalid> {
-    if let Some(append) = &spec.append {
-        return event(spec, append, change);
-    }
-    let action = match change.kind {
-        ChangeKind::Added | ChangeKind::Changed => upsert(spec, change)?,
-        ChangeKind::Removed => removal(spec, change)?,
+    let (action, idempotency_key) = match (&spec.append, change.kind) {
+        (Some(append), _) => (
+            event(spec, append, change)?,
+            keys::event_key(&change.sync, &change.key),
+        ),
+        (None, kind) => {
+            let action = match kind {
+                ChangeKind::Added | ChangeKind::Changed => upsert(spec, change)?,
+                ChangeKind::Removed => removal(spec, change)?,
+            };
+            let key = keys::idempotency_key(
+                &change.installation,
+                &change.sync,
+                &change.key,
+                change.generation,
+                &change.fingerprint,
+                action.name(),
+            );
+            (action, key)
+        }
     };
     Ok(Operation {
         v: VERSION,
@@ -62,14 +76,7 @@ pub fn transform(spec: &SyncSpec, change: &RowChange) -> Result<Operation, Inval
         key: change.key.clone(),
         fingerprint: change.fingerprint.clone(),
         change: change.kind,
-        idempotency_key: keys::idempotency_key(
-            &change.installation,
-            &change.sync,
-            &change.key,
-            change.generation,
-            &change.fingerprint,
-            action.name(),
-        ),
+        idempotency_key,
         action,
         installation: change.installation.clone(),
     })
@@ -108,8 +115,8 @@ fn text<'a>(change: &'a RowChange, column: &str) -> Option<&'a str> {
     change.values.get(column).and_then(|v| v.as_deref())
 }
 
-/// An event sync's row: one event, keyed by (sync, event id).
-fn event(spec: &SyncSpec, append: &AppendSpec, change: &RowChange) -> Result<Operation, Invalid> {
+/// An event sync's row: one event (keyed by (sync, event id) in [`transform`]).
+fn event(spec: &SyncSpec, append: &AppendSpec, change: &RowChange) -> Result<Action, Invalid> {
     if change.kind == ChangeKind::Removed {
         return Err(Invalid(format!(
             "sync {} sends events: a row that leaves the model removes nothing",
@@ -165,23 +172,13 @@ fn event(spec: &SyncSpec, append: &AppendSpec, change: &RowChange) -> Result<Ope
         };
         event_properties.insert(p.property.clone(), value);
     }
-    Ok(Operation {
-        v: VERSION,
-        sync: change.sync.clone(),
-        run_id: change.run_id,
-        key: change.key.clone(),
-        fingerprint: change.fingerprint.clone(),
-        change: change.kind,
-        idempotency_key: keys::event_key(&change.sync, &change.key),
-        action: Action::Event {
-            event_name,
-            email: contact.email,
-            user_id: contact.user_id,
-            properties: contact.properties,
-            mailing_lists: contact.mailing_lists,
-            event_properties,
-        },
-        installation: change.installation.clone(),
+    Ok(Action::Event {
+        event_name,
+        email: contact.email,
+        user_id: contact.user_id,
+        properties: contact.properties,
+        mailing_lists: contact.mailing_lists,
+        event_properties,
     })
 }
 
