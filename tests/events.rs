@@ -432,62 +432,81 @@ async fn present_ids(stack: &Stack) -> Vec<i64> {
         .collect()
 }
 
-/// Events that failed for good are dead letters: a later run whose cursor has moved past them
-/// does not read them, `dlq list` shows them, and `dlq replay` reads them by key wherever their
-/// cursor is and sends each once.
+/// Dead-lettered events (Loops failing for longer than the retries) with a cursor: the run that
+/// dead-lettered them does not move the watermark, so the next run reads them again — however
+/// far behind the lookback they are by then — and sends each once. `dlq list` shows them
+/// meanwhile, and `dlq replay` sends them by key, wherever their cursor is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dead_lettered_events_are_replayed_once() {
-    let Some(stack) = Stack::start(StackOptions {
-        max_attempts: 2,
-        events_sync: "cursor = \"occurred_at\"\ncursor_lookback = \"1h\"",
-        ..options(3, 6)
-    })
-    .await
-    else {
-        return;
-    };
-    stack
-        .sim_post(
-            "faults",
-            json!({"error_503": 1.0, "endpoints": ["POST /v1/events/send"]}),
-        )
-        .await;
-    let (status, failed, _) = run(&stack).await;
-    assert_eq!(status, 3, "{failed}");
-    assert_eq!(failed["dead_lettered"], 6, "{failed}");
-    assert!(sent(&stack).await.is_empty());
-    stack.sim_post("faults", json!({})).await;
-    // The six fall behind the window; a new event moves the cursor on.
-    stack
-        .sql(
-            "UPDATE user_events SET occurred_at = occurred_at - interval '5 hours';
-             INSERT INTO user_events VALUES (7, 'user1@example.com', 'trialStarted', 'pro', 1, now());",
-        )
-        .await;
-    let (status, next, _) = run(&stack).await;
-    assert_eq!(status, 0, "{next}");
-    assert_eq!(
-        (next["added"].as_i64(), rows_read(&next)),
-        (Some(1), 1),
-        "{next}"
-    );
-    assert_each_once(&stack, [7]).await;
-
-    let list = stack
-        .output(&["dlq", "list", "--sync", SYNC, "--json"])
-        .await;
-    let list: Value = serde_json::from_slice(&list.stdout).expect("dlq list JSON");
-    assert_eq!(list.as_array().map(Vec::len), Some(6), "{list}");
-    let replay = stack
-        .output(&["dlq", "replay", "--sync", SYNC, "--json"])
-        .await;
-    assert_eq!(
-        replay.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&replay.stderr)
-    );
-    assert_each_once(&stack, 1..=7).await;
-    let (_, after, seen) = run(&stack).await;
-    assert_eq!(seen.writes(), 0, "{after}");
+async fn an_outage_longer_than_the_lookback_loses_no_event() {
+    for replay in [false, true] {
+        let Some(stack) = Stack::start(StackOptions {
+            max_attempts: 2,
+            events_sync: "cursor = \"occurred_at\"\ncursor_lookback = \"1h\"",
+            ..options(3, 6)
+        })
+        .await
+        else {
+            return;
+        };
+        // A first run confirms six events and sets the watermark.
+        let (status, first, _) = run(&stack).await;
+        assert_eq!(status, 0, "{first}");
+        // Six more, and Loops fails every one of them.
+        stack
+            .sql(
+                "INSERT INTO user_events SELECT event_id + 6, email, event_name, plan, amount, now()
+                   FROM user_events;",
+            )
+            .await;
+        stack
+            .sim_post(
+                "faults",
+                json!({"error_503": 1.0, "endpoints": ["POST /v1/events/send"]}),
+            )
+            .await;
+        let (status, failed, _) = run(&stack).await;
+        assert_eq!(status, 3, "{failed}");
+        assert_eq!(failed["dead_lettered"], 6, "{failed}");
+        // Two hours on, Loops still fails: the new event too, and the six again.
+        stack
+            .sql(
+                "INSERT INTO user_events VALUES
+                   (13, 'user1@example.com', 'trialStarted', 'pro', 1, now() + interval '2 hours');",
+            )
+            .await;
+        let (status, still, _) = run(&stack).await;
+        assert_eq!(status, 3, "{still}");
+        assert_eq!(still["dead_lettered"], 7, "{still}");
+        let list = stack
+            .output(&["dlq", "list", "--sync", SYNC, "--json"])
+            .await;
+        let list: Value = serde_json::from_slice(&list.stdout).expect("dlq list JSON");
+        assert_eq!(list.as_array().map(Vec::len), Some(7), "{list}");
+        // Loops is back; two more hours on, another event.
+        stack.sim_post("faults", json!({})).await;
+        stack
+            .sql(
+                "INSERT INTO user_events VALUES
+                   (14, 'user2@example.com', 'trialStarted', 'pro', 1, now() + interval '4 hours');",
+            )
+            .await;
+        if replay {
+            let replayed = stack
+                .output(&["dlq", "replay", "--sync", SYNC, "--json"])
+                .await;
+            assert_eq!(
+                replayed.status.code(),
+                Some(0),
+                "{}",
+                String::from_utf8_lossy(&replayed.stderr)
+            );
+            assert_each_once(&stack, 1..=13).await;
+        }
+        let (status, next, _) = run(&stack).await;
+        assert_eq!(status, 0, "{next}");
+        assert_each_once(&stack, 1..=14).await;
+        let (_, after, seen) = run(&stack).await;
+        assert_eq!(seen.writes(), 0, "{after}");
+        assert!(rows_read(&after) <= 2, "the watermark moved on: {after}");
+    }
 }

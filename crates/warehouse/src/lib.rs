@@ -128,8 +128,8 @@ pub struct ExtractCounts {
     /// Event syncs: rows already sent whose values changed since (not sent again).
     pub ignored: i64,
     /// Event syncs with a cursor: the highest cursor value read so far (Unix milliseconds),
-    /// this run's rows and the watermark it started from. Once the run has finished
-    /// (`succeeded`, `degraded` or `adopted`) it is the sync's watermark.
+    /// this run's rows and the watermark it started from. Once the run has finished with no
+    /// dead letter, it is the sync's watermark (see [`Warehouse::cursor_watermark`]).
     pub cursor_high: Option<i64>,
 }
 
@@ -349,7 +349,8 @@ pub trait Warehouse: Send + Sync + 'static {
     ) -> Result<BoxStream<'static, Result<DiffRow, WarehouseError>>, WarehouseError>;
 
     /// An event sync's watermark: the highest cursor value (Unix milliseconds) of its latest
-    /// finished run (`succeeded`, `degraded`, `adopted`) since its state was last reset.
+    /// run that finished with no dead letter (`succeeded`, `adopted`, or `degraded` by invalid
+    /// or rejected records), since its state was last reset.
     async fn cursor_watermark(&self, sync: &str) -> Result<Option<i64>, WarehouseError>;
 
     /// Checks that the model runs and has the primary key and every mapped column, without
@@ -680,6 +681,23 @@ pub(crate) fn diff_sql(
         filter = since.map(|c| format!(" WHERE {c}")).unwrap_or_default(),
         comma = if columns.is_empty() { "" } else { ", " },
         outer = outer_columns.join(", "),
+    )
+}
+
+/// An event sync's watermark (see [`Warehouse::cursor_watermark`]): the highest cursor of its
+/// latest run that finished with every event it read settled for good — `succeeded`, `adopted`,
+/// or `degraded` by invalid or rejected records only. A run with dead letters (Loops failing
+/// for longer than the retries) does not move it, so the next run reads those events again and
+/// sends them, however long the outage; a dead letter that is parked no longer holds it.
+pub(crate) fn watermark_sql(runs: &str, records: &str, param: &str) -> String {
+    format!(
+        "SELECT r.cursor_high FROM {runs} r
+          WHERE r.sync = {param} AND r.cursor_high IS NOT NULL
+            AND (r.status IN ('succeeded', 'adopted')
+                 OR (r.status = 'degraded'
+                     AND NOT EXISTS (SELECT 1 FROM {records} x
+                                      WHERE x.run_id = r.id AND x.outcome = 'dead_lettered')))
+          ORDER BY r.id DESC LIMIT 1"
     )
 }
 

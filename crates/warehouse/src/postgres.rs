@@ -20,7 +20,7 @@ use tokio_postgres::{Client, NoTls, Row};
 use crate::{
     DestinationBinding, DiffRow, ExtractCounts, LEASE, RecordResult, RunSummary, StateReset,
     Warehouse, WarehouseError, cursor_condition, diff_sql, is_removal, probe_sql,
-    record_requests_sql, requests_of, stored, summary_request_sql, summary_rows_sql,
+    record_requests_sql, requests_of, stored, summary_request_sql, summary_rows_sql, watermark_sql,
 };
 
 const SCHEMA: &str = "
@@ -556,10 +556,7 @@ impl Pg {
             .client()
             .await?
             .query_opt(
-                "SELECT cursor_high FROM loopsync.runs
-                  WHERE sync = $1 AND status IN ('succeeded', 'degraded', 'adopted')
-                    AND cursor_high IS NOT NULL
-                  ORDER BY id DESC LIMIT 1",
+                &watermark_sql("loopsync.runs", "loopsync.records", "$1"),
                 &[&sync],
             )
             .await

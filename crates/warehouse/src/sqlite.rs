@@ -17,7 +17,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use crate::{
     DestinationBinding, DiffRow, ExtractCounts, LEASE, RecordResult, RunSummary, StateReset,
     Warehouse, WarehouseError, cursor_condition, diff_sql, is_removal, probe_sql,
-    record_requests_sql, requests_of, summary_request_sql, summary_rows_sql,
+    record_requests_sql, requests_of, summary_request_sql, summary_rows_sql, watermark_sql,
 };
 
 /// The Loops destination each sync's state is bound to (PostgreSQL's `DESTINATIONS`).
@@ -409,10 +409,7 @@ impl Warehouse for SqliteWarehouse {
         let sync = sync.to_owned();
         self.with(move |c| {
             c.query_row(
-                "SELECT cursor_high FROM loopsync_runs
-                  WHERE sync = ?1 AND status IN ('succeeded', 'degraded', 'adopted')
-                    AND cursor_high IS NOT NULL
-                  ORDER BY id DESC LIMIT 1",
+                &watermark_sql("loopsync_runs", "loopsync_records", "?1"),
                 params![sync],
                 |r| r.get(0),
             )

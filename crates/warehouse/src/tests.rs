@@ -1231,6 +1231,25 @@ async fn event_windows(f: Fixture, timestamp: &str) {
     assert_eq!(summary.status, RunStatus::Succeeded);
     assert_eq!(summary.ignored, 2);
     assert_eq!(w.cursor_watermark("ev").await.unwrap(), Some(high));
+    // A run whose event was dead-lettered does not move the watermark: the next run reads from
+    // where it stood, and retries the event.
+    let failed = w.create_run("ev").await.unwrap();
+    w.claim_run(failed, false).await.unwrap();
+    w.mark_emitted("ev", failed, &[("2".into(), "fp2".into())])
+        .await
+        .unwrap();
+    let later = ExtractCounts {
+        added: 1,
+        cursor_high: Some(high + 3_600_000),
+        ..ExtractCounts::default()
+    };
+    w.finish_extract(failed, &later).await.unwrap();
+    let mut dead = confirmed(&spec, failed, "2", "fp2");
+    dead.status = OutcomeStatus::DeadLettered;
+    w.record_outcomes(&[dead]).await.unwrap();
+    let summary = w.run(failed).await.unwrap().unwrap();
+    assert_eq!(summary.status, RunStatus::Degraded);
+    assert_eq!(w.cursor_watermark("ev").await.unwrap(), Some(high));
     (f.exec)("DELETE FROM ev WHERE id = 1".into()).await;
     let rows = diff(w, &spec).await;
     assert_eq!(keys(rows), ["2", "3", "4", "5"], "no removal");
