@@ -483,3 +483,20 @@ fn invalid_events_say_why() {
             .contains("removes nothing")
     );
 }
+
+/// Identified by userId, an event addresses a contact that may exist already: without an email
+/// it is sent (Loops refuses it if the contact does not exist); without a userId it is invalid.
+#[test]
+fn an_event_by_user_id_needs_no_email() {
+    let mut spec = event_spec(EventName::Fixed("paid".into()));
+    spec.identify_by = IdentifyBy::UserId;
+    spec.properties.push(MappedProperty {
+        property: "userId".into(),
+        column: "user_id".into(),
+        kind: PropertyKind::String,
+    });
+    let op = transform(&spec, &event_row(&[("user_id", Some("u-7"))])).unwrap();
+    assert_eq!(op.action.identity(), (None, Some("u-7")));
+    let e = transform(&spec, &event_row(&[("email", Some("a@x.co"))])).unwrap_err();
+    assert!(e.0.contains("no userId"), "{e:?}");
+}
