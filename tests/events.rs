@@ -288,9 +288,15 @@ async fn cursor_reads_recent_rows(sqlite: bool, nats: bool) {
                (1001, 'user1@example.com', 'trialStarted', 'pro', 1, {now}),
                (1002, 'user2@example.com', 'trialStarted', 'pro', 2, {now}),
                (1003, 'user3@example.com', 'invoicePaid', 'pro', 3, {late}),
-               (1004, 'user4@example.com', 'invoicePaid', 'pro', 4, {too_late});",
+               (1004, 'user4@example.com', 'invoicePaid', 'pro', 4, {too_late}),
+               (1005, 'user5@example.com', 'invoicePaid', 'pro', 5, {future});",
             late = ago(40),
             too_late = ago(300),
+            future = if sqlite {
+                "'2099-01-01T00:00:00Z'"
+            } else {
+                "timestamptz '2099-01-01 00:00:00+00'"
+            },
         ))
         .await;
     let (status, run1, seen) = run(&stack).await;
@@ -298,11 +304,19 @@ async fn cursor_reads_recent_rows(sqlite: bool, nats: bool) {
     // About the last hour of rows (a minute apart) and the new ones: not the 600.
     let read = rows_read(&run1);
     assert!((60..=70).contains(&read), "rows read: {read}, {run1}");
-    assert_eq!(run1["added"], 3, "{run1}");
-    assert_eq!(seen.to("POST /v1/events/send"), 3, "{seen:?}");
+    assert_eq!(run1["added"], 4, "{run1}");
+    assert_eq!(seen.to("POST /v1/events/send"), 4, "{seen:?}");
     // 1003 arrived 40 minutes late, inside the lookback: sent. 1004, five hours late: not read.
+    // 1005 is dated 2099: sent, and the watermark stops at now, not in 2099.
     let sent = sent(&stack).await;
-    for (id, expected) in [(1001, 1), (1002, 1), (1003, 1), (1004, 0), (1, 0)] {
+    for (id, expected) in [
+        (1001, 1),
+        (1002, 1),
+        (1003, 1),
+        (1004, 0),
+        (1005, 1),
+        (1, 0),
+    ] {
         assert_eq!(
             sent.get(&event_key(SYNC, &id.to_string()))
                 .copied()
@@ -321,9 +335,16 @@ async fn cursor_reads_recent_rows(sqlite: bool, nats: bool) {
     let (_, run2, seen) = run(&stack).await;
     assert_eq!(seen.writes(), 0, "{run2}");
     assert!(rows_read(&run2) <= 70, "{run2}");
+    stack
+        .sql(&format!(
+            "INSERT INTO user_events VALUES (1006, 'user1@example.com', 'paid', 'pro', 6, {now});"
+        ))
+        .await;
+    let (_, run3, seen) = run(&stack).await;
+    assert_eq!(seen.to("POST /v1/events/send"), 1, "{run3}");
 
     // The model holds every row: the runs above read only the recent ones.
-    assert_eq!(stack.count("SELECT count(*) FROM user_events").await, 604);
+    assert_eq!(stack.count("SELECT count(*) FROM user_events").await, 606);
 }
 
 /// With a cursor, a run reads only the rows at or after the last finished run's highest cursor

@@ -15,7 +15,7 @@ use loopsync_config::Config;
 use loopsync_core::destination::Destination;
 use loopsync_core::envelope::{ChangeKind, RequestCounts};
 use loopsync_core::spec::SyncSpec;
-use loopsync_extractor::{Decided, Decider, Decision};
+use loopsync_extractor::{Decided, Decider, Decision, Window};
 use loopsync_transformer::transform;
 use loopsync_warehouse::{
     DestinationBinding, ExtractCounts, RunSummary, Warehouse, WarehouseError,
@@ -152,7 +152,9 @@ pub async fn adopt(
         }
     }
     drop(rows);
-    let counts = decider.into_counts();
+    let mut counts = decider.into_counts();
+    // An adopted event sync starts from now: its watermark is its highest row, never later.
+    counts.cursor_high = Window::default().next_watermark(counts.cursor_high);
     warehouse.finish_adopt(run_id, &counts).await?;
     // Bound last: a sync whose adoption did not finish is still refused by the new
     // destination, so adopt is run again rather than a run sending a partial difference.

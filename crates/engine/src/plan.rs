@@ -154,7 +154,7 @@ pub async fn plan<E: std::error::Error + 'static>(
         take(&mut plan, decided)?;
     }
     plan.counts = decider.into_counts();
-    plan.counts.cursor_high = plan.counts.cursor_high.max(window.watermark);
+    plan.counts.cursor_high = window.next_watermark(plan.counts.cursor_high);
     plan.seconds_at_rate_budget = plan.requests as f64 / f64::from(requests_per_second);
     Ok(plan)
 }

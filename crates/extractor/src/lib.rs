@@ -115,7 +115,7 @@ impl ExtractorStage {
             self.take(&mut run, decided.decision).await?;
         }
         run.counts = decider.into_counts();
-        run.counts.cursor_high = run.counts.cursor_high.max(window.watermark);
+        run.counts.cursor_high = window.next_watermark(run.counts.cursor_high);
         self.flush(&mut run).await?;
         self.release_held(&mut run, request.allow_removals).await?;
         Ok(run.counts)
@@ -269,6 +269,19 @@ impl Window {
             .map(|w| w.saturating_sub(cursor.lookback_ms));
         Ok(Window { watermark, since })
     }
+
+    /// The watermark a run leaves (stored with it, the sync's once the run has finished well):
+    /// the highest cursor it read, never lower than the one it started from, and never later
+    /// than now — a row dated in the future (a typo, another time zone) is sent, but must not
+    /// move the window past the rows that will arrive before its date.
+    pub fn next_watermark(&self, read: Option<i64>) -> Option<i64> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(i64::MAX, |d| {
+                i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+            });
+        read.map(|high| high.min(now)).max(self.watermark)
+    }
 }
 
 struct RunState<'a> {
@@ -378,6 +391,37 @@ impl Handler for ExtractorStage {
         let request: RunRequest = codec::decode(payload)?;
         self.warehouse.fail_run(request.run_id, reason).await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod window_tests {
+    use super::Window;
+
+    /// A run's watermark: what it read, capped at now, never lower than where it started.
+    #[test]
+    fn the_next_watermark_never_goes_back_nor_into_the_future() {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        let window = Window {
+            watermark: Some(now - 60_000),
+            since: None,
+        };
+        assert_eq!(window.next_watermark(None), Some(now - 60_000));
+        assert_eq!(
+            window.next_watermark(Some(now - 120_000)),
+            Some(now - 60_000)
+        );
+        assert_eq!(
+            window.next_watermark(Some(now - 30_000)),
+            Some(now - 30_000)
+        );
+        let year_2099 = 4_070_908_800_000;
+        let capped = window.next_watermark(Some(year_2099)).unwrap();
+        assert!((now..now + 60_000).contains(&capped), "{capped}");
+        assert_eq!(Window::default().next_watermark(None), None);
     }
 }
 
