@@ -32,6 +32,10 @@ pub async fn run(config_path: &Path, args: ResetArgs) -> anyhow::Result<ExitCode
     let warehouse = open_warehouse(&config).await?;
     let sync = args.sync.as_str();
     let bound = warehouse.destination(sync).await?;
+    let next_run = config
+        .sync(sync)
+        .map(|s| reset::next_run(&s.spec))
+        .unwrap_or_default();
     // One run of a sync at a time: a run still going would write state again as Loops
     // confirms its records.
     if let Some(run) = reset::unfinished_run(&*warehouse, sync).await? {
@@ -53,8 +57,9 @@ pub async fn run(config_path: &Path, args: ResetArgs) -> anyhow::Result<ExitCode
             .map(|b| format!(", and its binding to {}", b.destination))
             .unwrap_or_default();
         eprint!(
-            "Forget the state of sync {sync} (what Loops confirmed for each record{bound})? Its \
-             next run sends every row of the model to the Loops the config points at. [y/N] "
+            "Forget the state of sync {sync} (what Loops confirmed for each record{bound})? {} \
+             [y/N] ",
+            next_run
         );
         std::io::stderr().flush()?;
         let mut answer = String::new();
@@ -76,7 +81,7 @@ pub async fn run(config_path: &Path, args: ResetArgs) -> anyhow::Result<ExitCode
         };
         println!(
             "sync {sync}: forgot the state of {} records and {binding}; its runs and records are \
-             kept. The next run sends every row of the model to the Loops the config points at.",
+             kept. {next_run}",
             reset.state_records
         );
     }

@@ -220,6 +220,15 @@ fn check_append(
                     "an event name is not empty and has no `:`",
                 ));
             }
+            if name.chars().count() > loopsync_core::value::MAX_CHARS {
+                return Err(invalid(
+                    at("event"),
+                    format!(
+                        "an event name has at most {} characters",
+                        loopsync_core::value::MAX_CHARS
+                    ),
+                ));
+            }
             EventName::Fixed(name.clone())
         }
         Some(RawEventName::Column(c)) => {

@@ -579,6 +579,9 @@ amount = { column = "amount", type = "number" }
         assert!(e.starts_with("sync[1].event: is required"), "{e}");
         let e = with("event = { column = \"event_name\" }", "event = \"a:b\"");
         assert!(e.starts_with("sync[1].event: "), "{e}");
+        let long = format!("event = \"{}\"", "e".repeat(501));
+        let e = with("event = { column = \"event_name\" }", &long);
+        assert!(e.contains("at most 500 characters"), "{e}");
         let e = with("\"90m\"", "\"soon\"");
         assert!(
             e.starts_with("sync[1].cursor_lookback: \"soon\" is not a duration"),

@@ -116,10 +116,8 @@ pub async fn adopt(
         for Decided { row, decision } in pushed.into_iter().flatten().chain(last) {
             match decision {
                 // An event sync's row sent before and changed since: adopted as it is now.
-                Decision::AlreadySent => {
-                    if let (Some(key), Some(values)) = (row.key, row.values) {
-                        batch.push((key, spec.fingerprint(&values), None, None));
-                    }
+                Decision::AlreadySent { key, fingerprint } => {
+                    batch.push((key, fingerprint, row.confirmed_email, row.confirmed_user_id));
                 }
                 Decision::Change(change) if change.kind != ChangeKind::Removed => {
                     match transform(spec, &change) {
@@ -154,7 +152,7 @@ pub async fn adopt(
     drop(rows);
     let mut counts = decider.into_counts();
     // An adopted event sync starts from now: its watermark is its highest row, never later.
-    counts.cursor_high = Window::default().next_watermark(counts.cursor_high);
+    Window::everything(spec).close(&mut counts);
     warehouse.finish_adopt(run_id, &counts).await?;
     // Bound last: a sync whose adoption did not finish is still refused by the new
     // destination, so adopt is run again rather than a run sending a partial difference.

@@ -154,7 +154,7 @@ pub async fn plan<E: std::error::Error + 'static>(
         take(&mut plan, decided)?;
     }
     plan.counts = decider.into_counts();
-    plan.counts.cursor_high = window.next_watermark(plan.counts.cursor_high);
+    window.close(&mut plan.counts);
     plan.seconds_at_rate_budget = plan.requests as f64 / f64::from(requests_per_second);
     Ok(plan)
 }
@@ -162,7 +162,7 @@ pub async fn plan<E: std::error::Error + 'static>(
 /// The record a decision plans, counted in `plan`.
 fn planned(
     spec: &SyncSpec,
-    Decided { row, decision }: Decided,
+    Decided { decision, .. }: Decided,
     plan: &mut SyncPlan,
 ) -> Option<PlannedRecord> {
     match decision {
@@ -186,8 +186,8 @@ fn planned(
             plan.invalid += 1;
             Some(PlannedRecord::invalid(key, reason))
         }
-        Decision::AlreadySent => Some(PlannedRecord {
-            key: row.key.unwrap_or_default(),
+        Decision::AlreadySent { key, .. } => Some(PlannedRecord {
+            key,
             change: PlannedChange::Ignored,
             operation: "none".into(),
             action: None,

@@ -2,7 +2,21 @@
 //! the sync's run to end (a run still going writes state again as Loops confirms its records),
 //! and goes ahead only on a clear yes.
 
+use loopsync_core::spec::SyncSpec;
 use loopsync_warehouse::{RunSummary, Warehouse, WarehouseError};
+
+/// What the sync's next run does once its state is forgotten, in words for the user.
+pub fn next_run(spec: &SyncSpec) -> String {
+    if spec.is_append() {
+        return format!(
+            "The next run sends every event of the model again: Loops refuses those it took in \
+             the last 24 hours (their idempotency keys are the same), the older ones fire again. \
+             To start from now instead, run loopsync adopt --sync {} after the reset.",
+            spec.name
+        );
+    }
+    "The next run sends every row of the model to the Loops the config points at.".to_owned()
+}
 
 /// The sync's newest run, if it has not finished: one run of a sync at a time, so this is the
 /// one a reset would race with.
@@ -29,6 +43,19 @@ mod tests {
     use loopsync_warehouse::SqliteWarehouse;
 
     use super::*;
+
+    /// An event sync's reset says that old events fire again, and how to start from now.
+    #[test]
+    fn a_reset_says_what_the_next_run_sends() {
+        let mut spec = crate::testing::spec();
+        assert!(next_run(&spec).contains("every row"));
+        spec.behavior = loopsync_core::spec::Behavior::Append;
+        let said = next_run(&spec);
+        assert!(
+            said.contains("24 hours") && said.contains("loopsync adopt --sync"),
+            "{said}"
+        );
+    }
 
     #[test]
     fn only_a_clear_yes_resets() {

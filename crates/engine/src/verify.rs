@@ -476,7 +476,7 @@ impl<'a> Walk<'a> {
                 }
             }
             // An event was sent, and its row changed since: no contact to compare.
-            Decision::AlreadySent => skipped.changed += 1,
+            Decision::AlreadySent { .. } => skipped.changed += 1,
             Decision::Change(change) => match change.kind {
                 ChangeKind::Removed => skipped.removed += 1,
                 _ if confirmed_fp == FORGOTTEN_FP => skipped.repaired += 1,

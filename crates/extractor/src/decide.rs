@@ -30,9 +30,10 @@ pub enum Decision {
     Nothing,
     /// Parked by `loopsync dlq park` at this very fingerprint: left alone until its data changes.
     Parked,
-    /// An event sync's row whose event Loops confirmed, with other values now: an event is
-    /// sent once, so nothing is sent (reported as `ignored: already sent`).
-    AlreadySent,
+    /// An event sync's row whose event Loops confirmed, with other values now (`fingerprint`):
+    /// an event is sent once, so nothing is sent. Reported once as `ignored: already sent`: the
+    /// run notes the new fingerprint as the event's, so the next run finds it unchanged.
+    AlreadySent { key: String, fingerprint: String },
 }
 
 /// What a run, `plan` and `runs` say of a row whose event was sent before and changed since.
@@ -152,9 +153,14 @@ fn decide_event(
                     rows: 1,
                 };
             }
-            Some(text) if parse_date_millis(&text).is_none() => {
+            // A number is not a time the warehouse can compare with one: the window could
+            // not keep it.
+            Some(text) if cursor_millis_of(&text).is_none() => {
                 return Decision::Invalid {
-                    reason: format!("the cursor {}: \"{text}\" is not a date", cursor.column),
+                    reason: format!(
+                        "the cursor {}: \"{text}\" is not a date or a time",
+                        cursor.column
+                    ),
                     key,
                     rows: 1,
                 };
@@ -168,7 +174,7 @@ fn decide_event(
     }
     match &row.confirmed_fp {
         Some(confirmed) if *confirmed == fingerprint => Decision::Unchanged,
-        Some(_) => Decision::AlreadySent,
+        Some(_) => Decision::AlreadySent { key, fingerprint },
         None => Decision::Change(change(ChangeKind::Added, fingerprint, values)),
     }
 }
@@ -177,6 +183,14 @@ fn decide_event(
 pub fn cursor_millis(spec: &SyncSpec, row: &DiffRow) -> Option<i64> {
     let cursor = spec.append.as_ref()?.cursor.as_ref()?;
     let text = row.values.as_ref()?.get(&cursor.column)?.as_deref()?;
+    cursor_millis_of(text)
+}
+
+/// A cursor's text as Unix milliseconds: a date or a time, never a bare number.
+fn cursor_millis_of(text: &str) -> Option<i64> {
+    if text.trim().parse::<f64>().is_ok() {
+        return None;
+    }
     parse_date_millis(text)
 }
 
@@ -198,7 +212,7 @@ pub fn tally(counts: &mut ExtractCounts, decision: &Decision) {
         // A parked record is counted with the unchanged: the run sends nothing for it.
         Decision::Unchanged | Decision::Parked => counts.unchanged += 1,
         Decision::RemovedKept => counts.removed += 1,
-        Decision::AlreadySent => counts.ignored += 1,
+        Decision::AlreadySent { .. } => counts.ignored += 1,
         Decision::Nothing => {}
     }
 }
@@ -706,13 +720,14 @@ mod event_tests {
             row("4", None, None),
             row("5", Some("soon"), None),
             row("6", Some("2026-01-01"), None),
+            row("7", Some("1767322800"), None),
         ] {
             decisions.extend(decider.push(r).map(|d| d.decision));
         }
         decisions.extend(decider.finish().map(|d| d.decision));
         assert!(matches!(&decisions[0], Decision::Change(c) if c.kind == ChangeKind::Added));
         assert_eq!(decisions[1], Decision::Unchanged);
-        assert_eq!(decisions[2], Decision::AlreadySent);
+        assert!(matches!(&decisions[2], Decision::AlreadySent { key, .. } if key == "3"));
         assert!(
             matches!(&decisions[3], Decision::Invalid { reason, .. } if reason.contains("cursor at is NULL"))
         );
@@ -727,7 +742,10 @@ mod event_tests {
                 counts.ignored,
                 counts.invalid_rows
             ),
-            (2, 1, 1, 2)
+            (2, 1, 1, 3)
+        );
+        assert!(
+            matches!(&decisions[6], Decision::Invalid { reason, .. } if reason.contains("not a date or a time"))
         );
         assert_eq!(counts.cursor_high, parse_date_millis(when));
         let gone = DiffRow {

@@ -95,6 +95,7 @@ impl ExtractorStage {
             counts: ExtractCounts::default(),
             changes: Vec::new(),
             invalid: Vec::new(),
+            already_sent: Vec::new(),
             held: Vec::new(),
             written_emails: HashSet::new(),
             hasher: RandomState::new(),
@@ -108,14 +109,14 @@ impl ExtractorStage {
             run.confirmed += u64::from(row.confirmed_fp.is_some());
             run.model_rows += u64::from(row.values.is_some());
             for decided in decider.push(row) {
-                self.take(&mut run, decided.decision).await?;
+                self.take(&mut run, decided).await?;
             }
         }
         if let Some(decided) = decider.finish() {
-            self.take(&mut run, decided.decision).await?;
+            self.take(&mut run, decided).await?;
         }
         run.counts = decider.into_counts();
-        run.counts.cursor_high = window.next_watermark(run.counts.cursor_high);
+        window.close(&mut run.counts);
         self.flush(&mut run).await?;
         self.release_held(&mut run, request.allow_removals).await?;
         Ok(run.counts)
@@ -187,7 +188,11 @@ impl ExtractorStage {
     }
 
     /// Acts on one key's decision: holds, queues or notes it, publishing a batch when full.
-    async fn take(&self, run: &mut RunState<'_>, decision: Decision) -> Result<(), ExtractError> {
+    async fn take(
+        &self,
+        run: &mut RunState<'_>,
+        Decided { row, decision }: Decided,
+    ) -> Result<(), ExtractError> {
         match decision {
             Decision::Change(mut change) => {
                 run.installation.clone_into(&mut change.installation);
@@ -204,13 +209,20 @@ impl ExtractorStage {
                 run.installation,
                 reason,
             )),
-            Decision::Unchanged
-            | Decision::RemovedKept
-            | Decision::Nothing
-            | Decision::Parked
-            | Decision::AlreadySent => {}
+            Decision::Unchanged | Decision::RemovedKept | Decision::Nothing | Decision::Parked => {}
+            // Its event is in Loops: the new values are noted as the event's, so only this run
+            // reports them (nothing is sent either way).
+            Decision::AlreadySent { key, fingerprint } => run.already_sent.push((
+                key,
+                fingerprint,
+                row.confirmed_email,
+                row.confirmed_user_id,
+            )),
         }
-        if run.changes.len() >= EMIT_BATCH || run.invalid.len() >= EMIT_BATCH {
+        if run.changes.len() >= EMIT_BATCH
+            || run.invalid.len() >= EMIT_BATCH
+            || run.already_sent.len() >= EMIT_BATCH
+        {
             self.flush(run).await?;
         }
         Ok(())
@@ -232,6 +244,12 @@ impl ExtractorStage {
                 publish::change(&*self.bus, &change).await?;
             }
         }
+        if !run.already_sent.is_empty() {
+            self.warehouse
+                .adopt(&run.spec.name, run.run_id, &run.already_sent)
+                .await?;
+            run.already_sent.clear();
+        }
         if !run.invalid.is_empty() {
             self.warehouse.record_outcomes(&run.invalid).await?;
             run.invalid.clear();
@@ -242,13 +260,18 @@ impl ExtractorStage {
 
 /// What a run of a sync reads of its model: every row, except for an event sync with a cursor
 /// (see [`Window::read`]).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Window {
+    /// The cursor column, for an event sync with a cursor.
+    pub column: Option<String>,
     /// The sync's watermark (Unix milliseconds): carried into the run's own, so it never goes
     /// back.
     pub watermark: Option<i64>,
     /// Read rows whose cursor is at or after this (Unix milliseconds); `None`: every row.
     pub since: Option<i64>,
+    /// A replay of some keys: it reads them wherever their cursor is, and leaves the watermark
+    /// where it stood (the dead letters it does not replay are still behind it).
+    pub replay: bool,
 }
 
 impl Window {
@@ -263,11 +286,37 @@ impl Window {
         let Some(cursor) = spec.append.as_ref().and_then(|a| a.cursor.as_ref()) else {
             return Ok(Window::default());
         };
-        let watermark = warehouse.cursor_watermark(&spec.name).await?;
+        let watermark = warehouse
+            .cursor_watermark(&spec.name, &cursor.column)
+            .await?;
         let since = watermark
             .filter(|_| !replay)
             .map(|w| w.saturating_sub(cursor.lookback_ms));
-        Ok(Window { watermark, since })
+        Ok(Window {
+            column: Some(cursor.column.clone()),
+            watermark,
+            since,
+            replay,
+        })
+    }
+
+    /// The window of a run that reads every row from no watermark (`loopsync adopt`).
+    pub fn everything(spec: &SyncSpec) -> Window {
+        Window {
+            column: spec
+                .append
+                .as_ref()
+                .and_then(|a| a.cursor.as_ref())
+                .map(|c| c.column.clone()),
+            ..Window::default()
+        }
+    }
+
+    /// Records in `counts` the watermark the run leaves (see [`Window::next_watermark`]) and
+    /// the column it is of: a watermark of another column is never used.
+    pub fn close(&self, counts: &mut ExtractCounts) {
+        counts.cursor_high = self.next_watermark(counts.cursor_high);
+        counts.cursor_column = self.column.clone().filter(|_| counts.cursor_high.is_some());
     }
 
     /// The watermark a run leaves (stored with it, the sync's once the run has finished well):
@@ -275,6 +324,9 @@ impl Window {
     /// than now — a row dated in the future (a typo, another time zone) is sent, but must not
     /// move the window past the rows that will arrive before its date.
     pub fn next_watermark(&self, read: Option<i64>) -> Option<i64> {
+        if self.replay {
+            return self.watermark;
+        }
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(i64::MAX, |d| {
@@ -293,6 +345,9 @@ struct RunState<'a> {
     /// Changes waiting to be noted and published (at most a batch).
     changes: Vec<RowChange>,
     invalid: Vec<Outcome>,
+    /// An event sync's rows sent before and changed since: (key, fingerprint, email, userId),
+    /// noted as the events' current values.
+    already_sent: Vec<(String, String, Option<String>, Option<String>)>,
     /// Removals, and re-keys that would remove an old contact: sent once the model is read.
     held: Vec<RowChange>,
     /// The emails this run writes (identified by email), as 64-bit hashes, noted only when
@@ -407,7 +462,7 @@ mod window_tests {
             .as_millis() as i64;
         let window = Window {
             watermark: Some(now - 60_000),
-            since: None,
+            ..Window::default()
         };
         assert_eq!(window.next_watermark(None), Some(now - 60_000));
         assert_eq!(
@@ -422,6 +477,15 @@ mod window_tests {
         let capped = window.next_watermark(Some(year_2099)).unwrap();
         assert!((now..now + 60_000).contains(&capped), "{capped}");
         assert_eq!(Window::default().next_watermark(None), None);
+        let replay = Window {
+            replay: true,
+            ..window
+        };
+        assert_eq!(
+            replay.next_watermark(Some(now)),
+            Some(now - 60_000),
+            "a replay keeps it"
+        );
     }
 }
 
@@ -459,6 +523,7 @@ mod held_tests {
             counts: ExtractCounts::default(),
             changes: Vec::new(),
             invalid: Vec::new(),
+            already_sent: Vec::new(),
             held: Vec::new(),
             written_emails: HashSet::new(),
             hasher: RandomState::new(),

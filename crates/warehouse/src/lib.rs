@@ -16,6 +16,7 @@ use futures::stream::BoxStream;
 use loopsync_core::destination::Destination;
 use loopsync_core::envelope::{Outcome, OutcomeStatus, RequestCounts, UnknownName};
 use loopsync_core::spec::SyncSpec;
+use loopsync_core::value::millis_to_rfc3339;
 use loopsync_core::{Classified, ErrorClass};
 use serde::Serialize;
 
@@ -131,6 +132,8 @@ pub struct ExtractCounts {
     /// this run's rows and the watermark it started from. Once the run has finished with no
     /// dead letter, it is the sync's watermark (see [`Warehouse::cursor_watermark`]).
     pub cursor_high: Option<i64>,
+    /// The cursor column `cursor_high` is of.
+    pub cursor_column: Option<String>,
 }
 
 /// A run, with its counts. Rows of the model: `added + changed + unchanged + invalid_rows` is
@@ -348,10 +351,15 @@ pub trait Warehouse: Send + Sync + 'static {
         since: Option<i64>,
     ) -> Result<BoxStream<'static, Result<DiffRow, WarehouseError>>, WarehouseError>;
 
-    /// An event sync's watermark: the highest cursor value (Unix milliseconds) of its latest
-    /// run that finished with no dead letter (`succeeded`, `adopted`, or `degraded` by invalid
-    /// or rejected records), since its state was last reset.
-    async fn cursor_watermark(&self, sync: &str) -> Result<Option<i64>, WarehouseError>;
+    /// An event sync's watermark on cursor `column`: the highest cursor value (Unix
+    /// milliseconds) of its latest run over that column that finished with no dead letter
+    /// (`succeeded`, `adopted`, or `degraded` by invalid or rejected records), since its state
+    /// was last reset.
+    async fn cursor_watermark(
+        &self,
+        sync: &str,
+        column: &str,
+    ) -> Result<Option<i64>, WarehouseError>;
 
     /// Checks that the model runs and has the primary key and every mapped column, without
     /// reading a row.
@@ -606,8 +614,10 @@ pub(crate) fn model_sql(model: &str) -> &str {
     model.trim().trim_end_matches(';').trim_end()
 }
 
-/// The model's key and mapped columns, no rows: what `check_model` prepares.
-pub(crate) fn probe_sql(spec: &SyncSpec) -> String {
+/// The model's key and mapped columns, no rows: what `check_model` prepares. `cursor`: an event
+/// sync's cursor condition (see [`cursor_condition`]), so a cursor the warehouse cannot compare
+/// as a time is found here.
+pub(crate) fn probe_sql(spec: &SyncSpec, cursor: Option<String>) -> String {
     let mut columns = vec![format!("model.{}", quote_ident(&spec.primary_key))];
     columns.extend(
         spec.columns()
@@ -615,9 +625,10 @@ pub(crate) fn probe_sql(spec: &SyncSpec) -> String {
             .map(|c| format!("model.{}", quote_ident(c))),
     );
     format!(
-        "SELECT {} FROM ({}) AS model LIMIT 0",
+        "SELECT {} FROM ({}) AS model{} LIMIT 0",
         columns.join(", "),
-        model_sql(&spec.model)
+        model_sql(&spec.model),
+        cursor.map(|c| format!(" WHERE {c}")).unwrap_or_default()
     )
 }
 
@@ -689,16 +700,27 @@ pub(crate) fn diff_sql(
 /// or `degraded` by invalid or rejected records only. A run with dead letters (Loops failing
 /// for longer than the retries) does not move it, so the next run reads those events again and
 /// sends them, however long the outage; a dead letter that is parked no longer holds it.
-pub(crate) fn watermark_sql(runs: &str, records: &str, param: &str) -> String {
+pub(crate) fn watermark_sql(runs: &str, records: &str, sync: &str, column: &str) -> String {
     format!(
         "SELECT r.cursor_high FROM {runs} r
-          WHERE r.sync = {param} AND r.cursor_high IS NOT NULL
+          WHERE r.sync = {sync} AND r.cursor_high IS NOT NULL AND r.cursor_column = {column}
             AND (r.status IN ('succeeded', 'adopted')
                  OR (r.status = 'degraded'
                      AND NOT EXISTS (SELECT 1 FROM {records} x
                                       WHERE x.run_id = r.id AND x.outcome = 'dead_lettered')))
           ORDER BY r.id DESC LIMIT 1"
     )
+}
+
+/// The cursor an event sync's read starts from when it has no watermark (its first run, a
+/// replay): the year 1. Such a sync always reads through its cursor condition, so a cursor
+/// column the warehouse cannot compare as a time fails its first run (and `check`), not only the
+/// runs after.
+pub(crate) const EARLIEST_CURSOR: &str = "0001-01-01T00:00:00.000Z";
+
+/// `since` as the text a read's cursor parameter takes.
+pub(crate) fn cursor_since(since: Option<i64>) -> String {
+    since.map_or_else(|| EARLIEST_CURSOR.to_owned(), millis_to_rfc3339)
 }
 
 /// The condition that keeps an event sync's model rows at or after a cursor value: the cursor

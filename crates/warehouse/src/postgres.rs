@@ -12,15 +12,16 @@ use futures::stream::BoxStream;
 use loopsync_core::destination::Destination;
 use loopsync_core::envelope::{Outcome, OutcomeStatus, RequestCounts};
 use loopsync_core::spec::SyncSpec;
-use loopsync_core::value::{EMAIL_TRIM, millis_to_rfc3339};
+use loopsync_core::value::EMAIL_TRIM;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Row};
 
 use crate::{
-    DestinationBinding, DiffRow, ExtractCounts, LEASE, RecordResult, RunSummary, StateReset,
-    Warehouse, WarehouseError, cursor_condition, diff_sql, is_removal, probe_sql,
-    record_requests_sql, requests_of, stored, summary_request_sql, summary_rows_sql, watermark_sql,
+    DestinationBinding, DiffRow, EARLIEST_CURSOR, ExtractCounts, LEASE, RecordResult, RunSummary,
+    StateReset, Warehouse, WarehouseError, cursor_condition, cursor_since, diff_sql, is_removal,
+    probe_sql, record_requests_sql, requests_of, stored, summary_request_sql, summary_rows_sql,
+    watermark_sql,
 };
 
 const SCHEMA: &str = "
@@ -84,6 +85,7 @@ ALTER TABLE loopsync.state ADD COLUMN IF NOT EXISTS generation bigint NOT NULL D
 ALTER TABLE loopsync.runs ADD COLUMN IF NOT EXISTS heartbeat_at timestamptz;
 ALTER TABLE loopsync.runs ADD COLUMN IF NOT EXISTS ignored bigint NOT NULL DEFAULT 0;
 ALTER TABLE loopsync.runs ADD COLUMN IF NOT EXISTS cursor_high bigint;
+ALTER TABLE loopsync.runs ADD COLUMN IF NOT EXISTS cursor_column text;
 CREATE TABLE IF NOT EXISTS loopsync.installation (
     one boolean PRIMARY KEY DEFAULT true CHECK (one),
     id text NOT NULL
@@ -490,11 +492,7 @@ impl Pg {
             "$1",
             "COLLATE \"C\"",
             email_key,
-            since.and_then(|_| {
-                cursor_condition(spec, |c| {
-                    format!("{c} >= CAST(CAST($2 AS text) AS timestamptz)")
-                })
-            }),
+            cursor_condition(spec, |c| at_or_after(c, "CAST($2 AS text)")),
         );
         let model_error = |e: tokio_postgres::Error| {
             let is_model = e
@@ -510,9 +508,7 @@ impl Pg {
             }
         };
         let statement = client.prepare(&sql).await.map_err(model_error)?;
-        let since = since
-            .filter(|_| statement.params().len() > 1)
-            .map(millis_to_rfc3339);
+        let since = (statement.params().len() > 1).then(|| cursor_since(since));
         let mut params: Vec<&(dyn ToSql + Sync)> = vec![&spec.name];
         if let Some(since) = &since {
             params.push(since);
@@ -551,13 +547,17 @@ impl Pg {
         Ok(stream.boxed())
     }
 
-    async fn cursor_watermark(&self, sync: &str) -> Result<Option<i64>, WarehouseError> {
+    async fn cursor_watermark(
+        &self,
+        sync: &str,
+        column: &str,
+    ) -> Result<Option<i64>, WarehouseError> {
         let row = self
             .client()
             .await?
             .query_opt(
-                &watermark_sql("loopsync.runs", "loopsync.records", "$1"),
-                &[&sync],
+                &watermark_sql("loopsync.runs", "loopsync.records", "$1", "$2"),
+                &[&sync, &column],
             )
             .await
             .map_err(query_error("read a sync's cursor"))?;
@@ -567,7 +567,13 @@ impl Pg {
     async fn check_model(&self, spec: &SyncSpec) -> Result<(), WarehouseError> {
         self.client()
             .await?
-            .query(&probe_sql(spec), &[])
+            .query(
+                &probe_sql(
+                    spec,
+                    cursor_condition(spec, |c| at_or_after(c, &format!("'{EARLIEST_CURSOR}'"))),
+                ),
+                &[],
+            )
             .await
             .map_err(|e| WarehouseError::Model {
                 sync: spec.name.clone(),
@@ -712,7 +718,8 @@ impl Pg {
                                         SELECT key FROM loopsync.state WHERE sync = r.sync AND emitted_run = $1
                                         UNION SELECT key FROM loopsync.records WHERE run_id = $1) AS k),
                         added = $2, changed = $3, removed = $4, unchanged = $5, invalid_rows = $6,
-                        error = COALESCE($7, error), ignored = $8, cursor_high = $9
+                        error = COALESCE($7, error), ignored = $8, cursor_high = $9,
+                        cursor_column = $10
                   WHERE id = $1 AND status = 'extracting'",
                 &[
                     &run_id,
@@ -724,6 +731,7 @@ impl Pg {
                     &counts.error,
                     &counts.ignored,
                     &counts.cursor_high,
+                    &counts.cursor_column,
                 ],
             )
             .await
@@ -796,7 +804,7 @@ impl Pg {
             .execute(
                 "UPDATE loopsync.runs SET status = 'adopted', extracted_at = now(), finished_at = now(),
                         expected = 0, added = $2, changed = $3, removed = $4, unchanged = $5,
-                        invalid_rows = $6, ignored = $7, cursor_high = $8
+                        invalid_rows = $6, ignored = $7, cursor_high = $8, cursor_column = $9
                   WHERE id = $1",
                 &[
                     &run_id,
@@ -807,6 +815,7 @@ impl Pg {
                     &counts.invalid_rows,
                     &counts.ignored,
                     &counts.cursor_high,
+                    &counts.cursor_column,
                 ],
             )
             .await
@@ -1274,6 +1283,13 @@ impl Pg {
         })
     }
 }
+/// An event sync's cursor `column` at or after the time `since` (an SQL text expression).
+/// The session's time zone is UTC (see `diff`), so a `timestamp` without time zone reads as
+/// UTC, as the extractor reads its text.
+fn at_or_after(column: &str, since: &str) -> String {
+    format!("{column} >= CAST({since} AS timestamptz)")
+}
+
 #[async_trait]
 impl Warehouse for PgWarehouse {
     async fn prepare(&self) -> Result<(), WarehouseError> {
@@ -1288,8 +1304,12 @@ impl Warehouse for PgWarehouse {
         self.within("diff", self.pg.diff(spec, since)).await
     }
 
-    async fn cursor_watermark(&self, sync: &str) -> Result<Option<i64>, WarehouseError> {
-        self.within("read a cursor", self.pg.cursor_watermark(sync))
+    async fn cursor_watermark(
+        &self,
+        sync: &str,
+        column: &str,
+    ) -> Result<Option<i64>, WarehouseError> {
+        self.within("read a cursor", self.pg.cursor_watermark(sync, column))
             .await
     }
 

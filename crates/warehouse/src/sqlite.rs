@@ -11,13 +11,14 @@ use futures::stream::BoxStream;
 use loopsync_core::destination::Destination;
 use loopsync_core::envelope::{Outcome, OutcomeStatus, RequestCounts};
 use loopsync_core::spec::SyncSpec;
-use loopsync_core::value::{EMAIL_TRIM, millis_to_rfc3339};
+use loopsync_core::value::EMAIL_TRIM;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::{
-    DestinationBinding, DiffRow, ExtractCounts, LEASE, RecordResult, RunSummary, StateReset,
-    Warehouse, WarehouseError, cursor_condition, diff_sql, is_removal, probe_sql,
-    record_requests_sql, requests_of, summary_request_sql, summary_rows_sql, watermark_sql,
+    DestinationBinding, DiffRow, EARLIEST_CURSOR, ExtractCounts, LEASE, RecordResult, RunSummary,
+    StateReset, Warehouse, WarehouseError, cursor_condition, cursor_since, diff_sql, is_removal,
+    probe_sql, record_requests_sql, requests_of, summary_request_sql, summary_rows_sql,
+    watermark_sql,
 };
 
 /// The Loops destination each sync's state is bound to (PostgreSQL's `DESTINATIONS`).
@@ -69,7 +70,7 @@ CREATE TABLE IF NOT EXISTS loopsync_attempts (
 
 /// Columns added after the first release: SQLite has no `ADD COLUMN IF NOT EXISTS`, so
 /// `prepare` adds each one its table lacks (PostgreSQL's `SCHEMA` says the same).
-const ADDED_COLUMNS: [(&str, &str, &str); 17] = [
+const ADDED_COLUMNS: [(&str, &str, &str); 18] = [
     ("loopsync_state", "generation", "INTEGER NOT NULL DEFAULT 0"),
     ("loopsync_runs", "heartbeat_at", "TEXT"),
     ("loopsync_state", "confirmed_email", "TEXT"),
@@ -107,6 +108,7 @@ const ADDED_COLUMNS: [(&str, &str, &str); 17] = [
     ),
     ("loopsync_runs", "ignored", "INTEGER NOT NULL DEFAULT 0"),
     ("loopsync_runs", "cursor_high", "INTEGER"),
+    ("loopsync_runs", "cursor_column", "TEXT"),
 ];
 
 /// Creates the tables and adds the columns they lack, in one write transaction (so two
@@ -294,6 +296,14 @@ fn summary(row: &rusqlite::Row<'_>) -> rusqlite::Result<RunSummary> {
     Ok(summary)
 }
 
+/// An event sync's cursor `column` at or after the time `since` (an SQL expression), compared
+/// by `julianday`. A value SQLite cannot read as a time (`julianday` is NULL: a number, an
+/// offset such as `+00`) is read on every run, for the extractor to send or refuse: never
+/// dropped silently.
+fn at_or_after(column: &str, since: &str) -> String {
+    format!("julianday({column}) IS NULL OR julianday({column}) >= julianday({since})")
+}
+
 #[async_trait]
 impl Warehouse for SqliteWarehouse {
     async fn prepare(&self) -> Result<(), WarehouseError> {
@@ -305,9 +315,8 @@ impl Warehouse for SqliteWarehouse {
         spec: &SyncSpec,
         since: Option<i64>,
     ) -> Result<BoxStream<'static, Result<DiffRow, WarehouseError>>, WarehouseError> {
-        let condition = since
-            .and_then(|_| cursor_condition(spec, |c| format!("julianday({c}) >= julianday(?2)")));
-        let since = condition.as_ref().and(since).map(millis_to_rfc3339);
+        let condition = cursor_condition(spec, |c| at_or_after(c, "?2"));
+        let since = condition.as_ref().map(|_| cursor_since(since));
         let sql = diff_sql(
             spec,
             |e| format!("CAST({e} AS TEXT)"),
@@ -405,12 +414,16 @@ impl Warehouse for SqliteWarehouse {
         .boxed())
     }
 
-    async fn cursor_watermark(&self, sync: &str) -> Result<Option<i64>, WarehouseError> {
-        let sync = sync.to_owned();
+    async fn cursor_watermark(
+        &self,
+        sync: &str,
+        column: &str,
+    ) -> Result<Option<i64>, WarehouseError> {
+        let (sync, column) = (sync.to_owned(), column.to_owned());
         self.with(move |c| {
             c.query_row(
-                &watermark_sql("loopsync_runs", "loopsync_records", "?1"),
-                params![sync],
+                &watermark_sql("loopsync_runs", "loopsync_records", "?1", "?2"),
+                params![sync, column],
                 |r| r.get(0),
             )
             .optional()
@@ -420,7 +433,10 @@ impl Warehouse for SqliteWarehouse {
     }
 
     async fn check_model(&self, spec: &SyncSpec) -> Result<(), WarehouseError> {
-        let sql = probe_sql(spec);
+        let sql = probe_sql(
+            spec,
+            cursor_condition(spec, |c| at_or_after(c, &format!("'{EARLIEST_CURSOR}'"))),
+        );
         let sync = spec.name.clone();
         self.with(move |c| {
             c.prepare(&sql)
@@ -569,7 +585,8 @@ impl Warehouse for SqliteWarehouse {
                                 SELECT key FROM loopsync_state WHERE sync = loopsync_runs.sync AND emitted_run = ?1
                                 UNION SELECT key FROM loopsync_records WHERE run_id = ?1)),
                             added = ?2, changed = ?3, removed = ?4, unchanged = ?5, invalid_rows = ?6,
-                            error = COALESCE(?7, error), ignored = ?8, cursor_high = ?9
+                            error = COALESCE(?7, error), ignored = ?8, cursor_high = ?9,
+                            cursor_column = ?10
                       WHERE id = ?1 AND status = 'extracting'"
                 ),
                 params![
@@ -581,7 +598,8 @@ impl Warehouse for SqliteWarehouse {
                     counts.invalid_rows,
                     counts.error,
                     counts.ignored,
-                    counts.cursor_high
+                    counts.cursor_high,
+                    counts.cursor_column
                 ],
             )
             .map_err(error("finish an extraction"))?;
@@ -665,7 +683,7 @@ impl Warehouse for SqliteWarehouse {
                 &format!(
                     "UPDATE loopsync_runs SET status = 'adopted', extracted_at = {NOW}, finished_at = {NOW},
                             expected = 0, added = ?2, changed = ?3, removed = ?4, unchanged = ?5,
-                            invalid_rows = ?6, ignored = ?7, cursor_high = ?8
+                            invalid_rows = ?6, ignored = ?7, cursor_high = ?8, cursor_column = ?9
                       WHERE id = ?1"
                 ),
                 params![
@@ -676,7 +694,8 @@ impl Warehouse for SqliteWarehouse {
                     counts.unchanged,
                     counts.invalid_rows,
                     counts.ignored,
-                    counts.cursor_high
+                    counts.cursor_high,
+                    counts.cursor_column
                 ],
             )
             .map_err(error("finish an adoption"))?;
