@@ -1284,3 +1284,19 @@ async fn postgres_event_windows_without_time_zone() {
 async fn sqlite_event_windows() {
     event_windows(sqlite(), "text").await;
 }
+
+/// A cursor PostgreSQL cannot compare as a time (a number) fails the model's check, before
+/// any run; a time column passes.
+#[tokio::test]
+async fn postgres_a_numeric_cursor_fails_the_check() {
+    let Some(f) = postgres().await else {
+        return;
+    };
+    f.warehouse.prepare().await.unwrap();
+    (f.exec)("CREATE TABLE ev (id integer, email text, at bigint, ts timestamptz);".into()).await;
+    let mut spec = events_spec();
+    let e = f.warehouse.check_model(&spec).await.unwrap_err();
+    assert!(matches!(e, WarehouseError::Model { .. }), "{e}");
+    spec.model = "select id, email, ts as at from ev".into();
+    f.warehouse.check_model(&spec).await.unwrap();
+}
