@@ -15,30 +15,13 @@
 # user may create databases), Linux (/proc). LOOPSYNC_BIN names the binary; else the release
 # build is made (cargo build --release -p loopsync) and used.
 set -euo pipefail
-export PGOPTIONS="${PGOPTIONS:-} -c client_min_messages=warning"
 cd "$(dirname "$0")/.."
 
 rows=${1:-1000000}
 baseline=${2:-100000}
-pg_url=${LOOPSYNC_BENCH_PG_URL:-${LOOPSYNC_TEST_PG_URL:-}}
-if [ -z "$pg_url" ]; then
-  echo "set LOOPSYNC_BENCH_PG_URL (or LOOPSYNC_TEST_PG_URL) to a PostgreSQL URL" >&2
-  exit 2
-fi
-if [ -z "${LOOPSYNC_BIN:-}" ]; then
-  cargo build --release -p loopsync >&2
-  # Wherever the target folder is (CARGO_TARGET_DIR, or ./target).
-  target_dir=$(cargo metadata --format-version 1 --no-deps \
-    | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
-  LOOPSYNC_BIN=$target_dir/release/loopsync
-fi
-bin=$LOOPSYNC_BIN
 db=loopsync_bench_memory
-# The same server, our own database: replace the path of the URL.
-base=${pg_url%%\?*}
-bench_url="${base%/*}/$db"
-
-work=$(mktemp -d "${TMPDIR:-/tmp}/loopsync-bench.XXXXXX")
+# pg_url, bin, bench_url and work (see the file).
+. scripts/bench-lib.sh
 sim_pid=""
 run_pid=""
 cleanup() {

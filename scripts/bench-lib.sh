@@ -1,0 +1,24 @@
+# The set-up every bench script shares; sourced (`. scripts/bench-lib.sh`) from the repository's
+# root, after the script has set `db`, the name of its own database. It leaves:
+#   pg_url     the PostgreSQL server (LOOPSYNC_BENCH_PG_URL, else LOOPSYNC_TEST_PG_URL)
+#   bin        the loopsync binary (LOOPSYNC_BIN, else a release build made now)
+#   bench_url  the URL of database `db` on that server
+#   work       a new temporary folder
+export PGOPTIONS="${PGOPTIONS:-} -c client_min_messages=warning"
+pg_url=${LOOPSYNC_BENCH_PG_URL:-${LOOPSYNC_TEST_PG_URL:-}}
+if [ -z "$pg_url" ]; then
+  echo "set LOOPSYNC_BENCH_PG_URL (or LOOPSYNC_TEST_PG_URL) to a PostgreSQL URL" >&2
+  exit 2
+fi
+if [ -z "${LOOPSYNC_BIN:-}" ]; then
+  cargo build --release -p loopsync >&2
+  # Wherever the target folder is (CARGO_TARGET_DIR, or ./target).
+  target_dir=$(cargo metadata --format-version 1 --no-deps \
+    | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+  LOOPSYNC_BIN=$target_dir/release/loopsync
+fi
+bin=$LOOPSYNC_BIN
+# The same server, our own database: replace the path of the URL.
+base=${pg_url%%\?*}
+bench_url="${base%/*}/$db"
+work=$(mktemp -d "${TMPDIR:-/tmp}/loopsync-bench.XXXXXX")
