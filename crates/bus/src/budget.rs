@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use loopsync_core::secret::ApiKey;
 
 use crate::{BusError, Coordination};
 
@@ -33,16 +32,17 @@ pub enum RateBudget {
 }
 
 impl RateBudget {
-    /// The team's budget on `bus`: one per API key, whatever the number of syncs and workers
-    /// (named by [`ApiKey::budget_name`], which never shows the key).
+    /// The team's budget `name` on `bus`, whatever the number of syncs and workers: one per
+    /// Loops team (the config's `LoopsConfig::budget_name`, or `ApiKey::budget_name`: never
+    /// the key itself).
     pub fn shared(
         bus: Arc<dyn Coordination>,
-        api_key: &ApiKey,
+        name: String,
         requests_per_second: u32,
     ) -> RateBudget {
         RateBudget::Shared {
             bus,
-            name: api_key.budget_name(),
+            name,
             period: slot_period(requests_per_second),
         }
     }

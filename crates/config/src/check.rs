@@ -60,6 +60,9 @@ fn check_loops(loops: &LoopsConfig) -> Result<(), ConfigError> {
     if loops.timeout_seconds.is_nan() || loops.timeout_seconds <= 0.0 {
         return Err(invalid("loops.timeout_seconds", "must be positive"));
     }
+    if loops.team.as_deref().is_some_and(|t| t.trim().is_empty()) {
+        return Err(invalid("loops.team", "is empty"));
+    }
     Ok(())
 }
 

@@ -74,11 +74,28 @@ pub struct LoopsConfig {
     /// Operations in flight per loader process.
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
+    /// Names the team's shared rate budget, so that two API keys of one Loops team share it.
+    /// Without it, each key has a budget of its own.
+    #[serde(default)]
+    pub team: Option<String>,
 }
 
 impl LoopsConfig {
     pub fn timeout(&self) -> Duration {
         Duration::from_secs_f64(self.timeout_seconds)
+    }
+
+    /// The name of the rate budget every worker and sync of this config draws from: the
+    /// team's when `team` is set (two keys of one team share it), else the API key's. A digest
+    /// either way, so neither the key nor the team's name is readable in it.
+    pub fn budget_name(&self) -> String {
+        match &self.team {
+            Some(team) => format!(
+                "team-{}",
+                loopsync_core::keys::record_id("loops-team", team.trim())
+            ),
+            None => self.api_key.budget_name(),
+        }
     }
 }
 
@@ -606,6 +623,44 @@ amount = { column = "amount", type = "number" }
             .replace("identify_by = \"email\"", "identify_by = \"userId\"")
             .replace("email = \"email\"", "userId = \"user_id\"");
         assert!(Config::parse(&format!("{EXAMPLE}{by_user}"), env).is_ok());
+    }
+
+    /// `[loops] team` names the rate budget: two keys of one team share it; without it, each
+    /// key has its own. An empty team is refused.
+    #[test]
+    fn a_team_shares_its_budget_across_keys() {
+        let with = |key: &str, team: &str| {
+            Config::parse(
+                &EXAMPLE.replace(
+                    "requests_per_second = 10",
+                    &format!("requests_per_second = 10\n{team}"),
+                ),
+                |_| Some(key.to_owned()),
+            )
+            .unwrap()
+            .loops
+            .budget_name()
+        };
+        assert_eq!(
+            with("key-a", "team = \"acme\""),
+            with("key-b", "team = \"acme\"")
+        );
+        assert_ne!(
+            with("key-a", "team = \"acme\""),
+            with("key-a", "team = \"other\"")
+        );
+        assert_ne!(with("key-a", ""), with("key-b", ""));
+        assert_eq!(
+            with("key-a", ""),
+            ApiKey::new("key-a").unwrap().budget_name(),
+            "without a team, the key's budget as before"
+        );
+        assert!(!with("key-a", "team = \"acme\"").contains("acme"));
+        let e = error_of(&EXAMPLE.replace(
+            "requests_per_second = 10",
+            "requests_per_second = 10\nteam = \" \"",
+        ));
+        assert_eq!(e, "loops.team: is empty");
     }
 
     /// The TOML parser's error is kept as the source, and the message still says it.

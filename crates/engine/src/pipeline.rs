@@ -55,7 +55,7 @@ impl Pipeline {
         } = loopsync_bus::connect(&settings::bus_settings(&config)).await?;
         let budget = RateBudget::shared(
             coordination.clone(),
-            &config.loops.api_key,
+            config.loops.budget_name(),
             config.loops.requests_per_second,
         );
         Ok(Pipeline {

@@ -77,7 +77,11 @@ fn stage(bus: Arc<LocalBus>, sim: &SimHandle, rps: u32) -> Arc<LoaderStage> {
         ApiKey::new("test-key").unwrap(),
     ))
     .unwrap();
-    let budget = RateBudget::shared(bus.clone(), &ApiKey::new("test-key").unwrap(), rps);
+    let budget = RateBudget::shared(
+        bus.clone(),
+        ApiKey::new("test-key").unwrap().budget_name(),
+        rps,
+    );
     Arc::new(LoaderStage::new(bus.clone(), bus, client, budget))
 }
 
