@@ -17,6 +17,12 @@ fn digest(parts: &[&str]) -> String {
         .collect()
 }
 
+/// 64 bits of the digest of `text`, as a signed integer (an SQL `bigint`).
+pub fn seed(text: &str) -> i64 {
+    let hex = &digest(&[text])[..16];
+    u64::from_str_radix(hex, 16).expect("hex digits") as i64
+}
+
 /// A short stable name for one record of one sync, safe as a NATS subject token or KV key.
 pub fn record_id(sync: &str, key: &str) -> String {
     digest(&[sync, key])[..32].to_owned()

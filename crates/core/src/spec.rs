@@ -173,6 +173,14 @@ impl SyncSpec {
         columns
     }
 
+    /// A seed for the warehouse's hash of a model row's text (see the warehouse's
+    /// `diff_changes`): a digest of the whole sync as configured, so that a row noted unchanged
+    /// under one mapping is read again under any other (its fingerprint may differ).
+    pub fn shape_seed(&self) -> i64 {
+        let shape = serde_json::to_string(self).expect("a sync spec serializes");
+        keys::seed(&shape)
+    }
+
     /// An event sync (`behavior = "append"`).
     pub fn is_append(&self) -> bool {
         self.behavior == Behavior::Append

@@ -15,10 +15,11 @@ use loopsync_config::Config;
 use loopsync_core::destination::Destination;
 use loopsync_core::envelope::{ChangeKind, RequestCounts};
 use loopsync_core::spec::SyncSpec;
+use loopsync_extractor::decide::unchanged_note;
 use loopsync_extractor::{Decided, Decider, Decision, Window};
 use loopsync_transformer::transform;
 use loopsync_warehouse::{
-    DestinationBinding, ExtractCounts, RunSummary, Warehouse, WarehouseError,
+    Adoption, DestinationBinding, ExtractCounts, RunSummary, Unchanged, Warehouse, WarehouseError,
 };
 
 use crate::pipeline::loops_client;
@@ -26,9 +27,6 @@ use crate::{EngineError, destination};
 
 /// Records adopted per warehouse round trip.
 const BATCH: usize = 1000;
-
-/// A record adopted: key, fingerprint, email and userId, as `Warehouse::adopt` takes them.
-type Adopted = (String, String, Option<String>, Option<String>);
 
 /// What adopting one sync did.
 #[derive(Debug, Clone, PartialEq)]
@@ -105,8 +103,10 @@ pub async fn adopt(
     }
     let mut decider = Decider::new(spec, run_id);
     let mut invalid = 0;
-    let mut batch: Vec<Adopted> = Vec::new();
-    let mut rows = warehouse.diff(spec).await?;
+    let mut batch: Vec<Adoption> = Vec::new();
+    // Rows adopted or found unchanged, noted after the batch: later diffs leave them out.
+    let mut notes: Vec<Unchanged> = Vec::new();
+    let mut rows = warehouse.diff_changes(spec, None).await?;
     loop {
         let (pushed, last) = match rows.next().await {
             Some(row) => (Some(decider.push(row?)), None),
@@ -117,18 +117,29 @@ pub async fn adopt(
             match decision {
                 // An event sync's row sent before and changed since: adopted as it is now.
                 Decision::AlreadySent { key, fingerprint } => {
-                    batch.push((key, fingerprint, row.confirmed_email, row.confirmed_user_id));
+                    batch.push(Adoption {
+                        key,
+                        fingerprint,
+                        email: row.confirmed_email,
+                        user_id: row.confirmed_user_id,
+                        unchanged: None,
+                    });
+                }
+                Decision::Unchanged => {
+                    notes.extend(unchanged_note(spec, &row, row.confirmed_fp.as_deref()));
                 }
                 Decision::Change(change) if change.kind != ChangeKind::Removed => {
                     match transform(spec, &change) {
                         Ok(op) => {
                             let (email, user_id) = op.action.identity();
-                            batch.push((
-                                change.key,
-                                change.fingerprint,
-                                email.map(str::to_owned),
-                                user_id.map(str::to_owned),
-                            ));
+                            batch.push(Adoption {
+                                unchanged: unchanged_note(spec, &row, Some(&change.fingerprint))
+                                    .map(|n| (n.model_hash, n.email)),
+                                key: change.key,
+                                fingerprint: change.fingerprint,
+                                email: email.map(str::to_owned),
+                                user_id: user_id.map(str::to_owned),
+                            });
                         }
                         // What the transformer refuses is not in Loops either: not adopted.
                         Err(_) => {
@@ -141,9 +152,11 @@ pub async fn adopt(
                 _ => {}
             }
         }
-        if batch.len() >= BATCH || (done && !batch.is_empty()) {
+        if batch.len() >= BATCH || notes.len() >= BATCH || done {
             warehouse.adopt(&spec.name, run_id, &batch).await?;
             batch.clear();
+            warehouse.note_unchanged(&spec.name, &notes).await?;
+            notes.clear();
         }
         if done {
             break;

@@ -138,7 +138,7 @@ pub async fn plan<E: std::error::Error + 'static>(
     };
     // What a run would read: for an event sync with a cursor, the recent rows.
     let window = Window::read(warehouse, spec, false).await?;
-    let mut rows = warehouse.diff_since(spec, window.since).await?;
+    let mut rows = warehouse.diff_changes(spec, window.since).await?;
     // Run id 0: nothing is published, the id only names the run.
     let mut decider = Decider::new(spec, 0);
     let mut take = |plan: &mut SyncPlan, decided: Decided| match planned(spec, decided, plan) {

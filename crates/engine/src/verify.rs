@@ -576,6 +576,7 @@ mod tests {
             email_rows: 1,
             parked_fp: None,
             generation: 1,
+            ..Default::default()
         }
     }
 

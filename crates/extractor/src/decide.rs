@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use loopsync_core::envelope::{ChangeKind, RowChange, VERSION};
 use loopsync_core::spec::{Behavior, SyncSpec};
 use loopsync_core::value::{normalize_email, parse_date_millis};
-use loopsync_warehouse::{DiffRow, ExtractCounts};
+use loopsync_warehouse::{DiffRow, ExtractCounts, Unchanged};
 
 /// The fate of one key in a run.
 #[derive(Debug, Clone, PartialEq)]
@@ -194,6 +194,33 @@ fn cursor_millis_of(text: &str) -> Option<i64> {
     parse_date_millis(text)
 }
 
+/// What to note of a row whose fingerprint is `fingerprint`, the one Loops confirmed (decided
+/// [`Decision::Unchanged`], or just adopted), so that later diffs can leave it out
+/// (`Warehouse::note_unchanged`): `None` when the warehouse gave no hash for it.
+pub fn unchanged_note(
+    spec: &SyncSpec,
+    row: &DiffRow,
+    fingerprint: Option<&str>,
+) -> Option<Unchanged> {
+    let email = match spec.property("email") {
+        Some(p) => row
+            .values
+            .as_ref()?
+            .get(&p.column)
+            .cloned()
+            .flatten()
+            .map(|e| normalize_email(&e))
+            .filter(|e| !e.is_empty()),
+        None => None,
+    };
+    Some(Unchanged {
+        key: row.key.clone()?,
+        fingerprint: fingerprint?.to_owned(),
+        model_hash: row.model_hash?,
+        email,
+    })
+}
+
 /// Counts a decision.
 pub fn tally(counts: &mut ExtractCounts, decision: &Decision) {
     match decision {
@@ -317,6 +344,14 @@ impl<'a> Decider<'a> {
     /// before, and a NULL key, complete on its own), each already counted.
     pub fn push(&mut self, row: DiffRow) -> impl Iterator<Item = Decided> + use<> {
         let mut done = [None, None];
+        if row.is_untold() {
+            // Rows the warehouse left out as unchanged: counted, unless only some keys are
+            // asked for (their rows are read in full, see `Warehouse::diff_changes`).
+            if self.only.is_empty() {
+                self.counts.unchanged += row.unchanged_untold;
+            }
+            return done.into_iter().flatten();
+        }
         for (slot, group) in done.iter_mut().zip(self.groups.push(row)) {
             *slot = self.decide(group);
         }
@@ -408,6 +443,7 @@ pub(crate) mod tests {
             email_rows: 1,
             parked_fp: None,
             generation: 0,
+            ..Default::default()
         }
     }
 
@@ -699,6 +735,7 @@ mod event_tests {
             email_rows: 3,
             parked_fp: None,
             generation: 0,
+            ..Default::default()
         }
     }
 

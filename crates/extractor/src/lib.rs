@@ -21,7 +21,7 @@ use loopsync_core::envelope::{ChangeKind, Outcome, OutcomeStatus, RowChange, Run
 use loopsync_core::spec::{Behavior, IdentifyBy, OnRemove, SyncSpec};
 use loopsync_core::value::normalize_email;
 use loopsync_core::{Classified, ErrorClass};
-use loopsync_warehouse::{ExtractCounts, Warehouse, WarehouseError};
+use loopsync_warehouse::{Adoption, ExtractCounts, Unchanged, Warehouse, WarehouseError};
 
 pub mod decide;
 
@@ -87,7 +87,12 @@ impl ExtractorStage {
         request: &RunRequest,
     ) -> Result<ExtractCounts, ExtractError> {
         let window = Window::read(&*self.warehouse, spec, !request.only_keys.is_empty()).await?;
-        let mut rows = self.warehouse.diff_since(spec, window.since).await?;
+        // A replay reads its keys in full; a run may have the unchanged rows left out.
+        let mut rows = if request.only_keys.is_empty() {
+            self.warehouse.diff_changes(spec, window.since).await?
+        } else {
+            self.warehouse.diff_since(spec, window.since).await?
+        };
         let mut run = RunState {
             spec,
             run_id: request.run_id,
@@ -96,6 +101,7 @@ impl ExtractorStage {
             changes: Vec::new(),
             invalid: Vec::new(),
             already_sent: Vec::new(),
+            unchanged: Vec::new(),
             held: Vec::new(),
             written_emails: HashSet::new(),
             hasher: RandomState::new(),
@@ -106,6 +112,12 @@ impl ExtractorStage {
             Decider::new(spec, request.run_id).only_keys(request.only_keys.iter().cloned());
         while let Some(row) = rows.next().await {
             let row = row?;
+            if row.is_untold() {
+                // Unchanged rows left out: each is in the model and confirmed.
+                let n = row.unchanged_untold as u64;
+                run.confirmed += n;
+                run.model_rows += n;
+            }
             run.confirmed += u64::from(row.confirmed_fp.is_some());
             run.model_rows += u64::from(row.values.is_some());
             for decided in decider.push(row) {
@@ -209,19 +221,27 @@ impl ExtractorStage {
                 run.installation,
                 reason,
             )),
-            Decision::Unchanged | Decision::RemovedKept | Decision::Nothing | Decision::Parked => {}
+            // Noted, so that the next runs need not read it while it stays so.
+            Decision::Unchanged => run.unchanged.extend(decide::unchanged_note(
+                run.spec,
+                &row,
+                row.confirmed_fp.as_deref(),
+            )),
+            Decision::RemovedKept | Decision::Nothing | Decision::Parked => {}
             // Its event is in Loops: the new values are noted as the event's, so only this run
             // reports them (nothing is sent either way).
-            Decision::AlreadySent { key, fingerprint } => run.already_sent.push((
+            Decision::AlreadySent { key, fingerprint } => run.already_sent.push(Adoption {
                 key,
                 fingerprint,
-                row.confirmed_email,
-                row.confirmed_user_id,
-            )),
+                email: row.confirmed_email,
+                user_id: row.confirmed_user_id,
+                unchanged: None,
+            }),
         }
         if run.changes.len() >= EMIT_BATCH
             || run.invalid.len() >= EMIT_BATCH
             || run.already_sent.len() >= EMIT_BATCH
+            || run.unchanged.len() >= EMIT_BATCH
         {
             self.flush(run).await?;
         }
@@ -253,6 +273,12 @@ impl ExtractorStage {
         if !run.invalid.is_empty() {
             self.warehouse.record_outcomes(&run.invalid).await?;
             run.invalid.clear();
+        }
+        if !run.unchanged.is_empty() {
+            self.warehouse
+                .note_unchanged(&run.spec.name, &run.unchanged)
+                .await?;
+            run.unchanged.clear();
         }
         Ok(())
     }
@@ -347,7 +373,9 @@ struct RunState<'a> {
     invalid: Vec<Outcome>,
     /// An event sync's rows sent before and changed since: (key, fingerprint, email, userId),
     /// noted as the events' current values.
-    already_sent: Vec<(String, String, Option<String>, Option<String>)>,
+    already_sent: Vec<Adoption>,
+    /// Rows found unchanged, to note (see `Warehouse::note_unchanged`).
+    unchanged: Vec<Unchanged>,
     /// Removals, and re-keys that would remove an old contact: sent once the model is read.
     held: Vec<RowChange>,
     /// The emails this run writes (identified by email), as 64-bit hashes, noted only when
@@ -524,6 +552,7 @@ mod held_tests {
             changes: Vec::new(),
             invalid: Vec::new(),
             already_sent: Vec::new(),
+            unchanged: Vec::new(),
             held: Vec::new(),
             written_emails: HashSet::new(),
             hasher: RandomState::new(),

@@ -89,7 +89,7 @@ impl WarehouseError {
 
 /// One key of the diff: the model's row (if the key is in the model) beside the sync's state
 /// (if the key was seen before).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct DiffRow {
     /// `None`: a model row whose primary key is NULL.
     pub key: Option<String>,
@@ -107,6 +107,55 @@ pub struct DiffRow {
     pub parked_fp: Option<String>,
     /// How many changes of the record Loops has confirmed (removals included); 0 when new.
     pub generation: i64,
+    /// A 64-bit hash of the model row's text (key and mapped columns, seeded by the sync's
+    /// shape, see [`SyncSpec::shape_seed`]), where the warehouse computes one
+    /// ([`Warehouse::diff_changes`]): what [`Warehouse::note_unchanged`] keeps.
+    pub model_hash: Option<i64>,
+    /// Not a key: the last row of [`Warehouse::diff_changes`], counting the model rows it left
+    /// out because they are as they were when noted unchanged. 0 on every other row.
+    pub unchanged_untold: i64,
+}
+
+impl DiffRow {
+    /// The row that counts the rows a diff left out ([`DiffRow::unchanged_untold`]).
+    pub fn untold(n: i64) -> DiffRow {
+        DiffRow {
+            unchanged_untold: n,
+            ..DiffRow::default()
+        }
+    }
+
+    /// Whether this row counts left-out rows instead of carrying a key.
+    pub fn is_untold(&self) -> bool {
+        self.unchanged_untold > 0
+    }
+}
+
+/// A record adopted as confirmed by Loops ([`Warehouse::adopt`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Adoption {
+    pub key: String,
+    pub fingerprint: String,
+    /// The identity the contact has in Loops.
+    pub email: Option<String>,
+    pub user_id: Option<String>,
+    /// The row as noted unchanged at this fingerprint, when the diff gave its hash (see
+    /// [`Unchanged`]): `(model_hash, email)`.
+    pub unchanged: Option<(i64, Option<String>)>,
+}
+
+/// A model row found unchanged (its fingerprint is the one Loops confirmed), noted so that
+/// later diffs can leave it out while its text stays the same ([`Warehouse::note_unchanged`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unchanged {
+    pub key: String,
+    /// The fingerprint Loops confirmed, and the row's.
+    pub fingerprint: String,
+    /// [`DiffRow::model_hash`].
+    pub model_hash: i64,
+    /// The row's email as the email rule keeps it (trimmed, lower-cased), if it has one: a
+    /// later row that takes it is found a duplicate without this row being read.
+    pub email: Option<String>,
 }
 
 /// What the extractor found, recorded when it has published every change of a run.
@@ -351,6 +400,26 @@ pub trait Warehouse: Send + Sync + 'static {
         since: Option<i64>,
     ) -> Result<BoxStream<'static, Result<DiffRow, WarehouseError>>, WarehouseError>;
 
+    /// What a run reads: [`Warehouse::diff_since`], except that a warehouse that can may leave
+    /// out the model rows whose text is as it was when [`Warehouse::note_unchanged`] noted them
+    /// (their fingerprint is still the one Loops confirmed), and count them in a last row
+    /// ([`DiffRow::untold`]). Every key that is new, changed, removed, or whose email another row
+    /// of the model now carries, is yielded as by `diff_since`, with its `model_hash`.
+    async fn diff_changes(
+        &self,
+        spec: &SyncSpec,
+        since: Option<i64>,
+    ) -> Result<BoxStream<'static, Result<DiffRow, WarehouseError>>, WarehouseError> {
+        self.diff_since(spec, since).await
+    }
+
+    /// Notes model rows found unchanged (see [`Warehouse::diff_changes`]), each only while Loops'
+    /// confirmed fingerprint for it is still the one given. A warehouse that leaves nothing
+    /// out ignores it.
+    async fn note_unchanged(&self, _sync: &str, _rows: &[Unchanged]) -> Result<(), WarehouseError> {
+        Ok(())
+    }
+
     /// An event sync's watermark on cursor `column`: the highest cursor value (Unix
     /// milliseconds) of its latest run over that column that finished with no dead letter
     /// (`succeeded`, `adopted`, or `degraded` by invalid or rejected records), since its state
@@ -404,12 +473,12 @@ pub trait Warehouse: Send + Sync + 'static {
     ) -> Result<(), WarehouseError>;
 
     /// `loopsync adopt`: records these keys as confirmed by Loops in `run_id` without anything
-    /// having been sent: `(key, fingerprint, email, userId)`.
+    /// having been sent.
     async fn adopt(
         &self,
         sync: &str,
         run_id: i64,
-        records: &[(String, String, Option<String>, Option<String>)],
+        records: &[Adoption],
     ) -> Result<(), WarehouseError>;
 
     /// Parks records at the fingerprint of their latest outcome: runs leave them alone until
@@ -632,10 +701,24 @@ pub(crate) fn probe_sql(spec: &SyncSpec, cursor: Option<String>) -> String {
     )
 }
 
-/// The diff query. `cast` turns an expression into text in the warehouse's dialect; `state`
-/// is the state table's name; `email_key` is the one email rule in the dialect. Columns:
+/// What the diff query says differently in each warehouse.
+pub(crate) struct DiffDialect<'a> {
+    /// Turns an expression into text.
+    pub cast: &'a dyn Fn(&str) -> String,
+    /// The state table's name.
+    pub state: &'a str,
+    /// The placeholder of the sync's name.
+    pub param: &'a str,
+    /// What orders keys by their bytes (`COLLATE "C"`), if anything is needed.
+    pub collate: &'a str,
+    /// The one email rule.
+    pub email_key: &'a dyn Fn(&str) -> String,
+}
+
+/// The diff query, in `dialect` (see [`DiffDialect`]). Columns:
 /// presence flag, key, mapped columns…, confirmed_fp, confirmed_email, confirmed_user_id,
-/// email count, parked_fp, generation.
+/// email count, parked_fp, generation; and, when `row_hash` is given, the row's hash:
+/// `row_hash` turns the list of the model's key and mapped columns into the expression.
 ///
 /// An event sync's rows are events: many share an email, and none is removed, so its diff
 /// counts no emails and joins only the model's keys to the state (an index lookup per row when
@@ -643,13 +726,17 @@ pub(crate) fn probe_sql(spec: &SyncSpec, cursor: Option<String>) -> String {
 /// column, in the dialect (see [`cursor_condition`]).
 pub(crate) fn diff_sql(
     spec: &SyncSpec,
-    cast: impl Fn(&str) -> String,
-    state: &str,
-    param: &str,
-    collate: &str,
-    email_key: impl Fn(&str) -> String,
+    dialect: &DiffDialect<'_>,
     since: Option<String>,
+    row_hash: Option<&dyn Fn(&str) -> String>,
 ) -> String {
+    let DiffDialect {
+        cast,
+        state,
+        param,
+        collate,
+        email_key,
+    } = dialect;
     let columns = spec.columns();
     let email_count = match spec.property("email").filter(|_| !spec.is_append()) {
         Some(p) => format!(
@@ -675,11 +762,18 @@ pub(crate) fn diff_sql(
         ));
     }
     select.push(email_count);
+    let mut hashed = String::new();
+    if let Some(row_hash) = row_hash {
+        let mut raw = vec![format!("model.{}", quote_ident(&spec.primary_key))];
+        raw.extend(columns.iter().map(|c| format!("model.{}", quote_ident(c))));
+        select.push(format!("{} AS h", row_hash(&raw.join(", "))));
+        hashed = ", m.h".to_owned();
+    }
     let outer_columns: Vec<String> = (0..columns.len()).map(|i| format!("m.c{i}")).collect();
     format!(
         "WITH m AS (SELECT {select} FROM ({model}) AS model{filter}), \
          s AS (SELECT key, confirmed_fp, confirmed_email, confirmed_user_id, parked_fp, generation FROM {state} WHERE sync = {param}) \
-         SELECT m.present, COALESCE(m.k, s.key) AS key{comma}{outer}, s.confirmed_fp, s.confirmed_email, s.confirmed_user_id, m.ecount, s.parked_fp, s.generation \
+         SELECT m.present, COALESCE(m.k, s.key) AS key{comma}{outer}, s.confirmed_fp, s.confirmed_email, s.confirmed_user_id, m.ecount, s.parked_fp, s.generation{hashed} \
          FROM m {join} JOIN s ON s.key = m.k \
          ORDER BY COALESCE(m.k, s.key) {collate} NULLS LAST",
         select = select.join(", "),

@@ -15,10 +15,10 @@ use loopsync_core::value::EMAIL_TRIM;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::{
-    DestinationBinding, DiffRow, EARLIEST_CURSOR, ExtractCounts, LEASE, RecordResult, RunSummary,
-    StateReset, Warehouse, WarehouseError, cursor_condition, cursor_since, diff_sql, is_removal,
-    probe_sql, record_requests_sql, requests_of, summary_request_sql, summary_rows_sql,
-    watermark_sql,
+    Adoption, DestinationBinding, DiffDialect, DiffRow, EARLIEST_CURSOR, ExtractCounts, LEASE,
+    RecordResult, RunSummary, StateReset, Warehouse, WarehouseError, cursor_condition,
+    cursor_since, diff_sql, is_removal, probe_sql, record_requests_sql, requests_of,
+    summary_request_sql, summary_rows_sql, watermark_sql,
 };
 
 /// The Loops destination each sync's state is bound to (PostgreSQL's `DESTINATIONS`).
@@ -319,12 +319,15 @@ impl Warehouse for SqliteWarehouse {
         let since = condition.as_ref().map(|_| cursor_since(since));
         let sql = diff_sql(
             spec,
-            |e| format!("CAST({e} AS TEXT)"),
-            "loopsync_state",
-            "?1",
-            "",
-            email_key,
+            &DiffDialect {
+                cast: &|e| format!("CAST({e} AS TEXT)"),
+                state: "loopsync_state",
+                param: "?1",
+                collate: "",
+                email_key: &email_key,
+            },
             condition,
+            None,
         );
         let columns = spec.columns();
         let sync = spec.name.clone();
@@ -387,6 +390,8 @@ impl Warehouse for SqliteWarehouse {
                             email_rows: row.get::<_, Option<i64>>(5 + columns.len())?.unwrap_or(1),
                             parked_fp: row.get(6 + columns.len())?,
                             generation: row.get::<_, Option<i64>>(7 + columns.len())?.unwrap_or(0),
+                            model_hash: None,
+                            unchanged_untold: 0,
                         })
                     })()
                     .map_err(|e| WarehouseError::Query {
@@ -614,7 +619,7 @@ impl Warehouse for SqliteWarehouse {
         &self,
         sync: &str,
         run_id: i64,
-        records: &[(String, String, Option<String>, Option<String>)],
+        records: &[Adoption],
     ) -> Result<(), WarehouseError> {
         let sync = sync.to_owned();
         let records = records.to_vec();
@@ -635,8 +640,8 @@ impl Warehouse for SqliteWarehouse {
                                 generation = loopsync_state.generation + 1"
                     ))
                     .map_err(error("adopt records"))?;
-                for (key, fp, email, user_id) in &records {
-                    s.execute(params![sync, key, fp, run_id, email, user_id])
+                for r in &records {
+                    s.execute(params![sync, r.key, r.fingerprint, run_id, r.email, r.user_id])
                         .map_err(error("adopt a record"))?;
                 }
             }

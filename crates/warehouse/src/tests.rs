@@ -982,9 +982,17 @@ async fn destinations_bind_and_reset(f: Fixture) {
     w.record_outcomes(&[confirmed(&s, run, "1", "f1"), confirmed(&s, run, "2", "f2")])
         .await
         .unwrap();
-    w.adopt("teams", run, &[("9".into(), "f9".into(), None, None)])
-        .await
-        .unwrap();
+    w.adopt(
+        "teams",
+        run,
+        &[Adoption {
+            key: "9".into(),
+            fingerprint: "f9".into(),
+            ..Adoption::default()
+        }],
+    )
+    .await
+    .unwrap();
 
     let reset = w.reset_state("users").await.unwrap();
     assert_eq!(reset.state_records, 2);
@@ -1299,4 +1307,123 @@ async fn postgres_a_numeric_cursor_fails_the_check() {
     assert!(matches!(e, WarehouseError::Model { .. }), "{e}");
     spec.model = "select id, email, ts as at from ev".into();
     f.warehouse.check_model(&spec).await.unwrap();
+}
+
+async fn changes(w: &dyn Warehouse, spec: &SyncSpec) -> Vec<DiffRow> {
+    w.diff_changes(spec, None)
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap()
+}
+
+/// What `diff_changes` reads out, by key: (key, email_rows, present); the count of what it left
+/// out last.
+fn read_out(rows: &[DiffRow]) -> (Vec<(String, i64, bool)>, i64) {
+    let untold = rows
+        .iter()
+        .filter(|r| r.is_untold())
+        .map(|r| r.unchanged_untold)
+        .sum();
+    let keys = rows
+        .iter()
+        .filter(|r| !r.is_untold())
+        .map(|r| (r.key.clone().unwrap(), r.email_rows, r.values.is_some()))
+        .collect();
+    (keys, untold)
+}
+
+#[tokio::test]
+async fn postgres_unchanged_rows_are_left_out_until_they_change() {
+    let Some(f) = postgres().await else { return };
+    let w = &*f.warehouse;
+    w.prepare().await.unwrap();
+    (f.exec)(
+        "CREATE TABLE users (id integer, email text, first_name text, newsletter boolean);
+         INSERT INTO users VALUES (1, 'a@x.co', 'Ann', true), (2, 'b@x.co', 'Bea', true),
+                                  (3, 'c@x.co', 'Cy', false), (4, 'd@x.co', 'Di', NULL);"
+            .into(),
+    )
+    .await;
+    let spec = spec("users", "users");
+    let run = w.create_run("users").await.unwrap();
+    // Nothing noted: every row is read out, with its hash, and nothing is left out.
+    let rows = changes(w, &spec).await;
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    assert!(
+        rows.iter()
+            .all(|r| r.model_hash.is_some() && !r.is_untold())
+    );
+    let full = diff(w, &spec).await;
+    assert!(
+        full.iter().all(|r| r.model_hash.is_none()),
+        "diff computes no hash"
+    );
+    // Confirmed and noted at their fingerprints.
+    let mut notes = Vec::new();
+    for row in &rows {
+        let fp = spec.fingerprint(row.values.as_ref().unwrap());
+        let key = row.key.clone().unwrap();
+        w.record_outcomes(&[confirmed(&spec, run, &key, &fp)])
+            .await
+            .unwrap();
+        let email = row.values.as_ref().unwrap()["email"].clone();
+        notes.push(Unchanged {
+            key,
+            fingerprint: fp,
+            model_hash: row.model_hash.unwrap(),
+            email,
+        });
+    }
+    // A note at a fingerprint Loops did not confirm is not kept.
+    let mut stale = notes[0].clone();
+    stale.fingerprint = "another".into();
+    w.note_unchanged("users", &[stale]).await.unwrap();
+    assert_eq!(read_out(&changes(w, &spec).await).1, 0);
+    w.note_unchanged("users", &notes).await.unwrap();
+    assert_eq!(read_out(&changes(w, &spec).await), (vec![], 4));
+
+    // 2 changes, 4 leaves, 5 comes with 1's email (another case, blanks around it), 3 is
+    // confirmed at another fingerprint (its note no longer holds).
+    (f.exec)(
+        "UPDATE users SET first_name = 'Bee' WHERE id = 2;
+         DELETE FROM users WHERE id = 4;
+         INSERT INTO users VALUES (5, ' A@X.co', 'Al', true);"
+            .into(),
+    )
+    .await;
+    w.record_outcomes(&[confirmed(&spec, run, "3", "elsewhere")])
+        .await
+        .unwrap();
+    let (keys, untold) = read_out(&changes(w, &spec).await);
+    assert_eq!(
+        keys,
+        vec![
+            ("2".to_owned(), 1, true),
+            ("3".to_owned(), 1, true),
+            ("4".to_owned(), 1, false),
+            // Its email is on row 1, left out as unchanged: found all the same.
+            ("5".to_owned(), 2, true),
+        ]
+    );
+    assert_eq!(untold, 1, "row 1 alone is left out");
+    // Each row read out carries what the full diff says of it.
+    let full = diff(w, &spec).await;
+    for row in changes(w, &spec).await.iter().filter(|r| !r.is_untold()) {
+        let same = full.iter().find(|r| r.key == row.key).unwrap();
+        assert_eq!(
+            (&row.values, &row.confirmed_fp, row.generation),
+            (&same.values, &same.confirmed_fp, same.generation)
+        );
+    }
+
+    // Another mapping: nothing noted holds.
+    let mut other = spec.clone();
+    other.event_on_create = "created".into();
+    let (keys, untold) = read_out(&changes(w, &other).await);
+    assert_eq!((keys.len(), untold), (5, 0));
+    // A reset forgets the notes.
+    w.reset_state("users").await.unwrap();
+    assert_eq!(read_out(&changes(w, &spec).await).1, 0);
 }
