@@ -10,12 +10,29 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 use crate::{BusError, Coordination};
 
-/// The interval between two requests of a budget of `per_second`: 1/`per_second`, plus 2 % (at
-/// least 1 ms) so that network jitter between processes cannot put `per_second` + 1 requests
-/// into one second of a sliding window.
+/// The interval between two requests of a budget of `per_second`: 1/`per_second`, plus 1 %
+/// ([`slot_slack`]), so that `per_second` + 1 requests never fall into one second of a sliding
+/// window, even when each slot is taken up to the slack late.
 pub fn slot_period(per_second: u32) -> Duration {
     let base = Duration::from_secs(1) / per_second.max(1);
-    base + (base / 50).max(Duration::from_millis(1))
+    base + base / 100
+}
+
+/// How late a slot may be taken and still keep the cadence (see [`next_due`]): 1 % of
+/// 1/`per_second`. Over `per_second` slots that is the 1 % margin of [`slot_period`], so the
+/// slots taken within any one second are still at most `per_second`.
+pub fn slot_slack(per_second: u32) -> Duration {
+    (Duration::from_secs(1) / per_second.max(1)) / 100
+}
+
+/// The due time of the slot after one taken at `now` that was due at `due` (nanoseconds, any
+/// common origin): one `period` after the due time while the slot was taken no more than
+/// `slack` late, so that the time a process takes to wake and take its slot (a timer's
+/// granularity, a round trip to the shared ledger) is not lost from the budget at each slot;
+/// after a longer pause, one `period` after `now − slack`. Any `n + 1` slots taken this way span
+/// at least `n × (period − slack)`.
+pub fn next_due(due: u64, now: u64, period: u64, slack: u64) -> u64 {
+    due.max(now.saturating_sub(slack)) + period
 }
 
 /// The rate budget of one Loops team, shared by every request to it.
@@ -26,6 +43,7 @@ pub enum RateBudget {
         bus: Arc<dyn Coordination>,
         name: String,
         period: Duration,
+        slack: Duration,
     },
     /// This process only (commands that run without a bus, such as `check`).
     Local(Arc<DefaultDirectRateLimiter>),
@@ -44,6 +62,7 @@ impl RateBudget {
             bus,
             name,
             period: slot_period(requests_per_second),
+            slack: slot_slack(requests_per_second),
         }
     }
 
@@ -56,7 +75,12 @@ impl RateBudget {
     /// Waits for, and takes, the next request slot.
     pub async fn ready(&self) -> Result<(), BusError> {
         match self {
-            RateBudget::Shared { bus, name, period } => bus.rate_slot(name, *period).await,
+            RateBudget::Shared {
+                bus,
+                name,
+                period,
+                slack,
+            } => bus.rate_slot(name, *period, *slack).await,
             RateBudget::Local(pacer) => {
                 pacer.until_ready().await;
                 Ok(())
@@ -78,9 +102,57 @@ mod tests {
     use super::*;
 
     #[test]
-    fn slots_leave_room_for_jitter() {
-        assert_eq!(slot_period(10), Duration::from_millis(102));
-        assert_eq!(slot_period(1000), Duration::from_micros(2000));
+    fn slots_leave_one_percent() {
+        assert_eq!(slot_period(10), Duration::from_millis(101));
+        assert_eq!(slot_slack(10), Duration::from_millis(1));
+        assert_eq!(slot_period(1000), Duration::from_micros(1010));
+    }
+
+    /// Takers who wake late by a pseudo-random lateness, some of them far beyond the slack,
+    /// and who pause at times: no second (a sliding window, at any start) ever holds more than
+    /// `per_second` slots; and while the lateness stays within the slack, no time is lost.
+    #[test]
+    fn slots_never_crowd_a_second_and_lateness_within_the_slack_costs_nothing() {
+        for per_second in [1u32, 10, 37, 1000] {
+            let period = slot_period(per_second).as_nanos() as u64;
+            let slack = slot_slack(per_second).as_nanos() as u64;
+            let mut seed = 0x2545_f491_4f6c_dd1d_u64 ^ u64::from(per_second);
+            let mut random = move || {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed
+            };
+            let (mut due, mut taken) = (0u64, Vec::new());
+            for i in 0..5_000 {
+                let late = match random() % 10 {
+                    0 => random() % (3 * period),
+                    1 if i % 500 == 0 => 5_000_000_000,
+                    _ => random() % (slack + 1),
+                };
+                let now = due + late;
+                taken.push(now);
+                due = next_due(due, now, period, slack);
+            }
+            let n = per_second as usize;
+            for w in taken.windows(n + 1) {
+                assert!(
+                    w[n] - w[0] >= 1_000_000_000,
+                    "{} slots within {} ns at {per_second}/s",
+                    n + 1,
+                    w[n] - w[0]
+                );
+            }
+            // Always within the slack: exactly one period apart.
+            let (mut due, mut first, mut last) = (0u64, None, 0u64);
+            for _ in 0..1_000 {
+                let now = due + random() % (slack + 1);
+                first.get_or_insert(due);
+                last = due;
+                due = next_due(due, now, period, slack);
+            }
+            assert_eq!(last - first.unwrap(), 999 * period);
+        }
     }
 
     #[test]

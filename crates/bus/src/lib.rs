@@ -170,8 +170,14 @@ pub trait Coordination: Send + Sync + 'static {
     ) -> Result<Option<u64>, BusError>;
 
     /// Takes one request slot of the rate budget `budget`, shared by every process on this bus,
-    /// waiting until one is free. Slots are `period` apart, never closer: a GCRA with no burst.
-    async fn rate_slot(&self, budget: &str, period: Duration) -> Result<(), BusError>;
+    /// waiting until one is free. Slots are `period` apart, and a slot taken up to `slack` late
+    /// keeps the cadence ([`budget::next_due`]): no burst beyond that.
+    async fn rate_slot(
+        &self,
+        budget: &str,
+        period: Duration,
+        slack: Duration,
+    ) -> Result<(), BusError>;
 }
 
 /// A ledger entry and its revision (which the next compare-and-set names).

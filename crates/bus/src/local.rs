@@ -616,7 +616,12 @@ impl Coordination for LocalBus {
             .swap(key, value, expected))
     }
 
-    async fn rate_slot(&self, budget: &str, period: Duration) -> Result<(), BusError> {
+    async fn rate_slot(
+        &self,
+        budget: &str,
+        period: Duration,
+        _slack: Duration,
+    ) -> Result<(), BusError> {
         let limiter = self
             .inner
             .budgets

@@ -16,7 +16,9 @@ pub enum RateWindow {
     Sliding,
     /// A counter reset at each whole second since start.
     Fixed,
-    /// A bucket of `rate_limit` tokens refilled at `rate_limit` per second.
+    /// A bucket of `rate_limit` tokens refilled at `rate_limit` per second (`"token_bucket"`,
+    /// or `"token-bucket"` as `loopsync sim --window` spells it).
+    #[serde(alias = "token-bucket")]
     TokenBucket,
 }
 
@@ -137,5 +139,20 @@ impl Default for SimConfig {
             lists: Vec::new(),
             properties: Vec::new(),
         }
+    }
+}
+
+#[cfg(test)]
+mod window_names {
+    use super::*;
+
+    #[test]
+    fn a_token_bucket_is_named_either_way() {
+        for name in ["token_bucket", "token-bucket"] {
+            let settings: Settings =
+                serde_json::from_str(&format!(r#"{{"window": "{name}"}}"#)).unwrap();
+            assert_eq!(settings.window, RateWindow::TokenBucket);
+        }
+        assert!(serde_json::from_str::<Settings>(r#"{"window": "bucket"}"#).is_err());
     }
 }

@@ -25,6 +25,7 @@ use loopsync_core::stage::Stage;
 pub use provisioning::max_deliver;
 use provisioning::{bucket, provision};
 
+use crate::budget::next_due;
 use crate::error::Source;
 use crate::names::Names;
 use crate::{
@@ -417,9 +418,15 @@ impl Coordination for JetStreamBus {
     /// The budget's key holds the theoretical arrival time of the next slot (Unix nanoseconds).
     /// A process takes the slot by compare-and-swap on the key's revision; whoever loses the race
     /// reads again. Clocks of different hosts only need to agree to a fraction of `period`.
-    async fn rate_slot(&self, budget: &str, period: Duration) -> Result<(), BusError> {
+    async fn rate_slot(
+        &self,
+        budget: &str,
+        period: Duration,
+        slack: Duration,
+    ) -> Result<(), BusError> {
         use kv::{CreateErrorKind, UpdateErrorKind};
         let period = period.as_nanos() as u64;
+        let slack = slack.as_nanos() as u64;
         let error = |e: Source| BusError::Ledger {
             what: "ledger: rate budget",
             source: e,
@@ -440,7 +447,7 @@ impl Coordination for JetStreamBus {
                 tokio::time::sleep(Duration::from_nanos((due - now).min(1_000_000_000))).await;
                 continue;
             }
-            let next = Bytes::copy_from_slice(&(now + period).to_be_bytes());
+            let next = Bytes::copy_from_slice(&next_due(due, now, period, slack).to_be_bytes());
             let lost = match &entry {
                 Some(e) => {
                     let update = self.budget.update(budget, next, e.revision);

@@ -489,7 +489,9 @@ async fn jetstream_rate_budget_is_shared_between_connections() {
     for bus in [a.clone(), b.clone(), a, b] {
         takers.push(tokio::spawn(async move {
             for _ in 0..5 {
-                bus.rate_slot("team-x", period).await.unwrap();
+                bus.rate_slot("team-x", period, Duration::ZERO)
+                    .await
+                    .unwrap();
             }
         }));
     }
@@ -505,7 +507,7 @@ async fn local_rate_budget_paces() {
     let bus = LocalBus::new(Names::new("t"));
     let started = tokio::time::Instant::now();
     for _ in 0..5 {
-        bus.rate_slot("team-x", Duration::from_millis(40))
+        bus.rate_slot("team-x", Duration::from_millis(40), Duration::ZERO)
             .await
             .unwrap();
     }
