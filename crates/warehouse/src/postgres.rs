@@ -207,6 +207,69 @@ fn changes_sql(spec: &SyncSpec) -> String {
     )
 }
 
+/// `record_outcomes`: a final outcome's row in `loopsync.records`.
+const INSERT_RECORD: &str = "INSERT INTO loopsync.records
+                    (run_id, sync, key, fingerprint, operation, outcome, reason, contact_id, requests, at,
+                     change, writes, events, deletes, retries, rate_limited)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, to_timestamp($10::bigint / 1000.0),
+                         $11, $12, $13, $14, $15, $16)
+                 ON CONFLICT (run_id, key) DO UPDATE
+                    SET fingerprint = EXCLUDED.fingerprint, operation = EXCLUDED.operation,
+                        outcome = EXCLUDED.outcome, reason = EXCLUDED.reason,
+                        contact_id = EXCLUDED.contact_id,
+                        change = COALESCE(EXCLUDED.change, loopsync.records.change),
+                        requests = loopsync.records.requests + EXCLUDED.requests,
+                        writes = loopsync.records.writes + EXCLUDED.writes,
+                        events = loopsync.records.events + EXCLUDED.events,
+                        deletes = loopsync.records.deletes + EXCLUDED.deletes,
+                        retries = loopsync.records.retries + EXCLUDED.retries,
+                        rate_limited = loopsync.records.rate_limited + EXCLUDED.rate_limited,
+                        at = EXCLUDED.at
+                  WHERE loopsync.records.outcome <> 'confirmed' AND EXCLUDED.outcome = 'confirmed'";
+
+/// `record_outcomes`: each attempt once; a repeated `attempted` outcome is ignored.
+const INSERT_ATTEMPT: &str = "INSERT INTO loopsync.attempts
+                    (run_id, sync, key, attempt, requests, writes, events, deletes, retries,
+                     rate_limited, reason, at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11,
+                         to_timestamp($12::bigint / 1000.0))
+                 ON CONFLICT (run_id, key, attempt) DO NOTHING";
+
+/// `record_outcomes`: Loops confirmed a record's fingerprint (never moving back to an older run).
+const CONFIRM: &str = "INSERT INTO loopsync.state (sync, key, confirmed_fp, confirmed_run, confirmed_at, contact_id,
+                                             confirmed_email, confirmed_user_id)
+                 VALUES ($1, $2, $3, $4, now(), $5, $6, $7)
+                 ON CONFLICT (sync, key) DO UPDATE
+                    SET confirmed_fp = EXCLUDED.confirmed_fp, confirmed_run = EXCLUDED.confirmed_run,
+                        confirmed_at = EXCLUDED.confirmed_at,
+                        contact_id = COALESCE(EXCLUDED.contact_id, loopsync.state.contact_id),
+                        confirmed_email = COALESCE(EXCLUDED.confirmed_email, loopsync.state.confirmed_email),
+                        confirmed_user_id = COALESCE(EXCLUDED.confirmed_user_id, loopsync.state.confirmed_user_id),
+                        parked_fp = NULL,
+                        model_hash = CASE WHEN loopsync.state.confirmed_fp = EXCLUDED.confirmed_fp
+                                          THEN loopsync.state.model_hash END,
+                        generation = loopsync.state.generation
+                            + CASE WHEN loopsync.state.confirmed_run IS NOT DISTINCT FROM EXCLUDED.confirmed_run
+                                    AND loopsync.state.confirmed_fp IS NOT DISTINCT FROM EXCLUDED.confirmed_fp
+                                   THEN 0 ELSE 1 END
+                  WHERE loopsync.state.confirmed_run IS NULL
+                     OR loopsync.state.confirmed_run <= EXCLUDED.confirmed_run";
+
+/// `record_outcomes`: a confirmed removal leaves a tombstone: nothing confirmed, the generation
+/// advanced, so a row that comes back is a new change with a new idempotency key.
+const REMOVE: &str = "UPDATE loopsync.state
+                    SET confirmed_fp = NULL, confirmed_email = NULL, confirmed_user_id = NULL,
+                        contact_id = NULL, parked_fp = NULL, confirmed_run = $3, confirmed_at = now(),
+                        model_hash = NULL,
+                        generation = generation + 1
+                  WHERE sync = $1 AND key = $2 AND confirmed_fp IS NOT NULL
+                    AND (confirmed_run IS NULL OR confirmed_run <= $3)";
+
+/// Parameters of one statement, owned by the statement's future (see `record_outcomes`).
+fn params(values: Vec<&(dyn ToSql + Sync)>) -> Vec<&(dyn ToSql + Sync)> {
+    values
+}
+
 const TIME: &str = r#"'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'"#;
 
 /// The statuses of a run still in progress.
@@ -1056,78 +1119,13 @@ impl Pg {
             .transaction()
             .await
             .map_err(query_error("begin recording outcomes"))?;
-        let insert = tx
-            .prepare(
-                "INSERT INTO loopsync.records
-                    (run_id, sync, key, fingerprint, operation, outcome, reason, contact_id, requests, at,
-                     change, writes, events, deletes, retries, rate_limited)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, to_timestamp($10::bigint / 1000.0),
-                         $11, $12, $13, $14, $15, $16)
-                 ON CONFLICT (run_id, key) DO UPDATE
-                    SET fingerprint = EXCLUDED.fingerprint, operation = EXCLUDED.operation,
-                        outcome = EXCLUDED.outcome, reason = EXCLUDED.reason,
-                        contact_id = EXCLUDED.contact_id,
-                        change = COALESCE(EXCLUDED.change, loopsync.records.change),
-                        requests = loopsync.records.requests + EXCLUDED.requests,
-                        writes = loopsync.records.writes + EXCLUDED.writes,
-                        events = loopsync.records.events + EXCLUDED.events,
-                        deletes = loopsync.records.deletes + EXCLUDED.deletes,
-                        retries = loopsync.records.retries + EXCLUDED.retries,
-                        rate_limited = loopsync.records.rate_limited + EXCLUDED.rate_limited,
-                        at = EXCLUDED.at
-                  WHERE loopsync.records.outcome <> 'confirmed' AND EXCLUDED.outcome = 'confirmed'",
-            )
-            .await
-            .map_err(query_error("record outcomes"))?;
-        // Each attempt once: a repeated `attempted` outcome is ignored.
-        let attempted = tx
-            .prepare(
-                "INSERT INTO loopsync.attempts
-                    (run_id, sync, key, attempt, requests, writes, events, deletes, retries,
-                     rate_limited, reason, at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11,
-                         to_timestamp($12::bigint / 1000.0))
-                 ON CONFLICT (run_id, key, attempt) DO NOTHING",
-            )
-            .await
-            .map_err(query_error("record outcomes"))?;
-        let confirm = tx
-            .prepare(
-                "INSERT INTO loopsync.state (sync, key, confirmed_fp, confirmed_run, confirmed_at, contact_id,
-                                             confirmed_email, confirmed_user_id)
-                 VALUES ($1, $2, $3, $4, now(), $5, $6, $7)
-                 ON CONFLICT (sync, key) DO UPDATE
-                    SET confirmed_fp = EXCLUDED.confirmed_fp, confirmed_run = EXCLUDED.confirmed_run,
-                        confirmed_at = EXCLUDED.confirmed_at,
-                        contact_id = COALESCE(EXCLUDED.contact_id, loopsync.state.contact_id),
-                        confirmed_email = COALESCE(EXCLUDED.confirmed_email, loopsync.state.confirmed_email),
-                        confirmed_user_id = COALESCE(EXCLUDED.confirmed_user_id, loopsync.state.confirmed_user_id),
-                        parked_fp = NULL,
-                        model_hash = CASE WHEN loopsync.state.confirmed_fp = EXCLUDED.confirmed_fp
-                                          THEN loopsync.state.model_hash END,
-                        generation = loopsync.state.generation
-                            + CASE WHEN loopsync.state.confirmed_run IS NOT DISTINCT FROM EXCLUDED.confirmed_run
-                                    AND loopsync.state.confirmed_fp IS NOT DISTINCT FROM EXCLUDED.confirmed_fp
-                                   THEN 0 ELSE 1 END
-                  WHERE loopsync.state.confirmed_run IS NULL
-                     OR loopsync.state.confirmed_run <= EXCLUDED.confirmed_run",
-            )
-            .await
-            .map_err(query_error("record outcomes"))?;
-        // A confirmed removal leaves a tombstone: nothing confirmed, the generation advanced,
-        // so a row that comes back is a new change with a new idempotency key.
-        let remove = tx
-            .prepare(
-                "UPDATE loopsync.state
-                    SET confirmed_fp = NULL, confirmed_email = NULL, confirmed_user_id = NULL,
-                        contact_id = NULL, parked_fp = NULL, confirmed_run = $3, confirmed_at = now(),
-                        model_hash = NULL,
-                        generation = generation + 1
-                  WHERE sync = $1 AND key = $2 AND confirmed_fp IS NOT NULL
-                    AND (confirmed_run IS NULL OR confirmed_run <= $3)",
-            )
-            .await
-            .map_err(query_error("record outcomes"))?;
+        let (insert, attempted, confirm, remove) = tokio::try_join!(
+            tx.prepare(INSERT_RECORD),
+            tx.prepare(INSERT_ATTEMPT),
+            tx.prepare(CONFIRM),
+            tx.prepare(REMOVE),
+        )
+        .map_err(query_error("record outcomes"))?;
         // The runs' rows first: finish_extract waits for this transaction, so one of the two
         // sees every record of a complete run.
         let mut runs: Vec<i64> = outcomes.iter().map(|o| o.run_id).collect();
@@ -1142,72 +1140,84 @@ impl Pg {
         // Row locks in one order, (sync, key), as mark_emitted takes them: no deadlock.
         let mut ordered: Vec<&Outcome> = outcomes.iter().collect();
         ordered.sort_by(|a, b| (&a.sync, &a.key).cmp(&(&b.sync, &b.key)));
-        for o in ordered {
-            let counts = o.request_counts();
-            let [requests, writes, events, deletes, retries, rate_limited] = [
-                counts.total(),
-                counts.writes,
-                counts.events,
-                counts.deletes,
-                counts.retries,
-                counts.rate_limited,
-            ]
-            .map(|n| n as i32);
+        let counts: Vec<[i32; 6]> = ordered
+            .iter()
+            .map(|o| {
+                let c = o.request_counts();
+                [
+                    c.total(),
+                    c.writes,
+                    c.events,
+                    c.deletes,
+                    c.retries,
+                    c.rate_limited,
+                ]
+                .map(|n| n as i32)
+            })
+            .collect();
+        let attempts: Vec<&str> = ordered
+            .iter()
+            .map(|o| o.attempt.as_deref().unwrap_or(""))
+            .collect();
+        let changes: Vec<Option<&str>> = ordered
+            .iter()
+            .map(|o| o.change.map(|c| c.as_str()))
+            .collect();
+        let statuses: Vec<&str> = ordered.iter().map(|o| o.status.as_str()).collect();
+        // Every statement of the batch, in order, pipelined on the connection: sent without
+        // waiting for each answer (tokio-postgres sends a query when its future is first
+        // polled, and `try_join_all` polls them in order), so a batch costs about one round
+        // trip, not two per outcome. The first error fails the transaction and the batch.
+        let mut statements = Vec::with_capacity(2 * ordered.len());
+        for (i, o) in ordered.iter().enumerate() {
+            let [requests, writes, events, deletes, retries, rate_limited] = &counts[i];
             if !o.status.is_final() {
-                let attempt = o.attempt.as_deref().unwrap_or("");
-                tx.execute(
+                statements.push(tx.execute_raw(
                     &attempted,
-                    &[
+                    params(vec![
                         &o.run_id,
                         &o.sync,
                         &o.key,
-                        &attempt,
-                        &requests,
-                        &writes,
-                        &events,
-                        &deletes,
-                        &retries,
-                        &rate_limited,
+                        &attempts[i],
+                        requests,
+                        writes,
+                        events,
+                        deletes,
+                        retries,
+                        rate_limited,
                         &o.reason,
                         &o.at,
-                    ],
-                )
-                .await
-                .map_err(query_error("record an attempt"))?;
+                    ]),
+                ));
                 continue;
             }
-            let change = o.change.map(|c| c.as_str());
-            tx.execute(
+            statements.push(tx.execute_raw(
                 &insert,
-                &[
+                params(vec![
                     &o.run_id,
                     &o.sync,
                     &o.key,
                     &o.fingerprint,
                     &o.operation,
-                    &o.status.as_str(),
+                    &statuses[i],
                     &o.reason,
                     &o.contact_id,
-                    &requests,
+                    requests,
                     &o.at,
-                    &change,
-                    &writes,
-                    &events,
-                    &deletes,
-                    &retries,
-                    &rate_limited,
-                ],
-            )
-            .await
-            .map_err(query_error("record an outcome"))?;
+                    &changes[i],
+                    writes,
+                    events,
+                    deletes,
+                    retries,
+                    rate_limited,
+                ]),
+            ));
             if o.status == OutcomeStatus::Confirmed && is_removal(&o.operation) {
-                tx.execute(&remove, &[&o.sync, &o.key, &o.run_id])
-                    .await
-                    .map_err(query_error("remove from the state"))?;
+                statements.push(tx.execute_raw(&remove, params(vec![&o.sync, &o.key, &o.run_id])));
             } else if o.status == OutcomeStatus::Confirmed {
-                tx.execute(
+                statements.push(tx.execute_raw(
                     &confirm,
-                    &[
+                    params(vec![
                         &o.sync,
                         &o.key,
                         &o.fingerprint,
@@ -1215,12 +1225,13 @@ impl Pg {
                         &o.contact_id,
                         &o.email,
                         &o.user_id,
-                    ],
-                )
-                .await
-                .map_err(query_error("advance the state"))?;
+                    ]),
+                ));
             }
         }
+        futures::future::try_join_all(statements)
+            .await
+            .map_err(query_error("record outcomes"))?;
         tx.execute(FINISH_RUNS, &[&runs])
             .await
             .map_err(query_error("finish runs"))?;
