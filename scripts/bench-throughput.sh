@@ -11,6 +11,11 @@
 # the run is past `extracting`), the run's peak RSS, and the ratio to the goal of 5 000
 # contacts/s. The simulator's own CPU time is printed beside it: it shares the machine.
 #
+# With LOOPSYNC_BENCH_NATS_URL set (a NATS server with JetStream), the run's stages talk over
+# NATS JetStream instead (`[nats]`, a namespace of its own), still in one process; the time to
+# the end of extraction then measures the extractor publishing every change to JetStream while
+# the transformer consumes them and publishes the operations.
+#
 # Needs: psql, /usr/bin/time (GNU), a PostgreSQL server (LOOPSYNC_BENCH_PG_URL, else
 # LOOPSYNC_TEST_PG_URL: a URL whose user may create databases), Linux (/proc). LOOPSYNC_BIN names
 # the binary; else the release build is made (cargo build --release -p loopsync) and used.
@@ -75,6 +80,15 @@ firstName = "first_name"
 planName = "plan"
 seats = { column = "seats", type = "number" }
 TOML
+nats_url=${LOOPSYNC_BENCH_NATS_URL:-}
+if [ -n "$nats_url" ]; then
+  cat >>"$cfg" <<TOML
+
+[nats]
+url = "$nats_url"
+namespace = "bench_throughput_$$"
+TOML
+fi
 
 started=$(now)
 /usr/bin/time -f '%M' -o "$work/rss" "$bin" run --once --json --config "$cfg" >"$work/run.json" 2>"$work/run.err" &
@@ -105,7 +119,8 @@ import json, sys
 s = json.load(sys.stdin)
 print(s["by_endpoint"].get("PUT /v1/contacts/update", {}).get("200", 0))')
 rate=$(calc "$confirmed / $secs" 0)
-echo "first sync of $rows new contacts in one process, simulator without a limit, concurrency $concurrency:"
+echo "first sync of $rows new contacts in one process${nats_url:+ over NATS JetStream}, simulator without a limit, concurrency $concurrency:"
 echo "  run --once: $secs s wall, $confirmed confirmed ($requests contact writes answered 200), extraction done at ${extracted:-?} s"
 echo "  contacts/s: $rate; goal $goal/s; ratio $(calc "$rate / $goal" 2)x"
+[ -n "$extracted" ] && echo "  changes extracted (and published) per second: $(calc "$rows / $extracted" 0)"
 echo "  run peak RSS: $(calc "$(cat "$work/rss") / 1024") MiB; simulator CPU: $sim_cpu s"

@@ -35,6 +35,20 @@ pub fn next_due(due: u64, now: u64, period: u64, slack: u64) -> u64 {
     due.max(now.saturating_sub(slack)) + period
 }
 
+/// How much of the budget a process takes from the shared ledger at once: the slots of 10 ms
+/// (at least one). Below 100 requests/s that is one slot per round trip, as before; at a high
+/// limit one round trip (a compare-and-swap on one key, which every process contends for)
+/// per slot would cap the rate far below the limit.
+const BLOCK: Duration = Duration::from_millis(10);
+
+/// Slots taken from the ledger and not yet handed out, in this process.
+#[derive(Debug, Default)]
+pub struct Block {
+    /// When the next one is due (Unix nanoseconds).
+    next: u64,
+    left: u32,
+}
+
 /// The rate budget of one Loops team, shared by every request to it.
 #[derive(Clone)]
 pub enum RateBudget {
@@ -44,6 +58,9 @@ pub enum RateBudget {
         name: String,
         period: Duration,
         slack: Duration,
+        /// Slots per round trip to the ledger.
+        count: u32,
+        block: Arc<tokio::sync::Mutex<Block>>,
     },
     /// This process only (commands that run without a bus, such as `check`).
     Local(Arc<DefaultDirectRateLimiter>),
@@ -58,11 +75,14 @@ impl RateBudget {
         name: String,
         requests_per_second: u32,
     ) -> RateBudget {
+        let period = slot_period(requests_per_second);
         RateBudget::Shared {
             bus,
             name,
-            period: slot_period(requests_per_second),
+            period,
             slack: slot_slack(requests_per_second),
+            count: (BLOCK.as_nanos() / period.as_nanos()).clamp(1, u128::from(u32::MAX)) as u32,
+            block: Arc::default(),
         }
     }
 
@@ -80,13 +100,40 @@ impl RateBudget {
                 name,
                 period,
                 slack,
-            } => bus.rate_slot(name, *period, *slack).await,
+                count,
+                block,
+            } => {
+                let mut block = block.lock().await;
+                if block.left == 0 {
+                    let (first, granted) = bus.rate_slot(name, *period, *slack, *count).await?;
+                    *block = Block {
+                        next: first,
+                        left: granted.max(1),
+                    };
+                }
+                let at = block.next;
+                block.next += period.as_nanos() as u64;
+                block.left -= 1;
+                drop(block);
+                let now = unix_nanos();
+                if at > now {
+                    tokio::time::sleep(Duration::from_nanos(at - now)).await;
+                }
+                Ok(())
+            }
             RateBudget::Local(pacer) => {
                 pacer.until_ready().await;
                 Ok(())
             }
         }
     }
+}
+
+/// Now, in Unix nanoseconds: the clock the shared ledger's due times are in.
+pub fn unix_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 /// An even pace of `per_second` requests in this process: one every [`slot_period`], no burst.
@@ -106,6 +153,20 @@ mod tests {
         assert_eq!(slot_period(10), Duration::from_millis(101));
         assert_eq!(slot_slack(10), Duration::from_millis(1));
         assert_eq!(slot_period(1000), Duration::from_micros(1010));
+    }
+
+    /// A process takes 10 ms of slots per round trip to the ledger, at least one.
+    #[test]
+    fn slots_are_taken_ten_milliseconds_at_a_time() {
+        let bus: Arc<dyn Coordination> = Arc::new(crate::LocalBus::new(crate::Names::new("t")));
+        let count = |rps| match RateBudget::shared(bus.clone(), "b".into(), rps) {
+            RateBudget::Shared { count, .. } => count,
+            RateBudget::Local(_) => unreachable!(),
+        };
+        assert_eq!(
+            [count(10), count(100), count(1000), count(1_000_000)],
+            [1, 1, 9, 9900]
+        );
     }
 
     /// Takers who wake late by a pseudo-random lateness, some of them far beyond the slack,

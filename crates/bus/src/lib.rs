@@ -127,6 +127,22 @@ pub trait Messaging: Send + Sync + 'static {
         payload: Bytes,
     ) -> Result<(), BusError>;
 
+    /// Publishes several messages for `stage`, in order, each as [`Messaging::publish`] would,
+    /// and returns once the bus has stored every one (on an error, some may be stored: each
+    /// has its message id, so publishing them again is safe). `(sync, message_id, payload)`.
+    /// One at a time by default; a bus that can sends them all before waiting for the first
+    /// acknowledgement.
+    async fn publish_all(
+        &self,
+        stage: Stage,
+        messages: Vec<(String, String, Bytes)>,
+    ) -> Result<(), BusError> {
+        for (sync, message_id, payload) in messages {
+            self.publish(stage, &sync, &message_id, payload).await?;
+        }
+        Ok(())
+    }
+
     /// Joins the stage's shared consumer; `batch` bounds how many messages are fetched ahead.
     async fn consume(&self, stage: Stage, batch: usize) -> Result<Box<dyn Consumer>, BusError>;
 
@@ -172,12 +188,15 @@ pub trait Coordination: Send + Sync + 'static {
     /// Takes one request slot of the rate budget `budget`, shared by every process on this bus,
     /// waiting until one is free. Slots are `period` apart, and a slot taken up to `slack` late
     /// keeps the cadence ([`budget::next_due`]): no burst beyond that.
+    /// Up to `count` consecutive slots may be taken at once (`period` apart, the first due
+    /// now): returns the first one's due time (Unix nanoseconds) and how many were taken.
     async fn rate_slot(
         &self,
         budget: &str,
         period: Duration,
         slack: Duration,
-    ) -> Result<(), BusError>;
+        count: u32,
+    ) -> Result<(u64, u32), BusError>;
 }
 
 /// A ledger entry and its revision (which the next compare-and-set names).

@@ -621,7 +621,8 @@ impl Coordination for LocalBus {
         budget: &str,
         period: Duration,
         _slack: Duration,
-    ) -> Result<(), BusError> {
+        _count: u32,
+    ) -> Result<(u64, u32), BusError> {
         let limiter = self
             .inner
             .budgets
@@ -636,7 +637,8 @@ impl Coordination for LocalBus {
             })
             .clone();
         limiter.until_ready().await;
-        Ok(())
+        // One at a time: governor's cells are taken in process, with no round trip to save.
+        Ok((crate::budget::unix_nanos(), 1))
     }
 }
 

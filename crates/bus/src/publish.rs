@@ -19,23 +19,23 @@ pub async fn run_request(bus: &dyn Messaging, request: &RunRequest) -> Result<()
     .await
 }
 
-/// extractor → transformer.
-pub async fn change(bus: &dyn Messaging, change: &RowChange) -> Result<(), BusError> {
-    let id = keys::message_id(
-        "chg",
-        &change.installation,
-        change.run_id,
-        &change.sync,
-        &change.key,
-        &change.fingerprint,
-    );
-    bus.publish(
-        Stage::Transformer,
-        &change.sync,
-        &id,
-        Bytes::from(codec::encode(change)),
-    )
-    .await
+/// extractor → transformer, a batch at once (see [`Messaging::publish_all`]).
+pub async fn changes(bus: &dyn Messaging, changes: &[RowChange]) -> Result<(), BusError> {
+    let messages = changes
+        .iter()
+        .map(|change| {
+            let id = keys::message_id(
+                "chg",
+                &change.installation,
+                change.run_id,
+                &change.sync,
+                &change.key,
+                &change.fingerprint,
+            );
+            (change.sync.clone(), id, Bytes::from(codec::encode(change)))
+        })
+        .collect();
+    bus.publish_all(Stage::Transformer, messages).await
 }
 
 /// transformer → loader.

@@ -260,9 +260,8 @@ impl ExtractorStage {
             self.warehouse
                 .mark_emitted(&run.spec.name, run.run_id, &emitted)
                 .await?;
-            for change in run.changes.drain(..) {
-                publish::change(&*self.bus, &change).await?;
-            }
+            publish::changes(&*self.bus, &run.changes).await?;
+            run.changes.clear();
         }
         if !run.already_sent.is_empty() {
             self.warehouse

@@ -25,7 +25,7 @@ use loopsync_core::stage::Stage;
 pub use provisioning::max_deliver;
 use provisioning::{bucket, provision};
 
-use crate::budget::next_due;
+use crate::budget::{next_due, unix_nanos};
 use crate::error::Source;
 use crate::names::Names;
 use crate::{
@@ -245,12 +245,6 @@ impl JetStreamBus {
     }
 }
 
-fn unix_nanos() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
-}
-
 #[async_trait]
 impl Messaging for JetStreamBus {
     async fn publish(
@@ -264,6 +258,46 @@ impl Messaging for JetStreamBus {
             .payload(payload)
             .message_id(message_id);
         self.send(self.names.subject(stage, sync), message).await
+    }
+
+    async fn publish_all(
+        &self,
+        stage: Stage,
+        messages: Vec<(String, String, Bytes)>,
+    ) -> Result<(), BusError> {
+        let Some(first) = messages.first() else {
+            return Ok(());
+        };
+        let subject = self.names.subject(stage, &first.0);
+        let error = |subject: &str, e: Source| BusError::Publish {
+            subject: subject.to_owned(),
+            source: e,
+        };
+        let published = async {
+            // Every message handed to the connection first, in order; then every
+            // acknowledgement: one round trip for the batch, not one per message.
+            let mut acks = Vec::with_capacity(messages.len());
+            for (sync, message_id, payload) in messages {
+                let subject = self.names.subject(stage, &sync);
+                let message = PublishMessage::build()
+                    .payload(payload)
+                    .message_id(message_id.as_str());
+                let ack = self
+                    .js
+                    .send_publish(subject.clone(), message)
+                    .await
+                    .map_err(|e| error(&subject, e.into()))?;
+                acks.push((subject, ack));
+            }
+            for (subject, ack) in acks {
+                ack.await.map_err(|e| error(&subject, e.into()))?;
+            }
+            Ok(())
+        };
+        self.disconnects
+            .guard(published)
+            .await
+            .map_err(|e| error(&subject, e.into()))?
     }
 
     /// The stage's max-deliveries advisories, each as the message it is about (see [`mover`]).
@@ -423,7 +457,8 @@ impl Coordination for JetStreamBus {
         budget: &str,
         period: Duration,
         slack: Duration,
-    ) -> Result<(), BusError> {
+        count: u32,
+    ) -> Result<(u64, u32), BusError> {
         use kv::{CreateErrorKind, UpdateErrorKind};
         let period = period.as_nanos() as u64;
         let slack = slack.as_nanos() as u64;
@@ -447,7 +482,11 @@ impl Coordination for JetStreamBus {
                 tokio::time::sleep(Duration::from_nanos((due - now).min(1_000_000_000))).await;
                 continue;
             }
-            let next = Bytes::copy_from_slice(&next_due(due, now, period, slack).to_be_bytes());
+            // `count` slots: the first due now (or up to the slack before, keeping the
+            // cadence), the next one `count` periods on.
+            let first = next_due(due, now, period, slack) - period;
+            let next =
+                Bytes::copy_from_slice(&(first + u64::from(count.max(1)) * period).to_be_bytes());
             let lost = match &entry {
                 Some(e) => {
                     let update = self.budget.update(budget, next, e.revision);
@@ -470,7 +509,7 @@ impl Coordination for JetStreamBus {
                 },
             };
             if !lost {
-                return Ok(());
+                return Ok((first, count.max(1)));
             }
         }
     }

@@ -7,7 +7,7 @@ use loopsync_core::envelope::{Action, ChangeKind, Operation, Outcome, OutcomeSta
 use tokio::sync::Notify;
 
 use super::*;
-use crate::{Coordination, JetStreamBus, JetStreamOptions, LocalBus};
+use crate::{Coordination, JetStreamBus, JetStreamOptions, LocalBus, RateBudget};
 
 #[derive(Debug)]
 struct TestError(ErrorClass);
@@ -489,7 +489,7 @@ async fn jetstream_rate_budget_is_shared_between_connections() {
     for bus in [a.clone(), b.clone(), a, b] {
         takers.push(tokio::spawn(async move {
             for _ in 0..5 {
-                bus.rate_slot("team-x", period, Duration::ZERO)
+                bus.rate_slot("team-x", period, Duration::ZERO, 1)
                     .await
                     .unwrap();
             }
@@ -502,12 +502,60 @@ async fn jetstream_rate_budget_is_shared_between_connections() {
     assert!(started.elapsed() >= period * 19, "{:?}", started.elapsed());
 }
 
+/// Slots taken a block at a time: two connections each take blocks of 4 from one budget; no
+/// two blocks overlap, each block's slots are `period` apart, and a `RateBudget` over the bus
+/// hands its block's slots out no earlier than they are due.
+#[tokio::test]
+async fn jetstream_rate_budget_hands_out_blocks_that_never_overlap() {
+    let Some(ns) = loopsync_testkit::TestNamespace::create("t") else {
+        return;
+    };
+    let (url, names) = (ns.url.clone(), Names::new(&ns.namespace));
+    let options = JetStreamOptions::default();
+    let a = Arc::new(
+        JetStreamBus::connect(&url, names.clone(), &options)
+            .await
+            .unwrap(),
+    );
+    let b = Arc::new(JetStreamBus::connect(&url, names, &options).await.unwrap());
+    let period = Duration::from_millis(5);
+    let mut blocks = Vec::new();
+    for bus in [&a, &b, &a, &b, &a, &b] {
+        let (first, granted) = bus
+            .rate_slot("team-y", period, Duration::ZERO, 4)
+            .await
+            .unwrap();
+        assert_eq!(granted, 4);
+        blocks.push(first);
+    }
+    blocks.sort_unstable();
+    for w in blocks.windows(2) {
+        assert!(w[1] - w[0] >= 4 * period.as_nanos() as u64, "{blocks:?}");
+    }
+    // 1 000 requests/s: blocks of 9 slots, handed out about a millisecond apart.
+    let budget = RateBudget::shared(a.clone(), "team-z".into(), 1000);
+    let started = tokio::time::Instant::now();
+    let mut at = Vec::new();
+    for _ in 0..30 {
+        budget.ready().await.unwrap();
+        at.push(crate::budget::unix_nanos());
+    }
+    // None before it is due: the last at least 29 periods after the first slot's due time,
+    // which is no later than the first was handed out.
+    assert!(
+        started.elapsed() >= Duration::from_micros(1010 * 29),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(at[29] - at[0] >= 29 * 1_010_000 - 2_000_000, "{at:?}");
+}
+
 #[tokio::test]
 async fn local_rate_budget_paces() {
     let bus = LocalBus::new(Names::new("t"));
     let started = tokio::time::Instant::now();
     for _ in 0..5 {
-        bus.rate_slot("team-x", Duration::from_millis(40), Duration::ZERO)
+        bus.rate_slot("team-x", Duration::from_millis(40), Duration::ZERO, 1)
             .await
             .unwrap();
     }
