@@ -34,9 +34,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-calc() { awk "BEGIN { printf \"%.${2:-1}f\", $1 }"; }
 median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
-now() { date +%s.%N; }
 
 changed=$((rows / 100))
 removed=$((rows / 200))
@@ -55,15 +53,7 @@ FROM generate_series(1, $rows) AS i;
 ANALYZE users;
 SQL
 
-"$bin" sim --port 0 --api-key test-key >"$work/sim.out" 2>"$work/sim.err" &
-sim_pid=$!
-sim_api=""
-for _ in $(seq 100); do
-  sim_api=$(grep -o 'http://[^ ]*/api' "$work/sim.out" | head -1 || true)
-  [ -n "$sim_api" ] && break
-  sleep 0.1
-done
-[ -n "$sim_api" ] || { echo "the simulator did not start: $(cat "$work/sim.err")" >&2; exit 1; }
+start_sim
 
 cfg=$work/loopsync.toml
 cat >"$cfg" <<TOML

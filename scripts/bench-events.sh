@@ -44,8 +44,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-calc() { awk "BEGIN { printf \"%.${2:-1}f\", $1 }"; }
-now() { date +%s.%N; }
 # min and median of the numbers given.
 min_median() {
   python3 -c 'import statistics, sys; v = [float(x) for x in sys.argv[1:]]; print(f"{min(v):.12g} {statistics.median(v):.12g}")' "$@"
@@ -70,18 +68,7 @@ ANALYZE user_events;
 SQL
 echo "data built in $(calc "$(now) - $build_started") s" >&2
 
-"$bin" sim --port 0 --rate-limit 100000 --api-key test-key >"$work/sim.out" 2>"$work/sim.err" &
-sim_pid=$!
-sim_api=""
-for _ in $(seq 100); do
-  sim_api=$(grep -o 'http://[^ ]*/api' "$work/sim.out" | head -1 || true)
-  [ -n "$sim_api" ] && break
-  sleep 0.1
-done
-if [ -z "$sim_api" ]; then
-  echo "the simulator did not start: $(cat "$work/sim.err")" >&2
-  exit 1
-fi
+start_sim --rate-limit 100000
 sim_root=${sim_api%/api}
 
 # config SYNC [CURSOR LINES]: one config of one event sync of user_events.

@@ -4,6 +4,8 @@
 #   bin        the loopsync binary (LOOPSYNC_BIN, else a release build made now)
 #   bench_url  the URL of database `db` on that server
 #   work       a new temporary folder
+# and the functions calc (arithmetic, printed with N decimals), now (Unix seconds) and
+# start_sim (a simulator; sets sim_pid and sim_api).
 export PGOPTIONS="${PGOPTIONS:-} -c client_min_messages=warning"
 pg_url=${LOOPSYNC_BENCH_PG_URL:-${LOOPSYNC_TEST_PG_URL:-}}
 if [ -z "$pg_url" ]; then
@@ -22,3 +24,24 @@ bin=$LOOPSYNC_BIN
 base=${pg_url%%\?*}
 bench_url="${base%/*}/$db"
 work=$(mktemp -d "${TMPDIR:-/tmp}/loopsync-bench.XXXXXX")
+
+calc() { awk "BEGIN { printf \"%.${2:-1}f\", $1 }"; }
+now() { date +%s.%N; }
+
+# Starts `loopsync sim` on a free port with the API key test-key and the given arguments, its
+# output in $work/sim-$sim_n.out; sets sim_pid and sim_api (the API root, ending in /api).
+sim_n=0
+start_sim() {
+  sim_n=$((sim_n + 1))
+  local out=$work/sim-$sim_n.out
+  "$bin" sim --port 0 --api-key test-key "$@" >"$out" 2>&1 &
+  sim_pid=$!
+  sim_api=""
+  for _ in $(seq 100); do
+    sim_api=$(grep -o 'http://[^ ]*/api' "$out" | head -1 || true)
+    [ -n "$sim_api" ] && return 0
+    sleep 0.1
+  done
+  echo "the simulator did not start: $(cat "$out")" >&2
+  exit 1
+}

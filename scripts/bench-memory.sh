@@ -33,21 +33,6 @@ trap cleanup EXIT
 
 kb() { awk -v k="$2" '$1 == k":" { print $2 }' "/proc/$1/status" 2>/dev/null || true; }
 
-# Starts the simulator; sets sim_pid and sim_api.
-start_sim() {
-  "$bin" sim --port 0 --rate-limit 10 --api-key test-key >"$work/sim.out" 2>"$work/sim.err" &
-  sim_pid=$!
-  for _ in $(seq 100); do
-    sim_api=$(grep -o 'http://[^ ]*/api' "$work/sim.out" | head -1 || true)
-    [ -n "$sim_api" ] && return 0
-    sleep 0.1
-  done
-  echo "the simulator did not start: $(cat "$work/sim.err")" >&2
-  exit 1
-}
-
-calc() { awk "BEGIN { printf \"%.${2:-1}f\", $1 }"; }
-
 # One size: sets secs (extraction wall time), peak and plan_peak (KiB).
 measure() {
   local n=$1
@@ -61,7 +46,7 @@ SELECT i, 'user' || i || '@example.com', 'First' || i, (ARRAY['free','pro','team
 FROM generate_series(1, $n) AS i;
 ANALYZE users;
 SQL
-  start_sim
+  start_sim --rate-limit 10
   cat >"$work/loopsync.toml" <<TOML
 [warehouse]
 url = "$bench_url"

@@ -46,7 +46,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-calc() { awk "BEGIN { printf \"%.${2:-1}f\", $1 }"; }
 rows=$((seconds * limit))
 
 # One case: sets the figures of the table's row.
@@ -58,17 +57,9 @@ CREATE TABLE users (id bigint PRIMARY KEY, email text, first_name text);
 INSERT INTO users SELECT i, 'user' || i || '@example.com', 'First' || i
 FROM generate_series(1, $rows) AS i;
 SQL
-  "$bin" sim --port 0 --api-key test-key --rate-limit "$limit" --window "$window" \
-    >"$work/sim-$case.out" 2>&1 &
-  pids+=($!)
-  local sim_api="" sim_url
-  for _ in $(seq 100); do
-    sim_api=$(grep -o 'http://[^ ]*/api' "$work/sim-$case.out" | head -1 || true)
-    [ -n "$sim_api" ] && break
-    sleep 0.1
-  done
-  [ -n "$sim_api" ] || { echo "the simulator did not start" >&2; exit 1; }
-  sim_url=${sim_api%/api}
+  start_sim --rate-limit "$limit" --window "$window"
+  pids+=("$sim_pid")
+  local sim_url=${sim_api%/api}
   local cfg=$work/$case.toml
   cat >"$cfg" <<TOML
 [warehouse]

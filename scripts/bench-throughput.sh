@@ -35,8 +35,6 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-calc() { awk "BEGIN { printf \"%.${2:-1}f\", $1 }"; }
-now() { date +%s.%N; }
 
 psql -q "$pg_url" -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db" >/dev/null
 psql -q "$bench_url" >/dev/null <<SQL
@@ -47,15 +45,7 @@ SELECT i, 'user' || i || '@example.com', 'First' || i, (ARRAY['free','pro','team
 FROM generate_series(1, $rows) AS i;
 ANALYZE users;
 SQL
-"$bin" sim --port 0 --api-key test-key --rate-limit 1000000 >"$work/sim.out" 2>&1 &
-sim_pid=$!
-sim_api=""
-for _ in $(seq 100); do
-  sim_api=$(grep -o 'http://[^ ]*/api' "$work/sim.out" | head -1 || true)
-  [ -n "$sim_api" ] && break
-  sleep 0.1
-done
-[ -n "$sim_api" ] || { echo "the simulator did not start" >&2; exit 1; }
+start_sim --rate-limit 1000000
 cfg=$work/loopsync.toml
 cat >"$cfg" <<TOML
 [warehouse]
