@@ -468,13 +468,14 @@ async fn jetstream_max_deliveries_advisory_moves_to_dead_letters() {
     worker.await.unwrap().unwrap();
 }
 
-/// Two processes (two connections) taking slots of one budget: the slots are `period` apart in
-/// all, not per process. A lower bound on the elapsed time, so a slow machine cannot fail it.
-#[tokio::test]
-async fn jetstream_rate_budget_is_shared_between_connections() {
-    let Some(ns) = loopsync_testkit::TestNamespace::create("t") else {
-        return;
-    };
+/// Two connections to one namespace of the test server (two processes of a deployment); the
+/// namespace lives as long as the first of the three.
+async fn two_connections() -> Option<(
+    loopsync_testkit::TestNamespace,
+    Arc<JetStreamBus>,
+    Arc<JetStreamBus>,
+)> {
+    let ns = loopsync_testkit::TestNamespace::create("t")?;
     let (url, names) = (ns.url.clone(), Names::new(&ns.namespace));
     let options = JetStreamOptions::default();
     let a = Arc::new(
@@ -483,6 +484,16 @@ async fn jetstream_rate_budget_is_shared_between_connections() {
             .unwrap(),
     );
     let b = Arc::new(JetStreamBus::connect(&url, names, &options).await.unwrap());
+    Some((ns, a, b))
+}
+
+/// Two processes (two connections) taking slots of one budget: the slots are `period` apart in
+/// all, not per process. A lower bound on the elapsed time, so a slow machine cannot fail it.
+#[tokio::test]
+async fn jetstream_rate_budget_is_shared_between_connections() {
+    let Some((_ns, a, b)) = two_connections().await else {
+        return;
+    };
     let period = Duration::from_millis(50);
     let started = tokio::time::Instant::now();
     let mut takers = Vec::new();
@@ -507,17 +518,9 @@ async fn jetstream_rate_budget_is_shared_between_connections() {
 /// hands its block's slots out no earlier than they are due.
 #[tokio::test]
 async fn jetstream_rate_budget_hands_out_blocks_that_never_overlap() {
-    let Some(ns) = loopsync_testkit::TestNamespace::create("t") else {
+    let Some((_ns, a, b)) = two_connections().await else {
         return;
     };
-    let (url, names) = (ns.url.clone(), Names::new(&ns.namespace));
-    let options = JetStreamOptions::default();
-    let a = Arc::new(
-        JetStreamBus::connect(&url, names.clone(), &options)
-            .await
-            .unwrap(),
-    );
-    let b = Arc::new(JetStreamBus::connect(&url, names, &options).await.unwrap());
     let period = Duration::from_millis(5);
     let mut blocks = Vec::new();
     for bus in [&a, &b, &a, &b, &a, &b] {
