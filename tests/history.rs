@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use loopsync_testkit::{Stack, StackOptions};
+use loopsync_testkit::{Backend, Stack, StackOptions};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
@@ -42,14 +42,14 @@ impl Row {
         }
     }
 
-    fn insert_sql(&self, id: i64) -> String {
+    fn insert_sql(&self, id: i64, backend: Backend) -> String {
         format!(
-            "INSERT INTO users VALUES ({id}, '{}', '{}', '{}', {}, timestamptz '2024-01-01 00:00:00+00' + {} * interval '1 hour', {});",
+            "INSERT INTO users VALUES ({id}, '{}', '{}', '{}', {}, {}, {});",
             self.email,
             self.first_name,
             self.plan,
             self.seats,
-            self.signed_up_hour,
+            loopsync_testkit::time_literal(backend, self.signed_up_hour),
             self.newsletter
         )
     }
@@ -87,15 +87,18 @@ struct Model {
     gone: BTreeMap<i64, Row>,
     next_id: i64,
     next_email: u32,
+    /// Where the model is, for the SQL of its changes.
+    backend: Backend,
 }
 
 impl Model {
-    fn new(rows: i64) -> Model {
+    fn new(rows: i64, backend: Backend) -> Model {
         Model {
             rows: (1..=rows).map(|id| (id, Row::new(id))).collect(),
             gone: BTreeMap::new(),
             next_id: rows + 1,
             next_email: 0,
+            backend,
         }
     }
 
@@ -143,7 +146,7 @@ impl Model {
                     self.gone.insert(id, row);
                     return self.add();
                 }
-                let sql = row.insert_sql(id);
+                let sql = row.insert_sql(id, self.backend);
                 self.rows.insert(id, row);
                 (sql, format!("{id} comes back unchanged"))
             }
@@ -178,7 +181,7 @@ impl Model {
         let id = self.next_id;
         self.next_id += 1;
         let row = Row::new(id);
-        let sql = row.insert_sql(id);
+        let sql = row.insert_sql(id, self.backend);
         self.rows.insert(id, row);
         (sql, format!("{id} is new"))
     }
@@ -228,29 +231,34 @@ struct Variant {
     /// failed before its effect, the event of that change can never fire (its key is spent, and
     /// a new key could fire it twice): at most one.
     exactly_once: bool,
+    /// Where the model is.
+    backend: Backend,
 }
 
 async fn history(variant: Variant, seed: u64, steps: usize) {
     let mut rng = StdRng::seed_from_u64(seed);
     let rows = 12;
-    let Some(stack) = Stack::start(StackOptions {
-        rows,
-        nats: variant.nats,
-        behavior: "mirror",
-        // Histories remove many rows at once: the removal guard is tested on its own.
-        extra_sync: "trigger_workflows = true\nmax_removal_share = 1.0",
-        sim_rate_limit: 1000,
-        requests_per_second: 500,
-        ack_wait_seconds: 2.0,
-        max_attempts: 12,
-        ..StackOptions::default()
-    })
+    let Some(stack) = Stack::start(
+        StackOptions {
+            rows,
+            nats: variant.nats,
+            behavior: "mirror",
+            // Histories remove many rows at once: the removal guard is tested on its own.
+            extra_sync: "trigger_workflows = true\nmax_removal_share = 1.0",
+            sim_rate_limit: 1000,
+            requests_per_second: 500,
+            ack_wait_seconds: 2.0,
+            max_attempts: 12,
+            ..StackOptions::default()
+        }
+        .on(variant.backend),
+    )
     .await
     else {
         return;
     };
     stack.sim_post("settings", variant.settings.clone()).await;
-    let mut model = Model::new(rows as i64);
+    let mut model = Model::new(rows as i64, variant.backend);
     let mut log = format!("{} · seed {seed}\n", variant.name);
     let mut synced: BTreeMap<i64, Row> = BTreeMap::new();
     let mut workers = if variant.nats {
@@ -376,6 +384,7 @@ async fn random_history_in_process() {
             nats: false,
             settings: json!({}),
             exactly_once: true,
+            backend: Backend::Postgres,
         },
         seed(1),
         steps(60),
@@ -393,6 +402,7 @@ async fn random_history_keys_consumed_on_failure() {
             nats: false,
             settings: json!({"keys_consumed_on_failure": true}),
             exactly_once: false,
+            backend: Backend::Postgres,
         },
         seed(2),
         steps(60),
@@ -409,6 +419,7 @@ async fn random_history_case_sensitive_emails_millisecond_dates() {
             nats: false,
             settings: json!({"email_match": "case_sensitive", "numeric_dates": "millis"}),
             exactly_once: true,
+            backend: Backend::Postgres,
         },
         seed(3),
         steps(40),
@@ -424,9 +435,43 @@ async fn random_history_over_nats_with_loader_kills() {
             nats: true,
             settings: json!({}),
             exactly_once: true,
+            backend: Backend::Postgres,
         },
         seed(4),
         steps(50),
     )
     .await;
+}
+
+/// The same histories on every other warehouse loopsync reads (the model there, the state in
+/// SQLite where the warehouse is only read), in process, under faults.
+async fn history_on(backend: Backend, name: &'static str, seed: u64) {
+    history(
+        Variant {
+            name,
+            nats: false,
+            settings: json!({}),
+            exactly_once: true,
+            backend,
+        },
+        seed,
+        steps(30),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_history_on_sqlite() {
+    history_on(Backend::Sqlite, "in process, on SQLite", seed(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_history_on_mysql() {
+    history_on(Backend::MySql, "in process, on MySQL", seed(6)).await;
+}
+
+#[cfg(feature = "duckdb")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_history_on_duckdb() {
+    history_on(Backend::DuckDb, "in process, on DuckDB", seed(7)).await;
 }

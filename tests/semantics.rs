@@ -427,6 +427,41 @@ async fn check_reports_and_creates_what_is_missing() {
     );
 }
 
+/// A property creation whose answer is lost after Loops made it (a 503 after the effect) is
+/// refused when tried again, the name being taken: the run lists the properties again, finds
+/// it, and goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_property_made_by_an_attempt_whose_answer_was_lost_is_made() {
+    let Some(stack) = Stack::start(StackOptions {
+        rows: 3,
+        ..StackOptions::default()
+    })
+    .await
+    else {
+        return;
+    };
+    stack
+        .sim_post(
+            "faults",
+            // Seeded: the first creation answers 503 after its effect, its retry meets the
+            // name taken.
+            json!({"error_503": 0.5, "after_effect": 1.0, "seed": 1,
+                   "endpoints": ["POST /v1/contacts/properties"]}),
+        )
+        .await;
+    let out = stack.run_once(&[]).await;
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    assert_eq!(out.run()["confirmed"], 3, "{}", out.run());
+    let seen = stack.sim.seen().await;
+    let refused = seen.answered("POST /v1/contacts/properties", 400);
+    assert!(refused >= 1, "a retry met the name taken: {seen:?}");
+    assert_eq!(
+        seen.to("GET /v1/contacts/properties"),
+        1 + refused,
+        "listed once, then once per refusal: {seen:?}"
+    );
+}
+
 /// identify_by = "email" and an email that changes for the same primary key: a re-key. The new
 /// address is its own contact; mirror removes the old one, upsert keeps it and says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

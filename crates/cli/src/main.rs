@@ -144,7 +144,8 @@ pub fn load_config_for_warehouse(path: &Path, sync: Option<&str>) -> anyhow::Res
 pub async fn open_warehouse(
     config: &Config,
 ) -> anyhow::Result<std::sync::Arc<dyn loopsync_warehouse::Warehouse>> {
-    let warehouse = loopsync_warehouse::connect(&config.warehouse.url).await?;
+    let warehouse =
+        loopsync_warehouse::open(&loopsync_engine::settings::warehouse_settings(config)).await?;
     warehouse.prepare().await?;
     Ok(warehouse)
 }

@@ -26,8 +26,9 @@ fn is_camel_case(name: &str) -> bool {
 
 impl RawConfig {
     /// Checks every section, in the order of the file's sections: `[loops]`, `[nats]`, then
-    /// each `[[sync]]` (`[warehouse]` has no rule beyond its shape).
+    /// each `[[sync]]`.
     pub(crate) fn check(self) -> Result<Config, ConfigError> {
+        check_warehouse(&self.warehouse)?;
         check_loops(&self.loops)?;
         if let Some(nats) = &self.nats {
             check_nats(nats)?;
@@ -44,6 +45,43 @@ impl RawConfig {
             syncs,
         })
     }
+}
+
+/// `[warehouse]`: a state schema usable as an SQL identifier unquoted; a state store for the
+/// warehouses loopsync only reads.
+fn check_warehouse(warehouse: &crate::WarehouseConfig) -> Result<(), ConfigError> {
+    let schema = &warehouse.state_schema;
+    let mut chars = schema.chars();
+    let identifier = matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && schema.len() <= 48;
+    if !identifier {
+        return Err(invalid(
+            "warehouse.state_schema",
+            "use letters, digits and `_` (at most 48), starting with a letter or `_`",
+        ));
+    }
+    let scheme = warehouse.url.split("://").next().unwrap_or_default();
+    if matches!(scheme, "mysql" | "duckdb") && warehouse.state.is_none() {
+        return Err(invalid(
+            "warehouse.state",
+            format!(
+                "a {scheme}:// warehouse is only read: say where the syncs' state is kept, \
+                 `state = \"sqlite:///path/state.db\"` (one machine) or a postgres:// URL"
+            ),
+        ));
+    }
+    if let Some(state) = &warehouse.state
+        && !["sqlite://", "postgres://", "postgresql://"]
+            .iter()
+            .any(|p| state.starts_with(p))
+    {
+        return Err(invalid(
+            "warehouse.state",
+            "must start with sqlite:// or postgres://",
+        ));
+    }
+    Ok(())
 }
 
 /// `[loops]`: limits at least 1, a positive timeout.

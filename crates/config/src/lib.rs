@@ -48,8 +48,26 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WarehouseConfig {
-    /// `postgres://…`, `sqlite:///path/file.db` (also `mysql://…`, `duckdb:///…` later).
+    /// Where the model is read: `postgres://…`, `sqlite:///path/file.db`, `mysql://…`, or
+    /// `duckdb:///path/file.duckdb` (`duckdb://` alone: an in-memory DuckDB, for models that read
+    /// CSV or Parquet files with `read_csv` / `read_parquet`; needs a build with the `duckdb`
+    /// feature).
     pub url: String,
+    /// Where the syncs' state, runs and per-record results are kept, when not in the warehouse
+    /// itself: `sqlite:///path/state.db` (one machine) or `postgres://…` (workers on many
+    /// machines). Required for `mysql://` and `duckdb://` warehouses, which loopsync only reads;
+    /// optional for PostgreSQL (a read-only replica) and SQLite.
+    #[serde(default)]
+    pub state: Option<String>,
+    /// The schema (PostgreSQL) or table-name prefix (SQLite: `{state_schema}_state`, …) of the
+    /// state's tables, so two deployments or test suites can share one database. Letters,
+    /// digits and `_`, starting with a letter or `_`.
+    #[serde(default = "default_state_schema")]
+    pub state_schema: String,
+}
+
+fn default_state_schema() -> String {
+    "loopsync".to_owned()
 }
 
 /// `[loops]`.
@@ -220,12 +238,18 @@ impl Config {
         let config = Config::parse(&text, |name| {
             Some(std::env::var(name).unwrap_or_else(|_| format!("{UNSET}{name}\u{0}")))
         })?;
-        if let Some((_, unset)) = config.warehouse.url.split_once(UNSET) {
-            let name = unset.split('\u{0}').next().unwrap_or_default();
-            return Err(invalid(
-                "warehouse.url",
-                format!("environment variable {name} is not set"),
-            ));
+        let warehouse = &config.warehouse;
+        for (key, value) in [
+            ("warehouse.url", Some(&warehouse.url)),
+            ("warehouse.state", warehouse.state.as_ref()),
+        ] {
+            if let Some((_, unset)) = value.and_then(|v| v.split_once(UNSET)) {
+                let name = unset.split('\u{0}').next().unwrap_or_default();
+                return Err(invalid(
+                    key,
+                    format!("environment variable {name} is not set"),
+                ));
+            }
         }
         Ok(config)
     }
@@ -349,6 +373,73 @@ signedUpAt = { column = "signed_up_at", type = "date" }
 
     fn error_of(text: &str) -> String {
         Config::parse(text, env).unwrap_err().to_string()
+    }
+
+    /// `[warehouse]` with `lines` after its `url`, and the rest of the example.
+    fn with_warehouse(url: &str, lines: &str) -> String {
+        let rest = EXAMPLE.split_once("[loops]").unwrap().1;
+        format!("[warehouse]\nurl = \"{url}\"\n{lines}\n[loops]{rest}")
+    }
+
+    #[test]
+    fn the_state_has_a_schema_and_may_live_apart_from_the_warehouse() {
+        let config = Config::parse(&with_warehouse("postgres://h/db", ""), env).unwrap();
+        assert_eq!(config.warehouse.state_schema, "loopsync");
+        assert_eq!(config.warehouse.state, None);
+        let config = Config::parse(
+            &with_warehouse(
+                "mysql://root@127.0.0.1/shop",
+                "state = \"sqlite:///var/lib/loopsync/state.db\"\nstate_schema = \"ls_2\"",
+            ),
+            env,
+        )
+        .unwrap();
+        assert_eq!(config.warehouse.state_schema, "ls_2");
+        assert_eq!(
+            config.warehouse.state.as_deref(),
+            Some("sqlite:///var/lib/loopsync/state.db")
+        );
+        for (url, lines, key, says) in [
+            (
+                "mysql://h/db",
+                "",
+                "warehouse.state",
+                "a mysql:// warehouse is only read",
+            ),
+            (
+                "duckdb://",
+                "",
+                "warehouse.state",
+                "a duckdb:// warehouse is only read",
+            ),
+            (
+                "duckdb://",
+                "state = \"mysql://h/x\"",
+                "warehouse.state",
+                "must start with",
+            ),
+            (
+                "postgres://h/db",
+                "state_schema = \"a-b\"",
+                "warehouse.state_schema",
+                "letters",
+            ),
+            (
+                "postgres://h/db",
+                "state_schema = \"1x\"",
+                "warehouse.state_schema",
+                "starting",
+            ),
+            (
+                "postgres://h/db",
+                "state_schema = \"\"",
+                "warehouse.state_schema",
+                "letters",
+            ),
+        ] {
+            let e = error_of(&with_warehouse(url, lines));
+            assert!(e.starts_with(key) && e.contains(says), "{url} {lines}: {e}");
+        }
     }
 
     #[test]

@@ -69,7 +69,7 @@ impl CheckReport {
 /// Loops is in the report; an error returned is one met after Loops accepted the key.
 pub async fn check(config: &Config, create_properties: bool) -> Result<CheckReport, EngineError> {
     let mut report = CheckReport::default();
-    match loopsync_warehouse::connect(&config.warehouse.url).await {
+    match loopsync_warehouse::open(&crate::settings::warehouse_settings(config)).await {
         Err(e) => report.warehouse = Some(e.to_string()),
         Ok(warehouse) => {
             for sync in &config.syncs {

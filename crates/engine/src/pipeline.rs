@@ -46,7 +46,7 @@ impl Pipeline {
         config: Config,
         shutdown: CancellationToken,
     ) -> Result<Pipeline, EngineError> {
-        let warehouse = loopsync_warehouse::connect(&config.warehouse.url).await?;
+        let warehouse = loopsync_warehouse::open(&settings::warehouse_settings(&config)).await?;
         warehouse.prepare().await?;
         let Connected {
             messaging: bus,

@@ -105,6 +105,11 @@ impl PropertyDiff {
 }
 
 /// Creates `missing` in Loops with its declared type (paced, retried, counted in `counts`).
+///
+/// A creation whose answer was lost (a 5xx or a dropped connection after Loops made the
+/// property) is refused when tried again: the name is taken. So when the creation fails, the
+/// team's properties are listed once more, and a property of that name and type counts as
+/// created.
 pub async fn create(
     client: &LoopsClient,
     budget: &RateBudget,
@@ -113,14 +118,28 @@ pub async fn create(
     missing: &MissingProperty,
 ) -> Result<(), EngineError> {
     let kind = missing.kind;
-    with_retries_for(
+    let created = with_retries_for(
         &format!("creating the contact property {}", missing.name),
         budget,
         attempts,
         counts,
         || client.create_property(&missing.name, kind),
     )
-    .await
+    .await;
+    let Err(error) = created else {
+        return Ok(());
+    };
+    match list(client, budget, attempts, counts).await {
+        Ok(listed)
+            if listed
+                .iter()
+                .any(|p| p.key == missing.name && p.kind == kind) =>
+        {
+            tracing::info!(property = %missing.name, "the contact property exists: an earlier attempt made it");
+            Ok(())
+        }
+        _ => Err(error),
+    }
 }
 
 /// What `loopsync run` asks and makes before it sends, with its requests counted for the runs

@@ -91,6 +91,15 @@ pub fn jetstream_options(config: &Config) -> Option<JetStreamOptions> {
     })
 }
 
+/// The warehouse's settings of `config`: where the model is read, where the state is kept.
+pub fn warehouse_settings(config: &Config) -> loopsync_warehouse::Settings {
+    loopsync_warehouse::Settings {
+        url: config.warehouse.url.clone(),
+        state: config.warehouse.state.clone(),
+        state_schema: config.warehouse.state_schema.clone(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use loopsync_bus::worker;

@@ -19,7 +19,10 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 pub use process::{COMMAND_DEADLINE, output_within, until};
-pub use services::{TestDatabase, TestNamespace, nats_url, pg_url, service, unique, with_database};
+pub use services::{
+    TestDatabase, TestMySql, TestNamespace, mysql_url, nats_url, pg_url, service, unique,
+    with_database,
+};
 pub use sim::{Seen, SimProcess};
 
 /// The `loopsync` binary: `LOOPSYNC_BIN`, else the one cargo built beside this test — built now
@@ -100,6 +103,12 @@ pub struct StackOptions {
     pub nats: bool,
     /// The warehouse is an SQLite file instead of a PostgreSQL database.
     pub sqlite: bool,
+    /// The warehouse is a MySQL database (`LOOPSYNC_TEST_MYSQL_URL`), only read; the state is
+    /// kept in an SQLite file of the stack's folder.
+    pub mysql: bool,
+    /// The warehouse is a DuckDB file (feature `duckdb`), only read; the state is kept in an
+    /// SQLite file of the stack's folder.
+    pub duckdb: bool,
     /// The simulated team's rate limit.
     pub sim_rate_limit: u32,
     /// `loops.requests_per_second` of the config.
@@ -149,6 +158,8 @@ impl Default for StackOptions {
             rows: 40,
             nats: false,
             sqlite: false,
+            mysql: false,
+            duckdb: false,
             sim_rate_limit: 100,
             requests_per_second: 50,
             ack_wait_seconds: 30.0,
@@ -172,6 +183,39 @@ pub enum TestWarehouse {
     Sqlite {
         path: PathBuf,
     },
+    /// The model on MySQL, the state in an SQLite file.
+    MySql {
+        database: TestMySql,
+        state: PathBuf,
+    },
+    /// The model in a DuckDB file, the state in an SQLite file.
+    DuckDb {
+        path: PathBuf,
+        state: PathBuf,
+    },
+}
+
+/// Where a stack's model is: every warehouse loopsync reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Postgres,
+    Sqlite,
+    /// The model on MySQL, the state in SQLite.
+    MySql,
+    /// The model in a DuckDB file, the state in SQLite (feature `duckdb`).
+    DuckDb,
+}
+
+impl StackOptions {
+    /// These options with the model on `backend`.
+    pub fn on(self, backend: Backend) -> StackOptions {
+        StackOptions {
+            sqlite: backend == Backend::Sqlite,
+            mysql: backend == Backend::MySql,
+            duckdb: backend == Backend::DuckDb,
+            ..self
+        }
+    }
 }
 
 impl TestWarehouse {
@@ -180,8 +224,88 @@ impl TestWarehouse {
         match self {
             TestWarehouse::Postgres { database, .. } => database.url.clone(),
             TestWarehouse::Sqlite { path } => format!("sqlite://{}", path.display()),
+            TestWarehouse::MySql { database, .. } => database.url.clone(),
+            TestWarehouse::DuckDb { path, .. } => format!("duckdb://{}", path.display()),
         }
     }
+
+    /// The `warehouse.state` of the config, if the state is kept apart.
+    pub fn state_url(&self) -> Option<String> {
+        match self {
+            TestWarehouse::MySql { state, .. } | TestWarehouse::DuckDb { state, .. } => {
+                Some(format!("sqlite://{}", state.display()))
+            }
+            _ => None,
+        }
+    }
+
+    /// A time `hours` after 2024-01-01 00:00 UTC, as an SQL literal of this warehouse.
+    pub fn time_literal(&self, hours: i64) -> String {
+        time_literal(self.backend(), hours)
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self {
+            TestWarehouse::Postgres { .. } => Backend::Postgres,
+            TestWarehouse::Sqlite { .. } => Backend::Sqlite,
+            TestWarehouse::MySql { .. } => Backend::MySql,
+            TestWarehouse::DuckDb { .. } => Backend::DuckDb,
+        }
+    }
+}
+
+/// A time `hours` after 2024-01-01 00:00 UTC, as an SQL literal of `backend`.
+pub fn time_literal(backend: Backend, hours: i64) -> String {
+    match backend {
+        Backend::Postgres => {
+            format!("timestamptz '2024-01-01 00:00:00+00' + {hours} * interval '1 hour'")
+        }
+        Backend::Sqlite => {
+            let t = hours_after_2024(hours).replace(' ', "T");
+            format!("'{t}Z'")
+        }
+        Backend::MySql | Backend::DuckDb => format!("'{}'", hours_after_2024(hours)),
+    }
+}
+
+/// `2024-01-01 00:00:00` plus `hours`, as `YYYY-MM-DD HH:MM:SS` (UTC).
+pub fn hours_after_2024(hours: i64) -> String {
+    // Days in 2024's months (a leap year), then 2025's.
+    const DAYS: [i64; 24] = [
+        31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30,
+        31,
+    ];
+    let (mut day, hour) = (hours / 24, hours % 24);
+    let mut month = 0;
+    while day >= DAYS[month] {
+        day -= DAYS[month];
+        month += 1;
+    }
+    let (year, month) = (2024 + month / 12, month % 12);
+    format!("{year}-{:02}-{:02} {hour:02}:00:00", month + 1, day + 1)
+}
+
+/// The `users` table of `rows` rows in SQL that MySQL and DuckDB both run (PostgreSQL's
+/// `USERS_PG` row for row).
+fn users_portable(rows: usize) -> String {
+    let mut sql = "CREATE TABLE users (id bigint, email varchar(255), first_name varchar(255), \
+                   plan varchar(32), seats integer, signed_up_at datetime, newsletter boolean);"
+        .to_owned();
+    let values: Vec<String> = (1..=rows as i64)
+        .map(|g| {
+            format!(
+                "({g}, 'user{g}@example.com', 'First{g}', '{}', {}, '{}', {})",
+                ["free", "pro", "team"][(g % 3) as usize],
+                g % 7,
+                hours_after_2024(g),
+                g % 2 == 0
+            )
+        })
+        .collect();
+    for chunk in values.chunks(1000) {
+        sql.push_str(&format!("INSERT INTO users VALUES {};", chunk.join(", ")));
+    }
+    sql
 }
 
 /// A fresh warehouse with a `users` table, a `loopsync sim` process and a config file for
@@ -290,7 +414,23 @@ impl Stack {
         };
         let dir = std::env::temp_dir().join(unique("loopsync-e2e-"));
         std::fs::create_dir_all(&dir).expect("create the test folder");
-        let warehouse = if options.sqlite {
+        let warehouse = if options.duckdb {
+            assert!(options.events.is_none(), "no event table on DuckDB yet");
+            let path = dir.join("warehouse.duckdb");
+            duckdb_exec(&path, &users_portable(options.rows));
+            TestWarehouse::DuckDb {
+                path,
+                state: dir.join("state.db"),
+            }
+        } else if options.mysql {
+            assert!(options.events.is_none(), "no event table on MySQL yet");
+            let database = TestMySql::create().await?;
+            database.exec(&users_portable(options.rows)).await;
+            TestWarehouse::MySql {
+                database,
+                state: dir.join("state.db"),
+            }
+        } else if options.sqlite {
             let path = dir.join("warehouse.db");
             sqlite_exec(
                 &path,
@@ -349,6 +489,7 @@ impl Stack {
         let config_text = format!(
             r#"[warehouse]
 url = "{url}"
+{state}
 
 [loops]
 api_key = "${{LOOPS_API_KEY}}"
@@ -376,6 +517,10 @@ signedUpAt = {{ column = "signed_up_at", type = "date" }}
 "cm_news" = "newsletter"
 {events_sync}"#,
             url = warehouse.url(),
+            state = warehouse
+                .state_url()
+                .map(|s| format!("state = \"{s}\""))
+                .unwrap_or_default(),
             api = sim.api(),
             rps = options.requests_per_second,
             identify_by = options.identify_by,
@@ -408,7 +553,7 @@ signedUpAt = {{ column = "signed_up_at", type = "date" }}
     pub fn pg(&self) -> &tokio_postgres::Client {
         match &self.warehouse {
             TestWarehouse::Postgres { client, .. } => client,
-            TestWarehouse::Sqlite { .. } => panic!("this stack's warehouse is SQLite"),
+            _ => panic!("this stack's warehouse is not PostgreSQL"),
         }
     }
 
@@ -490,6 +635,8 @@ signedUpAt = {{ column = "signed_up_at", type = "date" }}
                 client.batch_execute(sql).await.expect("test SQL")
             }
             TestWarehouse::Sqlite { path } => sqlite_exec(path, sql),
+            TestWarehouse::MySql { database, .. } => database.exec(sql).await,
+            TestWarehouse::DuckDb { path, .. } => duckdb_exec(path, sql),
         }
     }
 
@@ -502,6 +649,14 @@ signedUpAt = {{ column = "signed_up_at", type = "date" }}
                 .expect("count query")
                 .get(0),
             TestWarehouse::Sqlite { path } => sqlite_count(path, sql),
+            // The state's tables are in the state store; the rest on MySQL.
+            TestWarehouse::MySql { state, .. } | TestWarehouse::DuckDb { state, .. }
+                if sql.contains("loopsync.") =>
+            {
+                sqlite_count(state, sql)
+            }
+            TestWarehouse::MySql { database, .. } => database.count(sql).await,
+            TestWarehouse::DuckDb { path, .. } => duckdb_count(path, sql),
         }
     }
 
@@ -601,6 +756,47 @@ impl Drop for Stack {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Opens a DuckDB file for writing, waiting out a loopsync process that has it open (DuckDB
+/// lets one process at a time open a file for writing).
+#[cfg(feature = "duckdb")]
+fn duckdb_open(path: &std::path::Path) -> duckdb::Connection {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match duckdb::Connection::open(path) {
+            Ok(c) => return c,
+            Err(e) if std::time::Instant::now() < deadline => {
+                eprintln!("waiting for the DuckDB file: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("open the DuckDB warehouse: {e}"),
+        }
+    }
+}
+
+#[cfg(feature = "duckdb")]
+fn duckdb_exec(path: &std::path::Path, sql: &str) {
+    duckdb_open(path)
+        .execute_batch(sql)
+        .unwrap_or_else(|e| panic!("test SQL on DuckDB: {e}\n{sql}"));
+}
+
+#[cfg(feature = "duckdb")]
+fn duckdb_count(path: &std::path::Path, sql: &str) -> i64 {
+    duckdb_open(path)
+        .query_row(sql, [], |row| row.get(0))
+        .expect("count query on DuckDB")
+}
+
+#[cfg(not(feature = "duckdb"))]
+fn duckdb_exec(_: &std::path::Path, _: &str) {
+    panic!("DuckDB stacks need the `duckdb` feature");
+}
+
+#[cfg(not(feature = "duckdb"))]
+fn duckdb_count(_: &std::path::Path, _: &str) -> i64 {
+    panic!("DuckDB stacks need the `duckdb` feature");
 }
 
 fn sqlite_exec(path: &std::path::Path, sql: &str) {

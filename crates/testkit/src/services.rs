@@ -140,6 +140,86 @@ impl Drop for TestDatabase {
 }
 
 /// `base` with its database replaced by `name`.
+/// The MySQL or MariaDB server to test against (`LOOPSYNC_TEST_MYSQL_URL`: a URL whose user may
+/// create databases).
+pub fn mysql_url() -> Option<String> {
+    service("LOOPSYNC_TEST_MYSQL_URL")
+}
+
+/// An empty database on the test MySQL server, dropped on drop.
+#[derive(Debug)]
+pub struct TestMySql {
+    /// The database's URL.
+    pub url: String,
+    base: String,
+    name: String,
+}
+
+impl TestMySql {
+    /// Creates one; `None` when MySQL is not configured and skipping was asked for.
+    pub async fn create() -> Option<TestMySql> {
+        use mysql_async::prelude::Queryable;
+        let base = mysql_url()?;
+        let mut connection = mysql_async::Conn::from_url(&base)
+            .await
+            .unwrap_or_else(|e| panic!("connect to the test MySQL ({base}): {e}"));
+        let name = unique("loopsync_t");
+        connection
+            .query_drop(format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create a test database");
+        let _ = connection.disconnect().await;
+        Some(TestMySql {
+            url: with_database(&base, &name),
+            base,
+            name,
+        })
+    }
+
+    /// Runs statements on the database (several, separated by `;`).
+    pub async fn exec(&self, sql: &str) {
+        use mysql_async::prelude::Queryable;
+        let mut connection = mysql_async::Conn::from_url(&self.url)
+            .await
+            .expect("connect to the test database");
+        connection
+            .query_drop(sql)
+            .await
+            .unwrap_or_else(|e| panic!("test SQL on MySQL: {e}\n{sql}"));
+        let _ = connection.disconnect().await;
+    }
+
+    /// The first column of the first row, as a number.
+    pub async fn count(&self, sql: &str) -> i64 {
+        use mysql_async::prelude::Queryable;
+        let mut connection = mysql_async::Conn::from_url(&self.url)
+            .await
+            .expect("connect to the test database");
+        let n: Option<i64> = connection.query_first(sql).await.expect("count on MySQL");
+        let _ = connection.disconnect().await;
+        n.unwrap_or(0)
+    }
+}
+
+impl Drop for TestMySql {
+    fn drop(&mut self) {
+        if std::env::var_os("LOOPSYNC_TEST_KEEP").is_some() {
+            eprintln!("kept database {}", self.name);
+            return;
+        }
+        let (base, name) = (self.base.clone(), self.name.clone());
+        block_on_own_runtime(async move {
+            use mysql_async::prelude::Queryable;
+            if let Ok(mut connection) = mysql_async::Conn::from_url(&base).await {
+                let _ = connection
+                    .query_drop(format!("DROP DATABASE IF EXISTS {name}"))
+                    .await;
+                let _ = connection.disconnect().await;
+            }
+        });
+    }
+}
+
 pub fn with_database(base: &str, name: &str) -> String {
     let (before_query, query) = match base.split_once('?') {
         Some((b, q)) => (b, format!("?{q}")),

@@ -5,7 +5,13 @@
 //! (rusqlite, bundled: the demo's embedded warehouse). The diff runs in the warehouse: the model
 //! joined with the sync's state on the primary key, ordered by key, streamed with bounded memory.
 
+#[cfg(feature = "duckdb")]
+mod duckdb;
+mod mysql;
 mod postgres;
+mod schema;
+pub mod source;
+mod split;
 mod sqlite;
 
 use std::collections::BTreeMap;
@@ -20,7 +26,12 @@ use loopsync_core::value::millis_to_rfc3339;
 use loopsync_core::{Classified, ErrorClass};
 use serde::Serialize;
 
+#[cfg(feature = "duckdb")]
+pub use duckdb::DuckDbSource;
+pub use mysql::MySqlSource;
 pub use postgres::PgWarehouse;
+pub use source::Source;
+pub use split::SplitWarehouse;
 pub use sqlite::SqliteWarehouse;
 
 /// What can go wrong in the warehouse.
@@ -420,6 +431,23 @@ pub trait Warehouse: Send + Sync + 'static {
         Ok(())
     }
 
+    /// The diff of a model read from a [`Source`]: `model`'s rows are loaded into a temporary
+    /// table of the diff's own session, which stands for the model (see [`staged_spec`]); then
+    /// as [`Warehouse::diff_since`], or with `leave_out_unchanged` as
+    /// [`Warehouse::diff_changes`]. Only a warehouse that can keep state for a source has it.
+    async fn diff_model(
+        &self,
+        spec: &SyncSpec,
+        _since: Option<i64>,
+        _leave_out_unchanged: bool,
+        _model: ModelRows,
+    ) -> Result<BoxStream<'static, Result<DiffRow, WarehouseError>>, WarehouseError> {
+        Err(WarehouseError::Unsupported(format!(
+            "this warehouse cannot keep the state of sync {} for another one",
+            spec.name
+        )))
+    }
+
     /// An event sync's watermark on cursor `column`: the highest cursor value (Unix
     /// milliseconds) of its latest run over that column that finished with no dead letter
     /// (`succeeded`, `adopted`, or `degraded` by invalid or rejected records), since its state
@@ -591,15 +619,122 @@ pub struct StateReset {
 /// forgot: not a fingerprint (those are 40 hex digits), so it never equals a row's.
 pub const FORGOTTEN_FP: &str = "forgotten";
 
-/// Opens the warehouse of a URL: `postgres://…` / `postgresql://…`, or `sqlite:///path/file.db`.
+/// A model's rows read from a [`Source`], for [`Warehouse::diff_model`].
+pub struct ModelRows {
+    /// The columns of each row, the primary key first ([`source::model_columns`]).
+    pub columns: Vec<String>,
+    pub rows: source::TextRows,
+}
+
+/// The temporary table that holds a source's rows in the diff's session.
+pub(crate) const STAGED: &str = "loopsync_model";
+
+/// The sync as its diff runs in a state store: its model is [`STAGED`], every column text, the
+/// cursor of an event sync turned into a time by `time`. The model's text stays in the new one
+/// as a digest, so that the row hashes of [`Warehouse::diff_changes`] are seeded by it too.
+pub(crate) fn staged_spec(
+    spec: &SyncSpec,
+    columns: &[String],
+    time: impl Fn(&str) -> String,
+) -> SyncSpec {
+    let cursor = spec
+        .append
+        .as_ref()
+        .and_then(|a| a.cursor.as_ref())
+        .map(|c| c.column.as_str());
+    let select: Vec<String> = columns
+        .iter()
+        .map(|c| {
+            let q = quote_ident(c);
+            if Some(c.as_str()) == cursor {
+                format!("{} AS {q}", time(&q))
+            } else {
+                q
+            }
+        })
+        .collect();
+    let mut staged = spec.clone();
+    staged.model = format!(
+        "SELECT {} FROM {STAGED} /* model {} */",
+        select.join(", "),
+        loopsync_core::keys::fingerprint(&[&spec.model])
+    );
+    staged
+}
+
+/// Where a deployment's model and state are: `[warehouse]` of the config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// Where the model is read.
+    pub url: String,
+    /// Where the state is kept, when not in the warehouse itself.
+    pub state: Option<String>,
+    /// The state's schema (PostgreSQL) or table prefix (SQLite).
+    pub state_schema: String,
+}
+
+impl Settings {
+    /// The model and the state in one warehouse, in schema `loopsync`.
+    pub fn url(url: &str) -> Settings {
+        Settings {
+            url: url.to_owned(),
+            state: None,
+            state_schema: DEFAULT_SCHEMA.to_owned(),
+        }
+    }
+}
+
+/// The state's schema when the config names none.
+pub const DEFAULT_SCHEMA: &str = "loopsync";
+
+/// Opens the warehouse of [`Settings`]: the warehouse itself, or, with a state store, its
+/// [`Source`] beside the store ([`SplitWarehouse`]).
+pub async fn open(settings: &Settings) -> Result<Arc<dyn Warehouse>, WarehouseError> {
+    let Some(state_url) = &settings.state else {
+        return connect_schema(&settings.url, &settings.state_schema).await;
+    };
+    let state = connect_schema(state_url, &settings.state_schema).await?;
+    let source = open_source(&settings.url).await?;
+    Ok(Arc::new(SplitWarehouse::new(source, state)))
+}
+
+/// The [`Source`] of a URL: `mysql://…`, `duckdb://…` (with the `duckdb` feature).
+pub async fn open_source(url: &str) -> Result<Arc<dyn Source>, WarehouseError> {
+    if url.starts_with("mysql://") {
+        return Ok(Arc::new(MySqlSource::connect(url).await?));
+    }
+    if url.starts_with("duckdb://") {
+        #[cfg(feature = "duckdb")]
+        return Ok(Arc::new(DuckDbSource::open(url)?));
+        #[cfg(not(feature = "duckdb"))]
+        return Err(WarehouseError::Unsupported(
+            "this loopsync was built without DuckDB: build it with `cargo build --release \
+             --features duckdb` (see the README)"
+                .into(),
+        ));
+    }
+    Err(WarehouseError::Unsupported(format!(
+        "warehouse.url `{}://…` cannot be read beside a state store: use mysql:// or duckdb://",
+        url.split("://").next().unwrap_or(url)
+    )))
+}
+
+/// Opens the warehouse of a URL, state in schema `loopsync`: `postgres://…` /
+/// `postgresql://…`, or `sqlite:///path/file.db`.
 pub async fn connect(url: &str) -> Result<Arc<dyn Warehouse>, WarehouseError> {
+    connect_schema(url, DEFAULT_SCHEMA).await
+}
+
+/// [`connect`], the state in `schema`.
+pub async fn connect_schema(url: &str, schema: &str) -> Result<Arc<dyn Warehouse>, WarehouseError> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        Ok(Arc::new(PgWarehouse::connect(url).await?))
+        Ok(Arc::new(PgWarehouse::connect_schema(url, schema).await?))
     } else if let Some(path) = url.strip_prefix("sqlite://") {
-        Ok(Arc::new(SqliteWarehouse::open(path)?))
+        Ok(Arc::new(SqliteWarehouse::open_schema(path, schema)?))
     } else if url.starts_with("mysql://") || url.starts_with("duckdb://") {
         Err(WarehouseError::Unsupported(format!(
-            "{} warehouses are not supported yet: use postgres:// or sqlite://",
+            "a {}:// warehouse is only read: set [warehouse] state to where the syncs' state is \
+             kept (sqlite:///path/state.db, or a postgres:// URL)",
             url.split("://").next().unwrap_or("this")
         )))
     } else {

@@ -17,112 +17,14 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Row};
 
+use crate::schema::{Dialect, LATEST, MIGRATIONS, Rendered};
 use crate::{
     Adoption, DestinationBinding, DiffDialect, DiffRow, EARLIEST_CURSOR, ExtractCounts, LEASE,
-    RecordResult, RunSummary, StateReset, Unchanged, Warehouse, WarehouseError, cursor_condition,
-    cursor_since, diff_sql, is_removal, model_sql, probe_sql, quote_ident, record_requests_sql,
-    requests_of, stored, summary_request_sql, summary_rows_sql, watermark_sql,
+    ModelRows, RecordResult, RunSummary, STAGED, StateReset, Unchanged, Warehouse, WarehouseError,
+    cursor_condition, cursor_since, diff_sql, is_removal, model_sql, probe_sql, quote_ident,
+    record_requests_sql, requests_of, staged_spec, stored, summary_request_sql, summary_rows_sql,
+    watermark_sql,
 };
-
-const SCHEMA: &str = "
-CREATE SCHEMA IF NOT EXISTS loopsync;
-CREATE TABLE IF NOT EXISTS loopsync.state (
-    sync text NOT NULL,
-    key text NOT NULL,
-    emitted_fp text,
-    emitted_run bigint,
-    confirmed_fp text,
-    confirmed_run bigint,
-    confirmed_at timestamptz,
-    confirmed_email text,
-    confirmed_user_id text,
-    contact_id text,
-    PRIMARY KEY (sync, key)
-);
-CREATE TABLE IF NOT EXISTS loopsync.runs (
-    id bigserial PRIMARY KEY,
-    sync text NOT NULL,
-    status text NOT NULL,
-    requested_at timestamptz NOT NULL DEFAULT now(),
-    started_at timestamptz,
-    extracted_at timestamptz,
-    finished_at timestamptz,
-    expected bigint,
-    added bigint NOT NULL DEFAULT 0,
-    changed bigint NOT NULL DEFAULT 0,
-    removed bigint NOT NULL DEFAULT 0,
-    unchanged bigint NOT NULL DEFAULT 0,
-    error text
-);
-CREATE TABLE IF NOT EXISTS loopsync.records (
-    run_id bigint NOT NULL,
-    sync text NOT NULL,
-    key text NOT NULL,
-    fingerprint text,
-    operation text NOT NULL,
-    outcome text NOT NULL,
-    reason text,
-    contact_id text,
-    requests integer NOT NULL DEFAULT 0,
-    at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (run_id, key)
-);
-CREATE INDEX IF NOT EXISTS records_sync_outcome ON loopsync.records (sync, outcome);
-ALTER TABLE loopsync.state ADD COLUMN IF NOT EXISTS confirmed_email text;
-ALTER TABLE loopsync.state ADD COLUMN IF NOT EXISTS confirmed_user_id text;
-ALTER TABLE loopsync.state ADD COLUMN IF NOT EXISTS parked_fp text;
-ALTER TABLE loopsync.runs ADD COLUMN IF NOT EXISTS invalid_rows bigint NOT NULL DEFAULT 0;
-ALTER TABLE loopsync.runs ADD COLUMN IF NOT EXISTS preflight_requests bigint NOT NULL DEFAULT 0;
-ALTER TABLE loopsync.runs ADD COLUMN IF NOT EXISTS preflight_retries bigint NOT NULL DEFAULT 0;
-ALTER TABLE loopsync.runs ADD COLUMN IF NOT EXISTS preflight_rate_limited bigint NOT NULL DEFAULT 0;
-ALTER TABLE loopsync.records ADD COLUMN IF NOT EXISTS change text;
-ALTER TABLE loopsync.records ADD COLUMN IF NOT EXISTS writes integer NOT NULL DEFAULT 0;
-ALTER TABLE loopsync.records ADD COLUMN IF NOT EXISTS events integer NOT NULL DEFAULT 0;
-ALTER TABLE loopsync.records ADD COLUMN IF NOT EXISTS deletes integer NOT NULL DEFAULT 0;
-ALTER TABLE loopsync.records ADD COLUMN IF NOT EXISTS retries integer NOT NULL DEFAULT 0;
-ALTER TABLE loopsync.records ADD COLUMN IF NOT EXISTS rate_limited integer NOT NULL DEFAULT 0;
-ALTER TABLE loopsync.state ADD COLUMN IF NOT EXISTS generation bigint NOT NULL DEFAULT 0;
-ALTER TABLE loopsync.runs ADD COLUMN IF NOT EXISTS heartbeat_at timestamptz;
-ALTER TABLE loopsync.runs ADD COLUMN IF NOT EXISTS ignored bigint NOT NULL DEFAULT 0;
-ALTER TABLE loopsync.runs ADD COLUMN IF NOT EXISTS cursor_high bigint;
-ALTER TABLE loopsync.runs ADD COLUMN IF NOT EXISTS cursor_column text;
-ALTER TABLE loopsync.state ADD COLUMN IF NOT EXISTS model_hash bigint;
-ALTER TABLE loopsync.state ADD COLUMN IF NOT EXISTS model_email text;
-CREATE INDEX IF NOT EXISTS state_model_email ON loopsync.state (sync, model_email COLLATE \"C\")
-    WHERE model_email IS NOT NULL;
-CREATE TABLE IF NOT EXISTS loopsync.installation (
-    one boolean PRIMARY KEY DEFAULT true CHECK (one),
-    id text NOT NULL
-);
-INSERT INTO loopsync.installation (id) VALUES (md5(random()::text || clock_timestamp()::text))
-    ON CONFLICT DO NOTHING;
-CREATE TABLE IF NOT EXISTS loopsync.attempts (
-    run_id bigint NOT NULL,
-    sync text NOT NULL,
-    key text NOT NULL,
-    attempt text NOT NULL,
-    requests integer NOT NULL DEFAULT 0,
-    writes integer NOT NULL DEFAULT 0,
-    events integer NOT NULL DEFAULT 0,
-    deletes integer NOT NULL DEFAULT 0,
-    retries integer NOT NULL DEFAULT 0,
-    rate_limited integer NOT NULL DEFAULT 0,
-    reason text,
-    at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (run_id, key, attempt)
-);
-";
-
-/// The Loops destination each sync's state is bound to (team and normalised base URL): a run
-/// against another one is refused until `adopt` or `reset`.
-const DESTINATIONS: &str = "
-CREATE TABLE IF NOT EXISTS loopsync.destinations (
-    sync text PRIMARY KEY,
-    team text,
-    base_url text NOT NULL,
-    bound_at timestamptz NOT NULL DEFAULT now()
-);
-";
 
 /// The diff's `work_mem`: its hash join holds the sync's state keys (about 55 MB a million).
 /// Beyond it PostgreSQL spills to temporary files, slower but bounded.
@@ -317,11 +219,6 @@ fn describe(e: &tokio_postgres::Error) -> String {
 /// wait never becomes a silent hang.
 const LOCK_TIMEOUT: &str = "10s";
 
-/// The version of the state's tables: a digest of their DDL, so any change to it migrates.
-fn schema_version() -> String {
-    loopsync_core::keys::fingerprint(&[SCHEMA, DESTINATIONS])
-}
-
 /// How long opening a connection (TCP, then the server's answer to the startup) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -343,6 +240,8 @@ type Slot<C> = Option<(u64, C)>;
 
 struct Pg {
     config: tokio_postgres::Config,
+    /// The state's schema, and how statements name its tables.
+    dialect: Dialect,
     /// Shared by concurrent calls (tokio-postgres pipelines them).
     shared: tokio::sync::Mutex<Slot<Arc<Client>>>,
     /// Transactions need `&mut`: one connection for them.
@@ -385,7 +284,13 @@ async fn open(config: &tokio_postgres::Config) -> Result<Client, WarehouseError>
 }
 
 impl PgWarehouse {
+    /// The warehouse at `url`, its state in schema `loopsync`.
     pub async fn connect(url: &str) -> Result<PgWarehouse, WarehouseError> {
+        PgWarehouse::connect_schema(url, crate::DEFAULT_SCHEMA).await
+    }
+
+    /// The warehouse at `url`, its state in `schema` (a plain identifier).
+    pub async fn connect_schema(url: &str, schema: &str) -> Result<PgWarehouse, WarehouseError> {
         let mut config: tokio_postgres::Config = url
             .parse()
             .map_err(|e: tokio_postgres::Error| WarehouseError::Connect(describe(&e)))?;
@@ -398,6 +303,7 @@ impl PgWarehouse {
             .tcp_user_timeout(CALL_DEADLINE);
         let pg = Pg {
             config,
+            dialect: Dialect::postgres(schema),
             shared: tokio::sync::Mutex::new(None),
             writer: tokio::sync::Mutex::new(None),
             generation: AtomicU64::new(0),
@@ -436,6 +342,11 @@ impl PgWarehouse {
 }
 
 impl Pg {
+    /// A statement written for schema `loopsync`, for this state's schema.
+    fn sql(&self, sql: &str) -> String {
+        self.dialect.sql(sql)
+    }
+
     /// The shared connection, opened again if it closed or is of an earlier generation.
     async fn client(&self) -> Result<Arc<Client>, WarehouseError> {
         let mut slot = self.shared.lock().await;
@@ -554,92 +465,132 @@ UPDATE loopsync.runs r
    AND (SELECT count(*) FROM loopsync.records x WHERE x.run_id = r.id) >= r.expected";
 
 impl Pg {
-    async fn prepare(&self) -> Result<(), WarehouseError> {
-        // A state whose tables are current needs no DDL, and takes no lock: a command started
-        // beside a run that reads the state (its diff) must neither wait behind that read nor
-        // make the run's own writes queue behind its ALTER TABLE.
-        let version = schema_version();
-        let current = match self
-            .client()
-            .await?
-            .query_opt("SELECT version FROM loopsync.schema_version", &[])
-            .await
-        {
-            Ok(row) => row.map(|r| r.get::<_, String>(0)),
+    /// The version of the newest migration applied, `None` when there is no version table.
+    async fn applied(&self, client: &Client) -> Result<Option<i64>, WarehouseError> {
+        let sql = format!(
+            "SELECT COALESCE(max(version), 0) FROM {}",
+            self.dialect.table("migrations")
+        );
+        match client.query_one(&sql, &[]).await {
+            Ok(row) => Ok(Some(row.get(0))),
             Err(e)
                 if e.code() == Some(&SqlState::UNDEFINED_TABLE)
                     || e.code() == Some(&SqlState::INVALID_SCHEMA_NAME) =>
             {
-                None
+                Ok(None)
             }
-            Err(e) => return Err(query_error("read the loopsync schema's version")(e)),
-        };
-        if current.as_deref() == Some(version.as_str()) {
+            Err(e) => Err(query_error("read the state's schema version")(e)),
+        }
+    }
+
+    /// Brings the state's tables to [`LATEST`], running the migrations it lacks (see
+    /// [`crate::schema`]).
+    async fn prepare(&self) -> Result<(), WarehouseError> {
+        // A state whose tables are current needs no DDL, and takes no lock: a command started
+        // beside a run that reads the state (its diff) must neither wait behind that read nor
+        // make the run's own writes queue behind its ALTER TABLE.
+        let current = self.applied(&*self.client().await?).await?;
+        newer_than_known(current)?;
+        if current == Some(LATEST) {
             return Ok(());
         }
         // Several processes may start at once: CREATE … IF NOT EXISTS races in PostgreSQL, so
-        // one at a time under an advisory lock; and the version is read again under it: the
-        // process that waited for the lock finds the tables current (another created them) and
-        // runs no DDL. Its ALTER TABLEs would otherwise queue behind the first process's run
-        // (its diff reads the state) and make that run's own writes queue behind them.
+        // one at a time under an advisory lock (one per schema); and the version is read again
+        // under it: the process that waited for the lock finds the tables current (another
+        // migrated them) and runs no DDL. Its ALTER TABLEs would otherwise queue behind the
+        // first process's run (its diff reads the state) and make that run's own writes queue
+        // behind them.
+        let lock = schema_lock(&self.dialect.schema);
         let mut client = self.writer().await?;
         let tx = client
             .transaction()
             .await
-            .map_err(query_error("begin creating the loopsync schema"))?;
-        tx.execute("SELECT pg_advisory_xact_lock(735560801)", &[])
+            .map_err(query_error("begin migrating the state's tables"))?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock])
             .await
             .map_err(query_error(
-                "wait for another process creating the loopsync schema",
+                "wait for another process migrating the state's tables",
             ))?;
-        let current = tx
-            .query_one(
-                "SELECT to_regclass('loopsync.schema_version') IS NOT NULL",
+        let migrations = self.dialect.table("migrations");
+        let known: bool = tx
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&migrations])
+            .await
+            .map_err(query_error("read the state's schema version"))?
+            .get(0);
+        let current = if known {
+            tx.query_one(
+                &format!("SELECT COALESCE(max(version), 0) FROM {migrations}"),
                 &[],
             )
             .await
-            .map_err(query_error("read the loopsync schema's version"))?
-            .get::<_, bool>(0);
-        let current = current
-            && tx
-                .query_opt(
-                    "SELECT 1 FROM loopsync.schema_version WHERE version = $1",
-                    &[&version],
-                )
-                .await
-                .map_err(query_error("read the loopsync schema's version"))?
-                .is_some();
-        if !current {
+            .map_err(query_error("read the state's schema version"))?
+            .get::<_, i64>(0)
+        } else {
             tx.batch_execute(&format!(
-                "{SCHEMA} {DESTINATIONS}
-                 CREATE TABLE IF NOT EXISTS loopsync.schema_version (version text NOT NULL);
-                 DELETE FROM loopsync.schema_version;
-                 INSERT INTO loopsync.schema_version VALUES ('{version}');"
+                "CREATE SCHEMA IF NOT EXISTS {}; {}",
+                self.dialect.schema,
+                self.dialect.version_table()
             ))
             .await
-            .map_err(query_error("create the loopsync schema"))?;
+            .map_err(query_error("create the state's version table"))?;
+            0
+        };
+        newer_than_known(Some(current))?;
+        for migration in MIGRATIONS.iter().filter(|m| m.version > current) {
+            for step in migration.steps {
+                for rendered in self.dialect.render(step) {
+                    // PostgreSQL says IF NOT EXISTS of every step itself.
+                    let (Rendered::Sql(sql) | Rendered::UnlessColumn { sql, .. }) = rendered;
+                    tx.batch_execute(&sql)
+                        .await
+                        .map_err(|e| WarehouseError::Query {
+                            what: format!("migration {} ({})", migration.version, migration.name),
+                            detail: describe(&e),
+                        })?;
+                }
+            }
+            tx.execute(
+                &format!("INSERT INTO {migrations} (version, name) VALUES ($1, $2)"),
+                &[&migration.version, &migration.name],
+            )
+            .await
+            .map_err(query_error("record a migration"))?;
         }
         tx.commit()
             .await
-            .map_err(query_error("create the loopsync schema"))
+            .map_err(query_error("commit the state's migrations"))
     }
 
+    /// The diff, on a connection of its own; with `staged`, a source's rows are first loaded
+    /// into [`STAGED`], a temporary table of that connection, which stands for the model.
     async fn diff(
         &self,
         spec: &SyncSpec,
         since: Option<i64>,
         leave_out_unchanged: bool,
+        staged: Option<ModelRows>,
     ) -> Result<BoxStream<'static, Result<DiffRow, WarehouseError>>, WarehouseError> {
         // Its own connection: the stream holds it until drained.
         let client = open(&self.config).await?;
         client
             // No JIT: its compilation costs more than it saves on a diff (0.8 s measured on
             // 100 000 rows, whose plan PostgreSQL overestimates before its statistics are in).
-            .batch_execute(&format!(
+            .batch_execute(&self.sql(&format!(
                 "SET TIME ZONE 'UTC'; SET work_mem = '{DIFF_WORK_MEM}'; SET jit = off"
-            ))
+            )))
             .await
             .map_err(query_error("set the time zone"))?;
+        let staged_spec_;
+        let spec = match staged {
+            Some(model) => {
+                staged_spec_ = staged_spec(spec, &model.columns, |c| {
+                    format!("CAST({c} AS timestamptz)")
+                });
+                stage(&client, model).await?;
+                &staged_spec_
+            }
+            None => spec,
+        };
         // An event sync reads few rows (a cursor) or sends each row once: it reads all it reads.
         let hashed = leave_out_unchanged && !spec.is_append();
         // Until rows are noted (a first run, after a reset or a change of the mapping), all are
@@ -647,8 +598,10 @@ impl Pg {
         let leave_out = hashed
             && client
                 .query_one(
-                    "SELECT EXISTS (SELECT 1 FROM loopsync.state
+                    &*self.sql(
+                        "SELECT EXISTS (SELECT 1 FROM loopsync.state
                                      WHERE sync = $1 AND model_hash IS NOT NULL)",
+                    ),
                     &[&spec.name],
                 )
                 .await
@@ -685,7 +638,7 @@ impl Pg {
             }
         };
         tracing::debug!(sync = %spec.name, seed = spec.shape_seed(), %sql, "diff");
-        let statement = client.prepare(&sql).await.map_err(model_error)?;
+        let statement = client.prepare(&self.sql(&sql)).await.map_err(model_error)?;
         let since = (!hashed && statement.params().len() > 1).then(|| cursor_since(since));
         let seed = spec.shape_seed();
         let mut params: Vec<&(dyn ToSql + Sync)> = vec![&spec.name];
@@ -755,7 +708,12 @@ impl Pg {
             .client()
             .await?
             .query_opt(
-                &watermark_sql("loopsync.runs", "loopsync.records", "$1", "$2"),
+                &*self.sql(&watermark_sql(
+                    "loopsync.runs",
+                    "loopsync.records",
+                    "$1",
+                    "$2",
+                )),
                 &[&sync, &column],
             )
             .await
@@ -767,10 +725,10 @@ impl Pg {
         self.client()
             .await?
             .query(
-                &probe_sql(
+                &*self.sql(&probe_sql(
                     spec,
                     cursor_condition(spec, |c| at_or_after(c, &format!("'{EARLIEST_CURSOR}'"))),
-                ),
+                )),
                 &[],
             )
             .await
@@ -789,13 +747,12 @@ impl Pg {
             .map_err(query_error("begin creating a run"))?;
         // One run per sync at a time: whoever creates a run of this sync waits here.
         tx.execute(
-            "SELECT pg_advisory_xact_lock(735560802, hashtext($1))",
+            &*self.sql("SELECT pg_advisory_xact_lock(735560802, hashtext($1))"),
             &[&sync],
         )
         .await
         .map_err(query_error("lock the sync's runs"))?;
-        tx.execute(
-            &format!(
+        tx.execute(&*self.sql(&format!(
                 "UPDATE loopsync.runs
                     SET status = 'interrupted', finished_at = now(),
                         error = 'its process stopped (no sign of life since '
@@ -803,17 +760,17 @@ impl Pg {
                                 || ')'
                   WHERE sync = $1 AND status IN ({OPEN})
                     AND COALESCE(heartbeat_at, requested_at) < now() - make_interval(secs => $2)"
-            ),
+            )),
             &[&sync, &(LEASE.as_secs_f64())],
         )
         .await
         .map_err(query_error("close abandoned runs"))?;
         let open = tx
             .query_opt(
-                &format!(
+                &*self.sql(&format!(
                     "SELECT id, status FROM loopsync.runs WHERE sync = $1 AND status IN ({OPEN})
                       ORDER BY id LIMIT 1"
-                ),
+                )),
                 &[&sync],
             )
             .await
@@ -826,9 +783,8 @@ impl Pg {
             });
         }
         let row = tx
-            .query_one(
-                "INSERT INTO loopsync.runs (sync, status, heartbeat_at) VALUES ($1, 'requested', now())
-                 RETURNING id",
+            .query_one(&*self.sql("INSERT INTO loopsync.runs (sync, status, heartbeat_at) VALUES ($1, 'requested', now())
+                 RETURNING id"),
                 &[&sync],
             )
             .await
@@ -841,7 +797,7 @@ impl Pg {
         self.client()
             .await?
             .execute(
-                "UPDATE loopsync.runs SET heartbeat_at = now() WHERE id = $1",
+                &*self.sql("UPDATE loopsync.runs SET heartbeat_at = now() WHERE id = $1"),
                 &[&run_id],
             )
             .await
@@ -853,7 +809,7 @@ impl Pg {
         let row = self
             .client()
             .await?
-            .query_one("SELECT id FROM loopsync.installation", &[])
+            .query_one(&*self.sql("SELECT id FROM loopsync.installation"), &[])
             .await
             .map_err(query_error("read the installation id"))?;
         Ok(row.get(0))
@@ -868,9 +824,11 @@ impl Pg {
             .client()
             .await?
             .query_opt(
-                "UPDATE loopsync.runs SET status = 'extracting', started_at = now()
+                &*self.sql(
+                    "UPDATE loopsync.runs SET status = 'extracting', started_at = now()
                   WHERE id = $1 AND (status = 'requested' OR ($2 AND status = 'extracting'))
                   RETURNING sync",
+                ),
                 &[&run_id, &redelivered],
             )
             .await
@@ -893,9 +851,11 @@ impl Pg {
         self.client()
             .await?
             .execute(
-                "UPDATE loopsync.state s SET model_hash = t.h, model_email = t.e
+                &*self.sql(
+                    "UPDATE loopsync.state s SET model_hash = t.h, model_email = t.e
                    FROM unnest($2::text[], $3::text[], $4::bigint[], $5::text[]) AS t(k, f, h, e)
                   WHERE s.sync = $1 AND s.key = t.k AND s.confirmed_fp = t.f",
+                ),
                 &[&sync, &keys, &fps, &hashes, &emails],
             )
             .await
@@ -919,10 +879,12 @@ impl Pg {
         self.client()
             .await?
             .execute(
-                "INSERT INTO loopsync.state (sync, key, emitted_fp, emitted_run)
+                &*self.sql(
+                    "INSERT INTO loopsync.state (sync, key, emitted_fp, emitted_run)
                  SELECT $1, k, f, $2 FROM unnest($3::text[], $4::text[]) AS t(k, f)
                  ON CONFLICT (sync, key) DO UPDATE
                     SET emitted_fp = EXCLUDED.emitted_fp, emitted_run = EXCLUDED.emitted_run",
+                ),
                 &[&sync, &run_id, &keys, &fps],
             )
             .await
@@ -936,15 +898,14 @@ impl Pg {
         counts: &ExtractCounts,
     ) -> Result<(), WarehouseError> {
         self.client().await?
-            .execute(
-                "UPDATE loopsync.runs r SET status = 'sending', extracted_at = now(),
+            .execute(&*self.sql("UPDATE loopsync.runs r SET status = 'sending', extracted_at = now(),
                         expected = (SELECT count(*) FROM (
                                         SELECT key FROM loopsync.state WHERE sync = r.sync AND emitted_run = $1
                                         UNION SELECT key FROM loopsync.records WHERE run_id = $1) AS k),
                         added = $2, changed = $3, removed = $4, unchanged = $5, invalid_rows = $6,
                         error = COALESCE($7, error), ignored = $8, cursor_high = $9,
                         cursor_column = $10
-                  WHERE id = $1 AND status = 'extracting'",
+                  WHERE id = $1 AND status = 'extracting'"),
                 &[
                     &run_id,
                     &counts.added,
@@ -962,7 +923,7 @@ impl Pg {
             .map_err(query_error("finish an extraction"))?;
         self.client()
             .await?
-            .execute(FINISH_RUNS, &[&vec![run_id]])
+            .execute(&*self.sql(FINISH_RUNS), &[&vec![run_id]])
             .await
             .map_err(query_error("finish a run"))?;
         Ok(())
@@ -992,8 +953,7 @@ impl Pg {
             .map(|r| r.unchanged.as_ref().and_then(|u| u.1.as_deref()))
             .collect();
         self.client().await?
-            .execute(
-                "INSERT INTO loopsync.state (sync, key, confirmed_fp, confirmed_run, confirmed_at,
+            .execute(&*self.sql("INSERT INTO loopsync.state (sync, key, confirmed_fp, confirmed_run, confirmed_at,
                                              confirmed_email, confirmed_user_id, model_hash, model_email)
                  SELECT $1, k, f, $2, now(), e, u, h, me
                    FROM unnest($3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[], $8::text[])
@@ -1006,7 +966,7 @@ impl Pg {
                         parked_fp = NULL,
                         model_hash = EXCLUDED.model_hash,
                         model_email = EXCLUDED.model_email,
-                        generation = loopsync.state.generation + 1",
+                        generation = loopsync.state.generation + 1"),
                 &[&sync, &run_id, &keys, &fps, &emails, &user_ids, &hashes, &model_emails],
             )
             .await
@@ -1018,12 +978,14 @@ impl Pg {
         self.client()
             .await?
             .execute(
-                "INSERT INTO loopsync.state (sync, key, parked_fp)
+                &*self.sql(
+                    "INSERT INTO loopsync.state (sync, key, parked_fp)
                  SELECT DISTINCT ON (r.key) r.sync, r.key, r.fingerprint
                    FROM loopsync.records r
                   WHERE r.sync = $1 AND r.key = ANY($2)
                   ORDER BY r.key, r.run_id DESC
                  ON CONFLICT (sync, key) DO UPDATE SET parked_fp = EXCLUDED.parked_fp",
+                ),
                 &[&sync, &keys],
             )
             .await
@@ -1036,11 +998,10 @@ impl Pg {
         counts: &ExtractCounts,
     ) -> Result<(), WarehouseError> {
         self.client().await?
-            .execute(
-                "UPDATE loopsync.runs SET status = 'adopted', extracted_at = now(), finished_at = now(),
+            .execute(&*self.sql("UPDATE loopsync.runs SET status = 'adopted', extracted_at = now(), finished_at = now(),
                         expected = 0, added = $2, changed = $3, removed = $4, unchanged = $5,
                         invalid_rows = $6, ignored = $7, cursor_high = $8, cursor_column = $9
-                  WHERE id = $1",
+                  WHERE id = $1"),
                 &[
                     &run_id,
                     &counts.added,
@@ -1066,9 +1027,11 @@ impl Pg {
         self.client()
             .await?
             .execute(
-                "UPDATE loopsync.runs
+                &*self.sql(
+                    "UPDATE loopsync.runs
                     SET preflight_requests = $2, preflight_retries = $3, preflight_rate_limited = $4
                   WHERE id = $1",
+                ),
                 &[
                     &run_id,
                     &i64::from(counts.total()),
@@ -1085,8 +1048,10 @@ impl Pg {
         self.client()
             .await?
             .execute(
-                "UPDATE loopsync.runs SET status = 'failed', finished_at = now(), error = $2
+                &*self.sql(
+                    "UPDATE loopsync.runs SET status = 'failed', finished_at = now(), error = $2
                   WHERE id = $1",
+                ),
                 &[&run_id, &error],
             )
             .await
@@ -1098,11 +1063,10 @@ impl Pg {
         let closed = self
             .client()
             .await?
-            .execute(
-                &format!(
+            .execute(&*self.sql(&format!(
                     "UPDATE loopsync.runs SET status = 'interrupted', finished_at = now(), error = $2
                       WHERE id = $1 AND status IN ({OPEN})"
-                ),
+                )),
                 &[&run_id, &why],
             )
             .await
@@ -1119,11 +1083,17 @@ impl Pg {
             .transaction()
             .await
             .map_err(query_error("begin recording outcomes"))?;
+        let (insert_sql, attempt_sql, confirm_sql, remove_sql) = (
+            self.sql(INSERT_RECORD),
+            self.sql(INSERT_ATTEMPT),
+            self.sql(CONFIRM),
+            self.sql(REMOVE),
+        );
         let (insert, attempted, confirm, remove) = tokio::try_join!(
-            tx.prepare(INSERT_RECORD),
-            tx.prepare(INSERT_ATTEMPT),
-            tx.prepare(CONFIRM),
-            tx.prepare(REMOVE),
+            tx.prepare(&insert_sql),
+            tx.prepare(&attempt_sql),
+            tx.prepare(&confirm_sql),
+            tx.prepare(&remove_sql),
         )
         .map_err(query_error("record outcomes"))?;
         // The runs' rows first: finish_extract waits for this transaction, so one of the two
@@ -1132,7 +1102,7 @@ impl Pg {
         runs.sort_unstable();
         runs.dedup();
         tx.execute(
-            "SELECT id FROM loopsync.runs WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+            &*self.sql("SELECT id FROM loopsync.runs WHERE id = ANY($1) ORDER BY id FOR UPDATE"),
             &[&runs],
         )
         .await
@@ -1232,7 +1202,7 @@ impl Pg {
         futures::future::try_join_all(statements)
             .await
             .map_err(query_error("record outcomes"))?;
-        tx.execute(FINISH_RUNS, &[&runs])
+        tx.execute(&*self.sql(FINISH_RUNS), &[&runs])
             .await
             .map_err(query_error("finish runs"))?;
         tx.commit().await.map_err(query_error("commit outcomes"))
@@ -1241,7 +1211,7 @@ impl Pg {
     async fn finish_if_complete(&self, run_id: i64) -> Result<(), WarehouseError> {
         self.client()
             .await?
-            .execute(FINISH_RUNS, &[&vec![run_id]])
+            .execute(&*self.sql(FINISH_RUNS), &[&vec![run_id]])
             .await
             .map_err(query_error("finish a run"))?;
         Ok(())
@@ -1251,7 +1221,10 @@ impl Pg {
         let rows = self
             .client()
             .await?
-            .query(&Self::summary_sql("r.id = $1"), &[&run_id, &1i64])
+            .query(
+                &*self.sql(&Self::summary_sql("r.id = $1")),
+                &[&run_id, &1i64],
+            )
             .await
             .map_err(query_error("read a run"))?;
         rows.first().map(summary).transpose()
@@ -1266,7 +1239,7 @@ impl Pg {
             .client()
             .await?
             .query(
-                &Self::summary_sql("($1::text IS NULL OR r.sync = $1)"),
+                &*self.sql(&Self::summary_sql("($1::text IS NULL OR r.sync = $1)")),
                 &[&sync, &limit],
             )
             .await
@@ -1279,12 +1252,12 @@ impl Pg {
             .client()
             .await?
             .query(
-                &format!(
+                &*self.sql(&format!(
                     "SELECT run_id, sync, key, operation, outcome, reason, contact_id,
                             ({requests})::bigint, to_char(at AT TIME ZONE 'UTC', {TIME})
                        FROM loopsync.records x WHERE run_id = $1 ORDER BY key",
                     requests = record_requests_sql("loopsync.attempts")
-                ),
+                )),
                 &[&run_id],
             )
             .await
@@ -1297,7 +1270,7 @@ impl Pg {
             .client()
             .await?
             .query(
-                &format!(
+                &*self.sql(&format!(
                     "SELECT run_id, sync, key, operation, outcome, reason, contact_id,
                             ({requests})::bigint, to_char(at AT TIME ZONE 'UTC', {TIME})
                        FROM (SELECT DISTINCT ON (sync, key) * FROM loopsync.records
@@ -1306,7 +1279,7 @@ impl Pg {
                       WHERE outcome IN ('invalid', 'rejected', 'dead_lettered')
                       ORDER BY sync, key",
                     requests = record_requests_sql("loopsync.attempts")
-                ),
+                )),
                 &[&sync],
             )
             .await
@@ -1331,17 +1304,21 @@ impl Pg {
             .map_err(query_error("begin forgetting confirmations"))?;
         // Row locks in (sync, key) order, as everywhere: no deadlock with a checkpointer.
         tx.execute(
-            "SELECT key FROM loopsync.state WHERE sync = $1 AND key = ANY($2)
+            &*self.sql(
+                "SELECT key FROM loopsync.state WHERE sync = $1 AND key = ANY($2)
               ORDER BY key COLLATE \"C\" FOR UPDATE",
+            ),
             &[&sync, &keys],
         )
         .await
         .map_err(query_error("lock records to forget"))?;
         let forgotten = tx
             .execute(
-                "UPDATE loopsync.state s SET confirmed_fp = $4, model_hash = NULL
+                &*self.sql(
+                    "UPDATE loopsync.state s SET confirmed_fp = $4, model_hash = NULL
                    FROM unnest($2::text[], $3::text[]) AS t(k, f)
                   WHERE s.sync = $1 AND s.key = t.k AND s.confirmed_fp = t.f",
+                ),
                 &[&sync, &keys, &fps, &crate::FORGOTTEN_FP],
             )
             .await
@@ -1357,10 +1334,10 @@ impl Pg {
             .client()
             .await?
             .query_opt(
-                &format!(
+                &*self.sql(&format!(
                     "SELECT team, base_url, to_char(bound_at AT TIME ZONE 'UTC', {TIME})
                        FROM loopsync.destinations WHERE sync = $1"
-                ),
+                )),
                 &[&sync],
             )
             .await
@@ -1378,9 +1355,8 @@ impl Pg {
             let inserted = self
                 .client()
                 .await?
-                .execute(
-                    "INSERT INTO loopsync.destinations (sync, team, base_url) VALUES ($1, $2, $3)
-                     ON CONFLICT (sync) DO NOTHING",
+                .execute(&*self.sql("INSERT INTO loopsync.destinations (sync, team, base_url) VALUES ($1, $2, $3)
+                     ON CONFLICT (sync) DO NOTHING"),
                     &[&sync, &destination.team, &destination.base_url],
                 )
                 .await
@@ -1406,9 +1382,11 @@ impl Pg {
         self.client()
             .await?
             .execute(
-                "INSERT INTO loopsync.destinations (sync, team, base_url) VALUES ($1, $2, $3)
+                &*self.sql(
+                    "INSERT INTO loopsync.destinations (sync, team, base_url) VALUES ($1, $2, $3)
                  ON CONFLICT (sync) DO UPDATE
                     SET team = EXCLUDED.team, base_url = EXCLUDED.base_url, bound_at = now()",
+                ),
                 &[&sync, &destination.team, &destination.base_url],
             )
             .await
@@ -1424,7 +1402,7 @@ impl Pg {
             .map_err(query_error("begin a reset"))?;
         // Row locks in (sync, key) order, as the checkpointer takes them: no deadlock.
         tx.execute(
-            "SELECT key FROM loopsync.state WHERE sync = $1 ORDER BY key FOR UPDATE",
+            &*self.sql("SELECT key FROM loopsync.state WHERE sync = $1 ORDER BY key FOR UPDATE"),
             &[&sync],
         )
         .await
@@ -1434,30 +1412,29 @@ impl Pg {
                 // Forgotten, not deleted: each record keeps its generation, moved on, so what
                 // the next run sends has new idempotency keys (a reset to the same Loops is not
                 // mistaken for the sends it forgot).
-                "UPDATE loopsync.state
+                &*self.sql("UPDATE loopsync.state
                     SET confirmed_fp = NULL, confirmed_run = NULL, confirmed_at = NULL,
                         confirmed_email = NULL, confirmed_user_id = NULL, contact_id = NULL,
                         emitted_fp = NULL, emitted_run = NULL, parked_fp = NULL, model_hash = NULL,
                         generation = generation + 1
                   WHERE sync = $1
-                    AND (confirmed_fp IS NOT NULL OR emitted_fp IS NOT NULL OR parked_fp IS NOT NULL)",
+                    AND (confirmed_fp IS NOT NULL OR emitted_fp IS NOT NULL OR parked_fp IS NOT NULL)"),
                 &[&sync],
             )
             .await
             .map_err(query_error("forget a sync's state"))?;
         // An event sync's watermark goes with its state: the next run reads every row.
-        tx.execute(
-            "UPDATE loopsync.runs SET cursor_high = NULL WHERE sync = $1 AND cursor_high IS NOT NULL",
+        tx.execute(&*self.sql("UPDATE loopsync.runs SET cursor_high = NULL WHERE sync = $1 AND cursor_high IS NOT NULL"),
             &[&sync],
         )
         .await
         .map_err(query_error("forget a sync's cursor"))?;
         let destination = tx
             .query_opt(
-                &format!(
+                &*self.sql(&format!(
                     "DELETE FROM loopsync.destinations WHERE sync = $1
                      RETURNING team, base_url, to_char(bound_at AT TIME ZONE 'UTC', {TIME})"
-                ),
+                )),
                 &[&sync],
             )
             .await
@@ -1469,6 +1446,68 @@ impl Pg {
         })
     }
 }
+/// Loads a source's rows into [`STAGED`], a temporary table of `client`'s session (binary
+/// `COPY`, every column text), and analyzes it for the diff's plan.
+async fn stage(client: &Client, model: ModelRows) -> Result<(), WarehouseError> {
+    use tokio_postgres::binary_copy::BinaryCopyInWriter;
+    use tokio_postgres::types::Type;
+    let what = "stage the model's rows";
+    let ModelRows { columns, mut rows } = model;
+    let declared: Vec<String> = columns
+        .iter()
+        .map(|c| format!("{} text", quote_ident(c)))
+        .collect();
+    client
+        .batch_execute(&format!(
+            "CREATE TEMP TABLE {STAGED} ({})",
+            declared.join(", ")
+        ))
+        .await
+        .map_err(|e| classify(what, &e))?;
+    let sink = client
+        .copy_in(&format!("COPY {STAGED} FROM STDIN (FORMAT binary)"))
+        .await
+        .map_err(|e| classify(what, &e))?;
+    let types = vec![Type::TEXT; columns.len()];
+    let writer = BinaryCopyInWriter::new(sink, &types);
+    futures::pin_mut!(writer);
+    while let Some(row) = rows.next().await {
+        let row = row?;
+        let values: Vec<&(dyn ToSql + Sync)> =
+            row.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
+        writer
+            .as_mut()
+            .write(&values)
+            .await
+            .map_err(|e| classify(what, &e))?;
+    }
+    writer.finish().await.map_err(|e| classify(what, &e))?;
+    client
+        .batch_execute(&format!("ANALYZE {STAGED}"))
+        .await
+        .map_err(|e| classify(what, &e))
+}
+
+/// The advisory lock of migrating `schema`: the one of earlier versions for `loopsync`.
+fn schema_lock(schema: &str) -> i64 {
+    if schema == crate::DEFAULT_SCHEMA {
+        735560801
+    } else {
+        loopsync_core::keys::seed(&format!("loopsync schema {schema}"))
+    }
+}
+
+/// An error when the state was migrated by a newer loopsync than this one.
+pub(crate) fn newer_than_known(current: Option<i64>) -> Result<(), WarehouseError> {
+    match current {
+        Some(v) if v > LATEST => Err(WarehouseError::Unsupported(format!(
+            "the state's tables are at version {v}, made by a newer loopsync; this one knows \
+             versions up to {LATEST}: upgrade it"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// An event sync's cursor `column` at or after the time `since` (an SQL text expression).
 /// The session's time zone is UTC (see `diff`), so a `timestamp` without time zone reads as
 /// UTC, as the extractor reads its text.
@@ -1487,7 +1526,21 @@ impl Warehouse for PgWarehouse {
         spec: &SyncSpec,
         since: Option<i64>,
     ) -> Result<BoxStream<'static, Result<DiffRow, WarehouseError>>, WarehouseError> {
-        self.within("diff", self.pg.diff(spec, since, false)).await
+        self.within("diff", self.pg.diff(spec, since, false, None))
+            .await
+    }
+
+    async fn diff_model(
+        &self,
+        spec: &SyncSpec,
+        since: Option<i64>,
+        leave_out_unchanged: bool,
+        model: ModelRows,
+    ) -> Result<BoxStream<'static, Result<DiffRow, WarehouseError>>, WarehouseError> {
+        // Not under the call deadline: loading the rows takes as long as the source reads.
+        self.pg
+            .diff(spec, since, leave_out_unchanged, Some(model))
+            .await
     }
 
     async fn diff_changes(
@@ -1495,7 +1548,8 @@ impl Warehouse for PgWarehouse {
         spec: &SyncSpec,
         since: Option<i64>,
     ) -> Result<BoxStream<'static, Result<DiffRow, WarehouseError>>, WarehouseError> {
-        self.within("diff", self.pg.diff(spec, since, true)).await
+        self.within("diff", self.pg.diff(spec, since, true, None))
+            .await
     }
 
     async fn note_unchanged(&self, sync: &str, rows: &[Unchanged]) -> Result<(), WarehouseError> {

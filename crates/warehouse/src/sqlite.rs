@@ -14,18 +14,15 @@ use loopsync_core::spec::SyncSpec;
 use loopsync_core::value::EMAIL_TRIM;
 use rusqlite::{Connection, OptionalExtension, params};
 
+use crate::postgres::newer_than_known;
+use crate::schema::{Dialect, LATEST, MIGRATIONS, Rendered};
 use crate::{
     Adoption, DestinationBinding, DiffDialect, DiffRow, EARLIEST_CURSOR, ExtractCounts, LEASE,
-    RecordResult, RunSummary, StateReset, Warehouse, WarehouseError, cursor_condition,
-    cursor_since, diff_sql, is_removal, probe_sql, record_requests_sql, requests_of,
-    summary_request_sql, summary_rows_sql, watermark_sql,
+    ModelRows, RecordResult, RunSummary, STAGED, StateReset, Warehouse, WarehouseError,
+    cursor_condition, cursor_since, diff_sql, is_removal, probe_sql, quote_ident,
+    record_requests_sql, requests_of, staged_spec, summary_request_sql, summary_rows_sql,
+    watermark_sql,
 };
-
-/// The Loops destination each sync's state is bound to (PostgreSQL's `DESTINATIONS`).
-const DESTINATIONS: &str = "
-CREATE TABLE IF NOT EXISTS loopsync_destinations (
-    sync TEXT PRIMARY KEY, team TEXT, base_url TEXT NOT NULL, bound_at TEXT NOT NULL);
-";
 
 const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
 
@@ -39,104 +36,91 @@ fn email_key(expression: &str) -> String {
     format!("lower(trim({expression}, char({})))", set.join(", "))
 }
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS loopsync_state (
-    sync TEXT NOT NULL, key TEXT NOT NULL,
-    emitted_fp TEXT, emitted_run INTEGER,
-    confirmed_fp TEXT, confirmed_run INTEGER, confirmed_at TEXT, contact_id TEXT,
-    confirmed_email TEXT, confirmed_user_id TEXT, parked_fp TEXT,
-    PRIMARY KEY (sync, key));
-CREATE TABLE IF NOT EXISTS loopsync_runs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, sync TEXT NOT NULL, status TEXT NOT NULL,
-    requested_at TEXT NOT NULL, started_at TEXT, extracted_at TEXT, finished_at TEXT,
-    expected INTEGER, added INTEGER NOT NULL DEFAULT 0, changed INTEGER NOT NULL DEFAULT 0,
-    removed INTEGER NOT NULL DEFAULT 0, unchanged INTEGER NOT NULL DEFAULT 0, error TEXT);
-CREATE TABLE IF NOT EXISTS loopsync_records (
-    run_id INTEGER NOT NULL, sync TEXT NOT NULL, key TEXT NOT NULL, fingerprint TEXT,
-    operation TEXT NOT NULL, outcome TEXT NOT NULL, reason TEXT, contact_id TEXT,
-    requests INTEGER NOT NULL DEFAULT 0, at TEXT NOT NULL,
-    PRIMARY KEY (run_id, key));
-CREATE TABLE IF NOT EXISTS loopsync_installation (
-    one INTEGER PRIMARY KEY CHECK (one = 1), id TEXT NOT NULL);
-INSERT OR IGNORE INTO loopsync_installation (one, id) VALUES (1, lower(hex(randomblob(16))));
-CREATE TABLE IF NOT EXISTS loopsync_attempts (
-    run_id INTEGER NOT NULL, sync TEXT NOT NULL, key TEXT NOT NULL, attempt TEXT NOT NULL,
-    requests INTEGER NOT NULL DEFAULT 0, writes INTEGER NOT NULL DEFAULT 0,
-    events INTEGER NOT NULL DEFAULT 0, deletes INTEGER NOT NULL DEFAULT 0,
-    retries INTEGER NOT NULL DEFAULT 0, rate_limited INTEGER NOT NULL DEFAULT 0,
-    reason TEXT, at TEXT NOT NULL,
-    PRIMARY KEY (run_id, key, attempt));
-";
-
-/// Columns added after the first release: SQLite has no `ADD COLUMN IF NOT EXISTS`, so
-/// `prepare` adds each one its table lacks (PostgreSQL's `SCHEMA` says the same).
-const ADDED_COLUMNS: [(&str, &str, &str); 18] = [
-    ("loopsync_state", "generation", "INTEGER NOT NULL DEFAULT 0"),
-    ("loopsync_runs", "heartbeat_at", "TEXT"),
-    ("loopsync_state", "confirmed_email", "TEXT"),
-    ("loopsync_state", "confirmed_user_id", "TEXT"),
-    ("loopsync_state", "parked_fp", "TEXT"),
-    (
-        "loopsync_runs",
-        "invalid_rows",
-        "INTEGER NOT NULL DEFAULT 0",
-    ),
-    (
-        "loopsync_runs",
-        "preflight_requests",
-        "INTEGER NOT NULL DEFAULT 0",
-    ),
-    (
-        "loopsync_runs",
-        "preflight_retries",
-        "INTEGER NOT NULL DEFAULT 0",
-    ),
-    (
-        "loopsync_runs",
-        "preflight_rate_limited",
-        "INTEGER NOT NULL DEFAULT 0",
-    ),
-    ("loopsync_records", "change", "TEXT"),
-    ("loopsync_records", "writes", "INTEGER NOT NULL DEFAULT 0"),
-    ("loopsync_records", "events", "INTEGER NOT NULL DEFAULT 0"),
-    ("loopsync_records", "deletes", "INTEGER NOT NULL DEFAULT 0"),
-    ("loopsync_records", "retries", "INTEGER NOT NULL DEFAULT 0"),
-    (
-        "loopsync_records",
-        "rate_limited",
-        "INTEGER NOT NULL DEFAULT 0",
-    ),
-    ("loopsync_runs", "ignored", "INTEGER NOT NULL DEFAULT 0"),
-    ("loopsync_runs", "cursor_high", "INTEGER"),
-    ("loopsync_runs", "cursor_column", "TEXT"),
-];
-
-/// Creates the tables and adds the columns they lack, in one write transaction (so two
-/// processes preparing at once do not both add a column).
+/// Brings the state's tables to [`LATEST`] in one write transaction (so two processes
+/// preparing at once do not both migrate), running the migrations it lacks (see
+/// [`crate::schema`]).
 fn migrate(c: &mut Connection) -> Result<(), WarehouseError> {
+    let dialect = Dialect::sqlite(&current_schema());
+    let migrations = dialect.table("migrations");
+    let applied = |c: &Connection| -> Result<i64, WarehouseError> {
+        c.query_row(
+            &format!("SELECT COALESCE(max(version), 0) FROM {migrations}"),
+            [],
+            |r| r.get(0),
+        )
+        .map_err(error("read the state's schema version"))
+    };
+    c.execute_batch(&dialect.version_table())
+        .map_err(error("create the state's version table"))?;
+    let current = applied(c)?;
+    newer_than_known(Some(current))?;
+    if current == LATEST {
+        return Ok(());
+    }
     let tx = c
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-        .map_err(error("begin preparing the loopsync tables"))?;
-    tx.execute_batch(SCHEMA)
-        .map_err(error("create the loopsync tables"))?;
-    tx.execute_batch(DESTINATIONS)
-        .map_err(error("create the loopsync tables"))?;
-    for (table, column, declaration) in ADDED_COLUMNS {
-        let present: bool = tx
-            .query_row(
-                "SELECT count(*) > 0 FROM pragma_table_info(?1) WHERE name = ?2",
-                params![table, column],
-                |r| r.get(0),
-            )
-            .map_err(error("read the loopsync tables' columns"))?;
-        if !present {
-            tx.execute_batch(&format!(
-                "ALTER TABLE {table} ADD COLUMN {column} {declaration}"
-            ))
-            .map_err(error("add a column to the loopsync tables"))?;
+        .map_err(error("begin migrating the state's tables"))?;
+    let current = applied(&tx)?;
+    for migration in MIGRATIONS.iter().filter(|m| m.version > current) {
+        let failed = |e: rusqlite::Error| WarehouseError::Query {
+            what: format!("migration {} ({})", migration.version, migration.name),
+            detail: e.to_string(),
+        };
+        for step in migration.steps {
+            for rendered in dialect.render(step) {
+                let sql = match rendered {
+                    Rendered::Sql(sql) => sql,
+                    Rendered::UnlessColumn { table, column, sql } => {
+                        let present: bool = tx
+                            .query_row(
+                                "SELECT count(*) > 0 FROM pragma_table_info(?1) WHERE name = ?2",
+                                params![table, column],
+                                |r| r.get(0),
+                            )
+                            .map_err(failed)?;
+                        if present {
+                            continue;
+                        }
+                        sql
+                    }
+                };
+                tx.execute_batch(&sql).map_err(failed)?;
+            }
         }
+        tx.execute(
+            &format!("INSERT INTO {migrations} (version, name) VALUES (?1, ?2)"),
+            params![migration.version, migration.name],
+        )
+        .map_err(error("record a migration"))?;
     }
-    tx.commit().map_err(error("commit the loopsync tables"))
+    tx.commit().map_err(error("commit the state's migrations"))
+}
+
+thread_local! {
+    /// The state's schema (table prefix) of the statements run on this thread: set by
+    /// [`SqliteWarehouse::with`] and the diff's thread before they run any, read by [`q`].
+    static SCHEMA: std::cell::RefCell<String> =
+        std::cell::RefCell::new(crate::DEFAULT_SCHEMA.to_owned());
+}
+
+fn set_schema(schema: &str) {
+    SCHEMA.with(|s| schema.clone_into(&mut s.borrow_mut()));
+}
+
+fn current_schema() -> String {
+    SCHEMA.with(|s| s.borrow().clone())
+}
+
+/// A statement written for the tables `loopsync_*`, for this thread's state schema.
+fn q(sql: &str) -> String {
+    SCHEMA.with(|s| {
+        let schema = s.borrow();
+        if *schema == crate::DEFAULT_SCHEMA {
+            sql.to_owned()
+        } else {
+            Dialect::sqlite(&schema).sql(sql)
+        }
+    })
 }
 
 const FINISH_RUN: &str = "
@@ -159,6 +143,8 @@ fn error(what: &str) -> impl Fn(rusqlite::Error) -> WarehouseError + '_ {
 /// The warehouse on an SQLite file.
 pub struct SqliteWarehouse {
     path: PathBuf,
+    /// `[warehouse] state_schema`: the tables' prefix.
+    schema: String,
     connection: Arc<Mutex<Connection>>,
 }
 
@@ -177,10 +163,17 @@ fn open_connection(path: &PathBuf) -> Result<Connection, WarehouseError> {
 impl SqliteWarehouse {
     /// Opens (or creates) the database file at `path`.
     pub fn open(path: &str) -> Result<SqliteWarehouse, WarehouseError> {
+        SqliteWarehouse::open_schema(path, crate::DEFAULT_SCHEMA)
+    }
+
+    /// Opens (or creates) the database file at `path`, the state's tables named
+    /// `{schema}_state`, ….
+    pub fn open_schema(path: &str, schema: &str) -> Result<SqliteWarehouse, WarehouseError> {
         let path = PathBuf::from(path);
         let connection = open_connection(&path)?;
         Ok(SqliteWarehouse {
             path,
+            schema: schema.to_owned(),
             connection: Arc::new(Mutex::new(connection)),
         })
     }
@@ -191,7 +184,9 @@ impl SqliteWarehouse {
         f: impl FnOnce(&mut Connection) -> Result<T, WarehouseError> + Send + 'static,
     ) -> Result<T, WarehouseError> {
         let connection = self.connection.clone();
+        let schema = self.schema.clone();
         tokio::task::spawn_blocking(move || {
+            set_schema(&schema);
             let mut guard = connection.lock().unwrap_or_else(|p| p.into_inner());
             f(&mut guard)
         })
@@ -200,6 +195,140 @@ impl SqliteWarehouse {
             what: "a warehouse task".into(),
             detail: e.to_string(),
         })?
+    }
+
+    /// The diff; with `staged`, the rows of a source are first loaded into [`STAGED`] in the
+    /// diff's own connection (`spec` is then the [`staged_spec`]).
+    async fn diff(
+        &self,
+        spec: &SyncSpec,
+        since: Option<i64>,
+        staged: Option<ModelRows>,
+    ) -> Result<BoxStream<'static, Result<DiffRow, WarehouseError>>, WarehouseError> {
+        let condition = cursor_condition(spec, |c| at_or_after(c, "?2"));
+        let since = condition.as_ref().map(|_| cursor_since(since));
+        let sql = diff_sql(
+            spec,
+            &DiffDialect {
+                cast: &|e| format!("CAST({e} AS TEXT)"),
+                state: "loopsync_state",
+                param: "?1",
+                collate: "",
+                email_key: &email_key,
+            },
+            condition,
+            None,
+        );
+        let columns = spec.columns();
+        let sync = spec.name.clone();
+        let path = self.path.clone();
+        let staged_rows = staged.map(|model| {
+            // The source's rows, pumped to the blocking task that loads them.
+            let (rows_tx, rows_rx) = tokio::sync::mpsc::channel(1024);
+            let mut rows = model.rows;
+            tokio::spawn(async move {
+                while let Some(row) = rows.next().await {
+                    let stop = row.is_err();
+                    if rows_tx.send(row).await.is_err() || stop {
+                        break;
+                    }
+                }
+            });
+            (model.columns, rows_rx)
+        });
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<DiffRow, WarehouseError>>(256);
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Result<(), WarehouseError>>();
+        let schema = self.schema.clone();
+        tokio::task::spawn_blocking(move || {
+            set_schema(&schema);
+            let model_error = |e: rusqlite::Error| WarehouseError::Model {
+                sync: sync.clone(),
+                detail: e.to_string(),
+            };
+            let connection = match open_connection(&path) {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            if let Some((columns, rows)) = staged_rows
+                && let Err(e) = stage(&connection, &columns, rows)
+            {
+                let _ = ready_tx.send(Err(e));
+                return;
+            }
+            let mut statement = match connection.prepare(&q(&sql)) {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(model_error(e)));
+                    return;
+                }
+            };
+            let query = match &since {
+                Some(since) => statement.query(params![sync, since]),
+                None => statement.query(params![sync]),
+            };
+            let mut rows = match query {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(model_error(e)));
+                    return;
+                }
+            };
+            let _ = ready_tx.send(Ok(()));
+            loop {
+                let item = match rows.next() {
+                    Ok(None) => break,
+                    Ok(Some(row)) => (|| -> rusqlite::Result<DiffRow> {
+                        let present: Option<i64> = row.get(0)?;
+                        let key: Option<String> = row.get(1)?;
+                        let values = match present {
+                            Some(_) => {
+                                let mut values = BTreeMap::new();
+                                for (i, c) in columns.iter().enumerate() {
+                                    values.insert(c.clone(), row.get::<_, Option<String>>(2 + i)?);
+                                }
+                                Some(values)
+                            }
+                            None => None,
+                        };
+                        Ok(DiffRow {
+                            key,
+                            values,
+                            confirmed_fp: row.get(2 + columns.len())?,
+                            confirmed_email: row.get(3 + columns.len())?,
+                            confirmed_user_id: row.get(4 + columns.len())?,
+                            email_rows: row.get::<_, Option<i64>>(5 + columns.len())?.unwrap_or(1),
+                            parked_fp: row.get(6 + columns.len())?,
+                            generation: row.get::<_, Option<i64>>(7 + columns.len())?.unwrap_or(0),
+                            model_hash: None,
+                            unchanged_untold: 0,
+                        })
+                    })()
+                    .map_err(|e| WarehouseError::Query {
+                        what: format!("diff of sync {sync}"),
+                        detail: e.to_string(),
+                    }),
+                    Err(e) => Err(WarehouseError::Query {
+                        what: format!("diff of sync {sync}"),
+                        detail: e.to_string(),
+                    }),
+                };
+                let stop = item.is_err();
+                if tx.blocking_send(item).is_err() || stop {
+                    break;
+                }
+            }
+        });
+        ready_rx.await.map_err(|_| WarehouseError::Query {
+            what: "diff".into(),
+            detail: "the diff task ended early".into(),
+        })??;
+        Ok(futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        })
+        .boxed())
     }
 
     fn summary_sql(filter: &str) -> String {
@@ -304,6 +433,40 @@ fn at_or_after(column: &str, since: &str) -> String {
     format!("julianday({column}) IS NULL OR julianday({column}) >= julianday({since})")
 }
 
+/// Loads a source's rows into [`STAGED`], a temporary table of `connection`, in one
+/// transaction.
+fn stage(
+    connection: &Connection,
+    columns: &[String],
+    mut rows: tokio::sync::mpsc::Receiver<Result<crate::source::TextRow, WarehouseError>>,
+) -> Result<(), WarehouseError> {
+    let declared: Vec<String> = columns
+        .iter()
+        .map(|c| format!("{} TEXT", quote_ident(c)))
+        .collect();
+    connection
+        .execute_batch(&format!(
+            "CREATE TEMP TABLE {STAGED} ({}); BEGIN",
+            declared.join(", ")
+        ))
+        .map_err(error("stage the model's rows"))?;
+    let placeholders: Vec<String> = (1..=columns.len()).map(|i| format!("?{i}")).collect();
+    let mut insert = connection
+        .prepare(&format!(
+            "INSERT INTO {STAGED} VALUES ({})",
+            placeholders.join(", ")
+        ))
+        .map_err(error("stage the model's rows"))?;
+    while let Some(row) = rows.blocking_recv() {
+        insert
+            .execute(rusqlite::params_from_iter(row?.iter()))
+            .map_err(error("stage the model's rows"))?;
+    }
+    connection
+        .execute_batch("COMMIT")
+        .map_err(error("stage the model's rows"))
+}
+
 #[async_trait]
 impl Warehouse for SqliteWarehouse {
     async fn prepare(&self) -> Result<(), WarehouseError> {
@@ -315,108 +478,19 @@ impl Warehouse for SqliteWarehouse {
         spec: &SyncSpec,
         since: Option<i64>,
     ) -> Result<BoxStream<'static, Result<DiffRow, WarehouseError>>, WarehouseError> {
-        let condition = cursor_condition(spec, |c| at_or_after(c, "?2"));
-        let since = condition.as_ref().map(|_| cursor_since(since));
-        let sql = diff_sql(
-            spec,
-            &DiffDialect {
-                cast: &|e| format!("CAST({e} AS TEXT)"),
-                state: "loopsync_state",
-                param: "?1",
-                collate: "",
-                email_key: &email_key,
-            },
-            condition,
-            None,
-        );
-        let columns = spec.columns();
-        let sync = spec.name.clone();
-        let path = self.path.clone();
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<DiffRow, WarehouseError>>(256);
-        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Result<(), WarehouseError>>();
-        tokio::task::spawn_blocking(move || {
-            let model_error = |e: rusqlite::Error| WarehouseError::Model {
-                sync: sync.clone(),
-                detail: e.to_string(),
-            };
-            let connection = match open_connection(&path) {
-                Ok(c) => c,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                    return;
-                }
-            };
-            let mut statement = match connection.prepare(&sql) {
-                Ok(s) => s,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(model_error(e)));
-                    return;
-                }
-            };
-            let query = match &since {
-                Some(since) => statement.query(params![sync, since]),
-                None => statement.query(params![sync]),
-            };
-            let mut rows = match query {
-                Ok(r) => r,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(model_error(e)));
-                    return;
-                }
-            };
-            let _ = ready_tx.send(Ok(()));
-            loop {
-                let item = match rows.next() {
-                    Ok(None) => break,
-                    Ok(Some(row)) => (|| -> rusqlite::Result<DiffRow> {
-                        let present: Option<i64> = row.get(0)?;
-                        let key: Option<String> = row.get(1)?;
-                        let values = match present {
-                            Some(_) => {
-                                let mut values = BTreeMap::new();
-                                for (i, c) in columns.iter().enumerate() {
-                                    values.insert(c.clone(), row.get::<_, Option<String>>(2 + i)?);
-                                }
-                                Some(values)
-                            }
-                            None => None,
-                        };
-                        Ok(DiffRow {
-                            key,
-                            values,
-                            confirmed_fp: row.get(2 + columns.len())?,
-                            confirmed_email: row.get(3 + columns.len())?,
-                            confirmed_user_id: row.get(4 + columns.len())?,
-                            email_rows: row.get::<_, Option<i64>>(5 + columns.len())?.unwrap_or(1),
-                            parked_fp: row.get(6 + columns.len())?,
-                            generation: row.get::<_, Option<i64>>(7 + columns.len())?.unwrap_or(0),
-                            model_hash: None,
-                            unchanged_untold: 0,
-                        })
-                    })()
-                    .map_err(|e| WarehouseError::Query {
-                        what: format!("diff of sync {sync}"),
-                        detail: e.to_string(),
-                    }),
-                    Err(e) => Err(WarehouseError::Query {
-                        what: format!("diff of sync {sync}"),
-                        detail: e.to_string(),
-                    }),
-                };
-                let stop = item.is_err();
-                if tx.blocking_send(item).is_err() || stop {
-                    break;
-                }
-            }
-        });
-        ready_rx.await.map_err(|_| WarehouseError::Query {
-            what: "diff".into(),
-            detail: "the diff task ended early".into(),
-        })??;
-        Ok(futures::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|item| (item, rx))
-        })
-        .boxed())
+        self.diff(spec, since, None).await
+    }
+
+    async fn diff_model(
+        &self,
+        spec: &SyncSpec,
+        since: Option<i64>,
+        _leave_out_unchanged: bool,
+        model: ModelRows,
+    ) -> Result<BoxStream<'static, Result<DiffRow, WarehouseError>>, WarehouseError> {
+        // SQLite reads every row (it has no `diff_changes` of its own).
+        let staged = staged_spec(spec, &model.columns, |c| c.to_owned());
+        self.diff(&staged, since, Some(model)).await
     }
 
     async fn cursor_watermark(
@@ -427,7 +501,12 @@ impl Warehouse for SqliteWarehouse {
         let (sync, column) = (sync.to_owned(), column.to_owned());
         self.with(move |c| {
             c.query_row(
-                &watermark_sql("loopsync_runs", "loopsync_records", "?1", "?2"),
+                &q(&watermark_sql(
+                    "loopsync_runs",
+                    "loopsync_records",
+                    "?1",
+                    "?2",
+                )),
                 params![sync, column],
                 |r| r.get(0),
             )
@@ -444,7 +523,7 @@ impl Warehouse for SqliteWarehouse {
         );
         let sync = spec.name.clone();
         self.with(move |c| {
-            c.prepare(&sql)
+            c.prepare(&q(&sql))
                 .map(|_| ())
                 .map_err(|e| WarehouseError::Model {
                     sync,
@@ -462,7 +541,7 @@ impl Warehouse for SqliteWarehouse {
                 .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
                 .map_err(error("begin creating a run"))?;
             tx.execute(
-                &format!(
+                &q(&format!(
                     "UPDATE loopsync_runs
                         SET status = 'interrupted', finished_at = {NOW},
                             error = 'its process stopped (no sign of life since '
@@ -470,16 +549,16 @@ impl Warehouse for SqliteWarehouse {
                       WHERE sync = ?1 AND status IN ({OPEN})
                         AND COALESCE(heartbeat_at, requested_at)
                             < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?2)"
-                ),
+                )),
                 params![sync, format!("-{} seconds", LEASE.as_secs())],
             )
             .map_err(error("close abandoned runs"))?;
             let open: Option<(i64, crate::RunStatus)> = tx
                 .query_row(
-                    &format!(
+                    &q(&format!(
                         "SELECT id, status FROM loopsync_runs WHERE sync = ?1 AND status IN ({OPEN})
                           ORDER BY id LIMIT 1"
-                    ),
+                    )),
                     params![sync],
                     |r| Ok((r.get(0)?, column_name(r, 1)?)),
                 )
@@ -493,10 +572,10 @@ impl Warehouse for SqliteWarehouse {
                 });
             }
             tx.execute(
-                &format!(
+                &q(&format!(
                     "INSERT INTO loopsync_runs (sync, status, requested_at, heartbeat_at)
                      VALUES (?1, 'requested', {NOW}, {NOW})"
-                ),
+                )),
                 params![sync],
             )
             .map_err(error("create a run"))?;
@@ -510,7 +589,9 @@ impl Warehouse for SqliteWarehouse {
     async fn heartbeat(&self, run_id: i64) -> Result<(), WarehouseError> {
         self.with(move |c| {
             c.execute(
-                &format!("UPDATE loopsync_runs SET heartbeat_at = {NOW} WHERE id = ?1"),
+                &q(&format!(
+                    "UPDATE loopsync_runs SET heartbeat_at = {NOW} WHERE id = ?1"
+                )),
                 params![run_id],
             )
             .map_err(error("note that a run is alive"))?;
@@ -521,7 +602,7 @@ impl Warehouse for SqliteWarehouse {
 
     async fn installation(&self) -> Result<String, WarehouseError> {
         self.with(|c| {
-            c.query_row("SELECT id FROM loopsync_installation", [], |r| r.get(0))
+            c.query_row(&q("SELECT id FROM loopsync_installation"), [], |r| r.get(0))
                 .map_err(error("read the installation id"))
         })
         .await
@@ -534,11 +615,11 @@ impl Warehouse for SqliteWarehouse {
     ) -> Result<Option<String>, WarehouseError> {
         self.with(move |c| {
             c.query_row(
-                &format!(
+                &q(&format!(
                     "UPDATE loopsync_runs SET status = 'extracting', started_at = {NOW}
                       WHERE id = ?1 AND (status = 'requested' OR (?2 AND status = 'extracting'))
                       RETURNING sync"
-                ),
+                )),
                 params![run_id, redelivered],
                 |r| r.get(0),
             )
@@ -560,10 +641,9 @@ impl Warehouse for SqliteWarehouse {
             let tx = c.transaction().map_err(error("begin"))?;
             {
                 let mut s = tx
-                    .prepare_cached(
-                        "INSERT INTO loopsync_state (sync, key, emitted_fp, emitted_run) VALUES (?1, ?2, ?3, ?4)
+                    .prepare_cached(&q("INSERT INTO loopsync_state (sync, key, emitted_fp, emitted_run) VALUES (?1, ?2, ?3, ?4)
                          ON CONFLICT (sync, key) DO UPDATE
-                            SET emitted_fp = excluded.emitted_fp, emitted_run = excluded.emitted_run",
+                            SET emitted_fp = excluded.emitted_fp, emitted_run = excluded.emitted_run"),
                     )
                     .map_err(error("note emitted records"))?;
                 for (key, fp) in &emitted {
@@ -583,8 +663,7 @@ impl Warehouse for SqliteWarehouse {
     ) -> Result<(), WarehouseError> {
         let counts = counts.clone();
         self.with(move |c| {
-            c.execute(
-                &format!(
+            c.execute(&q(&format!(
                     "UPDATE loopsync_runs SET status = 'sending', extracted_at = {NOW},
                             expected = (SELECT count(*) FROM (
                                 SELECT key FROM loopsync_state WHERE sync = loopsync_runs.sync AND emitted_run = ?1
@@ -593,7 +672,7 @@ impl Warehouse for SqliteWarehouse {
                             error = COALESCE(?7, error), ignored = ?8, cursor_high = ?9,
                             cursor_column = ?10
                       WHERE id = ?1 AND status = 'extracting'"
-                ),
+                )),
                 params![
                     run_id,
                     counts.added,
@@ -608,7 +687,7 @@ impl Warehouse for SqliteWarehouse {
                 ],
             )
             .map_err(error("finish an extraction"))?;
-            c.execute(FINISH_RUN, params![run_id])
+            c.execute(&q(FINISH_RUN), params![run_id])
                 .map_err(error("finish a run"))?;
             Ok(())
         })
@@ -627,7 +706,7 @@ impl Warehouse for SqliteWarehouse {
             let tx = c.transaction().map_err(error("begin"))?;
             {
                 let mut s = tx
-                    .prepare_cached(&format!(
+                    .prepare_cached(&q(&format!(
                         "INSERT INTO loopsync_state (sync, key, confirmed_fp, confirmed_run, confirmed_at,
                                                      confirmed_email, confirmed_user_id)
                          VALUES (?1, ?2, ?3, ?4, {NOW}, ?5, ?6)
@@ -638,7 +717,7 @@ impl Warehouse for SqliteWarehouse {
                                 confirmed_user_id = excluded.confirmed_user_id,
                                 parked_fp = NULL,
                                 generation = loopsync_state.generation + 1"
-                    ))
+                    )))
                     .map_err(error("adopt records"))?;
                 for r in &records {
                     s.execute(params![sync, r.key, r.fingerprint, run_id, r.email, r.user_id])
@@ -658,12 +737,10 @@ impl Warehouse for SqliteWarehouse {
             let mut parked = 0;
             {
                 let mut s = tx
-                    .prepare_cached(
-                        "INSERT INTO loopsync_state (sync, key, parked_fp)
+                    .prepare_cached(&q("INSERT INTO loopsync_state (sync, key, parked_fp)
                          SELECT sync, key, fingerprint FROM loopsync_records
                           WHERE sync = ?1 AND key = ?2 ORDER BY run_id DESC LIMIT 1
-                         ON CONFLICT (sync, key) DO UPDATE SET parked_fp = excluded.parked_fp",
-                    )
+                         ON CONFLICT (sync, key) DO UPDATE SET parked_fp = excluded.parked_fp"))
                     .map_err(error("park records"))?;
                 for key in &keys {
                     parked += s
@@ -684,13 +761,12 @@ impl Warehouse for SqliteWarehouse {
     ) -> Result<(), WarehouseError> {
         let counts = counts.clone();
         self.with(move |c| {
-            c.execute(
-                &format!(
+            c.execute(&q(&format!(
                     "UPDATE loopsync_runs SET status = 'adopted', extracted_at = {NOW}, finished_at = {NOW},
                             expected = 0, added = ?2, changed = ?3, removed = ?4, unchanged = ?5,
                             invalid_rows = ?6, ignored = ?7, cursor_high = ?8, cursor_column = ?9
                       WHERE id = ?1"
-                ),
+                )),
                 params![
                     run_id,
                     counts.added,
@@ -717,9 +793,9 @@ impl Warehouse for SqliteWarehouse {
         let counts = *counts;
         self.with(move |c| {
             c.execute(
-                "UPDATE loopsync_runs
+                &q("UPDATE loopsync_runs
                     SET preflight_requests = ?2, preflight_retries = ?3, preflight_rate_limited = ?4
-                  WHERE id = ?1",
+                  WHERE id = ?1"),
                 params![run_id, counts.total(), counts.retries, counts.rate_limited],
             )
             .map_err(error("record a run's preflight"))?;
@@ -731,10 +807,9 @@ impl Warehouse for SqliteWarehouse {
     async fn fail_run(&self, run_id: i64, message: &str) -> Result<(), WarehouseError> {
         let message = message.to_owned();
         self.with(move |c| {
-            c.execute(
-                &format!(
+            c.execute(&q(&format!(
                     "UPDATE loopsync_runs SET status = 'failed', finished_at = {NOW}, error = ?2 WHERE id = ?1"
-                ),
+                )),
                 params![run_id, message],
             )
             .map_err(error("fail a run"))?;
@@ -747,11 +822,10 @@ impl Warehouse for SqliteWarehouse {
         let why = why.to_owned();
         self.with(move |c| {
             let closed = c
-                .execute(
-                    &format!(
+                .execute(&q(&format!(
                         "UPDATE loopsync_runs SET status = 'interrupted', finished_at = {NOW}, error = ?2
                           WHERE id = ?1 AND status IN ({OPEN})"
-                    ),
+                    )),
                     params![run_id, why],
                 )
                 .map_err(error("close an interrupted run"))?;
@@ -768,8 +842,7 @@ impl Warehouse for SqliteWarehouse {
             let mut runs = Vec::new();
             {
                 let mut insert = tx
-                    .prepare_cached(
-                        "INSERT INTO loopsync_records
+                    .prepare_cached(&q("INSERT INTO loopsync_records
                             (run_id, sync, key, fingerprint, operation, outcome, reason, contact_id, requests, at,
                              change, writes, events, deletes, retries, rate_limited)
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9,
@@ -787,22 +860,21 @@ impl Warehouse for SqliteWarehouse {
                                 retries = loopsync_records.retries + excluded.retries,
                                 rate_limited = loopsync_records.rate_limited + excluded.rate_limited,
                                 at = excluded.at
-                          WHERE loopsync_records.outcome <> 'confirmed' AND excluded.outcome = 'confirmed'",
+                          WHERE loopsync_records.outcome <> 'confirmed' AND excluded.outcome = 'confirmed'"),
                     )
                     .map_err(error("record outcomes"))?;
                 // Each attempt once: a repeated `attempted` outcome is ignored.
                 let mut attempted = tx
-                    .prepare_cached(
-                        "INSERT INTO loopsync_attempts
+                    .prepare_cached(&q("INSERT INTO loopsync_attempts
                             (run_id, sync, key, attempt, requests, writes, events, deletes, retries,
                              rate_limited, reason, at)
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11,
                                  strftime('%Y-%m-%dT%H:%M:%fZ', ?12 / 1000.0, 'unixepoch'))
-                         ON CONFLICT (run_id, key, attempt) DO NOTHING",
+                         ON CONFLICT (run_id, key, attempt) DO NOTHING"),
                     )
                     .map_err(error("record outcomes"))?;
                 let mut confirm = tx
-                    .prepare_cached(&format!(
+                    .prepare_cached(&q(&format!(
                         "INSERT INTO loopsync_state (sync, key, confirmed_fp, confirmed_run, confirmed_at, contact_id,
                                                      confirmed_email, confirmed_user_id)
                          VALUES (?1, ?2, ?3, ?4, {NOW}, ?5, ?6, ?7)
@@ -819,18 +891,18 @@ impl Warehouse for SqliteWarehouse {
                                            THEN 0 ELSE 1 END
                           WHERE loopsync_state.confirmed_run IS NULL
                              OR loopsync_state.confirmed_run <= excluded.confirmed_run"
-                    ))
+                    )))
                     .map_err(error("record outcomes"))?;
                 // A confirmed removal leaves a tombstone (see the PostgreSQL side).
                 let mut remove = tx
-                    .prepare_cached(&format!(
+                    .prepare_cached(&q(&format!(
                         "UPDATE loopsync_state
                             SET confirmed_fp = NULL, confirmed_email = NULL, confirmed_user_id = NULL,
                                 contact_id = NULL, parked_fp = NULL, confirmed_run = ?3,
                                 confirmed_at = {NOW}, generation = generation + 1
                           WHERE sync = ?1 AND key = ?2 AND confirmed_fp IS NOT NULL
                             AND (confirmed_run IS NULL OR confirmed_run <= ?3)"
-                    ))
+                    )))
                     .map_err(error("record outcomes"))?;
                 for o in &outcomes {
                     let counts = o.request_counts();
@@ -895,7 +967,7 @@ impl Warehouse for SqliteWarehouse {
                     }
                 }
                 for run in &runs {
-                    tx.execute(FINISH_RUN, params![run]).map_err(error("finish a run"))?;
+                    tx.execute(&q(FINISH_RUN), params![run]).map_err(error("finish a run"))?;
                 }
             }
             tx.commit().map_err(error("commit outcomes"))
@@ -905,7 +977,7 @@ impl Warehouse for SqliteWarehouse {
 
     async fn finish_if_complete(&self, run_id: i64) -> Result<(), WarehouseError> {
         self.with(move |c| {
-            c.execute(FINISH_RUN, params![run_id])
+            c.execute(&q(FINISH_RUN), params![run_id])
                 .map_err(error("finish a run"))?;
             Ok(())
         })
@@ -914,9 +986,13 @@ impl Warehouse for SqliteWarehouse {
 
     async fn run(&self, run_id: i64) -> Result<Option<RunSummary>, WarehouseError> {
         self.with(move |c| {
-            c.query_row(&Self::summary_sql("r.id = ?1"), params![run_id, 1], summary)
-                .optional()
-                .map_err(error("read a run"))
+            c.query_row(
+                &q(&Self::summary_sql("r.id = ?1")),
+                params![run_id, 1],
+                summary,
+            )
+            .optional()
+            .map_err(error("read a run"))
         })
         .await
     }
@@ -929,7 +1005,7 @@ impl Warehouse for SqliteWarehouse {
         let sync = sync.map(str::to_owned);
         self.with(move |c| {
             let mut s = c
-                .prepare(&Self::summary_sql("(?1 IS NULL OR r.sync = ?1)"))
+                .prepare(&q(&Self::summary_sql("(?1 IS NULL OR r.sync = ?1)")))
                 .map_err(error("read runs"))?;
             let rows = s
                 .query_map(params![sync, limit], summary)
@@ -943,10 +1019,10 @@ impl Warehouse for SqliteWarehouse {
     async fn records(&self, run_id: i64) -> Result<Vec<RecordResult>, WarehouseError> {
         self.with(move |c| {
             let mut s = c
-                .prepare(&format!(
+                .prepare(&q(&format!(
                     "SELECT {} FROM loopsync_records x WHERE run_id = ?1 ORDER BY key",
                     record_columns()
-                ))
+                )))
                 .map_err(error("read records"))?;
             let rows = s
                 .query_map(params![run_id], record)
@@ -961,14 +1037,14 @@ impl Warehouse for SqliteWarehouse {
         let sync = sync.map(str::to_owned);
         self.with(move |c| {
             let mut s = c
-                .prepare(&format!(
+                .prepare(&q(&format!(
                     "SELECT {columns} FROM (
                         SELECT *, row_number() OVER (PARTITION BY sync, key ORDER BY run_id DESC) AS n
                           FROM loopsync_records WHERE ?1 IS NULL OR sync = ?1) AS x
                       WHERE n = 1 AND outcome IN ('invalid', 'rejected', 'dead_lettered')
                       ORDER BY sync, key",
                     columns = record_columns()
-                ))
+                )))
                 .map_err(error("read rejections"))?;
             let rows = s
                 .query_map(params![sync], record)
@@ -991,10 +1067,8 @@ impl Warehouse for SqliteWarehouse {
             let mut forgotten = 0;
             {
                 let mut s = tx
-                    .prepare_cached(
-                        "UPDATE loopsync_state SET confirmed_fp = ?4
-                          WHERE sync = ?1 AND key = ?2 AND confirmed_fp = ?3",
-                    )
+                    .prepare_cached(&q("UPDATE loopsync_state SET confirmed_fp = ?4
+                          WHERE sync = ?1 AND key = ?2 AND confirmed_fp = ?3"))
                     .map_err(error("forget confirmations"))?;
                 for (key, fp) in &records {
                     forgotten += s
@@ -1027,10 +1101,10 @@ impl Warehouse for SqliteWarehouse {
             let earlier = read_destination(&tx, &sync)?;
             if earlier.is_none() {
                 tx.execute(
-                    &format!(
+                    &q(&format!(
                         "INSERT INTO loopsync_destinations (sync, team, base_url, bound_at)
                          VALUES (?1, ?2, ?3, {NOW})"
-                    ),
+                    )),
                     params![sync, destination.team, destination.base_url],
                 )
                 .map_err(error("bind a sync to its destination"))?;
@@ -1049,13 +1123,13 @@ impl Warehouse for SqliteWarehouse {
         let (sync, destination) = (sync.to_owned(), destination.clone());
         self.with(move |c| {
             c.execute(
-                &format!(
+                &q(&format!(
                     "INSERT INTO loopsync_destinations (sync, team, base_url, bound_at)
                      VALUES (?1, ?2, ?3, {NOW})
                      ON CONFLICT (sync) DO UPDATE
                         SET team = excluded.team, base_url = excluded.base_url,
                             bound_at = excluded.bound_at"
-                ),
+                )),
                 params![sync, destination.team, destination.base_url],
             )
             .map_err(error("bind a sync to its destination"))?;
@@ -1073,25 +1147,23 @@ impl Warehouse for SqliteWarehouse {
             let state_records = tx
                 .execute(
                     // Forgotten, not deleted: see the PostgreSQL side.
-                    "UPDATE loopsync_state
+                    &q("UPDATE loopsync_state
                         SET confirmed_fp = NULL, confirmed_run = NULL, confirmed_at = NULL,
                             confirmed_email = NULL, confirmed_user_id = NULL, contact_id = NULL,
                             emitted_fp = NULL, emitted_run = NULL, parked_fp = NULL,
                             generation = generation + 1
                       WHERE sync = ?1
-                    AND (confirmed_fp IS NOT NULL OR emitted_fp IS NOT NULL OR parked_fp IS NOT NULL)",
+                    AND (confirmed_fp IS NOT NULL OR emitted_fp IS NOT NULL OR parked_fp IS NOT NULL)"),
                     params![sync],
                 )
                 .map_err(error("forget a sync's state"))? as u64;
             // An event sync's watermark goes with its state: the next run reads every row.
-            tx.execute(
-                "UPDATE loopsync_runs SET cursor_high = NULL WHERE sync = ?1 AND cursor_high IS NOT NULL",
+            tx.execute(&q("UPDATE loopsync_runs SET cursor_high = NULL WHERE sync = ?1 AND cursor_high IS NOT NULL"),
                 params![sync],
             )
             .map_err(error("forget a sync's cursor"))?;
             let destination = read_destination(&tx, &sync)?;
-            tx.execute(
-                "DELETE FROM loopsync_destinations WHERE sync = ?1",
+            tx.execute(&q("DELETE FROM loopsync_destinations WHERE sync = ?1"),
                 params![sync],
             )
             .map_err(error("forget a sync's destination"))?;
@@ -1110,7 +1182,7 @@ fn read_destination(
     sync: &str,
 ) -> Result<Option<DestinationBinding>, WarehouseError> {
     c.query_row(
-        "SELECT team, base_url, bound_at FROM loopsync_destinations WHERE sync = ?1",
+        &q("SELECT team, base_url, bound_at FROM loopsync_destinations WHERE sync = ?1"),
         params![sync],
         |r| {
             Ok(DestinationBinding {

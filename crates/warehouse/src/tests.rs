@@ -10,7 +10,7 @@ use loopsync_core::{Classified, ErrorClass};
 
 use super::*;
 
-fn spec(name: &str, table: &str) -> SyncSpec {
+pub(crate) fn spec(name: &str, table: &str) -> SyncSpec {
     SyncSpec {
         name: name.into(),
         model: format!("select id, email, first_name, newsletter from {table};"),
@@ -45,6 +45,10 @@ fn spec(name: &str, table: &str) -> SyncSpec {
 /// A warehouse plus a way to run SQL on it directly.
 struct Fixture {
     sqlite: bool,
+    /// The state's schema (PostgreSQL) or table prefix (SQLite).
+    schema: String,
+    /// The warehouse's URL.
+    url: String,
     /// Dropped with the fixture.
     _database: Option<loopsync_testkit::TestDatabase>,
     warehouse: Arc<dyn Warehouse>,
@@ -58,6 +62,11 @@ async fn postgres() -> Option<Fixture> {
 /// A PostgreSQL fixture; `before_connect` gives SQL to run on the fresh database (by name)
 /// before the warehouse connects.
 async fn postgres_with(before_connect: impl Fn(&str) -> String) -> Option<Fixture> {
+    postgres_in(crate::DEFAULT_SCHEMA, before_connect).await
+}
+
+/// A PostgreSQL fixture whose state is in `schema`.
+async fn postgres_in(schema: &str, before_connect: impl Fn(&str) -> String) -> Option<Fixture> {
     let database = loopsync_testkit::TestDatabase::create().await?;
     let url = database.url.clone();
     let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
@@ -69,9 +78,11 @@ async fn postgres_with(before_connect: impl Fn(&str) -> String) -> Option<Fixtur
     if !setup.is_empty() {
         client.batch_execute(&setup).await.unwrap();
     }
-    let warehouse = connect(&url).await.unwrap();
+    let warehouse = connect_schema(&url, schema).await.unwrap();
     Some(Fixture {
         sqlite: false,
+        schema: schema.to_owned(),
+        url: url.clone(),
         _database: Some(database),
         warehouse,
         exec: Box::new(move |sql| {
@@ -82,12 +93,20 @@ async fn postgres_with(before_connect: impl Fn(&str) -> String) -> Option<Fixtur
 }
 
 fn sqlite() -> Fixture {
+    sqlite_in(crate::DEFAULT_SCHEMA)
+}
+
+/// An SQLite fixture whose state's tables are `{schema}_*`.
+fn sqlite_in(schema: &str) -> Fixture {
     let path =
         std::env::temp_dir().join(format!("{}.db", loopsync_testkit::unique("loopsync-wh-")));
     let path_text = path.display().to_string();
-    let warehouse: Arc<dyn Warehouse> = Arc::new(SqliteWarehouse::open(&path_text).unwrap());
+    let warehouse: Arc<dyn Warehouse> =
+        Arc::new(SqliteWarehouse::open_schema(&path_text, schema).unwrap());
     Fixture {
         sqlite: true,
+        schema: schema.to_owned(),
+        url: format!("sqlite://{path_text}"),
         _database: None,
         warehouse,
         exec: Box::new(move |sql| {
@@ -97,6 +116,16 @@ fn sqlite() -> Fixture {
                 c.execute_batch(&sql).unwrap();
             })
         }),
+    }
+}
+
+impl Fixture {
+    fn dialect(&self) -> crate::schema::Dialect {
+        if self.sqlite {
+            crate::schema::Dialect::sqlite(&self.schema)
+        } else {
+            crate::schema::Dialect::postgres(&self.schema)
+        }
     }
 }
 
@@ -333,11 +362,7 @@ async fn full_cycle(f: Fixture, bool_true: &str) {
         .await
         .unwrap();
     assert_eq!(w.run(run6).await.unwrap().unwrap().status, "extracting");
-    let table = if f.sqlite {
-        "loopsync_runs"
-    } else {
-        "loopsync.runs"
-    };
+    let table = f.dialect().table("runs");
     (f.exec)(format!(
         "UPDATE {table} SET status = 'sending', expected = 1 WHERE id = {run6}"
     ))
@@ -391,6 +416,170 @@ async fn sqlite_full_cycle() {
 }
 
 #[tokio::test]
+async fn postgres_full_cycle_in_another_schema() {
+    let Some(f) = postgres_in("ls_other", |_| String::new()).await else {
+        return;
+    };
+    full_cycle(f, "true").await;
+}
+
+#[tokio::test]
+async fn sqlite_full_cycle_in_another_schema() {
+    full_cycle(sqlite_in("ls_other"), "1").await;
+}
+
+/// Two deployments in one database, each in its own schema: neither sees the other's runs or
+/// state, and one's run in progress does not hold the other's.
+async fn schemas_keep_deployments_apart(f: Fixture, url: String) {
+    let first = &f.warehouse;
+    let second = connect_schema(&url, "second_ls").await.unwrap();
+    first.prepare().await.unwrap();
+    second.prepare().await.unwrap();
+    assert_ne!(
+        first.installation().await.unwrap(),
+        second.installation().await.unwrap()
+    );
+    let run = first.create_run("users").await.unwrap();
+    assert!(second.runs(None, 10).await.unwrap().is_empty());
+    let other = second
+        .create_run("users")
+        .await
+        .expect("not held by the first");
+    assert_eq!((run, other), (1, 1));
+    first
+        .mark_emitted("users", run, &[("1".into(), "fp".into())])
+        .await
+        .unwrap();
+    (f.exec)(
+        "CREATE TABLE users (id integer, email text, first_name text, newsletter boolean);
+              INSERT INTO users VALUES (1, 'a@x.co', 'Ann', NULL);"
+            .into(),
+    )
+    .await;
+    let spec = spec("users", "users");
+    assert_eq!(diff(&*second, &spec).await.len(), 1);
+    first
+        .record_outcomes(&[confirmed(&spec, run, "1", "fp")])
+        .await
+        .unwrap();
+    assert_eq!(
+        diff(&**first, &spec).await[0].confirmed_fp.as_deref(),
+        Some("fp")
+    );
+    assert_eq!(diff(&*second, &spec).await[0].confirmed_fp, None);
+}
+
+#[tokio::test]
+async fn postgres_schemas_keep_deployments_apart() {
+    let Some(f) = postgres().await else { return };
+    let url = f.url.clone();
+    schemas_keep_deployments_apart(f, url).await;
+}
+
+#[tokio::test]
+async fn sqlite_schemas_keep_deployments_apart() {
+    let f = sqlite();
+    let url = f.url.clone();
+    schemas_keep_deployments_apart(f, url).await;
+}
+
+/// The state as loopsync left it at version `v`: the migrations up to `v`, recorded.
+fn state_at_version(dialect: &crate::schema::Dialect, v: i64) -> String {
+    use crate::schema::{MIGRATIONS, Rendered};
+    let mut sql = Vec::new();
+    if dialect.backend == crate::schema::Backend::Postgres {
+        sql.push(format!("CREATE SCHEMA {}", dialect.schema));
+    }
+    sql.push(dialect.version_table());
+    for m in MIGRATIONS.iter().filter(|m| m.version <= v) {
+        for step in m.steps {
+            for rendered in dialect.render(step) {
+                let (Rendered::Sql(s) | Rendered::UnlessColumn { sql: s, .. }) = rendered;
+                sql.push(s);
+            }
+        }
+        sql.push(format!(
+            "INSERT INTO {} (version, name) VALUES ({}, '{}')",
+            dialect.table("migrations"),
+            m.version,
+            m.name.replace('\'', "''")
+        ));
+    }
+    sql.join(";\n")
+}
+
+/// From every earlier version to the latest: a state left at version `v` (with a run of that
+/// time) is brought up to date by `prepare`, its history kept, and every call works on it.
+async fn migrating_from_every_version(fixture: impl AsyncFn() -> Option<Fixture>) {
+    for v in 1..=crate::schema::LATEST {
+        let Some(f) = fixture().await else { return };
+        let dialect = f.dialect();
+        let (runs, records) = (dialect.table("runs"), dialect.table("records"));
+        let legacy = format!(
+            "INSERT INTO {runs} (sync, status, requested_at, extracted_at, finished_at, expected, added)
+                 VALUES ('users', 'succeeded', '2024-01-01T00:00:00.000Z', '2024-01-01T00:00:01.000Z',
+                         '2024-01-01T00:00:02.000Z', 1, 1);
+             INSERT INTO {records} (run_id, sync, key, operation, outcome, requests, at)
+                 VALUES (1, 'users', '1', 'upsert', 'confirmed', 2, '2024-01-01T00:00:02.000Z');
+             CREATE TABLE people (id integer, email text, first_name text, newsletter boolean);
+             INSERT INTO people VALUES (1, 'a@x.co', 'Ann', NULL), (2, 'b@x.co', 'Bo', NULL);"
+        );
+        let w = f.warehouse.clone();
+        let exec = &f.exec;
+        exec(state_at_version(&dialect, v)).await;
+        // The diff reads every state column: it fails on any the migration forgot.
+        let brought = async {
+            an_old_schema_is_brought_up_to_date_with(&f, "", &legacy).await;
+            let rows = diff(&*w, &spec("users", "people")).await;
+            assert_eq!(rows.len(), 2, "version {v}");
+            assert_eq!(w.reset_state("users").await.unwrap().state_records, 1);
+        };
+        brought.await;
+        let newest = w.installation().await.unwrap();
+        assert_eq!(newest.len(), 32, "version {v}: {newest}");
+    }
+}
+
+#[tokio::test]
+async fn postgres_migrates_from_every_earlier_version() {
+    migrating_from_every_version(async || postgres().await).await;
+}
+
+#[tokio::test]
+async fn sqlite_migrates_from_every_earlier_version() {
+    migrating_from_every_version(async || Some(sqlite())).await;
+}
+
+#[tokio::test]
+async fn postgres_migrates_another_schema_from_every_earlier_version() {
+    migrating_from_every_version(async || postgres_in("ls_old", |_| String::new()).await).await;
+}
+
+/// A state migrated by a newer loopsync is refused, not written.
+async fn a_newer_state_is_refused(f: Fixture) {
+    let dialect = f.dialect();
+    (f.exec)(state_at_version(&dialect, crate::schema::LATEST)).await;
+    (f.exec)(format!(
+        "INSERT INTO {} (version, name) VALUES (999, 'from the future')",
+        dialect.table("migrations")
+    ))
+    .await;
+    let e = f.warehouse.prepare().await.unwrap_err();
+    assert!(e.to_string().contains("newer loopsync"), "{e}");
+}
+
+#[tokio::test]
+async fn postgres_a_newer_state_is_refused() {
+    let Some(f) = postgres().await else { return };
+    a_newer_state_is_refused(f).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_newer_state_is_refused() {
+    a_newer_state_is_refused(sqlite()).await;
+}
+
+#[tokio::test]
 async fn postgres_timestamps_come_out_in_utc() {
     // The database's own time zone, so every session the warehouse opens starts in Paris time:
     // only the warehouse's `SET TIME ZONE 'UTC'` brings the dates back to UTC.
@@ -424,7 +613,7 @@ fn unsupported_urls_say_what_is_supported() {
     let Err(e) = rt.block_on(connect("mysql://root@127.0.0.1/test")) else {
         panic!()
     };
-    assert!(e.to_string().contains("not supported yet"));
+    assert!(e.to_string().contains("set [warehouse] state"), "{e}");
     let Err(e) = rt.block_on(connect("oracle://x")) else {
         panic!()
     };
@@ -631,7 +820,13 @@ async fn sqlite_counts_add_up() {
 /// A state schema made by an earlier version keeps working: `prepare` adds what it lacks, and
 /// the old runs report their requests (without a breakdown).
 async fn an_old_schema_is_brought_up_to_date(f: Fixture, old: &str, legacy: &str) {
-    (f.exec)(old.to_owned()).await;
+    an_old_schema_is_brought_up_to_date_with(&f, old, legacy).await;
+}
+
+async fn an_old_schema_is_brought_up_to_date_with(f: &Fixture, old: &str, legacy: &str) {
+    if !old.is_empty() {
+        (f.exec)(old.to_owned()).await;
+    }
     (f.exec)(legacy.to_owned()).await;
     let w = &*f.warehouse;
     w.prepare().await.unwrap();
@@ -1078,23 +1273,20 @@ async fn postgres_a_process_that_waited_for_the_schema_runs_no_ddl() {
     };
     let first = connect(&database.url).await.unwrap();
     first.prepare().await.unwrap();
-    let current: String = session()
-        .await
-        .query_one("SELECT version FROM loopsync.schema_version", &[])
-        .await
-        .unwrap()
-        .get(0);
     // An older version is recorded; a process (`creator`) holds the schema lock and is about
-    // to record the current one, as a process creating the tables would.
+    // to record the current one, as a process migrating the tables would.
     let creator = session().await;
+    let latest = crate::schema::LATEST;
     creator
-        .batch_execute("UPDATE loopsync.schema_version SET version = 'older'")
+        .batch_execute(&format!(
+            "DELETE FROM loopsync.migrations WHERE version = {latest}"
+        ))
         .await
         .unwrap();
     creator
         .batch_execute(&format!(
             "BEGIN; SELECT pg_advisory_xact_lock(735560801);
-             UPDATE loopsync.schema_version SET version = '{current}';"
+             INSERT INTO loopsync.migrations (version, name) VALUES ({latest}, 'again');"
         ))
         .await
         .unwrap();

@@ -1,0 +1,127 @@
+//! DuckDB as a [`Source`] (cargo feature `duckdb`): a DuckDB database file, opened read-only,
+//! or an in-memory DuckDB whose model reads files itself (`read_csv('users.csv')`,
+//! `read_parquet('export/*.parquet')`; relative paths are from the working folder). Every
+//! column is cast to text in DuckDB (`CAST(… AS VARCHAR)`).
+
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+use duckdb::{AccessMode, Config, Connection};
+use loopsync_core::spec::SyncSpec;
+
+use crate::WarehouseError;
+use crate::source::{Source, SourceDialect, TextRow, TextRows, channel_rows, read_sql};
+
+const DIALECT: SourceDialect = SourceDialect {
+    quote: |name| format!("\"{}\"", name.replace('"', "\"\"")),
+    cast: |e| format!("CAST({e} AS VARCHAR)"),
+};
+
+/// `duckdb:///path/file.duckdb` (read-only) or `duckdb://` (in memory).
+pub struct DuckDbSource {
+    path: Option<PathBuf>,
+}
+
+fn model_error(sync: &str) -> impl Fn(duckdb::Error) -> WarehouseError + '_ {
+    move |e| WarehouseError::Model {
+        sync: sync.to_owned(),
+        detail: e.to_string(),
+    }
+}
+
+impl DuckDbSource {
+    /// Opens the database once, so a wrong path is said at once.
+    pub fn open(url: &str) -> Result<DuckDbSource, WarehouseError> {
+        let rest = url.strip_prefix("duckdb://").unwrap_or(url);
+        let path = match rest {
+            "" | ":memory:" | "/:memory:" => None,
+            path => Some(PathBuf::from(path)),
+        };
+        let source = DuckDbSource { path };
+        source.connection()?;
+        Ok(source)
+    }
+
+    fn connection(&self) -> Result<Connection, WarehouseError> {
+        match &self.path {
+            None => Connection::open_in_memory(),
+            Some(path) => {
+                if !path.exists() {
+                    return Err(WarehouseError::Connect(format!(
+                        "{}: no such DuckDB file",
+                        path.display()
+                    )));
+                }
+                let config = Config::default()
+                    .access_mode(AccessMode::ReadOnly)
+                    .map_err(|e| WarehouseError::Connect(e.to_string()))?;
+                Connection::open_with_flags(path, config)
+            }
+        }
+        .map_err(|e| WarehouseError::Connect(e.to_string()))
+    }
+}
+
+#[async_trait]
+impl Source for DuckDbSource {
+    async fn check_model(&self, spec: &SyncSpec, columns: &[String]) -> Result<(), WarehouseError> {
+        let connection = self.connection()?;
+        let sql = read_sql(spec, columns, &DIALECT, true);
+        let sync = spec.name.clone();
+        tokio::task::spawn_blocking(move || {
+            connection
+                .prepare(&sql)
+                .and_then(|mut s| s.execute([]).map(|_| ()))
+                .map_err(model_error(&sync))
+        })
+        .await
+        .map_err(|e| WarehouseError::Query {
+            what: "check the model".into(),
+            detail: e.to_string(),
+        })?
+    }
+
+    async fn read(&self, spec: &SyncSpec, columns: &[String]) -> Result<TextRows, WarehouseError> {
+        let connection = self.connection()?;
+        let sql = read_sql(spec, columns, &DIALECT, false);
+        let sync = spec.name.clone();
+        let width = columns.len();
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<TextRow, WarehouseError>>(1024);
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        tokio::task::spawn_blocking(move || {
+            let mut statement = match connection.prepare(&sql) {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(model_error(&sync)(e)));
+                    return;
+                }
+            };
+            let mut rows = match statement.query([]) {
+                Ok(rows) => rows,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(model_error(&sync)(e)));
+                    return;
+                }
+            };
+            let _ = ready_tx.send(Ok(()));
+            loop {
+                let item = match rows.next() {
+                    Ok(None) => break,
+                    Ok(Some(row)) => (0..width)
+                        .map(|i| row.get::<_, Option<String>>(i))
+                        .collect::<Result<TextRow, _>>()
+                        .map_err(|e| WarehouseError::Query {
+                            what: format!("read the model of sync {sync}"),
+                            detail: e.to_string(),
+                        }),
+                    Err(e) => Err(model_error(&sync)(e)),
+                };
+                let stop = item.is_err();
+                if tx.blocking_send(item).is_err() || stop {
+                    break;
+                }
+            }
+        });
+        channel_rows(ready_rx, rx, "read the model").await
+    }
+}
