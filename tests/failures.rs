@@ -525,7 +525,12 @@ async fn restart_nats_mid_run(workers: bool, moment: Moment) {
         rows: n,
         nats_url: Some(server.url()),
         sim_rate_limit: 1000,
-        requests_per_second: 200,
+        // Sending: 300 records over 3 s, so the stop lands mid-send even on a loaded machine
+        // (at 200/s the 1.2 s left after 50 confirmations was once too short).
+        requests_per_second: match moment {
+            Moment::Sending => 100,
+            Moment::Extracting => 200,
+        },
         ack_wait_seconds: 2.0,
         extra_sync: "trigger_workflows = true",
         ..StackOptions::default()
