@@ -49,7 +49,7 @@ mysql_bench_url="${mysql_bench_url%/}/$db"
 
 sim_pid=""
 cleanup() {
-  [ -n "$sim_pid" ] && kill -KILL "$sim_pid" 2>/dev/null || true
+  [ -n "$sim_pid" ] && { kill -KILL "$sim_pid"; wait "$sim_pid"; } 2>/dev/null || true
   psql -q "$pg_url" -c "DROP DATABASE IF EXISTS $db" >/dev/null 2>&1 || true
   my -e "DROP DATABASE IF EXISTS $db" >/dev/null 2>&1 || true
   rm -rf "$work"
@@ -133,7 +133,7 @@ plan() {
   local counts; counts=$(python3 -c '
 import json, sys
 c = json.load(open(sys.argv[1]))[0]["counts"]
-print(f"added={c[\"added\"]},unchanged={c[\"unchanged\"]}")' "$work/plan.json")
+print("added=%d,unchanged=%d" % (c["added"], c["unchanged"]))' "$work/plan.json")
   echo "$(median "${times[@]}") $(median "${peaks[@]}") $counts"
 }
 

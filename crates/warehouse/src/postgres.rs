@@ -619,6 +619,7 @@ impl Pg {
                     param: "$1",
                     collate: "COLLATE \"C\"",
                     email_key: &email_key,
+                    inline_state: false,
                 },
                 cursor_condition(spec, |c| at_or_after(c, "CAST($2 AS text)")),
                 hashed.then_some(&row_hash as &dyn Fn(&str) -> String),

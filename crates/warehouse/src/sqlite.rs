@@ -215,6 +215,7 @@ impl SqliteWarehouse {
                 param: "?1",
                 collate: "",
                 email_key: &email_key,
+                inline_state: true,
             },
             condition,
             None,

@@ -1725,3 +1725,45 @@ async fn a_mysql_model_beside_postgres_state() {
 async fn a_mysql_model_beside_sqlite_state() {
     a_mysql_model_beside(sqlite()).await;
 }
+
+/// A sync's diff holds its own state only: another sync's confirmed keys are not removals.
+async fn a_diff_reads_its_own_syncs_state(f: Fixture) {
+    let w = &*f.warehouse;
+    w.prepare().await.unwrap();
+    (f.exec)(
+        "CREATE TABLE users (id integer, email text, first_name text, newsletter boolean);
+         INSERT INTO users VALUES (1, 'a@x.co', 'Ann', NULL);"
+            .into(),
+    )
+    .await;
+    let other = spec("other", "users");
+    let run = w.create_run("other").await.unwrap();
+    w.claim_run(run, false).await.unwrap();
+    w.mark_emitted("other", run, &[("9".into(), "fp9".into())])
+        .await
+        .unwrap();
+    w.record_outcomes(&[confirmed(&other, run, "9", "fp9")])
+        .await
+        .unwrap();
+    let rows = diff(w, &spec("users", "users")).await;
+    let keys: Vec<Option<&str>> = rows.iter().map(|r| r.key.as_deref()).collect();
+    assert_eq!(keys, [Some("1")]);
+    let rows = diff(w, &other).await;
+    let keys: Vec<Option<&str>> = rows.iter().map(|r| r.key.as_deref()).collect();
+    assert_eq!(
+        keys,
+        [Some("1"), Some("9")],
+        "9 is the other sync's, removed"
+    );
+}
+
+#[tokio::test]
+async fn postgres_a_diff_reads_its_own_syncs_state() {
+    let Some(f) = postgres().await else { return };
+    a_diff_reads_its_own_syncs_state(f).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_diff_reads_its_own_syncs_state() {
+    a_diff_reads_its_own_syncs_state(sqlite()).await;
+}
