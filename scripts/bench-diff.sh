@@ -56,33 +56,7 @@ SQL
 start_sim
 
 cfg=$work/loopsync.toml
-cat >"$cfg" <<TOML
-[warehouse]
-url = "$bench_url"
-
-[loops]
-api_key = "test-key"
-base_url = "$sim_api"
-requests_per_second = 10
-
-[[sync]]
-name = "users"
-model = "select id, email, first_name, last_name, plan, seats, newsletter, signed_up_at from users"
-primary_key = "id"
-identify_by = "email"
-behavior = "mirror"
-
-[sync.mapping]
-email = "email"
-firstName = "first_name"
-lastName = "last_name"
-planName = "plan"
-seats = { column = "seats", type = "number" }
-signedUpAt = { column = "signed_up_at", type = "date" }
-
-[sync.mailing_lists]
-"cm_news" = "newsletter"
-TOML
+{ printf '[warehouse]\nurl = "%s"\n\n' "$bench_url"; users_mirror_config; } >"$cfg"
 
 started=$(now)
 "$bin" adopt --sync users --config "$cfg" >"$work/adopt.out" 2>&1 \

@@ -4,8 +4,8 @@
 #   bin        the loopsync binary (LOOPSYNC_BIN, else a release build made now)
 #   bench_url  the URL of database `db` on that server
 #   work       a new temporary folder
-# and the functions calc (arithmetic, printed with N decimals), now (Unix seconds) and
-# start_sim (a simulator; sets sim_pid and sim_api).
+# and the functions calc (arithmetic, printed with N decimals), now (Unix seconds), start_sim (a
+# simulator; sets sim_pid and sim_api) and users_mirror_config (the config after [warehouse]).
 export PGOPTIONS="${PGOPTIONS:-} -c client_min_messages=warning"
 pg_url=${LOOPSYNC_BENCH_PG_URL:-${LOOPSYNC_TEST_PG_URL:-}}
 if [ -z "$pg_url" ]; then
@@ -44,4 +44,33 @@ start_sim() {
   done
   echo "the simulator did not start: $(cat "$out")" >&2
   exit 1
+}
+
+# The config after its [warehouse] section: the simulator, and a mirror sync of `users` (8
+# columns, 7 mapped). Call after start_sim.
+users_mirror_config() {
+  cat <<TOML
+[loops]
+api_key = "test-key"
+base_url = "$sim_api"
+requests_per_second = 10
+
+[[sync]]
+name = "users"
+model = "select id, email, first_name, last_name, plan, seats, newsletter, signed_up_at from users"
+primary_key = "id"
+identify_by = "email"
+behavior = "mirror"
+
+[sync.mapping]
+email = "email"
+firstName = "first_name"
+lastName = "last_name"
+planName = "plan"
+seats = { column = "seats", type = "number" }
+signedUpAt = { column = "signed_up_at", type = "date" }
+
+[sync.mailing_lists]
+"cm_news" = "newsletter"
+TOML
 }

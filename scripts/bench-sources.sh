@@ -85,33 +85,7 @@ SQL
 start_sim
 
 config() { # name, warehouse lines
-  cat >"$work/$1.toml" <<TOML
-[warehouse]
-$2
-
-[loops]
-api_key = "test-key"
-base_url = "$sim_api"
-requests_per_second = 10
-
-[[sync]]
-name = "users"
-model = "select id, email, first_name, last_name, plan, seats, newsletter, signed_up_at from users"
-primary_key = "id"
-identify_by = "email"
-behavior = "mirror"
-
-[sync.mapping]
-email = "email"
-firstName = "first_name"
-lastName = "last_name"
-planName = "plan"
-seats = { column = "seats", type = "number" }
-signedUpAt = { column = "signed_up_at", type = "date" }
-
-[sync.mailing_lists]
-"cm_news" = "newsletter"
-TOML
+  { printf '[warehouse]\n%s\n\n' "$2"; users_mirror_config; } >"$work/$1.toml"
 }
 config postgres "url = \"$bench_url\""
 config mysql-sqlite "url = \"$mysql_bench_url\"
