@@ -5,7 +5,8 @@
 #   bench_url  the URL of database `db` on that server
 #   work       a new temporary folder
 # and the functions calc (arithmetic, printed with N decimals), now (Unix seconds), start_sim (a
-# simulator; sets sim_pid and sim_api) and users_mirror_config (the config after [warehouse]).
+# simulator; sets sim_pid and sim_api), make_pg_users (database `db` with ROWS users) and
+# users_mirror_config (the config after [warehouse]).
 export PGOPTIONS="${PGOPTIONS:-} -c client_min_messages=warning"
 pg_url=${LOOPSYNC_BENCH_PG_URL:-${LOOPSYNC_TEST_PG_URL:-}}
 if [ -z "$pg_url" ]; then
@@ -73,4 +74,19 @@ signedUpAt = { column = "signed_up_at", type = "date" }
 [sync.mailing_lists]
 "cm_news" = "newsletter"
 TOML
+}
+
+# (Re)creates database `db` with a `users` table of $1 rows (8 columns), analyzed.
+make_pg_users() {
+  psql -q "$pg_url" -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db" >/dev/null
+  psql -q "$bench_url" >/dev/null <<SQL
+CREATE TABLE users (id bigint PRIMARY KEY, email text, first_name text, last_name text,
+                    plan text, seats int, newsletter boolean, signed_up_at timestamptz);
+INSERT INTO users
+SELECT i, 'user' || i || '@example.com', 'First' || i, 'Last' || (i % 1000),
+       (ARRAY['free','pro','team'])[1 + i % 3], 1 + i % 50, i % 2 = 0,
+       timestamptz '2024-01-01' + i * interval '1 minute'
+FROM generate_series(1, $1) AS i;
+ANALYZE users;
+SQL
 }

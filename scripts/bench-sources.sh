@@ -59,17 +59,7 @@ trap cleanup EXIT
 median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 
 echo "building $rows rows in PostgreSQL and in MariaDB…" >&2
-psql -q "$pg_url" -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db" >/dev/null
-psql -q "$bench_url" >/dev/null <<SQL
-CREATE TABLE users (id bigint PRIMARY KEY, email text, first_name text, last_name text,
-                    plan text, seats int, newsletter boolean, signed_up_at timestamptz);
-INSERT INTO users
-SELECT i, 'user' || i || '@example.com', 'First' || i, 'Last' || (i % 1000),
-       (ARRAY['free','pro','team'])[1 + i % 3], 1 + i % 50, i % 2 = 0,
-       timestamptz '2024-01-01' + i * interval '1 minute'
-FROM generate_series(1, $rows) AS i;
-ANALYZE users;
-SQL
+make_pg_users "$rows"
 my -e "DROP DATABASE IF EXISTS $db; CREATE DATABASE $db"
 my "$db" <<SQL
 CREATE TABLE users (id bigint PRIMARY KEY, email varchar(255), first_name varchar(255),

@@ -673,17 +673,6 @@ pub struct Settings {
     pub state_schema: String,
 }
 
-impl Settings {
-    /// The model and the state in one warehouse, in schema `loopsync`.
-    pub fn url(url: &str) -> Settings {
-        Settings {
-            url: url.to_owned(),
-            state: None,
-            state_schema: DEFAULT_SCHEMA.to_owned(),
-        }
-    }
-}
-
 /// The state's schema when the config names none.
 pub const DEFAULT_SCHEMA: &str = "loopsync";
 
