@@ -81,7 +81,7 @@ done
 baseline_rows=$(wc -l <"$work/baseline.out")
 counts=$(python3 -c '
 import json, sys
-p = json.load(open(sys.argv[1]))
+p = json.load(open(sys.argv[1]))["data"]
 p = p[0] if isinstance(p, list) else p
 c = p.get("counts", p)
 print(c["added"], c["changed"], c["removed"], c["unchanged"])' "$work/plan.json")

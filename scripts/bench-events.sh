@@ -136,7 +136,7 @@ all_reads() {
 plan_counts() {
   python3 - "$1" <<'PY'
 import json, sys
-plan = json.load(open(sys.argv[1]))[0]
+plan = json.load(open(sys.argv[1]))["data"][0]
 c = plan["counts"]
 print(c["added"] + c["changed"] + c["unchanged"] + c["invalid_rows"] + c["ignored"], plan["requests"])
 PY
@@ -191,7 +191,7 @@ for sync in $syncs; do
     sent=$(($(sim_event_requests) - before))
     read -r status n_read confirmed requests < <(python3 - "$work/run-$sync.json" <<'PY'
 import json, sys
-r = json.load(open(sys.argv[1]))[0]
+r = json.load(open(sys.argv[1]))["data"][0]
 print(r["status"], r["added"] + r["changed"] + r["unchanged"] + r["invalid_rows"] + r["ignored"],
       r["confirmed"], r["requests"])
 PY

@@ -104,7 +104,7 @@ TOML
     local asked answered
     asked=$(date +%s.%N)
     status=$("$bin" runs --json --limit 1 --config "$cfg" 2>/dev/null \
-      | python3 -c 'import json, sys; r = json.load(sys.stdin); print(r[0]["status"] if r else "")' \
+      | python3 -c 'import json, sys; r = json.load(sys.stdin)["data"]; print(r[0]["status"] if r else "")' \
       2>/dev/null || true)
     answered=$(calc "$(date +%s.%N) - $asked")
     if [ "$(calc "($answered > $runs_slowest)" 0)" = 1 ]; then runs_slowest=$answered; fi

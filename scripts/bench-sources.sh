@@ -96,7 +96,7 @@ plan() {
   done
   local counts; counts=$(python3 -c '
 import json, sys
-c = json.load(open(sys.argv[1]))[0]["counts"]
+c = json.load(open(sys.argv[1]))["data"][0]["counts"]
 print("added=%d,unchanged=%d" % (c["added"], c["unchanged"]))' "$work/plan.json")
   echo "$(median "${times[@]}") $(median "${peaks[@]}") $counts"
 }

@@ -87,7 +87,7 @@ extracted=""
 while kill -0 "$run_pid" 2>/dev/null; do
   if [ -z "$extracted" ]; then
     status=$("$bin" runs --json --limit 1 --config "$cfg" 2>/dev/null \
-      | python3 -c 'import json, sys; r = json.load(sys.stdin); print(r[0]["status"] if r else "")' \
+      | python3 -c 'import json, sys; r = json.load(sys.stdin)["data"]; print(r[0]["status"] if r else "")' \
       2>/dev/null || true)
     case "$status" in
       sending | succeeded | degraded | failed) extracted=$(calc "$(now) - $started" 2) ;;
@@ -99,7 +99,7 @@ wait "$run_pid" || { cat "$work/run.err" >&2; exit 1; }
 secs=$(calc "$(now) - $started" 2)
 confirmed=$(python3 -c '
 import json, sys
-r = json.load(open(sys.argv[1]))
+r = json.load(open(sys.argv[1]))["data"]
 r = r[0] if isinstance(r, list) else r
 print(r.get("confirmed", r.get("summary", {}).get("confirmed", 0)))' "$work/run.json")
 sim_cpu=$(awk '{ print ($14 + $15) / 100 }' "/proc/$sim_pid/stat")

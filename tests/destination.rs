@@ -89,8 +89,8 @@ async fn a_sync_refuses_another_loops_until_reset_or_adopt() {
     );
     assert_eq!(
         again.run()["requests_by_kind"]["preflight"],
-        2,
-        "the team and the property list: {}",
+        3,
+        "the team, the property list and the mailing lists: {}",
         again.run()
     );
     assert!(
@@ -124,7 +124,7 @@ async fn a_sync_refuses_another_loops_until_reset_or_adopt() {
         "{text}"
     );
     let check = stack.output(&["check", "--json"]).await;
-    let report: Value = serde_json::from_slice(&check.stdout).unwrap();
+    let report: Value = loopsync_testkit::json_data(&check.stdout).unwrap();
     assert_eq!(report["destination"]["base_url"], b.as_str(), "{report}");
     assert_eq!(report["bindings"][0]["bound_to"]["base_url"], a.as_str());
     assert_eq!(report["bindings"][0]["matches"], false);
@@ -178,7 +178,7 @@ async fn a_sync_refuses_another_loops_until_reset_or_adopt() {
         "{}",
         String::from_utf8_lossy(&reset.stderr)
     );
-    let forgot: Value = serde_json::from_slice(&reset.stdout).unwrap();
+    let forgot: Value = loopsync_testkit::json_data(&reset.stdout).unwrap();
     assert_eq!(forgot["sync"], "users");
     assert_eq!(forgot["state_records"], 5, "{forgot}");
     assert_eq!(forgot["destination"]["base_url"], a.as_str(), "{forgot}");

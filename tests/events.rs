@@ -127,7 +127,7 @@ async fn first_run_then_new_rows_only(nats: bool) {
         .await;
     // The plan says what the run will do: the changed row is ignored, two events to send.
     let plan = stack.output(&["plan", "--sync", SYNC, "--json"]).await;
-    let plan: Value = serde_json::from_slice(&plan.stdout).expect("plan JSON");
+    let plan: Value = loopsync_testkit::json_data(&plan.stdout).expect("plan JSON");
     let records = plan[0]["records"].as_array().unwrap();
     let ignored: Vec<_> = records
         .iter()
@@ -148,7 +148,8 @@ async fn first_run_then_new_rows_only(nats: bool) {
     let rejections = stack
         .output(&["rejections", "--sync", SYNC, "--json"])
         .await;
-    let rejections: Value = serde_json::from_slice(&rejections.stdout).expect("rejections JSON");
+    let rejections: Value =
+        loopsync_testkit::json_data(&rejections.stdout).expect("rejections JSON");
     let reasons: BTreeMap<String, String> = rejections
         .as_array()
         .unwrap()
@@ -335,7 +336,7 @@ async fn cursor_reads_recent_rows(sqlite: bool, nats: bool) {
     }
     // The plan reads what the next run would: the hour before this run's newest row.
     let plan = stack.output(&["plan", "--sync", SYNC, "--json"]).await;
-    let plan: Value = serde_json::from_slice(&plan.stdout).expect("plan JSON");
+    let plan: Value = loopsync_testkit::json_data(&plan.stdout).expect("plan JSON");
     let counts = &plan[0]["counts"];
     assert!((60..=70).contains(&rows_read(counts)), "{plan}");
     assert_eq!(plan[0]["requests"], 0);
@@ -591,7 +592,7 @@ async fn an_outage_longer_than_the_lookback_loses_no_event() {
         let list = stack
             .output(&["dlq", "list", "--sync", SYNC, "--json"])
             .await;
-        let list: Value = serde_json::from_slice(&list.stdout).expect("dlq list JSON");
+        let list: Value = loopsync_testkit::json_data(&list.stdout).expect("dlq list JSON");
         assert_eq!(list.as_array().map(Vec::len), Some(7), "{list}");
         // Loops is back; two more hours on, another event.
         stack.sim_post("faults", json!({})).await;

@@ -135,7 +135,7 @@ impl<'a> Scene<'a> {
             .expect("the runner's stdout")
             .await
             .unwrap_or_default();
-        let runs = serde_json::from_str(&stdout).unwrap_or_else(|_| {
+        let runs = loopsync_testkit::json_data(stdout.as_bytes()).unwrap_or_else(|_| {
             self.fail(&format!(
                 "{} (exit {status}) printed no JSON report: {stdout:?}",
                 runner.name
@@ -229,9 +229,10 @@ async fn progress(stack: &Stack) -> Option<Progress> {
 /// the whole model before its first row comes out, so every row would be read before the first
 /// change is emitted.)
 async fn slow_down_emitting(stack: &Stack) {
-    // `loopsync runs` prepares the warehouse's tables.
+    // A command that writes makes the state's tables (`runs`, which only reads, makes
+    // nothing): `dlq park` of a key that has no dead letter parks nothing.
     let prepared = stack
-        .command(&["runs"])
+        .command(&["dlq", "park", "--key", "none"])
         .output()
         .await
         .expect("loopsync runs");

@@ -87,7 +87,7 @@ impl Running {
         let stderr = self.stderr.lock().expect("stderr").clone();
         (
             status.code().unwrap_or(-1),
-            serde_json::from_str(&stdout).unwrap_or(serde_json::Value::Null),
+            loopsync_testkit::json_data(stdout.as_bytes()).unwrap_or(serde_json::Value::Null),
             stderr,
         )
     }

@@ -154,23 +154,38 @@ async fn invalid_records_degrade_the_run() {
     // `loopsync rejections` lists each record once, with its latest reason.
     let listed = stack.output(&["rejections", "--json"]).await;
     assert!(listed.status.success());
-    let listed: Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let listed: Value = loopsync_testkit::json_data(&listed.stdout).unwrap();
     let listed = listed.as_array().unwrap();
     assert_eq!(listed.len(), 8);
     assert!(listed.iter().all(|r| r["run_id"] == 2));
-    assert_eq!(listed[0]["key"], "(null #1)");
-    assert_eq!(listed[0]["reason"], "id is NULL");
+    // Keys that are numbers first, by value; then the others (the NULL keys among them).
+    let null = listed
+        .iter()
+        .find(|r| r["key"] == "(null #1)")
+        .expect("the first NULL key");
+    assert_eq!(null["reason"], "id is NULL");
+    let keys: Vec<&str> = listed.iter().map(|r| r["key"].as_str().unwrap()).collect();
+    let numbers: Vec<i64> = keys.iter().filter_map(|k| k.parse().ok()).collect();
+    assert!(numbers.windows(2).all(|w| w[0] < w[1]), "{keys:?}");
+    assert_eq!(
+        keys[..numbers.len()]
+            .iter()
+            .filter(|k| k.parse::<i64>().is_ok())
+            .count(),
+        numbers.len(),
+        "{keys:?}"
+    );
     let text = stack.output(&["rejections"]).await;
     assert!(String::from_utf8_lossy(&text.stdout).contains("malformed email \"not-an-email\""));
 
     // `loopsync runs` and `runs show`.
     let runs = stack.output(&["runs", "--json"]).await;
-    let runs: Value = serde_json::from_slice(&runs.stdout).unwrap();
+    let runs: Value = loopsync_testkit::json_data(&runs.stdout).unwrap();
     assert_eq!(runs.as_array().unwrap().len(), 2);
     assert_eq!(runs[0]["id"], 2, "newest first");
     assert_eq!(runs[0]["status"], "degraded");
     let show = stack.output(&["runs", "show", "1", "--json"]).await;
-    let show: Value = serde_json::from_slice(&show.stdout).unwrap();
+    let show: Value = loopsync_testkit::json_data(&show.stdout).unwrap();
     assert_eq!(show["run"]["invalid"], 8);
     assert_eq!(show["records"].as_array().unwrap().len(), 9);
     let confirmed = show["records"]
@@ -256,7 +271,7 @@ async fn killing_the_loader_mid_run_loses_nothing() {
         .run_killing_the_loader("PUT /v1/contacts/update", 20)
         .await;
     assert!(at_kill < 80, "the run was already over: {at_kill}");
-    let runs: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let runs: Value = loopsync_testkit::json_data(&output.stdout).unwrap();
     assert_eq!(runs[0]["confirmed"], 80, "{runs}");
     assert_eq!(stack.contacts().await.len(), 80);
     // At most the operations in flight at the kill (the loader's concurrency) went twice.
@@ -291,7 +306,7 @@ async fn plan_is_a_dry_run_that_matches_the_run() {
         }
     };
     let out = plan(&["plan", "--json"]).await;
-    let first: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let first: Value = loopsync_testkit::json_data(&out.stdout).unwrap();
     assert_eq!(first[0]["counts"]["added"], 10);
     assert_eq!(first[0]["requests"], 10);
     assert_eq!(
@@ -306,8 +321,15 @@ async fn plan_is_a_dry_run_that_matches_the_run() {
     assert_eq!(record["action"]["email"], "user1@example.com");
     assert_eq!(record["action"]["properties"]["planName"], "pro");
     assert_eq!(stack.sim.seen().await.total, 0, "a plan sends nothing");
-    assert_eq!(stack.count("SELECT count(*) FROM loopsync.runs").await, 0);
-    assert_eq!(stack.count("SELECT count(*) FROM loopsync.state").await, 0);
+    assert_eq!(
+        stack
+            .count(
+                "SELECT count(*) FROM information_schema.schemata WHERE schema_name = 'loopsync'"
+            )
+            .await,
+        0,
+        "a plan makes nothing, not even the state's tables"
+    );
 
     assert_eq!(stack.run_once(&[]).await.status, 0);
     stack
@@ -318,7 +340,7 @@ async fn plan_is_a_dry_run_that_matches_the_run() {
         )
         .await;
     let out = plan(&["plan", "--json"]).await;
-    let second: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let second: Value = loopsync_testkit::json_data(&out.stdout).unwrap();
     let counts = &second[0]["counts"];
     assert_eq!(
         (
@@ -548,7 +570,7 @@ async fn a_first_sync_beyond_the_in_memory_queue_spills_and_completes() {
         std::fs::read_to_string(stack.dir.join("run.err")).unwrap_or_default()
     );
     assert!(spilled, "the loader's queue overflowed into a spill file");
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report: Value = loopsync_testkit::json_data(&out.stdout).unwrap();
     assert_eq!(report[0]["confirmed"], rows);
     let contacts = stack.contacts().await;
     assert_eq!(contacts.len(), rows);

@@ -130,8 +130,8 @@ async fn requests_are_what_loops_saw_despite_faults() {
     assert_eq!(first.status, 0, "{}", first.stderr);
     assert_eq!(
         (seen.writes, seen.preflight),
-        (30, 5),
-        "one write per row; the API key's team, the property list and three property creations"
+        (30, 6),
+        "one write per row; the API key's team, the property and mailing lists and three property creations"
     );
 
     stack
@@ -161,8 +161,9 @@ async fn requests_are_what_loops_saw_despite_faults() {
     let retries = run["retries"].as_i64().unwrap();
     assert_eq!(
         retries,
-        seen.total - 14 - 2,
-        "every request but one per record, the team and the list is a retry: {run}"
+        seen.total - 14 - 3,
+        "every request but one per record, the team, the property list and the mailing lists \
+         is a retry: {run}"
     );
     // A failed attempt's requests are kept per attempt, with the error.
     let attempts = stack
@@ -174,8 +175,8 @@ async fn requests_are_what_loops_saw_despite_faults() {
     let (quiet, seen) = run_and_compare(&stack, "run with nothing to do").await;
     assert_eq!(quiet.status, 0, "{}", quiet.stderr);
     assert_eq!(
-        seen.total, 2,
-        "the API key's team and the property list only"
+        seen.total, 3,
+        "the API key's team, the property list and the mailing lists only"
     );
     assert_eq!(quiet.run()["retries"], 0);
 }
@@ -216,10 +217,10 @@ async fn rate_limited_requests_are_counted_as_loops_counted_them() {
     // `runs --json` and `runs show --json` say the same as `run --once --json`.
     let id = run["id"].as_i64().unwrap().to_string();
     let listed = stack.output(&["runs", "--json"]).await;
-    let listed: Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let listed: Value = loopsync_testkit::json_data(&listed.stdout).unwrap();
     assert_eq!(&listed[0], run);
     let shown = stack.output(&["runs", "show", &id, "--json"]).await;
-    let shown: Value = serde_json::from_slice(&shown.stdout).unwrap();
+    let shown: Value = loopsync_testkit::json_data(&shown.stdout).unwrap();
     assert_eq!(&shown["run"], run);
 }
 
@@ -308,7 +309,7 @@ async fn invalid_rows_add_up_to_the_model(nats: bool) {
         "{text}"
     );
     assert!(
-        text.contains("requests: 5 to Loops: writes 3 · events 0 · deletes 0 · preflight 2"),
+        text.contains("requests: 6 to Loops: writes 3 · events 0 · deletes 0 · preflight 3"),
         "{text}"
     );
 }

@@ -343,14 +343,21 @@ async fn check_reports_and_creates_what_is_missing() {
     };
     let first = check(&["check", "--json"], "test-key").await;
     assert_eq!(first.status.code(), Some(1), "properties are missing");
-    let report: Value = serde_json::from_slice(&first.stdout).unwrap();
-    assert_eq!(report["team_name"], "Simulated Team");
+    let report: Value = loopsync_testkit::json_data(&first.stdout).unwrap();
+    assert_eq!(report["loops"]["team_name"], "Simulated Team");
+    assert_eq!(report["loops"]["ok"], true);
     assert_eq!(
         report["missing_properties"],
         json!(["planName: string", "seats: number", "signedUpAt: date"])
     );
     assert_eq!(report["missing_lists"], json!([]));
-    assert_eq!(report["models"], json!([["users", null]]));
+    assert_eq!(
+        report["models"],
+        json!([{"sync": "users", "ok": true, "error": null}])
+    );
+    assert_eq!(report["ok"], false);
+    assert_eq!(report["warehouse"], json!({"ok": true, "error": null}));
+    assert_eq!(report["privileges"], json!({"ok": true, "error": null}));
 
     let created = check(&["check", "--create-properties"], "test-key").await;
     assert_eq!(
@@ -525,7 +532,7 @@ async fn adopt_takes_over_without_sending() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let adopted: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let adopted: Value = loopsync_testkit::json_data(&out.stdout).unwrap();
     assert_eq!(adopted[0]["status"], "adopted");
     assert_eq!(adopted[0]["added"], 9, "the malformed email is not adopted");
     let seen = stack.sim.seen().await;
@@ -603,7 +610,7 @@ async fn run_follows_the_schedule() {
             .expect("a scheduled run within 20 s")
             .unwrap()
             .expect("a report line");
-        reports.push(serde_json::from_str::<Value>(&line).unwrap());
+        reports.push(loopsync_testkit::json_data(line.as_bytes()).unwrap()[0].clone());
     }
     assert_eq!(
         (reports[0]["added"].as_i64(), reports[0]["status"].as_str()),
@@ -684,7 +691,7 @@ async fn dead_letters(nats: bool) {
                 "{}",
                 String::from_utf8_lossy(&out.stderr)
             );
-            serde_json::from_slice::<Value>(&out.stdout).unwrap_or(Value::Null)
+            loopsync_testkit::json_data(&out.stdout).unwrap_or(Value::Null)
         }
     };
     let listed = dlq(&["dlq", "list", "--json"]).await;
@@ -796,7 +803,7 @@ async fn reading_commands_need_no_loops_secret() {
             .await;
             (
                 out.status.code(),
-                serde_json::from_slice::<Value>(&out.stdout).unwrap_or(Value::Null),
+                loopsync_testkit::json_data(&out.stdout).unwrap_or(Value::Null),
                 String::from_utf8_lossy(&out.stderr).into_owned(),
             )
         }

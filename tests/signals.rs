@@ -194,7 +194,7 @@ async fn newest_run(stack: &Stack) -> Value {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let runs: Value = serde_json::from_slice(&out.stdout).expect("runs --json");
+    let runs: Value = loopsync_testkit::json_data(&out.stdout).expect("runs --json");
     runs[0].clone()
 }
 

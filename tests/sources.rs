@@ -64,7 +64,7 @@ async fn json_of(stack: &Stack, args: &[&str]) -> Value {
         "{args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).unwrap()
+    loopsync_testkit::json_data(&out.stdout).unwrap()
 }
 
 fn counts(run: &Value) -> [i64; 5] {

@@ -16,7 +16,7 @@ async fn verify(stack: &Stack, args: &[&str]) -> (i32, Value, Seen) {
     let output = stack.output(&all).await;
     let seen = stack.sim.seen().await.since(&before);
     let stdout = String::from_utf8_lossy(&output.stdout);
-    let report: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+    let report: Value = loopsync_testkit::json_data(stdout.as_bytes()).unwrap_or_else(|e| {
         panic!(
             "verify printed no JSON report ({e}); exit {:?}, stdout {stdout}, stderr {}",
             output.status.code(),

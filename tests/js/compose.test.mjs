@@ -54,6 +54,20 @@ test("the stack: nats with JetStream, postgres, the simulator, three stages, thr
   assert.equal(s.sim.command[0], "sim");
 });
 
+test("a scheduler follows the syncs' schedules; workers and scheduler serve metrics", () => {
+  const s = compose.services;
+  assert.ok(s.scheduler, "service scheduler");
+  assert.equal(s.scheduler.command[0], "run");
+  assert.ok(!s.scheduler.command.includes("--once"), "the scheduler follows the schedules");
+  for (const name of ["scheduler", "extractor", "transformer", "loader"]) {
+    const i = s[name].command.indexOf("--metrics-addr");
+    assert.ok(i > 0, `${name} serves metrics`);
+    assert.match(s[name].command[i + 1], /^[0-9.]+:[0-9]+$/);
+  }
+  const config = readFileSync(new URL("deploy/loopsync.toml", root), "utf8");
+  assert.match(config, /^schedule = "/m, "a sync of the mounted config has a schedule");
+});
+
 test("every loopsync service runs a real command with the mounted config", () => {
   const commands = new Set(["sim", "worker", "run", "demo"]);
   for (const [name, service] of Object.entries(compose.services)) {

@@ -76,6 +76,7 @@ impl RateBudget {
         requests_per_second: u32,
     ) -> RateBudget {
         let period = slot_period(requests_per_second);
+        metrics::gauge!("loopsync_rate_budget_per_second").set(f64::from(requests_per_second));
         RateBudget::Shared {
             bus,
             name,
@@ -89,11 +90,20 @@ impl RateBudget {
     /// A budget of this process alone: for commands that run without a bus, where no other
     /// process takes from the same team's requests.
     pub fn local(requests_per_second: u32) -> RateBudget {
+        metrics::gauge!("loopsync_rate_budget_per_second").set(f64::from(requests_per_second));
         RateBudget::Local(Arc::new(pacer(requests_per_second)))
     }
 
     /// Waits for, and takes, the next request slot.
     pub async fn ready(&self) -> Result<(), BusError> {
+        let taken = self.take().await;
+        if taken.is_ok() {
+            metrics::counter!("loopsync_rate_budget_acquired_total").increment(1);
+        }
+        taken
+    }
+
+    async fn take(&self) -> Result<(), BusError> {
         match self {
             RateBudget::Shared {
                 bus,

@@ -29,7 +29,7 @@ use tokio::task::JoinSet;
 
 pub use budget::RateBudget;
 pub use error::BusError;
-pub use jetstream::{JetStreamBus, JetStreamOptions};
+pub use jetstream::{JetStreamBus, JetStreamOptions, NatsAuth};
 pub use local::{LocalBus, LocalLimits};
 pub use names::Names;
 

@@ -78,5 +78,19 @@ pub async fn outcome(bus: &dyn Messaging, outcome: &Outcome) -> Result<(), BusEr
         &id,
         Bytes::from(codec::encode(outcome)),
     )
-    .await
+    .await?;
+    // Invalid records are the transformer's finding; every other outcome the loader's (or the
+    // worker's that gave up on a message: a dead letter).
+    let stage = match outcome.status {
+        loopsync_core::envelope::OutcomeStatus::Invalid => "transformer",
+        _ => "loader",
+    };
+    metrics::counter!(
+        "loopsync_records_total",
+        "sync" => outcome.sync.clone(),
+        "stage" => stage,
+        "outcome" => outcome.status.as_str()
+    )
+    .increment(1);
+    Ok(())
 }

@@ -454,11 +454,23 @@ async fn process<H: Handler>(
         }
     };
     let result = classify(result);
+    let why = result.as_ref().err().map(|(_, reason)| reason.clone());
     let outcome = settle(result, info.attempt, options);
     let settled = match outcome {
         Settle::Ack => delivery.acker.ack().await,
-        Settle::Nak(delay) => delivery.acker.nak(delay).await,
+        Settle::Nak(delay) => {
+            tracing::info!(
+                stage = stage.name(),
+                subject = %info.subject,
+                attempt = info.attempt,
+                delay_ms = delay.as_millis() as u64,
+                reason = why.as_deref().unwrap_or_default(),
+                "retrying a message"
+            );
+            delivery.acker.nak(delay).await
+        }
         Settle::Reject(reason) => {
+            tracing::info!(stage = stage.name(), subject = %info.subject, %reason, "rejected");
             match handler
                 .give_up(&info, &delivery.payload, Fate::Rejected, &reason)
                 .await
@@ -492,6 +504,13 @@ async fn dead_letter<H: Handler>(
     reason: &str,
     options: &WorkerOptions,
 ) -> Result<(), BusError> {
+    tracing::warn!(
+        stage = stage.name(),
+        subject = %info.subject,
+        attempt = info.attempt,
+        reason,
+        "dead letter"
+    );
     match handler
         .give_up(info, &delivery.payload, Fate::DeadLettered, reason)
         .await

@@ -15,9 +15,12 @@ use crate::{load_config_for, open_warehouse};
 
 #[derive(Debug, Args)]
 pub struct AdoptArgs {
+    #[command(flatten)]
+    pub config: crate::ConfigArg,
     /// Only this sync.
     #[arg(long)]
     sync: Option<String>,
+    /// Print the report as one JSON document on stdout (docs/json.md).
     #[arg(long)]
     json: bool,
 }
@@ -40,7 +43,7 @@ pub async fn run(config_path: &Path, args: AdoptArgs) -> anyhow::Result<ExitCode
     .await?;
     if args.json {
         let summaries: Vec<_> = reports.into_iter().filter_map(|r| r.summary).collect();
-        println!("{}", serde_json::to_string_pretty(&summaries)?);
+        crate::output::json("adopt", &summaries)?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -48,7 +51,7 @@ pub async fn run(config_path: &Path, args: AdoptArgs) -> anyhow::Result<ExitCode
 /// What adopting one sync did, and the Loops its state is bound to now.
 fn print_adopted(report: &AdoptReport, configured: &Destination) {
     let counts = &report.counts;
-    println!(
+    crate::say!(
         "sync {} · run {} · adopted {} records as already in Loops (new to the sync {}, changed {}); unchanged {}; invalid {} (not adopted). Nothing was sent.",
         report.sync,
         report.run_id,
@@ -59,11 +62,12 @@ fn print_adopted(report: &AdoptReport, configured: &Destination) {
         report.invalid
     );
     match &report.earlier {
-        Some(e) if e.destination != *configured => println!(
+        Some(e) if e.destination != *configured => crate::say!(
             "sync {}: its state is bound to {configured} (it was bound to {}).",
-            report.sync, e.destination
+            report.sync,
+            e.destination
         ),
         Some(_) => {}
-        None => println!("sync {}: its state is bound to {configured}.", report.sync),
+        None => crate::say!("sync {}: its state is bound to {configured}.", report.sync),
     }
 }

@@ -13,9 +13,12 @@ use crate::load_config;
 
 #[derive(Debug, Args)]
 pub struct CheckArgs {
+    #[command(flatten)]
+    pub config: crate::ConfigArg,
     /// Create the missing custom properties, with their declared types.
     #[arg(long)]
     create_properties: bool,
+    /// Print the report as one JSON document on stdout (docs/json.md).
     #[arg(long)]
     json: bool,
 }
@@ -25,7 +28,7 @@ pub async fn run(config_path: &Path, args: CheckArgs) -> anyhow::Result<ExitCode
     let config = load_config(config_path)?;
     let report = loopsync_engine::check::check(&config, args.create_properties).await?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        crate::output::json("check", &json_view(&report))?;
     } else {
         print_text(&config_path.display().to_string(), &report);
     }
@@ -36,8 +39,35 @@ pub async fn run(config_path: &Path, args: CheckArgs) -> anyhow::Result<ExitCode
     }))
 }
 
+/// `check --json`'s `data` (docs/json.md): each check an object with `ok` and, when it
+/// failed, `error`.
+fn json_view(r: &CheckReport) -> serde_json::Value {
+    use serde_json::json;
+    let verdict = |error: &Option<String>| json!({"ok": error.is_none(), "error": error});
+    json!({
+        "ok": r.ok(),
+        "warehouse": verdict(&r.warehouse),
+        // Not checked when the warehouse was not reached.
+        "privileges": if r.warehouse.is_some() { serde_json::Value::Null } else { verdict(&r.privileges) },
+        "models": r.models.iter().map(|(sync, error)| {
+            json!({"sync": sync, "ok": error.is_none(), "error": error})
+        }).collect::<Vec<_>>(),
+        "nats": r.nats.as_ref().map(|n| match n {
+            Ok(version) => json!({"ok": true, "error": null, "server_version": version}),
+            Err(e) => json!({"ok": false, "error": e, "server_version": null}),
+        }),
+        "loops": json!({"ok": r.loops.is_none(), "error": r.loops, "team_name": r.team_name}),
+        "destination": r.destination,
+        "bindings": r.bindings,
+        "missing_properties": r.missing_properties,
+        "created_properties": r.created_properties,
+        "type_mismatches": r.type_mismatches,
+        "missing_lists": r.missing_lists,
+    })
+}
+
 fn line(ok: bool, text: &str) {
-    println!("{} {text}", if ok { "ok  " } else { "FAIL" });
+    crate::say!("{} {text}", if ok { "ok  " } else { "FAIL" });
 }
 
 fn print_text(config: &str, r: &CheckReport) {
@@ -45,6 +75,11 @@ fn print_text(config: &str, r: &CheckReport) {
     match &r.warehouse {
         None => line(true, "warehouse reachable"),
         Some(e) => line(false, &format!("warehouse: {e}")),
+    }
+    match (&r.warehouse, &r.privileges) {
+        (Some(_), _) => {}
+        (None, None) => line(true, "the warehouse user may make and write the state"),
+        (None, Some(e)) => line(false, &format!("privileges: {e}")),
     }
     for (sync, error) in &r.models {
         match error {
@@ -55,6 +90,14 @@ fn print_text(config: &str, r: &CheckReport) {
             Some(e) => line(false, e),
         }
     }
+    match &r.nats {
+        None => {}
+        Some(Ok(version)) => line(
+            true,
+            &format!("NATS reachable, JetStream on (nats-server {version})"),
+        ),
+        Some(Err(e)) => line(false, &format!("NATS: {e}")),
+    }
     match &r.loops {
         None => line(
             true,
@@ -63,6 +106,8 @@ fn print_text(config: &str, r: &CheckReport) {
                 r.team_name.as_deref().unwrap_or("unnamed")
             ),
         ),
+        // Not the key's fault when Loops was not reached.
+        Some(e) if e.contains("cannot reach Loops at") => line(false, &format!("Loops: {e}")),
         Some(e) => line(false, &format!("Loops API key: {e}")),
     }
     if let Some(d) = &r.destination {

@@ -13,8 +13,8 @@ use crate::run;
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// Sample users in the warehouse.
-    #[arg(long, default_value_t = 25)]
+    /// Sample users in the warehouse (at least 3: the second run changes three of them).
+    #[arg(long, default_value_t = 25, value_parser = clap::value_parser!(u32).range(3..=1_000_000))]
     users: u32,
     /// Requests per second of the simulated Loops team.
     #[arg(long, default_value_t = 10)]
@@ -229,21 +229,24 @@ amount = {{ column = "amount", type = "number" }}
     Config::parse(&config_text, |_| None).context("the demo's own config")?;
 
     let seeded_events = count_events(&db)?;
-    println!(
+    crate::say!(
         "loopsync demo: {} users and {seeded_events} of their events in an SQLite warehouse, a Loops \
          simulator at {} ({} requests/s)\n",
         args.users,
         sim.base_url(),
         args.rate_limit
     );
-    println!("== first run: every user is new, every event is sent (contacts first, then events)");
+    crate::say!(
+        "== first run: every user is new, every event is sent (contacts first, then events)"
+    );
     let first = run::run(&config_path, run::RunArgs::once()).await?;
     let changed = change_rows(&db, args.users)?;
     let plans_changed = args.users.min(3);
-    println!(
+    crate::say!(
         "\n== second run, after: {plans_changed} plans changed, 2 users added, 1 user with a \
          malformed email; {} events added, {} sent invoice corrected",
-        changed.added, changed.edited
+        changed.added,
+        changed.edited
     );
     let second = run::run(&config_path, run::RunArgs::once()).await?;
     let stats = sim.stats();
@@ -253,7 +256,7 @@ amount = {{ column = "amount", type = "number" }}
         .iter()
         .filter_map(|e| e.idempotency_key.as_deref())
         .collect();
-    println!(
+    crate::say!(
         "\nLoops (simulated) now has {} contacts and {} events ({} distinct idempotency keys); {} \
          requests reached it, {} were rate limited.",
         contacts.as_array().map_or(0, Vec::len),
@@ -262,10 +265,10 @@ amount = {{ column = "amount", type = "number" }}
         stats.total_requests,
         stats.rate_limited
     );
-    println!(
+    crate::say!(
         "The contact sync's second run wrote one contact per changed or added user and none for the {} unchanged \
-         (its other requests are the preflight: the API key's team and the list of contact \
-         properties); the malformed email is kept as an invalid record, so that run ended \
+         (its other requests are the preflight: the API key's team and the lists of contact \
+         properties and mailing lists); the malformed email is kept as an invalid record, so that run ended \
          degraded.",
         args.users - plans_changed
     );
@@ -283,13 +286,13 @@ amount = {{ column = "amount", type = "number" }}
         } else {
             "read every event (the first run had none, so no cursor value to start from)"
         };
-        println!(
+        crate::say!(
             "The event sync sent each of the {rows} events once: its second run {read}, sent \
              the {} new ones{corrected}: an event is never sent twice.",
             changed.added
         );
     } else {
-        println!(
+        crate::say!(
             "The warehouse has {rows} events, but Loops (simulated) received {} ({} distinct \
              idempotency keys): see the reports above.",
             events.len(),
@@ -297,7 +300,7 @@ amount = {{ column = "amount", type = "number" }}
         );
     }
     if args.dir.is_some() {
-        println!("Files kept in {}", dir.display());
+        crate::say!("Files kept in {}", dir.display());
     }
     let _ = (first, second);
     Ok(ExitCode::SUCCESS)

@@ -19,6 +19,8 @@ use crate::{UsageError, load_config_for, load_config_for_warehouse, open_warehou
 
 #[derive(Debug, Args)]
 pub struct DlqArgs {
+    #[command(flatten)]
+    pub config: crate::ConfigArg,
     #[command(subcommand)]
     action: DlqAction,
 }
@@ -37,11 +39,14 @@ enum DlqAction {
     },
     /// Set them aside: no run retries them until their data changes.
     Park(Filter),
+    /// Undo `park`: the next run tries them again.
+    Unpark(Filter),
 }
 
 /// Which dead letters.
 #[derive(Debug, Clone, Args)]
 struct Filter {
+    /// Only this sync's.
     #[arg(long)]
     sync: Option<String>,
     /// Only those whose reason contains this text.
@@ -53,8 +58,18 @@ struct Filter {
     /// Only this record (repeatable).
     #[arg(long = "key")]
     keys: Vec<String>,
+    /// Print JSON on stdout (docs/json.md).
     #[arg(long)]
     json: bool,
+}
+
+/// A dead letter as `dlq list` shows it: the record, and whether it is parked.
+#[derive(Debug, serde::Serialize)]
+struct Letter<'a> {
+    #[serde(flatten)]
+    record: &'a RecordResult,
+    /// Parked: no run retries it until its data changes (`dlq unpark` undoes it).
+    parked: bool,
 }
 
 /// The dead letters the filter selects, with the config and its warehouse. `warehouse_only`:
@@ -64,6 +79,7 @@ async fn select(
     config_path: &Path,
     filter: &Filter,
     warehouse_only: bool,
+    read_only: bool,
 ) -> anyhow::Result<(
     loopsync_config::Config,
     Arc<dyn Warehouse>,
@@ -82,73 +98,121 @@ async fn select(
             ))
         })?),
     };
-    let warehouse = open_warehouse(&config).await?;
+    let warehouse = if read_only {
+        crate::open_warehouse_read_only(&config).await?
+    } else {
+        open_warehouse(&config).await?
+    };
     let selection = dlq::Filter {
         sync: filter.sync.clone(),
         reason: filter.reason.clone(),
         since,
         keys: filter.keys.clone(),
     };
-    let letters = dlq::dead_letters(&*warehouse, &selection).await?;
+    let mut letters = dlq::dead_letters(&*warehouse, &selection).await?;
+    letters.sort_by(|a, b| {
+        a.sync
+            .cmp(&b.sync)
+            .then(crate::output::key_order(&a.key, &b.key))
+    });
     Ok((config, warehouse, letters))
 }
 
 pub async fn run(config_path: &Path, args: DlqArgs) -> anyhow::Result<ExitCode> {
     match args.action {
         DlqAction::List(filter) => {
-            let (_, _, letters) = select(config_path, &filter, true).await?;
+            let (_, warehouse, letters) = select(config_path, &filter, true, true).await?;
+            let parked = warehouse.parked(filter.sync.as_deref()).await?;
+            let letters: Vec<Letter> = letters
+                .iter()
+                .map(|record| Letter {
+                    record,
+                    parked: parked
+                        .iter()
+                        .any(|(s, k)| *s == record.sync && *k == record.key),
+                })
+                .collect();
             if filter.json {
-                println!("{}", serde_json::to_string_pretty(&letters)?);
+                crate::output::json("dlq list", &letters)?;
             } else if letters.is_empty() {
-                println!("no dead letters");
+                crate::say!("no dead letters");
             } else {
-                println!(
-                    "{:<12} {:<20} {:>5}  {:<24} REASON",
-                    "SYNC", "KEY", "RUN", "AT"
+                crate::say!(
+                    "{}",
+                    format!(
+                        "{:<12} {:<20} {:>5}  {:<24} {:<7} REASON",
+                        "SYNC", "KEY", "RUN", "AT", "PARKED"
+                    )
                 );
-                for r in &letters {
-                    println!(
-                        "{:<12} {:<20} {:>5}  {:<24} {}",
-                        r.sync,
-                        r.key,
-                        r.run_id,
-                        r.at,
-                        r.reason.as_deref().unwrap_or("")
+                for l in &letters {
+                    let r = l.record;
+                    crate::say!(
+                        "{}",
+                        format!(
+                            "{:<12} {:<20} {:>5}  {:<24} {:<7} {}",
+                            r.sync,
+                            r.key,
+                            r.run_id,
+                            r.at,
+                            if l.parked { "parked" } else { "-" },
+                            r.reason.as_deref().unwrap_or("")
+                        )
                     );
                 }
             }
             Ok(ExitCode::SUCCESS)
         }
         DlqAction::Park(filter) => {
-            let (_, warehouse, letters) = select(config_path, &filter, true).await?;
+            let (_, warehouse, letters) = select(config_path, &filter, true, false).await?;
             let parked = dlq::park(&*warehouse, &letters).await?;
             if filter.json {
-                println!("{}", serde_json::json!({ "parked": parked }));
+                crate::output::json("dlq park", &serde_json::json!({ "parked": parked }))?;
             } else {
-                println!(
+                crate::say!(
                     "parked {parked} dead letters: no run retries them until their data changes"
                 );
             }
             Ok(ExitCode::SUCCESS)
         }
+        DlqAction::Unpark(filter) => {
+            let (_, warehouse, letters) = select(config_path, &filter, true, false).await?;
+            let mut unparked = 0;
+            for (sync, keys) in dlq::by_sync(&letters) {
+                unparked += warehouse.unpark(&sync, &keys).await?;
+            }
+            if filter.json {
+                crate::output::json("dlq unpark", &serde_json::json!({ "unparked": unparked }))?;
+            } else {
+                crate::say!(
+                    "{}",
+                    format!("unparked {unparked} dead letters: the next run tries them again")
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         DlqAction::Replay { filter, remote } => {
-            let (config, warehouse, letters) = select(config_path, &filter, false).await?;
+            let (config, warehouse, letters) = select(config_path, &filter, false, false).await?;
             drop(warehouse);
             if remote && config.nats.is_none() {
                 return Err(UsageError("--remote needs a [nats] section".into()).into());
             }
             if letters.is_empty() {
-                println!("no dead letters to replay");
+                if filter.json {
+                    crate::output::json("dlq replay", &Vec::<()>::new())?;
+                } else {
+                    crate::say!("no dead letters to replay");
+                }
                 return Ok(ExitCode::SUCCESS);
             }
             let shutdown = crate::stop::token();
             let mut pipeline = Pipeline::connect(config, shutdown.clone()).await?;
-            let mut printer = Printer::new(pipeline.warehouse.clone(), false, filter.json);
+            let rps = pipeline.config.loops.requests_per_second;
+            let mut printer = Printer::new(pipeline.warehouse.clone(), false, filter.json, rps);
             let done = dlq::replay(&mut pipeline, &letters, !remote, &mut printer, &shutdown).await;
             pipeline.stop().await;
             let (summaries, refused) = split(done.map_err(stopped_or)?);
             if filter.json {
-                println!("{}", serde_json::to_string_pretty(&summaries)?);
+                crate::output::json("dlq replay", &summaries)?;
             }
             if refused {
                 return Ok(ExitCode::from(crate::EXIT_USAGE));

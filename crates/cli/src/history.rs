@@ -8,10 +8,12 @@ use std::sync::Arc;
 use clap::{Args, Subcommand};
 use loopsync_warehouse::{RecordResult, Warehouse};
 
-use crate::{UsageError, load_config_for_warehouse, open_warehouse, report};
+use crate::{UsageError, load_config_for_warehouse, open_warehouse_read_only, report};
 
 #[derive(Debug, Args)]
 pub struct RunsArgs {
+    #[command(flatten)]
+    pub config: crate::ConfigArg,
     #[command(subcommand)]
     action: Option<RunsAction>,
     /// Only this sync.
@@ -20,6 +22,7 @@ pub struct RunsArgs {
     /// How many runs, newest first.
     #[arg(long, default_value_t = 20)]
     limit: i64,
+    /// Print the report as one JSON document on stdout (docs/json.md).
     #[arg(long)]
     json: bool,
 }
@@ -28,7 +31,9 @@ pub struct RunsArgs {
 enum RunsAction {
     /// One run: its report and the records that did not go through.
     Show {
+        /// The run's id (the first column of `loopsync runs`).
         run: i64,
+        /// Print the report as one JSON document on stdout (docs/json.md).
         #[arg(long)]
         json: bool,
     },
@@ -36,16 +41,19 @@ enum RunsAction {
 
 #[derive(Debug, Args)]
 pub struct RejectionsArgs {
+    #[command(flatten)]
+    pub config: crate::ConfigArg,
     /// Only this sync.
     #[arg(long)]
     sync: Option<String>,
+    /// Print the report as one JSON document on stdout (docs/json.md).
     #[arg(long)]
     json: bool,
 }
 
 /// Only the warehouse: `runs` and `rejections` never need Loops' secrets (PRODUCT.md).
 async fn warehouse(config_path: &Path, sync: Option<&str>) -> anyhow::Result<Arc<dyn Warehouse>> {
-    open_warehouse(&load_config_for_warehouse(config_path, sync)?).await
+    open_warehouse_read_only(&load_config_for_warehouse(config_path, sync)?).await
 }
 
 fn cell(value: Option<i64>) -> String {
@@ -61,10 +69,10 @@ pub async fn runs(config_path: &Path, args: RunsArgs) -> anyhow::Result<ExitCode
         let records = warehouse.records(run).await?;
         if json {
             let value = serde_json::json!({"run": summary, "records": records});
-            println!("{}", serde_json::to_string_pretty(&value)?);
+            crate::output::json("runs show", &value)?;
         } else {
-            print!("{}", report::text(&summary));
-            println!(
+            crate::say_raw!("{}", report::text(&summary));
+            crate::say!(
                 "  requested {}, finished {}",
                 summary.requested_at,
                 summary.finished_at.as_deref().unwrap_or("-")
@@ -72,9 +80,9 @@ pub async fn runs(config_path: &Path, args: RunsArgs) -> anyhow::Result<ExitCode
             let failed: Vec<&RecordResult> =
                 records.iter().filter(|r| r.outcome.is_failure()).collect();
             if !failed.is_empty() {
-                println!("  records that did not go through:");
+                crate::say!("  records that did not go through:");
                 for r in failed {
-                    println!(
+                    crate::say!(
                         "    {}  {}  {}",
                         r.key,
                         r.outcome,
@@ -87,10 +95,10 @@ pub async fn runs(config_path: &Path, args: RunsArgs) -> anyhow::Result<ExitCode
     }
     let runs = warehouse.runs(args.sync.as_deref(), args.limit).await?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&runs)?);
+        crate::output::json("runs", &runs)?;
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
+    crate::say!(
         "{:>5}  {:<12} {:<10} {:<24} {:>8}  {:>6} {:>7} {:>7} {:>9} {:>7} {:>8} {:>6} {:>8} {:>7} {:>5}",
         "RUN",
         "SYNC",
@@ -109,7 +117,7 @@ pub async fn runs(config_path: &Path, args: RunsArgs) -> anyhow::Result<ExitCode
         "429"
     );
     for r in runs {
-        println!(
+        crate::say!(
             "{:>5}  {:<12} {:<10} {:<24} {:>8}  {:>6} {:>7} {:>7} {:>9} {:>7} {:>8} {:>6} {:>8} {:>7} {:>5}",
             r.id,
             r.sync,
@@ -134,21 +142,29 @@ pub async fn runs(config_path: &Path, args: RunsArgs) -> anyhow::Result<ExitCode
 
 pub async fn rejections(config_path: &Path, args: RejectionsArgs) -> anyhow::Result<ExitCode> {
     let warehouse = warehouse(config_path, args.sync.as_deref()).await?;
-    let records = warehouse.rejections(args.sync.as_deref()).await?;
+    let mut records = warehouse.rejections(args.sync.as_deref()).await?;
+    records.sort_by(|a, b| {
+        a.sync
+            .cmp(&b.sync)
+            .then(crate::output::key_order(&a.key, &b.key))
+    });
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&records)?);
+        crate::output::json("rejections", &records)?;
         return Ok(ExitCode::SUCCESS);
     }
     if records.is_empty() {
-        println!("no invalid, rejected or dead-lettered records");
+        crate::say!("no invalid, rejected or dead-lettered records");
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
+    crate::say!(
         "{:<12} {:<20} {:>5}  {:<14} REASON",
-        "SYNC", "KEY", "RUN", "OUTCOME"
+        "SYNC",
+        "KEY",
+        "RUN",
+        "OUTCOME"
     );
     for r in records {
-        println!(
+        crate::say!(
             "{:<12} {:<20} {:>5}  {:<14} {}",
             r.sync,
             r.key,

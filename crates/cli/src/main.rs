@@ -1,6 +1,8 @@
 //! `loopsync`: the one binary. Thin: parses the command line, reads the config, sets up logging,
 //! and calls into the library crates. `anyhow` lives here and nowhere else.
 
+#[macro_use]
+mod output;
 mod adopt;
 mod check;
 mod demo;
@@ -25,11 +27,33 @@ use loopsync_config::Config;
 #[derive(Debug, Parser)]
 #[command(name = "loopsync", version, about)]
 struct Cli {
-    /// The config file.
-    #[arg(long, global = true, default_value = "loopsync.toml")]
-    config: PathBuf,
+    /// Log lines on stderr: `text` (colours on a terminal only) or `json` (one object per
+    /// line). Which lines: LOOPSYNC_LOG, a tracing filter (default `warn`; `info` adds a line
+    /// per run, retry and dead letter).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// `--config PATH`, on each command that reads a config.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConfigArg {
+    /// The config file (docs/configuration.md).
+    #[arg(
+        long = "config",
+        global = true,
+        value_name = "PATH",
+        default_value = "loopsync.toml"
+    )]
+    pub path: PathBuf,
 }
 
 #[derive(Debug, Subcommand)]
@@ -140,6 +164,37 @@ pub fn load_config_for_warehouse(path: &Path, sync: Option<&str>) -> anyhow::Res
     Ok(config)
 }
 
+/// Serves Prometheus metrics at `http://{addr}/metrics` from now on (every series of
+/// docs/operations.md, Metrics). A port that cannot be bound is a usage error.
+pub fn serve_metrics(addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    // Histograms with buckets (not summaries), so that several processes' can be added up.
+    const SECONDS: &[f64] = &[
+        0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+    ];
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
+            SECONDS,
+        )
+        .map_err(|e| UsageError(format!("--metrics-addr {addr}: {e}")))?
+        .install()
+        .map_err(|e| UsageError(format!("--metrics-addr {addr}: {e}")))?;
+    eprintln!("metrics at http://{addr}/metrics");
+    Ok(())
+}
+
+/// The config's warehouse for a command that only reads: nothing is made or migrated; a
+/// state not made yet reads as empty.
+pub async fn open_warehouse_read_only(
+    config: &Config,
+) -> anyhow::Result<std::sync::Arc<dyn loopsync_warehouse::Warehouse>> {
+    let warehouse =
+        loopsync_warehouse::open(&loopsync_engine::settings::warehouse_settings(config)).await?;
+    warehouse.read_only().await?;
+    Ok(warehouse)
+}
+
 /// The config's warehouse, its loopsync tables ready.
 pub async fn open_warehouse(
     config: &Config,
@@ -158,13 +213,7 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { EXIT_USAGE } else { 0 });
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LOOPSYNC_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logs(cli.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -242,12 +291,34 @@ fn main() -> ExitCode {
                     .is_some()
                 || e.downcast_ref::<loopsync_engine::EngineError>()
                     .is_some_and(loopsync_engine::EngineError::is_usage)
+                || e.downcast_ref::<loopsync_warehouse::WarehouseError>()
+                    .is_some_and(|w| matches!(w, loopsync_warehouse::WarehouseError::BadUrl(_)))
             {
                 ExitCode::from(EXIT_USAGE)
             } else {
                 ExitCode::from(EXIT_FAILED)
             }
         }
+    }
+}
+
+/// Log lines on stderr, filtered by `LOOPSYNC_LOG` (default `warn`): text, coloured only on a
+/// terminal, or JSON (one object per line).
+fn init_logs(format: LogFormat) {
+    use std::io::IsTerminal;
+    let filter = match std::env::var("LOOPSYNC_LOG") {
+        Ok(text) => tracing_subscriber::EnvFilter::try_new(&text).unwrap_or_else(|e| {
+            eprintln!("warning: LOOPSYNC_LOG=\"{text}\" is not a filter ({e}); using `warn`");
+            tracing_subscriber::EnvFilter::new("warn")
+        }),
+        Err(_) => tracing_subscriber::EnvFilter::new("warn"),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().with_current_span(false).init(),
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
     }
 }
 
@@ -271,16 +342,16 @@ async fn run_command(cli: Cli) -> anyhow::Result<ExitCode> {
         match cli.command {
             Command::Sim(args) => sim::run(args).await,
             Command::Demo(args) => demo::run(args).await,
-            Command::Run(args) => run::run(&cli.config, args).await,
-            Command::Worker(args) => worker::run(&cli.config, args).await,
-            Command::Check(args) => check::run(&cli.config, args).await,
-            Command::Plan(args) => plan::run(&cli.config, args).await,
-            Command::Adopt(args) => adopt::run(&cli.config, args).await,
-            Command::Runs(args) => history::runs(&cli.config, args).await,
-            Command::Rejections(args) => history::rejections(&cli.config, args).await,
-            Command::Dlq(args) => dlq::run(&cli.config, args).await,
-            Command::Verify(args) => verify::run(&cli.config, args).await,
-            Command::Reset(args) => reset::run(&cli.config, args).await,
+            Command::Run(args) => run::run(&args.config.path.clone(), args).await,
+            Command::Worker(args) => worker::run(&args.config.path.clone(), args).await,
+            Command::Check(args) => check::run(&args.config.path.clone(), args).await,
+            Command::Plan(args) => plan::run(&args.config.path.clone(), args).await,
+            Command::Adopt(args) => adopt::run(&args.config.path.clone(), args).await,
+            Command::Runs(args) => history::runs(&args.config.path.clone(), args).await,
+            Command::Rejections(args) => history::rejections(&args.config.path.clone(), args).await,
+            Command::Dlq(args) => dlq::run(&args.config.path.clone(), args).await,
+            Command::Verify(args) => verify::run(&args.config.path.clone(), args).await,
+            Command::Reset(args) => reset::run(&args.config.path.clone(), args).await,
         }
     }
 }
@@ -310,6 +381,48 @@ identify_by = "email"
 [sync.mapping]
 email = "email"
 "#;
+
+    /// `--help` describes every flag, argument and command; `sim` and `demo`, which read no
+    /// config, take no `--config`; the others all do.
+    #[test]
+    fn every_flag_is_described() {
+        use clap::CommandFactory;
+        fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in command.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in command.get_subcommands() {
+                if sub.get_name() == "help" {
+                    continue;
+                }
+                let path = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() {
+                    missing.push(format!("{path} (the command)"));
+                }
+                walk(sub, &path, missing);
+            }
+        }
+        let mut command = Cli::command();
+        command.build();
+        let mut missing = Vec::new();
+        walk(&command, "loopsync", &mut missing);
+        assert!(missing.is_empty(), "without a description: {missing:?}");
+        for sub in command.get_subcommands() {
+            let takes_config = sub.get_arguments().any(|a| a.get_long() == Some("config"));
+            let name = sub.get_name();
+            assert_eq!(
+                takes_config,
+                !matches!(name, "sim" | "demo" | "help"),
+                "{name} and --config"
+            );
+        }
+    }
 
     /// A cause is said once: after a message that does not show it, not after one that does.
     #[test]
@@ -349,6 +462,24 @@ email = "email"
         .unwrap();
         let config = load_config_for_warehouse(&path, Some("users")).unwrap();
         assert_eq!(config.warehouse.url, "sqlite:///w.db");
+        // Nor Loops' URL from an unset variable.
+        std::fs::write(
+            &path,
+            CONFIG
+                .replace("${LOOPSYNC_TEST_WAREHOUSE_URL_UNSET}", "sqlite:///w.db")
+                .replace(
+                    "[loops]\n",
+                    "[loops]\nbase_url = \"${LOOPSYNC_TEST_BASE_URL_UNSET}\"\n",
+                ),
+        )
+        .unwrap();
+        assert!(load_config_for_warehouse(&path, None).is_ok());
+        assert!(load_config(&path).is_err());
+        std::fs::write(
+            &path,
+            CONFIG.replace("${LOOPSYNC_TEST_WAREHOUSE_URL_UNSET}", "sqlite:///w.db"),
+        )
+        .unwrap();
         assert!(load_config(&path).is_err(), "the full config needs the key");
         let unknown = load_config_for_warehouse(&path, Some("nobody")).unwrap_err();
         assert!(unknown.downcast_ref::<UsageError>().is_some());

@@ -9,13 +9,16 @@ use std::process::ExitCode;
 use clap::Args;
 use loopsync_engine::plan::{PlannedRecord, SyncPlan, plan};
 
-use crate::{load_config_for_warehouse, open_warehouse};
+use crate::{load_config_for_warehouse, open_warehouse_read_only};
 
 #[derive(Debug, Args)]
 pub struct PlanArgs {
+    #[command(flatten)]
+    pub config: crate::ConfigArg,
     /// Only this sync.
     #[arg(long)]
     sync: Option<String>,
+    /// Print the report as one JSON document on stdout (docs/json.md).
     #[arg(long)]
     json: bool,
     /// Records listed per sync in the text report (all in --json).
@@ -23,7 +26,8 @@ pub struct PlanArgs {
     show: usize,
 }
 
-/// `plan --json`, written as it is computed: a JSON array of one object per sync, each with
+/// `plan --json`, written as it is computed: the envelope of every `--json` document
+/// (docs/json.md), its `data` a JSON array of one object per sync, each with
 /// `sync`, `records` (one line each), then `counts`, `invalid`, `requests` and
 /// `seconds_at_rate_budget`. Nothing is kept per record.
 struct JsonPlan<W: Write> {
@@ -34,7 +38,11 @@ struct JsonPlan<W: Write> {
 
 impl<W: Write> JsonPlan<W> {
     fn new(mut out: W) -> io::Result<JsonPlan<W>> {
-        out.write_all(b"[")?;
+        write!(
+            out,
+            "{{\"version\": {}, \"command\": \"plan\", \"data\": [",
+            crate::output::VERSION
+        )?;
         Ok(JsonPlan {
             out,
             syncs: 0,
@@ -77,7 +85,7 @@ impl<W: Write> JsonPlan<W> {
 
     fn finish(mut self) -> io::Result<W> {
         let newline = if self.syncs > 0 { "\n" } else { "" };
-        writeln!(self.out, "{newline}]")?;
+        writeln!(self.out, "{newline}]}}")?;
         self.out.flush()?;
         Ok(self.out)
     }
@@ -86,7 +94,8 @@ impl<W: Write> JsonPlan<W> {
 pub async fn run(config_path: &Path, args: PlanArgs) -> anyhow::Result<ExitCode> {
     // Only the warehouse: a dry run never needs Loops' secrets (PRODUCT.md).
     let config = load_config_for_warehouse(config_path, args.sync.as_deref())?;
-    let warehouse = open_warehouse(&config).await?;
+    // Reads the state, makes nothing (none yet: every row is new).
+    let warehouse = open_warehouse_read_only(&config).await?;
     let rps = config.loops.requests_per_second;
     let specs = config
         .syncs
@@ -94,7 +103,7 @@ pub async fn run(config_path: &Path, args: PlanArgs) -> anyhow::Result<ExitCode>
         .map(|s| &s.spec)
         .filter(|spec| args.sync.as_ref().is_none_or(|n| *n == spec.name));
     if args.json {
-        let mut json = JsonPlan::new(io::BufWriter::new(io::stdout().lock()))?;
+        let mut json = JsonPlan::new(io::BufWriter::new(crate::output::Stdout))?;
         for spec in specs {
             json.start_sync(&spec.name)?;
             let plan = plan(&*warehouse, spec, rps, |r| json.record(&r)).await?;
@@ -106,16 +115,33 @@ pub async fn run(config_path: &Path, args: PlanArgs) -> anyhow::Result<ExitCode>
     for spec in specs {
         // The first `show` records, and how many there are.
         let (mut shown, mut listed) = (Vec::new(), 0usize);
+        // On an interactive terminal: the records planned so far.
+        let spinner = std::io::IsTerminal::is_terminal(&io::stderr()).then(|| {
+            let spinner = indicatif::ProgressBar::new_spinner();
+            spinner.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} {msg} {pos} records planned")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            );
+            spinner.set_message(format!("sync {}:", spec.name));
+            spinner.enable_steady_tick(std::time::Duration::from_millis(200));
+            spinner
+        });
         let plan = plan(&*warehouse, spec, rps, |r| {
             listed += 1;
+            if let Some(spinner) = &spinner {
+                spinner.set_position(listed as u64);
+            }
             if shown.len() < args.show {
                 shown.push(r);
             }
             Ok::<_, std::convert::Infallible>(())
         })
         .await?;
+        if let Some(spinner) = spinner {
+            spinner.finish_and_clear();
+        }
         let c = &plan.counts;
-        println!(
+        crate::say!(
             "sync {} (dry run: nothing sent)\n  rows:    added {} · changed {} · removed {} · unchanged {} · invalid {}{}\n  requests: {} — {:.1} s at {} requests/s",
             plan.sync,
             c.added,
@@ -134,12 +160,12 @@ pub async fn run(config_path: &Path, args: PlanArgs) -> anyhow::Result<ExitCode>
         );
         for r in &shown {
             match &r.reason {
-                Some(reason) => println!("    {:<20} {:<9} {reason}", r.key, r.change.as_str()),
-                None => println!("    {:<20} {:<9} {}", r.key, r.change.as_str(), r.operation),
+                Some(reason) => crate::say!("    {:<20} {:<9} {reason}", r.key, r.change.as_str()),
+                None => crate::say!("    {:<20} {:<9} {}", r.key, r.change.as_str(), r.operation),
             }
         }
         if listed > shown.len() {
-            println!("    … and {} more (--json lists all)", listed - shown.len());
+            crate::say!("    … and {} more (--json lists all)", listed - shown.len());
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -195,8 +221,10 @@ mod tests {
         json.end_sync(&plan("empty", 0)).unwrap();
         let out = json.finish().unwrap();
         let doc: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(doc["version"], 1);
+        assert_eq!(doc["command"], "plan");
         assert_eq!(
-            doc,
+            doc["data"],
             json!([
                 {
                     "sync": "users",
@@ -222,6 +250,9 @@ mod tests {
             ])
         );
         let none = JsonPlan::new(Vec::new()).unwrap().finish().unwrap();
-        assert_eq!(serde_json::from_slice::<Value>(&none).unwrap(), json!([]));
+        assert_eq!(
+            serde_json::from_slice::<Value>(&none).unwrap()["data"],
+            json!([])
+        );
     }
 }

@@ -16,6 +16,8 @@ use crate::{EXIT_FAILED, UsageError, load_config_for_warehouse, open_warehouse};
 
 #[derive(Debug, Args)]
 pub struct ResetArgs {
+    #[command(flatten)]
+    pub config: crate::ConfigArg,
     /// The sync whose state to forget.
     #[arg(long)]
     sync: String,
@@ -73,13 +75,13 @@ pub async fn run(config_path: &Path, args: ResetArgs) -> anyhow::Result<ExitCode
     if args.json {
         let mut value = serde_json::to_value(&reset)?;
         value["sync"] = sync.into();
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        crate::output::json("reset", &value)?;
     } else {
         let binding = match &reset.destination {
             Some(b) => format!("its binding to {} (since {})", b.destination, b.bound_at),
             None => "no destination binding".into(),
         };
-        println!(
+        crate::say!(
             "sync {sync}: forgot the state of {} records and {binding}; its runs and records are \
              kept. {next_run}",
             reset.state_records

@@ -18,6 +18,8 @@ use crate::{UsageError, load_config, report};
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
+    #[command(flatten)]
+    pub config: crate::ConfigArg,
     /// Only this sync.
     #[arg(long)]
     sync: Option<String>,
@@ -39,12 +41,20 @@ pub struct RunArgs {
     /// new outcome, no change of phase — for this many seconds. 0: wait forever.
     #[arg(long, value_name = "SECONDS", default_value_t = 600)]
     stall_timeout: u64,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics while this runs
+    /// (docs/operations.md, Metrics).
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl RunArgs {
     /// `--once`, every sync, text reports.
     pub fn once() -> RunArgs {
         RunArgs {
+            config: crate::ConfigArg {
+                path: "loopsync.toml".into(),
+            },
+            metrics_addr: None,
             sync: None,
             once: true,
             remote: false,
@@ -80,15 +90,57 @@ pub(crate) struct Printer {
     json_lines: bool,
     /// No report as the run ends (`--once --json`: all of them at the end).
     quiet: bool,
+    /// A timestamped line before each report (following the schedules).
+    timestamped: bool,
+    /// The run waited for, as a bar: on an interactive terminal, without `--json`.
+    bar: Option<indicatif::ProgressBar>,
+    /// `loops.requests_per_second`: the time left at the budget.
+    requests_per_second: u32,
+}
+
+/// The progress bar's message: what the run has done and what is left, and the time that
+/// takes at the rate budget (one request per record).
+pub(crate) fn progress_message(run: &RunSummary, requests_per_second: u32) -> String {
+    match run.expected {
+        None => format!("sync {}: {} (reading the model)", run.sync, run.status),
+        Some(expected) => {
+            let left = (expected - run.records).max(0);
+            let seconds = left as f64 / f64::from(requests_per_second.max(1));
+            format!(
+                "sync {}: {} · extracted {expected} · confirmed {} · left {left} · {} left at {requests_per_second}/s",
+                run.sync,
+                run.status,
+                run.confirmed,
+                humantime::format_duration(std::time::Duration::from_secs(seconds.ceil() as u64))
+            )
+        }
+    }
 }
 
 impl Printer {
     /// Prints for runs waited for in `warehouse`'s pipeline.
-    pub(crate) fn new(warehouse: Arc<dyn Warehouse>, json_lines: bool, quiet: bool) -> Printer {
+    pub(crate) fn new(
+        warehouse: Arc<dyn Warehouse>,
+        json_lines: bool,
+        quiet: bool,
+        requests_per_second: u32,
+    ) -> Printer {
+        use std::io::IsTerminal;
+        let bar = (!json_lines && !quiet && std::io::stderr().is_terminal()).then(|| {
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            bar
+        });
         Printer {
             warehouse,
             json_lines,
             quiet,
+            timestamped: false,
+            bar,
+            requests_per_second,
         }
     }
 }
@@ -99,6 +151,10 @@ impl RunObserver for Printer {
     }
 
     fn progress(&mut self, line: String) {
+        if self.bar.is_some() {
+            // The bar says it.
+            return;
+        }
         eprintln!(
             "{} {line}",
             loopsync_core::time::utc_seconds(std::time::SystemTime::now())
@@ -110,15 +166,37 @@ impl RunObserver for Printer {
         stop::watch_run(self.warehouse.clone(), run_id);
     }
 
+    fn tick(&mut self, run: &RunSummary) {
+        if let Some(bar) = &self.bar {
+            bar.set_length(run.expected.unwrap_or(0).max(0) as u64);
+            bar.set_position(run.records.max(0) as u64);
+            bar.set_message(progress_message(run, self.requests_per_second));
+        }
+    }
+
     fn finished(&mut self, summary: &RunSummary) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+            bar.reset();
+        }
         stop::run_over(summary.id);
         if self.json_lines {
-            match serde_json::to_string(summary) {
-                Ok(line) => println!("{line}"),
-                Err(error) => eprintln!("error: {error}"),
+            // One line per run, with the same envelope as `--once --json` (a list of one).
+            if let Err(error) = crate::output::json_line("run", &[summary]) {
+                eprintln!("error: {error}");
             }
         } else if !self.quiet {
-            print!("{}", report::text(summary));
+            if self.timestamped {
+                // Following the schedules: when each run ended, before its report.
+                crate::say!(
+                    "{} run {} of sync {} ended: {}",
+                    loopsync_core::time::utc_seconds(std::time::SystemTime::now()),
+                    summary.id,
+                    summary.sync,
+                    summary.status
+                );
+            }
+            crate::say_raw!("{}", report::text(summary));
         }
     }
 
@@ -138,6 +216,9 @@ pub(crate) fn stopped_or(error: EngineError) -> anyhow::Error {
 
 pub async fn run(config_path: &Path, args: RunArgs) -> anyhow::Result<ExitCode> {
     let config = load_config(config_path)?;
+    if let Some(addr) = args.metrics_addr {
+        crate::serve_metrics(addr)?;
+    }
     if args.remote && config.nats.is_none() {
         return Err(UsageError(
             "--remote needs a [nats] section: without it there are no workers to do the stages"
@@ -152,7 +233,9 @@ pub async fn run(config_path: &Path, args: RunArgs) -> anyhow::Result<ExitCode> 
         pipeline.warehouse.clone(),
         args.json && !args.once,
         args.json,
+        pipeline.config.loops.requests_per_second,
     );
+    printer.timestamped = !args.once;
     // A signal stops the preflight too (a Loops that answers slowly, or 429 with a long wait).
     let mut runs = tokio::select! {
         runs = Runs::start(&pipeline, args.run_options()) => runs?,
@@ -175,7 +258,7 @@ pub async fn run(config_path: &Path, args: RunArgs) -> anyhow::Result<ExitCode> 
     pipeline.stop().await;
     let (summaries, refused) = split(done.map_err(stopped_or)?);
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&summaries)?);
+        crate::output::json("run", &summaries)?;
     }
     if refused {
         return Ok(ExitCode::from(crate::EXIT_USAGE));
@@ -190,8 +273,40 @@ pub(crate) fn split(runs: Vec<SyncRun>) -> (Vec<RunSummary>, bool) {
     for run in runs {
         match run {
             SyncRun::Done(summary) => summaries.push(summary),
-            SyncRun::Refused(_) => refused = true,
+            SyncRun::Refused(_) | SyncRun::Unsendable(_) => refused = true,
         }
     }
     (summaries, refused)
+}
+
+#[cfg(test)]
+mod tests {
+    use loopsync_warehouse::RunStatus;
+
+    use super::*;
+
+    /// The bar says what is done and what is left, and the time left at the rate budget.
+    #[test]
+    fn the_progress_says_the_time_left_at_the_budget() {
+        let mut run = RunSummary {
+            id: 3,
+            sync: "users".into(),
+            status: RunStatus::Extracting,
+            ..RunSummary::default()
+        };
+        assert_eq!(
+            progress_message(&run, 10),
+            "sync users: extracting (reading the model)"
+        );
+        run.status = RunStatus::Sending;
+        run.expected = Some(1000);
+        run.records = 400;
+        run.confirmed = 390;
+        assert_eq!(
+            progress_message(&run, 10),
+            "sync users: sending · extracted 1000 · confirmed 390 · left 600 · 1m left at 10/s"
+        );
+        run.records = 1200;
+        assert!(progress_message(&run, 10).contains("left 0 · 0s left"));
+    }
 }

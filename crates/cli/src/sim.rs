@@ -121,7 +121,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("cannot listen on {}", config.bind))?;
     let addr = listener.local_addr()?;
     // The first line is for scripts that started us on port 0.
-    println!("loopsync sim listening on http://{addr}/api");
+    crate::say!("loopsync sim listening on http://{addr}/api");
     std::io::stdout().flush()?;
     loopsync_simulator::serve(listener, config, crate::shutdown_signal()).await;
     Ok(ExitCode::SUCCESS)

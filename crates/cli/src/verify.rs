@@ -16,6 +16,8 @@ use crate::load_config_for;
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
+    #[command(flatten)]
+    pub config: crate::ConfigArg,
     /// Only this sync.
     #[arg(long)]
     sync: Option<String>,
@@ -28,6 +30,7 @@ pub struct VerifyArgs {
     /// Forget the confirmed state of each drifted record, so the next run re-sends it.
     #[arg(long)]
     repair: bool,
+    /// Print the report as one JSON document on stdout (docs/json.md).
     #[arg(long)]
     json: bool,
 }
@@ -60,7 +63,7 @@ pub async fn run(config_path: &Path, args: VerifyArgs) -> anyhow::Result<ExitCod
     pipeline.stop().await;
     let report = result?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        crate::output::json("verify", &report)?;
     } else {
         print_text(&report);
     }
@@ -77,9 +80,16 @@ fn print_text(report: &Report) {
             None => "all".to_owned(),
             Some(n) => n.to_string(),
         };
-        println!(
+        crate::say!(
             "sync {} · checked {} · drifted {} · skipped {}\n  of {} confirmed records, {} at their confirmed version · sample {sample}, seed {} · {} requests to Loops",
-            s.sync, s.checked, s.drifted, s.skipped, s.confirmed, s.eligible, s.seed, s.requests
+            s.sync,
+            s.checked,
+            s.drifted,
+            s.skipped,
+            s.confirmed,
+            s.eligible,
+            s.seed,
+            s.requests
         );
         for d in &s.drifts {
             let who = match (&d.email, &d.user_id) {
@@ -87,10 +97,10 @@ fn print_text(report: &Report) {
                 (None, Some(u)) => format!(" (userId {u})"),
                 (None, None) => String::new(),
             };
-            println!("  key {}{who}: {}", d.key, d.text);
+            crate::say!("  key {}{who}: {}", d.key, d.text);
         }
         for u in &s.unreadable {
-            println!("  key {}: not read: {}", u.key, u.error);
+            crate::say!("  key {}: not read: {}", u.key, u.error);
         }
         let k = &s.skipped_by_reason;
         if s.skipped > 0 {
@@ -105,27 +115,29 @@ fn print_text(report: &Report) {
             .filter(|(n, _)| *n > 0)
             .map(|(n, why)| format!("{n} {why}"))
             .collect();
-            println!("  skipped: {}", reasons.join(" · "));
+            crate::say!("  skipped: {}", reasons.join(" · "));
         }
         if let Some(n) = s.repaired {
             if n > 0 {
-                println!(
+                crate::say!(
                     "  repaired: forgot what Loops confirmed for {n} drifted record{}: the next run re-sends {}",
                     if n == 1 { "" } else { "s" },
                     if n == 1 { "it" } else { "them" }
                 );
             } else if s.drifted > 0 {
-                println!("  repaired: nothing to forget (a run confirmed them again meanwhile)");
+                crate::say!("  repaired: nothing to forget (a run confirmed them again meanwhile)");
             }
         } else if s.drifted > 0 {
-            println!("  (loopsync verify --repair makes the next run re-send the drifted records)");
+            crate::say!(
+                "  (loopsync verify --repair makes the next run re-send the drifted records)"
+            );
         }
         if let Some(note) = &s.note {
-            println!("  note: {note}");
+            crate::say!("  note: {note}");
         }
     }
     if report.syncs.is_empty() {
-        println!("no sync to verify");
+        crate::say!("no sync to verify");
     }
 }
 

@@ -22,8 +22,14 @@ enum StageArg {
 
 #[derive(Debug, Args)]
 pub struct WorkerArgs {
+    #[command(flatten)]
+    pub config: crate::ConfigArg,
+    /// The stage this worker runs (the extractor also records the outcomes).
     #[arg(value_enum)]
     stage: StageArg,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics (docs/operations.md, Metrics).
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 pub async fn run(config_path: &Path, args: WorkerArgs) -> anyhow::Result<ExitCode> {
@@ -33,6 +39,9 @@ pub async fn run(config_path: &Path, args: WorkerArgs) -> anyhow::Result<ExitCod
             "`loopsync worker` needs a [nats] section: workers share the stages over NATS".into(),
         )
         .into());
+    }
+    if let Some(addr) = args.metrics_addr {
+        crate::serve_metrics(addr)?;
     }
     let mut pipeline = Pipeline::connect(config, crate::stop::token()).await?;
     let name = match args.stage {
@@ -51,7 +60,7 @@ pub async fn run(config_path: &Path, args: WorkerArgs) -> anyhow::Result<ExitCod
             "loader"
         }
     };
-    println!("loopsync worker {name} ready");
+    crate::say!("loopsync worker {name} ready");
     std::io::stdout().flush()?;
     let served = pipeline.serve_until(crate::shutdown_signal()).await;
     pipeline.stop().await;

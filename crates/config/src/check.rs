@@ -2,7 +2,7 @@
 //! refuses. The first broken rule is the error.
 
 use loopsync_core::spec::{
-    AppendSpec, Behavior, Cursor, EventName, IdentifyBy, MappedList, MappedProperty,
+    AppendSpec, Behavior, Cursor, EventName, IdentifyBy, MappedList, MappedProperty, OnRemove,
     RESERVED_NAMES, SyncSpec, default_property_kind,
 };
 use loopsync_core::value::PropertyKind;
@@ -62,6 +62,20 @@ fn check_warehouse(warehouse: &crate::WarehouseConfig) -> Result<(), ConfigError
         ));
     }
     let scheme = warehouse.url.split("://").next().unwrap_or_default();
+    let known = ["postgres", "postgresql", "sqlite", "mysql", "duckdb"];
+    // A stand-in for an unset variable (a command that reads no warehouse) passes.
+    if !warehouse.url.contains('\u{0}')
+        && (!warehouse.url.contains("://") || !known.contains(&scheme))
+    {
+        return Err(invalid(
+            "warehouse.url",
+            format!(
+                "\"{}\" is not a warehouse URL: it starts with postgres://, sqlite:///, mysql:// \
+                 or duckdb://",
+                redact_url(&warehouse.url)
+            ),
+        ));
+    }
     if matches!(scheme, "mysql" | "duckdb") && warehouse.state.is_none() {
         return Err(invalid(
             "warehouse.state",
@@ -84,8 +98,31 @@ fn check_warehouse(warehouse: &crate::WarehouseConfig) -> Result<(), ConfigError
     Ok(())
 }
 
-/// `[loops]`: limits at least 1, a positive timeout.
+/// A URL as it may be shown: the password of `user:password@` replaced by `***`.
+pub(crate) fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((user, host)) => match user.split_once(':') {
+            Some((name, _)) => format!("{scheme}://{name}:***@{host}{path}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+/// `[loops]`: limits at least 1, a positive timeout, an http(s) base URL.
 fn check_loops(loops: &LoopsConfig) -> Result<(), ConfigError> {
+    let base = &loops.base_url;
+    let stand_in = base.contains('\u{0}');
+    if !(stand_in || base.starts_with("http://") || base.starts_with("https://")) {
+        return Err(invalid(
+            "loops.base_url",
+            format!("\"{base}\" is not an http:// or https:// URL"),
+        ));
+    }
     if loops.requests_per_second == 0 {
         return Err(invalid("loops.requests_per_second", "must be at least 1"));
     }
@@ -114,6 +151,27 @@ fn check_nats(nats: &NatsConfig) -> Result<(), ConfigError> {
     }
     if nats.ack_wait_seconds.is_nan() || nats.ack_wait_seconds <= 0.0 {
         return Err(invalid("nats.ack_wait_seconds", "must be positive"));
+    }
+    if nats.user.is_some() != nats.password.is_some() {
+        return Err(invalid(
+            if nats.user.is_some() {
+                "nats.password"
+            } else {
+                "nats.user"
+            },
+            "nats.user and nats.password go together",
+        ));
+    }
+    let ways = [
+        nats.user.is_some(),
+        nats.token.is_some(),
+        nats.credentials.is_some(),
+    ];
+    if ways.iter().filter(|w| **w).count() > 1 {
+        return Err(invalid(
+            "nats",
+            "one way to authenticate: user and password, token, or credentials",
+        ));
     }
     Ok(())
 }
@@ -149,6 +207,17 @@ fn check_sync(i: usize, raw: RawSync, before: &[SyncConfig]) -> Result<SyncConfi
                 "an event name is not empty and has no `:`",
             ));
         }
+    }
+    // `delete`, the default, may be written anywhere (PRODUCT.md's example does); asking to
+    // unsubscribe where nothing is removed is a mistake.
+    if raw.on_remove == Some(OnRemove::Unsubscribe) && raw.behavior != Behavior::Mirror {
+        return Err(invalid(
+            at("on_remove"),
+            format!(
+                "is for mirror syncs only (behavior = \"mirror\"): behavior = \"{}\" removes nothing",
+                raw.behavior.as_str()
+            ),
+        ));
     }
     let append = check_append(&at, &raw)?;
     let mut properties = Vec::new();
@@ -203,7 +272,7 @@ fn check_sync(i: usize, raw: RawSync, before: &[SyncConfig]) -> Result<SyncConfi
             primary_key: raw.primary_key,
             identify_by: raw.identify_by,
             behavior: raw.behavior,
-            on_remove: raw.on_remove,
+            on_remove: raw.on_remove.unwrap_or_default(),
             trigger_workflows: raw.trigger_workflows,
             event_on_create: raw.event_on_create,
             event_on_update: raw.event_on_update,

@@ -75,8 +75,11 @@ fn default_state_schema() -> String {
 #[serde(deny_unknown_fields)]
 pub struct LoopsConfig {
     /// The team's key, a secret from the moment it is read: `Debug` of this config never shows
-    /// it. An empty key is a config error.
+    /// it. An empty key is a config error. Or read from `api_key_file`.
     pub api_key: ApiKey,
+    /// A file whose content (trimmed) is the API key, instead of `api_key` (a mounted secret).
+    #[serde(default)]
+    pub api_key_file: Option<String>,
     /// The API root without `/v1`.
     #[serde(default = "default_base_url")]
     pub base_url: String,
@@ -133,8 +136,9 @@ fn default_concurrency() -> usize {
     4
 }
 
-/// `[nats]`: without it, one process and an in-process bus.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+/// `[nats]`: without it, one process and an in-process bus. Its `Debug` shows no password or
+/// token.
+#[derive(Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NatsConfig {
     pub url: String,
@@ -144,6 +148,38 @@ pub struct NatsConfig {
     /// How long a delivered message may stay unacknowledged before another replica gets it.
     #[serde(default = "default_ack_wait")]
     pub ack_wait_seconds: f64,
+    /// User name, with `password`.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Password, with `user`.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// A token (the server's `authorization { token }`).
+    #[serde(default)]
+    pub token: Option<String>,
+    /// A `.creds` file (NATS decentralised auth: a user JWT and its NKey seed).
+    #[serde(default)]
+    pub credentials: Option<String>,
+    /// A PEM file of the CA that signed the server's certificate; turns TLS on (so does a
+    /// `tls://` url).
+    #[serde(default)]
+    pub tls_ca: Option<String>,
+}
+
+impl std::fmt::Debug for NatsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redacted = |v: &Option<String>| v.as_ref().map(|_| "<redacted>");
+        f.debug_struct("NatsConfig")
+            .field("url", &self.url)
+            .field("namespace", &self.namespace)
+            .field("ack_wait_seconds", &self.ack_wait_seconds)
+            .field("user", &self.user)
+            .field("password", &redacted(&self.password))
+            .field("token", &redacted(&self.token))
+            .field("credentials", &self.credentials)
+            .field("tls_ca", &self.tls_ca)
+            .finish()
+    }
 }
 
 impl NatsConfig {
@@ -235,9 +271,12 @@ impl Config {
             path: path.display().to_string(),
             source,
         })?;
-        let config = Config::parse(&text, |name| {
-            Some(std::env::var(name).unwrap_or_else(|_| format!("{UNSET}{name}\u{0}")))
-        })?;
+        let config = Config::parse_with(
+            &text,
+            |name| Some(std::env::var(name).unwrap_or_else(|_| format!("{UNSET}{name}\u{0}"))),
+            // Loops' secret is not read: it stands for a key nobody uses.
+            |_| Ok(format!("{UNSET}api_key_file\u{0}")),
+        )?;
         let warehouse = &config.warehouse;
         for (key, value) in [
             ("warehouse.url", Some(&warehouse.url)),
@@ -256,8 +295,18 @@ impl Config {
 
     /// Parses config text; `env` answers `${VAR}`.
     pub fn parse(text: &str, env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        Config::parse_with(text, env, |path| std::fs::read_to_string(path))
+    }
+
+    /// [`Config::parse`], `read` answering `loops.api_key_file`.
+    fn parse_with(
+        text: &str,
+        env: impl Fn(&str) -> Option<String>,
+        read: impl Fn(&str) -> std::io::Result<String>,
+    ) -> Result<Config, ConfigError> {
         let mut value: toml::Value = toml::from_str(text).map_err(ConfigError::Syntax)?;
         substitute(&mut value, "", &env)?;
+        read_api_key_file(&mut value, read)?;
         let raw: RawConfig = serde_path_to_error::deserialize(value).map_err(|e| {
             let path = e.path().to_string();
             // toml appends "in `table`" lines; the path already says where.
@@ -277,6 +326,35 @@ impl Config {
     pub fn sync(&self, name: &str) -> Option<&SyncConfig> {
         self.syncs.iter().find(|s| s.spec.name == name)
     }
+}
+
+/// `loops.api_key_file`: its content, trimmed, becomes `loops.api_key` (which must not be set
+/// too). A file that cannot be read is an error naming the key, never the file's content.
+fn read_api_key_file(
+    value: &mut toml::Value,
+    read: impl Fn(&str) -> std::io::Result<String>,
+) -> Result<(), ConfigError> {
+    let Some(loops) = value.get_mut("loops").and_then(toml::Value::as_table_mut) else {
+        return Ok(());
+    };
+    let Some(file) = loops.get("api_key_file") else {
+        return Ok(());
+    };
+    let Some(path) = file.as_str().map(str::to_owned) else {
+        return Err(invalid("loops.api_key_file", "must be a path"));
+    };
+    if loops.contains_key("api_key") {
+        return Err(invalid(
+            "loops.api_key_file",
+            "set api_key or api_key_file, not both",
+        ));
+    }
+    let key = read(&path)
+        .map_err(|e| invalid("loops.api_key_file", format!("cannot read {path}: {e}")))?
+        .trim()
+        .to_owned();
+    loops.insert("api_key".into(), toml::Value::String(key));
+    Ok(())
 }
 
 /// Replaces `${VAR}` in every string value.
@@ -760,5 +838,242 @@ amount = { column = "amount", type = "number" }
         let e = Config::parse("[warehouse\n", env).unwrap_err();
         let source = std::error::Error::source(&e).expect("a source");
         assert_eq!(e.to_string(), format!("not valid TOML: {source}"));
+    }
+
+    /// The keys a table accepts, as serde lists them when it meets an unknown one.
+    fn accepted(text: &str) -> Vec<String> {
+        let error = error_of(text);
+        let expected = error
+            .split("expected")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no list of keys in: {error}"));
+        expected
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// docs/configuration.md lists exactly the keys the config accepts, each enumerated value
+    /// exactly the values it accepts: the reference is checked against the types here.
+    #[test]
+    fn the_configuration_reference_matches_the_config() {
+        let doc = include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../docs/configuration.md"
+        ));
+        // `| `key` | type | default | what |`
+        let rows: Vec<(String, String)> = doc
+            .lines()
+            .filter(|l| l.starts_with("| `"))
+            .map(|l| {
+                let cells: Vec<&str> = l.split(" | ").collect();
+                (
+                    cells[0]
+                        .trim_start_matches("| ")
+                        .trim_matches('`')
+                        .to_owned(),
+                    cells[1].to_owned(),
+                )
+            })
+            .collect();
+        let documented = |prefix: &str| -> Vec<String> {
+            let mut keys: Vec<String> = rows
+                .iter()
+                .filter_map(|(k, _)| k.strip_prefix(prefix))
+                .filter(|k| !k.contains('.'))
+                .map(str::to_owned)
+                .collect();
+            keys.sort();
+            keys
+        };
+        let sorted = |mut v: Vec<String>| {
+            v.sort();
+            v
+        };
+        let sync = EXAMPLE.split_once("[sync.mapping]").unwrap().0;
+        for (prefix, text) in [
+            ("warehouse.", EXAMPLE.replace("[warehouse]\n", "[warehouse]\nzzz = 1\n")),
+            ("loops.", EXAMPLE.replace("[loops]\n", "[loops]\nzzz = 1\n")),
+            ("nats.", EXAMPLE.replace("[nats]\n", "[nats]\nzzz = 1\n")),
+            ("sync.", format!("{sync}zzz = 1\n[sync.mapping]\nemail = \"email\"\n")),
+            (
+                "sync.mapping.*.",
+                format!("{sync}[sync.mapping]\nemail = \"email\"\nseats = {{ zzz = 1 }}\n"),
+            ),
+            (
+                "sync.event_properties.*.",
+                format!(
+                    "{}behavior = \"append\"\nevent = \"e\"\n[sync.mapping]\nemail = \"email\"\n[sync.event_properties]\nx = {{ zzz = 1 }}\n",
+                    sync.replace("behavior = \"upsert\"\non_remove = \"delete\"\ntrigger_workflows = false\n", "")
+                ),
+            ),
+            (
+                "sync.event.",
+                format!(
+                    "{}behavior = \"append\"\nevent = {{ zzz = 1 }}\n[sync.mapping]\nemail = \"email\"\n",
+                    sync.replace("behavior = \"upsert\"\non_remove = \"delete\"\ntrigger_workflows = false\n", "")
+                ),
+            ),
+        ] {
+            assert_eq!(
+                documented(prefix),
+                sorted(accepted(&text)),
+                "docs/configuration.md against the keys of {prefix}*"
+            );
+        }
+        // Each enumerated value is one the config takes, and each one it takes is listed.
+        for (key, field, line) in [
+            ("sync.identify_by", "identify_by", "identify_by = \"zzz\""),
+            ("sync.behavior", "behavior", "behavior = \"zzz\""),
+            ("sync.on_remove", "on_remove", "on_remove = \"zzz\""),
+            ("sync.mapping.*.type", "type", "zzz"),
+        ] {
+            let (_, kind) = rows.iter().find(|(k, _)| k == key).unwrap();
+            let mut listed: Vec<String> = kind
+                .split('`')
+                .skip(1)
+                .step_by(2)
+                .map(|v| v.trim_matches('"').to_owned())
+                .collect();
+            listed.sort();
+            let text = if field == "type" {
+                format!(
+                    "{sync}[sync.mapping]\nemail = \"email\"\nseats = {{ column = \"s\", type = \"zzz\" }}\n"
+                )
+            } else {
+                let pattern = format!("{field} = ");
+                let mut out = String::new();
+                for l in sync.lines() {
+                    if !l.starts_with(&pattern) {
+                        out.push_str(l);
+                        out.push('\n');
+                    }
+                }
+                format!("{out}{line}\n[sync.mapping]\nemail = \"email\"\n")
+            };
+            assert_eq!(listed, sorted(accepted(&text)), "the values of {key}");
+        }
+    }
+
+    /// The mistakes a new user makes, each said with the key and what it takes.
+    #[test]
+    fn mistakes_say_where_and_what_is_taken() {
+        let sync = EXAMPLE.split_once("[sync.mapping]").unwrap().0;
+        let typed = error_of(&format!(
+            "{sync}[sync.mapping]\nemail = \"email\"\nsignedUpAt = {{ column = \"s\", type = \"datetime\" }}\n"
+        ));
+        assert_eq!(
+            typed,
+            "sync[0].mapping.signedUpAt: type: unknown variant `datetime`, expected one of `string`, `number`, `boolean`, `date`"
+        );
+        let neither = error_of(&format!("{sync}[sync.mapping]\nemail = 3\n"));
+        assert!(
+            neither
+                .starts_with("sync[0].mapping.email: expected a column name (a string) or a table"),
+            "{neither}"
+        );
+        let unsubscribe =
+            error_of(&EXAMPLE.replace("on_remove = \"delete\"", "on_remove = \"unsubscribe\""));
+        assert_eq!(
+            unsubscribe,
+            "sync[0].on_remove: is for mirror syncs only (behavior = \"mirror\"): behavior = \"upsert\" removes nothing"
+        );
+        let url = error_of(&EXAMPLE.replace(
+            "postgres://root@127.0.0.1:5432/test",
+            "postgress://root:hunter2@127.0.0.1/test",
+        ));
+        assert_eq!(
+            url,
+            "warehouse.url: \"postgress://root:***@127.0.0.1/test\" is not a warehouse URL: it starts with postgres://, sqlite:///, mysql:// or duckdb://"
+        );
+        let base = error_of(&EXAMPLE.replace("https://app.loops.so/api", "app.loops.so/api"));
+        assert_eq!(
+            base,
+            "loops.base_url: \"app.loops.so/api\" is not an http:// or https:// URL"
+        );
+        let empty = Config::parse(EXAMPLE, |_| Some(String::new())).unwrap_err();
+        assert_eq!(empty.to_string(), "loops.api_key: the API key is empty");
+        let nats = error_of(&EXAMPLE.replace("[nats]\n", "[nats]\nuser = \"u\"\n"));
+        assert_eq!(
+            nats,
+            "nats.password: nats.user and nats.password go together"
+        );
+    }
+
+    /// `loops.api_key_file`: the key read from a file, trimmed; not with `api_key`; a file that
+    /// cannot be read names the key and the path; a command that needs only the warehouse does
+    /// not read it.
+    #[test]
+    fn the_api_key_may_come_from_a_file() {
+        let dir = std::env::temp_dir().join(format!("loopsync-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("key");
+        std::fs::write(&file, "from-a-file\n").unwrap();
+        let text = EXAMPLE.replace(
+            "api_key = \"${LOOPS_API_KEY}\"",
+            &format!("api_key_file = \"{}\"", file.display()),
+        );
+        let config = Config::parse(&text, env).unwrap();
+        assert!(config.loops.api_key == "from-a-file");
+        assert!(
+            !format!("{config:?}").contains("from-a-file"),
+            "Debug shows no key"
+        );
+        let both = error_of(&text.replace("api_key_file", "api_key = \"x\"\napi_key_file"));
+        assert_eq!(
+            both,
+            "loops.api_key_file: set api_key or api_key_file, not both"
+        );
+        std::fs::remove_file(&file).unwrap();
+        let missing = error_of(&text);
+        assert!(
+            missing.starts_with(&format!(
+                "loops.api_key_file: cannot read {}: ",
+                file.display()
+            )),
+            "{missing}"
+        );
+        let path = dir.join("loopsync.toml");
+        std::fs::write(&path, &text).unwrap();
+        assert!(
+            Config::load_for_warehouse(&path).is_ok(),
+            "not read for the warehouse alone"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Every relative link of the README and docs/ resolves to a file of the repository (the
+    /// Loops API notes the docs cite among them).
+    #[test]
+    fn the_docs_links_resolve() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let mut pages = vec![root.join("README.md")];
+        for entry in std::fs::read_dir(root.join("docs")).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "md") {
+                pages.push(path);
+            }
+        }
+        let mut broken = Vec::new();
+        let mut cites_api_notes = false;
+        for page in &pages {
+            let text = std::fs::read_to_string(page).unwrap();
+            for part in text.split("](").skip(1) {
+                let target = part.split(')').next().unwrap_or_default();
+                let target = target.split('#').next().unwrap_or_default();
+                if target.is_empty() || target.contains("://") || target.starts_with("mailto:") {
+                    continue;
+                }
+                cites_api_notes |= target.ends_with("loops-api.md");
+                if !page.parent().unwrap().join(target).exists() {
+                    broken.push(format!("{}: {target}", page.display()));
+                }
+            }
+        }
+        assert!(broken.is_empty(), "links to nothing: {broken:?}");
+        assert!(cites_api_notes, "the docs link the Loops API notes");
+        assert!(root.join("docs/loops-api.md").exists());
     }
 }

@@ -30,8 +30,9 @@ pub(crate) struct RawSync {
     pub(crate) identify_by: IdentifyBy,
     #[serde(default = "default_behavior")]
     pub(crate) behavior: Behavior,
+    /// Mirror only; `None`: not written (delete).
     #[serde(default)]
-    pub(crate) on_remove: OnRemove,
+    pub(crate) on_remove: Option<OnRemove>,
     #[serde(default)]
     pub(crate) trigger_workflows: bool,
     #[serde(default = "default_event_on_create")]
@@ -58,11 +59,52 @@ pub(crate) struct RawSync {
 }
 
 /// `event = "invoicePaid"`, or `event = { column = "event_name" }`.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug)]
 pub(crate) enum RawEventName {
     Fixed(String),
     Column(EventColumn),
+}
+
+/// A string or a table, each read by its own rules, so that a mistake inside the table is
+/// said in the table's words (`type: unknown variant `datetime`, expected one of …`), not as
+/// "data did not match any variant of untagged enum".
+fn string_or_table<'de, D, T, R>(
+    deserializer: D,
+    string: impl FnOnce(String) -> R,
+    table: impl FnOnce(T) -> R,
+) -> Result<R, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    use serde::de::Error;
+    match toml::Value::deserialize(deserializer)? {
+        toml::Value::String(text) => Ok(string(text)),
+        value @ toml::Value::Table(_) => serde_path_to_error::deserialize(value)
+            .map(table)
+            .map_err(|e| {
+                let path = e.path().to_string();
+                let inner = e.into_inner().to_string();
+                let inner = inner.split("\nin `").next().unwrap_or_default().trim();
+                D::Error::custom(format!("{path}: {inner}"))
+            }),
+        other => Err(D::Error::custom(format!(
+            "expected a column name (a string) or a table such as {{ column = \"c\", type = \"date\" }}, found a {}",
+            other.type_str()
+        ))),
+    }
+}
+
+impl<'de> Deserialize<'de> for RawEventName {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        string_or_table(deserializer, RawEventName::Fixed, RawEventName::Column)
+    }
+}
+
+impl<'de> Deserialize<'de> for RawMapping {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        string_or_table(deserializer, RawMapping::Column, RawMapping::Typed)
+    }
 }
 
 /// `{ column = "…" }`.
@@ -86,8 +128,7 @@ fn default_event_on_update() -> String {
 }
 
 /// A mapping entry: a column name, or `{ column, type }`.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug)]
 pub(crate) enum RawMapping {
     Column(String),
     Typed(TypedMapping),

@@ -153,6 +153,40 @@ pub struct SyncSpec {
 pub const DEFAULT_MAX_REMOVAL_SHARE: f64 = 0.2;
 
 impl SyncSpec {
+    /// Each model column the sync reads, with the config key that names it (`primary_key`,
+    /// `mapping.firstName`, `mailing_lists."cm_news"`, …): what an error about a column says.
+    pub fn column_uses(&self) -> Vec<(String, String)> {
+        let mut uses = vec![("primary_key".to_owned(), self.primary_key.clone())];
+        uses.extend(
+            self.properties
+                .iter()
+                .map(|p| (format!("mapping.{}", p.property), p.column.clone())),
+        );
+        uses.extend(
+            self.lists
+                .iter()
+                .map(|l| (format!("mailing_lists.\"{}\"", l.list_id), l.column.clone())),
+        );
+        if let Some(append) = &self.append {
+            if let EventName::Column(c) = &append.event {
+                uses.push(("event.column".to_owned(), c.clone()));
+            }
+            uses.extend(
+                append
+                    .event_properties
+                    .iter()
+                    .map(|p| (format!("event_properties.{}", p.property), p.column.clone())),
+            );
+            uses.extend(
+                append
+                    .cursor
+                    .iter()
+                    .map(|c| ("cursor".to_owned(), c.column.clone())),
+            );
+        }
+        uses
+    }
+
     /// The model columns the sync reads (the primary key not included), sorted and distinct.
     pub fn columns(&self) -> Vec<String> {
         let mut columns: Vec<String> = self

@@ -19,8 +19,12 @@ use crate::retry::with_retries;
 pub struct CheckReport {
     /// `null` when the warehouse was reached, else why not.
     pub warehouse: Option<String>,
+    /// `null` when the warehouse user may make and write the state, else what it lacks.
+    pub privileges: Option<String>,
     /// Per sync: `null` when its model runs with every mapped column, else why not.
     pub models: Vec<(String, Option<String>)>,
+    /// `null` without `[nats]`; else the server's version, or why it was not reached.
+    pub nats: Option<Result<String, String>>,
     /// `null` when the API key was accepted, else Loops' answer.
     pub loops: Option<String>,
     /// The API key's team, when Loops names it.
@@ -55,8 +59,10 @@ impl CheckReport {
     /// Everything checked passed: `check` exits 0.
     pub fn ok(&self) -> bool {
         self.warehouse.is_none()
+            && self.privileges.is_none()
             && self.models.iter().all(|(_, e)| e.is_none())
             && self.loops.is_none()
+            && !matches!(self.nats, Some(Err(_)))
             && self.missing_properties.is_empty()
             && self.type_mismatches.is_empty()
             && self.missing_lists.is_empty()
@@ -70,6 +76,8 @@ impl CheckReport {
 pub async fn check(config: &Config, create_properties: bool) -> Result<CheckReport, EngineError> {
     let mut report = CheckReport::default();
     match loopsync_warehouse::open(&crate::settings::warehouse_settings(config)).await {
+        // A URL that names no warehouse is the config's mistake: said as such (exit 2).
+        Err(e @ WarehouseError::BadUrl(_)) => return Err(e.into()),
         Err(e) => report.warehouse = Some(e.to_string()),
         Ok(warehouse) => {
             for sync in &config.syncs {
@@ -80,10 +88,21 @@ pub async fn check(config: &Config, create_properties: bool) -> Result<CheckRepo
                     .map(|e| e.to_string());
                 report.models.push((sync.spec.name.clone(), error));
             }
+            if let Err(e) = warehouse.check_privileges().await {
+                report.privileges = Some(e.to_string());
+            }
             if let Err(e) = read_bindings(&*warehouse, config, &mut report.bindings).await {
                 report.warehouse = Some(e.to_string());
             }
         }
+    }
+    if let (Some(nats), Some(options)) = (&config.nats, crate::settings::jetstream_options(config))
+    {
+        report.nats = Some(
+            loopsync_bus::JetStreamBus::probe(&nats.url, &options)
+                .await
+                .map_err(|e| e.to_string()),
+        );
     }
     let client = loops_client(config)?;
     let budget = loopsync_bus::RateBudget::local(config.loops.requests_per_second);
@@ -131,13 +150,13 @@ pub async fn check(config: &Config, create_properties: bool) -> Result<CheckRepo
     Ok(report)
 }
 
-/// Each sync's destination binding (the tables made if missing).
+/// Each sync's destination binding, read only (no state yet: none is bound).
 async fn read_bindings(
     warehouse: &dyn Warehouse,
     config: &Config,
     bindings: &mut Vec<SyncBinding>,
 ) -> Result<(), WarehouseError> {
-    warehouse.prepare().await?;
+    warehouse.read_only().await?;
     for sync in &config.syncs {
         bindings.push(SyncBinding {
             sync: sync.spec.name.clone(),

@@ -24,6 +24,10 @@ pub enum EngineError {
         "no sync has a schedule: add `schedule = \"*/15 * * * *\"` to a [[sync]], or use --once"
     )]
     NoSchedule,
+    /// What a sync maps cannot be sent to this Loops (a mailing list it lacks, a property it
+    /// types otherwise): found before the run, nothing was sent. A config error.
+    #[error("sync {sync}: nothing sent, every record would be refused by Loops: {}", problems.join("; "))]
+    Unsendable { sync: String, problems: Vec<String> },
     /// A sync's state belongs to another Loops than the configured one: nothing was sent.
     #[error(transparent)]
     Refused(Box<Refused>),
@@ -69,6 +73,8 @@ impl EngineError {
                 | EngineError::NoSync
                 | EngineError::NoSchedule
                 | EngineError::Refused(_)
+                | EngineError::Unsendable { .. }
+                | EngineError::Warehouse(WarehouseError::BadUrl(_))
         )
     }
 
@@ -97,6 +103,7 @@ impl Classified for EngineError {
             | EngineError::NoSync
             | EngineError::NoSchedule
             | EngineError::Refused(_)
+            | EngineError::Unsendable { .. }
             | EngineError::Stalled(_)
             | EngineError::WorkerPanicked(_)
             | EngineError::WorkerStopped

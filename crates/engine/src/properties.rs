@@ -10,7 +10,7 @@ use loopsync_core::destination::Destination;
 use loopsync_core::envelope::RequestCounts;
 use loopsync_core::spec::{SyncSpec, default_property_kind};
 use loopsync_core::value::PropertyKind;
-use loopsync_loops_client::{ContactProperty, LoopsClient};
+use loopsync_loops_client::{ContactProperty, LoopsClient, MailingList};
 
 use crate::EngineError;
 use crate::retry::with_retries_for;
@@ -160,6 +160,8 @@ pub struct Preflight {
     attempts: u32,
     /// Listed before the first run that needs it.
     existing: Option<Vec<ContactProperty>>,
+    /// The team's mailing lists, listed before the first run of a sync that maps one.
+    lists: Option<Vec<MailingList>>,
     created: Vec<String>,
     pending: RequestCounts,
 }
@@ -178,6 +180,7 @@ impl Preflight {
             attempts,
             destination,
             existing: None,
+            lists: None,
             created: Vec::new(),
             pending,
         })
@@ -188,8 +191,13 @@ impl Preflight {
         &self.destination
     }
 
-    /// Creates the custom properties `sync` maps that Loops lacks; returns their names. The
-    /// first call lists the team's contact properties (`GET /v1/contacts/properties`).
+    /// Checks what `sync` needs of Loops and would otherwise fail record by record: each
+    /// mailing list its mapping names must exist (`GET /v1/lists`: lists cannot be made
+    /// through the API), and each property Loops has must have the type the mapping declares.
+    /// Either problem is [`EngineError::Unsendable`], before anything is sent; the lists and
+    /// properties are then listed again before the next run (a scheduler sees the fix).
+    /// Then creates the custom properties `sync` maps that Loops lacks; returns their names.
+    /// The first call lists the team's contact properties (`GET /v1/contacts/properties`).
     pub async fn ensure(
         &mut self,
         sync: &SyncSpec,
@@ -200,9 +208,30 @@ impl Preflight {
             let listed = list(client, budget, self.attempts, &mut self.pending).await?;
             self.existing = Some(listed);
         }
+        if !sync.lists.is_empty() && self.lists.is_none() {
+            let listed = with_retries_for(
+                "listing the mailing lists of the Loops team",
+                budget,
+                self.attempts,
+                &mut self.pending,
+                || client.list_mailing_lists(),
+            )
+            .await?;
+            self.lists = Some(listed);
+        }
         let existing = self.existing.as_deref().unwrap_or_default();
+        let diff = PropertyDiff::between([sync], existing);
+        let problems = unsendable(sync, &diff, self.lists.as_deref().unwrap_or_default());
+        if !problems.is_empty() {
+            self.existing = None;
+            self.lists = None;
+            return Err(EngineError::Unsendable {
+                sync: sync.name.clone(),
+                problems,
+            });
+        }
         let mut created = Vec::new();
-        for missing in PropertyDiff::between([sync], existing).missing {
+        for missing in diff.missing {
             if self.created.contains(&missing.name) {
                 continue;
             }
@@ -217,6 +246,34 @@ impl Preflight {
     pub fn take(&mut self) -> RequestCounts {
         std::mem::take(&mut self.pending)
     }
+}
+
+/// What makes every record of `sync` fail at Loops, one line each: a property Loops types
+/// otherwise (`diff.mismatched`) and a mailing list that Loops lacks among `lists`.
+pub fn unsendable(sync: &SyncSpec, diff: &PropertyDiff, lists: &[MailingList]) -> Vec<String> {
+    let mut problems: Vec<String> = diff
+        .mismatched
+        .iter()
+        .map(|m| {
+            format!(
+                "mapping.{} is declared {}, but Loops has the property as {} (change the \
+                 mapping's type, or the property in Loops)",
+                m.property,
+                m.declared.as_str(),
+                m.listed.as_str()
+            )
+        })
+        .collect();
+    for l in &sync.lists {
+        if !lists.iter().any(|x| x.id == l.list_id) {
+            problems.push(format!(
+                "mailing_lists.\"{}\": Loops has no mailing list with this id (lists are made \
+                 in Loops' settings; `loopsync check` lists the ids it has)",
+                l.list_id
+            ));
+        }
+    }
+    problems
 }
 
 /// The team's contact properties (paced, retried, counted in `counts`).

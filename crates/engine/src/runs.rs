@@ -176,6 +176,17 @@ pub async fn wait_for_run_with(
     options: &WaitOptions,
     mut progress: impl FnMut(String),
 ) -> Result<RunSummary, EngineError> {
+    wait_for_run_observed(warehouse, run_id, options, &mut progress, |_| {}).await
+}
+
+/// [`wait_for_run_with`], `observe` told of the run each time it is read (a progress bar).
+pub async fn wait_for_run_observed(
+    warehouse: &dyn Warehouse,
+    run_id: i64,
+    options: &WaitOptions,
+    mut progress: impl FnMut(String),
+    mut observe: impl FnMut(&RunSummary),
+) -> Result<RunSummary, EngineError> {
     use tokio::time::Instant;
     let start = Instant::now();
     let mut last_heartbeat: Option<Instant> = None;
@@ -203,8 +214,22 @@ pub async fn wait_for_run_with(
                 }
                 if let Some(run) = run {
                     if run.is_finished() {
+                        if let Some(ms) = run.duration_ms {
+                            metrics::histogram!(
+                                "loopsync_run_seconds",
+                                "sync" => run.sync.clone(),
+                                "status" => run.status.to_string()
+                            )
+                            .record(ms as f64 / 1000.0);
+                        }
+                        tracing::info!(
+                            run_id, sync = %run.sync, status = %run.status,
+                            records = run.records, requests = run.requests,
+                            "run finished"
+                        );
                         return Ok(run);
                     }
+                    observe(&run);
                     let now = (run.status, run.records);
                     if seen.as_ref() != Some(&now) {
                         seen = Some(now);
@@ -311,6 +336,8 @@ pub trait RunObserver {
     fn finished(&mut self, summary: &RunSummary);
     /// A sync was refused: its state belongs to another Loops; nothing was sent.
     fn refused(&mut self, refused: &Refused);
+    /// The run waited for, each time it is read (about ten times a second): a progress bar.
+    fn tick(&mut self, _run: &RunSummary) {}
 }
 
 /// How runs are requested and waited for.
@@ -329,6 +356,9 @@ pub enum SyncRun {
     Done(RunSummary),
     /// Refused: its state belongs to another Loops; the other syncs went on.
     Refused(Refused),
+    /// Not run: what it maps is missing in Loops (a mailing list, a property's type); nothing
+    /// of it was sent, the other syncs went on. Why, as said on stderr.
+    Unsendable(String),
 }
 
 /// The runs of one invocation: the pipeline's warehouse, bus and budget, a client of Loops
@@ -444,7 +474,7 @@ impl Runs {
                 created.join(", ")
             ));
         }
-        Ok(Ok(request_run(
+        let run_id = request_run(
             &*self.bus,
             &*self.warehouse,
             sync,
@@ -454,7 +484,9 @@ impl Runs {
                 allow_removals: self.options.allow_removals,
             },
         )
-        .await?))
+        .await?;
+        tracing::info!(run_id, sync, "run requested");
+        Ok(Ok(run_id))
     }
 
     /// Waits for `run_id` with the options' progress lines and no-progress deadline.
@@ -463,9 +495,15 @@ impl Runs {
         run_id: i64,
         observer: &mut dyn RunObserver,
     ) -> Result<RunSummary, EngineError> {
-        wait_for_run_with(&*self.warehouse, run_id, &self.options.wait, |line| {
-            observer.progress(line)
-        })
+        // Both closures tell the one observer: the line, then the run as read.
+        let observer = std::cell::RefCell::new(observer);
+        wait_for_run_observed(
+            &*self.warehouse,
+            run_id,
+            &self.options.wait,
+            |line| observer.borrow_mut().progress(line),
+            |run| observer.borrow_mut().tick(run),
+        )
         .await
     }
 
@@ -493,8 +531,18 @@ impl Runs {
         let mut runs = Vec::new();
         for (sync, keys) in jobs {
             let started = tokio::select! {
-                started = self.request_keys(&sync, keys, observer) => started?,
+                started = self.request_keys(&sync, keys, observer) => started,
                 () = shutdown.cancelled() => return Err(EngineError::Stopped),
+            };
+            let started = match started {
+                // What it maps is missing in Loops: nothing of it is sent; the others go on.
+                Err(EngineError::Unsendable { sync, problems }) => {
+                    let error = EngineError::Unsendable { sync, problems };
+                    observer.notice(format!("error: {error}"));
+                    runs.push(SyncRun::Unsendable(error.to_string()));
+                    continue;
+                }
+                other => other?,
             };
             let run_id = match started {
                 Ok(run_id) => run_id,
@@ -538,9 +586,18 @@ impl Runs {
                 .collect::<Vec<_>>()
                 .join(", ")
         ));
+        let mut fires = Fires::new(schedules, chrono::Utc::now());
+        // The sync that fired last: its next fire is after its run ends.
+        let mut fired: Option<String> = None;
         loop {
+            if let Some(name) = fired.take() {
+                fires.fired(&name, chrono::Utc::now());
+            }
             let now = chrono::Utc::now();
-            let (due, name) = next_fire(&schedules, now).ok_or(EngineError::NoNextOccurrence)?;
+            let (due, name) = fires.due().ok_or(EngineError::NoNextOccurrence)?;
+            let name = name.to_owned();
+            let name = name.as_str();
+            fired = Some(name.to_owned());
             let wait = (due - now).to_std().unwrap_or_default();
             tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
@@ -558,8 +615,12 @@ impl Runs {
                     observer.refused(&refused);
                     continue;
                 }
-                // Another process runs this sync now (a second scheduler, a replay): skip.
-                Err(error) if error.is_run_in_progress() => {
+                // Another process runs this sync now (a second scheduler, a replay), or what
+                // it maps is missing in Loops (checked again at the next fire): skip.
+                Err(error)
+                    if error.is_run_in_progress()
+                        || matches!(error, EngineError::Unsendable { .. }) =>
+                {
                     observer.notice(format!(
                         "{}: schedule of {name}: {error}; skipped",
                         chrono::Utc::now()
@@ -582,6 +643,43 @@ impl Runs {
                 },
             };
             observer.finished(&summary);
+        }
+    }
+}
+
+/// Each scheduled sync's next fire. Syncs due at the same time run one after the other (none
+/// is lost); a sync's own fire that passes while its run is in progress is not made up for.
+pub struct Fires {
+    /// `(next fire, sync)`, `None` when its schedule fires no more.
+    next: Vec<(Option<chrono::DateTime<chrono::Utc>>, String, Schedule)>,
+}
+
+impl Fires {
+    /// Each schedule's first fire strictly after `now`.
+    pub fn new(schedules: Vec<(String, Schedule)>, now: chrono::DateTime<chrono::Utc>) -> Fires {
+        Fires {
+            next: schedules
+                .into_iter()
+                .map(|(name, schedule)| (schedule.next_after(now), name, schedule))
+                .collect(),
+        }
+    }
+
+    /// The earliest due fire, and whose (the earliest name on a tie).
+    pub fn due(&self) -> Option<(chrono::DateTime<chrono::Utc>, &str)> {
+        self.next
+            .iter()
+            .filter_map(|(at, name, _)| at.map(|at| (at, name.as_str())))
+            .min()
+    }
+
+    /// `sync` fired and its run is over at `now`: its next fire is the first after both.
+    pub fn fired(&mut self, sync: &str, now: chrono::DateTime<chrono::Utc>) {
+        for (at, name, schedule) in &mut self.next {
+            if name == sync {
+                let from = at.map_or(now, |due| due.max(now));
+                *at = schedule.next_after(from);
+            }
         }
     }
 }
@@ -655,6 +753,31 @@ mod tests {
         );
         assert_eq!(next_fire(&schedules, at(3, 50)), Some((at(4, 0), "hourly")));
         assert_eq!(next_fire(&[], at(3, 50)), None);
+    }
+
+    /// Two syncs on one schedule both run at each fire, one after the other; a fire that
+    /// passes during a sync's own run is not made up for.
+    #[test]
+    fn syncs_on_one_schedule_all_run() {
+        let quarter = || Schedule::parse("*/15 * * * *").unwrap();
+        let at = |h, m| chrono::Utc.with_ymd_and_hms(2026, 1, 2, h, m, 0).unwrap();
+        let mut fires = Fires::new(
+            vec![("a".to_owned(), quarter()), ("b".to_owned(), quarter())],
+            at(3, 4),
+        );
+        assert_eq!(fires.due(), Some((at(3, 15), "a")));
+        // a's run ends at 3:16: b, due at 3:15, is still due.
+        fires.fired("a", at(3, 16));
+        assert_eq!(fires.due(), Some((at(3, 15), "b")));
+        // b's run lasts until 3:47: its 3:30 and 3:45 fires are not made up for.
+        fires.fired("b", at(3, 47));
+        assert_eq!(fires.due(), Some((at(3, 30), "a")));
+        fires.fired("a", at(3, 31));
+        assert_eq!(fires.due(), Some((at(3, 45), "a")));
+        fires.fired("a", at(3, 46));
+        assert_eq!(fires.due(), Some((at(4, 0), "a")));
+        fires.fired("a", at(4, 1));
+        assert_eq!(fires.due(), Some((at(4, 0), "b")));
     }
 
     /// A progress line says the run's phase and counts; with the warehouse failing, since when.

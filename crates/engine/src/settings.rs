@@ -87,6 +87,12 @@ pub fn jetstream_options(config: &Config) -> Option<JetStreamOptions> {
         ack_wait: nats.ack_wait(),
         max_deliver: max_deliver(config),
         outcomes_max_deliver: OUTCOMES_MAX_DELIVER,
+        auth: loopsync_bus::NatsAuth {
+            user_password: nats.user.clone().zip(nats.password.clone()),
+            token: nats.token.clone(),
+            credentials: nats.credentials.as_ref().map(Into::into),
+            tls_ca: nats.tls_ca.as_ref().map(Into::into),
+        },
         ..JetStreamOptions::default()
     })
 }

@@ -86,6 +86,7 @@ impl ExtractorStage {
         spec: &SyncSpec,
         request: &RunRequest,
     ) -> Result<ExtractCounts, ExtractError> {
+        let started = std::time::Instant::now();
         let window = Window::read(&*self.warehouse, spec, !request.only_keys.is_empty()).await?;
         // A replay reads its keys in full; a run may have the unchanged rows left out.
         let mut rows = if request.only_keys.is_empty() {
@@ -131,6 +132,20 @@ impl ExtractorStage {
         window.close(&mut run.counts);
         self.flush(&mut run).await?;
         self.release_held(&mut run, request.allow_removals).await?;
+        metrics::histogram!("loopsync_diff_seconds", "sync" => spec.name.clone())
+            .record(started.elapsed().as_secs_f64());
+        let c = &run.counts;
+        for (outcome, n) in [
+            ("added", c.added),
+            ("changed", c.changed),
+            ("removed", c.removed),
+            ("unchanged", c.unchanged),
+            ("invalid", c.invalid_rows),
+            ("ignored", c.ignored),
+        ] {
+            metrics::counter!("loopsync_records_total", "sync" => spec.name.clone(), "stage" => "extractor", "outcome" => outcome)
+                .increment(n.max(0) as u64);
+        }
         Ok(run.counts)
     }
 

@@ -243,6 +243,7 @@ impl LoopsClient {
         body: Option<&Value>,
         idempotency_key: Option<&IdempotencyKey>,
     ) -> Result<String, LoopsError> {
+        let endpoint = format!("{method} {path}");
         let mut request = self
             .http
             .request(method, format!("{}{}", self.base_url, path))
@@ -259,11 +260,20 @@ impl LoopsClient {
         if let Some(key) = idempotency_key {
             request = request.header("Idempotency-Key", key.as_str());
         }
-        let response = request
-            .send()
-            .await
-            .map_err(|e| LoopsError::from_reqwest(e, self.timeout))?;
+        let response = match request.send().await {
+            Ok(response) => response,
+            Err(e) => {
+                metrics::counter!("loopsync_loops_requests_total", "endpoint" => endpoint, "status" => "transport_error")
+                    .increment(1);
+                return Err(LoopsError::from_reqwest(e, self.timeout));
+            }
+        };
         let status = response.status();
+        metrics::counter!("loopsync_loops_requests_total", "endpoint" => endpoint, "status" => status.as_str().to_owned())
+            .increment(1);
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            metrics::counter!("loopsync_loops_rate_limited_total").increment(1);
+        }
         let headers = response.headers().clone();
         *self.last_rate_limit.lock().expect("rate-limit mutex") =
             RateLimitInfo::from_headers(&headers);

@@ -110,8 +110,20 @@ impl LoopsError {
         if error.is_timeout() {
             LoopsError::Timeout(timeout)
         } else {
-            // `without_url` keeps query strings (emails) out of logs.
-            LoopsError::Transport(error_chain(&error.without_url()))
+            // Where it went: the origin only (`without_url` keeps query strings, which hold
+            // emails, out of logs).
+            let origin = error.url().map(|u| {
+                let mut origin = format!("{}://{}", u.scheme(), u.host_str().unwrap_or_default());
+                if let Some(port) = u.port() {
+                    origin.push_str(&format!(":{port}"));
+                }
+                origin
+            });
+            let chain = error_chain(&error.without_url());
+            LoopsError::Transport(match origin {
+                Some(origin) => format!("cannot reach Loops at {origin}: {chain}"),
+                None => chain,
+            })
         }
     }
 }

@@ -94,6 +94,18 @@ pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
     LOCK.lock().await
 }
 
+/// The `data` of a `loopsync … --json` document (docs/json.md), after checking its envelope:
+/// `{"version": 1, "command": "…", "data": …}`.
+pub fn json_data(stdout: &[u8]) -> serde_json::Result<serde_json::Value> {
+    let mut doc: serde_json::Value = serde_json::from_slice(stdout)?;
+    if doc["version"] != 1 || !doc["command"].is_string() || doc.get("data").is_none() {
+        return Err(<serde_json::Error as serde::de::Error>::custom(format!(
+            "not a loopsync --json document (version 1, command, data): {doc}"
+        )));
+    }
+    Ok(doc["data"].take())
+}
+
 /// What an end-to-end [`Stack`] is made of.
 #[derive(Debug, Clone)]
 pub struct StackOptions {
@@ -587,7 +599,7 @@ signedUpAt = {{ column = "signed_up_at", type = "date" }}
         let stdout = String::from_utf8_lossy(&output.stdout);
         RunOutput {
             status: output.status.code().unwrap_or(-1),
-            runs: serde_json::from_str(&stdout).unwrap_or(serde_json::Value::Null),
+            runs: json_data(stdout.as_bytes()).unwrap_or(serde_json::Value::Null),
             stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
         }
     }

@@ -24,12 +24,19 @@ pub struct NatsServer {
     port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    /// `--auth TOKEN` when started with a token.
+    token: Option<String>,
 }
 
 impl NatsServer {
     /// Starts a server. `None` (the test is skipped) when there is no binary, except under CI,
     /// where that fails the test.
     pub async fn start() -> Option<NatsServer> {
+        NatsServer::start_with_token(None).await
+    }
+
+    /// [`NatsServer::start`], the server asking clients for `token` (`--auth`).
+    pub async fn start_with_token(token: Option<&str>) -> Option<NatsServer> {
         let bin = binary()?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -42,6 +49,7 @@ impl NatsServer {
             port,
             dir,
             child: None,
+            token: token.map(str::to_owned),
         };
         server.spawn().await;
         Some(server)
@@ -159,6 +167,7 @@ impl NatsServer {
                 "-sd",
             ])
             .arg(self.dir.join("store"))
+            .args(self.token.iter().flat_map(|t| ["--auth", t.as_str()]))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("the NATS log"))
             .stderr(log)
@@ -178,7 +187,7 @@ impl NatsServer {
                     self.log()
                 );
             }
-            if jetstream_answers(self.port).await {
+            if jetstream_answers(self.port, self.token.as_deref()).await {
                 return;
             }
             if Instant::now() >= deadline {
@@ -230,8 +239,11 @@ fn is_executable(path: &Path) -> bool {
 
 /// Whether a server on `port` accepts a client and answers `$JS.API.INFO` (JetStream is up and
 /// its store recovered), within a second.
-async fn jetstream_answers(port: u16) -> bool {
-    let url = format!("nats://127.0.0.1:{port}");
+async fn jetstream_answers(port: u16, token: Option<&str>) -> bool {
+    let url = match token {
+        Some(token) => format!("nats://{token}@127.0.0.1:{port}"),
+        None => format!("nats://127.0.0.1:{port}"),
+    };
     matches!(
         request(&url, "$JS.API.INFO", b"", Duration::from_secs(1)).await,
         Ok(answer) if answer.contains("account_info_response") && !answer.contains("\"error\"")
@@ -251,6 +263,11 @@ pub async fn request(
         .unwrap_or(url)
         .trim_end_matches('/')
         .to_owned();
+    // `nats://TOKEN@host:port`: the token goes in CONNECT.
+    let (token, address) = match address.split_once('@') {
+        Some((token, host)) => (format!(",\"auth_token\":\"{token}\""), host.to_owned()),
+        None => (String::new(), address),
+    };
     let exchange = async {
         let stream = tokio::net::TcpStream::connect(&address)
             .await
@@ -267,8 +284,11 @@ pub async fn request(
         }
         let mut out = Vec::new();
         out.extend_from_slice(
-            b"CONNECT {\"verbose\":false,\"pedantic\":false,\"name\":\"testkit\"}\r\n\
-              SUB _INBOX.testkit 1\r\n",
+            format!(
+                "CONNECT {{\"verbose\":false,\"pedantic\":false,\"name\":\"testkit\"{token}}}\r\n\
+                 SUB _INBOX.testkit 1\r\n"
+            )
+            .as_bytes(),
         );
         out.extend_from_slice(
             format!("PUB {subject} _INBOX.testkit {}\r\n", payload.len()).as_bytes(),

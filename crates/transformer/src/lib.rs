@@ -383,7 +383,16 @@ impl Handler for TransformerStage {
             .get(&change.sync)
             .ok_or_else(|| TransformError::UnknownSync(change.sync.clone()))?;
         match transform(spec, &change) {
-            Ok(op) => publish::operation(&*self.bus, &op).await?,
+            Ok(op) => {
+                publish::operation(&*self.bus, &op).await?;
+                metrics::counter!(
+                    "loopsync_records_total",
+                    "sync" => change.sync.clone(),
+                    "stage" => "transformer",
+                    "outcome" => "operation"
+                )
+                .increment(1);
+            }
             Err(Invalid(reason)) => {
                 // With the change's kind: the run report counts it as an invalid row, not as
                 // added or changed.

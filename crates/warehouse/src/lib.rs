@@ -39,6 +39,10 @@ pub use sqlite::SqliteWarehouse;
 pub enum WarehouseError {
     #[error("cannot connect to the warehouse: {0}")]
     Connect(String),
+    /// A URL that names no warehouse loopsync can open (it does not parse, or names a file
+    /// that does not exist): fix the config.
+    #[error("{0}")]
+    BadUrl(String),
     /// The model (or the mapping's columns) does not run: fix the config.
     #[error("the model of sync {sync} does not run: {detail}")]
     Model { sync: String, detail: String },
@@ -53,6 +57,9 @@ pub enum WarehouseError {
     Data { what: String, detail: String },
     #[error("{0}")]
     Unsupported(String),
+    /// The warehouse user lacks a privilege the state needs: grant it.
+    #[error("{0}")]
+    Privileges(String),
     /// One run of a sync at a time: another is in progress.
     #[error(
         "run {run_id} of sync {sync} is in progress ({status}): one run of a sync at a time. \
@@ -79,6 +86,8 @@ impl Classified for WarehouseError {
         match self {
             WarehouseError::Model { .. }
             | WarehouseError::Unsupported(_)
+            | WarehouseError::Privileges(_)
+            | WarehouseError::BadUrl(_)
             | WarehouseError::RunInProgress { .. }
             | WarehouseError::Data { .. } => ErrorClass::Permanent,
             WarehouseError::Connect(_)
@@ -394,6 +403,20 @@ pub trait Warehouse: Send + Sync + 'static {
     /// Creates the `loopsync` tables if missing. Safe to call from many processes at once.
     async fn prepare(&self) -> Result<(), WarehouseError>;
 
+    /// For a command that only reads (`plan`, `runs`, `rejections`, `dlq list`, `check`):
+    /// instead of [`Warehouse::prepare`], makes nothing. `false`: there is no state yet; the
+    /// warehouse then reads as an empty state (every model row is new to a diff, no run, no
+    /// record, no binding). A state older than this binary knows is an error that says how to
+    /// bring it up to date; a newer one is refused as by `prepare`.
+    async fn read_only(&self) -> Result<bool, WarehouseError>;
+
+    /// Whether this user may do what the state needs: make the state's tables when they are
+    /// missing, and write them. `Ok(())` or what is lacking, in the words of the privileges
+    /// to grant (`loopsync check`).
+    async fn check_privileges(&self) -> Result<(), WarehouseError> {
+        Ok(())
+    }
+
     /// The model joined with the sync's state, ordered by key (NULL keys last).
     async fn diff(
         &self,
@@ -512,6 +535,12 @@ pub trait Warehouse: Send + Sync + 'static {
     /// Parks records at the fingerprint of their latest outcome: runs leave them alone until
     /// their data changes. Returns how many were parked.
     async fn park(&self, sync: &str, keys: &[String]) -> Result<u64, WarehouseError>;
+
+    /// Unparks records: the next run tries them again. Returns how many were unparked.
+    async fn unpark(&self, sync: &str, keys: &[String]) -> Result<u64, WarehouseError>;
+
+    /// The parked records of `sync` (every sync: `None`), as `(sync, key)`.
+    async fn parked(&self, sync: Option<&str>) -> Result<Vec<(String, String)>, WarehouseError>;
 
     /// Ends an adoption run: status `adopted`, with its counts.
     async fn finish_adopt(&self, run_id: i64, counts: &ExtractCounts)
@@ -680,6 +709,16 @@ pub const DEFAULT_SCHEMA: &str = "loopsync";
 /// [`Source`] beside the store ([`SplitWarehouse`]).
 pub async fn open(settings: &Settings) -> Result<Arc<dyn Warehouse>, WarehouseError> {
     let Some(state_url) = &settings.state else {
+        // The file holds the model: one that does not exist is a mistake in the URL, not a
+        // new empty warehouse.
+        if let Some(path) = settings.url.strip_prefix("sqlite://")
+            && !std::path::Path::new(path).exists()
+        {
+            return Err(WarehouseError::BadUrl(format!(
+                "warehouse.url: {path}: no such file (it names the SQLite file that holds the \
+                 model; loopsync does not create it)"
+            )));
+        }
         return connect_schema(&settings.url, &settings.state_schema).await;
     };
     let state = connect_schema(state_url, &settings.state_schema).await?;
@@ -805,6 +844,66 @@ pub(crate) fn quote_ident(name: &str) -> String {
 /// The model without trailing `;` and blanks, so it can be a subquery.
 pub(crate) fn model_sql(model: &str) -> &str {
     model.trim().trim_end_matches(';').trim_end()
+}
+
+/// A model error said where it is. `own`: the model as written, prepared alone (not run): its
+/// columns, or its own error (whose position is in the model's text, not in loopsync's
+/// query around it). `detail`: the error of loopsync's query, kept when neither says more.
+pub(crate) fn explain_model_error(
+    spec: &SyncSpec,
+    own: Result<Vec<String>, String>,
+    detail: String,
+) -> String {
+    match own {
+        Err(own) => format!("{own} (the model as written)"),
+        Ok(columns) => {
+            let missing: Vec<String> = spec
+                .column_uses()
+                .into_iter()
+                .filter(|(_, c)| !columns.contains(c))
+                .map(|(key, c)| {
+                    format!("{key} names the column \"{c}\", which the model does not return")
+                })
+                .collect();
+            if missing.is_empty() {
+                detail
+            } else {
+                format!(
+                    "{}; the model's columns are: {}",
+                    missing.join("; "),
+                    columns.join(", ")
+                )
+            }
+        }
+    }
+}
+
+/// Where in `text` the 1-based character `position` is: `character N: "…around it…"`.
+pub(crate) fn point_at(text: &str, position: usize) -> String {
+    let chars: Vec<char> = text.chars().collect();
+    let at = position.saturating_sub(1).min(chars.len());
+    let from = at.saturating_sub(20);
+    let to = (at + 20).min(chars.len());
+    let around: String = chars[from..to]
+        .iter()
+        .map(|c| if c.is_whitespace() { ' ' } else { *c })
+        .collect();
+    format!("character {position}: \"{around}\"")
+}
+
+/// A state at `version` (`None`: none) as a read-only command finds it: `Ok(false)` when
+/// there is none, `Ok(true)` when it is current, else why it cannot be read.
+pub(crate) fn readable(version: Option<i64>) -> Result<bool, WarehouseError> {
+    postgres::newer_than_known(version)?;
+    match version {
+        None => Ok(false),
+        Some(v) if v >= schema::LATEST => Ok(true),
+        Some(v) => Err(WarehouseError::Unsupported(format!(
+            "the state's tables are at version {v}, this loopsync reads version {}: a command \
+             that writes (`loopsync run`, `adopt`, a worker) brings them up to date first",
+            schema::LATEST
+        ))),
+    }
 }
 
 /// The model's key and mapped columns, no rows: what `check_model` prepares. `cursor`: an event

@@ -47,10 +47,18 @@ fn classify(sync: &str, what: &str, e: mysql_async::Error) -> WarehouseError {
 impl MySqlSource {
     /// Connects once, so a wrong URL or a server down is said at once.
     pub async fn connect(url: &str) -> Result<MySqlSource, WarehouseError> {
-        let opts = mysql_async::Opts::from_url(url)
-            .map_err(|e| WarehouseError::Connect(format!("{url}: {e}")))?;
+        let opts = mysql_async::Opts::from_url(url).map_err(|e| {
+            WarehouseError::BadUrl(format!(
+                "not a MySQL URL (mysql://user:password@host:port/database): {e}"
+            ))
+        })?;
+        let at = format!("{}:{}", opts.ip_or_hostname(), opts.tcp_port());
         let opts = mysql_async::OptsBuilder::from_opts(opts)
-            .init(vec!["SET time_zone = '+00:00'"])
+            // Only read: a model cannot change the source.
+            .init(vec![
+                "SET time_zone = '+00:00'",
+                "SET SESSION TRANSACTION READ ONLY",
+            ])
             .stmt_cache_size(0);
         let pool = mysql_async::Pool::new(opts);
         let connection = tokio::time::timeout(std::time::Duration::from_secs(10), pool.get_conn())
@@ -58,7 +66,7 @@ impl MySqlSource {
             .map_err(|_| {
                 WarehouseError::Connect("the MySQL server did not answer within 10 s".into())
             })?
-            .map_err(|e| WarehouseError::Connect(e.to_string()))?;
+            .map_err(|e| WarehouseError::Connect(format!("MySQL at {at}: {e}")))?;
         drop(connection);
         Ok(MySqlSource { pool })
     }

@@ -204,6 +204,72 @@ fn classify(what: &str, e: &tokio_postgres::Error) -> WarehouseError {
     }
 }
 
+/// The state table as a read-only command reads it when there is none: no rows, its columns.
+const EMPTY_STATE: &str = "(SELECT CAST(NULL AS text) AS sync, CAST(NULL AS text) AS key, \
+     CAST(NULL AS text) AS confirmed_fp, CAST(NULL AS text) AS confirmed_email, \
+     CAST(NULL AS text) AS confirmed_user_id, CAST(NULL AS text) AS parked_fp, \
+     CAST(NULL AS bigint) AS generation WHERE false) AS empty_state";
+
+/// A model error, said where it is (see [`crate::explain_model_error`]): the model as written
+/// is prepared alone on `client` (parsed and planned, not run).
+async fn model_error(
+    client: &Client,
+    spec: &SyncSpec,
+    e: &tokio_postgres::Error,
+) -> WarehouseError {
+    let own = match client.prepare(&spec.model).await {
+        Ok(statement) => Ok(statement
+            .columns()
+            .iter()
+            .map(|c| c.name().to_owned())
+            .collect()),
+        Err(own) => Err(match own.as_db_error() {
+            Some(db) => match db.position() {
+                Some(tokio_postgres::error::ErrorPosition::Original(at)) => format!(
+                    "{} at {}",
+                    db.message(),
+                    crate::point_at(&spec.model, *at as usize)
+                ),
+                _ => db.message().to_owned(),
+            },
+            None => own.to_string(),
+        }),
+    };
+    WarehouseError::Model {
+        sync: spec.name.clone(),
+        detail: crate::explain_model_error(spec, own, describe(e)),
+    }
+}
+
+/// A failed connection, with where it went and why: tokio-postgres' own text ("error
+/// connecting to server") names neither.
+fn describe_connect(config: &tokio_postgres::Config, e: &tokio_postgres::Error) -> String {
+    use std::error::Error;
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
+        #[cfg(unix)]
+        Some(tokio_postgres::config::Host::Unix(path)) => path.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let mut text = format!(
+        "PostgreSQL at {host}:{port} (user {}, database {}): {}",
+        config.get_user().unwrap_or("?"),
+        config.get_dbname().unwrap_or("?"),
+        describe(e)
+    );
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let said = cause.to_string();
+        if !text.contains(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 fn describe(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) if *db.code() == SqlState::LOCK_NOT_AVAILABLE => format!(
@@ -249,6 +315,8 @@ struct Pg {
     /// Bumped when a call found the warehouse unavailable: connections of an earlier
     /// generation are replaced before their next use.
     generation: AtomicU64,
+    /// [`Warehouse::read_only`] found no state: it reads as empty, and nothing is made.
+    absent: std::sync::atomic::AtomicBool,
 }
 
 /// Opens a session: TCP keepalives and `tcp_user_timeout` so that a peer gone silent is noticed
@@ -259,7 +327,7 @@ async fn open(config: &tokio_postgres::Config) -> Result<Client, WarehouseError>
         let (client, connection) = config
             .connect(NoTls)
             .await
-            .map_err(|e| WarehouseError::Connect(describe(&e)))?;
+            .map_err(|e| WarehouseError::Connect(describe_connect(config, &e)))?;
         tokio::spawn(async move {
             if let Err(error) = connection.await {
                 tracing::warn!(%error, "warehouse connection ended");
@@ -291,9 +359,15 @@ impl PgWarehouse {
 
     /// The warehouse at `url`, its state in `schema` (a plain identifier).
     pub async fn connect_schema(url: &str, schema: &str) -> Result<PgWarehouse, WarehouseError> {
-        let mut config: tokio_postgres::Config = url
-            .parse()
-            .map_err(|e: tokio_postgres::Error| WarehouseError::Connect(describe(&e)))?;
+        let mut config: tokio_postgres::Config =
+            url.parse().map_err(|e: tokio_postgres::Error| {
+                use std::error::Error;
+                WarehouseError::BadUrl(format!(
+                    "not a PostgreSQL URL (postgres://user:password@host:port/database): {}{}",
+                    describe(&e),
+                    e.source().map(|s| format!(": {s}")).unwrap_or_default()
+                ))
+            })?;
         config
             .connect_timeout(CONNECT_TIMEOUT)
             .keepalives(true)
@@ -307,6 +381,7 @@ impl PgWarehouse {
             shared: tokio::sync::Mutex::new(None),
             writer: tokio::sync::Mutex::new(None),
             generation: AtomicU64::new(0),
+            absent: std::sync::atomic::AtomicBool::new(false),
         };
         // Both now: a wrong URL or a warehouse down is said at once.
         pg.client().await?;
@@ -483,6 +558,110 @@ impl Pg {
         }
     }
 
+    fn absent(&self) -> bool {
+        self.absent.load(Ordering::Relaxed)
+    }
+
+    /// What the state needs of this user (see [`Warehouse::check_privileges`]): to create
+    /// the schema when it is missing (CREATE on the database), else to use it, make tables in
+    /// it (while migrations are due) and write its tables.
+    async fn check_privileges(&self) -> Result<(), WarehouseError> {
+        let client = self.client().await?;
+        let schema = &self.dialect.schema;
+        let row = client
+            .query_one(
+                "SELECT to_regnamespace($1) IS NOT NULL,
+                        has_database_privilege(current_database(), 'CREATE'),
+                        current_user::text, current_database()::text",
+                &[schema],
+            )
+            .await
+            .map_err(query_error("read the user's privileges"))?;
+        let (exists, create_db, user, database): (bool, bool, String, String) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
+        if !exists {
+            return if create_db {
+                Ok(())
+            } else {
+                Err(WarehouseError::Privileges(format!(
+                    "user {user} may not create the state's schema {schema} in database \
+                     {database}: GRANT CREATE ON DATABASE {database} TO {user}, or have it made \
+                     (CREATE SCHEMA {schema} AUTHORIZATION {user})"
+                )))
+            };
+        }
+        let row = client
+            .query_one(
+                "SELECT has_schema_privilege($1, 'USAGE'), has_schema_privilege($1, 'CREATE')",
+                &[schema],
+            )
+            .await
+            .map_err(query_error("read the user's privileges"))?;
+        let (usage, create): (bool, bool) = (row.get(0), row.get(1));
+        let mut lacking = Vec::new();
+        if !usage {
+            lacking.push(format!("USAGE on schema {schema}"));
+        }
+        let current = self.applied(&client).await.ok().flatten();
+        if !create && current != Some(LATEST) {
+            lacking.push(format!(
+                "CREATE on schema {schema} (its tables are not all made)"
+            ));
+        }
+        if usage {
+            let tables = client
+                .query(
+                    "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                      WHERE n.nspname = $1 AND c.relkind = 'r'
+                        AND NOT (has_table_privilege(c.oid, 'SELECT')
+                                 AND has_table_privilege(c.oid, 'INSERT')
+                                 AND has_table_privilege(c.oid, 'UPDATE')
+                                 AND has_table_privilege(c.oid, 'DELETE'))
+                      ORDER BY 1",
+                    &[schema],
+                )
+                .await
+                .map_err(query_error("read the user's privileges"))?;
+            let sequences = client
+                .query(
+                    "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                      WHERE n.nspname = $1 AND c.relkind = 'S'
+                        AND CASE WHEN c.relkind = 'S' AND n.nspname = $1
+                                 THEN NOT has_sequence_privilege(c.oid, 'USAGE') ELSE false END
+                      ORDER BY 1",
+                    &[schema],
+                )
+                .await
+                .map_err(query_error("read the user's privileges"))?;
+            if !sequences.is_empty() {
+                let names: Vec<String> = sequences
+                    .iter()
+                    .map(|r| format!("{schema}.{}", r.get::<_, String>(0)))
+                    .collect();
+                lacking.push(format!("USAGE on sequence {}", names.join(", ")));
+            }
+            if !tables.is_empty() {
+                let names: Vec<String> = tables.iter().map(|r| r.get(0)).collect();
+                lacking.push(format!(
+                    "SELECT, INSERT, UPDATE, DELETE on {}",
+                    names
+                        .iter()
+                        .map(|t| format!("{schema}.{t}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+        }
+        if lacking.is_empty() {
+            Ok(())
+        } else {
+            Err(WarehouseError::Privileges(format!(
+                "user {user} lacks what the state needs: {} (docs/operations.md, Privileges)",
+                lacking.join("; ")
+            )))
+        }
+    }
+
     /// Brings the state's tables to [`LATEST`], running the migrations it lacks (see
     /// [`crate::schema`]).
     async fn prepare(&self) -> Result<(), WarehouseError> {
@@ -580,6 +759,14 @@ impl Pg {
             )))
             .await
             .map_err(query_error("set the time zone"))?;
+        if staged.is_none() {
+            // The model only reads: a data-modifying statement in it (`WITH x AS (DELETE …)`)
+            // is refused by PostgreSQL, not run. (A staged diff writes its temporary table.)
+            client
+                .batch_execute("SET default_transaction_read_only = on")
+                .await
+                .map_err(query_error("make the diff's session read-only"))?;
+        }
         let staged_spec_;
         let spec = match staged {
             Some(model) => {
@@ -591,8 +778,9 @@ impl Pg {
             }
             None => spec,
         };
+        let absent = self.absent.load(Ordering::Relaxed);
         // An event sync reads few rows (a cursor) or sends each row once: it reads all it reads.
-        let hashed = leave_out_unchanged && !spec.is_append();
+        let hashed = leave_out_unchanged && !spec.is_append() && !absent;
         // Until rows are noted (a first run, after a reset or a change of the mapping), all are
         // read out: the plain diff, with the rows' hashes to note, costs less.
         let leave_out = hashed
@@ -615,7 +803,11 @@ impl Pg {
                 spec,
                 &DiffDialect {
                     cast: &|e| format!("({e})::text"),
-                    state: "loopsync.state",
+                    state: if absent {
+                        EMPTY_STATE
+                    } else {
+                        "loopsync.state"
+                    },
                     param: "$1",
                     collate: "COLLATE \"C\"",
                     email_key: &email_key,
@@ -625,21 +817,23 @@ impl Pg {
                 hashed.then_some(&row_hash as &dyn Fn(&str) -> String),
             )
         };
-        let model_error = |e: tokio_postgres::Error| {
-            let is_model = e
-                .code()
-                .is_some_and(|c| c.code().starts_with("42") || *c == SqlState::UNDEFINED_TABLE);
-            if is_model {
-                WarehouseError::Model {
-                    sync: spec.name.clone(),
-                    detail: describe(&e),
-                }
-            } else {
-                classify(&format!("diff of sync {}", spec.name), &e)
-            }
+        // A model that does not run (42: syntax, names, privileges; 0A: not supported, such as
+        // a data-modifying WITH inside it; 2F, 38, 39, P0: a function it calls failed), or
+        // that would write (25: refused in the read-only session): the config's to fix, not
+        // retried.
+        let is_model = |e: &tokio_postgres::Error| {
+            e.code().is_some_and(|c| {
+                ["42", "0A", "25", "2F", "38", "39", "P0"]
+                    .iter()
+                    .any(|class| c.code().starts_with(class))
+            })
         };
         tracing::debug!(sync = %spec.name, seed = spec.shape_seed(), %sql, "diff");
-        let statement = client.prepare(&self.sql(&sql)).await.map_err(model_error)?;
+        let statement = match client.prepare(&self.sql(&sql)).await {
+            Ok(statement) => statement,
+            Err(e) if is_model(&e) => return Err(model_error(&client, spec, &e).await),
+            Err(e) => return Err(classify(&format!("diff of sync {}", spec.name), &e)),
+        };
         let since = (!hashed && statement.params().len() > 1).then(|| cursor_since(since));
         let seed = spec.shape_seed();
         let mut params: Vec<&(dyn ToSql + Sync)> = vec![&spec.name];
@@ -649,17 +843,35 @@ impl Pg {
         if hashed {
             params.push(&seed);
         }
-        let rows = client
+        let rows = match client
             .query_raw(&statement, params.iter().map(|p| *p as &dyn ToSql))
             .await
-            .map_err(model_error)?;
+        {
+            Ok(rows) => rows,
+            Err(e) if is_model(&e) => return Err(model_error(&client, spec, &e).await),
+            Err(e) => return Err(classify(&format!("diff of sync {}", spec.name), &e)),
+        };
         let columns = spec.columns();
         let sync = spec.name.clone();
         let stream = rows.map(move |row| {
             // The client lives as long as the stream.
             let _connection = &client;
-            // A stream cut by an outage is retried (the extractor's message comes back).
-            let row = row.map_err(|e| classify(&format!("diff of sync {sync}"), &e))?;
+            // A stream cut by an outage is retried (the extractor's message comes back); a
+            // model that would write is refused for good.
+            let row = row.map_err(|e| {
+                if e.code().is_some_and(|c| {
+                    ["0A", "25", "2F", "38", "39", "P0"]
+                        .iter()
+                        .any(|class| c.code().starts_with(class))
+                }) {
+                    WarehouseError::Model {
+                        sync: sync.clone(),
+                        detail: format!("{} (the model only reads)", describe(&e)),
+                    }
+                } else {
+                    classify(&format!("diff of sync {sync}"), &e)
+                }
+            })?;
             if leave_out {
                 let untold: Option<i64> = row.get(9 + columns.len());
                 if let Some(n) = untold {
@@ -723,8 +935,8 @@ impl Pg {
     }
 
     async fn check_model(&self, spec: &SyncSpec) -> Result<(), WarehouseError> {
-        self.client()
-            .await?
+        let client = self.client().await?;
+        let probe = client
             .query(
                 &*self.sql(&probe_sql(
                     spec,
@@ -732,12 +944,11 @@ impl Pg {
                 )),
                 &[],
             )
-            .await
-            .map_err(|e| WarehouseError::Model {
-                sync: spec.name.clone(),
-                detail: describe(&e),
-            })?;
-        Ok(())
+            .await;
+        match probe {
+            Ok(_) => Ok(()),
+            Err(e) => Err(model_error(&client, spec, &e).await),
+        }
     }
 
     async fn create_run(&self, sync: &str) -> Result<i64, WarehouseError> {
@@ -1522,6 +1733,22 @@ impl Warehouse for PgWarehouse {
         self.within("prepare", self.pg.prepare()).await
     }
 
+    async fn read_only(&self) -> Result<bool, WarehouseError> {
+        let version = self
+            .within("read the state's version", async {
+                self.pg.applied(&*self.pg.client().await?).await
+            })
+            .await?;
+        let exists = crate::readable(version)?;
+        self.pg.absent.store(!exists, Ordering::Relaxed);
+        Ok(exists)
+    }
+
+    async fn check_privileges(&self) -> Result<(), WarehouseError> {
+        self.within("check privileges", self.pg.check_privileges())
+            .await
+    }
+
     async fn diff_since(
         &self,
         spec: &SyncSpec,
@@ -1563,6 +1790,9 @@ impl Warehouse for PgWarehouse {
         sync: &str,
         column: &str,
     ) -> Result<Option<i64>, WarehouseError> {
+        if self.pg.absent() {
+            return Ok(None);
+        }
         self.within("read a cursor", self.pg.cursor_watermark(sync, column))
             .await
     }
@@ -1625,6 +1855,48 @@ impl Warehouse for PgWarehouse {
         self.within("park", self.pg.park(sync, keys)).await
     }
 
+    async fn unpark(&self, sync: &str, keys: &[String]) -> Result<u64, WarehouseError> {
+        self.within("unpark", async {
+            self.pg
+                .client()
+                .await?
+                .execute(
+                    &*self.pg.sql(
+                        "UPDATE loopsync.state SET parked_fp = NULL
+                          WHERE sync = $1 AND key = ANY($2) AND parked_fp IS NOT NULL",
+                    ),
+                    &[&sync, &keys],
+                )
+                .await
+                .map_err(query_error("unpark records"))
+        })
+        .await
+    }
+
+    async fn parked(&self, sync: Option<&str>) -> Result<Vec<(String, String)>, WarehouseError> {
+        if self.pg.absent() {
+            return Ok(Vec::new());
+        }
+        self.within("parked records", async {
+            let rows = self
+                .pg
+                .client()
+                .await?
+                .query(
+                    &*self.pg.sql(
+                        "SELECT sync, key FROM loopsync.state
+                          WHERE parked_fp IS NOT NULL AND ($1::text IS NULL OR sync = $1)
+                          ORDER BY sync, key COLLATE \"C\"",
+                    ),
+                    &[&sync],
+                )
+                .await
+                .map_err(query_error("read parked records"))?;
+            Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        })
+        .await
+    }
+
     async fn finish_adopt(
         &self,
         run_id: i64,
@@ -1667,6 +1939,9 @@ impl Warehouse for PgWarehouse {
     }
 
     async fn run(&self, run_id: i64) -> Result<Option<RunSummary>, WarehouseError> {
+        if self.pg.absent() {
+            return Ok(None);
+        }
         self.within("run", self.pg.run(run_id)).await
     }
 
@@ -1675,14 +1950,23 @@ impl Warehouse for PgWarehouse {
         sync: Option<&str>,
         limit: i64,
     ) -> Result<Vec<RunSummary>, WarehouseError> {
+        if self.pg.absent() {
+            return Ok(Vec::new());
+        }
         self.within("runs", self.pg.runs(sync, limit)).await
     }
 
     async fn records(&self, run_id: i64) -> Result<Vec<RecordResult>, WarehouseError> {
+        if self.pg.absent() {
+            return Ok(Vec::new());
+        }
         self.within("records", self.pg.records(run_id)).await
     }
 
     async fn rejections(&self, sync: Option<&str>) -> Result<Vec<RecordResult>, WarehouseError> {
+        if self.pg.absent() {
+            return Ok(Vec::new());
+        }
         self.within("rejections", self.pg.rejections(sync)).await
     }
 
@@ -1696,6 +1980,9 @@ impl Warehouse for PgWarehouse {
     }
 
     async fn destination(&self, sync: &str) -> Result<Option<DestinationBinding>, WarehouseError> {
+        if self.pg.absent() {
+            return Ok(None);
+        }
         self.within("destination", self.pg.destination(sync)).await
     }
 

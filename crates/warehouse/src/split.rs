@@ -53,6 +53,14 @@ impl Warehouse for SplitWarehouse {
         self.state.prepare().await
     }
 
+    async fn read_only(&self) -> Result<bool, WarehouseError> {
+        self.state.read_only().await
+    }
+
+    async fn check_privileges(&self) -> Result<(), WarehouseError> {
+        self.state.check_privileges().await
+    }
+
     async fn diff_since(
         &self,
         spec: &SyncSpec,
@@ -133,6 +141,14 @@ impl Warehouse for SplitWarehouse {
 
     async fn park(&self, sync: &str, keys: &[String]) -> Result<u64, WarehouseError> {
         self.state.park(sync, keys).await
+    }
+
+    async fn unpark(&self, sync: &str, keys: &[String]) -> Result<u64, WarehouseError> {
+        self.state.unpark(sync, keys).await
+    }
+
+    async fn parked(&self, sync: Option<&str>) -> Result<Vec<(String, String)>, WarehouseError> {
+        self.state.parked(sync).await
     }
 
     async fn finish_adopt(

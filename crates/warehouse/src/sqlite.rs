@@ -146,6 +146,26 @@ pub struct SqliteWarehouse {
     /// `[warehouse] state_schema`: the tables' prefix.
     schema: String,
     connection: Arc<Mutex<Connection>>,
+    /// [`Warehouse::read_only`] found no state: it reads as empty, and nothing is made.
+    absent: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// The state table as a read-only command reads it when there is none: no rows, its columns.
+const EMPTY_STATE: &str = "(SELECT NULL AS sync, NULL AS key, NULL AS confirmed_fp, \
+     NULL AS confirmed_email, NULL AS confirmed_user_id, NULL AS parked_fp, \
+     NULL AS generation WHERE 0)";
+
+/// A model error, said where it is (see [`crate::explain_model_error`]): the model as written
+/// is prepared alone on `c` (not run).
+fn explained(c: &Connection, spec: &SyncSpec, e: rusqlite::Error) -> WarehouseError {
+    let own = match c.prepare(&spec.model) {
+        Ok(statement) => Ok(statement.column_names().map(str::to_owned).collect()),
+        Err(own) => Err(own.to_string()),
+    };
+    WarehouseError::Model {
+        sync: spec.name.clone(),
+        detail: crate::explain_model_error(spec, own, e.to_string()),
+    }
 }
 
 fn open_connection(path: &PathBuf) -> Result<Connection, WarehouseError> {
@@ -175,7 +195,12 @@ impl SqliteWarehouse {
             path,
             schema: schema.to_owned(),
             connection: Arc::new(Mutex::new(connection)),
+            absent: Arc::default(),
         })
+    }
+
+    fn absent(&self) -> bool {
+        self.absent.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Runs `f` on the connection in a blocking thread.
@@ -211,7 +236,11 @@ impl SqliteWarehouse {
             spec,
             &DiffDialect {
                 cast: &|e| format!("CAST({e} AS TEXT)"),
-                state: "loopsync_state",
+                state: if self.absent() {
+                    EMPTY_STATE
+                } else {
+                    "loopsync_state"
+                },
                 param: "?1",
                 collate: "",
                 email_key: &email_key,
@@ -223,6 +252,9 @@ impl SqliteWarehouse {
         let columns = spec.columns();
         let sync = spec.name.clone();
         let path = self.path.clone();
+        // A model of this file is explained in its own words; a staged one was checked by
+        // its source.
+        let own_spec = staged.is_none().then(|| spec.clone());
         let staged_rows = staged.map(|model| {
             // The source's rows, pumped to the blocking task that loads them.
             let (rows_tx, rows_rx) = tokio::sync::mpsc::channel(1024);
@@ -253,6 +285,14 @@ impl SqliteWarehouse {
                     return;
                 }
             };
+            // The model only reads: a statement that would write is refused (a staged diff
+            // writes its temporary table).
+            if staged_rows.is_none()
+                && let Err(e) = connection.pragma_update(None, "query_only", true)
+            {
+                let _ = ready_tx.send(Err(error("make the diff's connection read-only")(e)));
+                return;
+            }
             if let Some((columns, rows)) = staged_rows
                 && let Err(e) = stage(&connection, &columns, rows)
             {
@@ -262,7 +302,11 @@ impl SqliteWarehouse {
             let mut statement = match connection.prepare(&q(&sql)) {
                 Ok(s) => s,
                 Err(e) => {
-                    let _ = ready_tx.send(Err(model_error(e)));
+                    let error = match &own_spec {
+                        Some(spec) => explained(&connection, spec, e),
+                        None => model_error(e),
+                    };
+                    let _ = ready_tx.send(Err(error));
                     return;
                 }
             };
@@ -474,6 +518,49 @@ impl Warehouse for SqliteWarehouse {
         self.with(migrate).await
     }
 
+    async fn read_only(&self) -> Result<bool, WarehouseError> {
+        let version = self
+            .with(|c| {
+                let migrations = Dialect::sqlite(&current_schema()).table("migrations");
+                let known: bool = c
+                    .query_row(
+                        "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = ?1",
+                        params![migrations],
+                        |r| r.get(0),
+                    )
+                    .map_err(error("read the state's schema version"))?;
+                if !known {
+                    return Ok(None);
+                }
+                c.query_row(
+                    &format!("SELECT COALESCE(max(version), 0) FROM {migrations}"),
+                    [],
+                    |r| r.get(0),
+                )
+                .map(Some)
+                .map_err(error("read the state's schema version"))
+            })
+            .await?;
+        let exists = crate::readable(version)?;
+        self.absent
+            .store(!exists, std::sync::atomic::Ordering::Relaxed);
+        Ok(exists)
+    }
+
+    async fn check_privileges(&self) -> Result<(), WarehouseError> {
+        let path = self.path.clone();
+        let readonly = std::fs::metadata(&path)
+            .map(|m| m.permissions().readonly())
+            .unwrap_or(false);
+        if readonly {
+            return Err(WarehouseError::Privileges(format!(
+                "{}: the file is read-only, and the state is written to it",
+                path.display()
+            )));
+        }
+        Ok(())
+    }
+
     async fn diff_since(
         &self,
         spec: &SyncSpec,
@@ -499,6 +586,9 @@ impl Warehouse for SqliteWarehouse {
         sync: &str,
         column: &str,
     ) -> Result<Option<i64>, WarehouseError> {
+        if self.absent() {
+            return Ok(None);
+        }
         let (sync, column) = (sync.to_owned(), column.to_owned());
         self.with(move |c| {
             c.query_row(
@@ -522,14 +612,11 @@ impl Warehouse for SqliteWarehouse {
             spec,
             cursor_condition(spec, |c| at_or_after(c, &format!("'{EARLIEST_CURSOR}'"))),
         );
-        let sync = spec.name.clone();
+        let spec = spec.clone();
         self.with(move |c| {
             c.prepare(&q(&sql))
                 .map(|_| ())
-                .map_err(|e| WarehouseError::Model {
-                    sync,
-                    detail: e.to_string(),
-                })
+                .map_err(|e| explained(c, &spec, e))
         })
         .await
     }
@@ -751,6 +838,49 @@ impl Warehouse for SqliteWarehouse {
             }
             tx.commit().map_err(error("commit"))?;
             Ok(parked)
+        })
+        .await
+    }
+
+    async fn unpark(&self, sync: &str, keys: &[String]) -> Result<u64, WarehouseError> {
+        let sync = sync.to_owned();
+        let keys = keys.to_vec();
+        self.with(move |c| {
+            let tx = c.transaction().map_err(error("begin"))?;
+            let mut unparked = 0;
+            {
+                let mut s = tx
+                    .prepare_cached(&q("UPDATE loopsync_state SET parked_fp = NULL
+                          WHERE sync = ?1 AND key = ?2 AND parked_fp IS NOT NULL"))
+                    .map_err(error("unpark records"))?;
+                for key in &keys {
+                    unparked += s
+                        .execute(params![sync, key])
+                        .map_err(error("unpark a record"))? as u64;
+                }
+            }
+            tx.commit().map_err(error("commit"))?;
+            Ok(unparked)
+        })
+        .await
+    }
+
+    async fn parked(&self, sync: Option<&str>) -> Result<Vec<(String, String)>, WarehouseError> {
+        if self.absent() {
+            return Ok(Vec::new());
+        }
+        let sync = sync.map(str::to_owned);
+        self.with(move |c| {
+            let mut s = c
+                .prepare(&q("SELECT sync, key FROM loopsync_state
+                      WHERE parked_fp IS NOT NULL AND (?1 IS NULL OR sync = ?1)
+                      ORDER BY sync, key"))
+                .map_err(error("read parked records"))?;
+            let rows = s
+                .query_map(params![sync], |r| Ok((r.get(0)?, r.get(1)?)))
+                .map_err(error("read parked records"))?;
+            rows.collect::<rusqlite::Result<Vec<(String, String)>>>()
+                .map_err(error("read parked records"))
         })
         .await
     }
@@ -986,6 +1116,9 @@ impl Warehouse for SqliteWarehouse {
     }
 
     async fn run(&self, run_id: i64) -> Result<Option<RunSummary>, WarehouseError> {
+        if self.absent() {
+            return Ok(None);
+        }
         self.with(move |c| {
             c.query_row(
                 &q(&Self::summary_sql("r.id = ?1")),
@@ -1003,6 +1136,9 @@ impl Warehouse for SqliteWarehouse {
         sync: Option<&str>,
         limit: i64,
     ) -> Result<Vec<RunSummary>, WarehouseError> {
+        if self.absent() {
+            return Ok(Vec::new());
+        }
         let sync = sync.map(str::to_owned);
         self.with(move |c| {
             let mut s = c
@@ -1018,6 +1154,9 @@ impl Warehouse for SqliteWarehouse {
     }
 
     async fn records(&self, run_id: i64) -> Result<Vec<RecordResult>, WarehouseError> {
+        if self.absent() {
+            return Ok(Vec::new());
+        }
         self.with(move |c| {
             let mut s = c
                 .prepare(&q(&format!(
@@ -1035,6 +1174,9 @@ impl Warehouse for SqliteWarehouse {
     }
 
     async fn rejections(&self, sync: Option<&str>) -> Result<Vec<RecordResult>, WarehouseError> {
+        if self.absent() {
+            return Ok(Vec::new());
+        }
         let sync = sync.map(str::to_owned);
         self.with(move |c| {
             let mut s = c
@@ -1085,6 +1227,9 @@ impl Warehouse for SqliteWarehouse {
     }
 
     async fn destination(&self, sync: &str) -> Result<Option<DestinationBinding>, WarehouseError> {
+        if self.absent() {
+            return Ok(None);
+        }
         let sync = sync.to_owned();
         self.with(move |c| read_destination(c, &sync)).await
     }

@@ -51,6 +51,59 @@ pub struct JetStreamOptions {
     pub outcomes_max_deliver: i64,
     /// Window of `Nats-Msg-Id` deduplication.
     pub duplicate_window: Duration,
+    /// How to authenticate, and whether to use TLS.
+    pub auth: NatsAuth,
+}
+
+/// How a process authenticates to NATS, and the TLS it asks for. `Debug` shows no secret.
+#[derive(Clone, Default)]
+pub struct NatsAuth {
+    /// User and password.
+    pub user_password: Option<(String, String)>,
+    /// A token.
+    pub token: Option<String>,
+    /// A `.creds` file (a user JWT and its NKey seed).
+    pub credentials: Option<std::path::PathBuf>,
+    /// A PEM file of the CA that signed the server's certificate: TLS required.
+    pub tls_ca: Option<std::path::PathBuf>,
+}
+
+impl std::fmt::Debug for NatsAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsAuth")
+            .field("user", &self.user_password.as_ref().map(|(u, _)| u))
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("credentials", &self.credentials)
+            .field("tls_ca", &self.tls_ca)
+            .finish()
+    }
+}
+
+impl NatsAuth {
+    /// `options` with this authentication and TLS.
+    async fn apply(
+        &self,
+        mut options: async_nats::ConnectOptions,
+    ) -> Result<async_nats::ConnectOptions, std::io::Error> {
+        if let Some((user, password)) = &self.user_password {
+            options = options.user_and_password(user.clone(), password.clone());
+        }
+        if let Some(token) = &self.token {
+            options = options.token(token.clone());
+        }
+        if let Some(path) = &self.credentials {
+            options = options.credentials_file(path).await.map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("nats.credentials: cannot read {}: {e}", path.display()),
+                )
+            })?;
+        }
+        if let Some(ca) = &self.tls_ca {
+            options = options.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        Ok(options)
+    }
 }
 
 impl Default for JetStreamOptions {
@@ -60,6 +113,7 @@ impl Default for JetStreamOptions {
             max_deliver: 10,
             outcomes_max_deliver: -1,
             duplicate_window: Duration::from_secs(120),
+            auth: NatsAuth::default(),
         }
     }
 }
@@ -162,8 +216,15 @@ impl JetStreamBus {
         names: Names,
         options: &JetStreamOptions,
     ) -> Result<JetStreamBus, BusError> {
-        let (connect, disconnects) =
-            Disconnects::watch(async_nats::ConnectOptions::new().name("loopsync"));
+        let connect = options
+            .auth
+            .apply(async_nats::ConnectOptions::new().name("loopsync"))
+            .await
+            .map_err(|e| BusError::Connect {
+                url: url.to_owned(),
+                source: async_nats::ConnectError::with_source(async_nats::ConnectErrorKind::Io, e),
+            })?;
+        let (connect, disconnects) = Disconnects::watch(connect);
         let client = connect.connect(url).await.map_err(|e| BusError::Connect {
             url: url.to_owned(),
             source: e,
@@ -185,6 +246,47 @@ impl JetStreamBus {
             budget,
             disconnects,
         })
+    }
+
+    /// Connects as [`JetStreamBus::connect`] would and checks the server's version and that
+    /// JetStream answers, making nothing: what `loopsync check` asks. Returns the version.
+    pub async fn probe(url: &str, options: &JetStreamOptions) -> Result<String, BusError> {
+        let connect_error = |e| BusError::Connect {
+            url: url.to_owned(),
+            source: e,
+        };
+        let connect = options
+            .auth
+            .apply(async_nats::ConnectOptions::new().name("loopsync check"))
+            .await
+            .map_err(|e| {
+                connect_error(async_nats::ConnectError::with_source(
+                    async_nats::ConnectErrorKind::Io,
+                    e,
+                ))
+            })?;
+        let client = connect.connect(url).await.map_err(connect_error)?;
+        let version = client.server_info().version;
+        match parse_version(&version) {
+            Some(v) if v >= (2, 9) => {}
+            _ => return Err(BusError::ServerTooOld { version }),
+        }
+        // The account's JetStream info, asked as is (async-nats' own reader of the answer
+        // expects fields that nats-server 2.9 does not send).
+        let what = "JetStream (is the server started with -js?)";
+        let answer = client
+            .request("$JS.API.INFO", Bytes::new())
+            .await
+            .map_err(|e| provision_error(what, e))?;
+        let answer: serde_json::Value =
+            serde_json::from_slice(&answer.payload).map_err(|e| provision_error(what, e))?;
+        if let Some(error) = answer.get("error") {
+            return Err(provision_error(
+                what,
+                std::io::Error::other(error.to_string()),
+            ));
+        }
+        Ok(version)
     }
 
     /// The stream and subject names of this deployment.
@@ -534,7 +636,12 @@ impl Consumer for JetStreamConsumer {
             }
         };
         let (attempt, sequence) = match message.info() {
-            Ok(info) => (info.delivered.max(1) as u32, info.stream_sequence),
+            Ok(info) => {
+                // The consumer's lag: messages not delivered yet, as of this one.
+                metrics::gauge!("loopsync_consumer_pending", "consumer" => self.stage.name())
+                    .set(info.pending as f64);
+                (info.delivered.max(1) as u32, info.stream_sequence)
+            }
             Err(_) => (1, 0),
         };
         let (message, acker) = message.split();
