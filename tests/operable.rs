@@ -154,6 +154,17 @@ async fn with_config(
     )
 }
 
+/// `loopsync check` with `config` fails (exit 1); its first line that contains `needle`.
+async fn check_line(stack: &Stack, config: &std::path::Path, needle: &str) -> String {
+    let (code, stdout, stderr) = with_config(stack, config, &["check"]).await;
+    assert_eq!(code, Some(1), "{stdout}{stderr}");
+    stdout
+        .lines()
+        .find(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("no line with {needle}: {stdout}"))
+        .to_owned()
+}
+
 /// The stack's config with `from` replaced by `to`, in a file of its own.
 fn config_with(stack: &Stack, name: &str, from: &str, to: &str) -> std::path::PathBuf {
     let text = std::fs::read_to_string(&stack.config).unwrap();
@@ -187,19 +198,13 @@ async fn each_mistake_says_where_it_is() {
         "firstName = \"first_name\"",
         "firstName = \"firstname\"",
     );
-    let (code, stdout, _) = with_config(&stack, &column, &["check"]).await;
-    assert_eq!(code, Some(1));
-    let line = stdout
-        .lines()
-        .find(|l| l.contains("does not run"))
-        .unwrap_or_default()
-        .to_owned();
+    let line = check_line(&stack, &column, "does not run").await;
     assert!(
         line.contains(
             "mapping.firstName names the column \"firstname\", which the model does not return; \
              the model's columns are: id, email, first_name, plan, seats, signed_up_at, newsletter"
         ),
-        "{stdout}"
+        "{line}"
     );
     said.push(("a mapped column that does not exist (check)", line));
     let (code, _, stderr) = with_config(&stack, &column, &["plan"]).await;
@@ -216,17 +221,11 @@ async fn each_mistake_says_where_it_is() {
         "model = \"select id,",
         "model = \"selec id,",
     );
-    let (code, stdout, _) = with_config(&stack, &typo, &["check"]).await;
-    assert_eq!(code, Some(1));
-    let line = stdout
-        .lines()
-        .find(|l| l.contains("does not run"))
-        .unwrap_or_default()
-        .to_owned();
+    let line = check_line(&stack, &typo, "does not run").await;
     assert!(
         line.contains("syntax error at or near \"selec\" at character 1: \"selec id, email")
             && line.contains("(the model as written)"),
-        "{stdout}"
+        "{line}"
     );
     said.push(("a model with `selec`", line));
 
@@ -242,18 +241,12 @@ async fn each_mistake_says_where_it_is() {
         &api,
         &format!("http://127.0.0.1:{port}/api"),
     );
-    let (code, stdout, _) = with_config(&stack, &down, &["check"]).await;
-    assert_eq!(code, Some(1));
-    let line = stdout
-        .lines()
-        .find(|l| l.starts_with("FAIL Loops"))
-        .unwrap_or_default()
-        .to_owned();
+    let line = check_line(&stack, &down, "FAIL Loops").await;
     assert!(
         line.starts_with(&format!(
             "FAIL Loops: transport error: cannot reach Loops at http://127.0.0.1:{port}"
         )) && line.contains("Connection refused"),
-        "{stdout}"
+        "{line}"
     );
     said.push(("the simulator not running", line));
 
@@ -270,17 +263,11 @@ async fn each_mistake_says_where_it_is() {
         &without_port,
         &format!("127.0.0.1:{port}"),
     );
-    let (code, stdout, _) = with_config(&stack, &wh_down, &["check"]).await;
-    assert_eq!(code, Some(1));
-    let line = stdout
-        .lines()
-        .find(|l| l.starts_with("FAIL warehouse"))
-        .unwrap_or_default()
-        .to_owned();
+    let line = check_line(&stack, &wh_down, "FAIL warehouse").await;
     assert!(
         line.contains(&format!("PostgreSQL at 127.0.0.1:{port} (user "))
             && line.contains("Connection refused"),
-        "{stdout}"
+        "{line}"
     );
     said.push(("the warehouse down", line));
 
@@ -301,7 +288,7 @@ async fn each_mistake_says_where_it_is() {
             "a PostgreSQL URL that does not parse",
             &url,
             "postgres://u@127.0.0.1:notaport/test",
-            "not a PostgreSQL URL",
+            "warehouse.url: not a PostgreSQL URL (postgres://user:password@host:port/database)",
         ),
         (
             "an SQLite file that does not exist",
@@ -954,4 +941,116 @@ async fn reading_commands_write_nothing_on_sqlite() {
             .await
             > 0
     );
+}
+
+/// `[nats]` over TLS with a user and password: a server that asks for both is reached with
+/// `tls_ca` (the CA that signed its certificate), `user` and `password`; without the CA the
+/// error says TLS; `check` says NATS is reachable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_over_tls_with_a_user() {
+    let certs = std::env::temp_dir().join(loopsync_testkit::unique("loopsync-tls-"));
+    std::fs::create_dir_all(&certs).unwrap();
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(&certs)
+            .output()
+            .expect("openssl (Debian package openssl)");
+        assert!(out.status.success(), "openssl {args:?}: {out:?}");
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ]);
+    std::fs::write(certs.join("san.ext"), "subjectAltName = IP:127.0.0.1\n").unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "server.pem",
+    ]);
+    let Some(server) = loopsync_testkit::nats::NatsServer::start_with_config(&format!(
+        "tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n}}\n\
+         authorization {{\n  user: \"loopsync\"\n  password: \"s3cret\"\n}}\n",
+        certs.join("server.pem").display(),
+        certs.join("server.key").display()
+    ))
+    .await
+    else {
+        return;
+    };
+    let Some(stack) = Stack::start(StackOptions {
+        rows: 3,
+        nats_url: Some(server.url()),
+        ..StackOptions::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let config = std::fs::read_to_string(&stack.config).unwrap();
+    let with =
+        |lines: &str| config.replace("ack_wait_seconds", &format!("{lines}\nack_wait_seconds"));
+    std::fs::write(
+        &stack.config,
+        with("user = \"loopsync\"\npassword = \"s3cret\""),
+    )
+    .unwrap();
+    let out = stack.run_once(&[]).await;
+    assert_eq!(out.status, 1, "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains(&format!("cannot connect to NATS at {}", server.url())),
+        "{}",
+        out.stderr
+    );
+    std::fs::write(
+        &stack.config,
+        with(&format!(
+            "user = \"loopsync\"\npassword = \"s3cret\"\ntls_ca = \"{}\"",
+            certs.join("ca.pem").display()
+        )),
+    )
+    .unwrap();
+    let (out, seen) = stack.run_seen(&[]).await;
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    assert_eq!(seen.to("PUT /v1/contacts/update"), 3);
+    let check = stack.output(&["check"]).await;
+    let text = String::from_utf8_lossy(&check.stdout).into_owned();
+    assert!(text.contains("ok   NATS reachable"), "{text}");
+    let _ = std::fs::remove_dir_all(&certs);
 }

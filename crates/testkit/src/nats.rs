@@ -26,6 +26,9 @@ pub struct NatsServer {
     child: Option<Child>,
     /// `--auth TOKEN` when started with a token.
     token: Option<String>,
+    /// `-c FILE` when started with a config file: then it is ready when its log says so (a
+    /// server that asks for TLS or a user cannot be asked in the plain protocol).
+    config: Option<PathBuf>,
 }
 
 impl NatsServer {
@@ -35,8 +38,26 @@ impl NatsServer {
         NatsServer::start_with_token(None).await
     }
 
+    /// [`NatsServer::start`] with a config file's `text` besides (`tls { … }`,
+    /// `authorization { … }`, with absolute paths).
+    pub async fn start_with_config(text: &str) -> Option<NatsServer> {
+        let mut server = NatsServer::prepared(None)?;
+        let config = server.dir.join("nats.conf");
+        std::fs::write(&config, text).expect("write the NATS config");
+        server.config = Some(config);
+        server.spawn().await;
+        Some(server)
+    }
+
     /// [`NatsServer::start`], the server asking clients for `token` (`--auth`).
     pub async fn start_with_token(token: Option<&str>) -> Option<NatsServer> {
+        let mut server = NatsServer::prepared(token)?;
+        server.spawn().await;
+        Some(server)
+    }
+
+    /// A server not started yet: its port, its folder.
+    fn prepared(token: Option<&str>) -> Option<NatsServer> {
         let bin = binary()?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -44,15 +65,14 @@ impl NatsServer {
             .port();
         let dir = std::env::temp_dir().join(crate::unique("loopsync-nats-"));
         std::fs::create_dir_all(dir.join("store")).expect("create the NATS folder");
-        let mut server = NatsServer {
+        Some(NatsServer {
             bin,
             port,
             dir,
             child: None,
             token: token.map(str::to_owned),
-        };
-        server.spawn().await;
-        Some(server)
+            config: None,
+        })
     }
 
     /// `nats://127.0.0.1:PORT`
@@ -168,6 +188,11 @@ impl NatsServer {
             ])
             .arg(self.dir.join("store"))
             .args(self.token.iter().flat_map(|t| ["--auth", t.as_str()]))
+            .args(
+                self.config
+                    .iter()
+                    .flat_map(|c| [std::ffi::OsStr::new("-c"), c.as_os_str()]),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("the NATS log"))
             .stderr(log)
@@ -187,7 +212,11 @@ impl NatsServer {
                     self.log()
                 );
             }
-            if jetstream_answers(self.port, self.token.as_deref()).await {
+            let ready = match &self.config {
+                Some(_) => self.log().contains("Server is ready"),
+                None => jetstream_answers(self.port, self.token.as_deref()).await,
+            };
+            if ready {
                 return;
             }
             if Instant::now() >= deadline {

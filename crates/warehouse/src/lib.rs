@@ -719,11 +719,25 @@ pub async fn open(settings: &Settings) -> Result<Arc<dyn Warehouse>, WarehouseEr
                  model; loopsync does not create it)"
             )));
         }
-        return connect_schema(&settings.url, &settings.state_schema).await;
+        return connect_schema(&settings.url, &settings.state_schema)
+            .await
+            .map_err(naming("warehouse.url"));
     };
-    let state = connect_schema(state_url, &settings.state_schema).await?;
-    let source = open_source(&settings.url).await?;
+    let state = connect_schema(state_url, &settings.state_schema)
+        .await
+        .map_err(naming("warehouse.state"))?;
+    let source = open_source(&settings.url)
+        .await
+        .map_err(naming("warehouse.url"))?;
     Ok(Arc::new(SplitWarehouse::new(source, state)))
+}
+
+/// A URL that names no warehouse, said with the config key that holds it.
+fn naming(key: &'static str) -> impl Fn(WarehouseError) -> WarehouseError {
+    move |e| match e {
+        WarehouseError::BadUrl(why) => WarehouseError::BadUrl(format!("{key}: {why}")),
+        other => other,
+    }
 }
 
 /// The [`Source`] of a URL: `mysql://…`, `duckdb://…` (with the `duckdb` feature).
