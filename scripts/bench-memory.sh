@@ -46,7 +46,7 @@ SELECT i, 'user' || i || '@example.com', 'First' || i, (ARRAY['free','pro','team
 FROM generate_series(1, $n) AS i;
 ANALYZE users;
 SQL
-  start_sim --rate-limit 10
+  start_sim --rate-limit 10 --list cm_news=Newsletter
   cat >"$work/loopsync.toml" <<TOML
 [warehouse]
 url = "$bench_url"
