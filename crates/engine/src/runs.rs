@@ -684,17 +684,6 @@ impl Fires {
     }
 }
 
-/// The schedule that fires first strictly after `now`, and when (the earliest name on a tie).
-pub fn next_fire(
-    schedules: &[(String, Schedule)],
-    now: chrono::DateTime<chrono::Utc>,
-) -> Option<(chrono::DateTime<chrono::Utc>, &str)> {
-    schedules
-        .iter()
-        .filter_map(|(name, schedule)| schedule.next_after(now).map(|t| (t, name.as_str())))
-        .min()
-}
-
 #[cfg(test)]
 mod tests {
     use chrono::TimeZone;
@@ -747,12 +736,14 @@ mod tests {
             ),
         ];
         let at = |h, m| chrono::Utc.with_ymd_and_hms(2026, 1, 2, h, m, 0).unwrap();
-        assert_eq!(
-            next_fire(&schedules, at(3, 4)),
-            Some((at(3, 15), "quarter"))
-        );
-        assert_eq!(next_fire(&schedules, at(3, 50)), Some((at(4, 0), "hourly")));
-        assert_eq!(next_fire(&[], at(3, 50)), None);
+        let first = |now| {
+            Fires::new(schedules.clone(), now)
+                .due()
+                .map(|(t, n)| (t, n.to_owned()))
+        };
+        assert_eq!(first(at(3, 4)), Some((at(3, 15), "quarter".to_owned())));
+        assert_eq!(first(at(3, 50)), Some((at(4, 0), "hourly".to_owned())));
+        assert_eq!(Fires::new(Vec::new(), at(3, 50)).due(), None);
     }
 
     /// Two syncs on one schedule both run at each fire, one after the other; a fire that
