@@ -35,6 +35,34 @@ pub fn next_due(due: u64, now: u64, period: u64, slack: u64) -> u64 {
     due.max(now.saturating_sub(slack)) + period
 }
 
+/// How far ahead of this host's clock a stored due time may be and still be believed: one
+/// second beyond the slots one round trip grants (`span`). A taker writes a due time at most
+/// `span` ahead of its own clock, so anything further comes from a host whose clock is ahead
+/// of this one's (or from a bug): waiting it out would stall every loader of the team for the
+/// skew — an hour, for a host an hour ahead, until someone deleted the entry by hand. Such a
+/// due time is taken as already past; the cost is that the two hosts' slots may crowd one
+/// second for as long as one clock is wrong, which Loops answers with 429s that are retried.
+pub const CLOCK_SKEW_ALLOWED: Duration = Duration::from_secs(1);
+
+/// The stored due time `due` as a taker whose clock reads `now` uses it: `due`, unless it is
+/// more than `span` + [`CLOCK_SKEW_ALLOWED`] ahead (see there), then `now`.
+pub fn credible_due(due: u64, now: u64, span: u64) -> u64 {
+    let bound = now
+        .saturating_add(span)
+        .saturating_add(CLOCK_SKEW_ALLOWED.as_nanos() as u64);
+    if due > bound {
+        metrics::counter!("loopsync_rate_budget_future_slots_ignored_total").increment(1);
+        tracing::warn!(
+            ahead_ms = (due - now) / 1_000_000,
+            "the shared rate budget's next slot is further ahead of this host's clock than any \
+             taker writes: ignored (a host's clock, this one's or another's, is wrong)"
+        );
+        now
+    } else {
+        due
+    }
+}
+
 /// How much of the budget a process takes from the shared ledger at once: the slots of 10 ms
 /// (at least one). Below 100 requests/s that is one slot per round trip, as before; at a high
 /// limit one round trip (a compare-and-swap on one key, which every process contends for)
@@ -224,6 +252,20 @@ mod tests {
             }
             assert_eq!(last - first.unwrap(), 999 * period);
         }
+    }
+
+    /// A due time a host with its clock an hour ahead wrote is not waited for; one within what
+    /// a taker writes (its granted slots, plus a second of skew) is.
+    #[test]
+    fn a_due_time_far_in_the_future_is_not_believed() {
+        let (now, span) = (1_000_000_000_000u64, 20_000_000u64);
+        let hour = 3_600_000_000_000u64;
+        assert_eq!(credible_due(now + hour, now, span), now);
+        assert_eq!(credible_due(now + span, now, span), now + span);
+        let edge = now + span + CLOCK_SKEW_ALLOWED.as_nanos() as u64;
+        assert_eq!(credible_due(edge, now, span), edge);
+        assert_eq!(credible_due(edge + 1, now, span), now);
+        assert_eq!(credible_due(now - 5, now, span), now - 5);
     }
 
     #[test]

@@ -71,8 +71,9 @@ impl std::fmt::Debug for Connected {
 
 /// Connects to the bus `settings` names (for JetStream: checks the server's version and
 /// provisions every stream, consumer and bucket). The one place that picks an implementation,
-/// so that no caller names one.
-pub async fn connect(settings: &BusSettings) -> Result<Connected, BusError> {
+/// so that no caller names one. `installation` (the state's id) scopes the messages: two
+/// deployments on one namespace never take each other's ([`Names::scoped`]).
+pub async fn connect(settings: &BusSettings, installation: &str) -> Result<Connected, BusError> {
     match settings {
         BusSettings::InProcess(limits) => {
             let bus = Arc::new(LocalBus::with_limits(Names::default(), limits.clone()));
@@ -87,7 +88,9 @@ pub async fn connect(settings: &BusSettings) -> Result<Connected, BusError> {
             namespace,
             options,
         } => {
-            let bus = Arc::new(JetStreamBus::connect(url, Names::new(namespace), options).await?);
+            let bus = Arc::new(
+                JetStreamBus::connect(url, Names::scoped(namespace, installation), options).await?,
+            );
             Ok(Connected {
                 messaging: bus.clone(),
                 coordination: bus,

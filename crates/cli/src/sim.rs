@@ -34,6 +34,10 @@ pub struct SimArgs {
     /// dropped connection; not a 401 or 429) consumes its key, so a retry with it gets 409.
     #[arg(long)]
     keys_consumed_on_failure: bool,
+    /// How long an Idempotency-Key is remembered, in seconds (Loops: 24 hours); shorter to see
+    /// what happens once Loops has forgotten a key.
+    #[arg(long, default_value_t = loopsync_simulator::DEFAULT_IDEMPOTENCY_TTL_SECONDS)]
+    idempotency_ttl_seconds: u64,
     /// How contacts are matched by email: case-insensitive or case-sensitive.
     #[arg(long, default_value = "case-insensitive", value_parser = parse_email_match)]
     email_match: EmailMatch,
@@ -110,6 +114,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<ExitCode> {
             keys_consumed_on_failure: args.keys_consumed_on_failure,
             email_match: args.email_match,
             numeric_dates: args.numeric_dates,
+            idempotency_ttl_seconds: args.idempotency_ttl_seconds,
             ..Settings::default()
         },
         lists: args.lists,

@@ -135,11 +135,26 @@ fn check_loops(loops: &LoopsConfig) -> Result<(), ConfigError> {
     if loops.timeout_seconds.is_nan() || loops.timeout_seconds <= 0.0 {
         return Err(invalid("loops.timeout_seconds", "must be positive"));
     }
+    // A record's claim must cover the requests of one attempt (a re-key's two, a 409's
+    // follow-up write): see the loader's CLAIM.
+    if loops.timeout_seconds > MAX_TIMEOUT_SECONDS {
+        return Err(invalid(
+            "loops.timeout_seconds",
+            &format!(
+                "must be at most {MAX_TIMEOUT_SECONDS}: a record's claim (60 s) covers the \
+                 requests of one attempt"
+            ),
+        ));
+    }
     if loops.team.as_deref().is_some_and(|t| t.trim().is_empty()) {
         return Err(invalid("loops.team", "is empty"));
     }
     Ok(())
 }
+
+/// The longest `loops.timeout_seconds`: three requests of one attempt (a re-key's write and
+/// removal, or an event's 409 and its follow-up write) within the loader's 60 s claim.
+pub const MAX_TIMEOUT_SECONDS: f64 = 20.0;
 
 /// `[nats]`: a namespace usable as a subject token, a positive ack wait.
 fn check_nats(nats: &NatsConfig) -> Result<(), ConfigError> {

@@ -621,6 +621,15 @@ signedUpAt = { column = "signed_up_at", type = "date" }
         assert!(e.starts_with("sync[0].name"), "{e}");
         let e = error_of(&EXAMPLE.replace("requests_per_second = 10", "requests_per_second = 0"));
         assert_eq!(e, "loops.requests_per_second: must be at least 1");
+        // A timeout the record's claim cannot cover (case 6 of "Adversarial histories").
+        let e = error_of(&EXAMPLE.replace(
+            "requests_per_second = 10",
+            "requests_per_second = 10\ntimeout_seconds = 45",
+        ));
+        assert!(
+            e.starts_with("loops.timeout_seconds: must be at most 20"),
+            "{e}"
+        );
         let e = error_of(&EXAMPLE.replace(
             "event_on_update = \"contactUpdated\"",
             "event_on_update = \"a:b\"",

@@ -85,6 +85,11 @@ pub struct RowChange {
     /// that record's now, so it is not removed.
     #[serde(default)]
     pub keep_old_contact: bool,
+    /// The record comes back after the sync unsubscribed its contact (mirror with
+    /// `on_remove = "unsubscribe"`): the write re-subscribes it. Never set for a contact that
+    /// unsubscribed on its own.
+    #[serde(default)]
+    pub resubscribe: bool,
 }
 
 /// What the loader is asked to do in Loops.
@@ -559,6 +564,7 @@ mod tests {
             installation: "inst".into(),
             generation: 0,
             keep_old_contact: false,
+            resubscribe: false,
         }
     }
 

@@ -48,11 +48,12 @@ impl Pipeline {
     ) -> Result<Pipeline, EngineError> {
         let warehouse = loopsync_warehouse::open(&settings::warehouse_settings(&config)).await?;
         warehouse.prepare().await?;
+        let installation = warehouse.installation().await?;
         let Connected {
             messaging: bus,
             coordination,
             tasks,
-        } = loopsync_bus::connect(&settings::bus_settings(&config)).await?;
+        } = loopsync_bus::connect(&settings::bus_settings(&config), &installation).await?;
         let budget = RateBudget::shared(
             coordination.clone(),
             config.loops.budget_name(),

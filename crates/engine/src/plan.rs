@@ -247,6 +247,7 @@ pub(crate) mod tests {
             installation: String::new(),
             generation: 0,
             keep_old_contact: false,
+            resubscribe: false,
         };
         serde_json::to_value(transform(spec, &change).unwrap().action).unwrap()
     }

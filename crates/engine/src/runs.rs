@@ -12,7 +12,7 @@ use loopsync_core::Classified;
 use loopsync_core::envelope::{RequestCounts, RunRequest, VERSION};
 use loopsync_core::time::utc_seconds;
 use loopsync_loops_client::LoopsClient;
-use loopsync_warehouse::{RunStatus, RunSummary, Warehouse};
+use loopsync_warehouse::{RunStatus, RunSummary, Warehouse, WarehouseError};
 use tokio_util::sync::CancellationToken;
 
 use crate::EngineError;
@@ -64,6 +64,47 @@ pub async fn request_run(
     )
     .await?;
     Ok(run_id)
+}
+
+/// How long a request waits for a run in progress to end, or for its lease to lapse, before it
+/// gives up: the lease, plus two heartbeats for the holder's last one to age out. A process
+/// killed mid-run (SIGKILL, a crash, a host gone) leaves its run open; a supervisor restarting
+/// it at once (systemd, Kubernetes, cron) must get a run, not an error.
+pub const RUN_IN_PROGRESS_WAIT: Duration = Duration::from_secs(
+    loopsync_warehouse::LEASE.as_secs() + 2 * loopsync_warehouse::HEARTBEAT.as_secs(),
+);
+
+/// [`request_run`]; while another run of the sync is in progress, tries again every second for
+/// up to [`RUN_IN_PROGRESS_WAIT`], saying so once: a run whose process died is closed as
+/// interrupted once its lease lapses, and this one starts then. A holder that is alive keeps
+/// its lease, and the request fails as before once the wait is over.
+async fn request_outliving_a_dead_holder(
+    bus: &dyn Messaging,
+    warehouse: &dyn Warehouse,
+    sync: &str,
+    ask: RunAsk,
+    observer: &mut dyn RunObserver,
+) -> Result<i64, EngineError> {
+    let deadline = tokio::time::Instant::now() + RUN_IN_PROGRESS_WAIT;
+    let mut said = false;
+    loop {
+        match request_run(bus, warehouse, sync, ask.clone()).await {
+            Err(EngineError::Warehouse(WarehouseError::RunInProgress {
+                run_id, status, ..
+            })) if tokio::time::Instant::now() < deadline => {
+                if !said {
+                    said = true;
+                    observer.notice(format!(
+                        "run {run_id} of sync {sync} is in progress ({status}): waiting up to \
+                         {} s for it to end, or for its lease to lapse if its process died",
+                        RUN_IN_PROGRESS_WAIT.as_secs()
+                    ));
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// How [`wait_for_run_with`] waits.
@@ -474,17 +515,14 @@ impl Runs {
                 created.join(", ")
             ));
         }
-        let run_id = request_run(
-            &*self.bus,
-            &*self.warehouse,
-            sync,
-            RunAsk {
-                only_keys,
-                preflight: self.preflight.take(),
-                allow_removals: self.options.allow_removals,
-            },
-        )
-        .await?;
+        let ask = RunAsk {
+            only_keys,
+            preflight: self.preflight.take(),
+            allow_removals: self.options.allow_removals,
+        };
+        let run_id =
+            request_outliving_a_dead_holder(&*self.bus, &*self.warehouse, sync, ask, observer)
+                .await?;
         tracing::info!(run_id, sync, "run requested");
         Ok(Ok(run_id))
     }

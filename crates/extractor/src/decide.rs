@@ -36,6 +36,10 @@ pub enum Decision {
     AlreadySent { key: String, fingerprint: String },
 }
 
+/// The fingerprint of the removal of a contact whose create's answer was lost (nothing was
+/// confirmed for it): not a fingerprint of values (those are 40 hex digits).
+pub const POSSIBLY_CREATED: &str = "possibly-created";
+
 /// What a run, `plan` and `runs` say of a row whose event was sent before and changed since.
 pub const ALREADY_SENT: &str = "ignored: already sent";
 
@@ -61,16 +65,37 @@ fn decide_row(spec: &SyncSpec, run_id: i64, row: &DiffRow, rows_with_key: usize)
         installation: String::new(),
         generation: row.generation,
         keep_old_contact: false,
+        resubscribe: row.resubscribe,
     };
     if spec.is_append() {
         return decide_event(spec, row, rows_with_key, change);
     }
+    // A create whose answer was lost: Loops may hold the contact it wrote. The state knows its
+    // identity, and treats it as the one to re-key or remove.
+    let possibly_created = row.confirmed_fp.is_none()
+        && row.unsure
+        && (row.emitted_email.is_some() || row.emitted_user_id.is_some());
+    let change = |kind, fingerprint, values| {
+        let mut c = change(kind, fingerprint, values);
+        if possibly_created {
+            c.confirmed_email = row.emitted_email.clone();
+            c.confirmed_user_id = row.emitted_user_id.clone();
+        }
+        c
+    };
     let Some(values) = row.values.clone() else {
         // Confirmed before, gone from the model now. Mirror removes the contact — only those
-        // this sync had confirmed: nothing else is in the state. A removal that was parked
-        // (`loopsync dlq park`) is left alone while the record stays away.
+        // this sync had confirmed (or possibly created): nothing else is in the state. A removal
+        // that was parked (`loopsync dlq park`) is left alone while the record stays away.
         if row.confirmed_fp.is_some() && row.parked_fp == row.confirmed_fp {
             return Decision::Parked;
+        }
+        if possibly_created && spec.behavior == Behavior::Mirror {
+            return Decision::Change(change(
+                ChangeKind::Removed,
+                POSSIBLY_CREATED.to_owned(),
+                Default::default(),
+            ));
         }
         return match (&row.confirmed_fp, spec.behavior) {
             (Some(confirmed), Behavior::Mirror) => Decision::Change(change(
@@ -90,6 +115,20 @@ fn decide_row(spec: &SyncSpec, run_id: i64, row: &DiffRow, rows_with_key: usize)
             ),
             key,
             rows: rows_with_key,
+        };
+    }
+    if row.user_id_rows > 1 {
+        let user_id = spec
+            .property("userId")
+            .and_then(|p| values.get(&p.column).cloned().flatten())
+            .unwrap_or_default();
+        return Decision::Invalid {
+            reason: format!(
+                "the userId {user_id} is on {} rows of this run: one contact cannot be two records",
+                row.user_id_rows
+            ),
+            key,
+            rows: 1,
         };
     }
     if row.email_rows > 1 {
@@ -112,6 +151,11 @@ fn decide_row(spec: &SyncSpec, run_id: i64, row: &DiffRow, rows_with_key: usize)
         return Decision::Parked;
     }
     match &row.confirmed_fp {
+        // Back at what Loops confirmed, but a later version may have been applied with its
+        // answer lost: Loops may hold that one. Sent again, so Loops holds the row.
+        Some(confirmed) if *confirmed == fingerprint && row.unsure => {
+            Decision::Change(change(ChangeKind::Changed, fingerprint, values))
+        }
         Some(confirmed) if *confirmed == fingerprint => Decision::Unchanged,
         Some(_) => Decision::Change(change(ChangeKind::Changed, fingerprint, values)),
         None => Decision::Change(change(ChangeKind::Added, fingerprint, values)),

@@ -19,9 +19,9 @@ use loopsync_bus::{BusError, Messaging, publish};
 use loopsync_core::codec::{self, DecodeError};
 use loopsync_core::envelope::{ChangeKind, Outcome, OutcomeStatus, RowChange, RunRequest};
 use loopsync_core::spec::{Behavior, IdentifyBy, OnRemove, SyncSpec};
-use loopsync_core::value::normalize_email;
+use loopsync_core::value::{is_valid_email, normalize_email};
 use loopsync_core::{Classified, ErrorClass};
-use loopsync_warehouse::{Adoption, ExtractCounts, Unchanged, Warehouse, WarehouseError};
+use loopsync_warehouse::{Adoption, Emitted, ExtractCounts, Unchanged, Warehouse, WarehouseError};
 
 pub mod decide;
 
@@ -119,7 +119,10 @@ impl ExtractorStage {
                 run.confirmed += n;
                 run.model_rows += n;
             }
-            run.confirmed += u64::from(row.confirmed_fp.is_some());
+            // A contact a lost create may have made counts as one the sync may remove.
+            run.confirmed += u64::from(
+                row.confirmed_fp.is_some() || (row.unsure && row.emitted_email.is_some()),
+            );
             run.model_rows += u64::from(row.values.is_some());
             for decided in decider.push(row) {
                 self.take(&mut run, decided).await?;
@@ -156,17 +159,31 @@ impl ExtractorStage {
         allow_removals: bool,
     ) -> Result<(), ExtractError> {
         let held = std::mem::take(&mut run.held);
+        // Who else holds the contacts these changes would take out of Loops: a record that
+        // Loops confirmed with the same email or userId (an unchanged row, or one invalid in
+        // this run), besides the records this run writes them to.
+        let identities: Vec<String> = held
+            .iter()
+            .filter_map(|c| removed_identity(run.spec, c))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let owners = self.warehouse.owners(&run.spec.name, &identities).await?;
         let mut removals = Vec::new();
         for mut change in held {
-            let claimed = change
-                .confirmed_email
-                .as_deref()
-                .map(normalize_email)
-                .is_some_and(|e| run.written_emails.contains(&run.email_hash(&e)));
+            let identity = removed_identity(run.spec, &change);
+            let claimed = identity.as_ref().is_some_and(|id| {
+                run.written_emails.contains(&run.email_hash(id))
+                    || owners.iter().any(|(key, email, user_id)| {
+                        *key != change.key
+                            && (email.as_deref().map(normalize_email).as_ref() == Some(id)
+                                || user_id.as_ref() == Some(id))
+                    })
+            });
             match change.kind {
                 ChangeKind::Removed if claimed => {
-                    // The contact now belongs to the record that claims its email: the record
-                    // leaves the sync, and its contact stays.
+                    // The contact now belongs to the record that claims its email or userId:
+                    // the record leaves the sync, and its contact stays.
                     let operation = match run.spec.on_remove {
                         OnRemove::Delete => "delete",
                         OnRemove::Unsubscribe => "unsubscribe",
@@ -174,7 +191,7 @@ impl ExtractorStage {
                     run.invalid.push(
                         Outcome::for_change(&change, OutcomeStatus::Confirmed, operation)
                             .with_reason(
-                                "not removed from Loops: another record of this run now has its email",
+                                "not removed from Loops: another record now has its email or userId",
                             ),
                     );
                 }
@@ -267,13 +284,9 @@ impl ExtractorStage {
     /// any outcome for it can arrive.
     async fn flush(&self, run: &mut RunState<'_>) -> Result<(), ExtractError> {
         if !run.changes.is_empty() {
-            let emitted: Vec<(String, String)> = run
-                .changes
-                .iter()
-                .map(|c| (c.key.clone(), c.fingerprint.clone()))
-                .collect();
+            let emitted: Vec<Emitted> = run.changes.iter().map(|c| emitted(run.spec, c)).collect();
             self.warehouse
-                .mark_emitted(&run.spec.name, run.run_id, &emitted)
+                .mark_emitted_as(&run.spec.name, run.run_id, &emitted)
                 .await?;
             publish::changes(&*self.bus, &run.changes).await?;
             run.changes.clear();
@@ -407,12 +420,23 @@ impl RunState<'_> {
         self.hasher.hash_one(email)
     }
 
-    /// Notes the email the change writes; says whether to hold the change back.
+    /// Notes the email (or, identified by userId, the userId) the change writes; says whether
+    /// to hold the change back.
     fn hold(&mut self, change: &RowChange) -> bool {
         if change.kind == ChangeKind::Removed {
             return self.spec.behavior == Behavior::Mirror;
         }
         if self.spec.identify_by != IdentifyBy::Email {
+            if self.spec.behavior == Behavior::Mirror
+                && let Some(user_id) = self
+                    .spec
+                    .property("userId")
+                    .and_then(|p| change.values.get(&p.column).cloned().flatten())
+                    .map(|u| u.trim().to_owned())
+                    .filter(|u| !u.is_empty())
+            {
+                self.written_emails.insert(self.email_hash(&user_id));
+            }
             return false;
         }
         let email = self
@@ -422,7 +446,7 @@ impl RunState<'_> {
             .map(|e| normalize_email(&e))
             .filter(|e| !e.is_empty());
         let rekey = self.spec.behavior == Behavior::Mirror
-            && change.kind == ChangeKind::Changed
+            && matches!(change.kind, ChangeKind::Changed | ChangeKind::Added)
             && change
                 .confirmed_email
                 .as_deref()
@@ -436,6 +460,47 @@ impl RunState<'_> {
         }
         rekey
     }
+}
+
+/// A change as the state notes it before it is published: with the identity it writes (a
+/// removal: the one it removes), so that a version whose answer is lost can be found again.
+fn emitted(spec: &SyncSpec, change: &RowChange) -> Emitted {
+    let value = |property: &str| {
+        spec.property(property)
+            .and_then(|p| change.values.get(&p.column).cloned().flatten())
+    };
+    let (email, user_id) = match change.kind {
+        ChangeKind::Removed => (
+            change.confirmed_email.clone(),
+            change.confirmed_user_id.clone(),
+        ),
+        _ => (
+            // Only an email Loops could take: a malformed one is refused before it is sent.
+            value("email")
+                .map(|e| normalize_email(&e))
+                .filter(|e| is_valid_email(e)),
+            value("userId")
+                .map(|u| u.trim().to_owned())
+                .filter(|u| !u.is_empty()),
+        ),
+    };
+    Emitted {
+        key: change.key.clone(),
+        fingerprint: change.fingerprint.clone(),
+        email,
+        user_id,
+    }
+}
+
+/// The identity of the contact a held change would take out of Loops: the one a removal
+/// finds it by (the userId, identified by userId; else the email), or a re-key's old email.
+fn removed_identity(spec: &SyncSpec, change: &RowChange) -> Option<String> {
+    let email = change.confirmed_email.as_deref().map(normalize_email);
+    match (change.kind, spec.identify_by) {
+        (ChangeKind::Removed, IdentifyBy::UserId) => change.confirmed_user_id.clone().or(email),
+        _ => email,
+    }
+    .filter(|i| !i.is_empty())
 }
 
 #[async_trait]
@@ -554,6 +619,7 @@ mod held_tests {
             installation: String::new(),
             generation: 0,
             keep_old_contact: false,
+            resubscribe: false,
         }
     }
 

@@ -45,6 +45,10 @@ pub enum LoadError {
     Loops(#[from] LoopsError),
     #[error(transparent)]
     Bus(#[from] BusError),
+    /// The record's claim would end before the next request could (its answer within the
+    /// client's timeout): not sent, tried again with a new claim.
+    #[error("the record's claim would lapse before a request could end: not sent")]
+    ClaimTooShort,
 }
 
 impl Classified for LoadError {
@@ -53,13 +57,26 @@ impl Classified for LoadError {
             LoadError::Decode(e) => e.class(),
             LoadError::Loops(e) => e.class(),
             LoadError::Bus(e) => e.class(),
+            LoadError::ClaimTooShort => ErrorClass::RETRY,
         }
     }
 }
 
+impl LoadError {
+    /// What the attempt sent may still reach Loops: no answer came within the timeout, so the
+    /// request may be in flight yet. (A 5xx or a dropped connection is an end: Loops applied it
+    /// or not, but nothing lands later.)
+    fn may_land_late(&self) -> bool {
+        matches!(self, LoadError::Loops(LoopsError::Timeout(_)))
+    }
+}
+
 /// How long a loader may hold a record's claim: from its first request to its ledger write.
-/// Far longer than a request may take (the client's timeout) and the rate waits of the two
-/// requests of a re-key, so no other version of the record is sent while one is in flight.
+/// A request starts only while the claim still covers its whole timeout ([`LoadError::
+/// ClaimTooShort`]; `loops.timeout_seconds` is at most 20 s), so no request of a claim can end
+/// after it. A claim whose attempt failed in a way Loops may have applied (a 5xx, a dropped
+/// connection, a timeout) is kept one more timeout when the request may still be in flight (a
+/// timeout): another version then cannot land before it.
 pub const CLAIM: Duration = Duration::from_secs(60);
 
 /// Per record: the last version Loops confirmed, and the version being sent now, if any.
@@ -74,6 +91,13 @@ pub struct LedgerEntry {
     /// A loader sending a version of the record (until `until_ms`, Unix milliseconds).
     #[serde(default)]
     pub claim: Option<Claim>,
+    /// The idempotency key of the confirmed change. A key names one change of the record (its
+    /// generation and fingerprint), whatever run sends it: a later run that sends the same
+    /// change again — it extracted the record before the confirmation reached the state, as
+    /// after an interrupted run whose queue NATS still held — finds it here and sends nothing.
+    /// The ledger keeps it for as long as the entry lives, beyond Loops' 24 hours of keys.
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
 }
 
 /// A version of a record in flight.
@@ -128,12 +152,20 @@ pub enum LedgerVerdict {
     Stale,
 }
 
-/// Compares an operation with the ledger entry of its record.
+/// Compares an operation with the ledger entry of its record: a newer run's confirmation makes
+/// it stale; the same version confirmed in its own run, or the same change (its idempotency
+/// key) confirmed in an earlier run, is already confirmed.
 pub fn verdict(op: &Operation, entry: Option<&LedgerEntry>) -> LedgerVerdict {
     match entry {
         None => LedgerVerdict::Send,
         Some(e) if e.run_id > op.run_id => LedgerVerdict::Stale,
         Some(e) if e.run_id == op.run_id && e.fingerprint == op.fingerprint => {
+            LedgerVerdict::AlreadyConfirmed(e.contact_id.clone())
+        }
+        Some(e)
+            if e.fingerprint == op.fingerprint
+                && e.idempotency_key.as_deref() == Some(op.idempotency_key.as_str()) =>
+        {
             LedgerVerdict::AlreadyConfirmed(e.contact_id.clone())
         }
         Some(_) => LedgerVerdict::Send,
@@ -189,6 +221,7 @@ impl LoaderStage {
         &self,
         op: &Operation,
         attempt: &mut AttemptRequests,
+        claim_ends: tokio::time::Instant,
     ) -> Result<Option<String>, LoadError> {
         match &op.action {
             Action::Rekey {
@@ -196,7 +229,9 @@ impl LoaderStage {
                 old_email,
                 remove_old,
             } => {
-                let contact_id = self.send_one(write, &op.idempotency_key, attempt).await?;
+                let contact_id = self
+                    .send_one(write, &op.idempotency_key, attempt, claim_ends)
+                    .await?;
                 if let Some(mode) = remove_old {
                     let old = Some(old_email.clone());
                     let removal = match mode {
@@ -209,12 +244,15 @@ impl LoaderStage {
                             user_id: None,
                         },
                     };
-                    self.send_one(&removal, &op.idempotency_key, attempt)
+                    self.send_one(&removal, &op.idempotency_key, attempt, claim_ends)
                         .await?;
                 }
                 Ok(contact_id)
             }
-            action => self.send_one(action, &op.idempotency_key, attempt).await,
+            action => {
+                self.send_one(action, &op.idempotency_key, attempt, claim_ends)
+                    .await
+            }
         }
     }
 
@@ -224,8 +262,9 @@ impl LoaderStage {
         action: &Action,
         idempotency_key: &str,
         attempt: &mut AttemptRequests,
+        claim_ends: tokio::time::Instant,
     ) -> Result<Option<String>, LoadError> {
-        self.budget.ready().await?;
+        self.ready_within(claim_ends).await?;
         match action {
             Action::Upsert {
                 email,
@@ -271,7 +310,7 @@ impl LoaderStage {
                     // requests, an attempt that applied nothing). Either way the 409 applied
                     // nothing now, so the contact write is made sure of by itself.
                     Err(LoopsError::Conflict { .. }) => {
-                        self.budget.ready().await?;
+                        self.ready_within(claim_ends).await?;
                         let result = self.client.update_contact(&event.contact).await;
                         attempt.note(RequestKind::Write, &result);
                         Ok(Some(result?))
@@ -312,6 +351,16 @@ impl LoaderStage {
                 Ok(Some(result?))
             }
         }
+    }
+
+    /// Takes a slot of the rate budget, then checks that the claim still covers a whole
+    /// request (see [`CLAIM`]).
+    async fn ready_within(&self, claim_ends: tokio::time::Instant) -> Result<(), LoadError> {
+        self.budget.ready().await?;
+        if tokio::time::Instant::now() + self.client.timeout() > claim_ends {
+            return Err(LoadError::ClaimTooShort);
+        }
+        Ok(())
     }
 
     /// The ledger check, the claim, the requests, the ledger write: the record's outcome,
@@ -356,11 +405,22 @@ impl LoaderStage {
             else {
                 continue; // someone wrote first: read again
             };
-            let contact_id = match self.send(op, attempt).await {
+            let claim_ends = tokio::time::Instant::now() + CLAIM;
+            let contact_id = match self.send(op, attempt, claim_ends).await {
                 Ok(contact_id) => contact_id,
                 Err(error) => {
-                    // Let the retry, or another version, go at once.
-                    claimed.claim = None;
+                    // Let the retry, or another version, go at once — unless the request may
+                    // still land: then another version waits one more timeout, so that it
+                    // cannot land before this one.
+                    claimed.claim = if error.may_land_late() {
+                        let until = now_ms() + self.client.timeout().as_millis() as i64;
+                        claimed.claim.take().map(|c| Claim {
+                            until_ms: until,
+                            ..c
+                        })
+                    } else {
+                        None
+                    };
                     let _ = self
                         .ledger
                         .ledger_swap(
@@ -377,6 +437,7 @@ impl LoaderStage {
                 fingerprint: op.fingerprint.clone(),
                 contact_id: contact_id.clone(),
                 claim: None,
+                idempotency_key: Some(op.idempotency_key.clone()),
             };
             if self
                 .ledger

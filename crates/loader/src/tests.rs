@@ -47,6 +47,7 @@ fn ledger_verdicts() {
         fingerprint: fp.into(),
         contact_id: Some("c".into()),
         claim: None,
+        idempotency_key: None,
     };
     assert_eq!(verdict(&o, None), LedgerVerdict::Send);
     assert_eq!(verdict(&o, Some(&entry(4, "fpA"))), LedgerVerdict::Send);
@@ -57,6 +58,23 @@ fn ledger_verdicts() {
     );
     // The same run with another fingerprint cannot be confirmed yet: send.
     assert_eq!(verdict(&o, Some(&entry(5, "fpX"))), LedgerVerdict::Send);
+    // The same change (its idempotency key) confirmed by an earlier run: an interrupted run's
+    // queue was sent after the next run extracted the record again. Nothing to send.
+    let same_change = LedgerEntry {
+        idempotency_key: Some(o.idempotency_key.clone()),
+        ..entry(4, "fpB")
+    };
+    assert_eq!(
+        verdict(&o, Some(&same_change)),
+        LedgerVerdict::AlreadyConfirmed(Some("c".into()))
+    );
+    // Another change that happens to have the same fingerprint (a value that went back: a
+    // later generation, another key) is sent.
+    let earlier_generation = LedgerEntry {
+        idempotency_key: Some(keys::idempotency_key("i", "users", "1", 7, "fpB", "upsert")),
+        ..entry(4, "fpB")
+    };
+    assert_eq!(verdict(&o, Some(&earlier_generation)), LedgerVerdict::Send);
 }
 
 async fn sim(rate_limit: u32) -> SimHandle {
@@ -634,4 +652,70 @@ async fn two_versions_in_flight_land_in_order() {
         let entry: LedgerEntry = codec::decode(&entry.value).unwrap();
         assert_eq!((entry.run_id, entry.claim), (6, None));
     }
+}
+
+/// Case 6 of "Adversarial histories": a request starts only while the record's claim covers its
+/// whole timeout, so no request of a claim can end after the claim.
+#[tokio::test]
+async fn no_request_starts_that_the_claim_cannot_cover() {
+    let sim = sim(100).await;
+    let bus = Arc::new(LocalBus::default());
+    let loader = stage(bus.clone(), &sim, 100);
+    let soon = tokio::time::Instant::now() + Duration::from_secs(1);
+    let error = loader.ready_within(soon).await.unwrap_err();
+    assert!(matches!(error, LoadError::ClaimTooShort), "{error}");
+    assert!(matches!(error.class(), ErrorClass::Retryable { .. }));
+    let later = tokio::time::Instant::now() + CLAIM;
+    loader.ready_within(later).await.unwrap();
+    assert_eq!(sim.stats().total_requests, 0);
+}
+
+/// Case 6: a request that timed out may still land at Loops: its claim is kept one more timeout
+/// (another version cannot overtake it); a 5xx releases it at once (nothing lands later).
+#[tokio::test]
+async fn a_timed_out_request_keeps_its_claim_one_more_timeout() {
+    let sim = sim(100).await;
+    let bus = Arc::new(LocalBus::default());
+    let client = LoopsClient::new({
+        let mut c = ClientConfig::new(sim.base_url(), ApiKey::new("test-key").unwrap());
+        c.timeout = Duration::from_millis(300);
+        c
+    })
+    .unwrap();
+    let budget = RateBudget::shared(bus.clone(), "team".into(), 100);
+    let loader = LoaderStage::new(bus.clone(), bus.clone(), client, budget);
+    sim.set_faults(Faults {
+        latency_ms: 1_000,
+        ..Faults::default()
+    })
+    .unwrap();
+    let o = op(1, "1", "fpA", Some("ann@x.co"), None);
+    let payload = Bytes::from(codec::encode(&o));
+    let error = loader.handle(&info(1), &payload).await.unwrap_err();
+    assert!(
+        matches!(error, LoadError::Loops(LoopsError::Timeout(_))),
+        "{error}"
+    );
+    let key = keys::ledger_key(&o.installation, &o.sync, &o.key);
+    let (entry, _) = loader.ledger(&key).await.unwrap();
+    let claim = entry.unwrap().claim.expect("the claim is kept");
+    let left = claim.until_ms - now_ms();
+    assert!((0..=300).contains(&left), "{left} ms left");
+    // A newer version waits for it.
+    let newer = op(2, "1", "fpB", Some("ann@x.co"), None);
+    let (entry, _) = loader.ledger(&key).await.unwrap();
+    assert!(matches!(
+        claim_verdict(&newer, entry.as_ref(), now_ms()),
+        ClaimVerdict::Older { .. }
+    ));
+    // A 5xx releases it.
+    sim.set_faults(Faults {
+        error_503: 1.0,
+        ..Faults::default()
+    })
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    loader.handle(&info(2), &payload).await.unwrap_err();
+    let (entry, _) = loader.ledger(&key).await.unwrap();
+    assert_eq!(entry.unwrap().claim, None);
 }

@@ -92,6 +92,11 @@ impl LoopsClient {
         })
     }
 
+    /// How long one request may go without an answer.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// The API root this client sends to (`https://app.loops.so/api`), without a trailing slash.
     pub fn base_url(&self) -> &str {
         &self.base_url

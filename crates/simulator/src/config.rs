@@ -67,6 +67,9 @@ pub enum NumericDates {
     Millis,
 }
 
+/// How long Loops remembers an `Idempotency-Key`: 24 hours (`loops-api.md` §5).
+pub const DEFAULT_IDEMPOTENCY_TTL_SECONDS: u64 = 24 * 3600;
+
 /// Settings that may change at run time. Every field has a default, so `{}` is valid.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -85,6 +88,9 @@ pub struct Settings {
     pub keys_consumed_on_failure: bool,
     pub email_match: EmailMatch,
     pub numeric_dates: NumericDates,
+    /// How long an `Idempotency-Key` is remembered, in seconds (Loops: 24 hours). Shorter in
+    /// tests, so that what happens once Loops has forgotten a key can be seen.
+    pub idempotency_ttl_seconds: u64,
 }
 
 impl Default for Settings {
@@ -99,6 +105,7 @@ impl Default for Settings {
             keys_consumed_on_failure: false,
             email_match: EmailMatch::CaseInsensitive,
             numeric_dates: NumericDates::Auto,
+            idempotency_ttl_seconds: DEFAULT_IDEMPOTENCY_TTL_SECONDS,
         }
     }
 }

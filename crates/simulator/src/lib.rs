@@ -32,8 +32,8 @@ use tokio::sync::{Notify, oneshot};
 use tower::ServiceExt;
 
 pub use config::{
-    EmailMatch, NumericDates, RateWindow, Settings, SettingsError, SimConfig, UnknownLists,
-    UnknownProperties,
+    DEFAULT_IDEMPOTENCY_TTL_SECONDS, EmailMatch, NumericDates, RateWindow, Settings, SettingsError,
+    SimConfig, UnknownLists, UnknownProperties,
 };
 pub use faults::Faults;
 pub use model::{MailingList, PropertyType};

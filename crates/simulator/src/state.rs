@@ -17,9 +17,6 @@ use crate::model::{
     is_valid_email,
 };
 
-/// How long an `Idempotency-Key` is remembered (§5).
-pub const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
-
 /// The endpoints that honour `Idempotency-Key` (§5), by the name the gate gives a request, and
 /// the scope their keys are remembered under (per team and endpoint, §9).
 pub fn idempotency_scope(endpoint: &str) -> Option<&'static str> {
@@ -316,21 +313,29 @@ impl SimState {
         serde_json::to_value(&self.audience.lists).expect("lists serialize")
     }
 
-    /// Whether this idempotency key was accepted on this endpoint within 24 h.
+    /// How long a key is remembered (`idempotency_ttl_seconds`; Loops: 24 h).
+    fn idempotency_ttl(&self) -> Duration {
+        Duration::from_secs(self.settings.idempotency_ttl_seconds)
+    }
+
+    /// Whether this idempotency key was accepted on this endpoint within the keys' lifetime
+    /// (`idempotency_ttl_seconds`: 24 h, as Loops).
     pub fn idempotency_seen(&mut self, endpoint: &str, key: &str) -> bool {
         let now = Instant::now();
+        let ttl = self.idempotency_ttl();
         if self.idempotency.len() > 100_000 {
             self.idempotency
-                .retain(|_, at| now.duration_since(*at) < IDEMPOTENCY_TTL);
+                .retain(|_, at| now.duration_since(*at) < ttl);
         }
         let scoped = format!("{endpoint}\n{key}");
-        matches!(self.idempotency.get(&scoped), Some(at) if now.duration_since(*at) < IDEMPOTENCY_TTL)
+        matches!(self.idempotency.get(&scoped), Some(at) if now.duration_since(*at) < ttl)
     }
 
     /// Remembers a key as used from now, unless it is already remembered (its 24 h then still
     /// run from its first use).
     pub fn consume_idempotency(&mut self, endpoint: &str, key: &str) {
         if !self.idempotency_seen(endpoint, key) {
+            // Inserted anew: a key remembered once and forgotten since starts again.
             self.idempotency
                 .insert(format!("{endpoint}\n{key}"), Instant::now());
         }

@@ -762,6 +762,29 @@ async fn every_fault_path_consults_keys_consumed_on_failure() {
     }
 }
 
+/// `idempotency_ttl_seconds`: a key is refused (409) within its lifetime and taken again once
+/// Loops has forgotten it — the same event then fires a second time. 24 hours by default.
+#[tokio::test]
+async fn a_key_is_forgotten_after_its_lifetime() {
+    let sim = sim().await;
+    let defaults = inspect(&sim, "settings").await;
+    assert_eq!(defaults["idempotency_ttl_seconds"], 86400);
+    settings(
+        &sim,
+        json!({"rate_limit": 1000, "idempotency_ttl_seconds": 1}),
+    )
+    .await;
+    let first = event_with_key(&sim, "k-ttl", good_event()).await.unwrap();
+    assert_eq!(first.status, 200);
+    let again = event_with_key(&sim, "k-ttl", good_event()).await.unwrap();
+    assert_eq!(again.status, 409, "within its lifetime");
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let later = event_with_key(&sim, "k-ttl", good_event()).await.unwrap();
+    assert_eq!(later.status, 200, "forgotten after it");
+    let events = inspect(&sim, "events").await;
+    assert_eq!(events.as_array().unwrap().len(), 2, "{events}");
+}
+
 /// The example of §9.1: a 503 before the effect, then a retry with the same key.
 #[tokio::test]
 async fn a_503_before_the_effect_then_a_retry() {

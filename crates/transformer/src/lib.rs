@@ -58,13 +58,17 @@ pub fn transform(spec: &SyncSpec, change: &RowChange) -> Result<Operation, Inval
                 ChangeKind::Added | ChangeKind::Changed => upsert(spec, change)?,
                 ChangeKind::Removed => removal(spec, change)?,
             };
+            // The event of a record's creation is one per generation, whatever its values: a
+            // create whose answer was lost, sent again with other values, must not fire it twice
+            // (Loops answers 409 and the contact is written without it, see the loader).
+            let creation = kind == ChangeKind::Added && matches!(action, Action::Event { .. });
             let key = keys::idempotency_key(
                 &change.installation,
                 &change.sync,
                 &change.key,
                 change.generation,
-                &change.fingerprint,
-                action.name(),
+                if creation { "" } else { &change.fingerprint },
+                if creation { "created" } else { action.name() },
             );
             (action, key)
         }
@@ -273,9 +277,13 @@ fn upsert(spec: &SyncSpec, change: &RowChange) -> Result<Action, Invalid> {
     let Contact {
         email,
         user_id,
-        properties,
+        mut properties,
         mailing_lists,
     } = contact(spec, change)?;
+    // Back after the sync unsubscribed its contact: subscribed again, as it was before.
+    if change.resubscribe {
+        properties.insert("subscribed".into(), Value::Bool(true));
+    }
     let write = write_action(
         spec,
         change,
@@ -285,8 +293,10 @@ fn upsert(spec: &SyncSpec, change: &RowChange) -> Result<Action, Invalid> {
         mailing_lists,
     );
     // Identified by email, and the email changed: Loops knows the record as another contact.
+    // (An added record has a confirmed email only when its create's answer was lost: the
+    // contact it may have made is the old one.)
     if spec.identify_by == IdentifyBy::Email
-        && change.kind == ChangeKind::Changed
+        && matches!(change.kind, ChangeKind::Changed | ChangeKind::Added)
         && let (Some(old), Some(new)) = (&change.confirmed_email, &email)
         && normalize_email(old) != *new
     {

@@ -116,6 +116,7 @@ pub fn confirmed(
         installation: String::new(),
         generation: 0,
         keep_old_contact: false,
+        resubscribe: false,
     };
     let op = transform(spec, &change)?;
     Confirmed::from_action(&op.action)

@@ -127,6 +127,22 @@ pub struct DiffRow {
     pub parked_fp: Option<String>,
     /// How many changes of the record Loops has confirmed (removals included); 0 when new.
     pub generation: i64,
+    /// A version of the record was published after Loops' last confirmation and never
+    /// confirmed: its answer may have been lost after Loops applied it (a 5xx or a dropped
+    /// connection after the effect, retries spent, a process killed mid-request). Loops then may
+    /// hold that version, not the confirmed one: a row back at the confirmed fingerprint is sent
+    /// again, not found unchanged.
+    pub unsure: bool,
+    /// The record's tombstone says the sync unsubscribed its contact (mirror with
+    /// `on_remove = "unsubscribe"`): a row that comes back re-subscribes it. A contact that
+    /// unsubscribed on its own is never re-subscribed.
+    pub resubscribe: bool,
+    /// How many model rows carry this row's userId, when the sync maps one; 1 when unique.
+    pub user_id_rows: i64,
+    /// The identity of the version last published, when [`DiffRow::unsure`]: the contact that
+    /// version may have created or renamed in Loops.
+    pub emitted_email: Option<String>,
+    pub emitted_user_id: Option<String>,
     /// A 64-bit hash of the model row's text (key and mapped columns, seeded by the sync's
     /// shape, see [`SyncSpec::shape_seed`]), where the warehouse computes one
     /// ([`Warehouse::diff_changes`]): what [`Warehouse::note_unchanged`] keeps.
@@ -149,6 +165,16 @@ impl DiffRow {
     pub fn is_untold(&self) -> bool {
         self.unchanged_untold > 0
     }
+}
+
+/// A version of a record about to be published ([`Warehouse::mark_emitted_as`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Emitted {
+    pub key: String,
+    pub fingerprint: String,
+    /// The identity the version writes (a removal: the one it removes).
+    pub email: Option<String>,
+    pub user_id: Option<String>,
 }
 
 /// A record adopted as confirmed by Loops ([`Warehouse::adopt`]).
@@ -506,14 +532,33 @@ pub trait Warehouse: Send + Sync + 'static {
         redelivered: bool,
     ) -> Result<Option<String>, WarehouseError>;
 
-    /// Notes what is about to be published for each key: `(key, fingerprint)`. Called before
-    /// publishing, so no outcome of these keys can race with it.
+    /// Notes what is about to be published for each key, with the identity it writes. Called
+    /// before publishing, so no outcome of these keys can race with it. Until Loops confirms it,
+    /// the version is *possibly applied* ([`DiffRow::unsure`]), with that identity.
+    async fn mark_emitted_as(
+        &self,
+        sync: &str,
+        run_id: i64,
+        emitted: &[Emitted],
+    ) -> Result<(), WarehouseError>;
+
+    /// [`Warehouse::mark_emitted_as`] without identities: `(key, fingerprint)`.
     async fn mark_emitted(
         &self,
         sync: &str,
         run_id: i64,
         emitted: &[(String, String)],
-    ) -> Result<(), WarehouseError>;
+    ) -> Result<(), WarehouseError> {
+        let emitted: Vec<Emitted> = emitted
+            .iter()
+            .map(|(key, fingerprint)| Emitted {
+                key: key.clone(),
+                fingerprint: fingerprint.clone(),
+                ..Emitted::default()
+            })
+            .collect();
+        self.mark_emitted_as(sync, run_id, &emitted).await
+    }
 
     /// The extraction is complete: store its counts; the run is `sending` (or finished, when
     /// every record already has an outcome).
@@ -538,6 +583,15 @@ pub trait Warehouse: Send + Sync + 'static {
 
     /// Unparks records: the next run tries them again. Returns how many were unparked.
     async fn unpark(&self, sync: &str, keys: &[String]) -> Result<u64, WarehouseError>;
+
+    /// The records of `sync` that Loops confirmed with one of `identities` (a normalised
+    /// email, or a userId), as `(key, confirmed email, confirmed userId)`: who owns a contact
+    /// before a removal or a re-key takes it out of Loops.
+    async fn owners(
+        &self,
+        sync: &str,
+        identities: &[String],
+    ) -> Result<Vec<(String, Option<String>, Option<String>)>, WarehouseError>;
 
     /// The parked records of `sync` (every sync: `None`), as `(sync, key)`.
     async fn parked(&self, sync: Option<&str>) -> Result<Vec<(String, String)>, WarehouseError>;
@@ -1004,6 +1058,14 @@ pub(crate) fn diff_sql(
         ));
     }
     select.push(email_count);
+    select.push(match spec.property("userId").filter(|_| !spec.is_append()) {
+        Some(p) => format!(
+            "CASE WHEN model.{c} IS NULL THEN 1 ELSE count(*) OVER (PARTITION BY {u}) END AS ucount",
+            c = quote_ident(&p.column),
+            u = cast(&format!("model.{}", quote_ident(&p.column))),
+        ),
+        None => "CAST(1 AS bigint) AS ucount".to_owned(),
+    });
     let mut hashed = String::new();
     if let Some(row_hash) = row_hash {
         let mut raw = vec![format!("model.{}", quote_ident(&spec.primary_key))];
@@ -1034,14 +1096,16 @@ pub(crate) fn diff_sql(
     } else {
         (
             format!(
-                ", s AS (SELECT key, confirmed_fp, confirmed_email, confirmed_user_id, parked_fp, generation FROM {state} WHERE sync = {param})"
+                ", s AS (SELECT key, confirmed_fp, confirmed_email, confirmed_user_id, parked_fp, generation, emitted_run, confirmed_run, resubscribe, emitted_email, emitted_user_id FROM {state} WHERE sync = {param})"
             ),
             format!("m {join} JOIN s ON s.key = m.k"),
         )
     };
     format!(
         "WITH m AS (SELECT {select} FROM ({model}) AS model{filter}){state_cte} \
-         SELECT m.present, COALESCE(m.k, s.key) AS key{comma}{outer}, s.confirmed_fp, s.confirmed_email, s.confirmed_user_id, m.ecount, s.parked_fp, s.generation{hashed} \
+         SELECT m.present, COALESCE(m.k, s.key) AS key{comma}{outer}, s.confirmed_fp, s.confirmed_email, s.confirmed_user_id, m.ecount, s.parked_fp, s.generation{hashed}, \
+                {UNSURE} AS unsure, s.resubscribe AS resubscribe, m.ucount AS ucount, \
+                s.emitted_email AS emitted_email, s.emitted_user_id AS emitted_user_id \
          FROM {joined} \
          ORDER BY COALESCE(m.k, s.key) {collate} NULLS LAST",
         select = select.join(", "),
@@ -1049,8 +1113,14 @@ pub(crate) fn diff_sql(
         filter = since.map(|c| format!(" WHERE {c}")).unwrap_or_default(),
         comma = if columns.is_empty() { "" } else { ", " },
         outer = outer_columns.join(", "),
+        UNSURE = UNSURE,
     )
 }
+
+/// Whether a version was published after Loops' last confirmation of the record and never
+/// confirmed ([`DiffRow::unsure`]), as a bigint 0 or 1, of the state's alias `s`.
+pub(crate) const UNSURE: &str = "CAST(CASE WHEN s.emitted_run IS NOT NULL \
+     AND (s.confirmed_run IS NULL OR s.emitted_run > s.confirmed_run) THEN 1 ELSE 0 END AS bigint)";
 
 /// An event sync's watermark (see [`Warehouse::cursor_watermark`]): the highest cursor of its
 /// latest run that finished with every event it read settled for good — `succeeded`, `adopted`,

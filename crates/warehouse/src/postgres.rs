@@ -19,11 +19,11 @@ use tokio_postgres::{Client, NoTls, Row};
 
 use crate::schema::{Dialect, LATEST, MIGRATIONS, Rendered};
 use crate::{
-    Adoption, DestinationBinding, DiffDialect, DiffRow, EARLIEST_CURSOR, ExtractCounts, LEASE,
-    ModelRows, RecordResult, RunSummary, STAGED, StateReset, Unchanged, Warehouse, WarehouseError,
-    cursor_condition, cursor_since, diff_sql, is_removal, model_sql, probe_sql, quote_ident,
-    record_requests_sql, requests_of, staged_spec, stored, summary_request_sql, summary_rows_sql,
-    watermark_sql,
+    Adoption, DestinationBinding, DiffDialect, DiffRow, EARLIEST_CURSOR, Emitted, ExtractCounts,
+    LEASE, ModelRows, RecordResult, RunSummary, STAGED, StateReset, Unchanged, Warehouse,
+    WarehouseError, cursor_condition, cursor_since, diff_sql, is_removal, model_sql, probe_sql,
+    quote_ident, record_requests_sql, requests_of, staged_spec, stored, summary_request_sql,
+    summary_rows_sql, watermark_sql,
 };
 
 /// The diff's `work_mem`: its hash join holds the sync's state keys (about 55 MB a million).
@@ -66,13 +66,23 @@ fn changes_sql(spec: &SyncSpec) -> String {
                            hashtextextended(ROW({raw})::text, $2) AS h, {ek} AS ek{model_columns}
                       FROM ({model}) AS model),
               s AS (SELECT key, model_hash FROM loopsync.state WHERE sync = $1),
-              c AS MATERIALIZED (
+              c0 AS MATERIALIZED (
                   SELECT m.*, s.key AS skey, s.model_hash AS smh
                     FROM m FULL OUTER JOIN s ON s.key = m.k
                    WHERE m.k IS NULL OR s.key IS NULL OR s.model_hash IS DISTINCT FROM m.h),
+              -- A row in sync whose email a row read out now carries is read out too: every row
+              -- of a duplicated email is invalid, as in the plain diff.
+              c AS MATERIALIZED (
+                  SELECT * FROM c0
+                  UNION ALL
+                  SELECT m.*, s.key, s.model_hash
+                    FROM m JOIN s ON s.key = m.k
+                   WHERE s.model_hash = m.h
+                     AND m.ek IN (SELECT ek FROM c0 WHERE ek IS NOT NULL AND ek <> '')),
               e AS MATERIALIZED (
                   SELECT c.*, x.confirmed_fp, x.confirmed_email, x.confirmed_user_id, x.parked_fp,
-                         x.generation, x.model_email AS xme
+                         x.generation, x.model_email AS xme, x.emitted_run, x.confirmed_run,
+                         x.resubscribe, x.emitted_email, x.emitted_user_id
                     FROM c LEFT JOIN LATERAL (
                              -- An index lookup per row read out (`OFFSET 0`: not a join
                              -- PostgreSQL would plan for its estimate of all rows).
@@ -90,16 +100,22 @@ fn changes_sql(spec: &SyncSpec) -> String {
                                          AND y.model_hash IS NOT NULL)
                                    - COALESCE(g.n, 0)
                          END AS ecount,
-                         e.parked_fp, e.generation, e.h AS model_hash, CAST(NULL AS bigint) AS untold
+                         e.parked_fp, e.generation, e.h AS model_hash, CAST(NULL AS bigint) AS untold,
+                         {unsure} AS unsure, e.resubscribe, CAST(1 AS bigint) AS ucount,
+                         e.emitted_email, e.emitted_user_id
                     FROM e LEFT JOIN g ON g.xme = e.ek
                   UNION ALL
                   SELECT 1, NULL, NULL{tail_columns}, NULL, NULL, NULL, CAST(NULL AS bigint), NULL,
                          CAST(NULL AS bigint), CAST(NULL AS bigint),
                          (SELECT count(*) FROM loopsync.state WHERE sync = $1 AND model_hash IS NOT NULL)
-                         - (SELECT count(DISTINCT skey) FROM c WHERE smh IS NOT NULL))
+                         - (SELECT count(DISTINCT skey) FROM c WHERE smh IS NOT NULL),
+                         CAST(NULL AS bigint), CAST(NULL AS bigint), CAST(NULL AS bigint),
+                         CAST(NULL AS text), CAST(NULL AS text))
          SELECT present, key{outer}, confirmed_fp, confirmed_email, confirmed_user_id, ecount,
-                parked_fp, generation, model_hash, untold
+                parked_fp, generation, model_hash, untold, unsure, resubscribe, ucount,
+                emitted_email, emitted_user_id
            FROM d ORDER BY tail, key COLLATE \"C\" NULLS LAST",
+        unsure = crate::UNSURE.replace("s.", "e."),
         raw = raw.join(", "),
         model_columns = model_columns.concat(),
         model = model_sql(&spec.model),
@@ -147,7 +163,11 @@ const CONFIRM: &str = "INSERT INTO loopsync.state (sync, key, confirmed_fp, conf
                         contact_id = COALESCE(EXCLUDED.contact_id, loopsync.state.contact_id),
                         confirmed_email = COALESCE(EXCLUDED.confirmed_email, loopsync.state.confirmed_email),
                         confirmed_user_id = COALESCE(EXCLUDED.confirmed_user_id, loopsync.state.confirmed_user_id),
-                        parked_fp = NULL,
+                        parked_fp = NULL, resubscribe = 0,
+                        emitted_email = CASE WHEN loopsync.state.emitted_run > EXCLUDED.confirmed_run
+                                             THEN loopsync.state.emitted_email END,
+                        emitted_user_id = CASE WHEN loopsync.state.emitted_run > EXCLUDED.confirmed_run
+                                               THEN loopsync.state.emitted_user_id END,
                         model_hash = CASE WHEN loopsync.state.confirmed_fp = EXCLUDED.confirmed_fp
                                           THEN loopsync.state.model_hash END,
                         generation = loopsync.state.generation
@@ -163,9 +183,15 @@ const REMOVE: &str = "UPDATE loopsync.state
                     SET confirmed_fp = NULL, confirmed_email = NULL, confirmed_user_id = NULL,
                         contact_id = NULL, parked_fp = NULL, confirmed_run = $3, confirmed_at = now(),
                         model_hash = NULL,
+                        resubscribe = CASE WHEN $4 = 'unsubscribe' THEN 1 ELSE 0 END,
+                        emitted_email = CASE WHEN emitted_run > $3 THEN emitted_email END,
+                        emitted_user_id = CASE WHEN emitted_run > $3 THEN emitted_user_id END,
                         generation = generation + 1
-                  WHERE sync = $1 AND key = $2 AND confirmed_fp IS NOT NULL
-                    AND (confirmed_run IS NULL OR confirmed_run <= $3)";
+                  WHERE sync = $1 AND key = $2
+                    AND (confirmed_fp IS NOT NULL
+                         OR (emitted_run IS NOT NULL AND emitted_run > COALESCE(confirmed_run, 0)))
+                    AND (confirmed_run IS NULL OR confirmed_run < $3
+                         OR (confirmed_run = $3 AND confirmed_fp IS NOT NULL))";
 
 /// Parameters of one statement, owned by the statement's future (see `record_outcomes`).
 fn params(values: Vec<&(dyn ToSql + Sync)>) -> Vec<&(dyn ToSql + Sync)> {
@@ -208,7 +234,10 @@ fn classify(what: &str, e: &tokio_postgres::Error) -> WarehouseError {
 const EMPTY_STATE: &str = "(SELECT CAST(NULL AS text) AS sync, CAST(NULL AS text) AS key, \
      CAST(NULL AS text) AS confirmed_fp, CAST(NULL AS text) AS confirmed_email, \
      CAST(NULL AS text) AS confirmed_user_id, CAST(NULL AS text) AS parked_fp, \
-     CAST(NULL AS bigint) AS generation WHERE false) AS empty_state";
+     CAST(NULL AS bigint) AS generation, CAST(NULL AS bigint) AS emitted_run, \
+     CAST(NULL AS bigint) AS confirmed_run, CAST(NULL AS bigint) AS resubscribe, \
+     CAST(NULL AS text) AS emitted_email, CAST(NULL AS text) AS emitted_user_id \
+     WHERE false) AS empty_state";
 
 /// A model error, said where it is (see [`crate::explain_model_error`]): the model as written
 /// is prepared alone on `client` (parsed and planned, not run).
@@ -783,7 +812,10 @@ impl Pg {
         let hashed = leave_out_unchanged && !spec.is_append() && !absent;
         // Until rows are noted (a first run, after a reset or a change of the mapping), all are
         // read out: the plain diff, with the rows' hashes to note, costs less.
+        // A sync that maps a userId counts the model's userIds (a duplicate is invalid): every
+        // row is read, as the noted rows keep only their emails.
         let leave_out = hashed
+            && spec.property("userId").is_none()
             && client
                 .query_one(
                     &*self.sql(
@@ -902,6 +934,11 @@ impl Pg {
                     None
                 },
                 unchanged_untold: 0,
+                unsure: row.get::<_, Option<i64>>("unsure").unwrap_or(0) != 0,
+                resubscribe: row.get::<_, Option<i64>>("resubscribe").unwrap_or(0) != 0,
+                user_id_rows: row.get::<_, Option<i64>>("ucount").unwrap_or(1),
+                emitted_email: row.get("emitted_email"),
+                emitted_user_id: row.get("emitted_user_id"),
             })
         });
         // The row counting what was left out says 0 when nothing was: no row then.
@@ -1079,25 +1116,32 @@ impl Pg {
         &self,
         sync: &str,
         run_id: i64,
-        emitted: &[(String, String)],
+        emitted: &[Emitted],
     ) -> Result<(), WarehouseError> {
         if emitted.is_empty() {
             return Ok(());
         }
-        let mut emitted: Vec<&(String, String)> = emitted.iter().collect();
-        emitted.sort();
-        let keys: Vec<&str> = emitted.iter().map(|(k, _)| k.as_str()).collect();
-        let fps: Vec<&str> = emitted.iter().map(|(_, f)| f.as_str()).collect();
+        let mut emitted: Vec<&Emitted> = emitted.iter().collect();
+        emitted.sort_by(|a, b| a.key.cmp(&b.key));
+        let keys: Vec<&str> = emitted.iter().map(|e| e.key.as_str()).collect();
+        let fps: Vec<&str> = emitted.iter().map(|e| e.fingerprint.as_str()).collect();
+        let emails: Vec<Option<&str>> = emitted.iter().map(|e| e.email.as_deref()).collect();
+        let user_ids: Vec<Option<&str>> = emitted.iter().map(|e| e.user_id.as_deref()).collect();
         self.client()
             .await?
             .execute(
                 &*self.sql(
-                    "INSERT INTO loopsync.state (sync, key, emitted_fp, emitted_run)
-                 SELECT $1, k, f, $2 FROM unnest($3::text[], $4::text[]) AS t(k, f)
+                    "INSERT INTO loopsync.state (sync, key, emitted_fp, emitted_run, emitted_email, emitted_user_id)
+                 SELECT $1, k, f, $2, e, u FROM unnest($3::text[], $4::text[], $5::text[], $6::text[]) AS t(k, f, e, u)
                  ON CONFLICT (sync, key) DO UPDATE
-                    SET emitted_fp = EXCLUDED.emitted_fp, emitted_run = EXCLUDED.emitted_run",
+                    SET emitted_fp = EXCLUDED.emitted_fp, emitted_run = EXCLUDED.emitted_run,
+                        -- While a version is possibly applied, the identity it wrote is kept
+                        -- (a later one that names none does not forget it).
+                        emitted_email = COALESCE(EXCLUDED.emitted_email, loopsync.state.emitted_email),
+                        emitted_user_id = COALESCE(EXCLUDED.emitted_user_id, loopsync.state.emitted_user_id),
+                        model_hash = NULL",
                 ),
-                &[&sync, &run_id, &keys, &fps],
+                &[&sync, &run_id, &keys, &fps, &emails, &user_ids],
             )
             .await
             .map_err(query_error("note emitted records"))?;
@@ -1395,7 +1439,10 @@ impl Pg {
                 ]),
             ));
             if o.status == OutcomeStatus::Confirmed && is_removal(&o.operation) {
-                statements.push(tx.execute_raw(&remove, params(vec![&o.sync, &o.key, &o.run_id])));
+                statements.push(tx.execute_raw(
+                    &remove,
+                    params(vec![&o.sync, &o.key, &o.run_id, &o.operation]),
+                ));
             } else if o.status == OutcomeStatus::Confirmed {
                 statements.push(tx.execute_raw(
                     &confirm,
@@ -1822,11 +1869,11 @@ impl Warehouse for PgWarehouse {
             .await
     }
 
-    async fn mark_emitted(
+    async fn mark_emitted_as(
         &self,
         sync: &str,
         run_id: i64,
-        emitted: &[(String, String)],
+        emitted: &[Emitted],
     ) -> Result<(), WarehouseError> {
         self.within("mark emitted", self.pg.mark_emitted(sync, run_id, emitted))
             .await
@@ -1869,6 +1916,39 @@ impl Warehouse for PgWarehouse {
                 )
                 .await
                 .map_err(query_error("unpark records"))
+        })
+        .await
+    }
+
+    async fn owners(
+        &self,
+        sync: &str,
+        identities: &[String],
+    ) -> Result<Vec<(String, Option<String>, Option<String>)>, WarehouseError> {
+        if self.pg.absent() || identities.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.within("owners of contacts", async {
+            let rows = self
+                .pg
+                .client()
+                .await?
+                .query(
+                    &*self.pg.sql(&format!(
+                        "SELECT key, confirmed_email, confirmed_user_id FROM loopsync.state
+                          WHERE sync = $1 AND confirmed_fp IS NOT NULL
+                            AND ({} = ANY($2) OR confirmed_user_id = ANY($2))
+                          ORDER BY key COLLATE \"C\"",
+                        email_key("confirmed_email")
+                    )),
+                    &[&sync, &identities],
+                )
+                .await
+                .map_err(query_error("read the owners of contacts"))?;
+            Ok(rows
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2)))
+                .collect())
         })
         .await
     }

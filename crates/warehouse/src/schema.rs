@@ -333,6 +333,24 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
             },
         ],
     },
+    Migration {
+        version: 10,
+        name: "possibly applied versions, tombstones that re-subscribe",
+        steps: &[
+            Step::AddColumn {
+                table: "state",
+                column: zero("resubscribe", BigInt),
+            },
+            Step::AddColumn {
+                table: "state",
+                column: col("emitted_email", Text),
+            },
+            Step::AddColumn {
+                table: "state",
+                column: col("emitted_user_id", Text),
+            },
+        ],
+    },
 ];
 
 /// The version of the newest migration: what `prepare` brings the state to.

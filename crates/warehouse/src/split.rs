@@ -13,8 +13,8 @@ use loopsync_core::spec::SyncSpec;
 
 use crate::source::{Source, model_columns};
 use crate::{
-    Adoption, DestinationBinding, DiffRow, ExtractCounts, ModelRows, RecordResult, RunSummary,
-    StateReset, Unchanged, Warehouse, WarehouseError,
+    Adoption, DestinationBinding, DiffRow, Emitted, ExtractCounts, ModelRows, RecordResult,
+    RunSummary, StateReset, Unchanged, Warehouse, WarehouseError,
 };
 
 /// The model from `source`, the state in `state`.
@@ -113,13 +113,13 @@ impl Warehouse for SplitWarehouse {
         self.state.claim_run(run_id, redelivered).await
     }
 
-    async fn mark_emitted(
+    async fn mark_emitted_as(
         &self,
         sync: &str,
         run_id: i64,
-        emitted: &[(String, String)],
+        emitted: &[Emitted],
     ) -> Result<(), WarehouseError> {
-        self.state.mark_emitted(sync, run_id, emitted).await
+        self.state.mark_emitted_as(sync, run_id, emitted).await
     }
 
     async fn finish_extract(
@@ -145,6 +145,14 @@ impl Warehouse for SplitWarehouse {
 
     async fn unpark(&self, sync: &str, keys: &[String]) -> Result<u64, WarehouseError> {
         self.state.unpark(sync, keys).await
+    }
+
+    async fn owners(
+        &self,
+        sync: &str,
+        identities: &[String],
+    ) -> Result<Vec<(String, Option<String>, Option<String>)>, WarehouseError> {
+        self.state.owners(sync, identities).await
     }
 
     async fn parked(&self, sync: Option<&str>) -> Result<Vec<(String, String)>, WarehouseError> {

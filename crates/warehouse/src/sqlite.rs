@@ -17,8 +17,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use crate::postgres::newer_than_known;
 use crate::schema::{Dialect, LATEST, MIGRATIONS, Rendered};
 use crate::{
-    Adoption, DestinationBinding, DiffDialect, DiffRow, EARLIEST_CURSOR, ExtractCounts, LEASE,
-    ModelRows, RecordResult, RunSummary, STAGED, StateReset, Warehouse, WarehouseError,
+    Adoption, DestinationBinding, DiffDialect, DiffRow, EARLIEST_CURSOR, Emitted, ExtractCounts,
+    LEASE, ModelRows, RecordResult, RunSummary, STAGED, StateReset, Warehouse, WarehouseError,
     cursor_condition, cursor_since, diff_sql, is_removal, probe_sql, quote_ident,
     record_requests_sql, requests_of, staged_spec, summary_request_sql, summary_rows_sql,
     watermark_sql,
@@ -153,7 +153,9 @@ pub struct SqliteWarehouse {
 /// The state table as a read-only command reads it when there is none: no rows, its columns.
 const EMPTY_STATE: &str = "(SELECT NULL AS sync, NULL AS key, NULL AS confirmed_fp, \
      NULL AS confirmed_email, NULL AS confirmed_user_id, NULL AS parked_fp, \
-     NULL AS generation WHERE 0)";
+     NULL AS generation, NULL AS emitted_run, NULL AS confirmed_run, NULL AS resubscribe, \
+     NULL AS emitted_email, NULL AS emitted_user_id \
+     WHERE 0)";
 
 /// A model error, said where it is (see [`crate::explain_model_error`]): the model as written
 /// is prepared alone on `c` (not run).
@@ -349,6 +351,12 @@ impl SqliteWarehouse {
                             generation: row.get::<_, Option<i64>>(7 + columns.len())?.unwrap_or(0),
                             model_hash: None,
                             unchanged_untold: 0,
+                            unsure: row.get::<_, Option<i64>>("unsure")?.unwrap_or(0) != 0,
+                            resubscribe: row.get::<_, Option<i64>>("resubscribe")?.unwrap_or(0)
+                                != 0,
+                            user_id_rows: row.get::<_, Option<i64>>("ucount")?.unwrap_or(1),
+                            emitted_email: row.get("emitted_email")?,
+                            emitted_user_id: row.get("emitted_user_id")?,
                         })
                     })()
                     .map_err(|e| WarehouseError::Query {
@@ -717,11 +725,11 @@ impl Warehouse for SqliteWarehouse {
         .await
     }
 
-    async fn mark_emitted(
+    async fn mark_emitted_as(
         &self,
         sync: &str,
         run_id: i64,
-        emitted: &[(String, String)],
+        emitted: &[Emitted],
     ) -> Result<(), WarehouseError> {
         let sync = sync.to_owned();
         let emitted = emitted.to_vec();
@@ -729,13 +737,16 @@ impl Warehouse for SqliteWarehouse {
             let tx = c.transaction().map_err(error("begin"))?;
             {
                 let mut s = tx
-                    .prepare_cached(&q("INSERT INTO loopsync_state (sync, key, emitted_fp, emitted_run) VALUES (?1, ?2, ?3, ?4)
+                    .prepare_cached(&q("INSERT INTO loopsync_state (sync, key, emitted_fp, emitted_run, emitted_email, emitted_user_id)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                          ON CONFLICT (sync, key) DO UPDATE
-                            SET emitted_fp = excluded.emitted_fp, emitted_run = excluded.emitted_run"),
+                            SET emitted_fp = excluded.emitted_fp, emitted_run = excluded.emitted_run,
+                                emitted_email = COALESCE(excluded.emitted_email, loopsync_state.emitted_email),
+                                emitted_user_id = COALESCE(excluded.emitted_user_id, loopsync_state.emitted_user_id)"),
                     )
                     .map_err(error("note emitted records"))?;
-                for (key, fp) in &emitted {
-                    s.execute(params![sync, key, fp, run_id])
+                for e in &emitted {
+                    s.execute(params![sync, e.key, e.fingerprint, run_id, e.email, e.user_id])
                         .map_err(error("note an emitted record"))?;
                 }
             }
@@ -803,7 +814,11 @@ impl Warehouse for SqliteWarehouse {
                                 confirmed_at = excluded.confirmed_at,
                                 confirmed_email = excluded.confirmed_email,
                                 confirmed_user_id = excluded.confirmed_user_id,
-                                parked_fp = NULL,
+                                parked_fp = NULL, resubscribe = 0,
+                                emitted_email = CASE WHEN loopsync_state.emitted_run > excluded.confirmed_run
+                                                     THEN loopsync_state.emitted_email END,
+                                emitted_user_id = CASE WHEN loopsync_state.emitted_run > excluded.confirmed_run
+                                                       THEN loopsync_state.emitted_user_id END,
                                 generation = loopsync_state.generation + 1"
                     )))
                     .map_err(error("adopt records"))?;
@@ -861,6 +876,41 @@ impl Warehouse for SqliteWarehouse {
             }
             tx.commit().map_err(error("commit"))?;
             Ok(unparked)
+        })
+        .await
+    }
+
+    async fn owners(
+        &self,
+        sync: &str,
+        identities: &[String],
+    ) -> Result<Vec<(String, Option<String>, Option<String>)>, WarehouseError> {
+        if self.absent() || identities.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sync = sync.to_owned();
+        let identities = identities.to_vec();
+        self.with(move |c| {
+            let mut s = c
+                .prepare_cached(&q(&format!(
+                    "SELECT key, confirmed_email, confirmed_user_id FROM loopsync_state
+                      WHERE sync = ?1 AND confirmed_fp IS NOT NULL
+                        AND ({} = ?2 OR confirmed_user_id = ?2)",
+                    email_key("confirmed_email")
+                )))
+                .map_err(error("read the owners of contacts"))?;
+            let mut owners = std::collections::BTreeSet::new();
+            for identity in &identities {
+                let rows = s
+                    .query_map(params![sync, identity], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                    })
+                    .map_err(error("read the owners of contacts"))?;
+                for row in rows {
+                    owners.insert(row.map_err(error("read the owners of contacts"))?);
+                }
+            }
+            Ok(owners.into_iter().collect())
         })
         .await
     }
@@ -1030,9 +1080,15 @@ impl Warehouse for SqliteWarehouse {
                         "UPDATE loopsync_state
                             SET confirmed_fp = NULL, confirmed_email = NULL, confirmed_user_id = NULL,
                                 contact_id = NULL, parked_fp = NULL, confirmed_run = ?3,
-                                confirmed_at = {NOW}, generation = generation + 1
-                          WHERE sync = ?1 AND key = ?2 AND confirmed_fp IS NOT NULL
-                            AND (confirmed_run IS NULL OR confirmed_run <= ?3)"
+                                confirmed_at = {NOW}, generation = generation + 1,
+                                resubscribe = CASE WHEN ?4 = 'unsubscribe' THEN 1 ELSE 0 END,
+                                emitted_email = CASE WHEN emitted_run > ?3 THEN emitted_email END,
+                                emitted_user_id = CASE WHEN emitted_run > ?3 THEN emitted_user_id END
+                          WHERE sync = ?1 AND key = ?2
+                            AND (confirmed_fp IS NOT NULL
+                                 OR (emitted_run IS NOT NULL AND emitted_run > COALESCE(confirmed_run, 0)))
+                            AND (confirmed_run IS NULL OR confirmed_run < ?3
+                                 OR (confirmed_run = ?3 AND confirmed_fp IS NOT NULL))"
                     )))
                     .map_err(error("record outcomes"))?;
                 for o in &outcomes {
@@ -1078,7 +1134,7 @@ impl Warehouse for SqliteWarehouse {
                         .map_err(error("record an outcome"))?;
                     if o.status == OutcomeStatus::Confirmed && is_removal(&o.operation) {
                         remove
-                            .execute(params![o.sync, o.key, o.run_id])
+                            .execute(params![o.sync, o.key, o.run_id, o.operation])
                             .map_err(error("remove from the state"))?;
                     } else if o.status == OutcomeStatus::Confirmed {
                         confirm

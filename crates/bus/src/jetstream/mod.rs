@@ -25,7 +25,7 @@ use loopsync_core::stage::Stage;
 pub use provisioning::max_deliver;
 use provisioning::{bucket, provision};
 
-use crate::budget::{next_due, unix_nanos};
+use crate::budget::{credible_due, next_due, unix_nanos};
 use crate::error::Source;
 use crate::names::Names;
 use crate::{
@@ -575,11 +575,12 @@ impl Coordination for JetStreamBus {
                 .await
                 .map_err(|e| error(e.into()))?
                 .map_err(|e| error(e.into()))?;
-            let due = entry
+            let stored = entry
                 .as_ref()
                 .and_then(|e| <[u8; 8]>::try_from(&e.value[..]).ok())
                 .map_or(0, u64::from_be_bytes);
             let now = unix_nanos();
+            let due = credible_due(stored, now, u64::from(count.max(1)) * period);
             if now < due {
                 tokio::time::sleep(Duration::from_nanos((due - now).min(1_000_000_000))).await;
                 continue;
@@ -739,6 +740,40 @@ mod tests {
             let name = names.exhausted_consumer(stage);
             assert!(advisories.consumer_info(&name).await.is_ok(), "{name}");
         }
+    }
+
+    /// Case 7 of "Adversarial histories": a host with its clock an hour ahead wrote the team's
+    /// next slot; another host takes its slot at once instead of waiting the hour out.
+    #[tokio::test]
+    async fn a_slot_written_by_a_clock_an_hour_ahead_stalls_no_one() {
+        let Some(ns) = loopsync_testkit::TestNamespace::create("t") else {
+            return;
+        };
+        let bus = JetStreamBus::connect(
+            &ns.url,
+            Names::new(&ns.namespace),
+            &JetStreamOptions::default(),
+        )
+        .await
+        .expect("connect");
+        let ahead = unix_nanos() + 3_600_000_000_000;
+        bus.budget
+            .put("team-skew", Bytes::copy_from_slice(&ahead.to_be_bytes()))
+            .await
+            .unwrap();
+        let period = Duration::from_millis(100);
+        let took = tokio::time::timeout(
+            Duration::from_secs(10),
+            bus.rate_slot("team-skew", period, Duration::ZERO, 1),
+        )
+        .await
+        .expect("a slot within seconds, not an hour")
+        .unwrap();
+        assert!(took.0 <= unix_nanos(), "the slot is due now");
+        // The next slot is one period after it, as any taker writes.
+        let next = bus.budget.get("team-skew").await.unwrap().unwrap();
+        let next = u64::from_be_bytes(<[u8; 8]>::try_from(&next[..]).unwrap());
+        assert_eq!(next, took.0 + period.as_nanos() as u64);
     }
 
     /// A request written to a connection that then drops is never answered: the server that
