@@ -14,6 +14,7 @@ pub mod secret;
 pub mod spec;
 pub mod stage;
 pub mod time;
+pub mod tuning;
 pub mod value;
 
 pub use error::{Classified, ErrorClass};

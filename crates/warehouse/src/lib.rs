@@ -13,6 +13,7 @@ mod schema;
 pub mod source;
 mod split;
 mod sqlite;
+mod store;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -29,10 +30,11 @@ use serde::Serialize;
 #[cfg(feature = "duckdb")]
 pub use duckdb::DuckDbSource;
 pub use mysql::MySqlSource;
-pub use postgres::PgWarehouse;
+pub use postgres::{Pg, PgWarehouse};
 pub use source::Source;
 pub use split::SplitWarehouse;
-pub use sqlite::SqliteWarehouse;
+pub use sqlite::{Sqlite, SqliteWarehouse};
+pub use store::Store;
 
 /// What can go wrong in the warehouse.
 #[derive(Debug, thiserror::Error)]
@@ -74,12 +76,9 @@ pub enum WarehouseError {
     },
 }
 
-/// How long a run in progress may go without a sign of life from the process that waits for
-/// it (see [`Warehouse::heartbeat`]) before the next run of its sync closes it as `interrupted`.
-pub const LEASE: std::time::Duration = std::time::Duration::from_secs(30);
-
-/// How often a process that waits for a run says it is alive: well within [`LEASE`].
-pub const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long a run in progress may go without a sign of life (see [`Warehouse::heartbeat`]), and
+/// how often a process that waits for a run says it is alive: see [`loopsync_core::tuning`].
+pub use loopsync_core::tuning::{HEARTBEAT, LEASE};
 
 impl Classified for WarehouseError {
     fn class(&self) -> ErrorClass {
@@ -908,7 +907,7 @@ pub(crate) fn point_at(text: &str, position: usize) -> String {
 /// A state at `version` (`None`: none) as a read-only command finds it: `Ok(false)` when
 /// there is none, `Ok(true)` when it is current, else why it cannot be read.
 pub(crate) fn readable(version: Option<i64>) -> Result<bool, WarehouseError> {
-    postgres::newer_than_known(version)?;
+    schema::newer_than_known(version)?;
     match version {
         None => Ok(false),
         Some(v) if v >= schema::LATEST => Ok(true),

@@ -1,4 +1,9 @@
-//! PostgreSQL, through tokio-postgres.
+//! PostgreSQL, through tokio-postgres: a warehouse that holds the model and the state, or a
+//! state store beside a source. The state's rules are [`crate::store`]'s; here is what
+//! PostgreSQL does its own way: its connections (a shared one, pipelined; one for
+//! transactions), each call under a deadline; advisory locks and `FOR UPDATE`; its migrations
+//! runner; its hashed diff, which leaves out unchanged rows; a source's rows staged by binary
+//! `COPY`.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -9,21 +14,17 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use loopsync_core::destination::Destination;
-use loopsync_core::envelope::{Outcome, OutcomeStatus, RequestCounts};
 use loopsync_core::spec::SyncSpec;
 use loopsync_core::value::EMAIL_TRIM;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, NoTls, Row};
+use tokio_postgres::types::{IsNull, ToSql, Type};
+use tokio_postgres::{Client, GenericClient, NoTls};
 
-use crate::schema::{Dialect, LATEST, MIGRATIONS, Rendered};
+use crate::schema::{Dialect, LATEST, MIGRATIONS, Rendered, newer_than_known};
+use crate::store::{Exec, Keeper, Row, Store, Value, Work};
 use crate::{
-    Adoption, DestinationBinding, DiffDialect, DiffRow, EARLIEST_CURSOR, ExtractCounts, LEASE,
-    ModelRows, RecordResult, RunSummary, STAGED, StateReset, Unchanged, Warehouse, WarehouseError,
-    cursor_condition, cursor_since, diff_sql, is_removal, model_sql, probe_sql, quote_ident,
-    record_requests_sql, requests_of, staged_spec, stored, summary_request_sql, summary_rows_sql,
-    watermark_sql,
+    DiffDialect, DiffRow, EARLIEST_CURSOR, ModelRows, STAGED, Unchanged, WarehouseError,
+    cursor_condition, cursor_since, diff_sql, model_sql, probe_sql, quote_ident, staged_spec,
 };
 
 /// The diff's `work_mem`: its hash join holds the sync's state keys (about 55 MB a million).
@@ -109,75 +110,6 @@ fn changes_sql(spec: &SyncSpec) -> String {
     )
 }
 
-/// `record_outcomes`: a final outcome's row in `loopsync.records`.
-const INSERT_RECORD: &str = "INSERT INTO loopsync.records
-                    (run_id, sync, key, fingerprint, operation, outcome, reason, contact_id, requests, at,
-                     change, writes, events, deletes, retries, rate_limited)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, to_timestamp($10::bigint / 1000.0),
-                         $11, $12, $13, $14, $15, $16)
-                 ON CONFLICT (run_id, key) DO UPDATE
-                    SET fingerprint = EXCLUDED.fingerprint, operation = EXCLUDED.operation,
-                        outcome = EXCLUDED.outcome, reason = EXCLUDED.reason,
-                        contact_id = EXCLUDED.contact_id,
-                        change = COALESCE(EXCLUDED.change, loopsync.records.change),
-                        requests = loopsync.records.requests + EXCLUDED.requests,
-                        writes = loopsync.records.writes + EXCLUDED.writes,
-                        events = loopsync.records.events + EXCLUDED.events,
-                        deletes = loopsync.records.deletes + EXCLUDED.deletes,
-                        retries = loopsync.records.retries + EXCLUDED.retries,
-                        rate_limited = loopsync.records.rate_limited + EXCLUDED.rate_limited,
-                        at = EXCLUDED.at
-                  WHERE loopsync.records.outcome <> 'confirmed' AND EXCLUDED.outcome = 'confirmed'";
-
-/// `record_outcomes`: each attempt once; a repeated `attempted` outcome is ignored.
-const INSERT_ATTEMPT: &str = "INSERT INTO loopsync.attempts
-                    (run_id, sync, key, attempt, requests, writes, events, deletes, retries,
-                     rate_limited, reason, at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11,
-                         to_timestamp($12::bigint / 1000.0))
-                 ON CONFLICT (run_id, key, attempt) DO NOTHING";
-
-/// `record_outcomes`: Loops confirmed a record's fingerprint (never moving back to an older run).
-const CONFIRM: &str = "INSERT INTO loopsync.state (sync, key, confirmed_fp, confirmed_run, confirmed_at, contact_id,
-                                             confirmed_email, confirmed_user_id)
-                 VALUES ($1, $2, $3, $4, now(), $5, $6, $7)
-                 ON CONFLICT (sync, key) DO UPDATE
-                    SET confirmed_fp = EXCLUDED.confirmed_fp, confirmed_run = EXCLUDED.confirmed_run,
-                        confirmed_at = EXCLUDED.confirmed_at,
-                        contact_id = COALESCE(EXCLUDED.contact_id, loopsync.state.contact_id),
-                        confirmed_email = COALESCE(EXCLUDED.confirmed_email, loopsync.state.confirmed_email),
-                        confirmed_user_id = COALESCE(EXCLUDED.confirmed_user_id, loopsync.state.confirmed_user_id),
-                        parked_fp = NULL,
-                        model_hash = CASE WHEN loopsync.state.confirmed_fp = EXCLUDED.confirmed_fp
-                                          THEN loopsync.state.model_hash END,
-                        generation = loopsync.state.generation
-                            + CASE WHEN loopsync.state.confirmed_run IS NOT DISTINCT FROM EXCLUDED.confirmed_run
-                                    AND loopsync.state.confirmed_fp IS NOT DISTINCT FROM EXCLUDED.confirmed_fp
-                                   THEN 0 ELSE 1 END
-                  WHERE loopsync.state.confirmed_run IS NULL
-                     OR loopsync.state.confirmed_run <= EXCLUDED.confirmed_run";
-
-/// `record_outcomes`: a confirmed removal leaves a tombstone: nothing confirmed, the generation
-/// advanced, so a row that comes back is a new change with a new idempotency key.
-const REMOVE: &str = "UPDATE loopsync.state
-                    SET confirmed_fp = NULL, confirmed_email = NULL, confirmed_user_id = NULL,
-                        contact_id = NULL, parked_fp = NULL, confirmed_run = $3, confirmed_at = now(),
-                        model_hash = NULL,
-                        generation = generation + 1
-                  WHERE sync = $1 AND key = $2 AND confirmed_fp IS NOT NULL
-                    AND (confirmed_run IS NULL OR confirmed_run <= $3)";
-
-/// Parameters of one statement, owned by the statement's future (see `record_outcomes`).
-fn params(values: Vec<&(dyn ToSql + Sync)>) -> Vec<&(dyn ToSql + Sync)> {
-    values
-}
-
-const TIME: &str = r#"'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'"#;
-
-/// The statuses of a run still in progress.
-const OPEN: &str = "'requested', 'extracting', 'sending'";
-
-/// The one email rule in SQL: trimmed of `EMAIL_TRIM`, ASCII letters lower-cased (`lower` under
 /// the "C" collation folds ASCII only), as `loopsync_core::value::normalize_email` does.
 fn email_key(expression: &str) -> String {
     let set: String = EMAIL_TRIM
@@ -294,17 +226,16 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// diff is.
 const CALL_DEADLINE: Duration = Duration::from_secs(60);
 
-/// The warehouse on PostgreSQL. Every call runs under [`CALL_DEADLINE`]; a connection that
-/// closed, broke or timed out is replaced on the next call (a warehouse restart or a network
-/// outage costs retries, never a wedged process).
-pub struct PgWarehouse {
-    pg: Pg,
-}
+/// The state store (and warehouse) on PostgreSQL. Every call runs under [`CALL_DEADLINE`]; a
+/// connection that closed, broke or timed out is replaced on the next call (a warehouse restart
+/// or a network outage costs retries, never a wedged process).
+pub type PgWarehouse = Store<Pg>;
 
 /// A connection and the generation it was opened in.
 type Slot<C> = Option<(u64, C)>;
 
-struct Pg {
+/// PostgreSQL's way of keeping state (see [`Keeper`]).
+pub struct Pg {
     config: tokio_postgres::Config,
     /// The state's schema, and how statements name its tables.
     dialect: Dialect,
@@ -315,8 +246,6 @@ struct Pg {
     /// Bumped when a call found the warehouse unavailable: connections of an earlier
     /// generation are replaced before their next use.
     generation: AtomicU64,
-    /// [`Warehouse::read_only`] found no state: it reads as empty, and nothing is made.
-    absent: std::sync::atomic::AtomicBool,
 }
 
 /// Opens a session: TCP keepalives and `tcp_user_timeout` so that a peer gone silent is noticed
@@ -351,7 +280,7 @@ async fn open(config: &tokio_postgres::Config) -> Result<Client, WarehouseError>
         })
 }
 
-impl PgWarehouse {
+impl Store<Pg> {
     /// The warehouse at `url`, its state in schema `loopsync`.
     pub async fn connect(url: &str) -> Result<PgWarehouse, WarehouseError> {
         PgWarehouse::connect_schema(url, crate::DEFAULT_SCHEMA).await
@@ -381,14 +310,15 @@ impl PgWarehouse {
             shared: tokio::sync::Mutex::new(None),
             writer: tokio::sync::Mutex::new(None),
             generation: AtomicU64::new(0),
-            absent: std::sync::atomic::AtomicBool::new(false),
         };
         // Both now: a wrong URL or a warehouse down is said at once.
         pg.client().await?;
         drop(pg.writer().await?);
-        Ok(PgWarehouse { pg })
+        Ok(Store::new(pg))
     }
+}
 
+impl Pg {
     /// Runs one call under [`CALL_DEADLINE`]; when the warehouse did not answer, its
     /// connections are replaced before the next call.
     async fn within<T>(
@@ -410,13 +340,10 @@ impl PgWarehouse {
         if let Err(error) = &result
             && error.is_unavailable()
         {
-            self.pg.generation.fetch_add(1, Ordering::SeqCst);
+            self.generation.fetch_add(1, Ordering::SeqCst);
         }
         result
     }
-}
-
-impl Pg {
     /// A statement written for schema `loopsync`, for this state's schema.
     fn sql(&self, sql: &str) -> String {
         self.dialect.sql(sql)
@@ -454,90 +381,7 @@ impl Pg {
             &mut s.as_mut().expect("just opened").1
         }))
     }
-
-    fn summary_sql(filter: &str) -> String {
-        let rows = summary_rows_sql(|condition| {
-            format!("count(x.key) FILTER (WHERE x.outcome = 'invalid' AND {condition})")
-        });
-        let requests = summary_request_sql("loopsync.attempts");
-        format!(
-            "SELECT r.id, r.sync, r.status, to_char(r.requested_at AT TIME ZONE 'UTC', {TIME}),
-                    to_char(r.finished_at AT TIME ZONE 'UTC', {TIME}),
-                    (EXTRACT(EPOCH FROM (r.finished_at - r.requested_at)) * 1000)::bigint,
-                    r.expected, {rows}, r.removed, r.unchanged,
-                    count(x.key) FILTER (WHERE x.outcome = 'confirmed'),
-                    count(x.key) FILTER (WHERE x.outcome = 'skipped'),
-                    count(x.key) FILTER (WHERE x.outcome = 'invalid'),
-                    count(x.key) FILTER (WHERE x.outcome = 'rejected'),
-                    count(x.key) FILTER (WHERE x.outcome = 'dead_lettered'),
-                    count(x.key),
-                    r.error,
-                    count(x.key) FILTER (WHERE x.operation = 'rekey' AND x.outcome = 'confirmed'),
-                    {requests},
-                    r.preflight_requests, r.preflight_retries, r.preflight_rate_limited,
-                    r.ignored
-             FROM loopsync.runs r LEFT JOIN loopsync.records x ON x.run_id = r.id
-             WHERE {filter}
-             GROUP BY r.id ORDER BY r.id DESC LIMIT $2"
-        )
-    }
 }
-
-fn summary(row: &Row) -> Result<RunSummary, WarehouseError> {
-    let mut summary = RunSummary {
-        id: row.get(0),
-        sync: row.get(1),
-        status: stored("read a run", row.get(2))?,
-        requested_at: row.get(3),
-        finished_at: row.get(4),
-        duration_ms: row.get(5),
-        expected: row.get(6),
-        added: row.get(7),
-        changed: row.get(8),
-        invalid_rows: row.get(9),
-        removed: row.get(10),
-        unchanged: row.get(11),
-        confirmed: row.get(12),
-        skipped: row.get(13),
-        invalid: row.get(14),
-        rejected: row.get(15),
-        dead_lettered: row.get(16),
-        records: row.get(17),
-        error: row.get(18),
-        rekeyed: row.get(19),
-        ignored: row.get(29),
-        ..RunSummary::default()
-    };
-    let loader = std::array::from_fn(|i| row.get::<_, i64>(20 + i));
-    let preflight = std::array::from_fn(|i| row.get::<_, i64>(26 + i));
-    requests_of(&mut summary, loader, preflight);
-    Ok(summary)
-}
-
-fn record(r: &Row) -> Result<RecordResult, WarehouseError> {
-    Ok(RecordResult {
-        run_id: r.get(0),
-        sync: r.get(1),
-        key: r.get(2),
-        operation: r.get(3),
-        outcome: stored("read records", r.get(4))?,
-        reason: r.get(5),
-        contact_id: r.get(6),
-        requests: r.get(7),
-        at: r.get(8),
-    })
-}
-
-/// Finishes the runs among `ids` whose every record has an outcome.
-const FINISH_RUNS: &str = "
-UPDATE loopsync.runs r
-   SET status = CASE WHEN r.error IS NOT NULL THEN 'failed'
-                     WHEN EXISTS (SELECT 1 FROM loopsync.records x WHERE x.run_id = r.id
-                                   AND x.outcome IN ('invalid', 'rejected', 'dead_lettered'))
-                     THEN 'degraded' ELSE 'succeeded' END,
-       finished_at = now()
- WHERE r.id = ANY($1) AND r.status = 'sending'
-   AND (SELECT count(*) FROM loopsync.records x WHERE x.run_id = r.id) >= r.expected";
 
 impl Pg {
     /// The version of the newest migration applied, `None` when there is no version table.
@@ -558,14 +402,10 @@ impl Pg {
         }
     }
 
-    fn absent(&self) -> bool {
-        self.absent.load(Ordering::Relaxed)
-    }
-
     /// What the state needs of this user (see [`Warehouse::check_privileges`]): to create
     /// the schema when it is missing (CREATE on the database), else to use it, make tables in
     /// it (while migrations are due) and write its tables.
-    async fn check_privileges(&self) -> Result<(), WarehouseError> {
+    async fn privileges(&self) -> Result<(), WarehouseError> {
         let client = self.client().await?;
         let schema = &self.dialect.schema;
         let row = client
@@ -664,7 +504,7 @@ impl Pg {
 
     /// Brings the state's tables to [`LATEST`], running the migrations it lacks (see
     /// [`crate::schema`]).
-    async fn prepare(&self) -> Result<(), WarehouseError> {
+    async fn migrate_tables(&self) -> Result<(), WarehouseError> {
         // A state whose tables are current needs no DDL, and takes no lock: a command started
         // beside a run that reads the state (its diff) must neither wait behind that read nor
         // make the run's own writes queue behind its ALTER TABLE.
@@ -742,12 +582,13 @@ impl Pg {
 
     /// The diff, on a connection of its own; with `staged`, a source's rows are first loaded
     /// into [`STAGED`], a temporary table of that connection, which stands for the model.
-    async fn diff(
+    async fn diff_rows(
         &self,
         spec: &SyncSpec,
         since: Option<i64>,
         leave_out_unchanged: bool,
         staged: Option<ModelRows>,
+        absent: bool,
     ) -> Result<BoxStream<'static, Result<DiffRow, WarehouseError>>, WarehouseError> {
         // Its own connection: the stream holds it until drained.
         let client = open(&self.config).await?;
@@ -778,7 +619,6 @@ impl Pg {
             }
             None => spec,
         };
-        let absent = self.absent.load(Ordering::Relaxed);
         // An event sync reads few rows (a cursor) or sends each row once: it reads all it reads.
         let hashed = leave_out_unchanged && !spec.is_append() && !absent;
         // Until rows are noted (a first run, after a reset or a change of the mapping), all are
@@ -912,29 +752,7 @@ impl Pg {
             .boxed())
     }
 
-    async fn cursor_watermark(
-        &self,
-        sync: &str,
-        column: &str,
-    ) -> Result<Option<i64>, WarehouseError> {
-        let row = self
-            .client()
-            .await?
-            .query_opt(
-                &*self.sql(&watermark_sql(
-                    "loopsync.runs",
-                    "loopsync.records",
-                    "$1",
-                    "$2",
-                )),
-                &[&sync, &column],
-            )
-            .await
-            .map_err(query_error("read a sync's cursor"))?;
-        Ok(row.map(|r| r.get(0)))
-    }
-
-    async fn check_model(&self, spec: &SyncSpec) -> Result<(), WarehouseError> {
+    async fn probe_model(&self, spec: &SyncSpec) -> Result<(), WarehouseError> {
         let client = self.client().await?;
         let probe = client
             .query(
@@ -951,104 +769,7 @@ impl Pg {
         }
     }
 
-    async fn create_run(&self, sync: &str) -> Result<i64, WarehouseError> {
-        let mut client = self.writer().await?;
-        let tx = client
-            .transaction()
-            .await
-            .map_err(query_error("begin creating a run"))?;
-        // One run per sync at a time: whoever creates a run of this sync waits here.
-        tx.execute(
-            &*self.sql("SELECT pg_advisory_xact_lock(735560802, hashtext($1))"),
-            &[&sync],
-        )
-        .await
-        .map_err(query_error("lock the sync's runs"))?;
-        tx.execute(&*self.sql(&format!(
-                "UPDATE loopsync.runs
-                    SET status = 'interrupted', finished_at = now(),
-                        error = 'its process stopped (no sign of life since '
-                                || to_char(COALESCE(heartbeat_at, requested_at) AT TIME ZONE 'UTC', {TIME})
-                                || ')'
-                  WHERE sync = $1 AND status IN ({OPEN})
-                    AND COALESCE(heartbeat_at, requested_at) < now() - make_interval(secs => $2)"
-            )),
-            &[&sync, &(LEASE.as_secs_f64())],
-        )
-        .await
-        .map_err(query_error("close abandoned runs"))?;
-        let open = tx
-            .query_opt(
-                &*self.sql(&format!(
-                    "SELECT id, status FROM loopsync.runs WHERE sync = $1 AND status IN ({OPEN})
-                      ORDER BY id LIMIT 1"
-                )),
-                &[&sync],
-            )
-            .await
-            .map_err(query_error("look for a run in progress"))?;
-        if let Some(open) = open {
-            return Err(WarehouseError::RunInProgress {
-                sync: sync.to_owned(),
-                run_id: open.get(0),
-                status: stored("look for a run in progress", open.get(1))?,
-            });
-        }
-        let row = tx
-            .query_one(&*self.sql("INSERT INTO loopsync.runs (sync, status, heartbeat_at) VALUES ($1, 'requested', now())
-                 RETURNING id"),
-                &[&sync],
-            )
-            .await
-            .map_err(query_error("create a run"))?;
-        tx.commit().await.map_err(query_error("create a run"))?;
-        Ok(row.get(0))
-    }
-
-    async fn heartbeat(&self, run_id: i64) -> Result<(), WarehouseError> {
-        self.client()
-            .await?
-            .execute(
-                &*self.sql("UPDATE loopsync.runs SET heartbeat_at = now() WHERE id = $1"),
-                &[&run_id],
-            )
-            .await
-            .map_err(query_error("note that a run is alive"))?;
-        Ok(())
-    }
-
-    async fn installation(&self) -> Result<String, WarehouseError> {
-        let row = self
-            .client()
-            .await?
-            .query_one(&*self.sql("SELECT id FROM loopsync.installation"), &[])
-            .await
-            .map_err(query_error("read the installation id"))?;
-        Ok(row.get(0))
-    }
-
-    async fn claim_run(
-        &self,
-        run_id: i64,
-        redelivered: bool,
-    ) -> Result<Option<String>, WarehouseError> {
-        let row = self
-            .client()
-            .await?
-            .query_opt(
-                &*self.sql(
-                    "UPDATE loopsync.runs SET status = 'extracting', started_at = now()
-                  WHERE id = $1 AND (status = 'requested' OR ($2 AND status = 'extracting'))
-                  RETURNING sync",
-                ),
-                &[&run_id, &redelivered],
-            )
-            .await
-            .map_err(query_error("claim a run"))?;
-        Ok(row.map(|r| r.get(0)))
-    }
-
-    async fn note_unchanged(&self, sync: &str, rows: &[Unchanged]) -> Result<(), WarehouseError> {
+    async fn note_rows(&self, sync: &str, rows: &[Unchanged]) -> Result<(), WarehouseError> {
         if rows.is_empty() {
             return Ok(());
         }
@@ -1074,591 +795,8 @@ impl Pg {
             .map_err(query_error("note unchanged records"))?;
         Ok(())
     }
-
-    async fn mark_emitted(
-        &self,
-        sync: &str,
-        run_id: i64,
-        emitted: &[(String, String)],
-    ) -> Result<(), WarehouseError> {
-        if emitted.is_empty() {
-            return Ok(());
-        }
-        let mut emitted: Vec<&(String, String)> = emitted.iter().collect();
-        emitted.sort();
-        let keys: Vec<&str> = emitted.iter().map(|(k, _)| k.as_str()).collect();
-        let fps: Vec<&str> = emitted.iter().map(|(_, f)| f.as_str()).collect();
-        self.client()
-            .await?
-            .execute(
-                &*self.sql(
-                    "INSERT INTO loopsync.state (sync, key, emitted_fp, emitted_run)
-                 SELECT $1, k, f, $2 FROM unnest($3::text[], $4::text[]) AS t(k, f)
-                 ON CONFLICT (sync, key) DO UPDATE
-                    SET emitted_fp = EXCLUDED.emitted_fp, emitted_run = EXCLUDED.emitted_run",
-                ),
-                &[&sync, &run_id, &keys, &fps],
-            )
-            .await
-            .map_err(query_error("note emitted records"))?;
-        Ok(())
-    }
-
-    async fn finish_extract(
-        &self,
-        run_id: i64,
-        counts: &ExtractCounts,
-    ) -> Result<(), WarehouseError> {
-        self.client().await?
-            .execute(&*self.sql("UPDATE loopsync.runs r SET status = 'sending', extracted_at = now(),
-                        expected = (SELECT count(*) FROM (
-                                        SELECT key FROM loopsync.state WHERE sync = r.sync AND emitted_run = $1
-                                        UNION SELECT key FROM loopsync.records WHERE run_id = $1) AS k),
-                        added = $2, changed = $3, removed = $4, unchanged = $5, invalid_rows = $6,
-                        error = COALESCE($7, error), ignored = $8, cursor_high = $9,
-                        cursor_column = $10
-                  WHERE id = $1 AND status = 'extracting'"),
-                &[
-                    &run_id,
-                    &counts.added,
-                    &counts.changed,
-                    &counts.removed,
-                    &counts.unchanged,
-                    &counts.invalid_rows,
-                    &counts.error,
-                    &counts.ignored,
-                    &counts.cursor_high,
-                    &counts.cursor_column,
-                ],
-            )
-            .await
-            .map_err(query_error("finish an extraction"))?;
-        self.client()
-            .await?
-            .execute(&*self.sql(FINISH_RUNS), &[&vec![run_id]])
-            .await
-            .map_err(query_error("finish a run"))?;
-        Ok(())
-    }
-
-    async fn adopt(
-        &self,
-        sync: &str,
-        run_id: i64,
-        records: &[Adoption],
-    ) -> Result<(), WarehouseError> {
-        if records.is_empty() {
-            return Ok(());
-        }
-        let mut records: Vec<_> = records.iter().collect();
-        records.sort_by(|a, b| a.key.cmp(&b.key));
-        let keys: Vec<&str> = records.iter().map(|r| r.key.as_str()).collect();
-        let fps: Vec<&str> = records.iter().map(|r| r.fingerprint.as_str()).collect();
-        let emails: Vec<Option<&str>> = records.iter().map(|r| r.email.as_deref()).collect();
-        let user_ids: Vec<Option<&str>> = records.iter().map(|r| r.user_id.as_deref()).collect();
-        let hashes: Vec<Option<i64>> = records
-            .iter()
-            .map(|r| r.unchanged.as_ref().map(|u| u.0))
-            .collect();
-        let model_emails: Vec<Option<&str>> = records
-            .iter()
-            .map(|r| r.unchanged.as_ref().and_then(|u| u.1.as_deref()))
-            .collect();
-        self.client().await?
-            .execute(&*self.sql("INSERT INTO loopsync.state (sync, key, confirmed_fp, confirmed_run, confirmed_at,
-                                             confirmed_email, confirmed_user_id, model_hash, model_email)
-                 SELECT $1, k, f, $2, now(), e, u, h, me
-                   FROM unnest($3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[], $8::text[])
-                        AS t(k, f, e, u, h, me)
-                 ON CONFLICT (sync, key) DO UPDATE
-                    SET confirmed_fp = EXCLUDED.confirmed_fp, confirmed_run = EXCLUDED.confirmed_run,
-                        confirmed_at = EXCLUDED.confirmed_at,
-                        confirmed_email = EXCLUDED.confirmed_email,
-                        confirmed_user_id = EXCLUDED.confirmed_user_id,
-                        parked_fp = NULL,
-                        model_hash = EXCLUDED.model_hash,
-                        model_email = EXCLUDED.model_email,
-                        generation = loopsync.state.generation + 1"),
-                &[&sync, &run_id, &keys, &fps, &emails, &user_ids, &hashes, &model_emails],
-            )
-            .await
-            .map_err(query_error("adopt records"))?;
-        Ok(())
-    }
-
-    async fn park(&self, sync: &str, keys: &[String]) -> Result<u64, WarehouseError> {
-        self.client()
-            .await?
-            .execute(
-                &*self.sql(
-                    "INSERT INTO loopsync.state (sync, key, parked_fp)
-                 SELECT DISTINCT ON (r.key) r.sync, r.key, r.fingerprint
-                   FROM loopsync.records r
-                  WHERE r.sync = $1 AND r.key = ANY($2)
-                  ORDER BY r.key, r.run_id DESC
-                 ON CONFLICT (sync, key) DO UPDATE SET parked_fp = EXCLUDED.parked_fp",
-                ),
-                &[&sync, &keys],
-            )
-            .await
-            .map_err(query_error("park records"))
-    }
-
-    async fn finish_adopt(
-        &self,
-        run_id: i64,
-        counts: &ExtractCounts,
-    ) -> Result<(), WarehouseError> {
-        self.client().await?
-            .execute(&*self.sql("UPDATE loopsync.runs SET status = 'adopted', extracted_at = now(), finished_at = now(),
-                        expected = 0, added = $2, changed = $3, removed = $4, unchanged = $5,
-                        invalid_rows = $6, ignored = $7, cursor_high = $8, cursor_column = $9
-                  WHERE id = $1"),
-                &[
-                    &run_id,
-                    &counts.added,
-                    &counts.changed,
-                    &counts.removed,
-                    &counts.unchanged,
-                    &counts.invalid_rows,
-                    &counts.ignored,
-                    &counts.cursor_high,
-                    &counts.cursor_column,
-                ],
-            )
-            .await
-            .map_err(query_error("finish an adoption"))?;
-        Ok(())
-    }
-
-    async fn record_preflight(
-        &self,
-        run_id: i64,
-        counts: &RequestCounts,
-    ) -> Result<(), WarehouseError> {
-        self.client()
-            .await?
-            .execute(
-                &*self.sql(
-                    "UPDATE loopsync.runs
-                    SET preflight_requests = $2, preflight_retries = $3, preflight_rate_limited = $4
-                  WHERE id = $1",
-                ),
-                &[
-                    &run_id,
-                    &i64::from(counts.total()),
-                    &i64::from(counts.retries),
-                    &i64::from(counts.rate_limited),
-                ],
-            )
-            .await
-            .map_err(query_error("record a run's preflight"))?;
-        Ok(())
-    }
-
-    async fn fail_run(&self, run_id: i64, error: &str) -> Result<(), WarehouseError> {
-        self.client()
-            .await?
-            .execute(
-                &*self.sql(
-                    "UPDATE loopsync.runs SET status = 'failed', finished_at = now(), error = $2
-                  WHERE id = $1",
-                ),
-                &[&run_id, &error],
-            )
-            .await
-            .map_err(query_error("fail a run"))?;
-        Ok(())
-    }
-
-    async fn interrupt_run(&self, run_id: i64, why: &str) -> Result<bool, WarehouseError> {
-        let closed = self
-            .client()
-            .await?
-            .execute(&*self.sql(&format!(
-                    "UPDATE loopsync.runs SET status = 'interrupted', finished_at = now(), error = $2
-                      WHERE id = $1 AND status IN ({OPEN})"
-                )),
-                &[&run_id, &why],
-            )
-            .await
-            .map_err(query_error("close an interrupted run"))?;
-        Ok(closed > 0)
-    }
-
-    async fn record_outcomes(&self, outcomes: &[Outcome]) -> Result<(), WarehouseError> {
-        if outcomes.is_empty() {
-            return Ok(());
-        }
-        let mut client = self.writer().await?;
-        let tx = client
-            .transaction()
-            .await
-            .map_err(query_error("begin recording outcomes"))?;
-        let (insert_sql, attempt_sql, confirm_sql, remove_sql) = (
-            self.sql(INSERT_RECORD),
-            self.sql(INSERT_ATTEMPT),
-            self.sql(CONFIRM),
-            self.sql(REMOVE),
-        );
-        let (insert, attempted, confirm, remove) = tokio::try_join!(
-            tx.prepare(&insert_sql),
-            tx.prepare(&attempt_sql),
-            tx.prepare(&confirm_sql),
-            tx.prepare(&remove_sql),
-        )
-        .map_err(query_error("record outcomes"))?;
-        // The runs' rows first: finish_extract waits for this transaction, so one of the two
-        // sees every record of a complete run.
-        let mut runs: Vec<i64> = outcomes.iter().map(|o| o.run_id).collect();
-        runs.sort_unstable();
-        runs.dedup();
-        tx.execute(
-            &*self.sql("SELECT id FROM loopsync.runs WHERE id = ANY($1) ORDER BY id FOR UPDATE"),
-            &[&runs],
-        )
-        .await
-        .map_err(query_error("lock runs"))?;
-        // Row locks in one order, (sync, key), as mark_emitted takes them: no deadlock.
-        let mut ordered: Vec<&Outcome> = outcomes.iter().collect();
-        ordered.sort_by(|a, b| (&a.sync, &a.key).cmp(&(&b.sync, &b.key)));
-        let counts: Vec<[i32; 6]> = ordered
-            .iter()
-            .map(|o| {
-                let c = o.request_counts();
-                [
-                    c.total(),
-                    c.writes,
-                    c.events,
-                    c.deletes,
-                    c.retries,
-                    c.rate_limited,
-                ]
-                .map(|n| n as i32)
-            })
-            .collect();
-        let attempts: Vec<&str> = ordered
-            .iter()
-            .map(|o| o.attempt.as_deref().unwrap_or(""))
-            .collect();
-        let changes: Vec<Option<&str>> = ordered
-            .iter()
-            .map(|o| o.change.map(|c| c.as_str()))
-            .collect();
-        let statuses: Vec<&str> = ordered.iter().map(|o| o.status.as_str()).collect();
-        // Every statement of the batch, in order, pipelined on the connection: sent without
-        // waiting for each answer (tokio-postgres sends a query when its future is first
-        // polled, and `try_join_all` polls them in order), so a batch costs about one round
-        // trip, not two per outcome. The first error fails the transaction and the batch.
-        let mut statements = Vec::with_capacity(2 * ordered.len());
-        for (i, o) in ordered.iter().enumerate() {
-            let [requests, writes, events, deletes, retries, rate_limited] = &counts[i];
-            if !o.status.is_final() {
-                statements.push(tx.execute_raw(
-                    &attempted,
-                    params(vec![
-                        &o.run_id,
-                        &o.sync,
-                        &o.key,
-                        &attempts[i],
-                        requests,
-                        writes,
-                        events,
-                        deletes,
-                        retries,
-                        rate_limited,
-                        &o.reason,
-                        &o.at,
-                    ]),
-                ));
-                continue;
-            }
-            statements.push(tx.execute_raw(
-                &insert,
-                params(vec![
-                    &o.run_id,
-                    &o.sync,
-                    &o.key,
-                    &o.fingerprint,
-                    &o.operation,
-                    &statuses[i],
-                    &o.reason,
-                    &o.contact_id,
-                    requests,
-                    &o.at,
-                    &changes[i],
-                    writes,
-                    events,
-                    deletes,
-                    retries,
-                    rate_limited,
-                ]),
-            ));
-            if o.status == OutcomeStatus::Confirmed && is_removal(&o.operation) {
-                statements.push(tx.execute_raw(&remove, params(vec![&o.sync, &o.key, &o.run_id])));
-            } else if o.status == OutcomeStatus::Confirmed {
-                statements.push(tx.execute_raw(
-                    &confirm,
-                    params(vec![
-                        &o.sync,
-                        &o.key,
-                        &o.fingerprint,
-                        &o.run_id,
-                        &o.contact_id,
-                        &o.email,
-                        &o.user_id,
-                    ]),
-                ));
-            }
-        }
-        futures::future::try_join_all(statements)
-            .await
-            .map_err(query_error("record outcomes"))?;
-        tx.execute(&*self.sql(FINISH_RUNS), &[&runs])
-            .await
-            .map_err(query_error("finish runs"))?;
-        tx.commit().await.map_err(query_error("commit outcomes"))
-    }
-
-    async fn finish_if_complete(&self, run_id: i64) -> Result<(), WarehouseError> {
-        self.client()
-            .await?
-            .execute(&*self.sql(FINISH_RUNS), &[&vec![run_id]])
-            .await
-            .map_err(query_error("finish a run"))?;
-        Ok(())
-    }
-
-    async fn run(&self, run_id: i64) -> Result<Option<RunSummary>, WarehouseError> {
-        let rows = self
-            .client()
-            .await?
-            .query(
-                &*self.sql(&Self::summary_sql("r.id = $1")),
-                &[&run_id, &1i64],
-            )
-            .await
-            .map_err(query_error("read a run"))?;
-        rows.first().map(summary).transpose()
-    }
-
-    async fn runs(
-        &self,
-        sync: Option<&str>,
-        limit: i64,
-    ) -> Result<Vec<RunSummary>, WarehouseError> {
-        let rows = self
-            .client()
-            .await?
-            .query(
-                &*self.sql(&Self::summary_sql("($1::text IS NULL OR r.sync = $1)")),
-                &[&sync, &limit],
-            )
-            .await
-            .map_err(query_error("read runs"))?;
-        rows.iter().map(summary).collect()
-    }
-
-    async fn records(&self, run_id: i64) -> Result<Vec<RecordResult>, WarehouseError> {
-        let rows = self
-            .client()
-            .await?
-            .query(
-                &*self.sql(&format!(
-                    "SELECT run_id, sync, key, operation, outcome, reason, contact_id,
-                            ({requests})::bigint, to_char(at AT TIME ZONE 'UTC', {TIME})
-                       FROM loopsync.records x WHERE run_id = $1 ORDER BY key",
-                    requests = record_requests_sql("loopsync.attempts")
-                )),
-                &[&run_id],
-            )
-            .await
-            .map_err(query_error("read records"))?;
-        rows.iter().map(record).collect()
-    }
-
-    async fn rejections(&self, sync: Option<&str>) -> Result<Vec<RecordResult>, WarehouseError> {
-        let rows = self
-            .client()
-            .await?
-            .query(
-                &*self.sql(&format!(
-                    "SELECT run_id, sync, key, operation, outcome, reason, contact_id,
-                            ({requests})::bigint, to_char(at AT TIME ZONE 'UTC', {TIME})
-                       FROM (SELECT DISTINCT ON (sync, key) * FROM loopsync.records
-                              WHERE $1::text IS NULL OR sync = $1
-                              ORDER BY sync, key, run_id DESC) AS x
-                      WHERE outcome IN ('invalid', 'rejected', 'dead_lettered')
-                      ORDER BY sync, key",
-                    requests = record_requests_sql("loopsync.attempts")
-                )),
-                &[&sync],
-            )
-            .await
-            .map_err(query_error("read rejections"))?;
-        rows.iter().map(record).collect()
-    }
-
-    async fn forget_confirmed(
-        &self,
-        sync: &str,
-        records: &[(String, String)],
-    ) -> Result<u64, WarehouseError> {
-        if records.is_empty() {
-            return Ok(0);
-        }
-        let keys: Vec<&str> = records.iter().map(|(k, _)| k.as_str()).collect();
-        let fps: Vec<&str> = records.iter().map(|(_, f)| f.as_str()).collect();
-        let mut client = self.writer().await?;
-        let tx = client
-            .transaction()
-            .await
-            .map_err(query_error("begin forgetting confirmations"))?;
-        // Row locks in (sync, key) order, as everywhere: no deadlock with a checkpointer.
-        tx.execute(
-            &*self.sql(
-                "SELECT key FROM loopsync.state WHERE sync = $1 AND key = ANY($2)
-              ORDER BY key COLLATE \"C\" FOR UPDATE",
-            ),
-            &[&sync, &keys],
-        )
-        .await
-        .map_err(query_error("lock records to forget"))?;
-        let forgotten = tx
-            .execute(
-                &*self.sql(
-                    "UPDATE loopsync.state s SET confirmed_fp = $4, model_hash = NULL
-                   FROM unnest($2::text[], $3::text[]) AS t(k, f)
-                  WHERE s.sync = $1 AND s.key = t.k AND s.confirmed_fp = t.f",
-                ),
-                &[&sync, &keys, &fps, &crate::FORGOTTEN_FP],
-            )
-            .await
-            .map_err(query_error("forget confirmations"))?;
-        tx.commit()
-            .await
-            .map_err(query_error("commit forgotten confirmations"))?;
-        Ok(forgotten)
-    }
-
-    async fn destination(&self, sync: &str) -> Result<Option<DestinationBinding>, WarehouseError> {
-        let row = self
-            .client()
-            .await?
-            .query_opt(
-                &*self.sql(&format!(
-                    "SELECT team, base_url, to_char(bound_at AT TIME ZONE 'UTC', {TIME})
-                       FROM loopsync.destinations WHERE sync = $1"
-                )),
-                &[&sync],
-            )
-            .await
-            .map_err(query_error("read a sync's destination"))?;
-        Ok(row.as_ref().map(binding))
-    }
-
-    async fn bind_destination(
-        &self,
-        sync: &str,
-        destination: &Destination,
-    ) -> Result<Option<DestinationBinding>, WarehouseError> {
-        // A binding deleted (by a reset) between the insert and the read: insert again.
-        for _ in 0..3 {
-            let inserted = self
-                .client()
-                .await?
-                .execute(&*self.sql("INSERT INTO loopsync.destinations (sync, team, base_url) VALUES ($1, $2, $3)
-                     ON CONFLICT (sync) DO NOTHING"),
-                    &[&sync, &destination.team, &destination.base_url],
-                )
-                .await
-                .map_err(query_error("bind a sync to its destination"))?;
-            if inserted == 1 {
-                return Ok(None);
-            }
-            if let Some(earlier) = self.destination(sync).await? {
-                return Ok(Some(earlier));
-            }
-        }
-        Err(WarehouseError::Query {
-            what: "bind a sync to its destination".into(),
-            detail: "the binding kept changing under a concurrent reset".into(),
-        })
-    }
-
-    async fn set_destination(
-        &self,
-        sync: &str,
-        destination: &Destination,
-    ) -> Result<(), WarehouseError> {
-        self.client()
-            .await?
-            .execute(
-                &*self.sql(
-                    "INSERT INTO loopsync.destinations (sync, team, base_url) VALUES ($1, $2, $3)
-                 ON CONFLICT (sync) DO UPDATE
-                    SET team = EXCLUDED.team, base_url = EXCLUDED.base_url, bound_at = now()",
-                ),
-                &[&sync, &destination.team, &destination.base_url],
-            )
-            .await
-            .map_err(query_error("bind a sync to its destination"))?;
-        Ok(())
-    }
-
-    async fn reset_state(&self, sync: &str) -> Result<StateReset, WarehouseError> {
-        let mut client = self.writer().await?;
-        let tx = client
-            .transaction()
-            .await
-            .map_err(query_error("begin a reset"))?;
-        // Row locks in (sync, key) order, as the checkpointer takes them: no deadlock.
-        tx.execute(
-            &*self.sql("SELECT key FROM loopsync.state WHERE sync = $1 ORDER BY key FOR UPDATE"),
-            &[&sync],
-        )
-        .await
-        .map_err(query_error("lock a sync's state"))?;
-        let state_records = tx
-            .execute(
-                // Forgotten, not deleted: each record keeps its generation, moved on, so what
-                // the next run sends has new idempotency keys (a reset to the same Loops is not
-                // mistaken for the sends it forgot).
-                &*self.sql("UPDATE loopsync.state
-                    SET confirmed_fp = NULL, confirmed_run = NULL, confirmed_at = NULL,
-                        confirmed_email = NULL, confirmed_user_id = NULL, contact_id = NULL,
-                        emitted_fp = NULL, emitted_run = NULL, parked_fp = NULL, model_hash = NULL,
-                        generation = generation + 1
-                  WHERE sync = $1
-                    AND (confirmed_fp IS NOT NULL OR emitted_fp IS NOT NULL OR parked_fp IS NOT NULL)"),
-                &[&sync],
-            )
-            .await
-            .map_err(query_error("forget a sync's state"))?;
-        // An event sync's watermark goes with its state: the next run reads every row.
-        tx.execute(&*self.sql("UPDATE loopsync.runs SET cursor_high = NULL WHERE sync = $1 AND cursor_high IS NOT NULL"),
-            &[&sync],
-        )
-        .await
-        .map_err(query_error("forget a sync's cursor"))?;
-        let destination = tx
-            .query_opt(
-                &*self.sql(&format!(
-                    "DELETE FROM loopsync.destinations WHERE sync = $1
-                     RETURNING team, base_url, to_char(bound_at AT TIME ZONE 'UTC', {TIME})"
-                )),
-                &[&sync],
-            )
-            .await
-            .map_err(query_error("forget a sync's destination"))?;
-        tx.commit().await.map_err(query_error("commit a reset"))?;
-        Ok(StateReset {
-            state_records,
-            destination: destination.as_ref().map(binding),
-        })
-    }
 }
-/// Loads a source's rows into [`STAGED`], a temporary table of `client`'s session (binary
+
 /// `COPY`, every column text), and analyzes it for the diff's plan.
 async fn stage(client: &Client, model: ModelRows) -> Result<(), WarehouseError> {
     use tokio_postgres::binary_copy::BinaryCopyInWriter;
@@ -1709,17 +847,6 @@ fn schema_lock(schema: &str) -> i64 {
     }
 }
 
-/// An error when the state was migrated by a newer loopsync than this one.
-pub(crate) fn newer_than_known(current: Option<i64>) -> Result<(), WarehouseError> {
-    match current {
-        Some(v) if v > LATEST => Err(WarehouseError::Unsupported(format!(
-            "the state's tables are at version {v}, made by a newer loopsync; this one knows \
-             versions up to {LATEST}: upgrade it"
-        ))),
-        _ => Ok(()),
-    }
-}
-
 /// An event sync's cursor `column` at or after the time `since` (an SQL text expression).
 /// The session's time zone is UTC (see `diff`), so a `timestamp` without time zone reads as
 /// UTC, as the extractor reads its text.
@@ -1728,297 +855,242 @@ fn at_or_after(column: &str, since: &str) -> String {
 }
 
 #[async_trait]
-impl Warehouse for PgWarehouse {
-    async fn prepare(&self) -> Result<(), WarehouseError> {
-        self.within("prepare", self.pg.prepare()).await
+impl Keeper for Pg {
+    /// On the shared connection (tokio-postgres pipelines concurrent calls on it).
+    async fn auto<T: Send + 'static>(
+        &self,
+        what: &str,
+        work: Work<T>,
+    ) -> Result<T, WarehouseError> {
+        self.within(what, async {
+            let client = self.client().await?;
+            work(&mut PgExec {
+                c: &*client,
+                dialect: &self.dialect,
+            })
+            .await
+        })
+        .await
     }
 
-    async fn read_only(&self) -> Result<bool, WarehouseError> {
-        let version = self
-            .within("read the state's version", async {
-                self.pg.applied(&*self.pg.client().await?).await
+    /// On the connection for transactions, held until the transaction ends.
+    async fn tx<T: Send + 'static>(&self, what: &str, work: Work<T>) -> Result<T, WarehouseError> {
+        self.within(what, async {
+            let mut client = self.writer().await?;
+            let tx = client
+                .transaction()
+                .await
+                .map_err(query_error(&format!("begin: {what}")))?;
+            let value = work(&mut PgExec {
+                c: &tx,
+                dialect: &self.dialect,
             })
             .await?;
-        let exists = crate::readable(version)?;
-        self.pg.absent.store(!exists, Ordering::Relaxed);
-        Ok(exists)
+            tx.commit()
+                .await
+                .map_err(query_error(&format!("commit: {what}")))?;
+            Ok(value)
+        })
+        .await
+    }
+
+    async fn migrate(&self) -> Result<(), WarehouseError> {
+        self.within("prepare", self.migrate_tables()).await
+    }
+
+    async fn version(&self) -> Result<Option<i64>, WarehouseError> {
+        self.within("read the state's version", async {
+            self.applied(&*self.client().await?).await
+        })
+        .await
     }
 
     async fn check_privileges(&self) -> Result<(), WarehouseError> {
-        self.within("check privileges", self.pg.check_privileges())
-            .await
+        self.within("check privileges", self.privileges()).await
     }
 
-    async fn diff_since(
-        &self,
-        spec: &SyncSpec,
-        since: Option<i64>,
-    ) -> Result<BoxStream<'static, Result<DiffRow, WarehouseError>>, WarehouseError> {
-        self.within("diff", self.pg.diff(spec, since, false, None))
-            .await
-    }
-
-    async fn diff_model(
+    async fn diff(
         &self,
         spec: &SyncSpec,
         since: Option<i64>,
         leave_out_unchanged: bool,
-        model: ModelRows,
+        staged: Option<ModelRows>,
+        absent: bool,
     ) -> Result<BoxStream<'static, Result<DiffRow, WarehouseError>>, WarehouseError> {
-        // Not under the call deadline: loading the rows takes as long as the source reads.
-        self.pg
-            .diff(spec, since, leave_out_unchanged, Some(model))
-            .await
-    }
-
-    async fn diff_changes(
-        &self,
-        spec: &SyncSpec,
-        since: Option<i64>,
-    ) -> Result<BoxStream<'static, Result<DiffRow, WarehouseError>>, WarehouseError> {
-        self.within("diff", self.pg.diff(spec, since, true, None))
-            .await
-    }
-
-    async fn note_unchanged(&self, sync: &str, rows: &[Unchanged]) -> Result<(), WarehouseError> {
-        self.within("note unchanged records", self.pg.note_unchanged(sync, rows))
-            .await
-    }
-
-    async fn cursor_watermark(
-        &self,
-        sync: &str,
-        column: &str,
-    ) -> Result<Option<i64>, WarehouseError> {
-        if self.pg.absent() {
-            return Ok(None);
+        if staged.is_some() {
+            // Not under the call deadline: loading the rows takes as long as the source reads.
+            return self
+                .diff_rows(spec, since, leave_out_unchanged, staged, absent)
+                .await;
         }
-        self.within("read a cursor", self.pg.cursor_watermark(sync, column))
-            .await
+        self.within(
+            "diff",
+            self.diff_rows(spec, since, leave_out_unchanged, None, absent),
+        )
+        .await
     }
 
     async fn check_model(&self, spec: &SyncSpec) -> Result<(), WarehouseError> {
-        self.within("check model", self.pg.check_model(spec)).await
+        self.within("check model", self.probe_model(spec)).await
     }
 
-    async fn create_run(&self, sync: &str) -> Result<i64, WarehouseError> {
-        self.within("create run", self.pg.create_run(sync)).await
-    }
-
-    async fn heartbeat(&self, run_id: i64) -> Result<(), WarehouseError> {
-        self.within("heartbeat", self.pg.heartbeat(run_id)).await
-    }
-
-    async fn installation(&self) -> Result<String, WarehouseError> {
-        self.within("installation", self.pg.installation()).await
-    }
-
-    async fn claim_run(
-        &self,
-        run_id: i64,
-        redelivered: bool,
-    ) -> Result<Option<String>, WarehouseError> {
-        self.within("claim run", self.pg.claim_run(run_id, redelivered))
+    async fn note_unchanged(&self, sync: &str, rows: &[Unchanged]) -> Result<(), WarehouseError> {
+        self.within("note unchanged records", self.note_rows(sync, rows))
             .await
-    }
-
-    async fn mark_emitted(
-        &self,
-        sync: &str,
-        run_id: i64,
-        emitted: &[(String, String)],
-    ) -> Result<(), WarehouseError> {
-        self.within("mark emitted", self.pg.mark_emitted(sync, run_id, emitted))
-            .await
-    }
-
-    async fn finish_extract(
-        &self,
-        run_id: i64,
-        counts: &ExtractCounts,
-    ) -> Result<(), WarehouseError> {
-        self.within("finish extract", self.pg.finish_extract(run_id, counts))
-            .await
-    }
-
-    async fn adopt(
-        &self,
-        sync: &str,
-        run_id: i64,
-        records: &[Adoption],
-    ) -> Result<(), WarehouseError> {
-        self.within("adopt", self.pg.adopt(sync, run_id, records))
-            .await
-    }
-
-    async fn park(&self, sync: &str, keys: &[String]) -> Result<u64, WarehouseError> {
-        self.within("park", self.pg.park(sync, keys)).await
-    }
-
-    async fn unpark(&self, sync: &str, keys: &[String]) -> Result<u64, WarehouseError> {
-        self.within("unpark", async {
-            self.pg
-                .client()
-                .await?
-                .execute(
-                    &*self.pg.sql(
-                        "UPDATE loopsync.state SET parked_fp = NULL
-                          WHERE sync = $1 AND key = ANY($2) AND parked_fp IS NOT NULL",
-                    ),
-                    &[&sync, &keys],
-                )
-                .await
-                .map_err(query_error("unpark records"))
-        })
-        .await
-    }
-
-    async fn parked(&self, sync: Option<&str>) -> Result<Vec<(String, String)>, WarehouseError> {
-        if self.pg.absent() {
-            return Ok(Vec::new());
-        }
-        self.within("parked records", async {
-            let rows = self
-                .pg
-                .client()
-                .await?
-                .query(
-                    &*self.pg.sql(
-                        "SELECT sync, key FROM loopsync.state
-                          WHERE parked_fp IS NOT NULL AND ($1::text IS NULL OR sync = $1)
-                          ORDER BY sync, key COLLATE \"C\"",
-                    ),
-                    &[&sync],
-                )
-                .await
-                .map_err(query_error("read parked records"))?;
-            Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
-        })
-        .await
-    }
-
-    async fn finish_adopt(
-        &self,
-        run_id: i64,
-        counts: &ExtractCounts,
-    ) -> Result<(), WarehouseError> {
-        self.within("finish adopt", self.pg.finish_adopt(run_id, counts))
-            .await
-    }
-
-    async fn record_preflight(
-        &self,
-        run_id: i64,
-        counts: &RequestCounts,
-    ) -> Result<(), WarehouseError> {
-        self.within("record preflight", self.pg.record_preflight(run_id, counts))
-            .await
-    }
-
-    async fn fail_run(&self, run_id: i64, error: &str) -> Result<(), WarehouseError> {
-        self.within("fail run", self.pg.fail_run(run_id, error))
-            .await
-    }
-
-    async fn interrupt_run(&self, run_id: i64, why: &str) -> Result<bool, WarehouseError> {
-        self.within(
-            "close an interrupted run",
-            self.pg.interrupt_run(run_id, why),
-        )
-        .await
-    }
-
-    async fn record_outcomes(&self, outcomes: &[Outcome]) -> Result<(), WarehouseError> {
-        self.within("record outcomes", self.pg.record_outcomes(outcomes))
-            .await
-    }
-
-    async fn finish_if_complete(&self, run_id: i64) -> Result<(), WarehouseError> {
-        self.within("finish if complete", self.pg.finish_if_complete(run_id))
-            .await
-    }
-
-    async fn run(&self, run_id: i64) -> Result<Option<RunSummary>, WarehouseError> {
-        if self.pg.absent() {
-            return Ok(None);
-        }
-        self.within("run", self.pg.run(run_id)).await
-    }
-
-    async fn runs(
-        &self,
-        sync: Option<&str>,
-        limit: i64,
-    ) -> Result<Vec<RunSummary>, WarehouseError> {
-        if self.pg.absent() {
-            return Ok(Vec::new());
-        }
-        self.within("runs", self.pg.runs(sync, limit)).await
-    }
-
-    async fn records(&self, run_id: i64) -> Result<Vec<RecordResult>, WarehouseError> {
-        if self.pg.absent() {
-            return Ok(Vec::new());
-        }
-        self.within("records", self.pg.records(run_id)).await
-    }
-
-    async fn rejections(&self, sync: Option<&str>) -> Result<Vec<RecordResult>, WarehouseError> {
-        if self.pg.absent() {
-            return Ok(Vec::new());
-        }
-        self.within("rejections", self.pg.rejections(sync)).await
-    }
-
-    async fn forget_confirmed(
-        &self,
-        sync: &str,
-        records: &[(String, String)],
-    ) -> Result<u64, WarehouseError> {
-        self.within("forget confirmed", self.pg.forget_confirmed(sync, records))
-            .await
-    }
-
-    async fn destination(&self, sync: &str) -> Result<Option<DestinationBinding>, WarehouseError> {
-        if self.pg.absent() {
-            return Ok(None);
-        }
-        self.within("destination", self.pg.destination(sync)).await
-    }
-
-    async fn bind_destination(
-        &self,
-        sync: &str,
-        destination: &Destination,
-    ) -> Result<Option<DestinationBinding>, WarehouseError> {
-        self.within(
-            "bind destination",
-            self.pg.bind_destination(sync, destination),
-        )
-        .await
-    }
-
-    async fn set_destination(
-        &self,
-        sync: &str,
-        destination: &Destination,
-    ) -> Result<(), WarehouseError> {
-        self.within(
-            "set destination",
-            self.pg.set_destination(sync, destination),
-        )
-        .await
-    }
-
-    async fn reset_state(&self, sync: &str) -> Result<StateReset, WarehouseError> {
-        self.within("reset state", self.pg.reset_state(sync)).await
     }
 }
 
-/// A row of (team, base_url, bound_at).
-fn binding(row: &Row) -> DestinationBinding {
-    DestinationBinding {
-        destination: Destination::new(row.get(0), row.get(1)),
-        bound_at: row.get(2),
+/// A parameter as the statement's own type asks (an `integer` column takes an `i64` that fits).
+impl ToSql for Value {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match self {
+            Value::Null => Ok(IsNull::Yes),
+            Value::Int(v) => match *ty {
+                Type::INT2 => i16::try_from(*v)?.to_sql(ty, out),
+                Type::INT4 => i32::try_from(*v)?.to_sql(ty, out),
+                Type::FLOAT8 => (*v as f64).to_sql(ty, out),
+                Type::TEXT | Type::VARCHAR => v.to_string().to_sql(ty, out),
+                _ => v.to_sql(ty, out),
+            },
+            Value::Float(v) => match *ty {
+                Type::FLOAT4 => (*v as f32).to_sql(ty, out),
+                _ => v.to_sql(ty, out),
+            },
+            Value::Text(v) => v.as_str().to_sql(ty, out),
+            Value::Bool(v) => v.to_sql(ty, out),
+        }
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+
+    tokio_postgres::types::to_sql_checked!();
+}
+
+/// A row of PostgreSQL as [`Value`]s, by each column's type.
+fn row(r: &tokio_postgres::Row) -> Result<Row, tokio_postgres::Error> {
+    let mut values = Vec::with_capacity(r.len());
+    for (i, column) in r.columns().iter().enumerate() {
+        let value = match *column.type_() {
+            Type::INT2 => r
+                .try_get::<_, Option<i16>>(i)?
+                .map(|v| Value::Int(v.into())),
+            Type::INT4 => r
+                .try_get::<_, Option<i32>>(i)?
+                .map(|v| Value::Int(v.into())),
+            Type::INT8 => r.try_get::<_, Option<i64>>(i)?.map(Value::Int),
+            Type::FLOAT4 => r
+                .try_get::<_, Option<f32>>(i)?
+                .map(|v| Value::Float(v.into())),
+            Type::FLOAT8 => r.try_get::<_, Option<f64>>(i)?.map(Value::Float),
+            Type::BOOL => r.try_get::<_, Option<bool>>(i)?.map(Value::Bool),
+            _ => r.try_get::<_, Option<String>>(i)?.map(Value::Text),
+        };
+        values.push(value.unwrap_or(Value::Null));
+    }
+    Ok(Row(values))
+}
+
+/// The executor on a connection or a transaction of PostgreSQL.
+struct PgExec<'a, C> {
+    c: &'a C,
+    dialect: &'a Dialect,
+}
+
+#[async_trait]
+impl<C: GenericClient + Sync> Exec for PgExec<'_, C> {
+    fn dialect(&self) -> &Dialect {
+        self.dialect
+    }
+
+    async fn execute(
+        &mut self,
+        what: &str,
+        sql: &str,
+        params: Vec<Value>,
+    ) -> Result<u64, WarehouseError> {
+        let sql = self.dialect.statement(sql);
+        let statement = self.c.prepare(&sql).await.map_err(query_error(what))?;
+        self.c
+            .execute_raw(&statement, params.iter())
+            .await
+            .map_err(query_error(what))
+    }
+
+    async fn query(
+        &mut self,
+        what: &str,
+        sql: &str,
+        params: Vec<Value>,
+    ) -> Result<Vec<Row>, WarehouseError> {
+        let sql = self.dialect.statement(sql);
+        let statement = self.c.prepare(&sql).await.map_err(query_error(what))?;
+        let params: Vec<&(dyn ToSql + Sync)> =
+            params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+        let rows = self
+            .c
+            .query(&statement, &params)
+            .await
+            .map_err(query_error(what))?;
+        rows.iter()
+            .map(row)
+            .collect::<Result<_, _>>()
+            .map_err(query_error(what))
+    }
+
+    /// Every statement of the batch, in order, pipelined on the connection: sent without
+    /// waiting for each answer (tokio-postgres sends a query when its future is first polled,
+    /// and `try_join_all` polls them in order), so a batch costs about one round trip, not one
+    /// per item. The first error fails the transaction and the batch.
+    async fn batch(
+        &mut self,
+        what: &str,
+        statements: &[String],
+        items: Vec<(usize, Vec<Value>)>,
+    ) -> Result<u64, WarehouseError> {
+        if items.is_empty() {
+            return Ok(0);
+        }
+        let sqls: Vec<String> = statements
+            .iter()
+            .map(|s| self.dialect.statement(s))
+            .collect();
+        let prepared = futures::future::try_join_all(sqls.iter().map(|s| self.c.prepare(s)))
+            .await
+            .map_err(query_error(what))?;
+        let changed = futures::future::try_join_all(
+            items
+                .iter()
+                .map(|(i, params)| self.c.execute_raw(&prepared[*i], params.iter())),
+        )
+        .await
+        .map_err(query_error(what))?;
+        Ok(changed.iter().sum())
+    }
+
+    async fn lock_sync_runs(&mut self, sync: &str) -> Result<(), WarehouseError> {
+        self.c
+            .execute(
+                "SELECT pg_advisory_xact_lock(735560802, hashtext($1))",
+                &[&sync],
+            )
+            .await
+            .map_err(query_error("lock the sync's runs"))?;
+        Ok(())
+    }
+
+    async fn lock_rows(
+        &mut self,
+        what: &str,
+        sql: &str,
+        params: Vec<Value>,
+    ) -> Result<(), WarehouseError> {
+        self.query(what, sql, params).await?;
+        Ok(())
     }
 }
