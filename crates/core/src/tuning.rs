@@ -5,9 +5,9 @@
 use std::time::Duration;
 
 /// Attempts per operation before it is dead-lettered (`loops.max_attempts`): with
-/// [`BACKOFF_BASE`] and [`BACKOFF_CAP`], eight attempts span about a minute and a half of Loops
-/// failing (429s, 5xx, timeouts) — longer than a rate-limit window or a deploy of theirs, short
-/// enough that a record that cannot go through is said in the run's report.
+/// [`BACKOFF_BASE`] and [`BACKOFF_CAP`], the seven waits between eight attempts add up to
+/// 31–62 s of Loops failing (429s, 5xx, timeouts): longer than a rate-limit window or a deploy
+/// of theirs, short enough that a record that cannot go through is said in the run's report.
 pub const MAX_ATTEMPTS: u32 = 8;
 
 /// The first retry's delay (then doubled per attempt, with jitter): long enough for a 429's
