@@ -1637,8 +1637,14 @@ async fn a_mysql_model_beside(state: Fixture) {
              (2, 'a@x.co', '2026-01-01 11:00:00'), (3, 'b@x.co', NULL);",
     )
     .await;
-    let source = Arc::new(MySqlSource::connect(&db.url).await.unwrap());
-    let w = SplitWarehouse::new(source, state.warehouse.clone());
+    // The deployment of a source and a store, as `[warehouse] url` and `state` open it.
+    let w = crate::open(&crate::Settings {
+        url: db.url.clone(),
+        state: Some(state.url.clone()),
+        state_schema: state.schema.clone(),
+    })
+    .await
+    .unwrap();
     w.prepare().await.unwrap();
     let spec = spec("users", "users");
     w.check_model(&spec).await.unwrap();
@@ -1649,7 +1655,7 @@ async fn a_mysql_model_beside(state: Fixture) {
         matches!(&e, WarehouseError::Model { detail, .. } if detail.contains("first_name")),
         "{e}"
     );
-    let rows = diff(&w, &spec).await;
+    let rows = diff(&*w, &spec).await;
     let keys: Vec<Option<&str>> = rows.iter().map(|r| r.key.as_deref()).collect();
     assert_eq!(
         keys,
@@ -1693,7 +1699,7 @@ async fn a_mysql_model_beside(state: Fixture) {
     w.record_outcomes(&[confirmed(&spec, run, "1", "fp1")])
         .await
         .unwrap();
-    let first = changes(&w, &spec).await;
+    let first = changes(&*w, &spec).await;
     let one = first
         .iter()
         .find(|r| r.key.as_deref() == Some("1"))
@@ -1709,7 +1715,7 @@ async fn a_mysql_model_beside(state: Fixture) {
     )
     .await
     .unwrap();
-    let second = changes(&w, &spec).await;
+    let second = changes(&*w, &spec).await;
     assert_eq!(second.len(), 6, "5 keys read out and the count: {second:?}");
     assert!(second.iter().all(|r| r.key.as_deref() != Some("1")));
     assert_eq!(second.last().unwrap().unchanged_untold, 1);

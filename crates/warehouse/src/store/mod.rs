@@ -16,6 +16,7 @@
 
 pub(crate) mod rules;
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
@@ -26,9 +27,10 @@ use loopsync_core::envelope::{Outcome, RequestCounts};
 use loopsync_core::spec::SyncSpec;
 
 use crate::schema::{Backend, Dialect};
+use crate::source::{Source, model_columns};
 use crate::{
     Adoption, DestinationBinding, DiffRow, ExtractCounts, ModelRows, RecordResult, RunSummary,
-    StateReset, Unchanged, Warehouse, WarehouseError,
+    StateReset, StateStore, Unchanged, Warehouse, WarehouseError,
 };
 
 /// A statement's parameter, or a value read.
@@ -233,7 +235,7 @@ pub(crate) trait Keeper: Send + Sync + 'static {
     /// The version of the state's tables, `None` when there are none.
     async fn version(&self) -> Result<Option<i64>, WarehouseError>;
 
-    /// See [`Warehouse::check_privileges`].
+    /// See [`StateStore::check_privileges`].
     async fn check_privileges(&self) -> Result<(), WarehouseError>;
 
     /// The diff of the model (or, `staged`, of a source's rows) against the state (`absent`:
@@ -251,16 +253,19 @@ pub(crate) trait Keeper: Send + Sync + 'static {
     /// See [`Warehouse::check_model`].
     async fn check_model(&self, spec: &SyncSpec) -> Result<(), WarehouseError>;
 
-    /// See [`Warehouse::note_unchanged`]: only a backend whose diff leaves rows out keeps them.
+    /// See [`StateStore::note_unchanged`]: only a backend whose diff leaves rows out keeps them.
     async fn note_unchanged(&self, _sync: &str, _rows: &[Unchanged]) -> Result<(), WarehouseError> {
         Ok(())
     }
 }
 
-/// A state store: a [`Keeper`] and the rules of the state ([`rules`]).
+/// A state store: a [`Keeper`] and the rules of the state ([`rules`]); and, as a
+/// [`Warehouse`], where its model is read: its own database, or a [`Source`] beside it, whose
+/// rows are staged in the store's diff.
 pub struct Store<K> {
     pub(crate) keeper: K,
-    /// [`Warehouse::read_only`] found no state: it reads as empty, and nothing is made.
+    source: Option<Arc<dyn Source>>,
+    /// [`StateStore::read_only`] found no state: it reads as empty, and nothing is made.
     absent: AtomicBool,
 }
 
@@ -268,8 +273,15 @@ impl<K> Store<K> {
     pub(crate) fn new(keeper: K) -> Store<K> {
         Store {
             keeper,
+            source: None,
             absent: AtomicBool::new(false),
         }
+    }
+
+    /// The model read from `source` (`None`: from the store's own database).
+    pub fn with_source(mut self, source: Option<Arc<dyn Source>>) -> Store<K> {
+        self.source = source;
+        self
     }
 
     fn absent(&self) -> bool {
@@ -372,6 +384,55 @@ impl Dialect {
 
 #[async_trait]
 impl<K: Keeper> Warehouse for Store<K> {
+    async fn diff_since(
+        &self,
+        spec: &SyncSpec,
+        since: Option<i64>,
+    ) -> Result<BoxStream<'static, Result<DiffRow, WarehouseError>>, WarehouseError> {
+        read(self, spec, since, false).await
+    }
+
+    async fn diff_changes(
+        &self,
+        spec: &SyncSpec,
+        since: Option<i64>,
+    ) -> Result<BoxStream<'static, Result<DiffRow, WarehouseError>>, WarehouseError> {
+        read(self, spec, since, true).await
+    }
+
+    async fn check_model(&self, spec: &SyncSpec) -> Result<(), WarehouseError> {
+        match &self.source {
+            Some(source) => source.check_model(spec, &model_columns(spec)).await,
+            None => self.keeper.check_model(spec).await,
+        }
+    }
+}
+
+/// The model's diff against the state: in the store's database, or of a source's rows.
+async fn read<K: Keeper>(
+    store: &Store<K>,
+    spec: &SyncSpec,
+    since: Option<i64>,
+    leave_out_unchanged: bool,
+) -> Result<BoxStream<'static, Result<DiffRow, WarehouseError>>, WarehouseError> {
+    {
+        let model = match &store.source {
+            Some(source) => {
+                let columns = model_columns(spec);
+                let rows = source.read(spec, &columns).await?;
+                Some(ModelRows { columns, rows })
+            }
+            None => None,
+        };
+        store
+            .keeper
+            .diff(spec, since, leave_out_unchanged, model, store.absent())
+            .await
+    }
+}
+
+#[async_trait]
+impl<K: Keeper> StateStore for Store<K> {
     async fn prepare(&self) -> Result<(), WarehouseError> {
         self.keeper.migrate().await
     }
@@ -384,26 +445,6 @@ impl<K: Keeper> Warehouse for Store<K> {
 
     async fn check_privileges(&self) -> Result<(), WarehouseError> {
         self.keeper.check_privileges().await
-    }
-
-    async fn diff_since(
-        &self,
-        spec: &SyncSpec,
-        since: Option<i64>,
-    ) -> Result<BoxStream<'static, Result<DiffRow, WarehouseError>>, WarehouseError> {
-        self.keeper
-            .diff(spec, since, false, None, self.absent())
-            .await
-    }
-
-    async fn diff_changes(
-        &self,
-        spec: &SyncSpec,
-        since: Option<i64>,
-    ) -> Result<BoxStream<'static, Result<DiffRow, WarehouseError>>, WarehouseError> {
-        self.keeper
-            .diff(spec, since, true, None, self.absent())
-            .await
     }
 
     async fn note_unchanged(&self, sync: &str, rows: &[Unchanged]) -> Result<(), WarehouseError> {
@@ -437,10 +478,6 @@ impl<K: Keeper> Warehouse for Store<K> {
                 work(move |x| Box::pin(rules::cursor_watermark(x, sync, column))),
             )
             .await
-    }
-
-    async fn check_model(&self, spec: &SyncSpec) -> Result<(), WarehouseError> {
-        self.keeper.check_model(spec).await
     }
 
     async fn create_run(&self, sync: &str) -> Result<i64, WarehouseError> {
