@@ -110,6 +110,13 @@ const CALL_DEADLINE: Duration = Duration::from_secs(60);
 /// or a network outage costs retries, never a wedged process).
 pub type PgWarehouse = Store<Pg>;
 
+/// Transactions at once in one process, each on a connection of its own: the extractor noting
+/// a batch as emitted, the checkpointer recording outcomes, a run being created, a command's
+/// own (a reset, a repair). One connection would make each wait for the others (a slow batch
+/// of the extractor would hold back every confirmation), where each is one statement or one
+/// short transaction that the row locks order (see the store's rules).
+const WRITERS: usize = 4;
+
 /// A connection and the generation it was opened in.
 type Slot<C> = Option<(u64, C)>;
 
@@ -120,8 +127,9 @@ pub struct Pg {
     dialect: Dialect,
     /// Shared by concurrent calls (tokio-postgres pipelines them).
     shared: tokio::sync::Mutex<Slot<Arc<Client>>>,
-    /// Transactions need `&mut`: one connection for them.
-    writer: tokio::sync::Mutex<Slot<Client>>,
+    /// Transactions need `&mut`: connections for them, each held by one transaction at a
+    /// time ([`WRITERS`]), opened when first needed.
+    writers: Vec<tokio::sync::Mutex<Slot<Client>>>,
     /// Bumped when a call found the warehouse unavailable: connections of an earlier
     /// generation are replaced before their next use.
     generation: AtomicU64,
@@ -187,7 +195,9 @@ impl Store<Pg> {
             config,
             dialect: Dialect::postgres(schema),
             shared: tokio::sync::Mutex::new(None),
-            writer: tokio::sync::Mutex::new(None),
+            writers: (0..WRITERS)
+                .map(|_| tokio::sync::Mutex::new(None))
+                .collect(),
             generation: AtomicU64::new(0),
         };
         // Both now: a wrong URL or a warehouse down is said at once.
@@ -247,7 +257,15 @@ impl Pg {
     /// The connection for transactions, opened again if it closed or is of an earlier
     /// generation; held until the guard drops.
     async fn writer(&self) -> Result<tokio::sync::MappedMutexGuard<'_, Client>, WarehouseError> {
-        let mut slot = self.writer.lock().await;
+        let free = self.writers.iter().find_map(|w| w.try_lock().ok());
+        let mut slot = match free {
+            Some(slot) => slot,
+            None => {
+                futures::future::select_all(self.writers.iter().map(|w| Box::pin(w.lock())))
+                    .await
+                    .0
+            }
+        };
         let generation = self.generation.load(Ordering::SeqCst);
         let fresh = slot
             .as_ref()
