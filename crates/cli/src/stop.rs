@@ -12,7 +12,7 @@
 use std::sync::{Arc, LazyLock, Mutex, OnceLock};
 use std::time::Duration;
 
-use loopsync_warehouse::Warehouse;
+use loopsync_engine::state::Warehouse;
 use tokio_util::sync::CancellationToken;
 
 /// How long a command may wind down after the first signal before it is abandoned.
