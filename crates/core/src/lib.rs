@@ -16,5 +16,6 @@ pub mod stage;
 pub mod time;
 pub mod tuning;
 pub mod value;
+pub mod warehouse_url;
 
 pub use error::{Classified, ErrorClass};

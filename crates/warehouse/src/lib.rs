@@ -791,7 +791,7 @@ async fn open_store(url: &str, schema: &str) -> Result<Opened, WarehouseError> {
         )))
     } else if let Some(path) = url.strip_prefix("sqlite://") {
         Ok(Opened::Sqlite(SqliteWarehouse::open_schema(path, schema)?))
-    } else if url.starts_with("mysql://") || url.starts_with("duckdb://") {
+    } else if loopsync_core::warehouse_url::is_read_only(url) {
         Err(WarehouseError::Unsupported(format!(
             "a {}:// warehouse is only read: set [warehouse] state to where the syncs' state is \
              kept (sqlite:///path/state.db, or a postgres:// URL)",
