@@ -1,9 +1,19 @@
 //! The warehouse: where the model lives, and where loopsync keeps each sync's state, its runs
 //! and the result of every record (schema `loopsync`, so users can join them with their tables).
 //!
-//! One trait, [`Warehouse`], two implementations: PostgreSQL (tokio-postgres) and SQLite
-//! (rusqlite, bundled: the demo's embedded warehouse). The diff runs in the warehouse: the model
-//! joined with the sync's state on the primary key, ordered by key, streamed with bounded memory.
+//! Two seams. A [`StateStore`] keeps runs, leases, each record's state and outcome: PostgreSQL
+//! (tokio-postgres) and SQLite (rusqlite, bundled: the demo's embedded warehouse), each a
+//! [`Store`] over its own [`store::Keeper`], the state's rules written once
+//! (`store/rules.rs`). A [`Source`] gives a model's rows: MySQL and MariaDB, DuckDB. A
+//! deployment ([`Warehouse`], opened by [`open`]) is a store and where its model is read: the
+//! store's own database, or a source beside it. The diff runs in the store: the model (or the
+//! source's rows, staged there) joined with the sync's state on the primary key, ordered by
+//! key, streamed with bounded memory.
+//!
+//! A new source is a folder with a `source.rs` (see `mysql/`) and a line in [`open_source`]
+//! and in `loopsync_core::warehouse_url::SCHEMES`; a new store is a folder with its `Keeper`,
+//! its executor, its migrations runner and its diff (see `sqlite/`), a `schema::Backend` and
+//! the phrases of its dialect.
 
 #[cfg(feature = "duckdb")]
 mod duckdb;

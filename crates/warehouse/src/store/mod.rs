@@ -12,7 +12,8 @@
 //!
 //! Why not a query builder: the rules are a dozen statements with upserts, window functions and
 //! correlated subqueries that both backends already speak alike; a builder would spell them in
-//! Rust for little gain, and add a dependency. The dialect type is some twenty lines.
+//! Rust for little gain, and add a dependency. The dialect's part is below: a rewrite of names
+//! and placeholders, and five phrases.
 
 pub(crate) mod rules;
 
