@@ -475,3 +475,124 @@ async fn random_history_on_mysql() {
 async fn random_history_on_duckdb() {
     history_on(Backend::DuckDb, "in process, on DuckDB", seed(7)).await;
 }
+
+/// One run of a differential history, as the state store reports it: the run's report without
+/// its id and times, its per-record results without run ids, times and contact ids, and what
+/// Loops holds after it.
+#[derive(Debug, PartialEq)]
+struct Observed {
+    report: Value,
+    records: Vec<Value>,
+    loops: BTreeMap<String, Value>,
+}
+
+/// A seeded history (no faults: what is compared must not depend on timing) with the model and
+/// the state on `backend`: what each run reported. `None` when the backend's service is absent.
+async fn observe(
+    backend: Backend,
+    state_on_postgres: bool,
+    seed: u64,
+    steps: usize,
+) -> Option<Vec<Observed>> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let rows = 12;
+    let stack = Stack::start(
+        StackOptions {
+            rows,
+            behavior: "mirror",
+            extra_sync: "trigger_workflows = true\nmax_removal_share = 1.0",
+            sim_rate_limit: 1000,
+            requests_per_second: 500,
+            ..StackOptions::default()
+        }
+        .on(backend)
+        .state_on_postgres(state_on_postgres),
+    )
+    .await?;
+    let mut model = Model::new(rows as i64, backend);
+    let mut observed = Vec::new();
+    for step in 1..=steps {
+        if step > 1 {
+            let mut sql = String::new();
+            for _ in 0..rng.random_range(1..=3) {
+                sql.push_str(&model.change(&mut rng).0);
+            }
+            stack.sql(&sql).await;
+        }
+        let output = stack.run_once(&[]).await;
+        assert_eq!(output.status, 0, "step {step}: {}", output.stderr);
+        let id = output.run()["id"]
+            .as_i64()
+            .expect("the run's id")
+            .to_string();
+        let shown = stack.output(&["runs", "show", &id, "--json"]).await;
+        assert!(shown.status.success(), "runs show {id}");
+        let data = loopsync_testkit::json_data(&shown.stdout).expect("runs show --json");
+        let mut report = data["run"].clone();
+        for field in ["id", "requested_at", "finished_at", "duration_ms"] {
+            report.as_object_mut().expect("a report").remove(field);
+        }
+        let records = data["records"]
+            .as_array()
+            .expect("the run's records")
+            .iter()
+            .map(|r| {
+                let mut r = r.clone();
+                for field in ["run_id", "at", "contact_id"] {
+                    r.as_object_mut().expect("a record").remove(field);
+                }
+                r
+            })
+            .collect();
+        observed.push(Observed {
+            report,
+            records,
+            loops: loops_contacts(&stack).await,
+        });
+    }
+    Some(observed)
+}
+
+/// Runs the same history twice and asserts each run was observed the same.
+fn assert_same(seed: u64, steps: usize, postgres: &[Observed], sqlite: &[Observed]) {
+    for (step, (p, s)) in postgres.iter().zip(sqlite).enumerate() {
+        assert_eq!(
+            p,
+            s,
+            "step {} of seed {seed} differs between the PostgreSQL (left) and the SQLite (right) \
+             state store (rerun with LOOPSYNC_HISTORY_SEED={seed})",
+            step + 1
+        );
+    }
+    assert_eq!((postgres.len(), sqlite.len()), (steps, steps));
+}
+
+/// The differential test of the state stores: the same seeded history against a PostgreSQL and
+/// an SQLite state store (each holding its model too, so each runs its own diff: the hashed one
+/// on PostgreSQL) gives identical run reports, identical per-record results, and the same
+/// Loops, run after run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_history_on_a_postgres_and_an_sqlite_state_store() {
+    let (seed, steps) = (seed(8), steps(20));
+    let Some(postgres) = observe(Backend::Postgres, false, seed, steps).await else {
+        return;
+    };
+    let Some(sqlite) = observe(Backend::Sqlite, false, seed, steps).await else {
+        return;
+    };
+    assert_same(seed, steps, &postgres, &sqlite);
+}
+
+/// The same, with one model for both: on MySQL, read as a source beside a PostgreSQL and an
+/// SQLite state store, whose diffs run over the rows staged in them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_history_from_one_source_beside_a_postgres_and_an_sqlite_state_store() {
+    let (seed, steps) = (seed(9), steps(20));
+    let Some(postgres) = observe(Backend::MySql, true, seed, steps).await else {
+        return;
+    };
+    let Some(sqlite) = observe(Backend::MySql, false, seed, steps).await else {
+        return;
+    };
+    assert_same(seed, steps, &postgres, &sqlite);
+}

@@ -35,14 +35,11 @@ pub fn next_due(due: u64, now: u64, period: u64, slack: u64) -> u64 {
     due.max(now.saturating_sub(slack)) + period
 }
 
-/// How far ahead of this host's clock a stored due time may be and still be believed: one
-/// second beyond the slots one round trip grants (`span`). A taker writes a due time at most
-/// `span` ahead of its own clock, so anything further comes from a host whose clock is ahead
-/// of this one's (or from a bug): waiting it out would stall every loader of the team for the
-/// skew — an hour, for a host an hour ahead, until someone deleted the entry by hand. Such a
-/// due time is taken as already past; the cost is that the two hosts' slots may crowd one
-/// second for as long as one clock is wrong, which Loops answers with 429s that are retried.
-pub const CLOCK_SKEW_ALLOWED: Duration = Duration::from_secs(1);
+/// How far ahead of this host's clock a stored due time may be and still be believed, beyond
+/// the slots one round trip grants ([`loopsync_core::tuning::CLOCK_SKEW_ALLOWED`]). Such a due
+/// time is taken as already past; the cost is that two hosts' slots may crowd one second for as
+/// long as one clock is wrong, which Loops answers with 429s that are retried.
+pub use loopsync_core::tuning::CLOCK_SKEW_ALLOWED;
 
 /// The stored due time `due` as a taker whose clock reads `now` uses it: `due`, unless it is
 /// more than `span` + [`CLOCK_SKEW_ALLOWED`] ahead (see there), then `now`.

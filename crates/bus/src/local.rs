@@ -27,7 +27,7 @@ use tokio::sync::Notify;
 
 use crate::{Acker, BusError, Consumer, Coordination, DeadLetter, Delivery, Messaging, Versioned};
 
-const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+const DUPLICATE_WINDOW: Duration = loopsync_core::tuning::DUPLICATE_WINDOW;
 
 /// Bytes written to or read from a spill file at once.
 const SPILL_CHUNK: usize = 64 * 1024;

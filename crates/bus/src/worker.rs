@@ -111,8 +111,8 @@ pub struct Backoff {
 impl Default for Backoff {
     fn default() -> Self {
         Backoff {
-            base: Duration::from_millis(500),
-            cap: Duration::from_secs(30),
+            base: loopsync_core::tuning::BACKOFF_BASE,
+            cap: loopsync_core::tuning::BACKOFF_CAP,
         }
     }
 }
@@ -145,13 +145,13 @@ pub struct WorkerOptions {
 
 /// The default [`WorkerOptions::shutdown_grace`]: well below the 10 s in which a signal stops
 /// any command (PRODUCT.md).
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+pub const SHUTDOWN_GRACE: Duration = loopsync_core::tuning::SHUTDOWN_GRACE;
 
 impl Default for WorkerOptions {
     fn default() -> Self {
         WorkerOptions {
             concurrency: 4,
-            max_attempts: 8,
+            max_attempts: loopsync_core::tuning::MAX_ATTEMPTS,
             backoff: Backoff::default(),
             progress_every: None,
             shutdown_grace: SHUTDOWN_GRACE,

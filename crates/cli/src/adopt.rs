@@ -11,7 +11,7 @@ use clap::Args;
 use loopsync_core::destination::Destination;
 use loopsync_engine::adopt::{AdoptReport, adopt_all};
 
-use crate::{load_config_for, open_warehouse};
+use crate::common::{load_config_for, open_warehouse};
 
 #[derive(Debug, Args)]
 pub struct AdoptArgs {

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use clap::Args;
 use loopsync_engine::check::CheckReport;
 
-use crate::load_config;
+use crate::common::load_config;
 
 #[derive(Debug, Args)]
 pub struct CheckArgs {
@@ -35,7 +35,7 @@ pub async fn run(config_path: &Path, args: CheckArgs) -> anyhow::Result<ExitCode
     Ok(ExitCode::from(if report.ok() {
         0
     } else {
-        crate::EXIT_FAILED
+        crate::common::EXIT_FAILED
     }))
 }
 

@@ -12,10 +12,11 @@ use std::sync::Arc;
 use clap::{Args, Subcommand};
 use loopsync_engine::dlq;
 use loopsync_engine::pipeline::Pipeline;
-use loopsync_warehouse::{RecordResult, Warehouse};
+use loopsync_engine::state::{RecordResult, Warehouse};
 
-use crate::run::{Printer, split, stopped_or};
-use crate::{UsageError, load_config_for, load_config_for_warehouse, open_warehouse, report};
+use crate::common::{UsageError, load_config_for, load_config_for_warehouse, open_warehouse};
+use crate::printer::{Printer, split, stopped_or};
+use crate::report;
 
 #[derive(Debug, Args)]
 pub struct DlqArgs {
@@ -99,7 +100,7 @@ async fn select(
         })?),
     };
     let warehouse = if read_only {
-        crate::open_warehouse_read_only(&config).await?
+        crate::common::open_warehouse_read_only(&config).await?
     } else {
         open_warehouse(&config).await?
     };
@@ -215,7 +216,7 @@ pub async fn run(config_path: &Path, args: DlqArgs) -> anyhow::Result<ExitCode> 
                 crate::output::json("dlq replay", &summaries)?;
             }
             if refused {
-                return Ok(ExitCode::from(crate::EXIT_USAGE));
+                return Ok(ExitCode::from(crate::common::EXIT_USAGE));
             }
             Ok(ExitCode::from(report::exit_status(&summaries)))
         }

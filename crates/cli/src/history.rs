@@ -6,9 +6,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Args, Subcommand};
-use loopsync_warehouse::{RecordResult, Warehouse};
+use loopsync_engine::state::{RecordResult, Warehouse};
 
-use crate::{UsageError, load_config_for_warehouse, open_warehouse_read_only, report};
+use crate::common::{UsageError, load_config_for_warehouse, open_warehouse_read_only};
+use crate::report;
 
 #[derive(Debug, Args)]
 pub struct RunsArgs {

@@ -5,10 +5,12 @@
 mod output;
 mod adopt;
 mod check;
+mod common;
 mod demo;
 mod dlq;
 mod history;
 mod plan;
+mod printer;
 mod report;
 mod reset;
 mod run;
@@ -17,11 +19,11 @@ mod stop;
 mod verify;
 mod worker;
 
-use std::path::{Path, PathBuf};
+use common::{EXIT_FAILED, EXIT_USAGE, UsageError};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use loopsync_config::Config;
 
 /// Keeps Loops contacts in step with a warehouse table or query.
 #[derive(Debug, Parser)]
@@ -125,86 +127,6 @@ impl Command {
     }
 }
 
-/// Exit statuses of PRODUCT.md: 0 done, 1 failed, 2 bad usage or config, 3 degraded.
-pub const EXIT_FAILED: u8 = 1;
-pub const EXIT_USAGE: u8 = 2;
-
-/// An error in how loopsync was called or configured: exit status 2.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct UsageError(pub String);
-
-/// Reads the config; its errors are usage errors.
-pub fn load_config(path: &Path) -> anyhow::Result<Config> {
-    Config::load(path).map_err(|e| UsageError(format!("{}: {e}", path.display())).into())
-}
-
-/// Reads the config and checks that `--sync NAME`, if given, is one of its syncs.
-pub fn load_config_for(path: &Path, sync: Option<&str>) -> anyhow::Result<Config> {
-    let config = load_config(path)?;
-    if let Some(name) = sync
-        && config.sync(name).is_none()
-    {
-        return Err(UsageError(format!("no sync named \"{name}\" in the config")).into());
-    }
-    Ok(config)
-}
-
-/// Reads the config for a command that needs only the warehouse (PRODUCT.md: never Loops'
-/// secrets): a `${VAR}` that is not set is an error only in the warehouse's settings. Checks
-/// that `--sync NAME`, if given, is one of its syncs.
-pub fn load_config_for_warehouse(path: &Path, sync: Option<&str>) -> anyhow::Result<Config> {
-    let config = Config::load_for_warehouse(path)
-        .map_err(|e| UsageError(format!("{}: {e}", path.display())))?;
-    if let Some(name) = sync
-        && config.sync(name).is_none()
-    {
-        return Err(UsageError(format!("no sync named \"{name}\" in the config")).into());
-    }
-    Ok(config)
-}
-
-/// Serves Prometheus metrics at `http://{addr}/metrics` from now on (every series of
-/// docs/operations.md, Metrics). A port that cannot be bound is a usage error.
-pub fn serve_metrics(addr: std::net::SocketAddr) -> anyhow::Result<()> {
-    // Histograms with buckets (not summaries), so that several processes' can be added up.
-    const SECONDS: &[f64] = &[
-        0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
-    ];
-    metrics_exporter_prometheus::PrometheusBuilder::new()
-        .with_http_listener(addr)
-        .set_buckets_for_metric(
-            metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
-            SECONDS,
-        )
-        .map_err(|e| UsageError(format!("--metrics-addr {addr}: {e}")))?
-        .install()
-        .map_err(|e| UsageError(format!("--metrics-addr {addr}: {e}")))?;
-    eprintln!("metrics at http://{addr}/metrics");
-    Ok(())
-}
-
-/// The config's warehouse for a command that only reads: nothing is made or migrated; a
-/// state not made yet reads as empty.
-pub async fn open_warehouse_read_only(
-    config: &Config,
-) -> anyhow::Result<std::sync::Arc<dyn loopsync_warehouse::Warehouse>> {
-    let warehouse =
-        loopsync_warehouse::open(&loopsync_engine::settings::warehouse_settings(config)).await?;
-    warehouse.read_only().await?;
-    Ok(warehouse)
-}
-
-/// The config's warehouse, its loopsync tables ready.
-pub async fn open_warehouse(
-    config: &Config,
-) -> anyhow::Result<std::sync::Arc<dyn loopsync_warehouse::Warehouse>> {
-    let warehouse =
-        loopsync_warehouse::open(&loopsync_engine::settings::warehouse_settings(config)).await?;
-    warehouse.prepare().await?;
-    Ok(warehouse)
-}
-
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -291,8 +213,8 @@ fn main() -> ExitCode {
                     .is_some()
                 || e.downcast_ref::<loopsync_engine::EngineError>()
                     .is_some_and(loopsync_engine::EngineError::is_usage)
-                || e.downcast_ref::<loopsync_warehouse::WarehouseError>()
-                    .is_some_and(|w| matches!(w, loopsync_warehouse::WarehouseError::BadUrl(_)))
+                || e.downcast_ref::<loopsync_engine::state::WarehouseError>()
+                    .is_some_and(loopsync_engine::state::is_bad_url)
             {
                 ExitCode::from(EXIT_USAGE)
             } else {
@@ -356,31 +278,9 @@ async fn run_command(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// SIGTERM or SIGINT (Ctrl-C): the first asked the process to stop (see [`stop`]).
-pub async fn shutdown_signal() {
-    stop::requested().await
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const CONFIG: &str = r#"
-[warehouse]
-url = "${LOOPSYNC_TEST_WAREHOUSE_URL_UNSET}"
-
-[loops]
-api_key = "${LOOPSYNC_TEST_KEY_UNSET}"
-
-[[sync]]
-name = "users"
-model = "select id, email from users"
-primary_key = "id"
-identify_by = "email"
-
-[sync.mapping]
-email = "email"
-"#;
 
     /// `--help` describes every flag, argument and command; `sim` and `demo`, which read no
     /// config, take no `--config`; the others all do.
@@ -446,53 +346,5 @@ email = "email"
             with.ends_with("connection reset: connection reset"),
             "{with}"
         );
-    }
-
-    /// A command that needs only the warehouse reads a config whose Loops secret is unset; an
-    /// unset variable in the warehouse's settings is still an error naming it.
-    #[test]
-    fn the_warehouse_alone_needs_no_loops_secret() {
-        let dir = std::env::temp_dir().join(format!("loopsync-cfg-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("loopsync.toml");
-        std::fs::write(
-            &path,
-            CONFIG.replace("${LOOPSYNC_TEST_WAREHOUSE_URL_UNSET}", "sqlite:///w.db"),
-        )
-        .unwrap();
-        let config = load_config_for_warehouse(&path, Some("users")).unwrap();
-        assert_eq!(config.warehouse.url, "sqlite:///w.db");
-        // Nor Loops' URL from an unset variable.
-        std::fs::write(
-            &path,
-            CONFIG
-                .replace("${LOOPSYNC_TEST_WAREHOUSE_URL_UNSET}", "sqlite:///w.db")
-                .replace(
-                    "[loops]\n",
-                    "[loops]\nbase_url = \"${LOOPSYNC_TEST_BASE_URL_UNSET}\"\n",
-                ),
-        )
-        .unwrap();
-        assert!(load_config_for_warehouse(&path, None).is_ok());
-        assert!(load_config(&path).is_err());
-        std::fs::write(
-            &path,
-            CONFIG.replace("${LOOPSYNC_TEST_WAREHOUSE_URL_UNSET}", "sqlite:///w.db"),
-        )
-        .unwrap();
-        assert!(load_config(&path).is_err(), "the full config needs the key");
-        let unknown = load_config_for_warehouse(&path, Some("nobody")).unwrap_err();
-        assert!(unknown.downcast_ref::<UsageError>().is_some());
-
-        std::fs::write(&path, CONFIG).unwrap();
-        let error = load_config_for_warehouse(&path, None).unwrap_err();
-        assert!(error.downcast_ref::<UsageError>().is_some());
-        assert!(
-            error.to_string().ends_with(
-                "warehouse.url: environment variable LOOPSYNC_TEST_WAREHOUSE_URL_UNSET is not set"
-            ),
-            "{error}"
-        );
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

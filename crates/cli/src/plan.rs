@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use clap::Args;
 use loopsync_engine::plan::{PlannedRecord, SyncPlan, plan};
 
-use crate::{load_config_for_warehouse, open_warehouse_read_only};
+use crate::common::{load_config_for_warehouse, open_warehouse_read_only};
 
 #[derive(Debug, Args)]
 pub struct PlanArgs {
@@ -174,7 +174,7 @@ pub async fn run(config_path: &Path, args: PlanArgs) -> anyhow::Result<ExitCode>
 #[cfg(test)]
 mod tests {
     use loopsync_engine::plan::PlannedChange;
-    use loopsync_warehouse::ExtractCounts;
+    use loopsync_engine::state::ExtractCounts;
     use serde_json::{Value, json};
 
     use super::*;

@@ -1,6 +1,6 @@
 //! Run reports, for people and (`--json`) for programs.
 
-use loopsync_warehouse::{RunStatus, RunSummary};
+use loopsync_engine::state::{RunStatus, RunSummary};
 
 /// The exit status of a finished run: 0 succeeded, 3 degraded, 1 failed.
 pub fn exit_status(runs: &[RunSummary]) -> u8 {
@@ -76,7 +76,7 @@ pub fn text(run: &RunSummary) -> String {
 
 #[cfg(test)]
 mod tests {
-    use loopsync_warehouse::RequestsByKind;
+    use loopsync_engine::state::RequestsByKind;
 
     use super::*;
 

@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use clap::Args;
 use loopsync_engine::reset;
 
-use crate::{EXIT_FAILED, UsageError, load_config_for_warehouse, open_warehouse};
+use crate::common::{EXIT_FAILED, UsageError, load_config_for_warehouse, open_warehouse};
 
 #[derive(Debug, Args)]
 pub struct ResetArgs {

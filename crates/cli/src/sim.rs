@@ -128,6 +128,6 @@ pub async fn run(args: SimArgs) -> anyhow::Result<ExitCode> {
     // The first line is for scripts that started us on port 0.
     crate::say!("loopsync sim listening on http://{addr}/api");
     std::io::stdout().flush()?;
-    loopsync_simulator::serve(listener, config, crate::shutdown_signal()).await;
+    loopsync_simulator::serve(listener, config, crate::common::shutdown_signal()).await;
     Ok(ExitCode::SUCCESS)
 }

@@ -12,14 +12,14 @@
 use std::sync::{Arc, LazyLock, Mutex, OnceLock};
 use std::time::Duration;
 
-use loopsync_warehouse::Warehouse;
+use loopsync_engine::state::Warehouse;
 use tokio_util::sync::CancellationToken;
 
 /// How long a command may wind down after the first signal before it is abandoned.
-pub const GRACE: Duration = Duration::from_secs(5);
+pub const GRACE: Duration = loopsync_core::tuning::COMMAND_GRACE;
 
 /// The deadline of the write that closes the open runs as `interrupted`.
-const CLOSE_DEADLINE: Duration = Duration::from_secs(2);
+const CLOSE_DEADLINE: Duration = loopsync_core::tuning::CLOSE_DEADLINE;
 
 static TOKEN: LazyLock<CancellationToken> = LazyLock::new(CancellationToken::new);
 static SIGNAL: OnceLock<&'static str> = OnceLock::new();

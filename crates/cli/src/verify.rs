@@ -12,7 +12,7 @@ use clap::Args;
 use loopsync_engine::pipeline::Pipeline;
 use loopsync_engine::verify::{Options, Report, verify_pipeline};
 
-use crate::load_config_for;
+use crate::common::load_config_for;
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
@@ -70,7 +70,7 @@ pub async fn run(config_path: &Path, args: VerifyArgs) -> anyhow::Result<ExitCod
     Ok(ExitCode::from(if report.is_clean() {
         0
     } else {
-        crate::EXIT_FAILED
+        crate::common::EXIT_FAILED
     }))
 }
 

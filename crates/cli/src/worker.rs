@@ -8,7 +8,7 @@ use clap::{Args, ValueEnum};
 use loopsync_core::stage::Stage;
 use loopsync_engine::pipeline::Pipeline;
 
-use crate::{UsageError, load_config};
+use crate::common::{UsageError, load_config};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum StageArg {
@@ -41,7 +41,7 @@ pub async fn run(config_path: &Path, args: WorkerArgs) -> anyhow::Result<ExitCod
         .into());
     }
     if let Some(addr) = args.metrics_addr {
-        crate::serve_metrics(addr)?;
+        crate::common::serve_metrics(addr)?;
     }
     let mut pipeline = Pipeline::connect(config, crate::stop::token()).await?;
     let name = match args.stage {
@@ -62,7 +62,7 @@ pub async fn run(config_path: &Path, args: WorkerArgs) -> anyhow::Result<ExitCod
     };
     crate::say!("loopsync worker {name} ready");
     std::io::stdout().flush()?;
-    let served = pipeline.serve_until(crate::shutdown_signal()).await;
+    let served = pipeline.serve_until(crate::common::shutdown_signal()).await;
     pipeline.stop().await;
     served?;
     Ok(ExitCode::SUCCESS)

@@ -6,6 +6,7 @@ use loopsync_core::spec::{
     RESERVED_NAMES, SyncSpec, default_property_kind,
 };
 use loopsync_core::value::PropertyKind;
+use loopsync_core::warehouse_url;
 
 use crate::raw::{RawConfig, RawEventName, RawMapping, RawSync};
 use crate::{Config, ConfigError, LoopsConfig, NatsConfig, Schedule, SyncConfig, invalid};
@@ -62,11 +63,8 @@ fn check_warehouse(warehouse: &crate::WarehouseConfig) -> Result<(), ConfigError
         ));
     }
     let scheme = warehouse.url.split("://").next().unwrap_or_default();
-    let known = ["postgres", "postgresql", "sqlite", "mysql", "duckdb"];
     // A stand-in for an unset variable (a command that reads no warehouse) passes.
-    if !warehouse.url.contains('\u{0}')
-        && (!warehouse.url.contains("://") || !known.contains(&scheme))
-    {
+    if !warehouse.url.contains('\u{0}') && warehouse_url::scheme(&warehouse.url).is_none() {
         return Err(invalid(
             "warehouse.url",
             format!(
@@ -76,7 +74,7 @@ fn check_warehouse(warehouse: &crate::WarehouseConfig) -> Result<(), ConfigError
             ),
         ));
     }
-    if matches!(scheme, "mysql" | "duckdb") && warehouse.state.is_none() {
+    if warehouse_url::is_read_only(&warehouse.url) && warehouse.state.is_none() {
         return Err(invalid(
             "warehouse.state",
             format!(
@@ -86,9 +84,7 @@ fn check_warehouse(warehouse: &crate::WarehouseConfig) -> Result<(), ConfigError
         ));
     }
     if let Some(state) = &warehouse.state
-        && !["sqlite://", "postgres://", "postgresql://"]
-            .iter()
-            .any(|p| state.starts_with(p))
+        && !warehouse_url::keeps_state(state)
     {
         return Err(invalid(
             "warehouse.state",
@@ -140,7 +136,7 @@ fn check_loops(loops: &LoopsConfig) -> Result<(), ConfigError> {
     if loops.timeout_seconds > MAX_TIMEOUT_SECONDS {
         return Err(invalid(
             "loops.timeout_seconds",
-            &format!(
+            format!(
                 "must be at most {MAX_TIMEOUT_SECONDS}: a record's claim (60 s) covers the \
                  requests of one attempt"
             ),
@@ -152,9 +148,8 @@ fn check_loops(loops: &LoopsConfig) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// The longest `loops.timeout_seconds`: three requests of one attempt (a re-key's write and
-/// removal, or an event's 409 and its follow-up write) within the loader's 60 s claim.
-pub const MAX_TIMEOUT_SECONDS: f64 = 20.0;
+/// The longest `loops.timeout_seconds` ([`loopsync_core::tuning::MAX_REQUEST_TIMEOUT`]).
+const MAX_TIMEOUT_SECONDS: f64 = loopsync_core::tuning::MAX_REQUEST_TIMEOUT.as_secs() as f64;
 
 /// `[nats]`: a namespace usable as a subject token, a positive ack wait.
 fn check_nats(nats: &NatsConfig) -> Result<(), ConfigError> {

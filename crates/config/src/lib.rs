@@ -130,7 +130,7 @@ fn default_timeout_seconds() -> f64 {
     10.0
 }
 fn default_max_attempts() -> u32 {
-    8
+    loopsync_core::tuning::MAX_ATTEMPTS
 }
 fn default_concurrency() -> usize {
     4
@@ -192,7 +192,7 @@ fn default_namespace() -> String {
     "loopsync".into()
 }
 fn default_ack_wait() -> f64 {
-    30.0
+    loopsync_core::tuning::ACK_WAIT.as_secs_f64()
 }
 
 /// One `[[sync]]`.

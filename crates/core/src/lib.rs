@@ -14,6 +14,8 @@ pub mod secret;
 pub mod spec;
 pub mod stage;
 pub mod time;
+pub mod tuning;
 pub mod value;
+pub mod warehouse_url;
 
 pub use error::{Classified, ErrorClass};

@@ -4,6 +4,7 @@
 
 pub mod adopt;
 pub mod check;
+pub mod demo;
 pub mod destination;
 pub mod dlq;
 pub mod error;
@@ -14,6 +15,7 @@ pub mod reset;
 pub mod retry;
 pub mod runs;
 pub mod settings;
+pub mod state;
 pub mod verify;
 
 #[cfg(test)]

@@ -40,7 +40,7 @@ pub fn is_yes(answer: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use loopsync_warehouse::SqliteWarehouse;
+    use loopsync_warehouse::{SqliteWarehouse, StateStore};
 
     use super::*;
 

@@ -11,6 +11,7 @@ use loopsync_config::{Config, Schedule};
 use loopsync_core::Classified;
 use loopsync_core::envelope::{RequestCounts, RunRequest, VERSION};
 use loopsync_core::time::utc_seconds;
+use loopsync_core::tuning::RUN_IN_PROGRESS_WAIT;
 use loopsync_loops_client::LoopsClient;
 use loopsync_warehouse::{RunStatus, RunSummary, Warehouse, WarehouseError};
 use tokio_util::sync::CancellationToken;
@@ -65,14 +66,6 @@ pub async fn request_run(
     .await?;
     Ok(run_id)
 }
-
-/// How long a request waits for a run in progress to end, or for its lease to lapse, before it
-/// gives up: the lease, plus two heartbeats for the holder's last one to age out. A process
-/// killed mid-run (SIGKILL, a crash, a host gone) leaves its run open; a supervisor restarting
-/// it at once (systemd, Kubernetes, cron) must get a run, not an error.
-pub const RUN_IN_PROGRESS_WAIT: Duration = Duration::from_secs(
-    loopsync_warehouse::LEASE.as_secs() + 2 * loopsync_warehouse::HEARTBEAT.as_secs(),
-);
 
 /// [`request_run`]; while another run of the sync is in progress, tries again every second for
 /// up to [`RUN_IN_PROGRESS_WAIT`], saying so once: a run whose process died is closed as

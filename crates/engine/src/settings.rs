@@ -9,9 +9,8 @@ use loopsync_bus::{BusSettings, JetStreamOptions, LocalLimits};
 use loopsync_config::Config;
 use loopsync_core::stage::Stage;
 
-/// Attempts of a run request: enough for the extractor to wait out a warehouse outage of some
-/// ten minutes (backoff capped at 30 s), after which the run fails.
-pub const EXTRACTOR_ATTEMPTS: u32 = 30;
+/// Attempts of a run request (see [`loopsync_core::tuning::EXTRACTOR_ATTEMPTS`]).
+pub use loopsync_core::tuning::EXTRACTOR_ATTEMPTS;
 
 /// Messages the transformer maps at once in one process (pure work: no outside service).
 pub const TRANSFORMER_CONCURRENCY: usize = 8;
@@ -19,7 +18,10 @@ pub const TRANSFORMER_CONCURRENCY: usize = 8;
 /// In-progress acks a third of the ack wait apart (JetStream only: the in-process bus has no
 /// redelivery timer).
 pub fn progress_every(config: &Config) -> Option<Duration> {
-    config.nats.as_ref().map(|n| n.ack_wait() / 3)
+    config
+        .nats
+        .as_ref()
+        .map(|n| loopsync_core::tuning::progress_every(n.ack_wait()))
 }
 
 /// The worker options of a one-message-at-a-time stage (every stage but the checkpointer,

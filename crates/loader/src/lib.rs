@@ -71,13 +71,11 @@ impl LoadError {
     }
 }
 
-/// How long a loader may hold a record's claim: from its first request to its ledger write.
-/// A request starts only while the claim still covers its whole timeout ([`LoadError::
-/// ClaimTooShort`]; `loops.timeout_seconds` is at most 20 s), so no request of a claim can end
-/// after it. A claim whose attempt failed in a way Loops may have applied (a 5xx, a dropped
-/// connection, a timeout) is kept one more timeout when the request may still be in flight (a
-/// timeout): another version then cannot land before it.
-pub const CLAIM: Duration = Duration::from_secs(60);
+/// How long a loader may hold a record's claim ([`loopsync_core::tuning::CLAIM`]). A request
+/// starts only while the claim still covers its whole timeout ([`LoadError::ClaimTooShort`]), so
+/// no request of a claim can end after it; a claim whose request timed out (it may still be in
+/// flight) is kept one more timeout, so another version cannot land before it.
+pub use loopsync_core::tuning::CLAIM;
 
 /// Per record: the last version Loops confirmed, and the version being sent now, if any.
 /// Written only by compare-and-set on its revision.

@@ -3,13 +3,14 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, USER_AGENT};
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, USER_AGENT};
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::LoopsError;
 use crate::error::classify;
+use crate::rate_limit::RateLimitInfo;
 use crate::types::{
     ApiKey, ApiKeyInfo, Contact, ContactIdentity, ContactPayload, ContactProperty, EventPayload,
     IdempotencyKey, MailingList, PropertyKind,
@@ -35,30 +36,6 @@ impl ClientConfig {
             base_url: base_url.into(),
             api_key,
             timeout: Self::DEFAULT_TIMEOUT,
-        }
-    }
-}
-
-/// The rate-limit headers Loops puts on every answer.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct RateLimitInfo {
-    /// `x-ratelimit-limit`: requests per second for the team.
-    pub limit: Option<u32>,
-    /// `x-ratelimit-remaining`: requests left in the current window (a hint).
-    pub remaining: Option<u32>,
-}
-
-impl RateLimitInfo {
-    pub(crate) fn from_headers(headers: &HeaderMap) -> RateLimitInfo {
-        let read = |name: &str| {
-            headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse().ok())
-        };
-        RateLimitInfo {
-            limit: read("x-ratelimit-limit"),
-            remaining: read("x-ratelimit-remaining"),
         }
     }
 }

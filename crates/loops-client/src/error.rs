@@ -7,7 +7,7 @@ use loopsync_core::{Classified, ErrorClass};
 use reqwest::StatusCode;
 use reqwest::header::HeaderMap;
 
-use crate::client::RateLimitInfo;
+use crate::rate_limit::RateLimitInfo;
 
 /// Everything that can go wrong calling Loops.
 #[derive(Debug, thiserror::Error)]

@@ -10,10 +10,12 @@
 
 mod client;
 mod error;
+mod rate_limit;
 mod types;
 
-pub use client::{ClientConfig, LoopsClient, RateLimitInfo};
+pub use client::{ClientConfig, LoopsClient};
 pub use error::{LoopsError, classify};
+pub use rate_limit::RateLimitInfo;
 pub use types::{
     ApiKey, ApiKeyInfo, Contact, ContactIdentity, ContactPayload, ContactProperty, EventPayload,
     IdempotencyKey, MailingList, PropertyKind,

@@ -121,6 +121,9 @@ pub struct StackOptions {
     /// The warehouse is a DuckDB file (feature `duckdb`), only read; the state is kept in an
     /// SQLite file of the stack's folder.
     pub duckdb: bool,
+    /// With `mysql`: the state is kept in a PostgreSQL database of its own
+    /// (`LOOPSYNC_TEST_PG_URL`) instead of an SQLite file.
+    pub state_on_postgres: bool,
     /// The simulated team's rate limit.
     pub sim_rate_limit: u32,
     /// `loops.requests_per_second` of the config.
@@ -172,6 +175,7 @@ impl Default for StackOptions {
             sqlite: false,
             mysql: false,
             duckdb: false,
+            state_on_postgres: false,
             sim_rate_limit: 100,
             requests_per_second: 50,
             ack_wait_seconds: 30.0,
@@ -195,10 +199,11 @@ pub enum TestWarehouse {
     Sqlite {
         path: PathBuf,
     },
-    /// The model on MySQL, the state in an SQLite file.
+    /// The model on MySQL, the state in an SQLite file, or in `state_database`.
     MySql {
         database: TestMySql,
         state: PathBuf,
+        state_database: Option<TestDatabase>,
     },
     /// The model in a DuckDB file, the state in an SQLite file.
     DuckDb {
@@ -219,6 +224,14 @@ pub enum Backend {
 }
 
 impl StackOptions {
+    /// These options with the state of a MySQL model in PostgreSQL (`true`) or SQLite.
+    pub fn state_on_postgres(self, yes: bool) -> StackOptions {
+        StackOptions {
+            state_on_postgres: yes,
+            ..self
+        }
+    }
+
     /// These options with the model on `backend`.
     pub fn on(self, backend: Backend) -> StackOptions {
         StackOptions {
@@ -244,6 +257,10 @@ impl TestWarehouse {
     /// The `warehouse.state` of the config, if the state is kept apart.
     pub fn state_url(&self) -> Option<String> {
         match self {
+            TestWarehouse::MySql {
+                state_database: Some(state),
+                ..
+            } => Some(state.url.clone()),
             TestWarehouse::MySql { state, .. } | TestWarehouse::DuckDb { state, .. } => {
                 Some(format!("sqlite://{}", state.display()))
             }
@@ -438,9 +455,15 @@ impl Stack {
             assert!(options.events.is_none(), "no event table on MySQL yet");
             let database = TestMySql::create().await?;
             database.exec(&users_portable(options.rows)).await;
+            let state_database = if options.state_on_postgres {
+                Some(TestDatabase::create().await?)
+            } else {
+                None
+            };
             TestWarehouse::MySql {
                 database,
                 state: dir.join("state.db"),
+                state_database,
             }
         } else if options.sqlite {
             let path = dir.join("warehouse.db");
@@ -662,6 +685,21 @@ signedUpAt = {{ column = "signed_up_at", type = "date" }}
                 .get(0),
             TestWarehouse::Sqlite { path } => sqlite_count(path, sql),
             // The state's tables are in the state store; the rest on MySQL.
+            TestWarehouse::MySql {
+                state_database: Some(state),
+                ..
+            } if sql.contains("loopsync.") => {
+                let (client, connection) =
+                    tokio_postgres::connect(&state.url, tokio_postgres::NoTls)
+                        .await
+                        .expect("connect to the state's database");
+                tokio::spawn(connection);
+                client
+                    .query_one(sql, &[])
+                    .await
+                    .expect("count query")
+                    .get(0)
+            }
             TestWarehouse::MySql { state, .. } | TestWarehouse::DuckDb { state, .. }
                 if sql.contains("loopsync.") =>
             {

@@ -1,9 +1,19 @@
 //! The warehouse: where the model lives, and where loopsync keeps each sync's state, its runs
 //! and the result of every record (schema `loopsync`, so users can join them with their tables).
 //!
-//! One trait, [`Warehouse`], two implementations: PostgreSQL (tokio-postgres) and SQLite
-//! (rusqlite, bundled: the demo's embedded warehouse). The diff runs in the warehouse: the model
-//! joined with the sync's state on the primary key, ordered by key, streamed with bounded memory.
+//! Two seams. A [`StateStore`] keeps runs, leases, each record's state and outcome: PostgreSQL
+//! (tokio-postgres) and SQLite (rusqlite, bundled: the demo's embedded warehouse), each a
+//! [`Store`] over its own [`store::Keeper`], the state's rules written once
+//! (`store/rules.rs`). A [`Source`] gives a model's rows: MySQL and MariaDB, DuckDB. A
+//! deployment ([`Warehouse`], opened by [`open`]) is a store and where its model is read: the
+//! store's own database, or a source beside it. The diff runs in the store: the model (or the
+//! source's rows, staged there) joined with the sync's state on the primary key, ordered by
+//! key, streamed with bounded memory.
+//!
+//! A new source is a folder with a `source.rs` (see `mysql/`) and a line in [`open_source`]
+//! and in `loopsync_core::warehouse_url::SCHEMES`; a new store is a folder with its `Keeper`,
+//! its executor, its migrations runner and its diff (see `sqlite/`), a `schema::Backend` and
+//! the phrases of its dialect.
 
 #[cfg(feature = "duckdb")]
 mod duckdb;
@@ -11,8 +21,8 @@ mod mysql;
 mod postgres;
 mod schema;
 pub mod source;
-mod split;
 mod sqlite;
+mod store;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -29,10 +39,10 @@ use serde::Serialize;
 #[cfg(feature = "duckdb")]
 pub use duckdb::DuckDbSource;
 pub use mysql::MySqlSource;
-pub use postgres::PgWarehouse;
+pub use postgres::{Pg, PgWarehouse};
 pub use source::Source;
-pub use split::SplitWarehouse;
-pub use sqlite::SqliteWarehouse;
+pub use sqlite::{Sqlite, SqliteWarehouse};
+pub use store::Store;
 
 /// What can go wrong in the warehouse.
 #[derive(Debug, thiserror::Error)]
@@ -74,12 +84,9 @@ pub enum WarehouseError {
     },
 }
 
-/// How long a run in progress may go without a sign of life from the process that waits for
-/// it (see [`Warehouse::heartbeat`]) before the next run of its sync closes it as `interrupted`.
-pub const LEASE: std::time::Duration = std::time::Duration::from_secs(30);
-
-/// How often a process that waits for a run says it is alive: well within [`LEASE`].
-pub const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long a run in progress may go without a sign of life (see [`Warehouse::heartbeat`]), and
+/// how often a process that waits for a run says it is alive: see [`loopsync_core::tuning`].
+pub use loopsync_core::tuning::{HEARTBEAT, LEASE};
 
 impl Classified for WarehouseError {
     fn class(&self) -> ErrorClass {
@@ -423,26 +430,10 @@ pub struct RecordResult {
     pub at: String,
 }
 
-/// The warehouse seam.
+/// A deployment: a [`StateStore`] and where its model is read (the store's own database, or a
+/// [`Source`] beside it). What a run reads is the model joined with the sync's state.
 #[async_trait]
-pub trait Warehouse: Send + Sync + 'static {
-    /// Creates the `loopsync` tables if missing. Safe to call from many processes at once.
-    async fn prepare(&self) -> Result<(), WarehouseError>;
-
-    /// For a command that only reads (`plan`, `runs`, `rejections`, `dlq list`, `check`):
-    /// instead of [`Warehouse::prepare`], makes nothing. `false`: there is no state yet; the
-    /// warehouse then reads as an empty state (every model row is new to a diff, no run, no
-    /// record, no binding). A state older than this binary knows is an error that says how to
-    /// bring it up to date; a newer one is refused as by `prepare`.
-    async fn read_only(&self) -> Result<bool, WarehouseError>;
-
-    /// Whether this user may do what the state needs: make the state's tables when they are
-    /// missing, and write them. `Ok(())` or what is lacking, in the words of the privileges
-    /// to grant (`loopsync check`).
-    async fn check_privileges(&self) -> Result<(), WarehouseError> {
-        Ok(())
-    }
-
+pub trait Warehouse: StateStore {
     /// The model joined with the sync's state, ordered by key (NULL keys last).
     async fn diff(
         &self,
@@ -461,7 +452,7 @@ pub trait Warehouse: Send + Sync + 'static {
     ) -> Result<BoxStream<'static, Result<DiffRow, WarehouseError>>, WarehouseError>;
 
     /// What a run reads: [`Warehouse::diff_since`], except that a warehouse that can may leave
-    /// out the model rows whose text is as it was when [`Warehouse::note_unchanged`] noted them
+    /// out the model rows whose text is as it was when [`StateStore::note_unchanged`] noted them
     /// (their fingerprint is still the one Loops confirmed), and count them in a last row
     /// ([`DiffRow::untold`]). Every key that is new, changed, removed, or whose email another row
     /// of the model now carries, is yielded as by `diff_since`, with its `model_hash`.
@@ -473,29 +464,47 @@ pub trait Warehouse: Send + Sync + 'static {
         self.diff_since(spec, since).await
     }
 
+    /// Checks that the model runs and has the primary key and every mapped column, without
+    /// reading a row.
+    async fn check_model(&self, spec: &SyncSpec) -> Result<(), WarehouseError>;
+}
+
+/// The state store's seam: runs, leases, each record's state and outcome, and the diff of a
+/// model's rows against the state ([`StateStore::diff_model`]). PostgreSQL and SQLite keep
+/// state; both are one [`Store`] over their own [`store::Keeper`].
+#[async_trait]
+pub trait StateStore: Send + Sync + 'static {
+    /// Creates the `loopsync` tables if missing. Safe to call from many processes at once.
+    async fn prepare(&self) -> Result<(), WarehouseError>;
+
+    /// For a command that only reads (`plan`, `runs`, `rejections`, `dlq list`, `check`):
+    /// instead of [`StateStore::prepare`], makes nothing. `false`: there is no state yet; the
+    /// warehouse then reads as an empty state (every model row is new to a diff, no run, no
+    /// record, no binding). A state older than this binary knows is an error that says how to
+    /// bring it up to date; a newer one is refused as by `prepare`.
+    async fn read_only(&self) -> Result<bool, WarehouseError>;
+
+    /// Whether this user may do what the state needs: make the state's tables when they are
+    /// missing, and write them. `Ok(())` or what is lacking, in the words of the privileges
+    /// to grant (`loopsync check`).
+    async fn check_privileges(&self) -> Result<(), WarehouseError>;
+
     /// Notes model rows found unchanged (see [`Warehouse::diff_changes`]), each only while Loops'
     /// confirmed fingerprint for it is still the one given. A warehouse that leaves nothing
     /// out ignores it.
-    async fn note_unchanged(&self, _sync: &str, _rows: &[Unchanged]) -> Result<(), WarehouseError> {
-        Ok(())
-    }
+    async fn note_unchanged(&self, sync: &str, rows: &[Unchanged]) -> Result<(), WarehouseError>;
 
     /// The diff of a model read from a [`Source`]: `model`'s rows are loaded into a temporary
     /// table of the diff's own session, which stands for the model (see [`staged_spec`]); then
     /// as [`Warehouse::diff_since`], or with `leave_out_unchanged` as
-    /// [`Warehouse::diff_changes`]. Only a warehouse that can keep state for a source has it.
+    /// [`Warehouse::diff_changes`].
     async fn diff_model(
         &self,
         spec: &SyncSpec,
-        _since: Option<i64>,
-        _leave_out_unchanged: bool,
-        _model: ModelRows,
-    ) -> Result<BoxStream<'static, Result<DiffRow, WarehouseError>>, WarehouseError> {
-        Err(WarehouseError::Unsupported(format!(
-            "this warehouse cannot keep the state of sync {} for another one",
-            spec.name
-        )))
-    }
+        since: Option<i64>,
+        leave_out_unchanged: bool,
+        model: ModelRows,
+    ) -> Result<BoxStream<'static, Result<DiffRow, WarehouseError>>, WarehouseError>;
 
     /// An event sync's watermark on cursor `column`: the highest cursor value (Unix
     /// milliseconds) of its latest run over that column that finished with no dead letter
@@ -506,10 +515,6 @@ pub trait Warehouse: Send + Sync + 'static {
         sync: &str,
         column: &str,
     ) -> Result<Option<i64>, WarehouseError>;
-
-    /// Checks that the model runs and has the primary key and every mapped column, without
-    /// reading a row.
-    async fn check_model(&self, spec: &SyncSpec) -> Result<(), WarehouseError>;
 
     /// A new run of `sync`, status `requested` — unless another run of the sync is in progress
     /// ([`WarehouseError::RunInProgress`]). A run in progress whose waiting process gave no sign
@@ -612,7 +617,7 @@ pub trait Warehouse: Send + Sync + 'static {
     async fn fail_run(&self, run_id: i64, error: &str) -> Result<(), WarehouseError>;
 
     /// Closes a run still in progress as `interrupted`, with `why` (its process is stopping: a
-    /// signal), as the lease in [`Warehouse::create_run`] closes an abandoned one. A run already
+    /// signal), as the lease in [`StateStore::create_run`] closes an abandoned one. A run already
     /// over is left alone; returns whether the run was closed. What Loops confirmed stays.
     async fn interrupt_run(&self, run_id: i64, why: &str) -> Result<bool, WarehouseError>;
 
@@ -759,8 +764,8 @@ pub struct Settings {
 /// The state's schema when the config names none.
 pub const DEFAULT_SCHEMA: &str = "loopsync";
 
-/// Opens the warehouse of [`Settings`]: the warehouse itself, or, with a state store, its
-/// [`Source`] beside the store ([`SplitWarehouse`]).
+/// Opens the deployment of [`Settings`]: the warehouse itself, or, with a state store, a
+/// [`Source`] beside the store.
 pub async fn open(settings: &Settings) -> Result<Arc<dyn Warehouse>, WarehouseError> {
     let Some(state_url) = &settings.state else {
         // The file holds the model: one that does not exist is a mistake in the URL, not a
@@ -777,13 +782,13 @@ pub async fn open(settings: &Settings) -> Result<Arc<dyn Warehouse>, WarehouseEr
             .await
             .map_err(naming("warehouse.url"));
     };
-    let state = connect_schema(state_url, &settings.state_schema)
+    let store = open_store(state_url, &settings.state_schema)
         .await
         .map_err(naming("warehouse.state"))?;
     let source = open_source(&settings.url)
         .await
         .map_err(naming("warehouse.url"))?;
-    Ok(Arc::new(SplitWarehouse::new(source, state)))
+    Ok(store.beside(Some(source)))
 }
 
 /// A URL that names no warehouse, said with the config key that holds it.
@@ -823,11 +828,34 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Warehouse>, WarehouseError> {
 
 /// [`connect`], the state in `schema`.
 pub async fn connect_schema(url: &str, schema: &str) -> Result<Arc<dyn Warehouse>, WarehouseError> {
+    Ok(open_store(url, schema).await?.beside(None))
+}
+
+/// A state store, of either backend.
+enum Opened {
+    Postgres(Box<PgWarehouse>),
+    Sqlite(SqliteWarehouse),
+}
+
+impl Opened {
+    /// The deployment of this store and `source` (`None`: its own database holds the model).
+    fn beside(self, source: Option<Arc<dyn Source>>) -> Arc<dyn Warehouse> {
+        match self {
+            Opened::Postgres(store) => Arc::new((*store).with_source(source)),
+            Opened::Sqlite(store) => Arc::new(store.with_source(source)),
+        }
+    }
+}
+
+/// The state store of a URL: `postgres://…` / `postgresql://…`, or `sqlite:///path/file.db`.
+async fn open_store(url: &str, schema: &str) -> Result<Opened, WarehouseError> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        Ok(Arc::new(PgWarehouse::connect_schema(url, schema).await?))
+        Ok(Opened::Postgres(Box::new(
+            PgWarehouse::connect_schema(url, schema).await?,
+        )))
     } else if let Some(path) = url.strip_prefix("sqlite://") {
-        Ok(Arc::new(SqliteWarehouse::open_schema(path, schema)?))
-    } else if url.starts_with("mysql://") || url.starts_with("duckdb://") {
+        Ok(Opened::Sqlite(SqliteWarehouse::open_schema(path, schema)?))
+    } else if loopsync_core::warehouse_url::is_read_only(url) {
         Err(WarehouseError::Unsupported(format!(
             "a {}:// warehouse is only read: set [warehouse] state to where the syncs' state is \
              kept (sqlite:///path/state.db, or a postgres:// URL)",
@@ -962,7 +990,7 @@ pub(crate) fn point_at(text: &str, position: usize) -> String {
 /// A state at `version` (`None`: none) as a read-only command finds it: `Ok(false)` when
 /// there is none, `Ok(true)` when it is current, else why it cannot be read.
 pub(crate) fn readable(version: Option<i64>) -> Result<bool, WarehouseError> {
-    postgres::newer_than_known(version)?;
+    schema::newer_than_known(version)?;
     match version {
         None => Ok(false),
         Some(v) if v >= schema::LATEST => Ok(true),

@@ -3,6 +3,17 @@
 //! run. Every step is idempotent (`IF NOT EXISTS`, or a column added only when missing), so a
 //! state made before the version table existed is brought up to date by running them all.
 
+/// An error when the state was migrated by a newer loopsync than this one.
+pub(crate) fn newer_than_known(current: Option<i64>) -> Result<(), crate::WarehouseError> {
+    match current {
+        Some(v) if v > LATEST => Err(crate::WarehouseError::Unsupported(format!(
+            "the state's tables are at version {v}, made by a newer loopsync; this one knows \
+             versions up to {LATEST}: upgrade it"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// What differs between the backends that keep state: names, types, placeholders, collation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Dialect {

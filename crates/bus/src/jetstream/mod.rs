@@ -109,10 +109,10 @@ impl NatsAuth {
 impl Default for JetStreamOptions {
     fn default() -> Self {
         JetStreamOptions {
-            ack_wait: Duration::from_secs(30),
+            ack_wait: loopsync_core::tuning::ACK_WAIT,
             max_deliver: 10,
             outcomes_max_deliver: -1,
-            duplicate_window: Duration::from_secs(120),
+            duplicate_window: loopsync_core::tuning::DUPLICATE_WINDOW,
             auth: NatsAuth::default(),
         }
     }

@@ -101,7 +101,7 @@ pub(super) async fn provision(
                     durable_name: Some(name.clone()),
                     filter_subject: names.max_deliveries_subject(stage),
                     ack_policy: AckPolicy::Explicit,
-                    ack_wait: Duration::from_secs(30),
+                    ack_wait: loopsync_core::tuning::ACK_WAIT,
                     ..Default::default()
                 },
             )
@@ -132,7 +132,7 @@ pub(super) async fn bucket(js: &Context, bucket: &str) -> Result<kv::Store, BusE
         deny_delete: true,
         allow_direct: true,
         storage: StorageType::File,
-        duplicate_window: Duration::from_secs(120),
+        duplicate_window: loopsync_core::tuning::DUPLICATE_WINDOW,
         ..Default::default()
     })
     .await

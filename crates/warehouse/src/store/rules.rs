@@ -1,0 +1,884 @@
+//! Every rule of the state, once: what a run, a record's state and an outcome become, for both
+//! stores. Statements are written as for PostgreSQL, schema `loopsync`; [`Exec`] says them in
+//! its store's dialect.
+
+use loopsync_core::destination::Destination;
+use loopsync_core::envelope::{Outcome, OutcomeStatus, RequestCounts};
+use loopsync_core::tuning::LEASE;
+
+use super::{Exec, Row, params};
+use crate::{
+    Adoption, DestinationBinding, Emitted, ExtractCounts, FORGOTTEN_FP, RecordResult, RunStatus,
+    RunSummary, StateReset, WarehouseError, is_removal, record_requests_sql, requests_of, stored,
+    summary_request_sql, summary_rows_sql, watermark_sql,
+};
+
+/// The statuses of a run still in progress.
+const OPEN: &str = "'requested', 'extracting', 'sending'";
+
+/// Run transition: a run `sending` whose every record has an outcome ends `failed` (it carries
+/// an error), `degraded` (some record invalid, rejected or dead-lettered) or `succeeded`.
+const FINISH_RUN: &str = "
+UPDATE loopsync.runs
+   SET status = CASE WHEN error IS NOT NULL THEN 'failed'
+                     WHEN EXISTS (SELECT 1 FROM loopsync.records x WHERE x.run_id = loopsync.runs.id
+                                   AND x.outcome IN ('invalid', 'rejected', 'dead_lettered'))
+                     THEN 'degraded' ELSE 'succeeded' END,
+       finished_at = {now}
+ WHERE id = $1 AND status = 'sending'
+   AND (SELECT count(*) FROM loopsync.records x WHERE x.run_id = loopsync.runs.id) >= expected";
+
+/// Finishes the runs among `runs` whose every record has an outcome.
+pub(crate) async fn finish_runs(x: &mut dyn Exec, runs: Vec<i64>) -> Result<(), WarehouseError> {
+    let sql = FINISH_RUN.replace("{now}", x.dialect().now());
+    let items = runs.into_iter().map(|run| (0, params![run])).collect();
+    x.batch("finish a run", &[sql], items).await?;
+    Ok(())
+}
+
+/// The lease: a new run of `sync`, unless one is in progress; a run in progress whose waiting
+/// process gave no sign of life for [`LEASE`] is closed first, as `interrupted`.
+pub(crate) async fn create_run(x: &mut dyn Exec, sync: String) -> Result<i64, WarehouseError> {
+    x.lock_sync_runs(&sync).await?;
+    let d = x.dialect().clone();
+    let since = "COALESCE(heartbeat_at, requested_at)";
+    x.execute(
+        "close abandoned runs",
+        &format!(
+            "UPDATE loopsync.runs
+                SET status = 'interrupted', finished_at = {now},
+                    error = 'its process stopped (no sign of life since ' || {since_text} || ')'
+              WHERE sync = $1 AND status IN ({OPEN}) AND {since} < {lease}",
+            now = d.now(),
+            since_text = d.time_text(since),
+            lease = d.ago("$2"),
+        ),
+        params![&sync, LEASE.as_secs_f64()],
+    )
+    .await?;
+    let open = x
+        .query(
+            "look for a run in progress",
+            &format!(
+                "SELECT id, status FROM loopsync.runs WHERE sync = $1 AND status IN ({OPEN})
+                  ORDER BY id LIMIT 1"
+            ),
+            params![&sync],
+        )
+        .await?;
+    if let Some(open) = open.first() {
+        return Err(WarehouseError::RunInProgress {
+            run_id: open.int(0)?,
+            status: stored::<RunStatus>("look for a run in progress", &open.text(1)?)?,
+            sync,
+        });
+    }
+    let row = x
+        .query(
+            "create a run",
+            &format!(
+                "INSERT INTO loopsync.runs (sync, status, requested_at, heartbeat_at)
+                 VALUES ($1, 'requested', {now}, {now}) RETURNING id",
+                now = d.now()
+            ),
+            params![&sync],
+        )
+        .await?;
+    first(&row, "create a run")?.int(0)
+}
+
+/// The lease: the process that waits for a run is alive.
+pub(crate) async fn heartbeat(x: &mut dyn Exec, run_id: i64) -> Result<(), WarehouseError> {
+    let sql = format!(
+        "UPDATE loopsync.runs SET heartbeat_at = {} WHERE id = $1",
+        x.dialect().now()
+    );
+    x.execute("note that a run is alive", &sql, params![run_id])
+        .await?;
+    Ok(())
+}
+
+pub(crate) async fn installation(x: &mut dyn Exec) -> Result<String, WarehouseError> {
+    let rows = x
+        .query(
+            "read the installation id",
+            "SELECT id FROM loopsync.installation",
+            vec![],
+        )
+        .await?;
+    first(&rows, "read the installation id")?.text(0)
+}
+
+/// Run transition: `requested` (or, redelivered, `extracting`) to `extracting`.
+pub(crate) async fn claim_run(
+    x: &mut dyn Exec,
+    run_id: i64,
+    redelivered: bool,
+) -> Result<Option<String>, WarehouseError> {
+    let sql = format!(
+        "UPDATE loopsync.runs SET status = 'extracting', started_at = {}
+          WHERE id = $1 AND (status = 'requested' OR ($2 AND status = 'extracting'))
+          RETURNING sync",
+        x.dialect().now()
+    );
+    let rows = x
+        .query("claim a run", &sql, params![run_id, redelivered])
+        .await?;
+    rows.first().map(|r| r.text(0)).transpose()
+}
+
+/// What is about to be published for each key, in key order (the order of row locks), with
+/// the identity it writes: until Loops confirms it, the version is *possibly applied*
+/// ([`crate::DiffRow::unsure`]). The row's noted hash is forgotten, so the hashed diff reads the
+/// row again; the identity of a version possibly applied is kept while a later one names none.
+pub(crate) async fn mark_emitted(
+    x: &mut dyn Exec,
+    sync: String,
+    run_id: i64,
+    mut emitted: Vec<Emitted>,
+) -> Result<(), WarehouseError> {
+    emitted.sort_by(|a, b| a.key.cmp(&b.key));
+    let sql = "INSERT INTO loopsync.state (sync, key, emitted_fp, emitted_run, emitted_email,
+                                           emitted_user_id)
+               VALUES ($1, $2, $3, $4, $5, $6)
+               ON CONFLICT (sync, key) DO UPDATE
+                  SET emitted_fp = EXCLUDED.emitted_fp, emitted_run = EXCLUDED.emitted_run,
+                      emitted_email = COALESCE(EXCLUDED.emitted_email, loopsync.state.emitted_email),
+                      emitted_user_id = COALESCE(EXCLUDED.emitted_user_id,
+                                                 loopsync.state.emitted_user_id),
+                      model_hash = NULL";
+    let items = emitted
+        .into_iter()
+        .map(|e| {
+            (
+                0,
+                params![&sync, e.key, e.fingerprint, run_id, e.email, e.user_id],
+            )
+        })
+        .collect();
+    x.batch("note emitted records", &[sql.to_owned()], items)
+        .await?;
+    Ok(())
+}
+
+/// Who owns a contact: the records of `sync` that Loops confirmed with one of `identities` (a
+/// normalised email, or a userId).
+pub(crate) async fn owners(
+    x: &mut dyn Exec,
+    sync: String,
+    identities: Vec<String>,
+) -> Result<Vec<(String, Option<String>, Option<String>)>, WarehouseError> {
+    let sql = format!(
+        "SELECT key, confirmed_email, confirmed_user_id FROM loopsync.state
+          WHERE sync = $1 AND confirmed_fp IS NOT NULL
+            AND ({} = $2 OR confirmed_user_id = $2)",
+        x.dialect().email_key("confirmed_email")
+    );
+    let mut owners = std::collections::BTreeSet::new();
+    for identity in identities {
+        for row in x
+            .query(
+                "read the owners of contacts",
+                &sql,
+                params![&sync, identity],
+            )
+            .await?
+        {
+            owners.insert((row.text(0)?, row.opt_text(1)?, row.opt_text(2)?));
+        }
+    }
+    Ok(owners.into_iter().collect())
+}
+
+/// Run transition: `extracting` to `sending`, with the extraction's counts; `expected` counts
+/// what the state holds (keys emitted in the run, keys with an outcome in it). Then finished,
+/// if every record already has its outcome.
+pub(crate) async fn finish_extract(
+    x: &mut dyn Exec,
+    run_id: i64,
+    c: ExtractCounts,
+) -> Result<(), WarehouseError> {
+    let sql = format!(
+        "UPDATE loopsync.runs SET status = 'sending', extracted_at = {now},
+                expected = (SELECT count(*) FROM (
+                    SELECT key FROM loopsync.state WHERE sync = loopsync.runs.sync AND emitted_run = $1
+                    UNION SELECT key FROM loopsync.records WHERE run_id = $1) AS k),
+                added = $2, changed = $3, removed = $4, unchanged = $5, invalid_rows = $6,
+                error = COALESCE($7, error), ignored = $8, cursor_high = $9, cursor_column = $10
+          WHERE id = $1 AND status = 'extracting'",
+        now = x.dialect().now()
+    );
+    x.execute(
+        "finish an extraction",
+        &sql,
+        params![
+            run_id,
+            c.added,
+            c.changed,
+            c.removed,
+            c.unchanged,
+            c.invalid_rows,
+            c.error,
+            c.ignored,
+            c.cursor_high,
+            c.cursor_column
+        ],
+    )
+    .await?;
+    finish_runs(x, vec![run_id]).await
+}
+
+/// Confirm (adopted): the record is confirmed at its fingerprint in `run_id`, unparked, its
+/// generation advanced. The generation counts the record's changes (confirmed, removed,
+/// adopted, reset: the four places it moves, all in this file), so that what is sent next has
+/// new idempotency keys.
+pub(crate) async fn adopt(
+    x: &mut dyn Exec,
+    sync: String,
+    run_id: i64,
+    mut records: Vec<Adoption>,
+) -> Result<(), WarehouseError> {
+    records.sort_by(|a, b| a.key.cmp(&b.key));
+    let sql = format!(
+        "INSERT INTO loopsync.state (sync, key, confirmed_fp, confirmed_run, confirmed_at,
+                                     confirmed_email, confirmed_user_id, model_hash, model_email)
+         VALUES ($1, $2, $3, $4, {now}, $5, $6, $7, $8)
+         ON CONFLICT (sync, key) DO UPDATE
+            SET confirmed_fp = EXCLUDED.confirmed_fp, confirmed_run = EXCLUDED.confirmed_run,
+                confirmed_at = EXCLUDED.confirmed_at,
+                confirmed_email = EXCLUDED.confirmed_email,
+                confirmed_user_id = EXCLUDED.confirmed_user_id,
+                parked_fp = NULL,
+                model_hash = EXCLUDED.model_hash,
+                model_email = EXCLUDED.model_email,
+                generation = loopsync.state.generation + 1",
+        now = x.dialect().now(),
+    );
+    let items = records
+        .into_iter()
+        .map(|r| {
+            let (hash, email) = r.unchanged.unzip();
+            (
+                0,
+                params![
+                    &sync,
+                    r.key,
+                    r.fingerprint,
+                    run_id,
+                    r.email,
+                    r.user_id,
+                    hash,
+                    email.flatten()
+                ],
+            )
+        })
+        .collect();
+    x.batch("adopt records", &[sql], items).await?;
+    Ok(())
+}
+
+/// Park: records at the fingerprint of their latest outcome; runs leave them alone until their
+/// data changes.
+pub(crate) async fn park(
+    x: &mut dyn Exec,
+    sync: String,
+    mut keys: Vec<String>,
+) -> Result<u64, WarehouseError> {
+    keys.sort();
+    keys.dedup();
+    let sql = "INSERT INTO loopsync.state (sync, key, parked_fp)
+               SELECT sync, key, fingerprint FROM loopsync.records
+                WHERE sync = $1 AND key = $2 ORDER BY run_id DESC LIMIT 1
+               ON CONFLICT (sync, key) DO UPDATE SET parked_fp = EXCLUDED.parked_fp";
+    let items = keys.into_iter().map(|k| (0, params![&sync, k])).collect();
+    x.batch("park records", &[sql.to_owned()], items).await
+}
+
+/// Unpark: the next run tries the records again.
+pub(crate) async fn unpark(
+    x: &mut dyn Exec,
+    sync: String,
+    mut keys: Vec<String>,
+) -> Result<u64, WarehouseError> {
+    keys.sort();
+    keys.dedup();
+    let sql = "UPDATE loopsync.state SET parked_fp = NULL
+                WHERE sync = $1 AND key = $2 AND parked_fp IS NOT NULL";
+    let items = keys.into_iter().map(|k| (0, params![&sync, k])).collect();
+    x.batch("unpark records", &[sql.to_owned()], items).await
+}
+
+pub(crate) async fn parked(
+    x: &mut dyn Exec,
+    sync: Option<String>,
+) -> Result<Vec<(String, String)>, WarehouseError> {
+    let sql = format!(
+        "SELECT sync, key FROM loopsync.state
+          WHERE parked_fp IS NOT NULL AND (CAST($1 AS text) IS NULL OR sync = $1)
+          ORDER BY sync, key{}",
+        x.dialect().bytewise()
+    );
+    x.query("read parked records", &sql, params![sync])
+        .await?
+        .iter()
+        .map(|r| Ok((r.text(0)?, r.text(1)?)))
+        .collect()
+}
+
+/// Run transition: an adoption run ends `adopted`, with its counts.
+pub(crate) async fn finish_adopt(
+    x: &mut dyn Exec,
+    run_id: i64,
+    c: ExtractCounts,
+) -> Result<(), WarehouseError> {
+    let sql = format!(
+        "UPDATE loopsync.runs SET status = 'adopted', extracted_at = {now}, finished_at = {now},
+                expected = 0, added = $2, changed = $3, removed = $4, unchanged = $5,
+                invalid_rows = $6, ignored = $7, cursor_high = $8, cursor_column = $9
+          WHERE id = $1",
+        now = x.dialect().now()
+    );
+    x.execute(
+        "finish an adoption",
+        &sql,
+        params![
+            run_id,
+            c.added,
+            c.changed,
+            c.removed,
+            c.unchanged,
+            c.invalid_rows,
+            c.ignored,
+            c.cursor_high,
+            c.cursor_column
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+pub(crate) async fn record_preflight(
+    x: &mut dyn Exec,
+    run_id: i64,
+    c: RequestCounts,
+) -> Result<(), WarehouseError> {
+    x.execute(
+        "record a run's preflight",
+        "UPDATE loopsync.runs
+            SET preflight_requests = $2, preflight_retries = $3, preflight_rate_limited = $4
+          WHERE id = $1",
+        params![run_id, c.total(), c.retries, c.rate_limited],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Run transition: to `failed`, with the error.
+pub(crate) async fn fail_run(
+    x: &mut dyn Exec,
+    run_id: i64,
+    error: String,
+) -> Result<(), WarehouseError> {
+    let sql = format!(
+        "UPDATE loopsync.runs SET status = 'failed', finished_at = {}, error = $2 WHERE id = $1",
+        x.dialect().now()
+    );
+    x.execute("fail a run", &sql, params![run_id, error])
+        .await?;
+    Ok(())
+}
+
+/// Run transition: a run in progress to `interrupted`, with why.
+pub(crate) async fn interrupt_run(
+    x: &mut dyn Exec,
+    run_id: i64,
+    why: String,
+) -> Result<bool, WarehouseError> {
+    let sql = format!(
+        "UPDATE loopsync.runs SET status = 'interrupted', finished_at = {}, error = $2
+          WHERE id = $1 AND status IN ({OPEN})",
+        x.dialect().now()
+    );
+    let closed = x
+        .execute("close an interrupted run", &sql, params![run_id, why])
+        .await?;
+    Ok(closed > 0)
+}
+
+/// Outcomes: a final outcome's row in `records` (a repeat is ignored, except that a
+/// confirmation replaces an earlier failure and adds its requests).
+const INSERT_RECORD: &str = "INSERT INTO loopsync.records
+        (run_id, sync, key, fingerprint, operation, outcome, reason, contact_id, requests, at,
+         change, writes, events, deletes, retries, rate_limited)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, {at}, $11, $12, $13, $14, $15, $16)
+     ON CONFLICT (run_id, key) DO UPDATE
+        SET fingerprint = EXCLUDED.fingerprint, operation = EXCLUDED.operation,
+            outcome = EXCLUDED.outcome, reason = EXCLUDED.reason,
+            contact_id = EXCLUDED.contact_id,
+            change = COALESCE(EXCLUDED.change, loopsync.records.change),
+            requests = loopsync.records.requests + EXCLUDED.requests,
+            writes = loopsync.records.writes + EXCLUDED.writes,
+            events = loopsync.records.events + EXCLUDED.events,
+            deletes = loopsync.records.deletes + EXCLUDED.deletes,
+            retries = loopsync.records.retries + EXCLUDED.retries,
+            rate_limited = loopsync.records.rate_limited + EXCLUDED.rate_limited,
+            at = EXCLUDED.at
+      WHERE loopsync.records.outcome <> 'confirmed' AND EXCLUDED.outcome = 'confirmed'";
+
+/// Outcomes: each attempt once; a repeated `attempted` outcome is ignored.
+const INSERT_ATTEMPT: &str = "INSERT INTO loopsync.attempts
+        (run_id, sync, key, attempt, requests, writes, events, deletes, retries, rate_limited,
+         reason, at)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, {at})
+     ON CONFLICT (run_id, key, attempt) DO NOTHING";
+
+/// Confirm: Loops confirmed a record's fingerprint (never moving back to an older run). The
+/// generation advances unless this repeats the confirmation it has; the noted hash stays only
+/// while the fingerprint does.
+const CONFIRM: &str = "INSERT INTO loopsync.state (sync, key, confirmed_fp, confirmed_run, confirmed_at,
+                                    contact_id, confirmed_email, confirmed_user_id)
+     VALUES ($1, $2, $3, $4, {now}, $5, $6, $7)
+     ON CONFLICT (sync, key) DO UPDATE
+        SET confirmed_fp = EXCLUDED.confirmed_fp, confirmed_run = EXCLUDED.confirmed_run,
+            confirmed_at = EXCLUDED.confirmed_at,
+            contact_id = COALESCE(EXCLUDED.contact_id, loopsync.state.contact_id),
+            confirmed_email = COALESCE(EXCLUDED.confirmed_email, loopsync.state.confirmed_email),
+            confirmed_user_id = COALESCE(EXCLUDED.confirmed_user_id, loopsync.state.confirmed_user_id),
+            parked_fp = NULL, resubscribe = 0,
+            emitted_email = CASE WHEN loopsync.state.emitted_run > EXCLUDED.confirmed_run
+                                 THEN loopsync.state.emitted_email END,
+            emitted_user_id = CASE WHEN loopsync.state.emitted_run > EXCLUDED.confirmed_run
+                                   THEN loopsync.state.emitted_user_id END,
+            model_hash = CASE WHEN loopsync.state.confirmed_fp = EXCLUDED.confirmed_fp
+                              THEN loopsync.state.model_hash END,
+            generation = loopsync.state.generation
+                + CASE WHEN loopsync.state.confirmed_run IS NOT DISTINCT FROM EXCLUDED.confirmed_run
+                        AND loopsync.state.confirmed_fp IS NOT DISTINCT FROM EXCLUDED.confirmed_fp
+                       THEN 0 ELSE 1 END
+      WHERE loopsync.state.confirmed_run IS NULL
+         OR loopsync.state.confirmed_run <= EXCLUDED.confirmed_run";
+
+/// Remove: a confirmed removal leaves a tombstone: nothing confirmed, the generation advanced,
+/// so a row that comes back is a new change with a new idempotency key. The tombstone says
+/// whether the sync unsubscribed the contact (`$4`: the operation), so that a row that comes
+/// back re-subscribes it. A removal of a contact a lost create may have made (nothing confirmed,
+/// a version possibly applied) leaves a tombstone too.
+const REMOVE: &str = "UPDATE loopsync.state
+        SET confirmed_fp = NULL, confirmed_email = NULL, confirmed_user_id = NULL,
+            contact_id = NULL, parked_fp = NULL, confirmed_run = $3, confirmed_at = {now},
+            model_hash = NULL, generation = generation + 1,
+            resubscribe = CASE WHEN $4 = 'unsubscribe' THEN 1 ELSE 0 END,
+            emitted_email = CASE WHEN emitted_run > $3 THEN emitted_email END,
+            emitted_user_id = CASE WHEN emitted_run > $3 THEN emitted_user_id END
+      WHERE sync = $1 AND key = $2
+        AND (confirmed_fp IS NOT NULL
+             OR (emitted_run IS NOT NULL AND emitted_run > COALESCE(confirmed_run, 0)))
+        AND (confirmed_run IS NULL OR confirmed_run < $3
+             OR (confirmed_run = $3 AND confirmed_fp IS NOT NULL))";
+
+/// Outcomes, in one transaction: the runs' rows locked first (`finish_extract` waits for this
+/// transaction, so one of the two sees every record of a complete run), then each outcome in
+/// (sync, key) order (the order of row locks, as `mark_emitted` takes them: no deadlock), then
+/// the runs whose every record now has an outcome finished.
+pub(crate) async fn record_outcomes(
+    x: &mut dyn Exec,
+    mut outcomes: Vec<Outcome>,
+) -> Result<(), WarehouseError> {
+    let d = x.dialect().clone();
+    let mut runs: Vec<i64> = outcomes.iter().map(|o| o.run_id).collect();
+    runs.sort_unstable();
+    runs.dedup();
+    for run in &runs {
+        x.lock_rows(
+            "lock runs",
+            "SELECT id FROM loopsync.runs WHERE id = $1 FOR UPDATE",
+            params![*run],
+        )
+        .await?;
+    }
+    outcomes.sort_by(|a, b| (&a.sync, &a.key).cmp(&(&b.sync, &b.key)));
+    let at = d.time_of_millis("$10");
+    let statements = [
+        INSERT_RECORD.replace("{at}", &at),
+        INSERT_ATTEMPT.replace("{at}", &d.time_of_millis("$12")),
+        CONFIRM.replace("{now}", d.now()),
+        REMOVE.replace("{now}", d.now()),
+    ];
+    let mut items = Vec::with_capacity(2 * outcomes.len());
+    for o in outcomes {
+        let c = o.request_counts();
+        if !o.status.is_final() {
+            items.push((
+                1,
+                params![
+                    o.run_id,
+                    &o.sync,
+                    &o.key,
+                    o.attempt.as_deref().unwrap_or(""),
+                    c.total(),
+                    c.writes,
+                    c.events,
+                    c.deletes,
+                    c.retries,
+                    c.rate_limited,
+                    o.reason,
+                    o.at
+                ],
+            ));
+            continue;
+        }
+        items.push((
+            0,
+            params![
+                o.run_id,
+                &o.sync,
+                &o.key,
+                &o.fingerprint,
+                &o.operation,
+                o.status.as_str(),
+                o.reason.as_ref(),
+                o.contact_id.as_ref(),
+                c.total(),
+                o.at,
+                o.change.map(|c| c.as_str()),
+                c.writes,
+                c.events,
+                c.deletes,
+                c.retries,
+                c.rate_limited
+            ],
+        ));
+        if o.status == OutcomeStatus::Confirmed && is_removal(&o.operation) {
+            items.push((3, params![o.sync, o.key, o.run_id, o.operation]));
+        } else if o.status == OutcomeStatus::Confirmed {
+            items.push((
+                2,
+                params![
+                    o.sync,
+                    o.key,
+                    o.fingerprint,
+                    o.run_id,
+                    o.contact_id,
+                    o.email,
+                    o.user_id
+                ],
+            ));
+        }
+    }
+    x.batch("record outcomes", &statements, items).await?;
+    finish_runs(x, runs).await
+}
+
+/// The summary of runs: `filter` on `r`, newest first, at most `$2`.
+fn summary_sql(x: &dyn Exec, filter: &str) -> String {
+    let d = x.dialect();
+    let outcome = |o: &str| format!("count(x.key) FILTER (WHERE x.outcome = '{o}')");
+    let rows = summary_rows_sql(|condition| {
+        format!("count(x.key) FILTER (WHERE x.outcome = 'invalid' AND {condition})")
+    });
+    format!(
+        "SELECT r.id, r.sync, r.status, {requested}, {finished}, {duration},
+                r.expected, {rows}, r.removed, r.unchanged,
+                {confirmed}, {skipped}, {invalid}, {rejected}, {dead}, count(x.key), r.error,
+                count(x.key) FILTER (WHERE x.operation = 'rekey' AND x.outcome = 'confirmed'),
+                {requests},
+                r.preflight_requests, r.preflight_retries, r.preflight_rate_limited,
+                r.ignored
+           FROM loopsync.runs r LEFT JOIN loopsync.records x ON x.run_id = r.id
+          WHERE {filter}
+          GROUP BY r.id ORDER BY r.id DESC LIMIT $2",
+        requested = d.time_text("r.requested_at"),
+        finished = d.time_text("r.finished_at"),
+        duration = d.millis_between("r.requested_at", "r.finished_at"),
+        confirmed = outcome("confirmed"),
+        skipped = outcome("skipped"),
+        invalid = outcome("invalid"),
+        rejected = outcome("rejected"),
+        dead = outcome("dead_lettered"),
+        requests = summary_request_sql("loopsync.attempts"),
+    )
+}
+
+fn summary(row: &Row) -> Result<RunSummary, WarehouseError> {
+    let mut summary = RunSummary {
+        id: row.int(0)?,
+        sync: row.text(1)?,
+        status: stored("read a run", &row.text(2)?)?,
+        requested_at: row.text(3)?,
+        finished_at: row.opt_text(4)?,
+        duration_ms: row.opt_int(5)?,
+        expected: row.opt_int(6)?,
+        added: row.count(7)?,
+        changed: row.count(8)?,
+        invalid_rows: row.count(9)?,
+        removed: row.count(10)?,
+        unchanged: row.count(11)?,
+        confirmed: row.count(12)?,
+        skipped: row.count(13)?,
+        invalid: row.count(14)?,
+        rejected: row.count(15)?,
+        dead_lettered: row.count(16)?,
+        records: row.count(17)?,
+        error: row.opt_text(18)?,
+        rekeyed: row.count(19)?,
+        ignored: row.count(29)?,
+        ..RunSummary::default()
+    };
+    let mut loader = [0; 6];
+    for (i, n) in loader.iter_mut().enumerate() {
+        *n = row.count(20 + i)?;
+    }
+    let mut preflight = [0; 3];
+    for (i, n) in preflight.iter_mut().enumerate() {
+        *n = row.count(26 + i)?;
+    }
+    requests_of(&mut summary, loader, preflight);
+    Ok(summary)
+}
+
+pub(crate) async fn run(
+    x: &mut dyn Exec,
+    run_id: i64,
+) -> Result<Option<RunSummary>, WarehouseError> {
+    let sql = summary_sql(x, "r.id = $1");
+    let rows = x.query("read a run", &sql, params![run_id, 1i64]).await?;
+    rows.first().map(summary).transpose()
+}
+
+pub(crate) async fn runs(
+    x: &mut dyn Exec,
+    sync: Option<String>,
+    limit: i64,
+) -> Result<Vec<RunSummary>, WarehouseError> {
+    let sql = summary_sql(x, "(CAST($1 AS text) IS NULL OR r.sync = $1)");
+    let rows = x.query("read runs", &sql, params![sync, limit]).await?;
+    rows.iter().map(summary).collect()
+}
+
+/// A record's columns as [`record`] reads them (`x` is the record's alias).
+fn record_columns(x: &dyn Exec) -> String {
+    format!(
+        "x.run_id, x.sync, x.key, x.operation, x.outcome, x.reason, x.contact_id,
+         CAST(({requests}) AS bigint), {at}",
+        requests = record_requests_sql("loopsync.attempts"),
+        at = x.dialect().time_text("x.at"),
+    )
+}
+
+fn record(r: &Row) -> Result<RecordResult, WarehouseError> {
+    Ok(RecordResult {
+        run_id: r.int(0)?,
+        sync: r.text(1)?,
+        key: r.text(2)?,
+        operation: r.text(3)?,
+        outcome: stored("read records", &r.text(4)?)?,
+        reason: r.opt_text(5)?,
+        contact_id: r.opt_text(6)?,
+        requests: r.int(7)?,
+        at: r.text(8)?,
+    })
+}
+
+pub(crate) async fn records(
+    x: &mut dyn Exec,
+    run_id: i64,
+) -> Result<Vec<RecordResult>, WarehouseError> {
+    let sql = format!(
+        "SELECT {} FROM loopsync.records x WHERE run_id = $1 ORDER BY key",
+        record_columns(x)
+    );
+    let rows = x.query("read records", &sql, params![run_id]).await?;
+    rows.iter().map(record).collect()
+}
+
+/// Records whose latest outcome is invalid, rejected or dead-lettered.
+pub(crate) async fn rejections(
+    x: &mut dyn Exec,
+    sync: Option<String>,
+) -> Result<Vec<RecordResult>, WarehouseError> {
+    let sql = format!(
+        "SELECT {columns} FROM (
+            SELECT *, row_number() OVER (PARTITION BY sync, key ORDER BY run_id DESC) AS n
+              FROM loopsync.records WHERE CAST($1 AS text) IS NULL OR sync = $1) AS x
+          WHERE n = 1 AND outcome IN ('invalid', 'rejected', 'dead_lettered')
+          ORDER BY sync, key",
+        columns = record_columns(x)
+    );
+    let rows = x.query("read rejections", &sql, params![sync]).await?;
+    rows.iter().map(record).collect()
+}
+
+/// `verify --repair`: the confirmed fingerprint forgotten (see [`FORGOTTEN_FP`]) while it is
+/// the one verify compared against; rows locked in key order first.
+pub(crate) async fn forget_confirmed(
+    x: &mut dyn Exec,
+    sync: String,
+    mut records: Vec<(String, String)>,
+) -> Result<u64, WarehouseError> {
+    records.sort();
+    for (key, _) in &records {
+        x.lock_rows(
+            "lock records to forget",
+            "SELECT key FROM loopsync.state WHERE sync = $1 AND key = $2 FOR UPDATE",
+            params![&sync, key],
+        )
+        .await?;
+    }
+    let sql = "UPDATE loopsync.state SET confirmed_fp = $4, model_hash = NULL
+                WHERE sync = $1 AND key = $2 AND confirmed_fp = $3";
+    let items = records
+        .into_iter()
+        .map(|(key, fp)| (0, params![&sync, key, fp, FORGOTTEN_FP]))
+        .collect();
+    x.batch("forget confirmations", &[sql.to_owned()], items)
+        .await
+}
+
+fn binding(row: &Row) -> Result<DestinationBinding, WarehouseError> {
+    Ok(DestinationBinding {
+        destination: Destination::new(row.opt_text(0)?, &row.text(1)?),
+        bound_at: row.text(2)?,
+    })
+}
+
+pub(crate) async fn destination(
+    x: &mut dyn Exec,
+    sync: String,
+) -> Result<Option<DestinationBinding>, WarehouseError> {
+    let sql = format!(
+        "SELECT team, base_url, {} FROM loopsync.destinations WHERE sync = $1",
+        x.dialect().time_text("bound_at")
+    );
+    let rows = x
+        .query("read a sync's destination", &sql, params![sync])
+        .await?;
+    rows.first().map(binding).transpose()
+}
+
+/// Binds the sync unless it is bound: the earlier binding, or `None` (bound now).
+pub(crate) async fn bind_destination(
+    x: &mut dyn Exec,
+    sync: String,
+    destination: Destination,
+) -> Result<Option<DestinationBinding>, WarehouseError> {
+    let sql = format!(
+        "INSERT INTO loopsync.destinations (sync, team, base_url, bound_at)
+         VALUES ($1, $2, $3, {}) ON CONFLICT (sync) DO NOTHING",
+        x.dialect().now()
+    );
+    // A binding deleted (by a reset) between the insert and the read: insert again.
+    for _ in 0..3 {
+        let inserted = x
+            .execute(
+                "bind a sync to its destination",
+                &sql,
+                params![&sync, destination.team.as_deref(), &destination.base_url],
+            )
+            .await?;
+        if inserted == 1 {
+            return Ok(None);
+        }
+        if let Some(earlier) = destination_of(x, &sync).await? {
+            return Ok(Some(earlier));
+        }
+    }
+    Err(WarehouseError::Query {
+        what: "bind a sync to its destination".into(),
+        detail: "the binding kept changing under a concurrent reset".into(),
+    })
+}
+
+async fn destination_of(
+    x: &mut dyn Exec,
+    sync: &str,
+) -> Result<Option<DestinationBinding>, WarehouseError> {
+    destination(x, sync.to_owned()).await
+}
+
+pub(crate) async fn set_destination(
+    x: &mut dyn Exec,
+    sync: String,
+    destination: Destination,
+) -> Result<(), WarehouseError> {
+    let sql = format!(
+        "INSERT INTO loopsync.destinations (sync, team, base_url, bound_at)
+         VALUES ($1, $2, $3, {now})
+         ON CONFLICT (sync) DO UPDATE
+            SET team = EXCLUDED.team, base_url = EXCLUDED.base_url, bound_at = EXCLUDED.bound_at",
+        now = x.dialect().now()
+    );
+    x.execute(
+        "bind a sync to its destination",
+        &sql,
+        params![sync, destination.team, destination.base_url],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Reset: the sync's records forgotten, not deleted: each keeps its generation, moved on, so
+/// what the next run sends has new idempotency keys (a reset to the same Loops is not mistaken
+/// for the sends it forgot). Its cursor and its binding go too; its runs and results stay.
+pub(crate) async fn reset_state(
+    x: &mut dyn Exec,
+    sync: String,
+) -> Result<StateReset, WarehouseError> {
+    // Row locks in (sync, key) order, as the checkpointer takes them: no deadlock.
+    x.lock_rows(
+        "lock a sync's state",
+        "SELECT key FROM loopsync.state WHERE sync = $1 ORDER BY key FOR UPDATE",
+        params![&sync],
+    )
+    .await?;
+    let state_records = x
+        .execute(
+            "forget a sync's state",
+            "UPDATE loopsync.state
+                    SET confirmed_fp = NULL, confirmed_run = NULL, confirmed_at = NULL,
+                        confirmed_email = NULL, confirmed_user_id = NULL, contact_id = NULL,
+                        emitted_fp = NULL, emitted_run = NULL, parked_fp = NULL, model_hash = NULL,
+                        generation = generation + 1
+                  WHERE sync = $1
+                    AND (confirmed_fp IS NOT NULL OR emitted_fp IS NOT NULL OR parked_fp IS NOT NULL)",
+            params![&sync],
+        )
+        .await?;
+    // An event sync's watermark goes with its state: the next run reads every row.
+    x.execute(
+        "forget a sync's cursor",
+        "UPDATE loopsync.runs SET cursor_high = NULL WHERE sync = $1 AND cursor_high IS NOT NULL",
+        params![&sync],
+    )
+    .await?;
+    let sql = format!(
+        "DELETE FROM loopsync.destinations WHERE sync = $1 RETURNING team, base_url, {}",
+        x.dialect().time_text("bound_at")
+    );
+    let rows = x
+        .query("forget a sync's destination", &sql, params![&sync])
+        .await?;
+    Ok(StateReset {
+        state_records,
+        destination: rows.first().map(binding).transpose()?,
+    })
+}
+
+/// An event sync's watermark (see [`watermark_sql`]).
+pub(crate) async fn cursor_watermark(
+    x: &mut dyn Exec,
+    sync: String,
+    column: String,
+) -> Result<Option<i64>, WarehouseError> {
+    let sql = watermark_sql("loopsync.runs", "loopsync.records", "$1", "$2");
+    let rows = x
+        .query("read a sync's cursor", &sql, params![sync, column])
+        .await?;
+    rows.first().map(|r| r.int(0)).transpose()
+}
+
+fn first<'r>(rows: &'r [Row], what: &str) -> Result<&'r Row, WarehouseError> {
+    rows.first().ok_or_else(|| WarehouseError::Query {
+        what: what.to_owned(),
+        detail: "no row".into(),
+    })
+}
