@@ -28,7 +28,7 @@ use loopsync_engine::destination::Refused;
 use loopsync_engine::pipeline::Pipeline;
 use loopsync_engine::runs::{RunObserver, RunOptions, Runs, SyncRun};
 use loopsync_simulator::{Faults, MailingList, Settings, SimConfig, SimHandle};
-use loopsync_testkit::TestDatabase;
+use loopsync_testkit::{TestDatabase, hours_after_2024};
 use loopsync_warehouse::RunSummary;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -109,16 +109,9 @@ impl Row {
     }
 }
 
-/// `2024-01-01T00:00:00.000Z` plus `hours` (within 2024).
+/// `2024-01-01T00:00:00.000Z` plus `hours`, as the simulator writes dates.
 fn iso(hours: i64) -> String {
-    const DAYS: [i64; 12] = [31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
-    let (mut day, hour) = (hours / 24, hours % 24);
-    let mut month = 0;
-    while day >= DAYS[month] {
-        day -= DAYS[month];
-        month += 1;
-    }
-    format!("2024-{:02}-{:02}T{hour:02}:00:00.000Z", month + 1, day + 1)
+    format!("{}.000Z", hours_after_2024(hours).replace(' ', "T"))
 }
 
 /// What a variant syncs.

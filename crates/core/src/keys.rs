@@ -60,6 +60,13 @@ pub fn event_key(sync: &str, event_id: &str) -> String {
     format!("ev1-{}", digest(&[sync, event_id]))
 }
 
+/// Whether `key` is an event sync's ([`event_key`]): the same for the life of the sync, even
+/// after a `reset`, which sends the events again on purpose (Loops refuses those of its last 24
+/// hours).
+pub fn is_event_key(key: &str) -> bool {
+    key.starts_with("ev1-")
+}
+
 /// The loader's ledger key of one record of one sync of one installation.
 pub fn ledger_key(installation: &str, sync: &str, key: &str) -> String {
     digest(&[installation, sync, key])[..40].to_owned()
@@ -140,7 +147,10 @@ mod tests {
         assert_ne!(k, event_key("events", "e-2"));
         assert_ne!(k, event_key("other", "e-1"));
         assert_eq!(k.len(), 68);
-        assert!(k.starts_with("ev1-"));
+        assert!(is_event_key(&k));
+        assert!(!is_event_key(&idempotency_key(
+            "i", "s", "k", 0, "fp", "event"
+        )));
     }
 
     #[test]

@@ -160,9 +160,12 @@ pub fn verdict(op: &Operation, entry: Option<&LedgerEntry>) -> LedgerVerdict {
         Some(e) if e.run_id == op.run_id && e.fingerprint == op.fingerprint => {
             LedgerVerdict::AlreadyConfirmed(e.contact_id.clone())
         }
+        // (Not an event sync's event: its key is the same after a `reset`, which sends it again
+        // on purpose.)
         Some(e)
             if e.fingerprint == op.fingerprint
-                && e.idempotency_key.as_deref() == Some(op.idempotency_key.as_str()) =>
+                && e.idempotency_key.as_deref() == Some(op.idempotency_key.as_str())
+                && !keys::is_event_key(&op.idempotency_key) =>
         {
             LedgerVerdict::AlreadyConfirmed(e.contact_id.clone())
         }
