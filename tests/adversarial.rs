@@ -1366,3 +1366,34 @@ async fn case_10_a_row_back_after_an_unsubscribe_is_subscribed_again() {
         d.stop().await;
     }
 }
+
+/// Case 10 under a lost answer: mirror unsubscribed the contact but the answer was lost (a
+/// dead letter); the row comes back unchanged. The contact is subscribed again: an unsubscribe
+/// possibly applied counts as one applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn case_10_a_lost_unsubscribe_then_the_row_returns() {
+    let Some(deployments) = both(USER_ID_UNSUBSCRIBE).await else {
+        return;
+    };
+    for mut d in deployments {
+        let mut model = Model::new(3);
+        d.step(&model, Fault::None, USER_ID_UNSUBSCRIBE).await;
+        let row = model.rows.remove(&1).unwrap();
+        let lost = d.step(&model, Fault::Dropped, USER_ID_UNSUBSCRIBE).await;
+        assert_eq!(lost.dead_lettered, 1, "{}", d.store.name());
+        assert_eq!(
+            d.contact(USER_ID_UNSUBSCRIBE, "u1").unwrap()["subscribed"],
+            false,
+            "Loops applied it"
+        );
+        model.rows.insert(1, row);
+        d.step(&model, Fault::None, USER_ID_UNSUBSCRIBE).await;
+        assert_eq!(
+            d.contact(USER_ID_UNSUBSCRIBE, "u1").unwrap()["subscribed"],
+            true,
+            "{}: re-subscribed",
+            d.store.name()
+        );
+        d.stop().await;
+    }
+}

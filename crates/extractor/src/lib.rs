@@ -489,6 +489,9 @@ fn emitted(spec: &SyncSpec, change: &RowChange) -> Emitted {
         fingerprint: change.fingerprint.clone(),
         email,
         user_id,
+        unsubscribes: change.kind == ChangeKind::Removed
+            && spec.behavior == Behavior::Mirror
+            && spec.on_remove == OnRemove::Unsubscribe,
     }
 }
 

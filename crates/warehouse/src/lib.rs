@@ -182,6 +182,9 @@ pub struct Emitted {
     /// The identity the version writes (a removal: the one it removes).
     pub email: Option<String>,
     pub user_id: Option<String>,
+    /// The version unsubscribes the contact (mirror, `on_remove = "unsubscribe"`): from now
+    /// on, possibly applied, the row that comes back re-subscribes it ([`DiffRow::resubscribe`]).
+    pub unsubscribes: bool,
 }
 
 /// A record adopted as confirmed by Loops ([`Warehouse::adopt`]).

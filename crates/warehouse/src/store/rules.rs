@@ -139,20 +139,30 @@ pub(crate) async fn mark_emitted(
 ) -> Result<(), WarehouseError> {
     emitted.sort_by(|a, b| a.key.cmp(&b.key));
     let sql = "INSERT INTO loopsync.state (sync, key, emitted_fp, emitted_run, emitted_email,
-                                           emitted_user_id)
-               VALUES ($1, $2, $3, $4, $5, $6)
+                                           emitted_user_id, resubscribe)
+               VALUES ($1, $2, $3, $4, $5, $6, $7)
                ON CONFLICT (sync, key) DO UPDATE
                   SET emitted_fp = EXCLUDED.emitted_fp, emitted_run = EXCLUDED.emitted_run,
                       emitted_email = COALESCE(EXCLUDED.emitted_email, loopsync.state.emitted_email),
                       emitted_user_id = COALESCE(EXCLUDED.emitted_user_id,
                                                  loopsync.state.emitted_user_id),
+                      resubscribe = CASE WHEN EXCLUDED.resubscribe = 1 THEN 1
+                                         ELSE loopsync.state.resubscribe END,
                       model_hash = NULL";
     let items = emitted
         .into_iter()
         .map(|e| {
             (
                 0,
-                params![&sync, e.key, e.fingerprint, run_id, e.email, e.user_id],
+                params![
+                    &sync,
+                    e.key,
+                    e.fingerprint,
+                    run_id,
+                    e.email,
+                    e.user_id,
+                    i64::from(e.unsubscribes)
+                ],
             )
         })
         .collect();
