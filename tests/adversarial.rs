@@ -259,7 +259,9 @@ impl Model {
                     "{id} takes the email {taken:?} of {other}, which moves to {fresh} and is invalid"
                 )
             }
-            14 if variant.by_user_id => {
+            // A userId changes. Identified by userId, that is a re-key, which only email syncs
+            // do today: under mirror the old contact stays (open, see docs/architecture.md).
+            14 if variant.by_user_id && open_histories() => {
                 let user_id = self.fresh("user");
                 let row = self.rows.get_mut(&id).unwrap();
                 row.user_id = Some(user_id.clone());
