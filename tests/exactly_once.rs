@@ -219,13 +219,14 @@ async fn the_removal_guard_holds_back_mass_removals() {
 }
 
 /// One run of a sync at a time: a second `run --once` while the first is sending says so and
-/// changes nothing; the first completes.
+/// changes nothing (it waits only until the first run's holder shows a sign of life: a
+/// heartbeat, every 5 s, so the first run lasts longer); the first completes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_run_of_a_sync_says_one_is_in_progress() {
     // The second command's own requests (its property preflight) come out of the team's limit
     // too: leave room for them, so the first run's count is only its own.
     let Some(stack) = Stack::start(StackOptions {
-        rows: 30,
+        rows: 100,
         sim_rate_limit: 100,
         requests_per_second: 10,
         ..StackOptions::default()
@@ -270,7 +271,7 @@ async fn a_second_run_of_a_sync_says_one_is_in_progress() {
         "{}",
         String::from_utf8_lossy(&first.stderr)
     );
-    assert_eq!(stack.update_requests().await, 30, "each contact once");
+    assert_eq!(stack.update_requests().await, 100, "each contact once");
     assert_eq!(stack.count("SELECT count(*) FROM loopsync.runs").await, 1);
 }
 

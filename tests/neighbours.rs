@@ -67,7 +67,8 @@ async fn commands_answer_beside_a_read_of_the_state() {
 
 /// While `run --once` extracts a big model (its diff streams 300 000 rows), other commands
 /// answer within seconds: `check`, `dlq list`, and a second `run` of the same sync, which says
-/// that one is in progress (exit 1). Real processes against one PostgreSQL database.
+/// that one is in progress (exit 1) once the first run's holder has shown a sign of life (a
+/// heartbeat, within 5 s). Real processes against one PostgreSQL database.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_answer_beside_a_run_extracting_a_big_model() {
     let Some(stack) = Stack::start(StackOptions {

@@ -68,9 +68,10 @@ pub async fn request_run(
 }
 
 /// [`request_run`]; while another run of the sync is in progress, tries again every second for
-/// up to [`RUN_IN_PROGRESS_WAIT`], saying so once: a run whose process died is closed as
-/// interrupted once its lease lapses, and this one starts then. A holder that is alive keeps
-/// its lease, and the request fails as before once the wait is over.
+/// up to [`RUN_IN_PROGRESS_WAIT`], saying so once: a run whose process died (killed, restarted
+/// at once by a supervisor) is closed as interrupted once its lease lapses, and this one starts
+/// then. A holder that is alive heartbeats: as soon as its sign of life moves, the request fails
+/// as before (one run of a sync at a time), within about one heartbeat.
 async fn request_outliving_a_dead_holder(
     bus: &dyn Messaging,
     warehouse: &dyn Warehouse,
@@ -79,12 +80,18 @@ async fn request_outliving_a_dead_holder(
     observer: &mut dyn RunObserver,
 ) -> Result<i64, EngineError> {
     let deadline = tokio::time::Instant::now() + RUN_IN_PROGRESS_WAIT;
+    let mut first_seen: Option<String> = None;
     let mut said = false;
     loop {
         match request_run(bus, warehouse, sync, ask.clone()).await {
             Err(EngineError::Warehouse(WarehouseError::RunInProgress {
-                run_id, status, ..
-            })) if tokio::time::Instant::now() < deadline => {
+                run_id,
+                status,
+                alive_at,
+                ..
+            })) if tokio::time::Instant::now() < deadline
+                && first_seen.get_or_insert_with(|| alive_at.clone()) == &alive_at =>
+            {
                 if !said {
                     said = true;
                     observer.notice(format!(

@@ -81,6 +81,9 @@ pub enum WarehouseError {
         sync: String,
         run_id: i64,
         status: RunStatus,
+        /// The holder's last sign of life, as stored: a holder that is alive changes it every
+        /// heartbeat.
+        alive_at: String,
     },
 }
 

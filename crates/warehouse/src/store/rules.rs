@@ -60,8 +60,10 @@ pub(crate) async fn create_run(x: &mut dyn Exec, sync: String) -> Result<i64, Wa
         .query(
             "look for a run in progress",
             &format!(
-                "SELECT id, status FROM loopsync.runs WHERE sync = $1 AND status IN ({OPEN})
-                  ORDER BY id LIMIT 1"
+                "SELECT id, status, {alive} FROM loopsync.runs
+                  WHERE sync = $1 AND status IN ({OPEN})
+                  ORDER BY id LIMIT 1",
+                alive = d.time_text(since)
             ),
             params![&sync],
         )
@@ -70,6 +72,7 @@ pub(crate) async fn create_run(x: &mut dyn Exec, sync: String) -> Result<i64, Wa
         return Err(WarehouseError::RunInProgress {
             run_id: open.int(0)?,
             status: stored::<RunStatus>("look for a run in progress", &open.text(1)?)?,
+            alive_at: open.text(2)?,
             sync,
         });
     }
