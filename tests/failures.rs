@@ -177,7 +177,15 @@ impl<'a> Scene<'a> {
 
     /// The server's state of a stage's durable consumer.
     async fn consumer(&self, stage: Stage) -> Value {
-        let names = Names::new(&self.stack.nats.as_ref().expect("a NATS stack").namespace);
+        // The streams are the installation's (the state's id): see `Names::scoped`.
+        let installation = self
+            .stack
+            .text("SELECT id FROM loopsync.installation")
+            .await;
+        let names = Names::scoped(
+            &self.stack.nats.as_ref().expect("a NATS stack").namespace,
+            &installation,
+        );
         nats::consumer_info(&self.nats_url, &names.stream(stage), stage.name())
             .await
             .unwrap_or_else(|e| self.fail(&format!("consumer info of {}: {e}", stage.name())))

@@ -675,6 +675,19 @@ signedUpAt = {{ column = "signed_up_at", type = "date" }}
         }
     }
 
+    /// One text value from the warehouse (`loopsync.x` names a state table on both backends).
+    pub async fn text(&self, sql: &str) -> String {
+        match &self.warehouse {
+            TestWarehouse::Postgres { client, .. } => {
+                client.query_one(sql, &[]).await.expect("text query").get(0)
+            }
+            TestWarehouse::Sqlite { path } => sqlite_text(path, sql),
+            TestWarehouse::MySql { state, .. } | TestWarehouse::DuckDb { state, .. } => {
+                sqlite_text(state, sql)
+            }
+        }
+    }
+
     /// A count from the warehouse (`loopsync.x` names a state table on both backends).
     pub async fn count(&self, sql: &str) -> i64 {
         match &self.warehouse {
@@ -859,6 +872,12 @@ fn sqlite_exec(path: &std::path::Path, sql: &str) {
 /// `loopsync.state`, …; tests write the PostgreSQL names.
 fn sqlite_names(sql: &str) -> String {
     sql.replace("loopsync.", "loopsync_")
+}
+
+fn sqlite_text(path: &std::path::Path, sql: &str) -> String {
+    let db = rusqlite::Connection::open(path).expect("open the SQLite warehouse");
+    db.query_row(&sqlite_names(sql), [], |row| row.get(0))
+        .expect("text query on SQLite")
 }
 
 fn sqlite_count(path: &std::path::Path, sql: &str) -> i64 {
