@@ -17,7 +17,9 @@
 //!
 //! A fresh seed every run, printed with the command that replays it:
 //! `LOOPSYNC_HISTORY_SEED=<seed> cargo test -p loopsync-e2e --test adversarial`;
-//! `LOOPSYNC_HISTORY_STEPS=<n>` soaks (steps per variant).
+//! `LOOPSYNC_HISTORY_STEPS=<n>` soaks (steps per variant). By default 1 000 steps in all: 350,
+//! 350 and 300 (retries wait 5 ms, a finished run is seen within 10 ms: a step costs about a
+//! tenth of a second).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -26,7 +28,7 @@ use loopsync_config::Config;
 use loopsync_core::envelope::OutcomeStatus;
 use loopsync_engine::destination::Refused;
 use loopsync_engine::pipeline::Pipeline;
-use loopsync_engine::runs::{RunObserver, RunOptions, Runs, SyncRun};
+use loopsync_engine::runs::{RunObserver, RunOptions, Runs, SyncRun, WaitOptions};
 use loopsync_simulator::{Faults, MailingList, Settings, SimConfig, SimHandle};
 use loopsync_testkit::{TestDatabase, hours_after_2024};
 use loopsync_warehouse::RunSummary;
@@ -158,22 +160,16 @@ impl Model {
     }
 
     /// One random change, described.
-    /// `rekeyed_lossy`: keys whose email changed and went to Loops in a run whose answers were
-    /// lost; another identity change of such a key before a clean run is an open case (the
-    /// state keeps one possibly applied identity per record, see docs/architecture.md), made
-    /// only with LOOPSYNC_HISTORY_OPEN=1.
     fn change(
         &mut self,
         rng: &mut StdRng,
         variant: Variant,
         confirmed: &BTreeMap<i64, Row>,
-        rekeyed_lossy: &BTreeSet<i64>,
     ) -> String {
         let present: Vec<i64> = self.rows.keys().copied().collect();
         let Some(id) = Model::pick(rng, present.iter().copied()) else {
             return self.add();
         };
-        let settled = !rekeyed_lossy.contains(&id) || open_histories();
         let row = self.rows.get_mut(&id).unwrap();
         match rng.random_range(0..22) {
             0 | 1 => {
@@ -217,7 +213,7 @@ impl Model {
                 }
                 None => self.add(),
             },
-            11 if settled => {
+            11 => {
                 let email = self.fresh("email");
                 let row = self.rows.get_mut(&id).unwrap();
                 row.email = Some(email.clone());
@@ -226,14 +222,9 @@ impl Model {
             // An email handed over: this key takes another's email, which moves to a new one.
             // (Identified by userId, a hand-over within one run meets Loops' "Multiple
             // contacts found" in one order of the writes and not the other: open.)
-            12 if settled && (!variant.by_user_id || open_histories()) => {
-                let Some(other) = Model::pick(
-                    rng,
-                    present
-                        .iter()
-                        .copied()
-                        .filter(|k| *k != id && (!rekeyed_lossy.contains(k) || open_histories())),
-                ) else {
+            12 if !variant.by_user_id || open_histories() => {
+                let Some(other) = Model::pick(rng, present.iter().copied().filter(|k| *k != id))
+                else {
                     return self.add();
                 };
                 let fresh = self.fresh("email");
@@ -242,8 +233,9 @@ impl Model {
                 self.rows.get_mut(&id).unwrap().email = taken.clone();
                 format!("{id} takes the email {taken:?} of {other}, which moves to {fresh}")
             }
-            // The same, while the old owner is invalid this run (open with lost answers: a
-            // lost re-key leaves two identities, see docs/architecture.md).
+            // The same, while the old owner is invalid this run (open: two records then hold
+            // one confirmed email, and when both re-key away in one run each takes the other
+            // for the contact's owner, so it stays; see docs/architecture.md).
             13 if open_histories() => {
                 let Some(other) = Model::pick(rng, present.iter().copied().filter(|k| *k != id))
                 else {
@@ -259,9 +251,9 @@ impl Model {
                     "{id} takes the email {taken:?} of {other}, which moves to {fresh} and is invalid"
                 )
             }
-            // A userId changes. Identified by userId, that is a re-key, which only email syncs
-            // do today: under mirror the old contact stays (open, see docs/architecture.md).
-            14 if variant.by_user_id && open_histories() => {
+            // A userId changes. Identified by userId, with the email changed in the same run,
+            // that is a re-key (`RowChange::rekey`).
+            14 if variant.by_user_id => {
                 let user_id = self.fresh("user");
                 let row = self.rows.get_mut(&id).unwrap();
                 row.user_id = Some(user_id.clone());
@@ -291,11 +283,11 @@ impl Model {
                     }
                 )
             }
-            16 if settled => {
+            16 => {
                 row.email = [None, Some("not-an-email".to_owned())][rng.random_range(0..2)].clone();
                 format!("email of {id} := {:?} (invalid)", row.email)
             }
-            17 | 18 if settled => {
+            17 | 18 => {
                 let row = self.rows.remove(&id).unwrap();
                 self.gone.insert(id, row);
                 format!("{id} leaves")
@@ -528,6 +520,7 @@ api_key = "test-key"
 base_url = "{api}"
 requests_per_second = 1000
 max_attempts = 2
+retry_backoff_ms = 5
 
 [[sync]]
 name = "users"
@@ -575,7 +568,15 @@ vip = {{ column = "vip", type = "boolean" }}
         let mut pipeline = Pipeline::connect(config, token.clone())
             .await
             .expect("connect the pipeline");
-        let runs = Runs::start(&pipeline, RunOptions::default())
+        // A finished run is seen within 10 ms (the default 100 ms poll would be most of a step).
+        let options = RunOptions {
+            wait: WaitOptions {
+                poll: std::time::Duration::from_millis(10),
+                ..WaitOptions::default()
+            },
+            ..RunOptions::default()
+        };
+        let runs = Runs::start(&pipeline, options)
             .await
             .expect("start the runs");
         pipeline.spawn_all().expect("start the stages");
@@ -666,14 +667,6 @@ impl Fault {
             9 => Fault::KeysForgotten,
             _ => Fault::None,
         }
-    }
-
-    /// Loops may have applied what it did not confirm.
-    fn loses_answers(self) -> bool {
-        matches!(
-            self,
-            Fault::Errors { after_effect: true } | Fault::Dropped | Fault::KeysForgotten
-        )
     }
 
     fn apply(self, sim: &SimHandle, keys_consumed_on_failure: bool) {
@@ -872,7 +865,6 @@ async fn history(variant: Variant, seed: u64, steps: usize) {
     // What Loops was last told for each key, for reverts; every identifier ever sent.
     let mut synced: BTreeMap<i64, Row> = BTreeMap::new();
     let mut ever = BTreeSet::new();
-    let mut rekeyed_lossy = BTreeSet::new();
     // Every key that ever had each email in the model.
     let mut holders: BTreeMap<String, BTreeSet<i64>> = BTreeMap::new();
     let mut log = format!(
@@ -887,7 +879,7 @@ async fn history(variant: Variant, seed: u64, steps: usize) {
     for step in 1..=steps {
         let clean = step == steps || rng.random_bool(0.3);
         for _ in 0..rng.random_range(1..=3) {
-            let line = model.change(&mut rng, variant, &synced, &rekeyed_lossy);
+            let line = model.change(&mut rng, variant, &synced);
             let _ = writeln!(log, "  {step}: {line}");
         }
         let fault = if clean {
@@ -1001,19 +993,6 @@ async fn history(variant: Variant, seed: u64, steps: usize) {
                 ),
             );
         }
-        if fault.loses_answers() {
-            for (key, row) in &model.rows {
-                if synced
-                    .get(key)
-                    .is_none_or(|before| before.email != row.email)
-                {
-                    rekeyed_lossy.insert(*key);
-                }
-            }
-        }
-        if clean {
-            rekeyed_lossy.clear();
-        }
         if fault == Fault::None {
             synced = model.rows.clone();
         }
@@ -1037,13 +1016,7 @@ fn open_histories() -> bool {
 
 /// A fresh seed each run unless `LOOPSYNC_HISTORY_SEED` names one; printed either way.
 fn seed() -> u64 {
-    let seed = std::env::var("LOOPSYNC_HISTORY_SEED")
-        .map(|s| s.parse().expect("LOOPSYNC_HISTORY_SEED is a number"))
-        .unwrap_or_else(|_| rand::random::<u32>() as u64);
-    eprintln!(
-        "adversarial history seed {seed}: replay with LOOPSYNC_HISTORY_SEED={seed} cargo test -p loopsync-e2e --test adversarial"
-    );
-    seed
+    loopsync_testkit::history_seed("adversarial")
 }
 
 fn steps(default: usize) -> usize {
@@ -1064,7 +1037,7 @@ async fn email_mirror_with_workflows() {
             keys_consumed_on_failure: false,
         },
         seed(),
-        steps(200),
+        steps(350),
     )
     .await;
 }
@@ -1081,7 +1054,7 @@ async fn user_id_mirror_unsubscribe() {
             keys_consumed_on_failure: false,
         },
         seed(),
-        steps(200),
+        steps(350),
     )
     .await;
 }
@@ -1098,7 +1071,7 @@ async fn email_upsert_keys_consumed_on_failure() {
             keys_consumed_on_failure: true,
         },
         seed(),
-        steps(150),
+        steps(300),
     )
     .await;
 }
@@ -1253,6 +1226,99 @@ async fn case_1_a_lost_create_then_a_change_fires_one_creation() {
     }
 }
 
+/// Case 1, a create whose answer was lost, then an email change: the re-key's write is the
+/// record's creation, keyed as the lost create was, so `contactCreated` fires once (it used to
+/// fire for the lost create and again for the re-key).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn case_1_a_lost_create_then_an_email_change_fires_one_creation() {
+    let Some(deployments) = both(EMAIL_MIRROR).await else {
+        return;
+    };
+    for mut d in deployments {
+        let mut model = Model::new(1);
+        let lost = d
+            .step(&model, Fault::Errors { after_effect: true }, EMAIL_MIRROR)
+            .await;
+        assert_eq!(lost.dead_lettered, 1);
+        model.rows.get_mut(&1).unwrap().email = Some("moved1@example.com".into());
+        let next = d.step(&model, Fault::None, EMAIL_MIRROR).await;
+        assert_eq!(next.status, "succeeded", "{:?}", report(&next));
+        let created = d
+            .sim
+            .workflows()
+            .iter()
+            .filter(|w| w.event_name.as_deref() == Some("contactCreated"))
+            .count();
+        assert_eq!(created, 1, "{}: contactCreated fired once", d.store.name());
+        assert!(d.contact(EMAIL_MIRROR, "moved1@example.com").is_some());
+        assert!(
+            d.contact(EMAIL_MIRROR, "user1@example.com").is_none(),
+            "{}: the contact of the lost create is removed",
+            d.store.name()
+        );
+        d.stop().await;
+    }
+}
+
+/// Case 1, re-keys in a row whose answers are all lost: key 1 moves to `a`, then to `b`, each
+/// write applied by Loops and every answer lost (its old contact's delete never sent), then to
+/// `c` in a clean run. Every contact the lost versions may have made goes (the state keeps
+/// each identity possibly applied, not only the last), where `a` used to stay for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn case_1_lost_re_keys_in_a_row_leave_no_contact_behind() {
+    let Some(deployments) = both(EMAIL_MIRROR).await else {
+        return;
+    };
+    for mut d in deployments {
+        let mut model = Model::new(2);
+        d.step(&model, Fault::None, EMAIL_MIRROR).await;
+        for (email, fault) in [
+            ("a1@example.com", Fault::Errors { after_effect: true }),
+            ("b1@example.com", Fault::Dropped),
+            ("c1@example.com", Fault::None),
+        ] {
+            model.rows.get_mut(&1).unwrap().email = Some(email.into());
+            d.step(&model, fault, EMAIL_MIRROR).await;
+        }
+        let emails: Vec<String> = d.loops(EMAIL_MIRROR).into_keys().collect();
+        assert_eq!(
+            emails,
+            ["c1@example.com", "user2@example.com"],
+            "{}",
+            d.store.name()
+        );
+        d.stop().await;
+    }
+}
+
+/// Case 1, a lost re-key then a revert: key 1 moves to `a` (applied, the answer lost), then back
+/// to its confirmed email. The write finds the old contact; the contact the lost re-key may have
+/// made goes too (it used to stay: the row was back at its confirmed identity).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn case_1_a_lost_re_key_then_a_revert_leaves_no_contact_behind() {
+    let Some(deployments) = both(EMAIL_MIRROR).await else {
+        return;
+    };
+    for mut d in deployments {
+        let mut model = Model::new(2);
+        d.step(&model, Fault::None, EMAIL_MIRROR).await;
+        model.rows.get_mut(&1).unwrap().email = Some("a1@example.com".into());
+        d.step(&model, Fault::Errors { after_effect: true }, EMAIL_MIRROR)
+            .await;
+        model.rows.get_mut(&1).unwrap().email = Some("user1@example.com".into());
+        let back = d.step(&model, Fault::None, EMAIL_MIRROR).await;
+        assert_eq!(back.status, "succeeded", "{:?}", report(&back));
+        let emails: Vec<String> = d.loops(EMAIL_MIRROR).into_keys().collect();
+        assert_eq!(
+            emails,
+            ["user1@example.com", "user2@example.com"],
+            "{}",
+            d.store.name()
+        );
+        d.stop().await;
+    }
+}
+
 /// Case 2: identified by userId, key 1 (userId u1) leaves and key 2 arrives with u1 in the same
 /// run: the contact is key 2's now and is not removed (it used to be deleted while the state
 /// said key 2 was confirmed). And two rows with one userId are invalid, both.
@@ -1285,6 +1351,44 @@ async fn case_2_a_user_id_handed_over_is_not_removed() {
         model.rows.get_mut(&2).unwrap().user_id = Some("u3".into());
         let dup = d.step(&model, Fault::None, USER_ID_UNSUBSCRIBE).await;
         assert_eq!(dup.invalid, 2, "{}: {:?}", d.store.name(), report(&dup));
+        d.stop().await;
+    }
+}
+
+/// Identified by userId, a record whose userId and email change in one run is a re-key: the
+/// write finds no contact by either and Loops makes a new one; under mirror the old contact is
+/// unsubscribed by its old userId (it used to stay, subscribed, no row owning it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_id_and_email_change_is_a_re_key() {
+    let Some(deployments) = both(USER_ID_UNSUBSCRIBE).await else {
+        return;
+    };
+    for mut d in deployments {
+        let mut model = Model::new(2);
+        d.step(&model, Fault::None, USER_ID_UNSUBSCRIBE).await;
+        let row = model.rows.get_mut(&1).unwrap();
+        row.user_id = Some("u1-new".into());
+        row.email = Some("moved1@example.com".into());
+        let moved = row.clone();
+        let run = d.step(&model, Fault::None, USER_ID_UNSUBSCRIBE).await;
+        assert_eq!(run.status, "succeeded", "{:?}", report(&run));
+        assert_eq!(
+            d.contact(USER_ID_UNSUBSCRIBE, "u1-new"),
+            Some({
+                let mut c = moved.contact();
+                c["email"] = json!(moved.email);
+                c
+            }),
+            "{}",
+            d.store.name()
+        );
+        assert_eq!(
+            d.contact(USER_ID_UNSUBSCRIBE, "u1")
+                .map(|c| c["subscribed"].clone()),
+            Some(json!(false)),
+            "{}: the old contact is unsubscribed",
+            d.store.name()
+        );
         d.stop().await;
     }
 }

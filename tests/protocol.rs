@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use loopsync_testkit::{Stack, StackOptions, output_within, until};
+use loopsync_testkit::{Stack, StackOptions, output_within, sigterm, until};
 
 /// Case 4: two deployments (their own warehouse and state, their own Loops) on one NATS
 /// namespace with the same sync name, workers of both running at once. Each Loops receives
@@ -152,13 +152,7 @@ async fn an_interrupted_run_then_the_next_send_each_change_once() {
         }
     })
     .await;
-    let pid = first.id().expect("the run's pid");
-    let killed = tokio::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .await
-        .expect("run kill");
-    assert!(killed.success());
+    sigterm(&first).await;
     let _ = tokio::time::timeout(Duration::from_secs(15), first.wait()).await;
     let second = stack.run_once(&["--remote"]).await;
     assert_eq!(second.status, 0, "{}", second.stderr);
@@ -183,5 +177,147 @@ async fn an_interrupted_run_then_the_next_send_each_change_once() {
         stack.workflows("event_received").await,
         300,
         "each event fired once"
+    );
+}
+
+/// The model of the stack's `users` sync, slowed: the diff returns no row for `secs` seconds.
+fn slow_model(stack: &Stack, secs: u32) {
+    let config = std::fs::read_to_string(&stack.config).unwrap();
+    let slow = config.replace(
+        "from users\"",
+        &format!("from users, (select pg_sleep({secs})) slow\""),
+    );
+    assert_ne!(config, slow, "the model is slowed");
+    std::fs::write(&stack.config, slow).unwrap();
+}
+
+/// Case 8: a slow extraction (the diff returns no row for 9 s) is not a stalled run: the
+/// extractor's sign of life is progress, so a stall timeout shorter than the diff does not
+/// fail it (it used to close the run `failed` while the extractor went on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_extraction_is_not_a_stall() {
+    let Some(stack) = Stack::start(StackOptions {
+        rows: 5,
+        ..StackOptions::default()
+    })
+    .await
+    else {
+        return;
+    };
+    slow_model(&stack, 9);
+    let ran = stack.run_once(&["--stall-timeout", "7"]).await;
+    assert_eq!(ran.status, 0, "{}", ran.stderr);
+    assert_eq!(ran.run()["confirmed"], 5, "{}", ran.stderr);
+    assert_eq!(stack.contacts().await.len(), 5);
+}
+
+/// Case 8, the other half: a run closed while its (remote) extractor is still reading the
+/// model — its waiting `run` stopped by SIGTERM — gets nothing more: the extractor sees that
+/// the run is no longer extracting before it publishes, and nothing reaches Loops for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_closed_during_its_extraction_sends_nothing() {
+    let Some(stack) = Stack::start(StackOptions {
+        rows: 5,
+        nats: true,
+        ..StackOptions::default()
+    })
+    .await
+    else {
+        return;
+    };
+    slow_model(&stack, 6);
+    let _workers = [
+        stack.worker("extractor").await,
+        stack.worker("transformer").await,
+        stack.worker("loader").await,
+    ];
+    let mut run = stack
+        .command(&["run", "--once", "--remote", "--json"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start a run");
+    until(Duration::from_secs(60), "the run extracts", || async {
+        match stack
+            .count("SELECT count(*) FROM loopsync.runs WHERE status = 'extracting'")
+            .await
+        {
+            1 => Ok(()),
+            n => Err(format!("{n} runs extracting")),
+        }
+    })
+    .await;
+    sigterm(&run).await;
+    let _ = tokio::time::timeout(Duration::from_secs(15), run.wait()).await;
+    assert_eq!(
+        stack
+            .count("SELECT count(*) FROM loopsync.runs WHERE status = 'interrupted'")
+            .await,
+        1,
+        "the run is closed"
+    );
+    // The next run, once the first one's diff has ended: it sends every row, and the first
+    // run has no record (its extractor published nothing once its diff ended).
+    let second = stack.run_once(&["--remote"]).await;
+    assert_eq!(second.status, 0, "{}", second.stderr);
+    assert_eq!(second.run()["confirmed"], 5, "{}", second.stderr);
+    assert_eq!(
+        stack
+            .count(
+                "SELECT count(*) FROM loopsync.records x JOIN loopsync.runs r ON r.id = x.run_id \
+                  WHERE r.status = 'interrupted'"
+            )
+            .await,
+        0,
+        "nothing was emitted for the closed run"
+    );
+    assert_eq!(stack.update_requests().await, 5);
+}
+
+/// In one process (its bus in memory), a run stopped by SIGTERM mid-send: every write Loops
+/// answered is confirmed in the state. The checkpointer stops last and first takes the outcomes
+/// the loaders published while they wound down; they used to be lost with the process, so the
+/// next run sent those records again (and past Loops' 24 hours of keys, their events fire again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_stopped_in_one_process_keeps_every_confirmation() {
+    let Some(stack) = Stack::start(StackOptions {
+        rows: 300,
+        requests_per_second: 20,
+        ..StackOptions::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let mut run = stack
+        .command(&["run", "--once", "--json"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start a run");
+    until(Duration::from_secs(60), "the run sends", || async {
+        match stack.update_requests().await {
+            n if n >= 30 => Ok(()),
+            n => Err(format!("{n} writes")),
+        }
+    })
+    .await;
+    sigterm(&run).await;
+    tokio::time::timeout(Duration::from_secs(15), run.wait())
+        .await
+        .expect("the run stops within 15 s")
+        .unwrap();
+    let answered = stack
+        .sim
+        .seen()
+        .await
+        .answered("PUT /v1/contacts/update", 200);
+    let confirmed = stack
+        .count("SELECT count(*) FROM loopsync.state WHERE confirmed_fp IS NOT NULL")
+        .await;
+    assert!((30..300).contains(&answered), "{answered} writes answered");
+    assert_eq!(
+        confirmed as u64, answered,
+        "every write Loops answered is confirmed in the state"
     );
 }

@@ -92,6 +92,10 @@ pub struct LoopsConfig {
     /// Attempts per operation before it is dead-lettered.
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
+    /// The wait before an operation's first retry, in milliseconds; it doubles with each
+    /// retry, up to 30 s.
+    #[serde(default = "default_retry_backoff_ms")]
+    pub retry_backoff_ms: u64,
     /// Operations in flight per loader process.
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
@@ -134,6 +138,9 @@ fn default_max_attempts() -> u32 {
 }
 fn default_concurrency() -> usize {
     4
+}
+fn default_retry_backoff_ms() -> u64 {
+    loopsync_core::tuning::BACKOFF_BASE.as_millis() as u64
 }
 
 /// `[nats]`: without it, one process and an in-process bus. Its `Debug` shows no password or

@@ -90,6 +90,158 @@ pub struct RowChange {
     /// unsubscribed on its own.
     #[serde(default)]
     pub resubscribe: bool,
+    /// When Loops may hold versions it never confirmed (their answers lost): every identity
+    /// those versions wrote or removed, each a contact that may be in Loops (see
+    /// [`RowChange::possibly_left`]).
+    #[serde(default)]
+    pub possibly_applied: Vec<OldContact>,
+}
+
+/// The fingerprint of the removal of a contact whose create's answer was lost (nothing was
+/// confirmed for it): not a fingerprint of values (those are 40 hex digits). The contact may
+/// never have been made.
+pub const POSSIBLY_CREATED: &str = "possibly-created";
+
+/// The contact a record's write can no longer find, so that the write makes another one: the
+/// record's old identity (see [`RowChange::rekey`]); or an identity a version whose answer was
+/// lost may have written ([`RowChange::possibly_applied`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OldContact {
+    pub email: Option<String>,
+    /// Identified by userId: the old userId, which finds the old contact.
+    pub user_id: Option<String>,
+}
+
+impl OldContact {
+    /// The identifier that finds the old contact: its userId when the sync is identified by
+    /// userId, else its email.
+    pub fn identity(&self) -> Option<&str> {
+        self.user_id.as_deref().or(self.email.as_deref())
+    }
+}
+
+impl RowChange {
+    /// The identity this change's write addresses (normalised email, trimmed userId), or for a
+    /// removal none.
+    fn written(&self, spec: &crate::spec::SyncSpec) -> (Option<String>, Option<String>) {
+        if self.kind == ChangeKind::Removed {
+            return (None, None);
+        }
+        let value = |property: &str| {
+            spec.property(property)
+                .and_then(|p| self.values.get(&p.column).cloned().flatten())
+        };
+        (
+            value("email")
+                .map(|e| crate::value::normalize_email(&e))
+                .filter(|e| !e.is_empty()),
+            value("userId")
+                .map(|u| u.trim().to_owned())
+                .filter(|u| !u.is_empty()),
+        )
+    }
+
+    /// The contacts a version whose answer was lost may have left in Loops that this change
+    /// neither writes nor (as a re-key's or a removal's old contact) removes: each to be taken
+    /// out under mirror, after this change's own requests. One identity finds a contact: the
+    /// userId, identified by userId, else the email.
+    pub fn possibly_left(&self, spec: &crate::spec::SyncSpec) -> Vec<OldContact> {
+        use crate::spec::IdentifyBy;
+        use crate::value::normalize_email;
+        let identity = |email: Option<&str>, user_id: Option<&str>| {
+            match spec.identify_by {
+                IdentifyBy::Email => email.map(normalize_email),
+                IdentifyBy::UserId => user_id.map(str::to_owned),
+            }
+            .filter(|i| !i.is_empty())
+        };
+        let (email, user_id) = self.written(spec);
+        let mut taken: Vec<String> = identity(email.as_deref(), user_id.as_deref())
+            .into_iter()
+            .collect();
+        // The contact the change already removes (or, Loops finding it, writes onto).
+        if let Some(old) = identity(
+            self.confirmed_email.as_deref(),
+            self.confirmed_user_id.as_deref(),
+        ) {
+            taken.push(old);
+        }
+        let mut left = Vec::new();
+        for contact in &self.possibly_applied {
+            let Some(id) = identity(contact.email.as_deref(), contact.user_id.as_deref()) else {
+                continue;
+            };
+            if taken.contains(&id) {
+                continue;
+            }
+            // Identified by userId, a write with the contact's email finds it too.
+            if spec.identify_by == IdentifyBy::UserId
+                && email.is_some()
+                && contact.email.as_deref().map(normalize_email) == email
+            {
+                continue;
+            }
+            taken.push(id);
+            left.push(match spec.identify_by {
+                IdentifyBy::Email => OldContact {
+                    email: contact.email.clone(),
+                    user_id: None,
+                },
+                IdentifyBy::UserId => OldContact {
+                    email: None,
+                    user_id: contact.user_id.clone(),
+                },
+            });
+        }
+        left
+    }
+
+    /// The one re-key rule (the extractor holds a re-key back, the transformer sends it): a
+    /// write whose identifiers no longer find the contact Loops confirmed for the record.
+    /// Identified by email: the email changed. Identified by userId: the userId changed and so
+    /// did the email (with the email alone, or the userId alone, changed, Loops finds the old
+    /// contact by the other identifier and writes the new one onto it). An added record has a
+    /// confirmed identity only when its create's answer was lost: the contact it may have made.
+    pub fn rekey(&self, spec: &crate::spec::SyncSpec) -> Option<OldContact> {
+        use crate::spec::IdentifyBy;
+        use crate::value::normalize_email;
+        if !matches!(self.kind, ChangeKind::Changed | ChangeKind::Added) {
+            return None;
+        }
+        let value = |property: &str| {
+            spec.property(property)
+                .and_then(|p| self.values.get(&p.column).cloned().flatten())
+        };
+        let email = value("email")
+            .map(|e| normalize_email(&e))
+            .filter(|e| !e.is_empty());
+        let old_email = self
+            .confirmed_email
+            .as_deref()
+            .map(normalize_email)
+            .filter(|e| !e.is_empty());
+        let email_moved = old_email.is_some() && email.is_some() && old_email != email;
+        match spec.identify_by {
+            IdentifyBy::Email => email_moved.then(|| OldContact {
+                email: self.confirmed_email.clone(),
+                user_id: None,
+            }),
+            IdentifyBy::UserId => {
+                let user_id = value("userId")
+                    .map(|u| u.trim().to_owned())
+                    .filter(|u| !u.is_empty());
+                let old_user_id = self.confirmed_user_id.clone().filter(|u| !u.is_empty());
+                let user_id_moved =
+                    old_user_id.is_some() && user_id.is_some() && old_user_id != user_id;
+                (user_id_moved && (email_moved || old_email.is_none()) && email.is_some()).then(
+                    || OldContact {
+                        email: self.confirmed_email.clone(),
+                        user_id: old_user_id,
+                    },
+                )
+            }
+        }
+    }
 }
 
 /// What the loader is asked to do in Loops.
@@ -126,14 +278,18 @@ pub enum Action {
         email: Option<String>,
         user_id: Option<String>,
     },
-    /// A record identified by email whose email changed: Loops knows it as another contact.
-    /// `write` (an upsert or an event) creates the contact of the new email; under mirror
-    /// `remove_old` deletes or unsubscribes the old one, under upsert the old one stays.
+    /// A record whose write no longer finds its old contact ([`RowChange::rekey`]): `write`
+    /// (an upsert or an event) makes the new contact; under mirror `remove_old` deletes or
+    /// unsubscribes the old one (by `old_user_id` when there is one, else by `old_email`), under
+    /// upsert the old one stays.
     Rekey {
         write: Box<Action>,
         old_email: String,
         #[serde(default)]
         remove_old: Option<crate::spec::OnRemove>,
+        /// Identified by userId: the old userId, by which the old contact is removed.
+        #[serde(default)]
+        old_user_id: Option<String>,
     },
 }
 
@@ -182,6 +338,18 @@ pub struct Operation {
     /// The state's random id (from the run request): scopes the loader's ledger.
     #[serde(default)]
     pub installation: String,
+    /// Under mirror: contacts a version whose answer was lost may have left in Loops
+    /// ([`RowChange::possibly_left`]), deleted or unsubscribed after the action, each by its one
+    /// identifier (a 404 is done).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub also_remove: Option<AlsoRemove>,
+}
+
+/// Contacts to take out of Loops after an operation's action (see [`Operation::also_remove`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AlsoRemove {
+    pub mode: crate::spec::OnRemove,
+    pub contacts: Vec<OldContact>,
 }
 
 /// Where a request to Loops went, as run reports count it.
@@ -565,6 +733,7 @@ mod tests {
             generation: 0,
             keep_old_contact: false,
             resubscribe: false,
+            possibly_applied: Vec::new(),
         }
     }
 
@@ -605,6 +774,7 @@ mod tests {
                 event_properties: Map::new(),
             },
             installation: "inst".into(),
+            also_remove: None,
         };
         let o = Outcome::for_operation(&op, OutcomeStatus::Confirmed);
         let by_hand = {
@@ -662,6 +832,7 @@ mod tests {
                 mailing_lists: [("news".to_owned(), true)].into(),
             },
             installation: "i".into(),
+            also_remove: None,
         };
         let bytes = encode(&op);
         // Named: the field names are in the bytes.

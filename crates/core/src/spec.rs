@@ -208,11 +208,13 @@ impl SyncSpec {
     }
 
     /// A seed for the warehouse's hash of a model row's text (see the warehouse's
-    /// `diff_changes`): a digest of the whole sync as configured, so that a row noted unchanged
-    /// under one mapping is read again under any other (its fingerprint may differ).
+    /// `diff_changes`): a digest of the whole sync as configured and of loopsync's version, so
+    /// that a row noted unchanged under one mapping — or by another version, which may render
+    /// or fingerprint a row otherwise — is read again under any other (its fingerprint may
+    /// differ). An upgrade costs one full read of the model.
     pub fn shape_seed(&self) -> i64 {
         let shape = serde_json::to_string(self).expect("a sync spec serializes");
-        keys::seed(&shape)
+        keys::seed(&format!("{} {shape}", env!("CARGO_PKG_VERSION")))
     }
 
     /// An event sync (`behavior = "append"`).
@@ -342,6 +344,22 @@ pub(crate) mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.map(str::to_owned)))
             .collect()
+    }
+
+    /// The hashed diff's seed names loopsync's version: rows noted unchanged by another
+    /// version are read again (it may render or fingerprint them otherwise).
+    #[test]
+    fn the_shape_seed_names_the_version() {
+        let spec = users_spec();
+        let shape = serde_json::to_string(&spec).unwrap();
+        assert_ne!(spec.shape_seed(), keys::seed(&shape));
+        assert_eq!(
+            spec.shape_seed(),
+            keys::seed(&format!("{} {shape}", env!("CARGO_PKG_VERSION")))
+        );
+        let mut other = users_spec();
+        other.primary_key = "user_id".into();
+        assert_ne!(spec.shape_seed(), other.shape_seed());
     }
 
     #[test]

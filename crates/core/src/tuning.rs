@@ -48,10 +48,15 @@ pub const HEARTBEAT: Duration = Duration::from_secs(5);
 /// messages nak'd: well below the 10 s in which a signal stops any command (PRODUCT.md).
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
+/// On shutdown of a pipeline whose bus is in memory, how long its checkpointer may still take
+/// the outcomes its loaders published while they wound down (else lost with the process: the
+/// records would be sent again, and past Loops' 24 hours of keys their events fire again).
+pub const CHECKPOINTER_DRAIN: Duration = Duration::from_millis(1500);
+
 /// How long a command may wind down after the first signal before it is abandoned: its
-/// workers' [`SHUTDOWN_GRACE`], then closing its runs as `interrupted` ([`CLOSE_DEADLINE`]),
-/// within the 10 s PRODUCT.md allows.
-pub const COMMAND_GRACE: Duration = Duration::from_secs(5);
+/// workers' [`SHUTDOWN_GRACE`], its checkpointer's [`CHECKPOINTER_DRAIN`], then closing its
+/// runs as `interrupted` ([`CLOSE_DEADLINE`]), within the 10 s PRODUCT.md allows.
+pub const COMMAND_GRACE: Duration = Duration::from_secs(7);
 
 /// The deadline of the write that closes a stopped command's runs as `interrupted`: short, as
 /// the lease closes them later if the warehouse does not answer.
@@ -84,3 +89,8 @@ pub const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 /// Waiting that out would stall every loader of the team for the skew (an hour, for a host an
 /// hour ahead); believing it up to a second costs at most a second when clocks differ that much.
 pub const CLOCK_SKEW_ALLOWED: Duration = Duration::from_secs(1);
+
+/// How long a run request, change or operation waits in its work queue before NATS drops it (a
+/// week: a backlog older than that is stale — the next run extracts what was not confirmed).
+/// Outcomes have no age limit: a confirmation must reach the state.
+pub const WORK_QUEUE_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);

@@ -3,6 +3,7 @@
 //! stop, and a join set that drains).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use loopsync_bus::worker;
 use loopsync_bus::{BusError, Connected, Coordination, Messaging, RateBudget};
@@ -10,6 +11,7 @@ use loopsync_checkpointer::Checkpointer;
 use loopsync_config::Config;
 use loopsync_core::spec::SyncSpec;
 use loopsync_core::stage::Stage;
+use loopsync_core::tuning::CHECKPOINTER_DRAIN;
 use loopsync_extractor::ExtractorStage;
 use loopsync_loader::LoaderStage;
 use loopsync_loops_client::{ClientConfig, LoopsClient};
@@ -36,6 +38,11 @@ pub struct Pipeline {
     pub budget: RateBudget,
     shutdown: CancellationToken,
     tasks: JoinSet<Result<(), BusError>>,
+    /// The checkpointer stops last, once the stages before it have (see [`Pipeline::stop`]).
+    checkpointer_shutdown: CancellationToken,
+    checkpointer: JoinSet<Result<(), BusError>>,
+    /// The bus lives in this process's memory (no `[nats]`).
+    in_memory: bool,
 }
 
 impl Pipeline {
@@ -61,12 +68,15 @@ impl Pipeline {
         );
         Ok(Pipeline {
             budget,
+            in_memory: config.nats.is_none(),
             config,
             bus,
             coordination,
             warehouse,
             shutdown: shutdown.child_token(),
             tasks,
+            checkpointer_shutdown: CancellationToken::new(),
+            checkpointer: JoinSet::new(),
         })
     }
 
@@ -111,7 +121,8 @@ impl Pipeline {
             Stage::Checkpointer => {
                 let handler = Arc::new(Checkpointer::new(self.warehouse.clone()));
                 let options = settings::checkpointer_options();
-                self.tasks
+                let stop = self.checkpointer_shutdown.clone();
+                self.checkpointer
                     .spawn(worker::run_batched(bus, stage, handler, options, stop));
             }
         }
@@ -141,18 +152,47 @@ impl Pipeline {
                 }
                 Err(EngineError::WorkerStopped)
             }
+            Some(result) = self.checkpointer.join_next() => {
+                result.map_err(EngineError::WorkerPanicked)??;
+                if self.shutdown.is_cancelled() {
+                    // Stopped by the signal (the pipeline observes it too).
+                    return Ok(());
+                }
+                Err(EngineError::WorkerStopped)
+            }
         }
     }
 
-    /// Stops every worker and waits for in-flight messages to be settled.
+    /// Stops every worker and waits for in-flight messages to be settled: the stages first,
+    /// then the checkpointer, which on a bus in memory first takes the outcomes the loaders
+    /// published while they wound down (for at most [`CHECKPOINTER_DRAIN`]).
     pub async fn stop(mut self) {
         self.shutdown.cancel();
-        while let Some(result) = self.tasks.join_next().await {
-            match result {
-                Ok(Err(error)) => tracing::warn!(%error, "worker ended with an error"),
-                Err(error) => tracing::warn!(%error, "worker panicked"),
-                Ok(Ok(())) => {}
+        joined(&mut self.tasks).await;
+        if self.in_memory && !self.checkpointer.is_empty() {
+            let until = tokio::time::Instant::now() + CHECKPOINTER_DRAIN;
+            while tokio::time::Instant::now() < until
+                && self
+                    .bus
+                    .unsettled(Stage::Checkpointer)
+                    .await
+                    .is_ok_and(|n| n > 0)
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
+        }
+        self.checkpointer_shutdown.cancel();
+        joined(&mut self.checkpointer).await;
+    }
+}
+
+/// Waits for every worker of `tasks` to end, saying how one ended badly.
+async fn joined(tasks: &mut JoinSet<Result<(), BusError>>) {
+    while let Some(result) = tasks.join_next().await {
+        match result {
+            Ok(Err(error)) => tracing::warn!(%error, "worker ended with an error"),
+            Err(error) => tracing::warn!(%error, "worker panicked"),
+            Ok(Ok(())) => {}
         }
     }
 }

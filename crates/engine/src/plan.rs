@@ -248,6 +248,7 @@ pub(crate) mod tests {
             generation: 0,
             keep_old_contact: false,
             resubscribe: false,
+            possibly_applied: Vec::new(),
         };
         serde_json::to_value(transform(spec, &change).unwrap().action).unwrap()
     }

@@ -15,6 +15,17 @@ pub fn next_run(spec: &SyncSpec) -> String {
             spec.name
         );
     }
+    if spec.trigger_workflows {
+        return format!(
+            "Warning: sync {name} triggers workflows, so the next run sends every row of the \
+             model as a \"{created}\" event: every workflow it starts runs again for every \
+             contact (Loops refuses only the events whose keys it took in the last 24 hours). \
+             To take the contacts Loops holds as they are, with no event, run loopsync adopt \
+             --sync {name} after the reset.",
+            name = spec.name,
+            created = spec.event_on_create,
+        );
+    }
     "The next run sends every row of the model to the Loops the config points at.".to_owned()
 }
 
@@ -49,6 +60,12 @@ mod tests {
     fn a_reset_says_what_the_next_run_sends() {
         let mut spec = crate::testing::spec();
         assert!(next_run(&spec).contains("every row"));
+        spec.trigger_workflows = true;
+        let said = next_run(&spec);
+        assert!(
+            said.starts_with("Warning") && said.contains("\"c\" event"),
+            "a reset of a workflow sync warns: {said}"
+        );
         spec.behavior = loopsync_core::spec::Behavior::Append;
         let said = next_run(&spec);
         assert!(

@@ -233,7 +233,7 @@ pub async fn wait_for_run_observed(
     let mut last_heartbeat: Option<Instant> = None;
     let mut last_line = start;
     let mut last_change = start;
-    let mut seen: Option<(RunStatus, i64)> = None;
+    let mut seen: Option<(RunStatus, i64, Option<String>)> = None;
     let mut last: Option<RunSummary> = None;
     // Since when the warehouse fails, and how.
     let mut failing: Option<(std::time::SystemTime, String)> = None;
@@ -271,7 +271,9 @@ pub async fn wait_for_run_observed(
                         return Ok(run);
                     }
                     observe(&run);
-                    let now = (run.status, run.records);
+                    // Progress: a new phase, a new outcome, or an extractor's sign of life (a
+                    // slow diff returns no row for long).
+                    let now = (run.status, run.records, run.extract_alive_at.clone());
                     if seen.as_ref() != Some(&now) {
                         seen = Some(now);
                         last_change = Instant::now();

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use loopsync_bus::worker::{BatchOptions, WorkerOptions};
+use loopsync_bus::worker::{Backoff, BatchOptions, WorkerOptions};
 use loopsync_bus::{BusSettings, JetStreamOptions, LocalLimits};
 use loopsync_config::Config;
 use loopsync_core::stage::Stage;
@@ -39,6 +39,10 @@ pub fn worker_options(config: &Config, stage: Stage) -> WorkerOptions {
         concurrency,
         max_attempts,
         progress_every: progress_every(config),
+        backoff: Backoff {
+            base: Duration::from_millis(config.loops.retry_backoff_ms),
+            ..Backoff::default()
+        },
         ..WorkerOptions::default()
     }
 }

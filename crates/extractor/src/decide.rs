@@ -36,9 +36,7 @@ pub enum Decision {
     AlreadySent { key: String, fingerprint: String },
 }
 
-/// The fingerprint of the removal of a contact whose create's answer was lost (nothing was
-/// confirmed for it): not a fingerprint of values (those are 40 hex digits).
-pub const POSSIBLY_CREATED: &str = "possibly-created";
+pub use loopsync_core::envelope::POSSIBLY_CREATED;
 
 /// What a run, `plan` and `runs` say of a row whose event was sent before and changed since.
 pub const ALREADY_SENT: &str = "ignored: already sent";
@@ -66,6 +64,11 @@ fn decide_row(spec: &SyncSpec, run_id: i64, row: &DiffRow, rows_with_key: usize)
         generation: row.generation,
         keep_old_contact: false,
         resubscribe: row.resubscribe,
+        possibly_applied: if row.unsure {
+            row.possibly_applied.clone()
+        } else {
+            Vec::new()
+        },
     };
     if spec.is_append() {
         return decide_event(spec, row, rows_with_key, change);

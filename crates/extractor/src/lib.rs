@@ -17,7 +17,9 @@ use futures::StreamExt;
 use loopsync_bus::worker::{DeliveryInfo, Fate, Handler};
 use loopsync_bus::{BusError, Messaging, publish};
 use loopsync_core::codec::{self, DecodeError};
-use loopsync_core::envelope::{ChangeKind, Outcome, OutcomeStatus, RowChange, RunRequest};
+use loopsync_core::envelope::{
+    ChangeKind, OldContact, Outcome, OutcomeStatus, RowChange, RunRequest,
+};
 use loopsync_core::spec::{Behavior, IdentifyBy, OnRemove, SyncSpec};
 use loopsync_core::value::{is_valid_email, normalize_email};
 use loopsync_core::{Classified, ErrorClass};
@@ -39,6 +41,10 @@ pub enum ExtractError {
     Warehouse(#[from] WarehouseError),
     #[error(transparent)]
     Bus(#[from] BusError),
+    /// The run was closed while it was extracted (given up by the stall timeout, interrupted):
+    /// the extraction stops, publishing nothing more for it.
+    #[error("run {0} is no longer extracting: it was closed meanwhile")]
+    Closed(i64),
 }
 
 impl Classified for ExtractError {
@@ -47,6 +53,7 @@ impl Classified for ExtractError {
             ExtractError::Decode(e) => e.class(),
             ExtractError::Warehouse(e) => e.class(),
             ExtractError::Bus(e) => e.class(),
+            ExtractError::Closed(_) => ErrorClass::Permanent,
         }
     }
 }
@@ -87,6 +94,9 @@ impl ExtractorStage {
         request: &RunRequest,
     ) -> Result<ExtractCounts, ExtractError> {
         let started = std::time::Instant::now();
+        // A sign of life while the diff runs, however long before its first row: the waiting
+        // `run` counts it as progress (its stall timeout is for runs that stopped, not slow ones).
+        let _alive = Alive::start(self.warehouse.clone(), request.run_id);
         let window = Window::read(&*self.warehouse, spec, !request.only_keys.is_empty()).await?;
         // A replay reads its keys in full; a run may have the unchanged rows left out.
         let mut rows = if request.only_keys.is_empty() {
@@ -164,35 +174,50 @@ impl ExtractorStage {
         // this run), besides the records this run writes them to.
         let identities: Vec<String> = held
             .iter()
-            .filter_map(|c| removed_identity(run.spec, c))
+            .flat_map(|c| {
+                removed_identity(run.spec, c)
+                    .into_iter()
+                    .chain(left_identities(run.spec, c))
+            })
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
             .collect();
         let owners = self.warehouse.owners(&run.spec.name, &identities).await?;
         let mut removals = Vec::new();
         for mut change in held {
-            let identity = removed_identity(run.spec, &change);
-            let claimed = identity.as_ref().is_some_and(|id| {
+            let claimed_by_another = |id: &String| {
                 run.written_emails.contains(&run.email_hash(id))
                     || owners.iter().any(|(key, email, user_id)| {
                         *key != change.key
                             && (email.as_deref().map(normalize_email).as_ref() == Some(id)
                                 || user_id.as_ref() == Some(id))
                     })
-            });
+            };
+            let identity = removed_identity(run.spec, &change);
+            let claimed = identity.as_ref().is_some_and(claimed_by_another);
+            // A contact a lost version may have left, which another record has now, stays.
+            let spec = run.spec;
+            let kept: Vec<OldContact> = change
+                .possibly_applied
+                .iter()
+                .filter(|c| identity_of(spec, c).is_some_and(|id| !claimed_by_another(&id)))
+                .cloned()
+                .collect();
+            change.possibly_applied = kept;
             match change.kind {
                 ChangeKind::Removed if claimed => {
                     // The contact now belongs to the record that claims its email or userId:
-                    // the record leaves the sync, and its contact stays.
-                    let operation = match run.spec.on_remove {
-                        OnRemove::Delete => "delete",
-                        OnRemove::Unsubscribe => "unsubscribe",
-                    };
+                    // the record leaves the sync, and its contact stays (not unsubscribed: a
+                    // row that returns re-subscribes nothing).
                     run.invalid.push(
-                        Outcome::for_change(&change, OutcomeStatus::Confirmed, operation)
-                            .with_reason(
-                                "not removed from Loops: another record now has its email or userId",
-                            ),
+                        Outcome::for_change(
+                            &change,
+                            OutcomeStatus::Confirmed,
+                            loopsync_warehouse::RELEASE,
+                        )
+                        .with_reason(
+                            "not removed from Loops: another record now has its email or userId",
+                        ),
                     );
                 }
                 ChangeKind::Removed => removals.push(change),
@@ -284,6 +309,10 @@ impl ExtractorStage {
     /// any outcome for it can arrive.
     async fn flush(&self, run: &mut RunState<'_>) -> Result<(), ExtractError> {
         if !run.changes.is_empty() {
+            // A run closed meanwhile gets no more changes.
+            if !self.warehouse.extracting(run.run_id).await? {
+                return Err(ExtractError::Closed(run.run_id));
+            }
             let emitted: Vec<Emitted> = run.changes.iter().map(|c| emitted(run.spec, c)).collect();
             self.warehouse
                 .mark_emitted_as(&run.spec.name, run.run_id, &emitted)
@@ -308,6 +337,31 @@ impl ExtractorStage {
             run.unchanged.clear();
         }
         Ok(())
+    }
+}
+
+/// The extractor's sign of life for its run, every [`loopsync_warehouse::HEARTBEAT`] while it
+/// lives (see [`Warehouse::extracting`]); ends when dropped.
+struct Alive(tokio::task::JoinHandle<()>);
+
+impl Alive {
+    fn start(warehouse: Arc<dyn Warehouse>, run_id: i64) -> Alive {
+        Alive(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(loopsync_warehouse::HEARTBEAT);
+            loop {
+                tick.tick().await;
+                // A failed note is only a missed sign of life; the extraction says what fails.
+                if let Ok(false) = warehouse.extracting(run_id).await {
+                    return;
+                }
+            }
+        }))
+    }
+}
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -421,44 +475,29 @@ impl RunState<'_> {
     }
 
     /// Notes the email (or, identified by userId, the userId) the change writes; says whether
-    /// to hold the change back.
+    /// to hold the change back: a removal, or a re-key that would remove an old contact
+    /// (`RowChange::rekey`), under mirror.
     fn hold(&mut self, change: &RowChange) -> bool {
-        if change.kind == ChangeKind::Removed {
-            return self.spec.behavior == Behavior::Mirror;
-        }
-        if self.spec.identify_by != IdentifyBy::Email {
-            if self.spec.behavior == Behavior::Mirror
-                && let Some(user_id) = self
-                    .spec
-                    .property("userId")
-                    .and_then(|p| change.values.get(&p.column).cloned().flatten())
-                    .map(|u| u.trim().to_owned())
-                    .filter(|u| !u.is_empty())
-            {
-                self.written_emails.insert(self.email_hash(&user_id));
-            }
+        if self.spec.behavior != Behavior::Mirror {
             return false;
         }
-        let email = self
-            .spec
-            .property("email")
-            .and_then(|p| change.values.get(&p.column).cloned().flatten())
-            .map(|e| normalize_email(&e))
-            .filter(|e| !e.is_empty());
-        let rekey = self.spec.behavior == Behavior::Mirror
-            && matches!(change.kind, ChangeKind::Changed | ChangeKind::Added)
-            && change
-                .confirmed_email
-                .as_deref()
-                .map(normalize_email)
-                .is_some_and(|old| Some(&old) != email.as_ref());
-        // Only a held change ever asks, and only mirror holds changes.
-        if let Some(email) = email
-            && self.spec.behavior == Behavior::Mirror
-        {
-            self.written_emails.insert(self.email_hash(&email));
+        if change.kind == ChangeKind::Removed {
+            return true;
         }
-        rekey
+        let value = |property: &str| {
+            self.spec
+                .property(property)
+                .and_then(|p| change.values.get(&p.column).cloned().flatten())
+        };
+        // Only a held change ever asks, and only mirror holds changes.
+        let written = match self.spec.identify_by {
+            IdentifyBy::Email => value("email").map(|e| normalize_email(&e)),
+            IdentifyBy::UserId => value("userId").map(|u| u.trim().to_owned()),
+        };
+        if let Some(id) = written.filter(|id| !id.is_empty()) {
+            self.written_emails.insert(self.email_hash(&id));
+        }
+        change.rekey(self.spec).is_some() || !change.possibly_left(self.spec).is_empty()
     }
 }
 
@@ -484,6 +523,16 @@ fn emitted(spec: &SyncSpec, change: &RowChange) -> Emitted {
                 .filter(|u| !u.is_empty()),
         ),
     };
+    // What may be in Loops once this version is published: what was before it, unconfirmed,
+    // and what it writes (or removes).
+    let mut possibly_applied = change.possibly_applied.clone();
+    let this = OldContact {
+        email: email.clone(),
+        user_id: user_id.clone(),
+    };
+    if (this.email.is_some() || this.user_id.is_some()) && !possibly_applied.contains(&this) {
+        possibly_applied.push(this);
+    }
     Emitted {
         key: change.key.clone(),
         fingerprint: change.fingerprint.clone(),
@@ -492,16 +541,40 @@ fn emitted(spec: &SyncSpec, change: &RowChange) -> Emitted {
         unsubscribes: change.kind == ChangeKind::Removed
             && spec.behavior == Behavior::Mirror
             && spec.on_remove == OnRemove::Unsubscribe,
+        possibly_applied,
     }
 }
 
+/// The identity that finds a contact a version whose answer was lost may have left: its userId,
+/// identified by userId, else its email.
+fn identity_of(spec: &SyncSpec, contact: &OldContact) -> Option<String> {
+    match spec.identify_by {
+        IdentifyBy::Email => contact.email.as_deref().map(normalize_email),
+        IdentifyBy::UserId => contact.user_id.clone(),
+    }
+    .filter(|i| !i.is_empty())
+}
+
+/// The identities of the contacts a held change would take out of Loops besides its own old
+/// one ([`RowChange::possibly_left`]).
+fn left_identities(spec: &SyncSpec, change: &RowChange) -> Vec<String> {
+    change
+        .possibly_left(spec)
+        .iter()
+        .filter_map(|c| identity_of(spec, c))
+        .collect()
+}
+
 /// The identity of the contact a held change would take out of Loops: the one a removal
-/// finds it by (the userId, identified by userId; else the email), or a re-key's old email.
+/// finds it by (the userId, identified by userId; else the email), or a re-key's old one.
 fn removed_identity(spec: &SyncSpec, change: &RowChange) -> Option<String> {
     let email = change.confirmed_email.as_deref().map(normalize_email);
     match (change.kind, spec.identify_by) {
         (ChangeKind::Removed, IdentifyBy::UserId) => change.confirmed_user_id.clone().or(email),
-        _ => email,
+        (ChangeKind::Removed, IdentifyBy::Email) => email,
+        _ => change
+            .rekey(spec)
+            .and_then(|old| old.user_id.or(old.email.as_deref().map(normalize_email))),
     }
     .filter(|i| !i.is_empty())
 }
@@ -534,6 +607,10 @@ impl Handler for ExtractorStage {
                 self.warehouse
                     .finish_extract(request.run_id, &counts)
                     .await?;
+                Ok(())
+            }
+            Err(ExtractError::Closed(run_id)) => {
+                tracing::warn!(run_id, "the run was closed while it was extracted: stopped");
                 Ok(())
             }
             Err(error) if error.class() == ErrorClass::Permanent => {
@@ -623,6 +700,7 @@ mod held_tests {
             generation: 0,
             keep_old_contact: false,
             resubscribe: false,
+            possibly_applied: Vec::new(),
         }
     }
 

@@ -27,7 +27,7 @@ use loopsync_bus::worker::{DeliveryInfo, Fate, Handler};
 use loopsync_bus::{BusError, Coordination, Messaging, RateBudget, publish};
 use loopsync_core::codec::{self, DecodeError};
 use loopsync_core::envelope::{
-    Action, Operation, Outcome, OutcomeStatus, RequestCounts, RequestKind,
+    Action, Operation, Outcome, OutcomeStatus, POSSIBLY_CREATED, RequestCounts, RequestKind,
 };
 use loopsync_core::spec::OnRemove;
 use loopsync_core::{Classified, ErrorClass, keys};
@@ -74,7 +74,7 @@ impl LoadError {
 /// How long a loader may hold a record's claim ([`loopsync_core::tuning::CLAIM`]). A request
 /// starts only while the claim still covers its whole timeout ([`LoadError::ClaimTooShort`]), so
 /// no request of a claim can end after it; a claim whose request timed out (it may still be in
-/// flight) is kept one more timeout, so another version cannot land before it.
+/// flight) is kept, so another version waits it out and cannot land before it.
 pub use loopsync_core::tuning::CLAIM;
 
 /// Per record: the last version Loops confirmed, and the version being sent now, if any.
@@ -112,7 +112,7 @@ impl Claim {
     }
 }
 
-/// What a claim on the record means for an operation, at `now_ms`.
+/// What a claim on the record means for an operation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClaimVerdict {
     /// Nobody else is sending: claim it.
@@ -120,19 +120,34 @@ pub enum ClaimVerdict {
     /// A newer version is being sent: this one is stale.
     Newer,
     /// An older version is in flight: wait until it lands (or its claim lapses).
-    Older { until_ms: i64 },
+    Older,
 }
 
-/// Compares an operation with the record's claim.
-pub fn claim_verdict(op: &Operation, entry: Option<&LedgerEntry>, now_ms: i64) -> ClaimVerdict {
+/// The removal of one contact, as the sync removes them.
+fn removal(mode: OnRemove, email: Option<String>, user_id: Option<String>) -> Action {
+    match mode {
+        OnRemove::Delete => Action::Delete { email, user_id },
+        OnRemove::Unsubscribe => Action::Unsubscribe { email, user_id },
+    }
+}
+
+/// Compares an operation with the record's claim, which this loader has seen unchanged (the
+/// same ledger revision) for `watched`. A claim lasts at most [`CLAIM`] from its write, and
+/// whether it lapsed is judged by the reader's own clock alone: the writer's `until_ms` is in
+/// the writer's clock, and a reader whose clock is ahead would see every claim as lapsed (and
+/// send an older version over a newer one). The price: a claim left by a loader that died is
+/// waited out for a whole [`CLAIM`] from when it is first seen.
+pub fn claim_verdict(
+    op: &Operation,
+    entry: Option<&LedgerEntry>,
+    watched: Duration,
+) -> ClaimVerdict {
     match entry.and_then(|e| e.claim.as_ref()) {
-        Some(c) if c.until_ms > now_ms && !c.is_of(op) => {
+        Some(c) if watched < CLAIM && !c.is_of(op) => {
             if c.run_id > op.run_id {
                 ClaimVerdict::Newer
             } else {
-                ClaimVerdict::Older {
-                    until_ms: c.until_ms,
-                }
+                ClaimVerdict::Older
             }
         }
         _ => ClaimVerdict::Free,
@@ -224,37 +239,104 @@ impl LoaderStage {
         attempt: &mut AttemptRequests,
         claim_ends: tokio::time::Instant,
     ) -> Result<Option<String>, LoadError> {
-        match &op.action {
+        let contact_id = match &op.action {
             Action::Rekey {
                 write,
                 old_email,
                 remove_old,
+                old_user_id,
             } => {
                 let contact_id = self
                     .send_one(write, &op.idempotency_key, attempt, claim_ends)
                     .await?;
                 if let Some(mode) = remove_old {
-                    let old = Some(old_email.clone());
-                    let removal = match mode {
-                        OnRemove::Delete => Action::Delete {
-                            email: old,
-                            user_id: None,
-                        },
-                        OnRemove::Unsubscribe => Action::Unsubscribe {
-                            email: old,
-                            user_id: None,
-                        },
+                    // One identifier: the old userId finds the old contact when there is one.
+                    let (email, user_id) = match old_user_id {
+                        Some(u) => (None, Some(u.clone())),
+                        None => (Some(old_email.clone()), None),
                     };
-                    self.send_one(&removal, &op.idempotency_key, attempt, claim_ends)
+                    self.send_one(
+                        &removal(*mode, email, user_id),
+                        &op.idempotency_key,
+                        attempt,
+                        claim_ends,
+                    )
+                    .await?;
+                }
+                contact_id
+            }
+            // The removal of a contact a lost create may never have made: unsubscribing it
+            // must not make it (nor fail on a userId Loops does not know).
+            Action::Unsubscribe { email, user_id } if op.fingerprint == POSSIBLY_CREATED => {
+                if self
+                    .exists(email.as_ref(), user_id.as_ref(), attempt, claim_ends)
+                    .await?
+                {
+                    self.send_one(&op.action, &op.idempotency_key, attempt, claim_ends)
                         .await?;
                 }
-                Ok(contact_id)
+                None
             }
             action => {
                 self.send_one(action, &op.idempotency_key, attempt, claim_ends)
-                    .await
+                    .await?
             }
+        };
+        self.remove_also(op, attempt, claim_ends).await?;
+        Ok(contact_id)
+    }
+
+    /// Whether Loops has the contact of one identifier (the userId when there is one): one read,
+    /// counted among the writes.
+    async fn exists(
+        &self,
+        email: Option<&String>,
+        user_id: Option<&String>,
+        attempt: &mut AttemptRequests,
+        claim_ends: tokio::time::Instant,
+    ) -> Result<bool, LoadError> {
+        let identity = match (user_id, email) {
+            (Some(u), _) => ContactIdentity::UserId(u.clone()),
+            (None, Some(e)) => ContactIdentity::Email(e.clone()),
+            (None, None) => return Ok(false),
+        };
+        self.ready_within(claim_ends).await?;
+        let found = self.client.find_contact(&identity).await;
+        attempt.note(RequestKind::Write, &found);
+        Ok(found?.is_some())
+    }
+
+    /// Takes out of Loops, after the operation's action, the contacts a version whose answer
+    /// was lost may have left ([`Operation::also_remove`]), each by its one identifier: deleted
+    /// (a 404 is done), or unsubscribed once read — a contact that was never made is not made
+    /// by unsubscribing it. (The read counts among the writes.)
+    async fn remove_also(
+        &self,
+        op: &Operation,
+        attempt: &mut AttemptRequests,
+        claim_ends: tokio::time::Instant,
+    ) -> Result<(), LoadError> {
+        let Some(also) = &op.also_remove else {
+            return Ok(());
+        };
+        for contact in &also.contacts {
+            if also.mode == OnRemove::Unsubscribe
+                && !self
+                    .exists(
+                        contact.email.as_ref(),
+                        contact.user_id.as_ref(),
+                        attempt,
+                        claim_ends,
+                    )
+                    .await?
+            {
+                continue;
+            }
+            let removal = removal(also.mode, contact.email.clone(), contact.user_id.clone());
+            self.send_one(&removal, &op.idempotency_key, attempt, claim_ends)
+                .await?;
         }
+        Ok(())
     }
 
     /// One request for one action.
@@ -306,6 +388,12 @@ impl LoaderStage {
                 attempt.note(RequestKind::Event, &result);
                 match result {
                     Ok(()) => Ok(None),
+                    // An event sync's event was taken before, with the contact values it
+                    // carried then: writing them again could put an older event's values over
+                    // a newer one's (each event is a record of its own, sent in no order).
+                    Err(LoopsError::Conflict { .. }) if keys::is_event_key(idempotency_key) => {
+                        Ok(None)
+                    }
                     // Our key was used before: the event of this change was taken (an earlier
                     // attempt's answer was lost — or, where Loops consumes keys of failed
                     // requests, an attempt that applied nothing). Either way the 409 applied
@@ -374,8 +462,18 @@ impl LoaderStage {
         attempt: &mut AttemptRequests,
     ) -> Result<Outcome, LoadError> {
         let key = keys::ledger_key(&op.installation, &op.sync, &op.key);
+        // The ledger revision in view, and since when (this loader's clock): how long a claim
+        // has been seen unchanged.
+        let mut in_view: Option<(Option<u64>, tokio::time::Instant)> = None;
         loop {
             let (entry, revision) = self.ledger(&key).await?;
+            let watched = match in_view {
+                Some((seen, since)) if seen == revision => since.elapsed(),
+                _ => {
+                    in_view = Some((revision, tokio::time::Instant::now()));
+                    Duration::ZERO
+                }
+            };
             match verdict(op, entry.as_ref()) {
                 LedgerVerdict::Stale => return Ok(self.skipped(op, "confirmed")),
                 LedgerVerdict::AlreadyConfirmed(contact_id) => {
@@ -383,16 +481,15 @@ impl LoaderStage {
                 }
                 LedgerVerdict::Send => {}
             }
-            let now = now_ms();
-            match claim_verdict(op, entry.as_ref(), now) {
+            match claim_verdict(op, entry.as_ref(), watched) {
                 ClaimVerdict::Newer => return Ok(self.skipped(op, "being sent")),
-                ClaimVerdict::Older { until_ms } => {
-                    let wait = (until_ms - now).clamp(1, 200) as u64;
-                    tokio::time::sleep(Duration::from_millis(wait)).await;
+                ClaimVerdict::Older => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
                     continue;
                 }
                 ClaimVerdict::Free => {}
             }
+            let now = now_ms();
             let mut claimed = entry.unwrap_or_default();
             claimed.claim = Some(Claim {
                 run_id: op.run_id,
@@ -411,25 +508,20 @@ impl LoaderStage {
                 Ok(contact_id) => contact_id,
                 Err(error) => {
                     // Let the retry, or another version, go at once — unless the request may
-                    // still land: then another version waits one more timeout, so that it
-                    // cannot land before this one.
-                    claimed.claim = if error.may_land_late() {
-                        let until = now_ms() + self.client.timeout().as_millis() as i64;
-                        claimed.claim.take().map(|c| Claim {
-                            until_ms: until,
-                            ..c
-                        })
-                    } else {
-                        None
-                    };
-                    let _ = self
-                        .ledger
-                        .ledger_swap(
-                            &key,
-                            Bytes::from(codec::encode(&claimed)),
-                            Some(claim_revision),
-                        )
-                        .await;
+                    // still land: then the claim stays as it is, and another version waits it
+                    // out (a whole claim from when it first sees it, see `claim_verdict`), so
+                    // that it cannot land before this one.
+                    if !error.may_land_late() {
+                        claimed.claim = None;
+                        let _ = self
+                            .ledger
+                            .ledger_swap(
+                                &key,
+                                Bytes::from(codec::encode(&claimed)),
+                                Some(claim_revision),
+                            )
+                            .await;
+                    }
                     return Err(error);
                 }
             };

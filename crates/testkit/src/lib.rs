@@ -885,3 +885,27 @@ fn sqlite_count(path: &std::path::Path, sql: &str) -> i64 {
     db.query_row(&sqlite_names(sql), [], |row| row.get(0))
         .expect("count query on SQLite")
 }
+
+/// Sends SIGTERM to the process `child` (a run that waits, a worker): what systemd, Kubernetes
+/// or a terminal's Ctrl-C send. Fails the test if the signal cannot be sent.
+pub async fn sigterm(child: &tokio::process::Child) {
+    let pid = child.id().expect("the process's pid").to_string();
+    let sent = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .expect("run kill");
+    assert!(sent.success(), "kill -TERM {pid}");
+}
+
+/// A generated history's seed: `LOOPSYNC_HISTORY_SEED` when set, else a fresh one, printed
+/// either way with the command that replays `test` (a test target of `loopsync-e2e`).
+pub fn history_seed(test: &str) -> u64 {
+    let seed = std::env::var("LOOPSYNC_HISTORY_SEED")
+        .map(|s| s.parse().expect("LOOPSYNC_HISTORY_SEED is a number"))
+        .unwrap_or_else(|_| rand::random::<u32>() as u64);
+    eprintln!(
+        "history seed {seed}: replay with LOOPSYNC_HISTORY_SEED={seed} cargo test -p loopsync-e2e --test {test}"
+    );
+    seed
+}

@@ -13,7 +13,7 @@ use loopsync_bus::worker::{DeliveryInfo, Fate, Handler};
 use loopsync_bus::{BusError, Messaging, publish};
 use loopsync_core::codec::{self, DecodeError};
 use loopsync_core::envelope::{
-    Action, ChangeKind, Operation, Outcome, OutcomeStatus, RowChange, VERSION,
+    Action, AlsoRemove, ChangeKind, Operation, Outcome, OutcomeStatus, RowChange, VERSION,
 };
 use loopsync_core::spec::{AppendSpec, Behavior, EventName, IdentifyBy, OnRemove, SyncSpec};
 use loopsync_core::value::{
@@ -60,8 +60,14 @@ pub fn transform(spec: &SyncSpec, change: &RowChange) -> Result<Operation, Inval
             };
             // The event of a record's creation is one per generation, whatever its values: a
             // create whose answer was lost, sent again with other values, must not fire it twice
-            // (Loops answers 409 and the contact is written without it, see the loader).
-            let creation = kind == ChangeKind::Added && matches!(action, Action::Event { .. });
+            // (Loops answers 409 and the contact is written without it, see the loader) — nor
+            // the re-key of a record whose create's answer was lost and whose email changed.
+            let creation = kind == ChangeKind::Added
+                && match &action {
+                    Action::Event { .. } => true,
+                    Action::Rekey { write, .. } => matches!(**write, Action::Event { .. }),
+                    _ => false,
+                };
             let key = keys::idempotency_key(
                 &change.installation,
                 &change.sync,
@@ -73,6 +79,14 @@ pub fn transform(spec: &SyncSpec, change: &RowChange) -> Result<Operation, Inval
             (action, key)
         }
     };
+    // Under mirror, what a version whose answer was lost may have left in Loops goes too.
+    let also_remove = (spec.behavior == Behavior::Mirror)
+        .then(|| change.possibly_left(spec))
+        .filter(|left| !left.is_empty())
+        .map(|contacts| AlsoRemove {
+            mode: spec.on_remove,
+            contacts,
+        });
     Ok(Operation {
         v: VERSION,
         sync: change.sync.clone(),
@@ -83,6 +97,7 @@ pub fn transform(spec: &SyncSpec, change: &RowChange) -> Result<Operation, Inval
         idempotency_key,
         action,
         installation: change.installation.clone(),
+        also_remove,
     })
 }
 
@@ -292,17 +307,13 @@ fn upsert(spec: &SyncSpec, change: &RowChange) -> Result<Action, Invalid> {
         properties,
         mailing_lists,
     );
-    // Identified by email, and the email changed: Loops knows the record as another contact.
-    // (An added record has a confirmed email only when its create's answer was lost: the
-    // contact it may have made is the old one.)
-    if spec.identify_by == IdentifyBy::Email
-        && matches!(change.kind, ChangeKind::Changed | ChangeKind::Added)
-        && let (Some(old), Some(new)) = (&change.confirmed_email, &email)
-        && normalize_email(old) != *new
-    {
+    // The write no longer finds the contact Loops confirmed for the record (the one re-key
+    // rule, `RowChange::rekey`): Loops knows the record as another contact.
+    if let Some(old) = change.rekey(spec) {
         return Ok(Action::Rekey {
             write: Box::new(write),
-            old_email: old.clone(),
+            old_email: old.email.unwrap_or_default(),
+            old_user_id: old.user_id,
             remove_old: (spec.behavior == Behavior::Mirror && !change.keep_old_contact)
                 .then_some(spec.on_remove),
         });

@@ -66,6 +66,7 @@ fn change(kind: ChangeKind, pairs: &[(&str, Option<&str>)]) -> RowChange {
         generation: 0,
         keep_old_contact: false,
         resubscribe: false,
+        possibly_applied: Vec::new(),
     }
 }
 
@@ -333,11 +334,13 @@ fn an_email_change_under_email_identity_is_a_rekey() {
         write,
         old_email,
         remove_old,
+        old_user_id,
     } = &op.action
     else {
         panic!("{:?}", op.action)
     };
     assert_eq!(old_email, "old@example.com");
+    assert_eq!(*old_user_id, None);
     assert_eq!(*remove_old, None, "upsert leaves the old contact");
     assert!(matches!(**write, Action::Upsert { .. }));
     assert_eq!(op.action.identity().0, Some("ada@example.com"));
@@ -355,6 +358,44 @@ fn an_email_change_under_email_identity_is_a_rekey() {
     // Identified by userId, an email change is a plain update.
     s.identify_by = IdentifyBy::UserId;
     moved.confirmed_email = Some("old@example.com".into());
+    assert!(matches!(
+        transform(&s, &moved).unwrap().action,
+        Action::Upsert { .. }
+    ));
+}
+
+/// Identified by userId, a record whose userId and email both changed is a re-key: neither
+/// identifier of the write finds the old contact, so Loops makes a new one and, under mirror,
+/// the old one goes by its old userId. With one identifier unchanged Loops finds the old contact
+/// by it and writes the other onto it: a plain update.
+#[test]
+fn a_user_id_and_email_change_under_user_id_identity_is_a_rekey() {
+    let mut s = spec(IdentifyBy::UserId);
+    s.behavior = Behavior::Mirror;
+    let mut moved = change(ChangeKind::Changed, &full_row());
+    moved.confirmed_email = Some("old@example.com".into());
+    moved.confirmed_user_id = Some("41".into());
+    let Action::Rekey {
+        old_user_id,
+        old_email,
+        remove_old,
+        ..
+    } = transform(&s, &moved).unwrap().action
+    else {
+        panic!("not a re-key")
+    };
+    assert_eq!(old_user_id.as_deref(), Some("41"));
+    assert_eq!(old_email, "old@example.com");
+    assert_eq!(remove_old, Some(OnRemove::Delete));
+    // The email kept: Loops finds the contact by it and takes the new userId.
+    moved.confirmed_email = Some("ADA@example.com".into());
+    assert!(matches!(
+        transform(&s, &moved).unwrap().action,
+        Action::Upsert { .. }
+    ));
+    // The userId kept: found by it.
+    moved.confirmed_email = Some("old@example.com".into());
+    moved.confirmed_user_id = Some("42".into());
     assert!(matches!(
         transform(&s, &moved).unwrap().action,
         Action::Upsert { .. }

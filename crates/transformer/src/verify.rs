@@ -117,6 +117,7 @@ pub fn confirmed(
         generation: 0,
         keep_old_contact: false,
         resubscribe: false,
+        possibly_applied: Vec::new(),
     };
     let op = transform(spec, &change)?;
     Confirmed::from_action(&op.action)

@@ -30,7 +30,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use futures::stream::BoxStream;
 use loopsync_core::destination::Destination;
-use loopsync_core::envelope::{Outcome, OutcomeStatus, RequestCounts, UnknownName};
+use loopsync_core::envelope::{OldContact, Outcome, OutcomeStatus, RequestCounts, UnknownName};
 use loopsync_core::spec::SyncSpec;
 use loopsync_core::value::millis_to_rfc3339;
 use loopsync_core::{Classified, ErrorClass};
@@ -153,6 +153,10 @@ pub struct DiffRow {
     /// version may have created or renamed in Loops.
     pub emitted_email: Option<String>,
     pub emitted_user_id: Option<String>,
+    /// When [`DiffRow::unsure`]: every identity the versions published since Loops' last
+    /// confirmation write (or remove), whose answers may all have been lost — each a contact
+    /// that may be in Loops, which a later version must take out under mirror.
+    pub possibly_applied: Vec<OldContact>,
     /// A 64-bit hash of the model row's text (key and mapped columns, seeded by the sync's
     /// shape, see [`SyncSpec::shape_seed`]), where the warehouse computes one
     /// ([`Warehouse::diff_changes`]): what [`Warehouse::note_unchanged`] keeps.
@@ -188,6 +192,21 @@ pub struct Emitted {
     /// The version unsubscribes the contact (mirror, `on_remove = "unsubscribe"`): from now
     /// on, possibly applied, the row that comes back re-subscribes it ([`DiffRow::resubscribe`]).
     pub unsubscribes: bool,
+    /// Every identity possibly applied once this version is published: those of the versions
+    /// before it still unconfirmed, and its own ([`DiffRow::possibly_applied`]).
+    pub possibly_applied: Vec<OldContact>,
+}
+
+/// [`DiffRow::possibly_applied`] as the state keeps it: a JSON array, `NULL` when empty.
+pub(crate) fn identities_text(identities: &[OldContact]) -> Option<String> {
+    (!identities.is_empty())
+        .then(|| serde_json::to_string(identities).expect("identities serialize"))
+}
+
+/// [`identities_text`] read back (what cannot be read is none).
+pub(crate) fn identities_of(text: Option<String>) -> Vec<OldContact> {
+    text.and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default()
 }
 
 /// A record adopted as confirmed by Loops ([`Warehouse::adopt`]).
@@ -300,6 +319,10 @@ pub struct RunSummary {
     /// Event syncs: model rows whose event was sent before and whose values changed since.
     /// An event is sent once: they are counted here, not sent again.
     pub ignored: i64,
+    /// The extractor's last sign of life: a slow diff is progress (see
+    /// [`StateStore::extracting`]).
+    #[serde(skip)]
+    pub extract_alive_at: Option<String>,
 }
 
 /// A run's requests by where they went.
@@ -529,6 +552,11 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// The process that waits for `run_id` is alive (every [`HEARTBEAT`]).
     async fn heartbeat(&self, run_id: i64) -> Result<(), WarehouseError>;
+
+    /// The extractor of `run_id` is alive (every [`HEARTBEAT`] of a diff, and before each
+    /// batch it publishes); `false`: the run is no longer extracting (closed meanwhile), so the
+    /// extractor stops.
+    async fn extracting(&self, run_id: i64) -> Result<bool, WarehouseError>;
 
     /// The state's random id, made when the tables were: run ids, message ids, ledger entries
     /// and idempotency keys are scoped by it, so a re-created state or another warehouse on the
@@ -935,8 +963,13 @@ pub(crate) fn requests_of(summary: &mut RunSummary, loader: [i64; 6], preflight:
 
 /// Operations that take a record out of Loops (and, once confirmed, out of the state).
 pub(crate) fn is_removal(operation: &str) -> bool {
-    matches!(operation, "delete" | "unsubscribe")
+    matches!(operation, "delete" | "unsubscribe" | RELEASE)
 }
+
+/// The operation of a record that left the model while its contact is another record's now
+/// (its email or userId taken): the record leaves the state, and its contact stays in Loops,
+/// as it is — neither removed nor unsubscribed, so a row that returns re-subscribes nothing.
+pub const RELEASE: &str = "release";
 
 /// `"name"` with inner quotes doubled: a column name as an SQL identifier.
 pub(crate) fn quote_ident(name: &str) -> String {
@@ -1038,6 +1071,8 @@ pub(crate) struct DiffDialect<'a> {
     pub collate: &'a str,
     /// The one email rule.
     pub email_key: &'a dyn Fn(&str) -> String,
+    /// A userId as sent: trimmed of white space (an empty one is none).
+    pub trimmed: &'a dyn Fn(&str) -> String,
     /// Join the state table itself on `(sync, key)` rather than a subquery of the sync's rows:
     /// SQLite joins a subquery by scanning it once per model row (quadratic: 2.7 s for 10 000
     /// rows, measured), the table by its primary key. PostgreSQL hash-joins either.
@@ -1065,6 +1100,7 @@ pub(crate) fn diff_sql(
         param,
         collate,
         email_key,
+        trimmed,
         inline_state,
     } = dialect;
     let columns = spec.columns();
@@ -1092,11 +1128,12 @@ pub(crate) fn diff_sql(
         ));
     }
     select.push(email_count);
+    // A userId as the transformer sends it: trimmed, and none when empty.
     select.push(match spec.property("userId").filter(|_| !spec.is_append()) {
         Some(p) => format!(
-            "CASE WHEN model.{c} IS NULL THEN 1 ELSE count(*) OVER (PARTITION BY {u}) END AS ucount",
+            "CASE WHEN model.{c} IS NULL OR {u} = '' THEN 1 ELSE count(*) OVER (PARTITION BY {u}) END AS ucount",
             c = quote_ident(&p.column),
-            u = cast(&format!("model.{}", quote_ident(&p.column))),
+            u = trimmed(&cast(&format!("model.{}", quote_ident(&p.column)))),
         ),
         None => "CAST(1 AS bigint) AS ucount".to_owned(),
     });
@@ -1130,7 +1167,7 @@ pub(crate) fn diff_sql(
     } else {
         (
             format!(
-                ", s AS (SELECT key, confirmed_fp, confirmed_email, confirmed_user_id, parked_fp, generation, emitted_run, confirmed_run, resubscribe, emitted_email, emitted_user_id FROM {state} WHERE sync = {param})"
+                ", s AS (SELECT key, confirmed_fp, confirmed_email, confirmed_user_id, parked_fp, generation, emitted_run, emitted_fp, confirmed_run, resubscribe, emitted_email, emitted_user_id, possibly_applied FROM {state} WHERE sync = {param})"
             ),
             format!("m {join} JOIN s ON s.key = m.k"),
         )
@@ -1139,7 +1176,8 @@ pub(crate) fn diff_sql(
         "WITH m AS (SELECT {select} FROM ({model}) AS model{filter}){state_cte} \
          SELECT m.present, COALESCE(m.k, s.key) AS key{comma}{outer}, s.confirmed_fp, s.confirmed_email, s.confirmed_user_id, m.ecount, s.parked_fp, s.generation{hashed}, \
                 {UNSURE} AS unsure, s.resubscribe AS resubscribe, m.ucount AS ucount, \
-                s.emitted_email AS emitted_email, s.emitted_user_id AS emitted_user_id \
+                s.emitted_email AS emitted_email, s.emitted_user_id AS emitted_user_id, \
+                s.possibly_applied AS possibly_applied \
          FROM {joined} \
          ORDER BY COALESCE(m.k, s.key) {collate} NULLS LAST",
         select = select.join(", "),
@@ -1153,8 +1191,12 @@ pub(crate) fn diff_sql(
 
 /// Whether a version was published after Loops' last confirmation of the record and never
 /// confirmed ([`DiffRow::unsure`]), as a bigint 0 or 1, of the state's alias `s`.
+/// A version emitted in the same run as the confirmed one with another fingerprint (the run
+/// extracted again, after a warehouse error, while the row changed) is one too.
 pub(crate) const UNSURE: &str = "CAST(CASE WHEN s.emitted_run IS NOT NULL \
-     AND (s.confirmed_run IS NULL OR s.emitted_run > s.confirmed_run) THEN 1 ELSE 0 END AS bigint)";
+     AND (s.confirmed_run IS NULL OR s.emitted_run > s.confirmed_run \
+          OR (s.emitted_run = s.confirmed_run AND s.confirmed_fp <> s.emitted_fp)) \
+     THEN 1 ELSE 0 END AS bigint)";
 
 /// An event sync's watermark (see [`Warehouse::cursor_watermark`]): the highest cursor of its
 /// latest run that finished with every event it read settled for good — `succeeded`, `adopted`,

@@ -362,6 +362,22 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
             },
         ],
     },
+    Migration {
+        version: 11,
+        name: "the extractor's sign of life",
+        steps: &[Step::AddColumn {
+            table: "runs",
+            column: col("extract_alive_at", Time),
+        }],
+    },
+    Migration {
+        version: 12,
+        name: "every identity possibly applied",
+        steps: &[Step::AddColumn {
+            table: "state",
+            column: col("possibly_applied", Text),
+        }],
+    },
 ];
 
 /// The version of the newest migration: what `prepare` brings the state to.

@@ -742,6 +742,29 @@ mod tests {
         }
     }
 
+    /// Outcomes never expire in their queue (a confirmation dropped would be sent again); the
+    /// other work queues keep a week.
+    #[tokio::test]
+    async fn outcomes_never_expire() {
+        let Some(ns) = loopsync_testkit::TestNamespace::create("t") else {
+            return;
+        };
+        let names = Names::new(&ns.namespace);
+        let bus = JetStreamBus::connect(&ns.url, names.clone(), &JetStreamOptions::default())
+            .await
+            .expect("connect");
+        for stage in Stage::ALL {
+            let mut stream = bus.js.get_stream(names.stream(stage)).await.unwrap();
+            let max_age = stream.info().await.unwrap().config.max_age;
+            let want = if stage == Stage::Checkpointer {
+                Duration::ZERO
+            } else {
+                loopsync_core::tuning::WORK_QUEUE_MAX_AGE
+            };
+            assert_eq!(max_age, want, "{}", stage.name());
+        }
+    }
+
     /// Case 7 of "Adversarial histories": a host with its clock an hour ahead wrote the team's
     /// next slot; another host takes its slot at once instead of waiting the hour out.
     #[tokio::test]

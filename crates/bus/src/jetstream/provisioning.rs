@@ -41,7 +41,14 @@ pub(super) async fn provision(
                 retention: RetentionPolicy::WorkQueue,
                 storage: StorageType::File,
                 duplicate_window: options.duplicate_window,
-                max_age: Duration::from_secs(7 * 24 * 3600),
+                // Outcomes never expire: a confirmation dropped would leave its record to be
+                // sent again (an event sync's event past Loops' 24 hours of keys fires again).
+                // A work item dropped unsent costs only a resend by the next run.
+                max_age: if stage == Stage::Checkpointer {
+                    Duration::ZERO
+                } else {
+                    loopsync_core::tuning::WORK_QUEUE_MAX_AGE
+                },
                 ..Default::default()
             })
             .await

@@ -416,6 +416,7 @@ async fn jetstream_max_deliveries_advisory_moves_to_dead_letters() {
             mailing_lists: Default::default(),
         },
         installation: "i".into(),
+        also_remove: None,
     };
     bus.publish(
         Stage::Loader,

@@ -47,19 +47,21 @@ pub(super) fn changes_sql(spec: &SyncSpec) -> String {
                   SELECT m.*, s.key AS skey, s.model_hash AS smh
                     FROM m FULL OUTER JOIN s ON s.key = m.k
                    WHERE m.k IS NULL OR s.key IS NULL OR s.model_hash IS DISTINCT FROM m.h),
-              -- A row in sync whose email a row read out now carries is read out too: every row
-              -- of a duplicated email is invalid, as in the plain diff.
+              -- A row in sync whose email, or whose key, a row read out now carries is read out
+              -- too: every row of a duplicated email or key is invalid, as in the plain diff.
+              -- (Two copies of a key both equal to its noted row are not read: unchanged.)
               c AS MATERIALIZED (
                   SELECT * FROM c0
                   UNION ALL
                   SELECT m.*, s.key, s.model_hash
                     FROM m JOIN s ON s.key = m.k
                    WHERE s.model_hash = m.h
-                     AND m.ek IN (SELECT ek FROM c0 WHERE ek IS NOT NULL AND ek <> '')),
+                     AND (m.ek IN (SELECT ek FROM c0 WHERE ek IS NOT NULL AND ek <> '')
+                          OR m.k IN (SELECT k FROM c0 WHERE k IS NOT NULL))),
               e AS MATERIALIZED (
                   SELECT c.*, x.confirmed_fp, x.confirmed_email, x.confirmed_user_id, x.parked_fp,
-                         x.generation, x.model_email AS xme, x.emitted_run, x.confirmed_run,
-                         x.resubscribe, x.emitted_email, x.emitted_user_id
+                         x.generation, x.model_email AS xme, x.emitted_run, x.emitted_fp, x.confirmed_run,
+                         x.resubscribe, x.emitted_email, x.emitted_user_id, x.possibly_applied
                     FROM c LEFT JOIN LATERAL (
                              -- An index lookup per row read out (`OFFSET 0`: not a join
                              -- PostgreSQL would plan for its estimate of all rows).
@@ -79,7 +81,7 @@ pub(super) fn changes_sql(spec: &SyncSpec) -> String {
                          END AS ecount,
                          e.parked_fp, e.generation, e.h AS model_hash, CAST(NULL AS bigint) AS untold,
                          {unsure} AS unsure, e.resubscribe, CAST(1 AS bigint) AS ucount,
-                         e.emitted_email, e.emitted_user_id
+                         e.emitted_email, e.emitted_user_id, e.possibly_applied
                     FROM e LEFT JOIN g ON g.xme = e.ek
                   UNION ALL
                   SELECT 1, NULL, NULL{tail_columns}, NULL, NULL, NULL, CAST(NULL AS bigint), NULL,
@@ -87,10 +89,10 @@ pub(super) fn changes_sql(spec: &SyncSpec) -> String {
                          (SELECT count(*) FROM loopsync.state WHERE sync = $1 AND model_hash IS NOT NULL)
                          - (SELECT count(DISTINCT skey) FROM c WHERE smh IS NOT NULL),
                          CAST(NULL AS bigint), CAST(NULL AS bigint), CAST(NULL AS bigint),
-                         CAST(NULL AS text), CAST(NULL AS text))
+                         CAST(NULL AS text), CAST(NULL AS text), CAST(NULL AS text))
          SELECT present, key{outer}, confirmed_fp, confirmed_email, confirmed_user_id, ecount,
                 parked_fp, generation, model_hash, untold, unsure, resubscribe, ucount,
-                emitted_email, emitted_user_id
+                emitted_email, emitted_user_id, possibly_applied
            FROM d ORDER BY tail, key COLLATE \"C\" NULLS LAST",
         unsure = crate::UNSURE.replace("s.", "e."),
         raw = raw.join(", "),
@@ -104,11 +106,17 @@ pub(super) fn changes_sql(spec: &SyncSpec) -> String {
 
 /// the "C" collation folds ASCII only), as `loopsync_core::value::normalize_email` does.
 pub(crate) fn email_key(expression: &str) -> String {
+    format!("lower({} COLLATE \"C\")", trimmed(expression))
+}
+
+/// Trimmed of `EMAIL_TRIM` (Unicode's white space), as Rust's `str::trim` does: a userId as
+/// the transformer sends it.
+pub(crate) fn trimmed(expression: &str) -> String {
     let set: String = EMAIL_TRIM
         .iter()
         .map(|c| format!("\\{:04X}", *c as u32))
         .collect();
-    format!("lower(btrim({expression}, U&'{set}') COLLATE \"C\")")
+    format!("btrim({expression}, U&'{set}')")
 }
 
 /// The state table as a read-only command reads it when there is none: no rows, its columns.
@@ -116,8 +124,10 @@ pub(super) const EMPTY_STATE: &str = "(SELECT CAST(NULL AS text) AS sync, CAST(N
      CAST(NULL AS text) AS confirmed_fp, CAST(NULL AS text) AS confirmed_email, \
      CAST(NULL AS text) AS confirmed_user_id, CAST(NULL AS text) AS parked_fp, \
      CAST(NULL AS bigint) AS generation, CAST(NULL AS bigint) AS emitted_run, \
+     CAST(NULL AS text) AS emitted_fp, \
      CAST(NULL AS bigint) AS confirmed_run, CAST(NULL AS bigint) AS resubscribe, \
-     CAST(NULL AS text) AS emitted_email, CAST(NULL AS text) AS emitted_user_id \
+     CAST(NULL AS text) AS emitted_email, CAST(NULL AS text) AS emitted_user_id, \
+     CAST(NULL AS text) AS possibly_applied \
      WHERE false) AS empty_state";
 
 impl Pg {
@@ -195,6 +205,7 @@ impl Pg {
                     param: "$1",
                     collate: "COLLATE \"C\"",
                     email_key: &email_key,
+                    trimmed: &trimmed,
                     inline_state: false,
                 },
                 cursor_condition(spec, |c| at_or_after(c, "CAST($2 AS text)")),
@@ -291,6 +302,7 @@ impl Pg {
                 user_id_rows: row.get::<_, Option<i64>>("ucount").unwrap_or(1),
                 emitted_email: row.get("emitted_email"),
                 emitted_user_id: row.get("emitted_user_id"),
+                possibly_applied: crate::identities_of(row.get("possibly_applied")),
             })
         });
         // The row counting what was left out says 0 when nothing was: no row then.

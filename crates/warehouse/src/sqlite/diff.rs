@@ -6,15 +6,21 @@ use super::*;
 /// The one email rule in SQL: trimmed of `EMAIL_TRIM`, ASCII letters lower-cased (SQLite's
 /// `lower` folds ASCII only), as `loopsync_core::value::normalize_email` does.
 pub(crate) fn email_key(expression: &str) -> String {
+    format!("lower({})", trimmed(expression))
+}
+
+/// Trimmed of `EMAIL_TRIM` (Unicode's white space), as Rust's `str::trim` does: a userId as
+/// the transformer sends it.
+pub(crate) fn trimmed(expression: &str) -> String {
     let set: Vec<String> = EMAIL_TRIM.iter().map(|c| (*c as u32).to_string()).collect();
-    format!("lower(trim({expression}, char({})))", set.join(", "))
+    format!("trim({expression}, char({}))", set.join(", "))
 }
 
 /// The state table as a read-only command reads it when there is none: no rows, its columns.
 pub(super) const EMPTY_STATE: &str = "(SELECT NULL AS sync, NULL AS key, NULL AS confirmed_fp, \
      NULL AS confirmed_email, NULL AS confirmed_user_id, NULL AS parked_fp, \
-     NULL AS generation, NULL AS emitted_run, NULL AS confirmed_run, NULL AS resubscribe, \
-     NULL AS emitted_email, NULL AS emitted_user_id WHERE 0)";
+     NULL AS generation, NULL AS emitted_run, NULL AS emitted_fp, NULL AS confirmed_run, NULL AS resubscribe, \
+     NULL AS emitted_email, NULL AS emitted_user_id, NULL AS possibly_applied WHERE 0)";
 
 impl Sqlite {
     /// The diff; with `staged`, the rows of a source are first loaded into [`STAGED`] in the
@@ -40,6 +46,7 @@ impl Sqlite {
                 param: "?1",
                 collate: "",
                 email_key: &email_key,
+                trimmed: &trimmed,
                 inline_state: true,
             },
             condition,
@@ -151,6 +158,7 @@ impl Sqlite {
                             user_id_rows: row.get::<_, Option<i64>>("ucount")?.unwrap_or(1),
                             emitted_email: row.get("emitted_email")?,
                             emitted_user_id: row.get("emitted_user_id")?,
+                            possibly_applied: crate::identities_of(row.get("possibly_applied")?),
                         })
                     })()
                     .map_err(|e| WarehouseError::Query {

@@ -508,6 +508,15 @@ impl<K: Keeper> StateStore for Store<K> {
             .await
     }
 
+    async fn extracting(&self, run_id: i64) -> Result<bool, WarehouseError> {
+        self.keeper
+            .auto(
+                "extracting",
+                work(move |x| Box::pin(rules::extracting(x, run_id))),
+            )
+            .await
+    }
+
     async fn installation(&self) -> Result<String, WarehouseError> {
         self.keeper
             .auto(

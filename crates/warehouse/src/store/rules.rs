@@ -101,6 +101,20 @@ pub(crate) async fn heartbeat(x: &mut dyn Exec, run_id: i64) -> Result<(), Wareh
     Ok(())
 }
 
+/// The extractor of `run_id` is alive: noted, and whether the run is still extracting (a run
+/// closed meanwhile — given up by the stall timeout, interrupted — takes no more changes).
+pub(crate) async fn extracting(x: &mut dyn Exec, run_id: i64) -> Result<bool, WarehouseError> {
+    let sql = format!(
+        "UPDATE loopsync.runs SET extract_alive_at = {}
+          WHERE id = $1 AND status = 'extracting' RETURNING id",
+        x.dialect().now()
+    );
+    let rows = x
+        .query("note that an extractor is alive", &sql, params![run_id])
+        .await?;
+    Ok(!rows.is_empty())
+}
+
 pub(crate) async fn installation(x: &mut dyn Exec) -> Result<String, WarehouseError> {
     let rows = x
         .query(
@@ -142,8 +156,8 @@ pub(crate) async fn mark_emitted(
 ) -> Result<(), WarehouseError> {
     emitted.sort_by(|a, b| a.key.cmp(&b.key));
     let sql = "INSERT INTO loopsync.state (sync, key, emitted_fp, emitted_run, emitted_email,
-                                           emitted_user_id, resubscribe)
-               VALUES ($1, $2, $3, $4, $5, $6, $7)
+                                           emitted_user_id, resubscribe, possibly_applied)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
                ON CONFLICT (sync, key) DO UPDATE
                   SET emitted_fp = EXCLUDED.emitted_fp, emitted_run = EXCLUDED.emitted_run,
                       emitted_email = COALESCE(EXCLUDED.emitted_email, loopsync.state.emitted_email),
@@ -151,6 +165,7 @@ pub(crate) async fn mark_emitted(
                                                  loopsync.state.emitted_user_id),
                       resubscribe = CASE WHEN EXCLUDED.resubscribe = 1 THEN 1
                                          ELSE loopsync.state.resubscribe END,
+                      possibly_applied = EXCLUDED.possibly_applied,
                       model_hash = NULL";
     let items = emitted
         .into_iter()
@@ -164,7 +179,8 @@ pub(crate) async fn mark_emitted(
                     run_id,
                     e.email,
                     e.user_id,
-                    i64::from(e.unsubscribes)
+                    i64::from(e.unsubscribes),
+                    crate::identities_text(&e.possibly_applied)
                 ],
             )
         })
@@ -445,7 +461,8 @@ const INSERT_ATTEMPT: &str = "INSERT INTO loopsync.attempts
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, {at})
      ON CONFLICT (run_id, key, attempt) DO NOTHING";
 
-/// Confirm: Loops confirmed a record's fingerprint (never moving back to an older run). The
+/// Confirm: Loops confirmed a record's fingerprint (never moving back to an older run, nor to
+/// the run of a tombstone or of a `reset`'s fence: `confirmed_run` with nothing confirmed). The
 /// generation advances unless this repeats the confirmation it has; the noted hash stays only
 /// while the fingerprint does.
 const CONFIRM: &str = "INSERT INTO loopsync.state (sync, key, confirmed_fp, confirmed_run, confirmed_at,
@@ -462,6 +479,10 @@ const CONFIRM: &str = "INSERT INTO loopsync.state (sync, key, confirmed_fp, conf
                                  THEN loopsync.state.emitted_email END,
             emitted_user_id = CASE WHEN loopsync.state.emitted_run > EXCLUDED.confirmed_run
                                    THEN loopsync.state.emitted_user_id END,
+            possibly_applied = CASE WHEN loopsync.state.emitted_run > EXCLUDED.confirmed_run
+                                      OR (loopsync.state.emitted_run = EXCLUDED.confirmed_run
+                                          AND loopsync.state.emitted_fp <> EXCLUDED.confirmed_fp)
+                                    THEN loopsync.state.possibly_applied END,
             model_hash = CASE WHEN loopsync.state.confirmed_fp = EXCLUDED.confirmed_fp
                               THEN loopsync.state.model_hash END,
             generation = loopsync.state.generation
@@ -469,7 +490,9 @@ const CONFIRM: &str = "INSERT INTO loopsync.state (sync, key, confirmed_fp, conf
                         AND loopsync.state.confirmed_fp IS NOT DISTINCT FROM EXCLUDED.confirmed_fp
                        THEN 0 ELSE 1 END
       WHERE loopsync.state.confirmed_run IS NULL
-         OR loopsync.state.confirmed_run <= EXCLUDED.confirmed_run";
+         OR loopsync.state.confirmed_run < EXCLUDED.confirmed_run
+         OR (loopsync.state.confirmed_run = EXCLUDED.confirmed_run
+             AND loopsync.state.confirmed_fp IS NOT NULL)";
 
 /// Remove: a confirmed removal leaves a tombstone: nothing confirmed, the generation advanced,
 /// so a row that comes back is a new change with a new idempotency key. The tombstone says
@@ -482,7 +505,8 @@ const REMOVE: &str = "UPDATE loopsync.state
             model_hash = NULL, generation = generation + 1,
             resubscribe = CASE WHEN $4 = 'unsubscribe' THEN 1 ELSE 0 END,
             emitted_email = CASE WHEN emitted_run > $3 THEN emitted_email END,
-            emitted_user_id = CASE WHEN emitted_run > $3 THEN emitted_user_id END
+            emitted_user_id = CASE WHEN emitted_run > $3 THEN emitted_user_id END,
+            possibly_applied = CASE WHEN emitted_run > $3 THEN possibly_applied END
       WHERE sync = $1 AND key = $2
         AND (confirmed_fp IS NOT NULL
              OR (emitted_run IS NOT NULL AND emitted_run > COALESCE(confirmed_run, 0)))
@@ -596,7 +620,7 @@ fn summary_sql(x: &dyn Exec, filter: &str) -> String {
                 count(x.key) FILTER (WHERE x.operation = 'rekey' AND x.outcome = 'confirmed'),
                 {requests},
                 r.preflight_requests, r.preflight_retries, r.preflight_rate_limited,
-                r.ignored
+                r.ignored, {extract_alive}
            FROM loopsync.runs r LEFT JOIN loopsync.records x ON x.run_id = r.id
           WHERE {filter}
           GROUP BY r.id ORDER BY r.id DESC LIMIT $2",
@@ -609,6 +633,7 @@ fn summary_sql(x: &dyn Exec, filter: &str) -> String {
         rejected = outcome("rejected"),
         dead = outcome("dead_lettered"),
         requests = summary_request_sql("loopsync.attempts"),
+        extract_alive = d.time_text("r.extract_alive_at"),
     )
 }
 
@@ -635,6 +660,7 @@ fn summary(row: &Row) -> Result<RunSummary, WarehouseError> {
         error: row.opt_text(18)?,
         rekeyed: row.count(19)?,
         ignored: row.count(29)?,
+        extract_alive_at: row.opt_text(30)?,
         ..RunSummary::default()
     };
     let mut loader = [0; 6];
@@ -846,13 +872,21 @@ pub(crate) async fn reset_state(
     let state_records = x
         .execute(
             "forget a sync's state",
+            // The newest run of the sync stays as `confirmed_run` with nothing confirmed: a
+            // fence, so that an outcome of that run or an older one (its operations still
+            // queued in NATS, sent to the Loops the state is reset from) never becomes state.
             "UPDATE loopsync.state
-                    SET confirmed_fp = NULL, confirmed_run = NULL, confirmed_at = NULL,
+                    SET confirmed_fp = NULL, confirmed_at = NULL,
+                        confirmed_run = (SELECT max(id) FROM loopsync.runs WHERE sync = $1),
                         confirmed_email = NULL, confirmed_user_id = NULL, contact_id = NULL,
                         emitted_fp = NULL, emitted_run = NULL, parked_fp = NULL, model_hash = NULL,
+                        emitted_email = NULL, emitted_user_id = NULL, resubscribe = 0,
+                        possibly_applied = NULL,
                         generation = generation + 1
                   WHERE sync = $1
-                    AND (confirmed_fp IS NOT NULL OR emitted_fp IS NOT NULL OR parked_fp IS NOT NULL)",
+                    AND (confirmed_fp IS NOT NULL OR emitted_fp IS NOT NULL OR parked_fp IS NOT NULL
+                         OR resubscribe = 1 OR emitted_email IS NOT NULL
+                         OR emitted_user_id IS NOT NULL OR possibly_applied IS NOT NULL)",
             params![&sync],
         )
         .await?;
