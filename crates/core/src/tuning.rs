@@ -51,7 +51,9 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 /// On shutdown of a pipeline whose bus is in memory, how long its checkpointer may still take
 /// the outcomes its loaders published while they wound down (else lost with the process: the
 /// records would be sent again, and past Loops' 24 hours of keys their events fire again).
-pub const CHECKPOINTER_DRAIN: Duration = Duration::from_millis(1500);
+/// With the stages' [`SHUTDOWN_GRACE`] before it and the checkpointer's own after it, within
+/// [`COMMAND_GRACE`].
+pub const CHECKPOINTER_DRAIN: Duration = Duration::from_secs(1);
 
 /// How long a command may wind down after the first signal before it is abandoned: its
 /// workers' [`SHUTDOWN_GRACE`], its checkpointer's [`CHECKPOINTER_DRAIN`], then closing its

@@ -176,11 +176,13 @@ pub fn verdict(op: &Operation, entry: Option<&LedgerEntry>) -> LedgerVerdict {
             LedgerVerdict::AlreadyConfirmed(e.contact_id.clone())
         }
         // (Not an event sync's event: its key is the same after a `reset`, which sends it again
-        // on purpose.)
+        // on purpose. Nor a change that has contacts to take out: a later version, whose answer
+        // was lost, may have been applied since, and Loops may hold what it wrote.)
         Some(e)
             if e.fingerprint == op.fingerprint
                 && e.idempotency_key.as_deref() == Some(op.idempotency_key.as_str())
-                && !keys::is_event_key(&op.idempotency_key) =>
+                && !keys::is_event_key(&op.idempotency_key)
+                && op.also_remove.is_none() =>
         {
             LedgerVerdict::AlreadyConfirmed(e.contact_id.clone())
         }
@@ -496,6 +498,9 @@ impl LoaderStage {
                 fingerprint: op.fingerprint.clone(),
                 until_ms: now + CLAIM.as_millis() as i64,
             });
+            // Counted from before the write: no loader can have seen the claim earlier, so
+            // none takes it for lapsed before its requests must end.
+            let claim_ends = tokio::time::Instant::now() + CLAIM;
             let Some(claim_revision) = self
                 .ledger
                 .ledger_swap(&key, Bytes::from(codec::encode(&claimed)), revision)
@@ -503,25 +508,24 @@ impl LoaderStage {
             else {
                 continue; // someone wrote first: read again
             };
-            let claim_ends = tokio::time::Instant::now() + CLAIM;
             let contact_id = match self.send(op, attempt, claim_ends).await {
                 Ok(contact_id) => contact_id,
                 Err(error) => {
                     // Let the retry, or another version, go at once — unless the request may
-                    // still land: then the claim stays as it is, and another version waits it
-                    // out (a whole claim from when it first sees it, see `claim_verdict`), so
-                    // that it cannot land before this one.
+                    // still land: then the claim is written again as it is (a new revision), so
+                    // that another version waits a whole claim from now and cannot land before
+                    // this one.
                     if !error.may_land_late() {
                         claimed.claim = None;
-                        let _ = self
-                            .ledger
-                            .ledger_swap(
-                                &key,
-                                Bytes::from(codec::encode(&claimed)),
-                                Some(claim_revision),
-                            )
-                            .await;
                     }
+                    let _ = self
+                        .ledger
+                        .ledger_swap(
+                            &key,
+                            Bytes::from(codec::encode(&claimed)),
+                            Some(claim_revision),
+                        )
+                        .await;
                     return Err(error);
                 }
             };

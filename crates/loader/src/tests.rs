@@ -544,6 +544,34 @@ async fn an_event_syncs_409_writes_no_contact() {
 /// A claim is judged by how long this loader has seen it unchanged, never by the writer's
 /// clock: a claim whose `until_ms` is long past (the reader's clock an hour ahead) still holds
 /// until it has been watched for a whole claim (case 6).
+/// A later run's copy of a change the ledger confirmed is answered from the ledger — unless it
+/// has contacts to take out (a later version, its answer lost, may have been applied since).
+#[test]
+fn a_change_with_contacts_to_take_out_is_sent_again() {
+    let confirmed = op(1, "1", "fp", Some("a@x.co"), None);
+    let entry = LedgerEntry {
+        run_id: 1,
+        fingerprint: "fp".into(),
+        contact_id: None,
+        claim: None,
+        idempotency_key: Some(confirmed.idempotency_key.clone()),
+    };
+    let mut again = confirmed.clone();
+    again.run_id = 3;
+    assert_eq!(
+        verdict(&again, Some(&entry)),
+        LedgerVerdict::AlreadyConfirmed(None)
+    );
+    again.also_remove = Some(loopsync_core::envelope::AlsoRemove {
+        mode: OnRemove::Delete,
+        contacts: vec![loopsync_core::envelope::OldContact {
+            email: Some("c@x.co".into()),
+            user_id: None,
+        }],
+    });
+    assert_eq!(verdict(&again, Some(&entry)), LedgerVerdict::Send);
+}
+
 #[test]
 fn claim_verdicts() {
     let o = op(5, "1", "fpB", Some("a@x.co"), None);
@@ -765,6 +793,9 @@ async fn a_timed_out_request_keeps_its_claim() {
     let key = keys::ledger_key(&o.installation, &o.sync, &o.key);
     let (entry, _) = loader.ledger(&key).await.unwrap();
     assert!(entry.as_ref().unwrap().claim.is_some(), "the claim is kept");
+    // Written again (a new revision): another loader watches it a whole claim from now.
+    let (_, revision) = loader.ledger(&key).await.unwrap();
+    assert_eq!(revision, Some(2), "claimed, then the claim written again");
     // A newer version waits for it.
     let newer = op(2, "1", "fpB", Some("ann@x.co"), None);
     assert_eq!(
