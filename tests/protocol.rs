@@ -73,6 +73,24 @@ async fn two_deployments_on_one_namespace_keep_their_contacts() {
     assert_eq!((in_a.len(), in_b.len()), (40, 40));
 }
 
+/// A quiet `run --once` in one process, once Loops has taken `writes` of its writes.
+async fn sending(stack: &Stack, writes: u64) -> tokio::process::Child {
+    let run = stack
+        .command(&["run", "--once", "--json"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start a run");
+    until(Duration::from_secs(60), "the run sends", || async {
+        match stack.update_requests().await {
+            n if n >= writes => Ok(()),
+            n => Err(format!("{n} writes")),
+        }
+    })
+    .await;
+    run
+}
+
 /// Case 11: a run killed with SIGKILL mid-send, restarted at once (what systemd, Kubernetes or
 /// cron do): the restart waits out the dead run's lease, saying so, and completes the sync
 /// (exit 0), where it used to exit 1 with "run 1 … is in progress".
@@ -87,19 +105,7 @@ async fn a_run_restarted_after_a_kill_goes_on() {
     else {
         return;
     };
-    let mut victim = stack
-        .command(&["run", "--once", "--json"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start a run");
-    until(Duration::from_secs(60), "the run sends", || async {
-        match stack.update_requests().await {
-            n if n >= 10 => Ok(()),
-            n => Err(format!("{n} writes")),
-        }
-    })
-    .await;
+    let mut victim = sending(&stack, 10).await;
     victim.kill().await.expect("SIGKILL the run");
     let restarted = stack.run_once(&[]).await;
     assert_eq!(restarted.status, 0, "{}", restarted.stderr);
@@ -289,19 +295,7 @@ async fn a_run_stopped_in_one_process_keeps_every_confirmation() {
     else {
         return;
     };
-    let mut run = stack
-        .command(&["run", "--once", "--json"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start a run");
-    until(Duration::from_secs(60), "the run sends", || async {
-        match stack.update_requests().await {
-            n if n >= 30 => Ok(()),
-            n => Err(format!("{n} writes")),
-        }
-    })
-    .await;
+    let mut run = sending(&stack, 30).await;
     sigterm(&run).await;
     tokio::time::timeout(Duration::from_secs(15), run.wait())
         .await
