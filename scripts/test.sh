@@ -27,6 +27,7 @@ apt_install() {
 }
 
 start=$(date +%s)
+CARGO_DENY_VERSION=0.20.2
 features=(--all-features)
 if [ "${LOOPSYNC_TEST_DUCKDB:-1}" = 0 ]; then features=(); fi
 logs=$(mktemp -d "${TMPDIR:-/tmp}/loopsync-test-logs.XXXXXX")
@@ -38,6 +39,23 @@ cargo fmt --all -- --check
 
 log "cargo clippy (all targets, warnings are errors)"
 cargo clippy --workspace --all-targets "${features[@]}" --quiet -- -D warnings
+
+log "cargo deny (sources, bans; advisories when the RustSec database can be fetched)"
+# cargo-deny, built once from crates.io and kept outside the clone.
+deny_root="${XDG_CACHE_HOME:-$HOME/.cache}/loopsync-test/cargo-deny-$CARGO_DENY_VERSION"
+if [ ! -x "$deny_root/bin/cargo-deny" ]; then
+  CARGO_TARGET_DIR="$deny_root/build" cargo install --quiet --locked "cargo-deny@$CARGO_DENY_VERSION" --root "$deny_root"
+  rm -rf "$deny_root/build"
+fi
+deny() { PATH="$deny_root/bin:$PATH" cargo deny --log-level error "$@"; }
+deny check bans sources
+# The advisory database lives on GitHub: where it is out of reach, the summary says so.
+if timeout 120 bash -c "$(declare -f deny); deny_root='$deny_root'; deny fetch db" >/dev/null 2>&1; then
+  deny check --disable-fetch advisories
+  advisories="checked"
+else
+  advisories="NOT checked: the RustSec advisory database (GitHub) could not be fetched"
+fi
 
 log "cargo build (binaries)"
 cargo build --workspace --bins "${features[@]}" --quiet
@@ -91,6 +109,7 @@ if [ "$skipped" -gt 0 ]; then
   echo "skipped, for want of a service:"
   sed 's/^/  /' "$LOOPSYNC_SKIP_LOG"
 fi
+echo "cargo deny: sources and bans checked; advisories $advisories"
 echo "total: $(( rust_passed - skipped + node_passed )) passed, $(( rust_failed + node_failed )) failed, $(( skipped + node_skipped )) skipped"
 echo "in $(( $(date +%s) - start )) s"
 rm -rf "$logs"

@@ -74,6 +74,18 @@ fn check_warehouse(warehouse: &crate::WarehouseConfig) -> Result<(), ConfigError
             ),
         ));
     }
+    // TLS parameters of PostgreSQL and MySQL URLs (sslmode, sslrootcert) are judged now.
+    for (setting, url) in [
+        ("warehouse.url", Some(&warehouse.url)),
+        ("warehouse.state", warehouse.state.as_ref()),
+    ] {
+        if let Some(url) = url
+            && (url.starts_with("postgres") || url.starts_with("mysql"))
+            && let Err(why) = loopsync_core::warehouse_tls::split(url)
+        {
+            return Err(invalid(setting, why));
+        }
+    }
     if warehouse_url::is_read_only(&warehouse.url) && warehouse.state.is_none() {
         return Err(invalid(
             "warehouse.state",

@@ -521,6 +521,24 @@ signedUpAt = { column = "signed_up_at", type = "date" }
                 "warehouse.state_schema",
                 "letters",
             ),
+            (
+                "postgres://h/db?sslmode=sometimes",
+                "",
+                "warehouse.url",
+                "not one of disable",
+            ),
+            (
+                "mysql://h/db?require_ssl=true",
+                "state = \"postgres://h/s\"",
+                "warehouse.url",
+                "say `sslmode`",
+            ),
+            (
+                "mysql://h/db",
+                "state = \"postgres://h/s?sslmode=disable&sslrootcert=ca.pem\"",
+                "warehouse.state",
+                "verify-full",
+            ),
         ] {
             let e = error_of(&with_warehouse(url, lines));
             assert!(e.starts_with(key) && e.contains(says), "{url} {lines}: {e}");

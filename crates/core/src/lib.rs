@@ -16,6 +16,7 @@ pub mod stage;
 pub mod time;
 pub mod tuning;
 pub mod value;
+pub mod warehouse_tls;
 pub mod warehouse_url;
 
 pub use error::{Classified, ErrorClass};

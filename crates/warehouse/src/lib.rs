@@ -23,6 +23,7 @@ mod schema;
 pub mod source;
 mod sqlite;
 mod store;
+mod tls;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -47,7 +47,8 @@ fn classify(sync: &str, what: &str, e: mysql_async::Error) -> WarehouseError {
 impl MySqlSource {
     /// Connects once, so a wrong URL or a server down is said at once.
     pub async fn connect(url: &str) -> Result<MySqlSource, WarehouseError> {
-        let opts = mysql_async::Opts::from_url(url).map_err(|e| {
+        let split = loopsync_core::warehouse_tls::split(url).map_err(WarehouseError::BadUrl)?;
+        let opts = mysql_async::Opts::from_url(&split.url).map_err(|e| {
             WarehouseError::BadUrl(format!(
                 "not a MySQL URL (mysql://user:password@host:port/database): {e}"
             ))
@@ -59,7 +60,8 @@ impl MySqlSource {
                 "SET time_zone = '+00:00'",
                 "SET SESSION TRANSACTION READ ONLY",
             ])
-            .stmt_cache_size(0);
+            .stmt_cache_size(0)
+            .ssl_opts(crate::tls::mysql_ssl_opts(&split.tls)?);
         let pool = mysql_async::Pool::new(opts);
         let connection = tokio::time::timeout(std::time::Duration::from_secs(10), pool.get_conn())
             .await

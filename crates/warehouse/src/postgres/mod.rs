@@ -16,9 +16,12 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use loopsync_core::spec::SyncSpec;
 use loopsync_core::value::EMAIL_TRIM;
+use loopsync_core::warehouse_tls::TlsMode;
+use tokio_postgres::config::SslMode;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{IsNull, ToSql, Type};
-use tokio_postgres::{Client, GenericClient, NoTls};
+use tokio_postgres::{Client, GenericClient};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::schema::{Dialect, LATEST, MIGRATIONS, Rendered, newer_than_known};
 use crate::store::{Exec, Keeper, Row, Store, Value, Work};
@@ -120,9 +123,16 @@ const WRITERS: usize = 4;
 /// A connection and the generation it was opened in.
 type Slot<C> = Option<(u64, C)>;
 
+/// Where the server is and how to reach it: the connection settings, and TLS as the URL's
+/// `sslmode` says.
+pub(crate) struct Server {
+    config: tokio_postgres::Config,
+    tls: MakeRustlsConnect,
+}
+
 /// PostgreSQL's way of keeping state (see [`Keeper`]).
 pub struct Pg {
-    config: tokio_postgres::Config,
+    config: Server,
     /// The state's schema, and how statements name its tables.
     dialect: Dialect,
     /// Shared by concurrent calls (tokio-postgres pipelines them).
@@ -135,15 +145,44 @@ pub struct Pg {
     generation: AtomicU64,
 }
 
+/// The server at `url`, reached as its `sslmode` says.
+pub(crate) fn server(url: &str) -> Result<Server, WarehouseError> {
+    let split = loopsync_core::warehouse_tls::split(url).map_err(WarehouseError::BadUrl)?;
+    let mut config: tokio_postgres::Config =
+        split.url.parse().map_err(|e: tokio_postgres::Error| {
+            use std::error::Error;
+            WarehouseError::BadUrl(format!(
+                "not a PostgreSQL URL (postgres://user:password@host:port/database): {}{}",
+                describe(&e),
+                e.source().map(|s| format!(": {s}")).unwrap_or_default()
+            ))
+        })?;
+    config
+        .connect_timeout(CONNECT_TIMEOUT)
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(30))
+        .keepalives_interval(Duration::from_secs(10))
+        .keepalives_retries(3)
+        .tcp_user_timeout(CALL_DEADLINE)
+        .ssl_mode(match split.tls.mode {
+            TlsMode::Disable => SslMode::Disable,
+            TlsMode::Prefer => SslMode::Prefer,
+            TlsMode::Require | TlsMode::VerifyCa | TlsMode::VerifyFull => SslMode::Require,
+        });
+    let tls = MakeRustlsConnect::new(crate::tls::client_config(&split.tls)?);
+    Ok(Server { config, tls })
+}
+
 /// Opens a session: TCP keepalives and `tcp_user_timeout` so that a peer gone silent is noticed
 /// by the kernel too; the whole opening under [`CONNECT_TIMEOUT`] (a proxy or a load balancer
 /// may accept the TCP connection and then say nothing).
-async fn open(config: &tokio_postgres::Config) -> Result<Client, WarehouseError> {
+pub(crate) async fn open(server: &Server) -> Result<Client, WarehouseError> {
     let opening = async {
-        let (client, connection) = config
-            .connect(NoTls)
+        let (client, connection) = server
+            .config
+            .connect(server.tls.clone())
             .await
-            .map_err(|e| WarehouseError::Connect(describe_connect(config, &e)))?;
+            .map_err(|e| WarehouseError::Connect(describe_connect(&server.config, &e)))?;
         tokio::spawn(async move {
             if let Err(error) = connection.await {
                 tracing::warn!(%error, "warehouse connection ended");
@@ -175,22 +214,7 @@ impl Store<Pg> {
 
     /// The warehouse at `url`, its state in `schema` (a plain identifier).
     pub async fn connect_schema(url: &str, schema: &str) -> Result<PgWarehouse, WarehouseError> {
-        let mut config: tokio_postgres::Config =
-            url.parse().map_err(|e: tokio_postgres::Error| {
-                use std::error::Error;
-                WarehouseError::BadUrl(format!(
-                    "not a PostgreSQL URL (postgres://user:password@host:port/database): {}{}",
-                    describe(&e),
-                    e.source().map(|s| format!(": {s}")).unwrap_or_default()
-                ))
-            })?;
-        config
-            .connect_timeout(CONNECT_TIMEOUT)
-            .keepalives(true)
-            .keepalives_idle(Duration::from_secs(30))
-            .keepalives_interval(Duration::from_secs(10))
-            .keepalives_retries(3)
-            .tcp_user_timeout(CALL_DEADLINE);
+        let config = server(url)?;
         let pg = Pg {
             config,
             dialect: Dialect::postgres(schema),

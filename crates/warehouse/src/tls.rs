@@ -1,0 +1,351 @@
+//! TLS to a warehouse server, as the URL's `sslmode` says ([`loopsync_core::warehouse_tls`]):
+//! the rustls client configuration for PostgreSQL, and the same choices in mysql_async's terms.
+//! The roots are the `sslrootcert` file when one is named, else Mozilla's (webpki-roots).
+
+use std::sync::Arc;
+
+use loopsync_core::warehouse_tls::{Tls, TlsMode};
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{CertificateError, DigitallySignedStruct, Error, RootCertStore, SignatureScheme};
+
+use crate::WarehouseError;
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The roots a server's certificate must chain to.
+fn roots(tls: &Tls) -> Result<RootCertStore, WarehouseError> {
+    let mut roots = RootCertStore::empty();
+    let Some(path) = &tls.root_cert else {
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        return Ok(roots);
+    };
+    let unreadable = |why: String| {
+        WarehouseError::BadUrl(format!(
+            "sslrootcert {}: {why} (a PEM file of the certificates to trust)",
+            path.display()
+        ))
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| unreadable(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| unreadable(e.to_string()))?;
+    let (added, _) = roots.add_parsable_certificates(certs);
+    if added == 0 {
+        return Err(unreadable("no certificate in it".into()));
+    }
+    Ok(roots)
+}
+
+/// The rustls client configuration for `tls` (its mode is not `disable`).
+pub(crate) fn client_config(tls: &Tls) -> Result<rustls::ClientConfig, WarehouseError> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| WarehouseError::Connect(format!("TLS: {e}")))?;
+    let verifier: Arc<dyn ServerCertVerifier> = match tls.mode {
+        TlsMode::Disable | TlsMode::Prefer | TlsMode::Require => Arc::new(Unchecked(provider())),
+        TlsMode::VerifyCa | TlsMode::VerifyFull => {
+            let webpki =
+                WebPkiServerVerifier::builder_with_provider(Arc::new(roots(tls)?), provider())
+                    .build()
+                    .map_err(|e| WarehouseError::Connect(format!("TLS: {e}")))?;
+            if tls.mode == TlsMode::VerifyCa {
+                Arc::new(ChainOnly(webpki))
+            } else {
+                webpki
+            }
+        }
+    };
+    Ok(builder
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth())
+}
+
+/// mysql_async's TLS options for `tls`; `None` connects without TLS (`disable`, and `prefer`:
+/// the driver cannot fall back). `verify-ca` is refused: mysql_async's way of skipping only the
+/// name check no longer recognises rustls' error, so it would check the name all the same.
+pub(crate) fn mysql_ssl_opts(tls: &Tls) -> Result<Option<mysql_async::SslOpts>, WarehouseError> {
+    let opts = mysql_async::SslOpts::default();
+    let opts = match tls.mode {
+        TlsMode::Disable | TlsMode::Prefer => return Ok(None),
+        TlsMode::Require => opts
+            .with_danger_accept_invalid_certs(true)
+            .with_danger_skip_domain_validation(true),
+        TlsMode::VerifyCa => {
+            return Err(WarehouseError::BadUrl(
+                "sslmode=verify-ca (or require with sslrootcert) is not available for MySQL: \
+                 say sslmode=verify-full with sslrootcert, which checks the server's name too"
+                    .into(),
+            ));
+        }
+        TlsMode::VerifyFull => opts,
+    };
+    Ok(Some(match &tls.root_cert {
+        Some(path) => opts
+            .with_root_certs(vec![path.clone().into()])
+            .with_disable_built_in_roots(true),
+        None => opts,
+    }))
+}
+
+/// `require` (as libpq): the connection is encrypted, the server is not authenticated. The
+/// handshake's signatures are still checked, so the session is with whoever holds the
+/// certificate's key.
+#[derive(Debug)]
+struct Unchecked(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for Unchecked {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// `verify-ca`: the chain is checked, the name is not.
+#[derive(Debug)]
+struct ChainOnly(Arc<WebPkiServerVerifier>);
+
+impl ServerCertVerifier for ChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, Error> {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        {
+            Err(Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+/// Against a PostgreSQL and a MariaDB that take TLS connections only, with a certificate for
+/// 127.0.0.1 and localhost signed by a CA made for the test (scripts/services.sh).
+#[cfg(test)]
+mod tests {
+    use loopsync_testkit::service;
+
+    use crate::WarehouseError;
+    use crate::mysql::MySqlSource;
+    use crate::postgres::{open, server};
+
+    /// The TLS servers' URL with `host` and `params`, and the CA that signed their certificate.
+    fn tls_url(var: &str, host: &str, params: &str) -> Option<String> {
+        let url = service(var)?.replace("127.0.0.1", host);
+        Some(format!("{url}?{params}"))
+    }
+
+    fn ca(right: bool) -> String {
+        service(if right {
+            "LOOPSYNC_TEST_TLS_CA"
+        } else {
+            "LOOPSYNC_TEST_TLS_WRONG_CA"
+        })
+        .unwrap_or_default()
+    }
+
+    /// Connects to the TLS PostgreSQL; `Ok(true)` when the session is encrypted.
+    async fn postgres(host: &str, params: &str) -> Option<Result<bool, WarehouseError>> {
+        let url = tls_url("LOOPSYNC_TEST_PG_TLS_URL", host, params)?;
+        Some(
+            async {
+                let client = open(&server(&url)?).await?;
+                let row = client
+                    .query_one(
+                        "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                        &[],
+                    )
+                    .await
+                    .expect("read pg_stat_ssl");
+                Ok(row.get::<_, bool>(0))
+            }
+            .await,
+        )
+    }
+
+    async fn mysql(host: &str, params: &str) -> Option<Result<(), WarehouseError>> {
+        let url = tls_url("LOOPSYNC_TEST_MYSQL_TLS_URL", host, params)?;
+        Some(MySqlSource::connect(&url).await.map(drop))
+    }
+
+    fn refused<T: std::fmt::Debug>(result: Result<T, WarehouseError>, said: &str) {
+        let error = result
+            .expect_err("the connection should be refused")
+            .to_string();
+        assert!(error.contains(said), "{error}");
+    }
+
+    #[tokio::test]
+    async fn postgres_verify_full_with_the_servers_ca_is_encrypted() {
+        let Some(result) = postgres(
+            "127.0.0.1",
+            &format!("sslmode=verify-full&sslrootcert={}", ca(true)),
+        )
+        .await
+        else {
+            return;
+        };
+        assert!(result.unwrap(), "the session is not encrypted");
+        // Without sslmode, loopback: TLS when the server offers it.
+        assert!(postgres("127.0.0.1", "").await.unwrap().unwrap());
+        // require: encrypted, the certificate not checked.
+        assert!(
+            postgres("127.0.0.1", "sslmode=require")
+                .await
+                .unwrap()
+                .unwrap()
+        );
+    }
+
+    #[tokio::test]
+    async fn postgres_refuses_a_certificate_another_ca_signed() {
+        let Some(result) = postgres(
+            "127.0.0.1",
+            &format!("sslmode=verify-full&sslrootcert={}", ca(false)),
+        )
+        .await
+        else {
+            return;
+        };
+        refused(result, "UnknownIssuer");
+    }
+
+    #[tokio::test]
+    async fn postgres_verify_full_checks_the_name_and_verify_ca_does_not() {
+        // The certificate names 127.0.0.1 and localhost, not 127.0.0.2 (the same server).
+        let Some(result) = postgres(
+            "127.0.0.2",
+            &format!("sslmode=verify-full&sslrootcert={}", ca(true)),
+        )
+        .await
+        else {
+            return;
+        };
+        refused(result, "not valid for name");
+        let verify_ca = format!("sslmode=verify-ca&sslrootcert={}", ca(true));
+        assert!(postgres("127.0.0.2", &verify_ca).await.unwrap().unwrap());
+    }
+
+    #[tokio::test]
+    async fn postgres_without_tls_is_refused_by_a_server_that_requires_it() {
+        let Some(result) = postgres("127.0.0.1", "sslmode=disable").await else {
+            return;
+        };
+        refused(result, "no encryption");
+    }
+
+    #[tokio::test]
+    async fn mysql_verify_full_with_the_servers_ca_connects() {
+        let Some(result) = mysql(
+            "127.0.0.1",
+            &format!("sslmode=verify-full&sslrootcert={}", ca(true)),
+        )
+        .await
+        else {
+            return;
+        };
+        result.unwrap();
+        mysql("127.0.0.1", "sslmode=require")
+            .await
+            .unwrap()
+            .unwrap();
+        let verify_ca = format!("sslmode=verify-ca&sslrootcert={}", ca(true));
+        refused(
+            mysql("127.0.0.2", &verify_ca).await.unwrap(),
+            "not available for MySQL",
+        );
+    }
+
+    #[tokio::test]
+    async fn mysql_refuses_a_wrong_ca_a_wrong_name_and_cleartext() {
+        let Some(result) = mysql(
+            "127.0.0.1",
+            &format!("sslmode=verify-full&sslrootcert={}", ca(false)),
+        )
+        .await
+        else {
+            return;
+        };
+        refused(result, "UnknownIssuer");
+        let verify_full = format!("sslmode=verify-full&sslrootcert={}", ca(true));
+        refused(
+            mysql("127.0.0.2", &verify_full).await.unwrap(),
+            "not valid for name",
+        );
+        // The server requires TLS of this user; loopback without sslmode connects without.
+        refused(mysql("127.0.0.1", "").await.unwrap(), "Access denied");
+    }
+}
