@@ -43,17 +43,35 @@ async fn sim_flags_seed_lists_and_properties_and_key() {
     assert_eq!(denied.status(), 401);
 }
 
-/// The config the compose stack mounts is one loopsync accepts.
+/// The configs the compose stack mounts are ones loopsync accepts: the real Loops' over https
+/// (plain http to the simulator's host refused), and the simulator's, which names its URL and
+/// test key itself and alone allows plain http.
 #[test]
 fn compose_config_is_valid() {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/loopsync.toml");
-    let text = std::fs::read_to_string(&path).expect("deploy/loopsync.toml");
-    let env = |name: &str| match name {
-        "LOOPS_API_KEY" => Some("k".to_owned()),
-        "LOOPS_BASE_URL" => Some("http://sim:8788/api".to_owned()),
-        _ => None,
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let read = |name: &str| std::fs::read_to_string(deploy.join(name)).expect(name);
+    let text = read("loopsync.toml");
+    let env = |base_url: &'static str| {
+        move |name: &str| match name {
+            "LOOPS_API_KEY" => Some("k".to_owned()),
+            "LOOPS_BASE_URL" => Some(base_url.to_owned()),
+            _ => None,
+        }
     };
-    let config = loopsync_config::Config::parse(&text, env).expect("a valid config");
+    let config = loopsync_config::Config::parse(&text, env("https://app.loops.so/api"))
+        .expect("a valid config");
     assert_eq!(config.nats.unwrap().url, "nats://nats:4222");
     assert_eq!(config.syncs[0].spec.name, "users");
+    let refused = loopsync_config::Config::parse(&text, env("http://sim:8788/api"))
+        .expect_err("plain http to another host");
+    assert!(
+        refused.to_string().contains("loops.allow_insecure_http"),
+        "{refused}"
+    );
+
+    let sim = loopsync_config::Config::parse(&read("loopsync-sim.toml"), |_| None)
+        .expect("a valid config, needing no variable");
+    assert_eq!(sim.loops.base_url, "http://sim:8788/api");
+    assert_eq!(sim.loops.api_key.expose(), "sim-only-test-key");
+    assert_eq!(sim.syncs, config.syncs, "the same syncs as the real config");
 }

@@ -91,10 +91,66 @@ test("every file the stack mounts or builds from is in the repository", () => {
   assert.ok(existsSync(new URL("Dockerfile", root)));
   for (const service of Object.values(compose.services)) {
     for (const volume of service.volumes ?? []) {
-      const source = volume.split(":")[0];
+      // `${VAR:-./default}`: the default is checked.
+      const source = volume.replace(/^\$\{[A-Z_]+:-([^}]*)\}/, "$1").split(":")[0];
       if (source.startsWith("./")) {
         assert.ok(existsSync(new URL(source.slice(2), root)), source);
       }
     }
   }
+});
+
+// The environment a loopsync service gets, as written (before compose interpolates it).
+function loopsyncEnvironment() {
+  const services = Object.values(compose.services).filter((s) => s.image === "loopsync:local");
+  assert.ok(services.length > 0);
+  return services.map((s) => s.environment ?? {});
+}
+
+test("a real key set alone goes to the real Loops over https, never to the simulator", () => {
+  for (const env of loopsyncEnvironment()) {
+    // `${LOOPS_BASE_URL:-default}` or `${LOOPS_BASE_URL:?message}`: the default, if any, is https.
+    const base = /^\$\{LOOPS_BASE_URL(?::-([^}]*)|:\?[^}]*)\}$/.exec(env.LOOPS_BASE_URL ?? "");
+    assert.ok(base, `LOOPS_BASE_URL is taken from the environment: ${env.LOOPS_BASE_URL}`);
+    if (base[1] !== undefined) assert.match(base[1], /^https:\/\//, "its default is https");
+    // No default key: a key is given, or compose refuses to start.
+    assert.match(env.LOOPS_API_KEY ?? "", /^\$\{LOOPS_API_KEY:\?[^}]+\}$/, "LOOPS_API_KEY is required");
+  }
+  // The simulator is opt-in, with a fixed test key of its own.
+  const sim = compose.services.sim;
+  assert.deepEqual(sim.profiles, ["sim"], "the simulator runs only with the sim profile");
+  const key = sim.command[sim.command.indexOf("--api-key") + 1];
+  assert.ok(sim.command.includes("--api-key") && key && !key.startsWith("$"), "a fixed key");
+  for (const [name, service] of Object.entries(compose.services)) {
+    assert.ok(!("sim" in (service.depends_on ?? {})), `${name} does not start the simulator`);
+  }
+  // Its env file names that key and the config that points at it, and only that config allows http.
+  const env = Object.fromEntries(
+    readFileSync(new URL("deploy/sim.env", root), "utf8")
+      .split("\n")
+      .filter((l) => l.trim() && !l.startsWith("#"))
+      .map((l) => l.split(/=(.*)/s).slice(0, 2)),
+  );
+  assert.equal(env.COMPOSE_PROFILES, "sim");
+  assert.equal(env.LOOPS_API_KEY, key);
+  const simConfig = readFileSync(new URL(env.LOOPSYNC_CONFIG_FILE, root), "utf8");
+  assert.match(simConfig, new RegExp(`^api_key = "${key}"$`, "m"), "the sim config's key is the sim's");
+  assert.match(simConfig, /^base_url = "http:\/\/sim:8788\/api"$/m);
+  const config = readFileSync(new URL("deploy/loopsync.toml", root), "utf8");
+  assert.doesNotMatch(config, /allow_insecure_http/, "the real config allows no plain http");
+});
+
+test("the image runs as a user that is not root, built with --locked", () => {
+  const dockerfile = readFileSync(new URL("Dockerfile", root), "utf8");
+  const lines = dockerfile.split("\n").map((l) => l.trim());
+  const users = lines.filter((l) => /^USER\s/i.test(l));
+  assert.ok(users.length > 0, "the image sets a USER");
+  const user = users.at(-1).split(/\s+/)[1].split(":")[0];
+  assert.ok(!["root", "0"].includes(user), `runs as ${user}`);
+  // The last stage's USER comes after its FROM.
+  assert.ok(lines.lastIndexOf(users.at(-1)) > lines.findLastIndex((l) => /^FROM\s/i.test(l)));
+  for (const build of lines.filter((l) => /cargo build/.test(l))) {
+    assert.match(build, /--locked/, build);
+  }
+  assert.ok(lines.some((l) => /cargo build/.test(l)), "the image builds loopsync");
 });

@@ -12,6 +12,7 @@ pub type Source = Box<dyn std::error::Error + Send + Sync + 'static>;
 pub enum BusError {
     #[error("cannot connect to NATS at {url}: {source}")]
     Connect {
+        /// The server's URL, redacted (`loopsync_core::url::redact`).
         url: String,
         #[source]
         source: async_nats::ConnectError,

@@ -12,6 +12,7 @@ use loopsync_core::destination::Destination;
 use loopsync_engine::adopt::{AdoptReport, adopt_all};
 
 use crate::common::{load_config_for, open_warehouse};
+use crate::escape::printable;
 
 #[derive(Debug, Args)]
 pub struct AdoptArgs {
@@ -63,11 +64,16 @@ fn print_adopted(report: &AdoptReport, configured: &Destination) {
     );
     match &report.earlier {
         Some(e) if e.destination != *configured => crate::say!(
-            "sync {}: its state is bound to {configured} (it was bound to {}).",
+            "sync {}: its state is bound to {} (it was bound to {}).",
             report.sync,
-            e.destination
+            printable(&configured.to_string()),
+            printable(&e.destination.to_string())
         ),
         Some(_) => {}
-        None => crate::say!("sync {}: its state is bound to {configured}.", report.sync),
+        None => crate::say!(
+            "sync {}: its state is bound to {}.",
+            report.sync,
+            printable(&configured.to_string())
+        ),
     }
 }

@@ -10,6 +10,7 @@ use clap::Args;
 use loopsync_engine::check::CheckReport;
 
 use crate::common::load_config;
+use crate::escape::printable;
 
 #[derive(Debug, Args)]
 pub struct CheckArgs {
@@ -74,12 +75,12 @@ fn print_text(config: &str, r: &CheckReport) {
     line(true, &format!("config {config}"));
     match &r.warehouse {
         None => line(true, "warehouse reachable"),
-        Some(e) => line(false, &format!("warehouse: {e}")),
+        Some(e) => line(false, &format!("warehouse: {}", printable(e))),
     }
     match (&r.warehouse, &r.privileges) {
         (Some(_), _) => {}
         (None, None) => line(true, "the warehouse user may make and write the state"),
-        (None, Some(e)) => line(false, &format!("privileges: {e}")),
+        (None, Some(e)) => line(false, &format!("privileges: {}", printable(e))),
     }
     for (sync, error) in &r.models {
         match error {
@@ -87,7 +88,7 @@ fn print_text(config: &str, r: &CheckReport) {
                 true,
                 &format!("sync {sync}: the model runs and has every mapped column"),
             ),
-            Some(e) => line(false, e),
+            Some(e) => line(false, &printable(e)),
         }
     }
     match &r.nats {
@@ -96,22 +97,24 @@ fn print_text(config: &str, r: &CheckReport) {
             true,
             &format!("NATS reachable, JetStream on (nats-server {version})"),
         ),
-        Some(Err(e)) => line(false, &format!("NATS: {e}")),
+        Some(Err(e)) => line(false, &format!("NATS: {}", printable(e))),
     }
     match &r.loops {
         None => line(
             true,
             &format!(
                 "Loops API key valid (team {})",
-                r.team_name.as_deref().unwrap_or("unnamed")
+                printable(r.team_name.as_deref().unwrap_or("unnamed"))
             ),
         ),
         // Not the key's fault when Loops was not reached.
-        Some(e) if e.contains("cannot reach Loops at") => line(false, &format!("Loops: {e}")),
-        Some(e) => line(false, &format!("Loops API key: {e}")),
+        Some(e) if e.contains("cannot reach Loops at") => {
+            line(false, &format!("Loops: {}", printable(e)))
+        }
+        Some(e) => line(false, &format!("Loops API key: {}", printable(e))),
     }
     if let Some(d) = &r.destination {
-        line(true, &format!("destination: {d}"));
+        line(true, &format!("destination: {}", printable(&d.to_string())));
     }
     for b in &r.bindings {
         let sync = &b.sync;
@@ -131,7 +134,8 @@ fn print_text(config: &str, r: &CheckReport) {
                 true,
                 &format!(
                     "sync {sync}: state bound to {} (since {})",
-                    t.destination, t.bound_at
+                    printable(&t.destination.to_string()),
+                    t.bound_at
                 ),
             ),
             (Some(t), Some(false)) => line(
@@ -140,7 +144,8 @@ fn print_text(config: &str, r: &CheckReport) {
                     "sync {sync}: state bound to {} (since {}), not to this destination: runs \
                      refuse it until `loopsync adopt --sync {sync}` (it holds these contacts) or \
                      `loopsync reset --sync {sync}` (send every row again)",
-                    t.destination, t.bound_at
+                    printable(&t.destination.to_string()),
+                    t.bound_at
                 ),
             ),
         }
@@ -157,7 +162,7 @@ fn print_text(config: &str, r: &CheckReport) {
         );
     }
     for m in &r.type_mismatches {
-        line(false, m);
+        line(false, &printable(m));
     }
     for l in &r.missing_lists {
         line(

@@ -1,5 +1,5 @@
 //! What the commands share: exit statuses, usage errors, reading the config, opening the
-//! deployment through the engine, metrics, the stop signal.
+//! deployment through the engine, the stop signal.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -46,26 +46,6 @@ pub fn load_config_for_warehouse(path: &Path, sync: Option<&str>) -> anyhow::Res
         return Err(UsageError(format!("no sync named \"{name}\" in the config")).into());
     }
     Ok(config)
-}
-
-/// Serves Prometheus metrics at `http://{addr}/metrics` from now on (every series of
-/// docs/operations.md, Metrics). A port that cannot be bound is a usage error.
-pub fn serve_metrics(addr: std::net::SocketAddr) -> anyhow::Result<()> {
-    // Histograms with buckets (not summaries), so that several processes' can be added up.
-    const SECONDS: &[f64] = &[
-        0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
-    ];
-    metrics_exporter_prometheus::PrometheusBuilder::new()
-        .with_http_listener(addr)
-        .set_buckets_for_metric(
-            metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
-            SECONDS,
-        )
-        .map_err(|e| UsageError(format!("--metrics-addr {addr}: {e}")))?
-        .install()
-        .map_err(|e| UsageError(format!("--metrics-addr {addr}: {e}")))?;
-    eprintln!("metrics at http://{addr}/metrics");
-    Ok(())
 }
 
 /// The config's warehouse for a command that only reads: nothing is made or migrated; a

@@ -15,6 +15,7 @@ use loopsync_engine::pipeline::Pipeline;
 use loopsync_engine::state::{RecordResult, Warehouse};
 
 use crate::common::{UsageError, load_config_for, load_config_for_warehouse, open_warehouse};
+use crate::escape::printable;
 use crate::printer::{Printer, split, stopped_or};
 use crate::report;
 
@@ -152,11 +153,11 @@ pub async fn run(config_path: &Path, args: DlqArgs) -> anyhow::Result<ExitCode> 
                         format!(
                             "{:<12} {:<20} {:>5}  {:<24} {:<7} {}",
                             r.sync,
-                            r.key,
+                            printable(&r.key),
                             r.run_id,
                             r.at,
                             if l.parked { "parked" } else { "-" },
-                            r.reason.as_deref().unwrap_or("")
+                            printable(r.reason.as_deref().unwrap_or(""))
                         )
                     );
                 }

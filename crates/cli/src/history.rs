@@ -9,6 +9,7 @@ use clap::{Args, Subcommand};
 use loopsync_engine::state::{RecordResult, Warehouse};
 
 use crate::common::{UsageError, load_config_for_warehouse, open_warehouse_read_only};
+use crate::escape::printable;
 use crate::report;
 
 #[derive(Debug, Args)]
@@ -85,9 +86,9 @@ pub async fn runs(config_path: &Path, args: RunsArgs) -> anyhow::Result<ExitCode
                 for r in failed {
                     crate::say!(
                         "    {}  {}  {}",
-                        r.key,
+                        printable(&r.key),
                         r.outcome,
-                        r.reason.as_deref().unwrap_or("")
+                        printable(r.reason.as_deref().unwrap_or(""))
                     );
                 }
             }
@@ -168,10 +169,10 @@ pub async fn rejections(config_path: &Path, args: RejectionsArgs) -> anyhow::Res
         crate::say!(
             "{:<12} {:<20} {:>5}  {:<14} {}",
             r.sync,
-            r.key,
+            printable(&r.key),
             r.run_id,
             r.outcome,
-            r.reason.unwrap_or_default()
+            printable(r.reason.as_deref().unwrap_or_default())
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -8,9 +8,11 @@ mod check;
 mod common;
 mod demo;
 mod dlq;
+mod escape;
 mod history;
 mod plan;
 mod printer;
+mod prometheus;
 mod report;
 mod reset;
 mod run;
@@ -246,8 +248,12 @@ fn init_logs(format: LogFormat) {
 
 /// An error and its causes on one line, each said once: a message that already shows its
 /// cause (a library error whose text must stand alone, as a dead letter's reason does) is not
-/// followed by the cause again.
+/// followed by the cause again. Control characters in it (a key, Loops' words) are escaped.
 fn render(error: &anyhow::Error) -> String {
+    escape::printable(&said_once(error)).into_owned()
+}
+
+fn said_once(error: &anyhow::Error) -> String {
     let mut text = error.to_string();
     for cause in error.chain().skip(1) {
         let cause = cause.to_string();

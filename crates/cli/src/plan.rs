@@ -10,6 +10,7 @@ use clap::Args;
 use loopsync_engine::plan::{PlannedRecord, SyncPlan, plan};
 
 use crate::common::{load_config_for_warehouse, open_warehouse_read_only};
+use crate::escape::printable;
 
 #[derive(Debug, Args)]
 pub struct PlanArgs {
@@ -159,9 +160,18 @@ pub async fn run(config_path: &Path, args: PlanArgs) -> anyhow::Result<ExitCode>
             rps
         );
         for r in &shown {
+            let key = printable(&r.key);
             match &r.reason {
-                Some(reason) => crate::say!("    {:<20} {:<9} {reason}", r.key, r.change.as_str()),
-                None => crate::say!("    {:<20} {:<9} {}", r.key, r.change.as_str(), r.operation),
+                Some(reason) => crate::say!(
+                    "    {key:<20} {:<9} {}",
+                    r.change.as_str(),
+                    printable(reason)
+                ),
+                None => crate::say!(
+                    "    {key:<20} {:<9} {}",
+                    r.change.as_str(),
+                    printable(&r.operation)
+                ),
             }
         }
         if listed > shown.len() {

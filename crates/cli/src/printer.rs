@@ -9,6 +9,7 @@ use loopsync_engine::destination::Refused;
 use loopsync_engine::runs::{RunObserver, SyncRun};
 use loopsync_engine::state::{RunSummary, Warehouse};
 
+use crate::escape::printable;
 use crate::report;
 use crate::stop::{self, Stopped};
 
@@ -80,7 +81,7 @@ impl Printer {
 
 impl RunObserver for Printer {
     fn notice(&mut self, line: String) {
-        eprintln!("{line}");
+        eprintln!("{}", printable(&line));
     }
 
     fn progress(&mut self, line: String) {
@@ -89,8 +90,9 @@ impl RunObserver for Printer {
             return;
         }
         eprintln!(
-            "{} {line}",
-            loopsync_core::time::utc_seconds(std::time::SystemTime::now())
+            "{} {}",
+            loopsync_core::time::utc_seconds(std::time::SystemTime::now()),
+            printable(&line)
         );
     }
 
@@ -135,7 +137,7 @@ impl RunObserver for Printer {
 
     fn refused(&mut self, refused: &Refused) {
         // The other syncs go on (`--once`: the exit status says 2).
-        eprintln!("error: {refused}");
+        eprintln!("error: {}", printable(&refused.to_string()));
     }
 }
 

@@ -66,7 +66,7 @@ pub fn text(run: &RunSummary) -> String {
         ));
     }
     if let Some(error) = &run.error {
-        out.push_str(&format!("  error: {error}\n"));
+        out.push_str(&format!("  error: {}\n", crate::escape::printable(error)));
     }
     if run.invalid + run.rejected + run.dead_lettered > 0 {
         out.push_str("  see: loopsync rejections\n");

@@ -13,6 +13,7 @@ use clap::Args;
 use loopsync_engine::reset;
 
 use crate::common::{EXIT_FAILED, UsageError, load_config_for_warehouse, open_warehouse};
+use crate::escape::printable;
 
 #[derive(Debug, Args)]
 pub struct ResetArgs {
@@ -56,7 +57,12 @@ pub async fn run(config_path: &Path, args: ResetArgs) -> anyhow::Result<ExitCode
         }
         let bound = bound
             .as_ref()
-            .map(|b| format!(", and its binding to {}", b.destination))
+            .map(|b| {
+                format!(
+                    ", and its binding to {}",
+                    printable(&b.destination.to_string())
+                )
+            })
             .unwrap_or_default();
         eprint!(
             "Forget the state of sync {sync} (what Loops confirmed for each record{bound})? {} \
@@ -78,7 +84,11 @@ pub async fn run(config_path: &Path, args: ResetArgs) -> anyhow::Result<ExitCode
         crate::output::json("reset", &value)?;
     } else {
         let binding = match &reset.destination {
-            Some(b) => format!("its binding to {} (since {})", b.destination, b.bound_at),
+            Some(b) => format!(
+                "its binding to {} (since {})",
+                printable(&b.destination.to_string()),
+                b.bound_at
+            ),
             None => "no destination binding".into(),
         };
         crate::say!(

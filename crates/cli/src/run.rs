@@ -80,7 +80,7 @@ impl RunArgs {
 pub async fn run(config_path: &Path, args: RunArgs) -> anyhow::Result<ExitCode> {
     let config = load_config(config_path)?;
     if let Some(addr) = args.metrics_addr {
-        crate::common::serve_metrics(addr)?;
+        crate::prometheus::serve_metrics(addr)?;
     }
     if args.remote && config.nats.is_none() {
         return Err(UsageError(

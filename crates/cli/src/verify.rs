@@ -13,6 +13,7 @@ use loopsync_engine::pipeline::Pipeline;
 use loopsync_engine::verify::{Options, Report, verify_pipeline};
 
 use crate::common::load_config_for;
+use crate::escape::printable;
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
@@ -97,10 +98,19 @@ fn print_text(report: &Report) {
                 (None, Some(u)) => format!(" (userId {u})"),
                 (None, None) => String::new(),
             };
-            crate::say!("  key {}{who}: {}", d.key, d.text);
+            crate::say!(
+                "  key {}{}: {}",
+                printable(&d.key),
+                printable(&who),
+                printable(&d.text)
+            );
         }
         for u in &s.unreadable {
-            crate::say!("  key {}: not read: {}", u.key, u.error);
+            crate::say!(
+                "  key {}: not read: {}",
+                printable(&u.key),
+                printable(&u.error)
+            );
         }
         let k = &s.skipped_by_reason;
         if s.skipped > 0 {
@@ -133,7 +143,7 @@ fn print_text(report: &Report) {
             );
         }
         if let Some(note) = &s.note {
-            crate::say!("  note: {note}");
+            crate::say!("  note: {}", printable(note));
         }
     }
     if report.syncs.is_empty() {

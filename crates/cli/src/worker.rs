@@ -41,7 +41,7 @@ pub async fn run(config_path: &Path, args: WorkerArgs) -> anyhow::Result<ExitCod
         .into());
     }
     if let Some(addr) = args.metrics_addr {
-        crate::common::serve_metrics(addr)?;
+        crate::prometheus::serve_metrics(addr)?;
     }
     let mut pipeline = Pipeline::connect(config, crate::stop::token()).await?;
     let name = match args.stage {

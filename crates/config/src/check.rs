@@ -6,7 +6,7 @@ use loopsync_core::spec::{
     RESERVED_NAMES, SyncSpec, default_property_kind,
 };
 use loopsync_core::value::PropertyKind;
-use loopsync_core::warehouse_url;
+use loopsync_core::{url, warehouse_url};
 
 use crate::raw::{RawConfig, RawEventName, RawMapping, RawSync};
 use crate::{Config, ConfigError, LoopsConfig, NatsConfig, Schedule, SyncConfig, invalid};
@@ -70,7 +70,7 @@ fn check_warehouse(warehouse: &crate::WarehouseConfig) -> Result<(), ConfigError
             format!(
                 "\"{}\" is not a warehouse URL: it starts with postgres://, sqlite:///, mysql:// \
                  or duckdb://",
-                redact_url(&warehouse.url)
+                url::redact(&warehouse.url)
             ),
         ));
     }
@@ -106,29 +106,29 @@ fn check_warehouse(warehouse: &crate::WarehouseConfig) -> Result<(), ConfigError
     Ok(())
 }
 
-/// A URL as it may be shown: the password of `user:password@` replaced by `***`.
-pub(crate) fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    match authority.rsplit_once('@') {
-        Some((user, host)) => match user.split_once(':') {
-            Some((name, _)) => format!("{scheme}://{name}:***@{host}{path}"),
-            None => url.to_owned(),
-        },
-        None => url.to_owned(),
-    }
-}
-
-/// `[loops]`: limits at least 1, a positive timeout, an http(s) base URL.
+/// `[loops]`: limits at least 1, a positive timeout, an http(s) base URL, and https unless the
+/// host is this machine or `allow_insecure_http` says otherwise.
 fn check_loops(loops: &LoopsConfig) -> Result<(), ConfigError> {
     let base = &loops.base_url;
     let stand_in = base.contains('\u{0}');
     if !(stand_in || base.starts_with("http://") || base.starts_with("https://")) {
         return Err(invalid(
             "loops.base_url",
-            format!("\"{base}\" is not an http:// or https:// URL"),
+            format!(
+                "\"{}\" is not an http:// or https:// URL",
+                url::redact(base)
+            ),
+        ));
+    }
+    if base.starts_with("http://") && !loops.allow_insecure_http && !url::is_loopback(base) {
+        return Err(invalid(
+            "loops.base_url",
+            format!(
+                "\"{}\" is plain http: the API key and every contact's data would cross the \
+                 network unencrypted. Use https://, or set loops.allow_insecure_http = true \
+                 (a simulator on a private network; loopback hosts need neither)",
+                url::redact(base)
+            ),
         ));
     }
     if loops.requests_per_second == 0 {

@@ -80,9 +80,14 @@ pub struct LoopsConfig {
     /// A file whose content (trimmed) is the API key, instead of `api_key` (a mounted secret).
     #[serde(default)]
     pub api_key_file: Option<String>,
-    /// The API root without `/v1`.
+    /// The API root without `/v1`. `https://`, or `http://` on a loopback host (127.0.0.0/8,
+    /// `::1`, `localhost`) or with `allow_insecure_http`.
     #[serde(default = "default_base_url")]
     pub base_url: String,
+    /// Lets `base_url` be plain `http://` on a host that is not this machine (a simulator on a
+    /// private network): the API key and contacts' data then cross that network unencrypted.
+    #[serde(default)]
+    pub allow_insecure_http: bool,
     /// The team's limit, shared by every worker and sync.
     #[serde(default = "default_rps")]
     pub requests_per_second: u32,
@@ -1109,5 +1114,40 @@ amount = { column = "amount", type = "number" }
         assert!(broken.is_empty(), "links to nothing: {broken:?}");
         assert!(cites_api_notes, "the docs link the Loops API notes");
         assert!(root.join("docs/loops-api.md").exists());
+    }
+
+    /// `loops.base_url` is https, or plain http on this machine (127.0.0.0/8, `::1`,
+    /// `localhost`); elsewhere plain http is refused, naming the setting that allows it.
+    #[test]
+    fn plain_http_to_loops_only_on_loopback_or_when_allowed() {
+        let with = |url: &str, extra: &str| {
+            EXAMPLE.replace(
+                "base_url = \"https://app.loops.so/api\"",
+                &format!("base_url = \"{url}\"{extra}"),
+            )
+        };
+        let refused = error_of(&with("http://sim:8788/api", ""));
+        assert!(
+            refused.starts_with("loops.base_url: \"http://sim:8788/api\" is plain http")
+                && refused.contains("loops.allow_insecure_http = true"),
+            "{refused}"
+        );
+        let hidden = error_of(&with("http://proxy:s3cret@loops.example/api", ""));
+        assert!(!hidden.contains("s3cret"), "{hidden}");
+        for url in [
+            "http://127.0.0.1:8788/api",
+            "http://localhost:8788/api",
+            "http://[::1]:8788/api",
+        ] {
+            let config = Config::parse(&with(url, ""), env).unwrap();
+            assert!(!config.loops.allow_insecure_http, "{url}");
+        }
+        let allowed = Config::parse(
+            &with("http://sim:8788/api", "\nallow_insecure_http = true"),
+            env,
+        )
+        .unwrap();
+        assert!(allowed.loops.allow_insecure_http);
+        assert_eq!(allowed.loops.base_url, "http://sim:8788/api");
     }
 }

@@ -39,9 +39,14 @@ impl fmt::Display for Destination {
 }
 
 /// `base_url` as destinations compare it: trimmed, without trailing slashes, the scheme and
-/// the host in lower case (they are case-insensitive), without the scheme's default port. The
+/// the host in lower case (they are case-insensitive), without the scheme's default port, a
+/// password in it [`crate::url::redact`]ed (a destination is shown and kept in the state). The
 /// path keeps its case.
 pub fn normalize_base_url(base_url: &str) -> String {
+    crate::url::redact(&normalize(base_url))
+}
+
+fn normalize(base_url: &str) -> String {
     let url = base_url.trim().trim_end_matches('/');
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
@@ -90,6 +95,10 @@ mod tests {
                 "https://proxy.example/Loops/API",
             ),
             ("not a url/", "not a url"),
+            (
+                "https://proxy:S3cret@Loops.example/api",
+                "https://proxy:***@loops.example/api",
+            ),
         ] {
             assert_eq!(normalize_base_url(given), normal, "{given:?}");
         }

@@ -96,3 +96,16 @@ pub const CLOCK_SKEW_ALLOWED: Duration = Duration::from_secs(1);
 /// week: a backlog older than that is stale — the next run extracts what was not confirmed).
 /// Outcomes have no age limit: a confirmation must reach the state.
 pub const WORK_QUEUE_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// How long a client of one of loopsync's HTTP listeners (the metrics endpoint, the
+/// simulator) may take to send a request's headers before the connection is closed: a client
+/// that sends half a request and waits must not hold a connection, and its task, for ever.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The largest answer body read from Loops: its answers are a few hundred bytes (a page of
+/// contact properties some kilobytes), so a longer body is not Loops', and is refused before it
+/// is held in memory whole.
+pub const MAX_LOOPS_BODY_BYTES: usize = 1024 * 1024;
+
+/// The most characters of Loops' `message` kept in an error, and so in a record's reason.
+pub const MAX_LOOPS_MESSAGE_CHARS: usize = 200;

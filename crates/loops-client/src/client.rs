@@ -8,6 +8,8 @@ use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+use loopsync_core::tuning::MAX_LOOPS_BODY_BYTES;
+
 use crate::LoopsError;
 use crate::error::classify;
 use crate::rate_limit::RateLimitInfo;
@@ -58,6 +60,11 @@ impl LoopsClient {
         let http = reqwest::Client::builder()
             .timeout(config.timeout)
             .connect_timeout(config.timeout.min(Duration::from_secs(5)))
+            // A redirect would re-send the body (contacts' data) and the key elsewhere: a 3xx
+            // is an answer of its own, classified as such (`LoopsError::Redirected`).
+            .redirect(reqwest::redirect::Policy::none())
+            // Nothing tells another host which request led to it (`contacts/find?email=…`).
+            .referer(false)
             .build()
             .map_err(|e| LoopsError::Usage(format!("cannot build the HTTP client: {e}")))?;
         Ok(LoopsClient {
@@ -259,12 +266,34 @@ impl LoopsClient {
         let headers = response.headers().clone();
         *self.last_rate_limit.lock().expect("rate-limit mutex") =
             RateLimitInfo::from_headers(&headers);
-        let text = response
-            .text()
-            .await
-            .map_err(|e| LoopsError::from_reqwest(e, self.timeout))?;
+        let text = self.read_body(response).await?;
         classify(status, &headers, &text)?;
         Ok(text)
+    }
+
+    /// The answer's body as text, read chunk by chunk: a body longer than
+    /// [`MAX_LOOPS_BODY_BYTES`] is [`LoopsError::TooLarge`], found before it is held whole.
+    async fn read_body(&self, mut response: reqwest::Response) -> Result<String, LoopsError> {
+        let too_large = LoopsError::TooLarge {
+            status: response.status().as_u16(),
+            limit: MAX_LOOPS_BODY_BYTES,
+        };
+        let limit = MAX_LOOPS_BODY_BYTES as u64;
+        if response.content_length().is_some_and(|n| n > limit) {
+            return Err(too_large);
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| LoopsError::from_reqwest(e, self.timeout))?
+        {
+            if body.len() + chunk.len() > MAX_LOOPS_BODY_BYTES {
+                return Err(too_large);
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(String::from_utf8_lossy(&body).into_owned())
     }
 }
 

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use loopsync_core::tuning::MAX_LOOPS_MESSAGE_CHARS;
 use loopsync_core::{Classified, ErrorClass};
 use reqwest::StatusCode;
 use reqwest::header::HeaderMap;
@@ -37,6 +38,22 @@ pub enum LoopsError {
     /// 5xx, with the body as text (it may be HTML or empty when a load balancer answered).
     #[error("server error {status}: {}", body_excerpt(.body))]
     Server { status: u16, body: String },
+    /// 3xx: Loops does not redirect its API, and a redirect followed would send the request's
+    /// body (contacts' data) and the key to wherever it points; not followed.
+    #[error(
+        "redirected ({status}) to {}: not followed (the request and its key stay with the \
+         configured loops.base_url; point it at the final address if the move is genuine)",
+        .location.as_deref().unwrap_or("nowhere said")
+    )]
+    Redirected {
+        status: u16,
+        /// The `Location` header, redacted and shortened.
+        location: Option<String>,
+    },
+    /// The answer's body was longer than loopsync reads from Loops
+    /// ([`loopsync_core::tuning::MAX_LOOPS_BODY_BYTES`]); the rest was not read.
+    #[error("the answer (status {status}) is over {limit} bytes: not Loops' answer, not read")]
+    TooLarge { status: u16, limit: usize },
     /// Any other non-success status (405, 408, 413, …).
     #[error("unexpected status {status}: {}", body_excerpt(.body))]
     UnexpectedStatus { status: u16, body: String },
@@ -77,7 +94,9 @@ impl Classified for LoopsError {
             | LoopsError::NotFound { .. }
             | LoopsError::Invalid { .. }
             | LoopsError::Unauthorized { .. }
-            | LoopsError::UnexpectedStatus { .. } => ErrorClass::Permanent,
+            | LoopsError::UnexpectedStatus { .. }
+            | LoopsError::Redirected { .. }
+            | LoopsError::TooLarge { .. } => ErrorClass::Permanent,
             LoopsError::Usage(_) => ErrorClass::Poison,
         }
     }
@@ -148,16 +167,25 @@ fn body_excerpt(body: &str) -> String {
     if trimmed.is_empty() {
         return "(empty body)".to_owned();
     }
-    let mut excerpt: String = trimmed.chars().take(200).collect();
-    if trimmed.chars().count() > 200 {
-        excerpt.push('…');
-    }
-    excerpt
+    shorten(trimmed)
 }
 
-/// Reads Loops' message from an error body. Like loops-go, `error` (a string, or an object
-/// with a `message`) is preferred over `message`; a body that is not JSON gives `None`.
+/// `text` cut to [`MAX_LOOPS_MESSAGE_CHARS`] characters (on a character boundary), with `…`
+/// when something was cut: what of Loops' words an error, and so a record's reason, keeps.
+pub(crate) fn shorten(text: &str) -> String {
+    match text.char_indices().nth(MAX_LOOPS_MESSAGE_CHARS) {
+        None => text.to_owned(),
+        Some((end, _)) => format!("{}…", &text[..end]),
+    }
+}
+
+/// Reads Loops' message from an error body, [`shorten`]ed. Like loops-go, `error` (a string, or
+/// an object with a `message`) is preferred over `message`; a body that is not JSON gives `None`.
 pub(crate) fn message_of(body: &str) -> Option<String> {
+    full_message_of(body).map(|m| shorten(&m))
+}
+
+fn full_message_of(body: &str) -> Option<String> {
     let value: serde_json::Value = serde_json::from_str(body).ok()?;
     let object = value.as_object()?;
     match object.get("error") {
@@ -197,13 +225,21 @@ pub fn classify(status: StatusCode, headers: &HeaderMap, body: &str) -> Result<(
         404 => LoopsError::NotFound { message: message() },
         400 => LoopsError::Invalid { message: message() },
         401 => LoopsError::Unauthorized { message: message() },
+        s @ 300..=399 => LoopsError::Redirected {
+            status: s,
+            location: headers.get(reqwest::header::LOCATION).map(|l| {
+                shorten(&loopsync_core::url::redact(&String::from_utf8_lossy(
+                    l.as_bytes(),
+                )))
+            }),
+        },
         s @ 500..=599 => LoopsError::Server {
             status: s,
-            body: body.to_owned(),
+            body: shorten(body.trim()),
         },
         s => LoopsError::UnexpectedStatus {
             status: s,
-            body: body.to_owned(),
+            body: shorten(body.trim()),
         },
     })
 }
@@ -348,6 +384,40 @@ mod tests {
         let empty = classify_status(500, "");
         assert!(empty.to_string().contains("(empty body)"));
         assert_eq!(empty.class(), ErrorClass::RETRY);
+    }
+
+    /// Loops' message becomes a record's reason: at most 200 characters of it, cut on a
+    /// character boundary.
+    #[test]
+    fn a_long_message_is_cut_on_a_character_boundary() {
+        let long = "é".repeat(150) + &"x".repeat(500);
+        let error = classify_status(400, &serde_json::json!({"message": long}).to_string());
+        let message = error.message().unwrap();
+        assert_eq!(
+            message.chars().count(),
+            MAX_LOOPS_MESSAGE_CHARS + 1,
+            "{message}"
+        );
+        assert!(message.starts_with(&"é".repeat(150)) && message.ends_with("x…"));
+        let short = classify_status(400, r#"{"message":"Invalid email"}"#);
+        assert_eq!(short.message(), Some("Invalid email"));
+        let server = classify_status(502, &"<p>".repeat(1000));
+        assert!(server.to_string().chars().count() < 300, "{server}");
+    }
+
+    /// A 3xx is an answer of its own, never followed: permanent, and its target is shown
+    /// without the secrets it may carry.
+    #[test]
+    fn a_redirect_is_permanent() {
+        let h = headers(&[("location", "https://u:s3cret@elsewhere.example/x")]);
+        for status in [301, 302, 307, 308] {
+            let error = classify(StatusCode::from_u16(status).unwrap(), &h, "").unwrap_err();
+            assert!(matches!(error, LoopsError::Redirected { .. }), "{error:?}");
+            assert_eq!(error.class(), ErrorClass::Permanent);
+            let text = error.to_string();
+            assert!(text.contains("not followed") && text.contains("elsewhere.example"));
+            assert!(!text.contains("s3cret"), "{text}");
+        }
     }
 
     #[test]

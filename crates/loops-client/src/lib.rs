@@ -5,7 +5,10 @@
 //! * Every answer is classified in one place, [`classify`]: ok, rate-limited, conflict, not
 //!   found, invalid, unauthorized, server error, or (before any answer) transport error and
 //!   timeout. Each [`LoopsError`] knows its [`loopsync_core::ErrorClass`].
-//! * The client never retries on its own: retry policy belongs to the loader.
+//! * The client never retries on its own: retry policy belongs to the loader. Nor does it
+//!   follow redirects (a 3xx is [`LoopsError::Redirected`]), send a `Referer`, or read more
+//!   than [`loopsync_core::tuning::MAX_LOOPS_BODY_BYTES`] of an answer; Loops' messages are kept
+//!   to [`loopsync_core::tuning::MAX_LOOPS_MESSAGE_CHARS`] characters.
 //! * The API key never appears in `Debug` output or error messages.
 
 mod client;
@@ -21,5 +24,7 @@ pub use types::{
     IdempotencyKey, MailingList, PropertyKind,
 };
 
+#[cfg(test)]
+mod hostile_tests;
 #[cfg(test)]
 mod tests;

@@ -2,6 +2,7 @@
 //! settings that can change while it runs (`POST /_sim/settings`).
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -134,6 +135,9 @@ pub struct SimConfig {
     pub lists: Vec<MailingList>,
     /// Custom contact properties the team has from the start.
     pub properties: Vec<(String, PropertyType)>,
+    /// A connection whose request headers take longer is closed (a client that sends half a
+    /// request holds nothing).
+    pub header_read_timeout: Duration,
 }
 
 impl Default for SimConfig {
@@ -145,6 +149,7 @@ impl Default for SimConfig {
             settings: Settings::default(),
             lists: Vec::new(),
             properties: Vec::new(),
+            header_read_timeout: loopsync_core::tuning::HEADER_READ_TIMEOUT,
         }
     }
 }

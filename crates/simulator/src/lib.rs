@@ -22,10 +22,11 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::Router;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::Value;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, oneshot};
@@ -137,9 +138,14 @@ pub async fn spawn(config: SimConfig) -> io::Result<SimHandle> {
     let addr = listener.local_addr()?;
     let (shared, app) = build(&config);
     let (tx, rx) = oneshot::channel();
-    let task = tokio::spawn(accept_loop(listener, app, async {
-        let _ = rx.await;
-    }));
+    let task = tokio::spawn(accept_loop(
+        listener,
+        app,
+        config.header_read_timeout,
+        async {
+            let _ = rx.await;
+        },
+    ));
     Ok(SimHandle {
         addr,
         shared,
@@ -155,12 +161,13 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     let (_, app) = build(&config);
-    accept_loop(listener, app, shutdown).await;
+    accept_loop(listener, app, config.header_read_timeout, shutdown).await;
 }
 
 async fn accept_loop(
     listener: TcpListener,
     app: Router,
+    header_read_timeout: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     tokio::pin!(shutdown);
@@ -169,7 +176,7 @@ async fn accept_loop(
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    tokio::spawn(serve_connection(stream, app.clone()));
+                    tokio::spawn(serve_connection(stream, app.clone(), header_read_timeout));
                 }
                 Err(error) => {
                     // Out of file descriptors and the like: wait instead of spinning.
@@ -182,8 +189,9 @@ async fn accept_loop(
 }
 
 /// One HTTP/1.1 connection. A fault "dropped connection" notifies `dropper`, and the connection
-/// is closed without an answer.
-async fn serve_connection(stream: TcpStream, app: Router) {
+/// is closed without an answer; so is one whose request headers take over
+/// `header_read_timeout`.
+async fn serve_connection(stream: TcpStream, app: Router, header_read_timeout: Duration) {
     let dropper = Arc::new(Notify::new());
     let signal = dropper.clone();
     let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
@@ -192,8 +200,10 @@ async fn serve_connection(stream: TcpStream, app: Router) {
             .insert(ConnectionDropper(signal.clone()));
         app.clone().oneshot(request.map(axum::body::Body::new))
     });
-    let connection =
-        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout)
+        .serve_connection(TokioIo::new(stream), service);
     tokio::select! {
         result = connection => {
             if let Err(error) = result {

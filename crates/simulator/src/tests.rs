@@ -1197,3 +1197,33 @@ async fn numeric_dates_decides_how_a_number_is_read() {
         assert_eq!(c["createdAt"], "2024-01-08T00:00:00.000Z");
     }
 }
+
+/// A client that sends half a request line and waits has its connection closed once the
+/// header read timeout passes (not before); meanwhile the simulator answers others.
+#[tokio::test]
+async fn half_a_request_is_closed_after_the_header_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let timeout = Duration::from_millis(300);
+    let sim = spawn(SimConfig {
+        header_read_timeout: timeout,
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    let mut stream = tokio::net::TcpStream::connect(sim.addr()).await.unwrap();
+    stream.write_all(b"GET /api/v1/api-ke").await.unwrap();
+    let answer = call(&sim, Method::GET, "/v1/api-key", None).await;
+    assert_eq!(
+        answer.status,
+        StatusCode::OK,
+        "others are answered meanwhile"
+    );
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest))
+        .await
+        .expect("the connection is closed within the timeout")
+        .ok();
+    assert!(rest.is_empty(), "closed without an answer: {rest:?}");
+    assert!(started.elapsed() >= timeout, "not before the timeout");
+}

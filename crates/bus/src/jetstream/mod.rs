@@ -221,12 +221,12 @@ impl JetStreamBus {
             .apply(async_nats::ConnectOptions::new().name("loopsync"))
             .await
             .map_err(|e| BusError::Connect {
-                url: url.to_owned(),
+                url: loopsync_core::url::redact(url),
                 source: async_nats::ConnectError::with_source(async_nats::ConnectErrorKind::Io, e),
             })?;
         let (connect, disconnects) = Disconnects::watch(connect);
         let client = connect.connect(url).await.map_err(|e| BusError::Connect {
-            url: url.to_owned(),
+            url: loopsync_core::url::redact(url),
             source: e,
         })?;
         let version = client.server_info().version;
@@ -252,7 +252,7 @@ impl JetStreamBus {
     /// JetStream answers, making nothing: what `loopsync check` asks. Returns the version.
     pub async fn probe(url: &str, options: &JetStreamOptions) -> Result<String, BusError> {
         let connect_error = |e| BusError::Connect {
-            url: url.to_owned(),
+            url: loopsync_core::url::redact(url),
             source: e,
         };
         let connect = options
