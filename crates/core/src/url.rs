@@ -105,13 +105,14 @@ pub fn host(url: &str) -> Option<&str> {
 
 /// The host of `url` is this machine: `localhost`, an address of 127.0.0.0/8, or `::1`.
 pub fn is_loopback(url: &str) -> bool {
-    match host(url) {
-        Some(host) => {
-            host.eq_ignore_ascii_case("localhost")
-                || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
-        }
-        None => false,
-    }
+    host(url).is_some_and(is_loopback_host)
+}
+
+/// `host` is this machine: `localhost`, an address of 127.0.0.0/8, or `::1` (brackets allowed).
+pub fn is_loopback_host(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 #[cfg(test)]

@@ -87,7 +87,7 @@ const DRIVERS_OWN: &[&str] = &[
 /// `url`'s TLS settings, and the URL its driver is given. A URL that does not parse is left for
 /// the driver to refuse with its own words.
 pub fn split(url: &str) -> Result<Split, String> {
-    let Ok(mut parsed) = url::Url::parse(url) else {
+    let Ok(mut parsed) = ::url::Url::parse(url) else {
         return Ok(Split {
             url: url.to_owned(),
             tls: Tls {
@@ -150,16 +150,13 @@ pub fn split(url: &str) -> Result<Split, String> {
     })
 }
 
-/// `host` is this machine: a name for it, or a loopback address (a Unix socket's folder too).
-pub fn is_loopback(host: &str) -> bool {
-    let host = host.trim_start_matches('[').trim_end_matches(']');
+/// `host` is this machine: a loopback name or address, or a Unix socket's folder (none, or
+/// one written as a path).
+fn is_loopback(host: &str) -> bool {
     host.is_empty()
-        || host.eq_ignore_ascii_case("localhost")
         || host.starts_with('/')
         || host.to_ascii_lowercase().starts_with("%2f")
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
+        || crate::url::is_loopback_host(host)
 }
 
 #[cfg(test)]
