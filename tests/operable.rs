@@ -803,6 +803,7 @@ async fn every_json_field_is_documented() {
         &["plan", "--json"],
         &["check", "--json"],
         &["verify", "--json"],
+        &["forget", "--sync", "users", "--key", "2", "--json"],
         &["reset", "--sync", "users", "--yes", "--json"],
         &["adopt", "--json"],
     ] {

@@ -135,13 +135,13 @@ async fn invalid_records_degrade_the_run() {
         reasons,
         [
             "(null #1): id is NULL",
-            "1: malformed email \"not-an-email\"",
+            "1: malformed email (column email)",
             "2: no email: the contact is identified by email",
-            "3: duplicate primary key: 2 rows have id = 3",
-            "5: the email user5@example.com is on 2 rows of this run: one contact cannot be two records",
-            "6: the email user5@example.com is on 2 rows of this run: one contact cannot be two records",
+            "3: duplicate primary key: 2 rows have this id",
+            "5: this row's email (column email) is on 2 rows of this run: one contact cannot be two records",
+            "6: this row's email (column email) is on 2 rows of this run: one contact cannot be two records",
             "7: firstName is 501 characters long; Loops accepts at most 500",
-            "8: seats: \"many\" is not a number",
+            "8: seats (column seats): not a number",
         ]
     );
     assert_eq!(stack.contacts().await.len(), 1);
@@ -176,7 +176,7 @@ async fn invalid_records_degrade_the_run() {
         "{keys:?}"
     );
     let text = stack.output(&["rejections"]).await;
-    assert!(String::from_utf8_lossy(&text.stdout).contains("malformed email \"not-an-email\""));
+    assert!(String::from_utf8_lossy(&text.stdout).contains("malformed email (column email)"));
 
     // `loopsync runs` and `runs show`.
     let runs = stack.output(&["runs", "--json"]).await;
@@ -355,7 +355,7 @@ async fn plan_is_a_dry_run_that_matches_the_run() {
     let text = plan(&["plan"]).await;
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains("requests: 2"), "{text}");
-    assert!(text.contains("malformed email \"bad\""), "{text}");
+    assert!(text.contains("malformed email (column email)"), "{text}");
     let (run, seen) = stack.run_seen(&[]).await;
     assert_eq!(
         run.status, 3,
@@ -393,7 +393,7 @@ async fn the_demo_runs_end_to_end() {
     assert!(text.contains("== first run"), "{text}");
     assert!(text.contains("added 25"), "{text}");
     assert!(
-        text.contains("malformed email \"not-an-email\"") || text.contains("invalid 1"),
+        text.contains("malformed email (column email)") || text.contains("invalid 1"),
         "{text}"
     );
     // 25 users, then 2 added (the malformed one is not sent): 27 contacts, none rate limited.

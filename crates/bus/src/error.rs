@@ -44,6 +44,13 @@ pub enum BusError {
         #[source]
         source: Source,
     },
+    /// Erasing a person's messages (`loopsync forget`) failed.
+    #[error("{what}: {source}")]
+    Erase {
+        what: String,
+        #[source]
+        source: Source,
+    },
     #[error("{what}: {source}")]
     Ledger {
         /// "ledger", or "ledger: rate budget".

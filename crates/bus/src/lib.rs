@@ -165,6 +165,24 @@ pub trait Messaging: Send + Sync + 'static {
     /// Messages of a stage's work queue not yet settled (acknowledged or terminated): waiting,
     /// being processed, or waiting to be redelivered. The stage's lag; 0 once it is idle.
     async fn unsettled(&self, stage: Stage) -> Result<u64, BusError>;
+
+    /// Erases the stored messages about `sync` that `matches` picks (`loopsync forget`), in
+    /// every stage's work queue and in the dead letters; `matches` is given the stage a
+    /// message is for and its payload. Each is read, then deleted by its sequence (JetStream
+    /// overwrites its content where it is stored). Returns how many went, per place.
+    async fn erase(&self, sync: &str, matches: &Matcher) -> Result<Erased, BusError>;
+}
+
+/// Picks the messages to erase: `(the stage a message is for, its payload)`.
+pub type Matcher = dyn Fn(Stage, &[u8]) -> bool + Send + Sync;
+
+/// What [`Messaging::erase`] erased.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Erased {
+    /// Messages of the stages' work queues (run requests, changes, operations, outcomes).
+    pub work_queues: u64,
+    /// Dead letters.
+    pub dead_letters: u64,
 }
 
 /// What the processes of a deployment agree on besides messages: the loader's ledger (last
@@ -187,6 +205,10 @@ pub trait Coordination: Send + Sync + 'static {
         value: Bytes,
         expected: Option<u64>,
     ) -> Result<Option<u64>, BusError>;
+
+    /// Erases the ledger entry of a record, and every earlier revision of it (`loopsync
+    /// forget`); whether there was one.
+    async fn ledger_forget(&self, key: &str) -> Result<bool, BusError>;
 
     /// Takes one request slot of the rate budget `budget`, shared by every process on this bus,
     /// waiting until one is free. Slots are `period` apart, and a slot taken up to `slack` late

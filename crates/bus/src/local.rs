@@ -25,7 +25,10 @@ use bytes::Bytes;
 use loopsync_core::stage::Stage;
 use tokio::sync::Notify;
 
-use crate::{Acker, BusError, Consumer, Coordination, DeadLetter, Delivery, Messaging, Versioned};
+use crate::{
+    Acker, BusError, Consumer, Coordination, DeadLetter, Delivery, Erased, Matcher, Messaging,
+    Versioned,
+};
 
 const DUPLICATE_WINDOW: Duration = loopsync_core::tuning::DUPLICATE_WINDOW;
 
@@ -587,6 +590,18 @@ impl Messaging for LocalBus {
     async fn unsettled(&self, stage: Stage) -> Result<u64, BusError> {
         Ok(self.inner.queues[&stage].unsettled.load(Ordering::SeqCst))
     }
+
+    /// The dead letters only: the work queues live and die with the run of this process,
+    /// and `loopsync forget` refuses while a run is in progress.
+    async fn erase(&self, sync: &str, matches: &Matcher) -> Result<Erased, BusError> {
+        let mut dead = self.inner.dead.lock().expect("dlq lock");
+        let before = dead.len();
+        dead.retain(|l| l.sync != sync || !matches(l.stage, &l.payload));
+        Ok(Erased {
+            work_queues: 0,
+            dead_letters: (before - dead.len()) as u64,
+        })
+    }
 }
 
 #[async_trait]
@@ -614,6 +629,17 @@ impl Coordination for LocalBus {
             .lock()
             .expect("ledger lock")
             .swap(key, value, expected))
+    }
+
+    async fn ledger_forget(&self, key: &str) -> Result<bool, BusError> {
+        Ok(self
+            .inner
+            .ledger
+            .lock()
+            .expect("ledger lock")
+            .entries
+            .remove(key)
+            .is_some())
     }
 
     async fn rate_slot(

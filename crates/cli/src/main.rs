@@ -9,6 +9,7 @@ mod common;
 mod demo;
 mod dlq;
 mod escape;
+mod forget;
 mod history;
 mod plan;
 mod printer;
@@ -86,6 +87,9 @@ enum Command {
     /// Forget a sync's state (what Loops confirmed, and the Loops it is bound to): the next run
     /// sends every row. Its runs and records stay.
     Reset(reset::ResetArgs),
+    /// Erase one person (a key, or an email) from the state, results, attempts and dead
+    /// letters of a sync; --in-loops deletes the contact in Loops too. Exit 1 when not found.
+    Forget(forget::ForgetArgs),
     /// Serve the local Loops API simulator.
     Sim(sim::SimArgs),
     /// Read confirmed contacts back from Loops and report drift from the confirmed state;
@@ -107,6 +111,7 @@ impl Command {
             Command::Rejections(_) => "rejections",
             Command::Dlq(_) => "dlq",
             Command::Reset(_) => "reset",
+            Command::Forget(_) => "forget",
             Command::Sim(_) => "sim",
             Command::Verify(_) => "verify",
         }
@@ -280,6 +285,7 @@ async fn run_command(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Dlq(args) => dlq::run(&args.config.path.clone(), args).await,
             Command::Verify(args) => verify::run(&args.config.path.clone(), args).await,
             Command::Reset(args) => reset::run(&args.config.path.clone(), args).await,
+            Command::Forget(args) => forget::run(&args.config.path.clone(), args).await,
         }
     }
 }

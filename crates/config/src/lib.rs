@@ -10,7 +10,10 @@ use loopsync_core::spec::SyncSpec;
 use serde::Deserialize;
 
 mod check;
+mod files;
 mod raw;
+
+pub use files::too_open;
 
 use raw::RawConfig;
 
@@ -64,10 +67,40 @@ pub struct WarehouseConfig {
     /// digits and `_`, starting with a letter or `_`.
     #[serde(default = "default_state_schema")]
     pub state_schema: String,
+    /// How long each run's per-record results (`records`, `attempts`: keys, reasons) are kept:
+    /// a humantime duration (`"90d"`, `"2w"`); at the end of each run, those of the runs
+    /// requested longer ago are deleted (the runs and their counts stay).
+    #[serde(default = "default_records_retention", deserialize_with = "retention")]
+    pub records_retention: Duration,
 }
 
 fn default_state_schema() -> String {
     "loopsync".to_owned()
+}
+
+/// `records_retention` when the config says none: 90 days.
+pub const DEFAULT_RECORDS_RETENTION: Duration = Duration::from_secs(90 * 24 * 3600);
+
+fn default_records_retention() -> Duration {
+    DEFAULT_RECORDS_RETENTION
+}
+
+/// A retention: a humantime duration of at least a minute (a shorter one would prune the
+/// results of the run that just ended before anyone read them).
+fn retention<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    let duration = humantime::parse_duration(text.trim()).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "\"{text}\" is not a duration such as \"90d\", \"2w\" or \"12h\": {e}"
+        ))
+    })?;
+    if duration < Duration::from_secs(60) {
+        return Err(serde::de::Error::custom(format!(
+            "\"{text}\" is shorter than a minute: the results of a run would go before anyone \
+             read them"
+        )));
+    }
+    Ok(duration)
 }
 
 /// `[loops]`.
@@ -270,7 +303,9 @@ impl Config {
             path: path.display().to_string(),
             source,
         })?;
-        Config::parse(&text, |name| std::env::var(name).ok())
+        let config = Config::parse(&text, |name| std::env::var(name).ok())?;
+        config.warn_of_open_secret_files();
+        Ok(config)
     }
 
     /// Reads the config for a command that needs only the warehouse (PRODUCT.md: such a command
@@ -302,6 +337,7 @@ impl Config {
                 ));
             }
         }
+        config.warn_of_open_secret_files();
         Ok(config)
     }
 
@@ -469,6 +505,40 @@ signedUpAt = { column = "signed_up_at", type = "date" }
     fn with_warehouse(url: &str, lines: &str) -> String {
         let rest = EXAMPLE.split_once("[loops]").unwrap().1;
         format!("[warehouse]\nurl = \"{url}\"\n{lines}\n[loops]{rest}")
+    }
+
+    /// `warehouse.records_retention`: 90 days unless said, a humantime duration of at least a
+    /// minute; anything else is an error naming the key.
+    #[test]
+    fn results_are_kept_for_the_retention() {
+        let config = Config::parse(&with_warehouse("postgres://h/db", ""), env).unwrap();
+        assert_eq!(
+            config.warehouse.records_retention,
+            DEFAULT_RECORDS_RETENTION
+        );
+        assert_eq!(DEFAULT_RECORDS_RETENTION, Duration::from_secs(90 * 86_400));
+        let two_weeks = with_warehouse("postgres://h/db", "records_retention = \"2w\"");
+        assert_eq!(
+            Config::parse(&two_weeks, env)
+                .unwrap()
+                .warehouse
+                .records_retention,
+            Duration::from_secs(14 * 86_400)
+        );
+        for (value, says) in [
+            ("soon", "is not a duration"),
+            ("10s", "shorter than a minute"),
+        ] {
+            let text = with_warehouse(
+                "postgres://h/db",
+                &format!("records_retention = \"{value}\""),
+            );
+            let e = error_of(&text);
+            assert!(
+                e.starts_with("warehouse.records_retention: ") && e.contains(says),
+                "{e}"
+            );
+        }
     }
 
     #[test]

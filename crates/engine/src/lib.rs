@@ -8,6 +8,7 @@ pub mod demo;
 pub mod destination;
 pub mod dlq;
 pub mod error;
+pub mod forget;
 pub mod pipeline;
 pub mod plan;
 pub mod properties;

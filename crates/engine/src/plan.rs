@@ -304,7 +304,7 @@ pub(crate) mod tests {
             reasons,
             [
                 "no email: the contact is identified by email",
-                "duplicate primary key: 2 rows have id = 4",
+                "duplicate primary key: 2 rows have this id",
                 "id is NULL",
             ]
         );

@@ -529,7 +529,8 @@ impl Runs {
         Ok(Ok(run_id))
     }
 
-    /// Waits for `run_id` with the options' progress lines and no-progress deadline.
+    /// Waits for `run_id` with the options' progress lines and no-progress deadline; once it
+    /// has ended, the results older than `[warehouse] records_retention` go ([`prune`]).
     async fn wait(
         &self,
         run_id: i64,
@@ -537,14 +538,16 @@ impl Runs {
     ) -> Result<RunSummary, EngineError> {
         // Both closures tell the one observer: the line, then the run as read.
         let observer = std::cell::RefCell::new(observer);
-        wait_for_run_observed(
+        let summary = wait_for_run_observed(
             &*self.warehouse,
             run_id,
             &self.options.wait,
             |line| observer.borrow_mut().progress(line),
             |run| observer.borrow_mut().tick(run),
         )
-        .await
+        .await?;
+        prune(&*self.warehouse, &self.config).await;
+        Ok(summary)
     }
 
     /// `run --once`: one run of each of `syncs`, one after the other. A refused sync is
@@ -684,6 +687,21 @@ impl Runs {
             };
             observer.finished(&summary);
         }
+    }
+}
+
+/// The end of a run: the per-record results and attempts of the runs requested longer than
+/// `[warehouse] records_retention` ago are deleted, of every sync (one place, for both
+/// stores: [`Warehouse::prune_records`]). A failure is said in the log and leaves them for the
+/// next run: the run itself is done.
+pub async fn prune(warehouse: &dyn Warehouse, config: &Config) {
+    match warehouse
+        .prune_records(config.warehouse.records_retention)
+        .await
+    {
+        Ok(0) => {}
+        Ok(pruned) => tracing::info!(pruned, "results past the records retention deleted"),
+        Err(error) => tracing::warn!(%error, "cannot delete the results past the retention"),
     }
 }
 

@@ -148,7 +148,7 @@ fn event(spec: &SyncSpec, append: &AppendSpec, change: &RowChange) -> Result<Act
         EventName::Column(column) => match text(change, column).map(str::trim) {
             Some(name) if name.contains(':') => {
                 return Err(Invalid(format!(
-                    "event name \"{name}\" (column {column}): Loops refuses a name with a `:`"
+                    "the event name (column {column}) has a `:`: Loops refuses such a name"
                 )));
             }
             Some(name) if !name.is_empty() => {
@@ -184,7 +184,10 @@ fn event(spec: &SyncSpec, append: &AppendSpec, change: &RowChange) -> Result<Act
                     }
                     Ok(v) => v,
                     Err(why) => {
-                        return Err(Invalid(format!("event property {}: {why}", p.property)));
+                        return Err(Invalid(format!(
+                            "event property {} (column {}): {why}",
+                            p.property, p.column
+                        )));
                     }
                 }
             }
@@ -232,8 +235,9 @@ fn contact(spec: &SyncSpec, change: &RowChange) -> Result<Contact, Invalid> {
             _ => {
                 let value = match raw {
                     None => Value::Null,
-                    Some(t) => coerce(p.kind, t)
-                        .map_err(|why| Invalid(format!("{}: {why}", p.property)))?,
+                    Some(t) => coerce(p.kind, t).map_err(|why| {
+                        Invalid(format!("{} (column {}): {why}", p.property, p.column))
+                    })?,
                 };
                 properties.insert(p.property.clone(), value);
             }
@@ -242,7 +246,10 @@ fn contact(spec: &SyncSpec, change: &RowChange) -> Result<Contact, Invalid> {
     if let Some(e) = &email
         && !is_valid_email(e)
     {
-        return Err(Invalid(format!("malformed email \"{e}\"")));
+        let column = spec
+            .property("email")
+            .map_or("email", |p| p.column.as_str());
+        return Err(Invalid(format!("malformed email (column {column})")));
     }
     match spec.identify_by {
         IdentifyBy::Email => {
@@ -273,7 +280,7 @@ fn contact(spec: &SyncSpec, change: &RowChange) -> Result<Contact, Invalid> {
                 }
                 _ => {
                     return Err(Invalid(format!(
-                        "mailing list {} (column {}): \"{t}\" is not a boolean",
+                        "mailing list {} (column {}): not a boolean",
                         l.list_id, l.column
                     )));
                 }

@@ -717,6 +717,73 @@ pub trait StateStore: Send + Sync + 'static {
     /// `loopsync reset`: forgets the sync's state, its records' confirmed fingerprints and its
     /// destination binding, in one transaction; its runs and per-record results stay.
     async fn reset_state(&self, sync: &str) -> Result<StateReset, WarehouseError>;
+
+    /// `loopsync forget`: the records of `sync` that are `person`, with every identity the
+    /// state keeps of each (what Loops may hold). By key: that record; by email (as
+    /// [`loopsync_core::value::normalize_email`] keeps it): every record whose confirmed,
+    /// model or sent email is it, and a record whose key is it. Reads only.
+    async fn find_person(
+        &self,
+        sync: &str,
+        person: &Person,
+    ) -> Result<Vec<KeptRecord>, WarehouseError>;
+
+    /// `loopsync forget`: deletes the records `keys` of `sync` from the state, the results and
+    /// the attempts, and replaces every stored text of the sync (reasons, run errors) that
+    /// holds one of `emails` by a word that it was erased; in one transaction, refused
+    /// ([`WarehouseError::RunInProgress`]) while the sync has a run in progress.
+    async fn erase_person(
+        &self,
+        sync: &str,
+        keys: &[String],
+        emails: &[String],
+    ) -> Result<Erasure, WarehouseError>;
+
+    /// `[warehouse] records_retention`: deletes the per-record results and attempts of every
+    /// finished run requested longer than `older_than` ago (the runs and their counts stay);
+    /// how many results went.
+    async fn prune_records(&self, older_than: std::time::Duration) -> Result<u64, WarehouseError>;
+}
+
+/// Who `loopsync forget` erases.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Person {
+    /// The record of this primary key.
+    Key(String),
+    /// The records of this email, as the email rule keeps it (trimmed, ASCII lower-cased).
+    Email(String),
+}
+
+/// A record of a sync as the state keeps it, found by [`StateStore::find_person`]: its key and
+/// the identities the state holds of it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeptRecord {
+    pub key: String,
+    /// The identity Loops confirmed.
+    pub confirmed_email: Option<String>,
+    pub confirmed_user_id: Option<String>,
+    /// The identity of the version last sent.
+    pub emitted_email: Option<String>,
+    pub emitted_user_id: Option<String>,
+    /// The model row's email, as noted unchanged.
+    pub model_email: Option<String>,
+    /// Every identity possibly applied since Loops' last confirmation.
+    pub possibly_applied: Vec<OldContact>,
+    /// The record has a row in the state (else only results or attempts).
+    pub in_state: bool,
+}
+
+/// What [`StateStore::erase_person`] erased: rows per table, and texts replaced.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Erasure {
+    /// Rows of `loopsync.state`.
+    pub state: u64,
+    /// Rows of `loopsync.records`: the record's result in each run.
+    pub records: u64,
+    /// Rows of `loopsync.attempts`.
+    pub attempts: u64,
+    /// Reasons and run errors that named the person, replaced.
+    pub texts: u64,
 }
 
 /// A sync's state bound to the Loops destination it was confirmed against.

@@ -1011,6 +1011,147 @@ async fn sqlite_interrupting() {
     interrupting(sqlite()).await;
 }
 
+/// `[warehouse] records_retention`: the results and attempts of a run requested before the
+/// retention go; those of a recent run, and every run with its counts, stay.
+async fn pruning(f: Fixture) {
+    let w = &f.warehouse;
+    w.prepare().await.unwrap();
+    let spec = spec("users", "users");
+    let mut runs = Vec::new();
+    for key in ["old", "new"] {
+        let run = w.create_run("users").await.unwrap();
+        let mut attempted =
+            Outcome::new("users", run, key, "f", OutcomeStatus::Attempted, "upsert").with_counts(
+                RequestCounts {
+                    writes: 1,
+                    ..RequestCounts::default()
+                },
+            );
+        attempted.attempt = Some("a1".into());
+        w.record_outcomes(&[attempted, confirmed(&spec, run, key, "f")])
+            .await
+            .unwrap();
+        w.fail_run(run, "done").await.unwrap();
+        runs.push(run);
+    }
+    let runs_table = if f.sqlite {
+        format!("{}_runs", f.schema)
+    } else {
+        format!("{}.runs", f.schema)
+    };
+    let long_ago = if f.sqlite {
+        "strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-100 days')"
+    } else {
+        "now() - interval '100 days'"
+    };
+    (f.exec)(format!(
+        "UPDATE {runs_table} SET requested_at = {long_ago} WHERE id = {}",
+        runs[0]
+    ))
+    .await;
+    let ninety_days = std::time::Duration::from_secs(90 * 24 * 3600);
+    assert_eq!(w.prune_records(ninety_days).await.unwrap(), 1);
+    assert!(
+        w.records(runs[0]).await.unwrap().is_empty(),
+        "the old results go"
+    );
+    assert_eq!(
+        w.records(runs[1]).await.unwrap().len(),
+        1,
+        "the recent ones stay"
+    );
+    // The recent record's requests still count its attempt's: the attempts stayed too.
+    assert_eq!(w.records(runs[1]).await.unwrap()[0].requests, 2);
+    assert_eq!(
+        w.runs(Some("users"), 10).await.unwrap().len(),
+        2,
+        "runs stay"
+    );
+    assert_eq!(w.prune_records(ninety_days).await.unwrap(), 0);
+}
+
+/// `loopsync forget` erases nothing while the sync has a run in progress (its outcomes would
+/// write the person back); once it has ended, the record's rows go, and only its.
+async fn erasing(f: Fixture) {
+    let w = &f.warehouse;
+    w.prepare().await.unwrap();
+    let spec = spec("users", "users");
+    let run = w.create_run("users").await.unwrap();
+    w.record_outcomes(&[
+        confirmed(&spec, run, "7", "f"),
+        confirmed(&spec, run, "8", "f"),
+    ])
+    .await
+    .unwrap();
+    let keys = ["7".to_owned()];
+    let refused = w.erase_person("users", &keys, &[]).await.unwrap_err();
+    assert!(
+        matches!(refused, WarehouseError::RunInProgress { run_id, .. } if run_id == run),
+        "{refused}"
+    );
+    assert_eq!(w.records(run).await.unwrap().len(), 2, "nothing erased");
+    w.fail_run(run, "done").await.unwrap();
+    let erased = w.erase_person("users", &keys, &[]).await.unwrap();
+    assert_eq!((erased.state, erased.records), (1, 1));
+    let left: Vec<String> = w
+        .records(run)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.key)
+        .collect();
+    assert_eq!(left, ["8"]);
+    let found = w
+        .find_person("users", &Person::Key("8".into()))
+        .await
+        .unwrap();
+    assert_eq!(found.len(), 1);
+    assert!(
+        w.find_person("users", &Person::Key("7".into()))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn postgres_erasing() {
+    let Some(f) = postgres().await else { return };
+    erasing(f).await;
+}
+
+#[tokio::test]
+async fn sqlite_erasing() {
+    erasing(sqlite()).await;
+}
+
+#[tokio::test]
+async fn postgres_pruning() {
+    let Some(f) = postgres().await else { return };
+    pruning(f).await;
+}
+
+#[tokio::test]
+async fn sqlite_pruning() {
+    pruning(sqlite()).await;
+}
+
+/// A state file loopsync creates, and its write-ahead log, are its user's alone (they hold
+/// emails).
+#[cfg(unix)]
+#[tokio::test]
+async fn a_new_sqlite_state_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let f = sqlite();
+    f.warehouse.prepare().await.unwrap();
+    f.warehouse.create_run("users").await.unwrap();
+    let path = f.url.strip_prefix("sqlite://").unwrap().to_owned();
+    for file in [path.clone(), format!("{path}-wal")] {
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{file}: {mode:o}");
+    }
+}
+
 /// `verify --repair` forgets a confirmation at the fingerprint verify compared against (and
 /// only then), keeps the identifiers, and a later confirmation replaces it.
 async fn forgetting_confirmations(f: Fixture, bool_true: &str) {

@@ -2,12 +2,14 @@
 //!
 //! * [`provisioning`]: the streams, consumers and buckets, made by whoever connects.
 //! * [`mover`]: the messages the server gave up on (max-deliveries advisories), per stage.
+//! * [`erase`]: one person's messages and ledger entry erased (`loopsync forget`).
 //!
 //! Provisioning is declarative and idempotent: every process that connects makes sure the
 //! streams and consumers exist, so workers can start in any order. Works on nats-server 2.9.10
 //! (Debian's) and current 2.1x: nothing here needs a 2.10+ field, and the ledger's key-value
 //! bucket is created by hand because async-nats' `create_key_value` fails against 2.9.
 
+mod erase;
 mod mover;
 mod provisioning;
 
@@ -29,7 +31,8 @@ use crate::budget::{credible_due, next_due, unix_nanos};
 use crate::error::Source;
 use crate::names::Names;
 use crate::{
-    Acker, BusError, Consumer, Coordination, DeadLetter, Delivery, Messaging, Versioned, sync_of,
+    Acker, BusError, Consumer, Coordination, DeadLetter, Delivery, Erased, Matcher, Messaging,
+    Versioned, sync_of,
 };
 
 const HEADER_STAGE: &str = "Loopsync-Stage";
@@ -456,6 +459,10 @@ impl Messaging for JetStreamBus {
         self.send(subject, publish).await
     }
 
+    async fn erase(&self, sync: &str, matches: &Matcher) -> Result<Erased, BusError> {
+        self.erase_messages(sync, matches).await
+    }
+
     async fn dead_letters(&self) -> Result<Vec<DeadLetter>, BusError> {
         let mut stream = self
             .js
@@ -517,6 +524,10 @@ impl Coordination for JetStreamBus {
                 value: e.value,
                 revision: e.revision,
             }))
+    }
+
+    async fn ledger_forget(&self, key: &str) -> Result<bool, BusError> {
+        self.ledger_purge(key).await
     }
 
     async fn ledger_swap(

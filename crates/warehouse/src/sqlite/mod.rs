@@ -76,7 +76,12 @@ fn explained(c: &Connection, spec: &SyncSpec, e: rusqlite::Error) -> WarehouseEr
     }
 }
 
+/// Opens the file at `path`; a file that does not exist yet is made readable and writable by
+/// its owner alone (0600 on Unix: it holds emails), and SQLite gives its `-wal` and `-shm`
+/// files the database's own permissions.
 fn open_connection(path: &PathBuf) -> Result<Connection, WarehouseError> {
+    create_private(path)
+        .map_err(|e| WarehouseError::Connect(format!("{}: {e}", path.display())))?;
     let connection = Connection::open(path)
         .map_err(|e| WarehouseError::Connect(format!("{}: {e}", path.display())))?;
     connection
@@ -86,6 +91,23 @@ fn open_connection(path: &PathBuf) -> Result<Connection, WarehouseError> {
         .pragma_update(None, "journal_mode", "WAL")
         .map_err(error("enable WAL"))?;
     Ok(connection)
+}
+
+/// Makes an empty file at `path`, 0600 on Unix, unless there is one (an empty file is an
+/// empty database to SQLite). SQLite's own names for a database in memory are left to it.
+fn create_private(path: &PathBuf) -> std::io::Result<()> {
+    if path.as_os_str().is_empty() || path.as_os_str() == ":memory:" {
+        return Ok(());
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    match options.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// The state store on an SQLite file.

@@ -15,6 +15,7 @@
 //! Rust for little gain, and add a dependency. The dialect's part is below: a rewrite of names
 //! and placeholders, and five phrases.
 
+pub(crate) mod erasure;
 pub(crate) mod rules;
 
 use std::sync::Arc;
@@ -30,8 +31,8 @@ use loopsync_core::spec::SyncSpec;
 use crate::schema::{Backend, Dialect};
 use crate::source::{Source, model_columns};
 use crate::{
-    Adoption, DestinationBinding, DiffRow, Emitted, ExtractCounts, ModelRows, RecordResult,
-    RunSummary, StateReset, StateStore, Unchanged, Warehouse, WarehouseError,
+    Adoption, DestinationBinding, DiffRow, Emitted, Erasure, ExtractCounts, KeptRecord, ModelRows,
+    Person, RecordResult, RunSummary, StateReset, StateStore, Unchanged, Warehouse, WarehouseError,
 };
 
 /// A statement's parameter, or a value read.
@@ -335,6 +336,14 @@ impl Dialect {
         match self.backend {
             Backend::Postgres => crate::postgres::diff::email_key(expression),
             Backend::Sqlite => crate::sqlite::diff::email_key(expression),
+        }
+    }
+
+    /// Whether text `needle` occurs in text `haystack` (expressions), in this dialect.
+    pub(crate) fn contains(&self, haystack: &str, needle: &str) -> String {
+        match self.backend {
+            Backend::Postgres => format!("strpos({haystack}, {needle}) > 0"),
+            Backend::Sqlite => format!("instr({haystack}, {needle}) > 0"),
         }
     }
 
@@ -808,6 +817,48 @@ impl<K: Keeper> StateStore for Store<K> {
             .auto(
                 "set destination",
                 work(move |x| Box::pin(rules::set_destination(x, sync, destination))),
+            )
+            .await
+    }
+
+    async fn find_person(
+        &self,
+        sync: &str,
+        person: &Person,
+    ) -> Result<Vec<KeptRecord>, WarehouseError> {
+        if self.absent() {
+            return Ok(Vec::new());
+        }
+        let (sync, person) = (sync.to_owned(), person.clone());
+        self.keeper
+            .auto(
+                "find a person",
+                work(move |x| Box::pin(erasure::find_person(x, sync, person))),
+            )
+            .await
+    }
+
+    async fn erase_person(
+        &self,
+        sync: &str,
+        keys: &[String],
+        emails: &[String],
+    ) -> Result<Erasure, WarehouseError> {
+        let (sync, keys, emails) = (sync.to_owned(), keys.to_vec(), emails.to_vec());
+        self.keeper
+            .tx(
+                "erase a person",
+                work(move |x| Box::pin(erasure::erase_person(x, sync, keys, emails))),
+            )
+            .await
+    }
+
+    async fn prune_records(&self, older_than: std::time::Duration) -> Result<u64, WarehouseError> {
+        let seconds = older_than.as_secs_f64();
+        self.keeper
+            .auto(
+                "prune old results",
+                work(move |x| Box::pin(erasure::prune_records(x, seconds))),
             )
             .await
     }

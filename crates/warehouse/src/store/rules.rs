@@ -40,6 +40,29 @@ pub(crate) async fn finish_runs(x: &mut dyn Exec, runs: Vec<i64>) -> Result<(), 
 /// process gave no sign of life for [`LEASE`] is closed first, as `interrupted`.
 pub(crate) async fn create_run(x: &mut dyn Exec, sync: String) -> Result<i64, WarehouseError> {
     x.lock_sync_runs(&sync).await?;
+    refuse_a_second_run(x, &sync).await?;
+    let d = x.dialect().clone();
+    let row = x
+        .query(
+            "create a run",
+            &format!(
+                "INSERT INTO loopsync.runs (sync, status, requested_at, heartbeat_at)
+                 VALUES ($1, 'requested', {now}, {now}) RETURNING id",
+                now = d.now()
+            ),
+            params![&sync],
+        )
+        .await?;
+    first(&row, "create a run")?.int(0)
+}
+
+/// One run of a sync at a time: [`WarehouseError::RunInProgress`] if `sync` has a run in
+/// progress (a run whose waiting process gave no sign of life for [`LEASE`] is closed first, as
+/// `interrupted`). The caller holds [`Exec::lock_sync_runs`].
+pub(crate) async fn refuse_a_second_run(
+    x: &mut dyn Exec,
+    sync: &str,
+) -> Result<(), WarehouseError> {
     let d = x.dialect().clone();
     let since = "COALESCE(heartbeat_at, requested_at)";
     x.execute(
@@ -53,7 +76,7 @@ pub(crate) async fn create_run(x: &mut dyn Exec, sync: String) -> Result<i64, Wa
             since_text = d.time_text(since),
             lease = d.ago("$2"),
         ),
-        params![&sync, LEASE.as_secs_f64()],
+        params![sync, LEASE.as_secs_f64()],
     )
     .await?;
     let open = x
@@ -65,7 +88,7 @@ pub(crate) async fn create_run(x: &mut dyn Exec, sync: String) -> Result<i64, Wa
                   ORDER BY id LIMIT 1",
                 alive = d.time_text(since)
             ),
-            params![&sync],
+            params![sync],
         )
         .await?;
     if let Some(open) = open.first() {
@@ -73,21 +96,10 @@ pub(crate) async fn create_run(x: &mut dyn Exec, sync: String) -> Result<i64, Wa
             run_id: open.int(0)?,
             status: stored::<RunStatus>("look for a run in progress", &open.text(1)?)?,
             alive_at: open.text(2)?,
-            sync,
+            sync: sync.to_owned(),
         });
     }
-    let row = x
-        .query(
-            "create a run",
-            &format!(
-                "INSERT INTO loopsync.runs (sync, status, requested_at, heartbeat_at)
-                 VALUES ($1, 'requested', {now}, {now}) RETURNING id",
-                now = d.now()
-            ),
-            params![&sync],
-        )
-        .await?;
-    first(&row, "create a run")?.int(0)
+    Ok(())
 }
 
 /// The lease: the process that waits for a run is alive.
