@@ -149,6 +149,13 @@ fn decide_row(spec: &SyncSpec, run_id: i64, row: &DiffRow, rows_with_key: usize)
             rows: 1,
         };
     }
+    if let Some(reason) = spec.too_long(&values) {
+        return Decision::Invalid {
+            reason,
+            key,
+            rows: 1,
+        };
+    }
     let fingerprint = spec.fingerprint(&values);
     if row.parked_fp.as_deref() == Some(fingerprint.as_str()) {
         return Decision::Parked;
@@ -186,6 +193,13 @@ fn decide_event(
             ),
             key,
             rows: rows_with_key,
+        };
+    }
+    if let Some(reason) = spec.too_long(&values) {
+        return Decision::Invalid {
+            reason,
+            key,
+            rows: 1,
         };
     }
     if let Some(cursor) = spec.append.as_ref().and_then(|a| a.cursor.as_ref()) {
@@ -544,6 +558,26 @@ pub(crate) mod tests {
         assert!(
             reason.starts_with("the email a@x.co is on 2 rows"),
             "{reason}"
+        );
+    }
+
+    /// A value longer than Loops accepts makes the row invalid here, before it is published
+    /// (a value of megabytes would not fit in a message), by the column, not the value.
+    #[test]
+    fn a_row_with_a_value_too_long_is_invalid_before_it_is_published() {
+        let s = spec(Behavior::Upsert);
+        let huge = format!("{}@x.co", "a".repeat(2 << 20));
+        let decision = decide(&s, 1, row(Some("1"), Some(&huge), None), 1);
+        assert_eq!(
+            decision,
+            Decision::Invalid {
+                key: "1".into(),
+                reason: format!(
+                    "email (column email) is {} characters long; Loops accepts at most 500",
+                    huge.len()
+                ),
+                rows: 1,
+            }
         );
     }
 
