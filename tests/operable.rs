@@ -129,6 +129,46 @@ async fn nats_with_a_token() {
     );
 }
 
+/// NATS credentials in cleartext to a host that is not loopback are refused before anything
+/// connects (exit 2, naming `nats.url` and the ways out), by `check` and `run` alike;
+/// `nats.allow_plaintext_credentials = true` lets the config through (`check` then meets the
+/// unknown host). Loopback with a token is allowed: `nats_with_a_token`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_credentials_in_cleartext_are_refused() {
+    let Some(stack) = Stack::start(StackOptions {
+        rows: 1,
+        ..StackOptions::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let text = std::fs::read_to_string(&stack.config).unwrap();
+    let nats = "[nats]\nurl = \"nats://loopsync:s3cret@nats.invalid:4222\"\n";
+    let cleartext = stack.dir.join("cleartext.toml");
+    std::fs::write(&cleartext, format!("{text}\n{nats}")).unwrap();
+    for args in [&["check"][..], &["run", "--once"][..]] {
+        let (code, stdout, stderr) = with_config(&stack, &cleartext, args).await;
+        assert_eq!(code, Some(2), "{args:?}: {stdout}{stderr}");
+        assert!(
+            stderr.contains(
+                "nats.url: the credentials in nats.url would cross the network in cleartext to \
+                 nats.invalid: use a tls:// url (or nats.tls_ca), or set \
+                 nats.allow_plaintext_credentials = true if the network is trusted"
+            ),
+            "{args:?}: {stderr}"
+        );
+    }
+    let allowed = stack.dir.join("allowed.toml");
+    std::fs::write(
+        &allowed,
+        format!("{text}\n{nats}allow_plaintext_credentials = true\n"),
+    )
+    .unwrap();
+    let line = check_line(&stack, &allowed, "NATS").await;
+    assert!(line.starts_with("FAIL NATS: cannot connect"), "{line}");
+}
+
 /// Runs `loopsync ARGS --config CONFIG` with the stack's key, to its end.
 async fn with_config(
     stack: &Stack,
@@ -1053,5 +1093,25 @@ async fn nats_over_tls_with_a_user() {
     let check = stack.output(&["check"]).await;
     let text = String::from_utf8_lossy(&check.stdout).into_owned();
     assert!(text.contains("ok   NATS reachable"), "{text}");
+    // A `tls://` url: with the CA, TLS as above; without it, the system's roots, which do not
+    // know the test's CA: refused by the certificate check, not sent in cleartext.
+    let tls_url = server.url().replace("nats://", "tls://");
+    let tls_config = std::fs::read_to_string(&stack.config)
+        .unwrap()
+        .replace(&server.url(), &tls_url);
+    std::fs::write(&stack.config, &tls_config).unwrap();
+    let check = stack.output(&["check"]).await;
+    let text = String::from_utf8_lossy(&check.stdout).into_owned();
+    assert!(text.contains("ok   NATS reachable"), "{tls_url}: {text}");
+    let without_ca: String = tls_config
+        .lines()
+        .filter(|l| !l.starts_with("tls_ca"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&stack.config, without_ca).unwrap();
+    let check = stack.output(&["check"]).await;
+    let text = String::from_utf8_lossy(&check.stdout).into_owned();
+    assert_eq!(check.status.code(), Some(1), "{text}");
+    assert!(text.contains("FAIL NATS: cannot connect"), "{text}");
     let _ = std::fs::remove_dir_all(&certs);
 }

@@ -140,7 +140,7 @@ async fn invalid_records_degrade_the_run() {
             "3: duplicate primary key: 2 rows have this id",
             "5: this row's email (column email) is on 2 rows of this run: one contact cannot be two records",
             "6: this row's email (column email) is on 2 rows of this run: one contact cannot be two records",
-            "7: firstName is 501 characters long; Loops accepts at most 500",
+            "7: firstName (column first_name) is 501 characters long; Loops accepts at most 500",
             "8: seats (column seats): not a number",
         ]
     );
@@ -206,6 +206,42 @@ async fn invalid_records_degrade_the_run() {
     );
     let missing = stack.output(&["runs", "show", "99"]).await;
     assert_eq!(missing.status.code(), Some(2));
+}
+
+/// A row whose value would not fit in a NATS message (2 MiB, past the server's 1 MiB
+/// `max_payload`) is an invalid record of the extractor, by its column and length, not its
+/// value; the other rows sync, over NATS, in this run and the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_too_large_for_a_message_is_invalid_and_the_others_sync() {
+    let Some(stack) = Stack::start(StackOptions {
+        rows: 5,
+        nats: true,
+        ..StackOptions::default()
+    })
+    .await
+    else {
+        return;
+    };
+    stack
+        .sql("UPDATE users SET first_name = repeat('x', 2 * 1024 * 1024) WHERE id = 3")
+        .await;
+    for run in 1..=2 {
+        let output = stack.run_once(&[]).await;
+        assert_eq!(output.status, 3, "run {run} degraded: {}", output.stderr);
+        let report = run_of(&output);
+        assert_eq!(report["invalid"], 1, "run {run}: {report}");
+        assert_eq!(report["dead_lettered"], 0, "run {run}: {report}");
+    }
+    let reason = stack
+        .text("SELECT key || ': ' || reason FROM loopsync.records WHERE outcome = 'invalid' AND run_id = 1")
+        .await;
+    assert_eq!(
+        reason,
+        "3: firstName (column first_name) is 2097152 characters long; Loops accepts at most 500"
+    );
+    let contacts = stack.contacts().await;
+    assert_eq!(contacts.len(), 4, "{contacts:?}");
+    assert!(!contacts.contains_key("user3@example.com"));
 }
 
 /// Worker mode: two extractors, a transformer and three loaders as separate processes, the run

@@ -31,6 +31,14 @@ pub enum BusError {
         #[source]
         source: Source,
     },
+    /// A message larger than the server takes (its `max_payload`): sending it again cannot
+    /// help, so it is permanent.
+    #[error("publish to {subject} failed: the message is larger than NATS accepts: {source}")]
+    TooLarge {
+        subject: String,
+        #[source]
+        source: Source,
+    },
     #[error("consuming {stage} failed: {source}")]
     Consume {
         stage: String,
@@ -81,7 +89,9 @@ impl BusError {
 impl Classified for BusError {
     fn class(&self) -> ErrorClass {
         match self {
-            BusError::ServerTooOld { .. } | BusError::Provision { .. } => ErrorClass::Permanent,
+            BusError::ServerTooOld { .. }
+            | BusError::Provision { .. }
+            | BusError::TooLarge { .. } => ErrorClass::Permanent,
             _ => ErrorClass::RETRY,
         }
     }

@@ -11,6 +11,7 @@ mod dlq;
 mod escape;
 mod forget;
 mod history;
+mod logs;
 mod plan;
 mod printer;
 mod prometheus;
@@ -23,6 +24,7 @@ mod verify;
 mod worker;
 
 use common::{EXIT_FAILED, EXIT_USAGE, UsageError};
+use logs::LogFormat;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -34,18 +36,12 @@ use clap::{Parser, Subcommand};
 struct Cli {
     /// Log lines on stderr: `text` (colours on a terminal only) or `json` (one object per
     /// line). Which lines: LOOPSYNC_LOG, a tracing filter (default `warn`; `info` adds a line
-    /// per run, retry and dead letter).
+    /// per run, retry and dead letter); other crates' lines stay at `warn` unless
+    /// LOOPSYNC_LOG_PERSONAL_DATA=1 (they may carry personal data).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
-}
-
-/// `--log-format`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 /// `--config PATH`, on each command that reads a config.
@@ -142,7 +138,7 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { EXIT_USAGE } else { 0 });
         }
     };
-    init_logs(cli.log_format);
+    logs::init(cli.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -228,26 +224,6 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_FAILED)
             }
         }
-    }
-}
-
-/// Log lines on stderr, filtered by `LOOPSYNC_LOG` (default `warn`): text, coloured only on a
-/// terminal, or JSON (one object per line).
-fn init_logs(format: LogFormat) {
-    use std::io::IsTerminal;
-    let filter = match std::env::var("LOOPSYNC_LOG") {
-        Ok(text) => tracing_subscriber::EnvFilter::try_new(&text).unwrap_or_else(|e| {
-            eprintln!("warning: LOOPSYNC_LOG=\"{text}\" is not a filter ({e}); using `warn`");
-            tracing_subscriber::EnvFilter::new("warn")
-        }),
-        Err(_) => tracing_subscriber::EnvFilter::new("warn"),
-    };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().with_current_span(false).init(),
-        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
     }
 }
 

@@ -163,7 +163,9 @@ fn check_loops(loops: &LoopsConfig) -> Result<(), ConfigError> {
 /// The longest `loops.timeout_seconds` ([`loopsync_core::tuning::MAX_REQUEST_TIMEOUT`]).
 const MAX_TIMEOUT_SECONDS: f64 = loopsync_core::tuning::MAX_REQUEST_TIMEOUT.as_secs() as f64;
 
-/// `[nats]`: a namespace usable as a subject token, a positive ack wait.
+/// `[nats]`: a namespace usable as a subject token, a positive ack wait, one way to
+/// authenticate and no credentials in cleartext ([`crate::transport`]), queues that hold a
+/// message.
 fn check_nats(nats: &NatsConfig) -> Result<(), ConfigError> {
     if !is_token(&nats.namespace) {
         return Err(invalid(
@@ -195,8 +197,21 @@ fn check_nats(nats: &NatsConfig) -> Result<(), ConfigError> {
             "one way to authenticate: user and password, token, or credentials",
         ));
     }
+    if let Some(why) = crate::transport::plaintext_credentials(nats) {
+        return Err(invalid("nats.url", why));
+    }
+    // A message of the server's largest (1 MiB by default) must fit in an empty queue.
+    if nats.max_queue_bytes < MIN_QUEUE_BYTES {
+        return Err(invalid(
+            "nats.max_queue_bytes",
+            format!("must be at least {MIN_QUEUE_BYTES} (8 MiB)"),
+        ));
+    }
     Ok(())
 }
+
+/// The smallest `nats.max_queue_bytes`.
+const MIN_QUEUE_BYTES: u64 = 8 << 20;
 
 /// The `i`-th `[[sync]]`, given the syncs before it (a name is used once).
 fn check_sync(i: usize, raw: RawSync, before: &[SyncConfig]) -> Result<SyncConfig, ConfigError> {

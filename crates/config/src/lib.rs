@@ -12,6 +12,7 @@ use serde::Deserialize;
 mod check;
 mod files;
 mod raw;
+mod transport;
 
 pub use files::too_open;
 
@@ -209,6 +210,14 @@ pub struct NatsConfig {
     /// `tls://` url).
     #[serde(default)]
     pub tls_ca: Option<String>,
+    /// Lets a user, password, token or credentials file go to a server that is not on loopback
+    /// without TLS (a trusted network); without it such a config is refused.
+    #[serde(default)]
+    pub allow_plaintext_credentials: bool,
+    /// The most bytes each work-queue stream holds on the server (JetStream reserves them when
+    /// it makes the stream); a full queue refuses new messages.
+    #[serde(default = "default_max_queue_bytes")]
+    pub max_queue_bytes: u64,
 }
 
 impl std::fmt::Debug for NatsConfig {
@@ -223,6 +232,11 @@ impl std::fmt::Debug for NatsConfig {
             .field("token", &redacted(&self.token))
             .field("credentials", &self.credentials)
             .field("tls_ca", &self.tls_ca)
+            .field(
+                "allow_plaintext_credentials",
+                &self.allow_plaintext_credentials,
+            )
+            .field("max_queue_bytes", &self.max_queue_bytes)
             .finish()
     }
 }
@@ -235,6 +249,9 @@ impl NatsConfig {
 
 fn default_namespace() -> String {
     "loopsync".into()
+}
+fn default_max_queue_bytes() -> u64 {
+    loopsync_core::tuning::WORK_QUEUE_MAX_BYTES
 }
 fn default_ack_wait() -> f64 {
     loopsync_core::tuning::ACK_WAIT.as_secs_f64()

@@ -28,6 +28,13 @@ pub fn record_id(sync: &str, key: &str) -> String {
     digest(&[sync, key])[..32].to_owned()
 }
 
+/// A record as a log line names it: 12 hex digits of its [`record_id`], never the key itself
+/// (often an email or a user id). The same for every process and run, so the lines about one
+/// record can be found together, and matched with a record whose sync and key are known.
+pub fn log_key(sync: &str, key: &str) -> String {
+    record_id(sync, key)[..12].to_owned()
+}
+
 /// The Loops `Idempotency-Key` of one change of a record → 68 characters (Loops allows 100).
 ///
 /// A change is the step from the record's confirmed *generation* (how many changes Loops has
@@ -108,6 +115,18 @@ pub fn fingerprint(parts: &[&str]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Twelve hex digits of the record's id: stable, apart for two keys or two syncs, and
+    /// nothing of the key in it.
+    #[test]
+    fn a_log_key_names_a_record_without_its_key() {
+        let logged = log_key("users", "ada@example.com");
+        assert_eq!(logged, record_id("users", "ada@example.com")[..12]);
+        assert_eq!(logged.len(), 12);
+        assert!(logged.chars().all(|c| c.is_ascii_hexdigit()), "{logged}");
+        assert_ne!(logged, log_key("users", "bob@example.com"));
+        assert_ne!(logged, log_key("leads", "ada@example.com"));
+    }
 
     #[test]
     fn keys_are_deterministic_and_distinct() {

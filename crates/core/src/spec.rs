@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::keys;
-use crate::value::{PropertyKind, coerce, normalize_email};
+use crate::value::{MAX_CHARS, PropertyKind, coerce, normalize_email};
 
 /// How contacts are matched in Loops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -207,6 +207,42 @@ impl SyncSpec {
         columns
     }
 
+    /// Why a row cannot be sent, if one of the values the sync reads is longer than Loops
+    /// accepts ([`MAX_CHARS`]): the one length rule, applied by the extractor before the row
+    /// is published (a value of megabytes would not fit in a message) and by the transformer.
+    /// The reason names the property and its column, never the value. The cursor is read as
+    /// a time, not sent, so it is not judged here.
+    pub fn too_long(&self, values: &BTreeMap<String, Option<String>>) -> Option<String> {
+        let mut read: Vec<(String, &str)> = Vec::new();
+        for p in &self.properties {
+            read.push((p.property.clone(), &p.column));
+        }
+        for l in &self.lists {
+            read.push((format!("mailing list {}", l.list_id), &l.column));
+        }
+        if let Some(append) = &self.append {
+            if let EventName::Column(c) = &append.event {
+                read.push(("the event name".to_owned(), c));
+            }
+            for p in &append.event_properties {
+                read.push((format!("event property {}", p.property), &p.column));
+            }
+        }
+        read.into_iter().find_map(|(what, column)| {
+            let text = values.get(column)?.as_deref()?;
+            // A character takes a byte at least: a text of few bytes needs no count.
+            if text.len() <= MAX_CHARS {
+                return None;
+            }
+            let chars = text.chars().count();
+            (chars > MAX_CHARS).then(|| {
+                format!(
+                    "{what} (column {column}) is {chars} characters long; Loops accepts at most {MAX_CHARS}"
+                )
+            })
+        })
+    }
+
     /// A seed for the warehouse's hash of a model row's text (see the warehouse's
     /// `diff_changes`): a digest of the whole sync as configured and of loopsync's version, so
     /// that a row noted unchanged under one mapping — or by another version, which may render
@@ -360,6 +396,32 @@ pub(crate) mod tests {
         let mut other = users_spec();
         other.primary_key = "user_id".into();
         assert_ne!(spec.shape_seed(), other.shape_seed());
+    }
+
+    /// The one length rule: 500 characters pass (counted as characters, not bytes), 501 do
+    /// not, in a property or a list's column; the reason names the column and never the value.
+    #[test]
+    fn a_value_longer_than_loops_accepts_is_named_by_its_column() {
+        let spec = users_spec();
+        let long = "é".repeat(MAX_CHARS);
+        let fits = row(&[("email", Some("ada@x.co")), ("first_name", Some(&long))]);
+        assert_eq!(spec.too_long(&fits), None);
+        let longer = format!("{long}x");
+        let too_long = row(&[("email", Some("ada@x.co")), ("first_name", Some(&longer))]);
+        let reason = spec.too_long(&too_long).expect("too long");
+        assert_eq!(
+            reason,
+            "firstName (column first_name) is 501 characters long; Loops accepts at most 500"
+        );
+        assert!(!reason.contains('é'));
+        let list = row(&[("newsletter", Some(&"t".repeat(2_000_000)))]);
+        assert_eq!(
+            spec.too_long(&list).as_deref(),
+            Some(
+                "mailing list news (column newsletter) is 2000000 characters long; Loops accepts \
+                 at most 500"
+            )
+        );
     }
 
     #[test]

@@ -109,3 +109,23 @@ pub const MAX_LOOPS_BODY_BYTES: usize = 1024 * 1024;
 
 /// The most characters of Loops' `message` kept in an error, and so in a record's reason.
 pub const MAX_LOOPS_MESSAGE_CHARS: usize = 200;
+
+/// The most bytes a work-queue stream (run requests, changes, operations, outcomes) holds on
+/// the NATS server (`nats.max_queue_bytes`): 1 GiB, some two million operations of a few hundred
+/// bytes — a first sync of a million contacts waits in the operations queue for the loader,
+/// held to the team's rate (28 hours at 10 requests a second). A full queue refuses new
+/// messages (JetStream's `DiscardPolicy::New`): the stage that publishes retries, and past its
+/// attempts the record is dead-lettered and sent by the next run; nothing waiting is dropped.
+/// JetStream reserves a stream's `max_bytes` of its store when the stream is made, so the
+/// server needs room for four of these per installation.
+pub const WORK_QUEUE_MAX_BYTES: u64 = 1 << 30;
+
+/// The most bytes of the dead-letter stream: 256 MiB. Its copies are for inspection (every dead
+/// letter is also a record's outcome in the state, which `loopsync dlq` works from), so when
+/// full the oldest go (`DiscardPolicy::Old`), as they do after 30 days.
+pub const DEAD_LETTER_MAX_BYTES: u64 = 256 << 20;
+
+/// The most bytes of the stream of the server's max-deliveries advisories: 64 MiB, some hundred
+/// thousand advisories of a few hundred bytes. A stage's workers take each within seconds, so
+/// when full the oldest (taken long ago) go first.
+pub const ADVISORY_MAX_BYTES: u64 = 64 << 20;

@@ -93,6 +93,7 @@ pub fn jetstream_options(config: &Config) -> Option<JetStreamOptions> {
         ack_wait: nats.ack_wait(),
         max_deliver: max_deliver(config),
         outcomes_max_deliver: OUTCOMES_MAX_DELIVER,
+        max_queue_bytes: nats.max_queue_bytes,
         auth: loopsync_bus::NatsAuth {
             user_password: nats.user.clone().zip(nats.password.clone()),
             token: nats.token.clone(),

@@ -146,6 +146,13 @@ fn decide_row(spec: &SyncSpec, run_id: i64, row: &DiffRow, rows_with_key: usize)
             rows: 1,
         };
     }
+    if let Some(reason) = spec.too_long(&values) {
+        return Decision::Invalid {
+            reason,
+            key,
+            rows: 1,
+        };
+    }
     let fingerprint = spec.fingerprint(&values);
     if row.parked_fp.as_deref() == Some(fingerprint.as_str()) {
         return Decision::Parked;
@@ -183,6 +190,13 @@ fn decide_event(
             ),
             key,
             rows: rows_with_key,
+        };
+    }
+    if let Some(reason) = spec.too_long(&values) {
+        return Decision::Invalid {
+            reason,
+            key,
+            rows: 1,
         };
     }
     if let Some(cursor) = spec.append.as_ref().and_then(|a| a.cursor.as_ref()) {
@@ -541,6 +555,26 @@ pub(crate) mod tests {
             "{reason}"
         );
         assert!(!reason.to_lowercase().contains("a@x.co"), "{reason}");
+    }
+
+    /// A value longer than Loops accepts makes the row invalid here, before it is published
+    /// (a value of megabytes would not fit in a message), by the column, not the value.
+    #[test]
+    fn a_row_with_a_value_too_long_is_invalid_before_it_is_published() {
+        let s = spec(Behavior::Upsert);
+        let huge = format!("{}@x.co", "a".repeat(2 << 20));
+        let decision = decide(&s, 1, row(Some("1"), Some(&huge), None), 1);
+        assert_eq!(
+            decision,
+            Decision::Invalid {
+                key: "1".into(),
+                reason: format!(
+                    "email (column email) is {} characters long; Loops accepts at most 500",
+                    huge.len()
+                ),
+                rows: 1,
+            }
+        );
     }
 
     /// Every model row lands in exactly one of added, changed, unchanged and invalid rows: a

@@ -548,7 +548,7 @@ impl LoaderStage {
             {
                 tracing::warn!(
                     sync = %op.sync,
-                    key = %op.key,
+                    record = %keys::log_key(&op.sync, &op.key),
                     "the record's claim lapsed while its requests were in flight; Loops confirmed them"
                 );
             }
@@ -591,7 +591,7 @@ impl LoaderStage {
         if let Err(publish_error) = publish::outcome(&*self.bus, &o).await {
             tracing::warn!(
                 sync = %op.sync,
-                key = %op.key,
+                record = %keys::log_key(&op.sync, &op.key),
                 requests = attempt.counts.total(),
                 error = %publish_error,
                 "the requests of a failed attempt could not be reported; the run report misses them"

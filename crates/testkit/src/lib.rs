@@ -515,8 +515,11 @@ impl Stack {
         let nats_section = nats
             .as_ref()
             .map(|ns| {
+                // Queues of 64 MiB: JetStream reserves each stream's limit of its store, and
+                // many tests share one server.
                 format!(
-                    "[nats]\nurl = \"{}\"\nnamespace = \"{}\"\nack_wait_seconds = {}\n",
+                    "[nats]\nurl = \"{}\"\nnamespace = \"{}\"\nack_wait_seconds = {}\n\
+                     max_queue_bytes = 67108864\n",
                     ns.url, ns.namespace, options.ack_wait_seconds
                 )
             })

@@ -17,7 +17,7 @@ use loopsync_core::envelope::{
 };
 use loopsync_core::spec::{AppendSpec, Behavior, EventName, IdentifyBy, OnRemove, SyncSpec};
 use loopsync_core::value::{
-    MAX_CHARS, PropertyKind, coerce, is_valid_email, millis_to_rfc3339, normalize_email,
+    PropertyKind, coerce, is_valid_email, millis_to_rfc3339, normalize_email,
 };
 use loopsync_core::{Classified, ErrorClass, keys};
 use serde_json::{Map, Value};
@@ -42,7 +42,8 @@ pub struct Invalid(pub String);
 ///   from the change (the record's confirmed generation and new fingerprint), so each change
 ///   fires its event once, and a later change — even back to an earlier value — fires again.
 /// * Invalid: no usable email where one is needed, no userId under `identify_by = "userId"`, a
-///   value over 500 characters, a value that cannot be read as its property's type.
+///   value over 500 characters ([`SyncSpec::too_long`], the extractor's rule too), a value that
+///   cannot be read as its property's type.
 /// * An event sync (`behavior = "append"`): the row is one `events/send` — the event name
 ///   (fixed, or the row's column: empty is invalid), the contact's identity and mapped
 ///   properties and lists, and the typed `eventProperties` (dates as ISO-8601 strings) — keyed
@@ -151,15 +152,7 @@ fn event(spec: &SyncSpec, append: &AppendSpec, change: &RowChange) -> Result<Act
                     "the event name (column {column}) has a `:`: Loops refuses such a name"
                 )));
             }
-            Some(name) if !name.is_empty() => {
-                let chars = name.chars().count();
-                if chars > MAX_CHARS {
-                    return Err(Invalid(format!(
-                        "the event name is {chars} characters long; Loops accepts at most {MAX_CHARS}"
-                    )));
-                }
-                name.to_owned()
-            }
+            Some(name) if !name.is_empty() => name.to_owned(),
             _ => {
                 return Err(Invalid(format!("no event name: column {column} is empty")));
             }
@@ -170,13 +163,6 @@ fn event(spec: &SyncSpec, append: &AppendSpec, change: &RowChange) -> Result<Act
         let value = match text(change, &p.column) {
             None => continue,
             Some(t) => {
-                let chars = t.chars().count();
-                if p.kind == PropertyKind::String && chars > MAX_CHARS {
-                    return Err(Invalid(format!(
-                        "event property {} is {chars} characters long; Loops accepts at most {MAX_CHARS}",
-                        p.property
-                    )));
-                }
                 match coerce(p.kind, t) {
                     // Loops takes an event's dates as ISO-8601 strings.
                     Ok(Value::Number(n)) if p.kind == PropertyKind::Date => {
@@ -215,20 +201,15 @@ struct Contact {
 /// Reads and checks the contact of a row: identity as the sync says, every mapped property
 /// coerced, every list a boolean.
 fn contact(spec: &SyncSpec, change: &RowChange) -> Result<Contact, Invalid> {
+    // The extractor judged this already; a change published by an earlier version did not.
+    if let Some(why) = spec.too_long(&change.values) {
+        return Err(Invalid(why));
+    }
     let mut email = None;
     let mut user_id = None;
     let mut properties = Map::new();
     for p in &spec.properties {
         let raw = text(change, &p.column);
-        if let Some(t) = raw {
-            let chars = t.chars().count();
-            if chars > MAX_CHARS {
-                return Err(Invalid(format!(
-                    "{} is {chars} characters long; Loops accepts at most {MAX_CHARS}",
-                    p.property
-                )));
-            }
-        }
         match p.property.as_str() {
             "email" => email = raw.map(normalize_email).filter(|e| !e.is_empty()),
             "userId" => user_id = raw.map(|u| u.trim().to_owned()).filter(|u| !u.is_empty()),

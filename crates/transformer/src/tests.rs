@@ -176,7 +176,7 @@ fn invalid_records_say_why() {
     let long = "x".repeat(501);
     assert_eq!(
         with("first_name", Some(&long)),
-        "firstName is 501 characters long; Loops accepts at most 500"
+        "firstName (column first_name) is 501 characters long; Loops accepts at most 500"
     );
     assert!(with("newsletter", Some("sometimes")).starts_with("mailing list news"));
 }

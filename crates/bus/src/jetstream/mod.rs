@@ -54,6 +54,8 @@ pub struct JetStreamOptions {
     pub outcomes_max_deliver: i64,
     /// Window of `Nats-Msg-Id` deduplication.
     pub duplicate_window: Duration,
+    /// The most bytes each work-queue stream holds; a full one refuses new messages.
+    pub max_queue_bytes: u64,
     /// How to authenticate, and whether to use TLS.
     pub auth: NatsAuth,
 }
@@ -116,6 +118,7 @@ impl Default for JetStreamOptions {
             max_deliver: 10,
             outcomes_max_deliver: -1,
             duplicate_window: loopsync_core::tuning::DUPLICATE_WINDOW,
+            max_queue_bytes: loopsync_core::tuning::WORK_QUEUE_MAX_BYTES,
             auth: NatsAuth::default(),
         }
     }
@@ -203,6 +206,24 @@ fn provision_error(what: impl Into<String>, e: impl Into<Source>) -> BusError {
     BusError::Provision {
         what: what.into(),
         source: e.into(),
+    }
+}
+
+/// A publish's error: a message larger than the server's `max_payload` can never be taken
+/// ([`BusError::TooLarge`], permanent); any other may pass on a later try (a full work queue
+/// among them: it refuses new messages until its consumers catch up).
+fn publish_error(subject: &str, e: jetstream::context::PublishError) -> BusError {
+    let subject = subject.to_owned();
+    if e.kind() == jetstream::context::PublishErrorKind::MaxPayloadExceeded {
+        BusError::TooLarge {
+            subject,
+            source: e.into(),
+        }
+    } else {
+        BusError::Publish {
+            subject,
+            source: e.into(),
+        }
     }
 }
 
@@ -330,23 +351,22 @@ impl JetStreamBus {
 
     /// Publishes and waits for the stream's acknowledgement, or for the connection to drop.
     async fn send(&self, subject: String, message: PublishMessage) -> Result<(), BusError> {
-        let error = |e: Source| BusError::Publish {
-            subject: subject.clone(),
-            source: e,
-        };
         let published = async {
             let ack = self
                 .js
                 .send_publish(subject.clone(), message)
                 .await
-                .map_err(|e| error(e.into()))?;
-            ack.await.map_err(|e| error(e.into()))?;
+                .map_err(|e| publish_error(&subject, e))?;
+            ack.await.map_err(|e| publish_error(&subject, e))?;
             Ok(())
         };
         self.disconnects
             .guard(published)
             .await
-            .map_err(|e| error(e.into()))?
+            .map_err(|e| BusError::Publish {
+                subject: subject.clone(),
+                source: e.into(),
+            })?
     }
 }
 
@@ -374,10 +394,6 @@ impl Messaging for JetStreamBus {
             return Ok(());
         };
         let subject = self.names.subject(stage, &first.0);
-        let error = |subject: &str, e: Source| BusError::Publish {
-            subject: subject.to_owned(),
-            source: e,
-        };
         let published = async {
             // Every message handed to the connection first, in order; then every
             // acknowledgement: one round trip for the batch, not one per message.
@@ -391,18 +407,21 @@ impl Messaging for JetStreamBus {
                     .js
                     .send_publish(subject.clone(), message)
                     .await
-                    .map_err(|e| error(&subject, e.into()))?;
+                    .map_err(|e| publish_error(&subject, e))?;
                 acks.push((subject, ack));
             }
             for (subject, ack) in acks {
-                ack.await.map_err(|e| error(&subject, e.into()))?;
+                ack.await.map_err(|e| publish_error(&subject, e))?;
             }
             Ok(())
         };
         self.disconnects
             .guard(published)
             .await
-            .map_err(|e| error(&subject, e.into()))?
+            .map_err(|e| BusError::Publish {
+                subject: subject.clone(),
+                source: e.into(),
+            })?
     }
 
     /// The stage's max-deliveries advisories, each as the message it is about (see [`mover`]).
@@ -711,6 +730,7 @@ impl Acker for JetStreamAcker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use loopsync_core::Classified;
 
     #[test]
     fn versions() {
@@ -719,6 +739,131 @@ mod tests {
         assert!(parse_version("2.10.0").unwrap() >= (2, 9));
         assert!(parse_version("2.8.4").unwrap() < (2, 9));
         assert_eq!(parse_version("nonsense"), None);
+    }
+
+    /// Every stream is limited in bytes as well as age: a work queue by the options, and
+    /// when full it refuses what comes (the publisher's error is retryable) instead of dropping
+    /// work; the dead letters and advisories drop their oldest. A stream made without limits
+    /// (an earlier version) gets them when a process connects.
+    #[tokio::test]
+    async fn streams_are_limited_in_bytes() {
+        use async_nats::jetstream::stream::DiscardPolicy;
+        use loopsync_core::tuning::{ADVISORY_MAX_BYTES, DEAD_LETTER_MAX_BYTES};
+        let Some(ns) = loopsync_testkit::TestNamespace::create("t") else {
+            return;
+        };
+        let names = Names::new(&ns.namespace);
+        let options = JetStreamOptions {
+            max_queue_bytes: 16 << 10,
+            ..JetStreamOptions::default()
+        };
+        let bus = JetStreamBus::connect(&ns.url, names.clone(), &options)
+            .await
+            .expect("connect");
+        let limits = |name: String| {
+            let js = bus.js.clone();
+            async move {
+                let mut stream = js.get_stream(&name).await.expect("the stream");
+                let config = &stream.info().await.expect("its info").config;
+                (config.max_bytes, config.discard)
+            }
+        };
+        for stage in Stage::ALL {
+            assert_eq!(
+                limits(names.stream(stage)).await,
+                (16 << 10, DiscardPolicy::New),
+                "{stage:?}"
+            );
+        }
+        assert_eq!(
+            limits(names.dlq_stream()).await,
+            (DEAD_LETTER_MAX_BYTES as i64, DiscardPolicy::Old)
+        );
+        assert_eq!(
+            limits(names.advisory_stream()).await,
+            (ADVISORY_MAX_BYTES as i64, DiscardPolicy::Old)
+        );
+
+        // Full: the next message is refused, retryably; the first ones are still there.
+        let payload = Bytes::from(vec![b'x'; 1024]);
+        let mut refused = None;
+        for i in 0..64 {
+            if let Err(e) = bus
+                .publish(Stage::Transformer, "s", &format!("m{i}"), payload.clone())
+                .await
+            {
+                refused = Some((i, e));
+                break;
+            }
+        }
+        let (stored, error) = refused.expect("a full queue refuses a message");
+        assert!(stored > 4, "{stored} messages of 1 KiB fit in 16 KiB");
+        assert!(error.class().is_retryable(), "{error}");
+        let mut changes = bus
+            .js
+            .get_stream(names.stream(Stage::Transformer))
+            .await
+            .unwrap();
+        let info = changes.info().await.unwrap();
+        assert_eq!(
+            (info.state.first_sequence, info.state.messages),
+            (1, stored)
+        );
+
+        // Made without limits: given them on the next connect.
+        let runs = names.stream(Stage::Extractor);
+        let mut bare = bus
+            .js
+            .get_stream(&runs)
+            .await
+            .unwrap()
+            .cached_info()
+            .config
+            .clone();
+        bare.max_bytes = -1;
+        bare.discard = DiscardPolicy::Old;
+        bus.js.update_stream(bare).await.expect("limits removed");
+        assert_eq!(limits(runs.clone()).await, (-1, DiscardPolicy::Old));
+        JetStreamBus::connect(&ns.url, names.clone(), &options)
+            .await
+            .expect("connect again");
+        assert_eq!(limits(runs).await, (16 << 10, DiscardPolicy::New));
+    }
+
+    /// A message larger than the server's `max_payload` can never be published: a permanent
+    /// error, so its record is settled at once instead of retried run after run.
+    #[tokio::test]
+    async fn a_message_larger_than_the_server_takes_is_a_permanent_error() {
+        let Some(ns) = loopsync_testkit::TestNamespace::create("t") else {
+            return;
+        };
+        let bus = JetStreamBus::connect(
+            &ns.url,
+            Names::new(&ns.namespace),
+            &JetStreamOptions::default(),
+        )
+        .await
+        .expect("connect");
+        let huge = Bytes::from(vec![b'x'; bus.client.server_info().max_payload + 1]);
+        let error = bus
+            .publish(Stage::Transformer, "s", "huge", huge.clone())
+            .await
+            .expect_err("too large");
+        assert!(matches!(error, BusError::TooLarge { .. }), "{error:?}");
+        assert_eq!(error.class(), loopsync_core::ErrorClass::Permanent);
+        let error = bus
+            .publish_all(Stage::Transformer, vec![("s".into(), "huge".into(), huge)])
+            .await
+            .expect_err("too large");
+        assert_eq!(
+            error.class(),
+            loopsync_core::ErrorClass::Permanent,
+            "{error}"
+        );
+        // An ordinary one goes.
+        bus.publish(Stage::Transformer, "s", "small", Bytes::from_static(b"x"))
+            .await
+            .expect("published");
     }
 
     /// An upgraded deployment leaves nothing behind: the mover consumer that earlier versions

@@ -49,10 +49,21 @@ pub(super) async fn provision(
                 } else {
                     loopsync_core::tuning::WORK_QUEUE_MAX_AGE
                 },
+                // Full, a queue refuses what comes (the publisher retries) rather than drop
+                // work not yet done.
+                max_bytes: bytes(options.max_queue_bytes),
+                discard: DiscardPolicy::New,
                 ..Default::default()
             })
             .await
             .map_err(|e| provision_error(format!("stream {name}"), e))?;
+        let stream = limit(
+            js,
+            stream,
+            bytes(options.max_queue_bytes),
+            DiscardPolicy::New,
+        )
+        .await?;
         let config = pull::Config {
             durable_name: Some(stage.name().to_owned()),
             ack_policy: AckPolicy::Explicit,
@@ -75,19 +86,27 @@ pub(super) async fn provision(
                 .map_err(|e| provision_error(what(), e))?;
         }
     }
+    // Copies for inspection (every dead letter is a record's outcome in the state too): when
+    // full, the oldest go.
     let dlq = names.dlq_stream();
-    js.get_or_create_stream(stream::Config {
-        name: dlq.clone(),
-        subjects: vec![names.dlq_subjects()],
-        retention: RetentionPolicy::Limits,
-        storage: StorageType::File,
-        duplicate_window: options.duplicate_window,
-        max_age: Duration::from_secs(30 * 24 * 3600),
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| provision_error(format!("stream {dlq}"), e))?;
+    let dlq_bytes = bytes(loopsync_core::tuning::DEAD_LETTER_MAX_BYTES);
+    let stream = js
+        .get_or_create_stream(stream::Config {
+            name: dlq.clone(),
+            subjects: vec![names.dlq_subjects()],
+            retention: RetentionPolicy::Limits,
+            storage: StorageType::File,
+            duplicate_window: options.duplicate_window,
+            max_age: Duration::from_secs(30 * 24 * 3600),
+            max_bytes: dlq_bytes,
+            discard: DiscardPolicy::Old,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| provision_error(format!("stream {dlq}"), e))?;
+    limit(js, stream, dlq_bytes, DiscardPolicy::Old).await?;
     let advisories = names.advisory_stream();
+    let advisory_bytes = bytes(loopsync_core::tuning::ADVISORY_MAX_BYTES);
     let stream = js
         .get_or_create_stream(stream::Config {
             name: advisories.clone(),
@@ -95,10 +114,13 @@ pub(super) async fn provision(
             retention: RetentionPolicy::Limits,
             storage: StorageType::File,
             max_age: Duration::from_secs(7 * 24 * 3600),
+            max_bytes: advisory_bytes,
+            discard: DiscardPolicy::Old,
             ..Default::default()
         })
         .await
         .map_err(|e| provision_error(format!("stream {advisories}"), e))?;
+    let stream = limit(js, stream, advisory_bytes, DiscardPolicy::Old).await?;
     for stage in Stage::ALL {
         let name = names.exhausted_consumer(stage);
         stream
@@ -125,6 +147,50 @@ pub(super) async fn provision(
             .map_err(|e| provision_error(format!("removing consumer {OLD_MOVER}"), e))?;
     }
     Ok(())
+}
+
+/// A byte count as JetStream's `max_bytes` (an `i64`).
+fn bytes(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// `stream` with the byte limit and discard policy asked for: a stream made by an earlier
+/// version (without them), or under another `nats.max_queue_bytes`, is updated — unless it
+/// holds more than the new limit, which the server would meet by dropping its oldest messages:
+/// then it is left as it is, with a warning, until it has drained.
+async fn limit(
+    js: &Context,
+    mut stream: stream::Stream,
+    max_bytes: i64,
+    discard: DiscardPolicy,
+) -> Result<stream::Stream, BusError> {
+    let info = stream.cached_info();
+    if info.config.max_bytes == max_bytes && info.config.discard == discard {
+        return Ok(stream);
+    }
+    let name = info.config.name.clone();
+    if info.state.bytes > max_bytes.max(0) as u64 {
+        tracing::warn!(
+            stream = %name,
+            bytes = info.state.bytes,
+            max_bytes,
+            "the stream holds more than its new byte limit: left as it is until it has drained"
+        );
+        return Ok(stream);
+    }
+    let config = stream::Config {
+        max_bytes,
+        discard,
+        ..info.config.clone()
+    };
+    js.update_stream(config)
+        .await
+        .map_err(|e| provision_error(format!("limits of stream {name}"), e))?;
+    stream
+        .info()
+        .await
+        .map_err(|e| provision_error(format!("stream {name}"), e))?;
+    Ok(stream)
 }
 
 /// A key-value bucket, its stream made by hand (what `create_key_value` would make), because
