@@ -43,8 +43,9 @@ impl DuckDbSource {
     }
 
     fn connection(&self) -> Result<Connection, WarehouseError> {
+        let connect = |e: duckdb::Error| WarehouseError::Connect(e.to_string());
         match &self.path {
-            None => Connection::open_in_memory(),
+            None => Connection::open_in_memory_with_flags(config().map_err(connect)?),
             Some(path) => {
                 if !path.exists() {
                     return Err(WarehouseError::Connect(format!(
@@ -52,14 +53,26 @@ impl DuckDbSource {
                         path.display()
                     )));
                 }
-                let config = Config::default()
-                    .access_mode(AccessMode::ReadOnly)
-                    .map_err(|e| WarehouseError::Connect(e.to_string()))?;
+                let config = config()
+                    .and_then(|c| c.access_mode(AccessMode::ReadOnly))
+                    .map_err(connect)?;
                 Connection::open_with_flags(path, config)
             }
         }
-        .map_err(|e| WarehouseError::Connect(e.to_string()))
+        .map_err(connect)
     }
+}
+
+/// The settings of every connection: no extension is downloaded or loaded at run time — a
+/// model that names a function of one it lacks fails instead of fetching code from the
+/// internet (Parquet and CSV are built in) — and the settings are locked, so the model's SQL
+/// cannot turn that back on. Files stay readable (`enable_external_access` keeps DuckDB's
+/// default, on): reading them is what an in-memory source is for.
+fn config() -> duckdb::Result<Config> {
+    Config::default()
+        .enable_autoload_extension(false)?
+        .with("allow_community_extensions", "false")?
+        .with("lock_configuration", "true")
 }
 
 #[async_trait]
@@ -123,5 +136,48 @@ impl Source for DuckDbSource {
             }
         });
         channel_rows(ready_rx, rx, "read the model").await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Extensions neither installed nor loaded on demand, community ones refused, the settings
+    /// locked; files still readable. For a file and for an in-memory DuckDB alike.
+    #[test]
+    fn no_extension_is_fetched_at_run_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("w.duckdb");
+        Connection::open(&file)
+            .unwrap()
+            .execute_batch("CREATE TABLE t (x integer)")
+            .unwrap();
+        let url = format!("duckdb://{}", file.display());
+        for source in [
+            DuckDbSource::open("duckdb://").unwrap(),
+            DuckDbSource::open(&url).unwrap(),
+        ] {
+            let connection = source.connection().unwrap();
+            let setting = |name: &str| -> String {
+                connection
+                    .query_row(
+                        &format!("SELECT current_setting('{name}')::VARCHAR"),
+                        [],
+                        |r| r.get(0),
+                    )
+                    .unwrap()
+            };
+            assert_eq!(setting("autoinstall_known_extensions"), "false");
+            assert_eq!(setting("autoload_known_extensions"), "false");
+            assert_eq!(setting("allow_community_extensions"), "false");
+            assert_eq!(setting("enable_external_access"), "true");
+            assert!(
+                connection
+                    .execute_batch("SET autoinstall_known_extensions = true")
+                    .is_err(),
+                "the settings are locked"
+            );
+        }
     }
 }
