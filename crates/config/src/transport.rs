@@ -73,21 +73,12 @@ impl Server {
         };
         let host = url.host_str().unwrap_or_default().to_owned();
         Server {
-            loopback: is_loopback(&host),
+            loopback: loopsync_core::url::is_loopback_host(&host),
             tls: url.scheme() == "tls",
             credentials: !url.username().is_empty() || url.password().is_some(),
             host,
         }
     }
-}
-
-/// `localhost`, or an address of 127.0.0.0/8 or `::1`.
-fn is_loopback(host: &str) -> bool {
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    host.eq_ignore_ascii_case("localhost")
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
 }
 
 #[cfg(test)]
