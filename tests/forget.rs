@@ -308,3 +308,111 @@ async fn in_loops_deletes_the_contact() {
         contacts.contains_key("user1@example.com") && contacts.contains_key("user3@example.com")
     );
 }
+
+/// A run over NATS whose runner is stopped is closed `interrupted` at once, but the workers
+/// (other machines) still hold its operations: a loader waiting for Loops' answer. `forget`
+/// sees no run in progress and erases the person, with exit 0; then the loader's answer
+/// arrives: it writes the ledger entry again, and its outcome, published after `forget` walked
+/// the streams, writes the person back into the state when the next run's checkpointer takes
+/// it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forget_is_not_undone_by_an_operation_a_worker_still_holds() {
+    let _serial = loopsync_testkit::serial().await;
+    let Some(stack) = Stack::start(StackOptions {
+        rows: 10,
+        nats: true,
+        requests_per_second: 1,
+        ..StackOptions::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let _workers = [
+        stack.worker("extractor").await,
+        stack.worker("transformer").await,
+        stack.worker("loader").await,
+    ];
+    let mut runner = stack
+        .command(&["run", "--once", "--remote", "--json"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the runner");
+    let runner_stderr = loopsync_testkit::process::collect(runner.stderr.take());
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(90);
+    let mut wait_for_contacts = async |n: usize| loop {
+        let contacts = stack.contacts().await;
+        if contacts.len() >= n {
+            return contacts;
+        }
+        if runner.try_wait().unwrap().is_some() || tokio::time::Instant::now() > deadline {
+            let _ = runner.kill().await;
+            panic!("the loader's writes do not reach Loops (the runner ended or hangs)");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let before = wait_for_contacts(1).await;
+    // From now on, Loops applies each write at once and answers 7 s later.
+    stack.sim_post("faults", json!({"latency_ms": 7_000})).await;
+    let after = wait_for_contacts(before.len() + 1).await;
+    let email = after
+        .keys()
+        .find(|e| !before.contains_key(*e))
+        .expect("a new contact")
+        .clone();
+    let key = email
+        .strip_prefix("user")
+        .and_then(|e| e.strip_suffix("@example.com"))
+        .expect("a contact of the model")
+        .to_owned();
+    // The operator stops the runner: its run is closed at once; the workers go on.
+    loopsync_testkit::sigterm(&runner).await;
+    runner.wait().await.expect("the runner ends");
+    drop(runner_stderr);
+    // The person leaves the model and is forgotten, while the loader waits for the answer.
+    stack
+        .sql(&format!("DELETE FROM users WHERE id = {key}"))
+        .await;
+    let out = stack
+        .output(&["forget", "--sync", "users", "--key", &key, "--json"])
+        .await;
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let refused = !out.status.success();
+    if refused {
+        assert!(
+            stderr.contains("still in NATS's work queues") && stderr.contains("nothing was erased"),
+            "{stderr}"
+        );
+        assert!(
+            !traces(&stack, &key, &email).await.is_empty(),
+            "a refused forget erases nothing"
+        );
+    }
+    // The answer arrives; the next run's checkpointer records the outcomes.
+    stack.sim_post("faults", json!({})).await;
+    tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+    let next = stack.run_once(&[]).await;
+    assert_eq!(next.status, 0, "{}", next.stderr);
+    if refused {
+        // Once the queues are drained, forget erases, and nothing brings the person back.
+        let out = stack
+            .output(&["forget", "--sync", "users", "--key", &key])
+            .await;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let last = stack.run_once(&[]).await;
+        assert_eq!(last.status, 0, "{}", last.stderr);
+    }
+    let left = traces(&stack, &key, &email).await;
+    let ledger = in_ledger(&stack, &key).await;
+    assert!(
+        left.is_empty() && !ledger,
+        "forget exited 0, but the person is back in the state ({left:?}) or the ledger \
+         ({ledger})"
+    );
+}
