@@ -416,3 +416,70 @@ async fn forget_is_not_undone_by_an_operation_a_worker_still_holds() {
          ({ledger})"
     );
 }
+
+/// The state keeps a row's email as the hashed diff noted it (`model_email`, PostgreSQL) only
+/// while the row is noted unchanged: a confirmed re-key leaves the old email there, stale.
+/// Record 1 hands its email to a new record 99 in one run; the new owner's erasure request
+/// (`--email`) must forget record 99 and the email — not record 1, whose contact is now
+/// another address: its state must stay, its contact in Loops must not be deleted, and no
+/// table may keep the email.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forget_by_email_leaves_the_record_that_handed_it_over() {
+    let Some(stack) = Stack::start(StackOptions {
+        rows: 3,
+        ..StackOptions::default()
+    })
+    .await
+    else {
+        return;
+    };
+    for _ in 0..2 {
+        // The second run notes the rows it finds unchanged, with their emails.
+        let run = stack.run_once(&[]).await;
+        assert_eq!(run.status, 0, "{}", run.stderr);
+    }
+    stack
+        .sql(
+            "UPDATE users SET email = 'moved1@example.com' WHERE id = 1;
+             INSERT INTO users VALUES (99, 'user1@example.com', 'New', 'free', 1,
+                                       timestamptz '2024-02-01 00:00:00+00', true);",
+        )
+        .await;
+    let run = stack.run_once(&[]).await;
+    assert_eq!(run.status, 0, "{}", run.stderr);
+    assert_eq!(run.run()["confirmed"], 2, "the re-key and the new record");
+
+    let out = stack
+        .output(&[
+            "forget",
+            "--sync",
+            "users",
+            "--email",
+            "user1@example.com",
+            "--in-loops",
+            "--json",
+        ])
+        .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = json_data(&out.stdout).unwrap();
+    let contacts = stack.contacts().await;
+    assert!(!contacts.contains_key("user1@example.com"), "{contacts:?}");
+    assert!(
+        contacts.contains_key("moved1@example.com"),
+        "record 1's contact was deleted for another person's request: {report}"
+    );
+    assert_eq!(report["records"], 1, "{report}");
+    assert_eq!(
+        stack
+            .count("SELECT count(*) FROM loopsync.state WHERE sync = 'users' AND key = '1'")
+            .await,
+        1,
+        "record 1's state is kept"
+    );
+    let left = traces(&stack, "99", "user1@example.com").await;
+    assert!(left.is_empty(), "the email is still in the state: {left:?}");
+}
