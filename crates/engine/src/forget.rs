@@ -106,6 +106,17 @@ pub enum ForgetError {
         run_id: i64,
         status: String,
     },
+    /// The work queues still hold messages of the person (or a run request of the sync): a
+    /// worker may have one in hand — a run closed as interrupted leaves its messages to the
+    /// workers — and would write the person back (in Loops, the ledger, the state) after the
+    /// erasure. Nothing was erased.
+    #[error(
+        "{messages} message(s) of this person, or a run request of sync {sync}, are still in \
+         NATS's work queues: a worker may hold one and would write the person back; nothing \
+         was erased; forget once they are processed (a run of the sync, or its workers, take \
+         them)"
+    )]
+    InFlight { sync: String, messages: u64 },
     #[error(transparent)]
     Engine(#[from] EngineError),
 }
@@ -137,7 +148,9 @@ impl From<loopsync_bus::BusError> for ForgetError {
 impl Classified for ForgetError {
     fn class(&self) -> ErrorClass {
         match self {
-            ForgetError::RunInProgress { .. } => ErrorClass::Permanent,
+            ForgetError::RunInProgress { .. } | ForgetError::InFlight { .. } => {
+                ErrorClass::Permanent
+            }
             ForgetError::Engine(e) => e.class(),
         }
     }
@@ -163,6 +176,33 @@ pub async fn forget(
         records: found.len() as u64,
         ..Forgotten::default()
     };
+    let matcher = Matcher {
+        keys: keys.clone(),
+        key: match person {
+            Person::Key(k) => Some(k.clone()),
+            Person::Email(_) => None,
+        },
+        emails: emails.clone(),
+        email_column: spec.property("email").map(|p| p.column.clone()),
+    };
+    if let Some(bus) = &bus {
+        // Before anything is erased: a message of the person still in a work queue may be in
+        // a worker's hands (deleting it from the stream would not stop the worker), and a run
+        // request's extractor may still publish the person's change.
+        let in_hand = matcher.clone();
+        let held = bus
+            .messaging
+            .held(sync, &move |stage: Stage, payload: &[u8]| {
+                stage == Stage::Extractor || in_hand.matches(stage, payload)
+            })
+            .await?;
+        if held > 0 {
+            return Err(ForgetError::InFlight {
+                sync: sync.to_owned(),
+                messages: held,
+            });
+        }
+    }
     if let Some(loops) = loops {
         let mut deletes = LoopsDeletes::default();
         for identity in contacts_to_delete(warehouse, spec, &found).await? {
@@ -182,15 +222,6 @@ pub async fn forget(
         forgotten.loops = Some(deletes);
     }
     if let Some(bus) = bus {
-        let matcher = Matcher {
-            keys: keys.clone(),
-            key: match person {
-                Person::Key(k) => Some(k.clone()),
-                Person::Email(_) => None,
-            },
-            emails: emails.clone(),
-            email_column: spec.property("email").map(|p| p.column.clone()),
-        };
         let matches = move |stage: Stage, payload: &[u8]| matcher.matches(stage, payload);
         forgotten.messages = Some(bus.messaging.erase(sync, &matches).await?);
         for key in &keys {
@@ -291,6 +322,7 @@ fn identities(spec: &SyncSpec, found: &[KeptRecord]) -> Vec<ContactIdentity> {
 
 /// Picks the messages that carry the person: their record's key is one of the person's, or
 /// (an email typed) an email they carry is one of the person's.
+#[derive(Clone)]
 struct Matcher {
     keys: BTreeSet<String>,
     /// The key typed (`--key`): found even when the state kept nothing of it.
