@@ -483,3 +483,56 @@ async fn forget_by_email_leaves_the_record_that_handed_it_over() {
     let left = traces(&stack, "99", "user1@example.com").await;
     assert!(left.is_empty(), "the email is still in the state: {left:?}");
 }
+
+/// `forget --in-loops` in the event sync deletes the person's contact, which the contact
+/// sync `users` also holds: that sync's state still believes Loops has it, so its next run —
+/// the person's row still in its model — finds the row unchanged and Loops stays without
+/// it. A contact another sync of the deployment holds is kept, and the report says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forget_in_loops_keeps_a_contact_another_sync_holds() {
+    let Some(stack) = Stack::start(StackOptions {
+        rows: 3,
+        events: Some(6),
+        sqlite: true,
+        ..StackOptions::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let run = stack.run_once(&[]).await;
+    assert_eq!(run.status, 0, "{}", run.stderr);
+    assert!(stack.contacts().await.contains_key("user2@example.com"));
+
+    // The person's events leave the event model, and the event sync forgets them.
+    stack
+        .sql("DELETE FROM user_events WHERE email = 'user2@example.com'")
+        .await;
+    let out = stack
+        .output(&[
+            "forget",
+            "--sync",
+            "events",
+            "--email",
+            "user2@example.com",
+            "--in-loops",
+            "--json",
+        ])
+        .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = json_data(&out.stdout).unwrap();
+    assert!(report["records"].as_u64() >= Some(1), "{report}");
+
+    let again = stack.run_once(&[]).await;
+    assert_eq!(again.status, 0, "{}", again.stderr);
+    let contacts = stack.contacts().await;
+    assert!(
+        contacts.contains_key("user2@example.com"),
+        "a clean run of users left Loops without a row of its model: {report}"
+    );
+    assert_eq!(report["loops"]["held_by_another_sync"], 1, "{report}");
+}
