@@ -43,6 +43,10 @@ pub struct InLoops<'a> {
     pub budget: &'a RateBudget,
     /// `loops.max_attempts`.
     pub attempts: u32,
+    /// The deployment's other syncs: a contact one of them holds is kept (deleting it would
+    /// leave that sync's state believing Loops has it, and its runs would never write it
+    /// again).
+    pub other_syncs: Vec<String>,
 }
 
 /// The bus whose streams and ledger may hold the person (over NATS).
@@ -76,6 +80,9 @@ pub struct LoopsDeletes {
     pub deleted: u64,
     /// Identities Loops had no contact for (404).
     pub not_in_loops: u64,
+    /// Contacts kept because another sync of the deployment holds them (forget the person
+    /// there too, with `--in-loops`, to delete them).
+    pub held_by_another_sync: u64,
 }
 
 impl Forgotten {
@@ -205,7 +212,10 @@ pub async fn forget(
     }
     if let Some(loops) = loops {
         let mut deletes = LoopsDeletes::default();
-        for identity in contacts_to_delete(warehouse, spec, &found).await? {
+        let (contacts, held_elsewhere) =
+            contacts_to_delete(warehouse, spec, &found, &loops.other_syncs).await?;
+        deletes.held_by_another_sync = held_elsewhere;
+        for identity in contacts {
             let mut counts = Default::default();
             let deleted = with_retries(loops.budget, loops.attempts, &mut counts, || {
                 loops.client.delete_contact(&identity)
@@ -267,28 +277,38 @@ fn emails_of(person: &Person, found: &[KeptRecord]) -> BTreeSet<String> {
 /// The contacts to delete in Loops: each identity of the records found by which the sync
 /// identifies contacts (its userId under `identify_by = "userId"`, else its email; the email
 /// when a record has no userId), confirmed, last sent or possibly applied — except those that
-/// another record of the sync now holds (that contact is someone else's now).
+/// another record of the sync now holds (that contact is someone else's now), and those that
+/// a record of another sync (`other_syncs`) holds, counted (the second value): that sync's
+/// state says Loops has the contact.
 async fn contacts_to_delete(
     warehouse: &dyn Warehouse,
     spec: &SyncSpec,
     found: &[KeptRecord],
-) -> Result<Vec<ContactIdentity>, WarehouseError> {
+    other_syncs: &[String],
+) -> Result<(Vec<ContactIdentity>, u64), WarehouseError> {
     let candidates = identities(spec, found);
     let keys: BTreeSet<&str> = found.iter().map(|r| r.key.as_str()).collect();
     let mut contacts = Vec::new();
-    for identity in candidates {
+    let mut held_elsewhere = 0;
+    'candidates: for identity in candidates {
         let value = match &identity {
             ContactIdentity::Email(e) => e.clone(),
             ContactIdentity::UserId(u) => u.clone(),
         };
-        let owners = warehouse
-            .owners(&spec.name, std::slice::from_ref(&value))
-            .await?;
-        if owners.iter().all(|(key, _, _)| keys.contains(key.as_str())) {
-            contacts.push(identity);
+        let value = std::slice::from_ref(&value);
+        let owners = warehouse.owners(&spec.name, value).await?;
+        if !owners.iter().all(|(key, _, _)| keys.contains(key.as_str())) {
+            continue;
         }
+        for other in other_syncs.iter().filter(|s| **s != spec.name) {
+            if !warehouse.owners(other, value).await?.is_empty() {
+                held_elsewhere += 1;
+                continue 'candidates;
+            }
+        }
+        contacts.push(identity);
     }
-    Ok(contacts)
+    Ok((contacts, held_elsewhere))
 }
 
 /// [`contacts_to_delete`]'s candidates, each once, in order.
