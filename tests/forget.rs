@@ -308,3 +308,231 @@ async fn in_loops_deletes_the_contact() {
         contacts.contains_key("user1@example.com") && contacts.contains_key("user3@example.com")
     );
 }
+
+/// A run over NATS whose runner is stopped is closed `interrupted` at once, but the workers
+/// (other machines) still hold its operations: a loader waiting for Loops' answer. `forget`
+/// sees no run in progress and erases the person, with exit 0; then the loader's answer
+/// arrives: it writes the ledger entry again, and its outcome, published after `forget` walked
+/// the streams, writes the person back into the state when the next run's checkpointer takes
+/// it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forget_is_not_undone_by_an_operation_a_worker_still_holds() {
+    let _serial = loopsync_testkit::serial().await;
+    let Some(stack) = Stack::start(StackOptions {
+        rows: 10,
+        nats: true,
+        requests_per_second: 1,
+        ..StackOptions::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let _workers = [
+        stack.worker("extractor").await,
+        stack.worker("transformer").await,
+        stack.worker("loader").await,
+    ];
+    let mut runner = stack
+        .command(&["run", "--once", "--remote", "--json"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the runner");
+    let runner_stderr = loopsync_testkit::process::collect(runner.stderr.take());
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(90);
+    let mut wait_for_contacts = async |n: usize| loop {
+        let contacts = stack.contacts().await;
+        if contacts.len() >= n {
+            return contacts;
+        }
+        if runner.try_wait().unwrap().is_some() || tokio::time::Instant::now() > deadline {
+            let _ = runner.kill().await;
+            panic!("the loader's writes do not reach Loops (the runner ended or hangs)");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let before = wait_for_contacts(1).await;
+    // From now on, Loops applies each write at once and answers 7 s later.
+    stack.sim_post("faults", json!({"latency_ms": 7_000})).await;
+    let after = wait_for_contacts(before.len() + 1).await;
+    let email = after
+        .keys()
+        .find(|e| !before.contains_key(*e))
+        .expect("a new contact")
+        .clone();
+    let key = email
+        .strip_prefix("user")
+        .and_then(|e| e.strip_suffix("@example.com"))
+        .expect("a contact of the model")
+        .to_owned();
+    // The operator stops the runner: its run is closed at once; the workers go on.
+    loopsync_testkit::sigterm(&runner).await;
+    runner.wait().await.expect("the runner ends");
+    drop(runner_stderr);
+    // The person leaves the model and is forgotten, while the loader waits for the answer.
+    stack
+        .sql(&format!("DELETE FROM users WHERE id = {key}"))
+        .await;
+    let out = stack
+        .output(&["forget", "--sync", "users", "--key", &key, "--json"])
+        .await;
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let refused = !out.status.success();
+    if refused {
+        assert!(
+            stderr.contains("still in NATS's work queues") && stderr.contains("nothing was erased"),
+            "{stderr}"
+        );
+        assert!(
+            !traces(&stack, &key, &email).await.is_empty(),
+            "a refused forget erases nothing"
+        );
+    }
+    // The answer arrives; the next run's checkpointer records the outcomes.
+    stack.sim_post("faults", json!({})).await;
+    tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+    let next = stack.run_once(&[]).await;
+    assert_eq!(next.status, 0, "{}", next.stderr);
+    if refused {
+        // Once the queues are drained, forget erases, and nothing brings the person back.
+        let out = stack
+            .output(&["forget", "--sync", "users", "--key", &key])
+            .await;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let last = stack.run_once(&[]).await;
+        assert_eq!(last.status, 0, "{}", last.stderr);
+    }
+    let left = traces(&stack, &key, &email).await;
+    let ledger = in_ledger(&stack, &key).await;
+    assert!(
+        left.is_empty() && !ledger,
+        "forget exited 0, but the person is back in the state ({left:?}) or the ledger \
+         ({ledger})"
+    );
+}
+
+/// The state keeps a row's email as the hashed diff noted it (`model_email`, PostgreSQL) only
+/// while the row is noted unchanged: a confirmed re-key leaves the old email there, stale.
+/// Record 1 hands its email to a new record 99 in one run; the new owner's erasure request
+/// (`--email`) must forget record 99 and the email — not record 1, whose contact is now
+/// another address: its state must stay, its contact in Loops must not be deleted, and no
+/// table may keep the email.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forget_by_email_leaves_the_record_that_handed_it_over() {
+    let Some(stack) = Stack::start(StackOptions {
+        rows: 3,
+        ..StackOptions::default()
+    })
+    .await
+    else {
+        return;
+    };
+    for _ in 0..2 {
+        // The second run notes the rows it finds unchanged, with their emails.
+        let run = stack.run_once(&[]).await;
+        assert_eq!(run.status, 0, "{}", run.stderr);
+    }
+    stack
+        .sql(
+            "UPDATE users SET email = 'moved1@example.com' WHERE id = 1;
+             INSERT INTO users VALUES (99, 'user1@example.com', 'New', 'free', 1,
+                                       timestamptz '2024-02-01 00:00:00+00', true);",
+        )
+        .await;
+    let run = stack.run_once(&[]).await;
+    assert_eq!(run.status, 0, "{}", run.stderr);
+    assert_eq!(run.run()["confirmed"], 2, "the re-key and the new record");
+
+    let out = stack
+        .output(&[
+            "forget",
+            "--sync",
+            "users",
+            "--email",
+            "user1@example.com",
+            "--in-loops",
+            "--json",
+        ])
+        .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = json_data(&out.stdout).unwrap();
+    let contacts = stack.contacts().await;
+    assert!(!contacts.contains_key("user1@example.com"), "{contacts:?}");
+    assert!(
+        contacts.contains_key("moved1@example.com"),
+        "record 1's contact was deleted for another person's request: {report}"
+    );
+    assert_eq!(report["records"], 1, "{report}");
+    assert_eq!(
+        stack
+            .count("SELECT count(*) FROM loopsync.state WHERE sync = 'users' AND key = '1'")
+            .await,
+        1,
+        "record 1's state is kept"
+    );
+    let left = traces(&stack, "99", "user1@example.com").await;
+    assert!(left.is_empty(), "the email is still in the state: {left:?}");
+}
+
+/// `forget --in-loops` in the event sync deletes the person's contact, which the contact
+/// sync `users` also holds: that sync's state still believes Loops has it, so its next run —
+/// the person's row still in its model — finds the row unchanged and Loops stays without
+/// it. A contact another sync of the deployment holds is kept, and the report says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forget_in_loops_keeps_a_contact_another_sync_holds() {
+    let Some(stack) = Stack::start(StackOptions {
+        rows: 3,
+        events: Some(6),
+        sqlite: true,
+        ..StackOptions::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let run = stack.run_once(&[]).await;
+    assert_eq!(run.status, 0, "{}", run.stderr);
+    assert!(stack.contacts().await.contains_key("user2@example.com"));
+
+    // The person's events leave the event model, and the event sync forgets them.
+    stack
+        .sql("DELETE FROM user_events WHERE email = 'user2@example.com'")
+        .await;
+    let out = stack
+        .output(&[
+            "forget",
+            "--sync",
+            "events",
+            "--email",
+            "user2@example.com",
+            "--in-loops",
+            "--json",
+        ])
+        .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = json_data(&out.stdout).unwrap();
+    assert!(report["records"].as_u64() >= Some(1), "{report}");
+
+    let again = stack.run_once(&[]).await;
+    assert_eq!(again.status, 0, "{}", again.stderr);
+    let contacts = stack.contacts().await;
+    assert!(
+        contacts.contains_key("user2@example.com"),
+        "a clean run of users left Loops without a row of its model: {report}"
+    );
+    assert_eq!(report["loops"]["held_by_another_sync"], 1, "{report}");
+}

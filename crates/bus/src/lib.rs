@@ -171,6 +171,12 @@ pub trait Messaging: Send + Sync + 'static {
     /// message is for and its payload. Each is read, then deleted by its sequence (JetStream
     /// overwrites its content where it is stored). Returns how many went, per place.
     async fn erase(&self, sync: &str, matches: &Matcher) -> Result<Erased, BusError>;
+
+    /// How many messages about `sync` that `matches` picks are in the stages' work queues,
+    /// deleting none (`loopsync forget`, before it erases anything): such a message may be in
+    /// a worker's hands, which deleting it from the stream would not stop — its worker would
+    /// go on, call Loops and publish what comes next, writing the person back.
+    async fn held(&self, sync: &str, matches: &Matcher) -> Result<u64, BusError>;
 }
 
 /// Picks the messages to erase: `(the stage a message is for, its payload)`.

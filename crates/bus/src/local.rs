@@ -591,6 +591,11 @@ impl Messaging for LocalBus {
         Ok(self.inner.queues[&stage].unsettled.load(Ordering::SeqCst))
     }
 
+    /// None: the work queues live and die with the run of this process.
+    async fn held(&self, _sync: &str, _matches: &Matcher) -> Result<u64, BusError> {
+        Ok(0)
+    }
+
     /// The dead letters only: the work queues live and die with the run of this process,
     /// and `loopsync forget` refuses while a run is in progress.
     async fn erase(&self, sync: &str, matches: &Matcher) -> Result<Erased, BusError> {

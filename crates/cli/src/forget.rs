@@ -65,6 +65,13 @@ pub async fn run(config_path: &Path, args: ForgetArgs) -> anyhow::Result<ExitCod
             client,
             budget: &pipeline.budget,
             attempts: pipeline.config.loops.max_attempts,
+            other_syncs: pipeline
+                .config
+                .syncs
+                .iter()
+                .map(|s| s.spec.name.clone())
+                .filter(|name| *name != spec.name)
+                .collect(),
         });
         // Without NATS the bus lives in each process's memory: nothing of it outlives a run.
         let bus = over_nats.then(|| OnBus {
@@ -125,6 +132,13 @@ fn print_text(f: &Forgotten, typed: &str) {
             l.deleted,
             l.not_in_loops
         );
+        if l.held_by_another_sync > 0 {
+            crate::say!(
+                "  Loops: {} contacts kept: another sync holds them (forget the person there \
+                 too, with --in-loops)",
+                l.held_by_another_sync
+            );
+        }
     }
     crate::say!(
         "  A row of the model that is still this person is new to the next run, which sends it \

@@ -43,6 +43,10 @@ pub struct InLoops<'a> {
     pub budget: &'a RateBudget,
     /// `loops.max_attempts`.
     pub attempts: u32,
+    /// The deployment's other syncs: a contact one of them holds is kept (deleting it would
+    /// leave that sync's state believing Loops has it, and its runs would never write it
+    /// again).
+    pub other_syncs: Vec<String>,
 }
 
 /// The bus whose streams and ledger may hold the person (over NATS).
@@ -76,6 +80,9 @@ pub struct LoopsDeletes {
     pub deleted: u64,
     /// Identities Loops had no contact for (404).
     pub not_in_loops: u64,
+    /// Contacts kept because another sync of the deployment holds them (forget the person
+    /// there too, with `--in-loops`, to delete them).
+    pub held_by_another_sync: u64,
 }
 
 impl Forgotten {
@@ -106,6 +113,17 @@ pub enum ForgetError {
         run_id: i64,
         status: String,
     },
+    /// The work queues still hold messages of the person (or a run request of the sync): a
+    /// worker may have one in hand — a run closed as interrupted leaves its messages to the
+    /// workers — and would write the person back (in Loops, the ledger, the state) after the
+    /// erasure. Nothing was erased.
+    #[error(
+        "{messages} message(s) of this person, or a run request of sync {sync}, are still in \
+         NATS's work queues: a worker may hold one and would write the person back; nothing \
+         was erased; forget once they are processed (a run of the sync, or its workers, take \
+         them)"
+    )]
+    InFlight { sync: String, messages: u64 },
     #[error(transparent)]
     Engine(#[from] EngineError),
 }
@@ -137,7 +155,9 @@ impl From<loopsync_bus::BusError> for ForgetError {
 impl Classified for ForgetError {
     fn class(&self) -> ErrorClass {
         match self {
-            ForgetError::RunInProgress { .. } => ErrorClass::Permanent,
+            ForgetError::RunInProgress { .. } | ForgetError::InFlight { .. } => {
+                ErrorClass::Permanent
+            }
             ForgetError::Engine(e) => e.class(),
         }
     }
@@ -163,9 +183,39 @@ pub async fn forget(
         records: found.len() as u64,
         ..Forgotten::default()
     };
+    let matcher = Matcher {
+        keys: keys.clone(),
+        key: match person {
+            Person::Key(k) => Some(k.clone()),
+            Person::Email(_) => None,
+        },
+        emails: emails.clone(),
+        email_column: spec.property("email").map(|p| p.column.clone()),
+    };
+    if let Some(bus) = &bus {
+        // Before anything is erased: a message of the person still in a work queue may be in
+        // a worker's hands (deleting it from the stream would not stop the worker), and a run
+        // request's extractor may still publish the person's change.
+        let in_hand = matcher.clone();
+        let held = bus
+            .messaging
+            .held(sync, &move |stage: Stage, payload: &[u8]| {
+                stage == Stage::Extractor || in_hand.matches(stage, payload)
+            })
+            .await?;
+        if held > 0 {
+            return Err(ForgetError::InFlight {
+                sync: sync.to_owned(),
+                messages: held,
+            });
+        }
+    }
     if let Some(loops) = loops {
         let mut deletes = LoopsDeletes::default();
-        for identity in contacts_to_delete(warehouse, spec, &found).await? {
+        let (contacts, held_elsewhere) =
+            contacts_to_delete(warehouse, spec, &found, &loops.other_syncs).await?;
+        deletes.held_by_another_sync = held_elsewhere;
+        for identity in contacts {
             let mut counts = Default::default();
             let deleted = with_retries(loops.budget, loops.attempts, &mut counts, || {
                 loops.client.delete_contact(&identity)
@@ -182,15 +232,6 @@ pub async fn forget(
         forgotten.loops = Some(deletes);
     }
     if let Some(bus) = bus {
-        let matcher = Matcher {
-            keys: keys.clone(),
-            key: match person {
-                Person::Key(k) => Some(k.clone()),
-                Person::Email(_) => None,
-            },
-            emails: emails.clone(),
-            email_column: spec.property("email").map(|p| p.column.clone()),
-        };
         let matches = move |stage: Stage, payload: &[u8]| matcher.matches(stage, payload);
         forgotten.messages = Some(bus.messaging.erase(sync, &matches).await?);
         for key in &keys {
@@ -236,28 +277,38 @@ fn emails_of(person: &Person, found: &[KeptRecord]) -> BTreeSet<String> {
 /// The contacts to delete in Loops: each identity of the records found by which the sync
 /// identifies contacts (its userId under `identify_by = "userId"`, else its email; the email
 /// when a record has no userId), confirmed, last sent or possibly applied — except those that
-/// another record of the sync now holds (that contact is someone else's now).
+/// another record of the sync now holds (that contact is someone else's now), and those that
+/// a record of another sync (`other_syncs`) holds, counted (the second value): that sync's
+/// state says Loops has the contact.
 async fn contacts_to_delete(
     warehouse: &dyn Warehouse,
     spec: &SyncSpec,
     found: &[KeptRecord],
-) -> Result<Vec<ContactIdentity>, WarehouseError> {
+    other_syncs: &[String],
+) -> Result<(Vec<ContactIdentity>, u64), WarehouseError> {
     let candidates = identities(spec, found);
     let keys: BTreeSet<&str> = found.iter().map(|r| r.key.as_str()).collect();
     let mut contacts = Vec::new();
-    for identity in candidates {
+    let mut held_elsewhere = 0;
+    'candidates: for identity in candidates {
         let value = match &identity {
             ContactIdentity::Email(e) => e.clone(),
             ContactIdentity::UserId(u) => u.clone(),
         };
-        let owners = warehouse
-            .owners(&spec.name, std::slice::from_ref(&value))
-            .await?;
-        if owners.iter().all(|(key, _, _)| keys.contains(key.as_str())) {
-            contacts.push(identity);
+        let value = std::slice::from_ref(&value);
+        let owners = warehouse.owners(&spec.name, value).await?;
+        if !owners.iter().all(|(key, _, _)| keys.contains(key.as_str())) {
+            continue;
         }
+        for other in other_syncs.iter().filter(|s| **s != spec.name) {
+            if !warehouse.owners(other, value).await?.is_empty() {
+                held_elsewhere += 1;
+                continue 'candidates;
+            }
+        }
+        contacts.push(identity);
     }
-    Ok(contacts)
+    Ok((contacts, held_elsewhere))
 }
 
 /// [`contacts_to_delete`]'s candidates, each once, in order.
@@ -291,6 +342,7 @@ fn identities(spec: &SyncSpec, found: &[KeptRecord]) -> Vec<ContactIdentity> {
 
 /// Picks the messages that carry the person: their record's key is one of the person's, or
 /// (an email typed) an email they carry is one of the person's.
+#[derive(Clone)]
 struct Matcher {
     keys: BTreeSet<String>,
     /// The key typed (`--key`): found even when the state kept nothing of it.

@@ -29,7 +29,7 @@ impl JetStreamBus {
         for stage in Stage::ALL {
             let stream = self.stream(&self.names.stream(stage)).await?;
             let subject = self.names.subject(stage, sync);
-            erased.work_queues += erase_in(&stream, &subject, |_| Some(stage), matches).await?;
+            erased.work_queues += walk(&stream, &subject, |_| Some(stage), matches, true).await?;
         }
         let dlq = self.stream(&self.names.dlq_stream()).await?;
         for stage in Stage::ALL {
@@ -44,9 +44,25 @@ impl JetStreamBus {
                         .unwrap_or(stage),
                 )
             };
-            erased.dead_letters += erase_in(&dlq, &subject, stage_of, matches).await?;
+            erased.dead_letters += walk(&dlq, &subject, stage_of, matches, true).await?;
         }
         Ok(erased)
+    }
+
+    /// [`crate::Messaging::held`] on JetStream: the work queues walked as
+    /// [`Self::erase_messages`] walks them, nothing deleted.
+    pub(super) async fn held_messages(
+        &self,
+        sync: &str,
+        matches: &Matcher,
+    ) -> Result<u64, BusError> {
+        let mut held = 0;
+        for stage in Stage::ALL {
+            let stream = self.stream(&self.names.stream(stage)).await?;
+            let subject = self.names.subject(stage, sync);
+            held += walk(&stream, &subject, |_| Some(stage), matches, false).await?;
+        }
+        Ok(held)
     }
 
     async fn stream(&self, name: &str) -> Result<Stream, BusError> {
@@ -72,12 +88,14 @@ impl JetStreamBus {
     }
 }
 
-/// Erases the messages of `subject` in `stream` that `matches` picks; how many.
-async fn erase_in(
+/// Counts the messages of `subject` in `stream` that `matches` picks, and erases them when
+/// `erase`; how many.
+async fn walk(
     stream: &Stream,
     subject: &str,
     stage_of: impl Fn(&async_nats::jetstream::message::StreamMessage) -> Option<Stage>,
     matches: &Matcher,
+    erase: bool,
 ) -> Result<u64, BusError> {
     let name = stream.cached_info().config.name.clone();
     let mut erased = 0;
@@ -93,10 +111,12 @@ async fn erase_in(
             continue;
         };
         if matches(stage, &message.payload) {
-            stream
-                .delete_message(message.sequence)
-                .await
-                .map_err(|e| erase_error(format!("deleting a message of stream {name}"), e))?;
+            if erase {
+                stream
+                    .delete_message(message.sequence)
+                    .await
+                    .map_err(|e| erase_error(format!("deleting a message of stream {name}"), e))?;
+            }
             erased += 1;
         }
     }

@@ -482,6 +482,10 @@ impl Messaging for JetStreamBus {
         self.erase_messages(sync, matches).await
     }
 
+    async fn held(&self, sync: &str, matches: &Matcher) -> Result<u64, BusError> {
+        self.held_messages(sync, matches).await
+    }
+
     async fn dead_letters(&self) -> Result<Vec<DeadLetter>, BusError> {
         let mut stream = self
             .js

@@ -10,9 +10,11 @@ use crate::{Erasure, KeptRecord, Person, WarehouseError, identities_of};
 /// What replaces a stored text (a record's reason, a run's error) that names an erased person.
 pub(crate) const ERASED_TEXT: &str = "(erased by loopsync forget)";
 
-/// The state's columns of a [`KeptRecord`], as [`kept`] reads them.
+/// The state's columns of a [`KeptRecord`], as [`kept`] reads them. The noted email is the
+/// row's only while the row is noted (`model_hash`): a confirmation or a removal clears the
+/// hash and leaves the email, which may then be one the record handed to another.
 const KEPT: &str = "key, confirmed_email, confirmed_user_id, emitted_email, emitted_user_id,
-                    model_email, possibly_applied";
+                    CASE WHEN model_hash IS NOT NULL THEN model_email END, possibly_applied";
 
 fn kept(row: &Row) -> Result<KeptRecord, WarehouseError> {
     Ok(KeptRecord {
@@ -49,7 +51,8 @@ pub(crate) async fn find_person(
         Person::Email(email) => (
             format!(
                 "SELECT {KEPT} FROM loopsync.state
-                  WHERE sync = $1 AND ({c} = $2 OR {e} = $2 OR {m} = $2
+                  WHERE sync = $1 AND ({c} = $2 OR {e} = $2
+                        OR ({m} = $2 AND model_hash IS NOT NULL)
                         OR (possibly_applied IS NOT NULL AND {p}))",
                 c = d.email_key("confirmed_email"),
                 e = d.email_key("emitted_email"),
@@ -156,6 +159,19 @@ pub(crate) async fn erase_person(
     }
     let d = x.dialect().clone();
     for email in emails.iter().filter(|e| !e.is_empty()) {
+        // Another record's noted email left stale by a re-key (the email handed over): the
+        // note goes, and the row is read again by the next run.
+        erasure.texts += x
+            .execute(
+                "erase a stale noted email",
+                &format!(
+                    "UPDATE loopsync.state SET model_email = NULL, model_hash = NULL
+                      WHERE sync = $1 AND {m} = $2",
+                    m = d.email_key("model_email"),
+                ),
+                params![&sync, email],
+            )
+            .await?;
         for (table, column) in [
             ("records", "reason"),
             ("attempts", "reason"),
