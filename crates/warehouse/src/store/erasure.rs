@@ -223,7 +223,14 @@ pub(crate) async fn prune_records(x: &mut dyn Exec, seconds: f64) -> Result<u64,
     .await?;
     x.execute(
         "prune old results",
-        &format!("DELETE FROM loopsync.records WHERE run_id IN ({old})"),
+        // A dead letter stays while its run keeps a cursor: a run that became old, or closed,
+        // after the first statement would otherwise lose its dead letters and keep its cursor,
+        // and count as clean for an event sync's watermark. The next prune takes it.
+        &format!(
+            "DELETE FROM loopsync.records WHERE run_id IN ({old})
+               AND (outcome <> 'dead_lettered'
+                    OR run_id IN (SELECT id FROM loopsync.runs WHERE cursor_high IS NULL))"
+        ),
         params![seconds],
     )
     .await
