@@ -193,159 +193,121 @@ impl ServerCertVerifier for ChainOnly {
 }
 
 /// Against a PostgreSQL and a MariaDB that take TLS connections only, with a certificate for
-/// 127.0.0.1 and localhost signed by a CA made for the test (scripts/services.sh).
+/// 127.0.0.1 and localhost (not 127.0.0.2, the same server) signed by a CA made for the test
+/// (scripts/services.sh).
 #[cfg(test)]
 mod tests {
     use loopsync_testkit::service;
 
-    use crate::WarehouseError;
     use crate::mysql::MySqlSource;
     use crate::postgres::{open, server};
 
-    /// The TLS servers' URL with `host` and `params`, and the CA that signed their certificate.
-    fn tls_url(var: &str, host: &str, params: &str) -> Option<String> {
-        let url = service(var)?.replace("127.0.0.1", host);
-        Some(format!("{url}?{params}"))
-    }
-
+    /// The CA that signed the servers' certificate, or one that did not.
     fn ca(right: bool) -> String {
-        service(if right {
+        let var = if right {
             "LOOPSYNC_TEST_TLS_CA"
         } else {
             "LOOPSYNC_TEST_TLS_WRONG_CA"
-        })
-        .unwrap_or_default()
-    }
-
-    /// Connects to the TLS PostgreSQL; `Ok(true)` when the session is encrypted.
-    async fn postgres(host: &str, params: &str) -> Option<Result<bool, WarehouseError>> {
-        let url = tls_url("LOOPSYNC_TEST_PG_TLS_URL", host, params)?;
-        Some(
-            async {
-                let client = open(&server(&url)?).await?;
-                let row = client
-                    .query_one(
-                        "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
-                        &[],
-                    )
-                    .await
-                    .expect("read pg_stat_ssl");
-                Ok(row.get::<_, bool>(0))
-            }
-            .await,
-        )
-    }
-
-    async fn mysql(host: &str, params: &str) -> Option<Result<(), WarehouseError>> {
-        let url = tls_url("LOOPSYNC_TEST_MYSQL_TLS_URL", host, params)?;
-        Some(MySqlSource::connect(&url).await.map(drop))
-    }
-
-    fn refused<T: std::fmt::Debug>(result: Result<T, WarehouseError>, said: &str) {
-        let error = result
-            .expect_err("the connection should be refused")
-            .to_string();
-        assert!(error.contains(said), "{error}");
-    }
-
-    #[tokio::test]
-    async fn postgres_verify_full_with_the_servers_ca_is_encrypted() {
-        let Some(result) = postgres(
-            "127.0.0.1",
-            &format!("sslmode=verify-full&sslrootcert={}", ca(true)),
-        )
-        .await
-        else {
-            return;
         };
-        assert!(result.unwrap(), "the session is not encrypted");
-        // Without sslmode, loopback: TLS when the server offers it.
-        assert!(postgres("127.0.0.1", "").await.unwrap().unwrap());
-        // require: encrypted, the certificate not checked.
-        assert!(
-            postgres("127.0.0.1", "sslmode=require")
+        service(var).unwrap_or_default()
+    }
+
+    /// What connecting to `host` with `params` says: `Ok` (PostgreSQL: the session is
+    /// encrypted, read from `pg_stat_ssl`), or the error.
+    async fn connect(postgres: bool, url: &str, host: &str, params: &str) -> Result<(), String> {
+        let url = format!("{}?{params}", url.replace("127.0.0.1", host));
+        if !postgres {
+            return MySqlSource::connect(&url)
                 .await
-                .unwrap()
-                .unwrap()
-        );
-    }
-
-    #[tokio::test]
-    async fn postgres_refuses_a_certificate_another_ca_signed() {
-        let Some(result) = postgres(
-            "127.0.0.1",
-            &format!("sslmode=verify-full&sslrootcert={}", ca(false)),
-        )
-        .await
-        else {
-            return;
-        };
-        refused(result, "UnknownIssuer");
-    }
-
-    #[tokio::test]
-    async fn postgres_verify_full_checks_the_name_and_verify_ca_does_not() {
-        // The certificate names 127.0.0.1 and localhost, not 127.0.0.2 (the same server).
-        let Some(result) = postgres(
-            "127.0.0.2",
-            &format!("sslmode=verify-full&sslrootcert={}", ca(true)),
-        )
-        .await
-        else {
-            return;
-        };
-        refused(result, "not valid for name");
-        let verify_ca = format!("sslmode=verify-ca&sslrootcert={}", ca(true));
-        assert!(postgres("127.0.0.2", &verify_ca).await.unwrap().unwrap());
-    }
-
-    #[tokio::test]
-    async fn postgres_without_tls_is_refused_by_a_server_that_requires_it() {
-        let Some(result) = postgres("127.0.0.1", "sslmode=disable").await else {
-            return;
-        };
-        refused(result, "no encryption");
-    }
-
-    #[tokio::test]
-    async fn mysql_verify_full_with_the_servers_ca_connects() {
-        let Some(result) = mysql(
-            "127.0.0.1",
-            &format!("sslmode=verify-full&sslrootcert={}", ca(true)),
-        )
-        .await
-        else {
-            return;
-        };
-        result.unwrap();
-        mysql("127.0.0.1", "sslmode=require")
+                .map(drop)
+                .map_err(|e| e.to_string());
+        }
+        let client = open(&server(&url).map_err(|e| e.to_string())?)
             .await
-            .unwrap()
-            .unwrap();
-        let verify_ca = format!("sslmode=verify-ca&sslrootcert={}", ca(true));
-        refused(
-            mysql("127.0.0.2", &verify_ca).await.unwrap(),
-            "not available for MySQL",
-        );
+            .map_err(|e| e.to_string())?;
+        let row = client
+            .query_one(
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                &[],
+            )
+            .await
+            .expect("read pg_stat_ssl");
+        assert!(row.get::<_, bool>(0), "{url}: the session is not encrypted");
+        Ok(())
+    }
+
+    /// Each case: host, parameters, and `None` to connect or the words of the refusal.
+    async fn check(postgres: bool, var: &str, cases: &[(&str, String, Option<&str>)]) {
+        let Some(url) = service(var) else { return };
+        for (host, params, refusal) in cases {
+            let result = connect(postgres, &url, host, params).await;
+            match (refusal, result) {
+                (None, Ok(())) => {}
+                (Some(said), Err(error)) if error.contains(said) => {}
+                (expected, got) => panic!("{host} {params}: expected {expected:?}, got {got:?}"),
+            }
+        }
+    }
+
+    fn verify(mode: &str, right_ca: bool) -> String {
+        format!("sslmode={mode}&sslrootcert={}", ca(right_ca))
     }
 
     #[tokio::test]
-    async fn mysql_refuses_a_wrong_ca_a_wrong_name_and_cleartext() {
-        let Some(result) = mysql(
-            "127.0.0.1",
-            &format!("sslmode=verify-full&sslrootcert={}", ca(false)),
+    async fn postgres_over_tls_as_sslmode_says() {
+        check(
+            true,
+            "LOOPSYNC_TEST_PG_TLS_URL",
+            &[
+                ("127.0.0.1", verify("verify-full", true), None),
+                // Without sslmode, on loopback: TLS when the server offers it.
+                ("127.0.0.1", String::new(), None),
+                // require: encrypted, the certificate not checked.
+                ("127.0.0.1", "sslmode=require".into(), None),
+                (
+                    "127.0.0.1",
+                    verify("verify-full", false),
+                    Some("UnknownIssuer"),
+                ),
+                (
+                    "127.0.0.2",
+                    verify("verify-full", true),
+                    Some("not valid for name"),
+                ),
+                ("127.0.0.2", verify("verify-ca", true), None),
+                ("127.0.0.1", "sslmode=disable".into(), Some("no encryption")),
+            ],
         )
-        .await
-        else {
-            return;
-        };
-        refused(result, "UnknownIssuer");
-        let verify_full = format!("sslmode=verify-full&sslrootcert={}", ca(true));
-        refused(
-            mysql("127.0.0.2", &verify_full).await.unwrap(),
-            "not valid for name",
-        );
-        // The server requires TLS of this user; loopback without sslmode connects without.
-        refused(mysql("127.0.0.1", "").await.unwrap(), "Access denied");
+        .await;
+    }
+
+    #[tokio::test]
+    async fn mysql_over_tls_as_sslmode_says() {
+        check(
+            false,
+            "LOOPSYNC_TEST_MYSQL_TLS_URL",
+            &[
+                ("127.0.0.1", verify("verify-full", true), None),
+                ("127.0.0.1", "sslmode=require".into(), None),
+                (
+                    "127.0.0.1",
+                    verify("verify-full", false),
+                    Some("UnknownIssuer"),
+                ),
+                (
+                    "127.0.0.2",
+                    verify("verify-full", true),
+                    Some("not valid for name"),
+                ),
+                (
+                    "127.0.0.2",
+                    verify("verify-ca", true),
+                    Some("not available for MySQL"),
+                ),
+                // The server requires TLS of this user; loopback without sslmode connects without.
+                ("127.0.0.1", String::new(), Some("Access denied")),
+            ],
+        )
+        .await;
     }
 }
