@@ -181,6 +181,9 @@ start_mariadb_tls() {
   echo "started MariaDB with TLS only on port $port"
 }
 
+# Tests that stop and restart NATS start servers of their own: nats-server is needed even when
+# LOOPSYNC_TEST_NATS_URL names a server.
+command -v nats-server >/dev/null || [ -n "${LOOPSYNC_TEST_NATS_BIN:-}" ] || apt_install nats-server
 [ -n "${LOOPSYNC_TEST_NATS_URL:-}" ] || start_nats
 [ -n "${LOOPSYNC_TEST_PG_URL:-}" ] || start_postgres
 [ -n "${LOOPSYNC_TEST_MYSQL_URL:-}" ] || start_mariadb

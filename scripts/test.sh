@@ -75,8 +75,9 @@ else
 fi
 
 # Runs a cargo test command, keeping its output for the summary.
+# --no-fail-fast: a failing test binary does not hide the failures of the ones after it.
 cargo_test() {
-  cargo test "$@" 2>&1 | tee -a "$logs/cargo"
+  cargo test --no-fail-fast "$@" 2>&1 | tee -a "$logs/cargo"
 }
 
 log "cargo test"

@@ -12,12 +12,12 @@ use std::sync::atomic::{AtomicU32, Ordering};
 /// The environment variable that lets tests skip when a service is missing.
 pub const SKIP_VAR: &str = "LOOPSYNC_SKIP_SERVICES";
 
-fn skipping_allowed() -> bool {
+pub(crate) fn skipping_allowed() -> bool {
     std::env::var(SKIP_VAR).is_ok_and(|v| v == "1")
 }
 
 /// Notes that the current test is skipped because `var` is not set.
-fn note_skip(var: &str) {
+pub(crate) fn note_skip(var: &str) {
     let thread = std::thread::current();
     let test = thread.name().unwrap_or("a test");
     eprintln!("skipped: {test}: {var} is not set and {SKIP_VAR}=1");
