@@ -7,7 +7,7 @@ use std::sync::Arc;
 use loopsync_core::warehouse_tls::{Tls, TlsMode};
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
+use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, Error, RootCertStore, SignatureScheme};
@@ -47,19 +47,19 @@ pub(crate) fn client_config(tls: &Tls) -> Result<rustls::ClientConfig, Warehouse
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| WarehouseError::Connect(format!("TLS: {e}")))?;
+    let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots(tls)?), provider())
+        .build()
+        .map_err(|e| WarehouseError::Connect(format!("TLS: {e}")))?;
     let verifier: Arc<dyn ServerCertVerifier> = match tls.mode {
-        TlsMode::Disable | TlsMode::Prefer | TlsMode::Require => Arc::new(Unchecked(provider())),
-        TlsMode::VerifyCa | TlsMode::VerifyFull => {
-            let webpki =
-                WebPkiServerVerifier::builder_with_provider(Arc::new(roots(tls)?), provider())
-                    .build()
-                    .map_err(|e| WarehouseError::Connect(format!("TLS: {e}")))?;
-            if tls.mode == TlsMode::VerifyCa {
-                Arc::new(ChainOnly(webpki))
-            } else {
-                webpki
-            }
-        }
+        TlsMode::VerifyFull => webpki,
+        TlsMode::VerifyCa => Arc::new(Relaxed {
+            webpki,
+            chain: true,
+        }),
+        TlsMode::Disable | TlsMode::Prefer | TlsMode::Require => Arc::new(Relaxed {
+            webpki,
+            chain: false,
+        }),
     };
     Ok(builder
         .dangerous()
@@ -94,62 +94,18 @@ pub(crate) fn mysql_ssl_opts(tls: &Tls) -> Result<Option<mysql_async::SslOpts>, 
     }))
 }
 
-/// `require` (as libpq): the connection is encrypted, the server is not authenticated. The
-/// handshake's signatures are still checked, so the session is with whoever holds the
-/// certificate's key.
+/// What `require` and `verify-ca` check of a certificate, where `verify-full` checks all:
+/// `require` (as libpq) nothing, so the connection is encrypted and the server not
+/// authenticated; `verify-ca` the chain, not the name. The handshake's signatures are checked
+/// in both, so the session is with whoever holds the certificate's key.
 #[derive(Debug)]
-struct Unchecked(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for Unchecked {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
+struct Relaxed {
+    webpki: Arc<WebPkiServerVerifier>,
+    /// The chain is checked (`verify-ca`).
+    chain: bool,
 }
 
-/// `verify-ca`: the chain is checked, the name is not.
-#[derive(Debug)]
-struct ChainOnly(Arc<WebPkiServerVerifier>);
-
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for Relaxed {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -158,8 +114,11 @@ impl ServerCertVerifier for ChainOnly {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
+        if !self.chain {
+            return Ok(ServerCertVerified::assertion());
+        }
         match self
-            .0
+            .webpki
             .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
         {
             Err(Error::InvalidCertificate(
@@ -175,7 +134,7 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
+        self.webpki.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -184,11 +143,11 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
+        self.webpki.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
+        self.webpki.supported_verify_schemes()
     }
 }
 
