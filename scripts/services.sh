@@ -79,14 +79,15 @@ find_pg_bin() {
   fi
 }
 
-# A throwaway PostgreSQL in $services_dir/<name> on <port>, with more server options.
+# A throwaway PostgreSQL in $services_dir/<name> on <port>, with more server options. UTF-8
+# whatever the environment's locale: without LANG, initdb would make an SQL_ASCII cluster.
 pg_start() { # name, port, options
   find_pg_bin
   ensure_services_dir
   local data="$services_dir/$1"
   mkdir -p "$data"
   [ "$(id -u)" -eq 0 ] && chown postgres: "$data"
-  as_pg_user "$pg_bin/initdb" -D "$data" -A trust -U postgres --no-sync >"$services_dir/$1-initdb.log" 2>&1 \
+  as_pg_user "$pg_bin/initdb" -D "$data" -A trust -U postgres -E UTF8 --locale=C --no-sync >"$services_dir/$1-initdb.log" 2>&1 \
     || { cat "$services_dir/$1-initdb.log" >&2; exit 1; }
   pg_datas="${pg_datas:-} $data"
   if [ -n "${pg_hba:-}" ]; then printf '%s\n' "$pg_hba" | as_pg_user tee "$data/pg_hba.conf" >/dev/null; fi
