@@ -3,10 +3,11 @@
 #
 # Formatting, lints, every Rust test (unit and end-to-end, against real NATS, PostgreSQL and
 # MariaDB, and DuckDB files), then the conformance test of the simulator against the official
-# Loops JavaScript SDK. The services come from LOOPSYNC_TEST_NATS_URL / LOOPSYNC_TEST_PG_URL /
-# LOOPSYNC_TEST_MYSQL_URL, else throwaway ones are started (scripts/services.sh). Whatever is
-# missing on a fresh machine — nats-server, PostgreSQL, MariaDB, Node.js — is installed from
-# Debian's packages when running as root.
+# Loops JavaScript SDK, the checks of the compose file and of deploy/'s dashboard, and
+# promtool's tests of the alert rules. The services come from LOOPSYNC_TEST_NATS_URL /
+# LOOPSYNC_TEST_PG_URL / LOOPSYNC_TEST_MYSQL_URL, else throwaway ones are started
+# (scripts/services.sh). Whatever is missing on a fresh machine — nats-server, PostgreSQL,
+# MariaDB, Node.js, promtool — is installed from Debian's packages when running as root.
 #
 # Every cargo command builds every feature (`--all-features`): DuckDB too, whose bundled C++
 # build takes some 18 minutes cold on 2 cores, once per target folder (.ci/run keeps its target
@@ -99,6 +100,12 @@ command -v node >/dev/null && command -v npm >/dev/null || apt_install nodejs np
 (cd tests/js && npm ci --no-audit --no-fund --loglevel=error)
 node --test tests/js/*.test.mjs 2>&1 | tee "$logs/node"
 
+log "Prometheus config and alert rules (deploy/prometheus): promtool"
+# Debian's prometheus package ships promtool (the server it also installs is not started).
+command -v promtool >/dev/null || apt_install prometheus
+promtool check config deploy/prometheus/prometheus.yml
+(cd deploy/prometheus && promtool test rules alerts.test.yml)
+
 log "summary"
 # cargo: "test result: ok. N passed; N failed; N ignored; …" per test binary; node: "# pass N".
 read -r rust_passed rust_failed < <(awk '/^test result:/ { p += $4; f += $6 } END { print p + 0, f + 0 }' "$logs/cargo")
@@ -111,6 +118,7 @@ if [ "$skipped" -gt 0 ]; then
   sed 's/^/  /' "$LOOPSYNC_SKIP_LOG"
 fi
 echo "cargo deny: sources and bans checked; advisories $advisories"
+echo "promtool: deploy/prometheus's config and alert rules checked, their unit tests passed"
 echo "total: $(( rust_passed - skipped + node_passed )) passed, $(( rust_failed + node_failed )) failed, $(( skipped + node_skipped )) skipped"
 echo "in $(( $(date +%s) - start )) s"
 rm -rf "$logs"

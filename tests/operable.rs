@@ -560,7 +560,8 @@ async fn a_reader_that_stops_early_is_no_crash() {
 /// `run --metrics-addr` over NATS, following a schedule: the scrape taken while it runs has
 /// every series of docs/operations.md, with the requests by endpoint and status, the 429s,
 /// the rate budget, the consumers' lag and the diff and run durations; each run ends with a
-/// timestamped line on stdout. The scrape is printed for the closing note.
+/// timestamped line on stdout; every series deploy/'s dashboard and alert rules read is in it.
+/// The scrape is printed for the closing note.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_are_scraped_while_it_runs() {
     use tokio::io::AsyncBufReadExt;
@@ -650,6 +651,36 @@ async fn metrics_are_scraped_while_it_runs() {
             "{series} in:\n{scrape}\nstderr:\n{stderr}"
         );
     }
+    // Every series the dashboard and the alert rules of deploy/ read is served.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap();
+    let mut read_by_deploy = 0;
+    for file in [
+        "deploy/grafana/loopsync.json",
+        "deploy/prometheus/alerts.yml",
+    ] {
+        let text = std::fs::read_to_string(root.join(file)).unwrap();
+        for (at, _) in text.match_indices("loopsync_") {
+            let name: String = text[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                .collect();
+            let served = scrape.lines().any(|line| {
+                line.strip_prefix(name.as_str())
+                    .is_some_and(|rest| rest.starts_with(['{', ' ']))
+            });
+            assert!(
+                served,
+                "{file} reads {name}, which the scrape lacks:\n{scrape}"
+            );
+            read_by_deploy += 1;
+        }
+    }
+    assert!(
+        read_by_deploy >= 10,
+        "{read_by_deploy} series read by deploy/"
+    );
     eprintln!("SCRAPE\n{scrape}");
 }
 

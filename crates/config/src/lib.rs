@@ -1170,6 +1170,27 @@ amount = { column = "amount", type = "number" }
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// The README is the page of a user's first hour: at most 150 lines, and its config
+    /// sample is a config loopsync reads.
+    #[test]
+    fn the_readme_is_short_and_its_config_sample_is_read() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+        let lines = readme.lines().count();
+        assert!(lines <= 150, "the README has {lines} lines");
+        let sample = readme
+            .split("```toml\n")
+            .nth(1)
+            .and_then(|rest| rest.split("```").next())
+            .expect("a toml block in the README");
+        let config = Config::parse(sample, env).unwrap();
+        assert_eq!(config.syncs.len(), 1);
+        assert!(
+            config.syncs[0].schedule.is_some(),
+            "the sample has a schedule"
+        );
+    }
+
     /// Every relative link of the README and docs/ resolves to a file of the repository (the
     /// Loops API notes the docs cite among them).
     #[test]
