@@ -470,7 +470,6 @@ async fn random_history_on_mysql() {
     history_on(Backend::MySql, "in process, on MySQL", seed(6)).await;
 }
 
-#[cfg(feature = "duckdb")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_history_on_duckdb() {
     history_on(Backend::DuckDb, "in process, on DuckDB", seed(7)).await;

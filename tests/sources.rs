@@ -27,7 +27,6 @@ macro_rules! on_every_source {
                 super::$scenario(Backend::MySql).await
             }
 
-            #[cfg(feature = "duckdb")]
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn duckdb() {
                 super::$scenario(Backend::DuckDb).await
@@ -271,7 +270,6 @@ async fn adopt_takes_over_without_sending(backend: Backend) {
 /// DuckDB reads files itself: a model over a CSV export, then over a Parquet export of the same
 /// rows, in an in-memory DuckDB (`url = "duckdb://"`). A changed export is one request; the
 /// same rows in another format, none.
-#[cfg(feature = "duckdb")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duckdb_reads_csv_and_parquet_exports() {
     let Some(stack) = stack(Backend::DuckDb, 5, "upsert").await else {

@@ -436,6 +436,9 @@ const USERS_SQLITE: &str = "CREATE TABLE users (id INTEGER, email TEXT, first_na
 impl Stack {
     /// `None` when a service the stack needs is not configured and skipping was asked for.
     pub async fn start(options: StackOptions) -> Option<Stack> {
+        if options.duckdb && !services::duckdb_built() {
+            return None;
+        }
         let nats = match &options.nats_url {
             Some(url) => Some(TestNamespace::on(url, "e2e")),
             None if options.nats => Some(TestNamespace::create("e2e")?),

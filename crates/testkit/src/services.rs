@@ -18,17 +18,37 @@ pub(crate) fn skipping_allowed() -> bool {
 
 /// Notes that the current test is skipped because `var` is not set.
 pub(crate) fn note_skip(var: &str) {
+    note_skip_because(&format!("{var} is not set and {SKIP_VAR}=1"));
+}
+
+/// Notes that the current test is skipped, and why: on stderr, and as a line of the file named
+/// by `LOOPSYNC_SKIP_LOG` (the test's name, a tab, the reason), which `scripts/test.sh` lists.
+pub fn note_skip_because(reason: &str) {
     let thread = std::thread::current();
     let test = thread.name().unwrap_or("a test");
-    eprintln!("skipped: {test}: {var} is not set and {SKIP_VAR}=1");
+    eprintln!("skipped: {test}: {reason}");
     if let Some(path) = std::env::var_os("LOOPSYNC_SKIP_LOG")
         && let Ok(mut file) = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
     {
-        let _ = writeln!(file, "{test}\t{var}");
+        let _ = writeln!(file, "{test}\t{reason}");
     }
+}
+
+/// Whether the tests were built with DuckDB (the `duckdb` feature). Without it, a test that
+/// needs DuckDB notes its skip and its reason (`scripts/test.sh` lists it as dropped) rather
+/// than vanishing from the build.
+pub fn duckdb_built() -> bool {
+    if cfg!(feature = "duckdb") {
+        return true;
+    }
+    note_skip_because(
+        "built without the duckdb feature (LOOPSYNC_TEST_DUCKDB=0, or cargo test without \
+         --all-features)",
+    );
+    false
 }
 
 /// The URL in `var`; without one, a failure — or `None` when skipping was asked for.
