@@ -576,7 +576,17 @@ async fn restart_nats_mid_run(workers: bool, moment: Moment) {
             },
         )
         .await;
+    if moment == Moment::Sending {
+        // Loops holds every answer from now until NATS is down: the run cannot end before the
+        // stop, however slowly this machine stops a server.
+        stack
+            .sim_post("faults", serde_json::json!({"latency_ms": 5_000}))
+            .await;
+    }
     scene.server().stop().await;
+    if moment == Moment::Sending {
+        stack.sim_post("faults", serde_json::json!({})).await;
+    }
     let now = progress(&stack).await.unwrap_or_default();
     scene.check(
         now.confirmed < n as i64 && (moment == Moment::Sending || now.status == "extracting"),

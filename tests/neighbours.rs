@@ -51,10 +51,11 @@ async fn commands_answer_beside_a_read_of_the_state() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "three commands took {:?}",
-        started.elapsed()
+    // The reader's transaction stays open until the end: a command that waited for it would
+    // wait for ever, and fail its 30 s deadline above. The time is printed, not judged.
+    eprintln!(
+        "measured: three commands answered in {:.2} s beside a read of the state",
+        started.elapsed().as_secs_f64()
     );
     // And a run beside it completes: its writes do not queue behind anyone's DDL.
     stack
@@ -66,7 +67,7 @@ async fn commands_answer_beside_a_read_of_the_state() {
 }
 
 /// While `run --once` extracts a big model (its diff streams 300 000 rows), other commands
-/// answer within seconds: `check`, `dlq list`, and a second `run` of the same sync, which says
+/// answer before it ends: `check`, `dlq list`, and a second `run` of the same sync, which says
 /// that one is in progress (exit 1) once the first run's holder has shown a sign of life (a
 /// heartbeat, within 5 s). Real processes against one PostgreSQL database.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -135,13 +136,24 @@ async fn commands_answer_beside_a_run_extracting_a_big_model() {
         "measured: check, dlq list and a second run answered in {:.2} s beside a run extracting 300 000 rows",
         elapsed.as_secs_f64()
     );
-    assert!(
-        elapsed < Duration::from_secs(20),
-        "three commands took {elapsed:?}"
+    // They answered while the first run was still extracting: none waited for it to end.
+    let status: Option<String> = stack
+        .pg()
+        .query_opt(
+            "SELECT status FROM loopsync.runs ORDER BY id DESC LIMIT 1",
+            &[],
+        )
+        .await
+        .expect("read the runs")
+        .map(|r| r.get(0));
+    assert_eq!(
+        status.as_deref(),
+        Some("extracting"),
+        "the commands answered only after the first run's extraction"
     );
     assert!(
         first.try_wait().expect("try_wait").is_none(),
-        "the first run was still extracting"
+        "the first run is still running"
     );
     let _ = first.kill().await;
 }

@@ -25,6 +25,7 @@ struct Running {
     name: &'static str,
     child: tokio::process::Child,
     stderr: Arc<Mutex<String>>,
+    stderr_done: tokio::task::JoinHandle<()>,
     stdout: tokio::task::JoinHandle<String>,
 }
 
@@ -40,7 +41,7 @@ impl Running {
             .expect("start loopsync run");
         let stderr = Arc::new(Mutex::new(String::new()));
         let mut lines = BufReader::new(child.stderr.take().expect("piped stderr")).lines();
-        tokio::spawn({
+        let stderr_done = tokio::spawn({
             let stderr = stderr.clone();
             async move {
                 while let Ok(Some(line)) = lines.next_line().await {
@@ -60,6 +61,7 @@ impl Running {
             name,
             child,
             stderr,
+            stderr_done,
             stdout,
         }
     }
@@ -82,8 +84,11 @@ impl Running {
             .await
             .expect("stdout closed")
             .unwrap_or_default();
-        // Let the stderr task drain.
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The stderr task ends at the pipe's end: every line is in.
+        tokio::time::timeout(Duration::from_secs(10), self.stderr_done)
+            .await
+            .expect("stderr closed")
+            .expect("the stderr task");
         let stderr = self.stderr.lock().expect("stderr").clone();
         (
             status.code().unwrap_or(-1),

@@ -31,7 +31,6 @@ struct Running {
 /// How a stopped process ended.
 struct Ended {
     status: Option<i32>,
-    elapsed: Duration,
     stdout: String,
     stderr: String,
 }
@@ -111,7 +110,6 @@ impl Running {
         );
         Ended {
             status: status.code(),
-            elapsed,
             stdout: String::from_utf8_lossy(&self.stdout.await.unwrap_or_default()).into_owned(),
             stderr: String::from_utf8_lossy(&self.stderr.await.unwrap_or_default()).into_owned(),
         }
@@ -257,8 +255,8 @@ async fn run_once_stops_during_the_preflight() {
     )
     .await;
     let runner = start(&stack, &["run", "--once", "--json"]);
-    // The simulator counts a request when it answers: give the command time to ask.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The command has asked, and waits for the answer.
+    stack.until_held_up().await;
     let ended = runner.stop("INT", None, "during the preflight").await;
     assert_eq!(ended.status, Some(1), "{}", ended.stderr);
     assert!(
@@ -366,8 +364,8 @@ async fn scheduled_run_stops_with_status_0() {
     )
     .await;
     let runner = start(&stack, &["run"]);
-    // The simulator counts a request when it answers: give the command time to ask.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The command has asked, and waits for the answer.
+    stack.until_held_up().await;
     let ended = runner
         .stop("TERM", None, "while a scheduled run starts")
         .await;
@@ -400,7 +398,7 @@ async fn worker_stops_and_its_messages_come_back() {
     until_a_contact(&stack).await;
     // Loops stops answering: the loader's next requests hang far longer than the promise.
     faults(&stack, json!({"latency_ms": 120_000})).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    stack.until_held_up().await;
     let loader = Running {
         what: "loopsync worker loader".into(),
         child: loader.child,
@@ -490,14 +488,15 @@ async fn verify_stops_while_loops_is_slow() {
     )
     .await;
     let verify = start(&stack, &["verify"]);
-    // The simulator counts a request when it answers: give verify time to ask.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // verify has asked, and waits for the answer.
+    stack.until_held_up().await;
     let ended = verify.stop("TERM", None, "while Loops is slow").await;
     assert_eq!(ended.status, Some(1), "{}", ended.stderr);
 }
 
 /// Two signals 200 ms apart while the graceful stop would wait its grace (the loader's
-/// handlers wait for a rate budget of one request a second): the process exits at once, well under the grace.
+/// handlers wait for a rate budget of one request a second): the process exits at once, before
+/// the graceful stop could mark the run interrupted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_signal_exits_at_once() {
     let _serial = serial().await;
@@ -525,11 +524,17 @@ async fn a_second_signal_exits_at_once() {
         "{}",
         ended.stderr
     );
-    // The graceful stop gives in-flight handlers 3 s; the second signal does not wait for it.
+    // The graceful stop gives in-flight handlers 3 s, then marks the run interrupted and says
+    // so; the second signal ended the process before: nothing was marked.
     assert!(
-        ended.elapsed < Duration::from_millis(2500),
-        "exited {:?} after the first signal",
-        ended.elapsed
+        !ended.stderr.contains("marked interrupted"),
+        "the graceful stop ran to its end: {}",
+        ended.stderr
+    );
+    assert_eq!(
+        newest_status(&stack).await.as_deref(),
+        Some("sending"),
+        "left for the next run (or its lease) to close"
     );
     assert_consistent(&stack).await;
 }
@@ -568,8 +573,12 @@ async fn run_once_stops_while_extracting_on_sqlite() {
         }
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
     let ended = runner.stop("TERM", None, "while extracting (SQLite)").await;
     assert_eq!(ended.status, Some(1), "{}", ended.stderr);
-    assert_interrupted(&stack, "TERM").await;
+    let run = assert_interrupted(&stack, "TERM").await;
+    // Stopped before the extraction ended: an extraction that ends sets what the run waits for.
+    assert!(
+        run["expected"].is_null(),
+        "stopped after extracting: {run:#}"
+    );
 }

@@ -10,6 +10,7 @@
 //! or a 429 (real or injected) never consumes a key: the request was not taken.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -27,7 +28,7 @@ use tokio::sync::Notify;
 use crate::config::Settings;
 use crate::faults::{Fault, FaultDice, Faults, When};
 use crate::model::{ApiError, MailingList};
-use crate::state::{SimState, idempotency_scope, is_valid_idempotency_key};
+use crate::state::{SimState, Stats, idempotency_scope, is_valid_idempotency_key};
 
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
@@ -36,12 +37,39 @@ const IDEMPOTENCY_KEY: &str = "idempotency-key";
 pub struct Shared {
     pub state: Mutex<SimState>,
     pub api_key: String,
+    /// Requests to the API received and not yet answered (outside the state: a reset while one
+    /// is in flight does not lose it).
+    pub in_flight: AtomicU64,
 }
 
 impl Shared {
     pub fn lock(&self) -> MutexGuard<'_, SimState> {
         // A handler never panics while holding the lock; recover the data if one ever does.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What `/_sim/stats` answers.
+    pub fn stats(&self) -> Stats {
+        let mut stats = self.lock().stats();
+        stats.in_flight = self.in_flight.load(Ordering::SeqCst);
+        stats
+    }
+}
+
+/// One request in flight, from the moment the API receives it until it is answered (or its
+/// connection dropped): counted in [`Shared::in_flight`] while it lives.
+struct InFlight(Arc<Shared>);
+
+impl InFlight {
+    fn enter(shared: &Arc<Shared>) -> InFlight {
+        shared.in_flight.fetch_add(1, Ordering::SeqCst);
+        InFlight(shared.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -274,6 +302,7 @@ fn finish(
 }
 
 async fn gate(State(shared): State<Arc<Shared>>, request: Request, next: Next) -> Response {
+    let _in_flight = InFlight::enter(&shared);
     let endpoint = format!("{} {}", request.method(), request.uri().path());
     let dropper = request.extensions().get::<ConnectionDropper>().cloned();
     let authorized = request
@@ -410,7 +439,7 @@ async fn sim_workflows(State(shared): State<Arc<Shared>>) -> Json<Value> {
 }
 
 async fn sim_stats(State(shared): State<Arc<Shared>>) -> Json<Value> {
-    Json(serde_json::to_value(shared.lock().stats()).expect("stats serialize"))
+    Json(serde_json::to_value(shared.stats()).expect("stats serialize"))
 }
 
 async fn sim_faults_get(State(shared): State<Arc<Shared>>) -> Json<Faults> {

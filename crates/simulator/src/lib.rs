@@ -83,7 +83,7 @@ impl SimHandle {
 
     /// What `/_sim/stats` answers.
     pub fn stats(&self) -> Stats {
-        self.shared.lock().stats()
+        self.shared.stats()
     }
 
     /// As `POST /_sim/faults`.
@@ -127,6 +127,7 @@ fn build(config: &SimConfig) -> (Arc<Shared>, Router) {
     let shared = Arc::new(Shared {
         state: Mutex::new(state::SimState::new(config)),
         api_key: config.api_key.clone(),
+        in_flight: Default::default(),
     });
     let app = http::router(shared.clone(), config.max_body_bytes);
     (shared, app)

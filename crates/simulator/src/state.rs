@@ -76,6 +76,9 @@ pub struct Stats {
     pub last_request_at: Option<String>,
     /// `"PUT /v1/contacts/update" → {"200": n, "400": n}`.
     pub by_endpoint: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Requests received and not yet answered: a test waits on it to know that a request
+    /// it holds up (with added latency) has been sent.
+    pub in_flight: u64,
 }
 
 /// The whole simulated team.

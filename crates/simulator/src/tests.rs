@@ -1227,3 +1227,44 @@ async fn half_a_request_is_closed_after_the_header_timeout() {
     assert!(rest.is_empty(), "closed without an answer: {rest:?}");
     assert!(started.elapsed() >= timeout, "not before the timeout");
 }
+
+/// `/_sim/stats` counts a request `in_flight` from the moment the API receives it until it is
+/// answered: a test holding a request up (with latency) can wait for it to be sent.
+#[tokio::test]
+async fn a_request_held_up_is_in_flight_until_answered() {
+    let sim = sim().await;
+    sim.set_faults(Faults {
+        latency_ms: 1_500,
+        ..Faults::default()
+    })
+    .unwrap();
+    assert_eq!(sim.stats().in_flight, 0);
+    let url = format!("{}/v1/api-key", sim.base_url());
+    let request = tokio::spawn(async move {
+        client()
+            .get(url)
+            .bearer_auth("test-key")
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    while sim.stats().in_flight == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "never in flight");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(sim.stats().total_requests, 0, "counted when answered");
+    let stats: Value = client()
+        .get(format!("{}/_sim/stats", sim.root_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stats["in_flight"], 1, "{stats}");
+    assert_eq!(request.await.unwrap(), 200);
+    assert_eq!(sim.stats().in_flight, 0);
+    assert_eq!(sim.stats().total_requests, 1);
+}

@@ -86,9 +86,11 @@ pub fn http_client() -> reqwest::Client {
         .expect("reqwest client")
 }
 
-/// Serialises the tests that measure time against a real one-second window (rate budgets):
-/// hold the guard for the whole test. Test binaries run one after another, so a test holding
-/// it runs beside no other test that takes it; put such tests in one binary (`tests/rate.rs`).
+/// Serialises the tests that measure time against a real one-second window (rate budgets) or
+/// a process's stop time: hold the guard for the whole test. Within one process (`cargo test`)
+/// this lock does it; under cargo-nextest, which runs each test in a process of its own, the
+/// `serial` test group of `.config/nextest.toml` does: a test that takes this guard is named
+/// by that group's filter too.
 pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
     static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     LOCK.lock().await
@@ -732,6 +734,11 @@ signedUpAt = {{ column = "signed_up_at", type = "date" }}
     /// Requests that reached `PUT /v1/contacts/update`, whatever their answer.
     pub async fn update_requests(&self) -> u64 {
         self.sim.requests_to("PUT /v1/contacts/update").await
+    }
+
+    /// Waits until the simulator holds a request up ([`SimProcess::until_held_up`]).
+    pub async fn until_held_up(&self) {
+        self.sim.until_held_up().await
     }
 
     /// Requests that reached one endpoint (`"POST /v1/events/send"`), whatever their answer.

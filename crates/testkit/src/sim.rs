@@ -85,6 +85,31 @@ impl SimProcess {
         );
     }
 
+    /// Waits (at most 60 s) until a request has been held up by the simulator for 300 ms: one
+    /// is in flight at two reads 300 ms apart with no answer between them (a request that is
+    /// not held up is answered in milliseconds). For a test that must act while a request it
+    /// delayed (`latency_ms`) is on its way, rather than sleep and hope it was sent.
+    pub async fn until_held_up(&self) {
+        let end = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let before = self.inspect("stats").await;
+            if before["in_flight"].as_u64().unwrap_or(0) > 0 {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let after = self.inspect("stats").await;
+                if after["in_flight"].as_u64().unwrap_or(0) > 0
+                    && after["total_requests"] == before["total_requests"]
+                {
+                    return;
+                }
+            }
+            assert!(
+                std::time::Instant::now() < end,
+                "no request held up by the simulator within 60 s: {before}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Every request the simulated Loops received so far, by endpoint and answer.
     pub async fn seen(&self) -> Seen {
         Seen::from_stats(&self.inspect("stats").await)
