@@ -123,13 +123,29 @@ fn print_text(config: &str, r: &CheckReport) {
                 true,
                 &format!("sync {sync}: state bound to no destination yet (its next run binds it)"),
             ),
-            (Some(t), Some(true)) => line(
-                true,
-                &format!(
-                    "sync {sync}: state bound to this destination (since {})",
-                    t.bound_at
+            (Some(t), Some(true)) => match b.read_back {
+                None => line(
+                    true,
+                    &format!(
+                        "sync {sync}: state bound to this destination (since {})",
+                        t.bound_at
+                    ),
                 ),
-            ),
+                Some(found) if found.trusted() => line(
+                    true,
+                    &format!(
+                        "sync {sync}: state bound to this destination with another API key (since                          {}); {} of its confirmed contacts read back were found with this key: its                          next run keeps the state and records the new key",
+                        t.bound_at, found.checked
+                    ),
+                ),
+                Some(found) => line(
+                    false,
+                    &format!(
+                        "sync {sync}: state bound to this destination with another API key (since                          {}), and {} of the {} confirmed contacts read back are not in Loops with                          this key: another team of the same name, or a Loops that lost them. Runs                          refuse it until `loopsync adopt --sync {sync}` (it holds these contacts)                          or `loopsync reset --sync {sync}` (send every row again)",
+                        t.bound_at, found.missing, found.checked
+                    ),
+                ),
+            },
             (Some(t), None) => line(
                 true,
                 &format!(

@@ -9,6 +9,7 @@ use loopsync_warehouse::{DestinationBinding, Warehouse, WarehouseError};
 use serde::Serialize;
 
 use crate::EngineError;
+use crate::destination::{self, ReadBack, Verdict};
 use crate::pipeline::loops_client;
 use crate::properties::{self, PropertyDiff};
 use crate::retry::with_retries;
@@ -53,6 +54,21 @@ pub struct SyncBinding {
     /// Whether that is the configured destination (`null` when either is unknown): a run of a
     /// sync bound elsewhere is refused until `adopt` or `reset`.
     pub matches: Option<bool>,
+    /// Bound to the configured destination: whether with the configured API key (`null` when
+    /// unknown, or when the binding has no key yet: its next run records it).
+    pub key_matches: Option<bool>,
+    /// With another API key: what reading back its confirmed contacts with the configured key
+    /// found (nothing is changed). Nothing missing: the next run keeps the state and records
+    /// the new key; anything missing: runs refuse the sync as bound to another Loops.
+    pub read_back: Option<ReadBack>,
+}
+
+impl SyncBinding {
+    /// A run of the sync would be refused: bound to another Loops, or to this one with another
+    /// key that does not reach the state's contacts.
+    pub fn refused(&self) -> bool {
+        self.matches == Some(false) || self.read_back.is_some_and(|r| !r.trusted())
+    }
 }
 
 impl CheckReport {
@@ -66,7 +82,7 @@ impl CheckReport {
             && self.missing_properties.is_empty()
             && self.type_mismatches.is_empty()
             && self.missing_lists.is_empty()
-            && self.bindings.iter().all(|b| b.matches != Some(false))
+            && !self.bindings.iter().any(SyncBinding::refused)
     }
 }
 
@@ -75,6 +91,7 @@ impl CheckReport {
 /// Loops is in the report; an error returned is one met after Loops accepted the key.
 pub async fn check(config: &Config, create_properties: bool) -> Result<CheckReport, EngineError> {
     let mut report = CheckReport::default();
+    let mut state = None;
     match loopsync_warehouse::open(&crate::settings::warehouse_settings(config)).await {
         // A URL that names no warehouse is the config's mistake: said as such (exit 2).
         Err(e @ WarehouseError::BadUrl(_)) => return Err(e.into()),
@@ -94,6 +111,7 @@ pub async fn check(config: &Config, create_properties: bool) -> Result<CheckRepo
             if let Err(e) = read_bindings(&*warehouse, config, &mut report.bindings).await {
                 report.warehouse = Some(e.to_string());
             }
+            state = Some(warehouse);
         }
     }
     if let (Some(nats), Some(options)) = (&config.nats, crate::settings::jetstream_options(config))
@@ -117,12 +135,23 @@ pub async fn check(config: &Config, create_properties: bool) -> Result<CheckRepo
         Err(e) => report.loops = Some(e.to_string()),
         Ok(info) => {
             let configured = Destination::new(info.team_name.clone(), client.base_url());
+            let attempts = config.loops.max_attempts;
             for b in &mut report.bindings {
                 b.matches = b.bound_to.as_ref().map(|t| t.destination == configured);
             }
+            if let Some(warehouse) = &state
+                && report.bindings.iter().any(|b| b.matches == Some(true))
+            {
+                let mut reader = destination::Reader {
+                    client: &client,
+                    budget: &budget,
+                    attempts,
+                    counts,
+                };
+                compare_keys(&**warehouse, config, &configured, &mut reader, &mut report).await?;
+            }
             report.destination = Some(configured);
             report.team_name = info.team_name;
-            let attempts = config.loops.max_attempts;
             let existing = properties::list(&client, &budget, attempts, counts).await?;
             let lists =
                 with_retries(&budget, attempts, counts, || client.list_mailing_lists()).await?;
@@ -150,6 +179,33 @@ pub async fn check(config: &Config, create_properties: bool) -> Result<CheckRepo
     Ok(report)
 }
 
+/// For each sync bound to `configured`: whether with the configured API key, and with another,
+/// what reading back its confirmed contacts finds ([`destination::verdict`], the rule a run
+/// follows; nothing is recorded).
+async fn compare_keys(
+    warehouse: &dyn Warehouse,
+    config: &Config,
+    configured: &Destination,
+    reader: &mut destination::Reader<'_>,
+    report: &mut CheckReport,
+) -> Result<(), EngineError> {
+    let key_fingerprint = destination::key_fingerprint(warehouse, &config.loops.api_key).await?;
+    for b in &mut report.bindings {
+        let (Some(bound), Some(sync)) = (&b.bound_to, config.sync(&b.sync)) else {
+            continue;
+        };
+        match destination::verdict(bound, configured, &key_fingerprint) {
+            Verdict::Same => b.key_matches = Some(true),
+            Verdict::RecordKey | Verdict::Elsewhere => {}
+            Verdict::KeyChanged => {
+                b.key_matches = Some(false);
+                b.read_back = Some(destination::read_back(warehouse, &sync.spec, reader).await?);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Each sync's destination binding, read only (no state yet: none is bound).
 async fn read_bindings(
     warehouse: &dyn Warehouse,
@@ -162,6 +218,8 @@ async fn read_bindings(
             sync: sync.spec.name.clone(),
             bound_to: warehouse.destination(&sync.spec.name).await?,
             matches: None,
+            key_matches: None,
+            read_back: None,
         });
     }
     Ok(())

@@ -139,6 +139,7 @@ mod tests {
             contact_id: None,
             requests: 3,
             at: at.into(),
+            accepted: false,
         }
     }
 
