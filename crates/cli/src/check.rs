@@ -64,11 +64,18 @@ fn json_view(r: &CheckReport) -> serde_json::Value {
         "created_properties": r.created_properties,
         "type_mismatches": r.type_mismatches,
         "missing_lists": r.missing_lists,
+        "identity_conflict": r.identity_conflict,
+        "two_contacts": r.two_contacts,
     })
 }
 
 fn line(ok: bool, text: &str) {
     crate::say!("{} {text}", if ok { "ok  " } else { "FAIL" });
+}
+
+/// A finding that does not fail the check: a config that works until something happens.
+fn warn(text: &str) {
+    crate::say!("warn {text}");
 }
 
 fn print_text(config: &str, r: &CheckReport) {
@@ -184,6 +191,33 @@ fn print_text(config: &str, r: &CheckReport) {
         line(
             false,
             &format!("Loops has no mailing list {l} (create it in Loops' settings)"),
+        );
+    }
+    if let Some(c) = &r.identity_conflict {
+        warn(&format!(
+            "syncs of this Loops team find contacts differently: by email alone {}; by userId \
+             {}. When a person's email changes, a sync by email writes the new address as a new \
+             contact, and the next write of a sync by userId (that userId, the new email) \
+             matches two contacts: Loops refuses it (\"Multiple contacts found\") on every run. \
+             Identify every sync by userId, or map userId in the syncs by email too; see \
+             \"Combining syncs on one Loops team\" in docs/operations.md",
+            c.by_email.join(", "),
+            c.by_user_id.join(", ")
+        ));
+    }
+    for t in &r.two_contacts {
+        line(
+            false,
+            &format!(
+                "sync {}: {} record{} refused by Loops because its email and its userId are two \
+                 contacts (\"Multiple contacts found\"), on every run: fix how the syncs find \
+                 contacts (above), then merge or delete the duplicate contact in Loops \
+                 (loopsync rejections --sync {} lists them)",
+                t.sync,
+                t.records,
+                if t.records == 1 { "" } else { "s" },
+                t.sync
+            ),
         );
     }
 }
