@@ -299,3 +299,184 @@ async fn another_team_is_refused_over_nats() {
         "no run was requested after the first"
     );
 }
+
+/// `loopsync ARGS…` with another API key in `LOOPS_API_KEY`.
+async fn with_key(stack: &Stack, key: &str, args: &[&str]) -> std::process::Output {
+    output_within(
+        stack.command(args).env("LOOPS_API_KEY", key),
+        COMMAND_DEADLINE,
+        &format!("loopsync {} with another key", args.join(" ")),
+    )
+    .await
+}
+
+/// The fingerprint of the API key the sync's binding keeps.
+async fn bound_key(stack: &Stack) -> String {
+    stack
+        .text("SELECT key_fingerprint FROM loopsync.destinations WHERE sync = 'users'")
+        .await
+}
+
+/// The simulator restarted empty, on the same URL, with another key and the same team name:
+/// by name and URL the same Loops, but the contacts the state says it confirmed are not there.
+/// Over NATS, `run --once` and `run --once --remote` both refuse (exit 2) after reading back a
+/// few contacts, and send nothing; `check` says so and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loops_restarted_empty_with_another_key_is_refused() {
+    let Some(mut stack) = Stack::start(StackOptions {
+        rows: 8,
+        nats: true,
+        ..StackOptions::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let first = stack.run_once(&[]).await;
+    assert_eq!(first.status, 0, "{}", first.stderr);
+    assert_eq!(stack.sim.contacts().await.len(), 8);
+    let key = bound_key(&stack).await;
+    assert_eq!(key.len(), 16, "a fingerprint, not the key: {key}");
+    assert!(!key.contains("test-key"));
+
+    stack.sim.restart(&[
+        "--api-key",
+        "other-key",
+        "--rate-limit",
+        "100",
+        "--list",
+        "cm_news=Newsletter",
+    ]);
+    let api = stack.sim.api();
+    let team = team_at("Simulated Team", &api);
+    for args in [&["run", "--once"][..], &["run", "--once", "--remote"]] {
+        let (refused, seen) = seen_by(&stack.sim, with_key(&stack, "other-key", args)).await;
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert_refused(refused.status.code().unwrap_or(-1), &stderr, &team, &team);
+        for part in [
+            "with another API key (since ",
+            "The API key changed, and 5 of the 5 contacts the state says Loops confirmed",
+            "point loops.api_key back at the key the state was confirmed with",
+        ] {
+            assert!(stderr.contains(part), "{part:?} in:\n{stderr}");
+        }
+        assert_eq!(seen.writes(), 0, "{args:?}: nothing sent: {seen:?}");
+        assert_eq!(
+            (seen.to("GET /v1/api-key"), seen.to("GET /v1/contacts/find")),
+            (1, 5),
+            "{args:?}: the team, and five contacts read back: {seen:?}"
+        );
+        assert_eq!(seen.total, 6, "{seen:?}");
+    }
+    assert!(stack.sim.contacts().await.is_empty());
+    assert_eq!(
+        stack
+            .count("SELECT count(*) FROM loopsync.runs WHERE sync = 'users'")
+            .await,
+        1,
+        "no run was requested"
+    );
+
+    // check: says why, reads the same contacts back, changes nothing.
+    let check = with_key(&stack, "other-key", &["check"]).await;
+    let text = String::from_utf8_lossy(&check.stdout);
+    assert_eq!(check.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains(
+            "FAIL sync users: state bound to this destination with another API key (since "
+        ) && text.contains("and 5 of the 5 confirmed contacts read back are not in Loops"),
+        "{text}"
+    );
+    let check = with_key(&stack, "other-key", &["check", "--json"]).await;
+    let report: Value = loopsync_testkit::json_data(&check.stdout).unwrap();
+    let binding = &report["bindings"][0];
+    assert_eq!(binding["matches"], true, "{report}");
+    assert_eq!(binding["key_matches"], false, "{report}");
+    assert_eq!(binding["read_back"], json!({"checked": 5, "missing": 5}));
+    assert_eq!(binding["bound_to"]["key_fingerprint"], key.as_str());
+    assert_eq!(bound_key(&stack).await, key, "check changes nothing");
+    assert_eq!(stack.sim.seen().await.writes(), 0);
+}
+
+/// A key rotated on the same team (the simulator accepts both keys, with its contacts): the
+/// run reads a few confirmed contacts back, finds them, keeps the state (nothing re-sent),
+/// records the new key and says so once. A binding from before key fingerprints takes the key
+/// of its next run without a word.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_rotated_on_the_same_team_keeps_the_state() {
+    let Some(stack) = Stack::start(StackOptions {
+        rows: 8,
+        ..StackOptions::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let team = SimProcess::start(&[
+        "--api-key",
+        "test-key",
+        "--api-key",
+        "rotated-key",
+        "--rate-limit",
+        "100",
+        "--list",
+        "cm_news=Newsletter",
+    ]);
+    point_at(&stack, &stack.sim.api(), &team.api());
+    let (first, seen) = seen_by(&team, stack.run_once(&[])).await;
+    assert_eq!(first.status, 0, "{}", first.stderr);
+    assert_eq!(seen.to("PUT /v1/contacts/update"), 8);
+    let original = bound_key(&stack).await;
+
+    let notice = "sync users: the API key changed; 5 confirmed contacts were found in Loops with \
+                  it, so the state is kept and bound to the new key";
+    let run_with = |key: &'static str| {
+        let stack = &stack;
+        async move {
+            let out = with_key(stack, key, &["run", "--once", "--json"]).await;
+            let report: Value = loopsync_testkit::json_data(&out.stdout).unwrap_or(Value::Null);
+            (
+                out.status.code().unwrap_or(-1),
+                report,
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        }
+    };
+    let ((status, report, stderr), seen) = seen_by(&team, run_with("rotated-key")).await;
+    assert_eq!(status, 0, "{stderr}");
+    assert_eq!(stderr.matches(notice).count(), 1, "{stderr}");
+    assert_eq!(report[0]["unchanged"], 8, "{report}");
+    assert_eq!(seen.writes(), 0, "nothing re-sent: {seen:?}");
+    assert_eq!(seen.to("GET /v1/contacts/find"), 5, "{seen:?}");
+    assert_eq!(
+        report[0]["requests_by_kind"]["preflight"], 8,
+        "the team, the properties, the lists and five contacts read back: {report}"
+    );
+    let rotated = bound_key(&stack).await;
+    assert_ne!(rotated, original, "the new key is recorded");
+
+    // Told once: the next run with the new key reads nothing back, says nothing.
+    stack
+        .sql("UPDATE users SET plan = 'gold' WHERE id = 3")
+        .await;
+    let ((status, report, stderr), seen) = seen_by(&team, run_with("rotated-key")).await;
+    assert_eq!(status, 0, "{stderr}");
+    assert!(!stderr.contains("API key changed"), "{stderr}");
+    assert_eq!(seen.to("GET /v1/contacts/find"), 0, "{seen:?}");
+    assert_eq!(
+        (report[0]["changed"].as_i64(), seen.writes()),
+        (Some(1), 1),
+        "{report}"
+    );
+
+    // A binding from before fingerprints were kept: its next run records the key it runs
+    // with, reading nothing back and saying nothing.
+    stack
+        .sql("UPDATE loopsync.destinations SET key_fingerprint = NULL")
+        .await;
+    let ((status, _, stderr), seen) = seen_by(&team, run_with("test-key")).await;
+    assert_eq!(status, 0, "{stderr}");
+    assert!(!stderr.contains("API key changed"), "{stderr}");
+    assert_eq!(seen.to("GET /v1/contacts/find"), 0, "{seen:?}");
+    assert_eq!(bound_key(&stack).await, original);
+}

@@ -868,6 +868,8 @@ async fn every_json_field_is_documented() {
         &["runs", "--json"],
         &["runs", "show", "1", "--json"],
         &["rejections", "--json"],
+        &["rejections", "accept", "--key", "99", "--json"],
+        &["rejections", "unaccept", "--key", "99", "--json"],
         &["dlq", "list", "--json"],
         &["dlq", "park", "--key", "1", "--json"],
         &["dlq", "unpark", "--key", "1", "--json"],

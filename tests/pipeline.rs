@@ -94,6 +94,155 @@ async fn one_process_over_nats() {
     create_then_nothing_then_one_per_change(stack).await;
 }
 
+/// `loopsync rejections --json`: `(key, accepted)` of each record listed.
+async fn listed(stack: &Stack) -> Vec<(String, bool)> {
+    let out = stack
+        .output(&["rejections", "--sync", "users", "--json"])
+        .await;
+    let listed: Value = loopsync_testkit::json_data(&out.stdout).unwrap();
+    listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["key"].as_str().unwrap().to_owned(),
+                r["accepted"].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Rows invalid for good keep every run degraded until the operator accepts them: then runs
+/// succeed (exit 0) and still list and count them. A row invalid for another reason is
+/// degraded again; a row fixed is sent. A filter that matches nothing is an error (exit 1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepted_invalid_records_no_longer_degrade_runs() {
+    let Some(stack) = Stack::start(StackOptions {
+        rows: 5,
+        ..StackOptions::default()
+    })
+    .await
+    else {
+        return;
+    };
+    stack
+        .sql(
+            "UPDATE users SET email = 'not-an-email-' || id WHERE id IN (1, 3);
+             UPDATE users SET email = NULL WHERE id = 2;",
+        )
+        .await;
+    let first = stack.run_once(&[]).await;
+    assert_eq!(first.status, 3, "degraded: {}", first.stderr);
+    assert_eq!(
+        (
+            run_of(&first)["invalid"].as_i64(),
+            run_of(&first)["accepted"].as_i64()
+        ),
+        (Some(3), Some(0))
+    );
+
+    let nothing = stack
+        .output(&["rejections", "accept", "--sync", "users", "--key", "99"])
+        .await;
+    assert_eq!(nothing.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&nothing.stderr)
+            .contains("no invalid record matches (--sync users --key 99): nothing accepted"),
+        "{}",
+        String::from_utf8_lossy(&nothing.stderr)
+    );
+    let accepted = stack
+        .output(&[
+            "rejections",
+            "accept",
+            "--sync",
+            "users",
+            "--note",
+            "legacy rows",
+            "--json",
+        ])
+        .await;
+    assert_eq!(accepted.status.code(), Some(0));
+    let accepted: Value = loopsync_testkit::json_data(&accepted.stdout).unwrap();
+    assert_eq!(accepted["accepted"], 3);
+    assert_eq!(
+        listed(&stack).await,
+        [("1".into(), true), ("2".into(), true), ("3".into(), true)]
+    );
+
+    // Accepted: the run succeeds, sends nothing, and still counts and lists them.
+    let (quiet, seen) = stack.run_seen(&[]).await;
+    assert_eq!(quiet.status, 0, "{}", quiet.stderr);
+    let run = run_of(&quiet);
+    assert_eq!(run["status"], "succeeded");
+    assert_eq!(
+        (run["invalid"].as_i64(), run["accepted"].as_i64()),
+        (Some(3), Some(3))
+    );
+    assert_eq!(seen.writes(), 0, "{seen:?}");
+    let text = stack.output(&["run", "--once"]).await;
+    assert_eq!(text.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("invalid 3 (accepted 3)") && text.contains("see: loopsync rejections"),
+        "{text}"
+    );
+    let table = stack.output(&["rejections"]).await;
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains("ACCEPTED")
+            && table.lines().filter(|l| l.contains(" accepted ")).count() == 3,
+        "{table}"
+    );
+
+    // Row 1 becomes invalid for another reason: degraded again, for it alone.
+    stack
+        .sql("UPDATE users SET email = NULL WHERE id = 1")
+        .await;
+    let again = stack.run_once(&[]).await;
+    assert_eq!(again.status, 3, "{}", again.stderr);
+    assert_eq!(
+        (
+            run_of(&again)["invalid"].as_i64(),
+            run_of(&again)["accepted"].as_i64()
+        ),
+        (Some(3), Some(2))
+    );
+    assert_eq!(
+        listed(&stack).await,
+        [("1".into(), false), ("2".into(), true), ("3".into(), true)]
+    );
+    // Row 3 fixed: it is sent.
+    stack
+        .sql("UPDATE users SET email = 'fixed3@example.com' WHERE id = 3")
+        .await;
+    let (fixed, seen) = stack.run_seen(&[]).await;
+    assert_eq!(fixed.status, 3, "row 1 still degrades: {}", fixed.stderr);
+    assert_eq!(run_of(&fixed)["added"], 1, "{}", run_of(&fixed));
+    assert_eq!(seen.to("PUT /v1/contacts/update"), 1, "{seen:?}");
+    assert!(stack.contacts().await.contains_key("fixed3@example.com"));
+    assert_eq!(
+        listed(&stack).await,
+        [("1".into(), false), ("2".into(), true)]
+    );
+
+    // unaccept: row 2 degrades the next run again; nothing left to unaccept is an error.
+    let undone = stack
+        .output(&["rejections", "unaccept", "--key", "2", "--json"])
+        .await;
+    let undone: Value = loopsync_testkit::json_data(&undone.stdout).unwrap();
+    assert_eq!(undone["unaccepted"], 1);
+    let twice = stack
+        .output(&["rejections", "unaccept", "--key", "2"])
+        .await;
+    assert_eq!(twice.status.code(), Some(1));
+    assert_eq!(
+        listed(&stack).await,
+        [("1".into(), false), ("2".into(), false)]
+    );
+}
+
 /// Invalid records are kept with their reason; the run is degraded (exit 3); the valid ones go.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_records_degrade_the_run() {

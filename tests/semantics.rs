@@ -311,10 +311,137 @@ async fn user_id_identity() {
     let run = run_of(&third);
     assert_eq!(run["rejected"], 1, "{run}");
     assert_eq!(seen.writes(), 1, "{seen:?}");
-    assert_eq!(
-        reason("4").await,
-        "rejected: invalid request (400): Multiple contacts found for the given criteria"
+    let four = reason("4").await;
+    assert!(
+        four.starts_with(
+            "rejected: invalid request (400): Multiple contacts found for the given criteria — \
+             the email and the userId sent belong to two different contacts in Loops"
+        ),
+        "{four}"
     );
+}
+
+/// A second sync of the stack's team, `by_id`, identified by userId; the stack's `users` finds
+/// contacts by email alone.
+const BY_USER_ID: &str = r#"
+[[sync]]
+name = "by_id"
+model = "select id, email, plan from users"
+primary_key = "id"
+identify_by = "userId"
+
+[sync.mapping]
+userId = "id"
+email = "email"
+planName = "plan"
+"#;
+
+/// Two syncs of one Loops team, one identified by email alone and one by userId, collide once
+/// an email changes: the email sync writes the new address as a new contact (a re-key), and the
+/// userId sync's write (that userId, the new email) then matches two contacts — Loops refuses
+/// it ("Multiple contacts found"), on every run. The rejection says why and where the docs
+/// are; `check` warns of the config before, and fails with the collisions in the state after.
+/// The email sync mapping userId too (its writes carry both) is no conflict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn syncs_identifying_contacts_differently_collide_after_a_rekey() {
+    let Some(stack) = Stack::start(StackOptions {
+        rows: 4,
+        ..StackOptions::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let mut config = std::fs::read_to_string(&stack.config).unwrap();
+    config.push_str(BY_USER_ID);
+    std::fs::write(&stack.config, &config).unwrap();
+
+    // Before any collision: check warns (the config), and passes.
+    let check = stack.output(&["check", "--create-properties"]).await;
+    let text = String::from_utf8_lossy(&check.stdout);
+    assert_eq!(check.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains(
+            "warn syncs of this Loops team find contacts differently: by email alone users; by \
+             userId by_id."
+        ) && text.contains("\"Combining syncs on one Loops team\""),
+        "{text}"
+    );
+
+    let first = stack.run_once(&[]).await;
+    assert_eq!(first.status, 0, "{}", first.stderr);
+    assert_eq!(
+        stack.sim.contacts().await.len(),
+        4,
+        "one contact per person"
+    );
+
+    stack
+        .sql("UPDATE users SET email = 'moved2@example.com' WHERE id = 2")
+        .await;
+    for _ in 0..2 {
+        let (again, seen) = stack.run_seen(&[]).await;
+        assert_eq!(again.status, 3, "degraded, on every run: {}", again.stderr);
+        let by_id = &again.runs[1];
+        assert_eq!(by_id["sync"], "by_id", "{}", again.runs);
+        assert_eq!(by_id["rejected"], 1, "{by_id}");
+        assert_eq!(seen.answered("PUT /v1/contacts/update", 400), 1, "{seen:?}");
+    }
+    let contacts = stack.sim.contacts().await;
+    assert_eq!(
+        contacts.len(),
+        5,
+        "the re-key made a second contact: {contacts:?}"
+    );
+    assert_eq!(contacts["moved2@example.com"]["userId"], Value::Null);
+    let rejections = stack
+        .output(&["rejections", "--sync", "by_id", "--json"])
+        .await;
+    let rejections: Value = loopsync_testkit::json_data(&rejections.stdout).unwrap();
+    let reason = rejections[0]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("Multiple contacts found")
+            && reason.contains("\"Combining syncs on one Loops team\" in docs/operations.md"),
+        "{reason}"
+    );
+
+    // check now fails on the collision found in the state, and says which sync has it.
+    let check = stack.output(&["check"]).await;
+    let text = String::from_utf8_lossy(&check.stdout);
+    assert_eq!(check.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains(
+            "FAIL sync by_id: 1 record refused by Loops because its email and its userId are two \
+             contacts"
+        ),
+        "{text}"
+    );
+    let check = stack.output(&["check", "--json"]).await;
+    let report: Value = loopsync_testkit::json_data(&check.stdout).unwrap();
+    assert_eq!(
+        report["identity_conflict"],
+        json!({"by_email": ["users"], "by_user_id": ["by_id"]}),
+        "{report}"
+    );
+    assert_eq!(
+        report["two_contacts"],
+        json!([{"sync": "by_id", "records": 1}]),
+        "{report}"
+    );
+
+    // The email sync mapping userId too: no conflict in the config (the collision already in
+    // Loops stays until the duplicate contact is dealt with).
+    let both = config.replacen(
+        "[sync.mapping]\nemail = \"email\"\n",
+        "[sync.mapping]\nemail = \"email\"\nuserId = \"id\"\n",
+        1,
+    );
+    assert_ne!(both, config);
+    std::fs::write(&stack.config, &both).unwrap();
+    let check = stack.output(&["check", "--json"]).await;
+    let report: Value = loopsync_testkit::json_data(&check.stdout).unwrap();
+    assert_eq!(report["identity_conflict"], Value::Null, "{report}");
+    assert_eq!(report["two_contacts"][0]["records"], 1, "{report}");
 }
 
 /// `loopsync check`: config errors name the key before any request; the model and its columns;

@@ -64,11 +64,18 @@ fn json_view(r: &CheckReport) -> serde_json::Value {
         "created_properties": r.created_properties,
         "type_mismatches": r.type_mismatches,
         "missing_lists": r.missing_lists,
+        "identity_conflict": r.identity_conflict,
+        "two_contacts": r.two_contacts,
     })
 }
 
 fn line(ok: bool, text: &str) {
     crate::say!("{} {text}", if ok { "ok  " } else { "FAIL" });
+}
+
+/// A finding that does not fail the check: a config that works until something happens.
+fn warn(text: &str) {
+    crate::say!("warn {text}");
 }
 
 fn print_text(config: &str, r: &CheckReport) {
@@ -123,13 +130,29 @@ fn print_text(config: &str, r: &CheckReport) {
                 true,
                 &format!("sync {sync}: state bound to no destination yet (its next run binds it)"),
             ),
-            (Some(t), Some(true)) => line(
-                true,
-                &format!(
-                    "sync {sync}: state bound to this destination (since {})",
-                    t.bound_at
+            (Some(t), Some(true)) => match b.read_back {
+                None => line(
+                    true,
+                    &format!(
+                        "sync {sync}: state bound to this destination (since {})",
+                        t.bound_at
+                    ),
                 ),
-            ),
+                Some(found) if found.trusted() => line(
+                    true,
+                    &format!(
+                        "sync {sync}: state bound to this destination with another API key (since                          {}); {} of its confirmed contacts read back were found with this key: its                          next run keeps the state and records the new key",
+                        t.bound_at, found.checked
+                    ),
+                ),
+                Some(found) => line(
+                    false,
+                    &format!(
+                        "sync {sync}: state bound to this destination with another API key (since                          {}), and {} of the {} confirmed contacts read back are not in Loops with                          this key: another team of the same name, or a Loops that lost them. Runs                          refuse it until `loopsync adopt --sync {sync}` (it holds these contacts)                          or `loopsync reset --sync {sync}` (send every row again)",
+                        t.bound_at, found.missing, found.checked
+                    ),
+                ),
+            },
             (Some(t), None) => line(
                 true,
                 &format!(
@@ -168,6 +191,33 @@ fn print_text(config: &str, r: &CheckReport) {
         line(
             false,
             &format!("Loops has no mailing list {l} (create it in Loops' settings)"),
+        );
+    }
+    if let Some(c) = &r.identity_conflict {
+        warn(&format!(
+            "syncs of this Loops team find contacts differently: by email alone {}; by userId \
+             {}. When a person's email changes, a sync by email writes the new address as a new \
+             contact, and the next write of a sync by userId (that userId, the new email) \
+             matches two contacts: Loops refuses it (\"Multiple contacts found\") on every run. \
+             Identify every sync by userId, or map userId in the syncs by email too; see \
+             \"Combining syncs on one Loops team\" in docs/operations.md",
+            c.by_email.join(", "),
+            c.by_user_id.join(", ")
+        ));
+    }
+    for t in &r.two_contacts {
+        line(
+            false,
+            &format!(
+                "sync {}: {} record{} refused by Loops because its email and its userId are two \
+                 contacts (\"Multiple contacts found\"), on every run: fix how the syncs find \
+                 contacts (above), then merge or delete the duplicate contact in Loops \
+                 (loopsync rejections --sync {} lists them)",
+                t.sync,
+                t.records,
+                if t.records == 1 { "" } else { "s" },
+                t.sync
+            ),
         );
     }
 }

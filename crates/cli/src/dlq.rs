@@ -9,6 +9,7 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use crate::selection::Filter;
 use clap::{Args, Subcommand};
 use loopsync_engine::dlq;
 use loopsync_engine::pipeline::Pipeline;
@@ -45,26 +46,6 @@ enum DlqAction {
     Unpark(Filter),
 }
 
-/// Which dead letters.
-#[derive(Debug, Clone, Args)]
-struct Filter {
-    /// Only this sync's.
-    #[arg(long)]
-    sync: Option<String>,
-    /// Only those whose reason contains this text.
-    #[arg(long)]
-    reason: Option<String>,
-    /// Only those dead-lettered at or after this time (RFC 3339, or a date: 2026-11-28).
-    #[arg(long)]
-    since: Option<String>,
-    /// Only this record (repeatable).
-    #[arg(long = "key")]
-    keys: Vec<String>,
-    /// Print JSON on stdout (docs/json.md).
-    #[arg(long)]
-    json: bool,
-}
-
 /// A dead letter as `dlq list` shows it: the record, and whether it is parked.
 #[derive(Debug, serde::Serialize)]
 struct Letter<'a> {
@@ -92,24 +73,11 @@ async fn select(
     } else {
         load_config_for(config_path, filter.sync.as_deref())?
     };
-    let since = match filter.since.as_deref() {
-        None => None,
-        Some(text) => Some(dlq::parse_since(text).ok_or_else(|| {
-            UsageError(format!(
-                "--since \"{text}\": not a time (2026-11-28 or 2026-11-28T10:00:00Z)"
-            ))
-        })?),
-    };
+    let selection = filter.selection()?;
     let warehouse = if read_only {
         crate::common::open_warehouse_read_only(&config).await?
     } else {
         open_warehouse(&config).await?
-    };
-    let selection = dlq::Filter {
-        sync: filter.sync.clone(),
-        reason: filter.reason.clone(),
-        since,
-        keys: filter.keys.clone(),
     };
     let mut letters = dlq::dead_letters(&*warehouse, &selection).await?;
     letters.sort_by(|a, b| {

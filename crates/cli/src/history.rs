@@ -1,5 +1,5 @@
-//! `loopsync runs`, `loopsync runs show RUN`, `loopsync rejections`: what happened, from the
-//! warehouse (`loopsync.runs`, `loopsync.records`).
+//! `loopsync runs`, `loopsync runs show RUN`: what happened, from the warehouse
+//! (`loopsync.runs`, `loopsync.records`). (`loopsync rejections` is `rejections.rs`.)
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -41,19 +41,7 @@ enum RunsAction {
     },
 }
 
-#[derive(Debug, Args)]
-pub struct RejectionsArgs {
-    #[command(flatten)]
-    pub config: crate::ConfigArg,
-    /// Only this sync.
-    #[arg(long)]
-    sync: Option<String>,
-    /// Print the report as one JSON document on stdout (docs/json.md).
-    #[arg(long)]
-    json: bool,
-}
-
-/// Only the warehouse: `runs` and `rejections` never need Loops' secrets (PRODUCT.md).
+/// Only the warehouse: `runs` never needs Loops' secrets (PRODUCT.md).
 async fn warehouse(config_path: &Path, sync: Option<&str>) -> anyhow::Result<Arc<dyn Warehouse>> {
     open_warehouse_read_only(&load_config_for_warehouse(config_path, sync)?).await
 }
@@ -85,9 +73,10 @@ pub async fn runs(config_path: &Path, args: RunsArgs) -> anyhow::Result<ExitCode
                 crate::say!("  records that did not go through:");
                 for r in failed {
                     crate::say!(
-                        "    {}  {}  {}",
+                        "    {}  {}{}  {}",
                         printable(&r.key),
                         r.outcome,
+                        if r.accepted { " (accepted)" } else { "" },
                         printable(r.reason.as_deref().unwrap_or(""))
                     );
                 }
@@ -137,42 +126,6 @@ pub async fn runs(config_path: &Path, args: RunsArgs) -> anyhow::Result<ExitCode
             cell(Some(r.requests)),
             r.retries,
             r.rate_limited,
-        );
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-pub async fn rejections(config_path: &Path, args: RejectionsArgs) -> anyhow::Result<ExitCode> {
-    let warehouse = warehouse(config_path, args.sync.as_deref()).await?;
-    let mut records = warehouse.rejections(args.sync.as_deref()).await?;
-    records.sort_by(|a, b| {
-        a.sync
-            .cmp(&b.sync)
-            .then(crate::output::key_order(&a.key, &b.key))
-    });
-    if args.json {
-        crate::output::json("rejections", &records)?;
-        return Ok(ExitCode::SUCCESS);
-    }
-    if records.is_empty() {
-        crate::say!("no invalid, rejected or dead-lettered records");
-        return Ok(ExitCode::SUCCESS);
-    }
-    crate::say!(
-        "{:<12} {:<20} {:>5}  {:<14} REASON",
-        "SYNC",
-        "KEY",
-        "RUN",
-        "OUTCOME"
-    );
-    for r in records {
-        crate::say!(
-            "{:<12} {:<20} {:>5}  {:<14} {}",
-            r.sync,
-            printable(&r.key),
-            r.run_id,
-            r.outcome,
-            printable(r.reason.as_deref().unwrap_or_default())
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -15,9 +15,11 @@ mod logs;
 mod plan;
 mod printer;
 mod prometheus;
+mod rejections;
 mod report;
 mod reset;
 mod run;
+mod selection;
 mod sim;
 mod stop;
 mod verify;
@@ -76,8 +78,9 @@ enum Command {
     Adopt(adopt::AdoptArgs),
     /// Run history: status, start, duration, counts, requests sent.
     Runs(history::RunsArgs),
-    /// Invalid, rejected and dead-lettered records, each with its key and reason.
-    Rejections(history::RejectionsArgs),
+    /// Invalid, rejected and dead-lettered records, each with its key and reason; accept
+    /// invalid records as they are, so that they no longer make runs degraded.
+    Rejections(rejections::RejectionsArgs),
     /// Dead letters: show them, send them again, or park them so no run retries them.
     Dlq(dlq::DlqArgs),
     /// Forget a sync's state (what Loops confirmed, and the Loops it is bound to): the next run
@@ -257,7 +260,7 @@ async fn run_command(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Plan(args) => plan::run(&args.config.path.clone(), args).await,
             Command::Adopt(args) => adopt::run(&args.config.path.clone(), args).await,
             Command::Runs(args) => history::runs(&args.config.path.clone(), args).await,
-            Command::Rejections(args) => history::rejections(&args.config.path.clone(), args).await,
+            Command::Rejections(args) => rejections::run(&args.config.path.clone(), args).await,
             Command::Dlq(args) => dlq::run(&args.config.path.clone(), args).await,
             Command::Verify(args) => verify::run(&args.config.path.clone(), args).await,
             Command::Reset(args) => reset::run(&args.config.path.clone(), args).await,

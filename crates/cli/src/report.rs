@@ -31,10 +31,16 @@ pub fn text(run: &RunSummary) -> String {
         String::new()
     };
     let kinds = &run.requests_by_kind;
+    // Invalid records accepted as they are (`rejections accept`): counted, not degrading.
+    let accepted = if run.accepted > 0 {
+        format!(" (accepted {})", run.accepted)
+    } else {
+        String::new()
+    };
     let mut out = format!(
         "sync {} · run {} · {}{duration}\n  \
          rows:     added {} · changed {} · unchanged {} · invalid {}{ignored} (= {model_rows} model rows) · removed {}\n  \
-         records:  confirmed {} · skipped {} · invalid {} · rejected {} · dead-lettered {} (= {} records)\n  \
+         records:  confirmed {} · skipped {} · invalid {}{accepted} · rejected {} · dead-lettered {} (= {} records)\n  \
          requests: {} to Loops: writes {} · events {} · deletes {} · preflight {}; of them retries {} · rate-limited (429) {}\n",
         run.sync,
         run.id,
@@ -134,5 +140,28 @@ mod tests {
         );
         assert!(text.contains("see: loopsync rejections"));
         assert_eq!(exit_status(&[run]), 3);
+    }
+
+    /// Invalid records accepted as they are are counted, and said to be accepted.
+    #[test]
+    fn accepted_invalid_records_are_said() {
+        let run = RunSummary {
+            status: RunStatus::Succeeded,
+            invalid_rows: 12,
+            records: 12,
+            invalid: 12,
+            accepted: 12,
+            ..RunSummary::default()
+        };
+        let text = text(&run);
+        assert!(
+            text.contains("invalid 12 (accepted 12) · rejected 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("see: loopsync rejections"),
+            "still listed: {text}"
+        );
+        assert_eq!(exit_status(&[run]), 0);
     }
 }

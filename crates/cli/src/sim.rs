@@ -21,9 +21,15 @@ pub struct SimArgs {
     /// Requests per second for the simulated team.
     #[arg(long, default_value_t = 10)]
     rate_limit: u32,
-    /// The API key the simulator accepts.
-    #[arg(long, default_value = "test-key", env = "LOOPSYNC_SIM_API_KEY")]
-    api_key: String,
+    /// The API key the simulator accepts; repeatable: several keys of the one team (as Loops
+    /// allows), e.g. to rotate a key with the contacts kept.
+    #[arg(
+        long = "api-key",
+        default_value = "test-key",
+        env = "LOOPSYNC_SIM_API_KEY",
+        value_delimiter = ','
+    )]
+    api_keys: Vec<String>,
     /// How the rate limit counts: sliding, fixed, or token-bucket.
     #[arg(long, default_value = "sliding", value_parser = parse_window)]
     window: RateWindow,
@@ -106,7 +112,8 @@ fn parse_property(s: &str) -> Result<(String, PropertyType), String> {
 pub async fn run(args: SimArgs) -> anyhow::Result<ExitCode> {
     let config = SimConfig {
         bind: SocketAddr::new(args.bind, args.port),
-        api_key: args.api_key,
+        api_key: args.api_keys.first().cloned().unwrap_or_default(),
+        other_api_keys: args.api_keys.iter().skip(1).cloned().collect(),
         settings: Settings {
             rate_limit: args.rate_limit,
             window: args.window,

@@ -107,6 +107,17 @@ pub fn run_message_id(installation: &str, run_id: i64) -> String {
     format!("run:{installation}:{run_id}")
 }
 
+/// The fingerprint of a Loops API key, as a sync's destination binding keeps it: 16 hex digits
+/// (64 bits) of SHA-256 over a context of its own, the state's `installation` and the key.
+/// Salted by the installation, the same key has another fingerprint in another state; under its
+/// own context, it is no other digest loopsync makes of the key (the rate budget's name).
+/// One-way: the key cannot be read back from it, and a Loops key is random enough that trying
+/// keys until one matches is out of reach (docs/security.md). Call it through
+/// [`crate::secret::ApiKey::fingerprint`].
+pub fn api_key_fingerprint(installation: &str, key: &str) -> String {
+    digest(&["loopsync api-key fingerprint v1", installation, key])[..16].to_owned()
+}
+
 /// A fingerprint over already-normalised parts.
 pub fn fingerprint(parts: &[&str]) -> String {
     digest(parts)[..40].to_owned()
@@ -170,6 +181,24 @@ mod tests {
         assert!(!is_event_key(&idempotency_key(
             "i", "s", "k", 0, "fp", "event"
         )));
+    }
+
+    /// A key's fingerprint: short, hex, stable, another for another key or another state, and
+    /// neither the key nor the rate budget's digest of it.
+    #[test]
+    fn an_api_key_fingerprint_is_salted_and_one_way() {
+        let fp = api_key_fingerprint("i1", "test-key");
+        assert_eq!(fp, api_key_fingerprint("i1", "test-key"));
+        assert_eq!(
+            fp, "13c218fbad249b8c",
+            "stored in states: it must not change"
+        );
+        assert_eq!(fp.len(), 16);
+        assert!(fp.chars().all(|c| c.is_ascii_hexdigit()), "{fp}");
+        assert_ne!(fp, api_key_fingerprint("i1", "other-key"));
+        assert_ne!(fp, api_key_fingerprint("i2", "test-key"), "salted");
+        assert!(!fp.contains("test-key"));
+        assert!(!record_id("loops-api-key", "test-key").contains(&fp));
     }
 
     #[test]

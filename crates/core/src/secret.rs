@@ -33,6 +33,13 @@ impl ApiKey {
         &self.0
     }
 
+    /// The fingerprint a sync's destination binding keeps of the key, salted by the state's
+    /// `installation` ([`keys::api_key_fingerprint`]): tells a key change apart without keeping
+    /// the key.
+    pub fn fingerprint(&self, installation: &str) -> String {
+        keys::api_key_fingerprint(installation, &self.0)
+    }
+
     /// The name of the rate budget this key's team shares: every worker and sync with the same
     /// key draws from one budget, and the name is a digest, so the key is not readable in it.
     pub fn budget_name(&self) -> String {

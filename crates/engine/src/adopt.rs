@@ -64,6 +64,7 @@ pub async fn adopt_all(
     let configured =
         destination::configured(&client, &budget, config.loops.max_attempts, &mut preflight)
             .await?;
+    let key_fingerprint = destination::key_fingerprint(warehouse, &config.loops.api_key).await?;
     let mut reports = Vec::new();
     for sync in &config.syncs {
         let spec = &sync.spec;
@@ -74,6 +75,7 @@ pub async fn adopt_all(
             warehouse,
             spec,
             &configured,
+            &key_fingerprint,
             std::mem::take(&mut preflight),
             &mut on_run,
         )
@@ -85,13 +87,15 @@ pub async fn adopt_all(
 }
 
 /// Adopts `spec`'s model as confirmed by `destination`: a run of status `adopted` records each
-/// valid record's fingerprint and identity, then the sync's state is bound to `destination`.
+/// valid record's fingerprint and identity, then the sync's state is bound to `destination` and
+/// the API key of `key_fingerprint`.
 /// `preflight`: the requests the caller made to Loops for it (recorded with the run).
 /// `on_run` is told the run's id as soon as it exists (so the caller can close it if stopped).
 pub async fn adopt(
     warehouse: &dyn Warehouse,
     spec: &SyncSpec,
     destination: &Destination,
+    key_fingerprint: &str,
     preflight: RequestCounts,
     on_run: impl FnOnce(i64),
 ) -> Result<AdoptReport, WarehouseError> {
@@ -170,7 +174,9 @@ pub async fn adopt(
     // Bound last: a sync whose adoption did not finish is still refused by the new
     // destination, so adopt is run again rather than a run sending a partial difference.
     let earlier = warehouse.destination(&spec.name).await?;
-    warehouse.set_destination(&spec.name, destination).await?;
+    warehouse
+        .set_destination(&spec.name, destination, key_fingerprint)
+        .await?;
     let summary = warehouse.run(run_id).await?;
     Ok(AdoptReport {
         sync: spec.name.clone(),
@@ -204,6 +210,7 @@ mod tests {
             &*model.warehouse,
             spec,
             &loops(),
+            "k1",
             RequestCounts::default(),
             |_| {},
         )
@@ -226,6 +233,7 @@ mod tests {
             &*model.warehouse,
             &spec,
             &loops(),
+            "k1",
             RequestCounts::default(),
             |id| told = Some(id),
         )

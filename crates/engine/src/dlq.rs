@@ -4,7 +4,6 @@
 //! sets them aside so that no run retries them until their data changes; a replay asks one run
 //! per sync about those keys only ([`by_sync`] groups them).
 
-use chrono::{DateTime, Utc};
 use loopsync_core::envelope::OutcomeStatus;
 use loopsync_core::{Classified, ErrorClass};
 use loopsync_warehouse::{RecordResult, Warehouse, WarehouseError};
@@ -13,67 +12,15 @@ use tokio_util::sync::CancellationToken;
 use crate::EngineError;
 use crate::pipeline::Pipeline;
 use crate::runs::{RunObserver, RunOptions, Runs, SyncRun};
-
-/// Which dead letters: every condition given must hold.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Filter {
-    /// Only this sync.
-    pub sync: Option<String>,
-    /// Only those whose reason contains this text.
-    pub reason: Option<String>,
-    /// Only those dead-lettered at or after this time.
-    pub since: Option<DateTime<Utc>>,
-    /// Only these records; empty: all.
-    pub keys: Vec<String>,
-}
-
-impl Filter {
-    /// Whether `record` is a dead letter this filter selects. A record whose time cannot be
-    /// read is left out when `since` is given: it cannot be shown to be recent.
-    pub fn keeps(&self, record: &RecordResult) -> bool {
-        record.outcome == OutcomeStatus::DeadLettered
-            && self.sync.as_ref().is_none_or(|s| *s == record.sync)
-            && (self.keys.is_empty() || self.keys.contains(&record.key))
-            && self
-                .reason
-                .as_ref()
-                .is_none_or(|t| record.reason.as_deref().unwrap_or("").contains(t.as_str()))
-            && self
-                .since
-                .is_none_or(|s| DateTime::parse_from_rfc3339(&record.at).is_ok_and(|at| at >= s))
-    }
-}
-
-/// A `since` time as the user writes it: RFC 3339, or a date (`2026-11-28`, midnight UTC), or
-/// any form the warehouse's dates take. `None` when it is not a time.
-pub fn parse_since(text: &str) -> Option<DateTime<Utc>> {
-    loopsync_core::value::parse_date_millis(text).and_then(DateTime::from_timestamp_millis)
-}
+/// Which dead letters: the filter every command about failed records shares.
+pub use crate::selection::{Filter, by_sync, parse_since};
 
 /// The dead letters `filter` selects, in the warehouse's order (that of `rejections`).
 pub async fn dead_letters(
     warehouse: &dyn Warehouse,
     filter: &Filter,
 ) -> Result<Vec<RecordResult>, DlqError> {
-    Ok(warehouse
-        .rejections(filter.sync.as_deref())
-        .await?
-        .into_iter()
-        .filter(|r| filter.keeps(r))
-        .collect())
-}
-
-/// The dead letters' keys by sync, syncs in the order they first appear: one run per sync
-/// replays them.
-pub fn by_sync(letters: &[RecordResult]) -> Vec<(String, Vec<String>)> {
-    let mut groups: Vec<(String, Vec<String>)> = Vec::new();
-    for r in letters {
-        match groups.iter_mut().find(|(s, _)| *s == r.sync) {
-            Some((_, keys)) => keys.push(r.key.clone()),
-            None => groups.push((r.sync.clone(), vec![r.key.clone()])),
-        }
-    }
-    groups
+    Ok(crate::selection::select(warehouse, OutcomeStatus::DeadLettered, filter).await?)
 }
 
 /// Parks `letters`: no run retries them until their data changes. Returns how many records
@@ -125,126 +72,41 @@ pub async fn replay(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::selection::tests::record;
 
-    const DEAD_LETTERED: &str = "dead_lettered";
-
-    fn letter(sync: &str, key: &str, outcome: &str, reason: &str, at: &str) -> RecordResult {
-        RecordResult {
-            run_id: 1,
-            sync: sync.into(),
-            key: key.into(),
-            operation: "upsert".into(),
-            outcome: outcome.parse().unwrap(),
-            reason: Some(reason.into()),
-            contact_id: None,
-            requests: 3,
-            at: at.into(),
+    /// Only the records whose latest outcome is dead-lettered, as the filter narrows them.
+    #[tokio::test]
+    async fn only_dead_letters_are_selected() {
+        let model = crate::testing::Model::new().await;
+        let w = &*model.warehouse;
+        w.prepare().await.unwrap();
+        let run = w.create_run("users").await.unwrap();
+        let mut outcomes = Vec::new();
+        for (key, status) in [
+            ("1", OutcomeStatus::DeadLettered),
+            ("2", OutcomeStatus::Invalid),
+            ("3", OutcomeStatus::Rejected),
+            ("4", OutcomeStatus::DeadLettered),
+        ] {
+            outcomes.push(
+                loopsync_core::envelope::Outcome::new("users", run, key, "fp", status, "upsert")
+                    .with_reason(format!("reason {key}")),
+            );
         }
-    }
-
-    fn records() -> Vec<RecordResult> {
-        vec![
-            letter(
-                "users",
-                "1",
-                DEAD_LETTERED,
-                "server error 503",
-                "2026-11-27T23:59:59Z",
-            ),
-            letter(
-                "users",
-                "2",
-                DEAD_LETTERED,
-                "timed out",
-                "2026-11-28T00:00:00Z",
-            ),
-            letter(
-                "users",
-                "3",
-                "rejected",
-                "invalid request (400)",
-                "2026-11-28T10:00:00Z",
-            ),
-            letter(
-                "teams",
-                "4",
-                DEAD_LETTERED,
-                "server error 502",
-                "2026-11-28T10:00:00+02:00",
-            ),
-            letter(
-                "teams",
-                "5",
-                DEAD_LETTERED,
-                "server error 500",
-                "not a time",
-            ),
-        ]
-    }
-
-    fn keys(filter: &Filter) -> Vec<String> {
-        records()
-            .into_iter()
-            .filter(|r| filter.keeps(r))
-            .map(|r| r.key)
-            .collect()
-    }
-
-    /// Only dead letters; every condition given narrows the selection.
-    #[test]
-    fn the_filter_selects_dead_letters() {
-        assert_eq!(keys(&Filter::default()), ["1", "2", "4", "5"]);
-        let teams = Filter {
-            sync: Some("teams".into()),
-            ..Filter::default()
+        w.record_outcomes(&outcomes).await.unwrap();
+        let keys = |letters: Vec<RecordResult>| -> Vec<String> {
+            letters.into_iter().map(|r| r.key).collect()
         };
-        assert_eq!(keys(&teams), ["4", "5"]);
-        let server = Filter {
-            reason: Some("server error".into()),
-            ..Filter::default()
-        };
-        assert_eq!(keys(&server), ["1", "4", "5"]);
+        let all = dead_letters(w, &Filter::default()).await.unwrap();
+        assert_eq!(keys(all), ["1", "4"]);
         let some = Filter {
-            keys: vec!["2".into(), "3".into(), "4".into()],
-            reason: Some("e".into()),
+            reason: Some("reason 4".into()),
             ..Filter::default()
         };
-        assert_eq!(keys(&some), ["2", "4"]);
-    }
-
-    /// `since` keeps what was dead-lettered at or after the instant (offsets honoured) and
-    /// leaves out a record whose time cannot be read.
-    #[test]
-    fn since_keeps_letters_at_or_after_it() {
-        let since = |text: &str| Filter {
-            since: Some(parse_since(text).unwrap()),
-            ..Filter::default()
-        };
-        assert_eq!(keys(&since("2026-11-28")), ["2", "4"]);
-        assert_eq!(keys(&since("2026-11-28T08:00:00Z")), ["4"]);
-        assert_eq!(keys(&since("2026-11-28T08:00:01Z")), Vec::<String>::new());
+        assert_eq!(keys(dead_letters(w, &some).await.unwrap()), ["4"]);
         assert_eq!(
-            parse_since("2026-11-28T10:00:00Z").map(|t| t.to_rfc3339()),
-            Some("2026-11-28T10:00:00+00:00".to_owned())
+            by_sync(&[record("users", "1", "dead_lettered", "", "")]),
+            [("users".to_owned(), vec!["1".to_owned()])]
         );
-        assert_eq!(parse_since("yesterday"), None);
-    }
-
-    /// One group per sync, in the order the syncs first appear, keys in the letters' order.
-    #[test]
-    fn letters_are_grouped_by_sync() {
-        let letters = vec![
-            letter("users", "1", DEAD_LETTERED, "", ""),
-            letter("teams", "9", DEAD_LETTERED, "", ""),
-            letter("users", "2", DEAD_LETTERED, "", ""),
-        ];
-        assert_eq!(
-            by_sync(&letters),
-            [
-                ("users".to_owned(), vec!["1".to_owned(), "2".to_owned()]),
-                ("teams".to_owned(), vec!["9".to_owned()]),
-            ]
-        );
-        assert!(by_sync(&[]).is_empty());
     }
 }

@@ -191,6 +191,12 @@ impl Preflight {
         &self.destination
     }
 
+    /// [`Preflight::destination`], and the counts the next run's preflight requests go to
+    /// (reading back contacts when the API key changed).
+    pub fn destination_and_counts(&mut self) -> (&Destination, &mut RequestCounts) {
+        (&self.destination, &mut self.pending)
+    }
+
     /// Checks what `sync` needs of Loops and would otherwise fail record by record: each
     /// mailing list its mapping names must exist (`GET /v1/lists`: lists cannot be made
     /// through the API), and each property Loops has must have the type the mapping declares.

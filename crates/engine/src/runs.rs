@@ -413,12 +413,14 @@ pub struct Runs {
     budget: RateBudget,
     client: LoopsClient,
     preflight: Preflight,
+    /// The API key's fingerprint in this state (`destination::key_fingerprint`).
+    key_fingerprint: String,
     options: RunOptions,
 }
 
 impl Runs {
     /// Asks which team the API key belongs to (`GET /v1/api-key`): the destination each
-    /// sync's state is compared with before its run.
+    /// sync's state is compared with before its run, with the key's fingerprint.
     pub async fn start(pipeline: &Pipeline, options: RunOptions) -> Result<Runs, EngineError> {
         let client = pipeline.loops_client()?;
         let preflight = Preflight::start(
@@ -427,6 +429,9 @@ impl Runs {
             pipeline.config.loops.max_attempts,
         )
         .await?;
+        let key_fingerprint =
+            destination::key_fingerprint(&*pipeline.warehouse, &pipeline.config.loops.api_key)
+                .await?;
         Ok(Runs {
             config: pipeline.config.clone(),
             bus: pipeline.bus.clone(),
@@ -434,8 +439,39 @@ impl Runs {
             budget: pipeline.budget.clone(),
             client,
             preflight,
+            key_fingerprint,
             options,
         })
+    }
+
+    /// [`destination::check`] of `sync` against the configured Loops and key; the requests a
+    /// read-back makes go with the preflight of the run about to be requested.
+    async fn check_destination(
+        &mut self,
+        sync: &str,
+        observer: &mut dyn RunObserver,
+    ) -> Result<Option<Refused>, EngineError> {
+        let spec = &self
+            .config
+            .sync(sync)
+            .ok_or_else(|| EngineError::UnknownSync(sync.to_owned()))?
+            .spec;
+        let (destination, counts) = self.preflight.destination_and_counts();
+        let mut reader = destination::Reader {
+            client: &self.client,
+            budget: &self.budget,
+            attempts: self.config.loops.max_attempts,
+            counts,
+        };
+        destination::check(
+            &*self.warehouse,
+            spec,
+            destination,
+            &self.key_fingerprint,
+            &mut reader,
+            |line| observer.notice(line),
+        )
+        .await
     }
 
     /// The syncs among `syncs` that have a schedule, with it.
@@ -452,18 +488,17 @@ impl Runs {
     /// Before the schedules start: the first sync among `syncs` with a schedule whose state
     /// is bound to another destination is the refusal (the schedules do not start).
     pub async fn check_scheduled(
-        &self,
+        &mut self,
         syncs: &[String],
         observer: &mut dyn RunObserver,
     ) -> Result<(), EngineError> {
-        for (sync, _) in self.scheduled(syncs) {
-            let found = destination::check(
-                &*self.warehouse,
-                sync,
-                self.preflight.destination(),
-                |line| observer.notice(line),
-            );
-            if let Some(refused) = found.await? {
+        let scheduled: Vec<String> = self
+            .scheduled(syncs)
+            .into_iter()
+            .map(|(sync, _)| sync.to_owned())
+            .collect();
+        for sync in scheduled {
+            if let Some(refused) = self.check_destination(&sync, observer).await? {
                 return Err(refused.into());
             }
         }
@@ -490,20 +525,14 @@ impl Runs {
         only_keys: Vec<String>,
         observer: &mut dyn RunObserver,
     ) -> Result<Result<i64, Refused>, EngineError> {
+        if let Some(refused) = self.check_destination(sync, observer).await? {
+            return Ok(Err(refused));
+        }
         let spec = &self
             .config
             .sync(sync)
             .ok_or_else(|| EngineError::UnknownSync(sync.to_owned()))?
             .spec;
-        let found = destination::check(
-            &*self.warehouse,
-            sync,
-            self.preflight.destination(),
-            |line| observer.notice(line),
-        );
-        if let Some(refused) = found.await? {
-            return Ok(Err(refused));
-        }
         let created = if only_keys.is_empty() {
             self.preflight
                 .ensure(spec, &self.client, &self.budget)
@@ -913,7 +942,7 @@ mod tests {
         );
         pipeline
             .warehouse
-            .bind_destination("others", &elsewhere)
+            .bind_destination("others", &elsewhere, "k1")
             .await
             .unwrap();
         pipeline.spawn_all().unwrap();

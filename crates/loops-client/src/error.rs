@@ -29,8 +29,9 @@ pub enum LoopsError {
     /// 404: no such contact (delete), or no such resource.
     #[error("not found (404): {message}")]
     NotFound { message: String },
-    /// 400: Loops refused the request; `message` is Loops' own words.
-    #[error("invalid request (400): {message}")]
+    /// 400: Loops refused the request; `message` is Loops' own words (with what they mean when
+    /// they say the write found two contacts: [`names_two_contacts`]).
+    #[error("invalid request (400): {message}{}", two_contacts_hint(.message))]
     Invalid { message: String },
     /// 401: the API key is missing, wrong or revoked.
     #[error("unauthorized (401): {message}")]
@@ -158,6 +159,28 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
+/// Loops' words when the email and the userId of a write (or an event) match two different
+/// contacts (`loops-api.md` §2.3): 400 "Multiple contacts found for the given criteria".
+pub const TWO_CONTACTS: &str = "Multiple contacts found";
+
+/// Whether a message (Loops', or a reason that keeps it) says a write found two contacts.
+pub fn names_two_contacts(text: &str) -> bool {
+    text.contains(TWO_CONTACTS)
+}
+
+/// What Loops' two-contacts refusal means, said after its words: it comes back on every run
+/// until the cause is fixed, and the usual cause is two syncs of one team.
+fn two_contacts_hint(message: &str) -> &'static str {
+    if names_two_contacts(message) {
+        " — the email and the userId sent belong to two different contacts in Loops: usually \
+         two syncs of this team that identify contacts differently (one by email, one by \
+         userId) after an email changed. See \"Combining syncs on one Loops team\" in \
+         docs/operations.md"
+    } else {
+        ""
+    }
+}
+
 fn fmt_opt(value: &Option<u32>) -> String {
     value.map_or_else(|| "unknown".to_owned(), |v| v.to_string())
 }
@@ -279,6 +302,36 @@ mod tests {
             body,
         )
         .unwrap_err()
+    }
+
+    /// Loops' two-contacts refusal keeps its words and says what they mean, pointing to the
+    /// docs; another 400 says only Loops' words.
+    #[test]
+    fn a_write_that_finds_two_contacts_says_why() {
+        let two = classify_status(
+            400,
+            r#"{"success": false, "message": "Multiple contacts found for the given criteria"}"#,
+        );
+        let text = two.to_string();
+        assert!(
+            text.starts_with(
+                "invalid request (400): Multiple contacts found for the given criteria — the \
+                 email and the userId sent belong to two different contacts in Loops"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("\"Combining syncs on one Loops team\" in docs/operations.md"),
+            "{text}"
+        );
+        assert!(names_two_contacts(&text));
+        assert_eq!(
+            two.message(),
+            Some("Multiple contacts found for the given criteria")
+        );
+        let other = classify_status(400, r#"{"success": false, "message": "Invalid email"}"#);
+        assert_eq!(other.to_string(), "invalid request (400): Invalid email");
+        assert!(!names_two_contacts(&other.to_string()));
     }
 
     #[test]

@@ -163,6 +163,8 @@ pub struct ContactProperty {
 pub struct MailingList {
     pub id: String,
     pub name: String,
+    /// A string in Loops' OpenAPI 1.8.0 (`""` when the list has none); `null` in its JS README
+    /// and in older answers, so `null` and a missing field are read as `None` too.
     #[serde(default)]
     pub description: Option<String>,
     #[serde(default)]
@@ -223,6 +225,26 @@ mod tests {
         assert_eq!(
             event.to_json(),
             json!({"eventName": "signup", "email": "a@b.co"})
+        );
+    }
+
+    /// A list's description as the spec types it (a string), as the JS README shows it
+    /// (`null`), or left out: all three are read.
+    #[test]
+    fn a_list_description_may_be_a_string_null_or_missing() {
+        let lists: Vec<MailingList> = serde_json::from_value(json!([
+            {"id": "a", "name": "A", "description": "Monthly", "isPublic": true},
+            {"id": "b", "name": "B", "description": "", "isPublic": false},
+            {"id": "c", "name": "C", "description": null, "isPublic": true},
+            {"id": "d", "name": "D", "isPublic": true},
+        ]))
+        .unwrap();
+        let descriptions: Vec<Option<&str>> =
+            lists.iter().map(|l| l.description.as_deref()).collect();
+        assert_eq!(descriptions, [Some("Monthly"), Some(""), None, None]);
+        assert_eq!(
+            lists.iter().map(|l| l.is_public).collect::<Vec<_>>(),
+            [true, false, true, true]
         );
     }
 

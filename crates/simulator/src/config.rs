@@ -126,8 +126,11 @@ pub enum SettingsError {
 #[derive(Debug, Clone)]
 pub struct SimConfig {
     pub bind: SocketAddr,
-    /// The one valid API key (`Authorization: Bearer <key>`).
+    /// A valid API key (`Authorization: Bearer <key>`).
     pub api_key: String,
+    /// More valid keys of the same team (Loops allows several keys per team): a key rotated
+    /// with the team's contacts kept.
+    pub other_api_keys: Vec<String>,
     /// Larger request bodies are answered 413.
     pub max_body_bytes: usize,
     pub settings: Settings,
@@ -145,6 +148,7 @@ impl Default for SimConfig {
         SimConfig {
             bind: SocketAddr::from(([127, 0, 0, 1], 0)),
             api_key: "test-key".into(),
+            other_api_keys: Vec::new(),
             max_body_bytes: 256 * 1024,
             settings: Settings::default(),
             lists: Vec::new(),

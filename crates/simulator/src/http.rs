@@ -36,7 +36,8 @@ const IDEMPOTENCY_KEY: &str = "idempotency-key";
 #[derive(Debug)]
 pub struct Shared {
     pub state: Mutex<SimState>,
-    pub api_key: String,
+    /// Every key the team accepts.
+    pub api_keys: Vec<String>,
     /// Requests to the API received and not yet answered (outside the state: a reset while one
     /// is in flight does not lose it).
     pub in_flight: AtomicU64,
@@ -310,7 +311,7 @@ async fn gate(State(shared): State<Arc<Shared>>, request: Request, next: Next) -
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|key| key.trim() == shared.api_key);
+        .is_some_and(|key| shared.api_keys.iter().any(|k| k == key.trim()));
     let keyed: KeyedRequest = idempotency_scope(&endpoint).and_then(|scope| {
         let key = request.headers().get(IDEMPOTENCY_KEY)?.to_str().ok()?;
         is_valid_idempotency_key(key).then(|| (scope, key.to_owned()))

@@ -126,7 +126,10 @@ impl Drop for SimHandle {
 fn build(config: &SimConfig) -> (Arc<Shared>, Router) {
     let shared = Arc::new(Shared {
         state: Mutex::new(state::SimState::new(config)),
-        api_key: config.api_key.clone(),
+        api_keys: std::iter::once(&config.api_key)
+            .chain(&config.other_api_keys)
+            .cloned()
+            .collect(),
         in_flight: Default::default(),
     });
     let app = http::router(shared.clone(), config.max_body_bytes);

@@ -128,6 +128,46 @@ async fn bad_or_missing_key_is_401_with_both_message_fields() {
     );
 }
 
+/// Several keys of one team: each is accepted, on the same contacts; any other is 401.
+#[tokio::test]
+async fn every_key_of_the_team_is_accepted() {
+    let sim = spawn(SimConfig {
+        other_api_keys: vec!["rotated-key".into()],
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let as_key = |key: &'static str| [("authorization", format!("Bearer {key}"))];
+    let write = json!({"email": "ann@example.com"});
+    let put = call_with(
+        &sim,
+        Method::PUT,
+        "/v1/contacts/update",
+        Some(write),
+        &[("authorization", "Bearer test-key")],
+    )
+    .await;
+    assert_eq!(put.status, 200, "{}", put.text);
+    for (key, status, found) in [
+        ("test-key", 200, 1),
+        ("rotated-key", 200, 1),
+        ("other-key", 401, 0),
+    ] {
+        let header = as_key(key);
+        let headers: Vec<(&str, &str)> = header.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let a = call_with(
+            &sim,
+            Method::GET,
+            "/v1/contacts/find?email=ann%40example.com",
+            None,
+            &headers,
+        )
+        .await;
+        assert_eq!(a.status, status, "{key}: {}", a.text);
+        assert_eq!(a.body.as_array().map_or(0, Vec::len), found, "{key}");
+    }
+}
+
 #[tokio::test]
 async fn every_api_answer_carries_rate_limit_headers() {
     let sim = sim().await;
@@ -384,7 +424,36 @@ async fn properties_and_lists_over_http() {
     let lists = call(&sim, Method::GET, "/v1/lists", None).await;
     assert_eq!(
         lists.body,
-        json!([{"id": "news", "name": "News", "description": null, "isPublic": true}])
+        json!([{"id": "news", "name": "News", "description": "", "isPublic": true}]),
+        "a list without a description has an empty one: OpenAPI 1.8.0 requires a string"
+    );
+}
+
+/// `GET /v1/lists` answers each list's description as a string, as Loops' OpenAPI 1.8.0 types
+/// it: the one given, or `""` when none was (never `null`).
+#[tokio::test]
+async fn list_descriptions_are_strings() {
+    let sim = sim().await;
+    for body in [
+        r#"{"id": "beta", "name": "Beta", "description": "Early access"}"#,
+        r#"{"id": "gamma", "name": "Gamma", "description": null}"#,
+    ] {
+        let (status, _) = post_sim(&sim, "lists", body).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let lists = call(&sim, Method::GET, "/v1/lists", None).await;
+    let descriptions: Vec<&Value> = lists
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| &l["description"])
+        .collect();
+    assert_eq!(
+        descriptions,
+        [&json!(""), &json!("Early access"), &json!("")],
+        "{}",
+        lists.body
     );
 }
 

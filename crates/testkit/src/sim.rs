@@ -20,8 +20,29 @@ pub struct SimProcess {
 impl SimProcess {
     /// Starts `loopsync sim --port 0 ARGS…` and waits (at most 30 s) for its address line.
     pub fn start(args: &[&str]) -> SimProcess {
+        SimProcess::start_on(0, args)
+    }
+
+    /// Stops this simulator and starts a new one, empty, on the same port with `args`: the
+    /// same URL, another Loops (a simulator restarted, say with another `--api-key`).
+    pub fn restart(&mut self, args: &[&str]) {
+        let port: u16 = self
+            .root
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no port in {}", self.root));
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let new = SimProcess::start_on(port, args);
+        assert_eq!(new.root, self.root, "restarted on the same address");
+        // The old process is gone: swapping in the new one, the old handle drops harmlessly.
+        *self = new;
+    }
+
+    fn start_on(port: u16, args: &[&str]) -> SimProcess {
         let mut child = Command::new(loopsync_bin())
-            .args(["sim", "--port", "0"])
+            .args(["sim", "--port", &port.to_string()])
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -300,6 +300,9 @@ pub struct RunSummary {
     /// Invalid records: one per NULL key, per duplicated key, per row of a shared email, per
     /// change the transformer refused (a removal among them too).
     pub invalid: i64,
+    /// Of `invalid`, the records accepted as invalid (`loopsync rejections accept`) for the
+    /// reason they had: listed, but they do not make the run degraded.
+    pub accepted: i64,
     /// Loops refused the operation (4xx).
     pub rejected: i64,
     /// Retries spent, or the workers handling it kept dying.
@@ -367,7 +370,7 @@ pub enum RunStatus {
     Sending,
     /// Every record confirmed or skipped.
     Succeeded,
-    /// Every record has an outcome, some invalid, rejected or dead-lettered.
+    /// Every record has an outcome, some invalid (and not accepted), rejected or dead-lettered.
     Degraded,
     /// The run could not do its work (the model failed, the removal guard held removals back).
     Failed,
@@ -458,6 +461,10 @@ pub struct RecordResult {
     pub contact_id: Option<String>,
     pub requests: i64,
     pub at: String,
+    /// An invalid record accepted as invalid for its reason (`loopsync rejections accept`): in
+    /// a run's records, accepted when the run recorded it; in [`StateStore::rejections`],
+    /// accepted now (its latest reason is the one accepted).
+    pub accepted: bool,
 }
 
 /// A deployment: a [`StateStore`] and where its model is read (the store's own database, or a
@@ -697,22 +704,59 @@ pub trait StateStore: Send + Sync + 'static {
     /// The Loops destination the sync's state is bound to (`loopsync.destinations`), if any.
     async fn destination(&self, sync: &str) -> Result<Option<DestinationBinding>, WarehouseError>;
 
-    /// Binds the sync's state to `destination` unless it is bound already: returns the earlier
-    /// binding, if the sync had one (then nothing changed), else `None` (bound now). Atomic: of
-    /// two processes binding at once, one binds and the other is told that binding.
+    /// Binds the sync's state to `destination`, confirmed with the API key of
+    /// `key_fingerprint`, unless it is bound already: returns the earlier binding, if the sync
+    /// had one (then nothing changed), else `None` (bound now). Atomic: of two processes
+    /// binding at once, one binds and the other is told that binding.
     async fn bind_destination(
         &self,
         sync: &str,
         destination: &Destination,
+        key_fingerprint: &str,
     ) -> Result<Option<DestinationBinding>, WarehouseError>;
 
-    /// Binds the sync's state to `destination`, replacing any earlier binding (`loopsync adopt`:
-    /// the model is recorded as confirmed there).
+    /// Binds the sync's state to `destination` and the API key of `key_fingerprint`, replacing
+    /// any earlier binding (`loopsync adopt`: the model is recorded as confirmed there).
     async fn set_destination(
         &self,
         sync: &str,
         destination: &Destination,
+        key_fingerprint: &str,
     ) -> Result<(), WarehouseError>;
+
+    /// Records `key_fingerprint` as the API key of the sync's binding, if the sync is still
+    /// bound to `destination` (a binding from before fingerprints were kept, or a new key found
+    /// to reach the state's contacts). Whether it was recorded.
+    async fn set_key_fingerprint(
+        &self,
+        sync: &str,
+        destination: &Destination,
+        key_fingerprint: &str,
+    ) -> Result<bool, WarehouseError>;
+
+    /// Up to `limit` records of `sync` whose contact Loops confirmed, the most recently
+    /// confirmed first (then by key): what is read back from Loops when the API key changed.
+    async fn confirmed_contacts(
+        &self,
+        sync: &str,
+        limit: u32,
+    ) -> Result<Vec<ConfirmedContact>, WarehouseError>;
+
+    /// `loopsync rejections accept`: accepts these invalid records of `sync`, each as invalid
+    /// for `reason` (its latest reason), with an optional `note`: while a record stays invalid
+    /// for that very reason, its invalid outcome no longer makes a run degraded. Any other
+    /// outcome of the record (another reason, sent, confirmed) ends the acceptance. Replaces an
+    /// earlier acceptance of the record. How many records were accepted.
+    async fn accept_invalid(
+        &self,
+        sync: &str,
+        records: &[(String, String)],
+        note: Option<&str>,
+    ) -> Result<u64, WarehouseError>;
+
+    /// Undoes [`StateStore::accept_invalid`] for these keys: their next invalid outcome makes
+    /// the run degraded again. How many acceptances were removed.
+    async fn unaccept_invalid(&self, sync: &str, keys: &[String]) -> Result<u64, WarehouseError>;
 
     /// `loopsync reset`: forgets the sync's state, its records' confirmed fingerprints and its
     /// destination binding, in one transaction; its runs and per-record results stay.
@@ -791,8 +835,23 @@ pub struct Erasure {
 pub struct DestinationBinding {
     #[serde(flatten)]
     pub destination: Destination,
+    /// The fingerprint of the API key the state was confirmed with
+    /// (`loopsync_core::secret::ApiKey::fingerprint`), never the key; `None` for a binding
+    /// recorded before fingerprints were kept.
+    pub key_fingerprint: Option<String>,
     /// When the binding was recorded (UTC, RFC 3339).
     pub bound_at: String,
+}
+
+/// A record whose contact Loops confirmed, with the identity it confirmed
+/// ([`StateStore::confirmed_contacts`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConfirmedContact {
+    pub key: String,
+    pub email: Option<String>,
+    pub user_id: Option<String>,
+    /// The contact's id in Loops, when Loops gave it.
+    pub contact_id: Option<String>,
 }
 
 /// What `reset_state` deleted.

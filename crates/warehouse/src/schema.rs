@@ -378,6 +378,31 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
             column: col("possibly_applied", Text),
         }],
     },
+    Migration {
+        version: 13,
+        name: "the API key's fingerprint, accepted invalid records",
+        steps: &[
+            Step::AddColumn {
+                table: "destinations",
+                column: col("key_fingerprint", Text),
+            },
+            Step::AddColumn {
+                table: "records",
+                column: zero("accepted", Int),
+            },
+            Step::Table {
+                name: "accepted",
+                columns: &[
+                    required("sync", Text),
+                    required("key", Text),
+                    required("reason", Text),
+                    col("note", Text),
+                    now("accepted_at"),
+                ],
+                primary_key: "sync, key",
+            },
+        ],
+    },
 ];
 
 /// The version of the newest migration: what `prepare` brings the state to.

@@ -1091,8 +1091,17 @@ async fn erasing(f: Fixture) {
     );
     assert_eq!(w.records(run).await.unwrap().len(), 2, "nothing erased");
     w.fail_run(run, "done").await.unwrap();
+    let acceptance = [("7".to_owned(), "no email".to_owned())];
+    w.accept_invalid("users", &acceptance, Some("note"))
+        .await
+        .unwrap();
     let erased = w.erase_person("users", &keys, &[]).await.unwrap();
     assert_eq!((erased.state, erased.records), (1, 1));
+    assert_eq!(
+        w.unaccept_invalid("users", &keys).await.unwrap(),
+        0,
+        "its acceptance went too"
+    );
     let left: Vec<String> = w
         .records(run)
         .await
@@ -1245,8 +1254,9 @@ async fn sqlite_forgetting_confirmations() {
     forgetting_confirmations(sqlite(), "1").await;
 }
 
-/// A sync's state is bound to one destination: the first bind records it, later binds are
-/// told it (whatever they asked); `set_destination` replaces it; `reset_state` forgets the
+/// A sync's state is bound to one destination and API key: the first bind records them, later
+/// binds are told them (whatever they asked); the key is recorded again only while the sync is
+/// bound to the destination given; `set_destination` replaces both; `reset_state` forgets the
 /// sync's state and binding, and nothing of another sync, nor the runs and records.
 async fn destinations_bind_and_reset(f: Fixture) {
     use loopsync_core::destination::Destination;
@@ -1259,39 +1269,76 @@ async fn destinations_bind_and_reset(f: Fixture) {
     let a = Destination::new(Some("Team".into()), "http://127.0.0.1:4001/api/");
     let b = Destination::new(Some("Team".into()), "http://127.0.0.1:4002/api");
     assert_eq!(w.destination("users").await.unwrap(), None);
-    assert_eq!(w.bind_destination("users", &a).await.unwrap(), None);
+    assert_eq!(w.bind_destination("users", &a, "k1").await.unwrap(), None);
     let bound = w.destination("users").await.unwrap().unwrap();
     assert_eq!(bound.destination, a);
     assert_eq!(bound.destination.base_url, "http://127.0.0.1:4001/api");
+    assert_eq!(bound.key_fingerprint.as_deref(), Some("k1"));
     assert!(bound.bound_at.ends_with('Z'), "{}", bound.bound_at);
-    let earlier = w.bind_destination("users", &b).await.unwrap();
+    let earlier = w.bind_destination("users", &b, "k2").await.unwrap();
     assert_eq!(
-        earlier.map(|e| e.destination),
-        Some(a.clone()),
-        "b does not replace a"
+        earlier.map(|e| (e.destination, e.key_fingerprint)),
+        Some((a.clone(), Some("k1".into()))),
+        "b does not replace a, nor k2 k1"
     );
     assert_eq!(
         w.destination("users").await.unwrap().unwrap().destination,
         a
     );
     assert_eq!(
-        w.bind_destination("users", &a)
+        w.bind_destination("users", &a, "k1")
             .await
             .unwrap()
             .map(|e| e.destination),
         Some(a.clone())
     );
+    // The key of a binding changes only while the sync is bound where the caller says.
+    assert!(!w.set_key_fingerprint("users", &b, "k2").await.unwrap());
+    assert!(w.set_key_fingerprint("users", &a, "k2").await.unwrap());
+    let bound = w.destination("users").await.unwrap().unwrap();
+    assert_eq!(
+        (bound.destination, bound.key_fingerprint.as_deref()),
+        (a.clone(), Some("k2"))
+    );
     // Another sync has its own binding; a team Loops did not name is kept as such.
     let unnamed = Destination::new(None, "http://127.0.0.1:4002/api");
-    assert_eq!(w.bind_destination("teams", &unnamed).await.unwrap(), None);
+    assert_eq!(
+        w.bind_destination("teams", &unnamed, "k1").await.unwrap(),
+        None
+    );
     assert_eq!(
         w.destination("teams").await.unwrap().unwrap().destination,
         unnamed
     );
-    w.set_destination("users", &b).await.unwrap();
+    assert!(
+        w.set_key_fingerprint("teams", &unnamed, "k3")
+            .await
+            .unwrap()
+    );
+    assert!(
+        !w.set_key_fingerprint("teams", &b, "k3").await.unwrap(),
+        "a named team is not the unnamed one"
+    );
+    // A binding from before fingerprints were kept has none.
+    (f.exec)(
+        f.dialect().statement(
+            "UPDATE loopsync.destinations SET key_fingerprint = NULL WHERE sync = 'users'",
+        ),
+    )
+    .await;
     assert_eq!(
-        w.destination("users").await.unwrap().unwrap().destination,
-        b
+        w.destination("users")
+            .await
+            .unwrap()
+            .unwrap()
+            .key_fingerprint,
+        None
+    );
+    w.set_destination("users", &b, "k4").await.unwrap();
+    let bound = w.destination("users").await.unwrap().unwrap();
+    assert_eq!(
+        (bound.destination, bound.key_fingerprint.as_deref()),
+        (b.clone(), Some("k4"))
     );
 
     // State of both syncs, a run and its records.
@@ -1315,9 +1362,30 @@ async fn destinations_bind_and_reset(f: Fixture) {
     )
     .await
     .unwrap();
-    w.record_outcomes(&[confirmed(&s, run, "1", "f1"), confirmed(&s, run, "2", "f2")])
+    let mut second = confirmed(&s, run, "2", "f2");
+    second.email = Some("two@example.com".into());
+    w.record_outcomes(&[confirmed(&s, run, "1", "f1"), second])
         .await
         .unwrap();
+    // The confirmed contacts, the most recently confirmed first, then by key.
+    let contacts = w.confirmed_contacts("users", 5).await.unwrap();
+    assert_eq!(
+        contacts,
+        [
+            ConfirmedContact {
+                key: "1".into(),
+                contact_id: Some("c-1".into()),
+                ..ConfirmedContact::default()
+            },
+            ConfirmedContact {
+                key: "2".into(),
+                email: Some("two@example.com".into()),
+                contact_id: Some("c-2".into()),
+                ..ConfirmedContact::default()
+            },
+        ]
+    );
+    assert_eq!(w.confirmed_contacts("users", 1).await.unwrap().len(), 1);
     w.adopt(
         "teams",
         run,
@@ -1380,7 +1448,135 @@ async fn destinations_bind_and_reset(f: Fixture) {
     w.reset_state("users").await.unwrap();
     // Nothing left to forget; the sync binds afresh.
     assert_eq!(w.reset_state("users").await.unwrap(), StateReset::default());
-    assert_eq!(w.bind_destination("users", &b).await.unwrap(), None);
+    assert!(w.confirmed_contacts("users", 5).await.unwrap().is_empty());
+    assert_eq!(w.bind_destination("users", &b, "k4").await.unwrap(), None);
+}
+
+/// A run of sync `users` whose records have `outcomes` (reasons given), finished: its summary.
+async fn run_of(w: &dyn Warehouse, outcomes: &[(&str, OutcomeStatus, &str)]) -> RunSummary {
+    let run = w.create_run("users").await.unwrap();
+    w.claim_run(run, false).await.unwrap();
+    let outcomes: Vec<Outcome> = outcomes
+        .iter()
+        .map(|(key, status, reason)| {
+            Outcome::new("users", run, key, "fp", *status, "upsert").with_reason(*reason)
+        })
+        .collect();
+    w.record_outcomes(&outcomes).await.unwrap();
+    w.finish_extract(run, &ExtractCounts::default())
+        .await
+        .unwrap();
+    w.run(run).await.unwrap().unwrap()
+}
+
+/// `(key, accepted)` of the sync's rejections.
+async fn accepted_now(w: &dyn Warehouse) -> Vec<(String, bool)> {
+    w.rejections(Some("users"))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.key, r.accepted))
+        .collect()
+}
+
+/// An invalid record accepted for its reason no longer makes a run degraded while it stays
+/// invalid for that reason; the run counts it as accepted, and the rejections say so at once.
+/// Another reason, or any other outcome, ends the acceptance: the record is a fresh invalid
+/// when it comes back.
+async fn accepting_invalid_records(f: Fixture) {
+    use OutcomeStatus::{Confirmed, Invalid};
+    let w = &*f.warehouse;
+    w.prepare().await.unwrap();
+    let (no_email, malformed) = (
+        "no email: the contact is identified by email",
+        "malformed email",
+    );
+    let first = run_of(w, &[("1", Invalid, no_email), ("2", Invalid, no_email)]).await;
+    assert_eq!(
+        (first.status.as_str(), first.invalid, first.accepted),
+        ("degraded", 2, 0)
+    );
+    assert_eq!(
+        accepted_now(w).await,
+        [("1".into(), false), ("2".into(), false)]
+    );
+    let records = [
+        ("1".to_owned(), no_email.to_owned()),
+        ("2".to_owned(), no_email.to_owned()),
+        ("3".to_owned(), no_email.to_owned()),
+    ];
+    assert_eq!(
+        w.accept_invalid("users", &records[..2], Some("legacy rows"))
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(
+        accepted_now(w).await,
+        [("1".into(), true), ("2".into(), true)],
+        "the rejections say so at once"
+    );
+    assert!(
+        w.records(first.id)
+            .await
+            .unwrap()
+            .iter()
+            .all(|r| !r.accepted),
+        "a run's records say what held when it ran"
+    );
+
+    // Key 1 stays invalid for its reason, key 2 is now invalid for another.
+    let second = run_of(w, &[("1", Invalid, no_email), ("2", Invalid, malformed)]).await;
+    assert_eq!(
+        (second.status.as_str(), second.invalid, second.accepted),
+        ("degraded", 2, 1)
+    );
+    let accepted: Vec<(String, bool)> = w
+        .records(second.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.key, r.accepted))
+        .collect();
+    assert_eq!(accepted, [("1".into(), true), ("2".into(), false)]);
+    // Key 2 back at the reason it was accepted for: a fresh invalid, its acceptance is over.
+    let third = run_of(w, &[("1", Invalid, no_email), ("2", Invalid, no_email)]).await;
+    assert_eq!((third.status.as_str(), third.accepted), ("degraded", 1));
+    // Only accepted invalid records: the run succeeds, and still counts them.
+    let fourth = run_of(w, &[("1", Invalid, no_email)]).await;
+    assert_eq!(
+        (fourth.status.as_str(), fourth.invalid, fourth.accepted),
+        ("succeeded", 1, 1)
+    );
+    // Sent and confirmed: the acceptance is over.
+    let fifth = run_of(w, &[("1", Confirmed, "")]).await;
+    assert_eq!(fifth.status, RunStatus::Succeeded);
+    let sixth = run_of(w, &[("1", Invalid, no_email)]).await;
+    assert_eq!((sixth.status.as_str(), sixth.accepted), ("degraded", 0));
+    // unaccept: the next invalid outcome makes the run degraded again.
+    w.accept_invalid("users", &records[..1], None)
+        .await
+        .unwrap();
+    assert_eq!(
+        w.unaccept_invalid("users", &["1".into(), "9".into()])
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(w.unaccept_invalid("users", &["1".into()]).await.unwrap(), 0);
+    let seventh = run_of(w, &[("1", Invalid, no_email)]).await;
+    assert_eq!((seventh.status.as_str(), seventh.accepted), ("degraded", 0));
+}
+
+#[tokio::test]
+async fn postgres_accepting_invalid_records() {
+    let Some(f) = postgres().await else { return };
+    accepting_invalid_records(f).await;
+}
+
+#[tokio::test]
+async fn sqlite_accepting_invalid_records() {
+    accepting_invalid_records(sqlite()).await;
 }
 
 #[tokio::test]

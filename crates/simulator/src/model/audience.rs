@@ -16,10 +16,20 @@ use super::*;
 pub struct MailingList {
     pub id: String,
     pub name: String,
-    #[serde(default)]
+    /// Loops' OpenAPI 1.8.0 makes it a required string: a list without one is answered with
+    /// `""`, never `null`.
+    #[serde(default, serialize_with = "empty_when_none")]
     pub description: Option<String>,
     #[serde(default)]
     pub is_public: bool,
+}
+
+/// A description the list does not have, as the OpenAPI spec types it: an empty string.
+fn empty_when_none<S: serde::Serializer>(
+    description: &Option<String>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(description.as_deref().unwrap_or_default())
 }
 
 /// One stored contact.

@@ -118,7 +118,7 @@ fn same_email(stored: &str, email: &str) -> bool {
     loopsync_core::value::normalize_email(stored) == email
 }
 
-/// Erases the records `keys` of `sync`: their state, results and attempts; and every stored
+/// Erases the records `keys` of `sync`: their state, results, attempts and acceptance; and every stored
 /// text of the sync (a record's reason, an attempt's, a run's error) that holds one of `emails`
 /// (lower-cased) is replaced by [`ERASED_TEXT`]. Refused while the sync has a run in progress
 /// (its outcomes would write the records again).
@@ -156,6 +156,13 @@ pub(crate) async fn erase_person(
                 )
                 .await?;
         }
+        // Its acceptance as invalid (`loopsync rejections accept`), if any: the key goes.
+        x.execute(
+            "erase a record's acceptance",
+            "DELETE FROM loopsync.accepted WHERE sync = $1 AND key = $2",
+            params![&sync, key],
+        )
+        .await?;
     }
     let d = x.dialect().clone();
     for email in emails.iter().filter(|e| !e.is_empty()) {

@@ -31,8 +31,9 @@ use loopsync_core::spec::SyncSpec;
 use crate::schema::{Backend, Dialect};
 use crate::source::{Source, model_columns};
 use crate::{
-    Adoption, DestinationBinding, DiffRow, Emitted, Erasure, ExtractCounts, KeptRecord, ModelRows,
-    Person, RecordResult, RunSummary, StateReset, StateStore, Unchanged, Warehouse, WarehouseError,
+    Adoption, ConfirmedContact, DestinationBinding, DiffRow, Emitted, Erasure, ExtractCounts,
+    KeptRecord, ModelRows, Person, RecordResult, RunSummary, StateReset, StateStore, Unchanged,
+    Warehouse, WarehouseError,
 };
 
 /// A statement's parameter, or a value read.
@@ -797,12 +798,17 @@ impl<K: Keeper> StateStore for Store<K> {
         &self,
         sync: &str,
         destination: &Destination,
+        key_fingerprint: &str,
     ) -> Result<Option<DestinationBinding>, WarehouseError> {
-        let (sync, destination) = (sync.to_owned(), destination.clone());
+        let (sync, destination, fp) = (
+            sync.to_owned(),
+            destination.clone(),
+            key_fingerprint.to_owned(),
+        );
         self.keeper
             .tx(
                 "bind destination",
-                work(move |x| Box::pin(rules::bind_destination(x, sync, destination))),
+                work(move |x| Box::pin(rules::bind_destination(x, sync, destination, fp))),
             )
             .await
     }
@@ -811,12 +817,84 @@ impl<K: Keeper> StateStore for Store<K> {
         &self,
         sync: &str,
         destination: &Destination,
+        key_fingerprint: &str,
     ) -> Result<(), WarehouseError> {
-        let (sync, destination) = (sync.to_owned(), destination.clone());
+        let (sync, destination, fp) = (
+            sync.to_owned(),
+            destination.clone(),
+            key_fingerprint.to_owned(),
+        );
         self.keeper
             .auto(
                 "set destination",
-                work(move |x| Box::pin(rules::set_destination(x, sync, destination))),
+                work(move |x| Box::pin(rules::set_destination(x, sync, destination, fp))),
+            )
+            .await
+    }
+
+    async fn set_key_fingerprint(
+        &self,
+        sync: &str,
+        destination: &Destination,
+        key_fingerprint: &str,
+    ) -> Result<bool, WarehouseError> {
+        let (sync, destination, fp) = (
+            sync.to_owned(),
+            destination.clone(),
+            key_fingerprint.to_owned(),
+        );
+        self.keeper
+            .auto(
+                "record the API key's fingerprint",
+                work(move |x| Box::pin(rules::set_key_fingerprint(x, sync, destination, fp))),
+            )
+            .await
+    }
+
+    async fn confirmed_contacts(
+        &self,
+        sync: &str,
+        limit: u32,
+    ) -> Result<Vec<ConfirmedContact>, WarehouseError> {
+        if self.absent() {
+            return Ok(Vec::new());
+        }
+        let sync = sync.to_owned();
+        self.keeper
+            .auto(
+                "confirmed contacts",
+                work(move |x| Box::pin(rules::confirmed_contacts(x, sync, limit.into()))),
+            )
+            .await
+    }
+
+    async fn accept_invalid(
+        &self,
+        sync: &str,
+        records: &[(String, String)],
+        note: Option<&str>,
+    ) -> Result<u64, WarehouseError> {
+        if records.is_empty() {
+            return Ok(0);
+        }
+        let (sync, records, note) = (sync.to_owned(), records.to_vec(), note.map(str::to_owned));
+        self.keeper
+            .tx(
+                "accept invalid records",
+                work(move |x| Box::pin(rules::accept_invalid(x, sync, records, note))),
+            )
+            .await
+    }
+
+    async fn unaccept_invalid(&self, sync: &str, keys: &[String]) -> Result<u64, WarehouseError> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let (sync, keys) = (sync.to_owned(), keys.to_vec());
+        self.keeper
+            .tx(
+                "unaccept invalid records",
+                work(move |x| Box::pin(rules::unaccept_invalid(x, sync, keys))),
             )
             .await
     }

@@ -8,21 +8,23 @@ use loopsync_core::tuning::LEASE;
 
 use super::{Exec, Row, params};
 use crate::{
-    Adoption, DestinationBinding, Emitted, ExtractCounts, FORGOTTEN_FP, RecordResult, RunStatus,
-    RunSummary, StateReset, WarehouseError, is_removal, record_requests_sql, requests_of, stored,
-    summary_request_sql, summary_rows_sql, watermark_sql,
+    Adoption, ConfirmedContact, DestinationBinding, Emitted, ExtractCounts, FORGOTTEN_FP,
+    RecordResult, RunStatus, RunSummary, StateReset, WarehouseError, is_removal,
+    record_requests_sql, requests_of, stored, summary_request_sql, summary_rows_sql, watermark_sql,
 };
 
 /// The statuses of a run still in progress.
 const OPEN: &str = "'requested', 'extracting', 'sending'";
 
 /// Run transition: a run `sending` whose every record has an outcome ends `failed` (it carries
-/// an error), `degraded` (some record invalid, rejected or dead-lettered) or `succeeded`.
+/// an error), `degraded` (some record rejected, dead-lettered, or invalid and not accepted) or
+/// `succeeded`.
 const FINISH_RUN: &str = "
 UPDATE loopsync.runs
    SET status = CASE WHEN error IS NOT NULL THEN 'failed'
                      WHEN EXISTS (SELECT 1 FROM loopsync.records x WHERE x.run_id = loopsync.runs.id
-                                   AND x.outcome IN ('invalid', 'rejected', 'dead_lettered'))
+                                   AND (x.outcome IN ('rejected', 'dead_lettered')
+                                        OR (x.outcome = 'invalid' AND x.accepted = 0)))
                      THEN 'degraded' ELSE 'succeeded' END,
        finished_at = {now}
  WHERE id = $1 AND status = 'sending'
@@ -446,16 +448,32 @@ pub(crate) async fn interrupt_run(
     Ok(closed > 0)
 }
 
+/// An acceptance (`loopsync rejections accept`) applies to an invalid record of sync `{sync}`
+/// and key `{key}` whose reason `{reason}` is the one accepted: the one rule of acceptance,
+/// used when an outcome is recorded and when the rejections are listed.
+const ACCEPTED: &str = "EXISTS (SELECT 1 FROM loopsync.accepted a
+                 WHERE a.sync = {sync} AND a.key = {key} AND a.reason = COALESCE({reason}, ''))";
+
+/// [`ACCEPTED`] for these expressions of a record's sync, key and reason.
+fn accepted(sync: &str, key: &str, reason: &str) -> String {
+    ACCEPTED
+        .replace("{sync}", sync)
+        .replace("{key}", key)
+        .replace("{reason}", reason)
+}
+
 /// Outcomes: a final outcome's row in `records` (a repeat is ignored, except that a
-/// confirmation replaces an earlier failure and adds its requests).
+/// confirmation replaces an earlier failure and adds its requests). An invalid outcome is
+/// `accepted` when the record is accepted as invalid for that reason.
 const INSERT_RECORD: &str = "INSERT INTO loopsync.records
         (run_id, sync, key, fingerprint, operation, outcome, reason, contact_id, requests, at,
-         change, writes, events, deletes, retries, rate_limited)
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, {at}, $11, $12, $13, $14, $15, $16)
+         change, writes, events, deletes, retries, rate_limited, accepted)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, {at}, $11, $12, $13, $14, $15, $16,
+             CASE WHEN $6 = 'invalid' AND {accepted} THEN 1 ELSE 0 END)
      ON CONFLICT (run_id, key) DO UPDATE
         SET fingerprint = EXCLUDED.fingerprint, operation = EXCLUDED.operation,
             outcome = EXCLUDED.outcome, reason = EXCLUDED.reason,
-            contact_id = EXCLUDED.contact_id,
+            contact_id = EXCLUDED.contact_id, accepted = EXCLUDED.accepted,
             change = COALESCE(EXCLUDED.change, loopsync.records.change),
             requests = loopsync.records.requests + EXCLUDED.requests,
             writes = loopsync.records.writes + EXCLUDED.writes,
@@ -465,6 +483,12 @@ const INSERT_RECORD: &str = "INSERT INTO loopsync.records
             rate_limited = loopsync.records.rate_limited + EXCLUDED.rate_limited,
             at = EXCLUDED.at
       WHERE loopsync.records.outcome <> 'confirmed' AND EXCLUDED.outcome = 'confirmed'";
+
+/// Outcomes: an acceptance ends with any final outcome of its record but an invalid one for the
+/// reason accepted (the row changed: sent, or invalid for another reason).
+const END_ACCEPTANCE: &str = "DELETE FROM loopsync.accepted
+      WHERE sync = $1 AND key = $2
+        AND NOT (CAST($3 AS text) = 'invalid' AND reason = COALESCE(CAST($4 AS text), ''))";
 
 /// Outcomes: each attempt once; a repeated `attempted` outcome is ignored.
 const INSERT_ATTEMPT: &str = "INSERT INTO loopsync.attempts
@@ -548,10 +572,13 @@ pub(crate) async fn record_outcomes(
     outcomes.sort_by(|a, b| (&a.sync, &a.key).cmp(&(&b.sync, &b.key)));
     let at = d.time_of_millis("$10");
     let statements = [
-        INSERT_RECORD.replace("{at}", &at),
+        INSERT_RECORD
+            .replace("{at}", &at)
+            .replace("{accepted}", &accepted("$2", "$3", "$7")),
         INSERT_ATTEMPT.replace("{at}", &d.time_of_millis("$12")),
         CONFIRM.replace("{now}", d.now()),
         REMOVE.replace("{now}", d.now()),
+        END_ACCEPTANCE.to_owned(),
     ];
     let mut items = Vec::with_capacity(2 * outcomes.len());
     for o in outcomes {
@@ -597,6 +624,10 @@ pub(crate) async fn record_outcomes(
                 c.rate_limited
             ],
         ));
+        items.push((
+            4,
+            params![&o.sync, &o.key, o.status.as_str(), o.reason.as_ref()],
+        ));
         if o.status == OutcomeStatus::Confirmed && is_removal(&o.operation) {
             items.push((3, params![o.sync, o.key, o.run_id, o.operation]));
         } else if o.status == OutcomeStatus::Confirmed {
@@ -632,7 +663,8 @@ fn summary_sql(x: &dyn Exec, filter: &str) -> String {
                 count(x.key) FILTER (WHERE x.operation = 'rekey' AND x.outcome = 'confirmed'),
                 {requests},
                 r.preflight_requests, r.preflight_retries, r.preflight_rate_limited,
-                r.ignored, {extract_alive}
+                r.ignored, {extract_alive},
+                count(x.key) FILTER (WHERE x.outcome = 'invalid' AND x.accepted = 1)
            FROM loopsync.runs r LEFT JOIN loopsync.records x ON x.run_id = r.id
           WHERE {filter}
           GROUP BY r.id ORDER BY r.id DESC LIMIT $2",
@@ -666,6 +698,7 @@ fn summary(row: &Row) -> Result<RunSummary, WarehouseError> {
         confirmed: row.count(12)?,
         skipped: row.count(13)?,
         invalid: row.count(14)?,
+        accepted: row.count(31)?,
         rejected: row.count(15)?,
         dead_lettered: row.count(16)?,
         records: row.count(17)?,
@@ -706,11 +739,12 @@ pub(crate) async fn runs(
     rows.iter().map(summary).collect()
 }
 
-/// A record's columns as [`record`] reads them (`x` is the record's alias).
-fn record_columns(x: &dyn Exec) -> String {
+/// A record's columns as [`record`] reads them (`x` is the record's alias), whether it is
+/// accepted as `accepted`.
+fn record_columns(x: &dyn Exec, accepted: &str) -> String {
     format!(
         "x.run_id, x.sync, x.key, x.operation, x.outcome, x.reason, x.contact_id,
-         CAST(({requests}) AS bigint), {at}",
+         CAST(({requests}) AS bigint), {at}, {accepted}",
         requests = record_requests_sql("loopsync.attempts"),
         at = x.dialect().time_text("x.at"),
     )
@@ -727,6 +761,7 @@ fn record(r: &Row) -> Result<RecordResult, WarehouseError> {
         contact_id: r.opt_text(6)?,
         requests: r.int(7)?,
         at: r.text(8)?,
+        accepted: r.int(9)? != 0,
     })
 }
 
@@ -736,13 +771,14 @@ pub(crate) async fn records(
 ) -> Result<Vec<RecordResult>, WarehouseError> {
     let sql = format!(
         "SELECT {} FROM loopsync.records x WHERE run_id = $1 ORDER BY key",
-        record_columns(x)
+        record_columns(x, "x.accepted")
     );
     let rows = x.query("read records", &sql, params![run_id]).await?;
     rows.iter().map(record).collect()
 }
 
-/// Records whose latest outcome is invalid, rejected or dead-lettered.
+/// Records whose latest outcome is invalid, rejected or dead-lettered; an invalid one accepted
+/// now for its latest reason is `accepted`.
 pub(crate) async fn rejections(
     x: &mut dyn Exec,
     sync: Option<String>,
@@ -753,7 +789,13 @@ pub(crate) async fn rejections(
               FROM loopsync.records WHERE CAST($1 AS text) IS NULL OR sync = $1) AS x
           WHERE n = 1 AND outcome IN ('invalid', 'rejected', 'dead_lettered')
           ORDER BY sync, key",
-        columns = record_columns(x)
+        columns = record_columns(
+            x,
+            &format!(
+                "CASE WHEN x.outcome = 'invalid' AND {} THEN 1 ELSE 0 END",
+                accepted("x.sync", "x.key", "x.reason")
+            )
+        )
     );
     let rows = x.query("read rejections", &sql, params![sync]).await?;
     rows.iter().map(record).collect()
@@ -789,6 +831,7 @@ fn binding(row: &Row) -> Result<DestinationBinding, WarehouseError> {
     Ok(DestinationBinding {
         destination: Destination::new(row.opt_text(0)?, &row.text(1)?),
         bound_at: row.text(2)?,
+        key_fingerprint: row.opt_text(3)?,
     })
 }
 
@@ -797,7 +840,7 @@ pub(crate) async fn destination(
     sync: String,
 ) -> Result<Option<DestinationBinding>, WarehouseError> {
     let sql = format!(
-        "SELECT team, base_url, {} FROM loopsync.destinations WHERE sync = $1",
+        "SELECT team, base_url, {}, key_fingerprint FROM loopsync.destinations WHERE sync = $1",
         x.dialect().time_text("bound_at")
     );
     let rows = x
@@ -811,10 +854,11 @@ pub(crate) async fn bind_destination(
     x: &mut dyn Exec,
     sync: String,
     destination: Destination,
+    key_fingerprint: String,
 ) -> Result<Option<DestinationBinding>, WarehouseError> {
     let sql = format!(
-        "INSERT INTO loopsync.destinations (sync, team, base_url, bound_at)
-         VALUES ($1, $2, $3, {}) ON CONFLICT (sync) DO NOTHING",
+        "INSERT INTO loopsync.destinations (sync, team, base_url, bound_at, key_fingerprint)
+         VALUES ($1, $2, $3, {}, $4) ON CONFLICT (sync) DO NOTHING",
         x.dialect().now()
     );
     // A binding deleted (by a reset) between the insert and the read: insert again.
@@ -823,7 +867,12 @@ pub(crate) async fn bind_destination(
             .execute(
                 "bind a sync to its destination",
                 &sql,
-                params![&sync, destination.team.as_deref(), &destination.base_url],
+                params![
+                    &sync,
+                    destination.team.as_deref(),
+                    &destination.base_url,
+                    &key_fingerprint
+                ],
             )
             .await?;
         if inserted == 1 {
@@ -850,21 +899,116 @@ pub(crate) async fn set_destination(
     x: &mut dyn Exec,
     sync: String,
     destination: Destination,
+    key_fingerprint: String,
 ) -> Result<(), WarehouseError> {
     let sql = format!(
-        "INSERT INTO loopsync.destinations (sync, team, base_url, bound_at)
-         VALUES ($1, $2, $3, {now})
+        "INSERT INTO loopsync.destinations (sync, team, base_url, bound_at, key_fingerprint)
+         VALUES ($1, $2, $3, {now}, $4)
          ON CONFLICT (sync) DO UPDATE
-            SET team = EXCLUDED.team, base_url = EXCLUDED.base_url, bound_at = EXCLUDED.bound_at",
+            SET team = EXCLUDED.team, base_url = EXCLUDED.base_url, bound_at = EXCLUDED.bound_at,
+                key_fingerprint = EXCLUDED.key_fingerprint",
         now = x.dialect().now()
     );
     x.execute(
         "bind a sync to its destination",
         &sql,
-        params![sync, destination.team, destination.base_url],
+        params![
+            sync,
+            destination.team,
+            destination.base_url,
+            key_fingerprint
+        ],
     )
     .await?;
     Ok(())
+}
+
+/// The binding's API key, while the sync is bound to `destination`.
+pub(crate) async fn set_key_fingerprint(
+    x: &mut dyn Exec,
+    sync: String,
+    destination: Destination,
+    key_fingerprint: String,
+) -> Result<bool, WarehouseError> {
+    let changed = x
+        .execute(
+            "record the API key of a sync's destination",
+            "UPDATE loopsync.destinations SET key_fingerprint = $4
+              WHERE sync = $1 AND base_url = $3
+                AND (team = $2 OR (team IS NULL AND CAST($2 AS text) IS NULL))",
+            params![
+                sync,
+                destination.team,
+                destination.base_url,
+                key_fingerprint
+            ],
+        )
+        .await?;
+    Ok(changed > 0)
+}
+
+/// Records whose contact Loops confirmed, the most recently confirmed first.
+pub(crate) async fn confirmed_contacts(
+    x: &mut dyn Exec,
+    sync: String,
+    limit: i64,
+) -> Result<Vec<ConfirmedContact>, WarehouseError> {
+    let sql = format!(
+        "SELECT key, confirmed_email, confirmed_user_id, contact_id FROM loopsync.state
+          WHERE sync = $1 AND confirmed_fp IS NOT NULL
+          ORDER BY confirmed_at IS NULL, confirmed_at DESC, key{} LIMIT $2",
+        x.dialect().bytewise()
+    );
+    x.query("read confirmed contacts", &sql, params![sync, limit])
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(ConfirmedContact {
+                key: r.text(0)?,
+                email: r.opt_text(1)?,
+                user_id: r.opt_text(2)?,
+                contact_id: r.opt_text(3)?,
+            })
+        })
+        .collect()
+}
+
+/// Accepts invalid records `(key, reason)` of `sync` as invalid for that reason.
+pub(crate) async fn accept_invalid(
+    x: &mut dyn Exec,
+    sync: String,
+    mut records: Vec<(String, String)>,
+    note: Option<String>,
+) -> Result<u64, WarehouseError> {
+    records.sort();
+    records.dedup_by(|a, b| a.0 == b.0);
+    let sql = format!(
+        "INSERT INTO loopsync.accepted (sync, key, reason, note, accepted_at)
+         VALUES ($1, $2, $3, $4, {now})
+         ON CONFLICT (sync, key) DO UPDATE
+            SET reason = EXCLUDED.reason, note = EXCLUDED.note,
+                accepted_at = EXCLUDED.accepted_at",
+        now = x.dialect().now()
+    );
+    let items = records
+        .into_iter()
+        .map(|(key, reason)| (0, params![&sync, key, reason, note.as_deref()]))
+        .collect();
+    x.batch("accept invalid records", &[sql], items).await
+}
+
+/// Ends the acceptances of these keys of `sync`.
+pub(crate) async fn unaccept_invalid(
+    x: &mut dyn Exec,
+    sync: String,
+    mut keys: Vec<String>,
+) -> Result<u64, WarehouseError> {
+    keys.sort();
+    keys.dedup();
+    let sql = "DELETE FROM loopsync.accepted WHERE sync = $1 AND key = $2";
+    let items = keys.into_iter().map(|k| (0, params![&sync, k])).collect();
+    x.batch("unaccept invalid records", &[sql.to_owned()], items)
+        .await
 }
 
 /// Reset: the sync's records forgotten, not deleted: each keeps its generation, moved on, so
@@ -910,7 +1054,8 @@ pub(crate) async fn reset_state(
     )
     .await?;
     let sql = format!(
-        "DELETE FROM loopsync.destinations WHERE sync = $1 RETURNING team, base_url, {}",
+        "DELETE FROM loopsync.destinations WHERE sync = $1
+         RETURNING team, base_url, {}, key_fingerprint",
         x.dialect().time_text("bound_at")
     );
     let rows = x

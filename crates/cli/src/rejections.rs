@@ -1,0 +1,153 @@
+//! `loopsync rejections`: the invalid, rejected and dead-lettered records, each with its key,
+//! reason and whether it is accepted; `rejections accept` accepts invalid records as they are
+//! (runs still list them, but they no longer make a run degraded while they stay invalid for
+//! the same reason), `rejections unaccept` undoes it. Only the warehouse: never Loops' secrets.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand};
+use loopsync_engine::rejections;
+use loopsync_engine::state::RecordResult;
+
+use crate::common::{load_config_for_warehouse, open_warehouse, open_warehouse_read_only};
+use crate::escape::printable;
+use crate::selection::Filter;
+
+#[derive(Debug, Args)]
+pub struct RejectionsArgs {
+    #[command(flatten)]
+    pub config: crate::ConfigArg,
+    #[command(subcommand)]
+    action: Option<RejectionsAction>,
+    /// Only this sync.
+    #[arg(long)]
+    sync: Option<String>,
+    /// Print the report as one JSON document on stdout (docs/json.md).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum RejectionsAction {
+    /// Accept invalid records as they are: runs still list and count them, but they no longer
+    /// make a run degraded while they stay invalid for the same reason. Exit 1 when the filter
+    /// matches no invalid record.
+    Accept {
+        #[command(flatten)]
+        filter: Filter,
+        /// Why they are accepted: kept with the acceptance.
+        #[arg(long)]
+        note: Option<String>,
+    },
+    /// Undo `accept`: the next run that finds them invalid is degraded again. Exit 1 when the
+    /// filter matches no accepted record.
+    Unaccept(Filter),
+}
+
+/// Failed records, sorted by sync then key (numbers by value).
+fn sorted(mut records: Vec<RecordResult>) -> Vec<RecordResult> {
+    records.sort_by(|a, b| {
+        a.sync
+            .cmp(&b.sync)
+            .then(crate::output::key_order(&a.key, &b.key))
+    });
+    records
+}
+
+pub async fn run(config_path: &Path, args: RejectionsArgs) -> anyhow::Result<ExitCode> {
+    match args.action {
+        None => list(config_path, args.sync.as_deref(), args.json).await,
+        Some(RejectionsAction::Accept { filter, note }) => {
+            let config = load_config_for_warehouse(config_path, filter.sync.as_deref())?;
+            let selection = filter.selection()?;
+            let warehouse = open_warehouse(&config).await?;
+            let chosen = rejections::invalid(&*warehouse, &selection).await?;
+            if chosen.is_empty() {
+                anyhow::bail!(
+                    "no invalid record matches ({}): nothing accepted (loopsync rejections lists \
+                     them)",
+                    filter.described()
+                );
+            }
+            let accepted = rejections::accept(&*warehouse, &chosen, note.as_deref()).await?;
+            if filter.json {
+                crate::output::json(
+                    "rejections accept",
+                    &serde_json::json!({ "accepted": accepted }),
+                )?;
+            } else {
+                crate::say!(
+                    "accepted {accepted} invalid records as they are: runs still list them, but \
+                     they no longer make a run degraded while they stay invalid for the same \
+                     reason (loopsync rejections unaccept undoes it)"
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(RejectionsAction::Unaccept(filter)) => {
+            let config = load_config_for_warehouse(config_path, filter.sync.as_deref())?;
+            let selection = filter.selection()?;
+            let warehouse = open_warehouse(&config).await?;
+            let chosen: Vec<RecordResult> = rejections::invalid(&*warehouse, &selection)
+                .await?
+                .into_iter()
+                .filter(|r| r.accepted)
+                .collect();
+            if chosen.is_empty() {
+                anyhow::bail!(
+                    "no accepted invalid record matches ({}): nothing changed",
+                    filter.described()
+                );
+            }
+            let unaccepted = rejections::unaccept(&*warehouse, &chosen).await?;
+            if filter.json {
+                crate::output::json(
+                    "rejections unaccept",
+                    &serde_json::json!({ "unaccepted": unaccepted }),
+                )?;
+            } else {
+                crate::say!(
+                    "unaccepted {unaccepted} invalid records: the next run that finds them \
+                     invalid is degraded again"
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// `loopsync rejections [--sync NAME] [--json]`.
+async fn list(config_path: &Path, sync: Option<&str>, json: bool) -> anyhow::Result<ExitCode> {
+    let config = load_config_for_warehouse(config_path, sync)?;
+    let warehouse = open_warehouse_read_only(&config).await?;
+    let records = sorted(rejections::list(&*warehouse, sync).await?);
+    if json {
+        crate::output::json("rejections", &records)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if records.is_empty() {
+        crate::say!("no invalid, rejected or dead-lettered records");
+        return Ok(ExitCode::SUCCESS);
+    }
+    crate::say!(
+        "{:<12} {:<20} {:>5}  {:<14} {:<8} REASON",
+        "SYNC",
+        "KEY",
+        "RUN",
+        "OUTCOME",
+        "ACCEPTED"
+    );
+    for r in records {
+        crate::say!(
+            "{:<12} {:<20} {:>5}  {:<14} {:<8} {}",
+            r.sync,
+            printable(&r.key),
+            r.run_id,
+            r.outcome,
+            if r.accepted { "accepted" } else { "-" },
+            printable(r.reason.as_deref().unwrap_or_default())
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
