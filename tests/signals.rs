@@ -524,17 +524,12 @@ async fn a_second_signal_exits_at_once() {
         "{}",
         ended.stderr
     );
-    // The graceful stop gives in-flight handlers 3 s, then marks the run interrupted and says
-    // so; the second signal ended the process before: nothing was marked.
+    // The graceful stop gives in-flight handlers 3 s, then closes the run and says so ("run N
+    // marked interrupted"); the second signal ended the process before it could.
     assert!(
         !ended.stderr.contains("marked interrupted"),
         "the graceful stop ran to its end: {}",
         ended.stderr
-    );
-    assert_eq!(
-        newest_status(&stack).await.as_deref(),
-        Some("sending"),
-        "left for the next run (or its lease) to close"
     );
     assert_consistent(&stack).await;
 }
