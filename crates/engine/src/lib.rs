@@ -12,11 +12,13 @@ pub mod forget;
 pub mod pipeline;
 pub mod plan;
 pub mod properties;
+pub mod record;
 pub mod reset;
 pub mod retry;
 pub mod runs;
 pub mod settings;
 pub mod state;
+pub mod status;
 pub mod verify;
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ mod rate_limit;
 mod types;
 
 pub use client::{ClientConfig, LoopsClient};
-pub use error::{LoopsError, classify};
+pub use error::{LoopsError, answer_status, classify};
 pub use rate_limit::RateLimitInfo;
 pub use types::{
     ApiKey, ApiKeyInfo, Contact, ContactIdentity, ContactPayload, ContactProperty, EventPayload,
