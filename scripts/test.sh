@@ -5,8 +5,8 @@
 # MariaDB, and DuckDB files), then the conformance test of the simulator against the official
 # Loops JavaScript SDK. The services come from LOOPSYNC_TEST_NATS_URL / LOOPSYNC_TEST_PG_URL /
 # LOOPSYNC_TEST_MYSQL_URL, else throwaway ones are started (scripts/services.sh). Whatever is
-# missing on a fresh machine — nats-server, PostgreSQL, MariaDB, Node.js — is installed from
-# Debian's packages when running as root.
+# missing on a fresh machine — nats-server, PostgreSQL, MariaDB, Chromium and its driver,
+# Node.js — is installed from Debian's packages when running as root.
 #
 # Every cargo command builds every feature (`--all-features`): DuckDB too, whose bundled C++
 # build takes some 18 minutes cold on 2 cores, once per target folder (.ci/run keeps its target

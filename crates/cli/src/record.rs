@@ -93,7 +93,7 @@ pub fn text(r: &RecordReport) -> String {
             }
             if s.sent_unconfirmed {
                 line.push_str(&format!(
-                    " · the version sent in run {} is not confirmed",
+                    " · the version of run {} has not been confirmed by Loops",
                     s.sent_run.map_or_else(|| "-".into(), |r| r.to_string())
                 ));
             }

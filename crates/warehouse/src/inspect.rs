@@ -31,10 +31,11 @@ pub struct RecordState {
     pub parked: bool,
     /// How many changes of the record Loops confirmed (removals included).
     pub generation: i64,
-    /// The run that last sent a version of the record.
+    /// The run that last published a version of the record (for the loader to send).
     pub sent_run: Option<i64>,
-    /// A version sent after Loops' last confirmation has not been confirmed: refused, given up,
-    /// or its answer has not come (yet, or it was lost).
+    /// A version published after Loops' last confirmation has not been confirmed: the
+    /// transformer found it invalid, Loops refused it, it was given up, or its answer has not
+    /// come (yet, or it was lost).
     pub sent_unconfirmed: bool,
 }
 

@@ -49,7 +49,9 @@ pub fn bars(h: &mut Html, kind: &'static str, runs: &[i64], series: &[Series], u
     for (row, s) in series.iter().enumerate() {
         let top = row as i64 * ROW;
         let base = top as f64 + 4.0 + BAR_HEIGHT;
-        let max = s.values.iter().copied().max().unwrap_or(0).max(1);
+        let max = s.values.iter().copied().max().unwrap_or(0).max(0);
+        // The scale: a row of zeros is flat, not divided by zero.
+        let scale = max.max(1);
         let label: String = s.label.chars().take(LABEL_CHARS).collect();
         h.raw("<g class=\"series\"><text x=\"0\" y=\"")
             .dec(base)
@@ -69,7 +71,7 @@ pub fn bars(h: &mut Html, kind: &'static str, runs: &[i64], series: &[Series], u
             .dec(base)
             .raw("\"/>");
         for (i, (run, value)) in runs.iter().zip(&s.values).enumerate() {
-            let tall = (*value).max(0) as f64 / max as f64 * BAR_HEIGHT;
+            let tall = (*value).max(0) as f64 / scale as f64 * BAR_HEIGHT;
             h.raw("<rect class=\"bar ")
                 .raw(s.class)
                 .raw("\" x=\"")
@@ -102,25 +104,20 @@ pub fn bars(h: &mut Html, kind: &'static str, runs: &[i64], series: &[Series], u
     h.raw("</svg>");
 }
 
-/// The first and last run's ids under the bars.
+/// Which runs the chart shows, under the labels: `runs 12 to 41`, oldest left.
 fn run_ids(h: &mut Html, runs: &[i64], y: i64) {
     if let (Some(first), Some(last)) = (runs.first(), runs.last()) {
-        h.raw("<text x=\"")
-            .num(LABEL_WIDTH)
-            .raw("\" y=\"")
-            .num(y)
-            .raw("\">run ")
-            .num(*first)
-            .raw("</text>");
-        if runs.len() > 1 {
-            h.raw("<text x=\"")
-                .num(LABEL_WIDTH + (runs.len() as i64 - 1) * CELL)
-                .raw("\" y=\"")
-                .num(y)
-                .raw("\">")
+        h.raw("<text class=\"runs\" x=\"0\" y=\"").num(y);
+        if first == last {
+            h.raw("\">run ").num(*first);
+        } else {
+            h.raw("\">runs ")
+                .num(*first)
+                .raw(" to ")
                 .num(*last)
-                .raw("</text>");
+                .raw(", oldest left");
         }
+        h.raw("</text>");
     }
 }
 

@@ -121,4 +121,5 @@ rect.s-rate_limited { fill: #d81b60; } rect.s-reason { fill: #f4511e; }
 polyline.line { fill: none; stroke: #3949ab; stroke-width: 1.5; }
 circle.point { fill: #3949ab; }
 form.token input { font: inherit; padding: .3em; width: 22em; }
+form.lookup { margin: 1em 0; }
 ";

@@ -565,9 +565,9 @@ fn record_body(r: &RecordReport) -> Html {
                 h.raw("<br>parked");
             }
             if s.sent_unconfirmed {
-                h.raw("<br>the version sent in run ")
+                h.raw("<br>the version of run ")
                     .num(s.sent_run.unwrap_or_default())
-                    .raw(" is not confirmed");
+                    .raw(" has not been confirmed by Loops");
             }
         }
     }
