@@ -181,3 +181,70 @@ async fn status_says_the_last_run_the_pending_records_and_why_degraded() {
     };
     assert_eq!(code, 2);
 }
+
+/// The status page answers while a run is in progress (Loops answering slowly): the run is
+/// shown sending, its records in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_answers_while_a_run_is_in_progress() {
+    use tokio::io::AsyncBufReadExt;
+    let Some(stack) = Stack::start(StackOptions {
+        rows: 3,
+        // Every second: a run is always in progress or about to be.
+        extra_sync: "schedule = \"* * * * * *\"",
+        ..StackOptions::default()
+    })
+    .await
+    else {
+        return;
+    };
+    stack.sim_post("faults", json!({"latency_ms": 3_000})).await;
+    let mut child = stack
+        .command(&["run", "--http-addr", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start loopsync run");
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let base = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(url) = line.strip_prefix("status page at ") {
+                return url.trim_end_matches('/').to_owned();
+            }
+        }
+        panic!("loopsync run ended without saying where the status page is")
+    })
+    .await
+    .expect("the status page's address within 30 s");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let client = loopsync_testkit::http_client();
+    loopsync_testkit::until(
+        std::time::Duration::from_secs(60),
+        "the page shows a run sending, its records in flight",
+        || {
+            let (client, url) = (client.clone(), format!("{base}/"));
+            async move {
+                let page = client
+                    .get(&url)
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .text()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let in_flight = page
+                    .split("in flight ")
+                    .nth(1)
+                    .and_then(|rest| rest.split('<').next())
+                    .and_then(|n| n.trim().parse::<i64>().ok())
+                    .unwrap_or(0);
+                if page.contains("st-sending\">sending") && in_flight > 0 {
+                    Ok(())
+                } else {
+                    Err(format!("in flight {in_flight}"))
+                }
+            }
+        },
+    )
+    .await;
+    let _ = child.kill().await;
+}
