@@ -88,7 +88,7 @@ pub async fn index(State(app): State<Arc<App>>, headers: HeaderMap) -> Response 
                 );
             }
         };
-        sync_section(&mut body, sync, &runs);
+        sync_section(&mut body, sync, &runs, signed_in);
     }
     if status.syncs.is_empty() {
         body.raw("<p>The config has no sync.</p>");
@@ -96,7 +96,9 @@ pub async fn index(State(app): State<Arc<App>>, headers: HeaderMap) -> Response 
     html(StatusCode::OK, page("status", signed_in, true, body))
 }
 
-fn sync_section(h: &mut Html, s: &SyncStatus, runs: &[HistoryRun]) {
+/// One sync's status and charts. A run's error may quote the warehouse or Loops (a value, an
+/// email): it is shown only to a request with the token.
+fn sync_section(h: &mut Html, s: &SyncStatus, runs: &[HistoryRun], signed_in: bool) {
     h.raw("<section class=\"sync\" data-sync=\"")
         .text(&s.sync)
         .raw("\"><h2>")
@@ -149,10 +151,19 @@ fn sync_section(h: &mut Html, s: &SyncStatus, runs: &[HistoryRun]) {
                 .raw(" · ")
                 .num(run.requests)
                 .raw(" requests");
-            if let Some(error) = &run.error {
-                h.raw("<br><span class=\"error\">")
-                    .text(error)
-                    .raw("</span>");
+            match &run.error {
+                Some(error) if signed_in => {
+                    h.raw("<br><span class=\"error\">")
+                        .text(error)
+                        .raw("</span>");
+                }
+                Some(_) => {
+                    h.raw(
+                        "<br><span class=\"error\">an error, shown with the token (or by \
+                         loopsync runs)</span>",
+                    );
+                }
+                None => {}
             }
         }
     }

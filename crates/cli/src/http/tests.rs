@@ -46,7 +46,11 @@ async fn start(token: bool, header_read_timeout: Duration) -> Page {
     )
     .with_reason("no email: the contact is identified by email");
     warehouse.record_outcomes(&[invalid]).await.unwrap();
-    warehouse.fail_run(run, "done").await.unwrap();
+    // A run's error may quote a value or an email.
+    warehouse
+        .fail_run(run, "the model failed near 'ann@example.com'")
+        .await
+        .unwrap();
     let auth = if token {
         let path = dir.path().join("token");
         std::fs::write(&path, TOKEN).unwrap();
@@ -102,6 +106,10 @@ async fn every_answer_forbids_scripts_framing_and_caching() {
     assert!(
         !answer.contains("<script"),
         "no script, and no key: {answer}"
+    );
+    assert!(
+        !answer.contains("ann@example.com") && answer.contains("an error, shown with the token"),
+        "no run error without the token: {answer}"
     );
     assert!(answer.contains("data-sync=\"users\""), "{answer}");
     for name in ["localhost:1", "[::1]:8080", "127.0.0.2"] {
@@ -200,6 +208,17 @@ async fn records_are_shown_only_with_the_token() {
     )
     .await;
     assert!(bearer.starts_with("HTTP/1.1 200"), "{bearer}");
+    let index = ask(
+        page.addr,
+        "GET /",
+        &format!("{h}Authorization: Bearer {TOKEN}\r\n"),
+        "",
+    )
+    .await;
+    assert!(
+        index.contains("the model failed near &#39;ann@example.com&#39;"),
+        "{index}"
+    );
     // A redirect after sign-in never leaves the site.
     let away = ask(
         page.addr,
