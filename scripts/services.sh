@@ -16,9 +16,9 @@
 #                           servers of their own)
 #
 # A throwaway server lives in a temporary folder on a free loopback port and is stopped and
-# removed when the script exits. Missing Debian packages (nats-server, postgresql, mariadb-server) are installed
-# when running as root. PostgreSQL's initdb and pg_ctl refuse to run as root: as root they run
-# as the `postgres` user.
+# removed when the script exits. Missing Debian packages (nats-server, postgresql, mariadb-server,
+# chromium and chromium-driver) are installed when running as root. PostgreSQL's initdb and
+# pg_ctl refuse to run as root: as root they run as the `postgres` user.
 
 services_dir=""
 services_cleanup() {
@@ -181,6 +181,13 @@ start_mariadb_tls() {
   export LOOPSYNC_TEST_MYSQL_TLS_URL="mysql://loopsync@127.0.0.1:$port/mysql"
   echo "started MariaDB with TLS only on port $port"
 }
+
+# The status page's browser test (tests/web.rs) drives Debian's headless Chromium through
+# chromedriver, unless LOOPSYNC_TEST_CHROMIUM and LOOPSYNC_TEST_CHROMEDRIVER name others.
+if [ -z "${LOOPSYNC_TEST_CHROMIUM:-}" ] || [ -z "${LOOPSYNC_TEST_CHROMEDRIVER:-}" ]; then
+  { command -v chromium >/dev/null && command -v chromedriver >/dev/null; } \
+    || apt_install chromium chromium-driver
+fi
 
 # Tests that stop and restart NATS start servers of their own: nats-server is needed even when
 # LOOPSYNC_TEST_NATS_URL names a server.

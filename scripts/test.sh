@@ -7,7 +7,7 @@
 # promtool's tests of the alert rules. The services come from LOOPSYNC_TEST_NATS_URL /
 # LOOPSYNC_TEST_PG_URL / LOOPSYNC_TEST_MYSQL_URL, else throwaway ones are started
 # (scripts/services.sh). Whatever is missing on a fresh machine — nats-server, PostgreSQL,
-# MariaDB, Node.js, promtool — is installed from Debian's packages when running as root.
+# MariaDB, Chromium and its driver, Node.js, promtool — is installed from Debian's packages when running as root.
 #
 # Every cargo command builds every feature (`--all-features`): DuckDB too, whose bundled C++
 # build takes some 18 minutes cold on 2 cores, once per target folder (.ci/run keeps its target

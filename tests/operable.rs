@@ -378,7 +378,8 @@ async fn each_mistake_says_where_it_is() {
 }
 
 /// Commands that only read create nothing: on a fresh database, `plan` (every row new),
-/// `runs`, `rejections`, `dlq list` and `check` leave no state schema behind. A user that
+/// `runs`, `rejections`, `status`, `record`, `dlq list` and `check` leave no state schema
+/// behind. A user that
 /// may only read the model: `check` says which privilege the state lacks; `plan` and `runs`
 /// work.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -407,6 +408,8 @@ async fn reading_commands_write_nothing() {
         &["dlq", "list"],
         &["check"],
         &["runs", "--json"],
+        &["status", "--json"],
+        &["record", "--sync", "users", "1", "--json"],
     ] {
         let out = stack.output(args).await;
         assert!(
@@ -876,6 +879,9 @@ async fn every_json_field_is_documented() {
         &["plan", "--json"],
         &["check", "--json"],
         &["verify", "--json"],
+        &["status", "--json"],
+        &["record", "--sync", "users", "2", "--json"],
+        &["record", "--sync", "users", "99", "--json"],
         &["forget", "--sync", "users", "--key", "2", "--json"],
         &["reset", "--sync", "users", "--yes", "--json"],
         &["adopt", "--json"],

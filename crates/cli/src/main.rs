@@ -11,16 +11,19 @@ mod dlq;
 mod escape;
 mod forget;
 mod history;
+mod http;
 mod logs;
 mod plan;
 mod printer;
 mod prometheus;
+mod record;
 mod rejections;
 mod report;
 mod reset;
 mod run;
 mod selection;
 mod sim;
+mod status;
 mod stop;
 mod verify;
 mod worker;
@@ -81,6 +84,12 @@ enum Command {
     /// Invalid, rejected and dead-lettered records, each with its key and reason; accept
     /// invalid records as they are, so that they no longer make runs degraded.
     Rejections(rejections::RejectionsArgs),
+    /// Per sync: the last run, the next scheduled run, the records pending, the dead letters,
+    /// and why the sync is degraded. Reads the state only.
+    Status(status::StatusArgs),
+    /// One record: what Loops confirmed, every outcome with the request kind, Loops' answer
+    /// and the reason, and what the next run would send. Exit 1 when the key is unknown.
+    Record(record::RecordArgs),
     /// Dead letters: show them, send them again, or park them so no run retries them.
     Dlq(dlq::DlqArgs),
     /// Forget a sync's state (what Loops confirmed, and the Loops it is bound to): the next run
@@ -108,6 +117,8 @@ impl Command {
             Command::Adopt(_) => "adopt",
             Command::Runs(_) => "runs",
             Command::Rejections(_) => "rejections",
+            Command::Status(_) => "status",
+            Command::Record(_) => "record",
             Command::Dlq(_) => "dlq",
             Command::Reset(_) => "reset",
             Command::Forget(_) => "forget",
@@ -261,6 +272,8 @@ async fn run_command(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Adopt(args) => adopt::run(&args.config.path.clone(), args).await,
             Command::Runs(args) => history::runs(&args.config.path.clone(), args).await,
             Command::Rejections(args) => rejections::run(&args.config.path.clone(), args).await,
+            Command::Status(args) => status::run(&args.config.path.clone(), args).await,
+            Command::Record(args) => record::run(&args.config.path.clone(), args).await,
             Command::Dlq(args) => dlq::run(&args.config.path.clone(), args).await,
             Command::Verify(args) => verify::run(&args.config.path.clone(), args).await,
             Command::Reset(args) => reset::run(&args.config.path.clone(), args).await,

@@ -43,6 +43,9 @@ pub struct RunArgs {
     /// (docs/operations.md, Metrics).
     #[arg(long, value_name = "HOST:PORT")]
     metrics_addr: Option<std::net::SocketAddr>,
+    /// The status page (--http-addr, --http-token-file, --http-allow-remote).
+    #[command(flatten)]
+    http: crate::http::HttpArgs,
 }
 
 impl RunArgs {
@@ -53,6 +56,7 @@ impl RunArgs {
                 path: "loopsync.toml".into(),
             },
             metrics_addr: None,
+            http: crate::http::HttpArgs::default(),
             sync: None,
             once: true,
             remote: false,
@@ -90,8 +94,13 @@ pub async fn run(config_path: &Path, args: RunArgs) -> anyhow::Result<ExitCode> 
         .into());
     }
     let syncs = runs::select(&config, args.sync.as_deref(), !args.once)?;
+    // Bound before anything starts: a flag or address that cannot be is said at once.
+    let status_page = args.http.bind()?;
     let shutdown = stop::token();
     let mut pipeline = Pipeline::connect(config, shutdown.clone()).await?;
+    if let Some(page) = status_page {
+        page.serve(pipeline.warehouse.clone(), pipeline.config.syncs.clone());
+    }
     let mut printer = Printer::new(
         pipeline.warehouse.clone(),
         args.json && !args.once,

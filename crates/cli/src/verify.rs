@@ -31,6 +31,11 @@ pub struct VerifyArgs {
     /// Forget the confirmed state of each drifted record, so the next run re-sends it.
     #[arg(long)]
     repair: bool,
+    /// Only this record, by its primary key (repeat for more): read back whatever --sample
+    /// says. Needs --sync when the config has several syncs. A key with no contact Loops
+    /// confirmed is reported (exit 1).
+    #[arg(long = "key", value_name = "KEY")]
+    keys: Vec<String>,
     /// Print the report as one JSON document on stdout (docs/json.md).
     #[arg(long)]
     json: bool,
@@ -52,6 +57,7 @@ fn parse_sample(text: &str) -> Result<SampleSize, String> {
 
 pub async fn run(config_path: &Path, args: VerifyArgs) -> anyhow::Result<ExitCode> {
     let config = load_config_for(config_path, args.sync.as_deref())?;
+    let sync = keyed_sync(&config, args.sync, &args.keys)?;
     // The bus, the warehouse and the team's rate budget, as a run has them; no worker starts.
     let pipeline = Pipeline::connect(config, crate::stop::token()).await?;
     let client = pipeline.loops_client()?;
@@ -59,8 +65,9 @@ pub async fn run(config_path: &Path, args: VerifyArgs) -> anyhow::Result<ExitCod
         sample: args.sample.0,
         seed: args.seed,
         repair: args.repair,
+        keys: args.keys,
     };
-    let result = verify_pipeline(&pipeline, &client, args.sync.as_deref(), &options).await;
+    let result = verify_pipeline(&pipeline, &client, sync.as_deref(), &options).await;
     pipeline.stop().await;
     let report = result?;
     if args.json {
@@ -73,6 +80,26 @@ pub async fn run(config_path: &Path, args: VerifyArgs) -> anyhow::Result<ExitCod
     } else {
         crate::common::EXIT_FAILED
     }))
+}
+
+/// The sync to verify: `--sync`'s; with `--key` and no `--sync`, the config's only sync (keys
+/// name records of one sync).
+fn keyed_sync(
+    config: &loopsync_config::Config,
+    sync: Option<String>,
+    keys: &[String],
+) -> anyhow::Result<Option<String>> {
+    if keys.is_empty() || sync.is_some() {
+        return Ok(sync);
+    }
+    match config.syncs.as_slice() {
+        [only] => Ok(Some(only.spec.name.clone())),
+        syncs => Err(crate::common::UsageError(format!(
+            "--key names records of one sync: add --sync NAME (the config has {} syncs)",
+            syncs.len()
+        ))
+        .into()),
+    }
 }
 
 fn print_text(report: &Report) {
@@ -103,6 +130,12 @@ fn print_text(report: &Report) {
                 printable(&d.key),
                 printable(&who),
                 printable(&d.text)
+            );
+        }
+        for key in &s.not_confirmed {
+            crate::say!(
+                "  key {}: no contact Loops confirmed for this sync: not verified",
+                printable(key)
             );
         }
         for u in &s.unreadable {

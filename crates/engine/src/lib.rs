@@ -12,6 +12,7 @@ pub mod forget;
 pub mod pipeline;
 pub mod plan;
 pub mod properties;
+pub mod record;
 pub mod rejections;
 pub mod reset;
 pub mod retry;
@@ -19,6 +20,7 @@ pub mod runs;
 pub mod selection;
 pub mod settings;
 pub mod state;
+pub mod status;
 pub mod verify;
 
 #[cfg(test)]

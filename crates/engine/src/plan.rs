@@ -160,7 +160,7 @@ pub async fn plan<E: std::error::Error + 'static>(
 }
 
 /// The record a decision plans, counted in `plan`.
-fn planned(
+pub(crate) fn planned(
     spec: &SyncSpec,
     Decided { decision, .. }: Decided,
     plan: &mut SyncPlan,

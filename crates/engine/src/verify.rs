@@ -28,7 +28,7 @@ use crate::retry::with_retries;
 pub const REPORT_VERSION: u16 = 1;
 
 /// What to verify of each sync.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Options {
     /// Confirmed records to read back per sync; `None`: every one.
     pub sample: Option<usize>,
@@ -36,6 +36,9 @@ pub struct Options {
     pub seed: u64,
     /// Forget the confirmed state of each drifted record, so the next run re-sends it.
     pub repair: bool,
+    /// Only these records (`verify --key`); empty: every confirmed record (or the sample).
+    /// A record asked for that Loops has not confirmed is reported, not read.
+    pub keys: Vec<String>,
 }
 
 /// Confirmed records not verified, by why.
@@ -111,6 +114,9 @@ pub struct SyncReport {
     /// What the reader should know about this sync's repair, if anything.
     pub note: Option<String>,
     pub drifts: Vec<DriftReport>,
+    /// With `--key`: the keys asked for that have no contact Loops confirmed for this sync (not
+    /// in the model nor the state, or never confirmed): nothing to read back.
+    pub not_confirmed: Vec<String>,
 }
 
 impl SyncReport {
@@ -118,7 +124,8 @@ impl SyncReport {
     fn new(spec: &SyncSpec, options: &Options) -> SyncReport {
         SyncReport {
             sync: spec.name.clone(),
-            sample: options.sample,
+            // Records asked for by key are all read back.
+            sample: options.sample.filter(|_| options.keys.is_empty()),
             seed: options.seed,
             confirmed: 0,
             eligible: 0,
@@ -133,6 +140,7 @@ impl SyncReport {
             repaired: None,
             note: None,
             drifts: Vec::new(),
+            not_confirmed: Vec::new(),
         }
     }
 }
@@ -167,9 +175,14 @@ impl Report {
         self.syncs.push(one);
     }
 
-    /// No drift, and every record asked about could be read: what exit status 0 means.
+    /// No drift, and every record asked about could be read (and, with `--key`, was
+    /// confirmed): what exit status 0 means.
     pub fn is_clean(&self) -> bool {
-        self.drifted == 0 && self.syncs.iter().all(|s| s.unreadable.is_empty())
+        self.drifted == 0
+            && self
+                .syncs
+                .iter()
+                .all(|s| s.unreadable.is_empty() && s.not_confirmed.is_empty())
     }
 }
 
@@ -331,10 +344,11 @@ where
     Fut: Future<Output = (Result<Option<Contact>, ReadError>, RequestCounts)>,
 {
     let mut report = SyncReport::new(spec, options);
-    // Walk the diff as a run would, and keep the sample of records at their confirmed version.
+    // Walk the diff as a run would, and keep the sample of records at their confirmed version
+    // (with `keys`, only those: the decider keeps them, as it keeps a replay's).
     let mut walk = Walk::new(spec, options);
     let mut rows = warehouse.diff(spec).await?;
-    let mut decider = Decider::new(spec, 0);
+    let mut decider = Decider::new(spec, 0).only_keys(options.keys.iter().cloned());
     while let Some(row) = rows.next().await {
         for decided in decider.push(row?) {
             walk.consider(&mut report, decided);
@@ -345,6 +359,7 @@ where
     }
     drop(rows);
     report.skipped = report.skipped_by_reason.total();
+    report.not_confirmed = not_confirmed(&options.keys, &walk.seen);
 
     // Read them back, `concurrency` at a time.
     let find = &find;
@@ -406,6 +421,18 @@ where
     Ok(report)
 }
 
+/// The keys asked for (`verify --key`) that the walk met no confirmed record of, in key order.
+fn not_confirmed(asked: &[String], seen: &std::collections::HashSet<String>) -> Vec<String> {
+    let mut missing: Vec<String> = asked
+        .iter()
+        .filter(|k| !seen.contains(*k))
+        .cloned()
+        .collect();
+    missing.sort();
+    missing.dedup();
+    missing
+}
+
 /// An error and its causes, as one line: `error: cause: its cause`.
 fn chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
@@ -431,6 +458,8 @@ struct Walk<'a> {
     spec: &'a SyncSpec,
     seed: u64,
     sample: Sample<Candidate>,
+    /// The keys of the confirmed records met.
+    seen: std::collections::HashSet<String>,
 }
 
 impl<'a> Walk<'a> {
@@ -438,7 +467,9 @@ impl<'a> Walk<'a> {
         Walk {
             spec,
             seed: options.seed,
-            sample: Sample::new(options.sample),
+            // Records asked for by key are all read back, whatever the sample size.
+            sample: Sample::new(options.sample.filter(|_| options.keys.is_empty())),
+            seen: std::collections::HashSet::new(),
         }
     }
 
@@ -451,6 +482,9 @@ impl<'a> Walk<'a> {
         let spec = self.spec;
         let confirmed_fp = row.confirmed_fp.unwrap_or_default();
         report.confirmed += 1;
+        if let Some(key) = &row.key {
+            self.seen.insert(key.clone());
+        }
         let skipped = &mut report.skipped_by_reason;
         match decision {
             Decision::Unchanged => {
@@ -585,6 +619,7 @@ mod tests {
             sample,
             seed: 0,
             repair: false,
+            keys: Vec::new(),
         }
     }
 
@@ -742,6 +777,26 @@ mod tests {
             ]
         );
         assert_eq!(report.drifts[0].email.as_deref(), Some("2@x.co"));
+    }
+
+    /// With `--key`, the keys met as confirmed records are verified; the others are named, in
+    /// key order, once each, and make the report unclean.
+    #[test]
+    fn keys_asked_for_and_not_confirmed_are_named() {
+        let seen: std::collections::HashSet<String> = ["2".to_owned()].into();
+        let asked: Vec<String> = ["9", "2", "10", "9"]
+            .iter()
+            .map(|k| k.to_string())
+            .collect();
+        assert_eq!(not_confirmed(&asked, &seen), ["10", "9"]);
+        assert!(not_confirmed(&[], &seen).is_empty());
+        let spec = spec();
+        let mut report = Report::new();
+        report.push(SyncReport {
+            not_confirmed: vec!["9".into()],
+            ..SyncReport::new(&spec, &options(None))
+        });
+        assert!(!report.is_clean());
     }
 
     /// Only Loops' refusal of the query itself leaves the record unreadable; anything else

@@ -148,6 +148,38 @@ impl LoopsError {
     }
 }
 
+/// Where each [`LoopsError`]'s text names the HTTP status of Loops' answer: the text before the
+/// status, and the status when the text does not spell it. Kept beside the `#[error]`
+/// attributes above, and tested against them.
+const ANSWERS: &[(&str, Option<u16>)] = &[
+    ("rate limited by Loops", Some(429)),
+    ("conflict (", None),
+    ("not found (", None),
+    ("invalid request (", None),
+    ("unauthorized (", None),
+    ("server error ", None),
+    ("redirected (", None),
+    ("the answer (status ", None),
+    ("unexpected status ", None),
+    ("could not decode Loops' answer (status ", None),
+];
+
+/// The HTTP status of Loops' answer that a kept reason names: the text of a [`LoopsError`],
+/// alone or after words of loopsync's own (`gave up after 3 attempts: server error 503: …`).
+/// `None` when it names none: no answer came (a timeout, a dropped connection), the request
+/// was never sent, or the reason is not Loops' answer at all.
+pub fn answer_status(reason: &str) -> Option<u16> {
+    reason.split(": ").find_map(|part| {
+        ANSWERS.iter().find_map(|(prefix, fixed)| {
+            let rest = part.strip_prefix(prefix)?;
+            fixed.or_else(|| {
+                let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                digits.parse().ok().filter(|s| (100..600).contains(s))
+            })
+        })
+    })
+}
+
 fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
@@ -488,6 +520,72 @@ mod tests {
             LoopsError::Timeout(Duration::from_secs(5)).class(),
             ErrorClass::RETRY
         );
+    }
+
+    /// The status a kept reason names is the one of the answer each error stands for, also
+    /// after loopsync's own words; no answer, no status.
+    #[test]
+    fn a_reason_names_the_answers_status() {
+        let message = || "Invalid email address: 400 (x@y)".to_owned();
+        let answers = [
+            (
+                LoopsError::RateLimited {
+                    limit: Some(10),
+                    remaining: Some(0),
+                    retry_after: None,
+                },
+                Some(429),
+            ),
+            (LoopsError::Conflict { message: message() }, Some(409)),
+            (LoopsError::NotFound { message: message() }, Some(404)),
+            (LoopsError::Invalid { message: message() }, Some(400)),
+            (LoopsError::Unauthorized { message: message() }, Some(401)),
+            (
+                LoopsError::Server {
+                    status: 503,
+                    body: "<html>502</html>".into(),
+                },
+                Some(503),
+            ),
+            (
+                LoopsError::Redirected {
+                    status: 301,
+                    location: None,
+                },
+                Some(301),
+            ),
+            (
+                LoopsError::TooLarge {
+                    status: 200,
+                    limit: 10,
+                },
+                Some(200),
+            ),
+            (
+                LoopsError::UnexpectedStatus {
+                    status: 405,
+                    body: String::new(),
+                },
+                Some(405),
+            ),
+            (
+                LoopsError::Decode {
+                    status: 200,
+                    source: serde_json::from_str::<u8>("x").unwrap_err(),
+                },
+                Some(200),
+            ),
+            (LoopsError::Transport("connection reset (500)".into()), None),
+            (LoopsError::Timeout(Duration::from_secs(5)), None),
+            (LoopsError::Usage("too long: 400".into()), None),
+        ];
+        for (error, status) in answers {
+            let text = error.to_string();
+            assert_eq!(answer_status(&text), status, "{text}");
+            let given_up = format!("gave up after 3 attempts: {text}");
+            assert_eq!(answer_status(&given_up), status, "{given_up}");
+        }
+        assert_eq!(answer_status("malformed email (column email)"), None);
     }
 
     /// An unreadable answer keeps the JSON decoder's error as its source; the message says it.

@@ -17,7 +17,7 @@ mod rate_limit;
 mod types;
 
 pub use client::{ClientConfig, LoopsClient};
-pub use error::{LoopsError, TWO_CONTACTS, classify, names_two_contacts};
+pub use error::{LoopsError, TWO_CONTACTS, answer_status, classify, names_two_contacts};
 pub use rate_limit::RateLimitInfo;
 pub use types::{
     ApiKey, ApiKeyInfo, Contact, ContactIdentity, ContactPayload, ContactProperty, EventPayload,

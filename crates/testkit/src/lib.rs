@@ -7,6 +7,7 @@
 //! [`TestNamespace`]); every wait has a deadline ([`process`]); what Loops received is read
 //! from the simulator in one place ([`sim`]).
 
+pub mod browser;
 pub mod nats;
 pub mod process;
 pub mod proxy;
@@ -18,6 +19,7 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
+pub use browser::ChromeDriver;
 pub use process::{COMMAND_DEADLINE, output_within, until};
 pub use services::{
     TestDatabase, TestMySql, TestNamespace, mysql_url, nats_url, pg_url, service, unique,

@@ -17,6 +17,7 @@
 
 #[cfg(feature = "duckdb")]
 mod duckdb;
+mod inspect;
 mod mysql;
 mod postgres;
 mod schema;
@@ -39,6 +40,7 @@ use serde::Serialize;
 
 #[cfg(feature = "duckdb")]
 pub use duckdb::DuckDbSource;
+pub use inspect::{Attempt, Inspect, ReasonCount, RecordHistory, RecordOutcome, RecordState};
 pub use mysql::MySqlSource;
 pub use postgres::{Pg, PgWarehouse};
 pub use source::Source;
@@ -470,7 +472,7 @@ pub struct RecordResult {
 /// A deployment: a [`StateStore`] and where its model is read (the store's own database, or a
 /// [`Source`] beside it). What a run reads is the model joined with the sync's state.
 #[async_trait]
-pub trait Warehouse: StateStore {
+pub trait Warehouse: StateStore + Inspect {
     /// The model joined with the sync's state, ordered by key (NULL keys last).
     async fn diff(
         &self,

@@ -43,7 +43,7 @@ pub(crate) fn spec(name: &str, table: &str) -> SyncSpec {
 }
 
 /// A warehouse plus a way to run SQL on it directly.
-struct Fixture {
+pub(crate) struct Fixture {
     sqlite: bool,
     /// The state's schema (PostgreSQL) or table prefix (SQLite).
     schema: String,
@@ -51,11 +51,11 @@ struct Fixture {
     url: String,
     /// Dropped with the fixture.
     _database: Option<loopsync_testkit::TestDatabase>,
-    warehouse: Arc<dyn Warehouse>,
+    pub(crate) warehouse: Arc<dyn Warehouse>,
     exec: Box<dyn Fn(String) -> futures::future::BoxFuture<'static, ()>>,
 }
 
-async fn postgres() -> Option<Fixture> {
+pub(crate) async fn postgres() -> Option<Fixture> {
     postgres_with(|_| String::new()).await
 }
 
@@ -92,7 +92,7 @@ async fn postgres_in(schema: &str, before_connect: impl Fn(&str) -> String) -> O
     })
 }
 
-fn sqlite() -> Fixture {
+pub(crate) fn sqlite() -> Fixture {
     sqlite_in(crate::DEFAULT_SCHEMA)
 }
 
@@ -133,7 +133,7 @@ async fn diff(w: &dyn Warehouse, spec: &SyncSpec) -> Vec<DiffRow> {
     w.diff(spec).await.unwrap().try_collect().await.unwrap()
 }
 
-fn confirmed(spec: &SyncSpec, run: i64, key: &str, fp: &str) -> Outcome {
+pub(crate) fn confirmed(spec: &SyncSpec, run: i64, key: &str, fp: &str) -> Outcome {
     let mut o = Outcome::new(&spec.name, run, key, fp, OutcomeStatus::Confirmed, "upsert");
     o.requests = 1;
     o.contact_id = Some(format!("c-{key}"));

@@ -16,6 +16,7 @@
 //! and placeholders, and five phrases.
 
 pub(crate) mod erasure;
+pub(crate) mod inspect;
 pub(crate) mod rules;
 
 use std::sync::Arc;

@@ -741,7 +741,7 @@ pub(crate) async fn runs(
 
 /// A record's columns as [`record`] reads them (`x` is the record's alias), whether it is
 /// accepted as `accepted`.
-fn record_columns(x: &dyn Exec, accepted: &str) -> String {
+pub(crate) fn record_columns(x: &dyn Exec, accepted: &str) -> String {
     format!(
         "x.run_id, x.sync, x.key, x.operation, x.outcome, x.reason, x.contact_id,
          CAST(({requests}) AS bigint), {at}, {accepted}",
@@ -750,7 +750,7 @@ fn record_columns(x: &dyn Exec, accepted: &str) -> String {
     )
 }
 
-fn record(r: &Row) -> Result<RecordResult, WarehouseError> {
+pub(crate) fn record(r: &Row) -> Result<RecordResult, WarehouseError> {
     Ok(RecordResult {
         run_id: r.int(0)?,
         sync: r.text(1)?,
