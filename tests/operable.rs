@@ -654,6 +654,30 @@ async fn metrics_are_scraped_while_it_runs() {
             "{series} in:\n{scrape}\nstderr:\n{stderr}"
         );
     }
+    // The counts of requests are Loops' own: the writes (every record was written in the first
+    // run; the runs after it find nothing changed) by answer, and the 429s.
+    let value = |series: &str| -> u64 {
+        scrape
+            .lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no {series} in:\n{scrape}")) as u64
+    };
+    let seen = stack.sim.seen().await;
+    for status in [200, 429] {
+        assert_eq!(
+            value(&format!(
+                "loopsync_loops_requests_total{{endpoint=\"PUT /v1/contacts/update\",status=\"{status}\"}}"
+            )),
+            seen.answered("PUT /v1/contacts/update", status),
+            "writes answered {status}: {seen:?}"
+        );
+    }
+    assert_eq!(
+        value("loopsync_loops_rate_limited_total"),
+        seen.rate_limited,
+        "{seen:?}"
+    );
     // Every series the dashboard and the alert rules of deploy/ read is served.
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()

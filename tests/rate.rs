@@ -79,6 +79,12 @@ async fn three_loaders_share_one_rate_budget() {
     let (out, seen) = stack.run_seen(&["--remote"]).await;
     assert_eq!(out.status, 0, "{}", out.stderr);
     assert_eq!(out.run()["confirmed"], 60);
+    assert_eq!(
+        seen.answered("PUT /v1/contacts/update", 200),
+        60,
+        "{seen:?}"
+    );
+    assert_eq!(stack.contacts().await.len(), 60);
     // Three paces of 20 a second each would offer 60 a second to a limit of 20: about two
     // requests in three refused (some 120 429s for 60 records). One shared budget offers the
     // limit itself, and a request taken late by a loaded process can still meet the odd 429

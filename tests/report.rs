@@ -209,6 +209,11 @@ async fn rate_limited_requests_are_counted_as_loops_counted_them() {
         25,
         "{run}"
     );
+    // Loops' own count agrees: one contact per confirmed record.
+    assert_eq!(
+        stack.contacts().await.len() as i64,
+        run["confirmed"].as_i64().unwrap()
+    );
     assert_eq!(
         run["retries"].as_i64().unwrap() + run["dead_lettered"].as_i64().unwrap(),
         seen.rate_limited,

@@ -586,7 +586,13 @@ async fn a_property_made_by_an_attempt_whose_answer_was_lost_is_made() {
     let out = stack.run_once(&[]).await;
     assert_eq!(out.status, 0, "{}", out.stderr);
     assert_eq!(out.run()["confirmed"], 3, "{}", out.run());
+    assert_eq!(
+        stack.contacts().await.len(),
+        3,
+        "Loops has the three contacts"
+    );
     let seen = stack.sim.seen().await;
+    assert_eq!(seen.answered("PUT /v1/contacts/update", 200), 3, "{seen:?}");
     let refused = seen.answered("POST /v1/contacts/properties", 400);
     assert!(refused >= 1, "a retry met the name taken: {seen:?}");
     assert_eq!(

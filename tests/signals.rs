@@ -326,6 +326,24 @@ async fn run_once_stops_while_sending_and_the_next_run_completes() {
     let interrupted = assert_interrupted(&stack, "TERM").await;
     let confirmed_before = assert_consistent(&stack).await;
     assert!(confirmed_before < 40, "the run was stopped early");
+    // Writes Loops applied before the stop: the confirmed ones, and any whose answer the stop
+    // cut off (those are not confirmed, and are sent again).
+    until(
+        Duration::from_secs(30),
+        "Loops answered what it had received",
+        || async {
+            match stack.sim.inspect("stats").await["in_flight"].as_u64() {
+                Some(0) => Ok(()),
+                other => Err(format!("in flight: {other:?}")),
+            }
+        },
+    )
+    .await;
+    let applied_before = stack
+        .sim
+        .seen()
+        .await
+        .answered("PUT /v1/contacts/update", 200);
 
     rewrite_config(
         &stack,
@@ -343,6 +361,17 @@ async fn run_once_stops_while_sending_and_the_next_run_completes() {
     );
     assert_eq!(assert_consistent(&stack).await, 40);
     assert_eq!(stack.contacts().await.len(), 40);
+    // By Loops' own count: the next run wrote each record not confirmed before, once.
+    let applied = stack
+        .sim
+        .seen()
+        .await
+        .answered("PUT /v1/contacts/update", 200);
+    assert_eq!(
+        applied - applied_before,
+        40 - confirmed_before as u64,
+        "Loops received the records confirmed before again, or not every other one"
+    );
 }
 
 /// `run` following a schedule, stopped before its first run (Loops does not answer the
