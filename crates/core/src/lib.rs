@@ -11,6 +11,7 @@ pub mod destination;
 pub mod envelope;
 pub mod error;
 pub mod keys;
+pub mod reason;
 pub mod secret;
 pub mod spec;
 pub mod stage;
