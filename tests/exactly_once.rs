@@ -177,18 +177,45 @@ async fn the_removal_guard_holds_back_mass_removals() {
     };
     ok_run(&stack).await;
     stack.sql("DELETE FROM users").await;
+    // Even a share of 1 lets no empty model remove: the only way on is --allow-removals.
+    let config = std::fs::read_to_string(&stack.config).unwrap();
+    let all = config.replace(
+        "behavior = \"mirror\"",
+        "behavior = \"mirror\"\nmax_removal_share = 1.0",
+    );
+    std::fs::write(&stack.config, &all).unwrap();
+    // The plan says beforehand that the guard would stop the run, by the run's own rule.
+    let plan = stack.output(&["plan"]).await;
+    let plan = String::from_utf8_lossy(&plan.stdout).into_owned();
+    assert!(
+        plan.contains(
+            "a run would fail: the model returned no rows, so this run would remove all 10 contacts"
+        ) && plan.contains("the removal guard would stop it")
+            && plan.contains("--allow-removals")
+            && !plan.contains("raise max_removal_share"),
+        "{plan}"
+    );
+    let planned = stack.output(&["plan", "--json"]).await;
+    let planned = loopsync_testkit::json_data(&planned.stdout).unwrap();
+    assert!(
+        planned[0]["counts"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("the removal guard would stop it")),
+        "{planned}"
+    );
     let (run, seen) = stack.run_seen(&[]).await;
     assert_eq!(run.status, 1, "failed: {}", run.stderr);
     let report = run.run();
     assert_eq!(report["status"], "failed");
     assert_eq!(report["removed"], 10);
+    let error = report["error"].as_str().unwrap();
     assert!(
-        report["error"]
-            .as_str()
-            .unwrap()
-            .contains("the model returned no rows, so this run would remove all 10 contacts"),
-        "{report}"
+        error.contains("the model returned no rows, so this run would remove all 10 contacts")
+            && error.contains("--allow-removals")
+            && !error.contains("max_removal_share"),
+        "raising max_removal_share would do nothing: {report}"
     );
+    std::fs::write(&stack.config, &config).unwrap();
     assert_eq!(seen.to("POST /v1/contacts/delete"), 0, "{seen:?}");
     assert_eq!(stack.contacts().await.len(), 10);
 

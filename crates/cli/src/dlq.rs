@@ -210,6 +210,12 @@ pub async fn run(config_path: &Path, args: DlqArgs) -> anyhow::Result<ExitCode> 
             let mut pipeline = Pipeline::connect(config, shutdown.clone()).await?;
             let rps = pipeline.config.loops.requests_per_second;
             let mut printer = Printer::new(pipeline.warehouse.clone(), false, filter.json, rps);
+            printer.specs = pipeline
+                .config
+                .syncs
+                .iter()
+                .map(|s| s.spec.clone())
+                .collect();
             let done = dlq::replay(&mut pipeline, &letters, !remote, &mut printer, &shutdown).await;
             pipeline.stop().await;
             let (summaries, refused) = split(done.map_err(stopped_or)?);

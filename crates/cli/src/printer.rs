@@ -30,6 +30,9 @@ pub(crate) struct Printer {
     bar: Option<indicatif::ProgressBar>,
     /// `loops.requests_per_second`: the time left at the budget.
     requests_per_second: u32,
+    /// The config's syncs: a report says what the sync's behaviour did (a re-key's old
+    /// contact).
+    pub(crate) specs: Vec<loopsync_core::spec::SyncSpec>,
 }
 
 /// The progress bar's message: what the run has done and what is left, and the time that
@@ -75,6 +78,7 @@ impl Printer {
             timestamped: false,
             bar,
             requests_per_second,
+            specs: Vec::new(),
         }
     }
 }
@@ -131,7 +135,8 @@ impl RunObserver for Printer {
                     summary.status
                 );
             }
-            crate::say_raw!("{}", report::text(summary));
+            let spec = self.specs.iter().find(|s| s.name == summary.sync);
+            crate::say_raw!("{}", report::text(summary, spec));
         }
     }
 

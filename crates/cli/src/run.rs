@@ -99,6 +99,12 @@ pub async fn run(config_path: &Path, args: RunArgs) -> anyhow::Result<ExitCode> 
         pipeline.config.loops.requests_per_second,
     );
     printer.timestamped = !args.once;
+    printer.specs = pipeline
+        .config
+        .syncs
+        .iter()
+        .map(|s| s.spec.clone())
+        .collect();
     // A signal stops the preflight too (a Loops that answers slowly, or 429 with a long wait).
     let mut runs = tokio::select! {
         runs = Runs::start(&pipeline, args.run_options()) => runs?,

@@ -264,6 +264,22 @@ pub struct ExtractCounts {
     pub cursor_column: Option<String>,
 }
 
+impl ExtractCounts {
+    /// `n` changes of `kind` that the transformer refused: the rows are invalid, no longer
+    /// added or changed. A refused removal stays a removed key (it is no row of the model). The
+    /// one rule by which a run's report ([`StateStore::run`]), `plan` and `adopt` count the
+    /// model's rows, so that a plan's counts are the next run's.
+    pub fn refuse(&mut self, kind: loopsync_core::envelope::ChangeKind, n: i64) {
+        use loopsync_core::envelope::ChangeKind;
+        match kind {
+            ChangeKind::Added => self.added -= n,
+            ChangeKind::Changed => self.changed -= n,
+            ChangeKind::Removed => return,
+        }
+        self.invalid_rows += n;
+    }
+}
+
 /// A run, with its counts. Rows of the model: `added + changed + unchanged + invalid_rows` is
 /// the number of rows the model returned (for `dlq replay`, of the rows of the keys replayed);
 /// `removed` counts keys that left it. Records: `confirmed + skipped + invalid + rejected +
@@ -999,17 +1015,16 @@ pub(crate) fn summary_request_sql(attempts: &str) -> String {
         .join(", ")
 }
 
-/// The summary's row counts: added, changed, invalid_rows. A change the transformer found
-/// invalid moves from added or changed to the invalid rows (once the extraction's counts are
-/// in: before, they are 0).
+/// The summary's row counts as stored (added, changed, invalid_rows: the extractor's), then
+/// the changes the transformer refused among the added and the changed (0 until the
+/// extraction's counts are in), for [`ExtractCounts::refuse`].
 pub(crate) fn summary_rows_sql(invalid_of: impl Fn(&str) -> String) -> String {
     format!(
-        "r.added - CASE WHEN r.extracted_at IS NULL THEN 0 ELSE {added} END, \
-         r.changed - CASE WHEN r.extracted_at IS NULL THEN 0 ELSE {changed} END, \
-         r.invalid_rows + {both}",
+        "r.added, r.changed, r.invalid_rows, \
+         CASE WHEN r.extracted_at IS NULL THEN 0 ELSE {added} END, \
+         CASE WHEN r.extracted_at IS NULL THEN 0 ELSE {changed} END",
         added = invalid_of("x.change = 'added'"),
         changed = invalid_of("x.change = 'changed'"),
-        both = invalid_of("x.change IN ('added', 'changed')"),
     )
 }
 

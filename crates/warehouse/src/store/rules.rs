@@ -3,7 +3,7 @@
 //! its store's dialect.
 
 use loopsync_core::destination::Destination;
-use loopsync_core::envelope::{Outcome, OutcomeStatus, RequestCounts};
+use loopsync_core::envelope::{ChangeKind, Outcome, OutcomeStatus, RequestCounts};
 use loopsync_core::tuning::LEASE;
 
 use super::{Exec, Row, params};
@@ -650,6 +650,16 @@ fn summary_sql(x: &dyn Exec, filter: &str) -> String {
 }
 
 fn summary(row: &Row) -> Result<RunSummary, WarehouseError> {
+    // The model's rows as the extractor counted them, the refused changes moved by the one
+    // rule (`ExtractCounts::refuse`) that `plan` counts by too.
+    let mut rows = ExtractCounts {
+        added: row.count(7)?,
+        changed: row.count(8)?,
+        invalid_rows: row.count(9)?,
+        ..ExtractCounts::default()
+    };
+    rows.refuse(ChangeKind::Added, row.count(10)?);
+    rows.refuse(ChangeKind::Changed, row.count(11)?);
     let mut summary = RunSummary {
         id: row.int(0)?,
         sync: row.text(1)?,
@@ -658,30 +668,30 @@ fn summary(row: &Row) -> Result<RunSummary, WarehouseError> {
         finished_at: row.opt_text(4)?,
         duration_ms: row.opt_int(5)?,
         expected: row.opt_int(6)?,
-        added: row.count(7)?,
-        changed: row.count(8)?,
-        invalid_rows: row.count(9)?,
-        removed: row.count(10)?,
-        unchanged: row.count(11)?,
-        confirmed: row.count(12)?,
-        skipped: row.count(13)?,
-        invalid: row.count(14)?,
-        rejected: row.count(15)?,
-        dead_lettered: row.count(16)?,
-        records: row.count(17)?,
-        error: row.opt_text(18)?,
-        rekeyed: row.count(19)?,
-        ignored: row.count(29)?,
-        extract_alive_at: row.opt_text(30)?,
+        added: rows.added,
+        changed: rows.changed,
+        invalid_rows: rows.invalid_rows,
+        removed: row.count(12)?,
+        unchanged: row.count(13)?,
+        confirmed: row.count(14)?,
+        skipped: row.count(15)?,
+        invalid: row.count(16)?,
+        rejected: row.count(17)?,
+        dead_lettered: row.count(18)?,
+        records: row.count(19)?,
+        error: row.opt_text(20)?,
+        rekeyed: row.count(21)?,
+        ignored: row.count(31)?,
+        extract_alive_at: row.opt_text(32)?,
         ..RunSummary::default()
     };
     let mut loader = [0; 6];
     for (i, n) in loader.iter_mut().enumerate() {
-        *n = row.count(20 + i)?;
+        *n = row.count(22 + i)?;
     }
     let mut preflight = [0; 3];
     for (i, n) in preflight.iter_mut().enumerate() {
-        *n = row.count(26 + i)?;
+        *n = row.count(28 + i)?;
     }
     requests_of(&mut summary, loader, preflight);
     Ok(summary)
