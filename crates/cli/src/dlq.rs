@@ -76,12 +76,15 @@ struct Letter<'a> {
 
 /// The dead letters the filter selects, with the config and its warehouse. `warehouse_only`:
 /// the command needs only the warehouse (`list`, `park`: PRODUCT.md, never Loops' secrets);
-/// `replay` reads the whole config.
+/// `replay` reads the whole config. `must_match`: a command that acts on them (`park`,
+/// `unpark`, `replay`) fails when a `--key`, `--reason` or `--since` matched nothing, naming
+/// it, rather than do nothing and exit 0.
 async fn select(
     config_path: &Path,
     filter: &Filter,
     warehouse_only: bool,
     read_only: bool,
+    must_match: bool,
 ) -> anyhow::Result<(
     loopsync_config::Config,
     Arc<dyn Warehouse>,
@@ -112,6 +115,9 @@ async fn select(
         keys: filter.keys.clone(),
     };
     let mut letters = dlq::dead_letters(&*warehouse, &selection).await?;
+    if must_match && let Some(unmatched) = selection.unmatched(&letters) {
+        return Err(anyhow::anyhow!(unmatched));
+    }
     letters.sort_by(|a, b| {
         a.sync
             .cmp(&b.sync)
@@ -123,7 +129,7 @@ async fn select(
 pub async fn run(config_path: &Path, args: DlqArgs) -> anyhow::Result<ExitCode> {
     match args.action {
         DlqAction::List(filter) => {
-            let (_, warehouse, letters) = select(config_path, &filter, true, true).await?;
+            let (_, warehouse, letters) = select(config_path, &filter, true, true, false).await?;
             let parked = warehouse.parked(filter.sync.as_deref()).await?;
             let letters: Vec<Letter> = letters
                 .iter()
@@ -165,7 +171,7 @@ pub async fn run(config_path: &Path, args: DlqArgs) -> anyhow::Result<ExitCode> 
             Ok(ExitCode::SUCCESS)
         }
         DlqAction::Park(filter) => {
-            let (_, warehouse, letters) = select(config_path, &filter, true, false).await?;
+            let (_, warehouse, letters) = select(config_path, &filter, true, false, true).await?;
             let parked = dlq::park(&*warehouse, &letters).await?;
             if filter.json {
                 crate::output::json("dlq park", &serde_json::json!({ "parked": parked }))?;
@@ -177,7 +183,7 @@ pub async fn run(config_path: &Path, args: DlqArgs) -> anyhow::Result<ExitCode> 
             Ok(ExitCode::SUCCESS)
         }
         DlqAction::Unpark(filter) => {
-            let (_, warehouse, letters) = select(config_path, &filter, true, false).await?;
+            let (_, warehouse, letters) = select(config_path, &filter, true, false, true).await?;
             let mut unparked = 0;
             for (sync, keys) in dlq::by_sync(&letters) {
                 unparked += warehouse.unpark(&sync, &keys).await?;
@@ -193,7 +199,8 @@ pub async fn run(config_path: &Path, args: DlqArgs) -> anyhow::Result<ExitCode> 
             Ok(ExitCode::SUCCESS)
         }
         DlqAction::Replay { filter, remote } => {
-            let (config, warehouse, letters) = select(config_path, &filter, false, false).await?;
+            let (config, warehouse, letters) =
+                select(config_path, &filter, false, false, true).await?;
             drop(warehouse);
             if remote && config.nats.is_none() {
                 return Err(UsageError("--remote needs a [nats] section".into()).into());

@@ -30,6 +30,28 @@ pub struct ResetArgs {
     json: bool,
 }
 
+/// What a reset forgot, precisely: the records Loops had confirmed (what the state said Loops
+/// holds), and apart from them those only sent or parked.
+fn forgotten(reset: &loopsync_engine::state::StateReset) -> String {
+    let others = reset.state_records.saturating_sub(reset.confirmed_records);
+    let mut said = format!(
+        "forgot what Loops confirmed for {} record{}",
+        reset.confirmed_records,
+        if reset.confirmed_records == 1 {
+            ""
+        } else {
+            "s"
+        }
+    );
+    if others > 0 {
+        said.push_str(&format!(
+            " (and the state of {others} other{} sent or parked, never confirmed)",
+            if others == 1 { "" } else { "s" }
+        ));
+    }
+    said
+}
+
 pub async fn run(config_path: &Path, args: ResetArgs) -> anyhow::Result<ExitCode> {
     let config = load_config_for_warehouse(config_path, Some(&args.sync))?;
     let warehouse = open_warehouse(&config).await?;
@@ -92,10 +114,35 @@ pub async fn run(config_path: &Path, args: ResetArgs) -> anyhow::Result<ExitCode
             None => "no destination binding".into(),
         };
         crate::say!(
-            "sync {sync}: forgot the state of {} records and {binding}; its runs and records are \
-             kept. {next_run}",
-            reset.state_records
+            "sync {sync}: {}; and {binding}. Its runs and records are kept. {next_run}",
+            forgotten(&reset)
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use loopsync_engine::state::StateReset;
+
+    use super::*;
+
+    /// A reset says how many confirmed records it forgot, apart from those only sent.
+    #[test]
+    fn a_reset_counts_what_loops_had_confirmed() {
+        let reset = |confirmed_records, state_records| StateReset {
+            confirmed_records,
+            state_records,
+            destination: None,
+        };
+        assert_eq!(
+            forgotten(&reset(200, 5000)),
+            "forgot what Loops confirmed for 200 records (and the state of 4800 others sent or \
+             parked, never confirmed)"
+        );
+        assert_eq!(
+            forgotten(&reset(1, 1)),
+            "forgot what Loops confirmed for 1 record"
+        );
+    }
 }

@@ -814,8 +814,12 @@ pub struct DestinationBinding {
 /// What `reset_state` deleted.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct StateReset {
-    /// Rows of `loopsync.state` forgotten: the sync's records. Each keeps only its generation,
-    /// so the next run's sends have new idempotency keys.
+    /// Of `state_records`, those whose contact Loops had confirmed: what the sync's state said
+    /// Loops holds, and what the next run sends again.
+    pub confirmed_records: u64,
+    /// Rows of `loopsync.state` forgotten: the sync's records (confirmed, or only sent and
+    /// never confirmed, or parked). Each keeps only its generation, so the next run's sends
+    /// have new idempotency keys.
     pub state_records: u64,
     /// The destination binding it had, if any.
     pub destination: Option<DestinationBinding>,

@@ -1301,23 +1301,39 @@ async fn destinations_bind_and_reset(f: Fixture) {
     w.mark_emitted(
         "users",
         run,
-        &[("1".into(), "f1".into()), ("2".into(), "f2".into())],
+        &[
+            ("1".into(), "f1".into()),
+            ("2".into(), "f2".into()),
+            ("3".into(), "f3".into()),
+        ],
     )
     .await
     .unwrap();
     w.finish_extract(
         run,
         &ExtractCounts {
-            added: 2,
-            expected: 2,
+            added: 3,
+            expected: 3,
             ..Default::default()
         },
     )
     .await
     .unwrap();
-    w.record_outcomes(&[confirmed(&s, run, "1", "f1"), confirmed(&s, run, "2", "f2")])
-        .await
-        .unwrap();
+    // 1 and 2 confirmed; 3 only sent (dead-lettered: Loops never confirmed it).
+    w.record_outcomes(&[
+        confirmed(&s, run, "1", "f1"),
+        confirmed(&s, run, "2", "f2"),
+        Outcome::new(
+            "users",
+            run,
+            "3",
+            "f3",
+            OutcomeStatus::DeadLettered,
+            "upsert",
+        ),
+    ])
+    .await
+    .unwrap();
     w.adopt(
         "teams",
         run,
@@ -1331,15 +1347,20 @@ async fn destinations_bind_and_reset(f: Fixture) {
     .unwrap();
 
     let reset = w.reset_state("users").await.unwrap();
-    assert_eq!(reset.state_records, 2);
+    assert_eq!(
+        (reset.confirmed_records, reset.state_records),
+        (2, 3),
+        "two confirmed records forgotten, of three in the state"
+    );
     assert_eq!(reset.destination.map(|d| d.destination), Some(b.clone()));
     assert_eq!(w.destination("users").await.unwrap(), None);
     // Nothing confirmed is left; each record keeps a generation, moved on, so the next sends
     // have new idempotency keys.
     let rows = diff(w, &s).await;
     assert!(
-        rows.iter()
-            .all(|r| r.confirmed_fp.is_none() && r.confirmed_email.is_none() && r.generation == 2),
+        rows.iter().all(|r| r.confirmed_fp.is_none()
+            && r.confirmed_email.is_none()
+            && r.generation == if r.key.as_deref() == Some("3") { 1 } else { 2 }),
         "nothing confirmed left: {rows:?}"
     );
     let teams = diff(w, &spec("teams", "users")).await;
@@ -1352,11 +1373,11 @@ async fn destinations_bind_and_reset(f: Fixture) {
     let summary = w.run(run).await.unwrap().unwrap();
     assert_eq!(
         (summary.status.as_str(), summary.confirmed),
-        ("succeeded", 2)
+        ("degraded", 2)
     );
     assert_eq!(
         w.records(run).await.unwrap().len(),
-        2,
+        3,
         "records are history"
     );
     // An outcome of the run before the reset (its operations still queued in NATS, sent to

@@ -891,6 +891,16 @@ pub(crate) async fn reset_state(
         params![&sync],
     )
     .await?;
+    // What is really forgotten: the records whose contact Loops confirmed. The others only
+    // had a version sent (never confirmed), or were parked.
+    let rows = x
+        .query(
+            "count a sync's confirmed records",
+            "SELECT count(*) FROM loopsync.state WHERE sync = $1 AND confirmed_fp IS NOT NULL",
+            params![&sync],
+        )
+        .await?;
+    let confirmed_records = first(&rows, "count a sync's confirmed records")?.count(0)? as u64;
     let state_records = x
         .execute(
             "forget a sync's state",
@@ -927,6 +937,7 @@ pub(crate) async fn reset_state(
         .query("forget a sync's destination", &sql, params![&sync])
         .await?;
     Ok(StateReset {
+        confirmed_records,
         state_records,
         destination: rows.first().map(binding).transpose()?,
     })
