@@ -238,12 +238,14 @@ async fn each_mistake_says_where_it_is() {
         "firstName = \"first_name\"",
         "firstName = \"firstname\"",
     );
-    let line = check_line(&stack, &column, "does not run").await;
+    let line = check_line(&stack, &column, "missing from the model").await;
     assert!(
-        line.contains(
-            "mapping.firstName names the column \"firstname\", which the model does not return; \
+        !line.contains("does not run")
+            && line.contains(
+                "sync users: a column is missing from the model: \
+             mapping.firstName names the column \"firstname\", which the model does not return; \
              the model's columns are: id, email, first_name, plan, seats, signed_up_at, newsletter"
-        ),
+            ),
         "{line}"
     );
     said.push(("a mapped column that does not exist (check)", line));
@@ -316,7 +318,7 @@ async fn each_mistake_says_where_it_is() {
             "type = \"datetime\"",
             "type = \"date\"",
             "type = \"datetime\"",
-            "sync[0].mapping.signedUpAt: type: unknown variant `datetime`, expected one of `string`, `number`, `boolean`, `date`",
+            "sync \"users\".mapping.signedUpAt: type: unknown variant `datetime`, expected one of `string`, `number`, `boolean`, `date`",
         ),
         (
             "a warehouse URL without its scheme",
@@ -346,7 +348,7 @@ async fn each_mistake_says_where_it_is() {
             "on_remove with upsert",
             "behavior = \"upsert\"",
             "behavior = \"upsert\"\non_remove = \"unsubscribe\"",
-            "sync[0].on_remove: is for mirror syncs only",
+            "sync \"users\".on_remove: is for mirror syncs only",
         ),
     ] {
         let path = config_with(&stack, "mistake.toml", from, to);

@@ -404,7 +404,7 @@ async fn check_reports_and_creates_what_is_missing() {
     assert_eq!(broken.status.code(), Some(1));
     let text = String::from_utf8_lossy(&broken.stdout);
     assert!(
-        text.contains("FAIL the model of sync users does not run") && text.contains("plan"),
+        text.contains("FAIL sync users: the model does not run: column \"plan\" does not exist"),
         "{text}"
     );
 

@@ -43,6 +43,7 @@ on_every_source!(
     an_email_change_is_a_rekey,
     adopt_takes_over_without_sending,
     plan_counts_are_the_next_runs,
+    a_missing_column_is_named,
 );
 
 async fn stack(backend: Backend, rows: usize, behavior: &'static str) -> Option<Stack> {
@@ -356,6 +357,42 @@ async fn plan_counts_are_the_next_runs(backend: Backend) {
             )
             && plan_text.contains("! 4            seats (column seats): not a number"),
         "{plan_text}"
+    );
+}
+
+/// A model that runs but lacks a column the mapping names is said as such, naming the mapping
+/// key and the column (not as a model that "does not run"); a model that does not run says so.
+async fn a_missing_column_is_named(backend: Backend) {
+    let Some(stack) = stack(backend, 3, "upsert").await else {
+        return;
+    };
+    let config = std::fs::read_to_string(&stack.config).unwrap();
+    std::fs::write(
+        &stack.config,
+        config.replace("firstName = \"first_name\"", "firstName = \"firstname\""),
+    )
+    .unwrap();
+    let check = stack.output(&["check"]).await;
+    let text = String::from_utf8_lossy(&check.stdout);
+    assert_eq!(check.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains(
+            "FAIL sync users: a column is missing from the model: mapping.firstName names the \
+             column \"firstname\", which the model does not return; the model's columns are: id, \
+             email, first_name"
+        ) && !text.contains("does not run"),
+        "{text}"
+    );
+    std::fs::write(
+        &stack.config,
+        config.replace("from users\"", "from no_such_table\""),
+    )
+    .unwrap();
+    let check = stack.output(&["check"]).await;
+    let text = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        text.contains("FAIL sync users: the model does not run: "),
+        "{text}"
     );
 }
 

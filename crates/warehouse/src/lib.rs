@@ -54,8 +54,9 @@ pub enum WarehouseError {
     /// that does not exist): fix the config.
     #[error("{0}")]
     BadUrl(String),
-    /// The model (or the mapping's columns) does not run: fix the config.
-    #[error("the model of sync {sync} does not run: {detail}")]
+    /// The model does not run, or lacks a column the mapping names: fix the config.
+    /// `detail` says which (see [`WarehouseError::model`], [`explain_model_error`]).
+    #[error("sync {sync}: {detail}")]
     Model { sync: String, detail: String },
     #[error("{what}: {detail}")]
     Query { what: String, detail: String },
@@ -109,6 +110,14 @@ impl Classified for WarehouseError {
 }
 
 impl WarehouseError {
+    /// The model of `sync` does not run, for the warehouse's reason `detail`.
+    pub(crate) fn model(sync: impl Into<String>, detail: impl std::fmt::Display) -> WarehouseError {
+        WarehouseError::Model {
+            sync: sync.into(),
+            detail: format!("the model does not run: {detail}"),
+        }
+    }
+
     /// The warehouse could not be reached or did not answer (as opposed to refusing a statement).
     pub fn is_unavailable(&self) -> bool {
         matches!(
@@ -1068,16 +1077,18 @@ pub(crate) fn model_sql(model: &str) -> &str {
     model.trim().trim_end_matches(';').trim_end()
 }
 
-/// A model error said where it is. `own`: the model as written, prepared alone (not run): its
-/// columns, or its own error (whose position is in the model's text, not in loopsync's
-/// query around it). `detail`: the error of loopsync's query, kept when neither says more.
+/// A model error said where it is, as a [`WarehouseError::Model`]'s detail. `own`: the model
+/// as written, prepared alone (not run): its columns, or its own error (whose position is in
+/// the model's text, not in loopsync's query around it). `detail`: the error of loopsync's
+/// query, kept when neither says more. A model that runs but lacks a mapped column is said as
+/// such, naming the column: it is no model that "does not run".
 pub(crate) fn explain_model_error(
     spec: &SyncSpec,
     own: Result<Vec<String>, String>,
     detail: String,
 ) -> String {
     match own {
-        Err(own) => format!("{own} (the model as written)"),
+        Err(own) => format!("the model does not run: {own} (the model as written)"),
         Ok(columns) => {
             let missing: Vec<String> = spec
                 .column_uses()
@@ -1087,14 +1098,14 @@ pub(crate) fn explain_model_error(
                     format!("{key} names the column \"{c}\", which the model does not return")
                 })
                 .collect();
-            if missing.is_empty() {
-                detail
-            } else {
-                format!(
-                    "{}; the model's columns are: {}",
+            match missing.len() {
+                0 => format!("the model does not run: {detail}"),
+                n => format!(
+                    "{} missing from the model: {}; the model's columns are: {}",
+                    if n == 1 { "a column is" } else { "columns are" },
                     missing.join("; "),
                     columns.join(", ")
-                )
+                ),
             }
         }
     }
