@@ -117,16 +117,19 @@ pub async fn run(config_path: &Path, args: PlanArgs) -> anyhow::Result<ExitCode>
         // The first `show` records, and how many there are.
         let (mut shown, mut listed) = (Vec::new(), 0usize);
         // On an interactive terminal: the records planned so far.
-        let spinner = std::io::IsTerminal::is_terminal(&io::stderr()).then(|| {
-            let spinner = indicatif::ProgressBar::new_spinner();
-            spinner.set_style(
-                indicatif::ProgressStyle::with_template("{spinner} {msg} {pos} records planned")
+        let spinner = (std::io::IsTerminal::is_terminal(&io::stderr()) && !crate::logs::is_json())
+            .then(|| {
+                let spinner = indicatif::ProgressBar::new_spinner();
+                spinner.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "{spinner} {msg} {pos} records planned",
+                    )
                     .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
-            );
-            spinner.set_message(format!("sync {}:", spec.name));
-            spinner.enable_steady_tick(std::time::Duration::from_millis(200));
-            spinner
-        });
+                );
+                spinner.set_message(format!("sync {}:", spec.name));
+                spinner.enable_steady_tick(std::time::Duration::from_millis(200));
+                spinner
+            });
         let plan = plan(&*warehouse, spec, rps, |r| {
             listed += 1;
             if let Some(spinner) = &spinner {

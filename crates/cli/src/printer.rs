@@ -63,14 +63,16 @@ impl Printer {
         requests_per_second: u32,
     ) -> Printer {
         use std::io::IsTerminal;
-        let bar = (!json_lines && !quiet && std::io::stderr().is_terminal()).then(|| {
-            let bar = indicatif::ProgressBar::new(0);
-            bar.set_style(
-                indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")
-                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-            );
-            bar
-        });
+        let bar =
+            (!json_lines && !quiet && std::io::stderr().is_terminal() && !crate::logs::is_json())
+                .then(|| {
+                    let bar = indicatif::ProgressBar::new(0);
+                    bar.set_style(
+                        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")
+                            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                    );
+                    bar
+                });
         Printer {
             warehouse,
             json_lines,
@@ -85,12 +87,17 @@ impl Printer {
 
 impl RunObserver for Printer {
     fn notice(&mut self, line: String) {
-        eprintln!("{}", printable(&line));
+        crate::logs::line(&printable(&line));
     }
 
     fn progress(&mut self, line: String) {
         if self.bar.is_some() {
             // The bar says it.
+            return;
+        }
+        if crate::logs::is_json() {
+            // The JSON line has its own time.
+            crate::logs::info(&printable(&line));
             return;
         }
         eprintln!(
@@ -122,7 +129,7 @@ impl RunObserver for Printer {
         if self.json_lines {
             // One line per run, with the same envelope as `--once --json` (a list of one).
             if let Err(error) = crate::output::json_line("run", &[summary]) {
-                eprintln!("error: {error}");
+                crate::logs::error(&error.to_string());
             }
         } else if !self.quiet {
             if self.timestamped {
@@ -142,7 +149,7 @@ impl RunObserver for Printer {
 
     fn refused(&mut self, refused: &Refused) {
         // The other syncs go on (`--once`: the exit status says 2).
-        eprintln!("error: {}", printable(&refused.to_string()));
+        crate::logs::error(&printable(&refused.to_string()));
     }
 }
 

@@ -64,11 +64,11 @@ pub async fn run(config_path: &Path, args: ResetArgs) -> anyhow::Result<ExitCode
     // One run of a sync at a time: a run still going would write state again as Loops
     // confirms its records.
     if let Some(run) = reset::unfinished_run(&*warehouse, sync).await? {
-        eprintln!(
-            "warning: run {} of sync {sync} is {}: if it is still in progress, the records it \
-             confirms become state again; reset once it has ended",
+        crate::logs::warn(&format!(
+            "run {} of sync {sync} is {}: if it is still in progress, the records it confirms \
+             become state again; reset once it has ended",
             run.id, run.status
-        );
+        ));
     }
     if !args.yes {
         if !std::io::stdin().is_terminal() {
@@ -86,16 +86,21 @@ pub async fn run(config_path: &Path, args: ResetArgs) -> anyhow::Result<ExitCode
                 )
             })
             .unwrap_or_default();
-        eprint!(
+        let question = format!(
             "Forget the state of sync {sync} (what Loops confirmed for each record{bound})? {} \
              [y/N] ",
             next_run
         );
-        std::io::stderr().flush()?;
+        if crate::logs::is_json() {
+            crate::logs::info(&question);
+        } else {
+            eprint!("{question}");
+            std::io::stderr().flush()?;
+        }
         let mut answer = String::new();
         std::io::stdin().lock().read_line(&mut answer)?;
         if !reset::is_yes(&answer) {
-            eprintln!("nothing was forgotten");
+            crate::logs::info("nothing was forgotten");
             return Ok(ExitCode::from(EXIT_FAILED));
         }
     }
