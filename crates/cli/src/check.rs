@@ -71,6 +71,11 @@ fn line(ok: bool, text: &str) {
     crate::say!("{} {text}", if ok { "ok  " } else { "FAIL" });
 }
 
+/// A check that could not be made (what it needs failed above): neither ok nor failed itself.
+fn unchecked(text: &str) {
+    crate::say!("--   {text}");
+}
+
 fn print_text(config: &str, r: &CheckReport) {
     line(true, &format!("config {config}"));
     match &r.warehouse {
@@ -130,6 +135,14 @@ fn print_text(config: &str, r: &CheckReport) {
                     t.bound_at
                 ),
             ),
+            // Loops was not reached (or refused the key): the binding could not be compared
+            // with the configured Loops, so it is no "ok".
+            (Some(t), None) if r.destination.is_none() => unchecked(&format!(
+                "sync {sync}: state bound to {} (since {}); not compared with the configured \
+                 Loops, which was not reached",
+                printable(&t.destination.to_string()),
+                t.bound_at
+            )),
             (Some(t), None) => line(
                 true,
                 &format!(

@@ -5,6 +5,7 @@
 use loopsync_config::Config;
 use loopsync_core::destination::Destination;
 use loopsync_core::envelope::RequestCounts;
+use loopsync_core::tuning::CHECK_ATTEMPTS;
 use loopsync_warehouse::{DestinationBinding, Warehouse, WarehouseError};
 use serde::Serialize;
 
@@ -109,11 +110,10 @@ pub async fn check(config: &Config, create_properties: bool) -> Result<CheckRepo
     // `check` belongs to no run: its requests are counted nowhere.
     let mut uncounted = RequestCounts::default();
     let counts = &mut uncounted;
-    match with_retries(&budget, config.loops.max_attempts, counts, || {
-        client.test_api_key()
-    })
-    .await
-    {
+    // A diagnosis: a Loops that cannot be reached is said after a few seconds, not after as
+    // many attempts as a run makes.
+    let attempts = config.loops.max_attempts.min(CHECK_ATTEMPTS);
+    match with_retries(&budget, attempts, counts, || client.test_api_key()).await {
         Err(e) => report.loops = Some(e.to_string()),
         Ok(info) => {
             let configured = Destination::new(info.team_name.clone(), client.base_url());
@@ -122,7 +122,6 @@ pub async fn check(config: &Config, create_properties: bool) -> Result<CheckRepo
             }
             report.destination = Some(configured);
             report.team_name = info.team_name;
-            let attempts = config.loops.max_attempts;
             let existing = properties::list(&client, &budget, attempts, counts).await?;
             let lists =
                 with_retries(&budget, attempts, counts, || client.list_mailing_lists()).await?;
