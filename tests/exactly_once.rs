@@ -250,11 +250,11 @@ async fn the_removal_guard_holds_back_mass_removals() {
 /// heartbeat, every 5 s, so the first run lasts longer); the first completes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_run_of_a_sync_says_one_is_in_progress() {
-    // The second command's own requests (its property preflight) come out of the team's limit
-    // too: leave room for them, so the first run's count is only its own.
+    // Loops' limit is the budget: the second command must not spend it (it used to make its
+    // preflight requests first, meet 429s for 40 s, and fail as "rate limited").
     let Some(stack) = Stack::start(StackOptions {
         rows: 100,
-        sim_rate_limit: 100,
+        sim_rate_limit: 10,
         requests_per_second: 10,
         ..StackOptions::default()
     })
@@ -284,13 +284,27 @@ async fn a_second_run_of_a_sync_says_one_is_in_progress() {
         },
     )
     .await;
+    let before = stack.sim.seen().await;
+    let started = std::time::Instant::now();
     let second = stack.output(&["run", "--once", "--json"]).await;
+    let took = started.elapsed();
+    let seen = stack.sim.seen().await.since(&before);
     assert_eq!(second.status.code(), Some(1));
     let said = String::from_utf8_lossy(&second.stderr);
     assert!(
         said.contains("run 1 of sync users is in progress")
-            && said.contains("one run of a sync at a time"),
+            && said.contains("one run of a sync at a time")
+            && !said.contains("rate limited"),
         "{said}"
+    );
+    assert!(
+        took < std::time::Duration::from_secs(10),
+        "said within a heartbeat, not after retries: {took:?}\n{said}"
+    );
+    assert_eq!(
+        seen.to("GET /v1/api-key"),
+        0,
+        "the second asked nothing of Loops: {seen:?}"
     );
     let first = first.await.unwrap();
     assert!(

@@ -349,6 +349,10 @@ pub struct RunSummary {
     /// [`StateStore::extracting`]).
     #[serde(skip)]
     pub extract_alive_at: Option<String>,
+    /// The last sign of life of the process that waits for the run (its heartbeat, else its
+    /// request): a holder that is alive changes it every [`HEARTBEAT`].
+    #[serde(skip)]
+    pub alive_at: Option<String>,
 }
 
 /// A run's requests by where they went.

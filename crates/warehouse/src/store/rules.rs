@@ -632,7 +632,7 @@ fn summary_sql(x: &dyn Exec, filter: &str) -> String {
                 count(x.key) FILTER (WHERE x.operation = 'rekey' AND x.outcome = 'confirmed'),
                 {requests},
                 r.preflight_requests, r.preflight_retries, r.preflight_rate_limited,
-                r.ignored, {extract_alive}
+                r.ignored, {extract_alive}, {alive}
            FROM loopsync.runs r LEFT JOIN loopsync.records x ON x.run_id = r.id
           WHERE {filter}
           GROUP BY r.id ORDER BY r.id DESC LIMIT $2",
@@ -646,6 +646,7 @@ fn summary_sql(x: &dyn Exec, filter: &str) -> String {
         dead = outcome("dead_lettered"),
         requests = summary_request_sql("loopsync.attempts"),
         extract_alive = d.time_text("r.extract_alive_at"),
+        alive = d.time_text("COALESCE(r.heartbeat_at, r.requested_at)"),
     )
 }
 
@@ -683,6 +684,7 @@ fn summary(row: &Row) -> Result<RunSummary, WarehouseError> {
         rekeyed: row.count(21)?,
         ignored: row.count(31)?,
         extract_alive_at: row.opt_text(32)?,
+        alive_at: row.opt_text(33)?,
         ..RunSummary::default()
     };
     let mut loader = [0; 6];
