@@ -167,7 +167,7 @@ pub(crate) fn split(runs: Vec<SyncRun>) -> (Vec<RunSummary>, bool) {
     let mut refused = false;
     for run in runs {
         match run {
-            SyncRun::Done(summary) => summaries.push(summary),
+            SyncRun::Done(summary) => summaries.push(*summary),
             SyncRun::Refused(_) | SyncRun::Unsendable(_) => refused = true,
         }
     }

@@ -443,8 +443,9 @@ pub struct RunOptions {
 /// What became of one sync of `run --once`.
 #[derive(Debug)]
 pub enum SyncRun {
-    /// Its run ended (done, degraded or failed: see the summary).
-    Done(RunSummary),
+    /// Its run ended (done, degraded or failed: see the summary). Boxed: a summary is far
+    /// larger than the other variants.
+    Done(Box<RunSummary>),
     /// Refused: its state belongs to another Loops; the other syncs went on.
     Refused(Refused),
     /// Not run: what it maps is missing in Loops (a mailing list, a property's type); nothing
@@ -649,7 +650,7 @@ impl Runs {
                 () = shutdown.cancelled() => return Err(EngineError::Stopped),
             };
             observer.finished(&summary);
-            runs.push(SyncRun::Done(summary));
+            runs.push(SyncRun::Done(Box::new(summary)));
         }
         Ok(runs)
     }
