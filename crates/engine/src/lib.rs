@@ -16,6 +16,7 @@ pub mod reset;
 pub mod retry;
 pub mod runs;
 pub mod settings;
+pub mod slots;
 pub mod state;
 pub mod verify;
 

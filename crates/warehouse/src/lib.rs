@@ -747,6 +747,20 @@ pub trait StateStore: Send + Sync + 'static {
     /// destination binding, in one transaction; its runs and per-record results stay.
     async fn reset_state(&self, sync: &str) -> Result<StateReset, WarehouseError>;
 
+    /// The next due time (Unix nanoseconds) of the shared rate budget `budget`, and its
+    /// revision; `None` when none is kept yet. Without NATS, every process that shares the
+    /// state paces its requests to Loops by it (the pacing rule is the bus's `take_slots`).
+    async fn read_rate_slot(&self, budget: &str) -> Result<Option<(i64, i64)>, WarehouseError>;
+
+    /// Stores `next` as `budget`'s due time if its revision is still `expected` (`None`: if
+    /// none is kept yet), atomically; `false` when another process wrote first.
+    async fn swap_rate_slot(
+        &self,
+        budget: &str,
+        next: i64,
+        expected: Option<i64>,
+    ) -> Result<bool, WarehouseError>;
+
     /// `loopsync forget`: the records of `sync` that are `person`, with every identity the
     /// state keeps of each (what Loops may hold). By key: that record; by email (as
     /// [`loopsync_core::value::normalize_email`] keeps it): every record whose confirmed,

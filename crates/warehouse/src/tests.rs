@@ -1415,6 +1415,34 @@ async fn sqlite_destinations_bind_and_reset() {
     destinations_bind_and_reset(sqlite()).await;
 }
 
+/// A shared rate budget's row: none at first, created once (a second create loses), then
+/// swapped only at the revision read; one row per budget.
+async fn rate_slots_swap_at_their_revision(f: Fixture) {
+    let w = &*f.warehouse;
+    w.prepare().await.unwrap();
+    assert_eq!(w.read_rate_slot("team").await.unwrap(), None);
+    assert!(w.swap_rate_slot("team", 100, None).await.unwrap());
+    assert!(!w.swap_rate_slot("team", 200, None).await.unwrap());
+    assert!(!w.swap_rate_slot("team", 200, Some(2)).await.unwrap());
+    assert!(w.swap_rate_slot("team", 200, Some(1)).await.unwrap());
+    assert_eq!(w.read_rate_slot("team").await.unwrap(), Some((200, 2)));
+    assert_eq!(w.read_rate_slot("other").await.unwrap(), None);
+    let big = 1_800_000_000_000_000_000i64;
+    assert!(w.swap_rate_slot("team", big, Some(2)).await.unwrap());
+    assert_eq!(w.read_rate_slot("team").await.unwrap(), Some((big, 3)));
+}
+
+#[tokio::test]
+async fn postgres_rate_slots_swap_at_their_revision() {
+    let Some(f) = postgres().await else { return };
+    rate_slots_swap_at_their_revision(f).await;
+}
+
+#[tokio::test]
+async fn sqlite_rate_slots_swap_at_their_revision() {
+    rate_slots_swap_at_their_revision(sqlite()).await;
+}
+
 /// A lock loopsync waits for too long is a retryable error that says so, never a silent hang.
 #[tokio::test]
 async fn postgres_lock_waits_time_out_retryably() {

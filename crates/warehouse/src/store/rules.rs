@@ -964,3 +964,51 @@ fn first<'r>(rows: &'r [Row], what: &str) -> Result<&'r Row, WarehouseError> {
         detail: "no row".into(),
     })
 }
+
+/// A shared rate budget's next due time (Unix nanoseconds) and its revision
+/// ([`crate::StateStore::read_rate_slot`]).
+pub(crate) async fn read_rate_slot(
+    x: &mut dyn Exec,
+    budget: String,
+) -> Result<Option<(i64, i64)>, WarehouseError> {
+    let rows = x
+        .query(
+            "read a rate budget",
+            "SELECT next_due, revision FROM loopsync.rate_slots WHERE budget = $1",
+            params![&budget],
+        )
+        .await?;
+    rows.first().map(|r| Ok((r.int(0)?, r.int(1)?))).transpose()
+}
+
+/// Stores a shared rate budget's next due time if its revision is still `expected` (`None`:
+/// if it has none yet): one statement, atomic on both stores (compare-and-set). Whether it
+/// was stored ([`crate::StateStore::swap_rate_slot`]).
+pub(crate) async fn swap_rate_slot(
+    x: &mut dyn Exec,
+    budget: String,
+    next: i64,
+    expected: Option<i64>,
+) -> Result<bool, WarehouseError> {
+    let changed = match expected {
+        Some(revision) => {
+            x.execute(
+                "take a rate budget's slots",
+                "UPDATE loopsync.rate_slots SET next_due = $2, revision = revision + 1
+                  WHERE budget = $1 AND revision = $3",
+                params![&budget, next, revision],
+            )
+            .await?
+        }
+        None => {
+            x.execute(
+                "take a rate budget's first slots",
+                "INSERT INTO loopsync.rate_slots (budget, next_due, revision) VALUES ($1, $2, 1)
+                 ON CONFLICT (budget) DO NOTHING",
+                params![&budget, next],
+            )
+            .await?
+        }
+    };
+    Ok(changed == 1)
+}
