@@ -75,6 +75,16 @@ const BLOCK: Duration = Duration::from_millis(10);
 /// per round trip; at 100/s five).
 const STORED_BLOCK: Duration = Duration::from_millis(50);
 
+/// How late after its due time a slot may still be used: the 1 % margin of [`slot_period`]
+/// over a second (10 ms). `per_second` + 1 requests then still span more than a second even
+/// if one of them goes this late and the others on time; later, it could crowd the next
+/// taker's request into the same second (a 429), so the slot is dropped.
+const TOO_LATE: Duration = Duration::from_millis(10);
+
+/// Slots dropped in a row before one is used however late: a taker whose every round trip to
+/// the ledger outlasts the slot's lead must still send.
+const MAX_DROPPED: u32 = 3;
+
 /// Where a shared budget's next due time is kept: the time (Unix nanoseconds) under a
 /// revision, read, and swapped only if the revision is still the one read (compare-and-set).
 /// JetStream keeps it in a key-value key; without NATS, the state store keeps it in a row (one
@@ -263,23 +273,34 @@ impl RateBudget {
                 count,
                 block,
             } => {
-                let mut block = block.lock().await;
-                if block.left == 0 {
-                    let (first, granted) = slots.take(name, *period, *slack, *count).await?;
-                    *block = Block {
-                        next: first,
-                        left: granted.max(1),
-                    };
+                let mut dropped = 0;
+                loop {
+                    let mut block = block.lock().await;
+                    if block.left == 0 {
+                        let (first, granted) = slots.take(name, *period, *slack, *count).await?;
+                        *block = Block {
+                            next: first,
+                            left: granted.max(1),
+                        };
+                    }
+                    let at = block.next;
+                    block.next += period.as_nanos() as u64;
+                    block.left -= 1;
+                    drop(block);
+                    let now = unix_nanos();
+                    if at > now {
+                        tokio::time::sleep(Duration::from_nanos(at - now)).await;
+                        return Ok(());
+                    }
+                    // A slot whose time passed while it was taken (a slow round trip to the
+                    // ledger) would go late, against the next taker's on time: dropped, and
+                    // another taken, a few times at most.
+                    if now - at <= TOO_LATE.as_nanos() as u64 || dropped == MAX_DROPPED {
+                        return Ok(());
+                    }
+                    dropped += 1;
+                    metrics::counter!("loopsync_rate_budget_late_slots_dropped_total").increment(1);
                 }
-                let at = block.next;
-                block.next += period.as_nanos() as u64;
-                block.left -= 1;
-                drop(block);
-                let now = unix_nanos();
-                if at > now {
-                    tokio::time::sleep(Duration::from_nanos(at - now)).await;
-                }
-                Ok(())
             }
             RateBudget::Local(pacer) => {
                 pacer.until_ready().await;
@@ -388,6 +409,75 @@ mod tests {
         assert_eq!(credible_due(edge, now, span), edge);
         assert_eq!(credible_due(edge + 1, now, span), now);
         assert_eq!(credible_due(now - 5, now, span), now - 5);
+    }
+
+    /// A ledger in memory; `delay` is its round trip (each read and swap waits it).
+    struct Memory {
+        kept: Arc<std::sync::Mutex<Option<(u64, u64)>>>,
+        delay: Duration,
+    }
+
+    #[async_trait]
+    impl SlotLedger for Memory {
+        async fn read_due(&self, _budget: &str) -> Result<Option<(u64, u64)>, BusError> {
+            tokio::time::sleep(self.delay).await;
+            Ok(*self.kept.lock().unwrap())
+        }
+
+        async fn swap_due(
+            &self,
+            _budget: &str,
+            next: u64,
+            expected: Option<u64>,
+        ) -> Result<bool, BusError> {
+            tokio::time::sleep(self.delay).await;
+            let mut kept = self.kept.lock().unwrap();
+            if kept.map(|(_, revision)| revision) != expected {
+                return Ok(false);
+            }
+            *kept = Some((next, expected.unwrap_or(0) + 1));
+            Ok(true)
+        }
+    }
+
+    /// Two takers of one budget, one of them with a slow round trip to the ledger (beyond the
+    /// lead a slot is taken with): the requests they let go never crowd a second (any 11 of
+    /// them at 10/s span more than one), because a slot whose time passed while it was taken
+    /// is not used late.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_ledger_never_makes_a_request_crowd_the_next_takers() {
+        let kept = Arc::new(std::sync::Mutex::new(None));
+        let budget = |delay| {
+            RateBudget::stored(
+                Arc::new(Memory {
+                    kept: kept.clone(),
+                    delay,
+                }),
+                "team".into(),
+                10,
+            )
+        };
+        let (slow, fast) = (budget(Duration::from_millis(45)), budget(Duration::ZERO));
+        let sent = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let take = |budget: RateBudget, n: usize| {
+            let sent = sent.clone();
+            async move {
+                for _ in 0..n {
+                    budget.ready().await.unwrap();
+                    sent.lock().unwrap().push(unix_nanos());
+                }
+            }
+        };
+        tokio::join!(take(slow, 15), take(fast, 15));
+        let mut sent = sent.lock().unwrap().clone();
+        sent.sort_unstable();
+        for w in sent.windows(11) {
+            assert!(
+                w[10] - w[0] > 1_000_000_000,
+                "11 requests within {} ms",
+                (w[10] - w[0]) / 1_000_000
+            );
+        }
     }
 
     #[test]
