@@ -597,7 +597,7 @@ vip = {{ column = "vip", type = "boolean" }}
             .await
             .map_err(|e| format!("the run failed: {e}"))?;
         match done.into_iter().next() {
-            Some(SyncRun::Done(summary)) => Ok(summary),
+            Some(SyncRun::Done(summary)) => Ok(*summary),
             other => Err(format!("the run did not run: {other:?}")),
         }
     }

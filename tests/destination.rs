@@ -181,6 +181,7 @@ async fn a_sync_refuses_another_loops_until_reset_or_adopt() {
     let forgot: Value = loopsync_testkit::json_data(&reset.stdout).unwrap();
     assert_eq!(forgot["sync"], "users");
     assert_eq!(forgot["state_records"], 5, "{forgot}");
+    assert_eq!(forgot["confirmed_records"], 5, "{forgot}");
     assert_eq!(forgot["destination"]["base_url"], a.as_str(), "{forgot}");
     assert_eq!(
         stack

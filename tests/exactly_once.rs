@@ -177,18 +177,45 @@ async fn the_removal_guard_holds_back_mass_removals() {
     };
     ok_run(&stack).await;
     stack.sql("DELETE FROM users").await;
+    // Even a share of 1 lets no empty model remove: the only way on is --allow-removals.
+    let config = std::fs::read_to_string(&stack.config).unwrap();
+    let all = config.replace(
+        "behavior = \"mirror\"",
+        "behavior = \"mirror\"\nmax_removal_share = 1.0",
+    );
+    std::fs::write(&stack.config, &all).unwrap();
+    // The plan says beforehand that the guard would stop the run, by the run's own rule.
+    let plan = stack.output(&["plan"]).await;
+    let plan = String::from_utf8_lossy(&plan.stdout).into_owned();
+    assert!(
+        plan.contains(
+            "a run would fail: the model returned no rows, so this run would remove all 10 contacts"
+        ) && plan.contains("the removal guard would stop it")
+            && plan.contains("--allow-removals")
+            && !plan.contains("raise max_removal_share"),
+        "{plan}"
+    );
+    let planned = stack.output(&["plan", "--json"]).await;
+    let planned = loopsync_testkit::json_data(&planned.stdout).unwrap();
+    assert!(
+        planned[0]["counts"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("the removal guard would stop it")),
+        "{planned}"
+    );
     let (run, seen) = stack.run_seen(&[]).await;
     assert_eq!(run.status, 1, "failed: {}", run.stderr);
     let report = run.run();
     assert_eq!(report["status"], "failed");
     assert_eq!(report["removed"], 10);
+    let error = report["error"].as_str().unwrap();
     assert!(
-        report["error"]
-            .as_str()
-            .unwrap()
-            .contains("the model returned no rows, so this run would remove all 10 contacts"),
-        "{report}"
+        error.contains("the model returned no rows, so this run would remove all 10 contacts")
+            && error.contains("--allow-removals")
+            && !error.contains("max_removal_share"),
+        "raising max_removal_share would do nothing: {report}"
     );
+    std::fs::write(&stack.config, &config).unwrap();
     assert_eq!(seen.to("POST /v1/contacts/delete"), 0, "{seen:?}");
     assert_eq!(stack.contacts().await.len(), 10);
 
@@ -223,11 +250,11 @@ async fn the_removal_guard_holds_back_mass_removals() {
 /// heartbeat, every 5 s, so the first run lasts longer); the first completes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_run_of_a_sync_says_one_is_in_progress() {
-    // The second command's own requests (its property preflight) come out of the team's limit
-    // too: leave room for them, so the first run's count is only its own.
+    // Loops' limit is the budget: the second command must not spend it (it used to make its
+    // preflight requests first, meet 429s for 40 s, and fail as "rate limited").
     let Some(stack) = Stack::start(StackOptions {
         rows: 100,
-        sim_rate_limit: 100,
+        sim_rate_limit: 10,
         requests_per_second: 10,
         ..StackOptions::default()
     })
@@ -257,13 +284,27 @@ async fn a_second_run_of_a_sync_says_one_is_in_progress() {
         },
     )
     .await;
+    let before = stack.sim.seen().await;
+    let started = std::time::Instant::now();
     let second = stack.output(&["run", "--once", "--json"]).await;
+    let took = started.elapsed();
+    let seen = stack.sim.seen().await.since(&before);
     assert_eq!(second.status.code(), Some(1));
     let said = String::from_utf8_lossy(&second.stderr);
     assert!(
         said.contains("run 1 of sync users is in progress")
-            && said.contains("one run of a sync at a time"),
+            && said.contains("one run of a sync at a time")
+            && !said.contains("rate limited"),
         "{said}"
+    );
+    assert!(
+        took < std::time::Duration::from_secs(10),
+        "said within a heartbeat, not after retries: {took:?}\n{said}"
+    );
+    assert_eq!(
+        seen.to("GET /v1/api-key"),
+        0,
+        "the second asked nothing of Loops: {seen:?}"
     );
     let first = first.await.unwrap();
     assert!(
@@ -271,7 +312,17 @@ async fn a_second_run_of_a_sync_says_one_is_in_progress() {
         "{}",
         String::from_utf8_lossy(&first.stderr)
     );
-    assert_eq!(stack.update_requests().await, 100, "each contact once");
+    // Each contact written once (a 429 of the first run's own, under a loaded machine, is
+    // retried: counted apart).
+    assert_eq!(
+        stack
+            .sim
+            .seen()
+            .await
+            .answered("PUT /v1/contacts/update", 200),
+        100,
+        "each contact once"
+    );
     assert_eq!(stack.count("SELECT count(*) FROM loopsync.runs").await, 1);
 }
 

@@ -238,9 +238,9 @@ async fn progress(stack: &Stack) -> Option<Progress> {
 /// change is emitted.)
 async fn slow_down_emitting(stack: &Stack) {
     // A command that writes makes the state's tables (`runs`, which only reads, makes
-    // nothing): `dlq park` of a key that has no dead letter parks nothing.
+    // nothing): `dlq park` with no dead letter parks nothing.
     let prepared = stack
-        .command(&["dlq", "park", "--key", "none"])
+        .command(&["dlq", "park"])
         .output()
         .await
         .expect("loopsync runs");

@@ -238,12 +238,14 @@ async fn each_mistake_says_where_it_is() {
         "firstName = \"first_name\"",
         "firstName = \"firstname\"",
     );
-    let line = check_line(&stack, &column, "does not run").await;
+    let line = check_line(&stack, &column, "missing from the model").await;
     assert!(
-        line.contains(
-            "mapping.firstName names the column \"firstname\", which the model does not return; \
+        !line.contains("does not run")
+            && line.contains(
+                "sync users: a column is missing from the model: \
+             mapping.firstName names the column \"firstname\", which the model does not return; \
              the model's columns are: id, email, first_name, plan, seats, signed_up_at, newsletter"
-        ),
+            ),
         "{line}"
     );
     said.push(("a mapped column that does not exist (check)", line));
@@ -316,7 +318,7 @@ async fn each_mistake_says_where_it_is() {
             "type = \"datetime\"",
             "type = \"date\"",
             "type = \"datetime\"",
-            "sync[0].mapping.signedUpAt: type: unknown variant `datetime`, expected one of `string`, `number`, `boolean`, `date`",
+            "sync \"users\".mapping.signedUpAt: type: unknown variant `datetime`, expected one of `string`, `number`, `boolean`, `date`",
         ),
         (
             "a warehouse URL without its scheme",
@@ -346,7 +348,7 @@ async fn each_mistake_says_where_it_is() {
             "on_remove with upsert",
             "behavior = \"upsert\"",
             "behavior = \"upsert\"\non_remove = \"unsubscribe\"",
-            "sync[0].on_remove: is for mirror syncs only",
+            "sync \"users\".on_remove: is for mirror syncs only",
         ),
     ] {
         let path = config_with(&stack, "mistake.toml", from, to);
@@ -711,14 +713,19 @@ async fn metrics_are_scraped_while_it_runs() {
     eprintln!("SCRAPE\n{scrape}");
 }
 
-/// A debug-level run with retries and dead letters, logged as JSON: one object per line, a
-/// line per run start and end, per retry and per dead letter; the API key in none of them,
-/// nor in a dead letter. Text logs to a pipe carry no colour codes.
+/// A debug-level run with retries and dead letters, logged as JSON: every line on stderr is
+/// one JSON object — the log lines (a line per run start and end, per retry and per dead
+/// letter, naming the record by its log key and no NATS subject), and what the text format
+/// prints plainly (the metrics address, the destination bound, progress lines, an error);
+/// the API key in none of them, nor in a dead letter. Text logs to a pipe carry no colour
+/// codes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logs_say_what_happened_and_never_the_key() {
     let Some(stack) = Stack::start(StackOptions {
-        rows: 6,
+        rows: 12,
         max_attempts: 2,
+        // A run of more than 10 s: a progress line.
+        requests_per_second: 1,
         ..StackOptions::default()
     })
     .await
@@ -739,9 +746,22 @@ async fn logs_say_what_happened_and_never_the_key() {
             json!({"error_503": 0.5, "seed": 3, "endpoints": ["PUT /v1/contacts/update"]}),
         )
         .await;
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
     let out = loopsync_testkit::output_within(
         tokio::process::Command::new(loopsync_testkit::loopsync_bin())
-            .args(["run", "--once", "--log-format", "json", "--config"])
+            .args([
+                "run",
+                "--once",
+                "--log-format",
+                "json",
+                "--metrics-addr",
+                &metrics,
+            ])
+            .arg("--config")
             .arg(&from_file)
             .env_remove("LOOPS_API_KEY")
             .env("LOOPSYNC_LOG", "debug"),
@@ -752,30 +772,67 @@ async fn logs_say_what_happened_and_never_the_key() {
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(3), "some dead letters: {stderr}");
     let mut messages = Vec::new();
+    let mut objects = Vec::new();
     for line in stderr.lines() {
         assert!(!line.contains("test-key"), "the key in a log line: {line}");
-        if line.starts_with('{') {
-            let object: serde_json::Value =
-                serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
-            messages.push(
-                object["fields"]["message"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned(),
-            );
-        }
+        let object: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON object ({e}): {line}\n{stderr}"));
+        assert!(object.is_object(), "{line}");
+        messages.push(
+            object["fields"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+        );
+        objects.push(object);
     }
     for wanted in [
         "run requested",
         "run finished",
         "retrying a message",
-        "dead letter",
+        "dead-lettered: given up and kept with its reason (loopsync dlq list shows it)",
     ] {
         assert!(
             messages.iter().any(|m| m == wanted),
             "{wanted} in {messages:?}"
         );
     }
+    for wanted in [
+        "metrics at http://",
+        "sync users: its state is bound to",
+        "run 1 of users: sending",
+    ] {
+        assert!(
+            messages.iter().any(|m| m.starts_with(wanted)),
+            "{wanted} in {messages:?}"
+        );
+    }
+    // A dead letter names its record by its log key, never by a NATS subject (there is none).
+    let keys: Vec<String> = (1..=12)
+        .map(|k| loopsync_core::keys::log_key("users", &k.to_string()))
+        .collect();
+    let letters: Vec<&serde_json::Value> = objects
+        .iter()
+        .filter(|o| {
+            o["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("dead-lettered"))
+        })
+        .collect();
+    assert!(!letters.is_empty());
+    for letter in letters {
+        let record = letter["fields"]["record"].as_str().unwrap_or_default();
+        assert!(keys.iter().any(|k| k == record), "{letter}");
+        assert!(letter["fields"].get("subject").is_none(), "{letter}");
+    }
+    // An error, too, is a JSON object.
+    let refused = stack
+        .output(&["dlq", "park", "--key", "99999", "--log-format", "json"])
+        .await;
+    let refused = String::from_utf8_lossy(&refused.stderr).into_owned();
+    let error: serde_json::Value = serde_json::from_str(refused.trim())
+        .unwrap_or_else(|e| panic!("not one JSON object ({e}): {refused}"));
+    assert_eq!(error["level"], "ERROR", "{error}");
     let letters = stack.output(&["dlq", "list", "--json"]).await;
     let letters = String::from_utf8_lossy(&letters.stdout).into_owned();
     assert!(letters.contains("dead_lettered"), "{letters}");

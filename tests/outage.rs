@@ -282,3 +282,106 @@ async fn a_run_without_progress_fails_at_the_stall_timeout() {
         1
     );
 }
+
+/// Waits (at most `deadline`) until the run's stderr has a line with `needle`; the line.
+async fn said_within(running: &Running, needle: &str, deadline: Duration) -> String {
+    let start = Instant::now();
+    loop {
+        if let Some(line) = running.stderr().lines().find(|l| l.contains(needle)) {
+            return line.to_owned();
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "{}: no line with {needle:?} within {deadline:?}; stderr:\n{}",
+            running.name,
+            running.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A Loops that cannot be reached is said at once, with what is waited for: a port that
+/// refuses connections (`cannot reach Loops at URL: retrying (attempt 2 of N, next in …)`),
+/// and a server that never answers (`waiting for Loops at URL: no answer after 2 s`), each
+/// within a few seconds, not after the retries. `check` fails quickly (exit 1), and prints no
+/// `ok` for the sync's binding it could not compare with that Loops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_loops_is_said_at_once_and_check_fails() {
+    let Some(stack) = Stack::start(StackOptions {
+        rows: 3,
+        ..StackOptions::default()
+    })
+    .await
+    else {
+        return;
+    };
+    // The sync's state is bound to the simulator.
+    assert_eq!(stack.run_once(&[]).await.status, 0);
+    let config = std::fs::read_to_string(&stack.config).unwrap();
+    let api = stack.sim.api();
+
+    // Nothing listens on this port: every connection is refused.
+    let refused = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let down = format!("http://127.0.0.1:{refused}/api");
+    std::fs::write(&stack.config, config.replace(&api, &down)).unwrap();
+    let mut running = Running::start("refused", &stack, &[]);
+    let line = said_within(&running, "retrying (attempt 2 of", Duration::from_secs(5)).await;
+    let host = format!("http://127.0.0.1:{refused}");
+    assert!(
+        line.contains(&format!("cannot reach Loops at {host}")),
+        "{line}"
+    );
+    running.child.kill().await.unwrap();
+
+    let started = Instant::now();
+    let check = stack.output(&["check"]).await;
+    let stdout = String::from_utf8_lossy(&check.stdout).into_owned();
+    assert_eq!(check.status.code(), Some(1), "{stdout}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "check says quickly that Loops cannot be reached: {:?}",
+        started.elapsed()
+    );
+    assert!(
+        stdout.contains(&format!(
+            "FAIL Loops: transport error: cannot reach Loops at {host}"
+        )),
+        "{stdout}"
+    );
+    assert!(
+        !stdout
+            .lines()
+            .any(|l| l.starts_with("ok") && l.contains("state bound to")),
+        "no ok for a binding that could not be compared: {stdout}"
+    );
+    assert!(
+        stdout.contains("--   sync users: state bound to")
+            && stdout.contains("not compared with the configured Loops, which was not reached"),
+        "{stdout}"
+    );
+
+    // A server that takes the connection and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            open.push(socket);
+        }
+    });
+    let mute = format!("http://127.0.0.1:{silent_port}/api");
+    std::fs::write(&stack.config, config.replace(&api, &mute)).unwrap();
+    let mut running = Running::start("silent", &stack, &[]);
+    let line = said_within(&running, "waiting for Loops at", Duration::from_secs(5)).await;
+    assert!(
+        line.contains(&format!("waiting for Loops at {mute}: no answer after 2 s")),
+        "{line}"
+    );
+    running.child.kill().await.unwrap();
+    held.abort();
+    std::fs::write(&stack.config, &config).unwrap();
+}

@@ -92,3 +92,57 @@ async fn three_loaders_share_one_rate_budget() {
     assert!(seen.rate_limited <= 6, "{seen:?}");
     assert!(seen.to("PUT /v1/contacts/update") <= 66, "{seen:?}");
 }
+
+/// Without NATS, processes that share a state share one rate budget per team (kept in the
+/// state): a `verify` beside a `run`, against a simulated team limit equal to the budget, stay
+/// within it together, where two paces of their own would offer twice the limit and meet 429s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verify_beside_a_run_shares_the_budget_without_nats() {
+    let _alone = loopsync_testkit::serial().await;
+    let options = StackOptions {
+        rows: 60,
+        sim_rate_limit: 10,
+        requests_per_second: 10,
+        ..StackOptions::default()
+    };
+    let Some(stack) = Stack::start(options).await else {
+        return;
+    };
+    let first = stack.run_once(&[]).await;
+    assert_eq!(first.status, 0, "{}", first.stderr);
+    // Half the rows change: the run writes 30, verify reads the 30 others back.
+    stack
+        .sql("UPDATE users SET plan = 'gold' WHERE id <= 30")
+        .await;
+    let before = stack.sim.seen().await;
+    let mut run = stack.command(&["run", "--once", "--json"]);
+    let mut verify = stack.command(&["verify", "--sample", "all", "--json"]);
+    let (run, verify) = tokio::join!(
+        loopsync_testkit::output_within(&mut run, loopsync_testkit::COMMAND_DEADLINE, "run --once"),
+        loopsync_testkit::output_within(
+            &mut verify,
+            loopsync_testkit::COMMAND_DEADLINE,
+            "verify --sample all"
+        ),
+    );
+    let seen = stack.sim.seen().await.since(&before);
+    assert_eq!(
+        run.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert_eq!(
+        verify.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    assert_eq!(seen.to("PUT /v1/contacts/update"), 30, "{seen:?}");
+    assert_eq!(seen.to("GET /v1/contacts/find"), 30, "{seen:?}");
+    let stats = stack.sim.inspect("stats").await;
+    assert!(
+        seen.rate_limited == 0 && stats["max_accepted_in_one_second"].as_u64() <= Some(10),
+        "one budget for both: {seen:?} {stats}"
+    );
+}

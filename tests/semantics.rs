@@ -531,7 +531,7 @@ async fn check_reports_and_creates_what_is_missing() {
     assert_eq!(broken.status.code(), Some(1));
     let text = String::from_utf8_lossy(&broken.stdout);
     assert!(
-        text.contains("FAIL the model of sync users does not run") && text.contains("plan"),
+        text.contains("FAIL sync users: the model does not run: column \"plan\" does not exist"),
         "{text}"
     );
 
@@ -868,8 +868,28 @@ async fn dead_letters(nats: bool) {
         1
     );
 
+    // A key, or a filter, that matches no dead letter is a mistake said at once (exit 1),
+    // naming it; nothing is parked or sent.
+    let before = stack.sim.seen().await;
+    for args in [
+        &["dlq", "park", "--key", "1", "--key", "99999"][..],
+        &["dlq", "unpark", "--key", "99999"],
+        &["dlq", "replay", "--key", "99999"],
+        &["dlq", "replay", "--reason", "no such reason"],
+    ] {
+        let out = stack.output(args).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("no dead letter of any sync matches")
+                && (stderr.contains("99999") || stderr.contains("no such reason"))
+                && !stderr.contains("the key 1,"),
+            "{args:?}: {stderr}"
+        );
+    }
+    assert_eq!(stack.sim.seen().await.since(&before).writes(), 0);
     let parked = dlq(&["dlq", "park", "--key", "1", "--key", "2", "--json"]).await;
-    assert_eq!(parked["parked"], 2);
+    assert_eq!(parked["parked"], 2, "the refused park parked nothing");
     stack.sim_post("faults", json!({})).await;
     let before = stack.sim.seen().await;
     let replayed = dlq(&["dlq", "replay", "--json"]).await;

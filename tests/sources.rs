@@ -41,6 +41,8 @@ on_every_source!(
     invalid_records_are_refused_and_listed,
     an_email_change_is_a_rekey,
     adopt_takes_over_without_sending,
+    plan_counts_are_the_next_runs,
+    a_missing_column_is_named,
 );
 
 async fn stack(backend: Backend, rows: usize, behavior: &'static str) -> Option<Stack> {
@@ -265,6 +267,132 @@ async fn adopt_takes_over_without_sending(backend: Backend) {
     assert_eq!(counts(out.run()), [0, 1, 1, 4, 0], "{}", out.run());
     assert_eq!(seen.to("PUT /v1/contacts/update"), 1, "{seen:?}");
     assert_eq!(seen.to("POST /v1/contacts/delete"), 1, "{seen:?}");
+}
+
+/// A plan's counts are those of the run that follows it, in text and JSON: rows without an
+/// email, with a malformed one, with a value of the wrong type (each refused by the transformer,
+/// among the added and the changed), two rows of one email (refused by the extractor),
+/// unchanged, changed, added and removed rows, all at once.
+async fn plan_counts_are_the_next_runs(backend: Backend) {
+    let Some(stack) = stack(backend, 10, "mirror").await else {
+        return;
+    };
+    // `seats` as text, so that one row can hold a value that is not a number.
+    let text = match backend {
+        Backend::MySql => "CHAR",
+        _ => "TEXT",
+    };
+    let config = std::fs::read_to_string(&stack.config).unwrap();
+    let model = format!(
+        "CASE WHEN first_name = 'bad-seats' THEN 'many' ELSE CAST(seats AS {text}) END AS seats, \
+         signed_up_at"
+    );
+    std::fs::write(&stack.config, config.replace("seats, signed_up_at", &model)).unwrap();
+    let first = stack.run_once(&[]).await;
+    assert_eq!(first.status, 0, "{}", first.stderr);
+    stack
+        .sql(&format!(
+            "UPDATE users SET email = NULL WHERE id = 2;
+             UPDATE users SET email = 'not an email' WHERE id = 3;
+             UPDATE users SET first_name = 'bad-seats' WHERE id = 4;
+             UPDATE users SET first_name = 'Renamed' WHERE id = 5;
+             DELETE FROM users WHERE id = 6;
+             UPDATE users SET email = 'user8@example.com' WHERE id = 7;
+             INSERT INTO users VALUES (11, 'user11@example.com', 'First11', 'pro', 3, {t}, true);
+             INSERT INTO users VALUES (12, NULL, 'First12', 'pro', 3, {t}, true);",
+            t = stack.warehouse.time_literal(11)
+        ))
+        .await;
+    let plan = json_of(&stack, &["plan", "--json"]).await;
+    let plan_text = stack.output(&["plan"]).await;
+    assert!(plan_text.status.success());
+    let plan_text = String::from_utf8_lossy(&plan_text.stdout).into_owned();
+    let run_text = stack.output(&["run", "--once"]).await;
+    assert_eq!(
+        run_text.status.code(),
+        Some(3),
+        "degraded: {}",
+        String::from_utf8_lossy(&run_text.stderr)
+    );
+    let run_text = String::from_utf8_lossy(&run_text.stdout).into_owned();
+    let run = json_of(&stack, &["runs", "--json", "--limit", "1"]).await[0].clone();
+    let planned = &plan[0]["counts"];
+    let fields = ["added", "changed", "removed", "unchanged", "invalid_rows"];
+    let of = |v: &Value| fields.map(|f| v[f].as_i64().unwrap_or(-1));
+    // ids 11 added; 5 changed; 6 removed; 1, 9, 10 unchanged; 2, 3, 4, 12 refused by the
+    // transformer, 7 and 8 by the extractor.
+    assert_eq!(of(&run), [1, 1, 1, 3, 6], "{run}");
+    assert_eq!(of(planned), of(&run), "plan --json: {plan}\nrun: {run}");
+    assert_eq!(
+        (plan[0]["invalid"].as_i64(), plan[0]["requests"].as_i64()),
+        (
+            run["invalid"].as_i64(),
+            Some(run["records"].as_i64().unwrap() - 6)
+        ),
+        "records refused, requests: {plan}\nrun: {run}"
+    );
+    let rows = |text: &str| {
+        text.lines()
+            .find(|l| l.trim_start().starts_with("rows:"))
+            .map(|l| l.trim().to_owned())
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        rows(&plan_text),
+        "rows:     added 1 · changed 1 · unchanged 3 · invalid 6 (= 11 model rows) · removed 1",
+        "{plan_text}"
+    );
+    assert_eq!(
+        rows(&plan_text),
+        rows(&run_text),
+        "plan:\n{plan_text}\nrun:\n{run_text}"
+    );
+    // Field by field: what the changed record writes, and what the removal does.
+    assert!(
+        plan_text
+            .contains("~ 5            write email \"user5@example.com\", firstName \"Renamed\"")
+            && plan_text.contains(
+                "- 6            delete the contact (email \"user6@example.com\") from Loops"
+            )
+            && plan_text.contains("! 4            seats (column seats): not a number"),
+        "{plan_text}"
+    );
+}
+
+/// A model that runs but lacks a column the mapping names is said as such, naming the mapping
+/// key and the column (not as a model that "does not run"); a model that does not run says so.
+async fn a_missing_column_is_named(backend: Backend) {
+    let Some(stack) = stack(backend, 3, "upsert").await else {
+        return;
+    };
+    let config = std::fs::read_to_string(&stack.config).unwrap();
+    std::fs::write(
+        &stack.config,
+        config.replace("firstName = \"first_name\"", "firstName = \"firstname\""),
+    )
+    .unwrap();
+    let check = stack.output(&["check"]).await;
+    let text = String::from_utf8_lossy(&check.stdout);
+    assert_eq!(check.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains(
+            "FAIL sync users: a column is missing from the model: mapping.firstName names the \
+             column \"firstname\", which the model does not return; the model's columns are: id, \
+             email, first_name"
+        ) && !text.contains("does not run"),
+        "{text}"
+    );
+    std::fs::write(
+        &stack.config,
+        config.replace("from users\"", "from no_such_table\""),
+    )
+    .unwrap();
+    let check = stack.output(&["check"]).await;
+    let text = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        text.contains("FAIL sync users: the model does not run: "),
+        "{text}"
+    );
 }
 
 /// DuckDB reads files itself: a model over a CSV export, then over a Parquet export of the same

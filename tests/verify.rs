@@ -368,3 +368,39 @@ async fn a_repaired_record_that_leaves_the_model_is_removed_under_mirror() {
         "{report:#}"
     );
 }
+
+/// A long verify says how far it is: a line when the reads begin, then one every 10 s on a
+/// pipe (the contacts read back, and the time left at the rate budget).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_verify_says_how_far_it_is() {
+    let Some(stack) = Stack::start(StackOptions {
+        rows: 24,
+        ..StackOptions::default()
+    })
+    .await
+    else {
+        return;
+    };
+    assert_eq!(stack.run_once(&[]).await.status, 0);
+    // Two reads a second: 24 contacts take 12 s.
+    let config = std::fs::read_to_string(&stack.config).unwrap();
+    std::fs::write(
+        &stack.config,
+        config.replace("requests_per_second = 50", "requests_per_second = 2"),
+    )
+    .unwrap();
+    let out = stack.output(&["verify", "--sample", "all"]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("contacts read back from Loops"))
+        .collect();
+    assert!(
+        lines.len() >= 2
+            && lines[0].contains("verify users: 0/24 contacts read back from Loops")
+            && lines[0].contains("left at 2/s")
+            && !lines[1].contains(" 0/24 "),
+        "{stderr}"
+    );
+}

@@ -1,11 +1,15 @@
 //! The rate budget of one Loops team, shared by every request to it: the loader's and the
 //! preflight's. Here rather than in a stage because commands that run no stage take from it too;
-//! on the bus because the shared kind is a slot of [`Coordination::rate_slot`].
+//! on the bus because the shared kind is a slot of [`Coordination::rate_slot`]. The pacing rule
+//! ([`next_due`], [`credible_due`], [`take_slots`]) is written once, over any [`SlotLedger`]:
+//! a NATS key-value key, or (without NATS) a row of the state store that every process of the
+//! deployment shares.
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 use crate::{BusError, Coordination};
@@ -66,6 +70,111 @@ pub fn credible_due(due: u64, now: u64, span: u64) -> u64 {
 /// per slot would cap the rate far below the limit.
 const BLOCK: Duration = Duration::from_millis(10);
 
+/// The same for a budget kept in the state store ([`RateBudget::stored`]): a round trip there
+/// is a write of a database row, so slots are taken 50 ms at a time (at 10 requests/s still one
+/// per round trip; at 100/s five).
+const STORED_BLOCK: Duration = Duration::from_millis(50);
+
+/// How late after its due time a slot may still be used: the 1 % margin of [`slot_period`]
+/// over a second (10 ms). `per_second` + 1 requests then still span more than a second even
+/// if one of them goes this late and the others on time; later, it could crowd the next
+/// taker's request into the same second (a 429), so the slot is dropped.
+const TOO_LATE: Duration = Duration::from_millis(10);
+
+/// Slots dropped in a row before one is used however late: a taker whose every round trip to
+/// the ledger outlasts the slot's lead must still send.
+const MAX_DROPPED: u32 = 3;
+
+/// Where a shared budget's next due time is kept: the time (Unix nanoseconds) under a
+/// revision, read, and swapped only if the revision is still the one read (compare-and-set).
+/// JetStream keeps it in a key-value key; without NATS, the state store keeps it in a row (one
+/// per team). [`take_slots`] paces over either.
+#[async_trait]
+pub trait SlotLedger: Send + Sync + 'static {
+    /// The stored due time of `budget` and its revision; `None` when none is stored yet.
+    async fn read_due(&self, budget: &str) -> Result<Option<(u64, u64)>, BusError>;
+
+    /// Stores `next` as `budget`'s due time if its revision is still `expected` (`None`: if
+    /// none is stored). `false` when another taker wrote first: read again.
+    async fn swap_due(
+        &self,
+        budget: &str,
+        next: u64,
+        expected: Option<u64>,
+    ) -> Result<bool, BusError>;
+}
+
+/// How long before its due time a slot may be taken: the round trip to the ledger (a database
+/// write, without NATS) is then over before the slot is due, and the request goes at its due
+/// time, not a round trip later (which would crowd it against the next taker's, on time). Half
+/// a period, at most 50 ms; the taker waits for the due time itself ([`RateBudget::ready`]).
+fn lead(period: u64) -> u64 {
+    (period / 2).min(50_000_000)
+}
+
+/// Takes up to `count` consecutive slots of `budget` from `ledger`, waiting until the first is
+/// nearly due ([`lead`]): the one pacing rule of a shared budget ([`credible_due`],
+/// [`next_due`]), whoever keeps the ledger. Returns the first slot's due time (Unix
+/// nanoseconds) and how many were taken. Clocks of different hosts only need to agree to a
+/// fraction of `period`.
+pub async fn take_slots(
+    ledger: &dyn SlotLedger,
+    budget: &str,
+    period: Duration,
+    slack: Duration,
+    count: u32,
+) -> Result<(u64, u32), BusError> {
+    let period = period.as_nanos() as u64;
+    let slack = slack.as_nanos() as u64;
+    let count = count.max(1);
+    loop {
+        let entry = ledger.read_due(budget).await?;
+        let stored = entry.map_or(0, |(due, _)| due);
+        let now = unix_nanos();
+        let due = credible_due(stored, now, u64::from(count) * period);
+        if now + lead(period) < due {
+            let wait = due - lead(period) - now;
+            tokio::time::sleep(Duration::from_nanos(wait.min(1_000_000_000))).await;
+            continue;
+        }
+        // `count` slots: the first due now (or up to the slack before, keeping the cadence),
+        // the next one `count` periods on.
+        let first = next_due(due, now, period, slack) - period;
+        let next = first + u64::from(count) * period;
+        if ledger
+            .swap_due(budget, next, entry.map(|(_, revision)| revision))
+            .await?
+        {
+            return Ok((first, count));
+        }
+    }
+}
+
+/// Where a shared budget's slots come from.
+#[derive(Clone)]
+pub enum Slots {
+    /// The bus's [`Coordination::rate_slot`] (NATS; in process, a bus in memory).
+    Bus(Arc<dyn Coordination>),
+    /// A [`SlotLedger`] of its own: the state store, shared by the processes that share it
+    /// when there is no NATS.
+    Ledger(Arc<dyn SlotLedger>),
+}
+
+impl Slots {
+    async fn take(
+        &self,
+        name: &str,
+        period: Duration,
+        slack: Duration,
+        count: u32,
+    ) -> Result<(u64, u32), BusError> {
+        match self {
+            Slots::Bus(bus) => bus.rate_slot(name, period, slack, count).await,
+            Slots::Ledger(ledger) => take_slots(&**ledger, name, period, slack, count).await,
+        }
+    }
+}
+
 /// Slots taken from the ledger and not yet handed out, in this process.
 #[derive(Debug, Default)]
 pub struct Block {
@@ -77,9 +186,10 @@ pub struct Block {
 /// The rate budget of one Loops team, shared by every request to it.
 #[derive(Clone)]
 pub enum RateBudget {
-    /// Shared through the bus by every process of the deployment (the loader's).
+    /// Shared by every process of the deployment (the loader's): through NATS, or through the
+    /// state store.
     Shared {
-        bus: Arc<dyn Coordination>,
+        slots: Slots,
         name: String,
         period: Duration,
         slack: Duration,
@@ -100,14 +210,39 @@ impl RateBudget {
         name: String,
         requests_per_second: u32,
     ) -> RateBudget {
+        RateBudget::sharing(Slots::Bus(bus), name, requests_per_second, BLOCK)
+    }
+
+    /// The team's budget `name` kept in `ledger` (the state store, when there is no NATS):
+    /// every process that shares the state shares it, so a `verify` beside a `run` never
+    /// makes both meet 429s.
+    pub fn stored(
+        ledger: Arc<dyn SlotLedger>,
+        name: String,
+        requests_per_second: u32,
+    ) -> RateBudget {
+        RateBudget::sharing(
+            Slots::Ledger(ledger),
+            name,
+            requests_per_second,
+            STORED_BLOCK,
+        )
+    }
+
+    fn sharing(
+        slots: Slots,
+        name: String,
+        requests_per_second: u32,
+        block: Duration,
+    ) -> RateBudget {
         let period = slot_period(requests_per_second);
         metrics::gauge!("loopsync_rate_budget_per_second").set(f64::from(requests_per_second));
         RateBudget::Shared {
-            bus,
+            slots,
             name,
             period,
             slack: slot_slack(requests_per_second),
-            count: (BLOCK.as_nanos() / period.as_nanos()).clamp(1, u128::from(u32::MAX)) as u32,
+            count: (block.as_nanos() / period.as_nanos()).clamp(1, u128::from(u32::MAX)) as u32,
             block: Arc::default(),
         }
     }
@@ -131,30 +266,41 @@ impl RateBudget {
     async fn take(&self) -> Result<(), BusError> {
         match self {
             RateBudget::Shared {
-                bus,
+                slots,
                 name,
                 period,
                 slack,
                 count,
                 block,
             } => {
-                let mut block = block.lock().await;
-                if block.left == 0 {
-                    let (first, granted) = bus.rate_slot(name, *period, *slack, *count).await?;
-                    *block = Block {
-                        next: first,
-                        left: granted.max(1),
-                    };
+                let mut dropped = 0;
+                loop {
+                    let mut block = block.lock().await;
+                    if block.left == 0 {
+                        let (first, granted) = slots.take(name, *period, *slack, *count).await?;
+                        *block = Block {
+                            next: first,
+                            left: granted.max(1),
+                        };
+                    }
+                    let at = block.next;
+                    block.next += period.as_nanos() as u64;
+                    block.left -= 1;
+                    drop(block);
+                    let now = unix_nanos();
+                    if at > now {
+                        tokio::time::sleep(Duration::from_nanos(at - now)).await;
+                        return Ok(());
+                    }
+                    // A slot whose time passed while it was taken (a slow round trip to the
+                    // ledger) would go late, against the next taker's on time: dropped, and
+                    // another taken, a few times at most.
+                    if now - at <= TOO_LATE.as_nanos() as u64 || dropped == MAX_DROPPED {
+                        return Ok(());
+                    }
+                    dropped += 1;
+                    metrics::counter!("loopsync_rate_budget_late_slots_dropped_total").increment(1);
                 }
-                let at = block.next;
-                block.next += period.as_nanos() as u64;
-                block.left -= 1;
-                drop(block);
-                let now = unix_nanos();
-                if at > now {
-                    tokio::time::sleep(Duration::from_nanos(at - now)).await;
-                }
-                Ok(())
             }
             RateBudget::Local(pacer) => {
                 pacer.until_ready().await;
@@ -263,6 +409,75 @@ mod tests {
         assert_eq!(credible_due(edge, now, span), edge);
         assert_eq!(credible_due(edge + 1, now, span), now);
         assert_eq!(credible_due(now - 5, now, span), now - 5);
+    }
+
+    /// A ledger in memory; `delay` is its round trip (each read and swap waits it).
+    struct Memory {
+        kept: Arc<std::sync::Mutex<Option<(u64, u64)>>>,
+        delay: Duration,
+    }
+
+    #[async_trait]
+    impl SlotLedger for Memory {
+        async fn read_due(&self, _budget: &str) -> Result<Option<(u64, u64)>, BusError> {
+            tokio::time::sleep(self.delay).await;
+            Ok(*self.kept.lock().unwrap())
+        }
+
+        async fn swap_due(
+            &self,
+            _budget: &str,
+            next: u64,
+            expected: Option<u64>,
+        ) -> Result<bool, BusError> {
+            tokio::time::sleep(self.delay).await;
+            let mut kept = self.kept.lock().unwrap();
+            if kept.map(|(_, revision)| revision) != expected {
+                return Ok(false);
+            }
+            *kept = Some((next, expected.unwrap_or(0) + 1));
+            Ok(true)
+        }
+    }
+
+    /// Two takers of one budget, one of them with a slow round trip to the ledger (beyond the
+    /// lead a slot is taken with): the requests they let go never crowd a second (any 11 of
+    /// them at 10/s span more than one), because a slot whose time passed while it was taken
+    /// is not used late.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_ledger_never_makes_a_request_crowd_the_next_takers() {
+        let kept = Arc::new(std::sync::Mutex::new(None));
+        let budget = |delay| {
+            RateBudget::stored(
+                Arc::new(Memory {
+                    kept: kept.clone(),
+                    delay,
+                }),
+                "team".into(),
+                10,
+            )
+        };
+        let (slow, fast) = (budget(Duration::from_millis(45)), budget(Duration::ZERO));
+        let sent = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let take = |budget: RateBudget, n: usize| {
+            let sent = sent.clone();
+            async move {
+                for _ in 0..n {
+                    budget.ready().await.unwrap();
+                    sent.lock().unwrap().push(unix_nanos());
+                }
+            }
+        };
+        tokio::join!(take(slow, 15), take(fast, 15));
+        let mut sent = sent.lock().unwrap().clone();
+        sent.sort_unstable();
+        for w in sent.windows(11) {
+            assert!(
+                w[10] - w[0] > 1_000_000_000,
+                "11 requests within {} ms",
+                (w[10] - w[0]) / 1_000_000
+            );
+        }
     }
 
     #[test]

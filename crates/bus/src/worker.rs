@@ -79,6 +79,13 @@ pub trait Handler: Send + Sync + 'static {
         fate: Fate,
         reason: &str,
     ) -> Result<(), Self::Error>;
+
+    /// The record the message is about, as log lines name it
+    /// ([`loopsync_core::keys::log_key`], never the key itself); `None` when the message is no
+    /// record's (a run request) or cannot be read.
+    fn record(&self, _payload: &Bytes) -> Option<String> {
+        None
+    }
 }
 
 /// A stage's work on a batch of messages (all succeed or all fail).
@@ -461,7 +468,8 @@ async fn process<H: Handler>(
         Settle::Nak(delay) => {
             tracing::info!(
                 stage = stage.name(),
-                subject = %info.subject,
+                sync = sync_of(&info.subject),
+                record = handler.record(&delivery.payload).as_deref().unwrap_or("-"),
                 attempt = info.attempt,
                 delay_ms = delay.as_millis() as u64,
                 reason = why.as_deref().unwrap_or_default(),
@@ -470,7 +478,13 @@ async fn process<H: Handler>(
             delivery.acker.nak(delay).await
         }
         Settle::Reject(reason) => {
-            tracing::info!(stage = stage.name(), subject = %info.subject, %reason, "rejected");
+            tracing::info!(
+                stage = stage.name(),
+                sync = sync_of(&info.subject),
+                record = handler.record(&delivery.payload).as_deref().unwrap_or("-"),
+                %reason,
+                "rejected"
+            );
             match handler
                 .give_up(&info, &delivery.payload, Fate::Rejected, &reason)
                 .await
@@ -504,12 +518,15 @@ async fn dead_letter<H: Handler>(
     reason: &str,
     options: &WorkerOptions,
 ) -> Result<(), BusError> {
+    // The sync and the record (its log key), not the subject: without NATS there is none,
+    // and the record is what `dlq list` shows (by its key) and `dlq replay` sends again.
     tracing::warn!(
         stage = stage.name(),
-        subject = %info.subject,
-        attempt = info.attempt,
+        sync = sync_of(&info.subject),
+        record = handler.record(&delivery.payload).as_deref().unwrap_or("-"),
+        attempts = info.attempt,
         reason,
-        "dead letter"
+        "dead-lettered: given up and kept with its reason (loopsync dlq list shows it)"
     );
     match handler
         .give_up(info, &delivery.payload, Fate::DeadLettered, reason)

@@ -78,6 +78,11 @@ fn warn(text: &str) {
     crate::say!("warn {text}");
 }
 
+/// A check that could not be made (what it needs failed above): neither ok nor failed itself.
+fn unchecked(text: &str) {
+    crate::say!("--   {text}");
+}
+
 fn print_text(config: &str, r: &CheckReport) {
     line(true, &format!("config {config}"));
     match &r.warehouse {
@@ -141,18 +146,32 @@ fn print_text(config: &str, r: &CheckReport) {
                 Some(found) if found.trusted() => line(
                     true,
                     &format!(
-                        "sync {sync}: state bound to this destination with another API key (since                          {}); {} of its confirmed contacts read back were found with this key: its                          next run keeps the state and records the new key",
+                        "sync {sync}: state bound to this destination with another API key (since \
+                         {}); {} of its confirmed contacts read back were found with this key: its \
+                         next run keeps the state and records the new key",
                         t.bound_at, found.checked
                     ),
                 ),
                 Some(found) => line(
                     false,
                     &format!(
-                        "sync {sync}: state bound to this destination with another API key (since                          {}), and {} of the {} confirmed contacts read back are not in Loops with                          this key: another team of the same name, or a Loops that lost them. Runs                          refuse it until `loopsync adopt --sync {sync}` (it holds these contacts)                          or `loopsync reset --sync {sync}` (send every row again)",
+                        "sync {sync}: state bound to this destination with another API key (since \
+                         {}), and {} of the {} confirmed contacts read back are not in Loops with \
+                         this key: another team of the same name, or a Loops that lost them. Runs \
+                         refuse it until `loopsync adopt --sync {sync}` (it holds these contacts) \
+                         or `loopsync reset --sync {sync}` (send every row again)",
                         t.bound_at, found.missing, found.checked
                     ),
                 ),
             },
+            // Loops was not reached (or refused the key): the binding could not be compared
+            // with the configured Loops, so it is no "ok".
+            (Some(t), None) if r.destination.is_none() => unchecked(&format!(
+                "sync {sync}: state bound to {} (since {}); not compared with the configured \
+                 Loops, which was not reached",
+                printable(&t.destination.to_string()),
+                t.bound_at
+            )),
             (Some(t), None) => line(
                 true,
                 &format!(

@@ -57,12 +57,15 @@ struct Letter<'a> {
 
 /// The dead letters the filter selects, with the config and its warehouse. `warehouse_only`:
 /// the command needs only the warehouse (`list`, `park`: PRODUCT.md, never Loops' secrets);
-/// `replay` reads the whole config.
+/// `replay` reads the whole config. `must_match`: a command that acts on them (`park`,
+/// `unpark`, `replay`) fails when a `--key`, `--reason` or `--since` matched nothing, naming
+/// it, rather than do nothing and exit 0.
 async fn select(
     config_path: &Path,
     filter: &Filter,
     warehouse_only: bool,
     read_only: bool,
+    must_match: bool,
 ) -> anyhow::Result<(
     loopsync_config::Config,
     Arc<dyn Warehouse>,
@@ -80,6 +83,9 @@ async fn select(
         open_warehouse(&config).await?
     };
     let mut letters = dlq::dead_letters(&*warehouse, &selection).await?;
+    if must_match && let Some(unmatched) = selection.unmatched(&letters) {
+        return Err(anyhow::anyhow!(unmatched));
+    }
     letters.sort_by(|a, b| {
         a.sync
             .cmp(&b.sync)
@@ -91,7 +97,7 @@ async fn select(
 pub async fn run(config_path: &Path, args: DlqArgs) -> anyhow::Result<ExitCode> {
     match args.action {
         DlqAction::List(filter) => {
-            let (_, warehouse, letters) = select(config_path, &filter, true, true).await?;
+            let (_, warehouse, letters) = select(config_path, &filter, true, true, false).await?;
             let parked = warehouse.parked(filter.sync.as_deref()).await?;
             let letters: Vec<Letter> = letters
                 .iter()
@@ -133,7 +139,7 @@ pub async fn run(config_path: &Path, args: DlqArgs) -> anyhow::Result<ExitCode> 
             Ok(ExitCode::SUCCESS)
         }
         DlqAction::Park(filter) => {
-            let (_, warehouse, letters) = select(config_path, &filter, true, false).await?;
+            let (_, warehouse, letters) = select(config_path, &filter, true, false, true).await?;
             let parked = dlq::park(&*warehouse, &letters).await?;
             if filter.json {
                 crate::output::json("dlq park", &serde_json::json!({ "parked": parked }))?;
@@ -145,7 +151,7 @@ pub async fn run(config_path: &Path, args: DlqArgs) -> anyhow::Result<ExitCode> 
             Ok(ExitCode::SUCCESS)
         }
         DlqAction::Unpark(filter) => {
-            let (_, warehouse, letters) = select(config_path, &filter, true, false).await?;
+            let (_, warehouse, letters) = select(config_path, &filter, true, false, true).await?;
             let mut unparked = 0;
             for (sync, keys) in dlq::by_sync(&letters) {
                 unparked += warehouse.unpark(&sync, &keys).await?;
@@ -161,7 +167,8 @@ pub async fn run(config_path: &Path, args: DlqArgs) -> anyhow::Result<ExitCode> 
             Ok(ExitCode::SUCCESS)
         }
         DlqAction::Replay { filter, remote } => {
-            let (config, warehouse, letters) = select(config_path, &filter, false, false).await?;
+            let (config, warehouse, letters) =
+                select(config_path, &filter, false, false, true).await?;
             drop(warehouse);
             if remote && config.nats.is_none() {
                 return Err(UsageError("--remote needs a [nats] section".into()).into());
@@ -178,6 +185,12 @@ pub async fn run(config_path: &Path, args: DlqArgs) -> anyhow::Result<ExitCode> 
             let mut pipeline = Pipeline::connect(config, shutdown.clone()).await?;
             let rps = pipeline.config.loops.requests_per_second;
             let mut printer = Printer::new(pipeline.warehouse.clone(), false, filter.json, rps);
+            printer.specs = pipeline
+                .config
+                .syncs
+                .iter()
+                .map(|s| s.spec.clone())
+                .collect();
             let done = dlq::replay(&mut pipeline, &letters, !remote, &mut printer, &shutdown).await;
             pipeline.stop().await;
             let (summaries, refused) = split(done.map_err(stopped_or)?);

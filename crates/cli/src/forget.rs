@@ -97,10 +97,10 @@ pub async fn run(config_path: &Path, args: ForgetArgs) -> anyhow::Result<ExitCod
         print_text(&forgotten, &typed);
     }
     if !forgotten.found() {
-        eprintln!(
-            "error: nothing of {typed} was found in sync {}: nothing was erased",
+        crate::logs::error(&format!(
+            "nothing of {typed} was found in sync {}: nothing was erased",
             forgotten.sync
-        );
+        ));
         return Ok(ExitCode::from(EXIT_FAILED));
     }
     Ok(ExitCode::SUCCESS)

@@ -41,9 +41,14 @@ enum RunsAction {
     },
 }
 
-/// Only the warehouse: `runs` never needs Loops' secrets (PRODUCT.md).
-async fn warehouse(config_path: &Path, sync: Option<&str>) -> anyhow::Result<Arc<dyn Warehouse>> {
-    open_warehouse_read_only(&load_config_for_warehouse(config_path, sync)?).await
+/// The config (read for the warehouse only) and its warehouse, read only.
+async fn opened(
+    config_path: &Path,
+    sync: Option<&str>,
+) -> anyhow::Result<(loopsync_config::Config, Arc<dyn Warehouse>)> {
+    let config = load_config_for_warehouse(config_path, sync)?;
+    let warehouse = open_warehouse_read_only(&config).await?;
+    Ok((config, warehouse))
 }
 
 fn cell(value: Option<i64>) -> String {
@@ -51,7 +56,7 @@ fn cell(value: Option<i64>) -> String {
 }
 
 pub async fn runs(config_path: &Path, args: RunsArgs) -> anyhow::Result<ExitCode> {
-    let warehouse = warehouse(config_path, args.sync.as_deref()).await?;
+    let (config, warehouse) = opened(config_path, args.sync.as_deref()).await?;
     if let Some(RunsAction::Show { run, json }) = args.action {
         let Some(summary) = warehouse.run(run).await? else {
             return Err(UsageError(format!("there is no run {run}")).into());
@@ -61,7 +66,8 @@ pub async fn runs(config_path: &Path, args: RunsArgs) -> anyhow::Result<ExitCode
             let value = serde_json::json!({"run": summary, "records": records});
             crate::output::json("runs show", &value)?;
         } else {
-            crate::say_raw!("{}", report::text(&summary));
+            let spec = config.sync(&summary.sync).map(|s| &s.spec);
+            crate::say_raw!("{}", report::text(&summary, spec));
             crate::say!(
                 "  requested {}, finished {}",
                 summary.requested_at,

@@ -156,7 +156,7 @@ fn main() -> ExitCode {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            logs::error(&format!("cannot start the async runtime: {e}"));
             return ExitCode::from(EXIT_FAILED);
         }
     };
@@ -207,11 +207,11 @@ fn main() -> ExitCode {
                 stop::GRACE.as_secs()
             ));
         }
-        eprintln!("{line}");
+        logs::info(&line);
         return match result {
             Some(Ok(code)) => code,
             Some(Err(e)) if e.downcast_ref::<stop::Stopped>().is_none() => {
-                eprintln!("error: {}", render(&e));
+                logs::error(&render(&e));
                 ExitCode::from(EXIT_FAILED)
             }
             _ if service => ExitCode::SUCCESS,
@@ -224,7 +224,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {}", render(&e));
+            logs::error(&render(&e));
             if e.downcast_ref::<UsageError>().is_some()
                 || e.downcast_ref::<loopsync_engine::destination::Refused>()
                     .is_some()

@@ -54,7 +54,7 @@ pub fn write(text: &str) {
     if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush())
         && !WARNED.swap(true, Ordering::Relaxed)
     {
-        eprintln!("error: cannot write to stdout: {e}");
+        crate::logs::error(&format!("cannot write to stdout: {e}"));
     }
 }
 

@@ -117,16 +117,19 @@ pub async fn run(config_path: &Path, args: PlanArgs) -> anyhow::Result<ExitCode>
         // The first `show` records, and how many there are.
         let (mut shown, mut listed) = (Vec::new(), 0usize);
         // On an interactive terminal: the records planned so far.
-        let spinner = std::io::IsTerminal::is_terminal(&io::stderr()).then(|| {
-            let spinner = indicatif::ProgressBar::new_spinner();
-            spinner.set_style(
-                indicatif::ProgressStyle::with_template("{spinner} {msg} {pos} records planned")
+        let spinner = (std::io::IsTerminal::is_terminal(&io::stderr()) && !crate::logs::is_json())
+            .then(|| {
+                let spinner = indicatif::ProgressBar::new_spinner();
+                spinner.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "{spinner} {msg} {pos} records planned",
+                    )
                     .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
-            );
-            spinner.set_message(format!("sync {}:", spec.name));
-            spinner.enable_steady_tick(std::time::Duration::from_millis(200));
-            spinner
-        });
+                );
+                spinner.set_message(format!("sync {}:", spec.name));
+                spinner.enable_steady_tick(std::time::Duration::from_millis(200));
+                spinner
+            });
         let plan = plan(&*warehouse, spec, rps, |r| {
             listed += 1;
             if let Some(spinner) = &spinner {
@@ -141,44 +144,54 @@ pub async fn run(config_path: &Path, args: PlanArgs) -> anyhow::Result<ExitCode>
         if let Some(spinner) = spinner {
             spinner.finish_and_clear();
         }
-        let c = &plan.counts;
-        crate::say!(
-            "sync {} (dry run: nothing sent)\n  rows:    added {} · changed {} · removed {} · unchanged {} · invalid {}{}\n  requests: {} — {:.1} s at {} requests/s",
-            plan.sync,
-            c.added,
-            c.changed,
-            c.removed,
-            c.unchanged,
-            plan.invalid,
-            if c.ignored > 0 {
-                format!(" · ignored {} (already sent)", c.ignored)
-            } else {
-                String::new()
-            },
-            plan.requests,
-            plan.seconds_at_rate_budget,
-            rps
-        );
-        for r in &shown {
-            let key = printable(&r.key);
-            match &r.reason {
-                Some(reason) => crate::say!(
-                    "    {key:<20} {:<9} {}",
-                    r.change.as_str(),
-                    printable(reason)
-                ),
-                None => crate::say!(
-                    "    {key:<20} {:<9} {}",
-                    r.change.as_str(),
-                    printable(&r.operation)
-                ),
-            }
-        }
-        if listed > shown.len() {
-            crate::say!("    … and {} more (--json lists all)", listed - shown.len());
+        for line in text_lines(&plan, &shown, listed, rps) {
+            crate::say!("{line}");
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The text plan of one sync: the counts as the run's report will show them (one rows line
+/// for both, `report::rows_line`), the requests, why the run would fail, then each record
+/// shown, field by field (values on the user's terminal only: nothing of it is logged).
+fn text_lines(plan: &SyncPlan, shown: &[PlannedRecord], listed: usize, rps: u32) -> Vec<String> {
+    let c = &plan.counts;
+    let mut lines = vec![
+        format!("sync {} (dry run: nothing sent)", plan.sync),
+        format!(
+            "  rows:     {}",
+            crate::report::rows_line(
+                c.added,
+                c.changed,
+                c.unchanged,
+                c.invalid_rows,
+                c.ignored,
+                c.removed
+            )
+        ),
+        format!(
+            "  requests: {} — {:.1} s at {} requests/s",
+            plan.requests, plan.seconds_at_rate_budget, rps
+        ),
+    ];
+    if let Some(error) = &c.error {
+        lines.push(format!("  a run would fail: {}", printable(error)));
+    }
+    for r in shown {
+        lines.push(format!(
+            "    {} {:<12} {}",
+            r.sign(),
+            printable(&r.key),
+            printable(&r.describe())
+        ));
+    }
+    if listed > shown.len() {
+        lines.push(format!(
+            "    … and {} more (--show N lists more, --json lists all)",
+            listed - shown.len()
+        ));
+    }
+    lines
 }
 
 #[cfg(test)]

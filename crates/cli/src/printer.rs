@@ -30,6 +30,9 @@ pub(crate) struct Printer {
     bar: Option<indicatif::ProgressBar>,
     /// `loops.requests_per_second`: the time left at the budget.
     requests_per_second: u32,
+    /// The config's syncs: a report says what the sync's behaviour did (a re-key's old
+    /// contact).
+    pub(crate) specs: Vec<loopsync_core::spec::SyncSpec>,
 }
 
 /// The progress bar's message: what the run has done and what is left, and the time that
@@ -60,14 +63,16 @@ impl Printer {
         requests_per_second: u32,
     ) -> Printer {
         use std::io::IsTerminal;
-        let bar = (!json_lines && !quiet && std::io::stderr().is_terminal()).then(|| {
-            let bar = indicatif::ProgressBar::new(0);
-            bar.set_style(
-                indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")
-                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-            );
-            bar
-        });
+        let bar =
+            (!json_lines && !quiet && std::io::stderr().is_terminal() && !crate::logs::is_json())
+                .then(|| {
+                    let bar = indicatif::ProgressBar::new(0);
+                    bar.set_style(
+                        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")
+                            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                    );
+                    bar
+                });
         Printer {
             warehouse,
             json_lines,
@@ -75,18 +80,24 @@ impl Printer {
             timestamped: false,
             bar,
             requests_per_second,
+            specs: Vec::new(),
         }
     }
 }
 
 impl RunObserver for Printer {
     fn notice(&mut self, line: String) {
-        eprintln!("{}", printable(&line));
+        crate::logs::line(&printable(&line));
     }
 
     fn progress(&mut self, line: String) {
         if self.bar.is_some() {
             // The bar says it.
+            return;
+        }
+        if crate::logs::is_json() {
+            // The JSON line has its own time.
+            crate::logs::info(&printable(&line));
             return;
         }
         eprintln!(
@@ -118,7 +129,7 @@ impl RunObserver for Printer {
         if self.json_lines {
             // One line per run, with the same envelope as `--once --json` (a list of one).
             if let Err(error) = crate::output::json_line("run", &[summary]) {
-                eprintln!("error: {error}");
+                crate::logs::error(&error.to_string());
             }
         } else if !self.quiet {
             if self.timestamped {
@@ -131,13 +142,14 @@ impl RunObserver for Printer {
                     summary.status
                 );
             }
-            crate::say_raw!("{}", report::text(summary));
+            let spec = self.specs.iter().find(|s| s.name == summary.sync);
+            crate::say_raw!("{}", report::text(summary, spec));
         }
     }
 
     fn refused(&mut self, refused: &Refused) {
         // The other syncs go on (`--once`: the exit status says 2).
-        eprintln!("error: {}", printable(&refused.to_string()));
+        crate::logs::error(&printable(&refused.to_string()));
     }
 }
 
@@ -155,7 +167,7 @@ pub(crate) fn split(runs: Vec<SyncRun>) -> (Vec<RunSummary>, bool) {
     let mut refused = false;
     for run in runs {
         match run {
-            SyncRun::Done(summary) => summaries.push(summary),
+            SyncRun::Done(summary) => summaries.push(*summary),
             SyncRun::Refused(_) | SyncRun::Unsendable(_) => refused = true,
         }
     }

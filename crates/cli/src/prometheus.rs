@@ -52,7 +52,7 @@ pub fn serve_metrics(addr: SocketAddr) -> anyhow::Result<()> {
         handle,
         loopsync_core::tuning::HEADER_READ_TIMEOUT,
     ));
-    eprintln!("metrics at http://{addr}/metrics");
+    crate::logs::info(&format!("metrics at http://{addr}/metrics"));
     Ok(())
 }
 

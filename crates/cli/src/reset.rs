@@ -30,6 +30,28 @@ pub struct ResetArgs {
     json: bool,
 }
 
+/// What a reset forgot, precisely: the records Loops had confirmed (what the state said Loops
+/// holds), and apart from them those only sent or parked.
+fn forgotten(reset: &loopsync_engine::state::StateReset) -> String {
+    let others = reset.state_records.saturating_sub(reset.confirmed_records);
+    let mut said = format!(
+        "forgot what Loops confirmed for {} record{}",
+        reset.confirmed_records,
+        if reset.confirmed_records == 1 {
+            ""
+        } else {
+            "s"
+        }
+    );
+    if others > 0 {
+        said.push_str(&format!(
+            " (and the state of {others} other{} sent or parked, never confirmed)",
+            if others == 1 { "" } else { "s" }
+        ));
+    }
+    said
+}
+
 pub async fn run(config_path: &Path, args: ResetArgs) -> anyhow::Result<ExitCode> {
     let config = load_config_for_warehouse(config_path, Some(&args.sync))?;
     let warehouse = open_warehouse(&config).await?;
@@ -42,11 +64,11 @@ pub async fn run(config_path: &Path, args: ResetArgs) -> anyhow::Result<ExitCode
     // One run of a sync at a time: a run still going would write state again as Loops
     // confirms its records.
     if let Some(run) = reset::unfinished_run(&*warehouse, sync).await? {
-        eprintln!(
-            "warning: run {} of sync {sync} is {}: if it is still in progress, the records it \
-             confirms become state again; reset once it has ended",
+        crate::logs::warn(&format!(
+            "run {} of sync {sync} is {}: if it is still in progress, the records it confirms \
+             become state again; reset once it has ended",
             run.id, run.status
-        );
+        ));
     }
     if !args.yes {
         if !std::io::stdin().is_terminal() {
@@ -64,16 +86,21 @@ pub async fn run(config_path: &Path, args: ResetArgs) -> anyhow::Result<ExitCode
                 )
             })
             .unwrap_or_default();
-        eprint!(
+        let question = format!(
             "Forget the state of sync {sync} (what Loops confirmed for each record{bound})? {} \
              [y/N] ",
             next_run
         );
-        std::io::stderr().flush()?;
+        if crate::logs::is_json() {
+            crate::logs::info(&question);
+        } else {
+            eprint!("{question}");
+            std::io::stderr().flush()?;
+        }
         let mut answer = String::new();
         std::io::stdin().lock().read_line(&mut answer)?;
         if !reset::is_yes(&answer) {
-            eprintln!("nothing was forgotten");
+            crate::logs::info("nothing was forgotten");
             return Ok(ExitCode::from(EXIT_FAILED));
         }
     }
@@ -92,10 +119,35 @@ pub async fn run(config_path: &Path, args: ResetArgs) -> anyhow::Result<ExitCode
             None => "no destination binding".into(),
         };
         crate::say!(
-            "sync {sync}: forgot the state of {} records and {binding}; its runs and records are \
-             kept. {next_run}",
-            reset.state_records
+            "sync {sync}: {}; and {binding}. Its runs and records are kept. {next_run}",
+            forgotten(&reset)
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use loopsync_engine::state::StateReset;
+
+    use super::*;
+
+    /// A reset says how many confirmed records it forgot, apart from those only sent.
+    #[test]
+    fn a_reset_counts_what_loops_had_confirmed() {
+        let reset = |confirmed_records, state_records| StateReset {
+            confirmed_records,
+            state_records,
+            destination: None,
+        };
+        assert_eq!(
+            forgotten(&reset(200, 5000)),
+            "forgot what Loops confirmed for 200 records (and the state of 4800 others sent or \
+             parked, never confirmed)"
+        );
+        assert_eq!(
+            forgotten(&reset(1, 1)),
+            "forgot what Loops confirmed for 1 record"
+        );
+    }
 }

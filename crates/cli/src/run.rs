@@ -108,6 +108,20 @@ pub async fn run(config_path: &Path, args: RunArgs) -> anyhow::Result<ExitCode> 
         pipeline.config.loops.requests_per_second,
     );
     printer.timestamped = !args.once;
+    printer.specs = pipeline
+        .config
+        .syncs
+        .iter()
+        .map(|s| s.spec.clone())
+        .collect();
+    if args.once {
+        // A run of a sync in progress is said at once, and an alive one refuses this run
+        // before any request to Loops (whose budget that run is using).
+        tokio::select! {
+            refused = runs::refuse_a_run_in_progress(&*pipeline.warehouse, &syncs, &mut printer) => refused?,
+            () = crate::common::shutdown_signal() => return Err(Stopped.into()),
+        }
+    }
     // A signal stops the preflight too (a Loops that answers slowly, or 429 with a long wait).
     let mut runs = tokio::select! {
         runs = Runs::start(&pipeline, args.run_options()) => runs?,

@@ -77,9 +77,9 @@ pub async fn close_open_runs() -> Vec<i64> {
                 Ok(true) => Some(*run_id),
                 Ok(false) => None,
                 Err(error) => {
-                    eprintln!(
-                        "warning: run {run_id} could not be marked interrupted ({error}); the next run closes it when its lease expires"
-                    );
+                    crate::logs::warn(&format!(
+                        "run {run_id} could not be marked interrupted ({error}); the next run closes it when its lease expires"
+                    ));
                     None
                 }
             }
@@ -88,9 +88,9 @@ pub async fn close_open_runs() -> Vec<i64> {
     match tokio::time::timeout(CLOSE_DEADLINE, close).await {
         Ok(closed) => closed.into_iter().flatten().collect(),
         Err(_) => {
-            eprintln!(
-                "warning: the warehouse did not answer within {CLOSE_DEADLINE:?}: the next run closes the interrupted run when its lease expires"
-            );
+            crate::logs::warn(&format!(
+                "the warehouse did not answer within {CLOSE_DEADLINE:?}: the next run closes the interrupted run when its lease expires"
+            ));
             Vec::new()
         }
     }
@@ -120,7 +120,7 @@ pub fn listen(second_status: u8) {
             let _ = SIGNAL.set(first);
             TOKEN.cancel();
             let second = next().await;
-            eprintln!("{second} again: exiting at once");
+            crate::logs::info(&format!("{second} again: exiting at once"));
             std::process::exit(i32::from(second_status));
         });
     }
@@ -131,7 +131,7 @@ pub fn listen(second_status: u8) {
             TOKEN.cancel();
         }
         if tokio::signal::ctrl_c().await.is_ok() {
-            eprintln!("Ctrl-C again: exiting at once");
+            crate::logs::info("Ctrl-C again: exiting at once");
             std::process::exit(i32::from(second_status));
         }
     });

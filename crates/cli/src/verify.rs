@@ -14,6 +14,7 @@ use loopsync_engine::verify::{Options, Report, verify_pipeline};
 
 use crate::common::load_config_for;
 use crate::escape::printable;
+use crate::printer::PROGRESS_EVERY;
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
@@ -67,7 +68,11 @@ pub async fn run(config_path: &Path, args: VerifyArgs) -> anyhow::Result<ExitCod
         repair: args.repair,
         keys: args.keys,
     };
-    let result = verify_pipeline(&pipeline, &client, sync.as_deref(), &options).await;
+    let rps = pipeline.config.loops.requests_per_second;
+    let shown = Shown::new(rps);
+    let progress = |sync: &str, done: usize, total: usize| shown.tell(sync, done, total);
+    let result = verify_pipeline(&pipeline, &client, sync.as_deref(), &options, &progress).await;
+    shown.finish();
     pipeline.stop().await;
     let report = result?;
     if args.json {
@@ -100,6 +105,74 @@ fn keyed_sync(
         ))
         .into()),
     }
+}
+
+/// How verify's progress is shown: a bar on an interactive terminal; else (a pipe, a log file,
+/// `--log-format json`) a line every [`PROGRESS_EVERY`], and one when a sync's reads begin.
+struct Shown {
+    bar: Option<indicatif::ProgressBar>,
+    last: std::sync::Mutex<Option<std::time::Instant>>,
+    requests_per_second: u32,
+}
+
+impl Shown {
+    fn new(requests_per_second: u32) -> Shown {
+        use std::io::IsTerminal;
+        let bar = (std::io::stderr().is_terminal() && !crate::logs::is_json()).then(|| {
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            bar
+        });
+        Shown {
+            bar,
+            last: std::sync::Mutex::new(None),
+            requests_per_second,
+        }
+    }
+
+    fn tell(&self, sync: &str, done: usize, total: usize) {
+        let line = verify_progress(sync, done, total, self.requests_per_second);
+        if let Some(bar) = &self.bar {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+            bar.set_message(line);
+            return;
+        }
+        let mut last = self.last.lock().expect("progress mutex");
+        let due = done == 0 || last.is_none_or(|t| t.elapsed() >= PROGRESS_EVERY);
+        if due && done < total {
+            *last = Some(std::time::Instant::now());
+            let line = if crate::logs::is_json() {
+                line
+            } else {
+                format!(
+                    "{} {line}",
+                    loopsync_core::time::utc_seconds(std::time::SystemTime::now())
+                )
+            };
+            crate::logs::info(&line);
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// A progress line of verify: the contacts read back, and the time left at the rate budget
+/// (one request per contact).
+fn verify_progress(sync: &str, done: usize, total: usize, requests_per_second: u32) -> String {
+    let left = total.saturating_sub(done);
+    let seconds = left as f64 / f64::from(requests_per_second.max(1));
+    format!(
+        "verify {sync}: {done}/{total} contacts read back from Loops · {} left at {requests_per_second}/s",
+        humantime::format_duration(std::time::Duration::from_secs(seconds.ceil() as u64))
+    )
 }
 
 fn print_text(report: &Report) {

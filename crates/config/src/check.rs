@@ -8,11 +8,11 @@ use loopsync_core::spec::{
 use loopsync_core::value::PropertyKind;
 use loopsync_core::{url, warehouse_url};
 
-use crate::raw::{RawConfig, RawEventName, RawMapping, RawSync};
+use crate::raw::{RawConfig, RawEventName, RawEventProperty, RawMapping, RawSync};
 use crate::{Config, ConfigError, LoopsConfig, NatsConfig, Schedule, SyncConfig, invalid};
 
 /// Letters, digits, `_` and `-`: a sync name is a NATS subject token.
-fn is_token(name: &str) -> bool {
+pub(crate) fn is_token(name: &str) -> bool {
     !name.is_empty()
         && name
             .chars()
@@ -213,21 +213,25 @@ fn check_nats(nats: &NatsConfig) -> Result<(), ConfigError> {
 /// The smallest `nats.max_queue_bytes`.
 const MIN_QUEUE_BYTES: u64 = 8 << 20;
 
-/// The `i`-th `[[sync]]`, given the syncs before it (a name is used once).
+/// The `i`-th `[[sync]]`, given the syncs before it (a name is used once). Its keys are named
+/// by the sync's name (`sync "users".mapping.email`), by its index where the name itself is
+/// wrong (`sync[1].name`).
 fn check_sync(i: usize, raw: RawSync, before: &[SyncConfig]) -> Result<SyncConfig, ConfigError> {
-    let at = |field: &str| format!("sync[{i}].{field}");
+    let indexed = |field: &str| format!("sync[{i}].{field}");
     if !is_token(&raw.name) {
         return Err(invalid(
-            at("name"),
+            indexed("name"),
             format!("\"{}\": use letters, digits, `_` and `-` only", raw.name),
         ));
     }
     if before.iter().any(|s| s.spec.name == raw.name) {
         return Err(invalid(
-            at("name"),
+            indexed("name"),
             format!("\"{}\" is used twice", raw.name),
         ));
     }
+    let label = crate::sync_label(i, Some(&raw.name));
+    let at = |field: &str| format!("{label}.{field}");
     if raw.model.trim().is_empty() {
         return Err(invalid(at("model"), "is empty"));
     }
@@ -392,8 +396,8 @@ fn check_append(
             return Err(invalid(key, "an event property needs a name"));
         }
         let (column, kind) = match mapping {
-            RawMapping::Column(c) => (c.clone(), None),
-            RawMapping::Typed(t) => (t.column.clone(), t.kind),
+            RawEventProperty::Column(c) => (c.clone(), None),
+            RawEventProperty::Typed(t) => (t.column.clone(), t.kind),
         };
         if column.trim().is_empty() {
             return Err(invalid(key, "the column is empty"));
@@ -436,6 +440,23 @@ fn check_append(
     }))
 }
 
+/// The Loops default property `name` is a misspelling of (the same name but for case, `_`, `-`
+/// and spaces: `firstname`, `first_name`, `Email`), if any; `None` for a default property
+/// itself and for any other name.
+fn near_default_property(name: &str) -> Option<&'static str> {
+    let folded = |n: &str| -> String {
+        n.chars()
+            .filter(|c| !matches!(c, '_' | '-' | ' '))
+            .flat_map(char::to_lowercase)
+            .collect()
+    };
+    let wanted = folded(name);
+    loopsync_core::spec::DEFAULT_PROPERTIES
+        .iter()
+        .map(|(d, _)| *d)
+        .find(|d| *d != name && folded(d) == wanted)
+}
+
 /// `cursor_lookback` when the config does not say.
 const DEFAULT_LOOKBACK: &str = "1h";
 
@@ -452,16 +473,44 @@ fn check_mapping(
             format!("\"{property}\" is reserved by Loops and cannot be mapped"),
         ));
     }
+    let near = near_default_property(&property);
     if !is_camel_case(&property) {
+        let hint = near
+            .map(|d| format!(": did you mean {d}, Loops' default property?"))
+            .unwrap_or_else(|| ", e.g. planName".to_owned());
         return Err(invalid(
             key,
-            "a Loops property name is camelCase, e.g. planName",
+            format!("a Loops property name is camelCase{hint}"),
         ));
     }
-    let (column, kind) = match mapping {
-        RawMapping::Column(c) => (c, None),
-        RawMapping::Typed(t) => (t.column, t.kind),
+    let (column, kind, custom) = match mapping {
+        RawMapping::Column(c) => (c, None, false),
+        RawMapping::Typed(t) => (t.column, t.kind, t.custom),
     };
+    match near {
+        Some(default) if !custom => {
+            return Err(invalid(
+                key,
+                format!(
+                    "\"{property}\" is not Loops' default property {default} (property names \
+                     are case-sensitive): did you mean {default}? As written, it would be a new \
+                     custom property, and every contact's {default} would stay as it is. If you \
+                     do mean a custom property of its own, say so: {property} = {{ column = \
+                     \"{column}\", custom = true }}"
+                ),
+            ));
+        }
+        _ => {}
+    }
+    if custom && default_property_kind(&property).is_some() {
+        return Err(invalid(
+            key,
+            format!(
+                "{property} is a Loops default property: `custom = true` is for a custom \
+                 property whose name looks like a default one's"
+            ),
+        ));
+    }
     if column.trim().is_empty() {
         return Err(invalid(key, "the column is empty"));
     }

@@ -32,6 +32,51 @@ pub enum ConfigError {
     Invalid { key: String, message: String },
 }
 
+/// How a message names the `i`-th `[[sync]]`: by its name (`sync "users"`), or by its index
+/// (`sync[0]`, from 0) when it has no name a user could recognise (none, or not a valid one).
+pub(crate) fn sync_label(i: usize, name: Option<&str>) -> String {
+    match name {
+        Some(name) if check::is_token(name) => format!("sync \"{name}\""),
+        _ => format!("sync[{i}]"),
+    }
+}
+
+/// A key path as serde or `${VAR}` substitution says it (`sync[1].schedule`), its sync named as
+/// [`sync_label`] names it (`sync "users".schedule`). `names`: each `[[sync]]`'s `name`.
+fn named_path(path: &str, names: &[Option<String>]) -> String {
+    let Some(rest) = path.strip_prefix("sync[") else {
+        return path.to_owned();
+    };
+    let Some((index, rest)) = rest.split_once(']') else {
+        return path.to_owned();
+    };
+    match index.parse::<usize>() {
+        Ok(i) => format!(
+            "{}{rest}",
+            sync_label(i, names.get(i).and_then(|n| n.as_deref()))
+        ),
+        Err(_) => path.to_owned(),
+    }
+}
+
+/// Each `[[sync]]`'s `name`, as written (before anything is checked).
+fn sync_names(value: &toml::Value) -> Vec<Option<String>> {
+    value
+        .get("sync")
+        .and_then(toml::Value::as_array)
+        .map(|syncs| {
+            syncs
+                .iter()
+                .map(|s| {
+                    s.get("name")
+                        .and_then(toml::Value::as_str)
+                        .map(str::to_owned)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
@@ -370,7 +415,15 @@ impl Config {
         read: impl Fn(&str) -> std::io::Result<String>,
     ) -> Result<Config, ConfigError> {
         let mut value: toml::Value = toml::from_str(text).map_err(ConfigError::Syntax)?;
-        substitute(&mut value, "", &env)?;
+        let names = sync_names(&value);
+        let named = |e: ConfigError| match e {
+            ConfigError::Invalid { key, message } => ConfigError::Invalid {
+                key: named_path(&key, &names),
+                message,
+            },
+            other => other,
+        };
+        substitute(&mut value, "", &env).map_err(named)?;
         read_api_key_file(&mut value, read)?;
         let raw: RawConfig = serde_path_to_error::deserialize(value).map_err(|e| {
             let path = e.path().to_string();
@@ -382,7 +435,14 @@ impl Config {
                 .unwrap_or_default()
                 .trim()
                 .to_owned();
-            invalid(if path == "." { "config".into() } else { path }, message)
+            invalid(
+                if path == "." {
+                    "config".into()
+                } else {
+                    named_path(&path, &names)
+                },
+                message,
+            )
         })?;
         raw.check()
     }
@@ -708,27 +768,30 @@ signedUpAt = { column = "signed_up_at", type = "date" }
         assert!(!e.contains("\n"), "{e}");
         assert!(e.contains("requests_per_sec"), "{e}");
         let e = error_of(&EXAMPLE.replace("schedule =", "scheduel ="));
-        assert!(e.starts_with("sync[0]"), "{e}");
+        assert!(e.starts_with("sync \"users\""), "{e}");
         assert!(e.contains("scheduel"), "{e}");
         let e = error_of(&EXAMPLE.replace("type = \"date\"", "type = \"date\", fmt = \"x\""));
-        assert!(e.contains("sync[0].mapping.signedUpAt"), "{e}");
+        assert!(e.contains("sync \"users\".mapping.signedUpAt"), "{e}");
     }
 
     #[test]
     fn bad_values_are_named() {
         let e = error_of(&EXAMPLE.replace("identify_by = \"email\"", "identify_by = \"phone\""));
-        assert!(e.starts_with("sync[0].identify_by"), "{e}");
+        assert!(e.starts_with("sync \"users\".identify_by"), "{e}");
         let e = error_of(&EXAMPLE.replace("type = \"date\"", "type = \"datetime\""));
         assert!(e.contains("signedUpAt"), "{e}");
         let e = error_of(&EXAMPLE.replace("firstName = \"first_name\"", "teamId = \"first_name\""));
         assert_eq!(
             e,
-            "sync[0].mapping.teamId: \"teamId\" is reserved by Loops and cannot be mapped"
+            "sync \"users\".mapping.teamId: \"teamId\" is reserved by Loops and cannot be mapped"
         );
         let e = error_of(&EXAMPLE.replace("planName = \"plan\"", "plan_name = \"plan\""));
-        assert!(e.starts_with("sync[0].mapping.plan_name: "), "{e}");
+        assert!(e.starts_with("sync \"users\".mapping.plan_name: "), "{e}");
         let e = error_of(&EXAMPLE.replace("email = \"email\"\n", ""));
-        assert!(e.starts_with("sync[0].mapping.email: is required"), "{e}");
+        assert!(
+            e.starts_with("sync \"users\".mapping.email: is required"),
+            "{e}"
+        );
         let e = error_of(&EXAMPLE.replace(
             "firstName = \"first_name\"",
             "firstName = { column = \"first_name\", type = \"number\" }",
@@ -751,7 +814,7 @@ signedUpAt = { column = "signed_up_at", type = "date" }
             "event_on_update = \"contactUpdated\"",
             "event_on_update = \"a:b\"",
         ));
-        assert!(e.starts_with("sync[0].event_on_update"), "{e}");
+        assert!(e.starts_with("sync \"users\".event_on_update"), "{e}");
         let twice = format!(
             "{EXAMPLE}\n{}",
             &EXAMPLE[EXAMPLE.find("[[sync]]").unwrap()..]
@@ -759,11 +822,80 @@ signedUpAt = { column = "signed_up_at", type = "date" }
         assert!(error_of(&twice).starts_with("sync[1].name"));
     }
 
+    /// A config error names the sync by its name, wherever it is found (a rule, the file's
+    /// shape, an unset variable); by its index only when it has no usable name.
+    #[test]
+    fn syncs_are_named_by_their_names() {
+        let e = error_of(&EXAMPLE.replace("email = \"email\"\n", ""));
+        assert!(e.starts_with("sync \"users\".mapping.email: "), "{e}");
+        let e = error_of(&EXAMPLE.replace("schedule =", "scheduel ="));
+        assert!(
+            e.starts_with("sync \"users\".scheduel: unknown field"),
+            "{e}"
+        );
+        let e = Config::parse(
+            &EXAMPLE.replace("model = \"select", "model = \"${MODEL_FILTER} select"),
+            env,
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            e,
+            "sync \"users\".model: environment variable MODEL_FILTER is not set"
+        );
+        let nameless = error_of(&EXAMPLE.replace("name = \"users\"\n", ""));
+        assert!(
+            nameless.starts_with("sync[0]: missing field `name`"),
+            "{nameless}"
+        );
+    }
+
+    /// A mapping name that is a Loops default property's but for case, `_` or spaces is a
+    /// misspelling (it would be a custom property, and every contact would change): refused
+    /// with the name meant and the way to insist; `custom = true` insists.
+    #[test]
+    fn a_misspelled_default_property_is_refused_unless_insisted_on() {
+        let e =
+            error_of(&EXAMPLE.replace("firstName = \"first_name\"", "firstname = \"first_name\""));
+        assert!(
+            e.starts_with("sync \"users\".mapping.firstname: \"firstname\" is not Loops' default property firstName")
+                && e.contains("did you mean firstName?")
+                && e.contains("firstname = { column = \"first_name\", custom = true }"),
+            "{e}"
+        );
+        let e =
+            error_of(&EXAMPLE.replace("firstName = \"first_name\"", "first_name = \"first_name\""));
+        assert!(
+            e.starts_with("sync \"users\".mapping.first_name: a Loops property name is camelCase: did you mean firstName"),
+            "{e}"
+        );
+        let e = error_of(&EXAMPLE.replace("userId = \"id\"", "userid = \"id\""));
+        assert!(e.contains("did you mean userId?"), "{e}");
+        let insisted = EXAMPLE.replace(
+            "firstName = \"first_name\"",
+            "firstname = { column = \"first_name\", custom = true }",
+        );
+        let config = Config::parse(&insisted, env).unwrap();
+        assert!(
+            config.syncs[0].spec.property("firstname").is_some(),
+            "insisted on: a custom property of its own"
+        );
+        let e = error_of(&EXAMPLE.replace(
+            "firstName = \"first_name\"",
+            "firstName = { column = \"first_name\", custom = true }",
+        ));
+        assert!(e.contains("firstName is a Loops default property"), "{e}");
+        // Names that only resemble no default property are custom properties, as before.
+        assert!(Config::parse(&EXAMPLE.replace("planName", "plan"), env).is_ok());
+    }
+
     #[test]
     fn schedules_are_cron_expressions() {
         let e = error_of(&EXAMPLE.replace("*/15 * * * *", "every quarter hour"));
         assert!(
-            e.starts_with("sync[0].schedule: \"every quarter hour\" is not a cron expression"),
+            e.starts_with(
+                "sync \"users\".schedule: \"every quarter hour\" is not a cron expression"
+            ),
             "{e}"
         );
         assert!(
@@ -804,7 +936,7 @@ signedUpAt = { column = "signed_up_at", type = "date" }
         let text = EXAMPLE
             .replace("identify_by = \"email\"", "identify_by = \"userId\"")
             .replace("userId = \"id\"\n", "");
-        assert!(error_of(&text).starts_with("sync[0].mapping.userId"));
+        assert!(error_of(&text).starts_with("sync \"users\".mapping.userId"));
     }
 
     #[test]
@@ -877,42 +1009,54 @@ amount = { column = "amount", type = "number" }
     fn event_sync_mistakes_are_named() {
         let e = error_of(&EXAMPLE.replace("on_remove = \"delete\"", "event = \"x\""));
         assert!(
-            e.starts_with("sync[0].event: is for event syncs only"),
+            e.starts_with("sync \"users\".event: is for event syncs only"),
             "{e}"
         );
         let e = error_of(&EXAMPLE.replace("on_remove = \"delete\"", "cursor = \"at\""));
         assert!(
-            e.starts_with("sync[0].cursor: is for event syncs only"),
+            e.starts_with("sync \"users\".cursor: is for event syncs only"),
             "{e}"
         );
         let with =
             |from: &str, to: &str| error_of(&format!("{EXAMPLE}{}", EVENTS.replace(from, to)));
         let e = with("event = { column = \"event_name\" }\n", "");
-        assert!(e.starts_with("sync[1].event: is required"), "{e}");
+        assert!(
+            e.starts_with("sync \"product_events\".event: is required"),
+            "{e}"
+        );
         let e = with("event = { column = \"event_name\" }", "event = \"a:b\"");
-        assert!(e.starts_with("sync[1].event: "), "{e}");
+        assert!(e.starts_with("sync \"product_events\".event: "), "{e}");
         let long = format!("event = \"{}\"", "e".repeat(501));
         let e = with("event = { column = \"event_name\" }", &long);
         assert!(e.contains("at most 500 characters"), "{e}");
         let e = with("\"90m\"", "\"soon\"");
         assert!(
-            e.starts_with("sync[1].cursor_lookback: \"soon\" is not a duration"),
+            e.starts_with("sync \"product_events\".cursor_lookback: \"soon\" is not a duration"),
             "{e}"
         );
         let e = with("cursor = \"occurred_at\"\n", "");
         assert!(
-            e.starts_with("sync[1].cursor_lookback: needs a cursor"),
+            e.starts_with("sync \"product_events\".cursor_lookback: needs a cursor"),
             "{e}"
         );
         let e = with(
             "behavior = \"append\"",
             "behavior = \"append\"\ntrigger_workflows = true",
         );
-        assert!(e.starts_with("sync[1].trigger_workflows"), "{e}");
+        assert!(
+            e.starts_with("sync \"product_events\".trigger_workflows"),
+            "{e}"
+        );
         let e = with("type = \"number\"", "type = \"money\"");
-        assert!(e.contains("sync[1].event_properties.amount"), "{e}");
+        assert!(
+            e.contains("sync \"product_events\".event_properties.amount"),
+            "{e}"
+        );
         let e = with("email = \"email\"\n", "");
-        assert!(e.starts_with("sync[1].mapping.email: is required"), "{e}");
+        assert!(
+            e.starts_with("sync \"product_events\".mapping.email: is required"),
+            "{e}"
+        );
         // Identified by userId, an event addresses an existing contact: no email needed.
         let by_user = EVENTS
             .replace("identify_by = \"email\"", "identify_by = \"userId\"")
@@ -1092,19 +1236,20 @@ amount = { column = "amount", type = "number" }
         ));
         assert_eq!(
             typed,
-            "sync[0].mapping.signedUpAt: type: unknown variant `datetime`, expected one of `string`, `number`, `boolean`, `date`"
+            "sync \"users\".mapping.signedUpAt: type: unknown variant `datetime`, expected one of `string`, `number`, `boolean`, `date`"
         );
         let neither = error_of(&format!("{sync}[sync.mapping]\nemail = 3\n"));
         assert!(
-            neither
-                .starts_with("sync[0].mapping.email: expected a column name (a string) or a table"),
+            neither.starts_with(
+                "sync \"users\".mapping.email: expected a column name (a string) or a table"
+            ),
             "{neither}"
         );
         let unsubscribe =
             error_of(&EXAMPLE.replace("on_remove = \"delete\"", "on_remove = \"unsubscribe\""));
         assert_eq!(
             unsubscribe,
-            "sync[0].on_remove: is for mirror syncs only (behavior = \"mirror\"): behavior = \"upsert\" removes nothing"
+            "sync \"users\".on_remove: is for mirror syncs only (behavior = \"mirror\"): behavior = \"upsert\" removes nothing"
         );
         let url = error_of(&EXAMPLE.replace(
             "postgres://root@127.0.0.1:5432/test",

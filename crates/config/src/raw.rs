@@ -50,7 +50,7 @@ pub(crate) struct RawSync {
     pub(crate) event: Option<RawEventName>,
     /// Event syncs only: `eventProperties` = column, or a table with a type.
     #[serde(default)]
-    pub(crate) event_properties: BTreeMap<String, RawMapping>,
+    pub(crate) event_properties: BTreeMap<String, RawEventProperty>,
     /// Event syncs only: read only rows at or after this column's last confirmed value, minus
     /// `cursor_lookback`.
     pub(crate) cursor: Option<String>,
@@ -107,6 +107,33 @@ impl<'de> Deserialize<'de> for RawMapping {
     }
 }
 
+impl<'de> Deserialize<'de> for RawEventProperty {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        string_or_table(
+            deserializer,
+            RawEventProperty::Column,
+            RawEventProperty::Typed,
+        )
+    }
+}
+
+/// An event property: a column name, or `{ column, type }` (its names are free: no default
+/// property to misspell).
+#[derive(Debug)]
+pub(crate) enum RawEventProperty {
+    Column(String),
+    Typed(TypedEventProperty),
+}
+
+/// `{ column = "…", type = "number" }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TypedEventProperty {
+    pub(crate) column: String,
+    #[serde(rename = "type")]
+    pub(crate) kind: Option<PropertyKind>,
+}
+
 /// `{ column = "…" }`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -134,11 +161,14 @@ pub(crate) enum RawMapping {
     Typed(TypedMapping),
 }
 
-/// `{ column = "…", type = "date" }`.
+/// `{ column = "…", type = "date" }`; `custom = true` keeps a name that looks like a Loops
+/// default property's misspelled (`firstname`) as a custom property of its own.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct TypedMapping {
     pub(crate) column: String,
     #[serde(rename = "type")]
     pub(crate) kind: Option<PropertyKind>,
+    #[serde(default)]
+    pub(crate) custom: bool,
 }

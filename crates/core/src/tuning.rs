@@ -64,6 +64,19 @@ pub const COMMAND_GRACE: Duration = Duration::from_secs(7);
 /// the lease closes them later if the warehouse does not answer.
 pub const CLOSE_DEADLINE: Duration = Duration::from_secs(2);
 
+/// How long a request to Loops may go unanswered before the user is told what is waited for
+/// (a line on stderr): a Loops that does not answer is said within seconds, not after the
+/// request's whole timeout and its retries.
+pub const LOOPS_SLOW_ANSWER: Duration = Duration::from_secs(2);
+
+/// At most one such line per this long per process: under an outage every request would say it.
+pub const LOOPS_SLOW_ANSWER_EVERY: Duration = Duration::from_secs(10);
+
+/// Attempts of `loopsync check`'s requests to Loops: a diagnosis says quickly that Loops
+/// cannot be reached (three attempts, some two seconds of backoff) rather than retry as long as
+/// a run would.
+pub const CHECK_ATTEMPTS: u32 = 3;
+
 /// Attempts of a run request: enough for the extractor to wait out a warehouse outage of some
 /// ten minutes (backoff capped at [`BACKOFF_CAP`]), after which the run fails.
 pub const EXTRACTOR_ATTEMPTS: u32 = 30;

@@ -7,6 +7,7 @@ use loopsync_config::Config;
 use loopsync_core::destination::Destination;
 use loopsync_core::envelope::{OutcomeStatus, RequestCounts};
 use loopsync_core::spec::{IdentifyBy, SyncSpec};
+use loopsync_core::tuning::CHECK_ATTEMPTS;
 use loopsync_loops_client::names_two_contacts;
 use loopsync_warehouse::{DestinationBinding, Warehouse, WarehouseError};
 use serde::Serialize;
@@ -187,11 +188,10 @@ pub async fn check(config: &Config, create_properties: bool) -> Result<CheckRepo
     // `check` belongs to no run: its requests are counted nowhere.
     let mut uncounted = RequestCounts::default();
     let counts = &mut uncounted;
-    match with_retries(&budget, config.loops.max_attempts, counts, || {
-        client.test_api_key()
-    })
-    .await
-    {
+    // A diagnosis: a Loops that cannot be reached is said after a few seconds, not after as
+    // many attempts as a run makes.
+    let attempts = config.loops.max_attempts.min(CHECK_ATTEMPTS);
+    match with_retries(&budget, attempts, counts, || client.test_api_key()).await {
         Err(e) => report.loops = Some(e.to_string()),
         Ok(info) => {
             let configured = Destination::new(info.team_name.clone(), client.base_url());

@@ -19,6 +19,7 @@ pub mod retry;
 pub mod runs;
 pub mod selection;
 pub mod settings;
+pub mod slots;
 pub mod state;
 pub mod status;
 pub mod verify;

@@ -33,8 +33,8 @@ pub struct Pipeline {
     pub coordination: Arc<dyn Coordination>,
     /// The warehouse: the models, and the syncs' state.
     pub warehouse: Arc<dyn Warehouse>,
-    /// The Loops team's rate budget, shared through the bus by every process: the loader and
-    /// the preflight take their slots from it.
+    /// The Loops team's rate budget, shared by every process of the deployment (through NATS,
+    /// or without it through the state): the loader and the preflight take their slots from it.
     pub budget: RateBudget,
     shutdown: CancellationToken,
     tasks: JoinSet<Result<(), BusError>>,
@@ -61,11 +61,21 @@ impl Pipeline {
             coordination,
             tasks,
         } = loopsync_bus::connect(&settings::bus_settings(&config), &installation).await?;
-        let budget = RateBudget::shared(
-            coordination.clone(),
-            config.loops.budget_name(),
-            config.loops.requests_per_second,
-        );
+        // One budget per Loops team for every process of the deployment: over NATS in its
+        // key-value bucket; without NATS in the state, which every such process shares.
+        let budget = if config.nats.is_some() {
+            RateBudget::shared(
+                coordination.clone(),
+                config.loops.budget_name(),
+                config.loops.requests_per_second,
+            )
+        } else {
+            RateBudget::stored(
+                Arc::new(crate::slots::StoredSlots(warehouse.clone())),
+                config.loops.budget_name(),
+                config.loops.requests_per_second,
+            )
+        };
         Ok(Pipeline {
             budget,
             in_memory: config.nats.is_none(),

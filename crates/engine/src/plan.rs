@@ -4,7 +4,7 @@
 //! is what a run would do; the binary only prints it.
 
 use futures::StreamExt;
-use loopsync_core::envelope::ChangeKind;
+use loopsync_core::envelope::{ChangeKind, RowChange};
 use loopsync_core::spec::SyncSpec;
 use loopsync_core::{Classified, ErrorClass};
 use loopsync_extractor::decide::ALREADY_SENT;
@@ -71,6 +71,32 @@ pub struct PlannedRecord {
 }
 
 impl PlannedRecord {
+    /// The sign of the record's line in the text plan: `+` added, `~` changed, `-` removed,
+    /// `!` invalid, `=` ignored.
+    pub fn sign(&self) -> char {
+        match self.change {
+            PlannedChange::Added => '+',
+            PlannedChange::Changed => '~',
+            PlannedChange::Removed => '-',
+            PlannedChange::Invalid => '!',
+            PlannedChange::Ignored => '=',
+        }
+    }
+
+    /// What a run would do for the record, in words, field by field: the values an added or
+    /// changed record would send (the state keeps fingerprints, not values, so a change is
+    /// shown as what Loops will hold), what a removal does to the contact, or why nothing is
+    /// sent. For the user's own terminal (it carries the record's values): never for a log.
+    pub fn describe(&self) -> String {
+        if let Some(reason) = &self.reason {
+            return reason.clone();
+        }
+        match &self.action {
+            Some(action) => describe_action(action),
+            None => self.operation.clone(),
+        }
+    }
+
     fn invalid(key: String, reason: String) -> PlannedRecord {
         PlannedRecord {
             key,
@@ -82,13 +108,101 @@ impl PlannedRecord {
     }
 }
 
+/// An action (as `plan --json` shows it) in words: see [`PlannedRecord::describe`].
+fn describe_action(action: &serde_json::Value) -> String {
+    use serde_json::Value;
+    let text = |v: &Value| match v {
+        Value::String(s) => format!("{s:?}"),
+        other => other.to_string(),
+    };
+    let identity = |a: &Value| {
+        [("email", "email"), ("user_id", "userId")]
+            .iter()
+            .filter_map(|(field, name)| a.get(field).and_then(Value::as_str).map(|v| (name, v)))
+            .map(|(name, v)| format!("{name} {v:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let kind = action.get("type").and_then(Value::as_str).unwrap_or("");
+    match kind {
+        "upsert" | "event" => {
+            let mut fields = Vec::new();
+            if let Some(event) = action.get("event_name").and_then(Value::as_str) {
+                fields.push(format!("event {event:?}"));
+            }
+            let id = identity(action);
+            if !id.is_empty() {
+                fields.push(id);
+            }
+            if let Some(Value::Object(properties)) = action.get("properties") {
+                for (name, value) in properties {
+                    if name != "email" && name != "userId" {
+                        fields.push(format!("{name} {}", text(value)));
+                    }
+                }
+            }
+            if let Some(Value::Object(lists)) = action.get("mailing_lists") {
+                for (list, on) in lists {
+                    let state = if on.as_bool() == Some(true) {
+                        "subscribed"
+                    } else {
+                        "unsubscribed"
+                    };
+                    fields.push(format!("list {list} {state}"));
+                }
+            }
+            if let Some(Value::Object(properties)) = action.get("event_properties") {
+                for (name, value) in properties {
+                    fields.push(format!("eventProperties.{name} {}", text(value)));
+                }
+            }
+            let verb = if kind == "event" {
+                "send the event, writing"
+            } else {
+                "write"
+            };
+            format!("{verb} {}", fields.join(", "))
+        }
+        "delete" => format!("delete the contact ({}) from Loops", identity(action)),
+        "unsubscribe" => format!(
+            "unsubscribe the contact ({}): it stays in Loops, unsubscribed",
+            identity(action)
+        ),
+        "rekey" => {
+            let write = action.get("write").map(describe_action).unwrap_or_default();
+            let old = action
+                .get("old_user_id")
+                .and_then(Value::as_str)
+                .map(|u| format!("userId {u:?}"))
+                .or_else(|| {
+                    action
+                        .get("old_email")
+                        .and_then(Value::as_str)
+                        .map(|e| format!("email {e:?}"))
+                })
+                .unwrap_or_default();
+            let then = match action.get("remove_old").and_then(Value::as_str) {
+                Some("delete") => format!("then delete the old contact ({old})"),
+                Some("unsubscribe") => {
+                    format!("then unsubscribe the old contact ({old}): it stays in Loops")
+                }
+                _ => format!("the old contact ({old}) stays in Loops"),
+            };
+            format!("new identity: {write}; {then}")
+        }
+        other => other.to_owned(),
+    }
+}
+
 /// The plan of one sync, but its records (those are handed out one by one: a plan of a million
 /// records is never held).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SyncPlan {
     /// The sync's name.
     pub sync: String,
-    /// The extractor's counts, as a run would record them.
+    /// The counts of the run that would follow, as its report will show them: the model's
+    /// rows counted by the run's rules (the changes the transformer refuses among the invalid
+    /// rows, [`ExtractCounts::refuse`]), and in `error` why it would fail (the removal guard).
     pub counts: ExtractCounts,
     /// Records refused, by the extractor or the transformer.
     pub invalid: i64,
@@ -141,31 +255,50 @@ pub async fn plan<E: std::error::Error + 'static>(
     let mut rows = warehouse.diff_changes(spec, window.since).await?;
     // Run id 0: nothing is published, the id only names the run.
     let mut decider = Decider::new(spec, 0);
-    let mut take = |plan: &mut SyncPlan, decided: Decided| match planned(spec, decided, plan) {
-        Some(record) => each(record).map_err(PlanError::Each),
-        None => Ok(()),
+    // The removals a run would weigh.
+    let mut removals = 0u64;
+    // Hands the record on; a change the transformer refuses is counted as the run's report
+    // will count it (`Decider::count_as_invalid`, the one rule).
+    let mut take = |plan: &mut SyncPlan, decider: &mut Decider, decided: Decided| {
+        if matches!(&decided.decision, Decision::Change(c) if c.kind == ChangeKind::Removed) {
+            removals += 1;
+        }
+        let (record, refused) = planned(spec, decided, plan);
+        if let Some(change) = refused {
+            decider.count_as_invalid(&change);
+        }
+        match record {
+            Some(record) => each(record).map_err(PlanError::Each),
+            None => Ok(()),
+        }
     };
     while let Some(row) = rows.next().await {
         for decided in decider.push(row?) {
-            take(&mut plan, decided)?;
+            take(&mut plan, &mut decider, decided)?;
         }
     }
     if let Some(decided) = decider.finish() {
-        take(&mut plan, decided)?;
+        take(&mut plan, &mut decider, decided)?;
     }
+    let guard = decider.guard();
     plan.counts = decider.into_counts();
+    // Would the removal guard stop the run? Its one rule; a plan assumes no --allow-removals.
+    plan.counts.error = guard
+        .refuses(spec, removals, false)
+        .map(|refusal| refusal.for_plan());
     window.close(&mut plan.counts);
     plan.seconds_at_rate_budget = plan.requests as f64 / f64::from(requests_per_second);
     Ok(plan)
 }
 
-/// The record a decision plans, counted in `plan`.
+/// The record a decision plans, counted in `plan`; and the change, when the transformer
+/// refuses it.
 pub(crate) fn planned(
     spec: &SyncSpec,
     Decided { decision, .. }: Decided,
     plan: &mut SyncPlan,
-) -> Option<PlannedRecord> {
-    match decision {
+) -> (Option<PlannedRecord>, Option<RowChange>) {
+    let record = match decision {
         Decision::Change(change) => match transform(spec, &change) {
             Ok(op) => {
                 plan.requests += 1;
@@ -179,7 +312,8 @@ pub(crate) fn planned(
             }
             Err(Invalid(reason)) => {
                 plan.invalid += 1;
-                Some(PlannedRecord::invalid(change.key, reason))
+                let record = PlannedRecord::invalid(change.key.clone(), reason);
+                return (Some(record), Some(change));
             }
         },
         Decision::Invalid { key, reason, .. } => {
@@ -194,7 +328,8 @@ pub(crate) fn planned(
             reason: Some(ALREADY_SENT.into()),
         }),
         Decision::Unchanged | Decision::RemovedKept | Decision::Nothing | Decision::Parked => None,
-    }
+    };
+    (record, None)
 }
 
 #[cfg(test)]
@@ -316,14 +451,15 @@ pub(crate) mod tests {
             plan.seconds_at_rate_budget, 0.2,
             "2 requests at 10 per second"
         );
-        // Counted as a run would: the row the transformer refuses is counted added there.
+        // Counted as the run's report counts them: the row the transformer refuses is an
+        // invalid row, not an added one.
         assert_eq!(
             (
                 plan.counts.added,
                 plan.counts.invalid_rows,
                 plan.counts.unchanged
             ),
-            (3, 3, 0)
+            (2, 4, 0)
         );
         assert_eq!(
             serde_json::to_value(&records[2]).unwrap(),
@@ -333,6 +469,66 @@ pub(crate) mod tests {
 
         let again = plan_all(&*model.warehouse, &spec).await;
         assert_eq!(again, (plan, records), "a plan changes no state");
+    }
+
+    /// Each record in words, field by field: what an added or changed record writes, what a
+    /// removal does to the contact (deleted, or unsubscribed and kept), a re-key's two halves,
+    /// and why an invalid record is refused.
+    #[test]
+    fn a_record_is_described_field_by_field() {
+        let upsert = json!({"type": "upsert", "email": "ann@x.co", "user_id": null,
+            "properties": {"email": "ann@x.co", "firstName": "Anne", "seats": 3, "planName": null},
+            "mailing_lists": {"news": true, "promo": false}});
+        let record = |change, action: serde_json::Value| PlannedRecord {
+            key: "42".into(),
+            change,
+            operation: action["type"].as_str().unwrap().into(),
+            action: Some(action),
+            reason: None,
+        };
+        let changed = record(PlannedChange::Changed, upsert.clone());
+        assert_eq!(changed.sign(), '~');
+        assert_eq!(
+            changed.describe(),
+            r#"write email "ann@x.co", firstName "Anne", planName null, seats 3, list news subscribed, list promo unsubscribed"#
+        );
+        let delete = record(
+            PlannedChange::Removed,
+            json!({"type": "delete", "email": "ann@x.co", "user_id": null}),
+        );
+        assert_eq!(
+            (delete.sign(), delete.describe().as_str()),
+            ('-', r#"delete the contact (email "ann@x.co") from Loops"#)
+        );
+        let unsubscribe = record(
+            PlannedChange::Removed,
+            json!({"type": "unsubscribe", "email": "ann@x.co", "user_id": null}),
+        );
+        assert_eq!(
+            unsubscribe.describe(),
+            r#"unsubscribe the contact (email "ann@x.co"): it stays in Loops, unsubscribed"#
+        );
+        let rekey = record(
+            PlannedChange::Changed,
+            json!({"type": "rekey", "write": upsert, "old_email": "old@x.co",
+                   "remove_old": "unsubscribe", "old_user_id": null}),
+        );
+        let said = rekey.describe();
+        assert!(
+            said.starts_with(r#"new identity: write email "ann@x.co""#)
+                && said.ends_with(
+                    r#"then unsubscribe the old contact (email "old@x.co"): it stays in Loops"#
+                ),
+            "{said}"
+        );
+        let invalid = PlannedRecord::invalid(
+            "7".into(),
+            "no email: the contact is identified by email".into(),
+        );
+        assert_eq!(
+            (invalid.sign(), invalid.describe().as_str()),
+            ('!', "no email: the contact is identified by email")
+        );
     }
 
     /// The JSON of a plan's parts is the one `plan --json` has always printed.

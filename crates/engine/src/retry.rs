@@ -65,7 +65,19 @@ where
         match result {
             Err(error) => match retry_delay(error.class(), attempt, &policy) {
                 Some(delay) => {
-                    tracing::info!(%error, ?delay, "retrying a Loops request");
+                    let next = format!(
+                        "{error}: retrying (attempt {} of {attempts}, next in {:.1} s)",
+                        attempt + 1,
+                        delay.as_secs_f64()
+                    );
+                    // A Loops that cannot be reached, or fails, is said at once: the user sees
+                    // what is waited for. A 429 is the budget's business (shared by every
+                    // process of the deployment): a line at info.
+                    if error.is_rate_limited() {
+                        tracing::info!("{next}");
+                    } else {
+                        tracing::warn!("{next}");
+                    }
                     tokio::time::sleep(delay).await;
                     attempt += 1;
                 }

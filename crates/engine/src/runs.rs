@@ -107,6 +107,54 @@ async fn request_outliving_a_dead_holder(
     }
 }
 
+/// Before anything else of `run --once` (the preflight's requests to Loops included): a sync of
+/// `syncs` whose newest run is in progress is said at once; if that run's waiting process
+/// shows a sign of life within a heartbeat, the run is alive and this one is refused
+/// ([`WarehouseError::RunInProgress`], exit 1), having asked nothing of Loops. A holder with no
+/// sign of life may have died: the request goes ahead and waits for its lease
+/// ([`request_outliving_a_dead_holder`]), as before.
+pub async fn refuse_a_run_in_progress(
+    warehouse: &dyn Warehouse,
+    syncs: &[String],
+    observer: &mut dyn RunObserver,
+) -> Result<(), EngineError> {
+    use loopsync_warehouse::HEARTBEAT;
+    for sync in syncs {
+        let Some(run) = warehouse
+            .runs(Some(sync), 1)
+            .await?
+            .into_iter()
+            .next()
+            .filter(|r| !r.is_finished())
+        else {
+            continue;
+        };
+        observer.notice(format!(
+            "run {} of sync {sync} is in progress ({}); one run of a sync at a time",
+            run.id, run.status
+        ));
+        let deadline = tokio::time::Instant::now() + HEARTBEAT + Duration::from_secs(1);
+        while tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            match warehouse.run(run.id).await? {
+                Some(now) if now.is_finished() => break,
+                Some(now) if now.alive_at != run.alive_at => {
+                    return Err(WarehouseError::RunInProgress {
+                        sync: sync.clone(),
+                        run_id: now.id,
+                        status: now.status,
+                        alive_at: now.alive_at.unwrap_or_default(),
+                    }
+                    .into());
+                }
+                Some(_) => {}
+                None => break,
+            }
+        }
+    }
+    Ok(())
+}
+
 /// How [`wait_for_run_with`] waits.
 #[derive(Debug, Clone)]
 pub struct WaitOptions {
@@ -395,8 +443,9 @@ pub struct RunOptions {
 /// What became of one sync of `run --once`.
 #[derive(Debug)]
 pub enum SyncRun {
-    /// Its run ended (done, degraded or failed: see the summary).
-    Done(RunSummary),
+    /// Its run ended (done, degraded or failed: see the summary). Boxed: a summary is far
+    /// larger than the other variants.
+    Done(Box<RunSummary>),
     /// Refused: its state belongs to another Loops; the other syncs went on.
     Refused(Refused),
     /// Not run: what it maps is missing in Loops (a mailing list, a property's type); nothing
@@ -630,7 +679,7 @@ impl Runs {
                 () = shutdown.cancelled() => return Err(EngineError::Stopped),
             };
             observer.finished(&summary);
-            runs.push(SyncRun::Done(summary));
+            runs.push(SyncRun::Done(Box::new(summary)));
         }
         Ok(runs)
     }

@@ -36,6 +36,62 @@ impl Filter {
     }
 }
 
+impl Filter {
+    /// What of this filter selected nothing among `letters` (the dead letters it selected),
+    /// in words: each `--key` that is no dead letter of the scope, else a `--reason` or
+    /// `--since` that matched none. `None` when every key matched, or when no such filter was
+    /// given (`--sync` only chooses the scope: nothing in it is not a mistake). `park`,
+    /// `unpark` and `replay` refuse such a filter (exit 1) rather than do nothing silently.
+    pub fn unmatched(&self, letters: &[RecordResult]) -> Option<String> {
+        let scope = match &self.sync {
+            Some(sync) => format!("of sync {sync}"),
+            None => "of any sync".to_owned(),
+        };
+        let missing: Vec<&str> = self
+            .keys
+            .iter()
+            .filter(|k| !letters.iter().any(|r| r.key == **k))
+            .map(String::as_str)
+            .collect();
+        if !missing.is_empty() {
+            let (noun, keys) = if missing.len() == 1 {
+                ("the key", missing[0].to_owned())
+            } else {
+                ("the keys", missing.join(", "))
+            };
+            return Some(format!(
+                "no dead letter {scope} matches --key: nothing has {noun} {keys} among the \
+                 dead letters{also} (loopsync dlq list shows them); nothing was done",
+                also = self.described(false),
+            ));
+        }
+        if letters.is_empty() && (self.reason.is_some() || self.since.is_some()) {
+            return Some(format!(
+                "no dead letter {scope} matches{}: nothing was done (loopsync dlq list shows \
+                 them)",
+                self.described(true)
+            ));
+        }
+        None
+    }
+
+    /// The `--reason` and `--since` filters, in words (`lead`: as the object of "matches").
+    fn described(&self, lead: bool) -> String {
+        let mut parts = Vec::new();
+        if let Some(reason) = &self.reason {
+            parts.push(format!("--reason {reason:?}"));
+        }
+        if let Some(since) = &self.since {
+            parts.push(format!("--since {}", since.to_rfc3339()));
+        }
+        match (parts.is_empty(), lead) {
+            (true, _) => String::new(),
+            (false, true) => format!(" {}", parts.join(" and ")),
+            (false, false) => format!(" that match {}", parts.join(" and ")),
+        }
+    }
+}
+
 /// A `since` time as the user writes it: RFC 3339, or a date (`2026-11-28`, midnight UTC), or
 /// any form the warehouse's dates take. `None` when it is not a time.
 pub fn parse_since(text: &str) -> Option<DateTime<Utc>> {
@@ -93,6 +149,57 @@ pub(crate) mod tests {
             at: at.into(),
             accepted: false,
         }
+    }
+
+    /// A filter that selects nothing is said, naming what matched nothing: a key that is no
+    /// dead letter (among several that are), a reason or a time that matched none; a scope
+    /// (`--sync`) alone with nothing in it, or a filter that matched, is not a mistake.
+    #[test]
+    fn a_filter_that_matches_nothing_is_said() {
+        let letters: Vec<RecordResult> = records()
+            .into_iter()
+            .filter(|r| r.outcome == OutcomeStatus::DeadLettered)
+            .collect();
+        let select = |filter: &Filter| -> Vec<RecordResult> {
+            letters
+                .iter()
+                .filter(|r| filter.matches(r))
+                .cloned()
+                .collect()
+        };
+        let keys = Filter {
+            sync: Some("users".into()),
+            keys: vec!["1".into(), "99999".into()],
+            ..Filter::default()
+        };
+        let said = keys
+            .unmatched(&select(&keys))
+            .expect("99999 is no dead letter");
+        assert!(
+            said.contains("no dead letter of sync users matches --key")
+                && said.contains("the key 99999")
+                && !said.contains("1,"),
+            "{said}"
+        );
+        let found = Filter {
+            keys: vec!["1".into()],
+            ..Filter::default()
+        };
+        assert_eq!(found.unmatched(&select(&found)), None);
+        let reason = Filter {
+            reason: Some("no such reason".into()),
+            ..Filter::default()
+        };
+        let said = reason.unmatched(&select(&reason)).unwrap();
+        assert!(
+            said.contains("no dead letter of any sync matches --reason \"no such reason\""),
+            "{said}"
+        );
+        let scope = Filter {
+            sync: Some("nothing-here".into()),
+            ..Filter::default()
+        };
+        assert_eq!(scope.unmatched(&select(&scope)), None);
     }
 
     fn records() -> Vec<RecordResult> {

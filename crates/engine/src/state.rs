@@ -7,7 +7,8 @@ use std::sync::Arc;
 use loopsync_config::Config;
 
 pub use loopsync_warehouse::{
-    ExtractCounts, RecordResult, RequestsByKind, RunStatus, RunSummary, Warehouse, WarehouseError,
+    ExtractCounts, RecordResult, RequestsByKind, RunStatus, RunSummary, StateReset, Warehouse,
+    WarehouseError,
 };
 
 use crate::settings::warehouse_settings;

@@ -264,14 +264,19 @@ impl Classified for VerifyError {
     }
 }
 
+/// Told how far verify is: the sync, the contacts read back so far, and how many it reads
+/// (once before the reads, with 0 done, then after each read). The binary prints it.
+pub type Progress<'p> = &'p (dyn Fn(&str, usize, usize) + Sync);
+
 /// `loopsync verify` on a connected pipeline: every sync of its config (or `only`), each
 /// read of Loops through the team's rate budget and retried as the loader's requests are
-/// ([`with_retries`]), `loops.concurrency` at a time.
+/// ([`with_retries`]), `loops.concurrency` at a time; `progress` told as they go.
 pub async fn verify_pipeline(
     pipeline: &Pipeline,
     client: &LoopsClient,
     only: Option<&str>,
     options: &Options,
+    progress: Progress<'_>,
 ) -> Result<Report, VerifyError> {
     let (budget, attempts) = (&pipeline.budget, pipeline.config.loops.max_attempts);
     let find = |identity: ContactIdentity| async move {
@@ -293,6 +298,7 @@ pub async fn verify_pipeline(
         options,
         pipeline.config.loops.concurrency.max(1),
         find,
+        progress,
     )
     .await
 }
@@ -307,6 +313,7 @@ pub async fn verify<'a, F, Fut>(
     options: &Options,
     concurrency: usize,
     find: F,
+    progress: Progress<'_>,
 ) -> Result<Report, VerifyError>
 where
     F: Fn(ContactIdentity) -> Fut,
@@ -318,7 +325,7 @@ where
         if only.is_some_and(|n| n != spec.name) || spec.is_append() {
             continue;
         }
-        let one = verify_sync(warehouse, spec, options, concurrency, &find)
+        let one = verify_sync(warehouse, spec, options, concurrency, &find, progress)
             .await
             .map_err(|e| VerifyError::Sync {
                 sync: spec.name.clone(),
@@ -330,14 +337,15 @@ where
 }
 
 /// Verifies one sync: walks its diff as a run would, reads the sample back from Loops
-/// (`concurrency` at a time, each through `find`), compares, and with `options.repair` forgets
-/// what Loops confirmed for each drifted record.
+/// (`concurrency` at a time, each through `find`, `progress` told after each), compares, and
+/// with `options.repair` forgets what Loops confirmed for each drifted record.
 pub async fn verify_sync<F, Fut>(
     warehouse: &dyn Warehouse,
     spec: &SyncSpec,
     options: &Options,
     concurrency: usize,
     find: F,
+    progress: Progress<'_>,
 ) -> Result<SyncReport, VerifyError>
 where
     F: Fn(ContactIdentity) -> Fut,
@@ -363,7 +371,11 @@ where
 
     // Read them back, `concurrency` at a time.
     let find = &find;
-    let reads = futures::stream::iter(walk.sample.into_sorted())
+    let sample = walk.sample.into_sorted();
+    let total = sample.len();
+    progress(&spec.name, 0, total);
+    let mut done = 0;
+    let reads = futures::stream::iter(sample)
         .map(|(key, candidate)| async move {
             let (found, counts) = match candidate.confirmed.lookup(spec.identify_by) {
                 None => (
@@ -378,6 +390,10 @@ where
             (key, candidate, found, counts)
         })
         .buffered(concurrency.max(1))
+        .inspect(|_| {
+            done += 1;
+            progress(&spec.name, done, total);
+        })
         .collect::<Vec<_>>()
         .await;
     let mut drifted = Vec::new();

@@ -293,9 +293,111 @@ pub fn tally(counts: &mut ExtractCounts, decision: &Decision) {
         }
         // A parked record is counted with the unchanged: the run sends nothing for it.
         Decision::Unchanged | Decision::Parked => counts.unchanged += 1,
-        Decision::RemovedKept => counts.removed += 1,
+        // An upsert sync leaves the contact in Loops: nothing is removed, nothing counted.
+        Decision::RemovedKept => {}
         Decision::AlreadySent { .. } => counts.ignored += 1,
         Decision::Nothing => {}
+    }
+}
+
+/// What the removal guard weighs ([`RemovalGuard::refuses`]): the contacts the sync confirmed
+/// and the model's rows, tallied from the diff's rows as they come, by the run and by `plan`
+/// alike ([`Decider::guard`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RemovalGuard {
+    /// Keys whose contact Loops confirmed, or that a create whose answer was lost may have
+    /// made: the contacts the sync may remove.
+    pub confirmed: u64,
+    /// Rows the model returned.
+    pub model_rows: u64,
+}
+
+/// Why the removal guard holds a run's removals back: what the run would do, and the way on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuardRefusal {
+    /// What the removals would be (`the model returned no rows, so …`).
+    pub why: String,
+    /// What to do if the removals are wanted.
+    pub way_on: String,
+}
+
+impl GuardRefusal {
+    /// As a run says it, in its error: the removals were held back.
+    pub fn for_run(&self) -> String {
+        format!("{}; nothing was removed. {}", self.why, self.way_on)
+    }
+
+    /// As `plan` says it: what a run would do.
+    pub fn for_plan(&self) -> String {
+        format!(
+            "{}: the removal guard would stop it (a run would remove none and fail). {}",
+            self.why, self.way_on
+        )
+    }
+}
+
+impl RemovalGuard {
+    /// Takes one row of the diff.
+    pub fn see(&mut self, row: &DiffRow) {
+        if row.is_untold() {
+            // Unchanged rows left out: each is in the model and confirmed.
+            let n = row.unchanged_untold as u64;
+            self.confirmed += n;
+            self.model_rows += n;
+            return;
+        }
+        // A contact a lost create may have made counts as one the sync may remove.
+        self.confirmed +=
+            u64::from(row.confirmed_fp.is_some() || (row.unsure && row.emitted_email.is_some()));
+        self.model_rows += u64::from(row.values.is_some());
+    }
+
+    /// The removal guard, the one rule of it: a run that would remove `removals` contacts
+    /// removes none and fails when that is more than the sync's `max_removal_share` of the
+    /// contacts it confirmed, or any at all when the model returned no rows — unless removals
+    /// are allowed (`--allow-removals`). `None`: the removals go.
+    pub fn refuses(
+        &self,
+        spec: &SyncSpec,
+        removals: u64,
+        allow_removals: bool,
+    ) -> Option<GuardRefusal> {
+        let share = spec.max_removal_share;
+        let n = removals;
+        if n == 0 || allow_removals {
+            return None;
+        }
+        if self.model_rows == 0 {
+            // No share lets an empty model remove anything: only the flag does.
+            return Some(GuardRefusal {
+                why: format!(
+                    "the model returned no rows, so this run would remove all {n} contacts it \
+                     confirmed"
+                ),
+                way_on: "If the model is right (the table is meant to be empty), run again with \
+                         --allow-removals"
+                    .to_owned(),
+            });
+        }
+        if n as f64 <= share * self.confirmed as f64 {
+            return None;
+        }
+        let needed = n as f64 / self.confirmed.max(1) as f64;
+        Some(GuardRefusal {
+            why: format!(
+                "this run would remove {n} of the {} contacts the sync confirmed ({:.1} %), more \
+                 than max_removal_share ({:.1} %)",
+                self.confirmed,
+                100.0 * needed,
+                100.0 * share
+            ),
+            way_on: format!(
+                "If the model is right, run again with --allow-removals (or set \
+                 max_removal_share to at least {:.3} for sync {})",
+                (needed * 1000.0).ceil() / 1000.0,
+                spec.name
+            ),
+        })
     }
 }
 
@@ -372,6 +474,7 @@ pub struct Decider<'a> {
     groups: KeyGroups,
     null_seen: usize,
     counts: ExtractCounts,
+    guard: RemovalGuard,
 }
 
 impl<'a> Decider<'a> {
@@ -385,6 +488,7 @@ impl<'a> Decider<'a> {
             groups: KeyGroups::default(),
             null_seen: 0,
             counts: ExtractCounts::default(),
+            guard: RemovalGuard::default(),
         }
     }
 
@@ -399,6 +503,7 @@ impl<'a> Decider<'a> {
     /// before, and a NULL key, complete on its own), each already counted.
     pub fn push(&mut self, row: DiffRow) -> impl Iterator<Item = Decided> + use<> {
         let mut done = [None, None];
+        self.guard.see(&row);
         if row.is_untold() {
             // Rows the warehouse left out as unchanged: counted, unless only some keys are
             // asked for (their rows are read in full, see `Warehouse::diff_changes`).
@@ -420,14 +525,16 @@ impl<'a> Decider<'a> {
     }
 
     /// What the transformer refused of a change this decider yielded: counted as one invalid
-    /// row instead of an added or changed one (`loopsync adopt` records nothing for it).
+    /// row instead of an added or changed one, as a run's report counts it
+    /// ([`ExtractCounts::refuse`]; `loopsync adopt` records nothing for it, `plan` lists it).
     pub fn count_as_invalid(&mut self, change: &RowChange) {
-        match change.kind {
-            ChangeKind::Added => self.counts.added -= 1,
-            ChangeKind::Changed => self.counts.changed -= 1,
-            ChangeKind::Removed => self.counts.removed -= 1,
-        }
-        self.counts.invalid_rows += 1;
+        self.counts.refuse(change.kind, 1);
+    }
+
+    /// What the removal guard weighs, of every row taken so far (a replay's too: the guard
+    /// weighs the whole sync).
+    pub fn guard(&self) -> RemovalGuard {
+        self.guard
     }
 
     /// The counts so far.
@@ -578,7 +685,8 @@ pub(crate) mod tests {
     }
 
     /// Every model row lands in exactly one of added, changed, unchanged and invalid rows: a
-    /// duplicate key is one invalid record of several rows. A row that left counts as removed.
+    /// duplicate key is one invalid record of several rows. A row that left counts as removed
+    /// under mirror; under upsert, which removes nothing, it is not counted.
     #[test]
     fn tally_counts_model_rows() {
         let s = spec(Behavior::Upsert);
@@ -607,14 +715,70 @@ pub(crate) mod tests {
                 counts.invalid_rows,
                 counts.removed
             ),
-            (1, 1, 1, 4, 1)
+            (1, 1, 1, 4, 0)
         );
+        let mut mirror = ExtractCounts::default();
+        let gone = (row(Some("5"), None, Some("fp")), 1);
+        tally(
+            &mut mirror,
+            &decide_group(&spec(Behavior::Mirror), 1, &gone, &mut nulls),
+        );
+        assert_eq!((mirror.removed, mirror.expected), (1, 1));
         let model_rows = 1 + 1 + 3 + 1 + 1;
         assert_eq!(
             counts.added + counts.changed + counts.unchanged + counts.invalid_rows,
             model_rows
         );
         assert_eq!(counts.expected, 4, "two changes, two invalid records");
+    }
+
+    /// The removal guard: an empty model removes nothing without --allow-removals, whatever
+    /// max_removal_share says, and its hint names only the flag; above the share, the hint
+    /// names the share that would let the run through.
+    #[test]
+    fn the_removal_guard_gives_the_way_that_works() {
+        let mut s = spec(Behavior::Mirror);
+        s.max_removal_share = 1.0;
+        let empty = RemovalGuard {
+            confirmed: 10,
+            model_rows: 0,
+        };
+        let refusal = empty
+            .refuses(&s, 10, false)
+            .expect("an empty model is refused");
+        assert!(
+            refusal.why.contains("the model returned no rows"),
+            "{refusal:?}"
+        );
+        assert!(refusal.way_on.contains("--allow-removals"), "{refusal:?}");
+        assert!(
+            !refusal.for_run().contains("max_removal_share"),
+            "raising the share does nothing for an empty model: {}",
+            refusal.for_run()
+        );
+        assert_eq!(empty.refuses(&s, 10, true), None, "--allow-removals");
+        assert_eq!(empty.refuses(&s, 0, false), None, "nothing to remove");
+        s.max_removal_share = 0.2;
+        let some = RemovalGuard {
+            confirmed: 10,
+            model_rows: 7,
+        };
+        assert_eq!(some.refuses(&s, 2, false), None, "20 % is allowed");
+        let refusal = some.refuses(&s, 3, false).expect("30 % is too many");
+        assert!(
+            refusal.for_run().contains(
+                "would remove 3 of the 10 contacts the sync confirmed (30.0 %), more than \
+                 max_removal_share (20.0 %); nothing was removed"
+            ) && refusal
+                .way_on
+                .contains("max_removal_share to at least 0.300 for sync s"),
+            "{refusal:?}"
+        );
+        assert!(
+            refusal
+                .for_plan()
+                .contains("the removal guard would stop it")
+        );
     }
 
     #[test]
@@ -705,7 +869,7 @@ pub(crate) mod tests {
                 expected.invalid_rows,
                 expected.expected
             ),
-            (1, 1, 4, 4)
+            (1, 0, 4, 4)
         );
     }
 

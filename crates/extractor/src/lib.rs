@@ -116,24 +116,12 @@ impl ExtractorStage {
             held: Vec::new(),
             written_emails: HashSet::new(),
             hasher: RandomState::new(),
-            confirmed: 0,
-            model_rows: 0,
+            guard: decide::RemovalGuard::default(),
         };
         let mut decider =
             Decider::new(spec, request.run_id).only_keys(request.only_keys.iter().cloned());
         while let Some(row) = rows.next().await {
             let row = row?;
-            if row.is_untold() {
-                // Unchanged rows left out: each is in the model and confirmed.
-                let n = row.unchanged_untold as u64;
-                run.confirmed += n;
-                run.model_rows += n;
-            }
-            // A contact a lost create may have made counts as one the sync may remove.
-            run.confirmed += u64::from(
-                row.confirmed_fp.is_some() || (row.unsure && row.emitted_email.is_some()),
-            );
-            run.model_rows += u64::from(row.values.is_some());
             for decided in decider.push(row) {
                 self.take(&mut run, decided).await?;
             }
@@ -141,6 +129,7 @@ impl ExtractorStage {
         if let Some(decided) = decider.finish() {
             self.take(&mut run, decided).await?;
         }
+        run.guard = decider.guard();
         run.counts = decider.into_counts();
         window.close(&mut run.counts);
         self.flush(&mut run).await?;
@@ -227,31 +216,12 @@ impl ExtractorStage {
                 }
             }
         }
-        let n = removals.len() as u64;
-        let share = run.spec.max_removal_share;
-        let too_many = n > 0
-            && !allow_removals
-            && (run.model_rows == 0 || n as f64 > share * run.confirmed as f64);
-        if too_many {
-            let why = if run.model_rows == 0 {
-                format!(
-                    "the model returned no rows, so this run would remove all {n} contacts it confirmed"
-                )
-            } else {
-                format!(
-                    "this run would remove {n} of the {} contacts the sync confirmed ({:.1} %), more than max_removal_share ({:.1} %)",
-                    run.confirmed,
-                    100.0 * n as f64 / run.confirmed.max(1) as f64,
-                    100.0 * share
-                )
-            };
-            run.counts.error = Some(format!(
-                "{why}; nothing was removed. If the model is right, run again with --allow-removals \
-                 (or raise max_removal_share for sync {})",
-                run.spec.name
-            ));
-        } else {
-            run.changes.extend(removals);
+        match run
+            .guard
+            .refuses(run.spec, removals.len() as u64, allow_removals)
+        {
+            Some(refusal) => run.counts.error = Some(refusal.for_run()),
+            None => run.changes.extend(removals),
         }
         self.flush(run).await
     }
@@ -464,9 +434,8 @@ struct RunState<'a> {
     /// not sent. About 16 bytes per write.
     written_emails: HashSet<u64>,
     hasher: RandomState,
-    /// Keys Loops has confirmed for the sync, and rows the model returned.
-    confirmed: u64,
-    model_rows: u64,
+    /// What the removal guard weighs: the contacts the sync confirmed, the model's rows.
+    guard: decide::RemovalGuard,
 }
 
 impl RunState<'_> {
@@ -717,8 +686,7 @@ mod held_tests {
             held: Vec::new(),
             written_emails: HashSet::new(),
             hasher: RandomState::new(),
-            confirmed: 0,
-            model_rows: 0,
+            guard: decide::RemovalGuard::default(),
         }
     }
 

@@ -660,6 +660,11 @@ impl Handler for LoaderStage {
         publish::outcome(&*self.bus, &outcome).await?;
         Ok(())
     }
+
+    fn record(&self, payload: &Bytes) -> Option<String> {
+        let op: Operation = codec::decode(payload).ok()?;
+        Some(loopsync_core::keys::log_key(&op.sync, &op.key))
+    }
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use loopsync_core::tuning::MAX_LOOPS_BODY_BYTES;
+use loopsync_core::tuning::{LOOPS_SLOW_ANSWER, LOOPS_SLOW_ANSWER_EVERY, MAX_LOOPS_BODY_BYTES};
 
 use crate::LoopsError;
 use crate::error::classify;
@@ -249,7 +249,16 @@ impl LoopsClient {
         if let Some(key) = idempotency_key {
             request = request.header("Idempotency-Key", key.as_str());
         }
-        let response = match request.send().await {
+        let sending = request.send();
+        tokio::pin!(sending);
+        let sent = tokio::select! {
+            sent = &mut sending => sent,
+            () = tokio::time::sleep(LOOPS_SLOW_ANSWER) => {
+                self.slow_answer(&endpoint);
+                sending.await
+            }
+        };
+        let response = match sent {
             Ok(response) => response,
             Err(e) => {
                 metrics::counter!("loopsync_loops_requests_total", "endpoint" => endpoint, "status" => "transport_error")
@@ -269,6 +278,25 @@ impl LoopsClient {
         let text = self.read_body(response).await?;
         classify(status, &headers, &text)?;
         Ok(text)
+    }
+
+    /// A request has had no answer for [`LOOPS_SLOW_ANSWER`]: the user is told what is waited
+    /// for (at most once per [`LOOPS_SLOW_ANSWER_EVERY`] per process).
+    fn slow_answer(&self, endpoint: &str) {
+        static LAST: Mutex<Option<std::time::Instant>> = Mutex::new(None);
+        let mut last = LAST.lock().expect("slow-answer mutex");
+        if last.is_some_and(|t| t.elapsed() < LOOPS_SLOW_ANSWER_EVERY) {
+            return;
+        }
+        *last = Some(std::time::Instant::now());
+        tracing::warn!(
+            endpoint,
+            "waiting for Loops at {}: no answer after {} s (the request gives up after {} s, \
+             then is retried)",
+            loopsync_core::url::redact(&self.base_url),
+            LOOPS_SLOW_ANSWER.as_secs(),
+            self.timeout.as_secs_f64()
+        );
     }
 
     /// The answer's body as text, read chunk by chunk: a body longer than

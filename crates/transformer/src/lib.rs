@@ -425,6 +425,11 @@ impl Handler for TransformerStage {
         publish::outcome(&*self.bus, &outcome).await?;
         Ok(())
     }
+
+    fn record(&self, payload: &Bytes) -> Option<String> {
+        let change: RowChange = codec::decode(payload).ok()?;
+        Some(loopsync_core::keys::log_key(&change.sync, &change.key))
+    }
 }
 
 pub mod verify;

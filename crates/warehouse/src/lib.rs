@@ -56,8 +56,9 @@ pub enum WarehouseError {
     /// that does not exist): fix the config.
     #[error("{0}")]
     BadUrl(String),
-    /// The model (or the mapping's columns) does not run: fix the config.
-    #[error("the model of sync {sync} does not run: {detail}")]
+    /// The model does not run, or lacks a column the mapping names: fix the config.
+    /// `detail` says which (see [`WarehouseError::model`], [`explain_model_error`]).
+    #[error("sync {sync}: {detail}")]
     Model { sync: String, detail: String },
     #[error("{what}: {detail}")]
     Query { what: String, detail: String },
@@ -111,6 +112,14 @@ impl Classified for WarehouseError {
 }
 
 impl WarehouseError {
+    /// The model of `sync` does not run, for the warehouse's reason `detail`.
+    pub(crate) fn model(sync: impl Into<String>, detail: impl std::fmt::Display) -> WarehouseError {
+        WarehouseError::Model {
+            sync: sync.into(),
+            detail: format!("the model does not run: {detail}"),
+        }
+    }
+
     /// The warehouse could not be reached or did not answer (as opposed to refusing a statement).
     pub fn is_unavailable(&self) -> bool {
         matches!(
@@ -266,6 +275,22 @@ pub struct ExtractCounts {
     pub cursor_column: Option<String>,
 }
 
+impl ExtractCounts {
+    /// `n` changes of `kind` that the transformer refused: the rows are invalid, no longer
+    /// added or changed. A refused removal stays a removed key (it is no row of the model). The
+    /// one rule by which a run's report ([`StateStore::run`]), `plan` and `adopt` count the
+    /// model's rows, so that a plan's counts are the next run's.
+    pub fn refuse(&mut self, kind: loopsync_core::envelope::ChangeKind, n: i64) {
+        use loopsync_core::envelope::ChangeKind;
+        match kind {
+            ChangeKind::Added => self.added -= n,
+            ChangeKind::Changed => self.changed -= n,
+            ChangeKind::Removed => return,
+        }
+        self.invalid_rows += n;
+    }
+}
+
 /// A run, with its counts. Rows of the model: `added + changed + unchanged + invalid_rows` is
 /// the number of rows the model returned (for `dlq replay`, of the rows of the keys replayed);
 /// `removed` counts keys that left it. Records: `confirmed + skipped + invalid + rejected +
@@ -329,6 +354,10 @@ pub struct RunSummary {
     /// [`StateStore::extracting`]).
     #[serde(skip)]
     pub extract_alive_at: Option<String>,
+    /// The last sign of life of the process that waits for the run (its heartbeat, else its
+    /// request): a holder that is alive changes it every [`HEARTBEAT`].
+    #[serde(skip)]
+    pub alive_at: Option<String>,
 }
 
 /// A run's requests by where they went.
@@ -764,6 +793,20 @@ pub trait StateStore: Send + Sync + 'static {
     /// destination binding, in one transaction; its runs and per-record results stay.
     async fn reset_state(&self, sync: &str) -> Result<StateReset, WarehouseError>;
 
+    /// The next due time (Unix nanoseconds) of the shared rate budget `budget`, and its
+    /// revision; `None` when none is kept yet. Without NATS, every process that shares the
+    /// state paces its requests to Loops by it (the pacing rule is the bus's `take_slots`).
+    async fn read_rate_slot(&self, budget: &str) -> Result<Option<(i64, i64)>, WarehouseError>;
+
+    /// Stores `next` as `budget`'s due time if its revision is still `expected` (`None`: if
+    /// none is kept yet), atomically; `false` when another process wrote first.
+    async fn swap_rate_slot(
+        &self,
+        budget: &str,
+        next: i64,
+        expected: Option<i64>,
+    ) -> Result<bool, WarehouseError>;
+
     /// `loopsync forget`: the records of `sync` that are `person`, with every identity the
     /// state keeps of each (what Loops may hold). By key: that record; by email (as
     /// [`loopsync_core::value::normalize_email`] keeps it): every record whose confirmed,
@@ -859,8 +902,12 @@ pub struct ConfirmedContact {
 /// What `reset_state` deleted.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct StateReset {
-    /// Rows of `loopsync.state` forgotten: the sync's records. Each keeps only its generation,
-    /// so the next run's sends have new idempotency keys.
+    /// Of `state_records`, those whose contact Loops had confirmed: what the sync's state said
+    /// Loops holds, and what the next run sends again.
+    pub confirmed_records: u64,
+    /// Rows of `loopsync.state` forgotten: the sync's records (confirmed, or only sent and
+    /// never confirmed, or parked). Each keeps only its generation, so the next run's sends
+    /// have new idempotency keys.
     pub state_records: u64,
     /// The destination binding it had, if any.
     pub destination: Option<DestinationBinding>,
@@ -1060,17 +1107,16 @@ pub(crate) fn summary_request_sql(attempts: &str) -> String {
         .join(", ")
 }
 
-/// The summary's row counts: added, changed, invalid_rows. A change the transformer found
-/// invalid moves from added or changed to the invalid rows (once the extraction's counts are
-/// in: before, they are 0).
+/// The summary's row counts as stored (added, changed, invalid_rows: the extractor's), then
+/// the changes the transformer refused among the added and the changed (0 until the
+/// extraction's counts are in), for [`ExtractCounts::refuse`].
 pub(crate) fn summary_rows_sql(invalid_of: impl Fn(&str) -> String) -> String {
     format!(
-        "r.added - CASE WHEN r.extracted_at IS NULL THEN 0 ELSE {added} END, \
-         r.changed - CASE WHEN r.extracted_at IS NULL THEN 0 ELSE {changed} END, \
-         r.invalid_rows + {both}",
+        "r.added, r.changed, r.invalid_rows, \
+         CASE WHEN r.extracted_at IS NULL THEN 0 ELSE {added} END, \
+         CASE WHEN r.extracted_at IS NULL THEN 0 ELSE {changed} END",
         added = invalid_of("x.change = 'added'"),
         changed = invalid_of("x.change = 'changed'"),
-        both = invalid_of("x.change IN ('added', 'changed')"),
     )
 }
 
@@ -1110,16 +1156,18 @@ pub(crate) fn model_sql(model: &str) -> &str {
     model.trim().trim_end_matches(';').trim_end()
 }
 
-/// A model error said where it is. `own`: the model as written, prepared alone (not run): its
-/// columns, or its own error (whose position is in the model's text, not in loopsync's
-/// query around it). `detail`: the error of loopsync's query, kept when neither says more.
+/// A model error said where it is, as a [`WarehouseError::Model`]'s detail. `own`: the model
+/// as written, prepared alone (not run): its columns, or its own error (whose position is in
+/// the model's text, not in loopsync's query around it). `detail`: the error of loopsync's
+/// query, kept when neither says more. A model that runs but lacks a mapped column is said as
+/// such, naming the column: it is no model that "does not run".
 pub(crate) fn explain_model_error(
     spec: &SyncSpec,
     own: Result<Vec<String>, String>,
     detail: String,
 ) -> String {
     match own {
-        Err(own) => format!("{own} (the model as written)"),
+        Err(own) => format!("the model does not run: {own} (the model as written)"),
         Ok(columns) => {
             let missing: Vec<String> = spec
                 .column_uses()
@@ -1129,14 +1177,14 @@ pub(crate) fn explain_model_error(
                     format!("{key} names the column \"{c}\", which the model does not return")
                 })
                 .collect();
-            if missing.is_empty() {
-                detail
-            } else {
-                format!(
-                    "{}; the model's columns are: {}",
+            match missing.len() {
+                0 => format!("the model does not run: {detail}"),
+                n => format!(
+                    "{} missing from the model: {}; the model's columns are: {}",
+                    if n == 1 { "a column is" } else { "columns are" },
                     missing.join("; "),
                     columns.join(", ")
-                )
+                ),
             }
         }
     }

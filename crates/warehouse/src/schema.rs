@@ -403,6 +403,19 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
             },
         ],
     },
+    Migration {
+        version: 14,
+        name: "rate budgets shared through the state",
+        steps: &[Step::Table {
+            name: "rate_slots",
+            columns: &[
+                required("budget", Text),
+                required("next_due", BigInt),
+                required("revision", BigInt),
+            ],
+            primary_key: "budget",
+        }],
+    },
 ];
 
 /// The version of the newest migration: what `prepare` brings the state to.

@@ -1348,25 +1348,41 @@ async fn destinations_bind_and_reset(f: Fixture) {
     w.mark_emitted(
         "users",
         run,
-        &[("1".into(), "f1".into()), ("2".into(), "f2".into())],
+        &[
+            ("1".into(), "f1".into()),
+            ("2".into(), "f2".into()),
+            ("3".into(), "f3".into()),
+        ],
     )
     .await
     .unwrap();
     w.finish_extract(
         run,
         &ExtractCounts {
-            added: 2,
-            expected: 2,
+            added: 3,
+            expected: 3,
             ..Default::default()
         },
     )
     .await
     .unwrap();
+    // 1 and 2 confirmed; 3 only sent (dead-lettered: Loops never confirmed it).
     let mut second = confirmed(&s, run, "2", "f2");
     second.email = Some("two@example.com".into());
-    w.record_outcomes(&[confirmed(&s, run, "1", "f1"), second])
-        .await
-        .unwrap();
+    w.record_outcomes(&[
+        confirmed(&s, run, "1", "f1"),
+        second,
+        Outcome::new(
+            "users",
+            run,
+            "3",
+            "f3",
+            OutcomeStatus::DeadLettered,
+            "upsert",
+        ),
+    ])
+    .await
+    .unwrap();
     // The confirmed contacts, the most recently confirmed first, then by key.
     let contacts = w.confirmed_contacts("users", 5).await.unwrap();
     assert_eq!(
@@ -1399,15 +1415,20 @@ async fn destinations_bind_and_reset(f: Fixture) {
     .unwrap();
 
     let reset = w.reset_state("users").await.unwrap();
-    assert_eq!(reset.state_records, 2);
+    assert_eq!(
+        (reset.confirmed_records, reset.state_records),
+        (2, 3),
+        "two confirmed records forgotten, of three in the state"
+    );
     assert_eq!(reset.destination.map(|d| d.destination), Some(b.clone()));
     assert_eq!(w.destination("users").await.unwrap(), None);
     // Nothing confirmed is left; each record keeps a generation, moved on, so the next sends
     // have new idempotency keys.
     let rows = diff(w, &s).await;
     assert!(
-        rows.iter()
-            .all(|r| r.confirmed_fp.is_none() && r.confirmed_email.is_none() && r.generation == 2),
+        rows.iter().all(|r| r.confirmed_fp.is_none()
+            && r.confirmed_email.is_none()
+            && r.generation == if r.key.as_deref() == Some("3") { 1 } else { 2 }),
         "nothing confirmed left: {rows:?}"
     );
     let teams = diff(w, &spec("teams", "users")).await;
@@ -1420,11 +1441,11 @@ async fn destinations_bind_and_reset(f: Fixture) {
     let summary = w.run(run).await.unwrap().unwrap();
     assert_eq!(
         (summary.status.as_str(), summary.confirmed),
-        ("succeeded", 2)
+        ("degraded", 2)
     );
     assert_eq!(
         w.records(run).await.unwrap().len(),
-        2,
+        3,
         "records are history"
     );
     // An outcome of the run before the reset (its operations still queued in NATS, sent to
@@ -1588,6 +1609,34 @@ async fn postgres_destinations_bind_and_reset() {
 #[tokio::test]
 async fn sqlite_destinations_bind_and_reset() {
     destinations_bind_and_reset(sqlite()).await;
+}
+
+/// A shared rate budget's row: none at first, created once (a second create loses), then
+/// swapped only at the revision read; one row per budget.
+async fn rate_slots_swap_at_their_revision(f: Fixture) {
+    let w = &*f.warehouse;
+    w.prepare().await.unwrap();
+    assert_eq!(w.read_rate_slot("team").await.unwrap(), None);
+    assert!(w.swap_rate_slot("team", 100, None).await.unwrap());
+    assert!(!w.swap_rate_slot("team", 200, None).await.unwrap());
+    assert!(!w.swap_rate_slot("team", 200, Some(2)).await.unwrap());
+    assert!(w.swap_rate_slot("team", 200, Some(1)).await.unwrap());
+    assert_eq!(w.read_rate_slot("team").await.unwrap(), Some((200, 2)));
+    assert_eq!(w.read_rate_slot("other").await.unwrap(), None);
+    let big = 1_800_000_000_000_000_000i64;
+    assert!(w.swap_rate_slot("team", big, Some(2)).await.unwrap());
+    assert_eq!(w.read_rate_slot("team").await.unwrap(), Some((big, 3)));
+}
+
+#[tokio::test]
+async fn postgres_rate_slots_swap_at_their_revision() {
+    let Some(f) = postgres().await else { return };
+    rate_slots_swap_at_their_revision(f).await;
+}
+
+#[tokio::test]
+async fn sqlite_rate_slots_swap_at_their_revision() {
+    rate_slots_swap_at_their_revision(sqlite()).await;
 }
 
 /// A lock loopsync waits for too long is a retryable error that says so, never a silent hang.

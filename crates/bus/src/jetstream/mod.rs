@@ -27,7 +27,7 @@ use loopsync_core::stage::Stage;
 pub use provisioning::max_deliver;
 use provisioning::{bucket, provision};
 
-use crate::budget::{credible_due, next_due, unix_nanos};
+use crate::budget::SlotLedger;
 use crate::error::Source;
 use crate::names::Names;
 use crate::{
@@ -587,7 +587,7 @@ impl Coordination for JetStreamBus {
 
     /// The budget's key holds the theoretical arrival time of the next slot (Unix nanoseconds).
     /// A process takes the slot by compare-and-swap on the key's revision; whoever loses the race
-    /// reads again. Clocks of different hosts only need to agree to a fraction of `period`.
+    /// reads again: the one pacing rule, [`crate::budget::take_slots`].
     async fn rate_slot(
         &self,
         budget: &str,
@@ -595,60 +595,63 @@ impl Coordination for JetStreamBus {
         slack: Duration,
         count: u32,
     ) -> Result<(u64, u32), BusError> {
+        crate::budget::take_slots(self, budget, period, slack, count).await
+    }
+}
+
+/// The budget's key-value bucket as the [`SlotLedger`] of [`crate::budget::take_slots`].
+#[async_trait]
+impl SlotLedger for JetStreamBus {
+    async fn read_due(&self, budget: &str) -> Result<Option<(u64, u64)>, BusError> {
+        let entry = self
+            .disconnects
+            .guard(self.budget.entry(budget))
+            .await
+            .map_err(|e| budget_error(e.into()))?
+            .map_err(|e| budget_error(e.into()))?;
+        Ok(entry.map(|e| {
+            let due = <[u8; 8]>::try_from(&e.value[..]).map_or(0, u64::from_be_bytes);
+            (due, e.revision)
+        }))
+    }
+
+    async fn swap_due(
+        &self,
+        budget: &str,
+        next: u64,
+        expected: Option<u64>,
+    ) -> Result<bool, BusError> {
         use kv::{CreateErrorKind, UpdateErrorKind};
-        let period = period.as_nanos() as u64;
-        let slack = slack.as_nanos() as u64;
-        let error = |e: Source| BusError::Ledger {
-            what: "ledger: rate budget",
-            source: e,
-        };
-        loop {
-            let entry = self
-                .disconnects
-                .guard(self.budget.entry(budget))
-                .await
-                .map_err(|e| error(e.into()))?
-                .map_err(|e| error(e.into()))?;
-            let stored = entry
-                .as_ref()
-                .and_then(|e| <[u8; 8]>::try_from(&e.value[..]).ok())
-                .map_or(0, u64::from_be_bytes);
-            let now = unix_nanos();
-            let due = credible_due(stored, now, u64::from(count.max(1)) * period);
-            if now < due {
-                tokio::time::sleep(Duration::from_nanos((due - now).min(1_000_000_000))).await;
-                continue;
-            }
-            // `count` slots: the first due now (or up to the slack before, keeping the
-            // cadence), the next one `count` periods on.
-            let first = next_due(due, now, period, slack) - period;
-            let next =
-                Bytes::copy_from_slice(&(first + u64::from(count.max(1)) * period).to_be_bytes());
-            let lost = match &entry {
-                Some(e) => {
-                    let update = self.budget.update(budget, next, e.revision);
-                    match self.disconnects.guard(update).await {
-                        Err(dropped) => return Err(error(dropped.into())),
-                        Ok(Ok(_)) => false,
-                        Ok(Err(e)) if e.kind() == UpdateErrorKind::WrongLastRevision => true,
-                        Ok(Err(e)) => return Err(error(e.into())),
-                    }
+        let value = Bytes::copy_from_slice(&next.to_be_bytes());
+        match expected {
+            Some(revision) => {
+                let update = self.budget.update(budget, value, revision);
+                match self.disconnects.guard(update).await {
+                    Err(dropped) => Err(budget_error(dropped.into())),
+                    Ok(Ok(_)) => Ok(true),
+                    Ok(Err(e)) if e.kind() == UpdateErrorKind::WrongLastRevision => Ok(false),
+                    Ok(Err(e)) => Err(budget_error(e.into())),
                 }
-                None => match self
-                    .disconnects
-                    .guard(self.budget.create(budget, next))
-                    .await
-                {
-                    Err(dropped) => return Err(error(dropped.into())),
-                    Ok(Ok(_)) => false,
-                    Ok(Err(e)) if e.kind() == CreateErrorKind::AlreadyExists => true,
-                    Ok(Err(e)) => return Err(error(e.into())),
-                },
-            };
-            if !lost {
-                return Ok((first, count.max(1)));
             }
+            None => match self
+                .disconnects
+                .guard(self.budget.create(budget, value))
+                .await
+            {
+                Err(dropped) => Err(budget_error(dropped.into())),
+                Ok(Ok(_)) => Ok(true),
+                Ok(Err(e)) if e.kind() == CreateErrorKind::AlreadyExists => Ok(false),
+                Ok(Err(e)) => Err(budget_error(e.into())),
+            },
         }
+    }
+}
+
+/// A failure of the rate budget's bucket.
+fn budget_error(source: Source) -> BusError {
+    BusError::Ledger {
+        what: "ledger: rate budget",
+        source,
     }
 }
 
@@ -734,6 +737,7 @@ impl Acker for JetStreamAcker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::budget::unix_nanos;
     use loopsync_core::Classified;
 
     #[test]

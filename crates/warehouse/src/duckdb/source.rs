@@ -23,10 +23,7 @@ pub struct DuckDbSource {
 }
 
 fn model_error(sync: &str) -> impl Fn(duckdb::Error) -> WarehouseError + '_ {
-    move |e| WarehouseError::Model {
-        sync: sync.to_owned(),
-        detail: e.to_string(),
-    }
+    move |e| WarehouseError::model(sync, e)
 }
 
 impl DuckDbSource {

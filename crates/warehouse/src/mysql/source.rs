@@ -29,10 +29,9 @@ fn is_model_error(code: u16) -> bool {
 
 fn classify(sync: &str, what: &str, e: mysql_async::Error) -> WarehouseError {
     match e {
-        mysql_async::Error::Server(s) if is_model_error(s.code) => WarehouseError::Model {
-            sync: sync.to_owned(),
-            detail: format!("{} (MySQL error {})", s.message, s.code),
-        },
+        mysql_async::Error::Server(s) if is_model_error(s.code) => {
+            WarehouseError::model(sync, format!("{} (MySQL error {})", s.message, s.code))
+        }
         mysql_async::Error::Server(s) => WarehouseError::Query {
             what: what.to_owned(),
             detail: format!("{} (MySQL error {})", s.message, s.code),
@@ -84,6 +83,28 @@ impl MySqlSource {
     }
 }
 
+/// The columns of the model as written, run alone with no row; or its own error.
+async fn model_columns(
+    connection: &mut mysql_async::Conn,
+    spec: &SyncSpec,
+) -> Result<Vec<String>, String> {
+    let sql = format!(
+        "SELECT * FROM ({}) AS model LIMIT 0",
+        crate::model_sql(&spec.model)
+    );
+    let result = connection
+        .query_iter(sql)
+        .await
+        .map_err(|e| e.to_string())?;
+    let columns = result
+        .columns_ref()
+        .iter()
+        .map(|c| c.name_str().into_owned())
+        .collect();
+    result.drop_result().await.map_err(|e| e.to_string())?;
+    Ok(columns)
+}
+
 /// A row's values as text; a value that is not UTF-8 (a binary column) is refused.
 fn text_row(mut row: mysql_async::Row, sync: &str) -> Result<TextRow, WarehouseError> {
     (0..row.len())
@@ -103,10 +124,20 @@ impl Source for MySqlSource {
     async fn check_model(&self, spec: &SyncSpec, columns: &[String]) -> Result<(), WarehouseError> {
         let mut connection = self.connection("check the model").await?;
         let sql = read_sql(spec, columns, &DIALECT, true);
-        connection
-            .query_drop(sql)
-            .await
-            .map_err(|e| classify(&spec.name, "check the model", e))
+        match connection.query_drop(sql).await {
+            Ok(()) => Ok(()),
+            Err(mysql_async::Error::Server(s)) if is_model_error(s.code) => {
+                // Said where it is: a column the mapping names that the model lacks, or the
+                // model's own error.
+                let own = model_columns(&mut connection, spec).await;
+                let detail = format!("{} (MySQL error {})", s.message, s.code);
+                Err(WarehouseError::Model {
+                    sync: spec.name.clone(),
+                    detail: crate::explain_model_error(spec, own, detail),
+                })
+            }
+            Err(e) => Err(classify(&spec.name, "check the model", e)),
+        }
     }
 
     async fn read(&self, spec: &SyncSpec, columns: &[String]) -> Result<TextRows, WarehouseError> {

@@ -259,10 +259,10 @@ impl Pg {
                         .iter()
                         .any(|class| c.code().starts_with(class))
                 }) {
-                    WarehouseError::Model {
-                        sync: sync.clone(),
-                        detail: format!("{} (the model only reads)", describe(&e)),
-                    }
+                    WarehouseError::model(
+                        sync.clone(),
+                        format!("{} (the model only reads)", describe(&e)),
+                    )
                 } else {
                     classify(&format!("diff of sync {sync}"), &e)
                 }

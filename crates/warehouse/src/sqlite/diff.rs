@@ -77,10 +77,7 @@ impl Sqlite {
         let schema = self.dialect.schema.clone();
         tokio::task::spawn_blocking(move || {
             set_schema(&schema);
-            let model_error = |e: rusqlite::Error| WarehouseError::Model {
-                sync: sync.clone(),
-                detail: e.to_string(),
-            };
+            let model_error = |e: rusqlite::Error| WarehouseError::model(sync.clone(), e);
             let connection = match open_connection(&path) {
                 Ok(c) => c,
                 Err(e) => {

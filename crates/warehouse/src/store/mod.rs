@@ -951,6 +951,31 @@ impl<K: Keeper> StateStore for Store<K> {
             )
             .await
     }
+
+    async fn read_rate_slot(&self, budget: &str) -> Result<Option<(i64, i64)>, WarehouseError> {
+        let budget = budget.to_owned();
+        self.keeper
+            .auto(
+                "read a rate budget",
+                work(move |x| Box::pin(rules::read_rate_slot(x, budget))),
+            )
+            .await
+    }
+
+    async fn swap_rate_slot(
+        &self,
+        budget: &str,
+        next: i64,
+        expected: Option<i64>,
+    ) -> Result<bool, WarehouseError> {
+        let budget = budget.to_owned();
+        self.keeper
+            .auto(
+                "take a rate budget's slots",
+                work(move |x| Box::pin(rules::swap_rate_slot(x, budget, next, expected))),
+            )
+            .await
+    }
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! its store's dialect.
 
 use loopsync_core::destination::Destination;
-use loopsync_core::envelope::{Outcome, OutcomeStatus, RequestCounts};
+use loopsync_core::envelope::{ChangeKind, Outcome, OutcomeStatus, RequestCounts};
 use loopsync_core::tuning::LEASE;
 
 use super::{Exec, Row, params};
@@ -663,7 +663,7 @@ fn summary_sql(x: &dyn Exec, filter: &str) -> String {
                 count(x.key) FILTER (WHERE x.operation = 'rekey' AND x.outcome = 'confirmed'),
                 {requests},
                 r.preflight_requests, r.preflight_retries, r.preflight_rate_limited,
-                r.ignored, {extract_alive},
+                r.ignored, {extract_alive}, {alive},
                 count(x.key) FILTER (WHERE x.outcome = 'invalid' AND x.accepted = 1)
            FROM loopsync.runs r LEFT JOIN loopsync.records x ON x.run_id = r.id
           WHERE {filter}
@@ -678,10 +678,21 @@ fn summary_sql(x: &dyn Exec, filter: &str) -> String {
         dead = outcome("dead_lettered"),
         requests = summary_request_sql("loopsync.attempts"),
         extract_alive = d.time_text("r.extract_alive_at"),
+        alive = d.time_text("COALESCE(r.heartbeat_at, r.requested_at)"),
     )
 }
 
 fn summary(row: &Row) -> Result<RunSummary, WarehouseError> {
+    // The model's rows as the extractor counted them, the refused changes moved by the one
+    // rule (`ExtractCounts::refuse`) that `plan` counts by too.
+    let mut rows = ExtractCounts {
+        added: row.count(7)?,
+        changed: row.count(8)?,
+        invalid_rows: row.count(9)?,
+        ..ExtractCounts::default()
+    };
+    rows.refuse(ChangeKind::Added, row.count(10)?);
+    rows.refuse(ChangeKind::Changed, row.count(11)?);
     let mut summary = RunSummary {
         id: row.int(0)?,
         sync: row.text(1)?,
@@ -690,31 +701,32 @@ fn summary(row: &Row) -> Result<RunSummary, WarehouseError> {
         finished_at: row.opt_text(4)?,
         duration_ms: row.opt_int(5)?,
         expected: row.opt_int(6)?,
-        added: row.count(7)?,
-        changed: row.count(8)?,
-        invalid_rows: row.count(9)?,
-        removed: row.count(10)?,
-        unchanged: row.count(11)?,
-        confirmed: row.count(12)?,
-        skipped: row.count(13)?,
-        invalid: row.count(14)?,
-        accepted: row.count(31)?,
-        rejected: row.count(15)?,
-        dead_lettered: row.count(16)?,
-        records: row.count(17)?,
-        error: row.opt_text(18)?,
-        rekeyed: row.count(19)?,
-        ignored: row.count(29)?,
-        extract_alive_at: row.opt_text(30)?,
+        added: rows.added,
+        changed: rows.changed,
+        invalid_rows: rows.invalid_rows,
+        removed: row.count(12)?,
+        unchanged: row.count(13)?,
+        confirmed: row.count(14)?,
+        skipped: row.count(15)?,
+        invalid: row.count(16)?,
+        rejected: row.count(17)?,
+        dead_lettered: row.count(18)?,
+        records: row.count(19)?,
+        error: row.opt_text(20)?,
+        rekeyed: row.count(21)?,
+        ignored: row.count(31)?,
+        extract_alive_at: row.opt_text(32)?,
+        alive_at: row.opt_text(33)?,
+        accepted: row.count(34)?,
         ..RunSummary::default()
     };
     let mut loader = [0; 6];
     for (i, n) in loader.iter_mut().enumerate() {
-        *n = row.count(20 + i)?;
+        *n = row.count(22 + i)?;
     }
     let mut preflight = [0; 3];
     for (i, n) in preflight.iter_mut().enumerate() {
-        *n = row.count(26 + i)?;
+        *n = row.count(28 + i)?;
     }
     requests_of(&mut summary, loader, preflight);
     Ok(summary)
@@ -1025,6 +1037,16 @@ pub(crate) async fn reset_state(
         params![&sync],
     )
     .await?;
+    // What is really forgotten: the records whose contact Loops confirmed. The others only
+    // had a version sent (never confirmed), or were parked.
+    let rows = x
+        .query(
+            "count a sync's confirmed records",
+            "SELECT count(*) FROM loopsync.state WHERE sync = $1 AND confirmed_fp IS NOT NULL",
+            params![&sync],
+        )
+        .await?;
+    let confirmed_records = first(&rows, "count a sync's confirmed records")?.count(0)? as u64;
     let state_records = x
         .execute(
             "forget a sync's state",
@@ -1062,6 +1084,7 @@ pub(crate) async fn reset_state(
         .query("forget a sync's destination", &sql, params![&sync])
         .await?;
     Ok(StateReset {
+        confirmed_records,
         state_records,
         destination: rows.first().map(binding).transpose()?,
     })
@@ -1085,4 +1108,52 @@ fn first<'r>(rows: &'r [Row], what: &str) -> Result<&'r Row, WarehouseError> {
         what: what.to_owned(),
         detail: "no row".into(),
     })
+}
+
+/// A shared rate budget's next due time (Unix nanoseconds) and its revision
+/// ([`crate::StateStore::read_rate_slot`]).
+pub(crate) async fn read_rate_slot(
+    x: &mut dyn Exec,
+    budget: String,
+) -> Result<Option<(i64, i64)>, WarehouseError> {
+    let rows = x
+        .query(
+            "read a rate budget",
+            "SELECT next_due, revision FROM loopsync.rate_slots WHERE budget = $1",
+            params![&budget],
+        )
+        .await?;
+    rows.first().map(|r| Ok((r.int(0)?, r.int(1)?))).transpose()
+}
+
+/// Stores a shared rate budget's next due time if its revision is still `expected` (`None`:
+/// if it has none yet): one statement, atomic on both stores (compare-and-set). Whether it
+/// was stored ([`crate::StateStore::swap_rate_slot`]).
+pub(crate) async fn swap_rate_slot(
+    x: &mut dyn Exec,
+    budget: String,
+    next: i64,
+    expected: Option<i64>,
+) -> Result<bool, WarehouseError> {
+    let changed = match expected {
+        Some(revision) => {
+            x.execute(
+                "take a rate budget's slots",
+                "UPDATE loopsync.rate_slots SET next_due = $2, revision = revision + 1
+                  WHERE budget = $1 AND revision = $3",
+                params![&budget, next, revision],
+            )
+            .await?
+        }
+        None => {
+            x.execute(
+                "take a rate budget's first slots",
+                "INSERT INTO loopsync.rate_slots (budget, next_due, revision) VALUES ($1, $2, 1)
+                 ON CONFLICT (budget) DO NOTHING",
+                params![&budget, next],
+            )
+            .await?
+        }
+    };
+    Ok(changed == 1)
 }

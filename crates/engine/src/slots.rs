@@ -1,0 +1,102 @@
+//! The team's rate budget kept in the state store, for deployments without NATS: every process
+//! that shares the state (a `run`, a `verify` beside it, a `dlq replay`) takes its requests'
+//! slots from one row per team, so together they stay within Loops' limit. The pacing is the
+//! bus's ([`loopsync_bus::budget::take_slots`]); the store only keeps the due time, swapped
+//! atomically.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use loopsync_bus::BusError;
+use loopsync_bus::budget::SlotLedger;
+use loopsync_warehouse::Warehouse;
+
+/// The state store as the [`SlotLedger`] of a shared rate budget.
+pub struct StoredSlots(pub Arc<dyn Warehouse>);
+
+/// A failure of the state store, as the budget says it (retryable when the store's is).
+fn error(e: loopsync_warehouse::WarehouseError) -> BusError {
+    BusError::Ledger {
+        what: "ledger: rate budget in the state",
+        source: Box::new(e),
+    }
+}
+
+#[async_trait]
+impl SlotLedger for StoredSlots {
+    async fn read_due(&self, budget: &str) -> Result<Option<(u64, u64)>, BusError> {
+        let kept = self.0.read_rate_slot(budget).await.map_err(error)?;
+        Ok(kept.map(|(due, revision)| (due.max(0) as u64, revision.max(0) as u64)))
+    }
+
+    async fn swap_due(
+        &self,
+        budget: &str,
+        next: u64,
+        expected: Option<u64>,
+    ) -> Result<bool, BusError> {
+        let next = i64::try_from(next).unwrap_or(i64::MAX);
+        let expected = expected.map(|r| i64::try_from(r).unwrap_or(i64::MAX));
+        self.0
+            .swap_rate_slot(budget, next, expected)
+            .await
+            .map_err(error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use loopsync_bus::RateBudget;
+    use loopsync_warehouse::SqliteWarehouse;
+
+    use super::*;
+
+    /// Two budgets on one state (two processes) share its slots: 21 requests at 10 per second,
+    /// taken by both, span at least 2 s; alone, a budget paces the same; a due time is swapped
+    /// only at the revision read.
+    #[tokio::test]
+    async fn two_processes_share_one_budget_through_the_state() {
+        let path = std::env::temp_dir().join(format!(
+            "{}.db",
+            loopsync_testkit::unique("loopsync-engine-slots-")
+        ));
+        let open = || {
+            let w = SqliteWarehouse::open(&path.display().to_string()).unwrap();
+            Arc::new(w) as Arc<dyn Warehouse>
+        };
+        let (a, b) = (open(), open());
+        a.prepare().await.unwrap();
+        assert_eq!(a.read_rate_slot("team").await.unwrap(), None);
+        assert!(a.swap_rate_slot("team", 5, None).await.unwrap());
+        assert!(
+            !b.swap_rate_slot("team", 6, None).await.unwrap(),
+            "one row per team"
+        );
+        assert!(
+            !b.swap_rate_slot("team", 6, Some(9)).await.unwrap(),
+            "a stale revision"
+        );
+        assert!(b.swap_rate_slot("team", 6, Some(1)).await.unwrap());
+        assert_eq!(a.read_rate_slot("team").await.unwrap(), Some((6, 2)));
+
+        let budget = |w: Arc<dyn Warehouse>| {
+            RateBudget::stored(Arc::new(StoredSlots(w)), "shared".into(), 10)
+        };
+        let (one, two) = (budget(a), budget(b));
+        let start = tokio::time::Instant::now();
+        let take = |budget: RateBudget, n: usize| async move {
+            for _ in 0..n {
+                budget.ready().await.unwrap();
+            }
+        };
+        tokio::join!(take(one, 11), take(two, 10));
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_millis(2000),
+            "21 slots at 10/s shared by two takers: {took:?}"
+        );
+        let _ = std::fs::remove_file(&path);
+    }
+}
