@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use loopsync_core::keys::event_key;
-use loopsync_testkit::{Stack, StackOptions};
+use loopsync_testkit::{Backend, Stack, StackOptions, minutes_ago};
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 
@@ -265,13 +265,15 @@ async fn a_killed_loader_never_fires_an_event_twice() {
     assert_eq!(stack.workflows("event_received").await, 80);
 }
 
-async fn cursor_reads_recent_rows(sqlite: bool, nats: bool) {
-    let Some(stack) = Stack::start(StackOptions {
-        sqlite,
-        nats,
-        events_sync: "cursor = \"occurred_at\"\ncursor_lookback = \"1h\"",
-        ..options(5, 600)
-    })
+async fn cursor_reads_recent_rows(backend: Backend, nats: bool) {
+    let Some(stack) = Stack::start(
+        StackOptions {
+            nats,
+            events_sync: "cursor = \"occurred_at\"\ncursor_lookback = \"1h\"",
+            ..options(5, 600)
+        }
+        .on(backend),
+    )
     .await
     else {
         return;
@@ -279,18 +281,8 @@ async fn cursor_reads_recent_rows(sqlite: bool, nats: bool) {
     // Start from now: every current row counts as sent.
     let adopt = stack.output(&["adopt", "--sync", SYNC]).await;
     assert!(adopt.status.success(), "{adopt:?}");
-    let now = if sqlite {
-        "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
-    } else {
-        "now()"
-    };
-    let ago = |minutes: u32| {
-        if sqlite {
-            format!("strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-{minutes} minutes')")
-        } else {
-            format!("now() - interval '{minutes} minutes'")
-        }
-    };
+    let ago = |minutes| minutes_ago(backend, minutes);
+    let now = ago(0);
     stack
         .sql(&format!(
             "INSERT INTO user_events VALUES
@@ -301,10 +293,10 @@ async fn cursor_reads_recent_rows(sqlite: bool, nats: bool) {
                (1005, 'user5@example.com', 'invoicePaid', 'pro', 5, {future});",
             late = ago(40),
             too_late = ago(300),
-            future = if sqlite {
-                "'2099-01-01T00:00:00Z'"
-            } else {
-                "timestamptz '2099-01-01 00:00:00+00'"
+            future = match backend {
+                Backend::Postgres => "timestamptz '2099-01-01 00:00:00+00'",
+                Backend::Sqlite => "'2099-01-01T00:00:00Z'",
+                Backend::MySql | Backend::DuckDb => "'2099-01-01 00:00:00'",
             },
         ))
         .await;
@@ -344,6 +336,7 @@ async fn cursor_reads_recent_rows(sqlite: bool, nats: bool) {
     let (_, run2, seen) = run(&stack).await;
     assert_eq!(seen.writes(), 0, "{run2}");
     assert!(rows_read(&run2) <= 70, "{run2}");
+    let now = ago(0);
     stack
         .sql(&format!(
             "INSERT INTO user_events VALUES (1006, 'user1@example.com', 'paid', 'pro', 6, {now});"
@@ -351,6 +344,7 @@ async fn cursor_reads_recent_rows(sqlite: bool, nats: bool) {
         .await;
     let (_, run3, seen) = run(&stack).await;
     assert_eq!(seen.to("POST /v1/events/send"), 1, "{run3}");
+    assert_each_once(&stack, [1001, 1002, 1003, 1005, 1006]).await;
 
     // The model holds every row: the runs above read only the recent ones.
     assert_eq!(stack.count("SELECT count(*) FROM user_events").await, 606);
@@ -361,19 +355,32 @@ async fn cursor_reads_recent_rows(sqlite: bool, nats: bool) {
 /// inside the lookback is still sent, once; `adopt` starts the sync from now.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cursor_reads_only_recent_rows() {
-    cursor_reads_recent_rows(false, false).await;
+    cursor_reads_recent_rows(Backend::Postgres, false).await;
 }
 
 /// The same over NATS JetStream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cursor_reads_only_recent_rows_over_nats() {
-    cursor_reads_recent_rows(false, true).await;
+    cursor_reads_recent_rows(Backend::Postgres, true).await;
 }
 
 /// The same on SQLite (dates as text, compared by `julianday`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cursor_reads_only_recent_rows_on_sqlite() {
-    cursor_reads_recent_rows(true, false).await;
+    cursor_reads_recent_rows(Backend::Sqlite, false).await;
+}
+
+/// The same on MySQL, a source only read (its `datetime` cursor staged in the SQLite state
+/// store, where the diff keeps the window).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_reads_only_recent_rows_on_mysql() {
+    cursor_reads_recent_rows(Backend::MySql, false).await;
+}
+
+/// The same on DuckDB (feature `duckdb`; without it the test notes its skip).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_reads_only_recent_rows_on_duckdb() {
+    cursor_reads_recent_rows(Backend::DuckDb, false).await;
 }
 
 /// Tuples PostgreSQL has read from `user_events` (sequential and by index), by its statistics.

@@ -672,3 +672,109 @@ async fn restarting_nats_while_sending_worker_processes() {
 async fn restarting_nats_while_extracting_one_process() {
     restart_nats_mid_run(false, Moment::Extracting).await;
 }
+
+/// `loopsync runs --json`: the runs, newest first.
+async fn runs(stack: &Stack) -> Value {
+    let out = stack.output(&["runs", "--json"]).await;
+    assert!(out.status.success(), "{out:?}");
+    loopsync_testkit::json_data(&out.stdout).expect("runs --json")
+}
+
+/// `loopsync run --once` SIGKILLed while it sends (its process gone at once, nothing closed):
+/// `runs` shows the run still in progress. Once its lease has lapsed — here its last sign of
+/// life moved back past the lease, as if the kill were a minute old, rather than waiting half a
+/// minute — the next run closes it `interrupted`, saying why, without waiting, and completes:
+/// every contact in Loops, each created by one accepted request, each workflow event fired once.
+async fn a_sigkilled_run_is_closed_interrupted(nats: bool) {
+    const N: u64 = 60;
+    let Some(stack) = Stack::start(StackOptions {
+        rows: N as usize,
+        nats,
+        requests_per_second: 20,
+        ack_wait_seconds: 2.0,
+        extra_sync: "trigger_workflows = true",
+        ..StackOptions::default()
+    })
+    .await
+    else {
+        return;
+    };
+    // With workflows, each contact is one `events/send` carrying its properties.
+    const SEND: &str = "POST /v1/events/send";
+    let mut victim = stack
+        .command(&["run", "--once", "--json"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start a run");
+    loopsync_testkit::until(Duration::from_secs(60), "the run sends", || async {
+        match stack.requests_to(SEND).await {
+            n if n >= 10 => Ok(()),
+            n => Err(format!("{n} events sent")),
+        }
+    })
+    .await;
+    // SIGKILL, by the child's own pid.
+    victim.kill().await.expect("SIGKILL the run");
+    let at_kill = stack.requests_to(SEND).await;
+    assert!(at_kill < N, "the run was over before the kill: {at_kill}");
+
+    let left = runs(&stack).await;
+    assert_eq!(left.as_array().map(Vec::len), Some(1), "{left}");
+    assert!(
+        ["extracting", "sending"].contains(&left[0]["status"].as_str().unwrap_or_default())
+            && left[0]["finished_at"].is_null(),
+        "no one closed the killed run: {left}"
+    );
+    stack
+        .sql(
+            "UPDATE loopsync.runs SET heartbeat_at = heartbeat_at - interval '1 minute'
+              WHERE finished_at IS NULL",
+        )
+        .await;
+
+    let next = stack.run_once(&[]).await;
+    assert_eq!(next.status, 0, "{}", next.stderr);
+    assert!(
+        !next.stderr.contains("is in progress"),
+        "the lease had lapsed: nothing to wait for: {}",
+        next.stderr
+    );
+    let runs = runs(&stack).await;
+    let (newest, killed) = (&runs[0], &runs[1]);
+    assert_eq!(killed["id"], left[0]["id"], "{runs}");
+    assert_eq!(killed["status"], "interrupted", "{runs}");
+    assert!(!killed["finished_at"].is_null(), "{runs}");
+    assert!(
+        killed["error"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("its process stopped (no sign of life since "),
+        "{runs}"
+    );
+    assert_eq!(newest["status"], "succeeded", "{runs}");
+    assert_eq!(newest["id"], next.run()["id"]);
+
+    // Loops: every record once.
+    assert_eq!(stack.contacts().await.len() as u64, N);
+    let seen = stack.sim.seen().await;
+    assert_eq!(
+        seen.answered(SEND, 200),
+        N,
+        "one accepted request per contact (a repeat meets its key: 409): {seen:?}"
+    );
+    assert_eq!(stack.workflows("event_received").await as u64, N);
+    assert_eq!(stack.workflows("contact_added").await as u64, N);
+}
+
+/// In one process (the in-process bus: what was in flight died with it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_run_is_closed_interrupted_in_one_process() {
+    a_sigkilled_run_is_closed_interrupted(false).await;
+}
+
+/// The stages in the run's process over NATS (its queues outlive it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_run_is_closed_interrupted_over_nats() {
+    a_sigkilled_run_is_closed_interrupted(true).await;
+}

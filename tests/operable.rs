@@ -1105,8 +1105,10 @@ async fn reading_commands_write_nothing_on_sqlite() {
 }
 
 /// `[nats]` over TLS with a user and password: a server that asks for both is reached with
-/// `tls_ca` (the CA that signed its certificate), `user` and `password`; without the CA the
-/// error says TLS; `check` says NATS is reachable.
+/// `tls_ca` (the CA that signed its certificate), `user` and `password`; `check` says NATS is
+/// reachable. Refused by the certificate check, and said so (not any connection error: a
+/// server down or a timeout would fail the test): without the CA, with another CA, and with
+/// the right CA under a name the certificate does not carry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_over_tls_with_a_user() {
     let certs = std::env::temp_dir().join(loopsync_testkit::unique("loopsync-tls-"));
@@ -1193,11 +1195,10 @@ async fn nats_over_tls_with_a_user() {
     .unwrap();
     let out = stack.run_once(&[]).await;
     assert_eq!(out.status, 1, "{}", out.stderr);
-    assert!(
-        out.stderr
-            .contains(&format!("cannot connect to NATS at {}", server.url())),
-        "{}",
-        out.stderr
+    assert_refused_by_the_certificate(
+        &out.stderr,
+        &format!("cannot connect to NATS at {}", server.url()),
+        "UnknownIssuer",
     );
     std::fs::write(
         &stack.config,
@@ -1232,6 +1233,67 @@ async fn nats_over_tls_with_a_user() {
     let check = stack.output(&["check"]).await;
     let text = String::from_utf8_lossy(&check.stdout).into_owned();
     assert_eq!(check.status.code(), Some(1), "{text}");
-    assert!(text.contains("FAIL NATS: cannot connect"), "{text}");
+    assert_refused_by_the_certificate(
+        &text,
+        &format!("FAIL NATS: cannot connect to NATS at {tls_url}"),
+        "UnknownIssuer",
+    );
+    // Another CA (one that did not sign the server's certificate): refused by the check.
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=another CA",
+        "-keyout",
+        "other-ca.key",
+        "-out",
+        "other-ca.pem",
+    ]);
+    std::fs::write(
+        &stack.config,
+        tls_config.replace(
+            &certs.join("ca.pem").display().to_string(),
+            &certs.join("other-ca.pem").display().to_string(),
+        ),
+    )
+    .unwrap();
+    let check = stack.output(&["check"]).await;
+    let text = String::from_utf8_lossy(&check.stdout).into_owned();
+    assert_eq!(check.status.code(), Some(1), "{text}");
+    assert_refused_by_the_certificate(
+        &text,
+        &format!("FAIL NATS: cannot connect to NATS at {tls_url}"),
+        "UnknownIssuer",
+    );
+    // The right CA, the server reached as `localhost`: its certificate names 127.0.0.1 only.
+    let by_name = tls_url.replace("127.0.0.1", "localhost");
+    std::fs::write(&stack.config, tls_config.replace(&tls_url, &by_name)).unwrap();
+    let check = stack.output(&["check"]).await;
+    let text = String::from_utf8_lossy(&check.stdout).into_owned();
+    assert_eq!(check.status.code(), Some(1), "{text}");
+    assert_refused_by_the_certificate(
+        &text,
+        &format!("FAIL NATS: cannot connect to NATS at {by_name}"),
+        "certificate not valid for name \"localhost\"",
+    );
     let _ = std::fs::remove_dir_all(&certs);
+}
+
+/// `said` says `what` failed because the server's certificate failed the check, for `why`
+/// (rustls' words for its `CertificateError`: `UnknownIssuer`, `certificate not valid for
+/// name …`): a connection refused, a timeout or a cleartext connection says something else.
+fn assert_refused_by_the_certificate(said: &str, what: &str, why: &str) {
+    let line = said
+        .lines()
+        .find(|l| l.contains(what))
+        .unwrap_or_else(|| panic!("no {what:?} in:\n{said}"));
+    assert!(
+        line.contains(&format!("invalid peer certificate: {why}")),
+        "refused, but not by the certificate check ({why}): {line}"
+    );
 }

@@ -318,6 +318,22 @@ pub fn hours_after_2024(hours: i64) -> String {
     format!("{year}-{:02}-{:02} {hour:02}:00:00", month + 1, day + 1)
 }
 
+/// `minutes` before now, as an SQL expression of `backend` for a column of the stack's tables
+/// (on MySQL and DuckDB a `datetime`, read as UTC: the UTC time, computed here, so that neither
+/// server's time zone counts).
+pub fn minutes_ago(backend: Backend, minutes: i64) -> String {
+    match backend {
+        Backend::Postgres => format!("now() - interval '{minutes} minutes'"),
+        Backend::Sqlite => {
+            format!("strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-{minutes} minutes')")
+        }
+        Backend::MySql | Backend::DuckDb => format!(
+            "'{}'",
+            (chrono::Utc::now() - chrono::Duration::minutes(minutes)).format("%Y-%m-%d %H:%M:%S")
+        ),
+    }
+}
+
 /// The `users` table of `rows` rows in SQL that MySQL and DuckDB both run (PostgreSQL's
 /// `USERS_PG` row for row).
 fn users_portable(rows: usize) -> String {
@@ -337,6 +353,33 @@ fn users_portable(rows: usize) -> String {
         .collect();
     for chunk in values.chunks(1000) {
         sql.push_str(&format!("INSERT INTO users VALUES {};", chunk.join(", ")));
+    }
+    sql
+}
+
+/// The `user_events` table of `events` rows over `users` users in SQL that MySQL and DuckDB
+/// both run (`EVENTS_PG` row for row; the times computed here, see [`minutes_ago`]).
+fn events_portable(backend: Backend, users: usize, events: usize) -> String {
+    let mut sql = "CREATE TABLE user_events (event_id bigint, email varchar(255), \
+                   event_name varchar(64), plan varchar(32), amount double, occurred_at datetime);"
+        .to_owned();
+    let values: Vec<String> = (1..=events as i64)
+        .map(|g| {
+            format!(
+                "({g}, 'user{}@example.com', '{}', '{}', {}, {})",
+                1 + g % users as i64,
+                ["trialStarted", "invoicePaid"][(g % 2) as usize],
+                ["free", "pro", "team"][(g % 3) as usize],
+                g as f64 * 1.5,
+                minutes_ago(backend, events as i64 - g)
+            )
+        })
+        .collect();
+    for chunk in values.chunks(1000) {
+        sql.push_str(&format!(
+            "INSERT INTO user_events VALUES {};",
+            chunk.join(", ")
+        ));
     }
     sql
 }
@@ -451,17 +494,30 @@ impl Stack {
         let dir = std::env::temp_dir().join(unique("loopsync-e2e-"));
         std::fs::create_dir_all(&dir).expect("create the test folder");
         let warehouse = if options.duckdb {
-            assert!(options.events.is_none(), "no event table on DuckDB yet");
             let path = dir.join("warehouse.duckdb");
             duckdb_exec(&path, &users_portable(options.rows));
+            if let Some(events) = options.events {
+                duckdb_exec(
+                    &path,
+                    &events_portable(Backend::DuckDb, options.rows.max(1), events),
+                );
+            }
             TestWarehouse::DuckDb {
                 path,
                 state: dir.join("state.db"),
             }
         } else if options.mysql {
-            assert!(options.events.is_none(), "no event table on MySQL yet");
             let database = TestMySql::create().await?;
             database.exec(&users_portable(options.rows)).await;
+            if let Some(events) = options.events {
+                database
+                    .exec(&events_portable(
+                        Backend::MySql,
+                        options.rows.max(1),
+                        events,
+                    ))
+                    .await;
+            }
             let state_database = if options.state_on_postgres {
                 Some(TestDatabase::create().await?)
             } else {
