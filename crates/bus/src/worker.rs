@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use loopsync_core::reason::reason_class;
 use loopsync_core::stage::Stage;
 use loopsync_core::{Classified, ErrorClass};
 use rand::Rng;
@@ -472,7 +473,8 @@ async fn process<H: Handler>(
                 record = handler.record(&delivery.payload).as_deref().unwrap_or("-"),
                 attempt = info.attempt,
                 delay_ms = delay.as_millis() as u64,
-                reason = why.as_deref().unwrap_or_default(),
+                // loopsync's words only: Loops' message may repeat an email or a value.
+                reason = %reason_class("rejected", why.as_deref()),
                 "retrying a message"
             );
             delivery.acker.nak(delay).await
@@ -482,7 +484,7 @@ async fn process<H: Handler>(
                 stage = stage.name(),
                 sync = sync_of(&info.subject),
                 record = handler.record(&delivery.payload).as_deref().unwrap_or("-"),
-                %reason,
+                reason = %reason_class("rejected", Some(&reason)),
                 "rejected"
             );
             match handler
@@ -762,7 +764,7 @@ async fn give_up_without_record<H: BatchHandler>(
         }
         recorded => {
             if let Err(error) = recorded {
-                tracing::error!(stage = stage.name(), %error, reason, "a dead letter could not be recorded; it is in the bus's dead letters only");
+                tracing::error!(stage = stage.name(), %error, reason = %reason_class("dead_lettered", Some(&reason)), "a dead letter could not be recorded; it is in the bus's dead letters only");
             }
             dead_letter_raw(bus, stage, &info, delivery, &reason).await
         }
