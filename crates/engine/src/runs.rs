@@ -129,8 +129,10 @@ pub async fn refuse_a_run_in_progress(
         else {
             continue;
         };
+        // Not yet "in progress": its process may have died (the refusal below says it is).
         observer.notice(format!(
-            "run {} of sync {sync} is in progress ({}); one run of a sync at a time",
+            "run {} of sync {sync} is not finished ({}): looking for a sign of life from its \
+             process (one run of a sync at a time)",
             run.id, run.status
         ));
         let deadline = tokio::time::Instant::now() + HEARTBEAT + Duration::from_secs(1);
