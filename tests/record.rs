@@ -121,9 +121,11 @@ async fn record_shows_its_history_and_the_next_change() {
         ],
         "{four:#}"
     );
-    assert_eq!(
-        four["outcomes"][2]["reason"],
-        "invalid request (400): Multiple contacts found for the given criteria"
+    // Loops' answer, and what it means (two contacts: see docs/operations.md).
+    let reason = four["outcomes"][2]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.starts_with("invalid request (400): Multiple contacts found for the given criteria"),
+        "{reason}"
     );
     assert_eq!(four["outcomes"][0]["requests"], 1);
     let state = &four["state"];

@@ -26,6 +26,26 @@ fn model_error(sync: &str) -> impl Fn(duckdb::Error) -> WarehouseError + '_ {
     move |e| WarehouseError::model(sync, e)
 }
 
+/// A model error said where it is (see [`crate::explain_model_error`]): the model as written,
+/// prepared and run alone with no row, gives its columns (a mapped column it lacks is named)
+/// or its own error.
+fn explained(connection: &Connection, spec: &SyncSpec, e: duckdb::Error) -> WarehouseError {
+    let own = (|| {
+        let sql = format!(
+            "SELECT * FROM ({}) AS model LIMIT 0",
+            crate::model_sql(&spec.model)
+        );
+        let mut statement = connection.prepare(&sql)?;
+        statement.execute([])?;
+        Ok::<_, duckdb::Error>(statement.column_names())
+    })()
+    .map_err(|e| e.to_string());
+    WarehouseError::Model {
+        sync: spec.name.clone(),
+        detail: crate::explain_model_error(spec, own, e.to_string()),
+    }
+}
+
 impl DuckDbSource {
     /// Opens the database once, so a wrong path is said at once.
     pub fn open(url: &str) -> Result<DuckDbSource, WarehouseError> {
@@ -77,12 +97,12 @@ impl Source for DuckDbSource {
     async fn check_model(&self, spec: &SyncSpec, columns: &[String]) -> Result<(), WarehouseError> {
         let connection = self.connection()?;
         let sql = read_sql(spec, columns, &DIALECT, true);
-        let sync = spec.name.clone();
+        let spec = spec.clone();
         tokio::task::spawn_blocking(move || {
             connection
                 .prepare(&sql)
                 .and_then(|mut s| s.execute([]).map(|_| ()))
-                .map_err(model_error(&sync))
+                .map_err(|e| explained(&connection, &spec, e))
         })
         .await
         .map_err(|e| WarehouseError::Query {
@@ -95,6 +115,7 @@ impl Source for DuckDbSource {
         let connection = self.connection()?;
         let sql = read_sql(spec, columns, &DIALECT, false);
         let sync = spec.name.clone();
+        let spec = spec.clone();
         let width = columns.len();
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<TextRow, WarehouseError>>(1024);
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
@@ -102,7 +123,7 @@ impl Source for DuckDbSource {
             let mut statement = match connection.prepare(&sql) {
                 Ok(s) => s,
                 Err(e) => {
-                    let _ = ready_tx.send(Err(model_error(&sync)(e)));
+                    let _ = ready_tx.send(Err(explained(&connection, &spec, e)));
                     return;
                 }
             };
