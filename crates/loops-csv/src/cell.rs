@@ -91,7 +91,11 @@ fn date_millis(text: &str) -> Option<i64> {
             return Some(at.timestamp_millis());
         }
     }
-    for format in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M"] {
+    for format in [
+        "%Y-%m-%dT%H:%M:%S%.f",
+        "%Y-%m-%d %H:%M:%S%.f",
+        "%Y-%m-%dT%H:%M",
+    ] {
         if let Ok(at) = NaiveDateTime::parse_from_str(text, format) {
             return Some(at.and_utc().timestamp_millis());
         }
@@ -128,9 +132,7 @@ pub enum Unwritable {
 pub fn write_cell(kind: CellType, value: &Value) -> Result<String, Unwritable> {
     match (kind, value) {
         (_, Value::Null) => Ok(NULL.to_owned()),
-        (CellType::Date, Value::Number(n)) => {
-            n.as_i64().map(iso).ok_or(Unwritable::Shape("date"))
-        }
+        (CellType::Date, Value::Number(n)) => n.as_i64().map(iso).ok_or(Unwritable::Shape("date")),
         (CellType::Date, Value::String(s)) => date_millis(s.trim())
             .map(iso)
             .ok_or(Unwritable::Shape("date")),

@@ -22,6 +22,8 @@ use serde_json::{Map, Value};
 
 pub use cell::{Cell, CellType, Unwritable, read_cell, write_cell};
 pub use columns::{Column, LISTS_HEADER, header_for, normalized, resolve};
+/// The CSV crate these files are read and written with.
+pub use csv;
 
 /// What can go wrong reading or writing a file.
 #[derive(Debug, thiserror::Error)]
@@ -47,7 +49,9 @@ impl Classified for CsvError {
 
 /// A reader over a file of Loops' CSV (a header row, then one contact per row).
 pub fn reader<R: Read>(input: R) -> csv::Reader<R> {
-    csv::ReaderBuilder::new().has_headers(true).from_reader(input)
+    csv::ReaderBuilder::new()
+        .has_headers(true)
+        .from_reader(input)
 }
 
 /// A writer of Loops' CSV (every field quoted only when it must be).
