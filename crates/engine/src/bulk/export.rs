@@ -260,3 +260,40 @@ pub fn by_lists(files: &[ExportFile]) -> BTreeMap<Vec<String>, Vec<&ExportFile>>
     }
     by
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{Model, spec};
+
+    /// Files are split at `max_rows`; an invalid record is in none of them, and listed.
+    #[tokio::test]
+    async fn files_are_split_at_max_rows() {
+        let model = Model::new().await;
+        model.insert(&[
+            (Some("1"), Some("a@x.co"), None),
+            (Some("2"), Some("b@x.co"), Some("u2")),
+            (Some("3"), Some("c@x.co"), None),
+            (Some("4"), None, None),
+            (Some("5"), Some("e@x.co"), None),
+        ]);
+        let dir = tempfile::tempdir().unwrap();
+        let report = export(&*model.warehouse, &spec(), 10, dir.path(), 2)
+            .await
+            .unwrap();
+        let files: Vec<(&str, u64)> = report
+            .files
+            .iter()
+            .map(|f| (f.name.as_str(), f.rows))
+            .collect();
+        assert_eq!(files, [("s.no-lists.csv", 2), ("s.no-lists.part-2.csv", 2)]);
+        assert_eq!((report.rows, report.invalid.len()), (4, 1));
+        assert_eq!(report.invalid[0].key, "4");
+        let first = std::fs::read_to_string(dir.path().join("s.no-lists.csv")).unwrap();
+        assert_eq!(first, "Email,User ID\na@x.co,\nb@x.co,u2\n");
+        assert_eq!(
+            base_name("my sync", &["cm/news".into(), "beta".into()]),
+            "my_sync.lists-cm_news+beta"
+        );
+    }
+}
