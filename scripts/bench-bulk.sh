@@ -17,6 +17,7 @@
 #
 # Needs: psql, curl, python3, a PostgreSQL server (LOOPSYNC_BENCH_PG_URL, else
 # LOOPSYNC_TEST_PG_URL). LOOPSYNC_BIN names the binary; else the release build is made and used.
+# KEEP=1 keeps the working folder (the files, the exports, each command's output) for a look.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
