@@ -9,9 +9,10 @@ use std::process::ExitCode;
 
 use clap::Args;
 use loopsync_core::destination::Destination;
-use loopsync_engine::adopt::{AdoptReport, adopt_all};
+use loopsync_engine::adopt::{AdoptError, AdoptReport, adopt_all};
+use loopsync_engine::bulk::audience::LoopsExport;
 
-use crate::common::{load_config_for, open_warehouse};
+use crate::common::{UsageError, load_config_for, open_warehouse};
 use crate::escape::printable;
 
 #[derive(Debug, Args)]
@@ -21,6 +22,11 @@ pub struct AdoptArgs {
     /// Only this sync.
     #[arg(long)]
     sync: Option<String>,
+    /// Loops' audience export (a CSV, after a `loopsync export` upload): adopt only the
+    /// records whose contact in it is exactly what the sync would write; the next run sends
+    /// the others.
+    #[arg(long, value_name = "FILE")]
+    from_loops_export: Option<std::path::PathBuf>,
     /// Print the report as one JSON document on stdout (docs/json.md).
     #[arg(long)]
     json: bool,
@@ -29,10 +35,15 @@ pub struct AdoptArgs {
 pub async fn run(config_path: &Path, args: AdoptArgs) -> anyhow::Result<ExitCode> {
     let config = load_config_for(config_path, args.sync.as_deref())?;
     let warehouse = open_warehouse(&config).await?;
+    let file = match &args.from_loops_export {
+        Some(path) => Some(LoopsExport::open(path)?),
+        None => None,
+    };
     let reports = adopt_all(
         &config,
         &*warehouse,
         args.sync.as_deref(),
+        file.as_ref(),
         // Stopped by a signal, `main` closes the run as interrupted.
         |run_id| crate::stop::watch_run(warehouse.clone(), run_id),
         |report, configured| {
@@ -41,7 +52,15 @@ pub async fn run(config_path: &Path, args: AdoptArgs) -> anyhow::Result<ExitCode
             }
         },
     )
-    .await?;
+    .await
+    .map_err(|e| -> anyhow::Error {
+        match e {
+            // The engine's error itself, so that `main` finds a usage error or a refusal.
+            AdoptError::Engine(e) => e.into(),
+            AdoptError::Bulk(e) if e.is_usage() => UsageError(e.to_string()).into(),
+            AdoptError::Bulk(e) => e.into(),
+        }
+    })?;
     if args.json {
         let summaries: Vec<_> = reports.into_iter().filter_map(|r| r.summary).collect();
         crate::output::json("adopt", &summaries)?;
@@ -56,12 +75,25 @@ fn print_adopted(report: &AdoptReport, configured: &Destination) {
         "sync {} · run {} · adopted {} records as already in Loops (new to the sync {}, changed {}); unchanged {}; invalid {} (not adopted). Nothing was sent.",
         report.sync,
         report.run_id,
-        counts.added + counts.changed + counts.ignored,
+        (counts.added + counts.changed + counts.ignored)
+            .saturating_sub(report.not_adopted.values().sum::<u64>() as i64),
         counts.added,
         counts.changed + counts.ignored,
         counts.unchanged,
         report.invalid
     );
+    if !report.not_adopted.is_empty() {
+        let reasons: Vec<String> = report
+            .not_adopted
+            .iter()
+            .map(|(why, n)| format!("{n} {why}"))
+            .collect();
+        crate::say!(
+            "sync {}: not adopted (Loops' export does not hold them as the sync would write them; the next run sends them): {}",
+            report.sync,
+            reasons.join(" · ")
+        );
+    }
     match &report.earlier {
         Some(e) if e.destination != *configured => crate::say!(
             "sync {}: its state is bound to {} (it was bound to {}).",

@@ -9,6 +9,7 @@ mod common;
 mod demo;
 mod dlq;
 mod escape;
+mod export;
 mod forget;
 mod history;
 mod http;
@@ -72,6 +73,9 @@ enum Command {
     Check(check::CheckArgs),
     /// Dry run: the diff and, per record, the operation it would send; sends nothing.
     Plan(plan::PlanArgs),
+    /// The records a run would create or update, as CSV files for Loops' uploader (one per set
+    /// of mailing lists), and the steps that follow; sends nothing.
+    Export(export::ExportArgs),
     /// Run the pipeline: one run of each sync with --once.
     Run(run::RunArgs),
     /// Run one stage as a long-running NATS worker; start as many as wanted.
@@ -112,6 +116,7 @@ impl Command {
             Command::Demo(_) => "demo",
             Command::Check(_) => "check",
             Command::Plan(_) => "plan",
+            Command::Export(_) => "export",
             Command::Run(_) => "run",
             Command::Worker(_) => "worker",
             Command::Adopt(_) => "adopt",
@@ -269,6 +274,7 @@ async fn run_command(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Worker(args) => worker::run(&args.config.path.clone(), args).await,
             Command::Check(args) => check::run(&args.config.path.clone(), args).await,
             Command::Plan(args) => plan::run(&args.config.path.clone(), args).await,
+            Command::Export(args) => export::run(&args.config.path.clone(), args).await,
             Command::Adopt(args) => adopt::run(&args.config.path.clone(), args).await,
             Command::Runs(args) => history::runs(&args.config.path.clone(), args).await,
             Command::Rejections(args) => rejections::run(&args.config.path.clone(), args).await,

@@ -9,6 +9,8 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Args;
+use loopsync_engine::bulk::audience::LoopsExport;
+use loopsync_engine::bulk::verify_against;
 use loopsync_engine::pipeline::Pipeline;
 use loopsync_engine::verify::{Options, Report, verify_pipeline};
 
@@ -37,6 +39,10 @@ pub struct VerifyArgs {
     /// confirmed is reported (exit 1).
     #[arg(long = "key", value_name = "KEY")]
     keys: Vec<String>,
+    /// Compare with Loops' audience export (a CSV) instead of reading Loops: every confirmed
+    /// record (--sample is ignored), no request to Loops.
+    #[arg(long, value_name = "FILE")]
+    from_loops_export: Option<std::path::PathBuf>,
     /// Print the report as one JSON document on stdout (docs/json.md).
     #[arg(long)]
     json: bool,
@@ -59,6 +65,28 @@ fn parse_sample(text: &str) -> Result<SampleSize, String> {
 pub async fn run(config_path: &Path, args: VerifyArgs) -> anyhow::Result<ExitCode> {
     let config = load_config_for(config_path, args.sync.as_deref())?;
     let sync = keyed_sync(&config, args.sync, &args.keys)?;
+    if let Some(path) = &args.from_loops_export {
+        let options = Options {
+            sample: None,
+            seed: args.seed,
+            repair: args.repair,
+            keys: args.keys,
+        };
+        let file = LoopsExport::open(path)?;
+        let warehouse = crate::common::open_warehouse(&config).await?;
+        let specs: Vec<_> = config.syncs.iter().map(|s| &s.spec).collect();
+        let quiet = |_: &str, _: usize, _: usize| {};
+        let report = verify_against(
+            &*warehouse,
+            &specs,
+            sync.as_deref(),
+            &options,
+            &file,
+            &quiet,
+        )
+        .await?;
+        return finish(&report, args.json);
+    }
     // The bus, the warehouse and the team's rate budget, as a run has them; no worker starts.
     let pipeline = Pipeline::connect(config, crate::stop::token()).await?;
     let client = pipeline.loops_client()?;
@@ -74,11 +102,15 @@ pub async fn run(config_path: &Path, args: VerifyArgs) -> anyhow::Result<ExitCod
     let result = verify_pipeline(&pipeline, &client, sync.as_deref(), &options, &progress).await;
     shown.finish();
     pipeline.stop().await;
-    let report = result?;
-    if args.json {
-        crate::output::json("verify", &report)?;
+    finish(&result?, args.json)
+}
+
+/// Prints the report; exit 1 when it is not clean.
+fn finish(report: &Report, json: bool) -> anyhow::Result<ExitCode> {
+    if json {
+        crate::output::json("verify", report)?;
     } else {
-        print_text(&report);
+        print_text(report);
     }
     Ok(ExitCode::from(if report.is_clean() {
         0

@@ -8,6 +8,10 @@
 //! The keys are decided by the extractor's [`Decider`], and the identity recorded for each
 //! (email, userId) is the one [`transform`] would send: adopted state cannot drift from what a
 //! run would have confirmed.
+//!
+//! With Loops' audience export (`--from-loops-export`, after a CSV upload), only the records
+//! whose contact in the file is exactly what the run would write are adopted (`verify`'s
+//! comparison, [`View::holds`]); the others stay for the API lane, counted by reason.
 
 use futures::StreamExt;
 use loopsync_bus::RateBudget;
@@ -22,8 +26,35 @@ use loopsync_warehouse::{
     Adoption, DestinationBinding, ExtractCounts, RunSummary, Unchanged, Warehouse, WarehouseError,
 };
 
+use crate::bulk::audience::{LoopsExport, View};
+use crate::bulk::{BulkError, check_for_files};
 use crate::pipeline::loops_client;
 use crate::{EngineError, destination};
+
+/// Why `adopt_all` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AdoptError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// Reading Loops' audience export, or a sync a file cannot adopt.
+    #[error(transparent)]
+    Bulk(#[from] BulkError),
+}
+
+impl From<WarehouseError> for AdoptError {
+    fn from(e: WarehouseError) -> AdoptError {
+        AdoptError::Engine(e.into())
+    }
+}
+
+impl loopsync_core::Classified for AdoptError {
+    fn class(&self) -> loopsync_core::ErrorClass {
+        match self {
+            AdoptError::Engine(e) => e.class(),
+            AdoptError::Bulk(e) => e.class(),
+        }
+    }
+}
 
 /// Records adopted per warehouse round trip.
 const BATCH: usize = 1000;
@@ -41,6 +72,9 @@ pub struct AdoptReport {
     pub counts: ExtractCounts,
     /// Records not adopted: invalid to the extractor or refused by the transformer.
     pub invalid: i64,
+    /// With Loops' audience export: records a run would write whose contact in the file is not
+    /// that write, by reason; not adopted, the next run sends them.
+    pub not_adopted: std::collections::BTreeMap<&'static str, u64>,
     /// The destination the sync's state was bound to before (now it is bound to the one given).
     pub earlier: Option<DestinationBinding>,
     /// The adoption's run, as `loopsync runs` shows it.
@@ -55,9 +89,10 @@ pub async fn adopt_all(
     config: &Config,
     warehouse: &dyn Warehouse,
     only: Option<&str>,
+    from_file: Option<&LoopsExport>,
     mut on_run: impl FnMut(i64),
     mut each: impl FnMut(&AdoptReport, &Destination),
-) -> Result<Vec<AdoptReport>, EngineError> {
+) -> Result<Vec<AdoptReport>, AdoptError> {
     let client = loops_client(config)?;
     let budget = RateBudget::local(config.loops.requests_per_second);
     let mut preflight = RequestCounts::default();
@@ -71,12 +106,20 @@ pub async fn adopt_all(
         if only.is_some_and(|n| n != spec.name) {
             continue;
         }
+        let view = match from_file {
+            Some(file) => {
+                check_for_files(spec)?;
+                Some(file.view(spec)?)
+            }
+            None => None,
+        };
         let report = adopt(
             warehouse,
             spec,
             &configured,
             &key_fingerprint,
             std::mem::take(&mut preflight),
+            view.as_ref(),
             &mut on_run,
         )
         .await?;
@@ -97,6 +140,7 @@ pub async fn adopt(
     destination: &Destination,
     key_fingerprint: &str,
     preflight: RequestCounts,
+    against: Option<&View<'_>>,
     on_run: impl FnOnce(i64),
 ) -> Result<AdoptReport, WarehouseError> {
     let run_id = warehouse.create_run(&spec.name).await?;
@@ -107,6 +151,7 @@ pub async fn adopt(
     }
     let mut decider = Decider::new(spec, run_id);
     let mut invalid = 0;
+    let mut not_adopted = std::collections::BTreeMap::new();
     let mut batch: Vec<Adoption> = Vec::new();
     // Rows adopted or found unchanged, noted after the batch: later diffs leave them out.
     let mut notes: Vec<Unchanged> = Vec::new();
@@ -135,6 +180,10 @@ pub async fn adopt(
                 Decision::Change(change) if change.kind != ChangeKind::Removed => {
                     match transform(spec, &change) {
                         Ok(op) => {
+                            if let Some(Err(why)) = against.map(|file| file.holds(&op.action)) {
+                                *not_adopted.entry(why).or_insert(0) += 1;
+                                continue;
+                            }
                             let (email, user_id) = op.action.identity();
                             batch.push(Adoption {
                                 unchanged: unchanged_note(spec, &row, Some(&change.fingerprint))
@@ -183,6 +232,7 @@ pub async fn adopt(
         run_id,
         counts,
         invalid,
+        not_adopted,
         earlier,
         summary,
     })
@@ -212,6 +262,7 @@ mod tests {
             &loops(),
             "k1",
             RequestCounts::default(),
+            None,
             |_| {},
         )
         .await
@@ -235,6 +286,7 @@ mod tests {
             &loops(),
             "k1",
             RequestCounts::default(),
+            None,
             |id| told = Some(id),
         )
         .await

@@ -103,7 +103,13 @@ pub fn router(shared: Arc<Shared>, max_body_bytes: usize) -> Router {
         .route("/faults", get(sim_faults_get).post(sim_faults))
         .route("/settings", get(sim_settings_get).post(sim_settings))
         .route("/lists", post(sim_add_list))
-        .route("/reset", post(sim_reset));
+        .route("/reset", post(sim_reset))
+        // An upload is a whole audience: no body limit.
+        .route(
+            "/import",
+            post(sim_import).layer(DefaultBodyLimit::disable()),
+        )
+        .route("/export", get(sim_export));
     Router::new()
         .nest("/api", api)
         .nest("/_sim", sim)
@@ -490,4 +496,37 @@ async fn sim_add_list(State(shared): State<Arc<Shared>>, body: Bytes) -> Respons
 async fn sim_reset(State(shared): State<Arc<Shared>>) -> Json<Value> {
     shared.lock().reset();
     Json(json!({"success": true}))
+}
+
+/// `POST /_sim/import?lists=a,b&trigger_loops=true`: a CSV upload (`bulk.rs`).
+async fn sim_import(
+    State(shared): State<Arc<Shared>>,
+    Query(query): Query<HashMap<String, String>>,
+    body: Bytes,
+) -> Response {
+    let lists: Vec<String> = query
+        .get("lists")
+        .map(|l| loopsync_loops_csv::cell::read_lists(l))
+        .unwrap_or_default();
+    let trigger = match query.get("trigger_loops").map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(_) => return failure(400, "trigger_loops must be true or false."),
+    };
+    match shared.lock().import(&body, &lists, trigger) {
+        Ok(report) => {
+            let mut answer = serde_json::to_value(report).expect("report serializes");
+            answer["success"] = Value::Bool(true);
+            Json(answer).into_response()
+        }
+        Err(e) => failure(e.status, e.message),
+    }
+}
+
+/// `GET /_sim/export`: the audience as CSV (`bulk.rs`).
+async fn sim_export(State(shared): State<Arc<Shared>>) -> Response {
+    match shared.lock().export() {
+        Ok(csv) => ([(CONTENT_TYPE, "text/csv; charset=utf-8")], csv).into_response(),
+        Err(e) => failure(e.status, e.message),
+    }
 }

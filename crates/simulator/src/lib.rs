@@ -11,6 +11,7 @@
 //! # Ok(()) }
 //! ```
 
+mod bulk;
 mod config;
 mod faults;
 mod http;
@@ -32,6 +33,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, oneshot};
 use tower::ServiceExt;
 
+pub use bulk::{CSV_SOURCE, FailedRow, ImportReport};
 pub use config::{
     DEFAULT_IDEMPOTENCY_TTL_SECONDS, EmailMatch, NumericDates, RateWindow, Settings, SettingsError,
     SimConfig, UnknownLists, UnknownProperties,

@@ -101,7 +101,7 @@ fn now_text() -> String {
 }
 
 /// A cuid-like contact id: `c` and 24 lower-case letters and digits.
-fn new_contact_id() -> String {
+pub(crate) fn new_contact_id() -> String {
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
     let mut rng = rand::rng();
     let mut id = String::with_capacity(25);
@@ -184,7 +184,7 @@ impl SimState {
     }
 
     /// Logs the contact-level triggers of a write.
-    fn log_write(&mut self, outcome: &WriteOutcome) {
+    pub(crate) fn log_write(&mut self, outcome: &WriteOutcome) {
         if outcome.created {
             let t = self.trigger("contact_added", outcome);
             self.workflows.push(t);

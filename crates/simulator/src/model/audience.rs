@@ -478,6 +478,11 @@ impl Audience {
         Value::Object(map)
     }
 
+    /// The contact `seq` (from [`Audience::resolve`]).
+    pub fn get(&self, seq: u64) -> Option<&StoredContact> {
+        self.contacts.get(&seq)
+    }
+
     /// Every contact in creation order.
     pub fn all(&self) -> impl Iterator<Item = &StoredContact> {
         self.contacts.values()

@@ -1,0 +1,149 @@
+//! Loops' audience export, read as the contacts `GET /v1/contacts/find` would return, so that
+//! `adopt` and `verify` compare a file exactly as they compare Loops' answers
+//! (`loopsync_transformer::verify::compare`). The file is held as its raw rows, indexed by
+//! email and User ID; a row is typed only when looked up, by the sync's property types.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use loopsync_core::envelope::Action;
+use loopsync_core::spec::{DEFAULT_PROPERTIES, SyncSpec};
+use loopsync_core::value::normalize_email;
+use loopsync_loops_csv::csv::StringRecord;
+use loopsync_loops_csv::{Column, CsvError, read_row, resolve};
+use loopsync_transformer::verify::{Confirmed, DriftKind, Lookup, compare};
+use serde_json::{Map, Value};
+
+use super::{BulkError, cell_type};
+
+/// An audience export, read.
+#[derive(Debug)]
+pub struct LoopsExport {
+    path: String,
+    headers: StringRecord,
+    rows: Vec<StringRecord>,
+    by_email: HashMap<String, usize>,
+    by_user_id: HashMap<String, usize>,
+}
+
+impl LoopsExport {
+    /// Reads the file at `path`.
+    pub fn open(path: &Path) -> Result<LoopsExport, BulkError> {
+        let shown = path.display().to_string();
+        let bad = |source: CsvError| BulkError::Csv {
+            path: shown.clone(),
+            source,
+        };
+        let file = std::fs::File::open(path).map_err(|source| BulkError::Io {
+            path: shown.clone(),
+            source,
+        })?;
+        let mut reader = loopsync_loops_csv::reader(std::io::BufReader::new(file));
+        let headers = reader.headers().map_err(|e| bad(e.into()))?.clone();
+        let ids = resolve(&headers, &["email", "userId"], false).map_err(bad)?;
+        let at = |name: &str| ids.iter().position(|c| *c == Column::Property(name.into()));
+        let (email_at, user_id_at) = (at("email"), at("userId"));
+        let mut export = LoopsExport {
+            path: shown.clone(),
+            headers,
+            rows: Vec::new(),
+            by_email: HashMap::new(),
+            by_user_id: HashMap::new(),
+        };
+        for record in reader.records() {
+            let record = record.map_err(|e| bad(e.into()))?;
+            let n = export.rows.len();
+            let cell = |at: Option<usize>| {
+                at.and_then(|i| record.get(i))
+                    .map(str::trim)
+                    .filter(|t| !t.is_empty())
+            };
+            if let Some(email) = cell(email_at) {
+                export.by_email.insert(normalize_email(email), n);
+            }
+            if let Some(user_id) = cell(user_id_at) {
+                export.by_user_id.insert(user_id.to_owned(), n);
+            }
+            export.rows.push(record);
+        }
+        Ok(export)
+    }
+
+    /// Contacts in the file.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// The file as `spec` reads it: its columns resolved among the sync's properties and
+    /// Loops' default ones (columns of neither are ignored).
+    pub fn view<'a>(&'a self, spec: &'a SyncSpec) -> Result<View<'a>, BulkError> {
+        let mut known: Vec<&str> = DEFAULT_PROPERTIES.iter().map(|(n, _)| *n).collect();
+        known.extend(spec.properties.iter().map(|p| p.property.as_str()));
+        let columns = resolve(&self.headers, &known, false).map_err(|source| BulkError::Csv {
+            path: self.path.clone(),
+            source,
+        })?;
+        Ok(View {
+            file: self,
+            spec,
+            columns,
+        })
+    }
+}
+
+/// An export read for one sync.
+#[derive(Debug)]
+pub struct View<'a> {
+    file: &'a LoopsExport,
+    spec: &'a SyncSpec,
+    columns: Vec<Column>,
+}
+
+impl View<'_> {
+    /// The contact `lookup` names, as `contacts/find` shows one (`None`: not in the file).
+    /// `Err`: its row has a cell its type refuses (the reason names the column).
+    pub fn find(&self, lookup: &Lookup) -> Result<Option<Map<String, Value>>, String> {
+        let at = match lookup {
+            Lookup::Email(e) => self.file.by_email.get(&normalize_email(e)),
+            Lookup::UserId(u) => self.file.by_user_id.get(u.trim()),
+        };
+        let Some(&at) = at else {
+            return Ok(None);
+        };
+        let spec = self.spec;
+        let row = read_row(&self.columns, &self.file.rows[at], &|n| cell_type(spec, n))?;
+        Ok(Some(row.into_contact()))
+    }
+
+    /// Whether the contact of `action` (a run's write of a record) is in the file exactly as
+    /// the write would leave it, by `verify`'s comparison. `Err`: why not, in a few words
+    /// (the reasons `adopt --from-loops-export` counts by).
+    pub fn holds(&self, action: &Action) -> Result<(), &'static str> {
+        if matches!(action, Action::Rekey { .. }) {
+            return Err("a new identity: the old contact is the API lane's");
+        }
+        let Some(confirmed) = Confirmed::from_action(action) else {
+            return Err("a removal");
+        };
+        let Some(lookup) = confirmed.lookup(self.spec.identify_by) else {
+            return Err("no identifier");
+        };
+        let found = self
+            .find(&lookup)
+            .map_err(|_| "its row in the file has a value of the wrong type")?;
+        let drifts = compare(self.spec, &confirmed, found.as_ref());
+        if drifts.is_empty() {
+            Ok(())
+        } else if drifts.iter().any(|d| d.kind == DriftKind::Missing) {
+            Err("not in the file")
+        } else if drifts.iter().any(|d| d.kind == DriftKind::Property) {
+            Err("a property differs")
+        } else {
+            Err("a mailing list differs")
+        }
+    }
+}
