@@ -647,7 +647,7 @@ pub trait StateStore: Send + Sync + 'static {
     ) -> Result<(), WarehouseError>;
 
     /// `loopsync adopt`: records these keys as confirmed by Loops in `run_id` without anything
-    /// having been sent.
+    /// having been sent. No contact id is known for them: any kept before is forgotten.
     async fn adopt(
         &self,
         sync: &str,
@@ -747,7 +747,9 @@ pub trait StateStore: Send + Sync + 'static {
     ) -> Result<Option<DestinationBinding>, WarehouseError>;
 
     /// Binds the sync's state to `destination` and the API key of `key_fingerprint`, replacing
-    /// any earlier binding (`loopsync adopt`: the model is recorded as confirmed there).
+    /// any earlier binding (`loopsync adopt`: the model is recorded as confirmed there). Unless
+    /// the binding is the same (destination and key), the contact ids the state keeps are
+    /// forgotten in the same transaction: they are the earlier Loops' ids.
     async fn set_destination(
         &self,
         sync: &str,

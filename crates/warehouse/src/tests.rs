@@ -1473,6 +1473,85 @@ async fn destinations_bind_and_reset(f: Fixture) {
     assert_eq!(w.bind_destination("users", &b, "k4").await.unwrap(), None);
 }
 
+/// `(key, contact id)` of the sync's confirmed records, by key.
+async fn contact_ids(w: &dyn Warehouse) -> Vec<(String, Option<String>)> {
+    let mut ids: Vec<_> = w
+        .confirmed_contacts("users", 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| (c.key, c.contact_id))
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// The contact id the state keeps is Loops' id in the binding it was confirmed under: an
+/// adopted record has none (adopt asks Loops for no contact), and a rebinding to anything but
+/// the same destination and key forgets every one; the same binding keeps them.
+async fn adoption_forgets_contact_ids(f: Fixture) {
+    use loopsync_core::destination::Destination;
+    let w = &*f.warehouse;
+    w.prepare().await.unwrap();
+    let s = spec("users", "users");
+    let a = Destination::new(Some("Team".into()), "http://127.0.0.1:4001/api");
+    w.set_destination("users", &a, "k1").await.unwrap();
+    let run = w.create_run("users").await.unwrap();
+    w.claim_run(run, false).await.unwrap();
+    w.record_outcomes(&[
+        confirmed(&s, run, "1", "f1"),
+        confirmed(&s, run, "2", "f2"),
+        confirmed(&s, run, "3", "f3"),
+    ])
+    .await
+    .unwrap();
+    let id = |key: &str, id: Option<&str>| (key.to_owned(), id.map(str::to_owned));
+    assert_eq!(
+        contact_ids(w).await,
+        [id("1", Some("c-1")), id("2", Some("c-2")), id("3", Some("c-3"))]
+    );
+    w.adopt(
+        "users",
+        run,
+        &[Adoption {
+            key: "2".into(),
+            fingerprint: "f2-new".into(),
+            email: Some("two@example.com".into()),
+            ..Adoption::default()
+        }],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        contact_ids(w).await,
+        [id("1", Some("c-1")), id("2", None), id("3", Some("c-3"))],
+        "the adopted record has no contact id"
+    );
+    w.set_destination("users", &a, "k1").await.unwrap();
+    assert_eq!(
+        contact_ids(w).await,
+        [id("1", Some("c-1")), id("2", None), id("3", Some("c-3"))],
+        "the same binding keeps them"
+    );
+    w.set_destination("users", &a, "k2").await.unwrap();
+    assert_eq!(
+        contact_ids(w).await,
+        [id("1", None), id("2", None), id("3", None)],
+        "another key may be another team's: every id goes"
+    );
+}
+
+#[tokio::test]
+async fn postgres_adoption_forgets_contact_ids() {
+    let Some(f) = postgres().await else { return };
+    adoption_forgets_contact_ids(f).await;
+}
+
+#[tokio::test]
+async fn sqlite_adoption_forgets_contact_ids() {
+    adoption_forgets_contact_ids(sqlite()).await;
+}
+
 /// A run of sync `users` whose records have `outcomes` (reasons given), finished: its summary.
 async fn run_of(w: &dyn Warehouse, outcomes: &[(&str, OutcomeStatus, &str)]) -> RunSummary {
     let run = w.create_run("users").await.unwrap();

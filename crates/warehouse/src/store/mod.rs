@@ -826,7 +826,7 @@ impl<K: Keeper> StateStore for Store<K> {
             key_fingerprint.to_owned(),
         );
         self.keeper
-            .auto(
+            .tx(
                 "set destination",
                 work(move |x| Box::pin(rules::set_destination(x, sync, destination, fp))),
             )

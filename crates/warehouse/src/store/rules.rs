@@ -274,7 +274,9 @@ pub(crate) async fn finish_extract(
 /// Confirm (adopted): the record is confirmed at its fingerprint in `run_id`, unparked, its
 /// generation advanced. The generation counts the record's changes (confirmed, removed,
 /// adopted, reset: the four places it moves, all in this file), so that what is sent next has
-/// new idempotency keys.
+/// new idempotency keys. An adoption asks Loops for no contact, so it knows no contact id: the
+/// one kept from an earlier confirmation goes (it may be another team's contact, and the
+/// read-back of a new API key compares it).
 pub(crate) async fn adopt(
     x: &mut dyn Exec,
     sync: String,
@@ -291,6 +293,7 @@ pub(crate) async fn adopt(
                 confirmed_at = EXCLUDED.confirmed_at,
                 confirmed_email = EXCLUDED.confirmed_email,
                 confirmed_user_id = EXCLUDED.confirmed_user_id,
+                contact_id = NULL,
                 parked_fp = NULL,
                 model_hash = EXCLUDED.model_hash,
                 model_email = EXCLUDED.model_email,
@@ -907,12 +910,36 @@ async fn destination_of(
     destination(x, sync.to_owned()).await
 }
 
+/// Rebinds the sync (`loopsync adopt`). The contact ids the state keeps are Loops' ids in the
+/// binding they were confirmed under: bound anywhere else now (another team or URL, or another
+/// API key, which may be another team of the same name), they are forgotten, so that no later
+/// read-back compares another Loops' ids. The same binding keeps them.
 pub(crate) async fn set_destination(
     x: &mut dyn Exec,
     sync: String,
     destination: Destination,
     key_fingerprint: String,
 ) -> Result<(), WarehouseError> {
+    let same = destination_of(x, &sync).await?.is_some_and(|b| {
+        b.destination == destination && b.key_fingerprint.as_deref() == Some(&key_fingerprint)
+    });
+    if !same {
+        // Row locks in (sync, key) order, as the checkpointer takes them: no deadlock.
+        x.lock_rows(
+            "lock a sync's contact ids",
+            "SELECT key FROM loopsync.state WHERE sync = $1 AND contact_id IS NOT NULL
+              ORDER BY key FOR UPDATE",
+            params![&sync],
+        )
+        .await?;
+        x.execute(
+            "forget a sync's contact ids",
+            "UPDATE loopsync.state SET contact_id = NULL
+              WHERE sync = $1 AND contact_id IS NOT NULL",
+            params![&sync],
+        )
+        .await?;
+    }
     let sql = format!(
         "INSERT INTO loopsync.destinations (sync, team, base_url, bound_at, key_fingerprint)
          VALUES ($1, $2, $3, {now}, $4)
