@@ -779,7 +779,10 @@ pub trait StateStore: Send + Sync + 'static {
     /// for `reason` (its latest reason), with an optional `note`: while a record stays invalid
     /// for that very reason, its invalid outcome no longer makes a run degraded. Any other
     /// outcome of the record (another reason, sent, confirmed) ends the acceptance. Replaces an
-    /// earlier acceptance of the record. How many records were accepted.
+    /// earlier acceptance of the record. A record is accepted only if its latest outcome is
+    /// still invalid for `reason` when the acceptance is written (one statement: a run that
+    /// recorded another outcome after the caller read it is not overruled). How many records
+    /// were accepted.
     async fn accept_invalid(
         &self,
         sync: &str,

@@ -1653,7 +1653,19 @@ async fn accepting_invalid_records(f: Fixture) {
     assert_eq!(fifth.status, RunStatus::Succeeded);
     let sixth = run_of(w, &[("1", Invalid, no_email)]).await;
     assert_eq!((sixth.status.as_str(), sixth.accepted), ("degraded", 0));
+    // An acceptance read before a run that changed the record's outcome is not written: key 1
+    // was confirmed since (another run), key 2 is invalid for another reason; key 3 has no
+    // outcome at all.
+    let changed = run_of(w, &[("1", Confirmed, ""), ("2", Invalid, malformed)]).await;
+    assert_eq!(changed.status, RunStatus::Degraded);
+    assert_eq!(
+        w.accept_invalid("users", &records, None).await.unwrap(),
+        0,
+        "nothing is invalid for the reason accepted any more"
+    );
+    assert_eq!(accepted_now(w).await, [("2".into(), false)]);
     // unaccept: the next invalid outcome makes the run degraded again.
+    let _ = run_of(w, &[("1", Invalid, no_email)]).await;
     w.accept_invalid("users", &records[..1], None)
         .await
         .unwrap();

@@ -1012,7 +1012,10 @@ pub(crate) async fn confirmed_contacts(
         .collect()
 }
 
-/// Accepts invalid records `(key, reason)` of `sync` as invalid for that reason.
+/// Accepts invalid records `(key, reason)` of `sync` as invalid for that reason, each only
+/// while its latest outcome still is (decided by the insert itself: a run that recorded
+/// another outcome since the caller read the record leaves it unaccepted). How many were
+/// accepted.
 pub(crate) async fn accept_invalid(
     x: &mut dyn Exec,
     sync: String,
@@ -1023,7 +1026,12 @@ pub(crate) async fn accept_invalid(
     records.dedup_by(|a, b| a.0 == b.0);
     let sql = format!(
         "INSERT INTO loopsync.accepted (sync, key, reason, note, accepted_at)
-         VALUES ($1, $2, $3, $4, {now})
+         SELECT CAST($1 AS text), CAST($2 AS text), CAST($3 AS text), CAST($4 AS text), {now}
+          WHERE EXISTS (SELECT 1 FROM (SELECT r.outcome, r.reason FROM loopsync.records r
+                                        WHERE r.sync = $1 AND r.key = $2
+                                        ORDER BY r.run_id DESC LIMIT 1) AS latest
+                         WHERE latest.outcome = 'invalid'
+                           AND COALESCE(latest.reason, '') = $3)
          ON CONFLICT (sync, key) DO UPDATE
             SET reason = EXCLUDED.reason, note = EXCLUDED.note,
                 accepted_at = EXCLUDED.accepted_at",
