@@ -781,14 +781,17 @@ pub trait StateStore: Send + Sync + 'static {
     /// outcome of the record (another reason, sent, confirmed) ends the acceptance. Replaces an
     /// earlier acceptance of the record. A record is accepted only if its latest outcome is
     /// still invalid for `reason` when the acceptance is written (one statement: a run that
-    /// recorded another outcome after the caller read it is not overruled). How many records
-    /// were accepted.
+    /// recorded another outcome after the caller read it is not overruled). A record whose
+    /// contact Loops still holds with the values it last confirmed (its row was sent, then
+    /// became invalid: Loops keeps those values while it stays so) is accepted only with
+    /// `in_loops_too`; otherwise its key is returned. What was accepted, and what was not.
     async fn accept_invalid(
         &self,
         sync: &str,
         records: &[(String, String)],
         note: Option<&str>,
-    ) -> Result<u64, WarehouseError>;
+        in_loops_too: bool,
+    ) -> Result<Acceptance, WarehouseError>;
 
     /// Undoes [`StateStore::accept_invalid`] for these keys: their next invalid outcome makes
     /// the run degraded again. How many acceptances were removed.
@@ -902,6 +905,20 @@ pub struct ConfirmedContact {
     pub user_id: Option<String>,
     /// The contact's id in Loops, when Loops gave it.
     pub contact_id: Option<String>,
+}
+
+/// What [`StateStore::accept_invalid`] did with the records it was given.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Acceptance {
+    /// Records accepted.
+    pub accepted: u64,
+    /// Records not accepted because their latest outcome is no longer invalid for the reason
+    /// given (a run recorded another since they were read).
+    pub outcome_changed: u64,
+    /// Keys not accepted because Loops still holds their contact with the values it last
+    /// confirmed (the row was sent, then became invalid), when such records were not to be
+    /// accepted.
+    pub in_loops: Vec<String>,
 }
 
 /// What `reset_state` deleted.

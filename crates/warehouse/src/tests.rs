@@ -1091,10 +1091,12 @@ async fn erasing(f: Fixture) {
     );
     assert_eq!(w.records(run).await.unwrap().len(), 2, "nothing erased");
     w.fail_run(run, "done").await.unwrap();
-    let acceptance = [("7".to_owned(), "no email".to_owned())];
-    w.accept_invalid("users", &acceptance, Some("note"))
-        .await
-        .unwrap();
+    // An acceptance of the person's record, written as is (the record is no invalid one).
+    (f.exec)(f.dialect().statement(
+        "INSERT INTO loopsync.accepted (sync, key, reason, note, accepted_at)
+         VALUES ('users', '7', 'no email', 'note', CURRENT_TIMESTAMP)",
+    ))
+    .await;
     let erased = w.erase_person("users", &keys, &[]).await.unwrap();
     assert_eq!((erased.state, erased.records), (1, 1));
     assert_eq!(
@@ -1508,7 +1510,11 @@ async fn adoption_forgets_contact_ids(f: Fixture) {
     let id = |key: &str, id: Option<&str>| (key.to_owned(), id.map(str::to_owned));
     assert_eq!(
         contact_ids(w).await,
-        [id("1", Some("c-1")), id("2", Some("c-2")), id("3", Some("c-3"))]
+        [
+            id("1", Some("c-1")),
+            id("2", Some("c-2")),
+            id("3", Some("c-3"))
+        ]
     );
     w.adopt(
         "users",
@@ -1606,10 +1612,13 @@ async fn accepting_invalid_records(f: Fixture) {
         ("3".to_owned(), no_email.to_owned()),
     ];
     assert_eq!(
-        w.accept_invalid("users", &records[..2], Some("legacy rows"))
+        w.accept_invalid("users", &records[..2], Some("legacy rows"), false)
             .await
             .unwrap(),
-        2
+        Acceptance {
+            accepted: 2,
+            ..Acceptance::default()
+        }
     );
     assert_eq!(
         accepted_now(w).await,
@@ -1659,16 +1668,42 @@ async fn accepting_invalid_records(f: Fixture) {
     let changed = run_of(w, &[("1", Confirmed, ""), ("2", Invalid, malformed)]).await;
     assert_eq!(changed.status, RunStatus::Degraded);
     assert_eq!(
-        w.accept_invalid("users", &records, None).await.unwrap(),
-        0,
+        w.accept_invalid("users", &records, None, true)
+            .await
+            .unwrap(),
+        Acceptance {
+            accepted: 0,
+            outcome_changed: 3,
+            in_loops: vec![],
+        },
         "nothing is invalid for the reason accepted any more"
     );
     assert_eq!(accepted_now(w).await, [("2".into(), false)]);
-    // unaccept: the next invalid outcome makes the run degraded again.
+    // Key 1 was sent and confirmed, then became invalid: Loops keeps the values it confirmed
+    // while it stays so. Accepted only when that is said to be intended.
     let _ = run_of(w, &[("1", Invalid, no_email)]).await;
-    w.accept_invalid("users", &records[..1], None)
-        .await
-        .unwrap();
+    assert_eq!(
+        w.accept_invalid("users", &records[..1], None, false)
+            .await
+            .unwrap(),
+        Acceptance {
+            accepted: 0,
+            outcome_changed: 0,
+            in_loops: vec!["1".into()],
+        }
+    );
+    assert_eq!(
+        accepted_now(w).await,
+        [("1".into(), false), ("2".into(), false)]
+    );
+    // unaccept: the next invalid outcome makes the run degraded again.
+    assert_eq!(
+        w.accept_invalid("users", &records[..1], None, true)
+            .await
+            .unwrap()
+            .accepted,
+        1
+    );
     assert_eq!(
         w.unaccept_invalid("users", &["1".into(), "9".into()])
             .await

@@ -8,8 +8,8 @@ use loopsync_core::tuning::LEASE;
 
 use super::{Exec, Row, params};
 use crate::{
-    Adoption, ConfirmedContact, DestinationBinding, Emitted, ExtractCounts, FORGOTTEN_FP,
-    RecordResult, RunStatus, RunSummary, StateReset, WarehouseError, is_removal,
+    Acceptance, Adoption, ConfirmedContact, DestinationBinding, Emitted, ExtractCounts,
+    FORGOTTEN_FP, RecordResult, RunStatus, RunSummary, StateReset, WarehouseError, is_removal,
     record_requests_sql, requests_of, stored, summary_request_sql, summary_rows_sql, watermark_sql,
 };
 
@@ -1012,18 +1012,42 @@ pub(crate) async fn confirmed_contacts(
         .collect()
 }
 
+/// Keys whose contact Loops holds, per query of [`accept_invalid`].
+const IN_LOOPS_CHUNK: usize = 500;
+
 /// Accepts invalid records `(key, reason)` of `sync` as invalid for that reason, each only
 /// while its latest outcome still is (decided by the insert itself: a run that recorded
-/// another outcome since the caller read the record leaves it unaccepted). How many were
-/// accepted.
+/// another outcome since the caller read the record leaves it unaccepted). A record whose
+/// contact Loops confirmed and still holds (its row was sent, then became invalid: Loops keeps
+/// the values it last confirmed for as long as the row stays invalid) is accepted only when
+/// `in_loops_too` says the stale contact is intended; else its key is returned.
 pub(crate) async fn accept_invalid(
     x: &mut dyn Exec,
     sync: String,
     mut records: Vec<(String, String)>,
     note: Option<String>,
-) -> Result<u64, WarehouseError> {
+    in_loops_too: bool,
+) -> Result<Acceptance, WarehouseError> {
     records.sort();
     records.dedup_by(|a, b| a.0 == b.0);
+    let mut in_loops = Vec::new();
+    if !in_loops_too {
+        for chunk in records.chunks(IN_LOOPS_CHUNK) {
+            let keys: Vec<String> = (2..chunk.len() + 2).map(|i| format!("${i}")).collect();
+            let sql = format!(
+                "SELECT key FROM loopsync.state
+                  WHERE sync = $1 AND confirmed_fp IS NOT NULL AND key IN ({})",
+                keys.join(", ")
+            );
+            let mut params = params![&sync];
+            params.extend(chunk.iter().map(|(key, _)| super::Value::from(key)));
+            for row in x.query("find contacts Loops holds", &sql, params).await? {
+                in_loops.push(row.text(0)?);
+            }
+        }
+        in_loops.sort();
+        records.retain(|(key, _)| in_loops.binary_search(key).is_err());
+    }
     let sql = format!(
         "INSERT INTO loopsync.accepted (sync, key, reason, note, accepted_at)
          SELECT CAST($1 AS text), CAST($2 AS text), CAST($3 AS text), CAST($4 AS text), {now}
@@ -1037,11 +1061,17 @@ pub(crate) async fn accept_invalid(
                 accepted_at = EXCLUDED.accepted_at",
         now = x.dialect().now()
     );
+    let tried = records.len() as u64;
     let items = records
         .into_iter()
         .map(|(key, reason)| (0, params![&sync, key, reason, note.as_deref()]))
         .collect();
-    x.batch("accept invalid records", &[sql], items).await
+    let accepted = x.batch("accept invalid records", &[sql], items).await?;
+    Ok(Acceptance {
+        accepted,
+        outcome_changed: tried - accepted,
+        in_loops,
+    })
 }
 
 /// Ends the acceptances of these keys of `sync`.
