@@ -767,8 +767,9 @@ pub trait StateStore: Send + Sync + 'static {
         key_fingerprint: &str,
     ) -> Result<bool, WarehouseError>;
 
-    /// Up to `limit` records of `sync` whose contact Loops confirmed, the most recently
-    /// confirmed first (then by key): what is read back from Loops when the API key changed.
+    /// Up to `limit` records of `sync` whose contact Loops confirmed, those with a contact id
+    /// first, then the most recently confirmed (then by key): what is read back from Loops when
+    /// the API key changed (an id proves the same team; an email alone does not).
     async fn confirmed_contacts(
         &self,
         sync: &str,

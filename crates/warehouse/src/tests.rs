@@ -1533,6 +1533,16 @@ async fn adoption_forgets_contact_ids(f: Fixture) {
         [id("1", Some("c-1")), id("2", None), id("3", Some("c-3"))],
         "the adopted record has no contact id"
     );
+    // A read-back sample takes the records with an id first, though key 2 was confirmed last.
+    let mut sample: Vec<String> = w
+        .confirmed_contacts("users", 2)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.key)
+        .collect();
+    sample.sort();
+    assert_eq!(sample, ["1", "3"]);
     w.set_destination("users", &a, "k1").await.unwrap();
     assert_eq!(
         contact_ids(w).await,

@@ -986,7 +986,9 @@ pub(crate) async fn set_key_fingerprint(
     Ok(changed > 0)
 }
 
-/// Records whose contact Loops confirmed, the most recently confirmed first.
+/// Records whose contact Loops confirmed: those whose contact id is known first (only an id
+/// tells one team's contact from another's of the same email), then the most recently
+/// confirmed.
 pub(crate) async fn confirmed_contacts(
     x: &mut dyn Exec,
     sync: String,
@@ -995,7 +997,7 @@ pub(crate) async fn confirmed_contacts(
     let sql = format!(
         "SELECT key, confirmed_email, confirmed_user_id, contact_id FROM loopsync.state
           WHERE sync = $1 AND confirmed_fp IS NOT NULL
-          ORDER BY confirmed_at IS NULL, confirmed_at DESC, key{} LIMIT $2",
+          ORDER BY contact_id IS NULL, confirmed_at IS NULL, confirmed_at DESC, key{} LIMIT $2",
         x.dialect().bytewise()
     );
     x.query("read confirmed contacts", &sql, params![sync, limit])
