@@ -246,7 +246,8 @@ async fn a_sync_refuses_another_loops_until_reset_or_adopt() {
 /// and B receives nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_team_is_refused_over_nats() {
-    let Some(stack) = Stack::start(StackOptions {
+    // A fails every contact write: the records are dead-lettered, for `dlq replay` below.
+    let Some((stack, first)) = Stack::with_dead_letters(StackOptions {
         rows: 5,
         nats: true,
         max_attempts: 2,
@@ -257,15 +258,6 @@ async fn another_team_is_refused_over_nats() {
         return;
     };
     let a = stack.sim.api();
-    // A fails every contact write: the records are dead-lettered, for `dlq replay` below.
-    stack
-        .sim_post(
-            "faults",
-            json!({"error_503": 1.0, "endpoints": ["PUT /v1/contacts/update"]}),
-        )
-        .await;
-    let first = stack.run_once(&[]).await;
-    assert_eq!(first.status, 3, "{}", first.stderr);
     assert_eq!(first.run()["dead_lettered"], 5);
 
     let sim_b = another_loops();
