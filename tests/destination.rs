@@ -246,7 +246,8 @@ async fn a_sync_refuses_another_loops_until_reset_or_adopt() {
 /// and B receives nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_team_is_refused_over_nats() {
-    let Some(stack) = Stack::start(StackOptions {
+    // A fails every contact write: the records are dead-lettered, for `dlq replay` below.
+    let Some((stack, first)) = Stack::with_dead_letters(StackOptions {
         rows: 5,
         nats: true,
         max_attempts: 2,
@@ -257,15 +258,6 @@ async fn another_team_is_refused_over_nats() {
         return;
     };
     let a = stack.sim.api();
-    // A fails every contact write: the records are dead-lettered, for `dlq replay` below.
-    stack
-        .sim_post(
-            "faults",
-            json!({"error_503": 1.0, "endpoints": ["PUT /v1/contacts/update"]}),
-        )
-        .await;
-    let first = stack.run_once(&[]).await;
-    assert_eq!(first.status, 3, "{}", first.stderr);
     assert_eq!(first.run()["dead_lettered"], 5);
 
     let sim_b = another_loops();
@@ -393,7 +385,10 @@ async fn a_loops_restarted_empty_with_another_key_is_refused() {
     let binding = &report["bindings"][0];
     assert_eq!(binding["matches"], true, "{report}");
     assert_eq!(binding["key_matches"], false, "{report}");
-    assert_eq!(binding["read_back"], json!({"checked": 5, "missing": 5}));
+    assert_eq!(
+        binding["read_back"],
+        json!({"checked": 5, "missing": 5, "by_id": 0})
+    );
     assert_eq!(binding["bound_to"]["key_fingerprint"], key.as_str());
     assert_eq!(bound_key(&stack).await, key, "check changes nothing");
     assert_eq!(stack.sim.seen().await.writes(), 0);
@@ -430,7 +425,7 @@ async fn a_key_rotated_on_the_same_team_keeps_the_state() {
     let original = bound_key(&stack).await;
 
     let notice = "sync users: the API key changed; 5 confirmed contacts were found in Loops with \
-                  it, so the state is kept and bound to the new key";
+                  it (5 by their contact id), so the state is kept and bound to the new key";
     let run_with = |key: &'static str| {
         let stack = &stack;
         async move {
@@ -479,5 +474,47 @@ async fn a_key_rotated_on_the_same_team_keeps_the_state() {
     assert_eq!(status, 0, "{stderr}");
     assert!(!stderr.contains("API key changed"), "{stderr}");
     assert_eq!(seen.to("GET /v1/contacts/find"), 0, "{seen:?}");
+    assert_eq!(bound_key(&stack).await, original);
+
+    // Adopted with the rotated key: the state keeps no contact id (adopt reads none, and the
+    // rebinding to another key forgets those it had). A run with the first key again finds the
+    // contacts by email alone: kept, with a warning that names the risk; `check` warns alike.
+    let adopted = with_key(&stack, "rotated-key", &["adopt"]).await;
+    assert!(
+        adopted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&adopted.stderr)
+    );
+    assert_eq!(
+        stack
+            .count("SELECT count(*) FROM loopsync.state WHERE contact_id IS NOT NULL")
+            .await,
+        0
+    );
+    let check = with_key(&stack, "test-key", &["check", "--json"]).await;
+    let report: Value = loopsync_testkit::json_data(&check.stdout).unwrap();
+    assert_eq!(
+        report["bindings"][0]["read_back"],
+        json!({"checked": 5, "missing": 0, "by_id": 0}),
+        "{report}"
+    );
+    let check = with_key(&stack, "test-key", &["check"]).await;
+    let text = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        text.contains("warn sync users: state bound to this destination with another API key")
+            && text.contains("but by their email or userId alone"),
+        "{text}"
+    );
+    let ((status, report, stderr), seen) = seen_by(&team, run_with("test-key")).await;
+    assert_eq!(status, 0, "{stderr}");
+    assert_eq!(seen.writes(), 0, "nothing re-sent: {seen:?}");
+    assert_eq!(report[0]["unchanged"], 8, "{report}");
+    assert!(
+        stderr.contains(
+            "5 confirmed contacts were found in Loops with it, so the state is kept and bound \
+             to the new key. warning: they were found by their email or userId alone"
+        ),
+        "{stderr}"
+    );
     assert_eq!(bound_key(&stack).await, original);
 }

@@ -855,7 +855,7 @@ async fn logs_say_what_happened_and_never_the_key() {
 /// Dead letters: `dlq list` tells the parked from the others; `dlq unpark` undoes `park`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parked_letters_are_shown_and_can_be_unparked() {
-    let Some(stack) = Stack::start(StackOptions {
+    let Some((stack, _)) = Stack::with_dead_letters(StackOptions {
         rows: 3,
         max_attempts: 1,
         ..StackOptions::default()
@@ -864,13 +864,6 @@ async fn parked_letters_are_shown_and_can_be_unparked() {
     else {
         return;
     };
-    stack
-        .sim_post(
-            "faults",
-            json!({"error_503": 1.0, "endpoints": ["PUT /v1/contacts/update"]}),
-        )
-        .await;
-    assert_eq!(stack.run_once(&[]).await.status, 3);
     let parked = stack.output(&["dlq", "park", "--key", "2", "--json"]).await;
     assert_eq!(
         loopsync_testkit::json_data(&parked.stdout).unwrap()["parked"],

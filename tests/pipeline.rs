@@ -243,6 +243,73 @@ async fn accepted_invalid_records_no_longer_degrade_runs() {
     );
 }
 
+/// A row sent, then made invalid: Loops keeps the values it last confirmed while the row stays
+/// invalid. `rejections accept` does not hide that silently: it names the record and accepts it
+/// only with `--keep-stale`; a record never sent is accepted as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepting_a_record_loops_still_holds_needs_keep_stale() {
+    let Some(stack) = Stack::start(StackOptions {
+        rows: 3,
+        ..StackOptions::default()
+    })
+    .await
+    else {
+        return;
+    };
+    stack
+        .sql("UPDATE users SET email = NULL WHERE id = 3")
+        .await;
+    assert_eq!(stack.run_once(&[]).await.status, 3, "row 3 invalid");
+    stack
+        .sql("UPDATE users SET email = 'not-an-email' WHERE id = 2")
+        .await;
+    assert_eq!(stack.run_once(&[]).await.status, 3, "rows 2 and 3 invalid");
+    assert!(stack.contacts().await.contains_key("user2@example.com"));
+
+    let refused = stack
+        .output(&["rejections", "accept", "--sync", "users", "--json"])
+        .await;
+    assert_eq!(refused.status.code(), Some(1));
+    let said: Value = loopsync_testkit::json_data(&refused.stdout).unwrap();
+    assert_eq!(
+        (&said["accepted"], &said["in_loops"]),
+        (
+            &serde_json::json!(1),
+            &serde_json::json!([{"sync": "users", "key": "2"}])
+        ),
+        "{said}"
+    );
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains(
+            "1 invalid records not accepted: Loops still holds their contacts with the values \
+             it last confirmed"
+        ) && stderr.contains("(sync users: 2)")
+            && stderr.contains("--keep-stale"),
+        "{stderr}"
+    );
+    assert_eq!(
+        listed(&stack).await,
+        [("2".into(), false), ("3".into(), true)]
+    );
+
+    let kept = stack
+        .output(&["rejections", "accept", "--key", "2", "--keep-stale"])
+        .await;
+    assert_eq!(
+        kept.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&kept.stderr)
+    );
+    assert_eq!(
+        listed(&stack).await,
+        [("2".into(), true), ("3".into(), true)]
+    );
+    let quiet = stack.run_once(&[]).await;
+    assert_eq!(quiet.status, 0, "both accepted: {}", quiet.stderr);
+}
+
 /// Invalid records are kept with their reason; the run is degraded (exit 3); the valid ones go.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_records_degrade_the_run() {

@@ -12,9 +12,10 @@ const DELETE: &str = "POST /v1/contacts/delete";
 const UPDATE: &str = "PUT /v1/contacts/update";
 const FIND: &str = "GET /v1/contacts/find";
 
-/// A stack over NATS with its three workers started: `None` when a service is missing and
-/// skipping was asked for.
-async fn with_workers(options: StackOptions) -> Option<(Stack, [Worker; 3])> {
+/// A stack over NATS with its three workers started, synced by a first remote run that must
+/// exit 0: the stack, the workers (alive while held), that run's report and what Loops received
+/// during it. `None` when a service is missing and skipping was asked for.
+async fn synced(options: StackOptions) -> Option<(Stack, [Worker; 3], Value, Seen)> {
     let stack = Stack::start(StackOptions {
         nats: true,
         ..options
@@ -25,7 +26,8 @@ async fn with_workers(options: StackOptions) -> Option<(Stack, [Worker; 3])> {
         stack.worker("transformer").await,
         stack.worker("loader").await,
     ];
-    Some((stack, workers))
+    let (first, seen) = remote_ok(&stack, 0, &[]).await;
+    Some((stack, workers, first, seen))
 }
 
 /// `run --once --remote --json ARGS…`: what it said, and what Loops received meanwhile.
@@ -65,7 +67,7 @@ fn users(ids: impl IntoIterator<Item = i64>, subscribed: bool) -> Vec<(String, b
 /// request to the remote extractor, lets it through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_removal_guard_allows_its_share_and_refuses_more() {
-    let Some((stack, _workers)) = with_workers(StackOptions {
+    let Some((stack, _workers, first, seen)) = synced(StackOptions {
         rows: 8,
         behavior: "mirror",
         extra_sync: "max_removal_share = 0.25",
@@ -75,7 +77,6 @@ async fn the_removal_guard_allows_its_share_and_refuses_more() {
     else {
         return;
     };
-    let (first, seen) = remote_ok(&stack, 0, &[]).await;
     assert_eq!(first["confirmed"], 8, "{first}");
     assert_eq!(seen.answered(UPDATE, 200), 8, "{seen:?}");
 
@@ -148,7 +149,7 @@ async fn the_removal_guard_allows_its_share_and_refuses_more() {
 /// deleted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsubscribe_is_held_back_by_the_removal_guard() {
-    let Some((stack, _workers)) = with_workers(StackOptions {
+    let Some((stack, _workers, first, _)) = synced(StackOptions {
         rows: 5,
         behavior: "mirror",
         // The default share: 0.2.
@@ -159,7 +160,6 @@ async fn unsubscribe_is_held_back_by_the_removal_guard() {
     else {
         return;
     };
-    let (first, _) = remote_ok(&stack, 0, &[]).await;
     assert_eq!(first["confirmed"], 5, "{first}");
     assert_eq!(subscribed(&stack).await, users(1..=5, true));
 
@@ -217,7 +217,7 @@ async fn unsubscribe_is_held_back_by_the_removal_guard() {
 /// with that reason, and sends nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn user_id_identity_over_workers() {
-    let Some((stack, _workers)) = with_workers(StackOptions {
+    let Some((stack, _workers, _, _)) = synced(StackOptions {
         rows: 6,
         identify_by: "userId",
         ..StackOptions::default()
@@ -226,7 +226,6 @@ async fn user_id_identity_over_workers() {
     else {
         return;
     };
-    remote_ok(&stack, 0, &[]).await;
     let loops_id = |contacts: &Value, user_id: &str| {
         contacts
             .as_array()
@@ -283,7 +282,7 @@ async fn user_id_identity_over_workers() {
 /// the model again and verify finds no drift.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_and_repair_over_workers() {
-    let Some((stack, _workers)) = with_workers(StackOptions {
+    let Some((stack, _workers, _, _)) = synced(StackOptions {
         rows: 6,
         ..StackOptions::default()
     })
@@ -291,7 +290,6 @@ async fn verify_and_repair_over_workers() {
     else {
         return;
     };
-    remote_ok(&stack, 0, &[]).await;
     let synced = stack.contacts().await;
     let verify = async |args: &[&str]| {
         let before = stack.sim.seen().await;
@@ -370,7 +368,7 @@ async fn verify_and_repair_over_workers() {
 /// again; the run after sends nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reset_over_workers_sends_every_row_again() {
-    let Some((stack, _workers)) = with_workers(StackOptions {
+    let Some((stack, _workers, _, _)) = synced(StackOptions {
         rows: 5,
         extra_sync: "trigger_workflows = true",
         ..StackOptions::default()
@@ -379,7 +377,6 @@ async fn reset_over_workers_sends_every_row_again() {
     else {
         return;
     };
-    remote_ok(&stack, 0, &[]).await;
     let synced = stack.contacts().await;
     assert_eq!(synced.len(), 5);
     for email in synced.keys() {

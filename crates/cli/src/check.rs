@@ -143,6 +143,15 @@ fn print_text(config: &str, r: &CheckReport) {
                         t.bound_at
                     ),
                 ),
+                Some(found) if found.weak() => warn(&format!(
+                    "sync {sync}: state bound to this destination with another API key (since \
+                     {}); {} of its confirmed contacts read back were found with this key, but by \
+                     their email or userId alone (the state knows no contact id for them), which \
+                     another team holding the same people would pass too: its next run keeps the \
+                     state and records the new key. If the key is another team's, `loopsync \
+                     reset --sync {sync}` sends every row to it",
+                    t.bound_at, found.checked
+                )),
                 Some(found) if found.trusted() => line(
                     true,
                     &format!(

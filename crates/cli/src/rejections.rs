@@ -39,6 +39,11 @@ enum RejectionsAction {
         /// Why they are accepted: kept with the acceptance.
         #[arg(long)]
         note: Option<String>,
+        /// Also accept records whose contact Loops still holds with the values it last
+        /// confirmed (the row was sent, then became invalid): Loops keeps those values for as
+        /// long as the row stays invalid. Without it such records are not accepted (exit 1).
+        #[arg(long)]
+        keep_stale: bool,
     },
     /// Undo `accept`: the next run that finds them invalid is degraded again. Exit 1 when the
     /// filter matches no accepted record.
@@ -58,7 +63,11 @@ fn sorted(mut records: Vec<RecordResult>) -> Vec<RecordResult> {
 pub async fn run(config_path: &Path, args: RejectionsArgs) -> anyhow::Result<ExitCode> {
     match args.action {
         None => list(config_path, args.sync.as_deref(), args.json).await,
-        Some(RejectionsAction::Accept { filter, note }) => {
+        Some(RejectionsAction::Accept {
+            filter,
+            note,
+            keep_stale,
+        }) => {
             let config = load_config_for_warehouse(config_path, filter.sync.as_deref())?;
             let selection = filter.selection()?;
             let warehouse = open_warehouse(&config).await?;
@@ -70,18 +79,39 @@ pub async fn run(config_path: &Path, args: RejectionsArgs) -> anyhow::Result<Exi
                     filter.described()
                 );
             }
-            let accepted = rejections::accept(&*warehouse, &chosen, note.as_deref()).await?;
+            let done =
+                rejections::accept(&*warehouse, &chosen, note.as_deref(), keep_stale).await?;
             if filter.json {
+                let in_loops: Vec<_> = done
+                    .in_loops
+                    .iter()
+                    .map(|(sync, key)| serde_json::json!({ "sync": sync, "key": key }))
+                    .collect();
                 crate::output::json(
                     "rejections accept",
-                    &serde_json::json!({ "accepted": accepted }),
+                    &serde_json::json!({
+                        "accepted": done.accepted,
+                        "outcome_changed": done.outcome_changed,
+                        "in_loops": in_loops,
+                    }),
                 )?;
             } else {
                 crate::say!(
-                    "accepted {accepted} invalid records as they are: runs still list them, but \
+                    "accepted {} invalid records as they are: runs still list them, but \
                      they no longer make a run degraded while they stay invalid for the same \
-                     reason (loopsync rejections unaccept undoes it)"
+                     reason (loopsync rejections unaccept undoes it)",
+                    done.accepted
                 );
+                if done.outcome_changed > 0 {
+                    crate::say!(
+                        "{} not accepted: their latest outcome changed since they were read (a \
+                         run finished meanwhile; loopsync rejections shows them as they are now)",
+                        done.outcome_changed
+                    );
+                }
+            }
+            if !done.in_loops.is_empty() {
+                anyhow::bail!("{}", not_accepted_in_loops(&done.in_loops));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -115,6 +145,30 @@ pub async fn run(config_path: &Path, args: RejectionsArgs) -> anyhow::Result<Exi
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Why records whose contact Loops still holds were not accepted, naming them by sync and key,
+/// and the ways on.
+fn not_accepted_in_loops(in_loops: &[(String, String)]) -> String {
+    let mut by_sync: Vec<(&str, Vec<String>)> = Vec::new();
+    for (sync, key) in in_loops {
+        match by_sync.iter_mut().find(|(s, _)| s == sync) {
+            Some((_, keys)) => keys.push(printable(key).into_owned()),
+            None => by_sync.push((sync, vec![printable(key).into_owned()])),
+        }
+    }
+    let named: Vec<String> = by_sync
+        .iter()
+        .map(|(sync, keys)| format!("sync {sync}: {}", keys.join(", ")))
+        .collect();
+    format!(
+        "{} invalid records not accepted: Loops still holds their contacts with the values it \
+         last confirmed (the rows were sent, then became invalid), and keeps those values for as \
+         long as the rows stay invalid ({}). Fix the rows so that the next run sends them, or \
+         accept them with --keep-stale if Loops keeping the last values sent is intended",
+        in_loops.len(),
+        named.join("; ")
+    )
 }
 
 /// `loopsync rejections [--sync NAME] [--json]`.

@@ -12,8 +12,10 @@
 //!   kept: the key is recorded, without a word;
 //! * the same Loops (team name and URL) with another key: a key rotated on the team — or
 //!   another team of the same name, or a Loops restarted empty. A few confirmed contacts are
-//!   read back with the new key ([`read_back`]): all there, the state is kept and the new key
-//!   recorded (told once); any missing, refused as another Loops;
+//!   read back with the new key ([`read_back`]; those whose contact id the state knows first):
+//!   all there, the state is kept and the new key recorded (told once, with a warning when no
+//!   contact id could be compared: contacts found by email or userId alone, which another team
+//!   built from the same data would pass too); any missing, refused as another Loops;
 //! * another Loops: the sync is refused (exit 2) until `loopsync adopt` (the new destination
 //!   already holds these contacts) or `loopsync reset` (forget the state, send everything again).
 
@@ -101,13 +103,25 @@ pub struct ReadBack {
     pub checked: usize,
     /// Of them, those Loops does not have (not found, or found as another contact).
     pub missing: usize,
+    /// Of them, those found with the contact id the state keeps: the proof that the key
+    /// reaches the same team. The others were found by their email or userId alone, which
+    /// another team holding the same people would pass too.
+    pub by_id: usize,
 }
 
 impl ReadBack {
     /// The new key reaches the contacts the state says Loops confirmed (or there is nothing to
-    /// read back): the state is kept.
+    /// read back): the state is kept. Found by email or userId alone ([`ReadBack::weak`]) is
+    /// trusted too, with a warning: a rotated key must keep working for a sync whose contact
+    /// ids are unknown (adopted), and refusing it would leave only `reset` or `adopt`.
     pub fn trusted(&self) -> bool {
         self.missing == 0
+    }
+
+    /// Contacts were read back and found, but none by a contact id: the same team is not
+    /// proven, only likely.
+    pub fn weak(&self) -> bool {
+        self.checked > 0 && self.missing == 0 && self.by_id == 0
     }
 
     /// The line told once, when the state is kept for a new key.
@@ -117,24 +131,53 @@ impl ReadBack {
                 "sync {sync}: the API key changed; the sync has no confirmed contact to read \
                  back from Loops, so its state is kept and bound to the new key"
             )
+        } else if self.weak() {
+            format!(
+                "sync {sync}: the API key changed; {} confirmed contacts were found in Loops \
+                 with it, so the state is kept and bound to the new key. warning: they were \
+                 found by their email or userId alone (the state knows no Loops contact id for \
+                 them: adopted, or confirmed before ids were kept), which another team holding \
+                 the same people would pass too. If the new key belongs to another team, its \
+                 contacts were not written by this sync: run `loopsync reset --sync {sync}` to \
+                 send every row to it",
+                self.checked
+            )
         } else {
             format!(
                 "sync {sync}: the API key changed; {} confirmed contacts were found in Loops \
-                 with it, so the state is kept and bound to the new key",
-                self.checked
+                 with it ({} by their contact id), so the state is kept and bound to the new key",
+                self.checked, self.by_id
             )
         }
     }
 }
 
+/// What a read-back found of one contact the state keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Found {
+    /// Not there, or there as another contact (another id).
+    Missing,
+    /// There, with the contact id the state keeps: the same team's contact.
+    SameId,
+    /// There, but no id to compare (the state knows none, or Loops gave none): found by its
+    /// email or userId alone, which another team can hold too.
+    IdentityOnly,
+}
+
 /// Whether `found` (Loops' answer to a find by the record's identity) is the contact Loops
 /// confirmed for `kept`: there, and with the contact id the state keeps, when both know one
 /// (another team of the same name can hold the same email, never the same contact).
-pub fn same_contact(kept: &ConfirmedContact, found: Option<&Contact>) -> bool {
+pub fn same_contact(kept: &ConfirmedContact, found: Option<&Contact>) -> Found {
     match (found, &kept.contact_id) {
-        (None, _) => false,
-        (Some(contact), Some(id)) if !contact.id.is_empty() => contact.id == *id,
-        (Some(_), _) => true,
+        (None, _) => Found::Missing,
+        (Some(contact), Some(id)) if !contact.id.is_empty() => {
+            if contact.id == *id {
+                Found::SameId
+            } else {
+                Found::Missing
+            }
+        }
+        (Some(_), _) => Found::IdentityOnly,
     }
 }
 
@@ -147,8 +190,9 @@ pub struct Reader<'a> {
     pub counts: &'a mut RequestCounts,
 }
 
-/// Reads back up to [`READ_BACK`] of `spec`'s confirmed contacts (the most recently confirmed)
-/// with the configured key, each found by the identity the sync finds contacts by.
+/// Reads back up to [`READ_BACK`] of `spec`'s confirmed contacts (those whose contact id the
+/// state knows first, then the most recently confirmed) with the configured key, each found by
+/// the identity the sync finds contacts by.
 pub async fn read_back(
     warehouse: &dyn Warehouse,
     spec: &SyncSpec,
@@ -180,8 +224,10 @@ pub async fn read_back(
         )
         .await?;
         found.checked += 1;
-        if !same_contact(&kept, contact.as_ref()) {
-            found.missing += 1;
+        match same_contact(&kept, contact.as_ref()) {
+            Found::Missing => found.missing += 1,
+            Found::SameId => found.by_id += 1,
+            Found::IdentityOnly => {}
         }
     }
     Ok(found)
@@ -357,6 +403,7 @@ mod tests {
             why: Why::KeyChanged(ReadBack {
                 checked: 5,
                 missing: 5,
+                by_id: 0,
             }),
         };
         let text = refused.to_string();
@@ -435,46 +482,68 @@ mod tests {
             contact_id: Some("c1".into()),
             ..ConfirmedContact::default()
         };
-        assert!(same_contact(&kept, Some(&contact("c1"))));
-        assert!(
-            !same_contact(&kept, Some(&contact("c9"))),
+        assert_eq!(same_contact(&kept, Some(&contact("c1"))), Found::SameId);
+        assert_eq!(
+            same_contact(&kept, Some(&contact("c9"))),
+            Found::Missing,
             "another team's contact"
         );
-        assert!(!same_contact(&kept, None), "not there");
+        assert_eq!(same_contact(&kept, None), Found::Missing, "not there");
+        assert_eq!(
+            same_contact(&kept, Some(&contact(""))),
+            Found::IdentityOnly,
+            "Loops gave no id"
+        );
         let no_id = ConfirmedContact {
             contact_id: None,
             ..kept
         };
-        assert!(
+        assert_eq!(
             same_contact(&no_id, Some(&contact("c9"))),
+            Found::IdentityOnly,
             "nothing to compare the id with"
         );
     }
 
     /// All found, or nothing to read: the state is kept (and the user told which); one missing
-    /// is a refusal.
+    /// is a refusal. Found by email or userId alone is kept with a warning naming the risk.
     #[test]
     fn a_read_back_keeps_the_state_only_when_nothing_is_missing() {
         let all = ReadBack {
             checked: 5,
             missing: 0,
+            by_id: 5,
         };
-        assert!(all.trusted());
+        assert!(all.trusted() && !all.weak());
         assert_eq!(
             all.notice("users"),
-            "sync users: the API key changed; 5 confirmed contacts were found in Loops with it, \
-             so the state is kept and bound to the new key"
+            "sync users: the API key changed; 5 confirmed contacts were found in Loops with it \
+             (5 by their contact id), so the state is kept and bound to the new key"
         );
+        let some = ReadBack { by_id: 1, ..all };
+        assert!(some.trusted() && !some.weak(), "one id compared is proof");
         let none = ReadBack::default();
-        assert!(none.trusted());
+        assert!(none.trusted() && !none.weak());
         assert!(
             none.notice("users")
                 .contains("no confirmed contact to read back")
         );
+        let by_email = ReadBack { by_id: 0, ..all };
+        assert!(by_email.trusted() && by_email.weak());
+        let notice = by_email.notice("users");
+        for part in [
+            "5 confirmed contacts were found in Loops with it, so the state is kept",
+            "warning: they were found by their email or userId alone",
+            "another team holding the same people would pass too",
+            "loopsync reset --sync users",
+        ] {
+            assert!(notice.contains(part), "{part:?} in {notice}");
+        }
         assert!(
             !ReadBack {
                 checked: 5,
-                missing: 1
+                missing: 1,
+                by_id: 4
             }
             .trusted()
         );

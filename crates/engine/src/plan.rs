@@ -8,9 +8,10 @@ use loopsync_core::envelope::{ChangeKind, RowChange};
 use loopsync_core::spec::SyncSpec;
 use loopsync_core::{Classified, ErrorClass};
 use loopsync_extractor::decide::ALREADY_SENT;
-use loopsync_extractor::{Decided, Decider, Decision, Window};
+use loopsync_extractor::held::RELEASED;
+use loopsync_extractor::{Decided, Decider, Decision, Held, Window};
 use loopsync_transformer::{Invalid, transform};
-use loopsync_warehouse::{ExtractCounts, Warehouse, WarehouseError};
+use loopsync_warehouse::{ExtractCounts, RELEASE, Warehouse, WarehouseError};
 use serde::Serialize;
 
 /// What a planned record would be in a run.
@@ -94,6 +95,18 @@ impl PlannedRecord {
         match &self.action {
             Some(action) => describe_action(action),
             None => self.operation.clone(),
+        }
+    }
+
+    /// A removal a run would not send: the contact is another record's now
+    /// ([`loopsync_extractor::held::RELEASED`]).
+    fn released(key: String) -> PlannedRecord {
+        PlannedRecord {
+            key,
+            change: PlannedChange::Removed,
+            operation: RELEASE.into(),
+            action: None,
+            reason: Some(RELEASED.into()),
         }
     }
 
@@ -235,8 +248,10 @@ impl<E: std::error::Error + 'static> Classified for PlanError<E> {
 }
 
 /// Plans one sync: walks its diff as a run would, hands each record a run would send or refuse
-/// to `each` as it is decided, and returns the counts and the requests. Sends nothing, changes
-/// no state.
+/// to `each` as it is decided (under mirror, removals and re-keys once the model is read: a
+/// run holds them until then, and a removal whose contact another record now has is released,
+/// not weighed by the removal guard), and returns the counts and the requests. Sends nothing,
+/// changes no state.
 pub async fn plan<E: std::error::Error + 'static>(
     warehouse: &dyn Warehouse,
     spec: &SyncSpec,
@@ -255,15 +270,13 @@ pub async fn plan<E: std::error::Error + 'static>(
     let mut rows = warehouse.diff_changes(spec, window.since).await?;
     // Run id 0: nothing is published, the id only names the run.
     let mut decider = Decider::new(spec, 0);
-    // The removals a run would weigh.
-    let mut removals = 0u64;
+    // Removals and re-keys a run would hold until the model is read, and settle by the same
+    // rule (`Held`): what is released, and what the removal guard weighs.
+    let mut held = Held::new(spec);
     // Hands the record on; a change the transformer refuses is counted as the run's report
     // will count it (`Decider::count_as_invalid`, the one rule).
-    let mut take = |plan: &mut SyncPlan, decider: &mut Decider, decided: Decided| {
-        if matches!(&decided.decision, Decision::Change(c) if c.kind == ChangeKind::Removed) {
-            removals += 1;
-        }
-        let (record, refused) = planned(spec, decided, plan);
+    let mut take = |plan: &mut SyncPlan, decider: &mut Decider, decision: Decision| {
+        let (record, refused) = planned(spec, decision, plan);
         if let Some(change) = refused {
             decider.count_as_invalid(&change);
         }
@@ -272,20 +285,36 @@ pub async fn plan<E: std::error::Error + 'static>(
             None => Ok(()),
         }
     };
+    let mut decided = |plan: &mut SyncPlan, decider: &mut Decider, d: Decided| match d.decision {
+        Decision::Change(change) => match held.take(change) {
+            Some(change) => take(plan, decider, Decision::Change(change)),
+            None => Ok(()),
+        },
+        decision => take(plan, decider, decision),
+    };
     while let Some(row) = rows.next().await {
-        for decided in decider.push(row?) {
-            take(&mut plan, &mut decider, decided)?;
+        for d in decider.push(row?) {
+            decided(&mut plan, &mut decider, d)?;
         }
     }
-    if let Some(decided) = decider.finish() {
-        take(&mut plan, &mut decider, decided)?;
+    if let Some(d) = decider.finish() {
+        decided(&mut plan, &mut decider, d)?;
     }
-    let guard = decider.guard();
+    drop(rows);
+    let settled = held.settle_with(warehouse).await?;
+    // Would the removal guard stop the run? Its one rule, weighing the removals a run would
+    // weigh; a plan assumes no --allow-removals.
+    let refusal = decider
+        .guard()
+        .refuses(spec, settled.removals.len() as u64, false);
+    for change in settled.changes.into_iter().chain(settled.removals) {
+        take(&mut plan, &mut decider, Decision::Change(change))?;
+    }
+    for change in settled.released {
+        each(PlannedRecord::released(change.key)).map_err(PlanError::Each)?;
+    }
     plan.counts = decider.into_counts();
-    // Would the removal guard stop the run? Its one rule; a plan assumes no --allow-removals.
-    plan.counts.error = guard
-        .refuses(spec, removals, false)
-        .map(|refusal| refusal.for_plan());
+    plan.counts.error = refusal.map(|refusal| refusal.for_plan());
     window.close(&mut plan.counts);
     plan.seconds_at_rate_budget = plan.requests as f64 / f64::from(requests_per_second);
     Ok(plan)
@@ -295,7 +324,7 @@ pub async fn plan<E: std::error::Error + 'static>(
 /// refuses it.
 pub(crate) fn planned(
     spec: &SyncSpec,
-    Decided { decision, .. }: Decided,
+    decision: Decision,
     plan: &mut SyncPlan,
 ) -> (Option<PlannedRecord>, Option<RowChange>) {
     let record = match decision {

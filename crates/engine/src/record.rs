@@ -243,7 +243,7 @@ fn next(spec: &SyncSpec, decided: Decided) -> Next {
         requests: 0,
         seconds_at_rate_budget: 0.0,
     };
-    match planned(spec, decided, &mut plan).0 {
+    match planned(spec, decided.decision, &mut plan).0 {
         Some(record) => Next {
             change: record.change.as_str().to_owned(),
             operation: record.operation,

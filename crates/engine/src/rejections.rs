@@ -28,24 +28,51 @@ pub async fn invalid(
     select(warehouse, OutcomeStatus::Invalid, filter).await
 }
 
+/// What [`accept`] did with the records it was given.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Accepted {
+    /// Records accepted.
+    pub accepted: u64,
+    /// Records not accepted: their latest outcome changed since they were read (a run
+    /// finished meanwhile).
+    pub outcome_changed: u64,
+    /// `(sync, key)` of the records not accepted because Loops still holds their contact with
+    /// the values it last confirmed (the row was sent, then became invalid), without
+    /// `in_loops_too`.
+    pub in_loops: Vec<(String, String)>,
+}
+
 /// Accepts `records` (invalid ones, from [`invalid`]) as invalid for their latest reason, with
 /// an optional `note`: runs list them, but they no longer make a run degraded while they stay
-/// invalid for that reason. How many were accepted.
+/// invalid for that reason. A record whose contact Loops still holds with the values it last
+/// confirmed is accepted only with `in_loops_too` (accepting it means Loops keeps those values
+/// while the row stays invalid); the rule is the state's (`Warehouse::accept_invalid`).
 pub async fn accept(
     warehouse: &dyn Warehouse,
     records: &[RecordResult],
     note: Option<&str>,
-) -> Result<u64, WarehouseError> {
-    let mut accepted = 0;
+    in_loops_too: bool,
+) -> Result<Accepted, WarehouseError> {
+    let mut done = Accepted::default();
     for (sync, keys) in by_sync(records) {
         let of_sync: Vec<(String, String)> = records
             .iter()
             .filter(|r| r.sync == sync && keys.contains(&r.key))
             .map(|r| (r.key.clone(), r.reason.clone().unwrap_or_default()))
             .collect();
-        accepted += warehouse.accept_invalid(&sync, &of_sync, note).await?;
+        let acceptance = warehouse
+            .accept_invalid(&sync, &of_sync, note, in_loops_too)
+            .await?;
+        done.accepted += acceptance.accepted;
+        done.outcome_changed += acceptance.outcome_changed;
+        done.in_loops.extend(
+            acceptance
+                .in_loops
+                .into_iter()
+                .map(|key| (sync.clone(), key)),
+        );
     }
-    Ok(accepted)
+    Ok(done)
 }
 
 /// Undoes [`accept`] for `records`: their next invalid outcome makes the run degraded again.
@@ -95,7 +122,13 @@ mod tests {
         };
         let chosen = invalid(w, &malformed).await.unwrap();
         assert_eq!(chosen.len(), 1);
-        assert_eq!(accept(w, &chosen, Some("legacy")).await.unwrap(), 1);
+        assert_eq!(
+            accept(w, &chosen, Some("legacy"), false)
+                .await
+                .unwrap()
+                .accepted,
+            1
+        );
         let accepted: Vec<(String, bool)> = list(w, Some("users"))
             .await
             .unwrap()
@@ -110,5 +143,50 @@ mod tests {
         assert_eq!(everything.len(), 2, "the rejected record is not invalid");
         assert_eq!(unaccept(w, &everything).await.unwrap(), 1);
         assert!(list(w, None).await.unwrap().iter().all(|r| !r.accepted));
+    }
+
+    /// A record sent and confirmed, then invalid: Loops keeps its last values, so it is named
+    /// and left unaccepted unless that is said to be intended.
+    #[tokio::test]
+    async fn a_record_loops_still_holds_is_accepted_only_when_intended() {
+        let model = crate::testing::Model::new().await;
+        let w = &*model.warehouse;
+        let sent = w.create_run("users").await.unwrap();
+        w.record_outcomes(&[Outcome::new(
+            "users",
+            sent,
+            "4",
+            "fp",
+            OutcomeStatus::Confirmed,
+            "upsert",
+        )])
+        .await
+        .unwrap();
+        w.fail_run(sent, "done").await.unwrap();
+        let run = w.create_run("users").await.unwrap();
+        w.record_outcomes(&[
+            Outcome::new("users", run, "4", "fp2", OutcomeStatus::Invalid, "upsert")
+                .with_reason("no email"),
+            Outcome::new("users", run, "5", "fp", OutcomeStatus::Invalid, "upsert")
+                .with_reason("no email"),
+        ])
+        .await
+        .unwrap();
+        let chosen = invalid(w, &Filter::default()).await.unwrap();
+        assert_eq!(
+            accept(w, &chosen, None, false).await.unwrap(),
+            Accepted {
+                accepted: 1,
+                outcome_changed: 0,
+                in_loops: vec![("users".into(), "4".into())],
+            }
+        );
+        assert_eq!(
+            accept(w, &chosen, None, true).await.unwrap(),
+            Accepted {
+                accepted: 2,
+                ..Accepted::default()
+            }
+        );
     }
 }

@@ -6,9 +6,7 @@
 //! one diff row and one batch of emitted keys at a time. (The checkpointer, which advances the
 //! state on Loops' confirmations, is its own crate.)
 
-use std::collections::hash_map::RandomState;
-use std::collections::{HashMap, HashSet};
-use std::hash::BuildHasher;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -20,14 +18,16 @@ use loopsync_core::codec::{self, DecodeError};
 use loopsync_core::envelope::{
     ChangeKind, OldContact, Outcome, OutcomeStatus, RowChange, RunRequest,
 };
-use loopsync_core::spec::{Behavior, IdentifyBy, OnRemove, SyncSpec};
+use loopsync_core::spec::{Behavior, OnRemove, SyncSpec};
 use loopsync_core::value::{is_valid_email, normalize_email};
 use loopsync_core::{Classified, ErrorClass};
 use loopsync_warehouse::{Adoption, Emitted, ExtractCounts, Unchanged, Warehouse, WarehouseError};
 
 pub mod decide;
+pub mod held;
 
 pub use decide::{Decided, Decider, Decision};
+pub use held::{Held, Settled};
 
 /// Changes noted as emitted (then published) per warehouse round trip: the extractor's memory bound.
 const EMIT_BATCH: usize = 500;
@@ -113,9 +113,7 @@ impl ExtractorStage {
             invalid: Vec::new(),
             already_sent: Vec::new(),
             unchanged: Vec::new(),
-            held: Vec::new(),
-            written_emails: HashSet::new(),
-            hasher: RandomState::new(),
+            held: Held::new(spec),
             guard: decide::RemovalGuard::default(),
         };
         let mut decider =
@@ -151,77 +149,35 @@ impl ExtractorStage {
         Ok(run.counts)
     }
 
-    /// Sends what was held back (see [`ExtractorStage::extract`]).
+    /// Sends what was held back (see [`ExtractorStage::extract`]): what each held change
+    /// becomes is [`Held::settle`]'s, the one rule `plan` shares.
     async fn release_held(
         &self,
         run: &mut RunState<'_>,
         allow_removals: bool,
     ) -> Result<(), ExtractError> {
-        let held = std::mem::take(&mut run.held);
-        // Who else holds the contacts these changes would take out of Loops: a record that
-        // Loops confirmed with the same email or userId (an unchanged row, or one invalid in
-        // this run), besides the records this run writes them to.
-        let identities: Vec<String> = held
-            .iter()
-            .flat_map(|c| {
-                removed_identity(run.spec, c)
-                    .into_iter()
-                    .chain(left_identities(run.spec, c))
-            })
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        let owners = self.warehouse.owners(&run.spec.name, &identities).await?;
-        let mut removals = Vec::new();
-        for mut change in held {
-            let claimed_by_another = |id: &String| {
-                run.written_emails.contains(&run.email_hash(id))
-                    || owners.iter().any(|(key, email, user_id)| {
-                        *key != change.key
-                            && (email.as_deref().map(normalize_email).as_ref() == Some(id)
-                                || user_id.as_ref() == Some(id))
-                    })
-            };
-            let identity = removed_identity(run.spec, &change);
-            let claimed = identity.as_ref().is_some_and(claimed_by_another);
-            // A contact a lost version may have left, which another record has now, stays.
-            let spec = run.spec;
-            let kept: Vec<OldContact> = change
-                .possibly_applied
-                .iter()
-                .filter(|c| identity_of(spec, c).is_some_and(|id| !claimed_by_another(&id)))
-                .cloned()
-                .collect();
-            change.possibly_applied = kept;
-            match change.kind {
-                ChangeKind::Removed if claimed => {
-                    // The contact now belongs to the record that claims its email or userId:
-                    // the record leaves the sync, and its contact stays (not unsubscribed: a
-                    // row that returns re-subscribes nothing).
-                    run.invalid.push(
-                        Outcome::for_change(
-                            &change,
-                            OutcomeStatus::Confirmed,
-                            loopsync_warehouse::RELEASE,
-                        )
-                        .with_reason(
-                            "not removed from Loops: another record now has its email or userId",
-                        ),
-                    );
-                }
-                ChangeKind::Removed => removals.push(change),
-                _ => {
-                    change.keep_old_contact = claimed;
-                    run.changes.push(change);
-                }
-            }
+        let held = std::mem::replace(&mut run.held, Held::new(run.spec));
+        let settled = held.settle_with(&*self.warehouse).await?;
+        for change in settled.released {
+            // The contact now belongs to the record that claims its email or userId: the
+            // record leaves the sync, and its contact stays (not unsubscribed: a row that
+            // returns re-subscribes nothing).
+            run.invalid.push(
+                Outcome::for_change(
+                    &change,
+                    OutcomeStatus::Confirmed,
+                    loopsync_warehouse::RELEASE,
+                )
+                .with_reason(held::RELEASED),
+            );
         }
+        run.changes.extend(settled.changes);
         match run
             .guard
-            .refuses(run.spec, removals.len() as u64, allow_removals)
+            .refuses(run.spec, settled.removals.len() as u64, allow_removals)
         {
             Some(refusal) => run.counts.error = Some(refusal.for_run()),
-            None => run.changes.extend(removals),
+            None => run.changes.extend(settled.removals),
         }
         self.flush(run).await
     }
@@ -235,9 +191,7 @@ impl ExtractorStage {
         match decision {
             Decision::Change(mut change) => {
                 run.installation.clone_into(&mut change.installation);
-                if run.hold(&change) {
-                    run.held.push(change);
-                } else {
+                if let Some(change) = run.held.take(change) {
                     run.changes.push(change);
                 }
             }
@@ -427,47 +381,11 @@ struct RunState<'a> {
     already_sent: Vec<Adoption>,
     /// Rows found unchanged, to note (see `Warehouse::note_unchanged`).
     unchanged: Vec<Unchanged>,
-    /// Removals, and re-keys that would remove an old contact: sent once the model is read.
-    held: Vec<RowChange>,
-    /// The emails this run writes (identified by email), as 64-bit hashes, noted only when
-    /// removals and re-keys are held (`behavior = "mirror"`): a held removal of one of them is
-    /// not sent. About 16 bytes per write.
-    written_emails: HashSet<u64>,
-    hasher: RandomState,
+    /// Removals, and re-keys that would remove an old contact, with the identities this run
+    /// writes: settled once the model is read.
+    held: Held<'a>,
     /// What the removal guard weighs: the contacts the sync confirmed, the model's rows.
     guard: decide::RemovalGuard,
-}
-
-impl RunState<'_> {
-    fn email_hash(&self, email: &str) -> u64 {
-        self.hasher.hash_one(email)
-    }
-
-    /// Notes the email (or, identified by userId, the userId) the change writes; says whether
-    /// to hold the change back: a removal, or a re-key that would remove an old contact
-    /// (`RowChange::rekey`), under mirror.
-    fn hold(&mut self, change: &RowChange) -> bool {
-        if self.spec.behavior != Behavior::Mirror {
-            return false;
-        }
-        if change.kind == ChangeKind::Removed {
-            return true;
-        }
-        let value = |property: &str| {
-            self.spec
-                .property(property)
-                .and_then(|p| change.values.get(&p.column).cloned().flatten())
-        };
-        // Only a held change ever asks, and only mirror holds changes.
-        let written = match self.spec.identify_by {
-            IdentifyBy::Email => value("email").map(|e| normalize_email(&e)),
-            IdentifyBy::UserId => value("userId").map(|u| u.trim().to_owned()),
-        };
-        if let Some(id) = written.filter(|id| !id.is_empty()) {
-            self.written_emails.insert(self.email_hash(&id));
-        }
-        change.rekey(self.spec).is_some() || !change.possibly_left(self.spec).is_empty()
-    }
 }
 
 /// A change as the state notes it before it is published: with the identity it writes (a
@@ -512,40 +430,6 @@ fn emitted(spec: &SyncSpec, change: &RowChange) -> Emitted {
             && spec.on_remove == OnRemove::Unsubscribe,
         possibly_applied,
     }
-}
-
-/// The identity that finds a contact a version whose answer was lost may have left: its userId,
-/// identified by userId, else its email.
-fn identity_of(spec: &SyncSpec, contact: &OldContact) -> Option<String> {
-    match spec.identify_by {
-        IdentifyBy::Email => contact.email.as_deref().map(normalize_email),
-        IdentifyBy::UserId => contact.user_id.clone(),
-    }
-    .filter(|i| !i.is_empty())
-}
-
-/// The identities of the contacts a held change would take out of Loops besides its own old
-/// one ([`RowChange::possibly_left`]).
-fn left_identities(spec: &SyncSpec, change: &RowChange) -> Vec<String> {
-    change
-        .possibly_left(spec)
-        .iter()
-        .filter_map(|c| identity_of(spec, c))
-        .collect()
-}
-
-/// The identity of the contact a held change would take out of Loops: the one a removal
-/// finds it by (the userId, identified by userId; else the email), or a re-key's old one.
-fn removed_identity(spec: &SyncSpec, change: &RowChange) -> Option<String> {
-    let email = change.confirmed_email.as_deref().map(normalize_email);
-    match (change.kind, spec.identify_by) {
-        (ChangeKind::Removed, IdentifyBy::UserId) => change.confirmed_user_id.clone().or(email),
-        (ChangeKind::Removed, IdentifyBy::Email) => email,
-        _ => change
-            .rekey(spec)
-            .and_then(|old| old.user_id.or(old.email.as_deref().map(normalize_email))),
-    }
-    .filter(|i| !i.is_empty())
 }
 
 #[async_trait]
@@ -642,80 +526,5 @@ mod window_tests {
             Some(now - 60_000),
             "a replay keeps it"
         );
-    }
-}
-
-#[cfg(test)]
-mod held_tests {
-    use std::collections::BTreeMap;
-
-    use loopsync_core::envelope::VERSION;
-
-    use super::*;
-    use crate::decide::tests::spec;
-
-    fn change(key: u32, kind: ChangeKind, confirmed_email: Option<&str>) -> RowChange {
-        RowChange {
-            v: VERSION,
-            sync: "s".into(),
-            run_id: 1,
-            key: key.to_string(),
-            fingerprint: "f".into(),
-            kind,
-            values: BTreeMap::from([("email".to_owned(), Some(format!("U{key}@x.co")))]),
-            confirmed_email: confirmed_email.map(str::to_owned),
-            confirmed_user_id: None,
-            installation: String::new(),
-            generation: 0,
-            keep_old_contact: false,
-            resubscribe: false,
-            possibly_applied: Vec::new(),
-        }
-    }
-
-    fn state(spec: &SyncSpec) -> RunState<'_> {
-        RunState {
-            spec,
-            run_id: 1,
-            installation: "",
-            counts: ExtractCounts::default(),
-            changes: Vec::new(),
-            invalid: Vec::new(),
-            already_sent: Vec::new(),
-            unchanged: Vec::new(),
-            held: Vec::new(),
-            written_emails: HashSet::new(),
-            hasher: RandomState::new(),
-            guard: decide::RemovalGuard::default(),
-        }
-    }
-
-    /// An upsert sync holds nothing, so it notes no email per write: a first sync's memory does
-    /// not grow with its rows. A mirror sync notes a hash of each (normalized) email.
-    #[test]
-    fn emails_are_noted_only_where_changes_are_held() {
-        let upsert = spec(Behavior::Upsert);
-        let mut run = state(&upsert);
-        for key in 0..1000 {
-            assert!(!run.hold(&change(key, ChangeKind::Added, None)));
-        }
-        assert!(
-            run.written_emails.is_empty(),
-            "{}",
-            run.written_emails.len()
-        );
-
-        let mirror = spec(Behavior::Mirror);
-        let mut run = state(&mirror);
-        for key in 0..1000 {
-            assert!(!run.hold(&change(key, ChangeKind::Added, None)));
-        }
-        assert_eq!(run.written_emails.len(), 1000);
-        assert!(
-            run.hold(&change(5, ChangeKind::Changed, Some("old@x.co"))),
-            "a re-key is held"
-        );
-        assert!(run.written_emails.contains(&run.email_hash("u7@x.co")));
-        assert!(!run.written_emails.contains(&run.email_hash("old@x.co")));
     }
 }

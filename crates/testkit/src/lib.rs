@@ -680,6 +680,29 @@ signedUpAt = {{ column = "signed_up_at", type = "date" }}
         .await
     }
 
+    /// A stack whose first run dead-letters every record: the simulated Loops answers every
+    /// contact write (`PUT /v1/contacts/update`) 503, and keeps doing so until its faults are
+    /// cleared (`sim_post("faults", json!({}))`); each record is given up after
+    /// `options.max_attempts`. Returns the stack and that run, checked to have exited 3
+    /// (degraded). `None` when a service the stack needs is not configured and skipping was
+    /// asked for.
+    pub async fn with_dead_letters(options: StackOptions) -> Option<(Stack, RunOutput)> {
+        let stack = Stack::start(options).await?;
+        stack
+            .sim_post(
+                "faults",
+                serde_json::json!({"error_503": 1.0, "endpoints": ["PUT /v1/contacts/update"]}),
+            )
+            .await;
+        let run = stack.run_once(&[]).await;
+        assert_eq!(
+            run.status, 3,
+            "dead letters, a degraded run: {}",
+            run.stderr
+        );
+        Some((stack, run))
+    }
+
     /// `loopsync run --once --json ARGS…`, to its end (within [`COMMAND_DEADLINE`]).
     pub async fn run_once(&self, args: &[&str]) -> RunOutput {
         let mut all = vec!["run", "--once", "--json"];

@@ -647,7 +647,7 @@ pub trait StateStore: Send + Sync + 'static {
     ) -> Result<(), WarehouseError>;
 
     /// `loopsync adopt`: records these keys as confirmed by Loops in `run_id` without anything
-    /// having been sent.
+    /// having been sent. No contact id is known for them: any kept before is forgotten.
     async fn adopt(
         &self,
         sync: &str,
@@ -747,7 +747,9 @@ pub trait StateStore: Send + Sync + 'static {
     ) -> Result<Option<DestinationBinding>, WarehouseError>;
 
     /// Binds the sync's state to `destination` and the API key of `key_fingerprint`, replacing
-    /// any earlier binding (`loopsync adopt`: the model is recorded as confirmed there).
+    /// any earlier binding (`loopsync adopt`: the model is recorded as confirmed there). Unless
+    /// the binding is the same (destination and key), the contact ids the state keeps are
+    /// forgotten in the same transaction: they are the earlier Loops' ids.
     async fn set_destination(
         &self,
         sync: &str,
@@ -765,8 +767,9 @@ pub trait StateStore: Send + Sync + 'static {
         key_fingerprint: &str,
     ) -> Result<bool, WarehouseError>;
 
-    /// Up to `limit` records of `sync` whose contact Loops confirmed, the most recently
-    /// confirmed first (then by key): what is read back from Loops when the API key changed.
+    /// Up to `limit` records of `sync` whose contact Loops confirmed, those with a contact id
+    /// first, then the most recently confirmed (then by key): what is read back from Loops when
+    /// the API key changed (an id proves the same team; an email alone does not).
     async fn confirmed_contacts(
         &self,
         sync: &str,
@@ -777,13 +780,19 @@ pub trait StateStore: Send + Sync + 'static {
     /// for `reason` (its latest reason), with an optional `note`: while a record stays invalid
     /// for that very reason, its invalid outcome no longer makes a run degraded. Any other
     /// outcome of the record (another reason, sent, confirmed) ends the acceptance. Replaces an
-    /// earlier acceptance of the record. How many records were accepted.
+    /// earlier acceptance of the record. A record is accepted only if its latest outcome is
+    /// still invalid for `reason` when the acceptance is written (one statement: a run that
+    /// recorded another outcome after the caller read it is not overruled). A record whose
+    /// contact Loops still holds with the values it last confirmed (its row was sent, then
+    /// became invalid: Loops keeps those values while it stays so) is accepted only with
+    /// `in_loops_too`; otherwise its key is returned. What was accepted, and what was not.
     async fn accept_invalid(
         &self,
         sync: &str,
         records: &[(String, String)],
         note: Option<&str>,
-    ) -> Result<u64, WarehouseError>;
+        in_loops_too: bool,
+    ) -> Result<Acceptance, WarehouseError>;
 
     /// Undoes [`StateStore::accept_invalid`] for these keys: their next invalid outcome makes
     /// the run degraded again. How many acceptances were removed.
@@ -897,6 +906,20 @@ pub struct ConfirmedContact {
     pub user_id: Option<String>,
     /// The contact's id in Loops, when Loops gave it.
     pub contact_id: Option<String>,
+}
+
+/// What [`StateStore::accept_invalid`] did with the records it was given.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Acceptance {
+    /// Records accepted.
+    pub accepted: u64,
+    /// Records not accepted because their latest outcome is no longer invalid for the reason
+    /// given (a run recorded another since they were read).
+    pub outcome_changed: u64,
+    /// Keys not accepted because Loops still holds their contact with the values it last
+    /// confirmed (the row was sent, then became invalid), when such records were not to be
+    /// accepted.
+    pub in_loops: Vec<String>,
 }
 
 /// What `reset_state` deleted.

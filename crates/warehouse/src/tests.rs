@@ -1091,10 +1091,12 @@ async fn erasing(f: Fixture) {
     );
     assert_eq!(w.records(run).await.unwrap().len(), 2, "nothing erased");
     w.fail_run(run, "done").await.unwrap();
-    let acceptance = [("7".to_owned(), "no email".to_owned())];
-    w.accept_invalid("users", &acceptance, Some("note"))
-        .await
-        .unwrap();
+    // An acceptance of the person's record, written as is (the record is no invalid one).
+    (f.exec)(f.dialect().statement(
+        "INSERT INTO loopsync.accepted (sync, key, reason, note, accepted_at)
+         VALUES ('users', '7', 'no email', 'note', CURRENT_TIMESTAMP)",
+    ))
+    .await;
     let erased = w.erase_person("users", &keys, &[]).await.unwrap();
     assert_eq!((erased.state, erased.records), (1, 1));
     assert_eq!(
@@ -1473,6 +1475,99 @@ async fn destinations_bind_and_reset(f: Fixture) {
     assert_eq!(w.bind_destination("users", &b, "k4").await.unwrap(), None);
 }
 
+/// `(key, contact id)` of the sync's confirmed records, by key.
+async fn contact_ids(w: &dyn Warehouse) -> Vec<(String, Option<String>)> {
+    let mut ids: Vec<_> = w
+        .confirmed_contacts("users", 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| (c.key, c.contact_id))
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// The contact id the state keeps is Loops' id in the binding it was confirmed under: an
+/// adopted record has none (adopt asks Loops for no contact), and a rebinding to anything but
+/// the same destination and key forgets every one; the same binding keeps them.
+async fn adoption_forgets_contact_ids(f: Fixture) {
+    use loopsync_core::destination::Destination;
+    let w = &*f.warehouse;
+    w.prepare().await.unwrap();
+    let s = spec("users", "users");
+    let a = Destination::new(Some("Team".into()), "http://127.0.0.1:4001/api");
+    w.set_destination("users", &a, "k1").await.unwrap();
+    let run = w.create_run("users").await.unwrap();
+    w.claim_run(run, false).await.unwrap();
+    w.record_outcomes(&[
+        confirmed(&s, run, "1", "f1"),
+        confirmed(&s, run, "2", "f2"),
+        confirmed(&s, run, "3", "f3"),
+    ])
+    .await
+    .unwrap();
+    let id = |key: &str, id: Option<&str>| (key.to_owned(), id.map(str::to_owned));
+    assert_eq!(
+        contact_ids(w).await,
+        [
+            id("1", Some("c-1")),
+            id("2", Some("c-2")),
+            id("3", Some("c-3"))
+        ]
+    );
+    w.adopt(
+        "users",
+        run,
+        &[Adoption {
+            key: "2".into(),
+            fingerprint: "f2-new".into(),
+            email: Some("two@example.com".into()),
+            ..Adoption::default()
+        }],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        contact_ids(w).await,
+        [id("1", Some("c-1")), id("2", None), id("3", Some("c-3"))],
+        "the adopted record has no contact id"
+    );
+    // A read-back sample takes the records with an id first, though key 2 was confirmed last.
+    let mut sample: Vec<String> = w
+        .confirmed_contacts("users", 2)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.key)
+        .collect();
+    sample.sort();
+    assert_eq!(sample, ["1", "3"]);
+    w.set_destination("users", &a, "k1").await.unwrap();
+    assert_eq!(
+        contact_ids(w).await,
+        [id("1", Some("c-1")), id("2", None), id("3", Some("c-3"))],
+        "the same binding keeps them"
+    );
+    w.set_destination("users", &a, "k2").await.unwrap();
+    assert_eq!(
+        contact_ids(w).await,
+        [id("1", None), id("2", None), id("3", None)],
+        "another key may be another team's: every id goes"
+    );
+}
+
+#[tokio::test]
+async fn postgres_adoption_forgets_contact_ids() {
+    let Some(f) = postgres().await else { return };
+    adoption_forgets_contact_ids(f).await;
+}
+
+#[tokio::test]
+async fn sqlite_adoption_forgets_contact_ids() {
+    adoption_forgets_contact_ids(sqlite()).await;
+}
+
 /// A run of sync `users` whose records have `outcomes` (reasons given), finished: its summary.
 async fn run_of(w: &dyn Warehouse, outcomes: &[(&str, OutcomeStatus, &str)]) -> RunSummary {
     let run = w.create_run("users").await.unwrap();
@@ -1527,10 +1622,13 @@ async fn accepting_invalid_records(f: Fixture) {
         ("3".to_owned(), no_email.to_owned()),
     ];
     assert_eq!(
-        w.accept_invalid("users", &records[..2], Some("legacy rows"))
+        w.accept_invalid("users", &records[..2], Some("legacy rows"), false)
             .await
             .unwrap(),
-        2
+        Acceptance {
+            accepted: 2,
+            ..Acceptance::default()
+        }
     );
     assert_eq!(
         accepted_now(w).await,
@@ -1574,10 +1672,48 @@ async fn accepting_invalid_records(f: Fixture) {
     assert_eq!(fifth.status, RunStatus::Succeeded);
     let sixth = run_of(w, &[("1", Invalid, no_email)]).await;
     assert_eq!((sixth.status.as_str(), sixth.accepted), ("degraded", 0));
+    // An acceptance read before a run that changed the record's outcome is not written: key 1
+    // was confirmed since (another run), key 2 is invalid for another reason; key 3 has no
+    // outcome at all.
+    let changed = run_of(w, &[("1", Confirmed, ""), ("2", Invalid, malformed)]).await;
+    assert_eq!(changed.status, RunStatus::Degraded);
+    assert_eq!(
+        w.accept_invalid("users", &records, None, true)
+            .await
+            .unwrap(),
+        Acceptance {
+            accepted: 0,
+            outcome_changed: 3,
+            in_loops: vec![],
+        },
+        "nothing is invalid for the reason accepted any more"
+    );
+    assert_eq!(accepted_now(w).await, [("2".into(), false)]);
+    // Key 1 was sent and confirmed, then became invalid: Loops keeps the values it confirmed
+    // while it stays so. Accepted only when that is said to be intended.
+    let _ = run_of(w, &[("1", Invalid, no_email)]).await;
+    assert_eq!(
+        w.accept_invalid("users", &records[..1], None, false)
+            .await
+            .unwrap(),
+        Acceptance {
+            accepted: 0,
+            outcome_changed: 0,
+            in_loops: vec!["1".into()],
+        }
+    );
+    assert_eq!(
+        accepted_now(w).await,
+        [("1".into(), false), ("2".into(), false)]
+    );
     // unaccept: the next invalid outcome makes the run degraded again.
-    w.accept_invalid("users", &records[..1], None)
-        .await
-        .unwrap();
+    assert_eq!(
+        w.accept_invalid("users", &records[..1], None, true)
+            .await
+            .unwrap()
+            .accepted,
+        1
+    );
     assert_eq!(
         w.unaccept_invalid("users", &["1".into(), "9".into()])
             .await

@@ -32,9 +32,9 @@ use loopsync_core::spec::SyncSpec;
 use crate::schema::{Backend, Dialect};
 use crate::source::{Source, model_columns};
 use crate::{
-    Adoption, ConfirmedContact, DestinationBinding, DiffRow, Emitted, Erasure, ExtractCounts,
-    KeptRecord, ModelRows, Person, RecordResult, RunSummary, StateReset, StateStore, Unchanged,
-    Warehouse, WarehouseError,
+    Acceptance, Adoption, ConfirmedContact, DestinationBinding, DiffRow, Emitted, Erasure,
+    ExtractCounts, KeptRecord, ModelRows, Person, RecordResult, RunSummary, StateReset, StateStore,
+    Unchanged, Warehouse, WarehouseError,
 };
 
 /// A statement's parameter, or a value read.
@@ -826,7 +826,7 @@ impl<K: Keeper> StateStore for Store<K> {
             key_fingerprint.to_owned(),
         );
         self.keeper
-            .auto(
+            .tx(
                 "set destination",
                 work(move |x| Box::pin(rules::set_destination(x, sync, destination, fp))),
             )
@@ -874,15 +874,18 @@ impl<K: Keeper> StateStore for Store<K> {
         sync: &str,
         records: &[(String, String)],
         note: Option<&str>,
-    ) -> Result<u64, WarehouseError> {
+        in_loops_too: bool,
+    ) -> Result<Acceptance, WarehouseError> {
         if records.is_empty() {
-            return Ok(0);
+            return Ok(Acceptance::default());
         }
         let (sync, records, note) = (sync.to_owned(), records.to_vec(), note.map(str::to_owned));
         self.keeper
             .tx(
                 "accept invalid records",
-                work(move |x| Box::pin(rules::accept_invalid(x, sync, records, note))),
+                work(move |x| {
+                    Box::pin(rules::accept_invalid(x, sync, records, note, in_loops_too))
+                }),
             )
             .await
     }

@@ -8,8 +8,8 @@ use loopsync_core::tuning::LEASE;
 
 use super::{Exec, Row, params};
 use crate::{
-    Adoption, ConfirmedContact, DestinationBinding, Emitted, ExtractCounts, FORGOTTEN_FP,
-    RecordResult, RunStatus, RunSummary, StateReset, WarehouseError, is_removal,
+    Acceptance, Adoption, ConfirmedContact, DestinationBinding, Emitted, ExtractCounts,
+    FORGOTTEN_FP, RecordResult, RunStatus, RunSummary, StateReset, WarehouseError, is_removal,
     record_requests_sql, requests_of, stored, summary_request_sql, summary_rows_sql, watermark_sql,
 };
 
@@ -274,7 +274,9 @@ pub(crate) async fn finish_extract(
 /// Confirm (adopted): the record is confirmed at its fingerprint in `run_id`, unparked, its
 /// generation advanced. The generation counts the record's changes (confirmed, removed,
 /// adopted, reset: the four places it moves, all in this file), so that what is sent next has
-/// new idempotency keys.
+/// new idempotency keys. An adoption asks Loops for no contact, so it knows no contact id: the
+/// one kept from an earlier confirmation goes (it may be another team's contact, and the
+/// read-back of a new API key compares it).
 pub(crate) async fn adopt(
     x: &mut dyn Exec,
     sync: String,
@@ -291,6 +293,7 @@ pub(crate) async fn adopt(
                 confirmed_at = EXCLUDED.confirmed_at,
                 confirmed_email = EXCLUDED.confirmed_email,
                 confirmed_user_id = EXCLUDED.confirmed_user_id,
+                contact_id = NULL,
                 parked_fp = NULL,
                 model_hash = EXCLUDED.model_hash,
                 model_email = EXCLUDED.model_email,
@@ -907,12 +910,36 @@ async fn destination_of(
     destination(x, sync.to_owned()).await
 }
 
+/// Rebinds the sync (`loopsync adopt`). The contact ids the state keeps are Loops' ids in the
+/// binding they were confirmed under: bound anywhere else now (another team or URL, or another
+/// API key, which may be another team of the same name), they are forgotten, so that no later
+/// read-back compares another Loops' ids. The same binding keeps them.
 pub(crate) async fn set_destination(
     x: &mut dyn Exec,
     sync: String,
     destination: Destination,
     key_fingerprint: String,
 ) -> Result<(), WarehouseError> {
+    let same = destination_of(x, &sync).await?.is_some_and(|b| {
+        b.destination == destination && b.key_fingerprint.as_deref() == Some(&key_fingerprint)
+    });
+    if !same {
+        // Row locks in (sync, key) order, as the checkpointer takes them: no deadlock.
+        x.lock_rows(
+            "lock a sync's contact ids",
+            "SELECT key FROM loopsync.state WHERE sync = $1 AND contact_id IS NOT NULL
+              ORDER BY key FOR UPDATE",
+            params![&sync],
+        )
+        .await?;
+        x.execute(
+            "forget a sync's contact ids",
+            "UPDATE loopsync.state SET contact_id = NULL
+              WHERE sync = $1 AND contact_id IS NOT NULL",
+            params![&sync],
+        )
+        .await?;
+    }
     let sql = format!(
         "INSERT INTO loopsync.destinations (sync, team, base_url, bound_at, key_fingerprint)
          VALUES ($1, $2, $3, {now}, $4)
@@ -959,7 +986,9 @@ pub(crate) async fn set_key_fingerprint(
     Ok(changed > 0)
 }
 
-/// Records whose contact Loops confirmed, the most recently confirmed first.
+/// Records whose contact Loops confirmed: those whose contact id is known first (only an id
+/// tells one team's contact from another's of the same email), then the most recently
+/// confirmed.
 pub(crate) async fn confirmed_contacts(
     x: &mut dyn Exec,
     sync: String,
@@ -968,7 +997,7 @@ pub(crate) async fn confirmed_contacts(
     let sql = format!(
         "SELECT key, confirmed_email, confirmed_user_id, contact_id FROM loopsync.state
           WHERE sync = $1 AND confirmed_fp IS NOT NULL
-          ORDER BY confirmed_at IS NULL, confirmed_at DESC, key{} LIMIT $2",
+          ORDER BY contact_id IS NULL, confirmed_at IS NULL, confirmed_at DESC, key{} LIMIT $2",
         x.dialect().bytewise()
     );
     x.query("read confirmed contacts", &sql, params![sync, limit])
@@ -985,28 +1014,66 @@ pub(crate) async fn confirmed_contacts(
         .collect()
 }
 
-/// Accepts invalid records `(key, reason)` of `sync` as invalid for that reason.
+/// Keys whose contact Loops holds, per query of [`accept_invalid`].
+const IN_LOOPS_CHUNK: usize = 500;
+
+/// Accepts invalid records `(key, reason)` of `sync` as invalid for that reason, each only
+/// while its latest outcome still is (decided by the insert itself: a run that recorded
+/// another outcome since the caller read the record leaves it unaccepted). A record whose
+/// contact Loops confirmed and still holds (its row was sent, then became invalid: Loops keeps
+/// the values it last confirmed for as long as the row stays invalid) is accepted only when
+/// `in_loops_too` says the stale contact is intended; else its key is returned.
 pub(crate) async fn accept_invalid(
     x: &mut dyn Exec,
     sync: String,
     mut records: Vec<(String, String)>,
     note: Option<String>,
-) -> Result<u64, WarehouseError> {
+    in_loops_too: bool,
+) -> Result<Acceptance, WarehouseError> {
     records.sort();
     records.dedup_by(|a, b| a.0 == b.0);
+    let mut in_loops = Vec::new();
+    if !in_loops_too {
+        for chunk in records.chunks(IN_LOOPS_CHUNK) {
+            let keys: Vec<String> = (2..chunk.len() + 2).map(|i| format!("${i}")).collect();
+            let sql = format!(
+                "SELECT key FROM loopsync.state
+                  WHERE sync = $1 AND confirmed_fp IS NOT NULL AND key IN ({})",
+                keys.join(", ")
+            );
+            let mut params = params![&sync];
+            params.extend(chunk.iter().map(|(key, _)| super::Value::from(key)));
+            for row in x.query("find contacts Loops holds", &sql, params).await? {
+                in_loops.push(row.text(0)?);
+            }
+        }
+        in_loops.sort();
+        records.retain(|(key, _)| in_loops.binary_search(key).is_err());
+    }
     let sql = format!(
         "INSERT INTO loopsync.accepted (sync, key, reason, note, accepted_at)
-         VALUES ($1, $2, $3, $4, {now})
+         SELECT CAST($1 AS text), CAST($2 AS text), CAST($3 AS text), CAST($4 AS text), {now}
+          WHERE EXISTS (SELECT 1 FROM (SELECT r.outcome, r.reason FROM loopsync.records r
+                                        WHERE r.sync = $1 AND r.key = $2
+                                        ORDER BY r.run_id DESC LIMIT 1) AS latest
+                         WHERE latest.outcome = 'invalid'
+                           AND COALESCE(latest.reason, '') = $3)
          ON CONFLICT (sync, key) DO UPDATE
             SET reason = EXCLUDED.reason, note = EXCLUDED.note,
                 accepted_at = EXCLUDED.accepted_at",
         now = x.dialect().now()
     );
+    let tried = records.len() as u64;
     let items = records
         .into_iter()
         .map(|(key, reason)| (0, params![&sync, key, reason, note.as_deref()]))
         .collect();
-    x.batch("accept invalid records", &[sql], items).await
+    let accepted = x.batch("accept invalid records", &[sql], items).await?;
+    Ok(Acceptance {
+        accepted,
+        outcome_changed: tried - accepted,
+        in_loops,
+    })
 }
 
 /// Ends the acceptances of these keys of `sync`.
