@@ -20,7 +20,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-log() { printf '\n== %s\n' "$*"; }
+start=$(date +%s)
+# Each step says when it starts (seconds into the run): where the time goes.
+log() { printf '\n== %s (at %d s)\n' "$*" "$(( $(date +%s) - start ))"; }
 as_root() { [ "$(id -u)" -eq 0 ]; }
 apt_updated=""
 apt_install() {
@@ -29,7 +31,6 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }
 
-start=$(date +%s)
 CARGO_DENY_VERSION=0.20.2
 NEXTEST_VERSION=0.9.143
 logs=$(mktemp -d "${TMPDIR:-/tmp}/loopsync-test-logs.XXXXXX")
@@ -144,6 +145,9 @@ if [ "${LOOPSYNC_SKIP_SERVICES:-}" = 1 ] && [ -z "${LOOPSYNC_TEST_NATS_URL:-}" ]
 else
   main_label="nats-server $(nats_version "${LOOPSYNC_TEST_NATS_URL:-}"), PostgreSQL, MariaDB"
 fi
+log "build the Rust tests"
+cargo nextest run --profile ci --workspace "${features[@]}" --no-run 2>&1 | tail -n 1
+log "Rust tests: $main_label"
 rust_pass main "$main_label"
 # Tests of the warehouse's DuckDB module are not compiled without the feature: named here, so
 # the summary lists them as dropped (the end-to-end DuckDB tests note their own drop).
