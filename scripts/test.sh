@@ -9,16 +9,20 @@
 # (scripts/services.sh). Whatever is missing on a fresh machine — nats-server, PostgreSQL,
 # MariaDB, Chromium and its driver, Node.js, promtool — is installed from Debian's packages when running as root.
 #
-# Every cargo command builds every feature (`--all-features`): DuckDB too, whose bundled C++
-# build takes some 18 minutes cold on 2 cores, once per target folder (.ci/run keeps its target
-# folder in a cache). LOOPSYNC_TEST_DUCKDB=0 leaves DuckDB out, for a quicker first run.
+# Every cargo command builds the same features, DuckDB's included: linked to DuckDB's own
+# prebuilt library, fetched once from the npm registry (scripts/duckdb-lib.sh), or where that
+# cannot be fetched compiled from its bundled C++ sources (some 18 minutes cold on 2 cores, once
+# per target folder; .ci/run keeps its target folder in a cache). LOOPSYNC_TEST_DUCKDB=0 leaves
+# DuckDB out.
 #
 # A test that needs a service it does not have fails. LOOPSYNC_SKIP_SERVICES=1 starts no
 # service and lets those tests skip instead; the summary then says how many were skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-log() { printf '\n== %s\n' "$*"; }
+start=$(date +%s)
+# Each step says when it starts (seconds into the run): where the time goes.
+log() { printf '\n== %s (at %d s)\n' "$*" "$(( $(date +%s) - start ))"; }
 as_root() { [ "$(id -u)" -eq 0 ]; }
 apt_updated=""
 apt_install() {
@@ -27,12 +31,27 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }
 
-start=$(date +%s)
 CARGO_DENY_VERSION=0.20.2
 NEXTEST_VERSION=0.9.143
-features=(--all-features)
-if [ "${LOOPSYNC_TEST_DUCKDB:-1}" = 0 ]; then features=(); fi
 logs=$(mktemp -d "${TMPDIR:-/tmp}/loopsync-test-logs.XXXXXX")
+
+features=()
+duckdb_build="left out (LOOPSYNC_TEST_DUCKDB=0)"
+if [ "${LOOPSYNC_TEST_DUCKDB:-1}" != 0 ]; then
+  log "DuckDB"
+  duckdb_features=loopsync/duckdb,loopsync-e2e/duckdb,loopsync-warehouse/duckdb,loopsync-testkit/duckdb
+  # npm fetches the prebuilt library (the Node tests need it anyway).
+  command -v npm >/dev/null || { as_root && apt_install nodejs npm; } || true
+  if DUCKDB_LIB_DIR=$(scripts/duckdb-lib.sh); then
+    export DUCKDB_LIB_DIR LD_LIBRARY_PATH="$DUCKDB_LIB_DIR${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    features=(--features "$duckdb_features")
+    duckdb_build="linked to DuckDB's prebuilt libduckdb 1.5.6 (npm registry)"
+  else
+    features=(--features "$duckdb_features,loopsync/duckdb-bundled")
+    duckdb_build="compiled from its bundled sources (the prebuilt library could not be fetched)"
+  fi
+  echo "DuckDB: $duckdb_build"
+fi
 
 log "cargo fmt --check"
 cargo fmt --all -- --check
@@ -126,6 +145,9 @@ if [ "${LOOPSYNC_SKIP_SERVICES:-}" = 1 ] && [ -z "${LOOPSYNC_TEST_NATS_URL:-}" ]
 else
   main_label="nats-server $(nats_version "${LOOPSYNC_TEST_NATS_URL:-}"), PostgreSQL, MariaDB"
 fi
+log "build the Rust tests"
+cargo nextest run --profile ci --workspace "${features[@]}" --no-run 2>&1 | tail -n 1
+log "Rust tests: $main_label"
 rust_pass main "$main_label"
 # Tests of the warehouse's DuckDB module are not compiled without the feature: named here, so
 # the summary lists them as dropped (the end-to-end DuckDB tests note their own drop).
@@ -169,6 +191,7 @@ echo "doctests: $doc_passed passed, $doc_failed failed"
 echo "node:  $node_passed tests passed, $node_failed failed, $node_skipped skipped (SDK methods the simulator does not serve)"
 echo "cargo deny: sources and bans checked; advisories $advisories"
 echo "promtool (deploy/prometheus): $promtool_result"
+echo "DuckDB: $duckdb_build"
 echo "total: $(( rust_passed + doc_passed + node_passed )) passed, $(( rust_failed + doc_failed + node_failed )) failed, $(( rust_skipped + node_skipped )) skipped or dropped"
 echo "in $(( $(date +%s) - start )) s"
 [ "$node_failed" -eq 0 ] || status=1

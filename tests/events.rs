@@ -300,6 +300,10 @@ async fn cursor_reads_recent_rows(backend: Backend, nats: bool) {
             },
         ))
         .await;
+    // The model now reads a view in which row 1004 (five hours late: outside the window) fails
+    // the query where the database computes it: a run that read it, even to drop it itself,
+    // would fail. So "reads only recent rows" is the database's word, not the run's report.
+    poison_row(&stack, backend, 1004).await;
     let (status, run1, seen) = run(&stack).await;
     assert_eq!(status, 0, "{run1}");
     // About the last hour of rows (a minute apart) and the new ones: not the 600.
@@ -348,6 +352,38 @@ async fn cursor_reads_recent_rows(backend: Backend, nats: bool) {
 
     // The model holds every row: the runs above read only the recent ones.
     assert_eq!(stack.count("SELECT count(*) FROM user_events").await, 606);
+}
+
+/// Points the events sync's model at a view of `user_events` whose row `id` fails the query
+/// wherever the database computes it (each backend's own way to fail on a value: a malformed
+/// JSON, a scalar subquery of two rows, `error()`).
+async fn poison_row(stack: &Stack, backend: Backend, id: i64) {
+    let fails = match backend {
+        Backend::Postgres => "length((email || ' not json')::json::text)::bigint".to_owned(),
+        Backend::Sqlite => "json(email || ' not json')".to_owned(),
+        Backend::MySql => "(SELECT 1 UNION ALL SELECT 2)".to_owned(),
+        Backend::DuckDb => "CAST(error('row read') AS BIGINT)".to_owned(),
+    };
+    stack
+        .sql(&format!(
+            "CREATE VIEW user_events_checked AS
+               SELECT event_id, email, event_name, plan,
+                      CASE WHEN event_id = {id} THEN {fails} ELSE amount END AS amount,
+                      occurred_at
+                 FROM user_events;"
+        ))
+        .await;
+    let text = std::fs::read_to_string(&stack.config).expect("read the config");
+    let from = "occurred_at from user_events\"";
+    assert!(
+        text.contains(from),
+        "the events model is not in the config:\n{text}"
+    );
+    std::fs::write(
+        &stack.config,
+        text.replace(from, "occurred_at from user_events_checked\""),
+    )
+    .expect("write the config");
 }
 
 /// With a cursor, a run reads only the rows at or after the last finished run's highest cursor

@@ -129,6 +129,44 @@ impl Fixture {
     }
 }
 
+/// A model that fails on one of its rows (a value its SQL cannot take) fails the read as the
+/// model's error, which no retry mends: the run fails at once instead of retrying until it
+/// stalls. On PostgreSQL and SQLite.
+async fn a_model_failing_on_a_row_is_the_models_error(f: Fixture, fails: &str) {
+    f.warehouse.prepare().await.unwrap();
+    (f.exec)(format!(
+        "CREATE TABLE rowfail (id integer, email text, first_name text, newsletter boolean);
+         INSERT INTO rowfail VALUES (1, 'a@example.com', 'A', NULL), (2, 'b@example.com', 'B', NULL);"
+    ))
+    .await;
+    let mut spec = spec("rowfail", "rowfail");
+    spec.model = format!(
+        "select id, email, CASE WHEN id = 2 THEN {fails} ELSE first_name END AS first_name, \
+         newsletter from rowfail"
+    );
+    let error = match f.warehouse.diff(&spec).await {
+        Ok(rows) => rows
+            .try_collect::<Vec<_>>()
+            .await
+            .expect_err("the second row fails"),
+        Err(e) => e,
+    };
+    // The model's error (SQLite) or the data's (PostgreSQL): either way, no retry.
+    assert_eq!(error.class(), ErrorClass::Permanent, "{error:?}");
+}
+
+#[tokio::test]
+async fn postgres_a_model_failing_on_a_row_is_the_models_error() {
+    let Some(f) = postgres().await else { return };
+    a_model_failing_on_a_row_is_the_models_error(f, "(first_name || ' not json')::json::text")
+        .await;
+}
+
+#[tokio::test]
+async fn sqlite_a_model_failing_on_a_row_is_the_models_error() {
+    a_model_failing_on_a_row_is_the_models_error(sqlite(), "json(first_name || ' not json')").await;
+}
+
 async fn diff(w: &dyn Warehouse, spec: &SyncSpec) -> Vec<DiffRow> {
     w.diff(spec).await.unwrap().try_collect().await.unwrap()
 }

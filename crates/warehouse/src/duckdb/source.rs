@@ -11,11 +11,32 @@ use loopsync_core::spec::SyncSpec;
 
 use crate::WarehouseError;
 use crate::source::{Source, SourceDialect, TextRow, TextRows, channel_rows, read_sql};
+use crate::source::{cursor_window, leave_out_before};
 
 const DIALECT: SourceDialect = SourceDialect {
     quote: |name| format!("\"{}\"", name.replace('"', "\"\"")),
     cast: |e| format!("CAST({e} AS VARCHAR)"),
+    // `epoch_ms` is a TIMESTAMP (no zone), as the column's text is read; an infinite time (which
+    // the state store reads as no time) is not before anything.
+    before: |c, at| format!("{c} < epoch_ms({at}::BIGINT) AND isfinite({c})"),
 };
+
+/// Whether the model's `column` (quoted, of the model's alias) is of a type whose text the
+/// state store reads as the same instant: `TIMESTAMP` (no zone, read as UTC) and `DATE`. A
+/// `TIMESTAMPTZ` (its text carries an offset) or a text column is not.
+fn is_time_column(connection: &Connection, spec: &SyncSpec, column: &str) -> duckdb::Result<bool> {
+    use duckdb::arrow::datatypes::DataType;
+    let sql = format!(
+        "SELECT {column} FROM ({}) AS model LIMIT 0",
+        crate::model_sql(&spec.model)
+    );
+    let mut statement = connection.prepare(&sql)?;
+    statement.execute([])?;
+    Ok(matches!(
+        statement.column_type(0),
+        DataType::Timestamp(_, None) | DataType::Date32 | DataType::Date64
+    ))
+}
 
 /// `duckdb:///path/file.duckdb` (read-only) or `duckdb://` (in memory).
 pub struct DuckDbSource {
@@ -96,7 +117,7 @@ fn config() -> duckdb::Result<Config> {
 impl Source for DuckDbSource {
     async fn check_model(&self, spec: &SyncSpec, columns: &[String]) -> Result<(), WarehouseError> {
         let connection = self.connection()?;
-        let sql = read_sql(spec, columns, &DIALECT, true);
+        let sql = read_sql(spec, columns, &DIALECT, true, None);
         let spec = spec.clone();
         tokio::task::spawn_blocking(move || {
             connection
@@ -111,15 +132,32 @@ impl Source for DuckDbSource {
         })?
     }
 
-    async fn read(&self, spec: &SyncSpec, columns: &[String]) -> Result<TextRows, WarehouseError> {
+    async fn read(
+        &self,
+        spec: &SyncSpec,
+        columns: &[String],
+        since: Option<i64>,
+    ) -> Result<TextRows, WarehouseError> {
         let connection = self.connection()?;
-        let sql = read_sql(spec, columns, &DIALECT, false);
+        let window = cursor_window(spec, since, &DIALECT);
+        let columns = columns.to_vec();
         let sync = spec.name.clone();
         let spec = spec.clone();
         let width = columns.len();
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<TextRow, WarehouseError>>(1024);
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         tokio::task::spawn_blocking(move || {
+            let filter = match &window {
+                Some((column, since)) => match is_time_column(&connection, &spec, column) {
+                    Ok(time) => time.then(|| leave_out_before(&DIALECT, column, *since)),
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(explained(&connection, &spec, e)));
+                        return;
+                    }
+                },
+                None => None,
+            };
+            let sql = read_sql(&spec, &columns, &DIALECT, false, filter.as_deref());
             let mut statement = match connection.prepare(&sql) {
                 Ok(s) => s,
                 Err(e) => {

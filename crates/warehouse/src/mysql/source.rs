@@ -8,12 +8,46 @@ use mysql_async::prelude::Queryable;
 
 use crate::WarehouseError;
 use crate::source::{Source, SourceDialect, TextRow, TextRows, channel_rows, read_sql};
+use crate::source::{cursor_window, leave_out_before};
 
 /// How the model is read on MySQL.
 const DIALECT: SourceDialect = SourceDialect {
     quote: |name| format!("`{}`", name.replace('`', "``")),
     cast: |e| format!("CAST({e} AS CHAR)"),
+    // In the session's time zone, UTC, as the column's text is read; a zero date ('0000-00-00',
+    // which the state store reads as no time) is not before anything.
+    before: |c, at| format!("{c} < FROM_UNIXTIME({at} / 1000) AND {c} >= '1000-01-01'"),
 };
+
+/// Whether the model's `column` (quoted, of the model's alias) is of a type whose text the
+/// state store reads as the same instant: `DATETIME` and `TIMESTAMP` (read in UTC, the
+/// session's zone) and `DATE`. A text column, which MySQL would compare by its own reading,
+/// is not.
+async fn is_time_column(
+    connection: &mut mysql_async::Conn,
+    spec: &SyncSpec,
+    column: &str,
+) -> Result<bool, mysql_async::Error> {
+    use mysql_async::consts::ColumnType::*;
+    let sql = format!(
+        "SELECT {column} FROM ({}) AS model LIMIT 0",
+        crate::model_sql(&spec.model)
+    );
+    let result = connection.query_iter(sql).await?;
+    let time = result.columns_ref().first().is_some_and(|c| {
+        matches!(
+            c.column_type(),
+            MYSQL_TYPE_DATETIME
+                | MYSQL_TYPE_DATETIME2
+                | MYSQL_TYPE_TIMESTAMP
+                | MYSQL_TYPE_TIMESTAMP2
+                | MYSQL_TYPE_DATE
+                | MYSQL_TYPE_NEWDATE
+        )
+    });
+    result.drop_result().await?;
+    Ok(time)
+}
 
 /// A MySQL or MariaDB server, by URL (`mysql://user:password@host:port/database`).
 pub struct MySqlSource {
@@ -123,7 +157,7 @@ fn text_row(mut row: mysql_async::Row, sync: &str) -> Result<TextRow, WarehouseE
 impl Source for MySqlSource {
     async fn check_model(&self, spec: &SyncSpec, columns: &[String]) -> Result<(), WarehouseError> {
         let mut connection = self.connection("check the model").await?;
-        let sql = read_sql(spec, columns, &DIALECT, true);
+        let sql = read_sql(spec, columns, &DIALECT, true, None);
         match connection.query_drop(sql).await {
             Ok(()) => Ok(()),
             Err(mysql_async::Error::Server(s)) if is_model_error(s.code) => {
@@ -140,10 +174,22 @@ impl Source for MySqlSource {
         }
     }
 
-    async fn read(&self, spec: &SyncSpec, columns: &[String]) -> Result<TextRows, WarehouseError> {
+    async fn read(
+        &self,
+        spec: &SyncSpec,
+        columns: &[String],
+        since: Option<i64>,
+    ) -> Result<TextRows, WarehouseError> {
         use futures::StreamExt;
         let mut connection = self.connection("read the model").await?;
-        let sql = read_sql(spec, columns, &DIALECT, false);
+        let filter = match cursor_window(spec, since, &DIALECT) {
+            Some((column, since)) => is_time_column(&mut connection, spec, &column)
+                .await
+                .map_err(|e| classify(&spec.name, "read the model", e))?
+                .then(|| leave_out_before(&DIALECT, &column, since)),
+            None => None,
+        };
+        let sql = read_sql(spec, columns, &DIALECT, false, filter.as_deref());
         let sync = spec.name.clone();
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<TextRow, WarehouseError>>(1024);
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();

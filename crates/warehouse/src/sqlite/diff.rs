@@ -162,10 +162,7 @@ impl Sqlite {
                         what: format!("diff of sync {sync}"),
                         detail: e.to_string(),
                     }),
-                    Err(e) => Err(WarehouseError::Query {
-                        what: format!("diff of sync {sync}"),
-                        detail: e.to_string(),
-                    }),
+                    Err(e) => Err(stepping_error(&sync, e)),
                 };
                 let stop = item.is_err();
                 if tx.blocking_send(item).is_err() || stop {
@@ -181,6 +178,24 @@ impl Sqlite {
             rx.recv().await.map(|item| (item, rx))
         })
         .boxed())
+    }
+}
+
+/// An error met while stepping through the diff's rows: SQLite busy or locked (another process
+/// writes), out of memory or a failed read of the file may pass, and the read is retried; any
+/// other is the model's own, met on a value (a function of the model failing on a row: a
+/// malformed JSON, an integer overflow), which a retry would meet again: the run fails at
+/// once, as on PostgreSQL, instead of retrying until it stalls.
+fn stepping_error(sync: &str, e: rusqlite::Error) -> WarehouseError {
+    use rusqlite::ErrorCode::*;
+    match e.sqlite_error_code() {
+        Some(DatabaseBusy | DatabaseLocked | OutOfMemory | SystemIoFailure) | None => {
+            WarehouseError::Query {
+                what: format!("diff of sync {sync}"),
+                detail: e.to_string(),
+            }
+        }
+        Some(_) => WarehouseError::model(sync, e),
     }
 }
 

@@ -439,7 +439,7 @@ async fn read<K: Keeper>(
         let model = match &store.source {
             Some(source) => {
                 let columns = model_columns(spec);
-                let rows = source.read(spec, &columns).await?;
+                let rows = source.read(spec, &columns, since).await?;
                 Some(ModelRows { columns, rows })
             }
             None => None,
