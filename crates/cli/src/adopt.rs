@@ -31,7 +31,7 @@ pub async fn run(config_path: &Path, args: AdoptArgs) -> anyhow::Result<ExitCode
     let warehouse = open_warehouse(&config).await?;
     let reports = adopt_all(
         &config,
-        &*warehouse,
+        &warehouse,
         args.sync.as_deref(),
         // Stopped by a signal, `main` closes the run as interrupted.
         |run_id| crate::stop::watch_run(warehouse.clone(), run_id),

@@ -9,8 +9,9 @@
 //! (email, userId) is the one [`transform`] would send: adopted state cannot drift from what a
 //! run would have confirmed.
 
+use std::sync::Arc;
+
 use futures::StreamExt;
-use loopsync_bus::RateBudget;
 use loopsync_config::Config;
 use loopsync_core::destination::Destination;
 use loopsync_core::envelope::{ChangeKind, RequestCounts};
@@ -48,18 +49,21 @@ pub struct AdoptReport {
 }
 
 /// `loopsync adopt`: asks which team the API key belongs to (`GET /v1/api-key`, the one
-/// request adopt makes, counted with the first adoption), then adopts each sync of `config` (or
-/// only `only`) as confirmed by that destination, handing each report to `each` as it is done.
-/// `on_run` is told each run's id as soon as it exists.
+/// request adopt makes, through the team's rate budget and counted with the first adoption),
+/// then adopts each sync of `config` (or only `only`) as confirmed by that destination, on
+/// `state`, handing each report to `each` as it is done. `on_run` is told each run's id as
+/// soon as it exists.
 pub async fn adopt_all(
     config: &Config,
-    warehouse: &dyn Warehouse,
+    state: &Arc<dyn Warehouse>,
     only: Option<&str>,
     mut on_run: impl FnMut(i64),
     mut each: impl FnMut(&AdoptReport, &Destination),
 ) -> Result<Vec<AdoptReport>, EngineError> {
+    let warehouse = &**state;
     let client = loops_client(config)?;
-    let budget = RateBudget::local(config.loops.requests_per_second);
+    // The team's budget, shared with a `run` or workers beside it.
+    let budget = crate::budget::connect(config, state).await?;
     let mut preflight = RequestCounts::default();
     let configured =
         destination::configured(&client, &budget, config.loops.max_attempts, &mut preflight)
