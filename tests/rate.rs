@@ -146,3 +146,72 @@ async fn a_verify_beside_a_run_shares_the_budget_without_nats() {
         "one budget for both: {seen:?} {stats}"
     );
 }
+
+/// Without NATS, an `adopt` and a `check` beside a `run` take their requests to Loops (adopt
+/// asks the key's team; check asks it and lists the properties and mailing lists) from the
+/// team's budget kept in the state, as the run does: against a simulated team limit equal to
+/// the budget, none of them meets a 429, where budgets of their own would send beside the
+/// run's full pace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adopt_and_a_check_beside_a_run_share_the_budget() {
+    let _alone = loopsync_testkit::serial().await;
+    let options = StackOptions {
+        rows: 80,
+        events: Some(20),
+        sim_rate_limit: 10,
+        requests_per_second: 10,
+        ..StackOptions::default()
+    };
+    let Some(stack) = Stack::start(options).await else {
+        return;
+    };
+    let before = stack.sim.seen().await;
+    let mut run = stack.command(&["run", "--once", "--sync", "users", "--json"]);
+    let beside = async {
+        // Once the run sends at the budget's pace.
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        let mut outputs = Vec::new();
+        for args in [
+            &["adopt", "--sync", "events"][..],
+            &["check"],
+            &["adopt", "--sync", "events"],
+            &["check"],
+            &["adopt", "--sync", "events"],
+        ] {
+            outputs.push((args.join(" "), stack.output(args).await));
+        }
+        outputs
+    };
+    let (run, beside) = tokio::join!(
+        loopsync_testkit::output_within(&mut run, loopsync_testkit::COMMAND_DEADLINE, "run --once"),
+        beside
+    );
+    let seen = stack.sim.seen().await.since(&before);
+    let stats = stack.sim.inspect("stats").await;
+    assert!(
+        seen.rate_limited == 0 && stats["max_accepted_in_one_second"].as_u64() <= Some(10),
+        "one budget for all: {seen:?} {stats}"
+    );
+    assert_eq!(
+        run.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    for (what, out) in &beside {
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{what}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(
+        seen.answered("PUT /v1/contacts/update", 200),
+        80,
+        "{seen:?}"
+    );
+    // The run's, and each adopt's and check's.
+    assert_eq!(seen.to("GET /v1/api-key"), 6, "{seen:?}");
+}

@@ -220,15 +220,17 @@ pub trait Coordination: Send + Sync + 'static {
     /// waiting until one is free. Slots are `period` apart, and a slot taken up to `slack` late
     /// keeps the cadence ([`budget::next_due`]): no burst beyond that.
     /// Up to `count` consecutive slots may be taken at once (`period` apart, the first due
-    /// now, or shortly: a slot may be handed out up to half a period before it is due, and the
-    /// caller waits for that time, as [`RateBudget`] does): returns the first one's due time
-    /// (Unix nanoseconds) and how many were taken.
+    /// now, or shortly: a slot may be handed out up to half a period, or two round trips to the
+    /// ledger, before it is due, and the caller waits for that time, as [`RateBudget`] does):
+    /// returns the first one's due time on `taker`'s clock ([`budget::Taker::now`]) and how
+    /// many were taken.
     async fn rate_slot(
         &self,
         budget: &str,
         period: Duration,
         slack: Duration,
         count: u32,
+        taker: &budget::Taker,
     ) -> Result<(u64, u32), BusError>;
 }
 

@@ -653,6 +653,7 @@ impl Coordination for LocalBus {
         period: Duration,
         _slack: Duration,
         _count: u32,
+        taker: &crate::budget::Taker,
     ) -> Result<(u64, u32), BusError> {
         let limiter = self
             .inner
@@ -669,7 +670,7 @@ impl Coordination for LocalBus {
             .clone();
         limiter.until_ready().await;
         // One at a time: governor's cells are taken in process, with no round trip to save.
-        Ok((crate::budget::unix_nanos(), 1))
+        Ok((taker.now(), 1))
     }
 }
 

@@ -41,7 +41,7 @@ pub async fn run(config_path: &Path, args: AdoptArgs) -> anyhow::Result<ExitCode
     };
     let reports = adopt_all(
         &config,
-        &*warehouse,
+        &warehouse,
         args.sync.as_deref(),
         file.as_ref(),
         // Stopped by a signal, `main` closes the run as interrupted.

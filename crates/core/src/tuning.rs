@@ -98,13 +98,6 @@ pub const CLAIM: Duration = Duration::from_secs(60);
 /// The longest `loops.timeout_seconds`: three requests of one attempt within [`CLAIM`].
 pub const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// How far ahead of a host's clock a due time of the shared rate budget may be and still be
-/// believed, beyond the slots one round trip grants: a taker writes a due time at most those
-/// slots ahead of its own clock, so anything further comes from a host whose clock is ahead.
-/// Waiting that out would stall every loader of the team for the skew (an hour, for a host an
-/// hour ahead); believing it up to a second costs at most a second when clocks differ that much.
-pub const CLOCK_SKEW_ALLOWED: Duration = Duration::from_secs(1);
-
 /// How long a run request, change or operation waits in its work queue before NATS drops it (a
 /// week: a backlog older than that is stale — the next run extracts what was not confirmed).
 /// Outcomes have no age limit: a confirmation must reach the state.

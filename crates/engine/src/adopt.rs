@@ -13,8 +13,9 @@
 //! whose contact in the file is exactly what the run would write are adopted (`verify`'s
 //! comparison, [`View::holds`]); the others stay for the API lane, counted by reason.
 
+use std::sync::Arc;
+
 use futures::StreamExt;
-use loopsync_bus::RateBudget;
 use loopsync_config::Config;
 use loopsync_core::destination::Destination;
 use loopsync_core::envelope::{ChangeKind, RequestCounts};
@@ -82,19 +83,22 @@ pub struct AdoptReport {
 }
 
 /// `loopsync adopt`: asks which team the API key belongs to (`GET /v1/api-key`, the one
-/// request adopt makes, counted with the first adoption), then adopts each sync of `config` (or
-/// only `only`) as confirmed by that destination, handing each report to `each` as it is done.
-/// `on_run` is told each run's id as soon as it exists.
+/// request adopt makes, through the team's rate budget and counted with the first adoption),
+/// then adopts each sync of `config` (or only `only`) as confirmed by that destination, on
+/// `state`, handing each report to `each` as it is done. `on_run` is told each run's id as
+/// soon as it exists.
 pub async fn adopt_all(
     config: &Config,
-    warehouse: &dyn Warehouse,
+    state: &Arc<dyn Warehouse>,
     only: Option<&str>,
     from_file: Option<&LoopsExport>,
     mut on_run: impl FnMut(i64),
     mut each: impl FnMut(&AdoptReport, &Destination),
 ) -> Result<Vec<AdoptReport>, AdoptError> {
+    let warehouse = &**state;
     let client = loops_client(config)?;
-    let budget = RateBudget::local(config.loops.requests_per_second);
+    // The team's budget, shared with a `run` or workers beside it.
+    let budget = crate::budget::connect(config, state).await?;
     let mut preflight = RequestCounts::default();
     let configured =
         destination::configured(&client, &budget, config.loops.max_attempts, &mut preflight)

@@ -147,7 +147,7 @@ pub async fn check(config: &Config, create_properties: bool) -> Result<CheckRepo
         identity_conflict: IdentityConflict::among(config.syncs.iter().map(|s| &s.spec)),
         ..CheckReport::default()
     };
-    let mut state = None;
+    let (mut state, mut state_made) = (None, false);
     match loopsync_warehouse::open(&crate::settings::warehouse_settings(config)).await {
         // A URL that names no warehouse is the config's mistake: said as such (exit 2).
         Err(e @ WarehouseError::BadUrl(_)) => return Err(e.into()),
@@ -165,7 +165,10 @@ pub async fn check(config: &Config, create_properties: bool) -> Result<CheckRepo
                 report.privileges = Some(e.to_string());
             }
             let read = match read_bindings(&*warehouse, config, &mut report.bindings).await {
-                Ok(()) => two_contacts(&*warehouse, config).await,
+                Ok(made) => {
+                    state_made = made;
+                    two_contacts(&*warehouse, config).await
+                }
                 Err(e) => Err(e),
             };
             match read {
@@ -184,7 +187,15 @@ pub async fn check(config: &Config, create_properties: bool) -> Result<CheckRepo
         );
     }
     let client = loops_client(config)?;
-    let budget = loopsync_bus::RateBudget::local(config.loops.requests_per_second);
+    // The team's budget, shared with a `run` or workers beside it: kept in the state (made,
+    // and writable by this user) or in NATS (reached; its names need the state's id). Without
+    // them no process can share it: a budget of this process alone.
+    let shared = state_made && report.privileges.is_none() && !matches!(report.nats, Some(Err(_)));
+    let budget = match &state {
+        Some(warehouse) if shared => crate::budget::connect(config, warehouse).await.ok(),
+        _ => None,
+    }
+    .unwrap_or_else(|| loopsync_bus::RateBudget::local(config.loops.requests_per_second));
     // `check` belongs to no run: its requests are counted nowhere.
     let mut uncounted = RequestCounts::default();
     let counts = &mut uncounted;
@@ -297,8 +308,8 @@ async fn read_bindings(
     warehouse: &dyn Warehouse,
     config: &Config,
     bindings: &mut Vec<SyncBinding>,
-) -> Result<(), WarehouseError> {
-    warehouse.read_only().await?;
+) -> Result<bool, WarehouseError> {
+    let made = warehouse.read_only().await?;
     for sync in &config.syncs {
         bindings.push(SyncBinding {
             sync: sync.spec.name.clone(),
@@ -308,7 +319,7 @@ async fn read_bindings(
             read_back: None,
         });
     }
-    Ok(())
+    Ok(made)
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 //! sync's life that is not a stage's own lives here, once.
 
 pub mod adopt;
+pub mod budget;
 pub mod bulk;
 pub mod check;
 pub mod demo;

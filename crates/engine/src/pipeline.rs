@@ -61,21 +61,7 @@ impl Pipeline {
             coordination,
             tasks,
         } = loopsync_bus::connect(&settings::bus_settings(&config), &installation).await?;
-        // One budget per Loops team for every process of the deployment: over NATS in its
-        // key-value bucket; without NATS in the state, which every such process shares.
-        let budget = if config.nats.is_some() {
-            RateBudget::shared(
-                coordination.clone(),
-                config.loops.budget_name(),
-                config.loops.requests_per_second,
-            )
-        } else {
-            RateBudget::stored(
-                Arc::new(crate::slots::StoredSlots(warehouse.clone())),
-                config.loops.budget_name(),
-                config.loops.requests_per_second,
-            )
-        };
+        let budget = crate::budget::team_budget(&config, &coordination, &warehouse);
         Ok(Pipeline {
             budget,
             in_memory: config.nats.is_none(),

@@ -1,14 +1,14 @@
 //! The team's rate budget kept in the state store, for deployments without NATS: every process
 //! that shares the state (a `run`, a `verify` beside it, a `dlq replay`) takes its requests'
 //! slots from one row per team, so together they stay within Loops' limit. The pacing is the
-//! bus's ([`loopsync_bus::budget::take_slots`]); the store only keeps the due time, swapped
-//! atomically.
+//! bus's ([`loopsync_bus::budget::take_slots`]); the store only keeps the entry (the due time
+//! and its writer's clock), swapped atomically.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use loopsync_bus::BusError;
-use loopsync_bus::budget::SlotLedger;
+use loopsync_bus::budget::{SlotLedger, Stamp};
 use loopsync_warehouse::Warehouse;
 
 /// The state store as the [`SlotLedger`] of a shared rate budget.
@@ -24,23 +24,30 @@ fn error(e: loopsync_warehouse::WarehouseError) -> BusError {
 
 #[async_trait]
 impl SlotLedger for StoredSlots {
-    async fn read_due(&self, budget: &str) -> Result<Option<(u64, u64)>, BusError> {
-        let kept = self.0.read_rate_slot(budget).await.map_err(error)?;
-        Ok(kept.map(|(due, revision)| (due.max(0) as u64, revision.max(0) as u64)))
+    async fn read_due(&self, key: &str) -> Result<Option<(Stamp, u64)>, BusError> {
+        let kept = self.0.read_rate_slot(key).await.map_err(error)?;
+        Ok(kept.map(|k| {
+            let stamp = Stamp {
+                due: k.next_due.max(0) as u64,
+                written_at: k.written_at.max(0) as u64,
+            };
+            (stamp, k.revision.max(0) as u64)
+        }))
     }
 
     async fn swap_due(
         &self,
-        budget: &str,
-        next: u64,
+        key: &str,
+        next: Stamp,
         expected: Option<u64>,
-    ) -> Result<bool, BusError> {
-        let next = i64::try_from(next).unwrap_or(i64::MAX);
-        let expected = expected.map(|r| i64::try_from(r).unwrap_or(i64::MAX));
-        self.0
-            .swap_rate_slot(budget, next, expected)
+    ) -> Result<Option<u64>, BusError> {
+        let int = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        let swapped = self
+            .0
+            .swap_rate_slot(key, int(next.due), int(next.written_at), expected.map(int))
             .await
-            .map_err(error)
+            .map_err(error)?;
+        Ok(swapped.map(|revision| revision.max(0) as u64))
     }
 }
 
@@ -68,18 +75,28 @@ mod tests {
         };
         let (a, b) = (open(), open());
         a.prepare().await.unwrap();
-        assert_eq!(a.read_rate_slot("team").await.unwrap(), None);
-        assert!(a.swap_rate_slot("team", 5, None).await.unwrap());
-        assert!(
-            !b.swap_rate_slot("team", 6, None).await.unwrap(),
+        let stamp = |due| Stamp {
+            due,
+            written_at: due - 1,
+        };
+        let (one, two) = (StoredSlots(a.clone()), StoredSlots(b.clone()));
+        assert_eq!(one.read_due("team").await.unwrap(), None);
+        assert_eq!(one.swap_due("team", stamp(5), None).await.unwrap(), Some(1));
+        assert_eq!(
+            two.swap_due("team", stamp(6), None).await.unwrap(),
+            None,
             "one row per team"
         );
-        assert!(
-            !b.swap_rate_slot("team", 6, Some(9)).await.unwrap(),
+        assert_eq!(
+            two.swap_due("team", stamp(6), Some(9)).await.unwrap(),
+            None,
             "a stale revision"
         );
-        assert!(b.swap_rate_slot("team", 6, Some(1)).await.unwrap());
-        assert_eq!(a.read_rate_slot("team").await.unwrap(), Some((6, 2)));
+        assert_eq!(
+            two.swap_due("team", stamp(6), Some(1)).await.unwrap(),
+            Some(2)
+        );
+        assert_eq!(one.read_due("team").await.unwrap(), Some((stamp(6), 2)));
 
         let budget = |w: Arc<dyn Warehouse>| {
             RateBudget::stored(Arc::new(StoredSlots(w)), "shared".into(), 10)

@@ -802,19 +802,21 @@ pub trait StateStore: Send + Sync + 'static {
     /// destination binding, in one transaction; its runs and per-record results stay.
     async fn reset_state(&self, sync: &str) -> Result<StateReset, WarehouseError>;
 
-    /// The next due time (Unix nanoseconds) of the shared rate budget `budget`, and its
-    /// revision; `None` when none is kept yet. Without NATS, every process that shares the
-    /// state paces its requests to Loops by it (the pacing rule is the bus's `take_slots`).
-    async fn read_rate_slot(&self, budget: &str) -> Result<Option<(i64, i64)>, WarehouseError>;
+    /// The entry of the shared rate budget `budget` (its ledger key); `None` when none is kept
+    /// yet. Without NATS, every process that shares the state paces its requests to Loops by
+    /// it (the pacing rule is the bus's `take_slots`).
+    async fn read_rate_slot(&self, budget: &str) -> Result<Option<RateSlot>, WarehouseError>;
 
-    /// Stores `next` as `budget`'s due time if its revision is still `expected` (`None`: if
-    /// none is kept yet), atomically; `false` when another process wrote first.
+    /// Stores `next` as `budget`'s due time, written at `written_at` by its writer's clock, if
+    /// its revision is still `expected` (`None`: if none is kept yet), atomically: the new
+    /// revision, or `None` when another process wrote first.
     async fn swap_rate_slot(
         &self,
         budget: &str,
         next: i64,
+        written_at: i64,
         expected: Option<i64>,
-    ) -> Result<bool, WarehouseError>;
+    ) -> Result<Option<i64>, WarehouseError>;
 
     /// `loopsync forget`: the records of `sync` that are `person`, with every identity the
     /// state keeps of each (what Loops may hold). By key: that record; by email (as
@@ -850,6 +852,16 @@ pub enum Person {
     Key(String),
     /// The records of this email, as the email rule keeps it (trimmed, ASCII lower-cased).
     Email(String),
+}
+
+/// A shared rate budget's entry in the state ([`StateStore::read_rate_slot`]): the next
+/// slot's due time and the writer's clock when it wrote it (nanoseconds of the writer's
+/// clock: only their difference means anything to another host), under a revision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateSlot {
+    pub next_due: i64,
+    pub written_at: i64,
+    pub revision: i64,
 }
 
 /// A record of a sync as the state keeps it, found by [`StateStore::find_person`]: its key and

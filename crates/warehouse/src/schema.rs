@@ -416,6 +416,14 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
             primary_key: "budget",
         }],
     },
+    Migration {
+        version: 15,
+        name: "a rate budget's due time beside the writer's clock",
+        steps: &[Step::AddColumn {
+            table: "rate_slots",
+            column: col("written_at", BigInt),
+        }],
+    },
 ];
 
 /// The version of the newest migration: what `prepare` brings the state to.

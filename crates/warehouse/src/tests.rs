@@ -1786,20 +1786,49 @@ async fn sqlite_destinations_bind_and_reset() {
 }
 
 /// A shared rate budget's row: none at first, created once (a second create loses), then
-/// swapped only at the revision read; one row per budget.
+/// swapped only at the revision read, with the writer's clock beside the due time; one row per
+/// budget.
 async fn rate_slots_swap_at_their_revision(f: Fixture) {
     let w = &*f.warehouse;
     w.prepare().await.unwrap();
+    let slot = |next_due, written_at, revision| {
+        Some(RateSlot {
+            next_due,
+            written_at,
+            revision,
+        })
+    };
     assert_eq!(w.read_rate_slot("team").await.unwrap(), None);
-    assert!(w.swap_rate_slot("team", 100, None).await.unwrap());
-    assert!(!w.swap_rate_slot("team", 200, None).await.unwrap());
-    assert!(!w.swap_rate_slot("team", 200, Some(2)).await.unwrap());
-    assert!(w.swap_rate_slot("team", 200, Some(1)).await.unwrap());
-    assert_eq!(w.read_rate_slot("team").await.unwrap(), Some((200, 2)));
+    assert_eq!(
+        w.swap_rate_slot("team", 100, 90, None).await.unwrap(),
+        Some(1)
+    );
+    assert_eq!(
+        w.swap_rate_slot("team", 200, 190, None).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        w.swap_rate_slot("team", 200, 190, Some(2)).await.unwrap(),
+        None
+    );
+    assert_eq!(w.read_rate_slot("team").await.unwrap(), slot(100, 90, 1));
+    assert_eq!(
+        w.swap_rate_slot("team", 200, 190, Some(1)).await.unwrap(),
+        Some(2)
+    );
+    assert_eq!(w.read_rate_slot("team").await.unwrap(), slot(200, 190, 2));
     assert_eq!(w.read_rate_slot("other").await.unwrap(), None);
     let big = 1_800_000_000_000_000_000i64;
-    assert!(w.swap_rate_slot("team", big, Some(2)).await.unwrap());
-    assert_eq!(w.read_rate_slot("team").await.unwrap(), Some((big, 3)));
+    assert_eq!(
+        w.swap_rate_slot("team", big, big - 5, Some(2))
+            .await
+            .unwrap(),
+        Some(3)
+    );
+    assert_eq!(
+        w.read_rate_slot("team").await.unwrap(),
+        slot(big, big - 5, 3)
+    );
 }
 
 #[tokio::test]

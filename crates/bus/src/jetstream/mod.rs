@@ -27,7 +27,7 @@ use loopsync_core::stage::Stage;
 pub use provisioning::max_deliver;
 use provisioning::{bucket, provision};
 
-use crate::budget::SlotLedger;
+use crate::budget::{SlotLedger, Stamp, Taker};
 use crate::error::Source;
 use crate::names::Names;
 use crate::{
@@ -585,65 +585,77 @@ impl Coordination for JetStreamBus {
         }
     }
 
-    /// The budget's key holds the theoretical arrival time of the next slot (Unix nanoseconds).
-    /// A process takes the slot by compare-and-swap on the key's revision; whoever loses the race
-    /// reads again: the one pacing rule, [`crate::budget::take_slots`].
+    /// The budget's key ([`crate::budget::ledger_key`]) holds the theoretical arrival time of
+    /// the next slot and the writer's clock when it wrote it. A process takes the slot by
+    /// compare-and-swap on the key's revision; whoever loses the race reads again: the one
+    /// pacing rule, [`crate::budget::take_slots`].
     async fn rate_slot(
         &self,
         budget: &str,
         period: Duration,
         slack: Duration,
         count: u32,
+        taker: &Taker,
     ) -> Result<(u64, u32), BusError> {
-        crate::budget::take_slots(self, budget, period, slack, count).await
+        crate::budget::take_slots(self, budget, period, slack, count, taker).await
     }
 }
 
-/// The budget's key-value bucket as the [`SlotLedger`] of [`crate::budget::take_slots`].
+/// The budget's key-value bucket as the [`SlotLedger`] of [`crate::budget::take_slots`]: a
+/// key's value is its [`Stamp`], 16 bytes (the due time, then the time written, big-endian).
 #[async_trait]
 impl SlotLedger for JetStreamBus {
-    async fn read_due(&self, budget: &str) -> Result<Option<(u64, u64)>, BusError> {
+    async fn read_due(&self, key: &str) -> Result<Option<(Stamp, u64)>, BusError> {
         let entry = self
             .disconnects
-            .guard(self.budget.entry(budget))
+            .guard(self.budget.entry(key))
             .await
             .map_err(|e| budget_error(e.into()))?
             .map_err(|e| budget_error(e.into()))?;
-        Ok(entry.map(|e| {
-            let due = <[u8; 8]>::try_from(&e.value[..]).map_or(0, u64::from_be_bytes);
-            (due, e.revision)
-        }))
+        Ok(entry.map(|e| (stamp_of(&e.value), e.revision)))
     }
 
     async fn swap_due(
         &self,
-        budget: &str,
-        next: u64,
+        key: &str,
+        next: Stamp,
         expected: Option<u64>,
-    ) -> Result<bool, BusError> {
+    ) -> Result<Option<u64>, BusError> {
         use kv::{CreateErrorKind, UpdateErrorKind};
-        let value = Bytes::copy_from_slice(&next.to_be_bytes());
+        let value = stamp_value(next);
         match expected {
             Some(revision) => {
-                let update = self.budget.update(budget, value, revision);
+                let update = self.budget.update(key, value, revision);
                 match self.disconnects.guard(update).await {
                     Err(dropped) => Err(budget_error(dropped.into())),
-                    Ok(Ok(_)) => Ok(true),
-                    Ok(Err(e)) if e.kind() == UpdateErrorKind::WrongLastRevision => Ok(false),
+                    Ok(Ok(revision)) => Ok(Some(revision)),
+                    Ok(Err(e)) if e.kind() == UpdateErrorKind::WrongLastRevision => Ok(None),
                     Ok(Err(e)) => Err(budget_error(e.into())),
                 }
             }
-            None => match self
-                .disconnects
-                .guard(self.budget.create(budget, value))
-                .await
-            {
+            None => match self.disconnects.guard(self.budget.create(key, value)).await {
                 Err(dropped) => Err(budget_error(dropped.into())),
-                Ok(Ok(_)) => Ok(true),
-                Ok(Err(e)) if e.kind() == CreateErrorKind::AlreadyExists => Ok(false),
+                Ok(Ok(revision)) => Ok(Some(revision)),
+                Ok(Err(e)) if e.kind() == CreateErrorKind::AlreadyExists => Ok(None),
                 Ok(Err(e)) => Err(budget_error(e.into())),
             },
         }
+    }
+}
+
+/// A budget key's value: its [`Stamp`], 16 bytes big-endian (the due time, then the time it was
+/// written).
+fn stamp_value(stamp: Stamp) -> Bytes {
+    let both = (u128::from(stamp.due) << 64) | u128::from(stamp.written_at);
+    Bytes::copy_from_slice(&both.to_be_bytes())
+}
+
+/// A budget key's [`Stamp`]; a value of another form (damaged) reads as due at once.
+fn stamp_of(value: &[u8]) -> Stamp {
+    let both = <[u8; 16]>::try_from(value).map_or(0, u128::from_be_bytes);
+    Stamp {
+        due: (both >> 64) as u64,
+        written_at: both as u64,
     }
 }
 
@@ -930,7 +942,10 @@ mod tests {
     }
 
     /// Case 7 of "Adversarial histories": a host with its clock an hour ahead wrote the team's
-    /// next slot; another host takes its slot at once instead of waiting the hour out.
+    /// next slot (due a period after it wrote, by its clock); another host takes its slot a
+    /// period after it read the entry, not an hour later, and writes the wait after its own
+    /// slot on its own clock. The entry loopsync kept before (a bare due time under the
+    /// budget's name, read by older processes) is neither read nor written.
     #[tokio::test]
     async fn a_slot_written_by_a_clock_an_hour_ahead_stalls_no_one() {
         let Some(ns) = loopsync_testkit::TestNamespace::create("t") else {
@@ -943,24 +958,36 @@ mod tests {
         )
         .await
         .expect("connect");
-        let ahead = unix_nanos() + 3_600_000_000_000;
-        bus.budget
-            .put("team-skew", Bytes::copy_from_slice(&ahead.to_be_bytes()))
-            .await
-            .unwrap();
+        let hour = 3_600_000_000_000u64;
         let period = Duration::from_millis(100);
-        let took = tokio::time::timeout(
+        let step = period.as_nanos() as u64;
+        let written_at = unix_nanos() + hour;
+        let ahead = Stamp {
+            due: written_at + step,
+            written_at,
+        };
+        let key = crate::budget::ledger_key("team-skew");
+        bus.budget.put(&key, stamp_value(ahead)).await.unwrap();
+        let older = Bytes::copy_from_slice(&(unix_nanos() + hour).to_be_bytes());
+        bus.budget.put("team-skew", older.clone()).await.unwrap();
+        let taker = Taker::default();
+        let asked = taker.now();
+        let (first, _) = tokio::time::timeout(
             Duration::from_secs(10),
-            bus.rate_slot("team-skew", period, Duration::ZERO, 1),
+            bus.rate_slot("team-skew", period, Duration::ZERO, 1, &taker),
         )
         .await
         .expect("a slot within seconds, not an hour")
         .unwrap();
-        assert!(took.0 <= unix_nanos(), "the slot is due now");
-        // The next slot is one period after it, as any taker writes.
-        let next = bus.budget.get("team-skew").await.unwrap().unwrap();
-        let next = u64::from_be_bytes(<[u8; 8]>::try_from(&next[..]).unwrap());
-        assert_eq!(next, took.0 + period.as_nanos() as u64);
+        assert!(
+            first >= asked + step && first < asked + step + 1_000_000_000,
+            "due {} ms after it was asked for",
+            (first - asked) / 1_000_000
+        );
+        let next = stamp_of(&bus.budget.get(&key).await.unwrap().unwrap());
+        assert_eq!(next.due, first + step, "one period after the slot");
+        assert!(next.written_at >= asked && next.written_at <= taker.now());
+        assert_eq!(bus.budget.get("team-skew").await.unwrap(), Some(older));
     }
 
     /// A request written to a connection that then drops is never answered: the server that

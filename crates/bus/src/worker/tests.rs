@@ -7,6 +7,7 @@ use loopsync_core::envelope::{Action, ChangeKind, Operation, Outcome, OutcomeSta
 use tokio::sync::Notify;
 
 use super::*;
+use crate::budget::Taker;
 use crate::{Coordination, JetStreamBus, JetStreamOptions, LocalBus, RateBudget};
 
 #[derive(Debug)]
@@ -501,10 +502,10 @@ async fn jetstream_rate_budget_is_shared_between_connections() {
     let mut takers = Vec::new();
     for bus in [a.clone(), b.clone(), a, b] {
         takers.push(tokio::spawn(async move {
-            let mut due = Vec::new();
+            let (mut due, taker) = (Vec::new(), Taker::default());
             for _ in 0..5 {
                 let (first, _) = bus
-                    .rate_slot("team-x", period, Duration::ZERO, 1)
+                    .rate_slot("team-x", period, Duration::ZERO, 1, &taker)
                     .await
                     .unwrap();
                 due.push(first);
@@ -538,9 +539,17 @@ async fn jetstream_rate_budget_hands_out_blocks_that_never_overlap() {
     };
     let period = Duration::from_millis(5);
     let mut blocks = Vec::new();
-    for bus in [&a, &b, &a, &b, &a, &b] {
+    let (one, two) = (Taker::default(), Taker::default());
+    for (bus, taker) in [
+        (&a, &one),
+        (&b, &two),
+        (&a, &one),
+        (&b, &two),
+        (&a, &one),
+        (&b, &two),
+    ] {
         let (first, granted) = bus
-            .rate_slot("team-y", period, Duration::ZERO, 4)
+            .rate_slot("team-y", period, Duration::ZERO, 4, taker)
             .await
             .unwrap();
         assert_eq!(granted, 4);
@@ -571,11 +580,18 @@ async fn jetstream_rate_budget_hands_out_blocks_that_never_overlap() {
 #[tokio::test]
 async fn local_rate_budget_paces() {
     let bus = LocalBus::new(Names::new("t"));
+    let taker = Taker::default();
     let started = tokio::time::Instant::now();
     for _ in 0..5 {
-        bus.rate_slot("team-x", Duration::from_millis(40), Duration::ZERO, 1)
-            .await
-            .unwrap();
+        bus.rate_slot(
+            "team-x",
+            Duration::from_millis(40),
+            Duration::ZERO,
+            1,
+            &taker,
+        )
+        .await
+        .unwrap();
     }
     assert!(started.elapsed() >= Duration::from_millis(160));
 }

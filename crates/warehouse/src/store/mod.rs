@@ -33,8 +33,8 @@ use crate::schema::{Backend, Dialect};
 use crate::source::{Source, model_columns};
 use crate::{
     Acceptance, Adoption, ConfirmedContact, DestinationBinding, DiffRow, Emitted, Erasure,
-    ExtractCounts, KeptRecord, ModelRows, Person, RecordResult, RunSummary, StateReset, StateStore,
-    Unchanged, Warehouse, WarehouseError,
+    ExtractCounts, KeptRecord, ModelRows, Person, RateSlot, RecordResult, RunSummary, StateReset,
+    StateStore, Unchanged, Warehouse, WarehouseError,
 };
 
 /// A statement's parameter, or a value read.
@@ -955,7 +955,7 @@ impl<K: Keeper> StateStore for Store<K> {
             .await
     }
 
-    async fn read_rate_slot(&self, budget: &str) -> Result<Option<(i64, i64)>, WarehouseError> {
+    async fn read_rate_slot(&self, budget: &str) -> Result<Option<RateSlot>, WarehouseError> {
         let budget = budget.to_owned();
         self.keeper
             .auto(
@@ -969,13 +969,16 @@ impl<K: Keeper> StateStore for Store<K> {
         &self,
         budget: &str,
         next: i64,
+        written_at: i64,
         expected: Option<i64>,
-    ) -> Result<bool, WarehouseError> {
+    ) -> Result<Option<i64>, WarehouseError> {
         let budget = budget.to_owned();
         self.keeper
             .auto(
                 "take a rate budget's slots",
-                work(move |x| Box::pin(rules::swap_rate_slot(x, budget, next, expected))),
+                work(move |x| {
+                    Box::pin(rules::swap_rate_slot(x, budget, next, written_at, expected))
+                }),
             )
             .await
     }

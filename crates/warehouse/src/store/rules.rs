@@ -9,8 +9,9 @@ use loopsync_core::tuning::LEASE;
 use super::{Exec, Row, params};
 use crate::{
     Acceptance, Adoption, ConfirmedContact, DestinationBinding, Emitted, ExtractCounts,
-    FORGOTTEN_FP, RecordResult, RunStatus, RunSummary, StateReset, WarehouseError, is_removal,
-    record_requests_sql, requests_of, stored, summary_request_sql, summary_rows_sql, watermark_sql,
+    FORGOTTEN_FP, RateSlot, RecordResult, RunStatus, RunSummary, StateReset, WarehouseError,
+    is_removal, record_requests_sql, requests_of, stored, summary_request_sql, summary_rows_sql,
+    watermark_sql,
 };
 
 /// The statuses of a run still in progress.
@@ -1177,50 +1178,62 @@ fn first<'r>(rows: &'r [Row], what: &str) -> Result<&'r Row, WarehouseError> {
     })
 }
 
-/// A shared rate budget's next due time (Unix nanoseconds) and its revision
-/// ([`crate::StateStore::read_rate_slot`]).
+/// A shared rate budget's entry ([`crate::StateStore::read_rate_slot`]).
 pub(crate) async fn read_rate_slot(
     x: &mut dyn Exec,
     budget: String,
-) -> Result<Option<(i64, i64)>, WarehouseError> {
+) -> Result<Option<RateSlot>, WarehouseError> {
     let rows = x
         .query(
             "read a rate budget",
-            "SELECT next_due, revision FROM loopsync.rate_slots WHERE budget = $1",
+            "SELECT next_due, COALESCE(written_at, 0), revision FROM loopsync.rate_slots
+              WHERE budget = $1",
             params![&budget],
         )
         .await?;
-    rows.first().map(|r| Ok((r.int(0)?, r.int(1)?))).transpose()
+    rows.first()
+        .map(|r| {
+            Ok(RateSlot {
+                next_due: r.int(0)?,
+                written_at: r.int(1)?,
+                revision: r.int(2)?,
+            })
+        })
+        .transpose()
 }
 
-/// Stores a shared rate budget's next due time if its revision is still `expected` (`None`:
-/// if it has none yet): one statement, atomic on both stores (compare-and-set). Whether it
-/// was stored ([`crate::StateStore::swap_rate_slot`]).
+/// Stores a shared rate budget's next due time and its writer's clock if its revision is still
+/// `expected` (`None`: if it has none yet): one statement, atomic on both stores
+/// (compare-and-set). The new revision, or `None` when another process wrote first
+/// ([`crate::StateStore::swap_rate_slot`]).
 pub(crate) async fn swap_rate_slot(
     x: &mut dyn Exec,
     budget: String,
     next: i64,
+    written_at: i64,
     expected: Option<i64>,
-) -> Result<bool, WarehouseError> {
+) -> Result<Option<i64>, WarehouseError> {
     let changed = match expected {
         Some(revision) => {
             x.execute(
                 "take a rate budget's slots",
-                "UPDATE loopsync.rate_slots SET next_due = $2, revision = revision + 1
-                  WHERE budget = $1 AND revision = $3",
-                params![&budget, next, revision],
+                "UPDATE loopsync.rate_slots SET next_due = $2, written_at = $3,
+                        revision = revision + 1
+                  WHERE budget = $1 AND revision = $4",
+                params![&budget, next, written_at, revision],
             )
             .await?
         }
         None => {
             x.execute(
                 "take a rate budget's first slots",
-                "INSERT INTO loopsync.rate_slots (budget, next_due, revision) VALUES ($1, $2, 1)
+                "INSERT INTO loopsync.rate_slots (budget, next_due, written_at, revision)
+                 VALUES ($1, $2, $3, 1)
                  ON CONFLICT (budget) DO NOTHING",
-                params![&budget, next],
+                params![&budget, next, written_at],
             )
             .await?
         }
     };
-    Ok(changed == 1)
+    Ok((changed == 1).then(|| expected.map_or(1, |r| r + 1)))
 }
