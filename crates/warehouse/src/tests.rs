@@ -134,10 +134,11 @@ impl Fixture {
 /// stalls. On PostgreSQL and SQLite.
 async fn a_model_failing_on_a_row_is_the_models_error(f: Fixture, fails: &str) {
     f.warehouse.prepare().await.unwrap();
-    (f.exec)(format!(
+    (f.exec)(
         "CREATE TABLE rowfail (id integer, email text, first_name text, newsletter boolean);
          INSERT INTO rowfail VALUES (1, 'a@example.com', 'A', NULL), (2, 'b@example.com', 'B', NULL);"
-    ))
+            .to_owned(),
+    )
     .await;
     let mut spec = spec("rowfail", "rowfail");
     spec.model = format!(
