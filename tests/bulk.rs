@@ -809,3 +809,72 @@ async fn the_file_to_upload_is_not_loops_export() {
     assert_eq!(run.status, 0, "{}", run.stderr);
     assert_loops_is_the_model(&stack, &stack.contacts().await, &[1, 2, 3, 4]).await;
 }
+
+/// Mirror. `loopsync export` writes the files; before they are uploaded (hours later, for a
+/// large audience) row 3 leaves the model. The upload still creates its contact — a write of
+/// the sync's, which no state knows of: export notes nothing. `adopt --from-loops-export`
+/// adopts rows 1 and 2, and neither it nor the next run (exit 0) ever takes row 3's contact
+/// out: under mirror Loops keeps a contact the sync wrote and no row has. (Likewise a row whose
+/// email changes between export and upload leaves its first address behind.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "hole: a contact uploaded from export's file for a row that left before the upload is never removed under mirror"]
+async fn a_row_that_leaves_between_export_and_upload_is_removed() {
+    let Some(stack) = Stack::start(StackOptions {
+        rows: 3,
+        behavior: "mirror",
+        extra_sync: "max_removal_share = 1.0",
+        ..StackOptions::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let (_, out) = loopsync(&stack, &["check", "--create-properties"]).await;
+    assert!(!out.is_empty());
+    let out_dir = stack.dir.join("upload");
+    let (status, printed) = loopsync(
+        &stack,
+        &[
+            "export",
+            "--sync",
+            "users",
+            "--out",
+            out_dir.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(status, 0, "{printed}");
+    stack.sql("DELETE FROM users WHERE id = 3").await;
+    for entry in std::fs::read_dir(&out_dir).unwrap() {
+        let path = entry.unwrap().path();
+        let lists = if path.to_string_lossy().contains("lists-cm_news") {
+            "cm_news"
+        } else {
+            ""
+        };
+        let report = upload(&stack, &path, lists).await;
+        assert_eq!(report["failed"], 0, "{report}");
+    }
+    assert!(stack.contacts().await.contains_key("user3@example.com"));
+    let audience = download(&stack, "audience.csv").await;
+    let (status, adopted) = loopsync(
+        &stack,
+        &[
+            "adopt",
+            "--sync",
+            "users",
+            "--from-loops-export",
+            audience.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(status, 0, "{adopted}");
+    let run = stack.run_once(&[]).await;
+    assert_eq!(run.status, 0, "{}", run.stderr);
+    let contacts = stack.contacts().await;
+    assert_loops_is_the_model(&stack, &contacts, &[1, 2]).await;
+    assert!(
+        !contacts.contains_key("user3@example.com"),
+        "mirror: row 3 left, its uploaded contact must go: {contacts:#?}"
+    );
+}
