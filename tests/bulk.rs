@@ -280,3 +280,601 @@ async fn a_first_sync_through_the_csv_upload() {
         "only the repaired record"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Holes found by attacking the bulk lane (each test fails on the code it was written against;
+// ignored so that the suite stays green until the hole is closed).
+// ---------------------------------------------------------------------------------------------
+
+/// `POST /_sim/import` of `file` to the simulator at `root`, with the lists ticked for it.
+async fn upload_to(root: &str, file: &std::path::Path, lists: &str) -> Value {
+    let body = std::fs::read(file).expect("read a file to upload");
+    http_client()
+        .post(format!(
+            "{root}/_sim/import?lists={lists}&trigger_loops=false"
+        ))
+        .body(body)
+        .send()
+        .await
+        .expect("an upload")
+        .json()
+        .await
+        .expect("the upload's report")
+}
+
+/// `GET /_sim/export` of the simulator at `root`, saved in the stack's folder.
+async fn download_from(stack: &Stack, root: &str, name: &str) -> std::path::PathBuf {
+    let csv = http_client()
+        .get(format!("{root}/_sim/export"))
+        .send()
+        .await
+        .expect("an export")
+        .bytes()
+        .await
+        .expect("the export's body");
+    let path = stack.dir.join(name);
+    std::fs::write(&path, csv).expect("write the export");
+    path
+}
+
+/// A second simulated Loops: another team, with the stack's mailing list and the sync's custom
+/// properties (an upload names them as columns).
+async fn another_team() -> loopsync_testkit::SimProcess {
+    let sim = loopsync_testkit::SimProcess::start(&[
+        "--rate-limit",
+        "100",
+        "--list",
+        "cm_news=Newsletter",
+    ]);
+    let mut settings = sim.inspect("settings").await;
+    settings["team_name"] = json!("Other Team");
+    sim.post("settings", settings).await;
+    for (name, kind) in [
+        ("planName", "string"),
+        ("seats", "number"),
+        ("signedUpAt", "date"),
+    ] {
+        let answer: Value = http_client()
+            .post(format!("{}/v1/contacts/properties", sim.api()))
+            .bearer_auth("test-key")
+            .json(&json!({"name": name, "type": kind}))
+            .send()
+            .await
+            .expect("create a property")
+            .json()
+            .await
+            .expect("its answer");
+        assert_eq!(answer["success"], true, "{answer}");
+    }
+    sim
+}
+
+/// Rewrites the config's `base_url` from one API root to another.
+fn point_at(stack: &Stack, from: &str, to: &str) {
+    let text = std::fs::read_to_string(&stack.config).expect("read the config");
+    let (from, to) = (
+        format!("base_url = \"{from}\""),
+        format!("base_url = \"{to}\""),
+    );
+    assert!(text.contains(&from), "{from} in:\n{text}");
+    std::fs::write(&stack.config, text.replace(&from, &to)).expect("write the config");
+}
+
+/// `loopsync export` of sync `users` into `name`, each file uploaded to `root` with its lists.
+async fn export_and_upload(stack: &Stack, root: &str, name: &str) {
+    let out_dir = stack.dir.join(name);
+    let (status, printed) = loopsync(
+        stack,
+        &[
+            "export",
+            "--sync",
+            "users",
+            "--out",
+            out_dir.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(status, 0, "{printed}");
+    for entry in std::fs::read_dir(&out_dir).unwrap() {
+        let path = entry.unwrap().path();
+        let lists = if path.to_string_lossy().contains("lists-cm_news") {
+            "cm_news"
+        } else {
+            ""
+        };
+        let report = upload_to(root, &path, lists).await;
+        assert_eq!(report["failed"], 0, "{report}");
+    }
+}
+
+/// Every row of `users` as the sync writes it, compared with the contacts of `sim`: the
+/// invariant after a clean run (email, first name, plan, list).
+async fn assert_loops_is_the_model(
+    stack: &Stack,
+    contacts: &std::collections::BTreeMap<String, Value>,
+    ids: &[i64],
+) {
+    for id in ids {
+        let email = stack
+            .text(&format!("SELECT email FROM users WHERE id = {id}"))
+            .await;
+        let plan = stack
+            .text(&format!("SELECT plan FROM users WHERE id = {id}"))
+            .await;
+        let newsletter = stack
+            .text(&format!(
+                "SELECT CASE WHEN newsletter THEN 'true' ELSE 'false' END FROM users WHERE id = {id}"
+            ))
+            .await;
+        let Some(contact) = contacts.get(&email) else {
+            panic!("row {id}: Loops has no contact {email}: {contacts:#?}");
+        };
+        assert_eq!(contact["planName"], json!(plan), "row {id}: {contact}");
+        let on_list = contact["mailingLists"]["cm_news"] == json!(true);
+        assert_eq!(
+            on_list.to_string(),
+            newsletter,
+            "row {id}: the list: {contact}"
+        );
+    }
+}
+
+/// A sync bound to team A is moved to team B, which holds only some of its contacts (an
+/// upload that missed two). The refusal names `adopt` as the way forward; with B's audience
+/// export, `adopt --from-loops-export` "adopts only records whose contact in the file is what
+/// the sync would write" — but a row unchanged since A confirmed it is never compared with the
+/// file: every record stays confirmed, the state is rebound to B, and the next run (exit 0)
+/// sends nothing. B lacks two contacts, and the three it has lack their properties.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "hole: adopt --from-loops-export rebinds to another Loops without comparing unchanged records with the file"]
+async fn adopting_another_teams_export_checks_the_records_already_confirmed() {
+    let Some(stack) = Stack::start(StackOptions {
+        rows: 5,
+        ..StackOptions::default()
+    })
+    .await
+    else {
+        return;
+    };
+    assert_eq!(stack.run_once(&[]).await.status, 0);
+    let b = another_team().await;
+    // B holds users 1 to 3 by email and first name only (an upload of an older list).
+    let partial = stack.dir.join("partial.csv");
+    std::fs::write(
+        &partial,
+        "Email,First Name\nuser1@example.com,First1\nuser2@example.com,First2\n\
+         user3@example.com,First3\n",
+    )
+    .unwrap();
+    let report = upload_to(&b.root, &partial, "").await;
+    assert_eq!(report["new"], 3, "{report}");
+    point_at(&stack, &stack.sim.api(), &b.api());
+    let refused = stack.run_once(&[]).await;
+    assert_eq!(refused.status, 2, "another Loops: {}", refused.stderr);
+
+    let audience = download_from(&stack, &b.root, "b-audience.csv").await;
+    let (status, adopted) = loopsync(
+        &stack,
+        &[
+            "adopt",
+            "--sync",
+            "users",
+            "--from-loops-export",
+            audience.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(status, 0, "{adopted}");
+    let run = stack.run_once(&[]).await;
+    assert_eq!(run.status, 0, "{}", run.stderr);
+    let contacts = b.contacts().await;
+    assert_loops_is_the_model(&stack, &contacts, &[1, 2, 3, 4, 5]).await;
+}
+
+/// The state is bound to team A. Two new rows go through the bulk lane, but the files are
+/// uploaded to team B (the wrong team picked in Loops' app). B's audience export holds them
+/// exactly as the sync would write them, so `adopt --from-loops-export` adopts both as
+/// confirmed in A — nothing ties the file to the Loops the state is bound to — and the next
+/// run (exit 0) sends A nothing. A never gets the two contacts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "hole: adopt --from-loops-export takes another team's export as the bound Loops' confirmation"]
+async fn an_export_of_another_team_is_not_a_confirmation_of_this_one() {
+    let Some(stack) = Stack::start(StackOptions {
+        rows: 3,
+        ..StackOptions::default()
+    })
+    .await
+    else {
+        return;
+    };
+    assert_eq!(stack.run_once(&[]).await.status, 0, "bound to A");
+    stack
+        .sql(
+            "INSERT INTO users VALUES
+               (4, 'user4@example.com', 'First4', 'pro', 4, now(), true),
+               (5, 'user5@example.com', 'First5', 'team', 5, now(), false)",
+        )
+        .await;
+    let b = another_team().await;
+    export_and_upload(&stack, &b.root, "to-b").await;
+    assert_eq!(b.contacts().await.len(), 2);
+    let audience = download_from(&stack, &b.root, "b-audience.csv").await;
+    let (status, adopted) = loopsync(
+        &stack,
+        &[
+            "adopt",
+            "--sync",
+            "users",
+            "--from-loops-export",
+            audience.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(status, 0, "{adopted}");
+    let run = stack.run_once(&[]).await;
+    assert_eq!(run.status, 0, "{}", run.stderr);
+    assert_loops_is_the_model(&stack, &stack.contacts().await, &[1, 2, 3, 4, 5]).await;
+}
+
+/// A first sync through the bulk lane; its audience export is kept. Then the API lane moves on:
+/// row 1's plan changes and is sent (Loops: gold), row 2 leaves the model and its contact is
+/// deleted (mirror). Row 1 goes back to its first plan and row 2 returns. Adopting again from
+/// the old export (the file of the first sync, still at hand) adopts both — the old file holds
+/// them as the sync would write them — although Loops confirmed something newer since: the
+/// next run (exit 0) sends nothing, Loops keeps gold for row 1 and has no contact for row 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "hole: adopt --from-loops-export takes an old export over newer confirmations of the API lane"]
+async fn an_old_export_does_not_overrule_what_loops_confirmed_since() {
+    let Some(stack) = Stack::start(StackOptions {
+        rows: 3,
+        behavior: "mirror",
+        extra_sync: "max_removal_share = 1.0",
+        ..StackOptions::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let (_, out) = loopsync(&stack, &["check", "--create-properties"]).await;
+    assert!(!out.is_empty());
+    export_and_upload(&stack, &stack.sim.root, "first").await;
+    let first = download(&stack, "first-audience.csv").await;
+    let adopt = |file: std::path::PathBuf| {
+        let stack = &stack;
+        async move {
+            let (status, adopted) = loopsync(
+                stack,
+                &[
+                    "adopt",
+                    "--sync",
+                    "users",
+                    "--from-loops-export",
+                    file.to_str().unwrap(),
+                ],
+            )
+            .await;
+            assert_eq!(status, 0, "{adopted}");
+            adopted
+        }
+    };
+    let adopted = adopt(first.clone()).await;
+    assert!(adopted.contains("adopted 3 records"), "{adopted}");
+
+    stack
+        .sql(
+            "UPDATE users SET plan = 'gold' WHERE id = 1;
+             CREATE TABLE users_kept AS SELECT * FROM users WHERE id = 2;
+             DELETE FROM users WHERE id = 2;",
+        )
+        .await;
+    let (run, seen) = stack.run_seen(&[]).await;
+    assert_eq!(run.status, 0, "{}", run.stderr);
+    assert_eq!(
+        (
+            seen.to("PUT /v1/contacts/update"),
+            seen.to("POST /v1/contacts/delete")
+        ),
+        (1, 1),
+        "{seen:?}"
+    );
+    assert_eq!(
+        stack.contacts().await["user1@example.com"]["planName"],
+        "gold"
+    );
+
+    stack
+        .sql(
+            "UPDATE users SET plan = 'pro' WHERE id = 1;
+             INSERT INTO users SELECT * FROM users_kept;",
+        )
+        .await;
+    adopt(first).await;
+    let run = stack.run_once(&[]).await;
+    assert_eq!(run.status, 0, "{}", run.stderr);
+    assert_loops_is_the_model(&stack, &stack.contacts().await, &[1, 2, 3]).await;
+}
+
+/// Loops' export may name a contact's lists by name rather than id (docs/loops-api.md §10.1,
+/// open question 4, which says that would only be slower: "never wrong"). Row 1's newsletter
+/// is false, but its contact was on the list before the upload (an upload only adds lists).
+/// Read by name, the list cell holds no id the sync maps, so the contact reads as off the list
+/// and row 1 is adopted: the next run (exit 0) leaves the contact on the list the model says
+/// it is not on. The same happens with an export that has no lists column at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "hole: a lists column adopt cannot read (names, or none) passes every list the sync sets to false"]
+async fn lists_named_otherwise_in_the_export_are_not_taken_as_off() {
+    let Some(stack) = Stack::start(StackOptions {
+        rows: 3,
+        ..StackOptions::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let (_, out) = loopsync(&stack, &["check", "--create-properties"]).await;
+    assert!(!out.is_empty());
+    put(
+        &stack,
+        json!({"email": "user1@example.com", "mailingLists": {"cm_news": true}}),
+    )
+    .await;
+    export_and_upload(&stack, &stack.sim.root, "upload").await;
+    assert_eq!(
+        stack.contacts().await["user1@example.com"]["mailingLists"],
+        json!({"cm_news": true}),
+        "an upload never takes a list away"
+    );
+    let audience = download(&stack, "audience.csv").await;
+    let by_name = std::fs::read_to_string(&audience)
+        .unwrap()
+        .replace("cm_news", "Newsletter");
+    std::fs::write(&audience, by_name).unwrap();
+    let (status, adopted) = loopsync(
+        &stack,
+        &[
+            "adopt",
+            "--sync",
+            "users",
+            "--from-loops-export",
+            audience.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(status, 0, "{adopted}");
+    let run = stack.run_once(&[]).await;
+    assert_eq!(run.status, 0, "{}", run.stderr);
+    assert_loops_is_the_model(&stack, &stack.contacts().await, &[1, 2, 3]).await;
+}
+
+/// Mirror. Row 1's email changes and its re-key's answers are all lost (Loops applied the write
+/// of the new address; the old contact's delete was never sent). Then the row goes back to the
+/// email Loops confirmed. The API lane would write it and take out the contact the lost re-key
+/// made (`also_remove`). Through the bulk lane the write is uploaded and, being in the export
+/// as the sync writes it, adopted — and the contact the lost re-key left is forgotten with the
+/// doubt: the next run (exit 0) sends nothing, and Loops keeps a contact no row has (the export
+/// itself shows it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "hole: adopt --from-loops-export drops the identities a lost write may have left (also_remove)"]
+async fn adopting_from_the_export_keeps_taking_out_what_a_lost_write_left() {
+    let Some(stack) = Stack::start(StackOptions {
+        rows: 3,
+        behavior: "mirror",
+        max_attempts: 2,
+        extra_sync: "max_removal_share = 1.0",
+        ..StackOptions::default()
+    })
+    .await
+    else {
+        return;
+    };
+    assert_eq!(stack.run_once(&[]).await.status, 0);
+    stack
+        .sql("UPDATE users SET email = 'moved1@example.com' WHERE id = 1")
+        .await;
+    stack
+        .sim_post(
+            "faults",
+            json!({"error_503": 1.0, "after_effect": 1.0,
+                   "endpoints": ["PUT /v1/contacts/update"]}),
+        )
+        .await;
+    let lost = stack.run_once(&[]).await;
+    assert_eq!(lost.status, 3, "the re-key's answers lost: {}", lost.stderr);
+    assert!(stack.contacts().await.contains_key("moved1@example.com"));
+    stack.sim_post("faults", json!({})).await;
+    stack
+        .sql("UPDATE users SET email = 'user1@example.com' WHERE id = 1")
+        .await;
+
+    export_and_upload(&stack, &stack.sim.root, "upload").await;
+    let audience = download(&stack, "audience.csv").await;
+    let (status, adopted) = loopsync(
+        &stack,
+        &[
+            "adopt",
+            "--sync",
+            "users",
+            "--from-loops-export",
+            audience.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(status, 0, "{adopted}");
+    let run = stack.run_once(&[]).await;
+    assert_eq!(run.status, 0, "{}", run.stderr);
+    let contacts = stack.contacts().await;
+    assert_loops_is_the_model(&stack, &contacts, &[1, 2, 3]).await;
+    assert!(
+        !contacts.contains_key("moved1@example.com"),
+        "mirror: no contact the sync wrote and no row has: {contacts:#?}"
+    );
+}
+
+/// An export with one email on two rows (in two spellings: a file joined from two exports, or
+/// a Loops that matched emails by case) names two contacts for one record. Which one the sync
+/// writes is unknown, so neither is proof: `adopt --from-loops-export` takes the last row,
+/// and adopts row 1 although the contact the run writes holds other values. The next run
+/// (exit 0) sends nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "hole: an email on two rows of the export: adopt takes the last row as the contact"]
+async fn an_email_on_two_rows_of_the_export_proves_nothing() {
+    let Some(stack) = Stack::start(StackOptions {
+        rows: 3,
+        ..StackOptions::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let (_, out) = loopsync(&stack, &["check", "--create-properties"]).await;
+    assert!(!out.is_empty());
+    export_and_upload(&stack, &stack.sim.root, "upload").await;
+    // Someone edits row 1's contact in Loops after the upload.
+    put(
+        &stack,
+        json!({"email": "user1@example.com", "planName": "edited"}),
+    )
+    .await;
+    let audience = download(&stack, "audience.csv").await;
+    let text = std::fs::read_to_string(&audience).unwrap();
+    // The line of row 1 as uploaded (its plan as the sync writes it), in capitals, appended: the
+    // file names row 1's email twice, once edited, once not.
+    let line = text
+        .lines()
+        .find(|l| l.contains("user1@example.com"))
+        .unwrap()
+        .replace("edited", "pro")
+        .replace("user1@example.com", "USER1@example.com");
+    std::fs::write(&audience, format!("{text}{line}\n")).unwrap();
+    let (status, adopted) = loopsync(
+        &stack,
+        &[
+            "adopt",
+            "--sync",
+            "users",
+            "--from-loops-export",
+            audience.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(status, 0, "{adopted}");
+    let run = stack.run_once(&[]).await;
+    assert_eq!(run.status, 0, "{}", run.stderr);
+    assert_loops_is_the_model(&stack, &stack.contacts().await, &[1, 2, 3]).await;
+}
+
+/// The operator passes `adopt --from-loops-export` the file `loopsync export` wrote (the one to
+/// upload) instead of Loops' audience export, before any upload. It holds each record exactly
+/// as the sync writes it, and has no lists column, so every record that joins no list is
+/// adopted: nothing tells a file of Loops' from our own. The next run (exit 0) sends them
+/// nothing, and Loops never gets them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "hole: adopt --from-loops-export takes any CSV (even export's own upload file) as Loops' confirmation"]
+async fn the_file_to_upload_is_not_loops_export() {
+    let Some(stack) = Stack::start(StackOptions {
+        rows: 4,
+        ..StackOptions::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let out_dir = stack.dir.join("upload");
+    let (status, printed) = loopsync(
+        &stack,
+        &[
+            "export",
+            "--sync",
+            "users",
+            "--out",
+            out_dir.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(status, 0, "{printed}");
+    let ours = out_dir.join("users.no-lists.csv");
+    let (status, adopted) = loopsync(
+        &stack,
+        &[
+            "adopt",
+            "--sync",
+            "users",
+            "--from-loops-export",
+            ours.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(status, 0, "{adopted}");
+    let run = stack.run_once(&[]).await;
+    assert_eq!(run.status, 0, "{}", run.stderr);
+    assert_loops_is_the_model(&stack, &stack.contacts().await, &[1, 2, 3, 4]).await;
+}
+
+/// Mirror. `loopsync export` writes the files; before they are uploaded (hours later, for a
+/// large audience) row 3 leaves the model. The upload still creates its contact — a write of
+/// the sync's, which no state knows of: export notes nothing. `adopt --from-loops-export`
+/// adopts rows 1 and 2, and neither it nor the next run (exit 0) ever takes row 3's contact
+/// out: under mirror Loops keeps a contact the sync wrote and no row has. (Likewise a row whose
+/// email changes between export and upload leaves its first address behind.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "hole: a contact uploaded from export's file for a row that left before the upload is never removed under mirror"]
+async fn a_row_that_leaves_between_export_and_upload_is_removed() {
+    let Some(stack) = Stack::start(StackOptions {
+        rows: 3,
+        behavior: "mirror",
+        extra_sync: "max_removal_share = 1.0",
+        ..StackOptions::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let (_, out) = loopsync(&stack, &["check", "--create-properties"]).await;
+    assert!(!out.is_empty());
+    let out_dir = stack.dir.join("upload");
+    let (status, printed) = loopsync(
+        &stack,
+        &[
+            "export",
+            "--sync",
+            "users",
+            "--out",
+            out_dir.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(status, 0, "{printed}");
+    stack.sql("DELETE FROM users WHERE id = 3").await;
+    for entry in std::fs::read_dir(&out_dir).unwrap() {
+        let path = entry.unwrap().path();
+        let lists = if path.to_string_lossy().contains("lists-cm_news") {
+            "cm_news"
+        } else {
+            ""
+        };
+        let report = upload(&stack, &path, lists).await;
+        assert_eq!(report["failed"], 0, "{report}");
+    }
+    assert!(stack.contacts().await.contains_key("user3@example.com"));
+    let audience = download(&stack, "audience.csv").await;
+    let (status, adopted) = loopsync(
+        &stack,
+        &[
+            "adopt",
+            "--sync",
+            "users",
+            "--from-loops-export",
+            audience.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(status, 0, "{adopted}");
+    let run = stack.run_once(&[]).await;
+    assert_eq!(run.status, 0, "{}", run.stderr);
+    let contacts = stack.contacts().await;
+    assert_loops_is_the_model(&stack, &contacts, &[1, 2]).await;
+    assert!(
+        !contacts.contains_key("user3@example.com"),
+        "mirror: row 3 left, its uploaded contact must go: {contacts:#?}"
+    );
+}

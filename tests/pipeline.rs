@@ -310,6 +310,121 @@ async fn accepting_a_record_loops_still_holds_needs_keep_stale() {
     assert_eq!(quiet.status, 0, "both accepted: {}", quiet.stderr);
 }
 
+/// An acceptance is for a record Loops does not hold (without `--keep-stale`). Row 2 has no
+/// email: accepted. Its email is set, someone writes its contact to Loops, and `adopt` records
+/// it as confirmed there — an adoption is a confirmation, but it writes no outcome, so the
+/// acceptance stays. The email goes again: Loops holds the contact with the adopted values for
+/// as long as the row stays invalid, the very case `rejections accept` refuses without
+/// `--keep-stale` — yet the run succeeds (exit 0) on the old acceptance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "hole: adopt confirms a record without ending its acceptance, which then covers a contact Loops holds"]
+async fn an_acceptance_ends_when_adopt_confirms_the_record() {
+    let Some(stack) = Stack::start(StackOptions {
+        rows: 3,
+        ..StackOptions::default()
+    })
+    .await
+    else {
+        return;
+    };
+    stack
+        .sql("UPDATE users SET email = NULL WHERE id = 2")
+        .await;
+    assert_eq!(stack.run_once(&[]).await.status, 3, "row 2 invalid");
+    let accepted = stack.output(&["rejections", "accept", "--key", "2"]).await;
+    assert_eq!(
+        accepted.status.code(),
+        Some(0),
+        "never in Loops: {}",
+        String::from_utf8_lossy(&accepted.stderr)
+    );
+
+    stack
+        .sql("UPDATE users SET email = 'user2@example.com' WHERE id = 2")
+        .await;
+    let answer = stack
+        .loops(
+            reqwest::Method::PUT,
+            "/v1/contacts/update",
+            serde_json::json!({"email": "user2@example.com", "firstName": "First2",
+                               "planName": "team", "seats": 2,
+                               "signedUpAt": "2024-01-01T02:00:00.000Z",
+                               "mailingLists": {"cm_news": true}}),
+        )
+        .await;
+    assert_eq!(answer["success"], true, "{answer}");
+    let adopted = stack.output(&["adopt"]).await;
+    assert!(
+        adopted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&adopted.stderr)
+    );
+    assert_eq!(
+        stack
+            .count(
+                "SELECT count(*) FROM loopsync.state
+                  WHERE sync = 'users' AND key = '2' AND confirmed_fp IS NOT NULL"
+            )
+            .await,
+        1,
+        "adopted: Loops holds row 2's contact"
+    );
+
+    stack
+        .sql("UPDATE users SET email = NULL WHERE id = 2")
+        .await;
+    let run = stack.run_once(&[]).await;
+    assert!(stack.contacts().await.contains_key("user2@example.com"));
+    assert_eq!(
+        run.status, 3,
+        "row 2 invalid while Loops holds its contact, never accepted as such: {}",
+        run.stderr
+    );
+}
+
+/// Row 3's create reached Loops but its answers were lost (dead-lettered): the state confirms
+/// nothing, yet Loops holds the contact. Its email then goes: `rejections accept` looks only
+/// at what the state confirmed, accepts it without `--keep-stale`, and the next runs succeed
+/// (exit 0) while Loops keeps a contact made from the row's earlier values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "hole: rejections accept counts only confirmed contacts as in Loops, not one a lost write may have made"]
+async fn accepting_a_record_whose_lost_write_loops_may_hold_needs_keep_stale() {
+    let Some(stack) = Stack::start(StackOptions {
+        rows: 3,
+        max_attempts: 2,
+        ..StackOptions::default()
+    })
+    .await
+    else {
+        return;
+    };
+    stack
+        .sim_post(
+            "faults",
+            serde_json::json!({"error_503": 1.0, "after_effect": 1.0,
+                               "endpoints": ["PUT /v1/contacts/update"]}),
+        )
+        .await;
+    assert_eq!(stack.run_once(&[]).await.status, 3, "every answer lost");
+    stack.sim_post("faults", serde_json::json!({})).await;
+    assert!(stack.contacts().await.contains_key("user3@example.com"));
+    stack
+        .sql("UPDATE users SET email = NULL WHERE id = 3")
+        .await;
+    assert_eq!(stack.run_once(&[]).await.status, 3, "row 3 invalid");
+
+    let out = stack
+        .output(&["rejections", "accept", "--key", "3", "--json"])
+        .await;
+    let said: Value = loopsync_testkit::json_data(&out.stdout).unwrap_or(Value::Null);
+    assert_eq!(
+        (out.status.code(), &said["in_loops"]),
+        (Some(1), &serde_json::json!([{"sync": "users", "key": "3"}])),
+        "{said} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Invalid records are kept with their reason; the run is degraded (exit 3); the valid ones go.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_records_degrade_the_run() {
