@@ -523,7 +523,6 @@ async fn an_export_of_another_team_is_not_a_confirmation_of_this_one() {
 /// them as the sync would write them — although Loops confirmed something newer since: the
 /// next run (exit 0) sends nothing, Loops keeps gold for row 1 and has no contact for row 2.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "hole: adopt --from-loops-export takes an old export over newer confirmations of the API lane"]
 async fn an_old_export_does_not_overrule_what_loops_confirmed_since() {
     let Some(stack) = Stack::start(StackOptions {
         rows: 3,

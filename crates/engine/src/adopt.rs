@@ -10,21 +10,22 @@
 //! run would have confirmed.
 //!
 //! With Loops' audience export (`--from-loops-export`, after a CSV upload), only the records
-//! whose contact in the file is exactly what the run would write are adopted (`verify`'s
-//! comparison, [`View::holds`]); the others stay for the API lane, counted by reason.
+//! the state has never held whose contact in the file is exactly what the run would write are
+//! adopted (`verify`'s comparison, [`View::holds`]); the others stay for the API lane, counted
+//! by reason.
 
 use std::sync::Arc;
 
 use futures::StreamExt;
 use loopsync_config::Config;
 use loopsync_core::destination::Destination;
-use loopsync_core::envelope::{ChangeKind, RequestCounts};
+use loopsync_core::envelope::{ChangeKind, Operation, RequestCounts};
 use loopsync_core::spec::SyncSpec;
 use loopsync_extractor::decide::unchanged_note;
 use loopsync_extractor::{Decided, Decider, Decision, Window};
 use loopsync_transformer::transform;
 use loopsync_warehouse::{
-    Adoption, DestinationBinding, ExtractCounts, RunSummary, Unchanged, Warehouse, WarehouseError,
+    Adoption, DestinationBinding, DiffRow, ExtractCounts, RunSummary, Unchanged, Warehouse, WarehouseError,
 };
 
 use crate::bulk::audience::{LoopsExport, View};
@@ -184,7 +185,8 @@ pub async fn adopt(
                 Decision::Change(change) if change.kind != ChangeKind::Removed => {
                     match transform(spec, &change) {
                         Ok(op) => {
-                            if let Some(Err(why)) = against.map(|file| file.holds(&op.action)) {
+                            if let Some(Err(why)) = against.map(|file| file_proves(file, &row, &op))
+                            {
                                 *not_adopted.entry(why).or_insert(0) += 1;
                                 continue;
                             }
@@ -240,6 +242,19 @@ pub async fn adopt(
         earlier,
         summary,
     })
+}
+
+/// Whether Loops' audience export proves that Loops holds `op`, the write of `row`: only for
+/// a record the state has never held (no change of it ever confirmed, no send of it in doubt,
+/// nothing confirmed), whose contact in the file is that write ([`View::holds`]). A file says
+/// nothing of when it was taken: a record the API lane wrote (or removed) since may hold
+/// something newer in Loops than the file shows, so it stays the API lane's. `Err`: why not,
+/// in a few words (the reasons the report counts by).
+fn file_proves(file: &View<'_>, row: &DiffRow, op: &Operation) -> Result<(), &'static str> {
+    if row.generation != 0 || row.unsure || row.confirmed_fp.is_some() {
+        return Err("held by the state before: the API lane's");
+    }
+    file.holds(&op.action)
 }
 
 #[cfg(test)]
