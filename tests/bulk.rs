@@ -52,6 +52,13 @@ async fn loopsync(stack: &Stack, args: &[&str]) -> (i32, String) {
     (status, stdout)
 }
 
+/// `loopsync ARGS…` that must be refused as bad usage: exit 2, and what it said on stderr.
+async fn loopsync_refused(stack: &Stack, args: &[&str]) -> (i32, String) {
+    let output = stack.output(args).await;
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    (output.status.code().unwrap_or(-1), stderr)
+}
+
 async fn put(stack: &Stack, body: Value) {
     let answer = stack
         .loops(reqwest::Method::PUT, "/v1/contacts/update", body)
@@ -473,11 +480,11 @@ async fn adopting_another_teams_export_checks_the_records_already_confirmed() {
 
 /// The state is bound to team A. Two new rows go through the bulk lane, but the files are
 /// uploaded to team B (the wrong team picked in Loops' app). B's audience export holds them
-/// exactly as the sync would write them, so `adopt --from-loops-export` adopts both as
-/// confirmed in A — nothing ties the file to the Loops the state is bound to — and the next
-/// run (exit 0) sends A nothing. A never gets the two contacts.
+/// exactly as the sync would write them; `adopt --from-loops-export` adopted both as
+/// confirmed in A (nothing tied the file to the Loops the state is bound to), and A never got
+/// the two contacts. Read back from A, the records the file would adopt are missing there:
+/// the file is refused (exit 2) and the next run sends them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "hole: adopt --from-loops-export takes another team's export as the bound Loops' confirmation"]
 async fn an_export_of_another_team_is_not_a_confirmation_of_this_one() {
     let Some(stack) = Stack::start(StackOptions {
         rows: 3,
@@ -499,7 +506,7 @@ async fn an_export_of_another_team_is_not_a_confirmation_of_this_one() {
     export_and_upload(&stack, &b.root, "to-b").await;
     assert_eq!(b.contacts().await.len(), 2);
     let audience = download_from(&stack, &b.root, "b-audience.csv").await;
-    let (status, adopted) = loopsync(
+    let (status, refused) = loopsync_refused(
         &stack,
         &[
             "adopt",
@@ -510,7 +517,11 @@ async fn an_export_of_another_team_is_not_a_confirmation_of_this_one() {
         ],
     )
     .await;
-    assert_eq!(status, 0, "{adopted}");
+    assert_eq!(status, 2, "read back from A, the file is refused: {refused}");
+    assert!(
+        refused.contains("does not match the Loops the sync is bound to"),
+        "{refused}"
+    );
     let run = stack.run_once(&[]).await;
     assert_eq!(run.status, 0, "{}", run.stderr);
     assert_loops_is_the_model(&stack, &stack.contacts().await, &[1, 2, 3, 4, 5]).await;
@@ -764,11 +775,10 @@ async fn an_email_on_two_rows_of_the_export_proves_nothing() {
 
 /// The operator passes `adopt --from-loops-export` the file `loopsync export` wrote (the one to
 /// upload) instead of Loops' audience export, before any upload. It holds each record exactly
-/// as the sync writes it, and has no lists column, so every record that joins no list is
-/// adopted: nothing tells a file of Loops' from our own. The next run (exit 0) sends them
-/// nothing, and Loops never gets them.
+/// as the sync writes it, and has no lists column, so every record that joins no list was
+/// adopted and Loops never got them. Without a lists column the file is refused (exit 2),
+/// and the next run sends every record.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "hole: adopt --from-loops-export takes any CSV (even export's own upload file) as Loops' confirmation"]
 async fn the_file_to_upload_is_not_loops_export() {
     let Some(stack) = Stack::start(StackOptions {
         rows: 4,
@@ -792,7 +802,7 @@ async fn the_file_to_upload_is_not_loops_export() {
     .await;
     assert_eq!(status, 0, "{printed}");
     let ours = out_dir.join("users.no-lists.csv");
-    let (status, adopted) = loopsync(
+    let (status, refused) = loopsync_refused(
         &stack,
         &[
             "adopt",
@@ -803,7 +813,8 @@ async fn the_file_to_upload_is_not_loops_export() {
         ],
     )
     .await;
-    assert_eq!(status, 0, "{adopted}");
+    assert_eq!(status, 2, "not Loops' export: refused: {refused}");
+    assert!(refused.contains("no Mailing Lists column"), "{refused}");
     let run = stack.run_once(&[]).await;
     assert_eq!(run.status, 0, "{}", run.stderr);
     assert_loops_is_the_model(&stack, &stack.contacts().await, &[1, 2, 3, 4]).await;

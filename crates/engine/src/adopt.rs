@@ -24,6 +24,9 @@ use loopsync_core::spec::SyncSpec;
 use loopsync_extractor::decide::unchanged_note;
 use loopsync_extractor::{Decided, Decider, Decision, Window};
 use loopsync_transformer::transform;
+use loopsync_transformer::verify::{Confirmed, Lookup, compare};
+use loopsync_bus::RateBudget;
+use loopsync_loops_client::{ContactIdentity, LoopsClient};
 use loopsync_warehouse::{
     Adoption, DestinationBinding, DiffRow, ExtractCounts, RunSummary, Unchanged, Warehouse, WarehouseError,
 };
@@ -31,6 +34,7 @@ use loopsync_warehouse::{
 use crate::bulk::audience::{LoopsExport, View};
 use crate::bulk::{BulkError, check_for_files};
 use crate::pipeline::loops_client;
+use crate::retry::with_retries;
 use crate::{EngineError, destination};
 
 /// Why `adopt_all` failed.
@@ -114,7 +118,18 @@ pub async fn adopt_all(
         let view = match from_file {
             Some(file) => {
                 check_for_files(spec)?;
-                Some(file.view(spec)?)
+                let view = file.view(spec)?;
+                check_sample(
+                    warehouse,
+                    spec,
+                    &view,
+                    &client,
+                    &budget,
+                    config.loops.max_attempts,
+                    &mut preflight,
+                )
+                .await?;
+                Some(view)
             }
             None => None,
         };
@@ -242,6 +257,94 @@ pub async fn adopt(
         earlier,
         summary,
     })
+}
+
+/// Records of a file read back from the configured Loops before the first adoption.
+const SAMPLE: usize = 5;
+
+/// Ties Loops' audience export to the configured Loops before anything is adopted from it:
+/// refuses a file without a lists column (Loops' export has one; the file `loopsync export`
+/// writes for the upload has none), then reads back from Loops (`contacts/find`, through the
+/// team's budget and retried as the API-key read-back is; counted in `counts`, the
+/// adoption's preflight) up to [`SAMPLE`] of the records the file would adopt, and refuses the
+/// file if any is missing or differs there: it is the export of another team, or no export.
+async fn check_sample(
+    warehouse: &dyn Warehouse,
+    spec: &SyncSpec,
+    file: &View<'_>,
+    client: &LoopsClient,
+    budget: &RateBudget,
+    attempts: u32,
+    counts: &mut RequestCounts,
+) -> Result<(), AdoptError> {
+    let refuse = |why: String| BulkError::NotThisLoops {
+        sync: spec.name.clone(),
+        why,
+    };
+    if !file.has_lists() {
+        return Err(refuse(
+            "the file has no Mailing Lists column: it is not Loops' audience export (the file \
+             `loopsync export` writes for the upload has none)"
+                .into(),
+        )
+        .into());
+    }
+    // The first records the file would adopt, as the adoption walks them.
+    let mut sample = Vec::new();
+    let mut decider = Decider::new(spec, 0);
+    let mut rows = warehouse.diff_changes(spec, None).await?;
+    let mut done = false;
+    while sample.len() < SAMPLE && !done {
+        let decided: Vec<Decided> = match rows.next().await {
+            Some(row) => decider.push(row?).collect(),
+            None => {
+                done = true;
+                decider.finish().into_iter().collect()
+            }
+        };
+        for Decided { row, decision } in decided {
+            if let Decision::Change(change) = decision
+                && change.kind != ChangeKind::Removed
+                && let Ok(op) = transform(spec, &change)
+                && file_proves(file, &row, &op).is_ok()
+                && let Some(confirmed) = Confirmed::from_action(&op.action)
+            {
+                sample.push(confirmed);
+            }
+        }
+    }
+    drop(rows);
+    sample.truncate(SAMPLE);
+    let mut differ = 0;
+    for confirmed in &sample {
+        let identity = match confirmed.lookup(spec.identify_by) {
+            Some(Lookup::Email(e)) => ContactIdentity::Email(e),
+            Some(Lookup::UserId(u)) => ContactIdentity::UserId(u),
+            // `file_proves` adopts none without an identifier.
+            None => continue,
+        };
+        let found = with_retries(budget, attempts, counts, || {
+            client.find_contact(&identity)
+        })
+        .await?;
+        let found = found.and_then(|c| match serde_json::to_value(&c) {
+            Ok(serde_json::Value::Object(contact)) => Some(contact),
+            _ => None,
+        });
+        if !compare(spec, confirmed, found.as_ref()).is_empty() {
+            differ += 1;
+        }
+    }
+    if differ > 0 {
+        return Err(refuse(format!(
+            "{differ} of {} records the file would adopt, read back from the configured Loops, \
+             are missing or differ there: the file does not match the Loops the sync is bound \
+             to (another team's export, or not an export)",
+            sample.len()
+        ))
+        .into());
+    }
+    Ok(())
 }
 
 /// Whether Loops' audience export proves that Loops holds `op`, the write of `row`: only for

@@ -104,6 +104,11 @@ pub struct View<'a> {
 }
 
 impl View<'_> {
+    /// Whether the file has a lists column (Loops' audience export has one).
+    pub fn has_lists(&self) -> bool {
+        self.columns.contains(&Column::Lists)
+    }
+
     /// The contact `lookup` names, as `contacts/find` shows one (`None`: not in the file).
     /// `Err`: its row has a cell its type refuses (the reason names the column).
     pub fn find(&self, lookup: &Lookup) -> Result<Option<Map<String, Value>>, String> {
