@@ -429,11 +429,11 @@ async fn assert_loops_is_the_model(
 /// A sync bound to team A is moved to team B, which holds only some of its contacts (an
 /// upload that missed two). The refusal names `adopt` as the way forward; with B's audience
 /// export, `adopt --from-loops-export` "adopts only records whose contact in the file is what
-/// the sync would write" — but a row unchanged since A confirmed it is never compared with the
-/// file: every record stays confirmed, the state is rebound to B, and the next run (exit 0)
-/// sends nothing. B lacks two contacts, and the three it has lack their properties.
+/// the sync would write" — but a row unchanged since A confirmed it was never compared with the
+/// file: every record stayed confirmed, the state was rebound to B, and the next run sent
+/// nothing. Now the records A confirmed that the file does not hold are forgotten, and the
+/// next run sends them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "hole: adopt --from-loops-export rebinds to another Loops without comparing unchanged records with the file"]
 async fn adopting_another_teams_export_checks_the_records_already_confirmed() {
     let Some(stack) = Stack::start(StackOptions {
         rows: 5,

@@ -45,6 +45,9 @@ pub enum AdoptError {
     /// Reading Loops' audience export, or a sync a file cannot adopt.
     #[error(transparent)]
     Bulk(#[from] BulkError),
+    /// Comparing what the earlier Loops confirmed with the file, when the state moves.
+    #[error(transparent)]
+    Verify(#[from] crate::verify::VerifyError),
 }
 
 impl From<WarehouseError> for AdoptError {
@@ -58,6 +61,7 @@ impl loopsync_core::Classified for AdoptError {
         match self {
             AdoptError::Engine(e) => e.class(),
             AdoptError::Bulk(e) => e.class(),
+            AdoptError::Verify(e) => e.class(),
         }
     }
 }
@@ -81,6 +85,10 @@ pub struct AdoptReport {
     /// With Loops' audience export: records a run would write whose contact in the file is not
     /// that write, by reason; not adopted, the next run sends them.
     pub not_adopted: std::collections::BTreeMap<&'static str, u64>,
+    /// With Loops' audience export, when the adoption moves the state to another Loops:
+    /// records confirmed in the earlier one whose contact the file does not hold as confirmed,
+    /// forgotten (as `verify --repair` forgets); the next run sends them.
+    pub forgotten: u64,
     /// The destination the sync's state was bound to before (now it is bound to the one given).
     pub earlier: Option<DestinationBinding>,
     /// The adoption's run, as `loopsync runs` shows it.
@@ -133,7 +141,14 @@ pub async fn adopt_all(
             }
             None => None,
         };
-        let report = adopt(
+        let forgotten = match from_file {
+            Some(file) => {
+                forget_what_the_file_lacks(warehouse, spec, file, &configured, &key_fingerprint)
+                    .await?
+            }
+            None => 0,
+        };
+        let mut report = adopt(
             warehouse,
             spec,
             &configured,
@@ -143,6 +158,7 @@ pub async fn adopt_all(
             &mut on_run,
         )
         .await?;
+        report.forgotten = forgotten;
         each(&report, &configured);
         reports.push(report);
     }
@@ -254,6 +270,7 @@ pub async fn adopt(
         counts,
         invalid,
         not_adopted,
+        forgotten: 0,
         earlier,
         summary,
     })
@@ -345,6 +362,48 @@ async fn check_sample(
         .into());
     }
     Ok(())
+}
+
+/// When adopting from `file` moves `spec`'s state to another Loops than the one it is bound
+/// to: what the earlier Loops confirmed says nothing of the new one, and a file adopts only
+/// records the state never held, so every record confirmed before is compared with the file
+/// (`verify --from-loops-export --repair`) and those it does not hold as confirmed are
+/// forgotten: the next run sends them. Returns how many were forgotten.
+async fn forget_what_the_file_lacks(
+    warehouse: &dyn Warehouse,
+    spec: &SyncSpec,
+    file: &LoopsExport,
+    configured: &Destination,
+    key_fingerprint: &str,
+) -> Result<u64, AdoptError> {
+    let moved = warehouse
+        .destination(&spec.name)
+        .await?
+        .is_some_and(|bound| {
+            crate::destination::verdict(&bound, configured, key_fingerprint)
+                == crate::destination::Verdict::Elsewhere
+        });
+    if !moved {
+        return Ok(0);
+    }
+    let options = crate::verify::Options {
+        repair: true,
+        ..crate::verify::Options::default()
+    };
+    let report = crate::bulk::verify_against(
+        warehouse,
+        &[spec],
+        Some(&spec.name),
+        &options,
+        file,
+        &|_, _, _| {},
+    )
+    .await
+    .map_err(|e| match e {
+        crate::bulk::VerifyAgainstError::Bulk(e) => AdoptError::Bulk(e),
+        crate::bulk::VerifyAgainstError::Verify(e) => AdoptError::Verify(e),
+    })?;
+    Ok(report.syncs.iter().filter_map(|s| s.repaired).sum())
 }
 
 /// Whether Loops' audience export proves that Loops holds `op`, the write of `row`: only for
