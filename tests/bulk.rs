@@ -664,7 +664,6 @@ async fn lists_named_otherwise_in_the_export_are_not_taken_as_off() {
 /// doubt: the next run (exit 0) sends nothing, and Loops keeps a contact no row has (the export
 /// itself shows it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "hole: adopt --from-loops-export drops the identities a lost write may have left (also_remove)"]
 async fn adopting_from_the_export_keeps_taking_out_what_a_lost_write_left() {
     let Some(stack) = Stack::start(StackOptions {
         rows: 3,

@@ -416,7 +416,7 @@ fn file_proves(file: &View<'_>, row: &DiffRow, op: &Operation) -> Result<(), &'s
     if row.generation != 0 || row.unsure || row.confirmed_fp.is_some() {
         return Err("held by the state before: the API lane's");
     }
-    file.holds(&op.action)
+    file.holds(op)
 }
 
 #[cfg(test)]

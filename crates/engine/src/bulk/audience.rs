@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use loopsync_core::envelope::Action;
+use loopsync_core::envelope::{Action, Operation};
 use loopsync_core::spec::{DEFAULT_PROPERTIES, SyncSpec};
 use loopsync_core::value::normalize_email;
 use loopsync_loops_csv::csv::StringRecord;
@@ -124,10 +124,17 @@ impl View<'_> {
         Ok(Some(row.into_contact()))
     }
 
-    /// Whether the contact of `action` (a run's write of a record) is in the file exactly as
-    /// the write would leave it, by `verify`'s comparison. `Err`: why not, in a few words
-    /// (the reasons `adopt --from-loops-export` counts by).
-    pub fn holds(&self, action: &Action) -> Result<(), &'static str> {
+    /// Whether the contact of `op` (a run's write of a record) is in the file exactly as the
+    /// write would leave it, by `verify`'s comparison, and the write takes nothing else out of
+    /// Loops. `Err`: why not, in a few words (the reasons `adopt --from-loops-export` counts
+    /// by).
+    pub fn holds(&self, op: &Operation) -> Result<(), &'static str> {
+        let action = &op.action;
+        if op.also_remove.is_some() {
+            // Contacts a lost write may have left: the API lane takes them out after the write,
+            // an upload never does.
+            return Err("it also takes out contacts a lost write may have left");
+        }
         if matches!(action, Action::Rekey { .. }) {
             return Err("a new identity: the old contact is the API lane's");
         }
