@@ -22,9 +22,14 @@ pub struct LoopsExport {
     path: String,
     headers: StringRecord,
     rows: Vec<StringRecord>,
-    by_email: HashMap<String, usize>,
-    by_user_id: HashMap<String, usize>,
+    /// Each email (as Loops matches them: trimmed, case-folded) and User ID → its row; `None`
+    /// when two rows name it (which one Loops holds is unknown: neither proves anything).
+    by_email: HashMap<String, Option<usize>>,
+    by_user_id: HashMap<String, Option<usize>>,
 }
+
+/// Why a contact named on two rows of the file is not read (verify reports it unreadable).
+const ON_TWO_ROWS: &str = "the file has two rows for this contact";
 
 impl LoopsExport {
     /// Reads the file at `path`.
@@ -59,10 +64,10 @@ impl LoopsExport {
                     .filter(|t| !t.is_empty())
             };
             if let Some(email) = cell(email_at) {
-                export.by_email.insert(normalize_email(email), n);
+                note(&mut export.by_email, normalize_email(email), n);
             }
             if let Some(user_id) = cell(user_id_at) {
-                export.by_user_id.insert(user_id.to_owned(), n);
+                note(&mut export.by_user_id, user_id.to_owned(), n);
             }
             export.rows.push(record);
         }
@@ -95,6 +100,14 @@ impl LoopsExport {
     }
 }
 
+/// Notes that row `n` names `id`; a second row naming it makes it ambiguous.
+fn note(index: &mut HashMap<String, Option<usize>>, id: String, n: usize) {
+    index
+        .entry(id)
+        .and_modify(|at| *at = None)
+        .or_insert(Some(n));
+}
+
 /// An export read for one sync.
 #[derive(Debug)]
 pub struct View<'a> {
@@ -110,7 +123,8 @@ impl View<'_> {
     }
 
     /// The contact `lookup` names, as `contacts/find` shows one (`None`: not in the file).
-    /// `Err`: its row has a cell its type refuses (the reason names the column).
+    /// `Err`: its row has a cell its type refuses (the reason names the column), or two rows
+    /// of the file name it.
     pub fn find(&self, lookup: &Lookup) -> Result<Option<Map<String, Value>>, String> {
         let at = match lookup {
             Lookup::Email(e) => self.file.by_email.get(&normalize_email(e)),
@@ -118,6 +132,9 @@ impl View<'_> {
         };
         let Some(&at) = at else {
             return Ok(None);
+        };
+        let Some(at) = at else {
+            return Err(ON_TWO_ROWS.into());
         };
         let spec = self.spec;
         let row = read_row(&self.columns, &self.file.rows[at], &|n| cell_type(spec, n))?;
@@ -144,9 +161,13 @@ impl View<'_> {
         let Some(lookup) = confirmed.lookup(self.spec.identify_by) else {
             return Err("no identifier");
         };
-        let found = self
-            .find(&lookup)
-            .map_err(|_| "its row in the file has a value of the wrong type")?;
+        let found = self.find(&lookup).map_err(|why| {
+            if why == ON_TWO_ROWS {
+                "on two rows of the file"
+            } else {
+                "its row in the file has a value of the wrong type"
+            }
+        })?;
         let drifts = compare(self.spec, &confirmed, found.as_ref());
         if drifts.is_empty() {
             Ok(())
