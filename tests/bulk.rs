@@ -607,11 +607,11 @@ async fn an_old_export_does_not_overrule_what_loops_confirmed_since() {
 /// Loops' export may name a contact's lists by name rather than id (docs/loops-api.md §10.1,
 /// open question 4, which says that would only be slower: "never wrong"). Row 1's newsletter
 /// is false, but its contact was on the list before the upload (an upload only adds lists).
-/// Read by name, the list cell holds no id the sync maps, so the contact reads as off the list
-/// and row 1 is adopted: the next run (exit 0) leaves the contact on the list the model says
-/// it is not on. The same happens with an export that has no lists column at all.
+/// Read by name, the list cell holds no id the sync maps, so the contact read as off the list
+/// and row 1 was adopted: the contact stayed on the list the model says it is not on. Now a
+/// list token that is no list id the sync maps makes the lists unreadable: the record is left
+/// to the API lane, and the next run takes the contact off the list.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "hole: a lists column adopt cannot read (names, or none) passes every list the sync sets to false"]
 async fn lists_named_otherwise_in_the_export_are_not_taken_as_off() {
     let Some(stack) = Stack::start(StackOptions {
         rows: 3,

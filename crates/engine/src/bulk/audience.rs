@@ -141,6 +141,21 @@ impl View<'_> {
         Ok(Some(row.into_contact()))
     }
 
+    /// Whether the file says which of the sync's lists `contact` (one of its rows) is on: it
+    /// has a lists column, and the row names only list ids the sync maps. A list named
+    /// otherwise (by its name, or a list the sync does not know) may be one of the sync's:
+    /// read as absent, a list the contact is on would pass as off.
+    fn lists_readable(&self, contact: &Map<String, Value>) -> bool {
+        self.has_lists()
+            && contact
+                .get("mailingLists")
+                .and_then(Value::as_object)
+                .is_none_or(|on| {
+                    on.keys()
+                        .all(|id| self.spec.lists.iter().any(|l| l.list_id == *id))
+                })
+    }
+
     /// Whether the contact of `op` (a run's write of a record) is in the file exactly as the
     /// write would leave it, by `verify`'s comparison, and the write takes nothing else out of
     /// Loops. `Err`: why not, in a few words (the reasons `adopt --from-loops-export` counts
@@ -168,6 +183,12 @@ impl View<'_> {
                 "its row in the file has a value of the wrong type"
             }
         })?;
+        if !confirmed.mailing_lists.is_empty()
+            && let Some(contact) = &found
+            && !self.lists_readable(contact)
+        {
+            return Err("its mailing lists cannot be read from the file");
+        }
         let drifts = compare(self.spec, &confirmed, found.as_ref());
         if drifts.is_empty() {
             Ok(())
