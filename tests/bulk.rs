@@ -517,7 +517,10 @@ async fn an_export_of_another_team_is_not_a_confirmation_of_this_one() {
         ],
     )
     .await;
-    assert_eq!(status, 2, "read back from A, the file is refused: {refused}");
+    assert_eq!(
+        status, 2,
+        "read back from A, the file is refused: {refused}"
+    );
     assert!(
         refused.contains("does not match the Loops the sync is bound to"),
         "{refused}"

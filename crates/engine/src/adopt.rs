@@ -17,18 +17,19 @@
 use std::sync::Arc;
 
 use futures::StreamExt;
+use loopsync_bus::RateBudget;
 use loopsync_config::Config;
 use loopsync_core::destination::Destination;
 use loopsync_core::envelope::{ChangeKind, Operation, RequestCounts};
 use loopsync_core::spec::SyncSpec;
 use loopsync_extractor::decide::unchanged_note;
 use loopsync_extractor::{Decided, Decider, Decision, Window};
+use loopsync_loops_client::{ContactIdentity, LoopsClient};
 use loopsync_transformer::transform;
 use loopsync_transformer::verify::{Confirmed, Lookup, compare};
-use loopsync_bus::RateBudget;
-use loopsync_loops_client::{ContactIdentity, LoopsClient};
 use loopsync_warehouse::{
-    Adoption, DestinationBinding, DiffRow, ExtractCounts, RunSummary, Unchanged, Warehouse, WarehouseError,
+    Adoption, DestinationBinding, DiffRow, ExtractCounts, RunSummary, Unchanged, Warehouse,
+    WarehouseError,
 };
 
 use crate::bulk::audience::{LoopsExport, View};
@@ -340,10 +341,8 @@ async fn check_sample(
             // `file_proves` adopts none without an identifier.
             None => continue,
         };
-        let found = with_retries(budget, attempts, counts, || {
-            client.find_contact(&identity)
-        })
-        .await?;
+        let found =
+            with_retries(budget, attempts, counts, || client.find_contact(&identity)).await?;
         let found = found.and_then(|c| match serde_json::to_value(&c) {
             Ok(serde_json::Value::Object(contact)) => Some(contact),
             _ => None,
