@@ -201,3 +201,63 @@ impl View<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use loopsync_core::spec::MappedList;
+    use serde_json::json;
+
+    use super::*;
+    use crate::testing::spec;
+
+    fn file(text: &str) -> (tempfile::TempDir, LoopsExport) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audience.csv");
+        std::fs::write(&path, text).unwrap();
+        let file = LoopsExport::open(&path).unwrap();
+        (dir, file)
+    }
+
+    /// An email on two rows (in any case, as Loops matches) names no contact: which one Loops
+    /// holds is unknown. A User ID likewise.
+    #[test]
+    fn an_identifier_on_two_rows_is_found_on_neither() {
+        let (_dir, file) =
+            file("Email,User ID,Mailing Lists\na@x.co,u1,\n A@X.CO ,u2,\nb@x.co,u2,\nc@x.co,u3,\n");
+        let spec = spec();
+        let view = file.view(&spec).unwrap();
+        let find = |lookup: Lookup| view.find(&lookup).map(|c| c.map(|c| c["email"].clone()));
+        assert_eq!(
+            find(Lookup::Email("a@x.co".into())),
+            Err(ON_TWO_ROWS.into())
+        );
+        assert_eq!(find(Lookup::UserId("u2".into())), Err(ON_TWO_ROWS.into()));
+        assert_eq!(
+            find(Lookup::Email("c@x.co".into())),
+            Ok(Some(json!("c@x.co")))
+        );
+        assert_eq!(find(Lookup::UserId("u1".into())), Ok(Some(json!("a@x.co"))));
+        assert_eq!(find(Lookup::Email("d@x.co".into())), Ok(None));
+    }
+
+    /// The lists are read only from a lists column naming list ids the sync maps: a name, or
+    /// a list the sync does not know, may be one of its lists named otherwise.
+    #[test]
+    fn lists_are_readable_only_as_ids_the_sync_maps() {
+        let mut spec = spec();
+        spec.lists = vec![MappedList {
+            list_id: "news".into(),
+            column: "newsletter".into(),
+        }];
+        let (_dir, with) = file("Email,Mailing Lists\na@x.co,news\n");
+        let view = with.view(&spec).unwrap();
+        let contact = |lists: Value| json!({"mailingLists": lists}).as_object().unwrap().clone();
+        assert!(view.lists_readable(&contact(json!({}))));
+        assert!(view.lists_readable(&contact(json!({"news": true}))));
+        assert!(!view.lists_readable(&contact(json!({"Newsletter": true}))));
+        assert!(!view.lists_readable(&contact(json!({"news": true, "other": true}))));
+        let (_dir, without) = file("Email\na@x.co\n");
+        let view = without.view(&spec).unwrap();
+        assert!(!view.lists_readable(&contact(json!({}))));
+    }
+}
