@@ -52,6 +52,13 @@ async fn loopsync(stack: &Stack, args: &[&str]) -> (i32, String) {
     (status, stdout)
 }
 
+/// `loopsync ARGS…` that must be refused as bad usage: exit 2, and what it said on stderr.
+async fn loopsync_refused(stack: &Stack, args: &[&str]) -> (i32, String) {
+    let output = stack.output(args).await;
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    (output.status.code().unwrap_or(-1), stderr)
+}
+
 async fn put(stack: &Stack, body: Value) {
     let answer = stack
         .loops(reqwest::Method::PUT, "/v1/contacts/update", body)
@@ -422,11 +429,11 @@ async fn assert_loops_is_the_model(
 /// A sync bound to team A is moved to team B, which holds only some of its contacts (an
 /// upload that missed two). The refusal names `adopt` as the way forward; with B's audience
 /// export, `adopt --from-loops-export` "adopts only records whose contact in the file is what
-/// the sync would write" — but a row unchanged since A confirmed it is never compared with the
-/// file: every record stays confirmed, the state is rebound to B, and the next run (exit 0)
-/// sends nothing. B lacks two contacts, and the three it has lack their properties.
+/// the sync would write" — but a row unchanged since A confirmed it was never compared with the
+/// file: every record stayed confirmed, the state was rebound to B, and the next run sent
+/// nothing. Now the records A confirmed that the file does not hold are forgotten, and the
+/// next run sends them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "hole: adopt --from-loops-export rebinds to another Loops without comparing unchanged records with the file"]
 async fn adopting_another_teams_export_checks_the_records_already_confirmed() {
     let Some(stack) = Stack::start(StackOptions {
         rows: 5,
@@ -473,11 +480,11 @@ async fn adopting_another_teams_export_checks_the_records_already_confirmed() {
 
 /// The state is bound to team A. Two new rows go through the bulk lane, but the files are
 /// uploaded to team B (the wrong team picked in Loops' app). B's audience export holds them
-/// exactly as the sync would write them, so `adopt --from-loops-export` adopts both as
-/// confirmed in A — nothing ties the file to the Loops the state is bound to — and the next
-/// run (exit 0) sends A nothing. A never gets the two contacts.
+/// exactly as the sync would write them; `adopt --from-loops-export` adopted both as
+/// confirmed in A (nothing tied the file to the Loops the state is bound to), and A never got
+/// the two contacts. Read back from A, the records the file would adopt are missing there:
+/// the file is refused (exit 2) and the next run sends them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "hole: adopt --from-loops-export takes another team's export as the bound Loops' confirmation"]
 async fn an_export_of_another_team_is_not_a_confirmation_of_this_one() {
     let Some(stack) = Stack::start(StackOptions {
         rows: 3,
@@ -499,7 +506,7 @@ async fn an_export_of_another_team_is_not_a_confirmation_of_this_one() {
     export_and_upload(&stack, &b.root, "to-b").await;
     assert_eq!(b.contacts().await.len(), 2);
     let audience = download_from(&stack, &b.root, "b-audience.csv").await;
-    let (status, adopted) = loopsync(
+    let (status, refused) = loopsync_refused(
         &stack,
         &[
             "adopt",
@@ -510,7 +517,14 @@ async fn an_export_of_another_team_is_not_a_confirmation_of_this_one() {
         ],
     )
     .await;
-    assert_eq!(status, 0, "{adopted}");
+    assert_eq!(
+        status, 2,
+        "read back from A, the file is refused: {refused}"
+    );
+    assert!(
+        refused.contains("does not match the Loops the sync is bound to"),
+        "{refused}"
+    );
     let run = stack.run_once(&[]).await;
     assert_eq!(run.status, 0, "{}", run.stderr);
     assert_loops_is_the_model(&stack, &stack.contacts().await, &[1, 2, 3, 4, 5]).await;
@@ -523,7 +537,6 @@ async fn an_export_of_another_team_is_not_a_confirmation_of_this_one() {
 /// them as the sync would write them — although Loops confirmed something newer since: the
 /// next run (exit 0) sends nothing, Loops keeps gold for row 1 and has no contact for row 2.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "hole: adopt --from-loops-export takes an old export over newer confirmations of the API lane"]
 async fn an_old_export_does_not_overrule_what_loops_confirmed_since() {
     let Some(stack) = Stack::start(StackOptions {
         rows: 3,
@@ -597,11 +610,11 @@ async fn an_old_export_does_not_overrule_what_loops_confirmed_since() {
 /// Loops' export may name a contact's lists by name rather than id (docs/loops-api.md §10.1,
 /// open question 4, which says that would only be slower: "never wrong"). Row 1's newsletter
 /// is false, but its contact was on the list before the upload (an upload only adds lists).
-/// Read by name, the list cell holds no id the sync maps, so the contact reads as off the list
-/// and row 1 is adopted: the next run (exit 0) leaves the contact on the list the model says
-/// it is not on. The same happens with an export that has no lists column at all.
+/// Read by name, the list cell holds no id the sync maps, so the contact read as off the list
+/// and row 1 was adopted: the contact stayed on the list the model says it is not on. Now a
+/// list token that is no list id the sync maps makes the lists unreadable: the record is left
+/// to the API lane, and the next run takes the contact off the list.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "hole: a lists column adopt cannot read (names, or none) passes every list the sync sets to false"]
 async fn lists_named_otherwise_in_the_export_are_not_taken_as_off() {
     let Some(stack) = Stack::start(StackOptions {
         rows: 3,
@@ -654,7 +667,6 @@ async fn lists_named_otherwise_in_the_export_are_not_taken_as_off() {
 /// doubt: the next run (exit 0) sends nothing, and Loops keeps a contact no row has (the export
 /// itself shows it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "hole: adopt --from-loops-export drops the identities a lost write may have left (also_remove)"]
 async fn adopting_from_the_export_keeps_taking_out_what_a_lost_write_left() {
     let Some(stack) = Stack::start(StackOptions {
         rows: 3,
@@ -712,11 +724,10 @@ async fn adopting_from_the_export_keeps_taking_out_what_a_lost_write_left() {
 
 /// An export with one email on two rows (in two spellings: a file joined from two exports, or
 /// a Loops that matched emails by case) names two contacts for one record. Which one the sync
-/// writes is unknown, so neither is proof: `adopt --from-loops-export` takes the last row,
-/// and adopts row 1 although the contact the run writes holds other values. The next run
-/// (exit 0) sends nothing.
+/// writes is unknown, so neither is proof: `adopt --from-loops-export` took the last row, and
+/// adopted row 1 although the contact holds other values. Now such a record is left to the
+/// API lane, and the next run sends it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "hole: an email on two rows of the export: adopt takes the last row as the contact"]
 async fn an_email_on_two_rows_of_the_export_proves_nothing() {
     let Some(stack) = Stack::start(StackOptions {
         rows: 3,
@@ -765,11 +776,10 @@ async fn an_email_on_two_rows_of_the_export_proves_nothing() {
 
 /// The operator passes `adopt --from-loops-export` the file `loopsync export` wrote (the one to
 /// upload) instead of Loops' audience export, before any upload. It holds each record exactly
-/// as the sync writes it, and has no lists column, so every record that joins no list is
-/// adopted: nothing tells a file of Loops' from our own. The next run (exit 0) sends them
-/// nothing, and Loops never gets them.
+/// as the sync writes it, and has no lists column, so every record that joins no list was
+/// adopted and Loops never got them. Without a lists column the file is refused (exit 2),
+/// and the next run sends every record.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "hole: adopt --from-loops-export takes any CSV (even export's own upload file) as Loops' confirmation"]
 async fn the_file_to_upload_is_not_loops_export() {
     let Some(stack) = Stack::start(StackOptions {
         rows: 4,
@@ -793,7 +803,7 @@ async fn the_file_to_upload_is_not_loops_export() {
     .await;
     assert_eq!(status, 0, "{printed}");
     let ours = out_dir.join("users.no-lists.csv");
-    let (status, adopted) = loopsync(
+    let (status, refused) = loopsync_refused(
         &stack,
         &[
             "adopt",
@@ -804,7 +814,8 @@ async fn the_file_to_upload_is_not_loops_export() {
         ],
     )
     .await;
-    assert_eq!(status, 0, "{adopted}");
+    assert_eq!(status, 2, "not Loops' export: refused: {refused}");
+    assert!(refused.contains("no Mailing Lists column"), "{refused}");
     let run = stack.run_once(&[]).await;
     assert_eq!(run.status, 0, "{}", run.stderr);
     assert_loops_is_the_model(&stack, &stack.contacts().await, &[1, 2, 3, 4]).await;

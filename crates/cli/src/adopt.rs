@@ -59,6 +59,7 @@ pub async fn run(config_path: &Path, args: AdoptArgs) -> anyhow::Result<ExitCode
             AdoptError::Engine(e) => e.into(),
             AdoptError::Bulk(e) if e.is_usage() => UsageError(e.to_string()).into(),
             AdoptError::Bulk(e) => e.into(),
+            AdoptError::Verify(e) => e.into(),
         }
     })?;
     if args.json {
@@ -92,6 +93,13 @@ fn print_adopted(report: &AdoptReport, configured: &Destination) {
             "sync {}: not adopted (Loops' export does not hold them as the sync would write them; the next run sends them): {}",
             report.sync,
             reasons.join(" · ")
+        );
+    }
+    if report.forgotten > 0 {
+        crate::say!(
+            "sync {}: {} records confirmed by the Loops it was bound to are not in the file as confirmed: forgotten, the next run sends them.",
+            report.sync,
+            report.forgotten
         );
     }
     match &report.earlier {

@@ -10,26 +10,32 @@
 //! run would have confirmed.
 //!
 //! With Loops' audience export (`--from-loops-export`, after a CSV upload), only the records
-//! whose contact in the file is exactly what the run would write are adopted (`verify`'s
-//! comparison, [`View::holds`]); the others stay for the API lane, counted by reason.
+//! the state has never held whose contact in the file is exactly what the run would write are
+//! adopted (`verify`'s comparison, [`View::holds`]); the others stay for the API lane, counted
+//! by reason.
 
 use std::sync::Arc;
 
 use futures::StreamExt;
+use loopsync_bus::RateBudget;
 use loopsync_config::Config;
 use loopsync_core::destination::Destination;
-use loopsync_core::envelope::{ChangeKind, RequestCounts};
+use loopsync_core::envelope::{ChangeKind, Operation, RequestCounts};
 use loopsync_core::spec::SyncSpec;
 use loopsync_extractor::decide::unchanged_note;
 use loopsync_extractor::{Decided, Decider, Decision, Window};
+use loopsync_loops_client::{ContactIdentity, LoopsClient};
 use loopsync_transformer::transform;
+use loopsync_transformer::verify::{Confirmed, Lookup, compare};
 use loopsync_warehouse::{
-    Adoption, DestinationBinding, ExtractCounts, RunSummary, Unchanged, Warehouse, WarehouseError,
+    Adoption, DestinationBinding, DiffRow, ExtractCounts, RunSummary, Unchanged, Warehouse,
+    WarehouseError,
 };
 
 use crate::bulk::audience::{LoopsExport, View};
 use crate::bulk::{BulkError, check_for_files};
 use crate::pipeline::loops_client;
+use crate::retry::with_retries;
 use crate::{EngineError, destination};
 
 /// Why `adopt_all` failed.
@@ -40,6 +46,9 @@ pub enum AdoptError {
     /// Reading Loops' audience export, or a sync a file cannot adopt.
     #[error(transparent)]
     Bulk(#[from] BulkError),
+    /// Comparing what the earlier Loops confirmed with the file, when the state moves.
+    #[error(transparent)]
+    Verify(#[from] crate::verify::VerifyError),
 }
 
 impl From<WarehouseError> for AdoptError {
@@ -53,6 +62,7 @@ impl loopsync_core::Classified for AdoptError {
         match self {
             AdoptError::Engine(e) => e.class(),
             AdoptError::Bulk(e) => e.class(),
+            AdoptError::Verify(e) => e.class(),
         }
     }
 }
@@ -76,6 +86,10 @@ pub struct AdoptReport {
     /// With Loops' audience export: records a run would write whose contact in the file is not
     /// that write, by reason; not adopted, the next run sends them.
     pub not_adopted: std::collections::BTreeMap<&'static str, u64>,
+    /// With Loops' audience export, when the adoption moves the state to another Loops:
+    /// records confirmed in the earlier one whose contact the file does not hold as confirmed,
+    /// forgotten (as `verify --repair` forgets); the next run sends them.
+    pub forgotten: u64,
     /// The destination the sync's state was bound to before (now it is bound to the one given).
     pub earlier: Option<DestinationBinding>,
     /// The adoption's run, as `loopsync runs` shows it.
@@ -113,11 +127,29 @@ pub async fn adopt_all(
         let view = match from_file {
             Some(file) => {
                 check_for_files(spec)?;
-                Some(file.view(spec)?)
+                let view = file.view(spec)?;
+                check_sample(
+                    warehouse,
+                    spec,
+                    &view,
+                    &client,
+                    &budget,
+                    config.loops.max_attempts,
+                    &mut preflight,
+                )
+                .await?;
+                Some(view)
             }
             None => None,
         };
-        let report = adopt(
+        let forgotten = match from_file {
+            Some(file) => {
+                forget_what_the_file_lacks(warehouse, spec, file, &configured, &key_fingerprint)
+                    .await?
+            }
+            None => 0,
+        };
+        let mut report = adopt(
             warehouse,
             spec,
             &configured,
@@ -127,6 +159,7 @@ pub async fn adopt_all(
             &mut on_run,
         )
         .await?;
+        report.forgotten = forgotten;
         each(&report, &configured);
         reports.push(report);
     }
@@ -184,7 +217,8 @@ pub async fn adopt(
                 Decision::Change(change) if change.kind != ChangeKind::Removed => {
                     match transform(spec, &change) {
                         Ok(op) => {
-                            if let Some(Err(why)) = against.map(|file| file.holds(&op.action)) {
+                            if let Some(Err(why)) = against.map(|file| file_proves(file, &row, &op))
+                            {
                                 *not_adopted.entry(why).or_insert(0) += 1;
                                 continue;
                             }
@@ -237,9 +271,151 @@ pub async fn adopt(
         counts,
         invalid,
         not_adopted,
+        forgotten: 0,
         earlier,
         summary,
     })
+}
+
+/// Records of a file read back from the configured Loops before the first adoption.
+const SAMPLE: usize = 5;
+
+/// Ties Loops' audience export to the configured Loops before anything is adopted from it:
+/// refuses a file without a lists column (Loops' export has one; the file `loopsync export`
+/// writes for the upload has none), then reads back from Loops (`contacts/find`, through the
+/// team's budget and retried as the API-key read-back is; counted in `counts`, the
+/// adoption's preflight) up to [`SAMPLE`] of the records the file would adopt, and refuses the
+/// file if any is missing or differs there: it is the export of another team, or no export.
+async fn check_sample(
+    warehouse: &dyn Warehouse,
+    spec: &SyncSpec,
+    file: &View<'_>,
+    client: &LoopsClient,
+    budget: &RateBudget,
+    attempts: u32,
+    counts: &mut RequestCounts,
+) -> Result<(), AdoptError> {
+    let refuse = |why: String| BulkError::NotThisLoops {
+        sync: spec.name.clone(),
+        why,
+    };
+    if !file.has_lists() {
+        return Err(refuse(
+            "the file has no Mailing Lists column: it is not Loops' audience export (the file \
+             `loopsync export` writes for the upload has none)"
+                .into(),
+        )
+        .into());
+    }
+    // The first records the file would adopt, as the adoption walks them.
+    let mut sample = Vec::new();
+    let mut decider = Decider::new(spec, 0);
+    let mut rows = warehouse.diff_changes(spec, None).await?;
+    let mut done = false;
+    while sample.len() < SAMPLE && !done {
+        let decided: Vec<Decided> = match rows.next().await {
+            Some(row) => decider.push(row?).collect(),
+            None => {
+                done = true;
+                decider.finish().into_iter().collect()
+            }
+        };
+        for Decided { row, decision } in decided {
+            if let Decision::Change(change) = decision
+                && change.kind != ChangeKind::Removed
+                && let Ok(op) = transform(spec, &change)
+                && file_proves(file, &row, &op).is_ok()
+                && let Some(confirmed) = Confirmed::from_action(&op.action)
+            {
+                sample.push(confirmed);
+            }
+        }
+    }
+    drop(rows);
+    sample.truncate(SAMPLE);
+    let mut differ = 0;
+    for confirmed in &sample {
+        let identity = match confirmed.lookup(spec.identify_by) {
+            Some(Lookup::Email(e)) => ContactIdentity::Email(e),
+            Some(Lookup::UserId(u)) => ContactIdentity::UserId(u),
+            // `file_proves` adopts none without an identifier.
+            None => continue,
+        };
+        let found =
+            with_retries(budget, attempts, counts, || client.find_contact(&identity)).await?;
+        let found = found.and_then(|c| match serde_json::to_value(&c) {
+            Ok(serde_json::Value::Object(contact)) => Some(contact),
+            _ => None,
+        });
+        if !compare(spec, confirmed, found.as_ref()).is_empty() {
+            differ += 1;
+        }
+    }
+    if differ > 0 {
+        return Err(refuse(format!(
+            "{differ} of {} records the file would adopt, read back from the configured Loops, \
+             are missing or differ there: the file does not match the Loops the sync is bound \
+             to (another team's export, or not an export)",
+            sample.len()
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// When adopting from `file` moves `spec`'s state to another Loops than the one it is bound
+/// to: what the earlier Loops confirmed says nothing of the new one, and a file adopts only
+/// records the state never held, so every record confirmed before is compared with the file
+/// (`verify --from-loops-export --repair`) and those it does not hold as confirmed are
+/// forgotten: the next run sends them. Returns how many were forgotten.
+async fn forget_what_the_file_lacks(
+    warehouse: &dyn Warehouse,
+    spec: &SyncSpec,
+    file: &LoopsExport,
+    configured: &Destination,
+    key_fingerprint: &str,
+) -> Result<u64, AdoptError> {
+    let moved = warehouse
+        .destination(&spec.name)
+        .await?
+        .is_some_and(|bound| {
+            crate::destination::verdict(&bound, configured, key_fingerprint)
+                == crate::destination::Verdict::Elsewhere
+        });
+    if !moved {
+        return Ok(0);
+    }
+    let options = crate::verify::Options {
+        repair: true,
+        ..crate::verify::Options::default()
+    };
+    let report = crate::bulk::verify_against(
+        warehouse,
+        &[spec],
+        Some(&spec.name),
+        &options,
+        file,
+        &|_, _, _| {},
+    )
+    .await
+    .map_err(|e| match e {
+        crate::bulk::VerifyAgainstError::Bulk(e) => AdoptError::Bulk(e),
+        crate::bulk::VerifyAgainstError::Verify(e) => AdoptError::Verify(e),
+    })?;
+    Ok(report.syncs.iter().filter_map(|s| s.repaired).sum())
+}
+
+/// Whether Loops' audience export proves that Loops holds `op`, the write of `row`: only for
+/// a record the state has never held (no change of it ever confirmed, no send of it in doubt,
+/// nothing confirmed), whose contact in the file is that write ([`View::holds`]). A file says
+/// nothing of when it was taken: a record the API lane wrote (or removed) since may hold
+/// something newer in Loops than the file shows, so it stays the API lane's. `Err`: why not,
+/// in a few words (the reasons the report counts by).
+fn file_proves(file: &View<'_>, row: &DiffRow, op: &Operation) -> Result<(), &'static str> {
+    if row.generation != 0 || row.unsure || row.confirmed_fp.is_some() {
+        return Err("held by the state before: the API lane's");
+    }
+    file.holds(op)
 }
 
 #[cfg(test)]

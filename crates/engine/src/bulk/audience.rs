@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use loopsync_core::envelope::Action;
+use loopsync_core::envelope::{Action, Operation};
 use loopsync_core::spec::{DEFAULT_PROPERTIES, SyncSpec};
 use loopsync_core::value::normalize_email;
 use loopsync_loops_csv::csv::StringRecord;
@@ -22,9 +22,14 @@ pub struct LoopsExport {
     path: String,
     headers: StringRecord,
     rows: Vec<StringRecord>,
-    by_email: HashMap<String, usize>,
-    by_user_id: HashMap<String, usize>,
+    /// Each email (as Loops matches them: trimmed, case-folded) and User ID → its row; `None`
+    /// when two rows name it (which one Loops holds is unknown: neither proves anything).
+    by_email: HashMap<String, Option<usize>>,
+    by_user_id: HashMap<String, Option<usize>>,
 }
+
+/// Why a contact named on two rows of the file is not read (verify reports it unreadable).
+const ON_TWO_ROWS: &str = "the file has two rows for this contact";
 
 impl LoopsExport {
     /// Reads the file at `path`.
@@ -59,10 +64,10 @@ impl LoopsExport {
                     .filter(|t| !t.is_empty())
             };
             if let Some(email) = cell(email_at) {
-                export.by_email.insert(normalize_email(email), n);
+                note(&mut export.by_email, normalize_email(email), n);
             }
             if let Some(user_id) = cell(user_id_at) {
-                export.by_user_id.insert(user_id.to_owned(), n);
+                note(&mut export.by_user_id, user_id.to_owned(), n);
             }
             export.rows.push(record);
         }
@@ -95,6 +100,14 @@ impl LoopsExport {
     }
 }
 
+/// Notes that row `n` names `id`; a second row naming it makes it ambiguous.
+fn note(index: &mut HashMap<String, Option<usize>>, id: String, n: usize) {
+    index
+        .entry(id)
+        .and_modify(|at| *at = None)
+        .or_insert(Some(n));
+}
+
 /// An export read for one sync.
 #[derive(Debug)]
 pub struct View<'a> {
@@ -104,8 +117,14 @@ pub struct View<'a> {
 }
 
 impl View<'_> {
+    /// Whether the file has a lists column (Loops' audience export has one).
+    pub fn has_lists(&self) -> bool {
+        self.columns.contains(&Column::Lists)
+    }
+
     /// The contact `lookup` names, as `contacts/find` shows one (`None`: not in the file).
-    /// `Err`: its row has a cell its type refuses (the reason names the column).
+    /// `Err`: its row has a cell its type refuses (the reason names the column), or two rows
+    /// of the file name it.
     pub fn find(&self, lookup: &Lookup) -> Result<Option<Map<String, Value>>, String> {
         let at = match lookup {
             Lookup::Email(e) => self.file.by_email.get(&normalize_email(e)),
@@ -114,15 +133,40 @@ impl View<'_> {
         let Some(&at) = at else {
             return Ok(None);
         };
+        let Some(at) = at else {
+            return Err(ON_TWO_ROWS.into());
+        };
         let spec = self.spec;
         let row = read_row(&self.columns, &self.file.rows[at], &|n| cell_type(spec, n))?;
         Ok(Some(row.into_contact()))
     }
 
-    /// Whether the contact of `action` (a run's write of a record) is in the file exactly as
-    /// the write would leave it, by `verify`'s comparison. `Err`: why not, in a few words
-    /// (the reasons `adopt --from-loops-export` counts by).
-    pub fn holds(&self, action: &Action) -> Result<(), &'static str> {
+    /// Whether the file says which of the sync's lists `contact` (one of its rows) is on: it
+    /// has a lists column, and the row names only list ids the sync maps. A list named
+    /// otherwise (by its name, or a list the sync does not know) may be one of the sync's:
+    /// read as absent, a list the contact is on would pass as off.
+    fn lists_readable(&self, contact: &Map<String, Value>) -> bool {
+        self.has_lists()
+            && contact
+                .get("mailingLists")
+                .and_then(Value::as_object)
+                .is_none_or(|on| {
+                    on.keys()
+                        .all(|id| self.spec.lists.iter().any(|l| l.list_id == *id))
+                })
+    }
+
+    /// Whether the contact of `op` (a run's write of a record) is in the file exactly as the
+    /// write would leave it, by `verify`'s comparison, and the write takes nothing else out of
+    /// Loops. `Err`: why not, in a few words (the reasons `adopt --from-loops-export` counts
+    /// by).
+    pub fn holds(&self, op: &Operation) -> Result<(), &'static str> {
+        let action = &op.action;
+        if op.also_remove.is_some() {
+            // Contacts a lost write may have left: the API lane takes them out after the write,
+            // an upload never does.
+            return Err("it also takes out contacts a lost write may have left");
+        }
         if matches!(action, Action::Rekey { .. }) {
             return Err("a new identity: the old contact is the API lane's");
         }
@@ -132,9 +176,19 @@ impl View<'_> {
         let Some(lookup) = confirmed.lookup(self.spec.identify_by) else {
             return Err("no identifier");
         };
-        let found = self
-            .find(&lookup)
-            .map_err(|_| "its row in the file has a value of the wrong type")?;
+        let found = self.find(&lookup).map_err(|why| {
+            if why == ON_TWO_ROWS {
+                "on two rows of the file"
+            } else {
+                "its row in the file has a value of the wrong type"
+            }
+        })?;
+        if !confirmed.mailing_lists.is_empty()
+            && let Some(contact) = &found
+            && !self.lists_readable(contact)
+        {
+            return Err("its mailing lists cannot be read from the file");
+        }
         let drifts = compare(self.spec, &confirmed, found.as_ref());
         if drifts.is_empty() {
             Ok(())
@@ -145,5 +199,65 @@ impl View<'_> {
         } else {
             Err("a mailing list differs")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use loopsync_core::spec::MappedList;
+    use serde_json::json;
+
+    use super::*;
+    use crate::testing::spec;
+
+    fn file(text: &str) -> (tempfile::TempDir, LoopsExport) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audience.csv");
+        std::fs::write(&path, text).unwrap();
+        let file = LoopsExport::open(&path).unwrap();
+        (dir, file)
+    }
+
+    /// An email on two rows (in any case, as Loops matches) names no contact: which one Loops
+    /// holds is unknown. A User ID likewise.
+    #[test]
+    fn an_identifier_on_two_rows_is_found_on_neither() {
+        let (_dir, file) =
+            file("Email,User ID,Mailing Lists\na@x.co,u1,\n A@X.CO ,u2,\nb@x.co,u2,\nc@x.co,u3,\n");
+        let spec = spec();
+        let view = file.view(&spec).unwrap();
+        let find = |lookup: Lookup| view.find(&lookup).map(|c| c.map(|c| c["email"].clone()));
+        assert_eq!(
+            find(Lookup::Email("a@x.co".into())),
+            Err(ON_TWO_ROWS.into())
+        );
+        assert_eq!(find(Lookup::UserId("u2".into())), Err(ON_TWO_ROWS.into()));
+        assert_eq!(
+            find(Lookup::Email("c@x.co".into())),
+            Ok(Some(json!("c@x.co")))
+        );
+        assert_eq!(find(Lookup::UserId("u1".into())), Ok(Some(json!("a@x.co"))));
+        assert_eq!(find(Lookup::Email("d@x.co".into())), Ok(None));
+    }
+
+    /// The lists are read only from a lists column naming list ids the sync maps: a name, or
+    /// a list the sync does not know, may be one of its lists named otherwise.
+    #[test]
+    fn lists_are_readable_only_as_ids_the_sync_maps() {
+        let mut spec = spec();
+        spec.lists = vec![MappedList {
+            list_id: "news".into(),
+            column: "newsletter".into(),
+        }];
+        let (_dir, with) = file("Email,Mailing Lists\na@x.co,news\n");
+        let view = with.view(&spec).unwrap();
+        let contact = |lists: Value| json!({"mailingLists": lists}).as_object().unwrap().clone();
+        assert!(view.lists_readable(&contact(json!({}))));
+        assert!(view.lists_readable(&contact(json!({"news": true}))));
+        assert!(!view.lists_readable(&contact(json!({"Newsletter": true}))));
+        assert!(!view.lists_readable(&contact(json!({"news": true, "other": true}))));
+        let (_dir, without) = file("Email\na@x.co\n");
+        let view = without.view(&spec).unwrap();
+        assert!(!view.lists_readable(&contact(json!({}))));
     }
 }

@@ -28,6 +28,10 @@ pub enum BulkError {
     /// error, nothing done.
     #[error("sync {sync}: {why}")]
     NotForFiles { sync: String, why: &'static str },
+    /// `adopt --from-loops-export`'s file is not an export of the Loops the sync is bound to
+    /// (read back from it), or no audience export at all: refused, nothing adopted.
+    #[error("sync {sync}: {why}")]
+    NotThisLoops { sync: String, why: String },
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {
@@ -49,7 +53,10 @@ pub enum BulkError {
 impl BulkError {
     /// How loopsync was called: exit status 2.
     pub fn is_usage(&self) -> bool {
-        matches!(self, BulkError::NotForFiles { .. })
+        matches!(
+            self,
+            BulkError::NotForFiles { .. } | BulkError::NotThisLoops { .. }
+        )
     }
 }
 
