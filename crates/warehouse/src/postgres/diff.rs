@@ -50,14 +50,23 @@ pub(super) fn changes_sql(spec: &SyncSpec) -> String {
               -- A row in sync whose email, or whose key, a row read out now carries is read out
               -- too: every row of a duplicated email or key is invalid, as in the plain diff.
               -- (Two copies of a key both equal to its noted row are not read: unchanged.)
+              -- Two semi-joins, never `ek IN (…) OR k IN (…)`: an OR keeps each IN a subplan, and
+              -- over `c0`, whose size PostgreSQL estimates in billions (a CTE has no statistics),
+              -- an unhashed one that rescans `c0` for every model row (minutes at 1 M rows).
+              -- The second leaves out what the first read (its email is one read out).
               c AS MATERIALIZED (
                   SELECT * FROM c0
                   UNION ALL
                   SELECT m.*, s.key, s.model_hash
                     FROM m JOIN s ON s.key = m.k
                    WHERE s.model_hash = m.h
-                     AND (m.ek IN (SELECT ek FROM c0 WHERE ek IS NOT NULL AND ek <> '')
-                          OR m.k IN (SELECT k FROM c0 WHERE k IS NOT NULL))),
+                     AND m.ek IN (SELECT ek FROM c0 WHERE ek IS NOT NULL AND ek <> '')
+                  UNION ALL
+                  SELECT m.*, s.key, s.model_hash
+                    FROM m JOIN s ON s.key = m.k
+                   WHERE s.model_hash = m.h
+                     AND m.k IN (SELECT k FROM c0 WHERE k IS NOT NULL)
+                     AND NOT EXISTS (SELECT 1 FROM c0 x WHERE x.ek = m.ek AND x.ek <> '')),
               e AS MATERIALIZED (
                   SELECT c.*, x.confirmed_fp, x.confirmed_email, x.confirmed_user_id, x.parked_fp,
                          x.generation, x.model_email AS xme, x.emitted_run, x.emitted_fp, x.confirmed_run,
