@@ -1607,6 +1607,63 @@ async fn sqlite_adoption_forgets_contact_ids() {
     adoption_forgets_contact_ids(sqlite()).await;
 }
 
+/// A confirmation without a contact id (`events/send` answers none) keeps the state's id only
+/// while the record's identity stays: a re-key through `events/send` (another email) made a new
+/// contact, so the old contact's id goes; the same email (in another case), or none given,
+/// keeps it.
+async fn a_rekey_without_a_contact_id_forgets_the_old_one(f: Fixture) {
+    let w = &*f.warehouse;
+    w.prepare().await.unwrap();
+    let s = spec("users", "users");
+    let with_email = |mut o: Outcome, email: Option<&str>| {
+        o.email = email.map(str::to_owned);
+        o
+    };
+    let run = w.create_run("users").await.unwrap();
+    w.claim_run(run, false).await.unwrap();
+    w.record_outcomes(&[
+        with_email(confirmed(&s, run, "1", "f1"), Some("one@example.com")),
+        with_email(confirmed(&s, run, "2", "f2"), Some("two@example.com")),
+        with_email(confirmed(&s, run, "3", "f3"), Some("three@example.com")),
+    ])
+    .await
+    .unwrap();
+    w.finish_extract(run, &ExtractCounts::default())
+        .await
+        .unwrap();
+    let next = w.create_run("users").await.unwrap();
+    w.claim_run(next, false).await.unwrap();
+    let without_id = |key: &str, email: Option<&str>| {
+        let mut o = with_email(confirmed(&s, next, key, &format!("f{key}-new")), email);
+        o.contact_id = None;
+        o
+    };
+    w.record_outcomes(&[
+        without_id("1", Some("moved@example.com")),
+        without_id("2", Some("TWO@example.com")),
+        without_id("3", None),
+    ])
+    .await
+    .unwrap();
+    let id = |key: &str, id: Option<&str>| (key.to_owned(), id.map(str::to_owned));
+    assert_eq!(
+        contact_ids(w).await,
+        [id("1", None), id("2", Some("c-2")), id("3", Some("c-3"))],
+        "only the re-key forgets its old contact's id"
+    );
+}
+
+#[tokio::test]
+async fn postgres_a_rekey_without_a_contact_id_forgets_the_old_one() {
+    let Some(f) = postgres().await else { return };
+    a_rekey_without_a_contact_id_forgets_the_old_one(f).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_rekey_without_a_contact_id_forgets_the_old_one() {
+    a_rekey_without_a_contact_id_forgets_the_old_one(sqlite()).await;
+}
+
 /// A run of sync `users` whose records have `outcomes` (reasons given), finished: its summary.
 async fn run_of(w: &dyn Warehouse, outcomes: &[(&str, OutcomeStatus, &str)]) -> RunSummary {
     let run = w.create_run("users").await.unwrap();

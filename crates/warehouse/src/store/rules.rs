@@ -504,14 +504,23 @@ const INSERT_ATTEMPT: &str = "INSERT INTO loopsync.attempts
 /// Confirm: Loops confirmed a record's fingerprint (never moving back to an older run, nor to
 /// the run of a tombstone or of a `reset`'s fence: `confirmed_run` with nothing confirmed). The
 /// generation advances unless this repeats the confirmation it has; the noted hash stays only
-/// while the fingerprint does.
+/// while the fingerprint does. A confirmation without a contact id (`events/send` answers
+/// none) keeps the one the state has only while the confirmed email and userId stay: one for
+/// another identity (a re-key through `events/send` makes a new contact) clears it, so that
+/// the read-back of a new API key never compares the old contact's id.
 const CONFIRM: &str = "INSERT INTO loopsync.state (sync, key, confirmed_fp, confirmed_run, confirmed_at,
                                     contact_id, confirmed_email, confirmed_user_id)
      VALUES ($1, $2, $3, $4, {now}, $5, $6, $7)
      ON CONFLICT (sync, key) DO UPDATE
         SET confirmed_fp = EXCLUDED.confirmed_fp, confirmed_run = EXCLUDED.confirmed_run,
             confirmed_at = EXCLUDED.confirmed_at,
-            contact_id = COALESCE(EXCLUDED.contact_id, loopsync.state.contact_id),
+            contact_id = CASE
+                WHEN EXCLUDED.contact_id IS NOT NULL THEN EXCLUDED.contact_id
+                WHEN lower(trim(EXCLUDED.confirmed_email))
+                         <> lower(trim(loopsync.state.confirmed_email))
+                  OR EXCLUDED.confirmed_user_id <> loopsync.state.confirmed_user_id
+                THEN NULL
+                ELSE loopsync.state.contact_id END,
             confirmed_email = COALESCE(EXCLUDED.confirmed_email, loopsync.state.confirmed_email),
             confirmed_user_id = COALESCE(EXCLUDED.confirmed_user_id, loopsync.state.confirmed_user_id),
             parked_fp = NULL, resubscribe = 0,
