@@ -1821,6 +1821,64 @@ async fn accepting_invalid_records(f: Fixture) {
     assert_eq!((seventh.status.as_str(), seventh.accepted), ("degraded", 0));
 }
 
+/// `adopt` confirms a record: Loops holds its contact now, so its acceptance ends (it writes no
+/// outcome, so the outcome rule never sees it). The record invalid again is a fresh invalid.
+async fn adoption_ends_an_acceptance(f: Fixture) {
+    use OutcomeStatus::Invalid;
+    let w = &*f.warehouse;
+    w.prepare().await.unwrap();
+    let no_email = "no email: the contact is identified by email";
+    let _ = run_of(w, &[("1", Invalid, no_email), ("2", Invalid, no_email)]).await;
+    let records = [
+        ("1".to_owned(), no_email.to_owned()),
+        ("2".to_owned(), no_email.to_owned()),
+    ];
+    assert_eq!(
+        w.accept_invalid("users", &records, None, false)
+            .await
+            .unwrap()
+            .accepted,
+        2
+    );
+    let run = w.create_run("users").await.unwrap();
+    w.adopt(
+        "users",
+        run,
+        &[Adoption {
+            key: "1".into(),
+            fingerprint: "f1".into(),
+            email: Some("one@example.com".into()),
+            ..Adoption::default()
+        }],
+    )
+    .await
+    .unwrap();
+    w.finish_adopt(run, &ExtractCounts::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        accepted_now(w).await,
+        [("1".into(), false), ("2".into(), true)],
+        "only the adopted record's acceptance ends"
+    );
+    let again = run_of(w, &[("1", Invalid, no_email), ("2", Invalid, no_email)]).await;
+    assert_eq!(
+        (again.status.as_str(), again.invalid, again.accepted),
+        ("degraded", 2, 1)
+    );
+}
+
+#[tokio::test]
+async fn postgres_adoption_ends_an_acceptance() {
+    let Some(f) = postgres().await else { return };
+    adoption_ends_an_acceptance(f).await;
+}
+
+#[tokio::test]
+async fn sqlite_adoption_ends_an_acceptance() {
+    adoption_ends_an_acceptance(sqlite()).await;
+}
+
 #[tokio::test]
 async fn postgres_accepting_invalid_records() {
     let Some(f) = postgres().await else { return };

@@ -277,7 +277,8 @@ pub(crate) async fn finish_extract(
 /// adopted, reset: the four places it moves, all in this file), so that what is sent next has
 /// new idempotency keys. An adoption asks Loops for no contact, so it knows no contact id: the
 /// one kept from an earlier confirmation goes (it may be another team's contact, and the
-/// read-back of a new API key compares it).
+/// read-back of a new API key compares it). An adoption is a confirmation: like any final
+/// outcome but an invalid one, it ends the record's acceptance (Loops holds its contact now).
 pub(crate) async fn adopt(
     x: &mut dyn Exec,
     sync: String,
@@ -303,24 +304,28 @@ pub(crate) async fn adopt(
     );
     let items = records
         .into_iter()
-        .map(|r| {
+        .flat_map(|r| {
             let (hash, email) = r.unchanged.unzip();
-            (
-                0,
-                params![
-                    &sync,
-                    r.key,
-                    r.fingerprint,
-                    run_id,
-                    r.email,
-                    r.user_id,
-                    hash,
-                    email.flatten()
-                ],
-            )
+            [
+                (1, params![&sync, &r.key]),
+                (
+                    0,
+                    params![
+                        &sync,
+                        r.key,
+                        r.fingerprint,
+                        run_id,
+                        r.email,
+                        r.user_id,
+                        hash,
+                        email.flatten()
+                    ],
+                ),
+            ]
         })
         .collect();
-    x.batch("adopt records", &[sql], items).await?;
+    x.batch("adopt records", &[sql, FORGET_ACCEPTANCE.to_owned()], items)
+        .await?;
     Ok(())
 }
 
@@ -1094,11 +1099,18 @@ pub(crate) async fn unaccept_invalid(
 ) -> Result<u64, WarehouseError> {
     keys.sort();
     keys.dedup();
-    let sql = "DELETE FROM loopsync.accepted WHERE sync = $1 AND key = $2";
     let items = keys.into_iter().map(|k| (0, params![&sync, k])).collect();
-    x.batch("unaccept invalid records", &[sql.to_owned()], items)
-        .await
+    x.batch(
+        "unaccept invalid records",
+        &[FORGET_ACCEPTANCE.to_owned()],
+        items,
+    )
+    .await
 }
+
+/// Ends the acceptance of key `$2` of sync `$1`: `rejections unaccept`, and an adoption (a
+/// confirmation that writes no outcome, so [`END_ACCEPTANCE`] never sees it).
+const FORGET_ACCEPTANCE: &str = "DELETE FROM loopsync.accepted WHERE sync = $1 AND key = $2";
 
 /// Reset: the sync's records forgotten, not deleted: each keeps its generation, moved on, so
 /// what the next run sends has new idempotency keys (a reset to the same Loops is not mistaken
