@@ -1879,6 +1879,75 @@ async fn sqlite_adoption_ends_an_acceptance() {
     adoption_ends_an_acceptance(sqlite()).await;
 }
 
+/// A record whose write was dead-lettered since its last confirmation may have its contact in
+/// Loops (the answers lost, not the effect): accepting it invalid needs `in_loops_too`, as a
+/// confirmed one does. A dead-letter before a confirmed removal no longer counts; a record
+/// only ever invalid is not in Loops.
+async fn a_lost_write_counts_as_in_loops(f: Fixture) {
+    use OutcomeStatus::{DeadLettered, Invalid};
+    let w = &*f.warehouse;
+    w.prepare().await.unwrap();
+    let s = spec("users", "users");
+    let no_email = "no email: the contact is identified by email";
+    // Key 3: confirmed, then a write lost, then its removal confirmed: a tombstone.
+    let run = w.create_run("users").await.unwrap();
+    w.claim_run(run, false).await.unwrap();
+    w.record_outcomes(&[confirmed(&s, run, "3", "f3")])
+        .await
+        .unwrap();
+    w.finish_extract(run, &ExtractCounts::default())
+        .await
+        .unwrap();
+    let _ = run_of(w, &[("1", DeadLettered, "lost"), ("3", DeadLettered, "lost")]).await;
+    let removed = w.create_run("users").await.unwrap();
+    w.claim_run(removed, false).await.unwrap();
+    let mut removal = confirmed(&s, removed, "3", "f3");
+    removal.operation = "delete".into();
+    w.record_outcomes(&[removal]).await.unwrap();
+    w.finish_extract(removed, &ExtractCounts::default())
+        .await
+        .unwrap();
+    let _ = run_of(
+        w,
+        &[
+            ("1", Invalid, no_email),
+            ("2", Invalid, no_email),
+            ("3", Invalid, no_email),
+        ],
+    )
+    .await;
+    let records = ["1", "2", "3"].map(|k| (k.to_owned(), no_email.to_owned()));
+    assert_eq!(
+        w.accept_invalid("users", &records, None, false)
+            .await
+            .unwrap(),
+        Acceptance {
+            accepted: 2,
+            outcome_changed: 0,
+            in_loops: vec!["1".into()],
+        }
+    );
+    assert_eq!(
+        w.accept_invalid("users", &records[..1], None, true)
+            .await
+            .unwrap()
+            .accepted,
+        1,
+        "accepted when the stale contact is intended"
+    );
+}
+
+#[tokio::test]
+async fn postgres_a_lost_write_counts_as_in_loops() {
+    let Some(f) = postgres().await else { return };
+    a_lost_write_counts_as_in_loops(f).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_lost_write_counts_as_in_loops() {
+    a_lost_write_counts_as_in_loops(sqlite()).await;
+}
+
 #[tokio::test]
 async fn postgres_accepting_invalid_records() {
     let Some(f) = postgres().await else { return };

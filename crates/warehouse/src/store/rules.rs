@@ -1036,8 +1036,11 @@ const IN_LOOPS_CHUNK: usize = 500;
 /// while its latest outcome still is (decided by the insert itself: a run that recorded
 /// another outcome since the caller read the record leaves it unaccepted). A record whose
 /// contact Loops confirmed and still holds (its row was sent, then became invalid: Loops keeps
-/// the values it last confirmed for as long as the row stays invalid) is accepted only when
-/// `in_loops_too` says the stale contact is intended; else its key is returned.
+/// the values it last confirmed for as long as the row stays invalid), or may hold (a write
+/// dead-lettered since its last confirmation: its answers lost, its effect maybe not), is
+/// accepted only when `in_loops_too` says the stale contact is intended; else its key is
+/// returned. (Not "emitted since": the extractor notes as emitted a change the transformer then
+/// refuses, which never reaches Loops.)
 pub(crate) async fn accept_invalid(
     x: &mut dyn Exec,
     sync: String,
@@ -1051,10 +1054,15 @@ pub(crate) async fn accept_invalid(
     if !in_loops_too {
         for chunk in records.chunks(IN_LOOPS_CHUNK) {
             let keys: Vec<String> = (2..chunk.len() + 2).map(|i| format!("${i}")).collect();
+            let keys = keys.join(", ");
             let sql = format!(
                 "SELECT key FROM loopsync.state
-                  WHERE sync = $1 AND confirmed_fp IS NOT NULL AND key IN ({})",
-                keys.join(", ")
+                  WHERE sync = $1 AND confirmed_fp IS NOT NULL AND key IN ({keys})
+                 UNION
+                 SELECT r.key FROM loopsync.records r
+                   LEFT JOIN loopsync.state s ON s.sync = r.sync AND s.key = r.key
+                  WHERE r.sync = $1 AND r.key IN ({keys}) AND r.outcome = 'dead_lettered'
+                    AND r.run_id > COALESCE(s.confirmed_run, 0)"
             );
             let mut params = params![&sync];
             params.extend(chunk.iter().map(|(key, _)| super::Value::from(key)));
