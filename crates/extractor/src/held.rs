@@ -360,8 +360,14 @@ mod tests {
         let valid = with_seats(change(5, ChangeKind::Added, Some("two@x.co"), None), "3");
         assert!(held.take(invalid).is_some());
         assert!(held.take(valid).is_some());
-        assert!(held.take(change(1, ChangeKind::Removed, None, Some("one@x.co"))).is_none());
-        assert!(held.take(change(2, ChangeKind::Removed, None, Some("two@x.co"))).is_none());
+        assert!(
+            held.take(change(1, ChangeKind::Removed, None, Some("one@x.co")))
+                .is_none()
+        );
+        assert!(
+            held.take(change(2, ChangeKind::Removed, None, Some("two@x.co")))
+                .is_none()
+        );
         let settled = held.settle(&[]);
         assert_eq!(keys(&settled.removals), ["1"]);
         assert_eq!(keys(&settled.released), ["2"]);

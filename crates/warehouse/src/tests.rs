@@ -1898,7 +1898,11 @@ async fn a_lost_write_counts_as_in_loops(f: Fixture) {
     w.finish_extract(run, &ExtractCounts::default())
         .await
         .unwrap();
-    let _ = run_of(w, &[("1", DeadLettered, "lost"), ("3", DeadLettered, "lost")]).await;
+    let _ = run_of(
+        w,
+        &[("1", DeadLettered, "lost"), ("3", DeadLettered, "lost")],
+    )
+    .await;
     let removed = w.create_run("users").await.unwrap();
     w.claim_run(removed, false).await.unwrap();
     let mut removal = confirmed(&s, removed, "3", "f3");
