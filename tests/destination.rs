@@ -528,7 +528,6 @@ async fn a_key_rotated_on_the_same_team_keeps_the_state() {
 /// first: row 1 is found by its email as another contact, counted missing, and the sync is
 /// refused as another Loops (exit 2) — on the team that holds every one of its contacts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "hole: a re-key confirmed through events/send keeps the old contact's id, so a rotated key is refused"]
 async fn a_rekey_through_events_send_does_not_make_a_rotated_key_look_like_another_team() {
     let Some(stack) = Stack::start(StackOptions {
         rows: 3,

@@ -317,7 +317,6 @@ async fn accepting_a_record_loops_still_holds_needs_keep_stale() {
 /// as long as the row stays invalid, the very case `rejections accept` refuses without
 /// `--keep-stale` — yet the run succeeds (exit 0) on the old acceptance.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "hole: adopt confirms a record without ending its acceptance, which then covers a contact Loops holds"]
 async fn an_acceptance_ends_when_adopt_confirms_the_record() {
     let Some(stack) = Stack::start(StackOptions {
         rows: 3,
@@ -387,7 +386,6 @@ async fn an_acceptance_ends_when_adopt_confirms_the_record() {
 /// at what the state confirmed, accepts it without `--keep-stale`, and the next runs succeed
 /// (exit 0) while Loops keeps a contact made from the row's earlier values.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "hole: rejections accept counts only confirmed contacts as in Loops, not one a lost write may have made"]
 async fn accepting_a_record_whose_lost_write_loops_may_hold_needs_keep_stale() {
     let Some(stack) = Stack::start(StackOptions {
         rows: 3,

@@ -731,7 +731,6 @@ async fn plan_and_run_agree_on_a_removal_whose_email_another_row_took() {
 /// next run succeeds (exit 0), and Loops keeps row 1's contact, with row 1's values, that no
 /// valid row has and that the sync wrote.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "hole: a removal is released for an email claimed by a write the transformer then refuses"]
 async fn a_removal_is_not_released_to_a_row_that_is_never_written() {
     let Some(stack) = Stack::start(StackOptions {
         rows: 3,

@@ -17,6 +17,7 @@ use std::hash::BuildHasher;
 use loopsync_core::envelope::{ChangeKind, OldContact, RowChange};
 use loopsync_core::spec::{Behavior, IdentifyBy, SyncSpec};
 use loopsync_core::value::normalize_email;
+use loopsync_transformer::transform;
 use loopsync_warehouse::{Warehouse, WarehouseError};
 
 /// Why a released removal sends nothing: the reason its outcome (a run) or its planned record
@@ -62,8 +63,8 @@ impl<'a> Held<'a> {
         }
     }
 
-    /// Takes a change as it is decided: notes the identity it writes (under mirror: only a held
-    /// change ever asks) and gives it back when it goes at once; keeps a removal, or a change
+    /// Takes a change as it is decided: notes the identity it writes when the transformer maps
+    /// it to an operation (under mirror: only a held change ever asks) and gives it back when it goes at once; keeps a removal, or a change
     /// that would take a contact out of Loops (a re-key, `RowChange::possibly_left`), until
     /// [`Held::settle`].
     pub fn take(&mut self, change: RowChange) -> Option<RowChange> {
@@ -83,7 +84,11 @@ impl<'a> Held<'a> {
             IdentifyBy::Email => value("email").map(|e| normalize_email(&e)),
             IdentifyBy::UserId => value("userId").map(|u| u.trim().to_owned()),
         };
-        if let Some(id) = written.filter(|id| !id.is_empty()) {
+        // Only a write the transformer will send claims its identity: one it refuses (an
+        // invalid row) never reaches Loops, so it must not release another record's removal.
+        if let Some(id) = written.filter(|id| !id.is_empty())
+            && transform(self.spec, &change).is_ok()
+        {
             self.written.insert(self.hasher.hash_one(&id));
         }
         if change.rekey(self.spec).is_some() || !change.possibly_left(self.spec).is_empty() {
@@ -332,6 +337,40 @@ mod tests {
             .map(|c| (c.key.as_str(), c.keep_old_contact))
             .collect();
         assert_eq!(rekeys, [("2", false), ("5", true)]);
+    }
+
+    /// A write the transformer refuses (an invalid row: its seats are not a number) never
+    /// reaches Loops, so the email it would take claims nothing: the removal of the record
+    /// that had it is weighed, not released. A valid write taking an email still releases.
+    #[test]
+    fn a_write_the_transformer_refuses_claims_no_email() {
+        let mut mirror = spec(Behavior::Mirror);
+        mirror.properties.push(loopsync_core::spec::MappedProperty {
+            property: "seats".into(),
+            column: "seats".into(),
+            kind: loopsync_core::value::PropertyKind::Number,
+        });
+        let mut held = Held::new(&mirror);
+        let with_seats = |mut c: RowChange, seats: &str| {
+            c.values.insert("seats".into(), Some(seats.into()));
+            c
+        };
+        let invalid = with_seats(change(4, ChangeKind::Added, Some("one@x.co"), None), "many");
+        assert!(transform(&mirror, &invalid).is_err());
+        let valid = with_seats(change(5, ChangeKind::Added, Some("two@x.co"), None), "3");
+        assert!(held.take(invalid).is_some());
+        assert!(held.take(valid).is_some());
+        assert!(
+            held.take(change(1, ChangeKind::Removed, None, Some("one@x.co")))
+                .is_none()
+        );
+        assert!(
+            held.take(change(2, ChangeKind::Removed, None, Some("two@x.co")))
+                .is_none()
+        );
+        let settled = held.settle(&[]);
+        assert_eq!(keys(&settled.removals), ["1"]);
+        assert_eq!(keys(&settled.released), ["2"]);
     }
 
     /// Identified by userId, a removal is released when another record has its userId.

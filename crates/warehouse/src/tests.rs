@@ -1607,6 +1607,63 @@ async fn sqlite_adoption_forgets_contact_ids() {
     adoption_forgets_contact_ids(sqlite()).await;
 }
 
+/// A confirmation without a contact id (`events/send` answers none) keeps the state's id only
+/// while the record's identity stays: a re-key through `events/send` (another email) made a new
+/// contact, so the old contact's id goes; the same email (in another case), or none given,
+/// keeps it.
+async fn a_rekey_without_a_contact_id_forgets_the_old_one(f: Fixture) {
+    let w = &*f.warehouse;
+    w.prepare().await.unwrap();
+    let s = spec("users", "users");
+    let with_email = |mut o: Outcome, email: Option<&str>| {
+        o.email = email.map(str::to_owned);
+        o
+    };
+    let run = w.create_run("users").await.unwrap();
+    w.claim_run(run, false).await.unwrap();
+    w.record_outcomes(&[
+        with_email(confirmed(&s, run, "1", "f1"), Some("one@example.com")),
+        with_email(confirmed(&s, run, "2", "f2"), Some("two@example.com")),
+        with_email(confirmed(&s, run, "3", "f3"), Some("three@example.com")),
+    ])
+    .await
+    .unwrap();
+    w.finish_extract(run, &ExtractCounts::default())
+        .await
+        .unwrap();
+    let next = w.create_run("users").await.unwrap();
+    w.claim_run(next, false).await.unwrap();
+    let without_id = |key: &str, email: Option<&str>| {
+        let mut o = with_email(confirmed(&s, next, key, &format!("f{key}-new")), email);
+        o.contact_id = None;
+        o
+    };
+    w.record_outcomes(&[
+        without_id("1", Some("moved@example.com")),
+        without_id("2", Some("TWO@example.com")),
+        without_id("3", None),
+    ])
+    .await
+    .unwrap();
+    let id = |key: &str, id: Option<&str>| (key.to_owned(), id.map(str::to_owned));
+    assert_eq!(
+        contact_ids(w).await,
+        [id("1", None), id("2", Some("c-2")), id("3", Some("c-3"))],
+        "only the re-key forgets its old contact's id"
+    );
+}
+
+#[tokio::test]
+async fn postgres_a_rekey_without_a_contact_id_forgets_the_old_one() {
+    let Some(f) = postgres().await else { return };
+    a_rekey_without_a_contact_id_forgets_the_old_one(f).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_rekey_without_a_contact_id_forgets_the_old_one() {
+    a_rekey_without_a_contact_id_forgets_the_old_one(sqlite()).await;
+}
+
 /// A run of sync `users` whose records have `outcomes` (reasons given), finished: its summary.
 async fn run_of(w: &dyn Warehouse, outcomes: &[(&str, OutcomeStatus, &str)]) -> RunSummary {
     let run = w.create_run("users").await.unwrap();
@@ -1762,6 +1819,137 @@ async fn accepting_invalid_records(f: Fixture) {
     assert_eq!(w.unaccept_invalid("users", &["1".into()]).await.unwrap(), 0);
     let seventh = run_of(w, &[("1", Invalid, no_email)]).await;
     assert_eq!((seventh.status.as_str(), seventh.accepted), ("degraded", 0));
+}
+
+/// `adopt` confirms a record: Loops holds its contact now, so its acceptance ends (it writes no
+/// outcome, so the outcome rule never sees it). The record invalid again is a fresh invalid.
+async fn adoption_ends_an_acceptance(f: Fixture) {
+    use OutcomeStatus::Invalid;
+    let w = &*f.warehouse;
+    w.prepare().await.unwrap();
+    let no_email = "no email: the contact is identified by email";
+    let _ = run_of(w, &[("1", Invalid, no_email), ("2", Invalid, no_email)]).await;
+    let records = [
+        ("1".to_owned(), no_email.to_owned()),
+        ("2".to_owned(), no_email.to_owned()),
+    ];
+    assert_eq!(
+        w.accept_invalid("users", &records, None, false)
+            .await
+            .unwrap()
+            .accepted,
+        2
+    );
+    let run = w.create_run("users").await.unwrap();
+    w.adopt(
+        "users",
+        run,
+        &[Adoption {
+            key: "1".into(),
+            fingerprint: "f1".into(),
+            email: Some("one@example.com".into()),
+            ..Adoption::default()
+        }],
+    )
+    .await
+    .unwrap();
+    w.finish_adopt(run, &ExtractCounts::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        accepted_now(w).await,
+        [("1".into(), false), ("2".into(), true)],
+        "only the adopted record's acceptance ends"
+    );
+    let again = run_of(w, &[("1", Invalid, no_email), ("2", Invalid, no_email)]).await;
+    assert_eq!(
+        (again.status.as_str(), again.invalid, again.accepted),
+        ("degraded", 2, 1)
+    );
+}
+
+#[tokio::test]
+async fn postgres_adoption_ends_an_acceptance() {
+    let Some(f) = postgres().await else { return };
+    adoption_ends_an_acceptance(f).await;
+}
+
+#[tokio::test]
+async fn sqlite_adoption_ends_an_acceptance() {
+    adoption_ends_an_acceptance(sqlite()).await;
+}
+
+/// A record whose write was dead-lettered since its last confirmation may have its contact in
+/// Loops (the answers lost, not the effect): accepting it invalid needs `in_loops_too`, as a
+/// confirmed one does. A dead-letter before a confirmed removal no longer counts; a record
+/// only ever invalid is not in Loops.
+async fn a_lost_write_counts_as_in_loops(f: Fixture) {
+    use OutcomeStatus::{DeadLettered, Invalid};
+    let w = &*f.warehouse;
+    w.prepare().await.unwrap();
+    let s = spec("users", "users");
+    let no_email = "no email: the contact is identified by email";
+    // Key 3: confirmed, then a write lost, then its removal confirmed: a tombstone.
+    let run = w.create_run("users").await.unwrap();
+    w.claim_run(run, false).await.unwrap();
+    w.record_outcomes(&[confirmed(&s, run, "3", "f3")])
+        .await
+        .unwrap();
+    w.finish_extract(run, &ExtractCounts::default())
+        .await
+        .unwrap();
+    let _ = run_of(
+        w,
+        &[("1", DeadLettered, "lost"), ("3", DeadLettered, "lost")],
+    )
+    .await;
+    let removed = w.create_run("users").await.unwrap();
+    w.claim_run(removed, false).await.unwrap();
+    let mut removal = confirmed(&s, removed, "3", "f3");
+    removal.operation = "delete".into();
+    w.record_outcomes(&[removal]).await.unwrap();
+    w.finish_extract(removed, &ExtractCounts::default())
+        .await
+        .unwrap();
+    let _ = run_of(
+        w,
+        &[
+            ("1", Invalid, no_email),
+            ("2", Invalid, no_email),
+            ("3", Invalid, no_email),
+        ],
+    )
+    .await;
+    let records = ["1", "2", "3"].map(|k| (k.to_owned(), no_email.to_owned()));
+    assert_eq!(
+        w.accept_invalid("users", &records, None, false)
+            .await
+            .unwrap(),
+        Acceptance {
+            accepted: 2,
+            outcome_changed: 0,
+            in_loops: vec!["1".into()],
+        }
+    );
+    assert_eq!(
+        w.accept_invalid("users", &records[..1], None, true)
+            .await
+            .unwrap()
+            .accepted,
+        1,
+        "accepted when the stale contact is intended"
+    );
+}
+
+#[tokio::test]
+async fn postgres_a_lost_write_counts_as_in_loops() {
+    let Some(f) = postgres().await else { return };
+    a_lost_write_counts_as_in_loops(f).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_lost_write_counts_as_in_loops() {
+    a_lost_write_counts_as_in_loops(sqlite()).await;
 }
 
 #[tokio::test]

@@ -277,7 +277,8 @@ pub(crate) async fn finish_extract(
 /// adopted, reset: the four places it moves, all in this file), so that what is sent next has
 /// new idempotency keys. An adoption asks Loops for no contact, so it knows no contact id: the
 /// one kept from an earlier confirmation goes (it may be another team's contact, and the
-/// read-back of a new API key compares it).
+/// read-back of a new API key compares it). An adoption is a confirmation: like any final
+/// outcome but an invalid one, it ends the record's acceptance (Loops holds its contact now).
 pub(crate) async fn adopt(
     x: &mut dyn Exec,
     sync: String,
@@ -303,24 +304,28 @@ pub(crate) async fn adopt(
     );
     let items = records
         .into_iter()
-        .map(|r| {
+        .flat_map(|r| {
             let (hash, email) = r.unchanged.unzip();
-            (
-                0,
-                params![
-                    &sync,
-                    r.key,
-                    r.fingerprint,
-                    run_id,
-                    r.email,
-                    r.user_id,
-                    hash,
-                    email.flatten()
-                ],
-            )
+            [
+                (1, params![&sync, &r.key]),
+                (
+                    0,
+                    params![
+                        &sync,
+                        r.key,
+                        r.fingerprint,
+                        run_id,
+                        r.email,
+                        r.user_id,
+                        hash,
+                        email.flatten()
+                    ],
+                ),
+            ]
         })
         .collect();
-    x.batch("adopt records", &[sql], items).await?;
+    x.batch("adopt records", &[sql, FORGET_ACCEPTANCE.to_owned()], items)
+        .await?;
     Ok(())
 }
 
@@ -504,14 +509,23 @@ const INSERT_ATTEMPT: &str = "INSERT INTO loopsync.attempts
 /// Confirm: Loops confirmed a record's fingerprint (never moving back to an older run, nor to
 /// the run of a tombstone or of a `reset`'s fence: `confirmed_run` with nothing confirmed). The
 /// generation advances unless this repeats the confirmation it has; the noted hash stays only
-/// while the fingerprint does.
+/// while the fingerprint does. A confirmation without a contact id (`events/send` answers
+/// none) keeps the one the state has only while the confirmed email and userId stay: one for
+/// another identity (a re-key through `events/send` makes a new contact) clears it, so that
+/// the read-back of a new API key never compares the old contact's id.
 const CONFIRM: &str = "INSERT INTO loopsync.state (sync, key, confirmed_fp, confirmed_run, confirmed_at,
                                     contact_id, confirmed_email, confirmed_user_id)
      VALUES ($1, $2, $3, $4, {now}, $5, $6, $7)
      ON CONFLICT (sync, key) DO UPDATE
         SET confirmed_fp = EXCLUDED.confirmed_fp, confirmed_run = EXCLUDED.confirmed_run,
             confirmed_at = EXCLUDED.confirmed_at,
-            contact_id = COALESCE(EXCLUDED.contact_id, loopsync.state.contact_id),
+            contact_id = CASE
+                WHEN EXCLUDED.contact_id IS NOT NULL THEN EXCLUDED.contact_id
+                WHEN lower(trim(EXCLUDED.confirmed_email))
+                         <> lower(trim(loopsync.state.confirmed_email))
+                  OR EXCLUDED.confirmed_user_id <> loopsync.state.confirmed_user_id
+                THEN NULL
+                ELSE loopsync.state.contact_id END,
             confirmed_email = COALESCE(EXCLUDED.confirmed_email, loopsync.state.confirmed_email),
             confirmed_user_id = COALESCE(EXCLUDED.confirmed_user_id, loopsync.state.confirmed_user_id),
             parked_fp = NULL, resubscribe = 0,
@@ -1022,8 +1036,11 @@ const IN_LOOPS_CHUNK: usize = 500;
 /// while its latest outcome still is (decided by the insert itself: a run that recorded
 /// another outcome since the caller read the record leaves it unaccepted). A record whose
 /// contact Loops confirmed and still holds (its row was sent, then became invalid: Loops keeps
-/// the values it last confirmed for as long as the row stays invalid) is accepted only when
-/// `in_loops_too` says the stale contact is intended; else its key is returned.
+/// the values it last confirmed for as long as the row stays invalid), or may hold (a write
+/// dead-lettered since its last confirmation: its answers lost, its effect maybe not), is
+/// accepted only when `in_loops_too` says the stale contact is intended; else its key is
+/// returned. (Not "emitted since": the extractor notes as emitted a change the transformer then
+/// refuses, which never reaches Loops.)
 pub(crate) async fn accept_invalid(
     x: &mut dyn Exec,
     sync: String,
@@ -1037,10 +1054,15 @@ pub(crate) async fn accept_invalid(
     if !in_loops_too {
         for chunk in records.chunks(IN_LOOPS_CHUNK) {
             let keys: Vec<String> = (2..chunk.len() + 2).map(|i| format!("${i}")).collect();
+            let keys = keys.join(", ");
             let sql = format!(
                 "SELECT key FROM loopsync.state
-                  WHERE sync = $1 AND confirmed_fp IS NOT NULL AND key IN ({})",
-                keys.join(", ")
+                  WHERE sync = $1 AND confirmed_fp IS NOT NULL AND key IN ({keys})
+                 UNION
+                 SELECT r.key FROM loopsync.records r
+                   LEFT JOIN loopsync.state s ON s.sync = r.sync AND s.key = r.key
+                  WHERE r.sync = $1 AND r.key IN ({keys}) AND r.outcome = 'dead_lettered'
+                    AND r.run_id > COALESCE(s.confirmed_run, 0)"
             );
             let mut params = params![&sync];
             params.extend(chunk.iter().map(|(key, _)| super::Value::from(key)));
@@ -1085,11 +1107,18 @@ pub(crate) async fn unaccept_invalid(
 ) -> Result<u64, WarehouseError> {
     keys.sort();
     keys.dedup();
-    let sql = "DELETE FROM loopsync.accepted WHERE sync = $1 AND key = $2";
     let items = keys.into_iter().map(|k| (0, params![&sync, k])).collect();
-    x.batch("unaccept invalid records", &[sql.to_owned()], items)
-        .await
+    x.batch(
+        "unaccept invalid records",
+        &[FORGET_ACCEPTANCE.to_owned()],
+        items,
+    )
+    .await
 }
+
+/// Ends the acceptance of key `$2` of sync `$1`: `rejections unaccept`, and an adoption (a
+/// confirmation that writes no outcome, so [`END_ACCEPTANCE`] never sees it).
+const FORGET_ACCEPTANCE: &str = "DELETE FROM loopsync.accepted WHERE sync = $1 AND key = $2";
 
 /// Reset: the sync's records forgotten, not deleted: each keeps its generation, moved on, so
 /// what the next run sends has new idempotency keys (a reset to the same Loops is not mistaken
