@@ -59,6 +59,33 @@ async fn loopsync_refused(stack: &Stack, args: &[&str]) -> (i32, String) {
     (output.status.code().unwrap_or(-1), stderr)
 }
 
+/// `loopsync adopt --sync users --from-loops-export FILE`: its exit status and stdout.
+async fn adopt_from(stack: &Stack, file: &std::path::Path) -> (i32, String) {
+    let file = file.to_str().expect("a UTF-8 path");
+    loopsync(
+        stack,
+        &["adopt", "--sync", "users", "--from-loops-export", file],
+    )
+    .await
+}
+
+/// The same, for a refusal: its exit status and stderr.
+async fn adopt_from_refused(stack: &Stack, file: &std::path::Path) -> (i32, String) {
+    let file = file.to_str().expect("a UTF-8 path");
+    loopsync_refused(
+        stack,
+        &["adopt", "--sync", "users", "--from-loops-export", file],
+    )
+    .await
+}
+
+/// A run (exit 0), then Loops holds exactly the model's rows `keys`.
+async fn run_and_compare(stack: &Stack, keys: &[i64]) {
+    let run = stack.run_once(&[]).await;
+    assert_eq!(run.status, 0, "{}", run.stderr);
+    assert_loops_is_the_model(stack, &stack.contacts().await, keys).await;
+}
+
 async fn put(stack: &Stack, body: Value) {
     let answer = stack
         .loops(reqwest::Method::PUT, "/v1/contacts/update", body)
@@ -209,17 +236,7 @@ async fn a_first_sync_through_the_csv_upload() {
     // Someone edits user8 in Loops after the upload, before the export is taken.
     put(&stack, json!({"userId": "8", "planName": "edited"})).await;
     let audience = download(&stack, "audience.csv").await;
-    let (status, adopted) = loopsync(
-        &stack,
-        &[
-            "adopt",
-            "--sync",
-            "users",
-            "--from-loops-export",
-            audience.to_str().unwrap(),
-        ],
-    )
-    .await;
+    let (status, adopted) = adopt_from(&stack, &audience).await;
     assert_eq!(status, 0, "{adopted}");
     assert!(adopted.contains("adopted 8 records"), "{adopted}");
     assert!(adopted.contains("2 a property differs"), "{adopted}");
@@ -460,17 +477,7 @@ async fn adopting_another_teams_export_checks_the_records_already_confirmed() {
     assert_eq!(refused.status, 2, "another Loops: {}", refused.stderr);
 
     let audience = download_from(&stack, &b.root, "b-audience.csv").await;
-    let (status, adopted) = loopsync(
-        &stack,
-        &[
-            "adopt",
-            "--sync",
-            "users",
-            "--from-loops-export",
-            audience.to_str().unwrap(),
-        ],
-    )
-    .await;
+    let (status, adopted) = adopt_from(&stack, &audience).await;
     assert_eq!(status, 0, "{adopted}");
     let run = stack.run_once(&[]).await;
     assert_eq!(run.status, 0, "{}", run.stderr);
@@ -506,17 +513,7 @@ async fn an_export_of_another_team_is_not_a_confirmation_of_this_one() {
     export_and_upload(&stack, &b.root, "to-b").await;
     assert_eq!(b.contacts().await.len(), 2);
     let audience = download_from(&stack, &b.root, "b-audience.csv").await;
-    let (status, refused) = loopsync_refused(
-        &stack,
-        &[
-            "adopt",
-            "--sync",
-            "users",
-            "--from-loops-export",
-            audience.to_str().unwrap(),
-        ],
-    )
-    .await;
+    let (status, refused) = adopt_from_refused(&stack, &audience).await;
     assert_eq!(
         status, 2,
         "read back from A, the file is refused: {refused}"
@@ -525,9 +522,7 @@ async fn an_export_of_another_team_is_not_a_confirmation_of_this_one() {
         refused.contains("does not match the Loops the sync is bound to"),
         "{refused}"
     );
-    let run = stack.run_once(&[]).await;
-    assert_eq!(run.status, 0, "{}", run.stderr);
-    assert_loops_is_the_model(&stack, &stack.contacts().await, &[1, 2, 3, 4, 5]).await;
+    run_and_compare(&stack, &[1, 2, 3, 4, 5]).await;
 }
 
 /// A first sync through the bulk lane; its audience export is kept. Then the API lane moves on:
@@ -602,9 +597,7 @@ async fn an_old_export_does_not_overrule_what_loops_confirmed_since() {
         )
         .await;
     adopt(first).await;
-    let run = stack.run_once(&[]).await;
-    assert_eq!(run.status, 0, "{}", run.stderr);
-    assert_loops_is_the_model(&stack, &stack.contacts().await, &[1, 2, 3]).await;
+    run_and_compare(&stack, &[1, 2, 3]).await;
 }
 
 /// Loops' export may name a contact's lists by name rather than id (docs/loops-api.md §10.1,
@@ -642,21 +635,9 @@ async fn lists_named_otherwise_in_the_export_are_not_taken_as_off() {
         .unwrap()
         .replace("cm_news", "Newsletter");
     std::fs::write(&audience, by_name).unwrap();
-    let (status, adopted) = loopsync(
-        &stack,
-        &[
-            "adopt",
-            "--sync",
-            "users",
-            "--from-loops-export",
-            audience.to_str().unwrap(),
-        ],
-    )
-    .await;
+    let (status, adopted) = adopt_from(&stack, &audience).await;
     assert_eq!(status, 0, "{adopted}");
-    let run = stack.run_once(&[]).await;
-    assert_eq!(run.status, 0, "{}", run.stderr);
-    assert_loops_is_the_model(&stack, &stack.contacts().await, &[1, 2, 3]).await;
+    run_and_compare(&stack, &[1, 2, 3]).await;
 }
 
 /// Mirror. Row 1's email changes and its re-key's answers are all lost (Loops applied the write
@@ -700,17 +681,7 @@ async fn adopting_from_the_export_keeps_taking_out_what_a_lost_write_left() {
 
     export_and_upload(&stack, &stack.sim.root, "upload").await;
     let audience = download(&stack, "audience.csv").await;
-    let (status, adopted) = loopsync(
-        &stack,
-        &[
-            "adopt",
-            "--sync",
-            "users",
-            "--from-loops-export",
-            audience.to_str().unwrap(),
-        ],
-    )
-    .await;
+    let (status, adopted) = adopt_from(&stack, &audience).await;
     assert_eq!(status, 0, "{adopted}");
     let run = stack.run_once(&[]).await;
     assert_eq!(run.status, 0, "{}", run.stderr);
@@ -757,21 +728,9 @@ async fn an_email_on_two_rows_of_the_export_proves_nothing() {
         .replace("edited", "pro")
         .replace("user1@example.com", "USER1@example.com");
     std::fs::write(&audience, format!("{text}{line}\n")).unwrap();
-    let (status, adopted) = loopsync(
-        &stack,
-        &[
-            "adopt",
-            "--sync",
-            "users",
-            "--from-loops-export",
-            audience.to_str().unwrap(),
-        ],
-    )
-    .await;
+    let (status, adopted) = adopt_from(&stack, &audience).await;
     assert_eq!(status, 0, "{adopted}");
-    let run = stack.run_once(&[]).await;
-    assert_eq!(run.status, 0, "{}", run.stderr);
-    assert_loops_is_the_model(&stack, &stack.contacts().await, &[1, 2, 3]).await;
+    run_and_compare(&stack, &[1, 2, 3]).await;
 }
 
 /// The operator passes `adopt --from-loops-export` the file `loopsync export` wrote (the one to
@@ -803,22 +762,10 @@ async fn the_file_to_upload_is_not_loops_export() {
     .await;
     assert_eq!(status, 0, "{printed}");
     let ours = out_dir.join("users.no-lists.csv");
-    let (status, refused) = loopsync_refused(
-        &stack,
-        &[
-            "adopt",
-            "--sync",
-            "users",
-            "--from-loops-export",
-            ours.to_str().unwrap(),
-        ],
-    )
-    .await;
+    let (status, refused) = adopt_from_refused(&stack, &ours).await;
     assert_eq!(status, 2, "not Loops' export: refused: {refused}");
     assert!(refused.contains("no Mailing Lists column"), "{refused}");
-    let run = stack.run_once(&[]).await;
-    assert_eq!(run.status, 0, "{}", run.stderr);
-    assert_loops_is_the_model(&stack, &stack.contacts().await, &[1, 2, 3, 4]).await;
+    run_and_compare(&stack, &[1, 2, 3, 4]).await;
 }
 
 /// Mirror. `loopsync export` writes the files; before they are uploaded (hours later, for a
@@ -868,17 +815,7 @@ async fn a_row_that_leaves_between_export_and_upload_is_removed() {
     }
     assert!(stack.contacts().await.contains_key("user3@example.com"));
     let audience = download(&stack, "audience.csv").await;
-    let (status, adopted) = loopsync(
-        &stack,
-        &[
-            "adopt",
-            "--sync",
-            "users",
-            "--from-loops-export",
-            audience.to_str().unwrap(),
-        ],
-    )
-    .await;
+    let (status, adopted) = adopt_from(&stack, &audience).await;
     assert_eq!(status, 0, "{adopted}");
     let run = stack.run_once(&[]).await;
     assert_eq!(run.status, 0, "{}", run.stderr);
