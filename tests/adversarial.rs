@@ -1059,29 +1059,6 @@ async fn user_id_mirror_unsubscribe() {
     .await;
 }
 
-/// A history a random seed of `user_id_mirror_unsubscribe` found in CI: at step 39 the clean run
-/// ends degraded, key 4's re-key refused by Loops ("No contact found with this userId. A new
-/// contact needs an email."). Key 4 left (29), its removal ran with the keys forgotten (30), it
-/// came back (34), its userId changed under errors before the effect (35), its email went
-/// invalid (37) and was fixed to a new address (39). Kept with its seed until understood.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "hole: a userId re-key after a removal, a return and an email change is refused by Loops (seed 2976652458)"]
-async fn user_id_mirror_unsubscribe_seed_2976652458() {
-    history(
-        Variant {
-            name: "userId, mirror (unsubscribe)",
-            by_user_id: true,
-            mirror: true,
-            unsubscribe: true,
-            workflows: false,
-            keys_consumed_on_failure: false,
-        },
-        2976652458,
-        steps(350),
-    )
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn email_upsert_keys_consumed_on_failure() {
     history(
@@ -1521,6 +1498,81 @@ async fn case_10_a_lost_unsubscribe_then_the_row_returns() {
             d.contact(USER_ID_UNSUBSCRIBE, "u1").unwrap()["subscribed"],
             true,
             "{}: re-subscribed",
+            d.store.name()
+        );
+        d.stop().await;
+    }
+}
+
+/// Case 11: a userId change whose answer was lost (Loops applied it: a dead letter), then the
+/// row leaves. The record's confirmed userId is no longer in Loops: its unsubscribe must not
+/// fail on it ("No contact found with this userId"), and the contact under the new userId is
+/// unsubscribed (seeds 1067997300 and 2976652458 of the history above).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn case_11_a_lost_user_id_change_then_the_row_leaves() {
+    let Some(deployments) = both(USER_ID_UNSUBSCRIBE).await else {
+        return;
+    };
+    for mut d in deployments {
+        let mut model = Model::new(3);
+        d.step(&model, Fault::None, USER_ID_UNSUBSCRIBE).await;
+        model.rows.get_mut(&1).unwrap().user_id = Some("v1".into());
+        let lost = d.step(&model, Fault::Dropped, USER_ID_UNSUBSCRIBE).await;
+        assert_eq!(lost.dead_lettered, 1, "{}", d.store.name());
+        assert!(
+            d.contact(USER_ID_UNSUBSCRIBE, "v1").is_some(),
+            "Loops applied it"
+        );
+        model.rows.remove(&1);
+        let clean = d.step(&model, Fault::None, USER_ID_UNSUBSCRIBE).await;
+        assert_eq!(
+            clean.status.to_string(),
+            "succeeded",
+            "{}: {clean:?}",
+            d.store.name()
+        );
+        assert_eq!(
+            d.contact(USER_ID_UNSUBSCRIBE, "v1").unwrap()["subscribed"],
+            false,
+            "{}: the contact under the new userId is unsubscribed",
+            d.store.name()
+        );
+        assert!(d.contact(USER_ID_UNSUBSCRIBE, "u1").is_none());
+        d.stop().await;
+    }
+}
+
+/// Case 11 without the sync's doubt: someone changed the contact's userId in Loops, then the
+/// row leaves. No contact holds the userId the sync confirmed, so none is subscribed by it:
+/// the unsubscribe's goal is met (as a delete's 404), not a rejection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn case_11_a_user_id_changed_in_loops_then_the_row_leaves() {
+    let Some(deployments) = both(USER_ID_UNSUBSCRIBE).await else {
+        return;
+    };
+    for mut d in deployments {
+        let mut model = Model::new(3);
+        d.step(&model, Fault::None, USER_ID_UNSUBSCRIBE).await;
+        let answer = reqwest::Client::new()
+            .put(format!("{}/v1/contacts/update", d.sim.base_url()))
+            .bearer_auth("test-key")
+            .json(&json!({"email": "user1@example.com", "userId": "elsewhere"}))
+            .send()
+            .await
+            .unwrap();
+        assert!(answer.status().is_success());
+        model.rows.remove(&1);
+        let clean = d.step(&model, Fault::None, USER_ID_UNSUBSCRIBE).await;
+        assert_eq!(
+            clean.status.to_string(),
+            "succeeded",
+            "{}: {clean:?}",
+            d.store.name()
+        );
+        assert_eq!(
+            clean.rejected + clean.dead_lettered,
+            0,
+            "{}",
             d.store.name()
         );
         d.stop().await;

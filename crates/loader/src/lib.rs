@@ -267,9 +267,13 @@ impl LoaderStage {
                 }
                 contact_id
             }
-            // The removal of a contact a lost create may never have made: unsubscribing it
-            // must not make it (nor fail on a userId Loops does not know).
-            Action::Unsubscribe { email, user_id } if op.fingerprint == POSSIBLY_CREATED => {
+            // The removal of a contact a lost create may never have made, or whose identifier
+            // a version whose answer was lost may have changed (the versions `also_remove`
+            // names): unsubscribing it must not make it (nor fail on a userId Loops no longer
+            // knows).
+            Action::Unsubscribe { email, user_id }
+                if op.fingerprint == POSSIBLY_CREATED || op.also_remove.is_some() =>
+            {
                 if self
                     .exists(email.as_ref(), user_id.as_ref(), attempt, claim_ends)
                     .await?
@@ -439,7 +443,20 @@ impl LoaderStage {
                 };
                 let result = self.client.update_contact(&contact).await;
                 attempt.note(RequestKind::Write, &result);
-                Ok(Some(result?))
+                match result {
+                    // Loops refuses a write by a userId it does not know ("A new contact needs
+                    // an email"): when no contact holds that userId, none is subscribed by it
+                    // (someone deleted it, or changed its userId), and the goal is met.
+                    Err(LoopsError::Invalid { .. })
+                        if email.is_none()
+                            && !self
+                                .exists(None, user_id.as_ref(), attempt, claim_ends)
+                                .await? =>
+                    {
+                        Ok(None)
+                    }
+                    result => Ok(Some(result?)),
+                }
             }
         }
     }
