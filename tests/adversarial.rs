@@ -1578,3 +1578,42 @@ async fn case_11_a_user_id_changed_in_loops_then_the_row_leaves() {
         d.stop().await;
     }
 }
+
+/// Case 12: key 2 takes key 1's email while key 1 moves to a new address, both answers lost
+/// (Loops applied them: dead letters); then key 1 leaves. Its confirmed email is key 2's now,
+/// so its removal is released — but the contact its lost re-key made under the new address
+/// must still go (seed 2237948 of `email_mirror_with_workflows`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn case_12_a_lost_re_key_then_the_row_leaves_its_old_email_taken() {
+    let Some(deployments) = both(EMAIL_MIRROR).await else {
+        return;
+    };
+    for mut d in deployments {
+        let mut model = Model::new(3);
+        d.step(&model, Fault::None, EMAIL_MIRROR).await;
+        model.rows.get_mut(&1).unwrap().email = Some("new1@example.com".into());
+        model.rows.get_mut(&2).unwrap().email = Some("user1@example.com".into());
+        let lost = d.step(&model, Fault::Dropped, EMAIL_MIRROR).await;
+        assert_eq!(lost.dead_lettered, 2, "{}", d.store.name());
+        assert!(
+            d.contact(EMAIL_MIRROR, "new1@example.com").is_some(),
+            "Loops applied it"
+        );
+        model.rows.remove(&1);
+        let clean = d.step(&model, Fault::None, EMAIL_MIRROR).await;
+        assert_eq!(clean.status, "succeeded", "{}: {clean:?}", d.store.name());
+        let loops = d.loops(EMAIL_MIRROR);
+        assert!(
+            !loops.contains_key("new1@example.com"),
+            "{}: key 1 left, the contact its lost re-key made must go: {loops:#?}",
+            d.store.name()
+        );
+        assert_eq!(
+            loops["user1@example.com"]["firstName"],
+            "First2",
+            "{}: key 2's contact stays",
+            d.store.name()
+        );
+        d.stop().await;
+    }
+}

@@ -14,7 +14,7 @@ use std::collections::hash_map::RandomState;
 use std::collections::{BTreeSet, HashSet};
 use std::hash::BuildHasher;
 
-use loopsync_core::envelope::{ChangeKind, OldContact, RowChange};
+use loopsync_core::envelope::{ChangeKind, OldContact, POSSIBLY_CREATED, RowChange};
 use loopsync_core::spec::{Behavior, IdentifyBy, SyncSpec};
 use loopsync_core::value::normalize_email;
 use loopsync_transformer::transform;
@@ -145,7 +145,19 @@ impl<'a> Held<'a> {
                 .collect();
             change.possibly_applied = kept;
             match change.kind {
-                ChangeKind::Removed if claimed => settled.released.push(change),
+                ChangeKind::Removed if claimed && change.possibly_applied.is_empty() => {
+                    settled.released.push(change)
+                }
+                // Its contact is another record's, but a contact a lost version may have left
+                // still goes: the removal takes that one (in doubt: as a possibly created one,
+                // never made by unsubscribing it), and the others after it.
+                ChangeKind::Removed if claimed => {
+                    let first = change.possibly_applied.remove(0);
+                    change.confirmed_email = first.email;
+                    change.confirmed_user_id = first.user_id;
+                    change.fingerprint = POSSIBLY_CREATED.to_owned();
+                    settled.removals.push(change);
+                }
                 ChangeKind::Removed => settled.removals.push(change),
                 _ => {
                     change.keep_old_contact = claimed;
@@ -385,5 +397,38 @@ mod tests {
         let settled = held.settle(&[("8".into(), Some("eight@x.co".into()), Some("u1".into()))]);
         assert_eq!(keys(&settled.released), ["1"]);
         assert!(settled.removals.is_empty());
+    }
+
+    /// A record leaves whose confirmed email another record has taken, after a re-key whose
+    /// answer was lost (its new address may be in Loops): nothing removes the taken contact, but
+    /// the one the lost re-key may have made goes, in doubt (a possibly created contact: read
+    /// before it is unsubscribed). A contact another record has among those stays.
+    #[test]
+    fn a_released_removal_still_takes_what_a_lost_version_left() {
+        let mirror = spec(Behavior::Mirror);
+        let mut held = Held::new(&mirror);
+        let mut leaving = change(1, ChangeKind::Removed, None, Some("taken@x.co"));
+        leaving.possibly_applied = vec![
+            OldContact {
+                email: Some("Lost@x.co".into()),
+                user_id: None,
+            },
+            OldContact {
+                email: Some("other@x.co".into()),
+                user_id: None,
+            },
+        ];
+        assert!(held.take(leaving).is_none());
+        let owners: Vec<Owner> = vec![
+            ("2".into(), Some("taken@x.co".into()), None),
+            ("3".into(), Some("other@x.co".into()), None),
+        ];
+        let settled = held.settle(&owners);
+        assert!(settled.released.is_empty(), "{:?}", settled.released);
+        assert_eq!(keys(&settled.removals), ["1"]);
+        let removal = &settled.removals[0];
+        assert_eq!(removal.confirmed_email.as_deref(), Some("Lost@x.co"));
+        assert_eq!(removal.fingerprint, POSSIBLY_CREATED);
+        assert!(removal.possibly_applied.is_empty(), "other@x.co is key 3's");
     }
 }
