@@ -21,6 +21,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 start=$(date +%s)
+# The random histories (tests/adversarial.rs, tests/process_faults.rs) take their seed from the
+# commit: each commit draws new ones, and a failure in CI replays here.
+if [ -z "${LOOPSYNC_HISTORY_COMMIT:-}" ] && commit=$(git rev-parse HEAD 2>/dev/null); then
+  export LOOPSYNC_HISTORY_COMMIT=$commit
+fi
 # Each step says when it starts (seconds into the run): where the time goes.
 log() { printf '\n== %s (at %d s)\n' "$*" "$(( $(date +%s) - start ))"; }
 as_root() { [ "$(id -u)" -eq 0 ]; }

@@ -15,7 +15,8 @@
 //! two must agree (the differential test): the same run reports, the same per-record results,
 //! the same Loops.
 //!
-//! A fresh seed every run, printed with the command that replays it:
+//! The commit's seed under `scripts/test.sh`, else a fresh one (`testkit::history_seed`), printed
+//! with the command that replays it:
 //! `LOOPSYNC_HISTORY_SEED=<seed> cargo test -p loopsync-e2e --test adversarial`;
 //! `LOOPSYNC_HISTORY_STEPS=<n>` soaks (steps per variant). By default 1 000 steps in all: 350,
 //! 350 and 300 (retries wait 5 ms, a finished run is seen within 10 ms: a step costs about a
@@ -1014,7 +1015,7 @@ fn open_histories() -> bool {
     std::env::var_os("LOOPSYNC_HISTORY_OPEN").is_some_and(|v| v == "1")
 }
 
-/// A fresh seed each run unless `LOOPSYNC_HISTORY_SEED` names one; printed either way.
+/// `LOOPSYNC_HISTORY_SEED`, else the commit's, else a fresh one; printed either way.
 fn seed() -> u64 {
     loopsync_testkit::history_seed("adversarial")
 }

@@ -8,7 +8,8 @@
 //! last), one clean run — whatever the earlier runs left queued still draining — must bring
 //! Loops to the model, exactly, with no idempotency key taken twice.
 //!
-//! A fresh seed every run, printed with the command that replays it:
+//! The commit's seed under `scripts/test.sh`, else a fresh one (`testkit::history_seed`), printed
+//! with the command that replays it:
 //! `LOOPSYNC_HISTORY_SEED=<seed> cargo test -p loopsync-e2e --test process_faults`;
 //! `LOOPSYNC_PROCESS_STEPS=<n>` soaks. The in-process generator is `tests/adversarial.rs`.
 

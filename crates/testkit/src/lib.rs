@@ -992,14 +992,30 @@ pub async fn sigterm(child: &tokio::process::Child) {
     assert!(sent.success(), "kill -TERM {pid}");
 }
 
-/// A generated history's seed: `LOOPSYNC_HISTORY_SEED` when set, else a fresh one, printed
-/// either way with the command that replays `test` (a test target of `loopsync-e2e`).
+/// A generated history's seed: `LOOPSYNC_HISTORY_SEED` when set; else, with
+/// `LOOPSYNC_HISTORY_COMMIT` (a commit id, which `scripts/test.sh` sets), the number its first
+/// eight hex digits write — each commit draws new histories, and a run of one commit is the
+/// same run again (a failure in CI replays at home); else a fresh one. Printed either way with
+/// the command that replays `test` (a test target of `loopsync-e2e`).
 pub fn history_seed(test: &str) -> u64 {
-    let seed = std::env::var("LOOPSYNC_HISTORY_SEED")
-        .map(|s| s.parse().expect("LOOPSYNC_HISTORY_SEED is a number"))
-        .unwrap_or_else(|_| rand::random::<u32>() as u64);
+    let from_commit = || {
+        let commit = std::env::var("LOOPSYNC_HISTORY_COMMIT").ok()?;
+        u32::from_str_radix(commit.get(..8)?, 16)
+            .ok()
+            .map(u64::from)
+    };
+    let (seed, whence) = match std::env::var("LOOPSYNC_HISTORY_SEED") {
+        Ok(s) => (
+            s.parse().expect("LOOPSYNC_HISTORY_SEED is a number"),
+            "LOOPSYNC_HISTORY_SEED",
+        ),
+        Err(_) => match from_commit() {
+            Some(seed) => (seed, "the commit's"),
+            None => (rand::random::<u32>() as u64, "fresh"),
+        },
+    };
     eprintln!(
-        "history seed {seed}: replay with LOOPSYNC_HISTORY_SEED={seed} cargo test -p loopsync-e2e --test {test}"
+        "history seed {seed} ({whence}): replay with LOOPSYNC_HISTORY_SEED={seed} cargo test -p loopsync-e2e --test {test}"
     );
     seed
 }
