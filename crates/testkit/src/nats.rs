@@ -121,8 +121,32 @@ impl NatsServer {
 
     /// SIGSTOP: the server keeps its connections open but answers nothing, as a hung host
     /// would, until [`NatsServer::thaw`] (or a kill).
+    /// Returns once every thread of the server is stopped: `kill` returns when the signal is
+    /// sent, and a thread still running could answer one more request.
     pub fn freeze(&self) {
         self.signal("-STOP");
+        let pid = self.child.as_ref().expect("a running nats-server").id();
+        let stopped = || {
+            let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+                return true; // no procfs: the signal has to do
+            };
+            tasks.flatten().all(|task| {
+                // `pid (comm) S …`: the state follows the command's closing parenthesis.
+                std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+                    stat.rsplit_once(')').is_some_and(|(_, rest)| {
+                        matches!(rest.trim_start().chars().next(), Some('T' | 't'))
+                    })
+                })
+            })
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !stopped() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nats-server did not stop"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
     }
 
     /// SIGCONT after [`NatsServer::freeze`].

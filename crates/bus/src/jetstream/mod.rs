@@ -1009,8 +1009,16 @@ mod tests {
         let get = bus.ledger_get("k");
         let publish = bus.publish(Stage::Loader, "s", "m", Bytes::from_static(b"x"));
         tokio::pin!(get, publish);
-        assert!(futures::poll!(&mut get).is_pending());
-        assert!(futures::poll!(&mut publish).is_pending());
+        let polled = futures::poll!(&mut get);
+        assert!(
+            polled.is_pending(),
+            "answered by a frozen server: {polled:?}"
+        );
+        let polled = futures::poll!(&mut publish);
+        assert!(
+            polled.is_pending(),
+            "answered by a frozen server: {polled:?}"
+        );
         server.kill().await;
         let within = Duration::from_secs(30);
         let (get, publish) = tokio::time::timeout(within, futures::future::join(get, publish))
