@@ -230,8 +230,14 @@ async fn a_three_minute_warehouse_outage_mid_run_is_waited_out() {
             .lines()
             .filter(|l| l.contains("the checkpointer cannot record outcomes"))
             .count();
+        // Over JetStream the loader goes on sending (its rate budget is in NATS), so the
+        // checkpointer holds outcomes it cannot record: a line a minute. In process the rate
+        // budget is a row of the state, away too: the loader may wait for its next slot with
+        // nothing sent, and then the checkpointer has nothing to say — never more than a line
+        // a minute either way.
+        let lines = if running.name == "JetStream" { 2 } else { 0 }..=4;
         assert!(
-            (2..=4).contains(&waits),
+            lines.contains(&waits),
             "{}: one line a minute from the checkpointer, got {waits}\n{stderr}",
             running.name
         );
