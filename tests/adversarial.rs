@@ -1122,6 +1122,25 @@ impl Deployment {
     fn contact(&self, variant: Variant, id: &str) -> Option<Value> {
         self.loops(variant).get(id).cloned()
     }
+
+    /// Runs under dropped connections: Loops applies every write and no answer comes back
+    /// (`lost` dead letters); Loops holds `applied` after it.
+    async fn lose(&mut self, model: &Model, variant: Variant, lost: i64, applied: &str) {
+        let run = self.step(model, Fault::Dropped, variant).await;
+        assert_eq!(run.dead_lettered, lost, "{}", self.store.name());
+        assert!(
+            self.contact(variant, applied).is_some(),
+            "{}: Loops applied {applied}",
+            self.store.name()
+        );
+    }
+
+    /// A run without faults, which must succeed: nothing rejected nor dead-lettered.
+    async fn clean(&mut self, model: &Model, variant: Variant) {
+        let run = self.step(model, Fault::None, variant).await;
+        assert_eq!(run.status, "succeeded", "{}: {run:?}", self.store.name());
+        assert_eq!(run.rejected + run.dead_lettered, 0, "{}", self.store.name());
+    }
 }
 
 /// Case 1: Loops applied `free → gold` but every answer was lost (retries spent: a dead
@@ -1518,20 +1537,9 @@ async fn case_11_a_lost_user_id_change_then_the_row_leaves() {
         let mut model = Model::new(3);
         d.step(&model, Fault::None, USER_ID_UNSUBSCRIBE).await;
         model.rows.get_mut(&1).unwrap().user_id = Some("v1".into());
-        let lost = d.step(&model, Fault::Dropped, USER_ID_UNSUBSCRIBE).await;
-        assert_eq!(lost.dead_lettered, 1, "{}", d.store.name());
-        assert!(
-            d.contact(USER_ID_UNSUBSCRIBE, "v1").is_some(),
-            "Loops applied it"
-        );
+        d.lose(&model, USER_ID_UNSUBSCRIBE, 1, "v1").await;
         model.rows.remove(&1);
-        let clean = d.step(&model, Fault::None, USER_ID_UNSUBSCRIBE).await;
-        assert_eq!(
-            clean.status.to_string(),
-            "succeeded",
-            "{}: {clean:?}",
-            d.store.name()
-        );
+        d.clean(&model, USER_ID_UNSUBSCRIBE).await;
         assert_eq!(
             d.contact(USER_ID_UNSUBSCRIBE, "v1").unwrap()["subscribed"],
             false,
@@ -1563,19 +1571,7 @@ async fn case_11_a_user_id_changed_in_loops_then_the_row_leaves() {
             .unwrap();
         assert!(answer.status().is_success());
         model.rows.remove(&1);
-        let clean = d.step(&model, Fault::None, USER_ID_UNSUBSCRIBE).await;
-        assert_eq!(
-            clean.status.to_string(),
-            "succeeded",
-            "{}: {clean:?}",
-            d.store.name()
-        );
-        assert_eq!(
-            clean.rejected + clean.dead_lettered,
-            0,
-            "{}",
-            d.store.name()
-        );
+        d.clean(&model, USER_ID_UNSUBSCRIBE).await;
         d.stop().await;
     }
 }
@@ -1594,15 +1590,9 @@ async fn case_12_a_lost_re_key_then_the_row_leaves_its_old_email_taken() {
         d.step(&model, Fault::None, EMAIL_MIRROR).await;
         model.rows.get_mut(&1).unwrap().email = Some("new1@example.com".into());
         model.rows.get_mut(&2).unwrap().email = Some("user1@example.com".into());
-        let lost = d.step(&model, Fault::Dropped, EMAIL_MIRROR).await;
-        assert_eq!(lost.dead_lettered, 2, "{}", d.store.name());
-        assert!(
-            d.contact(EMAIL_MIRROR, "new1@example.com").is_some(),
-            "Loops applied it"
-        );
+        d.lose(&model, EMAIL_MIRROR, 2, "new1@example.com").await;
         model.rows.remove(&1);
-        let clean = d.step(&model, Fault::None, EMAIL_MIRROR).await;
-        assert_eq!(clean.status, "succeeded", "{}: {clean:?}", d.store.name());
+        d.clean(&model, EMAIL_MIRROR).await;
         let loops = d.loops(EMAIL_MIRROR);
         assert!(
             !loops.contains_key("new1@example.com"),

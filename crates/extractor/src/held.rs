@@ -15,7 +15,7 @@ use std::collections::{BTreeSet, HashSet};
 use std::hash::BuildHasher;
 
 use loopsync_core::envelope::{ChangeKind, OldContact, POSSIBLY_CREATED, RowChange};
-use loopsync_core::spec::{Behavior, IdentifyBy, SyncSpec};
+use loopsync_core::spec::{Behavior, IdentifyBy, OnRemove, SyncSpec};
 use loopsync_core::value::normalize_email;
 use loopsync_transformer::transform;
 use loopsync_warehouse::{Warehouse, WarehouseError};
@@ -145,12 +145,20 @@ impl<'a> Held<'a> {
                 .collect();
             change.possibly_applied = kept;
             match change.kind {
-                ChangeKind::Removed if claimed && change.possibly_applied.is_empty() => {
+                // Under `on_remove = "unsubscribe"` a released record keeps what a lost version
+                // may have left: an unsubscribe marks the record's tombstone to re-subscribe
+                // when a row comes back, whatever its email — and that row may bring the taken
+                // contact's, whose person may have unsubscribed on their own.
+                ChangeKind::Removed
+                    if claimed
+                        && (change.possibly_applied.is_empty()
+                            || spec.on_remove != OnRemove::Delete) =>
+                {
                     settled.released.push(change)
                 }
                 // Its contact is another record's, but a contact a lost version may have left
-                // still goes: the removal takes that one (in doubt: as a possibly created one,
-                // never made by unsubscribing it), and the others after it.
+                // still goes: the removal deletes that one (a 404 is done), and the others after
+                // it.
                 ChangeKind::Removed if claimed => {
                     let first = change.possibly_applied.remove(0);
                     change.confirmed_email = first.email;
@@ -401,10 +409,13 @@ mod tests {
 
     /// A record leaves whose confirmed email another record has taken, after a re-key whose
     /// answer was lost (its new address may be in Loops): nothing removes the taken contact, but
-    /// the one the lost re-key may have made goes, in doubt (a possibly created contact: read
-    /// before it is unsubscribed). A contact another record has among those stays.
+    /// the one the lost re-key may have made is deleted, in doubt (a possibly created contact).
+    /// A contact another record has among those stays. Under `on_remove = "unsubscribe"` the
+    /// record is released as before.
     #[test]
     fn a_released_removal_still_takes_what_a_lost_version_left() {
+        let mut unsubscribing = spec(Behavior::Mirror);
+        unsubscribing.on_remove = OnRemove::Unsubscribe;
         let mirror = spec(Behavior::Mirror);
         let mut held = Held::new(&mirror);
         let mut leaving = change(1, ChangeKind::Removed, None, Some("taken@x.co"));
@@ -418,7 +429,7 @@ mod tests {
                 user_id: None,
             },
         ];
-        assert!(held.take(leaving).is_none());
+        assert!(held.take(leaving.clone()).is_none());
         let owners: Vec<Owner> = vec![
             ("2".into(), Some("taken@x.co".into()), None),
             ("3".into(), Some("other@x.co".into()), None),
@@ -430,5 +441,11 @@ mod tests {
         assert_eq!(removal.confirmed_email.as_deref(), Some("Lost@x.co"));
         assert_eq!(removal.fingerprint, POSSIBLY_CREATED);
         assert!(removal.possibly_applied.is_empty(), "other@x.co is key 3's");
+
+        let mut held = Held::new(&unsubscribing);
+        assert!(held.take(leaving).is_none());
+        let settled = held.settle(&owners);
+        assert_eq!(keys(&settled.released), ["1"]);
+        assert!(settled.removals.is_empty());
     }
 }
