@@ -339,17 +339,18 @@ pub async fn request(
         if !line.starts_with("INFO ") {
             return Err(format!("not a NATS server: {line:?}"));
         }
+        // An inbox of this request's own: tests beside this one ask the same server, and a
+        // shared inbox hands one the answer meant for another.
+        let inbox = format!("_INBOX.testkit.{:016x}", rand::random::<u64>());
         let mut out = Vec::new();
         out.extend_from_slice(
             format!(
                 "CONNECT {{\"verbose\":false,\"pedantic\":false,\"name\":\"testkit\"{token}}}\r\n\
-                 SUB _INBOX.testkit 1\r\n"
+                 SUB {inbox} 1\r\n"
             )
             .as_bytes(),
         );
-        out.extend_from_slice(
-            format!("PUB {subject} _INBOX.testkit {}\r\n", payload.len()).as_bytes(),
-        );
+        out.extend_from_slice(format!("PUB {subject} {inbox} {}\r\n", payload.len()).as_bytes());
         out.extend_from_slice(payload);
         out.extend_from_slice(b"\r\n");
         write.write_all(&out).await.map_err(|e| e.to_string())?;
@@ -410,5 +411,50 @@ pub async fn consumer_info(
     match info.get("error") {
         Some(error) => Err(error.to_string()),
         None => Ok(info),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+
+    /// Requests asked at once, each on a connection of its own, each get their own answer:
+    /// tests beside each other ask one server (a shared reply inbox handed one test the
+    /// consumer info meant for another).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_requests_each_get_their_own_answer() {
+        let Some(url) = crate::nats_url() else {
+            return;
+        };
+        let client = async_nats::connect(&url).await.expect("connect");
+        let prefix = crate::unique("echo");
+        let mut asked = client
+            .subscribe(format!("{prefix}.>"))
+            .await
+            .expect("subscribe");
+        let echo = client.clone();
+        tokio::spawn(async move {
+            while let Some(message) = asked.next().await {
+                if let Some(reply) = message.reply {
+                    let _ = echo
+                        .publish(reply, message.subject.to_string().into())
+                        .await;
+                }
+            }
+        });
+        client.flush().await.expect("flush");
+        let answers = futures::future::join_all((0..20).map(|i| {
+            let (url, subject) = (url.clone(), format!("{prefix}.{i}"));
+            async move {
+                let answer = super::request(&url, &subject, b"", std::time::Duration::from_secs(5))
+                    .await
+                    .expect("an answer");
+                (subject, answer)
+            }
+        }))
+        .await;
+        for (subject, answer) in answers {
+            assert_eq!(answer, subject);
+        }
     }
 }
