@@ -230,12 +230,14 @@ async fn progress(stack: &Stack) -> Option<Progress> {
     })
 }
 
-/// A slow warehouse: noting a record as emitted takes 4 ms. The extractor notes a batch of
-/// changes (500) before it publishes them, so with two batches there is a window of two seconds
-/// in which the run is `extracting`, the first batch is published and being sent, and the second
-/// is not yet published. (A model that sleeps per row would not make that window: the diff sorts
-/// the whole model before its first row comes out, so every row would be read before the first
-/// change is emitted.)
+/// A slow warehouse: noting a record as emitted takes 4 ms for the first batch of changes
+/// (the extractor notes a batch, 500, before it publishes it), then 100 ms until
+/// [`speed_up_emitting`]. So there is a window of up to 50 s in which the run is `extracting`,
+/// the first batch is published and being sent, and the second is not yet published, however
+/// loaded the machine (a fixed 4 ms made it 2 s, once too short on 2 cores running six tests).
+/// (A model that sleeps per row would not make that window: the diff sorts the whole model
+/// before its first row comes out, so every row would be read before the first change is
+/// emitted.)
 async fn slow_down_emitting(stack: &Stack) {
     // A command that writes makes the state's tables (`runs`, which only reads, makes
     // nothing): `dlq park` with no dead letter parks nothing.
@@ -247,7 +249,10 @@ async fn slow_down_emitting(stack: &Stack) {
     assert!(prepared.status.success(), "{prepared:?}");
     stack
         .sql(
-            "CREATE FUNCTION slow_emit() RETURNS trigger LANGUAGE plpgsql AS $$
+            "CREATE TABLE slow_emit_delay (seconds float8 NOT NULL);
+             INSERT INTO slow_emit_delay VALUES (0.1);
+             CREATE SEQUENCE slow_emit_count;
+             CREATE FUNCTION slow_emit() RETURNS trigger LANGUAGE plpgsql AS $$
              BEGIN
                  -- Only a record this run has not noted yet: not the checkpointer's writes,
                  -- not a re-extraction noting again what it had noted.
@@ -255,7 +260,11 @@ async fn slow_down_emitting(stack: &Stack) {
                      SELECT 1 FROM loopsync.state s
                       WHERE s.sync = NEW.sync AND s.key = NEW.key
                         AND s.emitted_run = NEW.emitted_run) THEN
-                     PERFORM pg_sleep(0.004);
+                     IF nextval('slow_emit_count') <= 500 THEN
+                         PERFORM pg_sleep(0.004);
+                     ELSE
+                         PERFORM pg_sleep((SELECT seconds FROM slow_emit_delay));
+                     END IF;
                  END IF;
                  RETURN NEW;
              END $$;
@@ -263,6 +272,11 @@ async fn slow_down_emitting(stack: &Stack) {
                 FOR EACH ROW EXECUTE FUNCTION slow_emit();",
         )
         .await;
+}
+
+/// Ends [`slow_down_emitting`]'s window: the rest of the run is noted at full speed.
+async fn speed_up_emitting(stack: &Stack) {
+    stack.sql("UPDATE slow_emit_delay SET seconds = 0").await;
 }
 
 /// The simulator's requests to one endpoint, by HTTP status.
@@ -435,6 +449,7 @@ async fn kill_a_stage_mid_run(victim: Stage) {
         }
         Stage::Loader | Stage::Checkpointer => unreachable!("see tests/pipeline.rs"),
     };
+    speed_up_emitting(&stack).await;
     eprintln!("killed the {} at {dead:?}", victim.name());
     let killed = Instant::now();
     let _replacement = scene.worker(victim.name()).await;
@@ -592,6 +607,9 @@ async fn restart_nats_mid_run(workers: bool, moment: Moment) {
         now.confirmed < n as i64 && (moment == Moment::Sending || now.status == "extracting"),
         || format!("NATS stopped too late: at {at_stop:?}, now {now:?}"),
     );
+    if moment == Moment::Extracting {
+        speed_up_emitting(&stack).await;
+    }
     eprintln!("NATS stopped at {at_stop:?}");
     // The outage: its length is the scenario, not a synchronisation.
     tokio::time::sleep(Duration::from_secs(2)).await;
