@@ -167,7 +167,7 @@ if [ -n "${LOOPSYNC_TEST_NATS_MODERN_URL:-}" ]; then
   LOOPSYNC_TEST_NATS_URL="$LOOPSYNC_TEST_NATS_MODERN_URL" \
     LOOPSYNC_TEST_NATS_BIN="${LOOPSYNC_TEST_NATS_MODERN_BIN:-}" \
     rust_pass modern "nats-server $(nats_version "$LOOPSYNC_TEST_NATS_MODERN_URL") (the NATS tests again)" \
-    -E 'package(loopsync-bus) & kind(lib) | binary_id(loopsync-e2e::pipeline) | binary_id(loopsync-e2e::failures) | binary_id(loopsync-e2e::exactly_once) | binary_id(loopsync-e2e::events) | binary_id(loopsync-e2e::operable)'
+    -E '(package(loopsync-bus) & kind(lib)) | (binary_id(loopsync-e2e::e2e) & test(/^(pipeline|failures|exactly_once|events|operable)::/))'
 fi
 
 log "doctests (nextest does not run them)"

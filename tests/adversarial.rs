@@ -17,7 +17,7 @@
 //!
 //! The commit's seed under `scripts/test.sh`, else a fresh one (`testkit::history_seed`), printed
 //! with the command that replays it:
-//! `LOOPSYNC_HISTORY_SEED=<seed> cargo test -p loopsync-e2e --test adversarial`;
+//! `LOOPSYNC_HISTORY_SEED=<seed> cargo test -p loopsync-e2e --test e2e adversarial::`;
 //! `LOOPSYNC_HISTORY_STEPS=<n>` soaks (steps per variant). By default 1 000 steps in all: 350,
 //! 350 and 300 (retries wait 5 ms, a finished run is seen within 10 ms: a step costs about a
 //! tenth of a second).
@@ -869,7 +869,7 @@ async fn history(variant: Variant, seed: u64, steps: usize) {
     // Every key that ever had each email in the model.
     let mut holders: BTreeMap<String, BTreeSet<i64>> = BTreeMap::new();
     let mut log = format!(
-        "{} · seed {seed} · replay: LOOPSYNC_HISTORY_SEED={seed} cargo test -p loopsync-e2e --test adversarial\n",
+        "{} · seed {seed} · replay: LOOPSYNC_HISTORY_SEED={seed} cargo test -p loopsync-e2e --test e2e adversarial::\n",
         variant.name
     );
     let fail = |log: &str, what: String| -> ! {

@@ -10,7 +10,7 @@
 //!
 //! The commit's seed under `scripts/test.sh`, else a fresh one (`testkit::history_seed`), printed
 //! with the command that replays it:
-//! `LOOPSYNC_HISTORY_SEED=<seed> cargo test -p loopsync-e2e --test process_faults`;
+//! `LOOPSYNC_HISTORY_SEED=<seed> cargo test -p loopsync-e2e --test e2e process_faults::`;
 //! `LOOPSYNC_PROCESS_STEPS=<n>` soaks. The in-process generator is `tests/adversarial.rs`.
 
 use std::collections::BTreeMap;
@@ -182,7 +182,7 @@ async fn history(seed: u64, steps: usize) {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut next_id = 41;
     let mut log = format!(
-        "seed {seed} · replay: LOOPSYNC_HISTORY_SEED={seed} cargo test -p loopsync-e2e --test process_faults\n"
+        "seed {seed} · replay: LOOPSYNC_HISTORY_SEED={seed} cargo test -p loopsync-e2e --test e2e process_faults::\n"
     );
     for step in 1..=steps {
         let clean = step == steps || step % 3 == 0;

@@ -1,6 +1,7 @@
 //! The tests that measure against a real one-second window: the simulator's rate limit and
 //! the rate budget shared by loader processes. Each holds [`loopsync_testkit::serial`] for its
-//! whole length, and this binary holds nothing else, so none runs beside another test.
+//! whole length; under cargo-nextest (`scripts/test.sh`) the `serial` test group of
+//! `.config/nextest.toml` runs them one at a time, with at most three other tests beside.
 
 use loopsync_testkit::{SimProcess, Stack, StackOptions, http_client};
 

@@ -1015,7 +1015,7 @@ pub fn history_seed(test: &str) -> u64 {
         },
     };
     eprintln!(
-        "history seed {seed} ({whence}): replay with LOOPSYNC_HISTORY_SEED={seed} cargo test -p loopsync-e2e --test {test}"
+        "history seed {seed} ({whence}): replay with LOOPSYNC_HISTORY_SEED={seed} cargo test -p loopsync-e2e --test e2e {test}::"
     );
     seed
 }
