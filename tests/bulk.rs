@@ -169,7 +169,14 @@ async fn a_first_sync_through_the_csv_upload() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     files.sort();
-    assert_eq!(files, ["users.lists-cm_news.csv", "users.no-lists.csv"]);
+    assert_eq!(
+        files,
+        [
+            "users.lists-cm_news.csv",
+            "users.no-lists.csv",
+            "users.records.jsonl"
+        ]
+    );
     let lists_file = std::fs::read_to_string(out_dir.join("users.lists-cm_news.csv")).unwrap();
     assert!(
         lists_file.starts_with("Email,User ID,First Name,planName,seats,signedUpAt\n"),
@@ -306,8 +313,7 @@ async fn a_first_sync_through_the_csv_upload() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Holes found by attacking the bulk lane (each test fails on the code it was written against;
-// ignored so that the suite stays green until the hole is closed).
+// Holes found by attacking the bulk lane (each test failed on the code it was written against).
 // ---------------------------------------------------------------------------------------------
 
 /// `POST /_sim/import` of `file` to the simulator at `root`, with the lists ticked for it.
@@ -401,6 +407,9 @@ async fn export_and_upload(stack: &Stack, root: &str, name: &str) {
     assert_eq!(status, 0, "{printed}");
     for entry in std::fs::read_dir(&out_dir).unwrap() {
         let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "csv") {
+            continue;
+        }
         let lists = if path.to_string_lossy().contains("lists-cm_news") {
             "cm_news"
         } else {
@@ -769,16 +778,17 @@ async fn the_file_to_upload_is_not_loops_export() {
 }
 
 /// Mirror. `loopsync export` writes the files; before they are uploaded (hours later, for a
-/// large audience) row 3 leaves the model. The upload still creates its contact — a write of
-/// the sync's, which no state knows of: export notes nothing. `adopt --from-loops-export`
-/// adopts rows 1 and 2, and neither it nor the next run (exit 0) ever takes row 3's contact
-/// out: under mirror Loops keeps a contact the sync wrote and no row has. (Likewise a row whose
-/// email changes between export and upload leaves its first address behind.)
+/// large audience) row 3 leaves the model and row 2 moves to a new address. The upload still
+/// creates row 3's contact and row 2's at its first address — writes of the sync's, which no
+/// state knew of: export notes nothing. `adopt --from-loops-export --exported DIR` reads the
+/// records file export wrote beside the files, adopts rows 1 and 4, and notes rows 2 and 3 as
+/// possibly in Loops (a create whose answer was lost): the next run (exit 0) deletes row 3's
+/// contact and row 2's first one, and writes row 2's new address. (Without `--exported` both
+/// stayed in Loops for good.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "hole: a contact uploaded from export's file for a row that left before the upload is never removed under mirror"]
 async fn a_row_that_leaves_between_export_and_upload_is_removed() {
     let Some(stack) = Stack::start(StackOptions {
-        rows: 3,
+        rows: 4,
         behavior: "mirror",
         extra_sync: "max_removal_share = 1.0",
         ..StackOptions::default()
@@ -803,8 +813,16 @@ async fn a_row_that_leaves_between_export_and_upload_is_removed() {
     .await;
     assert_eq!(status, 0, "{printed}");
     stack.sql("DELETE FROM users WHERE id = 3").await;
+    stack
+        .sql("UPDATE users SET email = 'moved2@example.com' WHERE id = 2")
+        .await;
+    let records = std::fs::read_to_string(out_dir.join("users.records.jsonl")).unwrap();
+    assert!(records.contains("user3@example.com"), "{records}");
     for entry in std::fs::read_dir(&out_dir).unwrap() {
         let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "csv") {
+            continue;
+        }
         let lists = if path.to_string_lossy().contains("lists-cm_news") {
             "cm_news"
         } else {
@@ -813,16 +831,40 @@ async fn a_row_that_leaves_between_export_and_upload_is_removed() {
         let report = upload(&stack, &path, lists).await;
         assert_eq!(report["failed"], 0, "{report}");
     }
-    assert!(stack.contacts().await.contains_key("user3@example.com"));
+    let uploaded = stack.contacts().await;
+    assert!(
+        uploaded.contains_key("user3@example.com") && uploaded.contains_key("user2@example.com")
+    );
     let audience = download(&stack, "audience.csv").await;
-    let (status, adopted) = adopt_from(&stack, &audience).await;
+    let (status, adopted) = loopsync(
+        &stack,
+        &[
+            "adopt",
+            "--sync",
+            "users",
+            "--from-loops-export",
+            audience.to_str().unwrap(),
+            "--exported",
+            out_dir.to_str().unwrap(),
+        ],
+    )
+    .await;
     assert_eq!(status, 0, "{adopted}");
+    assert!(
+        adopted.contains("2 records of the upload's files not adopted"),
+        "{adopted}"
+    );
     let run = stack.run_once(&[]).await;
     assert_eq!(run.status, 0, "{}", run.stderr);
     let contacts = stack.contacts().await;
-    assert_loops_is_the_model(&stack, &contacts, &[1, 2]).await;
+    assert_loops_is_the_model(&stack, &contacts, &[1, 2, 4]).await;
     assert!(
         !contacts.contains_key("user3@example.com"),
         "mirror: row 3 left, its uploaded contact must go: {contacts:#?}"
     );
+    assert!(
+        !contacts.contains_key("user2@example.com"),
+        "mirror: row 2 moved, the contact uploaded at its first address must go: {contacts:#?}"
+    );
+    assert_eq!(contacts.len(), 3, "{contacts:#?}");
 }

@@ -27,6 +27,12 @@ pub struct AdoptArgs {
     /// the others.
     #[arg(long, value_name = "FILE")]
     from_loops_export: Option<std::path::PathBuf>,
+    /// The folder `loopsync export` wrote the uploaded files to: the records they may have
+    /// created that are not adopted (a row that left before the upload, or changed) are noted as
+    /// possibly in Loops, so that the next run makes sure of them (under mirror, takes out what
+    /// the upload made for a row that left).
+    #[arg(long, value_name = "DIR", requires = "from_loops_export")]
+    exported: Option<std::path::PathBuf>,
     /// Print the report as one JSON document on stdout (docs/json.md).
     #[arg(long)]
     json: bool,
@@ -44,6 +50,7 @@ pub async fn run(config_path: &Path, args: AdoptArgs) -> anyhow::Result<ExitCode
         &warehouse,
         args.sync.as_deref(),
         file.as_ref(),
+        args.exported.as_deref(),
         // Stopped by a signal, `main` closes the run as interrupted.
         |run_id| crate::stop::watch_run(warehouse.clone(), run_id),
         |report, configured| {
@@ -93,6 +100,13 @@ fn print_adopted(report: &AdoptReport, configured: &Destination) {
             "sync {}: not adopted (Loops' export does not hold them as the sync would write them; the next run sends them): {}",
             report.sync,
             reasons.join(" · ")
+        );
+    }
+    if report.uploaded_in_doubt > 0 {
+        crate::say!(
+            "sync {}: {} records of the upload's files not adopted (their row left, or changed, before the export was taken): noted as possibly in Loops; the next run makes sure of them.",
+            report.sync,
+            report.uploaded_in_doubt
         );
     }
     if report.forgotten > 0 {

@@ -104,9 +104,11 @@ pub async fn run(config_path: &Path, args: ExportArgs) -> anyhow::Result<ExitCod
         "  {step}. When every upload has finished: Audience → Export, and save the CSV (say audience.csv)."
     );
     crate::say!(
-        "  {}. loopsync adopt --sync {} --from-loops-export audience.csv   (adopts exactly the records Loops holds as the sync would write them)",
+        "  {}. loopsync adopt --sync {} --from-loops-export audience.csv --exported {}   (adopts exactly the records Loops holds as the sync would write them; {} in that folder lists what the upload may have created)",
         step + 1,
-        report.sync
+        report.sync,
+        printable(&args.out.display().to_string()),
+        printable(&report.records_file)
     );
     crate::say!(
         "  {}. loopsync run --once --sync {}   (sends, through the API, only what the upload missed)",

@@ -12,7 +12,10 @@
 //! With Loops' audience export (`--from-loops-export`, after a CSV upload), only the records
 //! the state has never held whose contact in the file is exactly what the run would write are
 //! adopted (`verify`'s comparison, [`View::holds`]); the others stay for the API lane, counted
-//! by reason.
+//! by reason. With the list of records `loopsync export` put in the upload's files
+//! (`--exported DIR`), those of them not adopted — a row that left before the upload, or changed
+//! — are noted as possibly in Loops, as a create whose answer was lost is: under mirror the next
+//! run takes out what the upload made for them.
 
 use std::sync::Arc;
 
@@ -28,11 +31,12 @@ use loopsync_loops_client::{ContactIdentity, LoopsClient};
 use loopsync_transformer::transform;
 use loopsync_transformer::verify::{Confirmed, Lookup, compare};
 use loopsync_warehouse::{
-    Adoption, DestinationBinding, DiffRow, ExtractCounts, RunSummary, Unchanged, Warehouse,
-    WarehouseError,
+    Adoption, DestinationBinding, DiffRow, Emitted, ExtractCounts, RunSummary, Unchanged,
+    Warehouse, WarehouseError,
 };
 
 use crate::bulk::audience::{LoopsExport, View};
+use crate::bulk::export::{Uploaded, read_records_file};
 use crate::bulk::{BulkError, check_for_files};
 use crate::pipeline::loops_client;
 use crate::retry::with_retries;
@@ -86,6 +90,10 @@ pub struct AdoptReport {
     /// With Loops' audience export: records a run would write whose contact in the file is not
     /// that write, by reason; not adopted, the next run sends them.
     pub not_adopted: std::collections::BTreeMap<&'static str, u64>,
+    /// With the records `loopsync export` put in the upload's files: those not adopted, noted as
+    /// possibly in Loops (the next run makes sure of them, and under mirror takes out what the
+    /// upload made for a row that left or changed its identity).
+    pub uploaded_in_doubt: u64,
     /// With Loops' audience export, when the adoption moves the state to another Loops:
     /// records confirmed in the earlier one whose contact the file does not hold as confirmed,
     /// forgotten (as `verify --repair` forgets); the next run sends them.
@@ -100,12 +108,14 @@ pub struct AdoptReport {
 /// request adopt makes, through the team's rate budget and counted with the first adoption),
 /// then adopts each sync of `config` (or only `only`) as confirmed by that destination, on
 /// `state`, handing each report to `each` as it is done. `on_run` is told each run's id as
-/// soon as it exists.
+/// soon as it exists. `exported`: the folder `loopsync export` wrote the uploaded files to,
+/// whose records file lists the records they may have created.
 pub async fn adopt_all(
     config: &Config,
     state: &Arc<dyn Warehouse>,
     only: Option<&str>,
     from_file: Option<&LoopsExport>,
+    exported: Option<&std::path::Path>,
     mut on_run: impl FnMut(i64),
     mut each: impl FnMut(&AdoptReport, &Destination),
 ) -> Result<Vec<AdoptReport>, AdoptError> {
@@ -149,6 +159,10 @@ pub async fn adopt_all(
             }
             None => 0,
         };
+        let uploaded = match exported {
+            Some(dir) => read_records_file(dir, &spec.name)?,
+            None => Vec::new(),
+        };
         let mut report = adopt(
             warehouse,
             spec,
@@ -156,6 +170,7 @@ pub async fn adopt_all(
             &key_fingerprint,
             std::mem::take(&mut preflight),
             view.as_ref(),
+            &uploaded,
             &mut on_run,
         )
         .await?;
@@ -171,6 +186,9 @@ pub async fn adopt_all(
 /// the API key of `key_fingerprint`.
 /// `preflight`: the requests the caller made to Loops for it (recorded with the run).
 /// `on_run` is told the run's id as soon as it exists (so the caller can close it if stopped).
+/// `uploaded`: the records an upload of `loopsync export`'s files may have created; those not
+/// adopted are noted as possibly in Loops, with the identity they were uploaded with.
+#[allow(clippy::too_many_arguments)]
 pub async fn adopt(
     warehouse: &dyn Warehouse,
     spec: &SyncSpec,
@@ -178,6 +196,7 @@ pub async fn adopt(
     key_fingerprint: &str,
     preflight: RequestCounts,
     against: Option<&View<'_>>,
+    uploaded: &[Uploaded],
     on_run: impl FnOnce(i64),
 ) -> Result<AdoptReport, WarehouseError> {
     let run_id = warehouse.create_run(&spec.name).await?;
@@ -192,6 +211,9 @@ pub async fn adopt(
     let mut batch: Vec<Adoption> = Vec::new();
     // Rows adopted or found unchanged, noted after the batch: later diffs leave them out.
     let mut notes: Vec<Unchanged> = Vec::new();
+    // With `uploaded`: the keys adopted, and those the state held before.
+    let mut adopted: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let mut held: std::collections::HashSet<String> = std::collections::HashSet::new();
     let mut rows = warehouse.diff_changes(spec, None).await?;
     loop {
         let (pushed, last) = match rows.next().await {
@@ -200,6 +222,13 @@ pub async fn adopt(
         };
         let done = pushed.is_none();
         for Decided { row, decision } in pushed.into_iter().flatten().chain(last) {
+            // A record the state holds has its own doubt: the upload's is not noted over it.
+            if !uploaded.is_empty()
+                && (row.confirmed_fp.is_some() || row.unsure)
+                && let Some(key) = &row.key
+            {
+                held.insert(key.clone());
+            }
             match decision {
                 // An event sync's row sent before and changed since: adopted as it is now.
                 Decision::AlreadySent { key, fingerprint } => {
@@ -244,6 +273,9 @@ pub async fn adopt(
             }
         }
         if batch.len() >= BATCH || notes.len() >= BATCH || done {
+            if !uploaded.is_empty() {
+                adopted.extend(batch.iter().map(|a| a.key.clone()));
+            }
             warehouse.adopt(&spec.name, run_id, &batch).await?;
             batch.clear();
             warehouse.note_unchanged(&spec.name, &notes).await?;
@@ -254,6 +286,9 @@ pub async fn adopt(
         }
     }
     drop(rows);
+    adopted.extend(held);
+    let uploaded_in_doubt =
+        note_uploaded_in_doubt(warehouse, spec, run_id, uploaded, &adopted).await?;
     let mut counts = decider.into_counts();
     // An adopted event sync starts from now: its watermark is its highest row, never later.
     Window::everything(spec).close(&mut counts);
@@ -271,10 +306,48 @@ pub async fn adopt(
         counts,
         invalid,
         not_adopted,
+        uploaded_in_doubt,
         forgotten: 0,
         earlier,
         summary,
     })
+}
+
+/// A marker in place of a fingerprint: the version an upload of `loopsync export`'s files may
+/// have written (the state keeps no values, and the next run sends the row whatever it is).
+pub const UPLOADED: &str = "uploaded";
+
+/// Notes the records of `uploaded` that were not `adopted` (nor held by the state before) as
+/// published with the identity they were uploaded with, in doubt: the upload may have created their contact. The next run treats
+/// each as a create whose answer was lost — it writes a row that is still there, and under
+/// mirror removes the contact of a row that left (reading first whether it exists) or the one
+/// left at an identity the row no longer has. Returns how many.
+async fn note_uploaded_in_doubt(
+    warehouse: &dyn Warehouse,
+    spec: &SyncSpec,
+    run_id: i64,
+    uploaded: &[Uploaded],
+    adopted: &std::collections::HashSet<String>,
+) -> Result<u64, WarehouseError> {
+    let doubtful: Vec<Emitted> = uploaded
+        .iter()
+        .filter(|u| !adopted.contains(&u.key))
+        .map(|u| Emitted {
+            key: u.key.clone(),
+            fingerprint: UPLOADED.to_owned(),
+            email: u.email.clone(),
+            user_id: u.user_id.clone(),
+            unsubscribes: false,
+            possibly_applied: vec![loopsync_core::envelope::OldContact {
+                email: u.email.clone(),
+                user_id: u.user_id.clone(),
+            }],
+        })
+        .collect();
+    for chunk in doubtful.chunks(BATCH) {
+        warehouse.mark_emitted_as(&spec.name, run_id, chunk).await?;
+    }
+    Ok(doubtful.len() as u64)
 }
 
 /// Records of a file read back from the configured Loops before the first adoption.
@@ -443,6 +516,7 @@ mod tests {
             "k1",
             RequestCounts::default(),
             None,
+            &[],
             |_| {},
         )
         .await
@@ -467,6 +541,7 @@ mod tests {
             "k1",
             RequestCounts::default(),
             None,
+            &[],
             |id| told = Some(id),
         )
         .await

@@ -2,7 +2,9 @@
 //! uploader — one set of files per set of mailing lists the records join (the lists are ticked
 //! for a whole file on the upload's review page), split at [`MAX_ROWS`] rows. The records are
 //! `plan`'s ([`crate::plan::plan`]): what a run would send, decided and mapped by the run's own
-//! rules. Sends nothing, writes nothing to the state.
+//! rules. Sends nothing, writes nothing to the state: the records the files create are listed
+//! beside them ([`records_file`]), for `adopt --exported` to note those it does not adopt as
+//! possibly in Loops.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -32,6 +34,46 @@ pub struct ExportFile {
     pub rows: u64,
 }
 
+/// A record the files may create in Loops (one new to the sync), as `records_file` lists it:
+/// the identity its row is uploaded with.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Uploaded {
+    pub key: String,
+    pub email: Option<String>,
+    #[serde(rename = "userId")]
+    pub user_id: Option<String>,
+}
+
+/// The file beside the CSV files that lists the records they may create ([`Uploaded`], one JSON
+/// object a line, written as they are): `users.records.jsonl`. Not for the upload.
+pub fn records_file(sync: &str) -> String {
+    format!("{}.records.jsonl", safe(sync))
+}
+
+/// Reads [`records_file`] of `sync` from `dir`, as `loopsync export` wrote it.
+pub fn read_records_file(dir: &Path, sync: &str) -> Result<Vec<Uploaded>, BulkError> {
+    let path = dir.join(records_file(sync));
+    let io = |source| BulkError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let file = File::open(&path).map_err(io)?;
+    let mut records = Vec::new();
+    for line in std::io::BufRead::lines(std::io::BufReader::new(file)) {
+        let line = line.map_err(io)?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        records.push(
+            serde_json::from_str(&line).map_err(|_| BulkError::NotForFiles {
+                sync: sync.to_owned(),
+                why: "the records file beside the upload's files is not the one `loopsync export` wrote",
+            })?,
+        );
+    }
+    Ok(records)
+}
+
 /// A record not in the files, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeftOut {
@@ -48,6 +90,8 @@ pub struct ExportReport {
     pub files: Vec<ExportFile>,
     /// Records in the files.
     pub rows: u64,
+    /// The file listing the records new to the sync among them ([`records_file`]).
+    pub records_file: String,
     /// Invalid records (as `rejections` lists them): in no file, and no run sends them.
     pub invalid: Vec<LeftOut>,
     /// Records a file cannot carry (a removal, a re-key, a value no cell holds): left for the
@@ -90,6 +134,13 @@ pub async fn export(
     let mut groups: HashMap<Vec<String>, Group> = HashMap::new();
     let mut files: Vec<ExportFile> = Vec::new();
     let (mut rows, mut invalid, mut for_api) = (0u64, Vec::new(), Vec::new());
+    let records = records_file(&spec.name);
+    let records_path = dir.join(&records);
+    let records_error = |source| BulkError::Io {
+        path: records_path.display().to_string(),
+        source,
+    };
+    let mut uploaded = BufWriter::new(File::create(&records_path).map_err(records_error)?);
     let each = |record: PlannedRecord| -> Result<(), BulkError> {
         let PlannedRecord {
             key,
@@ -173,6 +224,15 @@ pub async fn export(
         }
         let writer = group.writer.as_mut().expect("opened above");
         writer.write_record(&cells).map_err(|e| csv_error(dir, e))?;
+        if change == PlannedChange::Added {
+            let record = Uploaded {
+                key,
+                email,
+                user_id,
+            };
+            serde_json::to_writer(&mut uploaded, &record).expect("a record serializes");
+            std::io::Write::write_all(&mut uploaded, b"\n").map_err(records_error)?;
+        }
         group.rows_in_part += 1;
         rows += 1;
         files[group.file].rows += 1;
@@ -188,11 +248,13 @@ pub async fn export(
         }
     }
     files.sort_by(|a, b| a.name.cmp(&b.name));
+    std::io::Write::flush(&mut uploaded).map_err(records_error)?;
     Ok(ExportReport {
         sync: spec.name.clone(),
         plan,
         files,
         rows,
+        records_file: records,
         invalid,
         for_api,
     })
@@ -201,23 +263,25 @@ pub async fn export(
 /// `users.lists-news+beta` or `users.no-lists`: says which lists to tick. Characters a file
 /// name should not carry become `_`.
 fn base_name(sync: &str, lists: &[String]) -> String {
-    let safe = |s: &str| -> String {
-        s.chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect()
-    };
     if lists.is_empty() {
         format!("{}.no-lists", safe(sync))
     } else {
         let lists: Vec<String> = lists.iter().map(|l| safe(l)).collect();
         format!("{}.lists-{}", safe(sync), lists.join("+"))
     }
+}
+
+/// `s` with the characters a file name should not carry as `_`.
+fn safe(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 /// A new file with the header row.
