@@ -868,3 +868,72 @@ async fn a_row_that_leaves_between_export_and_upload_is_removed() {
     );
     assert_eq!(contacts.len(), 3, "{contacts:#?}");
 }
+
+/// `adopt --exported`, held to what the upload wrote. Row 3 leaves and row 2 moves before the
+/// upload, as above, but only the file without lists is uploaded (rows 1 and 3), and someone
+/// makes a contact of their own at row 2's first address. The records file lists rows 1 to 4;
+/// only row 3's contact in the audience export is what the upload wrote, so only row 3 is
+/// noted in doubt, and the next run deletes it — the other contact at row 2's first address,
+/// which the sync never wrote, stays. A records file is then refused once a run has been since
+/// the export (exit 2): what it lists may be settled, or erased.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adopt_exported_notes_only_what_the_upload_wrote_and_not_after_a_run() {
+    let Some(stack) = Stack::start(StackOptions {
+        rows: 4,
+        behavior: "mirror",
+        extra_sync: "max_removal_share = 1.0",
+        ..StackOptions::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let (_, out) = loopsync(&stack, &["check", "--create-properties"]).await;
+    assert!(!out.is_empty());
+    let out_dir = stack.dir.join("upload");
+    let out = out_dir.to_str().unwrap();
+    let (status, printed) = loopsync(&stack, &["export", "--sync", "users", "--out", out]).await;
+    assert_eq!(status, 0, "{printed}");
+    stack.sql("DELETE FROM users WHERE id = 3").await;
+    stack
+        .sql("UPDATE users SET email = 'moved2@example.com' WHERE id = 2")
+        .await;
+    put(
+        &stack,
+        json!({"email": "user2@example.com", "firstName": "Someone else"}),
+    )
+    .await;
+    let report = upload(&stack, &out_dir.join("users.no-lists.csv"), "").await;
+    assert_eq!(report["failed"], 0, "{report}");
+    let audience = download(&stack, "audience.csv").await;
+    let adopt = [
+        "adopt",
+        "--sync",
+        "users",
+        "--from-loops-export",
+        audience.to_str().unwrap(),
+        "--exported",
+        out,
+    ];
+    let (status, adopted) = loopsync(&stack, &adopt).await;
+    assert_eq!(status, 0, "{adopted}");
+    assert!(
+        adopted.contains("sync users: 1 records of the upload's files not adopted"),
+        "{adopted}"
+    );
+    let run = stack.run_once(&[]).await;
+    assert_eq!(run.status, 0, "{}", run.stderr);
+    let contacts = stack.contacts().await;
+    assert_loops_is_the_model(&stack, &contacts, &[1, 2, 4]).await;
+    assert!(
+        !contacts.contains_key("user3@example.com"),
+        "row 3 left, its uploaded contact must go: {contacts:#?}"
+    );
+    assert_eq!(
+        contacts["user2@example.com"]["firstName"], "Someone else",
+        "a contact the sync never wrote stays: {contacts:#?}"
+    );
+    let (status, refused) = loopsync_refused(&stack, &adopt).await;
+    assert_eq!(status, 2, "{refused}");
+    assert!(refused.contains("came after the export"), "{refused}");
+}

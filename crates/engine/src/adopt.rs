@@ -24,19 +24,19 @@ use loopsync_bus::RateBudget;
 use loopsync_config::Config;
 use loopsync_core::destination::Destination;
 use loopsync_core::envelope::{ChangeKind, Operation, RequestCounts};
-use loopsync_core::spec::SyncSpec;
+use loopsync_core::spec::{IdentifyBy, SyncSpec};
 use loopsync_extractor::decide::unchanged_note;
 use loopsync_extractor::{Decided, Decider, Decision, Window};
 use loopsync_loops_client::{ContactIdentity, LoopsClient};
 use loopsync_transformer::transform;
 use loopsync_transformer::verify::{Confirmed, Lookup, compare};
 use loopsync_warehouse::{
-    Adoption, DestinationBinding, DiffRow, Emitted, ExtractCounts, RunSummary, Unchanged,
-    Warehouse, WarehouseError,
+    Adoption, DestinationBinding, DiffRow, Emitted, ExtractCounts, RunStatus, RunSummary,
+    Unchanged, Warehouse, WarehouseError,
 };
 
 use crate::bulk::audience::{LoopsExport, View};
-use crate::bulk::export::{Uploaded, read_records_file};
+use crate::bulk::export::{RecordsHeader, Uploaded, read_records_file};
 use crate::bulk::{BulkError, check_for_files};
 use crate::pipeline::loops_client;
 use crate::retry::with_retries;
@@ -160,7 +160,11 @@ pub async fn adopt_all(
             None => 0,
         };
         let uploaded = match exported {
-            Some(dir) => read_records_file(dir, &spec.name)?,
+            Some(dir) => {
+                let (header, records) = read_records_file(dir, &spec.name)?;
+                check_records(warehouse, spec, &header).await?;
+                records
+            }
             None => Vec::new(),
         };
         let mut report = adopt(
@@ -170,7 +174,7 @@ pub async fn adopt_all(
             &key_fingerprint,
             std::mem::take(&mut preflight),
             view.as_ref(),
-            &uploaded,
+            uploaded,
             &mut on_run,
         )
         .await?;
@@ -187,7 +191,8 @@ pub async fn adopt_all(
 /// `preflight`: the requests the caller made to Loops for it (recorded with the run).
 /// `on_run` is told the run's id as soon as it exists (so the caller can close it if stopped).
 /// `uploaded`: the records an upload of `loopsync export`'s files may have created; those not
-/// adopted are noted as possibly in Loops, with the identity they were uploaded with.
+/// adopted, that the state did not hold and whose contact `against` has, are noted as possibly
+/// in Loops, with the identity they were uploaded with.
 #[allow(clippy::too_many_arguments)]
 pub async fn adopt(
     warehouse: &dyn Warehouse,
@@ -196,7 +201,7 @@ pub async fn adopt(
     key_fingerprint: &str,
     preflight: RequestCounts,
     against: Option<&View<'_>>,
-    uploaded: &[Uploaded],
+    uploaded: Vec<Uploaded>,
     on_run: impl FnOnce(i64),
 ) -> Result<AdoptReport, WarehouseError> {
     let run_id = warehouse.create_run(&spec.name).await?;
@@ -211,9 +216,9 @@ pub async fn adopt(
     let mut batch: Vec<Adoption> = Vec::new();
     // Rows adopted or found unchanged, noted after the batch: later diffs leave them out.
     let mut notes: Vec<Unchanged> = Vec::new();
-    // With `uploaded`: the keys adopted, and those the state held before.
-    let mut adopted: std::collections::HashSet<String> = std::collections::HashSet::new();
-    let mut held: std::collections::HashSet<String> = std::collections::HashSet::new();
+    // The uploaded records still to settle: a key adopted, or that the state held, leaves.
+    let mut pending: std::collections::HashMap<String, Uploaded> =
+        uploaded.into_iter().map(|u| (u.key.clone(), u)).collect();
     let mut rows = warehouse.diff_changes(spec, None).await?;
     loop {
         let (pushed, last) = match rows.next().await {
@@ -222,12 +227,13 @@ pub async fn adopt(
         };
         let done = pushed.is_none();
         for Decided { row, decision } in pushed.into_iter().flatten().chain(last) {
-            // A record the state holds has its own doubt: the upload's is not noted over it.
-            if !uploaded.is_empty()
-                && (row.confirmed_fp.is_some() || row.unsure)
+            // A record the state holds (confirmed, in doubt, or removed: a generation) has its
+            // own doubt: the upload's is not noted over it.
+            if !pending.is_empty()
+                && (row.confirmed_fp.is_some() || row.unsure || row.generation != 0)
                 && let Some(key) = &row.key
             {
-                held.insert(key.clone());
+                pending.remove(key);
             }
             match decision {
                 // An event sync's row sent before and changed since: adopted as it is now.
@@ -273,8 +279,8 @@ pub async fn adopt(
             }
         }
         if batch.len() >= BATCH || notes.len() >= BATCH || done {
-            if !uploaded.is_empty() {
-                adopted.extend(batch.iter().map(|a| a.key.clone()));
+            for adopted in &batch {
+                pending.remove(&adopted.key);
             }
             warehouse.adopt(&spec.name, run_id, &batch).await?;
             batch.clear();
@@ -286,9 +292,8 @@ pub async fn adopt(
         }
     }
     drop(rows);
-    adopted.extend(held);
     let uploaded_in_doubt =
-        note_uploaded_in_doubt(warehouse, spec, run_id, uploaded, &adopted).await?;
+        note_uploaded_in_doubt(warehouse, spec, run_id, pending, against).await?;
     let mut counts = decider.into_counts();
     // An adopted event sync starts from now: its watermark is its highest row, never later.
     Window::everything(spec).close(&mut counts);
@@ -317,37 +322,98 @@ pub async fn adopt(
 /// have written (the state keeps no values, and the next run sends the row whatever it is).
 pub const UPLOADED: &str = "uploaded";
 
-/// Notes the records of `uploaded` that were not `adopted` (nor held by the state before) as
-/// published with the identity they were uploaded with, in doubt: the upload may have created their contact. The next run treats
-/// each as a create whose answer was lost — it writes a row that is still there, and under
-/// mirror removes the contact of a row that left (reading first whether it exists) or the one
-/// left at an identity the row no longer has. Returns how many.
+/// Notes the records of `pending` (uploaded, not adopted, not held by the state) whose contact
+/// in Loops' audience export `against`, at the identity they were uploaded with, is what they
+/// were uploaded as (`verify`'s comparison) as published with that identity, in doubt: the
+/// upload made or wrote that contact. The next run
+/// treats each as a create whose answer was lost — it writes a row that is still there, and
+/// under mirror removes the contact of a row that left (reading first whether it exists) or the
+/// one left at an identity the row no longer has. A record the file has no contact for (its
+/// row failed, or its file was not uploaded) is not noted: the contact there may be no write
+/// of the sync's; nor one whose contact differs (edited in Loops since, or someone else's).
+/// Returns how many were noted.
 async fn note_uploaded_in_doubt(
     warehouse: &dyn Warehouse,
     spec: &SyncSpec,
     run_id: i64,
-    uploaded: &[Uploaded],
-    adopted: &std::collections::HashSet<String>,
+    pending: std::collections::HashMap<String, Uploaded>,
+    against: Option<&View<'_>>,
 ) -> Result<u64, WarehouseError> {
-    let doubtful: Vec<Emitted> = uploaded
-        .iter()
-        .filter(|u| !adopted.contains(&u.key))
-        .map(|u| Emitted {
-            key: u.key.clone(),
-            fingerprint: UPLOADED.to_owned(),
-            email: u.email.clone(),
-            user_id: u.user_id.clone(),
-            unsubscribes: false,
-            possibly_applied: vec![loopsync_core::envelope::OldContact {
-                email: u.email.clone(),
-                user_id: u.user_id.clone(),
-            }],
+    let Some(file) = against else {
+        return Ok(0);
+    };
+    let mut pending: Vec<Uploaded> = pending.into_values().collect();
+    pending.sort_by(|a, b| a.key.cmp(&b.key));
+    let doubtful: Vec<Emitted> = pending
+        .into_iter()
+        .filter_map(|u| {
+            let (email, user_id) = u.action.identity();
+            let (email, user_id) = (email.map(str::to_owned), user_id.map(str::to_owned));
+            let lookup = match spec.identify_by {
+                IdentifyBy::Email => email.clone().map(Lookup::Email),
+                IdentifyBy::UserId => user_id.clone().map(Lookup::UserId),
+            }?;
+            // The contact there is the upload's write (as `verify` compares), not one that
+            // merely has its email.
+            let confirmed = Confirmed::from_action(&u.action)?;
+            let found = file.find(&lookup).ok()??;
+            compare(spec, &confirmed, Some(&found))
+                .is_empty()
+                .then(|| Emitted {
+                    key: u.key,
+                    fingerprint: UPLOADED.to_owned(),
+                    email: email.clone(),
+                    user_id: user_id.clone(),
+                    unsubscribes: false,
+                    possibly_applied: vec![loopsync_core::envelope::OldContact { email, user_id }],
+                })
         })
         .collect();
     for chunk in doubtful.chunks(BATCH) {
         warehouse.mark_emitted_as(&spec.name, run_id, chunk).await?;
     }
     Ok(doubtful.len() as u64)
+}
+
+/// Refuses `adopt --exported`'s records file unless it was written for `spec` from this state
+/// (or before it existed), and no run but adoptions has been since: a run may have settled
+/// what it lists (a removal, a confirmation), and the file would note it in doubt again.
+async fn check_records(
+    warehouse: &dyn Warehouse,
+    spec: &SyncSpec,
+    header: &RecordsHeader,
+) -> Result<(), AdoptError> {
+    let refuse = |why: String| BulkError::RecordsRefused {
+        sync: spec.name.clone(),
+        why,
+    };
+    if header.sync != spec.name {
+        return Err(refuse(format!(
+            "the records file beside the upload's files is sync {}'s",
+            header.sync
+        ))
+        .into());
+    }
+    if let Some(installation) = &header.installation
+        && *installation != warehouse.installation().await?
+    {
+        return Err(refuse(
+            "the records file beside the upload's files was written from another state".into(),
+        )
+        .into());
+    }
+    let since = warehouse.runs(Some(&spec.name), 10_000).await?;
+    if let Some(run) = since.iter().find(|r| {
+        header.after_run.is_none_or(|after| r.id > after) && r.status != RunStatus::Adopted
+    }) {
+        return Err(refuse(format!(
+            "run {} came after the export: the records file no longer says what the upload may \
+             have left in doubt (adopt without --exported, or export again)",
+            run.id
+        ))
+        .into());
+    }
+    Ok(())
 }
 
 /// Records of a file read back from the configured Loops before the first adoption.
@@ -516,7 +582,7 @@ mod tests {
             "k1",
             RequestCounts::default(),
             None,
-            &[],
+            Vec::new(),
             |_| {},
         )
         .await
@@ -541,7 +607,7 @@ mod tests {
             "k1",
             RequestCounts::default(),
             None,
-            &[],
+            Vec::new(),
             |id| told = Some(id),
         )
         .await

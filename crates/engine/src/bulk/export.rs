@@ -35,43 +35,61 @@ pub struct ExportFile {
 }
 
 /// A record the files may create in Loops (one new to the sync), as `records_file` lists it:
-/// the identity its row is uploaded with.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// the write its row is uploaded as.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Uploaded {
     pub key: String,
-    pub email: Option<String>,
-    #[serde(rename = "userId")]
-    pub user_id: Option<String>,
+    pub action: Action,
 }
 
-/// The file beside the CSV files that lists the records they may create ([`Uploaded`], one JSON
-/// object a line, written as they are): `users.records.jsonl`. Not for the upload.
+/// The first line of [`records_file`]: what the list is of, so that `adopt --exported` takes
+/// it only for the state and the sync it was written from, and only while no run has been
+/// since (a run may have settled, or a `forget` erased, what it lists).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RecordsHeader {
+    pub v: u16,
+    pub sync: String,
+    /// The state's installation id, `None` when there was no state yet.
+    pub installation: Option<String>,
+    /// The sync's newest run when the files were written, `None` when it had none.
+    pub after_run: Option<i64>,
+}
+
+/// The file beside the CSV files that lists the records they may create: a
+/// [`RecordsHeader`], then one [`Uploaded`] a line, written as they are:
+/// `users.records.jsonl`. Not for the upload.
 pub fn records_file(sync: &str) -> String {
     format!("{}.records.jsonl", safe(sync))
 }
 
 /// Reads [`records_file`] of `sync` from `dir`, as `loopsync export` wrote it.
-pub fn read_records_file(dir: &Path, sync: &str) -> Result<Vec<Uploaded>, BulkError> {
+pub fn read_records_file(
+    dir: &Path,
+    sync: &str,
+) -> Result<(RecordsHeader, Vec<Uploaded>), BulkError> {
     let path = dir.join(records_file(sync));
     let io = |source| BulkError::Io {
         path: path.display().to_string(),
         source,
     };
+    let not_export = || BulkError::NotForFiles {
+        sync: sync.to_owned(),
+        why: "the records file beside the upload's files is not one `loopsync export` wrote",
+    };
     let file = File::open(&path).map_err(io)?;
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(file));
+    let header: RecordsHeader = match lines.next() {
+        Some(line) => serde_json::from_str(&line.map_err(io)?).map_err(|_| not_export())?,
+        None => return Err(not_export()),
+    };
     let mut records = Vec::new();
-    for line in std::io::BufRead::lines(std::io::BufReader::new(file)) {
+    for line in lines {
         let line = line.map_err(io)?;
-        if line.trim().is_empty() {
-            continue;
+        if !line.trim().is_empty() {
+            records.push(serde_json::from_str(&line).map_err(|_| not_export())?);
         }
-        records.push(
-            serde_json::from_str(&line).map_err(|_| BulkError::NotForFiles {
-                sync: sync.to_owned(),
-                why: "the records file beside the upload's files is not the one `loopsync export` wrote",
-            })?,
-        );
     }
-    Ok(records)
+    Ok((header, records))
 }
 
 /// A record not in the files, and why.
@@ -141,6 +159,19 @@ pub async fn export(
         source,
     };
     let mut uploaded = BufWriter::new(File::create(&records_path).map_err(records_error)?);
+    let header = RecordsHeader {
+        v: 1,
+        sync: spec.name.clone(),
+        // No state yet (a first sync): nothing to tell apart.
+        installation: warehouse.installation().await.ok(),
+        after_run: warehouse
+            .runs(Some(&spec.name), 1)
+            .await
+            .ok()
+            .and_then(|runs| runs.first().map(|r| r.id)),
+    };
+    serde_json::to_writer(&mut uploaded, &header).expect("a header serializes");
+    std::io::Write::write_all(&mut uploaded, b"\n").map_err(records_error)?;
     let each = |record: PlannedRecord| -> Result<(), BulkError> {
         let PlannedRecord {
             key,
@@ -157,6 +188,7 @@ pub async fn export(
             return Ok(());
         }
         let action = action.and_then(|a| serde_json::from_value::<Action>(a).ok());
+        let uploaded_action = action.clone();
         let Some(Action::Upsert {
             email,
             user_id,
@@ -224,12 +256,10 @@ pub async fn export(
         }
         let writer = group.writer.as_mut().expect("opened above");
         writer.write_record(&cells).map_err(|e| csv_error(dir, e))?;
-        if change == PlannedChange::Added {
-            let record = Uploaded {
-                key,
-                email,
-                user_id,
-            };
+        if change == PlannedChange::Added
+            && let Some(action) = uploaded_action
+        {
+            let record = Uploaded { key, action };
             serde_json::to_writer(&mut uploaded, &record).expect("a record serializes");
             std::io::Write::write_all(&mut uploaded, b"\n").map_err(records_error)?;
         }

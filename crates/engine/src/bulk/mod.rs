@@ -32,6 +32,10 @@ pub enum BulkError {
     /// (read back from it), or no audience export at all: refused, nothing adopted.
     #[error("sync {sync}: {why}")]
     NotThisLoops { sync: String, why: String },
+    /// `adopt --exported`'s records file is not one to take for this sync now (another sync's,
+    /// another state's, or a run has been since the export): refused, nothing adopted.
+    #[error("sync {sync}: {why}")]
+    RecordsRefused { sync: String, why: String },
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {
@@ -55,7 +59,9 @@ impl BulkError {
     pub fn is_usage(&self) -> bool {
         matches!(
             self,
-            BulkError::NotForFiles { .. } | BulkError::NotThisLoops { .. }
+            BulkError::NotForFiles { .. }
+                | BulkError::NotThisLoops { .. }
+                | BulkError::RecordsRefused { .. }
         )
     }
 }
