@@ -140,6 +140,8 @@ rust_pass() {
     cargo nextest run --profile ci --workspace "${features[@]}" "$@" 2>&1 | tee -a "$logs/cargo" \
     || status=1
   cp "$junit" "$logs/junit-$name.xml" 2>/dev/null || true
+  # Kept after the run, one per pass (the next pass writes junit.xml again): where the time went.
+  cp "$junit" "target/nextest/ci/junit-$name.xml" 2>/dev/null || true
 }
 
 log "Rust tests (cargo nextest)"
