@@ -128,12 +128,24 @@ pub async fn adopt_all(
         destination::configured(&client, &budget, config.loops.max_attempts, &mut preflight)
             .await?;
     let key_fingerprint = destination::key_fingerprint(warehouse, &config.loops.api_key).await?;
-    let mut reports = Vec::new();
-    for sync in &config.syncs {
-        let spec = &sync.spec;
-        if only.is_some_and(|n| n != spec.name) {
-            continue;
+    let selected = || {
+        config
+            .syncs
+            .iter()
+            .map(|s| &s.spec)
+            .filter(|spec| only.is_none_or(|n| n == spec.name))
+    };
+    // Every sync's records file read and checked before anything is adopted or forgotten.
+    let mut uploads = std::collections::HashMap::new();
+    if let Some(dir) = exported {
+        for spec in selected() {
+            let (header, records) = read_records_file(dir, &spec.name)?;
+            check_records(warehouse, spec, &header).await?;
+            uploads.insert(spec.name.clone(), records);
         }
+    }
+    let mut reports = Vec::new();
+    for spec in selected() {
         let view = match from_file {
             Some(file) => {
                 check_for_files(spec)?;
@@ -159,14 +171,7 @@ pub async fn adopt_all(
             }
             None => 0,
         };
-        let uploaded = match exported {
-            Some(dir) => {
-                let (header, records) = read_records_file(dir, &spec.name)?;
-                check_records(warehouse, spec, &header).await?;
-                records
-            }
-            None => Vec::new(),
-        };
+        let uploaded = uploads.remove(&spec.name).unwrap_or_default();
         let mut report = adopt(
             warehouse,
             spec,
@@ -219,7 +224,13 @@ pub async fn adopt(
     // The uploaded records still to settle: a key adopted, or that the state held, leaves.
     let mut pending: std::collections::HashMap<String, Uploaded> =
         uploaded.into_iter().map(|u| (u.key.clone(), u)).collect();
-    let mut rows = warehouse.diff_changes(spec, None).await?;
+    // With an upload's records, every key the state holds must be seen (to be left alone):
+    // the whole diff, not only the rows that changed since they were noted.
+    let mut rows = if pending.is_empty() {
+        warehouse.diff_changes(spec, None).await?
+    } else {
+        warehouse.diff(spec).await?
+    };
     loop {
         let (pushed, last) = match rows.next().await {
             Some(row) => (Some(decider.push(row?)), None),
