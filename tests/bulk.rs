@@ -777,6 +777,42 @@ async fn the_file_to_upload_is_not_loops_export() {
     run_and_compare(&stack, &[1, 2, 3, 4]).await;
 }
 
+/// Mirror, 4 rows: `loopsync export` into `upload/`, then, before the upload, row 3 leaves the
+/// model and row 2 moves to moved2@example.com. The stack and the folder.
+async fn exported_then_changed() -> Option<(Stack, std::path::PathBuf)> {
+    let stack = Stack::start(StackOptions {
+        rows: 4,
+        behavior: "mirror",
+        extra_sync: "max_removal_share = 1.0",
+        ..StackOptions::default()
+    })
+    .await?;
+    let (_, out) = loopsync(&stack, &["check", "--create-properties"]).await;
+    assert!(!out.is_empty());
+    let out_dir = stack.dir.join("upload");
+    let out = out_dir.to_str().unwrap();
+    let (status, printed) = loopsync(&stack, &["export", "--sync", "users", "--out", out]).await;
+    assert_eq!(status, 0, "{printed}");
+    stack.sql("DELETE FROM users WHERE id = 3").await;
+    stack
+        .sql("UPDATE users SET email = 'moved2@example.com' WHERE id = 2")
+        .await;
+    Some((stack, out_dir))
+}
+
+/// `loopsync adopt --sync users --from-loops-export AUDIENCE --exported DIR`'s arguments.
+fn adopt_exported<'a>(audience: &'a std::path::Path, dir: &'a std::path::Path) -> [&'a str; 7] {
+    [
+        "adopt",
+        "--sync",
+        "users",
+        "--from-loops-export",
+        audience.to_str().unwrap(),
+        "--exported",
+        dir.to_str().unwrap(),
+    ]
+}
+
 /// Mirror. `loopsync export` writes the files; before they are uploaded (hours later, for a
 /// large audience) row 3 leaves the model and row 2 moves to a new address. The upload still
 /// creates row 3's contact and row 2's at its first address — writes of the sync's, which no
@@ -787,35 +823,9 @@ async fn the_file_to_upload_is_not_loops_export() {
 /// stayed in Loops for good.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_that_leaves_between_export_and_upload_is_removed() {
-    let Some(stack) = Stack::start(StackOptions {
-        rows: 4,
-        behavior: "mirror",
-        extra_sync: "max_removal_share = 1.0",
-        ..StackOptions::default()
-    })
-    .await
-    else {
+    let Some((stack, out_dir)) = exported_then_changed().await else {
         return;
     };
-    let (_, out) = loopsync(&stack, &["check", "--create-properties"]).await;
-    assert!(!out.is_empty());
-    let out_dir = stack.dir.join("upload");
-    let (status, printed) = loopsync(
-        &stack,
-        &[
-            "export",
-            "--sync",
-            "users",
-            "--out",
-            out_dir.to_str().unwrap(),
-        ],
-    )
-    .await;
-    assert_eq!(status, 0, "{printed}");
-    stack.sql("DELETE FROM users WHERE id = 3").await;
-    stack
-        .sql("UPDATE users SET email = 'moved2@example.com' WHERE id = 2")
-        .await;
     let records = std::fs::read_to_string(out_dir.join("users.records.jsonl")).unwrap();
     assert!(records.contains("user3@example.com"), "{records}");
     for entry in std::fs::read_dir(&out_dir).unwrap() {
@@ -836,15 +846,7 @@ async fn a_row_that_leaves_between_export_and_upload_is_removed() {
         uploaded.contains_key("user3@example.com") && uploaded.contains_key("user2@example.com")
     );
     let audience = download(&stack, "audience.csv").await;
-    let adopt = [
-        "adopt",
-        "--sync",
-        "users",
-        "--from-loops-export",
-        audience.to_str().unwrap(),
-        "--exported",
-        out_dir.to_str().unwrap(),
-    ];
+    let adopt = adopt_exported(&audience, &out_dir);
     let (status, adopted) = loopsync(&stack, &adopt).await;
     assert_eq!(status, 0, "{adopted}");
     assert!(
@@ -889,26 +891,9 @@ async fn a_row_that_leaves_between_export_and_upload_is_removed() {
 /// the export (exit 2): what it lists may be settled, or erased.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn adopt_exported_notes_only_what_the_upload_wrote_and_not_after_a_run() {
-    let Some(stack) = Stack::start(StackOptions {
-        rows: 4,
-        behavior: "mirror",
-        extra_sync: "max_removal_share = 1.0",
-        ..StackOptions::default()
-    })
-    .await
-    else {
+    let Some((stack, out_dir)) = exported_then_changed().await else {
         return;
     };
-    let (_, out) = loopsync(&stack, &["check", "--create-properties"]).await;
-    assert!(!out.is_empty());
-    let out_dir = stack.dir.join("upload");
-    let out = out_dir.to_str().unwrap();
-    let (status, printed) = loopsync(&stack, &["export", "--sync", "users", "--out", out]).await;
-    assert_eq!(status, 0, "{printed}");
-    stack.sql("DELETE FROM users WHERE id = 3").await;
-    stack
-        .sql("UPDATE users SET email = 'moved2@example.com' WHERE id = 2")
-        .await;
     put(
         &stack,
         json!({"email": "user2@example.com", "firstName": "Someone else"}),
@@ -917,15 +902,7 @@ async fn adopt_exported_notes_only_what_the_upload_wrote_and_not_after_a_run() {
     let report = upload(&stack, &out_dir.join("users.no-lists.csv"), "").await;
     assert_eq!(report["failed"], 0, "{report}");
     let audience = download(&stack, "audience.csv").await;
-    let adopt = [
-        "adopt",
-        "--sync",
-        "users",
-        "--from-loops-export",
-        audience.to_str().unwrap(),
-        "--exported",
-        out,
-    ];
+    let adopt = adopt_exported(&audience, &out_dir);
     let (status, adopted) = loopsync(&stack, &adopt).await;
     assert_eq!(status, 0, "{adopted}");
     assert!(
