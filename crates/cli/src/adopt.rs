@@ -104,7 +104,7 @@ fn print_adopted(report: &AdoptReport, configured: &Destination) {
     }
     if report.uploaded_in_doubt > 0 {
         crate::say!(
-            "sync {}: {} records of the upload's files not adopted (their row left, or changed, before the export was taken): noted as possibly in Loops; the next run makes sure of them.",
+            "sync {}: {} records of the upload's files not adopted (their row left or changed since the export, and Loops holds their upload): noted as possibly in Loops; the next run makes sure of them.",
             report.sync,
             report.uploaded_in_doubt
         );

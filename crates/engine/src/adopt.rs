@@ -14,8 +14,8 @@
 //! adopted (`verify`'s comparison, [`View::holds`]); the others stay for the API lane, counted
 //! by reason. With the list of records `loopsync export` put in the upload's files
 //! (`--exported DIR`), those of them not adopted — a row that left before the upload, or changed
-//! — are noted as possibly in Loops, as a create whose answer was lost is: under mirror the next
-//! run takes out what the upload made for them.
+//! — whose contact in the file is their upload are noted as possibly in Loops, as a create whose
+//! answer was lost is: under mirror the next run takes out what the upload made for them.
 
 use std::sync::Arc;
 
@@ -333,16 +333,15 @@ pub async fn adopt(
 /// have written (the state keeps no values, and the next run sends the row whatever it is).
 pub const UPLOADED: &str = "uploaded";
 
-/// Notes the records of `pending` (uploaded, not adopted, not held by the state) whose contact
-/// in Loops' audience export `against`, at the identity they were uploaded with, is what they
-/// were uploaded as (`verify`'s comparison) as published with that identity, in doubt: the
-/// upload made or wrote that contact. The next run
-/// treats each as a create whose answer was lost — it writes a row that is still there, and
-/// under mirror removes the contact of a row that left (reading first whether it exists) or the
-/// one left at an identity the row no longer has. A record the file has no contact for (its
-/// row failed, or its file was not uploaded) is not noted: the contact there may be no write
-/// of the sync's; nor one whose contact differs (edited in Loops since, or someone else's).
-/// Returns how many were noted.
+/// Notes, as published with the identity they were uploaded with and in doubt, the records of
+/// `pending` (uploaded, not adopted, not held by the state) whose contact in Loops' audience
+/// export `against`, at that identity, is what they were uploaded as (`verify`'s comparison):
+/// the upload made or wrote that contact. The next run treats each as a create whose answer
+/// was lost — it writes a row that is still there, and under mirror removes the contact of a
+/// row that left (reading first whether it exists) or the one left at an identity the row no
+/// longer has. A record the file has no contact for (its row failed, or its file was not
+/// uploaded) is not noted, nor one whose contact differs (edited in Loops since, or someone
+/// else's): that contact is no write of the sync's. Returns how many were noted.
 async fn note_uploaded_in_doubt(
     warehouse: &dyn Warehouse,
     spec: &SyncSpec,

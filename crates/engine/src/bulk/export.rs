@@ -44,7 +44,7 @@ pub struct Uploaded {
 
 /// The first line of [`records_file`]: what the list is of, so that `adopt --exported` takes
 /// it only for the state and the sync it was written from, and only while no run has been
-/// since (a run may have settled, or a `forget` erased, what it lists).
+/// since (a run may have settled what it lists).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RecordsHeader {
     pub v: u16,
