@@ -764,12 +764,21 @@ async fn the_demo_runs_end_to_end() {
         text.contains("malformed email (column email)") || text.contains("invalid 1"),
         "{text}"
     );
-    // 25 users, then 2 added (the malformed one is not sent): 27 contacts, none rate limited.
+    // 25 users, then 2 added (the malformed one is not sent): 27 contacts. At most one request
+    // rate limited (and retried): the budget spaces the times requests are granted, and on a
+    // loaded machine one can reach the simulator a slot late (seen once in CI); a budget not
+    // kept meets dozens.
     assert!(
         text.contains("Loops (simulated) now has 27 contacts and"),
         "{text}"
     );
-    assert!(text.contains(", 0 were rate limited."), "{text}");
+    let limited: u64 = text
+        .split(" were rate limited.")
+        .next()
+        .and_then(|before| before.rsplit(", ").next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count of rate-limited requests: {text}"));
+    assert!(limited <= 1, "{limited} rate limited: {text}");
     // The event sync, after the contact sync: 34 events (17 paying users, two each), then the 2
     // new ones alone; the corrected invoice is read again (inside the lookback) and ignored.
     let reports: Vec<&str> = text.split("sync product_events").skip(1).collect();
