@@ -764,10 +764,11 @@ async fn the_demo_runs_end_to_end() {
         text.contains("malformed email (column email)") || text.contains("invalid 1"),
         "{text}"
     );
-    // 25 users, then 2 added (the malformed one is not sent): 27 contacts. At most one request
-    // rate limited (and retried): the budget spaces the times requests are granted, and on a
-    // loaded machine one can reach the simulator a slot late (seen once in CI); a budget not
-    // kept meets dozens.
+    // 25 users, then 2 added (the malformed one is not sent): 27 contacts. A few requests may be
+    // rate limited (and retried): the budget spaces the times requests are granted, 1 % apart
+    // from the limit, and on a loaded machine a request can reach the simulator a slot late
+    // (one or two a run, seen in CI; none on a quiet machine); a budget not kept meets dozens
+    // (79 with it tripled). `tests/rate.rs` holds the budget to the limit.
     assert!(
         text.contains("Loops (simulated) now has 27 contacts and"),
         "{text}"
@@ -778,7 +779,7 @@ async fn the_demo_runs_end_to_end() {
         .and_then(|before| before.rsplit(", ").next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no count of rate-limited requests: {text}"));
-    assert!(limited <= 1, "{limited} rate limited: {text}");
+    assert!(limited <= 5, "{limited} rate limited: {text}");
     // The event sync, after the contact sync: 34 events (17 paying users, two each), then the 2
     // new ones alone; the corrected invoice is read again (inside the lookback) and ignored.
     let reports: Vec<&str> = text.split("sync product_events").skip(1).collect();
