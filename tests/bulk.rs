@@ -925,3 +925,49 @@ async fn adopt_exported_notes_only_what_the_upload_wrote_and_not_after_a_run() {
     assert_eq!(status, 2, "{refused}");
     assert!(refused.contains("came after the export"), "{refused}");
 }
+
+/// A records file is taken only for the sync and the state it was written for: its header
+/// edited to name another state, then another sync, `adopt --exported` refuses it (exit 2) and
+/// adopts nothing; as written, it is taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adopt_exported_refuses_a_records_file_of_another_state_or_sync() {
+    let Some((stack, out_dir)) = exported_then_changed().await else {
+        return;
+    };
+    let report = upload(&stack, &out_dir.join("users.no-lists.csv"), "").await;
+    assert_eq!(report["failed"], 0, "{report}");
+    let audience = download(&stack, "audience.csv").await;
+    let adopt = adopt_exported(&audience, &out_dir);
+    let path = out_dir.join("users.records.jsonl");
+    let written = std::fs::read_to_string(&path).unwrap();
+    let (header, records) = written.split_once('\n').unwrap();
+    let mut edited: Value = serde_json::from_str(header).unwrap();
+    // No state yet when this export ran (a first sync): no installation is named.
+    assert!(edited["installation"].is_null(), "{header}");
+    for (field, value, said) in [
+        (
+            "installation",
+            "another-state",
+            "written from another state",
+        ),
+        ("sync", "orders", "is sync orders's"),
+    ] {
+        let original = edited[field].clone();
+        edited[field] = json!(value);
+        std::fs::write(&path, format!("{edited}\n{records}")).unwrap();
+        let (status, refused) = loopsync_refused(&stack, &adopt).await;
+        assert_eq!(status, 2, "{field}: {refused}");
+        assert!(refused.contains(said), "{field}: {refused}");
+        edited[field] = original;
+    }
+    assert!(
+        stack
+            .text("SELECT CAST(count(*) AS text) FROM loopsync.runs")
+            .await
+            == "0",
+        "nothing adopted"
+    );
+    std::fs::write(&path, &written).unwrap();
+    let (status, adopted) = loopsync(&stack, &adopt).await;
+    assert_eq!(status, 0, "{adopted}");
+}
