@@ -53,7 +53,6 @@ pub fn worker_options(config: &Config, stage: Stage) -> WorkerOptions {
 pub fn checkpointer_options() -> BatchOptions {
     BatchOptions {
         max_batch: 500,
-        max_wait: Duration::from_millis(50),
         worker: WorkerOptions {
             max_attempts: u32::MAX,
             ..WorkerOptions::default()
@@ -203,10 +202,7 @@ email = "email"
             }
         }
         let batch = checkpointer_options();
-        assert_eq!(
-            (batch.max_batch, batch.max_wait),
-            (500, Duration::from_millis(50))
-        );
+        assert_eq!(batch.max_batch, 500);
         assert_eq!(
             worker_options(&config(CONFIG), Stage::Checkpointer).max_attempts,
             u32::MAX

@@ -725,7 +725,6 @@ async fn one_bad_in_a_batch(class: ErrorClass, max_attempts: u32) -> (Arc<OneBad
     let shutdown = CancellationToken::new();
     let options = BatchOptions {
         max_batch: 50,
-        max_wait: Duration::from_millis(50),
         worker: fast(max_attempts),
     };
     let task = tokio::spawn(run_batched(
@@ -1017,4 +1016,80 @@ async fn jetstream_a_panicking_handler_is_logged_and_its_message_redelivered() {
     );
     shutdown.cancel();
     worker.await.unwrap().unwrap();
+}
+
+/// Records each batch it is given, and when.
+#[derive(Default)]
+struct Batches(Mutex<Vec<(tokio::time::Instant, usize)>>);
+
+#[async_trait]
+impl BatchHandler for Batches {
+    type Error = TestError;
+
+    async fn handle_batch(&self, batch: &[(DeliveryInfo, Bytes)]) -> Result<(), TestError> {
+        self.0
+            .lock()
+            .unwrap()
+            .push((tokio::time::Instant::now(), batch.len()));
+        Ok(())
+    }
+}
+
+/// A batch is what is ready: 30 messages waiting make one batch, and a message alone is
+/// handled at once, not held for others to join it (in the tokio's paused time, any wait for
+/// a batch to fill would show as time passed).
+#[tokio::test(start_paused = true)]
+async fn a_batch_takes_what_is_ready_and_waits_for_nothing_more() {
+    let bus = Arc::new(LocalBus::new(Names::new("t")));
+    for i in 0..30 {
+        bus.publish(
+            Stage::Checkpointer,
+            "users",
+            &format!("m{i}"),
+            Bytes::from("x"),
+        )
+        .await
+        .unwrap();
+    }
+    let handler = Arc::new(Batches::default());
+    let shutdown = CancellationToken::new();
+    let options = BatchOptions {
+        max_batch: 50,
+        worker: fast(3),
+    };
+    let task = tokio::spawn(run_batched(
+        bus.clone() as Arc<dyn Messaging>,
+        Stage::Checkpointer,
+        handler.clone(),
+        options,
+        shutdown.clone(),
+    ));
+    let batches = |n: usize| {
+        let handler = handler.clone();
+        async move {
+            for _ in 0..10_000 {
+                if handler.0.lock().unwrap().len() >= n {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            panic!("{n} batches not handled in 10 s");
+        }
+    };
+    batches(1).await;
+    let published = tokio::time::Instant::now();
+    bus.publish(Stage::Checkpointer, "users", "alone", Bytes::from("x"))
+        .await
+        .unwrap();
+    batches(2).await;
+    let seen = handler.0.lock().unwrap().clone();
+    assert_eq!(seen[0].1, 30, "the 30 waiting in one batch: {seen:?}");
+    assert_eq!(seen[1].1, 1);
+    assert_eq!(
+        seen[1].0 - published,
+        Duration::ZERO,
+        "the lone message waited for a batch to fill"
+    );
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
 }
