@@ -256,6 +256,15 @@ fn progress_line(
     line
 }
 
+/// The pause after the run's `reads`-th read: the first reads come sooner (10 ms, doubled each
+/// time, up to `poll`), so that a small run's end is seen within milliseconds instead of a
+/// whole `poll` later, and a long run is read every `poll`.
+fn poll_pause(reads: u32, poll: Duration) -> Duration {
+    Duration::from_millis(10)
+        .saturating_mul(1u32 << reads.min(16))
+        .min(poll)
+}
+
 /// Waits until every record of the run has an outcome (or the run failed), saying every
 /// [`loopsync_warehouse::HEARTBEAT`] that the run's process is alive; retryable warehouse
 /// errors are waited out. Progress lines go to `progress` as the options say; past the
@@ -288,6 +297,7 @@ pub async fn wait_for_run_observed(
     // Since when the warehouse fails, and how.
     let mut failing: Option<(std::time::SystemTime, String)> = None;
     let mut last_warned: Option<Instant> = None;
+    let mut reads = 0u32;
     loop {
         let read = async {
             if last_heartbeat.is_none_or(|t| t.elapsed() >= loopsync_warehouse::HEARTBEAT) {
@@ -380,8 +390,9 @@ pub async fn wait_for_run_observed(
         let pause = if failing.is_some() {
             options.poll.max(Duration::from_secs(1))
         } else {
-            options.poll
+            poll_pause(reads, options.poll)
         };
+        reads += 1;
         tokio::time::sleep(pause).await;
     }
 }
@@ -910,6 +921,19 @@ mod tests {
     }
 
     /// A progress line says the run's phase and counts; with the warehouse failing, since when.
+    #[test]
+    fn a_run_is_read_sooner_at_first_then_every_poll() {
+        let poll = Duration::from_millis(100);
+        let pauses: Vec<u128> = (0..7).map(|n| poll_pause(n, poll).as_millis()).collect();
+        assert_eq!(pauses, [10, 20, 40, 80, 100, 100, 100]);
+        assert_eq!(poll_pause(u32::MAX, poll), poll);
+        // A poll shorter than the first pause is kept.
+        assert_eq!(
+            poll_pause(0, Duration::from_millis(5)),
+            Duration::from_millis(5)
+        );
+    }
+
     #[test]
     fn progress_lines_say_the_phase_and_the_counts() {
         assert_eq!(progress_line(7, None, None), "run 7: waiting");
