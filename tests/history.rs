@@ -322,6 +322,9 @@ async fn history(variant: Variant, seed: u64, steps: usize) {
             requests_per_second: 500,
             ack_wait_seconds: 2.0,
             max_attempts: 12,
+            // Faults fail a third of the requests: at the default backoff (0.5 s, doubled per
+            // attempt, up to 30 s) an unlucky record's retries took a minute of a run.
+            retry_backoff_ms: Some(5),
             ..StackOptions::default()
         }
         .on(variant.backend),
@@ -330,7 +333,12 @@ async fn history(variant: Variant, seed: u64, steps: usize) {
     else {
         return;
     };
-    stack.sim_post("settings", variant.settings.clone()).await;
+    // `POST /_sim/settings` replaces every setting: the stack's limit is restated, else the
+    // simulator's default of 10 a second would meet the budget of 500 with 429s on every run
+    // (their retries were most of a history's time). 429s come as a fault instead, below.
+    let mut settings = variant.settings.clone();
+    settings["rate_limit"] = json!(1000);
+    stack.sim_post("settings", settings).await;
     let mut model = Model::new(rows as i64, variant.backend);
     let mut log = format!("{} · seed {seed}\n", variant.name);
     let mut synced: BTreeMap<i64, Row> = BTreeMap::new();
@@ -355,11 +363,11 @@ async fn history(variant: Variant, seed: u64, steps: usize) {
         if !sql.is_empty() {
             stack.sql(&sql).await;
         }
-        // Faults on some runs: 5xx before or after the effect, dropped connections.
+        // Faults on some runs: 5xx before or after the effect, dropped connections, 429s.
         let faulty = rng.random_bool(0.4);
         let faults = if faulty {
             json!({"error_503": 0.15, "error_502": 0.05, "drop_connection": 0.1,
-                   "after_effect": 0.5, "seed": rng.random::<u32>()})
+                   "rate_limit_429": 0.05, "after_effect": 0.5, "seed": rng.random::<u32>()})
         } else {
             json!({})
         };

@@ -142,6 +142,9 @@ pub struct StackOptions {
     pub extra_sync: &'static str,
     /// `loops.max_attempts`.
     pub max_attempts: u32,
+    /// `loops.retry_backoff_ms`; `None` leaves the product's default (500 ms, doubled per
+    /// attempt).
+    pub retry_backoff_ms: Option<u64>,
     /// `Some`: use this NATS server (implies `nats`) instead of `LOOPSYNC_TEST_NATS_URL`.
     pub nats_url: Option<String>,
     /// `Some(n)`: a `user_events` table of `n` rows (event `g` is user `1 + g % rows`'s, at
@@ -187,6 +190,7 @@ impl Default for StackOptions {
             identify_by: "email",
             extra_sync: "",
             max_attempts: 10,
+            retry_backoff_ms: None,
             nats_url: None,
             events: None,
             events_sync: "",
@@ -597,7 +601,7 @@ api_key = "${{LOOPS_API_KEY}}"
 base_url = "{api}"
 requests_per_second = {rps}
 max_attempts = {max_attempts}
-
+{retry_backoff}
 {nats_section}
 [[sync]]
 name = "users"
@@ -626,6 +630,10 @@ signedUpAt = {{ column = "signed_up_at", type = "date" }}
             rps = options.requests_per_second,
             identify_by = options.identify_by,
             max_attempts = options.max_attempts,
+            retry_backoff = options
+                .retry_backoff_ms
+                .map(|ms| format!("retry_backoff_ms = {ms}\n"))
+                .unwrap_or_default(),
             behavior = options.behavior,
             extra_sync = options.extra_sync,
             events_sync = if options.events.is_some() {
