@@ -1407,11 +1407,16 @@ async fn destinations_bind_and_reset(f: Fixture) {
     )
     .await
     .unwrap();
-    // 1 and 2 confirmed; 3 only sent (dead-lettered: Loops never confirmed it).
+    // 1 confirmed, then 2; 3 only sent (dead-lettered: Loops never confirmed it). Apart: the
+    // statements of one batch may be a millisecond apart on SQLite (its `now` is a statement's,
+    // PostgreSQL's a transaction's), and would order 1 and 2 by that.
+    w.record_outcomes(&[confirmed(&s, run, "1", "f1")])
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     let mut second = confirmed(&s, run, "2", "f2");
     second.email = Some("two@example.com".into());
     w.record_outcomes(&[
-        confirmed(&s, run, "1", "f1"),
         second,
         Outcome::new(
             "users",
@@ -1424,20 +1429,20 @@ async fn destinations_bind_and_reset(f: Fixture) {
     ])
     .await
     .unwrap();
-    // The confirmed contacts, the most recently confirmed first, then by key.
+    // The confirmed contacts, the most recently confirmed first.
     let contacts = w.confirmed_contacts("users", 5).await.unwrap();
     assert_eq!(
         contacts,
         [
             ConfirmedContact {
-                key: "1".into(),
-                contact_id: Some("c-1".into()),
-                ..ConfirmedContact::default()
-            },
-            ConfirmedContact {
                 key: "2".into(),
                 email: Some("two@example.com".into()),
                 contact_id: Some("c-2".into()),
+                ..ConfirmedContact::default()
+            },
+            ConfirmedContact {
+                key: "1".into(),
+                contact_id: Some("c-1".into()),
                 ..ConfirmedContact::default()
             },
         ]
