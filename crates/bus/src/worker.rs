@@ -26,7 +26,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::FutureExt;
 use loopsync_core::reason::reason_class;
 use loopsync_core::stage::Stage;
 use loopsync_core::{Classified, ErrorClass};
@@ -569,14 +568,18 @@ async fn dead_letter<H: Handler>(
 #[derive(Debug, Clone)]
 pub struct BatchOptions {
     pub max_batch: usize,
+    /// The longest a batch stays open once its first message arrived.
+    pub max_wait: Duration,
+    /// A batch closes when no message arrived for this long.
+    pub lull: Duration,
     pub worker: WorkerOptions,
 }
 
-/// Runs a batch handler: up to `max_batch` messages, those ready when the first arrives, are
-/// handled together and acked together. No batch waits to fill: under load the messages that
-/// arrived while the last batch was handled make the next one large, and at a trickle no
-/// message waits for others (a wait of 50 ms here was most of a small run's time, as each run
-/// ends only once its outcomes are recorded). A batch that fails for a reason other than a retryable
+/// Runs a batch handler: up to `max_batch` messages are handled together and acked together. A
+/// batch stays open while messages keep coming (each within `lull` of the one before, for at
+/// most `max_wait`): under a steady flow the batches are large, and the last message of a burst
+/// waits only `lull` (a fixed wait of 50 ms was most of a small run's time, as a run ends only
+/// once its outcomes are recorded). A batch that fails for a reason other than a retryable
 /// one is split and each message settled on its own, and one that keeps failing retryably is
 /// bisected (see `settle_batch`), so one bad message cannot hold up others. The stage's
 /// messages the bus gave up on ([`Messaging::exhausted`]) are given up on here too.
@@ -612,11 +615,13 @@ pub async fn run_batched<H: BatchHandler>(
             }
             Some(Ok(d)) => vec![d],
         };
-        // `next` is cancel-safe (the loop above drops it for the shutdown): a poll that finds
-        // nothing ready loses nothing.
+        // `next` is cancel-safe (the loop above drops it for the shutdown): a wait that ends
+        // with nothing loses nothing.
+        let deadline = tokio::time::Instant::now() + options.max_wait;
         while batch.len() < options.max_batch {
-            match consumer.next().now_or_never() {
-                Some(Some(Ok(d))) => batch.push(d),
+            let until = deadline.min(tokio::time::Instant::now() + options.lull);
+            match tokio::time::timeout_at(until, consumer.next()).await {
+                Ok(Some(Ok(d))) => batch.push(d),
                 _ => break,
             }
         }

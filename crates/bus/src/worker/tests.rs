@@ -725,6 +725,8 @@ async fn one_bad_in_a_batch(class: ErrorClass, max_attempts: u32) -> (Arc<OneBad
     let shutdown = CancellationToken::new();
     let options = BatchOptions {
         max_batch: 50,
+        max_wait: Duration::from_millis(50),
+        lull: Duration::from_millis(2),
         worker: fast(max_attempts),
     };
     let task = tokio::spawn(run_batched(
@@ -1035,11 +1037,12 @@ impl BatchHandler for Batches {
     }
 }
 
-/// A batch is what is ready: 30 messages waiting make one batch, and a message alone is
-/// handled at once, not held for others to join it (in the tokio's paused time, any wait for
-/// a batch to fill would show as time passed).
+/// A batch stays open while messages keep coming, and no longer: 30 waiting make one batch;
+/// 20 arriving a millisecond apart make one; a message alone is handled a lull after it
+/// arrived, not at the batch's longest wait (tokio's paused time: every wait shows as time
+/// passed, exactly).
 #[tokio::test(start_paused = true)]
-async fn a_batch_takes_what_is_ready_and_waits_for_nothing_more() {
+async fn a_batch_stays_open_while_messages_keep_coming() {
     let bus = Arc::new(LocalBus::new(Names::new("t")));
     for i in 0..30 {
         bus.publish(
@@ -1055,6 +1058,8 @@ async fn a_batch_takes_what_is_ready_and_waits_for_nothing_more() {
     let shutdown = CancellationToken::new();
     let options = BatchOptions {
         max_batch: 50,
+        max_wait: Duration::from_millis(50),
+        lull: Duration::from_millis(2),
         worker: fast(3),
     };
     let task = tokio::spawn(run_batched(
@@ -1077,18 +1082,31 @@ async fn a_batch_takes_what_is_ready_and_waits_for_nothing_more() {
         }
     };
     batches(1).await;
+    for i in 0..20 {
+        bus.publish(
+            Stage::Checkpointer,
+            "users",
+            &format!("s{i}"),
+            Bytes::from("x"),
+        )
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    batches(2).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let published = tokio::time::Instant::now();
     bus.publish(Stage::Checkpointer, "users", "alone", Bytes::from("x"))
         .await
         .unwrap();
-    batches(2).await;
+    batches(3).await;
     let seen = handler.0.lock().unwrap().clone();
-    assert_eq!(seen[0].1, 30, "the 30 waiting in one batch: {seen:?}");
-    assert_eq!(seen[1].1, 1);
+    let sizes: Vec<usize> = seen.iter().map(|(_, n)| *n).collect();
+    assert_eq!(sizes, [30, 20, 1], "{seen:?}");
     assert_eq!(
-        seen[1].0 - published,
-        Duration::ZERO,
-        "the lone message waited for a batch to fill"
+        seen[2].0 - published,
+        Duration::from_millis(2),
+        "the lone message waited for the lull only"
     );
     shutdown.cancel();
     task.await.unwrap().unwrap();
