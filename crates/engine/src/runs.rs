@@ -920,7 +920,7 @@ mod tests {
         assert_eq!(fires.due(), Some((at(4, 0), "b")));
     }
 
-    /// A progress line says the run's phase and counts; with the warehouse failing, since when.
+    /// A run's first reads come 10 ms apart, doubled each time up to the poll.
     #[test]
     fn a_run_is_read_sooner_at_first_then_every_poll() {
         let poll = Duration::from_millis(100);
@@ -934,6 +934,7 @@ mod tests {
         );
     }
 
+    /// A progress line says the run's phase and counts; with the warehouse failing, since when.
     #[test]
     fn progress_lines_say_the_phase_and_the_counts() {
         assert_eq!(progress_line(7, None, None), "run 7: waiting");

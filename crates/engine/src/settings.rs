@@ -208,7 +208,10 @@ email = "email"
             }
         }
         let batch = checkpointer_options();
-        assert_eq!(batch.max_batch, 500);
+        assert_eq!(
+            (batch.max_batch, batch.max_wait, batch.lull),
+            (500, Duration::from_millis(50), Duration::from_millis(2))
+        );
         assert_eq!(
             worker_options(&config(CONFIG), Stage::Checkpointer).max_attempts,
             u32::MAX
