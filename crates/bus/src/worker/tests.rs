@@ -698,6 +698,29 @@ impl BatchHandler for OneBad {
     }
 }
 
+/// A batched checkpointer worker on `bus` (batches of up to 50, open while messages keep
+/// coming 2 ms apart, 50 ms at most).
+fn batched<H: BatchHandler>(
+    bus: &Arc<LocalBus>,
+    handler: Arc<H>,
+    max_attempts: u32,
+    shutdown: &CancellationToken,
+) -> tokio::task::JoinHandle<Result<(), BusError>> {
+    let options = BatchOptions {
+        max_batch: 50,
+        max_wait: Duration::from_millis(50),
+        lull: Duration::from_millis(2),
+        worker: fast(max_attempts),
+    };
+    tokio::spawn(run_batched(
+        bus.clone() as Arc<dyn Messaging>,
+        Stage::Checkpointer,
+        handler,
+        options,
+        shutdown.clone(),
+    ))
+}
+
 /// Publishes 30 checkpointer messages, one of them `bad`, and runs a batched worker (batches
 /// of up to 50, so all 30 in one) until the 29 others landed.
 async fn one_bad_in_a_batch(class: ErrorClass, max_attempts: u32) -> (Arc<OneBad>, Arc<LocalBus>) {
@@ -723,19 +746,7 @@ async fn one_bad_in_a_batch(class: ErrorClass, max_attempts: u32) -> (Arc<OneBad
         gave_up: Mutex::default(),
     });
     let shutdown = CancellationToken::new();
-    let options = BatchOptions {
-        max_batch: 50,
-        max_wait: Duration::from_millis(50),
-        lull: Duration::from_millis(2),
-        worker: fast(max_attempts),
-    };
-    let task = tokio::spawn(run_batched(
-        bus.clone() as Arc<dyn Messaging>,
-        Stage::Checkpointer,
-        handler.clone(),
-        options,
-        shutdown.clone(),
-    ));
+    let task = batched(&bus, handler.clone(), max_attempts, &shutdown);
     let watched = handler.clone();
     loopsync_testkit::until(Duration::from_secs(20), "the good ones landed", || {
         let landed = watched.landed.lock().unwrap().len();
@@ -1044,31 +1055,20 @@ impl BatchHandler for Batches {
 #[tokio::test(start_paused = true)]
 async fn a_batch_stays_open_while_messages_keep_coming() {
     let bus = Arc::new(LocalBus::new(Names::new("t")));
+    let put = |id: String| {
+        let bus = bus.clone();
+        async move {
+            bus.publish(Stage::Checkpointer, "users", &id, Bytes::from("x"))
+                .await
+                .unwrap();
+        }
+    };
     for i in 0..30 {
-        bus.publish(
-            Stage::Checkpointer,
-            "users",
-            &format!("m{i}"),
-            Bytes::from("x"),
-        )
-        .await
-        .unwrap();
+        put(format!("m{i}")).await;
     }
     let handler = Arc::new(Batches::default());
     let shutdown = CancellationToken::new();
-    let options = BatchOptions {
-        max_batch: 50,
-        max_wait: Duration::from_millis(50),
-        lull: Duration::from_millis(2),
-        worker: fast(3),
-    };
-    let task = tokio::spawn(run_batched(
-        bus.clone() as Arc<dyn Messaging>,
-        Stage::Checkpointer,
-        handler.clone(),
-        options,
-        shutdown.clone(),
-    ));
+    let task = batched(&bus, handler.clone(), 3, &shutdown);
     let batches = |n: usize| {
         let handler = handler.clone();
         async move {
@@ -1083,22 +1083,13 @@ async fn a_batch_stays_open_while_messages_keep_coming() {
     };
     batches(1).await;
     for i in 0..20 {
-        bus.publish(
-            Stage::Checkpointer,
-            "users",
-            &format!("s{i}"),
-            Bytes::from("x"),
-        )
-        .await
-        .unwrap();
+        put(format!("s{i}")).await;
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     batches(2).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     let published = tokio::time::Instant::now();
-    bus.publish(Stage::Checkpointer, "users", "alone", Bytes::from("x"))
-        .await
-        .unwrap();
+    put("alone".to_owned()).await;
     batches(3).await;
     let seen = handler.0.lock().unwrap().clone();
     let sizes: Vec<usize> = seen.iter().map(|(_, n)| *n).collect();
