@@ -1979,6 +1979,62 @@ async fn sqlite_destinations_bind_and_reset() {
     destinations_bind_and_reset(sqlite()).await;
 }
 
+/// The owners of contacts: the records confirmed with one of the identities asked, by their
+/// email compared normalised or by their userId, asked 25 000 at a time (past the statement's
+/// chunk of 10 000: a match in each chunk is found).
+async fn owners_are_found_by_email_or_user_id_among_many(f: Fixture) {
+    let w = &*f.warehouse;
+    w.prepare().await.unwrap();
+    let s = spec("users", "users");
+    let run = w.create_run("users").await.unwrap();
+    w.claim_run(run, false).await.unwrap();
+    let mut outcomes = Vec::new();
+    for (key, email, user_id) in [
+        ("1", Some("One@Example.com"), None),
+        ("2", None, Some("u-2")),
+        ("3", Some("three@example.com"), Some("u-3")),
+        ("4", Some("four@example.com"), None),
+    ] {
+        let mut o = confirmed(&s, run, key, "f");
+        o.email = email.map(str::to_owned);
+        o.user_id = user_id.map(str::to_owned);
+        outcomes.push(o);
+    }
+    w.record_outcomes(&outcomes).await.unwrap();
+    let mut asked: Vec<String> = (0..25_000)
+        .map(|i| format!("nobody{i}@example.com"))
+        .collect();
+    asked[10] = "one@example.com".into();
+    asked[15_000] = "u-2".into();
+    asked[24_000] = "u-3".into();
+    asked.push("u-2".into());
+    let owners = w.owners("users", &asked).await.unwrap();
+    assert_eq!(
+        owners,
+        [
+            ("1".into(), Some("One@Example.com".into()), None),
+            ("2".into(), None, Some("u-2".into())),
+            (
+                "3".into(),
+                Some("three@example.com".into()),
+                Some("u-3".into())
+            ),
+        ]
+    );
+    assert!(w.owners("others", &asked).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn postgres_owners_are_found_by_email_or_user_id_among_many() {
+    let Some(f) = postgres().await else { return };
+    owners_are_found_by_email_or_user_id_among_many(f).await;
+}
+
+#[tokio::test]
+async fn sqlite_owners_are_found_by_email_or_user_id_among_many() {
+    owners_are_found_by_email_or_user_id_among_many(sqlite()).await;
+}
+
 /// A shared rate budget's row: none at first, created once (a second create loses), then
 /// swapped only at the revision read, with the writer's clock beside the due time; one row per
 /// budget.
