@@ -1980,8 +1980,10 @@ async fn sqlite_destinations_bind_and_reset() {
 }
 
 /// The owners of contacts: the records confirmed with one of the identities asked, by their
-/// email compared normalised or by their userId, asked 25 000 at a time (past the statement's
-/// chunk of 10 000: a match in each chunk is found).
+/// email compared normalised or by their userId, asked 25 000 at a time. The identities are
+/// asked in their sorted order, 10 000 a statement: the fillers `m00000@…`–`m24999@…` place the
+/// three that match first (`a-one@…`), at 12 347 (`m12345z`) and at 22 225 (`m22222z`), one in
+/// each statement.
 async fn owners_are_found_by_email_or_user_id_among_many(f: Fixture) {
     let w = &*f.warehouse;
     w.prepare().await.unwrap();
@@ -1990,9 +1992,9 @@ async fn owners_are_found_by_email_or_user_id_among_many(f: Fixture) {
     w.claim_run(run, false).await.unwrap();
     let mut outcomes = Vec::new();
     for (key, email, user_id) in [
-        ("1", Some("One@Example.com"), None),
-        ("2", None, Some("u-2")),
-        ("3", Some("three@example.com"), Some("u-3")),
+        ("1", Some("A-One@Example.com"), None),
+        ("2", None, Some("m12345z")),
+        ("3", Some("three@example.com"), Some("m22222z")),
         ("4", Some("four@example.com"), None),
     ] {
         let mut o = confirmed(&s, run, key, "f");
@@ -2002,22 +2004,19 @@ async fn owners_are_found_by_email_or_user_id_among_many(f: Fixture) {
     }
     w.record_outcomes(&outcomes).await.unwrap();
     let mut asked: Vec<String> = (0..25_000)
-        .map(|i| format!("nobody{i}@example.com"))
+        .map(|i| format!("m{i:05}@example.com"))
         .collect();
-    asked[10] = "one@example.com".into();
-    asked[15_000] = "u-2".into();
-    asked[24_000] = "u-3".into();
-    asked.push("u-2".into());
+    asked.extend(["m22222z", "a-one@example.com", "m12345z", "m12345z"].map(String::from));
     let owners = w.owners("users", &asked).await.unwrap();
     assert_eq!(
         owners,
         [
-            ("1".into(), Some("One@Example.com".into()), None),
-            ("2".into(), None, Some("u-2".into())),
+            ("1".into(), Some("A-One@Example.com".into()), None),
+            ("2".into(), None, Some("m12345z".into())),
             (
                 "3".into(),
                 Some("three@example.com".into()),
-                Some("u-3".into())
+                Some("m22222z".into())
             ),
         ]
     );
