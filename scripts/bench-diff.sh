@@ -16,6 +16,13 @@
 # It prints the medians, the ratio and our peak RSS, and checks the plan's counts against the
 # changes made.
 #
+# With a cursor: the table has an `updated_at` (indexed; the changes set it to now()), and a
+# second sync of it, `users_cursor`, the same but for `cursor = "updated_at"` (the default 1h
+# lookback), is adopted beside the first: its `plan` diffs incrementally (the rows whose cursor
+# moved, and those the state has not noted), timed three times against two baselines — the
+# same md5 FULL OUTER JOIN, and the least any cursor-based tool reads, the rows at or after the
+# watermark minus the lookback copied out (`COPY (SELECT * … WHERE updated_at >= …)`).
+#
 # Needs: psql, /usr/bin/time (GNU), a PostgreSQL server (LOOPSYNC_BENCH_PG_URL, else
 # LOOPSYNC_TEST_PG_URL: a URL whose user may create databases). LOOPSYNC_BIN names the binary;
 # else the release build is made (cargo build --release -p loopsync) and used.
@@ -43,24 +50,41 @@ added=$((rows / 200))
 echo "building $rows rows…" >&2
 make_pg_users "$rows"
 
+psql -q "$bench_url" >/dev/null <<SQL
+ALTER TABLE users ADD COLUMN updated_at timestamptz;
+UPDATE users SET updated_at = timestamptz '2024-01-01' + id * interval '1 second';
+CREATE INDEX users_updated_at ON users (updated_at);
+VACUUM ANALYZE users;
+SQL
+
 start_sim
 
 cfg=$work/loopsync.toml
-{ printf '[warehouse]\nurl = "%s"\n\n' "$bench_url"; users_mirror_config; } >"$cfg"
+{
+  printf '[warehouse]\nurl = "%s"\n\n' "$bench_url"
+  users_mirror_config
+  # The same sync, with a cursor.
+  users_mirror_config | sed -n '/^\[\[sync\]\]/,$p' \
+    | sed -e 's/^name = "users"/name = "users_cursor"/' \
+      -e 's/ signed_up_at from users"/ signed_up_at, updated_at from users"/' \
+      -e 's/^behavior = "mirror"/behavior = "mirror"\ncursor = "updated_at"/'
+} >"$cfg"
 
 started=$(now)
 "$bin" adopt --sync users --config "$cfg" >"$work/adopt.out" 2>&1 \
   || { cat "$work/adopt.out" >&2; exit 1; }
 adopt_secs=$(calc "$(now) - $started" 2)
+"$bin" adopt --sync users_cursor --config "$cfg" >"$work/adopt-cursor.out" 2>&1 \
+  || { cat "$work/adopt-cursor.out" >&2; exit 1; }
 psql -q "$bench_url" >/dev/null <<SQL
 CREATE TABLE snap AS SELECT id, md5(u::text) AS h FROM users u;
 ALTER TABLE snap ADD PRIMARY KEY (id);
 ANALYZE snap;
-UPDATE users SET first_name = first_name || ' changed' WHERE id IN (
+UPDATE users SET first_name = first_name || ' changed', updated_at = now() WHERE id IN (
   SELECT id FROM users WHERE id % 200 <> 0 ORDER BY id LIMIT $changed);
 DELETE FROM users WHERE id % 200 = 0 AND id <= $((removed * 200));
 INSERT INTO users
-SELECT i, 'user' || i || '@example.com', 'New' || i, 'Last', 'free', 1, true, now()
+SELECT i, 'user' || i || '@example.com', 'New' || i, 'Last', 'free', 1, true, now(), now()
 FROM generate_series($rows + 1, $rows + $added) AS i;
 VACUUM ANALYZE users;
 SQL
@@ -101,5 +125,49 @@ echo "plan counts: added $p_added, changed $p_changed, removed $p_removed, uncha
 if [ "$p_added" -ne "$added" ] || [ "$p_changed" -ne "$changed" ] \
   || [ "$p_removed" -ne "$removed" ] || [ "$p_unchanged" -ne "$want_unchanged" ]; then
   echo "the plan's counts are not the changes made (unchanged should be $want_unchanged)" >&2
+  exit 1
+fi
+
+# With a cursor: the incremental diff, against the md5 join and the window's rows alone.
+window_sql="COPY (SELECT * FROM users WHERE updated_at >= (
+  SELECT to_timestamp(cursor_high / 1000.0) - interval '1 hour' FROM loopsync.runs
+   WHERE sync = 'users_cursor' AND cursor_high IS NOT NULL ORDER BY id DESC LIMIT 1)) TO STDOUT"
+inc=() inc_base=() inc_window=() inc_peaks=()
+for i in 1 2 3; do
+  started=$(now)
+  /usr/bin/time -f '%M' -o "$work/rss" "$bin" plan --json --sync users_cursor --config "$cfg" \
+    >"$work/plan-cursor.json"
+  inc+=("$(calc "$(now) - $started" 3)")
+  inc_peaks+=("$(cat "$work/rss")")
+  started=$(now)
+  psql -q "$bench_url" -c "$baseline_sql" >/dev/null
+  inc_base+=("$(calc "$(now) - $started" 3)")
+  started=$(now)
+  psql -q "$bench_url" -c "$window_sql" >"$work/window.out"
+  inc_window+=("$(calc "$(now) - $started" 3)")
+  echo "  try $i: ours ${inc[-1]} s, md5 join ${inc_base[-1]} s, window ${inc_window[-1]} s" >&2
+done
+counts=$(python3 -c '
+import json, sys
+p = json.load(open(sys.argv[1]))["data"][0]
+c = p["counts"]
+print(p.get("diff"), c["added"], c["changed"], c["removed"], c["unchanged"])' "$work/plan-cursor.json")
+read -r c_diff c_added c_changed c_removed c_unchanged <<<"$counts"
+inc_m=$(median "${inc[@]}") inc_base_m=$(median "${inc_base[@]}")
+inc_window_m=$(median "${inc_window[@]}") inc_peak=$(median "${inc_peaks[@]}")
+echo
+echo "the same with a cursor (sync users_cursor, cursor = \"updated_at\", lookback 1h):"
+printf '%-40s %10s s\n' "ours: loopsync plan --json ($c_diff)" "$inc_m"
+printf '%-40s %10s s\n' "baseline: md5 FULL OUTER JOIN, copied" "$inc_base_m"
+printf '%-40s %10s s (%s rows)\n' "window: rows since the cursor, copied" "$inc_window_m" \
+  "$(wc -l <"$work/window.out")"
+echo "ratio md5 join / ours: $(calc "$inc_base_m / $inc_m" 2)x;" \
+  "window / ours: $(calc "$inc_window_m / $inc_m" 2)x"
+echo "our peak RSS: $(calc "$inc_peak / 1024") MiB"
+echo "plan counts: added $c_added, changed $c_changed, removed $c_removed, unchanged $c_unchanged"
+# No removal is found by an incremental diff; the removed rows are still noted, so unchanged.
+if [ "$c_diff" != incremental ] || [ "$c_added" -ne "$added" ] || [ "$c_changed" -ne "$changed" ] \
+  || [ "$c_removed" -ne 0 ] || [ "$c_unchanged" -ne $((rows - changed)) ]; then
+  echo "the incremental plan's counts are not the changes made" >&2
   exit 1
 fi

@@ -306,7 +306,20 @@ struct Variant {
     exactly_once: bool,
     /// Where the model is.
     backend: Backend,
+    /// A contact cursor (`updated_at`, set by a trigger on every insert and update, as an
+    /// application keeps it): most runs diff incrementally and find no removal, so after such
+    /// a run Loops may still hold the contacts of rows that left; every so often, and at the
+    /// end, a full diff is made due, after which Loops must hold exactly the model.
+    cursor: bool,
 }
+
+/// The cursor variant's column and trigger (PostgreSQL).
+const CURSOR_SQL: &str = "ALTER TABLE users ADD COLUMN updated_at timestamptz NOT NULL
+                              DEFAULT clock_timestamp();
+     CREATE FUNCTION touch_users() RETURNS trigger LANGUAGE plpgsql AS
+       $$ BEGIN NEW.updated_at := clock_timestamp(); RETURN NEW; END $$;
+     CREATE TRIGGER users_touched BEFORE UPDATE ON users
+       FOR EACH ROW EXECUTE FUNCTION touch_users();";
 
 async fn history(variant: Variant, seed: u64, steps: usize) {
     let mut rng = StdRng::seed_from_u64(seed);
@@ -317,7 +330,16 @@ async fn history(variant: Variant, seed: u64, steps: usize) {
             nats: variant.nats,
             behavior: "mirror",
             // Histories remove many rows at once: the removal guard is tested on its own.
-            extra_sync: "trigger_workflows = true\nmax_removal_share = 1.0",
+            extra_sync: if variant.cursor {
+                "trigger_workflows = true\nmax_removal_share = 1.0\n\
+                 cursor = \"updated_at\"\ncursor_lookback = \"0s\"\nfull_diff_every = \"1h\""
+            } else {
+                "trigger_workflows = true\nmax_removal_share = 1.0"
+            },
+            model: variant.cursor.then_some(
+                "select id, email, first_name, plan, seats, signed_up_at, newsletter, updated_at \
+                 from users",
+            ),
             sim_rate_limit: 1000,
             requests_per_second: 500,
             ack_wait_seconds: 2.0,
@@ -336,6 +358,11 @@ async fn history(variant: Variant, seed: u64, steps: usize) {
     // `POST /_sim/settings` replaces every setting: the stack's limit is restated, else the
     // simulator's default of 10 a second would meet the budget of 500 with 429s on every run
     // (their retries were most of a history's time). 429s come as a fault instead, below.
+    if variant.cursor {
+        stack.sql(CURSOR_SQL).await;
+    }
+    // Contacts of rows that left since the last full diff: an incremental one finds no removal.
+    let mut lingering: std::collections::BTreeSet<String> = Default::default();
     let mut settings = variant.settings.clone();
     settings["rate_limit"] = json!(1000);
     stack.sim_post("settings", settings).await;
@@ -362,6 +389,13 @@ async fn history(variant: Variant, seed: u64, steps: usize) {
         }
         if !sql.is_empty() {
             stack.sql(&sql).await;
+        }
+        // The cursor variant: a full diff made due (an hour passes, by the state's clock).
+        if variant.cursor && (step == steps || rng.random_bool(0.25)) {
+            stack
+                .sql("UPDATE loopsync.runs SET requested_at = requested_at - interval '2 hours';")
+                .await;
+            let _ = writeln!(log, "  step {step}: a full diff is due");
         }
         // Faults on some runs: 5xx before or after the effect, dropped connections, 429s.
         let faulty = rng.random_bool(0.4);
@@ -403,6 +437,13 @@ async fn history(variant: Variant, seed: u64, steps: usize) {
             stack.run_once(&[]).await
         };
         stack.sim_post("faults", json!({})).await;
+        let diff = output.runs[0]["diff"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        if variant.cursor {
+            let _ = writeln!(log, "  step {step}: the diff was {diff}");
+        }
         let fail = |what: String| -> ! {
             panic!(
                 "{what}\nhistory that broke it (rerun with LOOPSYNC_HISTORY_SEED={seed}):\n{log}"
@@ -415,7 +456,23 @@ async fn history(variant: Variant, seed: u64, steps: usize) {
             ));
         }
         let expected = model.contacts();
-        let actual = loops_contacts(&stack).await;
+        let mut actual = loops_contacts(&stack).await;
+        if variant.cursor {
+            if diff == "full" {
+                lingering.clear();
+            } else {
+                // Rows that left since the last full diff may keep their contacts, unless
+                // another row took their email.
+                lingering.extend(
+                    synced
+                        .iter()
+                        .filter(|(id, _)| !model.rows.contains_key(id))
+                        .map(|(_, row)| folded(&row.email)),
+                );
+                actual
+                    .retain(|email, _| expected.contains_key(email) || !lingering.contains(email));
+            }
+        }
         if expected != actual {
             let missing: Vec<_> = expected
                 .iter()
@@ -455,7 +512,7 @@ fn steps(default: usize) -> usize {
         .unwrap_or(default)
 }
 
-// 60 + 60 + 40 + 50 = 210 random steps per run of the suite.
+// 60 + 60 + 40 + 50 + 50 + 30 = 290 random steps per run of the suite.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_history_in_process() {
@@ -466,6 +523,7 @@ async fn random_history_in_process() {
             settings: json!({}),
             exactly_once: true,
             backend: Backend::Postgres,
+            cursor: false,
         },
         seed(1),
         steps(60),
@@ -484,6 +542,7 @@ async fn random_history_keys_consumed_on_failure() {
             settings: json!({"keys_consumed_on_failure": true}),
             exactly_once: false,
             backend: Backend::Postgres,
+            cursor: false,
         },
         seed(2),
         steps(60),
@@ -504,6 +563,7 @@ async fn random_history_case_sensitive_emails_millisecond_dates() {
             settings: json!({"email_match": "case_sensitive", "numeric_dates": "millis"}),
             exactly_once: true,
             backend: Backend::Postgres,
+            cursor: false,
         },
         seed(3),
         steps(40),
@@ -520,9 +580,49 @@ async fn random_history_over_nats_with_loader_kills() {
             settings: json!({}),
             exactly_once: true,
             backend: Backend::Postgres,
+            cursor: false,
         },
         seed(4),
         steps(50),
+    )
+    .await;
+}
+
+/// A contact cursor: most runs diff incrementally (they read the rows whose cursor moved and
+/// the rows the state has not noted: a version whose answer was lost, then the row back at its
+/// old value, is read again wherever its cursor is), a full diff now and then and at the end.
+/// Each change fires its event at most once: a row that left and came back unchanged between
+/// full diffs never left Loops, so it fires none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_history_with_a_cursor() {
+    history(
+        Variant {
+            name: "in process, a contact cursor",
+            nats: false,
+            settings: json!({}),
+            exactly_once: false,
+            backend: Backend::Postgres,
+            cursor: true,
+        },
+        seed(8),
+        steps(50),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_history_with_a_cursor_over_nats_with_loader_kills() {
+    history(
+        Variant {
+            name: "over NATS, a contact cursor, loaders killed mid-run",
+            nats: true,
+            settings: json!({}),
+            exactly_once: false,
+            backend: Backend::Postgres,
+            cursor: true,
+        },
+        seed(9),
+        steps(30),
     )
     .await;
 }
@@ -537,6 +637,7 @@ async fn history_on(backend: Backend, name: &'static str, seed: u64) {
             settings: json!({}),
             exactly_once: true,
             backend,
+            cursor: false,
         },
         seed,
         steps(30),

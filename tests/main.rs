@@ -11,6 +11,7 @@ mod exactly_once;
 mod failures;
 mod forget;
 mod history;
+mod incremental;
 mod neighbours;
 mod operable;
 mod outage;

@@ -30,7 +30,8 @@ pub struct PlanArgs {
 /// `plan --json`, written as it is computed: the envelope of every `--json` document
 /// (docs/json.md), its `data` a JSON array of one object per sync, each with
 /// `sync`, `records` (one line each), then `counts`, `invalid`, `requests` and
-/// `seconds_at_rate_budget`. Nothing is kept per record.
+/// `seconds_at_rate_budget`, and for a contact sync with a cursor `diff` (see [`diff_json`]).
+/// Nothing is kept per record.
 struct JsonPlan<W: Write> {
     out: W,
     syncs: usize,
@@ -76,11 +77,12 @@ impl<W: Write> JsonPlan<W> {
         let indent = if self.records > 0 { "\n    " } else { "" };
         write!(
             self.out,
-            "{indent}],\n    \"counts\": {},\n    \"invalid\": {},\n    \"requests\": {},\n    \"seconds_at_rate_budget\": {}\n  }}",
+            "{indent}],\n    \"counts\": {},\n    \"invalid\": {},\n    \"requests\": {},\n    \"seconds_at_rate_budget\": {}{}\n  }}",
             serde_json::to_string(&plan.counts)?,
             plan.invalid,
             plan.requests,
-            serde_json::to_string(&plan.seconds_at_rate_budget)?
+            serde_json::to_string(&plan.seconds_at_rate_budget)?,
+            diff_json(plan)?
         )
     }
 
@@ -151,6 +153,37 @@ pub async fn run(config_path: &Path, args: PlanArgs) -> anyhow::Result<ExitCode>
     Ok(ExitCode::SUCCESS)
 }
 
+/// A contact sync's diff, as the JSON plan says it: `"diff"` (`full`, `incremental`), with
+/// `"diff_since"` (RFC 3339) or `"why_full_diff"`.
+fn diff_json(plan: &SyncPlan) -> io::Result<String> {
+    let Some(kind) = plan.counts.diff else {
+        return Ok(String::new());
+    };
+    let mut out = format!(",\n    \"diff\": {}", serde_json::to_string(&kind)?);
+    if let Some(since) = plan.since {
+        let since = loopsync_core::value::millis_to_rfc3339(since);
+        out += &format!(",\n    \"diff_since\": {}", serde_json::to_string(&since)?);
+    }
+    if let Some(why) = plan.why_full {
+        out += &format!(",\n    \"why_full_diff\": {}", serde_json::to_string(why)?);
+    }
+    Ok(out)
+}
+
+/// The diff a contact sync's run would run, in words.
+fn diff_line(plan: &SyncPlan) -> Option<String> {
+    let kind = plan.counts.diff?;
+    Some(match (plan.since, plan.why_full) {
+        (Some(since), _) => format!(
+            "  diff:     {} (rows whose cursor is at or after {}, and rows not noted unchanged)",
+            kind.as_str(),
+            loopsync_core::value::millis_to_rfc3339(since)
+        ),
+        (None, Some(why)) => format!("  diff:     {} ({why})", kind.as_str()),
+        (None, None) => format!("  diff:     {}", kind.as_str()),
+    })
+}
+
 /// The text plan of one sync: the counts as the run's report will show them (one rows line
 /// for both, `report::rows_line`), the requests, why the run would fail, then each record
 /// shown, field by field (values on the user's terminal only: nothing of it is logged).
@@ -174,6 +207,7 @@ fn text_lines(plan: &SyncPlan, shown: &[PlannedRecord], listed: usize, rps: u32)
             plan.requests, plan.seconds_at_rate_budget, rps
         ),
     ];
+    lines.extend(diff_line(plan));
     if let Some(error) = &c.error {
         lines.push(format!("  a run would fail: {}", printable(error)));
     }
@@ -222,6 +256,8 @@ mod tests {
             invalid: 0,
             requests,
             seconds_at_rate_budget: requests as f64 / 50.0,
+            since: None,
+            why_full: None,
         }
     }
 

@@ -100,6 +100,9 @@ pub fn text(run: &RunSummary, spec: Option<&SyncSpec>) -> String {
         run.retries,
         run.rate_limited,
     );
+    if let Some(diff) = run.diff {
+        out.push_str(&format!("  diff:     {}\n", diff.as_str()));
+    }
     if run.rekeyed > 0 {
         out.push_str(&format!(
             "  re-keyed: {} (the email changed, so the new address was written as its own contact; \

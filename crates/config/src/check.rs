@@ -2,8 +2,8 @@
 //! refuses. The first broken rule is the error.
 
 use loopsync_core::spec::{
-    AppendSpec, Behavior, Cursor, EventName, IdentifyBy, MappedList, MappedProperty, OnRemove,
-    RESERVED_NAMES, SyncSpec, default_property_kind,
+    AppendSpec, Behavior, Cursor, EventName, IdentifyBy, Incremental, MappedList, MappedProperty,
+    OnRemove, RESERVED_NAMES, SyncSpec, default_property_kind,
 };
 use loopsync_core::value::PropertyKind;
 use loopsync_core::{url, warehouse_url};
@@ -261,6 +261,7 @@ fn check_sync(i: usize, raw: RawSync, before: &[SyncConfig]) -> Result<SyncConfi
         ));
     }
     let append = check_append(&at, &raw)?;
+    let incremental = check_incremental(&at, &raw)?;
     let mut properties = Vec::new();
     for (property, mapping) in raw.mapping {
         properties.push(check_mapping(
@@ -321,6 +322,7 @@ fn check_sync(i: usize, raw: RawSync, before: &[SyncConfig]) -> Result<SyncConfi
             lists,
             max_removal_share: raw.max_removal_share,
             append,
+            incremental,
         },
         schedule,
     })
@@ -337,8 +339,6 @@ fn check_append(
         let given = [
             ("event", raw.event.is_some()),
             ("event_properties", !raw.event_properties.is_empty()),
-            ("cursor", raw.cursor.is_some()),
-            ("cursor_lookback", raw.cursor_lookback.is_some()),
         ];
         if let Some((key, _)) = given.iter().find(|(_, set)| *set) {
             return Err(invalid(
@@ -408,31 +408,7 @@ fn check_append(
             kind: kind.unwrap_or(PropertyKind::String),
         });
     }
-    let cursor = match (&raw.cursor, &raw.cursor_lookback) {
-        (None, Some(_)) => {
-            return Err(invalid(
-                at("cursor_lookback"),
-                "needs a cursor (cursor = \"occurred_at\")",
-            ));
-        }
-        (None, None) => None,
-        (Some(column), lookback) => {
-            if column.trim().is_empty() {
-                return Err(invalid(at("cursor"), "the column is empty"));
-            }
-            let text = lookback.as_deref().unwrap_or(DEFAULT_LOOKBACK);
-            let lookback = humantime::parse_duration(text).map_err(|e| {
-                invalid(
-                    at("cursor_lookback"),
-                    format!("\"{text}\" is not a duration such as \"1h\", \"30m\" or \"2d\": {e}"),
-                )
-            })?;
-            Some(Cursor {
-                column: column.clone(),
-                lookback_ms: i64::try_from(lookback.as_millis()).unwrap_or(i64::MAX),
-            })
-        }
-    };
+    let cursor = check_cursor(at, raw)?;
     Ok(Some(AppendSpec {
         event,
         event_properties,
@@ -456,6 +432,81 @@ fn near_default_property(name: &str) -> Option<&'static str> {
         .map(|(d, _)| *d)
         .find(|d| *d != name && folded(d) == wanted)
 }
+
+/// `cursor` and `cursor_lookback`, of any sync.
+fn check_cursor(
+    at: &impl Fn(&str) -> String,
+    raw: &RawSync,
+) -> Result<Option<Cursor>, ConfigError> {
+    Ok(match (&raw.cursor, &raw.cursor_lookback) {
+        (None, Some(_)) => {
+            return Err(invalid(
+                at("cursor_lookback"),
+                "needs a cursor (cursor = \"occurred_at\")",
+            ));
+        }
+        (None, None) => None,
+        (Some(column), lookback) => {
+            if column.trim().is_empty() {
+                return Err(invalid(at("cursor"), "the column is empty"));
+            }
+            let text = lookback.as_deref().unwrap_or(DEFAULT_LOOKBACK);
+            let lookback = humantime::parse_duration(text).map_err(|e| {
+                invalid(
+                    at("cursor_lookback"),
+                    format!("\"{text}\" is not a duration such as \"1h\", \"30m\" or \"2d\": {e}"),
+                )
+            })?;
+            Some(Cursor {
+                column: column.clone(),
+                lookback_ms: i64::try_from(lookback.as_millis()).unwrap_or(i64::MAX),
+            })
+        }
+    })
+}
+
+/// A contact sync's `cursor` (see [`Incremental`]) and `full_diff_every`; an event sync's cursor
+/// is its append's, and `full_diff_every` is refused there (an event sync removes nothing).
+fn check_incremental(
+    at: &impl Fn(&str) -> String,
+    raw: &RawSync,
+) -> Result<Option<Incremental>, ConfigError> {
+    if raw.behavior == Behavior::Append {
+        if raw.full_diff_every.is_some() {
+            return Err(invalid(
+                at("full_diff_every"),
+                "is for contact syncs (upsert, mirror): an event sync removes nothing",
+            ));
+        }
+        return Ok(None);
+    }
+    let Some(cursor) = check_cursor(at, raw)? else {
+        if raw.full_diff_every.is_some() {
+            return Err(invalid(
+                at("full_diff_every"),
+                "needs a cursor (cursor = \"updated_at\"): without one every run diffs in full",
+            ));
+        }
+        return Ok(None);
+    };
+    let text = raw
+        .full_diff_every
+        .as_deref()
+        .unwrap_or(DEFAULT_FULL_DIFF_EVERY);
+    let every = humantime::parse_duration(text).map_err(|e| {
+        invalid(
+            at("full_diff_every"),
+            format!("\"{text}\" is not a duration such as \"1d\", \"12h\" or \"30m\": {e}"),
+        )
+    })?;
+    Ok(Some(Incremental {
+        cursor,
+        full_diff_every_ms: i64::try_from(every.as_millis()).unwrap_or(i64::MAX),
+    }))
+}
+
+/// `full_diff_every` when the config does not say.
+const DEFAULT_FULL_DIFF_EVERY: &str = "1d";
 
 /// `cursor_lookback` when the config does not say.
 const DEFAULT_LOOKBACK: &str = "1h";

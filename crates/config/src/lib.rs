@@ -1004,6 +1004,41 @@ amount = { column = "amount", type = "number" }
         );
     }
 
+    /// PRODUCT.md's contact sync with a cursor: its column is read, the lookback and
+    /// `full_diff_every` have their defaults (1h, 1d), and a duration is checked.
+    #[test]
+    fn a_contact_sync_takes_a_cursor() {
+        let text = EXAMPLE.replace("on_remove = \"delete\"", "cursor = \"updated_at\"");
+        let spec = Config::parse(&text, env).unwrap().syncs[0].spec.clone();
+        let incremental = spec.incremental.clone().unwrap();
+        assert_eq!(incremental.cursor.column, "updated_at");
+        assert_eq!(incremental.cursor.lookback_ms, 3_600_000);
+        assert_eq!(incremental.full_diff_every_ms, 86_400_000);
+        assert_eq!(spec.cursor(), Some(&incremental.cursor));
+        assert!(spec.columns().contains(&"updated_at".to_owned()));
+        assert!(spec.append.is_none());
+        let text = EXAMPLE.replace(
+            "on_remove = \"delete\"",
+            "cursor = \"updated_at\"\ncursor_lookback = \"5m\"\nfull_diff_every = \"6h\"",
+        );
+        let spec = Config::parse(&text, env).unwrap().syncs[0].spec.clone();
+        let incremental = spec.incremental.clone().unwrap();
+        assert_eq!(incremental.cursor.lookback_ms, 300_000);
+        assert_eq!(incremental.full_diff_every_ms, 6 * 3_600_000);
+        let e = error_of(&EXAMPLE.replace(
+            "on_remove = \"delete\"",
+            "cursor = \"updated_at\"\nfull_diff_every = \"daily\"",
+        ));
+        assert!(
+            e.starts_with("sync \"users\".full_diff_every: \"daily\" is not a duration"),
+            "{e}"
+        );
+        // Without a cursor the spec's shape seed is what it was before contact cursors.
+        let plain = Config::parse(EXAMPLE, env).unwrap().syncs[0].spec.clone();
+        assert_eq!(plain.incremental, None);
+        assert_ne!(plain.shape_seed(), spec.shape_seed());
+    }
+
     /// An event sync's keys are refused elsewhere, and its own mistakes are named.
     #[test]
     fn event_sync_mistakes_are_named() {
@@ -1012,9 +1047,9 @@ amount = { column = "amount", type = "number" }
             e.starts_with("sync \"users\".event: is for event syncs only"),
             "{e}"
         );
-        let e = error_of(&EXAMPLE.replace("on_remove = \"delete\"", "cursor = \"at\""));
+        let e = error_of(&EXAMPLE.replace("on_remove = \"delete\"", "full_diff_every = \"1h\""));
         assert!(
-            e.starts_with("sync \"users\".cursor: is for event syncs only"),
+            e.starts_with("sync \"users\".full_diff_every: needs a cursor"),
             "{e}"
         );
         let with =
@@ -1037,6 +1072,14 @@ amount = { column = "amount", type = "number" }
         let e = with("cursor = \"occurred_at\"\n", "");
         assert!(
             e.starts_with("sync \"product_events\".cursor_lookback: needs a cursor"),
+            "{e}"
+        );
+        let e = with(
+            "cursor = \"occurred_at\"\n",
+            "cursor = \"occurred_at\"\nfull_diff_every = \"1h\"\n",
+        );
+        assert!(
+            e.starts_with("sync \"product_events\".full_diff_every: is for contact syncs"),
             "{e}"
         );
         let e = with(

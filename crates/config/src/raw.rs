@@ -51,11 +51,13 @@ pub(crate) struct RawSync {
     /// Event syncs only: `eventProperties` = column, or a table with a type.
     #[serde(default)]
     pub(crate) event_properties: BTreeMap<String, RawEventProperty>,
-    /// Event syncs only: read only rows at or after this column's last confirmed value, minus
-    /// `cursor_lookback`.
+    /// Read only rows at or after this column's last confirmed value, minus `cursor_lookback`
+    /// (a contact sync: diff only those, and the whole model every `full_diff_every`).
     pub(crate) cursor: Option<String>,
     /// With `cursor`: a duration such as `"1h"`, `"30m"`, `"2d"` (default `"1h"`).
     pub(crate) cursor_lookback: Option<String>,
+    /// Contact syncs with a cursor: a duration such as `"1d"` (the default), `"12h"`.
+    pub(crate) full_diff_every: Option<String>,
 }
 
 /// `event = "invoicePaid"`, or `event = { column = "event_name" }`.

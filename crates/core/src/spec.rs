@@ -48,8 +48,9 @@ pub enum EventName {
     Column(String),
 }
 
-/// An event sync's incremental read: only rows whose `column` is at or after the last
-/// confirmed run's highest value minus `lookback_ms`.
+/// A sync's incremental read: only rows whose `column` is at or after the last confirmed run's
+/// highest value minus `lookback_ms` (an event sync's [`AppendSpec::cursor`], a contact sync's
+/// [`Incremental::cursor`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cursor {
     /// A timestamp or date column of the model.
@@ -67,6 +68,18 @@ pub struct AppendSpec {
     /// `eventProperties`, sorted by name. Dates go as ISO-8601 strings.
     pub event_properties: Vec<MappedProperty>,
     pub cursor: Option<Cursor>,
+}
+
+/// A contact sync's incremental diff (`cursor` on an upsert or mirror sync): a run diffs the
+/// rows at or after the watermark minus the lookback (and every row the state has not noted
+/// unchanged), and every `full_diff_every_ms` a run diffs the whole model, so that removals and
+/// rows changed without their cursor are still found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Incremental {
+    pub cursor: Cursor,
+    /// How long after the last full diff that settled every record a run diffs in full again,
+    /// in milliseconds.
+    pub full_diff_every_ms: i64,
 }
 
 /// What mirror does to a contact whose row left the model.
@@ -147,6 +160,11 @@ pub struct SyncSpec {
     /// Set exactly when `behavior` is [`Behavior::Append`].
     #[serde(default)]
     pub append: Option<AppendSpec>,
+    /// A contact sync's cursor; never set on an event sync (its cursor is the append's).
+    /// Left out of the serialized spec when unset, so that a sync's shape seed (and the rows
+    /// noted under it) stays what it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incremental: Option<Incremental>,
 }
 
 /// `max_removal_share` when the config does not say.
@@ -177,13 +195,11 @@ impl SyncSpec {
                     .iter()
                     .map(|p| (format!("event_properties.{}", p.property), p.column.clone())),
             );
-            uses.extend(
-                append
-                    .cursor
-                    .iter()
-                    .map(|c| ("cursor".to_owned(), c.column.clone())),
-            );
         }
+        uses.extend(
+            self.cursor()
+                .map(|c| ("cursor".to_owned(), c.column.clone())),
+        );
         uses
     }
 
@@ -200,8 +216,8 @@ impl SyncSpec {
                 columns.push(c.clone());
             }
             columns.extend(append.event_properties.iter().map(|p| p.column.clone()));
-            columns.extend(append.cursor.iter().map(|c| c.column.clone()));
         }
+        columns.extend(self.cursor().map(|c| c.column.clone()));
         columns.sort();
         columns.dedup();
         columns
@@ -251,6 +267,14 @@ impl SyncSpec {
     pub fn shape_seed(&self) -> i64 {
         let shape = serde_json::to_string(self).expect("a sync spec serializes");
         keys::seed(&format!("{} {shape}", env!("CARGO_PKG_VERSION")))
+    }
+
+    /// The sync's cursor, an event sync's or a contact sync's, if it has one.
+    pub fn cursor(&self) -> Option<&Cursor> {
+        match &self.append {
+            Some(append) => append.cursor.as_ref(),
+            None => self.incremental.as_ref().map(|i| &i.cursor),
+        }
     }
 
     /// An event sync (`behavior = "append"`).
@@ -372,6 +396,7 @@ pub(crate) mod tests {
             }],
             max_removal_share: DEFAULT_MAX_REMOVAL_SHARE,
             append: None,
+            incremental: None,
         }
     }
 
@@ -396,6 +421,19 @@ pub(crate) mod tests {
         let mut other = users_spec();
         other.primary_key = "user_id".into();
         assert_ne!(spec.shape_seed(), other.shape_seed());
+        // A sync without a contact cursor serializes as before there was one: its noted rows
+        // stay noted across the upgrade. With one, the cursor's column is read and hashed.
+        assert!(!shape.contains("incremental"));
+        let mut cursored = users_spec();
+        cursored.incremental = Some(Incremental {
+            cursor: Cursor {
+                column: "updated_at".into(),
+                lookback_ms: 0,
+            },
+            full_diff_every_ms: 1,
+        });
+        assert_ne!(spec.shape_seed(), cursored.shape_seed());
+        assert!(cursored.columns().contains(&"updated_at".to_owned()));
     }
 
     /// The one length rule: 500 characters pass (counted as characters, not bytes), 501 do

@@ -223,6 +223,14 @@ pub struct SyncPlan {
     pub requests: i64,
     /// `requests` at `requests_per_second`.
     pub seconds_at_rate_budget: f64,
+    /// A contact sync's incremental diff: the rows whose cursor is at or after this (Unix
+    /// milliseconds), and those the state has not noted unchanged (`counts.diff` says which).
+    /// `plan --json` writes it as `diff_since`.
+    #[serde(skip)]
+    pub since: Option<i64>,
+    /// Why a contact sync with a cursor would diff in full (`why_full_diff`).
+    #[serde(skip)]
+    pub why_full: Option<&'static str>,
 }
 
 /// What can go wrong planning: the warehouse, or the caller's handling of a record (writing
@@ -264,9 +272,13 @@ pub async fn plan<E: std::error::Error + 'static>(
         invalid: 0,
         requests: 0,
         seconds_at_rate_budget: 0.0,
+        since: None,
+        why_full: None,
     };
-    // What a run would read: for an event sync with a cursor, the recent rows.
+    // What a run would read: for a sync with a cursor, the recent rows (see `Window`).
     let window = Window::read(warehouse, spec, false).await?;
+    plan.since = window.since.filter(|_| !spec.is_append());
+    plan.why_full = window.why_full;
     let mut rows = warehouse.diff_changes(spec, window.since).await?;
     // Run id 0: nothing is published, the id only names the run.
     let mut decider = Decider::new(spec, 0);
@@ -569,6 +581,8 @@ pub(crate) mod tests {
             invalid: 1,
             requests: 2,
             seconds_at_rate_budget: 0.04,
+            since: None,
+            why_full: None,
         };
         assert_eq!(
             serde_json::to_value(&plan).unwrap(),

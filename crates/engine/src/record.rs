@@ -242,6 +242,8 @@ fn next(spec: &SyncSpec, decided: Decided) -> Next {
         invalid: 0,
         requests: 0,
         seconds_at_rate_budget: 0.0,
+        since: None,
+        why_full: None,
     };
     match planned(spec, decided.decision, &mut plan).0 {
         Some(record) => Next {

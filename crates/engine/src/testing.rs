@@ -76,5 +76,6 @@ pub(crate) fn spec() -> SyncSpec {
         lists: vec![],
         max_removal_share: DEFAULT_MAX_REMOVAL_SHARE,
         append: None,
+        incremental: None,
     }
 }

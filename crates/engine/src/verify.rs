@@ -605,6 +605,7 @@ mod tests {
             lists: vec![],
             max_removal_share: loopsync_core::spec::DEFAULT_MAX_REMOVAL_SHARE,
             append: None,
+            incremental: None,
         }
     }
 

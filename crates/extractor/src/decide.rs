@@ -234,9 +234,10 @@ fn decide_event(
     }
 }
 
-/// The cursor value of an event sync's row, as Unix milliseconds, if it has one.
+/// The cursor value of a row, as Unix milliseconds, if its sync has a cursor and the row a
+/// date or a time in it.
 pub fn cursor_millis(spec: &SyncSpec, row: &DiffRow) -> Option<i64> {
-    let cursor = spec.append.as_ref()?.cursor.as_ref()?;
+    let cursor = spec.cursor()?;
     let text = row.values.as_ref()?.get(&cursor.column)?.as_deref()?;
     cursor_millis_of(text)
 }
@@ -510,6 +511,8 @@ impl<'a> Decider<'a> {
             if self.only.is_empty() {
                 self.counts.unchanged += row.unchanged_untold;
             }
+            // The highest cursor of the rows the diff went through, left out or not.
+            self.counts.cursor_high = self.counts.cursor_high.max(row.cursor_high);
             return done.into_iter().flatten();
         }
         for (slot, group) in done.iter_mut().zip(self.groups.push(row)) {
@@ -592,6 +595,7 @@ pub(crate) mod tests {
             lists: vec![],
             max_removal_share: loopsync_core::spec::DEFAULT_MAX_REMOVAL_SHARE,
             append: None,
+            incremental: None,
         }
     }
 

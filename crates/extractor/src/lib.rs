@@ -25,9 +25,11 @@ use loopsync_warehouse::{Adoption, Emitted, ExtractCounts, Unchanged, Warehouse,
 
 pub mod decide;
 pub mod held;
+pub mod window;
 
 pub use decide::{Decided, Decider, Decision};
 pub use held::{Held, Settled};
+pub use window::{DiffChoice, Window, choose_diff};
 
 /// Changes noted as emitted (then published) per warehouse round trip: the extractor's memory bound.
 const EMIT_BATCH: usize = 500;
@@ -98,6 +100,15 @@ impl ExtractorStage {
         // `run` counts it as progress (its stall timeout is for runs that stopped, not slow ones).
         let _alive = Alive::start(self.warehouse.clone(), request.run_id);
         let window = Window::read(&*self.warehouse, spec, !request.only_keys.is_empty()).await?;
+        if let Some(diff) = window.diff {
+            tracing::info!(
+                sync = %spec.name,
+                run_id = request.run_id,
+                diff = diff.as_str(),
+                why_full = window.why_full.unwrap_or(""),
+                "diff chosen"
+            );
+        }
         // A replay reads its keys in full; a run may have the unchanged rows left out.
         let mut rows = if request.only_keys.is_empty() {
             self.warehouse.diff_changes(spec, window.since).await?
@@ -289,84 +300,6 @@ impl Drop for Alive {
     }
 }
 
-/// What a run of a sync reads of its model: every row, except for an event sync with a cursor
-/// (see [`Window::read`]).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Window {
-    /// The cursor column, for an event sync with a cursor.
-    pub column: Option<String>,
-    /// The sync's watermark (Unix milliseconds): carried into the run's own, so it never goes
-    /// back.
-    pub watermark: Option<i64>,
-    /// Read rows whose cursor is at or after this (Unix milliseconds); `None`: every row.
-    pub since: Option<i64>,
-    /// A replay of some keys: it reads them wherever their cursor is, and leaves the watermark
-    /// where it stood (the dead letters it does not replay are still behind it).
-    pub replay: bool,
-}
-
-impl Window {
-    /// An event sync with a cursor reads the rows at or after its watermark minus the
-    /// lookback: every row on its first run, and on a `replay` (the keys asked for are read
-    /// wherever their cursor is). Any other sync reads every row.
-    pub async fn read(
-        warehouse: &dyn Warehouse,
-        spec: &SyncSpec,
-        replay: bool,
-    ) -> Result<Window, WarehouseError> {
-        let Some(cursor) = spec.append.as_ref().and_then(|a| a.cursor.as_ref()) else {
-            return Ok(Window::default());
-        };
-        let watermark = warehouse
-            .cursor_watermark(&spec.name, &cursor.column)
-            .await?;
-        let since = watermark
-            .filter(|_| !replay)
-            .map(|w| w.saturating_sub(cursor.lookback_ms));
-        Ok(Window {
-            column: Some(cursor.column.clone()),
-            watermark,
-            since,
-            replay,
-        })
-    }
-
-    /// The window of a run that reads every row from no watermark (`loopsync adopt`).
-    pub fn everything(spec: &SyncSpec) -> Window {
-        Window {
-            column: spec
-                .append
-                .as_ref()
-                .and_then(|a| a.cursor.as_ref())
-                .map(|c| c.column.clone()),
-            ..Window::default()
-        }
-    }
-
-    /// Records in `counts` the watermark the run leaves (see [`Window::next_watermark`]) and
-    /// the column it is of: a watermark of another column is never used.
-    pub fn close(&self, counts: &mut ExtractCounts) {
-        counts.cursor_high = self.next_watermark(counts.cursor_high);
-        counts.cursor_column = self.column.clone().filter(|_| counts.cursor_high.is_some());
-    }
-
-    /// The watermark a run leaves (stored with it, the sync's once the run has finished well):
-    /// the highest cursor it read, never lower than the one it started from, and never later
-    /// than now — a row dated in the future (a typo, another time zone) is sent, but must not
-    /// move the window past the rows that will arrive before its date.
-    pub fn next_watermark(&self, read: Option<i64>) -> Option<i64> {
-        if self.replay {
-            return self.watermark;
-        }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(i64::MAX, |d| {
-                i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
-            });
-        read.map(|high| high.min(now)).max(self.watermark)
-    }
-}
-
 struct RunState<'a> {
     spec: &'a SyncSpec,
     run_id: i64,
@@ -486,45 +419,5 @@ impl Handler for ExtractorStage {
         let request: RunRequest = codec::decode(payload)?;
         self.warehouse.fail_run(request.run_id, reason).await?;
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod window_tests {
-    use super::Window;
-
-    /// A run's watermark: what it read, capped at now, never lower than where it started.
-    #[test]
-    fn the_next_watermark_never_goes_back_nor_into_the_future() {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as i64;
-        let window = Window {
-            watermark: Some(now - 60_000),
-            ..Window::default()
-        };
-        assert_eq!(window.next_watermark(None), Some(now - 60_000));
-        assert_eq!(
-            window.next_watermark(Some(now - 120_000)),
-            Some(now - 60_000)
-        );
-        assert_eq!(
-            window.next_watermark(Some(now - 30_000)),
-            Some(now - 30_000)
-        );
-        let year_2099 = 4_070_908_800_000;
-        let capped = window.next_watermark(Some(year_2099)).unwrap();
-        assert!((now..now + 60_000).contains(&capped), "{capped}");
-        assert_eq!(Window::default().next_watermark(None), None);
-        let replay = Window {
-            replay: true,
-            ..window
-        };
-        assert_eq!(
-            replay.next_watermark(Some(now)),
-            Some(now - 60_000),
-            "a replay keeps it"
-        );
     }
 }

@@ -152,7 +152,13 @@ pub struct StackOptions {
     pub events: Option<usize>,
     /// More `key = value` lines for the `events` sync (`cursor = …`).
     pub events_sync: &'static str,
+    /// `Some`: the users sync's model, instead of [`USERS_MODEL`] (a column added by the test).
+    pub model: Option<&'static str>,
 }
+
+/// The users sync's model, unless [`StackOptions::model`] says another.
+pub const USERS_MODEL: &str =
+    "select id, email, first_name, plan, seats, signed_up_at, newsletter from users";
 
 /// The event sync of a stack with [`StackOptions::events`]: `{extra}` takes
 /// [`StackOptions::events_sync`].
@@ -194,6 +200,7 @@ impl Default for StackOptions {
             nats_url: None,
             events: None,
             events_sync: "",
+            model: None,
         }
     }
 }
@@ -605,7 +612,7 @@ max_attempts = {max_attempts}
 {nats_section}
 [[sync]]
 name = "users"
-model = "select id, email, first_name, plan, seats, signed_up_at, newsletter from users"
+model = "{model}"
 primary_key = "id"
 identify_by = "{identify_by}"
 behavior = "{behavior}"
@@ -636,6 +643,7 @@ signedUpAt = {{ column = "signed_up_at", type = "date" }}
                 .unwrap_or_default(),
             behavior = options.behavior,
             extra_sync = options.extra_sync,
+            model = options.model.unwrap_or(USERS_MODEL),
             events_sync = if options.events.is_some() {
                 EVENTS_SYNC.replace("{extra}", options.events_sync)
             } else {

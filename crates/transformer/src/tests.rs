@@ -45,6 +45,7 @@ fn spec(identify_by: IdentifyBy) -> SyncSpec {
         ],
         max_removal_share: loopsync_core::spec::DEFAULT_MAX_REMOVAL_SHARE,
         append: None,
+        incremental: None,
     }
 }
 

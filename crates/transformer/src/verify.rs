@@ -467,6 +467,7 @@ mod tests {
             ],
             max_removal_share: loopsync_core::spec::DEFAULT_MAX_REMOVAL_SHARE,
             append: None,
+            incremental: None,
         }
     }
 

@@ -176,6 +176,10 @@ pub struct DiffRow {
     /// Not a key: the last row of [`Warehouse::diff_changes`], counting the model rows it left
     /// out because they are as they were when noted unchanged. 0 on every other row.
     pub unchanged_untold: i64,
+    /// On the row that counts left-out rows, of a contact sync with a cursor: the highest
+    /// cursor among the model rows the diff went through, left out or not, and not after the
+    /// warehouse's now (Unix milliseconds): what the run's watermark becomes.
+    pub cursor_high: Option<i64>,
 }
 
 impl DiffRow {
@@ -187,9 +191,10 @@ impl DiffRow {
         }
     }
 
-    /// Whether this row counts left-out rows instead of carrying a key.
+    /// Whether this row counts left-out rows (or carries the diff's highest cursor) instead
+    /// of carrying a key.
     pub fn is_untold(&self) -> bool {
-        self.unchanged_untold > 0
+        self.unchanged_untold > 0 || self.cursor_high.is_some()
     }
 }
 
@@ -273,6 +278,51 @@ pub struct ExtractCounts {
     pub cursor_high: Option<i64>,
     /// The cursor column `cursor_high` is of.
     pub cursor_column: Option<String>,
+    /// A contact sync with a cursor: which diff the run ran (left out of the JSON otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub diff: Option<DiffKind>,
+}
+
+/// Which diff a contact sync's run ran (see `loopsync_core::spec::Incremental`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiffKind {
+    /// Every row of the model against the whole state: removals found.
+    Full,
+    /// The rows at or after the cursor's watermark minus the lookback, and every row the state
+    /// has not noted unchanged: no removal found.
+    Incremental,
+}
+
+impl DiffKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            DiffKind::Full => "full",
+            DiffKind::Incremental => "incremental",
+        }
+    }
+
+    /// The stored name back; `None` for anything else (a run before diff kinds were kept).
+    pub fn parse(text: &str) -> Option<DiffKind> {
+        match text {
+            "full" => Some(DiffKind::Full),
+            "incremental" => Some(DiffKind::Incremental),
+            _ => None,
+        }
+    }
+}
+
+/// What decides a contact sync's next diff (see [`StateStore::diff_basis`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DiffBasis {
+    /// The sync's watermark on the cursor column (as [`StateStore::cursor_watermark`]).
+    pub watermark: Option<i64>,
+    /// Whether the sync's latest finished run is the one that gives the watermark: no run
+    /// failed, was interrupted, or left a dead letter since.
+    pub latest_run_settled: bool,
+    /// Milliseconds from the request of the latest full diff that settled every record (and
+    /// noted its watermark) to now, both by the state store's clock; `None`: there is none.
+    pub full_diff_age_ms: Option<i64>,
 }
 
 impl ExtractCounts {
@@ -358,6 +408,10 @@ pub struct RunSummary {
     /// request): a holder that is alive changes it every [`HEARTBEAT`].
     #[serde(skip)]
     pub alive_at: Option<String>,
+    /// A contact sync's run: which diff it ran (`full`, `incremental`); none for an event
+    /// sync, a replay, or a run before the kinds were kept.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub diff: Option<DiffKind>,
 }
 
 /// A run's requests by where they went.
@@ -535,6 +589,13 @@ pub trait Warehouse: StateStore + Inspect {
     /// Checks that the model runs and has the primary key and every mapped column, without
     /// reading a row.
     async fn check_model(&self, spec: &SyncSpec) -> Result<(), WarehouseError>;
+
+    /// Whether [`Warehouse::diff_changes`] diffs a contact sync with a cursor incrementally
+    /// when given `since`: only a warehouse that leaves out unchanged rows can (it knows which
+    /// rows it has noted). Any other ignores `since` for a contact sync and diffs in full.
+    fn diffs_incrementally(&self, _spec: &SyncSpec) -> bool {
+        false
+    }
 }
 
 /// The state store's seam: runs, leases, each record's state and outcome, and the diff of a
@@ -583,6 +644,10 @@ pub trait StateStore: Send + Sync + 'static {
         sync: &str,
         column: &str,
     ) -> Result<Option<i64>, WarehouseError>;
+
+    /// What decides whether a contact sync's next run may diff incrementally on cursor
+    /// `column` (see [`DiffBasis`]); an empty basis (a full diff) when there is no state.
+    async fn diff_basis(&self, sync: &str, column: &str) -> Result<DiffBasis, WarehouseError>;
 
     /// A new run of `sync`, status `requested` — unless another run of the sync is in progress
     /// ([`WarehouseError::RunInProgress`]). A run in progress whose waiting process gave no sign
@@ -1417,13 +1482,23 @@ pub(crate) const UNSURE: &str = "CAST(CASE WHEN s.emitted_run IS NOT NULL \
 /// sends them, however long the outage; a dead letter that is parked no longer holds it.
 pub(crate) fn watermark_sql(runs: &str, records: &str, sync: &str, column: &str) -> String {
     format!(
-        "SELECT r.cursor_high FROM {runs} r
+        "SELECT r.cursor_high, r.id FROM {runs} r
           WHERE r.sync = {sync} AND r.cursor_high IS NOT NULL AND r.cursor_column = {column}
-            AND (r.status IN ('succeeded', 'adopted')
-                 OR (r.status = 'degraded'
-                     AND NOT EXISTS (SELECT 1 FROM {records} x
-                                      WHERE x.run_id = r.id AND x.outcome = 'dead_lettered')))
-          ORDER BY r.id DESC LIMIT 1"
+            AND {settled}
+          ORDER BY r.id DESC LIMIT 1",
+        settled = settled_run_sql("r", records)
+    )
+}
+
+/// Run `r` finished with every record it read settled for good: `succeeded`, `adopted`, or
+/// `degraded` by invalid or rejected records only (no dead letter). The one rule of which runs
+/// give a watermark, and of which full diffs count for a contact sync's `full_diff_every`.
+pub(crate) fn settled_run_sql(r: &str, records: &str) -> String {
+    format!(
+        "({r}.status IN ('succeeded', 'adopted')
+          OR ({r}.status = 'degraded'
+              AND NOT EXISTS (SELECT 1 FROM {records} x
+                               WHERE x.run_id = {r}.id AND x.outcome = 'dead_lettered')))"
     )
 }
 
@@ -1446,7 +1521,18 @@ pub(crate) fn cursor_condition(
     spec: &SyncSpec,
     at_or_after: impl Fn(&str) -> String,
 ) -> Option<String> {
-    let cursor = spec.append.as_ref()?.cursor.as_ref()?;
+    spec.append.as_ref()?;
+    cursor_check(spec, at_or_after)
+}
+
+/// [`cursor_condition`] of any sync's cursor, an event sync's or a contact sync's: what
+/// `check_model` prepares, so that a cursor the warehouse cannot compare as a time is refused
+/// by `check` and by the first run, not only by the first incremental one.
+pub(crate) fn cursor_check(
+    spec: &SyncSpec,
+    at_or_after: impl Fn(&str) -> String,
+) -> Option<String> {
+    let cursor = spec.cursor()?;
     let column = format!("model.{}", quote_ident(&cursor.column));
     Some(format!("({column} IS NULL OR {})", at_or_after(&column)))
 }

@@ -424,6 +424,14 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
             column: col("written_at", BigInt),
         }],
     },
+    Migration {
+        version: 16,
+        name: "which diff a contact sync's run ran",
+        steps: &[Step::AddColumn {
+            table: "runs",
+            column: col("diff_kind", Text),
+        }],
+    },
 ];
 
 /// The version of the newest migration: what `prepare` brings the state to.

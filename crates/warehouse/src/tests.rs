@@ -39,6 +39,7 @@ pub(crate) fn spec(name: &str, table: &str) -> SyncSpec {
         }],
         max_removal_share: loopsync_core::spec::DEFAULT_MAX_REMOVAL_SHARE,
         append: None,
+        incremental: None,
     }
 }
 
@@ -2799,4 +2800,193 @@ async fn postgres_only_an_unsubscribe_marks_a_resubscribe() {
 #[tokio::test]
 async fn sqlite_only_an_unsubscribe_marks_a_resubscribe() {
     only_an_unsubscribe_marks_a_resubscribe(sqlite()).await;
+}
+
+/// A contact sync with a cursor (`updated_at`).
+fn cursored_spec() -> SyncSpec {
+    let mut spec = spec("users", "users");
+    spec.model = "select id, email, first_name, newsletter, updated_at from users".into();
+    spec.incremental = Some(loopsync_core::spec::Incremental {
+        cursor: loopsync_core::spec::Cursor {
+            column: "updated_at".into(),
+            lookback_ms: 0,
+        },
+        full_diff_every_ms: 86_400_000,
+    });
+    spec
+}
+
+/// A contact sync's incremental diff (PostgreSQL): it reads the rows at or after `since` (a
+/// NULL cursor too) and every row the state has not noted unchanged, wherever its cursor is;
+/// it takes the other rows to be as noted (their emails still count), so it finds no removal
+/// and no row changed without its cursor, which the full diff finds. The highest cursor it
+/// went through, not after now, comes in its last row.
+#[tokio::test]
+async fn postgres_an_incremental_diff_reads_the_window_and_what_is_not_noted() {
+    let Some(f) = postgres().await else { return };
+    let w = &*f.warehouse;
+    w.prepare().await.unwrap();
+    (f.exec)(
+        "CREATE TABLE users (id integer, email text, first_name text, newsletter boolean,
+                             updated_at timestamptz);
+         INSERT INTO users SELECT i, 'u' || i || '@x.co', 'N' || i, true, '2026-01-01T00:00:00Z'
+           FROM generate_series(1, 5) AS i;"
+            .into(),
+    )
+    .await;
+    let spec = cursored_spec();
+    assert!(w.diffs_incrementally(&spec));
+    let mut by_user_id = spec.clone();
+    by_user_id.properties.push(MappedProperty {
+        property: "userId".into(),
+        column: "id".into(),
+        kind: PropertyKind::String,
+    });
+    assert!(
+        !w.diffs_incrementally(&by_user_id),
+        "its userIds are counted in full"
+    );
+    let run = w.create_run("users").await.unwrap();
+    // Nothing noted yet: the plain diff, every row read out with its cursor (the extractor
+    // finds the highest), no last row.
+    let rows = changes(w, &spec).await;
+    assert!(rows.iter().all(|r| !r.is_untold()), "{rows:?}");
+    assert!(
+        rows.iter()
+            .all(|r| r.values.as_ref().unwrap()["updated_at"].is_some())
+    );
+    let mut notes = Vec::new();
+    for row in rows.iter().filter(|r| !r.is_untold()) {
+        let fp = spec.fingerprint(row.values.as_ref().unwrap());
+        let key = row.key.clone().unwrap();
+        w.record_outcomes(&[confirmed(&spec, run, &key, &fp)])
+            .await
+            .unwrap();
+        notes.push(Unchanged {
+            key,
+            fingerprint: fp,
+            model_hash: row.model_hash.unwrap(),
+            email: row.values.as_ref().unwrap()["email"].clone(),
+        });
+    }
+    w.note_unchanged("users", &notes).await.unwrap();
+    // 2 changes with its cursor; 3 changes without; 4 leaves; 5 is confirmed at another
+    // fingerprint (no longer noted); 6 comes with 1's email; 7 has no cursor; 8 is dated 2099.
+    (f.exec)(
+        "UPDATE users SET first_name = 'Two', updated_at = '2026-02-01T00:00:00Z' WHERE id = 2;
+         UPDATE users SET first_name = 'Three' WHERE id = 3;
+         DELETE FROM users WHERE id = 4;
+         INSERT INTO users VALUES (6, 'U1@x.co', 'Six', true, '2026-02-01T00:00:00Z'),
+                                  (7, 'u7@x.co', 'Seven', true, NULL),
+                                  (8, 'u8@x.co', 'Eight', true, '2099-01-01T00:00:00Z');"
+            .into(),
+    )
+    .await;
+    w.record_outcomes(&[confirmed(&spec, run, "5", "elsewhere")])
+        .await
+        .unwrap();
+    let since = loopsync_core::value::parse_date_millis("2026-01-15T00:00:00Z");
+    let incremental: Vec<DiffRow> = w
+        .diff_changes(&spec, since)
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    let (keys, untold) = read_out(&incremental);
+    assert_eq!(
+        keys,
+        vec![
+            ("2".to_owned(), 1, true),
+            ("5".to_owned(), 1, true),
+            // 1 is not read, but its noted email counts: 6 is found a duplicate.
+            ("6".to_owned(), 2, true),
+            ("7".to_owned(), 1, true),
+            ("8".to_owned(), 1, true),
+        ]
+    );
+    // Noted: 1, 2, 3, 4; of them 2 was read out.
+    assert_eq!(untold, 3);
+    let tail = incremental.iter().find(|r| r.is_untold()).unwrap();
+    assert_eq!(
+        tail.cursor_high,
+        loopsync_core::value::parse_date_millis("2026-02-01T00:00:00Z"),
+        "2099 is after now"
+    );
+    // The full diff finds the rest: 1 (its email is 6's), 3 changed, 4 removed; its highest
+    // cursor is of every row, 2099 left out.
+    let full = changes(w, &spec).await;
+    let tail = full.iter().find(|r| r.is_untold()).unwrap();
+    assert_eq!(
+        tail.cursor_high,
+        loopsync_core::value::parse_date_millis("2026-02-01T00:00:00Z")
+    );
+    let (keys, _) = read_out(&full);
+    let keys: Vec<(String, bool)> = keys.into_iter().map(|(k, _, p)| (k, p)).collect();
+    for key in ["1", "2", "3", "5", "6", "7", "8"] {
+        assert!(keys.contains(&(key.to_owned(), true)), "{key}: {keys:?}");
+    }
+    assert!(keys.contains(&("4".to_owned(), false)), "{keys:?}");
+    // A confirmation at a new fingerprint forgets the note: the row is read wherever its
+    // cursor is (as is one whose version was published, its answer perhaps lost).
+    let fp2 = spec.fingerprint(
+        incremental
+            .iter()
+            .find(|r| r.key.as_deref() == Some("2"))
+            .unwrap()
+            .values
+            .as_ref()
+            .unwrap(),
+    );
+    w.record_outcomes(&[confirmed(&spec, run, "2", &fp2)])
+        .await
+        .unwrap();
+    let far = loopsync_core::value::parse_date_millis("2098-01-01T00:00:00Z");
+    let (keys, _) = read_out(
+        &w.diff_changes(&spec, far)
+            .await
+            .unwrap()
+            .try_collect::<Vec<_>>()
+            .await
+            .unwrap(),
+    );
+    let keys: Vec<&str> = keys.iter().map(|(k, _, _)| k.as_str()).collect();
+    assert!(keys.contains(&"2") && keys.contains(&"5"), "{keys:?}");
+    assert!(!keys.contains(&"1") && !keys.contains(&"3"), "{keys:?}");
+}
+
+/// Where the diff cannot leave rows out (SQLite), a contact sync's cursor is read but the
+/// diff is whole: given `since`, it still finds the removed key.
+#[tokio::test]
+async fn sqlite_a_contact_sync_with_a_cursor_diffs_in_full() {
+    let f = sqlite();
+    let w = &*f.warehouse;
+    w.prepare().await.unwrap();
+    (f.exec)(
+        "CREATE TABLE users (id integer, email text, first_name text, newsletter boolean,
+                             updated_at text);
+         INSERT INTO users VALUES (1, 'a@x.co', 'A', 1, '2026-01-01T00:00:00Z');"
+            .into(),
+    )
+    .await;
+    let spec = cursored_spec();
+    assert!(!w.diffs_incrementally(&spec));
+    let run = w.create_run("users").await.unwrap();
+    let rows = changes(w, &spec).await;
+    let fp = spec.fingerprint(rows[0].values.as_ref().unwrap());
+    w.record_outcomes(&[confirmed(&spec, run, "1", &fp)])
+        .await
+        .unwrap();
+    (f.exec)("DELETE FROM users WHERE id = 1;".into()).await;
+    let rows: Vec<DiffRow> = w
+        .diff_changes(
+            &spec,
+            loopsync_core::value::parse_date_millis("2099-01-01T00:00:00Z"),
+        )
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(read_out(&rows).0, vec![("1".to_owned(), 1, false)]);
 }

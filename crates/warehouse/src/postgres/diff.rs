@@ -1,6 +1,8 @@
 //! PostgreSQL's diff: the model joined with the state in the warehouse, or a source's rows
 //! staged by binary `COPY`; a contact sync's rows hashed, so that unchanged ones are left out.
 
+use loopsync_core::value::parse_date_millis;
+
 use super::*;
 
 /// The diff's `work_mem`: its hash join holds the sync's state keys (about 55 MB a million).
@@ -18,7 +20,14 @@ pub(super) const DIFF_WORK_MEM: &str = "128MB";
 /// email, or they would not have been noted). Its last row counts what was left out (column
 /// `untold`). Only the rows read out are looked up, sorted or counted: no statement is planned
 /// over the estimate of all rows, which PostgreSQL cannot know before the hash join.
-pub(super) fn changes_sql(spec: &SyncSpec) -> String {
+///
+/// With `window` (a contact sync's incremental diff, see `loopsync_core::spec::Incremental`)
+/// it goes through only the model rows whose cursor is at or after `$3` (or NULL) and those
+/// of the keys the state has not noted unchanged (new to the state since, sent, parked,
+/// possibly applied, repaired, …); every other row is taken to be as noted, so its email still
+/// counts, and no key is found removed. Its last row also carries the highest cursor of the
+/// rows gone through, not after now (column `cursor_high`; a sync without a cursor: NULL).
+pub(super) fn changes_sql(spec: &SyncSpec, window: bool) -> String {
     let columns = spec.columns();
     let pk = format!("model.{}", quote_ident(&spec.primary_key));
     let mut raw = vec![pk.clone()];
@@ -38,15 +47,43 @@ pub(super) fn changes_sql(spec: &SyncSpec) -> String {
     let tail_columns: Vec<String> = (0..columns.len())
         .map(|i| format!(", CAST(NULL AS text) AS c{i}"))
         .collect();
+    // The cursor as `m` holds it (its column among the mapped ones), and its highest value.
+    let cursor = spec.cursor().map(|c| {
+        let i = columns
+            .iter()
+            .position(|x| *x == c.column)
+            .expect("a cursor is read");
+        (format!("model.{}", quote_ident(&c.column)), format!("c{i}"))
+    });
+    let cursor_high = match &cursor {
+        Some((_, c)) => format!("(SELECT (max({c}))::text FROM m WHERE {c} <= now())"),
+        None => "CAST(NULL AS text)".to_owned(),
+    };
+    let (filter, c0) = match (&cursor, window) {
+        (Some((column, _)), true) => (
+            format!(
+                " WHERE {column} IS NULL OR {at_or_after}
+                    OR ({pk})::text IN (SELECT key FROM loopsync.state
+                                         WHERE sync = $1 AND model_hash IS NULL)",
+                at_or_after = at_or_after(column, "CAST($3 AS text)")
+            ),
+            "SELECT m.*, s.key AS skey, s.model_hash AS smh
+               FROM m LEFT JOIN s ON s.key = m.k
+              WHERE s.key IS NULL OR s.model_hash IS DISTINCT FROM m.h",
+        ),
+        _ => (
+            String::new(),
+            "SELECT m.*, s.key AS skey, s.model_hash AS smh
+               FROM m FULL OUTER JOIN s ON s.key = m.k
+              WHERE m.k IS NULL OR s.key IS NULL OR s.model_hash IS DISTINCT FROM m.h",
+        ),
+    };
     format!(
         "WITH m AS (SELECT 1 AS present, ({pk})::text AS k,
                            hashtextextended(ROW({raw})::text, $2) AS h, {ek} AS ek{model_columns}
-                      FROM ({model}) AS model),
+                      FROM ({model}) AS model{filter}),
               s AS (SELECT key, model_hash FROM loopsync.state WHERE sync = $1),
-              c0 AS MATERIALIZED (
-                  SELECT m.*, s.key AS skey, s.model_hash AS smh
-                    FROM m FULL OUTER JOIN s ON s.key = m.k
-                   WHERE m.k IS NULL OR s.key IS NULL OR s.model_hash IS DISTINCT FROM m.h),
+              c0 AS MATERIALIZED ({c0}),
               -- A row in sync whose email, or whose key, a row read out now carries is read out
               -- too: every row of a duplicated email or key is invalid, as in the plain diff.
               -- (Two copies of a key both equal to its noted row are not read: unchanged.)
@@ -90,7 +127,8 @@ pub(super) fn changes_sql(spec: &SyncSpec) -> String {
                          END AS ecount,
                          e.parked_fp, e.generation, e.h AS model_hash, CAST(NULL AS bigint) AS untold,
                          {unsure} AS unsure, e.resubscribe, CAST(1 AS bigint) AS ucount,
-                         e.emitted_email, e.emitted_user_id, e.possibly_applied
+                         e.emitted_email, e.emitted_user_id, e.possibly_applied,
+                         CAST(NULL AS text) AS cursor_high
                     FROM e LEFT JOIN g ON g.xme = e.ek
                   UNION ALL
                   SELECT 1, NULL, NULL{tail_columns}, NULL, NULL, NULL, CAST(NULL AS bigint), NULL,
@@ -98,10 +136,10 @@ pub(super) fn changes_sql(spec: &SyncSpec) -> String {
                          (SELECT count(*) FROM loopsync.state WHERE sync = $1 AND model_hash IS NOT NULL)
                          - (SELECT count(DISTINCT skey) FROM c WHERE smh IS NOT NULL),
                          CAST(NULL AS bigint), CAST(NULL AS bigint), CAST(NULL AS bigint),
-                         CAST(NULL AS text), CAST(NULL AS text), CAST(NULL AS text))
+                         CAST(NULL AS text), CAST(NULL AS text), CAST(NULL AS text), {cursor_high})
          SELECT present, key{outer}, confirmed_fp, confirmed_email, confirmed_user_id, ecount,
                 parked_fp, generation, model_hash, untold, unsure, resubscribe, ucount,
-                emitted_email, emitted_user_id, possibly_applied
+                emitted_email, emitted_user_id, possibly_applied, cursor_high
            FROM d ORDER BY tail, key COLLATE \"C\" NULLS LAST",
         unsure = crate::UNSURE.replace("s.", "e."),
         raw = raw.join(", "),
@@ -168,6 +206,7 @@ impl Pg {
                 .await
                 .map_err(query_error("make the diff's session read-only"))?;
         }
+        let is_staged = staged.is_some();
         let staged_spec_;
         let spec = match staged {
             Some(model) => {
@@ -181,26 +220,31 @@ impl Pg {
         };
         // An event sync reads few rows (a cursor) or sends each row once: it reads all it reads.
         let hashed = leave_out_unchanged && !spec.is_append() && !absent;
+        // A contact sync's incremental diff: only the model in this database, whose rows it
+        // noted (see `diffs_incrementally`); anything else diffs in full.
+        let window =
+            since.filter(|_| hashed && !is_staged && Keeper::diffs_incrementally(self, spec));
         // Until rows are noted (a first run, after a reset or a change of the mapping), all are
         // read out: the plain diff, with the rows' hashes to note, costs less.
         // A sync that maps a userId counts the model's userIds (a duplicate is invalid): every
         // row is read, as the noted rows keep only their emails.
-        let leave_out = hashed
-            && spec.property("userId").is_none()
-            && client
-                .query_one(
-                    &*self.sql(
-                        "SELECT EXISTS (SELECT 1 FROM loopsync.state
+        let leave_out = window.is_some()
+            || (hashed
+                && spec.property("userId").is_none()
+                && client
+                    .query_one(
+                        &*self.sql(
+                            "SELECT EXISTS (SELECT 1 FROM loopsync.state
                                      WHERE sync = $1 AND model_hash IS NOT NULL)",
-                    ),
-                    &[&spec.name],
-                )
-                .await
-                .map_err(query_error("look for noted records"))?
-                .get::<_, bool>(0);
+                        ),
+                        &[&spec.name],
+                    )
+                    .await
+                    .map_err(query_error("look for noted records"))?
+                    .get::<_, bool>(0));
         let row_hash = |raw: &str| format!("hashtextextended(ROW({raw})::text, $2)");
         let sql = if leave_out {
-            changes_sql(spec)
+            changes_sql(spec, window.is_some())
         } else {
             diff_sql(
                 spec,
@@ -247,6 +291,10 @@ impl Pg {
         if hashed {
             params.push(&seed);
         }
+        let window_since = window.map(|w| cursor_since(Some(w)));
+        if let Some(since) = &window_since {
+            params.push(since);
+        }
         let rows = match client
             .query_raw(&statement, params.iter().map(|p| *p as &dyn ToSql))
             .await
@@ -279,7 +327,11 @@ impl Pg {
             if leave_out {
                 let untold: Option<i64> = row.get(9 + columns.len());
                 if let Some(n) = untold {
-                    return Ok(DiffRow::untold(n));
+                    let high: Option<String> = row.get("cursor_high");
+                    return Ok(DiffRow {
+                        cursor_high: high.as_deref().and_then(parse_date_millis),
+                        ..DiffRow::untold(n)
+                    });
                 }
             }
             let present: Option<i32> = row.get(0);
@@ -306,6 +358,7 @@ impl Pg {
                     None
                 },
                 unchanged_untold: 0,
+                cursor_high: None,
                 unsure: row.get::<_, Option<i64>>("unsure").unwrap_or(0) != 0,
                 resubscribe: row.get::<_, Option<i64>>("resubscribe").unwrap_or(0) != 0,
                 user_id_rows: row.get::<_, Option<i64>>("ucount").unwrap_or(1),

@@ -35,7 +35,8 @@ use store::PgExec;
 
 use crate::{
     DiffDialect, DiffRow, EARLIEST_CURSOR, ModelRows, STAGED, Unchanged, WarehouseError,
-    cursor_condition, cursor_since, diff_sql, model_sql, probe_sql, quote_ident, staged_spec,
+    cursor_check, cursor_condition, cursor_since, diff_sql, model_sql, probe_sql, quote_ident,
+    staged_spec,
 };
 
 fn query_error(what: &str) -> impl Fn(tokio_postgres::Error) -> WarehouseError + '_ {
@@ -389,5 +390,12 @@ impl Keeper for Pg {
     async fn note_unchanged(&self, sync: &str, rows: &[Unchanged]) -> Result<(), WarehouseError> {
         self.within("note unchanged records", self.note_rows(sync, rows))
             .await
+    }
+
+    /// The diff that leaves out unchanged rows ([`diff::changes_sql`]) takes a window: a
+    /// contact sync with a cursor whose rows' emails it can count from what it noted (a sync
+    /// that maps a userId reads every row, see `diff_rows`).
+    fn diffs_incrementally(&self, spec: &SyncSpec) -> bool {
+        !spec.is_append() && spec.incremental.is_some() && spec.property("userId").is_none()
     }
 }

@@ -41,7 +41,7 @@ impl Pg {
             .query(
                 &*self.sql(&probe_sql(
                     spec,
-                    cursor_condition(spec, |c| at_or_after(c, &format!("'{EARLIEST_CURSOR}'"))),
+                    cursor_check(spec, |c| at_or_after(c, &format!("'{EARLIEST_CURSOR}'"))),
                 )),
                 &[],
             )

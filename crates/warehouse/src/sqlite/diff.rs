@@ -149,6 +149,7 @@ impl Sqlite {
                             generation: row.get::<_, Option<i64>>(7 + columns.len())?.unwrap_or(0),
                             model_hash: None,
                             unchanged_untold: 0,
+                            cursor_high: None,
                             unsure: row.get::<_, Option<i64>>("unsure")?.unwrap_or(0) != 0,
                             resubscribe: row.get::<_, Option<i64>>("resubscribe")?.unwrap_or(0)
                                 != 0,

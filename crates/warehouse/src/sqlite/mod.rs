@@ -25,8 +25,8 @@ use diff::at_or_after;
 use store::{SqliteExec, migrate};
 
 use crate::{
-    DiffDialect, DiffRow, EARLIEST_CURSOR, ModelRows, STAGED, WarehouseError, cursor_condition,
-    cursor_since, diff_sql, probe_sql, quote_ident, staged_spec,
+    DiffDialect, DiffRow, EARLIEST_CURSOR, ModelRows, STAGED, WarehouseError, cursor_check,
+    cursor_condition, cursor_since, diff_sql, probe_sql, quote_ident, staged_spec,
 };
 
 thread_local! {
@@ -267,7 +267,7 @@ impl Keeper for Sqlite {
     async fn check_model(&self, spec: &SyncSpec) -> Result<(), WarehouseError> {
         let sql = probe_sql(
             spec,
-            cursor_condition(spec, |c| at_or_after(c, &format!("'{EARLIEST_CURSOR}'"))),
+            cursor_check(spec, |c| at_or_after(c, &format!("'{EARLIEST_CURSOR}'"))),
         );
         let spec = spec.clone();
         self.with(move |c| {

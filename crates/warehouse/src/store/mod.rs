@@ -32,9 +32,9 @@ use loopsync_core::spec::SyncSpec;
 use crate::schema::{Backend, Dialect};
 use crate::source::{Source, model_columns};
 use crate::{
-    Acceptance, Adoption, ConfirmedContact, DestinationBinding, DiffRow, Emitted, Erasure,
-    ExtractCounts, KeptRecord, ModelRows, Person, RateSlot, RecordResult, RunSummary, StateReset,
-    StateStore, Unchanged, Warehouse, WarehouseError,
+    Acceptance, Adoption, ConfirmedContact, DestinationBinding, DiffBasis, DiffRow, Emitted,
+    Erasure, ExtractCounts, KeptRecord, ModelRows, Person, RateSlot, RecordResult, RunSummary,
+    StateReset, StateStore, Unchanged, Warehouse, WarehouseError,
 };
 
 /// A statement's parameter, or a value read.
@@ -261,6 +261,11 @@ pub(crate) trait Keeper: Send + Sync + 'static {
     async fn note_unchanged(&self, _sync: &str, _rows: &[Unchanged]) -> Result<(), WarehouseError> {
         Ok(())
     }
+
+    /// See [`Warehouse::diffs_incrementally`], of the model in the keeper's own database.
+    fn diffs_incrementally(&self, _spec: &SyncSpec) -> bool {
+        false
+    }
 }
 
 /// A state store: a [`Keeper`] and the rules of the state ([`rules`]); and, as a
@@ -420,6 +425,10 @@ impl<K: Keeper> Warehouse for Store<K> {
         read(self, spec, since, true).await
     }
 
+    fn diffs_incrementally(&self, spec: &SyncSpec) -> bool {
+        self.source.is_none() && !self.absent() && self.keeper.diffs_incrementally(spec)
+    }
+
     async fn check_model(&self, spec: &SyncSpec) -> Result<(), WarehouseError> {
         match &self.source {
             Some(source) => source.check_model(spec, &model_columns(spec)).await,
@@ -480,6 +489,19 @@ impl<K: Keeper> StateStore for Store<K> {
     ) -> Result<BoxStream<'static, Result<DiffRow, WarehouseError>>, WarehouseError> {
         self.keeper
             .diff(spec, since, leave_out_unchanged, Some(model), self.absent())
+            .await
+    }
+
+    async fn diff_basis(&self, sync: &str, column: &str) -> Result<DiffBasis, WarehouseError> {
+        if self.absent() {
+            return Ok(DiffBasis::default());
+        }
+        let (sync, column) = (sync.to_owned(), column.to_owned());
+        self.keeper
+            .auto(
+                "read what decides a sync's diff",
+                work(move |x| Box::pin(rules::diff_basis(x, sync, column))),
+            )
             .await
     }
 

@@ -8,10 +8,10 @@ use loopsync_core::tuning::LEASE;
 
 use super::{Exec, Row, params};
 use crate::{
-    Acceptance, Adoption, ConfirmedContact, DestinationBinding, Emitted, ExtractCounts,
-    FORGOTTEN_FP, RateSlot, RecordResult, RunStatus, RunSummary, StateReset, WarehouseError,
-    is_removal, record_requests_sql, requests_of, stored, summary_request_sql, summary_rows_sql,
-    watermark_sql,
+    Acceptance, Adoption, ConfirmedContact, DestinationBinding, DiffBasis, DiffKind, Emitted,
+    ExtractCounts, FORGOTTEN_FP, RateSlot, RecordResult, RunStatus, RunSummary, StateReset,
+    WarehouseError, is_removal, record_requests_sql, requests_of, settled_run_sql, stored,
+    summary_request_sql, summary_rows_sql, watermark_sql,
 };
 
 /// The statuses of a run still in progress.
@@ -261,7 +261,8 @@ pub(crate) async fn finish_extract(
                     SELECT key FROM loopsync.state WHERE sync = loopsync.runs.sync AND emitted_run = $1
                     UNION SELECT key FROM loopsync.records WHERE run_id = $1) AS k),
                 added = $2, changed = $3, removed = $4, unchanged = $5, invalid_rows = $6,
-                error = COALESCE($7, error), ignored = $8, cursor_high = $9, cursor_column = $10
+                error = COALESCE($7, error), ignored = $8, cursor_high = $9, cursor_column = $10,
+                diff_kind = $11
           WHERE id = $1 AND status = 'extracting'",
         now = x.dialect().now()
     );
@@ -278,7 +279,8 @@ pub(crate) async fn finish_extract(
             c.error,
             c.ignored,
             c.cursor_high,
-            c.cursor_column
+            c.cursor_column,
+            c.diff.map(|d| d.as_str())
         ],
     )
     .await?;
@@ -399,7 +401,8 @@ pub(crate) async fn finish_adopt(
     let sql = format!(
         "UPDATE loopsync.runs SET status = 'adopted', extracted_at = {now}, finished_at = {now},
                 expected = 0, added = $2, changed = $3, removed = $4, unchanged = $5,
-                invalid_rows = $6, ignored = $7, cursor_high = $8, cursor_column = $9
+                invalid_rows = $6, ignored = $7, cursor_high = $8, cursor_column = $9,
+                diff_kind = $10
           WHERE id = $1",
         now = x.dialect().now()
     );
@@ -415,7 +418,8 @@ pub(crate) async fn finish_adopt(
             c.invalid_rows,
             c.ignored,
             c.cursor_high,
-            c.cursor_column
+            c.cursor_column,
+            c.diff.map(|d| d.as_str())
         ],
     )
     .await?;
@@ -695,7 +699,7 @@ fn summary_sql(x: &dyn Exec, filter: &str) -> String {
                 {requests},
                 r.preflight_requests, r.preflight_retries, r.preflight_rate_limited,
                 r.ignored, {extract_alive}, {alive},
-                count(x.key) FILTER (WHERE x.outcome = 'invalid' AND x.accepted = 1)
+                count(x.key) FILTER (WHERE x.outcome = 'invalid' AND x.accepted = 1), r.diff_kind
            FROM loopsync.runs r LEFT JOIN loopsync.records x ON x.run_id = r.id
           WHERE {filter}
           GROUP BY r.id ORDER BY r.id DESC LIMIT $2",
@@ -749,6 +753,7 @@ fn summary(row: &Row) -> Result<RunSummary, WarehouseError> {
         extract_alive_at: row.opt_text(32)?,
         alive_at: row.opt_text(33)?,
         accepted: row.count(34)?,
+        diff: row.opt_text(35)?.as_deref().and_then(DiffKind::parse),
         ..RunSummary::default()
     };
     let mut loader = [0; 6];
@@ -1210,6 +1215,49 @@ pub(crate) async fn cursor_watermark(
         .query("read a sync's cursor", &sql, params![sync, column])
         .await?;
     rows.first().map(|r| r.int(0)).transpose()
+}
+
+/// What decides a contact sync's next diff (see [`DiffBasis`]): its watermark and the run
+/// that gives it, the latest finished run, and the age of its latest settled full diff.
+pub(crate) async fn diff_basis(
+    x: &mut dyn Exec,
+    sync: String,
+    column: String,
+) -> Result<DiffBasis, WarehouseError> {
+    let what = "read what decides a sync's diff";
+    let sql = watermark_sql("loopsync.runs", "loopsync.records", "$1", "$2");
+    let rows = x.query(what, &sql, params![&sync, &column]).await?;
+    let Some(mark) = rows.first() else {
+        return Ok(DiffBasis::default());
+    };
+    let (watermark, mark_run) = (mark.int(0)?, mark.int(1)?);
+    let rows = x
+        .query(
+            what,
+            &format!(
+                "SELECT max(id) FROM loopsync.runs
+                  WHERE sync = $1 AND status NOT IN ({in_progress})",
+                in_progress = OPEN
+            ),
+            params![&sync],
+        )
+        .await?;
+    let latest = first(&rows, what)?.opt_int(0)?;
+    let d = x.dialect().clone();
+    let sql = format!(
+        "SELECT {age} FROM loopsync.runs r
+          WHERE r.sync = $1 AND r.diff_kind = 'full' AND r.cursor_column = $2
+            AND r.cursor_high IS NOT NULL AND {settled}
+          ORDER BY r.id DESC LIMIT 1",
+        age = d.millis_between("r.requested_at", d.now()),
+        settled = settled_run_sql("r", "loopsync.records"),
+    );
+    let rows = x.query(what, &sql, params![&sync, &column]).await?;
+    Ok(DiffBasis {
+        watermark: Some(watermark),
+        latest_run_settled: latest == Some(mark_run),
+        full_diff_age_ms: rows.first().map(|r| r.int(0)).transpose()?,
+    })
 }
 
 fn first<'r>(rows: &'r [Row], what: &str) -> Result<&'r Row, WarehouseError> {
