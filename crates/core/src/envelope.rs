@@ -97,6 +97,18 @@ pub struct RowChange {
     pub possibly_applied: Vec<OldContact>,
 }
 
+/// The name of the `n`th model row with a NULL key a run met: a record of its own, invalid.
+pub fn null_key(n: usize) -> String {
+    format!("(null #{n})")
+}
+
+/// Whether `key` names a NULL key ([`null_key`]), not a key of the model.
+pub fn is_null_key(key: &str) -> bool {
+    key.strip_prefix("(null #")
+        .and_then(|rest| rest.strip_suffix(')'))
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// The fingerprint of the removal of a contact whose create's answer was lost (nothing was
 /// confirmed for it): not a fingerprint of values (those are 40 hex digits). The contact may
 /// never have been made.

@@ -265,7 +265,14 @@ impl SyncSpec {
     /// or fingerprint a row otherwise — is read again under any other (its fingerprint may
     /// differ). An upgrade costs one full read of the model.
     pub fn shape_seed(&self) -> i64 {
-        let shape = serde_json::to_string(self).expect("a sync spec serializes");
+        // A contact cursor's column is read and hashed; its lookback and `full_diff_every`
+        // only say when rows are read, and changing them reads nothing again.
+        let mut spec = self.clone();
+        if let Some(incremental) = &mut spec.incremental {
+            incremental.cursor.lookback_ms = 0;
+            incremental.full_diff_every_ms = 0;
+        }
+        let shape = serde_json::to_string(&spec).expect("a sync spec serializes");
         keys::seed(&format!("{} {shape}", env!("CARGO_PKG_VERSION")))
     }
 
@@ -434,6 +441,19 @@ pub(crate) mod tests {
         });
         assert_ne!(spec.shape_seed(), cursored.shape_seed());
         assert!(cursored.columns().contains(&"updated_at".to_owned()));
+        let mut tuned = cursored.clone();
+        tuned.incremental = Some(Incremental {
+            cursor: Cursor {
+                column: "updated_at".into(),
+                lookback_ms: 3_600_000,
+            },
+            full_diff_every_ms: 86_400_000,
+        });
+        assert_eq!(
+            cursored.shape_seed(),
+            tuned.shape_seed(),
+            "tuning is no shape"
+        );
     }
 
     /// The one length rule: 500 characters pass (counted as characters, not bytes), 501 do

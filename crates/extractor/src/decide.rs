@@ -444,7 +444,7 @@ fn decide_group(
     if row.key.is_none() {
         *null_seen += 1;
         return Decision::Invalid {
-            key: format!("(null #{null_seen})"),
+            key: loopsync_core::envelope::null_key(*null_seen),
             reason: format!("{} is NULL", spec.primary_key),
             rows: 1,
         };
@@ -556,7 +556,11 @@ impl<'a> Decider<'a> {
         }
         let decision = decide_group(self.spec, self.run_id, &group, &mut self.null_seen);
         tally(&mut self.counts, &decision);
-        if let Some(at) = cursor_millis(self.spec, &group.0) {
+        // An event sync's watermark is the highest cursor it read; a contact sync's comes in
+        // the diff's last row, capped by the warehouse's clock (`DiffRow::cursor_high`).
+        if self.spec.is_append()
+            && let Some(at) = cursor_millis(self.spec, &group.0)
+        {
             self.counts.cursor_high = self.counts.cursor_high.max(Some(at));
         }
         Some(Decided {

@@ -30,6 +30,9 @@ pub struct Window {
     pub diff: Option<DiffKind>,
     /// Why a contact sync with a cursor diffs in full (as `plan` and the run's log say it).
     pub why_full: Option<&'static str>,
+    /// A contact sync with a cursor: its shape seed, kept with the run (a full diff counts
+    /// only for the shape it read).
+    pub seed: Option<i64>,
 }
 
 /// Which diff a contact sync with a cursor runs next ([`choose_diff`]).
@@ -51,14 +54,21 @@ pub mod why {
     pub const NO_FULL_DIFF: &str = "no full diff has settled since the cursor was set";
     pub const DUE: &str = "the last full diff is older than full_diff_every";
     pub const CLOCK: &str = "the state store's clock reads before the last full diff";
+    pub const SHAPE: &str = "the sync's model, mapping or behavior, or loopsync's version, changed since the last full diff";
 }
 
 /// The rule: incremental only while the watermark's run is the sync's latest finished run (no
 /// run failed, was interrupted or left a dead letter since: what such a run may have left
-/// unsure is read again by a full diff) and a settled full diff is younger than
-/// `full_diff_every` by the state store's own clock (a clock that went back forces a full
-/// diff rather than postponing it).
-pub fn choose_diff(incremental: &Incremental, basis: &DiffBasis, capable: bool) -> DiffChoice {
+/// unsure is read again by a full diff) and a settled full diff of the sync as it is now
+/// (`seed`: its shape, see `SyncSpec::shape_seed`) is younger than `full_diff_every` by the
+/// state store's own clock (a clock that went back forces a full diff rather than postponing
+/// it).
+pub fn choose_diff(
+    incremental: &Incremental,
+    basis: &DiffBasis,
+    capable: bool,
+    seed: i64,
+) -> DiffChoice {
     if !capable {
         return DiffChoice::Full(why::NOT_HERE);
     }
@@ -67,6 +77,9 @@ pub fn choose_diff(incremental: &Incremental, basis: &DiffBasis, capable: bool) 
     };
     if !basis.latest_run_settled {
         return DiffChoice::Full(why::UNSETTLED);
+    }
+    if basis.full_diff_age_ms.is_some() && basis.full_diff_seed != Some(seed) {
+        return DiffChoice::Full(why::SHAPE);
     }
     match basis.full_diff_age_ms {
         None => DiffChoice::Full(why::NO_FULL_DIFF),
@@ -119,16 +132,23 @@ impl Window {
     ) -> Result<Window, WarehouseError> {
         let column = incremental.cursor.column.clone();
         let basis = warehouse.diff_basis(&spec.name, &column).await?;
+        let seed = spec.shape_seed();
         let mut window = Window {
             column: Some(column),
             watermark: basis.watermark,
             replay,
+            seed: Some(seed),
             ..Window::default()
         };
         if replay {
             return Ok(window);
         }
-        match choose_diff(incremental, &basis, warehouse.diffs_incrementally(spec)) {
+        match choose_diff(
+            incremental,
+            &basis,
+            warehouse.diffs_incrementally(spec),
+            seed,
+        ) {
             DiffChoice::Full(why) => {
                 window.diff = Some(DiffKind::Full);
                 window.why_full = Some(why);
@@ -141,27 +161,35 @@ impl Window {
         Ok(window)
     }
 
-    /// The window of a run that reads every row from no watermark (`loopsync adopt`).
+    /// The window of a run that reads every row from no watermark (`loopsync adopt`). It
+    /// leaves a watermark but counts as no full diff: an adoption from Loops' export leaves out
+    /// the rows Loops does not hold as the sync would send them, and the next run's full diff
+    /// sends them.
     pub fn everything(spec: &SyncSpec) -> Window {
         Window {
             column: spec.cursor().map(|c| c.column.clone()),
-            diff: spec.incremental.as_ref().map(|_| DiffKind::Full),
             ..Window::default()
         }
     }
 
     /// Records in `counts` the watermark the run leaves (see [`Window::next_watermark`]), the
-    /// column it is of (a watermark of another column is never used), and the diff it ran.
+    /// column it is of (a watermark of another column is never used), the diff it ran and the
+    /// shape it ran for.
     pub fn close(&self, counts: &mut ExtractCounts) {
         counts.cursor_high = self.next_watermark(counts.cursor_high);
         counts.cursor_column = self.column.clone().filter(|_| counts.cursor_high.is_some());
         counts.diff = self.diff;
+        counts.shape_seed = self.diff.and(self.seed);
     }
 
     /// The watermark a run leaves (stored with it, the sync's once the run has finished well):
     /// the highest cursor it read, never lower than the one it started from, and never later
     /// than now — a row dated in the future (a typo, another time zone) is sent, but must not
     /// move the window past the rows that will arrive before its date.
+    ///
+    /// A contact sync's full diff went through every row: its watermark is what it read, even
+    /// below the one it started from (a watermark once set by a clock that ran ahead does not
+    /// stay).
     pub fn next_watermark(&self, read: Option<i64>) -> Option<i64> {
         if self.replay {
             return self.watermark;
@@ -171,7 +199,11 @@ impl Window {
             .map_or(i64::MAX, |d| {
                 i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
             });
-        read.map(|high| high.min(now)).max(self.watermark)
+        let read = read.map(|high| high.min(now));
+        if self.diff == Some(DiffKind::Full) {
+            return read;
+        }
+        read.max(self.watermark)
     }
 }
 
@@ -199,6 +231,15 @@ mod tests {
         assert_eq!(
             window.next_watermark(Some(now - 30_000)),
             Some(now - 30_000)
+        );
+        let full = Window {
+            diff: Some(DiffKind::Full),
+            ..window.clone()
+        };
+        assert_eq!(
+            full.next_watermark(Some(now - 120_000)),
+            Some(now - 120_000),
+            "a full diff's is what it read"
         );
         let year_2099 = 4_070_908_800_000;
         let capped = window.next_watermark(Some(year_2099)).unwrap();
@@ -231,12 +272,18 @@ mod tests {
             watermark: Some(50_000),
             latest_run_settled: true,
             full_diff_age_ms: Some(59_999),
+            full_diff_seed: Some(7),
         };
-        let choose = |basis: &DiffBasis| choose_diff(&incremental, basis, true);
+        let choose = |basis: &DiffBasis| choose_diff(&incremental, basis, true, 7);
         assert_eq!(choose(&good), DiffChoice::Incremental { since: 49_000 });
         assert_eq!(
-            choose_diff(&incremental, &good, false),
+            choose_diff(&incremental, &good, false, 7),
             DiffChoice::Full(why::NOT_HERE)
+        );
+        assert_eq!(
+            choose_diff(&incremental, &good, true, 8),
+            DiffChoice::Full(why::SHAPE),
+            "another shape than the full diff's"
         );
         let cases = [
             (
@@ -256,6 +303,7 @@ mod tests {
             (
                 DiffBasis {
                     full_diff_age_ms: None,
+                    full_diff_seed: None,
                     ..good.clone()
                 },
                 why::NO_FULL_DIFF,

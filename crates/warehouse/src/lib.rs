@@ -281,6 +281,9 @@ pub struct ExtractCounts {
     /// A contact sync with a cursor: which diff the run ran (left out of the JSON otherwise).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub diff: Option<DiffKind>,
+    /// With `diff`: the sync's shape seed (`SyncSpec::shape_seed`) the run diffed for.
+    #[serde(skip)]
+    pub shape_seed: Option<i64>,
 }
 
 /// Which diff a contact sync's run ran (see `loopsync_core::spec::Incremental`).
@@ -323,6 +326,8 @@ pub struct DiffBasis {
     /// Milliseconds from the request of the latest full diff that settled every record (and
     /// noted its watermark) to now, both by the state store's clock; `None`: there is none.
     pub full_diff_age_ms: Option<i64>,
+    /// The shape seed that full diff ran for (`SyncSpec::shape_seed`).
+    pub full_diff_seed: Option<i64>,
 }
 
 impl ExtractCounts {

@@ -426,11 +426,24 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
     },
     Migration {
         version: 16,
-        name: "which diff a contact sync's run ran",
-        steps: &[Step::AddColumn {
-            table: "runs",
-            column: col("diff_kind", Text),
-        }],
+        name: "which diff a contact sync's run ran, for which shape",
+        steps: &[
+            Step::AddColumn {
+                table: "runs",
+                column: col("diff_kind", Text),
+            },
+            Step::AddColumn {
+                table: "runs",
+                column: col("shape_seed", BigInt),
+            },
+            // The keys an incremental diff reads wherever their cursor is.
+            Step::Index {
+                name: "state_unnoted",
+                table: "state",
+                columns: &[("sync", false), ("key", false)],
+                filter: Some("model_hash IS NULL"),
+            },
+        ],
     },
 ];
 

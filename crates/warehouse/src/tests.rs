@@ -2847,10 +2847,18 @@ async fn postgres_an_incremental_diff_reads_the_window_and_what_is_not_noted() {
         "its userIds are counted in full"
     );
     let run = w.create_run("users").await.unwrap();
-    // Nothing noted yet: the plain diff, every row read out with its cursor (the extractor
-    // finds the highest), no last row.
+    // Nothing noted yet: every row read out, and the last row carries the highest cursor (a
+    // sync that may diff incrementally always reads this way: its watermark is the
+    // warehouse's).
     let rows = changes(w, &spec).await;
-    assert!(rows.iter().all(|r| !r.is_untold()), "{rows:?}");
+    let tail = rows.last().unwrap();
+    assert_eq!(
+        tail.cursor_high,
+        loopsync_core::value::parse_date_millis("2026-01-01T00:00:00Z"),
+        "{rows:?}"
+    );
+    let rows: Vec<DiffRow> = rows.into_iter().filter(|r| !r.is_untold()).collect();
+    assert_eq!(rows.len(), 5);
     assert!(
         rows.iter()
             .all(|r| r.values.as_ref().unwrap()["updated_at"].is_some())
@@ -2870,19 +2878,28 @@ async fn postgres_an_incremental_diff_reads_the_window_and_what_is_not_noted() {
         });
     }
     w.note_unchanged("users", &notes).await.unwrap();
-    // 2 changes with its cursor; 3 changes without; 4 leaves; 5 is confirmed at another
-    // fingerprint (no longer noted); 6 comes with 1's email; 7 has no cursor; 8 is dated 2099.
+    // 2 changes with its cursor, and a second copy of 2 comes as it was noted, its cursor
+    // old; 3 changes without its cursor; 4 leaves; 5 is confirmed at another fingerprint (no
+    // longer noted); 6 comes with 1's email; 7 has no cursor; 8 is dated 2099; 9, with an old
+    // cursor, was found invalid; 10 comes with 9's email.
     (f.exec)(
         "UPDATE users SET first_name = 'Two', updated_at = '2026-02-01T00:00:00Z' WHERE id = 2;
          UPDATE users SET first_name = 'Three' WHERE id = 3;
          DELETE FROM users WHERE id = 4;
          INSERT INTO users VALUES (6, 'U1@x.co', 'Six', true, '2026-02-01T00:00:00Z'),
                                   (7, 'u7@x.co', 'Seven', true, NULL),
-                                  (8, 'u8@x.co', 'Eight', true, '2099-01-01T00:00:00Z');"
+                                  (8, 'u8@x.co', 'Eight', true, '2099-01-01T00:00:00Z'),
+                                  (2, 'u2@x.co', 'N2', true, '2026-01-01T00:00:00Z'),
+                                  (9, 'u9@x.co', 'Nine', true, '2026-01-01T00:00:00Z'),
+                                  (10, ' U9@x.co', 'Ten', true, '2026-02-01T00:00:00Z');"
             .into(),
     )
     .await;
     w.record_outcomes(&[confirmed(&spec, run, "5", "elsewhere")])
+        .await
+        .unwrap();
+    // 9 was found invalid (a run read it: its cursor was in the window then).
+    w.record_outcomes(&[Outcome::invalid("users", run, "9", "", "a reason")])
         .await
         .unwrap();
     let since = loopsync_core::value::parse_date_millis("2026-01-15T00:00:00Z");
@@ -2894,15 +2911,20 @@ async fn postgres_an_incremental_diff_reads_the_window_and_what_is_not_noted() {
         .await
         .unwrap();
     let (keys, untold) = read_out(&incremental);
+    // Read: the window, the keys not noted (5, and 9: its email counts, so 10 is a
+    // duplicate), and the copy of 2 outside the window (a duplicate key, as the full diff
+    // finds it). 1 is not read, but its noted email counts: 6 is a duplicate.
     assert_eq!(
         keys,
         vec![
+            ("10".to_owned(), 2, true),
+            ("2".to_owned(), 1, true),
             ("2".to_owned(), 1, true),
             ("5".to_owned(), 1, true),
-            // 1 is not read, but its noted email counts: 6 is found a duplicate.
             ("6".to_owned(), 2, true),
             ("7".to_owned(), 1, true),
             ("8".to_owned(), 1, true),
+            ("9".to_owned(), 2, true),
         ]
     );
     // Noted: 1, 2, 3, 4; of them 2 was read out.
@@ -2932,13 +2954,15 @@ async fn postgres_an_incremental_diff_reads_the_window_and_what_is_not_noted() {
     let fp2 = spec.fingerprint(
         incremental
             .iter()
-            .find(|r| r.key.as_deref() == Some("2"))
-            .unwrap()
-            .values
-            .as_ref()
+            .filter_map(|r| r.values.as_ref().filter(|_| r.key.as_deref() == Some("2")))
+            .find(|v| v["first_name"].as_deref() == Some("Two"))
             .unwrap(),
     );
     w.record_outcomes(&[confirmed(&spec, run, "2", &fp2)])
+        .await
+        .unwrap();
+    // So does an invalid outcome: 3's row is read again wherever its cursor is.
+    w.record_outcomes(&[Outcome::invalid("users", run, "3", "", "a reason")])
         .await
         .unwrap();
     let far = loopsync_core::value::parse_date_millis("2098-01-01T00:00:00Z");
@@ -2951,8 +2975,11 @@ async fn postgres_an_incremental_diff_reads_the_window_and_what_is_not_noted() {
             .unwrap(),
     );
     let keys: Vec<&str> = keys.iter().map(|(k, _, _)| k.as_str()).collect();
-    assert!(keys.contains(&"2") && keys.contains(&"5"), "{keys:?}");
-    assert!(!keys.contains(&"1") && !keys.contains(&"3"), "{keys:?}");
+    assert!(
+        keys.contains(&"2") && keys.contains(&"3") && keys.contains(&"5"),
+        "{keys:?}"
+    );
+    assert!(!keys.contains(&"1") && !keys.contains(&"4"), "{keys:?}");
 }
 
 /// Where the diff cannot leave rows out (SQLite), a contact sync's cursor is read but the
@@ -2989,4 +3016,72 @@ async fn sqlite_a_contact_sync_with_a_cursor_diffs_in_full() {
         .await
         .unwrap();
     assert_eq!(read_out(&rows).0, vec![("1".to_owned(), 1, false)]);
+}
+
+/// The window reads the keys the state has not noted by the model key's own type (so that an
+/// index on it serves), for every type it knows and any other as text: a key confirmed again
+/// is read wherever its cursor is, the others are not.
+#[tokio::test]
+async fn postgres_an_incremental_diff_finds_unnoted_keys_of_every_type() {
+    let Some(f) = postgres().await else { return };
+    let w = &*f.warehouse;
+    w.prepare().await.unwrap();
+    let types = [
+        ("bigint", "9223372036854775807", "-1"),
+        ("smallint", "32767", "-7"),
+        ("text", "a key, with 'quotes'", "(null #1)"),
+        (
+            "uuid",
+            "6f1c2a4e-0b7d-4c1e-9a3b-2d5e8f9a0b1c",
+            "00000000-0000-0000-0000-000000000000",
+        ),
+        ("numeric", "12.50", "-3"),
+    ];
+    for (ty, one, two) in types {
+        let table = format!("t_{ty}");
+        (f.exec)(format!(
+            "CREATE TABLE {table} (id {ty}, email text, first_name text, newsletter boolean,
+                                   updated_at timestamptz);
+             INSERT INTO {table} VALUES ('{one_sql}', 'a@x.co', 'A', true, '2026-01-01T00:00:00Z'),
+                                        ('{two}', 'b@x.co', 'B', true, '2026-01-01T00:00:00Z');",
+            one_sql = one.replace('\'', "''")
+        ))
+        .await;
+        let mut spec = cursored_spec();
+        spec.name = table.clone();
+        spec.model = format!("select id, email, first_name, newsletter, updated_at from {table}");
+        let run = w.create_run(&table).await.unwrap();
+        let rows = changes(w, &spec).await;
+        let mut notes = Vec::new();
+        for row in rows.iter().filter(|r| !r.is_untold()) {
+            let fp = spec.fingerprint(row.values.as_ref().unwrap());
+            let key = row.key.clone().unwrap();
+            w.record_outcomes(&[confirmed(&spec, run, &key, &fp)])
+                .await
+                .unwrap();
+            notes.push(Unchanged {
+                key,
+                fingerprint: fp,
+                model_hash: row.model_hash.unwrap(),
+                email: row.values.as_ref().unwrap()["email"].clone(),
+            });
+        }
+        w.note_unchanged(&table, &notes).await.unwrap();
+        let keys: Vec<String> = notes.iter().map(|n| n.key.clone()).collect();
+        let unnoted = keys.iter().find(|k| *k == two).unwrap();
+        w.record_outcomes(&[confirmed(&spec, run, unnoted, "elsewhere")])
+            .await
+            .unwrap();
+        let since = loopsync_core::value::parse_date_millis("2026-06-01T00:00:00Z");
+        let rows: Vec<DiffRow> = w
+            .diff_changes(&spec, since)
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        let (read, untold) = read_out(&rows);
+        assert_eq!(read, vec![(unnoted.clone(), 1, true)], "{ty}");
+        assert_eq!(untold, 1, "{ty}");
+    }
 }

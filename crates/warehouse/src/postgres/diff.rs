@@ -9,6 +9,76 @@ use super::*;
 /// Beyond it PostgreSQL spills to temporary files, slower but bounded.
 pub(super) const DIFF_WORK_MEM: &str = "128MB";
 
+/// How an incremental diff compares the state's keys (text) with the model's key: in the
+/// key's own type where it knows one, so that an index on the key serves (a key the type
+/// cannot be is no key of the model, and is left out before the cast), else as text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum KeyType {
+    /// `smallint`, `integer`, `bigint`: the bounds.
+    Integer(&'static str, &'static str, &'static str),
+    Uuid,
+    /// `text`, `varchar`: compared as they are.
+    Text,
+    /// Any other: the key cast to text, which no index serves.
+    Other,
+}
+
+impl KeyType {
+    pub(super) fn of(ty: &tokio_postgres::types::Type) -> KeyType {
+        use tokio_postgres::types::Type;
+        match *ty {
+            Type::INT2 => KeyType::Integer("smallint", "-32768", "32767"),
+            Type::INT4 => KeyType::Integer("integer", "-2147483648", "2147483647"),
+            Type::INT8 => KeyType::Integer("bigint", "-9223372036854775808", "9223372036854775807"),
+            Type::UUID => KeyType::Uuid,
+            Type::TEXT | Type::VARCHAR => KeyType::Text,
+            _ => KeyType::Other,
+        }
+    }
+
+    /// `pk` is one of the keys (text) in column `column` of `keys` (a query).
+    fn any(&self, pk: &str, keys: &str, column: &str) -> String {
+        let typed = |ty: &str, valid: String| {
+            format!(
+                "{pk} = ANY(ARRAY(SELECT CAST(q.{column} AS {ty}) FROM ({keys}) AS q WHERE {valid}))"
+            )
+        };
+        let c = format!("q.{column}");
+        match self {
+            KeyType::Integer(ty, min, max) => typed(
+                ty,
+                format!(
+                    "CASE WHEN {c} ~ '^-?[0-9]{{1,19}}$'
+                          THEN CAST({c} AS numeric) BETWEEN {min} AND {max} ELSE false END"
+                ),
+            ),
+            KeyType::Uuid => typed(
+                "uuid",
+                format!(
+                    "{c} ~ '^[0-9a-f]{{8}}-[0-9a-f]{{4}}-[0-9a-f]{{4}}-[0-9a-f]{{4}}-[0-9a-f]{{12}}$'"
+                ),
+            ),
+            KeyType::Text => format!("{pk} = ANY(ARRAY(SELECT {c} FROM ({keys}) AS q))"),
+            KeyType::Other => format!("({pk})::text = ANY(ARRAY(SELECT {c} FROM ({keys}) AS q))"),
+        }
+    }
+}
+
+/// `c` of [`changes_sql`] when `m` is the whole model (see its comment there).
+const WHOLE_MODEL_C: &str = "c AS MATERIALIZED (
+                  SELECT * FROM c0
+                  UNION ALL
+                  SELECT m.*, s.key, s.model_hash
+                    FROM m JOIN s ON s.key = m.k
+                   WHERE s.model_hash = m.h
+                     AND m.ek IN (SELECT ek FROM c0 WHERE ek IS NOT NULL AND ek <> '')
+                  UNION ALL
+                  SELECT m.*, s.key, s.model_hash
+                    FROM m JOIN s ON s.key = m.k
+                   WHERE s.model_hash = m.h
+                     AND m.k IN (SELECT k FROM c0 WHERE k IS NOT NULL)
+                     AND NOT EXISTS (SELECT 1 FROM c0 x WHERE x.ek = m.ek AND x.ek <> '')),";
+
 /// A contact sync's diff that leaves out what is unchanged ([`Warehouse::diff_changes`]): the
 /// model's rows are hashed in the warehouse (the key and the mapped columns as a row's text,
 /// seeded by the sync's shape, `$2`) and joined with the state on the key; a row whose hash is
@@ -27,7 +97,7 @@ pub(super) const DIFF_WORK_MEM: &str = "128MB";
 /// possibly applied, repaired, …); every other row is taken to be as noted, so its email still
 /// counts, and no key is found removed. Its last row also carries the highest cursor of the
 /// rows gone through, not after now (column `cursor_high`; a sync without a cursor: NULL).
-pub(super) fn changes_sql(spec: &SyncSpec, window: bool) -> String {
+pub(super) fn changes_sql(spec: &SyncSpec, window: Option<&KeyType>) -> String {
     let columns = spec.columns();
     let pk = format!("model.{}", quote_ident(&spec.primary_key));
     let mut raw = vec![pk.clone()];
@@ -59,23 +129,76 @@ pub(super) fn changes_sql(spec: &SyncSpec, window: bool) -> String {
         Some((_, c)) => format!("(SELECT (max({c}))::text FROM m WHERE {c} <= now())"),
         None => "CAST(NULL AS text)".to_owned(),
     };
-    let (filter, c0) = match (&cursor, window) {
-        (Some((column, _)), true) => (
-            format!(
-                " WHERE {column} IS NULL OR {at_or_after}
-                    OR ({pk})::text IN (SELECT key FROM loopsync.state
-                                         WHERE sync = $1 AND model_hash IS NULL)",
-                at_or_after = at_or_after(column, "CAST($3 AS text)")
-            ),
-            "SELECT m.*, s.key AS skey, s.model_hash AS smh
-               FROM m LEFT JOIN s ON s.key = m.k
-              WHERE s.key IS NULL OR s.model_hash IS DISTINCT FROM m.h",
-        ),
+    let (filter, c0, c, untold) = match (&cursor, window) {
+        (Some((column, _)), Some(key_type)) => {
+            // The window: rows whose cursor is at or after `$3` or NULL, NULL keys, and the
+            // keys the state has not noted (compared in the key's own type: one `OR` of
+            // conditions an index on each column can serve).
+            let window = format!(
+                "{column} >= CAST(CAST($3 AS text) AS timestamptz) OR {column} IS NULL
+                 OR {pk} IS NULL OR {unnoted}",
+                unnoted = key_type.any(
+                    &pk,
+                    "SELECT key FROM loopsync.state WHERE sync = $1 AND model_hash IS NULL",
+                    "key"
+                ),
+            );
+            let state_of = |k: &str| {
+                format!(
+                    "LATERAL (SELECT key, model_hash FROM loopsync.state
+                               WHERE sync = $1 AND key = {k} OFFSET 0) x ON true"
+                )
+            };
+            let c0 = format!(
+                "SELECT m.*, x.key AS skey, x.model_hash AS smh
+                   FROM m LEFT JOIN {x}
+                  WHERE x.key IS NULL OR x.model_hash IS DISTINCT FROM m.h",
+                x = state_of("m.k")
+            );
+            // As over the whole model (`WHOLE_MODEL_C`), within the window; and every row
+            // outside it whose key a row read out carries (a second copy of a key must not
+            // become a re-key that removes the first's contact). A row outside the window that
+            // shares only an email is not read: its state (noted, or not: then it is in the
+            // window) counts it, see `ecount`.
+            let c = format!(
+                "c AS MATERIALIZED (
+                  SELECT * FROM c0
+                  UNION ALL
+                  SELECT m.*, x.key, x.model_hash FROM m JOIN {x}
+                   WHERE x.model_hash = m.h
+                     AND m.ek IN (SELECT ek FROM c0 WHERE ek IS NOT NULL AND ek <> '')
+                  UNION ALL
+                  SELECT m.*, x.key, x.model_hash FROM m JOIN {x}
+                   WHERE x.model_hash = m.h
+                     AND m.k IN (SELECT k FROM c0 WHERE k IS NOT NULL)
+                     AND NOT EXISTS (SELECT 1 FROM c0 y WHERE y.ek = m.ek AND y.ek <> '')
+                  UNION ALL
+                  SELECT o.*, x.key, x.model_hash FROM (
+                      SELECT 1 AS present, ({pk})::text AS k,
+                             hashtextextended(ROW({raw})::text, $2) AS h, {ek} AS ek{model_columns}
+                        FROM ({model}) AS model
+                       WHERE {read_out} AND NOT ({window})) AS o
+                    LEFT JOIN {o}),",
+                x = state_of("m.k"),
+                o = state_of("o.k"),
+                read_out = key_type.any(&pk, "SELECT k FROM c0 WHERE k IS NOT NULL", "k"),
+                raw = raw.join(", "),
+                model_columns = model_columns.concat(),
+                model = model_sql(&spec.model),
+            );
+            // The noted rows left out: every state row less the unnoted ones (an index each).
+            let untold = "(SELECT count(*) FROM loopsync.state WHERE sync = $1)
+                          - (SELECT count(*) FROM loopsync.state WHERE sync = $1 AND model_hash IS NULL)";
+            (format!(" WHERE {window}"), c0, c, untold)
+        }
         _ => (
             String::new(),
             "SELECT m.*, s.key AS skey, s.model_hash AS smh
                FROM m FULL OUTER JOIN s ON s.key = m.k
-              WHERE m.k IS NULL OR s.key IS NULL OR s.model_hash IS DISTINCT FROM m.h",
+              WHERE m.k IS NULL OR s.key IS NULL OR s.model_hash IS DISTINCT FROM m.h"
+                .to_owned(),
+            WHOLE_MODEL_C.to_owned(),
+            "(SELECT count(*) FROM loopsync.state WHERE sync = $1 AND model_hash IS NOT NULL)",
         ),
     };
     format!(
@@ -91,19 +214,7 @@ pub(super) fn changes_sql(spec: &SyncSpec, window: bool) -> String {
               -- over `c0`, whose size PostgreSQL estimates in billions (a CTE has no statistics),
               -- an unhashed one that rescans `c0` for every model row (minutes at 1 M rows).
               -- The second leaves out what the first read (its email is one read out).
-              c AS MATERIALIZED (
-                  SELECT * FROM c0
-                  UNION ALL
-                  SELECT m.*, s.key, s.model_hash
-                    FROM m JOIN s ON s.key = m.k
-                   WHERE s.model_hash = m.h
-                     AND m.ek IN (SELECT ek FROM c0 WHERE ek IS NOT NULL AND ek <> '')
-                  UNION ALL
-                  SELECT m.*, s.key, s.model_hash
-                    FROM m JOIN s ON s.key = m.k
-                   WHERE s.model_hash = m.h
-                     AND m.k IN (SELECT k FROM c0 WHERE k IS NOT NULL)
-                     AND NOT EXISTS (SELECT 1 FROM c0 x WHERE x.ek = m.ek AND x.ek <> '')),
+              {c}
               e AS MATERIALIZED (
                   SELECT c.*, x.confirmed_fp, x.confirmed_email, x.confirmed_user_id, x.parked_fp,
                          x.generation, x.model_email AS xme, x.emitted_run, x.emitted_fp, x.confirmed_run,
@@ -133,8 +244,7 @@ pub(super) fn changes_sql(spec: &SyncSpec, window: bool) -> String {
                   UNION ALL
                   SELECT 1, NULL, NULL{tail_columns}, NULL, NULL, NULL, CAST(NULL AS bigint), NULL,
                          CAST(NULL AS bigint), CAST(NULL AS bigint),
-                         (SELECT count(*) FROM loopsync.state WHERE sync = $1 AND model_hash IS NOT NULL)
-                         - (SELECT count(DISTINCT skey) FROM c WHERE smh IS NOT NULL),
+                         {untold} - (SELECT count(DISTINCT skey) FROM c WHERE smh IS NOT NULL),
                          CAST(NULL AS bigint), CAST(NULL AS bigint), CAST(NULL AS bigint),
                          CAST(NULL AS text), CAST(NULL AS text), CAST(NULL AS text), {cursor_high})
          SELECT present, key{outer}, confirmed_fp, confirmed_email, confirmed_user_id, ecount,
@@ -222,13 +332,15 @@ impl Pg {
         let hashed = leave_out_unchanged && !spec.is_append() && !absent;
         // A contact sync's incremental diff: only the model in this database, whose rows it
         // noted (see `diffs_incrementally`); anything else diffs in full.
-        let window =
-            since.filter(|_| hashed && !is_staged && Keeper::diffs_incrementally(self, spec));
+        let incremental = hashed && !is_staged && Keeper::diffs_incrementally(self, spec);
+        let window = since.filter(|_| incremental);
         // Until rows are noted (a first run, after a reset or a change of the mapping), all are
         // read out: the plain diff, with the rows' hashes to note, costs less.
         // A sync that maps a userId counts the model's userIds (a duplicate is invalid): every
         // row is read, as the noted rows keep only their emails.
-        let leave_out = window.is_some()
+        // A sync that may diff incrementally always reads through `changes_sql`, whose last
+        // row carries the highest cursor by the warehouse's own clock (its watermark).
+        let leave_out = incremental
             || (hashed
                 && spec.property("userId").is_none()
                 && client
@@ -242,9 +354,36 @@ impl Pg {
                     .await
                     .map_err(query_error("look for noted records"))?
                     .get::<_, bool>(0));
+        // A model that does not run (42: syntax, names, privileges; 0A: not supported, such as
+        // a data-modifying WITH inside it; 2F, 38, 39, P0: a function it calls failed), or
+        // that would write (25: refused in the read-only session): the config's to fix, not
+        // retried.
+        let is_model = |e: &tokio_postgres::Error| {
+            e.code().is_some_and(|c| {
+                ["42", "0A", "25", "2F", "38", "39", "P0"]
+                    .iter()
+                    .any(|class| c.code().starts_with(class))
+            })
+        };
+        // The window compares keys in the model key's own type: asked of the model, unrun.
+        let key_type = match window {
+            Some(_) => {
+                let probe = format!(
+                    "SELECT model.{} FROM ({}) AS model LIMIT 0",
+                    quote_ident(&spec.primary_key),
+                    model_sql(&spec.model)
+                );
+                match client.prepare(&self.sql(&probe)).await {
+                    Ok(statement) => Some(KeyType::of(statement.columns()[0].type_())),
+                    Err(e) if is_model(&e) => return Err(model_error(&client, spec, &e).await),
+                    Err(e) => return Err(classify(&format!("diff of sync {}", spec.name), &e)),
+                }
+            }
+            None => None,
+        };
         let row_hash = |raw: &str| format!("hashtextextended(ROW({raw})::text, $2)");
         let sql = if leave_out {
-            changes_sql(spec, window.is_some())
+            changes_sql(spec, key_type.as_ref())
         } else {
             diff_sql(
                 spec,
@@ -264,17 +403,6 @@ impl Pg {
                 cursor_condition(spec, |c| at_or_after(c, "CAST($2 AS text)")),
                 hashed.then_some(&row_hash as &dyn Fn(&str) -> String),
             )
-        };
-        // A model that does not run (42: syntax, names, privileges; 0A: not supported, such as
-        // a data-modifying WITH inside it; 2F, 38, 39, P0: a function it calls failed), or
-        // that would write (25: refused in the read-only session): the config's to fix, not
-        // retried.
-        let is_model = |e: &tokio_postgres::Error| {
-            e.code().is_some_and(|c| {
-                ["42", "0A", "25", "2F", "38", "39", "P0"]
-                    .iter()
-                    .any(|class| c.code().starts_with(class))
-            })
         };
         tracing::debug!(sync = %spec.name, seed = spec.shape_seed(), %sql, "diff");
         let statement = match client.prepare(&self.sql(&sql)).await {

@@ -3,7 +3,7 @@
 //! its store's dialect.
 
 use loopsync_core::destination::Destination;
-use loopsync_core::envelope::{ChangeKind, Outcome, OutcomeStatus, RequestCounts};
+use loopsync_core::envelope::{ChangeKind, Outcome, OutcomeStatus, RequestCounts, is_null_key};
 use loopsync_core::tuning::LEASE;
 
 use super::{Exec, Row, params};
@@ -262,7 +262,7 @@ pub(crate) async fn finish_extract(
                     UNION SELECT key FROM loopsync.records WHERE run_id = $1) AS k),
                 added = $2, changed = $3, removed = $4, unchanged = $5, invalid_rows = $6,
                 error = COALESCE($7, error), ignored = $8, cursor_high = $9, cursor_column = $10,
-                diff_kind = $11
+                diff_kind = $11, shape_seed = $12
           WHERE id = $1 AND status = 'extracting'",
         now = x.dialect().now()
     );
@@ -280,7 +280,8 @@ pub(crate) async fn finish_extract(
             c.ignored,
             c.cursor_high,
             c.cursor_column,
-            c.diff.map(|d| d.as_str())
+            c.diff.map(|d| d.as_str()),
+            c.shape_seed
         ],
     )
     .await?;
@@ -402,7 +403,7 @@ pub(crate) async fn finish_adopt(
         "UPDATE loopsync.runs SET status = 'adopted', extracted_at = {now}, finished_at = {now},
                 expected = 0, added = $2, changed = $3, removed = $4, unchanged = $5,
                 invalid_rows = $6, ignored = $7, cursor_high = $8, cursor_column = $9,
-                diff_kind = $10
+                diff_kind = $10, shape_seed = $11
           WHERE id = $1",
         now = x.dialect().now()
     );
@@ -419,7 +420,8 @@ pub(crate) async fn finish_adopt(
             c.ignored,
             c.cursor_high,
             c.cursor_column,
-            c.diff.map(|d| d.as_str())
+            c.diff.map(|d| d.as_str()),
+            c.shape_seed
         ],
     )
     .await?;
@@ -614,6 +616,14 @@ pub(crate) async fn record_outcomes(
         CONFIRM.replace("{now}", d.now()),
         REMOVE.replace("{now}", d.now()),
         END_ACCEPTANCE.to_owned(),
+        // An invalid record (of a key: a NULL one has no row) has a state row with no noted
+        // hash: the hashed diff reads it again, and an incremental one reads it wherever its
+        // cursor is, so that its email counts against a duplicate, and it is sent once another
+        // row's change makes it valid. A row without state is new to the sync: nothing else.
+        "INSERT INTO loopsync.state (sync, key) VALUES ($1, $2)
+         ON CONFLICT (sync, key) DO UPDATE SET model_hash = NULL
+          WHERE loopsync.state.model_hash IS NOT NULL"
+            .to_owned(),
     ];
     let mut items = Vec::with_capacity(2 * outcomes.len());
     for o in outcomes {
@@ -663,6 +673,9 @@ pub(crate) async fn record_outcomes(
             4,
             params![&o.sync, &o.key, o.status.as_str(), o.reason.as_ref()],
         ));
+        if o.status == OutcomeStatus::Invalid && !is_null_key(&o.key) {
+            items.push((5, params![&o.sync, &o.key]));
+        }
         if o.status == OutcomeStatus::Confirmed && is_removal(&o.operation) {
             items.push((3, params![o.sync, o.key, o.run_id, o.operation]));
         } else if o.status == OutcomeStatus::Confirmed {
@@ -1245,7 +1258,7 @@ pub(crate) async fn diff_basis(
     let latest = first(&rows, what)?.opt_int(0)?;
     let d = x.dialect().clone();
     let sql = format!(
-        "SELECT {age} FROM loopsync.runs r
+        "SELECT {age}, r.shape_seed FROM loopsync.runs r
           WHERE r.sync = $1 AND r.diff_kind = 'full' AND r.cursor_column = $2
             AND r.cursor_high IS NOT NULL AND {settled}
           ORDER BY r.id DESC LIMIT 1",
@@ -1257,6 +1270,7 @@ pub(crate) async fn diff_basis(
         watermark: Some(watermark),
         latest_run_settled: latest == Some(mark_run),
         full_diff_age_ms: rows.first().map(|r| r.int(0)).transpose()?,
+        full_diff_seed: rows.first().map(|r| r.opt_int(1)).transpose()?.flatten(),
     })
 }
 
