@@ -25,6 +25,8 @@
 # same md5 FULL OUTER JOIN, and the least any cursor-based tool reads, the rows at or after the
 # watermark minus the lookback copied out (`COPY (SELECT * … WHERE updated_at >= …)`).
 #
+# LOOPSYNC_BENCH_KEEP=1 keeps the database at the end, to look into (EXPLAIN ANALYZE).
+#
 # Needs: psql, /usr/bin/time (GNU), a PostgreSQL server (LOOPSYNC_BENCH_PG_URL, else
 # LOOPSYNC_TEST_PG_URL: a URL whose user may create databases). LOOPSYNC_BIN names the binary;
 # else the release build is made (cargo build --release -p loopsync) and used.
@@ -38,7 +40,12 @@ db=loopsync_bench_diff
 sim_pid=""
 cleanup() {
   [ -n "$sim_pid" ] && kill -KILL "$sim_pid" 2>/dev/null || true
-  psql -q "$pg_url" -c "DROP DATABASE IF EXISTS $db" >/dev/null 2>&1 || true
+  # LOOPSYNC_BENCH_KEEP=1 keeps the database (and prints its URL), to EXPLAIN the diffs.
+  if [ -n "${LOOPSYNC_BENCH_KEEP:-}" ]; then
+    echo "kept: $bench_url" >&2
+  else
+    psql -q "$pg_url" -c "DROP DATABASE IF EXISTS $db" >/dev/null 2>&1 || true
+  fi
   rm -rf "$work"
 }
 trap cleanup EXIT
