@@ -36,14 +36,13 @@ impl KeyType {
         }
     }
 
-    /// `pk` is one of the keys (text) in column `column` of `keys` (a query).
-    fn any(&self, pk: &str, keys: &str, column: &str) -> String {
-        let typed = |ty: &str, valid: String| {
-            format!(
-                "{pk} = ANY(ARRAY(SELECT CAST(q.{column} AS {ty}) FROM ({keys}) AS q WHERE {valid}))"
-            )
-        };
+    /// `pk` is one of the keys (text) in column `column` of `keys` (a query): a semi-join,
+    /// which PostgreSQL runs by the key's index or hashed, never searching a list per row.
+    fn within(&self, pk: &str, keys: &str, column: &str) -> String {
         let c = format!("q.{column}");
+        let typed = |ty: &str, valid: String| {
+            format!("{pk} IN (SELECT CAST({c} AS {ty}) FROM ({keys}) AS q WHERE {valid})")
+        };
         match self {
             KeyType::Integer(ty, min, max) => typed(
                 ty,
@@ -58,8 +57,8 @@ impl KeyType {
                     "{c} ~ '^[0-9a-f]{{8}}-[0-9a-f]{{4}}-[0-9a-f]{{4}}-[0-9a-f]{{4}}-[0-9a-f]{{12}}$'"
                 ),
             ),
-            KeyType::Text => format!("{pk} = ANY(ARRAY(SELECT {c} FROM ({keys}) AS q))"),
-            KeyType::Other => format!("({pk})::text = ANY(ARRAY(SELECT {c} FROM ({keys}) AS q))"),
+            KeyType::Text => format!("{pk} IN (SELECT {c} FROM ({keys}) AS q)"),
+            KeyType::Other => format!("({pk})::text IN (SELECT {c} FROM ({keys}) AS q)"),
         }
     }
 }
@@ -94,8 +93,9 @@ const WHOLE_MODEL_C: &str = "c AS MATERIALIZED (
 /// With `window` (a contact sync's incremental diff, see `loopsync_core::spec::Incremental`)
 /// it goes through only the model rows whose cursor is at or after `$3` (or NULL) and those
 /// of the keys the state has not noted unchanged (new to the state since, sent, parked,
-/// possibly applied, repaired, …); every other row is taken to be as noted, so its email still
-/// counts, and no key is found removed. Its last row also carries the highest cursor of the
+/// possibly applied, repaired, found invalid, …), and outside the window the rows sharing a
+/// key or a noted email with a row read out; every other row is taken to be as noted, and no
+/// key is found removed. Its last row also carries the highest cursor of the
 /// rows gone through, not after now (column `cursor_high`; a sync without a cursor: NULL).
 pub(super) fn changes_sql(spec: &SyncSpec, window: Option<&KeyType>) -> String {
     let columns = spec.columns();
@@ -129,19 +129,35 @@ pub(super) fn changes_sql(spec: &SyncSpec, window: Option<&KeyType>) -> String {
         Some((_, c)) => format!("(SELECT (max({c}))::text FROM m WHERE {c} <= now())"),
         None => "CAST(NULL AS text)".to_owned(),
     };
-    let (filter, c0, c, untold) = match (&cursor, window) {
+    // A model row as `m` holds it, of the rows that meet `condition`.
+    let model_rows = |condition: &str| {
+        format!(
+            "SELECT 1 AS present, ({pk})::text AS k,
+                    hashtextextended(ROW({raw})::text, $2) AS h, {ek} AS ek{model_columns}
+               FROM ({model}) AS model WHERE {condition}",
+            raw = raw.join(", "),
+            model_columns = model_columns.concat(),
+            model = model_sql(&spec.model),
+        )
+    };
+    let (m, c0, c, ecount, untold) = match (&cursor, window) {
         (Some((column, _)), Some(key_type)) => {
-            // The window: rows whose cursor is at or after `$3` or NULL, NULL keys, and the
-            // keys the state has not noted (compared in the key's own type: one `OR` of
-            // conditions an index on each column can serve).
-            let window = format!(
+            // The window: rows whose cursor is at or after `$3` or NULL, and NULL keys (one
+            // `OR` of conditions an index on each column can serve); then the rows of the keys
+            // the state has not noted, wherever their cursor is (a semi-join on the key, in
+            // its own type: by its index, or hashed — never a list searched per row).
+            let recent = format!(
                 "{column} >= CAST(CAST($3 AS text) AS timestamptz) OR {column} IS NULL
-                 OR {pk} IS NULL OR {unnoted}",
-                unnoted = key_type.any(
-                    &pk,
-                    "SELECT key FROM loopsync.state WHERE sync = $1 AND model_hash IS NULL",
-                    "key"
-                ),
+                 OR {pk} IS NULL"
+            );
+            let unnoted = "SELECT key FROM loopsync.state WHERE sync = $1 AND model_hash IS NULL";
+            let m = format!(
+                "{} UNION ALL {}",
+                model_rows(&recent),
+                model_rows(&format!(
+                    "{} AND NOT ({recent})",
+                    key_type.within(&pk, unnoted, "key")
+                )),
             );
             let state_of = |k: &str| {
                 format!(
@@ -157,9 +173,21 @@ pub(super) fn changes_sql(spec: &SyncSpec, window: Option<&KeyType>) -> String {
             );
             // As over the whole model (`WHOLE_MODEL_C`), within the window; and every row
             // outside it whose key a row read out carries (a second copy of a key must not
-            // become a re-key that removes the first's contact). A row outside the window that
-            // shares only an email is not read: its state (noted, or not: then it is in the
-            // window) counts it, see `ecount`.
+            // become a re-key that removes the first's contact), or that the state noted with
+            // an email a row read out carries. So every row of the model sharing a key or an
+            // email with a row read out is read, as the full diff reads them — but a row that
+            // arrived later than the lookback with no state (see docs/syncs.md).
+            let partners = "SELECT k FROM c0 WHERE k IS NOT NULL
+                 UNION SELECT y.key FROM loopsync.state y
+                  WHERE y.sync = $1 AND y.model_hash IS NOT NULL
+                    AND y.model_email IN (SELECT ek FROM c0 WHERE ek IS NOT NULL AND ek <> '')";
+            let outside = model_rows(&format!(
+                "{} AND NOT ({recent})
+                 AND NOT EXISTS (SELECT 1 FROM loopsync.state u
+                                  WHERE u.sync = $1 AND u.key = ({pk})::text
+                                    AND u.model_hash IS NULL)",
+                key_type.within(&pk, partners, "k")
+            ));
             let c = format!(
                 "c AS MATERIALIZED (
                   SELECT * FROM c0
@@ -173,38 +201,36 @@ pub(super) fn changes_sql(spec: &SyncSpec, window: Option<&KeyType>) -> String {
                      AND m.k IN (SELECT k FROM c0 WHERE k IS NOT NULL)
                      AND NOT EXISTS (SELECT 1 FROM c0 y WHERE y.ek = m.ek AND y.ek <> '')
                   UNION ALL
-                  SELECT o.*, x.key, x.model_hash FROM (
-                      SELECT 1 AS present, ({pk})::text AS k,
-                             hashtextextended(ROW({raw})::text, $2) AS h, {ek} AS ek{model_columns}
-                        FROM ({model}) AS model
-                       WHERE {read_out} AND NOT ({window})) AS o
-                    LEFT JOIN {o}),",
+                  SELECT o.*, x.key, x.model_hash FROM ({outside}) AS o LEFT JOIN {o}),",
                 x = state_of("m.k"),
                 o = state_of("o.k"),
-                read_out = key_type.any(&pk, "SELECT k FROM c0 WHERE k IS NOT NULL", "k"),
-                raw = raw.join(", "),
-                model_columns = model_columns.concat(),
-                model = model_sql(&spec.model),
             );
+            // Every model row carrying an email read out is in `e`: they are counted, and a
+            // noted email whose row has left the model no longer counts.
+            let ecount = "count(*) OVER (PARTITION BY e.ek)".to_owned();
             // The noted rows left out: every state row less the unnoted ones (an index each).
             let untold = "(SELECT count(*) FROM loopsync.state WHERE sync = $1)
                           - (SELECT count(*) FROM loopsync.state WHERE sync = $1 AND model_hash IS NULL)";
-            (format!(" WHERE {window}"), c0, c, untold)
+            (m, c0, c, ecount, untold)
         }
         _ => (
-            String::new(),
+            model_rows("true"),
             "SELECT m.*, s.key AS skey, s.model_hash AS smh
                FROM m FULL OUTER JOIN s ON s.key = m.k
               WHERE m.k IS NULL OR s.key IS NULL OR s.model_hash IS DISTINCT FROM m.h"
                 .to_owned(),
             WHOLE_MODEL_C.to_owned(),
+            "count(*) OVER (PARTITION BY e.ek)
+                                   + (SELECT count(*) FROM loopsync.state y
+                                       WHERE y.sync = $1 AND y.model_email = e.ek
+                                         AND y.model_hash IS NOT NULL)
+                                   - COALESCE(g.n, 0)"
+                .to_owned(),
             "(SELECT count(*) FROM loopsync.state WHERE sync = $1 AND model_hash IS NOT NULL)",
         ),
     };
     format!(
-        "WITH m AS (SELECT 1 AS present, ({pk})::text AS k,
-                           hashtextextended(ROW({raw})::text, $2) AS h, {ek} AS ek{model_columns}
-                      FROM ({model}) AS model{filter}),
+        "WITH m AS ({m}),
               s AS (SELECT key, model_hash FROM loopsync.state WHERE sync = $1),
               c0 AS MATERIALIZED ({c0}),
               -- A row in sync whose email, or whose key, a row read out now carries is read out
@@ -224,17 +250,13 @@ pub(super) fn changes_sql(spec: &SyncSpec, window: Option<&KeyType>) -> String {
                              -- PostgreSQL would plan for its estimate of all rows).
                              SELECT * FROM loopsync.state x WHERE x.sync = $1 AND x.key = c.skey OFFSET 0
                          ) x ON true),
-              g AS (SELECT xme, count(*) AS n FROM e
+              g AS (SELECT xme, count(DISTINCT skey) AS n FROM e
                      WHERE smh IS NOT NULL AND xme IS NOT NULL GROUP BY xme),
               d AS (
                   SELECT 0 AS tail, e.present, COALESCE(e.k, e.skey) AS key{out_columns},
                          e.confirmed_fp, e.confirmed_email, e.confirmed_user_id,
                          CASE WHEN e.ek IS NULL OR e.ek = '' THEN CAST(1 AS bigint)
-                              ELSE count(*) OVER (PARTITION BY e.ek)
-                                   + (SELECT count(*) FROM loopsync.state y
-                                       WHERE y.sync = $1 AND y.model_email = e.ek
-                                         AND y.model_hash IS NOT NULL)
-                                   - COALESCE(g.n, 0)
+                              ELSE {ecount}
                          END AS ecount,
                          e.parked_fp, e.generation, e.h AS model_hash, CAST(NULL AS bigint) AS untold,
                          {unsure} AS unsure, e.resubscribe, CAST(1 AS bigint) AS ucount,
@@ -252,9 +274,6 @@ pub(super) fn changes_sql(spec: &SyncSpec, window: Option<&KeyType>) -> String {
                 emitted_email, emitted_user_id, possibly_applied, cursor_high
            FROM d ORDER BY tail, key COLLATE \"C\" NULLS LAST",
         unsure = crate::UNSURE.replace("s.", "e."),
-        raw = raw.join(", "),
-        model_columns = model_columns.concat(),
-        model = model_sql(&spec.model),
         out_columns = out_columns.concat(),
         tail_columns = tail_columns.concat(),
         outer = (0..columns.len()).map(|i| format!(", c{i}")).collect::<String>(),

@@ -1231,7 +1231,9 @@ pub(crate) async fn cursor_watermark(
 }
 
 /// What decides a contact sync's next diff (see [`DiffBasis`]): its watermark and the run
-/// that gives it, the latest finished run, and the age of its latest settled full diff.
+/// that gives it, the latest finished run, and the age of its latest settled full diff — none
+/// when an adoption came after it (one from Loops' export leaves rows out: a full diff sends
+/// them).
 pub(crate) async fn diff_basis(
     x: &mut dyn Exec,
     sync: String,
@@ -1261,6 +1263,8 @@ pub(crate) async fn diff_basis(
         "SELECT {age}, r.shape_seed FROM loopsync.runs r
           WHERE r.sync = $1 AND r.diff_kind = 'full' AND r.cursor_column = $2
             AND r.cursor_high IS NOT NULL AND {settled}
+            AND NOT EXISTS (SELECT 1 FROM loopsync.runs a
+                             WHERE a.sync = r.sync AND a.id > r.id AND a.status = 'adopted')
           ORDER BY r.id DESC LIMIT 1",
         age = d.millis_between("r.requested_at", d.now()),
         settled = settled_run_sql("r", "loopsync.records"),
