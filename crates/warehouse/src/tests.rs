@@ -2360,7 +2360,12 @@ async fn postgres_a_numeric_cursor_fails_the_check() {
 }
 
 async fn changes(w: &dyn Warehouse, spec: &SyncSpec) -> Vec<DiffRow> {
-    w.diff_changes(spec, None)
+    changes_since(w, spec, None).await
+}
+
+/// What `diff_changes` yields from `since` (a contact sync with a cursor: incrementally).
+async fn changes_since(w: &dyn Warehouse, spec: &SyncSpec, since: Option<i64>) -> Vec<DiffRow> {
+    w.diff_changes(spec, since)
         .await
         .unwrap()
         .try_collect()
@@ -2915,13 +2920,7 @@ async fn postgres_an_incremental_diff_reads_the_window_and_what_is_not_noted() {
         .await
         .unwrap();
     let since = loopsync_core::value::parse_date_millis("2026-01-15T00:00:00Z");
-    let incremental: Vec<DiffRow> = w
-        .diff_changes(&spec, since)
-        .await
-        .unwrap()
-        .try_collect()
-        .await
-        .unwrap();
+    let incremental: Vec<DiffRow> = changes_since(w, &spec, since).await;
     let (keys, untold) = read_out(&incremental);
     // Read: the window, the keys not noted (5, and 9: so 10 is a duplicate), and outside
     // the window the rows sharing a key or a noted email with a row read out, as the full
@@ -2982,14 +2981,7 @@ async fn postgres_an_incremental_diff_reads_the_window_and_what_is_not_noted() {
         .await
         .unwrap();
     let far = loopsync_core::value::parse_date_millis("2098-01-01T00:00:00Z");
-    let (keys, _) = read_out(
-        &w.diff_changes(&spec, far)
-            .await
-            .unwrap()
-            .try_collect::<Vec<_>>()
-            .await
-            .unwrap(),
-    );
+    let (keys, _) = read_out(&changes_since(w, &spec, far).await);
     let keys: Vec<&str> = keys.iter().map(|(k, _, _)| k.as_str()).collect();
     assert!(
         keys.contains(&"2") && keys.contains(&"3") && keys.contains(&"5"),
@@ -3075,13 +3067,7 @@ async fn postgres_an_incremental_diff_finds_unnoted_keys_of_every_type() {
             .await
             .unwrap();
         let since = loopsync_core::value::parse_date_millis("2026-06-01T00:00:00Z");
-        let rows: Vec<DiffRow> = w
-            .diff_changes(&spec, since)
-            .await
-            .unwrap()
-            .try_collect()
-            .await
-            .unwrap();
+        let rows: Vec<DiffRow> = changes_since(w, &spec, since).await;
         let (read, untold) = read_out(&rows);
         assert_eq!(read, vec![(unnoted.clone(), 1, true)], "{ty}");
         assert_eq!(untold, 1, "{ty}");
