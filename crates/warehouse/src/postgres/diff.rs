@@ -63,6 +63,11 @@ impl KeyType {
     }
 }
 
+/// The state's columns the decider reads beside a row (`x`, a state row; `model_email` as `xme`).
+const STATE_COLUMNS: &str = "x.confirmed_fp, x.confirmed_email, x.confirmed_user_id, x.parked_fp,
+     x.generation, x.model_email AS xme, x.emitted_run, x.emitted_fp, x.confirmed_run,
+     x.resubscribe, x.emitted_email, x.emitted_user_id, x.possibly_applied";
+
 /// `c` of [`changes_sql`] when `m` is the whole model (see its comment there).
 const WHOLE_MODEL_C: &str = "c AS MATERIALIZED (
                   SELECT * FROM c0
@@ -95,7 +100,8 @@ const WHOLE_MODEL_C: &str = "c AS MATERIALIZED (
 /// of the keys the state has not noted unchanged (new to the state since, sent, parked,
 /// possibly applied, repaired, found invalid, …), and outside the window the rows sharing a
 /// key or a noted email with a row read out; every other row is taken to be as noted, and no
-/// key is found removed. Its last row also carries the highest cursor of the
+/// key is found removed. Each row gone through is looked up in the state once, by its key's
+/// index. Its last row also carries the highest cursor of the
 /// rows gone through, not after now (column `cursor_high`; a sync without a cursor: NULL).
 pub(super) fn changes_sql(spec: &SyncSpec, window: Option<&KeyType>) -> String {
     let columns = spec.columns();
@@ -140,7 +146,7 @@ pub(super) fn changes_sql(spec: &SyncSpec, window: Option<&KeyType>) -> String {
             model = model_sql(&spec.model),
         )
     };
-    let (m, c0, c, ecount, untold) = match (&cursor, window) {
+    let (m, pre, c0, c, e, ecount, untold) = match (&cursor, window) {
         (Some((column, _)), Some(key_type)) => {
             // The window: rows whose cursor is at or after `$3` or NULL, and NULL keys (one
             // `OR` of conditions an index on each column can serve); then the rows of the keys
@@ -159,18 +165,22 @@ pub(super) fn changes_sql(spec: &SyncSpec, window: Option<&KeyType>) -> String {
                     key_type.within(&pk, unnoted, "key")
                 )),
             );
+            // Each row gone through is looked up in the state once, every column the decider
+            // reads with it (`ms`): an index lookup per row (`OFFSET 0`: not a join PostgreSQL
+            // would plan for its estimate of all rows), not one more per row read out.
             let state_of = |k: &str| {
                 format!(
-                    "LATERAL (SELECT key, model_hash FROM loopsync.state
-                               WHERE sync = $1 AND key = {k} OFFSET 0) x ON true"
+                    "LATERAL (SELECT * FROM loopsync.state x
+                               WHERE x.sync = $1 AND x.key = {k} OFFSET 0) x ON true"
                 )
             };
-            let c0 = format!(
-                "SELECT m.*, x.key AS skey, x.model_hash AS smh
-                   FROM m LEFT JOIN {x}
-                  WHERE x.key IS NULL OR x.model_hash IS DISTINCT FROM m.h",
+            let pre = format!(
+                "ms AS MATERIALIZED (
+                  SELECT m.*, x.key AS skey, x.model_hash AS smh, {STATE_COLUMNS}
+                    FROM m LEFT JOIN {x}),",
                 x = state_of("m.k")
             );
+            let c0 = "SELECT * FROM ms WHERE skey IS NULL OR smh IS DISTINCT FROM h".to_owned();
             // As over the whole model (`WHOLE_MODEL_C`), within the window; and every row
             // outside it whose key a row read out carries (a second copy of a key must not
             // become a re-key that removes the first's contact), or that the state noted with
@@ -192,17 +202,17 @@ pub(super) fn changes_sql(spec: &SyncSpec, window: Option<&KeyType>) -> String {
                 "c AS MATERIALIZED (
                   SELECT * FROM c0
                   UNION ALL
-                  SELECT m.*, x.key, x.model_hash FROM m JOIN {x}
-                   WHERE x.model_hash = m.h
-                     AND m.ek IN (SELECT ek FROM c0 WHERE ek IS NOT NULL AND ek <> '')
+                  SELECT * FROM ms
+                   WHERE smh = h
+                     AND ek IN (SELECT ek FROM c0 WHERE ek IS NOT NULL AND ek <> '')
                   UNION ALL
-                  SELECT m.*, x.key, x.model_hash FROM m JOIN {x}
-                   WHERE x.model_hash = m.h
-                     AND m.k IN (SELECT k FROM c0 WHERE k IS NOT NULL)
-                     AND NOT EXISTS (SELECT 1 FROM c0 y WHERE y.ek = m.ek AND y.ek <> '')
+                  SELECT * FROM ms
+                   WHERE smh = h
+                     AND k IN (SELECT k FROM c0 WHERE k IS NOT NULL)
+                     AND NOT EXISTS (SELECT 1 FROM c0 y WHERE y.ek = ms.ek AND y.ek <> '')
                   UNION ALL
-                  SELECT o.*, x.key, x.model_hash FROM ({outside}) AS o LEFT JOIN {o}),",
-                x = state_of("m.k"),
+                  SELECT o.*, x.key, x.model_hash, {STATE_COLUMNS}
+                    FROM ({outside}) AS o LEFT JOIN {o}),",
                 o = state_of("o.k"),
             );
             // Every model row carrying an email read out is in `e`: they are counted, and a
@@ -211,15 +221,26 @@ pub(super) fn changes_sql(spec: &SyncSpec, window: Option<&KeyType>) -> String {
             // The noted rows left out: every state row less the unnoted ones (an index each).
             let untold = "(SELECT count(*) FROM loopsync.state WHERE sync = $1)
                           - (SELECT count(*) FROM loopsync.state WHERE sync = $1 AND model_hash IS NULL)";
-            (m, c0, c, ecount, untold)
+            // `c` carries the state's columns already.
+            let e = "SELECT * FROM c".to_owned();
+            (m, pre, c0, c, e, ecount, untold)
         }
         _ => (
             model_rows("true"),
+            String::new(),
             "SELECT m.*, s.key AS skey, s.model_hash AS smh
                FROM m FULL OUTER JOIN s ON s.key = m.k
               WHERE m.k IS NULL OR s.key IS NULL OR s.model_hash IS DISTINCT FROM m.h"
                 .to_owned(),
             WHOLE_MODEL_C.to_owned(),
+            // An index lookup per row read out (`OFFSET 0`: not a join PostgreSQL would plan
+            // for its estimate of all rows).
+            format!(
+                "SELECT c.*, {STATE_COLUMNS}
+                   FROM c LEFT JOIN LATERAL (
+                            SELECT * FROM loopsync.state x WHERE x.sync = $1 AND x.key = c.skey OFFSET 0
+                        ) x ON true"
+            ),
             "count(*) OVER (PARTITION BY e.ek)
                                    + (SELECT count(*) FROM loopsync.state y
                                        WHERE y.sync = $1 AND y.model_email = e.ek
@@ -232,6 +253,7 @@ pub(super) fn changes_sql(spec: &SyncSpec, window: Option<&KeyType>) -> String {
     format!(
         "WITH m AS ({m}),
               s AS (SELECT key, model_hash FROM loopsync.state WHERE sync = $1),
+              {pre}
               c0 AS MATERIALIZED ({c0}),
               -- A row in sync whose email, or whose key, a row read out now carries is read out
               -- too: every row of a duplicated email or key is invalid, as in the plain diff.
@@ -241,15 +263,7 @@ pub(super) fn changes_sql(spec: &SyncSpec, window: Option<&KeyType>) -> String {
               -- an unhashed one that rescans `c0` for every model row (minutes at 1 M rows).
               -- The second leaves out what the first read (its email is one read out).
               {c}
-              e AS MATERIALIZED (
-                  SELECT c.*, x.confirmed_fp, x.confirmed_email, x.confirmed_user_id, x.parked_fp,
-                         x.generation, x.model_email AS xme, x.emitted_run, x.emitted_fp, x.confirmed_run,
-                         x.resubscribe, x.emitted_email, x.emitted_user_id, x.possibly_applied
-                    FROM c LEFT JOIN LATERAL (
-                             -- An index lookup per row read out (`OFFSET 0`: not a join
-                             -- PostgreSQL would plan for its estimate of all rows).
-                             SELECT * FROM loopsync.state x WHERE x.sync = $1 AND x.key = c.skey OFFSET 0
-                         ) x ON true),
+              e AS MATERIALIZED ({e}),
               g AS (SELECT xme, count(DISTINCT skey) AS n FROM e
                      WHERE smh IS NOT NULL AND xme IS NOT NULL GROUP BY xme),
               d AS (
