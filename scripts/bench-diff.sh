@@ -25,6 +25,11 @@
 # same md5 FULL OUTER JOIN, and the least any cursor-based tool reads, the rows at or after the
 # watermark minus the lookback copied out (`COPY (SELECT * … WHERE updated_at >= …)`).
 #
+# Then, after `VACUUM ANALYZE loopsync.state` (what autovacuum does between scheduled runs; a
+# server with autovacuum off never does it), both plans three times again; and one `plan` of
+# users_cursor with every key unnoted, as after a first send of every row (a full diff: more
+# keys than an eighth of the model are unnoted).
+#
 # LOOPSYNC_BENCH_KEEP=1 keeps the database at the end, to look into (EXPLAIN ANALYZE).
 #
 # Needs: psql, /usr/bin/time (GNU), a PostgreSQL server (LOOPSYNC_BENCH_PG_URL, else
@@ -40,7 +45,12 @@ db=loopsync_bench_diff
 sim_pid=""
 cleanup() {
   [ -n "$sim_pid" ] && kill -KILL "$sim_pid" 2>/dev/null || true
-  # LOOPSYNC_BENCH_KEEP=1 keeps the database (and prints its URL), to EXPLAIN the diffs.
+  # Then, after `VACUUM ANALYZE loopsync.state` (what autovacuum does between scheduled runs; a
+# server with autovacuum off never does it), both plans three times again; and one `plan` of
+# users_cursor with every key unnoted, as after a first send of every row (a full diff: more
+# keys than an eighth of the model are unnoted).
+#
+# LOOPSYNC_BENCH_KEEP=1 keeps the database (and prints its URL), to EXPLAIN the diffs.
   if [ -n "${LOOPSYNC_BENCH_KEEP:-}" ]; then
     echo "kept: $bench_url" >&2
   else
@@ -147,7 +157,7 @@ window_sql="COPY (SELECT * FROM users WHERE updated_at >= (
    WHERE sync = 'users_cursor' AND cursor_high IS NOT NULL ORDER BY id DESC LIMIT 1)) TO STDOUT"
 # Three tries right after the setup (the state just written: a million rows noted by the first
 # run, none of it vacuumed nor analyzed), then three after `VACUUM ANALYZE` of the state, as
-# autovacuum leaves it between two scheduled runs.
+# autovacuum leaves it between two scheduled runs (then the full diff's three again).
 incremental_tries() {
   inc=() inc_base=() inc_window=() inc_peaks=()
   for i in 1 2 3; do
@@ -169,6 +179,18 @@ incremental_tries
 fresh_m=$(median "${inc[@]}") fresh_base_m=$(median "${inc_base[@]}")
 psql -q "$bench_url" -c "VACUUM ANALYZE loopsync.state" >/dev/null
 incremental_tries
+# The full diff again, on the vacuumed state.
+vac=() vac_base=()
+for i in 1 2 3; do
+  started=$(now)
+  "$bin" plan --json --sync users --config "$cfg" >/dev/null
+  vac+=("$(calc "$(now) - $started" 3)")
+  started=$(now)
+  psql -q "$bench_url" -c "$baseline_sql" >/dev/null
+  vac_base+=("$(calc "$(now) - $started" 3)")
+  echo "  try $i (full diff, state vacuumed): ours ${vac[-1]} s, md5 join ${vac_base[-1]} s" >&2
+done
+vac_m=$(median "${vac[@]}") vac_base_m=$(median "${vac_base[@]}")
 counts=$(python3 -c '
 import json, sys
 p = json.load(open(sys.argv[1]))["data"][0]
@@ -190,6 +212,9 @@ echo "ratio md5 join / ours: $(calc "$inc_base_m / $inc_m" 2)x;" \
   "window / ours: $(calc "$inc_window_m / $inc_m" 2)x"
 echo "our peak RSS: $(calc "$inc_peak / 1024") MiB"
 echo "plan counts: added $c_added, changed $c_changed, removed $c_removed, unchanged $c_unchanged"
+echo
+echo "no cursor, after VACUUM ANALYZE of the state: ours $vac_m s, md5 join $vac_base_m s," \
+  "ratio $(calc "$vac_base_m / $vac_m" 2)x"
 # No removal is found by an incremental diff; the removed rows are still noted, so unchanged.
 if [ "$c_diff" != incremental ] || [ "$c_added" -ne "$added" ] || [ "$c_changed" -ne "$changed" ] \
   || [ "$c_removed" -ne 0 ] || [ "$c_unchanged" -ne $((rows - changed)) ]; then
