@@ -110,6 +110,14 @@ pub(crate) enum Step {
         columns: &'static [(&'static str, bool)],
         filter: Option<&'static str>,
     },
+    /// `CREATE INDEX IF NOT EXISTS` on `(sync, the email rule of column)`: the dialect's own
+    /// expression (`Dialect::email_key`), the one its statements compare.
+    EmailIndex {
+        name: &'static str,
+        table: &'static str,
+        column: &'static str,
+        filter: Option<&'static str>,
+    },
     /// The state's random id, made once.
     Installation,
 }
@@ -445,6 +453,26 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
             },
         ],
     },
+    Migration {
+        version: 17,
+        name: "the owners of a contact found by index",
+        steps: &[
+            // Who holds an email or a userId (`rules::owners`, asked for every removal and
+            // re-key): by index, not a scan of the state normalising every email.
+            Step::EmailIndex {
+                name: "state_confirmed_email",
+                table: "state",
+                column: "confirmed_email",
+                filter: Some("confirmed_fp IS NOT NULL"),
+            },
+            Step::Index {
+                name: "state_confirmed_user_id",
+                table: "state",
+                columns: &[("sync", false), ("confirmed_user_id", false)],
+                filter: Some("confirmed_fp IS NOT NULL"),
+            },
+        ],
+    },
 ];
 
 /// The version of the newest migration: what `prepare` brings the state to.
@@ -615,6 +643,23 @@ impl Dialect {
                     "CREATE INDEX IF NOT EXISTS {name} ON {} ({}){}",
                     self.table(table),
                     columns.join(", "),
+                    filter.map(|f| format!(" WHERE {f}")).unwrap_or_default()
+                ))]
+            }
+            Step::EmailIndex {
+                name,
+                table,
+                column,
+                filter,
+            } => {
+                let name = match self.backend {
+                    Backend::Postgres => (*name).to_owned(),
+                    Backend::Sqlite => self.table(name),
+                };
+                vec![Rendered::Sql(format!(
+                    "CREATE INDEX IF NOT EXISTS {name} ON {} (sync, ({})){}",
+                    self.table(table),
+                    self.email_key(column),
                     filter.map(|f| format!(" WHERE {f}")).unwrap_or_default()
                 ))]
             }

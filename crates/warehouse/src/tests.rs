@@ -3124,3 +3124,72 @@ async fn postgres_a_diff_basis_counts_the_unnoted_keys_up_to_its_bound() {
 async fn sqlite_a_diff_basis_counts_the_unnoted_keys_up_to_its_bound() {
     a_diff_basis_counts_the_unnoted_keys_up_to_its_bound(sqlite()).await;
 }
+
+/// The owners of a contact (asked for every removal and re-key) are found by the indexes of
+/// their email, as the email rule keeps it, and of their userId: the statement's expression is
+/// the index's, in each dialect (else a scan of the state normalising every email).
+async fn the_owners_of_contacts_are_found_by_index(f: Fixture) -> String {
+    f.warehouse.prepare().await.unwrap();
+    // 5 000 contacts confirmed, each its own email and userId; the statistics read.
+    let (state, analyze) = if f.sqlite {
+        ("loopsync_state", "ANALYZE")
+    } else {
+        ("loopsync.state", "ANALYZE loopsync.state")
+    };
+    (f.exec)(format!(
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 5000)
+         INSERT INTO {state} (sync, key, confirmed_fp, confirmed_email, confirmed_user_id)
+         SELECT 'users', CAST(i AS text), 'fp', 'user' || i || '@example.com', 'u' || i FROM n;
+         {analyze};"
+    ))
+    .await;
+    let d = f.dialect();
+    let sql = d
+        .statement(&crate::store::rules::owners_sql(&d, 2))
+        .replace(['$', '?'], ":")
+        .replace(":3", "'u1'")
+        .replace(":2", "'a@example.com'")
+        .replace(":1", "'users'");
+    if f.sqlite {
+        let path = f.url.trim_start_matches("sqlite://").to_owned();
+        let c = rusqlite::Connection::open(path).unwrap();
+        let mut q = c.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let rows: Vec<String> = q
+            .query_map([], |r| r.get::<_, String>(3))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        rows.join("\n")
+    } else {
+        let (client, connection) = tokio_postgres::connect(&f.url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        client
+            .batch_execute("SET enable_seqscan = off")
+            .await
+            .unwrap();
+        let rows = client.query(&format!("EXPLAIN {sql}"), &[]).await.unwrap();
+        rows.iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+#[tokio::test]
+async fn postgres_the_owners_of_contacts_are_found_by_index() {
+    let Some(f) = postgres().await else { return };
+    let plan = the_owners_of_contacts_are_found_by_index(f).await;
+    assert!(plan.contains("state_confirmed_email"), "{plan}");
+    assert!(plan.contains("state_confirmed_user_id"), "{plan}");
+    assert!(!plan.contains("Seq Scan"), "{plan}");
+}
+
+#[tokio::test]
+async fn sqlite_the_owners_of_contacts_are_found_by_index() {
+    let plan = the_owners_of_contacts_are_found_by_index(sqlite()).await;
+    assert!(plan.contains("state_confirmed_email"), "{plan}");
+    assert!(plan.contains("state_confirmed_user_id"), "{plan}");
+    assert!(!plan.contains("SCAN loopsync_state"), "{plan}");
+}
