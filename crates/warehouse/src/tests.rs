@@ -3165,10 +3165,6 @@ async fn the_owners_of_contacts_are_found_by_index(f: Fixture) -> String {
             .await
             .unwrap();
         tokio::spawn(connection);
-        client
-            .batch_execute("SET enable_seqscan = off")
-            .await
-            .unwrap();
         let rows = client.query(&format!("EXPLAIN {sql}"), &[]).await.unwrap();
         rows.iter()
             .map(|r| r.get::<_, String>(0))

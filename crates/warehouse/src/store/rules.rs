@@ -233,12 +233,27 @@ pub(crate) async fn owners(
 /// (`state_confirmed_email`, `state_confirmed_user_id`).
 pub(crate) fn owners_sql(d: &crate::schema::Dialect, n: usize) -> String {
     // Two statements in one (a `UNION`, not an `OR`), so that each reads its own index.
+    // PostgreSQL looks each identity up (`LATERAL … OFFSET 0`): it estimates a list of
+    // thousands compared with an expression at every row of the state, and scans it (1.8 s
+    // for 5 000 removals of a million rows); SQLite's planner takes the index for `IN`.
     let list = placeholders(n);
-    let owners = |condition: String| {
-        format!(
+    let owners = |condition: String| match d.backend {
+        crate::schema::Backend::Postgres => {
+            let values: Vec<String> = (2..n + 2).map(|i| format!("(${i})")).collect();
+            format!(
+                "SELECT s.key, s.confirmed_email, s.confirmed_user_id
+                   FROM (VALUES {}) AS i(identity)
+                  CROSS JOIN LATERAL (
+                        SELECT key, confirmed_email, confirmed_user_id FROM loopsync.state
+                         WHERE sync = $1 AND confirmed_fp IS NOT NULL
+                           AND {condition} = i.identity OFFSET 0) AS s",
+                values.join(", ")
+            )
+        }
+        crate::schema::Backend::Sqlite => format!(
             "SELECT key, confirmed_email, confirmed_user_id FROM loopsync.state
               WHERE sync = $1 AND confirmed_fp IS NOT NULL AND {condition} IN ({list})"
-        )
+        ),
     };
     format!(
         "{} UNION {}",
