@@ -27,8 +27,8 @@
 #
 # Then, after `VACUUM ANALYZE loopsync.state` (what autovacuum does between scheduled runs; a
 # server with autovacuum off never does it), both plans three times again; and one `plan` of
-# users_cursor with every key unnoted, as after a first send of every row (a full diff: more
-# keys than an eighth of the model are unnoted).
+# users_cursor with every key unnoted, as after a first send of every row (its incremental diff
+# reads every row, by key).
 #
 # LOOPSYNC_BENCH_KEEP=1 keeps the database at the end, to look into (EXPLAIN ANALYZE).
 #
@@ -47,8 +47,8 @@ cleanup() {
   [ -n "$sim_pid" ] && kill -KILL "$sim_pid" 2>/dev/null || true
   # Then, after `VACUUM ANALYZE loopsync.state` (what autovacuum does between scheduled runs; a
 # server with autovacuum off never does it), both plans three times again; and one `plan` of
-# users_cursor with every key unnoted, as after a first send of every row (a full diff: more
-# keys than an eighth of the model are unnoted).
+# users_cursor with every key unnoted, as after a first send of every row (its incremental diff
+# reads every row, by key).
 #
 # LOOPSYNC_BENCH_KEEP=1 keeps the database (and prints its URL), to EXPLAIN the diffs.
   if [ -n "${LOOPSYNC_BENCH_KEEP:-}" ]; then

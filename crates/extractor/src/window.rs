@@ -54,7 +54,6 @@ pub mod why {
     pub const NO_FULL_DIFF: &str = "no full diff has settled since the cursor was set";
     pub const DUE: &str = "the last full diff is older than full_diff_every";
     pub const CLOCK: &str = "the state store's clock reads before the last full diff";
-    pub const UNNOTED: &str = "more keys than an eighth of the model (and 10 000) are not noted unchanged, after a large send: the whole model costs less";
     pub const SHAPE: &str = "the sync's model, mapping or behavior, or loopsync's version, changed since the last full diff";
 }
 
@@ -63,8 +62,7 @@ pub mod why {
 /// unsure is read again by a full diff) and a settled full diff of the sync as it is now
 /// (`seed`: its shape, see `SyncSpec::shape_seed`) is younger than `full_diff_every` by the
 /// state store's own clock (a clock that went back forces a full diff rather than postponing
-/// it); and while the keys the state has not noted, which it reads wherever their cursor is,
-/// are few enough (after a large send, the whole model costs less).
+/// it).
 pub fn choose_diff(
     incremental: &Incremental,
     basis: &DiffBasis,
@@ -87,12 +85,6 @@ pub fn choose_diff(
         None => DiffChoice::Full(why::NO_FULL_DIFF),
         Some(age) if age < 0 => DiffChoice::Full(why::CLOCK),
         Some(age) if age >= incremental.full_diff_every_ms => DiffChoice::Full(why::DUE),
-        Some(_)
-            if basis.unnoted
-                > DiffBasis::unnoted_bound(basis.full_diff_rows.unwrap_or_default()) =>
-        {
-            DiffChoice::Full(why::UNNOTED)
-        }
         Some(_) => DiffChoice::Incremental {
             since: watermark.saturating_sub(incremental.cursor.lookback_ms),
         },
@@ -281,8 +273,6 @@ mod tests {
             latest_run_settled: true,
             full_diff_age_ms: Some(59_999),
             full_diff_seed: Some(7),
-            full_diff_rows: Some(800_000),
-            unnoted: 100_000,
         };
         let choose = |basis: &DiffBasis| choose_diff(&incremental, basis, true, 7);
         assert_eq!(choose(&good), DiffChoice::Incremental { since: 49_000 });
@@ -332,31 +322,9 @@ mod tests {
                 },
                 why::CLOCK,
             ),
-            (
-                DiffBasis {
-                    unnoted: 100_001,
-                    ..good.clone()
-                },
-                why::UNNOTED,
-            ),
-            (
-                DiffBasis {
-                    full_diff_rows: Some(800),
-                    unnoted: 10_001,
-                    ..good.clone()
-                },
-                why::UNNOTED,
-            ),
         ];
         for (basis, why) in cases {
             assert_eq!(choose(&basis), DiffChoice::Full(why), "{basis:?}");
         }
-        // A small model reads up to 10 000 unnoted keys incrementally.
-        let small = DiffBasis {
-            full_diff_rows: Some(800),
-            unnoted: 10_000,
-            ..good.clone()
-        };
-        assert_eq!(choose(&small), DiffChoice::Incremental { since: 49_000 });
     }
 }

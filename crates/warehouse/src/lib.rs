@@ -328,23 +328,6 @@ pub struct DiffBasis {
     pub full_diff_age_ms: Option<i64>,
     /// The shape seed that full diff ran for (`SyncSpec::shape_seed`).
     pub full_diff_seed: Option<i64>,
-    /// The rows of the model that full diff read (added, changed, unchanged and invalid).
-    pub full_diff_rows: Option<i64>,
-    /// The sync's state rows not noted unchanged (every key an incremental diff reads
-    /// wherever its cursor is), counted up to [`DiffBasis::unnoted_bound`] of
-    /// `full_diff_rows`, then one more.
-    pub unnoted: i64,
-}
-
-impl DiffBasis {
-    /// How many keys not noted unchanged an incremental diff may read before the whole model
-    /// costs less: an eighth of the model's rows, and never fewer than 10 000 (half a second
-    /// or so). Each is read by its key and looked up in the state, about six times the cost
-    /// of a row of the full diff's hash join (`scripts/bench-diff.sh`: 43.8 s with every key
-    /// of a million unnoted, the full diff 7.2 s).
-    pub fn unnoted_bound(rows: i64) -> i64 {
-        (rows / 8).max(10_000)
-    }
 }
 
 impl ExtractCounts {

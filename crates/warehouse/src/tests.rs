@@ -3074,57 +3074,6 @@ async fn postgres_an_incremental_diff_finds_unnoted_keys_of_every_type() {
     }
 }
 
-/// What decides a contact sync's next diff counts the keys not noted unchanged, up to one past
-/// the bound an incremental diff may read (`DiffBasis::unnoted_bound` of the last full diff's
-/// rows), by the index of them; and the rows that full diff read.
-async fn a_diff_basis_counts_the_unnoted_keys_up_to_its_bound(f: Fixture) {
-    let w = &*f.warehouse;
-    w.prepare().await.unwrap();
-    let (runs, state, now) = if f.sqlite {
-        (
-            "loopsync_runs",
-            "loopsync_state",
-            "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')",
-        )
-    } else {
-        ("loopsync.runs", "loopsync.state", "now()")
-    };
-    // A settled full diff that read 80 000 rows (the bound: 10 000), and 12 000 keys unnoted.
-    (f.exec)(format!(
-        "INSERT INTO {runs} (sync, status, requested_at, cursor_high, cursor_column, diff_kind,
-                             shape_seed, added, changed, unchanged, invalid_rows)
-         VALUES ('users', 'succeeded', {now}, 1000, 'updated_at', 'full', 7, 1, 2, 79996, 1);
-         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 12000)
-         INSERT INTO {state} (sync, key) SELECT 'users', CAST(i AS text) FROM n;
-         INSERT INTO {state} (sync, key) VALUES ('others', 'x');"
-    ))
-    .await;
-    let basis = w.diff_basis("users", "updated_at").await.unwrap();
-    assert_eq!(basis.full_diff_rows, Some(80_000), "{basis:?}");
-    assert_eq!(
-        basis.unnoted, 10_001,
-        "counted to one past the bound: {basis:?}"
-    );
-    // 3 000 of them noted: 9 000 left, within the bound.
-    (f.exec)(format!(
-        "UPDATE {state} SET model_hash = 1 WHERE sync = 'users' AND CAST(key AS integer) <= 3000"
-    ))
-    .await;
-    let basis = w.diff_basis("users", "updated_at").await.unwrap();
-    assert_eq!(basis.unnoted, 9_000, "{basis:?}");
-}
-
-#[tokio::test]
-async fn postgres_a_diff_basis_counts_the_unnoted_keys_up_to_its_bound() {
-    let Some(f) = postgres().await else { return };
-    a_diff_basis_counts_the_unnoted_keys_up_to_its_bound(f).await;
-}
-
-#[tokio::test]
-async fn sqlite_a_diff_basis_counts_the_unnoted_keys_up_to_its_bound() {
-    a_diff_basis_counts_the_unnoted_keys_up_to_its_bound(sqlite()).await;
-}
-
 /// The owners of a contact (asked for every removal and re-key) are found by the indexes of
 /// their email, as the email rule keeps it, and of their userId: the statement's expression is
 /// the index's, in each dialect (else a scan of the state normalising every email).

@@ -109,6 +109,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// diff is.
 const CALL_DEADLINE: Duration = Duration::from_secs(60);
 
+/// How long the state's migrations may take: an index built on the state (migration 17's
+/// took about 3.6 s a million rows on a busy 2-core machine) must not be cut off at
+/// [`CALL_DEADLINE`] for a large state, then rolled back and begun again at every start.
+const MIGRATION_DEADLINE: Duration = Duration::from_secs(30 * 60);
+
 /// The state store (and warehouse) on PostgreSQL. Every call runs under [`CALL_DEADLINE`]; a
 /// connection that closed, broke or timed out is replaced on the next call (a warehouse restart
 /// or a network outage costs retries, never a wedged process).
@@ -240,14 +245,24 @@ impl Pg {
         what: &str,
         call: impl Future<Output = Result<T, WarehouseError>>,
     ) -> Result<T, WarehouseError> {
-        let result = tokio::time::timeout(CALL_DEADLINE, call)
+        self.within_for(CALL_DEADLINE, what, call).await
+    }
+
+    /// [`Pg::within`], under `deadline`.
+    async fn within_for<T>(
+        &self,
+        deadline: Duration,
+        what: &str,
+        call: impl Future<Output = Result<T, WarehouseError>>,
+    ) -> Result<T, WarehouseError> {
+        let result = tokio::time::timeout(deadline, call)
             .await
             .unwrap_or_else(|_| {
                 Err(WarehouseError::Unavailable {
                     what: what.to_owned(),
                     detail: format!(
                         "the warehouse did not answer within {}s; its connection is replaced",
-                        CALL_DEADLINE.as_secs()
+                        deadline.as_secs()
                     ),
                 })
             });
@@ -348,7 +363,8 @@ impl Keeper for Pg {
     }
 
     async fn migrate(&self) -> Result<(), WarehouseError> {
-        self.within("prepare", self.migrate_tables()).await
+        self.within_for(MIGRATION_DEADLINE, "prepare", self.migrate_tables())
+            .await
     }
 
     async fn version(&self) -> Result<Option<i64>, WarehouseError> {

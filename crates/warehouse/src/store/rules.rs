@@ -1287,8 +1287,7 @@ pub(crate) async fn diff_basis(
     let latest = first(&rows, what)?.opt_int(0)?;
     let d = x.dialect().clone();
     let sql = format!(
-        "SELECT {age}, r.shape_seed, r.added + r.changed + r.unchanged + r.invalid_rows
-           FROM loopsync.runs r
+        "SELECT {age}, r.shape_seed FROM loopsync.runs r
           WHERE r.sync = $1 AND r.diff_kind = 'full' AND r.cursor_column = $2
             AND r.cursor_high IS NOT NULL AND {settled}
             AND NOT EXISTS (SELECT 1 FROM loopsync.runs a
@@ -1298,30 +1297,11 @@ pub(crate) async fn diff_basis(
         settled = settled_run_sql("r", "loopsync.records"),
     );
     let rows = x.query(what, &sql, params![&sync, &column]).await?;
-    let full_diff_rows = rows.first().map(|r| r.int(2)).transpose()?;
-    // The keys not noted, by the index of them (`state_unnoted`), up to one past the bound.
-    let unnoted = match full_diff_rows {
-        Some(n) => {
-            let counted = x
-                .query(
-                    what,
-                    "SELECT count(*) FROM (SELECT 1 FROM loopsync.state
-                                            WHERE sync = $1 AND model_hash IS NULL
-                                            LIMIT $2) AS u",
-                    params![&sync, DiffBasis::unnoted_bound(n) + 1],
-                )
-                .await?;
-            first(&counted, what)?.int(0)?
-        }
-        None => 0,
-    };
     Ok(DiffBasis {
         watermark: Some(watermark),
         latest_run_settled: latest == Some(mark_run),
         full_diff_age_ms: rows.first().map(|r| r.int(0)).transpose()?,
         full_diff_seed: rows.first().map(|r| r.opt_int(1)).transpose()?.flatten(),
-        full_diff_rows,
-        unnoted,
     })
 }
 
