@@ -591,6 +591,20 @@ impl Dialect {
     }
 
     /// The statements of a step.
+    /// `CREATE INDEX IF NOT EXISTS` of `columns` (rendered) on `table`.
+    fn index(&self, name: &str, table: &str, columns: &str, filter: Option<&str>) -> Rendered {
+        // SQLite's index names are the file's, not a table's: prefixed like tables.
+        let name = match self.backend {
+            Backend::Postgres => name.to_owned(),
+            Backend::Sqlite => self.table(name),
+        };
+        Rendered::Sql(format!(
+            "CREATE INDEX IF NOT EXISTS {name} ON {} ({columns}){}",
+            self.table(table),
+            filter.map(|f| format!(" WHERE {f}")).unwrap_or_default()
+        ))
+    }
+
     pub fn render(&self, step: &Step) -> Vec<Rendered> {
         match step {
             Step::Table {
@@ -634,35 +648,19 @@ impl Dialect {
                         format!("{c}{}", if *bytewise { self.bytewise() } else { "" })
                     })
                     .collect();
-                // SQLite's index names are the file's, not a table's: prefixed like tables.
-                let name = match self.backend {
-                    Backend::Postgres => (*name).to_owned(),
-                    Backend::Sqlite => self.table(name),
-                };
-                vec![Rendered::Sql(format!(
-                    "CREATE INDEX IF NOT EXISTS {name} ON {} ({}){}",
-                    self.table(table),
-                    columns.join(", "),
-                    filter.map(|f| format!(" WHERE {f}")).unwrap_or_default()
-                ))]
+                vec![self.index(name, table, &columns.join(", "), *filter)]
             }
             Step::EmailIndex {
                 name,
                 table,
                 column,
                 filter,
-            } => {
-                let name = match self.backend {
-                    Backend::Postgres => (*name).to_owned(),
-                    Backend::Sqlite => self.table(name),
-                };
-                vec![Rendered::Sql(format!(
-                    "CREATE INDEX IF NOT EXISTS {name} ON {} (sync, ({})){}",
-                    self.table(table),
-                    self.email_key(column),
-                    filter.map(|f| format!(" WHERE {f}")).unwrap_or_default()
-                ))]
-            }
+            } => vec![self.index(
+                name,
+                table,
+                &format!("sync, ({})", self.email_key(column)),
+                *filter,
+            )],
             Step::Installation => {
                 let table = self.table("installation");
                 match self.backend {
