@@ -590,7 +590,6 @@ impl Dialect {
         }
     }
 
-    /// The statements of a step.
     /// `CREATE INDEX IF NOT EXISTS` of `columns` (rendered) on `table`.
     fn index(&self, name: &str, table: &str, columns: &str, filter: Option<&str>) -> Rendered {
         // SQLite's index names are the file's, not a table's: prefixed like tables.
@@ -605,6 +604,7 @@ impl Dialect {
         ))
     }
 
+    /// The statements of a step.
     pub fn render(&self, step: &Step) -> Vec<Rendered> {
         match step {
             Step::Table {

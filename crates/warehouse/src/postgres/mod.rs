@@ -109,9 +109,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// diff is.
 const CALL_DEADLINE: Duration = Duration::from_secs(60);
 
-/// How long the state's migrations may take: an index built on the state (migration 17's
-/// took about 3.6 s a million rows on a busy 2-core machine) must not be cut off at
-/// [`CALL_DEADLINE`] for a large state, then rolled back and begun again at every start.
+/// How long the state's migrations may take: an index built on a large state (migration 17)
+/// can take minutes, and must not be cut off at [`CALL_DEADLINE`], rolled back and begun again
+/// at every start.
 const MIGRATION_DEADLINE: Duration = Duration::from_secs(30 * 60);
 
 /// The state store (and warehouse) on PostgreSQL. Every call runs under [`CALL_DEADLINE`]; a

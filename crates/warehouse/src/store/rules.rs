@@ -236,7 +236,6 @@ pub(crate) fn owners_sql(d: &crate::schema::Dialect, n: usize) -> String {
     // PostgreSQL looks each identity up (`LATERAL … OFFSET 0`): it estimates a list of
     // thousands compared with an expression at every row of the state, and scans it (1.8 s
     // for 5 000 removals of a million rows); SQLite's planner takes the index for `IN`.
-    let list = placeholders(n);
     let owners = |condition: String| match d.backend {
         crate::schema::Backend::Postgres => {
             let values: Vec<String> = (2..n + 2).map(|i| format!("(${i})")).collect();
@@ -252,7 +251,8 @@ pub(crate) fn owners_sql(d: &crate::schema::Dialect, n: usize) -> String {
         }
         crate::schema::Backend::Sqlite => format!(
             "SELECT key, confirmed_email, confirmed_user_id FROM loopsync.state
-              WHERE sync = $1 AND confirmed_fp IS NOT NULL AND {condition} IN ({list})"
+              WHERE sync = $1 AND confirmed_fp IS NOT NULL AND {condition} IN ({})",
+            placeholders(n)
         ),
     };
     format!(
