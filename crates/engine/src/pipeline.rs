@@ -201,3 +201,57 @@ pub fn loops_client(config: &Config) -> Result<LoopsClient, EngineError> {
     client_config.timeout = config.loops.timeout();
     Ok(LoopsClient::new(client_config)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use futures::StreamExt;
+    use loopsync_bus::{LocalBus, Names};
+    use loopsync_core::envelope::{RunRequest, VERSION};
+    use loopsync_core::stage::Stage;
+    use loopsync_extractor::ExtractorStage;
+
+    use crate::testing::{Model, spec};
+
+    /// The extractor notes and publishes its batches of changes (500 each) in tasks of their
+    /// own while it reads on; when it returns, every change is published and noted, so the
+    /// run's `expected` (counted once it returns) can never outrun the changes on the bus.
+    #[tokio::test]
+    async fn every_batch_is_published_when_the_extraction_returns() {
+        let model = Model::new().await;
+        let mut rows = String::from("INSERT INTO users (id, email) VALUES ");
+        for i in 0..1_600 {
+            if i > 0 {
+                rows.push(',');
+            }
+            rows.push_str(&format!("('{i}', 'u{i}@x.co')"));
+        }
+        model.execute(&rows);
+        let spec = spec();
+        let bus = Arc::new(LocalBus::new(Names::new("t")));
+        let stage = ExtractorStage::new(bus.clone(), model.warehouse.clone(), [spec.clone()]);
+        let run_id = model.warehouse.create_run("s").await.unwrap();
+        model.warehouse.claim_run(run_id, false).await.unwrap();
+        let request = RunRequest {
+            v: VERSION,
+            sync: "s".into(),
+            run_id,
+            only_keys: vec![],
+            installation: model.warehouse.installation().await.unwrap(),
+            allow_removals: false,
+        };
+        let counts = stage.extract(&spec, &request).await.unwrap();
+        assert_eq!(bus.pending(Stage::Transformer), 1_600, "{counts:?}");
+        assert_eq!(counts.added, 1_600);
+        // Every change noted as emitted, with the email it writes.
+        let mut diff = model.warehouse.diff(&spec).await.unwrap();
+        let mut noted = 0;
+        while let Some(row) = diff.next().await {
+            let row = row.unwrap();
+            assert!(row.emitted_email.is_some(), "{:?} not noted", row.key);
+            noted += 1;
+        }
+        assert_eq!(noted, 1_600);
+    }
+}

@@ -265,6 +265,21 @@ fn poll_pause(reads: u32, poll: Duration) -> Duration {
         .min(poll)
 }
 
+/// The pause after a read of the run that took `took`: [`poll_pause`], but never less than
+/// [`READ_SHARE`] times the read (up to [`SLOWEST_POLL`]). A read counts the run's records, so
+/// it grows with the run: at 50 000 records it took 26 ms of the warehouse's CPU, and read
+/// every 100 ms it was the warehouse's largest cost in `scripts/bench-throughput.sh` (5.7 s of
+/// a 33 s run, by `pg_stat_statements`), taken from the stages the run waits for.
+fn pause_after(reads: u32, poll: Duration, took: Duration) -> Duration {
+    poll_pause(reads, poll).max(took.saturating_mul(READ_SHARE).min(SLOWEST_POLL.max(poll)))
+}
+
+/// A run's reads take at most a tenth of the wait ([`pause_after`]).
+const READ_SHARE: u32 = 9;
+
+/// The longest pause between two reads of a run that is read slowly ([`pause_after`]).
+const SLOWEST_POLL: Duration = Duration::from_secs(5);
+
 /// Waits until every record of the run has an outcome (or the run failed), saying every
 /// [`loopsync_warehouse::HEARTBEAT`] that the run's process is alive; retryable warehouse
 /// errors are waited out. Progress lines go to `progress` as the options say; past the
@@ -299,6 +314,7 @@ pub async fn wait_for_run_observed(
     let mut last_warned: Option<Instant> = None;
     let mut reads = 0u32;
     loop {
+        let read_at = Instant::now();
         let read = async {
             if last_heartbeat.is_none_or(|t| t.elapsed() >= loopsync_warehouse::HEARTBEAT) {
                 warehouse.heartbeat(run_id).await?;
@@ -308,6 +324,7 @@ pub async fn wait_for_run_observed(
             warehouse.run(run_id).await
         }
         .await;
+        let took = read_at.elapsed();
         match read {
             Ok(run) => {
                 if failing.take().is_some() {
@@ -390,7 +407,7 @@ pub async fn wait_for_run_observed(
         let pause = if failing.is_some() {
             options.poll.max(Duration::from_secs(1))
         } else {
-            poll_pause(reads, options.poll)
+            pause_after(reads, options.poll, took)
         };
         reads += 1;
         tokio::time::sleep(pause).await;
@@ -931,6 +948,24 @@ mod tests {
         assert_eq!(
             poll_pause(0, Duration::from_millis(5)),
             Duration::from_millis(5)
+        );
+    }
+
+    /// A slow read of the run spaces the reads: at most a tenth of the wait is reading, and
+    /// the pause is never longer than five seconds (nor shorter than the poll's).
+    #[test]
+    fn a_slow_read_spaces_the_reads() {
+        let poll = Duration::from_millis(100);
+        let ms = Duration::from_millis;
+        assert_eq!(pause_after(0, poll, ms(1)), ms(10));
+        assert_eq!(pause_after(9, poll, ms(2)), poll);
+        assert_eq!(pause_after(9, poll, ms(30)), ms(270));
+        assert_eq!(pause_after(0, poll, ms(30)), ms(270));
+        assert_eq!(pause_after(9, poll, ms(2_000)), Duration::from_secs(5));
+        // A poll longer than the slowest pause is kept.
+        assert_eq!(
+            pause_after(9, Duration::from_secs(8), ms(2_000)),
+            Duration::from_secs(8)
         );
     }
 

@@ -13,7 +13,7 @@ use loopsync_core::stage::Stage;
 pub use loopsync_core::tuning::EXTRACTOR_ATTEMPTS;
 
 /// Messages the transformer maps at once in one process (pure work: no outside service).
-pub const TRANSFORMER_CONCURRENCY: usize = 8;
+pub const TRANSFORMER_CONCURRENCY: usize = 128;
 
 /// In-progress acks a third of the ack wait apart (JetStream only: the in-process bus has no
 /// redelivery timer).

@@ -27,7 +27,8 @@ use loopsync_bus::worker::{DeliveryInfo, Fate, Handler};
 use loopsync_bus::{BusError, Coordination, Messaging, RateBudget, publish};
 use loopsync_core::codec::{self, DecodeError};
 use loopsync_core::envelope::{
-    Action, Operation, Outcome, OutcomeStatus, POSSIBLY_CREATED, RequestCounts, RequestKind,
+    Action, ChangeKind, Operation, Outcome, OutcomeStatus, POSSIBLY_CREATED, RequestCounts,
+    RequestKind,
 };
 use loopsync_core::spec::OnRemove;
 use loopsync_core::{Classified, ErrorClass, keys};
@@ -484,8 +485,16 @@ impl LoaderStage {
         // The ledger revision in view, and since when (this loader's clock): how long a claim
         // has been seen unchanged.
         let mut in_view: Option<(Option<u64>, tokio::time::Instant)> = None;
+        // A record new to the sync most likely has no entry: its claim is tried at once, as
+        // if the read had found none (the claim is written only where there is none; where
+        // there is one, it fails and the entry is read). One round trip to the bus fewer.
+        let mut unread = op.change == ChangeKind::Added;
         loop {
-            let (entry, revision) = self.ledger(&key).await?;
+            let (entry, revision) = if std::mem::take(&mut unread) {
+                (None, None)
+            } else {
+                self.ledger(&key).await?
+            };
             let watched = match in_view {
                 Some((seen, since)) if seen == revision => since.elapsed(),
                 _ => {

@@ -813,3 +813,108 @@ async fn a_timed_out_request_keeps_its_claim() {
     let (entry, _) = loader.ledger(&key).await.unwrap();
     assert_eq!(entry.unwrap().claim, None);
 }
+
+/// The real ledger, its reads counted.
+struct CountedReads {
+    ledger: Arc<LocalBus>,
+    reads: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait]
+impl Coordination for CountedReads {
+    async fn ledger_get(&self, key: &str) -> Result<Option<loopsync_bus::Versioned>, BusError> {
+        self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.ledger.ledger_get(key).await
+    }
+
+    async fn ledger_swap(
+        &self,
+        key: &str,
+        value: Bytes,
+        expected: Option<u64>,
+    ) -> Result<Option<u64>, BusError> {
+        self.ledger.ledger_swap(key, value, expected).await
+    }
+
+    async fn ledger_forget(&self, key: &str) -> Result<bool, BusError> {
+        self.ledger.ledger_forget(key).await
+    }
+
+    async fn rate_slot(
+        &self,
+        budget: &str,
+        period: Duration,
+        slack: Duration,
+        count: u32,
+        taker: &loopsync_bus::budget::Taker,
+    ) -> Result<(u64, u32), BusError> {
+        self.ledger
+            .rate_slot(budget, period, slack, count, taker)
+            .await
+    }
+}
+
+/// A record new to the sync is claimed without reading its ledger entry first (one round trip
+/// to the bus fewer); where it has an entry after all, the claim fails, the entry is read, and
+/// the ledger decides as ever. A change of a record sent before reads first.
+#[tokio::test]
+async fn a_new_record_is_claimed_without_a_read() {
+    let sim = sim(1000).await;
+    let bus = Arc::new(LocalBus::default());
+    let counted = Arc::new(CountedReads {
+        ledger: bus.clone(),
+        reads: Default::default(),
+    });
+    let client = LoopsClient::new(ClientConfig::new(
+        sim.base_url(),
+        ApiKey::new("test-key").unwrap(),
+    ))
+    .unwrap();
+    let budget = RateBudget::shared(bus.clone(), "team".into(), 1000);
+    let loader = LoaderStage::new(bus.clone(), counted.clone(), client, budget);
+    let reads = || counted.reads.load(std::sync::atomic::Ordering::SeqCst);
+
+    let new = op(5, "1", "fpA", Some("ann@x.co"), None);
+    loader
+        .handle(&info(1), &Bytes::from(codec::encode(&new)))
+        .await
+        .unwrap();
+    assert_eq!(reads(), 0, "a new record's entry is not read");
+    assert_eq!(sim.stats().total_requests, 1);
+
+    // Its redelivery (the ack was lost) has an entry: the claim fails, the entry is read, and
+    // it is answered from the ledger.
+    loader
+        .handle(&info(2), &Bytes::from(codec::encode(&new)))
+        .await
+        .unwrap();
+    assert_eq!(reads(), 1);
+    // An older run's version of it, new to that run: skipped, still without a request.
+    let older = op(4, "1", "fpOld", Some("ann@x.co"), None);
+    loader
+        .handle(&info(1), &Bytes::from(codec::encode(&older)))
+        .await
+        .unwrap();
+    assert_eq!(reads(), 2);
+    assert_eq!(sim.stats().total_requests, 1);
+
+    // A change of a record Loops confirmed reads its entry first.
+    let mut changed = op(6, "1", "fpB", Some("ann@x.co"), None);
+    changed.change = ChangeKind::Changed;
+    loader
+        .handle(&info(1), &Bytes::from(codec::encode(&changed)))
+        .await
+        .unwrap();
+    assert_eq!(reads(), 3);
+    assert_eq!(sim.stats().total_requests, 2);
+
+    let statuses: Vec<OutcomeStatus> = outcomes(&bus, 3).await.iter().map(|o| o.status).collect();
+    assert_eq!(
+        statuses,
+        [
+            OutcomeStatus::Confirmed,
+            OutcomeStatus::Skipped,
+            OutcomeStatus::Confirmed
+        ]
+    );
+}

@@ -1102,3 +1102,275 @@ async fn a_batch_stays_open_while_messages_keep_coming() {
     shutdown.cancel();
     task.await.unwrap().unwrap();
 }
+
+/// Acknowledgements that wait for a condition: each `ack` waits until `until(its number, the
+/// acks begun so far)` holds (or two seconds pass, counted in `waited_out`), then acks on the
+/// bus underneath.
+struct GatedAcks {
+    bus: Arc<LocalBus>,
+    gate: Arc<AckGate>,
+}
+
+type AckCondition = Box<dyn Fn(u32, u32) -> bool + Send + Sync>;
+
+struct AckGate {
+    begun: AtomicU32,
+    /// Acks that waited the whole two seconds: their condition never came.
+    waited_out: AtomicU32,
+    until: AckCondition,
+    changed: Notify,
+}
+
+impl AckGate {
+    fn new(until: impl Fn(u32, u32) -> bool + Send + Sync + 'static) -> Arc<AckGate> {
+        Arc::new(AckGate {
+            begun: AtomicU32::new(0),
+            waited_out: AtomicU32::new(0),
+            until: Box::new(until),
+            changed: Notify::new(),
+        })
+    }
+
+    /// Something the condition reads changed.
+    fn poke(&self) {
+        self.changed.notify_waiters();
+    }
+}
+
+struct GatedAcker {
+    inner: Box<dyn crate::Acker>,
+    gate: Arc<AckGate>,
+}
+
+#[async_trait]
+impl crate::Acker for GatedAcker {
+    async fn ack(&self) -> Result<(), BusError> {
+        let number = self.gate.begun.fetch_add(1, Ordering::SeqCst) + 1;
+        self.gate.poke();
+        let open = async {
+            loop {
+                let changed = self.gate.changed.notified();
+                if (self.gate.until)(number, self.gate.begun.load(Ordering::SeqCst)) {
+                    return;
+                }
+                changed.await;
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(2), open)
+            .await
+            .is_err()
+        {
+            self.gate.waited_out.fetch_add(1, Ordering::SeqCst);
+        }
+        self.inner.ack().await
+    }
+    async fn nak(&self, delay: Duration) -> Result<(), BusError> {
+        self.inner.nak(delay).await
+    }
+    async fn term(&self) -> Result<(), BusError> {
+        self.inner.term().await
+    }
+    async fn progress(&self) -> Result<(), BusError> {
+        self.inner.progress().await
+    }
+}
+
+struct GatedConsumer {
+    inner: Box<dyn crate::Consumer>,
+    gate: Arc<AckGate>,
+}
+
+#[async_trait]
+impl crate::Consumer for GatedConsumer {
+    async fn next(&mut self) -> Option<Result<Delivery, BusError>> {
+        Some(self.inner.next().await?.map(|d| Delivery {
+            acker: Box::new(GatedAcker {
+                inner: d.acker,
+                gate: self.gate.clone(),
+            }),
+            ..d
+        }))
+    }
+}
+
+#[async_trait]
+impl Messaging for GatedAcks {
+    async fn publish(
+        &self,
+        stage: Stage,
+        sync: &str,
+        message_id: &str,
+        payload: Bytes,
+    ) -> Result<(), BusError> {
+        self.bus.publish(stage, sync, message_id, payload).await
+    }
+    async fn consume(
+        &self,
+        stage: Stage,
+        batch: usize,
+    ) -> Result<Box<dyn crate::Consumer>, BusError> {
+        Ok(Box::new(GatedConsumer {
+            inner: self.bus.consume(stage, batch).await?,
+            gate: self.gate.clone(),
+        }))
+    }
+    async fn exhausted(&self, stage: Stage) -> Result<Option<Box<dyn crate::Consumer>>, BusError> {
+        self.bus.exhausted(stage).await
+    }
+    async fn dead_letter(&self, letter: DeadLetter) -> Result<(), BusError> {
+        self.bus.dead_letter(letter).await
+    }
+    async fn dead_letters(&self) -> Result<Vec<DeadLetter>, BusError> {
+        self.bus.dead_letters().await
+    }
+    async fn unsettled(&self, stage: Stage) -> Result<u64, BusError> {
+        self.bus.unsettled(stage).await
+    }
+    async fn erase(&self, sync: &str, matches: &crate::Matcher) -> Result<crate::Erased, BusError> {
+        self.bus.erase(sync, matches).await
+    }
+    async fn held(&self, sync: &str, matches: &crate::Matcher) -> Result<u64, BusError> {
+        self.bus.held(sync, matches).await
+    }
+}
+
+/// Counts the messages it handled, and tells the gate.
+struct Counts {
+    handled: Arc<AtomicU32>,
+    gate: Arc<AckGate>,
+}
+
+#[async_trait]
+impl Handler for Counts {
+    type Error = TestError;
+
+    async fn handle(&self, _info: &DeliveryInfo, _payload: &Bytes) -> Result<(), TestError> {
+        self.handled.fetch_add(1, Ordering::SeqCst);
+        self.gate.poke();
+        Ok(())
+    }
+
+    async fn give_up(
+        &self,
+        _info: &DeliveryInfo,
+        _payload: &Bytes,
+        _fate: Fate,
+        _reason: &str,
+    ) -> Result<(), TestError> {
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl BatchHandler for Counts {
+    type Error = TestError;
+
+    async fn handle_batch(&self, batch: &[(DeliveryInfo, Bytes)]) -> Result<(), TestError> {
+        self.handled.fetch_add(batch.len() as u32, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// `n` messages for `stage` on a new bus, and that bus behind acks that wait for `until`.
+async fn gated(
+    stage: Stage,
+    n: u32,
+    until: impl Fn(u32, u32) -> bool + Send + Sync + 'static,
+) -> (Arc<dyn Messaging>, Arc<AckGate>) {
+    let bus = Arc::new(LocalBus::new(Names::new("t")));
+    for i in 0..n {
+        bus.publish(stage, "users", &format!("m{i}"), Bytes::from("x"))
+            .await
+            .unwrap();
+    }
+    let gate = AckGate::new(until);
+    let messaging = Arc::new(GatedAcks {
+        bus,
+        gate: gate.clone(),
+    });
+    (messaging, gate)
+}
+
+/// A handler's place among the worker's `concurrency` is let go once it is done, before its
+/// message is acked: with one place, the next message is handled while the first's ack waits.
+/// Here each ack but the last waits until the message after its own was handled, which would
+/// never come if the ack held the place.
+#[tokio::test]
+async fn the_next_message_is_handled_while_an_ack_waits() {
+    let handled = Arc::new(AtomicU32::new(0));
+    let seen = handled.clone();
+    let (bus, gate) = gated(Stage::Loader, 3, move |n, _| {
+        seen.load(Ordering::SeqCst) > n.min(2)
+    })
+    .await;
+    let handler = Arc::new(Counts {
+        handled: handled.clone(),
+        gate: gate.clone(),
+    });
+    let shutdown = CancellationToken::new();
+    let options = WorkerOptions {
+        concurrency: 1,
+        ..fast(3)
+    };
+    let worker = tokio::spawn(run(
+        bus.clone(),
+        Stage::Loader,
+        handler,
+        options,
+        shutdown.clone(),
+    ));
+    settled(&*bus).await;
+    shutdown.cancel();
+    worker.await.unwrap().unwrap();
+    assert_eq!(handled.load(Ordering::SeqCst), 3);
+    assert_eq!(gate.begun.load(Ordering::SeqCst), 3);
+    assert_eq!(
+        gate.waited_out.load(Ordering::SeqCst),
+        0,
+        "an ack waited for a message that could not be handled before it ended"
+    );
+}
+
+/// A batch's messages are acked all at once, not one after another (500 round trips to the bus
+/// for a batch of 500): here each ack waits until all five of the batch's acks have begun.
+#[tokio::test]
+async fn a_batch_is_acked_all_at_once() {
+    let (bus, gate) = gated(Stage::Checkpointer, 5, |_, begun| begun >= 5).await;
+    let handled = Arc::new(AtomicU32::new(0));
+    let handler = Arc::new(Counts {
+        handled: handled.clone(),
+        gate: gate.clone(),
+    });
+    let shutdown = CancellationToken::new();
+    let options = BatchOptions {
+        max_batch: 50,
+        max_wait: Duration::from_millis(200),
+        lull: Duration::from_millis(50),
+        worker: fast(3),
+    };
+    let worker = tokio::spawn(run_batched(
+        bus.clone(),
+        Stage::Checkpointer,
+        handler,
+        options,
+        shutdown.clone(),
+    ));
+    loopsync_testkit::until(Duration::from_secs(20), "the batch is acked", || {
+        let bus = bus.clone();
+        async move {
+            match bus.unsettled(Stage::Checkpointer).await {
+                Ok(0) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await;
+    shutdown.cancel();
+    worker.await.unwrap().unwrap();
+    assert_eq!(handled.load(Ordering::SeqCst), 5);
+    assert_eq!(
+        gate.waited_out.load(Ordering::SeqCst),
+        0,
+        "an ack waited for the batch's other acks, which had not begun"
+    );
+}
