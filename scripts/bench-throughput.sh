@@ -5,18 +5,26 @@
 #
 # Creates a PostgreSQL database of its own (loopsync_bench_throughput, dropped at the end) with a
 # `users` table of ROWS new rows, starts the simulator with no effective limit
-# (`loopsync sim --rate-limit 1000000`) and runs `loopsync run --once` in one process (no NATS)
-# with `requests_per_second = 1000000` and `concurrency = CONCURRENCY`. It prints the run's wall
-# time, contacts confirmed per second, the time to the end of extraction (`loopsync runs`:
-# the run is past `extracting`), the run's peak RSS, and the ratio to the goal of 5 000
-# contacts/s. The simulator's own CPU time is printed beside it: it shares the machine.
+# (`loopsync sim --rate-limit 1000000`), then two passes, each a first sync of those rows by
+# `loopsync run --once` in one process (no NATS), `concurrency = CONCURRENCY`:
+#
+# 1. End to end, `requests_per_second = 1000000`: the run's wall time, contacts confirmed per
+#    second and the ratio to the goal of 5 000/s, when the extraction ended (`loopsync runs`: the
+#    run is past `extracting`, read every 200 ms) and when the transformer had published every
+#    operation (the run's Prometheus counter, read every 50 ms), the run's peak RSS.
+# 2. The extractor and the transformer alone: the same rows as a second new sync, with the loader
+#    held to one request a second; the run is stopped once the transformer published every
+#    operation. Changes per second, and the ratio to the goal of 50 000/s.
+#
+# Each pass prints the CPU seconds of the run, the simulator and every nats-server and postgres
+# process of this machine (they share its cores), and their sum per 1 000 records: what a pass
+# costs the machine, whatever it waits on.
 #
 # With LOOPSYNC_BENCH_NATS_URL set (a NATS server with JetStream), the run's stages talk over
-# NATS JetStream instead (`[nats]`, a namespace of its own), still in one process; the time to
-# the end of extraction then measures the extractor publishing every change to JetStream while
-# the transformer consumes them and publishes the operations. Give it a nats-server of its own:
-# on the server the test suite had used (its streams and stores left behind) a run made 810–840
-# contacts/s, on a fresh one 1 700–2 100/s, the same binary on the same machine.
+# NATS JetStream instead (`[nats]`, a namespace of its own per pass), still in one process.
+# Give it a nats-server of its own: on the server the test suite had used (its streams and
+# stores left behind) a run made 810–840 contacts/s, on a fresh one 1 700–2 100/s, the same
+# binary on the same machine.
 #
 # Needs: psql, /usr/bin/time (GNU), a PostgreSQL server (LOOPSYNC_BENCH_PG_URL, else
 # LOOPSYNC_TEST_PG_URL: a URL whose user may create databases), Linux (/proc). LOOPSYNC_BIN names
@@ -81,12 +89,14 @@ TOML
   fi
 }
 
-# CPU seconds used so far by every process of this machine named $1 (nats-server, postgres),
-# with their children that ended (a PostgreSQL connection's process ends with it).
+# CPU seconds used so far by every live process of this machine named $1 (nats-server,
+# postgres), with their children that ended (a PostgreSQL connection's process ends with it).
+# A process that ended and is not reaped yet (state Z) is left out: it may be gone by the next
+# reading.
 cpu_of() {
   local total=0 pid
   for pid in $(pgrep -x "$1" 2>/dev/null); do
-    total=$(awk -v t="$total" '{ print t + ($14 + $15 + $16 + $17) / 100 }' "/proc/$pid/stat" 2>/dev/null || echo "$total")
+    total=$(awk -v t="$total" '{ print t + ($3 == "Z" ? 0 : ($14 + $15 + $16 + $17) / 100) }' "/proc/$pid/stat" 2>/dev/null || echo "$total")
   done
   echo "$total"
 }
