@@ -137,7 +137,8 @@ impl Backoff {
 /// How a worker runs.
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
-    /// Messages in flight at once in this process.
+    /// Messages handled at once in this process (a message being acked, its handler done, no
+    /// longer counts).
     pub concurrency: usize,
     /// Attempts before a retryable failure is given up.
     pub max_attempts: u32,

@@ -132,22 +132,31 @@ impl ExtractorStage {
             guard: decide::RemovalGuard::default(),
             publishing: Default::default(),
         };
-        let mut decider =
-            Decider::new(spec, request.run_id).only_keys(request.only_keys.iter().cloned());
-        while let Some(row) = rows.next().await {
-            let row = row?;
-            for decided in decider.push(row) {
+        let read = async {
+            let mut decider =
+                Decider::new(spec, request.run_id).only_keys(request.only_keys.iter().cloned());
+            while let Some(row) = rows.next().await {
+                let row = row?;
+                for decided in decider.push(row) {
+                    self.take(&mut run, decided).await?;
+                }
+            }
+            if let Some(decided) = decider.finish() {
                 self.take(&mut run, decided).await?;
             }
+            run.guard = decider.guard();
+            run.counts = decider.into_counts();
+            window.close(&mut run.counts);
+            self.flush(&mut run).await?;
+            self.release_held(&mut run, request.allow_removals).await
         }
-        if let Some(decided) = decider.finish() {
-            self.take(&mut run, decided).await?;
+        .await;
+        if let Err(error) = read {
+            // The batches still in flight end before the error is told: its message is tried
+            // again, and no batch of this attempt may land after the next attempt's.
+            run.settle_in_flight().await;
+            return Err(error);
         }
-        run.guard = decider.guard();
-        run.counts = decider.into_counts();
-        window.close(&mut run.counts);
-        self.flush(&mut run).await?;
-        self.release_held(&mut run, request.allow_removals).await?;
         metrics::histogram!("loopsync_diff_seconds", "sync" => spec.name.clone())
             .record(started.elapsed().as_secs_f64());
         let c = &run.counts;
@@ -162,7 +171,7 @@ impl ExtractorStage {
             metrics::counter!("loopsync_records_total", "sync" => spec.name.clone(), "stage" => "extractor", "outcome" => outcome)
                 .increment(n.max(0) as u64);
         }
-        Ok(run.counts)
+        Ok(std::mem::take(&mut run.counts))
     }
 
     /// Sends what was held back (see [`ExtractorStage::extract`]): what each held change
@@ -360,6 +369,23 @@ impl RunState<'_> {
             self.published_one().await?;
         }
         Ok(())
+    }
+
+    /// Waits until every batch still in flight has ended, however it ends.
+    async fn settle_in_flight(&mut self) {
+        while let Some(publishing) = self.publishing.pop_front() {
+            let _ = publishing.await;
+        }
+    }
+}
+
+impl Drop for RunState<'_> {
+    /// An extraction dropped mid-way (its worker shutting down) stops its batches in flight:
+    /// its message is redelivered, and no batch of it may land after the next attempt's.
+    fn drop(&mut self) {
+        for publishing in &self.publishing {
+            publishing.abort();
+        }
     }
 }
 
