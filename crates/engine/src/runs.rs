@@ -265,17 +265,17 @@ fn poll_pause(reads: u32, poll: Duration) -> Duration {
         .min(poll)
 }
 
-/// The pause after a read of the run that took `took`, `since` the last heartbeat:
-/// [`poll_pause`], but never less than [`READ_SHARE`] times the read (up to [`SLOWEST_POLL`]),
-/// and never past the next heartbeat (a second `run` of the sync looks for the signs of life:
-/// `refuse_a_run_in_progress`). A read counts the run's records, so it grows with the run: at
-/// 50 000 records it took 26 ms of the warehouse's CPU, and read every 100 ms it was the
-/// warehouse's largest cost in `scripts/bench-throughput.sh` (5.7 s of a 33 s run, by
-/// `pg_stat_statements`), taken from the stages the run waits for.
-fn pause_after(reads: u32, poll: Duration, took: Duration, since: Duration) -> Duration {
+/// The pause after a read of the run that took `took`: [`poll_pause`], but never less than
+/// [`READ_SHARE`] times the read (up to [`SLOWEST_POLL`]), and never past `due`, when the next
+/// read has something to do at a time (the next heartbeat, which a second `run` of the sync
+/// looks for: `refuse_a_run_in_progress`; the stall timeout). A read counts the run's records,
+/// so it grows with the run: at 50 000 records it took 26 ms of the warehouse's CPU, and read
+/// every 100 ms it was the warehouse's largest cost in `scripts/bench-throughput.sh` (5.7 s of a
+/// 33 s run, by `pg_stat_statements`), taken from the stages the run waits for.
+fn pause_after(reads: u32, poll: Duration, took: Duration, due: Duration) -> Duration {
     poll_pause(reads, poll)
         .max(took.saturating_mul(READ_SHARE).min(SLOWEST_POLL.max(poll)))
-        .min(loopsync_warehouse::HEARTBEAT.saturating_sub(since))
+        .min(due)
 }
 
 /// A run's reads take at most a tenth of the wait ([`pause_after`]).
@@ -411,8 +411,13 @@ pub async fn wait_for_run_observed(
         let pause = if failing.is_some() {
             options.poll.max(Duration::from_secs(1))
         } else {
-            let since = last_heartbeat.map_or(loopsync_warehouse::HEARTBEAT, |t| t.elapsed());
-            pause_after(reads, options.poll, took, since)
+            let heartbeat = last_heartbeat.map_or(Duration::ZERO, |t| {
+                loopsync_warehouse::HEARTBEAT.saturating_sub(t.elapsed())
+            });
+            let stall = options.stall_timeout.map_or(Duration::MAX, |limit| {
+                limit.saturating_sub(last_change.elapsed())
+            });
+            pause_after(reads, options.poll, took, heartbeat.min(stall))
         };
         reads += 1;
         tokio::time::sleep(pause).await;
@@ -957,28 +962,32 @@ mod tests {
     }
 
     /// A slow read of the run spaces the reads: at most a tenth of the wait is reading, and
-    /// the pause is never longer than five seconds (nor shorter than the poll's), nor past the
-    /// next heartbeat.
+    /// the pause is never longer than five seconds (nor shorter than the poll's), nor past
+    /// what is due (the next heartbeat, the stall timeout).
     #[test]
     fn a_slow_read_spaces_the_reads_but_not_the_heartbeats() {
         let poll = Duration::from_millis(100);
         let ms = Duration::from_millis;
-        let none = Duration::ZERO;
-        assert_eq!(pause_after(0, poll, ms(1), none), ms(10));
-        assert_eq!(pause_after(9, poll, ms(2), none), poll);
-        assert_eq!(pause_after(9, poll, ms(30), none), ms(270));
-        assert_eq!(pause_after(0, poll, ms(30), none), ms(270));
+        let later = Duration::MAX;
+        assert_eq!(pause_after(0, poll, ms(1), later), ms(10));
+        assert_eq!(pause_after(9, poll, ms(2), later), poll);
+        assert_eq!(pause_after(9, poll, ms(30), later), ms(270));
+        assert_eq!(pause_after(0, poll, ms(30), later), ms(270));
         assert_eq!(
-            pause_after(9, poll, ms(2_000), none),
+            pause_after(9, poll, ms(2_000), later),
             Duration::from_secs(5)
         );
         // A heartbeat due in a second: the read comes then, whatever the last one took.
-        assert_eq!(pause_after(9, poll, ms(450), ms(4_000)), ms(1_000));
-        assert_eq!(pause_after(9, poll, ms(30), ms(4_900)), poll);
-        assert_eq!(pause_after(9, poll, ms(30), ms(6_000)), none);
-        // A poll longer than the slowest pause is kept, up to the next heartbeat.
+        assert_eq!(pause_after(9, poll, ms(450), ms(1_000)), ms(1_000));
+        assert_eq!(pause_after(9, poll, ms(30), ms(100)), poll);
+        assert_eq!(pause_after(9, poll, ms(30), Duration::ZERO), Duration::ZERO);
+        // A poll longer than the slowest pause is kept, up to what is due.
         assert_eq!(
-            pause_after(9, Duration::from_secs(8), ms(2_000), ms(1_000)),
+            pause_after(9, Duration::from_secs(8), ms(2_000), later),
+            Duration::from_secs(8)
+        );
+        assert_eq!(
+            pause_after(9, Duration::from_secs(8), ms(2_000), ms(4_000)),
             Duration::from_secs(4)
         );
     }
