@@ -251,7 +251,7 @@ async fn slow_down_emitting(stack: &Stack) {
         .sql(
             "CREATE TABLE slow_emit_delay (seconds float8 NOT NULL);
              INSERT INTO slow_emit_delay VALUES (0.1);
-             CREATE SEQUENCE slow_emit_count;
+             CREATE TABLE slow_emit_first (one int PRIMARY KEY, tx bigint NOT NULL);
              CREATE FUNCTION slow_emit() RETURNS trigger LANGUAGE plpgsql AS $$
              BEGIN
                  -- Only a record this run has not noted yet: not the checkpointer's writes,
@@ -260,7 +260,12 @@ async fn slow_down_emitting(stack: &Stack) {
                      SELECT 1 FROM loopsync.state s
                       WHERE s.sync = NEW.sync AND s.key = NEW.key
                         AND s.emitted_run = NEW.emitted_run) THEN
-                     IF nextval('slow_emit_count') <= 500 THEN
+                     -- The first transaction that notes (the first batch) goes at speed; the
+                     -- extractor notes two batches at once, and the second waits here until
+                     -- the first is committed, then goes slowly.
+                     INSERT INTO slow_emit_first VALUES (1, txid_current())
+                         ON CONFLICT (one) DO NOTHING;
+                     IF (SELECT tx FROM slow_emit_first) = txid_current() THEN
                          PERFORM pg_sleep(0.004);
                      ELSE
                          PERFORM pg_sleep((SELECT seconds FROM slow_emit_delay));
